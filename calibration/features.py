@@ -1,0 +1,88 @@
+"""Confidence features computed from an answer's token logprobs.
+
+Every feature is a float. Logprob features are log-probabilities (<= 0), floored at ``LOGPROB_FLOOR`` so
+that a backend's ``-inf`` or ``-9999`` placeholder cannot dominate a mean. An answer with no tokens gets
+the floor for every logprob feature and ``n_tokens == 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+LOGPROB_FLOOR = -30.0
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "mean_logprob",         # mean token logprob (log of the geometric-mean token probability)
+    "min_logprob",          # the least likely token
+    "q10_logprob",          # 10th percentile of token logprobs
+    "q25_logprob",          # 25th percentile
+    "first_token_logprob",  # the first answer token (e.g. the answer letter)
+    "first_token_prob",     # exp(first_token_logprob)
+    "sum_logprob",          # sequence logprob
+    "n_tokens",
+    "mean_margin",          # mean (top1 - top2) logprob gap, where alternatives were returned
+    "mean_topk_entropy",    # mean entropy (nats) of the renormalised top-k distribution
+)
+
+
+class _TokenLike(Protocol):
+    logprob: float
+    top: Sequence  # of objects with .logprob
+
+
+def _floor(x: float) -> float:
+    if x is None or math.isnan(x):
+        return LOGPROB_FLOOR
+    return max(float(x), LOGPROB_FLOOR)
+
+
+def _quantile(sorted_vals: list[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default method) of an already sorted list."""
+    if len(sorted_vals) == 1:
+        return sorted_vals[0]
+    pos = q * (len(sorted_vals) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    frac = pos - lo
+    return sorted_vals[lo] * (1 - frac) + sorted_vals[hi] * frac
+
+
+def extract_features(tokens: Sequence[_TokenLike]) -> dict[str, float]:
+    """Features of one answer from its generated tokens (each with ``.logprob`` and ``.top``)."""
+    lps = [_floor(t.logprob) for t in tokens]
+    if not lps:
+        empty = {name: LOGPROB_FLOOR for name in FEATURE_NAMES}
+        empty.update(n_tokens=0.0, first_token_prob=0.0, mean_margin=0.0, mean_topk_entropy=0.0,
+                     sum_logprob=LOGPROB_FLOOR)
+        return empty
+    s = sorted(lps)
+    margins: list[float] = []
+    entropies: list[float] = []
+    for t in tokens:
+        alts = sorted((_floor(a.logprob) for a in (t.top or ())), reverse=True)
+        if len(alts) >= 2:
+            margins.append(alts[0] - alts[1])
+            probs = [math.exp(a) for a in alts]
+            z = sum(probs)
+            entropies.append(-sum((p / z) * math.log(p / z) for p in probs if p > 0))
+    return {
+        "mean_logprob": sum(lps) / len(lps),
+        "min_logprob": s[0],
+        "q10_logprob": _quantile(s, 0.10),
+        "q25_logprob": _quantile(s, 0.25),
+        "first_token_logprob": lps[0],
+        "first_token_prob": math.exp(lps[0]),
+        "sum_logprob": max(sum(lps), LOGPROB_FLOOR * 10),
+        "n_tokens": float(len(lps)),
+        "mean_margin": sum(margins) / len(margins) if margins else 0.0,
+        "mean_topk_entropy": sum(entropies) / len(entropies) if entropies else 0.0,
+    }
+
+
+def feature_value(features: Mapping[str, float], name: str) -> float:
+    try:
+        return float(features[name])
+    except KeyError:
+        raise KeyError(f"feature {name!r} not computed; known: {', '.join(sorted(features))}") from None

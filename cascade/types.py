@@ -1,0 +1,152 @@
+"""Plain data types used inside the engine (no pydantic here: that lives at the wire, in serving/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One generation asked of one backend: either chat ``messages`` or a raw ``prompt``."""
+
+    messages: tuple[Message, ...] | None = None
+    prompt: str | None = None
+    #: None: each tier's configured default
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    #: alternatives to return per generated token (0 = only the chosen token's logprob)
+    top_logprobs: int = 5
+    seed: int | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def with_(self, **changes) -> "GenerationRequest":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    token_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token: its text, its logprob under the model, and the top-k alternatives."""
+
+    token: str
+    logprob: float
+    token_id: int | None = None
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    text: str
+    tokens: tuple[TokenLogprob, ...]
+    finish_reason: str
+    usage: Usage
+    latency_s: float
+    model: str
+    #: seconds from the call to the first generated token, when the backend knows it
+    ttft_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """A piece of a streamed answer. The last chunk carries ``finish_reason`` and ``usage``."""
+
+    text: str
+    tokens: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the escalation policy decided for one attempt, and why."""
+
+    escalate: bool
+    reason: str
+    confidence: float | None
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One call to one tier, successful or not. Every attempt is recorded in the ledger."""
+
+    index: int
+    tier: str
+    model: str
+    backend: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    cost_usd: float = 0.0
+    confidence: float | None = None
+    features: dict[str, float] = field(default_factory=dict)
+    decision: str = ""            # "accept" | "escalate" | "error" | "final"
+    reason: str = ""
+    error_class: str | None = None
+    error_message: str | None = None
+    kept: bool = False            # was this attempt's answer the one served?
+    text: str | None = None
+
+
+@dataclass(slots=True)
+class CascadeRecord:
+    """The accounting of one request through a chain: what the ledger stores, what clients see."""
+
+    request_id: str
+    policy: str
+    created_at: float
+    attempts: list[Attempt] = field(default_factory=list)
+    tier: str | None = None
+    model: str | None = None
+    confidence: float | None = None
+    escalated: bool = False
+    cost_usd: float = 0.0
+    baseline_cost_usd: float = 0.0      # what the last tier alone would have cost
+    baseline_estimated: bool = False    # True when the last tier did not run and its cost is estimated
+    escalation_waste_usd: float = 0.0   # cost of attempts whose answer was thrown away
+    latency_ms: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: str = "ok"                  # "ok" | "error"
+    error_class: str | None = None
+    error_message: str | None = None
+    api_key_id: str | None = None
+    user_tier: str | None = None
+    endpoint: str = "chat"
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["n_attempts"] = len(self.attempts)
+        d["savings_usd"] = self.baseline_cost_usd - self.cost_usd
+        return d

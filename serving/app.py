@@ -1,0 +1,86 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cascade.config import Config
+from cascade.engine import Engine
+from cascade.errors import CascadeError
+from serving.errors import error_body, install_error_handlers
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``limit`` bytes with 413, by header or by counting what arrives."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                await self._refuse(send)
+                return
+        seen = 0
+
+        class _TooLarge(Exception):
+            pass
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        import json
+
+        body = json.dumps(error_body(f"request body is larger than {self.limit} bytes",
+                                     "invalid_request_error", code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(config: Config, *, engine: Engine | None = None, preload: bool = True) -> FastAPI:
+    """Build the app. With ``engine=None`` the app opens (and closes) its own engine from ``config``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = engine is None
+        app.state.engine = engine if engine is not None else await Engine.open(config, preload=preload)
+        app.state.started_at = time.time()
+        try:
+            yield
+        finally:
+            if owned:
+                await app.state.engine.close()
+
+    app = FastAPI(title="cascade-engine", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible confidence-escalation cascade.")
+    install_error_handlers(app)
+    from serving.routes import router
+
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes)
+    return app
+
+
+__all__ = ["create_app", "BodyLimitMiddleware", "CascadeError"]

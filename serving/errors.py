@@ -1,0 +1,80 @@
+"""The one place where errors become HTTP responses (OpenAI-style bodies, never a stack trace)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cascade.errors import CascadeError
+
+log = logging.getLogger("cascade.serving")
+
+
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: CascadeError) -> JSONResponse:
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, round(retry_after)))
+    return JSONResponse(error_body(exc.message, exc.error_type, param=exc.param, code=exc.code),
+                        status_code=exc.status_code, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "), None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # drop pydantic's union-branch labels (e.g. "str", "list[TextPart]") from the location
+    loc = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool")]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown parameter"
+    if first.get("type") == "missing":
+        msg = "missing required parameter"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CascadeError)
+    async def _cascade_error(request: Request, exc: CascadeError) -> JSONResponse:
+        if exc.status_code >= 500:
+            log.warning("request failed: %s: %s", type(exc).__name__, exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        msg, param = _validation_message(exc)
+        return JSONResponse(error_body(msg, "invalid_request_error", param=param, code="invalid_request"),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code=code),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal server error", "server_error", code="internal_error"),
+                            status_code=500)
+
+
+def json_error_bytes(exc: CascadeError) -> bytes:
+    return json.dumps(error_body(exc.message, exc.error_type, param=exc.param, code=exc.code)).encode()

@@ -1,0 +1,245 @@
+"""Wire types (pydantic) of the OpenAI-compatible API, and their conversion to and from engine types."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class _GenerationParams(_Wire):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @field_validator("n")
+    @classmethod
+    def _only_one(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError("presence/frequency penalties are not supported (must be 0)")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list):
+            if len(v) > 4:
+                raise ValueError("at most 4 stop sequences")
+            if any(s == "" for s in v):
+                raise ValueError("stop sequences must be non-empty")
+        return v
+
+    def stop_tuple(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionRequest(_GenerationParams):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        return self
+
+    def to_engine(self) -> GenerationRequest:
+        return GenerationRequest(
+            messages=tuple(Message(role=m.role, content=m.text()) for m in self.messages),
+            max_tokens=self.max_completion_tokens or self.max_tokens, temperature=self.temperature,
+            top_p=self.top_p, stop=self.stop_tuple(), top_logprobs=self.top_logprobs or 0, seed=self.seed)
+
+
+class CompletionRequest(_GenerationParams):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("exactly one prompt is supported")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def to_engine(self) -> GenerationRequest:
+        return GenerationRequest(prompt=self.prompt_text(), max_tokens=self.max_tokens,
+                                 temperature=self.temperature, top_p=self.top_p, stop=self.stop_tuple(),
+                                 top_logprobs=self.logprobs or 0, seed=self.seed)
+
+
+class FeedbackRequest(_Wire):
+    request_id: str = Field(min_length=1, max_length=128)
+    score: Literal[-1, 0, 1]
+    comment: str | None = Field(None, max_length=4000)
+
+
+# --- responses (plain dicts: the OpenAI shapes, plus our `cascade` object) --------------------------
+
+
+def cascade_block(rec: CascadeRecord) -> dict[str, Any]:
+    return {
+        "request_id": rec.request_id,
+        "policy": rec.policy,
+        "tier": rec.tier,
+        "confidence": rec.confidence,
+        "escalated": rec.escalated,
+        "attempts": [
+            {"tier": a.tier, "model": a.model, "backend": a.backend, "decision": a.decision,
+             "reason": a.reason, "confidence": a.confidence, "prompt_tokens": a.prompt_tokens,
+             "completion_tokens": a.completion_tokens, "latency_ms": round(a.latency_ms, 3),
+             "cost_usd": a.cost_usd, "error_class": a.error_class}
+            for a in rec.attempts],
+        "cost_usd": rec.cost_usd,
+        "baseline_cost_usd": rec.baseline_cost_usd,
+        "baseline_estimated": rec.baseline_estimated,
+        "escalation_waste_usd": rec.escalation_waste_usd,
+        "latency_ms": round(rec.latency_ms, 3),
+    }
+
+
+def cascade_headers(rec: CascadeRecord) -> dict[str, str]:
+    return {
+        "x-cascade-request-id": rec.request_id,
+        "x-cascade-policy": rec.policy,
+        "x-cascade-tier": rec.tier or "",
+        "x-cascade-escalated": "true" if rec.escalated else "false",
+        "x-cascade-confidence": "" if rec.confidence is None else f"{rec.confidence:.6f}",
+        "x-cascade-attempts": str(len(rec.attempts)),
+        "x-cascade-cost-usd": f"{rec.cost_usd:.10f}",
+        "x-cascade-escalation-waste-usd": f"{rec.escalation_waste_usd:.10f}",
+    }
+
+
+def _usage(res: GenerationResult) -> dict[str, int]:
+    return {"prompt_tokens": res.usage.prompt_tokens, "completion_tokens": res.usage.completion_tokens,
+            "total_tokens": res.usage.total_tokens}
+
+
+def _bytes(s: str) -> list[int]:
+    return list(s.encode("utf-8"))
+
+
+def chat_logprobs(tokens: tuple[TokenLogprob, ...], top: int) -> dict[str, Any]:
+    return {"content": [
+        {"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token),
+         "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": _bytes(a.token)}
+                          for a in t.top[:top]]}
+        for t in tokens], "refusal": None}
+
+
+def completion_logprobs(tokens: tuple[TokenLogprob, ...], top: int) -> dict[str, Any]:
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t.token)
+    tops: list[dict[str, float]] = []
+    for t in tokens:
+        d: dict[str, float] = {}
+        for a in t.top[:top]:
+            d.setdefault(a.token, a.logprob)
+        tops.append(d)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_response(req: ChatCompletionRequest, res: GenerationResult, rec: CascadeRecord) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-" + rec.request_id,
+        "object": "chat.completion",
+        "created": int(rec.created_at or time.time()),
+        "model": rec.tier,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": res.text, "refusal": None},
+            "logprobs": chat_logprobs(res.tokens, req.top_logprobs or 0) if req.logprobs else None,
+            "finish_reason": res.finish_reason,
+        }],
+        "usage": _usage(res),
+        "system_fingerprint": None,
+        "cascade": cascade_block(rec),
+    }
+
+
+def completion_response(req: CompletionRequest, res: GenerationResult, rec: CascadeRecord) -> dict[str, Any]:
+    return {
+        "id": "cmpl-" + rec.request_id,
+        "object": "text_completion",
+        "created": int(rec.created_at or time.time()),
+        "model": rec.tier,
+        "choices": [{
+            "index": 0,
+            "text": res.text,
+            "logprobs": completion_logprobs(res.tokens, req.logprobs) if req.logprobs is not None else None,
+            "finish_reason": res.finish_reason,
+        }],
+        "usage": _usage(res),
+        "cascade": cascade_block(rec),
+    }

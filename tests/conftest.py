@@ -1,0 +1,119 @@
+"""Shared fixtures: the real small model, real configs, a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smol_path() -> Path:
+    """The prepared SmolLM2-135M directory (`make test` prepares it; a missing one is an error)."""
+    from cascade.models import resolve_model_path
+
+    return resolve_model_path(TEST_MODEL)
+
+
+@pytest.fixture(scope="session")
+async def smol_backend(smol_path: Path):
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(model=str(smol_path), name="smol", threads=2)
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
+def tier(name: str, **kw: Any) -> dict[str, Any]:
+    """A transformers tier on SmolLM2 (tests change prices/thresholds per tier)."""
+    d: dict[str, Any] = {
+        "name": name, "backend": "transformers", "model": TEST_MODEL,
+        "price": {"input_per_1m": 0.1, "output_per_1m": 0.2}, "max_tokens": 8, "threshold": 0.5,
+        "options": {"threads": 2},
+    }
+    d.update(kw)
+    return d
+
+
+def make_config(tmp_path: Path, tiers: list[dict[str, Any]], policies: dict[str, Any] | None = None,
+                **extra: Any):
+    from cascade.config import parse_config
+
+    data: dict[str, Any] = {
+        "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+        "tiers": tiers,
+        "policies": policies or {"cascade": {"chain": [t["name"] for t in tiers]}},
+    }
+    data.update(extra)
+    return parse_config(data, source="<test>", environ={})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1 in a background thread (as httpx's own tests do)."""
+
+    def __init__(self, app, port: int | None = None) -> None:  # noqa: ANN001
+        import uvicorn
+
+        self.port = port or free_port()
+        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                     lifespan="on")
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def serve_app() -> Iterator:
+    """Start ``create_app(config)`` on a real uvicorn server; yields a starter function."""
+    started: list[ServerThread] = []
+
+    def start(config) -> ServerThread:  # noqa: ANN001
+        from serving import create_app
+
+        srv = ServerThread(create_app(config)).__enter__()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.__exit__(None, None, None)

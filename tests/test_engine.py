@@ -1,0 +1,133 @@
+"""The cascade engine on real models, with the ledger read back from the real SQLite file."""
+
+import sqlite3
+
+import pytest
+
+from cascade.engine import Engine
+from cascade.errors import UnknownModelError
+from cascade.types import GenerationRequest, Message
+from tests.conftest import make_config, tier
+
+Q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),))
+
+
+def rows(path, sql, *args):
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+@pytest.fixture
+async def engine_factory(tmp_path):
+    opened = []
+
+    async def make(tiers, policies=None):
+        cfg = make_config(tmp_path, tiers, policies)
+        eng = await Engine.open(cfg)
+        opened.append(eng)
+        return eng
+
+    yield make
+    for e in opened:
+        await e.close()
+
+
+async def test_escalates_below_threshold_and_accounts_the_waste(engine_factory, tmp_path):
+    small = tier("small", threshold=1.0)  # no answer reaches confidence 1.0: always escalates
+    large = tier("large", price={"input_per_1m": 2.0, "output_per_1m": 6.0})
+    eng = await engine_factory([small, large])
+    out = await eng.run(Q)
+    rec = out.record
+    assert rec.escalated and rec.tier == "large" and len(rec.attempts) == 2
+    a0, a1 = rec.attempts
+    assert a0.decision == "escalate" and not a0.kept and "< threshold 1.000" in a0.reason
+    assert a1.decision == "final" and a1.kept
+    assert a0.cost_usd == pytest.approx((a0.prompt_tokens * 0.1 + a0.completion_tokens * 0.2) / 1e6)
+    assert a1.cost_usd == pytest.approx((a1.prompt_tokens * 2.0 + a1.completion_tokens * 6.0) / 1e6)
+    assert rec.escalation_waste_usd == pytest.approx(a0.cost_usd)
+    assert rec.cost_usd == pytest.approx(a0.cost_usd + a1.cost_usd)
+    assert rec.baseline_cost_usd == pytest.approx(a1.cost_usd) and not rec.baseline_estimated
+    assert 0.0 < rec.confidence < 1.0
+
+    db = tmp_path / "ledger.sqlite"
+    (req,) = rows(db, "SELECT tier, escalated, n_attempts, cost_usd, escalation_waste_usd, status "
+                      "FROM requests WHERE request_id=?", rec.request_id)
+    assert req == ("large", 1, 2, pytest.approx(rec.cost_usd), pytest.approx(a0.cost_usd), "ok")
+    att = rows(db, "SELECT idx, tier, decision, kept, cost_usd FROM attempts WHERE request_id=? ORDER BY idx",
+               rec.request_id)
+    assert att == [(0, "small", "escalate", 0, pytest.approx(a0.cost_usd)),
+                   (1, "large", "final", 1, pytest.approx(a1.cost_usd))]
+    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_keeps_the_first_answer_above_threshold(engine_factory, tmp_path):
+    eng = await engine_factory([tier("small", threshold=0.0), tier("large", price={"input_per_1m": 2.0, "output_per_1m": 6.0})])
+    rec = (await eng.run(Q)).record
+    assert not rec.escalated and rec.tier == "small" and len(rec.attempts) == 1
+    assert rec.escalation_waste_usd == 0.0
+    assert rec.baseline_estimated  # the large tier never ran: its cost is estimated from the tokens
+    a0 = rec.attempts[0]
+    assert rec.baseline_cost_usd == pytest.approx((a0.prompt_tokens * 2.0 + a0.completion_tokens * 6.0) / 1e6)
+    # the large tier was never even loaded
+    assert eng.tiers["large"].backend._model is None
+
+
+async def test_threshold_between_confidences_decides(engine_factory):
+    """The same answer escalates or not depending on where the threshold sits around its confidence."""
+    probe = await engine_factory([tier("small", threshold=0.0), tier("large")])
+    conf = (await probe.run(Q)).record.confidence
+    below = await engine_factory([tier("small", threshold=max(conf - 0.05, 0.0)), tier("large")],
+                                 {"p": {"chain": ["small", "large"]}})
+    above = await engine_factory([tier("small", threshold=min(conf + 0.05, 1.0)), tier("large")],
+                                 {"p": {"chain": ["small", "large"]}})
+    assert not (await below.run(Q)).record.escalated
+    assert (await above.run(Q)).record.escalated
+
+
+async def test_policy_threshold_override_and_pinned_tier(engine_factory):
+    eng = await engine_factory(
+        [tier("small", threshold=0.0), tier("large")],
+        {"cascade": {"chain": ["small", "large"]},
+         "strict": {"chain": ["small", "large"], "thresholds": {"small": 1.0}}})
+    assert not (await eng.run(Q, model="cascade")).record.escalated
+    assert (await eng.run(Q, model="strict")).record.escalated
+    pinned = (await eng.run(Q, model="large")).record
+    assert pinned.tier == "large" and len(pinned.attempts) == 1 and pinned.policy == "large"
+
+
+async def test_unknown_model_is_refused_and_recorded(engine_factory, tmp_path):
+    eng = await engine_factory([tier("small")])
+    with pytest.raises(UnknownModelError, match="valid models: cascade, small"):
+        await eng.run(Q, model="gpt-17", request_id="casc-unknown")
+    (row,) = rows(tmp_path / "ledger.sqlite", "SELECT status, error_class FROM requests WHERE request_id=?",
+                  "casc-unknown")
+    assert row == ("error", "UnknownModelError")
+
+
+async def test_three_tier_chain_with_unreachable_middle_tier(engine_factory, tmp_path):
+    """A tier whose provider refuses connections is recorded as an error and the chain goes on."""
+    from tests.conftest import free_port
+
+    dead = {"name": "dead", "backend": "openai", "model": "x", "timeout_s": 5,
+            "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}}
+    eng = await engine_factory([tier("small", threshold=1.0), dead, tier("large")])
+    rec = (await eng.run(Q)).record
+    assert [a.tier for a in rec.attempts] == ["small", "dead", "large"]
+    assert rec.attempts[1].decision == "error" and rec.attempts[1].error_class == "ProviderConnectionError"
+    assert rec.tier == "large" and rec.escalated
+    assert rec.escalation_waste_usd == pytest.approx(rec.attempts[0].cost_usd)
+    att = rows(tmp_path / "ledger.sqlite", "SELECT tier, decision, error_class FROM attempts "
+               "WHERE request_id=? ORDER BY idx", rec.request_id)
+    assert att[1] == ("dead", "error", "ProviderConnectionError")
+
+
+async def test_last_tier_failure_serves_the_best_answer_in_hand(engine_factory):
+    from tests.conftest import free_port
+
+    dead = {"name": "dead", "backend": "openai", "model": "x", "timeout_s": 5,
+            "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}}
+    eng = await engine_factory([tier("small", threshold=1.0), dead])
+    rec = (await eng.run(Q)).record
+    assert rec.tier == "small" and not rec.escalated
+    assert "served because 'dead' failed" in rec.attempts[0].reason
+    assert rec.escalation_waste_usd == 0.0

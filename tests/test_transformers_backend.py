@@ -1,0 +1,65 @@
+"""The transformers backend on the real SmolLM2-135M model."""
+
+import asyncio
+
+import pytest
+import torch
+
+from cascade.errors import ContextLengthExceededError
+from cascade.types import GenerationRequest, Message
+
+Q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=10, top_logprobs=5)
+
+
+async def test_logprobs_equal_a_direct_forward_pass(smol_backend):
+    res = await smol_backend.generate(Q)
+    assert res.tokens and res.text.strip()
+    ids = smol_backend._prompt_ids(Q)
+    full = ids + [t.token_id for t in res.tokens]
+    with torch.inference_mode():
+        logits = smol_backend._model(torch.tensor([full])).logits.float()
+    lp = torch.log_softmax(logits, dim=-1)[0]
+    start = len(ids)
+    for j, tok in enumerate(res.tokens):
+        direct = lp[start - 1 + j, tok.token_id].item()
+        assert abs(direct - tok.logprob) < 1e-4, (j, direct, tok.logprob)
+        # greedy: the chosen token is the top alternative, and alternatives are sorted
+        assert tok.top[0].token_id == tok.token_id
+        assert [a.logprob for a in tok.top] == sorted((a.logprob for a in tok.top), reverse=True)
+        assert len(tok.top) == 5
+    assert "".join(t.token for t in res.tokens) == res.text
+    assert res.usage.prompt_tokens == len(ids) and res.usage.completion_tokens == len(res.tokens)
+
+
+async def test_concurrent_requests_batch_and_match_solo_runs(smol_backend):
+    prompts = ["What is 2+2?", "Name a primary color.", "What is the capital of Italy?"]
+    reqs = [Q.with_(messages=(Message("user", p),)) for p in prompts]
+    batched = await asyncio.gather(*(smol_backend.generate(r) for r in reqs))
+    for r, b in zip(reqs, batched, strict=True):
+        solo = await smol_backend.generate(r)
+        assert solo.text == b.text
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(solo.tokens, b.tokens, strict=True)) < 1e-3
+
+
+async def test_stop_sequence_and_max_tokens(smol_backend):
+    res = await smol_backend.generate(Q.with_(stop=("Paris",)))
+    assert "Paris" not in res.text and res.finish_reason == "stop"
+    short = await smol_backend.generate(Q.with_(max_tokens=3))
+    assert short.usage.completion_tokens == 3 and short.finish_reason == "length"
+
+
+async def test_raw_prompt_completion(smol_backend):
+    res = await smol_backend.generate(GenerationRequest(prompt="The capital of France is", max_tokens=4))
+    assert "Paris" in res.text
+
+
+async def test_prompt_longer_than_context_is_refused(smol_path):
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    b = TransformersBackend(model=str(smol_path), name="tiny-ctx", context_length=32, threads=2)
+    await b.start()
+    try:
+        with pytest.raises(ContextLengthExceededError, match="context of 32 tokens"):
+            await b.generate(Q.with_(messages=(Message("user", "word " * 100),)))
+    finally:
+        await b.close()
