@@ -115,7 +115,9 @@ class TransformersBackend(Backend):
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         if self._threads:
             torch.set_num_threads(int(self._threads))
         try:

@@ -1,0 +1,95 @@
+"""Configuration: the embedded default, env overrides, and clear errors naming the bad key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cascade.config import load_config, parse_config
+from cascade.errors import ConfigError
+
+GOOD = """
+tiers:
+  - {name: a, backend: transformers, model: smollm2-135m}
+  - {name: b, backend: openai, model: gpt-4o-mini, options: {base_url: "http://127.0.0.1:1/v1"}}
+policies:
+  cascade: {chain: [a, b]}
+"""
+
+
+def test_embedded_default_is_the_qwen_cpu_chain():
+    cfg = load_config(environ={})
+    assert cfg.default_policy_name == "cascade"
+    assert cfg.policies["cascade"].chain == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000
+    assert all(t.backend == "transformers" for t in cfg.tiers)
+
+
+def test_environment_overrides(tmp_path):
+    cfg = load_config(environ={"CASCADE_PORT": "9123", "CASCADE_HOST": "127.0.0.2",
+                               "CASCADE_LEDGER_PATH": str(tmp_path / "l.sqlite"),
+                               "CASCADE_MODEL_CACHE": str(tmp_path / "m")})
+    assert cfg.server.port == 9123 and cfg.server.host == "127.0.0.2"
+    assert cfg.ledger_path() == tmp_path / "l.sqlite" and cfg.model_cache_dir() == tmp_path / "m"
+    p = tmp_path / "c.yaml"
+    p.write_text(GOOD)
+    assert load_config(environ={"CASCADE_CONFIG": str(p)}).policies["cascade"].chain == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tiers: [\n  {name: a, backend: transformers", "invalid config"),
+        ("[1, 2]", "top level must be a mapping"),
+        (GOOD.replace("model: smollm2-135m", "model: smollm2-135m, colour: red"), "tiers.0.colour: unknown key"),
+        (GOOD.replace("backend: transformers", "backend: tpu"), "tiers.0.backend: unknown backend 'tpu'"),
+        (GOOD.replace("chain: [a, b]", "chain: [a, c]"), "policies.cascade.chain: unknown tier 'c'"),
+        (GOOD.replace("model: smollm2-135m}", "model: m, price: {input_per_1m: cheap}}"),
+         "tiers.0.price.input_per_1m"),
+        (GOOD.replace("model: smollm2-135m}", "model: m, threshold: 1.5}"), "tiers.0.threshold"),
+        (GOOD.replace("{chain: [a, b]}", "{chain: []}"), "policies.cascade.chain"),
+        (GOOD + "default_policy: nope\n", "default_policy: unknown policy 'nope'"),
+        (GOOD.replace("name: b,", "name: a,"), "duplicate tier name"),
+    ],
+)
+def test_malformed_configs_name_the_bad_key(tmp_path, text, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(p, environ={})
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_and_bad_env_port(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", environ={})
+    with pytest.raises(ConfigError, match="server.port"):
+        load_config(environ={"CASCADE_PORT": "eighty"})
+
+
+def test_calibrator_artifact_is_loaded(tmp_path):
+    from calibration import TemperatureScaling, save_calibrator
+    from cascade.engine import build_calibrator
+
+    art = save_calibrator(TemperatureScaling(feature="min_logprob", temperature=2.5), tmp_path / "cal.json")
+    cfg = parse_config({"tiers": [{"name": "a", "backend": "transformers", "model": "m",
+                                   "calibrator": {"artifact": str(art)}}],
+                        "policies": {"p": {"chain": ["a"]}}})
+    cal = build_calibrator(cfg.tiers[0].calibrator, tier="a")
+    assert cal.feature == "min_logprob" and cal.temperature == 2.5
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="tiers.a.calibrator: .*not valid JSON"):
+        build_calibrator(cfg.tiers[0].calibrator.model_copy(update={"artifact": str(tmp_path / "broken.json")}),
+                         tier="a")
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(GOOD.replace("chain: [a, b]", "chain: [a, zz]"))
+    out = subprocess.run([sys.executable, "-m", "cascade.cli", "ask", "--config", str(p), "hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cascade: error: invalid config")
+    assert "policies.cascade.chain: unknown tier 'zz'" in lines[0]

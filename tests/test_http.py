@@ -1,0 +1,133 @@
+"""The HTTP endpoint on a real uvicorn server, driven by the official openai client, unchanged."""
+
+import sqlite3
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import make_config, tier
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from serving import create_app
+    from tests.conftest import ServerThread
+
+    tmp = tmp_path_factory.mktemp("http")
+    cfg = make_config(tmp, [tier("small", threshold=0.0), tier("large", price={"input_per_1m": 1, "output_per_1m": 3})],
+                      {"cascade": {"chain": ["small", "large"]},
+                       "always-escalate": {"chain": ["small", "large"], "thresholds": {"small": 1.0}}},
+                      server={"max_body_bytes": 4096, "max_tokens_limit": 64})
+    with ServerThread(create_app(cfg)) as srv:
+        srv.ledger_path = tmp / "ledger.sqlite"
+        yield srv
+
+
+def ledger_count(srv, sql="SELECT COUNT(*) FROM requests"):
+    with sqlite3.connect(srv.ledger_path) as c:
+        return c.execute(sql).fetchone()[0]
+
+
+def test_sync_client_chat_completion_with_cascade_record(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="cascade", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=8, logprobs=True, top_logprobs=3)
+    resp = raw.parse()
+    assert resp.object == "chat.completion" and resp.model == "small"
+    assert "Paris" in resp.choices[0].message.content
+    content = resp.choices[0].logprobs.content
+    assert content and all(len(c.top_logprobs) == 3 for c in content)
+    casc = resp.model_extra["cascade"]
+    assert casc["tier"] == "small" and casc["escalated"] is False and len(casc["attempts"]) == 1
+    assert casc["cost_usd"] > 0 and casc["escalation_waste_usd"] == 0
+    assert raw.headers["x-cascade-request-id"] == casc["request_id"]
+    assert raw.headers["x-cascade-tier"] == "small"
+    assert resp.usage.completion_tokens == len(content)
+
+
+async def test_async_client_escalated_chat_and_completion(server):
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    resp = await client.chat.completions.create(
+        model="always-escalate", messages=[{"role": "user", "content": "Name a primary color."}], max_tokens=6)
+    casc = resp.model_extra["cascade"]
+    assert resp.model == "large" and casc["escalated"] is True
+    assert [a["decision"] for a in casc["attempts"]] == ["escalate", "final"]
+    assert casc["escalation_waste_usd"] == pytest.approx(casc["attempts"][0]["cost_usd"])
+    comp = await client.completions.create(model="small", prompt="The capital of France is", max_tokens=4,
+                                           logprobs=2)
+    assert "Paris" in comp.choices[0].text
+    assert len(comp.choices[0].logprobs.tokens) == comp.usage.completion_tokens
+    assert all(len(t) == 2 for t in comp.choices[0].logprobs.top_logprobs)
+    await client.close()
+
+
+def test_models_and_health(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["cascade", "always-escalate", "small", "large"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"model": "cascade", "messages": []}, 400, "messages"),
+        ({"model": "cascade", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400, "max_tokens"),
+        ({"model": "cascade", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400,
+         "limit of 64"),
+        ({"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}, 404, "valid models: cascade"),
+        ({"model": "cascade", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+        ({"model": "cascade", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n=1"),
+        ({"model": "cascade", "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "unknown parameter"),
+        ({"model": "cascade"}, 400, "messages: missing"),
+    ],
+)
+def test_bad_requests_get_openai_style_errors(server, body, status, fragment):
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"] in ("invalid_request_error",)
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_openai_client_sees_typed_errors(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="cascade", messages=[], max_tokens=4)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_malformed_json_and_oversize_body(server):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    big = {"model": "cascade", "messages": [{"role": "user", "content": "x" * 5000}]}
+    r = httpx.post(server.url + "/v1/chat/completions", json=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_every_engine_request_is_in_the_ledger(server):
+    before = ledger_count(server)
+    errors_before = ledger_count(server, "SELECT COUNT(*) FROM requests WHERE status='error'")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model="cascade", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert ledger_count(server) == before + 2
+    assert ledger_count(server, "SELECT COUNT(*) FROM requests WHERE status='error'") == errors_before + 1
+
+
+def test_feedback_is_stored(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    resp = client.chat.completions.create(model="cascade", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    rid = resp.model_extra["cascade"]["request_id"]
+    r = httpx.post(server.url + "/v1/feedback", json={"request_id": rid, "score": 1, "comment": "good"})
+    assert r.status_code == 200 and r.json()["request_id"] == rid
+    assert httpx.post(server.url + "/v1/feedback", json={"request_id": "nope", "score": 1}).status_code == 404
+    assert httpx.post(server.url + "/v1/feedback", json={"request_id": rid, "score": 5}).status_code == 400
+    with sqlite3.connect(server.ledger_path) as c:
+        assert c.execute("SELECT score, comment FROM feedback WHERE request_id=?", (rid,)).fetchall() == [(1, "good")]

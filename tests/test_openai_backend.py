@@ -1,0 +1,77 @@
+"""The `openai` backend against a real OpenAI-compatible server on loopback.
+
+The server is cascade-engine's own endpoint serving one SmolLM2 tier through the transformers backend:
+a real uvicorn server speaking the OpenAI protocol, reached through the official `openai` client.
+"""
+
+import pytest
+
+from cascade.backends.openai_backend import OpenAIBackend
+from cascade.engine import Engine
+from cascade.errors import ProviderConnectionError, ProviderInvalidRequestError
+from cascade.types import GenerationRequest, Message
+from tests.conftest import free_port, make_config, tier
+
+Q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=8, top_logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory):
+    from serving import create_app
+    from tests.conftest import ServerThread
+
+    cfg = make_config(tmp_path_factory.mktemp("remote"), [tier("smol-remote")])
+    with ServerThread(create_app(cfg)) as srv:
+        yield srv
+
+
+async def test_chat_tokens_and_logprobs_match_the_local_backend(remote, smol_backend):
+    b = OpenAIBackend(model="smol-remote", base_url=remote.url + "/v1")
+    try:
+        res = await b.generate(Q)
+    finally:
+        await b.close()
+    local = await smol_backend.generate(Q)
+    assert res.text == local.text
+    assert [t.token for t in res.tokens] == [t.token for t in local.tokens]
+    assert max(abs(a.logprob - c.logprob) for a, c in zip(res.tokens, local.tokens, strict=True)) < 1e-4
+    assert all(len(t.top) == 3 for t in res.tokens)
+    assert res.usage.prompt_tokens == local.usage.prompt_tokens
+    assert res.usage.completion_tokens == local.usage.completion_tokens
+
+
+async def test_completions_endpoint(remote):
+    b = OpenAIBackend(model="smol-remote", base_url=remote.url + "/v1", endpoint="completions")
+    try:
+        res = await b.generate(GenerationRequest(prompt="The capital of France is", max_tokens=4, top_logprobs=2))
+    finally:
+        await b.close()
+    assert "Paris" in res.text and len(res.tokens) == res.usage.completion_tokens
+    assert all(len(t.top) == 2 for t in res.tokens)
+
+
+async def test_errors_are_translated(remote):
+    b = OpenAIBackend(model="no-such-model", base_url=remote.url + "/v1")
+    with pytest.raises(ProviderInvalidRequestError) as err:
+        await b.generate(Q)
+    assert err.value.upstream_status == 404 and isinstance(err.value.__cause__, Exception)
+    await b.close()
+    dead = OpenAIBackend(model="x", base_url=f"http://127.0.0.1:{free_port()}/v1", timeout_s=5)
+    with pytest.raises(ProviderConnectionError):
+        await dead.generate(Q)
+    await dead.close()
+
+
+async def test_cascade_with_a_remote_first_tier(remote, tmp_path):
+    remote_tier = {"name": "remote", "backend": "openai", "model": "smol-remote", "threshold": 1.0,
+                   "price": {"input_per_1m": 0.05, "output_per_1m": 0.1}, "max_tokens": 8,
+                   "options": {"base_url": remote.url + "/v1"}}
+    eng = await Engine.open(make_config(tmp_path, [remote_tier, tier("local")]))
+    try:
+        rec = (await eng.run(Q)).record
+    finally:
+        await eng.close()
+    assert [a.tier for a in rec.attempts] == ["remote", "local"]
+    assert rec.attempts[0].decision == "escalate" and rec.attempts[0].confidence is not None
+    assert rec.attempts[0].prompt_tokens > 0 and rec.attempts[0].cost_usd > 0
+    assert rec.tier == "local" and rec.escalation_waste_usd == pytest.approx(rec.attempts[0].cost_usd)
