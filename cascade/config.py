@@ -69,6 +69,57 @@ class CalibratorConfig(_Strict):
         return v
 
 
+def _check_backend_name(v: str) -> str:
+    from cascade.backends import backend_names
+
+    if v not in backend_names():
+        raise ValueError(f"unknown backend {v!r}; known: {', '.join(backend_names())}")
+    return v
+
+
+class ProviderConfig(_Strict):
+    """One provider of a tier with several (tried in order: e.g. local vLLM, a replica, a hosted API)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    backend: str
+    model: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    #: one attempt's time limit (default: the tier's timeout_s, which also bounds the whole tier)
+    timeout_s: float | None = Field(None, gt=0)
+    #: this provider's price (default: the tier's)
+    price: Price | None = None
+
+    _known_backend = field_validator("backend")(classmethod(lambda cls, v: _check_backend_name(v)))
+
+
+class RetryConfig(_Strict):
+    """Retries of a rate-limited (429) provider, for tiers with providers (see cascade/resilience.py)."""
+
+    #: attempts on one provider, the first included, before falling over to the next
+    max_attempts: int = Field(3, ge=1, le=10)
+    #: full-jitter backoff: uniform in [0, min(max_delay_s, base_delay_s * 2**(retry-1))]
+    base_delay_s: float = Field(0.25, ge=0)
+    max_delay_s: float = Field(4.0, ge=0)
+    #: a server's Retry-After / retry-after-ms is honoured up to this; a longer one means fall over now
+    max_retry_after_s: float = Field(10.0, ge=0)
+    #: seed the jitter (reproducible runs); None: random
+    jitter_seed: int | None = None
+
+
+class BreakerConfig(_Strict):
+    """A circuit breaker per provider, for tiers with providers."""
+
+    #: open after this many consecutive failures (5xx, timeouts, connection errors, auth)
+    failure_threshold: int = Field(5, ge=1)
+    #: or when at least this fraction of the calls of the last window_s seconds failed...
+    failure_rate: float = Field(0.5, gt=0, le=1)
+    window_s: float = Field(30.0, gt=0)
+    #: ...and the window holds at least this many calls
+    min_calls: int = Field(10, ge=1)
+    #: open -> half-open (one probe call) after this many seconds
+    cooldown_s: float = Field(15.0, gt=0)
+
+
 class TierConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     backend: str
@@ -84,14 +135,36 @@ class TierConfig(_Strict):
     timeout_s: float = Field(120.0, gt=0)
     #: backend-specific options (e.g. transformers: dtype, threads, max_batch_size; openai: base_url)
     options: dict[str, Any] = Field(default_factory=dict)
+    #: several providers tried in order instead of the single backend (then leave backend, model and
+    #: options out: they describe the first provider); retries and fallbacks share timeout_s
+    providers: list[ProviderConfig] | None = Field(None, min_length=1)
+    retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_providers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("providers"):
+            given = sorted(k for k in ("backend", "model", "options") if k in data)
+            if given:
+                raise ValueError(f"with providers, leave out {', '.join(given)}: each provider has its own")
+            first = data["providers"][0]
+            if isinstance(first, dict):
+                data = {**data, "backend": first.get("backend"), "model": first.get("model")}
+        return data
 
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
-        from cascade.backends import backend_names
+        return _check_backend_name(v)
 
-        if v not in backend_names():
-            raise ValueError(f"unknown backend {v!r}; known: {', '.join(backend_names())}")
+    @field_validator("providers")
+    @classmethod
+    def _unique_providers(cls, v: list[ProviderConfig] | None) -> list[ProviderConfig] | None:
+        names = [p.name for p in v or ()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate provider name(s) {dupes}")
         return v
 
 
@@ -131,6 +204,41 @@ class ModelsConfig(_Strict):
     cache_dir: str = "~/.cache/cascade-engine/models"
 
 
+class UserTierConfig(_Strict):
+    """What a class of API keys may do and spend (e.g. free/paid, interactive/batch)."""
+
+    #: policies and pinned tiers this user tier may ask for (empty: all)
+    allowed_models: list[str] = Field(default_factory=list)
+    #: cancel a tier that has not answered within this many seconds
+    latency_budget_s: float | None = Field(None, gt=0)
+    #: on a latency-budget timeout: escalate to the next tier, or serve the best answer already in hand
+    on_latency_budget: Literal["escalate", "best_answer"] = "escalate"
+    #: most a single request may cost, all attempts included
+    cost_budget_usd: float | None = Field(None, gt=0)
+    #: when the next tier could exceed the cost budget: refuse it (402 if nothing is in hand), or
+    #: truncate its max_tokens to what the budget still pays for
+    on_cost_budget: Literal["refuse", "truncate"] = "refuse"
+    #: per-key spend limit per UTC day, enforced from the ledger (429 once reached)
+    daily_spend_limit_usd: float | None = Field(None, gt=0)
+
+
+class ApiKeyConfig(_Strict):
+    """An API key, stored only as the SHA-256 hex digest of the key (see `cascade keys hash`)."""
+
+    id: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    user_tier: str
+
+
+class AuthConfig(_Strict):
+    #: with no keys configured (here or in the ledger) the server is open: for local use only
+    keys: list[ApiKeyConfig] = Field(default_factory=list)
+    #: refuse every request without a valid key even when no key is configured yet
+    required: bool = False
+    #: user tier of requests when the server is open
+    anonymous_user_tier: str | None = None
+
+
 class Config(_Strict):
     server: ServerConfig = ServerConfig()
     ledger: LedgerConfig = LedgerConfig()
@@ -138,6 +246,8 @@ class Config(_Strict):
     tiers: list[TierConfig] = Field(min_length=1)
     policies: dict[str, PolicyConfig] = Field(min_length=1)
     default_policy: str | None = None
+    user_tiers: dict[str, UserTierConfig] = Field(default_factory=dict)
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _cross_check(self) -> "Config":
@@ -157,6 +267,20 @@ class Config(_Strict):
                     raise ValueError(f"policies.{pname}.thresholds: tier {t!r} is not in the chain")
         if self.default_policy is not None and self.default_policy not in self.policies:
             raise ValueError(f"default_policy: unknown policy {self.default_policy!r}")
+        models = set(self.policies) | set(names)
+        for uname, ut in self.user_tiers.items():
+            for m in ut.allowed_models:
+                if m not in models:
+                    raise ValueError(f"user_tiers.{uname}.allowed_models: unknown model {m!r}")
+        for i, key in enumerate(self.auth.keys):
+            if key.user_tier not in self.user_tiers:
+                raise ValueError(f"auth.keys.{i}.user_tier: unknown user tier {key.user_tier!r}")
+        ids = [k.id for k in self.auth.keys]
+        if len(ids) != len(set(ids)):
+            raise ValueError("auth.keys: duplicate key id")
+        anon = self.auth.anonymous_user_tier
+        if anon is not None and anon not in self.user_tiers:
+            raise ValueError(f"auth.anonymous_user_tier: unknown user tier {anon!r}")
         return self
 
     # --- lookups ---------------------------------------------------------------------------------

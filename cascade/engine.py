@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
@@ -19,7 +20,9 @@ from calibration.features import extract_features
 from cascade.backends import Backend, backend_class
 from cascade.config import CalibratorConfig, Config, TierConfig
 from cascade.errors import (
+    BudgetExceededError,
     CascadeError,
+    ClientDisconnected,
     ConfigError,
     ContextLengthExceededError,
     ProviderContextLengthError,
@@ -28,7 +31,8 @@ from cascade.errors import (
 )
 from cascade.ledger import Ledger
 from cascade.policy import decide
-from cascade.types import Attempt, CascadeRecord, GenerationRequest, GenerationResult
+from cascade.resilience import DEADLINE_GRACE_S, ProviderAttempt, ResilientBackend, merge_provider_attempts
+from cascade.types import Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage
 
 log = logging.getLogger("cascade.engine")
 
@@ -71,6 +75,55 @@ class Outcome:
     result: GenerationResult
 
 
+@dataclass(frozen=True)
+class Budget:
+    """Per-request limits, from the caller's user tier."""
+
+    latency_s: float | None = None          # per tier attempt
+    on_latency: str = "escalate"            # escalate | best_answer
+    cost_usd: float | None = None           # all attempts together
+    on_cost: str = "refuse"                 # refuse | truncate
+
+
+@dataclass
+class _Live:
+    """The last tier, to be streamed live by the caller (``_run_route(..., stream_last=True)``)."""
+
+    tier: Tier
+    request: GenerationRequest
+    attempt: Attempt
+    answers: list
+    timeout: float
+
+
+@dataclass
+class StreamStart:
+    record: CascadeRecord
+    tier: str
+
+
+@dataclass
+class StreamDelta:
+    text: str
+    tokens: tuple
+
+
+@dataclass
+class StreamEnd:
+    record: CascadeRecord
+    finish_reason: str
+    usage: Usage | None
+
+
+@dataclass
+class StreamFailed:
+    record: CascadeRecord
+    error: CascadeError
+
+
+StreamEvent = StreamStart | StreamDelta | StreamEnd | StreamFailed
+
+
 class Engine:
     """Holds the tiers, the policies and the ledger. Create with ``await Engine.open(config)``."""
 
@@ -79,8 +132,10 @@ class Engine:
         self.ledger = ledger
         self.tiers: dict[str, Tier] = {}
         for tc in config.tiers:
-            cls = backend_class(tc.backend)
-            self.tiers[tc.name] = Tier(config=tc, backend=cls.from_tier(tc, config),
+            # a tier with `providers` gets retries, fallback between providers and breakers
+            backend = (ResilientBackend.from_tier(tc, config) if tc.providers
+                       else backend_class(tc.backend).from_tier(tc, config))
+            self.tiers[tc.name] = Tier(config=tc, backend=backend,
                                        calibrator=build_calibrator(tc.calibrator, tier=tc.name))
 
     @classmethod
@@ -131,31 +186,197 @@ class Engine:
     # --- the cascade ------------------------------------------------------------------------------
     async def run(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
                   request_id: str | None = None, api_key_id: str | None = None,
-                  user_tier: str | None = None) -> Outcome:
+                  user_tier: str | None = None, budget: Budget | None = None) -> Outcome:
         """Answer one request through its route; the record is in the ledger when this returns."""
-        rec = CascadeRecord(request_id=request_id or new_request_id(), policy=model or "",
-                            created_at=time.time(), endpoint=endpoint, api_key_id=api_key_id,
-                            user_tier=user_tier)
+        rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
         t0 = time.perf_counter()
+        route: Route | None = None
         try:
             route = self.resolve(model)
             rec.policy = route.name
-            result = await self._run_route(route, request, rec)
+            result = await self._run_route(route, request, rec, budget or Budget())
+            assert isinstance(result, GenerationResult)
         except CascadeError as exc:
-            rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
-            self._finish(rec, route=None, t0=t0)
-            await self.ledger.record(rec)
+            await self._record_failure(rec, exc, route, t0)
             raise
         except asyncio.CancelledError:
-            rec.status, rec.error_class, rec.error_message = "cancelled", "ClientDisconnected", "cancelled"
-            self._finish(rec, route=None, t0=t0)
-            await asyncio.shield(self.ledger.record(rec))
+            await self._record_failure(rec, None, route, t0)
             raise
         self._finish(rec, route=route, t0=t0)
         await self.ledger.record(rec)
         return Outcome(record=rec, result=result)
 
-    async def _run_route(self, route: Route, request: GenerationRequest, rec: CascadeRecord) -> GenerationResult:
+    async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
+                     request_id: str | None = None, api_key_id: str | None = None,
+                     user_tier: str | None = None, budget: Budget | None = None) -> AsyncIterator[StreamEvent]:
+        """Stream one request's answer.
+
+        Every tier but the last is buffered: its answer must be complete before the policy can keep it.
+        The first event, :class:`StreamStart`, comes once the serving tier is known; errors before it
+        are raised (the caller can still answer with an HTTP error). The last tier streams live; if it
+        fails before its first token, the best answer in hand is served; after bytes were sent, the
+        stream ends with :class:`StreamFailed` and the ledger records the partial answer.
+        """
+        rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
+        t0 = time.perf_counter()
+        route: Route | None = None
+        try:
+            route = self.resolve(model)
+            rec.policy = route.name
+            outcome = await self._run_route(route, request, rec, budget or Budget(), stream_last=True)
+        except CascadeError as exc:
+            await self._record_failure(rec, exc, route, t0)
+            raise
+        except asyncio.CancelledError:
+            await self._record_failure(rec, None, route, t0)
+            raise
+        if isinstance(outcome, GenerationResult):  # a buffered answer was kept
+            kept = next(a for a in rec.attempts if a.kept)
+            self._finish(rec, route=route, t0=t0)
+            await self.ledger.record(rec)
+            yield StreamStart(record=rec, tier=kept.tier)
+            pieces = [StreamChunk(text=t.token, tokens=(t,)) for t in outcome.tokens] or [StreamChunk(outcome.text)]
+            for chunk in pieces:
+                yield StreamDelta(chunk.text, chunk.tokens)
+            yield StreamEnd(record=rec, finish_reason=outcome.finish_reason, usage=outcome.usage)
+            return
+        async for event in self._stream_live(outcome, route, rec, t0):
+            yield event
+
+    async def _stream_live(self, live: "_Live", route: Route, rec: CascadeRecord, t0: float) -> AsyncIterator[StreamEvent]:
+        tier, req, att, answers = live.tier, live.request, live.attempt, live.answers
+        tc = tier.config
+        started = time.perf_counter()
+        text: list[str] = []
+        tokens: list = []
+        finish, usage = "stop", None
+        sent = False
+        agen = tier.backend.stream(req)
+        try:
+            try:
+                first = await asyncio.wait_for(anext(agen), timeout=live.timeout)
+            except TimeoutError as exc:
+                raise ProviderTimeoutError(f"tier {tier.name!r} sent nothing within {live.timeout:g} s",
+                                           provider=tier.name) from exc
+            except StopAsyncIteration:
+                first = StreamChunk(text="", finish_reason="stop")
+        except CascadeError as exc:
+            await agen.aclose()
+            self._mark_error(att, exc, started)
+            if answers and exc.fall_over:
+                best = self._serve_best(answers, f"{tier.name!r} failed before its first token ({type(exc).__name__})")
+                self._finish(rec, route=route, t0=t0)
+                kept = next(a for a in rec.attempts if a.kept)
+                await self.ledger.record(rec)
+                yield StreamStart(record=rec, tier=kept.tier)
+                for t in best.tokens:
+                    yield StreamDelta(t.token, (t,))
+                yield StreamEnd(record=rec, finish_reason=best.finish_reason, usage=best.usage)
+                return
+            await self._record_failure(rec, exc, route, t0)
+            raise
+        att.kept, att.decision = True, "final"
+        rec.tier, rec.model, rec.escalated = tier.name, tc.model, att.index > 0
+        yield StreamStart(record=rec, tier=tier.name)
+        error: CascadeError | None = None
+        try:
+            chunk: StreamChunk | None = first
+            while chunk is not None:
+                if chunk.text or chunk.tokens:
+                    sent = True
+                    text.append(chunk.text)
+                    tokens.extend(chunk.tokens)
+                    yield StreamDelta(chunk.text, chunk.tokens)
+                if chunk.finish_reason:
+                    finish, usage = chunk.finish_reason, chunk.usage or usage
+                try:
+                    chunk = await anext(agen)
+                except StopAsyncIteration:
+                    chunk = None
+        except CascadeError as exc:
+            error = exc
+        except (asyncio.CancelledError, GeneratorExit):
+            error = ClientDisconnected("client disconnected during the stream")
+            raise
+        finally:
+            await agen.aclose()
+            att.latency_ms = (time.perf_counter() - started) * 1e3
+            att.text = "".join(text)
+            att.prompt_tokens = usage.prompt_tokens if usage else (tier.backend.count_prompt_tokens(req) or 0)
+            att.completion_tokens = usage.completion_tokens if usage else len(tokens)
+            att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
+            att.features = extract_features(tokens)
+            att.confidence = decide(att.features, tier.calibrator, 0.0, is_last=True).confidence
+            att.reason = "last tier always answers (streamed)"
+            if error is not None:
+                att.error_class, att.error_message = type(error).__name__, error.message
+                att.reason += f"; stream broke after {len(tokens)} tokens"
+                rec.status = "partial" if sent else "error"
+                rec.error_class, rec.error_message = type(error).__name__, error.message
+            self._finish(rec, route=route, t0=t0)
+            await asyncio.shield(self.ledger.record(rec))
+        if error is not None:
+            yield StreamFailed(record=rec, error=error)
+            return
+        yield StreamEnd(record=rec, finish_reason=finish,
+                        usage=Usage(att.prompt_tokens, att.completion_tokens))
+
+    # --- shared steps -----------------------------------------------------------------------------
+    def _new_record(self, model: str | None, endpoint: str, request_id: str | None,
+                    api_key_id: str | None, user_tier: str | None) -> CascadeRecord:
+        return CascadeRecord(request_id=request_id or new_request_id(), policy=model or "",
+                             created_at=time.time(), endpoint=endpoint, api_key_id=api_key_id,
+                             user_tier=user_tier)
+
+    async def _record_failure(self, rec: CascadeRecord, exc: CascadeError | None, route: Route | None,
+                              t0: float) -> None:
+        if exc is None:
+            rec.status, rec.error_class, rec.error_message = "cancelled", "ClientDisconnected", "cancelled"
+        else:
+            rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
+        for a in rec.attempts:
+            a.kept = False
+        self._finish(rec, route=route, t0=t0)
+        await asyncio.shield(self.ledger.record(rec))
+
+    @staticmethod
+    def _mark_error(att: Attempt, exc: CascadeError, started: float) -> None:
+        att.latency_ms = (time.perf_counter() - started) * 1e3
+        att.decision, att.reason = "error", exc.message
+        att.error_class, att.error_message = type(exc).__name__, exc.message
+
+    @staticmethod
+    def _serve_best(answers: list[tuple[Attempt, GenerationResult]], why: str) -> GenerationResult:
+        """Serve the most confident answer already in hand (a later tier failed or ran out of budget)."""
+        best_att, best = max(answers, key=lambda ar: ar[0].confidence or 0.0)
+        best_att.kept, best_att.decision = True, "accept"
+        best_att.reason += f"; served because {why}"
+        return best
+
+    def _budget_check(self, tier: Tier, req: GenerationRequest, rec: CascadeRecord,
+                      budget: Budget) -> tuple[GenerationRequest, str | None]:
+        """Fit ``req`` to what the cost budget still pays for; returns (request, refusal reason)."""
+        if budget.cost_usd is None:
+            return req, None
+        price = tier.config.price
+        remaining = budget.cost_usd - sum(a.cost_usd for a in rec.attempts)
+        prompt = tier.backend.count_prompt_tokens(req)
+        if prompt is None:  # a rough count for remote tiers: ~4 characters per token
+            chars = len(req.prompt or "") + sum(len(m.content) + 4 for m in req.messages or ())
+            prompt = chars // 4 + 1
+        max_tokens = req.max_tokens or 1
+        estimate = price.cost(prompt, max_tokens)
+        if estimate <= remaining:
+            return req, None
+        if budget.on_cost == "truncate" and price.output_per_1m > 0:
+            affordable = int((remaining - price.cost(prompt, 0)) * 1e6 / price.output_per_1m)
+            if affordable >= 1:
+                return req.with_(max_tokens=min(max_tokens, affordable)), None
+        return req, (f"cost budget: tier {tier.name!r} could cost ${estimate:.6f}, "
+                     f"${max(remaining, 0.0):.6f} of ${budget.cost_usd:.6f} left")
+
+    async def _run_route(self, route: Route, request: GenerationRequest, rec: CascadeRecord, budget: Budget,
+                         *, stream_last: bool = False) -> "GenerationResult | _Live":
         answers: list[tuple[Attempt, GenerationResult]] = []
         last_error: CascadeError | None = None
         n = len(route.tiers)
@@ -164,34 +385,52 @@ class Engine:
             tc = tier.config
             req = request.with_(max_tokens=request.max_tokens or tc.max_tokens,
                                 top_logprobs=max(request.top_logprobs, tc.top_logprobs))
-            att = Attempt(index=i, tier=tier.name, model=tc.model, backend=tc.backend)
+            att = Attempt(index=len(rec.attempts), tier=tier.name, model=tc.model, backend=tc.backend)
             rec.attempts.append(att)
+            req, refusal = self._budget_check(tier, req, rec, budget)
+            if refusal is not None:
+                att.decision, att.reason = "skipped", refusal
+                if answers:
+                    return self._serve_best(answers, refusal)
+                raise BudgetExceededError(f"request refused: {refusal}")
+            timeout = tc.timeout_s if budget.latency_s is None else min(tc.timeout_s, budget.latency_s)
+            if is_last and stream_last:
+                return _Live(tier=tier, request=req, attempt=att, answers=answers, timeout=timeout)
             started = time.perf_counter()
+            provider_log: list[ProviderAttempt] = []  # one per provider attempt, for tiers with providers
             try:
                 try:
-                    res = await asyncio.wait_for(tier.backend.generate(req), timeout=tc.timeout_s)
+                    if isinstance(tier.backend, ResilientBackend):  # it keeps the deadline itself
+                        call = tier.backend.generate(req, deadline=time.monotonic() + timeout, record=provider_log)
+                        limit = timeout + DEADLINE_GRACE_S
+                    else:
+                        call, limit = tier.backend.generate(req), timeout
+                    res = await asyncio.wait_for(call, timeout=limit)
                 except TimeoutError as exc:
-                    raise ProviderTimeoutError(f"tier {tier.name!r} did not answer within {tc.timeout_s:g} s",
+                    raise ProviderTimeoutError(f"tier {tier.name!r} did not answer within {timeout:g} s",
                                                provider=tier.name) from exc
+            except asyncio.CancelledError:
+                merge_provider_attempts(rec.attempts, att, provider_log, served=False)
+                raise
             except CascadeError as exc:
-                att.latency_ms = (time.perf_counter() - started) * 1e3
-                att.decision, att.reason = "error", exc.message
-                att.error_class, att.error_message = type(exc).__name__, exc.message
+                self._mark_error(att, exc, started)
+                merge_provider_attempts(rec.attempts, att, provider_log, served=False)
                 last_error = exc
+                if (answers and isinstance(exc, ProviderTimeoutError) and budget.latency_s is not None
+                        and budget.on_latency == "best_answer"):
+                    return self._serve_best(answers, f"{tier.name!r} exceeded the latency budget")
                 escalate = exc.fall_over or isinstance(exc, (ContextLengthExceededError, ProviderContextLengthError))
                 if escalate and not is_last:
                     log.warning("tier %s failed (%s); escalating", tier.name, type(exc).__name__)
                     continue
                 if answers and exc.fall_over:
                     # the last tier failed: serve the best answer already in hand rather than nothing
-                    best_att, best = max(answers, key=lambda ar: ar[0].confidence or 0.0)
-                    best_att.kept, best_att.decision = True, "accept"
-                    best_att.reason += f"; served because {tier.name!r} failed ({type(exc).__name__})"
-                    return best
+                    return self._serve_best(answers, f"{tier.name!r} failed ({type(exc).__name__})")
                 raise
             att.latency_ms = res.latency_s * 1e3
             att.prompt_tokens, att.completion_tokens = res.usage.prompt_tokens, res.usage.completion_tokens
             att.cost_usd = tc.price.cost(res.usage.prompt_tokens, res.usage.completion_tokens)
+            merge_provider_attempts(rec.attempts, att, provider_log, served=True)  # provider price, failed attempts
             att.text = res.text
             att.features = extract_features(res.tokens)
             decision = decide(att.features, tier.calibrator, threshold, is_last=is_last)
@@ -213,7 +452,7 @@ class Engine:
         kept = next((a for a in rec.attempts if a.kept), None)
         if kept is not None:
             rec.tier, rec.model, rec.confidence = kept.tier, kept.model, kept.confidence
-            rec.escalated = kept.index > 0
+            rec.escalated = kept.tier != rec.attempts[0].tier  # provider fallbacks within a tier are not escalations
         if route is None:
             rec.baseline_cost_usd = rec.cost_usd
             return
@@ -233,4 +472,5 @@ def new_request_id() -> str:
     return "casc-" + uuid.uuid4().hex[:24]
 
 
-__all__ = ["Engine", "Outcome", "Route", "Tier", "build_calibrator", "new_request_id"]
+__all__ = ["Budget", "Engine", "Outcome", "Route", "StreamDelta", "StreamEnd", "StreamEvent", "StreamFailed",
+           "StreamStart", "Tier", "build_calibrator", "new_request_id"]

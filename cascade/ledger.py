@@ -202,3 +202,10 @@ class Ledger:
         if self._conn is None:
             raise LedgerError("ledger is not open")
         return self._conn
+
+
+async def spend_since(ledger: Ledger, api_key_id: str, since: float) -> float:
+    """Total cost recorded for one API key since a UNIX time (for daily spend limits)."""
+    rows = await ledger.query("SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE api_key_id=? AND created_at>=?",
+                              (api_key_id, since))
+    return float(rows[0][0])

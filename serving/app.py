@@ -13,6 +13,7 @@ from cascade.config import Config
 from cascade.engine import Engine
 from cascade.errors import CascadeError
 from serving.errors import error_body, install_error_handlers
+from serving.metrics import Metrics
 
 
 class BodyLimitMiddleware:
@@ -67,6 +68,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         owned = engine is None
         app.state.engine = engine if engine is not None else await Engine.open(config, preload=preload)
         app.state.started_at = time.time()
+        app.state.metrics = Metrics()
         try:
             yield
         finally:

@@ -37,6 +37,11 @@ class Backend(abc.ABC):
         """Maximum prompt + completion tokens, if known."""
         return None
 
+    @property
+    def ready(self) -> bool:
+        """True once ``start()`` has loaded what generation needs."""
+        return True
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model / open connections. Safe to call more than once."""
 

@@ -16,6 +16,7 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 from cascade.backends.base import Backend
 from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServerError
-from cascade.types import GenerationRequest, GenerationResult, TokenLogprob, TopLogprob, Usage
+from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _compute_lock = threading.Lock()
@@ -91,6 +92,10 @@ class TransformersBackend(Backend):
     def context_length(self) -> int | None:
         ctx = [c for c in (self._configured_ctx, self._model_ctx) if c]
         return min(ctx) if ctx else None
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
 
     @property
     def model_path(self) -> Path | None:
@@ -165,7 +170,7 @@ class TransformersBackend(Backend):
         return len(self._prompt_ids(request)) if self._tok is not None else None
 
     # --- generation -------------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
+    async def _prepare(self, request: GenerationRequest) -> tuple[GenerationRequest, list[int]]:
         if self._model is None:
             await self.start()
         ids = self._prompt_ids(request)
@@ -178,6 +183,10 @@ class TransformersBackend(Backend):
             request = request.with_(max_tokens=16)
         if ctx is not None and len(ids) + request.max_tokens > ctx:
             request = request.with_(max_tokens=ctx - len(ids))
+        return request, ids
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        request, ids = await self._prepare(request)
         loop = asyncio.get_running_loop()
         item = _Pending(request=request, prompt_ids=ids, future=loop.create_future())
         self._pending.append(item)
@@ -188,6 +197,110 @@ class TransformersBackend(Backend):
         except asyncio.CancelledError:
             item.cancelled.set()
             raise
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Yield tokens as the model produces them (with their logprobs), then a final chunk.
+
+        A streamed request runs alone (not batched). With stop strings the answer is generated whole
+        first, so that no part of a stop string can reach the client before it is recognised.
+        """
+        if request.stop:
+            async for chunk in super().stream(request):
+                yield chunk
+            return
+        request, ids = await self._prepare(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        t0 = time.perf_counter()
+        fut = loop.run_in_executor(_compute_executor(), self._stream_sync, request, ids, queue, loop, cancelled)
+        tok = self._tok
+        eos = set(self._eos_ids)
+        gen_ids: list[int] = []
+        prev = ""
+        finish = "length"
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                token_id, logprob, top = item
+                if token_id in eos:
+                    finish = "stop"
+                    cancelled.set()
+                    continue
+                if len(gen_ids) >= request.max_tokens:
+                    continue
+                gen_ids.append(token_id)
+                cur = tok.decode(gen_ids, skip_special_tokens=True)
+                piece = cur[len(prev):] if cur.startswith(prev) else tok.decode([token_id])
+                prev = cur
+                alts = tuple(TopLogprob(token=tok.decode([a]), logprob=v, token_id=a)
+                             for a, v in top[: request.top_logprobs])
+                yield StreamChunk(text=piece, tokens=(TokenLogprob(piece, logprob, token_id, alts),))
+            await fut
+        except BaseException:
+            cancelled.set()
+            raise
+        yield StreamChunk(text="", finish_reason=finish,
+                          usage=Usage(prompt_tokens=len(ids), completion_tokens=len(gen_ids)))
+
+    def _stream_sync(self, request: GenerationRequest, ids: list[int], queue: asyncio.Queue,
+                     loop: asyncio.AbstractEventLoop, cancelled: threading.Event) -> None:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        model = self._model
+        head = model.get_output_embeddings()
+        last: dict[str, Any] = {}
+
+        def hook(_module, _inputs, output):  # noqa: ANN001, ANN202 - raw logits of the newest position
+            last["logits"] = output[:, -1, :]
+
+        k = max(request.top_logprobs, 1)
+
+        class _Streamer(BaseStreamer):
+            def __init__(self) -> None:
+                self.prompt_seen = False
+
+            def put(self, value):  # noqa: ANN001
+                if not self.prompt_seen:  # generate() first hands over the prompt
+                    self.prompt_seen = True
+                    return
+                token_id = int(value.reshape(-1)[0])
+                lp = torch.log_softmax(last["logits"][0].float(), dim=-1)
+                vals, idx = torch.topk(lp, k)
+                item = (token_id, float(lp[token_id]), list(zip(idx.tolist(), vals.tolist(), strict=True)))
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+            def end(self) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+
+        sample = request.temperature > 0
+        cfg = GenerationConfig(
+            max_new_tokens=request.max_tokens, do_sample=sample,
+            temperature=request.temperature if sample else None, top_p=request.top_p if sample else None,
+            top_k=None, repetition_penalty=None, pad_token_id=self._tok.pad_token_id,
+            eos_token_id=self._eos_ids, bos_token_id=None)
+        handle = head.register_forward_hook(hook)
+        streamer = _Streamer()
+        try:
+            with torch.inference_mode():
+                if sample and request.seed is not None:
+                    torch.manual_seed(request.seed)
+                model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                               generation_config=cfg, streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+        except Exception:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+            raise
+        finally:
+            handle.remove()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

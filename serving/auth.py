@@ -1,0 +1,60 @@
+"""API keys → user tiers. Keys are stored hashed (SHA-256) and never logged."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from cascade.config import Config, UserTierConfig
+from cascade.errors import AuthenticationError, PermissionDeniedError
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    return "sk-casc-" + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: str | None
+    user_tier: str | None
+    limits: UserTierConfig | None
+
+
+def _bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("api-key") or None
+
+
+def authenticate(config: Config, request: Request) -> Caller:
+    """The caller's key decides its user tier; no client-settable header can."""
+    auth = config.auth
+    token = _bearer(request)
+    if not auth.keys and not auth.required:
+        tier = auth.anonymous_user_tier
+        return Caller(None, tier, config.user_tiers.get(tier) if tier else None)
+    if token is None:
+        raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+    digest = hash_key(token)
+    for k in auth.keys:
+        if hmac.compare_digest(k.sha256, digest):
+            return Caller(k.id, k.user_tier, config.user_tiers[k.user_tier])
+    raise AuthenticationError("invalid API key")
+
+
+def authorize(caller: Caller, model: str) -> None:
+    limits = caller.limits
+    if limits is not None and limits.allowed_models and model not in limits.allowed_models:
+        raise PermissionDeniedError(
+            f"user tier {caller.user_tier!r} may not use model {model!r}; allowed: {', '.join(limits.allowed_models)}",
+            param="model", code="model_not_allowed")

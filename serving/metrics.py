@@ -1,0 +1,66 @@
+"""Prometheus metrics of one app (its own registry: no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from cascade.types import CascadeRecord
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+_OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("cascade_requests", "Requests by policy, serving tier and status",
+                                ["policy", "tier", "status"], registry=r)
+        self.escalations = Counter("cascade_escalations", "Requests answered by a later tier than the first",
+                                   ["policy"], registry=r)
+        self.escalation_rate = Gauge("cascade_escalation_rate", "Escalated / answered requests, per policy",
+                                     ["policy"], registry=r)
+        self.attempts = Counter("cascade_attempts", "Tier attempts by decision", ["tier", "decision"], registry=r)
+        self.cost = Counter("cascade_cost_usd", "Spend per tier and policy (all attempts)", ["policy", "tier"],
+                            registry=r)
+        self.waste = Counter("cascade_escalation_waste_usd", "Cost of attempts whose answer was not served",
+                             ["policy", "tier"], registry=r)
+        self.baseline = Counter("cascade_baseline_cost_usd", "What the last tier alone would have cost",
+                                ["policy"], registry=r)
+        self.latency = Histogram("cascade_request_latency_seconds", "Total request latency", ["policy"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("cascade_time_to_first_token_seconds", "Time to first streamed token", ["policy"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.routing = Histogram("cascade_routing_overhead_seconds",
+                                 "Engine time outside backend calls (features, policy, accounting)",
+                                 buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.errors = Counter("cascade_errors", "Errors by class", ["error_class"], registry=r)
+        self._answered: dict[str, int] = {}
+        self._escalated: dict[str, int] = {}
+
+    def observe(self, rec: CascadeRecord) -> None:
+        self.requests.labels(rec.policy or "-", rec.tier or "-", rec.status).inc()
+        if rec.error_class:
+            self.errors.labels(rec.error_class).inc()
+        for a in rec.attempts:
+            self.attempts.labels(a.tier, a.decision or "-").inc()
+            if a.cost_usd:
+                self.cost.labels(rec.policy, a.tier).inc(a.cost_usd)
+                if not a.kept:
+                    self.waste.labels(rec.policy, a.tier).inc(a.cost_usd)
+        if rec.status in ("ok", "partial") and rec.tier:
+            p = rec.policy
+            self._answered[p] = self._answered.get(p, 0) + 1
+            if rec.escalated:
+                self.escalations.labels(p).inc()
+                self._escalated[p] = self._escalated.get(p, 0) + 1
+            self.escalation_rate.labels(p).set(self._escalated.get(p, 0) / self._answered[p])
+            self.baseline.labels(p).inc(rec.baseline_cost_usd)
+            self.latency.labels(p).observe(rec.latency_ms / 1e3)
+            backend_ms = sum(a.latency_ms for a in rec.attempts)
+            self.routing.observe(max(rec.latency_ms - backend_ms, 0.0) / 1e3)
+
+    def observe_error(self, error_class: str) -> None:
+        self.errors.labels(error_class).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
