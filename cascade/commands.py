@@ -84,7 +84,38 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from serving.auth import hash_key, new_key
+
+    key = new_key()
+    print(f"key (shown once, give it to the caller): {key}", file=sys.stderr)
+    print("add to the config under auth.keys:", file=sys.stderr)
+    print(f"  - {{id: {args.id}, user_tier: {args.user_tier}, sha256: {hash_key(key)}}}")
+    return 0
+
+
+def cmd_keys_hash(args: argparse.Namespace) -> int:
+    from serving.auth import hash_key
+
+    key = args.key if args.key is not None else sys.stdin.readline().strip()
+    if not key:
+        raise ConfigError("no key given (pass it as an argument or on standard input)")
+    print(hash_key(key))
+    return 0
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
+    k = sub.add_parser("keys", help="create API keys and hash them for the config (keys are stored hashed)")
+    ksub = k.add_subparsers(dest="keys_command", metavar="SUBCOMMAND")
+    ksub.required = True
+    p = ksub.add_parser("create", help="generate a new key; prints the config line with its SHA-256")
+    p.add_argument("--id", required=True, help="key id recorded in the ledger (not secret)")
+    p.add_argument("--user-tier", required=True, help="user tier the key belongs to")
+    p.set_defaults(func=cmd_keys_create)
+    p = ksub.add_parser("hash", help="print the SHA-256 of an existing key (argument or stdin)")
+    p.add_argument("key", nargs="?")
+    p.set_defaults(func=cmd_keys_hash)
+
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP endpoint")
     p.add_argument("--config", help="config YAML (default: $CASCADE_CONFIG or the embedded CPU default)")
     p.add_argument("--host", help="bind address (default from config / $CASCADE_HOST)")
