@@ -63,3 +63,9 @@ async def test_prompt_longer_than_context_is_refused(smol_path):
             await b.generate(Q.with_(messages=(Message("user", "word " * 100),)))
     finally:
         await b.close()
+
+
+async def test_empty_prompt_generates_from_the_start_token(smol_backend):
+    """Found by schemathesis: an empty completion prompt used to crash the forward pass."""
+    res = await smol_backend.generate(GenerationRequest(prompt="", max_tokens=3))
+    assert res.usage.prompt_tokens == 1 and res.usage.completion_tokens >= 1

@@ -164,7 +164,11 @@ class TransformersBackend(Backend):
             msgs = [{"role": m.role, "content": m.content} for m in request.messages]
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             return tok(text, add_special_tokens=False)["input_ids"]
-        return tok(request.prompt or "", add_special_tokens=True)["input_ids"]
+        ids = tok(request.prompt or "", add_special_tokens=True)["input_ids"]
+        if not ids:  # an empty prompt: start from the beginning-of-text token
+            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            ids = [start]
+        return ids
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         return len(self._prompt_ids(request)) if self._tok is not None else None
@@ -293,7 +297,7 @@ class TransformersBackend(Backend):
             with torch.inference_mode():
                 if sample and request.seed is not None:
                     torch.manual_seed(request.seed)
-                model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                model.generate(input_ids=torch.tensor([ids], dtype=torch.long), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
                                generation_config=cfg, streamer=streamer,
                                stopping_criteria=StoppingCriteriaList([_Cancelled()]))
         except Exception:
@@ -361,8 +365,10 @@ class TransformersBackend(Backend):
         req0 = batch[0].request
         width = max(len(p.prompt_ids) for p in batch)
         pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p.prompt_ids)) + p.prompt_ids for p in batch])
-        attention = torch.tensor([[0] * (width - len(p.prompt_ids)) + [1] * len(p.prompt_ids) for p in batch])
+        input_ids = torch.tensor([[pad] * (width - len(p.prompt_ids)) + p.prompt_ids for p in batch],
+                                 dtype=torch.long)
+        attention = torch.tensor([[0] * (width - len(p.prompt_ids)) + [1] * len(p.prompt_ids) for p in batch],
+                                 dtype=torch.long)
         max_new = max(p.request.max_tokens or 16 for p in batch)
         top_k = max(p.request.top_logprobs for p in batch)
 
