@@ -27,7 +27,7 @@ $(STAMPS)/venv: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$(TORCH_VERSION)') else 'torch $(TORCH_VERSION) is required, found ' + torch.__version__)"
-	$(BIN)/python -m pip install -q -e ".[local,calibration,dev]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q -e ".[local,calibration,dev,postgres]" 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(BIN)/python -c "import cascade, serving, calibration, transformers, fastapi, openai, netcal"
 	@mkdir -p $(STAMPS) && touch $@
 

@@ -9,6 +9,7 @@ import sys
 
 from cascade.config import Config, load_config
 from cascade.errors import ConfigError
+from cascade.ledger import _redact
 from cascade.types import GenerationRequest, Message
 
 
@@ -37,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)
     print(f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"
-          f" (ledger {cfg.ledger_path()})", file=sys.stderr, flush=True)
+          f" (ledger {_redact(cfg.ledger_target())})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
                 timeout_graceful_shutdown=30)
     return 0

@@ -195,6 +195,7 @@ class ServerConfig(_Strict):
 
 
 class LedgerConfig(_Strict):
+    #: a SQLite file, or a ``postgresql://user:pass@host:port/db`` URL (several replicas, one ledger)
     path: str = "~/.local/share/cascade-engine/ledger.sqlite"
     #: store prompts and answers' text in the ledger (off by default: privacy)
     store_text: bool = False
@@ -296,6 +297,11 @@ class Config(_Strict):
 
     def ledger_path(self) -> Path:
         return Path(self.ledger.path).expanduser()
+
+    def ledger_target(self) -> str:
+        """What :class:`cascade.ledger.Ledger` opens: a SQLite path or a PostgreSQL URL."""
+        p = self.ledger.path
+        return p if p.startswith(("postgresql://", "postgres://")) else str(self.ledger_path())
 
     def model_cache_dir(self) -> Path:
         return Path(self.models.cache_dir).expanduser()

@@ -140,7 +140,7 @@ class Engine:
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
-        ledger = await Ledger(config.ledger_path(), store_text=config.ledger.store_text).open()
+        ledger = await Ledger(config.ledger_target(), store_text=config.ledger.store_text).open()
         try:
             engine = cls(config, ledger=ledger)
             if preload:
@@ -251,7 +251,11 @@ class Engine:
         tokens: list = []
         finish, usage = "stop", None
         sent = False
-        agen = tier.backend.stream(req)
+        provider_log: list[ProviderAttempt] = []  # one per provider attempt, for tiers with providers
+        if isinstance(tier.backend, ResilientBackend):  # falls over between providers before the first chunk
+            agen = tier.backend.stream(req, deadline=time.monotonic() + tc.timeout_s, record=provider_log)
+        else:
+            agen = tier.backend.stream(req)
         try:
             try:
                 first = await asyncio.wait_for(anext(agen), timeout=live.timeout)
@@ -263,6 +267,7 @@ class Engine:
         except CascadeError as exc:
             await agen.aclose()
             self._mark_error(att, exc, started)
+            merge_provider_attempts(rec.attempts, att, provider_log, served=False)
             if answers and exc.fall_over:
                 best = self._serve_best(answers, f"{tier.name!r} failed before its first token ({type(exc).__name__})")
                 self._finish(rec, route=route, t0=t0)
@@ -305,6 +310,7 @@ class Engine:
             att.prompt_tokens = usage.prompt_tokens if usage else (tier.backend.count_prompt_tokens(req) or 0)
             att.completion_tokens = usage.completion_tokens if usage else len(tokens)
             att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
+            merge_provider_attempts(rec.attempts, att, provider_log, served=True)  # provider price, failed attempts
             att.features = extract_features(tokens)
             att.confidence = decide(att.features, tier.calibrator, 0.0, is_last=True).confidence
             att.reason = "last tier always answers (streamed)"

@@ -1,8 +1,12 @@
-"""The ledger: every request and every attempt, in a SQLite file (WAL mode).
+"""The ledger: every request and every attempt, in SQLite (WAL mode) or PostgreSQL, through one code path.
 
 Writes run on one dedicated thread (``await ledger.record(rec)`` never blocks the event loop) and are
 committed before ``record`` returns, so a request that got its response is on disk: stopping the process
-between requests loses nothing. WAL with ``synchronous=NORMAL`` survives a process crash.
+between requests loses nothing. SQLite runs in WAL mode with ``synchronous=NORMAL`` (survives a process
+crash). PostgreSQL (``postgresql://…``) lets several server replicas share one ledger.
+
+The SQL is written once, with ``?`` placeholders and types both databases accept; the dialect object
+only rewrites placeholders and says how to connect.
 """
 
 from __future__ import annotations
@@ -10,116 +14,214 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cascade.errors import LedgerError, NotFoundError
 from cascade.types import CascadeRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS requests (
-    request_id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    policy TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    api_key_id TEXT,
-    user_tier TEXT,
-    status TEXT NOT NULL,
-    tier TEXT,
-    model TEXT,
-    confidence REAL,
-    escalated INTEGER NOT NULL,
-    n_attempts INTEGER NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cost_usd REAL NOT NULL,
-    baseline_cost_usd REAL NOT NULL,
-    baseline_estimated INTEGER NOT NULL,
-    escalation_waste_usd REAL NOT NULL,
-    latency_ms REAL NOT NULL,
-    error_class TEXT,
-    error_message TEXT
-);
-CREATE INDEX IF NOT EXISTS requests_created ON requests(created_at);
-CREATE INDEX IF NOT EXISTS requests_policy_created ON requests(policy, created_at);
-CREATE INDEX IF NOT EXISTS requests_key_created ON requests(api_key_id, created_at);
-CREATE TABLE IF NOT EXISTS attempts (
-    request_id TEXT NOT NULL REFERENCES requests(request_id),
-    idx INTEGER NOT NULL,
-    tier TEXT NOT NULL,
-    model TEXT NOT NULL,
-    backend TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    latency_ms REAL NOT NULL,
-    cost_usd REAL NOT NULL,
-    confidence REAL,
-    decision TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    kept INTEGER NOT NULL,
-    error_class TEXT,
-    error_message TEXT,
-    features TEXT,
-    text TEXT,
-    PRIMARY KEY (request_id, idx)
-);
-CREATE INDEX IF NOT EXISTS attempts_tier ON attempts(tier);
-CREATE TABLE IF NOT EXISTS feedback (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL REFERENCES requests(request_id),
-    created_at REAL NOT NULL,
-    score INTEGER NOT NULL,
-    comment TEXT
-);
-CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id);
-"""
+_TABLES = [
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS requests (
+        request_id TEXT PRIMARY KEY,
+        created_at DOUBLE PRECISION NOT NULL,
+        policy TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        api_key_id TEXT,
+        user_tier TEXT,
+        status TEXT NOT NULL,
+        tier TEXT,
+        model TEXT,
+        confidence DOUBLE PRECISION,
+        escalated INTEGER NOT NULL,
+        n_attempts INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cost_usd DOUBLE PRECISION NOT NULL,
+        baseline_cost_usd DOUBLE PRECISION NOT NULL,
+        baseline_estimated INTEGER NOT NULL,
+        escalation_waste_usd DOUBLE PRECISION NOT NULL,
+        latency_ms DOUBLE PRECISION NOT NULL,
+        error_class TEXT,
+        error_message TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS requests_created ON requests(created_at)",
+    "CREATE INDEX IF NOT EXISTS requests_policy_created ON requests(policy, created_at)",
+    "CREATE INDEX IF NOT EXISTS requests_key_created ON requests(api_key_id, created_at)",
+    "CREATE INDEX IF NOT EXISTS requests_tier_created ON requests(tier, created_at)",
+    """CREATE TABLE IF NOT EXISTS attempts (
+        request_id TEXT NOT NULL REFERENCES requests(request_id),
+        idx INTEGER NOT NULL,
+        tier TEXT NOT NULL,
+        model TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        latency_ms DOUBLE PRECISION NOT NULL,
+        cost_usd DOUBLE PRECISION NOT NULL,
+        confidence DOUBLE PRECISION,
+        decision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        kept INTEGER NOT NULL,
+        error_class TEXT,
+        error_message TEXT,
+        features TEXT,
+        text TEXT,
+        PRIMARY KEY (request_id, idx)
+    )""",
+    "CREATE INDEX IF NOT EXISTS attempts_tier ON attempts(tier)",
+    """CREATE TABLE IF NOT EXISTS feedback (
+        id {serial},
+        request_id TEXT NOT NULL REFERENCES requests(request_id),
+        created_at DOUBLE PRECISION NOT NULL,
+        score INTEGER NOT NULL,
+        comment TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id)",
+    # what each shadow policy would have done for a live request (see cascade/shadow.py)
+    """CREATE TABLE IF NOT EXISTS shadow_decisions (
+        request_id TEXT NOT NULL REFERENCES requests(request_id),
+        shadow TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        status TEXT NOT NULL,
+        tier TEXT,
+        escalated INTEGER,
+        cost_usd DOUBLE PRECISION,
+        diverges INTEGER,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (request_id, shadow)
+    )""",
+    "CREATE INDEX IF NOT EXISTS shadow_created ON shadow_decisions(shadow, created_at)",
+]
+
+
+class _Dialect:
+    name = "sqlite"
+    serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
+
+    def sql(self, statement: str) -> str:
+        return statement
+
+    def connect(self, target: str) -> Any:
+        path = Path(target).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+
+
+class _Postgres(_Dialect):
+    name = "postgresql"
+    serial = "BIGSERIAL PRIMARY KEY"
+
+    def __init__(self) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self.errors = (psycopg.Error,)
+
+    def sql(self, statement: str) -> str:
+        return statement.replace("%", "%%").replace("?", "%s")
+
+    def connect(self, target: str) -> Any:
+        return self._psycopg.connect(target, autocommit=True)
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[None]:
+        with conn.transaction():
+            yield
+
+
+def _dialect_for(target: str) -> _Dialect:
+    if target.startswith(("postgresql://", "postgres://")):
+        try:
+            return _Postgres()
+        except ImportError as exc:
+            raise LedgerError("a PostgreSQL ledger needs psycopg: pip install 'psycopg[binary]'") from exc
+    return _Dialect()
+
+
+def _redact(target: str) -> str:
+    """A ledger URL without its password, for messages."""
+    if "://" in target and "@" in target:
+        scheme, rest = target.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return target
 
 
 class Ledger:
-    """SQLite-backed ledger. Use ``await ledger.open()`` / ``await ledger.close()`` (or ``async with``)."""
+    """The ledger. ``target`` is a SQLite file path or a ``postgresql://`` URL.
 
-    def __init__(self, path: str | Path, *, store_text: bool = False) -> None:
-        self.path = Path(path).expanduser()
+    Use ``await ledger.open()`` / ``await ledger.close()`` (or ``async with``).
+    """
+
+    def __init__(self, target: str | Path, *, store_text: bool = False) -> None:
+        self.target = str(target)
         self.store_text = store_text
-        self._conn: sqlite3.Connection | None = None
+        self.dialect = _dialect_for(self.target)
+        self._conn: Any = None
         self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.dialect.name != "sqlite" else Path(self.target).expanduser()
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def open(self) -> "Ledger":
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="cascade-ledger")
-            await self._call(self._open_sync)
+            try:
+                await self._call(self._open_sync)
+            except BaseException:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+                raise
+        return self
+
+    def open_sync(self) -> "Ledger":
+        """Open for synchronous use from one thread (command-line reports)."""
+        self._open_sync()
         return self
 
     def _open_sync(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-                         (str(SCHEMA_VERSION),))
-        except (sqlite3.Error, OSError) as exc:
-            raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
+            conn = self.dialect.connect(self.target)
+            for stmt in _TABLES:
+                conn.execute(self.dialect.sql(stmt.replace("{serial}", self.dialect.serial)))
+            conn.execute(self.dialect.sql("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"),
+                         ("schema_version", str(SCHEMA_VERSION)))
+        except (*self.dialect.errors, OSError) as exc:
+            raise LedgerError(f"cannot open ledger {_redact(self.target)}: {exc}") from exc
         self._conn = conn
 
     async def close(self) -> None:
         if self._executor is not None:
-            await self._call(self._close_sync)
+            await self._call(self.close_sync)
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def _close_sync(self) -> None:
+    def close_sync(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -136,72 +238,84 @@ class Ledger:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
-    # --- writes -----------------------------------------------------------------------------------
-    async def record(self, rec: CascadeRecord) -> None:
-        """Write one request and all its attempts in one transaction; returns once committed."""
-        await self._call(self._record_sync, rec)
+    def _require(self) -> Any:
+        if self._conn is None:
+            raise LedgerError("ledger is not open")
+        return self._conn
 
-    def _record_sync(self, rec: CascadeRecord) -> None:
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        """Run one statement synchronously (on the caller's thread) and return its rows."""
         conn = self._require()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (rec.request_id, rec.created_at, rec.policy, rec.endpoint, rec.api_key_id, rec.user_tier,
-                 rec.status, rec.tier, rec.model, rec.confidence, int(rec.escalated), len(rec.attempts),
-                 rec.prompt_tokens, rec.completion_tokens, rec.cost_usd, rec.baseline_cost_usd,
-                 int(rec.baseline_estimated), rec.escalation_waste_usd, rec.latency_ms, rec.error_class,
-                 rec.error_message))
-            conn.executemany(
-                "INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(rec.request_id, a.index, a.tier, a.model, a.backend, a.prompt_tokens, a.completion_tokens,
-                  a.latency_ms, a.cost_usd, a.confidence, a.decision, a.reason, int(a.kept), a.error_class,
-                  a.error_message, json.dumps(a.features) if a.features else None,
-                  a.text if self.store_text else None) for a in rec.attempts])
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            cur = conn.execute(self.dialect.sql(sql), tuple(params))
+            return cur.fetchall() if cur.description else []
+        except self.dialect.errors as exc:
+            raise LedgerError(f"ledger query failed: {exc}") from exc
+
+    def execute_dicts(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        conn = self._require()
+        try:
+            cur = conn.execute(self.dialect.sql(sql), tuple(params))
+            cols = [d[0] for d in cur.description or ()]
+            return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+        except self.dialect.errors as exc:
+            raise LedgerError(f"ledger query failed: {exc}") from exc
+
+    # --- writes -----------------------------------------------------------------------------------
+    async def record(self, rec: CascadeRecord, shadows: Iterable[dict[str, Any]] = ()) -> None:
+        """Write one request, its attempts (and shadow decisions) in one transaction; returns once committed."""
+        await self._call(self.record_sync, rec, list(shadows))
+
+    def record_sync(self, rec: CascadeRecord, shadows: list[dict[str, Any]] | None = None) -> None:
+        conn, d = self._require(), self.dialect
+        try:
+            with d.transaction(conn):
+                conn.execute(d.sql("INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"), (
+                    rec.request_id, rec.created_at, rec.policy, rec.endpoint, rec.api_key_id, rec.user_tier,
+                    rec.status, rec.tier, rec.model, rec.confidence, int(rec.escalated), len(rec.attempts),
+                    rec.prompt_tokens, rec.completion_tokens, rec.cost_usd, rec.baseline_cost_usd,
+                    int(rec.baseline_estimated), rec.escalation_waste_usd, rec.latency_ms, rec.error_class,
+                    rec.error_message))
+                cur = conn.cursor()
+                cur.executemany(d.sql("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"), [
+                    (rec.request_id, a.index, a.tier, a.model, a.backend, a.prompt_tokens, a.completion_tokens,
+                     a.latency_ms, a.cost_usd, a.confidence, a.decision, a.reason, int(a.kept), a.error_class,
+                     a.error_message, json.dumps(a.features) if a.features else None,
+                     a.text if self.store_text else None) for a in rec.attempts])
+                if shadows:
+                    cur.executemany(d.sql("INSERT INTO shadow_decisions VALUES (?,?,?,?,?,?,?,?,?)"), [
+                        (rec.request_id, s["shadow"], rec.created_at, s["status"], s.get("tier"),
+                         None if s.get("escalated") is None else int(s["escalated"]), s.get("cost_usd"),
+                         None if s.get("diverges") is None else int(s["diverges"]), s.get("reason", ""))
+                        for s in shadows])
+        except d.errors as exc:
             raise LedgerError(f"ledger write failed for request {rec.request_id}: {exc}") from exc
 
     async def add_feedback(self, request_id: str, score: int, comment: str | None = None) -> int:
         return await self._call(self._feedback_sync, request_id, score, comment)
 
     def _feedback_sync(self, request_id: str, score: int, comment: str | None) -> int:
-        conn = self._require()
-        if conn.execute("SELECT 1 FROM requests WHERE request_id=?", (request_id,)).fetchone() is None:
+        if not self.execute("SELECT 1 FROM requests WHERE request_id=?", (request_id,)):
             raise NotFoundError(f"no request {request_id!r} in the ledger", param="request_id")
-        cur = conn.execute("INSERT INTO feedback(request_id, created_at, score, comment) VALUES (?,?,?,?)",
-                           (request_id, time.time(), score, comment))
-        return int(cur.lastrowid)
+        rows = self.execute("INSERT INTO feedback(request_id, created_at, score, comment) VALUES (?,?,?,?) "
+                            "RETURNING id", (request_id, time.time(), score, comment))
+        return int(rows[0][0])
 
     # --- reads ------------------------------------------------------------------------------------
     async def get(self, request_id: str) -> dict[str, Any] | None:
-        return await self._call(self._get_sync, request_id)
+        return await self._call(self.get_sync, request_id)
 
-    def _get_sync(self, request_id: str) -> dict[str, Any] | None:
-        conn = self._require()
-        conn.row_factory = sqlite3.Row
-        try:
-            row = conn.execute("SELECT * FROM requests WHERE request_id=?", (request_id,)).fetchone()
-            if row is None:
-                return None
-            out = dict(row)
-            out["attempts"] = [dict(a) for a in conn.execute(
-                "SELECT * FROM attempts WHERE request_id=? ORDER BY idx", (request_id,))]
-            out["feedback"] = [dict(f) for f in conn.execute(
-                "SELECT * FROM feedback WHERE request_id=? ORDER BY id", (request_id,))]
-            return out
-        finally:
-            conn.row_factory = None
+    def get_sync(self, request_id: str) -> dict[str, Any] | None:
+        rows = self.execute_dicts("SELECT * FROM requests WHERE request_id=?", (request_id,))
+        if not rows:
+            return None
+        out = rows[0]
+        out["attempts"] = self.execute_dicts("SELECT * FROM attempts WHERE request_id=? ORDER BY idx", (request_id,))
+        out["feedback"] = self.execute_dicts("SELECT * FROM feedback WHERE request_id=? ORDER BY id", (request_id,))
+        return out
 
     async def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
-        return await self._call(lambda: self._require().execute(sql, tuple(params)).fetchall())
-
-    def _require(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise LedgerError("ledger is not open")
-        return self._conn
+        return await self._call(self.execute, sql, tuple(params))
 
 
 async def spend_since(ledger: Ledger, api_key_id: str, since: float) -> float:

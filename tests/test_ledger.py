@@ -1,0 +1,63 @@
+"""The ledger on a real SQLite file and on a real PostgreSQL server, through the same code."""
+
+import asyncio
+
+import pytest
+
+from cascade.errors import LedgerError, NotFoundError
+from cascade.ledger import Ledger, spend_since
+from cascade.types import Attempt, CascadeRecord
+from tests.pg import postgres  # noqa: F401 - fixture
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.sqlite")
+    pg = request.getfixturevalue("postgres")
+    pg.reset()
+    return pg.url
+
+
+def record(i: int, key: str = "k1", cost: float = 1e-4) -> CascadeRecord:
+    rec = CascadeRecord(request_id=f"r{i}", policy="cascade", created_at=1_000_000.0 + i, api_key_id=key,
+                        tier="large", model="m", confidence=0.9, escalated=True, cost_usd=cost,
+                        baseline_cost_usd=cost * 0.8, escalation_waste_usd=cost * 0.2, latency_ms=12.5)
+    rec.attempts = [Attempt(index=0, tier="small", model="s", backend="transformers", cost_usd=cost * 0.2,
+                            decision="escalate", reason="low", features={"mean_logprob": -1.0}),
+                    Attempt(index=1, tier="large", model="m", backend="openai", cost_usd=cost * 0.8,
+                            decision="final", reason="last", kept=True)]
+    return rec
+
+
+async def test_round_trip_feedback_spend_and_shadows(target):
+    async with Ledger(target) as ledger:
+        await asyncio.gather(*(ledger.record(record(i)) for i in range(20)))
+        await ledger.record(record(99, key="k2"), shadows=[
+            {"shadow": "strict", "status": "known", "tier": "small", "escalated": False, "cost_usd": 2e-5,
+             "diverges": True, "reason": "would keep"}])
+        row = await ledger.get("r3")
+        assert row["tier"] == "large" and row["escalated"] == 1 and len(row["attempts"]) == 2
+        assert row["attempts"][0]["decision"] == "escalate" and row["attempts"][1]["kept"] == 1
+        fid = await ledger.add_feedback("r3", 1, "thanks")
+        assert fid >= 1 and (await ledger.get("r3"))["feedback"][0]["comment"] == "thanks"
+        with pytest.raises(NotFoundError):
+            await ledger.add_feedback("missing", -1)
+        assert await spend_since(ledger, "k1", 0) == pytest.approx(20 * 1e-4)
+        assert await spend_since(ledger, "k1", 1_000_010.0) == pytest.approx(10 * 1e-4)
+        assert (await ledger.query("SELECT COUNT(*) FROM attempts"))[0][0] == 42
+        assert (await ledger.query("SELECT shadow, diverges FROM shadow_decisions")) == [("strict", 1)]
+        with pytest.raises(LedgerError, match="r3"):  # a duplicate request id is refused, nothing half-written
+            await ledger.record(record(3))
+        assert (await ledger.query("SELECT COUNT(*) FROM attempts WHERE request_id='r3'"))[0][0] == 2
+    # reopening keeps everything (and the schema creation is idempotent)
+    async with Ledger(target) as again:
+        assert (await again.query("SELECT COUNT(*) FROM requests"))[0][0] == 21
+
+
+def test_bad_target_is_a_clear_error(tmp_path):
+    (tmp_path / "dir.sqlite").mkdir()
+    with pytest.raises(LedgerError, match="cannot open ledger"):
+        Ledger(tmp_path / "dir.sqlite").open_sync()
+    with pytest.raises(LedgerError, match=r"cannot open ledger postgresql://u:\*\*\*@127.0.0.1:1/db"):
+        Ledger("postgresql://u:secret@127.0.0.1:1/db").open_sync()
