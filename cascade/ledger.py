@@ -12,6 +12,7 @@ only rewrites placeholders and says how to connect.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sqlite3
 import time
@@ -25,6 +26,18 @@ from cascade.errors import LedgerError, NotFoundError
 from cascade.types import CascadeRecord
 
 SCHEMA_VERSION = 2
+
+#: columns added after version 1, added in place to older ledgers when they are opened
+_ADDED_COLUMNS = {"attempts": [("answer_sig", "TEXT")]}
+
+
+def answer_signature(text: str | None) -> str | None:
+    """A short digest of an answer's normalised text: lets agreement between tiers be measured later
+    without storing the text itself (``ledger.store_text`` is off by default)."""
+    if text is None:
+        return None
+    norm = " ".join(text.lower().split()).strip(" .!?;:,")
+    return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:16]
 
 _TABLES = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -73,6 +86,7 @@ _TABLES = [
         error_message TEXT,
         features TEXT,
         text TEXT,
+        answer_sig TEXT,
         PRIMARY KEY (request_id, idx)
     )""",
     "CREATE INDEX IF NOT EXISTS attempts_tier ON attempts(tier)",
@@ -209,6 +223,11 @@ class Ledger:
             conn = self.dialect.connect(self.target)
             for stmt in _TABLES:
                 conn.execute(self.dialect.sql(stmt.replace("{serial}", self.dialect.serial)))
+            for table, cols in _ADDED_COLUMNS.items():
+                have = {d[0] for d in conn.execute(f"SELECT * FROM {table} LIMIT 0").description}
+                for col, typ in cols:
+                    if col not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
             conn.execute(self.dialect.sql("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"),
                          ("schema_version", str(SCHEMA_VERSION)))
         except (*self.dialect.errors, OSError) as exc:
@@ -277,11 +296,15 @@ class Ledger:
                     int(rec.baseline_estimated), rec.escalation_waste_usd, rec.latency_ms, rec.error_class,
                     rec.error_message))
                 cur = conn.cursor()
-                cur.executemany(d.sql("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"), [
+                cur.executemany(d.sql(
+                    "INSERT INTO attempts (request_id, idx, tier, model, backend, prompt_tokens, completion_tokens, "
+                    "latency_ms, cost_usd, confidence, decision, reason, kept, error_class, error_message, features, "
+                    "text, answer_sig) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"), [
                     (rec.request_id, a.index, a.tier, a.model, a.backend, a.prompt_tokens, a.completion_tokens,
                      a.latency_ms, a.cost_usd, a.confidence, a.decision, a.reason, int(a.kept), a.error_class,
                      a.error_message, json.dumps(a.features) if a.features else None,
-                     a.text if self.store_text else None) for a in rec.attempts])
+                     a.text if self.store_text else None,
+                     answer_signature(a.text) if a.error_class is None else None) for a in rec.attempts])
                 if shadows:
                     cur.executemany(d.sql("INSERT INTO shadow_decisions VALUES (?,?,?,?,?,?,?,?,?)"), [
                         (rec.request_id, s["shadow"], rec.created_at, s["status"], s.get("tier"),
