@@ -221,6 +221,8 @@ class UserTierConfig(_Strict):
     on_cost_budget: Literal["refuse", "truncate"] = "refuse"
     #: per-key spend limit per UTC day, enforced from the ledger (429 once reached)
     daily_spend_limit_usd: float | None = Field(None, gt=0)
+    #: keys of this user tier may call the admin endpoints (POST /admin/reload)
+    admin: bool = False
 
 
 class ApiKeyConfig(_Strict):
@@ -240,6 +242,59 @@ class AuthConfig(_Strict):
     anonymous_user_tier: str | None = None
 
 
+class ShadowConfig(_Strict):
+    """A shadow policy: evaluated beside a live policy on every request, never served (cascade/shadow.py)."""
+
+    #: the live policy whose requests this shadow is evaluated on
+    of: str
+    #: the shadow's chain (default: the live policy's chain)
+    chain: list[str] | None = Field(None, min_length=1)
+    #: per-tier thresholds (default: the live policy's)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    #: per-tier calibrators, inline or {artifact: path} (default: the live tier's)
+    calibrators: dict[str, CalibratorConfig] = Field(default_factory=dict)
+    #: sampled shadow execution (running tiers the live path skipped) is not implemented: must stay 0
+    sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+    sample_budget_usd: float = Field(0.0, ge=0.0)
+    description: str = ""
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_unit_interval(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, t in v.items():
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"threshold for {k!r} must be within [0, 1], got {t}")
+        return v
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _no_sampling(cls, v: float) -> float:
+        if v > 0:
+            raise ValueError("sampled shadow execution is not implemented: set sample_rate to 0 (a shadow "
+                             "that needs a tier the live path did not run records 'unknown' and spends nothing)")
+        return v
+
+
+class DriftConfig(_Strict):
+    """Rolling escalation-rate and ECE monitor in the server (cascade/drift.py)."""
+
+    #: how many recent answered requests (and, for ECE, feedback-labelled answers) the window holds
+    window: int = Field(200, ge=2)
+    #: alarm when the rolling escalation rate leaves [lo, hi]
+    escalation_rate: tuple[float, float] | None = None
+    #: alarm when the rolling ECE of served confidences against feedback labels exceeds this
+    max_ece: float | None = Field(None, ge=0.0, le=1.0)
+    #: labelled answers needed before the ECE is judged
+    min_labels: int = Field(30, ge=1)
+
+    @field_validator("escalation_rate")
+    @classmethod
+    def _band(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0.0 <= v[0] <= v[1] <= 1.0:
+            raise ValueError(f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(v)}")
+        return v
+
+
 class Config(_Strict):
     server: ServerConfig = ServerConfig()
     ledger: LedgerConfig = LedgerConfig()
@@ -249,6 +304,10 @@ class Config(_Strict):
     default_policy: str | None = None
     user_tiers: dict[str, UserTierConfig] = Field(default_factory=dict)
     auth: AuthConfig = AuthConfig()
+    #: shadow policies evaluated beside the live ones (cascade/shadow.py)
+    shadows: dict[str, ShadowConfig] = Field(default_factory=dict)
+    #: drift alarms in the server (cascade/drift.py)
+    drift: DriftConfig | None = None
 
     @model_validator(mode="after")
     def _cross_check(self) -> "Config":
@@ -282,6 +341,17 @@ class Config(_Strict):
         anon = self.auth.anonymous_user_tier
         if anon is not None and anon not in self.user_tiers:
             raise ValueError(f"auth.anonymous_user_tier: unknown user tier {anon!r}")
+        for sname, sh in self.shadows.items():
+            if sh.of not in self.policies:
+                raise ValueError(f"shadows.{sname}.of: unknown policy {sh.of!r}; policies are {list(self.policies)}")
+            chain = sh.chain or self.policies[sh.of].chain
+            for t in sh.chain or ():
+                if t not in names:
+                    raise ValueError(f"shadows.{sname}.chain: unknown tier {t!r}; tiers are {names}")
+            for what in ("thresholds", "calibrators"):
+                for t in getattr(sh, what):
+                    if t not in chain:
+                        raise ValueError(f"shadows.{sname}.{what}: tier {t!r} is not in the shadow's chain")
         return self
 
     # --- lookups ---------------------------------------------------------------------------------

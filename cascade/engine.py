@@ -137,6 +137,10 @@ class Engine:
                        else backend_class(tc.backend).from_tier(tc, config))
             self.tiers[tc.name] = Tier(config=tc, backend=backend,
                                        calibrator=build_calibrator(tc.calibrator, tier=tc.name))
+        from cascade.shadow import ShadowSet
+
+        #: shadow policies, evaluated on every finished request and written with it (cascade/shadow.py)
+        self.shadows = ShadowSet(config, self.tiers)
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
@@ -203,7 +207,7 @@ class Engine:
             await self._record_failure(rec, None, route, t0)
             raise
         self._finish(rec, route=route, t0=t0)
-        await self.ledger.record(rec)
+        await self.ledger.record(rec, shadows=self.shadows.evaluate(rec))
         return Outcome(record=rec, result=result)
 
     async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
@@ -233,7 +237,7 @@ class Engine:
         if isinstance(outcome, GenerationResult):  # a buffered answer was kept
             kept = next(a for a in rec.attempts if a.kept)
             self._finish(rec, route=route, t0=t0)
-            await self.ledger.record(rec)
+            await self.ledger.record(rec, shadows=self.shadows.evaluate(rec))
             yield StreamStart(record=rec, tier=kept.tier)
             pieces = [StreamChunk(text=t.token, tokens=(t,)) for t in outcome.tokens] or [StreamChunk(outcome.text)]
             for chunk in pieces:
@@ -272,7 +276,7 @@ class Engine:
                 best = self._serve_best(answers, f"{tier.name!r} failed before its first token ({type(exc).__name__})")
                 self._finish(rec, route=route, t0=t0)
                 kept = next(a for a in rec.attempts if a.kept)
-                await self.ledger.record(rec)
+                await self.ledger.record(rec, shadows=self.shadows.evaluate(rec))
                 yield StreamStart(record=rec, tier=kept.tier)
                 for t in best.tokens:
                     yield StreamDelta(t.token, (t,))
@@ -320,7 +324,7 @@ class Engine:
                 rec.status = "partial" if sent else "error"
                 rec.error_class, rec.error_message = type(error).__name__, error.message
             self._finish(rec, route=route, t0=t0)
-            await asyncio.shield(self.ledger.record(rec))
+            await asyncio.shield(self.ledger.record(rec, shadows=self.shadows.evaluate(rec)))
         if error is not None:
             yield StreamFailed(record=rec, error=error)
             return
@@ -343,7 +347,7 @@ class Engine:
         for a in rec.attempts:
             a.kept = False
         self._finish(rec, route=route, t0=t0)
-        await asyncio.shield(self.ledger.record(rec))
+        await asyncio.shield(self.ledger.record(rec, shadows=self.shadows.evaluate(rec)))
 
     @staticmethod
     def _mark_error(att: Attempt, exc: CascadeError, started: float) -> None:

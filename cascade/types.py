@@ -115,6 +115,8 @@ class Attempt:
     error_message: str | None = None
     kept: bool = False            # was this attempt's answer the one served?
     text: str | None = None
+    #: backoff slept right before this attempt (tiers with several providers: a rate-limited retry)
+    wait_ms: float = 0.0
 
 
 @dataclass(slots=True)

@@ -69,8 +69,10 @@ def translate_openai_error(exc: Exception, provider: str) -> CascadeError:
         retry = _retry_after(exc.response.headers if exc.response is not None else None)
         if status == 429:
             return RateLimitedError(msg, provider=provider, status=status, retry_after=retry)
-        if status in (401, 403):
-            return ProviderAuthError(msg, provider=provider, status=status)
+        if status in (401, 403):  # providers echo (part of) the key in these bodies: never pass it on
+            from cascade.resilience import redact
+
+            return ProviderAuthError(redact(msg), provider=provider, status=status)
         if status in (400, 404, 413, 422):
             if any(m in body.lower() for m in _CONTEXT_MARKERS) or (
                     getattr(exc, "code", None) == "context_length_exceeded"):

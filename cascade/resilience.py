@@ -1,0 +1,673 @@
+"""Provider resilience: error-class-aware retries, ordered fallback between providers, circuit breakers.
+
+A tier normally has one backend. A tier configured with ``providers`` gets a :class:`ResilientBackend`
+instead: an ordered list of providers (each an ordinary :class:`~cascade.backends.base.Backend`, e.g. a
+local vLLM server, then a replica, then a hosted API) tried in turn under one deadline.
+
+What happens on each error class (the errors are already translated into ``cascade.errors`` at each
+backend's boundary; anything untranslated is classified here):
+
+=================================  ========================================================================
+``ProviderInvalidRequestError``    400/404/422: raised at once, never retried, never fallen over
+``ProviderContextLengthError``     raised at once; the engine escalates to a tier with a larger context
+``ProviderAuthError``              401/403: provider marked unhealthy (breaker forced open), warning
+                                   logged (never the key), next provider
+``RateLimitedError``               429: same provider again after a backoff (full jitter, or the
+                                   server's ``Retry-After``/``retry-after-ms`` when it is within
+                                   ``max_retry_after_s``) while attempts and the deadline allow, then
+                                   the next provider
+``ProviderServerError``            5xx: next provider at once (counts against the breaker)
+``ProviderTimeoutError``           connect/read/total timeout: next provider at once (breaker)
+``ProviderConnectionError``        refused/reset: next provider at once (breaker)
+all breakers open                  ``CircuitOpenError`` (503) at once, ``retry_after`` = the soonest
+                                   half-open time
+=================================  ========================================================================
+
+**The deadline.** Retries, backoff sleeps and fallbacks share one deadline per call, passed explicitly:
+``await backend.generate(request, deadline=time.monotonic() + budget_s)`` (an absolute
+``time.monotonic()`` value). The effective deadline is the earlier of that and ``now + tier.timeout_s``;
+without ``deadline=`` (plain :class:`Backend` callers) it is ``now + tier.timeout_s``. Each provider
+attempt gets ``min(provider.timeout_s, time left)``; a backoff that would not leave time for the next
+attempt is not slept: the backend falls over (or gives up) at once. Nothing below retries on its own (the
+openai client is built with ``max_retries=0``), so retries never stack across layers.
+
+**Accounting.** Every provider attempt, failed or not, is a :class:`ProviderAttempt` (provider, error
+class, latency, tokens billed, cost, the wait before it, what was done next). Pass ``record=[]`` to
+``generate``/``stream`` and each attempt is appended as soon as it ends, so even a call cancelled from
+outside leaves its attempts there (the one cut short is recorded as ``Cancelled``). A raised error also
+carries them as ``exc.attempts``. The engine writes them as ledger attempt rows
+(:func:`merge_provider_attempts`); failed attempts are never served, so their cost is escalation waste.
+
+**Streaming.** :meth:`ResilientBackend.stream` falls over only before its first chunk is yielded. Once a
+chunk has gone to the consumer a failure is never hidden: the error is raised with ``fall_over = False``
+and ``mid_stream = True`` set on it, and the consumer ends its stream with an error event.
+
+**Circuit breakers** (one per provider, :class:`CircuitBreaker`): closed → open after
+``failure_threshold`` consecutive failures or a failure rate of ``failure_rate`` over the last
+``window_s`` seconds (with at least ``min_calls`` calls); open → half-open after ``cooldown_s``; in
+half-open exactly one probe call is let through: success closes, failure re-opens. Failures are 5xx,
+timeouts, connection errors and auth errors (auth forces the breaker open); 4xx invalid requests count
+as successes (the provider answered), 429 and cancellations are neutral.
+
+Everything here runs on one event loop; breakers are not thread-safe and need not be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cascade.backends.base import Backend
+from cascade.errors import (
+    CascadeError,
+    CircuitOpenError,
+    ProviderAuthError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderInvalidRequestError,
+    ProviderTimeoutError,
+    RateLimitedError,
+)
+from cascade.types import Attempt, GenerationRequest, GenerationResult, StreamChunk
+
+if TYPE_CHECKING:
+    from cascade.config import Config, Price, TierConfig
+
+log = logging.getLogger("cascade.resilience")
+
+#: an attempt is not started with less time than this left before the deadline
+MIN_ATTEMPT_S = 0.02
+#: slack a caller's own hard timeout should leave beyond the deadline, so the backend can report first
+DEADLINE_GRACE_S = 0.25
+#: error_class recorded for an attempt cut short by cancellation (client gone, caller's own timeout)
+CANCELLED = "Cancelled"
+
+Clock = Callable[[], float]
+
+
+# --- retry policy -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to wait before trying a rate-limited (429) provider again.
+
+    ``max_attempts`` counts attempts on one provider (the first one included). Without a server hint the
+    wait before retry ``n`` (1-based) is "full jitter": uniform in ``[0, min(max_delay_s,
+    base_delay_s * 2**(n-1))]``. A ``Retry-After``/``retry-after-ms`` hint is honoured exactly when it is at
+    most ``max_retry_after_s``; a longer one is not waited out (the provider is left for the next one).
+    """
+
+    max_attempts: int = 3
+    base_delay_s: float = 0.25
+    max_delay_s: float = 4.0
+    max_retry_after_s: float = 10.0
+
+    def backoff(self, retry: int, retry_after: float | None, rng: random.Random) -> float | None:
+        """Seconds to wait before retry number ``retry`` (1-based), or None: do not retry this provider."""
+        if retry >= self.max_attempts:
+            return None
+        if retry_after is not None:
+            return retry_after if 0.0 <= retry_after <= self.max_retry_after_s else None
+        return rng.uniform(0.0, min(self.max_delay_s, self.base_delay_s * 2 ** (retry - 1)))
+
+
+# --- circuit breaker -------------------------------------------------------------------------------
+
+
+class Permit:
+    """Leave to make one call through a breaker; hand it back with success/failure/release."""
+
+    __slots__ = ("probe", "done")
+
+    def __init__(self, probe: bool) -> None:
+        self.probe = probe
+        self.done = False
+
+
+class CircuitBreaker:
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+    def __init__(self, name: str = "", *, failure_threshold: int = 5, failure_rate: float = 0.5,
+                 window_s: float = 30.0, min_calls: int = 10, cooldown_s: float = 15.0,
+                 clock: Clock = time.monotonic) -> None:
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.failure_rate = failure_rate
+        self.window_s = window_s
+        self.min_calls = min_calls
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self._state = self.CLOSED
+        self._opened_at = 0.0
+        self._consecutive = 0
+        self._window: deque[tuple[float, bool]] = deque()   # (time, failed)
+        self._probe_out = False
+        #: (time, new state, why), the last 50 transitions, for /metrics and tests
+        self.transitions: deque[tuple[float, str, str]] = deque(maxlen=50)
+
+    # --- state ------------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self._state == self.OPEN and self.clock() - self._opened_at >= self.cooldown_s:
+            self._set(self.HALF_OPEN, "cooldown elapsed")
+        return self._state
+
+    def retry_after(self) -> float:
+        """Seconds until a call could be let through (0 when one can be now)."""
+        state = self.state
+        if state == self.OPEN:
+            return max(0.0, self._opened_at + self.cooldown_s - self.clock())
+        if state == self.HALF_OPEN and self._probe_out:
+            return min(1.0, self.cooldown_s)
+        return 0.0
+
+    def _set(self, state: str, why: str) -> None:
+        if state == self._state and state != self.OPEN:
+            return
+        self._state = state
+        self.transitions.append((self.clock(), state, why))
+        if state == self.OPEN:
+            self._opened_at = self.clock()
+            self._probe_out = False
+            self._window.clear()
+            self._consecutive = 0
+            log.warning("circuit breaker of provider %s opened: %s (cooldown %.3g s)", self.name, why,
+                        self.cooldown_s)
+        elif state == self.HALF_OPEN:
+            self._probe_out = False
+            log.info("circuit breaker of provider %s half-open: one probe allowed", self.name)
+        else:
+            self._window.clear()
+            self._consecutive = 0
+            self._probe_out = False
+            log.info("circuit breaker of provider %s closed: %s", self.name, why)
+
+    # --- calls ------------------------------------------------------------------------------------
+    def acquire(self) -> Permit | None:
+        """A permit for one call, or None when the breaker refuses (open, or half-open with its probe out)."""
+        state = self.state
+        if state == self.CLOSED:
+            return Permit(probe=False)
+        if state == self.HALF_OPEN and not self._probe_out:
+            self._probe_out = True
+            return Permit(probe=True)
+        return None
+
+    def success(self, permit: Permit) -> None:
+        if permit.done:
+            return
+        permit.done = True
+        if permit.probe:
+            if self._state == self.HALF_OPEN:
+                self._set(self.CLOSED, "probe succeeded")
+            return
+        if self._state == self.CLOSED:   # late results of calls started before an opening are ignored
+            self._consecutive = 0
+            self._note(False)
+
+    def failure(self, permit: Permit, why: str = "failure") -> None:
+        if permit.done:
+            return
+        permit.done = True
+        if permit.probe:
+            if self._state == self.HALF_OPEN:
+                self._set(self.OPEN, f"probe failed ({why})")
+            return
+        if self._state != self.CLOSED:
+            return
+        self._consecutive += 1
+        self._note(True)
+        if self._consecutive >= self.failure_threshold:
+            self._set(self.OPEN, f"{self._consecutive} consecutive failures, the last {why}")
+            return
+        n = len(self._window)
+        failed = sum(1 for _, f in self._window if f)
+        if n >= self.min_calls and failed / n >= self.failure_rate:
+            self._set(self.OPEN, f"failure rate {failed}/{n} over {self.window_s:g} s, the last {why}")
+
+    def release(self, permit: Permit) -> None:
+        """A neutral outcome (429, cancellation): frees a half-open probe without a verdict."""
+        if permit.done:
+            return
+        permit.done = True
+        if permit.probe and self._state == self.HALF_OPEN:
+            self._probe_out = False
+
+    def trip(self, why: str) -> None:
+        """Force the breaker open now (e.g. the provider rejected our credentials)."""
+        self._set(self.OPEN, why)
+
+    def _note(self, failed: bool) -> None:
+        now = self.clock()
+        self._window.append((now, failed))
+        while self._window and self._window[0][0] < now - self.window_s:
+            self._window.popleft()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"state": self.state, "retry_after_s": round(self.retry_after(), 3),
+                "consecutive_failures": self._consecutive, "window_calls": len(self._window)}
+
+
+# --- attempts ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProviderAttempt:
+    """One call to one provider, successful or not."""
+
+    provider: str
+    backend: str                  # the provider's backend kind, e.g. "openai"
+    model: str
+    attempt: int                  # 1-based attempt number on this provider within the call
+    wait_s: float                 # backoff slept right before this attempt
+    latency_s: float
+    #: "served" | "retry" (same provider again) | "fall_over" (next provider) | "raise" (given up, the
+    #: error goes to the caller) | "cancelled" | "failed" (a stream broke after its first chunk)
+    action: str
+    error_class: str | None = None
+    error_message: str | None = None
+    upstream_status: int | None = None
+    prompt_tokens: int = 0        # tokens the provider billed (what it reported, or streamed before failing)
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error_class is None
+
+    def describe(self) -> str:
+        head = f"provider {self.provider!r} attempt {self.attempt}"
+        if self.wait_s > 0:
+            head += f" after {self.wait_s:.3f} s backoff"
+        if self.ok:
+            return f"{head}: served"
+        status = f" (HTTP {self.upstream_status})" if self.upstream_status else ""
+        nxt = {"retry": "retrying the same provider", "fall_over": "falling over",
+               "raise": "not retried", "cancelled": "cancelled", "failed": "stream broken after its first chunk"}
+        return f"{head}: {self.error_class}{status}; {nxt.get(self.action, self.action)}"
+
+
+def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log: Sequence[ProviderAttempt],
+                            *, served: bool) -> None:
+    """Turn one tier attempt row into one row per provider attempt (for the engine's ledger record).
+
+    ``att`` is the tier's row (already in ``attempts``). The provider attempts before the last become
+    rows of their own, inserted before ``att`` (decision "error", never kept: their cost is waste); the
+    last provider attempt is merged into ``att`` itself (provider in ``backend``, its model, latency,
+    wait, and, when not ``served``, its billed tokens, cost and error). Indices are renumbered so they
+    stay unique within the request.
+    """
+    if not provider_log:
+        return
+    *earlier, last = provider_log
+    rows = [Attempt(index=0, tier=att.tier, model=pa.model, backend=pa.provider, prompt_tokens=pa.prompt_tokens,
+                    completion_tokens=pa.completion_tokens, latency_ms=pa.latency_s * 1e3, cost_usd=pa.cost_usd,
+                    decision="error", reason=pa.describe(), error_class=pa.error_class or CANCELLED,
+                    error_message=pa.error_message, wait_ms=pa.wait_s * 1e3)
+            for pa in earlier]
+    pos = next(i for i, a in enumerate(attempts) if a is att)
+    first_index = att.index
+    attempts[pos:pos] = rows
+    for k, a in enumerate(attempts[pos:]):
+        a.index = first_index + k
+    att.model, att.backend = last.model, last.provider
+    att.latency_ms, att.wait_ms = last.latency_s * 1e3, last.wait_s * 1e3
+    att.cost_usd = last.cost_usd
+    if not served:
+        att.prompt_tokens, att.completion_tokens = last.prompt_tokens, last.completion_tokens
+        att.decision = att.decision or "error"
+        att.error_class = att.error_class or last.error_class or CANCELLED
+        att.error_message = att.error_message or last.error_message
+        att.reason = last.describe() + (f"; {att.reason}" if att.reason and att.reason != att.error_message else "")
+
+
+# --- error classification ---------------------------------------------------------------------------
+
+_SECRET = re.compile(r"\b(?:sk|pk|rk|key)-[A-Za-z0-9_\-*.]{4,}|(?i:bearer)\s+[A-Za-z0-9_\-.=*]{8,}")
+
+
+def redact(text: str) -> str:
+    """Blank anything that looks like an API key or bearer token (providers echo keys in 401 bodies)."""
+    return _SECRET.sub("[redacted]", text)
+
+
+def _mro_names(exc: BaseException) -> set[str]:
+    return {c.__name__ for c in type(exc).__mro__}
+
+
+def classify(exc: BaseException, provider: str, *, timeout_s: float | None = None) -> CascadeError:
+    """Map anything a provider call raised to the error tree (a ``CascadeError`` is kept, its text redacted)."""
+    if isinstance(exc, ProviderAuthError):
+        # a fresh error, deliberately not chained: the original's text (and its cause's) may hold the key
+        status = exc.upstream_status
+        return ProviderAuthError(f"{provider}: credentials rejected" + (f" (HTTP {status})" if status else ""),
+                                 provider=provider, status=status)
+    if isinstance(exc, CascadeError):
+        if exc.message != (clean := redact(exc.message)):
+            exc.message, exc.args = clean, (clean,)
+        return exc
+    out: CascadeError
+    if isinstance(exc, TimeoutError) or "TimeoutException" in _mro_names(exc):
+        within = f" within {timeout_s:.3g} s" if timeout_s is not None else ""
+        out = ProviderTimeoutError(f"{provider}: no answer{within}", provider=provider)
+    elif isinstance(exc, OSError) or _mro_names(exc) & {"TransportError", "NetworkError", "ProtocolError"}:
+        out = ProviderConnectionError(f"{provider}: connection failed ({type(exc).__name__}: {redact(str(exc))})",
+                                      provider=provider)
+    else:
+        out = ProviderError(f"{provider}: {type(exc).__name__}: {redact(str(exc))}", provider=provider)
+    out.__cause__ = exc
+    return out
+
+
+# --- the resilient backend --------------------------------------------------------------------------
+
+
+@dataclass
+class Provider:
+    """One provider of a tier at run time."""
+
+    name: str
+    backend: Backend
+    breaker: CircuitBreaker
+    timeout_s: float
+    price: "Price | None" = None
+    kind: str = ""
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return self.price.cost(prompt_tokens, completion_tokens) if self.price is not None else 0.0
+
+
+@dataclass
+class _Win:
+    provider: Provider
+    permit: Permit
+    value: Any
+    started: float
+    wait_s: float
+    attempt: int
+
+
+@dataclass
+class _Call:
+    """The bookkeeping of one generate/stream call."""
+
+    deadline: float
+    record: list[ProviderAttempt] = field(default_factory=list)
+
+
+class ResilientBackend(Backend):
+    """A tier's backend made of an ordered list of providers, with retries, fallback and breakers."""
+
+    kind = "resilient"
+
+    def __init__(self, providers: Sequence[Provider], *, name: str, retry: RetryPolicy | None = None,
+                 timeout_s: float = 120.0, context_length: int | None = None,
+                 rng: random.Random | None = None,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+        if not providers:
+            raise ValueError("a ResilientBackend needs at least one provider")
+        super().__init__(model=providers[0].backend.model, name=name)
+        self.providers = list(providers)
+        self.retry = retry or RetryPolicy()
+        self.timeout_s = timeout_s
+        self._ctx = context_length
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+
+    @classmethod
+    def from_tier(cls, tier: "TierConfig", config: "Config", *, clock: Clock = time.monotonic,
+                  rng: random.Random | None = None) -> "ResilientBackend":
+        """Build the providers of a tier configured with ``providers:`` (each via its backend's from_tier)."""
+        from cascade.backends import backend_class
+
+        if not tier.providers:
+            raise ValueError(f"tier {tier.name!r} has no providers")
+        b, r = tier.breaker, tier.retry
+        providers = []
+        for pc in tier.providers:
+            timeout = pc.timeout_s or tier.timeout_s
+            sub = tier.model_copy(update={"name": pc.name, "backend": pc.backend, "model": pc.model,
+                                          "options": dict(pc.options), "timeout_s": timeout,
+                                          "price": pc.price or tier.price, "providers": None})
+            backend = backend_class(pc.backend).from_tier(sub, config)
+            breaker = CircuitBreaker(pc.name, failure_threshold=b.failure_threshold, failure_rate=b.failure_rate,
+                                     window_s=b.window_s, min_calls=b.min_calls, cooldown_s=b.cooldown_s,
+                                     clock=clock)
+            providers.append(Provider(name=pc.name, backend=backend, breaker=breaker, timeout_s=timeout,
+                                      price=pc.price or tier.price, kind=pc.backend))
+        policy = RetryPolicy(max_attempts=r.max_attempts, base_delay_s=r.base_delay_s,
+                             max_delay_s=r.max_delay_s, max_retry_after_s=r.max_retry_after_s)
+        if rng is None and r.jitter_seed is not None:
+            rng = random.Random(r.jitter_seed)
+        return cls(providers, name=tier.name, retry=policy, timeout_s=tier.timeout_s,
+                   context_length=tier.context_length, rng=rng)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        if self._ctx is not None:
+            return self._ctx
+        known = [p.backend.context_length for p in self.providers if p.backend.context_length]
+        return min(known) if known else None
+
+    @property
+    def ready(self) -> bool:
+        """Ready when one provider is (the others are fallbacks)."""
+        return any(p.backend.ready for p in self.providers)
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        return self.providers[0].backend.count_prompt_tokens(request)
+
+    async def start(self) -> None:
+        for p in self.providers:
+            await p.backend.start()
+
+    async def close(self) -> None:
+        for p in self.providers:
+            await p.backend.close()
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Each provider's breaker state (for /ready and /metrics)."""
+        return {p.name: p.breaker.snapshot() for p in self.providers}
+
+    # --- the attempt loop -------------------------------------------------------------------------
+    def _deadline(self, deadline: float | None) -> float:
+        own = time.monotonic() + self.timeout_s
+        return own if deadline is None else min(own, deadline)
+
+    def _attempt(self, p: Provider, n: int, wait: float, started: float, action: str, *,
+                 exc: CascadeError | None = None, error_class: str | None = None, prompt_tokens: int = 0,
+                 completion_tokens: int = 0) -> ProviderAttempt:
+        return ProviderAttempt(
+            provider=p.name, backend=p.kind or p.backend.kind, model=p.backend.model, attempt=n, wait_s=wait,
+            latency_s=time.monotonic() - started, action=action,
+            error_class=error_class or (type(exc).__name__ if exc is not None else None),
+            error_message=exc.message if exc is not None else (None if error_class is None else "cancelled"),
+            upstream_status=getattr(exc, "upstream_status", None), prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, cost_usd=p.cost(prompt_tokens, completion_tokens))
+
+    def _verdict(self, p: Provider, permit: Permit, exc: CascadeError, n: int, deadline: float,
+                 ) -> tuple[str, float]:
+        """Tell the breaker and decide what comes next: ("raise"|"retry"|"fall_over", wait before retry)."""
+        if isinstance(exc, ProviderInvalidRequestError):     # the provider answered: the request is at fault
+            p.breaker.success(permit)
+            return "raise", 0.0
+        if isinstance(exc, ProviderAuthError):
+            p.breaker.release(permit)
+            p.breaker.trip(f"credentials rejected (HTTP {exc.upstream_status or '?'})")
+            log.warning("tier %s: provider %s rejected our credentials (HTTP %s); marked unhealthy for %.3g s, "
+                        "falling over", self.name, p.name, exc.upstream_status or "?", p.breaker.cooldown_s)
+            return "fall_over", 0.0
+        if isinstance(exc, RateLimitedError):
+            p.breaker.release(permit)
+            wait = self.retry.backoff(n, exc.retry_after, self._rng)
+            if wait is not None and time.monotonic() + wait + MIN_ATTEMPT_S < deadline:
+                return "retry", wait
+            return "fall_over", 0.0
+        if exc.fall_over:
+            p.breaker.failure(permit, type(exc).__name__)
+            return "fall_over", 0.0
+        p.breaker.release(permit)
+        return "raise", 0.0
+
+    async def _first_success(self, request: GenerationRequest, call: _Call,
+                             attempt_fn: Callable[[Provider, float], Awaitable[Any]]) -> _Win:
+        last: CascadeError | None = None
+        skipped: list[Provider] = []
+        for i, p in enumerate(self.providers):
+            n, wait = 0, 0.0
+            while True:
+                permit = p.breaker.acquire()
+                if permit is None:
+                    if n == 0:
+                        skipped.append(p)
+                    break
+                remaining = call.deadline - time.monotonic()
+                if remaining < MIN_ATTEMPT_S:
+                    p.breaker.release(permit)
+                    raise self._attach(last or ProviderTimeoutError(
+                        f"tier {self.name!r}: deadline reached before provider {p.name!r} could be tried",
+                        provider=self.name), call)
+                n += 1
+                timeout = min(p.timeout_s, remaining)
+                started = time.monotonic()
+                try:
+                    async with asyncio.timeout(timeout):
+                        value = await attempt_fn(p, timeout)
+                except asyncio.CancelledError:
+                    p.breaker.release(permit)
+                    call.record.append(self._attempt(p, n, wait, started, "cancelled", error_class=CANCELLED))
+                    raise
+                except Exception as raw:  # noqa: BLE001 - every failure is classified, none escapes raw
+                    exc = classify(raw, p.name, timeout_s=timeout)
+                    action, next_wait = self._verdict(p, permit, exc, n, call.deadline)
+                    call.record.append(self._attempt(p, n, wait, started, action, exc=exc))
+                    if action == "raise":
+                        raise self._attach(exc, call) from exc.__cause__
+                    last = exc
+                    if action == "retry":
+                        log.info("tier %s: provider %s rate limited; retrying in %.3f s", self.name, p.name,
+                                 next_wait)
+                        await self._sleep(next_wait)
+                        wait = next_wait
+                        continue
+                    if i + 1 < len(self.providers):
+                        log.info("tier %s: provider %s failed (%s); falling over to %s", self.name, p.name,
+                                 type(exc).__name__, self.providers[i + 1].name)
+                    break
+                else:
+                    return _Win(p, permit, value, started, wait, n)
+        if last is None:
+            ra = min(p.breaker.retry_after() for p in skipped) if skipped else 0.0
+            raise self._attach(CircuitOpenError(
+                f"tier {self.name!r}: every provider's circuit breaker is open "
+                f"({', '.join(p.name for p in skipped)}); retry after {ra:.1f} s",
+                provider=self.name, retry_after=max(ra, 0.001)), call)
+        raise self._attach(last, call)
+
+    @staticmethod
+    def _attach(exc: CascadeError, call: _Call) -> CascadeError:
+        exc.attempts = tuple(call.record)  # type: ignore[attr-defined]
+        return exc
+
+    # --- Backend API ------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest, *, deadline: float | None = None,
+                       record: list[ProviderAttempt] | None = None) -> GenerationResult:
+        """Answer from the first provider that can, under one deadline (absolute ``time.monotonic()``).
+
+        Every provider attempt is appended to ``record`` as it ends; a raised error carries them as
+        ``exc.attempts``.
+        """
+        call = _Call(self._deadline(deadline), record if record is not None else [])
+
+        async def attempt(p: Provider, timeout: float) -> GenerationResult:
+            return await p.backend.generate(request)
+
+        win = await self._first_success(request, call, attempt)
+        res: GenerationResult = win.value
+        win.provider.breaker.success(win.permit)
+        call.record.append(self._attempt(win.provider, win.attempt, win.wait_s, win.started, "served",
+                                         prompt_tokens=res.usage.prompt_tokens,
+                                         completion_tokens=res.usage.completion_tokens))
+        return res
+
+    async def stream(self, request: GenerationRequest, *, deadline: float | None = None,
+                     record: list[ProviderAttempt] | None = None) -> AsyncIterator[StreamChunk]:
+        """Stream from the first provider that yields a first chunk; fall over only before that chunk."""
+        call = _Call(self._deadline(deadline), record if record is not None else [])
+
+        async def first_chunk(p: Provider, timeout: float) -> tuple[AsyncIterator[StreamChunk], StreamChunk | None]:
+            it = aiter(p.backend.stream(request))
+            try:
+                return it, await anext(it)
+            except StopAsyncIteration:
+                return it, None
+            except BaseException:
+                await _aclose(it)
+                raise
+
+        win = await self._first_success(request, call, first_chunk)
+        p, permit = win.provider, win.permit
+        it, chunk = win.value
+        n_tokens, usage, settled = 0, None, False
+
+        def settle(action: str, exc: CascadeError | None = None, error_class: str | None = None) -> None:
+            nonlocal settled
+            settled = True
+            pt = usage.prompt_tokens if usage else (p.backend.count_prompt_tokens(request) or 0)
+            ct = usage.completion_tokens if usage else n_tokens
+            call.record.append(self._attempt(p, win.attempt, win.wait_s, win.started, action, exc=exc,
+                                             error_class=error_class, prompt_tokens=pt, completion_tokens=ct))
+
+        try:
+            while chunk is not None:
+                n_tokens += len(chunk.tokens) or (1 if chunk.text else 0)
+                usage = chunk.usage or usage
+                yield chunk
+                remaining = call.deadline - time.monotonic()
+                try:
+                    async with asyncio.timeout(max(min(remaining, p.timeout_s), 0.0)):
+                        chunk = await anext(it)
+                except StopAsyncIteration:
+                    chunk = None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as raw:  # noqa: BLE001
+                    exc = classify(raw, p.name, timeout_s=min(remaining, p.timeout_s))
+                    if exc.fall_over or isinstance(exc, ProviderAuthError):
+                        p.breaker.failure(permit, type(exc).__name__)
+                    else:
+                        p.breaker.release(permit)
+                    # bytes have gone to the consumer: never hide this failure behind another provider
+                    exc.fall_over = False
+                    exc.mid_stream = True  # type: ignore[attr-defined]
+                    settle("failed", exc)
+                    raise self._attach(exc, call) from exc.__cause__
+            p.breaker.success(permit)
+            settle("served")
+        finally:
+            if not settled:   # the consumer stopped early or the call was cancelled
+                p.breaker.release(permit)
+                settle("cancelled", error_class=CANCELLED)
+            await _aclose(it)
+
+
+async def _aclose(it: Any) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:  # noqa: BLE001 - closing a broken stream must not mask the real error
+            log.debug("error while closing a provider stream", exc_info=True)
+
+
+__all__ = ["CircuitBreaker", "Permit", "Provider", "ProviderAttempt", "ResilientBackend", "RetryPolicy",
+           "classify", "merge_provider_attempts", "redact", "CANCELLED", "DEADLINE_GRACE_S", "MIN_ATTEMPT_S"]

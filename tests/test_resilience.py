@@ -1,0 +1,683 @@
+"""Provider resilience against real faults: retries, fallback, breakers, load and SIGTERM.
+
+Every test drives the real ``openai`` client (retries off) against real fault-injecting OpenAI-compatible
+servers on loopback (``tests/fault_server.py``); nothing is monkeypatched. Each error class is checked
+for the exact sequence of provider attempts (as the fault servers saw them and as the engine recorded
+them), the waits, the outcome and the ledger rows read back from the SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from cascade.engine import Engine
+from cascade.errors import (
+    CascadeError,
+    ProviderConnectionError,
+    ProviderInvalidRequestError,
+    RateLimitedError,
+)
+from cascade.resilience import CircuitBreaker, ResilientBackend, merge_provider_attempts
+from cascade.types import Attempt, CascadeRecord, GenerationRequest, Message
+from tests.conftest import REPO, ServerThread, free_port, make_config
+from tests.fault_server import FAKE_KEY, FaultServerThread
+
+pytestmark = pytest.mark.timeout(120)
+
+Q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=4)
+TOL = 0.4  # seconds of scheduling slack allowed on a shared 2-core box (upper bounds only)
+
+
+# --- fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def servers():
+    with FaultServerThread() as a, FaultServerThread() as b, FaultServerThread() as c:
+        yield {"a": a, "b": b, "c": c}
+
+
+@pytest.fixture(autouse=True)
+def _clean(request):
+    if "servers" in request.fixturenames:
+        for s in request.getfixturevalue("servers").values():
+            s.reset()
+
+
+def prov(name, fs, **kw):
+    return {"name": name, "backend": "openai", "model": f"model-{name}", "options": {"base_url": fs.base_url}, **kw}
+
+
+def rtier(name, providers, **kw):
+    d = {"name": name, "providers": providers, "threshold": 0.0, "max_tokens": 4, "timeout_s": 5,
+         "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+         "retry": {"max_attempts": 3, "base_delay_s": 0.05, "max_delay_s": 0.2, "max_retry_after_s": 2.0},
+         "breaker": {"failure_threshold": 5, "cooldown_s": 30}}
+    d.update(kw)
+    return d
+
+
+@pytest.fixture
+async def make_engine(tmp_path):
+    opened = []
+
+    async def make(tiers, policies=None):
+        eng = await Engine.open(make_config(tmp_path, tiers, policies))
+        opened.append(eng)
+        return eng
+
+    yield make
+    for e in opened:
+        await e.close()
+
+
+def db_rows(tmp_path, sql, *args):
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def attempt_rows(tmp_path, request_id):
+    return db_rows(tmp_path, "SELECT idx, tier, backend, decision, error_class, kept FROM attempts "
+                             "WHERE request_id=? ORDER BY idx", request_id)
+
+
+def arrivals(fs):
+    return [e["mono"] for e in fs.stats()["log"]]
+
+
+def seen(servers):
+    return {k: s.stats()["requests"] for k, s in servers.items()}
+
+
+async def run_failing(eng, exc_type, rid="casc-fail"):
+    with pytest.raises(exc_type) as err:
+        await eng.run(Q, request_id=rid)
+    return err.value
+
+
+# --- one test per error class --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["400", "404", "422"])
+async def test_invalid_request_is_neither_retried_nor_fallen_over(servers, make_engine, tmp_path, status):
+    a, b, c = servers["a"], servers["b"], servers["c"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)]), rtier("big", [prov("c", c)])])
+    a.faults(status)
+    err = await run_failing(eng, ProviderInvalidRequestError)
+    assert err.upstream_status == int(status) and err.status_code == 400
+    assert seen(servers) == {"a": 1, "b": 0, "c": 0}
+    assert attempt_rows(tmp_path, "casc-fail") == [(0, "t", "a", "error", "ProviderInvalidRequestError", 0)]
+    assert db_rows(tmp_path, "SELECT status, error_class FROM requests") == [("error", "ProviderInvalidRequestError")]
+    # an invalid request says nothing bad about the provider
+    assert eng.tiers["t"].backend.providers[0].breaker.state == "closed"
+
+
+@pytest.mark.parametrize("status", ["401", "403"])
+async def test_auth_error_falls_over_marks_unhealthy_and_never_logs_the_key(servers, make_engine, tmp_path,
+                                                                             caplog, status):
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)])])
+    a.faults(status)
+    with caplog.at_level(logging.INFO):
+        out = await eng.run(Q, request_id="casc-auth")
+    assert out.result.text == "Paris is the capital" and out.record.tier == "t" and not out.record.escalated
+    assert seen(servers) == {"a": 1, "b": 1, "c": 0}
+    assert attempt_rows(tmp_path, "casc-auth") == [(0, "t", "a", "error", "ProviderAuthError", 0),
+                                                   (1, "t", "b", "final", None, 1)]
+    warn = [r for r in caplog.records if r.levelno == logging.WARNING and "credentials" in r.getMessage()]
+    assert warn and "provider a" in warn[0].getMessage() and f"HTTP {status}" in warn[0].getMessage()
+    assert FAKE_KEY not in caplog.text
+    assert all(FAKE_KEY not in str(r) for r in db_rows(tmp_path, "SELECT * FROM attempts"))
+    # marked unhealthy: the next request does not try it again
+    assert eng.tiers["t"].backend.providers[0].breaker.state == "open"
+    await eng.run(Q)
+    assert seen(servers) == {"a": 1, "b": 2, "c": 0}
+
+
+@pytest.mark.parametrize(("fault", "wait"), [("429:ms=300", 0.3), ("429:ra=1", 1.0), ("429:ra=1:ms=200", 0.2)])
+async def test_rate_limit_honours_the_servers_retry_hint(servers, make_engine, tmp_path, fault, wait):
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)])])
+    a.faults(fault)
+    out = await eng.run(Q, request_id="casc-429")
+    assert seen(servers) == {"a": 2, "b": 0, "c": 0}
+    t1, t2 = arrivals(a)
+    assert wait <= t2 - t1 <= wait + TOL
+    a0, a1 = out.record.attempts
+    assert (a0.backend, a0.error_class, a0.wait_ms) == ("a", "RateLimitedError", 0.0)
+    assert (a1.backend, a1.error_class, a1.kept) == ("a", None, True)
+    assert a1.wait_ms == pytest.approx(wait * 1e3, abs=1)
+    assert "retrying the same provider" in a0.reason
+    assert attempt_rows(tmp_path, "casc-429") == [(0, "t", "a", "error", "RateLimitedError", 0),
+                                                  (1, "t", "a", "final", None, 1)]
+    assert out.record.latency_ms >= wait * 1e3
+
+
+async def test_rate_limit_without_hint_backs_off_with_full_jitter(servers, make_engine, tmp_path):
+    a, b = servers["a"], servers["b"]
+    retry = {"max_attempts": 3, "base_delay_s": 0.4, "max_delay_s": 0.4, "jitter_seed": 7}
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)], retry=retry)])
+    a.faults("429", "429")
+    out = await eng.run(Q)
+    rng = random.Random(7)
+    expected = [rng.uniform(0, 0.4), rng.uniform(0, 0.4)]  # min(max_delay, base * 2**n) caps both at 0.4
+    assert seen(servers) == {"a": 3, "b": 0, "c": 0}
+    assert [round(x.wait_ms / 1e3, 6) for x in out.record.attempts] == [0.0] + [round(w, 6) for w in expected]
+    t = arrivals(a)
+    for gap, w in zip((t[1] - t[0], t[2] - t[1]), expected, strict=True):
+        assert w <= gap <= w + TOL
+
+
+async def test_rate_limit_falls_over_when_retries_are_spent_or_the_hint_is_too_long(servers, make_engine, tmp_path):
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)], retry={"max_attempts": 2, "max_retry_after_s": 2})])
+    a.faults("429:ms=100", "429:ms=100")
+    out = await eng.run(Q, request_id="casc-spent")
+    assert seen(servers) == {"a": 2, "b": 1, "c": 0}
+    assert [(r[2], r[4]) for r in attempt_rows(tmp_path, "casc-spent")] == [
+        ("a", "RateLimitedError"), ("a", "RateLimitedError"), ("b", None)]
+    assert "falling over" in out.record.attempts[1].reason
+    # a Retry-After beyond the cap is not waited out: next provider at once
+    for s in servers.values():
+        s.reset()
+    a.faults("429:ra=30")
+    t0 = time.monotonic()
+    out = await eng.run(Q)
+    assert time.monotonic() - t0 < TOL
+    assert [(x.backend, x.error_class) for x in out.record.attempts] == [("a", "RateLimitedError"), ("b", None)]
+    # nor is one the deadline could not afford
+    eng2 = await make_engine([rtier("t2", [prov("a", a), prov("b", b)], timeout_s=1.0,
+                                    retry={"max_retry_after_s": 5})])
+    a.faults("429:ra=3")
+    t0 = time.monotonic()
+    out = await eng2.run(Q)
+    assert time.monotonic() - t0 < TOL and out.record.attempts[-1].backend == "b"
+
+
+async def test_rate_limited_everywhere_reaches_the_client_with_retry_after(servers, make_engine, tmp_path):
+    a = servers["a"]
+    eng = await make_engine([rtier("t", [prov("a", a)], retry={"max_retry_after_s": 2})])
+    a.faults("429:ra=30")
+    err = await run_failing(eng, RateLimitedError)
+    assert err.retry_after == 30 and err.status_code == 429
+    assert [p.action for p in err.attempts] == ["fall_over"]   # nothing left to fall over to
+    assert attempt_rows(tmp_path, "casc-fail") == [(0, "t", "a", "error", "RateLimitedError", 0)]
+
+
+@pytest.mark.parametrize("status", ["500", "502", "503", "504"])
+async def test_server_error_falls_over_at_once(servers, make_engine, tmp_path, status):
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)])])
+    a.faults(status)
+    out = await eng.run(Q, request_id="casc-5xx")
+    assert seen(servers) == {"a": 1, "b": 1, "c": 0}
+    assert 0 <= arrivals(b)[0] - arrivals(a)[0] < TOL          # no backoff before the fallback
+    assert attempt_rows(tmp_path, "casc-5xx") == [(0, "t", "a", "error", "ProviderServerError", 0),
+                                                  (1, "t", "b", "final", None, 1)]
+    assert out.record.attempts[1].wait_ms == 0.0 and not out.record.escalated
+    (req,) = db_rows(tmp_path, "SELECT status, tier, model, n_attempts FROM requests")
+    assert req == ("ok", "t", "model-b", 2)
+
+
+async def test_timeout_falls_over_at_once(servers, make_engine, tmp_path):
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a, timeout_s=0.5), prov("b", b)])])
+    a.faults("stall:10")
+    out = await eng.run(Q, request_id="casc-slow")
+    assert seen(servers) == {"a": 1, "b": 1, "c": 0}
+    a0, a1 = out.record.attempts
+    assert a0.error_class == "ProviderTimeoutError" and 500 <= a0.latency_ms <= 500 + TOL * 1e3
+    assert a1.kept and a1.backend == "b"
+    assert attempt_rows(tmp_path, "casc-slow") == [(0, "t", "a", "error", "ProviderTimeoutError", 0),
+                                                   (1, "t", "b", "final", None, 1)]
+
+
+@pytest.mark.parametrize("fault", ["reset", "close", "refused"])
+async def test_connection_reset_or_refused_falls_over_at_once(servers, make_engine, tmp_path, fault):
+    a, b = servers["a"], servers["b"]
+    first = prov("a", a) if fault != "refused" else {
+        "name": "a", "backend": "openai", "model": "model-a",
+        "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}}
+    eng = await make_engine([rtier("t", [first, prov("b", b)])])
+    if fault != "refused":
+        a.faults(fault)
+    out = await eng.run(Q, request_id="casc-conn")
+    assert seen(servers) == {"a": 0 if fault == "refused" else 1, "b": 1, "c": 0}
+    assert attempt_rows(tmp_path, "casc-conn") == [(0, "t", "a", "error", "ProviderConnectionError", 0),
+                                                   (1, "t", "b", "final", None, 1)]
+    assert out.result.text == "Paris is the capital"
+
+
+async def test_context_length_escalates_to_the_bigger_tier(servers, make_engine, tmp_path):
+    a, b, c = servers["a"], servers["b"], servers["c"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)]),
+                             rtier("big", [prov("c", c)], price={"input_per_1m": 5.0, "output_per_1m": 10.0})])
+    a.faults("context")
+    out = await eng.run(Q, request_id="casc-ctx")
+    assert seen(servers) == {"a": 1, "b": 0, "c": 1}   # not retried on the tier's other provider
+    assert out.record.escalated and out.record.tier == "big"
+    assert attempt_rows(tmp_path, "casc-ctx") == [(0, "t", "a", "error", "ProviderContextLengthError", 0),
+                                                  (1, "big", "c", "final", None, 1)]
+
+
+async def test_one_deadline_bounds_retries_and_fallbacks(servers, make_engine, tmp_path):
+    """Tier timeout 1 s: A may use 0.6 s, B only what is left; then the next tier answers."""
+    a, b, c = servers["a"], servers["b"], servers["c"]
+    eng = await make_engine([rtier("t", [prov("a", a, timeout_s=0.6), prov("b", b, timeout_s=5)], timeout_s=1.0),
+                             rtier("big", [prov("c", c)])])
+    a.faults("stall:10")
+    b.faults("stall:10")
+    t0 = time.monotonic()
+    out = await eng.run(Q, request_id="casc-deadline")
+    assert 1.0 <= time.monotonic() - t0 <= 1.0 + TOL
+    a0, b0, c0 = out.record.attempts
+    assert (a0.error_class, b0.error_class, c0.tier) == ("ProviderTimeoutError", "ProviderTimeoutError", "big")
+    assert a0.latency_ms == pytest.approx(600, abs=TOL * 1e3)
+    assert b0.latency_ms == pytest.approx(400, abs=TOL * 1e3)
+    assert seen(servers) == {"a": 1, "b": 1, "c": 1}
+    assert [r[4] for r in attempt_rows(tmp_path, "casc-deadline")] == [
+        "ProviderTimeoutError", "ProviderTimeoutError", None]
+
+
+async def test_provider_price_override_and_failed_attempt_cost_is_waste(servers, make_engine, tmp_path):
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b, price={"input_per_1m": 10.0, "output_per_1m": 20.0})])])
+    a.faults("500")
+    rec = (await eng.run(Q)).record
+    served = rec.attempts[1]
+    assert served.cost_usd == pytest.approx((served.prompt_tokens * 10 + served.completion_tokens * 20) / 1e6)
+    # failed provider attempts are never served: whatever they billed is waste
+    att = Attempt(index=0, tier="t", model="m", backend="resilient")
+    rec2 = CascadeRecord(request_id="x", policy="p", created_at=0.0, attempts=[att])
+    from cascade.resilience import ProviderAttempt
+
+    log = [ProviderAttempt("a", "openai", "m", 1, 0.0, 0.2, "failed", "ProviderConnectionError", "dropped",
+                           None, 10, 3, 0.5),
+           ProviderAttempt("b", "openai", "m", 1, 0.0, 0.1, "served", None, None, None, 10, 4, 0.25)]
+    merge_provider_attempts(rec2.attempts, att, log, served=True)
+    att.kept = True
+    eng._finish(rec2, route=None, t0=time.perf_counter())
+    assert [a.index for a in rec2.attempts] == [0, 1] and rec2.escalation_waste_usd == 0.5
+    assert rec2.cost_usd == 0.75 and not rec2.escalated
+
+
+# --- circuit breakers --------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += s
+
+
+def test_breaker_opens_on_failure_rate_over_its_window():
+    clock = FakeClock()
+    br = CircuitBreaker("p", failure_threshold=100, failure_rate=0.5, window_s=10, min_calls=4, cooldown_s=5,
+                        clock=clock)
+    for ok in (True, False, True):
+        p = br.acquire()
+        br.success(p) if ok else br.failure(p)
+    assert br.state == "closed"
+    clock.advance(11)                      # the window forgets those three
+    for ok in (False, True, True):
+        p = br.acquire()
+        br.success(p) if ok else br.failure(p)
+    assert br.state == "closed"            # 1/3 calls, under min_calls
+    br.failure(br.acquire())               # 2/4 = 0.5
+    assert br.state == "open" and br.acquire() is None and br.retry_after() == 5
+    clock.advance(5)
+    assert br.state == "half_open"
+    probe = br.acquire()
+    assert probe.probe and br.acquire() is None  # exactly one probe
+    br.release(probe)                        # neutral outcome (429): another probe may go
+    probe = br.acquire()
+    br.success(probe)
+    assert br.state == "closed"
+    assert [s for _, s, _ in br.transitions] == ["open", "half_open", "closed"]
+
+
+async def test_breaker_opens_half_opens_and_closes_through_real_calls(servers, tmp_path):
+    a, b = servers["a"], servers["b"]
+    cfg = make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)],
+                                       breaker={"failure_threshold": 2, "cooldown_s": 30})])
+    clock = FakeClock()
+    rb = ResilientBackend.from_tier(cfg.tiers[0], cfg, clock=clock)
+    br = rb.providers[0].breaker
+    try:
+        a.faults("500", "503")
+        for _ in range(2):
+            rec = []
+            await rb.generate(Q, record=rec)
+            assert [(p.provider, p.action) for p in rec] == [("a", "fall_over"), ("b", "served")]
+        assert br.state == "open"
+        rec = []
+        await rb.generate(Q, record=rec)                  # open: skipped, no call made
+        assert [p.provider for p in rec] == ["b"] and seen(servers)["a"] == 2
+        clock.advance(30)
+        assert br.state == "half_open"
+        # half-open: exactly one probe goes to A (slow), concurrent calls go to B
+        a.faults("slow:0.3")
+        recs = [[], [], []]
+        await asyncio.gather(*(rb.generate(Q, record=r) for r in recs))
+        assert sorted(r[0].provider for r in recs) == ["a", "b", "b"]
+        assert seen(servers)["a"] == 3 and br.state == "closed"
+        # a failed probe re-opens it
+        a.faults("500", "500", "500")
+        for _ in range(2):
+            await rb.generate(Q)
+        assert br.state == "open"
+        clock.advance(30)
+        await rb.generate(Q)                              # the probe fails
+        assert br.state == "open" and br.retry_after() == 30
+        assert [s for _, s, _ in br.transitions] == ["open", "half_open", "closed", "open", "half_open", "open"]
+    finally:
+        await rb.close()
+
+
+async def test_all_breakers_open_fail_fast_with_503_and_retry_after(servers, tmp_path, serve_app):
+    a, b = servers["a"], servers["b"]
+    cfg = make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)],
+                                       breaker={"failure_threshold": 1, "cooldown_s": 30})])
+    srv = serve_app(cfg)
+    a.faults("500")
+    b.faults("503")
+    body = {"model": "t", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=srv.url, timeout=10) as client:
+        r1 = client.post("/v1/chat/completions", json=body)
+        assert r1.status_code == 502 and r1.json()["error"]["type"] == "provider_error"
+        t0 = time.monotonic()
+        r2 = client.post("/v1/chat/completions", json=body)
+        elapsed = time.monotonic() - t0
+    assert r2.status_code == 503 and r2.json()["error"]["type"] == "service_unavailable"
+    assert 28 <= int(r2.headers["retry-after"]) <= 30
+    assert elapsed < TOL
+    assert seen(servers) == {"a": 1, "b": 1, "c": 0}            # no provider was called
+    rows = db_rows(tmp_path, "SELECT status, error_class, n_attempts FROM requests ORDER BY created_at")
+    assert rows == [("error", "ProviderServerError", 2), ("error", "CircuitOpenError", 1)]
+
+
+# --- streaming ----------------------------------------------------------------------------------------
+
+
+async def test_stream_falls_over_only_before_the_first_chunk(servers, tmp_path):
+    a, b = servers["a"], servers["b"]
+    cfg = make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)])])
+    rb = ResilientBackend.from_tier(cfg.tiers[0], cfg)
+    try:
+        a.faults("503")
+        rec = []
+        chunks = [c async for c in rb.stream(Q, record=rec)]
+        assert "".join(c.text for c in chunks) == "Paris is the capital"
+        assert [(p.provider, p.action) for p in rec] == [("a", "fall_over"), ("b", "served")]
+        assert rec[1].completion_tokens == 4 and rec[1].cost_usd > 0
+
+        a.faults("drop:2")
+        rec, got = [], []
+        with pytest.raises(ProviderConnectionError) as err:
+            async for c in rb.stream(Q, record=rec):
+                got.append(c.text)
+        assert got == ["Paris", " is"]                     # bytes went out: never hidden behind B
+        assert err.value.fall_over is False and err.value.mid_stream is True
+        assert [(p.provider, p.action, p.completion_tokens) for p in rec] == [("a", "failed", 2)]
+        assert rec[0].cost_usd == pytest.approx(2 * 2.0 / 1e6)   # billed tokens of a failed attempt
+        assert seen(servers) == {"a": 2, "b": 1, "c": 0}
+    finally:
+        await rb.close()
+
+
+def sse_events(srv, body):
+    import json
+
+    events = []
+    with httpx.Client(base_url=srv.url, timeout=10) as client, \
+            client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return events
+
+
+async def test_http_stream_falls_over_before_the_first_byte_and_reports_a_mid_stream_break(
+        servers, tmp_path, serve_app):
+    a, b = servers["a"], servers["b"]
+    srv = serve_app(make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)])]))
+    body = {"model": "t", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    a.faults("503")
+    ev = await asyncio.to_thread(sse_events, srv, body)
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in ev[:-1] if e.get("choices"))
+    assert text == "Paris is the capital" and ev[-1] == "[DONE]"
+    assert seen(servers) == {"a": 1, "b": 1, "c": 0}
+    assert [r[2:5] for r in db_rows(tmp_path, "SELECT * FROM attempts")] == [
+        ("t", "model-a", "a"), ("t", "model-b", "b")]
+
+    a.faults("drop:2")
+    ev = await asyncio.to_thread(sse_events, srv, body)
+    deltas = [e["choices"][0]["delta"].get("content") for e in ev if isinstance(e, dict) and e.get("choices")]
+    assert [d for d in deltas if d] == ["Paris", " is"]          # what was sent stays sent...
+    err = ev[-2]["error"]
+    assert "stream interrupted" in err["message"] and err["type"] == "connection_error"   # ...and the break is told
+    assert ev[-1] == "[DONE]"
+    assert seen(servers) == {"a": 2, "b": 1, "c": 0}              # never hidden behind another provider
+    rows = db_rows(tmp_path, "SELECT status, error_class FROM requests ORDER BY created_at")
+    assert rows == [("ok", None), ("partial", "ProviderConnectionError")]
+    got = db_rows(tmp_path, "SELECT a.backend, a.error_class, a.completion_tokens, a.cost_usd FROM attempts a "
+                            "JOIN requests r USING (request_id) WHERE r.status='partial'")
+    assert got == [("a", "ProviderConnectionError", 2, pytest.approx(2 * 2.0 / 1e6))]   # the partial answer's tokens
+
+
+# --- load ------------------------------------------------------------------------------------------
+
+#: the faults drawn at random (20% of provider calls). Auth (401) is left out: it is a standing condition
+#: that holds a provider out for its breaker's cooldown (its own test covers it), not a random blip
+LOAD_KINDS = ["500", "503", "429:ms=20", "429", "reset", "close", "stall:2", "400"]
+
+
+def load_config(tmp_path: Path, fault_servers: dict[str, FaultServerThread], **extra) -> dict:
+    """Two tiers of two providers each, every provider a fault server; shared by the benchmark."""
+    def tier(name, provs, price):
+        return {"name": name, "providers": [
+                    {"name": p, "backend": "openai", "model": f"model-{p}", "timeout_s": 1.0,
+                     "options": {"base_url": fault_servers[p].base_url}} for p in provs],
+                "threshold": 0.0, "max_tokens": 4, "timeout_s": 3, "price": price,
+                "retry": {"max_attempts": 2, "base_delay_s": 0.02, "max_delay_s": 0.1, "max_retry_after_s": 1},
+                "breaker": {"failure_threshold": 5, "cooldown_s": 0.5}}
+
+    return {"ledger": {"path": str(tmp_path / "ledger.sqlite")},
+            "tiers": [tier("small", ["s1", "s2"], {"input_per_1m": 0.1, "output_per_1m": 0.2}),
+                      tier("large", ["l1", "l2"], {"input_per_1m": 2.0, "output_per_1m": 6.0})],
+            "policies": {"cascade": {"chain": ["small", "large"]}}, **extra}
+
+
+async def fire(url: str, n: int, concurrency: int) -> list[dict]:
+    """n chat requests at the given concurrency; each outcome with its latency."""
+    sem = asyncio.Semaphore(concurrency)
+    # drop idle connections well before uvicorn's 5 s keep-alive timeout: reusing one as the server closes
+    # it is a reset no server can prevent (the classic keep-alive race), not a failure of the endpoint
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        async def one(i: int) -> dict:
+            body = {"model": "cascade", "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 4}
+            async with sem:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/v1/chat/completions", json=body)
+                except httpx.HTTPError as exc:
+                    return {"i": i, "status": None, "transport_error": repr(exc),
+                            "latency_s": time.perf_counter() - t0}
+                return {"i": i, "status": r.status_code, "body": r.json(), "latency_s": time.perf_counter() - t0,
+                        "request_id": r.headers.get("x-cascade-request-id")}
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def _error_classes(cls=CascadeError):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _error_classes(sub)
+
+
+#: (HTTP status, error type) of every class of the error tree: a "classified" error is one of these
+CLASSIFIED = {(c.status_code, c.error_type) for c in _error_classes()} - {(500, "server_error")}
+
+
+def check_load(results: list[dict], db: Path, fault_servers: dict[str, FaultServerThread]) -> dict:
+    """The load test's invariants (also used by the benchmark). Returns counts."""
+    n = len(results)
+    assert not (lost := [r for r in results if r["status"] is None]), f"clients got no HTTP answer: {lost[:3]}"
+    assert not [r for r in results if r["status"] == 500], "unhandled 500s"
+    for r in results:
+        if r["status"] == 200:
+            assert r["body"]["choices"][0]["message"]["content"] and r["request_id"]
+        else:
+            assert (r["status"], r["body"]["error"]["type"]) in CLASSIFIED, r
+    with sqlite3.connect(db) as conn:
+        n_req, n_ids = conn.execute("SELECT count(*), count(DISTINCT request_id) FROM requests").fetchone()
+        assert n_req == n_ids == n, (n_req, n_ids, n)
+        ok_ids = {r["request_id"] for r in results if r["status"] == 200}
+        rows = dict(conn.execute("SELECT request_id, status FROM requests").fetchall())
+        assert all(rows.get(i) == "ok" for i in ok_ids)
+        assert sum(1 for s in rows.values() if s == "ok") == len(ok_ids)
+        # no half-written request: each has exactly its attempt rows
+        bad = conn.execute("SELECT count(*) FROM requests r WHERE n_attempts != "
+                           "(SELECT count(*) FROM attempts a WHERE a.request_id = r.request_id)").fetchone()[0]
+        assert bad == 0
+        # every call a provider received is an attempt row; only a timed-out or refused attempt may be
+        # a row the provider never saw (it gave up before the server read the request)
+        marks = ",".join("?" * len(fault_servers))
+        provider_rows = conn.execute(f"SELECT count(*) FROM attempts WHERE backend IN ({marks})",
+                                     list(fault_servers)).fetchone()[0]
+        surely_seen = conn.execute(
+            f"SELECT count(*) FROM attempts WHERE backend IN ({marks}) AND coalesce(error_class, '') NOT IN "
+            "('ProviderTimeoutError', 'ProviderConnectionError', 'Cancelled')", list(fault_servers)).fetchone()[0]
+        by_class = dict(conn.execute("SELECT coalesce(error_class, 'ok'), count(*) FROM attempts GROUP BY 1"))
+    received = sum(s.stats()["requests"] for s in fault_servers.values())
+    assert surely_seen <= received <= provider_rows, (surely_seen, received, provider_rows)
+    return {"requests": n, "ok": len(ok_ids), "errors": n - len(ok_ids), "provider_calls": received,
+            "attempts_by_class": by_class}
+
+
+async def test_load_300_requests_with_20_percent_faults(tmp_path):
+    from cascade.config import parse_config
+    from serving import create_app
+
+    names = ["s1", "s2", "l1", "l2"]
+    fss = {n: FaultServerThread(seed=i) for i, n in enumerate(names)}
+    for fs in fss.values():
+        fs.__enter__()
+    try:
+        for fs in fss.values():
+            fs.faults(rate=0.2, kinds=LOAD_KINDS)
+        cfg = parse_config(load_config(tmp_path, fss), source="<load>", environ={})
+        with ServerThread(create_app(cfg)) as srv:
+            t0 = time.monotonic()
+            results = await fire(srv.url, 300, 50)
+            elapsed = time.monotonic() - t0
+        counts = check_load(results, tmp_path / "ledger.sqlite", fss)
+    finally:
+        for fs in fss.values():
+            fs.__exit__(None, None, None)
+    assert counts["ok"] >= 240, counts              # 20% faults per provider, two providers per tier
+    assert counts["provider_calls"] > 300
+    assert elapsed < 60
+
+
+# --- SIGTERM mid-load ---------------------------------------------------------------------------------
+
+
+async def test_sigterm_mid_load_finishes_in_flight_requests_and_keeps_the_ledger_consistent(tmp_path):
+    with FaultServerThread(delay_s=1.5) as slow:
+        port = free_port()
+        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+               "tiers": [{"name": "slow", "providers": [prov("slow", slow)], "threshold": 0.0, "max_tokens": 4,
+                          "timeout_s": 10}],
+               "policies": {"cascade": {"chain": ["slow"]}}}
+        path = tmp_path / "cascade.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(path)],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            async with httpx.AsyncClient(base_url=url, timeout=30,
+                                         limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                while True:
+                    assert proc.poll() is None, proc.stdout.read().decode()
+                    try:
+                        if (await client.get("/health")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    assert time.monotonic() < deadline, "cascade serve did not start"
+                    await asyncio.sleep(0.1)
+
+                body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
+                tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(12)]
+                while slow.stats()["requests"] < 12:           # all twelve are in flight at the provider
+                    await asyncio.sleep(0.02)
+                t_term = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                with pytest.raises(httpx.TransportError):      # no longer accepting
+                    await client.post("/v1/chat/completions", json=body)
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            rc = await asyncio.to_thread(proc.wait, 30)
+            grace = time.monotonic() - t_term
+            received = slow.stats()["requests"]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # uvicorn re-raises the captured SIGTERM once it has shut down gracefully
+    assert rc in (0, -signal.SIGTERM) and grace < 30
+    assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in results), results
+    ids = {r.headers["x-cascade-request-id"] for r in results}
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        rows = conn.execute("SELECT request_id, status, n_attempts FROM requests").fetchall()
+        assert {r[0] for r in rows} == ids and all(r[1] == "ok" and r[2] == 1 for r in rows)
+        assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 12
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert received == 12   # nothing retried behind the client's back, nothing new let in
+
+
+def test_fault_server_runs_by_hand():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fault_server", "--port", str(port), "--queue", "503"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/_stats", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body).status_code == 503
+        ok = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body).json()
+        assert ok["choices"][0]["logprobs"]["content"][0]["token"] == "Paris"
+        assert httpx.get(f"http://127.0.0.1:{port}/_stats").json()["by_fault"] == {"503": 1, "ok": 1}
+    finally:
+        proc.terminate()
+        proc.wait(10)
