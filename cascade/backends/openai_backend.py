@@ -125,8 +125,14 @@ class OpenAIBackend(Backend):
         if self._client is None:
             import openai
 
+            import httpx
+
+            # Idle keep-alive shorter than the servers' own (uvicorn and vLLM close idle connections at
+            # 5 s): otherwise a request can race the server's close and fail with a spurious reset.
+            http_client = openai.DefaultAsyncHttpxClient(
+                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=2.0))
             self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key,
-                                              max_retries=0, timeout=self._timeout)
+                                              max_retries=0, timeout=self._timeout, http_client=http_client)
 
     async def close(self) -> None:
         if self._client is not None:
