@@ -1,0 +1,240 @@
+"""Replay every dataset/chain of the shared cascade outputs and write the calibration results table.
+
+    python benchmarks/calibration_results.py [DATA_DIR] [--out results/calibration] [--seeds 5]
+
+DATA_DIR defaults to ``../shared/data`` relative to the repository root (the folder holding
+``cascade_outputs/``). For every dataset and chain:
+
+* where a test split exists (medmcqa, truthfulqa) the policy is fit on ``*_train.jsonl`` and replayed on
+  ``*_test.jsonl`` ("test split");
+* where only a train file exists (mmlu, gsm8k, triviaqa) the file is split by a fixed seed into disjoint
+  train/test halves ("internal split, seed 0"; the mean over ``--seeds`` seeds is reported too).
+
+Each is run for the full chain and for the two-tier chain first -> last. Next to every figure stands the
+*in-sample anchor*: the best single raw-logprob threshold (first -> last tier) tuned on the test part
+itself, the yardstick of issue 3. Nothing is tuned on a test part: fitting sees only the train part.
+
+Writes ``results.json``, ``results.md`` and reliability PNGs of the first tier on each test part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from calibration.data import load_cascade_outputs, split_data  # noqa: E402
+from calibration.replay import ReplayConfig, replay  # noqa: E402
+
+DATASETS = ("mmlu", "medmcqa", "triviaqa", "truthfulqa", "gsm8k")
+CHAINS = ("llama", "qwen_oai")
+
+
+def _holds(rep: dict, tol: float = 0.005) -> bool:
+    return rep["test_quality"] >= rep["strong_quality"] - rep["max_quality_drop"] - tol - 1e-12
+
+
+def _beats(rep: dict) -> str:
+    a = rep["anchor_in_sample"]
+    if not a["saves"]:
+        return "yes (direct)" if rep["verdict"] == "direct" else "n/a (anchor saves nothing; we cascade)"
+    return "yes" if rep["savings_captured"] > a["savings_captured"] else "no"
+
+
+def _row(rep: dict, kind: str, label: str) -> dict:
+    a = rep["anchor_in_sample"]
+    return {
+        "dataset": rep["dataset"], "chain_name": rep["chain_name"], "chain": kind, "evaluation": label,
+        "n_train": rep["n_train"], "n_test": rep["n_test"], "first_tier": rep["first_tier"],
+        "last_tier": rep["chain"][-1], "ece_raw": rep["ece_raw"], "ece_calibrated": rep["ece_calibrated"],
+        "calibration_method": rep["calibration_method"], "temperature": rep["temperature"],
+        "verdict": rep["verdict"], "policy_chain": rep["policy_chain"], "thresholds": rep["thresholds"],
+        "test_quality": rep["test_quality"], "strong_quality": rep["strong_quality"],
+        "quality_diff": rep["quality_diff"], "cost_ratio": rep["cost_ratio"],
+        "oracle_cost_ratio": rep["oracle_cost_ratio"], "savings_captured": rep["savings_captured"],
+        "escalation_rate": rep["escalation_rate"], "escalation_waste_ratio": rep["escalation_waste_ratio"],
+        "anchor_saves": a["saves"], "anchor_cost_ratio": a["cost_ratio"],
+        "anchor_savings_captured": a["savings_captured"], "anchor_quality": a["quality"],
+        "holds": _holds(rep), "beats_anchor": _beats(rep),
+        "expected_from_train": rep["expected_from_train"],
+    }
+
+
+def _f(x, nd=3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _short(m: str) -> str:
+    return (m.replace("llama3.", "l").replace("qwen2.5-", "q").replace("-instruct", "").replace("-coder", "c")
+            .replace("gpt-4o-mini", "4o-mini"))
+
+
+def markdown(rows: list[dict], seed_means: list[dict], meta: dict) -> str:
+    out = [
+        "# Calibration and threshold selection: results",
+        "",
+        f"Produced by `benchmarks/calibration_results.py` on {meta['date']} "
+        f"(max quality drop {meta['max_quality_drop']}, one-sided confidence {meta['confidence']}, "
+        f"{meta['seconds']:.0f} s). Fit on train only; every figure is measured on the test part.",
+        "",
+        "* **ECE** of the first tier on the test part, 15 equal-width bins: raw `exp(raw_conf_logprob)` vs our "
+        "calibrator (method chosen by held-out ECE on train folds).",
+        "* **cost** = policy cost / last tier alone; **oracle** = escalate exactly when the first tier is wrong, "
+        "paying both; **captured** = (1 - cost) / (1 - oracle). Above 1 is possible when the policy also uses "
+        "middle tiers (cheaper than the two-tier oracle) or accepts answers within the allowed drop.",
+        "* **anchor** = the best single raw-logprob threshold first -> last tier, *tuned on the test part itself* "
+        "(in-sample, no margin): the yardstick to beat out of sample. `direct` = it saves nothing.",
+        "* **holds** = test quality >= last tier quality - allowed drop - 0.5 point.",
+        "",
+        "| dataset | chain | evaluation | n train/test | ECE raw | ECE cal (method) | verdict | policy chain "
+        "| quality (last tier) | cost | oracle | captured | anchor captured (cost) | beats anchor | holds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        anchor = f"{_f(r['anchor_savings_captured'])} ({_f(r['anchor_cost_ratio'])})" if r["anchor_saves"] \
+            else "direct (1.000)"
+        out.append(
+            f"| {r['dataset']} | {r['chain_name']} {r['chain']} | {r['evaluation']} | {r['n_train']}/{r['n_test']} "
+            f"| {_f(r['ece_raw'])} | {_f(r['ece_calibrated'])} ({r['calibration_method']}) | {r['verdict']} "
+            f"| {' > '.join(_short(m) for m in r['policy_chain'])} "
+            f"| {_f(r['test_quality'])} ({_f(r['strong_quality'])}) | {_f(r['cost_ratio'])} "
+            f"| {_f(r['oracle_cost_ratio'])} | {_f(r['savings_captured'])} | {anchor} | {r['beats_anchor']} "
+            f"| {_f(r['holds'])} |")
+    if seed_means:
+        out += [
+            "",
+            f"## Internal splits: mean over seeds 0..{meta['seeds'] - 1}",
+            "",
+            "Train-only datasets, split 50/50 by each seed (train part ~150 questions, so thresholds are "
+            "chosen on half the data the test-split rows have).",
+            "",
+            "| dataset | chain | ECE raw | ECE cal | cost | captured | anchor captured | beats anchor "
+            "| holds | verdicts (cascade/direct) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in seed_means:
+            out.append(
+                f"| {r['dataset']} | {r['chain_name']} {r['chain']} | {_f(r['ece_raw'])} | {_f(r['ece_calibrated'])} "
+                f"| {_f(r['cost_ratio'])} | {_f(r['savings_captured'])} | {_f(r['anchor_savings_captured'])} "
+                f"| {r['beats_anchor']} | {r['holds']} | {r['verdicts']} |")
+    out += ["", "Reliability diagrams (first tier, test part): `reliability_<dataset>_<chain>.png`.", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data_dir", nargs="?", default=str(REPO.parent / "shared" / "data"),
+                    help="folder holding cascade_outputs/ (default ../shared/data from the repo root)")
+    ap.add_argument("--out", default=str(REPO / "results" / "calibration"))
+    ap.add_argument("--seeds", type=int, default=5, help="seeds of the internal splits for the mean table")
+    ap.add_argument("--max-quality-drop", type=float, default=0.005)
+    ap.add_argument("--confidence", type=float, default=0.9)
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+
+    src = Path(args.data_dir).expanduser()
+    outputs = src / "cascade_outputs" if (src / "cascade_outputs").is_dir() else src
+    if not outputs.is_dir():
+        print(f"calibration_results: data folder not found: {outputs}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = ReplayConfig(max_quality_drop=args.max_quality_drop, confidence=args.confidence)
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
+
+    try:
+        from rich.progress import Progress
+    except ImportError:  # pragma: no cover
+        Progress = None  # type: ignore
+
+    jobs = []
+    for ds in DATASETS:
+        for ch in CHAINS:
+            train_p, test_p = outputs / f"{ds}_{ch}_train.jsonl", outputs / f"{ds}_{ch}_test.jsonl"
+            if not train_p.exists():
+                continue
+            jobs.append((ds, ch, train_p, test_p if test_p.exists() else None))
+
+    t0 = time.time()
+    rows: list[dict] = []
+    per_seed: dict[tuple, list[dict]] = {}
+    total = sum((1 if t else args.seeds) * 2 for _, _, _, t in jobs)
+    prog = Progress(transient=True) if Progress else None
+    task = prog.add_task("replaying", total=total) if prog else None
+    if prog:
+        prog.start()
+    try:
+        for ds, ch, train_p, test_p in jobs:
+            full = load_cascade_outputs(train_p)
+            chains = {"full": list(full.models), "2-tier": [full.models[0], full.models[-1]]}
+            if test_p is not None:
+                splits = [("test split", full, load_cascade_outputs(test_p), None)]
+            else:
+                splits = []
+                for seed in range(args.seeds):
+                    tr, te = split_data(full, 0.5, seed)
+                    splits.append((f"internal split, seed {seed}", tr, te, seed))
+            for label, tr, te, seed in splits:
+                for kind, chain in chains.items():
+                    rep, policy = replay(tr, te, chain, cfg)
+                    row = _row(rep, kind, label)
+                    if seed in (None, 0):
+                        rows.append(row)
+                        if kind == "full" and not args.no_plots:
+                            from calibration.plots import reliability_diagram
+
+                            first = te.tier(chain[0])
+                            reliability_diagram(
+                                out_dir / f"reliability_{ds}_{ch}.png",
+                                {"raw": (np.exp(first.logprob), first.correct),
+                                 rep["calibration_method"]: (policy.report_calibrator.predict(first.logprob),
+                                                             first.correct)},
+                                title=f"{chain[0]}, {ds} ({label}, n={len(te)})")
+                    if seed is not None:
+                        per_seed.setdefault((ds, ch, kind), []).append(row)
+                    if prog:
+                        prog.update(task, advance=1, description=f"{ds}/{ch} {kind} {label}")
+    finally:
+        if prog:
+            prog.stop()
+
+    seed_means = []
+    for (ds, ch, kind), rs in per_seed.items():
+        n = len(rs)
+        beats = sum(r["beats_anchor"].startswith("yes") for r in rs)
+        seed_means.append({
+            "dataset": ds, "chain_name": ch, "chain": kind, "seeds": n,
+            **{k: float(np.mean([r[k] for r in rs])) for k in
+               ("ece_raw", "ece_calibrated", "cost_ratio", "savings_captured", "anchor_savings_captured",
+                "quality_diff")},
+            "beats_anchor": f"{beats}/{n}", "holds": f"{sum(r['holds'] for r in rs)}/{n}",
+            "verdicts": f"{sum(r['verdict'] == 'cascade' for r in rs)}/{sum(r['verdict'] == 'direct' for r in rs)}",
+        })
+    seconds = time.time() - t0
+    meta = {"date": time.strftime("%Y-%m-%d"), "data_dir": str(outputs), "max_quality_drop": args.max_quality_drop,
+            "confidence": args.confidence, "seeds": args.seeds, "seconds": round(seconds, 1)}
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "internal_split_means": seed_means},
+                                                     indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown(rows, seed_means, meta))
+    print(markdown(rows, seed_means, meta))
+    print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,486 @@
+"""Calibrators: map a raw confidence score to a probability that the answer is correct.
+
+A calibrator reads one *score* — a log-probability-valued feature such as ``mean_logprob`` or the shared
+data's ``raw_conf_logprob`` — and returns a probability. The methods (``method`` in the artifact):
+
+* ``temperature`` — p = sigmoid(logit(exp(score)) / T), one parameter (the default);
+* ``platt`` — p = sigmoid(a * logit + b), two parameters (also fixes a shifted mean);
+* ``isotonic`` — the best non-decreasing step map, stored as knots and interpolated;
+* ``histogram`` — equal-mass bins of the score, each mapped to its smoothed accuracy;
+* ``logistic`` — several features at once (a tier's confidence plus agreement with earlier tiers, ...).
+
+All calibrators share the same interface:
+
+* ``fit(scores, correct)`` on arrays, returning ``self``;
+* ``predict(scores) -> probabilities`` (vectorised, numpy only, so the engine never needs netcal/torch);
+* ``to_dict()`` / ``calibrator_from_dict()``: a versioned JSON artifact that the engine loads.
+
+The artifact format::
+
+    {"format": "cascade-engine/calibrator", "version": 1, "method": "temperature",
+     "feature": "mean_logprob", "params": {"temperature": 1.31},
+     "fitted_on": {"data": "...", "model": "...", "n": 1200, "date": "2026-11-27T..."},
+     "metrics": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+ARTIFACT_FORMAT = "cascade-engine/calibrator"
+ARTIFACT_VERSION = 1
+_EPS = 1e-6
+
+
+def _as_array(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def score_to_logit(scores: Any) -> np.ndarray:
+    """A log-probability score -> the logit of that probability (clipped away from 0 and 1)."""
+    p = np.clip(np.exp(np.minimum(_as_array(scores), 0.0)), _EPS, 1.0 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _fit_arrays(scores: Any, correct: Any) -> tuple[np.ndarray, np.ndarray]:
+    z = score_to_logit(scores)
+    y = _as_array(correct)
+    if len(z) != len(y) or len(z) == 0:
+        raise ValueError("fit needs equal, non-empty scores and labels")
+    if np.any((y != 0) & (y != 1)):
+        raise ValueError("labels must be 0/1")
+    return z, y
+
+
+def _netcal_temperature(z: np.ndarray, y: np.ndarray) -> float:
+    """Fit netcal's TemperatureScaling (imported here, never at module import) and return T."""
+    try:
+        from netcal.scaling import TemperatureScaling as _NetcalTS
+    except ImportError as exc:  # pragma: no cover - netcal is an optional extra
+        raise ImportError("use_netcal=True needs netcal (pip install 'cascade-engine[calibration]')") from exc
+    import warnings
+
+    ts = _NetcalTS()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts.fit(sigmoid(z), y.astype(np.int64))
+    # netcal stores the multiplicative weight on the logit, i.e. 1/T
+    w = float(np.asarray(ts.weights, dtype=np.float64).reshape(-1)[0])
+    if not (w > 0 and math.isfinite(w)):
+        raise ValueError(f"netcal returned a non-positive logit weight {w!r}")
+    return 1.0 / w
+
+
+class Calibrator(ABC):
+    """Base class. Subclasses set ``method`` and implement fit/predict/params."""
+
+    method: ClassVar[str]
+    _registry: ClassVar[dict[str, type["Calibrator"]]] = {}
+
+    def __init__(self, feature: str = "mean_logprob") -> None:
+        self.feature = feature
+        self.fitted_on: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if getattr(cls, "method", None):
+            Calibrator._registry[cls.method] = cls
+
+    # --- interface -------------------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, scores: Any, correct: Any) -> "Calibrator": ...
+
+    @abstractmethod
+    def predict(self, scores: Any) -> np.ndarray: ...
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]: ...
+
+    @classmethod
+    @abstractmethod
+    def from_params(cls, feature: str, params: Mapping[str, Any]) -> "Calibrator": ...
+
+    # --- shared ----------------------------------------------------------------------------------
+    def predict_one(self, features: Mapping[str, float]) -> float:
+        """Calibrated confidence for one answer, from its feature dict."""
+        try:
+            score = features[self.feature]
+        except KeyError:
+            raise KeyError(f"calibrator needs feature {self.feature!r}") from None
+        return float(self.predict([score])[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": ARTIFACT_FORMAT,
+            "version": ARTIFACT_VERSION,
+            "method": self.method,
+            "feature": self.feature,
+            "params": self.params(),
+            "fitted_on": dict(self.fitted_on),
+            "metrics": dict(self.metrics),
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(feature={self.feature!r}, {self.params()})"
+
+
+class TemperatureScaling(Calibrator):
+    """p = sigmoid(logit(exp(score)) / T). T = 1 leaves the raw probability unchanged.
+
+    Fitting minimises the negative log-likelihood over the single parameter T (the same objective as
+    netcal's ``TemperatureScaling``); ``fit(..., use_netcal=True)`` delegates to netcal when installed.
+    """
+
+    method = "temperature"
+
+    def __init__(self, feature: str = "mean_logprob", temperature: float = 1.0) -> None:
+        super().__init__(feature)
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        self.temperature = float(temperature)
+
+    def fit(self, scores: Any, correct: Any, use_netcal: bool = False) -> "TemperatureScaling":
+        z, y = _fit_arrays(scores, correct)
+        if use_netcal:
+            self.temperature = _netcal_temperature(z, y)
+            return self
+        # NLL is convex in 1/T for a logistic model without bias: golden-section search on log T.
+        def nll(log_t: float) -> float:
+            p = np.clip(sigmoid(z / math.exp(log_t)), 1e-12, 1 - 1e-12)
+            return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+        lo, hi = math.log(1e-2), math.log(1e2)
+        g = (math.sqrt(5) - 1) / 2
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        fa, fb = nll(a), nll(b)
+        for _ in range(100):
+            if fa < fb:
+                hi, b, fb = b, a, fa
+                a = hi - g * (hi - lo)
+                fa = nll(a)
+            else:
+                lo, a, fa = a, b, fb
+                b = lo + g * (hi - lo)
+                fb = nll(b)
+        self.temperature = float(math.exp((lo + hi) / 2))
+        return self
+
+    def predict(self, scores: Any) -> np.ndarray:
+        return sigmoid(score_to_logit(scores) / self.temperature)
+
+    def params(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+    @classmethod
+    def from_params(cls, feature: str, params: Mapping[str, Any]) -> "TemperatureScaling":
+        return cls(feature=feature, temperature=float(params.get("temperature", 1.0)))
+
+
+def _newton_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 100) -> np.ndarray:
+    """Logistic regression by Newton's method on design matrix ``x`` (n, k) (first column: intercept).
+
+    A small ridge penalty ``l2`` (not on the intercept) keeps the fit finite on separable data.
+    """
+    n, k = x.shape
+    w = np.zeros(k)
+    reg = np.full(k, l2 * n)
+    reg[0] = 0.0
+    for _ in range(iters):
+        p = sigmoid(x @ w)
+        g = x.T @ (p - y) + reg * w
+        h = (x * (p * (1 - p))[:, None]).T @ x + np.diag(reg) + 1e-9 * np.eye(k)
+        step = np.linalg.solve(h, g)
+        w = w - step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return w
+
+
+class PlattScaling(Calibrator):
+    """Platt / logistic scaling: p = sigmoid(a * logit(exp(score)) + b).
+
+    Two parameters, so unlike temperature scaling it can also move the mean (a model that is
+    over-confident on every answer). Fit by Newton's method on the NLL, numpy only.
+    """
+
+    method = "platt"
+
+    def __init__(self, feature: str = "mean_logprob", a: float = 1.0, b: float = 0.0) -> None:
+        super().__init__(feature)
+        if not (math.isfinite(a) and math.isfinite(b)):
+            raise ValueError("platt parameters must be finite")
+        self.a, self.b = float(a), float(b)
+
+    def fit(self, scores: Any, correct: Any) -> "PlattScaling":
+        z, y = _fit_arrays(scores, correct)
+        w = _newton_logistic(np.column_stack([np.ones_like(z), z]), y)
+        self.b, self.a = float(w[0]), float(w[1])
+        return self
+
+    def predict(self, scores: Any) -> np.ndarray:
+        return sigmoid(self.a * score_to_logit(scores) + self.b)
+
+    def params(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b}
+
+    @classmethod
+    def from_params(cls, feature: str, params: Mapping[str, Any]) -> "PlattScaling":
+        return cls(feature=feature, a=float(params.get("a", 1.0)), b=float(params.get("b", 0.0)))
+
+
+def _pav(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pool-adjacent-violators on y (already sorted by the score) with weights w.
+
+    Returns per block: its mean value, total weight and index of its first element.
+    """
+    vals: list[float] = []
+    wts: list[float] = []
+    starts: list[int] = []
+    for i, (yi, wi) in enumerate(zip(y, w)):
+        vals.append(float(yi))
+        wts.append(float(wi))
+        starts.append(i)
+        while len(vals) > 1 and vals[-2] >= vals[-1]:
+            v2, w2 = vals.pop(), wts.pop()
+            starts.pop()
+            v1, w1 = vals[-1], wts[-1]
+            vals[-1] = (v1 * w1 + v2 * w2) / (w1 + w2)
+            wts[-1] = w1 + w2
+    return np.asarray(vals), np.asarray(wts), np.asarray(starts, dtype=int)
+
+
+class IsotonicCalibrator(Calibrator):
+    """Isotonic regression: the best non-decreasing map from the score to the accuracy.
+
+    Stored as knots (logit of the score, probability) and applied by linear interpolation between
+    them; outside the knots it is flat. Block means are shrunk towards the overall accuracy with
+    ``prior_strength`` pseudo-answers so that a small block never predicts exactly 0 or 1.
+    """
+
+    method = "isotonic"
+
+    def __init__(self, feature: str = "mean_logprob", knots_x: Any = (0.0,), knots_y: Any = (0.5,),
+                 prior_strength: float = 1.0) -> None:
+        super().__init__(feature)
+        self.knots_x = _as_array(knots_x)
+        self.knots_y = np.clip(_as_array(knots_y), 0.0, 1.0)
+        if self.knots_x.size == 0 or self.knots_x.size != self.knots_y.size:
+            raise ValueError("isotonic knots must be non-empty and of equal length")
+        if np.any(np.diff(self.knots_x) < 0) or np.any(np.diff(self.knots_y) < -1e-12):
+            raise ValueError("isotonic knots must be non-decreasing")
+        self.prior_strength = float(prior_strength)
+
+    def fit(self, scores: Any, correct: Any) -> "IsotonicCalibrator":
+        z, y = _fit_arrays(scores, correct)
+        order = np.argsort(z, kind="mergesort")
+        zs, ys = z[order], y[order]
+        # ties in the score must share one value: pool equal scores first
+        uz, inv = np.unique(zs, return_inverse=True)
+        wy = np.bincount(inv, weights=ys)
+        cnt = np.bincount(inv).astype(float)
+        vals, wts, starts = _pav(wy / cnt, cnt)
+        prior = float(y.mean())
+        vals = (vals * wts + prior * self.prior_strength) / (wts + self.prior_strength)
+        vals = np.maximum.accumulate(vals)  # shrinkage keeps order; guard rounding
+        # one knot per block, at the weighted mean score of the block
+        ends = np.append(starts[1:], uz.size)
+        xs = np.array([np.average(uz[s:e], weights=cnt[s:e]) for s, e in zip(starts, ends)])
+        self.knots_x, self.knots_y = xs, vals
+        return self
+
+    def predict(self, scores: Any) -> np.ndarray:
+        z = score_to_logit(scores)
+        if self.knots_x.size == 1:
+            return np.full(z.shape, float(self.knots_y[0]))
+        return np.interp(z, self.knots_x, self.knots_y)
+
+    def params(self) -> dict[str, Any]:
+        return {"knots_x": self.knots_x.tolist(), "knots_y": self.knots_y.tolist(),
+                "prior_strength": self.prior_strength}
+
+    @classmethod
+    def from_params(cls, feature: str, params: Mapping[str, Any]) -> "IsotonicCalibrator":
+        return cls(feature=feature, knots_x=params.get("knots_x", (0.0,)), knots_y=params.get("knots_y", (0.5,)),
+                   prior_strength=float(params.get("prior_strength", 1.0)))
+
+
+class HistogramBinning(Calibrator):
+    """Histogram binning: equal-mass bins of the score, each mapped to its (smoothed) accuracy.
+
+    ``edges`` are the interior bin boundaries in logit space (``n_bins - 1`` of them, or fewer where the
+    score has ties); bin i holds scores in (edges[i-1], edges[i]]. Each bin's accuracy is shrunk towards
+    the overall accuracy with ``prior_strength`` pseudo-answers.
+    """
+
+    method = "histogram"
+
+    def __init__(self, feature: str = "mean_logprob", edges: Any = (), probs: Any = (0.5,), n_bins: int = 10,
+                 prior_strength: float = 2.0) -> None:
+        super().__init__(feature)
+        self.edges = _as_array(edges)
+        self.probs = np.clip(_as_array(probs), 0.0, 1.0)
+        if self.probs.size != self.edges.size + 1:
+            raise ValueError("histogram binning needs len(probs) == len(edges) + 1")
+        if np.any(np.diff(self.edges) <= 0):
+            raise ValueError("histogram bin edges must be strictly increasing")
+        if n_bins < 1:
+            raise ValueError("n_bins must be >= 1")
+        self.n_bins = int(n_bins)
+        self.prior_strength = float(prior_strength)
+
+    def fit(self, scores: Any, correct: Any) -> "HistogramBinning":
+        z, y = _fit_arrays(scores, correct)
+        qs = np.quantile(z, np.linspace(0, 1, self.n_bins + 1)[1:-1])
+        edges = np.unique(qs)
+        idx = np.searchsorted(edges, z, side="left")
+        cnt = np.bincount(idx, minlength=edges.size + 1).astype(float)
+        hits = np.bincount(idx, weights=y, minlength=edges.size + 1)
+        prior = float(y.mean())
+        self.edges = edges
+        self.probs = (hits + prior * self.prior_strength) / (cnt + self.prior_strength)
+        return self
+
+    def predict(self, scores: Any) -> np.ndarray:
+        z = score_to_logit(scores)
+        return self.probs[np.searchsorted(self.edges, z, side="left")]
+
+    def params(self) -> dict[str, Any]:
+        return {"edges": self.edges.tolist(), "probs": self.probs.tolist(), "n_bins": self.n_bins,
+                "prior_strength": self.prior_strength}
+
+    @classmethod
+    def from_params(cls, feature: str, params: Mapping[str, Any]) -> "HistogramBinning":
+        return cls(feature=feature, edges=params.get("edges", ()), probs=params.get("probs", (0.5,)),
+                   n_bins=int(params.get("n_bins", 10)), prior_strength=float(params.get("prior_strength", 2.0)))
+
+
+class LogisticCalibrator(Calibrator):
+    """Logistic regression on several features: p = sigmoid(b + sum_i w_i * x_i).
+
+    Used where a tier's confidence is combined with what else is known when it answers (the calibrated
+    confidence of its own answer as a logit, agreement with tiers already consulted, answer format,
+    prompt length). ``feature`` names the first feature; ``features`` lists them all, and ``predict``
+    takes an (n, k) array in that order (a 1-D array is read as the single feature). Ridge-regularised
+    (``l2``), numpy only.
+    """
+
+    method = "logistic"
+
+    def __init__(self, feature: str = "mean_logprob", features: Any = None, coef: Any = None,
+                 intercept: float = 0.0, l2: float = 1e-2) -> None:
+        super().__init__(feature)
+        self.features = list(features) if features else [feature]
+        self.coef = _as_array(coef) if coef is not None else np.zeros(len(self.features))
+        if self.coef.size != len(self.features):
+            raise ValueError("logistic calibrator needs one coefficient per feature")
+        self.intercept = float(intercept)
+        self.l2 = float(l2)
+
+    def _matrix(self, x: Any) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim == 1:
+            x = x[:, None]
+        if x.shape[1] != len(self.features):
+            raise ValueError(f"logistic calibrator expects {len(self.features)} features, got {x.shape[1]}")
+        return x
+
+    def fit(self, scores: Any, correct: Any) -> "LogisticCalibrator":
+        x = self._matrix(scores)
+        y = _as_array(correct)
+        if x.shape[0] != y.size or y.size == 0:
+            raise ValueError("fit needs equal, non-empty features and labels")
+        w = _newton_logistic(np.column_stack([np.ones(y.size), x]), y, l2=self.l2)
+        self.intercept, self.coef = float(w[0]), w[1:]
+        return self
+
+    def predict(self, scores: Any) -> np.ndarray:
+        return sigmoid(self._matrix(scores) @ self.coef + self.intercept)
+
+    def predict_one(self, features: Mapping[str, float]) -> float:
+        missing = [f for f in self.features if f not in features]
+        if missing:
+            raise KeyError(f"calibrator needs features {missing!r}")
+        return float(self.predict(np.array([[float(features[f]) for f in self.features]]))[0])
+
+    def params(self) -> dict[str, Any]:
+        return {"features": list(self.features), "coef": self.coef.tolist(), "intercept": self.intercept,
+                "l2": self.l2}
+
+    @classmethod
+    def from_params(cls, feature: str, params: Mapping[str, Any]) -> "LogisticCalibrator":
+        return cls(feature=feature, features=params.get("features"), coef=params.get("coef"),
+                   intercept=float(params.get("intercept", 0.0)), l2=float(params.get("l2", 1e-2)))
+
+
+#: the one-score methods (``--method`` choices); ``logistic`` is the multi-feature extension
+METHODS: tuple[str, ...] = ("temperature", "platt", "isotonic", "histogram")
+
+
+def make_calibrator(method: str, feature: str = "mean_logprob") -> Calibrator:
+    """A fresh, unfitted calibrator of the named method.
+
+    ``histogram:N`` is histogram binning with N bins (plain ``histogram``: 10).
+    """
+    name, _, arg = method.partition(":")
+    cls = Calibrator._registry.get(name)
+    if cls is None:
+        raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(sorted(Calibrator._registry))}")
+    if arg:
+        if name != "histogram" or not arg.isdigit() or int(arg) < 1:
+            raise ValueError(f"bad calibration method {method!r} (only histogram:N takes an argument)")
+        return HistogramBinning(feature=feature, n_bins=int(arg))
+    return cls(feature=feature)
+
+
+def calibrator_from_dict(d: Mapping[str, Any]) -> Calibrator:
+    """Rebuild a calibrator from its artifact dict; raises ValueError naming what is wrong."""
+    if not isinstance(d, Mapping):
+        raise ValueError("calibrator artifact must be a JSON object")
+    fmt = d.get("format", ARTIFACT_FORMAT)
+    if fmt != ARTIFACT_FORMAT:
+        raise ValueError(f"not a calibrator artifact (format {fmt!r})")
+    version = d.get("version", ARTIFACT_VERSION)
+    if not isinstance(version, int) or version > ARTIFACT_VERSION:
+        raise ValueError(f"calibrator artifact version {version!r} is newer than this engine reads "
+                         f"({ARTIFACT_VERSION})")
+    method = d.get("method")
+    cls = Calibrator._registry.get(method)  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"unknown calibrator method {method!r}; known: {', '.join(sorted(Calibrator._registry))}")
+    feature = d.get("feature", "mean_logprob")
+    cal = cls.from_params(feature, d.get("params", {}))
+    cal.fitted_on = dict(d.get("fitted_on", {}))
+    cal.metrics = dict(d.get("metrics", {}))
+    return cal
+
+
+def load_calibrator(path: str | Path) -> Calibrator:
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"calibrator artifact not found: {p}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"calibrator artifact {p} is not valid JSON: {exc}") from exc
+    return calibrator_from_dict(data)
+
+
+def save_calibrator(cal: Calibrator, path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(cal.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp.replace(p)
+    return p

@@ -1,0 +1,333 @@
+"""`cascade calibrate` and `cascade replay`: offline calibration runs on per-question cascade outputs.
+
+    cascade calibrate --data FILE.jsonl --model NAME [--method temperature|platt|isotonic|histogram]
+                      --out ARTIFACT.json [--plot PNG]
+    cascade replay --train TRAIN.jsonl --test TEST.jsonl --chain M1,M2[,M3...]
+                   [--max-quality-drop 0.005] [--json]
+
+Plugged into ``cascade.cli`` through ``add_cli(subparsers)``. Errors are ``CascadeError``s (DataError for
+data, ConfigError for options), which the top-level CLI prints as one line with exit status 2; this
+module's own ``main`` does the same when used alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cascade.errors import CascadeError, ConfigError, DataError
+
+CALIBRATE_METHODS = ("temperature", "platt", "isotonic", "histogram", "auto")
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _progress(enabled: bool = True):
+    """A rich progress bar on stderr (only on a terminal); yields a callback (what, done, total)."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:  # pragma: no cover - rich is a core dependency
+        yield lambda what, done, total: None
+        return
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield lambda what, done, total: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as prog:
+        task = prog.add_task("starting", total=1)
+
+        def update(what: str, done: int, total: int) -> None:
+            prog.update(task, description=what, completed=done, total=total)
+
+        yield update
+
+
+def _num(x: Any, nd: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _print_table(title: str, rows: Sequence[tuple[str, Any, Any]], headers: tuple[str, str, str]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        print(title)
+        for r in rows:
+            print("  ", *r)
+        return
+    t = Table(title=title)
+    for h in headers:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*[_num(v) for v in r])
+    Console().print(t)
+
+
+# --- calibrate -------------------------------------------------------------------------------------
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from calibration import metrics
+    from calibration.calibrators import make_calibrator, save_calibrator
+    from calibration.data import load_cascade_outputs
+    from calibration.selection import cross_val_predict, select_calibrator
+
+    if args.method not in CALIBRATE_METHODS:
+        raise ConfigError(f"unknown --method {args.method!r}; known: {', '.join(CALIBRATE_METHODS)}")
+    if args.bins < 2:
+        raise ConfigError("--bins must be at least 2")
+    with _progress(not args.json) as progress:
+        progress("loading data", 0, 3)
+        data = load_cascade_outputs(args.data)
+        tier = data.tier(args.model.strip())
+        lp, y = tier.logprob, tier.correct
+        if len(y) < 2:
+            raise DataError(f"{data.path}: {len(y)} question(s); calibration needs at least 2")
+        progress("fitting", 1, 3)
+        selection = None
+        try:
+            if args.method == "auto":
+                selection = select_calibrator(lp, y, criterion=args.criterion, k=args.folds, seed=args.seed,
+                                              feature="raw_conf_logprob")
+                cal = selection.calibrator
+            elif args.method == "temperature" and args.use_netcal:
+                cal = make_calibrator("temperature", "raw_conf_logprob").fit(lp, y, use_netcal=True)
+            else:
+                cal = make_calibrator(args.method, "raw_conf_logprob").fit(lp, y)
+        except ValueError as exc:
+            raise DataError(f"{data.path}: cannot fit {args.method} calibration for {tier.name}: {exc}") from exc
+        progress("scoring", 2, 3)
+        raw_p = np.exp(lp)
+        cal_p = cal.predict(lp)
+        raw = metrics.summary(raw_p, y, args.bins)
+        fitted = metrics.summary(cal_p, y, args.bins)
+        heldout = None
+        if len(y) >= 10 and 0 < y.mean() < 1:
+            oof = cross_val_predict(cal.method, lp, y, k=args.folds, seed=args.seed, feature="raw_conf_logprob")
+            heldout = metrics.summary(oof, y, args.bins)
+        cal.fitted_on = {
+            "data": str(Path(data.path).resolve()), "model": tier.name, "n": int(len(y)),
+            "dataset": data.dataset, "chain": data.chain, "split": data.split,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "feature_source": "raw_conf_logprob",
+        }
+        cal.metrics = {"raw": raw, "calibrated_in_sample": fitted}
+        if heldout is not None:
+            cal.metrics["calibrated_heldout_cv"] = heldout
+        if selection is not None:
+            cal.metrics["selection"] = selection.to_dict()
+        out = save_calibrator(cal, args.out)
+        plot = None
+        if args.plot:
+            from calibration.plots import reliability_diagram
+
+            plot = reliability_diagram(args.plot, {"raw": (raw_p, y), f"{cal.method}": (cal_p, y)},
+                                       title=f"{tier.name} on {data.label} (n={len(y)})", n_bins=args.bins)
+        progress("done", 3, 3)
+    report = {"data": data.path, "model": tier.name, "n": int(len(y)), "method": cal.method,
+              "params": cal.params(), "raw": raw, "calibrated": fitted, "calibrated_heldout_cv": heldout,
+              "artifact": str(out), "plot": str(plot) if plot else None}
+    if selection is not None:
+        report["selection"] = selection.to_dict()
+    if args.json:
+        print(json.dumps(report, indent=2, default=float))
+        return 0
+    rows = [(k, raw[k], fitted[k]) for k in ("ece", "ece_equal_mass", "mce", "brier", "nll", "auroc")]
+    if heldout is not None:
+        rows.append(("ece (held-out CV)", raw["ece"], heldout["ece"]))
+    brief = {"temperature": lambda c: f"T={c.temperature:.3f}", "platt": lambda c: f"a={c.a:.3f} b={c.b:.3f}"}
+    desc = brief.get(cal.method, lambda c: "")(cal)
+    _print_table(f"{tier.name} on {data.label}: {cal.method} {desc}", rows, ("metric", "raw", "calibrated"))
+    print(f"artifact: {out}")
+    if plot:
+        print(f"plot: {plot}")
+    return 0
+
+
+# --- replay ----------------------------------------------------------------------------------------
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:  # pragma: no cover
+        return a == b
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from calibration.data import load_cascade_outputs, split_data
+    from calibration.replay import ReplayConfig, replay
+
+    chain = [c.strip() for c in (args.chain or "").split(",") if c.strip()]
+    if not chain:
+        raise ConfigError("--chain needs at least one model name (M1,M2[,M3...])")
+    if args.max_quality_drop is not None and not (0 <= args.max_quality_drop < 1):
+        raise ConfigError(f"--max-quality-drop must be in [0, 1) (a fraction: 0.005 = half a point), "
+                          f"got {args.max_quality_drop}")
+    cfg = ReplayConfig(max_quality_drop=args.max_quality_drop, confidence=args.confidence, method=args.method,
+                       features=not args.no_features, subchains=not args.no_subchains, seed=args.seed,
+                       cv_guard=not args.no_guard,
+                       objective="budget" if args.cost_budget is not None else "quality",
+                       cost_budget=args.cost_budget)
+    cfg.validate()
+    with _progress(True) as progress:
+        progress("loading data", 0, 1)
+        train = load_cascade_outputs(args.train)
+        split_info = None
+        if _same_file(args.train, args.test) or args.test_fraction is not None:
+            frac = 0.5 if args.test_fraction is None else args.test_fraction
+            source = train if _same_file(args.train, args.test) else load_cascade_outputs(args.test)
+            train, test = split_data(source, frac, args.split_seed)
+            split_info = {"source": source.path, "test_fraction": frac, "seed": args.split_seed,
+                          "note": "train and test are disjoint parts of one file, split by a fixed seed"}
+        else:
+            test = load_cascade_outputs(args.test)
+        for d, what in ((train, "training"), (test, "test")):
+            if len(d) == 0:
+                raise DataError(f"{d.path}: the {what} split is empty")
+        chain = train.check_models(chain)
+        test.check_models(chain)
+        try:
+            report, policy = replay(train, test, chain, cfg, progress)
+        except ValueError as exc:
+            raise DataError(f"replay failed on {args.train}: {exc}") from exc
+    if split_info:
+        report["split"] = split_info
+    if args.plot:
+        from calibration.plots import reliability_diagram
+
+        first = test.tier(chain[0])
+        cal = policy.report_calibrator
+        reliability_diagram(args.plot, {"raw": (np.exp(first.logprob), first.correct),
+                                        report["calibration_method"]: (cal.predict(first.logprob), first.correct)},
+                            title=f"{chain[0]} on {test.label} (test, n={len(test)})")
+        report["plot"] = str(args.plot)
+    if args.out:
+        p = Path(args.out).expanduser()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    rows = [
+        ("ECE first tier (test)", report["ece_raw"], report["ece_calibrated"]),
+        ("calibration method", "raw", report["calibration_method"]),
+        ("temperature", "", report["temperature"]),
+    ]
+    _print_table(f"calibration of {chain[0]}", rows, ("", "raw", "calibrated"))
+    a = report["anchor_in_sample"]
+    rows2 = [
+        ("verdict", report["verdict"], "direct" if not a["saves"] else "cascade"),
+        ("policy chain", " -> ".join(report["policy_chain"]), f"{chain[0]} -> {chain[-1]}"),
+        ("test quality", report["test_quality"], a["quality"]),
+        ("last tier quality", report["strong_quality"], report["strong_quality"]),
+        ("cost ratio", report["cost_ratio"], a["cost_ratio"]),
+        ("oracle cost ratio", report["oracle_cost_ratio"], report["oracle_cost_ratio"]),
+        ("savings captured", report["savings_captured"], a["savings_captured"]),
+        ("escalation rate", report["escalation_rate"], None),
+        ("escalation waste ratio", report["escalation_waste_ratio"], None),
+    ]
+    _print_table(f"replay of {test.label} (fit on {train.label}, n={len(train)})", rows2,
+                 ("", "policy (fit on train)", "anchor (tuned on test)"))
+    thr = ", ".join(f"{m}: {'-' if t is None else f'{t:.3f}'}" for m, t in report["thresholds_by_model"].items())
+    print(f"thresholds: {thr}")
+    if report["verdict"] == "direct":
+        print(f"direct: {report['reason']}")
+    return 0
+
+
+# --- wiring ----------------------------------------------------------------------------------------
+
+
+def add_cli(subparsers: Any) -> None:
+    """Add ``calibrate`` and ``replay`` to the ``cascade`` command line."""
+    p = subparsers.add_parser("calibrate", help="fit one tier's confidence calibrator on a data file",
+                              description="Fit one model's calibrator on per-question outputs (JSONL), print "
+                                          "raw and calibrated ECE/Brier/AUROC, write the artifact and a "
+                                          "reliability diagram.")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help="per-question cascade outputs")
+    p.add_argument("--model", required=True, metavar="NAME", help="the model (tier) to calibrate")
+    p.add_argument("--method", default="temperature", choices=CALIBRATE_METHODS,
+                   help="calibration method (default temperature; auto: lowest held-out NLL on folds)")
+    p.add_argument("--out", required=True, metavar="ARTIFACT.json", help="where to write the calibrator artifact")
+    p.add_argument("--plot", metavar="PNG", help="write a reliability diagram with confidence histogram")
+    p.add_argument("--use-netcal", action="store_true", help="fit temperature scaling with netcal")
+    p.add_argument("--criterion", default="nll", choices=("nll", "ece", "brier"), help="selection criterion for auto")
+    p.add_argument("--folds", type=int, default=5, help="folds for held-out scores (default 5)")
+    p.add_argument("--bins", type=int, default=15, help="ECE bins (default 15)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_calibrate)
+
+    r = subparsers.add_parser("replay", help="fit calibrators and thresholds on TRAIN, replay TEST through a chain",
+                              description="Fit calibrators and thresholds on TRAIN only, then replay every TEST "
+                                          "question through the chain with the stored answers, correctness "
+                                          "and costs.")
+    r.add_argument("--train", required=True, metavar="TRAIN.jsonl")
+    r.add_argument("--test", required=True, metavar="TEST.jsonl",
+                   help="test file; pass the TRAIN file again to split it (see --test-fraction)")
+    r.add_argument("--chain", required=True, metavar="M1,M2[,M3...]", help="models from cheapest to strongest")
+    r.add_argument("--max-quality-drop", type=float, default=0.005,
+                   help="allowed quality drop vs the last tier alone, as a fraction (default 0.005)")
+    r.add_argument("--cost-budget", type=float, default=None, metavar="USD",
+                   help="instead: maximise quality under this mean cost per request")
+    r.add_argument("--confidence", type=float, default=0.9,
+                   help="one-sided confidence of the quality lower bound (default 0.9)")
+    r.add_argument("--method", default="auto", choices=("auto", "temperature", "platt", "isotonic", "histogram"),
+                   help="calibration method of every tier (default auto: held-out NLL on TRAIN folds)")
+    r.add_argument("--no-features", action="store_true", help="use each tier's own confidence only")
+    r.add_argument("--no-subchains", action="store_true", help="consult every tier of the chain")
+    r.add_argument("--no-guard", action="store_true",
+                   help="skip the cross-validated guard (faster; the in-sample margin only)")
+    r.add_argument("--test-fraction", type=float, default=None,
+                   help="split the test file (or the TRAIN file given twice) into train/test parts "
+                        "(default 0.5 when the same file is given twice)")
+    r.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the folds and the bootstrap")
+    r.add_argument("--plot", metavar="PNG", help="reliability diagram of the first tier on TEST")
+    r.add_argument("--out", metavar="REPORT.json", help="also write the JSON report here")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=cmd_replay)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cascade", description="cascade-engine calibration commands")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run calibrate/replay without the rest of the ``cascade`` CLI (same error handling)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CascadeError as exc:
+        print(f"cascade: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover
+        print("cascade: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

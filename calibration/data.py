@@ -1,0 +1,264 @@
+"""Load and validate per-question cascade outputs (the ``cascade_outputs/*.jsonl`` shape).
+
+One JSON object a line::
+
+    {"dataset": "mmlu", "split": "train", "chain": "llama", "idx": 0,
+     "system_prompt": "...", "user_prompt": "...", "source_example": {...},
+     "models": {"llama3.2-1b": {"answer": "A", "correct": true, "raw_conf_logprob": -1.04,
+                                "cost_usd": 1.2e-05, "latency_ms": 244.4, "tokens": {"in": 121, "out": 1}},
+                ...}}
+
+Any path works (the shared data folder is only the default of the benchmark script). Every problem is
+reported as a one-line :class:`cascade.errors.DataError` that names the file and the line.
+Numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cascade.errors import ConfigError, DataError
+
+REQUIRED_MODEL_FIELDS = ("answer", "correct", "raw_conf_logprob", "cost_usd")
+
+
+@dataclass
+class TierOutputs:
+    """One model's stored outputs over the questions of a file, as arrays aligned by question."""
+
+    name: str
+    answer: list[str]
+    correct: np.ndarray  # float64 0/1
+    logprob: np.ndarray  # raw confidence log-probability (may be -inf)
+    cost: np.ndarray  # USD per question
+    latency_ms: np.ndarray
+    tokens_in: np.ndarray
+    tokens_out: np.ndarray
+
+    def subset(self, idx: np.ndarray) -> "TierOutputs":
+        return TierOutputs(self.name, [self.answer[i] for i in idx], self.correct[idx], self.logprob[idx],
+                           self.cost[idx], self.latency_ms[idx], self.tokens_in[idx], self.tokens_out[idx])
+
+
+@dataclass
+class CascadeData:
+    """The questions of one file, with every model's outputs."""
+
+    path: str
+    dataset: str
+    chain: str
+    split: str
+    models: list[str]
+    tiers: dict[str, TierOutputs]
+    prompt_chars: np.ndarray
+    idx: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompt_chars)
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset}/{self.chain}/{self.split}"
+
+    def tier(self, name: str) -> TierOutputs:
+        try:
+            return self.tiers[name]
+        except KeyError:
+            raise DataError(f"unknown model {name!r} in {self.path}; known: {', '.join(self.models)}") from None
+
+    def check_models(self, names: Sequence[str]) -> list[str]:
+        names = [n.strip() for n in names if n and n.strip()]
+        if not names:
+            raise ConfigError("no model names given")
+        for n in names:
+            self.tier(n)
+        return names
+
+    def subset(self, idx: Sequence[int] | np.ndarray, split: str | None = None) -> "CascadeData":
+        idx = np.asarray(idx, dtype=int)
+        return CascadeData(self.path, self.dataset, self.chain, split or self.split, list(self.models),
+                           {m: t.subset(idx) for m, t in self.tiers.items()}, self.prompt_chars[idx],
+                           [self.idx[i] for i in idx] if self.idx else [])
+
+
+def _bad(path: Path, lineno: int, what: str) -> DataError:
+    return DataError(f"{path}:{lineno}: {what}")
+
+
+def _float(v, path: Path, lineno: int, model: str, key: str, allow_neg_inf: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, str) and allow_neg_inf and v.strip().lower() in ("-inf", "-infinity"):
+            return -math.inf
+        raise _bad(path, lineno, f"model {model!r}: {key} must be a number, got {v!r}")
+    x = float(v)
+    if math.isnan(x) or (math.isinf(x) and not (allow_neg_inf and x < 0)):
+        raise _bad(path, lineno, f"model {model!r}: {key} is not finite ({v!r})")
+    return x
+
+
+def _correct(v, path: Path, lineno: int, model: str) -> float:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return float(v)
+    raise _bad(path, lineno, f"model {model!r}: correct must be true/false, got {v!r}")
+
+
+def load_cascade_outputs(path: str | Path) -> CascadeData:
+    """Read and validate one JSONL file of per-question cascade outputs."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data file not found: {p}")
+    if not p.is_file():
+        raise DataError(f"data path is not a file: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {p}: {exc}") from exc
+    models: list[str] | None = None
+    cols: dict[str, dict[str, list]] = {}
+    prompt_chars: list[float] = []
+    idxs: list = []
+    meta = {"dataset": "", "chain": "", "split": ""}
+    n = 0
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _bad(p, lineno, f"not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise _bad(p, lineno, "each line must be a JSON object")
+        ms = row.get("models")
+        if not isinstance(ms, dict) or not ms:
+            raise _bad(p, lineno, "missing or empty 'models' object")
+        if models is None:
+            models = list(ms)
+            cols = {m: {k: [] for k in ("answer", "correct", "lp", "cost", "lat", "tin", "tout")} for m in models}
+            for k in meta:
+                meta[k] = str(row.get(k, "") or "")
+        elif set(ms) != set(models):
+            extra = sorted(set(ms) - set(models))
+            missing = sorted(set(models) - set(ms))
+            raise _bad(p, lineno, f"models differ from the first line (extra {extra}, missing {missing})")
+        for m in models:
+            rec = ms[m]
+            if not isinstance(rec, dict):
+                raise _bad(p, lineno, f"model {m!r}: entry must be an object")
+            for k in REQUIRED_MODEL_FIELDS:
+                if k not in rec:
+                    raise _bad(p, lineno, f"model {m!r}: missing field {k!r}")
+            c = cols[m]
+            ans = rec["answer"]
+            c["answer"].append("" if ans is None else str(ans))
+            c["correct"].append(_correct(rec["correct"], p, lineno, m))
+            c["lp"].append(min(_float(rec["raw_conf_logprob"], p, lineno, m, "raw_conf_logprob", True), 0.0))
+            cost = _float(rec["cost_usd"], p, lineno, m, "cost_usd")
+            if cost < 0:
+                raise _bad(p, lineno, f"model {m!r}: cost_usd is negative ({cost})")
+            c["cost"].append(cost)
+            lat = rec.get("latency_ms")
+            c["lat"].append(float(lat) if isinstance(lat, (int, float)) and not isinstance(lat, bool) else math.nan)
+            tok = rec.get("tokens") if isinstance(rec.get("tokens"), dict) else {}
+            c["tin"].append(float(tok.get("in", math.nan) or 0))
+            c["tout"].append(float(tok.get("out", math.nan) or 0))
+        prompt = f"{row.get('system_prompt', '') or ''}\n{row.get('user_prompt', '') or ''}"
+        prompt_chars.append(float(len(prompt)))
+        idxs.append(row.get("idx", n))
+        n += 1
+    if n == 0 or models is None:
+        raise DataError(f"{p}: no questions (empty file)")
+    tiers = {
+        m: TierOutputs(m, c["answer"], np.asarray(c["correct"]), np.asarray(c["lp"]), np.asarray(c["cost"]),
+                       np.asarray(c["lat"]), np.asarray(c["tin"]), np.asarray(c["tout"]))
+        for m, c in cols.items()
+    }
+    if not meta["dataset"] or not meta["chain"] or not meta["split"]:
+        # fall back to the file name: {dataset}_{chain}_{split}.jsonl
+        parts = p.stem.split("_")
+        if len(parts) >= 3:
+            meta["dataset"] = meta["dataset"] or parts[0]
+            meta["split"] = meta["split"] or parts[-1]
+            meta["chain"] = meta["chain"] or "_".join(parts[1:-1])
+        else:
+            meta["dataset"] = meta["dataset"] or p.stem
+    return CascadeData(str(p), meta["dataset"], meta["chain"], meta["split"], models, tiers,
+                       np.asarray(prompt_chars), idxs)
+
+
+def split_data(data: CascadeData, test_fraction: float = 0.5, seed: int = 0) -> tuple[CascadeData, CascadeData]:
+    """A fixed-seed random split of one file into (train, test) parts, for files with no test split."""
+    if not (0.0 < test_fraction < 1.0):
+        raise ConfigError(f"--test-fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+    n = len(data)
+    n_test = int(round(n * test_fraction))
+    if n_test < 1 or n - n_test < 1:
+        raise DataError(f"{data.path}: {n} questions cannot be split into non-empty train and test parts")
+    perm = np.random.default_rng(seed).permutation(n)
+    test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    return data.subset(train_idx, split="train-part"), data.subset(test_idx, split="test-part")
+
+
+# --- answers: normalisation and agreement between tiers ---------------------------------------------
+
+_FINAL_NUM = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+_NUM = re.compile(r"-?\d[\d,]*\.?\d*")
+_PUNCT = re.compile(r"[^\w\s]")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(ans: str) -> str:
+    """A comparable form of an answer: the letter of a multiple-choice answer, the final number of a
+    worked solution (``#### x``), else lower-cased words without punctuation and articles."""
+    s = (ans or "").strip()
+    if len(s) <= 3 and s[:1].upper() in "ABCDE" and (len(s) == 1 or not s[1:2].isalpha()):
+        return s[:1].upper()
+    m = _FINAL_NUM.search(s)
+    if m:
+        num = m.group(1).replace(",", "")
+        try:
+            return repr(float(num))
+        except ValueError:
+            return num
+    s = _ARTICLES.sub(" ", _PUNCT.sub(" ", s.lower()))
+    return " ".join(s.split())
+
+
+def answer_agreement(a: str, b: str) -> float:
+    """1.0 when two normalised answers match; for free text, the token-overlap F1 (0..1)."""
+    na, nb = normalize_answer(a), normalize_answer(b)
+    if na == nb:
+        return 1.0
+    ta, tb = na.split(), nb.split()
+    if len(ta) <= 1 and len(tb) <= 1:
+        return 0.0
+    common = 0
+    tb_left = list(tb)
+    for t in ta:
+        if t in tb_left:
+            tb_left.remove(t)
+            common += 1
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(ta), common / len(tb)
+    return 2 * prec * rec / (prec + rec)
+
+
+def answer_format_ok(ans: str) -> float:
+    """1.0 when the answer has the expected shape: one letter, a ``#### x`` final line, or short text."""
+    s = (ans or "").strip()
+    if not s:
+        return 0.0
+    if len(s) == 1:
+        return 1.0
+    if "####" in s:
+        return 1.0 if _FINAL_NUM.search(s) else 0.0
+    return 1.0 if len(s.split()) <= 40 else 0.0

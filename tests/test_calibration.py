@@ -1,0 +1,286 @@
+"""Calibrators, metrics and threshold search on synthetic data with known answers (no shared data needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from calibration import metrics
+from calibration.calibrators import (
+    HistogramBinning,
+    IsotonicCalibrator,
+    LogisticCalibrator,
+    PlattScaling,
+    TemperatureScaling,
+    calibrator_from_dict,
+    load_calibrator,
+    make_calibrator,
+    save_calibrator,
+    sigmoid,
+)
+from calibration.selection import cross_val_predict, kfold_indices, select_calibrator
+from calibration.thresholds import (
+    TierArrays,
+    best_single_threshold,
+    oracle_outcome,
+    quality_lower_bound,
+    run_policy,
+    search_thresholds,
+)
+from cascade.errors import CascadeError, ConfigError
+
+
+def _synthetic(n: int, t_true: float, seed: int = 0, a: float | None = None, b: float = 0.0):
+    """Raw confidences as log-probabilities, and labels drawn from sigmoid(logit / T) (or a*logit + b)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 3.0, n)
+    score = -np.log1p(np.exp(-z))  # log sigmoid(z): the raw confidence log-probability
+    eta = z / t_true if a is None else a * z + b
+    y = (rng.random(n) < sigmoid(eta)).astype(float)
+    return score, y
+
+
+# --- calibrators -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t_true", [0.5, 1.0, 2.5])
+def test_temperature_scaling_recovers_known_temperature(t_true):
+    score, y = _synthetic(40000, t_true, seed=1)
+    t = TemperatureScaling("raw_conf_logprob").fit(score, y).temperature
+    assert abs(t - t_true) / t_true < 0.05, (t, t_true)
+
+
+def test_temperature_scaling_with_netcal_matches():
+    pytest.importorskip("netcal")
+    score, y = _synthetic(20000, 2.0, seed=2)
+    ours = TemperatureScaling().fit(score, y).temperature
+    theirs = TemperatureScaling().fit(score, y, use_netcal=True).temperature
+    assert abs(theirs - 2.0) / 2.0 < 0.05
+    assert abs(theirs - ours) / ours < 0.02
+
+
+def test_platt_recovers_slope_and_bias_and_reduces_ece():
+    score, y = _synthetic(40000, 1.0, seed=3, a=0.6, b=-0.8)
+    cal = PlattScaling().fit(score, y)
+    assert abs(cal.a - 0.6) < 0.03 and abs(cal.b + 0.8) < 0.05
+    s2, y2 = _synthetic(20000, 1.0, seed=4, a=0.6, b=-0.8)
+    assert metrics.ece(cal.predict(s2), y2) < 0.02 < metrics.ece(np.exp(s2), y2)
+
+
+@pytest.mark.parametrize("cls", [IsotonicCalibrator, HistogramBinning])
+def test_nonparametric_calibrators_monotone_and_reduce_ece(cls):
+    score, y = _synthetic(20000, 1.0, seed=5, a=0.5, b=-1.0)
+    cal = cls().fit(score, y)
+    grid = np.linspace(-20, -1e-6, 500)
+    pred = cal.predict(grid)
+    assert np.all((pred >= 0) & (pred <= 1))
+    assert np.all(np.diff(pred) >= -1e-9)  # non-decreasing in the raw confidence
+    s2, y2 = _synthetic(20000, 1.0, seed=6, a=0.5, b=-1.0)
+    raw, calibrated = metrics.ece(np.exp(s2), y2), metrics.ece(cal.predict(s2), y2)
+    assert calibrated < 0.03 and calibrated < raw / 3
+
+
+def test_histogram_bins_and_isotonic_shrinkage():
+    score, y = _synthetic(3000, 1.0, seed=7)
+    h = HistogramBinning(n_bins=5).fit(score, y)
+    assert h.edges.size == 4 and h.probs.size == 5
+    assert len(np.unique(h.predict(score))) == 5
+    iso = IsotonicCalibrator().fit(score, y)
+    p = iso.predict(score)
+    assert 0 < p.min() and p.max() < 1  # never exactly 0 or 1 thanks to the prior pseudo-answers
+
+
+def test_logistic_calibrator_uses_extra_features():
+    rng = np.random.default_rng(8)
+    z = rng.normal(0, 2, 20000)
+    agree = (rng.random(20000) < 0.5).astype(float)
+    y = (rng.random(20000) < sigmoid(0.8 * z + 1.5 * agree - 0.5)).astype(float)
+    cal = LogisticCalibrator(feature="conf_logit", features=["conf_logit", "agree_prev"], l2=1e-4)
+    cal.fit(np.column_stack([z, agree]), y)
+    assert abs(cal.coef[0] - 0.8) < 0.06 and abs(cal.coef[1] - 1.5) < 0.12 and abs(cal.intercept + 0.5) < 0.1
+    assert cal.predict_one({"conf_logit": 0.0, "agree_prev": 1.0}) == pytest.approx(sigmoid(np.array(1.0)), abs=0.05)
+    with pytest.raises(KeyError):
+        cal.predict_one({"conf_logit": 0.0})
+
+
+@pytest.mark.parametrize("method", ["temperature", "platt", "isotonic", "histogram", "histogram:5", "logistic"])
+def test_artifact_round_trip(method, tmp_path):
+    score, y = _synthetic(2000, 1.7, seed=9)
+    cal = make_calibrator(method, "raw_conf_logprob")
+    cal.fit(score, y)
+    cal.fitted_on = {"data": "synthetic", "model": "m", "n": 2000, "date": "2026-11-27T00:00:00+00:00"}
+    cal.metrics = {"ece": 0.01}
+    path = save_calibrator(cal, tmp_path / f"{method.replace(':', '_')}.json")
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "cascade-engine/calibrator" and doc["version"] == 1
+    assert doc["method"] == method.split(":")[0] and doc["fitted_on"]["n"] == 2000
+    back = load_calibrator(path)
+    assert type(back) is type(cal)
+    assert back.fitted_on == cal.fitted_on and back.metrics == cal.metrics
+    probe = np.linspace(-12, 0, 101)
+    np.testing.assert_allclose(back.predict(probe), cal.predict(probe), rtol=0, atol=1e-12)
+    assert back.predict_one({"raw_conf_logprob": -0.3}) == pytest.approx(float(cal.predict([-0.3])[0]))
+
+
+def test_artifact_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown calibrator method"):
+        calibrator_from_dict({"format": "cascade-engine/calibrator", "version": 1, "method": "nope"})
+    with pytest.raises(ValueError, match="newer"):
+        calibrator_from_dict({"format": "cascade-engine/calibrator", "version": 99, "method": "platt"})
+    with pytest.raises(ValueError, match="histogram:N"):
+        make_calibrator("platt:3")
+    with pytest.raises(ValueError):
+        HistogramBinning(edges=[0.0, 0.0], probs=[0.1, 0.2, 0.3])
+
+
+def test_package_import_is_numpy_only():
+    code = ("import sys, calibration, calibration.calibrators, calibration.metrics, calibration.thresholds, "
+            "calibration.selection, calibration.data, calibration.replay, calibration.cli, calibration.plots; "
+            "bad = [m for m in ('scipy', 'sklearn', 'netcal', 'matplotlib', 'torch') if m in sys.modules]; "
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+# --- selection ---------------------------------------------------------------------------------------
+
+
+def test_selection_prefers_platt_when_bias_is_needed():
+    score, y = _synthetic(3000, 1.0, seed=10, a=1.0, b=-1.5)  # right slope, wrong bias
+    sel = select_calibrator(score, y, ["temperature", "platt"], criterion="nll", k=5)
+    assert sel.method == "platt" and sel.scores["platt"] < sel.scores["temperature"]
+    assert sel.folds == 5 and isinstance(sel.calibrator, PlattScaling)
+    folds = kfold_indices(103, 5, seed=0, strata=y[:103])
+    assert sorted(np.concatenate(folds).tolist()) == list(range(103))
+    oof = cross_val_predict("platt", score[:500], y[:500])
+    assert oof.shape == (500,) and np.all((oof > 0) & (oof < 1))
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+
+
+def test_metrics_against_hand_computed_values():
+    p = np.array([0.1, 0.4, 0.35, 0.8])
+    y = np.array([0, 0, 1, 1])
+    # bins of width 1/15: 0.1 -> bin 1, 0.35 and 0.4 -> bin 5, 0.8 -> bin 11
+    assert metrics.ece(p, y) == pytest.approx(0.25 * 0.1 + 0.5 * abs(0.375 - 0.5) + 0.25 * 0.2)
+    assert metrics.mce(p, y) == pytest.approx(0.2)
+    # two equal-mass bins: {0.1, 0.35} and {0.4, 0.8}
+    assert metrics.ece(p, y, n_bins=2, strategy="quantile") == pytest.approx(0.5 * 0.275 + 0.5 * 0.1)
+    assert metrics.brier(p, y) == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
+    assert metrics.nll(p, y) == pytest.approx(-np.mean(np.log([0.9, 0.6, 0.35, 0.8])))
+    assert metrics.auroc(p, y) == pytest.approx(0.75)
+    assert metrics.auroc([0.5, 0.5, 0.5], [0, 1, 1]) == pytest.approx(0.5)  # ties count half
+    assert math.isnan(metrics.auroc([0.2, 0.3], [1, 1]))
+    assert metrics.ece([1.0, 1.0, 0.0], [1, 1, 0]) == 0.0
+    s = metrics.summary(p, y)
+    assert s["n"] == 4 and s["accuracy"] == 0.5 and s["ece"] == pytest.approx(0.1375)
+    with pytest.raises(ValueError):
+        metrics.ece([0.1], [1, 0])
+
+
+# --- threshold search ----------------------------------------------------------------------------------
+
+
+def _two_tier_known_optimum(n: int = 1000, seed: int = 11):
+    rng = np.random.default_rng(seed)
+    right = rng.random(n) < 0.6
+    # the first tier is right exactly when its score is in [0.6, 1], wrong when in [0, 0.4]
+    score = np.where(right, rng.uniform(0.6, 1.0, n), rng.uniform(0.0, 0.4, n))
+    first = TierArrays("small", score, right.astype(float), np.full(n, 1.0))
+    last = TierArrays("big", np.zeros(n), np.ones(n), np.full(n, 10.0))
+    return first, last, right
+
+
+def test_threshold_search_finds_known_optimum():
+    first, last, right = _two_tier_known_optimum()
+    # a grid as fine as the data (every score a candidate), so the optimum is exact
+    res = search_thresholds([first, last], max_quality_drop=0.005, confidence=0.9, n_boot=200, grid_size=1001)
+    assert res.verdict == "cascade"
+    t = res.thresholds[0]
+    n = right.size
+    # The margin allows L wrong acceptances while L + z*sqrt(L+1) <= 0.005*n = 5, i.e. L <= 2: the optimum
+    # accepts every right answer (all scored above the wrong ones) and at most the two best-scored wrong ones.
+    wrong_scores = np.sort(first.score[~right])[::-1]
+    assert wrong_scores[2] < t <= first.score[right].min() + 1e-12
+    n_wrong_accepted = int((wrong_scores >= t).sum())
+    assert n_wrong_accepted <= 2
+    # every question pays the small tier; the escalated ones pay the big tier too (double cost)
+    expected_cost = (n * 1.0 + 10.0 * ((~right).sum() - n_wrong_accepted)) / n
+    assert res.cost == pytest.approx(expected_cost)
+    assert res.cost_ratio == pytest.approx(expected_cost / 10.0)
+    assert res.quality == pytest.approx(1.0 - n_wrong_accepted / n)
+    # with no margin at all (z = 0) the search may accept exactly five wrong answers, no more
+    loose = search_thresholds([first, last], max_quality_drop=0.005, confidence=0.5, n_boot=0, grid_size=1001)
+    assert int((wrong_scores >= loose.thresholds[0]).sum()) <= 5 and loose.cost <= res.cost
+    iv = res.intervals
+    assert iv["escalation_rate"]["low"] <= (~right).mean() <= iv["escalation_rate"]["high"]
+    assert iv["cost_ratio"]["low"] <= res.cost_ratio <= iv["cost_ratio"]["high"]
+    # the in-sample anchor agrees, and the oracle pays both tiers exactly for the wrong answers
+    anchor = best_single_threshold(first.score, first, last, 0.005)
+    assert anchor["saves"] and anchor["cost_ratio"] <= res.cost_ratio + 1e-12
+    orc = oracle_outcome(first, last)
+    assert orc.mean_cost == pytest.approx((n + 10.0 * (~right).sum()) / n) and orc.quality == 1.0
+
+
+def test_threshold_search_budget_objective():
+    first, last, right = _two_tier_known_optimum()
+    # a budget of 3 per request: at most 20% escalations (1 + 10 * 0.2 = 3)
+    res = search_thresholds([first, last], objective="budget", cost_budget=3.0, grid_size=200)
+    assert res.verdict == "cascade" and res.cost <= 3.0 + 1e-9
+    out = run_policy([first, last], res.thresholds)
+    assert out.mean_cost <= 3.0 + 1e-9 and (out.stop == 1).mean() <= 0.2 + 1e-9
+    with pytest.raises(ConfigError):
+        search_thresholds([first, last], objective="budget", cost_budget=0.5)
+
+
+def test_threshold_search_verdict_direct_when_small_tier_is_too_weak():
+    rng = np.random.default_rng(12)
+    n = 800
+    first = TierArrays("weak", rng.random(n), (rng.random(n) < 0.3).astype(float), np.full(n, 1.0))
+    last = TierArrays("strong", np.zeros(n), np.ones(n), np.full(n, 10.0))
+    res = search_thresholds([first, last], max_quality_drop=0.005)
+    assert res.verdict == "direct" and res.thresholds == [None]
+    assert res.cost_ratio == 1.0 and res.reason
+    assert best_single_threshold(first.score, first, last, 0.005)["saves"] is False
+
+
+def test_threshold_search_verdict_direct_when_escalations_cost_more_than_they_save():
+    rng = np.random.default_rng(13)
+    n = 800
+    right = rng.random(n) < 0.9
+    score = np.where(right, rng.uniform(0.5, 1, n), rng.uniform(0, 0.5, n))
+    # the small tier costs as much as the strong one: any escalation pays twice
+    first = TierArrays("small", score, right.astype(float), np.full(n, 10.0))
+    last = TierArrays("strong", np.zeros(n), np.ones(n), np.full(n, 10.0))
+    res = search_thresholds([first, last], max_quality_drop=0.005)
+    assert res.verdict == "direct"
+
+
+def test_run_policy_accounts_double_cost_on_three_tiers():
+    t1 = TierArrays("a", np.array([0.9, 0.2, 0.1]), np.array([1.0, 0.0, 0.0]), np.array([1.0, 1.0, 1.0]))
+    t2 = TierArrays("b", np.array([0.0, 0.8, 0.3]), np.array([0.0, 1.0, 0.0]), np.array([3.0, 3.0, 3.0]))
+    t3 = TierArrays("c", np.zeros(3), np.array([1.0, 1.0, 1.0]), np.array([10.0, 10.0, 10.0]))
+    out = run_policy([t1, t2, t3], [0.5, 0.5])
+    assert out.stop.tolist() == [0, 1, 2]
+    assert out.cost.tolist() == [1.0, 4.0, 14.0]
+    assert out.correct.tolist() == [1.0, 1.0, 1.0]
+    res = search_thresholds([t1, t2, t3], max_quality_drop=0.9, confidence=0.5, n_boot=50)
+    assert res.verdict == "cascade" and len(res.thresholds) == 2
+
+
+def test_quality_lower_bound_and_errors():
+    lb = quality_lower_bound([0, 5], [0, 1], 100, 1.2816)
+    assert lb[0] == pytest.approx(-1.2816 / 100)
+    assert lb[1] == pytest.approx(0.04 - 1.2816 * math.sqrt(7) / 100)
+    t = TierArrays("a", np.ones(3), np.ones(3), np.ones(3))
+    with pytest.raises(ConfigError):
+        run_policy([t, t], [])
+    with pytest.raises(ConfigError):
+        search_thresholds([t, t], max_quality_drop=2.0)
+    assert issubclass(ConfigError, CascadeError)
