@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_cli(sub)
     from cascade import models
     models.add_cli(sub)
+    from cascade import ops_cli
+    ops_cli.add_cli(sub)
     try:
         from calibration import cli as calibration_cli
     except ImportError:  # pragma: no cover - calibration is part of the distribution

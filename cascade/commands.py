@@ -36,7 +36,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _with_cli_overrides(load_config(args.config), args)
     logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(cfg)
+    import os
+
+    app = create_app(cfg, config_path=args.config or os.environ.get("CASCADE_CONFIG") or None)
     print(f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"
           f" (ledger {_redact(cfg.ledger_target())})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,

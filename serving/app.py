@@ -60,23 +60,34 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(config: Config, *, engine: Engine | None = None, preload: bool = True) -> FastAPI:
-    """Build the app. With ``engine=None`` the app opens (and closes) its own engine from ``config``."""
+def create_app(config: Config, *, engine: Engine | None = None, preload: bool = True,
+               config_path: str | None = None) -> FastAPI:
+    """Build the app. With ``engine=None`` the app opens (and closes) its own engine from ``config``.
+
+    ``config_path``: the file ``config`` came from; POST /admin/reload and SIGHUP re-read it (calibrators,
+    thresholds, shadows). Without it they re-read the calibrator artifacts the config names.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
         app.state.engine = engine if engine is not None else await Engine.open(config, preload=preload)
         app.state.started_at = time.time()
-        app.state.metrics = Metrics()
+        app.state.metrics = Metrics(drift=config.drift)
+        from cascade.recalibrate import install_sighup
+
+        remove_sighup = install_sighup(app.state.engine, config_path)  # reload on SIGHUP (main thread only)
         try:
             yield
         finally:
+            if remove_sighup is not None:
+                remove_sighup()
             if owned:
                 await app.state.engine.close()
 
     app = FastAPI(title="cascade-engine", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible confidence-escalation cascade.")
+    app.state.config_path = config_path
     install_error_handlers(app)
     from serving.routes import router
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from cascade.config import DriftConfig
 from cascade.types import CascadeRecord
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -11,7 +12,7 @@ _OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, drift: "DriftConfig | None" = None) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("cascade_requests", "Requests by policy, serving tier and status",
                                 ["policy", "tier", "status"], registry=r)
@@ -36,6 +37,12 @@ class Metrics:
         self.errors = Counter("cascade_errors", "Errors by class", ["error_class"], registry=r)
         self._answered: dict[str, int] = {}
         self._escalated: dict[str, int] = {}
+        #: drift alarms (cascade/drift.py) when the config has a `drift:` section
+        self.drift = None
+        if drift is not None:
+            from cascade.drift import DriftMonitor
+
+            self.drift = DriftMonitor(drift, registry=r)
 
     def observe(self, rec: CascadeRecord) -> None:
         self.requests.labels(rec.policy or "-", rec.tier or "-", rec.status).inc()
@@ -58,6 +65,8 @@ class Metrics:
             self.latency.labels(p).observe(rec.latency_ms / 1e3)
             backend_ms = sum(a.latency_ms for a in rec.attempts)
             self.routing.observe(max(rec.latency_ms - backend_ms, 0.0) / 1e3)
+        if self.drift is not None:
+            self.drift.observe(rec)
 
     def observe_error(self, error_class: str) -> None:
         self.errors.labels(error_class).inc()

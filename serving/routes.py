@@ -198,6 +198,8 @@ async def feedback(body: FeedbackRequest, request: Request) -> dict:
 
         raise NotFoundError(f"no request {body.request_id!r} in the ledger", param="request_id")
     fid = await engine.ledger.add_feedback(body.request_id, body.score, body.comment)
+    if _metrics(request).drift is not None:  # a label for the rolling ECE (cascade/drift.py)
+        _metrics(request).drift.observe_feedback(body.request_id, body.score)
     return {"object": "feedback", "id": fid, "request_id": body.request_id, "score": body.score}
 
 
@@ -213,6 +215,17 @@ async def read_feedback(request_id: str, request: Request) -> dict:
     return {"object": "list", "request_id": request_id,
             "data": [{"id": f["id"], "score": f["score"], "comment": f["comment"], "created_at": f["created_at"]}
                      for f in row["feedback"]]}
+
+
+@router.post("/admin/reload")
+async def admin_reload(request: Request) -> dict:
+    """Swap in the calibrators and thresholds of the config file (and the artifacts it names) without
+    dropping requests. Keys whose user tier has ``admin: true`` only (anyone on an open server)."""
+    from cascade.recalibrate import authorize_admin, reload_engine_async
+
+    engine = _engine(request)
+    authorize_admin(engine.config, authenticate(engine.config, request))
+    return await reload_engine_async(engine, getattr(request.app.state, "config_path", None))
 
 
 @router.get("/metrics")

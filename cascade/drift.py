@@ -1,0 +1,128 @@
+"""Drift alarms: a rolling escalation rate, and a rolling ECE where labels exist, on the server's traffic.
+
+Configured by the ``drift:`` section::
+
+    drift:
+      window: 200                    # recent answered requests (and labelled answers) in the window
+      escalation_rate: [0.05, 0.60]  # alarm when the rolling rate leaves this band
+      max_ece: 0.15                  # alarm when the rolling ECE exceeds this...
+      min_labels: 30                 # ...once this many answers carry a label
+
+The escalation rate is judged once the window is full. Labels come from user feedback (``POST
+/v1/feedback``: score 1 = right, -1 = wrong, 0 = no label) on the confidence of the answer served; the ECE
+uses ``calibration.metrics.ece``. Each signal has a Prometheus gauge ``cascade_drift_alarm{signal}``
+(1 while out of band) and ``cascade_drift_value{signal}`` (the rolling value); a log line on the
+``cascade.drift`` logger says when an alarm goes on (warning) and off (info), once per transition.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict, deque
+from typing import Any
+
+from cascade.config import DriftConfig
+from cascade.types import CascadeRecord
+
+log = logging.getLogger("cascade.drift")
+
+SIGNALS = ("escalation_rate", "ece")
+
+
+class DriftMonitor:
+    def __init__(self, config: DriftConfig, registry: Any = None) -> None:
+        from prometheus_client import CollectorRegistry, Gauge
+
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.alarm_gauge = Gauge("cascade_drift_alarm", "1 while a drift signal is outside its configured band",
+                                 ["signal"], registry=self.registry)
+        self.value_gauge = Gauge("cascade_drift_value", "Rolling value of a drift signal over the window",
+                                 ["signal"], registry=self.registry)
+        self._escalated: deque[int] = deque(maxlen=config.window)
+        self._labelled: deque[tuple[float, int]] = deque(maxlen=config.window)
+        #: served confidence of recent requests, for feedback that arrives later (bounded)
+        self._confidence: OrderedDict[str, float] = OrderedDict()
+        self._keep = max(4 * config.window, 1000)
+        self._lock = threading.Lock()
+        self.alarms: dict[str, bool] = {s: False for s in SIGNALS}
+        self.values: dict[str, float | None] = {s: None for s in SIGNALS}
+        for s in SIGNALS:
+            self.alarm_gauge.labels(s).set(0)
+
+    # --- inputs ----------------------------------------------------------------------------------
+    def observe(self, rec: CascadeRecord) -> None:
+        """One finished request (answered requests of a policy count; pinned tiers never escalate)."""
+        if rec.status not in ("ok", "partial") or not rec.tier or rec.policy == rec.tier:
+            return
+        with self._lock:
+            self._escalated.append(int(rec.escalated))
+            if rec.confidence is not None:
+                self._confidence[rec.request_id] = float(rec.confidence)
+                while len(self._confidence) > self._keep:
+                    self._confidence.popitem(last=False)
+            self._check_escalation()
+
+    def observe_feedback(self, request_id: str, score: int) -> None:
+        """A label for a recent answer: score > 0 right, < 0 wrong, 0 no label."""
+        if score == 0 or self.config.max_ece is None:
+            return
+        with self._lock:
+            conf = self._confidence.get(request_id)
+            if conf is None:
+                return
+            self._labelled.append((conf, 1 if score > 0 else 0))
+            self._check_ece()
+
+    # --- judging ---------------------------------------------------------------------------------
+    def _check_escalation(self) -> None:
+        n = len(self._escalated)
+        rate = sum(self._escalated) / n if n else None
+        self._set_value("escalation_rate", rate)
+        band = self.config.escalation_rate
+        if band is None or n < self.config.window or rate is None:
+            return
+        lo, hi = band
+        self._transition("escalation_rate", not (lo <= rate <= hi),
+                         f"escalation rate {rate:.3f} over the last {n} answered requests "
+                         f"is outside [{lo:g}, {hi:g}]",
+                         f"escalation rate {rate:.3f} over the last {n} answered requests is back within "
+                         f"[{lo:g}, {hi:g}]")
+
+    def _check_ece(self) -> None:
+        from calibration.metrics import ece
+
+        n = len(self._labelled)
+        if n == 0:
+            return
+        e = ece([c for c, _ in self._labelled], [y for _, y in self._labelled])
+        self._set_value("ece", e)
+        limit = self.config.max_ece
+        if limit is None or n < self.config.min_labels:
+            return
+        self._transition("ece", e > limit, f"ECE {e:.3f} of the last {n} labelled answers exceeds {limit:g}",
+                         f"ECE {e:.3f} of the last {n} labelled answers is back within {limit:g}")
+
+    def _set_value(self, signal: str, v: float | None) -> None:
+        self.values[signal] = v
+        if v is not None:
+            self.value_gauge.labels(signal).set(v)
+
+    def _transition(self, signal: str, out_of_band: bool, on_msg: str, off_msg: str) -> None:
+        if out_of_band == self.alarms[signal]:
+            return
+        self.alarms[signal] = out_of_band
+        self.alarm_gauge.labels(signal).set(1 if out_of_band else 0)
+        if out_of_band:
+            log.warning("drift alarm on: %s", on_msg)
+        else:
+            log.info("drift alarm off: %s", off_msg)
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"window": self.config.window, "requests": len(self._escalated), "labelled": len(self._labelled),
+                    "values": dict(self.values), "alarms": dict(self.alarms)}
+
+
+__all__ = ["DriftMonitor", "SIGNALS"]

@@ -1,0 +1,187 @@
+"""Operations commands: ``cascade report``, ``cascade shadow report`` and ``cascade recalibrate``.
+
+    cascade report [--by tier|policy|key|day] [--since 7d] [--json|--csv] [--plot PNG] [--config F] [--ledger L]
+    cascade shadow report [--since 24h] [--json] [--top N] [--config F] [--ledger L]
+    cascade recalibrate --from-ledger [--tier T] [--since 30d] [--min-samples N] [--method M] [--out ARTIFACT]
+                        [--activate] [--json] [--config F] [--ledger L]
+
+``--ledger`` takes a SQLite path or a ``postgresql://`` URL and overrides the config's ``ledger.path``.
+Plugged into ``cascade.cli`` through ``add_cli(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from cascade.config import Config, load_config
+from cascade.errors import ConfigError, LedgerError
+from cascade.ledger import Ledger, _redact
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None))
+
+
+def _open_ledger(args: argparse.Namespace, cfg: Config | None = None) -> Ledger:
+    target = getattr(args, "ledger", None) or (cfg or _config(args)).ledger_target()
+    ledger = Ledger(target)
+    if ledger.dialect.name == "sqlite" and not Path(target).expanduser().exists():
+        raise LedgerError(f"no ledger at {target} (serve some traffic first, or pass --ledger PATH_OR_URL)")
+    return ledger.open_sync()
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return _clean(obj.item())
+    return obj
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(_clean(obj), indent=2, allow_nan=False))
+
+
+# --- cascade report --------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cascade.reports import cost_report, cost_report_csv, cost_report_plot, cost_report_text, parse_since
+
+    if args.json and args.csv:
+        raise ConfigError("--json and --csv: choose one")
+    since = parse_since(args.since)
+    ledger = _open_ledger(args)
+    try:
+        rep = cost_report(ledger, args.by, since)
+    finally:
+        ledger.close_sync()
+    if args.plot:
+        rep["plot"] = str(cost_report_plot(rep, args.plot))
+    if args.json:
+        _print_json(rep)
+    elif args.csv:
+        sys.stdout.write(cost_report_csv(rep))
+    else:
+        print(cost_report_text(rep))
+        if args.plot:
+            print(f"plot: {rep['plot']}")
+    return 0
+
+
+# --- cascade shadow report -------------------------------------------------------------------------
+
+
+def cmd_shadow_report(args: argparse.Namespace) -> int:
+    from cascade.reports import parse_since, shadow_report, shadow_report_text
+
+    if args.top < 1:
+        raise ConfigError("--top must be at least 1")
+    since = parse_since(args.since)
+    cfg = None
+    if args.config or not args.ledger:
+        cfg = _config(args)
+    ledger = _open_ledger(args, cfg)
+    try:
+        rep = shadow_report(ledger, since, top=args.top, min_group=args.min_group,
+                            shadows=dict(cfg.shadows) if cfg is not None else None)
+    finally:
+        ledger.close_sync()
+    if args.json:
+        _print_json(rep)
+    else:
+        print(shadow_report_text(rep))
+    return 0
+
+
+# --- cascade recalibrate ---------------------------------------------------------------------------
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    from cascade.recalibrate import recalibrate, recalibrate_text
+    from cascade.reports import parse_since
+
+    if not args.from_ledger:
+        raise ConfigError("recalibrate: pass --from-ledger (the ledger is the only source of labels so far; "
+                          "for a labelled JSONL file use `cascade calibrate`)")
+    cfg = _config(args)
+    since = parse_since(args.since)
+    sources = [s.strip() for s in args.labels.split(",") if s.strip()]
+    default_dir = (Path(args.config).expanduser().resolve().parent if args.config else Path.cwd()) / "calibrators"
+    ledger = _open_ledger(args, cfg)
+    try:
+        rep = recalibrate(cfg, ledger, tier=args.tier, since=since, min_samples=args.min_samples, method=args.method,
+                          feature=args.feature, sources=sources, holdout=args.holdout, seed=args.seed,
+                          out=args.out, default_dir=default_dir, do_activate=args.activate)
+    finally:
+        ledger.close_sync()
+    rep["ledger"] = _redact(ledger.target)
+    if args.json:
+        _print_json(rep)
+    else:
+        print(recalibrate_text(rep))
+    return 0
+
+
+# --- wiring ----------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config YAML (default: $CASCADE_CONFIG or the embedded CPU default)")
+    p.add_argument("--ledger", help="ledger: a SQLite path or a postgresql:// URL (default: the config's)")
+    p.add_argument("--since", help="only requests since: an ISO date/time (UTC unless it says), 24h, 7d, 30m, 2w")
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    from cascade.reports import REPORT_BY
+
+    p = sub.add_parser("report", help="spend, escalation, waste, savings and heavy tail from the ledger")
+    p.add_argument("--by", choices=REPORT_BY, default="policy",
+                   help="group requests by the tier that served them, policy, API key or UTC day (default: policy)")
+    _common(p)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the report as JSON")
+    fmt.add_argument("--csv", action="store_true", help="print the report as CSV (one row per group, then the total)")
+    p.add_argument("--plot", metavar="PNG", help="also write a bar chart of spend vs the last-tier-alone baseline")
+    p.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("shadow", help="shadow policies: what another policy would have done with live traffic")
+    ssub = s.add_subparsers(dest="shadow_command", metavar="SUBCOMMAND")
+    ssub.required = True
+    p = ssub.add_parser("report", help="divergence, predicted cost and escalation deltas, quality signals, "
+                                       "most divergent request groups")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--top", type=int, default=10, help="most divergent request groups to list per shadow (10)")
+    p.add_argument("--min-group", type=int, default=1,
+                   help="leave out groups with fewer known shadow decisions than this (1)")
+    p.set_defaults(func=cmd_shadow_report)
+
+    p = sub.add_parser("recalibrate", help="refit a tier's calibrator from feedback and agreement in the ledger")
+    p.add_argument("--from-ledger", action="store_true", help="labels from the ledger (required)")
+    _common(p)
+    p.add_argument("--tier", help="tier to recalibrate (default: the first tier of the default policy)")
+    p.add_argument("--min-samples", type=int, default=50, help="refuse with fewer labelled answers (50)")
+    p.add_argument("--method", help="temperature, platt, isotonic, histogram or auto (default: the current method)")
+    p.add_argument("--feature", help="confidence feature (default: the current calibrator's)")
+    p.add_argument("--labels", default="feedback,agreement",
+                   help="label sources, comma-separated: feedback, agreement (default: both; feedback wins)")
+    p.add_argument("--holdout", type=float, default=0.3, help="fraction held out to compare old and new ECE (0.3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (0)")
+    p.add_argument("--out", metavar="ARTIFACT",
+                   help="a .json file, or a directory receiving <tier>.v<N>.json (default: calibrators/ next to "
+                        "the config, else in the current directory)")
+    p.add_argument("--activate", action="store_true",
+                   help="also point <dir>/<tier>.json at the new version (a config naming that file picks it up "
+                        "on POST /admin/reload or SIGHUP)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_recalibrate)

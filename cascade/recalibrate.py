@@ -1,0 +1,407 @@
+"""Recalibration from the ledger, versioned calibrator artifacts, and reloading them into a running server.
+
+Labels for a tier's answers come from the ledger:
+
+* **feedback**: thumbs up (score 1) / down (-1) on a request whose served answer was this tier's;
+* **agreement**: where a stronger tier (a later tier of the same request) also answered, whether the two
+  answers' signatures (``attempts.answer_sig``: a digest of the normalised text) are equal.
+
+Feedback wins where both exist. :func:`recalibrate` fits a new calibrator on part of the labelled answers,
+compares its ECE with the tier's current calibrator on the held-out rest, and writes a versioned artifact
+(``calibration.save_calibrator``) that says what it was fitted on.
+
+:func:`reload_engine` swaps each tier's calibrator (and thresholds) of a running engine from the config
+file and the artifacts it names; the server calls it on ``POST /admin/reload`` and on SIGHUP. Each swap is
+one attribute assignment on the event loop thread, so requests in flight finish with whichever calibrator
+they read and none is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import signal
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.calibrators import METHODS, Calibrator, make_calibrator, save_calibrator
+from cascade.config import Config, load_config
+from cascade.errors import ConfigError, DataError, PermissionDeniedError
+from cascade.ledger import Ledger, _redact
+
+log = logging.getLogger("cascade.recalibrate")
+
+LABEL_SOURCES = ("feedback", "agreement")
+RECALIBRATE_METHODS = (*METHODS, "auto")
+
+
+# --- labelled data ---------------------------------------------------------------------------------
+
+
+def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
+                     sources: Sequence[str] = LABEL_SOURCES) -> list[dict[str, Any]]:
+    """Every answer of ``tier`` in the ledger that carries a label, oldest first.
+
+    Each row: request_id, created_at, features (dict), confidence (as recorded), label (0/1), source.
+    """
+    bad = [s for s in sources if s not in LABEL_SOURCES]
+    if bad or not sources:
+        raise ConfigError(f"--labels: choose from {', '.join(LABEL_SOURCES)} (comma-separated), got {list(sources)}")
+    rows = ledger.execute_dicts(
+        "SELECT a.request_id AS request_id, r.created_at AS created_at, a.kept AS kept, a.features AS features, "
+        "a.confidence AS confidence, a.answer_sig AS sig, "
+        "(SELECT SUM(CASE WHEN f.score > 0 THEN 1 WHEN f.score < 0 THEN -1 ELSE 0 END) FROM feedback f "
+        " WHERE f.request_id = a.request_id) AS feedback, "
+        "(SELECT b.answer_sig FROM attempts b WHERE b.request_id = a.request_id AND b.idx > a.idx "
+        " AND b.tier <> a.tier AND b.error_class IS NULL AND b.answer_sig IS NOT NULL "
+        " ORDER BY b.idx DESC LIMIT 1) AS stronger_sig "
+        "FROM attempts a JOIN requests r ON r.request_id = a.request_id "
+        "WHERE a.tier = ? AND a.error_class IS NULL AND a.features IS NOT NULL"
+        + (" AND r.created_at >= ?" if since is not None else "")
+        + " ORDER BY r.created_at, a.request_id, a.idx",
+        (tier, since) if since is not None else (tier,))
+    out = []
+    seen: set[str] = set()
+    for r in rows:
+        if r["request_id"] in seen:  # a tier answers once per request; provider fallbacks fail first
+            continue
+        label, source = None, None
+        fb = r["feedback"]
+        if "feedback" in sources and r["kept"] and fb is not None and int(fb) != 0:
+            label, source = int(int(fb) > 0), "feedback"
+        elif "agreement" in sources and r["stronger_sig"] is not None and r["sig"] is not None:
+            label, source = int(r["sig"] == r["stronger_sig"]), "agreement"
+        if label is None:
+            continue
+        seen.add(r["request_id"])
+        out.append({"request_id": r["request_id"], "created_at": float(r["created_at"]),
+                    "features": json.loads(r["features"]), "confidence": r["confidence"], "label": label,
+                    "source": source})
+    return out
+
+
+# --- versioned artifacts ---------------------------------------------------------------------------
+
+
+def _version_of(path: Path) -> int:
+    try:
+        return int(json.loads(path.read_text()).get("fitted_on", {}).get("version") or 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def artifact_path(out: str | Path | None, tier: str, *, default_dir: Path, previous_version: int = 0) -> tuple[Path, int]:
+    """Where the new artifact goes and its version number.
+
+    ``out`` ending in ``.json`` is the exact file (version: one more than the file's or the tier's
+    current calibrator's); otherwise it is a directory (default ``default_dir``) receiving
+    ``<tier>.v<N>.json`` with N one more than the highest version already there.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", tier)
+    if out is not None and str(out).endswith(".json"):
+        p = Path(out).expanduser()
+        return p, max(previous_version, _version_of(p) if p.exists() else 0) + 1
+    d = Path(out).expanduser() if out is not None else default_dir
+    pat = re.compile(rf"^{re.escape(safe)}\.v(\d+)\.json$")
+    have = [int(m.group(1)) for f in (d.iterdir() if d.is_dir() else ()) if (m := pat.match(f.name))]
+    v = max([previous_version, *have]) + 1
+    return d / f"{safe}.v{v}.json", v
+
+
+def activate(artifact: Path, tier: str) -> Path:
+    """Point ``<dir>/<tier>.json`` (what a config names) at ``artifact``, atomically (a relative symlink)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", tier)
+    link = artifact.parent / f"{safe}.json"
+    tmp = artifact.parent / f".{safe}.json.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(artifact.name)
+    tmp.replace(link)
+    return link
+
+
+# --- fitting ---------------------------------------------------------------------------------------
+
+
+def _split(n: int, holdout: float, seed: int, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split, stratified by label so both parts hold both classes where possible."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for cls in (0, 1):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * holdout))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        test.extend(idx[:k].tolist())
+        train.extend(idx[k:].tolist())
+    return np.array(sorted(train), dtype=int), np.array(sorted(test), dtype=int)
+
+
+def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, since: float | None = None,
+                min_samples: int = 50, method: str | None = None, feature: str | None = None,
+                sources: Sequence[str] = LABEL_SOURCES, holdout: float = 0.3, seed: int = 0,
+                out: str | Path | None = None, default_dir: Path | None = None,
+                do_activate: bool = False) -> dict[str, Any]:
+    """Refit ``tier``'s calibrator from labelled ledger rows; write a versioned artifact; return a report."""
+    from calibration import metrics
+    from cascade.engine import build_calibrator
+
+    names = [t.name for t in config.tiers]
+    tier = tier or config.policies[config.default_policy_name].chain[0]
+    if tier not in names:
+        raise ConfigError(f"--tier: unknown tier {tier!r}; tiers are {names}")
+    if min_samples < 4:
+        raise ConfigError("--min-samples must be at least 4 (a fit and a held-out slice need a few each)")
+    if not 0.05 <= holdout <= 0.9:
+        raise ConfigError(f"--holdout must be within [0.05, 0.9], got {holdout}")
+    tc = config.tier(tier)
+    old = build_calibrator(tc.calibrator, tier=tier)
+    method = method or (old.method if old.method in METHODS else "temperature")
+    if method not in RECALIBRATE_METHODS:
+        raise ConfigError(f"--method: unknown method {method!r}; known: {', '.join(RECALIBRATE_METHODS)}")
+    feature = feature or (old.feature if old.method in METHODS else "mean_logprob")
+    from calibration.features import FEATURE_NAMES
+
+    if feature not in FEATURE_NAMES:
+        raise ConfigError(f"--feature: unknown feature {feature!r}; known: {', '.join(FEATURE_NAMES)}")
+
+    rows = [r for r in labelled_answers(ledger, tier, since, sources) if feature in r["features"]]
+    by_source = {s: sum(1 for r in rows if r["source"] == s) for s in LABEL_SOURCES}
+    y = np.array([r["label"] for r in rows], dtype=float)
+    where = f" since {datetime.fromtimestamp(since, UTC).isoformat(timespec='seconds')}" if since else ""
+    if len(rows) < min_samples:
+        raise DataError(f"only {len(rows)} labelled answers of tier {tier!r} in the ledger{where} "
+                        f"({by_source['feedback']} from feedback, {by_source['agreement']} from agreement with a "
+                        f"stronger tier); --min-samples is {min_samples}")
+    if y.min() == y.max():
+        raise DataError(f"all {len(rows)} labelled answers of tier {tier!r}{where} are "
+                        f"{'right' if y[0] else 'wrong'}: a calibrator needs both outcomes")
+    train, test = _split(len(rows), holdout, seed, y.astype(int))
+    if len(test) == 0 or len(train) == 0 or y[train].min() == y[train].max():
+        raise DataError(f"{len(rows)} labelled answers are too few to split into a fit and a held-out slice "
+                        "that both hold right and wrong answers")
+    scores = np.array([float(r["features"][feature]) for r in rows])
+    try:
+        if method == "auto":
+            from calibration.selection import select_calibrator
+
+            sel = select_calibrator(scores[train], y[train], feature=feature, k=min(5, len(train)), seed=seed)
+            new: Calibrator = sel.calibrator
+        else:
+            new = make_calibrator(method, feature).fit(scores[train], y[train])
+    except ValueError as exc:
+        raise DataError(f"cannot fit a {method} calibrator for tier {tier!r}: {exc}") from exc
+
+    def old_p(idx: np.ndarray) -> np.ndarray:
+        return np.array([old.predict_one(rows[i]["features"]) for i in idx])
+
+    held = {"old": metrics.summary(old_p(test), y[test]), "new": metrics.summary(new.predict(scores[test]), y[test])}
+    fit = {"old": metrics.summary(old_p(train), y[train]), "new": metrics.summary(new.predict(scores[train]), y[train])}
+    previous = int(getattr(old, "fitted_on", {}).get("version") or 0)
+    default_dir = default_dir or Path("calibrators")
+    path, version = artifact_path(out, tier, default_dir=default_dir, previous_version=previous)
+    if do_activate and path.name == re.sub(r"[^A-Za-z0-9._-]", "_", tier) + ".json":
+        raise ConfigError(f"--activate points {path.name} at the new version: write the version elsewhere "
+                          "(--out a directory) rather than to that file itself")
+    new.fitted_on = {
+        "source": "ledger", "ledger": _redact(ledger.target), "tier": tier, "model": tc.model,
+        "version": version, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "since": None if since is None else datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds"),
+        "first_request_at": datetime.fromtimestamp(rows[0]["created_at"], UTC).isoformat(timespec="seconds"),
+        "last_request_at": datetime.fromtimestamp(rows[-1]["created_at"], UTC).isoformat(timespec="seconds"),
+        "n": len(rows), "n_fit": int(len(train)), "n_heldout": int(len(test)), "holdout": holdout, "seed": seed,
+        "labels": {"sources": list(sources), **by_source, "right": int(y.sum()), "wrong": int(len(y) - y.sum())},
+        "feature": feature,
+        "previous": {"method": old.method, "feature": old.feature, "params": old.params(),
+                     "artifact": tc.calibrator.artifact, "version": previous},
+    }
+    new.metrics = {"heldout": held, "fit": fit}
+    saved = save_calibrator(new, path)
+    link = activate(saved, tier) if do_activate else None
+    return {"report": "recalibrate", "tier": tier, "method": new.method, "feature": feature,
+            "params": new.params(), "version": version, "artifact": str(saved),
+            "activated": None if link is None else str(link), "n": len(rows), "n_fit": int(len(train)),
+            "n_heldout": int(len(test)), "labels": new.fitted_on["labels"],
+            "old": {"method": old.method, "params": old.params(), "version": previous},
+            "heldout": held, "fit": fit,
+            "ece_old": held["old"]["ece"], "ece_new": held["new"]["ece"]}
+
+
+def recalibrate_text(rep: dict[str, Any]) -> str:
+    h = rep["heldout"]
+    lab = rep["labels"]
+    lines = [f"tier {rep['tier']}: {rep['n']} labelled answers ({lab['feedback']} from feedback, "
+             f"{lab['agreement']} from agreement; {lab['right']} right, {lab['wrong']} wrong), "
+             f"fit on {rep['n_fit']}, held out {rep['n_heldout']}",
+             f"old: {rep['old']['method']} ({_brief(rep['old']['params'])}), version {rep['old']['version']}",
+             f"new: {rep['method']} ({_brief(rep['params'])}) on {rep['feature']}, version {rep['version']}", "",
+             f"{'held-out metric':<18}{'old':>10}{'new':>10}"]
+    for k in ("ece", "ece_equal_mass", "brier", "nll", "auroc", "mean_confidence", "accuracy"):
+        o, n = h["old"].get(k), h["new"].get(k)
+        lines.append(f"{k:<18}{_f(o):>10}{_f(n):>10}")
+    lines += ["", f"artifact: {rep['artifact']}"]
+    if rep["activated"]:
+        lines.append(f"activated: {rep['activated']} -> {Path(rep['artifact']).name} "
+                     "(POST /admin/reload or kill -HUP the server to use it)")
+    else:
+        lines.append(f"to use it: set tiers.{rep['tier']}.calibrator.artifact to it (or rerun with --activate), "
+                     "then POST /admin/reload or kill -HUP the server")
+    return "\n".join(lines)
+
+
+def _f(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.4f}"
+
+
+def _brief(params: dict[str, Any]) -> str:
+    small = {k: v for k, v in params.items() if isinstance(v, (int, float))}
+    return " ".join(f"{k}={v:.4g}" for k, v in small.items()) if small else f"({len(params)} params)"
+
+
+# --- reloading a running engine --------------------------------------------------------------------
+
+
+def authorize_admin(config: Config, caller: Any) -> None:
+    """Admin endpoints: a key whose user tier has ``admin: true``, or anyone when the server is open."""
+    if not config.auth.keys and not config.auth.required:
+        return
+    limits = getattr(caller, "limits", None)
+    if limits is None or not getattr(limits, "admin", False):
+        raise PermissionDeniedError(f"user tier {getattr(caller, 'user_tier', None)!r} may not use admin endpoints "
+                                    "(set admin: true on its user tier)", code="admin_only")
+
+
+def _plan(engine: Any, config_path: str | None) -> tuple[Config, dict[str, Calibrator], Any, dict[str, Any]]:
+    """Build everything a reload swaps in, without touching the engine (raises ConfigError on any problem)."""
+    from cascade.engine import build_calibrator
+    from cascade.shadow import ShadowSet
+
+    old: Config = engine.config
+    new = load_config(config_path) if config_path else old
+    not_applied: list[str] = []
+    tiers, cals = [], {}
+    new_tiers = {t.name: t for t in new.tiers}
+    for tc in old.tiers:
+        nt = new_tiers.get(tc.name)
+        if nt is None:
+            not_applied.append(f"tier {tc.name!r} was removed")
+            nt = tc
+        merged = tc.model_copy(update={"threshold": nt.threshold, "calibrator": nt.calibrator})
+        tiers.append(merged)
+        cals[tc.name] = build_calibrator(merged.calibrator, tier=tc.name)
+    not_applied += [f"new tier {n!r}" for n in new_tiers if n not in engine.tiers]
+    policies = {}
+    for name, pol in old.policies.items():
+        np_ = new.policies.get(name)
+        if np_ is not None and np_.chain == pol.chain:
+            policies[name] = pol.model_copy(update={"thresholds": np_.thresholds})
+        else:
+            policies[name] = pol
+            not_applied.append(f"policy {name!r} " + ("was removed" if np_ is None else "changed its chain"))
+    not_applied += [f"new policy {n!r}" for n in new.policies if n not in old.policies]
+    # (server and ledger are left out: `cascade serve --host/--port/--ledger` override them)
+    for section in ("models", "user_tiers", "auth", "default_policy", "drift"):
+        if getattr(new, section) != getattr(old, section):
+            not_applied.append(f"section {section!r}")
+    shadows = old.shadows
+    if new.shadows != old.shadows:
+        ok = all(s.of in policies and all(t in engine.tiers for t in (s.chain or ())) for s in new.shadows.values())
+        if ok:
+            shadows = new.shadows
+        else:
+            not_applied.append("shadows (they name tiers or policies this server does not run)")
+    merged_cfg = old.model_copy(update={"tiers": tiers, "policies": policies, "shadows": shadows})
+    shadow_set = ShadowSet(merged_cfg, engine.tiers)
+    return merged_cfg, cals, shadow_set, {"not_applied": not_applied}
+
+
+def reload_engine(engine: Any, config_path: str | None = None) -> dict[str, Any]:
+    """Swap a running engine's calibrators, thresholds and shadows for those of ``config_path`` (or, with no
+    path, re-read the calibrator artifacts the current config names). All or nothing: any error leaves the
+    engine as it was. Call it on the engine's event loop thread (as the server does)."""
+    cfg, cals, shadows, extra = _plan(engine, config_path)
+    return _swap(engine, cfg, cals, shadows, extra, config_path)
+
+
+def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], shadows: Any, extra: dict[str, Any],
+          config_path: str | None) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    tcs = {t.name: t for t in cfg.tiers}
+    for name, cal in cals.items():
+        tier = engine.tiers[name]
+        changed = (cal.to_dict() != tier.calibrator.to_dict()) or tcs[name].threshold != tier.config.threshold
+        tier.config, tier.calibrator = tcs[name], cal  # one request reads one or the other: never half
+        summary[name] = {"method": cal.method, "feature": cal.feature, "artifact": tcs[name].calibrator.artifact,
+                         "version": cal.fitted_on.get("version"), "threshold": tcs[name].threshold,
+                         "changed": changed}
+    engine.config = cfg
+    engine.shadows = shadows
+    out = {"object": "reload", "reloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+           "source": config_path or "current config (artifacts re-read)", "tiers": summary,
+           "policy_thresholds": {n: dict(p.thresholds) for n, p in cfg.policies.items()},
+           "shadows": sorted(cfg.shadows), **extra}
+    changed = [n for n, s in summary.items() if s["changed"]]
+    log.info("reloaded calibrators from %s: %s%s", out["source"],
+             ", ".join(f"{n} v{summary[n]['version']}" if summary[n]["version"] else n for n in changed) or "no change",
+             f"; not applied (restart): {', '.join(extra['not_applied'])}" if extra["not_applied"] else "")
+    return out
+
+
+async def reload_engine_async(engine: Any, config_path: str | None = None) -> dict[str, Any]:
+    """:func:`reload_engine` for the server: files are read off the event loop, the swap happens on it,
+    and concurrent reloads run one after another."""
+    lock = engine.__dict__.setdefault("_cascade_reload_lock", asyncio.Lock())
+    async with lock:
+        cfg, cals, shadows, extra = await asyncio.to_thread(_plan, engine, config_path)
+        return _swap(engine, cfg, cals, shadows, extra, config_path)
+
+
+def install_sighup(engine: Any, config_path: str | None) -> Callable[[], None] | None:
+    """Reload on SIGHUP (main thread of a Unix server only); returns a function that removes the handler,
+    or None where no handler could be installed (e.g. a server running in a thread)."""
+    sig = getattr(signal, "SIGHUP", None)
+    if sig is None:
+        return None
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    async def run() -> None:
+        from cascade.errors import CascadeError
+
+        started = time.perf_counter()
+        try:
+            await reload_engine_async(engine, config_path)
+            log.info("SIGHUP reload done in %.1f ms", (time.perf_counter() - started) * 1e3)
+        except CascadeError as exc:
+            log.error("SIGHUP reload failed, the previous calibrators stay: %s", exc)
+        except Exception:  # noqa: BLE001 - a bad reload must never take the server down
+            log.exception("SIGHUP reload failed, the previous calibrators stay")
+
+    def handler() -> None:
+        t = loop.create_task(run())
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(sig, handler)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return None
+
+    def remove() -> None:
+        try:
+            loop.remove_signal_handler(sig)
+        except (ValueError, RuntimeError):  # pragma: no cover - loop already closed
+            pass
+
+    return remove
+
+
+__all__ = ["LABEL_SOURCES", "activate", "artifact_path", "authorize_admin", "install_sighup", "labelled_answers",
+           "recalibrate", "recalibrate_text", "reload_engine", "reload_engine_async"]

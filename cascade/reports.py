@@ -1,0 +1,479 @@
+"""Reports read from the ledger: where the money goes (``cascade report``) and what shadow policies would
+have done (``cascade shadow report``).
+
+Every query is plain SQL with ``?`` placeholders, run unchanged on SQLite and PostgreSQL (window
+functions for the heavy tail, ``FLOOR`` for days). Aggregation happens in the database: a report over a
+million requests moves a handful of rows to Python.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cascade.errors import ConfigError, LedgerError
+from cascade.ledger import Ledger, _redact
+
+REPORT_BY = ("tier", "policy", "key", "day")
+
+_GROUP_SQL = {
+    "tier": "COALESCE(tier, '(none)')",
+    "policy": "policy",
+    "key": "COALESCE(api_key_id, '(none)')",
+    "day": "FLOOR(created_at / 86400)",
+}
+
+#: the columns of one cost-report row, in CSV order (``attempts``/``attempt_*`` only with --by tier)
+COST_COLUMNS = ("group", "requests", "answered", "errors", "escalated", "escalation_rate", "spend_usd",
+                "escalation_waste_usd", "waste_share", "baseline_usd", "baseline_estimated", "cost_vs_baseline",
+                "savings_usd", "savings_pct", "top1pct_cost_share", "top10pct_cost_share", "prompt_tokens",
+                "completion_tokens", "mean_latency_ms")
+TIER_COLUMNS = ("attempts", "attempt_spend_usd", "attempt_waste_usd")
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str | None, *, now: float | None = None) -> float | None:
+    """``--since``: an ISO date or time (UTC unless it says otherwise), a relative age (30m, 24h, 7d, 2w),
+    or UNIX seconds. Returns UNIX seconds, or None for no lower bound."""
+    if text is None or not str(text).strip():
+        return None
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", s, flags=re.IGNORECASE)
+    if m:
+        return (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if re.fullmatch(r"\d{9,}(?:\.\d+)?", s):
+        return float(s)
+    try:
+        dt = datetime.fromisoformat(s.replace("z", "Z"))
+    except ValueError:
+        raise ConfigError(f"--since: cannot read {s!r}; use an ISO date or time (2026-01-31, 2026-01-31T12:00Z), "
+                          "a relative age (30m, 24h, 7d, 2w) or UNIX seconds") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _ensure_sql_functions(ledger: Ledger) -> None:
+    """SQLite builds without the math functions lack FLOOR and LN: give them both (PostgreSQL has them)."""
+    if ledger.dialect.name != "sqlite":
+        return
+    try:
+        ledger.execute("SELECT FLOOR(1.5), LN(2.0)")
+    except LedgerError:
+        conn = ledger._require()
+        conn.create_function("FLOOR", 1, lambda x: None if x is None else float(math.floor(x)), deterministic=True)
+        conn.create_function("LN", 1, lambda x: None if x is None or x <= 0 else math.log(x), deterministic=True)
+
+
+def _div(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _where(since: float | None, col: str = "created_at") -> tuple[str, tuple]:
+    return (f" WHERE {col} >= ?", (since,)) if since is not None else ("", ())
+
+
+# --- cost report -----------------------------------------------------------------------------------
+
+
+def _day_label(v: Any) -> str:
+    return datetime.fromtimestamp(int(float(v)) * 86400, UTC).date().isoformat()
+
+
+#: cost buckets 1% wide on a log scale: the heavy tail is read from this histogram, exact except within
+#: the one bucket where the top 1% (10%) ends, where costs are taken at the bucket's mean
+_BUCKET_SQL_COST = "CASE WHEN cost_usd > 0 THEN FLOOR(LN(cost_usd) * 100) ELSE -1000000 END"
+
+
+def _top_share(hist: dict[Any, list[float]], n: int, frac_den: int) -> float:
+    """Cost of the costliest ceil(n / frac_den) requests, from a {bucket: [count, cost]} histogram."""
+    k = -(-n // frac_den)
+    top = 0.0
+    for b in sorted(hist, key=float, reverse=True):
+        cnt, cost = hist[b]
+        if k <= 0:
+            break
+        take = min(cnt, k)
+        top += cost * take / cnt
+        k -= take
+    return top
+
+
+def cost_report_sql(by: str, since: float | None) -> str:
+    """The report's one scan of the requests (``?``: the ``since`` bound, when there is one)."""
+    g = _GROUP_SQL[by]
+    where, _ = _where(since)
+    return (f"SELECT {g}, {_BUCKET_SQL_COST}, COUNT(*), "
+            "SUM(CASE WHEN status IN ('ok', 'partial') THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN status IN ('ok', 'partial') THEN escalated ELSE 0 END), "
+            "SUM(cost_usd), SUM(escalation_waste_usd), SUM(baseline_cost_usd), SUM(baseline_estimated), "
+            "SUM(prompt_tokens), SUM(completion_tokens), SUM(latency_ms) "
+            f"FROM requests{where} GROUP BY {g}, {_BUCKET_SQL_COST}")
+
+
+def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) -> dict[str, Any]:
+    """Spend, requests, escalation rate and waste, cost against the last-tier-alone baseline, savings and
+    the heavy tail, per group of requests (``by``: tier = the tier that served, policy, key, day), plus
+    the total. With ``by="tier"`` each row also has the cost of every attempt made on that tier.
+
+    One scan of the requests in the window, grouped by (group, cost bucket): the sums per group and the
+    cost histogram behind the heavy tail come from the same rows.
+    """
+    if by not in REPORT_BY:
+        raise ConfigError(f"--by: unknown grouping {by!r}; choose from {', '.join(REPORT_BY)}")
+    _ensure_sql_functions(ledger)
+    params = (since,) if since is not None else ()
+    rows = ledger.execute(cost_report_sql(by, since), params)
+    fields = ("requests", "answered", "escalated", "spend", "waste", "baseline", "baseline_estimated",
+              "prompt_tokens", "completion_tokens", "latency_ms")
+    sums: dict[Any, dict[str, float]] = {}
+    hists: dict[Any, dict[Any, list[float]]] = {}
+    total_hist: dict[Any, list[float]] = {}
+    for grp, bucket, *vals in rows:
+        acc = sums.setdefault(grp, dict.fromkeys(fields, 0))
+        for f, v in zip(fields, vals, strict=True):
+            acc[f] += v or 0
+        cnt, cost = int(vals[0]), float(vals[3] or 0.0)
+        hists.setdefault(grp, {})[bucket] = [cnt, cost]
+        t = total_hist.setdefault(bucket, [0, 0.0])
+        t[0] += cnt
+        t[1] += cost
+    attempts: dict[Any, tuple] = {}
+    if by == "tier":
+        if since is None:
+            sql = ("SELECT tier, COUNT(*), SUM(cost_usd), SUM(CASE WHEN kept = 0 THEN cost_usd ELSE 0 END) "
+                   "FROM attempts GROUP BY tier")
+        else:
+            # requests in the window first, then their attempts by primary key (CROSS JOIN keeps SQLite
+            # from scanning every attempt instead; PostgreSQL plans it as any inner join)
+            sql = ("SELECT a.tier, COUNT(*), SUM(a.cost_usd), SUM(CASE WHEN a.kept = 0 THEN a.cost_usd ELSE 0 END) "
+                   "FROM requests r CROSS JOIN attempts a WHERE a.request_id = r.request_id AND r.created_at >= ? "
+                   "GROUP BY a.tier")
+        attempts = {r[0]: r[1:] for r in ledger.execute(sql, params)}
+
+    def shape(label: Any, r: dict[str, float] | None, hist: dict[Any, list[float]] | None) -> dict[str, Any]:
+        r = r or dict.fromkeys(fields, 0)
+        n, answered, escalated = int(r["requests"]), int(r["answered"]), int(r["escalated"])
+        spend, waste, base = float(r["spend"]), float(r["waste"]), float(r["baseline"])
+        hist = hist or {}
+        out = {
+            "group": label, "requests": n, "answered": answered, "errors": n - answered, "escalated": escalated,
+            "escalation_rate": _div(escalated, answered), "spend_usd": spend, "escalation_waste_usd": waste,
+            "waste_share": _div(waste, spend), "baseline_usd": base,
+            "baseline_estimated": int(r["baseline_estimated"]),
+            "cost_vs_baseline": _div(spend, base), "savings_usd": base - spend,
+            "savings_pct": None if not base else 100.0 * (base - spend) / base,
+            "top1pct_cost_share": _div(_top_share(hist, n, 100), spend) if n else None,
+            "top10pct_cost_share": _div(_top_share(hist, n, 10), spend) if n else None,
+            "prompt_tokens": int(r["prompt_tokens"]), "completion_tokens": int(r["completion_tokens"]),
+            "mean_latency_ms": _div(float(r["latency_ms"]), n),
+        }
+        if by == "tier":
+            a = attempts.get(label) or (0, 0.0, 0.0)
+            out.update(attempts=int(a[0] or 0), attempt_spend_usd=float(a[1] or 0.0),
+                       attempt_waste_usd=float(a[2] or 0.0))
+        return out
+
+    keys = set(sums) | set(attempts)
+    if by == "day":
+        groups = [shape(_day_label(k), sums.get(k), hists.get(k)) for k in sorted(keys, key=float)]
+    else:
+        groups = [shape(k, sums.get(k), hists.get(k)) for k in keys]
+        # by what the group cost; with --by tier a tier that never served still cost its attempts
+        groups.sort(key=lambda d: (-(d["spend_usd"] + d.get("attempt_spend_usd", 0.0)), str(d["group"])))
+    total = dict.fromkeys(fields, 0)
+    for acc in sums.values():
+        for f in fields:
+            total[f] += acc[f]
+    tot = shape("(all)", total, total_hist)
+    if by == "tier":
+        tot.update(attempts=sum(d["attempts"] for d in groups),
+                   attempt_spend_usd=sum(d["attempt_spend_usd"] for d in groups),
+                   attempt_waste_usd=sum(d["attempt_waste_usd"] for d in groups))
+    return {"report": "cost", "by": by, "since": _iso(since), "ledger": _redact(ledger.target),
+            "generated_at": _iso(time.time()), "groups": groups, "total": tot}
+
+
+def cost_report_csv(report: dict[str, Any]) -> str:
+    cols = list(COST_COLUMNS) + (list(TIER_COLUMNS) if report["by"] == "tier" else [])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in [*report["groups"], report["total"]]:
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
+    return buf.getvalue()
+
+
+def _money(x: float | None) -> str:
+    if x is None:
+        return "-"
+    sign = "-" if x < 0 else ""
+    return f"{sign}${abs(x):,.2f}" if abs(x) >= 100 else f"{sign}${abs(x):.6f}"
+
+
+def wilson_lower(k: int, n: int, z: float = 1.96) -> float:
+    """Lower end of the Wilson score interval of k/n: ranks small groups below large ones with the same rate."""
+    if n <= 0:
+        return 0.0
+    p = k / n
+    d = 1 + z * z / n
+    return max(0.0, (p + z * z / (2 * n) - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / d)
+
+
+def _pct(x: float | None, scale: float = 100.0) -> str:
+    return "-" if x is None else f"{x * scale:.1f}%"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def cost_report_text(report: dict[str, Any]) -> str:
+    headers = ["group", "requests", "spend", "esc.rate", "waste", "last-tier-alone", "savings", "saved",
+               "top1%", "top10%"]
+    if report["by"] == "tier":
+        headers += ["attempts", "tier spend"]
+
+    def cells(d: dict[str, Any]) -> list[str]:
+        c = [str(d["group"]), f"{d['requests']:,}", _money(d["spend_usd"]), _pct(d["escalation_rate"]),
+             _money(d["escalation_waste_usd"]), _money(d["baseline_usd"]), _money(d["savings_usd"]),
+             _pct(d["savings_pct"], 1.0), _pct(d["top1pct_cost_share"]), _pct(d["top10pct_cost_share"])]
+        if report["by"] == "tier":
+            c += [f"{d['attempts']:,}", _money(d["attempt_spend_usd"])]
+        return c
+
+    rows = [cells(d) for d in report["groups"]] + [cells(report["total"])]
+    title = (f"cost report by {report['by']}" + (f" since {report['since']}" if report["since"] else "")
+             + f" ({report['ledger']})")
+    t = report["total"]
+    foot = (f"{t['requests']:,} requests, {t['errors']:,} failed; baseline estimated for {t['baseline_estimated']:,} "
+            "(the last tier did not run); top1%/top10%: share of spend from the costliest 1%/10% of requests")
+    return "\n".join([title, "", _table(headers, rows, [False] + [True] * (len(headers) - 1)), "", foot])
+
+
+def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
+    """Spend against the last-tier-alone baseline per group (bars), escalation rate (line)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - matplotlib is an optional extra
+        raise ConfigError("--plot needs matplotlib (pip install 'cascade-engine[calibration]')") from exc
+    import numpy as np
+
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    groups = report["groups"] or [report["total"]]
+    labels = [str(g["group"]) for g in groups]
+    x = np.arange(len(groups))
+    w = 0.38
+    fig, ax = plt.subplots(figsize=(max(6.0, min(0.35 * len(groups) + 4, 14.0)), 4.8))
+    ax.bar(x - w / 2, [g["baseline_usd"] for g in groups], w, label="last tier alone", color="tab:gray", alpha=0.7)
+    ax.bar(x + w / 2, [g["spend_usd"] for g in groups], w, label="cascade spend", color="tab:blue")
+    ax.bar(x + w / 2, [g["escalation_waste_usd"] for g in groups], w, label="of which escalation waste",
+           color="tab:red", alpha=0.8)
+    ax.set_ylabel("USD")
+    ax.set_xticks(x, labels, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+    ax2 = ax.twinx()
+    rates = [np.nan if g["escalation_rate"] is None else 100 * g["escalation_rate"] for g in groups]
+    # a line only joins days; between other groups it would suggest an order that is not there
+    ax2.plot(x, rates, color="tab:orange", marker="D", ls="-" if report["by"] == "day" else "none",
+             label="escalation rate (right axis)")
+    ax2.set_ylabel("escalation rate (%)")
+    ax2.set_ylim(0, 105)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.16 if len(groups) <= 4 else -0.28),
+              ncol=2, fontsize=8, frameon=False)
+    t = report["total"]
+    saved = "-" if t["savings_pct"] is None else f"{t['savings_pct']:.1f}%"
+    ax.set_title(f"spend by {report['by']}: {t['requests']:,} requests, saved {saved} vs the last tier alone",
+                 fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+# --- shadow report ---------------------------------------------------------------------------------
+
+_BUCKET_SQL = ("CASE WHEN r.n_attempts = 0 THEN '0' "
+               "WHEN r.prompt_tokens / r.n_attempts < 32 THEN '<32' "
+               "WHEN r.prompt_tokens / r.n_attempts < 128 THEN '32-127' "
+               "WHEN r.prompt_tokens / r.n_attempts < 512 THEN '128-511' "
+               "WHEN r.prompt_tokens / r.n_attempts < 2048 THEN '512-2047' ELSE '2048+' END")
+_CHEAPER = "s.status = 'known' AND s.diverges = 1 AND s.cost_usd < r.cost_usd"
+
+
+def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, min_group: int = 1,
+                  shadows: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per shadow: divergence rate, predicted cost and escalation-rate deltas, quality signals of the
+    served answer where the shadow would have kept a cheaper one, and the most divergent request groups.
+
+    Cost and escalation deltas compare shadow and live on the requests where the shadow's outcome is
+    known (``unknown`` ones, which needed a tier the live path did not run, are counted apart). Groups are
+    (policy, user tier, endpoint, prompt-length bucket), ranked by the lower end of the 95% interval of
+    their divergence rate. ``shadows`` (the config's, optional) adds each shadow's description.
+    """
+    where, params = _where(since, "s.created_at")
+    and_ = f"{where} AND" if where else " WHERE"
+    known, div = "s.status = 'known'", "s.status = 'known' AND s.diverges = 1"
+    pricier = "s.status = 'known' AND s.diverges = 1 AND s.cost_usd > r.cost_usd"
+    # one scan: per (shadow, group) every sum the report needs; the per-shadow figures are their totals
+    group_rows = ledger.execute(
+        "SELECT s.shadow, r.policy, COALESCE(r.user_tier, '(none)'), r.endpoint, "
+        f"{_BUCKET_SQL}, COUNT(*), "
+        f"SUM(CASE WHEN {known} THEN 1 ELSE 0 END), SUM(CASE WHEN {div} THEN 1 ELSE 0 END), "
+        f"SUM(CASE WHEN {known} THEN s.cost_usd ELSE 0 END), SUM(CASE WHEN {known} THEN r.cost_usd ELSE 0 END), "
+        f"SUM(CASE WHEN {known} THEN s.escalated ELSE 0 END), SUM(CASE WHEN {known} THEN r.escalated ELSE 0 END), "
+        f"SUM(CASE WHEN {_CHEAPER} THEN 1 ELSE 0 END), SUM(CASE WHEN {_CHEAPER} THEN r.cost_usd - s.cost_usd ELSE 0 END), "
+        f"SUM(CASE WHEN {pricier} THEN 1 ELSE 0 END), SUM(CASE WHEN {pricier} THEN s.cost_usd - r.cost_usd ELSE 0 END), "
+        f"MIN(CASE WHEN {div} THEN s.request_id END), MAX(CASE WHEN {div} THEN s.request_id END) "
+        f"FROM shadow_decisions s JOIN requests r ON r.request_id = s.request_id{where} "
+        f"GROUP BY s.shadow, r.policy, COALESCE(r.user_tier, '(none)'), r.endpoint, {_BUCKET_SQL}", params)
+    reasons: dict[str, list[dict[str, Any]]] = {}
+    for name, reason, n in ledger.execute(
+            f"SELECT s.shadow, s.reason, COUNT(*) FROM shadow_decisions s{and_} s.status = 'unknown' "
+            "GROUP BY s.shadow, s.reason", params):
+        reasons.setdefault(name, []).append({"reason": reason, "requests": int(n)})
+    feedback: dict[tuple[str, str], dict[int, int]] = {}
+    for name, score, n_cheaper, n_known in ledger.execute(
+            f"SELECT s.shadow, f.score, SUM(CASE WHEN {_CHEAPER} THEN 1 ELSE 0 END), COUNT(*) "
+            "FROM feedback f JOIN shadow_decisions s ON s.request_id = f.request_id "
+            f"JOIN requests r ON r.request_id = s.request_id{and_} {known} GROUP BY s.shadow, f.score", params):
+        feedback.setdefault((name, "cheaper"), {})[int(score)] = int(n_cheaper or 0)
+        feedback.setdefault((name, "known"), {})[int(score)] = int(n_known or 0)
+    agreement: dict[tuple[str, str], tuple[int, int]] = {}
+    same = "sa.answer_sig = ka.answer_sig"
+    for name, n_ch, ag_ch, n_div, ag_div in ledger.execute(
+            f"SELECT s.shadow, SUM(CASE WHEN {_CHEAPER} THEN 1 ELSE 0 END), "
+            f"SUM(CASE WHEN {_CHEAPER} AND {same} THEN 1 ELSE 0 END), COUNT(*), "
+            f"SUM(CASE WHEN {same} THEN 1 ELSE 0 END) "
+            "FROM shadow_decisions s JOIN requests r ON r.request_id = s.request_id "
+            "JOIN attempts sa ON sa.request_id = s.request_id AND sa.tier = s.tier "
+            "AND sa.error_class IS NULL AND sa.answer_sig IS NOT NULL "
+            "JOIN attempts ka ON ka.request_id = s.request_id AND ka.kept = 1 AND ka.answer_sig IS NOT NULL"
+            f"{and_} {div} GROUP BY s.shadow", params):
+        agreement[(name, "cheaper")] = (int(n_ch or 0), int(ag_ch or 0))
+        agreement[(name, "known")] = (int(n_div or 0), int(ag_div or 0))
+
+    def fb_block(name: str, subset: str) -> dict[str, Any]:
+        counts = {k: v for k, v in feedback.get((name, subset), {}).items() if v}
+        n = sum(counts.values())
+        return {"n": n, "up": counts.get(1, 0), "neutral": counts.get(0, 0), "down": counts.get(-1, 0),
+                "mean_score": _div(sum(k * v for k, v in counts.items()), n)}
+
+    def ag_block(name: str, subset: str) -> dict[str, Any]:
+        n, agree = agreement.get((name, subset), (0, 0))
+        return {"n": n, "agree": agree, "rate": _div(agree, n)}
+
+    sums: dict[str, list[float]] = {}
+    policies: dict[str, set[str]] = {}
+    groups_of: dict[str, list[dict[str, Any]]] = {}
+    for (name, policy, user_tier, endpoint, bucket, *vals, ex_min, ex_max) in group_rows:
+        acc = sums.setdefault(name, [0.0] * len(vals))
+        for i, v in enumerate(vals):
+            acc[i] += v or 0
+        policies.setdefault(name, set()).add(policy)
+        n, gk, gd = int(vals[0]), int(vals[1] or 0), int(vals[2] or 0)
+        if gk < min_group or gd == 0:
+            continue
+        groups_of.setdefault(name, []).append({
+            "policy": policy, "user_tier": user_tier, "endpoint": endpoint, "prompt_tokens": bucket,
+            "requests": n, "known": gk, "diverged": gd, "divergence_rate": _div(gd, gk),
+            "divergence_rate_lower95": wilson_lower(gd, gk),
+            "cost_delta_usd": float(vals[3] or 0.0) - float(vals[4] or 0.0),
+            "example_request_ids": sorted({ex_min, ex_max} - {None})})
+    cfg = shadows or {}
+    out = []
+    for name in sorted(sums):
+        (n, known_n, div_n, sh_cost, live_cost, sh_esc_n, live_esc_n, cheaper_n, cheaper_saved, pricier_n,
+         pricier_extra) = sums[name]
+        n, known_n, div_n = int(n), int(known_n), int(div_n)
+        live_esc, sh_esc = _div(int(live_esc_n), known_n), _div(int(sh_esc_n), known_n)
+        groups = sorted(groups_of.get(name, []), key=lambda d: (-d["divergence_rate_lower95"], -d["diverged"],
+                                                                 d["policy"], d["user_tier"], d["endpoint"],
+                                                                 d["prompt_tokens"]))[:top]
+        sc = cfg.get(name)
+        seen = policies.get(name, set())
+        out.append({
+            "shadow": name, "of": getattr(sc, "of", None) or (next(iter(seen)) if len(seen) == 1 else None),
+            "description": getattr(sc, "description", "") or "",
+            "requests": n, "known": known_n, "unknown": n - known_n, "unknown_rate": _div(n - known_n, n),
+            "unknown_reasons": sorted(reasons.get(name, []), key=lambda d: (-d["requests"], d["reason"])),
+            "diverged": div_n, "divergence_rate": _div(div_n, known_n),
+            "live_cost_usd": live_cost, "shadow_cost_usd": sh_cost, "cost_delta_usd": sh_cost - live_cost,
+            "cost_delta_pct": None if not live_cost else 100.0 * (sh_cost - live_cost) / live_cost,
+            "live_escalation_rate": live_esc, "shadow_escalation_rate": sh_esc,
+            "escalation_rate_delta": None if live_esc is None or sh_esc is None else sh_esc - live_esc,
+            "cheaper": {"requests": int(cheaper_n), "saved_usd": float(cheaper_saved),
+                        "feedback": fb_block(name, "cheaper"), "agreement": ag_block(name, "cheaper")},
+            "pricier": {"requests": int(pricier_n), "extra_usd": float(pricier_extra)},
+            "served_feedback_known": fb_block(name, "known"),
+            "agreement_diverged": ag_block(name, "known"),
+            "groups": groups,
+        })
+    return {"report": "shadow", "since": _iso(since), "ledger": _redact(ledger.target),
+            "generated_at": _iso(time.time()), "shadows": out}
+
+
+def shadow_report_text(report: dict[str, Any]) -> str:
+    lines = [f"shadow report" + (f" since {report['since']}" if report["since"] else "") + f" ({report['ledger']})"]
+    if not report["shadows"]:
+        lines.append("\nno shadow decisions in the ledger (configure `shadows:` and serve some traffic)")
+    for s in report["shadows"]:
+        lines += ["", f"shadow {s['shadow']!r} of policy {s['of']!r}" + (f": {s['description']}" if s["description"] else "")]
+        lines.append(f"  requests {s['requests']:,}: known {s['known']:,}, unknown {s['unknown']:,} "
+                     f"({_pct(s['unknown_rate'])})")
+        for r in s["unknown_reasons"][:3]:
+            lines.append(f"    unknown: {r['requests']:,} x {r['reason']}")
+        lines.append(f"  divergence rate  {_pct(s['divergence_rate'])} ({s['diverged']:,} of {s['known']:,} known)")
+        lines.append(f"  cost (known)     live {_money(s['live_cost_usd'])}  shadow {_money(s['shadow_cost_usd'])}  "
+                     f"delta {_money(s['cost_delta_usd'])}"
+                     + ("" if s["cost_delta_pct"] is None else f" ({s['cost_delta_pct']:+.1f}%)"))
+        esc_d = s["escalation_rate_delta"]
+        lines.append(f"  escalation rate  live {_pct(s['live_escalation_rate'])}  shadow {_pct(s['shadow_escalation_rate'])}"
+                     f"  delta {'-' if esc_d is None else f'{100 * esc_d:+.1f} pts'}")
+        c = s["cheaper"]
+        fb, ag = c["feedback"], c["agreement"]
+        lines.append(f"  would keep a cheaper answer: {c['requests']:,} requests, saving {_money(c['saved_usd'])}")
+        lines.append(f"    feedback on the answer served: {fb['up']} up / {fb['neutral']} neutral / {fb['down']} down"
+                     + ("" if fb["mean_score"] is None else f" (mean {fb['mean_score']:+.2f})"))
+        lines.append(f"    cheaper answer agrees with the one served: {ag['agree']}/{ag['n']}"
+                     + ("" if ag["rate"] is None else f" ({_pct(ag['rate'])})"))
+        p = s["pricier"]
+        lines.append(f"  would pay more: {p['requests']:,} requests, {_money(p['extra_usd'])} extra")
+        if s["groups"]:
+            lines.append("  most divergent groups (policy / user tier / endpoint / prompt tokens):")
+            rows = [[g["policy"], g["user_tier"], g["endpoint"], g["prompt_tokens"], f"{g['diverged']}/{g['known']}",
+                     _pct(g["divergence_rate"]), _money(g["cost_delta_usd"]),
+                     ",".join(g["example_request_ids"][:2])] for g in s["groups"]]
+            tbl = _table(["policy", "user tier", "endpoint", "prompt", "diverged", "rate", "cost delta", "e.g."],
+                         rows, [False, False, False, False, True, True, True, False])
+            lines += ["    " + ln for ln in tbl.splitlines()]
+    return "\n".join(lines)
+
+
+__all__ = ["COST_COLUMNS", "REPORT_BY", "cost_report", "cost_report_csv", "cost_report_plot", "cost_report_text",
+           "parse_since", "shadow_report", "shadow_report_text"]

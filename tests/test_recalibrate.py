@@ -1,0 +1,241 @@
+"""Recalibration from the ledger of real traffic (tests/ops_traffic.py), live reloads (POST /admin/reload on
+the running server; SIGHUP to a `cascade serve` subprocess) without dropping requests, and drift alarms."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import REPO, free_port, tier
+from tests.ops_traffic import Traffic, ops_traffic, traffic  # noqa: F401 - fixture
+
+
+@pytest.fixture(scope="module")
+def recalibrated(pytestconfig) -> dict[str, Any]:  # noqa: ANN001
+    """`cascade recalibrate --from-ledger` once, activating version 1 of the small tier's calibrator."""
+    import contextlib
+    import io
+
+    from cascade.cli import main
+
+    t = ops_traffic(pytestconfig)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["recalibrate", "--from-ledger", "--config", str(t.config_path), "--tier", "small",
+                   "--min-samples", "6", "--out", str(t.cal_dir), "--activate", "--json"])
+    assert rc == 0, out.getvalue()
+    return json.loads(out.getvalue())
+
+
+def _confidence_check(ledger: Path, request_id: str, cal) -> tuple[float, float]:  # noqa: ANN001
+    with sqlite3.connect(ledger) as c:
+        feats, conf = c.execute("SELECT features, confidence FROM attempts WHERE request_id=? AND tier='small'",
+                                (request_id,)).fetchone()
+    return conf, cal.predict_one(json.loads(feats))
+
+
+def test_recalibrate_from_feedback_and_agreement_writes_a_versioned_artifact(traffic, recalibrated):
+    from calibration.calibrators import load_calibrator
+    from cascade.config import load_config
+    from cascade.engine import Engine
+
+    rep = recalibrated
+    lab = rep["labels"]
+    assert lab["feedback"] >= 1 and lab["agreement"] >= 1  # both label sources were used
+    assert lab["right"] >= 2 and lab["wrong"] >= 2 and rep["n"] == lab["feedback"] + lab["agreement"]
+    assert rep["n_fit"] + rep["n_heldout"] == rep["n"] and rep["n_heldout"] >= 2
+    for k in ("ece", "brier", "nll"):
+        assert 0 <= rep["heldout"]["old"][k] and 0 <= rep["heldout"]["new"][k]
+    assert rep["ece_old"] == rep["heldout"]["old"]["ece"] and rep["ece_new"] == rep["heldout"]["new"]["ece"]
+    art = Path(rep["artifact"])
+    assert art == traffic.cal_dir / "small.v1.json" and rep["version"] == 1
+    link = traffic.cal_dir / "small.json"
+    assert link.is_symlink() and os.readlink(link) == "small.v1.json"
+    cal = load_calibrator(art)
+    fo = cal.fitted_on
+    assert fo["source"] == "ledger" and fo["tier"] == "small" and fo["version"] == 1 and fo["n"] == rep["n"]
+    assert fo["labels"]["feedback"] == lab["feedback"] and fo["previous"]["params"] == {"temperature": 1.0}
+    assert set(cal.metrics["heldout"]) == {"old", "new"}
+    # the engine loads it through the config, which names the `small.json` link
+    async def engine_calibrator() -> dict:
+        eng = await Engine.open(load_config(traffic.config_path, environ={}))
+        try:
+            return eng.tiers["small"].calibrator.to_dict()
+        finally:
+            await eng.close()
+
+    import asyncio
+
+    loaded = asyncio.run(engine_calibrator())
+    assert loaded["params"] == cal.params() and loaded["fitted_on"]["version"] == 1
+    # text output, and a second run makes version 2 without touching version 1
+    from cascade.cli import main
+
+    assert main(["recalibrate", "--from-ledger", "--config", str(traffic.config_path), "--min-samples", "6",
+                 "--out", str(traffic.dir / "elsewhere")]) == 0
+    assert (traffic.dir / "elsewhere" / "small.v2.json").exists() and art.exists()
+
+
+def test_recalibrate_refuses_too_few_labels(traffic, capsys):
+    from cascade.cli import main
+
+    assert main(["recalibrate", "--from-ledger", "--config", str(traffic.config_path), "--min-samples", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"only \d+ labelled answers of tier 'small' .*from feedback.*--min-samples is 5000", err), err
+    assert main(["recalibrate", "--config", str(traffic.config_path)]) == 2
+    assert "--from-ledger" in capsys.readouterr().err
+
+
+def test_admin_reload_swaps_the_calibrator_without_dropping_requests(traffic, recalibrated):
+    from calibration.calibrators import load_calibrator
+
+    new = load_calibrator(recalibrated["artifact"])
+    with httpx.Client(base_url=traffic.url, timeout=300) as c:
+        r = c.post("/admin/reload", headers=traffic.headers("free-1"))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only"
+        assert c.post("/admin/reload").status_code == 401
+        body = {"model": "cascade", "messages": [{"role": "user", "content": "Name a colour."}]}
+        done: dict[str, Any] = {}
+        th = threading.Thread(target=lambda: done.update(
+            r=c.post("/v1/chat/completions", json=body, headers=traffic.headers("paid-1"))))
+        th.start()  # a request in flight while the calibrators are swapped
+        time.sleep(0.05)
+        rel = c.post("/admin/reload", headers=traffic.headers("ops-1"))
+        th.join()
+        assert rel.status_code == 200, rel.text
+        assert done["r"].status_code == 200
+        small = rel.json()["tiers"]["small"]
+        assert small["version"] == 1 and small["method"] == new.method
+        assert rel.json()["source"] == str(traffic.config_path) and rel.json()["not_applied"] == []
+        after = c.post("/v1/chat/completions", json=body, headers=traffic.headers("paid-1")).json()
+    conf, expect = _confidence_check(traffic.ledger, after["cascade"]["request_id"], new)
+    assert conf == pytest.approx(expect)
+
+
+def test_sighup_reloads_a_cascade_serve_process(tmp_path, recalibrated):
+    from calibration.calibrators import TemperatureScaling, load_calibrator, save_calibrator
+    from cascade.recalibrate import activate
+
+    cal_dir = tmp_path / "cal"
+    save_calibrator(TemperatureScaling("mean_logprob", 1.0), cal_dir / "small.json")
+    port = free_port()
+    cfg = {"server": {"port": port, "log_level": "info"}, "ledger": {"path": str(tmp_path / "l.sqlite")},
+           "tiers": [tier("small", max_tokens=4, calibrator={"artifact": str(cal_dir / "small.json")},
+                          options={"threads": 1})],
+           "policies": {"one": {"chain": ["small"]}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    log = (tmp_path / "serve.log").open("w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(tmp_path / "c.yaml")],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    body = {"messages": [{"role": "user", "content": "What is the capital of Italy?"}]}
+    try:
+        with httpx.Client(base_url=url, timeout=300) as c:
+            deadline = time.monotonic() + 240
+            while True:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                try:
+                    if c.get("/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "cascade serve did not become ready"
+                time.sleep(0.2)
+            first = c.post("/v1/chat/completions", json=body).json()["cascade"]
+            conf, expect = _confidence_check(tmp_path / "l.sqlite", first["request_id"], TemperatureScaling())
+            assert conf == pytest.approx(expect)
+            shutil.copy(recalibrated["artifact"], cal_dir / "small.v1.json")
+            activate(cal_dir / "small.v1.json", "small")
+            done: dict[str, Any] = {}
+            th = threading.Thread(target=lambda: done.update(r=c.post("/v1/chat/completions", json=body)))
+            th.start()
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGHUP)  # while a request is in flight
+            th.join()
+            assert done["r"].status_code == 200
+            deadline = time.monotonic() + 60
+            while "SIGHUP reload done" not in (tmp_path / "serve.log").read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.1)
+            third = c.post("/v1/chat/completions", json=body).json()["cascade"]
+        new = load_calibrator(cal_dir / "small.v1.json")
+        conf, expect = _confidence_check(tmp_path / "l.sqlite", third["request_id"], new)
+        assert conf == pytest.approx(expect)
+        _, old = _confidence_check(tmp_path / "l.sqlite", third["request_id"], TemperatureScaling())
+        assert conf != pytest.approx(old)
+        assert "reloaded calibrators from" in (tmp_path / "serve.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            proc.kill()
+        log.close()
+
+
+# --- drift -----------------------------------------------------------------------------------------
+
+
+def _transitions(flags: list[int], window: int, lo: float, hi: float) -> int:
+    """Times the rolling escalation rate went out of [lo, hi] (judged once the window is full)."""
+    on, count = False, 0
+    for i in range(window, len(flags) + 1):
+        rate = sum(flags[i - window:i]) / window
+        out = not lo <= rate <= hi
+        count += out and not on
+        on = out
+    return count
+
+
+def test_drift_alarm_flips_on_the_forced_band(traffic: Traffic):
+    with httpx.Client(base_url=traffic.url, timeout=60) as c:
+        metrics = c.get("/metrics").text
+    assert re.search(r'^cascade_drift_alarm\{signal="escalation_rate"\} 1\.0$', metrics, re.M), metrics
+    assert re.search(r'^cascade_drift_alarm\{signal="ece"\} 1\.0$', metrics, re.M)
+    assert re.search(r'^cascade_drift_value\{signal="escalation_rate"\} [0-9.]+$', metrics, re.M)
+    flags = [r[0] for r in traffic.rows("SELECT escalated FROM requests WHERE policy = 'cascade' AND status = 'ok' "
+                                        "ORDER BY created_at")]
+    expected = _transitions(flags, 3, 0.0, 0.1)
+    on_lines = [m for m in traffic.drift_log if m.startswith("drift alarm on: escalation rate")]
+    assert expected >= 1 and len(on_lines) == expected, (flags, traffic.drift_log)
+    assert len([m for m in traffic.drift_log if m.startswith("drift alarm on: ECE")]) == 1
+
+
+def test_drift_monitor_logs_once_per_transition(caplog):
+    from prometheus_client import generate_latest
+
+    from cascade.config import DriftConfig
+    from cascade.drift import DriftMonitor
+    from cascade.types import CascadeRecord
+
+    mon = DriftMonitor(DriftConfig(window=4, escalation_rate=(0.0, 0.5)))
+
+    def feed(escalated: bool) -> None:
+        mon.observe(CascadeRecord(request_id="r", policy="p", created_at=0.0, tier="t", escalated=escalated,
+                                  confidence=0.5))
+
+    with caplog.at_level("INFO", logger="cascade.drift"):
+        for e in [1, 1, 1, 0]:  # rate 0.75 once the window fills
+            feed(bool(e))
+        for e in [1, 1]:       # still out of band: no new line
+            feed(bool(e))
+        for e in [0, 0, 0, 0]:  # back in band
+            feed(bool(e))
+    lines = [r.getMessage() for r in caplog.records if r.name == "cascade.drift"]
+    assert [ln.split(":")[0] for ln in lines] == ["drift alarm on", "drift alarm off"]
+    assert 'cascade_drift_alarm{signal="escalation_rate"} 0.0' in generate_latest(mon.registry).decode()

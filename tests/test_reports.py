@@ -1,0 +1,147 @@
+"""`cascade report` on a ledger produced by real traffic (tests/ops_traffic.py), on SQLite and on a real
+PostgreSQL server holding the same rows: every --by gives the same numbers, which match the ledger."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any
+
+import pytest
+
+from cascade.reports import COST_COLUMNS, REPORT_BY, TIER_COLUMNS, parse_since
+from tests.ops_traffic import traffic  # noqa: F401 - fixture
+from tests.pg import postgres  # noqa: F401 - fixture
+
+TABLES = ("requests", "attempts", "feedback", "shadow_decisions")
+
+
+def copy_ledger(src: str, dst: str) -> None:
+    """Every row of one ledger into another (SQLite -> PostgreSQL here), through the Ledger's own SQL."""
+    from cascade.ledger import Ledger
+
+    s, d = Ledger(src).open_sync(), Ledger(dst).open_sync()
+    try:
+        for table in TABLES:
+            rows = s.execute_dicts(f"SELECT * FROM {table}")
+            if not rows:
+                continue
+            cols = list(rows[0])
+            sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+            d._require().cursor().executemany(d.dialect.sql(sql), [tuple(r[c] for c in cols) for r in rows])
+    finally:
+        s.close_sync()
+        d.close_sync()
+
+
+def run_json(capsys, *argv: str) -> dict[str, Any]:
+    from cascade.cli import main
+
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def same(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            if k not in ("ledger", "generated_at", "plot"):
+                same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.fixture(scope="module")
+def pg_copy(request, tmp_path_factory):
+    """The traffic ledger copied into a fresh PostgreSQL database (skips where no server can start)."""
+    from tests.ops_traffic import ops_traffic
+
+    pg = request.getfixturevalue("postgres")
+    pg.reset()
+    t = ops_traffic(request.config)
+    copy_ledger(str(t.ledger), pg.url)
+    return pg.url
+
+
+def test_report_every_by_same_numbers_on_sqlite_and_postgresql(traffic, pg_copy, capsys):
+    t = traffic
+    # what the report must say, straight from the rows
+    n, spend, waste, base, escalated = t.rows(
+        "SELECT COUNT(*), SUM(cost_usd), SUM(escalation_waste_usd), SUM(baseline_cost_usd), "
+        "SUM(escalated) FROM requests")[0]
+    costs = sorted((r[0] for r in t.rows("SELECT cost_usd FROM requests")), reverse=True)
+    for by in REPORT_BY:
+        lite = run_json(capsys, "report", "--by", by, "--json", "--ledger", str(t.ledger))
+        pg = run_json(capsys, "report", "--by", by, "--json", "--ledger", pg_copy)
+        same(lite, pg)
+        tot = lite["total"]
+        assert tot["requests"] == n and tot["escalated"] == escalated
+        assert tot["spend_usd"] == pytest.approx(spend) and tot["escalation_waste_usd"] == pytest.approx(waste)
+        assert tot["baseline_usd"] == pytest.approx(base) and tot["savings_usd"] == pytest.approx(base - spend)
+        assert tot["escalation_rate"] == pytest.approx(escalated / n)
+        # the heavy tail: ceil(n/100) and ceil(n/10) costliest requests (1%-wide cost buckets)
+        assert tot["top1pct_cost_share"] == pytest.approx(sum(costs[:-(-n // 100)]) / spend, rel=0.01)
+        assert tot["top10pct_cost_share"] == pytest.approx(sum(costs[:-(-n // 10)]) / spend, rel=0.01)
+        assert sum(g["requests"] for g in lite["groups"]) == n
+        assert sum(g["spend_usd"] for g in lite["groups"]) == pytest.approx(spend)
+    by_policy = {g["group"]: g for g in run_json(capsys, "report", "--by", "policy", "--json", "--ledger",
+                                                   str(t.ledger))["groups"]}
+    assert set(by_policy) == {"cascade", "large"}
+    assert by_policy["large"]["savings_usd"] == pytest.approx(0.0)  # a pinned last tier is its own baseline
+    by_tier = run_json(capsys, "report", "--by", "tier", "--json", "--ledger", str(t.ledger))
+    attempt_spend = dict(t.rows("SELECT tier, SUM(cost_usd) FROM attempts GROUP BY tier"))
+    assert {g["group"]: pytest.approx(g["attempt_spend_usd"]) for g in by_tier["groups"]} == attempt_spend
+    by_key = {g["group"]: g["requests"] for g in run_json(capsys, "report", "--by", "key", "--json", "--ledger",
+                                                             str(t.ledger))["groups"]}
+    assert by_key == dict(t.rows("SELECT api_key_id, COUNT(*) FROM requests GROUP BY api_key_id"))
+    # --since: relative and ISO, on both databases
+    for ledger in (str(t.ledger), pg_copy):
+        assert run_json(capsys, "report", "--json", "--since", "24h", "--ledger", ledger)["total"]["requests"] == n
+        later = run_json(capsys, "report", "--json", "--by", "day", "--since", "2999-01-01", "--ledger", ledger)
+        assert later["total"]["requests"] == 0 and later["groups"] == []
+
+
+def test_report_csv_plot_and_text(traffic, capsys, tmp_path):
+    from cascade.cli import main
+
+    png = tmp_path / "spend.png"
+    assert main(["report", "--by", "tier", "--csv", "--plot", str(png), "--ledger", str(traffic.ledger)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert list(rows[0]) == [*COST_COLUMNS, *TIER_COLUMNS]
+    assert rows[-1]["group"] == "(all)"
+    assert int(rows[-1]["requests"]) == traffic.rows("SELECT COUNT(*) FROM requests")[0][0]
+    assert {r["group"] for r in rows[:-1]} >= {"small", "large"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert main(["report", "--by", "day", "--config", str(traffic.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "cost report by day" in out and "last-tier-alone" in out and "(all)" in out
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    from cascade.cli import main
+
+    assert main(["report", "--since", "yesterday-ish", "--ledger", str(tmp_path / "x.sqlite")]) == 2
+    assert "--since: cannot read 'yesterday-ish'" in capsys.readouterr().err
+    assert main(["report", "--ledger", str(tmp_path / "missing.sqlite")]) == 2
+    assert "no ledger at" in capsys.readouterr().err
+    assert not (tmp_path / "missing.sqlite").exists()  # a report never creates an empty ledger
+
+
+def test_parse_since():
+    now = 1_800_000_000.0
+    assert parse_since("24h", now=now) == now - 86400
+    assert parse_since("7d", now=now) == now - 7 * 86400
+    assert parse_since("30m", now=now) == now - 1800
+    assert parse_since("2w", now=now) == now - 14 * 86400
+    assert parse_since("2026-01-31") == 1769817600.0  # UTC midnight
+    assert parse_since("2026-01-31T12:00:00+02:00") == 1769817600.0 + 10 * 3600
+    assert parse_since("1769817600") == 1769817600.0
+    assert parse_since(None) is None
