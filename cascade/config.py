@@ -21,10 +21,10 @@ import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.errors import ConfigError
 
@@ -35,6 +35,17 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "CASCADE_LEDGER_PATH": ("ledger", "path"),
     "CASCADE_MODEL_CACHE": ("models", "cache_dir"),
 }
+
+
+def _unit_thresholds(v: dict[str, float]) -> dict[str, float]:
+    for k, t in v.items():
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"threshold for {k!r} must be within [0, 1], got {t}")
+    return v
+
+
+#: per-tier thresholds, each a probability
+Thresholds = Annotated[dict[str, float], AfterValidator(_unit_thresholds)]
 
 
 class _Strict(BaseModel):
@@ -173,16 +184,9 @@ class PolicyConfig(_Strict):
 
     chain: list[str] = Field(min_length=1)
     #: per-tier threshold overrides for this policy
-    thresholds: dict[str, float] = Field(default_factory=dict)
+    thresholds: Thresholds = Field(default_factory=dict)
     description: str = ""
 
-    @field_validator("thresholds")
-    @classmethod
-    def _in_unit_interval(cls, v: dict[str, float]) -> dict[str, float]:
-        for k, t in v.items():
-            if not 0.0 <= t <= 1.0:
-                raise ValueError(f"threshold for {k!r} must be within [0, 1], got {t}")
-        return v
 
 
 class ServerConfig(_Strict):
@@ -250,7 +254,7 @@ class ShadowConfig(_Strict):
     #: the shadow's chain (default: the live policy's chain)
     chain: list[str] | None = Field(None, min_length=1)
     #: per-tier thresholds (default: the live policy's)
-    thresholds: dict[str, float] = Field(default_factory=dict)
+    thresholds: Thresholds = Field(default_factory=dict)
     #: per-tier calibrators, inline or {artifact: path} (default: the live tier's)
     calibrators: dict[str, CalibratorConfig] = Field(default_factory=dict)
     #: sampled shadow execution (running tiers the live path skipped) is not implemented: must stay 0
@@ -258,13 +262,6 @@ class ShadowConfig(_Strict):
     sample_budget_usd: float = Field(0.0, ge=0.0)
     description: str = ""
 
-    @field_validator("thresholds")
-    @classmethod
-    def _in_unit_interval(cls, v: dict[str, float]) -> dict[str, float]:
-        for k, t in v.items():
-            if not 0.0 <= t <= 1.0:
-                raise ValueError(f"threshold for {k!r} must be within [0, 1], got {t}")
-        return v
 
     @field_validator("sample_rate")
     @classmethod
