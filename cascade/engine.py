@@ -194,18 +194,8 @@ class Engine:
         """Answer one request through its route; the record is in the ledger when this returns."""
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
         t0 = time.perf_counter()
-        route: Route | None = None
-        try:
-            route = self.resolve(model)
-            rec.policy = route.name
-            result = await self._run_route(route, request, rec, budget or Budget())
-            assert isinstance(result, GenerationResult)
-        except CascadeError as exc:
-            await self._record_failure(rec, exc, route, t0)
-            raise
-        except asyncio.CancelledError:
-            await self._record_failure(rec, None, route, t0)
-            raise
+        route, result = await self._start(rec, model, request, budget, t0, stream_last=False)
+        assert isinstance(result, GenerationResult)
         self._finish(rec, route=route, t0=t0)
         await self.ledger.record(rec, shadows=self.shadows.evaluate(rec))
         return Outcome(record=rec, result=result)
@@ -223,17 +213,7 @@ class Engine:
         """
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
         t0 = time.perf_counter()
-        route: Route | None = None
-        try:
-            route = self.resolve(model)
-            rec.policy = route.name
-            outcome = await self._run_route(route, request, rec, budget or Budget(), stream_last=True)
-        except CascadeError as exc:
-            await self._record_failure(rec, exc, route, t0)
-            raise
-        except asyncio.CancelledError:
-            await self._record_failure(rec, None, route, t0)
-            raise
+        route, outcome = await self._start(rec, model, request, budget, t0, stream_last=True)
         if isinstance(outcome, GenerationResult):  # a buffered answer was kept
             kept = next(a for a in rec.attempts if a.kept)
             self._finish(rec, route=route, t0=t0)
@@ -332,6 +312,21 @@ class Engine:
                         usage=Usage(att.prompt_tokens, att.completion_tokens))
 
     # --- shared steps -----------------------------------------------------------------------------
+    async def _start(self, rec: CascadeRecord, model: str | None, request: GenerationRequest,
+                     budget: Budget | None, t0: float, *, stream_last: bool) -> "tuple[Route, GenerationResult | _Live]":
+        """Resolve the route and run it; a failure is recorded in the ledger before it is raised."""
+        route: Route | None = None
+        try:
+            route = self.resolve(model)
+            rec.policy = route.name
+            return route, await self._run_route(route, request, rec, budget or Budget(), stream_last=stream_last)
+        except CascadeError as exc:
+            await self._record_failure(rec, exc, route, t0)
+            raise
+        except asyncio.CancelledError:
+            await self._record_failure(rec, None, route, t0)
+            raise
+
     def _new_record(self, model: str | None, endpoint: str, request_id: str | None,
                     api_key_id: str | None, user_tier: str | None) -> CascadeRecord:
         return CascadeRecord(request_id=request_id or new_request_id(), policy=model or "",
