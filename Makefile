@@ -68,3 +68,23 @@ test-vllm: models-test setup-vllm
 
 clean:
 	rm -rf $(STAMPS) $(VENV) $(VLLM_VENV) .pytest_cache
+
+# Benchmarks (docs/benchmarks.md). Answers are cached in results/live/cache: re-runs only add new questions.
+BENCH_CACHE := results/live/cache
+.PHONY: bench bench-full
+
+bench: setup
+	$(BIN)/cascade models prepare smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+	$(BIN)/python -m benchmarks.live_cascade --sets arc_easy,boolq,triviaqa --n 20 --chain qwen2.5-coder-0.5b,qwen2.5-coder-1.5b --out results/live/quick --cache $(BENCH_CACHE)
+	$(BIN)/python -m benchmarks.cost_quality --live results/live/quick
+	$(BIN)/python -m benchmarks.cost_quality --shared --out results/shared
+	$(BIN)/python -m benchmarks.overhead --quick --out results/overhead
+	$(BIN)/python -m benchmarks.report
+
+bench-full: setup
+	$(BIN)/cascade models prepare smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+	$(BIN)/python -m benchmarks.live_cascade --sets arc_easy,boolq,triviaqa,gsm8k --n 40,gsm8k=24 --chain smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b --out results/live/full --cache $(BENCH_CACHE)
+	$(BIN)/python -m benchmarks.cost_quality --live results/live/full
+	$(BIN)/python -m benchmarks.cost_quality --shared --out results/shared
+	$(BIN)/python -m benchmarks.overhead --out results/overhead
+	$(BIN)/python -m benchmarks.report

@@ -1,0 +1,185 @@
+"""Shared helpers of the benchmark scripts: paths, machine facts, JSON output, progress bars."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "results"
+ENV_DATA = "CASCADE_SHARED_DATA"
+
+
+def shared_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """The shared data folder: ``path``, else ``$CASCADE_SHARED_DATA``, else ``../shared/data``."""
+    if path:
+        return Path(path).expanduser()
+    env = os.environ.get(ENV_DATA)
+    if env:
+        return Path(env).expanduser()
+    return (REPO.parent / "shared" / "data").resolve()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma") if f in flags)
+    except OSError:
+        pass
+    return []
+
+
+def _mem_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def git_commit() -> dict[str, Any]:
+    """The checked-out commit and whether the tree had local changes (read-only git calls)."""
+    out: dict[str, Any] = {"commit": None, "dirty": None}
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                       timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        out["dirty"] = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def _version(mod: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(mod)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_facts(models: Sequence[str] = (), **extra: Any) -> dict[str, Any]:
+    """What a figure was measured on: cores, CPU, memory, versions, models, date, commit, load."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        affinity = os.cpu_count()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        load = None
+    facts = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cores": os.cpu_count(),
+        "cores_usable": affinity,
+        "memory_gb": _mem_gb(),
+        "load_average_1_5_15": load,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {m: _version(m) for m in ("cascade-engine", "torch", "transformers", "numpy", "fastapi",
+                                              "uvicorn", "httpx", "netcal", "matplotlib")},
+        "git": git_commit(),
+        "models": list(models),
+        "argv": sys.argv,
+    }
+    facts.update(extra)
+    return facts
+
+
+def to_jsonable(obj: Any) -> Any:
+    """JSON-safe: NaN/inf become null, numpy scalars and arrays become Python values."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+    tmp.replace(p)
+    return p
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def rel(path: str | os.PathLike[str]) -> str:
+    """A path relative to the repository when it is inside it (for reports), else as given."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        try:
+            return "../" + str(p.relative_to(REPO.parent))
+        except ValueError:
+            return str(p)
+
+
+@contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar on stderr (transient); yields ``advance(n=1, description=None)``."""
+    try:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+    except ImportError:  # pragma: no cover - rich is a core dependency
+        yield lambda n=1, description=None: None
+        return
+    if not enabled:
+        yield lambda n=1, description=None: None
+        return
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=not console.is_terminal) as prog:
+        task = prog.add_task(description, total=total)
+
+        def advance(n: int = 1, description: str | None = None) -> None:
+            if description:
+                prog.update(task, description=description)
+            prog.advance(task, n)
+
+        yield advance
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")

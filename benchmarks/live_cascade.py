@@ -1,0 +1,372 @@
+"""Live cost-quality run: question sets through every tier of a chain of real local models.
+
+    .venv/bin/python -m benchmarks.live_cascade --sets arc_easy,boolq,mmlu --n 20 \\
+        --chain smollm2-135m,qwen2.5-coder-0.5b [--out results/live] [--seed 0]
+
+Every question of a seeded sample goes through *every* tier (not just the ones a policy would consult),
+with the project's own :class:`TransformersBackend` (greedy, batched: all pending questions are submitted
+at once and the backend groups them), so any policy can be replayed offline afterwards.
+
+Per tier and question the cache keeps the parsed answer, its correctness (letter / numeric / alias
+graders, ``benchmarks.questions``), the features of ``calibration.features.extract_features`` over the
+answer's token logprobs, a raw confidence logprob (the answer letter's token logprob for multiple
+choice; the mean token logprob otherwise), the cost at the tier's price, the latency and token counts.
+
+Cache: ``CACHE/<set>/<model>.jsonl`` (default ``CACHE`` = ``OUT/cache``; runs with different chains or
+sizes can share one), one line per answered question, appended as answers arrive
+(an interrupted run resumes where it stopped; a larger ``--n`` extends the same seeded sample). A line
+is reused only when its settings key (a hash of the prompts, max tokens, stop strings, dtype, top-k)
+matches.
+
+Outputs, in the ``../shared/data/cascade_outputs/`` shape (``cascade replay`` runs on them):
+``OUT/<set>_<chain>_{train,test}.jsonl`` and ``OUT/mixed_<chain>_{train,test}.jsonl`` (all sets pooled);
+the train/test split alternates along the seeded permutation (fixed: never depends on results).
+Run facts: ``OUT/live_run_<chain>.json``.
+
+Prices: the tier prices of the embedded default config (``cascade/defaults/cpu.yaml``: Qwen 0.5B
+$0.50/$5.00, Qwen 1.5B $1.50/$15.00 per 1M input/output tokens). SmolLM2-135M is not in that config;
+it gets an amortised $0.15/$1.50: the same $0.10/h 2-core box, at the ~3.3x higher batched throughput
+SmolLM2 has over Qwen 0.5B on it (54.5 vs 16.6 tok/s at batch 8, ../shared/MODELS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import RESULTS, machine_facts, progress_bar, rel, shared_data_dir, write_json
+from benchmarks.questions import PROMPT_VERSION, QUESTION_SETS, Question, grade, load_question_set, sample_questions
+
+DEFAULT_CHAIN = ("smollm2-135m", "qwen2.5-coder-0.5b")
+DEFAULT_SETS = ("arc_easy", "arc_challenge", "boolq", "commonsense_qa", "openbook_qa", "mmlu", "gsm8k", "triviaqa")
+SHORT = {"smollm2-135m": "smol135m", "qwen2.5-coder-0.5b": "qc0.5b", "qwen2.5-coder-1.5b": "qc1.5b"}
+#: amortised price of the one catalog model that the embedded config has no tier for (see module doc)
+EXTRA_PRICES = {"smollm2-135m": {"input_per_1m": 0.15, "output_per_1m": 1.50}}
+TOP_LOGPROBS = 5
+
+
+def chain_label(chain: Sequence[str]) -> str:
+    return "-".join(SHORT.get(m, Path(m).name.replace("_", "-")) for m in chain)
+
+
+def tier_defaults(model: str) -> dict[str, Any]:
+    """Price and transformers options of ``model`` from the embedded default config (or EXTRA_PRICES)."""
+    from cascade.config import load_config
+
+    cfg = load_config(None, environ={})
+    for t in cfg.tiers:
+        if t.model == model:
+            return {"price": t.price.model_dump(), "options": dict(t.options), "source": "cascade/defaults/cpu.yaml"}
+    if model in EXTRA_PRICES:
+        return {"price": dict(EXTRA_PRICES[model]), "options": {"dtype": "float32"},
+                "source": "benchmarks/live_cascade.py EXTRA_PRICES (amortised)"}
+    raise SystemExit(f"live_cascade: no price for model {model!r}: add it to the config or EXTRA_PRICES")
+
+
+def settings_key(q: Question, dtype: str) -> str:
+    raw = json.dumps([PROMPT_VERSION, q.dataset, q.system_prompt, q.user_prompt, q.max_tokens, list(q.stop), dtype,
+                      TOP_LOGPROBS])
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+
+def cache_path(cache: Path, dataset: str, model: str) -> Path:
+    return cache / dataset / f"{Path(model).name}.jsonl"
+
+
+def load_cache(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
+    """(idx, settings key) -> entry; later lines win; a torn last line (interrupted write) is skipped."""
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out[(int(e["idx"]), str(e["key"]))] = e
+    return out
+
+
+# --- one answer ------------------------------------------------------------------------------------
+
+
+def _token_at(tokens: Sequence[Any], offset: int) -> int | None:
+    pos = 0
+    for i, t in enumerate(tokens):
+        nxt = pos + len(t.token)
+        if pos <= offset < nxt:
+            return i
+        pos = nxt
+    return None
+
+
+def score_answer(q: Question, result: Any, price: dict[str, float]) -> dict[str, Any]:
+    """Grade one generation and compute its cached entry (pure: no I/O)."""
+    from calibration.features import LOGPROB_FLOOR, extract_features
+
+    tokens = list(result.tokens)
+    feats = extract_features(tokens)
+    answer, correct, offset = grade(q, result.text)
+    conf_source = "mean_logprob"
+    raw = feats["mean_logprob"]
+    if q.kind == "mc" and answer:
+        i = _token_at(tokens, offset) if offset >= 0 else None
+        if i is not None:
+            t = tokens[i]
+            raw = max(float(t.logprob), LOGPROB_FLOOR)
+            conf_source = "answer_letter_logprob"
+            alts = sorted((float(a.logprob) for a in t.top or ()), reverse=True)
+            feats["answer_token_logprob"] = raw
+            feats["answer_token_margin"] = (alts[0] - alts[1]) if len(alts) >= 2 else 0.0
+    if not tokens:
+        raw, conf_source = LOGPROB_FLOOR, "empty"
+    if not math.isfinite(raw):
+        raw = LOGPROB_FLOOR
+    p_in, p_out = result.usage.prompt_tokens, result.usage.completion_tokens
+    cost = (p_in * price["input_per_1m"] + p_out * price["output_per_1m"]) / 1e6
+    return {"answer": answer, "correct": bool(correct), "raw_conf_logprob": round(raw, 6),
+            "conf_source": conf_source, "cost_usd": cost, "latency_ms": round(result.latency_s * 1e3, 2),
+            "tokens": {"in": p_in, "out": p_out}, "finish_reason": result.finish_reason,
+            "features": {k: round(float(v), 6) for k, v in feats.items()}, "response": result.text}
+
+
+def request_for(q: Question) -> Any:
+    from cascade.types import GenerationRequest, Message
+
+    return GenerationRequest(messages=(Message("system", q.system_prompt), Message("user", q.user_prompt)),
+                             max_tokens=q.max_tokens, temperature=0.0, stop=q.stop, top_logprobs=TOP_LOGPROBS)
+
+
+# --- running a tier --------------------------------------------------------------------------------
+
+
+async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, threads: int, batch: int,
+                   dtype: str, price: dict[str, float], show_progress: bool = True) -> dict[str, Any]:
+    """Answer every pending question of every set with one model; appends to the cache as answers arrive."""
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    total = sum(len(v) for v in work.values())
+    stats: dict[str, Any] = {"model": model, "dtype": dtype, "threads": threads, "max_batch_size": batch,
+                             "answered": total, "load_s": 0.0, "generate_s": 0.0, "tokens_in": 0, "tokens_out": 0}
+    if total == 0:
+        return stats
+    backend = TransformersBackend(model=model, name=model, threads=threads, max_batch_size=batch, dtype=dtype)
+    t0 = time.perf_counter()
+    await backend.start()
+    stats["load_s"] = round(time.perf_counter() - t0, 2)
+    t1 = time.perf_counter()
+    try:
+        with progress_bar(f"{model}", total, show_progress) as advance:
+            for dataset, qs in work.items():
+                path = cache_path(cache, dataset, model)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # submit all at once, shortest prompts first: the backend batches neighbours together
+                qs = sorted(qs, key=lambda q: len(q.user_prompt))
+
+                async def one(q: Question) -> tuple[Question, Any]:
+                    return q, await backend.generate(request_for(q))
+
+                tasks = [asyncio.ensure_future(one(q)) for q in qs]
+                with path.open("a", encoding="utf-8") as fh:
+                    for fut in asyncio.as_completed(tasks):
+                        q, res = await fut
+                        entry = {"idx": q.idx, "key": settings_key(q, dtype), **score_answer(q, res, price)}
+                        fh.write(json.dumps(entry) + "\n")
+                        fh.flush()
+                        stats["tokens_in"] += entry["tokens"]["in"]
+                        stats["tokens_out"] += entry["tokens"]["out"]
+                        advance(1, description=f"{model} · {dataset}")
+    finally:
+        stats["generate_s"] = round(time.perf_counter() - t1, 2)
+        await backend.close()
+        del backend
+        gc.collect()
+    g = stats["generate_s"] or float("nan")
+    stats["questions_per_s"] = round(total / g, 3)
+    stats["output_tokens_per_s"] = round(stats["tokens_out"] / g, 2)
+    return stats
+
+
+# --- assembling the cascade_outputs files ----------------------------------------------------------
+
+
+def build_rows(sample: Sequence[tuple[int, Question]], chain: Sequence[str], caches: dict[str, dict],
+               dtypes: dict[str, str], label: str) -> tuple[list[dict], list[dict]]:
+    """(train rows, test rows) of the questions that every tier has answered."""
+    train, test = [], []
+    for rank, q in sample:
+        models = {}
+        for m in chain:
+            e = caches[m].get((q.idx, settings_key(q, dtypes[m])))
+            if e is None:
+                break
+            models[m] = {k: v for k, v in e.items() if k not in ("idx", "key")}
+        else:
+            split = "test" if rank % 2 == 1 else "train"
+            row = {"dataset": q.dataset, "split": split, "chain": label, "idx": q.idx,
+                   "system_prompt": q.system_prompt, "user_prompt": q.user_prompt,
+                   "source_example": q.source_example, "models": models}
+            (test if split == "test" else train).append(row)
+    return train, test
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, data_dir: str | Path | None = None,
+        out: str | Path = RESULTS / "live", cache: str | Path | None = None, seed: int = 0, threads: int = 1,
+        batch: int = 8,
+        dtypes: dict[str, str] | None = None, show_progress: bool = True, write_summary: bool = True) -> dict[str, Any]:
+    """Run (or resume) a live run; returns the summary (also written to ``OUT/live_run_<chain>.json``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t_start = time.perf_counter()
+    data = shared_data_dir(data_dir)
+    out = Path(out)
+    cache = Path(cache) if cache else out / "cache"
+    chain = [m.strip() for m in chain if m.strip()]
+    if len(chain) < 1:
+        raise SystemExit("live_cascade: --chain needs at least one model")
+    label = chain_label(chain)
+    defaults = {m: tier_defaults(m) for m in chain}
+    dtypes = {m: (dtypes or {}).get(m) or defaults[m]["options"].get("dtype", "float32") for m in chain}
+    samples: dict[str, list[tuple[int, Question]]] = {}
+    for s in sets:
+        k = n[s] if isinstance(n, dict) else n
+        samples[s] = sample_questions(load_question_set(s, data), k, seed)
+
+    tiers = []
+    for m in chain:
+        work: dict[str, list[Question]] = {}
+        cached = 0
+        for s, sample in samples.items():
+            done = load_cache(cache_path(cache, s, m))
+            todo = [q for _, q in sample if (q.idx, settings_key(q, dtypes[m])) not in done]
+            cached += len(sample) - len(todo)
+            if todo:
+                work[s] = todo
+        st = asyncio.run(run_tier(m, work, cache, threads=threads, batch=batch, dtype=dtypes[m],
+                                  price=defaults[m]["price"], show_progress=show_progress))
+        st["from_cache"] = cached
+        st["price_per_1m"] = defaults[m]["price"]
+        st["price_source"] = defaults[m]["source"]
+        tiers.append(st)
+
+    per_set: dict[str, Any] = {}
+    files: list[str] = []
+    mixed_train: list[dict] = []
+    mixed_test: list[dict] = []
+    for s, sample in samples.items():
+        caches = {m: load_cache(cache_path(cache, s, m)) for m in chain}
+        tr, te = build_rows(sample, chain, caches, dtypes, label)
+        rows = tr + te
+        for split, part in (("train", tr), ("test", te)):
+            p = out / f"{s}_{label}_{split}.jsonl"
+            write_jsonl(p, part)
+            files.append(rel(p))
+        mixed_train += tr
+        mixed_test += te
+        per_set[s] = {
+            "n": len(rows), "n_train": len(tr), "n_test": len(te),
+            "accuracy": {m: round(sum(r["models"][m]["correct"] for r in rows) / max(len(rows), 1), 4) for m in chain},
+            "mean_cost_usd": {m: sum(r["models"][m]["cost_usd"] for r in rows) / max(len(rows), 1) for m in chain},
+            "unparsed_answers": {m: sum(1 for r in rows if not r["models"][m]["answer"]) for m in chain},
+        }
+    if len(samples) > 1:
+        for split, part in (("train", mixed_train), ("test", mixed_test)):
+            p = out / f"mixed_{label}_{split}.jsonl"
+            write_jsonl(p, [{**r, "dataset": "mixed", "source_dataset": r["dataset"]} for r in part])
+            files.append(rel(p))
+    summary = {
+        "benchmark": "live_cascade",
+        "machine": machine_facts(models=chain),
+        "settings": {"cache": rel(cache), "sets": list(sets), "n_per_set": n, "seed": seed, "chain": chain,
+                     "chain_label": label,
+                     "threads": threads, "max_batch_size": batch, "dtypes": dtypes, "prompt_version": PROMPT_VERSION,
+                     "top_logprobs": TOP_LOGPROBS, "greedy": True,
+                     "max_tokens": {s: QUESTION_SETS[s].max_tokens for s in sets}},
+        "tiers": tiers,
+        "per_set": per_set,
+        "files": files,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    if write_summary:
+        write_json(out / f"live_run_{label}.json", summary)
+    return summary
+
+
+def _parse_n(text: str, sets: Sequence[str]) -> int | dict[str, int]:
+    """``40`` or ``40,gsm8k=10`` (a default and per-set overrides)."""
+    default: int | None = None
+    per: dict[str, int] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if "=" in part:
+            k, v = part.split("=", 1)
+            per[k.strip()] = int(v)
+        elif part:
+            default = int(part)
+    if not per:
+        return default if default is not None else 20
+    return {s: per.get(s, default if default is not None else 20) for s in sets}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.live_cascade", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", default=",".join(DEFAULT_SETS),
+                    help=f"comma-separated question sets (known: {', '.join(QUESTION_SETS)})")
+    ap.add_argument("--n", default="20", help="questions per set: 40, or 40,gsm8k=10 for per-set overrides")
+    ap.add_argument("--chain", default=",".join(DEFAULT_CHAIN), help="comma-separated model ids, cheapest first")
+    ap.add_argument("--data-dir", default=None, help="the shared data folder (default ../shared/data)")
+    ap.add_argument("--out", default=str(RESULTS / "live"))
+    ap.add_argument("--cache", default=None, help="answer cache folder (default OUT/cache)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per model (default 1: on a shared 2-core box, 2 threads ran ~9x slower "
+                         "than 1 from oversubscription; use the core count on an idle machine)")
+    ap.add_argument("--batch", type=int, default=8, help="the backend's max_batch_size")
+    ap.add_argument("--dtype", action="append", default=[], metavar="MODEL=DTYPE",
+                    help="override a model's dtype (default: the embedded config's tier option)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in sets if s not in QUESTION_SETS]
+    if unknown:
+        ap.error(f"unknown set(s) {unknown}; known: {', '.join(QUESTION_SETS)}")
+    dtypes = dict(d.split("=", 1) for d in args.dtype)
+    summary = run(sets, _parse_n(args.n, sets), args.chain.split(","), data_dir=args.data_dir, out=args.out,
+                  cache=args.cache, seed=args.seed, threads=args.threads, batch=args.batch, dtypes=dtypes,
+                  show_progress=not args.no_progress)
+    label = summary["settings"]["chain_label"]
+    print(f"live run {label}: {sum(v['n'] for v in summary['per_set'].values())} questions, "
+          f"wall {summary['wall_s']} s")
+    for s, v in summary["per_set"].items():
+        acc = ", ".join(f"{m} {a:.2f}" for m, a in v["accuracy"].items())
+        print(f"  {s:15s} n={v['n']:4d}  {acc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The benchmark suite's own checks: graders on real question rows, RouteLLM metrics on a hand-computed case,
+the cost-quality function on real shared files, and the live runner end to end with SmolLM2 (two questions).
+
+No timing is ever asserted here: the benchmarks measure times, the tests only check what they compute.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks._common import shared_data_dir
+
+DATA = shared_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "questions").is_dir(),
+                                reason=f"shared data folder not found at {DATA} (set CASCADE_SHARED_DATA)")
+
+
+# --- graders on real rows ----------------------------------------------------------------------------
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge", "boolq", "commonsense_qa", "openbook_qa", "mmlu"])
+def test_letter_grader_on_real_rows(name):
+    from benchmarks.questions import LETTERS, grade, load_question_set, sample_questions
+
+    qs = [q for _, q in sample_questions(load_question_set(name, DATA), 5, seed=3)]
+    assert len(qs) == 5
+    for q in qs:
+        n = len(q.source_example["choices"])
+        assert q.gold in LETTERS[:n]
+        wrong = next(L for L in LETTERS[:n] if L != q.gold)
+        # the prompt shows every option letter
+        for L in LETTERS[:n]:
+            assert f"\n{L}. " in q.user_prompt
+        assert grade(q, q.gold) [:2] == (q.gold, True)
+        assert grade(q, f"({q.gold}) because")[:2] == (q.gold, True)
+        assert grade(q, f"The answer is {q.gold}.")[:2] == (q.gold, True)
+        assert grade(q, wrong)[:2] == (wrong, False)
+        assert grade(q, "I am not sure")[:2] == ("", False)
+        if q.choices:  # a reply that is exactly the gold option's text
+            gold_text = q.choices[LETTERS.index(q.gold)]
+            assert grade(q, gold_text)[:2] == (q.gold, True)
+
+
+@needs_data
+def test_numeric_grader_on_real_gsm8k_rows():
+    from benchmarks.questions import grade, grade_numeric, gsm8k_gold, load_question_set
+
+    qs = load_question_set("gsm8k", DATA)
+    first = qs[0]  # Janet's ducks: 16 - 3 - 4 = 9 eggs at $2
+    assert first.gold == 18.0
+    assert grade(first, first.source_example["answer"])[:2] == ("#### 18", True)  # the gold solution itself
+    assert grade(first, "She sells 9 eggs for $2 each.\n#### 18")[1]
+    assert grade(first, "The answer is $18.")[1]
+    assert not grade(first, "#### 17")[1]
+    assert grade(first, "no number here") == ("", False, -1)
+    # every real gold solution grades as right, with thousands separators and all
+    for q in qs[:200]:
+        assert grade_numeric(q.source_example["answer"], q.gold)[1], q.source_example["answer"][-40:]
+    assert gsm8k_gold("so 1,200 in total\n#### 1,200") == 1200.0
+
+
+@needs_data
+def test_alias_grader_on_real_triviaqa_rows():
+    from benchmarks.questions import grade, load_question_set
+
+    qs = load_question_set("triviaqa", DATA)
+    q = qs[0]  # Brunswick, Lancastrian and Pearl Pickler are types of which vegetable? -> Onion
+    assert "Onion" in q.gold
+    assert grade(q, "Onion")[:2] == ("Onion", True)
+    assert grade(q, "onions.")[1]  # an alias ("Onions"), normalised
+    assert grade(q, "The onion\nmore text")[1]  # first line only, article dropped
+    assert grade(q, "Answer: an onion")[1]
+    assert not grade(q, "Leek")[1]
+    assert not grade(q, "")[1]
+    for r in qs[:100]:
+        assert grade(r, r.source_example["answer"])[1]
+
+
+def test_seeded_sample_is_nested():
+    from benchmarks.questions import sample_questions
+
+    items = list(range(500))
+    qs = [type("Q", (), {"idx": i})() for i in items]
+    small = sample_questions(qs, 10, seed=0)
+    big = sample_questions(qs, 40, seed=0)
+    assert [q.idx for _, q in small] == [q.idx for _, q in big[:10]]
+    assert [r for r, _ in big] == list(range(40))
+
+
+# --- RouteLLM metrics on a hand-computed case -------------------------------------------------------
+
+
+def test_apgr_and_cpt_hand_computed():
+    from benchmarks.cost_quality import apgr, cheapest_at_quality, cpt, escalation_curve, pgr
+
+    weak = np.array([0.0, 0.0, 1.0, 1.0])
+    strong = np.array([1.0, 1.0, 1.0, 1.0])
+    wcost, scost = np.ones(4), np.full(4, 10.0)
+    score = np.array([0.1, 0.2, 0.9, 0.8])  # the two wrong answers have the lowest confidence
+    c = escalation_curve(score, weak, strong, wcost, scost, pays_both=True)
+    # k = 0..4 escalated: quality 0.5, 0.75, 1, 1, 1; cost (4 + 10k) / 4
+    assert np.allclose(c.quality, [0.5, 0.75, 1.0, 1.0, 1.0])
+    assert np.allclose(c.cost, [1.0, 3.5, 6.0, 8.5, 11.0])
+    assert np.allclose(pgr(c.quality, 0.5, 1.0), [0, 0.5, 1, 1, 1])
+    # PGR rises linearly to 1 at 50 % calls, then stays: area 0.25 + 0.5
+    assert apgr(c, 0.5, 1.0) == pytest.approx(0.75)
+    assert cpt(c, 0.5, 0.5, 1.0) == pytest.approx(25.0)
+    assert cpt(c, 0.8, 0.5, 1.0) == pytest.approx(40.0)
+    best = cheapest_at_quality(c, 0.875)  # halfway between k=1 and k=2
+    assert best["cost_usd"] == pytest.approx(4.75) and best["call_pct"] == pytest.approx(37.5)
+    # a router paying one model: cost (4 + 9k) / 4
+    r = escalation_curve(score, weak, strong, wcost, scost, pays_both=False)
+    assert np.allclose(r.cost, [1.0, 3.25, 5.5, 7.75, 10.0])
+
+    # all scores tied: random order in expectation -> the random-mixing line, APGR 0.5
+    t = escalation_curve(np.zeros(4), weak, strong, wcost, scost, pays_both=True)
+    assert np.allclose(t.quality, [0.5, 0.625, 0.75, 0.875, 1.0])
+    assert apgr(t, 0.5, 1.0) == pytest.approx(0.5)
+    assert cpt(t, 0.5, 0.5, 1.0) == pytest.approx(50.0)
+    assert cpt(t, 0.8, 0.5, 1.0) == pytest.approx(80.0)
+    # never reached; undefined when the strong model is no better
+    low = escalation_curve(score, weak, np.array([0.0, 0.0, 1.0, 1.0]), wcost, scost, pays_both=True)
+    assert apgr(low, 0.5, 0.5) is None and cpt(low, 0.5, 0.5, 0.5) is None
+
+
+# --- the cost-quality function on real shared files -------------------------------------------------
+
+DOC_KEYS = {"label", "weak", "strong", "split", "n_train", "n_test", "max_quality_drop", "q_weak", "q_strong",
+            "cost_weak", "cost_strong", "oracle_cost_ratio", "routers", "operating_points", "calibration", "notes"}
+CURVE_KEYS = {"call_pct", "quality", "cost_usd", "cost_ratio", "pgr"}
+
+
+def _check_curves(doc: dict, expect: set[str]) -> None:
+    assert DOC_KEYS <= set(doc)
+    assert expect <= set(doc["routers"])
+    for name, r in doc["routers"].items():
+        if r["kind"] == "point":
+            assert {"call_pct", "quality", "cost_usd", "cost_ratio"} <= set(r["point"])
+            continue
+        assert {"apgr", "apgr_fine", "cpt50", "cpt80", "savings_at_equal_quality", "curve", "pays"} <= set(r)
+        cv = r["curve"]
+        assert CURVE_KEYS <= set(cv)
+        assert len(cv["call_pct"]) == len(cv["quality"]) == len(cv["cost_ratio"]) == 101
+        assert cv["quality"][0] == pytest.approx(doc["q_weak"])
+        assert cv["quality"][-1] == pytest.approx(doc["q_strong"])
+    assert doc["routers"]["random"]["apgr"] == pytest.approx(0.5)
+    assert doc["routers"]["oracle"]["apgr"] >= doc["routers"]["random"]["apgr"]
+    json.dumps(doc, allow_nan=True)  # JSON-ready
+
+
+@needs_data
+def test_cost_quality_on_a_real_cascade_outputs_file(tmp_path):
+    from benchmarks.cost_quality import ROUTERS, cost_quality, plot_case
+
+    path = DATA / "cascade_outputs" / "mmlu_qwen_oai_train.jsonl"
+    doc = cost_quality(path, None, max_quality_drop=0.005)  # no test split: fixed-seed halves
+    expect = set(ROUTERS) - {"calibrated_cascade_token_features"}
+    _check_curves(doc, expect)
+    assert (doc["weak"], doc["strong"]) == ("gpt-4o-mini", "gpt-4o")
+    assert doc["n_train"] + doc["n_test"] == 285 and "halves" in doc["split"]
+    ops = doc["operating_points"]
+    assert ops["calibrated_cascade"]["verdict"] in ("cascade", "direct")
+    assert {"cost_ratio", "savings_captured", "test_quality"} <= set(ops["raw_logprob_cascade"])
+    assert {"ece_raw", "ece_calibrated"} <= set(doc["calibration"])
+    # the confidence carries signal on this pair: both cascades beat random mixing
+    assert doc["routers"]["raw_logprob_cascade"]["apgr"] > 0.5
+    assert plot_case(doc, tmp_path / "case.png").stat().st_size > 10_000
+
+
+@needs_data
+def test_cost_quality_on_routerbench(tmp_path):
+    from benchmarks.cost_quality import cost_quality, load_routerbench
+
+    tr = load_routerbench(DATA / "routerbench" / "mbpp_train.csv")
+    te = load_routerbench(DATA / "routerbench" / "mbpp_test.csv")
+    assert len(te) == 128 and tr.weak_logprob is None
+    doc = cost_quality(tr, te)
+    _check_curves(doc, {"random", "prompt_length", "oracle", "oracle_router", "always_small", "always_large"})
+    assert "calibrated_cascade" not in doc["routers"] and doc["notes"]
+
+
+# --- the live runner, end to end with the real small model ------------------------------------------
+
+
+def test_score_answer_uses_the_answer_letter_logprob():
+    from benchmarks.live_cascade import score_answer
+    from benchmarks.questions import MC_SYSTEM, Question
+    from cascade.types import GenerationResult, TokenLogprob, TopLogprob, Usage
+
+    q = Question("arc_easy", 0, "mc", MC_SYSTEM, "Q?\n\nA. x\nB. y\n\nAnswer with A or B.", "B",
+                 {"choices": ["x", "y"]}, 5, ("\n",), ["x", "y"])
+    toks = (TokenLogprob(" (", -0.1), TokenLogprob("B", -0.7, top=(TopLogprob("B", -0.7), TopLogprob("A", -0.9))),
+            TokenLogprob(")", -0.05))
+    res = GenerationResult(" (B)", toks, "stop", Usage(20, 3), 0.5, "m")
+    e = score_answer(q, res, {"input_per_1m": 1.0, "output_per_1m": 10.0})
+    assert e["answer"] == "B" and e["correct"] is True
+    assert e["raw_conf_logprob"] == pytest.approx(-0.7) and e["conf_source"] == "answer_letter_logprob"
+    assert e["features"]["answer_token_margin"] == pytest.approx(0.2)
+    assert e["cost_usd"] == pytest.approx((20 * 1.0 + 3 * 10.0) / 1e6)
+    assert e["tokens"] == {"in": 20, "out": 3}
+
+
+@needs_data
+def test_live_runner_two_questions_with_smollm2(smol_path, tmp_path):
+    from benchmarks.live_cascade import run
+    from calibration.data import REQUIRED_MODEL_FIELDS, load_cascade_outputs
+
+    out = tmp_path / "live"
+    s = run(["arc_easy"], 2, ["smollm2-135m"], data_dir=DATA, out=out, show_progress=False)
+    assert s["tiers"][0]["answered"] == 2 and s["per_set"]["arc_easy"]["n"] == 2
+    assert (out / "live_run_smol135m.json").exists()
+    for split in ("train", "test"):
+        path = out / f"arc_easy_smol135m_{split}.jsonl"
+        row = json.loads(path.read_text().splitlines()[0])
+        assert {"dataset", "split", "chain", "idx", "system_prompt", "user_prompt", "source_example",
+                "models"} <= set(row)
+        assert row["split"] == split and row["dataset"] == "arc_easy"
+        entry = row["models"]["smollm2-135m"]
+        assert set(REQUIRED_MODEL_FIELDS) <= set(entry)
+        assert {"latency_ms", "tokens", "features", "response"} <= set(entry)
+        assert entry["raw_conf_logprob"] <= 0 and entry["cost_usd"] > 0
+        data = load_cascade_outputs(path)  # the calibration loader accepts it
+        assert data.models == ["smollm2-135m"] and len(data) == 1 and data.split == split
+    # resumable: a second run answers nothing new and writes the same rows
+    again = run(["arc_easy"], 2, ["smollm2-135m"], data_dir=DATA, out=out, show_progress=False)
+    assert again["tiers"][0]["answered"] == 0 and again["tiers"][0]["from_cache"] == 2
+    cached = (out / "cache" / "arc_easy" / "smollm2-135m.jsonl").read_text().splitlines()
+    assert len(cached) == 2
