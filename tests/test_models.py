@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import re
 import subprocess
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cascade import models
-from cascade.errors import CascadeError, ConfigError, ModelNotPreparedError
+from cascade.errors import ConfigError, ModelNotPreparedError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,20 +126,9 @@ def test_prepare_is_a_quick_noop_when_prepared():
 
 
 def _run_cli(argv: list[str]) -> int:
-    """Through cascade.cli.main when the whole CLI is importable, else through add_cli on a local parser."""
-    if importlib.util.find_spec("cascade.commands") is not None:
-        from cascade.cli import main
+    from cascade.cli import main
 
-        return main(argv)
-    parser = argparse.ArgumentParser(prog="cascade")
-    sub = parser.add_subparsers(dest="command", required=True)
-    models.add_cli(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except CascadeError as exc:
-        print(f"cascade: error: {exc}", file=sys.stderr)
-        return 2
+    return main(argv)
 
 
 def test_cli_models_list(tmp_path, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cascade.types import GenerationRequest, GenerationResult, StreamChunk
 
@@ -64,3 +64,17 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={self.model!r})"
+
+
+def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
+    """Token ids of a request's prompt for an in-process model: chat messages through the tokenizer's
+    chat template, or a raw prompt (an empty one starts from the beginning-of-text token)."""
+    if request.messages is not None:
+        msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
+    if not ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start]
+    return ids

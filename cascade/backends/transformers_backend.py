@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade.backends.base import Backend
+from cascade.backends.base import Backend, prompt_token_ids
 from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServerError
 from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
 
@@ -159,16 +159,7 @@ class TransformersBackend(Backend):
 
     # --- prompts ----------------------------------------------------------------------------------
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        tok = self._tok
-        if request.messages is not None:
-            msgs = [{"role": m.role, "content": m.content} for m in request.messages]
-            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            return tok(text, add_special_tokens=False)["input_ids"]
-        ids = tok(request.prompt or "", add_special_tokens=True)["input_ids"]
-        if not ids:  # an empty prompt: start from the beginning-of-text token
-            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-            ids = [start]
-        return ids
+        return prompt_token_ids(self._tok, request)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         return len(self._prompt_ids(request)) if self._tok is not None else None

