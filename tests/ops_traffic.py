@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -110,7 +111,10 @@ def _make_traffic(pytest_config: Any) -> Traffic:
     save_calibrator(TemperatureScaling("mean_logprob", 1.0), cal_dir / "small.json")
     cfg_path = d / "cascade.yaml"
     cfg_path.write_text(yaml.safe_dump(ops_config(d, cal_dir), sort_keys=False))
-    cfg = load_config(cfg_path, environ={})
+    # the environment the server itself reloads with (POST /admin/reload, SIGHUP), less the overrides that
+    # would point this test's ledger or address elsewhere; the model cache override is kept
+    env = {k: v for k, v in os.environ.items() if k not in ("CASCADE_LEDGER_PATH", "CASCADE_HOST", "CASCADE_PORT")}
+    cfg = load_config(cfg_path, environ=env)
     t = Traffic(dir=d, config_path=cfg_path, ledger=d / "ledger.sqlite", cal_dir=cal_dir,
                 server=ServerThread(create_app(cfg, config_path=str(cfg_path))))
     handler = _Collect(t.drift_log, t.server.thread.name)
