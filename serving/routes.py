@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cascade.engine import Budget, Engine, StreamDelta, StreamEnd, StreamFailed, StreamStart
-from cascade.errors import BudgetExceededError, CascadeError, InvalidRequestError
+from cascade.errors import BudgetExceededError, CascadeError, InvalidRequestError, NotFoundError
 from cascade.ledger import spend_since
 from serving.auth import Caller, authenticate, authorize
 from serving.errors import error_body
@@ -188,15 +188,20 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": data}
 
 
+async def _own_request(request: Request, request_id: str) -> dict:
+    """The ledger row of one of the caller's requests (another key's request is as good as missing)."""
+    engine = _engine(request)
+    caller = authenticate(engine.config, request)
+    row = await engine.ledger.get(request_id)
+    if row is None or (caller.key_id is not None and row["api_key_id"] != caller.key_id):
+        raise NotFoundError(f"no request {request_id!r} in the ledger", param="request_id")
+    return row
+
+
 @router.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, request: Request) -> dict:
     engine = _engine(request)
-    caller = authenticate(engine.config, request)
-    row = await engine.ledger.get(body.request_id)
-    if row is None or (caller.key_id is not None and row["api_key_id"] != caller.key_id):
-        from cascade.errors import NotFoundError
-
-        raise NotFoundError(f"no request {body.request_id!r} in the ledger", param="request_id")
+    await _own_request(request, body.request_id)
     fid = await engine.ledger.add_feedback(body.request_id, body.score, body.comment)
     if _metrics(request).drift is not None:  # a label for the rolling ECE (cascade/drift.py)
         _metrics(request).drift.observe_feedback(body.request_id, body.score)
@@ -205,13 +210,7 @@ async def feedback(body: FeedbackRequest, request: Request) -> dict:
 
 @router.get("/v1/feedback/{request_id}")
 async def read_feedback(request_id: str, request: Request) -> dict:
-    engine = _engine(request)
-    caller = authenticate(engine.config, request)
-    row = await engine.ledger.get(request_id)
-    if row is None or (caller.key_id is not None and row["api_key_id"] != caller.key_id):
-        from cascade.errors import NotFoundError
-
-        raise NotFoundError(f"no request {request_id!r} in the ledger", param="request_id")
+    row = await _own_request(request, request_id)
     return {"object": "list", "request_id": request_id,
             "data": [{"id": f["id"], "score": f["score"], "comment": f["comment"], "created_at": f["created_at"]}
                      for f in row["feedback"]]}
