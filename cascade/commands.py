@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"
           f" (ledger {_redact(cfg.ledger_target())})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=cfg.server.graceful_shutdown_s)
     return 0
 
 

@@ -196,6 +196,8 @@ class ServerConfig(_Strict):
     #: largest max_tokens a client may ask for (per request)
     max_tokens_limit: int = Field(4096, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    #: on SIGTERM, how long in-flight requests may take to finish before the server stops
+    graceful_shutdown_s: float = Field(30.0, gt=0)
 
 
 class LedgerConfig(_Strict):
