@@ -78,3 +78,29 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start]
     return ids
+
+
+class TokenTexts:
+    """Incremental detokenization: the text that each generated token adds.
+
+    The pieces join to the decoded answer. A token that ends inside a multi-byte character adds ""; the
+    token that completes the character carries it. Decodes a window of a few tokens per step (O(1)).
+    """
+
+    __slots__ = ("tok", "ids", "prefix_offset", "read_offset")
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            piece = full[len(prefix):] if full.startswith(prefix) else full
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return piece
+        return ""

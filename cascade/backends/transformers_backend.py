@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade.backends.base import Backend, prompt_token_ids
+from cascade.backends.base import Backend, TokenTexts, prompt_token_ids
 from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServerError
 from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
 
@@ -207,12 +207,10 @@ class TransformersBackend(Backend):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
-        t0 = time.perf_counter()
         fut = loop.run_in_executor(_compute_executor(), self._stream_sync, request, ids, queue, loop, cancelled)
         tok = self._tok
         eos = set(self._eos_ids)
-        gen_ids: list[int] = []
-        prev = ""
+        texts = TokenTexts(tok)
         finish = "length"
         try:
             while True:
@@ -224,12 +222,9 @@ class TransformersBackend(Backend):
                     finish = "stop"
                     cancelled.set()
                     continue
-                if len(gen_ids) >= request.max_tokens:
+                if len(texts.ids) >= request.max_tokens:
                     continue
-                gen_ids.append(token_id)
-                cur = tok.decode(gen_ids, skip_special_tokens=True)
-                piece = cur[len(prev):] if cur.startswith(prev) else tok.decode([token_id])
-                prev = cur
+                piece = texts.push(token_id)
                 alts = tuple(TopLogprob(token=tok.decode([a]), logprob=v, token_id=a)
                              for a, v in top[: request.top_logprobs])
                 yield StreamChunk(text=piece, tokens=(TokenLogprob(piece, logprob, token_id, alts),))
@@ -238,7 +233,7 @@ class TransformersBackend(Backend):
             cancelled.set()
             raise
         yield StreamChunk(text="", finish_reason=finish,
-                          usage=Usage(prompt_tokens=len(ids), completion_tokens=len(gen_ids)))
+                          usage=Usage(prompt_tokens=len(ids), completion_tokens=len(texts.ids)))
 
     def _stream_sync(self, request: GenerationRequest, ids: list[int], queue: asyncio.Queue,
                      loop: asyncio.AbstractEventLoop, cancelled: threading.Event) -> None:
@@ -410,11 +405,8 @@ class TransformersBackend(Backend):
             else:
                 n, finish = min(len(ids), limit), "length"
             k = p.request.top_logprobs
-            pieces, prev = [], ""
-            for j in range(n):
-                cur = tok.decode(ids[: j + 1], skip_special_tokens=True)
-                pieces.append(cur[len(prev):] if cur.startswith(prev) else tok.decode([ids[j]]))
-                prev = cur
+            texts = TokenTexts(tok)
+            pieces = [texts.push(t) for t in ids[:n]]
             text = "".join(pieces)
             # stop strings: cut the text at the earliest one, and the tokens after it
             if p.request.stop:

