@@ -56,6 +56,8 @@ def _row(rep: dict, kind: str, label: str) -> dict:
         "dataset": rep["dataset"], "chain_name": rep["chain_name"], "chain": kind, "evaluation": label,
         "n_train": rep["n_train"], "n_test": rep["n_test"], "first_tier": rep["first_tier"],
         "last_tier": rep["chain"][-1], "ece_raw": rep["ece_raw"], "ece_calibrated": rep["ece_calibrated"],
+        "ece_floor_mean_gap": rep["ece_floor_mean_gap"], "accuracy_first_train": rep["accuracy_first_train"],
+        "accuracy_first_test": rep["accuracy_first_test"],
         "calibration_method": rep["calibration_method"], "temperature": rep["temperature"],
         "verdict": rep["verdict"], "policy_chain": rep["policy_chain"], "thresholds": rep["thresholds"],
         "test_quality": rep["test_quality"], "strong_quality": rep["strong_quality"],
@@ -99,18 +101,24 @@ def markdown(rows: list[dict], seed_means: list[dict], meta: dict) -> str:
         "middle tiers (cheaper than the two-tier oracle) or accepts answers within the allowed drop.",
         "* **anchor** = the best single raw-logprob threshold first -> last tier, *tuned on the test part itself* "
         "(in-sample, no margin): the yardstick to beat out of sample. `direct` = it saves nothing.",
+        "* **ECE floor** = |mean calibrated confidence - accuracy| of the first tier on the test part: ECE can "
+        "never be below it. It is the part of the miscalibration that comes from the first tier's accuracy "
+        "moving between train and test (shown as train -> test accuracy) while its confidence does not.",
         "* **holds** = test quality >= last tier quality - allowed drop - 0.5 point.",
         "",
-        "| dataset | chain | evaluation | n train/test | ECE raw | ECE cal (method) | verdict | policy chain "
+        "| dataset | chain | evaluation | n train/test | ECE raw | ECE cal (method) | ECE floor (accuracy train -> test) "
+        "| verdict | policy chain "
         "| quality (last tier) | cost | oracle | captured | anchor captured (cost) | beats anchor | holds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         anchor = f"{_f(r['anchor_savings_captured'])} ({_f(r['anchor_cost_ratio'])})" if r["anchor_saves"] \
             else "direct (1.000)"
         out.append(
             f"| {r['dataset']} | {r['chain_name']} {r['chain']} | {r['evaluation']} | {r['n_train']}/{r['n_test']} "
-            f"| {_f(r['ece_raw'])} | {_f(r['ece_calibrated'])} ({r['calibration_method']}) | {r['verdict']} "
+            f"| {_f(r['ece_raw'])} | {_f(r['ece_calibrated'])} ({r['calibration_method']}) "
+            f"| {_f(r['ece_floor_mean_gap'])} ({_f(r['accuracy_first_train'])} -> {_f(r['accuracy_first_test'])}) "
+            f"| {r['verdict']} "
             f"| {' > '.join(_short(m) for m in r['policy_chain'])} "
             f"| {_f(r['test_quality'])} ({_f(r['strong_quality'])}) | {_f(r['cost_ratio'])} "
             f"| {_f(r['oracle_cost_ratio'])} | {_f(r['savings_captured'])} | {anchor} | {r['beats_anchor']} "
@@ -123,13 +131,14 @@ def markdown(rows: list[dict], seed_means: list[dict], meta: dict) -> str:
             "Train-only datasets, split 50/50 by each seed (train part ~150 questions, so thresholds are "
             "chosen on half the data the test-split rows have).",
             "",
-            "| dataset | chain | ECE raw | ECE cal | cost | captured | anchor captured | beats anchor "
+            "| dataset | chain | ECE raw | ECE cal | ECE floor | cost | captured | anchor captured | beats anchor "
             "| holds | verdicts (cascade/direct) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in seed_means:
             out.append(
                 f"| {r['dataset']} | {r['chain_name']} {r['chain']} | {_f(r['ece_raw'])} | {_f(r['ece_calibrated'])} "
+                f"| {_f(r['ece_floor_mean_gap'])} "
                 f"| {_f(r['cost_ratio'])} | {_f(r['savings_captured'])} | {_f(r['anchor_savings_captured'])} "
                 f"| {r['beats_anchor']} | {r['holds']} | {r['verdicts']} |")
     out += ["", "Reliability diagrams (first tier, test part): `reliability_<dataset>_<chain>.png`.", ""]
@@ -220,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_means.append({
             "dataset": ds, "chain_name": ch, "chain": kind, "seeds": n,
             **{k: float(np.mean([r[k] for r in rs])) for k in
-               ("ece_raw", "ece_calibrated", "cost_ratio", "savings_captured", "anchor_savings_captured",
+               ("ece_raw", "ece_calibrated", "ece_floor_mean_gap", "cost_ratio", "savings_captured", "anchor_savings_captured",
                 "quality_diff")},
             "beats_anchor": f"{beats}/{n}", "holds": f"{sum(r['holds'] for r in rs)}/{n}",
             "verdicts": f"{sum(r['verdict'] == 'cascade' for r in rs)}/{sum(r['verdict'] == 'direct' for r in rs)}",

@@ -526,6 +526,12 @@ def replay(train: CascadeData, test: CascadeData, chain: Sequence[str], cfg: Rep
         "calibration_selection": policy.report_selection,
         "ece_raw": _r(metrics.ece(raw_p, t_first.correct)),
         "ece_calibrated": _r(metrics.ece(cal_p, t_first.correct)),
+        # ECE >= |mean confidence - accuracy|: a shift of the first tier's accuracy between TRAIN and TEST
+        # that its confidence does not follow puts a floor under the ECE of any calibrator fit on TRAIN
+        "accuracy_first_train": _r(float(train.tier(first).correct.mean())),
+        "accuracy_first_test": _r(float(t_first.correct.mean())),
+        "mean_confidence_calibrated": _r(float(cal_p.mean())),
+        "ece_floor_mean_gap": _r(abs(float(cal_p.mean()) - float(t_first.correct.mean()))),
         "ece_equal_mass_raw": _r(metrics.ece(raw_p, t_first.correct, strategy="quantile")),
         "ece_equal_mass_calibrated": _r(metrics.ece(cal_p, t_first.correct, strategy="quantile")),
         "brier_raw": _r(metrics.brier(raw_p, t_first.correct)),

@@ -126,6 +126,11 @@ def test_replay_json_contract_on_a_real_test_split(capsys):
     assert rep["verdict"] in ("cascade", "direct")
     assert len(rep["thresholds"]) == 2
     assert rep["ece_calibrated"] < rep["ece_raw"]
+    # the floor no calibrator fit on train can go under: ECE >= |mean confidence - accuracy| on test
+    assert rep["accuracy_first_train"] == pytest.approx(0.726667, abs=1e-6)  # 218/300 right on train
+    assert rep["accuracy_first_test"] == pytest.approx(0.66, abs=1e-6)
+    assert rep["ece_floor_mean_gap"] == pytest.approx(abs(rep["mean_confidence_calibrated"] - 0.66), abs=1e-5)
+    assert rep["ece_calibrated"] >= rep["ece_floor_mean_gap"] - 1e-6
     assert rep["temperature"] > 0
     sc = (1 - rep["cost_ratio"]) / (1 - rep["oracle_cost_ratio"])
     assert rep["savings_captured"] == pytest.approx(sc, abs=1e-5)
