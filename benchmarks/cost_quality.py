@@ -482,10 +482,9 @@ STYLE = {
 
 
 def plot_case(case: dict[str, Any], path: str | Path) -> Path:
-    import matplotlib
+    from calibration.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
     for name, r in case["routers"].items():

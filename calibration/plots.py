@@ -12,6 +12,20 @@ from typing import Any
 import numpy as np
 
 from calibration import metrics
+from cascade.errors import ConfigError
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display). matplotlib is an optional extra:
+    without it, a ConfigError that names the extra, which the CLIs print as one line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - matplotlib is an optional extra
+        raise ConfigError("plots need matplotlib (pip install 'cascade-engine[calibration]')") from exc
+    return plt
 
 
 def reliability_diagram(path: str | Path, curves: Mapping[str, tuple[Any, Any]], title: str = "",
@@ -20,14 +34,7 @@ def reliability_diagram(path: str | Path, curves: Mapping[str, tuple[Any, Any]],
 
     ``curves`` maps a label (e.g. "raw", "calibrated") to (confidences, correct). Returns the path.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - matplotlib is an optional extra
-        raise ImportError("plots need matplotlib (pip install 'cascade-engine[calibration]')") from exc
-
+    plt = pyplot()
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax, hx) = plt.subplots(2, 1, figsize=(5.5, 7.0), sharex=True,
@@ -66,11 +73,7 @@ def reliability_diagram(path: str | Path, curves: Mapping[str, tuple[Any, Any]],
 
 def cost_quality_plot(path: str | Path, points: Sequence[dict[str, Any]], title: str = "") -> Path:
     """A small scatter of (cost ratio, quality) operating points, each a dict with label/cost_ratio/quality."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5.5, 4.0))

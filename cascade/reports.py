@@ -272,14 +272,11 @@ def cost_report_text(report: dict[str, Any]) -> str:
 
 def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
     """Spend against the last-tier-alone baseline per group (bars), escalation rate (line)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - matplotlib is an optional extra
-        raise ConfigError("--plot needs matplotlib (pip install 'cascade-engine[calibration]')") from exc
     import numpy as np
+
+    from calibration.plots import pyplot
+
+    plt = pyplot()
 
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
