@@ -2,8 +2,12 @@
 
 Writes run on one dedicated thread (``await ledger.record(rec)`` never blocks the event loop) and are
 committed before ``record`` returns, so a request that got its response is on disk: stopping the process
-between requests loses nothing. SQLite runs in WAL mode with ``synchronous=NORMAL`` (survives a process
-crash). PostgreSQL (``postgresql://…``) lets several server replicas share one ledger.
+between requests loses nothing. Writes queued while the thread was busy are committed together, in one
+transaction (group commit: one commit for everything queued; a record that fails is retried alone so
+that only its own caller sees the error). SQLite runs in WAL mode with ``synchronous=NORMAL``: a
+committed transaction survives a crash or kill of the process (it is in the WAL file); only an OS crash or
+power loss can lose the last commits. PostgreSQL (``postgresql://…``) lets several server replicas share
+one ledger.
 
 The SQL is written once, with ``?`` placeholders and types both databases accept; the dialect object
 only rewrites placeholders and says how to connect.
@@ -14,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import queue
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -184,6 +190,88 @@ def _redact(target: str) -> str:
     return target
 
 
+_INSERT_REQUEST = "INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_ATTEMPT = (
+    "INSERT INTO attempts (request_id, idx, tier, model, backend, prompt_tokens, completion_tokens, "
+    "latency_ms, cost_usd, confidence, decision, reason, kept, error_class, error_message, features, "
+    "text, answer_sig) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_INSERT_SHADOW = "INSERT INTO shadow_decisions VALUES (?,?,?,?,?,?,?,?,?)"
+
+_STOP = object()
+
+#: SQLite, served ledger: a PASSIVE checkpoint (copying the WAL back into the database file, with its
+#: fsyncs) runs on a thread of its own every this many written records (~1000 WAL pages, SQLite's default
+#: threshold), so that no request waits for one ...
+_CHECKPOINT_EVERY_RECORDS = 100
+#: ... and the writer's own automatic checkpoint stays as a safety net, at a higher threshold (pages)
+_WRITER_AUTOCHECKPOINT_PAGES = 10000
+
+log = logging.getLogger("cascade.ledger")
+
+
+class _Checkpointer:
+    """A thread with its own SQLite connection that checkpoints the WAL when poked (PASSIVE: it never blocks
+    the writer or readers; WAL mode lets a checkpoint run beside a write)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="cascade-ledger-checkpoint", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = None
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # the writer's automatic checkpoint remains
+                    log.warning("ledger checkpoint failed: %s", exc)
+        except sqlite3.Error as exc:
+            log.warning("ledger checkpoint thread cannot open %s: %s", self.path, exc)
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+class _Job:
+    """One unit of work for the ledger thread: a record to write (``rec`` set) or a call (``fn``)."""
+
+    __slots__ = ("rec", "shadows", "fn", "args", "loop", "fut")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future, *, rec: CascadeRecord | None = None,
+                 shadows: list[dict[str, Any]] | None = None, fn: Callable[..., Any] | None = None,
+                 args: tuple = ()) -> None:
+        self.rec, self.shadows, self.fn, self.args, self.loop, self.fut = rec, shadows, fn, args, loop, fut
+
+
+def _settle(done: list[tuple[asyncio.Future, BaseException | None, Any]]) -> None:
+    """On the event loop: hand each job's outcome to its waiter (a cancelled waiter no longer wants it)."""
+    for fut, exc, result in done:
+        if fut.done():
+            if exc is not None:  # nobody waits for it any more: say so rather than drop it
+                log.warning("ledger: %s (the caller had stopped waiting)", exc)
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+
 class Ledger:
     """The ledger. ``target`` is a SQLite file path or a ``postgresql://`` URL.
 
@@ -195,7 +283,13 @@ class Ledger:
         self.store_text = store_text
         self.dialect = _dialect_for(self.target)
         self._conn: Any = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._queue: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
+        self._checkpointer: _Checkpointer | None = None
+        self._since_checkpoint = 0
+        d = self.dialect
+        self._sql_request, self._sql_attempt, self._sql_shadow = (
+            d.sql(_INSERT_REQUEST), d.sql(_INSERT_ATTEMPT), d.sql(_INSERT_SHADOW))
 
     @property
     def path(self) -> Path | None:
@@ -203,13 +297,19 @@ class Ledger:
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def open(self) -> "Ledger":
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="cascade-ledger")
+        if self._thread is None:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._worker, args=(self._queue,), name="cascade-ledger",
+                                            daemon=True)
+            self._thread.start()
             try:
                 await self._call(self._open_sync)
+                if self.dialect.name == "sqlite":  # checkpoints off the request path (see _Checkpointer)
+                    await self._call(self.execute, f"PRAGMA wal_autocheckpoint={_WRITER_AUTOCHECKPOINT_PAGES}")
+                    self._checkpointer = _Checkpointer(Path(self.target).expanduser())
             except BaseException:
-                self._executor.shutdown(wait=False)
-                self._executor = None
+                self._stop_thread()
+                self.close_sync()  # the thread is gone: nobody else uses the connection
                 raise
         return self
 
@@ -235,10 +335,23 @@ class Ledger:
         self._conn = conn
 
     async def close(self) -> None:
-        if self._executor is not None:
-            await self._call(self.close_sync)
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._thread is not None:
+            ckpt, self._checkpointer = self._checkpointer, None
+            if ckpt is not None:  # first, so that the writer's connection is the last and checkpoints on close
+                ckpt.stop()
+            try:
+                await self._call(self.close_sync)
+            finally:
+                self._stop_thread()
+
+    def _stop_thread(self) -> None:
+        thread, q, ckpt = self._thread, self._queue, self._checkpointer
+        self._thread = self._queue = self._checkpointer = None
+        if thread is not None and q is not None:
+            q.put(_STOP)  # after everything queued before it
+            thread.join()
+        if ckpt is not None:
+            ckpt.stop()
 
     def close_sync(self) -> None:
         if self._conn is not None:
@@ -251,11 +364,86 @@ class Ledger:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    # --- the ledger thread ------------------------------------------------------------------------
     async def _call(self, fn, *args):  # noqa: ANN001, ANN202
-        if self._executor is None:
+        """Run ``fn(*args)`` on the ledger thread, after everything queued before it."""
+        q = self._queue
+        if q is None:
             raise LedgerError("ledger is not open")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        fut = loop.create_future()
+        q.put(_Job(loop, fut, fn=fn, args=args))
+        return await fut
+
+    def _worker(self, q: queue.SimpleQueue) -> None:
+        """The ledger thread: takes everything queued, writes consecutive records in one transaction."""
+        while True:
+            first = q.get()
+            if first is _STOP:
+                return
+            jobs = [first]
+            stop = False
+            while True:  # everything queued meanwhile joins this round
+                try:
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                jobs.append(nxt)
+            i = 0
+            while i < len(jobs):
+                if jobs[i].rec is not None:
+                    j = i
+                    while j < len(jobs) and jobs[j].rec is not None:
+                        j += 1
+                    self._deliver(jobs[i:j], self._run_writes(jobs[i:j]))
+                    i = j
+                else:
+                    job = jobs[i]
+                    try:
+                        outcome = (None, job.fn(*job.args))
+                    except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                        outcome = (exc, None)
+                    self._deliver([job], [outcome])
+                    i += 1
+            if stop:
+                return
+
+    def _run_writes(self, jobs: list[_Job]) -> list[tuple[BaseException | None, None]]:
+        """Commit the records of ``jobs``: all in one transaction, or (when that fails) each alone."""
+        ckpt = self._checkpointer
+        if ckpt is not None:
+            self._since_checkpoint += len(jobs)
+            if self._since_checkpoint >= _CHECKPOINT_EVERY_RECORDS:
+                self._since_checkpoint = 0
+                ckpt.poke()
+        if len(jobs) > 1:
+            try:
+                self._write([(j.rec, j.shadows) for j in jobs])  # type: ignore[misc]
+                return [(None, None)] * len(jobs)
+            except BaseException:  # noqa: BLE001 - rolled back: redo one by one for precise errors
+                pass
+        out: list[tuple[BaseException | None, None]] = []
+        for j in jobs:
+            try:
+                self.record_sync(j.rec, j.shadows)  # type: ignore[arg-type]
+                out.append((None, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                out.append((exc, None))
+        return out
+
+    @staticmethod
+    def _deliver(jobs: list[_Job], outcomes: list[tuple[BaseException | None, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, (exc, result) in zip(jobs, outcomes, strict=True):
+            by_loop.setdefault(job.loop, []).append((job.fut, exc, result))
+        for loop, done in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, done)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
 
     def _require(self) -> Any:
         if self._conn is None:
@@ -282,37 +470,63 @@ class Ledger:
 
     # --- writes -----------------------------------------------------------------------------------
     async def record(self, rec: CascadeRecord, shadows: Iterable[dict[str, Any]] = ()) -> None:
-        """Write one request, its attempts (and shadow decisions) in one transaction; returns once committed."""
-        await self._call(self.record_sync, rec, list(shadows))
+        """Write one request, its attempts (and shadow decisions) in one transaction; returns once committed.
+
+        The write happens even if the caller stops waiting (it is queued to the ledger thread at once)."""
+        await self.submit(rec, shadows)
+
+    def submit(self, rec: CascadeRecord, shadows: Iterable[dict[str, Any]] = ()) -> asyncio.Future:
+        """Queue the write of ``rec`` now (from the event loop); the future resolves once it is committed,
+        or raises ``LedgerError``. The write happens whether or not anyone awaits the future."""
+        q = self._queue
+        if q is None:
+            raise LedgerError("ledger is not open")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        q.put(_Job(loop, fut, rec=rec, shadows=list(shadows)))
+        return fut
 
     def record_sync(self, rec: CascadeRecord, shadows: list[dict[str, Any]] | None = None) -> None:
-        conn, d = self._require(), self.dialect
         try:
-            with d.transaction(conn):
-                conn.execute(d.sql("INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"), (
-                    rec.request_id, rec.created_at, rec.policy, rec.endpoint, rec.api_key_id, rec.user_tier,
-                    rec.status, rec.tier, rec.model, rec.confidence, int(rec.escalated), len(rec.attempts),
-                    rec.prompt_tokens, rec.completion_tokens, rec.cost_usd, rec.baseline_cost_usd,
-                    int(rec.baseline_estimated), rec.escalation_waste_usd, rec.latency_ms, rec.error_class,
-                    rec.error_message))
-                cur = conn.cursor()
-                cur.executemany(d.sql(
-                    "INSERT INTO attempts (request_id, idx, tier, model, backend, prompt_tokens, completion_tokens, "
-                    "latency_ms, cost_usd, confidence, decision, reason, kept, error_class, error_message, features, "
-                    "text, answer_sig) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"), [
-                    (rec.request_id, a.index, a.tier, a.model, a.backend, a.prompt_tokens, a.completion_tokens,
-                     a.latency_ms, a.cost_usd, a.confidence, a.decision, a.reason, int(a.kept), a.error_class,
-                     a.error_message, json.dumps(a.features) if a.features else None,
-                     a.text if self.store_text else None,
-                     answer_signature(a.text) if a.error_class is None else None) for a in rec.attempts])
-                if shadows:
-                    cur.executemany(d.sql("INSERT INTO shadow_decisions VALUES (?,?,?,?,?,?,?,?,?)"), [
-                        (rec.request_id, s["shadow"], rec.created_at, s["status"], s.get("tier"),
-                         None if s.get("escalated") is None else int(s["escalated"]), s.get("cost_usd"),
-                         None if s.get("diverges") is None else int(s["diverges"]), s.get("reason", ""))
-                        for s in shadows])
-        except d.errors as exc:
+            self._write([(rec, shadows or [])])
+        except self.dialect.errors as exc:
             raise LedgerError(f"ledger write failed for request {rec.request_id}: {exc}") from exc
+
+    def _write(self, items: list[tuple[CascadeRecord, list[dict[str, Any]]]]) -> None:
+        """Insert requests, their attempts and shadow decisions in one transaction (raises the driver's error)."""
+        conn, d = self._require(), self.dialect
+        store_text = self.store_text
+        requests, attempts, shadow_rows = [], [], []
+        for rec, shadows in items:
+            rid = rec.request_id
+            requests.append((
+                rid, rec.created_at, rec.policy, rec.endpoint, rec.api_key_id, rec.user_tier,
+                rec.status, rec.tier, rec.model, rec.confidence, int(rec.escalated), len(rec.attempts),
+                rec.prompt_tokens, rec.completion_tokens, rec.cost_usd, rec.baseline_cost_usd,
+                int(rec.baseline_estimated), rec.escalation_waste_usd, rec.latency_ms, rec.error_class,
+                rec.error_message))
+            for a in rec.attempts:
+                attempts.append((
+                    rid, a.index, a.tier, a.model, a.backend, a.prompt_tokens, a.completion_tokens,
+                    a.latency_ms, a.cost_usd, a.confidence, a.decision, a.reason, int(a.kept), a.error_class,
+                    a.error_message, json.dumps(a.features) if a.features else None,
+                    a.text if store_text else None,
+                    answer_signature(a.text) if a.error_class is None else None))
+            for s in shadows:
+                shadow_rows.append((
+                    rid, s["shadow"], rec.created_at, s["status"], s.get("tier"),
+                    None if s.get("escalated") is None else int(s["escalated"]), s.get("cost_usd"),
+                    None if s.get("diverges") is None else int(s["diverges"]), s.get("reason", "")))
+        with d.transaction(conn):
+            cur = conn.cursor()
+            if len(requests) == 1:
+                cur.execute(self._sql_request, requests[0])
+            else:
+                cur.executemany(self._sql_request, requests)
+            if attempts:
+                cur.executemany(self._sql_attempt, attempts)
+            if shadow_rows:
+                cur.executemany(self._sql_shadow, shadow_rows)
 
     async def add_feedback(self, request_id: str, score: int, comment: str | None = None) -> int:
         return await self._call(self._feedback_sync, request_id, score, comment)

@@ -55,6 +55,25 @@ async def test_round_trip_feedback_spend_and_shadows(target):
         assert (await again.query("SELECT COUNT(*) FROM requests"))[0][0] == 21
 
 
+async def test_group_commit_fails_only_the_bad_record(target):
+    """Writes queued together are committed in one transaction; one that fails (a duplicate id) is refused
+    alone, every other one lands, and a write whose caller stopped waiting still lands."""
+    async with Ledger(target) as ledger:
+        await ledger.record(record(5))
+        futs = [ledger.submit(record(i)) for i in range(10)]  # queued back to back: written as a group
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+        assert len(failed) == 1 and failed[0][0] == 5
+        assert isinstance(failed[0][1], LedgerError) and "r5" in str(failed[0][1])
+        assert (await ledger.query("SELECT COUNT(*) FROM requests"))[0][0] == 10
+        assert (await ledger.query("SELECT COUNT(*) FROM attempts"))[0][0] == 20
+        abandoned = asyncio.ensure_future(ledger.record(record(50)))
+        await asyncio.sleep(0)  # queued
+        abandoned.cancel()
+        await ledger.query("SELECT 1")  # runs after the queued write on the ledger thread
+        assert (await ledger.query("SELECT COUNT(*) FROM requests WHERE request_id='r50'"))[0][0] == 1
+
+
 def test_bad_target_is_a_clear_error(tmp_path):
     (tmp_path / "dir.sqlite").mkdir()
     with pytest.raises(LedgerError, match="cannot open ledger"):
