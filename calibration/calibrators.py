@@ -49,6 +49,12 @@ def score_to_logit(scores: Any) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def _score_to_logit_one(score: Any) -> np.float64:
+    """``score_to_logit([score])[0]`` on a numpy scalar: the same ufuncs (clip is max then min)."""
+    p = np.minimum(np.maximum(np.exp(np.minimum(np.float64(score), 0.0)), _EPS), 1.0 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
@@ -119,7 +125,15 @@ class Calibrator(ABC):
             score = features[self.feature]
         except KeyError:
             raise KeyError(f"calibrator needs feature {self.feature!r}") from None
+        one = self._predict_scalar
+        if one is not None:
+            return float(one(score))
         return float(self.predict([score])[0])
+
+    #: ``predict`` for one score without the arrays (the engine's path), where a subclass has one: the same
+    #: numpy ufuncs on numpy scalars, so bit-identical to ``predict([score])[0]`` (plain ``math`` is not:
+    #: numpy's exp/log/tanh differ from libm in the last bit for a fraction of inputs).
+    _predict_scalar: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -180,6 +194,9 @@ class TemperatureScaling(Calibrator):
     def predict(self, scores: Any) -> np.ndarray:
         return sigmoid(score_to_logit(scores) / self.temperature)
 
+    def _predict_scalar(self, score: Any) -> np.float64:
+        return sigmoid(_score_to_logit_one(score) / self.temperature)
+
     def params(self) -> dict[str, Any]:
         return {"temperature": self.temperature}
 
@@ -231,6 +248,9 @@ class PlattScaling(Calibrator):
 
     def predict(self, scores: Any) -> np.ndarray:
         return sigmoid(self.a * score_to_logit(scores) + self.b)
+
+    def _predict_scalar(self, score: Any) -> np.float64:
+        return sigmoid(self.a * _score_to_logit_one(score) + self.b)
 
     def params(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b}

@@ -50,32 +50,50 @@ def _quantile(sorted_vals: list[float], q: float) -> float:
 
 
 def extract_features(tokens: Sequence[_TokenLike]) -> dict[str, float]:
-    """Features of one answer from its generated tokens (each with ``.logprob`` and ``.top``)."""
-    lps = [_floor(t.logprob) for t in tokens]
+    """Features of one answer from its generated tokens (each with ``.logprob`` and ``.top``).
+
+    On the request path of every attempt: plain loops, no helper calls per value. The arithmetic is the
+    same, in the same order, as the obvious version (``_floor`` on each value, ``sum`` left to right).
+    """
+    floor = LOGPROB_FLOOR
+    exp, log = math.exp, math.log
+    lps: list[float] = []
+    margins: list[float] = []
+    entropies: list[float] = []
+    for t in tokens:
+        x = t.logprob
+        # == _floor(x): None and NaN give the floor (NaN fails the comparison)
+        lps.append(floor if x is None or not (x := float(x)) >= floor else x)
+        top = t.top
+        if top:
+            alts = []
+            for a in top:
+                y = a.logprob
+                alts.append(floor if y is None or not (y := float(y)) >= floor else y)
+            if len(alts) < 2:
+                continue
+            alts.sort(reverse=True)
+            margins.append(alts[0] - alts[1])
+            probs = [exp(a) for a in alts]
+            z = sum(probs)
+            entropies.append(-sum([(q := p / z) * log(q) for p in probs if p > 0]))
     if not lps:
         empty = {name: LOGPROB_FLOOR for name in FEATURE_NAMES}
         empty.update(n_tokens=0.0, first_token_prob=0.0, mean_margin=0.0, mean_topk_entropy=0.0,
                      sum_logprob=LOGPROB_FLOOR)
         return empty
     s = sorted(lps)
-    margins: list[float] = []
-    entropies: list[float] = []
-    for t in tokens:
-        alts = sorted((_floor(a.logprob) for a in (t.top or ())), reverse=True)
-        if len(alts) >= 2:
-            margins.append(alts[0] - alts[1])
-            probs = [math.exp(a) for a in alts]
-            z = sum(probs)
-            entropies.append(-sum((p / z) * math.log(p / z) for p in probs if p > 0))
+    total = sum(lps)
+    n = len(lps)
     return {
-        "mean_logprob": sum(lps) / len(lps),
+        "mean_logprob": total / n,
         "min_logprob": s[0],
         "q10_logprob": _quantile(s, 0.10),
         "q25_logprob": _quantile(s, 0.25),
         "first_token_logprob": lps[0],
-        "first_token_prob": math.exp(lps[0]),
-        "sum_logprob": max(sum(lps), LOGPROB_FLOOR * 10),
-        "n_tokens": float(len(lps)),
+        "first_token_prob": exp(lps[0]),
+        "sum_logprob": max(total, LOGPROB_FLOOR * 10),
+        "n_tokens": float(n),
         "mean_margin": sum(margins) / len(margins) if margins else 0.0,
         "mean_topk_entropy": sum(entropies) / len(entropies) if entropies else 0.0,
     }
