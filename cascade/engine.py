@@ -192,13 +192,29 @@ class Engine:
                   request_id: str | None = None, api_key_id: str | None = None,
                   user_tier: str | None = None, budget: Budget | None = None) -> Outcome:
         """Answer one request through its route; the record is in the ledger when this returns."""
+        outcome, committed = await self.run_uncommitted(request, model=model, endpoint=endpoint,
+                                                        request_id=request_id, api_key_id=api_key_id,
+                                                        user_tier=user_tier, budget=budget)
+        await committed
+        return outcome
+
+    async def run_uncommitted(self, request: GenerationRequest, *, model: str | None = None,
+                              endpoint: str = "chat", request_id: str | None = None,
+                              api_key_id: str | None = None, user_tier: str | None = None,
+                              budget: Budget | None = None) -> "tuple[Outcome, asyncio.Future[None]]":
+        """As :meth:`run`, but the answered request's ledger write is only queued: the second item resolves
+        once it is committed (or raises ``LedgerError``). The caller must await it before it lets the answer
+        out; meanwhile it can prepare the response (the HTTP layer renders its body during the commit).
+
+        The write happens even if nobody awaits it. Failed requests are recorded before this raises.
+        """
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
         t0 = time.perf_counter()
         route, result = await self._start(rec, model, request, budget, t0, stream_last=False)
         assert isinstance(result, GenerationResult)
         self._finish(rec, route=route, t0=t0)
-        await self.ledger.record(rec, shadows=self.shadows.evaluate(rec))
-        return Outcome(record=rec, result=result)
+        committed = self.ledger.submit(rec, shadows=self.shadows.evaluate(rec))
+        return Outcome(record=rec, result=result), committed
 
     async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
                      request_id: str | None = None, api_key_id: str | None = None,
@@ -410,7 +426,9 @@ class Engine:
                         limit = timeout + DEADLINE_GRACE_S
                     else:
                         call, limit = tier.backend.generate(req), timeout
-                    res = await asyncio.wait_for(call, timeout=limit)
+                    # the backend call runs in this task (no task per call, as wait_for would create)
+                    async with asyncio.timeout(limit):
+                        res = await call
                 except TimeoutError as exc:
                     raise ProviderTimeoutError(f"tier {tier.name!r} did not answer within {timeout:g} s",
                                                provider=tier.name) from exc

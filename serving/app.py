@@ -16,6 +16,10 @@ from serving.errors import error_body, install_error_handlers
 from serving.metrics import Metrics
 
 
+class _TooLarge(Exception):
+    """Raised from inside the app's ``receive`` when the body passes the limit (``args[0]``: whose limit)."""
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over ``limit`` bytes with 413, by header or by counting what arrives."""
 
@@ -32,21 +36,20 @@ class BodyLimitMiddleware:
                 return
         seen = 0
 
-        class _TooLarge(Exception):
-            pass
-
         async def limited_receive() -> Message:
             nonlocal seen
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    raise _TooLarge(self)
             return msg
 
         try:
             await self.app(scope, limited_receive, send)
-        except _TooLarge:
+        except _TooLarge as exc:
+            if exc.args[0] is not self:
+                raise
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
@@ -89,9 +92,10 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
                   description="OpenAI-compatible confidence-escalation cascade.")
     app.state.config_path = config_path
     install_error_handlers(app)
-    from serving.routes import router
+    from serving.routes import HotPathMiddleware, router
 
     app.include_router(router)
+    app.add_middleware(HotPathMiddleware)  # inside the body limit (the later add_middleware is the outer one)
     app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes)
     return app
 

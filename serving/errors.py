@@ -50,12 +50,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
 
 
+def cascade_error_response(exc: CascadeError) -> JSONResponse:
+    """The response to a ``CascadeError`` (logged when it is the server's fault)."""
+    if exc.status_code >= 500:
+        log.warning("request failed: %s: %s", type(exc).__name__, exc.message)
+    return error_response(exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CascadeError)
     async def _cascade_error(request: Request, exc: CascadeError) -> JSONResponse:
-        if exc.status_code >= 500:
-            log.warning("request failed: %s: %s", type(exc).__name__, exc.message)
-        return error_response(exc)
+        return cascade_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

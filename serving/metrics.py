@@ -35,6 +35,7 @@ class Metrics:
                                  "Engine time outside backend calls (features, policy, accounting)",
                                  buckets=_OVERHEAD_BUCKETS, registry=r)
         self.errors = Counter("cascade_errors", "Errors by class", ["error_class"], registry=r)
+        self._children: dict[tuple, object] = {}
         self._answered: dict[str, int] = {}
         self._escalated: dict[str, int] = {}
         #: drift alarms (cascade/drift.py) when the config has a `drift:` section
@@ -44,32 +45,42 @@ class Metrics:
 
             self.drift = DriftMonitor(drift, registry=r)
 
+    def _child(self, metric: "Counter | Gauge | Histogram", *labels: str):  # noqa: ANN202
+        """``metric.labels(*labels)``, looked up once per label set (prometheus' ``labels`` validates and
+        locks on every call; the children themselves are thread-safe)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe(self, rec: CascadeRecord) -> None:
-        self.requests.labels(rec.policy or "-", rec.tier or "-", rec.status).inc()
+        child = self._child
+        child(self.requests, rec.policy or "-", rec.tier or "-", rec.status).inc()
         if rec.error_class:
-            self.errors.labels(rec.error_class).inc()
+            child(self.errors, rec.error_class).inc()
         for a in rec.attempts:
-            self.attempts.labels(a.tier, a.decision or "-").inc()
+            child(self.attempts, a.tier, a.decision or "-").inc()
             if a.cost_usd:
-                self.cost.labels(rec.policy, a.tier).inc(a.cost_usd)
+                child(self.cost, rec.policy, a.tier).inc(a.cost_usd)
                 if not a.kept:
-                    self.waste.labels(rec.policy, a.tier).inc(a.cost_usd)
+                    child(self.waste, rec.policy, a.tier).inc(a.cost_usd)
         if rec.status in ("ok", "partial") and rec.tier:
             p = rec.policy
             self._answered[p] = self._answered.get(p, 0) + 1
             if rec.escalated:
-                self.escalations.labels(p).inc()
+                child(self.escalations, p).inc()
                 self._escalated[p] = self._escalated.get(p, 0) + 1
-            self.escalation_rate.labels(p).set(self._escalated.get(p, 0) / self._answered[p])
-            self.baseline.labels(p).inc(rec.baseline_cost_usd)
-            self.latency.labels(p).observe(rec.latency_ms / 1e3)
+            child(self.escalation_rate, p).set(self._escalated.get(p, 0) / self._answered[p])
+            child(self.baseline, p).inc(rec.baseline_cost_usd)
+            child(self.latency, p).observe(rec.latency_ms / 1e3)
             backend_ms = sum(a.latency_ms for a in rec.attempts)
             self.routing.observe(max(rec.latency_ms - backend_ms, 0.0) / 1e3)
         if self.drift is not None:
             self.drift.observe(rec)
 
     def observe_error(self, error_class: str) -> None:
-        self.errors.labels(error_class).inc()
+        self._child(self.errors, error_class).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -110,6 +110,45 @@ def test_malformed_json_and_oversize_body(server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
+def _stable(x):
+    """A response body without what differs between two identical requests (ids, times)."""
+    if isinstance(x, dict):
+        return {k: _stable(v) for k, v in x.items()
+                if k not in ("id", "created", "request_id") and not k.endswith("_ms")}
+    if isinstance(x, list):
+        return [_stable(v) for v in x]
+    return x
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "cascade", "messages": [{"role": "user", "content": "Capital of Italy?"}],
+                              "max_tokens": 4, "logprobs": True, "top_logprobs": 2}),
+    ("/v1/chat/completions", {"model": "always-escalate", "messages": [{"role": "user", "content": "Hi"}],
+                              "max_tokens": 3}),
+    ("/v1/completions", {"model": "small", "prompt": "The capital of France is", "max_tokens": 3, "logprobs": 1}),
+    ("/v1/chat/completions", {"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "cascade", "messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": 65}),
+    ("/v1/chat/completions", {"model": "cascade", "messages": [{"role": "wizard", "content": "hi"}]}),
+])
+def test_fast_path_answers_exactly_as_the_fastapi_route(server, path, body):
+    """An ``application/json`` request is served by the hot path (serving.routes.HotPathMiddleware); the same
+    body as ``application/x-test+json`` (JSON to FastAPI, not to the hot path) goes through FastAPI's route.
+    Status, cascade headers and body must be the same."""
+    import json
+
+    raw = json.dumps(body).encode()
+    hot = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"}, timeout=120)
+    routed = httpx.post(server.url + path, content=raw, headers={"content-type": "application/x-test+json"},
+                        timeout=120)
+    assert hot.status_code == routed.status_code, (hot.text, routed.text)
+    assert _stable(hot.json()) == _stable(routed.json())
+    cascade_headers = {k for k in hot.headers if k.startswith("x-cascade-")}
+    assert cascade_headers == {k for k in routed.headers if k.startswith("x-cascade-")}
+    for k in cascade_headers - {"x-cascade-request-id"}:
+        assert hot.headers[k] == routed.headers[k], k
+
+
 def test_every_engine_request_is_in_the_ledger(server):
     before = ledger_count(server)
     errors_before = ledger_count(server, "SELECT COUNT(*) FROM requests WHERE status='error'")
