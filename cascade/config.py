@@ -185,6 +185,9 @@ class PolicyConfig(_Strict):
     chain: list[str] = Field(min_length=1)
     #: per-tier threshold overrides for this policy
     thresholds: Thresholds = Field(default_factory=dict)
+    #: per-tier calibrator overrides for this policy (a per-task calibrator: e.g. one fit on this route's
+    #: traffic), inline or {artifact: path}; tiers not named use their own
+    calibrators: dict[str, CalibratorConfig] = Field(default_factory=dict)
     description: str = ""
 
 
@@ -324,6 +327,9 @@ class Config(_Strict):
             for t in pol.thresholds:
                 if t not in pol.chain:
                     raise ValueError(f"policies.{pname}.thresholds: tier {t!r} is not in the chain")
+            for t in pol.calibrators:
+                if t not in pol.chain:
+                    raise ValueError(f"policies.{pname}.calibrators: tier {t!r} is not in the chain")
         if self.default_policy is not None and self.default_policy not in self.policies:
             raise ValueError(f"default_policy: unknown policy {self.default_policy!r}")
         models = set(self.policies) | set(names)

@@ -37,13 +37,15 @@ from cascade.types import Attempt, CascadeRecord, GenerationRequest, GenerationR
 log = logging.getLogger("cascade.engine")
 
 
-def build_calibrator(cfg: CalibratorConfig, *, tier: str) -> Calibrator:
+def build_calibrator(cfg: CalibratorConfig, *, tier: str, where: str | None = None) -> Calibrator:
+    """The calibrator a config section describes; ConfigError naming ``where`` (default
+    ``tiers.<tier>.calibrator``) when it cannot be built."""
     try:
         if cfg.artifact:
             return load_calibrator(cfg.artifact)
         return calibrator_from_dict({"method": cfg.method, "feature": cfg.feature, "params": cfg.params})
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"tiers.{tier}.calibrator: {exc}") from exc
+        raise ConfigError(f"{where or f'tiers.{tier}.calibrator'}: {exc}") from exc
 
 
 @dataclass
@@ -61,12 +63,24 @@ class Tier:
 
 @dataclass(frozen=True)
 class Route:
-    """What a request's ``model`` resolved to: a policy's chain, or one pinned tier."""
+    """What a request's ``model`` resolved to: a policy's chain, or one pinned tier. ``calibrators`` holds
+    one per tier: the policy's own where it has one (a per-task calibrator), else the tier's."""
 
     name: str
     tiers: tuple[Tier, ...]
     thresholds: tuple[float, ...]
     pinned: bool = False
+    calibrators: tuple[Calibrator, ...] = ()
+
+    def calibrator(self, i: int) -> Calibrator:
+        return self.calibrators[i] if self.calibrators else self.tiers[i].calibrator
+
+
+def build_policy_calibrators(config: Config) -> dict[str, dict[str, Calibrator]]:
+    """Every policy's per-tier calibrator overrides (``policies.<name>.calibrators``), built."""
+    return {name: {t: build_calibrator(cc, tier=t, where=f"policies.{name}.calibrators.{t}")
+                   for t, cc in pol.calibrators.items()}
+            for name, pol in config.policies.items() if pol.calibrators}
 
 
 @dataclass
@@ -94,6 +108,7 @@ class _Live:
     attempt: Attempt
     answers: list
     timeout: float
+    calibrator: Calibrator
 
 
 @dataclass
@@ -137,10 +152,12 @@ class Engine:
                        else backend_class(tc.backend).from_tier(tc, config))
             self.tiers[tc.name] = Tier(config=tc, backend=backend,
                                        calibrator=build_calibrator(tc.calibrator, tier=tc.name))
+        #: per-policy (per-task) calibrator overrides: policy -> tier -> calibrator; swapped whole on reload
+        self.policy_calibrators = build_policy_calibrators(config)
         from cascade.shadow import ShadowSet
 
         #: shadow policies, evaluated on every finished request and written with it (cascade/shadow.py)
-        self.shadows = ShadowSet(config, self.tiers)
+        self.shadows = ShadowSet(config, self.tiers, self.policy_calibrators)
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
@@ -180,7 +197,9 @@ class Engine:
         if pol is not None:
             tiers = tuple(self.tiers[t] for t in pol.chain)
             thresholds = tuple(pol.thresholds.get(t.name, t.config.threshold) for t in tiers)
-            return Route(name=name, tiers=tiers, thresholds=thresholds)
+            own = self.policy_calibrators.get(name)
+            cals = tuple(own.get(t.name, t.calibrator) for t in tiers) if own else ()
+            return Route(name=name, tiers=tiers, thresholds=thresholds, calibrators=cals)
         tier = self.tiers.get(name)
         if tier is not None:
             return Route(name=name, tiers=(tier,), thresholds=(0.0,), pinned=True)
@@ -312,7 +331,7 @@ class Engine:
             att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
             merge_provider_attempts(rec.attempts, att, provider_log, served=True)  # provider price, failed attempts
             att.features = extract_features(tokens)
-            att.confidence = decide(att.features, tier.calibrator, 0.0, is_last=True).confidence
+            att.confidence = decide(att.features, live.calibrator, 0.0, is_last=True).confidence
             att.reason = "last tier always answers (streamed)"
             if error is not None:
                 att.error_class, att.error_message = type(error).__name__, error.message
@@ -416,7 +435,8 @@ class Engine:
                 raise BudgetExceededError(f"request refused: {refusal}")
             timeout = tc.timeout_s if budget.latency_s is None else min(tc.timeout_s, budget.latency_s)
             if is_last and stream_last:
-                return _Live(tier=tier, request=req, attempt=att, answers=answers, timeout=timeout)
+                return _Live(tier=tier, request=req, attempt=att, answers=answers, timeout=timeout,
+                             calibrator=route.calibrator(i))
             started = time.perf_counter()
             provider_log: list[ProviderAttempt] = []  # one per provider attempt, for tiers with providers
             try:
@@ -456,7 +476,7 @@ class Engine:
             merge_provider_attempts(rec.attempts, att, provider_log, served=True)  # provider price, failed attempts
             att.text = res.text
             att.features = extract_features(res.tokens)
-            decision = decide(att.features, tier.calibrator, threshold, is_last=is_last)
+            decision = decide(att.features, route.calibrator(i), threshold, is_last=is_last)
             att.confidence, att.reason = decision.confidence, decision.reason
             if not decision.escalate:
                 att.decision, att.kept = ("final" if is_last else "accept"), True

@@ -278,9 +278,10 @@ def authorize_admin(config: Config, caller: Any) -> None:
                                     "(set admin: true on its user tier)", code="admin_only")
 
 
-def _plan(engine: Any, config_path: str | None) -> tuple[Config, dict[str, Calibrator], Any, dict[str, Any]]:
+def _plan(engine: Any, config_path: str | None
+          ) -> tuple[Config, dict[str, Calibrator], dict[str, dict[str, Calibrator]], Any, dict[str, Any]]:
     """Build everything a reload swaps in, without touching the engine (raises ConfigError on any problem)."""
-    from cascade.engine import build_calibrator
+    from cascade.engine import build_calibrator, build_policy_calibrators
     from cascade.shadow import ShadowSet
 
     old: Config = engine.config
@@ -301,7 +302,7 @@ def _plan(engine: Any, config_path: str | None) -> tuple[Config, dict[str, Calib
     for name, pol in old.policies.items():
         np_ = new.policies.get(name)
         if np_ is not None and np_.chain == pol.chain:
-            policies[name] = pol.model_copy(update={"thresholds": np_.thresholds})
+            policies[name] = pol.model_copy(update={"thresholds": np_.thresholds, "calibrators": np_.calibrators})
         else:
             policies[name] = pol
             not_applied.append(f"policy {name!r} " + ("was removed" if np_ is None else "changed its chain"))
@@ -318,20 +319,20 @@ def _plan(engine: Any, config_path: str | None) -> tuple[Config, dict[str, Calib
         else:
             not_applied.append("shadows (they name tiers or policies this server does not run)")
     merged_cfg = old.model_copy(update={"tiers": tiers, "policies": policies, "shadows": shadows})
-    shadow_set = ShadowSet(merged_cfg, engine.tiers)
-    return merged_cfg, cals, shadow_set, {"not_applied": not_applied}
+    policy_cals = build_policy_calibrators(merged_cfg)
+    shadow_set = ShadowSet(merged_cfg, engine.tiers, policy_cals)
+    return merged_cfg, cals, policy_cals, shadow_set, {"not_applied": not_applied}
 
 
 def reload_engine(engine: Any, config_path: str | None = None) -> dict[str, Any]:
     """Swap a running engine's calibrators, thresholds and shadows for those of ``config_path`` (or, with no
     path, re-read the calibrator artifacts the current config names). All or nothing: any error leaves the
     engine as it was. Call it on the engine's event loop thread (as the server does)."""
-    cfg, cals, shadows, extra = _plan(engine, config_path)
-    return _swap(engine, cfg, cals, shadows, extra, config_path)
+    return _swap(engine, *_plan(engine, config_path), config_path)
 
 
-def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], shadows: Any, extra: dict[str, Any],
-          config_path: str | None) -> dict[str, Any]:
+def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], policy_cals: dict[str, dict[str, Calibrator]],
+          shadows: Any, extra: dict[str, Any], config_path: str | None) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     tcs = {t.name: t for t in cfg.tiers}
     for name, cal in cals.items():
@@ -342,10 +343,13 @@ def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], shadows: Any, e
                          "version": cal.fitted_on.get("version"), "threshold": tcs[name].threshold,
                          "changed": changed}
     engine.config = cfg
+    engine.policy_calibrators = policy_cals
     engine.shadows = shadows
     out = {"object": "reload", "reloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
            "source": config_path or "current config (artifacts re-read)", "tiers": summary,
            "policy_thresholds": {n: dict(p.thresholds) for n, p in cfg.policies.items()},
+           "policy_calibrators": {n: {t: {"method": c.method, "version": c.fitted_on.get("version")}
+                                      for t, c in tc.items()} for n, tc in policy_cals.items()},
            "shadows": sorted(cfg.shadows), **extra}
     changed = [n for n, s in summary.items() if s["changed"]]
     log.info("reloaded calibrators from %s: %s%s", out["source"],
@@ -359,8 +363,8 @@ async def reload_engine_async(engine: Any, config_path: str | None = None) -> di
     and concurrent reloads run one after another."""
     lock = engine.__dict__.setdefault("_cascade_reload_lock", asyncio.Lock())
     async with lock:
-        cfg, cals, shadows, extra = await asyncio.to_thread(_plan, engine, config_path)
-        return _swap(engine, cfg, cals, shadows, extra, config_path)
+        plan = await asyncio.to_thread(_plan, engine, config_path)
+        return _swap(engine, *plan, config_path)
 
 
 def install_sighup(engine: Any, config_path: str | None) -> Callable[[], None] | None:

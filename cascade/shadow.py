@@ -122,8 +122,12 @@ class ShadowSet:
     Never raises: a failing shadow is logged and left out (a shadow must never break a live request).
     """
 
-    def __init__(self, config: Config, tiers: Mapping[str, Any]) -> None:
+    def __init__(self, config: Config, tiers: Mapping[str, Any],
+                 policy_calibrators: Mapping[str, Mapping[str, Calibrator]] | None = None) -> None:
         self.tiers = tiers
+        #: the live policies' own calibrators (policy -> tier -> calibrator): a shadow of policy P is
+        #: compared with what P itself uses
+        self.policy_calibrators = policy_calibrators or {}
         self.policies = build_shadow_policies(config)
 
     def __bool__(self) -> bool:
@@ -132,9 +136,11 @@ class ShadowSet:
     def evaluate(self, rec: CascadeRecord) -> list[dict[str, Any]]:
         if not self.policies:
             return []
-        live = {name: t.calibrator for name, t in self.tiers.items()}
+        tier_cals = {name: t.calibrator for name, t in self.tiers.items()}
         rows = []
         for sh in self.policies:
+            own = self.policy_calibrators.get(sh.of)
+            live = {**tier_cals, **own} if own else tier_cals
             try:
                 row = evaluate_shadow(sh, rec, live)
             except Exception:  # noqa: BLE001 - never let a shadow break the live request

@@ -131,3 +131,60 @@ async def test_last_tier_failure_serves_the_best_answer_in_hand(engine_factory):
     assert rec.tier == "small" and not rec.escalated
     assert "served because 'dead' failed" in rec.attempts[0].reason
     assert rec.escalation_waste_usd == 0.0
+
+
+LOW = {"method": "platt", "feature": "mean_logprob", "params": {"a": 1.0, "b": -20.0}}  # confidence ~0
+HIGH = {"method": "platt", "feature": "mean_logprob", "params": {"a": 1.0, "b": 20.0}}  # confidence ~1
+
+
+async def test_policy_calibrators_are_per_task(engine_factory, tmp_path):
+    """Two routes over the same tiers: one keeps the tier's calibrator, one brings its own (fit on its task)."""
+    eng = await engine_factory(
+        [tier("small", calibrator=LOW), tier("large")],
+        {"general": {"chain": ["small", "large"]},
+         "geography": {"chain": ["small", "large"], "calibrators": {"small": HIGH}}})
+    general = (await eng.run(Q, model="general")).record
+    task = (await eng.run(Q, model="geography")).record
+    assert general.escalated and general.attempts[0].confidence < 1e-3
+    assert not task.escalated and task.attempts[0].confidence > 0.999
+    # same answer, same features: only the calibrator differs
+    assert general.attempts[0].features == task.attempts[0].features
+    assert eng.tiers["small"].calibrator.to_dict()["params"]["b"] == -20.0  # the tier's own is untouched
+    got = rows(tmp_path / "ledger.sqlite", "SELECT policy, escalated FROM requests ORDER BY created_at")
+    assert got == [("general", 1), ("geography", 0)]
+
+
+def test_policy_calibrators_must_name_tiers_of_the_chain(tmp_path):
+    from cascade.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"policies\.p\.calibrators: tier 'large' is not in the chain"):
+        make_config(tmp_path, [tier("small"), tier("large")], {"p": {"chain": ["small"], "calibrators": {"large": HIGH}}})
+    bad = {"method": "platt", "feature": "mean_logprob", "params": {"a": "x"}}
+    with pytest.raises(ConfigError, match=r"policies\.p\.calibrators\.small"):
+        Engine(make_config(tmp_path, [tier("small")], {"p": {"chain": ["small"], "calibrators": {"small": bad}}}),
+               ledger=None)
+
+
+async def test_reload_swaps_policy_calibrators_and_shadows_follow_them(tmp_path):
+    import yaml
+
+    from cascade.config import load_config
+    from cascade.recalibrate import reload_engine
+
+    def write(cal):
+        cfg = {"ledger": {"path": str(tmp_path / "ledger.sqlite")},
+               "tiers": [tier("small", calibrator=LOW), tier("large")],
+               "policies": {"geography": {"chain": ["small", "large"], "calibrators": {"small": cal}}},
+               "shadows": {"same": {"of": "geography"}}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        return str(tmp_path / "c.yaml")
+
+    path = write(HIGH)
+    async with await Engine.open(load_config(path, environ={})) as eng:
+        assert not (await eng.run(Q, model="geography")).record.escalated
+        out = reload_engine(eng, write(LOW))
+        assert out["policy_calibrators"]["geography"]["small"]["method"] == "platt"
+        assert (await eng.run(Q, model="geography")).record.escalated
+    # the shadow (no calibrators of its own) is judged with the policy's calibrator: it never diverges
+    got = rows(tmp_path / "ledger.sqlite", "SELECT status, diverges FROM shadow_decisions")
+    assert got == [("known", 0), ("known", 0)]
