@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cascade.errors import CascadeError, ConfigError, DataError
+from cascade.errors import ConfigError, DataError
 
 CALIBRATE_METHODS = ("temperature", "platt", "isotonic", "histogram", "auto")
 
@@ -318,15 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run calibrate/replay without the rest of the ``cascade`` CLI (same error handling)."""
+    from cascade.cli import run_command
+
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except CascadeError as exc:
-        print(f"cascade: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # pragma: no cover
-        print("cascade: interrupted", file=sys.stderr)
-        return 130
+    return run_command("cascade", lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cascade.errors import CascadeError
 
@@ -38,17 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(prog: str, command: Callable[[], int | None]) -> int:
+    """Run one command of a command line: a ``CascadeError`` becomes one line ``PROG: error: ...`` on stderr
+    and exit status 2, Ctrl-C exit status 130. Every entry point (``cascade``, the calibration commands on
+    their own, ``scripts/prepare_models.py``) goes through here."""
     try:
-        return int(args.func(args) or 0)
+        return int(command() or 0)
     except CascadeError as exc:
-        print(f"cascade: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cascade: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command("cascade", lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -764,11 +764,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="Prepare local models (same as `cascade models prepare`).")
     _add_prepare_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return _cmd_prepare(args)
-    except CascadeError as exc:
-        print(f"prepare_models: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("prepare_models: interrupted", file=sys.stderr)
-        return 130
+    from cascade.cli import run_command
+
+    return run_command("prepare_models", lambda: _cmd_prepare(args))
