@@ -32,10 +32,11 @@ class _TokenLike(Protocol):
     top: Sequence  # of objects with .logprob
 
 
-def _floor(x: float) -> float:
-    if x is None or math.isnan(x):
+def _floor(x: float | None) -> float:
+    """A logprob, floored at ``LOGPROB_FLOOR``; None and NaN give the floor (NaN fails the comparison)."""
+    if x is None or not (x := float(x)) >= LOGPROB_FLOOR:
         return LOGPROB_FLOOR
-    return max(float(x), LOGPROB_FLOOR)
+    return x
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float:
@@ -52,24 +53,17 @@ def _quantile(sorted_vals: list[float], q: float) -> float:
 def extract_features(tokens: Sequence[_TokenLike]) -> dict[str, float]:
     """Features of one answer from its generated tokens (each with ``.logprob`` and ``.top``).
 
-    On the request path of every attempt: plain loops, no helper calls per value. The arithmetic is the
-    same, in the same order, as the obvious version (``_floor`` on each value, ``sum`` left to right).
+    On the request path of every attempt: plain loops over the tokens, one pass.
     """
-    floor = LOGPROB_FLOOR
     exp, log = math.exp, math.log
     lps: list[float] = []
     margins: list[float] = []
     entropies: list[float] = []
     for t in tokens:
-        x = t.logprob
-        # == _floor(x): None and NaN give the floor (NaN fails the comparison)
-        lps.append(floor if x is None or not (x := float(x)) >= floor else x)
+        lps.append(_floor(t.logprob))
         top = t.top
         if top:
-            alts = []
-            for a in top:
-                y = a.logprob
-                alts.append(floor if y is None or not (y := float(y)) >= floor else y)
+            alts = [_floor(a.logprob) for a in top]
             if len(alts) < 2:
                 continue
             alts.sort(reverse=True)
