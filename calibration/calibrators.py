@@ -119,6 +119,19 @@ class Calibrator(ABC):
     def from_params(cls, feature: str, params: Mapping[str, Any]) -> "Calibrator": ...
 
     # --- shared ----------------------------------------------------------------------------------
+    @property
+    def inputs(self) -> list[str]:
+        """The features ``predict_one`` reads."""
+        return [self.feature]
+
+    def with_feature(self, feature: str) -> "Calibrator":
+        """The same fitted map read from another feature (e.g. an artifact fit on the shared data's stored
+        answer-letter logprob, serving a tier whose engine feature for it is ``first_token_logprob``)."""
+        d = self.to_dict()
+        d["feature"] = feature
+        d["fitted_on"] = {**d["fitted_on"], "served_feature": feature, "fitted_feature": self.feature}
+        return calibrator_from_dict(d)
+
     def predict_one(self, features: Mapping[str, float]) -> float:
         """Calibrated confidence for one answer, from its feature dict."""
         try:
@@ -427,6 +440,18 @@ class LogisticCalibrator(Calibrator):
 
     def predict(self, scores: Any) -> np.ndarray:
         return sigmoid(self._matrix(scores) @ self.coef + self.intercept)
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(self.features)
+
+    def with_feature(self, feature: str) -> "Calibrator":
+        if len(self.features) != 1:
+            raise ValueError(f"a calibrator of {len(self.features)} features ({', '.join(self.features)}) "
+                             "cannot be read from one other feature")
+        out = super().with_feature(feature)
+        out.features = [feature]  # type: ignore[attr-defined]
+        return out
 
     def predict_one(self, features: Mapping[str, float]) -> float:
         missing = [f for f in self.features if f not in features]

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from calibration.features import FEATURE_NAMES
 from cascade.errors import ConfigError, DataError
 
 CALIBRATE_METHODS = ("temperature", "platt", "isotonic", "histogram", "auto")
@@ -79,6 +80,25 @@ def _print_table(title: str, rows: Sequence[tuple[str, Any, Any]], headers: tupl
 
 # --- calibrate -------------------------------------------------------------------------------------
 
+#: the stored confidence of the shared data (answer-letter or self-check "Y" logprob); the engine does not
+#: compute it, so an artifact fit on it serves a tier only with ``calibrator.feature`` naming its equivalent
+RAW_FEATURE = "raw_conf_logprob"
+#: what ``--feature`` may name: scores that are log-probabilities (calibrators map a logprob to a probability)
+CALIBRATE_FEATURES = (RAW_FEATURE, *(f for f in FEATURE_NAMES if f.endswith("_logprob")))
+
+
+def _score(path: str, tier: Any, feature: str) -> Any:
+    """The score ``cascade calibrate`` fits on: the stored raw confidence, or one of the engine's logprob
+    features from the lines' ``models.<m>.features`` (live runs: benchmarks/live_cascade.py)."""
+    if feature == RAW_FEATURE:
+        return tier.logprob
+    if feature not in tier.features:
+        raise DataError(f"{path}: model {tier.name!r} has no numeric 'features.{feature}' on every line "
+                        f"(features come from live runs, benchmarks/live_cascade.py; the stored confidence is "
+                        f"--feature {RAW_FEATURE})")
+    return tier.features[feature]
+
+
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
@@ -96,7 +116,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         progress("loading data", 0, 3)
         data = load_cascade_outputs(args.data)
         tier = data.tier(args.model.strip())
-        lp, y = tier.logprob, tier.correct
+        feature = args.feature
+        lp, y = _score(data.path, tier, feature), tier.correct
         if len(y) < 2:
             raise DataError(f"{data.path}: {len(y)} question(s); calibration needs at least 2")
         progress("fitting", 1, 3)
@@ -104,12 +125,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         try:
             if args.method == "auto":
                 selection = select_calibrator(lp, y, criterion=args.criterion, k=args.folds, seed=args.seed,
-                                              feature="raw_conf_logprob")
+                                              feature=feature)
                 cal = selection.calibrator
             elif args.method == "temperature" and args.use_netcal:
-                cal = make_calibrator("temperature", "raw_conf_logprob").fit(lp, y, use_netcal=True)
+                cal = make_calibrator("temperature", feature).fit(lp, y, use_netcal=True)
             else:
-                cal = make_calibrator(args.method, "raw_conf_logprob").fit(lp, y)
+                cal = make_calibrator(args.method, feature).fit(lp, y)
         except ValueError as exc:
             raise DataError(f"{data.path}: cannot fit {args.method} calibration for {tier.name}: {exc}") from exc
         progress("scoring", 2, 3)
@@ -119,13 +140,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         fitted = metrics.summary(cal_p, y, args.bins)
         heldout = None
         if len(y) >= 10 and 0 < y.mean() < 1:
-            oof = cross_val_predict(cal.method, lp, y, k=args.folds, seed=args.seed, feature="raw_conf_logprob")
+            oof = cross_val_predict(cal.method, lp, y, k=args.folds, seed=args.seed, feature=feature)
             heldout = metrics.summary(oof, y, args.bins)
         cal.fitted_on = {
             "data": str(Path(data.path).resolve()), "model": tier.name, "n": int(len(y)),
             "dataset": data.dataset, "chain": data.chain, "split": data.split,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "feature_source": "raw_conf_logprob",
+            "feature_source": feature if feature == RAW_FEATURE else f"features.{feature}",
         }
         cal.metrics = {"raw": raw, "calibrated_in_sample": fitted}
         if heldout is not None:
@@ -140,7 +161,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             plot = reliability_diagram(args.plot, {"raw": (raw_p, y), f"{cal.method}": (cal_p, y)},
                                        title=f"{tier.name} on {data.label} (n={len(y)})", n_bins=args.bins)
         progress("done", 3, 3)
-    report = {"data": data.path, "model": tier.name, "n": int(len(y)), "method": cal.method,
+    report = {"data": data.path, "model": tier.name, "n": int(len(y)), "feature": feature, "method": cal.method,
               "params": cal.params(), "raw": raw, "calibrated": fitted, "calibrated_heldout_cv": heldout,
               "artifact": str(out), "plot": str(plot) if plot else None}
     if selection is not None:
@@ -269,6 +290,9 @@ def add_cli(subparsers: Any) -> None:
                    help="calibration method (default temperature; auto: lowest held-out NLL on folds)")
     p.add_argument("--out", required=True, metavar="ARTIFACT.json", help="where to write the calibrator artifact")
     p.add_argument("--plot", metavar="PNG", help="write a reliability diagram with confidence histogram")
+    p.add_argument("--feature", default=RAW_FEATURE, choices=CALIBRATE_FEATURES,
+                   help=f"score to calibrate: the stored {RAW_FEATURE} (default), or an engine feature from the "
+                        "lines' features (live runs); an artifact on an engine feature serves a tier as it is")
     p.add_argument("--use-netcal", action="store_true", help="fit temperature scaling with netcal")
     p.add_argument("--criterion", default="nll", choices=("nll", "ece", "brier"), help="selection criterion for auto")
     p.add_argument("--folds", type=int, default=5, help="folds for held-out scores (default 5)")

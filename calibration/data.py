@@ -21,6 +21,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,10 +42,14 @@ class TierOutputs:
     latency_ms: np.ndarray
     tokens_in: np.ndarray
     tokens_out: np.ndarray
+    #: the engine's confidence features (``calibration.features``) where every line carries them under
+    #: ``models.<m>.features`` (live runs do; the shared data does not): feature name -> values
+    features: dict[str, np.ndarray] = field(default_factory=dict)
 
     def subset(self, idx: np.ndarray) -> "TierOutputs":
         return TierOutputs(self.name, [self.answer[i] for i in idx], self.correct[idx], self.logprob[idx],
-                           self.cost[idx], self.latency_ms[idx], self.tokens_in[idx], self.tokens_out[idx])
+                           self.cost[idx], self.latency_ms[idx], self.tokens_in[idx], self.tokens_out[idx],
+                           {k: v[idx] for k, v in self.features.items()})
 
 
 @dataclass
@@ -111,6 +116,23 @@ def _correct(v, path: Path, lineno: int, model: str) -> float:
     raise _bad(path, lineno, f"model {model!r}: correct must be true/false, got {v!r}")
 
 
+def _collect_features(acc: dict[str, list[float]] | None, features: Any, i: int) -> dict[str, list[float]] | None:
+    """``acc`` with line ``i``'s numeric features appended. Only features that every line carries are kept:
+    one missing from a line is dropped, and a line with no ``features`` object at all ends the collection
+    (None)."""
+    if acc is None or not isinstance(features, dict):
+        return None
+    if i == 0:
+        return {k: [float(v)] for k, v in features.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for k in list(acc):
+        v = features.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            acc[k].append(float(v))
+        else:
+            del acc[k]
+    return acc
+
+
 def load_cascade_outputs(path: str | Path) -> CascadeData:
     """Read and validate one JSONL file of per-question cascade outputs."""
     p = Path(path).expanduser()
@@ -143,6 +165,7 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
         if models is None:
             models = list(ms)
             cols = {m: {k: [] for k in ("answer", "correct", "lp", "cost", "lat", "tin", "tout")} for m in models}
+            feats: dict[str, dict[str, list[float]] | None] = {m: {} for m in models}
             for k in meta:
                 meta[k] = str(row.get(k, "") or "")
         elif set(ms) != set(models):
@@ -170,6 +193,7 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
             tok = rec.get("tokens") if isinstance(rec.get("tokens"), dict) else {}
             c["tin"].append(float(tok.get("in", math.nan) or 0))
             c["tout"].append(float(tok.get("out", math.nan) or 0))
+            feats[m] = _collect_features(feats[m], rec.get("features"), n)
         prompt = f"{row.get('system_prompt', '') or ''}\n{row.get('user_prompt', '') or ''}"
         prompt_chars.append(float(len(prompt)))
         idxs.append(row.get("idx", n))
@@ -178,7 +202,8 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
         raise DataError(f"{p}: no questions (empty file)")
     tiers = {
         m: TierOutputs(m, c["answer"], np.asarray(c["correct"]), np.asarray(c["lp"]), np.asarray(c["cost"]),
-                       np.asarray(c["lat"]), np.asarray(c["tin"]), np.asarray(c["tout"]))
+                       np.asarray(c["lat"]), np.asarray(c["tin"]), np.asarray(c["tout"]),
+                       {k: np.asarray(v) for k, v in (feats[m] or {}).items()})
         for m, c in cols.items()
     }
     if not meta["dataset"] or not meta["chain"] or not meta["split"]:

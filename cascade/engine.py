@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
-from calibration.features import extract_features
+from calibration.features import FEATURE_NAMES, extract_features
 from cascade.backends import Backend, backend_class
 from cascade.config import CalibratorConfig, Config, TierConfig
 from cascade.errors import (
@@ -39,13 +39,29 @@ log = logging.getLogger("cascade.engine")
 
 def build_calibrator(cfg: CalibratorConfig, *, tier: str, where: str | None = None) -> Calibrator:
     """The calibrator a config section describes; ConfigError naming ``where`` (default
-    ``tiers.<tier>.calibrator``) when it cannot be built."""
+    ``tiers.<tier>.calibrator``) when it cannot be built or reads a feature the engine does not compute.
+
+    Beside ``artifact``, an explicit ``feature`` serves the artifact's fitted map from that engine feature
+    (an artifact fit offline on a stored confidence, e.g. the shared data's answer-letter logprob, which
+    the engine computes as ``first_token_logprob``)."""
+    where = where or f"tiers.{tier}.calibrator"
     try:
         if cfg.artifact:
-            return load_calibrator(cfg.artifact)
-        return calibrator_from_dict({"method": cfg.method, "feature": cfg.feature, "params": cfg.params})
+            cal = load_calibrator(cfg.artifact)
+            if "feature" in cfg.model_fields_set and cal.inputs != [cfg.feature]:
+                cal = cal.with_feature(cfg.feature)
+        else:
+            cal = calibrator_from_dict({"method": cfg.method, "feature": cfg.feature, "params": cfg.params})
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{where or f'tiers.{tier}.calibrator'}: {exc}") from exc
+        raise ConfigError(f"{where}: {exc}") from exc
+    unknown = [f for f in cal.inputs if f not in FEATURE_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"{where}: the artifact {cfg.artifact} reads {unknown[0]!r}, which the engine does not compute "
+            f"(it computes {', '.join(FEATURE_NAMES)}); set `feature:` beside `artifact:` to the engine feature "
+            f"it stands for (first_token_logprob for an answer-letter logprob), or fit on live outputs with "
+            f"`cascade calibrate --feature mean_logprob`")
+    return cal
 
 
 @dataclass
