@@ -82,22 +82,9 @@ def _print_table(title: str, rows: Sequence[tuple[str, Any, Any]], headers: tupl
 
 #: the stored confidence of the shared data (answer-letter or self-check "Y" logprob); the engine does not
 #: compute it, so an artifact fit on it serves a tier only with ``calibrator.feature`` naming its equivalent
-RAW_FEATURE = "raw_conf_logprob"
+RAW_FEATURE = "raw_conf_logprob"  # calibration.data.RAW_SCORE (not imported here: it pulls in numpy)
 #: what ``--feature`` may name: scores that are log-probabilities (calibrators map a logprob to a probability)
 CALIBRATE_FEATURES = (RAW_FEATURE, *(f for f in FEATURE_NAMES if f.endswith("_logprob")))
-
-
-def _score(path: str, tier: Any, feature: str) -> Any:
-    """The score ``cascade calibrate`` fits on: the stored raw confidence, or one of the engine's logprob
-    features from the lines' ``models.<m>.features`` (live runs: benchmarks/live_cascade.py)."""
-    if feature == RAW_FEATURE:
-        return tier.logprob
-    if feature not in tier.features:
-        raise DataError(f"{path}: model {tier.name!r} has no numeric 'features.{feature}' on every line "
-                        f"(features come from live runs, benchmarks/live_cascade.py; the stored confidence is "
-                        f"--feature {RAW_FEATURE})")
-    return tier.features[feature]
-
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -114,10 +101,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError("--bins must be at least 2")
     with _progress(not args.json) as progress:
         progress("loading data", 0, 3)
-        data = load_cascade_outputs(args.data)
-        tier = data.tier(args.model.strip())
         feature = args.feature
-        lp, y = _score(data.path, tier, feature), tier.correct
+        data = load_cascade_outputs(args.data)
+        tier = data.with_score(feature, [args.model.strip()]).tier(args.model.strip())
+        lp, y = tier.logprob, tier.correct
         if len(y) < 2:
             raise DataError(f"{data.path}: {len(y)} question(s); calibration needs at least 2")
         progress("fitting", 1, 3)
@@ -209,18 +196,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
                        objective="budget" if args.cost_budget is not None else "quality",
                        cost_budget=args.cost_budget)
     cfg.validate()
+    if args.export_policy and not args.no_features:
+        raise ConfigError("--export-policy needs --no-features: the engine decides on each tier's own "
+                          "calibrated confidence, and the agreement features have no counterpart there")
     with _progress(True) as progress:
         progress("loading data", 0, 1)
-        train = load_cascade_outputs(args.train)
+        train = load_cascade_outputs(args.train).with_score(args.feature, chain)
         split_info = None
         if _same_file(args.train, args.test) or args.test_fraction is not None:
             frac = 0.5 if args.test_fraction is None else args.test_fraction
-            source = train if _same_file(args.train, args.test) else load_cascade_outputs(args.test)
+            source = train if _same_file(args.train, args.test) else load_cascade_outputs(args.test).with_score(
+                args.feature, chain)
             train, test = split_data(source, frac, args.split_seed)
             split_info = {"source": source.path, "test_fraction": frac, "seed": args.split_seed,
                           "note": "train and test are disjoint parts of one file, split by a fixed seed"}
         else:
-            test = load_cascade_outputs(args.test)
+            test = load_cascade_outputs(args.test).with_score(args.feature, chain)
         for d, what in ((train, "training"), (test, "test")):
             if len(d) == 0:
                 raise DataError(f"{d.path}: the {what} split is empty")
@@ -232,6 +223,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise DataError(f"replay failed on {args.train}: {exc}") from exc
     if split_info:
         report["split"] = split_info
+    report["score_feature"] = args.feature
+    if args.export_policy:
+        from calibration.export import export_policy
+
+        report["exported"] = export_policy(policy, args.export_policy, name=args.policy_name,
+                                           feature=args.feature, train_path=train.path, n_train=len(train))
     if args.plot:
         from calibration.plots import reliability_diagram
 
@@ -272,6 +269,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(f"thresholds: {thr}")
     if report["verdict"] == "direct":
         print(f"direct: {report['reason']}")
+    if "exported" in report:
+        print(f"policy {report['exported']['name']!r} written to {report['exported']['policy']}")
     return 0
 
 
@@ -328,6 +327,14 @@ def add_cli(subparsers: Any) -> None:
     r.add_argument("--seed", type=int, default=0, help="seed of the folds and the bootstrap")
     r.add_argument("--plot", metavar="PNG", help="reliability diagram of the first tier on TEST")
     r.add_argument("--out", metavar="REPORT.json", help="also write the JSON report here")
+    r.add_argument("--feature", default=RAW_FEATURE, choices=CALIBRATE_FEATURES,
+                   help=f"every tier's score: the stored {RAW_FEATURE} (default), or an engine feature from the "
+                        "lines' features (live runs)")
+    r.add_argument("--export-policy", metavar="DIR",
+                   help="write the fitted policy as the engine loads it: one calibrator artifact per consulted "
+                        "tier and DIR/policy.yaml (policies.<name>: chain, thresholds, calibrators); needs "
+                        "--no-features")
+    r.add_argument("--policy-name", default="replayed", help="the policy's name in policy.yaml (default replayed)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_replay)
 

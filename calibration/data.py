@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import numpy as np
 from cascade.errors import ConfigError, DataError
 
 REQUIRED_MODEL_FIELDS = ("answer", "correct", "raw_conf_logprob", "cost_usd")
+#: the stored confidence of a line (answer-letter or self-check "Y" logprob): the default score
+RAW_SCORE = "raw_conf_logprob"
 
 
 @dataclass
@@ -85,6 +87,22 @@ class CascadeData:
         for n in names:
             self.tier(n)
         return names
+
+    def with_score(self, feature: str, models: Sequence[str] | None = None) -> "CascadeData":
+        """The same questions scored by one of the engine's features instead of the stored raw confidence:
+        every model of ``models`` (default: all) gets ``logprob`` = its ``features[feature]``.
+        ``raw_conf_logprob`` gives the data as it is."""
+        if feature == RAW_SCORE:
+            return self
+        tiers = dict(self.tiers)
+        for m in models or self.models:
+            t = self.tier(m)
+            if feature not in t.features:
+                raise DataError(f"{self.path}: model {m!r} has no numeric 'features.{feature}' on every line "
+                                f"(features come from live runs, benchmarks/live_cascade.py; the stored "
+                                f"confidence is {RAW_SCORE})")
+            tiers[m] = replace(t, logprob=np.minimum(t.features[feature], 0.0))
+        return replace(self, tiers=tiers)
 
     def subset(self, idx: Sequence[int] | np.ndarray, split: str | None = None) -> "CascadeData":
         idx = np.asarray(idx, dtype=int)

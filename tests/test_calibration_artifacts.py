@@ -122,3 +122,70 @@ def test_shared_data_artifact_serves_an_engine_tier_through_first_token_logprob(
     cal = build_calibrator(CalibratorConfig(artifact=str(art), feature="first_token_logprob"), tier="gpt-4o-mini")
     stored = load_calibrator(art)
     assert cal.predict_one({"first_token_logprob": -0.05}) == pytest.approx(float(stored.predict([-0.05])[0]))
+
+
+# --- replay --export-policy: the fitted policy as the engine loads it --------------------------------
+
+LIVE_TEST = LIVE.with_name("mixed_smol135m-qc0.5b-qc1.5b_test.jsonl")
+SMALL, LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
+
+
+def _replay(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = calibration_main(["replay", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_exported_policy_loads_into_the_engine_and_decides_as_the_replay_did(tmp_path, capsys):
+    import yaml
+
+    from cascade.config import parse_config
+    from cascade.engine import build_policy_calibrators
+
+    out_dir = tmp_path / "policy"
+    # a 5-point drop on 72 questions: wide enough that this weak pair still cascades (the default 0.5 point
+    # makes it `direct`, which exports a one-tier chain: covered below)
+    rc, out, err = _replay(capsys, "--train", str(LIVE), "--test", str(LIVE_TEST), "--chain", f"{SMALL},{LARGE}",
+                           "--feature", "mean_logprob", "--no-features", "--max-quality-drop", "0.05",
+                           "--export-policy", str(out_dir), "--policy-name", "live", "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["score_feature"] == "mean_logprob" and rep["verdict"] == "cascade"
+    assert rep["exported"]["policy"] == str(out_dir / "policy.yaml")
+
+    section = yaml.safe_load((out_dir / "policy.yaml").read_text())["policies"]["live"]
+    assert section["chain"] == [SMALL, LARGE]
+    threshold = section["thresholds"][SMALL]
+    assert threshold == pytest.approx(rep["thresholds_by_model"][SMALL])
+
+    # merged into a config whose tiers carry the models' names, it validates and its calibrators build
+    tiers = [{"name": m, "backend": "transformers", "model": m, "price": {"input_per_1m": 1, "output_per_1m": 1}}
+             for m in (SMALL, LARGE)]
+    config = parse_config({"tiers": tiers, "policies": {"live": section}, "ledger": {"path": str(tmp_path / "l.db")}})
+    cal = build_policy_calibrators(config)["live"][SMALL]
+    assert cal.inputs == ["mean_logprob"]
+
+    # the engine's decision on each TEST answer's own features escalates exactly where the replay did
+    test = load_cascade_outputs(LIVE_TEST).tier(SMALL)
+    rows = [{k: float(v[i]) for k, v in test.features.items()} for i in range(len(test.correct))]
+    escalated = [decide(r, cal, config.policies["live"].thresholds[SMALL], is_last=False).escalate for r in rows]
+    assert sum(escalated) == round(rep["escalation_rate"] * rep["n_test"])  # the report rounds to 6 digits
+
+
+def test_export_needs_no_features_and_a_direct_verdict_exports_the_last_tier(tmp_path, capsys):
+    rc, out, err = _replay(capsys, "--train", str(LIVE), "--test", str(LIVE_TEST), "--chain", f"{SMALL},{LARGE}",
+                           "--feature", "mean_logprob", "--export-policy", str(tmp_path / "x"))
+    assert rc == 2 and "--no-features" in err and not (tmp_path / "x").exists()
+
+    import yaml
+
+    rc, out, err = _replay(capsys, "--train", str(LIVE), "--test", str(LIVE_TEST), "--chain", f"{SMALL},{LARGE}",
+                           "--feature", "mean_logprob", "--no-features", "--export-policy", str(tmp_path / "d"),
+                           "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    section = yaml.safe_load((tmp_path / "d" / "policy.yaml").read_text())["policies"]["replayed"]
+    if rep["verdict"] == "direct":
+        assert section["chain"] == [LARGE] and "thresholds" not in section
+    else:
+        assert section["chain"][-1] == LARGE and set(section["thresholds"]) == set(section["chain"][:-1])
