@@ -252,7 +252,8 @@ class AuthConfig(_Strict):
 
 
 class ShadowConfig(_Strict):
-    """A shadow policy: evaluated beside a live policy on every request, never served (cascade/shadow.py)."""
+    """A shadow policy: evaluated beside a live policy on its requests (or those of some user tiers), never
+    served (cascade/shadow.py)."""
 
     #: the live policy whose requests this shadow is evaluated on
     of: str
@@ -262,19 +263,18 @@ class ShadowConfig(_Strict):
     thresholds: Thresholds = Field(default_factory=dict)
     #: per-tier calibrators, inline or {artifact: path} (default: the live tier's)
     calibrators: dict[str, CalibratorConfig] = Field(default_factory=dict)
-    #: sampled shadow execution (running tiers the live path skipped) is not implemented: must stay 0
+    #: evaluate the shadow only on requests of these user tiers (default: every request of ``of``)
+    user_tiers: list[str] | None = None
+    #: sampled shadow execution: the share of answered requests whose shadow outcome is unknown only
+    #: because it needs tiers the live path did not run, on which those tiers are run in the background
+    #: (after the response) to find out; 0: never (the outcome stays unknown and nothing is spent)
     sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+    #: most the shadow's sampled calls may cost per UTC day, enforced from the ledger (needed when
+    #: sample_rate > 0)
     sample_budget_usd: float = Field(0.0, ge=0.0)
+    #: seed of the sampling draw (reproducible runs); None: random
+    sample_seed: int | None = None
     description: str = ""
-
-
-    @field_validator("sample_rate")
-    @classmethod
-    def _no_sampling(cls, v: float) -> float:
-        if v > 0:
-            raise ValueError("sampled shadow execution is not implemented: set sample_rate to 0 (a shadow "
-                             "that needs a tier the live path did not run records 'unknown' and spends nothing)")
-        return v
 
 
 class DriftConfig(_Strict):
@@ -357,6 +357,14 @@ class Config(_Strict):
                 for t in getattr(sh, what):
                     if t not in chain:
                         raise ValueError(f"shadows.{sname}.{what}: tier {t!r} is not in the shadow's chain")
+            for ut in sh.user_tiers or ():
+                if ut not in self.user_tiers:
+                    raise ValueError(f"shadows.{sname}.user_tiers: unknown user tier {ut!r}; user tiers are "
+                                     f"{list(self.user_tiers)}")
+            if sh.sample_rate > 0 and sh.sample_budget_usd <= 0:
+                raise ValueError(f"shadows.{sname}.sample_budget_usd: must be above 0 when sample_rate is above 0 "
+                                 f"(sample_rate {sh.sample_rate:g} runs tiers the live path skipped, paid from a "
+                                 "budget per UTC day)")
         return self
 
     # --- lookups ---------------------------------------------------------------------------------

@@ -125,6 +125,8 @@ class _Live:
     answers: list
     timeout: float
     calibrator: Calibrator
+    #: the request as the caller made it (``request`` is fitted to this tier), for shadow samples
+    original: GenerationRequest | None = None
 
 
 @dataclass
@@ -170,10 +172,13 @@ class Engine:
                                        calibrator=build_calibrator(tc.calibrator, tier=tc.name))
         #: per-policy (per-task) calibrator overrides: policy -> tier -> calibrator; swapped whole on reload
         self.policy_calibrators = build_policy_calibrators(config)
-        from cascade.shadow import ShadowSet
+        from cascade.shadow import ShadowSampler, ShadowSet
 
         #: shadow policies, evaluated on every finished request and written with it (cascade/shadow.py)
         self.shadows = ShadowSet(config, self.tiers, self.policy_calibrators)
+        #: runs, in the background, the tiers a sampled shadow needs and the live path skipped; outlives
+        #: reloads (which swap ``shadows``), so its budget reservations and in-flight samples are kept
+        self.sampler = ShadowSampler(self.call_tier, ledger, grace_s=config.server.graceful_shutdown_s)
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
@@ -193,6 +198,7 @@ class Engine:
             await self.tiers[name].backend.start()
 
     async def close(self) -> None:
+        await self.sampler.close()  # in-flight shadow samples finish (or are cancelled) and are recorded
         for tier in self.tiers.values():
             await tier.backend.close()
         await self.ledger.close()
@@ -248,7 +254,7 @@ class Engine:
         route, result = await self._start(rec, model, request, budget, t0, stream_last=False)
         assert isinstance(result, GenerationResult)
         self._finish(rec, route=route, t0=t0)
-        committed = self.ledger.submit(rec, shadows=self.shadows.evaluate(rec))
+        committed = self._submit(rec, request)
         return Outcome(record=rec, result=result), committed
 
     async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
@@ -268,7 +274,7 @@ class Engine:
         if isinstance(outcome, GenerationResult):  # a buffered answer was kept
             kept = next(a for a in rec.attempts if a.kept)
             self._finish(rec, route=route, t0=t0)
-            await self.ledger.record(rec, shadows=self.shadows.evaluate(rec))
+            await self._submit(rec, request)
             yield StreamStart(record=rec, tier=kept.tier)
             pieces = [StreamChunk(text=t.token, tokens=(t,)) for t in outcome.tokens] or [StreamChunk(outcome.text)]
             for chunk in pieces:
@@ -307,7 +313,7 @@ class Engine:
                 best = self._serve_best(answers, f"{tier.name!r} failed before its first token ({type(exc).__name__})")
                 self._finish(rec, route=route, t0=t0)
                 kept = next(a for a in rec.attempts if a.kept)
-                await self.ledger.record(rec, shadows=self.shadows.evaluate(rec))
+                await self._submit(rec, live.original)
                 yield StreamStart(record=rec, tier=kept.tier)
                 for t in best.tokens:
                     yield StreamDelta(t.token, (t,))
@@ -355,7 +361,7 @@ class Engine:
                 rec.status = "partial" if sent else "error"
                 rec.error_class, rec.error_message = type(error).__name__, error.message
             self._finish(rec, route=route, t0=t0)
-            await asyncio.shield(self.ledger.record(rec, shadows=self.shadows.evaluate(rec)))
+            await asyncio.shield(self._submit(rec, live.original))
         if error is not None:
             yield StreamFailed(record=rec, error=error)
             return
@@ -393,7 +399,19 @@ class Engine:
         for a in rec.attempts:
             a.kept = False
         self._finish(rec, route=route, t0=t0)
-        await asyncio.shield(self.ledger.record(rec, shadows=self.shadows.evaluate(rec)))
+        await asyncio.shield(self._submit(rec, None))
+
+    def _submit(self, rec: CascadeRecord, request: GenerationRequest | None) -> "asyncio.Future[None]":
+        """Queue the ledger write of a finished request with its shadow decisions (the future resolves once
+        it is committed). Shadows sampled on this request (``request`` given) start in the background: after
+        the commit, off the request's path (cascade/shadow.py)."""
+        shadows = self.shadows
+        rows = shadows.evaluate(rec)
+        samples = self.sampler.select(shadows, rec, request, rows) if rows and request is not None else ()
+        committed = self.ledger.submit(rec, shadows=rows)
+        if samples:
+            self.sampler.start(samples, committed)
+        return committed
 
     @staticmethod
     def _mark_error(att: Attempt, exc: CascadeError, started: float) -> None:
@@ -416,10 +434,7 @@ class Engine:
             return req, None
         price = tier.config.price
         remaining = budget.cost_usd - sum(a.cost_usd for a in rec.attempts)
-        prompt = tier.backend.count_prompt_tokens(req)
-        if prompt is None:  # a rough count for remote tiers: ~4 characters per token
-            chars = len(req.prompt or "") + sum(len(m.content) + 4 for m in req.messages or ())
-            prompt = chars // 4 + 1
+        prompt = estimate_prompt_tokens(tier.backend, req)
         max_tokens = req.max_tokens or 1
         estimate = price.cost(prompt, max_tokens)
         if estimate <= remaining:
@@ -452,28 +467,10 @@ class Engine:
             timeout = tc.timeout_s if budget.latency_s is None else min(tc.timeout_s, budget.latency_s)
             if is_last and stream_last:
                 return _Live(tier=tier, request=req, attempt=att, answers=answers, timeout=timeout,
-                             calibrator=route.calibrator(i))
-            started = time.perf_counter()
-            provider_log: list[ProviderAttempt] = []  # one per provider attempt, for tiers with providers
+                             calibrator=route.calibrator(i), original=request)
             try:
-                try:
-                    if isinstance(tier.backend, ResilientBackend):  # it keeps the deadline itself
-                        call = tier.backend.generate(req, deadline=time.monotonic() + timeout, record=provider_log)
-                        limit = timeout + DEADLINE_GRACE_S
-                    else:
-                        call, limit = tier.backend.generate(req), timeout
-                    # the backend call runs in this task (no task per call, as wait_for would create)
-                    async with asyncio.timeout(limit):
-                        res = await call
-                except TimeoutError as exc:
-                    raise ProviderTimeoutError(f"tier {tier.name!r} did not answer within {timeout:g} s",
-                                               provider=tier.name) from exc
-            except asyncio.CancelledError:
-                merge_provider_attempts(rec.attempts, att, provider_log, served=False)
-                raise
+                res = await self.call_tier(tier, req, att, rec.attempts, timeout=timeout)
             except CascadeError as exc:
-                self._mark_error(att, exc, started)
-                merge_provider_attempts(rec.attempts, att, provider_log, served=False)
                 last_error = exc
                 if (answers and isinstance(exc, ProviderTimeoutError) and budget.latency_s is not None
                         and budget.on_latency == "best_answer"):
@@ -486,12 +483,6 @@ class Engine:
                     # the last tier failed: serve the best answer already in hand rather than nothing
                     return self._serve_best(answers, f"{tier.name!r} failed ({type(exc).__name__})")
                 raise
-            att.latency_ms = res.latency_s * 1e3
-            att.prompt_tokens, att.completion_tokens = res.usage.prompt_tokens, res.usage.completion_tokens
-            att.cost_usd = tc.price.cost(res.usage.prompt_tokens, res.usage.completion_tokens)
-            merge_provider_attempts(rec.attempts, att, provider_log, served=True)  # provider price, failed attempts
-            att.text = res.text
-            att.features = extract_features(res.tokens)
             decision = decide(att.features, route.calibrator(i), threshold, is_last=is_last)
             att.confidence, att.reason = decision.confidence, decision.reason
             if not decision.escalate:
@@ -501,6 +492,43 @@ class Engine:
             answers.append((att, res))
         assert last_error is not None  # the loop returns on any accepted answer
         raise last_error
+
+    async def call_tier(self, tier: Tier, req: GenerationRequest, att: Attempt, attempts: list[Attempt], *,
+                        timeout: float) -> GenerationResult:
+        """One call of one tier, as the cascade makes it: within ``timeout`` seconds, with the retries,
+        provider fallbacks and breakers of a tier with providers. Fills ``att`` (already in ``attempts``)
+        with what happened: tokens, cost, latency, answer text and confidence features, or the error, with a
+        row of its own inserted before it for each earlier provider attempt. Raises the call's
+        :class:`CascadeError` (``att`` marked) or ``CancelledError``."""
+        started = time.perf_counter()
+        provider_log: list[ProviderAttempt] = []  # one per provider attempt, for tiers with providers
+        try:
+            try:
+                if isinstance(tier.backend, ResilientBackend):  # it keeps the deadline itself
+                    call = tier.backend.generate(req, deadline=time.monotonic() + timeout, record=provider_log)
+                    limit = timeout + DEADLINE_GRACE_S
+                else:
+                    call, limit = tier.backend.generate(req), timeout
+                # the backend call runs in this task (no task per call, as wait_for would create)
+                async with asyncio.timeout(limit):
+                    res = await call
+            except TimeoutError as exc:
+                raise ProviderTimeoutError(f"tier {tier.name!r} did not answer within {timeout:g} s",
+                                           provider=tier.name) from exc
+        except asyncio.CancelledError:
+            merge_provider_attempts(attempts, att, provider_log, served=False)
+            raise
+        except CascadeError as exc:
+            self._mark_error(att, exc, started)
+            merge_provider_attempts(attempts, att, provider_log, served=False)
+            raise
+        att.latency_ms = res.latency_s * 1e3
+        att.prompt_tokens, att.completion_tokens = res.usage.prompt_tokens, res.usage.completion_tokens
+        att.cost_usd = tier.config.price.cost(res.usage.prompt_tokens, res.usage.completion_tokens)
+        merge_provider_attempts(attempts, att, provider_log, served=True)  # provider price, failed attempts
+        att.text = res.text
+        att.features = extract_features(res.tokens)
+        return res
 
     def _finish(self, rec: CascadeRecord, *, route: Route | None, t0: float) -> None:
         rec.latency_ms = (time.perf_counter() - t0) * 1e3
@@ -527,9 +555,19 @@ class Engine:
             rec.baseline_estimated = True
 
 
+def estimate_prompt_tokens(backend: Backend, req: GenerationRequest) -> int:
+    """The prompt's token count: the backend's own count where it has a tokenizer, else a rough one
+    (~4 characters per token, as for remote tiers)."""
+    prompt = backend.count_prompt_tokens(req)
+    if prompt is None:
+        chars = len(req.prompt or "") + sum(len(m.content) + 4 for m in req.messages or ())
+        prompt = chars // 4 + 1
+    return prompt
+
+
 def new_request_id() -> str:
     return "casc-" + uuid.uuid4().hex[:24]
 
 
 __all__ = ["Budget", "Engine", "Outcome", "Route", "StreamDelta", "StreamEnd", "StreamEvent", "StreamFailed",
-           "StreamStart", "Tier", "build_calibrator", "new_request_id"]
+           "StreamStart", "Tier", "build_calibrator", "estimate_prompt_tokens", "new_request_id"]

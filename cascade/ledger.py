@@ -23,18 +23,22 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cascade.errors import LedgerError, NotFoundError
-from cascade.types import CascadeRecord
+from cascade.types import Attempt, CascadeRecord
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: columns added after version 1, added in place to older ledgers when they are opened
-_ADDED_COLUMNS = {"attempts": [("answer_sig", "TEXT")]}
+_ADDED_COLUMNS = {
+    "attempts": [("answer_sig", "TEXT")],  # version 2
+    # version 3: sampled shadow execution (cascade/shadow.py)
+    "shadow_decisions": [("sampled", "INTEGER"), ("sample_cost_usd", "DOUBLE PRECISION")],
+}
 
 
 def answer_signature(text: str | None) -> str | None:
@@ -115,9 +119,35 @@ _TABLES = [
         cost_usd DOUBLE PRECISION,
         diverges INTEGER,
         reason TEXT NOT NULL,
+        sampled INTEGER,
+        sample_cost_usd DOUBLE PRECISION,
         PRIMARY KEY (request_id, shadow)
     )""",
     "CREATE INDEX IF NOT EXISTS shadow_created ON shadow_decisions(shadow, created_at)",
+    # the calls a shadow made itself (sampled shadow execution): shadow spend, never live spend
+    """CREATE TABLE IF NOT EXISTS shadow_attempts (
+        request_id TEXT NOT NULL REFERENCES requests(request_id),
+        shadow TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        tier TEXT NOT NULL,
+        model TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        latency_ms DOUBLE PRECISION NOT NULL,
+        cost_usd DOUBLE PRECISION NOT NULL,
+        confidence DOUBLE PRECISION,
+        decision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        error_class TEXT,
+        error_message TEXT,
+        features TEXT,
+        text TEXT,
+        answer_sig TEXT,
+        PRIMARY KEY (request_id, shadow, idx)
+    )""",
+    "CREATE INDEX IF NOT EXISTS shadow_attempts_spend ON shadow_attempts(shadow, created_at)",
 ]
 
 
@@ -195,7 +225,19 @@ _INSERT_ATTEMPT = (
     "INSERT INTO attempts (request_id, idx, tier, model, backend, prompt_tokens, completion_tokens, "
     "latency_ms, cost_usd, confidence, decision, reason, kept, error_class, error_message, features, "
     "text, answer_sig) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-_INSERT_SHADOW = "INSERT INTO shadow_decisions VALUES (?,?,?,?,?,?,?,?,?)"
+_SHADOW_COLUMNS = ("request_id, shadow, created_at, status, tier, escalated, cost_usd, diverges, reason, sampled, "
+                   "sample_cost_usd")
+_INSERT_SHADOW = f"INSERT INTO shadow_decisions ({_SHADOW_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+#: a sampled shadow's outcome replaces the decision written with the request (or is written, if missing)
+_UPSERT_SHADOW = (_INSERT_SHADOW + " ON CONFLICT (request_id, shadow) DO UPDATE SET status = excluded.status, "
+                  "tier = excluded.tier, escalated = excluded.escalated, cost_usd = excluded.cost_usd, "
+                  "diverges = excluded.diverges, reason = excluded.reason, sampled = excluded.sampled, "
+                  "sample_cost_usd = excluded.sample_cost_usd")
+_INSERT_SHADOW_ATTEMPT = (
+    "INSERT INTO shadow_attempts (request_id, shadow, idx, created_at, tier, model, backend, prompt_tokens, "
+    "completion_tokens, latency_ms, cost_usd, confidence, decision, reason, error_class, error_message, features, "
+    "text, answer_sig) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (request_id, shadow, idx) DO NOTHING")
 
 _STOP = object()
 
@@ -330,6 +372,10 @@ class Ledger:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
             conn.execute(self.dialect.sql("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"),
                          ("schema_version", str(SCHEMA_VERSION)))
+            row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"), ("schema_version",)).fetchone()
+            if row is not None and row[0].isdigit() and int(row[0]) < SCHEMA_VERSION:  # migrated just above
+                conn.execute(self.dialect.sql("UPDATE meta SET value = ? WHERE key = ?"),
+                             (str(SCHEMA_VERSION), "schema_version"))
         except (*self.dialect.errors, OSError) as exc:
             raise LedgerError(f"cannot open ledger {_redact(self.target)}: {exc}") from exc
         self._conn = conn
@@ -513,10 +559,7 @@ class Ledger:
                     a.text if store_text else None,
                     answer_signature(a.text) if a.error_class is None else None))
             for s in shadows:
-                shadow_rows.append((
-                    rid, s["shadow"], rec.created_at, s["status"], s.get("tier"),
-                    None if s.get("escalated") is None else int(s["escalated"]), s.get("cost_usd"),
-                    None if s.get("diverges") is None else int(s["diverges"]), s.get("reason", "")))
+                shadow_rows.append(_shadow_row(rid, rec.created_at, s))
         with d.transaction(conn):
             cur = conn.cursor()
             if len(requests) == 1:
@@ -527,6 +570,33 @@ class Ledger:
                 cur.executemany(self._sql_attempt, attempts)
             if shadow_rows:
                 cur.executemany(self._sql_shadow, shadow_rows)
+
+    async def record_shadow_sample(self, request_id: str, created_at: float, decision: dict[str, Any],
+                                   attempts: Sequence[Attempt], started_at: Sequence[float]) -> None:
+        """Write a sampled shadow's outcome after its request is in the ledger: the shadow's calls
+        (``shadow_attempts``, each stamped with when it started: ``started_at``) and its decision, which
+        replaces the one written with the request. One transaction, idempotent (a repeat changes nothing)."""
+        await self._call(self._shadow_sample_sync, request_id, created_at, decision, list(attempts),
+                         list(started_at))
+
+    def _shadow_sample_sync(self, request_id: str, created_at: float, decision: dict[str, Any],
+                            attempts: list[Attempt], started_at: list[float]) -> None:
+        conn, d = self._require(), self.dialect
+        rows = [(request_id, decision["shadow"], a.index, t, a.tier, a.model, a.backend, a.prompt_tokens,
+                 a.completion_tokens, a.latency_ms, a.cost_usd, a.confidence, a.decision or "error", a.reason,
+                 a.error_class, a.error_message, json.dumps(a.features) if a.features else None,
+                 a.text if self.store_text else None,
+                 answer_signature(a.text) if a.error_class is None else None)
+                for a, t in zip(attempts, started_at, strict=True)]
+        try:
+            with d.transaction(conn):
+                cur = conn.cursor()
+                if rows:
+                    cur.executemany(d.sql(_INSERT_SHADOW_ATTEMPT), rows)
+                cur.execute(d.sql(_UPSERT_SHADOW), _shadow_row(request_id, created_at, decision))
+        except d.errors as exc:
+            raise LedgerError(f"ledger write failed for shadow {decision['shadow']!r} of request {request_id}: "
+                              f"{exc}") from exc
 
     async def add_feedback(self, request_id: str, score: int, comment: str | None = None) -> int:
         return await self._call(self._feedback_sync, request_id, score, comment)
@@ -553,6 +623,20 @@ class Ledger:
 
     async def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         return await self._call(self.execute, sql, tuple(params))
+
+
+def _shadow_row(request_id: str, created_at: float, s: dict[str, Any]) -> tuple:
+    """A ``shadow_decisions`` row from a shadow decision dict (cascade/shadow.py)."""
+    return (request_id, s["shadow"], created_at, s["status"], s.get("tier"),
+            None if s.get("escalated") is None else int(s["escalated"]), s.get("cost_usd"),
+            None if s.get("diverges") is None else int(s["diverges"]), s.get("reason", ""),
+            int(bool(s.get("sampled"))), s.get("sample_cost_usd"))
+
+
+def utc_day_start(now: float | None = None) -> float:
+    """UNIX time of the start (00:00 UTC) of the UTC day holding ``now`` (default: the present)."""
+    t = time.time() if now is None else now
+    return (t // 86400) * 86400.0  # UNIX time counts no leap seconds: every UTC day is 86400 s
 
 
 async def spend_since(ledger: Ledger, api_key_id: str, since: float) -> float:

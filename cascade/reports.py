@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.errors import ConfigError, LedgerError
-from cascade.ledger import Ledger, _redact
+from cascade.ledger import Ledger, _redact, utc_day_start
 
 REPORT_BY = ("tier", "policy", "key", "day")
 
@@ -329,14 +329,17 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
     served answer where the shadow would have kept a cheaper one, and the most divergent request groups.
 
     Cost and escalation deltas compare shadow and live on the requests where the shadow's outcome is
-    known (``unknown`` ones, which needed a tier the live path did not run, are counted apart). Groups are
-    (policy, user tier, endpoint, prompt-length bucket), ranked by the lower end of the 95% interval of
-    their divergence rate. ``shadows`` (the config's, optional) adds each shadow's description.
+    known: from the live path's own outputs, or by sampling (the shadow ran the tiers the live path
+    skipped; ``sampled`` shows those apart, with the shadow's spend on them and against its daily budget).
+    ``unknown`` ones are counted apart with their reasons. Groups are (policy, user tier, endpoint,
+    prompt-length bucket), ranked by the lower end of the 95% interval of their divergence rate.
+    ``shadows`` (the config's, optional) adds each shadow's description, sample rate and budget.
     """
     where, params = _where(since, "s.created_at")
     and_ = f"{where} AND" if where else " WHERE"
     known, div = "s.status = 'known'", "s.status = 'known' AND s.diverges = 1"
     pricier = "s.status = 'known' AND s.diverges = 1 AND s.cost_usd > r.cost_usd"
+    smp = "s.status = 'known' AND s.sampled = 1"
     # one scan: per (shadow, group) every sum the report needs; the per-shadow figures are their totals
     group_rows = ledger.execute(
         "SELECT s.shadow, r.policy, COALESCE(r.user_tier, '(none)'), r.endpoint, "
@@ -346,6 +349,10 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
         f"SUM(CASE WHEN {known} THEN s.escalated ELSE 0 END), SUM(CASE WHEN {known} THEN r.escalated ELSE 0 END), "
         f"SUM(CASE WHEN {_CHEAPER} THEN 1 ELSE 0 END), SUM(CASE WHEN {_CHEAPER} THEN r.cost_usd - s.cost_usd ELSE 0 END), "
         f"SUM(CASE WHEN {pricier} THEN 1 ELSE 0 END), SUM(CASE WHEN {pricier} THEN s.cost_usd - r.cost_usd ELSE 0 END), "
+        f"SUM(CASE WHEN {smp} THEN 1 ELSE 0 END), SUM(CASE WHEN {smp} AND s.diverges = 1 THEN 1 ELSE 0 END), "
+        f"SUM(CASE WHEN {smp} THEN s.cost_usd ELSE 0 END), SUM(CASE WHEN {smp} THEN r.cost_usd ELSE 0 END), "
+        "SUM(CASE WHEN s.status <> 'known' AND s.sampled = 1 THEN 1 ELSE 0 END), "
+        "SUM(COALESCE(s.sample_cost_usd, 0)), "
         f"MIN(CASE WHEN {div} THEN s.request_id END), MAX(CASE WHEN {div} THEN s.request_id END) "
         f"FROM shadow_decisions s JOIN requests r ON r.request_id = s.request_id{where} "
         f"GROUP BY s.shadow, r.policy, COALESCE(r.user_tier, '(none)'), r.endpoint, {_BUCKET_SQL}", params)
@@ -363,17 +370,25 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
         feedback.setdefault((name, "known"), {})[int(score)] = int(n_known or 0)
     agreement: dict[tuple[str, str], tuple[int, int]] = {}
     same = "sa.answer_sig = ka.answer_sig"
-    for name, n_ch, ag_ch, n_div, ag_div in ledger.execute(
-            f"SELECT s.shadow, SUM(CASE WHEN {_CHEAPER} THEN 1 ELSE 0 END), "
-            f"SUM(CASE WHEN {_CHEAPER} AND {same} THEN 1 ELSE 0 END), COUNT(*), "
-            f"SUM(CASE WHEN {same} THEN 1 ELSE 0 END) "
-            "FROM shadow_decisions s JOIN requests r ON r.request_id = s.request_id "
-            "JOIN attempts sa ON sa.request_id = s.request_id AND sa.tier = s.tier "
-            "AND sa.error_class IS NULL AND sa.answer_sig IS NOT NULL "
-            "JOIN attempts ka ON ka.request_id = s.request_id AND ka.kept = 1 AND ka.answer_sig IS NOT NULL"
-            f"{and_} {div} GROUP BY s.shadow", params):
-        agreement[(name, "cheaper")] = (int(n_ch or 0), int(ag_ch or 0))
-        agreement[(name, "known")] = (int(n_div or 0), int(ag_div or 0))
+    # the shadow's answer: a live attempt, or (sampled) one of the shadow's own calls, never both
+    answers = ["attempts sa ON sa.request_id = s.request_id"]
+    if any(row[16] for row in group_rows):  # some outcome was sampled (column 16: their count)
+        answers.append("shadow_attempts sa ON sa.request_id = s.request_id AND sa.shadow = s.shadow")
+    for shadow_answers in answers:
+        for name, n_ch, ag_ch, n_div, ag_div in ledger.execute(
+                f"SELECT s.shadow, SUM(CASE WHEN {_CHEAPER} THEN 1 ELSE 0 END), "
+                f"SUM(CASE WHEN {_CHEAPER} AND {same} THEN 1 ELSE 0 END), COUNT(*), "
+                f"SUM(CASE WHEN {same} THEN 1 ELSE 0 END) "
+                f"FROM shadow_decisions s JOIN requests r ON r.request_id = s.request_id JOIN {shadow_answers} "
+                "AND sa.tier = s.tier AND sa.error_class IS NULL AND sa.answer_sig IS NOT NULL "
+                "JOIN attempts ka ON ka.request_id = s.request_id AND ka.kept = 1 AND ka.answer_sig IS NOT NULL"
+                f"{and_} {div} GROUP BY s.shadow", params):
+            for subset, n, ag in (("cheaper", n_ch, ag_ch), ("known", n_div, ag_div)):
+                was = agreement.get((name, subset), (0, 0))
+                agreement[(name, subset)] = (was[0] + int(n or 0), was[1] + int(ag or 0))
+    today = utc_day_start()
+    spend_today = {name: float(v or 0.0) for name, v in ledger.execute(
+        "SELECT shadow, SUM(cost_usd) FROM shadow_attempts WHERE created_at >= ? GROUP BY shadow", (today,))}
 
     def fb_block(name: str, subset: str) -> dict[str, Any]:
         counts = {k: v for k, v in feedback.get((name, subset), {}).items() if v}
@@ -398,7 +413,8 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
             continue
         groups_of.setdefault(name, []).append({
             "policy": policy, "user_tier": user_tier, "endpoint": endpoint, "prompt_tokens": bucket,
-            "requests": n, "known": gk, "diverged": gd, "divergence_rate": _div(gd, gk),
+            "requests": n, "known": gk, "sampled": int(vals[11] or 0), "diverged": gd,
+            "divergence_rate": _div(gd, gk),
             "divergence_rate_lower95": wilson_lower(gd, gk),
             "cost_delta_usd": float(vals[3] or 0.0) - float(vals[4] or 0.0),
             "example_request_ids": sorted({ex_min, ex_max} - {None})})
@@ -406,7 +422,7 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
     out = []
     for name in sorted(sums):
         (n, known_n, div_n, sh_cost, live_cost, sh_esc_n, live_esc_n, cheaper_n, cheaper_saved, pricier_n,
-         pricier_extra) = sums[name]
+         pricier_extra, smp_n, smp_div, smp_sh_cost, smp_live_cost, smp_failed, smp_spend) = sums[name]
         n, known_n, div_n = int(n), int(known_n), int(div_n)
         live_esc, sh_esc = _div(int(live_esc_n), known_n), _div(int(sh_esc_n), known_n)
         groups = sorted(groups_of.get(name, []), key=lambda d: (-d["divergence_rate_lower95"], -d["diverged"],
@@ -414,6 +430,9 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
                                                                  d["prompt_tokens"]))[:top]
         sc = cfg.get(name)
         seen = policies.get(name, set())
+        smp_n = int(smp_n)
+        budget = getattr(sc, "sample_budget_usd", None) if sc is not None else None
+        today_spend = spend_today.get(name, 0.0)
         out.append({
             "shadow": name, "of": getattr(sc, "of", None) or (next(iter(seen)) if len(seen) == 1 else None),
             "description": getattr(sc, "description", "") or "",
@@ -430,6 +449,14 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
             "served_feedback_known": fb_block(name, "known"),
             "agreement_diverged": ag_block(name, "known"),
             "groups": groups,
+            "sampled": {
+                "requests": smp_n, "failed": int(smp_failed), "diverged": int(smp_div),
+                "divergence_rate": _div(int(smp_div), smp_n), "live_cost_usd": float(smp_live_cost),
+                "shadow_cost_usd": float(smp_sh_cost), "cost_delta_usd": float(smp_sh_cost - smp_live_cost),
+                "spend_usd": float(smp_spend), "spend_today_usd": today_spend,
+                "sample_rate": getattr(sc, "sample_rate", None) if sc is not None else None,
+                "budget_usd": budget, "budget_left_today_usd": None if budget is None else max(budget - today_spend, 0.0),
+            },
         })
     return {"report": "shadow", "since": _iso(since), "ledger": _redact(ledger.target),
             "generated_at": _iso(time.time()), "shadows": out}
@@ -441,7 +468,9 @@ def shadow_report_text(report: dict[str, Any]) -> str:
         lines.append("\nno shadow decisions in the ledger (configure `shadows:` and serve some traffic)")
     for s in report["shadows"]:
         lines += ["", f"shadow {s['shadow']!r} of policy {s['of']!r}" + (f": {s['description']}" if s["description"] else "")]
-        lines.append(f"  requests {s['requests']:,}: known {s['known']:,}, unknown {s['unknown']:,} "
+        sm = s.get("sampled") or {}
+        by_sampling = f" ({sm['requests']:,} by sampling)" if sm.get("requests") else ""
+        lines.append(f"  requests {s['requests']:,}: known {s['known']:,}{by_sampling}, unknown {s['unknown']:,} "
                      f"({_pct(s['unknown_rate'])})")
         for r in s["unknown_reasons"][:3]:
             lines.append(f"    unknown: {r['requests']:,} x {r['reason']}")
@@ -461,6 +490,16 @@ def shadow_report_text(report: dict[str, Any]) -> str:
                      + ("" if ag["rate"] is None else f" ({_pct(ag['rate'])})"))
         p = s["pricier"]
         lines.append(f"  would pay more: {p['requests']:,} requests, {_money(p['extra_usd'])} extra")
+        if sm.get("requests") or sm.get("failed") or sm.get("spend_usd") or sm.get("spend_today_usd") or sm.get("sample_rate"):
+            lines.append(f"  sampled          {sm['requests']:,} known by running tiers the live path skipped"
+                         + (f", {sm['failed']:,} sample(s) failed" if sm["failed"] else "")
+                         + f"; diverged {sm['diverged']:,} ({_pct(sm['divergence_rate'])})")
+            lines.append(f"    cost           live {_money(sm['live_cost_usd'])}  shadow {_money(sm['shadow_cost_usd'])}  "
+                         f"delta {_money(sm['cost_delta_usd'])}")
+            budget = "" if sm["budget_usd"] is None else f" of {_money(sm['budget_usd'])} budget"
+            rate = "" if sm["sample_rate"] is None else f" (sample rate {_pct(sm['sample_rate'])})"
+            lines.append(f"  sample spend     {_money(sm['spend_usd'])} on these requests; today (UTC) "
+                         f"{_money(sm['spend_today_usd'])}{budget}{rate}")
         if s["groups"]:
             lines.append("  most divergent groups (policy / user tier / endpoint / prompt tokens):")
             rows = [[g["policy"], g["user_tier"], g["endpoint"], g["prompt_tokens"], f"{g['diverged']}/{g['known']}",

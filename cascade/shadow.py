@@ -1,32 +1,51 @@
-"""Shadow policies: what another policy would have done with each live request, at no extra model cost.
+"""Shadow policies: what another policy would have done with each live request.
 
-A shadow names a live policy (``of``) and differs from it in its chain, its thresholds and/or its
-calibrators. For every finished live request of that policy, :func:`evaluate_shadow` walks the shadow's
-chain over the attempts the live path already made:
+A shadow names a live policy (``of``) and differs from it in its chain, its thresholds, its calibrators
+and/or the user tiers it looks at (``user_tiers``: only those requests). For every finished live request
+of that policy, :func:`evaluate_shadow` walks the shadow's chain over the attempts the live path already
+made:
 
 * a tier the live path ran is decided again by the pure :func:`cascade.policy.decide` with the shadow's
   calibrator and threshold, on the features already in the record (no model call);
-* a tier the live path did not run means the shadow's outcome is ``unknown`` (nothing is spent to find
-  out; sampled shadow execution is refused by the config);
+* a tier the live path did not run means the shadow's outcome is ``unknown``, and nothing is spent, unless
+  the shadow samples (below);
 * a tier that failed on the live path is treated as failing for the shadow too: escalated past, or
   ``unknown`` when it is the shadow's last tier.
 
-The shadow's predicted cost is the actual cost of the live attempts of the tiers it walked (actual token
-counts times each tier's price). The result is one dict per shadow, written by
-``Ledger.record(rec, shadows=...)`` into ``shadow_decisions`` in the same transaction as the request.
+The shadow's predicted cost is the actual cost of the attempts of the tiers it walked (actual token counts
+times each tier's price). The result is one dict per shadow, written by ``Ledger.record(rec, shadows=...)``
+into ``shadow_decisions`` in the same transaction as the request.
+
+Sampled shadow execution (``sample_rate`` > 0, with ``sample_budget_usd``): on that share of the answered
+requests whose shadow outcome is unknown only because it needs tiers the live path did not run,
+:class:`ShadowSampler` runs those tiers in the background, after the live record is committed, through the
+engine's own tier call (:meth:`cascade.engine.Engine.call_tier`: retries, fallbacks, breakers), walking the
+shadow's chain as above and calling only the tiers it needs. Each shadow may spend ``sample_budget_usd``
+per UTC day on its calls: today's spend is read from the ledger (``shadow_attempts``) before each call, so
+the budget holds across restarts and replicas, and the calls in flight in this process are reserved at
+their predicted cost (the tier's price, the prompt's tokens and ``max_tokens``), so concurrent samples
+cannot overshoot it. The decision is then rewritten: status ``known`` (or still ``unknown``, with the
+reason), ``sampled`` set, ``sample_cost_usd`` what the shadow's own calls cost; the calls themselves are
+``shadow_attempts`` rows, never live spend.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from calibration.calibrators import Calibrator
 from cascade.config import Config
+from cascade.errors import CascadeError
+from cascade.ledger import Ledger, utc_day_start
 from cascade.policy import decide
-from cascade.types import Attempt, CascadeRecord
+from cascade.resilience import CANCELLED
+from cascade.types import Attempt, CascadeRecord, GenerationRequest
 
 log = logging.getLogger("cascade.shadow")
 
@@ -34,13 +53,18 @@ log = logging.getLogger("cascade.shadow")
 @dataclass(frozen=True)
 class ShadowPolicy:
     """A shadow at run time. ``calibrators`` holds only the shadow's own overrides; other tiers use the
-    live tier's calibrator at evaluation time (so a reloaded live calibrator applies to shadows too)."""
+    live tier's calibrator at evaluation time (so a reloaded live calibrator applies to shadows too).
+    ``user_tiers``: evaluated only on requests of these user tiers (None: on every request of ``of``)."""
 
     name: str
     of: str
     chain: tuple[str, ...]
     thresholds: tuple[float, ...]
     calibrators: Mapping[str, Calibrator] = field(default_factory=dict)
+    user_tiers: frozenset[str] | None = None
+    sample_rate: float = 0.0
+    sample_budget_usd: float = 0.0
+    sample_seed: int | None = None
 
 
 def build_shadow_policies(config: Config, *, build: Callable[..., Calibrator] | None = None) -> list[ShadowPolicy]:
@@ -53,13 +77,16 @@ def build_shadow_policies(config: Config, *, build: Callable[..., Calibrator] | 
         chain = tuple(sc.chain or live.chain)
         thresholds = tuple(sc.thresholds.get(t, live.thresholds.get(t, config.tier(t).threshold)) for t in chain)
         cals = {t: build(cc, tier=f"{t} (shadows.{name}.calibrators)") for t, cc in sc.calibrators.items()}
-        out.append(ShadowPolicy(name=name, of=sc.of, chain=chain, thresholds=thresholds, calibrators=cals))
+        out.append(ShadowPolicy(name=name, of=sc.of, chain=chain, thresholds=thresholds, calibrators=cals,
+                                user_tiers=frozenset(sc.user_tiers) if sc.user_tiers else None,
+                                sample_rate=sc.sample_rate, sample_budget_usd=sc.sample_budget_usd,
+                                sample_seed=sc.sample_seed))
     return out
 
 
 def _tier_outcomes(attempts: Sequence[Attempt]) -> dict[str, tuple[Attempt | None, float]]:
-    """Per tier the live path tried: (its successful attempt or None if it only failed, the cost of all its
-    attempts, provider fallbacks included). Budget-skipped tiers did not run and are left out."""
+    """Per tier tried: (its successful attempt or None if it only failed, the cost of all its attempts,
+    provider fallbacks included). Budget-skipped tiers did not run and are left out."""
     out: dict[str, tuple[Attempt | None, float]] = {}
     for a in attempts:
         if a.decision == "skipped":
@@ -71,48 +98,56 @@ def _tier_outcomes(attempts: Sequence[Attempt]) -> dict[str, tuple[Attempt | Non
     return out
 
 
-def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord,
-                    live_calibrators: Mapping[str, Calibrator]) -> dict[str, Any] | None:
+def _unknown(shadow: ShadowPolicy, reason: str, **extra: Any) -> dict[str, Any]:
+    return {"shadow": shadow.name, "status": "unknown", "tier": None, "escalated": None, "cost_usd": None,
+            "diverges": None, "reason": reason, **extra}
+
+
+def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: Mapping[str, Calibrator],
+                    sampled: Sequence[Attempt] = ()) -> dict[str, Any] | None:
     """What ``shadow`` would have done with the finished live request ``rec`` (pure: no I/O, no clock).
 
-    Returns the ``shadow_decisions`` row (without request id and time), or None when the request was not
-    routed by the shadow's live policy.
+    ``sampled``: the shadow's own calls of tiers the live path did not run (sampled shadow execution),
+    walked like the live attempts. Returns the ``shadow_decisions`` row (without request id and time), or
+    None when the request was not routed by the shadow's live policy or is not of its user tiers. An
+    ``unknown`` row for a tier that nothing ran has ``needs`` (that tier; not stored).
     """
     if rec.policy != shadow.of:
         return None
+    if shadow.user_tiers is not None and rec.user_tier not in shadow.user_tiers:
+        return None
     ran = _tier_outcomes(rec.attempts)
+    own = _tier_outcomes(sampled)
+    ran.update(own)  # the shadow samples only tiers the live path did not run: no overlap
     cost = 0.0
     n = len(shadow.chain)
     first = shadow.chain[0]
     for i, (tname, threshold) in enumerate(zip(shadow.chain, shadow.thresholds, strict=True)):
         is_last = i == n - 1
         if tname not in ran:
-            return {"shadow": shadow.name, "status": "unknown", "tier": None, "escalated": None, "cost_usd": None,
-                    "diverges": None, "reason": f"needs tier {tname!r}, which the live path did not run"}
+            return _unknown(shadow, f"needs tier {tname!r}, which the live path did not run", needs=tname)
         att, tier_cost = ran[tname]
         cost += tier_cost
         if att is None:
             if is_last:
-                return {"shadow": shadow.name, "status": "unknown", "tier": None, "escalated": None,
-                        "cost_usd": None, "diverges": None,
-                        "reason": f"its last tier {tname!r} failed on the live path"}
+                where = "when sampled" if tname in own else "on the live path"
+                return _unknown(shadow, f"its last tier {tname!r} failed {where}")
             continue
         cal = shadow.calibrators.get(tname) or live_calibrators.get(tname)
         if cal is None:
-            return {"shadow": shadow.name, "status": "unknown", "tier": None, "escalated": None, "cost_usd": None,
-                    "diverges": None, "reason": f"no calibrator for tier {tname!r}"}
+            return _unknown(shadow, f"no calibrator for tier {tname!r}")
         try:
             d = decide(att.features, cal, threshold, is_last=is_last)
         except KeyError as exc:  # the shadow's calibrator reads a feature the record lacks
-            return {"shadow": shadow.name, "status": "unknown", "tier": None, "escalated": None, "cost_usd": None,
-                    "diverges": None, "reason": f"tier {tname!r}: {exc.args[0] if exc.args else exc}"}
+            return _unknown(shadow, f"tier {tname!r}: {exc.args[0] if exc.args else exc}")
         if not d.escalate:
+            reason = f"{tname}: {d.reason}"
+            if own:
+                reason += f" (sampled: {', '.join(own)})"
             return {"shadow": shadow.name, "status": "known", "tier": tname, "escalated": tname != first,
-                    "cost_usd": cost, "diverges": tname != rec.tier,
-                    "reason": f"{tname}: {d.reason}"}
+                    "cost_usd": cost, "diverges": tname != rec.tier, "reason": reason}
     # every tier of the chain failed or escalated: only reachable when the last tier failed (handled above)
-    return {"shadow": shadow.name, "status": "unknown", "tier": None, "escalated": None, "cost_usd": None,
-            "diverges": None, "reason": "no tier of the shadow chain answered"}
+    return _unknown(shadow, "no tier of the shadow chain answered")
 
 
 class ShadowSet:
@@ -129,20 +164,24 @@ class ShadowSet:
         #: compared with what P itself uses
         self.policy_calibrators = policy_calibrators or {}
         self.policies = build_shadow_policies(config)
+        self.by_name = {sh.name: sh for sh in self.policies}
 
     def __bool__(self) -> bool:
         return bool(self.policies)
 
+    def live_calibrators(self, shadow: ShadowPolicy) -> dict[str, Calibrator]:
+        """Per tier, the calibrator the shadow's live policy uses (its own override, else the tier's)."""
+        tier_cals = {name: t.calibrator for name, t in self.tiers.items()}
+        own = self.policy_calibrators.get(shadow.of)
+        return {**tier_cals, **own} if own else tier_cals
+
     def evaluate(self, rec: CascadeRecord) -> list[dict[str, Any]]:
         if not self.policies:
             return []
-        tier_cals = {name: t.calibrator for name, t in self.tiers.items()}
         rows = []
         for sh in self.policies:
-            own = self.policy_calibrators.get(sh.of)
-            live = {**tier_cals, **own} if own else tier_cals
             try:
-                row = evaluate_shadow(sh, rec, live)
+                row = evaluate_shadow(sh, rec, self.live_calibrators(sh))
             except Exception:  # noqa: BLE001 - never let a shadow break the live request
                 log.exception("shadow %s failed on request %s", sh.name, rec.request_id)
                 continue
@@ -151,4 +190,228 @@ class ShadowSet:
         return rows
 
 
-__all__ = ["ShadowPolicy", "ShadowSet", "build_shadow_policies", "evaluate_shadow"]
+# --- sampled shadow execution ----------------------------------------------------------------------
+
+
+def estimate_sample_cost(tier: Any, req: GenerationRequest, rec: CascadeRecord) -> float:
+    """What one call of ``tier`` (an engine Tier) for ``req`` may cost at most: the prompt's tokens (the
+    tier's own count, at least the longest prompt the live path billed), all of ``req.max_tokens`` answered,
+    at the dearest of the tier's and its providers' prices."""
+    from cascade.engine import estimate_prompt_tokens
+
+    prompt = max(estimate_prompt_tokens(tier.backend, req), max((a.prompt_tokens for a in rec.attempts), default=0))
+    tc = tier.config
+    prices = [tc.price, *(p.price for p in tc.providers or () if p.price is not None)]
+    return max(p.cost(prompt, req.max_tokens or tc.max_tokens) for p in prices)
+
+
+@dataclass(eq=False)
+class _Sample:
+    """One shadow decision to resolve by running the tiers it needs."""
+
+    shadows: ShadowSet            # the set the request was evaluated with (a reload may swap the engine's)
+    shadow: ShadowPolicy
+    rec: CascadeRecord
+    request: GenerationRequest
+    row: dict[str, Any]           # the decision so far: unknown, needing a tier nothing ran
+    calls: list[Attempt] = field(default_factory=list)
+    started_at: list[float] = field(default_factory=list)
+
+
+#: sentinel of ``ShadowSampler._reserve``: the live request is not in the ledger
+_MISSING = object()
+
+
+class ShadowSampler:
+    """Runs sampled shadows' missing tiers in the background, within each shadow's daily budget.
+
+    One per engine (it outlives reloads, which swap the :class:`ShadowSet`). ``call_tier`` is the
+    engine's :meth:`~cascade.engine.Engine.call_tier`. ``rng`` (tests) replaces every shadow's own
+    ``random.Random(sample_seed)``; ``clock`` gives UNIX time (the budget's UTC day, the calls' times).
+    At most ``max_in_flight`` samples run at once; a request drawn beyond that stays unknown, saying so.
+    ``listeners`` are called with (shadow name, attempt) for each shadow call (metrics).
+    """
+
+    def __init__(self, call_tier: Callable[..., Awaitable[Any]], ledger: Ledger, *, grace_s: float = 30.0,
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.time,
+                 max_in_flight: int = 16) -> None:
+        self.call_tier = call_tier
+        self.ledger = ledger
+        self.grace_s = grace_s
+        self.clock = clock
+        self.max_in_flight = max_in_flight
+        self.listeners: list[Callable[[str, Attempt], None]] = []
+        self._rng = rng
+        self._rngs: dict[tuple[str, int | None], random.Random] = {}
+        #: shadow -> sample -> USD held: predicted cost of a call in flight, then actual cost until written
+        self._reserved: dict[str, dict[_Sample, float]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._gate = asyncio.Lock()
+        self._closing = False
+
+    @property
+    def in_flight(self) -> int:
+        """Samples started and not yet recorded."""
+        return len(self._tasks)
+
+    def _draw(self, sh: ShadowPolicy) -> float:
+        if self._rng is not None:
+            return self._rng.random()
+        key = (sh.name, sh.sample_seed)
+        rng = self._rngs.get(key)
+        if rng is None:
+            rng = self._rngs[key] = random.Random(sh.sample_seed)
+        return rng.random()
+
+    def select(self, shadows: ShadowSet, rec: CascadeRecord, request: GenerationRequest,
+               rows: list[dict[str, Any]]) -> list[_Sample]:
+        """Draw, among ``rows`` (about to be written with ``rec``), the decisions to resolve by sampling;
+        their reasons say a sample is pending (or why a drawn one will not be). Synchronous, no I/O;
+        only answered requests are sampled. Never raises (it runs on the live request's path)."""
+        if rec.status != "ok":
+            return []
+        out: list[_Sample] = []
+        try:
+            for row in rows:
+                sh = shadows.by_name.get(row["shadow"])
+                if row.get("needs") is None or sh is None or sh.sample_rate <= 0 or self._draw(sh) >= sh.sample_rate:
+                    continue
+                if self._closing:
+                    row["reason"] += "; not sampled: the engine is shutting down"
+                elif len(self._tasks) + len(out) >= self.max_in_flight:
+                    row["reason"] += f"; not sampled: {self.max_in_flight} samples already in flight"
+                else:
+                    out.append(_Sample(shadows=shadows, shadow=sh, rec=rec, request=request, row=dict(row)))
+                    row["reason"] += "; sample pending"  # until the sample's outcome replaces it
+        except Exception:  # noqa: BLE001 - a shadow must never break a live request
+            log.exception("shadow sampling failed on request %s", rec.request_id)
+            return []
+        return out
+
+    def start(self, samples: Sequence[_Sample], committed: asyncio.Future) -> None:
+        """Run ``samples`` in the background once ``committed`` (the live record's write) is done."""
+        loop = asyncio.get_running_loop()
+        for smp in samples:
+            task = loop.create_task(self._run(smp, committed), name=f"shadow-sample:{smp.shadow.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Refuse new samples; give those in flight ``grace_s`` seconds, then cancel them. Every one is
+        recorded (a cancelled one as unknown, with the calls it made) before this returns."""
+        self._closing = True
+        tasks = set(self._tasks)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self.grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("shadow sampling: %d sample(s) still running at shutdown were cancelled", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # --- one sample -------------------------------------------------------------------------------
+    async def _run(self, smp: _Sample, committed: asyncio.Future) -> None:
+        sh, rid = smp.shadow, smp.rec.request_id
+        row: dict[str, Any] | None
+        try:
+            await asyncio.wait([committed])  # wait for the live write; never cancels the request's future
+            row = await self._walk(smp)
+        except asyncio.CancelledError:
+            for a in smp.calls:  # the call cut short
+                if a.error_class is None and not a.features:
+                    a.decision, a.error_class = "error", CANCELLED
+                    a.reason = a.error_message = "cancelled: the engine shut down"
+            row = {**smp.row, "reason": f"{smp.row['reason']}; sample cancelled: the engine shut down"}
+        except Exception as exc:  # noqa: BLE001 - a sample must not take anything else down
+            log.exception("shadow %s: sampling request %s failed", sh.name, rid)
+            row = {**smp.row, "reason": f"{smp.row['reason']}; sample failed: {type(exc).__name__}"}
+        written = row is None
+        try:
+            if row is not None:
+                row["sampled"] = bool(smp.calls)
+                row["sample_cost_usd"] = sum(a.cost_usd for a in smp.calls) if smp.calls else None
+                row.pop("needs", None)
+                await asyncio.shield(self.ledger.record_shadow_sample(rid, smp.rec.created_at, row, smp.calls,
+                                                                      smp.started_at))
+                written = True
+        except (asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - logged: never silent
+            log.error("shadow %s: the sample of request %s (%d call(s), $%.6f) may not be recorded: %s",
+                      sh.name, rid, len(smp.calls), sum(a.cost_usd for a in smp.calls), exc or type(exc).__name__)
+        held = self._reserved.get(sh.name)
+        if held is not None and (written or not smp.calls):
+            # once in the ledger, the spend counts from there; money spent but not recorded stays held
+            # (in this process), so that the budget still sees it
+            held.pop(smp, None)
+
+    async def _walk(self, smp: _Sample) -> dict[str, Any] | None:
+        """Call the tiers the shadow needs, one by one, until its outcome is decided (or the budget says
+        no). None when the live request is not in the ledger (its write failed): nothing to attach to."""
+        sh, rec = smp.shadow, smp.rec
+        live = smp.shadows.live_calibrators(sh)
+        while (tname := smp.row.get("needs")) is not None:
+            row = smp.row
+            tier = smp.shadows.tiers.get(tname)
+            if tier is None:
+                return {**row, "reason": f"{row['reason']}; not sampled: tier {tname!r} is not served here"}
+            tc = tier.config
+            req = smp.request.with_(max_tokens=smp.request.max_tokens or tc.max_tokens,
+                                    top_logprobs=max(smp.request.top_logprobs, tc.top_logprobs))
+            estimate = estimate_sample_cost(tier, req, rec)
+            refusal = await self._reserve(smp, estimate)
+            if refusal is _MISSING:
+                log.warning("shadow %s: request %s is not in the ledger; not sampled", sh.name, rec.request_id)
+                return None
+            if refusal is not None:
+                return {**row, "reason": f"{row['reason']}; not sampled: {refusal}"}
+            before = len(smp.calls)
+            att = Attempt(index=before, tier=tname, model=tc.model, backend=tc.backend)
+            smp.calls.append(att)
+            t0 = self.clock()
+            try:
+                await self.call_tier(tier, req, att, smp.calls, timeout=tc.timeout_s)
+            except CascadeError as exc:  # recorded in att; the walk treats the tier as failed
+                log.warning("shadow %s: sampled tier %s failed on request %s: %s", sh.name, tname,
+                            rec.request_id, exc)
+            finally:
+                smp.started_at += [t0] * (len(smp.calls) - len(smp.started_at))
+                # the reservation becomes the calls' actual cost, held until it is in the ledger
+                self._reserved[sh.name][smp] += sum(a.cost_usd for a in smp.calls[before:]) - estimate
+            if att.error_class is None:
+                i = sh.chain.index(tname)
+                cal = sh.calibrators.get(tname) or live.get(tname)
+                if cal is not None:
+                    d = decide(att.features, cal, sh.thresholds[i], is_last=i == len(sh.chain) - 1)
+                    att.confidence, att.reason = d.confidence, f"shadow {sh.name}: {d.reason}"
+                    att.decision = "escalate" if d.escalate else "final"
+            for a in smp.calls[before:]:
+                for listener in self.listeners:
+                    try:
+                        listener(sh.name, a)
+                    except Exception:  # noqa: BLE001 - metrics must not fail a sample
+                        log.exception("shadow sample listener %r failed", listener)
+            smp.row = evaluate_shadow(sh, rec, live, smp.calls) or _unknown(sh, "no longer evaluated")
+        return smp.row
+
+    async def _reserve(self, smp: _Sample, estimate: float) -> str | object | None:
+        """Hold ``estimate`` of the shadow's budget for today (UTC) for one call: None when held, else why
+        not (or ``_MISSING``). Today's spend comes from the ledger (all replicas, restarts included), plus
+        what this process holds for calls not yet written."""
+        sh = smp.shadow
+        async with self._gate:  # one check-and-hold at a time: concurrent samples cannot both fit
+            rows = await self.ledger.query(
+                "SELECT (SELECT COUNT(*) FROM requests WHERE request_id = ?), (SELECT COALESCE(SUM(cost_usd), 0) "
+                "FROM shadow_attempts WHERE shadow = ? AND created_at >= ?)",
+                (smp.rec.request_id, sh.name, utc_day_start(self.clock())))
+            exists, spent = int(rows[0][0]), float(rows[0][1])
+            if not exists:
+                return _MISSING
+            held = self._reserved.setdefault(sh.name, {})
+            if spent + sum(held.values()) + estimate > sh.sample_budget_usd:
+                return f"today's sample budget (${sh.sample_budget_usd:g}, UTC day) is spent"
+            held[smp] = held.get(smp, 0.0) + estimate
+            return None
+
+
+__all__ = ["ShadowPolicy", "ShadowSampler", "ShadowSet", "build_shadow_policies", "estimate_sample_cost",
+           "evaluate_shadow"]

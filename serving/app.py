@@ -77,6 +77,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         app.state.engine = engine if engine is not None else await Engine.open(config, preload=preload)
         app.state.started_at = time.time()
         app.state.metrics = Metrics(drift=config.drift)
+        listeners = app.state.engine.sampler.listeners  # sampled shadows' calls and spend
+        listeners.append(app.state.metrics.observe_shadow_call)
         from cascade.recalibrate import install_sighup
 
         remove_sighup = install_sighup(app.state.engine, config_path)  # reload on SIGHUP (main thread only)
@@ -85,6 +87,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         finally:
             if remove_sighup is not None:
                 remove_sighup()
+            listeners.remove(app.state.metrics.observe_shadow_call)
             if owned:
                 await app.state.engine.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cascade.config import DriftConfig
-from cascade.types import CascadeRecord
+from cascade.types import Attempt, CascadeRecord
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
@@ -35,6 +35,11 @@ class Metrics:
                                  "Engine time outside backend calls (features, policy, accounting)",
                                  buckets=_OVERHEAD_BUCKETS, registry=r)
         self.errors = Counter("cascade_errors", "Errors by class", ["error_class"], registry=r)
+        self.shadow_calls = Counter("cascade_shadow_sample_calls", "Calls made by sampled shadow policies "
+                                    "(tiers the live path skipped), by outcome", ["shadow", "tier", "outcome"],
+                                    registry=r)
+        self.shadow_cost = Counter("cascade_shadow_sample_cost_usd", "Spend of sampled shadow policies (never "
+                                   "counted in cascade_cost_usd)", ["shadow", "tier"], registry=r)
         self._children: dict[tuple, object] = {}
         self._answered: dict[str, int] = {}
         self._escalated: dict[str, int] = {}
@@ -78,6 +83,12 @@ class Metrics:
             self.routing.observe(max(rec.latency_ms - backend_ms, 0.0) / 1e3)
         if self.drift is not None:
             self.drift.observe(rec)
+
+    def observe_shadow_call(self, shadow: str, attempt: Attempt) -> None:
+        """One call of a sampled shadow (a ``ShadowSampler`` listener)."""
+        self._child(self.shadow_calls, shadow, attempt.tier, "error" if attempt.error_class else "ok").inc()
+        if attempt.cost_usd:
+            self._child(self.shadow_cost, shadow, attempt.tier).inc(attempt.cost_usd)
 
     def observe_error(self, error_class: str) -> None:
         self._child(self.errors, error_class).inc()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.engine import Budget, Engine, StreamDelta, StreamEnd, StreamFailed, StreamStart
 from cascade.errors import BudgetExceededError, CascadeError, InvalidRequestError, NotFoundError
-from cascade.ledger import spend_since
+from cascade.ledger import spend_since, utc_day_start
 from serving.auth import Caller, authenticate, authorize
 from serving.errors import cascade_error_response, error_body
 from serving.metrics import Metrics
@@ -57,8 +56,7 @@ async def _admit(request: Request, body: ChatCompletionRequest | CompletionReque
     if lim is None:
         return caller, Budget()
     if lim.daily_spend_limit_usd is not None and caller.key_id is not None:
-        midnight = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-        spent = await spend_since(engine.ledger, caller.key_id, midnight)
+        spent = await spend_since(engine.ledger, caller.key_id, utc_day_start())
         if spent >= lim.daily_spend_limit_usd:
             err = BudgetExceededError(f"daily spend limit of ${lim.daily_spend_limit_usd:g} reached "
                                       f"(${spent:.6f} spent today, UTC)", code="daily_spend_limit")

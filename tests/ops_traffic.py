@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ QUESTIONS = [
 ]
 KEYS = {"free-1": ("sk-test-free", "free"), "paid-1": ("sk-test-paid", "paid"), "ops-1": ("sk-test-ops", "ops")}
 LIVE_T, LENIENT_T, STRICT_T, HOT_T, HOT_TEMP = 0.5, 0.4, 0.7, 0.55, 2.0
+#: the daily sample budget of the `large_only_capped` shadow: a couple of 10-token answers of the large tier
+#: ($2/$6 per million tokens, ~40-token prompts: ~$0.00014 predicted each), far fewer than it would sample
+SAMPLE_CAP_USD = 0.0003
 
 
 @dataclass
@@ -95,6 +99,15 @@ def ops_config(d: Path, cal_dir: Path) -> dict[str, Any]:
                     "calibrators": {"small": {"method": "temperature", "feature": "mean_logprob",
                                               "params": {"temperature": HOT_TEMP}}}},
             "large_only": {"of": "cascade", "chain": ["large"]},
+            # sampled shadow execution: strict again, but running the large tier where the live path kept
+            # small, on every such request (plenty of budget) ...
+            "strict_sampled": {"of": "cascade", "thresholds": {"small": STRICT_T}, "sample_rate": 1.0,
+                               "sample_budget_usd": 1.0, "sample_seed": 0},
+            # ... and large-only on a budget that runs out after a sample or two
+            "large_only_capped": {"of": "cascade", "chain": ["large"], "sample_rate": 1.0,
+                                  "sample_budget_usd": SAMPLE_CAP_USD},
+            # a user-tier rule: lenient for the paid user tier only
+            "lenient_paid": {"of": "cascade", "thresholds": {"small": LENIENT_T}, "user_tiers": ["paid"]},
         },
         # a band no real traffic stays in: the alarms must go on
         "drift": {"window": 3, "escalation_rate": [0.0, 0.1], "max_ece": 0.0001, "min_labels": 3},
@@ -156,6 +169,12 @@ def _make_traffic(pytest_config: Any) -> Traffic:
                    headers=t.headers("paid-1"))
         assert r.status_code == 200, r.text
         t.sent.append({"request_id": r.json()["id"].removeprefix("cmpl-"), "question": None, "pinned": True})
+    # sampled shadows run after each response, in the background: wait until the last one is recorded
+    sampler = t.server.config.app.state.engine.sampler
+    deadline = time.monotonic() + 300
+    while sampler.in_flight:
+        assert time.monotonic() < deadline, "shadow samples did not finish"
+        time.sleep(0.05)
     return t
 
 

@@ -80,3 +80,36 @@ def test_bad_target_is_a_clear_error(tmp_path):
         Ledger(tmp_path / "dir.sqlite").open_sync()
     with pytest.raises(LedgerError, match=r"cannot open ledger postgresql://u:\*\*\*@127.0.0.1:1/db"):
         Ledger("postgresql://u:secret@127.0.0.1:1/db").open_sync()
+
+
+def _shadow_call(i: int, cost: float) -> Attempt:
+    return Attempt(index=i, tier="large", model="m", backend="openai", prompt_tokens=40, completion_tokens=8,
+                   cost_usd=cost, decision="final", reason="last", features={"n_tokens": 8.0}, text="Paris")
+
+
+async def test_old_ledger_is_migrated_and_shadow_samples_are_idempotent(target):
+    """A ledger from before sampled shadows (no shadow_attempts, no sampled columns) opens and is migrated in
+    place; writing a sampled shadow's outcome twice leaves one copy of it."""
+    async with Ledger(target) as ledger:  # make it, then take it back to schema version 2
+        await ledger.record(record(1), shadows=[{"shadow": "strict", "status": "unknown", "reason": "needs large"}])
+        for sql in ("DROP TABLE shadow_attempts", "ALTER TABLE shadow_decisions DROP COLUMN sampled",
+                    "ALTER TABLE shadow_decisions DROP COLUMN sample_cost_usd",
+                    "UPDATE meta SET value = '2' WHERE key = 'schema_version'"):
+            await ledger.query(sql)
+    async with Ledger(target) as ledger:
+        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [("3",)]
+        assert (await ledger.query("SELECT status, sampled, sample_cost_usd FROM shadow_decisions")) == \
+            [("unknown", None, None)]  # the old row, untouched
+        decision = {"shadow": "strict", "status": "known", "tier": "large", "escalated": True, "cost_usd": 3e-4,
+                    "diverges": False, "reason": "large: sampled", "sampled": True, "sample_cost_usd": 2e-4}
+        for _ in range(2):
+            await ledger.record_shadow_sample("r1", 1_000_001.0, decision, [_shadow_call(0, 2e-4)], [1_000_002.0])
+        assert (await ledger.query("SELECT status, tier, sampled, sample_cost_usd, created_at FROM shadow_decisions")) \
+            == [("known", "large", 1, 2e-4, 1_000_001.0)]
+        assert (await ledger.query("SELECT idx, tier, cost_usd, created_at, answer_sig IS NOT NULL, text "
+                                   "FROM shadow_attempts")) == [(0, "large", 2e-4, 1_000_002.0, True, None)]
+        # a decision the request's write did not carry is inserted
+        await ledger.record_shadow_sample("r1", 1_000_001.0, {**decision, "shadow": "other"}, [], [])
+        assert (await ledger.query("SELECT COUNT(*) FROM shadow_decisions"))[0][0] == 2
+        with pytest.raises(LedgerError, match="shadow 'strict' of request missing"):  # no such request
+            await ledger.record_shadow_sample("missing", 0.0, decision, [_shadow_call(0, 1e-4)], [0.0])

@@ -15,7 +15,7 @@ from cascade.reports import COST_COLUMNS, REPORT_BY, TIER_COLUMNS, parse_since
 from tests.ops_traffic import traffic  # noqa: F401 - fixture
 from tests.pg import postgres  # noqa: F401 - fixture
 
-TABLES = ("requests", "attempts", "feedback", "shadow_decisions")
+TABLES = ("requests", "attempts", "feedback", "shadow_decisions", "shadow_attempts")
 
 
 def copy_ledger(src: str, dst: str) -> None:
@@ -107,6 +107,16 @@ def test_report_every_by_same_numbers_on_sqlite_and_postgresql(traffic, pg_copy,
         assert run_json(capsys, "report", "--json", "--since", "24h", "--ledger", ledger)["total"]["requests"] == n
         later = run_json(capsys, "report", "--json", "--by", "day", "--since", "2999-01-01", "--ledger", ledger)
         assert later["total"]["requests"] == 0 and later["groups"] == []
+
+
+def test_shadow_report_same_on_sqlite_and_postgresql(traffic, pg_copy, capsys):
+    """The shadow report, sampled shadows and their budgets included, gives the same numbers on both."""
+    cfg = str(traffic.config_path)
+    lite = run_json(capsys, "shadow", "report", "--json", "--config", cfg)
+    pg = run_json(capsys, "shadow", "report", "--json", "--config", cfg, "--ledger", pg_copy)
+    same(lite, pg)
+    assert any(s["sampled"]["requests"] for s in lite["shadows"])
+    assert any(s["sampled"]["spend_today_usd"] for s in lite["shadows"])
 
 
 def test_report_csv_plot_and_text(traffic, capsys, tmp_path):

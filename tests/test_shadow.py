@@ -9,8 +9,20 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import tier
-from tests.ops_traffic import HOT_T, HOT_TEMP, LENIENT_T, LIVE_T, STRICT_T, Traffic, traffic  # noqa: F401
+from tests.conftest import make_config, tier
+from tests.ops_traffic import (  # noqa: F401 - traffic is a fixture
+    HOT_T,
+    HOT_TEMP,
+    LENIENT_T,
+    LIVE_T,
+    SAMPLE_CAP_USD,
+    STRICT_T,
+    Traffic,
+    traffic,
+)
+
+ALL_SHADOWS = ["hot", "large_only", "large_only_capped", "lenient", "strict", "strict_sampled"]
+LARGE_PRICE = (2.0, 6.0)  # tests/ops_traffic.py: the large tier's USD per million input/output tokens
 
 def _attempts(t: Traffic) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -29,8 +41,10 @@ def test_every_live_request_has_its_shadow_decisions(traffic):
     assert {s["request_id"] for s in traffic.sent if not s.get("pinned")} <= policy_rids
     rows = traffic.rows("SELECT request_id, shadow FROM shadow_decisions")
     assert {r[0] for r in rows} == policy_rids  # the pinned request has none
+    paid = {r[0] for r in traffic.rows("SELECT request_id FROM requests WHERE user_tier = 'paid'")}
     for rid in policy_rids:
-        assert sorted(s for r, s in rows if r == rid) == ["hot", "large_only", "lenient", "strict"]
+        # lenient_paid only looks at the paid user tier's requests
+        assert sorted(s for r, s in rows if r == rid) == sorted(ALL_SHADOWS + ["lenient_paid"] * (rid in paid))
 
 
 def test_lenient_shadow_diverges_exactly_where_its_threshold_keeps_the_small_answer(traffic):
@@ -66,7 +80,7 @@ def test_strict_shadow_is_unknown_where_it_needs_the_tier_the_live_path_skipped(
         if LIVE_T <= conf < STRICT_T:  # live kept small; the shadow would escalate to a tier that never ran
             unknown += 1
             assert status == "unknown" and stier is None and cost is None and div is None
-            assert "needs tier 'large', which the live path did not run" in reason
+            assert reason == "needs tier 'large', which the live path did not run"  # sample_rate 0: no sample
         else:
             assert status == "known" and stier == live_tier and div == 0  # stricter never diverges when known
     assert unknown >= 1
@@ -110,14 +124,174 @@ def test_evaluate_shadow_is_pure_and_skips_other_policies():
     assert evaluate_shadow(ShadowPolicy("s", "cascade", ("small", "large"), (0.99, 0.0)), rec, live)["status"] == "unknown"
 
 
-def test_sampled_shadow_execution_is_refused_by_the_config(tmp_path):
-    from cascade.errors import ConfigError
-    from tests.conftest import make_config
+def _shadow_attempts(t: Traffic, shadow: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    with sqlite3.connect(t.ledger) as c:
+        c.row_factory = sqlite3.Row
+        for a in c.execute("SELECT * FROM shadow_attempts WHERE shadow = ? ORDER BY idx", (shadow,)):
+            out.setdefault(a["request_id"], []).append(dict(a))
+    return out
 
-    with pytest.raises(ConfigError, match="sampled shadow execution is not implemented"):
-        make_config(tmp_path, [tier("a"), tier("b")], shadows={"s": {"of": "cascade", "sample_rate": 0.1}})
+
+def _price(a: dict[str, Any], price: tuple[float, float] = LARGE_PRICE) -> float:
+    return (a["prompt_tokens"] * price[0] + a["completion_tokens"] * price[1]) / 1e6
+
+
+def test_sampled_shadow_runs_the_skipped_tier_after_the_live_request(traffic):
+    """strict_sampled (strict, sample_rate 1, ample budget) resolves every decision strict leaves unknown by
+    really running the large tier in the background; its spend is shadow spend, the live records untouched."""
+    att = _attempts(traffic)
+    sampled_calls = _shadow_attempts(traffic, "strict_sampled")
+    strict = {r[0]: r[1:] for r in traffic.rows("SELECT request_id, status, tier, cost_usd FROM shadow_decisions "
+                                                 "WHERE shadow = 'strict'")}
+    rows = traffic.rows("SELECT s.request_id, s.status, s.tier, s.escalated, s.cost_usd, s.diverges, s.reason, "
+                        "s.sampled, s.sample_cost_usd, r.tier, r.created_at, r.latency_ms "
+                        "FROM shadow_decisions s JOIN requests r USING (request_id) WHERE s.shadow = 'strict_sampled'")
+    assert len(rows) == len(strict)
+    n_sampled = 0
+    for rid, status, stier, esc, cost, div, reason, sampled, sample_cost, live_tier, created, latency_ms in rows:
+        s_status, s_tier, s_cost = strict[rid]
+        assert status == "known"  # nothing left unknown: every skipped tier was run
+        if s_status == "known":  # the live path had every tier it needed: nothing run, nothing spent
+            assert (stier, cost, sampled, sample_cost) == (s_tier, pytest.approx(s_cost), 0, None)
+            assert rid not in sampled_calls
+            continue
+        n_sampled += 1
+        (call,) = sampled_calls[rid]  # one call of the one tier the shadow needed
+        assert call["tier"] == "large" and call["error_class"] is None and call["decision"] == "final"
+        assert call["completion_tokens"] >= 1 and call["answer_sig"] and json.loads(call["features"])["n_tokens"] >= 1
+        # the sample's spend: its own token counts times the large tier's price
+        assert call["cost_usd"] == pytest.approx(_price(call))
+        assert sampled == 1 and sample_cost == pytest.approx(call["cost_usd"])
+        assert stier == "large" and esc == 1 and div == 1 and live_tier == "small"
+        assert cost == pytest.approx(att[rid]["small"]["cost_usd"] + call["cost_usd"])
+        assert reason == "large: last tier always answers (sampled: large)"
+        # the live request: only its own attempt, its own cost; the sample started after it had finished
+        assert set(att[rid]) == {"small"}
+        (n_att, live_cost), = traffic.rows("SELECT n_attempts, cost_usd FROM requests WHERE request_id = ?", rid)
+        assert n_att == 1 and live_cost == pytest.approx(att[rid]["small"]["cost_usd"])
+        assert call["created_at"] >= created + latency_ms / 1e3
+    assert n_sampled == sum(1 for st in strict.values() if st[0] == "unknown") >= 1
+    # sample_rate 0 (every other shadow) calls nothing
+    assert {r[0] for r in traffic.rows("SELECT DISTINCT shadow FROM shadow_attempts")} == \
+        {"strict_sampled", "large_only_capped"}
+    # no shadow spend in the live accounting: every request costs exactly its own attempts
+    assert traffic.rows("SELECT COUNT(*) FROM requests r WHERE ABS(r.cost_usd - (SELECT COALESCE(SUM(a.cost_usd), 0) "
+                        "FROM attempts a WHERE a.request_id = r.request_id)) > 1e-12")[0][0] == 0
+
+
+def test_sample_budget_stops_sampling_at_the_daily_cap(traffic):
+    rows = traffic.rows("SELECT s.request_id, s.status, s.reason, s.sampled, s.sample_cost_usd, r.tier "
+                        "FROM shadow_decisions s JOIN requests r USING (request_id) "
+                        "WHERE s.shadow = 'large_only_capped'")
+    calls = _shadow_attempts(traffic, "large_only_capped")
+    sampled = [r for r in rows if r[3] == 1]
+    refused = [r for r in rows if r[1] == "unknown"]
+    assert len(sampled) >= 1 and len(refused) >= 1
+    assert len(sampled) + len(refused) == sum(1 for r in rows if r[5] == "small")  # every small answer drawn
+    for rid, status, reason, _, sample_cost, _ in sampled:
+        assert status == "known" and sample_cost == pytest.approx(sum(c["cost_usd"] for c in calls[rid]))
+    for rid, _, reason, flag, sample_cost, _ in refused:
+        assert reason == ("needs tier 'large', which the live path did not run; not sampled: "
+                          f"today's sample budget (${SAMPLE_CAP_USD:g}, UTC day) is spent")
+        assert flag == 0 and sample_cost is None and rid not in calls
+    # never over the budget, per UTC day, by the recorded calls' token counts x price
+    spend = [_price(c) for cs in calls.values() for c in cs]
+    assert 0 < sum(spend) <= SAMPLE_CAP_USD
+    for day, total in traffic.rows("SELECT CAST(created_at / 86400 AS INTEGER), SUM(cost_usd) FROM shadow_attempts "
+                                   "WHERE shadow = 'large_only_capped' GROUP BY 1"):
+        assert total <= SAMPLE_CAP_USD
+
+
+def test_user_tier_shadow_sees_only_its_user_tiers(traffic):
+    got = dict(traffic.rows("SELECT s.request_id, s.tier FROM shadow_decisions s WHERE s.shadow = 'lenient_paid'"))
+    paid = traffic.rows("SELECT request_id FROM requests WHERE policy = 'cascade' AND user_tier = 'paid'")
+    assert set(got) == {r[0] for r in paid} and got
+    lenient = dict(traffic.rows("SELECT request_id, tier FROM shadow_decisions WHERE shadow = 'lenient'"))
+    assert all(lenient[rid] == t for rid, t in got.items())  # the same rule, on a subset of the traffic
+
+
+def test_sampling_and_user_tier_config_errors(tmp_path):
+    from cascade.errors import ConfigError
+
+    two = [tier("a"), tier("b")]
+    with pytest.raises(ConfigError, match=r"shadows\.s\.sample_budget_usd: must be above 0 when sample_rate is above 0"):
+        make_config(tmp_path, two, shadows={"s": {"of": "cascade", "sample_rate": 0.1}})
+    with pytest.raises(ConfigError, match=r"shadows\.s\.sample_rate: Input should be less than or equal to 1"):
+        make_config(tmp_path, two, shadows={"s": {"of": "cascade", "sample_rate": 2, "sample_budget_usd": 1}})
+    ok = make_config(tmp_path, two, shadows={"s": {"of": "cascade", "sample_rate": 0.1, "sample_budget_usd": 0.5}})
+    assert ok.shadows["s"].sample_budget_usd == 0.5
+    with pytest.raises(ConfigError, match=r"shadows\.s\.user_tiers: unknown user tier 'gold'; user tiers are \['free'\]"):
+        make_config(tmp_path, two, user_tiers={"free": {}}, shadows={"s": {"of": "cascade", "user_tiers": ["gold"]}})
     with pytest.raises(ConfigError, match=r"shadows.s.of: unknown policy 'nope'"):
         make_config(tmp_path, [tier("a")], shadows={"s": {"of": "nope"}})
+
+
+def test_sample_draw_is_seeded_and_only_on_answered_requests(tmp_path):
+    """Which decisions are sampled is a seeded draw per shadow (sample_seed): reproducible, at sample_rate."""
+    from cascade.shadow import ShadowSampler, ShadowSet
+    from cascade.types import Attempt, CascadeRecord, GenerationRequest
+
+    cfg = make_config(tmp_path, [tier("a"), tier("b")], shadows={
+        "s": {"of": "cascade", "chain": ["b"], "sample_rate": 0.3, "sample_budget_usd": 1, "sample_seed": 7}})
+    shadows = ShadowSet(cfg, {})
+    req = GenerationRequest(prompt="hi")
+
+    def draws(sampler: ShadowSampler, status: str = "ok") -> list[bool]:
+        out = []
+        for i in range(300):
+            rec = CascadeRecord(request_id=f"r{i}", policy="cascade", created_at=0.0, tier="a", status=status)
+            rec.attempts = [Attempt(0, "a", "m", "transformers", features={"n_tokens": 2.0}, decision="accept",
+                                    kept=True)]
+            rows = shadows.evaluate(rec)
+            picked = sampler.select(shadows, rec, req, rows)
+            assert rows[0]["reason"].endswith("; sample pending") == bool(picked)
+            out.append(bool(picked))
+        return out
+
+    first = draws(ShadowSampler(None, None))
+    assert first == draws(ShadowSampler(None, None)) and 60 <= sum(first) <= 120  # same seed, same draw; ~30%
+    assert not any(draws(ShadowSampler(None, None), status="error"))  # failed requests are never sampled
+
+
+async def test_engine_close_waits_for_samples_or_records_them_cancelled(tmp_path):
+    """A sample runs after run() has returned; close() lets it finish, or (past its grace) cancels it, and
+    either way its decision is recorded."""
+    from cascade.engine import Engine
+    from cascade.shadow import ShadowSampler
+    from cascade.types import GenerationRequest, Message
+
+    cfg = make_config(tmp_path, [tier("small", threshold=0.0, max_tokens=4, options={"threads": 1}),
+                                 tier("large", max_tokens=4, options={"threads": 1},
+                                      price={"input_per_1m": 2.0, "output_per_1m": 6.0})],
+                      shadows={"big": {"of": "cascade", "chain": ["large"], "sample_rate": 1, "sample_budget_usd": 1}})
+
+    def ask(q: str) -> GenerationRequest:
+        return GenerationRequest(messages=(Message("user", q),))
+
+    async with await Engine.open(cfg, preload=True) as eng:
+        patient = eng.sampler
+        eng.sampler = ShadowSampler(eng.call_tier, eng.ledger, grace_s=0.0)  # no time to finish
+        cut = (await eng.run(ask("Name a colour."))).record
+        await eng.sampler.close()
+        eng.sampler = patient
+        waited = (await eng.run(ask("Name a fruit."))).record
+        assert eng.sampler.in_flight == 1  # run() returned with the sample still to run
+    db = tmp_path / "ledger.sqlite"
+    with sqlite3.connect(db) as c:
+        dec = {r[0]: r[1:] for r in c.execute("SELECT request_id, status, reason, sampled, sample_cost_usd "
+                                               "FROM shadow_decisions")}
+        calls = c.execute("SELECT request_id, tier, error_class, cost_usd, prompt_tokens, completion_tokens "
+                          "FROM shadow_attempts").fetchall()
+    assert cut.tier == waited.tier == "small"
+    status, reason, _, _ = dec[cut.request_id]
+    assert status == "unknown" and reason.endswith("; sample cancelled: the engine shut down")
+    assert all(err == "Cancelled" for rid, _, err, *_ in calls if rid == cut.request_id)
+    status, reason, sampled, sample_cost = dec[waited.request_id]
+    assert (status, sampled) == ("known", 1) and reason == "large: last tier always answers (sampled: large)"
+    (call,) = [c for c in calls if c[0] == waited.request_id]
+    assert call[1:3] == ("large", None) and call[3] == pytest.approx((call[4] * 2.0 + call[5] * 6.0) / 1e6)
+    assert sample_cost == pytest.approx(call[3])
 
 
 def test_shadow_report_json(traffic, capsys):
@@ -127,16 +301,19 @@ def test_shadow_report_json(traffic, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert set(rep) == {"report", "since", "ledger", "generated_at", "shadows"}
     by = {s["shadow"]: s for s in rep["shadows"]}
-    assert set(by) == {"hot", "large_only", "lenient", "strict"}
+    assert set(by) == {*ALL_SHADOWS, "lenient_paid"}
     keys = {"shadow", "of", "description", "requests", "known", "unknown", "unknown_rate", "unknown_reasons",
             "diverged", "divergence_rate", "live_cost_usd", "shadow_cost_usd", "cost_delta_usd", "cost_delta_pct",
             "live_escalation_rate", "shadow_escalation_rate", "escalation_rate_delta", "cheaper", "pricier",
-            "served_feedback_known", "agreement_diverged", "groups"}
+            "served_feedback_known", "agreement_diverged", "groups", "sampled"}
     for s in rep["shadows"]:
         assert set(s) == keys and s["of"] == "cascade"
         assert set(s["cheaper"]) == {"requests", "saved_usd", "feedback", "agreement"}
         assert set(s["cheaper"]["feedback"]) == {"n", "up", "neutral", "down", "mean_score"}
         assert set(s["cheaper"]["agreement"]) == {"n", "agree", "rate"}
+        assert set(s["sampled"]) == {"requests", "failed", "diverged", "divergence_rate", "live_cost_usd",
+                                     "shadow_cost_usd", "cost_delta_usd", "spend_usd", "spend_today_usd",
+                                     "sample_rate", "budget_usd", "budget_left_today_usd"}
     # the numbers agree with the ledger rows
     len_live = traffic.rows("SELECT COUNT(*) FROM requests WHERE policy = 'cascade'")[0][0]
     le = by["lenient"]
@@ -152,6 +329,30 @@ def test_shadow_report_json(traffic, capsys):
     assert le["groups"] and le["groups"][0]["diverged"] >= 1 and le["groups"][0]["example_request_ids"]
     st = by["strict"]
     assert st["unknown"] >= 1 and st["diverged"] == 0 and "did not run" in st["unknown_reasons"][0]["reason"]
+    assert st["sampled"]["requests"] == 0 and st["sampled"]["spend_usd"] == 0 and st["sampled"]["sample_rate"] == 0
+    # the sampled shadow: what strict left unknown is known, diverging (it escalates), paid from its budget
+    ss, ss_s = by["strict_sampled"], by["strict_sampled"]["sampled"]
+    (n_smp, spend), = traffic.rows("SELECT COUNT(DISTINCT request_id), SUM(cost_usd) FROM shadow_attempts "
+                                   "WHERE shadow = 'strict_sampled'")
+    assert ss["unknown"] == 0 and ss["known"] == ss["requests"] == st["requests"]
+    assert ss_s["requests"] == n_smp == st["unknown"] and ss_s["failed"] == 0
+    assert ss_s["diverged"] == n_smp and ss["diverged"] == n_smp and ss_s["divergence_rate"] == 1.0
+    assert ss_s["spend_usd"] == pytest.approx(spend) and ss_s["spend_today_usd"] == pytest.approx(spend)
+    assert (ss_s["budget_usd"], ss_s["sample_rate"]) == (1.0, 1.0)
+    assert ss_s["budget_left_today_usd"] == pytest.approx(1.0 - spend)
+    assert ss_s["cost_delta_usd"] == pytest.approx(ss_s["shadow_cost_usd"] - ss_s["live_cost_usd"])
+    assert ss_s["cost_delta_usd"] > 0
+    assert ss["pricier"]["requests"] == n_smp and ss["escalation_rate_delta"] > 0
+    assert ss["agreement_diverged"]["n"] == n_smp  # the sampled answers are compared with the served ones
+    assert ss["groups"] and sum(g["sampled"] for g in ss["groups"]) == n_smp
+    cap = by["large_only_capped"]["sampled"]
+    assert 0 < cap["spend_today_usd"] <= SAMPLE_CAP_USD and cap["budget_usd"] == SAMPLE_CAP_USD
+    assert any("sample budget" in r["reason"] for r in by["large_only_capped"]["unknown_reasons"])
     assert main(["shadow", "report", "--config", str(traffic.config_path), "--since", "1h"]) == 0
     text = capsys.readouterr().out
     assert "shadow 'lenient' of policy 'cascade': small threshold 0.4" in text and "divergence rate" in text
+    block = text[text.index("shadow 'strict_sampled'"):]
+    block = block[:block.find("\nshadow '", 1) if "\nshadow '" in block[1:] else len(block)]
+    assert f"known {ss['known']} ({n_smp} by sampling), unknown 0" in block
+    assert f"sampled          {n_smp} known by running tiers the live path skipped; diverged {n_smp} (100.0%)" in block
+    assert f"today (UTC) ${spend:.6f} of $1.000000 budget (sample rate 100.0%)" in block
