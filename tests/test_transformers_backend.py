@@ -69,3 +69,30 @@ async def test_empty_prompt_generates_from_the_start_token(smol_backend):
     """Found by schemathesis: an empty completion prompt used to crash the forward pass."""
     res = await smol_backend.generate(GenerationRequest(prompt="", max_tokens=3))
     assert res.usage.prompt_tokens == 1 and res.usage.completion_tokens >= 1
+
+
+async def test_a_request_cancelled_while_the_model_loads_leaves_the_backend_ready(smol_path):
+    """A request cancelled mid-load (a client gone, a latency budget, a shutdown) used to leave the model
+    loaded with no worker: every later request to the tier then failed."""
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    b = TransformersBackend(model=str(smol_path), name="smol-cancel", threads=2)
+    try:
+        first = asyncio.create_task(b.generate(GenerationRequest(prompt="The capital of France is", max_tokens=3)))
+        await asyncio.sleep(0.05)  # the load (about a second) is under way in the compute thread
+        assert b._worker is None
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        for _ in range(600):  # the start goes on without its caller and ends with the worker running
+            if b._worker is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert b._model is not None and b._worker is not None
+        # concurrent callers share the one start that kept going; both are served
+        a, c = await asyncio.gather(*(b.generate(GenerationRequest(prompt="The capital of France is",
+                                                                    max_tokens=3)) for _ in range(2)))
+        assert "Paris" in a.text and a.text == c.text
+    finally:
+        await b.close()
+    assert b._worker is None

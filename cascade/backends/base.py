@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from cascade.types import GenerationRequest, GenerationResult, StreamChunk
@@ -64,6 +65,37 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={self.model!r})"
+
+
+class StartOnce:
+    """A backend's start (loading a model: seconds to minutes), run once for all its callers.
+
+    The start runs as a task of its own, shielded from its callers: a request cancelled while the model
+    loads (a client gone, a latency budget, a shutdown) must not abandon the start half-way (a model loaded
+    with no worker to serve it, or an engine built in a thread and never kept, holding its memory while the
+    next caller builds another). A start that failed or was cancelled is tried again by the next caller.
+    """
+
+    def __init__(self, start: Callable[[], Awaitable[None]]) -> None:
+        self._start = start
+        self._task: asyncio.Future | None = None
+
+    async def __call__(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._start())
+        task = self._task
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done() and (task.cancelled() or task.exception() is not None) and self._task is task:
+                self._task = None
+
+    async def settle(self) -> None:
+        """Before a close: let a start in flight finish (its outcome is the closer's no more), then forget it
+        so that a later call starts afresh."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade.backends.base import Backend, TokenTexts, prompt_token_ids
+from cascade.backends.base import Backend, StartOnce, TokenTexts, prompt_token_ids
 from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServerError
 from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
 
@@ -80,7 +80,7 @@ class TransformersBackend(Backend):
         self._pending: deque[_Pending] = deque()
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        self._start_lock = asyncio.Lock()
+        self._start_once = StartOnce(self._start)
 
     @classmethod
     def from_tier(cls, tier, config):  # noqa: ANN001, ANN206
@@ -102,16 +102,18 @@ class TransformersBackend(Backend):
         return self._path
 
     async def start(self) -> None:
-        async with self._start_lock:
-            if self._model is not None:
-                return
-            from cascade.models import resolve_model_path
+        """Load the model and start the batching worker (once; see ``StartOnce``)."""
+        if self._worker is None:
+            await self._start_once()
 
-            self._path = resolve_model_path(self.model, self._cache_dir)
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(_compute_executor(), self._load)
-            self._wake = asyncio.Event()
-            self._worker = asyncio.create_task(self._run(), name=f"transformers-{self.name}")
+    async def _start(self) -> None:
+        from cascade.models import resolve_model_path
+
+        self._path = resolve_model_path(self.model, self._cache_dir)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(_compute_executor(), self._load)
+        self._wake = asyncio.Event()
+        self._worker = asyncio.create_task(self._run(), name=f"transformers-{self.name}")
 
     def _load(self) -> None:
         import os
@@ -143,6 +145,7 @@ class TransformersBackend(Backend):
         self._eos_ids = sorted(eos_ids)
 
     async def close(self) -> None:
+        await self._start_once.settle()
         if self._worker is not None:
             self._worker.cancel()
             try:
@@ -166,7 +169,7 @@ class TransformersBackend(Backend):
 
     # --- generation -------------------------------------------------------------------------------
     async def _prepare(self, request: GenerationRequest) -> tuple[GenerationRequest, list[int]]:
-        if self._model is None:
+        if self._worker is None:
             await self.start()
         ids = self._prompt_ids(request)
         ctx = self.context_length

