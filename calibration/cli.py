@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from calibration.features import FEATURE_NAMES
+from calibration.features import RAW_SCORE, SCORES, score_source
 from cascade.errors import ConfigError, DataError
 
 CALIBRATE_METHODS = ("temperature", "platt", "isotonic", "histogram", "auto")
@@ -80,12 +80,6 @@ def _print_table(title: str, rows: Sequence[tuple[str, Any, Any]], headers: tupl
 
 # --- calibrate -------------------------------------------------------------------------------------
 
-#: the stored confidence of the shared data (answer-letter or self-check "Y" logprob); the engine does not
-#: compute it, so an artifact fit on it serves a tier only with ``calibrator.feature`` naming its equivalent
-RAW_FEATURE = "raw_conf_logprob"  # calibration.data.RAW_SCORE (not imported here: it pulls in numpy)
-#: what ``--feature`` may name: scores that are log-probabilities (calibrators map a logprob to a probability)
-CALIBRATE_FEATURES = (RAW_FEATURE, *(f for f in FEATURE_NAMES if f.endswith("_logprob")))
-
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
@@ -133,7 +127,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "data": str(Path(data.path).resolve()), "model": tier.name, "n": int(len(y)),
             "dataset": data.dataset, "chain": data.chain, "split": data.split,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "feature_source": feature if feature == RAW_FEATURE else f"features.{feature}",
+            "feature_source": score_source(feature),
         }
         cal.metrics = {"raw": raw, "calibrated_in_sample": fitted}
         if heldout is not None:
@@ -197,8 +191,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                        cost_budget=args.cost_budget)
     cfg.validate()
     if args.export_policy and not args.no_features:
-        raise ConfigError("--export-policy needs --no-features: the engine decides on each tier's own "
-                          "calibrated confidence, and the agreement features have no counterpart there")
+        from calibration.export import NEEDS_OWN_CONFIDENCE
+
+        raise ConfigError(NEEDS_OWN_CONFIDENCE)
     with _progress(True) as progress:
         progress("loading data", 0, 1)
         train = load_cascade_outputs(args.train).with_score(args.feature, chain)
@@ -289,8 +284,8 @@ def add_cli(subparsers: Any) -> None:
                    help="calibration method (default temperature; auto: lowest held-out NLL on folds)")
     p.add_argument("--out", required=True, metavar="ARTIFACT.json", help="where to write the calibrator artifact")
     p.add_argument("--plot", metavar="PNG", help="write a reliability diagram with confidence histogram")
-    p.add_argument("--feature", default=RAW_FEATURE, choices=CALIBRATE_FEATURES,
-                   help=f"score to calibrate: the stored {RAW_FEATURE} (default), or an engine feature from the "
+    p.add_argument("--feature", default=RAW_SCORE, choices=SCORES,
+                   help=f"score to calibrate: the stored {RAW_SCORE} (default), or an engine feature from the "
                         "lines' features (live runs); an artifact on an engine feature serves a tier as it is")
     p.add_argument("--use-netcal", action="store_true", help="fit temperature scaling with netcal")
     p.add_argument("--criterion", default="nll", choices=("nll", "ece", "brier"), help="selection criterion for auto")
@@ -327,8 +322,8 @@ def add_cli(subparsers: Any) -> None:
     r.add_argument("--seed", type=int, default=0, help="seed of the folds and the bootstrap")
     r.add_argument("--plot", metavar="PNG", help="reliability diagram of the first tier on TEST")
     r.add_argument("--out", metavar="REPORT.json", help="also write the JSON report here")
-    r.add_argument("--feature", default=RAW_FEATURE, choices=CALIBRATE_FEATURES,
-                   help=f"every tier's score: the stored {RAW_FEATURE} (default), or an engine feature from the "
+    r.add_argument("--feature", default=RAW_SCORE, choices=SCORES,
+                   help=f"every tier's score: the stored {RAW_SCORE} (default), or an engine feature from the "
                         "lines' features (live runs)")
     r.add_argument("--export-policy", metavar="DIR",
                    help="write the fitted policy as the engine loads it: one calibrator artifact per consulted "

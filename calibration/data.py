@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from calibration.features import RAW_SCORE
 from cascade.errors import ConfigError, DataError
 
 REQUIRED_MODEL_FIELDS = ("answer", "correct", "raw_conf_logprob", "cost_usd")
-#: the stored confidence of a line (answer-letter or self-check "Y" logprob): the default score
-RAW_SCORE = "raw_conf_logprob"
 
 
 @dataclass

@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from calibration.calibrators import save_calibrator
-from calibration.data import RAW_SCORE
-from calibration.features import FEATURE_NAMES
+from calibration.features import FEATURE_NAMES, score_source
 from calibration.replay import FittedPolicy
 from cascade.errors import ConfigError
+
+#: why a policy with feature steps does not export (``replay`` checks it before fitting, too)
+NEEDS_OWN_CONFIDENCE = ("--export-policy needs --no-features: the engine decides on each tier's own calibrated "
+                        "confidence, and the agreement features have no counterpart there")
 
 
 def export_policy(policy: FittedPolicy, out_dir: str | Path, *, name: str, feature: str,
@@ -30,8 +33,7 @@ def export_policy(policy: FittedPolicy, out_dir: str | Path, *, name: str, featu
     import yaml
 
     if any(step.logistic is not None for step in policy.steps):
-        raise ConfigError("--export-policy needs --no-features: the engine decides on each tier's own "
-                          "calibrated confidence, and the agreement features have no counterpart there")
+        raise ConfigError(NEEDS_OWN_CONFIDENCE)
     out = Path(out_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -45,11 +47,11 @@ def export_policy(policy: FittedPolicy, out_dir: str | Path, *, name: str, featu
         cal = policy.tiers[step.tier].calibrator.with_feature(feature)  # replay names every score raw_conf_logprob
         cal.fitted_on = {**cal.fitted_on, "data": str(Path(train_path).resolve()), "model": step.tier,
                          "n": int(n_train), "date": date, "by": "cascade replay --export-policy",
-                         "feature_source": feature if feature == RAW_SCORE else f"features.{feature}"}
+                         "feature_source": score_source(feature)}
         path = save_calibrator(cal, out / f"{_file_stem(step.tier)}.json")
         artifacts.append(str(path))
         calibrators[step.tier] = {"artifact": str(path.resolve())}
-        thresholds[step.tier] = 1.0 if threshold is None else float(threshold)
+        thresholds[step.tier] = float(threshold)  # a consulted tier always has one (None: not consulted)
     section: dict[str, Any] = {"chain": list(policy.subchain)}
     if thresholds:
         section["thresholds"] = thresholds

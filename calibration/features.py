@@ -26,6 +26,17 @@ FEATURE_NAMES: tuple[str, ...] = (
     "mean_topk_entropy",    # mean entropy (nats) of the renormalised top-k distribution
 )
 
+#: the confidence stored in a cascade-outputs line (the shared data's answer-letter or self-check "Y"
+#: logprob), the offline commands' default score; the engine does not compute it
+RAW_SCORE = "raw_conf_logprob"
+#: the scores calibrators can be fit on offline: log-probabilities (a calibrator maps a logprob to a probability)
+SCORES: tuple[str, ...] = (RAW_SCORE, *(f for f in FEATURE_NAMES if f.endswith("_logprob")))
+
+
+def score_source(score: str) -> str:
+    """Where a score comes from in a cascade-outputs line (an artifact's ``fitted_on.feature_source``)."""
+    return score if score == RAW_SCORE else f"features.{score}"
+
 
 class _TokenLike(Protocol):
     logprob: float
