@@ -66,6 +66,10 @@ class ShadowPolicy:
     sample_budget_usd: float = 0.0
     sample_seed: int | None = None
 
+    def calibrator(self, tier: str, live: Mapping[str, Calibrator]) -> Calibrator | None:
+        """The calibrator the shadow decides ``tier`` with: its own override, else the live policy's."""
+        return self.calibrators.get(tier) or live.get(tier)
+
 
 def build_shadow_policies(config: Config, *, build: Callable[..., Calibrator] | None = None) -> list[ShadowPolicy]:
     """The config's shadows, with thresholds resolved (shadow's, else live policy's, else the tier's)."""
@@ -133,7 +137,7 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
                 where = "when sampled" if tname in own else "on the live path"
                 return _unknown(shadow, f"its last tier {tname!r} failed {where}")
             continue
-        cal = shadow.calibrators.get(tname) or live_calibrators.get(tname)
+        cal = shadow.calibrator(tname, live_calibrators)
         if cal is None:
             return _unknown(shadow, f"no calibrator for tier {tname!r}")
         try:
@@ -169,19 +173,23 @@ class ShadowSet:
     def __bool__(self) -> bool:
         return bool(self.policies)
 
-    def live_calibrators(self, shadow: ShadowPolicy) -> dict[str, Calibrator]:
-        """Per tier, the calibrator the shadow's live policy uses (its own override, else the tier's)."""
-        tier_cals = {name: t.calibrator for name, t in self.tiers.items()}
+    def live_calibrators(self, shadow: ShadowPolicy,
+                         tier_cals: Mapping[str, Calibrator] | None = None) -> Mapping[str, Calibrator]:
+        """Per tier, the calibrator the shadow's live policy uses (its own override, else the tier's);
+        ``tier_cals``: the tiers' calibrators, when the caller already has them."""
+        if tier_cals is None:
+            tier_cals = {name: t.calibrator for name, t in self.tiers.items()}
         own = self.policy_calibrators.get(shadow.of)
         return {**tier_cals, **own} if own else tier_cals
 
     def evaluate(self, rec: CascadeRecord) -> list[dict[str, Any]]:
         if not self.policies:
             return []
+        tier_cals = {name: t.calibrator for name, t in self.tiers.items()}  # once per request, not per shadow
         rows = []
         for sh in self.policies:
             try:
-                row = evaluate_shadow(sh, rec, self.live_calibrators(sh))
+                row = evaluate_shadow(sh, rec, self.live_calibrators(sh, tier_cals))
             except Exception:  # noqa: BLE001 - never let a shadow break the live request
                 log.exception("shadow %s failed on request %s", sh.name, rec.request_id)
                 continue
@@ -379,7 +387,7 @@ class ShadowSampler:
                 self._reserved[sh.name][smp] += sum(a.cost_usd for a in smp.calls[before:]) - estimate
             if att.error_class is None:
                 i = sh.chain.index(tname)
-                cal = sh.calibrators.get(tname) or live.get(tname)
+                cal = sh.calibrator(tname, live)
                 if cal is not None:
                     d = decide(att.features, cal, sh.thresholds[i], is_last=i == len(sh.chain) - 1)
                     att.confidence, att.reason = d.confidence, f"shadow {sh.name}: {d.reason}"
