@@ -183,6 +183,38 @@ def test_cost_quality_on_routerbench(tmp_path):
     assert "calibrated_cascade" not in doc["routers"] and doc["notes"]
 
 
+def test_true_curve_recovers_a_known_logistic_curve():
+    from benchmarks.ece_noise_floor import true_curve
+
+    rng = np.random.default_rng(3)
+    score = np.log(rng.uniform(0.05, 0.999, 20_000))  # log-probabilities
+    logit = np.log(np.exp(score) / -np.expm1(score))
+    p = 1 / (1 + np.exp(-(0.6 * logit - 0.4)))  # a known Platt curve
+    curve = true_curve(score, (rng.random(score.size) < p).astype(float))
+    grid = np.log(np.array([0.1, 0.5, 0.9, 0.99]))
+    glogit = np.log(np.exp(grid) / -np.expm1(grid))
+    assert curve(grid) == pytest.approx(1 / (1 + np.exp(-(0.6 * glogit - 0.4))), abs=0.02)
+
+
+@needs_data
+def test_ece_noise_floor_on_a_real_train_file(tmp_path):
+    from benchmarks.ece_noise_floor import FIELDS, main
+
+    assert main([str(DATA), "--out", str(tmp_path), "--reps", "20", "--n-test", "300,3000", "--n-train", "600",
+                 "--files", "medmcqa_llama_train.jsonl"]) == 0
+    doc = json.loads((tmp_path / "ece_noise_floor.json").read_text())
+    (row,) = doc["files"]
+    assert row["first_tier"] == "llama3.2-1b" and row["n_train"] == 300
+    assert set(row["ece"]) == set(FIELDS)
+    oracle = row["ece"]["oracle"]
+    # a perfectly calibrated confidence still measures a positive ECE, and less of it on more questions
+    assert 0 < oracle["3000"]["mean"] < oracle["300"]["mean"]
+    assert 0 <= oracle["300"]["share_within_target"] <= 1
+    assert set(doc["train_size_sweep"]) == {"600"}
+    assert (tmp_path / "ece_noise_floor.png").stat().st_size > 10_000
+    assert "noise floor" in (tmp_path / "ece_noise_floor.md").read_text()
+
+
 # --- the live runner, end to end with the real small model ------------------------------------------
 
 
