@@ -88,10 +88,34 @@ def _netcal_temperature(z: np.ndarray, y: np.ndarray) -> float:
     return 1.0 / w
 
 
+def _param_number(params: Mapping[str, Any], key: str) -> float:
+    """One numeric parameter of an artifact: a finite number, else ValueError naming it."""
+    v = params[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"params.{key} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _param_array(params: Mapping[str, Any], key: str, *, probabilities: bool = False) -> np.ndarray:
+    """A list parameter of an artifact: finite numbers (within [0, 1] for ``probabilities``)."""
+    v = params[key]
+    if not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+        raise ValueError(f"params.{key} must be a list of numbers, got {v!r}")
+    a = np.asarray(v, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"params.{key} must hold finite numbers")
+    if probabilities and np.any((a < 0) | (a > 1)):
+        raise ValueError(f"params.{key} must hold probabilities within [0, 1], got {float(a[(a < 0) | (a > 1)][0])!r}")
+    return a
+
+
 class Calibrator(ABC):
     """Base class. Subclasses set ``method`` and implement fit/predict/params."""
 
     method: ClassVar[str]
+    #: the artifact's ``params``: those it must give, and those it may (each has a default)
+    required_params: ClassVar[tuple[str, ...]] = ()
+    optional_params: ClassVar[tuple[str, ...]] = ()
     _registry: ClassVar[dict[str, type["Calibrator"]]] = {}
 
     def __init__(self, feature: str = "mean_logprob") -> None:
@@ -171,6 +195,7 @@ class TemperatureScaling(Calibrator):
     """
 
     method = "temperature"
+    required_params = ("temperature",)
 
     def __init__(self, feature: str = "mean_logprob", temperature: float = 1.0) -> None:
         super().__init__(feature)
@@ -215,7 +240,7 @@ class TemperatureScaling(Calibrator):
 
     @classmethod
     def from_params(cls, feature: str, params: Mapping[str, Any]) -> "TemperatureScaling":
-        return cls(feature=feature, temperature=float(params.get("temperature", 1.0)))
+        return cls(feature=feature, temperature=_param_number(params, "temperature"))
 
 
 def _newton_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 100) -> np.ndarray:
@@ -246,6 +271,7 @@ class PlattScaling(Calibrator):
     """
 
     method = "platt"
+    required_params = ("a", "b")
 
     def __init__(self, feature: str = "mean_logprob", a: float = 1.0, b: float = 0.0) -> None:
         super().__init__(feature)
@@ -270,7 +296,7 @@ class PlattScaling(Calibrator):
 
     @classmethod
     def from_params(cls, feature: str, params: Mapping[str, Any]) -> "PlattScaling":
-        return cls(feature=feature, a=float(params.get("a", 1.0)), b=float(params.get("b", 0.0)))
+        return cls(feature=feature, a=_param_number(params, "a"), b=_param_number(params, "b"))
 
 
 def _pav(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -303,6 +329,8 @@ class IsotonicCalibrator(Calibrator):
     """
 
     method = "isotonic"
+    required_params = ("knots_x", "knots_y")
+    optional_params = ("prior_strength",)
 
     def __init__(self, feature: str = "mean_logprob", knots_x: Any = (0.0,), knots_y: Any = (0.5,),
                  prior_strength: float = 1.0) -> None:
@@ -345,8 +373,9 @@ class IsotonicCalibrator(Calibrator):
 
     @classmethod
     def from_params(cls, feature: str, params: Mapping[str, Any]) -> "IsotonicCalibrator":
-        return cls(feature=feature, knots_x=params.get("knots_x", (0.0,)), knots_y=params.get("knots_y", (0.5,)),
-                   prior_strength=float(params.get("prior_strength", 1.0)))
+        prior = _param_number(params, "prior_strength") if "prior_strength" in params else 1.0
+        return cls(feature=feature, knots_x=_param_array(params, "knots_x"),
+                   knots_y=_param_array(params, "knots_y", probabilities=True), prior_strength=prior)
 
 
 class HistogramBinning(Calibrator):
@@ -358,6 +387,8 @@ class HistogramBinning(Calibrator):
     """
 
     method = "histogram"
+    required_params = ("edges", "probs")
+    optional_params = ("n_bins", "prior_strength")
 
     def __init__(self, feature: str = "mean_logprob", edges: Any = (), probs: Any = (0.5,), n_bins: int = 10,
                  prior_strength: float = 2.0) -> None:
@@ -395,8 +426,12 @@ class HistogramBinning(Calibrator):
 
     @classmethod
     def from_params(cls, feature: str, params: Mapping[str, Any]) -> "HistogramBinning":
-        return cls(feature=feature, edges=params.get("edges", ()), probs=params.get("probs", (0.5,)),
-                   n_bins=int(params.get("n_bins", 10)), prior_strength=float(params.get("prior_strength", 2.0)))
+        n_bins = _param_number(params, "n_bins") if "n_bins" in params else 10
+        if n_bins != int(n_bins):
+            raise ValueError(f"params.n_bins must be a whole number, got {params['n_bins']!r}")
+        prior = _param_number(params, "prior_strength") if "prior_strength" in params else 2.0
+        return cls(feature=feature, edges=_param_array(params, "edges"),
+                   probs=_param_array(params, "probs", probabilities=True), n_bins=int(n_bins), prior_strength=prior)
 
 
 class LogisticCalibrator(Calibrator):
@@ -410,6 +445,8 @@ class LogisticCalibrator(Calibrator):
     """
 
     method = "logistic"
+    required_params = ("coef",)
+    optional_params = ("features", "intercept", "l2")
 
     def __init__(self, feature: str = "mean_logprob", features: Any = None, coef: Any = None,
                  intercept: float = 0.0, l2: float = 1e-2) -> None:
@@ -465,8 +502,13 @@ class LogisticCalibrator(Calibrator):
 
     @classmethod
     def from_params(cls, feature: str, params: Mapping[str, Any]) -> "LogisticCalibrator":
-        return cls(feature=feature, features=params.get("features"), coef=params.get("coef"),
-                   intercept=float(params.get("intercept", 0.0)), l2=float(params.get("l2", 1e-2)))
+        features = params.get("features")
+        if features is not None and (not isinstance(features, list) or not features
+                                     or not all(isinstance(f, str) for f in features)):
+            raise ValueError(f"params.features must be a non-empty list of feature names, got {features!r}")
+        return cls(feature=feature, features=features, coef=_param_array(params, "coef"),
+                   intercept=_param_number(params, "intercept") if "intercept" in params else 0.0,
+                   l2=_param_number(params, "l2") if "l2" in params else 1e-2)
 
 
 #: the one-score methods (``--method`` choices); ``logistic`` is the multi-feature extension
@@ -497,7 +539,9 @@ def calibrator_from_dict(d: Mapping[str, Any]) -> Calibrator:
     if fmt != ARTIFACT_FORMAT:
         raise ValueError(f"not a calibrator artifact (format {fmt!r})")
     version = d.get("version", ARTIFACT_VERSION)
-    if not isinstance(version, int) or version > ARTIFACT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"calibrator artifact version must be a whole number, got {version!r}")
+    if version > ARTIFACT_VERSION:
         raise ValueError(f"calibrator artifact version {version!r} is newer than this engine reads "
                          f"({ARTIFACT_VERSION})")
     method = d.get("method")
@@ -505,7 +549,26 @@ def calibrator_from_dict(d: Mapping[str, Any]) -> Calibrator:
     if cls is None:
         raise ValueError(f"unknown calibrator method {method!r}; known: {', '.join(sorted(Calibrator._registry))}")
     feature = d.get("feature", "mean_logprob")
-    cal = cls.from_params(feature, d.get("params", {}))
+    if not isinstance(feature, str):
+        raise ValueError(f"feature must be a feature name, got {feature!r}")
+    if "params" not in d:
+        raise ValueError(f"the {method} calibrator has no params (it needs "
+                         f"{', '.join(cls.required_params) or 'an empty mapping'})")
+    params = d["params"]
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be a mapping of {method} parameters "
+                         f"({', '.join(cls.required_params + cls.optional_params)}), got {params!r}")
+    unknown = sorted(k for k in params if k not in cls.required_params + cls.optional_params)
+    missing = [k for k in cls.required_params if k not in params]
+    if unknown or missing:
+        what = ([f"unknown parameter(s) {unknown}"] if unknown else []) + \
+               ([f"missing parameter(s) {missing}"] if missing else [])
+        raise ValueError(f"{method} calibrator: {' and '.join(what)}; its parameters are "
+                         f"{', '.join(cls.required_params + cls.optional_params)}")
+    for key in ("fitted_on", "metrics"):
+        if not isinstance(d.get(key, {}), Mapping):
+            raise ValueError(f"{key} must be a mapping, got {d[key]!r}")
+    cal = cls.from_params(feature, params)
     cal.fitted_on = dict(d.get("fitted_on", {}))
     cal.metrics = dict(d.get("metrics", {}))
     return cal
@@ -514,9 +577,13 @@ def calibrator_from_dict(d: Mapping[str, Any]) -> Calibrator:
 def load_calibrator(path: str | Path) -> Calibrator:
     p = Path(path).expanduser()
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"calibrator artifact not found: {p}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"cannot read calibrator artifact {p}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read calibrator artifact {p}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"calibrator artifact {p} is not valid JSON: {exc}") from exc
     return calibrator_from_dict(data)

@@ -27,14 +27,55 @@ def _with_cli_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg.model_copy(update={"server": server, "ledger": ledger})
 
 
+def _check_bind(host: str, port: int) -> None:
+    """Bind the server's address once, before anything starts, so that a port in use or a host that is not
+    this machine's is one line (uvicorn would log it after the models loaded, and exit 1)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"cannot bind {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    family, kind, proto, _, addr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind(addr)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ConfigError(f"cannot bind {host}:{port}: {why[:1].lower()}{why[1:]}") from None
+
+
+def _check_engine(cfg: Config) -> None:
+    """Build the engine once without loading any model, and check what each backend needs before it loads
+    (a model id that names nothing): the errors the server would otherwise raise from its startup, as a
+    traceback, come here as one line."""
+    from cascade.engine import Engine
+
+    async def run() -> None:
+        engine = await Engine.open(cfg)
+        try:
+            for tier in engine.tiers.values():
+                providers = getattr(tier.backend, "providers", None)  # a tier with providers checks each
+                for backend in [p.backend for p in providers] if providers else [tier.backend]:
+                    backend.check()
+        finally:
+            await engine.close()
+
+    asyncio.run(run())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
+
+    cfg = _with_cli_overrides(load_config(args.config), args)
+    _check_bind(cfg.server.host, cfg.server.port)
+    _check_engine(cfg)
 
     import uvicorn
 
     from serving import create_app
 
-    cfg = _with_cli_overrides(load_config(args.config), args)
     logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import os
 

@@ -49,7 +49,8 @@ Thresholds = Annotated[dict[str, float], AfterValidator(_unit_thresholds)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # every number of the config is finite: an infinite price or budget would reach the ledger's costs
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Price(_Strict):
@@ -67,8 +68,33 @@ class CalibratorConfig(_Strict):
 
     method: str = "temperature"
     feature: str = "mean_logprob"
-    params: dict[str, float] = Field(default_factory=lambda: {"temperature": 1.0})
+    #: the method's parameters, all of them (an unknown or missing one is an error); a temperature
+    #: calibrator without params is the identity (temperature 1)
+    params: dict[str, float] = Field(default_factory=dict)
     artifact: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _identity_default(cls, data: Any) -> Any:
+        if (isinstance(data, dict) and "params" not in data and data.get("artifact") is None
+                and data.get("method", "temperature") == "temperature"):
+            data = {**data, "params": {"temperature": 1.0}}
+        return data
+
+    @model_validator(mode="after")
+    def _artifact_alone(self) -> "CalibratorConfig":
+        given = sorted(k for k in ("method", "params") if k in self.model_fields_set)
+        if self.artifact is not None and given:
+            raise ValueError(f"with artifact, leave out {', '.join(given)}: the artifact names its own method "
+                             "and parameters (only feature may be set beside it)")
+        if self.artifact is None:  # an inline calibrator: its method and parameters are checked here, at load
+            from calibration.calibrators import calibrator_from_dict
+
+            try:
+                calibrator_from_dict({"method": self.method, "feature": self.feature, "params": self.params})
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(str(exc).strip("'\"")) from None
+        return self
 
     @field_validator("feature")
     @classmethod
@@ -297,6 +323,12 @@ class DriftConfig(_Strict):
         return v
 
 
+def _unique_chain(chain: list[str], where: str) -> None:
+    dupes = sorted({t for t in chain if chain.count(t) > 1})
+    if dupes:
+        raise ValueError(f"{where}: tier(s) {dupes} appear more than once; a chain consults each tier once")
+
+
 class Config(_Strict):
     server: ServerConfig = ServerConfig()
     ledger: LedgerConfig = LedgerConfig()
@@ -321,6 +353,7 @@ class Config(_Strict):
         if clash:
             raise ValueError(f"policies: name(s) {clash} are also tier names; a model name must be unambiguous")
         for pname, pol in self.policies.items():
+            _unique_chain(pol.chain, f"policies.{pname}.chain")
             for t in pol.chain:
                 if t not in names:
                     raise ValueError(f"policies.{pname}.chain: unknown tier {t!r}; tiers are {names}")
@@ -350,6 +383,7 @@ class Config(_Strict):
             if sh.of not in self.policies:
                 raise ValueError(f"shadows.{sname}.of: unknown policy {sh.of!r}; policies are {list(self.policies)}")
             chain = sh.chain or self.policies[sh.of].chain
+            _unique_chain(sh.chain or [], f"shadows.{sname}.chain")
             for t in sh.chain or ():
                 if t not in names:
                     raise ValueError(f"shadows.{sname}.chain: unknown tier {t!r}; tiers are {names}")
@@ -393,8 +427,11 @@ class Config(_Strict):
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    parts = []
+def _format_validation_error(exc: ValidationError, source: str,
+                             overridden: Mapping[tuple[str, ...], str] | None = None) -> str:
+    """One line for a validation error. ``overridden`` maps the config paths set from the environment to the
+    variable that set them: an error there blames the variable, not the file."""
+    parts, env_parts = [], []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
@@ -402,8 +439,16 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             msg = msg[len("Value error, "):]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    return f"invalid config {source}: " + "; ".join(parts)
+        if err["type"] == "finite_number":
+            msg = "must be a finite number"
+        var = next((v for path, v in (overridden or {}).items() if tuple(err["loc"][:len(path)]) == path), None)
+        if var is not None:
+            env_parts.append(f"environment variable {var} ({loc}): {msg}")
+        else:
+            parts.append(f"{loc}: {msg}")
+    if not parts:
+        return "invalid " + "; ".join(env_parts)
+    return f"invalid config {source}: " + "; ".join(parts + env_parts)
 
 
 def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -434,12 +479,14 @@ def default_config_text() -> str:
 def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys")
+    overridden: dict[tuple[str, ...], str] = {}
     if environ is not None:
         data = apply_env_overrides(data, environ)
+        overridden = {path: var for var, path in ENV_OVERRIDES.items() if environ.get(var)}
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from exc
+        raise ConfigError(_format_validation_error(exc, source, overridden)) from exc
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *,
@@ -457,9 +504,11 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
         p = Path(path).expanduser()
         source = str(p)
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"cannot read config file {p}: not UTF-8 text") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
     try:

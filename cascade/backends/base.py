@@ -13,6 +13,40 @@ if TYPE_CHECKING:
     from cascade.config import Config, TierConfig
 
 
+def option_int(tier: str, key: str, value: Any, *, minimum: int = 1, optional: bool = False) -> int | None:
+    """A backend option that must be a whole number >= ``minimum``; ConfigError naming
+    ``tiers.<tier>.options.<key>`` otherwise."""
+    from cascade.errors import ConfigError
+
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"tiers.{tier}.options.{key}: must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def option_url(tier: str, key: str, value: Any) -> str | None:
+    """A backend option that must be an http:// or https:// URL with a host (or unset)."""
+    from urllib.parse import urlsplit
+
+    from cascade.errors import ConfigError
+
+    if value is None:
+        return None
+    ok = isinstance(value, str)
+    if ok:
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            _ = parts.port  # a port that is not a number raises here
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ConfigError(f"tiers.{tier}.options.{key}: must be an http:// or https:// URL with a host, "
+                          f"got {value!r}")
+    return value
+
+
 class Backend(abc.ABC):
     """An async model provider.
 
@@ -42,6 +76,11 @@ class Backend(abc.ABC):
     def ready(self) -> bool:
         """True once ``start()`` has loaded what generation needs."""
         return True
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Check, cheaply and without loading anything, what ``start()`` will need (e.g. that the model
+        names a prepared model); raise a ``CascadeError`` if it is missing. `cascade serve` calls it before
+        the server starts."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model / open connections. Safe to call more than once."""

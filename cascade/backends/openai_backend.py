@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cascade.backends.base import Backend
+from cascade.backends.base import Backend, option_url
 from cascade.errors import (
     CascadeError,
     ConfigError,
@@ -103,7 +103,7 @@ class OpenAIBackend(Backend):
             api_key = os.environ.get(api_key_env)
             if not api_key:
                 raise ConfigError(f"tier {self.name!r}: environment variable {api_key_env} is not set")
-        self.base_url = base_url
+        self.base_url = option_url(self.name, "base_url", base_url)
         self._api_key = api_key or "unused"
         self._endpoint = endpoint
         self._timeout = timeout_s

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade.backends.base import Backend, StartOnce, TokenTexts, prompt_token_ids
+from cascade.backends.base import Backend, StartOnce, TokenTexts, option_int, prompt_token_ids
 from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServerError
 from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
 
@@ -65,9 +65,9 @@ class TransformersBackend(Backend):
             raise ConfigError(f"tier {self.name!r}: unknown transformers option(s) {sorted(unknown)}; "
                               "known: dtype, threads, max_batch_size")
         if dtype not in _DTYPES:
-            raise ConfigError(f"tier {self.name!r}: options.dtype must be one of {_DTYPES}, got {dtype!r}")
-        if max_batch_size < 1:
-            raise ConfigError(f"tier {self.name!r}: options.max_batch_size must be >= 1")
+            raise ConfigError(f"tiers.{self.name}.options.dtype: must be one of {_DTYPES}, got {dtype!r}")
+        threads = option_int(self.name, "threads", threads, optional=True)
+        max_batch_size = option_int(self.name, "max_batch_size", max_batch_size)
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._dtype_name = dtype
         self._threads = threads
@@ -100,6 +100,11 @@ class TransformersBackend(Backend):
     @property
     def model_path(self) -> Path | None:
         return self._path
+
+    def check(self) -> None:
+        from cascade.models import resolve_model_path
+
+        resolve_model_path(self.model, self._cache_dir)
 
     async def start(self) -> None:
         """Load the model and start the batching worker (once; see ``StartOnce``)."""

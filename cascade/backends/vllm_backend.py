@@ -223,6 +223,9 @@ class VLLMBackend(Backend):
                           "load this project's GGUF files: prepare them with `cascade models prepare`)",
                           param="model")
 
+    def check(self) -> None:
+        self._resolve_model()
+
     async def start(self) -> None:
         """Build the engine (once; see ``StartOnce``: a cancelled caller never leaves an engine built and lost)."""
         if self._engine is None:
