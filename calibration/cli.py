@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from calibration.features import RAW_SCORE, SCORES, score_source
+from cascade.cli import check_output_file, non_negative_int
 from cascade.errors import ConfigError, DataError
 
 CALIBRATE_METHODS = ("temperature", "platt", "isotonic", "histogram", "auto")
+DEFAULT_MAX_QUALITY_DROP = 0.005
 
 
 # --- progress --------------------------------------------------------------------------------------
@@ -93,6 +95,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown --method {args.method!r}; known: {', '.join(CALIBRATE_METHODS)}")
     if args.bins < 2:
         raise ConfigError("--bins must be at least 2")
+    if args.folds < 2:
+        raise ConfigError(f"--folds must be at least 2, got {args.folds}")
+    # the outputs, checked before the work (and never the data file itself)
+    out_path = check_output_file(args.out, "--out")
+    if _same_file(args.out, args.data):
+        raise ConfigError(f"--out {args.out} is the --data file: it would be overwritten; write the artifact "
+                          "elsewhere")
+    if args.plot:
+        from calibration.plots import check_plot_path
+
+        check_plot_path(args.plot)
+        if _same_file(args.plot, args.data) or _same_file(args.plot, args.out):
+            raise ConfigError(f"--plot {args.plot} is the --data or --out file")
     with _progress(not args.json) as progress:
         progress("loading data", 0, 3)
         feature = args.feature
@@ -101,6 +116,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         lp, y = tier.logprob, tier.correct
         if len(y) < 2:
             raise DataError(f"{data.path}: {len(y)} question(s); calibration needs at least 2")
+        if y.min() == y.max():
+            raise DataError(f"only one outcome ({'all correct' if y[0] else 'all wrong'}) for {tier.name} in "
+                            f"{data.path}: cannot calibrate (a calibrator needs right and wrong answers)")
+        if args.folds > len(y):
+            raise ConfigError(f"--folds {args.folds} is more than the {len(y)} questions of {data.path}")
         progress("fitting", 1, 3)
         selection = None
         try:
@@ -134,7 +154,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             cal.metrics["calibrated_heldout_cv"] = heldout
         if selection is not None:
             cal.metrics["selection"] = selection.to_dict()
-        out = save_calibrator(cal, args.out)
+        out = save_calibrator(cal, out_path)
         plot = None
         if args.plot:
             from calibration.plots import reliability_diagram
@@ -184,6 +204,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.max_quality_drop is not None and not (0 <= args.max_quality_drop < 1):
         raise ConfigError(f"--max-quality-drop must be in [0, 1) (a fraction: 0.005 = half a point), "
                           f"got {args.max_quality_drop}")
+    drop_given = args.max_quality_drop is not None
+    if args.max_quality_drop is None:
+        args.max_quality_drop = DEFAULT_MAX_QUALITY_DROP
     cfg = ReplayConfig(max_quality_drop=args.max_quality_drop, confidence=args.confidence, method=args.method,
                        features=not args.no_features, subchains=not args.no_subchains, seed=args.seed,
                        cv_guard=not args.no_guard,
@@ -194,6 +217,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
         from calibration.export import NEEDS_OWN_CONFIDENCE
 
         raise ConfigError(NEEDS_OWN_CONFIDENCE)
+    # the outputs, checked before the work
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.plot:
+        from calibration.plots import check_plot_path
+
+        check_plot_path(args.plot)
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path and any(_same_file(path, f) for f in (args.train, args.test)):
+            raise ConfigError(f"{flag} {path} is the --train or --test file: it would be overwritten")
+    if args.export_policy:
+        d = Path(args.export_policy).expanduser()
+        if not args.export_policy.strip() or (d.exists() and not d.is_dir()):
+            raise ConfigError(f"--export-policy {args.export_policy!r}: not a directory")
+    if args.cost_budget is not None and drop_given:
+        print("cascade: note: with --cost-budget the policy maximises quality under the budget; "
+              "--max-quality-drop only tunes the anchor column (the single threshold tuned on TEST)", file=sys.stderr)
     with _progress(True) as progress:
         progress("loading data", 0, 1)
         train = load_cascade_outputs(args.train).with_score(args.feature, chain)
@@ -212,12 +252,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 raise DataError(f"{d.path}: the {what} split is empty")
         chain = train.check_models(chain)
         test.check_models(chain)
+        first = train.tier(chain[0]).correct
+        if first.min() == first.max():
+            raise DataError(f"only one outcome ({'all correct' if first[0] else 'all wrong'}) for {chain[0]} in the "
+                            f"training split of {train.path}: cannot calibrate the first tier")
         try:
             report, policy = replay(train, test, chain, cfg, progress)
         except ValueError as exc:
             raise DataError(f"replay failed on {args.train}: {exc}") from exc
     if split_info:
         report["split"] = split_info
+    report["cost_budget"] = args.cost_budget
     report["score_feature"] = args.feature
     if args.export_policy:
         from calibration.export import export_policy
@@ -289,9 +334,9 @@ def add_cli(subparsers: Any) -> None:
                         "lines' features (live runs); an artifact on an engine feature serves a tier as it is")
     p.add_argument("--use-netcal", action="store_true", help="fit temperature scaling with netcal")
     p.add_argument("--criterion", default="nll", choices=("nll", "ece", "brier"), help="selection criterion for auto")
-    p.add_argument("--folds", type=int, default=5, help="folds for held-out scores (default 5)")
+    p.add_argument("--folds", type=int, default=5, help="folds for held-out scores (default 5; 2 to the questions)")
     p.add_argument("--bins", type=int, default=15, help="ECE bins (default 15)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the folds (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_calibrate)
 
@@ -303,8 +348,9 @@ def add_cli(subparsers: Any) -> None:
     r.add_argument("--test", required=True, metavar="TEST.jsonl",
                    help="test file; pass the TRAIN file again to split it (see --test-fraction)")
     r.add_argument("--chain", required=True, metavar="M1,M2[,M3...]", help="models from cheapest to strongest")
-    r.add_argument("--max-quality-drop", type=float, default=0.005,
-                   help="allowed quality drop vs the last tier alone, as a fraction (default 0.005)")
+    r.add_argument("--max-quality-drop", type=float, default=None,
+                   help=f"allowed quality drop vs the last tier alone, as a fraction (default "
+                        f"{DEFAULT_MAX_QUALITY_DROP}; not used with --cost-budget)")
     r.add_argument("--cost-budget", type=float, default=None, metavar="USD",
                    help="instead: maximise quality under this mean cost per request")
     r.add_argument("--confidence", type=float, default=0.9,
@@ -318,8 +364,8 @@ def add_cli(subparsers: Any) -> None:
     r.add_argument("--test-fraction", type=float, default=None,
                    help="split the test file (or the TRAIN file given twice) into train/test parts "
                         "(default 0.5 when the same file is given twice)")
-    r.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the folds and the bootstrap")
+    r.add_argument("--split-seed", type=non_negative_int, default=0, help="seed of that split (default 0)")
+    r.add_argument("--seed", type=non_negative_int, default=0, help="seed of the folds and the bootstrap")
     r.add_argument("--plot", metavar="PNG", help="reliability diagram of the first tier on TEST")
     r.add_argument("--out", metavar="REPORT.json", help="also write the JSON report here")
     r.add_argument("--feature", default=RAW_SCORE, choices=SCORES,

@@ -29,6 +29,8 @@ from calibration.features import RAW_SCORE
 from cascade.errors import ConfigError, DataError
 
 REQUIRED_MODEL_FIELDS = ("answer", "correct", "raw_conf_logprob", "cost_usd")
+#: a stored log-probability above 0 by at most this is float noise (clipped to 0); above it, an error
+LOGPROB_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -200,7 +202,10 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
             ans = rec["answer"]
             c["answer"].append("" if ans is None else str(ans))
             c["correct"].append(_correct(rec["correct"], p, lineno, m))
-            c["lp"].append(min(_float(rec["raw_conf_logprob"], p, lineno, m, "raw_conf_logprob", True), 0.0))
+            lp = _float(rec["raw_conf_logprob"], p, lineno, m, "raw_conf_logprob", True)
+            if lp > LOGPROB_TOLERANCE:  # a probability above 1: not a log-probability (it would distort fits)
+                raise _bad(p, lineno, f"model {m!r}: raw_conf_logprob must be a log-probability (<= 0), got {lp!r}")
+            c["lp"].append(min(lp, 0.0))  # float noise just above 0 is a probability of 1
             cost = _float(rec["cost_usd"], p, lineno, m, "cost_usd")
             if cost < 0:
                 raise _bad(p, lineno, f"model {m!r}: cost_usd is negative ({cost})")

@@ -28,6 +28,31 @@ def pyplot() -> Any:
     return plt
 
 
+def plot_formats() -> list[str]:
+    """The file suffixes matplotlib writes (png, pdf, svg, ...), without the dot."""
+    pyplot()  # the extra's message when matplotlib is missing
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def check_plot_path(path: str | Path, flag: str = "--plot") -> Path:
+    """A plot's output path, checked before any work: a file name (not a directory) with a suffix matplotlib
+    writes, whose directory can be written. ConfigError (one line naming ``flag``) otherwise."""
+    from cascade.cli import check_output_file
+
+    text = str(path)
+    p = Path(text).expanduser()
+    if text.strip() and p.is_dir():
+        raise ConfigError(f"{flag} {text}: is a directory (give a file name such as {p / 'plot.png'})")
+    formats = plot_formats()
+    suffix = p.suffix.lower().lstrip(".")
+    if text.strip() and suffix not in formats:
+        said = f"unsupported image format .{suffix}" if suffix else "the file name has no image suffix"
+        raise ConfigError(f"{flag} {text}: {said}; supported: {', '.join('.' + f for f in formats)}")
+    return check_output_file(text, flag)
+
+
 def reliability_diagram(path: str | Path, curves: Mapping[str, tuple[Any, Any]], title: str = "",
                         n_bins: int = metrics.N_BINS) -> Path:
     """Write a reliability diagram (top) and confidence histogram (bottom) for one or more curves.

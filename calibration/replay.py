@@ -93,8 +93,8 @@ class ReplayConfig:
             raise ConfigError(f"--max-quality-drop must be in [0, 1), got {self.max_quality_drop}")
         if self.objective not in ("quality", "budget"):
             raise ConfigError(f"objective must be quality or budget, got {self.objective!r}")
-        if self.objective == "budget" and not (self.cost_budget and self.cost_budget > 0):
-            raise ConfigError("--cost-budget must be a positive USD amount per request")
+        if self.objective == "budget" and not (self.cost_budget and 0 < self.cost_budget < math.inf):
+            raise ConfigError(f"--cost-budget must be a positive, finite USD amount per request, got {self.cost_budget}")
         if self.method != "auto" and self.method not in METHODS:
             raise ConfigError(f"unknown calibration method {self.method!r}; known: auto, {', '.join(METHODS)}")
         if not (0.5 <= self.confidence < 1.0):

@@ -7,10 +7,12 @@ assembles them, and turns any ``CascadeError`` into a one-line message and exit 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from cascade.errors import CascadeError
+from cascade.errors import CascadeError, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +40,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def non_negative_int(text: str) -> int:
+    """argparse ``type`` of a seed or a count: an integer >= 0 (numpy refuses negative seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError: the path(s) it names and what went wrong."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None:
+        where = os.fsdecode(exc.filename)
+        if exc.filename2 is not None:
+            where += f" -> {os.fsdecode(exc.filename2)}"
+        return f"{where}: {what}"
+    return what
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
+    """An output file a command will write, checked before any work: a ConfigError (one line naming ``flag``)
+    when it is empty, a directory, under something that is not a directory, or cannot be written. Missing
+    parent directories are allowed (the writer creates them) when the nearest existing one is writable.
+    Returns the path, ``~`` expanded."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise ConfigError(f"{flag}: empty path")
+    p = Path(text).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{flag} {text}: is a directory (give a file name)")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        if parent.is_symlink():  # a dangling link: the writer could not create it
+            raise ConfigError(f"{flag} {text}: {parent} is a broken symbolic link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {text}: {parent} is not a directory")
+    if parent == p.parent:
+        existed = p.exists()
+        try:  # append mode: an existing file is left as it is; a new one is removed again
+            with open(p, "a"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{flag} {text}: cannot write: {exc.strerror or exc}") from None
+        if not existed:
+            p.unlink(missing_ok=True)
+    elif not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {text}: cannot create directories under {parent}: permission denied")
+    return p
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout's reader went away (``cascade report | head -1``): stop quietly, as other command-line tools do."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # pragma: no cover - stdout without a descriptor
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the broken pipe
+
+
 def run_command(prog: str, command: Callable[[], int | None]) -> int:
     """Run one command of a command line: a ``CascadeError`` becomes one line ``PROG: error: ...`` on stderr
-    and exit status 2, Ctrl-C exit status 130. Every entry point (``cascade``, the calibration commands on
-    their own, ``scripts/prepare_models.py``) goes through here."""
+    and exit status 2, as does an ``OSError`` (a file that cannot be read or written: the message names the
+    path); Ctrl-C exit status 130; a closed stdout (a pipe into ``head``) ends quietly. Every entry point
+    (``cascade``, the calibration commands on their own, ``scripts/prepare_models.py``) goes through here."""
     try:
-        return int(command() or 0)
+        rc = int(command() or 0)
+        sys.stdout.flush()  # a broken pipe shows here rather than at exit, as a traceback
+        return rc
     except CascadeError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except OSError as exc:
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

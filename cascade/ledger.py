@@ -360,6 +360,43 @@ class Ledger:
         self._open_sync()
         return self
 
+    def open_existing_sync(self) -> "Ledger":
+        """Open a ledger that must already exist, for commands that only read it (reports, recalibration):
+        a missing file, or a database without a cascade ledger's ``meta`` and ``requests`` tables, is a
+        LedgerError, and nothing is created in it. A ledger of an older schema is migrated as
+        :meth:`open_sync` does (reports read the columns added since); one of a newer schema is refused."""
+        what = _redact(self.target)
+        if self.dialect.name == "sqlite":
+            path = Path(self.target).expanduser()
+            if not path.exists():
+                raise LedgerError(f"no ledger at {what} (serve some traffic first, or pass --ledger PATH_OR_URL)")
+            if not path.is_file():
+                raise LedgerError(f"{what} is not a cascade ledger (not a file)")
+        try:
+            if self.dialect.name == "sqlite":  # a plain connection: no WAL switch, nothing written
+                conn = sqlite3.connect(Path(self.target).expanduser(), timeout=30)
+                tables_sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+            else:
+                conn = self.dialect.connect(self.target)
+                tables_sql = ("SELECT table_name FROM information_schema.tables "
+                              "WHERE table_schema = current_schema()")
+            try:
+                tables = {r[0] for r in conn.execute(tables_sql).fetchall()}
+                row = None
+                if {"meta", "requests"} <= tables:
+                    row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"),
+                                       ("schema_version",)).fetchone()
+            finally:
+                conn.close()
+        except (*self.dialect.errors, OSError) as exc:
+            raise LedgerError(f"cannot open ledger {what}: {exc}") from exc
+        if row is None:
+            raise LedgerError(f"{what} is not a cascade ledger (no meta and requests tables with a schema version)")
+        if str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
+            raise LedgerError(f"ledger {what} has schema version {row[0]}, newer than this cascade-engine reads "
+                              f"({SCHEMA_VERSION}): upgrade cascade-engine")
+        return self.open_sync()
+
     def _open_sync(self) -> None:
         try:
             conn = self.dialect.connect(self.target)

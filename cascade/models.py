@@ -594,6 +594,9 @@ def prepare_model(model_id: str, cache_dir: str | os.PathLike[str] | None = None
     """Prepare one catalog model and return its directory. Quick (a marker check) when already prepared."""
     spec = get_spec(model_id)
     cache = _cache(cache_dir)
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"model cache {cache} is not a directory (set models.cache_dir or $CASCADE_MODEL_CACHE "
+                          "to a directory)")
     final = cache / model_id
     reporter = _Reporter(progress)
     if not force and is_prepared(model_id, cache):

@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cascade.cli import non_negative_int
 from cascade.config import Config, load_config
-from cascade.errors import ConfigError, LedgerError
+from cascade.errors import ConfigError
 from cascade.ledger import Ledger, _redact
 
 
@@ -28,11 +29,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _open_ledger(args: argparse.Namespace, cfg: Config | None = None) -> Ledger:
+    """The ledger a read-only command reads: it must exist and be a cascade ledger (nothing is created)."""
     target = getattr(args, "ledger", None) or (cfg or _config(args)).ledger_target()
-    ledger = Ledger(target)
-    if ledger.dialect.name == "sqlite" and not Path(target).expanduser().exists():
-        raise LedgerError(f"no ledger at {target} (serve some traffic first, or pass --ledger PATH_OR_URL)")
-    return ledger.open_sync()
+    return Ledger(target).open_existing_sync()
 
 
 def _clean(obj: Any) -> Any:
@@ -59,8 +58,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.json and args.csv:
         raise ConfigError("--json and --csv: choose one")
+    if args.plot:
+        from calibration.plots import check_plot_path
+
+        check_plot_path(args.plot)
     since = parse_since(args.since)
-    ledger = _open_ledger(args)
+    cfg = _config(args) if args.config else None  # a config named on the command line is checked too
+    ledger = _open_ledger(args, cfg)
     try:
         rep = cost_report(ledger, args.by, since)
     finally:
@@ -176,7 +180,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", default="feedback,agreement",
                    help="label sources, comma-separated: feedback, agreement (default: both; feedback wins)")
     p.add_argument("--holdout", type=float, default=0.3, help="fraction held out to compare old and new ECE (0.3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the held-out split (0)")
     p.add_argument("--out", metavar="ARTIFACT",
                    help="a .json file, or a directory receiving <tier>.v<N>.json (default: calibrators/ next to "
                         "the config, else in the current directory)")

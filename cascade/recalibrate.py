@@ -115,15 +115,59 @@ def artifact_path(out: str | Path | None, tier: str, *, default_dir: Path, previ
     return d / f"{safe}.v{v}.json", v
 
 
+def _check_out(out: str | Path | None) -> None:
+    """``--out``, checked before the work: a writable ``.json`` file, or a directory (existing or not)."""
+    if out is None:
+        return
+    from cascade.cli import check_output_file
+
+    if str(out).endswith(".json"):
+        check_output_file(out, "--out")
+        return
+    if not str(out).strip():
+        raise ConfigError("--out: empty path")
+    d = Path(out).expanduser()
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"--out {out}: not a directory (give a directory, or a file name ending in .json)")
+
+
+def _link_path(artifact: Path, tier: str) -> Path:
+    return artifact.parent / f"{re.sub(r'[^A-Za-z0-9._-]', '_', tier)}.json"
+
+
+def backup_name(path: Path) -> Path:
+    """A name beside ``path`` that is free: ``<name>.bak``, else ``<name>.bak.<N>``."""
+    candidate = path.with_name(path.name + ".bak")
+    n = 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}.bak.{n}")
+    return candidate
+
+
 def activate(artifact: Path, tier: str) -> Path:
-    """Point ``<dir>/<tier>.json`` (what a config names) at ``artifact``, atomically (a relative symlink)."""
+    """Point ``<dir>/<tier>.json`` (what a config names) at ``artifact``, atomically (a relative symlink).
+
+    A regular file there (a hand-written or first artifact, not a link made here) is kept: copied to
+    :func:`backup_name` first (see :func:`activate_keeping`, which says where)."""
+    return activate_keeping(artifact, tier)[0]
+
+
+def activate_keeping(artifact: Path, tier: str) -> tuple[Path, Path | None]:
+    """:func:`activate`, returning the link and where a regular file it replaced was kept (or None)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", tier)
-    link = artifact.parent / f"{safe}.json"
+    link = _link_path(artifact, tier)
+    kept = None
+    if link.is_file() and not link.is_symlink():
+        import shutil
+
+        kept = backup_name(link)
+        shutil.copy2(link, kept)  # a copy first: the link swap below stays one atomic rename
     tmp = artifact.parent / f".{safe}.json.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(artifact.name)
     tmp.replace(link)
-    return link
+    return link, kept
 
 
 # --- fitting ---------------------------------------------------------------------------------------
@@ -161,6 +205,7 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
         raise ConfigError("--min-samples must be at least 4 (a fit and a held-out slice need a few each)")
     if not 0.05 <= holdout <= 0.9:
         raise ConfigError(f"--holdout must be within [0.05, 0.9], got {holdout}")
+    _check_out(out)
     tc = config.tier(tier)
     old = build_calibrator(tc.calibrator, tier=tier)
     method = method or (old.method if old.method in METHODS else "temperature")
@@ -224,10 +269,11 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     }
     new.metrics = {"heldout": held, "fit": fit}
     saved = save_calibrator(new, path)
-    link = activate(saved, tier) if do_activate else None
+    link, kept = activate_keeping(saved, tier) if do_activate else (None, None)
     return {"report": "recalibrate", "tier": tier, "method": new.method, "feature": feature,
             "params": new.params(), "version": version, "artifact": str(saved),
-            "activated": None if link is None else str(link), "n": len(rows), "n_fit": int(len(train)),
+            "activated": None if link is None else str(link),
+            "replaced_file_kept_as": None if kept is None else str(kept), "n": len(rows), "n_fit": int(len(train)),
             "n_heldout": int(len(test)), "labels": new.fitted_on["labels"],
             "old": {"method": old.method, "params": old.params(), "version": previous},
             "heldout": held, "fit": fit,
@@ -250,6 +296,9 @@ def recalibrate_text(rep: dict[str, Any]) -> str:
     if rep["activated"]:
         lines.append(f"activated: {rep['activated']} -> {Path(rep['artifact']).name} "
                      "(POST /admin/reload or kill -HUP the server to use it)")
+        if rep.get("replaced_file_kept_as"):
+            lines.append(f"the file {Path(rep['activated']).name} was a file, not a link: kept as "
+                         f"{rep['replaced_file_kept_as']}")
     else:
         lines.append(f"to use it: set tiers.{rep['tier']}.calibrator.artifact to it (or rerun with --activate), "
                      "then POST /admin/reload or kill -HUP the server")

@@ -48,9 +48,9 @@ def parse_since(text: str | None, *, now: float | None = None) -> float | None:
     s = str(text).strip()
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", s, flags=re.IGNORECASE)
     if m:
-        return (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2).lower()]
+        return _in_range((time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2).lower()], s)
     if re.fullmatch(r"\d{9,}(?:\.\d+)?", s):
-        return float(s)
+        return _in_range(float(s), s)
     try:
         dt = datetime.fromisoformat(s.replace("z", "Z"))
     except ValueError:
@@ -59,6 +59,15 @@ def parse_since(text: str | None, *, now: float | None = None) -> float | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
+
+
+def _in_range(ts: float, text: str) -> float:
+    """``--since`` as UNIX seconds, refused where it is no date (before year 1 or after 9999)."""
+    try:
+        datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise ConfigError(f"--since: {text!r} is out of range (dates run from year 1 to 9999)") from None
+    return ts
 
 
 def _iso(ts: float | None) -> str | None:

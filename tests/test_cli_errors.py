@@ -28,6 +28,20 @@ def cascade(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = No
                           env=full_env, cwd=cwd or REPO, timeout=timeout)
 
 
+def cli(capsys, *argv: str) -> subprocess.CompletedProcess:  # noqa: ANN001
+    """The same command in this process (``cascade.cli.main``; quicker): an exception the command line does
+    not turn into a message would fail the test here as it would print a traceback there."""
+    from cascade.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(argv), rc, out.out, out.err)
+
+
 def one_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     """The run failed with exit status 2 and exactly one line ``cascade: error: ...`` holding each needle."""
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -142,7 +156,7 @@ def test_an_environment_override_error_names_the_variable_not_the_file(tmp_path)
     ("    calibrator: {method: platt}", "", "[small, large]", "missing parameter(s) ['a', 'b']"),
     ("    calibrator: {artifact: x.json, method: platt}", "", "[small, large]", "with artifact, leave out method"),
 ])
-def test_config_values_refused_at_load(tmp_path, small, extra, chain, needle):
+def test_config_values_refused_at_load(tmp_path, small, extra, chain, needle, capsys):
     text = write_config(tmp_path, extra=extra, chain=chain).read_text()
     if small:
         if "price:" in small:
@@ -151,16 +165,16 @@ def test_config_values_refused_at_load(tmp_path, small, extra, chain, needle):
             text = text.replace("    max_tokens: 8\n", "    max_tokens: 8\n" + small + "\n", 1)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
-    one_error(cascade("ask", "hi", "--config", str(cfg)), needle)
+    one_error(cli(capsys, "ask", "hi", "--config", str(cfg)), needle)
 
 
-def test_an_openai_tier_needs_a_url(tmp_path):
+def test_an_openai_tier_needs_a_url(tmp_path, capsys):
     cfg = write_config(tmp_path, large="    options: {base_url: not a url}").read_text()
     cfg = cfg.replace("backend: transformers\n    model: smollm2-135m\n    price: {input_per_1m: 2.00",
                       "backend: openai\n    model: gpt-x\n    price: {input_per_1m: 2.00")
     p = tmp_path / "bad.yaml"
     p.write_text(cfg)
-    one_error(cascade("ask", "hi", "--config", str(p)), "tiers.large.options.base_url", "http://")
+    one_error(cli(capsys, "ask", "hi", "--config", str(p)), "tiers.large.options.base_url", "http://")
 
 
 # --- calibrator artifacts ----------------------------------------------------------------------------------
@@ -176,11 +190,195 @@ def test_an_openai_tier_needs_a_url(tmp_path):
     ({"method": "platt", "params": {"a": "x", "b": 0}}, "params.a must be a finite number"),
     ({"method": "temperature", "version": "1", "params": {"temperature": 1.0}}, "version must be a whole number"),
 ])
-def test_bad_calibrator_artifacts_are_one_line(tmp_path, artifact, needle):
+def test_bad_calibrator_artifacts_are_one_line(tmp_path, artifact, needle, capsys):
     if artifact == "DIR":
         path = tmp_path
     else:
         path = tmp_path / "cal.json"
         path.write_text(json.dumps(artifact))
     cfg = write_config(tmp_path, small=f"    calibrator: {{artifact: {path}}}")
-    one_error(cascade("ask", "hi", "--config", str(cfg)), "tiers.small.calibrator", needle)
+    one_error(cli(capsys, "ask", "hi", "--config", str(cfg)), "tiers.small.calibrator", needle)
+
+
+# --- output files: checked before the work, one line when they cannot be written ----------------------------
+
+
+def data_file(tmp_path: Path, *, n: int = 40, outcome: bool | None = None, name: str = "d.jsonl",
+              first_logprob: float | None = None) -> Path:
+    """A small per-question outputs file: models m1 (cheap) and m2 (strong); m1 right on every other question
+    (or always ``outcome``)."""
+    lines = []
+    for i in range(n):
+        right = (i % 2 == 0) if outcome is None else outcome
+        lp = -0.1 - (0.0 if right else 1.5) - 0.01 * i
+        if first_logprob is not None and i == n - 1:
+            lp = first_logprob
+        models = {"m1": {"answer": "A", "correct": right, "raw_conf_logprob": lp, "cost_usd": 1e-6},
+                  "m2": {"answer": "A", "correct": i % 5 != 0, "raw_conf_logprob": -0.2, "cost_usd": 1e-4}}
+        lines.append(json.dumps({"dataset": "t", "split": "train", "chain": "c", "idx": i,
+                                 "user_prompt": f"q{i}", "models": models}))
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("/proc/x.json", "--out /proc/x.json: cannot write"),
+    ("DIR", "is a directory"),
+    ("FILE/x.json", "is not a directory"),
+    ("", "--out: empty path"),
+])
+def test_calibrate_refuses_an_unwritable_out_before_the_work(tmp_path, out, needle, capsys):
+    data = data_file(tmp_path)
+    if out == "DIR":
+        out = str(tmp_path)
+    elif out.startswith("FILE"):
+        out = str(data) + out[4:]
+    one_error(cli(capsys, "calibrate", "--data", str(data), "--model", "m1", "--out", out), needle)
+
+
+@pytest.mark.parametrize("plot, needle", [
+    ("x.xyz", "unsupported image format .xyz"),
+    ("noext", "no image suffix"),
+    ("DIR", "is a directory"),
+    ("/proc/x.png", "cannot write"),
+])
+def test_calibrate_refuses_a_bad_plot_path_before_writing_anything(tmp_path, plot, needle, capsys):
+    data = data_file(tmp_path)
+    plot = str(tmp_path) if plot == "DIR" else (plot if plot.startswith("/") else str(tmp_path / plot))
+    art = tmp_path / "a.json"
+    one_error(cli(capsys, "calibrate", "--data", str(data), "--model", "m1", "--out", str(art), "--plot", plot), needle)
+    assert not art.exists()  # refused before the artifact was written
+
+
+def test_calibrate_never_overwrites_its_data(tmp_path, capsys):
+    data = data_file(tmp_path)
+    before = data.read_bytes()
+    one_error(cli(capsys, "calibrate", "--data", str(data), "--model", "m1", "--out", str(data)), "is the --data file")
+    assert data.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--folds", "0"], "--folds must be at least 2"),
+    (["--folds", "100000"], "--folds 100000 is more than the 40 questions"),
+])
+def test_calibrate_checks_folds(tmp_path, argv, needle, capsys):
+    data = data_file(tmp_path)
+    one_error(cli(capsys, "calibrate", "--data", str(data), "--model", "m1", "--out", str(tmp_path / "a.json"), *argv),
+              needle)
+
+
+@pytest.mark.parametrize("outcome, word", [(True, "all correct"), (False, "all wrong")])
+def test_calibrate_refuses_a_single_outcome(tmp_path, outcome, word, capsys):
+    data = data_file(tmp_path, outcome=outcome)
+    art = tmp_path / "a.json"
+    one_error(cli(capsys, "calibrate", "--data", str(data), "--model", "m1", "--out", str(art)),
+              f"only one outcome ({word}) for m1 in {data}: cannot calibrate")
+    assert not art.exists()
+    one_error(cli(capsys, "replay", "--train", str(data), "--test", str(data), "--chain", "m1,m2", "--no-guard"),
+              f"only one outcome ({word}) for m1 in the training split")
+
+
+def test_a_log_probability_above_zero_is_refused_with_its_line(tmp_path, capsys):
+    data = data_file(tmp_path, first_logprob=5.0)
+    one_error(cli(capsys, "calibrate", "--data", str(data), "--model", "m1", "--out", str(tmp_path / "a.json")),
+              f"{data}:40: model 'm1': raw_conf_logprob must be a log-probability (<= 0), got 5.0")
+    ok = data_file(tmp_path, first_logprob=5e-7, name="noise.jsonl")  # float noise above 0: read as 0
+    r = cli(capsys, "calibrate", "--data", str(ok), "--model", "m1", "--out", str(tmp_path / "a.json"), "--json")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["calibrate", "--data", "d.jsonl", "--model", "m1", "--out", "a.json", "--seed", "-1"],
+    ["replay", "--train", "d.jsonl", "--test", "d.jsonl", "--chain", "m1,m2", "--split-seed", "-1"],
+    ["replay", "--train", "d.jsonl", "--test", "d.jsonl", "--chain", "m1,m2", "--seed", "-1"],
+    ["recalibrate", "--from-ledger", "--seed", "-1"],
+])
+def test_negative_seeds_are_refused_when_the_arguments_are_parsed(argv, capsys):
+    r = cli(capsys, *argv)  # refused before any file is read
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("argument --seed: must be >= 0, got -1") or \
+        r.stderr.strip().splitlines()[-1].endswith("argument --split-seed: must be >= 0, got -1"), r.stderr
+
+
+def test_replay_outputs_and_budget(tmp_path, capsys):
+    data = data_file(tmp_path)
+    base = ["replay", "--train", str(data), "--test", str(data), "--chain", "m1,m2", "--no-guard"]
+    one_error(cli(capsys, *base, "--out", "/proc/x.json"), "--out /proc/x.json: cannot write")
+    one_error(cli(capsys, *base, "--plot", str(tmp_path / "x.xyz")), "unsupported image format .xyz")
+    one_error(cli(capsys, *base, "--out", str(data)), "is the --train or --test file")
+    one_error(cli(capsys, *base, "--cost-budget", "inf"), "--cost-budget must be a positive, finite USD amount")
+    r = cli(capsys, *base, "--cost-budget", "0.0001", "--max-quality-drop", "0.01", "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("\n") == 1 and "--max-quality-drop only tunes the anchor" in r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["cost_budget"] == 0.0001 and rep["objective"] == "budget"
+    r = cli(capsys, *base, "--json")
+    assert r.returncode == 0 and r.stderr == "" and json.loads(r.stdout)["cost_budget"] is None
+
+
+# --- ledgers: read-only commands never create or migrate anything in a database that is not a ledger --------
+
+
+def _cascade_ledger(path: Path) -> Path:
+    from cascade.ledger import Ledger
+
+    Ledger(path).open_sync().close_sync()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "other", "notdb"])
+@pytest.mark.parametrize("command", [["report"], ["shadow", "report"]])
+def test_reports_refuse_a_database_that_is_not_a_ledger_and_leave_it_as_it_was(tmp_path, kind, command, capsys):
+    db = tmp_path / "x.sqlite"
+    if kind == "empty":
+        db.write_bytes(b"")
+    elif kind == "other":
+        with sqlite3.connect(db) as c:
+            c.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        c.close()
+    else:
+        db.write_text("not a database\n" * 50)
+    before = db.read_bytes()
+    line = one_error(cli(capsys, *command, "--ledger", str(db)))
+    assert ("is not a cascade ledger" in line) if kind != "notdb" else ("file is not a database" in line)
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.sqlite"]
+
+
+def test_report_reads_a_ledger_and_checks_since_and_plot_first(tmp_path, capsys):
+    ledger = _cascade_ledger(tmp_path / "l.sqlite")
+    r = cli(capsys, "report", "--ledger", str(ledger), "--json")
+    assert r.returncode == 0, r.stderr
+    one_error(cli(capsys, "report", "--ledger", str(ledger), "--since", "99999999999999999999"), "out of range")
+    one_error(cli(capsys, "report", "--ledger", str(ledger), "--plot", str(tmp_path / "p.xyz")), "unsupported image format")
+    one_error(cli(capsys, "report", "--ledger", str(ledger), "--plot", str(tmp_path)), "is a directory")
+
+
+def test_report_into_a_closed_pipe_ends_quietly(tmp_path):
+    ledger = _cascade_ledger(tmp_path / "l.sqlite")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "cascade.cli", "report", "--ledger", str(ledger), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    p.stdout.close()  # the reader is gone before the report is printed (as `| head -0`)
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    p.stderr.close()
+    assert "Traceback" not in err and err == "", err
+
+
+@pytest.mark.parametrize("out, needle", [("/proc/x.json", "cannot write"), ("FILE", "not a directory")])
+def test_recalibrate_checks_out_before_the_work(tmp_path, out, needle, capsys):
+    ledger = _cascade_ledger(tmp_path / "l.sqlite")
+    cfg = write_config(tmp_path)
+    if out == "FILE":
+        out = str(cfg)
+    one_error(cli(capsys, "recalibrate", "--from-ledger", "--config", str(cfg), "--ledger", str(ledger), "--out", out),
+              needle)
+
+
+def test_models_prepare_with_a_cache_that_is_a_file(tmp_path):
+    f = tmp_path / "cache"
+    f.write_text("x")
+    one_error(cascade("models", "prepare", "smollm2-135m", env={"CASCADE_MODEL_CACHE": str(f)}),
+              f"model cache {f} is not a directory")

@@ -65,6 +65,10 @@ def test_recalibrate_from_feedback_and_agreement_writes_a_versioned_artifact(tra
     assert art == traffic.cal_dir / "small.v1.json" and rep["version"] == 1
     link = traffic.cal_dir / "small.json"
     assert link.is_symlink() and os.readlink(link) == "small.v1.json"
+    # small.json was the first artifact, a file rather than a link: kept beside, never lost
+    kept = traffic.cal_dir / "small.json.bak"
+    assert rep["replaced_file_kept_as"] == str(kept) and not kept.is_symlink()
+    assert load_calibrator(kept).params() == {"temperature": 1.0}
     cal = load_calibrator(art)
     fo = cal.fitted_on
     assert fo["source"] == "ledger" and fo["tier"] == "small" and fo["version"] == 1 and fo["n"] == rep["n"]
