@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 
 from cascade.config import Config, load_config
@@ -129,13 +130,22 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+_KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from serving.auth import hash_key, new_key
 
+    if not _KEY_ID.fullmatch(args.id):
+        raise ConfigError(f"--id {args.id!r}: a key id is 1 to 64 letters, digits, '_', '.' or '-'")
+    if not args.user_tier.strip():
+        raise ConfigError("--user-tier: empty name")
+    # a user tier name YAML would read otherwise (spaces, ':', quotes) is written as a quoted string
+    tier = args.user_tier if _KEY_ID.fullmatch(args.user_tier) else json.dumps(args.user_tier)
     key = new_key()
     print(f"key (shown once, give it to the caller): {key}", file=sys.stderr)
     print("add to the config under auth.keys:", file=sys.stderr)
-    print(f"  - {{id: {args.id}, user_tier: {args.user_tier}, sha256: {hash_key(key)}}}")
+    print(f"  - {{id: {args.id}, user_tier: {tier}, sha256: {hash_key(key)}}}")
     return 0
 
 

@@ -476,7 +476,29 @@ def default_config_text() -> str:
     return resources.files("cascade").joinpath("defaults/cpu.yaml").read_text()
 
 
-def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str] | None = None) -> Config:
+def _artifacts_relative_to(cfg: Config, base: Path) -> Config:
+    """``cfg`` with every relative calibrator ``artifact`` path (tiers, policies, shadows) made relative to
+    ``base``, the directory of the config file that names it; absolute and ``~`` paths are kept."""
+
+    def fix(cc: CalibratorConfig) -> CalibratorConfig:
+        if cc.artifact is None or Path(cc.artifact).expanduser().is_absolute():
+            return cc
+        return cc.model_copy(update={"artifact": str(base / cc.artifact)})
+
+    def fix_map(cals: dict[str, CalibratorConfig]) -> dict[str, CalibratorConfig]:
+        return {t: fix(cc) for t, cc in cals.items()}
+
+    return cfg.model_copy(update={
+        "tiers": [t.model_copy(update={"calibrator": fix(t.calibrator)}) for t in cfg.tiers],
+        "policies": {n: p.model_copy(update={"calibrators": fix_map(p.calibrators)}) for n, p in cfg.policies.items()},
+        "shadows": {n: s.model_copy(update={"calibrators": fix_map(s.calibrators)}) for n, s in cfg.shadows.items()},
+    })
+
+
+def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str] | None = None,
+                 base_dir: str | os.PathLike[str] | None = None) -> Config:
+    """Validate a parsed config. ``base_dir``: the directory relative calibrator artifact paths are read
+    from (the config file's); None leaves them relative to the current directory."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys")
     overridden: dict[tuple[str, ...], str] = {}
@@ -484,25 +506,29 @@ def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str
         data = apply_env_overrides(data, environ)
         overridden = {path: var for var, path in ENV_OVERRIDES.items() if environ.get(var)}
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source, overridden)) from exc
+    return cfg if base_dir is None else _artifacts_relative_to(cfg, Path(base_dir))
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *,
                 environ: Mapping[str, str] | None = None) -> Config:
-    """Load and validate a config file (or the embedded CPU default), then apply env overrides.
+    """Load and validate a config file (or the embedded CPU default), then apply env overrides. Relative
+    calibrator ``artifact`` paths in a file are read relative to the file's directory.
 
     ``environ`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
     """
     env = os.environ if environ is None else environ
     if path is None:
         path = env.get(ENV_CONFIG) or None
+    base_dir = None
     if path is None:
         text, source = default_config_text(), "<embedded default cpu.yaml>"
     else:
         p = Path(path).expanduser()
         source = str(p)
+        base_dir = p.resolve().parent
         try:
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -518,4 +544,4 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "malformed YAML"
         raise ConfigError(f"invalid config {source}: {problem}{where}") from exc
-    return parse_config(data, source=source, environ=env)
+    return parse_config(data, source=source, environ=env, base_dir=base_dir)

@@ -382,3 +382,17 @@ def test_models_prepare_with_a_cache_that_is_a_file(tmp_path):
     f.write_text("x")
     one_error(cascade("models", "prepare", "smollm2-135m", env={"CASCADE_MODEL_CACHE": str(f)}),
               f"model cache {f} is not a directory")
+
+
+@pytest.mark.parametrize("key_id", ["", "a: b", "x" * 65, "has space"])
+def test_keys_create_refuses_an_id_the_config_could_not_hold(key_id, capsys):
+    one_error(cli(capsys, "keys", "create", "--id", key_id, "--user-tier", "free"), "--id")
+
+
+def test_keys_create_prints_a_line_the_config_reads_back(capsys):
+    import yaml
+
+    r = cli(capsys, "keys", "create", "--id", "ops-1.a_b", "--user-tier", "free: tier")
+    assert r.returncode == 0, r.stderr
+    entry = yaml.safe_load(r.stdout.strip())[0]
+    assert entry["id"] == "ops-1.a_b" and entry["user_tier"] == "free: tier" and len(entry["sha256"]) == 64

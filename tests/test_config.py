@@ -93,3 +93,28 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cascade: error: invalid config")
     assert "policies.cascade.chain: unknown tier 'zz'" in lines[0]
+
+
+def test_relative_artifact_paths_are_read_next_to_the_config_file(tmp_path):
+    from calibration.calibrators import TemperatureScaling, save_calibrator
+    from cascade.engine import build_calibrator
+
+    d = tmp_path / "deploy"
+    save_calibrator(TemperatureScaling("mean_logprob", 2.0), d / "calibrators" / "a.json")
+    save_calibrator(TemperatureScaling("mean_logprob", 3.0), d / "calibrators" / "route.json")
+    absolute = tmp_path / "abs.json"
+    save_calibrator(TemperatureScaling("mean_logprob", 4.0), absolute)
+    p = d / "c.yaml"
+    p.write_text(GOOD.replace("model: smollm2-135m}", "model: smollm2-135m, "
+                              "calibrator: {artifact: calibrators/a.json}}")
+                 .replace("cascade: {chain: [a, b]}", "cascade: {chain: [a, b], calibrators: "
+                          "{a: {artifact: calibrators/route.json}, b: {artifact: " + str(absolute) + "}}}"))
+    cfg = load_config(p, environ={})  # the current directory is the repository, not deploy/
+    assert cfg.tier("a").calibrator.artifact == str(d / "calibrators" / "a.json")
+    cals = cfg.policies["cascade"].calibrators
+    assert cals["a"].artifact == str(d / "calibrators" / "route.json") and cals["b"].artifact == str(absolute)
+    assert build_calibrator(cfg.tier("a").calibrator, tier="a").temperature == 2.0
+    # a config given as data (not a file) keeps them as written
+    import yaml
+
+    assert parse_config(yaml.safe_load(p.read_text())).tier("a").calibrator.artifact == "calibrators/a.json"
