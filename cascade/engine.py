@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
@@ -179,6 +179,10 @@ class Engine:
         #: runs, in the background, the tiers a sampled shadow needs and the live path skipped; outlives
         #: reloads (which swap ``shadows``), so its budget reservations and in-flight samples are kept
         self.sampler = ShadowSampler(self.call_tier, ledger, grace_s=config.server.graceful_shutdown_s)
+        #: called with every finished record as its ledger write is queued, whatever the outcome (answered,
+        #: partial, error, cancelled): one row, one call, so a listener (the HTTP layer's metrics) agrees
+        #: with the ledger by construction. Listeners must be quick and must not raise.
+        self.record_listeners: list[Callable[[CascadeRecord], None]] = []
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
@@ -299,7 +303,8 @@ class Engine:
             agen = tier.backend.stream(req)
         try:
             try:
-                first = await asyncio.wait_for(anext(agen), timeout=live.timeout)
+                async with asyncio.timeout(live.timeout):
+                    first = await anext(agen)
             except TimeoutError as exc:
                 raise ProviderTimeoutError(f"tier {tier.name!r} sent nothing within {live.timeout:g} s",
                                            provider=tier.name) from exc
@@ -325,6 +330,8 @@ class Engine:
         rec.tier, rec.model, rec.escalated = tier.name, tc.model, att.index > 0
         yield StreamStart(record=rec, tier=tier.name)
         error: CascadeError | None = None
+        # as for a whole answer: the tier's timeout_s or the latency budget (loop time, for asyncio.timeout_at)
+        deadline = asyncio.get_running_loop().time() + live.timeout - (time.perf_counter() - started)
         try:
             chunk: StreamChunk | None = first
             while chunk is not None:
@@ -336,9 +343,13 @@ class Engine:
                 if chunk.finish_reason:
                     finish, usage = chunk.finish_reason, chunk.usage or usage
                 try:
-                    chunk = await anext(agen)
+                    async with asyncio.timeout_at(deadline):  # in this task: no task per chunk, nothing left running
+                        chunk = await anext(agen)
                 except StopAsyncIteration:
                     chunk = None
+                except TimeoutError as exc:
+                    raise ProviderTimeoutError(f"tier {tier.name!r} did not finish within {live.timeout:g} s",
+                                               provider=tier.name) from exc
         except CascadeError as exc:
             error = exc
         except (asyncio.CancelledError, GeneratorExit):
@@ -411,6 +422,11 @@ class Engine:
         committed = self.ledger.submit(rec, shadows=rows)
         if samples:
             self.sampler.start(samples, committed)
+        for listener in self.record_listeners:
+            try:
+                listener(rec)
+            except Exception:  # noqa: BLE001 - an observer never fails the request it observes
+                log.exception("record listener %r failed", listener)
         return committed
 
     @staticmethod

@@ -79,6 +79,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         app.state.metrics = Metrics(drift=config.drift)
         listeners = app.state.engine.sampler.listeners  # sampled shadows' calls and spend
         listeners.append(app.state.metrics.observe_shadow_call)
+        app.state.engine.record_listeners.append(app.state.metrics.observe)  # every ledger row, once
         from cascade.recalibrate import install_sighup
 
         remove_sighup = install_sighup(app.state.engine, config_path)  # reload on SIGHUP (main thread only)
@@ -88,6 +89,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
             if remove_sighup is not None:
                 remove_sighup()
             listeners.remove(app.state.metrics.observe_shadow_call)
+            app.state.engine.record_listeners.remove(app.state.metrics.observe)
             if owned:
                 await app.state.engine.close()
 
@@ -95,10 +97,11 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
                   description="OpenAI-compatible confidence-escalation cascade.")
     app.state.config_path = config_path
     install_error_handlers(app)
-    from serving.routes import HotPathMiddleware, router
+    from serving.routes import AuthMiddleware, HotPathMiddleware, router
 
     app.include_router(router)
     app.add_middleware(HotPathMiddleware)  # inside the body limit (the later add_middleware is the outer one)
+    app.add_middleware(AuthMiddleware)  # the key before the body: a caller without one learns nothing more
     app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes)
     return app
 

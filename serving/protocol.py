@@ -14,6 +14,43 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: optional parameters an OpenAI client may send as an explicit ``null``: it means "the default"
+_NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
+                              "logprobs", "echo"})
+
+
+def _check_text(value: Any, where: str = "") -> None:
+    """Refuse strings that are not valid Unicode (a lone UTF-16 surrogate such as ``"\\ud800"`` is valid JSON
+    but cannot be encoded: tokenizers, HTTP clients and the ledger would all fail on it)."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{where or 'body'}: text is not valid Unicode (a lone surrogate "
+                                 f"such as \\ud800)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where)
+            _check_text(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, f"{where}.{i}" if where else str(i))
+
+
+class _Request(_Wire):
+    """A request body: valid Unicode throughout, and ``null`` for an optional parameter means its default."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clean(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _check_text(data)
+            if any(data.get(k, 0) is None for k in _NULL_IS_DEFAULT):
+                data = {k: v for k, v in data.items() if not (v is None and k in _NULL_IS_DEFAULT)}
+        return data
+
+
 class TextPart(_Wire):
     type: Literal["text"]
     text: str
@@ -23,6 +60,14 @@ class ChatMessage(_Wire):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if isinstance(self.content, list) and not self.content:
+            raise ValueError("content: an empty list of parts")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -36,16 +81,16 @@ class StreamOptions(_Wire):
     include_usage: bool = False
 
 
-class _GenerationParams(_Wire):
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+class _GenerationParams(_Request):
+    model: str | None = Field(None, min_length=1)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(1, strict=True)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, strict=True)
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -67,11 +112,10 @@ class _GenerationParams(_Wire):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list):
-            if len(v) > 4:
-                raise ValueError("at most 4 stop sequences")
-            if any(s == "" for s in v):
-                raise ValueError("stop sequences must be non-empty")
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if v == "" or (isinstance(v, list) and "" in v):
+            raise ValueError("stop sequences must be non-empty")
         return v
 
     def stop_tuple(self) -> tuple[str, ...]:
@@ -82,9 +126,9 @@ class _GenerationParams(_Wire):
 
 class ChatCompletionRequest(_GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    logprobs: bool = Field(False, strict=True)
+    top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -101,8 +145,8 @@ class ChatCompletionRequest(_GenerationParams):
 
 class CompletionRequest(_GenerationParams):
     prompt: str | list[str]
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, strict=True)
+    echo: bool = Field(False, strict=True)
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -135,10 +179,17 @@ class CompletionRequest(_GenerationParams):
                                  top_logprobs=self.logprobs or 0, seed=self.seed)
 
 
-class FeedbackRequest(_Wire):
+class FeedbackRequest(_Request):
     request_id: str = Field(min_length=1, max_length=128)
     score: Literal[-1, 0, 1]
     comment: str | None = Field(None, max_length=4000)
+
+    @field_validator("score", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # True == 1 in Python: refuse it rather than read it as a score
+            raise ValueError("score must be -1, 0 or 1 (an integer, not a boolean)")
+        return v
 
 
 # --- responses (plain dicts: the OpenAI shapes, plus our `cascade` object) --------------------------
@@ -195,8 +246,10 @@ def chat_logprobs(tokens: tuple[TokenLogprob, ...], top: int) -> dict[str, Any]:
         for t in tokens], "refusal": None}
 
 
-def completion_logprobs(tokens: tuple[TokenLogprob, ...], top: int) -> dict[str, Any]:
-    offsets, pos = [], 0
+def completion_logprobs(tokens: tuple[TokenLogprob, ...], top: int, start: int = 0) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object; ``start``: the text offset of the first token (a stream's
+    later chunks continue where the text sent so far ends)."""
+    offsets, pos = [], start
     for t in tokens:
         offsets.append(pos)
         pos += len(t.token)

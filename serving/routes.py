@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -29,6 +31,7 @@ from serving.protocol import (
 )
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 def _engine(request: Request) -> Engine:
@@ -39,10 +42,57 @@ def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def _caller(request: Request) -> Caller:
+    """The caller :class:`AuthMiddleware` authenticated (or authenticate now, for an app mounted without it)."""
+    caller = request.scope.get("state", {}).get("caller")
+    return caller if caller is not None else authenticate(_engine(request).config, request)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the request body must have been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
+    """Await ``work`` unless the client disconnects first; then cancel it (the engine records the request
+    as cancelled, and a backend stops generating for it) and give ``(False, None)``. The work runs in this
+    task; one watcher task cancels it if the client goes."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(request)
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return True, await work
+    except asyncio.CancelledError:
+        if not gone:  # cancelled from outside (shutdown): not ours to swallow
+            raise
+        task.uncancel()
+        return False, None
+    finally:
+        watcher.cancel()
+
+
 async def _admit(request: Request, body: ChatCompletionRequest | CompletionRequest) -> tuple[Caller, Budget]:
-    """Authenticate, authorise the model, check limits and the key's daily spend; give the budget."""
+    """Authorise the model, check limits and the key's daily spend; give the budget. Errors here never reach
+    the engine (no ledger row), so they are counted in the metrics here."""
+    try:
+        return await _admit_checks(request, body)
+    except CascadeError as exc:
+        _metrics(request).observe_error(type(exc).__name__)
+        raise
+
+
+async def _admit_checks(request: Request, body: ChatCompletionRequest | CompletionRequest) -> tuple[Caller, Budget]:
     engine = _engine(request)
-    caller = authenticate(engine.config, request)
+    caller = _caller(request)
     model = body.model or engine.config.default_policy_name
     # an unknown model is refused (and recorded) by the engine
     if model in engine.config.policies or model in engine.tiers:
@@ -66,23 +116,26 @@ async def _admit(request: Request, body: ChatCompletionRequest | CompletionReque
                           cost_usd=lim.cost_budget_usd, on_cost=lim.on_cost_budget)
 
 
+#: the status nobody reads: the client closed the connection before the answer (nginx's 499)
+CLIENT_CLOSED = 499
+
+
 async def _complete(request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str) -> Response:
-    engine, metrics = _engine(request), _metrics(request)
-    try:
-        caller, budget = await _admit(request, body)
-        kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
-                  budget=budget)
-        if body.stream:
-            return await _stream(request, body, endpoint, kw)
-        outcome, committed = await engine.run_uncommitted(body.to_engine(), **kw)
-        # the response is rendered while the ledger thread commits the record; it leaves only once committed
-        shape = chat_response if endpoint == "chat" else completion_response
-        response = JSONResponse(shape(body, outcome.result, outcome.record), headers=cascade_headers(outcome.record))
-        await committed
-    except CascadeError as exc:
-        metrics.observe_error(type(exc).__name__)
-        raise
-    metrics.observe(outcome.record)
+    """Every record the engine finishes reaches the metrics through ``engine.record_listeners``."""
+    engine = _engine(request)
+    caller, budget = await _admit(request, body)
+    kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
+              budget=budget)
+    if body.stream:
+        return await _stream(request, body, endpoint, kw)
+    answered, got = await _unless_disconnected(request, engine.run_uncommitted(body.to_engine(), **kw))
+    if not answered:
+        return Response(status_code=CLIENT_CLOSED)
+    outcome, committed = got
+    # the response is rendered while the ledger thread commits the record; it leaves only once committed
+    shape = chat_response if endpoint == "chat" else completion_response
+    response = JSONResponse(shape(body, outcome.result, outcome.record), headers=cascade_headers(outcome.record))
+    await committed
     return response
 
 
@@ -155,6 +208,30 @@ class HotPathMiddleware:
         await response(scope, receive, send)
 
 
+#: paths whose every request needs the caller's key (when the server has keys)
+_AUTH_PREFIXES = ("/v1/", "/admin/")
+
+
+class AuthMiddleware:
+    """Authenticate ``/v1/`` and ``/admin/`` requests from their headers before anything reads or validates
+    the body: without a valid key the answer is 401, whatever the body holds (as OpenAI does). The caller
+    goes into the scope's state for the handlers (:func:`_caller`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(_AUTH_PREFIXES):
+            try:
+                caller = authenticate(scope["app"].state.engine.config, Request(scope))
+            except CascadeError as exc:
+                scope["app"].state.metrics.observe_error(type(exc).__name__)
+                await cascade_error_response(exc)(scope, receive, send)
+                return
+            scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)
+
+
 def _is_json(scope: Scope) -> bool:
     """The request's first content-type header is application/json (parameters allowed)."""
     for k, v in scope["headers"]:
@@ -187,7 +264,11 @@ async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequ
     """Start the engine's stream; errors before its first event become ordinary HTTP errors."""
     engine, metrics = _engine(request), _metrics(request)
     events = engine.stream(body.to_engine(), **kw)
-    first = await anext(events)  # raises CascadeError before any byte is sent
+    # raises CascadeError before any byte is sent; the buffered tiers stop if the client goes meanwhile
+    answered, first = await _unless_disconnected(request, anext(events))
+    if not answered:
+        await events.aclose()
+        return Response(status_code=CLIENT_CLOSED)
     assert isinstance(first, StreamStart)
     rec = first.record
     chat = endpoint == "chat"
@@ -205,6 +286,7 @@ async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequ
 
     async def body_iter() -> AsyncIterator[bytes]:
         first_token = True
+        offset = 0  # completions' text_offset runs on across chunks
         try:
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -218,10 +300,10 @@ async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequ
                         lp = chat_logprobs(ev.tokens, top) if want_lp else None
                         yield chunk({"index": 0, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None})
                     else:
-                        lp = completion_logprobs(ev.tokens, top) if want_lp else None
+                        lp = completion_logprobs(ev.tokens, top, offset) if want_lp else None
+                        offset += len(ev.text)
                         yield chunk({"index": 0, "text": ev.text, "logprobs": lp, "finish_reason": None})
                 elif isinstance(ev, StreamEnd):
-                    metrics.observe(ev.record)
                     end = ({"index": 0, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason} if chat
                            else {"index": 0, "text": "", "logprobs": None, "finish_reason": ev.finish_reason})
                     yield chunk(end, cascade=cascade_block(ev.record))
@@ -230,7 +312,6 @@ async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequ
                                                "completion_tokens": ev.usage.completion_tokens,
                                                "total_tokens": ev.usage.total_tokens})
                 elif isinstance(ev, StreamFailed):
-                    metrics.observe(ev.record)
                     err = ev.error
                     payload = error_body(f"stream interrupted: {err.message}", err.error_type, code=err.code)
                     payload["cascade"] = cascade_block(ev.record)
@@ -250,9 +331,10 @@ async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequ
 
 
 @router.get("/v1/models")
+@router.head("/v1/models", include_in_schema=False)  # load balancers' health checks use HEAD
 async def list_models(request: Request) -> dict:
     engine = _engine(request)
-    caller = authenticate(engine.config, request)
+    caller = _caller(request)
     allowed = caller.limits.allowed_models if caller.limits else []
     created = int(request.app.state.started_at)
     data = []
@@ -273,7 +355,7 @@ async def list_models(request: Request) -> dict:
 async def _own_request(request: Request, request_id: str) -> dict:
     """The ledger row of one of the caller's requests (another key's request is as good as missing)."""
     engine = _engine(request)
-    caller = authenticate(engine.config, request)
+    caller = _caller(request)
     row = await engine.ledger.get(request_id)
     if row is None or (caller.key_id is not None and row["api_key_id"] != caller.key_id):
         raise NotFoundError(f"no request {request_id!r} in the ledger", param="request_id")
@@ -305,7 +387,7 @@ async def admin_reload(request: Request) -> dict:
     from cascade.recalibrate import authorize_admin, reload_engine_async
 
     engine = _engine(request)
-    authorize_admin(engine.config, authenticate(engine.config, request))
+    authorize_admin(engine.config, _caller(request))
     return await reload_engine_async(engine, getattr(request.app.state, "config_path", None))
 
 
@@ -317,11 +399,13 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)  # load balancers' health checks use HEAD
 async def health(request: Request) -> dict:
     return {"status": "ok", "uptime_s": round(time.time() - request.app.state.started_at, 3)}
 
 
 @router.get("/ready")
+@router.head("/ready", include_in_schema=False)  # load balancers' health checks use HEAD
 async def ready(request: Request) -> JSONResponse:
     engine = _engine(request)
     state = {name: t.backend.ready for name, t in engine.tiers.items()}

@@ -1,0 +1,237 @@
+"""Edges of the HTTP endpoint found by a black-box review, on a real uvicorn server in front of the real small
+model and a fault-injecting OpenAI-protocol server on loopback: text that is not valid Unicode, explicit
+nulls, the key before the body, HEAD, clients that leave before the answer, a stream past its latency
+budget, and /metrics agreeing with the ledger row for row."""
+
+import json
+import socket
+import sqlite3
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.auth import hash_key
+from tests.conftest import ServerThread, make_config, tier
+from tests.fault_server import FaultServerThread
+
+KEY, SLOW_KEY = "sk-test-edges", "sk-test-edges-budget"
+Q = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def fault():
+    with FaultServerThread() as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, fault):
+    tmp = tmp_path_factory.mktemp("edges")
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 16,
+              "price": {"input_per_1m": 1, "output_per_1m": 2}, "options": {"base_url": fault.base_url}}
+    cfg = make_config(
+        tmp, [tier("small", threshold=0.0), remote],
+        {"cascade": {"chain": ["small", "remote"]},
+         "remote-first": {"chain": ["remote", "small"], "thresholds": {"remote": 1.0}}},
+        user_tiers={"plain": {}, "budgeted": {"latency_budget_s": 2.5}},
+        auth={"keys": [{"id": "k", "sha256": hash_key(KEY), "user_tier": "plain"},
+                       {"id": "k-slow", "sha256": hash_key(SLOW_KEY), "user_tier": "budgeted"}]})
+    with ServerThread(__import__("serving").create_app(cfg)) as srv:
+        srv.ledger_path = tmp / "ledger.sqlite"
+        yield srv
+
+
+def H(key=KEY):
+    return {"authorization": f"Bearer {key}", "content-type": "application/json"}
+
+
+def rows(srv, where="1=1"):
+    with sqlite3.connect(srv.ledger_path) as c:
+        return c.execute(f"SELECT status, error_class, policy FROM requests WHERE {where} ORDER BY created_at").fetchall()
+
+
+def wait_for_row(srv, where, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = rows(srv, where)
+        if found:
+            return found
+        time.sleep(0.05)
+    pytest.fail(f"no ledger row where {where} within {timeout} s")
+
+
+@pytest.fixture(autouse=True)
+def _clean_faults(fault):
+    fault.reset()
+    yield
+    fault.reset()
+
+
+# --- text that is valid JSON but not valid Unicode ---------------------------------------------------
+
+@pytest.mark.parametrize("raw", [
+    '{"model": "small", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+    '{"model": "remote", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+    '{"model": "cascade", "messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}',
+    '{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+])
+def test_lone_surrogates_are_refused_and_the_connection_stays_usable(server, raw):
+    before = len(rows(server))
+    with httpx.Client(base_url=server.url, headers=H(), timeout=60) as c:
+        r = c.post("/v1/chat/completions", content=raw.encode())
+        assert r.status_code == 400, r.text
+        assert "not valid Unicode" in r.json()["error"]["message"]
+        # the same keep-alive connection serves the next request
+        ok = c.post("/v1/chat/completions", json={"model": "remote", "messages": Q})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+    assert len(rows(server)) == before + 1  # the refused body never reached the engine; the good one did
+
+
+def test_surrogate_prompt_on_completions_and_feedback(server):
+    r = httpx.post(server.url + "/v1/completions", content=b'{"model": "small", "prompt": "\\udfff"}', headers=H())
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/feedback", content=b'{"request_id": "x", "score": 1, "comment": "\\ud800"}',
+                   headers=H())
+    assert r.status_code == 400
+
+
+# --- explicit nulls, and values Python would quietly coerce -------------------------------------------
+
+def test_explicit_null_means_the_default(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    resp = client.chat.completions.create(model="remote", messages=Q, temperature=None, top_p=None, n=None,
+                                          presence_penalty=None, frequency_penalty=None, logprobs=None)
+    assert resp.choices[0].message.content
+    r = httpx.post(server.url + "/v1/completions", headers=H(), timeout=60,
+                   json={"model": "remote", "prompt": "Hi", "stream": None, "echo": None, "logprobs": None})
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    ({"model": "remote", "messages": Q, "stop": ""}, "non-empty"),
+    ({"model": "remote", "messages": Q, "max_tokens": True}, "max_tokens"),
+    ({"model": "remote", "messages": Q, "stream": 1}, "stream"),
+    ({"model": "", "messages": Q}, "model"),
+    ({"model": "remote", "messages": [{"role": "user"}]}, "needs content"),
+    ({"model": "remote", "messages": [{"role": "user", "content": None}]}, "needs content"),
+    ({"model": "remote", "messages": [{"role": "user", "content": []}]}, "empty list"),
+])
+def test_values_that_mean_nothing_are_refused(server, body, fragment):
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=H(), timeout=60)
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["error"]["message"]
+
+
+def test_an_assistant_message_may_have_no_content(server):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+            {"role": "user", "content": "And the capital of France?"}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "remote", "messages": msgs}, headers=H(),
+                   timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_feedback_score_must_be_an_integer(server):
+    r = httpx.post(server.url + "/v1/feedback", json={"request_id": "x", "score": True}, headers=H())
+    assert r.status_code == 400 and "not a boolean" in r.json()["error"]["message"]
+
+
+# --- the key before the body; HEAD ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/feedback", "/admin/reload"])
+def test_the_key_is_checked_before_the_body(server, path):
+    for body in (b"{not json", b'{"model": "remote", "messages": []}', json.dumps({"model": "remote"}).encode()):
+        r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 401, (path, body, r.text)
+        assert r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(server.url + path, content=b"{not json", headers=H())
+    assert r.status_code in (400, 403), r.text  # with the key, the body is what is wrong (admin: not an admin)
+
+
+def test_head_on_health_ready_and_models(server):
+    for path, headers in (("/health", {}), ("/ready", {}), ("/v1/models", H())):
+        r = httpx.head(server.url + path, headers=headers)
+        assert r.status_code == 200 and r.content == b"", path
+    assert httpx.head(server.url + "/v1/models").status_code == 401
+
+
+# --- clients that leave before the answer -------------------------------------------------------------
+
+def _send_and_leave(srv, fault, body):
+    """POST ``body`` on a raw socket, wait until the upstream has the request, then close the socket."""
+    seen = fault.stats()["requests"]
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+                 f"authorization: Bearer {KEY}\r\ncontent-length: {len(data)}\r\n\r\n".encode() + data)
+    deadline = time.monotonic() + 30
+    while fault.stats()["requests"] == seen:
+        assert time.monotonic() < deadline, "the upstream never got the request"
+        time.sleep(0.05)
+    sock.close()
+
+
+@pytest.mark.parametrize(("model", "stream"), [("remote", False), ("remote-first", True)])
+def test_a_client_that_leaves_cancels_its_request(server, fault, model, stream):
+    """The upstream stalls for 30 s; the client gives up at once. The engine cancels the call (the fault
+    server sees the engine's connection go) and records the request as cancelled, long before 30 s."""
+    fault.faults("stall:30")
+    t0 = time.time()
+    _send_and_leave(server, fault, {"model": model, "messages": Q, "stream": stream, "max_tokens": 8})
+    (row,) = wait_for_row(server, f"policy = '{model}' AND created_at >= {t0}")
+    assert row[:2] == ("cancelled", "ClientDisconnected")
+
+
+# --- streams: the latency budget bounds the whole stream; offsets run on ----------------------------------
+
+def test_a_stream_past_its_latency_budget_ends_with_a_timeout(server, fault):
+    fault.faults("slow:0:1")  # the first chunk at once, then one a second (the answer has 6): past 2.5 s
+    t0 = time.time()
+    events = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=H(SLOW_KEY), timeout=60,
+                      json={"model": "remote", "messages": Q, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert "did not finish within 2.5 s" in err["message"] and err["type"] == "timeout"
+    deltas = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[1:-2]]
+    assert any(deltas)  # some of the answer went out before the budget ran out
+    (row,) = rows(server, f"policy = 'remote' AND created_at >= {t0}")
+    assert row[:2] == ("partial", "ProviderTimeoutError")
+
+
+def test_streamed_completion_text_offsets_run_on(server):
+    with httpx.stream("POST", server.url + "/v1/completions", headers=H(), timeout=60,
+                      json={"model": "remote", "prompt": "Hi", "stream": True, "logprobs": 1}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = ""
+    for ch in chunks:
+        lp = ch["choices"][0]["logprobs"]
+        if lp:
+            assert lp["text_offset"][0] == len(text)
+            text += ch["choices"][0]["text"]
+    assert len(text) > 10
+
+
+# --- /metrics and the ledger agree, row for row (keep this test last) -----------------------------------
+
+def test_metrics_count_every_ledger_row(server, fault):
+    # a stream the client leaves in the middle (partial), and an unknown model (error), besides the above
+    fault.faults("slow:0:0.5")
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=H(), timeout=60,
+                      json={"model": "remote", "messages": Q, "stream": True}) as r:
+        next(line for line in r.iter_lines() if '"content":"' in line and '"content":""' not in line)
+    httpx.post(server.url + "/v1/chat/completions", json={"model": "nope", "messages": Q}, headers=H())
+    wait_for_row(server, "status = 'partial' AND error_class = 'ClientDisconnected'")
+    with sqlite3.connect(server.ledger_path) as c:
+        ledger = dict(c.execute("SELECT status, COUNT(*) FROM requests GROUP BY status").fetchall())
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    counted: dict[str, float] = {}
+    for s in families["cascade_requests"].samples:
+        if s.name.endswith("_total"):
+            counted[s.labels["status"]] = counted.get(s.labels["status"], 0) + s.value
+    assert {"ok", "partial", "error", "cancelled"} <= set(ledger)
+    assert counted == {k: float(v) for k, v in ledger.items()}
