@@ -353,6 +353,8 @@ class Config(_Strict):
         if clash:
             raise ValueError(f"policies: name(s) {clash} are also tier names; a model name must be unambiguous")
         for pname, pol in self.policies.items():
+            if not pname.strip():
+                raise ValueError("policies: a policy name must not be empty")
             _unique_chain(pol.chain, f"policies.{pname}.chain")
             for t in pol.chain:
                 if t not in names:

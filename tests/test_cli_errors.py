@@ -396,3 +396,22 @@ def test_keys_create_prints_a_line_the_config_reads_back(capsys):
     assert r.returncode == 0, r.stderr
     entry = yaml.safe_load(r.stdout.strip())[0]
     assert entry["id"] == "ops-1.a_b" and entry["user_tier"] == "free: tier" and len(entry["sha256"]) == 64
+
+
+@pytest.mark.parametrize("content", [None, "{not json"])
+def test_serve_refuses_a_model_directory_that_holds_no_model(tmp_path, content):
+    model = tmp_path / "model"
+    model.mkdir()
+    if content is not None:
+        (model / "config.json").write_text(content)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(write_config(tmp_path).read_text().replace("model: smollm2-135m", f"model: {model}", 1))
+    r = cascade("serve", "--config", str(cfg), "--port", str(free_port()))
+    one_error(r, "tier 'small'", "no config.json" if content is None else "cannot read")
+
+
+def test_an_empty_policy_name_is_refused(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("  cascade: {chain: [small, large]}\n",
+                                           "  cascade: {chain: [small, large]}\n  '': {chain: [large]}\n"))
+    one_error(cli(capsys, "ask", "hi", "--config", str(cfg)), "a policy name must not be empty")

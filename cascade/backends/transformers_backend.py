@@ -102,9 +102,19 @@ class TransformersBackend(Backend):
         return self._path
 
     def check(self) -> None:
+        import json
+
         from cascade.models import resolve_model_path
 
-        resolve_model_path(self.model, self._cache_dir)
+        path = resolve_model_path(self.model, self._cache_dir)
+        config = path / "config.json"  # what loading reads first: a directory without it is no model
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"tier {self.name!r}: {path} is not a model directory (no config.json)",
+                              param="model") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"tier {self.name!r}: cannot read {config}: {exc}", param="model") from None
 
     async def start(self) -> None:
         """Load the model and start the batching worker (once; see ``StartOnce``)."""
