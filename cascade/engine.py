@@ -359,7 +359,8 @@ class Engine:
             await agen.aclose()
             att.latency_ms = (time.perf_counter() - started) * 1e3
             att.text = "".join(text)
-            att.prompt_tokens = usage.prompt_tokens if usage else (tier.backend.count_prompt_tokens(req) or 0)
+            # a broken stream has no usage: the provider still billed the prompt, so estimate it
+            att.prompt_tokens = usage.prompt_tokens if usage else estimate_prompt_tokens(tier.backend, req)
             att.completion_tokens = usage.completion_tokens if usage else len(tokens)
             att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
             merge_provider_attempts(rec.attempts, att, provider_log, served=True)  # provider price, failed attempts
@@ -572,13 +573,10 @@ class Engine:
 
 
 def estimate_prompt_tokens(backend: Backend, req: GenerationRequest) -> int:
-    """The prompt's token count: the backend's own count where it has a tokenizer, else a rough one
-    (~4 characters per token, as for remote tiers)."""
+    """The prompt's token count: the backend's own count where it has a tokenizer, else a rough one that
+    leans high (remote tiers: ``GenerationRequest.rough_prompt_tokens``)."""
     prompt = backend.count_prompt_tokens(req)
-    if prompt is None:
-        chars = len(req.prompt or "") + sum(len(m.content) + 4 for m in req.messages or ())
-        prompt = chars // 4 + 1
-    return prompt
+    return req.rough_prompt_tokens() if prompt is None else prompt
 
 
 def new_request_id() -> str:

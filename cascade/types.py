@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
+
+#: what a BPE tokenizer rarely merges: a CJK or kana/hangul character, a digit (many tokenizers split
+#: numbers digit by digit), a run of letters, a mark
+_PIECES = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|\d|[^\W\d]+|[^\w\s]")
+#: tokens a chat template adds per message (role markers, separators), and once per request
+_PER_MESSAGE, _PER_REQUEST = 4, 3
+
+
+def rough_token_count(text: str) -> int:
+    """A tokenizer-free count that leans high, for budgets on tiers whose tokenizer we do not have (remote
+    APIs): one token per CJK character, digit, punctuation mark and word, and one per 4 UTF-8 bytes of a
+    long word. English prose comes out about 1.2x its real count; a flat 4 characters a token undercounts
+    short words, digits and CJK text (2-4x) and let cost budgets be overrun."""
+    return sum(max(1, (len(p.encode("utf-8")) + 3) // 4) if len(p) > 4 else 1 for p in _PIECES.findall(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +50,13 @@ class GenerationRequest:
 
     def with_(self, **changes) -> "GenerationRequest":
         return replace(self, **changes)
+
+    def rough_prompt_tokens(self) -> int:
+        """The prompt's length in tokens without a tokenizer (:func:`rough_token_count`, plus the chat
+        template's tokens per message)."""
+        if self.messages is None:
+            return rough_token_count(self.prompt or "") + 1
+        return _PER_REQUEST + sum(_PER_MESSAGE + rough_token_count(m.content) for m in self.messages)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,10 @@ from serving.errors import error_body, install_error_handlers
 from serving.metrics import Metrics
 
 
-class _TooLarge(Exception):
-    """Raised from inside the app's ``receive`` when the body passes the limit (``args[0]``: whose limit)."""
+class _TooLarge(BaseException):
+    """Raised from inside the app's ``receive`` when the body passes the limit (``args[0]``: whose limit).
+    A ``BaseException``: FastAPI turns any ``Exception`` met while reading a body into a vague 400, and
+    this must reach :class:`BodyLimitMiddleware` to become the 413 it is."""
 
 
 class BodyLimitMiddleware:

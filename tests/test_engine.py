@@ -188,3 +188,24 @@ async def test_reload_swaps_policy_calibrators_and_shadows_follow_them(tmp_path)
     # the shadow (no calibrators of its own) is judged with the policy's calibrator: it never diverges
     got = rows(tmp_path / "ledger.sqlite", "SELECT status, diverges FROM shadow_decisions")
     assert got == [("known", 0), ("known", 0)]
+
+
+@pytest.mark.parametrize("text", [
+    "What is the capital of France?",
+    " ".join("a" * 30),                                # short words: a flat 4 characters a token gave 14
+    "internationalization of 1234567 numbers: 3.14159, 2.71828!",
+    "def f(x):\n    return [i**2 for i in range(x) if i % 3 == 0]\n",
+    "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins.",
+])
+def test_rough_token_count_leans_high_against_a_real_tokenizer(smol_path, text):
+    """Cost budgets on tiers without a tokenizer (remote APIs) use the rough count: it must not be below a
+    real BPE tokenizer's count of the text, nor wildly above it. (Chat templates add their own tokens on
+    top: ``rough_prompt_tokens`` adds 4 a message.)"""
+    from transformers import AutoTokenizer
+
+    from cascade.types import rough_token_count
+
+    real = len(AutoTokenizer.from_pretrained(str(smol_path)).encode(text, add_special_tokens=False))
+    assert real <= rough_token_count(text) <= 2 * real
+    req = GenerationRequest(messages=(Message("user", text),))
+    assert req.rough_prompt_tokens() == rough_token_count(text) + 4 + 3

@@ -235,3 +235,19 @@ def test_metrics_count_every_ledger_row(server, fault):
             counted[s.labels["status"]] = counted.get(s.labels["status"], 0) + s.value
     assert {"ok", "partial", "error", "cancelled"} <= set(ledger)
     assert counted == {k: float(v) for k, v in ledger.items()}
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
+def test_a_chunked_body_over_the_limit_is_413_whatever_its_type(server, content_type):
+    limit = 1 << 20  # the default server.max_body_bytes
+
+    def chunks():
+        yield b'{"model": "remote", "messages": [{"role": "user", "content": "'
+        for _ in range(limit // 65536 + 1):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    headers = {"authorization": f"Bearer {KEY}", **({"content-type": content_type} if content_type else {})}
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers=headers, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large"

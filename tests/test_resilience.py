@@ -437,7 +437,9 @@ async def test_stream_falls_over_only_before_the_first_chunk(servers, tmp_path):
         assert got == ["Paris", " is"]                     # bytes went out: never hidden behind B
         assert err.value.fall_over is False and err.value.mid_stream is True
         assert [(p.provider, p.action, p.completion_tokens) for p in rec] == [("a", "failed", 2)]
-        assert rec[0].cost_usd == pytest.approx(2 * 2.0 / 1e6)   # billed tokens of a failed attempt
+        # billed tokens of a failed attempt: the 2 streamed, and the prompt (no usage came: estimated)
+        assert rec[0].prompt_tokens == Q.rough_prompt_tokens()
+        assert rec[0].cost_usd == pytest.approx((Q.rough_prompt_tokens() * 1.0 + 2 * 2.0) / 1e6)
         assert seen(servers) == {"a": 2, "b": 1, "c": 0}
     finally:
         await rb.close()
@@ -479,9 +481,10 @@ async def test_http_stream_falls_over_before_the_first_byte_and_reports_a_mid_st
     assert seen(servers) == {"a": 2, "b": 1, "c": 0}              # never hidden behind another provider
     rows = db_rows(tmp_path, "SELECT status, error_class FROM requests ORDER BY created_at")
     assert rows == [("ok", None), ("partial", "ProviderConnectionError")]
-    got = db_rows(tmp_path, "SELECT a.backend, a.error_class, a.completion_tokens, a.cost_usd FROM attempts a "
-                            "JOIN requests r USING (request_id) WHERE r.status='partial'")
-    assert got == [("a", "ProviderConnectionError", 2, pytest.approx(2 * 2.0 / 1e6))]   # the partial answer's tokens
+    got = db_rows(tmp_path, "SELECT a.backend, a.error_class, a.prompt_tokens, a.completion_tokens, a.cost_usd "
+                            "FROM attempts a JOIN requests r USING (request_id) WHERE r.status='partial'")
+    prompt = GenerationRequest(messages=(Message("user", "hi"),)).rough_prompt_tokens()  # no usage came: estimated
+    assert got == [("a", "ProviderConnectionError", prompt, 2, pytest.approx((prompt * 1.0 + 2 * 2.0) / 1e6))]
 
 
 # --- load ------------------------------------------------------------------------------------------
