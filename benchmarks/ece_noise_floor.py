@@ -103,14 +103,16 @@ def _stats(ece: dict[str, dict[int, list[float]]]) -> dict[str, dict[str, dict[s
                 for n, v in by_n.items()} for f, by_n in ece.items()}
 
 
+def _mean_over_files(rows: list[dict], fields: tuple[str, ...], n_test: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """field -> n_test (as text) -> the mean over ``rows`` (one per file) of their mean ECE."""
+    return {f: {str(n): float(np.mean([r["ece"][f][str(n)]["mean"] for r in rows])) for n in n_test} for f in fields}
+
+
 def _sweep_means(sweep_rows: list[dict], n_test: tuple[int, ...]) -> dict[str, dict[str, dict[str, float]]]:
     """n_train -> field -> n_test -> mean ECE over the files."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for n_train in sorted({r["n_train"] for r in sweep_rows}):
-        rs = [r for r in sweep_rows if r["n_train"] == n_train]
-        out[str(n_train)] = {f: {str(n): float(np.mean([r["ece"][f][str(n)]["mean"] for r in rs])) for n in n_test}
-                             for f in (SELECTED, "platt")}
-    return out
+    return {str(n_train): _mean_over_files([r for r in sweep_rows if r["n_train"] == n_train], (SELECTED, "platt"),
+                                           n_test)
+            for n_train in sorted({r["n_train"] for r in sweep_rows})}
 
 
 def _sweep_markdown(sweep: dict, n_test: tuple[int, ...]) -> str:
@@ -125,7 +127,8 @@ def _sweep_markdown(sweep: dict, n_test: tuple[int, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _markdown(rows: list[dict], n_test: tuple[int, ...], reps: int, kind: str) -> str:
+def _markdown(rows: list[dict], mean: dict[str, dict[str, float]], n_test: tuple[int, ...], reps: int,
+              kind: str) -> str:
     lines = [f"# 15-bin ECE on a finite test split: the noise floor ({reps} draws per file, truth: {kind})", "",
              "Mean ECE of the *perfectly calibrated* confidence (oracle) and of calibrators fit on a train "
              "sample of the file's size, by test size; in brackets the share of draws at or under the 0.02 "
@@ -140,13 +143,12 @@ def _markdown(rows: list[dict], n_test: tuple[int, ...], reps: int, kind: str) -
         fitted = [f"{r['ece'][f][str(ref)]['mean']:.3f} ({r['ece'][f][str(ref)]['share_within_target']:.0%})"
                   for f in FIELDS[1:]]
         lines.append(f"| {r['file']} | {r['first_tier']} | {r['n_train']} | " + " | ".join(cells + fitted) + " |")
-    mean = {f: {n: float(np.mean([r["ece"][f][str(n)]["mean"] for r in rows])) for n in n_test} for f in FIELDS}
-    lines.append("| **mean** | | | " + " | ".join(f"{mean['oracle'][n]:.3f}" for n in n_test) + " | "
-                 + " | ".join(f"{mean[f][ref]:.3f}" for f in FIELDS[1:]) + " |")
+    lines.append("| **mean** | | | " + " | ".join(f"{mean['oracle'][str(n)]:.3f}" for n in n_test) + " | "
+                 + " | ".join(f"{mean[f][str(ref)]:.3f}" for f in FIELDS[1:]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _plot(path: Path, rows: list[dict], n_test: tuple[int, ...]) -> None:
+def _plot(path: Path, rows: list[dict], mean: dict[str, dict[str, float]], n_test: tuple[int, ...]) -> None:
     from calibration.plots import pyplot
 
     plt = pyplot()
@@ -154,8 +156,7 @@ def _plot(path: Path, rows: list[dict], n_test: tuple[int, ...]) -> None:
     for r in rows:
         ax.plot(n_test, [r["ece"]["oracle"][str(n)]["mean"] for n in n_test], color="0.6", lw=0.8)
     for f, style in (("oracle", "k-"), (SELECTED, "C1--"), ("platt", "C0:")):
-        mean = [float(np.mean([r["ece"][f][str(n)]["mean"] for r in rows])) for n in n_test]
-        ax.plot(n_test, mean, style, lw=2, label=f"{f} (mean of {len(rows)} files)")
+        ax.plot(n_test, [mean[f][str(n)] for n in n_test], style, lw=2, label=f"{f} (mean of {len(rows)} files)")
     ax.axhline(TARGET, color="C3", lw=1, label=f"target {TARGET}")
     ax.set_xscale("log")
     ax.set_xlabel("test questions")
@@ -209,16 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             for n_train in sweep:
                 ece = simulate(score, correct, args.reps, n_test, args.truth, args.seed + i, n_train, advance)
                 sweep_rows.append({"file": p.name, "n_train": n_train, "ece": _stats(ece)})
-    summary = {f: {str(n): float(np.mean([r["ece"][f][str(n)]["mean"] for r in rows])) for n in n_test}
-               for f in FIELDS}
+    summary = _mean_over_files(rows, FIELDS, n_test)
     report = {"benchmark": "ece_noise_floor", "target": TARGET, "reps": args.reps, "truth": args.truth,
               "n_test": list(n_test), "bins": metrics.N_BINS, "seconds": round(time.perf_counter() - t0, 1),
               "mean_over_files": summary, "files": rows, "train_size_sweep": _sweep_means(sweep_rows, n_test),
               "train_size_sweep_files": sweep_rows, "machine": machine_facts()}
     write_json(out / "ece_noise_floor.json", report)
-    text = _markdown(rows, n_test, args.reps, args.truth) + _sweep_markdown(report["train_size_sweep"], n_test)
+    text = _markdown(rows, summary, n_test, args.reps, args.truth) + _sweep_markdown(report["train_size_sweep"], n_test)
     (out / "ece_noise_floor.md").write_text(text)
-    _plot(out / "ece_noise_floor.png", rows, n_test)
+    _plot(out / "ece_noise_floor.png", rows, summary, n_test)
     print(text)
     print(f"wrote {out}/ece_noise_floor.{{json,md,png}} in {report['seconds']} s")
     return 0

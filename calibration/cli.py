@@ -83,6 +83,13 @@ def _print_table(title: str, rows: Sequence[tuple[str, Any, Any]], headers: tupl
 # --- calibrate -------------------------------------------------------------------------------------
 
 
+def _both_outcomes(correct: Any, model: str, where: str) -> None:
+    """A calibrator needs right and wrong answers: DataError when ``correct`` holds only one outcome."""
+    if correct.min() == correct.max():
+        raise DataError(f"only one outcome ({'all correct' if correct[0] else 'all wrong'}) for {model} in "
+                        f"{where}: cannot calibrate (a calibrator needs right and wrong answers)")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -116,9 +123,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         lp, y = tier.logprob, tier.correct
         if len(y) < 2:
             raise DataError(f"{data.path}: {len(y)} question(s); calibration needs at least 2")
-        if y.min() == y.max():
-            raise DataError(f"only one outcome ({'all correct' if y[0] else 'all wrong'}) for {tier.name} in "
-                            f"{data.path}: cannot calibrate (a calibrator needs right and wrong answers)")
+        _both_outcomes(y, tier.name, str(data.path))
         if args.folds > len(y):
             raise ConfigError(f"--folds {args.folds} is more than the {len(y)} questions of {data.path}")
         progress("fitting", 1, 3)
@@ -252,10 +257,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 raise DataError(f"{d.path}: the {what} split is empty")
         chain = train.check_models(chain)
         test.check_models(chain)
-        first = train.tier(chain[0]).correct
-        if first.min() == first.max():
-            raise DataError(f"only one outcome ({'all correct' if first[0] else 'all wrong'}) for {chain[0]} in the "
-                            f"training split of {train.path}: cannot calibrate the first tier")
+        _both_outcomes(train.tier(chain[0]).correct, chain[0], f"the training split of {train.path}")
         try:
             report, policy = replay(train, test, chain, cfg, progress)
         except ValueError as exc:

@@ -301,9 +301,11 @@ class Engine:
             agen = tier.backend.stream(req, deadline=time.monotonic() + tc.timeout_s, record=provider_log)
         else:
             agen = tier.backend.stream(req)
+        # the tier's time limit (timeout_s or the latency budget) bounds the whole stream, as a whole answer
+        deadline = asyncio.get_running_loop().time() + live.timeout
         try:
             try:
-                async with asyncio.timeout(live.timeout):
+                async with asyncio.timeout_at(deadline):
                     first = await anext(agen)
             except TimeoutError as exc:
                 raise ProviderTimeoutError(f"tier {tier.name!r} sent nothing within {live.timeout:g} s",
@@ -330,8 +332,6 @@ class Engine:
         rec.tier, rec.model, rec.escalated = tier.name, tc.model, att.index > 0
         yield StreamStart(record=rec, tier=tier.name)
         error: CascadeError | None = None
-        # as for a whole answer: the tier's timeout_s or the latency budget (loop time, for asyncio.timeout_at)
-        deadline = asyncio.get_running_loop().time() + live.timeout - (time.perf_counter() - started)
         try:
             chunk: StreamChunk | None = first
             while chunk is not None:
@@ -360,7 +360,7 @@ class Engine:
             att.latency_ms = (time.perf_counter() - started) * 1e3
             att.text = "".join(text)
             # a broken stream has no usage: the provider still billed the prompt, so estimate it
-            att.prompt_tokens = usage.prompt_tokens if usage else estimate_prompt_tokens(tier.backend, req)
+            att.prompt_tokens = usage.prompt_tokens if usage else tier.backend.estimate_prompt_tokens(req)
             att.completion_tokens = usage.completion_tokens if usage else len(tokens)
             att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
             merge_provider_attempts(rec.attempts, att, provider_log, served=True)  # provider price, failed attempts
@@ -451,7 +451,7 @@ class Engine:
             return req, None
         price = tier.config.price
         remaining = budget.cost_usd - sum(a.cost_usd for a in rec.attempts)
-        prompt = estimate_prompt_tokens(tier.backend, req)
+        prompt = tier.backend.estimate_prompt_tokens(req)
         max_tokens = req.max_tokens or 1
         estimate = price.cost(prompt, max_tokens)
         if estimate <= remaining:
@@ -572,16 +572,9 @@ class Engine:
             rec.baseline_estimated = True
 
 
-def estimate_prompt_tokens(backend: Backend, req: GenerationRequest) -> int:
-    """The prompt's token count: the backend's own count where it has a tokenizer, else a rough one that
-    leans high (remote tiers: ``GenerationRequest.rough_prompt_tokens``)."""
-    prompt = backend.count_prompt_tokens(req)
-    return req.rough_prompt_tokens() if prompt is None else prompt
-
-
 def new_request_id() -> str:
     return "casc-" + uuid.uuid4().hex[:24]
 
 
 __all__ = ["Budget", "Engine", "Outcome", "Route", "StreamDelta", "StreamEnd", "StreamEvent", "StreamFailed",
-           "StreamStart", "Tier", "build_calibrator", "estimate_prompt_tokens", "new_request_id"]
+           "StreamStart", "Tier", "build_calibrator", "new_request_id"]

@@ -622,8 +622,7 @@ class ResilientBackend(Backend):
         def settle(action: str, exc: CascadeError | None = None, error_class: str | None = None) -> None:
             nonlocal settled
             settled = True
-            pt = usage.prompt_tokens if usage else (p.backend.count_prompt_tokens(request)
-                                                    or request.rough_prompt_tokens())
+            pt = usage.prompt_tokens if usage else p.backend.estimate_prompt_tokens(request)
             ct = usage.completion_tokens if usage else n_tokens
             call.record.append(self._attempt(p, win.attempt, win.wait_s, win.started, action, exc=exc,
                                              error_class=error_class, prompt_tokens=pt, completion_tokens=ct))

@@ -205,9 +205,7 @@ def estimate_sample_cost(tier: Any, req: GenerationRequest, rec: CascadeRecord) 
     """What one call of ``tier`` (an engine Tier) for ``req`` may cost at most: the prompt's tokens (the
     tier's own count, at least the longest prompt the live path billed), all of ``req.max_tokens`` answered,
     at the dearest of the tier's and its providers' prices."""
-    from cascade.engine import estimate_prompt_tokens
-
-    prompt = max(estimate_prompt_tokens(tier.backend, req), max((a.prompt_tokens for a in rec.attempts), default=0))
+    prompt = max(tier.backend.estimate_prompt_tokens(req), max((a.prompt_tokens for a in rec.attempts), default=0))
     tc = tier.config
     prices = [tc.price, *(p.price for p in tc.providers or () if p.price is not None)]
     return max(p.cost(prompt, req.max_tokens or tc.max_tokens) for p in prices)

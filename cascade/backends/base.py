@@ -102,6 +102,12 @@ class Backend(abc.ABC):
         """Prompt length in this backend's tokens, when it can tell cheaply (for context checks)."""
         return None
 
+    def estimate_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Prompt length for costs (budgets, a broken stream's bill): :meth:`count_prompt_tokens` where this
+        backend can tell, else a tokenizer-free count that leans high (``GenerationRequest.rough_prompt_tokens``)."""
+        n = self.count_prompt_tokens(request)
+        return request.rough_prompt_tokens() if n is None else n
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={self.model!r})"
 
