@@ -497,6 +497,29 @@ def _artifacts_relative_to(cfg: Config, base: Path) -> Config:
     })
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently: a second ``port:`` or a pasted ``tiers:`` block would quietly replace the first)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class says what is wrong with it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"the key {key!r} is given twice",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str] | None = None,
                  base_dir: str | os.PathLike[str] | None = None) -> Config:
     """Validate a parsed config. ``base_dir``: the directory relative calibrator artifact paths are read
@@ -540,7 +563,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
         except OSError as exc:
             raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

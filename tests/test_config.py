@@ -50,6 +50,10 @@ def test_environment_overrides(tmp_path):
         (GOOD.replace("{chain: [a, b]}", "{chain: []}"), "policies.cascade.chain"),
         (GOOD + "default_policy: nope\n", "default_policy: unknown policy 'nope'"),
         (GOOD.replace("name: b,", "name: a,"), "duplicate tier name"),
+        # a key given twice is refused, not silently last-one-wins; a merge key may still be overridden
+        (GOOD + "default_policy: cascade\ndefault_policy: other\n",
+         "the key 'default_policy' is given twice at line"),
+        (GOOD.replace("{chain: [a, b]}", "{chain: [a, b], chain: [b]}"), "the key 'chain' is given twice"),
     ],
 )
 def test_malformed_configs_name_the_bad_key(tmp_path, text, message):
@@ -59,6 +63,14 @@ def test_malformed_configs_name_the_bad_key(tmp_path, text, message):
         load_config(p, environ={})
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    p = tmp_path / "merge.yaml"
+    p.write_text(GOOD.replace("model: smollm2-135m}", "model: m, price: &p {input_per_1m: 1.0, output_per_1m: 2.0}}")
+                 .replace("model: gpt-4o-mini,", "model: gpt-4o-mini, price: {<<: *p, input_per_1m: 3.0},"))
+    a, b = load_config(p, environ={}).tiers
+    assert (a.price.input_per_1m, b.price.input_per_1m, b.price.output_per_1m) == (1.0, 3.0, 2.0)
 
 
 def test_missing_file_and_bad_env_port(tmp_path):
