@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.config import Config
-from cascade.engine import Engine
+from cascade.engine import Engine, new_request_id
 from cascade.errors import CascadeError
 from serving.errors import error_body, install_error_handlers
 from serving.metrics import Metrics
@@ -65,6 +65,48 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+#: a client's own id for a request (OpenAI's header, and the common one), echoed as ``x-client-request-id``
+_CLIENT_ID_HEADERS = (b"x-client-request-id", b"x-request-id")
+
+
+def _client_request_id(scope: Scope) -> bytes | None:
+    """The client's request id, when it is one that can be echoed as given: 1-128 visible ASCII
+    characters. Anything else is dropped, never trimmed (an altered id matches nothing the client logged)."""
+    for name in _CLIENT_ID_HEADERS:
+        for k, v in scope.get("headers", ()):
+            if k == name:
+                return v if 0 < len(v) <= 128 and all(0x21 <= c <= 0x7E for c in v) else None
+    return None
+
+
+class RequestIdMiddleware:
+    """Give every HTTP request an id and every response an ``x-request-id`` header carrying it (the header
+    the openai SDK reads into ``response._request_id``). A completion's ledger row is filed under the same
+    id, errors included, so the id in any answer finds its row (``GET /v1/feedback/{id}``, ``cascade report``).
+    A client's own ``X-Client-Request-Id`` (or ``X-Request-ID``) is echoed back as ``x-client-request-id``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+        extra = [(b"x-request-id", rid.encode())]
+        client_id = _client_request_id(scope)
+        if client_id is not None:
+            extra.append((b"x-client-request-id", client_id))
+
+        async def send_with_id(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", ()), *extra]}
+            await send(msg)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def create_app(config: Config, *, engine: Engine | None = None, preload: bool = True,
                config_path: str | None = None) -> FastAPI:
     """Build the app. With ``engine=None`` the app opens (and closes) its own engine from ``config``.
@@ -105,7 +147,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app.add_middleware(HotPathMiddleware)  # inside the body limit (the later add_middleware is the outer one)
     app.add_middleware(AuthMiddleware)  # the key before the body: a caller without one learns nothing more
     app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries its id, a 413 or 401 too
     return app
 
 
-__all__ = ["create_app", "BodyLimitMiddleware", "CascadeError"]
+__all__ = ["create_app", "BodyLimitMiddleware", "CascadeError", "RequestIdMiddleware"]

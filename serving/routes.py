@@ -125,7 +125,7 @@ async def _complete(request: Request, body: ChatCompletionRequest | CompletionRe
     engine = _engine(request)
     caller, budget = await _admit(request, body)
     kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
-              budget=budget)
+              budget=budget, request_id=request.scope.get("state", {}).get("request_id"))
     if body.stream:
         return await _stream(request, body, endpoint, kw)
     answered, got = await _unless_disconnected(request, engine.run_uncommitted(body.to_engine(), **kw))

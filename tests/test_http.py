@@ -101,6 +101,33 @@ def test_openai_client_sees_typed_errors(server):
     assert err.value.body["code"] == "model_not_found"
 
 
+def test_every_response_carries_a_request_id_that_finds_its_ledger_row(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    resp = client.chat.completions.create(model="cascade", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=3)
+    rid = resp._request_id  # the openai SDK reads it from x-request-id
+    assert rid and rid == resp.model_extra["cascade"]["request_id"] and resp.id == "chatcmpl-" + rid
+    assert ledger_count(server, f"SELECT COUNT(*) FROM requests WHERE request_id = '{rid}'") == 1
+    # an error the engine recorded: the id in the error response is its row's
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404
+    assert ledger_count(server, f"SELECT status FROM requests WHERE request_id = '{r.headers['x-request-id']}'") \
+        == "error"
+    # errors before the engine, and every other route, still carry a fresh id
+    ids = {httpx.post(server.url + "/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
+           .headers["x-request-id"],
+           httpx.post(server.url + "/v1/chat/completions", content=b"x" * 5000).headers["x-request-id"],
+           httpx.get(server.url + "/health").headers["x-request-id"]}
+    assert len(ids) == 3 and all(i.startswith("casc-") for i in ids)
+    # the client's own id comes back as given; one that cannot be echoed unaltered is dropped
+    r = httpx.get(server.url + "/v1/models", headers={"X-Client-Request-Id": "trace-42/a"})
+    assert r.headers["x-client-request-id"] == "trace-42/a" and r.headers["x-request-id"] != "trace-42/a"
+    assert httpx.get(server.url + "/health", headers={"X-Request-ID": "abc"}).headers["x-client-request-id"] == "abc"
+    assert "x-client-request-id" not in httpx.get(server.url + "/health", headers={"X-Request-ID": "a b"}).headers
+    assert "x-client-request-id" not in httpx.get(server.url + "/health", headers={"X-Request-ID": "x" * 129}).headers
+
+
 def test_malformed_json_and_oversize_body(server):
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
                    headers={"content-type": "application/json"})
