@@ -64,16 +64,31 @@ class TopLogprob:
     token: str
     logprob: float
     token_id: int | None = None
+    #: the token's own bytes, which may be part of a multi-byte character; None: ``token`` encoded as UTF-8
+    raw: bytes | None = None
+
+    @property
+    def utf8(self) -> bytes:
+        return self.token.encode("utf-8") if self.raw is None else self.raw
 
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
-    """One generated token: its text, its logprob under the model, and the top-k alternatives."""
+    """One generated token: its text, its logprob under the model, and the top-k alternatives.
+
+    ``token`` is the text the token adds to the answer: "" for a token that ends inside a multi-byte
+    character, whose next token carries the whole character. ``raw`` is the token's own bytes (as
+    OpenAI's ``bytes``), so the tokens' bytes join to the answer's UTF-8; None: ``token`` encoded."""
 
     token: str
     logprob: float
     token_id: int | None = None
     top: tuple[TopLogprob, ...] = ()
+    raw: bytes | None = None
+
+    @property
+    def utf8(self) -> bytes:
+        return self.token.encode("utf-8") if self.raw is None else self.raw
 
 
 @dataclass(frozen=True, slots=True)

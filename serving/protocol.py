@@ -234,14 +234,10 @@ def _usage(res: GenerationResult) -> dict[str, int]:
             "total_tokens": res.usage.total_tokens}
 
 
-def _bytes(s: str) -> list[int]:
-    return list(s.encode("utf-8"))
-
-
 def chat_logprobs(tokens: tuple[TokenLogprob, ...], top: int) -> dict[str, Any]:
     return {"content": [
-        {"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token),
-         "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": _bytes(a.token)}
+        {"token": t.token, "logprob": t.logprob, "bytes": list(t.utf8),
+         "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.utf8)}
                           for a in t.top[:top]]}
         for t in tokens], "refusal": None}
 

@@ -101,6 +101,28 @@ def test_openai_client_sees_typed_errors(server):
     assert err.value.body["code"] == "model_not_found"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprob_bytes_are_the_tokens_own_bytes(server, stream):
+    """A token that ends inside a multi-byte character has no text of its own ("": the next token carries the
+    character) but has its bytes, as in OpenAI: the tokens' bytes join to the answer's UTF-8."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    kw = dict(model="cascade", messages=[{"role": "user", "content": "Translate 'thank you' into Chinese."}],
+              max_tokens=8, logprobs=True, top_logprobs=2)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        content = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        text, content = choice.message.content, choice.logprobs.content
+    assert any(ord(ch) > 0x7F for ch in text), text  # the model answers in CJK: multi-byte characters
+    split = [t for t in content if t.token == ""]
+    assert split and all(t.bytes for t in split)  # partial characters: bytes, no text
+    assert b"".join(bytes(t.bytes) for t in content) == text.encode("utf-8")
+    assert "".join(t.token for t in content) == text
+    assert all(a.bytes for t in content for a in t.top_logprobs)
+
+
 def test_every_response_carries_a_request_id_that_finds_its_ledger_row(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     resp = client.chat.completions.create(model="cascade", messages=[{"role": "user", "content": "Hi"}],

@@ -40,6 +40,21 @@ async def test_chat_tokens_and_logprobs_match_the_local_backend(remote, smol_bac
     assert res.usage.completion_tokens == local.usage.completion_tokens
 
 
+async def test_token_bytes_pass_through_from_upstream(remote, smol_backend):
+    """Tokens that split a multi-byte character keep the bytes the upstream sent (its ``bytes``)."""
+    q = GenerationRequest(messages=(Message("user", "Translate 'thank you' into Chinese."),), max_tokens=8,
+                          top_logprobs=2)
+    b = OpenAIBackend(model="smol-remote", base_url=remote.url + "/v1")
+    try:
+        res = await b.generate(q)
+    finally:
+        await b.close()
+    local = await smol_backend.generate(q)
+    assert any(t.token == "" for t in res.tokens)  # the answer is CJK: some tokens hold part of a character
+    assert [t.utf8 for t in res.tokens] == [t.utf8 for t in local.tokens]
+    assert b"".join(t.utf8 for t in res.tokens) == res.text.encode("utf-8")
+
+
 async def test_completions_endpoint(remote):
     b = OpenAIBackend(model="smol-remote", base_url=remote.url + "/v1", endpoint="completions")
     try:

@@ -25,6 +25,37 @@ def option_int(tier: str, key: str, value: Any, *, minimum: int = 1, optional: b
     return value
 
 
+def option_number(tier: str, key: str, value: Any, *, low: float = 0.0, high: float = float("inf"),
+                  optional: bool = True) -> float | None:
+    """A backend option that must be a finite number in ``(low, high]``."""
+    from cascade.errors import ConfigError
+
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+        span = f"> {low:g}" if high == float("inf") else f"within ({low:g}, {high:g}]"
+        raise ConfigError(f"tiers.{tier}.options.{key}: must be a number {span}, got {value!r}")
+    return float(value)
+
+
+def option_bool(tier: str, key: str, value: Any) -> bool | None:
+    """A backend option that must be true or false (or unset)."""
+    from cascade.errors import ConfigError
+
+    if value is None or isinstance(value, bool):
+        return value
+    raise ConfigError(f"tiers.{tier}.options.{key}: must be true or false, got {value!r}")
+
+
+def option_str(tier: str, key: str, value: Any) -> str | None:
+    """A backend option that must be a non-empty string (or unset)."""
+    from cascade.errors import ConfigError
+
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    raise ConfigError(f"tiers.{tier}.options.{key}: must be a non-empty string, got {value!r}")
+
+
 def option_url(tier: str, key: str, value: Any) -> str | None:
     """A backend option that must be an http:// or https:// URL with a host (or unset)."""
     from urllib.parse import urlsplit
@@ -155,6 +186,59 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start]
     return ids
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: printable bytes stand for themselves, the rest
+    are shifted to code points from 256 (the table every byte-level BPE tokenizer uses)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+class TokenBytes:
+    """A token id's own bytes, as OpenAI's ``bytes`` gives them: a token may hold part of a multi-byte
+    character (byte-level BPE, SentencePiece byte fallback). ``None`` where the tokenizer's vocabulary
+    does not say (the caller then encodes the token's text), and for special tokens. Cached per id."""
+
+    __slots__ = ("tok", "cache", "alphabet", "special")
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.cache: dict[int, bytes | None] = {}
+        decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
+        self.alphabet = _byte_level_alphabet() if "ByteLevel" in repr(decoder) else None
+        self.special = set(getattr(tok, "all_special_ids", ()) or ())
+
+    def __call__(self, token_id: int) -> bytes | None:
+        try:
+            return self.cache[token_id]
+        except KeyError:
+            pass
+        out: bytes | None = None
+        if token_id not in self.special:
+            try:
+                piece = self.tok.convert_ids_to_tokens(int(token_id))
+            except Exception:  # noqa: BLE001 - an id outside the vocabulary: no bytes to give
+                piece = None
+            if isinstance(piece, str):
+                if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte
+                    try:
+                        out = bytes([int(piece[3:5], 16)])
+                    except ValueError:
+                        out = None
+                elif self.alphabet is not None and all(c in self.alphabet for c in piece):
+                    out = bytes(self.alphabet[c] for c in piece)
+                elif self.alphabet is None and "\u2581" in piece:  # SentencePiece's word marker
+                    out = piece.replace("\u2581", " ").encode("utf-8")
+        self.cache[token_id] = out
+        return out
 
 
 class TokenTexts:

@@ -228,9 +228,19 @@ class OpenAIBackend(Backend):
 def _chat_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
     content = getattr(logprobs, "content", None) or ()
     return tuple(
-        TokenLogprob(token=c.token, logprob=float(c.logprob),
-                     top=tuple(TopLogprob(token=t.token, logprob=float(t.logprob)) for t in (c.top_logprobs or ())))
+        TokenLogprob(token=c.token, logprob=float(c.logprob), raw=_raw(c),
+                     top=tuple(TopLogprob(token=t.token, logprob=float(t.logprob), raw=_raw(t))
+                               for t in (c.top_logprobs or ())))
         for c in content)
+
+
+def _raw(item: Any) -> bytes | None:
+    """The upstream's ``bytes`` of a token (a list of byte values), when it sent them."""
+    b = getattr(item, "bytes", None)
+    try:
+        return bytes(b) if b is not None else None
+    except (TypeError, ValueError):  # not byte values: the token's text stands
+        return None
 
 
 def _completion_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:

