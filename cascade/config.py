@@ -222,6 +222,8 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    #: the request line's target and all header names and values together (beyond: 431)
+    max_header_bytes: int = Field(65_536, ge=1024)
     #: largest max_tokens a client may ask for (per request)
     max_tokens_limit: int = Field(4096, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -23,16 +23,25 @@ class _TooLarge(BaseException):
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``limit`` bytes with 413, by header or by counting what arrives."""
+    """Refuse request bodies over ``limit`` bytes with 413, by header or by counting what arrives, and
+    requests whose target and headers together pass ``header_limit`` bytes with 431 (uvicorn's httptools
+    parser sets no limit of its own)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, header_limit: int = 65_536) -> None:
+        self.app, self.limit, self.header_limit = app, limit, header_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for k, v in scope.get("headers", ()):
+        headers = scope.get("headers", ())
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        size += sum(len(k) + len(v) for k, v in headers)
+        if size > self.header_limit:
+            await _send_error(send, 431, f"request headers are larger than {self.header_limit} bytes",
+                              "request_header_fields_too_large")
+            return
+        for k, v in headers:
             if k == b"content-length" and v.isdigit() and int(v) > self.limit:
                 await self._refuse(send)
                 return
@@ -55,14 +64,17 @@ class BodyLimitMiddleware:
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        import json
+        await _send_error(send, 413, f"request body is larger than {self.limit} bytes", "request_too_large")
 
-        body = json.dumps(error_body(f"request body is larger than {self.limit} bytes",
-                                     "invalid_request_error", code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+
+async def _send_error(send: Send, status: int, message: str, code: str) -> None:
+    """An OpenAI-style error response sent from a middleware, before any route."""
+    import json
+
+    body = json.dumps(error_body(message, "invalid_request_error", code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 #: a client's own id for a request (OpenAI's header, and the common one), echoed as ``x-client-request-id``
@@ -146,7 +158,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app.include_router(router)
     app.add_middleware(HotPathMiddleware)  # inside the body limit (the later add_middleware is the outer one)
     app.add_middleware(AuthMiddleware)  # the key before the body: a caller without one learns nothing more
-    app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes,
+                       header_limit=config.server.max_header_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries its id, a 413 or 401 too
     return app
 

@@ -157,6 +157,10 @@ def test_malformed_json_and_oversize_body(server):
     big = {"model": "cascade", "messages": [{"role": "user", "content": "x" * 5000}]}
     r = httpx.post(server.url + "/v1/chat/completions", json=big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # headers past server.max_header_bytes (64 KiB): 431, before any route or key check
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "cascade"}, headers={"x-pad": "a" * 70_000})
+    assert r.status_code == 431 and r.json()["error"]["code"] == "request_header_fields_too_large"
+    assert httpx.get(server.url + "/health", headers={"x-pad": "a" * 60_000}).status_code == 200
 
 
 def _stable(x):
