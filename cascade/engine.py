@@ -31,7 +31,13 @@ from cascade.errors import (
 )
 from cascade.ledger import Ledger
 from cascade.policy import decide
-from cascade.resilience import DEADLINE_GRACE_S, ProviderAttempt, ResilientBackend, merge_provider_attempts
+from cascade.resilience import (
+    CANCELLED,
+    DEADLINE_GRACE_S,
+    ProviderAttempt,
+    ResilientBackend,
+    merge_provider_attempts,
+)
 from cascade.types import Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage
 
 log = logging.getLogger("cascade.engine")
@@ -328,6 +334,12 @@ class Engine:
                 return
             await self._record_failure(rec, exc, route, t0)
             raise
+        except asyncio.CancelledError:  # the client left before the live tier's first token
+            await agen.aclose()
+            self._mark_cancelled(att, started)
+            merge_provider_attempts(rec.attempts, att, provider_log, served=False)
+            await self._record_failure(rec, None, route, t0)
+            raise
         att.kept, att.decision = True, "final"
         rec.tier, rec.model, rec.escalated = tier.name, tc.model, att.index > 0
         yield StreamStart(record=rec, tier=tier.name)
@@ -437,6 +449,14 @@ class Engine:
         att.error_class, att.error_message = type(exc).__name__, exc.message
 
     @staticmethod
+    def _mark_cancelled(att: Attempt, started: float) -> None:
+        """The attempt in flight when the request was cancelled (its client left): an error row of its own,
+        never a silent success."""
+        att.latency_ms = (time.perf_counter() - started) * 1e3
+        att.decision, att.reason = "error", "cancelled: the client disconnected"
+        att.error_class, att.error_message = CANCELLED, "cancelled"
+
+    @staticmethod
     def _serve_best(answers: list[tuple[Attempt, GenerationResult]], why: str) -> GenerationResult:
         """Serve the most confident answer already in hand (a later tier failed or ran out of budget)."""
         best_att, best = max(answers, key=lambda ar: ar[0].confidence or 0.0)
@@ -533,6 +553,7 @@ class Engine:
                 raise ProviderTimeoutError(f"tier {tier.name!r} did not answer within {timeout:g} s",
                                            provider=tier.name) from exc
         except asyncio.CancelledError:
+            self._mark_cancelled(att, started)
             merge_provider_attempts(attempts, att, provider_log, served=False)
             raise
         except CascadeError as exc:

@@ -35,7 +35,8 @@ def server(tmp_path_factory, fault):
     cfg = make_config(
         tmp, [tier("small", threshold=0.0), remote],
         {"cascade": {"chain": ["small", "remote"]},
-         "remote-first": {"chain": ["remote", "small"], "thresholds": {"remote": 1.0}}},
+         "remote-first": {"chain": ["remote", "small"], "thresholds": {"remote": 1.0}},
+         "small-then-remote": {"chain": ["small", "remote"], "thresholds": {"small": 1.0}}},
         user_tiers={"plain": {}, "budgeted": {"latency_budget_s": 2.5}},
         auth={"keys": [{"id": "k", "sha256": hash_key(KEY), "user_tier": "plain"},
                        {"id": "k-slow", "sha256": hash_key(SLOW_KEY), "user_tier": "budgeted"}]})
@@ -173,15 +174,29 @@ def _send_and_leave(srv, fault, body):
     sock.close()
 
 
-@pytest.mark.parametrize(("model", "stream"), [("remote", False), ("remote-first", True)])
+@pytest.mark.parametrize(("model", "stream"), [
+    ("remote", False), ("remote-first", True),
+    ("remote", True),  # the live tier of a stream, before its first token
+    ("small-then-remote", True), ("small-then-remote", False),  # after a tier answered and was paid
+])
 def test_a_client_that_leaves_cancels_its_request(server, fault, model, stream):
     """The upstream stalls for 30 s; the client gives up at once. The engine cancels the call (the fault
-    server sees the engine's connection go) and records the request as cancelled, long before 30 s."""
+    server sees the engine's connection go) and records the request as cancelled, long before 30 s, with
+    every attempt: the stalled one as a ``Cancelled`` error, a tier that already answered with its cost."""
     fault.faults("stall:30")
     t0 = time.time()
     _send_and_leave(server, fault, {"model": model, "messages": Q, "stream": stream, "max_tokens": 8})
     (row,) = wait_for_row(server, f"policy = '{model}' AND created_at >= {t0}")
     assert row[:2] == ("cancelled", "ClientDisconnected")
+    with sqlite3.connect(server.ledger_path) as c:
+        cost, waste, rid = c.execute("SELECT cost_usd, escalation_waste_usd, request_id FROM requests "
+                                     f"WHERE policy = '{model}' AND created_at >= {t0}").fetchone()
+        atts = c.execute("SELECT tier, decision, error_class, latency_ms, cost_usd FROM attempts "
+                         "WHERE request_id = ? ORDER BY idx", (rid,)).fetchall()
+    assert atts[-1][:3] == ("remote", "error", "Cancelled") and atts[-1][3] > 0
+    if model == "small-then-remote":  # the small tier's answer was paid for: it is in the cost, as waste
+        assert atts[0][:3] == ("small", "escalate", None) and atts[0][4] > 0
+        assert cost == pytest.approx(sum(a[4] for a in atts)) and waste == pytest.approx(cost)
 
 
 # --- streams: the latency budget bounds the whole stream; offsets run on ----------------------------------
