@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,11 +20,30 @@ def error_body(message: str, type_: str, *, param: str | None = None, code: str 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+#: the longest wait an upstream provider's Retry-After may ask of our client: the hint is about our key at
+#: that provider (the engine itself waits at most ``retry.max_retry_after_s`` for it, then falls over)
+MAX_FORWARDED_RETRY_AFTER_S = 60
+
+
+def retry_after_header(exc: CascadeError) -> str | None:
+    """The ``Retry-After`` of an error response, in whole seconds: every 429 and 503 has one (1 s when nobody
+    said); a provider's hint is capped at :data:`MAX_FORWARDED_RETRY_AFTER_S`; our own (a daily limit's
+    reset) is given as it is."""
+    from cascade.errors import ProviderError
+
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is None or not retry_after == retry_after:  # None or NaN
+        return "1" if exc.status_code in (429, 503) else None
+    if isinstance(exc, ProviderError):
+        retry_after = min(retry_after, MAX_FORWARDED_RETRY_AFTER_S)
+    return str(max(1, math.ceil(retry_after)))
+
+
 def error_response(exc: CascadeError) -> JSONResponse:
     headers = {}
-    retry_after = getattr(exc, "retry_after", None)
+    retry_after = retry_after_header(exc)
     if retry_after is not None:
-        headers["retry-after"] = str(max(1, round(retry_after)))
+        headers["retry-after"] = retry_after
     return JSONResponse(error_body(exc.message, exc.error_type, param=exc.param, code=exc.code),
                         status_code=exc.status_code, headers=headers)
 

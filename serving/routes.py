@@ -111,6 +111,7 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
             err = BudgetExceededError(f"daily spend limit of ${lim.daily_spend_limit_usd:g} reached "
                                       f"(${spent:.6f} spent today, UTC)", code="daily_spend_limit")
             err.status_code = 429
+            err.retry_after = utc_day_start() + 86400.0 - time.time()  # the limit resets at 00:00 UTC
             raise err
     return caller, Budget(latency_s=lim.latency_budget_s, on_latency=lim.on_latency_budget,
                           cost_usd=lim.cost_budget_usd, on_cost=lim.on_cost_budget)

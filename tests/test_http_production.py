@@ -4,6 +4,7 @@ import asyncio
 import socket
 import sqlite3
 import threading
+import time
 
 import httpx
 import openai
@@ -159,6 +160,9 @@ def test_cost_budget_truncates_for_batch_and_daily_limit_applies(server):
             c.chat.completions.create(model="small", messages=Q, max_tokens=64)
         except openai.RateLimitError as exc:
             assert exc.body["code"] == "daily_spend_limit"
+            # come back when the limit resets, at 00:00 UTC
+            to_midnight = 86400 - time.time() % 86400
+            assert abs(int(exc.response.headers["retry-after"]) - to_midnight) <= 5
             break
     else:  # pragma: no cover
         pytest.fail("daily spend limit never applied")

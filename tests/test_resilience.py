@@ -392,6 +392,21 @@ async def test_breaker_opens_half_opens_and_closes_through_real_calls(servers, t
         await rb.close()
 
 
+async def test_the_client_gets_a_bounded_retry_after_on_every_429(servers, tmp_path, serve_app):
+    """An upstream's hint is about our key at that provider: forwarded, but at most 60 s (not 28 hours); a
+    429 with no hint still says when to come back."""
+    a = servers["a"]
+    cfg = make_config(tmp_path, [rtier("t", [prov("a", a)], retry={"max_attempts": 2, "base_delay_s": 0.01,
+                                                                  "max_delay_s": 0.02, "max_retry_after_s": 2})])
+    srv = serve_app(cfg)
+    body = {"model": "t", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=srv.url, timeout=10) as client:
+        for faults, expected in ((["429:ra=100000"], "60"), (["429:ra=7"], "7"), (["429", "429"], "1")):
+            a.faults(*faults)  # hints past max_retry_after_s are not waited out; without one, 2 attempts
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 429 and r.headers["retry-after"] == expected, (faults, r.headers)
+
+
 async def test_all_breakers_open_fail_fast_with_503_and_retry_after(servers, tmp_path, serve_app):
     a, b = servers["a"], servers["b"]
     cfg = make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)],
