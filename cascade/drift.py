@@ -41,7 +41,8 @@ class DriftMonitor:
         self.value_gauge = Gauge("cascade_drift_value", "Rolling value of a drift signal over the window",
                                  ["signal"], registry=self.registry)
         self._escalated: deque[int] = deque(maxlen=config.window)
-        self._labelled: deque[tuple[float, int]] = deque(maxlen=config.window)
+        #: (confidence, label) of recently labelled answers, one per request: its latest feedback
+        self._labelled: OrderedDict[str, tuple[float, int]] = OrderedDict()
         #: served confidence of recent requests, for feedback that arrives later (bounded)
         self._confidence: OrderedDict[str, float] = OrderedDict()
         self._keep = max(4 * config.window, 1000)
@@ -65,14 +66,19 @@ class DriftMonitor:
             self._check_escalation()
 
     def observe_feedback(self, request_id: str, score: int) -> None:
-        """A label for a recent answer: score > 0 right, < 0 wrong, 0 no label."""
-        if score == 0 or self.config.max_ece is None:
+        """A label for a recent answer: score > 0 right, < 0 wrong, 0 no label. The latest feedback on a
+        request is its label (a user who changes their mind replaces it; repeating it counts once)."""
+        if self.config.max_ece is None:
             return
         with self._lock:
             conf = self._confidence.get(request_id)
             if conf is None:
                 return
-            self._labelled.append((conf, 1 if score > 0 else 0))
+            self._labelled.pop(request_id, None)
+            if score != 0:
+                self._labelled[request_id] = (conf, 1 if score > 0 else 0)
+                while len(self._labelled) > self.config.window:
+                    self._labelled.popitem(last=False)
             self._check_ece()
 
     # --- judging ---------------------------------------------------------------------------------
@@ -96,7 +102,7 @@ class DriftMonitor:
         n = len(self._labelled)
         if n == 0:
             return
-        e = ece([c for c, _ in self._labelled], [y for _, y in self._labelled])
+        e = ece([c for c, _ in self._labelled.values()], [y for _, y in self._labelled.values()])
         self._set_value("ece", e)
         limit = self.config.max_ece
         if limit is None or n < self.config.min_labels:

@@ -57,8 +57,8 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
     rows = ledger.execute_dicts(
         "SELECT a.request_id AS request_id, r.created_at AS created_at, a.kept AS kept, a.features AS features, "
         "a.confidence AS confidence, a.answer_sig AS sig, "
-        "(SELECT SUM(CASE WHEN f.score > 0 THEN 1 WHEN f.score < 0 THEN -1 ELSE 0 END) FROM feedback f "
-        " WHERE f.request_id = a.request_id) AS feedback, "
+        # the latest feedback on a request is its label: a user who changes their mind replaces it
+        "(SELECT f.score FROM feedback f WHERE f.request_id = a.request_id ORDER BY f.id DESC LIMIT 1) AS feedback, "
         "(SELECT b.answer_sig FROM attempts b WHERE b.request_id = a.request_id AND b.idx > a.idx "
         " AND b.tier <> a.tier AND b.error_class IS NULL AND b.answer_sig IS NOT NULL "
         " ORDER BY b.idx DESC LIMIT 1) AS stronger_sig "

@@ -366,7 +366,10 @@ async def _own_request(request: Request, request_id: str) -> dict:
 @router.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, request: Request) -> dict:
     engine = _engine(request)
-    await _own_request(request, body.request_id)
+    row = await _own_request(request, body.request_id)
+    if row["status"] not in ("ok", "partial"):  # feedback labels an answer: there was none
+        raise InvalidRequestError(f"request {body.request_id!r} served no answer (status {row['status']!r}): "
+                                  "feedback is for answers", param="request_id", code="request_not_answered")
     fid = await engine.ledger.add_feedback(body.request_id, body.score, body.comment)
     if _metrics(request).drift is not None:  # a label for the rolling ECE (cascade/drift.py)
         _metrics(request).drift.observe_feedback(body.request_id, body.score)

@@ -221,5 +221,10 @@ def test_feedback_is_stored(server):
     assert r.status_code == 200 and r.json()["request_id"] == rid
     assert httpx.post(server.url + "/v1/feedback", json={"request_id": "nope", "score": 1}).status_code == 404
     assert httpx.post(server.url + "/v1/feedback", json={"request_id": rid, "score": 5}).status_code == 400
+    # a request that served no answer (in the ledger as an error) takes no feedback
+    failed = httpx.post(server.url + "/v1/chat/completions", json={"model": "nope", "messages": [
+        {"role": "user", "content": "x"}]}).headers["x-request-id"]
+    r = httpx.post(server.url + "/v1/feedback", json={"request_id": failed, "score": -1})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "request_not_answered"
     with sqlite3.connect(server.ledger_path) as c:
         assert c.execute("SELECT score, comment FROM feedback WHERE request_id=?", (rid,)).fetchall() == [(1, "good")]

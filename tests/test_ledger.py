@@ -113,3 +113,21 @@ async def test_old_ledger_is_migrated_and_shadow_samples_are_idempotent(target):
         assert (await ledger.query("SELECT COUNT(*) FROM shadow_decisions"))[0][0] == 2
         with pytest.raises(LedgerError, match="shadow 'strict' of request missing"):  # no such request
             await ledger.record_shadow_sample("missing", 0.0, decision, [_shadow_call(0, 1e-4)], [0.0])
+
+
+async def test_the_latest_feedback_on_a_request_is_its_label(target):
+    """A user who changes their mind replaces the label (votes are not summed: +1 +1 -1 was +1, +1 -1 was
+    no label); a later 0 withdraws it."""
+    from cascade.recalibrate import labelled_answers
+
+    async with Ledger(target) as ledger:
+        votes = {"r1": [1, 1, -1], "r2": [1, -1, 1], "r3": [-1, 1], "r4": [1, 0], "r5": [-1, -1, -1]}
+        for i in range(1, 6):
+            rec = record(i)
+            rec.attempts[1].features = {"mean_logprob": -0.5}  # the served answer, with its features
+            await ledger.record(rec)
+        for rid, scores in votes.items():
+            for s in scores:
+                await ledger.add_feedback(rid, s)
+        labels = {r["request_id"]: r["label"] for r in labelled_answers(ledger, "large", sources=("feedback",))}
+    assert labels == {"r1": 0, "r2": 1, "r3": 1, "r5": 0}

@@ -243,3 +243,21 @@ def test_drift_monitor_logs_once_per_transition(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "cascade.drift"]
     assert [ln.split(":")[0] for ln in lines] == ["drift alarm on", "drift alarm off"]
     assert 'cascade_drift_alarm{signal="escalation_rate"} 0.0' in generate_latest(mon.registry).decode()
+
+
+def test_drift_ece_counts_each_request_once_with_its_latest_label():
+    from cascade.config import DriftConfig
+    from cascade.drift import DriftMonitor
+    from cascade.types import CascadeRecord
+
+    mon = DriftMonitor(DriftConfig(window=10, max_ece=0.5, min_labels=1))
+    for i in range(3):
+        mon.observe(CascadeRecord(request_id=f"r{i}", policy="p", created_at=0.0, tier="t", confidence=0.9))
+    for _ in range(5):  # one user voting again and again is one label
+        mon.observe_feedback("r0", 1)
+    assert mon.state()["labelled"] == 1 and mon.values["ece"] == pytest.approx(0.1)
+    mon.observe_feedback("r0", -1)  # a changed mind replaces the label
+    assert mon.state()["labelled"] == 1 and mon.values["ece"] == pytest.approx(0.9)
+    mon.observe_feedback("r1", 1)
+    mon.observe_feedback("r0", 0)  # withdrawn
+    assert mon.state()["labelled"] == 1 and mon.values["ece"] == pytest.approx(0.1)
