@@ -26,6 +26,7 @@ from cascade.errors import (
     ConfigError,
     ContextLengthExceededError,
     ProviderContextLengthError,
+    ProviderInvalidRequestError,
     ProviderTimeoutError,
     UnknownModelError,
 )
@@ -322,7 +323,7 @@ class Engine:
             await agen.aclose()
             self._mark_error(att, exc, started)
             merge_provider_attempts(rec.attempts, att, provider_log, served=False)
-            if answers and exc.fall_over:
+            if answers and _serves_answer_in_hand(exc):
                 best = self._serve_best(answers, f"{tier.name!r} failed before its first token ({type(exc).__name__})")
                 self._finish(rec, route=route, t0=t0)
                 kept = next(a for a in rec.attempts if a.kept)
@@ -516,7 +517,7 @@ class Engine:
                 if escalate and not is_last:
                     log.warning("tier %s failed (%s); escalating", tier.name, type(exc).__name__)
                     continue
-                if answers and exc.fall_over:
+                if answers and _serves_answer_in_hand(exc):
                     # the last tier failed: serve the best answer already in hand rather than nothing
                     return self._serve_best(answers, f"{tier.name!r} failed ({type(exc).__name__})")
                 raise
@@ -591,6 +592,14 @@ class Engine:
             c_tok = ref.completion_tokens if ref else 0
             rec.baseline_cost_usd = last.config.price.cost(p_tok, c_tok)
             rec.baseline_estimated = True
+
+
+def _serves_answer_in_hand(exc: CascadeError) -> bool:
+    """When the last tier fails with ``exc``, is an earlier tier's answer served instead of the error? Yes
+    for a failure another provider might not have had (``fall_over``), and for the last tier refusing as
+    invalid, or as too long, a request an earlier tier answered: that is a mismatch between the tiers (a
+    smaller context, stricter validation), and the client's request was answered and paid for."""
+    return exc.fall_over or isinstance(exc, (ContextLengthExceededError, ProviderInvalidRequestError))
 
 
 def new_request_id() -> str:

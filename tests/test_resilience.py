@@ -273,6 +273,28 @@ async def test_context_length_escalates_to_the_bigger_tier(servers, make_engine,
                                                   (1, "big", "c", "final", None, 1)]
 
 
+@pytest.mark.parametrize("fault", ["context", "400"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_last_tier_refusing_serves_the_answer_in_hand(servers, make_engine, tmp_path, fault, stream):
+    """The first tier answered (and was paid); the last tier refuses the same request as too long or invalid:
+    a mismatch between tiers, not the client's fault. The answer in hand is served, as for a 5xx."""
+    a, c = servers["a"], servers["c"]
+    eng = await make_engine([rtier("t", [prov("a", a)]), rtier("big", [prov("c", c)])],
+                            {"esc": {"chain": ["t", "big"], "thresholds": {"t": 1.0}}})
+    c.faults(fault)
+    if stream:
+        events = [ev async for ev in eng.stream(Q, model="esc", request_id="casc-refused")]
+        rec = events[-1].record
+        assert type(events[-1]).__name__ == "StreamEnd" and "".join(
+            e.text for e in events if type(e).__name__ == "StreamDelta") == "Paris is the capital"
+    else:
+        rec = (await eng.run(Q, model="esc", request_id="casc-refused")).record
+    assert rec.status == "ok" and rec.tier == "t" and not rec.escalated
+    err = "ProviderContextLengthError" if fault == "context" else "ProviderInvalidRequestError"
+    assert attempt_rows(tmp_path, "casc-refused") == [(0, "t", "a", "accept", None, 1),
+                                                      (1, "big", "c", "error", err, 0)]
+
+
 async def test_one_deadline_bounds_retries_and_fallbacks(servers, make_engine, tmp_path):
     """Tier timeout 1 s: A may use 0.6 s, B only what is left; then the next tier answers."""
     a, b, c = servers["a"], servers["b"], servers["c"]
