@@ -17,6 +17,9 @@ class CascadeError(Exception):
     code: str | None = None
     #: May another provider or tier be tried after this error?
     fall_over: bool = False
+    #: May the client usefully repeat the request soon? False is sent as ``x-should-retry: false`` (which the
+    #: openai SDKs obey); None leaves it to the status (SDKs retry 408, 409, 429 and 5xx)
+    should_retry: bool | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -140,6 +143,7 @@ class ProviderAuthError(ProviderError):
     """401/403 from a provider: our credentials are wrong. Fall over, mark unhealthy."""
 
     error_type = "provider_auth_error"
+    should_retry = False  # until an operator fixes the key
 
 
 class RateLimitedError(ProviderError):

@@ -44,17 +44,24 @@ def error_response(exc: CascadeError) -> JSONResponse:
     retry_after = retry_after_header(exc)
     if retry_after is not None:
         headers["retry-after"] = retry_after
+    if exc.should_retry is not None:
+        headers["x-should-retry"] = "true" if exc.should_retry else "false"
     return JSONResponse(error_body(exc.message, exc.error_type, param=exc.param, code=exc.code),
                         status_code=exc.status_code, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError, content_type: str = "application/json") -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "), None
+    if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
+        if content_type.split(";", 1)[0].strip().lower() != "application/json":
+            return (f"the request body must be JSON sent with content-type: application/json "
+                    f"(got {content_type or 'no content-type'})"), None
+        return "the request body must be a JSON object", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # drop pydantic's union-branch labels (e.g. "str", "list[TextPart]") from the location
     loc = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool")]
@@ -84,7 +91,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        msg, param = _validation_message(exc)
+        msg, param = _validation_message(exc, request.headers.get("content-type", ""))
         return JSONResponse(error_body(msg, "invalid_request_error", param=param, code="invalid_request"),
                             status_code=400)
 

@@ -56,10 +56,32 @@ class TextPart(_Wire):
     text: str
 
 
+#: fields of an assistant message that OpenAI's responses carry (the openai SDK sends them back as they came,
+#: null when unused, e.g. ``messages.append(response.choices[0].message)``): accepted when empty
+_ASSISTANT_ECHO_FIELDS = ("refusal", "tool_calls", "function_call", "audio", "annotations", "reasoning_content")
+
+
 class ChatMessage(_Wire):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
+    role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_empty_response_fields(cls, data: Any) -> Any:
+        """An assistant message as OpenAI (and this server) returned it: its unused fields are null, or an
+        empty list, and mean nothing; a tool call or an audio answer is refused as unsupported."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("role") == "tool":
+            raise ValueError("tool messages are not supported (this server has no tools)")
+        if data.get("role") == "assistant" and any(k in data for k in _ASSISTANT_ECHO_FIELDS):
+            for k in _ASSISTANT_ECHO_FIELDS:
+                v = data.get(k)
+                if v not in (None, [], ""):
+                    raise ValueError(f"{k}: assistant messages with {k} are not supported")
+            data = {k: v for k, v in data.items() if k not in _ASSISTANT_ECHO_FIELDS}
+        return data
 
     @model_validator(mode="after")
     def _has_content(self) -> "ChatMessage":
@@ -94,6 +116,20 @@ class _GenerationParams(_Request):
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # accepted and without effect here, as OpenAI's own parameters for its service (what a request is
+    # stored or tagged as, its cache key, priority and abuse id; the effort of reasoning models)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    reasoning_effort: str | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "_GenerationParams":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
 
     @field_validator("n")
     @classmethod
@@ -124,11 +160,16 @@ class _GenerationParams(_Request):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class ResponseFormat(_Wire):
+    type: Literal["text"]  # plain text, the default; JSON modes are not supported
+
+
 class ChatCompletionRequest(_GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     logprobs: bool = Field(False, strict=True)
     top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -138,7 +179,9 @@ class ChatCompletionRequest(_GenerationParams):
 
     def to_engine(self) -> GenerationRequest:
         return GenerationRequest(
-            messages=tuple(Message(role=m.role, content=m.text()) for m in self.messages),
+            # "developer" is OpenAI's name for the system role of newer models; chat templates know "system"
+            messages=tuple(Message(role="system" if m.role == "developer" else m.role, content=m.text())
+                           for m in self.messages),
             max_tokens=self.max_completion_tokens or self.max_tokens, temperature=self.temperature,
             top_p=self.top_p, stop=self.stop_tuple(), top_logprobs=self.top_logprobs or 0, seed=self.seed)
 

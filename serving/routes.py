@@ -98,10 +98,11 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
     if model in engine.config.policies or model in engine.tiers:
         authorize(caller, model)
     limit = engine.config.server.max_tokens_limit
-    asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    asked = getattr(body, param)
     if asked is not None and asked > limit:
-        raise InvalidRequestError(f"max_tokens: {asked} is above this server's limit of {limit}",
-                                  param="max_tokens", code="invalid_value")
+        raise InvalidRequestError(f"{param}: {asked} is above this server's limit of {limit}",
+                                  param=param, code="invalid_value")
     lim = caller.limits
     if lim is None:
         return caller, Budget()
@@ -112,6 +113,7 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
                                       f"(${spent:.6f} spent today, UTC)", code="daily_spend_limit")
             err.status_code = 429
             err.retry_after = utc_day_start() + 86400.0 - time.time()  # the limit resets at 00:00 UTC
+            err.should_retry = False  # not before then: clients' quick retries would only be refused again
             raise err
     return caller, Budget(latency_s=lim.latency_budget_s, on_latency=lim.on_latency_budget,
                           cost_usd=lim.cost_budget_usd, on_cost=lim.on_cost_budget)
@@ -351,6 +353,14 @@ async def list_models(request: Request) -> dict:
     if allowed:
         data = [d for d in data if d["id"] in allowed]
     return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict:
+    for entry in (await list_models(request))["data"]:
+        if entry["id"] == model_id:
+            return entry
+    raise NotFoundError(f"model {model_id!r} does not exist", param="model", code="model_not_found")
 
 
 async def _own_request(request: Request, request_id: str) -> dict:

@@ -1,5 +1,6 @@
 """The HTTP endpoint on a real uvicorn server, driven by the official openai client, unchanged."""
 
+import json
 import sqlite3
 
 import httpx
@@ -148,6 +149,52 @@ def test_every_response_carries_a_request_id_that_finds_its_ledger_row(server):
     assert httpx.get(server.url + "/health", headers={"X-Request-ID": "abc"}).headers["x-client-request-id"] == "abc"
     assert "x-client-request-id" not in httpx.get(server.url + "/health", headers={"X-Request-ID": "a b"}).headers
     assert "x-client-request-id" not in httpx.get(server.url + "/health", headers={"X-Request-ID": "x" * 129}).headers
+
+
+def test_the_sdk_conversation_pattern_and_openai_parameters(server):
+    """What the openai SDK and agent frameworks send: the assistant message as it came back (``refusal``,
+    ``tool_calls``... null), a ``developer`` message (the system role), OpenAI's service parameters."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    msgs = [{"role": "user", "content": "Hi"}]
+    first = client.chat.completions.create(model="cascade", messages=msgs, max_tokens=3)
+    again = client.chat.completions.create(model="cascade", max_tokens=3, messages=[
+        *msgs, first.choices[0].message, {"role": "user", "content": "And?"}])
+    assert again.choices[0].message.content
+    dumped = first.choices[0].message.model_dump()  # every field, the unused ones null
+    assert {"refusal", "tool_calls", "audio"} <= set(dumped)
+    client.chat.completions.create(model="cascade", max_tokens=3, messages=[*msgs, dumped])
+    # developer = system: the same prompt, token for token
+    usage = [client.chat.completions.create(
+        model="cascade", max_tokens=1, messages=[{"role": role, "content": "Answer in French."}, *msgs]
+    ).usage.prompt_tokens for role in ("system", "developer")]
+    assert usage[0] == usage[1]
+    client.chat.completions.create(
+        model="cascade", messages=msgs, max_tokens=2, store=False, metadata={"team": "a"}, service_tier="auto",
+        safety_identifier="u1", prompt_cache_key="k", reasoning_effort="low", response_format={"type": "text"})
+    for bad, fragment in (
+            ({"messages": [*msgs, {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+             "tool_calls are not supported"),
+            ({"messages": [*msgs, {"role": "tool", "content": "42", "tool_call_id": "c1"}]},
+             "tool messages are not supported"),
+            ({"messages": msgs, "response_format": {"type": "json_object"}}, "response_format"),
+            ({"messages": msgs, "stream_options": {"include_usage": True}}, "only allowed when stream is true"),
+            ({"messages": msgs, "max_completion_tokens": 100_000}, "max_completion_tokens: 100000 is above")):
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": "cascade", **bad})
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], (bad, r.text)
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps({"model": "cascade", "messages": msgs}),
+                   headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "content-type: application/json" in r.json()["error"]["message"]
+
+
+def test_models_can_be_retrieved_one_by_one(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    listed = {m.id: m for m in client.models.list().data}
+    got = client.models.retrieve("cascade")
+    assert got.id == "cascade" and got.model_dump() == listed["cascade"].model_dump()
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-17")
+    assert err.value.body["code"] == "model_not_found"
 
 
 def test_malformed_json_and_oversize_body(server):

@@ -163,6 +163,7 @@ def test_cost_budget_truncates_for_batch_and_daily_limit_applies(server):
             # come back when the limit resets, at 00:00 UTC
             to_midnight = 86400 - time.time() % 86400
             assert abs(int(exc.response.headers["retry-after"]) - to_midnight) <= 5
+            assert exc.response.headers["x-should-retry"] == "false"  # the openai SDK would retry a 429
             break
     else:  # pragma: no cover
         pytest.fail("daily spend limit never applied")

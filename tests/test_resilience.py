@@ -414,7 +414,7 @@ async def test_breaker_opens_half_opens_and_closes_through_real_calls(servers, t
         await rb.close()
 
 
-async def test_the_client_gets_a_bounded_retry_after_on_every_429(servers, tmp_path, serve_app):
+async def test_the_client_is_told_when_and_whether_to_retry(servers, tmp_path, serve_app):
     """An upstream's hint is about our key at that provider: forwarded, but at most 60 s (not 28 hours); a
     429 with no hint still says when to come back."""
     a = servers["a"]
@@ -427,6 +427,12 @@ async def test_the_client_gets_a_bounded_retry_after_on_every_429(servers, tmp_p
             a.faults(*faults)  # hints past max_retry_after_s are not waited out; without one, 2 attempts
             r = client.post("/v1/chat/completions", json=body)
             assert r.status_code == 429 and r.headers["retry-after"] == expected, (faults, r.headers)
+            assert "x-should-retry" not in r.headers  # the status says it: come back later
+        # our key refused upstream: nothing to gain from the client's retries (the openai SDK retries a 502)
+        a.faults("401")
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 502 and r.json()["error"]["type"] == "provider_auth_error"
+        assert r.headers["x-should-retry"] == "false"
 
 
 async def test_all_breakers_open_fail_fast_with_503_and_retry_after(servers, tmp_path, serve_app):
