@@ -295,6 +295,15 @@ class ProviderAttempt:
         return f"{head}: {self.error_class}{status}; {nxt.get(self.action, self.action)}"
 
 
+def billed_prompt(backend: Any, request: GenerationRequest, exc: CascadeError | None) -> int:
+    """The prompt tokens a failed call is billed for: its estimated prompt when the provider was working on it
+    when the call ended (a timeout, or ``exc=None``: cancelled in flight), none when it answered with an error
+    (providers do not bill error responses) or could not be reached."""
+    if exc is None or isinstance(exc, ProviderTimeoutError):
+        return backend.estimate_prompt_tokens(request)
+    return 0
+
+
 def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log: Sequence[ProviderAttempt],
                             *, served: bool) -> None:
     """Turn one tier attempt row into one row per provider attempt (for the engine's ledger record).
@@ -544,12 +553,14 @@ class ResilientBackend(Backend):
                         value = await attempt_fn(p, timeout)
                 except asyncio.CancelledError:
                     p.breaker.release(permit)
-                    call.record.append(self._attempt(p, n, wait, started, "cancelled", error_class=CANCELLED))
+                    call.record.append(self._attempt(p, n, wait, started, "cancelled", error_class=CANCELLED,
+                                                     prompt_tokens=billed_prompt(p.backend, request, None)))
                     raise
                 except Exception as raw:  # noqa: BLE001 - every failure is classified, none escapes raw
                     exc = classify(raw, p.name, timeout_s=timeout)
                     action, next_wait = self._verdict(p, permit, exc, n, call.deadline)
-                    call.record.append(self._attempt(p, n, wait, started, action, exc=exc))
+                    call.record.append(self._attempt(p, n, wait, started, action, exc=exc,
+                                                     prompt_tokens=billed_prompt(p.backend, request, exc)))
                     if action == "raise":
                         raise self._attach(exc, call) from exc.__cause__
                     last = exc
@@ -670,4 +681,4 @@ async def _aclose(it: Any) -> None:
 
 
 __all__ = ["CircuitBreaker", "Permit", "Provider", "ProviderAttempt", "ResilientBackend", "RetryPolicy",
-           "classify", "merge_provider_attempts", "redact", "CANCELLED", "DEADLINE_GRACE_S", "MIN_ATTEMPT_S"]
+           "billed_prompt", "classify", "merge_provider_attempts", "redact", "CANCELLED", "DEADLINE_GRACE_S", "MIN_ATTEMPT_S"]

@@ -241,6 +241,9 @@ async def test_timeout_falls_over_at_once(servers, make_engine, tmp_path):
     a0, a1 = out.record.attempts
     assert a0.error_class == "ProviderTimeoutError" and 500 <= a0.latency_ms <= 500 + TOL * 1e3
     assert a1.kept and a1.backend == "b"
+    # the provider was working on it when we gave up: its (estimated) prompt is billed, as waste
+    assert a0.prompt_tokens == Q.rough_prompt_tokens() and a0.completion_tokens == 0
+    assert a0.cost_usd == pytest.approx(a0.prompt_tokens * 1e-6) and out.record.escalation_waste_usd == a0.cost_usd
     assert attempt_rows(tmp_path, "casc-slow") == [(0, "t", "a", "error", "ProviderTimeoutError", 0),
                                                    (1, "t", "b", "final", None, 1)]
 
