@@ -287,8 +287,7 @@ class Engine:
             self._finish(rec, route=route, t0=t0)
             await self._submit(rec, request)
             yield StreamStart(record=rec, tier=kept.tier)
-            pieces = [StreamChunk(text=t.token, tokens=(t,)) for t in outcome.tokens] or [StreamChunk(outcome.text)]
-            for chunk in pieces:
+            for chunk in outcome.replay():  # the text as served whole (stop-trimmed), its tokens cut to it
                 yield StreamDelta(chunk.text, chunk.tokens)
             yield StreamEnd(record=rec, finish_reason=outcome.finish_reason, usage=outcome.usage)
             return
@@ -329,8 +328,8 @@ class Engine:
                 kept = next(a for a in rec.attempts if a.kept)
                 await self._submit(rec, live.original)
                 yield StreamStart(record=rec, tier=kept.tier)
-                for t in best.tokens:
-                    yield StreamDelta(t.token, (t,))
+                for chunk in best.replay():
+                    yield StreamDelta(chunk.text, chunk.tokens)
                 yield StreamEnd(record=rec, finish_reason=best.finish_reason, usage=best.usage)
                 return
             await self._record_failure(rec, exc, route, t0)

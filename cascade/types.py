@@ -91,6 +91,76 @@ class TokenLogprob:
         return self.token.encode("utf-8") if self.raw is None else self.raw
 
 
+def fit_tokens(tokens: "tuple[TokenLogprob, ...] | list[TokenLogprob]", text: str) -> tuple[TokenLogprob, ...]:
+    """The tokens of an answer cut to ``text``, the part of their text that was kept (a stop sequence cut
+    the answer): tokens are kept while they fit; the one that straddles the cut keeps its text before the
+    cut, and as ``raw`` the bytes that the kept tokens still lack of that text's UTF-8 (so a character begun
+    by an earlier token's partial bytes is completed, not repeated); the rest are dropped, as is a token
+    with nothing before the cut (a partial character's "" token right at it).
+
+    Then ``"".join(t.token for t in out) == text`` and ``b"".join(t.utf8 for t in out) == text.encode()``
+    for tokens that joined to a text ``text`` begins. Tokens that already join to ``text`` come back as
+    they are. Logprobs and alternatives are left alone: they are the model's for the token it generated.
+    """
+    tokens = tuple(tokens)
+    if "".join(t.token for t in tokens) == text:
+        return tokens
+    cut, out, pos = len(text), [], 0
+    for t in tokens:
+        if pos >= cut:
+            break
+        end = pos + len(t.token)
+        if end <= cut:
+            out.append(t)
+            pos = end
+            continue
+        piece = t.token[: cut - pos]
+        target, done = text.encode("utf-8"), b"".join(k.utf8 for k in out)
+        raw = target[len(done):] if target.startswith(done) else piece.encode("utf-8")
+        out.append(replace(t, token=piece, raw=None if t.raw is None and raw == piece.encode("utf-8") else raw))
+        break
+    return tuple(out)
+
+
+class HeldTokens:
+    """A stream's tokens held back while a stop sequence may still cut them, for servers that hold back
+    the text that could begin a stop sequence (vLLM, OpenAI-compatible servers): :meth:`feed` takes each
+    chunk's text and tokens and gives back the tokens whose text the text sent so far covers whole;
+    :meth:`finish` gives the rest, cut to the text left (:func:`fit_tokens`) when a stop sequence ended
+    the answer. All the tokens given back then join to the text fed, in characters and in UTF-8 bytes."""
+
+    __slots__ = ("text", "released", "token_end", "sent_end", "held")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.released = 0   # characters of text fed so far
+        self.token_end = 0  # characters covered by the tokens fed so far
+        self.sent_end = 0   # characters covered by the tokens given back so far
+        self.held: list[tuple[int, TokenLogprob]] = []  # (start position, token) not given back yet
+
+    def feed(self, text: str, tokens: "tuple[TokenLogprob, ...] | list[TokenLogprob]") -> tuple[TokenLogprob, ...]:
+        self.text.append(text)
+        self.released += len(text)
+        for t in tokens:
+            self.held.append((self.token_end, t))
+            self.token_end += len(t.token)
+        n = 0
+        for start, t in self.held:
+            if start >= self.released or start + len(t.token) > self.released:
+                break
+            n += 1
+        if n:
+            start, t = self.held[n - 1]
+            self.sent_end = start + len(t.token)
+        out, self.held = tuple(t for _start, t in self.held[:n]), self.held[n:]
+        return out
+
+    def finish(self, cut: bool = True) -> tuple[TokenLogprob, ...]:
+        """The tokens still held, cut to the text left when ``cut`` (a stop sequence ended the answer)."""
+        held, self.held = [t for _start, t in self.held], []
+        return fit_tokens(held, "".join(self.text)[self.sent_end:]) if cut else tuple(held)
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int = 0
@@ -111,6 +181,15 @@ class GenerationResult:
     model: str
     #: seconds from the call to the first generated token, when the backend knows it
     ttft_s: float | None = None
+
+    def replay(self) -> "list[StreamChunk]":
+        """The answer as stream chunks, one per token (an answer generated whole, sent as a stream): their
+        texts join to ``text`` and their tokens are ``tokens`` cut to it (:func:`fit_tokens`). Tokens that
+        do not join to the text go in one chunk with the whole text; no tokens: one chunk with the text."""
+        tokens = fit_tokens(self.tokens, self.text)
+        if tokens and "".join(t.token for t in tokens) == self.text:
+            return [StreamChunk(text=t.token, tokens=(t,)) for t in tokens]
+        return [StreamChunk(text=self.text, tokens=tokens)]
 
 
 @dataclass(frozen=True, slots=True)

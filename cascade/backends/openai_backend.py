@@ -26,7 +26,16 @@ from cascade.errors import (
     ProviderTimeoutError,
     RateLimitedError,
 )
-from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
+from cascade.types import (
+    GenerationRequest,
+    GenerationResult,
+    HeldTokens,
+    StreamChunk,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    fit_tokens,
+)
 
 _CONTEXT_MARKERS = ("context length", "context_length", "maximum context", "too many tokens", "prompt is too long")
 
@@ -186,12 +195,15 @@ class OpenAIBackend(Backend):
                 tokens = _completion_tokens(choice.logprobs)
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, self.name) from exc
+        generated = len(tokens)
+        if request.stop:  # a server may send the logprobs of the tokens its stop sequence cut away
+            tokens = fit_tokens(tokens, text)
         latency = time.perf_counter() - t0
         usage = resp.usage
         return GenerationResult(
             text=text, tokens=tokens, finish_reason=choice.finish_reason or "stop",
             usage=Usage(prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                        completion_tokens=getattr(usage, "completion_tokens", 0) or len(tokens)),
+                        completion_tokens=getattr(usage, "completion_tokens", 0) or generated),
             latency_s=latency, model=getattr(resp, "model", None) or self.model)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
@@ -202,6 +214,9 @@ class OpenAIBackend(Backend):
         kw["stream"] = True
         kw["stream_options"] = {"include_usage": True}
         chat = self._use_chat(request)
+        # with stop sequences, a token goes out once the text sent covers it (the stop may cut it): the
+        # tokens then join to the text, whatever logprobs of cut tokens the server sends
+        hold = HeldTokens() if request.stop else None
         try:
             api = self._client.chat.completions if chat else self._client.completions
             stream = await api.create(**kw)
@@ -216,11 +231,14 @@ class OpenAIBackend(Backend):
                     else:
                         text, toks = ch.text or "", _completion_tokens(ch.logprobs)
                     finish = ch.finish_reason or finish
+                    if hold is not None:
+                        toks = hold.feed(text, toks)
                     if text or toks:
                         yield StreamChunk(text=text, tokens=toks)
                 if ev.usage is not None:
                     usage = Usage(ev.usage.prompt_tokens or 0, ev.usage.completion_tokens or 0)
-            yield StreamChunk(text="", finish_reason=finish or "stop", usage=usage)
+            yield StreamChunk(text="", tokens=hold.finish() if hold is not None else (),
+                              finish_reason=finish or "stop", usage=usage)
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, self.name) from exc
 

@@ -24,7 +24,15 @@ from typing import Any
 
 from cascade.backends.base import Backend, StartOnce, TokenBytes, TokenTexts, option_int, prompt_token_ids
 from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServerError
-from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
+from cascade.types import (
+    GenerationRequest,
+    GenerationResult,
+    StreamChunk,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    fit_tokens,
+)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _compute_lock = threading.Lock()
@@ -428,7 +436,9 @@ class TransformersBackend(Backend):
             texts = TokenTexts(tok)
             pieces = [texts.push(t) for t in ids[:n]]
             text = "".join(pieces)
-            # stop strings: cut the text at the earliest one, and the tokens after it
+            # stop strings: cut the text at the earliest one, and the tokens to it (fit_tokens, below): the
+            # ones after it go, the one it cuts keeps its part before the cut
+            cut = None
             if p.request.stop:
                 cuts = [text.find(s) for s in p.request.stop if s and text.find(s) >= 0]
                 if cuts:
@@ -450,5 +460,5 @@ class TransformersBackend(Backend):
                         for v, a in zip(top_vals[i, j, :k].tolist(), top_ids[i, j, :k].tolist(), strict=True))
                 toks.append(TokenLogprob(token=pieces[j], logprob=float(chosen[i, j]), token_id=int(ids[j]),
                                          top=alts, raw=raw(int(ids[j]))))
-            results.append((text, tuple(toks), finish, ttft))
+            results.append((text, fit_tokens(toks, text) if cut is not None else tuple(toks), finish, ttft))
         return results

@@ -63,7 +63,15 @@ from cascade.errors import (
     ProviderServerError,
     ProviderTimeoutError,
 )
-from cascade.types import GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, TopLogprob, Usage
+from cascade.types import (
+    GenerationRequest,
+    GenerationResult,
+    HeldTokens,
+    StreamChunk,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 
 #: options a tier may set (besides ``engine_args``, passed to vLLM's AsyncEngineArgs as they are)
 KNOWN_OPTIONS = (
@@ -85,9 +93,11 @@ def _cpu_count() -> int:
 class _Tracker:
     """One request's stream: turns vLLM's delta outputs into StreamChunks with TokenLogprobs.
 
-    Tokens are held back only while a stop string may still cut them: vLLM holds back the text that could
-    begin a stop string, and a token goes out once the text released covers its start (as the
-    transformers backend cuts: a stop string drops the tokens that start after the cut).
+    Tokens are held back only while a stop string may still cut them (:class:`HeldTokens`): vLLM holds
+    back the text that could begin a stop string, and a token goes out once the text released covers it
+    whole. When a stop string ends the answer, the tokens still held are cut to the text left (as the
+    transformers backend cuts: the tokens after the cut go, the one it cuts keeps its part before it), so
+    the tokens' texts join to the answer and their bytes to its UTF-8.
     """
 
     def __init__(self, tok: Any, request: GenerationRequest, raw: TokenBytes) -> None:
@@ -95,9 +105,7 @@ class _Tracker:
         self.raw = raw
         self.k = request.top_logprobs
         self.cut_by_stop = bool(request.stop)
-        self.released = 0          # characters of answer text released by vLLM so far
-        self.token_end = 0         # characters covered by the pieces of the tokens seen so far
-        self.held: list[tuple[int, TokenLogprob]] = []   # (start position, token) not yet sent
+        self.hold = HeldTokens()
         self.n_sent = 0
         self.finish: str | None = None
 
@@ -126,20 +134,19 @@ class _Tracker:
             # tokens only, as the transformers backend does.
             if ids and completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
                 ids = ids[:-1]
+        toks = []
         for i, tid in enumerate(ids):
             pos = logprobs[i] if logprobs is not None and i < len(logprobs) else None
-            t = self._token(tid, pos)
-            self.held.append((self.token_end, t))
-            self.token_end += len(t.token)
+            toks.append(self._token(tid, pos))
         text = completion.text or ""
-        self.released += len(text)
-        if not self.cut_by_stop or (finished and not isinstance(completion.stop_reason, str)):
-            out, self.held = self.held, []
+        if not self.cut_by_stop:
+            out = tuple(toks)
         else:
-            out = [h for h in self.held if h[0] < self.released]
-            self.held = [] if finished else self.held[len(out):]
+            out = self.hold.feed(text, toks)
+            if finished:  # cut to the text left when a stop string (not the EOS) ended the answer
+                out += self.hold.finish(cut=isinstance(completion.stop_reason, str))
         self.n_sent += len(out)
-        return text, tuple(t for _start, t in out)
+        return text, out
 
 
 class VLLMBackend(Backend):

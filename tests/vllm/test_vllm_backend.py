@@ -78,15 +78,23 @@ async def test_raw_prompt_and_no_alternatives(vllm_backend, hf_backend):
     assert_same_answer(got, ref)
 
 
-async def test_stop_string_cuts_like_transformers(vllm_backend, hf_backend):
-    req = chat("What is the capital of France?", stop=("Paris",))
+@pytest.mark.parametrize("stop", ["Paris", "ris.", "Paris."])
+async def test_stop_string_cuts_like_transformers(vllm_backend, hf_backend, stop):
+    """Stops "Paris" and "Paris." cut before " Paris" (its " " is kept), "ris." inside it (" Pa"); "Paris."
+    ends a token later, so " Paris" is generated, and held, before the stop is known."""
+    req = chat("What is the capital of France?", stop=(stop,))
     got, ref = await vllm_backend.generate(req), await hf_backend.generate(req)
-    assert "Paris" not in got.text and got.finish_reason == "stop"
+    assert stop not in got.text and got.finish_reason == "stop"
     assert_same_answer(got, ref)
+    # the tokens fit the text the stop left: the cut token keeps its part before the cut
+    assert "".join(t.token for t in got.tokens) == got.text
+    assert b"".join(t.utf8 for t in got.tokens) == got.text.encode("utf-8")
     # streamed: the text held back while it could start the stop string, the same tokens in the end
     chunks = [c async for c in vllm_backend.stream(req)]
     assert "".join(c.text for c in chunks) == got.text
-    assert [t.token_id for c in chunks for t in c.tokens] == [t.token_id for t in got.tokens]
+    streamed = [t for c in chunks for t in c.tokens]
+    assert [(t.token_id, t.token, t.utf8) for t in streamed] == [(t.token_id, t.token, t.utf8) for t in got.tokens]
+    assert chunks[-1].usage == got.usage
 
 
 async def test_stream_yields_tokens_as_they_come(vllm_backend):
