@@ -37,6 +37,7 @@ from cascade.resilience import (
     DEADLINE_GRACE_S,
     ProviderAttempt,
     ResilientBackend,
+    billed_prompt,
     merge_provider_attempts,
 )
 from cascade.types import Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage
@@ -320,7 +321,7 @@ class Engine:
                 first = StreamChunk(text="", finish_reason="stop")
         except CascadeError as exc:
             await agen.aclose()
-            self._mark_error(att, exc, started)
+            self._mark_error(att, exc, started, tier, req)
             merge_provider_attempts(rec.attempts, att, provider_log, served=False)
             if answers and _serves_answer_in_hand(exc):
                 best = self._serve_best(answers, f"{tier.name!r} failed before its first token ({type(exc).__name__})")
@@ -336,7 +337,7 @@ class Engine:
             raise
         except asyncio.CancelledError:  # the client left before the live tier's first token
             await agen.aclose()
-            self._mark_cancelled(att, started)
+            self._mark_cancelled(att, started, tier, req)
             merge_provider_attempts(rec.attempts, att, provider_log, served=False)
             await self._record_failure(rec, None, route, t0)
             raise
@@ -443,18 +444,22 @@ class Engine:
         return committed
 
     @staticmethod
-    def _mark_error(att: Attempt, exc: CascadeError, started: float) -> None:
+    def _mark_error(att: Attempt, exc: CascadeError, started: float, tier: Tier, req: GenerationRequest) -> None:
         att.latency_ms = (time.perf_counter() - started) * 1e3
         att.decision, att.reason = "error", exc.message
         att.error_class, att.error_message = type(exc).__name__, exc.message
+        att.prompt_tokens = billed_prompt(tier.backend, req, exc)  # a timed-out call was being worked on
+        att.cost_usd = tier.config.price.cost(att.prompt_tokens, 0)
 
     @staticmethod
-    def _mark_cancelled(att: Attempt, started: float) -> None:
+    def _mark_cancelled(att: Attempt, started: float, tier: Tier, req: GenerationRequest) -> None:
         """The attempt in flight when the request was cancelled (its client left): an error row of its own,
-        never a silent success."""
+        never a silent success, billed its prompt (the tier was working on it)."""
         att.latency_ms = (time.perf_counter() - started) * 1e3
         att.decision, att.reason = "error", "cancelled: the client disconnected"
         att.error_class, att.error_message = CANCELLED, "cancelled"
+        att.prompt_tokens = billed_prompt(tier.backend, req, None)
+        att.cost_usd = tier.config.price.cost(att.prompt_tokens, 0)
 
     @staticmethod
     def _serve_best(answers: list[tuple[Attempt, GenerationResult]], why: str) -> GenerationResult:
@@ -553,11 +558,11 @@ class Engine:
                 raise ProviderTimeoutError(f"tier {tier.name!r} did not answer within {timeout:g} s",
                                            provider=tier.name) from exc
         except asyncio.CancelledError:
-            self._mark_cancelled(att, started)
+            self._mark_cancelled(att, started, tier, req)
             merge_provider_attempts(attempts, att, provider_log, served=False)
             raise
         except CascadeError as exc:
-            self._mark_error(att, exc, started)
+            self._mark_error(att, exc, started, tier, req)
             merge_provider_attempts(attempts, att, provider_log, served=False)
             raise
         att.latency_ms = res.latency_s * 1e3

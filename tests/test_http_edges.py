@@ -194,6 +194,7 @@ def test_a_client_that_leaves_cancels_its_request(server, fault, model, stream):
         atts = c.execute("SELECT tier, decision, error_class, latency_ms, cost_usd FROM attempts "
                          "WHERE request_id = ? ORDER BY idx", (rid,)).fetchall()
     assert atts[-1][:3] == ("remote", "error", "Cancelled") and atts[-1][3] > 0
+    assert atts[-1][4] > 0  # the upstream was working on it: its prompt is billed, as waste
     if model == "small-then-remote":  # the small tier's answer was paid for: it is in the cost, as waste
         assert atts[0][:3] == ("small", "escalate", None) and atts[0][4] > 0
         assert cost == pytest.approx(sum(a[4] for a in atts)) and waste == pytest.approx(cost)

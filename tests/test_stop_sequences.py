@@ -113,10 +113,18 @@ async def test_transformers_stop_inside_split_characters(smol_backend):
     assert any(t.token == "" for t in res.tokens)  # the split character before the stop keeps its parts
 
 
-async def test_stop_keeps_the_tokens_generated_in_usage(smol_backend):
-    res = await smol_backend.generate(chat(("Paris",)))
-    assert res.tokens[-1].token == " " and res.tokens[-1].token_id is not None  # " Paris", cut
-    assert res.usage.completion_tokens == len(res.tokens)  # " Paris" was generated: it is counted
+@pytest.mark.parametrize("stop", ["Paris", "Paris.", "ris."])
+async def test_stop_keeps_the_tokens_generated_in_usage(smol_backend, stop):
+    """Usage counts every token the model generated (what a tier bills), the stop string's included, not
+    only those that start before the cut."""
+    full = await smol_backend.generate(chat())
+    res = await smol_backend.generate(chat((stop,)))
+    end = full.text.find(stop) + len(stop)
+    generated = next(i + 1 for i in range(len(full.tokens))
+                     if len("".join(t.token for t in full.tokens[:i + 1])) >= end)
+    assert res.usage.completion_tokens == generated >= len(res.tokens)
+    if stop == "Paris":
+        assert res.tokens[-1].token == " " and res.tokens[-1].token_id is not None  # " Paris", cut
 
 
 # --- our server: chat and completions, pinned tier (live) and kept first tier (buffered replay) -------

@@ -35,6 +35,16 @@ from cascade.types import (
 )
 
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _tokens_to(pieces: list[str], end: int) -> int:
+    """How many of the text pieces (one per token) it takes to cover the first ``end`` characters."""
+    pos = 0
+    for i, piece in enumerate(pieces):
+        pos += len(piece)
+        if pos >= end:
+            return i + 1
+    return len(pieces)
 _compute_lock = threading.Lock()
 _shared_executor: ThreadPoolExecutor | None = None
 
@@ -341,13 +351,13 @@ class TransformersBackend(Backend):
                         if not p.future.done():
                             p.future.set_exception(err)
                     continue
-                for p, (text, toks, finish, ttft) in zip(batch, results, strict=True):
+                for p, (text, toks, finish, ttft, generated) in zip(batch, results, strict=True):
                     if p.future.done():
                         continue
                     now = time.perf_counter()
                     p.future.set_result(GenerationResult(
                         text=text, tokens=toks, finish_reason=finish,
-                        usage=Usage(prompt_tokens=len(p.prompt_ids), completion_tokens=len(toks)),
+                        usage=Usage(prompt_tokens=len(p.prompt_ids), completion_tokens=generated),
                         latency_s=now - p.enqueued_at, model=self.model,
                         ttft_s=(started - p.enqueued_at) + ttft))
 
@@ -439,13 +449,15 @@ class TransformersBackend(Backend):
             # stop strings: cut the text at the earliest one, and the tokens to it (fit_tokens, below): the
             # ones after it go, the one it cuts keeps its part before the cut
             cut = None
+            generated = n  # what the model produced (and the tier bills), the stop string's tokens included
             if p.request.stop:
-                cuts = [text.find(s) for s in p.request.stop if s and text.find(s) >= 0]
-                if cuts:
-                    cut = min(cuts)
+                found = [(text.find(s), len(s)) for s in p.request.stop if s and text.find(s) >= 0]
+                if found:
+                    cut = min(at for at, _ in found)
+                    generated = min(_tokens_to(pieces, at + length) for at, length in found)
                     text, finish = text[:cut], "stop"
                     pos, keep = 0, 0
-                    for piece in pieces:
+                    for piece in pieces:  # the tokens that start before the cut
                         if pos >= cut:
                             break
                         pos += len(piece)
@@ -460,5 +472,6 @@ class TransformersBackend(Backend):
                         for v, a in zip(top_vals[i, j, :k].tolist(), top_ids[i, j, :k].tolist(), strict=True))
                 toks.append(TokenLogprob(token=pieces[j], logprob=float(chosen[i, j]), token_id=int(ids[j]),
                                          top=alts, raw=raw(int(ids[j]))))
-            results.append((text, fit_tokens(toks, text) if cut is not None else tuple(toks), finish, ttft))
+            results.append((text, fit_tokens(toks, text) if cut is not None else tuple(toks), finish, ttft,
+                            generated))
         return results

@@ -107,6 +107,7 @@ class _Tracker:
         self.cut_by_stop = bool(request.stop)
         self.hold = HeldTokens()
         self.n_sent = 0
+        self.n_generated = 0  # what the model produced (and the tier bills): the stop string's tokens too
         self.finish: str | None = None
 
     def _token(self, token_id: int, position: dict[int, Any] | None) -> TokenLogprob:
@@ -134,6 +135,7 @@ class _Tracker:
             # tokens only, as the transformers backend does.
             if ids and completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
                 ids = ids[:-1]
+        self.n_generated += len(ids)
         toks = []
         for i, tid in enumerate(ids):
             pos = logprobs[i] if logprobs is not None and i < len(logprobs) else None
@@ -410,7 +412,7 @@ class VLLMBackend(Backend):
                 text, toks = tracker.feed(completion, finished)
                 if finished:
                     yield StreamChunk(text=text, tokens=toks, finish_reason=tracker.finish,
-                                      usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=tracker.n_sent))
+                                      usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=tracker.n_generated))
                 elif text or toks:
                     yield StreamChunk(text=text, tokens=toks)
         except CascadeError:
