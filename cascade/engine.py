@@ -409,6 +409,17 @@ class Engine:
             await self._record_failure(rec, None, route, t0)
             raise
 
+    async def record_refusal(self, exc: CascadeError, *, model: str | None = None, endpoint: str = "chat",
+                             request_id: str | None = None, api_key_id: str | None = None,
+                             user_tier: str | None = None) -> None:
+        """Record a request refused before any tier ran (malformed, over a limit, a model the key may not
+        use, the key's daily spend reached): one ledger row with status ``error`` and no attempts, so the
+        ledger holds every request a caller made, refused ones included."""
+        rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
+        rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
+        self._finish(rec, route=None, t0=time.perf_counter())
+        await asyncio.shield(self._submit(rec, None))
+
     def _new_record(self, model: str | None, endpoint: str, request_id: str | None,
                     api_key_id: str | None, user_tier: str | None) -> CascadeRecord:
         return CascadeRecord(request_id=request_id or new_request_id(), policy=model or "",

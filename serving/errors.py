@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cascade.errors import CascadeError
+from cascade.errors import CascadeError, InvalidRequestError
 
 log = logging.getLogger("cascade.serving")
 
@@ -84,6 +84,10 @@ def cascade_error_response(exc: CascadeError) -> JSONResponse:
     return error_response(exc)
 
 
+#: path -> endpoint of the completion routes, whose refused requests are recorded in the ledger
+_COMPLETION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CascadeError)
     async def _cascade_error(request: Request, exc: CascadeError) -> JSONResponse:
@@ -92,6 +96,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         msg, param = _validation_message(exc, request.headers.get("content-type", ""))
+        endpoint = _COMPLETION_PATHS.get(request.url.path)
+        if endpoint is not None:  # a malformed completion request is in the ledger too
+            from serving.routes import record_refusal
+
+            body = getattr(exc, "body", None)
+            model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+            await record_refusal(request, InvalidRequestError(msg, param=param), model, endpoint)
         return JSONResponse(error_body(msg, "invalid_request_error", param=param, code="invalid_request"),
                             status_code=400)
 

@@ -80,14 +80,36 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bo
         watcher.cancel()
 
 
-async def _admit(request: Request, body: ChatCompletionRequest | CompletionRequest) -> tuple[Caller, Budget]:
-    """Authorise the model, check limits and the key's daily spend; give the budget. Errors here never reach
-    the engine (no ledger row), so they are counted in the metrics here."""
+async def _admit(request: Request, body: ChatCompletionRequest | CompletionRequest,
+                 endpoint: str) -> tuple[Caller, Budget]:
+    """Authorise the model, check limits and the key's daily spend; give the budget. A refusal here is
+    recorded in the ledger (and so in the metrics) before it is raised."""
     try:
         return await _admit_checks(request, body)
     except CascadeError as exc:
-        _metrics(request).observe_error(type(exc).__name__)
+        await record_refusal(request, exc, body.model, endpoint)
         raise
+
+
+async def record_refusal(request: Request, exc: CascadeError, model: str | None, endpoint: str) -> None:
+    """A completion request refused before the engine ran it: its ledger row, under the response's request id
+    and the caller's key."""
+    caller = request.scope.get("state", {}).get("caller")
+    if model is not None and not _utf8(model):  # not valid Unicode (refused for that): nothing to file under
+        model = None
+    if not _utf8(exc.message):
+        exc.message = exc.message.encode("utf-8", "replace").decode("utf-8")
+    await _engine(request).record_refusal(
+        exc, model=model, endpoint=endpoint, request_id=request.scope.get("state", {}).get("request_id"),
+        api_key_id=getattr(caller, "key_id", None), user_tier=getattr(caller, "user_tier", None))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _admit_checks(request: Request, body: ChatCompletionRequest | CompletionRequest) -> tuple[Caller, Budget]:
@@ -126,7 +148,7 @@ CLIENT_CLOSED = 499
 async def _complete(request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str) -> Response:
     """Every record the engine finishes reaches the metrics through ``engine.record_listeners``."""
     engine = _engine(request)
-    caller, budget = await _admit(request, body)
+    caller, budget = await _admit(request, body, endpoint)
     kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
               budget=budget, request_id=request.scope.get("state", {}).get("request_id"))
     if body.stream:

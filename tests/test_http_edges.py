@@ -88,7 +88,8 @@ def test_lone_surrogates_are_refused_and_the_connection_stays_usable(server, raw
         # the same keep-alive connection serves the next request
         ok = c.post("/v1/chat/completions", json={"model": "remote", "messages": Q})
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
-    assert len(rows(server)) == before + 1  # the refused body never reached the engine; the good one did
+    # the refused request is in the ledger as an error (under no model when its model was the bad text)
+    assert [r[:2] for r in rows(server)][before:] == [("error", "InvalidRequestError"), ("ok", None)]
 
 
 def test_surrogate_prompt_on_completions_and_feedback(server):

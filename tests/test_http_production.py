@@ -139,6 +139,17 @@ def test_keys_decide_the_user_tier(server):
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "premium", "messages": Q},
                    headers={"authorization": f"Bearer {FREE}", "x-user-tier": "paid"})
     assert r.status_code == 403
+    # refusals are in the ledger, under the key, as the requests they were (a malformed one too)
+    bad = httpx.post(server.url + "/v1/completions", json={"model": "small", "prompt": "x", "max_tokens": 0},
+                     headers={"authorization": f"Bearer {FREE}"})
+    assert bad.status_code == 400
+    with sqlite3.connect(server.ledger_path) as c:
+        got = {rid: c.execute("SELECT status, error_class, policy, api_key_id, user_tier, endpoint, n_attempts "
+                              "FROM requests WHERE request_id = ?", (rid,)).fetchone()
+               for rid in (r.headers["x-request-id"], bad.headers["x-request-id"])}
+    assert got == {r.headers["x-request-id"]: ("error", "PermissionDeniedError", "premium", "k-free", "free", "chat", 0),
+                   bad.headers["x-request-id"]: ("error", "InvalidRequestError", "small", "k-free", "free",
+                                                 "completions", 0)}
 
 
 def test_cost_budget_refuses_with_402(server):
