@@ -118,6 +118,8 @@ async def test_invalid_request_is_neither_retried_nor_fallen_over(servers, make_
     a.faults(status)
     err = await run_failing(eng, ProviderInvalidRequestError)
     assert err.upstream_status == int(status) and err.status_code == 400
+    # the upstream's code for a bad request reaches the client; a 404's (a model missing upstream) does not
+    assert err.code == {"400": "invalid_value", "404": None, "422": "unprocessable"}[status]
     assert seen(servers) == {"a": 1, "b": 0, "c": 0}
     assert attempt_rows(tmp_path, "casc-fail") == [(0, "t", "a", "error", "ProviderInvalidRequestError", 0)]
     assert db_rows(tmp_path, "SELECT status, error_class FROM requests") == [("error", "ProviderInvalidRequestError")]

@@ -86,7 +86,11 @@ def translate_openai_error(exc: Exception, provider: str) -> CascadeError:
             if any(m in body.lower() for m in _CONTEXT_MARKERS) or (
                     getattr(exc, "code", None) == "context_length_exceeded"):
                 return ProviderContextLengthError(msg, provider=provider, status=status)
-            return ProviderInvalidRequestError(msg, provider=provider, status=status)
+            # the upstream's own code for what is wrong with the request (e.g. invalid_value) tells the client
+            # most; not a 404's (a model missing upstream is our configuration's fault, not the client's model)
+            code = getattr(exc, "code", None) if status in (400, 422) else None
+            return ProviderInvalidRequestError(msg, provider=provider, status=status,
+                                               code=code if isinstance(code, str) and code else None)
         if status >= 500:
             return ProviderServerError(msg, provider=provider, status=status, retry_after=retry)
         return ProviderError(msg, provider=provider, status=status)
