@@ -311,7 +311,8 @@ async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequ
 
     async def body_iter() -> AsyncIterator[bytes]:
         first_token = True
-        offset = 0  # completions' text_offset runs on across chunks
+        offset = 0  # completions' text_offset runs on across chunks, over the tokens' texts (which join to the
+        # answer, but may arrive a chunk after their text while a stop string could still cut them)
         try:
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -326,7 +327,7 @@ async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequ
                         yield chunk({"index": 0, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None})
                     else:
                         lp = completion_logprobs(ev.tokens, top, offset) if want_lp else None
-                        offset += len(ev.text)
+                        offset += sum(len(t.token) for t in ev.tokens)
                         yield chunk({"index": 0, "text": ev.text, "logprobs": lp, "finish_reason": None})
                 elif isinstance(ev, StreamEnd):
                     end = ({"index": 0, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason} if chat
