@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cascade.errors import CascadeError, InvalidRequestError
+from cascade.errors import CascadeError, InvalidRequestError, ProviderError
 
 log = logging.getLogger("cascade.serving")
 
@@ -29,8 +29,6 @@ def retry_after_header(exc: CascadeError) -> str | None:
     """The ``Retry-After`` of an error response, in whole seconds: every 429 and 503 has one (1 s when nobody
     said); a provider's hint is capped at :data:`MAX_FORWARDED_RETRY_AFTER_S`; our own (a daily limit's
     reset) is given as it is."""
-    from cascade.errors import ProviderError
-
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is None or not retry_after == retry_after:  # None or NaN
         return "1" if exc.status_code in (429, 503) else None

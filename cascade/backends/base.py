@@ -32,7 +32,8 @@ def option_number(tier: str, key: str, value: Any, *, low: float = 0.0, high: fl
 
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high
+            or value == float("inf")):
         span = f"> {low:g}" if high == float("inf") else f"within ({low:g}, {high:g}]"
         raise ConfigError(f"tiers.{tier}.options.{key}: must be a number {span}, got {value!r}")
     return float(value)

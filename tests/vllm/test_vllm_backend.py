@@ -204,6 +204,7 @@ async def test_bad_options_are_config_errors():
     for opts, msg in (({"max_num_seqs": "32"}, r"options\.max_num_seqs: must be a whole number"),
                       ({"enforce_eager": "yes"}, r"options\.enforce_eager: must be true or false"),
                       ({"kv_cache_space_gb": "2"}, r"options\.kv_cache_space_gb: must be a number > 0"),
+                      ({"kv_cache_space_gb": float("inf")}, r"options\.kv_cache_space_gb: must be a number > 0"),
                       ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization: must be a number within \(0, 1\]"),
                       ({"dtype": 16}, r"options\.dtype: must be a non-empty string"),
                       ({"seed": -1}, r"options\.seed: must be a whole number >= 0"),
