@@ -113,10 +113,11 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
 
     ``sampled``: the shadow's own calls of tiers the live path did not run (sampled shadow execution),
     walked like the live attempts. Returns the ``shadow_decisions`` row (without request id and time), or
-    None when the request was not routed by the shadow's live policy or is not of its user tiers. An
-    ``unknown`` row for a tier that nothing ran has ``needs`` (that tier; not stored).
+    None when the request was not routed by the shadow's live policy, is not of its user tiers, or was not
+    answered (refused, failed or cancelled: there is no live outcome to compare). An ``unknown`` row for a
+    tier that nothing ran has ``needs`` (that tier; not stored).
     """
-    if rec.policy != shadow.of:
+    if rec.policy != shadow.of or rec.status in ("error", "cancelled"):
         return None
     if shadow.user_tiers is not None and rec.user_tier not in shadow.user_tiers:
         return None

@@ -244,6 +244,10 @@ def test_sample_draw_is_seeded_and_only_on_answered_requests(tmp_path):
             rec.attempts = [Attempt(0, "a", "m", "transformers", features={"n_tokens": 2.0}, decision="accept",
                                     kept=True)]
             rows = shadows.evaluate(rec)
+            if status != "ok":  # a request that served no answer has nothing to compare: no row, no sample
+                assert rows == [] and not sampler.select(shadows, rec, req, rows)
+                out.append(False)
+                continue
             picked = sampler.select(shadows, rec, req, rows)
             assert rows[0]["reason"].endswith("; sample pending") == bool(picked)
             out.append(bool(picked))
@@ -251,7 +255,8 @@ def test_sample_draw_is_seeded_and_only_on_answered_requests(tmp_path):
 
     first = draws(ShadowSampler(None, None))
     assert first == draws(ShadowSampler(None, None)) and 60 <= sum(first) <= 120  # same seed, same draw; ~30%
-    assert not any(draws(ShadowSampler(None, None), status="error"))  # failed requests are never sampled
+    for status in ("error", "cancelled"):  # refused, failed and cancelled requests are never evaluated
+        assert not any(draws(ShadowSampler(None, None), status=status))
 
 
 async def test_engine_close_waits_for_samples_or_records_them_cancelled(tmp_path):
