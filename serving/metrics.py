@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cascade.config import DriftConfig
@@ -11,8 +13,15 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 12
 _OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 
 
+#: the ``policy`` label of a request for a model that is neither a policy nor a tier (a client's free text:
+#: one label for all of them, so no client can create series)
+UNKNOWN_MODEL = "(unknown)"
+
+
 class Metrics:
-    def __init__(self, drift: "DriftConfig | None" = None) -> None:
+    def __init__(self, drift: "DriftConfig | None" = None, models: "Iterable[str] | None" = None) -> None:
+        #: the policy and tier names a request's ``policy`` label may take (None: any)
+        self.models = frozenset(models) if models is not None else None
         r = self.registry = CollectorRegistry()
         self.requests = Counter("cascade_requests", "Requests by policy, serving tier and status",
                                 ["policy", "tier", "status"], registry=r)
@@ -61,17 +70,18 @@ class Metrics:
 
     def observe(self, rec: CascadeRecord) -> None:
         child = self._child
-        child(self.requests, rec.policy or "-", rec.tier or "-", rec.status).inc()
+        policy = rec.policy if self.models is None or not rec.policy or rec.policy in self.models else UNKNOWN_MODEL
+        child(self.requests, policy or "-", rec.tier or "-", rec.status).inc()
         if rec.error_class:
             child(self.errors, rec.error_class).inc()
         for a in rec.attempts:
             child(self.attempts, a.tier, a.decision or "-").inc()
             if a.cost_usd:
-                child(self.cost, rec.policy, a.tier).inc(a.cost_usd)
+                child(self.cost, policy, a.tier).inc(a.cost_usd)
                 if not a.kept:
-                    child(self.waste, rec.policy, a.tier).inc(a.cost_usd)
+                    child(self.waste, policy, a.tier).inc(a.cost_usd)
         if rec.status in ("ok", "partial") and rec.tier:
-            p = rec.policy
+            p = policy
             self._answered[p] = self._answered.get(p, 0) + 1
             if rec.escalated:
                 child(self.escalations, p).inc()

@@ -252,6 +252,9 @@ def test_metrics_count_every_ledger_row(server, fault):
             counted[s.labels["status"]] = counted.get(s.labels["status"], 0) + s.value
     assert {"ok", "partial", "error", "cancelled"} <= set(ledger)
     assert counted == {k: float(v) for k, v in ledger.items()}
+    # a client's unknown model names share one label: no client can create series
+    policies = {s.labels["policy"] for s in families["cascade_requests"].samples}
+    assert "nope" not in policies and "(unknown)" in policies
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
