@@ -529,25 +529,57 @@ class Ledger:
                 pass
 
     def _require(self) -> Any:
+        """The open connection. A PostgreSQL connection the server dropped (a restart, a failover, an
+        administrator's terminate) is opened anew here, so one lost connection does not fail every request
+        that follows until the gateway is restarted."""
         if self._conn is None:
             raise LedgerError("ledger is not open")
+        if getattr(self._conn, "closed", False) or getattr(self._conn, "broken", False):
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - it is gone already
+                pass
+            try:
+                self._conn = self.dialect.connect(self.target)
+            except (*self.dialect.errors, OSError) as exc:
+                raise LedgerError(f"ledger {_redact(self.target)} is unreachable: {exc}") from exc
+            log.warning("ledger %s: the connection was lost; reconnected", _redact(self.target))
         return self._conn
+
+    def _lost(self) -> bool:
+        """Did the last statement fail because the connection went (worth one retry on a new one)?"""
+        conn = self._conn
+        return conn is not None and bool(getattr(conn, "closed", False) or getattr(conn, "broken", False))
+
+    def _retrying(self, fn):  # noqa: ANN001, ANN202
+        """``fn(conn)``, once more on a new connection if the connection was lost during the first try (a
+        failed transaction was rolled back, so the retry cannot write twice)."""
+        try:
+            return fn(self._require())
+        except self.dialect.errors:
+            if not self._lost():
+                raise
+        return fn(self._require())
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         """Run one statement synchronously (on the caller's thread) and return its rows."""
-        conn = self._require()
-        try:
+        def run(conn: Any) -> list[tuple]:
             cur = conn.execute(self.dialect.sql(sql), tuple(params))
             return cur.fetchall() if cur.description else []
+
+        try:
+            return self._retrying(run)
         except self.dialect.errors as exc:
             raise LedgerError(f"ledger query failed: {exc}") from exc
 
     def execute_dicts(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-        conn = self._require()
-        try:
+        def run(conn: Any) -> list[dict[str, Any]]:
             cur = conn.execute(self.dialect.sql(sql), tuple(params))
             cols = [d[0] for d in cur.description or ()]
             return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+        try:
+            return self._retrying(run)
         except self.dialect.errors as exc:
             raise LedgerError(f"ledger query failed: {exc}") from exc
 
@@ -571,13 +603,13 @@ class Ledger:
 
     def record_sync(self, rec: CascadeRecord, shadows: list[dict[str, Any]] | None = None) -> None:
         try:
-            self._write([(rec, shadows or [])])
+            self._retrying(lambda conn: self._write([(rec, shadows or [])], conn))
         except self.dialect.errors as exc:
             raise LedgerError(f"ledger write failed for request {rec.request_id}: {exc}") from exc
 
-    def _write(self, items: list[tuple[CascadeRecord, list[dict[str, Any]]]]) -> None:
+    def _write(self, items: list[tuple[CascadeRecord, list[dict[str, Any]]]], conn: Any = None) -> None:
         """Insert requests, their attempts and shadow decisions in one transaction (raises the driver's error)."""
-        conn, d = self._require(), self.dialect
+        conn, d = conn if conn is not None else self._require(), self.dialect
         store_text = self.store_text
         requests, attempts, shadow_rows = [], [], []
         for rec, shadows in items:

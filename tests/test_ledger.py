@@ -131,3 +131,23 @@ async def test_the_latest_feedback_on_a_request_is_its_label(target):
                 await ledger.add_feedback(rid, s)
         labels = {r["request_id"]: r["label"] for r in labelled_answers(ledger, "large", sources=("feedback",))}
     assert labels == {"r1": 0, "r2": 1, "r3": 1, "r5": 0}
+
+
+async def test_a_postgresql_ledger_reconnects_after_the_server_drops_it(postgres):
+    """The server ends our connection (as on a restart or failover): the next write and read open a new
+    one, instead of every request failing until the gateway is restarted."""
+    import psycopg
+
+    postgres.reset()
+    async with Ledger(postgres.url) as ledger:
+        await ledger.record(record(1))
+        with psycopg.connect(postgres.url, autocommit=True) as admin:
+            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE pid <> pg_backend_pid() AND datname = current_database()").fetchall()
+        assert killed and all(ok for (ok,) in killed)
+        await ledger.record(record(2))  # the write that finds the connection gone is retried on a new one
+        assert (await ledger.query("SELECT COUNT(*) FROM requests"))[0][0] == 2
+        with psycopg.connect(postgres.url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE pid <> pg_backend_pid() AND datname = current_database()")
+        assert (await ledger.get("r1"))["tier"] == "large"  # a read, too
