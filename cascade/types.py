@@ -93,10 +93,12 @@ class TokenLogprob:
 
 def fit_tokens(tokens: "tuple[TokenLogprob, ...] | list[TokenLogprob]", text: str) -> tuple[TokenLogprob, ...]:
     """The tokens of an answer cut to ``text``, the part of their text that was kept (a stop sequence cut
-    the answer): tokens are kept while they fit; the one that straddles the cut keeps its text before the
-    cut, and as ``raw`` the bytes that the kept tokens still lack of that text's UTF-8 (so a character begun
-    by an earlier token's partial bytes is completed, not repeated); the rest are dropped, as is a token
-    with nothing before the cut (a partial character's "" token right at it).
+    the answer): tokens are kept while their text fits; the one that straddles the cut keeps its text before
+    the cut; the rest are dropped, as is a token with nothing before the cut (a partial character's ""
+    token right at it). Then the bytes: each kept token keeps as much of its own bytes as still matches
+    ``text``'s UTF-8 (a token holding the first bytes of a character the cut removed keeps only what
+    precedes it), and the last one gets whatever is still missing (a character begun by an earlier token's
+    partial bytes is completed, not repeated).
 
     Then ``"".join(t.token for t in out) == text`` and ``b"".join(t.utf8 for t in out) == text.encode()``
     for tokens that joined to a text ``text`` begins. Tokens that already join to ``text`` come back as
@@ -105,20 +107,28 @@ def fit_tokens(tokens: "tuple[TokenLogprob, ...] | list[TokenLogprob]", text: st
     tokens = tuple(tokens)
     if "".join(t.token for t in tokens) == text:
         return tokens
-    cut, out, pos = len(text), [], 0
+    cut, kept, pos = len(text), [], 0
     for t in tokens:
         if pos >= cut:
             break
         end = pos + len(t.token)
         if end <= cut:
-            out.append(t)
+            kept.append(t)
             pos = end
             continue
-        piece = t.token[: cut - pos]
-        target, done = text.encode("utf-8"), b"".join(k.utf8 for k in out)
-        raw = target[len(done):] if target.startswith(done) else piece.encode("utf-8")
-        out.append(replace(t, token=piece, raw=None if t.raw is None and raw == piece.encode("utf-8") else raw))
+        kept.append(replace(t, token=t.token[: cut - pos], raw=None))  # its bytes are settled below
         break
+    target, done = text.encode("utf-8"), 0
+    out = []
+    for i, t in enumerate(kept):
+        own = t.utf8 if i < len(kept) - 1 else target[done:]  # the last token takes what is still missing
+        rest = target[done:]
+        n = 0
+        while n < len(own) and n < len(rest) and own[n] == rest[n]:
+            n += 1
+        raw = own[:n]
+        done += n
+        out.append(t if raw == t.utf8 else replace(t, raw=raw))
     return tuple(out)
 
 

@@ -66,6 +66,18 @@ def test_fit_tokens_cuts_the_straddling_token_and_completes_a_split_character():
     assert fit_tokens(toks, "ab") == toks[:1]  # the partial token at the cut goes with its character
     plain = (TokenLogprob(" Paris", -0.1), TokenLogprob(".", -0.2))  # no raw bytes: the text stands
     assert fit_tokens(plain, " Pa") == (TokenLogprob(" Pa", -0.1),)
+    # a "" token holding a space and the first bytes of an emoji, the stop on the emoji (SmolLM2 on
+    # "Repeat after me: hello 😀 world", stop "😀"): it keeps the space only; the emoji's token adds nothing
+    emoji = "\U0001F600".encode()
+    toks = (TokenLogprob("hello", -0.1, raw=b"hello"), TokenLogprob("", -0.2, raw=b" " + emoji[:3]),
+            TokenLogprob(" \U0001F600", -0.3, raw=emoji[3:]), TokenLogprob(" world", -0.4))
+    out = fit_tokens(toks, "hello ")
+    assert [(t.token, t.utf8) for t in out] == [("hello", b"hello"), ("", b" "), (" ", b"")]
+    whole = "hello \U0001F600 world"
+    for cut in range(len(whole) + 1):
+        out = fit_tokens(toks, whole[:cut])
+        assert "".join(t.token for t in out) == whole[:cut]
+        assert b"".join(t.utf8 for t in out) == whole[:cut].encode()
 
 
 def test_held_tokens_go_out_once_the_text_covers_them():
