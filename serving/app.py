@@ -87,7 +87,9 @@ def _client_request_id(scope: Scope) -> bytes | None:
     for name in _CLIENT_ID_HEADERS:
         for k, v in scope.get("headers", ()):
             if k == name:
-                return v if 0 < len(v) <= 128 and all(0x21 <= c <= 0x7E for c in v) else None
+                if 0 < len(v) <= 128 and all(0x21 <= c <= 0x7E for c in v):
+                    return v
+                break  # this header's id cannot be echoed: the other header's may
     return None
 
 

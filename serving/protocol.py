@@ -10,6 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob
 
 
+#: the longest ``model`` name a request may carry (names are a config's policies and tiers)
+MAX_MODEL_CHARS = 256
+#: the longest stop sequence
+MAX_STOP_CHARS = 256
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -104,7 +110,7 @@ class StreamOptions(_Wire):
 
 
 class _GenerationParams(_Request):
-    model: str | None = Field(None, min_length=1)
+    model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_CHARS)
     max_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -152,6 +158,10 @@ class _GenerationParams(_Request):
             raise ValueError("at most 4 stop sequences")
         if v == "" or (isinstance(v, list) and "" in v):
             raise ValueError("stop sequences must be non-empty")
+        if any(len(x) > MAX_STOP_CHARS for x in ([v] if isinstance(v, str) else v or [])):
+            # matching a stop string costs the local backends time per token in its length, on the compute
+            # every tier shares
+            raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters")
         return v
 
     def stop_tuple(self) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from serving.auth import Caller, authenticate, authorize
 from serving.errors import cascade_error_response, error_body
 from serving.metrics import Metrics
 from serving.protocol import (
+    MAX_MODEL_CHARS,
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
@@ -95,8 +96,8 @@ async def record_refusal(request: Request, exc: CascadeError, model: str | None,
     """A completion request refused before the engine ran it: its ledger row, under the response's request id
     and the caller's key."""
     caller = request.scope.get("state", {}).get("caller")
-    if model is not None and not _utf8(model):  # not valid Unicode (refused for that): nothing to file under
-        model = None
+    if model is not None and (len(model) > MAX_MODEL_CHARS or not _utf8(model)):  # refused for that: nothing
+        model = None                                                                 # to file it under
     if not _utf8(exc.message):
         exc.message = exc.message.encode("utf-8", "replace").decode("utf-8")
     await _engine(request).record_refusal(

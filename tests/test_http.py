@@ -148,6 +148,8 @@ def test_every_response_carries_a_request_id_that_finds_its_ledger_row(server):
     assert r.headers["x-client-request-id"] == "trace-42/a" and r.headers["x-request-id"] != "trace-42/a"
     assert httpx.get(server.url + "/health", headers={"X-Request-ID": "abc"}).headers["x-client-request-id"] == "abc"
     assert "x-client-request-id" not in httpx.get(server.url + "/health", headers={"X-Request-ID": "a b"}).headers
+    both = httpx.get(server.url + "/health", headers={"X-Client-Request-Id": "bad id", "X-Request-ID": "ok-1"})
+    assert both.headers["x-client-request-id"] == "ok-1"  # one header's id cannot be echoed: the other's is
     assert "x-client-request-id" not in httpx.get(server.url + "/health", headers={"X-Request-ID": "x" * 129}).headers
 
 
@@ -179,12 +181,22 @@ def test_the_sdk_conversation_pattern_and_openai_parameters(server):
              "tool messages are not supported"),
             ({"messages": msgs, "response_format": {"type": "json_object"}}, "response_format"),
             ({"messages": msgs, "stream_options": {"include_usage": True}}, "only allowed when stream is true"),
-            ({"messages": msgs, "max_completion_tokens": 100_000}, "max_completion_tokens: 100000 is above")):
+            ({"messages": msgs, "max_completion_tokens": 100_000}, "max_completion_tokens: 100000 is above"),
+            ({"messages": msgs, "stop": ["ab" * 200]}, "at most 256 characters")):
         r = httpx.post(server.url + "/v1/chat/completions", json={"model": "cascade", **bad})
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], (bad, r.text)
     r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps({"model": "cascade", "messages": msgs}),
                    headers={"content-type": "text/plain"})
     assert r.status_code == 400 and "content-type: application/json" in r.json()["error"]["message"]
+
+
+def test_an_overlong_model_name_is_refused_and_filed_under_none(server):
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"model": "m" * 3000, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "at most 256 characters" in r.json()["error"]["message"]
+    with sqlite3.connect(server.ledger_path) as c:
+        (policy,) = c.execute("SELECT policy FROM requests WHERE request_id = ?", (r.headers["x-request-id"],)).fetchone()
+    assert policy == ""
 
 
 def test_models_can_be_retrieved_one_by_one(server):
