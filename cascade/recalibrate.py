@@ -343,6 +343,13 @@ def _plan(engine: Any, config_path: str | None
         if nt is None:
             not_applied.append(f"tier {tc.name!r} was removed")
             nt = tc
+        # a reload swaps thresholds and calibrators; any other change to a tier (its price, max_tokens,
+        # backend options...) needs a restart: said, never silently ignored
+        swapped = {"threshold", "calibrator"}
+        old_d, new_d = tc.model_dump(exclude=swapped), nt.model_dump(exclude=swapped)
+        if old_d != new_d:
+            fields = sorted(k for k in old_d if old_d[k] != new_d.get(k))
+            not_applied.append(f"tier {tc.name!r}: {', '.join(fields)}")
         merged = tc.model_copy(update={"threshold": nt.threshold, "calibrator": nt.calibrator})
         tiers.append(merged)
         cals[tc.name] = build_calibrator(merged.calibrator, tier=tc.name)
@@ -356,10 +363,15 @@ def _plan(engine: Any, config_path: str | None
             policies[name] = pol
             not_applied.append(f"policy {name!r} " + ("was removed" if np_ is None else "changed its chain"))
     not_applied += [f"new policy {n!r}" for n in new.policies if n not in old.policies]
-    # (server and ledger are left out: `cascade serve --host/--port/--ledger` override them)
     for section in ("models", "user_tiers", "auth", "default_policy", "drift"):
         if getattr(new, section) != getattr(old, section):
             not_applied.append(f"section {section!r}")
+    # server and ledger, but for what `cascade serve --host/--port/--ledger` may have overridden
+    for section, overridable in (("server", {"host", "port"}), ("ledger", {"path"})):
+        old_d = getattr(old, section).model_dump(exclude=overridable)
+        new_d = getattr(new, section).model_dump(exclude=overridable)
+        if old_d != new_d:
+            not_applied.append(f"section {section!r}: " + ", ".join(sorted(k for k in old_d if old_d[k] != new_d[k])))
     shadows = old.shadows
     if new.shadows != old.shadows:
         ok = all(s.of in policies and all(t in engine.tiers for t in (s.chain or ())) for s in new.shadows.values())

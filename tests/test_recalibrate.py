@@ -261,3 +261,34 @@ def test_drift_ece_counts_each_request_once_with_its_latest_label():
     mon.observe_feedback("r1", 1)
     mon.observe_feedback("r0", 0)  # withdrawn
     assert mon.state()["labelled"] == 1 and mon.values["ece"] == pytest.approx(0.1)
+
+
+async def test_a_reload_says_which_changes_need_a_restart(tmp_path):
+    """A reload swaps thresholds and calibrators; a changed price, max_tokens or server limit needs a restart
+    and is listed under not_applied (it was silently ignored: requests went on at the old price)."""
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+
+    def cfg(price: float, max_tokens: int, threshold: float, body: int) -> dict[str, Any]:
+        return {"server": {"max_body_bytes": body}, "ledger": {"path": str(tmp_path / "l.sqlite")},
+                "tiers": [{"name": "r", "backend": "openai", "model": "m", "threshold": threshold,
+                           "max_tokens": max_tokens, "price": {"input_per_1m": price, "output_per_1m": 1.0},
+                           "options": {"base_url": "http://127.0.0.1:9/v1"}},
+                          {"name": "s", "backend": "openai", "model": "m2", "options": {"base_url": "http://127.0.0.1:9/v1"}}],
+                "policies": {"p": {"chain": ["r", "s"]}}}
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg(0.1, 8, 0.5, 4096)))
+    from cascade.config import load_config
+
+    engine = await Engine.open(load_config(path, environ={}), preload=False)
+    try:
+        path.write_text(yaml.safe_dump(cfg(0.1, 8, 0.7, 4096)))
+        assert reload_engine(engine, str(path))["not_applied"] == []  # a threshold: applied
+        assert engine.tiers["r"].config.threshold == 0.7
+        path.write_text(yaml.safe_dump(cfg(50.0, 2, 0.7, 8192)))
+        out = reload_engine(engine, str(path))
+        assert out["not_applied"] == ["tier 'r': max_tokens, price", "section 'server': max_body_bytes"]
+        assert engine.tiers["r"].config.price.input_per_1m == 0.1  # still the running one, and said so
+    finally:
+        await engine.close()
