@@ -42,6 +42,15 @@ class ConfigError(CascadeError):
     code = "invalid_config"
 
 
+class ReloadRefusedError(CascadeError):
+    """A live reload could not apply the config file (bad YAML, a missing artifact, an invalid value):
+    nothing was changed, the running configuration stays."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "reload_refused"
+
+
 class ModelNotPreparedError(CascadeError):
     """A model's local weights are missing; run `cascade models prepare`."""
 

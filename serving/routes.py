@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
@@ -13,7 +14,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.engine import Budget, Engine, StreamDelta, StreamEnd, StreamFailed, StreamStart
-from cascade.errors import BudgetExceededError, CascadeError, InvalidRequestError, NotFoundError
+from cascade.errors import (
+    BudgetExceededError,
+    CascadeError,
+    ConfigError,
+    InvalidRequestError,
+    NotFoundError,
+    ReloadRefusedError,
+)
 from cascade.ledger import spend_since, utc_day_start
 from serving.auth import Caller, authenticate, authorize
 from serving.errors import cascade_error_response, error_body
@@ -32,6 +40,7 @@ from serving.protocol import (
 )
 
 router = APIRouter()
+log = logging.getLogger("cascade.serving")
 T = TypeVar("T")
 
 
@@ -426,7 +435,12 @@ async def admin_reload(request: Request) -> dict:
 
     engine = _engine(request)
     authorize_admin(engine.config, _caller(request))
-    return await reload_engine_async(engine, getattr(request.app.state, "config_path", None))
+    try:
+        return await reload_engine_async(engine, getattr(request.app.state, "config_path", None))
+    except ConfigError as exc:  # the operator's file, not the server, is at fault: a 4xx, and a log line
+        log.error("reload refused, the previous configuration stays: %s", exc.message)
+        raise ReloadRefusedError(f"reload refused, the previous configuration stays in use: {exc.message}",
+                                 param=exc.param) from exc
 
 
 @router.get("/metrics")

@@ -292,3 +292,27 @@ async def test_a_reload_says_which_changes_need_a_restart(tmp_path):
         assert engine.tiers["r"].config.price.input_per_1m == 0.1  # still the running one, and said so
     finally:
         await engine.close()
+
+
+def test_a_refused_reload_is_a_422_and_keeps_the_running_config(tmp_path, caplog):
+    from cascade.config import load_config
+    from serving import create_app
+    from tests.conftest import ServerThread
+
+    good = {"ledger": {"path": str(tmp_path / "l.sqlite")},
+            "tiers": [{"name": "r", "backend": "openai", "model": "m", "threshold": 0.5,
+                       "options": {"base_url": "http://127.0.0.1:9/v1"}}],
+            "policies": {"p": {"chain": ["r"]}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(good))
+    with ServerThread(create_app(load_config(path, environ={}), config_path=str(path))) as srv, \
+            caplog.at_level("ERROR", logger="cascade.serving"):
+        for bad in ("tiers: [", yaml.safe_dump({**good, "tiers": [{**good["tiers"][0], "threshold": 1.5}]})):
+            path.write_text(bad)
+            r = httpx.post(srv.url + "/admin/reload")
+            assert r.status_code == 422 and r.json()["error"]["code"] == "reload_refused", r.text
+            assert "the previous configuration stays in use" in r.json()["error"]["message"]
+        assert sum("reload refused" in m for m in caplog.messages) == 2
+        path.write_text(yaml.safe_dump({**good, "tiers": [{**good["tiers"][0], "threshold": 0.25}]}))
+        r = httpx.post(srv.url + "/admin/reload")
+        assert r.status_code == 200 and r.json()["tiers"]["r"]["changed"] is True
