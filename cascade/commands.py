@@ -68,7 +68,10 @@ def _check_engine(cfg: Config) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
+    import signal
 
+    if hasattr(signal, "SIGHUP"):  # a reload (systemctl reload, a logrotate hook) while models load must not
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # kill the server; the running server installs its own
     cfg = _with_cli_overrides(load_config(args.config), args)
     _check_bind(cfg.server.host, cfg.server.port)
     _check_engine(cfg)

@@ -151,6 +151,11 @@ def test_sighup_reloads_a_cascade_serve_process(tmp_path, recalibrated):
     try:
         with httpx.Client(base_url=url, timeout=300) as c:
             deadline = time.monotonic() + 240
+            # a SIGHUP while the server starts (its models loading) is ignored, not fatal (it was: exit 129)
+            while "cascade-engine: serving policies" not in (tmp_path / "serve.log").read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGHUP)
             while True:
                 assert proc.poll() is None, (tmp_path / "serve.log").read_text()
                 try:
