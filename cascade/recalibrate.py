@@ -250,7 +250,9 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     held = {"old": metrics.summary(old_p(test), y[test]), "new": metrics.summary(new.predict(scores[test]), y[test])}
     fit = {"old": metrics.summary(old_p(train), y[train]), "new": metrics.summary(new.predict(scores[train]), y[train])}
     previous = int(getattr(old, "fitted_on", {}).get("version") or 0)
-    default_dir = default_dir or Path("calibrators")
+    configured = Path(tc.calibrator.artifact).expanduser() if tc.calibrator.artifact else None
+    # the new version goes beside the artifact the config reads, where --activate's link is the one it uses
+    default_dir = configured.parent if configured is not None else (default_dir or Path("calibrators"))
     path, version = artifact_path(out, tier, default_dir=default_dir, previous_version=previous)
     if do_activate and path.name == re.sub(r"[^A-Za-z0-9._-]", "_", tier) + ".json":
         raise ConfigError(f"--activate points {path.name} at the new version: write the version elsewhere "
@@ -270,6 +272,11 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     new.metrics = {"heldout": held, "fit": fit}
     saved = save_calibrator(new, path)
     link, kept = activate_keeping(saved, tier) if do_activate else (None, None)
+    warning = None
+    if link is not None and (configured is None or Path(link).resolve() != configured.resolve()):
+        warning = (f"the config reads tier {tier!r}'s calibrator from "
+                   f"{configured if configured is not None else 'an inline calibrator'}, not {link}: "
+                   f"point it there (calibrator: {{artifact: {link}}}) for a reload to use this version")
     return {"report": "recalibrate", "tier": tier, "method": new.method, "feature": feature,
             "params": new.params(), "version": version, "artifact": str(saved),
             "activated": None if link is None else str(link),
@@ -277,7 +284,7 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
             "n_heldout": int(len(test)), "labels": new.fitted_on["labels"],
             "old": {"method": old.method, "params": old.params(), "version": previous},
             "heldout": held, "fit": fit,
-            "ece_old": held["old"]["ece"], "ece_new": held["new"]["ece"]}
+            "ece_old": held["old"]["ece"], "ece_new": held["new"]["ece"], "warning": warning}
 
 
 def recalibrate_text(rep: dict[str, Any]) -> str:
@@ -293,7 +300,10 @@ def recalibrate_text(rep: dict[str, Any]) -> str:
         o, n = h["old"].get(k), h["new"].get(k)
         lines.append(f"{k:<18}{_f(o):>10}{_f(n):>10}")
     lines += ["", f"artifact: {rep['artifact']}"]
-    if rep["activated"]:
+    if rep["activated"] and rep.get("warning"):
+        lines.append(f"activated: {rep['activated']} -> {Path(rep['artifact']).name}")
+        lines.append(f"warning: {rep['warning']}")
+    elif rep["activated"]:
         lines.append(f"activated: {rep['activated']} -> {Path(rep['artifact']).name} "
                      "(POST /admin/reload or kill -HUP the server to use it)")
         if rep.get("replaced_file_kept_as"):

@@ -321,3 +321,26 @@ def test_a_refused_reload_is_a_422_and_keeps_the_running_config(tmp_path, caplog
         path.write_text(yaml.safe_dump({**good, "tiers": [{**good["tiers"][0], "threshold": 0.25}]}))
         r = httpx.post(srv.url + "/admin/reload")
         assert r.status_code == 200 and r.json()["tiers"]["r"]["changed"] is True
+
+
+def test_recalibrate_writes_beside_the_configured_artifact_and_warns_when_the_link_is_not_read(traffic, tmp_path,
+                                                                                               capsys):
+    """Without --out the new version goes beside the artifact the config reads, so --activate's link is the
+    one a reload uses; a link the config does not read is said, not left to a reload that changes nothing."""
+    from calibration.calibrators import TemperatureScaling, save_calibrator
+    from cascade.cli import main
+
+    cfg = yaml.safe_load(traffic.config_path.read_text())
+    cfg["tiers"][0]["calibrator"] = {"artifact": "cal/small.json"}  # relative to the config file
+    save_calibrator(TemperatureScaling("mean_logprob", 1.0), tmp_path / "cal" / "small.json")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["recalibrate", "--from-ledger", "--config", str(tmp_path / "c.yaml"), "--tier", "small",
+            "--min-samples", "6", "--activate", "--json"]
+    assert main(args) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["artifact"] == str(tmp_path / "cal" / "small.v1.json") and rep["warning"] is None
+    assert rep["activated"] == str(tmp_path / "cal" / "small.json")
+    assert main([*args, "--out", str(tmp_path / "elsewhere")]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["activated"] == str(tmp_path / "elsewhere" / "small.json")
+    assert "the config reads tier 'small'" in rep["warning"] and "cal/small.json" in rep["warning"]
