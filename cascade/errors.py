@@ -135,7 +135,8 @@ class ProviderError(CascadeError):
 
 
 class ProviderInvalidRequestError(ProviderError):
-    """The provider rejected the request as invalid (400/404/422): the client's fault, not retried."""
+    """The provider rejected the request as invalid (400/413/422): the client's fault, not retried. (A 404,
+    a model or route the provider lacks, is the configuration's: a plain ``ProviderError``, fallen over.)"""
 
     status_code = 400
     error_type = "invalid_request_error"

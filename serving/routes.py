@@ -389,6 +389,7 @@ async def list_models(request: Request) -> dict:
 
 
 @router.get("/v1/models/{model_id:path}")
+@router.head("/v1/models/{model_id:path}", include_in_schema=False)
 async def retrieve_model(model_id: str, request: Request) -> dict:
     for entry in (await list_models(request))["data"]:
         if entry["id"] == model_id:

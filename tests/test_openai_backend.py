@@ -8,7 +8,7 @@ import pytest
 
 from cascade.backends.openai_backend import OpenAIBackend
 from cascade.engine import Engine
-from cascade.errors import ProviderConnectionError, ProviderInvalidRequestError
+from cascade.errors import ProviderConnectionError, ProviderError, ProviderInvalidRequestError
 from cascade.types import GenerationRequest, Message
 from tests.conftest import free_port, make_config, tier
 
@@ -67,8 +67,9 @@ async def test_completions_endpoint(remote):
 
 async def test_errors_are_translated(remote):
     b = OpenAIBackend(model="no-such-model", base_url=remote.url + "/v1")
-    with pytest.raises(ProviderInvalidRequestError) as err:
+    with pytest.raises(ProviderError) as err:  # a model the upstream lacks: the configuration's fault
         await b.generate(Q)
+    assert not isinstance(err.value, ProviderInvalidRequestError) and err.value.status_code == 502
     assert err.value.upstream_status == 404 and isinstance(err.value.__cause__, Exception)
     await b.close()
     dead = OpenAIBackend(model="x", base_url=f"http://127.0.0.1:{free_port()}/v1", timeout_s=5)

@@ -27,6 +27,7 @@ from cascade.engine import Engine
 from cascade.errors import (
     CascadeError,
     ProviderConnectionError,
+    ProviderError,
     ProviderInvalidRequestError,
     RateLimitedError,
 )
@@ -111,15 +112,15 @@ async def run_failing(eng, exc_type, rid="casc-fail"):
 # --- one test per error class --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", ["400", "404", "422"])
+@pytest.mark.parametrize("status", ["400", "422"])
 async def test_invalid_request_is_neither_retried_nor_fallen_over(servers, make_engine, tmp_path, status):
     a, b, c = servers["a"], servers["b"], servers["c"]
     eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)]), rtier("big", [prov("c", c)])])
     a.faults(status)
     err = await run_failing(eng, ProviderInvalidRequestError)
     assert err.upstream_status == int(status) and err.status_code == 400
-    # the upstream's code for a bad request reaches the client; a 404's (a model missing upstream) does not
-    assert err.code == {"400": "invalid_value", "404": None, "422": "unprocessable"}[status]
+    # the upstream's code for a bad request reaches the client
+    assert err.code == {"400": "invalid_value", "422": "unprocessable"}[status]
     assert seen(servers) == {"a": 1, "b": 0, "c": 0}
     assert attempt_rows(tmp_path, "casc-fail") == [(0, "t", "a", "error", "ProviderInvalidRequestError", 0)]
     assert db_rows(tmp_path, "SELECT status, error_class FROM requests") == [("error", "ProviderInvalidRequestError")]
@@ -249,6 +250,21 @@ async def test_timeout_falls_over_at_once(servers, make_engine, tmp_path):
     assert a0.cost_usd == pytest.approx(a0.prompt_tokens * 1e-6) and out.record.escalation_waste_usd == a0.cost_usd
     assert attempt_rows(tmp_path, "casc-slow") == [(0, "t", "a", "error", "ProviderTimeoutError", 0),
                                                    (1, "t", "b", "final", None, 1)]
+
+
+async def test_a_model_missing_upstream_is_the_providers_fault_and_falls_over(servers, make_engine, tmp_path):
+    """A 404 from a provider (no such model there) is a misconfigured provider, not an invalid request: the
+    next provider answers; with none left the client gets a 502 provider_error, not a 400."""
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)])])
+    a.faults("404")
+    out = await eng.run(Q, request_id="casc-404")
+    assert attempt_rows(tmp_path, "casc-404") == [(0, "t", "a", "error", "ProviderError", 0),
+                                                  (1, "t", "b", "final", None, 1)]
+    eng2 = await make_engine([rtier("solo", [prov("a", a)])])
+    a.faults("404")
+    err = await run_failing(eng2, ProviderError, rid="casc-404b")
+    assert err.status_code == 502 and err.error_type == "provider_error" and out.record.status == "ok"
 
 
 @pytest.mark.parametrize("fault", ["reset", "close", "refused"])

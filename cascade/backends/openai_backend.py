@@ -82,13 +82,14 @@ def translate_openai_error(exc: Exception, provider: str) -> CascadeError:
             from cascade.resilience import redact
 
             return ProviderAuthError(redact(msg), provider=provider, status=status)
-        if status in (400, 404, 413, 422):
+        if status == 404:  # the upstream has no such model or route: our configuration's fault, not the
+            return ProviderError(msg, provider=provider, status=status)  # client's; another provider may have it
+        if status in (400, 413, 422):
             if any(m in body.lower() for m in _CONTEXT_MARKERS) or (
                     getattr(exc, "code", None) == "context_length_exceeded"):
                 return ProviderContextLengthError(msg, provider=provider, status=status)
-            # the upstream's own code for what is wrong with the request (e.g. invalid_value) tells the client
-            # most; not a 404's (a model missing upstream is our configuration's fault, not the client's model)
-            code = getattr(exc, "code", None) if status in (400, 422) else None
+            # the upstream's own code for what is wrong with the request (e.g. invalid_value) tells the client most
+            code = getattr(exc, "code", None)
             return ProviderInvalidRequestError(msg, provider=provider, status=status,
                                                code=code if isinstance(code, str) and code else None)
         if status >= 500:
