@@ -153,7 +153,7 @@ def test_the_key_is_checked_before_the_body(server, path):
 
 
 def test_head_on_health_ready_and_models(server):
-    for path, headers in (("/health", {}), ("/ready", {}), ("/v1/models", H())):
+    for path, headers in (("/health", {}), ("/ready", {}), ("/v1/models", H()), ("/v1/models/remote", H())):
         r = httpx.head(server.url + path, headers=headers)
         assert r.status_code == 200 and r.content == b"", path
     assert httpx.head(server.url + "/v1/models").status_code == 401
