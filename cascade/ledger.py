@@ -325,6 +325,9 @@ class Ledger:
         self.store_text = store_text
         self.dialect = _dialect_for(self.target)
         self._conn: Any = None
+        #: why the ledger cannot be written right now (its database unreachable), for readiness checks;
+        #: None while writes succeed
+        self.unavailable: str | None = None
         self._queue: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self._checkpointer: _Checkpointer | None = None
@@ -505,6 +508,7 @@ class Ledger:
         if len(jobs) > 1:
             try:
                 self._write([(j.rec, j.shadows) for j in jobs])  # type: ignore[misc]
+                self.unavailable = None
                 return [(None, None)] * len(jobs)
             except BaseException:  # noqa: BLE001 - rolled back: redo one by one for precise errors
                 pass
@@ -542,7 +546,8 @@ class Ledger:
             try:
                 self._conn = self.dialect.connect(self.target)
             except (*self.dialect.errors, OSError) as exc:
-                raise LedgerError(f"ledger {_redact(self.target)} is unreachable: {exc}") from exc
+                self.unavailable = f"ledger {_redact(self.target)} is unreachable: {exc}"
+                raise LedgerError(self.unavailable) from exc
             log.warning("ledger %s: the connection was lost; reconnected", _redact(self.target))
         return self._conn
 
@@ -605,7 +610,10 @@ class Ledger:
         try:
             self._retrying(lambda conn: self._write([(rec, shadows or [])], conn))
         except self.dialect.errors as exc:
+            if self._lost():  # the database went (not this record's fault): not ready until a write succeeds
+                self.unavailable = f"ledger {_redact(self.target)}: {exc}"
             raise LedgerError(f"ledger write failed for request {rec.request_id}: {exc}") from exc
+        self.unavailable = None
 
     def _write(self, items: list[tuple[CascadeRecord, list[dict[str, Any]]]], conn: Any = None) -> None:
         """Insert requests, their attempts and shadow decisions in one transaction (raises the driver's error)."""

@@ -462,5 +462,8 @@ async def health(request: Request) -> dict:
 async def ready(request: Request) -> JSONResponse:
     engine = _engine(request)
     state = {name: t.backend.ready for name, t in engine.tiers.items()}
-    ok = all(state.values())
-    return JSONResponse({"status": "ready" if ok else "loading", "tiers": state}, status_code=200 if ok else 503)
+    ledger_down = getattr(engine.ledger, "unavailable", None)  # answers that cannot be accounted: not ready
+    ok = all(state.values()) and ledger_down is None
+    body = {"status": "ready" if ok else ("ledger_unavailable" if ledger_down else "loading"), "tiers": state,
+            "ledger": "ok" if ledger_down is None else ledger_down}
+    return JSONResponse(body, status_code=200 if ok else 503)

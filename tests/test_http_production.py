@@ -223,3 +223,4 @@ def test_ready_reports_loaded_backends(server):
     body = r.json()
     assert set(body["tiers"]) == {"small", "large", "hung"}
     assert body["tiers"]["small"] is True and r.status_code == 200
+    assert body["status"] == "ready" and body["ledger"] == "ok"

@@ -151,3 +151,59 @@ async def test_a_postgresql_ledger_reconnects_after_the_server_drops_it(postgres
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                           "WHERE pid <> pg_backend_pid() AND datname = current_database()")
         assert (await ledger.get("r1"))["tier"] == "large"  # a read, too
+
+
+async def test_a_postgresql_ledger_that_cannot_reconnect_says_so_until_a_write_succeeds(postgres):
+    """While the database refuses connections, writes fail and ``unavailable`` says why (GET /ready answers
+    503 with it); once it takes them again, the next write reconnects and clears it."""
+    import psycopg
+
+    postgres.reset()
+    admin_url = postgres.url.rsplit("/", 1)[0] + "/template1"
+    async with Ledger(postgres.url) as ledger:
+        await ledger.record(record(1))
+        assert ledger.unavailable is None
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS false")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'postgres'")
+        try:
+            with pytest.raises(LedgerError):
+                await ledger.record(record(2))
+            assert ledger.unavailable and "unreachable" in ledger.unavailable
+        finally:
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS true")
+        await ledger.record(record(3))
+        assert ledger.unavailable is None
+        assert (await ledger.query("SELECT COUNT(*) FROM requests"))[0][0] == 2
+
+
+def test_ready_is_503_while_the_ledger_cannot_be_written(postgres, tmp_path):
+    """A gateway whose answers cannot be accounted is not ready: a load balancer must stop sending it traffic."""
+    import httpx
+    import psycopg
+
+    from serving import create_app
+    from tests.conftest import ServerThread, free_port, make_config
+
+    postgres.reset()
+    cfg = make_config(tmp_path, [{"name": "r", "backend": "openai", "model": "m",
+                                  "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}}],
+                      {"p": {"chain": ["r"]}}, ledger={"path": postgres.url})
+    admin_url = postgres.url.rsplit("/", 1)[0] + "/template1"
+    body = {"model": "p", "messages": [{"role": "user", "content": "hi"}]}
+    with ServerThread(create_app(cfg)) as srv:
+        assert httpx.get(srv.url + "/ready").json()["ledger"] == "ok"
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS false")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'postgres'")
+        try:
+            assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).status_code == 500
+            r = httpx.get(srv.url + "/ready")
+            assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable"
+            assert "unreachable" in r.json()["ledger"]
+        finally:
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS true")
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).status_code == 502  # accounted
+        assert httpx.get(srv.url + "/ready").status_code == 200
