@@ -551,6 +551,18 @@ class Ledger:
             log.warning("ledger %s: the connection was lost; reconnected", _redact(self.target))
         return self._conn
 
+    async def probe(self) -> str | None:
+        """Why the ledger cannot be written now, or None. While it is marked unavailable, one cheap query
+        (which reconnects) decides again, so a database that came back clears it without waiting for a
+        write (a server that is not ready gets no traffic, hence no writes)."""
+        if self.unavailable is not None:
+            try:
+                await self._call(self.execute, "SELECT 1")
+                self.unavailable = None
+            except LedgerError:
+                pass
+        return self.unavailable
+
     def _lost(self) -> bool:
         """Did the last statement fail because the connection went (worth one retry on a new one)?"""
         conn = self._conn

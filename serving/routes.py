@@ -462,7 +462,7 @@ async def health(request: Request) -> dict:
 async def ready(request: Request) -> JSONResponse:
     engine = _engine(request)
     state = {name: t.backend.ready for name, t in engine.tiers.items()}
-    ledger_down = getattr(engine.ledger, "unavailable", None)  # answers that cannot be accounted: not ready
+    ledger_down = await engine.ledger.probe()  # answers that cannot be accounted: not ready
     ok = all(state.values()) and ledger_down is None
     body = {"status": "ready" if ok else ("ledger_unavailable" if ledger_down else "loading"), "tiers": state,
             "ledger": "ok" if ledger_down is None else ledger_down}

@@ -205,5 +205,6 @@ def test_ready_is_503_while_the_ledger_cannot_be_written(postgres, tmp_path):
         finally:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS true")
-        assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).status_code == 502  # accounted
+        # ready again as soon as the database is back, before any write (a not-ready server gets no traffic)
         assert httpx.get(srv.url + "/ready").status_code == 200
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).status_code == 502  # accounted
