@@ -76,9 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_bind(cfg.server.host, cfg.server.port)
     _check_engine(cfg)
 
-    import uvicorn
-
     from serving import create_app
+    from serving.shutdown import run_server
 
     logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import os
@@ -86,9 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(cfg, config_path=args.config or os.environ.get("CASCADE_CONFIG") or None)
     print(f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"
           f" (ledger {_redact(cfg.ledger_target())})", file=sys.stderr, flush=True)
-    # loop/http "auto": uvloop and httptools (runtime dependencies) where installed, else asyncio and h11
-    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
-                timeout_graceful_shutdown=cfg.server.graceful_shutdown_s, loop="auto", http="auto")
+    run_server(app, app.state.drain, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
+               graceful_shutdown_s=cfg.server.graceful_shutdown_s)
     return 0
 
 

@@ -191,6 +191,8 @@ class Engine:
         #: partial, error, cancelled): one row, one call, so a listener (the HTTP layer's metrics) agrees
         #: with the ledger by construction. Listeners must be quick and must not raise.
         self.record_listeners: list[Callable[[CascadeRecord], None]] = []
+        #: set by :meth:`abort_in_flight`: why requests cancelled from now on were cancelled
+        self._aborted: CascadeError | None = None
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
@@ -214,6 +216,15 @@ class Engine:
         for tier in self.tiers.values():
             await tier.backend.close()
         await self.ledger.close()
+
+    def abort_in_flight(self, reason: CascadeError) -> None:
+        """Say why the requests about to be cancelled are cancelled (a graceful shutdown ran out of time):
+        their ledger rows carry ``reason`` (status ``error``, or ``partial`` for a stream that had sent
+        tokens) instead of ``cancelled`` by a client that left. The caller then cancels their tasks."""
+        self._aborted = reason
+
+    def _cancel_reason(self) -> CascadeError:
+        return self._aborted or ClientDisconnected("client disconnected during the stream")
 
     async def __aenter__(self) -> "Engine":
         return self
@@ -366,7 +377,7 @@ class Engine:
         except CascadeError as exc:
             error = exc
         except (asyncio.CancelledError, GeneratorExit):
-            error = ClientDisconnected("client disconnected during the stream")
+            error = self._cancel_reason()
             raise
         finally:
             await agen.aclose()
@@ -428,6 +439,7 @@ class Engine:
 
     async def _record_failure(self, rec: CascadeRecord, exc: CascadeError | None, route: Route | None,
                               t0: float) -> None:
+        exc = exc or self._aborted  # cancelled (exc None): by a client that left, or by a shutdown
         if exc is None:
             rec.status, rec.error_class, rec.error_message = "cancelled", "ClientDisconnected", "cancelled"
         else:
@@ -462,12 +474,12 @@ class Engine:
         att.prompt_tokens = billed_prompt(tier.backend, req, exc)  # a timed-out call was being worked on
         att.cost_usd = tier.config.price.cost(att.prompt_tokens, 0)
 
-    @staticmethod
-    def _mark_cancelled(att: Attempt, started: float, tier: Tier, req: GenerationRequest) -> None:
-        """The attempt in flight when the request was cancelled (its client left): an error row of its own,
-        never a silent success, billed its prompt (the tier was working on it)."""
+    def _mark_cancelled(self, att: Attempt, started: float, tier: Tier, req: GenerationRequest) -> None:
+        """The attempt in flight when the request was cancelled (its client left, or a shutdown ran out of
+        time): an error row of its own, never a silent success, billed its prompt (the tier was working on it)."""
         att.latency_ms = (time.perf_counter() - started) * 1e3
-        att.decision, att.reason = "error", "cancelled: the client disconnected"
+        why = "the server shut down" if self._aborted is not None else "the client disconnected"
+        att.decision, att.reason = "error", f"cancelled: {why}"
         att.error_class, att.error_message = CANCELLED, "cancelled"
         att.prompt_tokens = billed_prompt(tier.backend, req, None)
         att.cost_usd = tier.config.price.cost(att.prompt_tokens, 0)

@@ -199,6 +199,17 @@ class ClientDisconnected(CascadeError):
     error_type = "client_closed_request"
 
 
+class ServerShutdown(CascadeError):
+    """The server stopped before the request finished: it was still running when a graceful shutdown's
+    ``server.graceful_shutdown_s`` ran out. Nothing is wrong with the request: repeat it (another instance
+    answers it; this one is going away)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "server_shutdown"
+    should_retry = True
+
+
 class LedgerError(CascadeError):
     error_type = "ledger_error"
 

@@ -14,6 +14,7 @@ from cascade.engine import Engine, new_request_id
 from cascade.errors import CascadeError
 from serving.errors import error_body, install_error_handlers
 from serving.metrics import Metrics
+from serving.shutdown import Drain, DrainMiddleware
 
 
 class _TooLarge(BaseException):
@@ -138,6 +139,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         listeners = app.state.engine.sampler.listeners  # sampled shadows' calls and spend
         listeners.append(app.state.metrics.observe_shadow_call)
         app.state.engine.record_listeners.append(app.state.metrics.observe)  # every ledger row, once
+        drain.on_abort = app.state.engine.abort_in_flight  # a shutdown out of time: its rows say so
         from cascade.recalibrate import install_sighup
 
         remove_sighup = install_sighup(app.state.engine, config_path)  # reload on SIGHUP (main thread only)
@@ -154,6 +156,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app = FastAPI(title="cascade-engine", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible confidence-escalation cascade.")
     app.state.config_path = config_path
+    #: requests in flight, answered with 503 when a shutdown runs out of time (serving/shutdown.py)
+    app.state.drain = drain = Drain()
     install_error_handlers(app)
     from serving.routes import AuthMiddleware, HotPathMiddleware, router
 
@@ -162,6 +166,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app.add_middleware(AuthMiddleware)  # the key before the body: a caller without one learns nothing more
     app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes,
                        header_limit=config.server.max_header_bytes)
+    app.add_middleware(DrainMiddleware, drain=drain)  # answers for requests a shutdown gives up on
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries its id, a 413 or 401 too
     return app
 

@@ -9,6 +9,7 @@ them), the waits, the outcome and the ledger rows read back from the SQLite file
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -671,6 +672,28 @@ async def test_load_300_requests_with_20_percent_faults(tmp_path):
 # --- SIGTERM mid-load ---------------------------------------------------------------------------------
 
 
+def start_serve(cfg: dict, tmp_path: Path) -> subprocess.Popen:
+    """`cascade serve` on ``cfg`` (written to a file), as an operator runs it."""
+    path = tmp_path / "cascade.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(path)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if (await client.get("/health")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "cascade serve did not start"
+        await asyncio.sleep(0.1)
+
+
 async def test_sigterm_mid_load_finishes_in_flight_requests_and_keeps_the_ledger_consistent(tmp_path):
     with FaultServerThread(delay_s=1.5) as slow:
         port = free_port()
@@ -679,26 +702,11 @@ async def test_sigterm_mid_load_finishes_in_flight_requests_and_keeps_the_ledger
                "tiers": [{"name": "slow", "providers": [prov("slow", slow)], "threshold": 0.0, "max_tokens": 4,
                           "timeout_s": 10}],
                "policies": {"cascade": {"chain": ["slow"]}}}
-        path = tmp_path / "cascade.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(path)],
-                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = start_serve(cfg, tmp_path)
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            async with httpx.AsyncClient(base_url=url, timeout=30,
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
                                          limits=httpx.Limits(max_keepalive_connections=0)) as client:
-                while True:
-                    assert proc.poll() is None, proc.stdout.read().decode()
-                    try:
-                        if (await client.get("/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    assert time.monotonic() < deadline, "cascade serve did not start"
-                    await asyncio.sleep(0.1)
-
+                await wait_healthy(client, proc)
                 body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
                 tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(12)]
                 while slow.stats()["requests"] < 12:           # all twelve are in flight at the provider
@@ -726,6 +734,73 @@ async def test_sigterm_mid_load_finishes_in_flight_requests_and_keeps_the_ledger
         assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 12
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert received == 12   # nothing retried behind the client's back, nothing new let in
+
+
+async def test_requests_outliving_the_graceful_shutdown_get_503_and_ledger_rows(tmp_path):
+    """Past `graceful_shutdown_s` a request still running is answered for: a JSON 503 `server_shutdown` (the
+    SDKs retry it elsewhere), a started stream an error event and [DONE]; each is a ledger row saying so."""
+    with FaultServerThread(delay_s=8) as slow, FaultServerThread() as dribble:
+        dribble.faults(rate=1.0, kinds=["slow:0:8"])      # streams: the first token at once, then nothing
+        port = free_port()
+        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "graceful_shutdown_s": 1},
+               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+               "tiers": [{"name": n, "providers": [prov(n, fs)], "threshold": 0.0, "max_tokens": 4, "timeout_s": 20}
+                         for n, fs in (("slow", slow), ("dribble", dribble))],
+               "policies": {"cascade": {"chain": ["slow"]}}}      # and each tier is a model name of its own
+        proc = start_serve(cfg, tmp_path)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                                         limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                await wait_healthy(client, proc)
+                msgs = [{"role": "user", "content": "hi"}]
+                plain = [asyncio.create_task(client.post("/v1/chat/completions", json={"model": "slow", "messages": msgs}))
+                         for _ in range(3)]
+
+                async def stream() -> tuple[httpx.Response, list[str]]:
+                    body = {"model": "dribble", "messages": msgs, "stream": True}
+                    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+                        return resp, [line async for line in resp.aiter_lines() if line]
+
+                streams = [asyncio.create_task(stream()) for _ in range(2)]
+                while slow.stats()["requests"] < 3 or dribble.stats()["requests"] < 2:
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.2)                   # the streams' first tokens are out
+                t_term = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                answers = await asyncio.gather(*plain)
+                streamed = await asyncio.gather(*streams)
+                answered_in = time.monotonic() - t_term
+            rc = await asyncio.to_thread(proc.wait, 30)
+            out = proc.stdout.read().decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert rc in (0, -signal.SIGTERM), out
+    assert 1 <= answered_in < 5, answered_in               # at the grace, not at uvicorn's own timeout
+    assert "Exception in ASGI application" not in out and "timeout graceful shutdown exceeded" not in out, out
+    for r in answers:
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "server_shutdown" and err["type"] == "service_unavailable", err
+        assert "graceful shutdown" in err["message"]
+        assert r.headers["x-should-retry"] == "true" and r.headers["retry-after"] == "1"
+    for resp, lines in streamed:
+        assert resp.status_code == 200
+        events = [json.loads(x[len("data: "):]) for x in lines if x != "data: [DONE]"]
+        assert lines[-1] == "data: [DONE]"
+        assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events)  # tokens came
+        assert events[-1]["error"]["code"] == "server_shutdown", events[-1]
+    ids = {r.headers["x-request-id"] for r in answers} | {resp.headers["x-request-id"] for resp, _ in streamed}
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        rows = {r[0]: r[1:] for r in conn.execute("SELECT request_id, status, error_class, policy FROM requests")}
+        attempts = conn.execute("SELECT error_class, reason FROM attempts").fetchall()
+    assert set(rows) == ids, (rows, ids)
+    assert sorted(rows.values()) == sorted([("error", "ServerShutdown", "slow")] * 3
+                                           + [("partial", "ServerShutdown", "dribble")] * 2), rows
+    assert len(attempts) == 5, attempts
+    plain_attempts = [a for a in attempts if a[0] == "Cancelled"]
+    assert len(plain_attempts) == 3 and all("server shut down" in a[1] for a in plain_attempts), attempts
 
 
 def test_fault_server_runs_by_hand():

@@ -1,0 +1,125 @@
+"""Graceful shutdown with an answer for everyone: requests still running when ``server.graceful_shutdown_s``
+runs out get a 503 ``server_shutdown`` (a stream: an error event and ``[DONE]``) and a ledger row saying so,
+never a bare 500 or a cut connection.
+
+On SIGTERM uvicorn stops accepting, lets in-flight requests finish, and after its own timeout cancels
+whatever still runs and answers a plain 500 (or drops a started stream). So uvicorn is given
+``graceful_shutdown_s + ABORT_WINDOW_S``, and :class:`Drain` acts at ``graceful_shutdown_s``: it tells the
+engine why (:meth:`Engine.abort_in_flight`, so the ledger rows read ``ServerShutdown``), cancels each
+request's task, and :class:`DrainMiddleware` answers for it. The answered connections close, and uvicorn
+goes on to the lifespan shutdown, which flushes the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cascade.errors import CascadeError, ServerShutdown
+from serving.errors import error_body, error_response
+
+log = logging.getLogger("cascade.serving")
+
+#: how long uvicorn waits, after the drain has answered, before it cancels what is left (its own 500)
+ABORT_WINDOW_S = 5.0
+
+
+class Drain:
+    """The requests in flight, and the moment a shutdown gives up on them."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+        #: set when the shutdown ran out of time: the error every request still running is answered with
+        self.error: CascadeError | None = None
+        #: called with that error before the tasks are cancelled (the app sets it to the engine's)
+        self.on_abort: Callable[[CascadeError], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self, grace_s: float) -> None:
+        """A shutdown has begun: abort whatever still runs in ``grace_s`` seconds (in the running loop)."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(grace_s, self.abort, grace_s)
+
+    def abort(self, grace_s: float) -> None:
+        if self.error is not None or not self.tasks:
+            return
+        self.error = ServerShutdown(f"the server shut down before the request finished (it ran past the "
+                                    f"{grace_s:g} s graceful shutdown); repeat it")
+        log.warning("graceful shutdown ran out after %g s: answering %d request(s) still running with 503",
+                    grace_s, len(self.tasks))
+        if self.on_abort is not None:
+            self.on_abort(self.error)
+        for task in list(self.tasks):
+            task.cancel()
+
+
+class DrainMiddleware:
+    """Track each HTTP request's task; when :class:`Drain` cancels it, answer for it: a 503 JSON error when
+    nothing was sent yet, an SSE error event and ``[DONE]`` for a stream already under way."""
+
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        if scope["type"] != "http" or task is None:
+            await self.app(scope, receive, send)
+            return
+        started = ended = sse = False
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started, ended, sse
+            if msg["type"] == "http.response.start":
+                started = True
+                sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in msg.get("headers", ()))
+            elif msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                ended = True
+            await send(msg)
+
+        self.drain.tasks.add(task)
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            error = self.drain.error
+            if error is None or ended:  # not the drain's doing (or nothing left to say)
+                raise
+            task.uncancel()
+            if not started:
+                await error_response(error)(scope, receive, send)
+            else:
+                tail = b""
+                if sse:
+                    payload = error_body(f"stream interrupted: {error.message}", error.error_type, code=error.code)
+                    tail = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+        finally:
+            self.drain.tasks.discard(task)
+
+
+def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: str, graceful_shutdown_s: float) -> None:
+    """Serve ``app`` with uvicorn until SIGINT/SIGTERM; requests get ``graceful_shutdown_s`` to finish, then
+    ``drain`` answers those still running (503) and the process exits."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list | None = None) -> None:
+            drain.begin(graceful_shutdown_s)
+            await super().shutdown(sockets)
+
+    # loop/http "auto": uvloop and httptools (runtime dependencies) where installed, else asyncio and h11
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="auto", http="auto",
+                            timeout_graceful_shutdown=graceful_shutdown_s + ABORT_WINDOW_S)
+    server = Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # a second Ctrl-C: uvicorn.run ends quietly too
+        pass
+    if not server.started:
+        raise SystemExit(3)  # as uvicorn.run does: the socket could not be bound, or the app failed to start
+
+
+__all__ = ["ABORT_WINDOW_S", "Drain", "DrainMiddleware", "run_server"]
