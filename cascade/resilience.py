@@ -150,6 +150,8 @@ class CircuitBreaker:
         self._consecutive = 0
         self._window: deque[tuple[float, bool]] = deque()   # (time, failed)
         self._probe_out = False
+        #: open because the provider refused our credentials (:meth:`trip`): only an operator can fix it
+        self.tripped = False
         #: (time, new state, why), the last 50 transitions, for /metrics and tests
         self.transitions: deque[tuple[float, str, str]] = deque(maxlen=50)
 
@@ -173,6 +175,7 @@ class CircuitBreaker:
         if state == self._state and state != self.OPEN:
             return
         self._state = state
+        self.tripped = False
         self.transitions.append((self.clock(), state, why))
         if state == self.OPEN:
             self._opened_at = self.clock()
@@ -242,8 +245,10 @@ class CircuitBreaker:
             self._probe_out = False
 
     def trip(self, why: str) -> None:
-        """Force the breaker open now (e.g. the provider rejected our credentials)."""
+        """Force the breaker open now: the provider rejected our credentials, which no retry fixes (a 503
+        of this breaker tells clients not to retry, until a probe after the cooldown gets through)."""
         self._set(self.OPEN, why)
+        self.tripped = True
 
     def _note(self, failed: bool) -> None:
         now = self.clock()
@@ -578,10 +583,15 @@ class ResilientBackend(Backend):
                     return _Win(p, permit, value, started, wait, n)
         if last is None:
             ra = min(p.breaker.retry_after() for p in skipped) if skipped else 0.0
-            raise self._attach(CircuitOpenError(
+            refused = bool(skipped) and all(p.breaker.tripped for p in skipped)
+            error = CircuitOpenError(
                 f"tier {self.name!r}: every provider's circuit breaker is open "
-                f"({', '.join(p.name for p in skipped)}); retry after {ra:.1f} s",
-                provider=self.name, retry_after=max(ra, 0.001)), call)
+                f"({', '.join(p.name for p in skipped)}"
+                f"{': they refused our credentials' if refused else ''}); retry after {ra:.1f} s",
+                provider=self.name, retry_after=max(ra, 0.001))
+            if refused:  # a client's retries cannot help: as ProviderAuthError says itself
+                error.should_retry = False
+            raise self._attach(error, call)
         raise self._attach(last, call)
 
     @staticmethod

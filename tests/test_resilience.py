@@ -456,6 +456,11 @@ async def test_the_client_is_told_when_and_whether_to_retry(servers, tmp_path, s
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 502 and r.json()["error"]["type"] == "provider_auth_error"
         assert r.headers["x-should-retry"] == "false"
+        # that opened the provider's breaker: the 503 it gives meanwhile says the same, with its cooldown
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert "refused our credentials" in r.json()["error"]["message"]
+        assert r.headers["x-should-retry"] == "false" and int(r.headers["retry-after"]) > 1
 
 
 async def test_all_breakers_open_fail_fast_with_503_and_retry_after(servers, tmp_path, serve_app):
