@@ -148,6 +148,11 @@ class Calibrator(ABC):
         """The features ``predict_one`` reads."""
         return [self.feature]
 
+    def fit_warnings(self) -> list[str]:
+        """What looks wrong with the fitted parameters (one sentence each): a fit that ran into its bounds
+        or ranks answers backwards. The calibrator still works; its confidence just says little."""
+        return []
+
     def with_feature(self, feature: str) -> "Calibrator":
         """The same fitted map read from another feature (e.g. an artifact fit on the shared data's stored
         answer-letter logprob, serving a tier whose engine feature for it is ``first_token_logprob``)."""
@@ -196,6 +201,8 @@ class TemperatureScaling(Calibrator):
 
     method = "temperature"
     required_params = ("temperature",)
+    #: the range the fit searches (a fit at either end is reported by :meth:`fit_warnings`)
+    T_MIN, T_MAX = 1e-2, 1e2
 
     def __init__(self, feature: str = "mean_logprob", temperature: float = 1.0) -> None:
         super().__init__(feature)
@@ -213,7 +220,7 @@ class TemperatureScaling(Calibrator):
             p = np.clip(sigmoid(z / math.exp(log_t)), 1e-12, 1 - 1e-12)
             return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
-        lo, hi = math.log(1e-2), math.log(1e2)
+        lo, hi = math.log(self.T_MIN), math.log(self.T_MAX)
         g = (math.sqrt(5) - 1) / 2
         a, b = hi - g * (hi - lo), lo + g * (hi - lo)
         fa, fb = nll(a), nll(b)
@@ -231,6 +238,18 @@ class TemperatureScaling(Calibrator):
 
     def predict(self, scores: Any) -> np.ndarray:
         return sigmoid(score_to_logit(scores) / self.temperature)
+
+    def fit_warnings(self) -> list[str]:
+        t = self.temperature
+        if t >= self.T_MAX / 1.01:
+            return [f"temperature {t:.3g} is at the top of its range (<= {self.T_MAX:g}): the {self.feature} score "
+                    "barely tells right answers from wrong, so every confidence is squeezed towards 0.5; try "
+                    "another --feature, or --method platt (which can also move the mean)"]
+        if t <= self.T_MIN * 1.01:
+            return [f"temperature {t:.3g} is at the bottom of its range (>= {self.T_MIN:g}): the {self.feature} "
+                    "score separates right from wrong answers almost perfectly in the fit data, so confidences "
+                    "are pushed to 0 and 1; check the labels (too few, or leaked from the answers themselves)"]
+        return []
 
     def _predict_scalar(self, score: Any) -> np.float64:
         return sigmoid(_score_to_logit_one(score) / self.temperature)
@@ -293,6 +312,12 @@ class PlattScaling(Calibrator):
 
     def params(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b}
+
+    def fit_warnings(self) -> list[str]:
+        if self.a <= 0:
+            return [f"slope a = {self.a:.3g} <= 0: a higher {self.feature} score means a lower confidence (or "
+                    "none at all), so the score does not rank answers; check the feature and the labels"]
+        return []
 
     @classmethod
     def from_params(cls, feature: str, params: Mapping[str, Any]) -> "PlattScaling":

@@ -169,7 +169,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         progress("done", 3, 3)
     report = {"data": data.path, "model": tier.name, "n": int(len(y)), "feature": feature, "method": cal.method,
               "params": cal.params(), "raw": raw, "calibrated": fitted, "calibrated_heldout_cv": heldout,
-              "artifact": str(out), "plot": str(plot) if plot else None}
+              "artifact": str(out), "plot": str(plot) if plot else None, "warnings": cal.fit_warnings()}
     if selection is not None:
         report["selection"] = selection.to_dict()
     if args.json:
@@ -184,6 +184,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"artifact: {out}")
     if plot:
         print(f"plot: {plot}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
     return 0
 
 

@@ -284,7 +284,8 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
             "n_heldout": int(len(test)), "labels": new.fitted_on["labels"],
             "old": {"method": old.method, "params": old.params(), "version": previous},
             "heldout": held, "fit": fit,
-            "ece_old": held["old"]["ece"], "ece_new": held["new"]["ece"], "warning": warning}
+            "ece_old": held["old"]["ece"], "ece_new": held["new"]["ece"], "warning": warning,
+            "fit_warnings": new.fit_warnings()}
 
 
 def recalibrate_text(rep: dict[str, Any]) -> str:
@@ -299,6 +300,7 @@ def recalibrate_text(rep: dict[str, Any]) -> str:
     for k in ("ece", "ece_equal_mass", "brier", "nll", "auroc", "mean_confidence", "accuracy"):
         o, n = h["old"].get(k), h["new"].get(k)
         lines.append(f"{k:<18}{_f(o):>10}{_f(n):>10}")
+    lines += [f"warning: {w}" for w in rep.get("fit_warnings", ())]
     lines += ["", f"artifact: {rep['artifact']}"]
     if rep["activated"] and rep.get("warning"):
         lines.append(f"activated: {rep['activated']} -> {Path(rep['artifact']).name}")

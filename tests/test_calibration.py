@@ -55,6 +55,19 @@ def test_temperature_scaling_recovers_known_temperature(t_true):
     assert abs(t - t_true) / t_true < 0.05, (t, t_true)
 
 
+def test_a_fit_at_its_bounds_or_ranking_backwards_is_reported():
+    score, y = _synthetic(4000, 1.0, seed=5)
+    assert TemperatureScaling().fit(score, y).fit_warnings() == []
+    assert PlattScaling().fit(score, y).fit_warnings() == []
+    cal = TemperatureScaling("mean_logprob").fit(score, 1.0 - y)  # a score that ranks backwards: T to its top
+    assert cal.temperature > 99 and "top of its range" in cal.fit_warnings()[0]
+    assert "mean_logprob" in cal.fit_warnings()[0]
+    exact = (score > np.log(0.5)).astype(float)      # labels the score separates perfectly: T runs to 0.01
+    assert "bottom of its range" in TemperatureScaling().fit(score, exact).fit_warnings()[0]
+    backwards = PlattScaling().fit(score, 1.0 - y)  # a higher score, a lower chance of being right
+    assert backwards.a < 0 and "does not rank answers" in backwards.fit_warnings()[0]
+
+
 def test_temperature_scaling_with_netcal_matches():
     pytest.importorskip("netcal")
     score, y = _synthetic(20000, 2.0, seed=2)

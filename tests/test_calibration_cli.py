@@ -95,6 +95,7 @@ def test_calibrate_end_to_end(method, tmp_path, capsys):
     assert rep["method"] == method and rep["n"] == 300
     # llama3.2-1b is badly over-confident on medmcqa: every method must cut the in-sample ECE
     assert rep["calibrated"]["ece"] < rep["raw"]["ece"]
+    assert rep["warnings"] == []  # a fit inside its bounds that ranks answers the right way round
     cal = load_calibrator(art)
     assert cal.method == method and cal.fitted_on["n"] == 300 and cal.fitted_on["model"] == "llama3.2-1b"
     assert cal.fitted_on["date"] and "raw" in cal.metrics
