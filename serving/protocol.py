@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob
+from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, TopLogprob
 
 
 #: the longest ``model`` name a request may carry (names are a config's policies and tiers)
@@ -287,10 +287,23 @@ def _usage(res: GenerationResult) -> dict[str, int]:
             "total_tokens": res.usage.total_tokens}
 
 
+def alternative_token(a: TopLogprob) -> str:
+    """An alternative's token text. One whose bytes end inside a multi-byte character decodes to "\ufffd",
+    the same for every such alternative (so they would share one key of completions' ``top_logprobs``): its
+    text is its bytes with the partial ones escaped, as OpenAI writes them (``"\\xe2\\x80"``)."""
+    if a.raw is None:
+        return a.token
+    try:
+        a.raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return a.raw.decode("utf-8", "backslashreplace")
+    return a.token
+
+
 def chat_logprobs(tokens: tuple[TokenLogprob, ...], top: int) -> dict[str, Any]:
     return {"content": [
         {"token": t.token, "logprob": t.logprob, "bytes": list(t.utf8),
-         "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.utf8)}
+         "top_logprobs": [{"token": alternative_token(a), "logprob": a.logprob, "bytes": list(a.utf8)}
                           for a in t.top[:top]]}
         for t in tokens], "refusal": None}
 
@@ -306,7 +319,7 @@ def completion_logprobs(tokens: tuple[TokenLogprob, ...], top: int, start: int =
     for t in tokens:
         d: dict[str, float] = {}
         for a in t.top[:top]:
-            d.setdefault(a.token, a.logprob)
+            d.setdefault(alternative_token(a), a.logprob)
         tops.append(d)
     return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": tops, "text_offset": offsets}

@@ -121,7 +121,21 @@ def test_logprob_bytes_are_the_tokens_own_bytes(server, stream):
     assert split and all(t.bytes for t in split)  # partial characters: bytes, no text
     assert b"".join(bytes(t.bytes) for t in content) == text.encode("utf-8")
     assert "".join(t.token for t in content) == text
-    assert all(a.bytes for t in content for a in t.top_logprobs)
+    alts = [a for t in content for a in t.top_logprobs]
+    assert all(a.bytes for a in alts)
+    # an alternative that is part of a character is its bytes, escaped (not "\ufffd", which all such share)
+    partial = [a for a in alts if not _utf8(bytes(a.bytes))]
+    assert partial, [(a.token, a.bytes) for a in alts]
+    assert all(a.token == bytes(a.bytes).decode("utf-8", "backslashreplace") and "\\x" in a.token for a in partial)
+    assert all(a.token.encode() == bytes(a.bytes) for a in alts if a not in partial)
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def test_every_response_carries_a_request_id_that_finds_its_ledger_row(server):
