@@ -264,7 +264,7 @@ class CascadeRecord:
     latency_ms: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    status: str = "ok"                  # "ok" | "error"
+    status: str = "ok"                  # "ok" | "partial" (a stream cut after tokens) | "error" | "cancelled"
     error_class: str | None = None
     error_message: str | None = None
     api_key_id: str | None = None

@@ -135,6 +135,33 @@ def test_report_csv_plot_and_text(traffic, capsys, tmp_path):
     assert "cost report by day" in out and "last-tier-alone" in out and "(all)" in out
 
 
+def test_report_counts_each_outcome(tmp_path, capsys):
+    """Every request is answered (a stream cut after tokens among them), failed or refused, or cancelled by
+    its client: the report counts each, and they add up to the requests."""
+    import time
+
+    from cascade.cli import main
+    from cascade.ledger import Ledger
+    from cascade.types import CascadeRecord
+
+    db = tmp_path / "ledger.sqlite"
+    ledger = Ledger(str(db)).open_sync()
+    outcomes = {"ok": 5, "partial": 2, "error": 3, "cancelled": 4}
+    try:
+        for status, n in outcomes.items():
+            for i in range(n):
+                ledger.record_sync(CascadeRecord(request_id=f"{status}-{i}", policy="cascade", created_at=time.time(),
+                                                 status=status, cost_usd=0.001, escalated=status == "ok" and i == 0))
+    finally:
+        ledger.close_sync()
+    tot = run_json(capsys, "report", "--json", "--ledger", str(db))["total"]
+    assert (tot["requests"], tot["answered"], tot["partial"], tot["errors"], tot["cancelled"]) == (14, 7, 2, 3, 4)
+    assert tot["escalation_rate"] == pytest.approx(1 / 7)  # over answered requests
+    assert main(["report", "--ledger", str(db)]) == 0
+    assert ("14 requests: 7 answered (2 streams cut after some tokens), 3 failed or refused, 4 cancelled by their "
+            "client") in capsys.readouterr().out
+
+
 def test_report_errors_are_one_line(tmp_path, capsys):
     from cascade.cli import main
 
