@@ -27,6 +27,16 @@ def rough_token_count(text: str) -> int:
 class Message:
     role: str
     content: str
+    #: the participant's name (OpenAI's ``name``): sent on to an OpenAI-compatible tier; a local chat
+    #: template sees it in the message and uses it if it has a place for one
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        """The message as a chat API (and a chat template) takes it."""
+        d = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            d["name"] = self.name
+        return d
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,7 +70,8 @@ _ASSISTANT_ECHO_FIELDS = ("refusal", "tool_calls", "function_call", "audio", "an
 class ChatMessage(_Wire):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    #: as OpenAI: no whitespace and none of <|\/> (nor, then, a chat template's special tokens)
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[^\s<|\\/>]+$")
 
     @model_validator(mode="before")
     @classmethod
@@ -190,8 +191,8 @@ class ChatCompletionRequest(_GenerationParams):
     def to_engine(self) -> GenerationRequest:
         return GenerationRequest(
             # "developer" is OpenAI's name for the system role of newer models; chat templates know "system"
-            messages=tuple(Message(role="system" if m.role == "developer" else m.role, content=m.text())
-                           for m in self.messages),
+            messages=tuple(Message(role="system" if m.role == "developer" else m.role, content=m.text(),
+                                   name=m.name) for m in self.messages),
             max_tokens=self.max_completion_tokens or self.max_tokens, temperature=self.temperature,
             top_p=self.top_p, stop=self.stop_tuple(), top_logprobs=self.top_logprobs or 0, seed=self.seed)
 

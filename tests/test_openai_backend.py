@@ -91,3 +91,18 @@ async def test_cascade_with_a_remote_first_tier(remote, tmp_path):
     assert rec.attempts[0].decision == "escalate" and rec.attempts[0].confidence is not None
     assert rec.attempts[0].prompt_tokens > 0 and rec.attempts[0].cost_usd > 0
     assert rec.tier == "local" and rec.escalation_waste_usd == pytest.approx(rec.attempts[0].cost_usd)
+
+
+async def test_a_message_name_reaches_the_upstream():
+    """OpenAI's ``name`` of a participant goes on to an OpenAI-compatible tier as the client sent it."""
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as upstream:
+        b = OpenAIBackend(model="m", base_url=upstream.base_url)
+        try:
+            await b.generate(GenerationRequest(messages=(Message("system", "Be brief."),
+                                                         Message("user", "Hi, I am Ada.", name="ada_l")), max_tokens=4))
+        finally:
+            await b.close()
+        sent = upstream.stats()["log"][-1]["messages"]
+    assert sent == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, I am Ada.", "name": "ada_l"}]

@@ -179,7 +179,7 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
     """Token ids of a request's prompt for an in-process model: chat messages through the tokenizer's
     chat template, or a raw prompt (an empty one starts from the beginning-of-text token)."""
     if request.messages is not None:
-        msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+        msgs = [m.as_dict() for m in request.messages]
         text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])

@@ -169,7 +169,7 @@ class OpenAIBackend(Backend):
         if self._extra_body:
             kw["extra_body"] = dict(self._extra_body)
         if self._use_chat(request):
-            kw["messages"] = [{"role": m.role, "content": m.content} for m in request.messages or ()]
+            kw["messages"] = [m.as_dict() for m in request.messages or ()]
             kw["logprobs"] = True
             if request.top_logprobs:
                 kw["top_logprobs"] = request.top_logprobs
