@@ -229,6 +229,8 @@ class ServerConfig(_Strict):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     #: on SIGTERM, how long in-flight requests may take to finish before the server stops
     graceful_shutdown_s: float = Field(30.0, gt=0)
+    #: completion requests in flight at once, all keys together (beyond: 503 server_overloaded); None: no limit
+    max_concurrent_requests: int | None = Field(None, gt=0)
 
 
 class LedgerConfig(_Strict):
@@ -258,6 +260,10 @@ class UserTierConfig(_Strict):
     on_cost_budget: Literal["refuse", "truncate"] = "refuse"
     #: per-key spend limit per UTC day, enforced from the ledger (429 once reached)
     daily_spend_limit_usd: float | None = Field(None, gt=0)
+    #: per-key completion requests in any 60 s, per server process (429 rate_limit_exceeded beyond)
+    requests_per_minute: int | None = Field(None, gt=0)
+    #: per-key completion requests in flight at once, per server process (429 concurrency_limit_exceeded)
+    max_concurrent_requests: int | None = Field(None, gt=0)
     #: keys of this user tier may call the admin endpoints (POST /admin/reload)
     admin: bool = False
 

@@ -199,6 +199,28 @@ class ClientDisconnected(CascadeError):
     error_type = "client_closed_request"
 
 
+class RequestLimitError(CascadeError):
+    """A key's request limit (its user tier's ``requests_per_minute`` or ``max_concurrent_requests``) is
+    reached: 429 with ``Retry-After`` (and, for the rate, OpenAI's ``x-ratelimit-*-requests`` headers)."""
+
+    status_code = 429
+    error_type = "requests"  # OpenAI's type for a requests-per-minute limit
+    code = "rate_limit_exceeded"
+    retry_after: float | None = None
+    #: response headers that go with the refusal (the rate limit's state)
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class ServerOverloadedError(CascadeError):
+    """The server is at ``server.max_concurrent_requests``: shed the request at once, with ``Retry-After``,
+    rather than queue it behind work that would make it time out anyway."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "server_overloaded"
+    retry_after: float | None = None
+
+
 class ServerShutdown(CascadeError):
     """The server stopped before the request finished: it was still running when a graceful shutdown's
     ``server.graceful_shutdown_s`` ran out. Nothing is wrong with the request: repeat it (another instance

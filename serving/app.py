@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cascade.config import Config
 from cascade.engine import Engine, new_request_id
 from cascade.errors import CascadeError
+from cascade.limits import Admission
 from serving.errors import error_body, install_error_handlers
 from serving.metrics import Metrics
 from serving.shutdown import Drain, DrainMiddleware
@@ -158,6 +159,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app.state.config_path = config_path
     #: requests in flight, answered with 503 when a shutdown runs out of time (serving/shutdown.py)
     app.state.drain = drain = Drain()
+    #: the keys' request-rate and in-flight limits, and the server's (cascade/limits.py): one per process
+    app.state.admission = Admission()
     install_error_handlers(app)
     from serving.routes import AuthMiddleware, HotPathMiddleware, router
 

@@ -38,7 +38,7 @@ def retry_after_header(exc: CascadeError) -> str | None:
 
 
 def error_response(exc: CascadeError) -> JSONResponse:
-    headers = {}
+    headers = {k.decode(): v.decode() for k, v in getattr(exc, "headers", ())}
     retry_after = retry_after_header(exc)
     if retry_after is not None:
         headers["retry-after"] = retry_after

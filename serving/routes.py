@@ -136,6 +136,13 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
         raise InvalidRequestError(f"{param}: {asked} is above this server's limit of {limit}",
                                   param=param, code="invalid_value")
     lim = caller.limits
+    # the key's rate and in-flight limits, and the server's: the slots are held until the response is sent
+    # (AuthMiddleware releases them), so this is the last refusal that costs nothing but the one below
+    ticket = request.app.state.admission.admit(
+        caller.key_id, requests_per_minute=lim.requests_per_minute if lim else None,
+        max_concurrent=lim.max_concurrent_requests if lim else None,
+        server_max_concurrent=engine.config.server.max_concurrent_requests)
+    request.scope["state"]["ticket"] = ticket
     if lim is None:
         return caller, Budget()
     if lim.daily_spend_limit_usd is not None and caller.key_id is not None:
@@ -263,7 +270,22 @@ class AuthMiddleware:
                 scope["app"].state.metrics.observe_error(type(exc).__name__)
                 await cascade_error_response(exc)(scope, receive, send)
                 return
-            scope.setdefault("state", {})["caller"] = caller
+            state = scope.setdefault("state", {})
+            state["caller"] = caller
+
+            async def send_with_limits(msg: Message) -> None:
+                ticket = state.get("ticket")  # an admitted completion: its rate-limit headers
+                if ticket is not None and ticket.headers and msg["type"] == "http.response.start":
+                    msg = {**msg, "headers": [*msg.get("headers", ()), *ticket.headers]}
+                await send(msg)
+
+            try:
+                await self.app(scope, receive, send_with_limits)
+            finally:
+                ticket = state.pop("ticket", None)
+                if ticket is not None:  # the response is sent (or abandoned): its in-flight slots are free
+                    ticket.release()
+            return
         await self.app(scope, receive, send)
 
 

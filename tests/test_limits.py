@@ -1,0 +1,142 @@
+"""Request limits: a key's requests per minute and requests in flight, the server's requests in flight.
+
+The limiter on its own with a controlled clock, then the endpoint on a real uvicorn server in front of a
+real OpenAI-protocol server on loopback (tests/fault_server.py), with a real SQLite ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import httpx
+import pytest
+
+from cascade.errors import RequestLimitError, ServerOverloadedError
+from cascade.limits import Admission, reset_text
+from serving.auth import hash_key
+from tests.conftest import make_config
+from tests.fault_server import FaultServerThread
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_requests_per_minute_is_a_sliding_window_and_a_refusal_takes_nothing():
+    clock = Clock()
+    adm = Admission(clock)
+    heads = []
+    for _ in range(3):
+        heads.append(dict(adm.admit("k", requests_per_minute=3).headers))
+        clock.t += 10
+    assert [h[b"x-ratelimit-remaining-requests"] for h in heads] == [b"2", b"1", b"0"]
+    assert heads[0][b"x-ratelimit-limit-requests"] == b"3" and heads[0][b"x-ratelimit-reset-requests"] == b"1m0s"
+    with pytest.raises(RequestLimitError) as err:         # t = 1030: the first leaves the window at 1060
+        adm.admit("k", requests_per_minute=3)
+    assert err.value.retry_after == pytest.approx(30.0) and err.value.status_code == 429
+    assert err.value.code == "rate_limit_exceeded" and "3 requests per minute" in err.value.message
+    assert dict(err.value.headers)[b"x-ratelimit-remaining-requests"] == b"0"
+    adm.admit("other", requests_per_minute=3)             # each key has its own window
+    clock.t = 1060.0
+    assert dict(adm.admit("k", requests_per_minute=3).headers)[b"x-ratelimit-remaining-requests"] == b"0"
+    with pytest.raises(RequestLimitError):                # the refused one at 1030 took no place
+        adm.admit("k", requests_per_minute=3)
+    assert dict(adm.admit("k", requests_per_minute=5).headers)[b"x-ratelimit-remaining-requests"] == b"1"
+
+
+def test_in_flight_limits_per_key_and_per_server_hold_until_released():
+    adm = Admission(Clock())
+    a1 = adm.admit("a", max_concurrent=2, server_max_concurrent=3)
+    a2 = adm.admit("a", max_concurrent=2, server_max_concurrent=3)
+    with pytest.raises(RequestLimitError) as err:
+        adm.admit("a", max_concurrent=2, server_max_concurrent=3)
+    assert err.value.code == "concurrency_limit_exceeded" and err.value.retry_after == 1.0
+    b1 = adm.admit("b", max_concurrent=2, server_max_concurrent=3)
+    with pytest.raises(ServerOverloadedError) as over:
+        adm.admit("c", server_max_concurrent=3)
+    assert over.value.status_code == 503 and over.value.code == "server_overloaded"
+    a1.release()
+    a1.release()                                         # idempotent
+    assert adm.in_flight == 2
+    adm.admit("a", max_concurrent=2, server_max_concurrent=3).release()
+    for t in (a2, b1):
+        t.release()
+    assert adm.in_flight == 0 and adm.admit(None).headers == []  # no limits: nothing counted
+
+
+def test_reset_text_is_openais_format():
+    assert [reset_text(s) for s in (0.0171, 0.9999, 1.0, 20.2, 60.0, 361.0)] == \
+        ["18ms", "1000ms", "1s", "21s", "1m0s", "6m1s"]
+
+
+# --- on the endpoint --------------------------------------------------------------------------------
+
+KEY, OTHER = "sk-limited", "sk-other"
+
+
+@pytest.fixture
+def upstream():
+    with FaultServerThread() as fs:
+        yield fs
+
+
+def _config(tmp_path, fs, **server):
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": fs.base_url}}
+    return make_config(tmp_path, [remote], server={"max_concurrent_requests": 3, **server},
+                       user_tiers={"limited": {"requests_per_minute": 3, "max_concurrent_requests": 2}, "open": {}},
+                       auth={"keys": [{"id": "k-limited", "sha256": hash_key(KEY), "user_tier": "limited"},
+                                      {"id": "k-other", "sha256": hash_key(OTHER), "user_tier": "open"}]})
+
+
+BODY = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_a_key_over_its_rate_gets_429_with_openais_headers_and_a_ledger_row(tmp_path, upstream, serve_app):
+    srv = serve_app(_config(tmp_path, upstream))
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        ok = [c.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {KEY}"}) for _ in range(3)]
+        assert [r.status_code for r in ok] == [200, 200, 200]
+        assert [r.headers["x-ratelimit-remaining-requests"] for r in ok] == ["2", "1", "0"]
+        assert all(r.headers["x-ratelimit-limit-requests"] == "3" for r in ok)
+        r = c.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {KEY}"})
+        assert r.status_code == 429, r.text
+        err = r.json()["error"]
+        assert err["type"] == "requests" and err["code"] == "rate_limit_exceeded"
+        assert 50 <= int(r.headers["retry-after"]) <= 60 and r.headers["x-ratelimit-remaining-requests"] == "0"
+        refused_id = r.headers["x-request-id"]
+        # another key, whose user tier has no rate limit, is not held back (nor told about limits)
+        other = c.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {OTHER}"})
+        assert other.status_code == 200 and "x-ratelimit-limit-requests" not in other.headers
+    assert upstream.stats()["requests"] == 4              # the refused request never reached a tier
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        row = db.execute("SELECT status, error_class, api_key_id, n_attempts FROM requests WHERE request_id=?",
+                         (refused_id,)).fetchone()
+    assert row == ("error", "RequestLimitError", "k-limited", 0)
+
+
+async def test_in_flight_limits_refuse_at_once_and_free_their_slots_when_answered(tmp_path, upstream, serve_app):
+    upstream.faults(delay_s=1.0)                          # every answer takes a second
+    srv = serve_app(_config(tmp_path, upstream, max_concurrent_requests=3))
+    lim, oth = {"authorization": f"Bearer {KEY}"}, {"authorization": f"Bearer {OTHER}"}
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+        slow = [asyncio.create_task(c.post("/v1/chat/completions", json=BODY, headers=lim)) for _ in range(2)]
+        slow.append(asyncio.create_task(c.post("/v1/chat/completions", json={**BODY, "stream": True}, headers=oth)))
+        while upstream.stats()["requests"] < 3:
+            await asyncio.sleep(0.02)
+        third = await c.post("/v1/chat/completions", json=BODY, headers=lim)   # the key has 2 in flight
+        assert third.status_code == 429 and third.json()["error"]["code"] == "concurrency_limit_exceeded"
+        over = await c.post("/v1/chat/completions", json=BODY, headers=oth)    # the server has 3 in flight
+        assert over.status_code == 503 and over.json()["error"]["code"] == "server_overloaded"
+        assert over.headers["retry-after"] == "1"
+        assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200, 200]
+        after = await c.post("/v1/chat/completions", json={**BODY, "stream": True}, headers=oth)
+        assert after.status_code == 200 and "data: [DONE]" in after.text  # every slot came back, streams' too
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        classes = sorted(r[0] for r in db.execute("SELECT error_class FROM requests WHERE status = 'error'"))
+    assert classes == ["RequestLimitError", "ServerOverloadedError"]
