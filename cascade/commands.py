@@ -77,16 +77,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_engine(cfg)
 
     from serving import create_app
+    from serving.logs import configure_logging
     from serving.shutdown import run_server
 
-    logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(cfg.server.log_level, cfg.server.log_format)
     import os
 
     app = create_app(cfg, config_path=args.config or os.environ.get("CASCADE_CONFIG") or None)
-    print(f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"
-          f" (ledger {_redact(cfg.ledger_target())})", file=sys.stderr, flush=True)
+    banner = (f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"
+              f" (ledger {_redact(cfg.ledger_target())})")
+    if cfg.server.log_format == "json":  # every line on stderr is a JSON object
+        logging.getLogger("cascade.serve").info(banner)
+    else:
+        print(banner, file=sys.stderr, flush=True)
     run_server(app, app.state.drain, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
-               graceful_shutdown_s=cfg.server.graceful_shutdown_s)
+               graceful_shutdown_s=cfg.server.graceful_shutdown_s, uvicorn_logging=cfg.server.log_format == "text")
     return 0
 
 

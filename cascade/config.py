@@ -227,6 +227,8 @@ class ServerConfig(_Strict):
     #: largest max_tokens a client may ask for (per request)
     max_tokens_limit: int = Field(4096, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    #: "text" lines, or "json": one object per line (uvicorn's lines too); both carry the request's id
+    log_format: Literal["text", "json"] = "text"
     #: on SIGTERM, how long in-flight requests may take to finish before the server stops
     graceful_shutdown_s: float = Field(30.0, gt=0)
     #: completion requests in flight at once, all keys together (beyond: 503 server_overloaded); None: no limit

@@ -14,6 +14,7 @@ from cascade.engine import Engine, new_request_id
 from cascade.errors import CascadeError
 from cascade.limits import Admission
 from serving.errors import error_body, install_error_handlers
+from serving.logs import current_request_id
 from serving.metrics import Metrics
 from serving.shutdown import Drain, DrainMiddleware
 
@@ -120,7 +121,11 @@ class RequestIdMiddleware:
                 msg = {**msg, "headers": [*msg.get("headers", ()), *extra]}
             await send(msg)
 
-        await self.app(scope, receive, send_with_id)
+        token = current_request_id.set(rid)  # every log line of this request names it (serving/logs.py)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            current_request_id.reset(token)
 
 
 def create_app(config: Config, *, engine: Engine | None = None, preload: bool = True,

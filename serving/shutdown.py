@@ -100,9 +100,11 @@ class DrainMiddleware:
             self.drain.tasks.discard(task)
 
 
-def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: str, graceful_shutdown_s: float) -> None:
+def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: str, graceful_shutdown_s: float,
+               uvicorn_logging: bool = True) -> None:
     """Serve ``app`` with uvicorn until SIGINT/SIGTERM; requests get ``graceful_shutdown_s`` to finish, then
-    ``drain`` answers those still running (503) and the process exits."""
+    ``drain`` answers those still running (503) and the process exits. ``uvicorn_logging=False``: uvicorn
+    leaves logging alone and its lines go to the root logger's handler (the JSON lines of serving/logs.py)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -111,8 +113,9 @@ def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: s
             await super().shutdown(sockets)
 
     # loop/http "auto": uvloop and httptools (runtime dependencies) where installed, else asyncio and h11
+    kw = {} if uvicorn_logging else {"log_config": None}
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="auto", http="auto",
-                            timeout_graceful_shutdown=graceful_shutdown_s + ABORT_WINDOW_S)
+                            timeout_graceful_shutdown=graceful_shutdown_s + ABORT_WINDOW_S, **kw)
     server = Server(config)
     try:
         server.run()

@@ -808,6 +808,42 @@ async def test_requests_outliving_the_graceful_shutdown_get_503_and_ledger_rows(
     assert len(plain_attempts) == 3 and all("server shut down" in a[1] for a in plain_attempts), attempts
 
 
+async def test_json_logs_carry_the_request_id_of_each_line_written_for_a_request(tmp_path):
+    """`server.log_format: json`: every line `cascade serve` writes is one JSON object, uvicorn's included, and a
+    provider's failure logged while a request ran names that request's id (its x-request-id, its ledger row)."""
+    with FaultServerThread() as a, FaultServerThread() as b:
+        a.faults("500")
+        port = free_port()
+        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "info", "log_format": "json"},
+               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+               "tiers": [{"name": "t", "providers": [prov("a", a), prov("b", b)], "threshold": 0.0, "max_tokens": 4,
+                          "retry": {"max_attempts": 1}}],
+               "policies": {"cascade": {"chain": ["t"]}}}
+        proc = start_serve(cfg, tmp_path)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                await wait_healthy(client, proc)
+                r = await client.post("/v1/chat/completions",
+                                      json={"model": "cascade", "messages": [{"role": "user", "content": "hi"}]})
+            proc.send_signal(signal.SIGTERM)
+            out = (await asyncio.to_thread(proc.communicate, timeout=30))[0].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert r.status_code == 200, r.text
+    lines = [json.loads(x) for x in out.splitlines() if x.strip()]  # each line parses, or this raises
+    assert all({"time", "level", "logger", "message"} <= set(x) for x in lines), lines
+    rid = r.headers["x-request-id"]
+    fell = [x for x in lines if "falling over to b" in x["message"]]
+    assert len(fell) == 1 and fell[0]["request_id"] == rid and fell[0]["logger"] == "cascade.resilience", lines
+    assert any(x["logger"] == "cascade.serve" and "serving policies ['cascade']" in x["message"] for x in lines)
+    access = [x for x in lines if x["logger"] == "uvicorn.access" and "/v1/chat/completions" in x["message"]]
+    assert len(access) == 1 and access[0]["request_id"] == rid, lines
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        assert conn.execute("SELECT n_attempts FROM requests WHERE request_id = ?", (rid,)).fetchone() == (2,)
+
+
 def test_fault_server_runs_by_hand():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.fault_server", "--port", str(port), "--queue", "503"],

@@ -1,0 +1,62 @@
+"""The server's log lines: each one written while a request runs carries that request's id (the
+``x-request-id`` of its response, its ledger row's id), and ``server.log_format: json`` writes one JSON
+object per line, uvicorn's own lines included, for log pipelines.
+
+:class:`~serving.app.RequestIdMiddleware` sets :data:`current_request_id` for the request's task; the
+engine's and the providers' warnings logged on that task (a tier failing, a breaker opening) inherit it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextvars import ContextVar
+
+#: the id of the HTTP request being served on this task (None outside a request)
+current_request_id: ContextVar[str | None] = ContextVar("cascade_request_id", default=None)
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s"
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on every record (``record.request_id``, and ``record.request`` as
+    `` [id]`` or "" for the text format)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = current_request_id.get()
+        record.request_id = rid
+        record.request = f" [{rid}]" if rid else ""
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger``,
+    ``message``, ``request_id`` when the line belongs to a request, ``exception`` with its traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.gmtime(record.created)
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        rid = getattr(record, "request_id", None)
+        if rid:
+            out["request_id"] = rid
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr at ``level`` (a name such as "info"), in ``fmt`` ("text" or "json"), with request ids."""
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.captureWarnings(fmt == "json")  # Python warnings (a library's deprecation) as log lines too
+
+
+__all__ = ["JsonFormatter", "RequestIdFilter", "configure_logging", "current_request_id"]
