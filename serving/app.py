@@ -146,6 +146,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         listeners.append(app.state.metrics.observe_shadow_call)
         app.state.engine.record_listeners.append(app.state.metrics.observe)  # every ledger row, once
         drain.on_abort = app.state.engine.abort_in_flight  # a shutdown out of time: its rows say so
+        app.state.engine.record_listeners.append(drain.observe)  # ...and requests already recorded finish
         from cascade.recalibrate import install_sighup
 
         remove_sighup = install_sighup(app.state.engine, config_path)  # reload on SIGHUP (main thread only)
@@ -156,6 +157,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
                 remove_sighup()
             listeners.remove(app.state.metrics.observe_shadow_call)
             app.state.engine.record_listeners.remove(app.state.metrics.observe)
+            app.state.engine.record_listeners.remove(drain.observe)
             if owned:
                 await app.state.engine.close()
 

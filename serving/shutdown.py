@@ -6,8 +6,9 @@ On SIGTERM uvicorn stops accepting, lets in-flight requests finish, and after it
 whatever still runs and answers a plain 500 (or drops a started stream). So uvicorn is given
 ``graceful_shutdown_s + ABORT_WINDOW_S``, and :class:`Drain` acts at ``graceful_shutdown_s``: it tells the
 engine why (:meth:`Engine.abort_in_flight`, so the ledger rows read ``ServerShutdown``), cancels each
-request's task, and :class:`DrainMiddleware` answers for it. The answered connections close, and uvicorn
-goes on to the lifespan shutdown, which flushes the ledger.
+request's task, and :class:`DrainMiddleware` answers for it. A request whose ledger row is already written
+is not cancelled: its answer goes out. The answered connections close, and uvicorn goes on to the lifespan
+shutdown, which flushes the ledger.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.errors import CascadeError, ServerShutdown
+from cascade.types import CascadeRecord
 from serving.errors import error_body, error_response
 
 log = logging.getLogger("cascade.serving")
@@ -29,10 +31,18 @@ ABORT_WINDOW_S = 5.0
 
 
 class Drain:
-    """The requests in flight, and the moment a shutdown gives up on them."""
+    """The requests in flight, and the moment a shutdown gives up on them.
+
+    A request whose ledger row is already written (queued: :meth:`observe` is an engine record listener) is
+    left alone: it only waits for that commit and for its response to go out, and cancelling it would send a
+    503 for an answer the ledger records, and bills, as served."""
 
     def __init__(self) -> None:
-        self.tasks: set[asyncio.Task] = set()
+        #: each request's task, with its request id (the id of its ledger row)
+        self.tasks: dict[asyncio.Task, str | None] = {}
+        self._ids: set[str] = set()
+        #: ids of requests in flight whose ledger rows are written
+        self.recorded: set[str] = set()
         #: set when the shutdown ran out of time: the error every request still running is answered with
         self.error: CascadeError | None = None
         #: called with that error before the tasks are cancelled (the app sets it to the engine's)
@@ -44,16 +54,32 @@ class Drain:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(grace_s, self.abort, grace_s)
 
+    def enter(self, task: asyncio.Task, request_id: str | None) -> None:
+        self.tasks[task] = request_id
+        if request_id is not None:
+            self._ids.add(request_id)
+
+    def leave(self, task: asyncio.Task) -> None:
+        request_id = self.tasks.pop(task, None)
+        if request_id is not None:
+            self._ids.discard(request_id)
+            self.recorded.discard(request_id)
+
+    def observe(self, rec: CascadeRecord) -> None:
+        if rec.request_id in self._ids:
+            self.recorded.add(rec.request_id)
+
     def abort(self, grace_s: float) -> None:
-        if self.error is not None or not self.tasks:
+        running = [t for t, rid in self.tasks.items() if rid not in self.recorded]
+        if self.error is not None or not running:
             return
         self.error = ServerShutdown(f"the server shut down before the request finished (it ran past the "
                                     f"{grace_s:g} s graceful shutdown); repeat it")
         log.warning("graceful shutdown ran out after %g s: answering %d request(s) still running with 503",
-                    grace_s, len(self.tasks))
+                    grace_s, len(running))
         if self.on_abort is not None:
             self.on_abort(self.error)
-        for task in list(self.tasks):
+        for task in running:
             task.cancel()
 
 
@@ -80,7 +106,7 @@ class DrainMiddleware:
                 ended = True
             await send(msg)
 
-        self.drain.tasks.add(task)
+        self.drain.enter(task, scope.get("state", {}).get("request_id"))
         try:
             await self.app(scope, receive, tracking_send)
         except asyncio.CancelledError:
@@ -97,7 +123,7 @@ class DrainMiddleware:
                     tail = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
-            self.drain.tasks.discard(task)
+            self.drain.leave(task)
 
 
 def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: str, graceful_shutdown_s: float,

@@ -808,6 +808,59 @@ async def test_requests_outliving_the_graceful_shutdown_get_503_and_ledger_rows(
     assert len(plain_attempts) == 3 and all("server shut down" in a[1] for a in plain_attempts), attempts
 
 
+async def test_an_answer_already_recorded_is_sent_even_past_the_grace(tmp_path):
+    """A request whose ledger row is written (here: queued, its commit held up by a lock on the database) is
+    past the point of no return: the shutdown lets it finish and send its answer, never a 503 for an answer
+    the ledger bills as served."""
+    import threading
+
+    with FaultServerThread() as fast:
+        port = free_port()
+        db = tmp_path / "ledger.sqlite"
+        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "graceful_shutdown_s": 1},
+               "ledger": {"path": str(db)},
+               "tiers": [{"name": "fast", "providers": [prov("fast", fast)], "threshold": 0.0, "max_tokens": 4}],
+               "policies": {"cascade": {"chain": ["fast"]}}}
+        proc = start_serve(cfg, tmp_path)
+        locked, release = threading.Event(), threading.Event()
+
+        def hold_the_database() -> None:
+            conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+            conn.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(30)
+            conn.execute("COMMIT")
+            conn.close()
+
+        holder = threading.Thread(target=hold_the_database)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                await wait_healthy(client, proc)
+                holder.start()
+                await asyncio.to_thread(locked.wait, 10)
+                body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
+                task = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+                while fast.stats()["requests"] < 1:
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)                   # answered; its row waits for the lock
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(2.0)                   # past the 1 s grace
+                release.set()
+                r = await task
+            rc = await asyncio.to_thread(proc.wait, 30)
+        finally:
+            release.set()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            holder.join(10)
+    assert rc in (0, -signal.SIGTERM)
+    assert r.status_code == 200, r.text
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT status FROM requests WHERE request_id = ?", (r.headers["x-request-id"],)).fetchone()
+    assert row == ("ok",)
+
+
 async def test_json_logs_carry_the_request_id_of_each_line_written_for_a_request(tmp_path):
     """`server.log_format: json`: every line `cascade serve` writes is one JSON object, uvicorn's included, and a
     provider's failure logged while a request ran names that request's id (its x-request-id, its ledger row)."""
