@@ -136,16 +136,7 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
         raise InvalidRequestError(f"{param}: {asked} is above this server's limit of {limit}",
                                   param=param, code="invalid_value")
     lim = caller.limits
-    # the key's rate and in-flight limits, and the server's: the slots are held until the response is sent
-    # (AuthMiddleware releases them), so this is the last refusal that costs nothing but the one below
-    ticket = request.app.state.admission.admit(
-        caller.key_id, requests_per_minute=lim.requests_per_minute if lim else None,
-        max_concurrent=lim.max_concurrent_requests if lim else None,
-        server_max_concurrent=engine.config.server.max_concurrent_requests)
-    request.scope["state"]["ticket"] = ticket
-    if lim is None:
-        return caller, Budget()
-    if lim.daily_spend_limit_usd is not None and caller.key_id is not None:
+    if lim is not None and lim.daily_spend_limit_usd is not None and caller.key_id is not None:
         spent = await spend_since(engine.ledger, caller.key_id, utc_day_start())
         if spent >= lim.daily_spend_limit_usd:
             err = BudgetExceededError(f"daily spend limit of ${lim.daily_spend_limit_usd:g} reached "
@@ -154,6 +145,15 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
             err.retry_after = utc_day_start() + 86400.0 - time.time()  # the limit resets at 00:00 UTC
             err.should_retry = False  # not before then: clients' quick retries would only be refused again
             raise err
+    # last, the key's rate and in-flight limits and the server's: a request refused above takes no place in
+    # them; an admitted one holds its slots until its response is sent (AuthMiddleware releases them)
+    ticket = request.app.state.admission.admit(
+        caller.key_id, requests_per_minute=lim.requests_per_minute if lim else None,
+        max_concurrent=lim.max_concurrent_requests if lim else None,
+        server_max_concurrent=engine.config.server.max_concurrent_requests)
+    request.scope["state"]["ticket"] = ticket
+    if lim is None:
+        return caller, Budget()
     return caller, Budget(latency_s=lim.latency_budget_s, on_latency=lim.on_latency_budget,
                           cost_usd=lim.cost_budget_usd, on_cost=lim.on_cost_budget)
 

@@ -120,6 +120,21 @@ def test_a_key_over_its_rate_gets_429_with_openais_headers_and_a_ledger_row(tmp_
     assert row == ("error", "RequestLimitError", "k-limited", 0)
 
 
+def test_a_request_refused_before_admission_takes_no_place_in_the_window(tmp_path, upstream, serve_app):
+    """A key over its daily spend is told so (until midnight UTC), every time: its refusals neither use up its
+    requests per minute nor turn into a rate-limit 429 that says to retry in a minute."""
+    cfg = _config(tmp_path, upstream)
+    cfg.user_tiers["limited"] = cfg.user_tiers["limited"].model_copy(update={"daily_spend_limit_usd": 1e-9})
+    srv = serve_app(cfg)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        first = c.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {KEY}"})
+        assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "2"
+        for _ in range(4):
+            r = c.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {KEY}"})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "daily_spend_limit", r.text
+            assert r.headers["x-should-retry"] == "false" and "x-ratelimit-remaining-requests" not in r.headers
+
+
 async def test_in_flight_limits_refuse_at_once_and_free_their_slots_when_answered(tmp_path, upstream, serve_app):
     upstream.faults(delay_s=1.0)                          # every answer takes a second
     srv = serve_app(_config(tmp_path, upstream, max_concurrent_requests=3))
