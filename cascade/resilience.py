@@ -175,7 +175,8 @@ class CircuitBreaker:
         if state == self._state and state != self.OPEN:
             return
         self._state = state
-        self.tripped = False
+        if state != self.HALF_OPEN:  # half-open after a trip: still refused until its probe gets through
+            self.tripped = False
         self.transitions.append((self.clock(), state, why))
         if state == self.OPEN:
             self._opened_at = self.clock()
@@ -584,10 +585,11 @@ class ResilientBackend(Backend):
         if last is None:
             ra = min(p.breaker.retry_after() for p in skipped) if skipped else 0.0
             refused = bool(skipped) and all(p.breaker.tripped for p in skipped)
+            when = (f"they refused our credentials; a probe goes through in {ra:.1f} s, once an operator "
+                    "fixes them" if refused else f"retry after {ra:.1f} s")
             error = CircuitOpenError(
                 f"tier {self.name!r}: every provider's circuit breaker is open "
-                f"({', '.join(p.name for p in skipped)}"
-                f"{': they refused our credentials' if refused else ''}); retry after {ra:.1f} s",
+                f"({', '.join(p.name for p in skipped)}); {when}",
                 provider=self.name, retry_after=max(ra, 0.001))
             if refused:  # a client's retries cannot help: as ProviderAuthError says itself
                 error.should_retry = False

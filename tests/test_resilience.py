@@ -399,6 +399,21 @@ def test_breaker_opens_on_failure_rate_over_its_window():
     assert [s for _, s, _ in br.transitions] == ["open", "half_open", "closed"]
 
 
+def test_a_breaker_tripped_by_refused_credentials_stays_marked_until_a_probe_decides():
+    clock = FakeClock()
+    br = CircuitBreaker("p", cooldown_s=10, clock=clock)
+    br.trip("credentials rejected (HTTP 401)")
+    assert br.state == "open" and br.tripped
+    clock.advance(10)
+    assert br.state == "half_open" and br.tripped      # its probe is out: clients are still told not to retry
+    br.failure(br.acquire(), "HTTP 500")                # the probe failed for another reason: an ordinary open
+    assert br.state == "open" and not br.tripped
+    br.trip("credentials rejected (HTTP 401)")
+    clock.advance(10)
+    br.success(br.acquire())                            # the key was fixed
+    assert br.state == "closed" and not br.tripped
+
+
 async def test_breaker_opens_half_opens_and_closes_through_real_calls(servers, tmp_path):
     a, b = servers["a"], servers["b"]
     cfg = make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)],
