@@ -243,8 +243,9 @@ class TemperatureScaling(Calibrator):
         t = self.temperature
         if t >= self.T_MAX / 1.01:
             return [f"temperature {t:.3g} is at the top of its range (<= {self.T_MAX:g}): the {self.feature} score "
-                    "barely tells right answers from wrong, so every confidence is squeezed towards 0.5; try "
-                    "another --feature, or --method platt (which can also move the mean)"]
+                    "barely tells right answers from wrong, or ranks them backwards (temperature scaling cannot "
+                    "flip it; --method platt shows which, by the sign of its slope), so every confidence is "
+                    "squeezed towards 0.5; try another --feature, or --method platt"]
         if t <= self.T_MIN * 1.01:
             return [f"temperature {t:.3g} is at the bottom of its range (>= {self.T_MIN:g}): the {self.feature} "
                     "score separates right from wrong answers almost perfectly in the fit data, so confidences "

@@ -291,7 +291,8 @@ def _usage(res: GenerationResult) -> dict[str, int]:
 def alternative_token(a: TopLogprob) -> str:
     """An alternative's token text. One whose bytes end inside a multi-byte character decodes to "\ufffd",
     the same for every such alternative (so they would share one key of completions' ``top_logprobs``): its
-    text is its bytes with the partial ones escaped, as OpenAI writes them (``"\\xe2\\x80"``)."""
+    text is its bytes with the undecodable ones escaped (``"\\xe2\\x80"``, Python's ``backslashreplace``);
+    its ``bytes`` are exact either way."""
     if a.raw is None:
         return a.token
     try:
