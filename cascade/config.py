@@ -313,6 +313,18 @@ class ShadowConfig(_Strict):
     description: str = ""
 
 
+class CacheConfig(_Strict):
+    """The response cache (cascade/cache.py): greedy requests answered again from memory, at no cost."""
+
+    enabled: bool = False
+    #: how long an answer is served again
+    ttl_s: float = Field(3600.0, gt=0)
+    #: answers kept (least recently used first out)
+    max_entries: int = Field(10_000, ge=1)
+    #: "key": a key gets only answers first given to it; "global": any caller of the same user tier
+    scope: Literal["key", "global"] = "key"
+
+
 class DriftConfig(_Strict):
     """Rolling escalation-rate and ECE monitor in the server (cascade/drift.py)."""
 
@@ -352,6 +364,8 @@ class Config(_Strict):
     shadows: dict[str, ShadowConfig] = Field(default_factory=dict)
     #: drift alarms in the server (cascade/drift.py)
     drift: DriftConfig | None = None
+    #: the response cache (cascade/cache.py); off by default
+    cache: CacheConfig = CacheConfig()
 
     @model_validator(mode="after")
     def _cross_check(self) -> "Config":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
 from calibration.features import FEATURE_NAMES, extract_features
 from cascade.backends import Backend, backend_class
+from cascade.cache import CachedAnswer, ResponseCache, cache_key
 from cascade.config import CalibratorConfig, Config, TierConfig
 from cascade.errors import (
     BudgetExceededError,
@@ -193,6 +194,9 @@ class Engine:
         self.record_listeners: list[Callable[[CascadeRecord], None]] = []
         #: set by :meth:`abort_in_flight`: why requests cancelled from now on were cancelled
         self._aborted: CascadeError | None = None
+        #: answers given again to the same greedy request (cascade/cache.py); None when ``cache.enabled`` is off
+        self.cache = (ResponseCache(config.cache.max_entries, config.cache.ttl_s) if config.cache.enabled
+                      else None)
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
@@ -265,48 +269,67 @@ class Engine:
     async def run_uncommitted(self, request: GenerationRequest, *, model: str | None = None,
                               endpoint: str = "chat", request_id: str | None = None,
                               api_key_id: str | None = None, user_tier: str | None = None,
-                              budget: Budget | None = None) -> "tuple[Outcome, asyncio.Future[None]]":
+                              budget: Budget | None = None, cache: str = "use"
+                              ) -> "tuple[Outcome, asyncio.Future[None]]":
         """As :meth:`run`, but the answered request's ledger write is only queued: the second item resolves
         once it is committed (or raises ``LedgerError``). The caller must await it before it lets the answer
         out; meanwhile it can prepare the response (the HTTP layer renders its body during the commit).
 
         The write happens even if nobody awaits it. Failed requests are recorded before this raises.
+
+        ``cache`` (with the response cache on): "use" it, "refresh" it (answer afresh, store the answer) or
+        "bypass" it (neither read nor store).
         """
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
         t0 = time.perf_counter()
+        key = self._cache_key(model, endpoint, request, api_key_id, user_tier, cache)
+        hit = self.cache.get(key) if key is not None and cache == "use" and self.cache is not None else None
+        if hit is not None:
+            return Outcome(record=rec, result=hit.result), self._serve_cached(rec, hit, t0)
         route, result = await self._start(rec, model, request, budget, t0, stream_last=False)
         assert isinstance(result, GenerationResult)
         self._finish(rec, route=route, t0=t0)
         committed = self._submit(rec, request)
+        self._cache_put(key, rec, result)
         return Outcome(record=rec, result=result), committed
 
     async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
                      request_id: str | None = None, api_key_id: str | None = None,
-                     user_tier: str | None = None, budget: Budget | None = None) -> AsyncIterator[StreamEvent]:
+                     user_tier: str | None = None, budget: Budget | None = None,
+                     cache: str = "use") -> AsyncIterator[StreamEvent]:
         """Stream one request's answer.
 
         Every tier but the last is buffered: its answer must be complete before the policy can keep it.
         The first event, :class:`StreamStart`, comes once the serving tier is known; errors before it
         are raised (the caller can still answer with an HTTP error). The last tier streams live; if it
         fails before its first token, the best answer in hand is served; after bytes were sent, the
-        stream ends with :class:`StreamFailed` and the ledger records the partial answer.
+        stream ends with :class:`StreamFailed` and the ledger records the partial answer. ``cache``: as
+        :meth:`run_uncommitted` (a hit is streamed as a buffered answer; an answer streamed live is stored).
         """
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
         t0 = time.perf_counter()
-        route, outcome = await self._start(rec, model, request, budget, t0, stream_last=True)
-        if isinstance(outcome, GenerationResult):  # a buffered answer was kept
-            kept = next(a for a in rec.attempts if a.kept)
-            self._finish(rec, route=route, t0=t0)
+        key = self._cache_key(model, endpoint, request, api_key_id, user_tier, cache)
+        hit = self.cache.get(key) if key is not None and cache == "use" and self.cache is not None else None
+        if hit is not None:
+            await self._serve_cached(rec, hit, t0)
+            served: GenerationResult = hit.result
+        else:
+            route, outcome = await self._start(rec, model, request, budget, t0, stream_last=True)
+            if not isinstance(outcome, GenerationResult):
+                async for event in self._stream_live(outcome, route, rec, t0, key):
+                    yield event
+                return
+            self._finish(rec, route=route, t0=t0)  # a buffered answer was kept
             await self._submit(rec, request)
-            yield StreamStart(record=rec, tier=kept.tier)
-            for chunk in outcome.replay():  # the text as served whole (stop-trimmed), its tokens cut to it
-                yield StreamDelta(chunk.text, chunk.tokens)
-            yield StreamEnd(record=rec, finish_reason=outcome.finish_reason, usage=outcome.usage)
-            return
-        async for event in self._stream_live(outcome, route, rec, t0):
-            yield event
+            self._cache_put(key, rec, outcome)
+            served = outcome
+        yield StreamStart(record=rec, tier=rec.tier or "")
+        for chunk in served.replay():  # the text as served whole (stop-trimmed), its tokens cut to it
+            yield StreamDelta(chunk.text, chunk.tokens)
+        yield StreamEnd(record=rec, finish_reason=served.finish_reason, usage=served.usage)
 
-    async def _stream_live(self, live: "_Live", route: Route, rec: CascadeRecord, t0: float) -> AsyncIterator[StreamEvent]:
+    async def _stream_live(self, live: "_Live", route: Route, rec: CascadeRecord, t0: float,
+                           cache_key: str | None = None) -> AsyncIterator[StreamEvent]:
         tier, req, att, answers = live.tier, live.request, live.attempt, live.answers
         tc = tier.config
         started = time.perf_counter()
@@ -401,8 +424,10 @@ class Engine:
         if error is not None:
             yield StreamFailed(record=rec, error=error)
             return
-        yield StreamEnd(record=rec, finish_reason=finish,
-                        usage=Usage(att.prompt_tokens, att.completion_tokens))
+        usage = Usage(att.prompt_tokens, att.completion_tokens)
+        self._cache_put(cache_key, rec, GenerationResult(text=att.text, tokens=tuple(tokens), finish_reason=finish,
+                                                         usage=usage, latency_s=att.latency_ms / 1e3, model=tc.model))
+        yield StreamEnd(record=rec, finish_reason=finish, usage=usage)
 
     # --- shared steps -----------------------------------------------------------------------------
     async def _start(self, rec: CascadeRecord, model: str | None, request: GenerationRequest,
@@ -431,6 +456,33 @@ class Engine:
         self._finish(rec, route=None, t0=time.perf_counter())
         await asyncio.shield(self._submit(rec, None))
 
+    # --- the response cache (cascade/cache.py) ------------------------------------------------------
+    def _cache_key(self, model: str | None, endpoint: str, request: GenerationRequest, api_key_id: str | None,
+                   user_tier: str | None, mode: str) -> str | None:
+        if self.cache is None or mode == "bypass":
+            return None
+        scope_key = api_key_id if self.config.cache.scope == "key" else None
+        return cache_key(model or self.config.default_policy_name, endpoint, request, user_tier=user_tier,
+                         api_key_id=scope_key)
+
+    def _cache_put(self, key: str | None, rec: CascadeRecord, result: GenerationResult) -> None:
+        """Store an answer that came out clean: answered, every attempt without an error (an answer served
+        because a later tier failed is not one to repeat for an hour)."""
+        if key is None or self.cache is None or rec.status != "ok" or rec.tier is None:
+            return
+        if any(a.error_class is not None for a in rec.attempts):
+            return
+        self.cache.put(key, CachedAnswer.of(rec, result))
+
+    def _serve_cached(self, rec: CascadeRecord, hit: CachedAnswer, t0: float) -> "asyncio.Future[None]":
+        """A cache hit's ledger row: the answer's tier, model and confidence, no attempts, cost 0, and the
+        baseline of the request that paid for it (what the last tier alone would have cost: the saving)."""
+        rec.tier, rec.model, rec.confidence, rec.cached_from = hit.tier, hit.model, hit.confidence, hit.request_id
+        rec.policy = rec.policy or self.config.default_policy_name
+        rec.baseline_cost_usd, rec.baseline_estimated = hit.baseline_cost_usd, True
+        rec.latency_ms = (time.perf_counter() - t0) * 1e3
+        return self._submit(rec, None)
+
     def _new_record(self, model: str | None, endpoint: str, request_id: str | None,
                     api_key_id: str | None, user_tier: str | None) -> CascadeRecord:
         return CascadeRecord(request_id=request_id or new_request_id(), policy=model or "",
@@ -454,7 +506,8 @@ class Engine:
         it is committed). Shadows sampled on this request (``request`` given) start in the background: after
         the commit, off the request's path (cascade/shadow.py)."""
         shadows = self.shadows
-        rows = shadows.evaluate(rec)
+        # a cache hit made no decision for a shadow to be compared with (its answer's request had its rows)
+        rows = shadows.evaluate(rec) if rec.cached_from is None else []
         samples = self.sampler.select(shadows, rec, request, rows) if rows and request is not None else ()
         committed = self.ledger.submit(rec, shadows=rows)
         if samples:

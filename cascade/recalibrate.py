@@ -375,7 +375,7 @@ def _plan(engine: Any, config_path: str | None
             policies[name] = pol
             not_applied.append(f"policy {name!r} " + ("was removed" if np_ is None else "changed its chain"))
     not_applied += [f"new policy {n!r}" for n in new.policies if n not in old.policies]
-    for section in ("models", "user_tiers", "auth", "default_policy", "drift"):
+    for section in ("models", "user_tiers", "auth", "default_policy", "drift", "cache"):
         if getattr(new, section) != getattr(old, section):
             not_applied.append(f"section {section!r}")
     # server and ledger, but for what `cascade serve --host/--port/--ledger` may have overridden
@@ -418,12 +418,14 @@ def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], policy_cals: di
     engine.config = cfg
     engine.policy_calibrators = policy_cals
     engine.shadows = shadows
+    # the cached answers were decided by the old thresholds and calibrators: the new ones may not give them
+    cleared = engine.cache.clear() if getattr(engine, "cache", None) is not None else 0
     out = {"object": "reload", "reloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
            "source": config_path or "current config (artifacts re-read)", "tiers": summary,
            "policy_thresholds": {n: dict(p.thresholds) for n, p in cfg.policies.items()},
            "policy_calibrators": {n: {t: {"method": c.method, "version": c.fitted_on.get("version")}
                                       for t, c in tc.items()} for n, tc in policy_cals.items()},
-           "shadows": sorted(cfg.shadows), **extra}
+           "shadows": sorted(cfg.shadows), "cache_cleared": cleared, **extra}
     changed = [n for n, s in summary.items() if s["changed"]]
     log.info("reloaded calibrators from %s: %s%s", out["source"],
              ", ".join(f"{n} v{summary[n]['version']}" if summary[n]["version"] else n for n in changed) or "no change",

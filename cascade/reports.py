@@ -31,7 +31,7 @@ _GROUP_SQL = {
 }
 
 #: the columns of one cost-report row, in CSV order (``attempts``/``attempt_*`` only with --by tier)
-COST_COLUMNS = ("group", "requests", "answered", "errors", "partial", "cancelled", "escalated", "escalation_rate", "spend_usd",
+COST_COLUMNS = ("group", "requests", "answered", "errors", "partial", "cancelled", "cache_hits", "escalated", "escalation_rate", "spend_usd",
                 "escalation_waste_usd", "waste_share", "baseline_usd", "baseline_estimated", "cost_vs_baseline",
                 "savings_usd", "savings_pct", "top1pct_cost_share", "top10pct_cost_share", "prompt_tokens",
                 "completion_tokens", "mean_latency_ms")
@@ -129,6 +129,7 @@ def cost_report_sql(by: str, since: float | None) -> str:
             "SUM(CASE WHEN status IN ('ok', 'partial') THEN escalated ELSE 0 END), "
             "SUM(CASE WHEN status = 'partial' THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN status = 'cancelled' THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN cached_from IS NOT NULL THEN 1 ELSE 0 END), "
             "SUM(cost_usd), SUM(escalation_waste_usd), SUM(baseline_cost_usd), SUM(baseline_estimated), "
             "SUM(prompt_tokens), SUM(completion_tokens), SUM(latency_ms) "
             f"FROM requests{where} GROUP BY {g}, {_BUCKET_SQL_COST}")
@@ -147,7 +148,7 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
     _ensure_sql_functions(ledger)
     params = (since,) if since is not None else ()
     rows = ledger.execute(cost_report_sql(by, since), params)
-    fields = ("requests", "answered", "escalated", "partial", "cancelled", "spend", "waste", "baseline", "baseline_estimated",
+    fields = ("requests", "answered", "escalated", "partial", "cancelled", "cache_hits", "spend", "waste", "baseline", "baseline_estimated",
               "prompt_tokens", "completion_tokens", "latency_ms")
     sums: dict[Any, dict[str, float]] = {}
     hists: dict[Any, dict[Any, list[float]]] = {}
@@ -177,14 +178,15 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
     def shape(label: Any, r: dict[str, float] | None, hist: dict[Any, list[float]] | None) -> dict[str, Any]:
         r = r or dict.fromkeys(fields, 0)
         n, answered, escalated = int(r["requests"]), int(r["answered"]), int(r["escalated"])
-        cancelled = int(r["cancelled"])
+        cancelled, hits = int(r["cancelled"]), int(r["cache_hits"])
         spend, waste, base = float(r["spend"]), float(r["waste"]), float(r["baseline"])
         hist = hist or {}
         out = {  # answered: ok and partial (a stream cut after tokens); errors: failed or refused; the
             # cancelled left before an answer (every request is one of answered, errors, cancelled)
             "group": label, "requests": n, "answered": answered, "errors": n - answered - cancelled,
-            "partial": int(r["partial"]), "cancelled": cancelled, "escalated": escalated,
-            "escalation_rate": _div(escalated, answered), "spend_usd": spend, "escalation_waste_usd": waste,
+            "partial": int(r["partial"]), "cancelled": cancelled, "cache_hits": hits, "escalated": escalated,
+            # over the answers a tier gave: a cache hit decided nothing
+            "escalation_rate": _div(escalated, answered - hits), "spend_usd": spend, "escalation_waste_usd": waste,
             "waste_share": _div(waste, spend), "baseline_usd": base,
             "baseline_estimated": int(r["baseline_estimated"]),
             "cost_vs_baseline": _div(spend, base), "savings_usd": base - spend,
@@ -280,6 +282,7 @@ def cost_report_text(report: dict[str, Any]) -> str:
              + f" ({report['ledger']})")
     t = report["total"]
     cut = f" ({t['partial']:,} streams cut after some tokens)" if t["partial"] else ""
+    cut += f" ({t['cache_hits']:,} from the response cache)" if t["cache_hits"] else ""
     foot = (f"{t['requests']:,} requests: {t['answered']:,} answered{cut}, {t['errors']:,} failed or refused, "
             f"{t['cancelled']:,} cancelled by their client; baseline estimated for {t['baseline_estimated']:,} "
             "(the last tier did not run); top1%/top10%: share of spend from the costliest 1%/10% of requests")

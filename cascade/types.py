@@ -280,6 +280,8 @@ class CascadeRecord:
     api_key_id: str | None = None
     user_tier: str | None = None
     endpoint: str = "chat"
+    #: a response-cache hit: the request whose answer was served again (this one made no attempt, cost 0)
+    cached_from: str | None = None
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

@@ -44,6 +44,8 @@ class Metrics:
                                  "Engine time outside backend calls (features, policy, accounting)",
                                  buckets=_OVERHEAD_BUCKETS, registry=r)
         self.errors = Counter("cascade_errors", "Errors by class", ["error_class"], registry=r)
+        self.cache_hits = Counter("cascade_cache_hits", "Requests answered from the response cache (no tier ran; "
+                                  "not counted in the escalation rate)", ["policy"], registry=r)
         self.shadow_calls = Counter("cascade_shadow_sample_calls", "Calls made by sampled shadow policies "
                                     "(tiers the live path skipped), by outcome", ["shadow", "tier", "outcome"],
                                     registry=r)
@@ -80,6 +82,11 @@ class Metrics:
                 child(self.cost, policy, a.tier).inc(a.cost_usd)
                 if not a.kept:
                     child(self.waste, policy, a.tier).inc(a.cost_usd)
+        if rec.cached_from is not None:  # no tier ran: not a cascade decision, nor a drift signal
+            child(self.cache_hits, policy).inc()
+            child(self.baseline, policy).inc(rec.baseline_cost_usd)
+            child(self.latency, policy).observe(rec.latency_ms / 1e3)
+            return
         if rec.status in ("ok", "partial") and rec.tier:
             p = policy
             self._answered[p] = self._answered.get(p, 0) + 1

@@ -267,6 +267,7 @@ def cascade_block(rec: CascadeRecord) -> dict[str, Any]:
         "baseline_estimated": rec.baseline_estimated,
         "escalation_waste_usd": rec.escalation_waste_usd,
         "latency_ms": round(rec.latency_ms, 3),
+        "cached_from": rec.cached_from,
     }
 
 
@@ -280,6 +281,7 @@ def cascade_headers(rec: CascadeRecord) -> dict[str, str]:
         "x-cascade-attempts": str(len(rec.attempts)),
         "x-cascade-cost-usd": f"{rec.cost_usd:.10f}",
         "x-cascade-escalation-waste-usd": f"{rec.escalation_waste_usd:.10f}",
+        **({"x-cascade-cached-from": rec.cached_from} if rec.cached_from else {}),
     }
 
 

@@ -162,12 +162,22 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
 CLIENT_CLOSED = 499
 
 
+def cache_mode(cache_control: str | None) -> str:
+    """The response cache's use for a request, from its ``Cache-Control`` header as HTTP means it:
+    ``no-store``: neither read nor store ("bypass"); ``no-cache``: answer afresh, store it ("refresh")."""
+    if not cache_control:
+        return "use"
+    directives = {d.strip().split("=", 1)[0].lower() for d in cache_control.split(",")}
+    return "bypass" if "no-store" in directives else "refresh" if "no-cache" in directives else "use"
+
+
 async def _complete(request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str) -> Response:
     """Every record the engine finishes reaches the metrics through ``engine.record_listeners``."""
     engine = _engine(request)
     caller, budget = await _admit(request, body, endpoint)
     kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
-              budget=budget, request_id=request.scope.get("state", {}).get("request_id"))
+              budget=budget, request_id=request.scope.get("state", {}).get("request_id"),
+              cache=cache_mode(request.headers.get("cache-control")))
     if body.stream:
         return await _stream(request, body, endpoint, kw)
     answered, got = await _unless_disconnected(request, engine.run_uncommitted(body.to_engine(), **kw))

@@ -1,0 +1,166 @@
+"""The response cache: the LRU on its own with a controlled clock, then the endpoint on a real uvicorn server
+in front of a real OpenAI-protocol server on loopback (tests/fault_server.py), with a real SQLite ledger."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import httpx
+import pytest
+
+from cascade.cache import CachedAnswer, ResponseCache, cache_key
+from cascade.types import GenerationRequest, GenerationResult, Message, Usage
+from serving.auth import hash_key
+from tests.conftest import make_config
+from tests.fault_server import FaultServerThread
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _answer(i: int) -> CachedAnswer:
+    res = GenerationResult(text=f"a{i}", tokens=(), finish_reason="stop", usage=Usage(3, 1), latency_s=0.1, model="m")
+    return CachedAnswer(result=res, request_id=f"r{i}", tier="t", model="m", confidence=0.9, baseline_cost_usd=1e-5,
+                        baseline_estimated=False)
+
+
+def test_lru_with_a_time_to_live():
+    clock = Clock()
+    cache = ResponseCache(max_entries=2, ttl_s=10, clock=clock)
+    cache.put("a", _answer(1))
+    cache.put("b", _answer(2))
+    assert cache.get("a").request_id == "r1"          # a is now the most recently used
+    cache.put("c", _answer(3))                          # so b goes
+    assert cache.get("b") is None and cache.get("c").request_id == "r3" and len(cache) == 2
+    clock.t = 10.0
+    assert cache.get("a") is None and len(cache) == 1   # expired, and dropped
+    assert (cache.hits, cache.misses) == (2, 2)
+
+
+def test_the_key_covers_what_shapes_the_answer_and_sampled_requests_have_none():
+    base = GenerationRequest(messages=(Message("user", "hi"),), max_tokens=8)
+    k = cache_key("cascade", "chat", base, user_tier=None, api_key_id=None)
+    assert k == cache_key("cascade", "chat", GenerationRequest(messages=(Message("user", "hi"),), max_tokens=8),
+                          user_tier=None, api_key_id=None)
+    variants = [
+        cache_key("other", "chat", base, user_tier=None, api_key_id=None),
+        cache_key("cascade", "completions", base, user_tier=None, api_key_id=None),
+        cache_key("cascade", "chat", base, user_tier="free", api_key_id=None),
+        cache_key("cascade", "chat", base, user_tier=None, api_key_id="k1"),
+        cache_key("cascade", "chat", GenerationRequest(messages=(Message("user", "hi", name="ada"),), max_tokens=8),
+                  user_tier=None, api_key_id=None),
+        cache_key("cascade", "chat", GenerationRequest(messages=(Message("user", "hi"),), max_tokens=9),
+                  user_tier=None, api_key_id=None),
+        cache_key("cascade", "chat", GenerationRequest(messages=(Message("user", "hi"),), max_tokens=8, stop=("x",)),
+                  user_tier=None, api_key_id=None),
+        cache_key("cascade", "chat", GenerationRequest(messages=(Message("user", "hi"),), max_tokens=8,
+                                                       top_logprobs=2), user_tier=None, api_key_id=None),
+    ]
+    assert len({k, *variants}) == len(variants) + 1
+    assert cache_key("cascade", "chat", GenerationRequest(messages=(Message("user", "hi"),), temperature=0.7),
+                     user_tier=None, api_key_id=None) is None
+
+
+# --- on the endpoint --------------------------------------------------------------------------------
+
+A, B, OPS = "sk-a", "sk-b", "sk-ops"
+BODY = {"model": "cascade", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "logprobs": True, "top_logprobs": 2}
+
+
+@pytest.fixture
+def upstream():
+    with FaultServerThread() as fs:
+        yield fs
+
+
+@pytest.fixture
+def srv(tmp_path, upstream, serve_app):
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    cfg = make_config(tmp_path, [remote], cache={"enabled": True, "ttl_s": 600},
+                      user_tiers={"std": {}, "ops": {"admin": True}},
+                      auth={"keys": [{"id": "k-a", "sha256": hash_key(A), "user_tier": "std"},
+                                     {"id": "k-b", "sha256": hash_key(B), "user_tier": "std"},
+                                     {"id": "k-ops", "sha256": hash_key(OPS), "user_tier": "ops"}]})
+    server = serve_app(cfg)
+    server.ledger_path = tmp_path / "ledger.sqlite"
+    return server
+
+
+def post(c: httpx.Client, key: str = A, body: dict = BODY, **headers: str) -> httpx.Response:
+    return c.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}", **headers})
+
+
+def test_a_repeated_request_is_answered_from_the_cache_at_no_cost(srv, upstream):
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        first = post(c)
+        again = post(c)
+        assert first.status_code == again.status_code == 200
+        assert upstream.stats()["requests"] == 1              # the second never reached a tier
+        f, a = first.json(), again.json()
+        assert a["choices"] == f["choices"] and a["usage"] == f["usage"]  # the same answer, logprobs included
+        assert a["id"] != f["id"] and again.headers["x-request-id"] != first.headers["x-request-id"]
+        assert a["cascade"]["cached_from"] == f["cascade"]["request_id"] and f["cascade"]["cached_from"] is None
+        assert again.headers["x-cascade-cached-from"] == first.headers["x-request-id"]
+        assert a["cascade"]["cost_usd"] == 0 and a["cascade"]["attempts"] == [] and f["cascade"]["cost_usd"] > 0
+        # the same answer as a stream, from the cache too
+        with c.stream("POST", "/v1/chat/completions", json={**BODY, "stream": True},
+                      headers={"authorization": f"Bearer {A}"}) as r:
+            lines = [x for x in r.iter_lines() if x.startswith("data: ") and x != "data: [DONE]"]
+        chunks = [json.loads(x[6:]) for x in lines]
+        text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+        assert text == f["choices"][0]["message"]["content"] and upstream.stats()["requests"] == 1
+        assert chunks[-1]["cascade"]["cached_from"] == f["cascade"]["request_id"]
+        # not for another key (scope: key), nor a sampled request, nor a client that says no-cache / no-store
+        post(c, key=B)
+        post(c, body={**BODY, "temperature": 0.7})
+        post(c, **{"cache-control": "no-cache"})            # answered afresh (and stored again)
+        post(c, **{"cache-control": "no-store"})
+        assert upstream.stats()["requests"] == 5
+        metrics = c.get("/metrics").text
+        # an answer streamed live is stored too: the same request whole is a hit
+        with c.stream("POST", "/v1/chat/completions", json={**BODY, "max_tokens": 3, "stream": True},
+                      headers={"authorization": f"Bearer {B}"}) as r:
+            assert r.status_code == 200 and "[DONE]" in r.read().decode()
+        whole = post(c, key=B, body={**BODY, "max_tokens": 3})
+        assert whole.json()["cascade"]["cached_from"] == r.headers["x-request-id"] and upstream.stats()["requests"] == 6
+        assert whole.json()["choices"][0]["logprobs"]["content"]  # its tokens were kept
+    assert 'cascade_cache_hits_total{policy="cascade"} 2.0' in metrics
+    with sqlite3.connect(srv.ledger_path) as db:
+        rows = db.execute("SELECT request_id, cached_from, cost_usd, n_attempts, status, tier, baseline_cost_usd "
+                          "FROM requests ORDER BY created_at").fetchall()
+    assert len(rows) == 9
+    assert [r[1] is not None for r in rows] == [False, True, True, False, False, False, False, False, True]
+    paid = rows[0]
+    for hit in (rows[1], rows[2]):
+        assert hit[1] == paid[0] and hit[2] == 0 and hit[3] == 0 and hit[4] == "ok" and hit[5] == "remote"
+        assert hit[6] == pytest.approx(paid[6])              # the saving: what the last tier would have cost
+
+
+def test_the_report_counts_hits_and_keeps_them_out_of_the_escalation_rate(srv, capsys):
+    from cascade.cli import main
+
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        for _ in range(3):
+            assert post(c).status_code == 200
+    assert main(["report", "--json", "--ledger", str(srv.ledger_path)]) == 0
+    tot = json.loads(capsys.readouterr().out)["total"]
+    assert (tot["requests"], tot["answered"], tot["cache_hits"], tot["spend_usd"] > 0) == (3, 3, 2, True)
+    assert tot["escalation_rate"] == 0.0 and tot["savings_usd"] > tot["baseline_usd"] / 2
+
+
+def test_a_reload_empties_the_cache(srv, upstream):
+    """Answers decided by the old thresholds and calibrators are not served after a reload swapped them."""
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        post(c)
+        assert post(c).json()["cascade"]["cached_from"]
+        r = c.post("/admin/reload", headers={"authorization": f"Bearer {OPS}"})
+        assert r.status_code == 200 and r.json()["cache_cleared"] == 1, r.text
+        assert post(c).json()["cascade"]["cached_from"] is None and upstream.stats()["requests"] == 2
