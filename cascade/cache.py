@@ -7,8 +7,13 @@ caller's user tier (its budgets shape the answer), and, with ``cache.scope: key`
 key: a key never receives an answer first given to another. Only clean answers are stored: every attempt
 succeeded (an answer served because a later tier failed stays a one-off).
 
-In memory, per server process: LRU over ``cache.max_entries``, each entry living ``cache.ttl_s``. A hit is a
-ledger row of its own (cost 0, no attempts) naming the request that paid for the answer (``cached_from``).
+In memory, per server process: LRU over ``cache.max_entries`` and ``cache.max_bytes`` (an estimate of each
+answer's size, its logprobs included), each entry living ``cache.ttl_s``. A hit is a ledger row of its own
+(cost 0, no attempts) naming the request that paid for the answer (``cached_from``).
+
+An answer is stored only once its own ledger row is committed (a hit never names a request the ledger lacks),
+and only if no :meth:`ResponseCache.clear` came between the request's start and its answer (a reload swaps
+the thresholds that decided it): the request carries the cache's :attr:`~ResponseCache.generation`.
 """
 
 from __future__ import annotations
@@ -52,13 +57,27 @@ def cache_key(route: str, endpoint: str, request: GenerationRequest, *, user_tie
     return hashlib.sha256(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
 
 
-class ResponseCache:
-    """LRU of answers with a time to live. Not thread-safe: used from the event loop only."""
+def answer_size(result: GenerationResult) -> int:
+    """A rough size in bytes of an answer held in memory: its text and, per token, its text and top
+    alternatives with their Python object overhead (measured: about 200 bytes a token and 190 an alternative)."""
+    size = 500 + 2 * len(result.text)
+    for tok in result.tokens:
+        size += 200 + 2 * len(tok.token) + sum(190 + 2 * len(alt.token) for alt in tok.top)
+    return size
 
-    def __init__(self, max_entries: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_entries, self.ttl_s, self.clock = max_entries, ttl_s, clock
-        self._entries: OrderedDict[str, tuple[float, CachedAnswer]] = OrderedDict()
+
+class ResponseCache:
+    """LRU of answers with a time to live and a size bound. Not thread-safe: used from the event loop only."""
+
+    def __init__(self, max_entries: int, ttl_s: float, max_bytes: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries, self.ttl_s, self.max_bytes, self.clock = max_entries, ttl_s, max_bytes, clock
+        self._entries: OrderedDict[str, tuple[float, int, CachedAnswer]] = OrderedDict()
         self.hits = self.misses = 0
+        #: bytes held (the sum of :func:`answer_size`)
+        self.bytes = 0
+        #: bumped by every :meth:`clear`: an answer decided before it is not stored after it
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -68,23 +87,47 @@ class ResponseCache:
         if item is not None and self.clock() - item[0] < self.ttl_s:
             self._entries.move_to_end(key)
             self.hits += 1
-            return item[1]
+            return item[2]
         if item is not None:  # expired
-            del self._entries[key]
+            self._drop(key)
         self.misses += 1
         return None
 
     def clear(self) -> int:
-        """Drop every answer (a reload changed what the policies decide); returns how many there were."""
+        """Drop every answer, and refuse the answers of requests already running (a reload changed what the
+        policies decide); returns how many there were."""
         n = len(self._entries)
         self._entries.clear()
+        self.bytes = 0
+        self.generation += 1
         return n
 
-    def put(self, key: str, answer: CachedAnswer) -> None:
-        self._entries[key] = (self.clock(), answer)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+    def forget(self, request_id: str) -> int:
+        """Drop the answers first given to ``request_id`` (a user said it was wrong); returns how many."""
+        keys = [k for k, (_, _, a) in self._entries.items() if a.request_id == request_id]
+        for k in keys:
+            self._drop(k)
+        return len(keys)
+
+    def put(self, key: str, answer: CachedAnswer, generation: int | None = None) -> bool:
+        """Store ``answer`` unless a :meth:`clear` came after ``generation`` (the cache's generation when the
+        request started) or it alone exceeds ``max_bytes``; returns whether it was stored."""
+        if generation is not None and generation != self.generation:
+            return False
+        size = answer_size(answer.result)
+        if self.max_bytes is not None and size > self.max_bytes:
+            return False
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (self.clock(), size, answer)
+        self.bytes += size
+        while len(self._entries) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes):
+            self._drop(next(iter(self._entries)))
+        return True
+
+    def _drop(self, key: str) -> None:
+        _, size, _ = self._entries.pop(key)
+        self.bytes -= size
 
 
-__all__ = ["CachedAnswer", "ResponseCache", "cache_key"]
+__all__ = ["CachedAnswer", "ResponseCache", "answer_size", "cache_key"]

@@ -321,6 +321,8 @@ class CacheConfig(_Strict):
     ttl_s: float = Field(3600.0, gt=0)
     #: answers kept (least recently used first out)
     max_entries: int = Field(10_000, ge=1)
+    #: and the memory they may hold, estimated (logprobs make a long answer weigh megabytes); null: no bound
+    max_bytes: int | None = Field(256 * 1024 * 1024, ge=1)
     #: "key": a key gets only answers first given to it; "global": any caller of the same user tier
     scope: Literal["key", "global"] = "key"
 

@@ -195,8 +195,8 @@ class Engine:
         #: set by :meth:`abort_in_flight`: why requests cancelled from now on were cancelled
         self._aborted: CascadeError | None = None
         #: answers given again to the same greedy request (cascade/cache.py); None when ``cache.enabled`` is off
-        self.cache = (ResponseCache(config.cache.max_entries, config.cache.ttl_s) if config.cache.enabled
-                      else None)
+        self.cache = (ResponseCache(config.cache.max_entries, config.cache.ttl_s, config.cache.max_bytes)
+                      if config.cache.enabled else None)
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
@@ -282,15 +282,16 @@ class Engine:
         """
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
         t0 = time.perf_counter()
-        key = self._cache_key(model, endpoint, request, api_key_id, user_tier, cache)
-        hit = self.cache.get(key) if key is not None and cache == "use" and self.cache is not None else None
+        slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
         if hit is not None:
             return Outcome(record=rec, result=hit.result), self._serve_cached(rec, hit, t0)
         route, result = await self._start(rec, model, request, budget, t0, stream_last=False)
         assert isinstance(result, GenerationResult)
         self._finish(rec, route=route, t0=t0)
         committed = self._submit(rec, request)
-        self._cache_put(key, rec, result)
+        if slot is not None:  # stored once its ledger row is committed: a hit never names a missing request
+            committed.add_done_callback(
+                lambda f: f.cancelled() or f.exception() is not None or self._cache_put(slot, rec, result))
         return Outcome(record=rec, result=result), committed
 
     async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
@@ -308,20 +309,19 @@ class Engine:
         """
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
         t0 = time.perf_counter()
-        key = self._cache_key(model, endpoint, request, api_key_id, user_tier, cache)
-        hit = self.cache.get(key) if key is not None and cache == "use" and self.cache is not None else None
+        slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
         if hit is not None:
             await self._serve_cached(rec, hit, t0)
             served: GenerationResult = hit.result
         else:
             route, outcome = await self._start(rec, model, request, budget, t0, stream_last=True)
             if not isinstance(outcome, GenerationResult):
-                async for event in self._stream_live(outcome, route, rec, t0, key):
+                async for event in self._stream_live(outcome, route, rec, t0, slot):
                     yield event
                 return
             self._finish(rec, route=route, t0=t0)  # a buffered answer was kept
             await self._submit(rec, request)
-            self._cache_put(key, rec, outcome)
+            self._cache_put(slot, rec, outcome)
             served = outcome
         yield StreamStart(record=rec, tier=rec.tier or "")
         for chunk in served.replay():  # the text as served whole (stop-trimmed), its tokens cut to it
@@ -329,7 +329,7 @@ class Engine:
         yield StreamEnd(record=rec, finish_reason=served.finish_reason, usage=served.usage)
 
     async def _stream_live(self, live: "_Live", route: Route, rec: CascadeRecord, t0: float,
-                           cache_key: str | None = None) -> AsyncIterator[StreamEvent]:
+                           cache_slot: "tuple[str, int] | None" = None) -> AsyncIterator[StreamEvent]:
         tier, req, att, answers = live.tier, live.request, live.attempt, live.answers
         tc = tier.config
         started = time.perf_counter()
@@ -425,7 +425,7 @@ class Engine:
             yield StreamFailed(record=rec, error=error)
             return
         usage = Usage(att.prompt_tokens, att.completion_tokens)
-        self._cache_put(cache_key, rec, GenerationResult(text=att.text, tokens=tuple(tokens), finish_reason=finish,
+        self._cache_put(cache_slot, rec, GenerationResult(text=att.text, tokens=tuple(tokens), finish_reason=finish,
                                                          usage=usage, latency_s=att.latency_ms / 1e3, model=tc.model))
         yield StreamEnd(record=rec, finish_reason=finish, usage=usage)
 
@@ -457,29 +457,40 @@ class Engine:
         await asyncio.shield(self._submit(rec, None))
 
     # --- the response cache (cascade/cache.py) ------------------------------------------------------
-    def _cache_key(self, model: str | None, endpoint: str, request: GenerationRequest, api_key_id: str | None,
-                   user_tier: str | None, mode: str) -> str | None:
+    def _cache_lookup(self, model: str | None, endpoint: str, request: GenerationRequest, api_key_id: str | None,
+                      user_tier: str | None, mode: str) -> "tuple[tuple[str, int] | None, CachedAnswer | None]":
+        """The request's place in the response cache, ``(key, generation)`` (None: not cacheable, or the cache
+        is off or bypassed), and the answer stored there (mode "use" only)."""
         if self.cache is None or mode == "bypass":
-            return None
+            return None, None
         scope_key = api_key_id if self.config.cache.scope == "key" else None
-        return cache_key(model or self.config.default_policy_name, endpoint, request, user_tier=user_tier,
-                         api_key_id=scope_key)
+        key = cache_key(model or self.config.default_policy_name, endpoint, request, user_tier=user_tier,
+                        api_key_id=scope_key)
+        if key is None:
+            return None, None
+        return (key, self.cache.generation), (self.cache.get(key) if mode == "use" else None)
 
-    def _cache_put(self, key: str | None, rec: CascadeRecord, result: GenerationResult) -> None:
-        """Store an answer that came out clean: answered, every attempt without an error (an answer served
-        because a later tier failed is not one to repeat for an hour)."""
-        if key is None or self.cache is None or rec.status != "ok" or rec.tier is None:
+    def _cache_put(self, slot: "tuple[str, int] | None", rec: CascadeRecord, result: GenerationResult) -> None:
+        """Store an answer the policy itself chose: answered, and the kept attempt is the last one tried (an
+        answer served because a later tier failed, timed out or was over budget is not one to repeat; a
+        provider that was retried or a tier that could not take the prompt before it are fine). Not after a
+        :meth:`ResponseCache.clear` since the request started (``slot``'s generation)."""
+        if slot is None or self.cache is None or rec.status != "ok" or rec.tier is None:
             return
-        if any(a.error_class is not None for a in rec.attempts):
+        if not rec.attempts or not rec.attempts[-1].kept:
             return
-        self.cache.put(key, CachedAnswer.of(rec, result))
+        self.cache.put(slot[0], CachedAnswer.of(rec, result), generation=slot[1])
+
+    def cache_forget(self, request_id: str) -> int:
+        """Drop the stored answers first given to ``request_id`` (a user marked it wrong); returns how many."""
+        return self.cache.forget(request_id) if self.cache is not None else 0
 
     def _serve_cached(self, rec: CascadeRecord, hit: CachedAnswer, t0: float) -> "asyncio.Future[None]":
         """A cache hit's ledger row: the answer's tier, model and confidence, no attempts, cost 0, and the
         baseline of the request that paid for it (what the last tier alone would have cost: the saving)."""
         rec.tier, rec.model, rec.confidence, rec.cached_from = hit.tier, hit.model, hit.confidence, hit.request_id
         rec.policy = rec.policy or self.config.default_policy_name
-        rec.baseline_cost_usd, rec.baseline_estimated = hit.baseline_cost_usd, True
+        rec.baseline_cost_usd, rec.baseline_estimated = hit.baseline_cost_usd, hit.baseline_estimated
         rec.latency_ms = (time.perf_counter() - t0) * 1e3
         return self._submit(rec, None)
 

@@ -59,6 +59,7 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
         "a.confidence AS confidence, a.answer_sig AS sig, "
         # the latest feedback on a request is its label: a user who changes their mind replaces it
         "(SELECT f.score FROM feedback f WHERE f.request_id = a.request_id ORDER BY f.id DESC LIMIT 1) AS feedback, "
+        "(SELECT MAX(f.id) FROM feedback f WHERE f.request_id = a.request_id) AS feedback_id, "
         "(SELECT b.answer_sig FROM attempts b WHERE b.request_id = a.request_id AND b.idx > a.idx "
         " AND b.tier <> a.tier AND b.error_class IS NULL AND b.answer_sig IS NOT NULL "
         " ORDER BY b.idx DESC LIMIT 1) AS stronger_sig "
@@ -67,6 +68,12 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
         + (" AND r.created_at >= ?" if since is not None else "")
         + " ORDER BY r.created_at, a.request_id, a.idx",
         (tier, since) if since is not None else (tier,))
+    # feedback given on a response-cache hit labels the answer it served, its original's: the latest wins
+    on_hits: dict[str, tuple[int, int]] = {}
+    for h in ledger.execute_dicts(
+            "SELECT r.cached_from AS original, f.id AS id, f.score AS score FROM feedback f "
+            "JOIN requests r ON r.request_id = f.request_id WHERE r.cached_from IS NOT NULL ORDER BY f.id"):
+        on_hits[h["original"]] = (int(h["id"]), int(h["score"]))
     out = []
     seen: set[str] = set()
     for r in rows:
@@ -74,6 +81,9 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
             continue
         label, source = None, None
         fb = r["feedback"]
+        hit_fb = on_hits.get(r["request_id"])
+        if hit_fb is not None and (r["feedback_id"] is None or hit_fb[0] > int(r["feedback_id"])):
+            fb = hit_fb[1]
         if "feedback" in sources and r["kept"] and fb is not None and int(fb) != 0:
             label, source = int(int(fb) > 0), "feedback"
         elif "agreement" in sources and r["stronger_sig"] is not None and r["sig"] is not None:

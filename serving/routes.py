@@ -162,13 +162,17 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
 CLIENT_CLOSED = 499
 
 
-def cache_mode(cache_control: str | None) -> str:
+def cache_mode(cache_control: str | None, pragma: str | None = None) -> str:
     """The response cache's use for a request, from its ``Cache-Control`` header as HTTP means it:
-    ``no-store``: neither read nor store ("bypass"); ``no-cache``: answer afresh, store it ("refresh")."""
+    ``no-store``: neither read nor store ("bypass"); ``no-cache`` or ``max-age=0`` (and HTTP/1.0's
+    ``Pragma: no-cache`` without a Cache-Control): answer afresh, store it ("refresh")."""
     if not cache_control:
-        return "use"
-    directives = {d.strip().split("=", 1)[0].lower() for d in cache_control.split(",")}
-    return "bypass" if "no-store" in directives else "refresh" if "no-cache" in directives else "use"
+        return "refresh" if pragma and "no-cache" in pragma.lower() else "use"
+    directives = {d.strip().lower().replace(" ", "") for d in cache_control.split(",")}
+    names = {d.split("=", 1)[0] for d in directives}
+    if "no-store" in names:
+        return "bypass"
+    return "refresh" if "no-cache" in names or "max-age=0" in directives else "use"
 
 
 async def _complete(request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str) -> Response:
@@ -177,7 +181,7 @@ async def _complete(request: Request, body: ChatCompletionRequest | CompletionRe
     caller, budget = await _admit(request, body, endpoint)
     kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
               budget=budget, request_id=request.scope.get("state", {}).get("request_id"),
-              cache=cache_mode(request.headers.get("cache-control")))
+              cache=cache_mode(request.headers.get("cache-control"), request.headers.get("pragma")))
     if body.stream:
         return await _stream(request, body, endpoint, kw)
     answered, got = await _unless_disconnected(request, engine.run_uncommitted(body.to_engine(), **kw))
@@ -447,8 +451,11 @@ async def feedback(body: FeedbackRequest, request: Request) -> dict:
         raise InvalidRequestError(f"request {body.request_id!r} served no answer (status {row['status']!r}): "
                                   "feedback is for answers", param="request_id", code="request_not_answered")
     fid = await engine.ledger.add_feedback(body.request_id, body.score, body.comment)
+    answered_by = row.get("cached_from") or body.request_id  # a cache hit's answer is its original's
+    if body.score < 0:  # an answer a user says is wrong is not served again from the cache
+        engine.cache_forget(answered_by)
     if _metrics(request).drift is not None:  # a label for the rolling ECE (cascade/drift.py)
-        _metrics(request).drift.observe_feedback(body.request_id, body.score)
+        _metrics(request).drift.observe_feedback(answered_by, body.score)
     return {"object": "feedback", "id": fid, "request_id": body.request_id, "score": body.score}
 
 

@@ -164,3 +164,118 @@ def test_a_reload_empties_the_cache(srv, upstream):
         r = c.post("/admin/reload", headers={"authorization": f"Bearer {OPS}"})
         assert r.status_code == 200 and r.json()["cache_cleared"] == 1, r.text
         assert post(c).json()["cascade"]["cached_from"] is None and upstream.stats()["requests"] == 2
+
+
+def test_an_answer_decided_before_a_reload_is_not_stored_after_it(srv, upstream):
+    """The reload empties the cache while a request is still being answered: that answer, decided by the old
+    thresholds, must not be stored when it arrives (it used to be, and was served after the reload)."""
+    import threading
+
+    upstream.faults("slow:1.5")
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        got: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: got.append(post(c)))
+        t.start()
+        while upstream.stats()["requests"] < 1:  # the request reached the tier
+            t.join(0.05)
+        r = c.post("/admin/reload", headers={"authorization": f"Bearer {OPS}"})
+        assert r.status_code == 200 and r.json()["cache_cleared"] == 0, r.text
+        t.join()
+        assert got[0].status_code == 200 and got[0].json()["cascade"]["cached_from"] is None
+        again = post(c)
+        assert again.json()["cascade"]["cached_from"] is None and upstream.stats()["requests"] == 2
+        assert post(c).json()["cascade"]["cached_from"] == again.headers["x-request-id"]  # stored as usual
+
+
+def test_an_answer_whose_ledger_write_failed_is_not_stored(srv, upstream):
+    """A hit names the request that paid for its answer: that request must be in the ledger. A write refused
+    by the database (a real SQLite trigger, for key B only) leaves nothing in the cache."""
+    with sqlite3.connect(srv.ledger_path) as db:
+        db.execute("CREATE TRIGGER refuse_b BEFORE INSERT ON requests WHEN NEW.api_key_id = 'k-b' "
+                   "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        failed = post(c, key=B)
+        assert failed.status_code == 500 and failed.json()["error"]["type"] == "ledger_error", failed.text
+        with sqlite3.connect(srv.ledger_path) as db:
+            db.execute("DROP TRIGGER refuse_b")
+        again = post(c, key=B)
+        assert again.status_code == 200 and again.json()["cascade"]["cached_from"] is None
+        assert upstream.stats()["requests"] == 2
+        hit = post(c, key=B).json()["cascade"]["cached_from"]
+    with sqlite3.connect(srv.ledger_path) as db:
+        ids = {r[0] for r in db.execute("SELECT request_id FROM requests")}
+    assert hit == again.headers["x-request-id"] and hit in ids and failed.headers["x-request-id"] not in ids
+
+
+def test_a_thumbs_down_on_a_hit_evicts_the_answer_and_labels_the_original(srv, upstream):
+    from cascade.ledger import Ledger
+    from cascade.recalibrate import labelled_answers
+
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        first = post(c)
+        hit = post(c)
+        assert hit.json()["cascade"]["cached_from"] == first.headers["x-request-id"]
+        fb = c.post("/v1/feedback", json={"request_id": hit.headers["x-request-id"], "score": -1},
+                    headers={"authorization": f"Bearer {A}"})
+        assert fb.status_code == 200, fb.text
+        fresh = post(c)  # the answer a user called wrong is not served again from memory
+        assert fresh.json()["cascade"]["cached_from"] is None and upstream.stats()["requests"] == 2
+    ledger = Ledger(srv.ledger_path).open_existing_sync()
+    try:
+        labels = {r["request_id"]: (r["label"], r["source"]) for r in labelled_answers(ledger, "remote")}
+    finally:
+        ledger.close_sync()
+    assert labels == {first.headers["x-request-id"]: (0, "feedback")}  # the hit's label is its original's
+
+
+@pytest.mark.parametrize(("header", "mode"), [
+    ({}, "use"), ({"cache-control": "No-Cache"}, "refresh"), ({"cache-control": "max-age=0"}, "refresh"),
+    ({"cache-control": "private, max-age = 0"}, "refresh"), ({"cache-control": "max-age=60"}, "use"),
+    ({"pragma": "no-cache"}, "refresh"), ({"cache-control": "max-age=60", "pragma": "no-cache"}, "use"),
+    ({"cache-control": "no-cache, no-store"}, "bypass")])
+def test_cache_control_as_http_means_it(header, mode):
+    from serving.routes import cache_mode
+
+    assert cache_mode(header.get("cache-control"), header.get("pragma")) == mode
+
+
+def test_a_retried_provider_and_a_hit_keep_what_the_original_knew(tmp_path, upstream, serve_app):
+    """A tier whose provider was retried after a 429 still answered by the policy: its answer is stored (it
+    used to be refused for having an error row). The hit copies whether the baseline was estimated."""
+    remote = {"name": "remote", "max_tokens": 4, "threshold": 0.0, "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+              "providers": [{"name": "p1", "backend": "openai", "model": "m", "options": {"base_url": upstream.base_url}}],
+              "retry": {"max_attempts": 3, "base_delay_s": 0.05, "max_delay_s": 0.2, "max_retry_after_s": 2.0}}
+    server = serve_app(make_config(tmp_path, [remote], cache={"enabled": True}))
+    upstream.faults("429:ms=50")
+    body = {k: v for k, v in BODY.items() if "logprobs" not in k}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        first = c.post("/v1/chat/completions", json=body)
+        hit = c.post("/v1/chat/completions", json=body)
+    assert [a["error_class"] for a in first.json()["cascade"]["attempts"]] == ["RateLimitedError", None]
+    assert hit.json()["cascade"]["cached_from"] == first.headers["x-request-id"] and upstream.stats()["requests"] == 2
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        flags = dict(db.execute("SELECT request_id, baseline_estimated FROM requests").fetchall())
+    assert flags[hit.headers["x-request-id"]] == flags[first.headers["x-request-id"]] == 0
+
+
+def test_the_cache_is_bounded_in_bytes():
+    from cascade.cache import answer_size
+    from cascade.types import TokenLogprob, TopLogprob
+
+    def long_answer(i: int) -> CachedAnswer:
+        toks = tuple(TokenLogprob(" w", -0.1, top=tuple(TopLogprob(f" t{k}", -1.0) for k in range(5)))
+                     for _ in range(1000))
+        res = GenerationResult(text=" w" * 1000, tokens=toks, finish_reason="length", usage=Usage(3, 1000),
+                               latency_s=1.0, model="m")
+        return CachedAnswer(result=res, request_id=f"r{i}", tier="t", model="m", confidence=0.9,
+                            baseline_cost_usd=1e-5, baseline_estimated=False)
+
+    one = answer_size(long_answer(0).result)
+    assert 1_000_000 < one < 1_500_000  # about 1.1 kB a token with 5 alternatives
+    cache = ResponseCache(max_entries=100, ttl_s=60, max_bytes=int(2.5 * one))
+    for i in range(4):
+        assert cache.put(f"k{i}", long_answer(i))
+    assert len(cache) == 2 and cache.bytes <= 2.5 * one and cache.get("k3") is not None and cache.get("k0") is None
+    assert not ResponseCache(max_entries=10, ttl_s=60, max_bytes=one // 2).put("k", long_answer(9))  # too big alone
+    cache.clear()
+    assert cache.bytes == 0 and not cache.put("late", long_answer(5), generation=0)  # decided before the clear
