@@ -8,6 +8,7 @@ engine's and the providers' warnings logged on that task (a tier failing, a brea
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -59,4 +60,18 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     logging.captureWarnings(fmt == "json")  # Python warnings (a library's deprecation) as log lines too
 
 
-__all__ = ["JsonFormatter", "RequestIdFilter", "configure_logging", "current_request_id"]
+def uvicorn_log_config() -> dict:
+    """uvicorn's own logging config (its colours and ``INFO:`` level prefix) with the request id added: its
+    handlers carry :class:`RequestIdFilter` and its lines end with `` [id]`` when written for a request, e.g.
+    ``INFO:     127.0.0.1:44898 - "POST /v1/chat/completions HTTP/1.1" 200 OK [casc-…]``."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg.setdefault("filters", {})["request_id"] = {"()": "serving.logs.RequestIdFilter"}
+    for name in ("default", "access"):
+        cfg["handlers"][name].setdefault("filters", []).append("request_id")
+        cfg["formatters"][name]["fmt"] += "%(request)s"
+    return cfg
+
+
+__all__ = ["JsonFormatter", "RequestIdFilter", "configure_logging", "current_request_id", "uvicorn_log_config"]

@@ -129,9 +129,13 @@ class DrainMiddleware:
 def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: str, graceful_shutdown_s: float,
                uvicorn_logging: bool = True) -> None:
     """Serve ``app`` with uvicorn until SIGINT/SIGTERM; requests get ``graceful_shutdown_s`` to finish, then
-    ``drain`` answers those still running (503) and the process exits. ``uvicorn_logging=False``: uvicorn
-    leaves logging alone and its lines go to the root logger's handler (the JSON lines of serving/logs.py)."""
+    ``drain`` answers those still running (503) and the process exits. ``uvicorn_logging=True``: uvicorn's
+    own text lines, its access lines ending with the request's id (:func:`serving.logs.uvicorn_log_config`);
+    ``False``: uvicorn leaves logging alone and its lines go to the root logger's handler (the JSON lines of
+    serving/logs.py)."""
     import uvicorn
+
+    from serving.logs import uvicorn_log_config
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list | None = None) -> None:
@@ -139,9 +143,9 @@ def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: s
             await super().shutdown(sockets)
 
     # loop/http "auto": uvloop and httptools (runtime dependencies) where installed, else asyncio and h11
-    kw = {} if uvicorn_logging else {"log_config": None}
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="auto", http="auto",
-                            timeout_graceful_shutdown=graceful_shutdown_s + ABORT_WINDOW_S, **kw)
+                            log_config=uvicorn_log_config() if uvicorn_logging else None,
+                            timeout_graceful_shutdown=graceful_shutdown_s + ABORT_WINDOW_S)
     server = Server(config)
     try:
         server.run()

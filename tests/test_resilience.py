@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -910,6 +911,41 @@ async def test_json_logs_carry_the_request_id_of_each_line_written_for_a_request
     assert len(access) == 1 and access[0]["request_id"] == rid, lines
     with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
         assert conn.execute("SELECT n_attempts FROM requests WHERE request_id = ?", (rid,)).fetchone() == (2,)
+
+
+async def test_text_logs_carry_the_request_id_on_uvicorn_access_lines(tmp_path):
+    """`server.log_format: text` (the default): uvicorn's access line for a request ends with that request's id in
+    brackets, as the engine's own lines carry it after the logger's name; uvicorn's level prefix stays."""
+    with FaultServerThread() as a, FaultServerThread() as b:
+        a.faults("500")
+        port = free_port()
+        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "info"},  # log_format: text by default
+               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+               "tiers": [{"name": "t", "providers": [prov("a", a), prov("b", b)], "threshold": 0.0, "max_tokens": 4,
+                          "retry": {"max_attempts": 1}}],
+               "policies": {"cascade": {"chain": ["t"]}}}
+        proc = start_serve(cfg, tmp_path)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                await wait_healthy(client, proc)
+                r = await client.post("/v1/chat/completions",
+                                      json={"model": "cascade", "messages": [{"role": "user", "content": "hi"}]})
+            proc.send_signal(signal.SIGTERM)
+            out = (await asyncio.to_thread(proc.communicate, timeout=30))[0].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert r.status_code == 200, r.text
+    rid = r.headers["x-request-id"]
+    lines = out.splitlines()
+    access = [x for x in lines if '"POST /v1/chat/completions HTTP/1.1" 200' in x]
+    assert len(access) == 1, out
+    assert access[0].startswith("INFO:") and access[0].endswith(f" [{rid}]"), access
+    health = [x for x in lines if '"GET /health HTTP/1.1" 200' in x]  # every request's access line has its id
+    assert health and all(re.search(r" \[casc-[0-9a-f]{24}\]$", x) for x in health), health
+    fell = [x for x in lines if "falling over to b" in x]
+    assert len(fell) == 1 and f"cascade.resilience [{rid}]: " in fell[0], out
 
 
 def test_fault_server_runs_by_hand():
