@@ -96,3 +96,57 @@ async def test_a_request_cancelled_while_the_model_loads_leaves_the_backend_read
     finally:
         await b.close()
     assert b._worker is None
+
+
+async def test_a_stream_abandoned_while_queued_never_runs_and_close_logs_no_error(smol_path, caplog):
+    """A stream whose consumer left while another generation held the compute thread used to run later
+    anyway: after close() it failed on the closed model ('NoneType' object has no attribute
+    'get_output_embeddings'), logged by asyncio as "Future exception was never retrieved" at shutdown. Its
+    future is now cancelled (it never runs), and a stream still waiting when the backend closes is told so."""
+    import gc
+    import logging
+
+    from cascade.backends.transformers_backend import TransformersBackend, _compute_executor
+    from cascade.errors import ProviderServerError
+
+    loop = asyncio.get_running_loop()
+    b = TransformersBackend(model=str(smol_path), name="smol-abandon", threads=2)
+    await b.start()
+    holder = None
+    try:
+        with caplog.at_level(logging.DEBUG, logger="asyncio"):
+            # a long generation takes the compute thread
+            holder = asyncio.create_task(b.generate(GenerationRequest(
+                prompt="Count from 1 to 1000: 1, 2, 3, 4,", max_tokens=400)))
+            while b._pending:  # taken by the worker
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert not holder.done()
+            # one stream is abandoned while it waits for the thread; another still waits when the backend closes
+            abandoned = b.stream(Q)
+            step = asyncio.create_task(abandoned.__anext__())
+            waiting = b.stream(Q)
+            waiter = asyncio.create_task(waiting.__anext__())
+            await asyncio.sleep(0.2)
+            assert not step.done() and not waiter.done() and not holder.done()
+            step.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await step
+            await abandoned.aclose()
+            await asyncio.wait_for(b.close(), 30)  # returns, with the generation still running
+            assert b._model is None
+            holder.cancel()  # stops the running batch at its next token
+            with pytest.raises(ProviderServerError, match="closed"):
+                await asyncio.wait_for(waiter, 60)
+            await waiting.aclose()
+            await loop.run_in_executor(_compute_executor(), lambda: None)  # whatever was queued has run
+            del step, abandoned, waiter, waiting
+            for _ in range(3):
+                gc.collect()
+                await asyncio.sleep(0)
+        problems = [r for r in caplog.records if r.levelno >= logging.ERROR or "never retrieved" in r.getMessage()]
+        assert not problems, [r.getMessage() for r in problems]
+    finally:
+        if holder is not None and not holder.done():
+            holder.cancel()
+        await b.close()

@@ -58,6 +58,12 @@ def _compute_executor() -> ThreadPoolExecutor:
         return _shared_executor
 
 
+def _retrieve(fut: asyncio.Future) -> None:
+    """Mark ``fut``'s exception as seen (asyncio logs an unseen one when the future is collected)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 @dataclass
 class _Pending:
     request: GenerationRequest
@@ -246,6 +252,7 @@ class TransformersBackend(Backend):
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
         fut = loop.run_in_executor(_compute_executor(), self._stream_sync, request, ids, queue, loop, cancelled)
+        fut.add_done_callback(_retrieve)  # a failure after its consumer left is not "never retrieved"
         tok, raw = self._tok, self._token_bytes
         eos = set(self._eos_ids)
         texts = TokenTexts(tok)
@@ -266,20 +273,30 @@ class TransformersBackend(Backend):
                 alts = tuple(TopLogprob(token=tok.decode([a]), logprob=v, token_id=a, raw=raw(a))
                              for a, v in top[: request.top_logprobs])
                 yield StreamChunk(text=piece, tokens=(TokenLogprob(piece, logprob, token_id, alts, raw(token_id)),))
-            await fut
+            if not await fut:
+                raise ProviderServerError(f"backend {self.name!r} closed", provider=self.name)
         except BaseException:
+            # the consumer went away (or the generation failed): as a cancelled generate() leaves the batch
+            # queue, a stream not yet started never runs, and a running one stops at its next token
             cancelled.set()
+            fut.cancel()
             raise
         yield StreamChunk(text="", finish_reason=finish,
                           usage=Usage(prompt_tokens=len(ids), completion_tokens=len(texts.ids)))
 
     def _stream_sync(self, request: GenerationRequest, ids: list[int], queue: asyncio.Queue,
-                     loop: asyncio.AbstractEventLoop, cancelled: threading.Event) -> None:
+                     loop: asyncio.AbstractEventLoop, cancelled: threading.Event) -> bool:
+        """Generate into ``queue`` (then None); False, and nothing generated, when the stream was cancelled
+        or the backend closed before its turn on the compute thread."""
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        model = self._model
+        model, tok = self._model, self._tok
+        if cancelled.is_set() or model is None or tok is None:
+            if not cancelled.is_set():  # its consumer still waits: it ends, and reports the backend closed
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            return False
         head = model.get_output_embeddings()
         last: dict[str, Any] = {}
 
@@ -313,7 +330,7 @@ class TransformersBackend(Backend):
         cfg = GenerationConfig(
             max_new_tokens=request.max_tokens, do_sample=sample,
             temperature=request.temperature if sample else None, top_p=request.top_p if sample else None,
-            top_k=None, repetition_penalty=None, pad_token_id=self._tok.pad_token_id,
+            top_k=None, repetition_penalty=None, pad_token_id=tok.pad_token_id,
             eos_token_id=self._eos_ids, bos_token_id=None)
         handle = head.register_forward_hook(hook)
         streamer = _Streamer()
@@ -329,6 +346,7 @@ class TransformersBackend(Backend):
             raise
         finally:
             handle.remove()
+        return True
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
