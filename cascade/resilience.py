@@ -583,10 +583,17 @@ class ResilientBackend(Backend):
                 else:
                     return _Win(p, permit, value, started, wait, n)
         if last is None:
-            ra = min(p.breaker.retry_after() for p in skipped) if skipped else 0.0
+            soonest = min(skipped, key=lambda p: p.breaker.retry_after()) if skipped else None
+            ra = soonest.breaker.retry_after() if soonest is not None else 0.0
             refused = bool(skipped) and all(p.breaker.tripped for p in skipped)
-            when = (f"they refused our credentials; a probe goes through in {ra:.1f} s, once an operator "
-                    "fixes them" if refused else f"retry after {ra:.1f} s")
+            if not refused:
+                when = f"retry after {ra:.1f} s"
+            elif soonest.breaker.state == CircuitBreaker.HALF_OPEN:  # skipped half-open: its probe is out
+                when = (f"they refused our credentials; {'its' if len(skipped) == 1 else 'a'} probe is in "
+                        "flight and gets through once an operator fixes them")
+            else:
+                when = (f"they refused our credentials; a probe goes through in {ra:.1f} s, once an operator "
+                        "fixes them")
             error = CircuitOpenError(
                 f"tier {self.name!r}: every provider's circuit breaker is open "
                 f"({', '.join(p.name for p in skipped)}); {when}",

@@ -28,6 +28,8 @@ import yaml
 from cascade.engine import Engine
 from cascade.errors import (
     CascadeError,
+    CircuitOpenError,
+    ProviderAuthError,
     ProviderConnectionError,
     ProviderError,
     ProviderInvalidRequestError,
@@ -413,6 +415,40 @@ def test_a_breaker_tripped_by_refused_credentials_stays_marked_until_a_probe_dec
     clock.advance(10)
     br.success(br.acquire())                            # the key was fixed
     assert br.state == "closed" and not br.tripped
+
+
+async def test_a_credentials_breaker_with_its_probe_out_says_the_probe_is_in_flight(servers, tmp_path):
+    """Refused credentials force the breaker open; the 503s meanwhile said "a probe goes through in 1.0 s, once an
+    operator fixes them" even while half-open with the probe already out. They now say the probe is in flight."""
+    a = servers["a"]
+    cfg = make_config(tmp_path, [rtier("t", [prov("a", a)], breaker={"failure_threshold": 5, "cooldown_s": 30})])
+    clock = FakeClock()
+    rb = ResilientBackend.from_tier(cfg.tiers[0], cfg, clock=clock)
+    br = rb.providers[0].breaker
+    try:
+        a.faults("401")
+        with pytest.raises(ProviderAuthError):
+            await rb.generate(Q)
+        assert br.state == "open" and br.tripped
+        with pytest.raises(CircuitOpenError) as err:                 # open: the probe is ahead
+            await rb.generate(Q)
+        assert "a probe goes through in 30.0 s, once an operator fixes them" in err.value.message
+        assert not err.value.should_retry and err.value.retry_after == 30
+        clock.advance(30)
+        a.faults("slow:1")                                           # the key was fixed; the probe takes a second
+        probe = asyncio.create_task(rb.generate(Q))
+        while (await asyncio.to_thread(a.stats))["requests"] < 2:
+            await asyncio.sleep(0.01)
+        assert br.state == "half_open" and br.tripped
+        with pytest.raises(CircuitOpenError) as err:                 # half-open, its probe out
+            await rb.generate(Q)
+        msg = err.value.message
+        assert "refused our credentials; its probe is in flight" in msg and "goes through in" not in msg, msg
+        assert not err.value.should_retry and err.value.retry_after == 1.0
+        assert (await probe).text
+        assert br.state == "closed" and not br.tripped
+    finally:
+        await rb.close()
 
 
 async def test_breaker_opens_half_opens_and_closes_through_real_calls(servers, tmp_path):
