@@ -4,8 +4,9 @@ Only greedy requests (temperature 0, the default) are cached: their answer is a 
 serving it again is what the tiers would do, without the tiers. The key is the route (policy or pinned
 tier), the endpoint, the messages or prompt, ``max_tokens``, the stop sequences, ``top_logprobs`` and the
 caller's user tier (its budgets shape the answer), and, with ``cache.scope: key`` (the default), the API
-key: a key never receives an answer first given to another. Only clean answers are stored: every attempt
-succeeded (an answer served because a later tier failed stays a one-off).
+key: a key never receives an answer first given to another. Only answers the policy itself chose are stored
+(cascade/engine.py ``Engine._cache_put``): not one served because a later tier failed or ran out of budget,
+nor one that stands in for an earlier tier that was down.
 
 In memory, per server process: LRU over ``cache.max_entries`` and ``cache.max_bytes`` (an estimate of each
 answer's size, its logprobs included), each entry living ``cache.ttl_s``. A hit is a ledger row of its own

@@ -166,6 +166,11 @@ class StreamFailed:
 StreamEvent = StreamStart | StreamDelta | StreamEnd | StreamFailed
 
 
+#: errors an earlier tier gives the same request every time (it cannot take the prompt): an answer from the
+#: tier after it is still the policy's own, and may be cached (cascade/cache.py)
+_REFUSALS_EVERY_TIME = frozenset({"ContextLengthExceededError", "ProviderContextLengthError",
+                                  "ProviderInvalidRequestError", "InvalidRequestError"})
+
 class Engine:
     """Holds the tiers, the policies and the ledger. Create with ``await Engine.open(config)``."""
 
@@ -472,12 +477,18 @@ class Engine:
 
     def _cache_put(self, slot: "tuple[str, int] | None", rec: CascadeRecord, result: GenerationResult) -> None:
         """Store an answer the policy itself chose: answered, and the kept attempt is the last one tried (an
-        answer served because a later tier failed, timed out or was over budget is not one to repeat; a
-        provider that was retried or a tier that could not take the prompt before it are fine). Not after a
+        answer served because a later tier failed, timed out or was over budget is not one to repeat), and
+        no earlier tier failed but by refusing the request as it would every time (too long a prompt): an
+        answer that stands in for a tier that was down is not repeated for an hour either. A provider retried
+        within the kept tier is fine. Not after a
         :meth:`ResponseCache.clear` since the request started (``slot``'s generation)."""
         if slot is None or self.cache is None or rec.status != "ok" or rec.tier is None:
             return
         if not rec.attempts or not rec.attempts[-1].kept:
+            return
+        kept = rec.attempts[-1].tier
+        if any(a.tier != kept and a.error_class is not None and a.error_class not in _REFUSALS_EVERY_TIME
+               for a in rec.attempts):  # an earlier tier's outage or timeout: next time it may answer itself
             return
         self.cache.put(slot[0], CachedAnswer.of(rec, result), generation=slot[1])
 

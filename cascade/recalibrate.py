@@ -72,7 +72,9 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
     on_hits: dict[str, tuple[int, int]] = {}
     for h in ledger.execute_dicts(
             "SELECT r.cached_from AS original, f.id AS id, f.score AS score FROM feedback f "
-            "JOIN requests r ON r.request_id = f.request_id WHERE r.cached_from IS NOT NULL ORDER BY f.id"):
+            "JOIN requests r ON r.request_id = f.request_id JOIN requests o ON o.request_id = r.cached_from "
+            "WHERE r.cached_from IS NOT NULL AND o.tier = ?" + (" AND o.created_at >= ?" if since is not None else "")
+            + " ORDER BY f.id", (tier, since) if since is not None else (tier,)):
         on_hits[h["original"]] = (int(h["id"]), int(h["score"]))
     out = []
     seen: set[str] = set()

@@ -166,13 +166,18 @@ def cache_mode(cache_control: str | None, pragma: str | None = None) -> str:
     """The response cache's use for a request, from its ``Cache-Control`` header as HTTP means it:
     ``no-store``: neither read nor store ("bypass"); ``no-cache`` or ``max-age=0`` (and HTTP/1.0's
     ``Pragma: no-cache`` without a Cache-Control): answer afresh, store it ("refresh")."""
-    if not cache_control:
-        return "refresh" if pragma and "no-cache" in pragma.lower() else "use"
-    directives = {d.strip().lower().replace(" ", "") for d in cache_control.split(",")}
-    names = {d.split("=", 1)[0] for d in directives}
-    if "no-store" in names:
+    directives: dict[str, str] = {}
+    for part in (cache_control or "").split(","):
+        name, _, value = part.partition("=")
+        if name.strip():
+            directives[name.strip().lower()] = value.strip().strip('"')
+    if not directives:
+        no_cache = any(p.strip().lower() == "no-cache" for p in (pragma or "").split(","))
+        return "refresh" if no_cache else "use"
+    if "no-store" in directives:
         return "bypass"
-    return "refresh" if "no-cache" in names or "max-age=0" in directives else "use"
+    max_age = directives.get("max-age", "")
+    return "refresh" if "no-cache" in directives or (max_age.isdigit() and int(max_age) == 0) else "use"
 
 
 async def _complete(request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str) -> Response:

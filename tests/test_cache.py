@@ -232,7 +232,11 @@ def test_a_thumbs_down_on_a_hit_evicts_the_answer_and_labels_the_original(srv, u
     ({}, "use"), ({"cache-control": "No-Cache"}, "refresh"), ({"cache-control": "max-age=0"}, "refresh"),
     ({"cache-control": "private, max-age = 0"}, "refresh"), ({"cache-control": "max-age=60"}, "use"),
     ({"pragma": "no-cache"}, "refresh"), ({"cache-control": "max-age=60", "pragma": "no-cache"}, "use"),
-    ({"cache-control": "no-cache, no-store"}, "bypass")])
+    ({"cache-control": "no-cache, no-store"}, "bypass"), ({"cache-control": "max-age=00"}, "refresh"),
+    ({"cache-control": 'max-age="0"'}, "refresh"), ({"cache-control": "max-age\t=\t0"}, "refresh"),
+    ({"cache-control": "max-age=-1"}, "use"), ({"cache-control": ",,,"}, "use"),
+    ({"cache-control": " ", "pragma": "no-cache"}, "refresh"), ({"pragma": "x-no-cache-please"}, "use"),
+    ({"cache-control": 'no-cache="set-cookie"'}, "refresh")])
 def test_cache_control_as_http_means_it(header, mode):
     from serving.routes import cache_mode
 
@@ -279,3 +283,22 @@ def test_the_cache_is_bounded_in_bytes():
     assert not ResponseCache(max_entries=10, ttl_s=60, max_bytes=one // 2).put("k", long_answer(9))  # too big alone
     cache.clear()
     assert cache.bytes == 0 and not cache.put("late", long_answer(5), generation=0)  # decided before the clear
+
+
+def test_an_answer_standing_in_for_a_tier_that_was_down_is_not_stored(tmp_path, upstream, serve_app):
+    """The first tier cannot be reached, so the second answers: right for now, but once the first is back the
+    policy would answer otherwise, so the stand-in is not served again from memory."""
+    from tests.conftest import free_port
+
+    small = {"name": "small", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0, "timeout_s": 5,
+             "price": {"input_per_1m": 0.1, "output_per_1m": 0.2},
+             "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}}  # nothing listens there
+    big = {"name": "big", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+           "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    server = serve_app(make_config(tmp_path, [small, big], cache={"enabled": True}))
+    body = {k: v for k, v in BODY.items() if "logprobs" not in k}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        first = c.post("/v1/chat/completions", json=body).json()["cascade"]
+        again = c.post("/v1/chat/completions", json=body).json()["cascade"]
+    assert first["tier"] == "big" and first["attempts"][0]["error_class"] == "ProviderConnectionError"
+    assert again["cached_from"] is None and upstream.stats()["requests"] == 2
