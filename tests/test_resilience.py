@@ -913,14 +913,16 @@ async def test_an_answer_already_recorded_is_sent_even_past_the_grace(tmp_path):
     assert row == ("ok",)
 
 
-async def test_json_logs_carry_the_request_id_of_each_line_written_for_a_request(tmp_path):
-    """`server.log_format: json`: every line `cascade serve` writes is one JSON object, uvicorn's included, and a
-    provider's failure logged while a request ran names that request's id (its x-request-id, its ledger row)."""
+async def _one_request_logged(tmp_path, log_format: str | None) -> tuple[httpx.Response, str]:
+    """Run `cascade serve` (first provider failing once, so the request falls over and logs it), send one
+    chat completion, stop the server; returns the response and everything the server wrote."""
     with FaultServerThread() as a, FaultServerThread() as b:
         a.faults("500")
         port = free_port()
-        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "info", "log_format": "json"},
-               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+        server = {"host": "127.0.0.1", "port": port, "log_level": "info"}
+        if log_format is not None:
+            server["log_format"] = log_format
+        cfg = {"server": server, "ledger": {"path": str(tmp_path / "ledger.sqlite")},
                "tiers": [{"name": "t", "providers": [prov("a", a), prov("b", b)], "threshold": 0.0, "max_tokens": 4,
                           "retry": {"max_attempts": 1}}],
                "policies": {"cascade": {"chain": ["t"]}}}
@@ -937,6 +939,13 @@ async def test_json_logs_carry_the_request_id_of_each_line_written_for_a_request
                 proc.kill()
                 proc.wait()
     assert r.status_code == 200, r.text
+    return r, out
+
+
+async def test_json_logs_carry_the_request_id_of_each_line_written_for_a_request(tmp_path):
+    """`server.log_format: json`: every line `cascade serve` writes is one JSON object, uvicorn's included, and a
+    provider's failure logged while a request ran names that request's id (its x-request-id, its ledger row)."""
+    r, out = await _one_request_logged(tmp_path, "json")
     lines = [json.loads(x) for x in out.splitlines() if x.strip()]  # each line parses, or this raises
     assert all({"time", "level", "logger", "message"} <= set(x) for x in lines), lines
     rid = r.headers["x-request-id"]
@@ -952,27 +961,7 @@ async def test_json_logs_carry_the_request_id_of_each_line_written_for_a_request
 async def test_text_logs_carry_the_request_id_on_uvicorn_access_lines(tmp_path):
     """`server.log_format: text` (the default): uvicorn's access line for a request ends with that request's id in
     brackets, as the engine's own lines carry it after the logger's name; uvicorn's level prefix stays."""
-    with FaultServerThread() as a, FaultServerThread() as b:
-        a.faults("500")
-        port = free_port()
-        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "info"},  # log_format: text by default
-               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
-               "tiers": [{"name": "t", "providers": [prov("a", a), prov("b", b)], "threshold": 0.0, "max_tokens": 4,
-                          "retry": {"max_attempts": 1}}],
-               "policies": {"cascade": {"chain": ["t"]}}}
-        proc = start_serve(cfg, tmp_path)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-                await wait_healthy(client, proc)
-                r = await client.post("/v1/chat/completions",
-                                      json={"model": "cascade", "messages": [{"role": "user", "content": "hi"}]})
-            proc.send_signal(signal.SIGTERM)
-            out = (await asyncio.to_thread(proc.communicate, timeout=30))[0].decode()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert r.status_code == 200, r.text
+    r, out = await _one_request_logged(tmp_path, None)  # log_format: text by default
     rid = r.headers["x-request-id"]
     lines = out.splitlines()
     access = [x for x in lines if '"POST /v1/chat/completions HTTP/1.1" 200' in x]
