@@ -171,6 +171,7 @@ StreamEvent = StreamStart | StreamDelta | StreamEnd | StreamFailed
 _REFUSALS_EVERY_TIME = frozenset({"ContextLengthExceededError", "ProviderContextLengthError",
                                   "ProviderInvalidRequestError", "InvalidRequestError"})
 
+
 class Engine:
     """Holds the tiers, the policies and the ledger. Create with ``await Engine.open(config)``."""
 
@@ -480,8 +481,8 @@ class Engine:
         answer served because a later tier failed, timed out or was over budget is not one to repeat), and
         no earlier tier failed but by refusing the request as it would every time (too long a prompt): an
         answer that stands in for a tier that was down is not repeated for an hour either. A provider retried
-        within the kept tier is fine. Not after a
-        :meth:`ResponseCache.clear` since the request started (``slot``'s generation)."""
+        within the kept tier is fine. Not after a :meth:`ResponseCache.clear` since the request started
+        (``slot``'s generation)."""
         if slot is None or self.cache is None or rec.status != "ok" or rec.tier is None:
             return
         if not rec.attempts or not rec.attempts[-1].kept:
