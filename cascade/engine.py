@@ -26,6 +26,7 @@ from cascade.errors import (
     ClientDisconnected,
     ConfigError,
     ContextLengthExceededError,
+    InvalidRequestError,
     ProviderContextLengthError,
     ProviderInvalidRequestError,
     ProviderTimeoutError,
@@ -166,10 +167,19 @@ class StreamFailed:
 StreamEvent = StreamStart | StreamDelta | StreamEnd | StreamFailed
 
 
-#: errors an earlier tier gives the same request every time (it cannot take the prompt): an answer from the
-#: tier after it is still the policy's own, and may be cached (cascade/cache.py)
-_REFUSALS_EVERY_TIME = frozenset({"ContextLengthExceededError", "ProviderContextLengthError",
-                                  "ProviderInvalidRequestError", "InvalidRequestError"})
+def _class_names(*roots: type) -> frozenset[str]:
+    """The names of ``roots`` and of every class derived from them (attempts record their error by name)."""
+    names, todo = set(), list(roots)
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return frozenset(names)
+
+
+#: errors an earlier tier gives the same request every time (it refuses the request itself, e.g. too long a
+#: prompt): an answer from the tier after it is still the policy's own, and may be cached (cascade/cache.py)
+_REFUSALS_EVERY_TIME = _class_names(InvalidRequestError, ProviderInvalidRequestError)
 
 
 class Engine:
