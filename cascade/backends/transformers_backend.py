@@ -103,6 +103,7 @@ class TransformersBackend(Backend):
         self._model: Any = None
         self._path: Path | None = None
         self._pending: deque[_Pending] = deque()
+        self._running: list[_Pending] = []  # the batch in the compute thread
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._start_once = StartOnce(self._start)
@@ -194,8 +195,13 @@ class TransformersBackend(Backend):
             except asyncio.CancelledError:
                 pass
             self._worker = None
-        while self._pending:
-            p = self._pending.popleft()
+        # the batch the compute thread is running (its worker was just cancelled) and those still queued: each
+        # caller is told, and the running batch stops at its next token (its stopping criterion sees them all
+        # cancelled) instead of computing answers nobody will read
+        left, self._running = [*self._running, *self._pending], []
+        self._pending.clear()
+        for p in left:
+            p.cancelled.set()
             if not p.future.done():
                 p.future.set_exception(ProviderServerError(f"backend {self.name!r} closed", provider=self.name))
         self._model = None
@@ -359,16 +365,19 @@ class TransformersBackend(Backend):
                 if not batch:
                     continue
                 started = time.perf_counter()
+                self._running = batch
                 try:
                     results = await loop.run_in_executor(_compute_executor(), self._generate_batch, batch)
                 except Exception as exc:  # noqa: BLE001 - translated for every waiter
                     err = ProviderServerError(f"transformers generation failed on {self.name!r}: "
                                               f"{type(exc).__name__}: {exc}", provider=self.name)
                     err.__cause__ = exc
+                    self._running = []
                     for p in batch:
                         if not p.future.done():
                             p.future.set_exception(err)
                     continue
+                self._running = []
                 for p, (text, toks, finish, ttft, generated) in zip(batch, results, strict=True):
                     if p.future.done():
                         continue
