@@ -15,6 +15,9 @@ answer's size, its logprobs included), each entry living ``cache.ttl_s``. A hit 
 An answer is stored only once its own ledger row is committed (a hit never names a request the ledger lacks),
 and only if no :meth:`ResponseCache.clear` came between the request's start and its answer (a reload swaps
 the thresholds that decided it): the request carries the cache's :attr:`~ResponseCache.generation`.
+
+Identical non-streamed requests arriving while the first is being answered wait for its stored answer
+(``Engine._cache_follow``): a burst of one request costs one model call.
 """
 
 from __future__ import annotations

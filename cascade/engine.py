@@ -213,6 +213,9 @@ class Engine:
         #: answers given again to the same greedy request (cascade/cache.py); None when ``cache.enabled`` is off
         self.cache = (ResponseCache(config.cache.max_entries, config.cache.ttl_s, config.cache.max_bytes)
                       if config.cache.enabled else None)
+        #: cacheable non-streamed requests being answered now, by (key, generation): identical ones arriving
+        #: meanwhile wait for the stored answer instead of calling the model again (:meth:`_cache_follow`)
+        self._inflight: dict[tuple[str, int], asyncio.Future[CachedAnswer | None]] = {}
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
@@ -299,15 +302,22 @@ class Engine:
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
         t0 = time.perf_counter()
         slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
+        if hit is None and slot is not None and cache == "use":
+            hit = await self._cache_follow(slot, rec, model, t0)
         if hit is not None:
             return Outcome(record=rec, result=hit.result), self._serve_cached(rec, hit, t0)
-        route, result = await self._start(rec, model, request, budget, t0, stream_last=False)
+        lead = self._cache_lead(slot)
+        try:
+            route, result = await self._start(rec, model, request, budget, t0, stream_last=False)
+        except BaseException:
+            self._cache_settle(slot, lead, None)
+            raise
         assert isinstance(result, GenerationResult)
         self._finish(rec, route=route, t0=t0)
         committed = self._submit(rec, request)
         if slot is not None:  # stored once its ledger row is committed: a hit never names a missing request
-            committed.add_done_callback(
-                lambda f: f.cancelled() or f.exception() is not None or self._cache_put(slot, rec, result))
+            committed.add_done_callback(lambda f: self._cache_settle(
+                slot, lead, None if f.cancelled() or f.exception() is not None else self._cache_put(slot, rec, result)))
         return Outcome(record=rec, result=result), committed
 
     async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
@@ -486,22 +496,60 @@ class Engine:
             return None, None
         return (key, self.cache.generation), (self.cache.get(key) if mode == "use" else None)
 
-    def _cache_put(self, slot: "tuple[str, int] | None", rec: CascadeRecord, result: GenerationResult) -> None:
+    async def _cache_follow(self, slot: tuple[str, int], rec: CascadeRecord, model: str | None,
+                            t0: float) -> CachedAnswer | None:
+        """Wait for the identical request already being answered, if there is one (non-streamed, see
+        :meth:`_cache_lead`), and return its answer once it is stored: a burst of the same request costs one
+        model call. None, at once, when there is no such request; None too when its answer was not stored
+        (it failed, was cancelled, or is not one to repeat): then every follower answers for itself, together,
+        rather than one after another. A follower whose caller leaves while it waits is recorded as cancelled."""
+        leader = self._inflight.get(slot)
+        if leader is None:
+            return None
+        try:
+            return await asyncio.shield(leader)  # the leader's caller may leave; that settles it None
+        except asyncio.CancelledError:
+            rec.policy = model or self.config.default_policy_name
+            await self._record_failure(rec, None, None, t0)
+            raise
+
+    def _cache_lead(self, slot: "tuple[str, int] | None") -> "asyncio.Future[CachedAnswer | None] | None":
+        """Make this request the one identical requests arriving meanwhile wait for (None: one already is,
+        or the request is not cacheable)."""
+        if slot is None or slot in self._inflight:
+            return None
+        fut: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
+        self._inflight[slot] = fut
+        return fut
+
+    def _cache_settle(self, slot: "tuple[str, int] | None", lead: "asyncio.Future[CachedAnswer | None] | None",
+                      answer: CachedAnswer | None) -> None:
+        """Hand the leading request's stored answer (or None) to those waiting for it."""
+        if lead is None:
+            return
+        if self._inflight.get(slot) is lead:  # type: ignore[arg-type]
+            del self._inflight[slot]  # type: ignore[arg-type]
+        if not lead.done():
+            lead.set_result(answer)
+
+    def _cache_put(self, slot: "tuple[str, int] | None", rec: CascadeRecord,
+                   result: GenerationResult) -> CachedAnswer | None:
         """Store an answer the policy itself chose: answered, and the kept attempt is the last one tried (an
         answer served because a later tier failed, timed out or was over budget is not one to repeat), and
         no earlier tier failed but by refusing the request as it would every time (too long a prompt): an
         answer that stands in for a tier that was down is not repeated for an hour either. A provider retried
         within the kept tier is fine. Not after a :meth:`ResponseCache.clear` since the request started
-        (``slot``'s generation)."""
+        (``slot``'s generation). Returns the answer stored, or None."""
         if slot is None or self.cache is None or rec.status != "ok" or rec.tier is None:
-            return
+            return None
         if not rec.attempts or not rec.attempts[-1].kept:
-            return
+            return None
         kept = rec.attempts[-1].tier
         if any(a.tier != kept and a.error_class is not None and a.error_class not in _REFUSALS_EVERY_TIME
                for a in rec.attempts):  # an earlier tier's outage or timeout: next time it may answer itself
-            return
-        self.cache.put(slot[0], CachedAnswer.of(rec, result), generation=slot[1])
+            return None
+        answer = CachedAnswer.of(rec, result)
+        return answer if self.cache.put(slot[0], answer, generation=slot[1]) else None
 
     def cache_forget(self, request_id: str) -> int:
         """Drop the stored answers first given to ``request_id`` (a user marked it wrong); returns how many."""

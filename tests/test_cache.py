@@ -302,3 +302,83 @@ def test_an_answer_standing_in_for_a_tier_that_was_down_is_not_stored(tmp_path, 
         again = c.post("/v1/chat/completions", json=body).json()["cascade"]
     assert first["tier"] == "big" and first["attempts"][0]["error_class"] == "ProviderConnectionError"
     assert again["cached_from"] is None and upstream.stats()["requests"] == 2
+
+
+def _burst(url: str, upstream: FaultServerThread, n: int, timeouts: dict[int, float] | None = None) -> list:
+    """``n`` identical requests from threads (one client each): the first alone until it reached the
+    upstream, then the others at once. A request given a timeout in ``timeouts`` leaves early, and its slot
+    holds the exception."""
+    import threading
+
+    got: list = [None] * n
+    seen = upstream.stats()["requests"]
+
+    def one(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=(timeouts or {}).get(i, 30)) as c:
+            try:
+                got[i] = post(c)
+            except httpx.TimeoutException as exc:
+                got[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    threads[0].start()
+    while upstream.stats()["requests"] == seen:
+        threads[0].join(0.02)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
+def test_a_burst_of_the_same_request_costs_one_model_call(srv, upstream):
+    """Identical requests that arrive while the first is being answered wait for its answer instead of each
+    calling the model; each is a ledger row of its own (a hit naming the one that paid). One whose client
+    leaves while it waits is recorded as cancelled."""
+    import time
+
+    upstream.faults(delay_s=1.5)
+    got = _burst(srv.url, upstream, 6, timeouts={5: 0.5})
+    assert isinstance(got[5], httpx.TimeoutException)
+    answered = got[:5]
+    assert all(r.status_code == 200 for r in answered), [r.text for r in answered]
+    assert upstream.stats()["requests"] == 1
+    paid = [r for r in answered if r.json()["cascade"]["cached_from"] is None]
+    assert len(paid) == 1 and paid[0] is got[0]
+    payer = paid[0].headers["x-request-id"]
+    assert all(r.json()["cascade"]["cached_from"] == payer and r.json()["cascade"]["cost_usd"] == 0
+               for r in answered if r is not paid[0])
+    assert {r.json()["choices"][0]["message"]["content"] for r in answered} == {
+        paid[0].json()["choices"][0]["message"]["content"]}
+    for _ in range(100):  # the abandoned follower's row is written as the server notices the client left
+        with sqlite3.connect(srv.ledger_path) as db:
+            rows = db.execute("SELECT status, cached_from, cost_usd, error_class FROM requests").fetchall()
+        if len(rows) == 6:
+            break
+        time.sleep(0.05)
+    assert sorted((r[0], r[1] is not None) for r in rows) == [("cancelled", False)] + [("ok", False)] + [
+        ("ok", True)] * 4
+    assert sum(r[2] for r in rows) == pytest.approx(paid[0].json()["cascade"]["cost_usd"])
+
+
+def test_when_the_first_of_a_burst_fails_the_others_answer_for_themselves(tmp_path, upstream, serve_app):
+    """The request the others wait for times out: its answer is not one to store, so they are not served an
+    error that was not theirs; each asks the model (together, not one after another), and the next identical
+    request is a hit."""
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "timeout_s": 1.0, "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+              "options": {"base_url": upstream.base_url}}
+    server = serve_app(make_config(tmp_path, [remote], cache={"enabled": True}))
+    upstream.faults("slow:3")
+    got = _burst(server.url, upstream, 4)
+    codes = sorted(r.status_code for r in got)
+    assert codes == [200, 200, 200, 504], [r.text for r in got]
+    log = upstream.stats()["log"]
+    assert len(log) == 4 and log[0]["fault"] == "slow:3"
+    # the three that answered for themselves asked at the same time, once the first had timed out
+    assert max(e["mono"] for e in log[1:]) - min(e["mono"] for e in log[1:]) < 0.5
+    assert min(e["mono"] for e in log[1:]) - log[0]["mono"] > 0.9
+    assert all(r.json()["cascade"]["cached_from"] is None for r in got if r.status_code == 200)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        hit = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
+    assert hit["cached_from"] is not None and upstream.stats()["requests"] == 4
