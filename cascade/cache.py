@@ -76,7 +76,8 @@ class ResponseCache:
     def __init__(self, max_entries: int, ttl_s: float, max_bytes: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_entries, self.ttl_s, self.max_bytes, self.clock = max_entries, ttl_s, max_bytes, clock
-        self._entries: OrderedDict[str, tuple[float, int, CachedAnswer]] = OrderedDict()
+        #: key -> (stored at, size, answer, earlier requests that gave the same text under this key)
+        self._entries: OrderedDict[str, tuple[float, int, CachedAnswer, frozenset[str]]] = OrderedDict()
         self.hits = self.misses = 0
         #: bytes held (the sum of :func:`answer_size`)
         self.bytes = 0
@@ -107,8 +108,10 @@ class ResponseCache:
         return n
 
     def forget(self, request_id: str) -> int:
-        """Drop the answers first given to ``request_id`` (a user said it was wrong); returns how many."""
-        keys = [k for k, (_, _, a) in self._entries.items() if a.request_id == request_id]
+        """Drop the answers first given to ``request_id`` (a user said it was wrong), also where a refresh
+        has since stored the same text under a newer request; returns how many."""
+        keys = [k for k, (_, _, a, same) in self._entries.items()
+                if a.request_id == request_id or request_id in same]
         for k in keys:
             self._drop(k)
         return len(keys)
@@ -121,16 +124,20 @@ class ResponseCache:
         size = answer_size(answer.result)
         if self.max_bytes is not None and size > self.max_bytes:
             return False
-        if key in self._entries:
+        same: frozenset[str] = frozenset()
+        if key in self._entries:  # a refresh: if it gave the same text, feedback on the old one still counts
+            _, _, old, old_same = self._entries[key]
+            if old.result.text == answer.result.text:
+                same = old_same | {old.request_id}
             self._drop(key)
-        self._entries[key] = (self.clock(), size, answer)
+        self._entries[key] = (self.clock(), size, answer, same)
         self.bytes += size
         while len(self._entries) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes):
             self._drop(next(iter(self._entries)))
         return True
 
     def _drop(self, key: str) -> None:
-        _, size, _ = self._entries.pop(key)
+        _, size, _, _ = self._entries.pop(key)
         self.bytes -= size
 
 

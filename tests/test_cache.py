@@ -43,6 +43,21 @@ def test_lru_with_a_time_to_live():
     assert (cache.hits, cache.misses) == (2, 2)
 
 
+def test_a_thumbs_down_reaches_a_refreshed_answer_with_the_same_text():
+    """A refresh (``Cache-Control: no-cache``) stores its answer under a newer request: feedback that the
+    older request's answer was wrong still evicts it when the text is the same, and not when it changed."""
+    cache = ResponseCache(max_entries=10, ttl_s=100)
+    first = _answer(1)
+    refreshed = CachedAnswer(result=first.result, request_id="r1-refresh", tier="t", model="m", confidence=0.9,
+                             baseline_cost_usd=1e-5, baseline_estimated=False)
+    cache.put("k", first)
+    cache.put("k", refreshed)
+    assert cache.forget("r1") == 1 and cache.get("k") is None
+    cache.put("k", first)
+    cache.put("k", _answer(2))  # the refresh answered otherwise: the old verdict is not about this text
+    assert cache.forget("r1") == 0 and cache.get("k").request_id == "r2"
+
+
 def test_the_key_covers_what_shapes_the_answer_and_sampled_requests_have_none():
     base = GenerationRequest(messages=(Message("user", "hi"),), max_tokens=8)
     k = cache_key("cascade", "chat", base, user_tier=None, api_key_id=None)
