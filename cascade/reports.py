@@ -383,7 +383,9 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
     feedback: dict[tuple[str, str], dict[int, int]] = {}
     for name, score, n_cheaper, n_known in ledger.execute(
             f"SELECT s.shadow, f.score, SUM(CASE WHEN {_CHEAPER} THEN 1 ELSE 0 END), COUNT(*) "
-            "FROM feedback f JOIN shadow_decisions s ON s.request_id = f.request_id "
+            # feedback on a response-cache hit is about the answer its original served: it counts there
+            "FROM feedback f JOIN requests fr ON fr.request_id = f.request_id "
+            "JOIN shadow_decisions s ON s.request_id = COALESCE(fr.cached_from, f.request_id) "
             f"JOIN requests r ON r.request_id = s.request_id{and_} {known} GROUP BY s.shadow, f.score", params):
         feedback.setdefault((name, "cheaper"), {})[int(score)] = int(n_cheaper or 0)
         feedback.setdefault((name, "known"), {})[int(score)] = int(n_known or 0)

@@ -397,3 +397,31 @@ def test_when_the_first_of_a_burst_fails_the_others_answer_for_themselves(tmp_pa
     with httpx.Client(base_url=server.url, timeout=30) as c:
         hit = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
     assert hit["cached_from"] is not None and upstream.stats()["requests"] == 4
+
+
+def test_feedback_on_a_hit_reaches_the_shadow_report(tmp_path, upstream, serve_app):
+    """A hit decided nothing, so it has no shadow rows; feedback on it is about the answer its original served,
+    and the shadow report counts it there (where a lenient shadow would have kept the cheaper answer)."""
+    from cascade.ledger import Ledger
+    from cascade.reports import shadow_report
+
+    small, large = ({"name": n, "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.99,
+                     "price": {"input_per_1m": p, "output_per_1m": 2 * p}, "options": {"base_url": upstream.base_url}}
+                    for n, p in (("small", 0.1), ("large", 1.0)))
+    server = serve_app(make_config(tmp_path, [small, large], cache={"enabled": True},
+                                   shadows={"lenient": {"of": "cascade", "thresholds": {"small": 0.5}}}))
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        first = c.post("/v1/chat/completions", json=BODY)
+        hit = c.post("/v1/chat/completions", json=BODY)
+        assert first.json()["cascade"]["tier"] == "large" and hit.json()["cascade"]["cached_from"] == first.headers[
+            "x-request-id"]
+        for r in (first, hit, hit):
+            fb = c.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "score": 1})
+            assert fb.status_code == 200, fb.text
+    ledger = Ledger(tmp_path / "ledger.sqlite").open_existing_sync()
+    try:
+        (le,) = shadow_report(ledger)["shadows"]
+    finally:
+        ledger.close_sync()
+    assert (le["requests"], le["diverged"], le["cheaper"]["requests"]) == (1, 1, 1)  # the hit has no shadow row
+    assert le["cheaper"]["feedback"]["n"] == 3 and le["cheaper"]["feedback"]["up"] == 3
