@@ -537,16 +537,19 @@ class Engine:
         """Store an answer the policy itself chose: answered, and the kept attempt is the last one tried (an
         answer served because a later tier failed, timed out or was over budget is not one to repeat), and
         no earlier tier failed but by refusing the request as it would every time (too long a prompt): an
-        answer that stands in for a tier that was down is not repeated for an hour either. A provider retried
-        within the kept tier is fine. Not after a :meth:`ResponseCache.clear` since the request started
-        (``slot``'s generation). Returns the answer stored, or None."""
+        answer that stands in for a tier that was down is not repeated for an hour either, nor one from a
+        provider of the kept tier serving another model than the one that failed before it (a fallback to a
+        different model). A provider retried, or one replica falling over to another of the same model, is
+        fine. Not after a :meth:`ResponseCache.clear` since the request started (``slot``'s generation).
+        Returns the answer stored, or None."""
         if slot is None or self.cache is None or rec.status != "ok" or rec.tier is None:
             return None
         if not rec.attempts or not rec.attempts[-1].kept:
             return None
-        kept = rec.attempts[-1].tier
-        if any(a.tier != kept and a.error_class is not None and a.error_class not in _REFUSALS_EVERY_TIME
-               for a in rec.attempts):  # an earlier tier's outage or timeout: next time it may answer itself
+        kept = rec.attempts[-1]
+        if any((a.tier, a.model) != (kept.tier, kept.model) and a.error_class is not None
+               and a.error_class not in _REFUSALS_EVERY_TIME
+               for a in rec.attempts):  # an outage or timeout of another model: next time it may answer itself
             return None
         answer = CachedAnswer.of(rec, result)
         return answer if self.cache.put(slot[0], answer, generation=slot[1]) else None

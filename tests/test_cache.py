@@ -425,3 +425,25 @@ def test_feedback_on_a_hit_reaches_the_shadow_report(tmp_path, upstream, serve_a
         ledger.close_sync()
     assert (le["requests"], le["diverged"], le["cheaper"]["requests"]) == (1, 1, 1)  # the hit has no shadow row
     assert le["cheaper"]["feedback"]["n"] == 3 and le["cheaper"]["feedback"]["up"] == 3
+
+
+def test_a_fallback_to_another_model_is_not_stored_but_one_to_a_replica_is(tmp_path, serve_app):
+    """A tier's providers: a primary, a replica of the same model, and a different model as the last resort.
+    With the primary down, the replica's answer is the tier's own (stored); with both down, the other model's
+    answer stands in for them (not stored: once they are back they answer)."""
+    with FaultServerThread() as primary, FaultServerThread() as replica, FaultServerThread() as other:
+        provs = [{"name": n, "backend": "openai", "model": m, "options": {"base_url": fs.base_url}}
+                 for n, m, fs in (("primary", "qwen", primary), ("replica", "qwen", replica),
+                                  ("other", "llama", other))]
+        t = {"name": "t", "providers": provs, "threshold": 0.0, "max_tokens": 4, "timeout_s": 5,
+             "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "retry": {"max_attempts": 1}}
+        server = serve_app(make_config(tmp_path, [t], cache={"enabled": True}))
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            primary.faults("500", "500")
+            replica.faults("500")
+            by_other = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
+            by_replica = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
+            hit = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
+    assert [a["model"] for a in by_other["attempts"]] == ["qwen", "qwen", "llama"]
+    assert [a["model"] for a in by_replica["attempts"]] == ["qwen", "qwen"]
+    assert by_replica["cached_from"] is None and hit["cached_from"] == by_replica["request_id"]
