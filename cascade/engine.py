@@ -316,8 +316,7 @@ class Engine:
         self._finish(rec, route=route, t0=t0)
         committed = self._submit(rec, request)
         if slot is not None:  # stored once its ledger row is committed: a hit never names a missing request
-            committed.add_done_callback(lambda f: self._cache_settle(
-                slot, lead, None if f.cancelled() or f.exception() is not None else self._cache_put(slot, rec, result)))
+            committed.add_done_callback(lambda f: self._cache_store(f, slot, lead, rec, result))
         return Outcome(record=rec, result=result), committed
 
     async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
@@ -521,6 +520,18 @@ class Engine:
         fut: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
         self._inflight[slot] = fut
         return fut
+
+    def _cache_store(self, committed: "asyncio.Future[None]", slot: tuple[str, int],
+                     lead: "asyncio.Future[CachedAnswer | None] | None", rec: CascadeRecord,
+                     result: GenerationResult) -> None:
+        """Once the ledger write is done: store the answer if it was committed, and hand the waiting
+        requests what was stored (whatever happens, so none waits forever)."""
+        answer = None
+        try:
+            if not committed.cancelled() and committed.exception() is None:
+                answer = self._cache_put(slot, rec, result)
+        finally:
+            self._cache_settle(slot, lead, answer)
 
     def _cache_settle(self, slot: "tuple[str, int] | None", lead: "asyncio.Future[CachedAnswer | None] | None",
                       answer: CachedAnswer | None) -> None:
