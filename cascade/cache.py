@@ -70,14 +70,19 @@ def answer_size(result: GenerationResult) -> int:
     return size
 
 
+#: how many replaced answers per key a thumbs-down can still reach through a refresh with the same text
+EARLIER_KEPT = 16
+
+
 class ResponseCache:
     """LRU of answers with a time to live and a size bound. Not thread-safe: used from the event loop only."""
 
     def __init__(self, max_entries: int, ttl_s: float, max_bytes: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_entries, self.ttl_s, self.max_bytes, self.clock = max_entries, ttl_s, max_bytes, clock
-        #: key -> (stored at, size, answer, earlier requests that gave the same text under this key)
-        self._entries: OrderedDict[str, tuple[float, int, CachedAnswer, frozenset[str]]] = OrderedDict()
+        #: key -> (stored at, size, answer, the (request id, hash of the text) of the answers it replaced, the
+        #: latest :data:`EARLIER_KEPT`: feedback on one of those is about this answer when the text is the same)
+        self._entries: OrderedDict[str, tuple[float, int, CachedAnswer, tuple[tuple[str, int], ...]]] = OrderedDict()
         self.hits = self.misses = 0
         #: bytes held (the sum of :func:`answer_size`)
         self.bytes = 0
@@ -110,8 +115,8 @@ class ResponseCache:
     def forget(self, request_id: str) -> int:
         """Drop the answers first given to ``request_id`` (a user said it was wrong), also where a refresh
         has since stored the same text under a newer request; returns how many."""
-        keys = [k for k, (_, _, a, same) in self._entries.items()
-                if a.request_id == request_id or request_id in same]
+        keys = [k for k, (_, _, a, earlier) in self._entries.items()
+                if a.request_id == request_id or (request_id, hash(a.result.text)) in earlier]
         for k in keys:
             self._drop(k)
         return len(keys)
@@ -121,16 +126,16 @@ class ResponseCache:
         request started) or it alone exceeds ``max_bytes``; returns whether it was stored."""
         if generation is not None and generation != self.generation:
             return False
-        size = answer_size(answer.result)
+        earlier: tuple[tuple[str, int], ...] = ()
+        if key in self._entries:  # a refresh: feedback on an answer it replaced may be about the same text
+            _, _, old, old_earlier = self._entries[key]
+            earlier = (*old_earlier, (old.request_id, hash(old.result.text)))[-EARLIER_KEPT:]
+        size = answer_size(answer.result) + 150 * len(earlier)
         if self.max_bytes is not None and size > self.max_bytes:
             return False
-        same: frozenset[str] = frozenset()
-        if key in self._entries:  # a refresh: if it gave the same text, feedback on the old one still counts
-            _, _, old, old_same = self._entries[key]
-            if old.result.text == answer.result.text:
-                same = old_same | {old.request_id}
+        if key in self._entries:
             self._drop(key)
-        self._entries[key] = (self.clock(), size, answer, same)
+        self._entries[key] = (self.clock(), size, answer, earlier)
         self.bytes += size
         while len(self._entries) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes):
             self._drop(next(iter(self._entries)))

@@ -215,7 +215,7 @@ class Engine:
                       if config.cache.enabled else None)
         #: cacheable non-streamed requests being answered now, by (key, generation): identical ones arriving
         #: meanwhile wait for the stored answer instead of calling the model again (:meth:`_cache_follow`)
-        self._inflight: dict[tuple[str, int], asyncio.Future[CachedAnswer | None]] = {}
+        self._inflight: dict[tuple[str, int], asyncio.Future[None]] = {}
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
@@ -302,21 +302,24 @@ class Engine:
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
         t0 = time.perf_counter()
         slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
-        if hit is None and slot is not None and cache == "use":
-            hit = await self._cache_follow(slot, rec, model, t0)
+        # wait for an identical request being answered, unless a latency budget bounds this one: if that answer
+        # is not stored, this one would start its own only after the wait
+        if hit is None and slot is not None and cache == "use" and (budget is None or budget.latency_s is None):
+            if await self._cache_follow(slot, rec, model, t0):
+                slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
         if hit is not None:
             return Outcome(record=rec, result=hit.result), self._serve_cached(rec, hit, t0)
         lead = self._cache_lead(slot)
         try:
             route, result = await self._start(rec, model, request, budget, t0, stream_last=False)
+            assert isinstance(result, GenerationResult)
+            self._finish(rec, route=route, t0=t0)
+            committed = self._submit(rec, request)
+            if slot is not None:  # stored once its ledger row is committed: a hit never names a missing request
+                committed.add_done_callback(lambda f: self._cache_store(f, slot, lead, rec, result))
         except BaseException:
-            self._cache_settle(slot, lead, None)
+            self._cache_settle(slot, lead)
             raise
-        assert isinstance(result, GenerationResult)
-        self._finish(rec, route=route, t0=t0)
-        committed = self._submit(rec, request)
-        if slot is not None:  # stored once its ledger row is committed: a hit never names a missing request
-            committed.add_done_callback(lambda f: self._cache_store(f, slot, lead, rec, result))
         return Outcome(record=rec, result=result), committed
 
     async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
@@ -495,53 +498,51 @@ class Engine:
             return None, None
         return (key, self.cache.generation), (self.cache.get(key) if mode == "use" else None)
 
-    async def _cache_follow(self, slot: tuple[str, int], rec: CascadeRecord, model: str | None,
-                            t0: float) -> CachedAnswer | None:
+    async def _cache_follow(self, slot: tuple[str, int], rec: CascadeRecord, model: str | None, t0: float) -> bool:
         """Wait for the identical request already being answered, if there is one (non-streamed, see
-        :meth:`_cache_lead`), and return its answer once it is stored: a burst of the same request costs one
-        model call. None, at once, when there is no such request; None too when its answer was not stored
-        (it failed, was cancelled, or is not one to repeat): then every follower answers for itself, together,
-        rather than one after another. A follower whose caller leaves while it waits is recorded as cancelled."""
+        :meth:`_cache_lead`), until it is done and its answer stored or not: a burst of the same request costs
+        one model call, since the caller then finds the answer in the cache. Returns whether it waited (False
+        at once when there is no such request). When the answer was not stored (it failed, was cancelled, or
+        is not one to repeat) every follower answers for itself, together, rather than one after another. A
+        follower whose caller leaves while it waits is recorded as cancelled."""
         leader = self._inflight.get(slot)
         if leader is None:
-            return None
+            return False
         try:
-            return await asyncio.shield(leader)  # the leader's caller may leave; that settles it None
+            await asyncio.shield(leader)  # the leader's caller may leave; that settles it
+            return True
         except asyncio.CancelledError:
             rec.policy = model or self.config.default_policy_name
             await self._record_failure(rec, None, None, t0)
             raise
 
-    def _cache_lead(self, slot: "tuple[str, int] | None") -> "asyncio.Future[CachedAnswer | None] | None":
+    def _cache_lead(self, slot: "tuple[str, int] | None") -> "asyncio.Future[None] | None":
         """Make this request the one identical requests arriving meanwhile wait for (None: one already is,
         or the request is not cacheable)."""
         if slot is None or slot in self._inflight:
             return None
-        fut: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[slot] = fut
         return fut
 
     def _cache_store(self, committed: "asyncio.Future[None]", slot: tuple[str, int],
-                     lead: "asyncio.Future[CachedAnswer | None] | None", rec: CascadeRecord,
-                     result: GenerationResult) -> None:
-        """Once the ledger write is done: store the answer if it was committed, and hand the waiting
-        requests what was stored (whatever happens, so none waits forever)."""
-        answer = None
+                     lead: "asyncio.Future[None] | None", rec: CascadeRecord, result: GenerationResult) -> None:
+        """Once the ledger write is done: store the answer if it was committed, then wake the requests waiting
+        for it (whatever happens, so none waits forever)."""
         try:
             if not committed.cancelled() and committed.exception() is None:
-                answer = self._cache_put(slot, rec, result)
+                self._cache_put(slot, rec, result)
         finally:
-            self._cache_settle(slot, lead, answer)
+            self._cache_settle(slot, lead)
 
-    def _cache_settle(self, slot: "tuple[str, int] | None", lead: "asyncio.Future[CachedAnswer | None] | None",
-                      answer: CachedAnswer | None) -> None:
-        """Hand the leading request's stored answer (or None) to those waiting for it."""
-        if lead is None:
+    def _cache_settle(self, slot: "tuple[str, int] | None", lead: "asyncio.Future[None] | None") -> None:
+        """The leading request is done (its answer stored or not): wake those waiting for it."""
+        if lead is None or slot is None:
             return
-        if self._inflight.get(slot) is lead:  # type: ignore[arg-type]
-            del self._inflight[slot]  # type: ignore[arg-type]
+        if self._inflight.get(slot) is lead:
+            del self._inflight[slot]
         if not lead.done():
-            lead.set_result(answer)
+            lead.set_result(None)
 
     def _cache_put(self, slot: "tuple[str, int] | None", rec: CascadeRecord,
                    result: GenerationResult) -> CachedAnswer | None:
@@ -549,19 +550,22 @@ class Engine:
         answer served because a later tier failed, timed out or was over budget is not one to repeat), and
         no earlier tier failed but by refusing the request as it would every time (too long a prompt): an
         answer that stands in for a tier that was down is not repeated for an hour either, nor one from a
-        provider of the kept tier serving another model than the one that failed before it (a fallback to a
-        different model). A provider retried, or one replica falling over to another of the same model, is
-        fine. Not after a :meth:`ResponseCache.clear` since the request started (``slot``'s generation).
-        Returns the answer stored, or None."""
+        fallback provider of the kept tier serving another model than its first provider's (that one failed, or
+        was skipped with its breaker open). A provider retried, or a replica of the same model, is fine. Not
+        after a :meth:`ResponseCache.clear` since the request started (``slot``'s generation). Returns the
+        answer stored, or None."""
         if slot is None or self.cache is None or rec.status != "ok" or rec.tier is None:
             return None
         if not rec.attempts or not rec.attempts[-1].kept:
             return None
         kept = rec.attempts[-1]
-        if any((a.tier, a.model) != (kept.tier, kept.model) and a.error_class is not None
-               and a.error_class not in _REFUSALS_EVERY_TIME
-               for a in rec.attempts):  # an outage or timeout of another model: next time it may answer itself
+        if any(a.tier != kept.tier and a.error_class is not None and a.error_class not in _REFUSALS_EVERY_TIME
+               for a in rec.attempts):  # an earlier tier's outage or timeout: next time it may answer itself
             return None
+        tier = self.tiers.get(kept.tier)
+        if tier is not None and isinstance(tier.backend, ResilientBackend) \
+                and kept.model != tier.backend.providers[0].backend.model:
+            return None  # a fallback provider's other model, standing in for the primary (failed, or its breaker open)
         answer = CachedAnswer.of(rec, result)
         return answer if self.cache.put(slot[0], answer, generation=slot[1]) else None
 

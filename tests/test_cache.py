@@ -44,18 +44,29 @@ def test_lru_with_a_time_to_live():
 
 
 def test_a_thumbs_down_reaches_a_refreshed_answer_with_the_same_text():
-    """A refresh (``Cache-Control: no-cache``) stores its answer under a newer request: feedback that the
-    older request's answer was wrong still evicts it when the text is the same, and not when it changed."""
+    """A refresh (``Cache-Control: no-cache``) stores its answer under a newer request: feedback that an older
+    request's answer was wrong still evicts it when the text is the same, and not when it changed. What a key
+    keeps of the answers it replaced is bounded, however often it is refreshed."""
+    from cascade.cache import EARLIER_KEPT
+
+    def ans(rid: str, text: str) -> CachedAnswer:
+        res = GenerationResult(text=text, tokens=(), finish_reason="stop", usage=Usage(3, 1), latency_s=0.1, model="m")
+        return CachedAnswer(result=res, request_id=rid, tier="t", model="m", confidence=0.9, baseline_cost_usd=1e-5,
+                            baseline_estimated=False)
+
     cache = ResponseCache(max_entries=10, ttl_s=100)
-    first = _answer(1)
-    refreshed = CachedAnswer(result=first.result, request_id="r1-refresh", tier="t", model="m", confidence=0.9,
-                             baseline_cost_usd=1e-5, baseline_estimated=False)
-    cache.put("k", first)
-    cache.put("k", refreshed)
-    assert cache.forget("r1") == 1 and cache.get("k") is None
-    cache.put("k", first)
-    cache.put("k", _answer(2))  # the refresh answered otherwise: the old verdict is not about this text
-    assert cache.forget("r1") == 0 and cache.get("k").request_id == "r2"
+    cache.put("k", ans("p", "X"))
+    cache.put("k", ans("r1", "X"))
+    assert cache.forget("p") == 1 and cache.get("k") is None
+    cache.put("k", ans("p", "X"))
+    cache.put("k", ans("r1", "Y"))  # the refresh answered otherwise: the old verdict is not about this text
+    assert cache.forget("p") == 0 and cache.get("k").request_id == "r1"
+    cache.put("k", ans("r2", "X"))  # ... and then X again: it is
+    assert cache.forget("p") == 1 and len(cache) == 0
+    for i in range(10 * EARLIER_KEPT):
+        cache.put("k", ans(f"r{i}", "X"))
+    assert len(cache._entries["k"][3]) == EARLIER_KEPT
+    assert cache.bytes == cache._entries["k"][1] and cache.forget(f"r{9 * EARLIER_KEPT}") == 1
 
 
 def test_the_key_covers_what_shapes_the_answer_and_sampled_requests_have_none():
@@ -447,3 +458,70 @@ def test_a_fallback_to_another_model_is_not_stored_but_one_to_a_replica_is(tmp_p
     assert [a["model"] for a in by_other["attempts"]] == ["qwen", "qwen", "llama"]
     assert [a["model"] for a in by_replica["attempts"]] == ["qwen", "qwen"]
     assert by_replica["cached_from"] is None and hit["cached_from"] == by_replica["request_id"]
+
+
+def test_an_answer_from_a_fallback_model_is_not_stored_when_the_primary_is_skipped_by_its_breaker(tmp_path,
+                                                                                                serve_app):
+    """With the primary's breaker open, the primary is not tried at all (no attempt row): the other model's
+    answer still stands in for it, and is not stored; once the primary is back it answers."""
+    import time
+
+    with FaultServerThread() as primary, FaultServerThread() as other:
+        provs = [{"name": n, "backend": "openai", "model": m, "options": {"base_url": fs.base_url}}
+                 for n, m, fs in (("primary", "qwen", primary), ("other", "llama", other))]
+        t = {"name": "t", "providers": provs, "threshold": 0.0, "max_tokens": 4, "timeout_s": 5,
+             "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "retry": {"max_attempts": 1},
+             "breaker": {"failure_threshold": 1, "cooldown_s": 1.0}}
+        server = serve_app(make_config(tmp_path, [t], cache={"enabled": True}))
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            primary.faults("500")
+            assert c.post("/v1/chat/completions", json={**BODY, "max_tokens": 2}).status_code == 200  # opens it
+            skipped = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
+            time.sleep(1.2)  # the cooldown is over
+            back = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
+    assert [a["model"] for a in skipped["attempts"]] == ["llama"]
+    assert back["cached_from"] is None and [a["model"] for a in back["attempts"]] == ["qwen"]
+
+
+async def test_waiting_requests_never_hang_when_the_first_cannot_be_recorded(tmp_path, upstream):
+    """The first request's ledger write cannot even be queued (the ledger closed under it): the one waiting
+    for it is woken, and nothing is left in the engine's table of requests in flight."""
+    import asyncio
+
+    from cascade.engine import Engine
+    from cascade.errors import LedgerError
+
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    engine = await Engine.open(make_config(tmp_path, [remote], cache={"enabled": True}))
+    req = GenerationRequest(messages=(Message("user", "hi"),))
+    upstream.faults("slow:1")
+    try:
+        leader = asyncio.create_task(engine.run(req))
+        while upstream.stats()["requests"] < 1:
+            await asyncio.sleep(0.02)
+        follower = asyncio.create_task(engine.run(req))
+        await asyncio.sleep(0.1)
+        assert len(engine._inflight) == 1 and not follower.done()
+        await engine.ledger.close()
+        with pytest.raises(LedgerError):
+            await leader
+        with pytest.raises(LedgerError):  # woken, it answered for itself, and could not be recorded either
+            await asyncio.wait_for(follower, 10)
+        assert engine._inflight == {} and upstream.stats()["requests"] == 2
+    finally:
+        for t in engine.tiers.values():
+            await t.backend.close()
+
+
+def test_a_request_with_a_latency_budget_does_not_wait_for_another(tmp_path, upstream, serve_app):
+    """Its budget bounds each tier's time; waiting for another request's answer first (and then answering for
+    itself if that one is not stored) would not be bounded by it."""
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    server = serve_app(make_config(tmp_path, [remote], cache={"enabled": True},
+                                   user_tiers={"fast": {"latency_budget_s": 5}},
+                                   auth={"keys": [{"id": "k-a", "sha256": hash_key(A), "user_tier": "fast"}]}))
+    upstream.faults(delay_s=1.0)
+    got = _burst(server.url, upstream, 3)
+    assert all(r.status_code == 200 for r in got) and upstream.stats()["requests"] == 3

@@ -154,3 +154,27 @@ async def test_a_stream_abandoned_while_queued_never_runs_and_close_logs_no_erro
         if holder is not None and not holder.done():
             holder.cancel()
         await b.close()
+
+
+async def test_close_ends_a_live_stream(smol_path):
+    """A stream generating when the backend closes is told so at once, and its generation stops at the next
+    token (it used to stream to its end after close(), holding the compute thread)."""
+    from cascade.backends.transformers_backend import TransformersBackend, _compute_executor
+    from cascade.errors import ProviderServerError
+
+    loop = asyncio.get_running_loop()
+    b = TransformersBackend(model=str(smol_path), name="smol-close-stream", threads=2)
+    await b.start()
+    try:
+        stream = b.stream(GenerationRequest(prompt="Count from 1 to 1000: 1, 2, 3, 4,", max_tokens=300))
+        first = await stream.__anext__()
+        assert first.tokens
+        await b.close()
+        with pytest.raises(ProviderServerError, match="closed"):
+            async for _ in stream:
+                pass
+        # the compute thread is free again soon: the generation stopped, it did not run its 300 tokens
+        await asyncio.wait_for(loop.run_in_executor(_compute_executor(), lambda: None), 10)
+        assert b._streams == {}
+    finally:
+        await b.close()

@@ -64,6 +64,9 @@ def _retrieve(fut: asyncio.Future) -> None:
         fut.exception()
 
 
+_CLOSED = object()  # put on a live stream's queue by close()
+
+
 @dataclass
 class _Pending:
     request: GenerationRequest
@@ -104,6 +107,8 @@ class TransformersBackend(Backend):
         self._path: Path | None = None
         self._pending: deque[_Pending] = deque()
         self._running: list[_Pending] = []  # the batch in the compute thread
+        #: streams started and not finished: their cancel flag and their queue (close() ends them)
+        self._streams: dict[threading.Event, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._start_once = StartOnce(self._start)
@@ -204,6 +209,10 @@ class TransformersBackend(Backend):
             p.cancelled.set()
             if not p.future.done():
                 p.future.set_exception(ProviderServerError(f"backend {self.name!r} closed", provider=self.name))
+        for cancelled, queue in self._streams.items():  # a live stream stops at its next token, and says why
+            cancelled.set()
+            queue.put_nowait(_CLOSED)
+        self._streams.clear()
         self._model = None
         self._tok = None
 
@@ -257,6 +266,7 @@ class TransformersBackend(Backend):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
+        self._streams[cancelled] = queue
         fut = loop.run_in_executor(_compute_executor(), self._stream_sync, request, ids, queue, loop, cancelled)
         fut.add_done_callback(_retrieve)  # a failure after its consumer left is not "never retrieved"
         tok, raw = self._tok, self._token_bytes
@@ -268,6 +278,8 @@ class TransformersBackend(Backend):
                 item = await queue.get()
                 if item is None:
                     break
+                if item is _CLOSED:
+                    raise ProviderServerError(f"backend {self.name!r} closed", provider=self.name)
                 token_id, logprob, top = item
                 if token_id in eos:
                     finish = "stop"
@@ -287,6 +299,8 @@ class TransformersBackend(Backend):
             cancelled.set()
             fut.cancel()
             raise
+        finally:
+            self._streams.pop(cancelled, None)
         yield StreamChunk(text="", finish_reason=finish,
                           usage=Usage(prompt_tokens=len(ids), completion_tokens=len(texts.ids)))
 
