@@ -277,18 +277,21 @@ class Engine:
     # --- the cascade ------------------------------------------------------------------------------
     async def run(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
                   request_id: str | None = None, api_key_id: str | None = None,
-                  user_tier: str | None = None, budget: Budget | None = None) -> Outcome:
+                  user_tier: str | None = None, budget: Budget | None = None,
+                  end_user: str | None = None, metadata: dict[str, str] | None = None) -> Outcome:
         """Answer one request through its route; the record is in the ledger when this returns."""
         outcome, committed = await self.run_uncommitted(request, model=model, endpoint=endpoint,
                                                         request_id=request_id, api_key_id=api_key_id,
-                                                        user_tier=user_tier, budget=budget)
+                                                        user_tier=user_tier, budget=budget, end_user=end_user,
+                                                        metadata=metadata)
         await committed
         return outcome
 
     async def run_uncommitted(self, request: GenerationRequest, *, model: str | None = None,
                               endpoint: str = "chat", request_id: str | None = None,
                               api_key_id: str | None = None, user_tier: str | None = None,
-                              budget: Budget | None = None, cache: str = "use"
+                              budget: Budget | None = None, cache: str = "use", end_user: str | None = None,
+                              metadata: dict[str, str] | None = None
                               ) -> "tuple[Outcome, asyncio.Future[None]]":
         """As :meth:`run`, but the answered request's ledger write is only queued: the second item resolves
         once it is committed (or raises ``LedgerError``). The caller must await it before it lets the answer
@@ -299,7 +302,7 @@ class Engine:
         ``cache`` (with the response cache on): "use" it, "refresh" it (answer afresh, store the answer) or
         "bypass" it (neither read nor store).
         """
-        rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
+        rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         t0 = time.perf_counter()
         slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
         # wait for an identical request being answered, unless a latency budget bounds this one: if that answer
@@ -325,7 +328,8 @@ class Engine:
     async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
                      request_id: str | None = None, api_key_id: str | None = None,
                      user_tier: str | None = None, budget: Budget | None = None,
-                     cache: str = "use") -> AsyncIterator[StreamEvent]:
+                     cache: str = "use", end_user: str | None = None,
+                     metadata: dict[str, str] | None = None) -> AsyncIterator[StreamEvent]:
         """Stream one request's answer.
 
         Every tier but the last is buffered: its answer must be complete before the policy can keep it.
@@ -335,7 +339,7 @@ class Engine:
         stream ends with :class:`StreamFailed` and the ledger records the partial answer. ``cache``: as
         :meth:`run_uncommitted` (a hit is streamed as a buffered answer; an answer streamed live is stored).
         """
-        rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
+        rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         t0 = time.perf_counter()
         slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
         if hit is not None:
@@ -475,11 +479,12 @@ class Engine:
 
     async def record_refusal(self, exc: CascadeError, *, model: str | None = None, endpoint: str = "chat",
                              request_id: str | None = None, api_key_id: str | None = None,
-                             user_tier: str | None = None) -> None:
+                             user_tier: str | None = None, end_user: str | None = None,
+                             metadata: dict[str, str] | None = None) -> None:
         """Record a request refused before any tier ran (malformed, over a limit, a model the key may not
         use, the key's daily spend reached): one ledger row with status ``error`` and no attempts, so the
         ledger holds every request a caller made, refused ones included."""
-        rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier)
+        rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
         self._finish(rec, route=None, t0=time.perf_counter())
         await asyncio.shield(self._submit(rec, None))
@@ -582,11 +587,12 @@ class Engine:
         rec.latency_ms = (time.perf_counter() - t0) * 1e3
         return self._submit(rec, None)
 
-    def _new_record(self, model: str | None, endpoint: str, request_id: str | None,
-                    api_key_id: str | None, user_tier: str | None) -> CascadeRecord:
+    def _new_record(self, model: str | None, endpoint: str, request_id: str | None, api_key_id: str | None,
+                    user_tier: str | None, end_user: str | None = None,
+                    metadata: dict[str, str] | None = None) -> CascadeRecord:
         return CascadeRecord(request_id=request_id or new_request_id(), policy=model or "",
                              created_at=time.time(), endpoint=endpoint, api_key_id=api_key_id,
-                             user_tier=user_tier)
+                             user_tier=user_tier, end_user=end_user, metadata=metadata or None)
 
     async def _record_failure(self, rec: CascadeRecord, exc: CascadeError | None, route: Route | None,
                               t0: float) -> None:

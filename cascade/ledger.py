@@ -31,15 +31,16 @@ from typing import Any
 from cascade.errors import LedgerError, NotFoundError
 from cascade.types import Attempt, CascadeRecord
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: columns added after version 1, added in place to older ledgers when they are opened
 _ADDED_COLUMNS = {
     "attempts": [("answer_sig", "TEXT")],  # version 2
     # version 3: sampled shadow execution (cascade/shadow.py)
     "shadow_decisions": [("sampled", "INTEGER"), ("sample_cost_usd", "DOUBLE PRECISION")],
-    # version 4: response-cache hits name the request whose answer they served (cascade/cache.py)
-    "requests": [("cached_from", "TEXT")],
+    # version 4: response-cache hits name the request whose answer they served (cascade/cache.py); version
+    # 5: cost attribution given by the caller, its end user (OpenAI's ``user``) and tags (``metadata``, JSON)
+    "requests": [("cached_from", "TEXT"), ("end_user", "TEXT"), ("metadata", "TEXT")],
 }
 
 
@@ -225,8 +226,8 @@ def _redact(target: str) -> str:
 _INSERT_REQUEST = (
     "INSERT INTO requests (request_id, created_at, policy, endpoint, api_key_id, user_tier, status, tier, model, "
     "confidence, escalated, n_attempts, prompt_tokens, completion_tokens, cost_usd, baseline_cost_usd, "
-    "baseline_estimated, escalation_waste_usd, latency_ms, error_class, error_message, cached_from) "
-    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+    "baseline_estimated, escalation_waste_usd, latency_ms, error_class, error_message, cached_from, end_user, "
+    "metadata) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (request_id, idx, tier, model, backend, prompt_tokens, completion_tokens, "
     "latency_ms, cost_usd, confidence, decision, reason, kept, error_class, error_message, features, "
@@ -645,7 +646,8 @@ class Ledger:
                 rec.status, rec.tier, rec.model, rec.confidence, int(rec.escalated), len(rec.attempts),
                 rec.prompt_tokens, rec.completion_tokens, rec.cost_usd, rec.baseline_cost_usd,
                 int(rec.baseline_estimated), rec.escalation_waste_usd, rec.latency_ms, rec.error_class,
-                rec.error_message, rec.cached_from))
+                rec.error_message, rec.cached_from, rec.end_user,
+                json.dumps(rec.metadata, ensure_ascii=False, sort_keys=True) if rec.metadata else None))
             for a in rec.attempts:
                 attempts.append((
                     rid, a.index, a.tier, a.model, a.backend, a.prompt_tokens, a.completion_tokens,

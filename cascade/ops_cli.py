@@ -1,6 +1,6 @@
 """Operations commands: ``cascade report``, ``cascade shadow report`` and ``cascade recalibrate``.
 
-    cascade report [--by tier|policy|key|day] [--since 7d] [--json|--csv] [--plot PNG] [--config F] [--ledger L]
+    cascade report [--by tier|policy|key|user|day|meta:KEY] [--since 7d] [--json|--csv] [--plot PNG] [--config F] [--ledger L]
     cascade shadow report [--since 24h] [--json] [--top N] [--config F] [--ledger L]
     cascade recalibrate --from-ledger [--tier T] [--since 30d] [--min-samples N] [--method M] [--out ARTIFACT]
                         [--activate] [--json] [--config F] [--ledger L]
@@ -54,8 +54,16 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cascade.reports import cost_report, cost_report_csv, cost_report_plot, cost_report_text, parse_since
+    from cascade.reports import (
+        check_report_by,
+        cost_report,
+        cost_report_csv,
+        cost_report_plot,
+        cost_report_text,
+        parse_since,
+    )
 
+    check_report_by(args.by)
     if args.json and args.csv:
         raise ConfigError("--json and --csv: choose one")
     if args.plot:
@@ -146,11 +154,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    from cascade.reports import REPORT_BY
-
     p = sub.add_parser("report", help="spend, escalation, waste, savings and heavy tail from the ledger")
-    p.add_argument("--by", choices=REPORT_BY, default="policy",
-                   help="group requests by the tier that served them, policy, API key or UTC day (default: policy)")
+    p.add_argument("--by", default="policy", metavar="tier|policy|key|user|day|meta:KEY",
+                   help="group requests by the tier that served them, policy, API key, end user (the requests' "
+                        "`user`), UTC day, or the value of one of their `metadata` tags (default: policy)")
     _common(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the report as JSON")

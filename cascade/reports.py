@@ -21,14 +21,38 @@ from typing import Any
 from cascade.errors import ConfigError, LedgerError
 from cascade.ledger import Ledger, _redact, utc_day_start
 
-REPORT_BY = ("tier", "policy", "key", "day")
+#: the groupings of ``cascade report --by``; also ``meta:KEY``, by the value of one of the requests' tags
+REPORT_BY = ("tier", "policy", "key", "user", "day")
 
 _GROUP_SQL = {
     "tier": "COALESCE(tier, '(none)')",
     "policy": "policy",
     "key": "COALESCE(api_key_id, '(none)')",
+    "user": "COALESCE(end_user, '(none)')",
     "day": "FLOOR(created_at / 86400)",
 }
+#: a tag name ``--by meta:KEY`` may group by (it goes into the SQL as a literal, so nothing that could quote)
+_META_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def check_report_by(by: str) -> str:
+    """``--by``'s value, checked (raises ``ConfigError`` naming the choices)."""
+    if by in REPORT_BY:
+        return by
+    if by.startswith("meta:"):
+        if _META_KEY.fullmatch(by[5:]):
+            return by
+        raise ConfigError(f"--by {by}: a metadata key of 1-64 letters, digits, '_', '.' or '-' (meta:team)")
+    raise ConfigError(f"--by: unknown grouping {by!r}; choose from {', '.join(REPORT_BY)} or meta:KEY")
+
+
+def _group_sql(by: str, dialect: str) -> str:
+    if not by.startswith("meta:"):
+        return _GROUP_SQL[by]
+    key = check_report_by(by)[5:]
+    value = (f"json_extract(metadata, '$.\"{key}\"')" if dialect == "sqlite"
+             else f"(CAST(metadata AS json) ->> '{key}')")
+    return f"COALESCE({value}, '(none)')"
 
 #: the columns of one cost-report row, in CSV order (``attempts``/``attempt_*`` only with --by tier)
 COST_COLUMNS = ("group", "requests", "answered", "errors", "partial", "cancelled", "cache_hits", "escalated", "escalation_rate", "spend_usd",
@@ -120,9 +144,9 @@ def _top_share(hist: dict[Any, list[float]], n: int, frac_den: int) -> float:
     return top
 
 
-def cost_report_sql(by: str, since: float | None) -> str:
+def cost_report_sql(by: str, since: float | None, dialect: str = "sqlite") -> str:
     """The report's one scan of the requests (``?``: the ``since`` bound, when there is one)."""
-    g = _GROUP_SQL[by]
+    g = _group_sql(by, dialect)
     where, _ = _where(since)
     return (f"SELECT {g}, {_BUCKET_SQL_COST}, COUNT(*), "
             "SUM(CASE WHEN status IN ('ok', 'partial') THEN 1 ELSE 0 END), "
@@ -137,17 +161,17 @@ def cost_report_sql(by: str, since: float | None) -> str:
 
 def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) -> dict[str, Any]:
     """Spend, requests, escalation rate and waste, cost against the last-tier-alone baseline, savings and
-    the heavy tail, per group of requests (``by``: tier = the tier that served, policy, key, day), plus
+    the heavy tail, per group of requests (``by``: tier = the tier that served, policy, key, user = the end
+    user the caller named, day, or ``meta:KEY`` = the value of the request's tag KEY), plus
     the total. With ``by="tier"`` each row also has the cost of every attempt made on that tier.
 
     One scan of the requests in the window, grouped by (group, cost bucket): the sums per group and the
     cost histogram behind the heavy tail come from the same rows.
     """
-    if by not in REPORT_BY:
-        raise ConfigError(f"--by: unknown grouping {by!r}; choose from {', '.join(REPORT_BY)}")
+    check_report_by(by)
     _ensure_sql_functions(ledger)
     params = (since,) if since is not None else ()
-    rows = ledger.execute(cost_report_sql(by, since), params)
+    rows = ledger.execute(cost_report_sql(by, since, ledger.dialect.name), params)
     fields = ("requests", "answered", "escalated", "partial", "cancelled", "cache_hits", "spend", "waste", "baseline", "baseline_estimated",
               "prompt_tokens", "completion_tokens", "latency_ms")
     sums: dict[Any, dict[str, float]] = {}

@@ -282,6 +282,9 @@ class CascadeRecord:
     endpoint: str = "chat"
     #: a response-cache hit: the request whose answer was served again (this one made no attempt, cost 0)
     cached_from: str | None = None
+    #: cost attribution given by the caller: its end user (OpenAI's ``user``) and tags (``metadata``)
+    end_user: str | None = None
+    metadata: dict[str, str] | None = None
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

@@ -14,6 +14,8 @@ from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Me
 MAX_MODEL_CHARS = 256
 #: the longest stop sequence
 MAX_STOP_CHARS = 256
+#: ``metadata``: at most this many tags (keys of 1-64 characters, values of at most 512), as OpenAI
+MAX_METADATA_PAIRS = 16
 
 
 class _Wire(BaseModel):
@@ -120,15 +122,16 @@ class _GenerationParams(_Request):
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, strict=True)
-    user: str | None = None
+    user: str | None = Field(None, max_length=512)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    # accepted and without effect here, as OpenAI's own parameters for its service (what a request is
-    # stored or tagged as, its cache key, priority and abuse id; the effort of reasoning models)
+    # accepted and without effect on the answer, as OpenAI's own parameters for its service (what a request
+    # is stored as, its cache key and priority; the effort of reasoning models); ``metadata`` and
+    # ``safety_identifier`` (as ``user``) are kept in the ledger for cost attribution (:meth:`attribution`)
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
-    safety_identifier: str | None = None
+    safety_identifier: str | None = Field(None, max_length=512)
     prompt_cache_key: str | None = None
     reasoning_effort: str | None = None
 
@@ -164,6 +167,26 @@ class _GenerationParams(_Request):
             # every tier shares
             raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters")
         return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        # OpenAI's limits: the ledger keeps these tags with the request (cost attribution: report --by meta:KEY)
+        if v is None:
+            return v
+        if len(v) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
+        for k, val in v.items():
+            if not 0 < len(k) <= 64:
+                raise ValueError(f"keys must be 1 to 64 characters, got {len(k)}")
+            if len(val) > 512:
+                raise ValueError(f"value of {k!r}: at most 512 characters, got {len(val)}")
+        return v
+
+    def attribution(self) -> dict[str, Any]:
+        """Who and what the request's cost is attributed to, as the caller says (``user``, or OpenAI's newer
+        ``safety_identifier``; ``metadata``): kept in the ledger, never sent upstream."""
+        return {"end_user": self.user or self.safety_identifier, "metadata": self.metadata or None}
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:

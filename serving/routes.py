@@ -97,11 +97,12 @@ async def _admit(request: Request, body: ChatCompletionRequest | CompletionReque
     try:
         return await _admit_checks(request, body)
     except CascadeError as exc:
-        await record_refusal(request, exc, body.model, endpoint)
+        await record_refusal(request, exc, body.model, endpoint, body.attribution())
         raise
 
 
-async def record_refusal(request: Request, exc: CascadeError, model: str | None, endpoint: str) -> None:
+async def record_refusal(request: Request, exc: CascadeError, model: str | None, endpoint: str,
+                         attribution: dict | None = None) -> None:
     """A completion request refused before the engine ran it: its ledger row, under the response's request id
     and the caller's key."""
     caller = request.scope.get("state", {}).get("caller")
@@ -111,7 +112,8 @@ async def record_refusal(request: Request, exc: CascadeError, model: str | None,
         exc.message = exc.message.encode("utf-8", "replace").decode("utf-8")
     await _engine(request).record_refusal(
         exc, model=model, endpoint=endpoint, request_id=request.scope.get("state", {}).get("request_id"),
-        api_key_id=getattr(caller, "key_id", None), user_tier=getattr(caller, "user_tier", None))
+        api_key_id=getattr(caller, "key_id", None), user_tier=getattr(caller, "user_tier", None),
+        **(attribution or {}))
 
 
 def _utf8(text: str) -> bool:
@@ -186,7 +188,8 @@ async def _complete(request: Request, body: ChatCompletionRequest | CompletionRe
     caller, budget = await _admit(request, body, endpoint)
     kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
               budget=budget, request_id=request.scope.get("state", {}).get("request_id"),
-              cache=cache_mode(request.headers.get("cache-control"), request.headers.get("pragma")))
+              cache=cache_mode(request.headers.get("cache-control"), request.headers.get("pragma")),
+              **body.attribution())
     if body.stream:
         return await _stream(request, body, endpoint, kw)
     answered, got = await _unless_disconnected(request, engine.run_uncommitted(body.to_engine(), **kw))

@@ -214,7 +214,7 @@ class FaultServer:
                 fault = {"kind": "ok", "spec": "ok"}
             self._log.append({"n": self._count, "t": time.time(), "mono": time.monotonic(), "path": path,
                               "model": body.get("model"), "stream": bool(body.get("stream")),
-                              "messages": body.get("messages"),
+                              "messages": body.get("messages"), "params": sorted(body),
                               "fault": fault["spec"]})
             self._count += 1
             self._by_path[path] += 1

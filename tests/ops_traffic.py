@@ -145,6 +145,10 @@ def _make_traffic(pytest_config: Any) -> Traffic:
         for i, (q, keyword, stream) in enumerate(QUESTIONS):
             key = "free-1" if i % 2 == 0 else "paid-1"
             body = {"model": "cascade", "messages": [{"role": "user", "content": q}], "stream": stream}
+            if i % 4 != 3:  # cost attribution: an end user on most requests, tags on some (report --by user)
+                body["user"] = f"user-{i % 3}"
+            if i % 3 != 2:
+                body["metadata"] = {"team": ("search", "ads")[i % 2], "feature": "qa"}
             if stream:
                 text, block = "", None
                 with c.stream("POST", "/v1/chat/completions", json=body, headers=t.headers(key)) as r:

@@ -127,6 +127,36 @@ def test_values_that_mean_nothing_are_refused(server, body, fragment):
     assert fragment in r.json()["error"]["message"]
 
 
+def test_the_end_user_and_tags_are_kept_with_the_request_for_cost_attribution(server, fault):
+    """OpenAI's ``user`` (or ``safety_identifier``) and ``metadata``, from the openai SDK: in the ledger row,
+    not upstream; a request refused (by the server's max_tokens limit) is attributed too; tags beyond
+    OpenAI's limits are a 400 naming the parameter."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    fault.reset()
+    raw = client.chat.completions.with_raw_response.create(model="remote", messages=Q, user="customer-42",
+                                                           metadata={"team": "search", "feature": "faq"})
+    other = client.completions.with_raw_response.create(model="remote", prompt="Hi", max_tokens=2,
+                                                        extra_body={"safety_identifier": "hashed-7"})
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="remote", messages=Q, user="customer-42", max_tokens=10**6,
+                                       metadata={"team": "ads"})
+    sent = [e["params"] for e in fault.stats()["log"]]
+    assert len(sent) == 2 and all(not {"user", "metadata", "safety_identifier"} & set(p) for p in sent)
+    with sqlite3.connect(server.ledger_path) as c:
+        got = {r[0]: r[1:] for r in c.execute(
+            "SELECT request_id, status, end_user, metadata FROM requests WHERE end_user IS NOT NULL")}
+    assert got[raw.headers["x-request-id"]] == ("ok", "customer-42", '{"feature": "faq", "team": "search"}')
+    assert got[other.headers["x-request-id"]] == ("ok", "hashed-7", None)
+    assert sorted(v for v in got.values() if v[0] == "error") == [("error", "customer-42", '{"team": "ads"}')]
+    for metadata, fragment in (({f"k{i}": "v" for i in range(17)}, "at most 16 key-value pairs"),
+                               ({"k" * 65: "v"}, "keys must be 1 to 64 characters"),
+                               ({"team": "v" * 513}, "at most 512 characters")):
+        r = httpx.post(server.url + "/v1/chat/completions", headers=H(), timeout=60,
+                       json={"model": "remote", "messages": Q, "metadata": metadata})
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "metadata"
+
+
 def test_an_assistant_message_may_have_no_content(server):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
             {"role": "user", "content": "And the capital of France?"}]

@@ -94,12 +94,14 @@ async def test_old_ledger_is_migrated_and_shadow_samples_are_idempotent(target):
         await ledger.record(record(1), shadows=[{"shadow": "strict", "status": "unknown", "reason": "needs large"}])
         for sql in ("DROP TABLE shadow_attempts", "ALTER TABLE shadow_decisions DROP COLUMN sampled",
                     "ALTER TABLE shadow_decisions DROP COLUMN sample_cost_usd",
-                    "ALTER TABLE requests DROP COLUMN cached_from",
+                    "ALTER TABLE requests DROP COLUMN cached_from", "ALTER TABLE requests DROP COLUMN end_user",
+                    "ALTER TABLE requests DROP COLUMN metadata",
                     "UPDATE meta SET value = '2' WHERE key = 'schema_version'"):
             await ledger.query(sql)
     async with Ledger(target) as ledger:
-        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [("4",)]
-        assert (await ledger.query("SELECT request_id, cached_from FROM requests")) == [("r1", None)]
+        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [("5",)]
+        assert (await ledger.query("SELECT request_id, cached_from, end_user, metadata FROM requests")) == [
+            ("r1", None, None, None)]
         await ledger.record(record(2))  # rows go on being written into the migrated table
         assert (await ledger.query("SELECT status, sampled, sample_cost_usd FROM shadow_decisions")) == \
             [("unknown", None, None)]  # the old row, untouched

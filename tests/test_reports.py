@@ -78,7 +78,7 @@ def test_report_every_by_same_numbers_on_sqlite_and_postgresql(traffic, pg_copy,
         "SELECT COUNT(*), SUM(cost_usd), SUM(escalation_waste_usd), SUM(baseline_cost_usd), "
         "SUM(escalated) FROM requests")[0]
     costs = sorted((r[0] for r in t.rows("SELECT cost_usd FROM requests")), reverse=True)
-    for by in REPORT_BY:
+    for by in (*REPORT_BY, "meta:team"):
         lite = run_json(capsys, "report", "--by", by, "--json", "--ledger", str(t.ledger))
         pg = run_json(capsys, "report", "--by", by, "--json", "--ledger", pg_copy)
         same(lite, pg)
@@ -92,6 +92,17 @@ def test_report_every_by_same_numbers_on_sqlite_and_postgresql(traffic, pg_copy,
         assert tot["top10pct_cost_share"] == pytest.approx(sum(costs[:-(-n // 10)]) / spend, rel=0.01)
         assert sum(g["requests"] for g in lite["groups"]) == n
         assert sum(g["spend_usd"] for g in lite["groups"]) == pytest.approx(spend)
+    # cost attribution: by the end user and by a tag the requests carried (and the rows say the same)
+    rows = t.rows("SELECT end_user, metadata, cost_usd FROM requests")
+    for by, label in (("user", lambda u, m: u), ("meta:team", lambda u, m: m and json.loads(m).get("team"))):
+        want: dict[str, list[float]] = {}
+        for u, m, cost in rows:
+            want.setdefault(label(u, m) or "(none)", []).append(cost)
+        got = {g["group"]: g for g in run_json(capsys, "report", "--by", by, "--json", "--ledger",
+                                               str(t.ledger))["groups"]}
+        assert set(got) == set(want) and len(want) >= 3, (by, set(got))
+        for k, costs in want.items():
+            assert got[k]["requests"] == len(costs) and got[k]["spend_usd"] == pytest.approx(sum(costs))
     by_policy = {g["group"]: g for g in run_json(capsys, "report", "--by", "policy", "--json", "--ledger",
                                                    str(t.ledger))["groups"]}
     assert set(by_policy) == {"cascade", "large"}
@@ -170,6 +181,10 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert main(["report", "--ledger", str(tmp_path / "missing.sqlite")]) == 2
     assert "no ledger at" in capsys.readouterr().err
     assert not (tmp_path / "missing.sqlite").exists()  # a report never creates an empty ledger
+    assert main(["report", "--by", "team", "--ledger", str(tmp_path / "missing.sqlite")]) == 2
+    assert "--by: unknown grouping 'team'; choose from tier, policy, key, user, day or meta:KEY" in capsys.readouterr().err
+    assert main(["report", "--by", "meta:te'am", "--ledger", str(tmp_path / "missing.sqlite")]) == 2
+    assert "--by meta:te'am: a metadata key of 1-64 letters" in capsys.readouterr().err
 
 
 def test_parse_since():
