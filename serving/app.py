@@ -142,6 +142,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         app.state.engine = engine if engine is not None else await Engine.open(config, preload=preload)
         app.state.started_at = time.time()
         app.state.metrics = Metrics(drift=config.drift, models=app.state.engine.model_names())
+        app.state.metrics.watch_cache(app.state.engine.cache)
         listeners = app.state.engine.sampler.listeners  # sampled shadows' calls and spend
         listeners.append(app.state.metrics.observe_shadow_call)
         app.state.engine.record_listeners.append(app.state.metrics.observe)  # every ledger row, once

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from cascade.cache import ResponseCache
 from cascade.config import DriftConfig
 from cascade.types import Attempt, CascadeRecord
 
@@ -51,6 +52,9 @@ class Metrics:
                                     registry=r)
         self.shadow_cost = Counter("cascade_shadow_sample_cost_usd", "Spend of sampled shadow policies (never "
                                    "counted in cascade_cost_usd)", ["shadow", "tier"], registry=r)
+        self.cache_entries = Gauge("cascade_cache_entries", "Answers held by the response cache", registry=r)
+        self.cache_bytes = Gauge("cascade_cache_bytes", "Estimated memory held by the response cache (bounded by "
+                                 "cache.max_bytes)", registry=r)
         self._children: dict[tuple, object] = {}
         self._answered: dict[str, int] = {}
         self._escalated: dict[str, int] = {}
@@ -60,6 +64,12 @@ class Metrics:
             from cascade.drift import DriftMonitor
 
             self.drift = DriftMonitor(drift, registry=r)
+
+    def watch_cache(self, cache: "ResponseCache | None") -> None:
+        """Read the response cache's size at every scrape (nothing while it is off)."""
+        if cache is not None:
+            self.cache_entries.set_function(lambda: len(cache))
+            self.cache_bytes.set_function(lambda: cache.bytes)
 
     def _child(self, metric: "Counter | Gauge | Histogram", *labels: str):  # noqa: ANN202
         """``metric.labels(*labels)``, looked up once per label set (prometheus' ``labels`` validates and

@@ -159,6 +159,10 @@ def test_a_repeated_request_is_answered_from_the_cache_at_no_cost(srv, upstream)
         assert whole.json()["cascade"]["cached_from"] == r.headers["x-request-id"] and upstream.stats()["requests"] == 6
         assert whole.json()["choices"][0]["logprobs"]["content"]  # its tokens were kept
     assert 'cascade_cache_hits_total{policy="cascade"} 2.0' in metrics
+    # held then: key A's answer (refreshed in place) and key B's
+    assert "cascade_cache_entries 2.0" in metrics
+    (held,) = [float(x.split()[1]) for x in metrics.splitlines() if x.startswith("cascade_cache_bytes ")]
+    assert held > 1000
     with sqlite3.connect(srv.ledger_path) as db:
         rows = db.execute("SELECT request_id, cached_from, cost_usd, n_attempts, status, tier, baseline_cost_usd "
                           "FROM requests ORDER BY created_at").fetchall()
