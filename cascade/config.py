@@ -262,6 +262,8 @@ class UserTierConfig(_Strict):
     on_cost_budget: Literal["refuse", "truncate"] = "refuse"
     #: per-key spend limit per UTC day, enforced from the ledger (429 once reached)
     daily_spend_limit_usd: float | None = Field(None, gt=0)
+    #: spend limit per UTC day of each end user a key names (the requests' ``user``), from the ledger (429)
+    end_user_daily_spend_limit_usd: float | None = Field(None, gt=0)
     #: per-key completion requests in any 60 s, per server process (429 rate_limit_exceeded beyond)
     requests_per_minute: int | None = Field(None, gt=0)
     #: per-key completion requests in flight at once, per server process (429 concurrency_limit_exceeded)

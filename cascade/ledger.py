@@ -44,6 +44,13 @@ _ADDED_COLUMNS = {
 }
 
 
+#: indexes on columns of :data:`_ADDED_COLUMNS`
+_ADDED_INDEXES = [
+    # an end user's spend today (user_tiers.*.end_user_daily_spend_limit_usd)
+    "CREATE INDEX IF NOT EXISTS requests_end_user_created ON requests(end_user, created_at)",
+]
+
+
 def answer_signature(text: str | None) -> str | None:
     """A short digest of an answer's normalised text: lets agreement between tiers be measured later
     without storing the text itself (``ledger.store_text`` is off by default)."""
@@ -417,6 +424,8 @@ class Ledger:
                 for col, typ in cols:
                     if col not in have:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
+            for stmt in _ADDED_INDEXES:  # on added columns: after them
+                conn.execute(stmt)
             conn.execute(self.dialect.sql("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"),
                          ("schema_version", str(SCHEMA_VERSION)))
             row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"), ("schema_version",)).fetchone()
@@ -736,8 +745,16 @@ def utc_day_start(now: float | None = None) -> float:
     return (t // 86400) * 86400.0  # UNIX time counts no leap seconds: every UTC day is 86400 s
 
 
-async def spend_since(ledger: Ledger, api_key_id: str, since: float) -> float:
-    """Total cost recorded for one API key since a UNIX time (for daily spend limits)."""
-    rows = await ledger.query("SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE api_key_id=? AND created_at>=?",
-                              (api_key_id, since))
+async def spend_since(ledger: Ledger, api_key_id: str | None, since: float, end_user: str | None = None) -> float:
+    """Total cost recorded for one API key since a UNIX time (for daily spend limits), or for one end user
+    of that key (``end_user``; ``api_key_id`` None: of any key)."""
+    where, params = ["created_at>=?"], [since]
+    if api_key_id is not None:
+        where.append("api_key_id=?")
+        params.append(api_key_id)
+    if end_user is not None:
+        where.append("end_user=?")
+        params.append(end_user)
+    rows = await ledger.query(f"SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE {' AND '.join(where)}",
+                              tuple(params))
     return float(rows[0][0])

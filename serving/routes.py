@@ -140,13 +140,13 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
     lim = caller.limits
     if lim is not None and lim.daily_spend_limit_usd is not None and caller.key_id is not None:
         spent = await spend_since(engine.ledger, caller.key_id, utc_day_start())
-        if spent >= lim.daily_spend_limit_usd:
-            err = BudgetExceededError(f"daily spend limit of ${lim.daily_spend_limit_usd:g} reached "
-                                      f"(${spent:.6f} spent today, UTC)", code="daily_spend_limit")
-            err.status_code = 429
-            err.retry_after = utc_day_start() + 86400.0 - time.time()  # the limit resets at 00:00 UTC
-            err.should_retry = False  # not before then: clients' quick retries would only be refused again
-            raise err
+        _check_daily_spend(spent, lim.daily_spend_limit_usd, "daily spend limit", "daily_spend_limit")
+    end_user = body.attribution()["end_user"]
+    if lim is not None and lim.end_user_daily_spend_limit_usd is not None and end_user is not None:
+        # the end users a key names are its own: each is limited within the key
+        spent = await spend_since(engine.ledger, caller.key_id, utc_day_start(), end_user=end_user)
+        _check_daily_spend(spent, lim.end_user_daily_spend_limit_usd, f"daily spend limit of user {end_user!r}",
+                           "end_user_daily_spend_limit")
     # last, the key's rate and in-flight limits and the server's: a request refused above takes no place in
     # them; an admitted one holds its slots until its response is sent (AuthMiddleware releases them)
     ticket = request.app.state.admission.admit(
@@ -158,6 +158,15 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
         return caller, Budget()
     return caller, Budget(latency_s=lim.latency_budget_s, on_latency=lim.on_latency_budget,
                           cost_usd=lim.cost_budget_usd, on_cost=lim.on_cost_budget)
+
+
+def _check_daily_spend(spent: float, limit: float, what: str, code: str) -> None:
+    if spent >= limit:
+        err = BudgetExceededError(f"{what} of ${limit:g} reached (${spent:.6f} spent today, UTC)", code=code)
+        err.status_code = 429
+        err.retry_after = utc_day_start() + 86400.0 - time.time()  # the limit resets at 00:00 UTC
+        err.should_retry = False  # not before then: clients' quick retries would only be refused again
+        raise err
 
 
 #: the status nobody reads: the client closed the connection before the answer (nginx's 499)

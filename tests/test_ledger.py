@@ -94,7 +94,8 @@ async def test_old_ledger_is_migrated_and_shadow_samples_are_idempotent(target):
         await ledger.record(record(1), shadows=[{"shadow": "strict", "status": "unknown", "reason": "needs large"}])
         for sql in ("DROP TABLE shadow_attempts", "ALTER TABLE shadow_decisions DROP COLUMN sampled",
                     "ALTER TABLE shadow_decisions DROP COLUMN sample_cost_usd",
-                    "ALTER TABLE requests DROP COLUMN cached_from", "ALTER TABLE requests DROP COLUMN end_user",
+                    "ALTER TABLE requests DROP COLUMN cached_from", "DROP INDEX requests_end_user_created",
+                    "ALTER TABLE requests DROP COLUMN end_user",
                     "ALTER TABLE requests DROP COLUMN metadata",
                     "UPDATE meta SET value = '2' WHERE key = 'schema_version'"):
             await ledger.query(sql)

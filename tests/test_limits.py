@@ -155,3 +155,31 @@ async def test_in_flight_limits_refuse_at_once_and_free_their_slots_when_answere
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
         classes = sorted(r[0] for r in db.execute("SELECT error_class FROM requests WHERE status = 'error'"))
     assert classes == ["RequestLimitError", "ServerOverloadedError"]
+
+
+def test_each_end_user_of_a_key_has_its_own_daily_spend_limit(tmp_path, upstream, serve_app):
+    """``end_user_daily_spend_limit_usd``: the end users a key names (``user``) are limited one by one, within
+    that key; requests naming no user, other users and other keys' users of the same name go on."""
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    srv = serve_app(make_config(tmp_path, [remote], user_tiers={"app": {"end_user_daily_spend_limit_usd": 1e-9}},
+                                auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "app"},
+                                               {"id": "k2", "sha256": hash_key(OTHER), "user_tier": "app"}]}))
+
+    def ask(c: httpx.Client, key: str, user: str | None) -> httpx.Response:
+        return c.post("/v1/chat/completions", json={**BODY, **({"user": user} if user else {})},
+                      headers={"authorization": f"Bearer {key}"})
+
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert ask(c, KEY, "alice").status_code == 200          # nothing spent yet today
+        refused = ask(c, KEY, "alice")
+        assert refused.status_code == 429, refused.text
+        err = refused.json()["error"]
+        assert err["code"] == "end_user_daily_spend_limit" and "of user 'alice'" in err["message"]
+        assert refused.headers["x-should-retry"] == "false" and 0 < int(refused.headers["retry-after"]) <= 86400
+        assert [ask(c, k, u).status_code for k, u in ((KEY, "bob"), (KEY, None), (KEY, None), (OTHER, "alice"))] \
+            == [200, 200, 200, 200]
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        row = db.execute("SELECT status, error_class, api_key_id, end_user FROM requests WHERE request_id=?",
+                         (refused.headers["x-request-id"],)).fetchone()
+    assert row == ("error", "BudgetExceededError", "k1", "alice")
