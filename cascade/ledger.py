@@ -189,6 +189,17 @@ class _Dialect:
 
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
+    def row(self, values: Sequence[Any]) -> tuple:
+        """A row of parameters as this database takes it."""
+        return tuple(values)
+
+    @contextmanager
+    def schema_lock(self, conn: Any) -> Iterator[None]:
+        """Held while the schema is created or migrated: processes opening one ledger at once would race to
+        add the same column ("duplicate column"). SQLite: one write transaction."""
+        with self.transaction(conn):
+            yield
+
 
 class _Postgres(_Dialect):
     name = "postgresql"
@@ -210,6 +221,24 @@ class _Postgres(_Dialect):
     def transaction(self, conn: Any) -> Iterator[None]:
         with conn.transaction():
             yield
+
+    def row(self, values: Sequence[Any]) -> tuple:
+        # PostgreSQL's text holds no NUL character (psycopg refuses the whole write): a client's text that
+        # has one (an error message quoting it, a stored prompt) is kept with U+FFFD in its place
+        return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) and "\x00" in v else v for v in values)
+
+    @contextmanager
+    def schema_lock(self, conn: Any) -> Iterator[None]:
+        # replicas opening one ledger at once would race to create or migrate it ("column already exists")
+        conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+
+
+#: the advisory lock key PostgreSQL replicas take around schema changes (any constant: "cascade" in ASCII)
+_SCHEMA_LOCK = 0x636173636164
 
 
 def _dialect_for(target: str) -> _Dialect:
@@ -417,24 +446,28 @@ class Ledger:
     def _open_sync(self) -> None:
         try:
             conn = self.dialect.connect(self.target)
-            for stmt in _TABLES:
-                conn.execute(self.dialect.sql(stmt.replace("{serial}", self.dialect.serial)))
-            for table, cols in _ADDED_COLUMNS.items():
-                have = {d[0] for d in conn.execute(f"SELECT * FROM {table} LIMIT 0").description}
-                for col, typ in cols:
-                    if col not in have:
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
-            for stmt in _ADDED_INDEXES:  # on added columns: after them
-                conn.execute(stmt)
-            conn.execute(self.dialect.sql("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"),
-                         ("schema_version", str(SCHEMA_VERSION)))
-            row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"), ("schema_version",)).fetchone()
-            if row is not None and row[0].isdigit() and int(row[0]) < SCHEMA_VERSION:  # migrated just above
-                conn.execute(self.dialect.sql("UPDATE meta SET value = ? WHERE key = ?"),
-                             (str(SCHEMA_VERSION), "schema_version"))
+            with self.dialect.schema_lock(conn):
+                self._create_or_migrate(conn)
         except (*self.dialect.errors, OSError) as exc:
             raise LedgerError(f"cannot open ledger {_redact(self.target)}: {exc}") from exc
         self._conn = conn
+
+    def _create_or_migrate(self, conn: Any) -> None:
+        for stmt in _TABLES:
+            conn.execute(self.dialect.sql(stmt.replace("{serial}", self.dialect.serial)))
+        for table, cols in _ADDED_COLUMNS.items():
+            have = {d[0] for d in conn.execute(f"SELECT * FROM {table} LIMIT 0").description}
+            for col, typ in cols:
+                if col not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
+        for stmt in _ADDED_INDEXES:  # on added columns: after them
+            conn.execute(stmt)
+        conn.execute(self.dialect.sql("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"),
+                     ("schema_version", str(SCHEMA_VERSION)))
+        row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"), ("schema_version",)).fetchone()
+        if row is not None and row[0].isdigit() and int(row[0]) < SCHEMA_VERSION:  # migrated just above
+            conn.execute(self.dialect.sql("UPDATE meta SET value = ? WHERE key = ?"),
+                         (str(SCHEMA_VERSION), "schema_version"))
 
     async def close(self) -> None:
         if self._thread is not None:
@@ -597,7 +630,7 @@ class Ledger:
     def execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         """Run one statement synchronously (on the caller's thread) and return its rows."""
         def run(conn: Any) -> list[tuple]:
-            cur = conn.execute(self.dialect.sql(sql), tuple(params))
+            cur = conn.execute(self.dialect.sql(sql), self.dialect.row(params))
             return cur.fetchall() if cur.description else []
 
         try:
@@ -607,7 +640,7 @@ class Ledger:
 
     def execute_dicts(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
         def run(conn: Any) -> list[dict[str, Any]]:
-            cur = conn.execute(self.dialect.sql(sql), tuple(params))
+            cur = conn.execute(self.dialect.sql(sql), self.dialect.row(params))
             cols = [d[0] for d in cur.description or ()]
             return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
@@ -650,22 +683,22 @@ class Ledger:
         requests, attempts, shadow_rows = [], [], []
         for rec, shadows in items:
             rid = rec.request_id
-            requests.append((
+            requests.append(d.row((
                 rid, rec.created_at, rec.policy, rec.endpoint, rec.api_key_id, rec.user_tier,
                 rec.status, rec.tier, rec.model, rec.confidence, int(rec.escalated), len(rec.attempts),
                 rec.prompt_tokens, rec.completion_tokens, rec.cost_usd, rec.baseline_cost_usd,
                 int(rec.baseline_estimated), rec.escalation_waste_usd, rec.latency_ms, rec.error_class,
                 rec.error_message, rec.cached_from, rec.end_user,
-                json.dumps(rec.metadata, ensure_ascii=False, sort_keys=True) if rec.metadata else None))
+                json.dumps(rec.metadata, ensure_ascii=False, sort_keys=True) if rec.metadata else None)))
             for a in rec.attempts:
-                attempts.append((
+                attempts.append(d.row((
                     rid, a.index, a.tier, a.model, a.backend, a.prompt_tokens, a.completion_tokens,
                     a.latency_ms, a.cost_usd, a.confidence, a.decision, a.reason, int(a.kept), a.error_class,
                     a.error_message, json.dumps(a.features) if a.features else None,
                     a.text if store_text else None,
-                    answer_signature(a.text) if a.error_class is None else None))
+                    answer_signature(a.text) if a.error_class is None else None)))
             for s in shadows:
-                shadow_rows.append(_shadow_row(rid, rec.created_at, s))
+                shadow_rows.append(d.row(_shadow_row(rid, rec.created_at, s)))
         with d.transaction(conn):
             cur = conn.cursor()
             if len(requests) == 1:
@@ -688,18 +721,18 @@ class Ledger:
     def _shadow_sample_sync(self, request_id: str, created_at: float, decision: dict[str, Any],
                             attempts: list[Attempt], started_at: list[float]) -> None:
         conn, d = self._require(), self.dialect
-        rows = [(request_id, decision["shadow"], a.index, t, a.tier, a.model, a.backend, a.prompt_tokens,
+        rows = [d.row((request_id, decision["shadow"], a.index, t, a.tier, a.model, a.backend, a.prompt_tokens,
                  a.completion_tokens, a.latency_ms, a.cost_usd, a.confidence, a.decision or "error", a.reason,
                  a.error_class, a.error_message, json.dumps(a.features) if a.features else None,
                  a.text if self.store_text else None,
-                 answer_signature(a.text) if a.error_class is None else None)
+                 answer_signature(a.text) if a.error_class is None else None))
                 for a, t in zip(attempts, started_at, strict=True)]
         try:
             with d.transaction(conn):
                 cur = conn.cursor()
                 if rows:
                     cur.executemany(d.sql(_INSERT_SHADOW_ATTEMPT), rows)
-                cur.execute(d.sql(_UPSERT_SHADOW), _shadow_row(request_id, created_at, decision))
+                cur.execute(d.sql(_UPSERT_SHADOW), d.row(_shadow_row(request_id, created_at, decision)))
         except d.errors as exc:
             raise LedgerError(f"ledger write failed for shadow {decision['shadow']!r} of request {request_id}: "
                               f"{exc}") from exc
@@ -747,11 +780,13 @@ def utc_day_start(now: float | None = None) -> float:
 
 async def spend_since(ledger: Ledger, api_key_id: str | None, since: float, end_user: str | None = None) -> float:
     """Total cost recorded for one API key since a UNIX time (for daily spend limits), or for one end user
-    of that key (``end_user``; ``api_key_id`` None: of any key)."""
+    of that key (``end_user``; ``api_key_id`` None: the requests made without a key)."""
     where, params = ["created_at>=?"], [since]
     if api_key_id is not None:
         where.append("api_key_id=?")
         params.append(api_key_id)
+    else:
+        where.append("api_key_id IS NULL")
     if end_user is not None:
         where.append("end_user=?")
         params.append(end_user)

@@ -28,11 +28,12 @@ _GROUP_SQL = {
     "tier": "COALESCE(tier, '(none)')",
     "policy": "policy",
     "key": "COALESCE(api_key_id, '(none)')",
-    "user": "COALESCE(end_user, '(none)')",
+    "user": "end_user",  # a client's own text: None (JSON null) when a request named none, see _label
     "day": "FLOOR(created_at / 86400)",
 }
-#: a tag name ``--by meta:KEY`` may group by (it goes into the SQL as a literal, so nothing that could quote)
-_META_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+#: a tag name ``--by meta:KEY`` may group by: any metadata key (1-64 characters) but quotes, backslashes and
+#: control characters (it goes into the SQL as a literal)
+_META_KEY = re.compile(r"[^\"'\\\x00-\x1f\x7f]{1,64}")
 
 
 def check_report_by(by: str) -> str:
@@ -42,7 +43,8 @@ def check_report_by(by: str) -> str:
     if by.startswith("meta:"):
         if _META_KEY.fullmatch(by[5:]):
             return by
-        raise ConfigError(f"--by {by}: a metadata key of 1-64 letters, digits, '_', '.' or '-' (meta:team)")
+        raise ConfigError(f"--by {by}: a metadata key of 1-64 characters, without quotes, backslashes or "
+                          "control characters (meta:team)")
     raise ConfigError(f"--by: unknown grouping {by!r}; choose from {', '.join(REPORT_BY)} or meta:KEY")
 
 
@@ -50,9 +52,8 @@ def _group_sql(by: str, dialect: str) -> str:
     if not by.startswith("meta:"):
         return _GROUP_SQL[by]
     key = check_report_by(by)[5:]
-    value = (f"json_extract(metadata, '$.\"{key}\"')" if dialect == "sqlite"
-             else f"(CAST(metadata AS json) ->> '{key}')")
-    return f"COALESCE({value}, '(none)')"
+    # a client's own text, like end_user: None when the request had no such tag, see _label
+    return f"json_extract(metadata, '$.\"{key}\"')" if dialect == "sqlite" else f"(CAST(metadata AS json) ->> '{key}')"
 
 #: the columns of one cost-report row, in CSV order (``attempts``/``attempt_*`` only with --by tier)
 COST_COLUMNS = ("group", "requests", "answered", "errors", "partial", "cancelled", "cache_hits", "escalated", "escalation_rate", "spend_usd",
@@ -246,13 +247,39 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
             "generated_at": _iso(time.time()), "groups": groups, "total": tot}
 
 
+def _client_text(by: str) -> bool:
+    """Whether groups of ``by`` are the clients' own text (end users, tags), not names of ours."""
+    return by == "user" or by.startswith("meta:")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _label(group: Any, *, client: bool = False, width: int | None = None) -> str:
+    """A group as text or CSV shows it. Groups by end user or tag (``client``) are the clients' own text: no
+    value is "(none)", a client's value that reads like one of ours ("(none)", "(all)") is quoted. Control
+    characters (a terminal's escape sequences, newlines) are escaped, and ``width`` cuts a long one short."""
+    if group is None:
+        return "(none)"
+    text = str(group)
+    if client and text in ("(none)", "(all)"):
+        text = f'"{text}"'
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
+
+
 def cost_report_csv(report: dict[str, Any]) -> str:
     cols = list(COST_COLUMNS) + (list(TIER_COLUMNS) if report["by"] == "tier" else [])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
+    client = _client_text(report["by"])
     for row in [*report["groups"], report["total"]]:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
+        out = {k: ("" if row.get(k) is None else row.get(k)) for k in cols}
+        label = _label(row["group"], client=client and row is not report["total"])
+        # a spreadsheet runs a cell that starts with one of these as a formula: a client's text must not
+        out["group"] = "'" + label if label[:1] in ("=", "+", "-", "@") else label
+        w.writerow(out)
     return buf.getvalue()
 
 
@@ -292,9 +319,10 @@ def cost_report_text(report: dict[str, Any]) -> str:
                "top1%", "top10%"]
     if report["by"] == "tier":
         headers += ["attempts", "tier spend"]
+    client = _client_text(report["by"])
 
     def cells(d: dict[str, Any]) -> list[str]:
-        c = [str(d["group"]), f"{d['requests']:,}", _money(d["spend_usd"]), _pct(d["escalation_rate"]),
+        c = [_label(d["group"], client=client and d is not report["total"], width=60), f"{d['requests']:,}", _money(d["spend_usd"]), _pct(d["escalation_rate"]),
              _money(d["escalation_waste_usd"]), _money(d["baseline_usd"]), _money(d["savings_usd"]),
              _pct(d["savings_pct"], 1.0), _pct(d["top1pct_cost_share"]), _pct(d["top10pct_cost_share"])]
         if report["by"] == "tier":
@@ -313,6 +341,19 @@ def cost_report_text(report: dict[str, Any]) -> str:
     return "\n".join([title, "", _table(headers, rows, [False] + [True] * (len(headers) - 1)), "", foot])
 
 
+#: at most this many bars in a report's plot (but by day): the costliest groups, then one for the others
+PLOT_GROUPS = 25
+
+
+def _others(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The plotted figures of several groups as one."""
+    answered = sum(g["answered"] - g["cache_hits"] for g in groups)
+    return {"group": f"({len(groups):,} others)", "baseline_usd": sum(g["baseline_usd"] for g in groups),
+            "spend_usd": sum(g["spend_usd"] for g in groups),
+            "escalation_waste_usd": sum(g["escalation_waste_usd"] for g in groups),
+            "escalation_rate": _div(sum(g["escalated"] for g in groups), answered)}
+
+
 def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
     """Spend against the last-tier-alone baseline per group (bars), escalation rate (line)."""
     import numpy as np
@@ -324,7 +365,9 @@ def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     groups = report["groups"] or [report["total"]]
-    labels = [str(g["group"]) for g in groups]
+    if len(groups) > PLOT_GROUPS and report["by"] != "day":  # the costliest, and the rest as one bar
+        groups = [*groups[: PLOT_GROUPS - 1], _others(groups[PLOT_GROUPS - 1:])]
+    labels = [_label(g["group"], client=_client_text(report["by"]) and "answered" in g, width=24) for g in groups]
     x = np.arange(len(groups))
     w = 0.38
     fig, ax = plt.subplots(figsize=(max(6.0, min(0.35 * len(groups) + 4, 14.0)), 4.8))

@@ -98,9 +98,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if endpoint is not None:  # a malformed completion request is in the ledger too
             from serving.routes import record_refusal
 
+            from serving.protocol import attribution_of
+
             body = getattr(exc, "body", None)
             model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
-            await record_refusal(request, InvalidRequestError(msg, param=param), model, endpoint)
+            await record_refusal(request, InvalidRequestError(msg, param=param), model, endpoint,
+                                 attribution_of(body))
         return JSONResponse(error_body(msg, "invalid_request_error", param=param, code="invalid_request"),
                             status_code=400)
 

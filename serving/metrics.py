@@ -52,9 +52,6 @@ class Metrics:
                                     registry=r)
         self.shadow_cost = Counter("cascade_shadow_sample_cost_usd", "Spend of sampled shadow policies (never "
                                    "counted in cascade_cost_usd)", ["shadow", "tier"], registry=r)
-        self.cache_entries = Gauge("cascade_cache_entries", "Answers held by the response cache", registry=r)
-        self.cache_bytes = Gauge("cascade_cache_bytes", "Estimated memory held by the response cache (bounded by "
-                                 "cache.max_bytes)", registry=r)
         self._children: dict[tuple, object] = {}
         self._answered: dict[str, int] = {}
         self._escalated: dict[str, int] = {}
@@ -66,10 +63,13 @@ class Metrics:
             self.drift = DriftMonitor(drift, registry=r)
 
     def watch_cache(self, cache: "ResponseCache | None") -> None:
-        """Read the response cache's size at every scrape (nothing while it is off)."""
+        """Read the response cache's size at every scrape (no such series while it is off). Expired answers
+        count until a lookup or an eviction drops them."""
         if cache is not None:
-            self.cache_entries.set_function(lambda: len(cache))
-            self.cache_bytes.set_function(lambda: cache.bytes)
+            Gauge("cascade_cache_entries", "Answers held by the response cache",
+                  registry=self.registry).set_function(lambda: len(cache))
+            Gauge("cascade_cache_bytes", "Estimated memory held by the response cache (bounded by cache.max_bytes)",
+                  registry=self.registry).set_function(lambda: cache.bytes)
 
     def _child(self, metric: "Counter | Gauge | Histogram", *labels: str):  # noqa: ANN202
         """``metric.labels(*labels)``, looked up once per label set (prometheus' ``labels`` validates and

@@ -18,6 +18,50 @@ MAX_STOP_CHARS = 256
 MAX_METADATA_PAIRS = 16
 
 
+def _metadata_problem(v: Any) -> str | None:
+    """What is wrong with a ``metadata`` value of string tags (OpenAI's limits), or None. The ledger keeps the
+    tags with the request (cost attribution: ``cascade report --by meta:KEY``)."""
+    if v is None:
+        return None
+    if len(v) > MAX_METADATA_PAIRS:
+        return f"at most {MAX_METADATA_PAIRS} key-value pairs"
+    for k, val in v.items():
+        if not 0 < len(k) <= 64:
+            return f"keys must be 1 to 64 characters, got {len(k)}"
+        if len(val) > 512:
+            return f"value of {k!r}: at most 512 characters, got {len(val)}"
+        if "\x00" in k or "\x00" in val:
+            return "keys and values must not contain a NUL character"
+    return None
+
+
+def attribution_of(body: Any) -> dict[str, Any]:
+    """The cost attribution of a request body that did not validate (its ledger row is attributed all the
+    same): each of ``user``/``safety_identifier`` and ``metadata`` that is valid on its own."""
+    if not isinstance(body, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for name in ("user", "safety_identifier"):
+        v = body.get(name)
+        if isinstance(v, str) and v and len(v) <= 512 and "\x00" not in v and is_utf8(v):
+            out["end_user"] = v
+            break
+    meta = body.get("metadata")
+    if (isinstance(meta, dict) and meta and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+            and _metadata_problem(meta) is None and all(is_utf8(k) and is_utf8(v) for k, v in meta.items())):
+        out["metadata"] = meta
+    return out
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (a lone surrogate does not, and no database stores it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -171,16 +215,16 @@ class _GenerationParams(_Request):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        # OpenAI's limits: the ledger keeps these tags with the request (cost attribution: report --by meta:KEY)
-        if v is None:
-            return v
-        if len(v) > MAX_METADATA_PAIRS:
-            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
-        for k, val in v.items():
-            if not 0 < len(k) <= 64:
-                raise ValueError(f"keys must be 1 to 64 characters, got {len(k)}")
-            if len(val) > 512:
-                raise ValueError(f"value of {k!r}: at most 512 characters, got {len(val)}")
+        problem = _metadata_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("user", "safety_identifier")
+    @classmethod
+    def _no_nul(cls, v: str | None) -> str | None:
+        if v is not None and "\x00" in v:
+            raise ValueError("must not contain a NUL character")
         return v
 
     def attribution(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from serving.protocol import (
     chat_response,
     completion_logprobs,
     completion_response,
+    is_utf8,
 )
 
 router = APIRouter()
@@ -106,22 +107,14 @@ async def record_refusal(request: Request, exc: CascadeError, model: str | None,
     """A completion request refused before the engine ran it: its ledger row, under the response's request id
     and the caller's key."""
     caller = request.scope.get("state", {}).get("caller")
-    if model is not None and (len(model) > MAX_MODEL_CHARS or not _utf8(model)):  # refused for that: nothing
+    if model is not None and (len(model) > MAX_MODEL_CHARS or not is_utf8(model)):  # refused for that: nothing
         model = None                                                                 # to file it under
-    if not _utf8(exc.message):
+    if not is_utf8(exc.message):
         exc.message = exc.message.encode("utf-8", "replace").decode("utf-8")
     await _engine(request).record_refusal(
         exc, model=model, endpoint=endpoint, request_id=request.scope.get("state", {}).get("request_id"),
         api_key_id=getattr(caller, "key_id", None), user_tier=getattr(caller, "user_tier", None),
         **(attribution or {}))
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 async def _admit_checks(request: Request, body: ChatCompletionRequest | CompletionRequest) -> tuple[Caller, Budget]:

@@ -150,11 +150,23 @@ def test_the_end_user_and_tags_are_kept_with_the_request_for_cost_attribution(se
     assert sorted(v for v in got.values() if v[0] == "error") == [("error", "customer-42", '{"team": "ads"}')]
     for metadata, fragment in (({f"k{i}": "v" for i in range(17)}, "at most 16 key-value pairs"),
                                ({"k" * 65: "v"}, "keys must be 1 to 64 characters"),
-                               ({"team": "v" * 513}, "at most 512 characters")):
+                               ({"team": "v" * 513}, "at most 512 characters"),
+                               ({"team": "a\x00b"}, "must not contain a NUL character")):
         r = httpx.post(server.url + "/v1/chat/completions", headers=H(), timeout=60,
                        json={"model": "remote", "messages": Q, "metadata": metadata})
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
         assert r.json()["error"]["param"] == "metadata"
+    r = httpx.post(server.url + "/v1/chat/completions", headers=H(), timeout=60,
+                   json={"model": "remote", "messages": Q, "user": "a\x00b"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "user", r.text
+    # refused by validation (its temperature), and still attributed by what was valid of the rest
+    r = httpx.post(server.url + "/v1/chat/completions", headers=H(), timeout=60,
+                   json={"model": "remote", "messages": Q, "temperature": 9, "user": "customer-43",
+                         "metadata": {"team": "ads"}})
+    assert r.status_code == 400
+    with sqlite3.connect(server.ledger_path) as c:
+        assert c.execute("SELECT status, end_user, metadata FROM requests WHERE request_id = ?",
+                         (r.headers["x-request-id"],)).fetchone() == ("error", "customer-43", '{"team": "ads"}')
 
 
 def test_an_assistant_message_may_have_no_content(server):

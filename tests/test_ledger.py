@@ -121,6 +121,46 @@ async def test_old_ledger_is_migrated_and_shadow_samples_are_idempotent(target):
             await ledger.record_shadow_sample("missing", 0.0, decision, [_shadow_call(0, 1e-4)], [0.0])
 
 
+async def test_end_users_their_spend_and_text_postgresql_cannot_hold(target):
+    """The end user and tags are kept; an end user's spend is counted within its key (or among requests made
+    without one); a NUL character, which PostgreSQL's text refuses (and with it the whole write), is kept as
+    U+FFFD on both databases' reading of it, and the request is not lost."""
+    async with Ledger(target) as ledger:
+        for i, (key, user) in enumerate([("k1", "alice"), ("k1", "alice"), ("k2", "alice"), (None, "alice"),
+                                         ("k1", "bob"), ("k1", "nul\x00user")]):
+            rec = record(i, key=key)
+            rec.end_user, rec.metadata = user, {"team": "search"}
+            rec.error_message = "quoted \x00 back"
+            await ledger.record(rec)
+        assert await spend_since(ledger, "k1", 0, end_user="alice") == pytest.approx(2e-4)
+        assert await spend_since(ledger, None, 0, end_user="alice") == pytest.approx(1e-4)  # without a key
+        assert await spend_since(ledger, "k1", 0) == pytest.approx(4e-4)
+        assert await spend_since(ledger, "k1", 0, end_user="nul\x00user") == pytest.approx(1e-4)
+        row = await ledger.get("r5")
+        assert row["end_user"] in ("nul\x00user", "nul\ufffduser") and row["metadata"] == '{"team": "search"}'
+        assert row["error_message"] in ("quoted \x00 back", "quoted \ufffd back")
+
+
+async def test_replicas_opening_an_old_ledger_at_once_migrate_it_once(target):
+    """Several processes starting together on a ledger of an older schema each check for the new columns and
+    add them: without a lock around that, all but one failed ("column already exists")."""
+    async with Ledger(target) as ledger:
+        await ledger.record(record(1))
+        for sql in ("DROP INDEX requests_end_user_created", "ALTER TABLE requests DROP COLUMN end_user",
+                    "ALTER TABLE requests DROP COLUMN metadata",
+                    "UPDATE meta SET value = '4' WHERE key = 'schema_version'"):
+            await ledger.query(sql)
+
+    def open_close() -> None:
+        Ledger(target).open_sync().close_sync()
+
+    for _ in range(3):
+        await asyncio.gather(*(asyncio.to_thread(open_close) for _ in range(4)))
+    async with Ledger(target) as ledger:
+        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [("5",)]
+        assert (await ledger.query("SELECT request_id, end_user FROM requests")) == [("r1", None)]
+
+
 async def test_the_latest_feedback_on_a_request_is_its_label(target):
     """A user who changes their mind replaces the label (votes are not summed: +1 +1 -1 was +1, +1 -1 was
     no label); a later 0 withdraws it."""

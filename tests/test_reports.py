@@ -95,9 +95,9 @@ def test_report_every_by_same_numbers_on_sqlite_and_postgresql(traffic, pg_copy,
     # cost attribution: by the end user and by a tag the requests carried (and the rows say the same)
     rows = t.rows("SELECT end_user, metadata, cost_usd FROM requests")
     for by, label in (("user", lambda u, m: u), ("meta:team", lambda u, m: m and json.loads(m).get("team"))):
-        want: dict[str, list[float]] = {}
-        for u, m, cost in rows:
-            want.setdefault(label(u, m) or "(none)", []).append(cost)
+        want: dict[str | None, list[float]] = {}
+        for u, m, cost in rows:  # a request that named none: the group null (not a name a client could send)
+            want.setdefault(label(u, m) or None, []).append(cost)
         got = {g["group"]: g for g in run_json(capsys, "report", "--by", by, "--json", "--ledger",
                                                str(t.ledger))["groups"]}
         assert set(got) == set(want) and len(want) >= 3, (by, set(got))
@@ -173,6 +173,43 @@ def test_report_counts_each_outcome(tmp_path, capsys):
             "client") in capsys.readouterr().out
 
 
+def test_end_users_are_shown_as_text_that_cannot_pass_for_ours_or_run(tmp_path, capsys):
+    """``--by user`` groups are the clients' own text: a user named like our "(none)" or "(all)" rows is
+    quoted and kept apart from requests that named none (null in JSON), control characters cannot reach the
+    terminal, a long name is cut in the table, a spreadsheet formula is not one in the CSV; the plot shows
+    the costliest groups and one bar for the rest."""
+    import time
+
+    from cascade.cli import main
+    from cascade.ledger import Ledger
+    from cascade.reports import PLOT_GROUPS
+    from cascade.types import CascadeRecord
+
+    db = tmp_path / "ledger.sqlite"
+    ledger = Ledger(db).open_sync()
+    users = [None, "(none)", "(all)", "\x1b[31mred\nline", "=HYPERLINK(1)", "x" * 200,
+             *(f"u{i}" for i in range(PLOT_GROUPS + 5))]
+    try:
+        for i, user in enumerate(users):
+            ledger.record_sync(CascadeRecord(request_id=f"r{i}", policy="cascade", created_at=time.time(),
+                                             cost_usd=0.001 * (i + 1), end_user=user))
+    finally:
+        ledger.close_sync()
+    groups = {g["group"]: g for g in run_json(capsys, "report", "--by", "user", "--json", "--ledger", str(db))["groups"]}
+    assert set(groups) == set(users) and groups[None]["requests"] == 1 and groups["(none)"]["requests"] == 1
+    assert main(["report", "--by", "user", "--ledger", str(db)]) == 0
+    text = capsys.readouterr().out
+    assert "\x1b" not in text and "\\x1b[31mred\\nline" in text and "x" * 200 not in text
+    table = text.split("\n\n")[1].splitlines()
+    assert sum(line.startswith('"(none)"') for line in table) == 1 and sum(line.startswith("(none)") for line in table) == 1
+    assert sum(line.startswith('"(all)"') for line in table) == 1 and sum(line.startswith("(all)") for line in table) == 1
+    assert main(["report", "--by", "user", "--csv", "--ledger", str(db)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert "'=HYPERLINK(1)" in [r["group"] for r in rows] and rows[-1]["group"] == "(all)"
+    assert main(["report", "--by", "user", "--plot", str(tmp_path / "users.png"), "--ledger", str(db)]) == 0
+    assert (tmp_path / "users.png").stat().st_size > 10_000
+
+
 def test_report_errors_are_one_line(tmp_path, capsys):
     from cascade.cli import main
 
@@ -184,7 +221,7 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert main(["report", "--by", "team", "--ledger", str(tmp_path / "missing.sqlite")]) == 2
     assert "--by: unknown grouping 'team'; choose from tier, policy, key, user, day or meta:KEY" in capsys.readouterr().err
     assert main(["report", "--by", "meta:te'am", "--ledger", str(tmp_path / "missing.sqlite")]) == 2
-    assert "--by meta:te'am: a metadata key of 1-64 letters" in capsys.readouterr().err
+    assert "--by meta:te'am: a metadata key of 1-64 characters, without quotes" in capsys.readouterr().err
 
 
 def test_parse_since():
