@@ -53,7 +53,9 @@ def _group_sql(by: str, dialect: str) -> str:
         return _GROUP_SQL[by]
     key = check_report_by(by)[5:]
     # a client's own text, like end_user: None when the request had no such tag, see _label
-    return f"json_extract(metadata, '$.\"{key}\"')" if dialect == "sqlite" else f"(CAST(metadata AS json) ->> '{key}')"
+    if dialect == "sqlite":
+        return f"json_extract(metadata, '$.\"{key}\"')"
+    return f"(CAST(metadata AS json) ->> '{key}')"
 
 #: the columns of one cost-report row, in CSV order (``attempts``/``attempt_*`` only with --by tier)
 COST_COLUMNS = ("group", "requests", "answered", "errors", "partial", "cancelled", "cache_hits", "escalated", "escalation_rate", "spend_usd",
@@ -322,8 +324,8 @@ def cost_report_text(report: dict[str, Any]) -> str:
     client = _client_text(report["by"])
 
     def cells(d: dict[str, Any]) -> list[str]:
-        c = [_label(d["group"], client=client and d is not report["total"], width=60), f"{d['requests']:,}", _money(d["spend_usd"]), _pct(d["escalation_rate"]),
-             _money(d["escalation_waste_usd"]), _money(d["baseline_usd"]), _money(d["savings_usd"]),
+        c = [_label(d["group"], client=client and d is not report["total"], width=60), f"{d['requests']:,}",
+             _money(d["spend_usd"]), _pct(d["escalation_rate"]), _money(d["escalation_waste_usd"]), _money(d["baseline_usd"]), _money(d["savings_usd"]),
              _pct(d["savings_pct"], 1.0), _pct(d["top1pct_cost_share"]), _pct(d["top10pct_cost_share"])]
         if report["by"] == "tier":
             c += [f"{d['attempts']:,}", _money(d["attempt_spend_usd"])]
@@ -364,10 +366,12 @@ def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
 
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
-    groups = report["groups"] or [report["total"]]
+    groups, others = report["groups"] or [report["total"]], None
     if len(groups) > PLOT_GROUPS and report["by"] != "day":  # the costliest, and the rest as one bar
-        groups = [*groups[: PLOT_GROUPS - 1], _others(groups[PLOT_GROUPS - 1:])]
-    labels = [_label(g["group"], client=_client_text(report["by"]) and "answered" in g, width=24) for g in groups]
+        others = _others(groups[PLOT_GROUPS - 1:])
+        groups = [*groups[: PLOT_GROUPS - 1], others]
+    client = _client_text(report["by"])
+    labels = [_label(g["group"], client=client and g is not others, width=24) for g in groups]
     x = np.arange(len(groups))
     w = 0.38
     fig, ax = plt.subplots(figsize=(max(6.0, min(0.35 * len(groups) + 4, 14.0)), 4.8))

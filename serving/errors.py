@@ -96,9 +96,8 @@ def install_error_handlers(app: FastAPI) -> None:
         msg, param = _validation_message(exc, request.headers.get("content-type", ""))
         endpoint = _COMPLETION_PATHS.get(request.url.path)
         if endpoint is not None:  # a malformed completion request is in the ledger too
-            from serving.routes import record_refusal
-
             from serving.protocol import attribution_of
+            from serving.routes import record_refusal
 
             body = getattr(exc, "body", None)
             model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
