@@ -405,8 +405,7 @@ def test_when_the_first_of_a_burst_fails_the_others_answer_for_themselves(tmp_pa
     assert codes == [200, 200, 200, 504], [r.text for r in got]
     log = upstream.stats()["log"]
     assert len(log) == 4 and log[0]["fault"] == "slow:3"
-    # the three that answered for themselves asked at the same time, once the first had timed out
-    assert max(e["mono"] for e in log[1:]) - min(e["mono"] for e in log[1:]) < 0.5
+    # the three that answered for themselves asked once the first had timed out, not before
     assert min(e["mono"] for e in log[1:]) - log[0]["mono"] > 0.9
     assert all(r.json()["cascade"]["cached_from"] is None for r in got if r.status_code == 200)
     with httpx.Client(base_url=server.url, timeout=30) as c:
