@@ -330,7 +330,7 @@ class CacheConfig(_Strict):
 
 
 class DriftConfig(_Strict):
-    """Rolling escalation-rate and ECE monitor in the server (cascade/drift.py)."""
+    """Rolling escalation-rate, ECE and cost-ratio monitor in the server (cascade/drift.py)."""
 
     #: how many recent answered requests (and, for ECE, feedback-labelled answers) the window holds
     window: int = Field(200, ge=2)
@@ -340,6 +340,9 @@ class DriftConfig(_Strict):
     max_ece: float | None = Field(None, ge=0.0, le=1.0)
     #: labelled answers needed before the ECE is judged
     min_labels: int = Field(30, ge=1)
+    #: alarm when the window's spend exceeds this multiple of what the last tier alone would have cost
+    #: (1.0: the cascade has become dearer than sending everything to the strong tier)
+    max_cost_ratio: float | None = Field(None, gt=0.0)
 
     @field_validator("escalation_rate")
     @classmethod

@@ -1,4 +1,5 @@
-"""Drift alarms: a rolling escalation rate, and a rolling ECE where labels exist, on the server's traffic.
+"""Drift alarms: a rolling escalation rate, a rolling cost against the last tier alone, and a rolling ECE
+where labels exist, on the server's traffic.
 
 Configured by the ``drift:`` section::
 
@@ -7,8 +8,11 @@ Configured by the ``drift:`` section::
       escalation_rate: [0.05, 0.60]  # alarm when the rolling rate leaves this band
       max_ece: 0.15                  # alarm when the rolling ECE exceeds this...
       min_labels: 30                 # ...once this many answers carry a label
+      max_cost_ratio: 1.0            # alarm when the window cost more than the last tier alone would have
 
-The escalation rate is judged once the window is full. Labels come from user feedback (``POST
+The escalation rate and the cost ratio (the window's spend over its last-tier-alone baseline: above 1.0 the
+small tiers cost more in escalations than they save, the case a cascade must show) are judged once the
+window is full. Labels come from user feedback (``POST
 /v1/feedback``: score 1 = right, -1 = wrong, 0 = no label) on the confidence of the answer served; the ECE
 uses ``calibration.metrics.ece``. Each signal has a Prometheus gauge ``cascade_drift_alarm{signal}``
 (1 while out of band) and ``cascade_drift_value{signal}`` (the rolling value); a log line on the
@@ -27,7 +31,7 @@ from cascade.types import CascadeRecord
 
 log = logging.getLogger("cascade.drift")
 
-SIGNALS = ("escalation_rate", "ece")
+SIGNALS = ("escalation_rate", "ece", "cost_ratio")
 
 
 class DriftMonitor:
@@ -41,6 +45,8 @@ class DriftMonitor:
         self.value_gauge = Gauge("cascade_drift_value", "Rolling value of a drift signal over the window",
                                  ["signal"], registry=self.registry)
         self._escalated: deque[int] = deque(maxlen=config.window)
+        #: (spend, last-tier-alone baseline) of the same requests
+        self._costs: deque[tuple[float, float]] = deque(maxlen=config.window)
         #: (confidence, label) of recently labelled answers, one per request: its latest feedback
         self._labelled: OrderedDict[str, tuple[float, int]] = OrderedDict()
         #: served confidence of recent requests, for feedback that arrives later (bounded)
@@ -59,11 +65,13 @@ class DriftMonitor:
             return
         with self._lock:
             self._escalated.append(int(rec.escalated))
+            self._costs.append((rec.cost_usd, rec.baseline_cost_usd))
             if rec.confidence is not None:
                 self._confidence[rec.request_id] = float(rec.confidence)
                 while len(self._confidence) > self._keep:
                     self._confidence.popitem(last=False)
             self._check_escalation()
+            self._check_cost()
 
     def observe_feedback(self, request_id: str, score: int) -> None:
         """A label for a recent answer: score > 0 right, < 0 wrong, 0 no label. The latest feedback on a
@@ -95,6 +103,20 @@ class DriftMonitor:
                          f"is outside [{lo:g}, {hi:g}]",
                          f"escalation rate {rate:.3f} over the last {n} answered requests is back within "
                          f"[{lo:g}, {hi:g}]")
+
+    def _check_cost(self) -> None:
+        n = len(self._costs)
+        spend, base = sum(c for c, _ in self._costs), sum(b for _, b in self._costs)
+        ratio = spend / base if base > 0 else None
+        self._set_value("cost_ratio", ratio)
+        limit = self.config.max_cost_ratio
+        if limit is None or n < self.config.window or ratio is None:
+            return
+        self._transition("cost_ratio", ratio > limit,
+                         f"the last {n} answered requests cost {ratio:.2f}x what the last tier alone would have "
+                         f"(limit {limit:g}x): escalations cost more than the earlier tiers save",
+                         f"the last {n} answered requests cost {ratio:.2f}x the last tier alone, back within "
+                         f"{limit:g}x")
 
     def _check_ece(self) -> None:
         from calibration.metrics import ece

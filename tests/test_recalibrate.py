@@ -344,3 +344,33 @@ def test_recalibrate_writes_beside_the_configured_artifact_and_warns_when_the_li
     rep = json.loads(capsys.readouterr().out)
     assert rep["activated"] == str(tmp_path / "elsewhere" / "small.json")
     assert "the config reads tier 'small'" in rep["warning"] and "cal/small.json" in rep["warning"]
+
+
+def test_drift_alarm_when_the_cascade_costs_more_than_the_last_tier_alone(caplog):
+    """The number to watch: once the window's spend is above its last-tier-alone baseline (escalations pay
+    twice), the cost_ratio alarm goes on, once, and off when the traffic is cheap again."""
+    from prometheus_client import generate_latest
+
+    from cascade.config import DriftConfig
+    from cascade.drift import DriftMonitor
+    from cascade.types import CascadeRecord
+
+    mon = DriftMonitor(DriftConfig(window=4, max_cost_ratio=1.0))
+
+    def feed(cost: float, baseline: float = 1.0) -> None:
+        mon.observe(CascadeRecord(request_id="r", policy="p", created_at=0.0, tier="t", cost_usd=cost,
+                                  baseline_cost_usd=baseline, escalated=cost > baseline))
+
+    with caplog.at_level("INFO", logger="cascade.drift"):
+        for c in [0.2, 1.3, 1.3, 1.3]:  # 4.1 / 4: the small tier's answers did not pay for the escalations
+            feed(c)
+        assert mon.alarms["cost_ratio"] and mon.values["cost_ratio"] == pytest.approx(1.025)
+        feed(1.3)                       # still above: no new line
+        for c in [0.2, 0.2, 0.2]:       # 1.9 / 4
+            feed(c)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cascade.drift"]
+    assert [ln.split(":")[0] for ln in lines] == ["drift alarm on", "drift alarm off"]
+    assert "cost 1.02x what the last tier alone would have" in lines[0]
+    text = generate_latest(mon.registry).decode()
+    assert 'cascade_drift_alarm{signal="cost_ratio"} 0.0' in text
+    assert 'cascade_drift_value{signal="cost_ratio"} 0.475' in text
