@@ -107,7 +107,8 @@ class DriftMonitor:
     def _check_cost(self) -> None:
         n = len(self._costs)
         spend, base = sum(c for c, _ in self._costs), sum(b for _, b in self._costs)
-        ratio = spend / base if base > 0 else None
+        # spend against a free last tier (priced 0) is infinitely dearer; nothing spent at all says nothing
+        ratio = spend / base if base > 0 else (float("inf") if spend > 0 else None)
         self._set_value("cost_ratio", ratio)
         limit = self.config.max_cost_ratio
         if limit is None or n < self.config.window or ratio is None:

@@ -564,7 +564,9 @@ class Engine:
         if not rec.attempts or not rec.attempts[-1].kept:
             return None
         kept = rec.attempts[-1]
-        if any(a.tier != kept.tier and a.error_class is not None and a.error_class not in _REFUSALS_EVERY_TIME
+        answered = {a.tier for a in rec.attempts if a.error_class is None}  # a retry within a tier that answered
+        if any(a.tier != kept.tier and a.tier not in answered and a.error_class is not None
+               and a.error_class not in _REFUSALS_EVERY_TIME
                for a in rec.attempts):  # an earlier tier's outage or timeout: next time it may answer itself
             return None
         tier = self.tiers.get(kept.tier)

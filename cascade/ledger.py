@@ -172,7 +172,18 @@ class _Dialect:
         path = Path(target).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
+        # switching a new file to WAL takes a lock the busy timeout does not wait for: processes opening a new
+        # ledger together would fail at once ("database is locked"), so wait for it here
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.05)
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
@@ -229,12 +240,14 @@ class _Postgres(_Dialect):
 
     @contextmanager
     def schema_lock(self, conn: Any) -> Iterator[None]:
-        # replicas opening one ledger at once would race to create or migrate it ("column already exists")
-        conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
-        try:
+        # replicas opening one ledger at once would race to create or migrate it ("column already exists"):
+        # one transaction (PostgreSQL's DDL is transactional: a failed migration leaves nothing half done)
+        # under a transaction-level advisory lock, waited for a bounded time (a replica stuck mid-migration
+        # makes the others fail with a message, not hang)
+        with conn.transaction():
+            conn.execute("SET LOCAL lock_timeout = '60s'")
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
 
 
 #: the advisory lock key PostgreSQL replicas take around schema changes (any constant: "cascade" in ASCII)
@@ -444,11 +457,14 @@ class Ledger:
         return self.open_sync()
 
     def _open_sync(self) -> None:
+        conn = None
         try:
             conn = self.dialect.connect(self.target)
             with self.dialect.schema_lock(conn):
                 self._create_or_migrate(conn)
         except (*self.dialect.errors, OSError) as exc:
+            if conn is not None:
+                conn.close()
             raise LedgerError(f"cannot open ledger {_redact(self.target)}: {exc}") from exc
         self._conn = conn
 

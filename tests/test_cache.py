@@ -528,3 +528,23 @@ def test_a_request_with_a_latency_budget_does_not_wait_for_another(tmp_path, ups
     upstream.faults(delay_s=1.0)
     got = _burst(server.url, upstream, 3)
     assert all(r.status_code == 200 for r in got) and upstream.stats()["requests"] == 3
+
+
+def test_an_answer_escalated_past_a_tier_that_answered_after_a_retry_is_stored(tmp_path, serve_app):
+    """The first tier's first provider failed and its replica answered (with too little confidence, so the
+    second tier answered): that tier was not down, the answer is the policy's own, and it is stored."""
+    with FaultServerThread() as a, FaultServerThread() as b, FaultServerThread() as big:
+        small = {"name": "small", "threshold": 0.999, "max_tokens": 4, "timeout_s": 5, "retry": {"max_attempts": 1},
+                 "price": {"input_per_1m": 0.1, "output_per_1m": 0.2},
+                 "providers": [{"name": n, "backend": "openai", "model": "m", "options": {"base_url": fs.base_url}}
+                               for n, fs in (("a", a), ("b", b))]}
+        large = {"name": "large", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+                 "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": big.base_url}}
+        server = serve_app(make_config(tmp_path, [small, large], cache={"enabled": True}))
+        a.faults("500")
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            first = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
+            again = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
+    assert [(x["tier"], x["error_class"]) for x in first["attempts"]] == [
+        ("small", "ProviderServerError"), ("small", None), ("large", None)]
+    assert again["cached_from"] == first["request_id"]

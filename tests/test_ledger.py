@@ -141,6 +141,17 @@ async def test_end_users_their_spend_and_text_postgresql_cannot_hold(target):
         assert row["error_message"] in ("quoted \x00 back", "quoted \ufffd back")
 
 
+async def test_replicas_creating_a_new_ledger_at_once_all_open_it(target):
+    """A new SQLite file switched to WAL by several processes at once: the switch's lock is not one the busy
+    timeout waits for, and all but one failed at once ("database is locked")."""
+    def open_close() -> None:
+        Ledger(target).open_sync().close_sync()
+
+    await asyncio.gather(*(asyncio.to_thread(open_close) for _ in range(6)))
+    async with Ledger(target) as ledger:
+        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [("5",)]
+
+
 async def test_replicas_opening_an_old_ledger_at_once_migrate_it_once(target):
     """Several processes starting together on a ledger of an older schema each check for the new columns and
     add them: without a lock around that, all but one failed ("column already exists")."""

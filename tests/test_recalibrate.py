@@ -374,3 +374,6 @@ def test_drift_alarm_when_the_cascade_costs_more_than_the_last_tier_alone(caplog
     text = generate_latest(mon.registry).decode()
     assert 'cascade_drift_alarm{signal="cost_ratio"} 0.0' in text
     assert 'cascade_drift_value{signal="cost_ratio"} 0.475' in text
+    for _ in range(4):  # a last tier priced at 0: any spend before it is a cost the last tier alone avoids
+        feed(0.2, baseline=0.0)
+    assert mon.alarms["cost_ratio"] and mon.values["cost_ratio"] == float("inf")
