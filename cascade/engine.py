@@ -549,32 +549,29 @@ class Engine:
         if not lead.done():
             lead.set_result(None)
 
-    def _cache_put(self, slot: "tuple[str, int] | None", rec: CascadeRecord,
-                   result: GenerationResult) -> CachedAnswer | None:
+    def _cache_put(self, slot: "tuple[str, int] | None", rec: CascadeRecord, result: GenerationResult) -> None:
         """Store an answer the policy itself chose: answered, and the kept attempt is the last one tried (an
         answer served because a later tier failed, timed out or was over budget is not one to repeat), and
         no earlier tier failed but by refusing the request as it would every time (too long a prompt): an
         answer that stands in for a tier that was down is not repeated for an hour either, nor one from a
         fallback provider of the kept tier serving another model than its first provider's (that one failed, or
         was skipped with its breaker open). A provider retried, or a replica of the same model, is fine. Not
-        after a :meth:`ResponseCache.clear` since the request started (``slot``'s generation). Returns the
-        answer stored, or None."""
+        after a :meth:`ResponseCache.clear` since the request started (``slot``'s generation)."""
         if slot is None or self.cache is None or rec.status != "ok" or rec.tier is None:
-            return None
+            return
         if not rec.attempts or not rec.attempts[-1].kept:
-            return None
+            return
         kept = rec.attempts[-1]
         answered = {a.tier for a in rec.attempts if a.error_class is None}  # a retry within a tier that answered
         if any(a.tier != kept.tier and a.tier not in answered and a.error_class is not None
                and a.error_class not in _REFUSALS_EVERY_TIME
                for a in rec.attempts):  # an earlier tier's outage or timeout: next time it may answer itself
-            return None
+            return
         tier = self.tiers.get(kept.tier)
         if tier is not None and isinstance(tier.backend, ResilientBackend) \
                 and kept.model != tier.backend.providers[0].backend.model:
-            return None  # a fallback provider's other model, standing in for the primary (failed, or its breaker open)
-        answer = CachedAnswer.of(rec, result)
-        return answer if self.cache.put(slot[0], answer, generation=slot[1]) else None
+            return  # a fallback provider's other model, standing in for the primary (failed, or its breaker open)
+        self.cache.put(slot[0], CachedAnswer.of(rec, result), generation=slot[1])
 
     def cache_forget(self, request_id: str) -> int:
         """Drop the stored answers first given to ``request_id`` (a user marked it wrong); returns how many."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, TopLogprob
 
@@ -16,41 +16,6 @@ MAX_MODEL_CHARS = 256
 MAX_STOP_CHARS = 256
 #: ``metadata``: at most this many tags (keys of 1-64 characters, values of at most 512), as OpenAI
 MAX_METADATA_PAIRS = 16
-
-
-def _metadata_problem(v: Any) -> str | None:
-    """What is wrong with a ``metadata`` value of string tags (OpenAI's limits), or None. The ledger keeps the
-    tags with the request (cost attribution: ``cascade report --by meta:KEY``)."""
-    if v is None:
-        return None
-    if len(v) > MAX_METADATA_PAIRS:
-        return f"at most {MAX_METADATA_PAIRS} key-value pairs"
-    for k, val in v.items():
-        if not 0 < len(k) <= 64:
-            return f"keys must be 1 to 64 characters, got {len(k)}"
-        if len(val) > 512:
-            return f"value of {k!r}: at most 512 characters, got {len(val)}"
-        if "\x00" in k or "\x00" in val:
-            return "keys and values must not contain a NUL character"
-    return None
-
-
-def attribution_of(body: Any) -> dict[str, Any]:
-    """The cost attribution of a request body that did not validate (its ledger row is attributed all the
-    same): each of ``user``/``safety_identifier`` and ``metadata`` that is valid on its own."""
-    if not isinstance(body, dict):
-        return {}
-    out: dict[str, Any] = {}
-    for name in ("user", "safety_identifier"):
-        v = body.get(name)
-        if isinstance(v, str) and v and len(v) <= 512 and "\x00" not in v and is_utf8(v):
-            out["end_user"] = v
-            break
-    meta = body.get("metadata")
-    if (isinstance(meta, dict) and meta and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
-            and _metadata_problem(meta) is None and all(is_utf8(k) and is_utf8(v) for k, v in meta.items())):
-        out["metadata"] = meta
-    return out
 
 
 def is_utf8(text: str) -> bool:
@@ -75,12 +40,8 @@ def _check_text(value: Any, where: str = "") -> None:
     """Refuse strings that are not valid Unicode (a lone UTF-16 surrogate such as ``"\\ud800"`` is valid JSON
     but cannot be encoded: tokenizers, HTTP clients and the ledger would all fail on it)."""
     if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError(f"{where or 'body'}: text is not valid Unicode (a lone surrogate "
-                                 f"such as \\ud800)") from None
+        if not value.isascii() and not is_utf8(value):
+            raise ValueError(f"{where or 'body'}: text is not valid Unicode (a lone surrogate such as \\ud800)")
     elif isinstance(value, dict):
         for k, v in value.items():
             _check_text(k, where)
@@ -156,7 +117,61 @@ class StreamOptions(_Wire):
     include_usage: bool = False
 
 
-class _GenerationParams(_Request):
+class _Attribution(_Request):
+    """Who and what a request's cost is attributed to, as the caller says: kept in the ledger, never sent
+    upstream (``cascade report --by user``, ``--by meta:KEY``)."""
+
+    user: str | None = Field(None, max_length=512)
+    #: OpenAI's newer name for an end user's id
+    safety_identifier: str | None = Field(None, max_length=512)
+    #: tags, within OpenAI's limits
+    metadata: dict[str, str] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
+        for k, val in v.items():
+            if not 0 < len(k) <= 64:
+                raise ValueError(f"keys must be 1 to 64 characters, got {len(k)}")
+            if len(val) > 512:
+                raise ValueError(f"value of {k!r}: at most 512 characters, got {len(val)}")
+            if "\x00" in k or "\x00" in val:
+                raise ValueError("keys and values must not contain a NUL character")
+        return v
+
+    @field_validator("user", "safety_identifier")
+    @classmethod
+    def _no_nul(cls, v: str | None) -> str | None:
+        if v is not None and "\x00" in v:
+            raise ValueError("must not contain a NUL character")
+        return v
+
+    def attribution(self) -> dict[str, Any]:
+        """The engine's ``end_user`` and ``metadata`` of this request."""
+        return {"end_user": self.user or self.safety_identifier, "metadata": self.metadata or None}
+
+
+def attribution_of(body: Any) -> dict[str, Any]:
+    """The cost attribution of a request body that did not validate (its ledger row is attributed all the
+    same): each of ``user``, ``safety_identifier`` and ``metadata`` that is valid on its own."""
+    if not isinstance(body, dict):
+        return {}
+    valid = {}
+    for name in _Attribution.model_fields:
+        if name in body:
+            try:
+                _Attribution.model_validate({name: body[name]})
+            except ValidationError:
+                continue
+            valid[name] = body[name]
+    return _Attribution.model_validate(valid).attribution()
+
+
+class _GenerationParams(_Attribution):
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_CHARS)
     max_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -166,16 +181,13 @@ class _GenerationParams(_Request):
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, strict=True)
-    user: str | None = Field(None, max_length=512)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # accepted and without effect on the answer, as OpenAI's own parameters for its service (what a request
-    # is stored as, its cache key and priority; the effort of reasoning models); ``metadata`` and
-    # ``safety_identifier`` (as ``user``) are kept in the ledger for cost attribution (:meth:`attribution`)
+    # is stored as, its cache key and priority; the effort of reasoning models); ``user``, ``metadata`` and
+    # ``safety_identifier`` are kept in the ledger for cost attribution (:class:`_Attribution`)
     store: bool | None = None
-    metadata: dict[str, str] | None = None
     service_tier: str | None = None
-    safety_identifier: str | None = Field(None, max_length=512)
     prompt_cache_key: str | None = None
     reasoning_effort: str | None = None
 
@@ -211,26 +223,6 @@ class _GenerationParams(_Request):
             # every tier shares
             raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters")
         return v
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        problem = _metadata_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
-
-    @field_validator("user", "safety_identifier")
-    @classmethod
-    def _no_nul(cls, v: str | None) -> str | None:
-        if v is not None and "\x00" in v:
-            raise ValueError("must not contain a NUL character")
-        return v
-
-    def attribution(self) -> dict[str, Any]:
-        """Who and what the request's cost is attributed to, as the caller says (``user``, or OpenAI's newer
-        ``safety_identifier``; ``metadata``): kept in the ledger, never sent upstream."""
-        return {"end_user": self.user or self.safety_identifier, "metadata": self.metadata or None}
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:
