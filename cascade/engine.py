@@ -208,6 +208,9 @@ class Engine:
         #: partial, error, cancelled): one row, one call, so a listener (the HTTP layer's metrics) agrees
         #: with the ledger by construction. Listeners must be quick and must not raise.
         self.record_listeners: list[Callable[[CascadeRecord], None]] = []
+        #: called with every record once its ledger write is done (committed, or failed for good): the HTTP
+        #: layer's daily spend holds end there, when the ledger's sum includes the request. Same rules.
+        self.commit_listeners: list[Callable[[CascadeRecord], None]] = []
         #: set by :meth:`abort_in_flight`: why requests cancelled from now on were cancelled
         self._aborted: CascadeError | None = None
         #: answers given again to the same greedy request (cascade/cache.py); None when ``cache.enabled`` is off
@@ -273,6 +276,18 @@ class Engine:
             return Route(name=name, tiers=(tier,), thresholds=(0.0,), pinned=True)
         raise UnknownModelError(
             f"model {name!r} does not exist; valid models: {', '.join(self.model_names())}", param="model")
+
+    def cost_ceiling(self, request: GenerationRequest, model: str | None, budget: Budget | None = None) -> float:
+        """The most ``request`` can cost through its route (USD): every tier of it tried, each billed for the
+        prompt and ``max_tokens`` of answer, within the per-request cost budget if there is one. What an
+        admitted request holds against the daily spend limits until its ledger row is in. An estimate as
+        the cost budget's is: a tier without a local tokenizer counts the prompt on the high side, and a
+        call retried on another provider after a timeout can be billed for its prompt twice."""
+        total = 0.0
+        for tier in self.resolve(model).tiers:
+            prompt = tier.backend.estimate_prompt_tokens(request)
+            total += tier.config.price.cost(prompt, request.max_tokens or tier.config.max_tokens)
+        return total if budget is None or budget.cost_usd is None else min(total, budget.cost_usd)
 
     # --- the cascade ------------------------------------------------------------------------------
     async def run(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
@@ -616,11 +631,9 @@ class Engine:
         committed = self.ledger.submit(rec, shadows=rows)
         if samples:
             self.sampler.start(samples, committed)
-        for listener in self.record_listeners:
-            try:
-                listener(rec)
-            except Exception:  # noqa: BLE001 - an observer never fails the request it observes
-                log.exception("record listener %r failed", listener)
+        _notify(self.record_listeners, rec)
+        if self.commit_listeners:
+            committed.add_done_callback(lambda _f: _notify(self.commit_listeners, rec))
         return committed
 
     @staticmethod
@@ -776,6 +789,14 @@ class Engine:
             c_tok = ref.completion_tokens if ref else 0
             rec.baseline_cost_usd = last.config.price.cost(p_tok, c_tok)
             rec.baseline_estimated = True
+
+
+def _notify(listeners: list[Callable[[CascadeRecord], None]], rec: CascadeRecord) -> None:
+    for listener in listeners:
+        try:
+            listener(rec)
+        except Exception:  # noqa: BLE001 - an observer never fails the request it observes
+            log.exception("record listener %r failed", listener)
 
 
 def _serves_answer_in_hand(exc: CascadeError) -> bool:

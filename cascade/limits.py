@@ -1,6 +1,7 @@
 """Admission limits on completion requests: a key's requests per minute and requests in flight (its user
-tier's ``requests_per_minute`` and ``max_concurrent_requests``), and the server's own requests in flight
-(``server.max_concurrent_requests``).
+tier's ``requests_per_minute`` and ``max_concurrent_requests``), the server's own requests in flight
+(``server.max_concurrent_requests``), and the spend held by requests in flight against the daily spend
+limits (:class:`SpendHolds`).
 
 One :class:`Admission` per server process (limits are per replica: N replicas admit N times as much).
 :meth:`Admission.admit` either refuses, with a 429 (the key's limit) or a 503 (the server's), each saying
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from cascade.errors import RequestLimitError, ServerOverloadedError
 
@@ -115,4 +116,129 @@ class Admission:
                 (b"x-ratelimit-reset-requests", reset_text(reset).encode())]
 
 
-__all__ = ["ANONYMOUS", "WINDOW_S", "Admission", "Ticket", "reset_text"]
+class _Bucket:
+    __slots__ = ("held", "holds", "released", "readers")
+
+    def __init__(self) -> None:
+        self.held = 0.0      # the worst cases of the requests holding on this bucket
+        self.holds = 0       # how many they are
+        self.released = 0.0  # what was released while a reader was reading the ledger (see Reading)
+        self.readers = 0
+
+
+class _Hold:
+    __slots__ = ("amount", "buckets", "submitted")
+
+    def __init__(self, amount: float, buckets: tuple[Hashable, ...]) -> None:
+        self.amount, self.buckets, self.submitted = amount, buckets, False
+
+
+class Reading:
+    """One admission's read of the committed spend of some buckets (:meth:`SpendHolds.reading`): what was
+    held, and what was released while the read ran. A request that commits its ledger row and releases its
+    hold between the read's SQL and :meth:`unsettled` is in neither: it is counted from here."""
+
+    __slots__ = ("_holds", "_buckets", "_base", "_open")
+
+    def __init__(self, holds: "SpendHolds", buckets: tuple[Hashable, ...]) -> None:
+        self._holds, self._buckets, self._open = holds, buckets, True
+        self._base = []
+        for b in buckets:
+            bucket = holds._buckets.setdefault(b, _Bucket())
+            bucket.readers += 1
+            self._base.append(bucket.released)
+
+    def unsettled(self, bucket: Hashable) -> float:
+        """What ``bucket`` must add to the spend the read found: the holds now, and those released since the
+        read began (their rows may have been committed after the read's snapshot)."""
+        b = self._holds._buckets[bucket]
+        return b.held + b.released - self._base[self._buckets.index(bucket)]
+
+    def close(self) -> None:
+        """End the read (idempotent); a bucket nobody holds or reads is forgotten."""
+        if not self._open:
+            return
+        self._open = False
+        for b in self._buckets:
+            bucket = self._holds._buckets[b]
+            bucket.readers -= 1
+            self._holds._forget_if_idle(b, bucket)
+
+    def __enter__(self) -> "Reading":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SpendHolds:
+    """The worst-case cost of admitted requests whose ledger rows are not committed yet, per spend bucket
+    (a key, or an end user of a key), for the daily spend limits.
+
+    The limits are checked against the day's committed spend, read from the ledger; a burst of requests
+    admitted together would all see the spend from before any of them and all be let through. So each
+    admitted request *holds* its worst case (:meth:`hold`) on its buckets until its row is committed
+    (:meth:`release`), and an admission counts the holds beside what the ledger says. A request is admitted
+    while committed spend plus holds is under the limit, so a limit is overshot by at most the cost of the
+    one request admitted last (never by a burst). Per server process, like the other limits. Pure Python,
+    event-loop only (no locks): an admission's check and hold run without an await between them.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[Hashable, _Bucket] = {}
+        self._holds: dict[str, _Hold] = {}
+
+    def reading(self, buckets: tuple[Hashable, ...]) -> Reading:
+        """Begin a read of the ledger's committed spend of ``buckets`` (close it, or use it as a context)."""
+        return Reading(self, buckets)
+
+    def held(self, bucket: Hashable) -> tuple[float, int]:
+        """The worst cases held on ``bucket`` and by how many requests."""
+        b = self._buckets.get(bucket)
+        return (b.held, b.holds) if b is not None else (0.0, 0)
+
+    def hold(self, request_id: str, buckets: tuple[Hashable, ...], amount: float) -> None:
+        """``request_id`` holds ``amount`` (USD) on each of ``buckets`` until :meth:`release`."""
+        if not buckets or request_id in self._holds:
+            return
+        self._holds[request_id] = _Hold(amount, buckets)
+        for b in buckets:
+            bucket = self._buckets.setdefault(b, _Bucket())
+            bucket.held += amount
+            bucket.holds += 1
+
+    def submitted(self, request_id: str) -> None:
+        """The request's ledger row is on its way: :meth:`release` comes once it is committed."""
+        h = self._holds.get(request_id)
+        if h is not None:
+            h.submitted = True
+
+    def release(self, request_id: str, *, unless_submitted: bool = False) -> None:
+        """Its ledger row is committed (or will never be): the hold goes (idempotent; unknown ids are fine).
+        ``unless_submitted``: only if no row was submitted (the response is over; a submitted row releases
+        the hold when it is committed, so that the spend is never in neither place)."""
+        h = self._holds.get(request_id)
+        if h is None or (unless_submitted and h.submitted):
+            return
+        del self._holds[request_id]
+        for b in h.buckets:
+            bucket = self._buckets[b]
+            bucket.holds -= 1
+            bucket.held = bucket.held - h.amount if bucket.holds else 0.0  # no float dust once empty
+            if bucket.readers:
+                bucket.released += h.amount
+            self._forget_if_idle(b, bucket)
+
+    def holding(self, request_id: str) -> bool:
+        return request_id in self._holds
+
+    def __len__(self) -> int:
+        """Requests holding spend now."""
+        return len(self._holds)
+
+    def _forget_if_idle(self, key: Hashable, bucket: _Bucket) -> None:
+        if not bucket.holds and not bucket.readers:
+            del self._buckets[key]
+
+
+__all__ = ["ANONYMOUS", "WINDOW_S", "Admission", "Reading", "SpendHolds", "Ticket", "reset_text"]

@@ -10,9 +10,10 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.config import Config
+from cascade.types import CascadeRecord
 from cascade.engine import Engine, new_request_id
 from cascade.errors import CascadeError
-from cascade.limits import Admission
+from cascade.limits import Admission, SpendHolds
 from serving.errors import error_body, install_error_handlers
 from serving.logs import current_request_id
 from serving.metrics import Metrics
@@ -148,6 +149,16 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         app.state.engine.record_listeners.append(app.state.metrics.observe)  # every ledger row, once
         drain.on_abort = app.state.engine.abort_in_flight  # a shutdown out of time: its rows say so
         app.state.engine.record_listeners.append(drain.observe)  # ...and requests already recorded finish
+        holds = app.state.spend_holds  # a daily spend hold ends once its request's row is committed
+
+        def row_submitted(rec: CascadeRecord) -> None:
+            holds.submitted(rec.request_id)
+
+        def row_committed(rec: CascadeRecord) -> None:
+            holds.release(rec.request_id)
+
+        app.state.engine.record_listeners.append(row_submitted)
+        app.state.engine.commit_listeners.append(row_committed)
         from cascade.recalibrate import install_sighup
 
         remove_sighup = install_sighup(app.state.engine, config_path)  # reload on SIGHUP (main thread only)
@@ -159,6 +170,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
             listeners.remove(app.state.metrics.observe_shadow_call)
             app.state.engine.record_listeners.remove(app.state.metrics.observe)
             app.state.engine.record_listeners.remove(drain.observe)
+            app.state.engine.record_listeners.remove(row_submitted)
+            app.state.engine.commit_listeners.remove(row_committed)
             if owned:
                 await app.state.engine.close()
 
@@ -169,6 +182,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app.state.drain = drain = Drain()
     #: the keys' request-rate and in-flight limits, and the server's (cascade/limits.py): one per process
     app.state.admission = Admission()
+    #: the worst cases of admitted requests not yet in the ledger, counted by the daily spend limits
+    app.state.spend_holds = SpendHolds()
     install_error_handlers(app)
     from serving.routes import AuthMiddleware, HotPathMiddleware, router
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cascade.engine import Budget, Engine, StreamDelta, StreamEnd, StreamFailed, StreamStart
+from cascade.engine import Budget, Engine, StreamDelta, StreamEnd, StreamFailed, StreamStart, new_request_id
 from cascade.errors import (
     BudgetExceededError,
     CascadeError,
@@ -23,6 +23,7 @@ from cascade.errors import (
     ReloadRefusedError,
 )
 from cascade.ledger import spend_since, utc_day_start
+from cascade.limits import SpendHolds
 from serving.auth import Caller, authenticate, authorize
 from serving.errors import cascade_error_response, error_body
 from serving.metrics import Metrics
@@ -131,35 +132,72 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
         raise InvalidRequestError(f"{param}: {asked} is above this server's limit of {limit}",
                                   param=param, code="invalid_value")
     lim = caller.limits
-    if lim is not None and lim.daily_spend_limit_usd is not None and caller.key_id is not None:
-        spent = await spend_since(engine.ledger, caller.key_id, utc_day_start())
-        _check_daily_spend(spent, lim.daily_spend_limit_usd, "daily spend limit", "daily_spend_limit")
-    end_user = body.attribution()["end_user"]
-    if lim is not None and lim.end_user_daily_spend_limit_usd is not None and end_user is not None:
-        # the end users a key names are its own: each is limited within the key
-        spent = await spend_since(engine.ledger, caller.key_id, utc_day_start(), end_user=end_user)
-        _check_daily_spend(spent, lim.end_user_daily_spend_limit_usd, f"daily spend limit of user {end_user!r}",
-                           "end_user_daily_spend_limit")
+    budget = Budget() if lim is None else Budget(latency_s=lim.latency_budget_s, on_latency=lim.on_latency_budget,
+                                                 cost_usd=lim.cost_budget_usd, on_cost=lim.on_cost_budget)
+    state = request.scope.setdefault("state", {})
+    rid = state.get("request_id") or state.setdefault("request_id", new_request_id())
+    holds: SpendHolds = request.app.state.spend_holds
+    buckets = _spend_buckets(caller, body.attribution()["end_user"])
+    await _check_daily_spend(engine, holds, buckets, caller.key_id)
+    if buckets and (model in engine.config.policies or model in engine.tiers):
+        # no await from the check to here: the next admission sees this request's worst case held
+        holds.hold(rid, tuple(b for b, *_ in buckets), engine.cost_ceiling(body.to_engine(), model, budget))
     # last, the key's rate and in-flight limits and the server's: a request refused above takes no place in
     # them; an admitted one holds its slots until its response is sent (AuthMiddleware releases them)
-    ticket = request.app.state.admission.admit(
-        caller.key_id, requests_per_minute=lim.requests_per_minute if lim else None,
-        max_concurrent=lim.max_concurrent_requests if lim else None,
-        server_max_concurrent=engine.config.server.max_concurrent_requests)
-    request.scope["state"]["ticket"] = ticket
+    try:
+        ticket = request.app.state.admission.admit(
+            caller.key_id, requests_per_minute=lim.requests_per_minute if lim else None,
+            max_concurrent=lim.max_concurrent_requests if lim else None,
+            server_max_concurrent=engine.config.server.max_concurrent_requests)
+    except CascadeError:
+        holds.release(rid)
+        raise
+    state["ticket"] = ticket
+    return caller, budget
+
+
+def _spend_buckets(caller: Caller, end_user: str | None) -> list[tuple[tuple, float, str, str, str | None]]:
+    """The daily spend limits on a request: (bucket, limit, what, code, end user) for its key's limit and its
+    end user's (the end users a key names are its own: each is limited within the key)."""
+    lim, out = caller.limits, []
     if lim is None:
-        return caller, Budget()
-    return caller, Budget(latency_s=lim.latency_budget_s, on_latency=lim.on_latency_budget,
-                          cost_usd=lim.cost_budget_usd, on_cost=lim.on_cost_budget)
+        return out
+    if lim.daily_spend_limit_usd is not None and caller.key_id is not None:
+        out.append((("key", caller.key_id), lim.daily_spend_limit_usd, "daily spend limit", "daily_spend_limit",
+                    None))
+    if lim.end_user_daily_spend_limit_usd is not None and end_user is not None:
+        out.append((("user", caller.key_id, end_user), lim.end_user_daily_spend_limit_usd,
+                    f"daily spend limit of user {end_user!r}", "end_user_daily_spend_limit", end_user))
+    return out
 
 
-def _check_daily_spend(spent: float, limit: float, what: str, code: str) -> None:
-    if spent >= limit:
-        err = BudgetExceededError(f"{what} of ${limit:g} reached (${spent:.6f} spent today, UTC)", code=code)
-        err.status_code = 429
-        err.retry_after = utc_day_start() + 86400.0 - time.time()  # the limit resets at 00:00 UTC
-        err.should_retry = False  # not before then: clients' quick retries would only be refused again
-        raise err
+async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list, key_id: str | None) -> None:
+    """Refuse (429) a request whose key or end user has reached a daily spend limit (``buckets``, from
+    :func:`_spend_buckets`): the spend committed today (UTC) plus the worst cases held by its requests in
+    flight. Committed spend alone at the limit: come back at 00:00 UTC; reached only with what is in flight:
+    retry in a second, once some of it is settled."""
+    if not buckets:
+        return
+    since = utc_day_start()
+    with holds.reading(tuple(b for b, *_ in buckets)) as reading:
+        spent = [await spend_since(engine.ledger, key_id, since, end_user=eu) for *_, eu in buckets]
+        for (bucket, limit, what, code, _), committed in zip(buckets, spent, strict=True):
+            if committed >= limit:
+                err = BudgetExceededError(f"{what} of ${limit:g} reached (${committed:.6f} spent today, UTC)",
+                                          code=code)
+                err.retry_after = since + 86400.0 - time.time()  # the limit resets at 00:00 UTC
+                err.should_retry = False  # not before then: clients' quick retries would only be refused again
+            elif committed + reading.unsettled(bucket) >= limit:
+                n = holds.held(bucket)[1]
+                err = BudgetExceededError(
+                    f"{what} of ${limit:g} would be reached by the requests in flight (${committed:.6f} spent "
+                    f"today, UTC, and up to ${reading.unsettled(bucket):.6f} more by {n} request(s) not finished);"
+                    " retry once they are", code=code)
+                err.retry_after = 1.0
+            else:
+                continue
+            err.status_code = 429
+            raise err
 
 
 #: the status nobody reads: the client closed the connection before the answer (nginx's 499)
@@ -309,6 +347,8 @@ class AuthMiddleware:
                 ticket = state.pop("ticket", None)
                 if ticket is not None:  # the response is sent (or abandoned): its in-flight slots are free
                     ticket.release()
+                # its spend hold ends when its ledger row is committed; here only if it never wrote one
+                scope["app"].state.spend_holds.release(state.get("request_id", ""), unless_submitted=True)
             return
         await self.app(scope, receive, send)
 

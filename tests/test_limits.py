@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from cascade.errors import RequestLimitError, ServerOverloadedError
-from cascade.limits import Admission, reset_text
+from cascade.limits import Admission, SpendHolds, reset_text
 from serving.auth import hash_key
 from tests.conftest import make_config
 from tests.fault_server import FaultServerThread
@@ -67,6 +67,46 @@ def test_in_flight_limits_per_key_and_per_server_hold_until_released():
     for t in (a2, b1):
         t.release()
     assert adm.in_flight == 0 and adm.admit(None).headers == []  # no limits: nothing counted
+
+
+def test_spend_holds_count_until_released_and_forget_idle_buckets():
+    h = SpendHolds()
+    key, alice = ("key", "k"), ("user", "k", "alice")
+    h.hold("r1", (key,), 0.25)
+    h.hold("r2", (key, alice), 0.5)
+    h.hold("r2", (key, alice), 9.0)                       # one hold per request: a second is ignored
+    assert h.held(key) == (0.75, 2) and h.held(alice) == (0.5, 1) and len(h) == 2
+    h.release("r1")
+    h.release("r1")                                       # idempotent
+    h.release("unknown")
+    assert h.held(key) == (0.5, 1)
+    h.submitted("r2")
+    h.release("r2", unless_submitted=True)                # its row is on the way: the commit releases it
+    assert h.held(alice) == (0.5, 1)
+    h.release("r2")
+    assert h.held(key) == (0.0, 0) and len(h) == 0 and h._buckets == {}  # nothing kept for idle buckets
+    h.hold("r3", (key,), 0.1)
+    h.release("r3", unless_submitted=True)                # never wrote a row: the response's end releases it
+    assert h.held(key) == (0.0, 0) and h._buckets == {}
+
+
+def test_a_hold_released_while_the_ledger_is_read_still_counts_for_that_read():
+    """The gap a hold must not fall through: an admission reads the committed spend (an await) while another
+    request commits its row and releases its hold. The read may not include that row, and the hold is gone,
+    so the reading counts what was released during it; a read that began later does not."""
+    h = SpendHolds()
+    key = ("key", "k")
+    h.hold("a", (key,), 0.3)
+    h.hold("b", (key,), 0.2)
+    with h.reading((key,)) as reading:
+        assert reading.unsettled(key) == pytest.approx(0.5)
+        h.release("a")                                    # committed and released during the read
+        assert reading.unsettled(key) == pytest.approx(0.5)
+        with h.reading((key,)) as later:
+            assert later.unsettled(key) == pytest.approx(0.2)
+            h.release("b")
+            assert later.unsettled(key) == pytest.approx(0.2) and reading.unsettled(key) == pytest.approx(0.5)
+    assert h._buckets == {}                               # readers gone, nothing held: forgotten
 
 
 def test_reset_text_is_openais_format():
@@ -183,3 +223,77 @@ def test_each_end_user_of_a_key_has_its_own_daily_spend_limit(tmp_path, upstream
         row = db.execute("SELECT status, error_class, api_key_id, end_user FROM requests WHERE request_id=?",
                          (refused.headers["x-request-id"],)).fetchone()
     assert row == ("error", "BudgetExceededError", "k1", "alice")
+
+
+@pytest.mark.parametrize("limit_of", ["key", "end_user"])
+async def test_a_burst_in_flight_cannot_spend_past_a_daily_limit(tmp_path, upstream, serve_app, limit_of):
+    """Each admitted request holds its worst case (every tier's prompt and max_tokens) until its ledger row
+    is committed, so a burst arriving together is admitted only as far as the limit: the rest get a 429 to
+    retry shortly (not a come-back-tomorrow), and the day's spend ends within one request of the limit."""
+    from serving.protocol import ChatCompletionRequest
+
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    req = ChatCompletionRequest.model_validate(BODY).to_engine()
+    ceiling = (req.rough_prompt_tokens() * 1.0 + 4 * 2.0) / 1e6     # the one tier's prompt and 4 tokens
+    field = "daily_spend_limit_usd" if limit_of == "key" else "end_user_daily_spend_limit_usd"
+    limit = 2.5 * ceiling                                 # holds: 0 < 2.5, 1 < 2.5, 2 < 2.5, then 3 >= 2.5
+    srv = serve_app(make_config(tmp_path, [remote], user_tiers={"capped": {field: limit}},
+                                auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "capped"}]}))
+    engine, holds = srv.config.app.state.engine, srv.config.app.state.spend_holds
+    assert engine.cost_ceiling(req, "cascade") == pytest.approx(ceiling)
+    body = {**BODY, "user": "alice"}
+    head = {"authorization": f"Bearer {KEY}"}
+    upstream.faults(delay_s=1.0)
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+        burst = await asyncio.gather(*(c.post("/v1/chat/completions", json=body, headers=head) for _ in range(6)))
+        codes = sorted(r.status_code for r in burst)
+        assert codes == [200, 200, 200, 429, 429, 429], [r.text for r in burst]
+        for r in burst:
+            if r.status_code == 429:
+                err = r.json()["error"]
+                assert err["code"] == ("daily_spend_limit" if limit_of == "key" else "end_user_daily_spend_limit")
+                assert "requests in flight" in err["message"] and r.headers["retry-after"] == "1"
+                assert r.headers.get("x-should-retry") != "false"   # the SDK's own retry may take it
+        upstream.faults(delay_s=0.0)
+        for _ in range(20):                               # on until the committed spend itself reaches the limit
+            r = await c.post("/v1/chat/completions", json=body, headers=head)
+            if r.status_code == 429:
+                assert r.headers["x-should-retry"] == "false" and "spent today" in r.json()["error"]["message"]
+                break
+            assert r.status_code == 200, r.text
+        else:  # pragma: no cover
+            pytest.fail("the daily limit never applied")
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        spent = db.execute("SELECT SUM(cost_usd) FROM requests").fetchone()[0]
+        refused = db.execute("SELECT COUNT(*) FROM requests WHERE error_class='BudgetExceededError'").fetchone()[0]
+    assert limit <= spent <= limit + ceiling and refused == 4
+    assert len(holds) == 0                                # every hold ended with its row
+
+
+async def test_a_hold_ends_when_its_client_leaves(tmp_path, upstream, serve_app):
+    """A request whose client goes away is recorded as cancelled, and its hold ends with that row: the key is
+    not left blocked by spend that will never come."""
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    srv = serve_app(make_config(tmp_path, [remote], user_tiers={"capped": {"daily_spend_limit_usd": 1e-9}},
+                                auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "capped"}]}))
+    holds = srv.config.app.state.spend_holds
+    head = {"authorization": f"Bearer {KEY}"}
+    upstream.faults(delay_s=5.0)
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+        task = asyncio.create_task(c.post("/v1/chat/completions", json=BODY, headers=head))
+        while upstream.stats()["requests"] < 1:
+            await asyncio.sleep(0.02)
+        assert len(holds) == 1
+        busy = await c.post("/v1/chat/completions", json=BODY, headers=head)
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        task.cancel()
+        for _ in range(200):
+            if len(holds) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert len(holds) == 0
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        statuses = sorted(r[0] for r in db.execute("SELECT status FROM requests"))
+    assert statuses == ["cancelled", "error"]
