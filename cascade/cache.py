@@ -83,6 +83,8 @@ class ResponseCache:
         #: key -> (stored at, size, answer, the (request id, hash of the text) of the answers it replaced, the
         #: latest :data:`EARLIER_KEPT`: feedback on one of those is about this answer when the text is the same)
         self._entries: OrderedDict[str, tuple[float, int, CachedAnswer, tuple[tuple[str, int], ...]]] = OrderedDict()
+        #: the same keys, oldest stored first (hits do not move them): expiry in order, without a scan
+        self._by_age: OrderedDict[str, float] = OrderedDict()
         self.hits = self.misses = 0
         #: bytes held (the sum of :func:`answer_size`)
         self.bytes = 0
@@ -108,6 +110,7 @@ class ResponseCache:
         policies decide); returns how many there were."""
         n = len(self._entries)
         self._entries.clear()
+        self._by_age.clear()
         self.bytes = 0
         self.generation += 1
         return n
@@ -135,14 +138,28 @@ class ResponseCache:
             return False
         if key in self._entries:
             self._drop(key)
-        self._entries[key] = (self.clock(), size, answer, earlier)
+        now = self.clock()
+        self.expire(now)  # the expired go before any live answer is evicted
+        self._entries[key] = (now, size, answer, earlier)
+        self._by_age[key] = now
         self.bytes += size
         while len(self._entries) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes):
             self._drop(next(iter(self._entries)))
         return True
 
+    def expire(self, now: float | None = None) -> int:
+        """Drop the answers older than ``ttl_s`` (lookups skip them anyway; this frees their memory and keeps
+        the size gauges true); returns how many."""
+        now = self.clock() if now is None else now
+        n = 0
+        while self._by_age and now - next(iter(self._by_age.values())) >= self.ttl_s:
+            self._drop(next(iter(self._by_age)))
+            n += 1
+        return n
+
     def _drop(self, key: str) -> None:
         _, size, _, _ = self._entries.pop(key)
+        del self._by_age[key]
         self.bytes -= size
 
 

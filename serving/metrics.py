@@ -63,13 +63,21 @@ class Metrics:
             self.drift = DriftMonitor(drift, registry=r)
 
     def watch_cache(self, cache: "ResponseCache | None") -> None:
-        """Read the response cache's size at every scrape (no such series while it is off). Expired answers
-        count until a lookup or an eviction drops them."""
+        """Read the response cache's size at every scrape (no such series while it is off), expired answers
+        dropped first. The scrape runs on the event loop (an ``async`` route), where the cache lives."""
         if cache is not None:
+            def entries() -> float:
+                cache.expire()
+                return len(cache)
+
+            def held_bytes() -> float:
+                cache.expire()
+                return cache.bytes
+
             Gauge("cascade_cache_entries", "Answers held by the response cache",
-                  registry=self.registry).set_function(lambda: len(cache))
+                  registry=self.registry).set_function(entries)
             Gauge("cascade_cache_bytes", "Estimated memory held by the response cache (bounded by cache.max_bytes)",
-                  registry=self.registry).set_function(lambda: cache.bytes)
+                  registry=self.registry).set_function(held_bytes)
 
     def _child(self, metric: "Counter | Gauge | Histogram", *labels: str):  # noqa: ANN202
         """``metric.labels(*labels)``, looked up once per label set (prometheus' ``labels`` validates and

@@ -43,6 +43,29 @@ def test_lru_with_a_time_to_live():
     assert (cache.hits, cache.misses) == (2, 2)
 
 
+def test_expired_answers_go_first_and_free_their_bytes():
+    """``expire`` drops what is past its time to live, oldest stored first (a hit does not extend a life), so
+    the size gauges count only live answers; a store drops the expired before it evicts a live answer."""
+    clock = Clock()
+    cache = ResponseCache(max_entries=2, ttl_s=10, clock=clock)
+    cache.put("a", _answer(1))
+    clock.t = 5.0
+    cache.put("b", _answer(2))
+    assert cache.get("a") is not None                   # a hit: most recently used, but no younger
+    clock.t = 12.0
+    assert cache.expire() == 1 and len(cache) == 1 and cache.get("b").request_id == "r2"
+    assert cache.bytes > 0                              # b's size alone
+    cache.put("a", _answer(1))                          # stored again at 12
+    clock.t = 16.0                                      # b (stored at 5) has expired, a has not
+    cache.put("c", _answer(3))                          # at the bound: the expired b goes, not the live a
+    assert cache.get("a").request_id == "r1" and cache.get("c").request_id == "r3" and cache.get("b") is None
+    clock.t = 100.0
+    assert cache.expire() == 2 and len(cache) == 0 and cache.bytes == 0
+    cache.put("d", _answer(4))
+    cache.clear()
+    assert cache.expire() == 0 and cache.bytes == 0
+
+
 def test_a_thumbs_down_reaches_a_refreshed_answer_with_the_same_text():
     """A refresh (``Cache-Control: no-cache``) stores its answer under a newer request: feedback that an older
     request's answer was wrong still evicts it when the text is the same, and not when it changed. What a key
