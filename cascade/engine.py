@@ -19,7 +19,7 @@ from calibration.calibrators import Calibrator, calibrator_from_dict, load_calib
 from calibration.features import FEATURE_NAMES, extract_features
 from cascade.backends import Backend, backend_class
 from cascade.cache import CachedAnswer, ResponseCache, cache_key
-from cascade.config import CalibratorConfig, Config, TierConfig
+from cascade.config import CalibratorConfig, Config, Price, TierConfig
 from cascade.errors import (
     BudgetExceededError,
     CascadeError,
@@ -208,9 +208,10 @@ class Engine:
         #: partial, error, cancelled): one row, one call, so a listener (the HTTP layer's metrics) agrees
         #: with the ledger by construction. Listeners must be quick and must not raise.
         self.record_listeners: list[Callable[[CascadeRecord], None]] = []
-        #: called with every record once its ledger write is done (committed, or failed for good): the HTTP
-        #: layer's daily spend holds end there, when the ledger's sum includes the request. Same rules.
-        self.commit_listeners: list[Callable[[CascadeRecord], None]] = []
+        #: called with every record and its write's error (None: committed) once its ledger write is done or
+        #: no longer awaited: the HTTP layer's daily spend holds end there, when the ledger's sum includes the
+        #: request. Same rules as ``record_listeners``.
+        self.commit_listeners: list[Callable[[CascadeRecord, BaseException | None], None]] = []
         #: set by :meth:`abort_in_flight`: why requests cancelled from now on were cancelled
         self._aborted: CascadeError | None = None
         #: answers given again to the same greedy request (cascade/cache.py); None when ``cache.enabled`` is off
@@ -279,14 +280,17 @@ class Engine:
 
     def cost_ceiling(self, request: GenerationRequest, model: str | None, budget: Budget | None = None) -> float:
         """The most ``request`` can cost through its route (USD): every tier of it tried, each billed for the
-        prompt and ``max_tokens`` of answer, within the per-request cost budget if there is one. What an
-        admitted request holds against the daily spend limits until its ledger row is in. An estimate as
-        the cost budget's is: a tier without a local tokenizer counts the prompt on the high side, and a
-        call retried on another provider after a timeout can be billed for its prompt twice."""
-        total = 0.0
+        prompt and ``max_tokens`` of answer at its dearest provider's price, within the per-request cost
+        budget if there is one. What an admitted request holds against the daily spend limits until its
+        ledger row is in. An estimate as the cost budget's is: a tier without a local tokenizer counts the
+        prompt on the high side, and a call retried on another provider after a timeout can be billed for
+        its prompt twice."""
+        total, rough = 0.0, None
         for tier in self.resolve(model).tiers:
-            prompt = tier.backend.estimate_prompt_tokens(request)
-            total += tier.config.price.cost(prompt, request.max_tokens or tier.config.max_tokens)
+            prompt = tier.backend.count_prompt_tokens(request)
+            if prompt is None:  # counted once for all the tiers without a tokenizer (a long prompt takes ms)
+                prompt = rough = request.rough_prompt_tokens() if rough is None else rough
+            total += dearest_price(tier).cost(prompt, request.max_tokens or tier.config.max_tokens)
         return total if budget is None or budget.cost_usd is None else min(total, budget.cost_usd)
 
     # --- the cascade ------------------------------------------------------------------------------
@@ -633,7 +637,8 @@ class Engine:
             self.sampler.start(samples, committed)
         _notify(self.record_listeners, rec)
         if self.commit_listeners:
-            committed.add_done_callback(lambda _f: _notify(self.commit_listeners, rec))
+            committed.add_done_callback(
+                lambda f: _notify(self.commit_listeners, rec, None if f.cancelled() else f.exception()))
         return committed
 
     @staticmethod
@@ -667,7 +672,7 @@ class Engine:
         """Fit ``req`` to what the cost budget still pays for; returns (request, refusal reason)."""
         if budget.cost_usd is None:
             return req, None
-        price = tier.config.price
+        price = dearest_price(tier)  # a fallback provider may answer, at its own price
         remaining = budget.cost_usd - sum(a.cost_usd for a in rec.attempts)
         prompt = tier.backend.estimate_prompt_tokens(req)
         max_tokens = req.max_tokens or 1
@@ -791,10 +796,20 @@ class Engine:
             rec.baseline_estimated = True
 
 
-def _notify(listeners: list[Callable[[CascadeRecord], None]], rec: CascadeRecord) -> None:
+def dearest_price(tier: Tier) -> Price:
+    """The highest input and output prices a call of ``tier`` can be billed at: its own, or that of any of its
+    providers (``tiers[].providers[].price``; a fallback provider can cost more than the first)."""
+    prices = [tier.config.price, *(p.price for p in getattr(tier.backend, "providers", ()) if p.price is not None)]
+    if len(prices) == 1:
+        return prices[0]
+    return Price(input_per_1m=max(p.input_per_1m for p in prices),
+                 output_per_1m=max(p.output_per_1m for p in prices))
+
+
+def _notify(listeners: list[Callable[..., None]], *args: object) -> None:
     for listener in listeners:
         try:
-            listener(rec)
+            listener(*args)
         except Exception:  # noqa: BLE001 - an observer never fails the request it observes
             log.exception("record listener %r failed", listener)
 

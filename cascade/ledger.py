@@ -809,3 +809,12 @@ async def spend_since(ledger: Ledger, api_key_id: str | None, since: float, end_
     rows = await ledger.query(f"SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE {' AND '.join(where)}",
                               tuple(params))
     return float(rows[0][0])
+
+
+async def spend_since_both(ledger: Ledger, api_key_id: str | None, since: float, end_user: str) -> tuple[float, float]:
+    """:func:`spend_since` of the key and of its end user ``end_user``, in one read (one snapshot)."""
+    key = "api_key_id=?" if api_key_id is not None else "api_key_id IS NULL"
+    rows = await ledger.query("SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(CASE WHEN end_user=? THEN cost_usd "
+                              f"END), 0) FROM requests WHERE created_at>=? AND {key}",
+                              (end_user, since, *(() if api_key_id is None else (api_key_id,))))
+    return float(rows[0][0]), float(rows[0][1])

@@ -116,43 +116,54 @@ class Admission:
                 (b"x-ratelimit-reset-requests", reset_text(reset).encode())]
 
 
-class _Bucket:
-    __slots__ = ("held", "holds", "released", "readers")
-
-    def __init__(self) -> None:
-        self.held = 0.0      # the worst cases of the requests holding on this bucket
-        self.holds = 0       # how many they are
-        self.released = 0.0  # what was released while a reader was reading the ledger (see Reading)
-        self.readers = 0
-
-
 class _Hold:
-    __slots__ = ("amount", "buckets", "submitted")
+    __slots__ = ("amount", "buckets", "queued")
 
     def __init__(self, amount: float, buckets: tuple[Hashable, ...]) -> None:
-        self.amount, self.buckets, self.submitted = amount, buckets, False
+        self.amount, self.buckets = amount, buckets
+        #: the order in which its ledger row was queued (:meth:`SpendHolds.submitted`); None: not yet
+        self.queued: int | None = None
+
+
+class _Bucket:
+    __slots__ = ("holds", "released", "readers", "lost", "lost_day")
+
+    def __init__(self) -> None:
+        self.holds: dict[str, _Hold] = {}
+        #: (queued, amount) of the holds released while a reading was open (see :meth:`Reading.unseen`)
+        self.released: list[tuple[float, float]] = []
+        self.readers = 0
+        #: spend whose ledger write failed on UTC day ``lost_day``: counted as committed until the day ends
+        self.lost, self.lost_day = 0.0, 0.0
 
 
 class Reading:
-    """One admission's read of the committed spend of some buckets (:meth:`SpendHolds.reading`): what was
-    held, and what was released while the read ran. A request that commits its ledger row and releases its
-    hold between the read's SQL and :meth:`unsettled` is in neither: it is counted from here."""
+    """One admission's read of the committed spend of some buckets (:meth:`SpendHolds.reading`).
 
-    __slots__ = ("_holds", "_buckets", "_base", "_open")
+    The ledger runs its jobs in the order they were queued, so the read's SQL sees exactly the rows queued
+    before it: those of the holds already :meth:`~SpendHolds.submitted` when the reading began. Every other
+    hold, held now or released since (its row committed after the read), is spend the read did not see.
+    Open the reading right before queueing the SQL, with no ``await`` between."""
+
+    __slots__ = ("_holds", "_buckets", "_mark", "_start", "_open")
 
     def __init__(self, holds: "SpendHolds", buckets: tuple[Hashable, ...]) -> None:
         self._holds, self._buckets, self._open = holds, buckets, True
-        self._base = []
+        self._mark = holds._queued
+        self._start = []
         for b in buckets:
             bucket = holds._buckets.setdefault(b, _Bucket())
             bucket.readers += 1
-            self._base.append(bucket.released)
+            self._start.append(len(bucket.released))
 
-    def unsettled(self, bucket: Hashable) -> float:
-        """What ``bucket`` must add to the spend the read found: the holds now, and those released since the
-        read began (their rows may have been committed after the read's snapshot)."""
+    def unseen(self, bucket: Hashable) -> tuple[float, float]:
+        """What ``bucket`` must add to the spend the read found: (the holds whose rows were not queued before
+        the read, held now or released during it; the spend whose ledger write failed today)."""
         b = self._holds._buckets[bucket]
-        return b.held + b.released - self._base[self._buckets.index(bucket)]
+        mark = self._mark
+        held = sum(h.amount for h in b.holds.values() if h.queued is None or h.queued > mark)
+        gone = sum(a for q, a in b.released[self._start[self._buckets.index(bucket)]:] if q > mark)
+        return held + gone, self._holds._lost(b)
 
     def close(self) -> None:
         """End the read (idempotent); a bucket nobody holds or reads is forgotten."""
@@ -162,6 +173,8 @@ class Reading:
         for b in self._buckets:
             bucket = self._holds._buckets[b]
             bucket.readers -= 1
+            if not bucket.readers:
+                bucket.released.clear()
             self._holds._forget_if_idle(b, bucket)
 
     def __enter__(self) -> "Reading":
@@ -178,15 +191,19 @@ class SpendHolds:
     The limits are checked against the day's committed spend, read from the ledger; a burst of requests
     admitted together would all see the spend from before any of them and all be let through. So each
     admitted request *holds* its worst case (:meth:`hold`) on its buckets until its row is committed
-    (:meth:`release`), and an admission counts the holds beside what the ledger says. A request is admitted
-    while committed spend plus holds is under the limit, so a limit is overshot by at most the cost of the
-    one request admitted last (never by a burst). Per server process, like the other limits. Pure Python,
-    event-loop only (no locks): an admission's check and hold run without an await between them.
+    (:meth:`release`), and an admission counts the holds its read of the ledger could not see
+    (:class:`Reading`). A request is admitted while committed spend plus holds is under the limit, so a
+    limit is overshot by at most the cost of the one request admitted last (never by a burst). A row whose
+    write failed keeps its cost counted until the UTC day ends (:meth:`release` with ``lost``). Per server
+    process, like the other limits. Pure Python, event-loop only (no locks): an admission's check and hold
+    run without an await between them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self._buckets: dict[Hashable, _Bucket] = {}
         self._holds: dict[str, _Hold] = {}
+        self._queued = 0
 
     def reading(self, buckets: tuple[Hashable, ...]) -> Reading:
         """Begin a read of the ledger's committed spend of ``buckets`` (close it, or use it as a context)."""
@@ -195,38 +212,41 @@ class SpendHolds:
     def held(self, bucket: Hashable) -> tuple[float, int]:
         """The worst cases held on ``bucket`` and by how many requests."""
         b = self._buckets.get(bucket)
-        return (b.held, b.holds) if b is not None else (0.0, 0)
+        return (sum(h.amount for h in b.holds.values()), len(b.holds)) if b is not None else (0.0, 0)
 
     def hold(self, request_id: str, buckets: tuple[Hashable, ...], amount: float) -> None:
         """``request_id`` holds ``amount`` (USD) on each of ``buckets`` until :meth:`release`."""
         if not buckets or request_id in self._holds:
             return
-        self._holds[request_id] = _Hold(amount, buckets)
+        h = self._holds[request_id] = _Hold(amount, buckets)
         for b in buckets:
-            bucket = self._buckets.setdefault(b, _Bucket())
-            bucket.held += amount
-            bucket.holds += 1
+            self._buckets.setdefault(b, _Bucket()).holds[request_id] = h
 
     def submitted(self, request_id: str) -> None:
-        """The request's ledger row is on its way: :meth:`release` comes once it is committed."""
+        """The request's ledger row is queued (call it right as it is): a read queued after it sees it, and
+        :meth:`release` comes once it is committed."""
         h = self._holds.get(request_id)
-        if h is not None:
-            h.submitted = True
+        if h is not None and h.queued is None:
+            self._queued += 1
+            h.queued = self._queued
 
-    def release(self, request_id: str, *, unless_submitted: bool = False) -> None:
+    def release(self, request_id: str, *, unless_submitted: bool = False, lost: float | None = None) -> None:
         """Its ledger row is committed (or will never be): the hold goes (idempotent; unknown ids are fine).
-        ``unless_submitted``: only if no row was submitted (the response is over; a submitted row releases
-        the hold when it is committed, so that the spend is never in neither place)."""
+        ``unless_submitted``: only if no row was queued (the response is over; a queued row releases the
+        hold when it is committed, so that the spend is never in neither place). ``lost``: the row's write
+        failed; its cost (USD) stays counted on the hold's buckets until the UTC day ends."""
         h = self._holds.get(request_id)
-        if h is None or (unless_submitted and h.submitted):
+        if h is None or (unless_submitted and h.queued is not None):
             return
         del self._holds[request_id]
         for b in h.buckets:
             bucket = self._buckets[b]
-            bucket.holds -= 1
-            bucket.held = bucket.held - h.amount if bucket.holds else 0.0  # no float dust once empty
+            del bucket.holds[request_id]
             if bucket.readers:
-                bucket.released += h.amount
+                bucket.released.append((math.inf if h.queued is None else h.queued, h.amount))
+            if lost:
+                self._lost(bucket)
+                bucket.lost += lost
             self._forget_if_idle(b, bucket)
 
     def holding(self, request_id: str) -> bool:
@@ -236,8 +256,15 @@ class SpendHolds:
         """Requests holding spend now."""
         return len(self._holds)
 
+    def _lost(self, bucket: _Bucket) -> float:
+        """The bucket's spend lost to failed ledger writes today (a new UTC day starts it at 0)."""
+        day = self.clock() // 86400
+        if bucket.lost_day != day:
+            bucket.lost, bucket.lost_day = 0.0, day
+        return bucket.lost
+
     def _forget_if_idle(self, key: Hashable, bucket: _Bucket) -> None:
-        if not bucket.holds and not bucket.readers:
+        if not bucket.holds and not bucket.readers and not self._lost(bucket):
             del self._buckets[key]
 
 

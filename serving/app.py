@@ -154,8 +154,9 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         def row_submitted(rec: CascadeRecord) -> None:
             holds.submitted(rec.request_id)
 
-        def row_committed(rec: CascadeRecord) -> None:
-            holds.release(rec.request_id)
+        def row_committed(rec: CascadeRecord, error: BaseException | None) -> None:
+            # a row that could not be written keeps its cost counted today: the money was spent
+            holds.release(rec.request_id, lost=rec.cost_usd if error is not None else None)
 
         app.state.engine.record_listeners.append(row_submitted)
         app.state.engine.commit_listeners.append(row_committed)

@@ -22,8 +22,9 @@ from cascade.errors import (
     NotFoundError,
     ReloadRefusedError,
 )
-from cascade.ledger import spend_since, utc_day_start
+from cascade.ledger import spend_since, spend_since_both, utc_day_start
 from cascade.limits import SpendHolds
+from cascade.types import CascadeRecord
 from serving.auth import Caller, authenticate, authorize
 from serving.errors import cascade_error_response, error_body
 from serving.metrics import Metrics
@@ -174,30 +175,37 @@ def _spend_buckets(caller: Caller, end_user: str | None) -> list[tuple[tuple, fl
 async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list, key_id: str | None) -> None:
     """Refuse (429) a request whose key or end user has reached a daily spend limit (``buckets``, from
     :func:`_spend_buckets`): the spend committed today (UTC) plus the worst cases held by its requests in
-    flight. Committed spend alone at the limit: come back at 00:00 UTC; reached only with what is in flight:
-    retry in a second, once some of it is settled."""
+    flight. Committed spend alone at a limit: come back at 00:00 UTC (checked first, for every limit, so a
+    passing burst never hides it); reached only with what is in flight: retry in a second."""
     if not buckets:
         return
     since = utc_day_start()
+    # one read, queued right as the reading opens: it sees exactly the rows queued before it (SpendHolds)
     with holds.reading(tuple(b for b, *_ in buckets)) as reading:
-        spent = [await spend_since(engine.ledger, key_id, since, end_user=eu) for *_, eu in buckets]
-        for (bucket, limit, what, code, _), committed in zip(buckets, spent, strict=True):
-            if committed >= limit:
-                err = BudgetExceededError(f"{what} of ${limit:g} reached (${committed:.6f} spent today, UTC)",
-                                          code=code)
-                err.retry_after = since + 86400.0 - time.time()  # the limit resets at 00:00 UTC
-                err.should_retry = False  # not before then: clients' quick retries would only be refused again
-            elif committed + reading.unsettled(bucket) >= limit:
-                n = holds.held(bucket)[1]
-                err = BudgetExceededError(
-                    f"{what} of ${limit:g} would be reached by the requests in flight (${committed:.6f} spent "
-                    f"today, UTC, and up to ${reading.unsettled(bucket):.6f} more by {n} request(s) not finished);"
-                    " retry once they are", code=code)
-                err.retry_after = 1.0
-            else:
-                continue
-            err.status_code = 429
-            raise err
+        if len(buckets) == 2:
+            spent: tuple[float, ...] = await spend_since_both(engine.ledger, key_id, since, buckets[1][4])
+        else:
+            spent = (await spend_since(engine.ledger, key_id, since, end_user=buckets[0][4]),)
+        pending = [reading.unseen(b) for b, *_ in buckets]
+    for (_, limit, what, code, _), committed, more in zip(buckets, spent, pending, strict=True):
+        committed += more[1]  # spend whose ledger write failed today
+        if committed >= limit:
+            # the limit resets at 00:00 UTC; not before then: clients' quick retries would only be refused again
+            _refuse_spend(f"{what} of ${limit:g} reached (${committed:.6f} spent today, UTC)", code,
+                          retry_after=since + 86400.0 - time.time(), should_retry=False)
+    for (bucket, limit, what, code, _), committed, more in zip(buckets, spent, pending, strict=True):
+        if committed + more[1] + more[0] >= limit:
+            _refuse_spend(f"{what} of ${limit:g} would be reached by the requests in flight (${committed:.6f} "
+                          f"spent today, UTC, and up to ${more[0]:.6f} more held by {holds.held(bucket)[1]} "
+                          "request(s) not finished); retry once they are", code, retry_after=1.0, should_retry=True)
+
+
+def _refuse_spend(message: str, code: str, *, retry_after: float, should_retry: bool) -> None:
+    err = BudgetExceededError(message, code=code)
+    err.status_code, err.retry_after = 429, retry_after
+    if not should_retry:
+        err.should_retry = False
+    raise err
 
 
 #: the status nobody reads: the client closed the connection before the answer (nginx's 499)

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from cascade.errors import LedgerError, NotFoundError
-from cascade.ledger import Ledger, spend_since
+from cascade.ledger import Ledger, spend_since, spend_since_both
 from cascade.types import Attempt, CascadeRecord
 from tests.pg import postgres  # noqa: F401 - fixture
 
@@ -136,6 +136,10 @@ async def test_end_users_their_spend_and_text_postgresql_cannot_hold(target):
         assert await spend_since(ledger, None, 0, end_user="alice") == pytest.approx(1e-4)  # without a key
         assert await spend_since(ledger, "k1", 0) == pytest.approx(4e-4)
         assert await spend_since(ledger, "k1", 0, end_user="nul\x00user") == pytest.approx(1e-4)
+        # both in one read, as the daily limits take them: the key's total and its end user's
+        assert await spend_since_both(ledger, "k1", 0, "alice") == (pytest.approx(4e-4), pytest.approx(2e-4))
+        assert await spend_since_both(ledger, None, 0, "alice") == (pytest.approx(1e-4), pytest.approx(1e-4))
+        assert await spend_since_both(ledger, "k2", 0, "bob") == (pytest.approx(1e-4), 0.0)
         row = await ledger.get("r5")
         assert row["end_user"] in ("nul\x00user", "nul\ufffduser") and row["metadata"] == '{"team": "search"}'
         assert row["error_message"] in ("quoted \x00 back", "quoted \ufffd back")

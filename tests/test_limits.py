@@ -90,23 +90,45 @@ def test_spend_holds_count_until_released_and_forget_idle_buckets():
     assert h.held(key) == (0.0, 0) and h._buckets == {}
 
 
-def test_a_hold_released_while_the_ledger_is_read_still_counts_for_that_read():
-    """The gap a hold must not fall through: an admission reads the committed spend (an await) while another
-    request commits its row and releases its hold. The read may not include that row, and the hold is gone,
-    so the reading counts what was released during it; a read that began later does not."""
+def test_a_reading_counts_exactly_the_holds_whose_rows_it_cannot_see():
+    """The ledger runs jobs in the order they were queued, so a read sees the rows queued before it and no
+    others. A reading counts every hold whose row was queued after it opened, held or released meanwhile
+    (released: committed after the read's snapshot), and never one queued before (the read has it), even if
+    that hold is released only while the read runs: no gap, and no double count."""
     h = SpendHolds()
     key = ("key", "k")
-    h.hold("a", (key,), 0.3)
-    h.hold("b", (key,), 0.2)
+    h.hold("before", (key,), 0.3)
+    h.submitted("before")                                 # queued ahead of the read: the read includes it
+    h.hold("after", (key,), 0.2)                          # its row is not queued yet
     with h.reading((key,)) as reading:
-        assert reading.unsettled(key) == pytest.approx(0.5)
-        h.release("a")                                    # committed and released during the read
-        assert reading.unsettled(key) == pytest.approx(0.5)
+        assert reading.unseen(key) == (pytest.approx(0.2), 0.0)
+        h.release("before")                               # committed (before the read ran), released meanwhile
+        assert reading.unseen(key) == (pytest.approx(0.2), 0.0)
+        h.hold("new", (key,), 0.1)                        # admitted during the read
+        h.submitted("after")                              # queued after the read
+        h.release("after")                                # and committed: the read did not see it
+        assert reading.unseen(key) == (pytest.approx(0.3), 0.0)
         with h.reading((key,)) as later:
-            assert later.unsettled(key) == pytest.approx(0.2)
-            h.release("b")
-            assert later.unsettled(key) == pytest.approx(0.2) and reading.unsettled(key) == pytest.approx(0.5)
+            assert later.unseen(key) == (pytest.approx(0.1), 0.0)
+    assert h.held(key) == (pytest.approx(0.1), 1)
+    h.release("new")
     assert h._buckets == {}                               # readers gone, nothing held: forgotten
+
+
+def test_spend_whose_ledger_write_failed_counts_until_the_day_ends():
+    clock = Clock()
+    clock.t = 86400 * 100 + 5
+    h = SpendHolds(clock)
+    key = ("key", "k")
+    h.hold("r", (key,), 0.5)
+    h.submitted("r")
+    h.release("r", lost=0.25)                             # the write failed: the money was spent all the same
+    with h.reading((key,)) as reading:
+        assert reading.unseen(key) == (0.0, 0.25)
+    clock.t += 86400                                      # a new UTC day: forgotten
+    with h.reading((key,)) as reading:
+        assert reading.unseen(key) == (0.0, 0.0)
+    assert h._buckets == {}
 
 
 def test_reset_text_is_openais_format():
@@ -225,15 +247,21 @@ def test_each_end_user_of_a_key_has_its_own_daily_spend_limit(tmp_path, upstream
     assert row == ("error", "BudgetExceededError", "k1", "alice")
 
 
-@pytest.mark.parametrize("limit_of", ["key", "end_user"])
-async def test_a_burst_in_flight_cannot_spend_past_a_daily_limit(tmp_path, upstream, serve_app, limit_of):
-    """Each admitted request holds its worst case (every tier's prompt and max_tokens) until its ledger row
-    is committed, so a burst arriving together is admitted only as far as the limit: the rest get a 429 to
-    retry shortly (not a come-back-tomorrow), and the day's spend ends within one request of the limit."""
+@pytest.mark.parametrize(("limit_of", "priced_by"), [("key", "tier"), ("end_user", "tier"), ("key", "provider")])
+async def test_a_burst_in_flight_cannot_spend_past_a_daily_limit(tmp_path, upstream, serve_app, limit_of, priced_by):
+    """Each admitted request holds its worst case (every tier's prompt and max_tokens, at its dearest
+    provider's price) until its ledger row is committed, so a burst arriving together is admitted only as
+    far as the limit: the rest get a 429 to retry shortly (not a come-back-tomorrow), and the day's spend
+    ends within one request of the limit."""
     from serving.protocol import ChatCompletionRequest
 
-    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
-              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    price = {"input_per_1m": 1.0, "output_per_1m": 2.0}
+    remote = {"name": "remote", "max_tokens": 4, "threshold": 0.0}
+    if priced_by == "tier":
+        remote.update(backend="openai", model="m", price=price, options={"base_url": upstream.base_url})
+    else:  # the tier's own price is 0; its only provider bills (a hosted fallback, as in failure-handling.md)
+        remote["providers"] = [{"name": "hosted", "backend": "openai", "model": "m", "price": price,
+                                "options": {"base_url": upstream.base_url}}]
     req = ChatCompletionRequest.model_validate(BODY).to_engine()
     ceiling = (req.rough_prompt_tokens() * 1.0 + 4 * 2.0) / 1e6     # the one tier's prompt and 4 tokens
     field = "daily_spend_limit_usd" if limit_of == "key" else "end_user_daily_spend_limit_usd"
@@ -297,3 +325,32 @@ async def test_a_hold_ends_when_its_client_leaves(tmp_path, upstream, serve_app)
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
         statuses = sorted(r[0] for r in db.execute("SELECT status FROM requests"))
     assert statuses == ["cancelled", "error"]
+
+
+async def test_a_limit_reached_for_the_day_is_said_even_while_another_is_only_held(tmp_path, upstream, serve_app):
+    """An end user over their own limit is told to come back tomorrow, not to retry in a second because the
+    key's limit is momentarily full of another user's requests in flight."""
+    from serving.protocol import ChatCompletionRequest
+
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    req = ChatCompletionRequest.model_validate(BODY).to_engine()
+    ceiling = (req.rough_prompt_tokens() * 1.0 + 4 * 2.0) / 1e6
+    srv = serve_app(make_config(tmp_path, [remote], user_tiers={"capped": {"daily_spend_limit_usd": 2.5 * ceiling,
+                                                                          "end_user_daily_spend_limit_usd": 1e-9}},
+                                auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "capped"}]}))
+    head = {"authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+        assert (await c.post("/v1/chat/completions", json={**BODY, "user": "alice"}, headers=head)).status_code == 200
+        upstream.faults(delay_s=2.0)
+        bob = [asyncio.create_task(c.post("/v1/chat/completions", json={**BODY, "user": f"bob{i}"}, headers=head))
+               for i in range(2)]
+        while upstream.stats()["requests"] < 3:
+            await asyncio.sleep(0.02)
+        alice = await c.post("/v1/chat/completions", json={**BODY, "user": "alice"}, headers=head)
+        assert alice.status_code == 429 and alice.json()["error"]["code"] == "end_user_daily_spend_limit"
+        assert alice.headers["x-should-retry"] == "false" and int(alice.headers["retry-after"]) > 1
+        carol = await c.post("/v1/chat/completions", json={**BODY, "user": "carol"}, headers=head)
+        assert carol.status_code == 429 and carol.json()["error"]["code"] == "daily_spend_limit"   # the key's,
+        assert carol.headers["retry-after"] == "1"                                                # held only
+        assert [r.status_code for r in await asyncio.gather(*bob)] == [200, 200]
