@@ -83,7 +83,7 @@ def cascade_error_response(exc: CascadeError) -> JSONResponse:
 
 
 #: path -> endpoint of the completion routes, whose refused requests are recorded in the ledger
-_COMPLETION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_COMPLETION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses"}
 
 
 def install_error_handlers(app: FastAPI) -> None:

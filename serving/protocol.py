@@ -224,6 +224,10 @@ class _GenerationParams(_Attribution):
             raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters")
         return v
 
+    def max_tokens_asked(self) -> tuple[str, int | None]:
+        """The parameter that bounds the answer's length, as the client named it, and its value."""
+        return "max_tokens", self.max_tokens
+
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -240,6 +244,11 @@ class ChatCompletionRequest(_GenerationParams):
     logprobs: bool = Field(False, strict=True)
     top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
     response_format: ResponseFormat | None = None
+
+    def max_tokens_asked(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":

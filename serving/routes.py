@@ -41,8 +41,11 @@ from serving.protocol import (
     completion_response,
     is_utf8,
 )
+from serving.responses import ResponsesRequest, response_events, response_object
 
 router = APIRouter()
+#: the bodies of the completion endpoints: chat, (legacy) completions, responses
+AnyRequest = ChatCompletionRequest | CompletionRequest | ResponsesRequest
 log = logging.getLogger("cascade.serving")
 T = TypeVar("T")
 
@@ -93,7 +96,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bo
         watcher.cancel()
 
 
-async def _admit(request: Request, body: ChatCompletionRequest | CompletionRequest,
+async def _admit(request: Request, body: AnyRequest,
                  endpoint: str) -> tuple[Caller, Budget]:
     """Authorise the model, check limits and the key's daily spend; give the budget. A refusal here is
     recorded in the ledger (and so in the metrics) before it is raised."""
@@ -119,7 +122,7 @@ async def record_refusal(request: Request, exc: CascadeError, model: str | None,
         **(attribution or {}))
 
 
-async def _admit_checks(request: Request, body: ChatCompletionRequest | CompletionRequest) -> tuple[Caller, Budget]:
+async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Budget]:
     engine = _engine(request)
     caller = _caller(request)
     model = body.model or engine.config.default_policy_name
@@ -127,8 +130,7 @@ async def _admit_checks(request: Request, body: ChatCompletionRequest | Completi
     if model in engine.config.policies or model in engine.tiers:
         authorize(caller, model)
     limit = engine.config.server.max_tokens_limit
-    param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-    asked = getattr(body, param)
+    param, asked = body.max_tokens_asked()
     if asked is not None and asked > limit:
         raise InvalidRequestError(f"{param}: {asked} is above this server's limit of {limit}",
                                   param=param, code="invalid_value")
@@ -230,7 +232,7 @@ def cache_mode(cache_control: str | None, pragma: str | None = None) -> str:
     return "refresh" if "no-cache" in directives or (max_age.isdigit() and int(max_age) == 0) else "use"
 
 
-async def _complete(request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str) -> Response:
+async def _complete(request: Request, body: AnyRequest, endpoint: str) -> Response:
     """Every record the engine finishes reaches the metrics through ``engine.record_listeners``."""
     engine = _engine(request)
     caller, budget = await _admit(request, body, endpoint)
@@ -245,7 +247,7 @@ async def _complete(request: Request, body: ChatCompletionRequest | CompletionRe
         return Response(status_code=CLIENT_CLOSED)
     outcome, committed = got
     # the response is rendered while the ledger thread commits the record; it leaves only once committed
-    shape = chat_response if endpoint == "chat" else completion_response
+    shape = _SHAPES[endpoint]
     response = JSONResponse(shape(body, outcome.result, outcome.record), headers=cascade_headers(outcome.record))
     await committed
     return response
@@ -261,20 +263,31 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _complete(request, body, "completions")
 
 
-# --- the hot path: the two completion endpoints without FastAPI's per-request machinery ---------------
+@router.post("/v1/responses")
+async def responses(body: ResponsesRequest, request: Request) -> Response:
+    """OpenAI's Responses API, stateless (serving/responses.py)."""
+    return await _complete(request, body, "responses")
+
+
+#: endpoint -> the answer's response body
+_SHAPES = {"chat": chat_response, "completions": completion_response, "responses": response_object}
+
+
+# --- the hot path: the completion endpoints without FastAPI's per-request machinery ---------------
 
 #: path -> (endpoint, request model) of the routes above
-_HOT_ROUTES: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
+_HOT_ROUTES: dict[str, tuple[str, type[AnyRequest]]] = {
     "/v1/chat/completions": ("chat", ChatCompletionRequest),
     "/v1/completions": ("completions", CompletionRequest),
+    "/v1/responses": ("responses", ResponsesRequest),
 }
 
 
 class HotPathMiddleware:
-    """Serve well-formed, non-streaming ``POST /v1/chat/completions`` and ``/v1/completions`` requests
-    directly, with the same handler (:func:`_complete`) and the same error responses as the routes above,
-    but without FastAPI's routing, dependency solving, exit stacks and exception middleware (tens of µs
-    per request; docs/benchmarks.md, overhead).
+    """Serve well-formed, non-streaming ``POST /v1/chat/completions``, ``/v1/completions`` and
+    ``/v1/responses`` requests directly, with the same handler (:func:`_complete`) and the same error
+    responses as the routes above, but without FastAPI's routing, dependency solving, exit stacks and
+    exception middleware (tens of µs per request; docs/benchmarks.md, overhead).
 
     Only requests FastAPI would accept take this path: a ``application/json`` body that parses with
     ``json.loads`` and validates against the route's model the way FastAPI validates it. Anything else
@@ -388,7 +401,7 @@ def _sse(obj: object) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str,
+async def _stream(request: Request, body: AnyRequest, endpoint: str,
                   kw: dict) -> Response:
     """Start the engine's stream; errors before its first event become ordinary HTTP errors."""
     engine, metrics = _engine(request), _metrics(request)
@@ -400,6 +413,19 @@ async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequ
         return Response(status_code=CLIENT_CLOSED)
     assert isinstance(first, StreamStart)
     rec = first.record
+    started = time.perf_counter()
+    if isinstance(body, ResponsesRequest):
+        def first_token() -> None:
+            metrics.ttft.labels(rec.policy).observe(time.perf_counter() - started)
+
+        async def sse() -> AsyncIterator[bytes]:
+            try:
+                async for b in response_events(body, first, events, first_token):
+                    yield b
+            finally:
+                await events.aclose()
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=_stream_headers(rec))
     chat = endpoint == "chat"
     rid = ("chatcmpl-" if chat else "cmpl-") + rec.request_id
     created = int(rec.created_at)
@@ -407,7 +433,6 @@ async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequ
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     want_lp = bool(body.logprobs) if chat else body.logprobs is not None
     top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
-    started = time.perf_counter()
 
     def chunk(choice: dict, **extra: object) -> bytes:
         return _sse({"id": rid, "object": obj, "created": created, "model": first.tier,
@@ -450,11 +475,15 @@ async def _stream(request: Request, body: ChatCompletionRequest | CompletionRequ
         finally:
             await events.aclose()
 
+    return StreamingResponse(body_iter(), media_type="text/event-stream", headers=_stream_headers(rec))
+
+
+def _stream_headers(rec: CascadeRecord) -> dict[str, str]:
     headers = cascade_headers(rec)
     for h in ("x-cascade-cost-usd", "x-cascade-escalation-waste-usd", "x-cascade-confidence"):
-        headers.pop(h, None)  # known only at the end: in the final chunk's `cascade` object
+        headers.pop(h, None)  # known only at the end: in the final event's `cascade` object
     headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-    return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)
+    return headers
 
 
 # --- the rest --------------------------------------------------------------------------------------

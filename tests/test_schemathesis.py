@@ -43,4 +43,4 @@ def test_generated_requests_never_get_a_server_error(api_schema, st_server):
                 assert "Traceback" not in response.text
 
         check()
-    assert {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/feedback"} <= set(seen)
+    assert {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses", "POST /v1/feedback"} <= set(seen)

@@ -1,0 +1,318 @@
+"""OpenAI's Responses API (``POST /v1/responses``): its wire types and its response and stream shapes.
+
+The cascade answers a Responses request as it answers a chat request (the input items become the chat's
+messages, ``instructions`` its system message); only the shapes differ. Stateless: nothing is stored under
+a response's id, so ``previous_response_id``, ``conversation`` and ``background`` are refused (400) rather
+than ignored, as are tools and non-text inputs and formats this server cannot honour. ``store`` is accepted
+and changes nothing (a response cannot be fetched again); send the earlier turns in ``input`` instead
+(``resp.output`` goes back as it came).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from cascade.engine import StreamDelta, StreamEnd, StreamEvent, StreamFailed, StreamStart
+from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, Usage
+from serving.protocol import MAX_MODEL_CHARS, _Attribution, _Wire, cascade_block, chat_logprobs
+
+#: the one ``include`` value this server honours: the answer's token logprobs
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
+#: input item types that need what this server does not have (tools, files, images, stored items)
+_ROLES = ("user", "assistant", "system", "developer")
+
+
+#: what a stateless server without tools says to the parameters that need state or tools
+_UNSUPPORTED = {
+    "previous_response_id": "this server keeps no responses: send the earlier turns in `input`",
+    "conversation": "this server keeps no conversations: send the turns in `input`",
+    "prompt": "stored prompts are not supported",
+    "max_tool_calls": "this server has no tools",
+    "tools": "tools are not supported by this server",
+    "background": "background responses are not supported (nothing is stored to poll)",
+}
+
+
+def _check_item(item: dict[str, Any], i: int) -> None:
+    """Refuse, with a clear message, the input item and content part types this server cannot take."""
+    kind = item.get("type")
+    if kind is not None and kind != "message":
+        raise ValueError(f"item {i}: input items of type {kind!r} are not supported (only messages: this server "
+                         "has no tools and keeps no items)")
+    if isinstance(item.get("content"), list):
+        for part in item["content"]:
+            t = part.get("type") if isinstance(part, dict) else None
+            if t not in ("input_text", "output_text"):
+                raise ValueError(f"item {i}: content parts of type {t!r} are not supported (only input_text and "
+                                 "output_text)")
+
+
+class InputText(_Wire):
+    type: Literal["input_text", "output_text"]
+    text: str
+    # an assistant turn sent back as the API returned it (``resp.output``): its annotations and logprobs
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
+class InputMessage(_Wire):
+    """One turn of ``input``: ``{"role", "content"}`` (content a string or ``input_text`` parts), or an
+    output message of an earlier response sent back as it came."""
+
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputText]
+    id: str | None = None
+    status: str | None = None
+    phase: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _not_empty(cls, v: str | list[InputText]) -> str | list[InputText]:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list of parts")
+        return v
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class TextFormat(_Wire):
+    type: Literal["text"]  # plain text, the default; JSON schemas are not supported
+
+
+class TextConfig(_Wire):
+    format: TextFormat | None = None
+    verbosity: str | None = None
+
+
+class Reasoning(_Wire):
+    """Accepted and without effect: no tier here reasons apart from its answer."""
+
+    effort: str | None = None
+    summary: str | None = None
+    generate_summary: str | None = None
+
+
+class ResponsesStreamOptions(_Wire):
+    include_obfuscation: bool | None = None
+
+
+class ResponsesRequest(_Attribution):
+    model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_CHARS)
+    input: str | list[InputMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = Field(False, strict=True)
+    stream_options: ResponsesStreamOptions | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
+    include: list[str] | None = None
+    text: TextConfig | None = None
+    # accepted and without effect, as OpenAI's own parameters for its service
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    reasoning: Reasoning | None = None
+    truncation: Literal["disabled"] | None = None
+    # tools: none here, so only their empty forms
+    tools: list[Any] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = None
+    # state this server does not keep
+    previous_response_id: str | None = None
+    conversation: Any = None
+    background: bool | None = None
+    prompt: Any = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _items(cls, v: Any) -> Any:
+        """Say which item or part is not supported (a union's own error would be about the string form)."""
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list of input items")
+            for i, item in enumerate(v):
+                if isinstance(item, dict):
+                    _check_item(item, i)
+        return v
+
+    @field_validator("include")
+    @classmethod
+    def _includes(cls, v: list[str] | None) -> list[str] | None:
+        for item in v or []:
+            if item != INCLUDE_LOGPROBS:
+                raise ValueError(f"{item!r} is not supported (only {INCLUDE_LOGPROBS!r})")
+        return v
+
+    @field_validator("previous_response_id", "conversation", "prompt", "max_tool_calls", "background", "tools")
+    @classmethod
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and v is not False and v != []:
+            raise ValueError(_UNSUPPORTED[info.field_name])
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "ResponsesRequest":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    # --- what the routes need of every completion request ----------------------------------------------
+    def max_tokens_asked(self) -> tuple[str, int | None]:
+        return "max_output_tokens", self.max_output_tokens
+
+    @property
+    def logprobs(self) -> bool:
+        return INCLUDE_LOGPROBS in (self.include or [])
+
+    def to_engine(self) -> GenerationRequest:
+        turns = [Message(role="user", content=self.input)] if isinstance(self.input, str) else [
+            # "developer" is OpenAI's name for the system role of newer models; chat templates know "system"
+            Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in self.input]
+        if self.instructions is not None:
+            turns.insert(0, Message(role="system", content=self.instructions))
+        return GenerationRequest(messages=tuple(turns), max_tokens=self.max_output_tokens,
+                                 temperature=self.temperature, top_p=self.top_p,
+                                 top_logprobs=self.top_logprobs or 0)
+
+
+# --- responses --------------------------------------------------------------------------------------
+
+
+def _usage(usage: Usage | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.total_tokens}
+
+
+def _logprobs(req: ResponsesRequest, tokens: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    return chat_logprobs(tokens, req.top_logprobs or 0)["content"] if req.logprobs else []
+
+
+def _part(req: ResponsesRequest, text: str, tokens: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": _logprobs(req, tokens)}
+
+
+def _message(rec: CascadeRecord, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": "msg_" + rec.request_id, "type": "message", "status": status, "role": "assistant",
+            "content": content}
+
+
+def _status(finish_reason: str | None) -> tuple[str, dict[str, str] | None]:
+    """A response's status and ``incomplete_details`` from the answer's finish reason."""
+    if finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    return "completed", None
+
+
+def _response(req: ResponsesRequest, rec: CascadeRecord, model: str, *, status: str,
+              output: list[dict[str, Any]], usage: Usage | None = None,
+              incomplete: dict[str, str] | None = None, error: dict[str, str] | None = None,
+              final: bool = False) -> dict[str, Any]:
+    body = {
+        "id": "resp_" + rec.request_id,
+        "object": "response",
+        "created_at": int(rec.created_at or time.time()),
+        "status": status,
+        "completed_at": int(time.time()) if status == "completed" else None,
+        "error": error,
+        "incomplete_details": incomplete,
+        "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": bool(req.parallel_tool_calls) if req.parallel_tool_calls is not None else True,
+        "temperature": req.temperature,
+        "tool_choice": req.tool_choice or "auto",
+        "tools": [],
+        "top_p": req.top_p,
+        "top_logprobs": req.top_logprobs or 0,
+        "store": False,
+        "text": {"format": {"type": "text"}},
+        "truncation": "disabled",
+        "usage": _usage(usage),
+        "user": req.user,
+        "safety_identifier": req.safety_identifier,
+        "metadata": req.metadata or {},
+    }
+    if final:
+        body["cascade"] = cascade_block(rec)
+    return body
+
+
+def response_object(req: ResponsesRequest, res: GenerationResult, rec: CascadeRecord) -> dict[str, Any]:
+    """The answer as a Responses API ``response``, with the cascade's account under ``cascade``."""
+    status, incomplete = _status(res.finish_reason)
+    msg = _message(rec, status, [_part(req, res.text, res.tokens)])
+    return _response(req, rec, rec.tier or "", status=status, output=[msg], usage=res.usage,
+                     incomplete=incomplete, final=True)
+
+
+def _sse(kind: str, seq: int, payload: dict[str, Any]) -> bytes:
+    data = json.dumps({"type": kind, "sequence_number": seq, **payload}, separators=(",", ":"))
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+async def response_events(req: ResponsesRequest, first: StreamStart, events: AsyncIterator[StreamEvent],
+                          on_first_token: Callable[[], None]) -> AsyncIterator[bytes]:
+    """The engine's stream as the Responses API's events: ``response.created``, ``response.in_progress``,
+    the message item and its text part being added, ``response.output_text.delta`` per chunk, their
+    ``done`` events, then ``response.completed`` (``response.incomplete`` when ``max_output_tokens`` cut
+    the answer) whose response carries usage and the ``cascade`` account. A tier failing after text was
+    sent ends the stream with ``response.failed`` (its ``error``, and the partial text in its output)."""
+    rec, model = first.record, first.tier
+    seq = 0
+    item_id = "msg_" + rec.request_id
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    text: list[str] = []
+    tokens: list[TokenLogprob] = []
+
+    def event(kind: str, **payload: Any) -> bytes:
+        nonlocal seq
+        seq += 1
+        return _sse(kind, seq - 1, payload)
+
+    started = _response(req, rec, model, status="in_progress", output=[])
+    yield event("response.created", response=started)
+    yield event("response.in_progress", response=started)
+    yield event("response.output_item.added", output_index=0, item=_message(rec, "in_progress", []))
+    yield event("response.content_part.added", **where, part=_part(req, "", ()))
+    async for ev in events:
+        if isinstance(ev, StreamDelta):
+            if not text:
+                on_first_token()
+            text.append(ev.text)
+            tokens.extend(ev.tokens)
+            yield event("response.output_text.delta", **where, delta=ev.text, logprobs=_logprobs(req, ev.tokens))
+        elif isinstance(ev, StreamEnd):
+            whole, toks = "".join(text), tuple(tokens)
+            part = _part(req, whole, toks)
+            status, incomplete = _status(ev.finish_reason)
+            item = _message(rec, status, [part])
+            yield event("response.output_text.done", **where, text=whole, logprobs=part["logprobs"])
+            yield event("response.content_part.done", **where, part=part)
+            yield event("response.output_item.done", output_index=0, item=item)
+            done = _response(req, ev.record, model, status=status, output=[item], usage=ev.usage,
+                             incomplete=incomplete, final=True)
+            yield event("response.completed" if status == "completed" else "response.incomplete", response=done)
+        elif isinstance(ev, StreamFailed):
+            err = ev.error
+            item = _message(rec, "incomplete", [_part(req, "".join(text), tuple(tokens))])
+            failed = _response(req, ev.record, model, status="failed", output=[item],
+                               error={"code": err.code or err.error_type, "message": f"stream interrupted: "
+                                      f"{err.message}"}, final=True)
+            yield event("response.failed", response=failed)
+
+
+__all__ = ["INCLUDE_LOGPROBS", "ResponsesRequest", "response_events", "response_object"]
