@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cascade.engine import StreamDelta, StreamEnd, StreamEvent, StreamFailed, StreamStart
 from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, Usage
@@ -55,9 +55,11 @@ def _check_item(item: dict[str, Any], i: int) -> None:
 class InputText(_Wire):
     type: Literal["input_text", "output_text"]
     text: str
-    # an assistant turn sent back as the API returned it (``resp.output``): its annotations and logprobs
+    # an assistant turn sent back as the API returned it (``resp.output``, or its ``model_dump()``): its
+    # annotations and logprobs, and the SDK's ``parsed`` of a streamed or parsed response's text
     annotations: list[Any] | None = None
     logprobs: list[Any] | None = None
+    parsed: Any = None
 
 
 class InputMessage(_Wire):
@@ -141,8 +143,18 @@ class ResponsesRequest(_Attribution):
             if not v:
                 raise ValueError("an empty list of input items")
             for i, item in enumerate(v):
-                if isinstance(item, dict):
-                    _check_item(item, i)
+                if not isinstance(item, dict):
+                    raise ValueError(f"item {i}: an input item is an object (a message), got {type(item).__name__}")
+                _check_item(item, i)
+                try:  # here, so that the message is about the item (the union's would be about a string input)
+                    InputMessage.model_validate(item)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    where = ".".join(str(x) for x in err["loc"])
+                    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+                    raise ValueError(f"item {i}: {where + ': ' if where else ''}{err['msg']}{more}") from None
+        elif not isinstance(v, str):
+            raise ValueError(f"a string or a list of input items, got {type(v).__name__}")
         return v
 
     @field_validator("include")
@@ -156,7 +168,7 @@ class ResponsesRequest(_Attribution):
     @field_validator("previous_response_id", "conversation", "prompt", "max_tool_calls", "background", "tools")
     @classmethod
     def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
-        if v is not None and v is not False and v != []:
+        if v is not None and v is not False and v != [] and not (v == 0 and info.field_name == "max_tool_calls"):
             raise ValueError(_UNSUPPORTED[info.field_name])
         return v
 
@@ -191,7 +203,7 @@ class ResponsesRequest(_Attribution):
 def _usage(usage: Usage | None) -> dict[str, Any] | None:
     if usage is None:
         return None
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage.total_tokens}
 
@@ -309,9 +321,12 @@ async def response_events(req: ResponsesRequest, first: StreamStart, events: Asy
         elif isinstance(ev, StreamFailed):
             err = ev.error
             item = _message(rec, "incomplete", [_part(req, "".join(text), tuple(tokens))])
-            failed = _response(req, ev.record, model, status="failed", output=[item],
-                               error={"code": err.code or err.error_type, "message": f"stream interrupted: "
-                                      f"{err.message}"}, final=True)
+            # OpenAI's codes for a failed response are a closed list: ours (its class) is in the message and in
+            # the ledger row named by `cascade`
+            code = "rate_limit_exceeded" if getattr(err, "upstream_status", None) == 429 else "server_error"
+            failed = _response(req, ev.record, model, status="failed", output=[item], final=True,
+                               error={"code": code, "message": f"stream interrupted: {err.message} "
+                                      f"({type(err).__name__})"})
             yield event("response.failed", response=failed)
 
 

@@ -269,6 +269,14 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
     return await _complete(request, body, "responses")
 
 
+@router.api_route("/v1/responses/{rest:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+async def stored_responses(rest: str) -> Response:
+    """OpenAI's endpoints on stored responses (retrieve, delete, cancel, input items, input tokens): this
+    server keeps none, and says so."""
+    raise NotFoundError("this server keeps no responses (POST /v1/responses is stateless): nothing to fetch, "
+                        "delete or cancel; send earlier turns in `input`", code="response_not_found")
+
+
 #: endpoint -> the answer's response body
 _SHAPES = {"chat": chat_response, "completions": completion_response, "responses": response_object}
 

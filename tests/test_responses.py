@@ -76,6 +76,13 @@ def test_a_response_is_the_cascades_answer_in_the_responses_shape(tmp_path, upst
                           "ORDER BY created_at").fetchall()
     assert rows[0] == ("responses", "ok", "u-1", '{"team": "geo"}', first.usage.output_tokens)
     assert rows[1][:2] == ("responses", "ok")
+    # strictly as the SDK types it, not only its lenient parsing; and nothing is kept to fetch again
+    from openai.types.responses import Response as SDKResponse
+
+    body = httpx.post(srv.url + "/v1/responses", json={"model": "cascade", "input": "hi"}, timeout=30).json()
+    SDKResponse.model_validate(body)
+    gone = httpx.get(srv.url + "/v1/responses/" + body["id"], timeout=30)
+    assert gone.status_code == 404 and "keeps no responses" in gone.json()["error"]["message"]
 
 
 def test_a_streamed_response_is_the_sdks_event_sequence_and_its_final_response(tmp_path, upstream, serve_app):
@@ -99,6 +106,12 @@ def test_a_streamed_response_is_the_sdks_event_sequence_and_its_final_response(t
         row = db.execute("SELECT endpoint, status, cost_usd FROM requests WHERE request_id=?",
                          (acct["request_id"],)).fetchone()
     assert row == ("responses", "ok", pytest.approx(acct["cost_usd"]))
+    # a saved history goes back as input: the dump of a streamed response's output (the SDK adds `parsed`)
+    again = _client(srv).responses.create(model="cascade", input=[{"role": "user", "content": "Where is Paris?"},
+                                                                 *[o.model_dump() for o in final.output],
+                                                                 {"role": "user", "content": "And Lyon?"}])
+    assert again.output_text == DEFAULT_ANSWER
+    assert upstream.stats()["log"][-1]["messages"][1] == {"role": "assistant", "content": DEFAULT_ANSWER}
 
 
 def test_max_output_tokens_makes_an_incomplete_response(tmp_path, serve_app):
@@ -123,6 +136,9 @@ def test_a_stream_that_breaks_ends_with_response_failed_and_a_partial_row(tmp_pa
     events = _events(r.text)
     kind, data = events[-1]
     assert kind == "response.failed" and data["response"]["status"] == "failed"
+    from openai.types.responses import ResponseFailedEvent
+
+    ResponseFailedEvent.model_validate(data)              # its error code is one of OpenAI's
     assert data["response"]["error"]["message"].startswith("stream interrupted")
     sent = "".join(d["delta"] for k, d in events if k == "response.output_text.delta")
     assert sent and data["response"]["output"][0]["content"][0]["text"] == sent
@@ -142,6 +158,9 @@ def test_a_stream_that_breaks_ends_with_response_failed_and_a_partial_row(tmp_pa
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}, "input", "'function_call_output'"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input", "input_image"),
     ({"input": []}, "input", "empty"),
+    ({"input": [{"role": "user", "content": "x", "foo": 1}]}, "input", "item 0: foo: Extra inputs"),
+    ({"input": [{"role": "user", "content": "x"}, {"role": "tool", "content": "4"}]}, "input", "item 1: role"),
+    ({"input": {"role": "user", "content": "x"}}, "input", "a string or a list of input items"),
     ({"max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
     ({"stream_options": {"include_obfuscation": False}}, None, "stream_options: only allowed when stream is true"),
 ])
