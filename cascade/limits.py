@@ -249,9 +249,6 @@ class SpendHolds:
                 bucket.lost += lost
             self._forget_if_idle(b, bucket)
 
-    def holding(self, request_id: str) -> bool:
-        return request_id in self._holds
-
     def __len__(self) -> int:
         """Requests holding spend now."""
         return len(self._holds)

@@ -23,9 +23,6 @@ from serving.protocol import MAX_MODEL_CHARS, _Attribution, _Wire, cascade_block
 
 #: the one ``include`` value this server honours: the answer's token logprobs
 INCLUDE_LOGPROBS = "message.output_text.logprobs"
-#: input item types that need what this server does not have (tools, files, images, stored items)
-_ROLES = ("user", "assistant", "system", "developer")
-
 
 #: what a stateless server without tools says to the parameters that need state or tools
 _UNSUPPORTED = {
