@@ -1,6 +1,6 @@
 """Operations commands: ``cascade report``, ``cascade shadow report`` and ``cascade recalibrate``.
 
-    cascade report [--by tier|policy|key|user|day|meta:KEY] [--since 7d] [--json|--csv] [--plot PNG] [--config F] [--ledger L]
+    cascade report [--by tier|policy|key|user|day|endpoint|meta:KEY] [--since 7d] [--json|--csv] [--plot PNG] [--config F] [--ledger L]
     cascade shadow report [--since 24h] [--json] [--top N] [--config F] [--ledger L]
     cascade recalibrate --from-ledger [--tier T] [--since 30d] [--min-samples N] [--method M] [--out ARTIFACT]
                         [--activate] [--json] [--config F] [--ledger L]
@@ -155,7 +155,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="spend, escalation, waste, savings and heavy tail from the ledger")
-    p.add_argument("--by", default="policy", metavar="tier|policy|key|user|day|meta:KEY",
+    p.add_argument("--by", default="policy", metavar="tier|policy|key|user|day|endpoint|meta:KEY",
                    help="group requests by the tier that served them, policy, API key, end user (the requests' "
                         "`user`), UTC day, or the value of one of their `metadata` tags (default: policy)")
     _common(p)

@@ -22,7 +22,7 @@ from cascade.errors import ConfigError, LedgerError
 from cascade.ledger import Ledger, _redact, utc_day_start
 
 #: the groupings of ``cascade report --by``; also ``meta:KEY``, by the value of one of the requests' tags
-REPORT_BY = ("tier", "policy", "key", "user", "day")
+REPORT_BY = ("tier", "policy", "key", "user", "day", "endpoint")
 
 _GROUP_SQL = {
     "tier": "COALESCE(tier, '(none)')",
@@ -30,6 +30,7 @@ _GROUP_SQL = {
     "key": "COALESCE(api_key_id, '(none)')",
     "user": "end_user",  # a client's own text: None (JSON null) when a request named none, see _label
     "day": "FLOOR(created_at / 86400)",
+    "endpoint": "endpoint",  # chat, completions, responses
 }
 #: a tag name ``--by meta:KEY`` may group by: any metadata key (1-64 characters) but quotes, backslashes and
 #: control characters (it goes into the SQL as a literal)

@@ -113,6 +113,10 @@ def test_report_every_by_same_numbers_on_sqlite_and_postgresql(traffic, pg_copy,
     by_key = {g["group"]: g["requests"] for g in run_json(capsys, "report", "--by", "key", "--json", "--ledger",
                                                              str(t.ledger))["groups"]}
     assert by_key == dict(t.rows("SELECT api_key_id, COUNT(*) FROM requests GROUP BY api_key_id"))
+    by_endpoint = {g["group"]: g["requests"] for g in run_json(capsys, "report", "--by", "endpoint", "--json",
+                                                                  "--ledger", str(t.ledger))["groups"]}
+    assert by_endpoint == dict(t.rows("SELECT endpoint, COUNT(*) FROM requests GROUP BY endpoint"))
+    assert set(by_endpoint) == {"chat", "completions"}
     # --since: relative and ISO, on both databases
     for ledger in (str(t.ledger), pg_copy):
         assert run_json(capsys, "report", "--json", "--since", "24h", "--ledger", ledger)["total"]["requests"] == n
@@ -219,7 +223,7 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert "no ledger at" in capsys.readouterr().err
     assert not (tmp_path / "missing.sqlite").exists()  # a report never creates an empty ledger
     assert main(["report", "--by", "team", "--ledger", str(tmp_path / "missing.sqlite")]) == 2
-    assert "--by: unknown grouping 'team'; choose from tier, policy, key, user, day or meta:KEY" in capsys.readouterr().err
+    assert "--by: unknown grouping 'team'; choose from tier, policy, key, user, day, endpoint or meta:KEY" in capsys.readouterr().err
     assert main(["report", "--by", "meta:te'am", "--ledger", str(tmp_path / "missing.sqlite")]) == 2
     assert "--by meta:te'am: a metadata key of 1-64 characters, without quotes" in capsys.readouterr().err
 
