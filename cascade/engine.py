@@ -367,8 +367,12 @@ class Engine:
         else:
             route, outcome = await self._start(rec, model, request, budget, t0, stream_last=True)
             if not isinstance(outcome, GenerationResult):
-                async for event in self._stream_live(outcome, route, rec, t0, slot):
-                    yield event
+                live = self._stream_live(outcome, route, rec, t0, slot)
+                try:
+                    async for event in live:
+                        yield event
+                finally:  # closed with this stream, not whenever the collector gets to it: its row is written now
+                    await live.aclose()
                 return
             self._finish(rec, route=route, t0=t0)  # a buffered answer was kept
             await self._submit(rec, request)
@@ -428,9 +432,11 @@ class Engine:
             raise
         att.kept, att.decision = True, "final"
         rec.tier, rec.model, rec.escalated = tier.name, tc.model, att.index > 0
-        yield StreamStart(record=rec, tier=tier.name)
         error: CascadeError | None = None
         try:
+            # inside the try: a consumer that closes the stream here (its client gone before the response
+            # started) still gets the live tier's call recorded, as at any later point
+            yield StreamStart(record=rec, tier=tier.name)
             chunk: StreamChunk | None = first
             while chunk is not None:
                 if chunk.text or chunk.tokens:
@@ -470,6 +476,9 @@ class Engine:
                 att.reason += f"; stream broke after {len(tokens)} tokens"
                 rec.status = "partial" if sent else "error"
                 rec.error_class, rec.error_message = type(error).__name__, error.message
+                if not sent and isinstance(error, ClientDisconnected) and self._aborted is None:
+                    # as any request whose client left before its answer: nothing was served
+                    rec.status, rec.error_message, att.kept = "cancelled", "cancelled", False
             self._finish(rec, route=route, t0=t0)
             await asyncio.shield(self._submit(rec, live.original))
         if error is not None:

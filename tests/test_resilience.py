@@ -994,3 +994,20 @@ def test_fault_server_runs_by_hand():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_a_stream_closed_as_it_starts_is_still_in_the_ledger(servers, make_engine, tmp_path):
+    """A consumer that closes the engine's stream right after its first event (an HTTP client gone before
+    the response started, whose body iterator never ran) leaves the live tier's call in the ledger as a
+    cancelled request with its billed prompt, not nowhere."""
+    eng = await make_engine([{"name": "t", "backend": "openai", "model": "m", "threshold": 0.0,
+                              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+                              "options": {"base_url": servers["a"].base_url}}])
+    events = eng.stream(Q, model="t")
+    first = await anext(events)
+    assert type(first).__name__ == "StreamStart"
+    await events.aclose()
+    rows = db_rows(tmp_path, "SELECT r.status, r.error_class, a.decision, a.prompt_tokens, a.cost_usd "
+                             "FROM requests r JOIN attempts a USING (request_id)")
+    assert len(rows) == 1 and rows[0][:3] == ("cancelled", "ClientDisconnected", "final")
+    assert rows[0][3] > 0 and rows[0][4] > 0
