@@ -266,6 +266,9 @@ class UserTierConfig(_Strict):
     end_user_daily_spend_limit_usd: float | None = Field(None, gt=0)
     #: per-key completion requests in any 60 s, per server process (429 rate_limit_exceeded beyond)
     requests_per_minute: int | None = Field(None, gt=0)
+    #: per-key tokens (prompt and max_tokens, as OpenAI counts them) of completion requests in any 60 s, per
+    #: server process (429 rate_limit_exceeded, type tokens)
+    tokens_per_minute: int | None = Field(None, gt=0)
     #: per-key completion requests in flight at once, per server process (429 concurrency_limit_exceeded)
     max_concurrent_requests: int | None = Field(None, gt=0)
     #: keys of this user tier may call the admin endpoints (POST /admin/reload)

@@ -293,6 +293,19 @@ class Engine:
             total += dearest_price(tier).cost(prompt, request.max_tokens or tier.config.max_tokens)
         return total if budget is None or budget.cost_usd is None else min(total, budget.cost_usd)
 
+    def tokens_asked(self, request: GenerationRequest, model: str | None) -> int:
+        """What ``request`` counts against a tokens-per-minute limit, as OpenAI counts it: its prompt (the first
+        tier's count, or the rough one) and the most it may generate (its ``max_tokens``, or the largest
+        default of its route's tiers)."""
+        try:
+            tiers = self.resolve(model).tiers
+        except UnknownModelError:  # refused later, by the engine; counted as asked meanwhile
+            tiers = ()
+        prompt = tiers[0].backend.count_prompt_tokens(request) if tiers else None
+        if prompt is None:
+            prompt = request.rough_prompt_tokens()
+        return prompt + (request.max_tokens or max((t.config.max_tokens for t in tiers), default=0))
+
     # --- the cascade ------------------------------------------------------------------------------
     async def run(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
                   request_id: str | None = None, api_key_id: str | None = None,

@@ -54,14 +54,19 @@ class Admission:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._windows: dict[str, deque[float]] = {}
+        #: per key: (admitted at, tokens) of the last minute, and their sum
+        self._token_windows: dict[str, deque[tuple[float, int]]] = {}
+        self._token_sums: dict[str, int] = {}
         self._in_flight: dict[str, int] = {}
         self.in_flight = 0
 
     def admit(self, key: str | None, *, requests_per_minute: int | None = None,
-              max_concurrent: int | None = None, server_max_concurrent: int | None = None) -> Ticket:
+              max_concurrent: int | None = None, server_max_concurrent: int | None = None,
+              tokens_per_minute: int | None = None, tokens: int = 0) -> Ticket:
         """Admit one completion request of ``key`` (None: a request without a key), or raise
         :class:`ServerOverloadedError` (503) or :class:`RequestLimitError` (429). A refused request takes
-        nothing: no slot, no place in the window."""
+        nothing: no slot, no place in the window. ``tokens``: what the request counts against
+        ``tokens_per_minute`` (its prompt and its ``max_tokens``, as OpenAI counts them)."""
         key = key or ANONYMOUS
         # the key's own limits first (its fault: 429), then the server's (503); nothing is taken until all pass
         if max_concurrent is not None and self._in_flight.get(key, 0) >= max_concurrent:
@@ -83,6 +88,7 @@ class Admission:
                 err.retry_after = wait
                 err.headers = tuple(self._headers(requests_per_minute, window, now))
                 raise err
+        token_window = self._tokens_check(key, tokens_per_minute, tokens, now) if tokens_per_minute else None
         if server_max_concurrent is not None and self.in_flight >= server_max_concurrent:
             err = ServerOverloadedError(f"the server is at its limit of {server_max_concurrent} requests in flight; "
                                         "retry shortly")
@@ -91,6 +97,10 @@ class Admission:
         if window is not None and requests_per_minute is not None:
             window.append(now)
             headers = self._headers(requests_per_minute, window, now)
+        if token_window is not None and tokens_per_minute:
+            token_window.append((now, tokens))
+            self._token_sums[key] = self._token_sums.get(key, 0) + tokens
+            headers += self._token_headers(tokens_per_minute, key, now)
         if max_concurrent is None and server_max_concurrent is None:
             return Ticket(headers, None)
         self.in_flight += 1
@@ -105,6 +115,42 @@ class Admission:
                 del self._in_flight[key]
 
         return Ticket(headers, release)
+
+    def _tokens_check(self, key: str, limit: int, tokens: int, now: float) -> deque[tuple[float, int]]:
+        """Refuse a request whose tokens do not fit in the key's last minute (or in a minute at all)."""
+        window = self._token_windows.setdefault(key, deque())
+        used = self._token_sums.get(key, 0)
+        while window and window[0][0] <= now - WINDOW_S:
+            used -= window.popleft()[1]
+        self._token_sums[key] = used
+        if tokens > limit:
+            err = RequestLimitError(f"request too large: {tokens} tokens (prompt and max_tokens) against this "
+                                    f"key's limit of {limit} tokens per minute; lower max_tokens or shorten the prompt")
+            err.error_type, err.should_retry = "tokens", False  # waiting cannot help
+            err.headers = tuple(self._token_headers(limit, key, now))
+            raise err
+        if used + tokens > limit:
+            # the wait until enough of the window has left for this request to fit
+            need, freed, wait = used + tokens - limit, 0, WINDOW_S
+            for t, n in window:
+                freed += n
+                if freed >= need:
+                    wait = t + WINDOW_S - now
+                    break
+            err = RequestLimitError(f"rate limit of {limit} tokens per minute reached for this key ({used} in the "
+                                    f"last minute, this request {tokens}); retry in {reset_text(wait)}")
+            err.error_type, err.retry_after = "tokens", wait  # OpenAI's type for a tokens-per-minute limit
+            err.headers = tuple(self._token_headers(limit, key, now))
+            raise err
+        return window
+
+    def _token_headers(self, limit: int, key: str, now: float) -> list[tuple[bytes, bytes]]:
+        """OpenAI's token rate-limit headers: the limit, what is left of it, and how long until it is whole."""
+        window = self._token_windows.get(key)
+        reset = window[-1][0] + WINDOW_S - now if window else 0.0
+        return [(b"x-ratelimit-limit-tokens", str(limit).encode()),
+                (b"x-ratelimit-remaining-tokens", str(max(0, limit - self._token_sums.get(key, 0))).encode()),
+                (b"x-ratelimit-reset-tokens", reset_text(reset).encode())]
 
     @staticmethod
     def _headers(limit: int, window: deque[float], now: float) -> list[tuple[bytes, bytes]]:

@@ -142,16 +142,19 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     holds: SpendHolds = request.app.state.spend_holds
     buckets = _spend_buckets(caller, body.attribution()["end_user"])
     await _check_daily_spend(engine, holds, buckets, caller.key_id)
-    if buckets and (model in engine.config.policies or model in engine.tiers):
+    req = body.to_engine() if buckets or (lim is not None and lim.tokens_per_minute) else None
+    if req is not None and buckets and (model in engine.config.policies or model in engine.tiers):
         # no await from the check to here: the next admission sees this request's worst case held
-        holds.hold(rid, tuple(b for b, *_ in buckets), engine.cost_ceiling(body.to_engine(), model, budget))
+        holds.hold(rid, tuple(b for b, *_ in buckets), engine.cost_ceiling(req, model, budget))
     # last, the key's rate and in-flight limits and the server's: a request refused above takes no place in
     # them; an admitted one holds its slots until its response is sent (AuthMiddleware releases them)
     try:
         ticket = request.app.state.admission.admit(
             caller.key_id, requests_per_minute=lim.requests_per_minute if lim else None,
             max_concurrent=lim.max_concurrent_requests if lim else None,
-            server_max_concurrent=engine.config.server.max_concurrent_requests)
+            server_max_concurrent=engine.config.server.max_concurrent_requests,
+            tokens_per_minute=lim.tokens_per_minute if lim else None,
+            tokens=engine.tokens_asked(req, model) if req is not None and lim and lim.tokens_per_minute else 0)
     except CascadeError:
         holds.release(rid)
         raise

@@ -131,6 +131,30 @@ def test_spend_whose_ledger_write_failed_counts_until_the_day_ends():
     assert h._buckets == {}
 
 
+def test_tokens_per_minute_is_a_sliding_window_of_what_requests_ask():
+    clock = Clock()
+    adm = Admission(clock)
+    h = dict(adm.admit("k", tokens_per_minute=100, tokens=60).headers)
+    assert h[b"x-ratelimit-limit-tokens"] == b"100" and h[b"x-ratelimit-remaining-tokens"] == b"40"
+    assert h[b"x-ratelimit-reset-tokens"] == b"1m0s"
+    clock.t += 20
+    adm.admit("k", tokens_per_minute=100, tokens=30)
+    clock.t += 10                                          # t = 1030: 90 used, the 60 leave at 1060
+    with pytest.raises(RequestLimitError) as err:
+        adm.admit("k", tokens_per_minute=100, tokens=20)
+    assert err.value.error_type == "tokens" and err.value.code == "rate_limit_exceeded"
+    assert err.value.retry_after == pytest.approx(30.0) and err.value.should_retry is None
+    assert dict(err.value.headers)[b"x-ratelimit-remaining-tokens"] == b"10"
+    adm.admit("k", tokens_per_minute=100, tokens=10)       # what fits still goes (the refused took nothing)
+    with pytest.raises(RequestLimitError) as big:          # more than a whole minute's worth: never
+        adm.admit("other", tokens_per_minute=100, tokens=101)
+    assert big.value.should_retry is False and "request too large" in big.value.message
+    clock.t = 1060.0                                       # the 60 left the window
+    assert dict(adm.admit("k", tokens_per_minute=100, tokens=50).headers)[b"x-ratelimit-remaining-tokens"] == b"10"
+    both = dict(adm.admit("k", requests_per_minute=10, tokens_per_minute=1000, tokens=1).headers)
+    assert b"x-ratelimit-remaining-requests" in both and b"x-ratelimit-remaining-tokens" in both
+
+
 def test_reset_text_is_openais_format():
     assert [reset_text(s) for s in (0.0171, 0.9999, 1.0, 20.2, 60.0, 361.0)] == \
         ["18ms", "1000ms", "1s", "21s", "1m0s", "6m1s"]
@@ -354,3 +378,34 @@ async def test_a_limit_reached_for_the_day_is_said_even_while_another_is_only_he
         assert carol.status_code == 429 and carol.json()["error"]["code"] == "daily_spend_limit"   # the key's,
         assert carol.headers["retry-after"] == "1"                                                # held only
         assert [r.status_code for r in await asyncio.gather(*bob)] == [200, 200]
+
+
+def test_a_key_over_its_tokens_per_minute_gets_429_with_openais_token_headers(tmp_path, upstream, serve_app):
+    """``tokens_per_minute`` counts each request's prompt and its max_tokens (the tier's when it names none),
+    as OpenAI counts them; over it: 429 of type ``tokens`` with the ``x-ratelimit-*-tokens`` headers."""
+    from serving.protocol import ChatCompletionRequest
+
+    prompt = ChatCompletionRequest.model_validate(BODY).to_engine().rough_prompt_tokens()
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    limit = 2 * (prompt + 4) + prompt + 1                 # two requests as they come, then one with max_tokens 1
+    srv = serve_app(make_config(tmp_path, [remote], user_tiers={"t": {"tokens_per_minute": limit}},
+                                auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "t"}]}))
+    head = {"authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        ok = [c.post("/v1/chat/completions", json=BODY, headers=head) for _ in range(2)]
+        assert [r.status_code for r in ok] == [200, 200]
+        assert [int(r.headers["x-ratelimit-remaining-tokens"]) for r in ok] == [2 * prompt + 5, prompt + 1]
+        over = c.post("/v1/chat/completions", json=BODY, headers=head)
+        assert over.status_code == 429, over.text
+        err = over.json()["error"]
+        assert err["type"] == "tokens" and err["code"] == "rate_limit_exceeded"
+        assert "tokens per minute" in err["message"]
+        assert over.headers["x-ratelimit-limit-tokens"] == str(limit) and 50 <= int(over.headers["retry-after"]) <= 60
+        fits = c.post("/v1/responses", json={"model": "cascade", "input": "hi", "max_output_tokens": 1}, headers=head)
+        assert fits.status_code == 200 and fits.headers["x-ratelimit-remaining-tokens"] == "0", fits.text
+        huge = c.post("/v1/chat/completions", json={**BODY, "max_tokens": limit}, headers=head)
+        assert huge.status_code == 429 and huge.headers["x-should-retry"] == "false"
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        refused = db.execute("SELECT COUNT(*) FROM requests WHERE error_class='RequestLimitError'").fetchone()[0]
+    assert refused == 2 and upstream.stats()["requests"] == 3
