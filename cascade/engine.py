@@ -294,17 +294,12 @@ class Engine:
         return total if budget is None or budget.cost_usd is None else min(total, budget.cost_usd)
 
     def tokens_asked(self, request: GenerationRequest, model: str | None) -> int:
-        """What ``request`` counts against a tokens-per-minute limit, as OpenAI counts it: its prompt (the first
-        tier's count, or the rough one) and the most it may generate (its ``max_tokens``, or the largest
-        default of its route's tiers)."""
-        try:
-            tiers = self.resolve(model).tiers
-        except UnknownModelError:  # refused later, by the engine; counted as asked meanwhile
-            tiers = ()
-        prompt = tiers[0].backend.count_prompt_tokens(request) if tiers else None
-        if prompt is None:
-            prompt = request.rough_prompt_tokens()
-        return prompt + (request.max_tokens or max((t.config.max_tokens for t in tiers), default=0))
+        """What ``request`` counts against a tokens-per-minute limit, as OpenAI counts it: its prompt and the
+        most it may generate (its ``max_tokens``, or the largest default of its route's tiers). The prompt is
+        counted without a tokenizer (``rough_prompt_tokens``): the same for every route, and no tokenizer
+        runs on the event loop for a request that may yet be refused."""
+        tiers = self.resolve(model).tiers
+        return request.rough_prompt_tokens() + (request.max_tokens or max(t.config.max_tokens for t in tiers))
 
     # --- the cascade ------------------------------------------------------------------------------
     async def run(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
@@ -446,6 +441,7 @@ class Engine:
         att.kept, att.decision = True, "final"
         rec.tier, rec.model, rec.escalated = tier.name, tc.model, att.index > 0
         error: CascadeError | None = None
+        recorded = False  # the row is written once: by the finally below, or as a cancellation
         try:
             # inside the try: a consumer that closes the stream here (its client gone before the response
             # started) still gets the live tier's call recorded, as at any later point
@@ -470,30 +466,39 @@ class Engine:
         except CascadeError as exc:
             error = exc
         except (asyncio.CancelledError, GeneratorExit):
+            if not sent:  # closed before any token reached the client: as a client gone before the first token
+                recorded = True
+                await agen.aclose()
+                self._mark_cancelled(att, started, tier, req)
+                att.completion_tokens = len(first.tokens)  # the first chunk had come: billed
+                att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
+                merge_provider_attempts(rec.attempts, att, provider_log, served=False)
+                rec.tier, rec.model, rec.escalated = None, None, False
+                await self._record_failure(rec, None, route, t0)
+                raise
             error = self._cancel_reason()
             raise
         finally:
-            await agen.aclose()
-            att.latency_ms = (time.perf_counter() - started) * 1e3
-            att.text = "".join(text)
-            # a broken stream has no usage: the provider still billed the prompt, so estimate it
-            att.prompt_tokens = usage.prompt_tokens if usage else tier.backend.estimate_prompt_tokens(req)
-            att.completion_tokens = usage.completion_tokens if usage else len(tokens)
-            att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
-            merge_provider_attempts(rec.attempts, att, provider_log, served=True)  # provider price, failed attempts
-            att.features = extract_features(tokens)
-            att.confidence = decide(att.features, live.calibrator, 0.0, is_last=True).confidence
-            att.reason = "last tier always answers (streamed)"
-            if error is not None:
-                att.error_class, att.error_message = type(error).__name__, error.message
-                att.reason += f"; stream broke after {len(tokens)} tokens"
-                rec.status = "partial" if sent else "error"
-                rec.error_class, rec.error_message = type(error).__name__, error.message
-                if not sent and isinstance(error, ClientDisconnected) and self._aborted is None:
-                    # as any request whose client left before its answer: nothing was served
-                    rec.status, rec.error_message, att.kept = "cancelled", "cancelled", False
-            self._finish(rec, route=route, t0=t0)
-            await asyncio.shield(self._submit(rec, live.original))
+            if not recorded:
+                await agen.aclose()
+                att.latency_ms = (time.perf_counter() - started) * 1e3
+                att.text = "".join(text)
+                # a broken stream has no usage: the provider still billed the prompt, so estimate it
+                att.prompt_tokens = usage.prompt_tokens if usage else tier.backend.estimate_prompt_tokens(req)
+                att.completion_tokens = usage.completion_tokens if usage else len(tokens)
+                att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
+                # the provider's price, and its failed attempts
+                merge_provider_attempts(rec.attempts, att, provider_log, served=True)
+                att.features = extract_features(tokens)
+                att.confidence = decide(att.features, live.calibrator, 0.0, is_last=True).confidence
+                att.reason = "last tier always answers (streamed)"
+                if error is not None:
+                    att.error_class, att.error_message = type(error).__name__, error.message
+                    att.reason += f"; stream broke after {len(tokens)} tokens"
+                    rec.status = "partial" if sent else "error"
+                    rec.error_class, rec.error_message = type(error).__name__, error.message
+                self._finish(rec, route=route, t0=t0)
+                await asyncio.shield(self._submit(rec, live.original))
         if error is not None:
             yield StreamFailed(record=rec, error=error)
             return

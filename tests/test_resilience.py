@@ -998,16 +998,23 @@ def test_fault_server_runs_by_hand():
 
 async def test_a_stream_closed_as_it_starts_is_still_in_the_ledger(servers, make_engine, tmp_path):
     """A consumer that closes the engine's stream right after its first event (an HTTP client gone before
-    the response started, whose body iterator never ran) leaves the live tier's call in the ledger as a
-    cancelled request with its billed prompt, not nowhere."""
+    the response started, whose body iterator never ran) leaves the live tier's call in the ledger, as any
+    request cancelled before its first token: a cancelled row serving nothing, its attempt an error billed
+    for what the tier had done. During a shutdown that ran out of time, the row says so."""
+    from cascade.errors import ServerShutdown
+
     eng = await make_engine([{"name": "t", "backend": "openai", "model": "m", "threshold": 0.0,
                               "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
                               "options": {"base_url": servers["a"].base_url}}])
-    events = eng.stream(Q, model="t")
-    first = await anext(events)
-    assert type(first).__name__ == "StreamStart"
-    await events.aclose()
-    rows = db_rows(tmp_path, "SELECT r.status, r.error_class, a.decision, a.prompt_tokens, a.cost_usd "
-                             "FROM requests r JOIN attempts a USING (request_id)")
-    assert len(rows) == 1 and rows[0][:3] == ("cancelled", "ClientDisconnected", "final")
-    assert rows[0][3] > 0 and rows[0][4] > 0
+    for _ in range(2):
+        events = eng.stream(Q, model="t")
+        first = await anext(events)
+        assert type(first).__name__ == "StreamStart"
+        await events.aclose()
+        eng.abort_in_flight(ServerShutdown("the server stopped"))   # the second one: during a shutdown
+    rows = db_rows(tmp_path, "SELECT r.status, r.error_class, r.tier, r.escalation_waste_usd, a.decision, a.kept, "
+                             "a.error_class, a.prompt_tokens, a.cost_usd FROM requests r JOIN attempts a "
+                             "USING (request_id) ORDER BY r.created_at")
+    assert [r[:7] for r in rows] == [("cancelled", "ClientDisconnected", None, rows[0][8], "error", 0, "Cancelled"),
+                                     ("error", "ServerShutdown", None, rows[1][8], "error", 0, "Cancelled")]
+    assert all(r[7] > 0 and r[8] > 0 for r in rows)
