@@ -225,25 +225,28 @@ class OpenAIBackend(Backend):
         try:
             api = self._client.chat.completions if chat else self._client.completions
             stream = await api.create(**kw)
-            finish: str | None = None
-            usage: Usage | None = None
-            async for ev in stream:
-                if ev.choices:
-                    ch = ev.choices[0]
-                    if chat:
-                        text = (ch.delta.content or "") if ch.delta else ""
-                        toks = _chat_tokens(ch.logprobs)
-                    else:
-                        text, toks = ch.text or "", _completion_tokens(ch.logprobs)
-                    finish = ch.finish_reason or finish
-                    if hold is not None:
-                        toks = hold.feed(text, toks)
-                    if text or toks:
-                        yield StreamChunk(text=text, tokens=toks)
-                if ev.usage is not None:
-                    usage = Usage(ev.usage.prompt_tokens or 0, ev.usage.completion_tokens or 0)
-            yield StreamChunk(text="", tokens=hold.finish() if hold is not None else (),
-                              finish_reason=finish or "stop", usage=usage)
+            try:
+                finish: str | None = None
+                usage: Usage | None = None
+                async for ev in stream:
+                    if ev.choices:
+                        ch = ev.choices[0]
+                        if chat:
+                            text = (ch.delta.content or "") if ch.delta else ""
+                            toks = _chat_tokens(ch.logprobs)
+                        else:
+                            text, toks = ch.text or "", _completion_tokens(ch.logprobs)
+                        finish = ch.finish_reason or finish
+                        if hold is not None:
+                            toks = hold.feed(text, toks)
+                        if text or toks:
+                            yield StreamChunk(text=text, tokens=toks)
+                    if ev.usage is not None:
+                        usage = Usage(ev.usage.prompt_tokens or 0, ev.usage.completion_tokens or 0)
+                yield StreamChunk(text="", tokens=hold.finish() if hold is not None else (),
+                                  finish_reason=finish or "stop", usage=usage)
+            finally:  # a consumer that stops early: the HTTP response is closed now, not by the collector
+                await stream.close()
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, self.name) from exc
 
