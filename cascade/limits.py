@@ -62,11 +62,12 @@ class Admission:
 
     def admit(self, key: str | None, *, requests_per_minute: int | None = None,
               max_concurrent: int | None = None, server_max_concurrent: int | None = None,
-              tokens_per_minute: int | None = None, tokens: int = 0) -> Ticket:
+              tokens_per_minute: int | None = None, tokens: "int | Callable[[], int]" = 0) -> Ticket:
         """Admit one completion request of ``key`` (None: a request without a key), or raise
         :class:`ServerOverloadedError` (503) or :class:`RequestLimitError` (429). A refused request takes
         nothing: no slot, no place in the window. ``tokens``: what the request counts against
-        ``tokens_per_minute`` (its prompt and its ``max_tokens``, as OpenAI counts them)."""
+        ``tokens_per_minute`` (its prompt and its ``max_tokens``, as OpenAI counts them), or a function
+        that counts them, called only once the cheaper limits have let the request through."""
         key = key or ANONYMOUS
         # the key's own limits first (its fault: 429), then the server's (503); nothing is taken until all pass
         if max_concurrent is not None and self._in_flight.get(key, 0) >= max_concurrent:
@@ -88,7 +89,10 @@ class Admission:
                 err.retry_after = wait
                 err.headers = tuple(self._headers(requests_per_minute, window, now))
                 raise err
-        token_window = self._tokens_check(key, tokens_per_minute, tokens, now) if tokens_per_minute else None
+        token_window = None
+        if tokens_per_minute:
+            tokens = tokens() if callable(tokens) else tokens
+            token_window = self._tokens_check(key, tokens_per_minute, tokens, now)
         if server_max_concurrent is not None and self.in_flight >= server_max_concurrent:
             err = ServerOverloadedError(f"the server is at its limit of {server_max_concurrent} requests in flight; "
                                         "retry shortly")
@@ -98,6 +102,7 @@ class Admission:
             window.append(now)
             headers = self._headers(requests_per_minute, window, now)
         if token_window is not None and tokens_per_minute:
+            assert isinstance(tokens, int)
             token_window.append((now, tokens))
             self._token_sums[key] = self._token_sums.get(key, 0) + tokens
             headers += self._token_headers(tokens_per_minute, key, now)

@@ -27,11 +27,12 @@ MAX_FORWARDED_RETRY_AFTER_S = 60
 
 def retry_after_header(exc: CascadeError) -> str | None:
     """The ``Retry-After`` of an error response, in whole seconds: every 429 and 503 has one (1 s when nobody
-    said); a provider's hint is capped at :data:`MAX_FORWARDED_RETRY_AFTER_S`; our own (a daily limit's
+    said), but one that retrying cannot help; a provider's hint is capped at :data:`MAX_FORWARDED_RETRY_AFTER_S`; our own (a daily limit's
     reset) is given as it is."""
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is None or not retry_after == retry_after:  # None or NaN
-        return "1" if exc.status_code in (429, 503) else None
+        # a refusal that waiting cannot mend (x-should-retry: false) names no time to come back
+        return "1" if exc.status_code in (429, 503) and exc.should_retry is not False else None
     if isinstance(exc, ProviderError):
         retry_after = min(retry_after, MAX_FORWARDED_RETRY_AFTER_S)
     return str(max(1, math.ceil(retry_after)))

@@ -126,9 +126,9 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     engine = _engine(request)
     caller = _caller(request)
     model = body.model or engine.config.default_policy_name
-    # an unknown model is refused (and recorded) by the engine
-    if model in engine.config.policies or model in engine.tiers:
-        authorize(caller, model)
+    # an unknown model is refused here (404, recorded as every refusal), before it takes a place in any limit
+    engine.resolve(model)
+    authorize(caller, model)
     limit = engine.config.server.max_tokens_limit
     param, asked = body.max_tokens_asked()
     if asked is not None and asked > limit:
@@ -142,10 +142,9 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     holds: SpendHolds = request.app.state.spend_holds
     buckets = _spend_buckets(caller, body.attribution()["end_user"])
     await _check_daily_spend(engine, holds, buckets, caller.key_id)
-    req = body.to_engine() if buckets or (lim is not None and lim.tokens_per_minute) else None
-    if req is not None and buckets and (model in engine.config.policies or model in engine.tiers):
+    if buckets:
         # no await from the check to here: the next admission sees this request's worst case held
-        holds.hold(rid, tuple(b for b, *_ in buckets), engine.cost_ceiling(req, model, budget))
+        holds.hold(rid, tuple(b for b, *_ in buckets), engine.cost_ceiling(body.to_engine(), model, budget))
     # last, the key's rate and in-flight limits and the server's: a request refused above takes no place in
     # them; an admitted one holds its slots until its response is sent (AuthMiddleware releases them)
     try:
@@ -154,7 +153,7 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
             max_concurrent=lim.max_concurrent_requests if lim else None,
             server_max_concurrent=engine.config.server.max_concurrent_requests,
             tokens_per_minute=lim.tokens_per_minute if lim else None,
-            tokens=engine.tokens_asked(req, model) if req is not None and lim and lim.tokens_per_minute else 0)
+            tokens=lambda: engine.tokens_asked(body.to_engine(), model))
     except CascadeError:
         holds.release(rid)
         raise

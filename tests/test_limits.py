@@ -393,6 +393,8 @@ def test_a_key_over_its_tokens_per_minute_gets_429_with_openais_token_headers(tm
                                 auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "t"}]}))
     head = {"authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=srv.url, timeout=30) as c:
+        unknown = c.post("/v1/chat/completions", json={**BODY, "model": "nope", "max_tokens": 3}, headers=head)
+        assert unknown.status_code == 404                 # refused before it took a place in the window
         ok = [c.post("/v1/chat/completions", json=BODY, headers=head) for _ in range(2)]
         assert [r.status_code for r in ok] == [200, 200]
         assert [int(r.headers["x-ratelimit-remaining-tokens"]) for r in ok] == [2 * prompt + 5, prompt + 1]
@@ -406,6 +408,10 @@ def test_a_key_over_its_tokens_per_minute_gets_429_with_openais_token_headers(tm
         assert fits.status_code == 200 and fits.headers["x-ratelimit-remaining-tokens"] == "0", fits.text
         huge = c.post("/v1/chat/completions", json={**BODY, "max_tokens": limit}, headers=head)
         assert huge.status_code == 429 and huge.headers["x-should-retry"] == "false"
+        assert "retry-after" not in huge.headers          # no time would make it fit
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
         refused = db.execute("SELECT COUNT(*) FROM requests WHERE error_class='RequestLimitError'").fetchone()[0]
     assert refused == 2 and upstream.stats()["requests"] == 3
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:  # the unknown model is in the ledger all the same
+        assert db.execute("SELECT status, error_class, policy FROM requests WHERE request_id=?",
+                          (unknown.headers["x-request-id"],)).fetchone() == ("error", "UnknownModelError", "nope")
