@@ -330,6 +330,9 @@ class CacheConfig(_Strict):
     max_bytes: int | None = Field(256 * 1024 * 1024, ge=1)
     #: "key": a key gets only answers first given to it; "global": any caller of the same user tier
     scope: Literal["key", "global"] = "key"
+    #: a stream identical to a request being answered waits for that answer and is served it from the cache
+    #: (one model call for the burst, but its first token comes only once the whole answer is in)
+    coalesce_streams: bool = False
 
 
 class DriftConfig(_Strict):

@@ -369,22 +369,35 @@ class Engine:
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         t0 = time.perf_counter()
         slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
+        # with cache.coalesce_streams, wait for an identical request being answered, as run_uncommitted does
+        if (hit is None and slot is not None and cache == "use" and self.config.cache.coalesce_streams
+                and (budget is None or budget.latency_s is None)):
+            if await self._cache_follow(slot, rec, model, t0):
+                slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
         if hit is not None:
             await self._serve_cached(rec, hit, t0)
             served: GenerationResult = hit.result
         else:
-            route, outcome = await self._start(rec, model, request, budget, t0, stream_last=True)
-            if not isinstance(outcome, GenerationResult):
-                live = self._stream_live(outcome, route, rec, t0, slot)
-                try:
-                    async for event in live:
-                        yield event
-                finally:  # closed with this stream, not whenever the collector gets to it: its row is written now
-                    await live.aclose()
-                return
-            self._finish(rec, route=route, t0=t0)  # a buffered answer was kept
-            await self._submit(rec, request)
-            self._cache_put(slot, rec, outcome)
+            # identical requests arriving meanwhile (non-streamed ones, and streams if they coalesce) wait for
+            # this answer: they are woken once it is stored, or is not to be
+            lead = self._cache_lead(slot)
+            try:
+                route, outcome = await self._start(rec, model, request, budget, t0, stream_last=True)
+                if not isinstance(outcome, GenerationResult):
+                    live = self._stream_live(outcome, route, rec, t0, slot)
+                    try:
+                        async for event in live:
+                            if isinstance(event, (StreamEnd, StreamFailed)):  # stored (or not): wake the others
+                                self._cache_settle(slot, lead)
+                            yield event
+                    finally:  # closed with this stream, not whenever the collector gets to it: its row is written
+                        await live.aclose()
+                    return
+                self._finish(rec, route=route, t0=t0)  # a buffered answer was kept
+                await self._submit(rec, request)
+                self._cache_put(slot, rec, outcome)
+            finally:
+                self._cache_settle(slot, lead)
             served = outcome
         yield StreamStart(record=rec, tier=rec.tier or "")
         for chunk in served.replay():  # the text as served whole (stop-trimmed), its tokens cut to it
@@ -550,7 +563,7 @@ class Engine:
         return (key, self.cache.generation), (self.cache.get(key) if mode == "use" else None)
 
     async def _cache_follow(self, slot: tuple[str, int], rec: CascadeRecord, model: str | None, t0: float) -> bool:
-        """Wait for the identical request already being answered, if there is one (non-streamed, see
+        """Wait for the identical request already being answered, if there is one (streamed or not, see
         :meth:`_cache_lead`), until it is done and its answer stored or not: a burst of the same request costs
         one model call, since the caller then finds the answer in the cache. Returns whether it waited (False
         at once when there is no such request). When the answer was not stored (it failed, was cancelled, or

@@ -3,6 +3,7 @@ in front of a real OpenAI-protocol server on loopback (tests/fault_server.py), w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 
@@ -571,3 +572,78 @@ def test_an_answer_escalated_past_a_tier_that_answered_after_a_retry_is_stored(t
     assert [(x["tier"], x["error_class"]) for x in first["attempts"]] == [
         ("small", "ProviderServerError"), ("small", None), ("large", None)]
     assert again["cached_from"] == first["request_id"]
+
+
+def _stream_text(c: httpx.Client, body: dict, key: str = A) -> tuple[str, dict, dict]:
+    """A streamed chat completion: (its text, its final `cascade` object, its response headers)."""
+    text, block = "", {}
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
+                  headers={"authorization": f"Bearer {key}"}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                obj = json.loads(line[6:])
+                for ch in obj.get("choices") or ():
+                    text += ch.get("delta", {}).get("content") or ""
+                block = obj.get("cascade", block)
+        return text, block, dict(r.headers)
+
+
+@pytest.mark.parametrize("coalesce", [False, True])
+async def test_requests_arriving_while_a_stream_is_answered_wait_for_it(tmp_path, upstream, serve_app, coalesce):
+    """A stream being answered leads a burst as a non-streamed request does: identical non-streamed requests
+    wait for its answer and are served it (one model call). Identical streams wait too only with
+    ``cache.coalesce_streams`` (their first token then comes with the whole answer); otherwise each streams
+    its own."""
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    server = serve_app(make_config(tmp_path, [remote], cache={"enabled": True, "coalesce_streams": coalesce}))
+    upstream.faults(delay_s=1.0)
+
+    def one(stream: bool):  # noqa: ANN202
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            if stream:
+                return _stream_text(c, BODY)
+            r = c.post("/v1/chat/completions", json=BODY)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"], r.json()["cascade"], dict(r.headers)
+
+    lead = asyncio.create_task(asyncio.to_thread(one, True))
+    while upstream.stats()["requests"] == 0:
+        await asyncio.sleep(0.02)
+    others = await asyncio.gather(*(asyncio.to_thread(one, s) for s in (False, False, True)))
+    text, paid, _ = await lead
+    assert paid["cached_from"] is None and text
+    assert all(t == text for t, _, _ in others)
+    assert [o[1]["cached_from"] for o in others[:2]] == [paid["request_id"]] * 2
+    stream_follower = others[2][1]
+    if coalesce:
+        assert stream_follower["cached_from"] == paid["request_id"] and stream_follower["cost_usd"] == 0
+        assert others[2][2]["x-cascade-cached-from"] == paid["request_id"]
+        assert upstream.stats()["requests"] == 1
+    else:
+        assert stream_follower["cached_from"] is None and upstream.stats()["requests"] == 2
+
+
+async def test_when_a_leading_stream_breaks_the_others_answer_for_themselves(tmp_path, upstream, serve_app):
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    server = serve_app(make_config(tmp_path, [remote], cache={"enabled": True, "coalesce_streams": True}))
+
+    def one(stream: bool):  # noqa: ANN202
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            if stream:
+                with c.stream("POST", "/v1/chat/completions", json={**BODY, "stream": True}) as r:
+                    return r.status_code, r.read().decode()
+            r = c.post("/v1/chat/completions", json=BODY)
+            return r.status_code, r.text
+
+    upstream.faults("drop:2", delay_s=1.0)                # every answer after 1 s; the first cut after 2 chunks
+    lead = asyncio.create_task(asyncio.to_thread(one, True))
+    while upstream.stats()["requests"] == 0:
+        await asyncio.sleep(0.01)
+    others = await asyncio.gather(*(asyncio.to_thread(one, s) for s in (False, True)))
+    code, body = await lead
+    assert code == 200 and "stream interrupted" in body     # the leader's own stream broke
+    assert [c for c, _ in others] == [200, 200] and all("interrupted" not in b for _, b in others)
+    assert upstream.stats()["requests"] == 3                # not handed the leader's failure: each asked
