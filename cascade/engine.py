@@ -385,12 +385,18 @@ class Engine:
                 route, outcome = await self._start(rec, model, request, budget, t0, stream_last=True)
                 if not isinstance(outcome, GenerationResult):
                     live = self._stream_live(outcome, route, rec, t0, slot)
+                    # past the live tier's time limit nothing will be stored: wake the others then, even if this
+                    # stream's own client has stopped reading (its time limit only bounds the model)
+                    wake = (asyncio.get_running_loop().call_later(outcome.timeout, self._cache_settle, slot, lead)
+                            if lead is not None else None)
                     try:
                         async for event in live:
                             if isinstance(event, (StreamEnd, StreamFailed)):  # stored (or not): wake the others
                                 self._cache_settle(slot, lead)
                             yield event
                     finally:  # closed with this stream, not whenever the collector gets to it: its row is written
+                        if wake is not None:
+                            wake.cancel()
                         await live.aclose()
                     return
                 self._finish(rec, route=route, t0=t0)  # a buffered answer was kept

@@ -11,8 +11,10 @@ import httpx
 import pytest
 
 from cascade.cache import CachedAnswer, ResponseCache, cache_key
+from cascade.engine import Engine
 from cascade.types import GenerationRequest, GenerationResult, Message, Usage
 from serving.auth import hash_key
+from serving.protocol import ChatCompletionRequest
 from tests.conftest import make_config
 from tests.fault_server import FaultServerThread
 
@@ -647,3 +649,28 @@ async def test_when_a_leading_stream_breaks_the_others_answer_for_themselves(tmp
     assert code == 200 and "stream interrupted" in body     # the leader's own stream broke
     assert [c for c, _ in others] == [200, 200] and all("interrupted" not in b for _, b in others)
     assert upstream.stats()["requests"] == 3                # not handed the leader's failure: each asked
+
+
+async def test_a_leading_stream_whose_reader_stalls_holds_no_one_past_its_time_limit(tmp_path, upstream):
+    """A leader stream whose consumer stops reading is parked at its next token, where no time limit of the
+    model runs; the requests waiting for it are woken at the live tier's time limit (nothing can be stored
+    after it) and answer for themselves, instead of waiting as long as that client keeps its connection."""
+    import time
+
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "timeout_s": 1.0, "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+              "options": {"base_url": upstream.base_url}}
+    engine = await Engine.open(make_config(tmp_path, [remote], cache={"enabled": True}))
+    try:
+        req = ChatCompletionRequest.model_validate(BODY).to_engine()
+        leader = engine.stream(req, model="cascade")
+        assert type(await anext(leader)).__name__ == "StreamStart"
+        assert type(await anext(leader)).__name__ == "StreamDelta"   # ... and its reader stops here
+        t = time.monotonic()
+        outcome, committed = await asyncio.wait_for(engine.run_uncommitted(req, model="cascade"), 10)
+        await committed
+        assert time.monotonic() - t < 5 and outcome.record.cached_from is None  # woken at 1 s from the start
+        assert upstream.stats()["requests"] == 2 and engine._inflight == {}
+        await leader.aclose()
+    finally:
+        await engine.close()
