@@ -142,9 +142,11 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     holds: SpendHolds = request.app.state.spend_holds
     buckets = _spend_buckets(caller, body.attribution()["end_user"])
     await _check_daily_spend(engine, holds, buckets, caller.key_id)
+    # the engine's request, once, for the limits that weigh it
+    req = body.to_engine() if buckets or (lim is not None and lim.tokens_per_minute) else None
     if buckets:
         # no await from the check to here: the next admission sees this request's worst case held
-        holds.hold(rid, tuple(b for b, *_ in buckets), engine.cost_ceiling(body.to_engine(), model, budget))
+        holds.hold(rid, tuple(b for b, *_ in buckets), engine.cost_ceiling(req, model, budget))
     # last, the key's rate and in-flight limits and the server's: a request refused above takes no place in
     # them; an admitted one holds its slots until its response is sent (AuthMiddleware releases them)
     try:
@@ -153,7 +155,7 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
             max_concurrent=lim.max_concurrent_requests if lim else None,
             server_max_concurrent=engine.config.server.max_concurrent_requests,
             tokens_per_minute=lim.tokens_per_minute if lim else None,
-            tokens=lambda: engine.tokens_asked(body.to_engine(), model))
+            tokens=lambda: engine.tokens_asked(req, model) if req is not None else 0)
     except CascadeError:
         holds.release(rid)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import threading
@@ -61,6 +62,22 @@ def make_config(tmp_path: Path, tiers: list[dict[str, Any]], policies: dict[str,
     }
     data.update(extra)
     return parse_config(data, source="<test>", environ={})
+
+
+def chat_stream(client: Any, body: dict[str, Any], headers: dict[str, str] | None = None
+                ) -> tuple[str, dict[str, Any] | None, dict[str, str]]:
+    """POST a streamed chat completion and read it whole: (its text, the final ``cascade`` object, the
+    response headers); asserts a 200."""
+    text, block = "", None
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, headers=headers or {}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                obj = json.loads(line[6:])
+                for ch in obj.get("choices") or ():
+                    text += ch.get("delta", {}).get("content") or ""
+                block = obj.get("cascade", block)
+        return text, block, dict(r.headers)
 
 
 def free_port() -> int:

@@ -8,7 +8,6 @@ test_recalibrate.py, which import the ``traffic`` fixture from here (as tests/pg
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ServerThread, tier
+from tests.conftest import ServerThread, chat_stream, tier
 
 # question, keyword of a right answer (feedback: thumbs up when the served answer contains it), stream?
 QUESTIONS = [
@@ -150,15 +149,7 @@ def _make_traffic(pytest_config: Any) -> Traffic:
             if i % 3 != 2:
                 body["metadata"] = {"team": ("search", "ads")[i % 2], "feature": "qa"}
             if stream:
-                text, block = "", None
-                with c.stream("POST", "/v1/chat/completions", json=body, headers=t.headers(key)) as r:
-                    assert r.status_code == 200, r.read()
-                    for line in r.iter_lines():
-                        if line.startswith("data: {"):
-                            obj = json.loads(line[6:])
-                            for ch in obj.get("choices") or ():
-                                text += ch.get("delta", {}).get("content") or ""
-                            block = obj.get("cascade", block)
+                text, block, _ = chat_stream(c, body, t.headers(key))
                 rid = block["request_id"]
             else:
                 r = c.post("/v1/chat/completions", json=body, headers=t.headers(key))

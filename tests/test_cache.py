@@ -15,7 +15,7 @@ from cascade.engine import Engine
 from cascade.types import GenerationRequest, GenerationResult, Message, Usage
 from serving.auth import hash_key
 from serving.protocol import ChatCompletionRequest
-from tests.conftest import make_config
+from tests.conftest import chat_stream, make_config
 from tests.fault_server import FaultServerThread
 
 
@@ -576,21 +576,6 @@ def test_an_answer_escalated_past_a_tier_that_answered_after_a_retry_is_stored(t
     assert again["cached_from"] == first["request_id"]
 
 
-def _stream_text(c: httpx.Client, body: dict, key: str = A) -> tuple[str, dict, dict]:
-    """A streamed chat completion: (its text, its final `cascade` object, its response headers)."""
-    text, block = "", {}
-    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
-                  headers={"authorization": f"Bearer {key}"}) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                obj = json.loads(line[6:])
-                for ch in obj.get("choices") or ():
-                    text += ch.get("delta", {}).get("content") or ""
-                block = obj.get("cascade", block)
-        return text, block, dict(r.headers)
-
-
 @pytest.mark.parametrize("coalesce", [False, True])
 async def test_requests_arriving_while_a_stream_is_answered_wait_for_it(tmp_path, upstream, serve_app, coalesce):
     """A stream being answered leads a burst as a non-streamed request does: identical non-streamed requests
@@ -605,7 +590,7 @@ async def test_requests_arriving_while_a_stream_is_answered_wait_for_it(tmp_path
     def one(stream: bool):  # noqa: ANN202
         with httpx.Client(base_url=server.url, timeout=30) as c:
             if stream:
-                return _stream_text(c, BODY)
+                return chat_stream(c, BODY)
             r = c.post("/v1/chat/completions", json=BODY)
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["message"]["content"], r.json()["cascade"], dict(r.headers)
