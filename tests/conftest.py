@@ -20,6 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_MODEL = "smollm2-135m"
+#: where the transformers backend's own tests run the model: ``cpu`` (CI), or ``cuda`` on a GPU host
+TEST_DEVICE = os.environ.get("CASCADE_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +36,7 @@ def smol_path() -> Path:
 async def smol_backend(smol_path: Path):
     from cascade.backends.transformers_backend import TransformersBackend
 
-    backend = TransformersBackend(model=str(smol_path), name="smol", threads=2)
+    backend = TransformersBackend(model=str(smol_path), name="smol", threads=2, device=TEST_DEVICE)
     await backend.start()
     yield backend
     await backend.close()

@@ -1,12 +1,14 @@
-"""The transformers backend on the real SmolLM2-135M model."""
+"""The transformers backend on the real SmolLM2-135M model (on the CPU; ``CASCADE_TEST_DEVICE=cuda`` runs the
+same tests on a GPU)."""
 
 import asyncio
 
 import pytest
 import torch
 
-from cascade.errors import ContextLengthExceededError
+from cascade.errors import ConfigError, ContextLengthExceededError
 from cascade.types import GenerationRequest, Message
+from tests.conftest import TEST_DEVICE
 
 Q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=10, top_logprobs=5)
 
@@ -17,7 +19,7 @@ async def test_logprobs_equal_a_direct_forward_pass(smol_backend):
     ids = smol_backend._prompt_ids(Q)
     full = ids + [t.token_id for t in res.tokens]
     with torch.inference_mode():
-        logits = smol_backend._model(torch.tensor([full])).logits.float()
+        logits = smol_backend._model(torch.tensor([full], device=smol_backend._model.device)).logits.float()
     lp = torch.log_softmax(logits, dim=-1)[0]
     start = len(ids)
     for j, tok in enumerate(res.tokens):
@@ -41,6 +43,41 @@ async def test_concurrent_requests_batch_and_match_solo_runs(smol_backend):
         assert max(abs(x.logprob - y.logprob) for x, y in zip(solo.tokens, b.tokens, strict=True)) < 1e-3
 
 
+async def test_a_stream_carries_the_tokens_and_logprobs_of_the_whole_answer(smol_backend):
+    whole = await smol_backend.generate(Q)
+    chunks = [c async for c in smol_backend.stream(Q)]
+    streamed = [t for c in chunks for t in c.tokens]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t.token_id for t in streamed] == [t.token_id for t in whole.tokens]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(streamed, whole.tokens, strict=True)) < 1e-3
+    assert [a.token_id for a in streamed[0].top] == [a.token_id for a in whole.tokens[0].top]
+    assert chunks[-1].finish_reason == whole.finish_reason and chunks[-1].usage == whole.usage
+
+
+async def test_device_option(smol_path):
+    """``device`` names where the model runs: a malformed one is refused when the tier is built, a GPU that is
+    not there when it starts (with what torch sees), and ``auto`` takes CUDA only where torch has it."""
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    with pytest.raises(ConfigError, match=r"options.device: must be cpu, cuda, cuda:N or auto, got 'gpu'"):
+        TransformersBackend(model=str(smol_path), name="d", device="gpu")
+    missing = TransformersBackend(model=str(smol_path), name="d", device="cuda:99")
+    with pytest.raises(ConfigError, match="'cuda:99' asked for"):  # `cascade serve` checks before it starts
+        missing.check()
+    with pytest.raises(ConfigError, match=r"'cuda:99' asked for, but torch sees (no CUDA device|\d+ CUDA)"):
+        await missing.start()
+    assert not missing.ready
+    auto = TransformersBackend(model=str(smol_path), name="d", device="auto", threads=2)
+    assert auto.device == "auto"
+    await auto.start()
+    try:
+        assert auto.device == ("cuda:0" if torch.cuda.is_available() else "cpu")
+        assert str(auto._model.device) == auto.device
+        assert (await auto.generate(Q.with_(max_tokens=2))).usage.completion_tokens == 2
+    finally:
+        await auto.close()
+
+
 async def test_stop_sequence_and_max_tokens(smol_backend):
     res = await smol_backend.generate(Q.with_(stop=("Paris",)))
     assert "Paris" not in res.text and res.finish_reason == "stop"
@@ -56,7 +93,7 @@ async def test_raw_prompt_completion(smol_backend):
 async def test_prompt_longer_than_context_is_refused(smol_path):
     from cascade.backends.transformers_backend import TransformersBackend
 
-    b = TransformersBackend(model=str(smol_path), name="tiny-ctx", context_length=32, threads=2)
+    b = TransformersBackend(model=str(smol_path), name="tiny-ctx", device=TEST_DEVICE, context_length=32, threads=2)
     await b.start()
     try:
         with pytest.raises(ContextLengthExceededError, match="context of 32 tokens"):
@@ -76,7 +113,7 @@ async def test_a_request_cancelled_while_the_model_loads_leaves_the_backend_read
     loaded with no worker: every later request to the tier then failed."""
     from cascade.backends.transformers_backend import TransformersBackend
 
-    b = TransformersBackend(model=str(smol_path), name="smol-cancel", threads=2)
+    b = TransformersBackend(model=str(smol_path), name="smol-cancel", device=TEST_DEVICE, threads=2)
     try:
         first = asyncio.create_task(b.generate(GenerationRequest(prompt="The capital of France is", max_tokens=3)))
         await asyncio.sleep(0.05)  # the load (about a second) is under way in the compute thread
@@ -111,7 +148,7 @@ async def test_a_stream_abandoned_while_queued_never_runs_and_close_logs_no_erro
     from cascade.errors import ProviderServerError
 
     loop = asyncio.get_running_loop()
-    b = TransformersBackend(model=str(smol_path), name="smol-abandon", threads=2)
+    b = TransformersBackend(model=str(smol_path), name="smol-abandon", device=TEST_DEVICE, threads=2)
     await b.start()
     holder = None
     try:
@@ -163,7 +200,7 @@ async def test_close_ends_a_live_stream(smol_path):
     from cascade.errors import ProviderServerError
 
     loop = asyncio.get_running_loop()
-    b = TransformersBackend(model=str(smol_path), name="smol-close-stream", threads=2)
+    b = TransformersBackend(model=str(smol_path), name="smol-close-stream", device=TEST_DEVICE, threads=2)
     await b.start()
     try:
         stream = b.stream(GenerationRequest(prompt="Count from 1 to 1000: 1, 2, 3, 4,", max_tokens=300))

@@ -1,11 +1,13 @@
-"""CPU fallback backend: a Hugging Face transformers model, run in-process with torch.
+"""The transformers backend: a Hugging Face transformers model, run in-process with torch.
+
+The CPU fallback (tests, laptops) and, with ``device: cuda``, a GPU tier where vLLM is not installed.
 
 * Real forward passes; token logprobs are ``log_softmax`` of the model's raw logits at each step, so they
   equal a direct forward pass over prompt + answer (tested to 1e-4).
 * Requests that wait while the model is busy are generated together in one left-padded batch (same
   sampling settings only; greedy by default).
 * All transformers backends of a process share one compute thread: on a small CPU, two models generating
-  at once only fight over the same cores.
+  at once only fight over the same cores (and on one GPU, over its streams).
 * A request whose caller goes away (cancelled task: client disconnect, latency budget) stops its batch
   early once every request in it is cancelled.
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections import deque
@@ -35,6 +38,7 @@ from cascade.types import (
 )
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"(cpu|auto|cuda(:\d+)?)")
 
 
 def _tokens_to(pieces: list[str], end: int) -> int:
@@ -86,17 +90,21 @@ class TransformersBackend(Backend):
 
     def __init__(self, *, model: str, name: str | None = None, cache_dir: str | Path | None = None,
                  dtype: str = "float32", threads: int | None = None, max_batch_size: int = 8,
-                 context_length: int | None = None, **unknown: Any) -> None:
+                 device: str = "cpu", context_length: int | None = None, **unknown: Any) -> None:
         super().__init__(model=model, name=name)
         if unknown:
             raise ConfigError(f"tier {self.name!r}: unknown transformers option(s) {sorted(unknown)}; "
-                              "known: dtype, threads, max_batch_size")
+                              "known: dtype, threads, max_batch_size, device")
         if dtype not in _DTYPES:
             raise ConfigError(f"tiers.{self.name}.options.dtype: must be one of {_DTYPES}, got {dtype!r}")
+        if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+            raise ConfigError(f"tiers.{self.name}.options.device: must be cpu, cuda, cuda:N or auto, got {device!r}")
         threads = option_int(self.name, "threads", threads, optional=True)
         max_batch_size = option_int(self.name, "max_batch_size", max_batch_size)
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._dtype_name = dtype
+        self._device_asked = device
+        self._device: Any = None  # the torch.device, at start
         self._threads = threads
         self._max_batch = int(max_batch_size)
         self._configured_ctx = context_length
@@ -132,6 +140,11 @@ class TransformersBackend(Backend):
     def model_path(self) -> Path | None:
         return self._path
 
+    @property
+    def device(self) -> str:
+        """Where the model runs: the torch device once started (``auto`` resolved), else what was asked."""
+        return str(self._device) if self._device is not None else self._device_asked
+
     def check(self) -> None:
         import json
 
@@ -146,6 +159,10 @@ class TransformersBackend(Backend):
                               param="model") from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"tier {self.name!r}: cannot read {config}: {exc}", param="model") from None
+        if self._device_asked.startswith("cuda"):  # a GPU that is not there (only then is torch imported)
+            import torch
+
+            self._torch_device(torch)
 
     async def start(self) -> None:
         """Load the model and start the batching worker (once; see ``StartOnce``)."""
@@ -173,11 +190,16 @@ class TransformersBackend(Backend):
         hf_logging.disable_progress_bar()
         if self._threads:
             torch.set_num_threads(int(self._threads))
+        device = self._torch_device(torch)
         try:
             tok = AutoTokenizer.from_pretrained(str(self._path))
             model = AutoModelForCausalLM.from_pretrained(str(self._path), dtype=getattr(torch, self._dtype_name))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"tier {self.name!r}: cannot load model from {self._path}: {exc}") from exc
+        try:
+            model.to(device)
+        except RuntimeError as exc:  # CUDA out of memory among them
+            raise ConfigError(f"tier {self.name!r}: cannot put the model on {device}: {exc}") from exc
         model.eval()
         tok.padding_side = "left"
         if tok.pad_token_id is None:
@@ -190,6 +212,22 @@ class TransformersBackend(Backend):
         if tok.eos_token_id is not None:
             eos_ids.add(tok.eos_token_id)
         self._eos_ids = sorted(eos_ids)
+        self._device = device
+
+    def _torch_device(self, torch: Any) -> Any:
+        """The device asked for, checked against what this torch can use (``auto``: CUDA when there is one)."""
+        asked = self._device_asked
+        if asked == "auto":
+            asked = "cuda" if torch.cuda.is_available() else "cpu"
+        if asked == "cpu":
+            return torch.device("cpu")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(asked.partition(":")[2] or 0)
+        if index >= count:
+            seen = f"{count} CUDA device(s)" if count else f"no CUDA device (torch {torch.__version__})"
+            raise ConfigError(f"tiers.{self.name}.options.device: {self._device_asked!r} asked for, "
+                              f"but torch sees {seen}")
+        return torch.device("cuda", index)
 
     async def close(self) -> None:
         await self._start_once.settle()
@@ -344,7 +382,7 @@ class TransformersBackend(Backend):
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
         sample = request.temperature > 0
         cfg = GenerationConfig(
@@ -358,7 +396,9 @@ class TransformersBackend(Backend):
             with torch.inference_mode():
                 if sample and request.seed is not None:
                     torch.manual_seed(request.seed)
-                model.generate(input_ids=torch.tensor([ids], dtype=torch.long), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                dev = self._device
+                model.generate(input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
+                               attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=dev),
                                generation_config=cfg, streamer=streamer,
                                stopping_criteria=StoppingCriteriaList([_Cancelled()]))
         except Exception:
@@ -430,17 +470,18 @@ class TransformersBackend(Backend):
         req0 = batch[0].request
         width = max(len(p.prompt_ids) for p in batch)
         pad = tok.pad_token_id
+        dev = self._device
         input_ids = torch.tensor([[pad] * (width - len(p.prompt_ids)) + p.prompt_ids for p in batch],
-                                 dtype=torch.long)
+                                 dtype=torch.long, device=dev)
         attention = torch.tensor([[0] * (width - len(p.prompt_ids)) + [1] * len(p.prompt_ids) for p in batch],
-                                 dtype=torch.long)
+                                 dtype=torch.long, device=dev)
         max_new = max(p.request.max_tokens or 16 for p in batch)
         top_k = max(p.request.top_logprobs for p in batch)
 
         class _AllCancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
                 stop = all(p.cancelled.is_set() for p in batch)
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         first_token_at: list[float] = []
 
@@ -448,7 +489,7 @@ class TransformersBackend(Backend):
             def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
                 if not first_token_at:
                     first_token_at.append(time.perf_counter())
-                return torch.zeros((input_ids.shape[0],), dtype=torch.bool)
+                return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
 
         sample = req0.temperature > 0
         cfg = GenerationConfig(
@@ -469,9 +510,10 @@ class TransformersBackend(Backend):
             logits = torch.stack(out.logits, dim=1).float()  # (B, T, V)
             logprobs = torch.log_softmax(logits, dim=-1)
             gen = out.sequences[:, width:]
-            chosen = torch.gather(logprobs, 2, gen.unsqueeze(-1)).squeeze(-1)
+            chosen = torch.gather(logprobs, 2, gen.unsqueeze(-1)).squeeze(-1).cpu()  # one copy off the device
             if top_k > 0:
-                top_vals, top_ids = torch.topk(logprobs, k=top_k, dim=-1)
+                top_vals, top_ids = (t.cpu() for t in torch.topk(logprobs, k=top_k, dim=-1))
+            gen = gen.cpu()
         ttft = (first_token_at[0] - t0) if first_token_at else (time.perf_counter() - t0)
         results = []
         eos = set(self._eos_ids)
