@@ -262,3 +262,47 @@ def test_live_runner_two_questions_with_smollm2(smol_path, tmp_path):
     assert again["tiers"][0]["answered"] == 0 and again["tiers"][0]["from_cache"] == 2
     cached = (out / "cache" / "arc_easy" / "smollm2-135m.jsonl").read_text().splitlines()
     assert len(cached) == 2
+
+
+def test_transformers_throughput_tiny_on_the_cpu(tmp_path):
+    """The GPU benchmark's CPU smoke size: a real model and a random-weights one, each level measured after
+    its warm-up batch, written as JSON and PNG."""
+    from benchmarks.transformers_throughput import main
+
+    assert main(["--tiny", "--random-init", "smollm2-135m", "--out", str(tmp_path), "--quiet"]) == 0
+    d = json.loads((tmp_path / "transformers_throughput_tiny.json").read_text())
+    assert (tmp_path / "transformers_throughput_tiny.png").stat().st_size > 10_000
+    assert [m["model"] for m in d["models"]] == ["smollm2-135m", "smollm2-135m (random weights)"]
+    assert all(m["device"] == "cpu" and m["load_s"] > 0 for m in d["models"])
+    assert [(r["model"], r["concurrency"]) for r in d["rows"]] == [
+        ("smollm2-135m", 1), ("smollm2-135m", 2),
+        ("smollm2-135m (random weights)", 1), ("smollm2-135m (random weights)", 2)]
+    for r in d["rows"]:
+        assert r["errors"] == 0 and r["ok"] == r["requests"] == max(2 * r["concurrency"], r["concurrency"])
+        assert r["tokens_per_s"] > 0 and r["warmup_s"] > 0 and r["latency_p50_s"] <= r["latency_p99_s"]
+        assert 1 <= r["mean_completion_tokens"] <= 4
+    assert d["parity"] == []  # on the CPU there is nothing to compare the CPU with
+    assert d["config"]["max_tokens"] == 4 and d["machine"]["git"]["commit"]
+
+
+async def test_transformers_throughput_parity_compares_real_answers(smol_path):
+    """Parity on real answers of two dtypes (here both on the CPU): the same answers give zero gaps, and the
+    gaps of a bfloat16 run are those of its token logprobs over the shared prefix."""
+    from benchmarks.transformers_throughput import answers, compare, parity_questions
+
+    qs = parity_questions(4)
+    assert len(set(qs)) == 4 and "capital" in qs[1] and "+" in qs[0]
+    f32 = await answers(smol_path, device="cpu", dtype="float32", questions=qs, max_tokens=8)
+    bf16 = await answers(smol_path, device="cpu", dtype="bfloat16", questions=qs, max_tokens=8)
+    same = compare(f32, f32)
+    assert same["same_text"] == 4 and same["token_logprob_abs_diff"]["max"] == 0
+    assert same["shared_tokens"] == sum(len(a.tokens) for a in f32)
+    gaps = compare(bf16, f32)
+    shared = []
+    for b, f in zip(bf16, f32, strict=True):
+        for x, y in zip(b.tokens, f.tokens):
+            if x.token_id != y.token_id:
+                break
+            shared.append(abs(x.logprob - y.logprob))
+    assert gaps["shared_tokens"] == len(shared) and gaps["token_logprob_abs_diff"]["max"] == round(max(shared), 6)
+    assert gaps["same_text"] == sum(b.text == f.text for b, f in zip(bf16, f32, strict=True))

@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Throughput of the transformers backend on a device (a GPU host without vLLM, or the CPU), and whether its
+confidence there is the confidence the calibrator was fitted on.
+
+    python benchmarks/transformers_throughput.py --model smollm2-135m --device cuda --dtype float32 bfloat16
+    python benchmarks/transformers_throughput.py --random-init qwen2.5-coder-1.5b --device cuda --dtype bfloat16
+    python benchmarks/transformers_throughput.py --tiny          # CPU smoke size: SmolLM2, a few tokens
+    python benchmarks/transformers_throughput.py --plot results/gpu/transformers_throughput.json   # PNG only
+
+``--model`` takes a prepared catalog id or a model directory. ``--random-init`` takes the same but keeps only
+the architecture and the tokenizer: the weights are drawn at random (seeded), so a model whose weights cannot
+reach the host is still measured at its real size. Its answers are noise and run to ``--max-tokens``; only its
+speed means anything.
+
+Throughput: the cascade's own ``TransformersBackend`` (chat template, batching of waiting requests, the logprob
+of every token and ``top_logprobs=5`` alternatives), greedy chat completions of a fixed ``--max-tokens``, at
+each concurrency level (``--requests`` per level, at most ``concurrency`` in flight; ``max_batch_size`` is the
+largest level). Each level first runs one untimed batch of its size (``warmup_s``: on a GPU the first batch of
+a new shape is several times slower). Reported per level: generated tokens/s, requests/s, p50/p99 latency;
+per model, load time and the device's peak memory.
+
+Parity (``--parity N``, real weights on a device other than the CPU): the same N short questions answered on
+the device and on the CPU in float32 (the setting the calibration data were produced with): how many answers
+are the same text, and by how much the per-token logprobs and the policy's features (mean and min token
+logprob) differ where they are. A calibrator is a function of those features: if they move, its
+confidence moves with them.
+
+Output: JSON (machine facts, GPUs, settings, every row) and a PNG under ``results/gpu/`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._common import RESULTS, machine_facts, read_json, rel, write_json  # noqa: E402
+from benchmarks.vllm_throughput import gpu_facts, prompts, run_level  # noqa: E402
+
+OUT_DIR = RESULTS / "gpu"
+TOP_LOGPROBS = 5
+CAPITALS = ["France", "Italy", "Japan", "Canada", "Egypt", "Peru", "Kenya", "Norway", "Chile", "Vietnam"]
+
+
+def parity_questions(n: int) -> list[str]:
+    """Short questions with short answers (sums and capitals), the same ones on every run."""
+    out = []
+    for i in range(n):
+        if i % 2:
+            out.append(f"What is the capital of {CAPITALS[(i // 2) % len(CAPITALS)]}? Answer in one word.")
+        else:
+            a, b = 17 + 37 * i, 205 + 91 * i
+            out.append(f"What is {a} + {b}? Answer with the number only.")
+    return out
+
+
+def chat(text: str, max_tokens: int) -> Any:
+    from cascade.types import GenerationRequest, Message
+
+    return GenerationRequest(messages=(Message("user", text),), max_tokens=max_tokens, temperature=0.0,
+                             top_logprobs=TOP_LOGPROBS)
+
+
+def backend_for(path: Path, *, device: str, dtype: str, batch: int, name: str) -> Any:
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend(model=str(path), name=name, device=device, dtype=dtype, max_batch_size=batch)
+
+
+def random_weights(source: Path, dest: Path, dtype: str, device: str) -> Path:
+    """A model directory with ``source``'s architecture and tokenizer and seeded random weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(source))
+    torch.manual_seed(0)
+    with torch.device(device):  # drawing a 1.5B model's weights on a CPU takes minutes; on a GPU, a moment
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(str(dest))
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(dest))
+    try:
+        GenerationConfig.from_pretrained(str(source)).save_pretrained(str(dest))
+    except OSError:
+        pass
+    del model
+    gc.collect()
+    return dest
+
+
+def device_memory() -> dict[str, float] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return {"peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+
+
+def reset_device_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+async def throughput(label: str, path: Path, dtype: str, args: argparse.Namespace, log) -> dict[str, Any]:
+    reset_device_memory()
+    backend = backend_for(path, device=args.device, dtype=dtype, batch=max(args.concurrency), name=label)
+    t0 = time.perf_counter()
+    await backend.start()
+    load_s = time.perf_counter() - t0
+    rows = []
+    try:
+        async def call(text: str) -> int:
+            return (await backend.generate(chat(text, args.max_tokens))).usage.completion_tokens
+
+        for c in args.concurrency:
+            # warm-up: one full batch of this level, not counted. On a GPU the first generation of a new
+            # batch size and length is several times slower (kernel selection, allocator); measured here as
+            # warmup_s, the cost a server pays on its first requests of each shape
+            t0 = time.perf_counter()
+            await asyncio.gather(*(call(t) for t in prompts(c)))
+            warmup_s = time.perf_counter() - t0
+            n = max(args.requests or 2 * c, c)
+            row = await run_level(call, prompts(n), c)
+            row.update(model=label, dtype=dtype, device=backend.device, warmup_s=round(warmup_s, 3))
+            rows.append(row)
+            log(f"  {label} {dtype} c={c:<3} {row['tokens_per_s']:>9} tok/s  {row['requests_per_s']:>7} req/s  "
+                f"p50 {row['latency_p50_s']} s  p99 {row['latency_p99_s']} s  warm-up {row['warmup_s']} s  "
+                f"errors {row['errors']}")
+    finally:
+        device = backend.device
+        await backend.close()
+        del backend
+    return {"model": label, "dtype": dtype, "device": device, "load_s": round(load_s, 2),
+            "memory": device_memory(), "rows": rows}
+
+
+async def answers(path: Path, *, device: str, dtype: str, questions: list[str], max_tokens: int) -> list[Any]:
+    backend = backend_for(path, device=device, dtype=dtype, batch=8, name=f"parity-{device}-{dtype}")
+    await backend.start()
+    try:
+        return list(await asyncio.gather(*(backend.generate(chat(q, max_tokens)) for q in questions)))
+    finally:
+        await backend.close()
+
+
+def compare(device_answers: list[Any], cpu_answers: list[Any]) -> dict[str, Any]:
+    """Same text? And the logprob gaps over the tokens both answers share (their common prefix)."""
+    token_gaps: list[float] = []
+    mean_gaps: list[float] = []
+    min_gaps: list[float] = []
+    same = 0
+    for d, c in zip(device_answers, cpu_answers, strict=True):
+        shared = 0
+        for a, b in zip(d.tokens, c.tokens):
+            if a.token_id != b.token_id:
+                break
+            token_gaps.append(abs(a.logprob - b.logprob))
+            shared += 1
+        if d.text == c.text and d.tokens:
+            same += 1
+            lp_d = [t.logprob for t in d.tokens]
+            lp_c = [t.logprob for t in c.tokens]
+            mean_gaps.append(abs(sum(lp_d) / len(lp_d) - sum(lp_c) / len(lp_c)))
+            min_gaps.append(abs(min(lp_d) - min(lp_c)))
+
+    def stats(xs: list[float]) -> dict[str, float | None]:
+        from benchmarks._common import percentile
+
+        return {"median": round(percentile(xs, 50), 6) if xs else None,
+                "p95": round(percentile(xs, 95), 6) if xs else None, "max": round(max(xs), 6) if xs else None}
+
+    return {"questions": len(cpu_answers), "same_text": same, "shared_tokens": len(token_gaps),
+            "token_logprob_abs_diff": stats(token_gaps), "mean_logprob_abs_diff": stats(mean_gaps),
+            "min_logprob_abs_diff": stats(min_gaps),
+            "examples": [{"device": d.text, "cpu": c.text} for d, c in zip(device_answers[:4], cpu_answers[:4])]}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from cascade.models import resolve_model_path
+
+    import torch
+
+    log = (lambda *_: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = Path(tempfile.mkdtemp(prefix="cascade-tt-"))
+    def label(m: str) -> str:  # a catalog id as is, a directory by its name
+        return Path(m).name if "/" in m else m
+
+    models: list[tuple[str, Path, bool]] = [(label(m), resolve_model_path(m), False) for m in args.model]
+    models += [(f"{label(m)} (random weights)", resolve_model_path(m), True) for m in args.random_init]
+    results, parity = [], []
+    try:
+        for label, path, random_init in models:
+            if random_init:
+                t0 = time.perf_counter()
+                path = random_weights(path, work / f"random-{len(results)}", args.dtype[0], args.device)
+                log(f"{label}: random weights drawn and saved in {time.perf_counter() - t0:.1f} s")
+            for dtype in args.dtype:
+                log(f"{label} on {args.device}, {dtype}")
+                results.append(await throughput(label, path, dtype, args, log))
+                if args.parity and not random_init and args.device != "cpu":
+                    qs = parity_questions(args.parity)
+                    dev = await answers(path, device=args.device, dtype=dtype, questions=qs, max_tokens=24)
+                    ref = await answers(path, device="cpu", dtype="float32", questions=qs, max_tokens=24)
+                    p = {"model": label, "device": args.device, "dtype": dtype, "reference": "cpu float32",
+                         **compare(dev, ref)}
+                    parity.append(p)
+                    log(f"  parity vs CPU float32: {p['same_text']}/{p['questions']} same text; token logprob "
+                        f"|diff| median {p['token_logprob_abs_diff']['median']}, max "
+                        f"{p['token_logprob_abs_diff']['max']}; mean-logprob |diff| max "
+                        f"{p['mean_logprob_abs_diff']['max']}")
+            if random_init:
+                shutil.rmtree(path, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "benchmark": "transformers_throughput",
+        "machine": machine_facts(models=[m for m, _, _ in models], gpus=gpu_facts()),
+        "config": {"device": args.device, "dtypes": args.dtype, "concurrency": args.concurrency,
+                   "max_tokens": args.max_tokens, "requests": args.requests, "top_logprobs": TOP_LOGPROBS,
+                   "parity_questions": args.parity, "max_batch_size": max(args.concurrency)},
+        "models": [{k: v for k, v in r.items() if k != "rows"} for r in results],
+        "rows": [row for r in results for row in r["rows"]],
+        "parity": parity,
+    }
+
+
+def plot(result: dict[str, Any], png: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed here: no PNG. Run `python {rel(__file__)} --plot JSON` where it is.",
+              file=sys.stderr)
+        return None
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for key in dict.fromkeys((r["model"], r["dtype"]) for r in rows):
+        rs = sorted((r for r in rows if (r["model"], r["dtype"]) == key), key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in rs]
+        line, = axes[0].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", label=f"{key[0]} {key[1]}")
+        axes[1].plot(xs, [r["latency_p50_s"] for r in rs], marker="o", color=line.get_color())
+        axes[1].plot(xs, [r["latency_p99_s"] for r in rs], marker="x", color=line.get_color(), alpha=0.5)
+    for ax, title, ylabel in ((axes[0], "throughput", "generated tokens/s"),
+                              (axes[1], "latency per request (o p50, x p99)", "seconds")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests (max_batch_size = largest level)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    m, cfg = result["machine"], result["config"]
+    where = ", ".join(m.get("gpus") or []) or f"CPU {m.get('cpu_model')} ({m.get('cores_usable')} cores)"
+    fig.suptitle(f"transformers backend on {cfg['device']}, max_tokens={cfg['max_tokens']}, "
+                 f"top_logprobs={cfg['top_logprobs']} - {where}", fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", default=[], help="catalog id or model directory (repeatable)")
+    ap.add_argument("--random-init", action="append", default=[], metavar="MODEL",
+                    help="catalog id or model directory whose architecture is measured with random weights")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    ap.add_argument("--dtype", nargs="+", default=None, help="float32 bfloat16 float16 (default: float32)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default 1 8 32)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 128)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per level (default 2 x concurrency)")
+    ap.add_argument("--parity", type=int, default=None, metavar="N",
+                    help="N questions answered on the device and on the CPU in float32, compared (default 16)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke size: SmolLM2, 2 levels, a few tokens")
+    ap.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the JSON and the PNG")
+    ap.add_argument("--name", default=None, help="file name stem (default transformers_throughput[_tiny])")
+    ap.add_argument("--plot", type=Path, default=None, metavar="JSON", help="only redraw the PNG of a JSON")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.plot:
+        png = plot(read_json(args.plot), args.plot.with_suffix(".png"))
+        print(png or "no PNG")
+        return 0
+    if args.tiny:
+        args.model = args.model or ["smollm2-135m"]
+        args.concurrency = args.concurrency or [1, 2]
+        args.max_tokens = args.max_tokens or 4
+        args.parity = 4 if args.parity is None else args.parity
+    if not args.model and not args.random_init:
+        ap.error("name a model: --model ID_OR_DIR and/or --random-init ID_OR_DIR (or --tiny)")
+    args.dtype = args.dtype or ["float32"]
+    args.concurrency = sorted(set(args.concurrency or [1, 8, 32]))
+    args.max_tokens = args.max_tokens or 128
+    args.parity = 16 if args.parity is None else args.parity
+    if min(args.concurrency) < 1 or args.max_tokens < 1:
+        ap.error("--concurrency and --max-tokens must be at least 1")
+    from cascade.errors import CascadeError
+
+    try:
+        result = asyncio.run(run(args))
+    except CascadeError as exc:
+        print(f"transformers_throughput: {exc}", file=sys.stderr)
+        return 2
+    stem = args.name or ("transformers_throughput_tiny" if args.tiny else "transformers_throughput")
+    path = write_json(args.out / f"{stem}.json", result)
+    png = plot(result, path.with_suffix(".png"))
+    print(rel(path))
+    if png:
+        print(rel(png))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
