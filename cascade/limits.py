@@ -87,12 +87,21 @@ class Admission:
                 err = RequestLimitError(f"rate limit of {requests_per_minute} requests per minute reached for this "
                                         f"key; retry in {reset_text(wait)}")
                 err.retry_after = wait
+                # both limits' headers on either refusal, as OpenAI sends them (the tokens' window as it stands)
                 err.headers = tuple(self._headers(requests_per_minute, window, now))
+                if tokens_per_minute:
+                    self._tokens_used(key, now)
+                    err.headers += tuple(self._token_headers(tokens_per_minute, key, now))
                 raise err
         token_window = None
         if tokens_per_minute:
             tokens = tokens() if callable(tokens) else tokens
-            token_window = self._tokens_check(key, tokens_per_minute, tokens, now)
+            try:
+                token_window = self._tokens_check(key, tokens_per_minute, tokens, now)
+            except RequestLimitError as err:
+                if window is not None and requests_per_minute is not None:
+                    err.headers = tuple(self._headers(requests_per_minute, window, now)) + err.headers
+                raise
         if server_max_concurrent is not None and self.in_flight >= server_max_concurrent:
             err = ServerOverloadedError(f"the server is at its limit of {server_max_concurrent} requests in flight; "
                                         "retry shortly")
@@ -123,11 +132,7 @@ class Admission:
 
     def _tokens_check(self, key: str, limit: int, tokens: int, now: float) -> deque[tuple[float, int]]:
         """Refuse a request whose tokens do not fit in the key's last minute (or in a minute at all)."""
-        window = self._token_windows.setdefault(key, deque())
-        used = self._token_sums.get(key, 0)
-        while window and window[0][0] <= now - WINDOW_S:
-            used -= window.popleft()[1]
-        self._token_sums[key] = used
+        window, used = self._tokens_used(key, now)
         if tokens > limit:
             err = RequestLimitError(f"request too large: {tokens} tokens (prompt and max_tokens) against this "
                                     f"key's limit of {limit} tokens per minute; lower max_tokens or shorten the prompt")
@@ -148,6 +153,15 @@ class Admission:
             err.headers = tuple(self._token_headers(limit, key, now))
             raise err
         return window
+
+    def _tokens_used(self, key: str, now: float) -> tuple[deque[tuple[float, int]], int]:
+        """The key's token window with what left it in the last minute dropped, and the tokens still in it."""
+        window = self._token_windows.setdefault(key, deque())
+        used = self._token_sums.get(key, 0)
+        while window and window[0][0] <= now - WINDOW_S:
+            used -= window.popleft()[1]
+        self._token_sums[key] = used
+        return window, used
 
     def _token_headers(self, limit: int, key: str, now: float) -> list[tuple[bytes, bytes]]:
         """OpenAI's token rate-limit headers: the limit, what is left of it, and how long until it is whole."""

@@ -155,6 +155,28 @@ def test_tokens_per_minute_is_a_sliding_window_of_what_requests_ask():
     assert b"x-ratelimit-remaining-requests" in both and b"x-ratelimit-remaining-tokens" in both
 
 
+def test_a_refusal_by_either_limit_carries_both_limits_headers():
+    """As OpenAI's 429s do: a refusal for requests says what is left of the tokens too, and the other way."""
+    clock = Clock()
+    adm = Admission(clock)
+    adm.admit("k", requests_per_minute=2, tokens_per_minute=100, tokens=70)
+    with pytest.raises(RequestLimitError) as by_tokens:
+        adm.admit("k", requests_per_minute=2, tokens_per_minute=100, tokens=40)
+    h = dict(by_tokens.value.headers)
+    assert by_tokens.value.error_type == "tokens"
+    assert h[b"x-ratelimit-remaining-requests"] == b"1" and h[b"x-ratelimit-remaining-tokens"] == b"30"
+    clock.t += 61                                          # the 70 tokens have left the window
+    adm.admit("k", requests_per_minute=2, tokens_per_minute=100, tokens=5)
+    adm.admit("k", requests_per_minute=2, tokens_per_minute=100, tokens=5)
+    clock.t += 1
+    with pytest.raises(RequestLimitError) as by_requests:
+        adm.admit("k", requests_per_minute=2, tokens_per_minute=100, tokens=5)
+    h = dict(by_requests.value.headers)
+    assert by_requests.value.error_type != "tokens" and "requests per minute" in by_requests.value.message
+    assert h[b"x-ratelimit-remaining-requests"] == b"0" and h[b"x-ratelimit-remaining-tokens"] == b"90"
+    assert h[b"x-ratelimit-reset-tokens"] == b"59s" and h[b"x-ratelimit-reset-requests"] == b"59s"
+
+
 def test_reset_text_is_openais_format():
     assert [reset_text(s) for s in (0.0171, 0.9999, 1.0, 20.2, 60.0, 361.0)] == \
         ["18ms", "1000ms", "1s", "21s", "1m0s", "6m1s"]
