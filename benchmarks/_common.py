@@ -183,3 +183,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     import numpy as np
 
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
+
+
+def finish_throughput_plot(plt: Any, fig: Any, axes: Any, title: str, machine: dict[str, Any], png: Path,
+                           xlabel: str = "concurrent requests") -> Path:
+    """The two panels of a throughput benchmark (tokens/s; p50 and p99 latency) against concurrency, titled
+    with where they were measured (the GPUs, else the CPU), saved as ``png``."""
+    for ax, name, ylabel in ((axes[0], "throughput", "generated tokens/s"),
+                             (axes[1], "latency per request (o p50, x p99)", "seconds")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    where = (", ".join(machine.get("gpus") or [])
+             or f"CPU {machine.get('cpu_model')} ({machine.get('cores_usable')} cores)")
+    fig.suptitle(f"{title} - {where}", fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

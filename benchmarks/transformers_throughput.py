@@ -44,7 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import RESULTS, machine_facts, read_json, rel, write_json  # noqa: E402
+from benchmarks._common import (RESULTS, finish_throughput_plot, machine_facts, percentile,  # noqa: E402
+                               read_json, rel, write_json)
 from benchmarks.vllm_throughput import gpu_facts, prompts, run_level  # noqa: E402
 
 OUT_DIR = RESULTS / "gpu"
@@ -178,8 +179,6 @@ def compare(device_answers: list[Any], cpu_answers: list[Any]) -> dict[str, Any]
             min_gaps.append(abs(min(lp_d) - min(lp_c)))
 
     def stats(xs: list[float]) -> dict[str, float | None]:
-        from benchmarks._common import percentile
-
         return {"median": round(percentile(xs, 50), 6) if xs else None,
                 "p95": round(percentile(xs, 95), 6) if xs else None, "max": round(max(xs), 6) if xs else None}
 
@@ -258,23 +257,11 @@ def plot(result: dict[str, Any], png: Path) -> Path | None:
         line, = axes[0].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", label=f"{key[0]} {key[1]}")
         axes[1].plot(xs, [r["latency_p50_s"] for r in rs], marker="o", color=line.get_color())
         axes[1].plot(xs, [r["latency_p99_s"] for r in rs], marker="x", color=line.get_color(), alpha=0.5)
-    for ax, title, ylabel in ((axes[0], "throughput", "generated tokens/s"),
-                              (axes[1], "latency per request (o p50, x p99)", "seconds")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests (max_batch_size = largest level)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    m, cfg = result["machine"], result["config"]
-    where = ", ".join(m.get("gpus") or []) or f"CPU {m.get('cpu_model')} ({m.get('cores_usable')} cores)"
-    fig.suptitle(f"transformers backend on {cfg['device']}, max_tokens={cfg['max_tokens']}, "
-                 f"top_logprobs={cfg['top_logprobs']} - {where}", fontsize=10)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    cfg = result["config"]
+    return finish_throughput_plot(
+        plt, fig, axes, f"transformers backend on {cfg['device']}, max_tokens={cfg['max_tokens']}, "
+        f"top_logprobs={cfg['top_logprobs']}", result["machine"], png,
+        xlabel="concurrent requests (max_batch_size = largest level)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import RESULTS, machine_facts, percentile, rel, write_json  # noqa: E402
+from benchmarks._common import (RESULTS, finish_throughput_plot, machine_facts, percentile, rel,  # noqa: E402
+                               write_json)
 
 OUT_DIR = RESULTS / "vllm"
 TOPICS = ["a lighthouse keeper", "the first snow of winter", "a robot learning to paint", "an old map",
@@ -454,23 +455,9 @@ def plot(result: dict[str, Any], png: Path) -> Path | None:
                          label=f"{label} p50")
             axes[1].plot(xs, [r["latency_p99_s"] for r in rs], style, marker="x", color=colors[i % len(colors)],
                          alpha=0.5)
-    for ax, title, ylabel in ((axes[0], "throughput", "generated tokens/s"),
-                              (axes[1], "latency per request (o p50, x p99)", "seconds")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    m = result["machine"]
-    where = ", ".join(m.get("gpus") or []) or f"CPU {m.get('cpu_model')} ({m.get('cores_usable')} cores)"
-    fig.suptitle(f"vLLM direct vs cascade: {result['config']['model']}, max_tokens={result['config']['max_tokens']}"
-                 f" - {where}", fontsize=10)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return finish_throughput_plot(
+        plt, fig, axes, f"vLLM direct vs cascade: {result['config']['model']}, "
+        f"max_tokens={result['config']['max_tokens']}", result["machine"], png)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
