@@ -75,12 +75,15 @@ def tier_defaults(model: str) -> dict[str, Any]:
     raise SystemExit(f"live_cascade: no price for model {model!r}: add it to the config or EXTRA_PRICES")
 
 
-def settings_key(q: Question, dtype: str, backend: str = "transformers") -> str:
-    """The cache key of one answer: prompt, generation settings and (beyond transformers) the backend."""
+def settings_key(q: Question, dtype: str, backend: str = "transformers", device: str | None = None) -> str:
+    """The cache key of one answer: prompt, generation settings, (beyond transformers) the backend and (beyond
+    the CPU) the device: a GPU's bfloat16 answers are not its CPU's (docs/gpu.md)."""
     parts = [PROMPT_VERSION, q.dataset, q.system_prompt, q.user_prompt, q.max_tokens, list(q.stop), dtype,
              TOP_LOGPROBS]
     if backend != "transformers":  # keys of transformers answers predate the option: unchanged
         parts.append(backend)
+    if device not in (None, "cpu"):  # and those of CPU answers predate devices
+        parts.append(f"device={device}")
     raw = json.dumps(parts)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
@@ -179,8 +182,9 @@ def make_backend(kind: str, model: str, *, threads: int, batch: int, dtype: str,
 
 async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, threads: int, batch: int,
                    dtype: str, price: dict[str, float], show_progress: bool = True, backend_kind: str = "transformers",
-                   backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Answer every pending question of every set with one model; appends to the cache as answers arrive."""
+                   backend_options: dict[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
+    """Answer every pending question of every set with one model; appends to the cache as answers arrive
+    (``device``: where they are made, for their key; see :func:`settings_key`)."""
     total = sum(len(v) for v in work.values())
     stats: dict[str, Any] = {"model": model, "backend": backend_kind, "dtype": dtype, "threads": threads,
                              "max_batch_size": batch, "answered": total, "load_s": 0.0, "generate_s": 0.0,
@@ -209,7 +213,8 @@ async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, 
                 with path.open("a", encoding="utf-8") as fh:
                     for fut in asyncio.as_completed(tasks):
                         q, res = await fut
-                        entry = {"idx": q.idx, "key": settings_key(q, dtype, backend_kind), **score_answer(q, res, price)}
+                        key = settings_key(q, dtype, backend_kind, device)
+                        entry = {"idx": q.idx, "key": key, **score_answer(q, res, price)}
                         fh.write(json.dumps(entry) + "\n")
                         fh.flush()
                         stats["tokens_in"] += entry["tokens"]["in"]
@@ -230,13 +235,14 @@ async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, 
 
 
 def build_rows(sample: Sequence[tuple[int, Question]], chain: Sequence[str], caches: dict[str, dict],
-               dtypes: dict[str, str], label: str, backend: str = "transformers") -> tuple[list[dict], list[dict]]:
+               dtypes: dict[str, str], label: str, backend: str = "transformers",
+               device: str | None = None) -> tuple[list[dict], list[dict]]:
     """(train rows, test rows) of the questions that every tier has answered."""
     train, test = [], []
     for rank, q in sample:
         models = {}
         for m in chain:
-            e = caches[m].get((q.idx, settings_key(q, dtypes[m], backend)))
+            e = caches[m].get((q.idx, settings_key(q, dtypes[m], backend, device)))
             if e is None:
                 break
             models[m] = {k: v for k, v in e.items() if k not in ("idx", "key")}
@@ -276,6 +282,11 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
     label = chain_label(chain)
     defaults = {m: tier_defaults(m) for m in chain}
     dtypes = {m: (dtypes or {}).get(m) or defaults[m]["options"].get("dtype", "float32") for m in chain}
+    device = (backend_options or {}).get("device") if backend == "transformers" else None
+    if device == "auto":  # the answers' key names where they were made
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     samples: dict[str, list[tuple[int, Question]]] = {}
     for s in sets:
         k = n[s] if isinstance(n, dict) else n
@@ -287,13 +298,13 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
         cached = 0
         for s, sample in samples.items():
             done = load_cache(cache_path(cache, s, m))
-            todo = [q for _, q in sample if (q.idx, settings_key(q, dtypes[m], backend)) not in done]
+            todo = [q for _, q in sample if (q.idx, settings_key(q, dtypes[m], backend, device)) not in done]
             cached += len(sample) - len(todo)
             if todo:
                 work[s] = todo
         st = asyncio.run(run_tier(m, work, cache, threads=threads, batch=batch, dtype=dtypes[m],
                                   price=defaults[m]["price"], show_progress=show_progress, backend_kind=backend,
-                                  backend_options=backend_options))
+                                  backend_options=backend_options, device=device))
         st["from_cache"] = cached
         st["price_per_1m"] = defaults[m]["price"]
         st["price_source"] = defaults[m]["source"]
@@ -305,7 +316,7 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
     mixed_test: list[dict] = []
     for s, sample in samples.items():
         caches = {m: load_cache(cache_path(cache, s, m)) for m in chain}
-        tr, te = build_rows(sample, chain, caches, dtypes, label, backend)
+        tr, te = build_rows(sample, chain, caches, dtypes, label, backend, device)
         rows = tr + te
         for split, part in (("train", tr), ("test", te)):
             p = out / f"{s}_{label}_{split}.jsonl"

@@ -306,3 +306,20 @@ async def test_transformers_throughput_parity_compares_real_answers(smol_path):
             shared.append(abs(x.logprob - y.logprob))
     assert gaps["shared_tokens"] == len(shared) and gaps["token_logprob_abs_diff"]["max"] == round(max(shared), 6)
     assert gaps["same_text"] == sum(b.text == f.text for b, f in zip(bf16, f32, strict=True))
+
+
+@needs_data
+def test_live_answer_keys_name_a_gpu_but_keep_the_committed_cpu_answers():
+    """The committed answer cache (results/live/cache) was made on the CPU: its keys stay valid, and answers made
+    on a GPU get keys of their own (in bfloat16 they differ from the CPU's, docs/gpu.md)."""
+    from benchmarks.live_cascade import load_cache, settings_key
+    from benchmarks.questions import load_question_set
+    from benchmarks._common import RESULTS
+
+    cached = load_cache(RESULTS / "live" / "cache" / "arc_easy" / "qwen2.5-coder-0.5b.jsonl")
+    questions = {q.idx: q for q in load_question_set("arc_easy", DATA)}
+    idx, key = next(iter(cached))
+    q = questions[idx]
+    assert settings_key(q, "float32") == settings_key(q, "float32", device="cpu") == key
+    on_gpu = {settings_key(q, "float32", device=d) for d in ("cuda", "cuda:1")}
+    assert len(on_gpu) == 2 and key not in on_gpu
