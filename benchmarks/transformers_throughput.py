@@ -98,26 +98,27 @@ def random_weights(source: Path, dest: Path, dtype: str, device: str) -> Path:
     return dest
 
 
-def device_memory() -> dict[str, float] | None:
+def device_memory(device: str) -> dict[str, float] | None:
+    """The peak memory on ``device`` (GiB) since :func:`reset_device_memory`; None on the CPU."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not device.startswith("cuda"):
         return None
-    return {"peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+    return {"peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
 
 
-def reset_device_memory() -> None:
+def reset_device_memory(device: str) -> None:
     import torch
 
     gc.collect()
-    if torch.cuda.is_available():
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 async def throughput(label: str, path: Path, dtype: str, args: argparse.Namespace, log) -> dict[str, Any]:
-    reset_device_memory()
+    reset_device_memory(args.device)
     backend = backend_for(path, device=args.device, dtype=dtype, batch=max(args.concurrency), name=label)
     t0 = time.perf_counter()
     await backend.start()
@@ -146,7 +147,7 @@ async def throughput(label: str, path: Path, dtype: str, args: argparse.Namespac
         await backend.close()
         del backend
     return {"model": label, "dtype": dtype, "device": device, "load_s": round(load_s, 2),
-            "memory": device_memory(), "rows": rows}
+            "memory": device_memory(args.device), "rows": rows}
 
 
 async def answers(path: Path, *, device: str, dtype: str, questions: list[str], max_tokens: int) -> list[Any]:
@@ -270,14 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", default=[], help="catalog id or model directory (repeatable)")
     ap.add_argument("--random-init", action="append", default=[], metavar="MODEL",
                     help="catalog id or model directory whose architecture is measured with random weights")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default; --tiny: cpu)")
     ap.add_argument("--dtype", nargs="+", default=None, help="float32 bfloat16 float16 (default: float32)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default 1 8 32)")
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 128)")
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default 2 x concurrency)")
     ap.add_argument("--parity", type=int, default=None, metavar="N",
                     help="N questions answered on the device and on the CPU in float32, compared (default 16)")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke size: SmolLM2, 2 levels, a few tokens")
+    ap.add_argument("--tiny", action="store_true", help="smoke size: SmolLM2 on the CPU, 2 levels, a few tokens")
     ap.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the JSON and the PNG")
     ap.add_argument("--name", default=None, help="file name stem (default transformers_throughput[_tiny])")
     ap.add_argument("--plot", type=Path, default=None, metavar="JSON", help="only redraw the PNG of a JSON")
@@ -288,12 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         print(png or "no PNG")
         return 0
     if args.tiny:
+        args.device = args.device or "cpu"
         args.model = args.model or ["smollm2-135m"]
         args.concurrency = args.concurrency or [1, 2]
         args.max_tokens = args.max_tokens or 4
         args.parity = 4 if args.parity is None else args.parity
     if not args.model and not args.random_init:
         ap.error("name a model: --model ID_OR_DIR and/or --random-init ID_OR_DIR (or --tiny)")
+    args.device = args.device or "auto"
     args.dtype = args.dtype or ["float32"]
     args.concurrency = sorted(set(args.concurrency or [1, 8, 32]))
     args.max_tokens = args.max_tokens or 128

@@ -162,6 +162,8 @@ def test_a_refusal_by_either_limit_carries_both_limits_headers():
     adm.admit("k", requests_per_minute=2, tokens_per_minute=100, tokens=70)
     with pytest.raises(RequestLimitError) as by_tokens:
         adm.admit("k", requests_per_minute=2, tokens_per_minute=100, tokens=40)
+    names = [name for name, _ in by_tokens.value.headers]
+    assert len(names) == len(set(names)) == 6  # each limit's three, once
     h = dict(by_tokens.value.headers)
     assert by_tokens.value.error_type == "tokens"
     assert h[b"x-ratelimit-remaining-requests"] == b"1" and h[b"x-ratelimit-remaining-tokens"] == b"30"
@@ -171,6 +173,8 @@ def test_a_refusal_by_either_limit_carries_both_limits_headers():
     clock.t += 1
     with pytest.raises(RequestLimitError) as by_requests:
         adm.admit("k", requests_per_minute=2, tokens_per_minute=100, tokens=5)
+    names = [name for name, _ in by_requests.value.headers]
+    assert len(names) == len(set(names)) == 6
     h = dict(by_requests.value.headers)
     assert by_requests.value.error_type != "tokens" and "requests per minute" in by_requests.value.message
     assert h[b"x-ratelimit-remaining-requests"] == b"0" and h[b"x-ratelimit-remaining-tokens"] == b"90"

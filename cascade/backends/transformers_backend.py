@@ -38,7 +38,7 @@ from cascade.types import (
 )
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_DEVICE = re.compile(r"(cpu|auto|cuda(:\d+)?)")
+_DEVICE = re.compile(r"cpu|auto|cuda(:(0|[1-9][0-9]*))?")
 
 
 def _tokens_to(pieces: list[str], end: int) -> int:
@@ -488,6 +488,8 @@ class TransformersBackend(Backend):
         class _FirstToken(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
                 if not first_token_at:
+                    if input_ids.is_cuda:  # the GPU runs behind the host: the first token is there once it is done
+                        torch.cuda.synchronize(input_ids.device)
                     first_token_at.append(time.perf_counter())
                 return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
 
@@ -508,10 +510,11 @@ class TransformersBackend(Backend):
                                  stopping_criteria=StoppingCriteriaList([_AllCancelled(), _FirstToken()]),
                                  tokenizer=tok if req0.stop else None)
             gen = out.sequences[:, width:]
-            # step by step, each step's logits released once read: stacking them all (batch x tokens x
-            # vocabulary) and taking the log-softmax of the stack held three copies (15 GB at 64 x 128 tokens
-            # of a 151,936-token vocabulary)
-            steps, out.logits = list(out.logits), None
+            # step by step, each step's logits released once read (``out`` dropped: it holds them all, and the
+            # KV cache): stacking them (batch x tokens x vocabulary) and taking the log-softmax of the stack
+            # held three copies (5 GB each at 64 x 128 tokens of a 151,936-token vocabulary)
+            steps = list(out.logits)
+            del out
             chosen_cols, val_cols, id_cols = [], [], []
             for t in range(len(steps)):
                 lp = torch.log_softmax(steps[t].float(), dim=-1)  # (B, V)
