@@ -355,11 +355,10 @@ class TransformersBackend(Backend):
             if not cancelled.is_set():  # its consumer still waits: it ends, and reports the backend closed
                 loop.call_soon_threadsafe(queue.put_nowait, None)
             return False
-        head = model.get_output_embeddings()
         last: dict[str, Any] = {}
 
         def hook(_module, _inputs, output):  # noqa: ANN001, ANN202 - raw logits of the newest position
-            last["logits"] = output[:, -1, :]
+            last["logits"] = output.logits[:, -1, :]
 
         k = max(request.top_logprobs, 1)
 
@@ -390,7 +389,7 @@ class TransformersBackend(Backend):
             temperature=request.temperature if sample else None, top_p=request.top_p if sample else None,
             top_k=None, repetition_penalty=None, pad_token_id=tok.pad_token_id,
             eos_token_id=self._eos_ids, bos_token_id=None)
-        handle = head.register_forward_hook(hook)
+        handle = model.register_forward_hook(hook)  # the model's final logits (after any rescaling of the head's)
         streamer = _Streamer()
         try:
             with torch.inference_mode():
@@ -484,9 +483,27 @@ class TransformersBackend(Backend):
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         first_token_at: list[float] = []
+        # The logprobs are read step by step as the answer is generated: a hook on the model keeps the newest
+        # position's log-softmax, and once the step's token is chosen (the stopping checks run then) its
+        # logprob and the top k are kept and the step's logits let go. Asking generate for every step's
+        # logits instead held batch x tokens x vocabulary at once (4.6 GiB at 64 x 128 tokens of Qwen's
+        # vocabulary; three such copies when they were stacked)
+        newest: dict[str, Any] = {}
+        chosen_cols: list[Any] = []
+        val_cols: list[Any] = []
+        id_cols: list[Any] = []
 
-        class _FirstToken(StoppingCriteria):
+        def hook(_module, _inputs, output):  # noqa: ANN001, ANN202 - the model's final logits, newest position
+            newest["lp"] = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
+
+        class _Collect(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
+                lp = newest.pop("lp")  # (B, V), of the step whose token input_ids now ends with
+                chosen_cols.append(torch.gather(lp, 1, input_ids[:, -1:]))
+                if top_k > 0:
+                    vals, ids = torch.topk(lp, k=top_k, dim=-1)
+                    val_cols.append(vals)
+                    id_cols.append(ids)
                 if not first_token_at:
                     if input_ids.is_cuda:  # the GPU runs behind the host: the first token is there once it is done
                         torch.cuda.synchronize(input_ids.device)
@@ -499,31 +516,23 @@ class TransformersBackend(Backend):
             temperature=req0.temperature if sample else None, top_p=req0.top_p if sample else None,
             top_k=None, repetition_penalty=None,
             pad_token_id=pad, eos_token_id=self._eos_ids, bos_token_id=None,
-            return_dict_in_generate=True, output_logits=True,
+            return_dict_in_generate=False,
             stop_strings=list(req0.stop) or None,
         )
         t0 = time.perf_counter()
         with torch.inference_mode():
             if sample and req0.seed is not None:
                 torch.manual_seed(req0.seed)
-            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=cfg,
-                                 stopping_criteria=StoppingCriteriaList([_AllCancelled(), _FirstToken()]),
-                                 tokenizer=tok if req0.stop else None)
-            gen = out.sequences[:, width:]
-            # step by step, each step's logits released once read (``out`` dropped: it holds them all, and the
-            # KV cache): stacking them (batch x tokens x vocabulary) and taking the log-softmax of the stack
-            # held three copies (5 GB each at 64 x 128 tokens of a 151,936-token vocabulary)
-            steps = list(out.logits)
-            del out
-            chosen_cols, val_cols, id_cols = [], [], []
-            for t in range(len(steps)):
-                lp = torch.log_softmax(steps[t].float(), dim=-1)  # (B, V)
-                steps[t] = None
-                chosen_cols.append(torch.gather(lp, 1, gen[:, t:t + 1]))
-                if top_k > 0:
-                    vals, ids = torch.topk(lp, k=top_k, dim=-1)
-                    val_cols.append(vals)
-                    id_cols.append(ids)
+            handle = model.register_forward_hook(hook)
+            try:
+                sequences = model.generate(
+                    input_ids=input_ids, attention_mask=attention, generation_config=cfg,
+                    stopping_criteria=StoppingCriteriaList([_AllCancelled(), _Collect()]),
+                    tokenizer=tok if req0.stop else None)
+            finally:
+                handle.remove()
+            gen = sequences[:, width:]
+            assert len(chosen_cols) == gen.shape[1], (len(chosen_cols), gen.shape)
             chosen = torch.cat(chosen_cols, dim=1).cpu()  # (B, T), one copy off the device
             if top_k > 0:
                 top_vals = torch.stack(val_cols, dim=1).cpu()  # (B, T, k)
