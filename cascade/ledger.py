@@ -797,12 +797,8 @@ def utc_day_start(now: float | None = None) -> float:
 async def spend_since(ledger: Ledger, api_key_id: str | None, since: float, end_user: str | None = None) -> float:
     """Total cost recorded for one API key since a UNIX time (for daily spend limits), or for one end user
     of that key (``end_user``; ``api_key_id`` None: the requests made without a key)."""
-    where, params = ["created_at>=?"], [since]
-    if api_key_id is not None:
-        where.append("api_key_id=?")
-        params.append(api_key_id)
-    else:
-        where.append("api_key_id IS NULL")
+    key, key_params = _key_clause(api_key_id)
+    where, params = ["created_at>=?", key], [since, *key_params]
     if end_user is not None:
         where.append("end_user=?")
         params.append(end_user)
@@ -813,8 +809,12 @@ async def spend_since(ledger: Ledger, api_key_id: str | None, since: float, end_
 
 async def spend_since_both(ledger: Ledger, api_key_id: str | None, since: float, end_user: str) -> tuple[float, float]:
     """:func:`spend_since` of the key and of its end user ``end_user``, in one read (one snapshot)."""
-    key = "api_key_id=?" if api_key_id is not None else "api_key_id IS NULL"
+    key, key_params = _key_clause(api_key_id)
     rows = await ledger.query("SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(CASE WHEN end_user=? THEN cost_usd "
-                              f"END), 0) FROM requests WHERE created_at>=? AND {key}",
-                              (end_user, since, *(() if api_key_id is None else (api_key_id,))))
+                              f"END), 0) FROM requests WHERE created_at>=? AND {key}", (end_user, since, *key_params))
     return float(rows[0][0]), float(rows[0][1])
+
+
+def _key_clause(api_key_id: str | None) -> tuple[str, tuple[str, ...]]:
+    """The condition on a request's API key (None: the requests made without one), and its parameters."""
+    return ("api_key_id=?", (api_key_id,)) if api_key_id is not None else ("api_key_id IS NULL", ())
