@@ -215,3 +215,34 @@ async def test_close_ends_a_live_stream(smol_path):
         assert b._streams == {}
     finally:
         await b.close()
+
+
+@pytest.mark.parametrize("decoding", [{"num_beams": 4}, {"prompt_lookup_num_tokens": 3}])
+async def test_a_models_own_generation_config_cannot_change_the_decoding(smol_path, tmp_path, decoding):
+    """A model directory whose generation_config.json asks for beams or prompt-lookup decoding is still decoded
+    one token per step (the logprobs are read step by step): its logprobs equal a direct forward pass."""
+    import json
+
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    for f in smol_path.iterdir():
+        if f.name != "generation_config.json":
+            (tmp_path / f.name).symlink_to(f)
+    gen_cfg = json.loads((smol_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen_cfg, **decoding}))
+    b = TransformersBackend(model=str(tmp_path), name="own-config", device=TEST_DEVICE, threads=2)
+    await b.start()
+    try:
+        reqs = [Q, Q.with_(messages=(Message("user", "Repeat: one two one two one two"),), max_tokens=12)]
+        for req, res in zip(reqs, await asyncio.gather(*(b.generate(r) for r in reqs)), strict=True):
+            ids = b._prompt_ids(req)
+            full = ids + [t.token_id for t in res.tokens]
+            with torch.inference_mode():
+                logits = b._model(torch.tensor([full], device=b._model.device)).logits.float()
+            lp = torch.log_softmax(logits, dim=-1)[0]
+            assert res.tokens
+            for j, tok in enumerate(res.tokens):
+                assert abs(lp[len(ids) - 1 + j, tok.token_id].item() - tok.logprob) < 1e-4
+                assert tok.top[0].token_id == tok.token_id  # greedy, one token a step
+    finally:
+        await b.close()

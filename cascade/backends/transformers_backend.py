@@ -201,6 +201,11 @@ class TransformersBackend(Backend):
         except RuntimeError as exc:  # CUDA out of memory among them
             raise ConfigError(f"tier {self.name!r}: cannot put the model on {device}: {exc}") from exc
         model.eval()
+        # plain decoding, one forward per token, whatever the model's own generation_config.json asks for
+        # (beams or prompt-lookup decoding would break the logprobs read step by step; None in a
+        # GenerationConfig passed to generate means "the model's", so the model's own is reset)
+        model.generation_config.num_beams = 1
+        model.generation_config.prompt_lookup_num_tokens = None
         tok.padding_side = "left"
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -385,7 +390,7 @@ class TransformersBackend(Backend):
 
         sample = request.temperature > 0
         cfg = GenerationConfig(
-            max_new_tokens=request.max_tokens, do_sample=sample,
+            max_new_tokens=request.max_tokens, do_sample=sample, num_beams=1,
             temperature=request.temperature if sample else None, top_p=request.top_p if sample else None,
             top_k=None, repetition_penalty=None, pad_token_id=tok.pad_token_id,
             eos_token_id=self._eos_ids, bos_token_id=None)
@@ -512,7 +517,7 @@ class TransformersBackend(Backend):
 
         sample = req0.temperature > 0
         cfg = GenerationConfig(
-            max_new_tokens=max_new, do_sample=sample,
+            max_new_tokens=max_new, do_sample=sample, num_beams=1,
             temperature=req0.temperature if sample else None, top_p=req0.top_p if sample else None,
             top_k=None, repetition_penalty=None,
             pad_token_id=pad, eos_token_id=self._eos_ids, bos_token_id=None,
@@ -532,7 +537,10 @@ class TransformersBackend(Backend):
             finally:
                 handle.remove()
             gen = sequences[:, width:]
-            assert len(chosen_cols) == gen.shape[1], (len(chosen_cols), gen.shape)
+            # one reading per generated token; a deferred stop check (transformers does it on some devices)
+            # runs one step past the end and trims the sequences: its extra readings go too
+            assert len(chosen_cols) >= gen.shape[1], (len(chosen_cols), gen.shape)
+            del chosen_cols[gen.shape[1]:], val_cols[gen.shape[1]:], id_cols[gen.shape[1]:]
             chosen = torch.cat(chosen_cols, dim=1).cpu()  # (B, T), one copy off the device
             if top_k > 0:
                 top_vals = torch.stack(val_cols, dim=1).cpu()  # (B, T, k)
