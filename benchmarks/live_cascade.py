@@ -284,9 +284,9 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
     dtypes = {m: (dtypes or {}).get(m) or defaults[m]["options"].get("dtype", "float32") for m in chain}
     device = (backend_options or {}).get("device") if backend == "transformers" else None
     if device == "auto":  # the answers' key names where they were made
-        import torch
+        from cascade.backends.transformers_backend import auto_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = auto_device()
     samples: dict[str, list[tuple[int, Question]]] = {}
     for s in sets:
         k = n[s] if isinstance(n, dict) else n

@@ -166,12 +166,10 @@ def compare(device_answers: list[Any], cpu_answers: list[Any]) -> dict[str, Any]
     min_gaps: list[float] = []
     same = 0
     for d, c in zip(device_answers, cpu_answers, strict=True):
-        shared = 0
         for a, b in zip(d.tokens, c.tokens):
             if a.token_id != b.token_id:
                 break
             token_gaps.append(abs(a.logprob - b.logprob))
-            shared += 1
         if d.text == c.text and d.tokens:
             same += 1
             lp_d = [t.logprob for t in d.tokens]
@@ -190,19 +188,19 @@ def compare(device_answers: list[Any], cpu_answers: list[Any]) -> dict[str, Any]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from cascade.backends.transformers_backend import auto_device
     from cascade.models import resolve_model_path
-
-    import torch
 
     log = (lambda *_: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = auto_device()
     work = Path(tempfile.mkdtemp(prefix="cascade-tt-"))
-    def label(m: str) -> str:  # a catalog id as is, a directory by its name
+
+    def name_of(m: str) -> str:  # a catalog id as is, a directory by its name
         return Path(m).name if "/" in m else m
 
-    models: list[tuple[str, Path, bool]] = [(label(m), resolve_model_path(m), False) for m in args.model]
-    models += [(f"{label(m)} (random weights)", resolve_model_path(m), True) for m in args.random_init]
+    models: list[tuple[str, Path, bool]] = [(name_of(m), resolve_model_path(m), False) for m in args.model]
+    models += [(f"{name_of(m)} (random weights)", resolve_model_path(m), True) for m in args.random_init]
     results, parity = [], []
     try:
         for label, path, random_init in models:

@@ -41,6 +41,13 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"cpu|auto|cuda(:(0|[1-9][0-9]*))?")
 
 
+def auto_device() -> str:
+    """What ``device: auto`` picks: ``cuda`` when torch sees a CUDA device, else ``cpu`` (imports torch)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _tokens_to(pieces: list[str], end: int) -> int:
     """How many of the text pieces (one per token) it takes to cover the first ``end`` characters."""
     pos = 0
@@ -223,7 +230,7 @@ class TransformersBackend(Backend):
         """The device asked for, checked against what this torch can use (``auto``: CUDA when there is one)."""
         asked = self._device_asked
         if asked == "auto":
-            asked = "cuda" if torch.cuda.is_available() else "cpu"
+            asked = auto_device()
         if asked == "cpu":
             return torch.device("cpu")
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
