@@ -78,6 +78,54 @@ async def test_device_option(smol_path):
         await auto.close()
 
 
+def test_cudnn_attention_is_switched_off_for_a_cuda_generation_and_restored_after():
+    """The switch behind ``cudnn_attention: false`` (the default): real torch flags, no GPU needed."""
+    from cascade.backends.transformers_backend import _without_cudnn_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for was in (True, False):
+            torch.backends.cuda.enable_cudnn_sdp(was)
+            with _without_cudnn_attention(torch, torch.device("cuda", 0), allowed=False):
+                assert torch.backends.cuda.cudnn_sdp_enabled() is False
+            assert torch.backends.cuda.cudnn_sdp_enabled() is was  # what it was, also when it was off already
+            with _without_cudnn_attention(torch, torch.device("cuda", 0), allowed=True):  # the tier allows it
+                assert torch.backends.cuda.cudnn_sdp_enabled() is was
+            with _without_cudnn_attention(torch, torch.device("cpu"), allowed=False):  # no cuDNN on a CPU
+                assert torch.backends.cuda.cudnn_sdp_enabled() is was
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        with pytest.raises(RuntimeError), _without_cudnn_attention(torch, torch.device("cuda", 0), allowed=False):
+            raise RuntimeError("a failed generation")
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_the_attention_kernel_setting_seen_by_the_model_while_it_generates(smol_path, allowed):
+    """What a forward pass sees: on CUDA cuDNN's attention is off unless the tier allows it; on the CPU the flag
+    is left alone. Batched and streamed generation alike, and the flag is back after either."""
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    with pytest.raises(ConfigError, match=r"options.cudnn_attention: must be true or false, got 'yes'"):
+        TransformersBackend(model=str(smol_path), name="a", cudnn_attention="yes")
+    b = TransformersBackend(model=str(smol_path), name="attn", device=TEST_DEVICE, threads=2,
+                            cudnn_attention=allowed)
+    await b.start()
+    seen: list[bool] = []
+    handle = b._model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        await b.generate(Q.with_(max_tokens=3))
+        [c async for c in b.stream(Q.with_(max_tokens=3))]
+    finally:
+        handle.remove()
+        await b.close()
+    expected = before if (allowed or TEST_DEVICE == "cpu") else False
+    assert len(seen) >= 6 and set(seen) == {expected}
+    assert torch.backends.cuda.cudnn_sdp_enabled() is before
+
+
 async def test_stop_sequence_and_max_tokens(smol_backend):
     res = await smol_backend.generate(Q.with_(stop=("Paris",)))
     assert "Paris" not in res.text and res.finish_reason == "stop"
