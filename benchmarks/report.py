@@ -215,22 +215,39 @@ def _overhead_section(path: Path) -> list[str]:
     return out
 
 
+def _attention(row: dict) -> str:
+    """A GPU row's cuDNN attention setting; rows from before the option had torch's own choice."""
+    if "cudnn_attention" not in row:
+        return "torch's choice"
+    return "on" if row["cudnn_attention"] else "off"
+
+
 def _gpu_section(results: Path) -> list[str]:
     """``benchmarks/transformers_throughput.py`` runs (the transformers backend on a GPU): speed and parity."""
     out: list[str] = []
     for path in sorted((results / "gpu").glob("*.json")):
         d = read_json(path)
+        if d.get("benchmark") == "gpu_attention_probe":
+            from benchmarks.gpu_attention_probe import summary
+
+            out += [f"### {path.name}", "",
+                    f"Attention alone, per kernel (`benchmarks/gpu_attention_probe.py`): on {d['gpu']}, torch "
+                    f"{d['torch']}, cuDNN {d['cudnn']}; one run.", "", *summary(d["rows"]), ""]
+            continue
         if d.get("benchmark") != "transformers_throughput":
             continue
         m, cfg = d["machine"], d["config"]
         out += [f"### {path.name}", "",
                 f"On {', '.join(m.get('gpus') or ['no GPU'])}; {_machine(m)}. max_tokens {cfg['max_tokens']}, "
-                f"top_logprobs {cfg['top_logprobs']}, greedy, max_batch_size {cfg['max_batch_size']}. "
+                f"top_logprobs {cfg['top_logprobs']}, greedy, max_batch_size {cfg['max_batch_size']}, prompt "
+                f"lengths {cfg.get('lengths', 'same')}. "
                 f"{_link(results, 'results/gpu/' + path.with_suffix('.png').name)}", "",
-                "| model | dtype | concurrency | requests | tokens/s | requests/s | p50 / p99 s | warm-up s |",
-                "|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['model']} | {r['dtype']} | {r['concurrency']} | {r['requests']} | {r['tokens_per_s']} | "
-                f"{r['requests_per_s']} | {r['latency_p50_s']} / {r['latency_p99_s']} | {_f(r.get('warmup_s'))} |"
+                "| model | dtype | cuDNN attention | concurrency | requests | tokens/s | requests/s | p50 / p99 s "
+                "| warm-up s |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['dtype']} | {_attention(r)} | {r['concurrency']} | {r['requests']} | "
+                f"{r['tokens_per_s']} | {r['requests_per_s']} | {r['latency_p50_s']} / {r['latency_p99_s']} | "
+                f"{_f(r.get('warmup_s'))} |"
                 for r in d["rows"]]
         if any("warmup_s" not in r for r in d["rows"]):
             out += ["", "Measured before the benchmark warmed up each level: every level's first batch ran cold "

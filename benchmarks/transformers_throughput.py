@@ -15,9 +15,15 @@ speed means anything.
 Throughput: the cascade's own ``TransformersBackend`` (chat template, batching of waiting requests, the logprob
 of every token and ``top_logprobs=5`` alternatives), greedy chat completions of a fixed ``--max-tokens``, at
 each concurrency level (``--requests`` per level, at most ``concurrency`` in flight; ``max_batch_size`` is the
-largest level). Each level first runs one untimed batch of its size (``warmup_s``: on a GPU the first batch of
-a new shape is several times slower). Reported per level: generated tokens/s, requests/s, p50/p99 latency;
-per model, load time and the device's peak memory.
+largest level). Each level first runs one untimed batch of its size (``warmup_s``). Reported per level:
+generated tokens/s, requests/s, p50/p99 latency; per model, load time and the device's peak memory.
+
+``--lengths mixed`` (the default) gives every prompt a filler of seeded random length (0-200 words), the
+warm-up other lengths than the timed requests, as a server's traffic does: on a GPU a kernel that prepares
+itself per shape pays again for every new prompt length. ``--lengths same`` sends prompts of nearly one
+length, whose shapes the warm-up has already met (the figures before 2026-12-04 were taken so).
+``--cudnn-attention off on`` measures both settings of the tier option (off, the default, keeps torch's
+attention off cuDNN's kernel on CUDA).
 
 Parity (``--parity N``, real weights on a device other than the CPU): the same N short questions answered on
 the device and on the CPU in float32 (the setting the calibration data were produced with): how many answers
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import random
 import shutil
 import sys
 import tempfile
@@ -50,6 +57,8 @@ from benchmarks.vllm_throughput import gpu_facts, prompts, run_level  # noqa: E4
 
 OUT_DIR = RESULTS / "gpu"
 TOP_LOGPROBS = 5
+FILLER = ("amber basalt cedar delta ember fjord garnet harbor indigo juniper kelp lagoon meadow nectar onyx prairie "
+          "quartz river sierra tundra umber valley willow xenon yarrow zephyr").split()
 CAPITALS = ["France", "Italy", "Japan", "Canada", "Egypt", "Peru", "Kenya", "Norway", "Chile", "Vietnam"]
 
 
@@ -65,6 +74,16 @@ def parity_questions(n: int) -> list[str]:
     return out
 
 
+def level_prompts(n: int, lengths: str, seed: int) -> list[str]:
+    """``n`` story prompts; ``mixed``: each with a filler of 0-200 words drawn by ``seed`` (its own per use)."""
+    texts = prompts(n)
+    if lengths == "same":
+        return texts
+    rng = random.Random(seed)
+    return [f"{t} Use some of these words: {' '.join(FILLER[j % len(FILLER)] for j in range(rng.randint(0, 200)))}."
+            for t in texts]
+
+
 def chat(text: str, max_tokens: int) -> Any:
     from cascade.types import GenerationRequest, Message
 
@@ -72,10 +91,11 @@ def chat(text: str, max_tokens: int) -> Any:
                              top_logprobs=TOP_LOGPROBS)
 
 
-def backend_for(path: Path, *, device: str, dtype: str, batch: int, name: str) -> Any:
+def backend_for(path: Path, *, device: str, dtype: str, batch: int, name: str, cudnn_attention: bool = False) -> Any:
     from cascade.backends.transformers_backend import TransformersBackend
 
-    return TransformersBackend(model=str(path), name=name, device=device, dtype=dtype, max_batch_size=batch)
+    return TransformersBackend(model=str(path), name=name, device=device, dtype=dtype, max_batch_size=batch,
+                               cudnn_attention=cudnn_attention)
 
 
 def random_weights(source: Path, dest: Path, dtype: str, device: str) -> Path:
@@ -117,9 +137,11 @@ def reset_device_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-async def throughput(label: str, path: Path, dtype: str, args: argparse.Namespace, log) -> dict[str, Any]:
+async def throughput(label: str, path: Path, dtype: str, cudnn: bool, args: argparse.Namespace,
+                     log) -> dict[str, Any]:
     reset_device_memory(args.device)
-    backend = backend_for(path, device=args.device, dtype=dtype, batch=max(args.concurrency), name=label)
+    backend = backend_for(path, device=args.device, dtype=dtype, batch=max(args.concurrency), name=label,
+                          cudnn_attention=cudnn)
     t0 = time.perf_counter()
     await backend.start()
     load_s = time.perf_counter() - t0
@@ -129,24 +151,24 @@ async def throughput(label: str, path: Path, dtype: str, args: argparse.Namespac
             return (await backend.generate(chat(text, args.max_tokens))).usage.completion_tokens
 
         for c in args.concurrency:
-            # warm-up: one full batch of this level, not counted. On a GPU the first generation of a new
-            # batch size and length is several times slower (kernel selection, allocator); measured here as
-            # warmup_s, the cost a server pays on its first requests of each shape
+            # warm-up: one full batch of this level, not counted (warmup_s: the first batch of a new size)
             t0 = time.perf_counter()
-            await asyncio.gather(*(call(t) for t in prompts(c)))
+            await asyncio.gather(*(call(t) for t in level_prompts(c, args.lengths, seed=2 * c)))
             warmup_s = time.perf_counter() - t0
             n = max(args.requests or 2 * c, c)
-            row = await run_level(call, prompts(n), c)
-            row.update(model=label, dtype=dtype, device=backend.device, warmup_s=round(warmup_s, 3))
+            row = await run_level(call, level_prompts(n, args.lengths, seed=2 * c + 1), c)
+            row.update(model=label, dtype=dtype, device=backend.device, warmup_s=round(warmup_s, 3),
+                       cudnn_attention=cudnn, lengths=args.lengths)
             rows.append(row)
-            log(f"  {label} {dtype} c={c:<3} {row['tokens_per_s']:>9} tok/s  {row['requests_per_s']:>7} req/s  "
+            log(f"  {label} {dtype}{' cudnn-attn' if cudnn else ''} c={c:<3} {row['tokens_per_s']:>9} tok/s  "
+                f"{row['requests_per_s']:>7} req/s  "
                 f"p50 {row['latency_p50_s']} s  p99 {row['latency_p99_s']} s  warm-up {row['warmup_s']} s  "
                 f"errors {row['errors']}")
     finally:
         device = backend.device
         await backend.close()
         del backend
-    return {"model": label, "dtype": dtype, "device": device, "load_s": round(load_s, 2),
+    return {"model": label, "dtype": dtype, "cudnn_attention": cudnn, "device": device, "load_s": round(load_s, 2),
             "memory": device_memory(args.device), "rows": rows}
 
 
@@ -209,8 +231,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 path = random_weights(path, work / f"random-{len(results)}", args.dtype[0], args.device)
                 log(f"{label}: random weights drawn and saved in {time.perf_counter() - t0:.1f} s")
             for dtype in args.dtype:
-                log(f"{label} on {args.device}, {dtype}")
-                results.append(await throughput(label, path, dtype, args, log))
+                for cudnn in args.cudnn_attention:
+                    log(f"{label} on {args.device}, {dtype}, cuDNN attention {'on' if cudnn else 'off'}")
+                    results.append(await throughput(label, path, dtype, cudnn, args, log))
                 if args.parity and not random_init and args.device != "cpu":
                     qs = parity_questions(args.parity)
                     dev = await answers(path, device=args.device, dtype=dtype, questions=qs, max_tokens=24)
@@ -231,7 +254,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_facts(models=[m for m, _, _ in models], gpus=gpu_facts()),
         "config": {"device": args.device, "dtypes": args.dtype, "concurrency": args.concurrency,
                    "max_tokens": args.max_tokens, "requests": args.requests, "top_logprobs": TOP_LOGPROBS,
-                   "parity_questions": args.parity, "max_batch_size": max(args.concurrency)},
+                   "parity_questions": args.parity, "max_batch_size": max(args.concurrency),
+                   "lengths": args.lengths, "cudnn_attention": args.cudnn_attention},
         "models": [{k: v for k, v in r.items() if k != "rows"} for r in results],
         "rows": [row for r in results for row in r["rows"]],
         "parity": parity,
@@ -250,16 +274,20 @@ def plot(result: dict[str, Any], png: Path) -> Path | None:
         return None
     rows = result["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for key in dict.fromkeys((r["model"], r["dtype"]) for r in rows):
-        rs = sorted((r for r in rows if (r["model"], r["dtype"]) == key), key=lambda r: r["concurrency"])
+    def key_of(r: dict[str, Any]) -> tuple:
+        return r["model"], r["dtype"], r.get("cudnn_attention", False)
+
+    for key in dict.fromkeys(key_of(r) for r in rows):
+        rs = sorted((r for r in rows if key_of(r) == key), key=lambda r: r["concurrency"])
         xs = [r["concurrency"] for r in rs]
-        line, = axes[0].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", label=f"{key[0]} {key[1]}")
+        label = f"{key[0]} {key[1]}" + (" cuDNN attention" if key[2] else "")
+        line, = axes[0].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", label=label)
         axes[1].plot(xs, [r["latency_p50_s"] for r in rs], marker="o", color=line.get_color())
         axes[1].plot(xs, [r["latency_p99_s"] for r in rs], marker="x", color=line.get_color(), alpha=0.5)
     cfg = result["config"]
     return finish_throughput_plot(
         plt, fig, axes, f"transformers backend on {cfg['device']}, max_tokens={cfg['max_tokens']}, "
-        f"top_logprobs={cfg['top_logprobs']}", result["machine"], png,
+        f"top_logprobs={cfg['top_logprobs']}, prompt lengths {cfg.get('lengths', 'same')}", result["machine"], png,
         xlabel="concurrent requests (max_batch_size = largest level)")
 
 
@@ -276,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default 2 x concurrency)")
     ap.add_argument("--parity", type=int, default=None, metavar="N",
                     help="N questions answered on the device and on the CPU in float32, compared (default 16)")
+    ap.add_argument("--lengths", choices=("mixed", "same"), default="mixed",
+                    help="prompt lengths: mixed (seeded random fillers, the default) or nearly the same")
+    ap.add_argument("--cudnn-attention", nargs="+", choices=("off", "on"), default=["off"],
+                    help="the tier option cudnn_attention, each setting measured (default off)")
     ap.add_argument("--tiny", action="store_true", help="smoke size: SmolLM2 on the CPU, 2 levels, a few tokens")
     ap.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the JSON and the PNG")
     ap.add_argument("--name", default=None, help="file name stem (default transformers_throughput[_tiny])")
@@ -296,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("name a model: --model ID_OR_DIR and/or --random-init ID_OR_DIR (or --tiny)")
     args.device = args.device or "auto"
     args.dtype = args.dtype or ["float32"]
+    args.cudnn_attention = [v == "on" for v in dict.fromkeys(args.cudnn_attention)]
     args.concurrency = sorted(set(args.concurrency or [1, 8, 32]))
     args.max_tokens = args.max_tokens or 128
     args.parity = 16 if args.parity is None else args.parity

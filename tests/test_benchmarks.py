@@ -323,3 +323,22 @@ def test_live_answer_keys_name_a_gpu_but_keep_the_committed_cpu_answers():
     assert settings_key(q, "float32") == settings_key(q, "float32", device="cpu") == key
     on_gpu = {settings_key(q, "float32", device=d) for d in ("cuda", "cuda:1")}
     assert len(on_gpu) == 2 and key not in on_gpu
+
+
+def test_gpu_attention_probe_needs_cuda_and_the_committed_run_renders(tmp_path, capsys):
+    """The attention probe is a GPU measurement: without CUDA it says so in one line and writes nothing. Its
+    committed H200 run renders into the results page, with the kernels that cannot take the inputs marked."""
+    import torch
+
+    from benchmarks._common import RESULTS
+    from benchmarks.gpu_attention_probe import main, summary
+    from benchmarks.report import build
+
+    if not torch.cuda.is_available():
+        assert main(["--out", str(tmp_path / "probe.json")]) == 2
+        assert capsys.readouterr().err.strip().endswith("sees none") and not (tmp_path / "probe.json").exists()
+    d = json.loads((RESULTS / "gpu" / "attention_probe.json").read_text())
+    table = summary(d["rows"])
+    assert "| float32 | cudnn | unavailable | unavailable |" in table
+    assert len(table) == 2 + 2 * 5 and all(r["again_ms"] is None or r["again_ms"] < 5 for r in d["rows"])
+    assert "\n".join(table) in build(RESULTS)
