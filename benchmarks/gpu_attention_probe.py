@@ -78,7 +78,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| dtype | kernel | first call at a new key length, ms | the same length again, ms |", "|---|---|---|---|"]
     for key in dict.fromkeys((r["dtype"], r["kernel"]) for r in rows):
         rs = [r for r in rows if (r["dtype"], r["kernel"]) == key]
-        if any(r["first_ms"] is None for r in rs):
+        if any(r["first_ms"] is None or r["again_ms"] is None for r in rs):
             out.append(f"| {key[0]} | {key[1]} | unavailable | unavailable |")
             continue
         out.append(f"| {key[0]} | {key[1]} | {', '.join(str(r['first_ms']) for r in rs)} | "

@@ -21,7 +21,9 @@ generated tokens/s, requests/s, p50/p99 latency; per model, load time and the de
 ``--lengths mixed`` (the default) gives every prompt a filler of seeded random length (0-200 words), the
 warm-up other lengths than the timed requests, as a server's traffic does: on a GPU a kernel that prepares
 itself per shape pays again for every new prompt length. ``--lengths same`` sends prompts of nearly one
-length, whose shapes the warm-up has already met (the figures before 2026-12-04 were taken so).
+length, whose shapes the warm-up has already met (the first GPU session's figures were taken so). At
+large concurrency the widest of many mixed prompts is near the top of the range in every batch, so batch
+widths differ little there: mixed lengths show new shapes best at low concurrency.
 ``--cudnn-attention off on`` measures both settings of the tier option (off, the default, keeps torch's
 attention off cuDNN's kernel on CUDA).
 
@@ -239,6 +241,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     dev = await answers(path, device=args.device, dtype=dtype, questions=qs, max_tokens=24)
                     ref = await answers(path, device="cpu", dtype="float32", questions=qs, max_tokens=24)
                     p = {"model": label, "device": args.device, "dtype": dtype, "reference": "cpu float32",
+                         "cudnn_attention": False,
                          **compare(dev, ref)}
                     parity.append(p)
                     log(f"  parity vs CPU float32: {p['same_text']}/{p['questions']} same text; token logprob "
@@ -280,7 +283,8 @@ def plot(result: dict[str, Any], png: Path) -> Path | None:
     for key in dict.fromkeys(key_of(r) for r in rows):
         rs = sorted((r for r in rows if key_of(r) == key), key=lambda r: r["concurrency"])
         xs = [r["concurrency"] for r in rs]
-        label = f"{key[0]} {key[1]}" + (" cuDNN attention" if key[2] else "")
+        both = len(result["config"].get("cudnn_attention") or []) > 1  # the setting named when it varies
+        label = f"{key[0]} {key[1]}" + (f" cuDNN attention {'on' if key[2] else 'off'}" if both else "")
         line, = axes[0].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", label=label)
         axes[1].plot(xs, [r["latency_p50_s"] for r in rs], marker="o", color=line.get_color())
         axes[1].plot(xs, [r["latency_p99_s"] for r in rs], marker="x", color=line.get_color(), alpha=0.5)

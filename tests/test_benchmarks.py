@@ -283,6 +283,27 @@ def test_transformers_throughput_tiny_on_the_cpu(tmp_path):
         assert 1 <= r["mean_completion_tokens"] <= 4
     assert d["parity"] == []  # on the CPU there is nothing to compare the CPU with
     assert d["config"]["max_tokens"] == 4 and d["machine"]["git"]["commit"]
+    assert d["config"]["lengths"] == "mixed" and d["config"]["cudnn_attention"] == [False]
+    assert all(r["lengths"] == "mixed" and r["cudnn_attention"] is False for r in d["rows"])
+
+
+def test_transformers_throughput_prompts_and_the_attention_axis():
+    """Mixed lengths: each prompt its own filler, drawn by seed, and the warm-up's (seed 2c) not the timed ones'
+    (seed 2c+1); `same` is the vLLM benchmark's prompts. Each dtype is measured under each attention setting,
+    named once each, and rows from before the option render as torch's choice."""
+    from benchmarks.report import _attention
+    from benchmarks.transformers_throughput import level_prompts, main
+    from benchmarks.vllm_throughput import prompts
+
+    assert level_prompts(8, "same", seed=3) == prompts(8)
+    warm, timed = level_prompts(8, "mixed", seed=16), level_prompts(16, "mixed", seed=17)
+    assert level_prompts(16, "mixed", seed=17) == timed  # seeded: the same run twice is the same prompts
+    assert all(t.startswith(p) for t, p in zip(timed, prompts(16), strict=True))
+    lengths = [len(t.split()) for t in timed]
+    assert len(set(lengths)) > 8 and [len(t.split()) for t in warm] != lengths[:8]
+    assert _attention({}) == "torch's choice" and _attention({"cudnn_attention": True}) == "on"
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--cudnn-attention", "maybe"])
 
 
 async def test_transformers_throughput_parity_compares_real_answers(smol_path):

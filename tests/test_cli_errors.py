@@ -97,7 +97,7 @@ def free_port() -> int:
     ("    options: {threads: -2}", "tiers.small.options.threads"),
     ("    options: {device: gpu}", "tiers.small.options.device: must be cpu, cuda, cuda:N or auto, got 'gpu'"),
     ("    options: {device: 'cuda:99'}", "tiers.small.options.device: 'cuda:99' asked for, but torch sees"),
-    ("    options: {cudnn_attention: 'no'}", "tiers.small.options.cudnn_attention: must be true or false, got 'no'"),
+    ("    options: {cudnn_attention: 'no'}", "tiers.small.options.cudnn_attention: must be a boolean (true or false, unquoted), got str 'no'"),
 ])
 def test_serve_refuses_a_config_the_engine_refuses_in_one_line_before_the_banner(tmp_path, small, needle):
     text = write_config(tmp_path).read_text().replace("    model: smollm2-135m\n", "    model: smollm2-135m\n", 1)

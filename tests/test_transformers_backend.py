@@ -102,12 +102,24 @@ def test_cudnn_attention_is_switched_off_for_a_cuda_generation_and_restored_afte
 
 
 @pytest.mark.parametrize("allowed", [False, True])
-async def test_the_attention_kernel_setting_seen_by_the_model_while_it_generates(smol_path, allowed):
+async def test_the_attention_kernel_setting_seen_by_the_model_while_it_generates(smol_path, allowed, monkeypatch):
     """What a forward pass sees: on CUDA cuDNN's attention is off unless the tier allows it; on the CPU the flag
-    is left alone. Batched and streamed generation alike, and the flag is back after either."""
+    is left alone. Batched and streamed generation alike, and the flag is back after either. The switch itself
+    runs as it is, wrapped to see that both ways of generating go through it with the tier's device and setting
+    (on a CPU the flag alone could not tell)."""
+    from cascade.backends import transformers_backend
     from cascade.backends.transformers_backend import TransformersBackend
 
-    with pytest.raises(ConfigError, match=r"options.cudnn_attention: must be true or false, got 'yes'"):
+    entered: list[tuple[str, bool, bool]] = []
+    real = transformers_backend._without_cudnn_attention
+
+    def recording(torch_, device, allowed_):  # noqa: ANN001, ANN202
+        entered.append((str(device), allowed_, torch_ is torch))
+        return real(torch_, device, allowed_)
+
+    monkeypatch.setattr(transformers_backend, "_without_cudnn_attention", recording)
+
+    with pytest.raises(ConfigError, match=r"options.cudnn_attention: must be a boolean \(true or false, unquoted\), got str 'yes'"):
         TransformersBackend(model=str(smol_path), name="a", cudnn_attention="yes")
     b = TransformersBackend(model=str(smol_path), name="attn", device=TEST_DEVICE, threads=2,
                             cudnn_attention=allowed)
@@ -123,6 +135,8 @@ async def test_the_attention_kernel_setting_seen_by_the_model_while_it_generates
         await b.close()
     expected = before if (allowed or TEST_DEVICE == "cpu") else False
     assert len(seen) >= 6 and set(seen) == {expected}
+    device = "cuda:0" if TEST_DEVICE == "cuda" else TEST_DEVICE
+    assert entered == [(device, allowed, True)] * 2  # the batch, then the stream
     assert torch.backends.cuda.cudnn_sdp_enabled() is before
 
 

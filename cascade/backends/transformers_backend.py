@@ -131,8 +131,8 @@ class TransformersBackend(Backend):
         if not isinstance(device, str) or not _DEVICE.fullmatch(device):
             raise ConfigError(f"tiers.{self.name}.options.device: must be cpu, cuda, cuda:N or auto, got {device!r}")
         if not isinstance(cudnn_attention, bool):
-            raise ConfigError(f"tiers.{self.name}.options.cudnn_attention: must be true or false, "
-                              f"got {cudnn_attention!r}")
+            raise ConfigError(f"tiers.{self.name}.options.cudnn_attention: must be a boolean (true or false, "
+                              f"unquoted), got {type(cudnn_attention).__name__} {cudnn_attention!r}")
         threads = option_int(self.name, "threads", threads, optional=True)
         max_batch_size = option_int(self.name, "max_batch_size", max_batch_size)
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
