@@ -277,13 +277,14 @@ def plot(result: dict[str, Any], png: Path) -> Path | None:
         return None
     rows = result["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    both = len(result["config"].get("cudnn_attention") or []) > 1  # the attention setting named when it varies
+
     def key_of(r: dict[str, Any]) -> tuple:
         return r["model"], r["dtype"], r.get("cudnn_attention", False)
 
     for key in dict.fromkeys(key_of(r) for r in rows):
         rs = sorted((r for r in rows if key_of(r) == key), key=lambda r: r["concurrency"])
         xs = [r["concurrency"] for r in rs]
-        both = len(result["config"].get("cudnn_attention") or []) > 1  # the setting named when it varies
         label = f"{key[0]} {key[1]}" + (f" cuDNN attention {'on' if key[2] else 'off'}" if both else "")
         line, = axes[0].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", label=label)
         axes[1].plot(xs, [r["latency_p50_s"] for r in rs], marker="o", color=line.get_color())

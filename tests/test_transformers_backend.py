@@ -119,7 +119,8 @@ async def test_the_attention_kernel_setting_seen_by_the_model_while_it_generates
 
     monkeypatch.setattr(transformers_backend, "_without_cudnn_attention", recording)
 
-    with pytest.raises(ConfigError, match=r"options.cudnn_attention: must be a boolean \(true or false, unquoted\), got str 'yes'"):
+    refused = r"options.cudnn_attention: must be a boolean \(true or false, unquoted\), got str 'yes'"
+    with pytest.raises(ConfigError, match=refused):
         TransformersBackend(model=str(smol_path), name="a", cudnn_attention="yes")
     b = TransformersBackend(model=str(smol_path), name="attn", device=TEST_DEVICE, threads=2,
                             cudnn_attention=allowed)
