@@ -13,20 +13,26 @@ from tests.conftest import TEST_DEVICE
 Q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=10, top_logprobs=5)
 
 
+def assert_logprobs_equal_a_direct_forward_pass(backend, request, res) -> None:  # noqa: ANN001
+    """Each token's logprob is the log-softmax of one forward pass over prompt + answer at its position (to
+    1e-4), and, greedy, the chosen token is the top alternative."""
+    ids = backend._prompt_ids(request)
+    full = ids + [t.token_id for t in res.tokens]
+    with torch.inference_mode():
+        logits = backend._model(torch.tensor([full], device=backend._model.device)).logits.float()
+    lp = torch.log_softmax(logits, dim=-1)[0]
+    for j, tok in enumerate(res.tokens):
+        direct = lp[len(ids) - 1 + j, tok.token_id].item()
+        assert abs(direct - tok.logprob) < 1e-4, (j, direct, tok.logprob)
+        assert tok.top[0].token_id == tok.token_id
+
+
 async def test_logprobs_equal_a_direct_forward_pass(smol_backend):
     res = await smol_backend.generate(Q)
     assert res.tokens and res.text.strip()
     ids = smol_backend._prompt_ids(Q)
-    full = ids + [t.token_id for t in res.tokens]
-    with torch.inference_mode():
-        logits = smol_backend._model(torch.tensor([full], device=smol_backend._model.device)).logits.float()
-    lp = torch.log_softmax(logits, dim=-1)[0]
-    start = len(ids)
-    for j, tok in enumerate(res.tokens):
-        direct = lp[start - 1 + j, tok.token_id].item()
-        assert abs(direct - tok.logprob) < 1e-4, (j, direct, tok.logprob)
-        # greedy: the chosen token is the top alternative, and alternatives are sorted
-        assert tok.top[0].token_id == tok.token_id
+    assert_logprobs_equal_a_direct_forward_pass(smol_backend, Q, res)
+    for tok in res.tokens:  # the alternatives are sorted
         assert [a.logprob for a in tok.top] == sorted((a.logprob for a in tok.top), reverse=True)
         assert len(tok.top) == 5
     assert "".join(t.token for t in res.tokens) == res.text
@@ -298,14 +304,7 @@ async def test_a_models_own_generation_config_cannot_change_the_decoding(smol_pa
     try:
         reqs = [Q, Q.with_(messages=(Message("user", "Repeat: one two one two one two"),), max_tokens=12)]
         for req, res in zip(reqs, await asyncio.gather(*(b.generate(r) for r in reqs)), strict=True):
-            ids = b._prompt_ids(req)
-            full = ids + [t.token_id for t in res.tokens]
-            with torch.inference_mode():
-                logits = b._model(torch.tensor([full], device=b._model.device)).logits.float()
-            lp = torch.log_softmax(logits, dim=-1)[0]
             assert res.tokens
-            for j, tok in enumerate(res.tokens):
-                assert abs(lp[len(ids) - 1 + j, tok.token_id].item() - tok.logprob) < 1e-4
-                assert tok.top[0].token_id == tok.token_id  # greedy, one token a step
+            assert_logprobs_equal_a_direct_forward_pass(b, req, res)  # greedy, one token a step
     finally:
         await b.close()
