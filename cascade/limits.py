@@ -90,7 +90,6 @@ class Admission:
                 # both limits' headers on either refusal, as OpenAI sends them (the tokens' window as it stands)
                 err.headers = tuple(self._headers(requests_per_minute, window, now))
                 if tokens_per_minute:
-                    self._tokens_used(key, now)
                     err.headers += tuple(self._token_headers(tokens_per_minute, key, now))
                 raise err
         token_window = None
@@ -164,11 +163,12 @@ class Admission:
         return window, used
 
     def _token_headers(self, limit: int, key: str, now: float) -> list[tuple[bytes, bytes]]:
-        """OpenAI's token rate-limit headers: the limit, what is left of it, and how long until it is whole."""
-        window = self._token_windows.get(key)
+        """OpenAI's token rate-limit headers: the limit, what is left of it in the last minute, and how long until
+        it is whole."""
+        window, used = self._tokens_used(key, now)
         reset = window[-1][0] + WINDOW_S - now if window else 0.0
         return [(b"x-ratelimit-limit-tokens", str(limit).encode()),
-                (b"x-ratelimit-remaining-tokens", str(max(0, limit - self._token_sums.get(key, 0))).encode()),
+                (b"x-ratelimit-remaining-tokens", str(max(0, limit - used)).encode()),
                 (b"x-ratelimit-reset-tokens", reset_text(reset).encode())]
 
     @staticmethod
