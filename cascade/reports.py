@@ -28,7 +28,9 @@ _GROUP_SQL = {
     "tier": "COALESCE(tier, '(none)')",
     "policy": "policy",
     "key": "COALESCE(api_key_id, '(none)')",
-    "user": "end_user",  # a client's own text: None (JSON null) when a request named none, see _label
+    # a client's own text (None, JSON null, when a request named none, see _label), and the key that sent it:
+    # an end user is one of a key's users (as its daily spend limit counts them), two tenants' "user-1" are two
+    "user": "end_user, api_key_id",
     "day": "FLOOR(created_at / 86400)",
     "endpoint": "endpoint",  # chat, completions, responses
 }
@@ -56,7 +58,9 @@ def _group_sql(by: str, dialect: str) -> str:
     # a client's own text, like end_user: None when the request had no such tag, see _label
     if dialect == "sqlite":
         return f"json_extract(metadata, '$.\"{key}\"')"
-    return f"(CAST(metadata AS json) ->> '{key}')"
+    # the PostgreSQL dialect turns every "?" into a placeholder, a "?" in a literal too: the key's are written as
+    # Unicode escapes (U&'...\003F'), which it leaves alone (a key has no backslash of its own)
+    return "(CAST(metadata AS json) ->> U&'" + key.replace("?", "\\003F") + "')"
 
 #: the columns of one cost-report row, in CSV order (``attempts``/``attempt_*`` only with --by tier)
 COST_COLUMNS = ("group", "requests", "answered", "errors", "partial", "cancelled", "cache_hits", "escalated", "escalation_rate", "spend_usd",
@@ -181,7 +185,9 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
     sums: dict[Any, dict[str, float]] = {}
     hists: dict[Any, dict[Any, list[float]]] = {}
     total_hist: dict[Any, list[float]] = {}
-    for grp, bucket, *vals in rows:
+    keyed = by == "user"  # (end user, key) pairs: the group's two columns
+    for row in rows:
+        grp, bucket, vals = ((row[0], row[1]), row[2], row[3:]) if keyed else (row[0], row[1], row[2:])
         acc = sums.setdefault(grp, dict.fromkeys(fields, 0))
         for f, v in zip(fields, vals, strict=True):
             acc[f] += v or 0
@@ -209,9 +215,12 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
         cancelled, hits = int(r["cancelled"]), int(r["cache_hits"])
         spend, waste, base = float(r["spend"]), float(r["waste"]), float(r["baseline"])
         hist = hist or {}
+        pair = {}  # --by user: the key of the group's end user (not on the total)
+        if isinstance(label, tuple):
+            label, pair = label[0], {"key": label[1]}
         out = {  # answered: ok and partial (a stream cut after tokens); errors: failed or refused; the
             # cancelled left before an answer (every request is one of answered, errors, cancelled)
-            "group": label, "requests": n, "answered": answered, "errors": n - answered - cancelled,
+            "group": label, **pair, "requests": n, "answered": answered, "errors": n - answered - cancelled,
             "partial": int(r["partial"]), "cancelled": cancelled, "cache_hits": hits, "escalated": escalated,
             # over the answers a tier gave: a cache hit decided nothing
             "escalation_rate": _div(escalated, answered - hits), "spend_usd": spend, "escalation_waste_usd": waste,
@@ -236,7 +245,8 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
     else:
         groups = [shape(k, sums.get(k), hists.get(k)) for k in keys]
         # by what the group cost; with --by tier a tier that never served still cost its attempts
-        groups.sort(key=lambda d: (-(d["spend_usd"] + d.get("attempt_spend_usd", 0.0)), str(d["group"])))
+        groups.sort(key=lambda d: (-(d["spend_usd"] + d.get("attempt_spend_usd", 0.0)), str(d["group"]),
+                                   str(d.get("key"))))
     total = dict.fromkeys(fields, 0)
     for acc in sums.values():
         for f in fields:
@@ -273,6 +283,8 @@ def _label(group: Any, *, client: bool = False, width: int | None = None) -> str
 
 def cost_report_csv(report: dict[str, Any]) -> str:
     cols = list(COST_COLUMNS) + (list(TIER_COLUMNS) if report["by"] == "tier" else [])
+    if report["by"] == "user":
+        cols.insert(1, "key")  # the key whose end user the group is
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -322,10 +334,16 @@ def cost_report_text(report: dict[str, Any]) -> str:
                "top1%", "top10%"]
     if report["by"] == "tier":
         headers += ["attempts", "tier spend"]
+    keyed = report["by"] == "user"
+    if keyed:
+        headers.insert(1, "key")
     client = _client_text(report["by"])
 
     def cells(d: dict[str, Any]) -> list[str]:
-        c = [_label(d["group"], client=client and d is not report["total"], width=60), f"{d['requests']:,}",
+        c = [_label(d["group"], client=client and d is not report["total"], width=60)]
+        if keyed:
+            c.append("" if d is report["total"] else _label(d.get("key"), width=40))
+        c += [f"{d['requests']:,}",
              _money(d["spend_usd"]), _pct(d["escalation_rate"]), _money(d["escalation_waste_usd"]), _money(d["baseline_usd"]), _money(d["savings_usd"]),
              _pct(d["savings_pct"], 1.0), _pct(d["top1pct_cost_share"]), _pct(d["top10pct_cost_share"])]
         if report["by"] == "tier":
@@ -333,6 +351,7 @@ def cost_report_text(report: dict[str, Any]) -> str:
         return c
 
     rows = [cells(d) for d in report["groups"]] + [cells(report["total"])]
+    right = [False] * (2 if keyed else 1) + [True] * (len(headers) - (2 if keyed else 1))
     title = (f"cost report by {report['by']}" + (f" since {report['since']}" if report["since"] else "")
              + f" ({report['ledger']})")
     t = report["total"]
@@ -341,7 +360,7 @@ def cost_report_text(report: dict[str, Any]) -> str:
     foot = (f"{t['requests']:,} requests: {t['answered']:,} answered{cut}, {t['errors']:,} failed or refused, "
             f"{t['cancelled']:,} cancelled by their client; baseline estimated for {t['baseline_estimated']:,} "
             "(the last tier did not run); top1%/top10%: share of spend from the costliest 1%/10% of requests")
-    return "\n".join([title, "", _table(headers, rows, [False] + [True] * (len(headers) - 1)), "", foot])
+    return "\n".join([title, "", _table(headers, rows, right), "", foot])
 
 
 #: at most this many bars in a report's plot (but by day): the costliest groups, then one for the others
@@ -372,7 +391,9 @@ def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
         others = _others(groups[PLOT_GROUPS - 1:])
         groups = [*groups[: PLOT_GROUPS - 1], others]
     client = _client_text(report["by"])
-    labels = [_label(g["group"], client=client and g is not others, width=24) for g in groups]
+    labels = [_label(g["group"], client=client and g is not others, width=24)
+              + (f"\n(key {_label(g['key'], width=24)})" if "key" in g else "")
+              for g in groups]
     x = np.arange(len(groups))
     w = 0.38
     fig, ax = plt.subplots(figsize=(max(6.0, min(0.35 * len(groups) + 4, 14.0)), 4.8))

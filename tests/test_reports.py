@@ -78,7 +78,7 @@ def test_report_every_by_same_numbers_on_sqlite_and_postgresql(traffic, pg_copy,
         "SELECT COUNT(*), SUM(cost_usd), SUM(escalation_waste_usd), SUM(baseline_cost_usd), "
         "SUM(escalated) FROM requests")[0]
     costs = sorted((r[0] for r in t.rows("SELECT cost_usd FROM requests")), reverse=True)
-    for by in (*REPORT_BY, "meta:team"):
+    for by in (*REPORT_BY, "meta:team", "meta:team?"):  # a "?" in a key: not a placeholder on PostgreSQL
         lite = run_json(capsys, "report", "--by", by, "--json", "--ledger", str(t.ledger))
         pg = run_json(capsys, "report", "--by", by, "--json", "--ledger", pg_copy)
         same(lite, pg)
@@ -93,14 +93,18 @@ def test_report_every_by_same_numbers_on_sqlite_and_postgresql(traffic, pg_copy,
         assert sum(g["requests"] for g in lite["groups"]) == n
         assert sum(g["spend_usd"] for g in lite["groups"]) == pytest.approx(spend)
     # cost attribution: by the end user and by a tag the requests carried (and the rows say the same)
-    rows = t.rows("SELECT end_user, metadata, cost_usd FROM requests")
-    for by, label in (("user", lambda u, m: u), ("meta:team", lambda u, m: m and json.loads(m).get("team"))):
-        want: dict[str | None, list[float]] = {}
-        for u, m, cost in rows:  # a request that named none: the group null (not a name a client could send)
-            want.setdefault(label(u, m) or None, []).append(cost)
-        got = {g["group"]: g for g in run_json(capsys, "report", "--by", by, "--json", "--ledger",
-                                               str(t.ledger))["groups"]}
+    # (an end user is one of its key's users: the same name sent by two keys is two groups)
+    rows = t.rows("SELECT end_user, api_key_id, metadata, cost_usd FROM requests")
+    for by, label in (("user", lambda u, k, m: (u, k)),
+                      ("meta:team", lambda u, k, m: m and json.loads(m).get("team") or None)):
+        want: dict[Any, list[float]] = {}
+        for u, k, m, cost in rows:  # a request that named none: the group null (not a name a client could send)
+            want.setdefault(label(u, k, m), []).append(cost)
+        got = {(g["group"], g["key"]) if by == "user" else g["group"]: g
+               for g in run_json(capsys, "report", "--by", by, "--json", "--ledger", str(t.ledger))["groups"]}
         assert set(got) == set(want) and len(want) >= 3, (by, set(got))
+        if by == "user":  # the traffic has end users who came through both keys
+            assert any(sum(u == name for u, _ in want) == 2 for name in ("user-0", "user-1", "user-2"))
         for k, costs in want.items():
             assert got[k]["requests"] == len(costs) and got[k]["spend_usd"] == pytest.approx(sum(costs))
     by_policy = {g["group"]: g for g in run_json(capsys, "report", "--by", "policy", "--json", "--ledger",
@@ -211,6 +215,48 @@ def test_end_users_are_shown_as_text_that_cannot_pass_for_ours_or_run(tmp_path, 
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert "'=HYPERLINK(1)" in [r["group"] for r in rows] and rows[-1]["group"] == "(all)"
     assert main(["report", "--by", "user", "--plot", str(tmp_path / "users.png"), "--ledger", str(db)]) == 0
+    assert (tmp_path / "users.png").stat().st_size > 10_000
+
+
+def test_attribution_by_tag_with_a_question_mark_and_by_end_user_of_each_key(tmp_path, request, capsys):
+    """A tag whose key has a "?" groups the same on SQLite and PostgreSQL (where "?" is the placeholder the
+    dialect rewrites); two keys' end users of the same name are two groups, each with its key, in every form."""
+    import time
+
+    from cascade.cli import main
+    from cascade.ledger import Ledger
+    from cascade.types import CascadeRecord
+
+    recs = [("tenant-a", "user-1", 0.001, {"team?": "search"}), ("tenant-b", "user-1", 0.005, {"team?": "ads"}),
+            ("tenant-b", "user-1", 0.002, {"team?": "ads"})]
+    targets = [str(tmp_path / "ledger.sqlite")]
+    pg = request.getfixturevalue("postgres")
+    pg.reset()
+    targets.append(pg.url)
+    for target in targets:
+        ledger = Ledger(target).open_sync()
+        try:
+            for i, (key, user, cost, meta) in enumerate(recs):
+                ledger.record_sync(CascadeRecord(request_id=f"r{i}", policy="cascade", created_at=time.time(),
+                                                 cost_usd=cost, api_key_id=key, end_user=user, metadata=meta))
+        finally:
+            ledger.close_sync()
+    for target in targets:
+        by_tag = run_json(capsys, "report", "--by", "meta:team?", "--json", "--ledger", target)["groups"]
+        assert [(g["group"], g["requests"]) for g in by_tag] == [("ads", 2), ("search", 1)], target
+        by_user = run_json(capsys, "report", "--by", "user", "--json", "--ledger", target)["groups"]
+        assert [(g["group"], g["key"], g["requests"], round(g["spend_usd"], 6)) for g in by_user] == [
+            ("user-1", "tenant-b", 2, 0.007), ("user-1", "tenant-a", 1, 0.001)], target
+        assert "key" not in run_json(capsys, "report", "--by", "user", "--json", "--ledger", target)["total"]
+    assert main(["report", "--by", "user", "--csv", "--ledger", targets[0]]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["group"], r["key"], r["requests"]) for r in rows] == [
+        ("user-1", "tenant-b", "2"), ("user-1", "tenant-a", "1"), ("(all)", "", "3")]
+    assert main(["report", "--by", "user", "--ledger", targets[0]]) == 0
+    table = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    assert table[0].split()[:3] == ["group", "key", "requests"]
+    assert [line.split()[:3] for line in table[2:4]] == [["user-1", "tenant-b", "2"], ["user-1", "tenant-a", "1"]]
+    assert main(["report", "--by", "user", "--plot", str(tmp_path / "users.png"), "--ledger", targets[0]]) == 0
     assert (tmp_path / "users.png").stat().st_size > 10_000
 
 
