@@ -21,10 +21,11 @@ import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from cascade.errors import ConfigError
 
@@ -48,9 +49,24 @@ def _unit_thresholds(v: dict[str, float]) -> dict[str, float]:
 Thresholds = Annotated[dict[str, float], AfterValidator(_unit_thresholds)]
 
 
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field of this type holds a boolean (a bool, Any, or a union or container with one)."""
+    return annotation is bool or annotation is Any or any(_takes_bool(a) for a in get_args(annotation))
+
+
 class _Strict(BaseModel):
     # every number of the config is finite: an infinite price or budget would reach the ledger's costs
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A boolean where a number belongs is refused (pydantic would read ``threshold: true`` as 1.0, a tier
+        that never keeps an answer), as the HTTP API refuses one."""
+        if isinstance(value, bool) and info.field_name is not None \
+                and not _takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"must be a number, not a boolean ({str(value).lower()})")
+        return value
 
 
 class Price(_Strict):
@@ -505,8 +521,11 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
     out = dict(data)
     for var, path in ENV_OVERRIDES.items():
         if var in environ and environ[var] != "":
+            section = out.get(path[0])
+            if section is not None and not isinstance(section, dict):
+                continue  # a section that is no mapping (`server: [1, 2]`): validation names it, in one line
             # copy the section so the caller's dict is untouched
-            out[path[0]] = dict(out.get(path[0]) or {})
+            out[path[0]] = dict(section or {})
             _set_path(out, path, environ[var])
     return out
 

@@ -47,6 +47,10 @@ def test_environment_overrides(tmp_path):
         (GOOD.replace("model: smollm2-135m}", "model: m, price: {input_per_1m: cheap}}"),
          "tiers.0.price.input_per_1m"),
         (GOOD.replace("model: smollm2-135m}", "model: m, threshold: 1.5}"), "tiers.0.threshold"),
+        # a boolean is no number (pydantic alone would read `true` as 1.0: a tier that never keeps an answer)
+        (GOOD.replace("model: smollm2-135m}", "model: m, threshold: true}"),
+         "tiers.0.threshold: must be a number, not a boolean (true)"),
+        (GOOD + "server: {port: false}\n", "server.port: must be a number, not a boolean (false)"),
         (GOOD.replace("{chain: [a, b]}", "{chain: []}"), "policies.cascade.chain"),
         (GOOD + "default_policy: nope\n", "default_policy: unknown policy 'nope'"),
         (GOOD.replace("name: b,", "name: a,"), "duplicate tier name"),
@@ -71,6 +75,17 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
                  .replace("model: gpt-4o-mini,", "model: gpt-4o-mini, price: {<<: *p, input_per_1m: 3.0},"))
     a, b = load_config(p, environ={}).tiers
     assert (a.price.input_per_1m, b.price.input_per_1m, b.price.output_per_1m) == (1.0, 3.0, 2.0)
+
+
+@pytest.mark.parametrize(("section", "var"), [("server: [1, 2]", "CASCADE_PORT"), ("ledger: x", "CASCADE_LEDGER_PATH"),
+                                              ("models: m", "CASCADE_MODEL_CACHE")])
+def test_an_env_override_into_a_section_that_is_no_mapping_is_the_one_line_error(tmp_path, section, var):
+    p = tmp_path / "bad.yaml"
+    p.write_text(GOOD + section + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p, environ={var: "9123"})
+    name = section.split(":")[0]
+    assert f"{name}: Input should be a valid dictionary" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_file_and_bad_env_port(tmp_path):
