@@ -206,8 +206,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from calibration.replay import ReplayConfig, replay
 
     chain = [c.strip() for c in (args.chain or "").split(",") if c.strip()]
-    if not chain:
-        raise ConfigError("--chain needs at least one model name (M1,M2[,M3...])")
+    if len(chain) < 2:
+        raise ConfigError(f"--chain needs at least two models, cheapest first (M1,M2[,M3...]), got {args.chain!r}: "
+                          "a cascade escalates from one to the next")
     if args.max_quality_drop is not None and not (0 <= args.max_quality_drop < 1):
         raise ConfigError(f"--max-quality-drop must be in [0, 1) (a fraction: 0.005 = half a point), "
                           f"got {args.max_quality_drop}")
@@ -238,6 +239,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         d = Path(args.export_policy).expanduser()
         if not args.export_policy.strip() or (d.exists() and not d.is_dir()):
             raise ConfigError(f"--export-policy {args.export_policy!r}: not a directory")
+    if args.test_fraction is not None and not _same_file(args.train, args.test):
+        raise ConfigError("--test-fraction splits one file into train and test parts: give that file as both --train "
+                          "and --test (or leave --test-fraction out to fit on --train and measure on --test)")
     if args.cost_budget is not None and drop_given:
         print("cascade: note: with --cost-budget the policy maximises quality under the budget; "
               "--max-quality-drop only tunes the anchor column (the single threshold tuned on TEST)", file=sys.stderr)
@@ -245,10 +249,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         progress("loading data", 0, 1)
         train = load_cascade_outputs(args.train).with_score(args.feature, chain)
         split_info = None
-        if _same_file(args.train, args.test) or args.test_fraction is not None:
+        if _same_file(args.train, args.test):
             frac = 0.5 if args.test_fraction is None else args.test_fraction
-            source = train if _same_file(args.train, args.test) else load_cascade_outputs(args.test).with_score(
-                args.feature, chain)
+            source = train
             train, test = split_data(source, frac, args.split_seed)
             split_info = {"source": source.path, "test_fraction": frac, "seed": args.split_seed,
                           "note": "train and test are disjoint parts of one file, split by a fixed seed"}
@@ -259,6 +262,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 raise DataError(f"{d.path}: the {what} split is empty")
         chain = train.check_models(chain)
         test.check_models(chain)
+        for d in (train, test):  # every cost ratio is against the last tier's cost
+            if not d.tier(chain[-1]).cost.sum() > 0:
+                raise DataError(f"{d.path}: the last tier {chain[-1]!r} costs $0 on every question of the "
+                                f"{'training' if d is train else 'test'} split, so no cost ratio against it is "
+                                "defined: end the chain with a tier that has a cost")
         _both_outcomes(train.tier(chain[0]).correct, chain[0], f"the training split of {train.path}")
         try:
             report, policy = replay(train, test, chain, cfg, progress)
@@ -366,8 +374,8 @@ def add_cli(subparsers: Any) -> None:
     r.add_argument("--no-guard", action="store_true",
                    help="skip the cross-validated guard (faster; the in-sample margin only)")
     r.add_argument("--test-fraction", type=float, default=None,
-                   help="split the test file (or the TRAIN file given twice) into train/test parts "
-                        "(default 0.5 when the same file is given twice)")
+                   help="the test part's share when one file is given as both --train and --test, which is then "
+                        "split into disjoint parts by --split-seed (default 0.5)")
     r.add_argument("--split-seed", type=non_negative_int, default=0, help="seed of that split (default 0)")
     r.add_argument("--seed", type=non_negative_int, default=0, help="seed of the folds and the bootstrap")
     r.add_argument("--plot", metavar="PNG", help="reliability diagram of the first tier on TEST")
@@ -385,7 +393,9 @@ def add_cli(subparsers: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cascade", description="cascade-engine calibration commands")
+    from cascade.cli import OneLineParser
+
+    parser = OneLineParser(prog="cascade", description="cascade-engine calibration commands")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     add_cli(sub)

@@ -127,6 +127,16 @@ def _float(v, path: Path, lineno: int, model: str, key: str, allow_neg_inf: bool
     return x
 
 
+def _token_count(v, path: Path, lineno: int, model: str, key: str) -> float:
+    """A ``tokens.in``/``tokens.out`` count that a line has: 0 for null, else a finite number >= 0."""
+    if v is None:
+        return 0.0
+    x = _float(v, path, lineno, model, f"tokens.{key}")
+    if x < 0:
+        raise _bad(path, lineno, f"model {model!r}: tokens.{key} is negative ({v!r})")
+    return x
+
+
 def _correct(v, path: Path, lineno: int, model: str) -> float:
     if isinstance(v, bool):
         return float(v)
@@ -135,12 +145,19 @@ def _correct(v, path: Path, lineno: int, model: str) -> float:
     raise _bad(path, lineno, f"model {model!r}: correct must be true/false, got {v!r}")
 
 
-def _collect_features(acc: dict[str, list[float]] | None, features: Any, i: int) -> dict[str, list[float]] | None:
+def _collect_features(acc: dict[str, list[float]] | None, features: Any, i: int, path: Path, lineno: int,
+                      model: str) -> dict[str, list[float]] | None:
     """``acc`` with line ``i``'s numeric features appended. Only features that every line carries are kept:
     one missing from a line is dropped, and a line with no ``features`` object at all ends the collection
-    (None)."""
+    (None). A log-probability feature (``*_logprob``, what ``--feature`` scores with) that is NaN, +inf or
+    above 0 is refused, naming the line: one such value would bend a whole fit."""
     if acc is None or not isinstance(features, dict):
         return None
+    for k, v in features.items():
+        if str(k).endswith("_logprob") and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                and (math.isnan(v) or v > LOGPROB_TOLERANCE):
+            raise _bad(path, lineno, f"model {model!r}: features.{k} must be a log-probability (<= 0, or -inf), "
+                                     f"got {v!r}")
     if i == 0:
         return {k: [float(v)] for k, v in features.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for k in list(acc):
@@ -213,9 +230,9 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
             lat = rec.get("latency_ms")
             c["lat"].append(float(lat) if isinstance(lat, (int, float)) and not isinstance(lat, bool) else math.nan)
             tok = rec.get("tokens") if isinstance(rec.get("tokens"), dict) else {}
-            c["tin"].append(float(tok.get("in", math.nan) or 0))
-            c["tout"].append(float(tok.get("out", math.nan) or 0))
-            feats[m] = _collect_features(feats[m], rec.get("features"), n)
+            for key, col in (("in", "tin"), ("out", "tout")):  # optional: unknown (NaN) when missing
+                c[col].append(_token_count(tok[key], p, lineno, m, key) if key in tok else math.nan)
+            feats[m] = _collect_features(feats[m], rec.get("features"), n, p, lineno, m)
         prompt = f"{row.get('system_prompt', '') or ''}\n{row.get('user_prompt', '') or ''}"
         prompt_chars.append(float(len(prompt)))
         idxs.append(row.get("idx", n))

@@ -11,16 +11,24 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from cascade.errors import CascadeError, ConfigError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with every command's error in one line, as the commands' own errors are (``cascade: error:
+    ...``, exit status 2), and where to read the usage, instead of the usage block. Sub-command parsers are
+    of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cascade: error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from cascade import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="cascade", description="Confidence-escalation cascade for LLM serving."
-    )
+    parser = OneLineParser(prog="cascade", description="Confidence-escalation cascade for LLM serving.")
     parser.add_argument("--version", action="version", version=f"cascade-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -101,6 +101,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     cfg = _with_cli_overrides(load_config(args.config), args)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ConfigError("--max-tokens must be >= 1")
+    if not args.question.strip():
+        raise ConfigError("the question is empty: give it as the argument (cascade ask \"What is 2+2?\")")
     messages = []
     if args.system:
         messages.append(Message("system", args.system))
