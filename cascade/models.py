@@ -729,6 +729,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     cache = _cache(args.cache_dir)
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"model cache {cache} is not a directory")
     table = Table(title=f"models in {cache}", title_justify="left")
     for col in ("id", "prepared", "size", "dtype"):
         table.add_column(col, no_wrap=True)
