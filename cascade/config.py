@@ -431,6 +431,12 @@ class Config(_Strict):
         ids = [k.id for k in self.auth.keys]
         if len(ids) != len(set(ids)):
             raise ValueError("auth.keys: duplicate key id")
+        first_with: dict[str, str] = {}
+        for key in self.auth.keys:  # one secret, two entries: the second (and its user tier) could never be used
+            other = first_with.setdefault(key.sha256, key.id)
+            if other != key.id:
+                raise ValueError(f"auth.keys: keys {other!r} and {key.id!r} have the same sha256 (one secret): "
+                                 "give each key its own")
         anon = self.auth.anonymous_user_tier
         if anon is not None and anon not in self.user_tiers:
             raise ValueError(f"auth.anonymous_user_tier: unknown user tier {anon!r}")

@@ -29,6 +29,7 @@ from cascade.errors import (
     InvalidRequestError,
     ProviderContextLengthError,
     ProviderInvalidRequestError,
+    ProviderServerError,
     ProviderTimeoutError,
     UnknownModelError,
 )
@@ -42,7 +43,8 @@ from cascade.resilience import (
     billed_prompt,
     merge_provider_attempts,
 )
-from cascade.types import Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage
+from cascade.types import (Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage,
+                           answer_tokens)
 
 log = logging.getLogger("cascade.engine")
 
@@ -435,6 +437,10 @@ class Engine:
                                            provider=tier.name) from exc
             except StopAsyncIteration:
                 first = StreamChunk(text="", finish_reason="stop")
+            except CascadeError:
+                raise
+            except Exception as exc:
+                raise _untranslated(tier.name, exc) from exc
         except CascadeError as exc:
             await agen.aclose()
             self._mark_error(att, exc, started, tier, req)
@@ -482,6 +488,10 @@ class Engine:
                 except TimeoutError as exc:
                     raise ProviderTimeoutError(f"tier {tier.name!r} did not finish within {live.timeout:g} s",
                                                provider=tier.name) from exc
+                except CascadeError:
+                    raise
+                except Exception as exc:
+                    raise _untranslated(tier.name, exc) from exc
         except CascadeError as exc:
             error = exc
         except (asyncio.CancelledError, GeneratorExit):
@@ -504,7 +514,7 @@ class Engine:
                 att.text = "".join(text)
                 # a broken stream has no usage: the provider still billed the prompt, so estimate it
                 att.prompt_tokens = usage.prompt_tokens if usage else tier.backend.estimate_prompt_tokens(req)
-                att.completion_tokens = usage.completion_tokens if usage else len(tokens)
+                att.completion_tokens = usage.completion_tokens if usage else answer_tokens(len(tokens), att.text)
                 att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
                 # the provider's price, and its failed attempts
                 merge_provider_attempts(rec.attempts, att, provider_log, served=True)
@@ -801,6 +811,10 @@ class Engine:
             except TimeoutError as exc:
                 raise ProviderTimeoutError(f"tier {tier.name!r} did not answer within {timeout:g} s",
                                            provider=tier.name) from exc
+            except CascadeError:
+                raise
+            except Exception as exc:
+                raise _untranslated(tier.name, exc) from exc
         except asyncio.CancelledError:
             self._mark_cancelled(att, started, tier, req)
             merge_provider_attempts(attempts, att, provider_log, served=False)
@@ -831,7 +845,9 @@ class Engine:
             rec.baseline_cost_usd = rec.cost_usd
             return
         last = route.tiers[-1]
-        ran_last = next((a for a in rec.attempts if a.tier == last.name and a.error_class is None), None)
+        # the last tier's answer, if it gave one (not an error, nor skipped by a budget before it ran)
+        ran_last = next((a for a in rec.attempts if a.tier == last.name and a.error_class is None
+                         and a.decision != "skipped"), None)
         if ran_last is not None:
             rec.baseline_cost_usd = ran_last.cost_usd
         else:
@@ -858,6 +874,15 @@ def _notify(listeners: list[Callable[..., None]], *args: object) -> None:
             listener(*args)
         except Exception:  # noqa: BLE001 - an observer never fails the request it observes
             log.exception("record listener %r failed", listener)
+
+
+def _untranslated(tier: str, exc: Exception) -> ProviderServerError:
+    """A backend's exception that is no ``CascadeError`` (a library's error it did not translate, a malformed
+    upstream answer, a bug): a server error of that tier, so that the request is recorded, falls over or is
+    served the answer in hand like any other failure, and the cause is logged with its traceback."""
+    log.error("tier %s raised %s, not a CascadeError: treated as a provider server error", tier,
+              type(exc).__name__, exc_info=exc)
+    return ProviderServerError(f"tier {tier!r} failed: {type(exc).__name__}: {exc}", provider=tier)
 
 
 def _serves_answer_in_hand(exc: CascadeError) -> bool:

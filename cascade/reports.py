@@ -465,6 +465,9 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
         f"SUM(CASE WHEN {smp} THEN s.cost_usd ELSE 0 END), SUM(CASE WHEN {smp} THEN r.cost_usd ELSE 0 END), "
         "SUM(CASE WHEN s.status <> 'known' AND s.sampled = 1 THEN 1 ELSE 0 END), "
         "SUM(COALESCE(s.sample_cost_usd, 0)), "
+        # unknown outcomes that diverge or escalate for certain (they need a tier the live path did not run)
+        "SUM(CASE WHEN s.status <> 'known' AND s.diverges = 1 THEN 1 ELSE 0 END), "
+        "SUM(CASE WHEN s.status <> 'known' AND s.escalated = 1 THEN 1 ELSE 0 END), SUM(r.escalated), "
         f"MIN(CASE WHEN {div} THEN s.request_id END), MAX(CASE WHEN {div} THEN s.request_id END) "
         f"FROM shadow_decisions s JOIN requests r ON r.request_id = s.request_id{where} "
         f"GROUP BY s.shadow, r.policy, COALESCE(r.user_tier, '(none)'), r.endpoint, {_BUCKET_SQL}", params)
@@ -479,7 +482,10 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
             # feedback on a response-cache hit is about the answer its original served: it counts there
             "FROM feedback f JOIN requests fr ON fr.request_id = f.request_id "
             "JOIN shadow_decisions s ON s.request_id = COALESCE(fr.cached_from, f.request_id) "
-            f"JOIN requests r ON r.request_id = s.request_id{and_} {known} GROUP BY s.shadow, f.score", params):
+            f"JOIN requests r ON r.request_id = s.request_id{and_} {known} "
+            # a request's latest feedback is its label (a user who changes their mind replaces it), as everywhere
+            "AND f.id = (SELECT MAX(g.id) FROM feedback g WHERE g.request_id = f.request_id) "
+            "GROUP BY s.shadow, f.score", params):
         feedback.setdefault((name, "cheaper"), {})[int(score)] = int(n_cheaper or 0)
         feedback.setdefault((name, "known"), {})[int(score)] = int(n_known or 0)
     agreement: dict[tuple[str, str], tuple[int, int]] = {}
@@ -536,8 +542,9 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
     out = []
     for name in sorted(sums):
         (n, known_n, div_n, sh_cost, live_cost, sh_esc_n, live_esc_n, cheaper_n, cheaper_saved, pricier_n,
-         pricier_extra, smp_n, smp_div, smp_sh_cost, smp_live_cost, smp_failed, smp_spend) = sums[name]
-        n, known_n, div_n = int(n), int(known_n), int(div_n)
+         pricier_extra, smp_n, smp_div, smp_sh_cost, smp_live_cost, smp_failed, smp_spend, div_unk, esc_unk,
+         live_esc_all) = sums[name]
+        n, known_n, div_n, div_unk, esc_unk = int(n), int(known_n), int(div_n), int(div_unk), int(esc_unk)
         live_esc, sh_esc = _div(int(live_esc_n), known_n), _div(int(sh_esc_n), known_n)
         groups = sorted(groups_of.get(name, []), key=lambda d: (-d["divergence_rate_lower95"], -d["diverged"],
                                                                  d["policy"], d["user_tier"], d["endpoint"],
@@ -553,6 +560,11 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
             "requests": n, "known": known_n, "unknown": n - known_n, "unknown_rate": _div(n - known_n, n),
             "unknown_reasons": sorted(reasons.get(name, []), key=lambda d: (-d["requests"], d["reason"])),
             "diverged": div_n, "divergence_rate": _div(div_n, known_n),
+            # over every request: the unknown ones that diverge for certain count, the others may or may not
+            "diverged_unknown": div_unk,
+            "divergence_rate_all": [_div(div_n + div_unk, n), _div(div_n + n - known_n, n)],
+            "live_escalation_rate_all": _div(int(live_esc_all), n),
+            "shadow_escalation_rate_all": [_div(int(sh_esc_n) + esc_unk, n), _div(int(sh_esc_n) + n - known_n, n)],
             "live_cost_usd": live_cost, "shadow_cost_usd": sh_cost, "cost_delta_usd": sh_cost - live_cost,
             "cost_delta_pct": None if not live_cost else 100.0 * (sh_cost - live_cost) / live_cost,
             "live_escalation_rate": live_esc, "shadow_escalation_rate": sh_esc,
@@ -589,6 +601,14 @@ def shadow_report_text(report: dict[str, Any]) -> str:
         for r in s["unknown_reasons"][:3]:
             lines.append(f"    unknown: {r['requests']:,} x {r['reason']}")
         lines.append(f"  divergence rate  {_pct(s['divergence_rate'])} ({s['diverged']:,} of {s['known']:,} known)")
+        if s["unknown"]:  # over every request, the unknown ones that diverge for certain included
+            lo, hi = s["divergence_rate_all"]
+            span = _pct(lo) if lo == hi else f"{_pct(lo)} to {_pct(hi)}"
+            must = f"; {s['diverged_unknown']:,} unknown must diverge" if s["diverged_unknown"] else ""
+            elo, ehi = s["shadow_escalation_rate_all"]
+            espan = _pct(elo) if elo == ehi else f"{_pct(elo)} to {_pct(ehi)}"
+            lines.append(f"    of all {s['requests']:,} requests: divergence {span}{must}; escalation rate live "
+                         f"{_pct(s['live_escalation_rate_all'])}, shadow {espan}")
         lines.append(f"  cost (known)     live {_money(s['live_cost_usd'])}  shadow {_money(s['shadow_cost_usd'])}  "
                      f"delta {_money(s['cost_delta_usd'])}"
                      + ("" if s["cost_delta_pct"] is None else f" ({s['cost_delta_pct']:+.1f}%)"))

@@ -75,7 +75,7 @@ from cascade.errors import (
     ProviderTimeoutError,
     RateLimitedError,
 )
-from cascade.types import Attempt, GenerationRequest, GenerationResult, StreamChunk
+from cascade.types import Attempt, GenerationRequest, GenerationResult, StreamChunk, answer_tokens
 
 if TYPE_CHECKING:
     from cascade.config import Config, Price, TierConfig
@@ -647,19 +647,20 @@ class ResilientBackend(Backend):
         win = await self._first_success(request, call, first_chunk)
         p, permit = win.provider, win.permit
         it, chunk = win.value
-        n_tokens, usage, settled = 0, None, False
+        n_tokens, texts, usage, settled = 0, [], None, False
 
         def settle(action: str, exc: CascadeError | None = None, error_class: str | None = None) -> None:
             nonlocal settled
             settled = True
             pt = usage.prompt_tokens if usage else p.backend.estimate_prompt_tokens(request)
-            ct = usage.completion_tokens if usage else n_tokens
+            ct = usage.completion_tokens if usage else answer_tokens(n_tokens, "".join(texts))
             call.record.append(self._attempt(p, win.attempt, win.wait_s, win.started, action, exc=exc,
                                              error_class=error_class, prompt_tokens=pt, completion_tokens=ct))
 
         try:
             while chunk is not None:
-                n_tokens += len(chunk.tokens) or (1 if chunk.text else 0)
+                n_tokens += len(chunk.tokens)
+                texts.append(chunk.text)
                 usage = chunk.usage or usage
                 yield chunk
                 remaining = call.deadline - time.monotonic()

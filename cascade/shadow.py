@@ -130,7 +130,11 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
     for i, (tname, threshold) in enumerate(zip(shadow.chain, shadow.thresholds, strict=True)):
         is_last = i == n - 1
         if tname not in ran:
-            return _unknown(shadow, f"needs tier {tname!r}, which the live path did not run", needs=tname)
+            # its answer and cost are unknown, but it serves this tier or a later one: a divergence for certain
+            # when the live path served none of them, an escalation for certain past the first tier
+            rest = shadow.chain[i:]
+            return _unknown(shadow, f"needs tier {tname!r}, which the live path did not run", needs=tname,
+                            diverges=True if rec.tier not in rest else None, escalated=True if i > 0 else None)
         att, tier_cost = ran[tname]
         cost += tier_cost
         if att is None:

@@ -23,6 +23,12 @@ def rough_token_count(text: str) -> int:
     return sum(max(1, (len(p.encode("utf-8")) + 3) // 4) if len(p) > 4 else 1 for p in _PIECES.findall(text))
 
 
+def answer_tokens(n_logprobs: int, text: str) -> int:
+    """An answer's length in tokens where the server did not say (no usage): the tokens it sent logprobs for,
+    else :func:`rough_token_count` of the text (a server that sends neither still billed the answer)."""
+    return n_logprobs or rough_token_count(text)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     role: str

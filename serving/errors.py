@@ -76,6 +76,16 @@ def _validation_message(exc: RequestValidationError, content_type: str = "applic
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
 
 
+def _unreadable_body(cause: BaseException | None) -> str:
+    """Why a completion request's body could not be read, in one line."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start}): send JSON in UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the request body's JSON is nested too deeply to read"
+    detail = f": {cause}" if isinstance(cause, ValueError) and str(cause) else ""
+    return f"the request body could not be read as JSON{detail}"
+
+
 def cascade_error_response(exc: CascadeError) -> JSONResponse:
     """The response to a ``CascadeError`` (logged when it is the server's fault)."""
     if exc.status_code >= 500:
@@ -110,7 +120,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code=code),
+        message = str(exc.detail)
+        endpoint = _COMPLETION_PATHS.get(request.url.path)
+        if exc.status_code == 400 and endpoint is not None:
+            # FastAPI's "There was an error parsing the body": a body that is not UTF-8, JSON nested past the
+            # parser's depth, a number too long to read. Said as what it is, and recorded like any refusal.
+            from serving.routes import record_refusal
+
+            message, code = _unreadable_body(exc.__cause__), "invalid_request"
+            await record_refusal(request, InvalidRequestError(message), None, endpoint, {})
+        return JSONResponse(error_body(message, "invalid_request_error", code=code),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

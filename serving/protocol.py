@@ -89,6 +89,13 @@ class ChatMessage(_Wire):
             return data
         if data.get("role") == "tool":
             raise ValueError("tool messages are not supported (this server has no tools)")
+        parts = data.get("content")
+        if isinstance(parts, list):  # an image, audio or file part: said so, not "Input should be a valid string"
+            for part in parts:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"content parts of type {kind!r} are not supported (text parts only: the "
+                                     "models behind this server read text)")
         if data.get("role") == "assistant" and any(k in data for k in _ASSISTANT_ECHO_FIELDS):
             for k in _ASSISTANT_ECHO_FIELDS:
                 v = data.get(k)
@@ -180,7 +187,7 @@ class _GenerationParams(_Attribution):
     stop: str | list[str] | None = None
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, strict=True)
+    seed: int | None = Field(None, strict=True, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as OpenAI's
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # accepted and without effect on the answer, as OpenAI's own parameters for its service (what a request
@@ -270,6 +277,14 @@ class CompletionRequest(_GenerationParams):
     logprobs: int | None = Field(None, ge=0, le=20, strict=True)
     echo: bool = Field(False, strict=True)
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_token_ids(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and all(isinstance(x, int) or (isinstance(x, list) and x
+                                                                    and all(isinstance(y, int) for y in x)) for x in v):
+            raise ValueError("prompts of token ids are not supported (send the prompt as text)")
+        return v
 
     @field_validator("prompt")
     @classmethod

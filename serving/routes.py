@@ -236,7 +236,21 @@ def cache_mode(cache_control: str | None, pragma: str | None = None) -> str:
     return "refresh" if "no-cache" in directives or (max_age.isdigit() and int(max_age) == 0) else "use"
 
 
+#: the request field that holds the prompt, per endpoint: an error about the prompt (too long for a tier's
+#: context) names it, as the engine's errors name a chat's ``messages``
+_PROMPT_PARAM = {"completions": "prompt", "responses": "input"}
+
+
 async def _complete(request: Request, body: AnyRequest, endpoint: str) -> Response:
+    try:
+        return await _answer(request, body, endpoint)
+    except CascadeError as exc:
+        if exc.param == "messages" and endpoint in _PROMPT_PARAM:
+            exc.param = _PROMPT_PARAM[endpoint]
+        raise
+
+
+async def _answer(request: Request, body: AnyRequest, endpoint: str) -> Response:
     """Every record the engine finishes reaches the metrics through ``engine.record_listeners``."""
     engine = _engine(request)
     caller, budget = await _admit(request, body, endpoint)
@@ -501,8 +515,10 @@ def _stream_headers(rec: CascadeRecord) -> dict[str, str]:
 # --- the rest --------------------------------------------------------------------------------------
 
 
-@router.get("/v1/models")
+# each GET route is registered before its HEAD twin (decorators apply bottom-up): a 405 on the path lists the
+# methods of the first route that matches it, and GET is the one to name
 @router.head("/v1/models", include_in_schema=False)  # load balancers' health checks use HEAD
+@router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     engine = _engine(request)
     caller = _caller(request)
@@ -523,8 +539,8 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/models/{model_id:path}")
 @router.head("/v1/models/{model_id:path}", include_in_schema=False)
+@router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> dict:
     for entry in (await list_models(request))["data"]:
         if entry["id"] == model_id:
@@ -589,14 +605,14 @@ async def metrics(request: Request) -> Response:
     return Response(_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/health")
 @router.head("/health", include_in_schema=False)  # load balancers' health checks use HEAD
+@router.get("/health")
 async def health(request: Request) -> dict:
     return {"status": "ok", "uptime_s": round(time.time() - request.app.state.started_at, 3)}
 
 
-@router.get("/ready")
 @router.head("/ready", include_in_schema=False)  # load balancers' health checks use HEAD
+@router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     engine = _engine(request)
     state = {name: t.backend.ready for name, t in engine.tiers.items()}

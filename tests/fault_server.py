@@ -19,6 +19,9 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
 ``drop:K``           streams: send K token chunks then close the connection mid-stream; non-streams:
                      send part of the body, then close
 ``slow:S`` ``slow:S:C``  wait S seconds before answering (and C seconds between stream chunks)
+``garbled:K``        a 200 that cannot be read: non-streams, a body cut to half its JSON (sent whole, the
+                     connection kept); streams, K token chunks (default 1), then ``data: {not json``
+``bare``             answer with neither ``usage`` nor logprobs (a server that reports no tokens)
 ===================  ==============================================================================
 
 Control (JSON): ``POST /_faults`` ``{"queue": [spec, ...], "rate": 0.2, "kinds": [spec, ...],
@@ -112,6 +115,13 @@ _STATUS_TEXT = {400: ("invalid_request_error", "invalid_value", "Invalid value f
                 504: ("server_error", "gateway_timeout", "Gateway timeout.")}
 
 
+def _bare(payload: dict[str, Any]) -> dict[str, Any]:
+    """An answer (or stream chunk) without usage and logprobs."""
+    out = {k: v for k, v in payload.items() if k != "usage"}
+    out["choices"] = [{**c, "logprobs": None} for c in payload.get("choices", [])]
+    return out
+
+
 def parse_fault(spec: str | dict[str, Any]) -> dict[str, Any]:
     """``"429:ra=2"`` -> ``{"kind": "status", "status": 429, "retry_after": 2.0, "spec": "429:ra=2"}``."""
     if isinstance(spec, dict):
@@ -138,8 +148,10 @@ def parse_fault(spec: str | dict[str, Any]) -> dict[str, Any]:
         d.update(kind="stall", seconds=float(rest[0]) if rest else 60.0)
     elif head in ("reset", "close", "ok"):
         d.update(kind=head)
-    elif head == "drop":
-        d.update(kind="drop", after=int(rest[0]) if rest else 1)
+    elif head in ("drop", "garbled"):
+        d.update(kind=head, after=int(rest[0]) if rest else 1)
+    elif head == "bare":
+        d.update(kind="bare")
     elif head == "slow":
         d.update(kind="slow", seconds=float(rest[0]) if rest else 1.0,
                  per_chunk=float(rest[1]) if len(rest) > 1 else 0.0)
@@ -327,11 +339,16 @@ class FaultServer:
         per_chunk = fault.get("per_chunk", 0.0) if kind == "slow" else 0.0
         if body.get("stream"):
             chunks = self._chunks(chat, body)
-            drop_after = fault["after"] if kind == "drop" else None
+            if kind == "bare":
+                chunks = [_bare(c) for c in chunks if c.get("choices")]
+            drop_after = fault["after"] if kind in ("drop", "garbled") else None
 
             async def sse():  # noqa: ANN202
                 for i, c in enumerate(chunks):
                     if drop_after is not None and i >= drop_after:
+                        if kind == "garbled":
+                            yield b"data: {not json\n\n"
+                            break
                         await asyncio.sleep(0.01)
                         _kill(request, rst=False)
                         return
@@ -341,7 +358,10 @@ class FaultServer:
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
-        payload = json.dumps(self._full(chat, body)).encode()
+        full = self._full(chat, body)
+        payload = json.dumps(_bare(full) if kind == "bare" else full).encode()
+        if kind == "garbled":
+            return Response(payload[: len(payload) // 2], media_type="application/json")
         if kind == "drop":
             async def partial():  # noqa: ANN202
                 yield payload[: len(payload) // 2]

@@ -72,6 +72,22 @@ async def test_keeps_the_first_answer_above_threshold(engine_factory, tmp_path):
     assert eng.tiers["large"].backend._model is None
 
 
+async def test_a_last_tier_skipped_by_the_cost_budget_has_its_baseline_estimated(engine_factory, tmp_path):
+    """The last tier that a cost budget skipped never ran: the baseline (what it alone would have cost) is
+    estimated from the served answer's tokens, not read as the $0 of the skipped attempt."""
+    from cascade.engine import Budget
+
+    large = tier("large", price={"input_per_1m": 1000.0, "output_per_1m": 3000.0})
+    eng = await engine_factory([tier("small", threshold=1.0), large])
+    rec = (await eng.run(Q, budget=Budget(cost_usd=1e-4, on_cost="refuse"))).record
+    a0, a1 = rec.attempts
+    assert (a0.decision, a0.kept, a1.decision, a1.cost_usd) == ("accept", True, "skipped", 0.0)  # the best in hand
+    assert rec.tier == "small" and rec.baseline_estimated
+    assert rec.baseline_cost_usd == pytest.approx((a0.prompt_tokens * 1000.0 + a0.completion_tokens * 3000.0) / 1e6)
+    assert rows(tmp_path / "ledger.sqlite", "SELECT baseline_cost_usd, baseline_estimated FROM requests") == [
+        (pytest.approx(rec.baseline_cost_usd), 1)]
+
+
 async def test_threshold_between_confidences_decides(engine_factory):
     """The same answer escalates or not depending on where the threshold sits around its confidence."""
     probe = await engine_factory([tier("small", threshold=0.0), tier("large")])

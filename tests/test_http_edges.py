@@ -199,6 +199,12 @@ def test_head_on_health_ready_and_models(server):
         r = httpx.head(server.url + path, headers=headers)
         assert r.status_code == 200 and r.content == b"", path
     assert httpx.head(server.url + "/v1/models").status_code == 401
+    # a method the path does not take: 405 naming GET (the HEAD route must not answer for the path)
+    for method, path, headers in (("POST", "/health", {}), ("POST", "/ready", {}), ("DELETE", "/v1/models", H()),
+                                  ("POST", "/v1/models/remote", H())):
+        r = httpx.request(method, server.url + path, headers=headers)
+        assert r.status_code == 405 and "GET" in r.headers["allow"], (method, path, r.headers.get("allow"))
+        assert r.json()["error"]["code"] == "method_not_allowed"
 
 
 # --- clients that leave before the answer -------------------------------------------------------------
@@ -313,3 +319,66 @@ def test_a_chunked_body_over_the_limit_is_413_whatever_its_type(server, content_
     r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers=headers, timeout=60)
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_a_seed_beyond_64_bits_is_refused_naming_it(server, seed):
+    r = httpx.post(server.url + "/v1/chat/completions", headers=H(), timeout=60,
+                   json={"model": "small", "messages": Q, "temperature": 1, "seed": seed, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    assert rows(server, f"request_id = '{r.headers['x-request-id']}'") == [("error", "InvalidRequestError", "small")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sampling_edges_answer_instead_of_failing(server, stream):
+    """A temperature too small to divide by samples as greedy (as vLLM does), and the largest seed is used as
+    given: answers, not server errors (they were a 500 without a ledger row when streamed, a 502 otherwise)."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    def ask(**kw):
+        if not stream:
+            return client.chat.completions.create(model="small", messages=Q, max_tokens=6, **kw).choices[0].message.content
+        return "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+            model="small", messages=Q, max_tokens=6, stream=True, **kw) if ch.choices)
+
+    greedy = ask(temperature=0)
+    assert ask(temperature=1e-45) == ask(temperature=5e-324) == greedy
+    assert ask(temperature=1.0, seed=2**63 - 1)
+    assert ask(temperature=1.0, seed=-(2**63))
+
+
+def test_a_prompt_too_long_for_the_tier_names_the_field_of_its_endpoint(server):
+    long = "hello world " * 5000
+    for path, body, param in (("/v1/completions", {"prompt": long}, "prompt"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}]}, "messages"),
+                              ("/v1/responses", {"input": long}, "input")):
+        r = httpx.post(server.url + path, headers=H(), timeout=120, json={"model": "small", **body})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert r.json()["error"]["param"] == param, (path, r.json())
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    (b'{"model": "small", "messages": [{"role": "user", "content": "\xff"}]}', "not valid UTF-8"),
+    (b'{"model": "small", "messages": ' + b"[" * 30000 + b"]" * 30000 + b"}", "nested too deeply"),
+    (b'{"model": "small", "max_tokens": 1' + b"0" * 5000 + b', "messages": []}', "could not be read as JSON: "),
+])
+def test_a_body_that_cannot_be_read_is_a_clear_400_in_the_ledger(server, raw, fragment):
+    r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers=H(), timeout=60)
+    assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    # (no model could be read from the body: the row is filed under none, as for a body that is not JSON)
+    assert wait_for_row(server, f"request_id = '{r.headers['x-request-id']}'") == [("error", "InvalidRequestError", "")]
+
+
+@pytest.mark.parametrize(("path", "body", "fragment"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     "content parts of type 'image_url' are not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+     "content parts of type 'input_audio' are not supported"),
+    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompts of token ids are not supported"),
+    ("/v1/completions", {"prompt": [[1, 2], [3]]}, "prompts of token ids are not supported"),
+])
+def test_what_the_server_cannot_read_is_named(server, path, body, fragment):
+    r = httpx.post(server.url + path, json={"model": "small", **body}, headers=H(), timeout=60)
+    assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text

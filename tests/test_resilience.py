@@ -36,7 +36,7 @@ from cascade.errors import (
     RateLimitedError,
 )
 from cascade.resilience import CircuitBreaker, ResilientBackend, merge_provider_attempts
-from cascade.types import Attempt, CascadeRecord, GenerationRequest, Message
+from cascade.types import Attempt, CascadeRecord, GenerationRequest, Message, rough_token_count
 from tests.conftest import REPO, ServerThread, free_port, make_config
 from tests.fault_server import FAKE_KEY, FaultServerThread
 
@@ -1018,3 +1018,61 @@ async def test_a_stream_closed_as_it_starts_is_still_in_the_ledger(servers, make
     assert [r[:7] for r in rows] == [("cancelled", "ClientDisconnected", None, rows[0][8], "error", 0, "Cancelled"),
                                      ("error", "ServerShutdown", None, rows[1][8], "error", 0, "Cancelled")]
     assert all(r[7] > 0 and r[8] > 0 for r in rows)
+
+
+# --- answers that cannot be read, answers that report no tokens ----------------------------------------
+
+
+def plain(name, fs, **kw):
+    """An openai tier without providers (one backend, no resilience layer)."""
+    return {"name": name, "backend": "openai", "model": f"model-{name}", "options": {"base_url": fs.base_url},
+            "threshold": 0.0, "max_tokens": 4, "timeout_s": 5, "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+            **kw}
+
+
+@pytest.mark.parametrize("kind", ["plain", "providers"])
+async def test_an_unreadable_answer_falls_over_and_is_recorded(servers, make_engine, tmp_path, kind):
+    """A 200 whose body is no JSON is the provider's failure, from a tier with providers or without: the request
+    goes on to the next tier, and the ledger has both attempts."""
+    a, c = servers["a"], servers["c"]
+    first = plain("first", a) if kind == "plain" else rtier("first", [prov("a", a)])
+    eng = await make_engine([first, plain("second", c)])
+    a.faults("garbled")
+    out = await eng.run(Q, request_id="garbled")
+    assert out.record.tier == "second" and out.result.text == "Paris is the capital"
+    rows = attempt_rows(tmp_path, "garbled")
+    assert [r[3:5] for r in rows] == [("error", "ProviderServerError"), ("final", None)]
+    msg = db_rows(tmp_path, "SELECT error_message FROM attempts WHERE request_id='garbled' AND idx=0")[0][0]
+    assert "malformed response" in msg and "JSONDecodeError" in msg
+
+
+@pytest.mark.parametrize("kind", ["plain", "providers"])
+async def test_a_stream_that_turns_unreadable_ends_as_partial_with_its_error(servers, make_engine, tmp_path, kind):
+    a = servers["a"]
+    eng = await make_engine([plain("only", a) if kind == "plain" else rtier("only", [prov("a", a)])])
+    a.faults("garbled:2")
+    events = [ev async for ev in eng.stream(Q, request_id="garbled-stream")]
+    assert type(events[-1]).__name__ == "StreamFailed"
+    assert "".join(e.text for e in events if type(e).__name__ == "StreamDelta") == "Paris is"
+    assert db_rows(tmp_path, "SELECT status, error_class FROM requests WHERE request_id='garbled-stream'") == [
+        ("partial", "ProviderServerError")]
+
+
+@pytest.mark.parametrize("kind", ["plain", "providers"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_without_usage_or_logprobs_is_still_billed(servers, make_engine, tmp_path, kind, stream):
+    """A server that reports no usage and no logprobs still billed the call: the prompt is estimated as a
+    broken stream's is, the answer counted from its text; the row's tokens and cost agree."""
+    a = servers["a"]
+    eng = await make_engine([plain("only", a) if kind == "plain" else rtier("only", [prov("a", a)])])
+    a.faults("bare")
+    if stream:
+        events = [ev async for ev in eng.stream(Q, request_id="bare")]
+        rec = events[-1].record
+    else:
+        rec = (await eng.run(Q, request_id="bare")).record
+    est = eng.tiers["only"].backend.estimate_prompt_tokens(Q)
+    (row,) = db_rows(tmp_path, "SELECT prompt_tokens, completion_tokens, cost_usd FROM requests WHERE request_id='bare'")
+    # the answer "Paris is the capital" as a budget counts text without a tokenizer (leaning high)
+    assert row[0] == est > 0 and row[1] == rough_token_count("Paris is the capital") == 6
+    assert row[2] == pytest.approx((row[0] * 1.0 + row[1] * 2.0) / 1e6) == pytest.approx(rec.cost_usd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from typing import Any
 
 import pytest
@@ -79,7 +80,8 @@ def test_strict_shadow_is_unknown_where_it_needs_the_tier_the_live_path_skipped(
         conf = att[rid]["small"]["confidence"]
         if LIVE_T <= conf < STRICT_T:  # live kept small; the shadow would escalate to a tier that never ran
             unknown += 1
-            assert status == "unknown" and stier is None and cost is None and div is None
+            # its answer and cost are unknown, not that it diverges: it would serve large, the live path small
+            assert status == "unknown" and stier is None and cost is None and div == 1
             assert reason == "needs tier 'large', which the live path did not run"  # sample_rate 0: no sample
         else:
             assert status == "known" and stier == live_tier and div == 0  # stricter never diverges when known
@@ -308,7 +310,8 @@ def test_shadow_report_json(traffic, capsys):
     by = {s["shadow"]: s for s in rep["shadows"]}
     assert set(by) == {*ALL_SHADOWS, "lenient_paid"}
     keys = {"shadow", "of", "description", "requests", "known", "unknown", "unknown_rate", "unknown_reasons",
-            "diverged", "divergence_rate", "live_cost_usd", "shadow_cost_usd", "cost_delta_usd", "cost_delta_pct",
+            "diverged", "divergence_rate", "diverged_unknown", "divergence_rate_all", "live_escalation_rate_all",
+            "shadow_escalation_rate_all", "live_cost_usd", "shadow_cost_usd", "cost_delta_usd", "cost_delta_pct",
             "live_escalation_rate", "shadow_escalation_rate", "escalation_rate_delta", "cheaper", "pricier",
             "served_feedback_known", "agreement_diverged", "groups", "sampled"}
     for s in rep["shadows"]:
@@ -348,6 +351,12 @@ def test_shadow_report_json(traffic, capsys):
     assert ss_s["cost_delta_usd"] == pytest.approx(ss_s["shadow_cost_usd"] - ss_s["live_cost_usd"])
     assert ss_s["cost_delta_usd"] > 0
     assert ss["pricier"]["requests"] == n_smp and ss["escalation_rate_delta"] > 0
+    # over all requests, strict's unknown ones diverge and escalate for certain: what sampling measured
+    truth = ss["diverged"] / ss["requests"]
+    assert st["diverged_unknown"] == st["unknown"] and st["divergence_rate_all"] == [pytest.approx(truth)] * 2
+    assert st["shadow_escalation_rate_all"] == [pytest.approx(ss["shadow_escalation_rate"])] * 2
+    assert st["live_escalation_rate_all"] == pytest.approx(ss["live_escalation_rate"])
+    assert by["lenient"]["divergence_rate_all"] == [pytest.approx(le["divergence_rate"])] * 2  # nothing unknown
     assert ss["agreement_diverged"]["n"] == n_smp  # the sampled answers are compared with the served ones
     assert ss["groups"] and sum(g["sampled"] for g in ss["groups"]) == n_smp
     cap = by["large_only_capped"]["sampled"]
@@ -361,3 +370,30 @@ def test_shadow_report_json(traffic, capsys):
     assert f"known {ss['known']} ({n_smp} by sampling), unknown 0" in block
     assert f"sampled          {n_smp} known by running tiers the live path skipped; diverged {n_smp} (100.0%)" in block
     assert f"today (UTC) ${spend:.6f} of $1.000000 budget (sample rate 100.0%)" in block
+
+
+def test_the_shadow_report_counts_a_requests_latest_feedback_only(tmp_path):
+    """A user who changes their mind replaces their label (as recalibration and drift read it): one request
+    with feedback -1, +1, +1 is one thumbs-up, not three votes."""
+    from cascade.ledger import Ledger
+    from cascade.reports import shadow_report
+    from cascade.types import Attempt, CascadeRecord
+
+    ledger = Ledger(tmp_path / "ledger.sqlite").open_sync()
+    try:
+        small = Attempt(index=0, tier="small", model="s", backend="transformers", cost_usd=1e-6, decision="escalate",
+                        confidence=0.45, features={"mean_logprob": -0.5}, text="Lyon")
+        large = Attempt(index=1, tier="large", model="l", backend="transformers", cost_usd=1e-5, decision="final",
+                        kept=True, confidence=0.9, features={"mean_logprob": -0.1}, text="Paris")
+        rec = CascadeRecord(request_id="r1", policy="cascade", created_at=time.time(), tier="large", escalated=True,
+                            cost_usd=1.1e-5, attempts=[small, large])
+        ledger.record_sync(rec, [{"shadow": "lenient", "status": "known", "tier": "small", "escalated": False,
+                                  "cost_usd": 1e-6, "diverges": True, "reason": "small: accept"}])
+        for score in (-1, 1, 1):
+            ledger._feedback_sync("r1", score, None)
+        (rep,) = shadow_report(ledger)["shadows"]
+    finally:
+        ledger.close_sync()
+    assert rep["cheaper"]["requests"] == 1
+    assert {k: rep["cheaper"]["feedback"][k] for k in ("n", "up", "down")} == {"n": 1, "up": 1, "down": 0}
+    assert rep["served_feedback_known"]["n"] == 1

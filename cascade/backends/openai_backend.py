@@ -34,6 +34,7 @@ from cascade.types import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    answer_tokens,
     fit_tokens,
 )
 
@@ -200,15 +201,19 @@ class OpenAIBackend(Backend):
                 tokens = _completion_tokens(choice.logprobs)
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, self.name) from exc
+        except _MALFORMED as exc:
+            raise malformed_response(self.name, exc) from exc
         generated = len(tokens)
         if request.stop:  # a server may send the logprobs of the tokens its stop sequence cut away
             tokens = fit_tokens(tokens, text)
         latency = time.perf_counter() - t0
         usage = resp.usage
+        # a server that sends no usage still bills the call: estimate what it did not say (the prompt as budgets
+        # count it, the answer by its tokens' logprobs or, without them, its text)
         return GenerationResult(
             text=text, tokens=tokens, finish_reason=choice.finish_reason or "stop",
-            usage=Usage(prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                        completion_tokens=getattr(usage, "completion_tokens", 0) or generated),
+            usage=Usage(prompt_tokens=getattr(usage, "prompt_tokens", 0) or self.estimate_prompt_tokens(request),
+                        completion_tokens=getattr(usage, "completion_tokens", 0) or answer_tokens(generated, text)),
             latency_s=latency, model=getattr(resp, "model", None) or self.model)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
@@ -249,6 +254,17 @@ class OpenAIBackend(Backend):
                 await stream.close()
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, self.name) from exc
+        except _MALFORMED as exc:
+            raise malformed_response(self.name, exc) from exc
+
+
+#: what reading a malformed answer raises (a body that is no JSON, no ``choices``, a field of the wrong type)
+_MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+def malformed_response(provider: str, exc: Exception) -> ProviderServerError:
+    """A 200 answer this backend cannot read: the provider's fault, so the call may fall over."""
+    return ProviderServerError(f"{provider}: malformed response ({type(exc).__name__}: {exc})", provider=provider)
 
 
 def _chat_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:

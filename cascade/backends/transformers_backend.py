@@ -100,6 +100,19 @@ def _without_cudnn_attention(torch: Any, device: Any, allowed: bool) -> Iterator
 
 _CLOSED = object()  # put on a live stream's queue by close()
 
+#: a temperature below this samples as greedy decoding, as vLLM does (its _SAMPLING_EPS): dividing the logits by
+#: 1e-45 overflows to inf and the sampler fails on the NaN probabilities that follow
+SAMPLING_EPS = 1e-5
+
+
+def _samples(request: GenerationRequest) -> bool:
+    return request.temperature >= SAMPLING_EPS
+
+
+def _seed(torch: Any, seed: int) -> None:
+    """Seed torch's generator with any integer (torch takes only 64-bit ones: larger ones are reduced)."""
+    torch.manual_seed(seed % 2**64)
+
 
 @dataclass
 class _Pending:
@@ -111,7 +124,7 @@ class _Pending:
 
     def batch_key(self) -> tuple:
         r = self.request
-        sampling = ("greedy",) if r.temperature == 0 else ("sample", r.temperature, r.top_p, r.seed)
+        sampling = ("sample", r.temperature, r.top_p, r.seed) if _samples(r) else ("greedy",)
         return sampling + (tuple(r.stop),)
 
 
@@ -369,7 +382,12 @@ class TransformersBackend(Backend):
                 alts = tuple(TopLogprob(token=tok.decode([a]), logprob=v, token_id=a, raw=raw(a))
                              for a, v in top[: request.top_logprobs])
                 yield StreamChunk(text=piece, tokens=(TokenLogprob(piece, logprob, token_id, alts, raw(token_id)),))
-            if not await fut:
+            try:
+                generated = await fut
+            except Exception as exc:  # the model's own failure, translated as generate()'s is
+                raise ProviderServerError(f"transformers generation failed on {self.name!r}: "
+                                          f"{type(exc).__name__}: {exc}", provider=self.name) from exc
+            if not generated:
                 raise ProviderServerError(f"backend {self.name!r} closed", provider=self.name)
         except BaseException:
             # the consumer went away (or the generation failed): as a cancelled generate() leaves the batch
@@ -423,7 +441,7 @@ class TransformersBackend(Backend):
             def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
                 return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
-        sample = request.temperature > 0
+        sample = _samples(request)
         cfg = GenerationConfig(
             max_new_tokens=request.max_tokens, do_sample=sample, num_beams=1,
             temperature=request.temperature if sample else None, top_p=request.top_p if sample else None,
@@ -434,7 +452,7 @@ class TransformersBackend(Backend):
         try:
             with torch.inference_mode(), _without_cudnn_attention(torch, self._device, self._cudnn_attention):
                 if sample and request.seed is not None:
-                    torch.manual_seed(request.seed)
+                    _seed(torch, request.seed)
                 dev = self._device
                 model.generate(input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
                                attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=dev),
@@ -550,7 +568,7 @@ class TransformersBackend(Backend):
                     first_token_at.append(time.perf_counter())
                 return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
 
-        sample = req0.temperature > 0
+        sample = _samples(req0)
         cfg = GenerationConfig(
             max_new_tokens=max_new, do_sample=sample, num_beams=1,
             temperature=req0.temperature if sample else None, top_p=req0.top_p if sample else None,
@@ -562,7 +580,7 @@ class TransformersBackend(Backend):
         t0 = time.perf_counter()
         with torch.inference_mode(), _without_cudnn_attention(torch, dev, self._cudnn_attention):
             if sample and req0.seed is not None:
-                torch.manual_seed(req0.seed)
+                _seed(torch, req0.seed)
             handle = model.register_forward_hook(hook)
             try:
                 sequences = model.generate(
