@@ -423,11 +423,15 @@ class Engine:
         sent = False
         provider_log: list[ProviderAttempt] = []  # one per provider attempt, for tiers with providers
         if isinstance(tier.backend, ResilientBackend):  # falls over between providers before the first chunk
-            agen = tier.backend.stream(req, deadline=time.monotonic() + tc.timeout_s, record=provider_log)
+            # the tier's time limit (timeout_s, or a shorter latency budget): the backend times its providers out
+            # by it, rather than being cancelled by the timer below
+            agen = tier.backend.stream(req, deadline=time.monotonic() + live.timeout, record=provider_log)
         else:
             agen = tier.backend.stream(req)
-        # the tier's time limit (timeout_s or the latency budget) bounds the whole stream, as a whole answer
-        deadline = asyncio.get_running_loop().time() + live.timeout
+        # the tier's time limit (timeout_s or the latency budget) bounds the whole stream, as a whole answer; a tier
+        # with providers keeps that deadline itself, this timer (a grace later) only backs it up
+        grace = DEADLINE_GRACE_S if isinstance(tier.backend, ResilientBackend) else 0.0
+        deadline = asyncio.get_running_loop().time() + live.timeout + grace
         try:
             try:
                 async with asyncio.timeout_at(deadline):

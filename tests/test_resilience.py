@@ -154,7 +154,8 @@ async def test_auth_error_falls_over_marks_unhealthy_and_never_logs_the_key(serv
     assert seen(servers) == {"a": 1, "b": 2, "c": 0}
 
 
-@pytest.mark.parametrize(("fault", "wait"), [("429:ms=300", 0.3), ("429:ra=1", 1.0), ("429:ra=1:ms=200", 0.2)])
+@pytest.mark.parametrize(("fault", "wait"), [("429:ms=300", 0.3), ("429:ra=1", 1.0), ("429:ra=1:ms=200", 0.2),
+                                             ("429:ra=1:ms=-100", 1.0)])  # a negative ms is no hint: Retry-After
 async def test_rate_limit_honours_the_servers_retry_hint(servers, make_engine, tmp_path, fault, wait):
     a, b = servers["a"], servers["b"]
     eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)])])
@@ -171,6 +172,19 @@ async def test_rate_limit_honours_the_servers_retry_hint(servers, make_engine, t
     assert attempt_rows(tmp_path, "casc-429") == [(0, "t", "a", "error", "RateLimitedError", 0),
                                                   (1, "t", "a", "final", None, 1)]
     assert out.record.latency_ms >= wait * 1e3
+
+
+@pytest.mark.parametrize("fault", ["429:ra=-5", "429:ms=-100", "429:ra=nan", "429:ra=inf"])
+async def test_a_retry_hint_that_is_no_wait_is_ignored(servers, make_engine, tmp_path, fault):
+    """A negative, NaN or infinite hint is no hint: the same provider is retried after a jittered back-off, as
+    without one (a negative one read as "fall over now", an infinite one as "too long to wait")."""
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)])])
+    a.faults(fault)
+    out = await eng.run(Q)
+    assert seen(servers) == {"a": 2, "b": 0, "c": 0}
+    assert out.record.attempts[1].wait_ms <= 200.0  # within the jitter's max_delay_s
+    assert "retrying the same provider" in out.record.attempts[0].reason
 
 
 async def test_rate_limit_without_hint_backs_off_with_full_jitter(servers, make_engine, tmp_path):
@@ -1076,3 +1090,21 @@ async def test_an_answer_without_usage_or_logprobs_is_still_billed(servers, make
     # the answer "Paris is the capital" as a budget counts text without a tokenizer (leaning high)
     assert row[0] == est > 0 and row[1] == rough_token_count("Paris is the capital") == 6
     assert row[2] == pytest.approx((row[0] * 1.0 + row[1] * 2.0) / 1e6) == pytest.approx(rec.cost_usd)
+
+
+async def test_a_streamed_tier_under_a_latency_budget_times_its_provider_out_itself(servers, make_engine, tmp_path):
+    """The live tier's time limit is the latency budget when that is shorter than its timeout_s: the provider
+    call is timed out by the resilience layer at that limit (a ProviderTimeoutError, its prompt billed), not
+    cancelled from outside as if the client had left."""
+    from cascade.engine import Budget
+
+    a = servers["a"]
+    eng = await make_engine([rtier("only", [prov("a", a)], timeout_s=30)])
+    a.faults("stall:5")
+    t0 = time.monotonic()
+    with pytest.raises(CascadeError):
+        async for _ in eng.stream(Q, request_id="budgeted", budget=Budget(latency_s=1.0)):
+            pass
+    assert time.monotonic() - t0 < 1.0 + 2 * TOL
+    (row,) = db_rows(tmp_path, "SELECT error_class, reason, prompt_tokens FROM attempts WHERE request_id='budgeted'")
+    assert row[0] == "ProviderTimeoutError" and "ancel" not in row[1] and row[2] > 0, row

@@ -8,6 +8,7 @@ exception is translated here into the engine's error tree, the original chained.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -42,25 +43,28 @@ _CONTEXT_MARKERS = ("context length", "context_length", "maximum context", "too 
 
 
 def _retry_after(headers: Any) -> float | None:
+    """The server's wait hint in seconds: ``retry-after-ms``, else ``Retry-After`` (seconds or an HTTP date; a
+    date already past means now). A value that is no wait (negative, not a number, infinite) is no hint: the
+    next header is read, and with none the caller backs off with jitter, as with no header at all."""
     if headers is None:
         return None
-    ms = headers.get("retry-after-ms")
-    if ms:
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if not raw:
+            continue
         try:
-            return float(ms) / 1000.0
+            wait = float(raw) * scale
         except ValueError:
-            pass
-    ra = headers.get("retry-after")
-    if ra:
-        try:
-            return float(ra)
-        except ValueError:
+            if name != "retry-after":
+                continue
             from email.utils import parsedate_to_datetime
 
             try:
-                return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
+                wait = max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
             except (TypeError, ValueError):
-                return None
+                continue
+        if math.isfinite(wait) and wait >= 0:
+            return wait
     return None
 
 
