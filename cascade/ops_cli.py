@@ -133,7 +133,8 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     try:
         rep = recalibrate(cfg, ledger, tier=args.tier, since=since, min_samples=args.min_samples, method=args.method,
                           feature=args.feature, sources=sources, holdout=args.holdout, seed=args.seed,
-                          out=args.out, default_dir=default_dir, do_activate=args.activate)
+                          out=args.out, default_dir=default_dir, do_activate=args.activate,
+                          allow_extrapolation=args.allow_extrapolation)
     finally:
         ledger.close_sync()
     rep["ledger"] = _redact(ledger.target)
@@ -194,5 +195,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activate", action="store_true",
                    help="also point <dir>/<tier>.json at the new version (a config naming that file picks it up "
                         "on POST /admin/reload or SIGHUP)")
+    p.add_argument("--allow-extrapolation", action="store_true",
+                   help="activate even when the labels cover too little of the tier's answers (more than 10%% of "
+                        "its scores outside their range: e.g. only agreement labels, which exist only for answers "
+                        "the tier escalated)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_recalibrate)

@@ -49,20 +49,27 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
                      sources: Sequence[str] = LABEL_SOURCES) -> list[dict[str, Any]]:
     """Every answer of ``tier`` in the ledger that carries a label, oldest first.
 
-    Each row: request_id, created_at, features (dict), confidence (as recorded), label (0/1), source.
+    Each row: request_id, created_at, policy, kept, features (dict), confidence (as recorded), label (0/1),
+    source. Feedback labels the answer served, and any earlier tier's answer identical to it (a different one
+    is wrong if the served one was right, unknown if it was wrong); agreement compares an answer with a
+    stronger tier's, from the live path or bought by a sampled shadow.
     """
     bad = [s for s in sources if s not in LABEL_SOURCES]
     if bad or not sources:
         raise ConfigError(f"--labels: choose from {', '.join(LABEL_SOURCES)} (comma-separated), got {list(sources)}")
     rows = ledger.execute_dicts(
-        "SELECT a.request_id AS request_id, r.created_at AS created_at, a.kept AS kept, a.features AS features, "
-        "a.confidence AS confidence, a.answer_sig AS sig, "
+        "SELECT a.request_id AS request_id, r.created_at AS created_at, r.policy AS policy, a.kept AS kept, "
+        "a.features AS features, a.confidence AS confidence, a.answer_sig AS sig, "
         # the latest feedback on a request is its label: a user who changes their mind replaces it
         "(SELECT f.score FROM feedback f WHERE f.request_id = a.request_id ORDER BY f.id DESC LIMIT 1) AS feedback, "
         "(SELECT MAX(f.id) FROM feedback f WHERE f.request_id = a.request_id) AS feedback_id, "
-        "(SELECT b.answer_sig FROM attempts b WHERE b.request_id = a.request_id AND b.idx > a.idx "
-        " AND b.tier <> a.tier AND b.error_class IS NULL AND b.answer_sig IS NOT NULL "
-        " ORDER BY b.idx DESC LIMIT 1) AS stronger_sig "
+        "(SELECT k.answer_sig FROM attempts k WHERE k.request_id = a.request_id AND k.kept = 1 LIMIT 1) AS kept_sig, "
+        # a stronger tier's answer: a later tier of the live path, else one a sampled shadow bought (shadows sample
+        # the tiers the live path skipped: the only agreement an answer the tier kept can have)
+        "COALESCE((SELECT b.answer_sig FROM attempts b WHERE b.request_id = a.request_id AND b.idx > a.idx "
+        " AND b.tier <> a.tier AND b.error_class IS NULL AND b.answer_sig IS NOT NULL ORDER BY b.idx DESC LIMIT 1), "
+        "(SELECT sa.answer_sig FROM shadow_attempts sa WHERE sa.request_id = a.request_id AND sa.tier <> a.tier "
+        " AND sa.error_class IS NULL AND sa.answer_sig IS NOT NULL ORDER BY sa.idx DESC LIMIT 1)) AS stronger_sig "
         "FROM attempts a JOIN requests r ON r.request_id = a.request_id "
         "WHERE a.tier = ? AND a.error_class IS NULL AND a.features IS NOT NULL"
         + (" AND r.created_at >= ?" if since is not None else "")
@@ -86,16 +93,26 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
         hit_fb = on_hits.get(r["request_id"])
         if hit_fb is not None and (r["feedback_id"] is None or hit_fb[0] > int(r["feedback_id"])):
             fb = hit_fb[1]
-        if "feedback" in sources and r["kept"] and fb is not None and int(fb) != 0:
+        judged = "feedback" in sources and fb is not None and int(fb) != 0
+        if judged and r["kept"]:
             label, source = int(int(fb) > 0), "feedback"
+        elif judged and r["sig"] is not None and r["kept_sig"] is not None:
+            # the user judged the answer served, a later tier's: the same answer takes the same label; another
+            # one is wrong when the served one was right, and unknown when it was wrong (no agreement with it)
+            if r["sig"] == r["kept_sig"]:
+                label, source = int(int(fb) > 0), "feedback"
+            elif int(fb) > 0:
+                label, source = 0, "feedback"
+            else:
+                continue
         elif "agreement" in sources and r["stronger_sig"] is not None and r["sig"] is not None:
             label, source = int(r["sig"] == r["stronger_sig"]), "agreement"
         if label is None:
             continue
         seen.add(r["request_id"])
-        out.append({"request_id": r["request_id"], "created_at": float(r["created_at"]),
-                    "features": json.loads(r["features"]), "confidence": r["confidence"], "label": label,
-                    "source": source})
+        out.append({"request_id": r["request_id"], "created_at": float(r["created_at"]), "policy": r["policy"],
+                    "kept": bool(r["kept"]), "features": json.loads(r["features"]), "confidence": r["confidence"],
+                    "label": label, "source": source})
     return out
 
 
@@ -200,14 +217,41 @@ def _split(n: int, holdout: float, seed: int, labels: np.ndarray) -> tuple[np.nd
     return np.array(sorted(train), dtype=int), np.array(sorted(test), dtype=int)
 
 
+#: the share of a tier's answers whose score may lie outside the labelled range before a refit is called an
+#: extrapolation (warned of; ``--activate`` refused unless allowed)
+MAX_OUTSIDE_SHARE = 0.10
+
+
+def score_coverage(ledger: Ledger, tier: str, feature: str, since: float | None, labelled: np.ndarray
+                   ) -> dict[str, Any]:
+    """How much of ``tier``'s traffic the labels cover: the range of the labelled answers' scores, and the
+    share of all its answers in the window (labelled or not) outside it. Agreement labels exist only where the tier
+    escalated, i.e. below its threshold: a fit on them alone says nothing of the answers it keeps."""
+    rows = ledger.execute(
+        "SELECT a.features, a.kept FROM attempts a JOIN requests r ON r.request_id = a.request_id "
+        "WHERE a.tier = ? AND a.error_class IS NULL AND a.features IS NOT NULL"
+        + (" AND r.created_at >= ?" if since is not None else ""), (tier, since) if since is not None else (tier,))
+    scores, kept = [], 0
+    for feats, k in rows:
+        v = json.loads(feats).get(feature)
+        if isinstance(v, (int, float)):
+            scores.append(float(v))
+            kept += int(bool(k))
+    lo, hi = float(labelled.min()), float(labelled.max())
+    allx = np.asarray(scores)
+    outside = int(((allx < lo) | (allx > hi)).sum()) if len(allx) else 0
+    return {"feature": feature, "labelled_range": [lo, hi], "answers": len(scores), "kept_answers": kept,
+            "outside": outside, "outside_share": outside / len(scores) if scores else 0.0}
+
+
 def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, since: float | None = None,
                 min_samples: int = 50, method: str | None = None, feature: str | None = None,
                 sources: Sequence[str] = LABEL_SOURCES, holdout: float = 0.3, seed: int = 0,
                 out: str | Path | None = None, default_dir: Path | None = None,
-                do_activate: bool = False) -> dict[str, Any]:
+                do_activate: bool = False, allow_extrapolation: bool = False) -> dict[str, Any]:
     """Refit ``tier``'s calibrator from labelled ledger rows; write a versioned artifact; return a report."""
     from calibration import metrics
-    from cascade.engine import build_calibrator
+    from cascade.engine import build_calibrator, build_policy_calibrators
 
     names = [t.name for t in config.tiers]
     tier = tier or config.policies[config.default_policy_name].chain[0]
@@ -245,6 +289,12 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
         raise DataError(f"{len(rows)} labelled answers are too few to split into a fit and a held-out slice "
                         "that both hold right and wrong answers")
     scores = np.array([float(r["features"][feature]) for r in rows])
+    coverage = score_coverage(ledger, tier, feature, since, scores)
+    coverage["kept_labelled"] = sum(1 for r in rows if r["kept"])
+    extrapolated = coverage["outside_share"] > MAX_OUTSIDE_SHARE
+    if extrapolated and do_activate and not allow_extrapolation:
+        raise DataError(_extrapolation_text(tier, coverage) + ": --activate refused (label the answers the tier "
+                        "keeps: feedback, or a sampled shadow that escalates them; or pass --allow-extrapolation)")
     try:
         if method == "auto":
             from calibration.selection import select_calibrator
@@ -256,8 +306,13 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     except ValueError as exc:
         raise DataError(f"cannot fit a {method} calibrator for tier {tier!r}: {exc}") from exc
 
+    # "old" is the calibrator that served each answer: a policy's own one for this tier where it has one
+    policy_cals = build_policy_calibrators(config)
+    overridden_by = sorted(p for p, cals in policy_cals.items() if tier in cals)
+
     def old_p(idx: np.ndarray) -> np.ndarray:
-        return np.array([old.predict_one(rows[i]["features"]) for i in idx])
+        return np.array([policy_cals.get(rows[i]["policy"], {}).get(tier, old).predict_one(rows[i]["features"])
+                         for i in idx])
 
     held = {"old": metrics.summary(old_p(test), y[test]), "new": metrics.summary(new.predict(scores[test]), y[test])}
     fit = {"old": metrics.summary(old_p(train), y[train]), "new": metrics.summary(new.predict(scores[train]), y[train])}
@@ -289,6 +344,15 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
         warning = (f"the config reads tier {tier!r}'s calibrator from "
                    f"{configured if configured is not None else 'an inline calibrator'}, not {link}: "
                    f"point it there (calibrator: {{artifact: {link}}}) for a reload to use this version")
+    fit_warnings = list(new.fit_warnings())
+    if extrapolated:
+        fit_warnings.append(_extrapolation_text(tier, coverage) + ": the held-out comparison covers only the "
+                            "labelled range; label the answers the tier keeps (feedback, or a sampled shadow that "
+                            "escalates them) before using this version")
+    if overridden_by:
+        fit_warnings.append(f"policies {', '.join(overridden_by)} use their own calibrator for tier {tier!r} "
+                            f"(policies.<name>.calibrators.{tier}): this version replaces the tier's own only, "
+                            "not theirs; the old column compares with the calibrator that served each answer")
     return {"report": "recalibrate", "tier": tier, "method": new.method, "feature": feature,
             "params": new.params(), "version": version, "artifact": str(saved),
             "activated": None if link is None else str(link),
@@ -297,7 +361,15 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
             "old": {"method": old.method, "params": old.params(), "version": previous},
             "heldout": held, "fit": fit,
             "ece_old": held["old"]["ece"], "ece_new": held["new"]["ece"], "warning": warning,
-            "fit_warnings": new.fit_warnings()}
+            "coverage": coverage, "policies_with_own_calibrator": overridden_by, "fit_warnings": fit_warnings}
+
+
+def _extrapolation_text(tier: str, cov: dict[str, Any]) -> str:
+    lo, hi = cov["labelled_range"]
+    return (f"the labels cover the {cov['feature']} of tier {tier!r} from {lo:.3g} to {hi:.3g} only, and "
+            f"{100 * cov['outside_share']:.0f}% of its {cov['answers']:,} answers in the ledger lie outside that "
+            f"range (it kept {cov['kept_answers']:,}, of which {cov['kept_labelled']:,} are labelled): the new "
+            "calibrator is extrapolated there")
 
 
 def recalibrate_text(rep: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ the running server; SIGHUP to a `cascade serve` subprocess) without dropping req
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -55,7 +56,9 @@ def test_recalibrate_from_feedback_and_agreement_writes_a_versioned_artifact(tra
 
     rep = recalibrated
     lab = rep["labels"]
-    assert lab["feedback"] >= 1 and lab["agreement"] >= 1  # both label sources were used
+    # every request of the traffic has feedback: it labels the answers served and, where the small tier
+    # escalated, its answer by the served one's (agreement labels only what no one judged: below)
+    assert lab["feedback"] >= 1
     assert lab["right"] >= 2 and lab["wrong"] >= 2 and rep["n"] == lab["feedback"] + lab["agreement"]
     assert rep["n_fit"] + rep["n_heldout"] == rep["n"] and rep["n_heldout"] >= 2
     for k in ("ece", "brier", "nll"):
@@ -377,3 +380,129 @@ def test_drift_alarm_when_the_cascade_costs_more_than_the_last_tier_alone(caplog
     for _ in range(4):  # a last tier priced at 0: any spend before it is a cost the last tier alone avoids
         feed(0.2, baseline=0.0)
     assert mon.alarms["cost_ratio"] and mon.values["cost_ratio"] == float("inf")
+
+
+# --- what the labels can and cannot say ------------------------------------------------------------------
+
+
+def _synthetic_config(tmp_path: Path, policy_calibrator: float | None = None):
+    """Tiers small (temperature 1 on mean_logprob, from an artifact) and large; policy cascade, with its own
+    temperature for small when ``policy_calibrator`` is given."""
+    from calibration.calibrators import TemperatureScaling, save_calibrator
+    from cascade.config import parse_config
+
+    art = save_calibrator(TemperatureScaling("mean_logprob", 1.0), tmp_path / "cal" / "small.json")
+    policy: dict[str, Any] = {"chain": ["small", "large"]}
+    if policy_calibrator is not None:
+        own = save_calibrator(TemperatureScaling("mean_logprob", policy_calibrator), tmp_path / "cal" / "own.json")
+        policy["calibrators"] = {"small": {"artifact": str(own)}}
+    return parse_config({"ledger": {"path": str(tmp_path / "l.sqlite")},
+                         "tiers": [tier("small", calibrator={"artifact": str(art)}), tier("large")],
+                         "policies": {"cascade": policy}}, environ={})
+
+
+def _synthetic_ledger(tmp_path: Path, n: int = 400):
+    """A ledger where the small tier's confidence is exactly right (temperature 1 on mean_logprob) and the live
+    threshold is 0.5: below it the small tier escalated and the large tier (always right) answered; above it
+    the small answer was kept, with no feedback. Written through the ledger's own API."""
+    import math
+    import random
+    import time
+
+    from cascade.ledger import Ledger
+    from cascade.types import Attempt, CascadeRecord
+
+    cfg = _synthetic_config(tmp_path)
+    ledger = Ledger(tmp_path / "l.sqlite").open_sync()
+    rng, t0 = random.Random(1), time.time() - 3600
+    kept_ids = []
+    for i in range(n):
+        p = rng.uniform(0.05, 0.95)
+        text = "right" if rng.random() < p else f"wrong {i}"
+        small = Attempt(index=0, tier="small", model="s", backend="transformers", cost_usd=1e-6, confidence=p,
+                        features={"mean_logprob": math.log(p)}, text=text)
+        if p < 0.5:
+            small.decision = "escalate"
+            large = Attempt(index=1, tier="large", model="l", backend="transformers", cost_usd=1e-5, confidence=0.99,
+                            features={"mean_logprob": -0.01}, text="right", decision="final", kept=True)
+            attempts, served = [small, large], "large"
+        else:
+            small.decision, small.kept = "accept", True
+            attempts, served = [small], "small"
+            kept_ids.append((f"r{i}", text))
+        ledger.record_sync(CascadeRecord(request_id=f"r{i}", policy="cascade", created_at=t0 + i, tier=served,
+                                         escalated=served == "large", attempts=attempts,
+                                         cost_usd=sum(a.cost_usd for a in attempts)))
+    return cfg, ledger, kept_ids
+
+
+def test_agreement_labels_alone_are_an_extrapolation_said_and_not_activated(tmp_path):
+    """Agreement labels exist only where the tier escalated (below its threshold): a refit on them alone is
+    warned of, and --activate refused, until the answers it keeps are labelled too (here by a sampled shadow
+    that bought the large tier's answer on them)."""
+    from cascade.errors import DataError
+    from cascade.recalibrate import recalibrate
+    from cascade.types import Attempt
+
+    cfg, ledger, kept_ids = _synthetic_ledger(tmp_path)
+    try:
+        rep = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "out"))
+        cov = rep["coverage"]
+        assert rep["labels"]["agreement"] == rep["n"] and cov["kept_labelled"] == 0
+        assert cov["labelled_range"][1] < math.log(0.5) and cov["outside_share"] > 0.4
+        assert any("extrapolated" in w for w in rep["fit_warnings"])
+        with pytest.raises(DataError, match="--activate refused"):
+            recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "out"), do_activate=True)
+        assert not (tmp_path / "out" / "small.json").exists()
+        # a sampled shadow's call of the large tier on the kept answers: agreement for them too
+        for rid, _ in kept_ids:
+            big = Attempt(index=0, tier="large", model="l", backend="transformers", cost_usd=1e-5, confidence=0.99,
+                          features={"mean_logprob": -0.01}, text="right", decision="final", kept=True)
+            ledger._shadow_sample_sync(rid, 0.0, {"shadow": "probe", "status": "known", "tier": "large",
+                                                  "escalated": True, "cost_usd": 1e-5, "diverges": True,
+                                                  "reason": "sampled", "sampled": True}, [big], [0.0])
+        rep = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "out"), do_activate=True)
+    finally:
+        ledger.close_sync()
+    assert rep["coverage"]["kept_labelled"] == len(kept_ids) and rep["coverage"]["outside_share"] == 0
+    assert not any("extrapolated" in w for w in rep["fit_warnings"]) and rep["activated"]
+    # with the whole range labelled, the refit is close to the truth (p = exp(mean_logprob): a = 1, b = 0)
+    assert rep["params"]["a"] == pytest.approx(1.0, abs=0.35)
+
+
+def test_feedback_on_the_served_answer_labels_an_identical_earlier_one(tmp_path):
+    """A thumbs-down on the large tier's answer is also one on the small tier's identical answer (agreement
+    alone would call it right); a thumbs-up on a different served answer makes the small one wrong; a
+    thumbs-down on a different one leaves it unlabelled."""
+    from cascade.recalibrate import labelled_answers
+
+    cfg, ledger, _ = _synthetic_ledger(tmp_path, n=60)
+    try:
+        esc = [r for r in labelled_answers(ledger, "small") if not r["kept"]]
+        same = next(r["request_id"] for r in esc if r["label"] == 1)  # small said "right", as large did
+        diff_up, diff_down = [r["request_id"] for r in esc if r["label"] == 0][:2]
+        for rid, score in ((same, -1), (diff_up, 1), (diff_down, -1)):
+            ledger._feedback_sync(rid, score, None)
+        got = {r["request_id"]: (r["label"], r["source"]) for r in labelled_answers(ledger, "small")}
+    finally:
+        ledger.close_sync()
+    assert got[same] == (0, "feedback") and got[diff_up] == (0, "feedback") and diff_down not in got
+
+
+def test_recalibrate_compares_with_the_calibrator_each_answer_was_served_by(tmp_path):
+    """A policy with its own calibrator for the tier: the old column is that calibrator on its requests, and
+    the report warns that the new version does not replace it."""
+    from cascade.recalibrate import recalibrate
+
+    cfg, ledger, _ = _synthetic_ledger(tmp_path)
+    with_override = _synthetic_config(tmp_path, policy_calibrator=5.0)
+    try:
+        plain = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "a"))
+        over = recalibrate(with_override, ledger, tier="small", method="platt", out=str(tmp_path / "b"))
+    finally:
+        ledger.close_sync()
+    assert plain["policies_with_own_calibrator"] == [] and over["policies_with_own_calibrator"] == ["cascade"]
+    assert any("policies cascade use their own calibrator" in w for w in over["fit_warnings"])
+    # the same held-out answers, judged by temperature 5 rather than 1: another old ECE, the same new one
+    assert over["heldout"]["old"]["ece"] != pytest.approx(plain["heldout"]["old"]["ece"])
+    assert over["heldout"]["new"]["ece"] == pytest.approx(plain["heldout"]["new"]["ece"])
