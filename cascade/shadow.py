@@ -23,7 +23,8 @@ engine's own tier call (:meth:`cascade.engine.Engine.call_tier`: retries, fallba
 shadow's chain as above and calling only the tiers it needs. Each shadow may spend ``sample_budget_usd``
 per UTC day on its calls: today's spend is read from the ledger (``shadow_attempts``) before each call, so
 the budget holds across restarts and replicas, and the calls in flight in this process are reserved at
-their predicted cost (the tier's price, the prompt's tokens and ``max_tokens``), so concurrent samples
+their predicted cost (:func:`estimate_sample_cost`: the prompt, ``max_tokens`` and the prompts of providers
+that may time out first), so concurrent samples
 cannot overshoot it. The decision is then rewritten: status ``known`` (or still ``unknown``, with the
 reason), ``sampled`` set, ``sample_cost_usd`` what the shadow's own calls cost; the calls themselves are
 ``shadow_attempts`` rows, never live spend.
@@ -209,11 +210,15 @@ class ShadowSet:
 def estimate_sample_cost(tier: Any, req: GenerationRequest, rec: CascadeRecord) -> float:
     """What one call of ``tier`` (an engine Tier) for ``req`` may cost at most: the prompt's tokens (the
     tier's own count, at least the longest prompt the live path billed), all of ``req.max_tokens`` answered,
-    at the dearest of the tier's and its providers' prices."""
+    at the dearest of the tier's and its providers' prices; and, for a tier with several providers, the
+    prompt billed by each provider but one (a provider that times out is billed its prompt before the next
+    one answers; error answers are not billed, so retries add nothing)."""
     prompt = max(tier.backend.estimate_prompt_tokens(req), max((a.prompt_tokens for a in rec.attempts), default=0))
     tc = tier.config
     prices = [tc.price, *(p.price for p in tc.providers or () if p.price is not None)]
-    return max(p.cost(prompt, req.max_tokens or tc.max_tokens) for p in prices)
+    answered = max(p.cost(prompt, req.max_tokens or tc.max_tokens) for p in prices)
+    timed_out = max(p.cost(prompt, 0) for p in prices) * max(len(tc.providers or ()) - 1, 0)
+    return answered + timed_out
 
 
 @dataclass(eq=False)

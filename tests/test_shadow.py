@@ -397,3 +397,32 @@ def test_the_shadow_report_counts_a_requests_latest_feedback_only(tmp_path):
     assert rep["cheaper"]["requests"] == 1
     assert {k: rep["cheaper"]["feedback"][k] for k in ("n", "up", "down")} == {"n": 1, "up": 1, "down": 0}
     assert rep["served_feedback_known"]["n"] == 1
+
+
+def test_a_samples_reservation_covers_every_provider_that_may_bill_it(tmp_path):
+    """A sample of a tier with providers may be billed the prompt by each provider that times out before the
+    last one answers: the reservation holds that too, so a day's budget cannot be overspent that way."""
+    from types import SimpleNamespace
+
+    from cascade.backends.openai_backend import OpenAIBackend
+    from cascade.shadow import estimate_sample_cost
+    from cascade.types import CascadeRecord, GenerationRequest, Message
+
+    def prov(name, price):
+        return {"name": name, "backend": "openai", "model": "m", "options": {"base_url": "http://127.0.0.1:1/v1"},
+                "price": price}
+
+    cheap, dear = {"input_per_1m": 1.0, "output_per_1m": 2.0}, {"input_per_1m": 3.0, "output_per_1m": 4.0}
+    cfg = make_config(tmp_path, [{"name": "big", "providers": [prov("a", cheap), prov("b", dear), prov("c", cheap)],
+                                  "price": cheap, "max_tokens": 10}])
+    req = GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=10)
+    backend = OpenAIBackend(model="m", name="big", base_url="http://127.0.0.1:1/v1")  # never started: no call
+    tier_ = SimpleNamespace(config=cfg.tier("big"), backend=backend)
+    prompt = backend.estimate_prompt_tokens(req)
+    rec = CascadeRecord(request_id="r", policy="cascade", created_at=0.0)
+    # the dearest provider answering in full, and the two others timing out first, each billed its prompt
+    want = (prompt * 3.0 + 10 * 4.0) / 1e6 + 2 * prompt * 3.0 / 1e6
+    assert estimate_sample_cost(tier_, req, rec) == pytest.approx(want)
+    one = make_config(tmp_path, [{"name": "big", "providers": [prov("a", dear)], "price": cheap, "max_tokens": 10}])
+    assert estimate_sample_cost(SimpleNamespace(config=one.tier("big"), backend=backend), req, rec) == pytest.approx(
+        (prompt * 3.0 + 10 * 4.0) / 1e6)
