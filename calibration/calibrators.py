@@ -43,16 +43,23 @@ def _as_array(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).reshape(-1)
 
 
+#: the score range a logit is taken of: up to a probability of 1 - 1e-6, and down to a log-probability of -10^4
+#: (the logit of a very small probability is its log: the scores of long answers, e.g. ``sum_logprob``, keep their
+#: order, where a floor at a probability of 1e-6, a log-probability of -13.8, made them all one value)
+_MAX_SCORE = float(np.log1p(-_EPS))
+_MIN_SCORE = -1e4
+
+
 def score_to_logit(scores: Any) -> np.ndarray:
-    """A log-probability score -> the logit of that probability (clipped away from 0 and 1)."""
-    p = np.clip(np.exp(np.minimum(_as_array(scores), 0.0)), _EPS, 1.0 - _EPS)
-    return np.log(p) - np.log1p(-p)
+    """A log-probability score s -> the logit of exp(s), computed in log space: s - log(1 - exp(s))."""
+    s = np.clip(_as_array(scores), _MIN_SCORE, _MAX_SCORE)
+    return s - np.log(-np.expm1(s))
 
 
 def _score_to_logit_one(score: Any) -> np.float64:
     """``score_to_logit([score])[0]`` on a numpy scalar: the same ufuncs (clip is max then min)."""
-    p = np.minimum(np.maximum(np.exp(np.minimum(np.float64(score), 0.0)), _EPS), 1.0 - _EPS)
-    return np.log(p) - np.log1p(-p)
+    s = np.minimum(np.maximum(np.float64(score), _MIN_SCORE), _MAX_SCORE)
+    return s - np.log(-np.expm1(s))
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -368,6 +375,8 @@ class IsotonicCalibrator(Calibrator):
         if np.any(np.diff(self.knots_x) < 0) or np.any(np.diff(self.knots_y) < -1e-12):
             raise ValueError("isotonic knots must be non-decreasing")
         self.prior_strength = float(prior_strength)
+        if not self.prior_strength >= 0:
+            raise ValueError(f"prior_strength must be >= 0, got {prior_strength!r}")
 
     def fit(self, scores: Any, correct: Any) -> "IsotonicCalibrator":
         z, y = _fit_arrays(scores, correct)
@@ -380,11 +389,14 @@ class IsotonicCalibrator(Calibrator):
         vals, wts, starts = _pav(wy / cnt, cnt)
         prior = float(y.mean())
         vals = (vals * wts + prior * self.prior_strength) / (wts + self.prior_strength)
-        vals = np.maximum.accumulate(vals)  # shrinkage keeps order; guard rounding
         # one knot per block, at the weighted mean score of the block
         ends = np.append(starts[1:], uz.size)
         xs = np.array([np.average(uz[s:e], weights=cnt[s:e]) for s, e in zip(starts, ends)])
-        self.knots_x, self.knots_y = xs, vals
+        # shrinking a small block further than a large one can reverse their order: pool those blocks again
+        vals, _, merged = _pav(vals, wts)
+        ends = np.append(merged[1:], xs.size)
+        xs = np.array([np.average(xs[s:e], weights=wts[s:e]) for s, e in zip(merged, ends)])
+        self.knots_x, self.knots_y = xs, np.maximum.accumulate(vals)  # (guards rounding)
         return self
 
     def predict(self, scores: Any) -> np.ndarray:
@@ -429,11 +441,16 @@ class HistogramBinning(Calibrator):
             raise ValueError("n_bins must be >= 1")
         self.n_bins = int(n_bins)
         self.prior_strength = float(prior_strength)
+        if not self.prior_strength >= 0:
+            raise ValueError(f"prior_strength must be >= 0, got {prior_strength!r}")
 
     def fit(self, scores: Any, correct: Any) -> "HistogramBinning":
         z, y = _fit_arrays(scores, correct)
         qs = np.quantile(z, np.linspace(0, 1, self.n_bins + 1)[1:-1])
+        # an edge at the highest score (many answers tied there) would leave the bin above it empty, and scores
+        # higher still at the base rate, below the top bin: the top bin is open above instead
         edges = np.unique(qs)
+        edges = edges[edges < z.max()]
         idx = np.searchsorted(edges, z, side="left")
         cnt = np.bincount(idx, minlength=edges.size + 1).astype(float)
         hits = np.bincount(idx, weights=y, minlength=edges.size + 1)
@@ -444,7 +461,8 @@ class HistogramBinning(Calibrator):
 
     def predict(self, scores: Any) -> np.ndarray:
         z = score_to_logit(scores)
-        return self.probs[np.searchsorted(self.edges, z, side="left")]
+        p = self.probs[np.searchsorted(self.edges, z, side="left")]
+        return np.where(np.isnan(z), np.nan, p)  # no score, no confidence (as the other methods)
 
     def params(self) -> dict[str, Any]:
         return {"edges": self.edges.tolist(), "probs": self.probs.tolist(), "n_bins": self.n_bins,
@@ -483,6 +501,8 @@ class LogisticCalibrator(Calibrator):
             raise ValueError("logistic calibrator needs one coefficient per feature")
         self.intercept = float(intercept)
         self.l2 = float(l2)
+        if not self.l2 >= 0:
+            raise ValueError(f"l2 must be >= 0, got {l2!r}")
 
     def _matrix(self, x: Any) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)

@@ -48,10 +48,15 @@ def reliability_bins(p: Any, y: Any, n_bins: int = N_BINS, strategy: str = "unif
         # bin i holds (edges[i], edges[i+1]], the first bin also 0: same as netcal/Guo et al.
         idx = np.clip(np.ceil(p * n_bins).astype(int) - 1, 0, n_bins - 1)
     else:
-        # equal-mass: rank-based assignment, so ties in p cannot leave a bin empty and another doubled
+        # equal-mass: rank-based assignment, each run of tied confidences kept whole in the bin of its middle
+        # rank, so that the bins (and the ECE) cannot depend on the order of the rows
         order = np.argsort(p, kind="mergesort")
+        sp = p[order]
+        rank_bin = np.minimum((np.arange(p.size) * n_bins) // max(p.size, 1), n_bins - 1)
+        starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]]) if p.size else np.zeros(0, dtype=int)
+        ends = np.r_[starts[1:], p.size]
         idx = np.empty(p.size, dtype=int)
-        idx[order] = np.minimum((np.arange(p.size) * n_bins) // p.size, n_bins - 1)
+        idx[order] = np.repeat(rank_bin[(starts + ends - 1) // 2], ends - starts)
     count = np.bincount(idx, minlength=n_bins).astype(float)
     sum_p = np.bincount(idx, weights=p, minlength=n_bins)
     sum_y = np.bincount(idx, weights=y, minlength=n_bins)

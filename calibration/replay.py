@@ -376,13 +376,21 @@ def _fit_once(train: CascadeData, chain: Sequence[str], cfg: ReplayConfig,
     ref = y[chain[-1]]
     found: list[tuple[list[str], SearchResult]] = []
     considered = []
+    unaffordable: list[ConfigError] = []
     for s in subs:
         arrays = [TierArrays(m, scores[tuple(s)][j] if j < len(s) - 1 else np.zeros(n), y[m], feats.cost[m])
                   for j, m in enumerate(s)]
-        res = search_thresholds(arrays, objective=cfg.objective, max_quality_drop=cfg.max_quality_drop,
-                                cost_budget=cfg.cost_budget, reference_correct=ref, confidence=cfg.confidence,
-                                grid_size=cfg.grid_size, max_candidates=cfg.max_candidates,
-                                n_boot=0, seed=cfg.seed, cost_slack=cfg.cost_slack)
+        try:
+            res = search_thresholds(arrays, objective=cfg.objective, max_quality_drop=cfg.max_quality_drop,
+                                    cost_budget=cfg.cost_budget, reference_correct=ref, confidence=cfg.confidence,
+                                    grid_size=cfg.grid_size, max_candidates=cfg.max_candidates,
+                                    n_boot=0, seed=cfg.seed, cost_slack=cfg.cost_slack)
+        except ConfigError as exc:  # no policy of this sub-chain fits the budget: another one may
+            unaffordable.append(exc)
+            considered.append({"subchain": s, "verdict": "over budget", "reason": exc.message})
+            done += 1
+            progress("searching thresholds", done, total)
+            continue
         considered.append({"subchain": s, "verdict": res.verdict, "train_cost_ratio": res.cost_ratio,
                            "train_quality": res.quality, "quality_diff_lower_bound": res.quality_diff_lower_bound})
         if res.verdict == "cascade":
@@ -390,6 +398,9 @@ def _fit_once(train: CascadeData, chain: Sequence[str], cfg: ReplayConfig,
         done += 1
         progress("searching thresholds", done, total)
     best = _pick(found, cfg)
+    last_alone = float(feats.cost[chain[-1]].mean())
+    if best is None and len(unaffordable) == len(subs) and last_alone > (cfg.cost_budget or 0.0) * (1 + 1e-12):
+        raise unaffordable[0]  # nothing fits the budget, the last tier alone neither
 
     if best is None:
         direct = search_thresholds([TierArrays(chain[-1], np.zeros(n), ref, feats.cost[chain[-1]])],

@@ -258,6 +258,8 @@ def search_thresholds(tiers: Sequence[TierArrays], *, objective: str = "quality"
             # highest lower bound, which tempers the winner's curse of picking the luckiest candidate
             cmin = float(cost[idx].min())
             near = idx[cost[idx] <= cmin * (1 + cost_slack) + 1e-15]
+            cheaper = near[cost[near] < ref_cost * (1 - 1e-9)]  # the slack never reaches past the last tier alone
+            near = cheaper if cheaper.size else near
             best = near[np.lexsort((cost[near], -lb[near]))[0]]
         else:
             best = None
@@ -273,13 +275,14 @@ def search_thresholds(tiers: Sequence[TierArrays], *, objective: str = "quality"
             return res
     else:
         feasible = cost <= cost_budget * (1 + 1e-12)
-        direct_ok = ref_cost <= cost_budget
+        direct_ok = ref_cost <= cost_budget * (1 + 1e-12)  # the tolerance of ``feasible``
         if not feasible.any():
             raise ConfigError(f"no policy fits a budget of {cost_budget:.3g} USD per request "
                               f"(the cheapest costs {float(cost.min()):.3g})")
         idx = np.flatnonzero(feasible)
         best = idx[np.lexsort((cost[idx], -lb[idx], -quality[idx]))[0]]
-        if direct_ok and quality[best] <= ref_q and cost[best] >= ref_cost:
+        # the best quality within the budget: the last tier alone when it fits and is better, or as good for less
+        if direct_ok and (ref_q > quality[best] or (ref_q == quality[best] and ref_cost <= cost[best])):
             res = SearchResult("direct", direct_thr, objective, ref_q, ref_q, direct_lb, ref_cost, ref_cost, n, z,
                                int(combos.shape[0]), "the last tier alone fits the budget at no lower quality")
             return res

@@ -21,6 +21,7 @@ from calibration.calibrators import (
     load_calibrator,
     make_calibrator,
     save_calibrator,
+    score_to_logit,
     sigmoid,
 )
 from calibration.selection import cross_val_predict, kfold_indices, select_calibrator
@@ -96,6 +97,59 @@ def test_nonparametric_calibrators_monotone_and_reduce_ece(cls):
     s2, y2 = _synthetic(20000, 1.0, seed=6, a=0.5, b=-1.0)
     raw, calibrated = metrics.ece(np.exp(s2), y2), metrics.ece(cal.predict(s2), y2)
     assert calibrated < 0.03 and calibrated < raw / 3
+
+
+def test_scores_far_below_a_probability_of_1e6_keep_their_order():
+    """The logit of a tiny probability is its log: long answers' sum_logprob (-80 to -15 here) keeps its ranking
+    through every calibrator (a floor at a probability of 1e-6 made every such score one value)."""
+    rng = np.random.default_rng(3)
+    s = np.sort(rng.uniform(-80, -15, 400))
+    y = (rng.random(400) < (s + 80) / 65).astype(float)
+    raw = metrics.auroc(np.exp(s), y)  # (a probability, however small, as metrics take)
+    for method in ("temperature", "platt", "isotonic"):
+        p = make_calibrator(method, "sum_logprob").fit(s, y).predict(s)
+        assert metrics.auroc(p, y) == pytest.approx(raw, abs=0.02), method
+    assert np.all(np.diff(score_to_logit(s)) > 0)
+    assert score_to_logit([-math.inf, 0.0]).tolist() == pytest.approx([-1e4, math.log((1 - 1e-6) / 1e-6)])
+
+
+def test_histogram_binning_is_monotone_above_its_top_score():
+    """Many answers tied at the top score: a higher score than any seen gets the top bin, not the base rate."""
+    rng = np.random.default_rng(4)
+    s = np.r_[np.full(100, -0.05), rng.uniform(-3, -0.1, 100)]
+    y = np.r_[rng.random(100) < 0.96, rng.random(100) < 0.3].astype(float)
+    h = HistogramBinning(n_bins=10).fit(s, y)
+    top = h.predict([-0.05])[0]
+    assert top > 0.9 and h.predict([-0.04, -0.001]).tolist() == [top, top]
+    assert math.isnan(h.predict([math.nan])[0])
+
+
+def test_isotonic_shrinkage_pools_blocks_it_would_reorder():
+    """A 2-answer block at 50% and a 100-answer block at 55%: shrinking the small one towards a high base rate
+    lifts it above the large one; they are pooled, not the large one raised to the small one's value."""
+    s = np.log(np.r_[np.full(2, 0.2), np.full(100, 0.5), np.full(100, 0.9)])
+    y = np.r_[1, 0, np.ones(55), np.zeros(45), np.ones(100)].astype(float)
+    iso = IsotonicCalibrator().fit(s, y)
+    assert np.all(np.diff(iso.knots_y) >= 0) and iso.knots_y.size == 2
+    prior = y.mean()
+    # the pooled block: the two shrunk blocks' values averaged by their answers, near 55%, far below 59%
+    shrunk = [(1 + prior) / 3, (55 + prior) / 101]
+    assert iso.knots_y[0] == pytest.approx((shrunk[0] * 2 + shrunk[1] * 100) / 102)
+    assert iso.knots_y[0] < 0.56
+
+
+def test_equal_mass_ece_does_not_depend_on_the_order_of_tied_rows():
+    rng = np.random.default_rng(5)
+    p = np.round(rng.uniform(0, 1, 300), 1)  # heavy ties, as histogram binning's few distinct outputs
+    y = (rng.random(300) < p).astype(float)
+    values = {round(metrics.ece(p[o], y[o], strategy="quantile"), 12)
+              for o in (rng.permutation(300) for _ in range(20))}
+    by_label = np.lexsort((y, p))
+    values.add(round(metrics.ece(p[by_label], y[by_label], strategy="quantile"), 12))
+    assert len(values) == 1
+    half = np.full(30, 0.5)
+    assert metrics.ece(half, np.r_[np.zeros(15), np.ones(15)], strategy="quantile") == 0.0 == metrics.ece(
+        half, np.tile([0.0, 1.0], 15), strategy="quantile")
 
 
 def test_histogram_bins_and_isotonic_shrinkage():
@@ -250,6 +304,39 @@ def test_threshold_search_budget_objective():
     assert out.mean_cost <= 3.0 + 1e-9 and (out.stop == 1).mean() <= 0.2 + 1e-9
     with pytest.raises(ConfigError):
         search_thresholds([first, last], objective="budget", cost_budget=0.5)
+
+
+def test_budget_objective_is_the_last_tier_alone_when_it_fits_and_is_better():
+    """"The best quality within the budget": a cheaper, worse cascade does not win over the last tier alone that
+    fits the budget too (it did whenever that cascade cost less)."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    cheap, strong = (rng.random(n) < 0.5).astype(float), (rng.random(n) < 0.9).astype(float)
+    tiers = [TierArrays("a", rng.random(n), cheap, np.full(n, 1.0)),
+             TierArrays("b", np.zeros(n), strong, np.full(n, 10.0))]
+    for budget in (10.0, 10.5):  # exactly the last tier's cost, and more
+        res = search_thresholds(tiers, objective="budget", cost_budget=budget, n_boot=0)
+        assert res.verdict == "direct" and res.quality == pytest.approx(strong.mean()), budget
+    res = search_thresholds(tiers, objective="budget", cost_budget=5.0, n_boot=0)  # it does not fit: a cascade
+    assert res.verdict == "cascade" and res.cost <= 5.0
+
+
+def test_cost_slack_never_reaches_past_the_last_tier_alone():
+    """With cost_slack, the candidates within that margin of the cheapest are ranked by their lower bound; one
+    dearer than the last tier alone is not among them (it turned a feasible cascade into `direct`)."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    s = rng.permutation(np.arange(n) / n)
+    strong = (rng.random(n) < 0.7).astype(float)
+    cheap = np.where(s >= 0.88, strong, 0.0)  # the cheap tier agrees with the strong one on its top 12%
+    i_top = np.argmax(s)
+    strong[i_top], cheap[i_top] = 0.0, 1.0  # one gain at the very top score
+    i_band = np.flatnonzero((s > 0.96) & (s < 0.99))[0]
+    strong[i_band], cheap[i_band] = 1.0, 0.0  # one loss
+    tiers = [TierArrays("a", s, cheap, np.full(n, 0.1)), TierArrays("b", np.zeros(n), strong, np.full(n, 10.0))]
+    plain = search_thresholds(tiers, max_quality_drop=0.005, n_boot=0)
+    slack = search_thresholds(tiers, max_quality_drop=0.005, n_boot=0, cost_slack=0.2)
+    assert plain.verdict == slack.verdict == "cascade" and slack.cost < slack.reference_cost
 
 
 def test_threshold_search_verdict_direct_when_small_tier_is_too_weak():

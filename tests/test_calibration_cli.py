@@ -205,6 +205,22 @@ def test_replay_cost_budget(capsys):
     assert rep["expected_from_train"]["cost_ratio"]["estimate"] <= 0.5 + 1e-9
 
 
+def test_replay_cost_budget_skips_a_sub_chain_that_cannot_fit_it(capsys):
+    """A budget below what the 70B costs alone: the sub-chain that starts at the 70B has no affordable policy,
+    the one that starts at the 1B has; the fit goes on with it (one unaffordable sub-chain ended the replay)."""
+    f, t = OUTPUTS / "medmcqa_llama_train.jsonl", OUTPUTS / "medmcqa_llama_test.jsonl"
+    seventy = float(load_cascade_outputs(f).tier("llama3.1-70b").cost.mean())
+    rc, out, err = run_cli(capsys, "replay", "--train", str(f), "--test", str(t), "--chain",
+                           "llama3.2-1b,llama3.1-70b,llama3.1-405b", "--cost-budget", f"{0.7 * seventy:.8f}", "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["verdict"] == "cascade" and rep["policy_chain"][0] == "llama3.2-1b"
+    # nothing affordable at all, the last tier alone neither: the one-line refusal
+    rc, _, err = run_cli(capsys, "replay", "--train", str(f), "--test", str(t), "--chain",
+                         "llama3.1-70b,llama3.1-405b", "--cost-budget", f"{0.7 * seventy:.8f}")
+    assert rc == 2 and "no policy fits a budget" in _error_line(err)
+
+
 def test_replay_human_output_and_plot(capsys, tmp_path):
     png = tmp_path / "test_rel.png"
     rc, out, err = run_cli(capsys, "replay", "--train", str(OUTPUTS / "truthfulqa_llama_train.jsonl"),
