@@ -15,12 +15,19 @@ _PIECES = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf9
 _PER_MESSAGE, _PER_REQUEST = 4, 3
 
 
+#: whitespace beyond the single space between two words
+_SPACES = re.compile(r"\s{2,}|[^\S ]")
+
+
 def rough_token_count(text: str) -> int:
     """A tokenizer-free count that leans high, for budgets on tiers whose tokenizer we do not have (remote
     APIs): one token per CJK character, digit, punctuation mark and word, and one per 4 UTF-8 bytes of a
-    long word. English prose comes out about 1.2x its real count; a flat 4 characters a token undercounts
-    short words, digits and CJK text (2-4x) and let cost budgets be overrun."""
-    return sum(max(1, (len(p.encode("utf-8")) + 3) // 4) if len(p) > 4 else 1 for p in _PIECES.findall(text))
+    long word; whitespace other than a single space between words, one token per character (two beyond
+    ASCII: an ideographic space is two tokens to many tokenizers), so that a prompt of whitespace is not
+    free. English prose comes out about 1.2x its real count; a flat 4 characters a token undercounts short
+    words, digits and CJK text (2-4x) and let cost budgets be overrun."""
+    words = sum(max(1, (len(p.encode("utf-8")) + 3) // 4) if len(p) > 4 else 1 for p in _PIECES.findall(text))
+    return words + sum(len(run) + sum(c > "\x7f" for c in run) for run in _SPACES.findall(text))
 
 
 def answer_tokens(n_logprobs: int, text: str) -> int:

@@ -169,7 +169,7 @@ def _spend_buckets(caller: Caller, end_user: str | None) -> list[tuple[tuple, fl
     lim, out = caller.limits, []
     if lim is None:
         return out
-    if lim.daily_spend_limit_usd is not None and caller.key_id is not None:
+    if lim.daily_spend_limit_usd is not None:  # without a key (anonymous_user_tier): the keyless requests' total
         out.append((("key", caller.key_id), lim.daily_spend_limit_usd, "daily spend limit", "daily_spend_limit",
                     None))
     if lim.end_user_daily_spend_limit_usd is not None and end_user is not None:
@@ -221,7 +221,8 @@ CLIENT_CLOSED = 499
 def cache_mode(cache_control: str | None, pragma: str | None = None) -> str:
     """The response cache's use for a request, from its ``Cache-Control`` header as HTTP means it:
     ``no-store``: neither read nor store ("bypass"); ``no-cache`` or ``max-age=0`` (and HTTP/1.0's
-    ``Pragma: no-cache`` without a Cache-Control): answer afresh, store it ("refresh")."""
+    ``Pragma: no-cache`` without a Cache-Control): answer afresh, store it ("refresh"). Other directives
+    (``max-age`` above 0, ``min-fresh``...) are not read: the entry's own ``cache.ttl_s`` bounds its age."""
     directives: dict[str, str] = {}
     for part in (cache_control or "").split(","):
         name, _, value = part.partition("=")

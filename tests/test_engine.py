@@ -212,6 +212,9 @@ async def test_reload_swaps_policy_calibrators_and_shadows_follow_them(tmp_path)
     "internationalization of 1234567 numbers: 3.14159, 2.71828!",
     "def f(x):\n    return [i**2 for i in range(x) if i % 3 == 0]\n",
     "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins.",
+    "\u3000" * 300,                                    # whitespace is not free: it was 0, under limits and budgets
+    " \n" * 300,
+    "a\t\tb\n\n\nc",
 ])
 def test_rough_token_count_leans_high_against_a_real_tokenizer(smol_path, text):
     """Cost budgets on tiers without a tokenizer (remote APIs) use the rough count: it must not be below a

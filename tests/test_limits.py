@@ -297,6 +297,20 @@ def test_each_end_user_of_a_key_has_its_own_daily_spend_limit(tmp_path, upstream
     assert row == ("error", "BudgetExceededError", "k1", "alice")
 
 
+def test_the_anonymous_user_tiers_daily_spend_limit_holds_for_the_keyless_requests(tmp_path, upstream, serve_app):
+    """A server without keys (``anonymous_user_tier``): its requests share one daily spend limit, as they share
+    its other limits (it was never checked)."""
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    srv = serve_app(make_config(tmp_path, [remote], user_tiers={"open": {"daily_spend_limit_usd": 1e-9}},
+                                auth={"anonymous_user_tier": "open"}))
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.post("/v1/chat/completions", json=BODY).status_code == 200  # nothing spent yet today
+        refused = c.post("/v1/chat/completions", json=BODY)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "daily_spend_limit", refused.text
+    assert upstream.stats()["requests"] == 1
+
+
 @pytest.mark.parametrize(("limit_of", "priced_by"), [("key", "tier"), ("end_user", "tier"), ("key", "provider")])
 async def test_a_burst_in_flight_cannot_spend_past_a_daily_limit(tmp_path, upstream, serve_app, limit_of, priced_by):
     """Each admitted request holds its worst case (every tier's prompt and max_tokens, at its dearest
