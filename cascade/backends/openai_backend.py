@@ -8,6 +8,7 @@ exception is translated here into the engine's error tree, the original chained.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -38,6 +39,8 @@ from cascade.types import (
     answer_tokens,
     fit_tokens,
 )
+
+log = logging.getLogger("cascade.backends.openai")
 
 _CONTEXT_MARKERS = ("context length", "context_length", "maximum context", "too many tokens", "prompt is too long")
 
@@ -267,7 +270,9 @@ _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 
 def malformed_response(provider: str, exc: Exception) -> ProviderServerError:
-    """A 200 answer this backend cannot read: the provider's fault, so the call may fall over."""
+    """A 200 answer this backend cannot read: the provider's fault, so the call may fall over. Logged with its
+    traceback: an answer of a shape this code does not expect looks the same from here."""
+    log.warning("%s: malformed response: %s: %s", provider, type(exc).__name__, exc, exc_info=exc)
     return ProviderServerError(f"{provider}: malformed response ({type(exc).__name__}: {exc})", provider=provider)
 
 
