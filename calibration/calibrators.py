@@ -43,11 +43,12 @@ def _as_array(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).reshape(-1)
 
 
-#: the score range a logit is taken of: up to a probability of 1 - 1e-6, and down to a log-probability of -10^4
-#: (the logit of a very small probability is its log: the scores of long answers, e.g. ``sum_logprob``, keep their
-#: order, where a floor at a probability of 1e-6, a log-probability of -13.8, made them all one value)
+#: the score range a logit is taken of: probabilities from 1e-6 to 1 - 1e-6. The floor, a log-probability of
+#: -13.8, keeps one answer at -inf (or a provider's -9999) from dragging a Platt fit flat or backwards; it also
+#: makes every score below it one value, so a score that is usually far below it (``sum_logprob`` of long
+#: answers) ranks nothing: calibrate mean, min or first-token log-probabilities instead
 _MAX_SCORE = float(np.log1p(-_EPS))
-_MIN_SCORE = -1e4
+_MIN_SCORE = float(np.log(_EPS))
 
 
 def score_to_logit(scores: Any) -> np.ndarray:
