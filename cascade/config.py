@@ -54,6 +54,24 @@ def _takes_bool(annotation: Any) -> bool:
     return annotation is bool or annotation is Any or any(_takes_bool(a) for a in get_args(annotation))
 
 
+def _takes_number(annotation: Any) -> bool:
+    """Whether a field of this type holds a number (an int or float, or a union or container with one)."""
+    return annotation in (int, float) or any(_takes_number(a) for a in get_args(annotation))
+
+
+def _bool_in(value: Any) -> tuple[str, bool] | None:
+    """The first boolean in the value or among its items (a mapping's values, a list's elements): where it is
+    ("" for the value itself, else the key or index path) and what it is; None if there is none."""
+    if isinstance(value, bool):
+        return "", value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = _bool_in(v)
+        if found is not None:
+            return ".".join(p for p in (str(k), found[0]) if p), found[1]
+    return None
+
+
 class _Strict(BaseModel):
     # every number of the config is finite: an infinite price or budget would reach the ledger's costs
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -62,10 +80,13 @@ class _Strict(BaseModel):
     @classmethod
     def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """A boolean where a number belongs is refused (pydantic would read ``threshold: true`` as 1.0, a tier
-        that never keeps an answer), as the HTTP API refuses one."""
-        if isinstance(value, bool) and info.field_name is not None \
-                and not _takes_bool(cls.model_fields[info.field_name].annotation):
-            raise ValueError(f"must be a number, not a boolean ({str(value).lower()})")
+        that never keeps an answer), as the HTTP API refuses one: a field's own value, or an item of a mapping
+        or list of numbers (``thresholds: {small: true}``, ``escalation_rate: [false, true]``)."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name is not None else Any
+        found = _bool_in(value) if _takes_number(annotation) and not _takes_bool(annotation) else None
+        if found is not None:
+            where, what = found
+            raise ValueError(f"{where + ': ' if where else ''}must be a number, not a boolean ({str(what).lower()})")
         return value
 
 

@@ -42,6 +42,7 @@ from cascade.resilience import (
     ResilientBackend,
     billed_prompt,
     merge_provider_attempts,
+    redact,
 )
 from cascade.types import (Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage,
                            answer_tokens)
@@ -886,7 +887,8 @@ def _untranslated(tier: str, exc: Exception) -> ProviderServerError:
     served the answer in hand like any other failure, and the cause is logged with its traceback."""
     log.error("tier %s raised %s, not a CascadeError: treated as a provider server error", tier,
               type(exc).__name__, exc_info=exc)
-    return ProviderServerError(f"tier {tier!r} failed: {type(exc).__name__}: {exc}", provider=tier)
+    # (redacted: an exception's text may quote a key)
+    return ProviderServerError(redact(f"tier {tier!r} failed: {type(exc).__name__}: {exc}"), provider=tier)
 
 
 def _serves_answer_in_hand(exc: CascadeError) -> bool:

@@ -46,13 +46,14 @@ RECALIBRATE_METHODS = (*METHODS, "auto")
 
 
 def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
-                     sources: Sequence[str] = LABEL_SOURCES) -> list[dict[str, Any]]:
+                     sources: Sequence[str] = LABEL_SOURCES, stronger: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Every answer of ``tier`` in the ledger that carries a label, oldest first.
 
     Each row: request_id, created_at, policy, kept, features (dict), confidence (as recorded), label (0/1),
     source. Feedback labels the answer served, and any earlier tier's answer identical to it (a different one
     is wrong if the served one was right, unknown if it was wrong); agreement compares an answer with a
-    stronger tier's, from the live path or bought by a sampled shadow.
+    stronger tier's, from the live path or bought by a sampled shadow (of a tier in ``stronger``: those after
+    ``tier`` in a policy's chain; a shadow's chain may hold weaker ones).
     """
     bad = [s for s in sources if s not in LABEL_SOURCES]
     if bad or not sources:
@@ -64,17 +65,18 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
         "(SELECT f.score FROM feedback f WHERE f.request_id = a.request_id ORDER BY f.id DESC LIMIT 1) AS feedback, "
         "(SELECT MAX(f.id) FROM feedback f WHERE f.request_id = a.request_id) AS feedback_id, "
         "(SELECT k.answer_sig FROM attempts k WHERE k.request_id = a.request_id AND k.kept = 1 LIMIT 1) AS kept_sig, "
-        # a stronger tier's answer: a later tier of the live path, else one a sampled shadow bought (shadows sample
-        # the tiers the live path skipped: the only agreement an answer the tier kept can have)
+        # a stronger tier's answer: a later tier of the live path, else one a sampled shadow bought of a stronger
+        # tier (shadows sample the tiers the live path skipped: the only agreement an answer it kept can have)
         "COALESCE((SELECT b.answer_sig FROM attempts b WHERE b.request_id = a.request_id AND b.idx > a.idx "
         " AND b.tier <> a.tier AND b.error_class IS NULL AND b.answer_sig IS NOT NULL ORDER BY b.idx DESC LIMIT 1), "
-        "(SELECT sa.answer_sig FROM shadow_attempts sa WHERE sa.request_id = a.request_id AND sa.tier <> a.tier "
-        " AND sa.error_class IS NULL AND sa.answer_sig IS NOT NULL ORDER BY sa.idx DESC LIMIT 1)) AS stronger_sig "
+        + ("(SELECT sa.answer_sig FROM shadow_attempts sa WHERE sa.request_id = a.request_id AND sa.tier IN ("
+           + ", ".join("?" * len(stronger)) + ") AND sa.error_class IS NULL AND sa.answer_sig IS NOT NULL "
+           "ORDER BY sa.idx DESC LIMIT 1)" if stronger else "NULL") + ") AS stronger_sig "
         "FROM attempts a JOIN requests r ON r.request_id = a.request_id "
         "WHERE a.tier = ? AND a.error_class IS NULL AND a.features IS NOT NULL"
         + (" AND r.created_at >= ?" if since is not None else "")
         + " ORDER BY r.created_at, a.request_id, a.idx",
-        (tier, since) if since is not None else (tier,))
+        (*stronger, tier, since) if since is not None else (*stronger, tier))
     # feedback given on a response-cache hit labels the answer it served, its original's: the latest wins
     on_hits: dict[str, tuple[int, int]] = {}
     for h in ledger.execute_dicts(
@@ -273,7 +275,10 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     if feature not in FEATURE_NAMES:
         raise ConfigError(f"--feature: unknown feature {feature!r}; known: {', '.join(FEATURE_NAMES)}")
 
-    rows = [r for r in labelled_answers(ledger, tier, since, sources) if feature in r["features"]]
+    # the tiers after this one in any policy's chain: the stronger answers a sampled shadow may have bought
+    stronger = sorted({t for pol in config.policies.values() if tier in pol.chain
+                       for t in pol.chain[pol.chain.index(tier) + 1:]})
+    rows = [r for r in labelled_answers(ledger, tier, since, sources, stronger) if feature in r["features"]]
     by_source = {s: sum(1 for r in rows if r["source"] == s) for s in LABEL_SOURCES}
     y = np.array([r["label"] for r in rows], dtype=float)
     where = f" since {datetime.fromtimestamp(since, UTC).isoformat(timespec='seconds')}" if since else ""

@@ -22,12 +22,18 @@ _SPACES = re.compile(r"\s{2,}|[^\S ]")
 def rough_token_count(text: str) -> int:
     """A tokenizer-free count that leans high, for budgets on tiers whose tokenizer we do not have (remote
     APIs): one token per CJK character, digit, punctuation mark and word, and one per 4 UTF-8 bytes of a
-    long word; whitespace other than a single space between words, one token per character (two beyond
-    ASCII: an ideographic space is two tokens to many tokenizers), so that a prompt of whitespace is not
-    free. English prose comes out about 1.2x its real count; a flat 4 characters a token undercounts short
-    words, digits and CJK text (2-4x) and let cost budgets be overrun."""
+    long word; of whitespace beyond the single space between words, one per newline, tab or other ASCII
+    space character, two per other (an ideographic space is two tokens to many tokenizers), and one per 4
+    spaces of a run (indentation), so that a prompt of whitespace is not free. English prose comes out about
+    1.2x its real count, indented code about 1.4x; a flat 4 characters a token undercounts short words, digits and
+    CJK text (2-4x) and let cost budgets be overrun."""
     words = sum(max(1, (len(p.encode("utf-8")) + 3) // 4) if len(p) > 4 else 1 for p in _PIECES.findall(text))
-    return words + sum(len(run) + sum(c > "\x7f" for c in run) for run in _SPACES.findall(text))
+    return words + sum(_whitespace_tokens(run) for run in _SPACES.findall(text))
+
+
+def _whitespace_tokens(run: str) -> int:
+    spaces = run.count(" ")
+    return (spaces + 3) // 4 + sum(2 if c > "\x7f" else 1 for c in run if c != " ")
 
 
 def answer_tokens(n_logprobs: int, text: str) -> int:

@@ -51,6 +51,10 @@ def test_environment_overrides(tmp_path):
         (GOOD.replace("model: smollm2-135m}", "model: m, threshold: true}"),
          "tiers.0.threshold: must be a number, not a boolean (true)"),
         (GOOD + "server: {port: false}\n", "server.port: must be a number, not a boolean (false)"),
+        (GOOD.replace("{chain: [a, b]}", "{chain: [a, b], thresholds: {a: true}}"),
+         "policies.cascade.thresholds: a: must be a number, not a boolean (true)"),
+        (GOOD + "drift: {escalation_rate: [false, 0.5]}\n",
+         "drift.escalation_rate: 0: must be a number, not a boolean (false)"),
         # one secret under two keys: the second key and its user tier could never be used
         (GOOD + "user_tiers: {free: {}, paid: {}}\nauth: {keys: [{id: k1, user_tier: free, sha256: " + "a" * 64
          + "}, {id: k2, user_tier: paid, sha256: " + "a" * 64 + "}]}\n",

@@ -215,6 +215,7 @@ async def test_reload_swaps_policy_calibrators_and_shadows_follow_them(tmp_path)
     "\u3000" * 300,                                    # whitespace is not free: it was 0, under limits and budgets
     " \n" * 300,
     "a\t\tb\n\n\nc",
+    "def f(x):\n        if x:\n            return [i for i in range(x)]\n",  # indentation: not a token a space
 ])
 def test_rough_token_count_leans_high_against_a_real_tokenizer(smol_path, text):
     """Cost budgets on tiers without a tokenizer (remote APIs) use the rough count: it must not be below a

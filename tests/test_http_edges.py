@@ -337,7 +337,8 @@ def test_sampling_edges_answer_instead_of_failing(server, stream):
 
     def ask(**kw):
         if not stream:
-            return client.chat.completions.create(model="small", messages=Q, max_tokens=6, **kw).choices[0].message.content
+            resp = client.chat.completions.create(model="small", messages=Q, max_tokens=6, **kw)
+            return resp.choices[0].message.content
         return "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
             model="small", messages=Q, max_tokens=6, stream=True, **kw) if ch.choices)
 

@@ -461,6 +461,11 @@ def test_agreement_labels_alone_are_an_extrapolation_said_and_not_activated(tmp_
             ledger._shadow_sample_sync(rid, 0.0, {"shadow": "probe", "status": "known", "tier": "large",
                                                   "escalated": True, "cost_usd": 1e-5, "diverges": True,
                                                   "reason": "sampled", "sampled": True}, [big], [0.0])
+        # only a stronger tier's answer labels: the large tier is after small in the chain; nothing is after large
+        from cascade.recalibrate import labelled_answers
+
+        assert not any(r["kept"] for r in labelled_answers(ledger, "small"))
+        assert sum(r["kept"] for r in labelled_answers(ledger, "small", stronger=("large",))) == len(kept_ids)
         rep = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "out"), do_activate=True)
     finally:
         ledger.close_sync()

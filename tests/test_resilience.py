@@ -1086,7 +1086,8 @@ async def test_an_answer_without_usage_or_logprobs_is_still_billed(servers, make
     else:
         rec = (await eng.run(Q, request_id="bare")).record
     est = eng.tiers["only"].backend.estimate_prompt_tokens(Q)
-    (row,) = db_rows(tmp_path, "SELECT prompt_tokens, completion_tokens, cost_usd FROM requests WHERE request_id='bare'")
+    (row,) = db_rows(tmp_path, "SELECT prompt_tokens, completion_tokens, cost_usd FROM requests "
+                               "WHERE request_id='bare'")
     # the answer "Paris is the capital" as a budget counts text without a tokenizer (leaning high)
     assert row[0] == est > 0 and row[1] == rough_token_count("Paris is the capital") == 6
     assert row[2] == pytest.approx((row[0] * 1.0 + row[1] * 2.0) / 1e6) == pytest.approx(rec.cost_usd)

@@ -240,6 +240,7 @@ class OpenAIBackend(Backend):
             try:
                 finish: str | None = None
                 usage: Usage | None = None
+                seen_text, seen_tokens = [], 0  # for a usage block that leaves a count out
                 async for ev in stream:
                     if ev.choices:
                         ch = ev.choices[0]
@@ -251,10 +252,13 @@ class OpenAIBackend(Backend):
                         finish = ch.finish_reason or finish
                         if hold is not None:
                             toks = hold.feed(text, toks)
+                        seen_text.append(text)
+                        seen_tokens += len(toks)
                         if text or toks:
                             yield StreamChunk(text=text, tokens=toks)
-                    if ev.usage is not None:
-                        usage = Usage(ev.usage.prompt_tokens or 0, ev.usage.completion_tokens or 0)
+                    if ev.usage is not None:  # a count it leaves out is estimated, as for an answer without usage
+                        usage = Usage(ev.usage.prompt_tokens or self.estimate_prompt_tokens(request),
+                                      ev.usage.completion_tokens or answer_tokens(seen_tokens, "".join(seen_text)))
                 yield StreamChunk(text="", tokens=hold.finish() if hold is not None else (),
                                   finish_reason=finish or "stop", usage=usage)
             finally:  # a consumer that stops early: the HTTP response is closed now, not by the collector
@@ -272,8 +276,11 @@ _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError)
 def malformed_response(provider: str, exc: Exception) -> ProviderServerError:
     """A 200 answer this backend cannot read: the provider's fault, so the call may fall over. Logged with its
     traceback: an answer of a shape this code does not expect looks the same from here."""
-    log.warning("%s: malformed response: %s: %s", provider, type(exc).__name__, exc, exc_info=exc)
-    return ProviderServerError(f"{provider}: malformed response ({type(exc).__name__}: {exc})", provider=provider)
+    from cascade.resilience import redact
+
+    log.warning("%s: malformed response: %s", provider, type(exc).__name__, exc_info=exc)
+    return ProviderServerError(redact(f"{provider}: malformed response ({type(exc).__name__}: {exc})"),
+                               provider=provider)
 
 
 def _chat_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
