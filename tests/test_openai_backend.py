@@ -76,6 +76,15 @@ async def test_errors_are_translated(remote):
     with pytest.raises(ProviderConnectionError):
         await dead.generate(Q)
     await dead.close()
+    # a key HTTP headers cannot carry (a curly quote pasted in): the key's fault, said so (not a "malformed
+    # response" from a provider that never saw the request)
+    from cascade.errors import ProviderAuthError
+
+    curly = OpenAIBackend(model="m", base_url=remote.url + "/v1", api_key="sk-test\u2019s")
+    for call in (curly.generate(Q), anext(curly.stream(Q))):
+        with pytest.raises(ProviderAuthError, match="the API key or a header cannot be sent"):
+            await call
+    await curly.close()
 
 
 async def test_cascade_with_a_remote_first_tier(remote, tmp_path):

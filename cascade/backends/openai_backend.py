@@ -208,6 +208,8 @@ class OpenAIBackend(Backend):
                 tokens = _completion_tokens(choice.logprobs)
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, self.name) from exc
+        except UnicodeEncodeError as exc:  # before any byte left: a header (the API key) HTTP cannot carry
+            raise unsendable(self.name, exc) from exc
         except _MALFORMED as exc:
             raise malformed_response(self.name, exc) from exc
         generated = len(tokens)
@@ -265,12 +267,21 @@ class OpenAIBackend(Backend):
                 await stream.close()
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, self.name) from exc
+        except UnicodeEncodeError as exc:  # before any byte left: a header (the API key) HTTP cannot carry
+            raise unsendable(self.name, exc) from exc
         except _MALFORMED as exc:
             raise malformed_response(self.name, exc) from exc
 
 
 #: what reading a malformed answer raises (a body that is no JSON, no ``choices``, a field of the wrong type)
 _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+def unsendable(provider: str, exc: UnicodeEncodeError) -> ProviderAuthError:
+    """A request this client cannot send: a header, in practice the API key, holds a character HTTP headers
+    cannot carry. Nothing reached the provider; the key must be fixed (as for a key the provider refuses)."""
+    return ProviderAuthError(f"{provider}: the API key or a header cannot be sent ({exc.reason}: a character "
+                             "HTTP headers cannot carry); fix the tier's key", provider=provider)
 
 
 def malformed_response(provider: str, exc: Exception) -> ProviderServerError:
