@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confidence", type=float, default=0.9)
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1 (the train-only datasets are measured on internal splits)")
 
     src = Path(args.data_dir).expanduser()
     outputs = src / "cascade_outputs" if (src / "cascade_outputs").is_dir() else src
@@ -235,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             "verdicts": f"{sum(r['verdict'] == 'cascade' for r in rs)}/{sum(r['verdict'] == 'direct' for r in rs)}",
         })
     seconds = time.time() - t0
+    from benchmarks._common import machine_facts
+
     meta = {"date": time.strftime("%Y-%m-%d"), "data_dir": str(outputs), "max_quality_drop": args.max_quality_drop,
-            "confidence": args.confidence, "seeds": args.seeds, "seconds": round(seconds, 1)}
+            "confidence": args.confidence, "seeds": args.seeds, "seconds": round(seconds, 1),
+            "machine": machine_facts()}
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "internal_split_means": seed_means},
                                                      indent=2) + "\n")
     (out_dir / "results.md").write_text(markdown(rows, seed_means, meta))

@@ -588,7 +588,8 @@ def run_suite(cases: Sequence[tuple[str, Any, Any, str | None, str | None]], out
     doc = {"benchmark": f"cost_quality/{name}", "machine": machine_facts(models=sorted(models)),
            "max_quality_drop": max_quality_drop, "cases": results, **(extra or {}),
            "wall_s": round(time.perf_counter() - t0, 1)}
-    write_json(out / "cost_quality.json", doc)
+    if any("error" not in r for r in results):  # nothing but errors: the results already there are kept
+        write_json(out / "cost_quality.json", doc)
     return doc
 
 
@@ -608,17 +609,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
     if args.shared:
-        out = Path(args.out or RESULTS / "shared")
-        doc = run_suite(shared_cases(shared_data_dir(args.data_dir)), out, name="shared",
-                        max_quality_drop=args.max_quality_drop, plots=not args.no_plots)
+        out, name, where = Path(args.out or RESULTS / "shared"), "shared", shared_data_dir(args.data_dir)
+        cases = shared_cases(where)
     elif args.live:
-        out = Path(args.out or args.live)
-        doc = run_suite(live_cases(Path(args.live)), out, name="live", max_quality_drop=args.max_quality_drop,
-                        plots=not args.no_plots)
+        out, name, where = Path(args.out or args.live), "live", Path(args.live)
+        cases = live_cases(where)
     else:
-        out = Path(args.out or RESULTS / "custom")
-        doc = run_suite([(Path(args.train).stem, args.train, args.test, args.weak, args.strong)], out, name="custom",
-                        max_quality_drop=args.max_quality_drop, plots=not args.no_plots)
+        out, name, where = Path(args.out or RESULTS / "custom"), "custom", Path(args.train)
+        cases = [(Path(args.train).stem, args.train, args.test, args.weak, args.strong)]
+    if not cases:  # a wrong --data-dir or --live folder: said, and no empty results file over the real one
+        print(f"cost_quality: error: no train/test files found in {where}", file=sys.stderr)
+        return 2
+    doc = run_suite(cases, out, name=name, max_quality_drop=args.max_quality_drop, plots=not args.no_plots)
     for c in doc["cases"]:
         if "error" in c:
             print(f"{c['label']}: ERROR {c['error']}")
@@ -632,8 +634,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{c['label']:45s} n={c['n_test']:4d} q_weak={c['q_weak']:.3f} q_strong={c['q_strong']:.3f} "
               f"APGR cal={f(cal.get('apgr'))} raw={f(r.get('raw_logprob_cascade', {}).get('apgr'))} "
               f"rand={f(r['random']['apgr'])} len={f(r['prompt_length']['apgr'])} oracle={f(r['oracle']['apgr'])}")
-    print(f"wrote {rel(out / 'cost_quality.json')} ({doc['wall_s']} s)")
-    return 0
+    failed = sum("error" in c for c in doc["cases"])
+    if failed == len(doc["cases"]):
+        print(f"cost_quality: error: every case failed; nothing written to {rel(out / 'cost_quality.json')}",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {rel(out / 'cost_quality.json')} ({doc['wall_s']} s)"
+          + (f"; {failed} case(s) failed, listed above" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

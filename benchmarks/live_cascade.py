@@ -353,17 +353,28 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
     return summary
 
 
+def _count(text: str) -> int:
+    """A number of questions: a whole number >= 1 (ValueError, naming it, otherwise)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"--n: {text.strip()!r} is not a whole number") from None
+    if n < 1:
+        raise ValueError(f"--n: {n} questions; give at least 1")
+    return n
+
+
 def _parse_n(text: str, sets: Sequence[str]) -> int | dict[str, int]:
-    """``40`` or ``40,gsm8k=10`` (a default and per-set overrides)."""
+    """``40`` or ``40,gsm8k=10`` (a default and per-set overrides); ValueError on a count that is not >= 1."""
     default: int | None = None
     per: dict[str, int] = {}
     for part in text.split(","):
         part = part.strip()
         if "=" in part:
             k, v = part.split("=", 1)
-            per[k.strip()] = int(v)
+            per[k.strip()] = _count(v)
         elif part:
-            default = int(part)
+            default = _count(part)
     if not per:
         return default if default is not None else 20
     return {s: per.get(s, default if default is not None else 20) for s in sets}
@@ -405,8 +416,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [s for s in sets if s not in QUESTION_SETS]
     if unknown:
         ap.error(f"unknown set(s) {unknown}; known: {', '.join(QUESTION_SETS)}")
+    bad = [d for d in args.dtype if "=" not in d or not d.split("=", 1)[0]]
+    if bad:
+        ap.error(f"--dtype needs MODEL=DTYPE, got {bad[0]!r}")
     dtypes = dict(d.split("=", 1) for d in args.dtype)
-    summary = run(sets, _parse_n(args.n, sets), args.chain.split(","), data_dir=args.data_dir, out=args.out,
+    try:
+        n = _parse_n(args.n, sets)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        ap.error(f"--data-dir {args.data_dir}: not a directory")
+    summary = run(sets, n, args.chain.split(","), data_dir=args.data_dir, out=args.out,
                   cache=args.cache, seed=args.seed, threads=args.threads, batch=args.batch, dtypes=dtypes,
                   show_progress=not args.no_progress, backend=args.backend, backend_options=backend_options)
     label = summary["settings"]["chain_label"]

@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the fault-free run")
     ap.add_argument("--out", default=str(RESULTS / "resilience" / "load.json"))
     args = ap.parse_args(argv)
+    if args.requests < 1 or args.concurrency < 1:
+        ap.error("--requests and --concurrency must be at least 1")
+    if not 0.0 <= args.fault_rate <= 1.0:
+        ap.error(f"--fault-rate is a share of requests, in [0, 1]: got {args.fault_rate}")
 
     import logging
 

@@ -314,15 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cudnn-attention", nargs="+", choices=("off", "on"), default=["off"],
                     help="the tier option cudnn_attention, each setting measured (default off)")
     ap.add_argument("--tiny", action="store_true", help="smoke size: SmolLM2 on the CPU, 2 levels, a few tokens")
-    ap.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the JSON and the PNG")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the JSON and the PNG (default results/gpu; with "
+                    "--plot: beside the JSON)")
     ap.add_argument("--name", default=None, help="file name stem (default transformers_throughput[_tiny])")
     ap.add_argument("--plot", type=Path, default=None, metavar="JSON", help="only redraw the PNG of a JSON")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.plot:
-        png = plot(read_json(args.plot), args.plot.with_suffix(".png"))
+        if not args.plot.is_file():
+            ap.error(f"--plot {args.plot}: no such file")
+        png = plot(read_json(args.plot), (args.out / args.plot.name if args.out else args.plot).with_suffix(".png"))
         print(png or "no PNG")
         return 0
+    args.out = args.out or OUT_DIR
     if args.tiny:
         args.device = args.device or "cpu"
         args.model = args.model or ["smollm2-135m"]
@@ -339,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     args.parity = 16 if args.parity is None else args.parity
     if min(args.concurrency) < 1 or args.max_tokens < 1:
         ap.error("--concurrency and --max-tokens must be at least 1")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error(f"--device {args.device}: torch sees no CUDA device on this machine")
     from cascade.errors import CascadeError
 
     try:

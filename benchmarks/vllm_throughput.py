@@ -503,7 +503,12 @@ async def amain(args: argparse.Namespace) -> int:
     size = "tiny" if args.tiny else ("gpu" if has_gpu() else "cpu")
     out = Path(args.out) if args.out else OUT_DIR / f"vllm_throughput_{size}.json"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import vllm
+    try:
+        import vllm
+    except ImportError:
+        print("vllm_throughput: error: vllm is not installed in this environment: run it with .venv-vllm/bin/python "
+              "(`make setup-vllm`, docs/vllm.md)", file=sys.stderr)
+        return 2
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -547,7 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot:
         src = Path(args.plot)
-        png = plot(json.loads(src.read_text()), src.with_suffix(".png"))
+        if not src.is_file():
+            print(f"vllm_throughput: error: --plot {src}: no such file", file=sys.stderr)
+            return 2
+        png = plot(json.loads(src.read_text()), Path(args.out or src).with_suffix(".png"))
         return 0 if png else 1
     return asyncio.run(amain(args))
 
