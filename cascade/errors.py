@@ -8,6 +8,12 @@ OpenAI-style ``type``/``code`` it maps to, so the edge has no table of its own t
 
 from __future__ import annotations
 
+import re
+
+
+#: a line break and the indentation around it
+_LINE_BREAKS = re.compile(r"[ \t]*[\r\n]+[ \t]*")
+
 
 class CascadeError(Exception):
     """Base of every error raised by cascade-engine."""
@@ -22,6 +28,8 @@ class CascadeError(Exception):
     should_retry: bool | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        # one line, whatever a library's text held (libpq's "...refused\n\tIs the server running...")
+        message = _LINE_BREAKS.sub(" ", message)
         super().__init__(message)
         self.message = message
         self.param = param

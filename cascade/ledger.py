@@ -617,15 +617,14 @@ class Ledger:
         return self._conn
 
     async def probe(self) -> str | None:
-        """Why the ledger cannot be written now, or None. While it is marked unavailable, one cheap query
-        (which reconnects) decides again, so a database that came back clears it without waiting for a
-        write (a server that is not ready gets no traffic, hence no writes)."""
-        if self.unavailable is not None:
-            try:
-                await self._call(self.execute, "SELECT 1")
-                self.unavailable = None
-            except LedgerError:
-                pass
+        """Why the ledger cannot be written now, or None: one cheap query (which reconnects) decides, so a
+        database that went away while the server was idle is seen before a request fails on it, and one that
+        came back clears the mark without waiting for a write (a server that is not ready gets no traffic)."""
+        try:  # every time: an idle server must not say ready while its database is gone
+            await self._call(self.execute, "SELECT 1")
+            self.unavailable = None
+        except LedgerError as exc:
+            self.unavailable = f"ledger {_redact(self.target)} is unreachable: {exc.message}"
         return self.unavailable
 
     def _lost(self) -> bool:

@@ -565,7 +565,10 @@ def install_sighup(engine: Any, config_path: str | None) -> Callable[[], None] |
     def remove() -> None:
         try:
             loop.remove_signal_handler(sig)
-        except (ValueError, RuntimeError):  # pragma: no cover - loop already closed
+            # removing the handler puts back SIGHUP's default, which ends the process: one sent during the
+            # rest of the shutdown (a logrotate hook) would cut it short, in-flight shadow samples and all
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, RuntimeError):  # pragma: no cover - loop already closed, or not the main thread
             pass
 
     return remove

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -146,7 +147,15 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         app.state.metrics.watch_cache(app.state.engine.cache)
         listeners = app.state.engine.sampler.listeners  # sampled shadows' calls and spend
         listeners.append(app.state.metrics.observe_shadow_call)
-        app.state.engine.record_listeners.append(app.state.metrics.observe)  # every ledger row, once
+        metrics = app.state.metrics
+
+        def metrics_committed(rec: CascadeRecord, error: BaseException | None) -> None:
+            # every request once its row is written; one whose write failed as the error its client got (the
+            # calls it made still cost what they cost)
+            metrics.observe(rec if error is None else replace(rec, status="error", error_class=type(error).__name__,
+                                                              error_message=str(error)))
+
+        app.state.engine.commit_listeners.append(metrics_committed)
         drain.on_abort = app.state.engine.abort_in_flight  # a shutdown out of time: its rows say so
         app.state.engine.record_listeners.append(drain.observe)  # ...and requests already recorded finish
         holds = app.state.spend_holds  # a daily spend hold ends once its request's row is committed
@@ -169,7 +178,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
             if remove_sighup is not None:
                 remove_sighup()
             listeners.remove(app.state.metrics.observe_shadow_call)
-            app.state.engine.record_listeners.remove(app.state.metrics.observe)
+            app.state.engine.commit_listeners.remove(metrics_committed)
             app.state.engine.record_listeners.remove(drain.observe)
             app.state.engine.record_listeners.remove(row_submitted)
             app.state.engine.commit_listeners.remove(row_committed)

@@ -252,7 +252,7 @@ async def _complete(request: Request, body: AnyRequest, endpoint: str) -> Respon
 
 
 async def _answer(request: Request, body: AnyRequest, endpoint: str) -> Response:
-    """Every record the engine finishes reaches the metrics through ``engine.record_listeners``."""
+    """Every record the engine finishes reaches the metrics once written (``engine.commit_listeners``)."""
     engine = _engine(request)
     caller, budget = await _admit(request, body, endpoint)
     kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,

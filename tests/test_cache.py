@@ -249,9 +249,18 @@ def test_an_answer_whose_ledger_write_failed_is_not_stored(srv, upstream):
     with sqlite3.connect(srv.ledger_path) as db:
         db.execute("CREATE TRIGGER refuse_b BEFORE INSERT ON requests WHEN NEW.api_key_id = 'k-b' "
                    "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def metric(c: httpx.Client, name: str, **labels: str) -> float:
+        samples = [s for fam in text_string_to_metric_families(c.get("/metrics").text) for s in fam.samples]
+        return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
     with httpx.Client(base_url=srv.url, timeout=30) as c:
+        errors_before = metric(c, "cascade_errors_total", error_class="LedgerError")
         failed = post(c, key=B)
         assert failed.status_code == 500 and failed.json()["error"]["type"] == "ledger_error", failed.text
+        # /metrics says what the client got, as the ledger would: an error, not an ok request
+        assert metric(c, "cascade_errors_total", error_class="LedgerError") == errors_before + 1
         with sqlite3.connect(srv.ledger_path) as db:
             db.execute("DROP TRIGGER refuse_b")
         again = post(c, key=B)

@@ -458,7 +458,7 @@ def test_keys_create_prints_a_line_the_config_reads_back(capsys):
     assert entry["id"] == "ops-1.a_b" and entry["user_tier"] == "free: tier" and len(entry["sha256"]) == 64
 
 
-@pytest.mark.parametrize("content", [None, "{not json"])
+@pytest.mark.parametrize("content", [None, "{not json", '{"model_type": "llama"}'])
 def test_serve_refuses_a_model_directory_that_holds_no_model(tmp_path, content):
     model = tmp_path / "model"
     model.mkdir()
@@ -467,7 +467,8 @@ def test_serve_refuses_a_model_directory_that_holds_no_model(tmp_path, content):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(write_config(tmp_path).read_text().replace("model: smollm2-135m", f"model: {model}", 1))
     r = cascade("serve", "--config", str(cfg), "--port", str(free_port()))
-    one_error(r, "tier 'small'", "no config.json" if content is None else "cannot read")
+    want = {None: "no config.json", "{not json": "cannot read"}.get(content, "has a config.json but no weights")
+    one_error(r, "tier 'small'", want)  # before the banner: a weightless directory was a traceback, exit 3
 
 
 def test_an_empty_policy_name_is_refused(tmp_path, capsys):

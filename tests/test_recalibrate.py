@@ -191,8 +191,20 @@ def test_sighup_reloads_a_cascade_serve_process(tmp_path, recalibrated):
         _, old = _confidence_check(tmp_path / "l.sqlite", third["request_id"], TemperatureScaling())
         assert conf != pytest.approx(old)
         assert "reloaded calibrators from" in (tmp_path / "serve.log").read_text()
-    finally:
+        # a SIGHUP during the shutdown (a logrotate hook) is ignored: the reload handler is gone by then, and
+        # SIGHUP's default would end the process before its engine closed
         proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while "Waiting for application shutdown" not in (tmp_path / "serve.log").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGHUP)
+        proc.wait(timeout=60)
+        assert proc.returncode != -signal.SIGHUP, (tmp_path / "serve.log").read_text()
+        assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:  # pragma: no cover

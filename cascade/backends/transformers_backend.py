@@ -207,6 +207,12 @@ class TransformersBackend(Backend):
                               param="model") from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"tier {self.name!r}: cannot read {config}: {exc}", param="model") from None
+        # the weights, which loading reads next (after the banner, where a failure was a traceback)
+        weights = ("*.safetensors", "pytorch_model*.bin")
+        if not any(next(path.glob(pattern), None) for pattern in weights):
+            raise ConfigError(f"tier {self.name!r}: {path} has a config.json but no weights (*.safetensors, "
+                              "pytorch_model*.bin); prepare the model again (cascade models prepare ID --force)",
+                              param="model")
         if self._device_asked.startswith("cuda"):  # a GPU that is not there (only then is torch imported)
             import torch
 
