@@ -19,8 +19,8 @@
    transport floor (loopback + uvicorn + that client + FastAPI's cheapest route). The client side runs on
    uvloop when installed. Each response's ``x-bench-server-ms`` header (added by the benchmark's ASGI
    wrapper) is the time inside the app, arrival to response start.
-4. The profile (on unless ``--no-profile``): cProfile of the endpoint in process (httpx ASGI transport, instant backend), top functions
-   by cumulative and own time, to say where the time goes.
+4. The profile (on unless ``--no-profile``): cProfile of the endpoint in process (httpx ASGI transport,
+   instant backend), top functions by cumulative and own time, to say where the time goes.
 
 Targets (issue 7): <= 1 ms p50 added by our layer; <= 0.1 ms p99 for the decision itself. The JSON says
 whether each was met on this machine, and which client and server stack the figure comes from; tests

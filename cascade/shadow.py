@@ -24,9 +24,9 @@ shadow's chain as above and calling only the tiers it needs. Each shadow may spe
 per UTC day on its calls: today's spend is read from the ledger (``shadow_attempts``) before each call, so
 the budget holds across restarts and replicas, and the calls in flight in this process are reserved at
 their predicted cost (:func:`estimate_sample_cost`: the prompt, ``max_tokens`` and the prompts of providers
-that may time out first), so concurrent samples cannot overshoot it. The decision is then rewritten: status ``known`` (or still ``unknown``, with the
-reason), ``sampled`` set, ``sample_cost_usd`` what the shadow's own calls cost; the calls themselves are
-``shadow_attempts`` rows, never live spend.
+that may time out first), so concurrent samples cannot overshoot it. The decision is then rewritten:
+status ``known`` (or still ``unknown``, with the reason), ``sampled`` set, ``sample_cost_usd`` what the
+shadow's own calls cost; the calls themselves are ``shadow_attempts`` rows, never live spend.
 """
 
 from __future__ import annotations
