@@ -9,10 +9,11 @@ the last tier alone would have cost, and the escalation waste (attempts whose an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
@@ -29,7 +30,6 @@ from cascade.errors import (
     InvalidRequestError,
     ProviderContextLengthError,
     ProviderInvalidRequestError,
-    ProviderServerError,
     ProviderTimeoutError,
     UnknownModelError,
 )
@@ -41,8 +41,8 @@ from cascade.resilience import (
     ProviderAttempt,
     ResilientBackend,
     billed_prompt,
+    classify,
     merge_provider_attempts,
-    redact,
 )
 from cascade.types import (Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage,
                            answer_tokens)
@@ -436,16 +436,13 @@ class Engine:
         try:
             try:
                 async with asyncio.timeout_at(deadline):
-                    first = await anext(agen)
+                    with _translating(tier.name):
+                        first = await anext(agen)
             except TimeoutError as exc:
                 raise ProviderTimeoutError(f"tier {tier.name!r} sent nothing within {live.timeout:g} s",
                                            provider=tier.name) from exc
             except StopAsyncIteration:
                 first = StreamChunk(text="", finish_reason="stop")
-            except CascadeError:
-                raise
-            except Exception as exc:
-                raise _untranslated(tier.name, exc) from exc
         except CascadeError as exc:
             await agen.aclose()
             self._mark_error(att, exc, started, tier, req)
@@ -487,16 +484,13 @@ class Engine:
                     finish, usage = chunk.finish_reason, chunk.usage or usage
                 try:
                     async with asyncio.timeout_at(deadline):  # in this task: no task per chunk, nothing left running
-                        chunk = await anext(agen)
+                        with _translating(tier.name):
+                            chunk = await anext(agen)
                 except StopAsyncIteration:
                     chunk = None
                 except TimeoutError as exc:
                     raise ProviderTimeoutError(f"tier {tier.name!r} did not finish within {live.timeout:g} s",
                                                provider=tier.name) from exc
-                except CascadeError:
-                    raise
-                except Exception as exc:
-                    raise _untranslated(tier.name, exc) from exc
         except CascadeError as exc:
             error = exc
         except (asyncio.CancelledError, GeneratorExit):
@@ -812,14 +806,11 @@ class Engine:
                     call, limit = tier.backend.generate(req), timeout
                 # the backend call runs in this task (no task per call, as wait_for would create)
                 async with asyncio.timeout(limit):
-                    res = await call
+                    with _translating(tier.name):
+                        res = await call
             except TimeoutError as exc:
                 raise ProviderTimeoutError(f"tier {tier.name!r} did not answer within {timeout:g} s",
                                            provider=tier.name) from exc
-            except CascadeError:
-                raise
-            except Exception as exc:
-                raise _untranslated(tier.name, exc) from exc
         except asyncio.CancelledError:
             self._mark_cancelled(att, started, tier, req)
             merge_provider_attempts(attempts, att, provider_log, served=False)
@@ -881,14 +872,20 @@ def _notify(listeners: list[Callable[..., None]], *args: object) -> None:
             log.exception("record listener %r failed", listener)
 
 
-def _untranslated(tier: str, exc: Exception) -> ProviderServerError:
-    """A backend's exception that is no ``CascadeError`` (a library's error it did not translate, a malformed
-    upstream answer, a bug): a server error of that tier, so that the request is recorded, falls over or is
-    served the answer in hand like any other failure, and the cause is logged with its traceback."""
-    log.error("tier %s raised %s, not a CascadeError: treated as a provider server error", tier,
-              type(exc).__name__, exc_info=exc)
-    # (redacted: an exception's text may quote a key)
-    return ProviderServerError(redact(f"tier {tier!r} failed: {type(exc).__name__}: {exc}"), provider=tier)
+@contextlib.contextmanager
+def _translating(tier: str) -> Iterator[None]:
+    """Around one call of a tier's backend: an exception that is no ``CascadeError`` (a library's error the
+    backend did not translate, a bug) becomes one, as ``resilience.classify`` maps a provider's (redacted; a
+    timeout, a connection, else a provider error), so that the request is recorded, falls over or is served
+    the answer in hand like any other failure; the cause is logged with its traceback. The end of a stream
+    (``StopAsyncIteration``) passes through."""
+    try:
+        yield
+    except (CascadeError, StopAsyncIteration):
+        raise
+    except Exception as exc:
+        log.error("tier %s raised %s, not a CascadeError", tier, type(exc).__name__, exc_info=exc)
+        raise classify(exc, tier) from exc
 
 
 def _serves_answer_in_hand(exc: CascadeError) -> bool:
