@@ -8,11 +8,12 @@ exception is translated here into the engine's error tree, the original chained.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from cascade.backends.base import Backend, option_url
@@ -192,10 +193,8 @@ class OpenAIBackend(Backend):
     # --- generation -------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         await self.start()
-        import openai
-
         t0 = time.perf_counter()
-        try:
+        with _translated(self.name):
             if self._use_chat(request):
                 resp = await self._client.chat.completions.create(**self._kwargs(request))
                 choice = resp.choices[0]
@@ -206,12 +205,6 @@ class OpenAIBackend(Backend):
                 choice = resp.choices[0]
                 text = choice.text or ""
                 tokens = _completion_tokens(choice.logprobs)
-        except openai.OpenAIError as exc:
-            raise translate_openai_error(exc, self.name) from exc
-        except UnicodeEncodeError as exc:  # before any byte left: a header (the API key) HTTP cannot carry
-            raise unsendable(self.name, exc) from exc
-        except _MALFORMED as exc:
-            raise malformed_response(self.name, exc) from exc
         generated = len(tokens)
         if request.stop:  # a server may send the logprobs of the tokens its stop sequence cut away
             tokens = fit_tokens(tokens, text)
@@ -227,8 +220,6 @@ class OpenAIBackend(Backend):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         await self.start()
-        import openai
-
         kw = self._kwargs(request)
         kw["stream"] = True
         kw["stream_options"] = {"include_usage": True}
@@ -236,7 +227,7 @@ class OpenAIBackend(Backend):
         # with stop sequences, a token goes out once the text sent covers it (the stop may cut it): the
         # tokens then join to the text, whatever logprobs of cut tokens the server sends
         hold = HeldTokens() if request.stop else None
-        try:
+        with _translated(self.name):
             api = self._client.chat.completions if chat else self._client.completions
             stream = await api.create(**kw)
             try:
@@ -265,16 +256,26 @@ class OpenAIBackend(Backend):
                                   finish_reason=finish or "stop", usage=usage)
             finally:  # a consumer that stops early: the HTTP response is closed now, not by the collector
                 await stream.close()
-        except openai.OpenAIError as exc:
-            raise translate_openai_error(exc, self.name) from exc
-        except UnicodeEncodeError as exc:  # before any byte left: a header (the API key) HTTP cannot carry
-            raise unsendable(self.name, exc) from exc
-        except _MALFORMED as exc:
-            raise malformed_response(self.name, exc) from exc
 
 
 #: what reading a malformed answer raises (a body that is no JSON, no ``choices``, a field of the wrong type)
 _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+@contextlib.contextmanager
+def _translated(provider: str) -> Iterator[None]:
+    """Around the ``openai`` client's calls (and a stream's reading, yields included): what they raise, in
+    our error tree, the original chained. A consumer leaving a stream (``GeneratorExit``) passes through."""
+    import openai
+
+    try:
+        yield
+    except openai.OpenAIError as exc:
+        raise translate_openai_error(exc, provider) from exc
+    except UnicodeEncodeError as exc:  # before any byte left: a header (the API key) HTTP cannot carry
+        raise unsendable(provider, exc) from exc
+    except _MALFORMED as exc:
+        raise malformed_response(provider, exc) from exc
 
 
 def unsendable(provider: str, exc: UnicodeEncodeError) -> ProviderAuthError:
