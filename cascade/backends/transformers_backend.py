@@ -391,8 +391,7 @@ class TransformersBackend(Backend):
             try:
                 generated = await fut
             except Exception as exc:  # the model's own failure, translated as generate()'s is
-                raise ProviderServerError(f"transformers generation failed on {self.name!r}: "
-                                          f"{type(exc).__name__}: {exc}", provider=self.name) from exc
+                raise self._generation_failed(exc) from exc
             if not generated:
                 raise ProviderServerError(f"backend {self.name!r} closed", provider=self.name)
         except BaseException:
@@ -471,6 +470,11 @@ class TransformersBackend(Backend):
             handle.remove()
         return True
 
+    def _generation_failed(self, exc: Exception) -> ProviderServerError:
+        """What the model raised while generating (torch, transformers), as the provider's server error."""
+        return ProviderServerError(f"transformers generation failed on {self.name!r}: {type(exc).__name__}: {exc}",
+                                   provider=self.name)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
@@ -486,8 +490,7 @@ class TransformersBackend(Backend):
                 try:
                     results = await loop.run_in_executor(_compute_executor(), self._generate_batch, batch)
                 except Exception as exc:  # noqa: BLE001 - translated for every waiter
-                    err = ProviderServerError(f"transformers generation failed on {self.name!r}: "
-                                              f"{type(exc).__name__}: {exc}", provider=self.name)
+                    err = self._generation_failed(exc)
                     err.__cause__ = exc
                     self._running = []
                     for p in batch:
