@@ -49,14 +49,9 @@ def _unit_thresholds(v: dict[str, float]) -> dict[str, float]:
 Thresholds = Annotated[dict[str, float], AfterValidator(_unit_thresholds)]
 
 
-def _takes_bool(annotation: Any) -> bool:
-    """Whether a field of this type holds a boolean (a bool, Any, or a union or container with one)."""
-    return annotation is bool or annotation is Any or any(_takes_bool(a) for a in get_args(annotation))
-
-
-def _takes_number(annotation: Any) -> bool:
-    """Whether a field of this type holds a number (an int or float, or a union or container with one)."""
-    return annotation in (int, float) or any(_takes_number(a) for a in get_args(annotation))
+def _holds(annotation: Any, kinds: tuple[Any, ...]) -> bool:
+    """Whether a field of this type holds one of ``kinds`` (itself, or in a union or container type)."""
+    return annotation in kinds or any(_holds(a, kinds) for a in get_args(annotation))
 
 
 def _bool_in(value: Any) -> tuple[str, bool] | None:
@@ -83,7 +78,8 @@ class _Strict(BaseModel):
         that never keeps an answer), as the HTTP API refuses one: a field's own value, or an item of a mapping
         or list of numbers (``thresholds: {small: true}``, ``escalation_rate: [false, true]``)."""
         annotation = cls.model_fields[info.field_name].annotation if info.field_name is not None else Any
-        found = _bool_in(value) if _takes_number(annotation) and not _takes_bool(annotation) else None
+        numeric = _holds(annotation, (int, float)) and not _holds(annotation, (bool, Any))
+        found = _bool_in(value) if numeric else None
         if found is not None:
             where, what = found
             raise ValueError(f"{where + ': ' if where else ''}must be a number, not a boolean ({str(what).lower()})")
