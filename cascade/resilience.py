@@ -60,7 +60,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -346,11 +346,21 @@ def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log:
 
 # --- error classification ---------------------------------------------------------------------------
 
-_SECRET = re.compile(r"\b(?:sk|pk|rk|key)-[A-Za-z0-9_\-*.]{4,}|(?i:bearer)\s+[A-Za-z0-9_\-.=*]{8,}")
+#: what an API key looks like: OpenAI/Anthropic ``sk-``, ``pk-``/``rk-``/``key-``; Groq ``gsk_``, Hugging Face
+#: ``hf_``, xAI ``xai-``, GitHub ``ghp_``/``github_pat_``, Google ``AIza``; a bearer token or basic credentials
+_SECRET = re.compile(
+    r"\b(?:sk|pk|rk|key|xai)-[A-Za-z0-9_\-*.]{4,}"
+    r"|\b(?:gsk|hf|ghp|gho|github_pat|sk|rk)_[A-Za-z0-9_\-*.]{8,}"
+    r"|\bAIza[A-Za-z0-9_\-]{20,}"
+    r"|(?i:bearer|basic)\s+[A-Za-z0-9_\-.=*+/]{8,}")
 
 
-def redact(text: str) -> str:
-    """Blank anything that looks like an API key or bearer token (providers echo keys in 401 bodies)."""
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Blank anything that looks like an API key or bearer token (providers echo keys in error bodies), and
+    every one of ``secrets`` (the keys a backend sends, whatever their shape) where it appears verbatim."""
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "[redacted]")
     return _SECRET.sub("[redacted]", text)
 
 

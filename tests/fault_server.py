@@ -10,7 +10,8 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
 ``400`` ``404``      that HTTP status with an OpenAI-style error body (also 401, 403, 422, 500, 502,
 ``500`` ...          503, 504; ``401`` echoes a fake key in its body, as real providers do)
 ``429``              rate limited, no hint; ``429:ra=2`` adds ``Retry-After: 2``; ``429:ms=250`` adds
-                     ``retry-after-ms: 250`` (both may be given: ``429:ra=1:ms=250``)
+                     ``retry-after-ms: 250`` (both may be given: ``429:ra=1:ms=250``); ``500:echo`` (any
+                     status) quotes the request's ``Authorization`` header in the error's message
 ``context``          400 with code ``context_length_exceeded``
 ``stall:S``          send nothing for S seconds (default 60; ends early when the client goes away),
                      then answer
@@ -138,6 +139,8 @@ def parse_fault(spec: str | dict[str, Any]) -> dict[str, Any]:
                 d["retry_after"] = v
             elif k == "ms":
                 d["retry_after_ms"] = v
+            elif k == "echo":
+                d["echo_auth"] = True
             else:
                 raise ValueError(f"unknown status option {part!r} in {spec!r}")
     elif head == "context":
@@ -301,11 +304,14 @@ class FaultServer:
         return out
 
     @staticmethod
-    def _error(fault: dict[str, Any]) -> JSONResponse:
+    def _error(fault: dict[str, Any], authorization: str = "") -> JSONResponse:
         status = int(fault["status"])
         type_, code, message = _STATUS_TEXT.get(status, ("server_error", None, f"HTTP {status}"))
         code = fault.get("code", code)
         message = fault.get("message", message)
+        if fault.get("echo_auth"):  # as some providers do: the key, and the header it came in
+            key = authorization.removeprefix("Bearer ")
+            message += f" (key provided: {key}; request headers: authorization={authorization})"
         headers = {}
         if fault.get("retry_after") is not None:
             headers["retry-after"] = str(fault["retry_after"])
@@ -323,7 +329,7 @@ class FaultServer:
         fault = self._next_fault(request.url.path, body)
         kind = fault["kind"]
         if kind == "status":
-            return self._error(fault)
+            return self._error(fault, request.headers.get("authorization", ""))
         if kind in ("reset", "close"):
             _kill(request, rst=kind == "reset")
             return Response(status_code=204)   # never sent: the connection is gone

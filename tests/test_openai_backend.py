@@ -115,3 +115,46 @@ async def test_a_message_name_reaches_the_upstream():
             await b.close()
         sent = upstream.stats()["log"][-1]["messages"]
     assert sent == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, I am Ada.", "name": "ada_l"}]
+
+
+def test_an_upstream_error_that_quotes_the_key_reaches_no_one(serve_app, tmp_path, caplog):
+    """Providers echo the key (and the request's headers) in error bodies of any status. Whatever the key's
+    shape, it reaches neither the client, nor the served answer's attempts, nor the ledger, nor the logs."""
+    import httpx
+
+    from tests.fault_server import FaultServerThread
+
+    keys = {"remote": "gsk_Secr3tGroqStyleKey0123456789abcdef", "odd": "Zx9QmT4pLw2Rb7Kc"}  # no known key shape
+    with FaultServerThread() as upstream, caplog.at_level("INFO"):
+        remote = [{"name": name, "backend": "openai", "model": "m", "max_tokens": 4,
+                   "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+                   "options": {"base_url": upstream.base_url, "api_key": key}} for name, key in keys.items()]
+        cfg = make_config(tmp_path, [tier("small", threshold=1.0), *remote],
+                          policies={"cascade": {"chain": ["small", "remote"]}})
+        srv = serve_app(cfg)
+        seen = []
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            for model, fault in [("remote", "500:echo"), ("remote", "400:echo"), ("remote", "429:echo"),
+                                 ("remote", "401:echo"), ("odd", "404:echo"), ("odd", "503:echo")]:
+                upstream.faults(fault)
+                r = c.post("/v1/chat/completions", json={"model": model, "messages": [
+                    {"role": "user", "content": "Hi"}]})
+                assert r.status_code >= 400, (fault, r.text)
+                seen.append(r.text)
+            upstream.faults("503:echo")  # the cascade: the small answer is served, the remote's failure noted
+            r = c.post("/v1/chat/completions", json={"model": "cascade", "max_tokens": 4,
+                                                     "messages": [{"role": "user", "content": "Hi"}]})
+            assert r.status_code == 200 and r.json()["cascade"]["attempts"][1]["decision"] == "error"
+            seen.append(r.text)
+        assert "credentials rejected (HTTP 401)" in seen[3]
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        rows = conn.execute("SELECT error_message FROM requests UNION ALL "
+                            "SELECT COALESCE(error_message, '') || ' ' || COALESCE(reason, '') FROM attempts")
+        seen += [str(row) for row in rows]
+    seen += [r.getMessage() for r in caplog.records]
+    assert sum("HTTP 500" in s for s in seen) >= 2  # what the upstream said is kept: only its secrets go
+    for key in keys.values():
+        assert not [s for s in seen if key in s]
+    assert not [s for s in seen if "Bearer " in s and "[redacted]" not in s]

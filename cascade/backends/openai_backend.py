@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from cascade.backends.base import Backend, option_url
@@ -72,25 +72,29 @@ def _retry_after(headers: Any) -> float | None:
     return None
 
 
-def translate_openai_error(exc: Exception, provider: str) -> CascadeError:
-    """Map an ``openai`` exception to our tree (the caller raises it ``from exc``)."""
+def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str] = ()) -> CascadeError:
+    """Map an ``openai`` exception to our tree (the caller raises it ``from exc``). The upstream's text is
+    redacted: providers echo the key (or the request's headers) in error bodies of any status, and this
+    message reaches the client, the logs and the ledger. ``secrets``: the keys this backend sends."""
     import openai
+
+    from cascade.resilience import redact
 
     if isinstance(exc, openai.APITimeoutError):
         return ProviderTimeoutError(f"{provider}: request timed out", provider=provider)
     if isinstance(exc, openai.APIConnectionError):
-        return ProviderConnectionError(f"{provider}: connection failed ({exc.__cause__ or exc})", provider=provider)
+        return ProviderConnectionError(redact(f"{provider}: connection failed ({exc.__cause__ or exc})", secrets),
+                                       provider=provider)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         body = str(getattr(exc, "message", "") or exc)
-        msg = f"{provider}: HTTP {status}: {body}"
+        msg = redact(f"{provider}: HTTP {status}: {body}", secrets)
         retry = _retry_after(exc.response.headers if exc.response is not None else None)
         if status == 429:
             return RateLimitedError(msg, provider=provider, status=status, retry_after=retry)
-        if status in (401, 403):  # providers echo (part of) the key in these bodies: never pass it on
-            from cascade.resilience import redact
-
-            return ProviderAuthError(redact(msg), provider=provider, status=status)
+        if status in (401, 403):  # the body says no more than this, and may quote (part of) the key
+            return ProviderAuthError(f"{provider}: credentials rejected (HTTP {status})", provider=provider,
+                                     status=status)
         if status == 404:  # the upstream has no such model or route: our configuration's fault, not the
             return ProviderError(msg, provider=provider, status=status)  # client's; another provider may have it
         if status in (400, 413, 422):
@@ -105,8 +109,8 @@ def translate_openai_error(exc: Exception, provider: str) -> CascadeError:
             return ProviderServerError(msg, provider=provider, status=status, retry_after=retry)
         return ProviderError(msg, provider=provider, status=status)
     if isinstance(exc, openai.OpenAIError):
-        return ProviderError(f"{provider}: {exc}", provider=provider)
-    return ProviderError(f"{provider}: {type(exc).__name__}: {exc}", provider=provider)
+        return ProviderError(redact(f"{provider}: {exc}", secrets), provider=provider)
+    return ProviderError(redact(f"{provider}: {type(exc).__name__}: {exc}", secrets), provider=provider)
 
 
 class OpenAIBackend(Backend):
@@ -143,6 +147,10 @@ class OpenAIBackend(Backend):
     @property
     def context_length(self) -> int | None:
         return self._ctx
+
+    def _secrets(self) -> tuple[str, ...]:
+        """What this backend sends that an upstream's error text must never carry on: its API key."""
+        return (self._api_key,) if self._api_key != "unused" else ()
 
     async def start(self) -> None:
         if self._client is None:
@@ -194,7 +202,7 @@ class OpenAIBackend(Backend):
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         await self.start()
         t0 = time.perf_counter()
-        with _translated(self.name):
+        with _translated(self.name, self._secrets()):
             if self._use_chat(request):
                 resp = await self._client.chat.completions.create(**self._kwargs(request))
                 choice = resp.choices[0]
@@ -227,7 +235,7 @@ class OpenAIBackend(Backend):
         # with stop sequences, a token goes out once the text sent covers it (the stop may cut it): the
         # tokens then join to the text, whatever logprobs of cut tokens the server sends
         hold = HeldTokens() if request.stop else None
-        with _translated(self.name):
+        with _translated(self.name, self._secrets()):
             api = self._client.chat.completions if chat else self._client.completions
             stream = await api.create(**kw)
             try:
@@ -263,7 +271,7 @@ _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 
 @contextlib.contextmanager
-def _translated(provider: str) -> Iterator[None]:
+def _translated(provider: str, secrets: Sequence[str] = ()) -> Iterator[None]:
     """Around the ``openai`` client's calls (and a stream's reading, yields included): what they raise, in
     our error tree, the original chained. A consumer leaving a stream (``GeneratorExit``) passes through."""
     import openai
@@ -271,11 +279,11 @@ def _translated(provider: str) -> Iterator[None]:
     try:
         yield
     except openai.OpenAIError as exc:
-        raise translate_openai_error(exc, provider) from exc
+        raise translate_openai_error(exc, provider, secrets) from exc
     except UnicodeEncodeError as exc:  # before any byte left: a header (the API key) HTTP cannot carry
         raise unsendable(provider, exc) from exc
     except _MALFORMED as exc:
-        raise malformed_response(provider, exc) from exc
+        raise malformed_response(provider, exc, secrets) from exc
 
 
 def unsendable(provider: str, exc: UnicodeEncodeError) -> ProviderAuthError:
@@ -285,13 +293,13 @@ def unsendable(provider: str, exc: UnicodeEncodeError) -> ProviderAuthError:
                              "HTTP headers cannot carry); fix the tier's key", provider=provider)
 
 
-def malformed_response(provider: str, exc: Exception) -> ProviderServerError:
+def malformed_response(provider: str, exc: Exception, secrets: Sequence[str] = ()) -> ProviderServerError:
     """A 200 answer this backend cannot read: the provider's fault, so the call may fall over. Logged with its
     traceback: an answer of a shape this code does not expect looks the same from here."""
     from cascade.resilience import redact
 
     log.warning("%s: malformed response: %s", provider, type(exc).__name__, exc_info=exc)
-    return ProviderServerError(redact(f"{provider}: malformed response ({type(exc).__name__}: {exc})"),
+    return ProviderServerError(redact(f"{provider}: malformed response ({type(exc).__name__}: {exc})", secrets),
                                provider=provider)
 
 
