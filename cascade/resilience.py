@@ -426,6 +426,13 @@ class _Call:
 
     deadline: float
     record: list[ProviderAttempt] = field(default_factory=list)
+    #: the deadline is the caller's (a user tier's latency budget), earlier than the tier's own timeout
+    by_caller: bool = False
+
+    def cut_short(self, exc: CascadeError, p: Provider, limit: float) -> bool:
+        """Whether ``exc`` is a timeout the caller's deadline imposed, shorter than ``p``'s own: it says
+        nothing of the provider's health (one key's tight budget must not open a breaker for every key)."""
+        return self.by_caller and isinstance(exc, ProviderTimeoutError) and limit < p.timeout_s
 
 
 class ResilientBackend(Backend):
@@ -504,9 +511,10 @@ class ResilientBackend(Backend):
         return {p.name: p.breaker.snapshot() for p in self.providers}
 
     # --- the attempt loop -------------------------------------------------------------------------
-    def _deadline(self, deadline: float | None) -> float:
+    def _call(self, deadline: float | None, record: list[ProviderAttempt] | None) -> _Call:
         own = time.monotonic() + self.timeout_s
-        return own if deadline is None else min(own, deadline)
+        return _Call(own if deadline is None else min(own, deadline), record if record is not None else [],
+                     by_caller=deadline is not None and deadline < own - 1e-3)
 
     def _attempt(self, p: Provider, n: int, wait: float, started: float, action: str, *,
                  exc: CascadeError | None = None, error_class: str | None = None, prompt_tokens: int = 0,
@@ -519,9 +527,13 @@ class ResilientBackend(Backend):
             upstream_status=getattr(exc, "upstream_status", None), prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, cost_usd=p.cost(prompt_tokens, completion_tokens))
 
-    def _verdict(self, p: Provider, permit: Permit, exc: CascadeError, n: int, deadline: float,
+    def _verdict(self, p: Provider, permit: Permit, exc: CascadeError, n: int, call: _Call, limit: float,
                  ) -> tuple[str, float]:
         """Tell the breaker and decide what comes next: ("raise"|"retry"|"fall_over", wait before retry)."""
+        deadline = call.deadline
+        if call.cut_short(exc, p, limit):
+            p.breaker.release(permit)
+            return "fall_over", 0.0
         if isinstance(exc, ProviderInvalidRequestError):     # the provider answered: the request is at fault
             p.breaker.success(permit)
             return "raise", 0.0
@@ -574,7 +586,7 @@ class ResilientBackend(Backend):
                     raise
                 except Exception as raw:  # noqa: BLE001 - every failure is classified, none escapes raw
                     exc = classify(raw, p.name, timeout_s=timeout)
-                    action, next_wait = self._verdict(p, permit, exc, n, call.deadline)
+                    action, next_wait = self._verdict(p, permit, exc, n, call, timeout)
                     call.record.append(self._attempt(p, n, wait, started, action, exc=exc,
                                                      prompt_tokens=billed_prompt(p.backend, request, exc)))
                     if action == "raise":
@@ -626,7 +638,7 @@ class ResilientBackend(Backend):
         Every provider attempt is appended to ``record`` as it ends; a raised error carries them as
         ``exc.attempts``.
         """
-        call = _Call(self._deadline(deadline), record if record is not None else [])
+        call = self._call(deadline, record)
 
         async def attempt(p: Provider, timeout: float) -> GenerationResult:
             return await p.backend.generate(request)
@@ -642,7 +654,7 @@ class ResilientBackend(Backend):
     async def stream(self, request: GenerationRequest, *, deadline: float | None = None,
                      record: list[ProviderAttempt] | None = None) -> AsyncIterator[StreamChunk]:
         """Stream from the first provider that yields a first chunk; fall over only before that chunk."""
-        call = _Call(self._deadline(deadline), record if record is not None else [])
+        call = self._call(deadline, record)
 
         async def first_chunk(p: Provider, timeout: float) -> tuple[AsyncIterator[StreamChunk], StreamChunk | None]:
             it = aiter(p.backend.stream(request))
@@ -683,7 +695,8 @@ class ResilientBackend(Backend):
                     raise
                 except Exception as raw:  # noqa: BLE001
                     exc = classify(raw, p.name, timeout_s=min(remaining, p.timeout_s))
-                    if exc.fall_over or isinstance(exc, ProviderAuthError):
+                    if (exc.fall_over or isinstance(exc, ProviderAuthError)) and not call.cut_short(
+                            exc, p, remaining):
                         p.breaker.failure(permit, type(exc).__name__)
                     else:
                         p.breaker.release(permit)

@@ -1109,3 +1109,32 @@ async def test_a_streamed_tier_under_a_latency_budget_times_its_provider_out_its
     assert time.monotonic() - t0 < 1.0 + 2 * TOL
     (row,) = db_rows(tmp_path, "SELECT error_class, reason, prompt_tokens FROM attempts WHERE request_id='budgeted'")
     assert row[0] == "ProviderTimeoutError" and "ancel" not in row[1] and row[2] > 0, row
+
+
+async def test_a_callers_latency_budget_does_not_open_the_breaker_for_everyone(servers, make_engine, tmp_path):
+    """A healthy provider slower than one key's latency budget times out for that key only: its breaker
+    stays closed and the next request without a budget is answered (it used to open after 5 such
+    timeouts, refusing every key for the cooldown). The provider's own timeout still counts."""
+    from cascade.engine import Budget
+    from cascade.errors import ProviderTimeoutError
+
+    a = servers["a"]
+    a.faults(delay_s=0.6)
+    eng = await make_engine([rtier("t", [prov("a", a, timeout_s=3)], retry={"max_attempts": 1},
+                                   breaker={"failure_threshold": 2, "cooldown_s": 30})])
+    breaker = eng.tiers["t"].backend.providers[0].breaker
+    for i in range(4):
+        with pytest.raises(ProviderTimeoutError):
+            await eng.run(Q, request_id=f"casc-tight-{i}", budget=Budget(latency_s=0.2))
+    assert breaker.state == "closed"
+    out = await eng.run(Q, request_id="casc-patient")
+    assert out.record.status == "ok" and out.record.attempts[-1].backend == "a"
+    # the provider's own timeout is a failure of the provider: two of them open the breaker
+    a.faults(delay_s=0.0)
+    a.faults("stall:5", "stall:5")
+    eng2 = await make_engine([rtier("u", [prov("a", a, timeout_s=0.3)], retry={"max_attempts": 1},
+                                    breaker={"failure_threshold": 2, "cooldown_s": 30})])
+    for i in range(2):
+        with pytest.raises(ProviderTimeoutError):
+            await eng2.run(Q, request_id=f"casc-own-{i}")
+    assert eng2.tiers["u"].backend.providers[0].breaker.state == "open"
