@@ -229,3 +229,24 @@ def test_rough_token_count_leans_high_against_a_real_tokenizer(smol_path, text):
     assert real <= rough_token_count(text) <= 2 * real
     req = GenerationRequest(messages=(Message("user", text),))
     assert req.rough_prompt_tokens() == rough_token_count(text) + 4 + 3
+
+
+@pytest.mark.parametrize("text", [
+    " ".join(["\U00013000\U00013001\U00013002\U00013003"] * 30),   # 4-byte script: it counted 1 a word (1/17)
+    " ".join(["\u0f40\u0f41\u0f42\u0f44"] * 30),                  # Tibetan, 3 bytes a character (it was 1/9)
+    "\U0001f600\U0001f389\U0001f680\U0001f525" * 20,                 # emoji (1/3)
+    "Быстрая коричневая лиса перепрыгивает через ленивую собаку, пока комитет обсуждает меры.",
+    "Η γρήγορη καφέ αλεπού πηδά πάνω από τον τεμπέλη σκύλο.",
+    "สุนัขจิ้งจอกสีน้ำตาลกระโดดข้ามสุนัขขี้เกียจ",
+    "तेज़ भूरी लोमड़ी आलसी कुत्ते के ऊपर कूदती है जबकि समिति उपायों पर विचार करती है।",
+])
+def test_rough_token_count_follows_the_bytes_of_scripts_a_tokenizer_has_not_learnt(smol_path, text):
+    """SmolLM2's tokenizer learnt English: other scripts fall back to (nearly) a token per byte, the most any
+    byte-level tokenizer can take. Counting a word of them as one token let a key send 17 times its
+    ``tokens_per_minute``; counted by UTF-8 length, the count stays within 15% of that worst case."""
+    from transformers import AutoTokenizer
+
+    from cascade.types import rough_token_count
+
+    real = len(AutoTokenizer.from_pretrained(str(smol_path)).encode(text, add_special_tokens=False))
+    assert 0.85 * real <= rough_token_count(text) <= 2 * real
