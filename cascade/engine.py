@@ -837,15 +837,15 @@ class Engine:
         if kept is not None:
             rec.tier, rec.model, rec.confidence = kept.tier, kept.model, kept.confidence
             rec.escalated = kept.tier != rec.attempts[0].tier  # provider fallbacks within a tier are not escalations
-        if route is None:
+        if route is None or len(route.tiers) == 1:  # a request pinned to one tier is its own baseline
             rec.baseline_cost_usd = rec.cost_usd
             return
         last = route.tiers[-1]
-        # the last tier's answer, if it gave one (not an error, nor skipped by a budget before it ran)
-        ran_last = next((a for a in rec.attempts if a.tier == last.name and a.error_class is None
-                         and a.decision != "skipped"), None)
-        if ran_last is not None:
-            rec.baseline_cost_usd = ran_last.cost_usd
+        # the last tier's answer, if it gave one (not an error, nor skipped by a budget before it ran): alone it
+        # would have paid that answer and the failed provider attempts before it, as it did here
+        ran = [a for a in rec.attempts if a.tier == last.name and a.decision != "skipped"]
+        if any(a.error_class is None for a in ran):
+            rec.baseline_cost_usd = sum(a.cost_usd for a in ran)
         else:
             ref = kept or (rec.attempts[-1] if rec.attempts else None)
             p_tok = ref.prompt_tokens if ref else 0

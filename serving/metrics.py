@@ -100,9 +100,10 @@ class Metrics:
                 child(self.cost, policy, a.tier).inc(a.cost_usd)
                 if not a.kept:
                     child(self.waste, policy, a.tier).inc(a.cost_usd)
+        # every request's, as its cost is counted whatever its status (the ledger's report sums the same)
+        child(self.baseline, policy).inc(rec.baseline_cost_usd)
         if rec.cached_from is not None:  # no tier ran: not a cascade decision, nor a drift signal
             child(self.cache_hits, policy).inc()
-            child(self.baseline, policy).inc(rec.baseline_cost_usd)
             child(self.latency, policy).observe(rec.latency_ms / 1e3)
             return
         if rec.status in ("ok", "partial") and rec.tier:
@@ -112,7 +113,6 @@ class Metrics:
                 child(self.escalations, p).inc()
                 self._escalated[p] = self._escalated.get(p, 0) + 1
             child(self.escalation_rate, p).set(self._escalated.get(p, 0) / self._answered[p])
-            child(self.baseline, p).inc(rec.baseline_cost_usd)
             child(self.latency, p).observe(rec.latency_ms / 1e3)
             backend_ms = sum(a.latency_ms for a in rec.attempts)
             self.routing.observe(max(rec.latency_ms - backend_ms, 0.0) / 1e3)

@@ -268,6 +268,23 @@ async def test_timeout_falls_over_at_once(servers, make_engine, tmp_path):
     assert a0.cost_usd == pytest.approx(a0.prompt_tokens * 1e-6) and out.record.escalation_waste_usd == a0.cost_usd
     assert attempt_rows(tmp_path, "casc-slow") == [(0, "t", "a", "error", "ProviderTimeoutError", 0),
                                                    (1, "t", "b", "final", None, 1)]
+    # pinned to one tier, the request is its own baseline, the timed-out call included (it was left out)
+    assert out.record.baseline_cost_usd == pytest.approx(out.record.cost_usd)
+    assert out.record.cost_usd > a1.cost_usd
+
+
+async def test_the_last_tier_alone_pays_its_failed_provider_attempts_too(servers, make_engine, tmp_path):
+    """The last-tier-alone baseline of a cascade is what the last tier paid here: its answer and the
+    provider attempts it paid for before it (a timed-out call bills its prompt), not the answer alone."""
+    a, b, c = servers["a"], servers["b"], servers["c"]
+    eng = await make_engine([rtier("first", [prov("c", c)], threshold=1.0),
+                             rtier("last", [prov("a", a, timeout_s=1.5), prov("b", b)])])
+    a.faults("stall:10")
+    rec = (await eng.run(Q, request_id="casc-base")).record
+    assert [(x.tier, x.backend, x.decision) for x in rec.attempts] == [
+        ("first", "c", "escalate"), ("last", "a", "error"), ("last", "b", "final")]
+    assert rec.attempts[1].cost_usd > 0 and not rec.baseline_estimated
+    assert rec.baseline_cost_usd == pytest.approx(rec.attempts[1].cost_usd + rec.attempts[2].cost_usd)
 
 
 async def test_a_model_missing_upstream_is_the_providers_fault_and_falls_over(servers, make_engine, tmp_path):
@@ -1138,3 +1155,25 @@ async def test_a_callers_latency_budget_does_not_open_the_breaker_for_everyone(s
         with pytest.raises(ProviderTimeoutError):
             await eng2.run(Q, request_id=f"casc-own-{i}")
     assert eng2.tiers["u"].backend.providers[0].breaker.state == "open"
+
+
+def test_metrics_baseline_counts_every_request_as_the_ledger_does(servers, tmp_path, serve_app):
+    """``cascade_baseline_cost_usd`` sums every request's baseline, as ``cascade_cost_usd`` sums every
+    request's cost and as the ledger's report does: a failed request's was left out of /metrics only."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b, c = servers["a"], servers["b"], servers["c"]
+    srv = serve_app(make_config(tmp_path, [rtier("first", [prov("c", c)], threshold=1.0),
+                                           rtier("last", [prov("a", a, timeout_s=1.5), prov("b", b)])]))
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    with httpx.Client(base_url=srv.url, timeout=60) as cl:
+        assert cl.post("/v1/chat/completions", json={**body, "model": "cascade"}).status_code == 200
+        a.faults("stall:10")
+        b.faults("500")
+        assert cl.post("/v1/chat/completions", json={**body, "model": "last"}).status_code == 502
+        text = cl.get("/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    total = sum(s.value for s in fams["cascade_baseline_cost_usd"].samples if s.name.endswith("_total"))
+    ((ledger, failed),) = db_rows(tmp_path, "SELECT SUM(baseline_cost_usd), SUM(CASE WHEN status = 'error' "
+                                            "THEN baseline_cost_usd END) FROM requests")
+    assert failed > 0 and total == pytest.approx(ledger)
