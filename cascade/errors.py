@@ -135,11 +135,14 @@ class ProviderError(CascadeError):
     fall_over = True
 
     def __init__(self, message: str, *, provider: str | None = None, status: int | None = None,
-                 retry_after: float | None = None, code: str | None = None) -> None:
+                 retry_after: float | None = None, code: str | None = None, answered: bool = False) -> None:
         super().__init__(message, code=code)
         self.provider = provider
         self.upstream_status = status
         self.retry_after = retry_after
+        #: the provider answered (a 200 this backend could not read, a body cut off mid-way): it billed the
+        #: call, so the call's prompt is billed as for a timeout (its answer's length is not known)
+        self.answered = answered
 
 
 class ProviderInvalidRequestError(ProviderError):

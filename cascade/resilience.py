@@ -303,9 +303,10 @@ class ProviderAttempt:
 
 def billed_prompt(backend: Any, request: GenerationRequest, exc: CascadeError | None) -> int:
     """The prompt tokens a failed call is billed for: its estimated prompt when the provider was working on it
-    when the call ended (a timeout, or ``exc=None``: cancelled in flight), none when it answered with an error
-    (providers do not bill error responses) or could not be reached."""
-    if exc is None or isinstance(exc, ProviderTimeoutError):
+    when the call ended (a timeout, or ``exc=None``: cancelled in flight) or had answered (a 200 that could not
+    be read or was cut off), none when it answered with an error (providers do not bill error responses) or
+    could not be reached."""
+    if exc is None or isinstance(exc, ProviderTimeoutError) or getattr(exc, "answered", False):
         return backend.estimate_prompt_tokens(request)
     return 0
 

@@ -1177,3 +1177,19 @@ def test_metrics_baseline_counts_every_request_as_the_ledger_does(servers, tmp_p
     ((ledger, failed),) = db_rows(tmp_path, "SELECT SUM(baseline_cost_usd), SUM(CASE WHEN status = 'error' "
                                             "THEN baseline_cost_usd END) FROM requests")
     assert failed > 0 and total == pytest.approx(ledger)
+
+
+@pytest.mark.parametrize("fault", ["garbled", "drop", "500", "reset"])
+async def test_an_answer_that_could_not_be_read_bills_its_prompt(servers, make_engine, tmp_path, fault):
+    """A 200 the backend cannot read, or one cut off mid-body, was answered (and billed) by the provider: its
+    prompt is billed as for a timeout. It was $0, cheaper than a call that timed out. An error status, or a
+    connection reset before any response, bills nothing."""
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)])])
+    a.faults(fault)
+    rec = (await eng.run(Q, request_id="casc-cut")).record
+    failed, served = rec.attempts
+    assert failed.backend == "a" and failed.decision == "error" and served.backend == "b" and served.kept
+    answered = fault in ("garbled", "drop")
+    assert failed.prompt_tokens == (Q.rough_prompt_tokens() if answered else 0) and failed.completion_tokens == 0
+    assert (failed.cost_usd > 0) == answered and rec.escalation_waste_usd == pytest.approx(failed.cost_usd)

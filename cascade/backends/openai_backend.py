@@ -72,6 +72,13 @@ def _retry_after(headers: Any) -> float | None:
     return None
 
 
+def _cut_off(exc: BaseException) -> bool:
+    """Whether a connection failure broke an answer already on its way (h11: the body ended before the length
+    its headers announced), rather than a request that got no response at all."""
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and "complete message body" in str(cause)
+
+
 def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str] = ()) -> CascadeError:
     """Map an ``openai`` exception to our tree (the caller raises it ``from exc``). The upstream's text is
     redacted: providers echo the key (or the request's headers) in error bodies of any status, and this
@@ -84,7 +91,7 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
         return ProviderTimeoutError(f"{provider}: request timed out", provider=provider)
     if isinstance(exc, openai.APIConnectionError):
         return ProviderConnectionError(redact(f"{provider}: connection failed ({exc.__cause__ or exc})", secrets),
-                                       provider=provider)
+                                       provider=provider, answered=_cut_off(exc))
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         body = str(getattr(exc, "message", "") or exc)
@@ -300,7 +307,7 @@ def malformed_response(provider: str, exc: Exception, secrets: Sequence[str] = (
 
     log.warning("%s: malformed response: %s", provider, type(exc).__name__, exc_info=exc)
     return ProviderServerError(redact(f"{provider}: malformed response ({type(exc).__name__}: {exc})", secrets),
-                               provider=provider)
+                               provider=provider, answered=True)
 
 
 def _chat_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
