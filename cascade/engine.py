@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
 from calibration.features import FEATURE_NAMES, extract_features
 from cascade.backends import Backend, backend_class
+from cascade.budget import Budget, dearest_price, fit_budget
 from cascade.cache import CachedAnswer, ResponseCache, cache_key
-from cascade.config import CalibratorConfig, Config, Price, TierConfig
+from cascade.config import CalibratorConfig, Config, TierConfig
 from cascade.errors import (
     BudgetExceededError,
     CascadeError,
@@ -118,16 +119,6 @@ class Outcome:
     result: GenerationResult
 
 
-@dataclass(frozen=True)
-class Budget:
-    """Per-request limits, from the caller's user tier."""
-
-    latency_s: float | None = None          # per tier attempt
-    on_latency: str = "escalate"            # escalate | best_answer
-    cost_usd: float | None = None           # all attempts together
-    on_cost: str = "refuse"                 # refuse | truncate
-
-
 @dataclass
 class _Live:
     """The last tier, to be streamed live by the caller (``_run_route(..., stream_last=True)``)."""
@@ -140,6 +131,8 @@ class _Live:
     calibrator: Calibrator
     #: the request as the caller made it (``request`` is fitted to this tier), for shadow samples
     original: GenerationRequest | None = None
+    #: the caller's limits, which a shadow sample keeps to as well
+    budget: Budget | None = None
 
 
 @dataclass
@@ -347,7 +340,7 @@ class Engine:
             route, result = await self._start(rec, model, request, budget, t0, stream_last=False)
             assert isinstance(result, GenerationResult)
             self._finish(rec, route=route, t0=t0)
-            committed = self._submit(rec, request)
+            committed = self._submit(rec, request, budget)
             if slot is not None:  # stored once its ledger row is committed: a hit never names a missing request
                 committed.add_done_callback(lambda f: self._cache_store(f, slot, lead, rec, result))
         except BaseException:
@@ -403,7 +396,7 @@ class Engine:
                         await live.aclose()
                     return
                 self._finish(rec, route=route, t0=t0)  # a buffered answer was kept
-                await self._submit(rec, request)
+                await self._submit(rec, request, budget)
                 self._cache_put(slot, rec, outcome)
             finally:
                 self._cache_settle(slot, lead)
@@ -451,7 +444,7 @@ class Engine:
                 best = self._serve_best(answers, f"{tier.name!r} failed before its first token ({type(exc).__name__})")
                 self._finish(rec, route=route, t0=t0)
                 kept = next(a for a in rec.attempts if a.kept)
-                await self._submit(rec, live.original)
+                await self._submit(rec, live.original, live.budget)
                 yield StreamStart(record=rec, tier=kept.tier)
                 for chunk in best.replay():
                     yield StreamDelta(chunk.text, chunk.tokens)
@@ -526,7 +519,7 @@ class Engine:
                     rec.status = "partial" if sent else "error"
                     rec.error_class, rec.error_message = type(error).__name__, error.message
                 self._finish(rec, route=route, t0=t0)
-                await asyncio.shield(self._submit(rec, live.original))
+                await asyncio.shield(self._submit(rec, live.original, live.budget))
         if error is not None:
             yield StreamFailed(record=rec, error=error)
             return
@@ -679,14 +672,15 @@ class Engine:
         self._finish(rec, route=route, t0=t0)
         await asyncio.shield(self._submit(rec, None))
 
-    def _submit(self, rec: CascadeRecord, request: GenerationRequest | None) -> "asyncio.Future[None]":
+    def _submit(self, rec: CascadeRecord, request: GenerationRequest | None,
+                budget: Budget | None = None) -> "asyncio.Future[None]":
         """Queue the ledger write of a finished request with its shadow decisions (the future resolves once
         it is committed). Shadows sampled on this request (``request`` given) start in the background: after
-        the commit, off the request's path (cascade/shadow.py)."""
+        the commit, off the request's path (cascade/shadow.py), within the request's ``budget``."""
         shadows = self.shadows
         # a cache hit made no decision for a shadow to be compared with (its answer's request had its rows)
         rows = shadows.evaluate(rec) if rec.cached_from is None else []
-        samples = self.sampler.select(shadows, rec, request, rows) if rows and request is not None else ()
+        samples = self.sampler.select(shadows, rec, request, rows, budget) if rows and request is not None else ()
         committed = self.ledger.submit(rec, shadows=rows)
         if samples:
             self.sampler.start(samples, committed)
@@ -722,25 +716,6 @@ class Engine:
         best_att.reason += f"; served because {why}"
         return best
 
-    def _budget_check(self, tier: Tier, req: GenerationRequest, rec: CascadeRecord,
-                      budget: Budget) -> tuple[GenerationRequest, str | None]:
-        """Fit ``req`` to what the cost budget still pays for; returns (request, refusal reason)."""
-        if budget.cost_usd is None:
-            return req, None
-        price = dearest_price(tier)  # a fallback provider may answer, at its own price
-        remaining = budget.cost_usd - sum(a.cost_usd for a in rec.attempts)
-        prompt = tier.backend.estimate_prompt_tokens(req)
-        max_tokens = req.max_tokens or 1
-        estimate = price.cost(prompt, max_tokens)
-        if estimate <= remaining:
-            return req, None
-        if budget.on_cost == "truncate" and price.output_per_1m > 0:
-            affordable = int((remaining - price.cost(prompt, 0)) * 1e6 / price.output_per_1m)
-            if affordable >= 1:
-                return req.with_(max_tokens=min(max_tokens, affordable)), None
-        return req, (f"cost budget: tier {tier.name!r} could cost ${estimate:.6f}, "
-                     f"${max(remaining, 0.0):.6f} of ${budget.cost_usd:.6f} left")
-
     async def _run_route(self, route: Route, request: GenerationRequest, rec: CascadeRecord, budget: Budget,
                          *, stream_last: bool = False) -> "GenerationResult | _Live":
         answers: list[tuple[Attempt, GenerationResult]] = []
@@ -753,7 +728,7 @@ class Engine:
                                 top_logprobs=max(request.top_logprobs, tc.top_logprobs))
             att = Attempt(index=len(rec.attempts), tier=tier.name, model=tc.model, backend=tc.backend)
             rec.attempts.append(att)
-            req, refusal = self._budget_check(tier, req, rec, budget)
+            req, refusal = fit_budget(tier, req, sum(a.cost_usd for a in rec.attempts), budget)
             if refusal is not None:
                 att.decision, att.reason = "skipped", refusal
                 if answers:
@@ -761,7 +736,7 @@ class Engine:
                 raise BudgetExceededError(f"request refused: {refusal}")
             timeout = tc.timeout_s if budget.latency_s is None else min(tc.timeout_s, budget.latency_s)
             if is_last and stream_last:
-                return _Live(tier=tier, request=req, attempt=att, answers=answers, timeout=timeout,
+                return _Live(tier=tier, request=req, attempt=att, answers=answers, timeout=timeout, budget=budget,
                              calibrator=route.calibrator(i), original=request)
             try:
                 res = await self.call_tier(tier, req, att, rec.attempts, timeout=timeout)
@@ -852,16 +827,6 @@ class Engine:
             c_tok = ref.completion_tokens if ref else 0
             rec.baseline_cost_usd = last.config.price.cost(p_tok, c_tok)
             rec.baseline_estimated = True
-
-
-def dearest_price(tier: Tier) -> Price:
-    """The highest input and output prices a call of ``tier`` can be billed at: its own, or that of any of its
-    providers (``tiers[].providers[].price``; a fallback provider can cost more than the first)."""
-    prices = [tier.config.price, *(p.price for p in getattr(tier.backend, "providers", ()) if p.price is not None)]
-    if len(prices) == 1:
-        return prices[0]
-    return Price(input_per_1m=max(p.input_per_1m for p in prices),
-                 output_per_1m=max(p.output_per_1m for p in prices))
 
 
 def _notify(listeners: list[Callable[..., None]], *args: object) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from calibration.calibrators import Calibrator
+from cascade.budget import Budget, fit_budget
 from cascade.config import Config
 from cascade.errors import CascadeError
 from cascade.ledger import Ledger, utc_day_start
@@ -229,6 +230,7 @@ class _Sample:
     rec: CascadeRecord
     request: GenerationRequest
     row: dict[str, Any]           # the decision so far: unknown, needing a tier nothing ran
+    budget: Budget | None = None  # the request's limits: the shadow walks its chain under the same cost budget
     calls: list[Attempt] = field(default_factory=list)
     started_at: list[float] = field(default_factory=list)
 
@@ -279,7 +281,7 @@ class ShadowSampler:
         return rng.random()
 
     def select(self, shadows: ShadowSet, rec: CascadeRecord, request: GenerationRequest,
-               rows: list[dict[str, Any]]) -> list[_Sample]:
+               rows: list[dict[str, Any]], budget: Budget | None = None) -> list[_Sample]:
         """Draw, among ``rows`` (about to be written with ``rec``), the decisions to resolve by sampling;
         their reasons say a sample is pending (or why a drawn one will not be). Synchronous, no I/O;
         only answered requests are sampled. Never raises (it runs on the live request's path)."""
@@ -296,7 +298,7 @@ class ShadowSampler:
                 elif len(self._tasks) + len(out) >= self.max_in_flight:
                     row["reason"] += f"; not sampled: {self.max_in_flight} samples already in flight"
                 else:
-                    out.append(_Sample(shadows=shadows, shadow=sh, rec=rec, request=request, row=dict(row)))
+                    out.append(_Sample(shadows=shadows, shadow=sh, rec=rec, request=request, row=dict(row), budget=budget))
                     row["reason"] += "; sample pending"  # until the sample's outcome replaces it
         except Exception:  # noqa: BLE001 - a shadow must never break a live request
             log.exception("shadow sampling failed on request %s", rec.request_id)
@@ -372,6 +374,14 @@ class ShadowSampler:
             tc = tier.config
             req = smp.request.with_(max_tokens=smp.request.max_tokens or tc.max_tokens,
                                     top_logprobs=max(smp.request.top_logprobs, tc.top_logprobs))
+            # the request's cost budget binds the shadow as it bound the live path: counting what the shadow's
+            # chain spent before this tier, a tier it would skip is not called (the outcome stays unknown)
+            done = _tier_outcomes(rec.attempts)
+            done.update(_tier_outcomes(smp.calls))
+            spent = sum(done[t][1] for t in sh.chain[:sh.chain.index(tname)] if t in done)
+            req, refusal = fit_budget(tier, req, spent, smp.budget)
+            if refusal is not None:
+                return {**row, "reason": f"{row['reason']}; not sampled: the shadow would skip the tier ({refusal})"}
             estimate = estimate_sample_cost(tier, req, rec)
             refusal = await self._reserve(smp, estimate)
             if refusal is _MISSING:

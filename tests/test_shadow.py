@@ -426,3 +426,29 @@ def test_a_samples_reservation_covers_every_provider_that_may_bill_it(tmp_path):
     one = make_config(tmp_path, [{"name": "big", "providers": [prov("a", dear)], "price": cheap, "max_tokens": 10}])
     assert estimate_sample_cost(SimpleNamespace(config=one.tier("big"), backend=backend), req, rec) == pytest.approx(
         (prompt * 3.0 + 10 * 4.0) / 1e6)
+
+
+async def test_a_sample_keeps_to_the_requests_cost_budget(tmp_path):
+    """A sampled shadow walks its chain under the cost budget the request ran under: a tier the budget would
+    have skipped is not called (it used to be, spending shadow money on a call this user tier forbids and
+    recording an outcome the shadow would never have had). With room in the budget it is sampled."""
+    from cascade.engine import Budget, Engine
+    from cascade.types import GenerationRequest, Message
+
+    cfg = make_config(tmp_path, [tier("small", threshold=0.0, max_tokens=4, options={"threads": 1}),
+                                 tier("large", max_tokens=4, options={"threads": 1},
+                                      price={"input_per_1m": 2000.0, "output_per_1m": 6000.0})],
+                      shadows={"strict": {"of": "cascade", "thresholds": {"small": 1.0}, "sample_rate": 1,
+                                          "sample_budget_usd": 10}})
+    q = GenerationRequest(messages=(Message("user", "Name a colour."),))
+    async with await Engine.open(cfg, preload=True) as eng:
+        tight = (await eng.run(q, budget=Budget(cost_usd=0.01))).record
+        ample = (await eng.run(q, budget=Budget(cost_usd=1.0))).record
+    assert tight.tier == ample.tier == "small"
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as c:
+        dec = {r[0]: r[1:] for r in c.execute("SELECT request_id, status, sampled, reason FROM shadow_decisions")}
+        called = {r[0] for r in c.execute("SELECT request_id FROM shadow_attempts")}
+    status, sampled, reason = dec[tight.request_id]
+    assert status == "unknown" and not sampled and tight.request_id not in called
+    assert "not sampled: the shadow would skip the tier (cost budget: tier 'large' could cost" in reason
+    assert dec[ample.request_id][:2] == ("known", 1) and ample.request_id in called
