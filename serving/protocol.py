@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,6 +34,18 @@ class _Wire(BaseModel):
 #: optional parameters an OpenAI client may send as an explicit ``null``: it means "the default"
 _NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
                               "logprobs", "echo"})
+#: OpenAI's optional parameters of ``POST /v1/chat/completions`` (the openai SDK's ``completion_create_params``):
+#: an explicit ``null`` for any of them means its default, so it is dropped before validation, those this
+#: server does not model included (``logit_bias``, ``tools``...: a value for one of them is still refused)
+CHAT_PARAMS = _NULL_IS_DEFAULT | frozenset({
+    "audio", "function_call", "functions", "logit_bias", "max_completion_tokens", "max_tokens", "metadata",
+    "modalities", "model", "moderation", "parallel_tool_calls", "prediction", "prompt_cache_key",
+    "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "response_format", "safety_identifier",
+    "seed", "service_tier", "stop", "store", "stream_options", "tool_choice", "tools", "top_logprobs", "user",
+    "verbosity", "web_search_options"})
+#: the same of ``POST /v1/completions``
+COMPLETION_PARAMS = _NULL_IS_DEFAULT | frozenset({
+    "best_of", "logit_bias", "max_tokens", "model", "seed", "stop", "stream_options", "suffix", "user"})
 
 
 def _check_text(value: Any, where: str = "") -> None:
@@ -54,13 +66,18 @@ def _check_text(value: Any, where: str = "") -> None:
 class _Request(_Wire):
     """A request body: valid Unicode throughout, and ``null`` for an optional parameter means its default."""
 
+    #: the parameters whose explicit ``null`` is dropped (the endpoint's OpenAI parameters); a name that is not
+    #: one of them stays an unknown parameter, null or not
+    null_is_default: ClassVar[frozenset[str]] = _NULL_IS_DEFAULT
+
     @model_validator(mode="before")
     @classmethod
     def _clean(cls, data: Any) -> Any:
         if isinstance(data, dict):
             _check_text(data)
-            if any(data.get(k, 0) is None for k in _NULL_IS_DEFAULT):
-                data = {k: v for k, v in data.items() if not (v is None and k in _NULL_IS_DEFAULT)}
+            drop = cls.null_is_default
+            if any(data.get(k, 0) is None for k in drop):
+                data = {k: v for k, v in data.items() if not (v is None and k in drop)}
         return data
 
 
@@ -70,8 +87,10 @@ class TextPart(_Wire):
 
 
 #: fields of an assistant message that OpenAI's responses carry (the openai SDK sends them back as they came,
-#: null when unused, e.g. ``messages.append(response.choices[0].message)``): accepted when empty
-_ASSISTANT_ECHO_FIELDS = ("refusal", "tool_calls", "function_call", "audio", "annotations", "reasoning_content")
+#: null when unused, e.g. ``messages.append(response.choices[0].message)``; ``parsed``: the SDK's own, of
+#: ``.parse(...)`` and ``.stream(...).get_final_completion()``): accepted when empty
+_ASSISTANT_ECHO_FIELDS = ("refusal", "tool_calls", "function_call", "audio", "annotations", "reasoning_content",
+                          "parsed")
 
 
 class ChatMessage(_Wire):
@@ -122,6 +141,8 @@ class ChatMessage(_Wire):
 
 class StreamOptions(_Wire):
     include_usage: bool = False
+    #: OpenAI pads stream chunks against side channels when true; this server sends no padding either way
+    include_obfuscation: bool | None = None
 
 
 class _Attribution(_Request):
@@ -178,11 +199,20 @@ def attribution_of(body: Any) -> dict[str, Any]:
     return _Attribution.model_validate(valid).attribution()
 
 
+def sampling(temperature: float, top_p: float) -> dict[str, float]:
+    """A request's ``temperature`` and ``top_p`` for the engine: ``top_p`` 0 keeps only the most likely token,
+    which is greedy decoding (temperature 0, top_p 1: vLLM and some providers refuse a top_p of 0)."""
+    if top_p == 0:
+        return {"temperature": 0.0, "top_p": 1.0}
+    return {"temperature": temperature, "top_p": top_p}
+
+
 class _GenerationParams(_Attribution):
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_CHARS)
     max_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    #: 0, as OpenAI: only the most likely token (greedy decoding, :func:`sampling`)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
     n: int = Field(1, strict=True)
     stop: str | list[str] | None = None
     stream: bool = Field(False, strict=True)
@@ -196,6 +226,7 @@ class _GenerationParams(_Attribution):
     store: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
     reasoning_effort: str | None = None
 
     @model_validator(mode="after")
@@ -246,6 +277,8 @@ class ResponseFormat(_Wire):
 
 
 class ChatCompletionRequest(_GenerationParams):
+    null_is_default = CHAT_PARAMS
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     logprobs: bool = Field(False, strict=True)
@@ -268,11 +301,13 @@ class ChatCompletionRequest(_GenerationParams):
             # "developer" is OpenAI's name for the system role of newer models; chat templates know "system"
             messages=tuple(Message(role="system" if m.role == "developer" else m.role, content=m.text(),
                                    name=m.name) for m in self.messages),
-            max_tokens=self.max_completion_tokens or self.max_tokens, temperature=self.temperature,
-            top_p=self.top_p, stop=self.stop_tuple(), top_logprobs=self.top_logprobs or 0, seed=self.seed)
+            max_tokens=self.max_completion_tokens or self.max_tokens, **sampling(self.temperature, self.top_p),
+            stop=self.stop_tuple(), top_logprobs=self.top_logprobs or 0, seed=self.seed)
 
 
 class CompletionRequest(_GenerationParams):
+    null_is_default = COMPLETION_PARAMS
+
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=20, strict=True)
     echo: bool = Field(False, strict=True)
@@ -312,7 +347,7 @@ class CompletionRequest(_GenerationParams):
 
     def to_engine(self) -> GenerationRequest:
         return GenerationRequest(prompt=self.prompt_text(), max_tokens=self.max_tokens,
-                                 temperature=self.temperature, top_p=self.top_p, stop=self.stop_tuple(),
+                                 **sampling(self.temperature, self.top_p), stop=self.stop_tuple(),
                                  top_logprobs=self.logprobs or 0, seed=self.seed)
 
 

@@ -19,7 +19,15 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 
 from cascade.engine import StreamDelta, StreamEnd, StreamEvent, StreamFailed, StreamStart
 from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, Usage
-from serving.protocol import MAX_MODEL_CHARS, _Attribution, _Wire, cascade_block, chat_logprobs
+from serving.protocol import (
+    _NULL_IS_DEFAULT,
+    MAX_MODEL_CHARS,
+    _Attribution,
+    _Wire,
+    cascade_block,
+    chat_logprobs,
+    sampling,
+)
 
 #: the one ``include`` value this server honours: the answer's token logprobs
 INCLUDE_LOGPROBS = "message.output_text.logprobs"
@@ -102,13 +110,26 @@ class ResponsesStreamOptions(_Wire):
     include_obfuscation: bool | None = None
 
 
+#: OpenAI's optional parameters of ``POST /v1/responses`` (the openai SDK's ``response_create_params``): an
+#: explicit ``null`` for any of them means its default (dropped before validation, a value still refused)
+RESPONSES_PARAMS = _NULL_IS_DEFAULT | frozenset({
+    "access_programs", "background", "background_options", "context_management", "conversation", "image",
+    "include", "instructions", "max_output_tokens", "max_tool_calls", "metadata", "model", "moderation",
+    "parallel_tool_calls", "previous_response_id", "prompt", "prompt_cache_key", "prompt_cache_options",
+    "prompt_cache_retention", "reasoning", "safety_identifier", "service_tier", "store", "stream_options",
+    "text", "tool_choice", "tools", "top_logprobs", "truncation", "user"})
+
+
 class ResponsesRequest(_Attribution):
+    null_is_default = RESPONSES_PARAMS
+
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_CHARS)
     input: str | list[InputMessage]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    #: 0, as OpenAI: only the most likely token (greedy decoding)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
     stream: bool = Field(False, strict=True)
     stream_options: ResponsesStreamOptions | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
@@ -190,8 +211,7 @@ class ResponsesRequest(_Attribution):
         if self.instructions is not None:
             turns.insert(0, Message(role="system", content=self.instructions))
         return GenerationRequest(messages=tuple(turns), max_tokens=self.max_output_tokens,
-                                 temperature=self.temperature, top_p=self.top_p,
-                                 top_logprobs=self.top_logprobs or 0)
+                                 **sampling(self.temperature, self.top_p), top_logprobs=self.top_logprobs or 0)
 
 
 # --- responses --------------------------------------------------------------------------------------

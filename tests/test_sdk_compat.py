@@ -1,0 +1,185 @@
+"""What the openai SDK sends, as its own helpers and signatures send it, on a real uvicorn server in front of a
+real OpenAI-protocol server on loopback (tests/fault_server.py, which logs the messages it was sent) and of the
+real SmolLM2 on CPU: assistant messages its ``.parse`` and ``.stream`` helpers return, sent back; an explicit
+``null`` for any parameter the SDK knows; ``stream_options.include_obfuscation``; ``top_p=0``."""
+
+from __future__ import annotations
+
+import typing
+
+import openai
+import pytest
+from openai.types import completion_create_params as completion_params
+from openai.types.chat import completion_create_params as chat_params
+from openai.types.responses import response_create_params as responses_params
+
+from tests.conftest import ServerThread, make_config, tier
+from tests.fault_server import DEFAULT_ANSWER, FaultServerThread
+
+Q = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with FaultServerThread() as fs:
+        yield fs
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, upstream):
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 16, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    cfg = make_config(tmp_path_factory.mktemp("sdk"), [tier("small", threshold=0.0), remote])
+    with ServerThread(__import__("serving").create_app(cfg)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server, upstream) -> openai.OpenAI:
+    upstream.reset()
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="sk-none", max_retries=0)
+
+
+def _sdk_params(typed_dict: type, *required: str) -> list[str]:
+    """The optional parameters the installed SDK sends for an endpoint (its ``*CreateParamsBase``)."""
+    return sorted(set(typing.get_type_hints(typed_dict)) - set(required))
+
+
+def _refusal(exc: openai.BadRequestError) -> str:
+    return exc.body["message"] if isinstance(exc.body, dict) else str(exc.body)
+
+
+# --- assistant messages the SDK's helpers return, sent back ---------------------------------------
+
+def test_a_streamed_final_completions_message_goes_back_as_the_sdk_returned_it(client, upstream):
+    """``.stream(...).get_final_completion()`` gives a ParsedChatCompletionMessage carrying ``parsed: None``:
+    appended to the messages as it came, it is the assistant turn (upstream gets role and content only)."""
+    with client.chat.completions.stream(model="remote", messages=Q) as stream:
+        message = stream.get_final_completion().choices[0].message
+    assert message.content == DEFAULT_ANSWER and message.parsed is None
+    again = client.chat.completions.create(model="remote", messages=[*Q, message,
+                                                                     {"role": "user", "content": "And Spain?"}])
+    assert again.choices[0].message.content == DEFAULT_ANSWER
+    assert upstream.stats()["log"][-1]["messages"][1] == {"role": "assistant", "content": DEFAULT_ANSWER}
+
+
+def test_a_parsed_completions_message_goes_back_as_the_sdk_returned_it(client, upstream):
+    first = client.chat.completions.parse(model="remote", messages=Q)
+    message = first.choices[0].message
+    assert message.parsed is None
+    again = client.chat.completions.parse(model="remote", messages=[*Q, message,
+                                                                    {"role": "user", "content": "And Spain?"}])
+    assert again.choices[0].message.content == DEFAULT_ANSWER
+    assert upstream.stats()["log"][-1]["messages"][1] == {"role": "assistant", "content": DEFAULT_ANSWER}
+
+
+# --- an explicit null for an OpenAI parameter: its default -----------------------------------------
+
+def test_null_for_every_chat_parameter_the_sdk_knows_is_its_default(client):
+    nulls = {k: None for k in _sdk_params(chat_params.CompletionCreateParamsBase, "messages", "model")}
+    assert {"logit_bias", "modalities", "verbosity", "prediction", "audio", "tools", "tool_choice", "functions",
+            "prompt_cache_retention", "web_search_options"} <= set(nulls)
+    resp = client.chat.completions.create(model="remote", messages=Q, stream=None, **nulls)
+    assert resp.choices[0].message.content == DEFAULT_ANSWER
+
+
+def test_null_for_every_completions_parameter_the_sdk_knows_is_its_default(client):
+    nulls = {k: None for k in _sdk_params(completion_params.CompletionCreateParamsBase, "prompt", "model")}
+    assert {"best_of", "logit_bias"} <= set(nulls)
+    resp = client.completions.create(model="remote", prompt="The capital of France is", stream=None, **nulls)
+    assert resp.choices[0].text == DEFAULT_ANSWER
+
+
+def test_null_for_every_responses_parameter_the_sdk_knows_is_its_default(client):
+    nulls = {k: None for k in _sdk_params(responses_params.ResponseCreateParamsBase, "input", "model")}
+    resp = client.responses.create(model="remote", input="Where is Paris?", stream=None, **nulls)
+    assert resp.output_text == DEFAULT_ANSWER
+
+
+@pytest.mark.parametrize(("endpoint", "body", "param"), [
+    ("chat", {"logit_bias": {"1": 5}}, "logit_bias"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"modalities": ["text", "audio"]}, "modalities"),
+    ("completions", {"best_of": 2}, "best_of"),
+    ("chat", {"frobnicate": None}, "frobnicate"),        # not an OpenAI parameter: unknown, null or not
+    ("completions", {"audio": None}, "audio"),          # a chat parameter, not one of completions
+    ("responses", {"frobnicate": None}, "frobnicate"),
+])
+def test_a_value_for_an_unsupported_parameter_is_still_refused_by_name(client, endpoint, body, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        if endpoint == "chat":
+            client.chat.completions.create(model="remote", messages=Q, extra_body=body)
+        elif endpoint == "completions":
+            client.completions.create(model="remote", prompt="Paris", extra_body=body)
+        else:
+            client.responses.create(model="remote", input="Paris", extra_body=body)
+    assert _refusal(err.value) == f"{param}: unknown parameter" and err.value.body["param"] == param
+
+
+@pytest.mark.parametrize("retention", ["in_memory", "24h"])
+def test_prompt_cache_retention_is_accepted_and_changes_nothing(client, retention):
+    resp = client.chat.completions.create(model="remote", messages=Q, prompt_cache_retention=retention)
+    assert resp.choices[0].message.content == DEFAULT_ANSWER
+    done = client.completions.create(model="remote", prompt="Paris", extra_body={"prompt_cache_retention": retention})
+    assert done.choices[0].text == DEFAULT_ANSWER
+
+
+# --- stream_options.include_obfuscation --------------------------------------------------------------
+
+@pytest.mark.parametrize("obfuscation", [False, True])
+def test_include_obfuscation_is_accepted_and_changes_nothing(client, obfuscation):
+    options = {"include_usage": True, "include_obfuscation": obfuscation}
+    chunks = list(client.chat.completions.create(model="remote", messages=Q, stream=True, stream_options=options))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == DEFAULT_ANSWER
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+    assert not any("obfuscation" in (c.model_extra or {}) for c in chunks)
+    chunks = list(client.completions.create(model="remote", prompt="Paris", stream=True, stream_options=options))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == DEFAULT_ANSWER
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+
+
+# --- top_p=0: only the most likely token, i.e. greedy ---------------------------------------------
+
+def test_top_p_zero_is_greedy_decoding_on_every_endpoint(client):
+    """OpenAI accepts 0 <= top_p <= 1; top_p 0 keeps only the most likely token. On the real SmolLM2 at
+    temperature 2 it answers the greedy answer whatever the seed, where top_p 1 samples."""
+    def chat(**kw):  # noqa: ANN003, ANN202
+        return client.chat.completions.create(model="small", messages=Q, max_tokens=8, **kw).choices[0].message.content
+
+    greedy = chat()
+    assert all(chat(temperature=2.0, top_p=0, seed=s) == greedy for s in (1, 2, 3))
+    assert any(chat(temperature=2.0, top_p=1, seed=s) != greedy for s in (1, 2, 3))   # the control: it samples
+
+    def completion(**kw):  # noqa: ANN003, ANN202
+        return client.completions.create(model="small", prompt="The capital of France is", max_tokens=8,
+                                         **kw).choices[0].text
+
+    greedy = completion()
+    assert all(completion(temperature=2.0, top_p=0, seed=s) == greedy for s in (1, 2))
+
+    greedy = client.responses.create(model="small", input="Where is Paris?", max_output_tokens=8).output_text
+    for _ in range(2):   # no seed here: sampled at temperature 2, two answers would differ
+        resp = client.responses.create(model="small", input="Where is Paris?", max_output_tokens=8,
+                                       temperature=2.0, top_p=0)
+        assert resp.output_text == greedy and resp.top_p == 0
+
+
+def test_top_p_zero_is_answered_as_the_greedy_request_it_is(tmp_path, upstream, serve_app):
+    """What the tiers are asked for top_p 0 is greedy decoding (temperature 0, top_p 1: vLLM and providers
+    refuse a top_p of 0): the response cache, which keeps greedy answers only, serves a top_p 0 request at
+    temperature 1.5 the greedy answer it holds, on each endpoint, without asking the upstream again."""
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 16, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    srv = serve_app(make_config(tmp_path, [remote], cache={"enabled": True}))
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="sk-none", max_retries=0)
+    calls = [
+        lambda **kw: client.chat.completions.create(model="remote", messages=Q, **kw),
+        lambda **kw: client.completions.create(model="remote", prompt="The capital of France is", **kw),
+        lambda **kw: client.responses.create(model="remote", input="Where is Paris?", **kw),
+    ]
+    for call in calls:
+        greedy = call()
+        asked = upstream.stats()["requests"]
+        again = call(temperature=1.5, top_p=0)
+        assert again.model_extra["cascade"]["cached_from"] == greedy.model_extra["cascade"]["request_id"]
+        assert upstream.stats()["requests"] == asked
