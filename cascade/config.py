@@ -264,6 +264,9 @@ class ServerConfig(_Strict):
     log_format: Literal["text", "json"] = "text"
     #: on SIGTERM, how long in-flight requests may take to finish before the server stops
     graceful_shutdown_s: float = Field(30.0, gt=0)
+    #: a streamed response's client must take each chunk within this many seconds; one that stops reading for
+    #: longer is cut off (ledger: ClientDisconnected), freeing its slots, its spend hold and its upstream call
+    stream_send_timeout_s: float = Field(30.0, gt=0)
     #: completion requests in flight at once, all keys together (beyond: 503 server_overloaded); None: no limit
     max_concurrent_requests: int | None = Field(None, gt=0)
 

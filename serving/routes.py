@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.engine import Budget, Engine, StreamDelta, StreamEnd, StreamFailed, StreamStart, new_request_id
@@ -42,6 +42,7 @@ from serving.protocol import (
     is_utf8,
 )
 from serving.responses import ResponsesRequest, response_events, response_object
+from serving.streaming import BoundedStreamingResponse
 
 router = APIRouter()
 #: the bodies of the completion endpoints: chat, (legacy) completions, responses
@@ -441,6 +442,8 @@ async def _stream(request: Request, body: AnyRequest, endpoint: str,
     assert isinstance(first, StreamStart)
     rec = first.record
     started = time.perf_counter()
+    # a client that stops reading is cut off after this long: its slots, spend hold and upstream call are freed
+    send_timeout_s = engine.config.server.stream_send_timeout_s
     if isinstance(body, ResponsesRequest):
         def first_token() -> None:
             metrics.ttft.labels(rec.policy).observe(time.perf_counter() - started)
@@ -452,7 +455,8 @@ async def _stream(request: Request, body: AnyRequest, endpoint: str,
             finally:
                 await events.aclose()
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers=_stream_headers(rec))
+        return BoundedStreamingResponse(sse(), media_type="text/event-stream", headers=_stream_headers(rec),
+                                        send_timeout_s=send_timeout_s)
     chat = endpoint == "chat"
     rid = ("chatcmpl-" if chat else "cmpl-") + rec.request_id
     created = int(rec.created_at)
@@ -502,7 +506,8 @@ async def _stream(request: Request, body: AnyRequest, endpoint: str,
         finally:
             await events.aclose()
 
-    return StreamingResponse(body_iter(), media_type="text/event-stream", headers=_stream_headers(rec))
+    return BoundedStreamingResponse(body_iter(), media_type="text/event-stream", headers=_stream_headers(rec),
+                                    send_timeout_s=send_timeout_s)
 
 
 def _stream_headers(rec: CascadeRecord) -> dict[str, str]:

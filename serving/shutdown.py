@@ -7,8 +7,10 @@ whatever still runs and answers a plain 500 (or drops a started stream). So uvic
 ``graceful_shutdown_s + ABORT_WINDOW_S``, and :class:`Drain` acts at ``graceful_shutdown_s``: it tells the
 engine why (:meth:`Engine.abort_in_flight`, so the ledger rows read ``ServerShutdown``), cancels each
 request's task, and :class:`DrainMiddleware` answers for it. A request whose ledger row is already written
-is not cancelled: its answer goes out. The answered connections close, and uvicorn goes on to the lifespan
-shutdown, which flushes the ledger.
+is not cancelled: its answer goes out. A stream writes its row as it is closed, in its request's task
+(serving/streaming.py closes it even when cancelled waiting for a client that stopped reading), and the
+drain's own answers wait for no such client. The answered connections close, and uvicorn goes on to the
+lifespan shutdown, which flushes the ledger.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cascade.errors import CascadeError, ServerShutdown
 from cascade.types import CascadeRecord
 from serving.errors import error_body, error_response
+from serving.streaming import abort_connection, http_protocol
 
 log = logging.getLogger("cascade.serving")
 
 #: how long uvicorn waits, after the drain has answered, before it cancels what is left (its own 500)
 ABORT_WINDOW_S = 5.0
+#: how long the drain's own answer (a 503, a stream's error event) may wait for a client to take it
+ANSWER_SEND_S = 1.0
 
 
 class Drain:
@@ -85,7 +90,9 @@ class Drain:
 
 class DrainMiddleware:
     """Track each HTTP request's task; when :class:`Drain` cancels it, answer for it: a 503 JSON error when
-    nothing was sent yet, an SSE error event and ``[DONE]`` for a stream already under way."""
+    nothing was sent yet, an SSE error event and ``[DONE]`` for a stream already under way. A client that
+    is not reading is not waited for: cancelled while its send waited, it gets nothing more (its connection
+    is reset); an answer it does not take within ``ANSWER_SEND_S`` is given up."""
 
     def __init__(self, app: ASGIApp, drain: Drain) -> None:
         self.app, self.drain = app, drain
@@ -95,33 +102,45 @@ class DrainMiddleware:
         if scope["type"] != "http" or task is None:
             await self.app(scope, receive, send)
             return
-        started = ended = sse = False
+        started = ended = sse = sending = False
 
         async def tracking_send(msg: Message) -> None:
-            nonlocal started, ended, sse
+            nonlocal started, ended, sse, sending
             if msg["type"] == "http.response.start":
                 started = True
-                sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in msg.get("headers", ()))
+                sse = any(k == b"content-type" and v.startswith(b"text/event-stream")
+                          for k, v in msg.get("headers", ()))
             elif msg["type"] == "http.response.body" and not msg.get("more_body", False):
                 ended = True
+            sending = True  # still true if cancelled in it: uvicorn waits in send only for a client not reading
             await send(msg)
+            sending = False
 
         self.drain.enter(task, scope.get("state", {}).get("request_id"))
         try:
             await self.app(scope, receive, tracking_send)
         except asyncio.CancelledError:
             error = self.drain.error
-            if error is None or ended:  # not the drain's doing (or nothing left to say)
+            if error is None or (ended and not sending):  # not the drain's doing (or nothing left to say)
                 raise
             task.uncancel()
-            if not started:
-                await error_response(error)(scope, receive, send)
-            else:
-                tail = b""
-                if sse:
-                    payload = error_body(f"stream interrupted: {error.message}", error.error_type, code=error.code)
-                    tail = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
-                await send({"type": "http.response.body", "body": tail, "more_body": False})
+            if sending:  # cancelled waiting for a client that is not reading: it would take no answer either
+                await abort_connection(scope)  # (its ledger row is written: its stream was closed on the way out)
+                return
+            try:
+                async with asyncio.timeout(ANSWER_SEND_S):  # a client that stops reading now: not waited for
+                    if not started:
+                        await error_response(error)(scope, receive, send)
+                    else:
+                        tail = b""
+                        if sse:
+                            payload = error_body(f"stream interrupted: {error.message}", error.error_type,
+                                                 code=error.code)
+                            tail = b"data: " + json.dumps(payload, separators=(",", ":")).encode()
+                            tail += b"\n\ndata: [DONE]\n\n"
+                        await send({"type": "http.response.body", "body": tail, "more_body": False})
+            except TimeoutError:
+                pass
         finally:
             self.drain.leave(task)
 
@@ -142,8 +161,9 @@ def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: s
             drain.begin(graceful_shutdown_s)
             await super().shutdown(sockets)
 
-    # loop/http "auto": uvloop and httptools (runtime dependencies) where installed, else asyncio and h11
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="auto", http="auto",
+    # loop/http "auto": uvloop and httptools (runtime dependencies) where installed, else asyncio and h11; the
+    # protocol lets a connection whose client stopped reading be reset (serving/streaming.py)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="auto", http=http_protocol(),
                             log_config=uvicorn_log_config() if uvicorn_logging else None,
                             timeout_graceful_shutdown=graceful_shutdown_s + ABORT_WINDOW_S)
     server = Server(config)

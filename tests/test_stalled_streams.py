@@ -1,0 +1,171 @@
+"""A streaming client that keeps its connection open and stops reading cannot hold its request.
+
+`cascade serve` runs as an operator runs it, in front of a real fault-injecting OpenAI-compatible server on
+loopback (tests/fault_server.py) that streams a long answer; the stalled client is a real socket with a small
+receive buffer that reads the status line, then nothing. Nothing is patched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from serving.auth import hash_key
+from tests import fault_server
+from tests.conftest import REPO
+from tests.fault_server import FaultServer, FaultServerThread
+
+pytestmark = pytest.mark.timeout(120)
+
+CAPPED, OTHER = "sk-stall-capped", "sk-stall-other"
+ANSWER = " ".join(f"w{i}" for i in range(3000))  # far more than the socket buffers between them hold
+
+
+def config(tmp_path: Path, port: int, upstream: FaultServerThread, **server: object) -> dict:
+    return {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning", **server},
+            "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+            "tiers": [{"name": "remote", "backend": "openai", "model": "fault-model", "timeout_s": 60,
+                       "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+                       "options": {"base_url": upstream.base_url}}],
+            "policies": {"cascade": {"chain": ["remote"]}},
+            # the worst case of one 3000-token stream is the whole day's limit: while it is held, nothing more
+            "user_tiers": {"capped": {"daily_spend_limit_usd": 0.006}, "open": {}},
+            "auth": {"keys": [{"id": "capped", "user_tier": "capped", "sha256": hash_key(CAPPED)},
+                              {"id": "other", "user_tier": "open", "sha256": hash_key(OTHER)}]}}
+
+
+def serve(cfg: dict, tmp_path: Path) -> subprocess.Popen:
+    """`cascade serve` on ``cfg``, ready for requests."""
+    path = tmp_path / "cascade.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(path)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{cfg['server']['port']}/health"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if httpx.get(url).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "cascade serve did not start"
+        time.sleep(0.1)
+
+
+def stalled_stream(port: int) -> tuple[socket.socket, str]:
+    """A streamed chat request whose client reads the response's head, then nothing (its connection kept
+    open); gives the socket and the request's id."""
+    body = json.dumps({"model": "cascade", "stream": True, "max_tokens": 3000, "logprobs": True,
+                       "top_logprobs": 20, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+              b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (CAPPED.encode(), len(body)) + body)
+    head = s.recv(1024)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    rid = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"x-request-id:"))
+    return s, rid.decode()
+
+
+def rows(tmp_path: Path) -> dict[str, tuple]:
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        return {r[0]: r[1:] for r in db.execute("SELECT request_id, status, error_class FROM requests")}
+
+
+def upstream_connections(upstream: FaultServerThread) -> list:
+    """The connections open at the fault server (it tracks them to kill them on demand)."""
+    return [k for k in list(fault_server._TRANSPORTS) if k[0] == upstream.port]
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """SIGTERM, as an operator stops it; its output."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=30)[0].decode()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0].decode()
+
+
+def probe(port: int, key: str) -> httpx.Response:
+    return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                      json={"model": "cascade", "max_tokens": 5, "messages": [{"role": "user", "content": "probe"}]},
+                      timeout=30)
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_lets_go_of_everything_it_held(tmp_path):
+    with FaultServerThread(FaultServer(answer=ANSWER), port=8871) as upstream:
+        proc = serve(config(tmp_path, 8870, upstream, max_concurrent_requests=1, stream_send_timeout_s=2),
+                     tmp_path)
+        stalled = None
+        try:
+            stalled, rid = stalled_stream(8870)
+            t0 = time.monotonic()
+            # while it is held: its key's spend hold blocks the key, its slot the server
+            held = [probe(8870, CAPPED), probe(8870, OTHER)]
+            assert [r.status_code for r in held] == [429, 503], [r.text for r in held]
+            assert held[0].json()["error"]["code"] == "daily_spend_limit"
+            while rid not in rows(tmp_path) and time.monotonic() - t0 < 20:
+                time.sleep(0.1)
+            cut_after = time.monotonic() - t0
+            # written once the client had taken nothing for 2 s, not at the tier's 60 s, not when the client goes
+            assert rows(tmp_path).get(rid) == ("partial", "ClientDisconnected"), rows(tmp_path)
+            assert cut_after < 15, cut_after
+            deadline = time.monotonic() + 5
+            while upstream_connections(upstream) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert upstream_connections(upstream) == []  # the upstream call is closed
+            stalled.settimeout(5)
+            with pytest.raises(ConnectionResetError):  # and the stalled connection reset, not left to drain
+                while stalled.recv(1 << 16):
+                    pass
+            freed = [probe(8870, CAPPED), probe(8870, OTHER)]
+            assert [r.status_code for r in freed] == [200, 200], [r.text for r in freed]
+        finally:
+            if stalled is not None:
+                stalled.close()
+            out = stop(proc)
+    ids = [rid] + [r.headers["x-request-id"] for r in held + freed]
+    got = rows(tmp_path)
+    assert sorted(got) == sorted(ids), got  # every request exactly one row
+    assert [got[i] for i in ids[1:]] == [("error", "BudgetExceededError"), ("error", "ServerOverloadedError"),
+                                         ("ok", None), ("ok", None)], got
+    assert "cutting it off" in out and "Exception in ASGI application" not in out, out
+
+
+def test_sigterm_while_a_client_is_not_reading_writes_its_row_and_exits_at_the_grace(tmp_path):
+    with FaultServerThread(FaultServer(answer=ANSWER), port=8873) as upstream:
+        proc = serve(config(tmp_path, 8872, upstream, graceful_shutdown_s=1, stream_send_timeout_s=60), tmp_path)
+        stalled = None
+        try:
+            stalled, rid = stalled_stream(8872)
+            time.sleep(1.0)  # the buffers between them fill up: the server waits for the client to read
+            t_term = time.monotonic()
+            out = stop(proc)
+            exited_after = time.monotonic() - t_term
+        finally:
+            if stalled is not None:
+                stalled.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    # at the 1 s grace, not at uvicorn's own cut-off 5 s later
+    assert exited_after < 3.5, (exited_after, out)
+    assert "Exception in ASGI application" not in out and "timeout graceful shutdown exceeded" not in out, out
+    assert rows(tmp_path) == {rid: ("partial", "ServerShutdown")}
