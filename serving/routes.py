@@ -512,8 +512,9 @@ async def _stream(request: Request, body: AnyRequest, endpoint: str,
 
 def _stream_headers(rec: CascadeRecord) -> dict[str, str]:
     headers = cascade_headers(rec)
-    for h in ("x-cascade-cost-usd", "x-cascade-escalation-waste-usd", "x-cascade-confidence"):
-        headers.pop(h, None)  # known only at the end: in the final event's `cascade` object
+    # known only at the end (a live tier's provider may still fall over): in the final event's `cascade` object
+    for h in ("x-cascade-cost-usd", "x-cascade-escalation-waste-usd", "x-cascade-confidence", "x-cascade-attempts"):
+        headers.pop(h, None)
     headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
     return headers
 

@@ -641,6 +641,21 @@ async def test_http_stream_falls_over_before_the_first_byte_and_reports_a_mid_st
     assert got == [("a", "ProviderConnectionError", prompt, 2, pytest.approx((prompt * 1.0 + 2 * 2.0) / 1e6))]
 
 
+def test_a_streams_headers_leave_out_what_a_fall_over_changes(servers, tmp_path, serve_app):
+    """A stream's headers go out once the serving tier is known, before its provider has answered: the
+    number of attempts (a provider falling over adds one) is in the final event only. The header said 1
+    where the ledger had 2."""
+    a, b = servers["a"], servers["b"]
+    srv = serve_app(make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)])]))
+    a.faults("503")
+    body = {"model": "t", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=srv.url, timeout=60) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+        headers, lines = r.headers, [ln for ln in r.iter_lines() if ln.startswith("data: {")]
+    final = json.loads(lines[-1][6:])["cascade"]
+    assert headers["x-cascade-tier"] == "t" and "x-cascade-attempts" not in headers
+    assert len(final["attempts"]) == 2 == db_rows(tmp_path, "SELECT COUNT(*) FROM attempts")[0][0]
+
+
 # --- load ------------------------------------------------------------------------------------------
 
 #: the faults drawn at random (20% of provider calls). Auth (401) is left out: it is a standing condition
