@@ -276,6 +276,9 @@ class LedgerConfig(_Strict):
     path: str = "~/.local/share/cascade-engine/ledger.sqlite"
     #: store prompts and answers' text in the ledger (off by default: privacy)
     store_text: bool = False
+    #: how long a request waits for its ledger write (or read) and GET /ready for its probe: past it the
+    #: request gets a 500 ledger_error and the server is not ready (a database that does not answer)
+    timeout_s: float = Field(5.0, gt=0)
 
 
 class ModelsConfig(_Strict):

@@ -219,7 +219,8 @@ class Engine:
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
-        ledger = await Ledger(config.ledger_target(), store_text=config.ledger.store_text).open()
+        ledger = await Ledger(config.ledger_target(), store_text=config.ledger.store_text,
+                              timeout_s=config.ledger.timeout_s).open()
         try:
             engine = cls(config, ledger=ledger)
             if preload:

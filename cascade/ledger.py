@@ -9,6 +9,11 @@ committed transaction survives a crash or kill of the process (it is in the WAL 
 power loss can lose the last commits. PostgreSQL (``postgresql://…``) lets several server replicas share
 one ledger.
 
+A caller waits at most ``timeout_s`` for its write (or read): past it, a LedgerError, and the ledger is not
+ready (a database that does not answer); the write stays queued, and is kept (and logged) should it commit
+later. A write that fails through no fault of its record also makes the ledger not ready, until a write
+succeeds or the readiness probe (:meth:`Ledger.probe`, a write rolled back) proves that one can.
+
 The SQL is written once, with ``?`` placeholders and types both databases accept; the dialect object
 only rewrites placeholders and says how to connect.
 """
@@ -19,19 +24,29 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import queue
+import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from cascade.errors import LedgerError, NotFoundError
 from cascade.types import Attempt, CascadeRecord
 
 SCHEMA_VERSION = 5
+
+#: how long a request waits for its ledger write (or read), and GET /ready for its probe, by default
+#: (``ledger.timeout_s``): past it the ledger counts as not answering (a hung database server)
+DEFAULT_TIMEOUT_S = 5.0
+#: the most the readiness probe waits for SQLite's write lock (held by another process's transaction)
+_PROBE_LOCK_WAIT_S = 1.0
 
 #: columns added after version 1, added in place to older ledgers when they are opened
 _ADDED_COLUMNS = {
@@ -168,7 +183,11 @@ class _Dialect:
     def sql(self, statement: str) -> str:
         return statement
 
-    def connect(self, target: str) -> Any:
+    #: errors that are one record's own fault (a duplicate request id), not the database's
+    record_faults: tuple[type[BaseException], ...] = (sqlite3.IntegrityError, sqlite3.DataError)
+
+    def connect(self, target: str, timeout: float | None = None) -> Any:
+        # (``timeout`` bounds PostgreSQL's connection set-up; SQLite's busy timeout is set by the ledger)
         path = Path(target).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -187,6 +206,24 @@ class _Dialect:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
+
+    def connect_reader(self, target: str, timeout: float | None = None) -> Any:
+        """A connection for reading an existing ledger: nothing is created or switched (a read-only file
+        opens read-only)."""
+        return sqlite3.connect(Path(target).expanduser(), check_same_thread=False, isolation_level=None, timeout=30)
+
+    def probe_write(self, conn: Any, key: str, lock_wait_s: float, restore_busy_ms: int) -> None:
+        """A write rolled back: it takes the write lock (waiting at most ``lock_wait_s`` for another
+        process's transaction) and inserts a row, so a locked or read-only database fails here."""
+        conn.execute(f"PRAGMA busy_timeout={max(1, int(lock_wait_s * 1000))}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, ""))
+            finally:
+                conn.execute("ROLLBACK")
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={restore_busy_ms}")
 
     @contextmanager
     def transaction(self, conn: Any) -> Iterator[None]:
@@ -221,12 +258,29 @@ class _Postgres(_Dialect):
 
         self._psycopg = psycopg
         self.errors = (psycopg.Error,)
+        self.record_faults = (psycopg.IntegrityError, psycopg.DataError)
 
     def sql(self, statement: str) -> str:
         return statement.replace("%", "%%").replace("?", "%s")
 
-    def connect(self, target: str) -> Any:
-        return self._psycopg.connect(target, autocommit=True)
+    def connect(self, target: str, timeout: float | None = None) -> Any:
+        from psycopg.conninfo import conninfo_to_dict
+
+        extra: dict[str, Any] = {}
+        if timeout is not None and "connect_timeout" not in conninfo_to_dict(target):  # the URL's own wins
+            extra["connect_timeout"] = max(2, math.ceil(timeout))  # (libpq: whole seconds, 2 at least)
+        return self._psycopg.connect(target, autocommit=True, **extra)
+
+    def connect_reader(self, target: str, timeout: float | None = None) -> Any:
+        return self.connect(target, timeout)
+
+    def probe_write(self, conn: Any, key: str, lock_wait_s: float, restore_busy_ms: int) -> None:
+        # a row inserted and rolled back: a read-only server (default_transaction_read_only, a standby) or a
+        # role that may not write fails here; the server itself bounds the statement too
+        with conn.transaction():
+            conn.execute(f"SET LOCAL statement_timeout = {max(1, int(lock_wait_s * 1000))}")
+            conn.execute("INSERT INTO meta(key, value) VALUES (%s, %s)", (key, ""))
+            raise self._psycopg.Rollback
 
     @contextmanager
     def transaction(self, conn: Any) -> Iterator[None]:
@@ -263,13 +317,48 @@ def _dialect_for(target: str) -> _Dialect:
     return _Dialect()
 
 
+#: connection parameters that hold a secret (libpq's names)
+_SECRET_PARAMS = ("password", "sslpassword")
+#: ``password=…`` in a key=value connection string (a value quoted, with backslash escapes, or up to a space)
+_SECRET_KV = re.compile(r"(?i)\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)")
+
+
 def _redact(target: str) -> str:
-    """A ledger URL without its password, for messages."""
-    if "://" in target and "@" in target:
-        scheme, rest = target.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return target
+    """A ledger target without its secrets, for messages (logs, /ready, errors, reports): the password of a
+    URL's user info, its ``password=`` and ``sslpassword=`` query parameters, those keys of a ``key=value``
+    connection string, and wherever else libpq would find them (their values are masked wherever they
+    appear)."""
+    if "://" not in target:
+        return _SECRET_KV.sub(r"\1***", target)
+    scheme, rest = target.split("://", 1)
+    head, sep, query = rest.partition("?")
+    if "@" in head:  # user info: up to the last "@" before the query (at worst, more is masked)
+        creds, host = head.rsplit("@", 1)
+        head = f"{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else head
+    rest = head + sep + query
+    base, sep, query = rest.partition("?")
+    if sep:
+        params = []
+        for param in query.split("&"):
+            key, eq, _ = param.partition("=")
+            secret = eq and unquote(key).strip().lower() in _SECRET_PARAMS
+            params.append(f"{key}=***" if secret else param)
+        rest = base + "?" + "&".join(params)
+    for value in _secret_values(target):  # where libpq finds one that the above missed (an odd URL)
+        for form in {value, quote(value, safe=""), quote(value)}:
+            rest = re.sub(rf"(?<=[:=]){re.escape(form)}(?=[@&#]|$)", "***", rest)
+    return f"{scheme}://{rest}"
+
+
+def _secret_values(target: str) -> list[str]:
+    """The secrets of a PostgreSQL URL as libpq reads it (longest first); none where it does not parse."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(target)
+    except Exception:  # noqa: BLE001 - no psycopg, or not a URL libpq takes: the masking above stands
+        return []
+    return sorted((str(params[k]) for k in _SECRET_PARAMS if params.get(k)), key=len, reverse=True)
 
 
 _INSERT_REQUEST = (
@@ -296,6 +385,8 @@ _INSERT_SHADOW_ATTEMPT = (
     "ON CONFLICT (request_id, shadow, idx) DO NOTHING")
 
 _STOP = object()
+#: "the ledger's own timeout" (``Ledger._call``)
+_DEFAULT = object()
 
 #: SQLite, served ledger: a PASSIVE checkpoint (copying the WAL back into the database file, with its
 #: fsyncs) runs on a thread of its own every this many written records (~1000 WAL pages, SQLite's default
@@ -349,19 +440,26 @@ class _Checkpointer:
 class _Job:
     """One unit of work for the ledger thread: a record to write (``rec`` set) or a call (``fn``)."""
 
-    __slots__ = ("rec", "shadows", "fn", "args", "loop", "fut")
+    __slots__ = ("rec", "shadows", "fn", "args", "loop", "fut", "expired")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future, *, rec: CascadeRecord | None = None,
                  shadows: list[dict[str, Any]] | None = None, fn: Callable[..., Any] | None = None,
                  args: tuple = ()) -> None:
         self.rec, self.shadows, self.fn, self.args, self.loop, self.fut = rec, shadows, fn, args, loop, fut
+        #: its waiter was told it failed (``ledger.timeout_s`` passed): set on the event loop only
+        self.expired = False
 
 
-def _settle(done: list[tuple[asyncio.Future, BaseException | None, Any]]) -> None:
+def _settle(done: list[tuple[_Job, BaseException | None, Any]]) -> None:
     """On the event loop: hand each job's outcome to its waiter (a cancelled waiter no longer wants it)."""
-    for fut, exc, result in done:
+    for job, exc, result in done:
+        fut = job.fut
         if fut.done():
-            if exc is not None:  # nobody waits for it any more: say so rather than drop it
+            if job.expired and exc is None and job.rec is not None:  # kept: the row is there, say so
+                log.warning("ledger: the write of request %s was committed after its caller had been told it "
+                            "failed (it did not finish within the ledger's timeout); the row is kept",
+                            job.rec.request_id)
+            elif exc is not None:  # nobody waits for it any more: say so rather than drop it
                 log.warning("ledger: %s (the caller had stopped waiting)", exc)
             continue
         if exc is not None:
@@ -376,14 +474,26 @@ class Ledger:
     Use ``await ledger.open()`` / ``await ledger.close()`` (or ``async with``).
     """
 
-    def __init__(self, target: str | Path, *, store_text: bool = False) -> None:
+    def __init__(self, target: str | Path, *, store_text: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"ledger timeout_s must be above 0, not {timeout_s!r}")
         self.target = str(target)
         self.store_text = store_text
+        #: how long a caller waits for its write or read on the ledger thread (and GET /ready for its probe)
+        #: before it is told the ledger is not answering; bounds connecting to PostgreSQL and SQLite's wait
+        #: for another process's write lock too
+        self.timeout_s = float(timeout_s)
         self.dialect = _dialect_for(self.target)
         self._conn: Any = None
-        #: why the ledger cannot be written right now (its database unreachable), for readiness checks;
-        #: None while writes succeed
+        #: why the ledger cannot be written right now (its database unreachable, read-only, locked, not
+        #: answering), for readiness checks; None while writes succeed. Set by a write that failed through
+        #: no fault of its record; cleared by the next write that succeeds or readiness probe that proves
+        #: writes work
         self.unavailable: str | None = None
+        #: since when (time.monotonic()) the ledger thread has been on its current job; None while idle
+        self._busy_since: float | None = None
+        #: the readiness probe queued and not yet answered (GET /ready calls share it)
+        self._probing: _Job | None = None
         self._queue: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self._checkpointer: _Checkpointer | None = None
@@ -403,10 +513,13 @@ class Ledger:
             self._thread = threading.Thread(target=self._worker, args=(self._queue,), name="cascade-ledger",
                                             daemon=True)
             self._thread.start()
-            try:
-                await self._call(self._open_sync)
+            try:  # no deadline: creating or migrating a big ledger may take long
+                await self._call(self._open_sync, timeout=None)
                 if self.dialect.name == "sqlite":  # checkpoints off the request path (see _Checkpointer)
-                    await self._call(self.execute, f"PRAGMA wal_autocheckpoint={_WRITER_AUTOCHECKPOINT_PAGES}")
+                    await self._call(self.execute, f"PRAGMA wal_autocheckpoint={_WRITER_AUTOCHECKPOINT_PAGES}",
+                                     timeout=None)
+                    # a write waits for another process's lock no longer than its caller waits for it
+                    await self._call(self.execute, f"PRAGMA busy_timeout={self._busy_ms}", timeout=None)
                     self._checkpointer = _Checkpointer(Path(self.target).expanduser())
             except BaseException:
                 self._stop_thread()
@@ -419,11 +532,18 @@ class Ledger:
         self._open_sync()
         return self
 
+    @property
+    def _busy_ms(self) -> int:
+        """SQLite's busy timeout (ms) on the served ledger's connection: ``timeout_s``."""
+        return max(1, int(self.timeout_s * 1000))
+
     def open_existing_sync(self) -> "Ledger":
         """Open a ledger that must already exist, for commands that only read it (reports, recalibration):
         a missing file, or a database without a cascade ledger's ``meta`` and ``requests`` tables, is a
-        LedgerError, and nothing is created in it. A ledger of an older schema is migrated as
-        :meth:`open_sync` does (reports read the columns added since); one of a newer schema is refused."""
+        LedgerError, and nothing is created in it. A ledger of the current schema is only read (a role with
+        SELECT alone, a read-only file will do); one of an older schema is migrated as :meth:`open_sync`
+        does (reports read the columns added since), and where that cannot be done the LedgerError says
+        so; one of a newer schema is refused."""
         what = _redact(self.target)
         if self.dialect.name == "sqlite":
             path = Path(self.target).expanduser()
@@ -431,35 +551,46 @@ class Ledger:
                 raise LedgerError(f"no ledger at {what} (serve some traffic first, or pass --ledger PATH_OR_URL)")
             if not path.is_file():
                 raise LedgerError(f"{what} is not a cascade ledger (not a file)")
+        conn, keep = None, False
         try:
-            if self.dialect.name == "sqlite":  # a plain connection: no WAL switch, nothing written
-                conn = sqlite3.connect(Path(self.target).expanduser(), timeout=30)
+            # a plain connection: no WAL switch, nothing written (kept for reading if nothing needs migrating)
+            conn = self.dialect.connect_reader(self.target, self.timeout_s)
+            if self.dialect.name == "sqlite":
                 tables_sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
             else:
-                conn = self.dialect.connect(self.target)
                 tables_sql = ("SELECT table_name FROM information_schema.tables "
                               "WHERE table_schema = current_schema()")
-            try:
-                tables = {r[0] for r in conn.execute(tables_sql).fetchall()}
-                row = None
-                if {"meta", "requests"} <= tables:
-                    row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"),
-                                       ("schema_version",)).fetchone()
-            finally:
-                conn.close()
+            tables = {r[0] for r in conn.execute(tables_sql).fetchall()}
+            row = None
+            if {"meta", "requests"} <= tables:
+                row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"),
+                                   ("schema_version",)).fetchone()
+            keep = row is not None and str(row[0]) == str(SCHEMA_VERSION)
         except (*self.dialect.errors, OSError) as exc:
             raise LedgerError(f"cannot open ledger {what}: {exc}") from exc
+        finally:
+            if conn is not None and not keep:
+                conn.close()
+        if keep:  # up to date: read as it is, with the rights to read it only
+            self._conn = conn
+            return self
         if row is None:
             raise LedgerError(f"{what} is not a cascade ledger (no meta and requests tables with a schema version)")
         if str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
             raise LedgerError(f"ledger {what} has schema version {row[0]}, newer than this cascade-engine reads "
                               f"({SCHEMA_VERSION}): upgrade cascade-engine")
-        return self.open_sync()
+        try:
+            return self.open_sync()
+        except LedgerError as exc:
+            why = exc.__cause__ if exc.__cause__ is not None else exc
+            raise LedgerError(f"ledger {what} has schema version {row[0]} and must be migrated to version "
+                              f"{SCHEMA_VERSION} before it can be read, which failed (run it once with rights to "
+                              f"alter the ledger, or start a server of this version on it): {why}") from exc
 
     def _open_sync(self) -> None:
         conn = None
         try:
-            conn = self.dialect.connect(self.target)
+            conn = self.dialect.connect(self.target, self.timeout_s)
             with self.dialect.schema_lock(conn):
                 self._create_or_migrate(conn)
         except (*self.dialect.errors, OSError) as exc:
@@ -486,21 +617,32 @@ class Ledger:
                          (str(SCHEMA_VERSION), "schema_version"))
 
     async def close(self) -> None:
+        """Close once everything queued is written. A ledger thread stuck on a database that does not answer
+        (for longer than ``timeout_s``) is left behind, not waited for: the writes still queued behind it
+        have been answered with an error already."""
         if self._thread is not None:
             ckpt, self._checkpointer = self._checkpointer, None
             if ckpt is not None:  # first, so that the writer's connection is the last and checkpoints on close
                 ckpt.stop()
+            job = self._enqueue(fn=self.close_sync, timeout=self.timeout_s, what="closing the ledger")
+            join = True
             try:
-                await self._call(self.close_sync)
+                await job.fut
+            except LedgerError as exc:
+                if not job.expired:
+                    raise
+                join = False
+                log.warning("%s; closing without waiting for it", exc)
             finally:
-                self._stop_thread()
+                self._stop_thread(join=join)
 
-    def _stop_thread(self) -> None:
+    def _stop_thread(self, join: bool = True) -> None:
         thread, q, ckpt = self._thread, self._queue, self._checkpointer
         self._thread = self._queue = self._checkpointer = None
         if thread is not None and q is not None:
             q.put(_STOP)  # after everything queued before it
-            thread.join()
+            if join:
+                thread.join()
         if ckpt is not None:
             ckpt.stop()
 
@@ -516,15 +658,45 @@ class Ledger:
         await self.close()
 
     # --- the ledger thread ------------------------------------------------------------------------
-    async def _call(self, fn, *args):  # noqa: ANN001, ANN202
-        """Run ``fn(*args)`` on the ledger thread, after everything queued before it."""
+    async def _call(self, fn, *args, timeout: float | None | object = _DEFAULT):  # noqa: ANN001, ANN202
+        """Run ``fn(*args)`` on the ledger thread, after everything queued before it; a LedgerError once
+        ``timeout`` seconds (default ``timeout_s``; None: none) pass without an answer."""
+        limit = self.timeout_s if timeout is _DEFAULT else timeout
+        return await self._enqueue(fn=fn, args=args, timeout=limit, what="a query").fut  # type: ignore[arg-type]
+
+    def _enqueue(self, *, timeout: float | None, what: str, rec: CascadeRecord | None = None,
+                 shadows: list[dict[str, Any]] | None = None, fn: Callable[..., Any] | None = None,
+                 args: tuple = ()) -> _Job:
+        """Queue a job for the ledger thread (from the event loop). Its future gets a LedgerError once
+        ``timeout`` seconds pass without an answer (the job itself still runs when the thread reaches it)."""
         q = self._queue
         if q is None:
             raise LedgerError("ledger is not open")
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        q.put(_Job(loop, fut, fn=fn, args=args))
-        return await fut
+        job = _Job(loop, loop.create_future(), rec=rec, shadows=shadows, fn=fn, args=args)
+        if timeout is not None:
+            timer = loop.call_later(timeout, self._expire, job, timeout, what)
+            job.fut.add_done_callback(lambda _f: timer.cancel())
+        q.put(job)
+        return job
+
+    def _expire(self, job: _Job, timeout: float, what: str) -> None:
+        """On the event loop: ``job`` got no answer in time: the ledger is not answering (a hung database
+        server, a lock held elsewhere), so not ready; its waiter gets a LedgerError (a write that commits
+        later is kept, and logged)."""
+        if job.fut.done():
+            return
+        job.expired = True
+        since = self._busy_since
+        stuck = f"; the ledger has been on one statement for {time.monotonic() - since:.1f} s" if since else ""
+        self.unavailable = f"ledger {_redact(self.target)} is not answering: {what} got no answer within " \
+                           f"{timeout:g} s{stuck}"
+        if job.rec is not None:  # (said to a client: no target in it)
+            msg = (f"ledger write failed for request {job.rec.request_id}: not committed within {timeout:g} s "
+                   "(the ledger is not answering)")
+        else:
+            msg = self.unavailable
+        job.fut.set_exception(LedgerError(msg))
 
     def _worker(self, q: queue.SimpleQueue) -> None:
         """The ledger thread: takes everything queued, writes consecutive records in one transaction."""
@@ -545,6 +717,7 @@ class Ledger:
                 jobs.append(nxt)
             i = 0
             while i < len(jobs):
+                self._busy_since = time.monotonic()
                 if jobs[i].rec is not None:
                     j = i
                     while j < len(jobs) and jobs[j].rec is not None:
@@ -559,6 +732,7 @@ class Ledger:
                         outcome = (exc, None)
                     self._deliver([job], [outcome])
                     i += 1
+            self._busy_since = None
             if stop:
                 return
 
@@ -590,7 +764,7 @@ class Ledger:
     def _deliver(jobs: list[_Job], outcomes: list[tuple[BaseException | None, Any]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for job, (exc, result) in zip(jobs, outcomes, strict=True):
-            by_loop.setdefault(job.loop, []).append((job.fut, exc, result))
+            by_loop.setdefault(job.loop, []).append((job, exc, result))
         for loop, done in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_settle, done)
@@ -609,7 +783,7 @@ class Ledger:
             except Exception:  # noqa: BLE001 - it is gone already
                 pass
             try:
-                self._conn = self.dialect.connect(self.target)
+                self._conn = self.dialect.connect(self.target, self.timeout_s)
             except (*self.dialect.errors, OSError) as exc:
                 self.unavailable = f"ledger {_redact(self.target)} is unreachable: {exc}"
                 raise LedgerError(self.unavailable) from exc
@@ -617,15 +791,41 @@ class Ledger:
         return self._conn
 
     async def probe(self) -> str | None:
-        """Why the ledger cannot be written now, or None: one cheap query (which reconnects) decides, so a
-        database that went away while the server was idle is seen before a request fails on it, and one that
-        came back clears the mark without waiting for a write (a server that is not ready gets no traffic)."""
+        """Why the ledger cannot be written now, or None, within ``timeout_s``: a write rolled back on the
+        ledger thread (which reconnects) decides, so a database that went away, turned read-only or stays
+        locked is seen before a request fails on it (and whatever a failed write said is confirmed or
+        cleared), and one that came back clears the mark without waiting for a write (a server that is not
+        ready gets no traffic). A thread stuck for ``timeout_s`` already (a hung server) answers at once;
+        concurrent probes share one."""
+        since = self._busy_since
+        if since is not None and (stuck := time.monotonic() - since) >= self.timeout_s:
+            self.unavailable = (f"ledger {_redact(self.target)} is not answering: one statement has been running "
+                                f"for {stuck:.1f} s")
+            return self.unavailable
+        job = self._probing
+        if job is None or job.fut.done() or job.loop is not asyncio.get_running_loop():
+            job = self._probing = self._enqueue(fn=self._probe_sync, timeout=self.timeout_s,
+                                                what="the readiness probe")
         try:  # every time: an idle server must not say ready while its database is gone
-            await self._call(self.execute, "SELECT 1")
-            self.unavailable = None
-        except LedgerError as exc:
-            self.unavailable = f"ledger {_redact(self.target)} is unreachable: {exc.message}"
+            await asyncio.shield(job.fut)
+        except LedgerError:  # the probe, or its timeout, has set ``unavailable``
+            pass
         return self.unavailable
+
+    def _probe_sync(self) -> None:
+        """On the ledger thread: prove that a write can be made now (or say why not in ``unavailable``)."""
+        key = f"ready-probe {uuid.uuid4().hex}"
+        lock_wait = min(_PROBE_LOCK_WAIT_S, self.timeout_s)
+        try:
+            self._retrying(lambda conn: self.dialect.probe_write(conn, key, lock_wait, self._busy_ms))
+        except self.dialect.errors as exc:
+            self.unavailable = f"ledger {_redact(self.target)} cannot be written: {exc}"
+            raise LedgerError(self.unavailable) from exc
+        except LedgerError as exc:  # unreachable (``_require`` has said so, naming the ledger)
+            self.unavailable = exc.message if exc.message.startswith("ledger ") else \
+                f"ledger {_redact(self.target)}: {exc.message}"
+            raise
+        self.unavailable = None
 
     def _lost(self) -> bool:
         """Did the last statement fail because the connection went (worth one retry on a new one)?"""
@@ -673,23 +873,25 @@ class Ledger:
 
     def submit(self, rec: CascadeRecord, shadows: Iterable[dict[str, Any]] = ()) -> asyncio.Future:
         """Queue the write of ``rec`` now (from the event loop); the future resolves once it is committed,
-        or raises ``LedgerError``. The write happens whether or not anyone awaits the future."""
-        q = self._queue
-        if q is None:
-            raise LedgerError("ledger is not open")
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        q.put(_Job(loop, fut, rec=rec, shadows=list(shadows)))
-        return fut
+        or raises ``LedgerError``: the write failed, or was not committed within ``timeout_s`` (a database
+        that does not answer; the ledger is then not ready). The write happens whether or not anyone awaits
+        the future; one that times out stays queued, and is kept (and logged) if it commits later."""
+        return self._enqueue(rec=rec, shadows=list(shadows), timeout=self.timeout_s, what="a write").fut
 
     def record_sync(self, rec: CascadeRecord, shadows: list[dict[str, Any]] | None = None) -> None:
         try:
             self._retrying(lambda conn: self._write([(rec, shadows or [])], conn))
         except self.dialect.errors as exc:
-            if self._lost():  # the database went (not this record's fault): not ready until a write succeeds
-                self.unavailable = f"ledger {_redact(self.target)}: {exc}"
+            self._write_failed(exc)
             raise LedgerError(f"ledger write failed for request {rec.request_id}: {exc}") from exc
         self.unavailable = None
+
+    def _write_failed(self, exc: BaseException) -> None:
+        """A write failed: unless through its own record's fault (a duplicate request id), the database is
+        at fault (gone, read-only, locked, full): not ready until a write succeeds or a probe proves that
+        one can."""
+        if not isinstance(exc, self.dialect.record_faults):
+            self.unavailable = f"ledger {_redact(self.target)}: a write failed: {exc}"
 
     def _write(self, items: list[tuple[CascadeRecord, list[dict[str, Any]]]], conn: Any = None) -> None:
         """Insert requests, their attempts and shadow decisions in one transaction (raises the driver's error)."""
@@ -749,6 +951,7 @@ class Ledger:
                     cur.executemany(d.sql(_INSERT_SHADOW_ATTEMPT), rows)
                 cur.execute(d.sql(_UPSERT_SHADOW), d.row(_shadow_row(request_id, created_at, decision)))
         except d.errors as exc:
+            self._write_failed(exc)
             raise LedgerError(f"ledger write failed for shadow {decision['shadow']!r} of request {request_id}: "
                               f"{exc}") from exc
 

@@ -1,0 +1,462 @@
+"""The ledger when its database misbehaves, on real SQLite files and real PostgreSQL servers: a read-only
+server, a write lock held by another process, a hung server (its processes stopped), a role that may only
+read, and passwords given where the URL's user info is not.
+
+GET /ready must say 503 while writes fail and answer within a bounded time; a completion's write fails
+with a ledger_error within a bounded time; reading commands need no rights to alter a current ledger;
+no form of PostgreSQL URL shows its password."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from cascade.errors import LedgerError
+from cascade.ledger import Ledger, _redact, spend_since
+from tests.pg import PostgresServer
+from tests.test_ledger import record
+
+#: the ports this module's PostgreSQL servers may take
+_PG_PORTS = range(5460, 5470)
+_BODY = {"model": "p", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _port_in_range() -> int:
+    for port in _PG_PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip(f"no free port in {_PG_PORTS.start}-{_PG_PORTS.stop - 1} for PostgreSQL")
+
+
+def _start_postgres() -> PostgresServer:
+    pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]' for the PostgreSQL ledger tests")
+    server = PostgresServer()
+    server.port = _port_in_range()
+    return server.start()
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = _start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def hung_pg():
+    """A server of its own: its processes are stopped (SIGSTOP) and resumed by the tests."""
+    server = _start_postgres()
+    yield server
+    server.stop()
+
+
+def _admin_url(server: PostgresServer) -> str:
+    return server.url.rsplit("/", 1)[0] + "/template1"
+
+
+@contextmanager
+def frozen(server: PostgresServer):
+    """Every process of the server stopped, as a hung host or a stuck storage would leave it: connections stay
+    open, nothing answers."""
+    master = int((server.data / "postmaster.pid").read_text().split()[0])
+    pids = [master]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master:  # its parent
+            pids.append(int(stat.parent.name))
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+@contextmanager
+def read_only(server: PostgresServer):
+    """``default_transaction_read_only`` on for the whole server, as the auditor did (and as a failover to a
+    standby would leave a replica writing nothing)."""
+    import psycopg
+
+    def set_to(on: bool) -> None:
+        with psycopg.connect(_admin_url(server), autocommit=True) as admin:
+            admin.execute("SET default_transaction_read_only = off")  # this session may still change it back
+            admin.execute("ALTER SYSTEM SET default_transaction_read_only = on" if on
+                          else "ALTER SYSTEM RESET default_transaction_read_only")
+            admin.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while True:  # the reload reaches every backend a moment later
+            with psycopg.connect(server.url, autocommit=True) as c:
+                if c.execute("SHOW default_transaction_read_only").fetchone()[0] == ("on" if on else "off"):
+                    break
+            assert time.monotonic() < deadline, "the configuration was not reloaded"
+            time.sleep(0.05)
+        time.sleep(0.3)
+
+    set_to(True)
+    try:
+        yield
+    finally:
+        set_to(False)
+
+
+@contextmanager
+def refusing_connections(server: PostgresServer):
+    import psycopg
+
+    with psycopg.connect(_admin_url(server), autocommit=True) as admin:
+        admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS false")
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'postgres'")
+    try:
+        yield
+    finally:
+        with psycopg.connect(_admin_url(server), autocommit=True) as admin:
+            admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS true")
+
+
+@contextmanager
+def locked_by_another_process(path: Path):
+    """Another process (a replica, an operator's sqlite3 shell) holding the SQLite ledger's write lock."""
+    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); sys.stdin.readline()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        proc.stdin.close()  # its readline returns: it exits, and its lock goes with it
+        proc.wait(timeout=30)
+
+
+def _server_config(tmp_path: Path, ledger_path: str, **ledger):
+    from tests.conftest import free_port, make_config
+
+    return make_config(tmp_path, [{"name": "r", "backend": "openai", "model": "m",
+                                   "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}}],
+                       {"p": {"chain": ["r"]}}, ledger={"path": ledger_path, **ledger})
+
+
+def _timed(fn, *args, **kw):
+    t0 = time.monotonic()
+    out = fn(*args, **kw)
+    return out, time.monotonic() - t0
+
+
+def _wait_ready(url: str, limit_s: float = 20.0):
+    import httpx
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        r = httpx.get(url + "/ready", timeout=30)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.1)
+
+
+# --- 1. writes that fail while a plain read works --------------------------------------------------------
+
+
+async def test_a_read_only_postgresql_is_not_ready_until_writes_work(pg):
+    pg.reset()
+    async with Ledger(pg.url) as ledger:
+        await ledger.record(record(1))
+        assert await ledger.probe() is None
+        with read_only(pg):
+            with pytest.raises(LedgerError, match="read-only"):
+                await ledger.record(record(2))
+            assert ledger.unavailable and "read-only" in ledger.unavailable
+            why = await ledger.probe()  # a SELECT still works: the probe writes (and rolls back)
+            assert why and "read-only" in why and "cannot be written" in why
+        assert await ledger.probe() is None and ledger.unavailable is None
+        await ledger.record(record(3))
+        assert (await ledger.query("SELECT request_id FROM requests ORDER BY request_id")) == [("r1",), ("r3",)]
+        assert (await ledger.query("SELECT key FROM meta")) == [("schema_version",)]  # the probes left nothing
+
+
+def test_ready_is_503_while_postgresql_is_read_only(pg, tmp_path):
+    import httpx
+
+    from serving import create_app
+    from tests.conftest import ServerThread
+
+    pg.reset()
+    with ServerThread(create_app(_server_config(tmp_path, pg.url))) as srv:
+        assert httpx.get(srv.url + "/ready").status_code == 200
+        with read_only(pg):
+            r = httpx.get(srv.url + "/ready", timeout=30)  # before any request fails on it
+            assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable", r.text
+            assert "read-only" in r.json()["ledger"]
+            r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
+            assert r.status_code == 500 and r.json()["error"]["type"] == "ledger_error", r.text
+            r = httpx.get(srv.url + "/ready", timeout=30)
+            assert r.status_code == 503 and "read-only" in r.json()["ledger"]
+        assert httpx.get(srv.url + "/ready", timeout=30).status_code == 200
+        assert httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30).status_code == 502  # accounted
+
+
+async def test_a_sqlite_ledger_locked_by_another_process_is_not_ready_and_fails_writes_in_time(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    async with Ledger(path, timeout_s=1) as ledger:
+        await ledger.record(record(1))
+        assert await ledger.probe() is None
+        with locked_by_another_process(path):
+            t0 = time.monotonic()
+            why = await ledger.probe()  # a SELECT still works (WAL): the probe takes the write lock
+            assert why and "locked" in why and time.monotonic() - t0 < 3
+            t0 = time.monotonic()
+            with pytest.raises(LedgerError, match="locked|not committed within 1 s"):
+                await ledger.record(record(2))
+            assert time.monotonic() - t0 < 3  # not SQLite's 30 s
+            assert ledger.unavailable
+        assert await ledger.probe() is None and ledger.unavailable is None
+        await ledger.record(record(3))
+        rows = {r for (r,) in await ledger.query("SELECT request_id FROM requests")}
+        # r2's caller was told it failed; had the lock gone before SQLite gave up waiting, it is kept
+        assert rows in ({"r1", "r3"}, {"r1", "r2", "r3"})
+
+
+def test_ready_is_503_while_another_process_holds_the_sqlite_write_lock(tmp_path):
+    import httpx
+
+    from serving import create_app
+    from tests.conftest import ServerThread
+
+    path = tmp_path / "shared.sqlite"
+    with ServerThread(create_app(_server_config(tmp_path, str(path)))) as srv:
+        assert httpx.get(srv.url + "/ready").status_code == 200
+        with locked_by_another_process(path):
+            r, took = _timed(httpx.get, srv.url + "/ready", timeout=60)
+            assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable", r.text
+            assert "locked" in r.json()["ledger"] and took < 4
+            r, took = _timed(httpx.post, srv.url + "/v1/chat/completions", json=_BODY, timeout=60)
+            assert r.status_code == 500 and r.json()["error"]["type"] == "ledger_error", r.text
+            assert took < 12  # ledger.timeout_s (5 s by default), not SQLite's 30 s busy wait
+            assert httpx.get(srv.url + "/ready", timeout=60).status_code == 503
+        r = _wait_ready(srv.url)
+        assert r.status_code == 200, r.text
+        assert httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30).status_code == 502
+
+
+async def test_a_write_that_fails_through_its_own_record_leaves_the_ledger_ready(tmp_path):
+    """A duplicate request id is that request's fault, not the database's: the server stays ready."""
+    async with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        await ledger.record(record(1))
+        with pytest.raises(LedgerError, match="r1"):
+            await ledger.record(record(1))
+        assert ledger.unavailable is None and await ledger.probe() is None
+
+
+# --- 2. a database that does not answer ------------------------------------------------------------------
+
+
+async def test_a_hung_postgresql_fails_writes_reads_and_the_probe_in_bounded_time(hung_pg, caplog):
+    hung_pg.reset()
+    async with Ledger(hung_pg.url, timeout_s=1) as ledger:
+        await ledger.record(record(1))
+        assert await ledger.probe() is None
+        with frozen(hung_pg):
+            t0 = time.monotonic()
+            with pytest.raises(LedgerError, match="r2: not committed within 1 s"):
+                await ledger.record(record(2))
+            assert time.monotonic() - t0 < 2.5
+            assert ledger.unavailable and "not answering" in ledger.unavailable
+            t0 = time.monotonic()
+            assert "not answering" in (await ledger.probe() or "")
+            assert "not answering" in (await ledger.probe() or "")
+            assert time.monotonic() - t0 < 2.5  # the thread is stuck: answered at once, or within timeout_s
+            with pytest.raises(LedgerError, match="not answering"):  # a read (the daily spend limits')
+                await spend_since(ledger, "k1", 0)
+        # the server answers again: the write its caller was told had failed is committed, kept and logged
+        deadline = time.monotonic() + 20
+        while await ledger.probe() is not None:
+            assert time.monotonic() < deadline, ledger.unavailable
+        assert (await ledger.query("SELECT request_id FROM requests ORDER BY request_id")) == [("r1",), ("r2",)]
+        assert "request r2 was committed after its caller had been told it failed" in caplog.text
+
+
+async def test_closing_a_ledger_whose_postgresql_hangs_does_not_hang(hung_pg):
+    hung_pg.reset()
+    ledger = await Ledger(hung_pg.url, timeout_s=1).open()
+    await ledger.record(record(1))
+    with frozen(hung_pg):
+        fut = ledger.submit(record(2))
+        t0 = time.monotonic()
+        await ledger.close()
+        assert time.monotonic() - t0 < 3
+        with pytest.raises(LedgerError, match="not committed"):
+            await fut
+
+
+def test_ready_and_completions_answer_in_bounded_time_while_postgresql_hangs(hung_pg, tmp_path):
+    import httpx
+
+    from serving import create_app
+    from tests.conftest import ServerThread
+
+    hung_pg.reset()
+    # ledger.timeout_s set in the config (5 s by default) is what the server waits
+    with ServerThread(create_app(_server_config(tmp_path, hung_pg.url, timeout_s=1.5))) as srv:
+        assert httpx.get(srv.url + "/ready").status_code == 200
+        with frozen(hung_pg):
+            r, took = _timed(httpx.get, srv.url + "/ready", timeout=60)  # its probe waits ledger.timeout_s
+            assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable", r.text
+            assert "not answering" in r.json()["ledger"] and 1.3 < took < 4.5
+            r, took = _timed(httpx.post, srv.url + "/v1/chat/completions", json=_BODY, timeout=60)
+            assert r.status_code == 500 and r.json()["error"]["type"] == "ledger_error", r.text
+            assert took < 4.5
+            r, took = _timed(httpx.get, srv.url + "/ready", timeout=60)  # the thread stuck: at once
+            assert r.status_code == 503 and took < 4.5
+        r = _wait_ready(srv.url)
+        assert r.status_code == 200, r.text
+
+
+# --- 3. reading commands with read rights only -----------------------------------------------------------
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from cascade.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _make_ledger(target: str, n: int = 2) -> None:
+    ledger = Ledger(target).open_sync()
+    try:
+        for i in range(n):
+            ledger.record_sync(record(i))
+    finally:
+        ledger.close_sync()
+
+
+def _make_old(target: str) -> None:
+    """Take a current ledger back to schema version 4 (before end_user and metadata)."""
+    ledger = Ledger(target).open_sync()
+    try:
+        for sql in ("DROP INDEX requests_end_user_created", "ALTER TABLE requests DROP COLUMN end_user",
+                    "ALTER TABLE requests DROP COLUMN metadata",
+                    "UPDATE meta SET value = '4' WHERE key = 'schema_version'"):
+            ledger.execute(sql)
+    finally:
+        ledger.close_sync()
+
+
+def test_reports_read_a_postgresql_ledger_through_a_role_that_may_only_select(pg, capsys):
+    import psycopg
+
+    pg.reset()
+    _make_ledger(pg.url)
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg.url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        admin.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    url = pg.url.replace("cascade@", f"{role}@")
+    rc, out, err = _cli(capsys, "report", "--json", "--ledger", url)
+    assert rc == 0, err
+    assert json.loads(out)["total"]["requests"] == 2
+    rc, out, err = _cli(capsys, "shadow", "report", "--json", "--ledger", url)
+    assert rc == 0, err
+    # a ledger that needs migrating, which this role may not do: one line that says so
+    _make_old(pg.url)
+    rc, out, err = _cli(capsys, "report", "--json", "--ledger", url)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and "schema version 4 and must be migrated to version 5" in err, err
+    assert "permission denied" in err
+    rc, out, err = _cli(capsys, "report", "--json", "--ledger", pg.url)  # its owner migrates it
+    assert rc == 0, err
+
+
+def test_reports_read_a_sqlite_ledger_from_a_read_only_file(tmp_path, capsys):
+    path = tmp_path / "ledger.sqlite"
+    _make_ledger(str(path))
+
+    def chattr(flag: str) -> bool:
+        return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+    if not chattr("+i"):  # immutable: read-only even to root, who ignores file modes
+        pytest.skip("chattr +i is not permitted here")
+    try:
+        with pytest.raises(OSError):
+            path.open("r+b")
+        rc, out, err = _cli(capsys, "report", "--json", "--ledger", str(path))
+        assert rc == 0, err
+        assert json.loads(out)["total"]["requests"] == 2
+        rc, out, err = _cli(capsys, "shadow", "report", "--json", "--ledger", str(path))
+        assert rc == 0, err
+        chattr("-i")
+        _make_old(str(path))
+        assert chattr("+i")
+        rc, out, err = _cli(capsys, "report", "--json", "--ledger", str(path))
+        assert rc == 2 and err.count("\n") == 1 and "must be migrated to version 5" in err, err
+        assert "readonly" in err
+    finally:
+        chattr("-i")
+
+
+# --- 4. passwords ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target, shown", [
+    ("postgresql://app@127.0.0.1:5440/ledger?password=hunter2", "postgresql://app@127.0.0.1:5440/ledger?password=***"),
+    ("postgresql:///x?host=db&password=hunter2", "postgresql:///x?host=db&password=***"),
+    ("postgres://app:hunter2@db/x?sslmode=require&sslpassword=hunter2",
+     "postgres://app:***@db/x?sslmode=require&sslpassword=***"),
+    ("postgresql://app@db/x?pass%77ord=hunter2", "postgresql://app@db/x?pass%77ord=***"),
+    ("postgresql://app:hun@ter2@db/x", "postgresql://app:***@db/x"),  # an "@" left unencoded
+    ("postgresql://app:hun?ter2@db/x", "postgresql://app:***@db/x"),  # a "?" left unencoded
+    ("postgresql://app@db/x?password=hun@ter2&application_name=a", "postgresql://app@db/x?password=***&"
+     "application_name=a"),
+    ("host=db password=hunter2 dbname=x", "host=db password=*** dbname=x"),
+    ("host=db password='hunter2 x' dbname=x", "host=db password=*** dbname=x"),
+])
+def test_no_form_of_ledger_url_shows_its_password(target, shown):
+    assert _redact(target) == shown
+
+
+def test_a_password_given_as_a_url_query_parameter_never_shows(pg, tmp_path, capsys, caplog):
+    """Not in GET /ready (unauthenticated), a completion's 500, the logs, nor the reports."""
+    import httpx
+
+    from serving import create_app
+    from tests.conftest import ServerThread, free_port
+
+    pg.reset()
+    url = pg.url + "?password=hunter2"  # the test server trusts every local connection: accepted, unused
+    _make_ledger(url)
+    other = f"postgresql:///postgres?host=127.0.0.1&port={pg.port}&user=cascade&password=hunter2"
+    for target in (url, other):
+        rc, out, err = _cli(capsys, "report", "--json", "--ledger", target)
+        assert rc == 0, err
+        assert "hunter2" not in out and "password=***" in json.loads(out)["ledger"]
+    rc, out, err = _cli(capsys, "report", "--ledger", f"postgresql://u@127.0.0.1:{free_port()}/x?password=hunter2")
+    assert rc == 2 and "hunter2" not in err and "password=***" in err, err
+    with ServerThread(create_app(_server_config(tmp_path, url))) as srv:
+        with refusing_connections(pg):
+            r = httpx.get(srv.url + "/ready", timeout=30)
+            assert r.status_code == 503 and "password=***" in r.json()["ledger"], r.text
+            assert "hunter2" not in r.text
+            r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
+            assert r.status_code == 500 and "hunter2" not in r.text, r.text
+        assert _wait_ready(srv.url).status_code == 200
+    assert "hunter2" not in caplog.text
