@@ -117,6 +117,8 @@ class _Features:
         self.cost = {m: data.tier(m).cost for m in chain}
         self.fmt = {m: np.array([answer_format_ok(a) for a in data.tier(m).answer]) for m in chain}
         answers = {m: data.tier(m).answer for m in chain}
+        #: False where a tier's answer is empty: the engine escalates those whatever the confidence, so does replay
+        self.answered = {m: np.array([a != "" for a in answers[m]], dtype=bool) for m in chain}
         self.agree: dict[tuple[str, str], np.ndarray] = {}
         for a, b in itertools.combinations(chain, 2):
             v = np.array([answer_agreement(x, y) for x, y in zip(answers[a], answers[b])])
@@ -378,8 +380,8 @@ def _fit_once(train: CascadeData, chain: Sequence[str], cfg: ReplayConfig,
     considered = []
     unaffordable: list[ConfigError] = []
     for s in subs:
-        arrays = [TierArrays(m, scores[tuple(s)][j] if j < len(s) - 1 else np.zeros(n), y[m], feats.cost[m])
-                  for j, m in enumerate(s)]
+        arrays = [TierArrays(m, scores[tuple(s)][j] if j < len(s) - 1 else np.zeros(n), y[m], feats.cost[m],
+                             feats.answered[m]) for j, m in enumerate(s)]
         try:
             res = search_thresholds(arrays, objective=cfg.objective, max_quality_drop=cfg.max_quality_drop,
                                     cost_budget=cfg.cost_budget, reference_correct=ref, confidence=cfg.confidence,
@@ -417,8 +419,8 @@ def _fit_once(train: CascadeData, chain: Sequence[str], cfg: ReplayConfig,
         return FittedPolicy(chain, tiers, [chain[-1]], [], [], direct, considered, temperature, cfg, **extra)
     sub, res = best
     # intervals of the chosen operating point: paired bootstrap over TRAIN questions
-    arrays = [TierArrays(m, scores[tuple(sub)][j] if j < len(sub) - 1 else np.zeros(n), y[m], feats.cost[m])
-              for j, m in enumerate(sub)]
+    arrays = [TierArrays(m, scores[tuple(sub)][j] if j < len(sub) - 1 else np.zeros(n), y[m], feats.cost[m],
+                         feats.answered[m]) for j, m in enumerate(sub)]
     if cfg.n_boot > 0:
         res.intervals = bootstrap_intervals(arrays, res.thresholds, ref, n_boot=cfg.n_boot, seed=cfg.seed)
     steps = [PolicyStep(t, list(sub[:j]), step_models[(tuple(sub[:j]), t)]) for j, t in enumerate(sub[:-1])]
@@ -474,7 +476,8 @@ def apply_policy(policy: FittedPolicy, data: CascadeData) -> Outcome:
     arrays = []
     for j, m in enumerate(policy.subchain):
         t = data.tier(m)
-        arrays.append(TierArrays(m, scores[j] if j < len(scores) else np.zeros(n), t.correct, t.cost))
+        answered = np.array([a != "" for a in t.answer], dtype=bool)
+        arrays.append(TierArrays(m, scores[j] if j < len(scores) else np.zeros(n), t.correct, t.cost, answered))
     return run_policy(arrays, policy.thresholds)
 
 

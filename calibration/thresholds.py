@@ -56,6 +56,12 @@ class TierArrays:
     score: np.ndarray  # calibrated confidence in this tier's answer (ignored for the last tier)
     correct: np.ndarray  # 0/1
     cost: np.ndarray  # USD per question
+    #: False where this tier gave no answer (empty text): never accepted there, whatever its score, as the
+    #: engine escalates an answer with no tokens (None: every answer counts)
+    answered: np.ndarray | None = None
+
+    def acceptable(self) -> np.ndarray | bool:
+        return True if self.answered is None else np.asarray(self.answered, dtype=bool)
 
 
 @dataclass
@@ -92,7 +98,7 @@ def run_policy(tiers: Sequence[TierArrays], thresholds: Sequence[float | None]) 
             accept = remaining
         else:
             th = thresholds[j]
-            accept = remaining & (t.score >= th) if th is not None else np.zeros(n, dtype=bool)
+            accept = remaining & (t.score >= th) & t.acceptable() if th is not None else np.zeros(n, dtype=bool)
         correct += np.where(accept, t.correct, 0.0)
         stop[accept] = j
         remaining &= ~accept
@@ -181,7 +187,7 @@ def evaluate_grid(tiers: Sequence[TierArrays], combos: np.ndarray, reference: np
             if j == len(tiers) - 1:
                 a = remaining
             else:
-                a = remaining & (t.score[None, :] >= c[:, j:j + 1])
+                a = remaining & (t.score[None, :] >= c[:, j:j + 1]) & t.acceptable()
                 remaining &= ~a
             acc_sum += a.astype(np.float32) @ val_j[j]
         quality[lo:hi] = acc_sum[:, 0] / n

@@ -372,6 +372,25 @@ def test_run_policy_accounts_double_cost_on_three_tiers():
     assert res.verdict == "cascade" and len(res.thresholds) == 2
 
 
+def test_an_empty_answer_is_never_accepted_by_search_or_replay():
+    # the engine escalates an answer with no tokens whatever its confidence: the search and the replay agree
+    n = 400
+    rng = np.random.default_rng(5)
+    right = rng.random(n) < 0.7
+    score = np.where(right, rng.uniform(0.6, 1, n), rng.uniform(0, 0.6, n))
+    answered = np.ones(n, dtype=bool)
+    answered[:50] = False  # empty answers, scored as sure as can be, and wrong
+    score[:50], right[:50] = 1.0, False
+    first = TierArrays("small", score, right.astype(float), np.full(n, 1.0), answered)
+    last = TierArrays("big", np.zeros(n), np.ones(n), np.full(n, 10.0))
+    out = run_policy([first, last], [0.0])  # accept everything that can be accepted
+    assert (out.stop[:50] == 1).all() and (out.stop[50:] == 0).all()
+    res = search_thresholds([first, last], max_quality_drop=0.5, confidence=0.5)
+    replayed = run_policy([first, last], res.thresholds)
+    assert res.quality == pytest.approx(replayed.correct.mean()) and res.cost == pytest.approx(replayed.cost.mean())
+    assert (replayed.stop[:50] == 1).all()
+
+
 def test_quality_lower_bound_and_errors():
     lb = quality_lower_bound([0, 5], [0, 1], 100, 1.2816)
     assert lb[0] == pytest.approx(-1.2816 / 100)

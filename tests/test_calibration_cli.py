@@ -156,6 +156,30 @@ def test_replay_direct_when_no_threshold_saves(capsys):
     assert rep["reason"]
 
 
+def test_replay_escalates_empty_answers_as_the_engine_does(capsys, tmp_path):
+    # the engine escalates an answer with no tokens whatever its confidence; replay must too, or a policy
+    # replayed on data with empty answers would claim savings the engine never makes
+    chain = "gpt-4o-mini,qwen2.5-72b-instruct,gpt-4o"
+    train, test = OUTPUTS / "medmcqa_qwen_oai_train.jsonl", OUTPUTS / "medmcqa_qwen_oai_test.jsonl"
+    rows = [json.loads(line) for line in test.read_text().splitlines() if line.strip()]
+    surest = sorted(range(len(rows)), key=lambda i: -rows[i]["models"]["gpt-4o-mini"]["raw_conf_logprob"])[:40]
+    for i in surest:
+        rows[i]["models"]["gpt-4o-mini"]["answer"] = ""
+    blanked = tmp_path / "blanked.jsonl"
+    blanked.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reps = []
+    for data in (test, blanked):
+        rc, out, err = run_cli(capsys, "replay", "--train", str(train), "--test", str(data), "--chain", chain,
+                               "--no-features", "--json")
+        assert rc == 0, err
+        reps.append(json.loads(out))
+    before, after = reps
+    assert before["thresholds"] == after["thresholds"] and before["verdict"] == "cascade"
+    assert before["answered_by"]["gpt-4o-mini"] >= 40  # the surest answers were accepted...
+    # ...and once empty, every one of them goes up the chain
+    assert after["answered_by"]["gpt-4o-mini"] == before["answered_by"]["gpt-4o-mini"] - 40
+
+
 @pytest.mark.parametrize("name", ALL_FILES)
 def test_replay_works_on_every_file_with_a_seeded_split(name, capsys, tmp_path):
     d = load_cascade_outputs(OUTPUTS / name)
