@@ -654,4 +654,6 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "malformed YAML"
         raise ConfigError(f"invalid config {source}: {problem}{where}") from exc
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"invalid config {source}: collections nested too deeply") from None
     return parse_config(data, source=source, environ=env, base_dir=base_dir)

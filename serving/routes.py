@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
@@ -234,8 +235,9 @@ def cache_mode(cache_control: str | None, pragma: str | None = None) -> str:
         return "refresh" if no_cache else "use"
     if "no-store" in directives:
         return "bypass"
-    max_age = directives.get("max-age", "")
-    return "refresh" if "no-cache" in directives or (max_age.isdigit() and int(max_age) == 0) else "use"
+    # max-age=0 (delta-seconds: ASCII digits only; anything else, like ``max-age=²``, is not read)
+    max_age_zero = re.fullmatch(r"0+", directives.get("max-age", ""), re.ASCII) is not None
+    return "refresh" if "no-cache" in directives or max_age_zero else "use"
 
 
 #: the request field that holds the prompt, per endpoint: an error about the prompt (too long for a tier's

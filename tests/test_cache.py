@@ -301,7 +301,10 @@ def test_a_thumbs_down_on_a_hit_evicts_the_answer_and_labels_the_original(srv, u
     ({"cache-control": 'max-age="0"'}, "refresh"), ({"cache-control": "max-age\t=\t0"}, "refresh"),
     ({"cache-control": "max-age=-1"}, "use"), ({"cache-control": ",,,"}, "use"),
     ({"cache-control": " ", "pragma": "no-cache"}, "refresh"), ({"pragma": "x-no-cache-please"}, "use"),
-    ({"cache-control": 'no-cache="set-cookie"'}, "refresh")])
+    ({"cache-control": 'no-cache="set-cookie"'}, "refresh"),
+    # not delta-seconds, or too long for int(): not read (they were a 500)
+    ({"cache-control": "max-age=\u00b2"}, "use"), ({"cache-control": "max-age=\u0660"}, "use"),
+    ({"cache-control": "max-age=" + "9" * 5000}, "use"), ({"cache-control": "max-age=" + "0" * 5000}, "refresh")])
 def test_cache_control_as_http_means_it(header, mode):
     from serving.routes import cache_mode
 

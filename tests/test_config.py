@@ -66,6 +66,9 @@ def test_environment_overrides(tmp_path):
         (GOOD + "default_policy: cascade\ndefault_policy: other\n",
          "the key 'default_policy' is given twice at line"),
         (GOOD.replace("{chain: [a, b]}", "{chain: [a, b], chain: [b]}"), "the key 'chain' is given twice"),
+        # deeper than PyYAML's recursive composer goes (it was a RecursionError: a traceback, a reload's 500)
+        (GOOD + "a: " + "[" * 2000 + "]" * 2000 + "\n", "collections nested too deeply"),
+        (GOOD + "a:\n" + "".join("  " * (i + 1) + "b:\n" for i in range(1500)), "collections nested too deeply"),
     ],
 )
 def test_malformed_configs_name_the_bad_key(tmp_path, text, message):
