@@ -140,9 +140,9 @@ class ChatMessage(_Wire):
 
 
 class StreamOptions(_Wire):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
     #: OpenAI pads stream chunks against side channels when true; this server sends no padding either way
-    include_obfuscation: bool | None = None
+    include_obfuscation: bool | None = Field(None, strict=True)
 
 
 class _Attribution(_Request):
@@ -210,20 +210,20 @@ def sampling(temperature: float, top_p: float) -> dict[str, float]:
 class _GenerationParams(_Attribution):
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_CHARS)
     max_tokens: int | None = Field(None, ge=1, strict=True)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, strict=True)
     #: 0, as OpenAI: only the most likely token (greedy decoding, :func:`sampling`)
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0, strict=True)
     n: int = Field(1, strict=True)
     stop: str | list[str] | None = None
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, strict=True, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as OpenAI's
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, strict=True)
+    frequency_penalty: float = Field(0.0, strict=True)
     # accepted and without effect on the answer, as OpenAI's own parameters for its service (what a request
     # is stored as, its cache key and priority; the effort of reasoning models); ``user``, ``metadata`` and
     # ``safety_identifier`` are kept in the ledger for cost attribution (:class:`_Attribution`)
-    store: bool | None = None
+    store: bool | None = Field(None, strict=True)
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
@@ -359,8 +359,8 @@ class FeedbackRequest(_Request):
     @field_validator("score", mode="before")
     @classmethod
     def _not_bool(cls, v: Any) -> Any:
-        if isinstance(v, bool):  # True == 1 in Python: refuse it rather than read it as a score
-            raise ValueError("score must be -1, 0 or 1 (an integer, not a boolean)")
+        if isinstance(v, bool) or not isinstance(v, int):  # True == 1 in Python, 1.0 and "1" are no scores
+            raise ValueError(f"score must be -1, 0 or 1 (an integer), not {repr(v)[:40]}")
         return v
 
 

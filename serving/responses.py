@@ -107,7 +107,7 @@ class Reasoning(_Wire):
 
 
 class ResponsesStreamOptions(_Wire):
-    include_obfuscation: bool | None = None
+    include_obfuscation: bool | None = Field(None, strict=True)
 
 
 #: OpenAI's optional parameters of ``POST /v1/responses`` (the openai SDK's ``response_create_params``): an
@@ -127,16 +127,16 @@ class ResponsesRequest(_Attribution):
     input: str | list[InputMessage]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, strict=True)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, strict=True)
     #: 0, as OpenAI: only the most likely token (greedy decoding)
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0, strict=True)
     stream: bool = Field(False, strict=True)
     stream_options: ResponsesStreamOptions | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
     include: list[str] | None = None
     text: TextConfig | None = None
     # accepted and without effect, as OpenAI's own parameters for its service
-    store: bool | None = None
+    store: bool | None = Field(None, strict=True)
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
@@ -145,12 +145,12 @@ class ResponsesRequest(_Attribution):
     # tools: none here, so only their empty forms
     tools: list[Any] | None = None
     tool_choice: Literal["none", "auto"] | None = None
-    parallel_tool_calls: bool | None = None
-    max_tool_calls: int | None = None
+    parallel_tool_calls: bool | None = Field(None, strict=True)
+    max_tool_calls: int | None = Field(None, strict=True)
     # state this server does not keep
     previous_response_id: str | None = None
     conversation: Any = None
-    background: bool | None = None
+    background: bool | None = Field(None, strict=True)
     prompt: Any = None
 
     @field_validator("input", mode="before")

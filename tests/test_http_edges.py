@@ -116,6 +116,15 @@ def test_explicit_null_means_the_default(server):
     ({"model": "remote", "messages": Q, "stop": ""}, "non-empty"),
     ({"model": "remote", "messages": Q, "max_tokens": True}, "max_tokens"),
     ({"model": "remote", "messages": Q, "stream": 1}, "stream"),
+    # no lax coercion: `true` was read as temperature 1.0 (sampling where greedy was meant), "0.5" as 0.5
+    ({"model": "remote", "messages": Q, "temperature": True}, "temperature"),
+    ({"model": "remote", "messages": Q, "temperature": "0.5"}, "temperature"),
+    ({"model": "remote", "messages": Q, "top_p": False}, "top_p"),
+    ({"model": "remote", "messages": Q, "top_p": "1"}, "top_p"),
+    ({"model": "remote", "messages": Q, "store": "yes"}, "store"),
+    ({"model": "remote", "messages": Q, "presence_penalty": "0"}, "presence_penalty"),
+    ({"model": "remote", "messages": Q, "stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
+    ({"model": "remote", "messages": Q, "stream": True, "stream_options": {"include_usage": 1}}, "include_usage"),
     ({"model": "", "messages": Q}, "model"),
     ({"model": "remote", "messages": [{"role": "user"}]}, "needs content"),
     ({"model": "remote", "messages": [{"role": "user", "content": None}]}, "needs content"),
@@ -177,9 +186,10 @@ def test_an_assistant_message_may_have_no_content(server):
     assert r.status_code == 200, r.text
 
 
-def test_feedback_score_must_be_an_integer(server):
-    r = httpx.post(server.url + "/v1/feedback", json={"request_id": "x", "score": True}, headers=H())
-    assert r.status_code == 400 and "not a boolean" in r.json()["error"]["message"]
+@pytest.mark.parametrize("score", [True, 1.0, "1"])
+def test_feedback_score_must_be_an_integer(server, score):
+    r = httpx.post(server.url + "/v1/feedback", json={"request_id": "x", "score": score}, headers=H())
+    assert r.status_code == 400 and "(an integer), not" in r.json()["error"]["message"], r.text
 
 
 # --- the key before the body; HEAD ---------------------------------------------------------------------

@@ -163,6 +163,12 @@ def test_a_stream_that_breaks_ends_with_response_failed_and_a_partial_row(tmp_pa
     ({"input": {"role": "user", "content": "x"}}, "input", "a string or a list of input items"),
     ({"max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
     ({"stream_options": {"include_obfuscation": False}}, None, "stream_options: only allowed when stream is true"),
+    # no lax coercion ("false" was read as false, 0 as no parallel tool calls)
+    ({"background": "false"}, "background", "valid boolean"),
+    ({"store": "yes"}, "store", "valid boolean"),
+    ({"parallel_tool_calls": 0}, "parallel_tool_calls", "valid boolean"),
+    ({"temperature": True}, "temperature", "valid number"),
+    ({"top_p": "1"}, "top_p", "valid number"),
 ])
 def test_what_a_stateless_server_without_tools_cannot_do_is_a_400_naming_it(tmp_path, upstream, serve_app, body,
                                                                          param, words):
