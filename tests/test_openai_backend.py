@@ -117,6 +117,40 @@ async def test_a_message_name_reaches_the_upstream():
     assert sent == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, I am Ada.", "name": "ada_l"}]
 
 
+async def test_a_long_conversation_does_not_hold_the_event_loop():
+    """34k messages (a 1 MB body) reach the upstream intact, with the tier's own extra_body beside them, and
+    building the call leaves the event loop free: the SDK's TypedDict transform took ~150 us a message on it,
+    5 s here, holding every other request of the server (GET /health included) that long."""
+    import asyncio
+    import time
+
+    from tests.fault_server import FaultServerThread
+
+    msgs = tuple(Message("user", "") for _ in range(34_000)) + (Message("user", "Hi", name="ada"),)
+    with FaultServerThread() as upstream:
+        b = OpenAIBackend(model="m", base_url=upstream.base_url, extra_body={"top_k": 5})
+        try:
+            await b.generate(GenerationRequest(messages=(Message("user", "warm up"),), max_tokens=2))
+            stalls: list[float] = []
+
+            async def tick() -> None:
+                while True:
+                    t = time.perf_counter()
+                    await asyncio.sleep(0.01)
+                    stalls.append(time.perf_counter() - t - 0.01)
+
+            ticker = asyncio.create_task(tick())
+            await asyncio.sleep(0.05)
+            await b.generate(GenerationRequest(messages=msgs, max_tokens=2))
+            ticker.cancel()
+        finally:
+            await b.close()
+        entry = upstream.stats()["log"][-1]
+    assert len(entry["messages"]) == 34_001 and entry["messages"][-1] == {"role": "user", "content": "Hi", "name": "ada"}
+    assert "top_k" in entry["params"] and "messages" in entry["params"]
+    assert max(stalls) < 2.0, max(stalls)  # 5 s and more before (a bound far above what it takes now, ~0.1 s)
+
+
 def test_an_upstream_error_that_quotes_the_key_reaches_no_one(serve_app, tmp_path, caplog):
     """Providers echo the key (and the request's headers) in error bodies of any status. Whatever the key's
     shape, it reaches neither the client, nor the served answer's attempts, nor the ledger, nor the logs."""
