@@ -185,7 +185,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
             if owned:
                 await app.state.engine.close()
 
-    app = FastAPI(title="cascade-engine", version="0.1.0", lifespan=lifespan,
+    # redirect_slashes off: `/health/` is a 404, not a 307 to a Location built from the client's Host header
+    app = FastAPI(title="cascade-engine", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="OpenAI-compatible confidence-escalation cascade.")
     app.state.config_path = config_path
     #: requests in flight, answered with 503 when a shutdown runs out of time (serving/shutdown.py)

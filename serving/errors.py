@@ -76,8 +76,12 @@ def _validation_message(exc: RequestValidationError, content_type: str = "applic
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
 
 
+#: FastAPI's detail for a body it could not parse (as JSON, or as text at all)
+_FASTAPI_UNPARSED = "There was an error parsing the body"
+
+
 def _unreadable_body(cause: BaseException | None) -> str:
-    """Why a completion request's body could not be read, in one line."""
+    """Why a request's body could not be read, in one line."""
     if isinstance(cause, UnicodeDecodeError):
         return f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start}): send JSON in UTF-8"
     if isinstance(cause, RecursionError):
@@ -112,6 +116,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
             body = getattr(exc, "body", None)
             model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+            if isinstance(body, dict) and body.get("model") is None:  # (none named: the default policy's)
+                model = request.app.state.engine.config.default_policy_name
             await record_refusal(request, InvalidRequestError(msg, param=param), model, endpoint,
                                  attribution_of(body))
         return JSONResponse(error_body(msg, "invalid_request_error", param=param, code="invalid_request"),
@@ -122,13 +128,14 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         message = str(exc.detail)
         endpoint = _COMPLETION_PATHS.get(request.url.path)
-        if exc.status_code == 400 and endpoint is not None:
-            # FastAPI's "There was an error parsing the body": a body that is not UTF-8, JSON nested past the
-            # parser's depth, a number too long to read. Said as what it is, and recorded like any refusal.
-            from serving.routes import record_refusal
-
+        if exc.status_code == 400 and message == _FASTAPI_UNPARSED:
+            # a body that is not UTF-8, JSON nested past the parser's depth, a number too long to read: said as
+            # what it is (on every route), and, for a completion, recorded like any refusal
             message, code = _unreadable_body(exc.__cause__), "invalid_request"
-            await record_refusal(request, InvalidRequestError(message), None, endpoint, {})
+            if endpoint is not None:
+                from serving.routes import record_refusal
+
+                await record_refusal(request, InvalidRequestError(message), None, endpoint, {})
         return JSONResponse(error_body(message, "invalid_request_error", code=code),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 

@@ -105,7 +105,9 @@ async def _admit(request: Request, body: AnyRequest,
     try:
         return await _admit_checks(request, body)
     except CascadeError as exc:
-        await record_refusal(request, exc, body.model, endpoint, body.attribution())
+        # a request naming no model was for the default policy: its row says so, as a served one's does
+        await record_refusal(request, exc, body.model or _engine(request).config.default_policy_name, endpoint,
+                             body.attribution())
         raise
 
 

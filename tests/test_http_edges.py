@@ -379,6 +379,19 @@ def test_a_body_that_cannot_be_read_is_a_clear_400_in_the_ledger(server, raw, fr
     assert r.json()["error"]["code"] == "invalid_request"
     # (no model could be read from the body: the row is filed under none, as for a body that is not JSON)
     assert wait_for_row(server, f"request_id = '{r.headers['x-request-id']}'") == [("error", "InvalidRequestError", "")]
+    # feedback's body is read by the same parser: said the same way (no ledger row: no completion)
+    r = httpx.post(server.url + "/v1/feedback", content=raw.replace(b'"model": "small"', b'"request_id": "x"'),
+                   headers=H(), timeout=60)
+    assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("path", ["/health/", "/v1/chat/completions/", "/v1/models/"])
+def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_clients_host(server, path):
+    r = httpx.request("GET" if "health" in path or "models" in path else "POST", server.url + path,
+                      headers={**H(), "host": "evil.example"}, json={"messages": Q}, timeout=30)
+    assert r.status_code == 404 and "location" not in r.headers, (r.status_code, r.headers)
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(("path", "body", "fragment"), [
@@ -393,3 +406,15 @@ def test_a_body_that_cannot_be_read_is_a_clear_400_in_the_ledger(server, raw, fr
 def test_what_the_server_cannot_read_is_named(server, path, body, fragment):
     r = httpx.post(server.url + path, json={"model": "small", **body}, headers=H(), timeout=60)
     assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+
+
+def test_a_request_naming_no_model_is_filed_under_the_default_policy_refused_or_not(server):
+    """A body without ``model`` goes to the default policy: its ledger row says so whether it was served,
+    refused by the server's limits or malformed (refused rows were filed under no policy at all)."""
+    ids = {}
+    for what, extra in (("served", {}), ("over the limit", {"max_tokens": 10**6}), ("malformed", {"top_p": "1"})):
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": Q, **extra}, headers=H(), timeout=60)
+        assert (r.status_code == 200) == (what == "served"), r.text
+        ids[what] = r.headers["x-request-id"]
+    policies = {what: wait_for_row(server, f"request_id = '{rid}'")[0][2] for what, rid in ids.items()}
+    assert policies["served"] == "cascade" and set(policies.values()) == {"cascade"}, policies
