@@ -40,6 +40,13 @@ class CascadeError(Exception):
         return self.message
 
 
+class InternalError(CascadeError):
+    """A fault of this server's own (a bug), not of the request, a provider or the configuration: 500, the
+    detail in the server's log only."""
+
+    code = "internal_error"
+
+
 # --- configuration and set-up ---------------------------------------------------------------------
 
 

@@ -145,8 +145,10 @@ def install_error_handlers(app: FastAPI) -> None:
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
             metrics.observe_error("InternalError")
+        # (outside the middleware that names the request: named here, so the log line can be found)
+        rid = request.scope.get("state", {}).get("request_id")
         return JSONResponse(error_body("internal server error", "server_error", code="internal_error"),
-                            status_code=500)
+                            status_code=500, headers={"x-request-id": rid} if rid else None)
 
 
 def json_error_bytes(exc: CascadeError) -> bytes:

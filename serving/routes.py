@@ -19,13 +19,14 @@ from cascade.errors import (
     BudgetExceededError,
     CascadeError,
     ConfigError,
+    InternalError,
     InvalidRequestError,
     NotFoundError,
     ReloadRefusedError,
 )
 from cascade.ledger import spend_since, spend_since_both, utc_day_start
 from cascade.limits import SpendHolds
-from cascade.types import CascadeRecord
+from cascade.types import CascadeRecord, GenerationRequest
 from serving.auth import Caller, authenticate, authorize
 from serving.errors import cascade_error_response, error_body
 from serving.metrics import Metrics
@@ -260,13 +261,21 @@ async def _answer(request: Request, body: AnyRequest, endpoint: str) -> Response
     """Every record the engine finishes reaches the metrics once written (``engine.commit_listeners``)."""
     engine = _engine(request)
     caller, budget = await _admit(request, body, endpoint)
-    kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
-              budget=budget, request_id=request.scope.get("state", {}).get("request_id"),
-              cache=cache_mode(request.headers.get("cache-control"), request.headers.get("pragma")),
-              **body.attribution())
+    try:
+        kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
+                  budget=budget, request_id=request.scope.get("state", {}).get("request_id"),
+                  cache=cache_mode(request.headers.get("cache-control"), request.headers.get("pragma")),
+                  **body.attribution())
+        req = body.to_engine()
+    except Exception as exc:  # a fault of this server's before the engine ran: its row, as the engine's own have
+        log.exception("request failed before the engine ran")
+        err = InternalError("internal server error")
+        await record_refusal(request, err, body.model or engine.config.default_policy_name, endpoint,
+                             body.attribution())
+        raise err from exc
     if body.stream:
-        return await _stream(request, body, endpoint, kw)
-    answered, got = await _unless_disconnected(request, engine.run_uncommitted(body.to_engine(), **kw))
+        return await _stream(request, body, req, endpoint, kw)
+    answered, got = await _unless_disconnected(request, engine.run_uncommitted(req, **kw))
     if not answered:
         return Response(status_code=CLIENT_CLOSED)
     outcome, committed = got
@@ -433,11 +442,11 @@ def _sse(obj: object) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _stream(request: Request, body: AnyRequest, endpoint: str,
+async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, endpoint: str,
                   kw: dict) -> Response:
     """Start the engine's stream; errors before its first event become ordinary HTTP errors."""
     engine, metrics = _engine(request), _metrics(request)
-    events = engine.stream(body.to_engine(), **kw)
+    events = engine.stream(req, **kw)
     # raises CascadeError before any byte is sent; the buffered tiers stop if the client goes meanwhile
     answered, first = await _unless_disconnected(request, anext(events))
     if not answered:

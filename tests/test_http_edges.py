@@ -418,3 +418,37 @@ def test_a_request_naming_no_model_is_filed_under_the_default_policy_refused_or_
         ids[what] = r.headers["x-request-id"]
     policies = {what: wait_for_row(server, f"request_id = '{rid}'")[0][2] for what, rid in ids.items()}
     assert policies["served"] == "cascade" and set(policies.values()) == {"cascade"}, policies
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_fault_of_the_servers_own_before_the_engine_runs_is_a_500_with_its_ledger_row(server, monkeypatch, stream):
+    """Defence in depth: a bug between admission and the engine (as a Cache-Control header that int() could
+    not read once was) is a 500 ``internal_error`` whose request still has its ledger row. The bug is
+    injected into this process's own request code; no remote part is stood in for."""
+    import serving.routes
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(serving.routes, "cache_mode", broken)
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": Q, "stream": stream}, headers=H(),
+                   timeout=60)
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err == {"message": "internal server error", "type": "server_error", "param": None, "code": "internal_error"}
+    assert wait_for_row(server, f"request_id = '{r.headers['x-request-id']}'") == [
+        ("error", "InternalError", "cascade")]
+
+
+def test_an_unexpected_fault_anywhere_is_a_500_naming_its_request(server, monkeypatch):
+    """A bug past every handler (here in the feedback route, injected in this process) is still an OpenAI-shaped
+    500 with the x-request-id its log line carries."""
+    import serving.routes
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(serving.routes, "_own_request", broken)
+    r = httpx.post(server.url + "/v1/feedback", json={"request_id": "x", "score": 1}, headers=H(), timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+    assert r.headers.get("x-request-id")
