@@ -267,6 +267,10 @@ class ServerConfig(_Strict):
     #: a streamed response's client must take each chunk within this many seconds; one that stops reading for
     #: longer is cut off (ledger: ClientDisconnected), freeing its slots, its spend hold and its upstream call
     stream_send_timeout_s: float = Field(30.0, gt=0)
+    #: a request must arrive whole, headers and body, within this many seconds of its connection's opening (of
+    #: its first byte, on a kept-alive connection); a client that sends it slower, or stops, gets a 408
+    #: request_timeout and its connection closed (no ledger row)
+    request_read_timeout_s: float = Field(30.0, gt=0)
     #: completion requests in flight at once, all keys together (beyond: 503 server_overloaded); None: no limit
     max_concurrent_requests: int | None = Field(None, gt=0)
 

@@ -19,6 +19,7 @@ from serving.errors import error_body, install_error_handlers
 from serving.logs import current_request_id
 from serving.metrics import Metrics
 from serving.shutdown import Drain, DrainMiddleware
+from serving.streaming import RequestReadTimeoutMiddleware
 
 
 class _TooLarge(BaseException):
@@ -203,6 +204,9 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app.add_middleware(AuthMiddleware)  # the key before the body: a caller without one learns nothing more
     app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes,
                        header_limit=config.server.max_header_bytes)
+    # a body that does not arrive in time: 408 (the protocol serve runs times the headers: serving/streaming.py)
+    app.add_middleware(RequestReadTimeoutMiddleware, timeout_s=config.server.request_read_timeout_s)
+    app.state.request_read_timeout_s = config.server.request_read_timeout_s  # for that protocol (run_server)
     app.add_middleware(DrainMiddleware, drain=drain)  # answers for requests a shutdown gives up on
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries its id, a 413 or 401 too
     return app

@@ -146,12 +146,13 @@ class DrainMiddleware:
 
 
 def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: str, graceful_shutdown_s: float,
-               uvicorn_logging: bool = True) -> None:
+               uvicorn_logging: bool = True, request_read_timeout_s: float | None = None) -> None:
     """Serve ``app`` with uvicorn until SIGINT/SIGTERM; requests get ``graceful_shutdown_s`` to finish, then
     ``drain`` answers those still running (503) and the process exits. ``uvicorn_logging=True``: uvicorn's
     own text lines, its access lines ending with the request's id (:func:`serving.logs.uvicorn_log_config`);
     ``False``: uvicorn leaves logging alone and its lines go to the root logger's handler (the JSON lines of
-    serving/logs.py)."""
+    serving/logs.py). A request must arrive whole within ``request_read_timeout_s`` (by default the
+    ``server.request_read_timeout_s`` that :func:`serving.create_app` gave ``app``: serving/streaming.py)."""
     import uvicorn
 
     from serving.logs import uvicorn_log_config
@@ -161,9 +162,13 @@ def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: s
             drain.begin(graceful_shutdown_s)
             await super().shutdown(sockets)
 
+    if request_read_timeout_s is None:
+        request_read_timeout_s = getattr(getattr(app, "state", None), "request_read_timeout_s", None)
     # loop/http "auto": uvloop and httptools (runtime dependencies) where installed, else asyncio and h11; the
-    # protocol lets a connection whose client stopped reading be reset (serving/streaming.py)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="auto", http=http_protocol(),
+    # protocol lets a connection whose client stopped reading be reset, and bounds how long a request may take
+    # to arrive (serving/streaming.py)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="auto",
+                            http=http_protocol(request_read_timeout_s),
                             log_config=uvicorn_log_config() if uvicorn_logging else None,
                             timeout_graceful_shutdown=graceful_shutdown_s + ABORT_WINDOW_S)
     server = Server(config)

@@ -18,20 +18,36 @@ client that does not read to take it: uvicorn would count the connection open (a
 until its own cut-off). :func:`http_protocol` (the protocol ``cascade serve`` runs) lets
 :func:`abort_connection` reset such a connection at once; under another server it closes as uvicorn closes
 it.
+
+Nor can a client hold a connection by sending its request slowly, or not at all (a ``Content-Length`` larger
+than the body it sends, headers it never finishes: slowloris). uvicorn's ``timeout_keep_alive`` only covers
+the silence between a response and the next request's first byte: a connection that never sends a byte, and
+a request that trickles in (any byte stops that timer), are waited for without limit. So a request must
+arrive whole, headers and body, within ``server.request_read_timeout_s`` of its connection's opening, or of
+its first byte on a kept-alive connection. :func:`http_protocol` times it: one whose headers never complete
+gets a 408 and its connection closed (a connection that sent nothing is closed silently); one that reached the
+app is answered by :class:`RequestReadTimeoutMiddleware` when its body is late: a 408 ``request_timeout``
+JSON error, and the connection closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import struct
 from typing import Any
 
 from starlette.responses import StreamingResponse
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.errors import error_body
 
 log = logging.getLogger("cascade.serving")
+
+#: the scope key under which :func:`http_protocol` gives a request the loop time by which it must have arrived
+READ_DEADLINE = "cascade.read_deadline"
 
 
 #: the open connections of servers run with :func:`http_protocol`, by (server address, client address)
@@ -42,24 +58,101 @@ def _conn_key(server: Any, client: Any) -> tuple[tuple, tuple] | None:
     return (tuple(server), tuple(client)) if server and client else None
 
 
-def http_protocol() -> type[asyncio.Protocol]:
+def _timeout_message(timeout_s: float) -> str:
+    return (f"the request did not arrive whole within {timeout_s:g} s (server.request_read_timeout_s): "
+            "send its headers and body without pausing")
+
+
+def _timeout_body(timeout_s: float) -> bytes:
+    return json.dumps(error_body(_timeout_message(timeout_s), "invalid_request_error",
+                                 code="request_timeout")).encode()
+
+
+def http_protocol(request_read_timeout_s: float | None = None) -> type[asyncio.Protocol]:
     """uvicorn's ``http="auto"`` protocol (httptools where installed, else h11), remembering each connection's
-    transport so that :func:`abort_connection` can reset it."""
+    transport so that :func:`abort_connection` can reset it; with ``request_read_timeout_s``, a request must
+    arrive whole within it (the module's doc).
+
+    The timer starts as the connection opens, or at the first byte once the previous request has arrived
+    whole, and stops once a request (uvicorn's ``cycle``, of either protocol class) has its body complete;
+    each request that reached the app carries its deadline in its scope (:data:`READ_DEADLINE`)."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+    timeout = request_read_timeout_s
+
     class AbortableHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        _read_timer: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             # the addresses uvicorn puts in each request's scope ("server", "client")
             self._cascade_key = _conn_key(getattr(self, "server", None), getattr(self, "client", None))
             if self._cascade_key is not None:
                 _TRANSPORTS[self._cascade_key] = transport
+            if timeout is not None:
+                self._read_arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self._read_disarm()
             key = getattr(self, "_cascade_key", None)
             if key is not None and _TRANSPORTS.get(key) is self.transport:
                 del _TRANSPORTS[key]
             super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if timeout is not None and self._read_timer is None:  # the first byte of the next request
+                self._read_arm()
+            self._read_bytes = True
+            super().data_received(data)
+            if self._read_timer is not None and self._read_arrived():
+                self._read_disarm()
+
+        def handle_websocket_upgrade(self, *args: Any) -> None:
+            self._read_disarm()  # the connection is a WebSocket's from now on
+            super().handle_websocket_upgrade(*args)
+
+        # -- server.request_read_timeout_s
+
+        def _read_arm(self) -> None:
+            self._read_deadline = self.loop.time() + timeout
+            self._read_prev = self.cycle  # the previous request's cycle (None: none); any other is the new one's
+            self._read_bytes = False
+            self._read_timer = self.loop.call_at(self._read_deadline, self._read_timed_out)
+
+        def _read_disarm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def _read_arrived(self) -> bool:
+            """Whether the request being timed is in whole; once its headers are, its scope gets its deadline."""
+            cycle = self.cycle
+            if cycle is None or cycle is self._read_prev:
+                return False  # its headers are not complete
+            cycle.scope.setdefault(READ_DEADLINE, self._read_deadline)  # type: ignore[typeddict-item]
+            return not cycle.more_body
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if self.transport.is_closing() or self._read_arrived():
+                return
+            cycle = self.cycle
+            if (cycle is not None and not cycle.response_complete) or self.flow.read_paused:
+                # a request is being answered (one whose body is late gets its 408 from the app, in
+                # RequestReadTimeoutMiddleware), or the server itself is not reading: look again later
+                self._read_timer = self.loop.call_later(timeout, self._read_timed_out)
+                return
+            if cycle is None or cycle is self._read_prev:  # its headers never completed
+                if self._read_bytes:
+                    body = _timeout_body(timeout)
+                    self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+                    log.warning("a request's headers did not arrive within %g s (server.request_read_timeout_s):"
+                                " closing its connection", timeout)
+            else:  # answered before its body came in whole, and the rest never came
+                log.warning("a request's body did not arrive within %g s (server.request_read_timeout_s): "
+                            "closing its connection", timeout)
+            self.transport.close()
 
     return AbortableHTTPProtocol
 
@@ -79,6 +172,64 @@ async def abort_connection(scope: Scope) -> bool:
     transport.abort()
     await asyncio.sleep(0)  # uvicorn learns of it (connection_lost, called soon) before the app returns
     return True
+
+
+class _ReadTimedOut(BaseException):
+    """Raised from the app's ``receive`` past the request's read deadline (``args[0]``: whose). A
+    ``BaseException``: FastAPI turns any ``Exception`` met while reading a body into a vague 400."""
+
+
+class RequestReadTimeoutMiddleware:
+    """Answer a request whose body has not arrived whole by its deadline with 408 ``request_timeout``, and
+    close its connection. The deadline is the one :func:`http_protocol` put in its scope (counted from its
+    connection's opening, or its first byte), else ``timeout_s`` from when it reached the app. Only the body's
+    reads are bounded: once it is in, a read waits for the client to leave, as long as that takes.
+
+    No ledger row, as for a body over ``server.max_body_bytes`` (413): the request is refused before it
+    could be read. One whose answer has already begun is cut off instead (:func:`abort_connection`)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = scope.get(READ_DEADLINE) or asyncio.get_running_loop().time() + self.timeout_s
+        arrived = started = False
+
+        async def timed_receive() -> Message:
+            nonlocal arrived
+            if arrived:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    msg = await receive()
+            except TimeoutError:
+                raise _ReadTimedOut(self) from None
+            arrived = msg["type"] != "http.request" or not msg.get("more_body", False)
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, timed_receive, tracking_send)
+        except _ReadTimedOut as exc:
+            if exc.args[0] is not self:
+                raise
+            log.warning("a request's body did not arrive within %g s (server.request_read_timeout_s): "
+                        "answering 408", self.timeout_s)
+            if started:
+                await abort_connection(scope)
+                return
+            body = _timeout_body(self.timeout_s)
+            await send({"type": "http.response.start", "status": 408,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
 
 
 class ClientStalled(Exception):
@@ -124,4 +275,5 @@ class BoundedStreamingResponse(StreamingResponse):
                 await aclose()
 
 
-__all__ = ["BoundedStreamingResponse", "ClientStalled", "abort_connection", "http_protocol"]
+__all__ = ["READ_DEADLINE", "BoundedStreamingResponse", "ClientStalled", "RequestReadTimeoutMiddleware",
+           "abort_connection", "http_protocol"]
