@@ -639,12 +639,18 @@ def load_calibrator(path: str | Path) -> Calibrator:
 def save_calibrator(cal: Calibrator, path: str | Path) -> Path:
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(cal.to_dict(), indent=2, sort_keys=True) + "\n"
+    from calibration.output import dumps
+
+    text = dumps(cal.to_dict(), indent=2, sort_keys=True) + "\n"  # strict JSON: a NaN metric is null
     if p.exists() and not p.is_file():  # a device or a pipe (/dev/null, /dev/stdout): written, never replaced
         with open(p, "w") as f:
             f.write(text)
         return p
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(p)  # atomic: a server reloading the artifact never reads half a file
+    try:
+        tmp.write_text(text)
+        tmp.replace(p)  # atomic: a server reloading the artifact never reads half a file
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
+        raise
     return p

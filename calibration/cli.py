@@ -13,7 +13,6 @@ module's own ``main`` does the same when used alone.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from calibration.features import RAW_SCORE, SCORES, score_source
-from cascade.cli import check_output_file, non_negative_int
+from calibration.output import check_output_dir, check_output_path, dumps, write_text
+from cascade.cli import non_negative_int
 from cascade.errors import ConfigError, DataError
 
 CALIBRATE_METHODS = ("temperature", "platt", "isotonic", "histogram", "auto")
@@ -104,12 +104,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError("--bins must be at least 2")
     if args.folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {args.folds}")
+    if args.use_netcal and args.method != "temperature":
+        raise ConfigError(f"--use-netcal fits temperature scaling: it needs --method temperature, not {args.method}")
+    if args.criterion is not None and args.method != "auto":
+        raise ConfigError(f"--criterion chooses the method of --method auto; with --method {args.method} it would "
+                          "do nothing")
     # the outputs, checked before the work (and never the data file itself)
-    out_path = check_output_file(args.out, "--out")
+    out_path = check_output_path(args.out, "--out")
     if _same_file(args.out, args.data):
         raise ConfigError(f"--out {args.out} is the --data file: it would be overwritten; write the artifact "
                           "elsewhere")
-    if args.plot:
+    if args.plot is not None:  # "" is refused, not ignored
         from calibration.plots import check_plot_path
 
         check_plot_path(args.plot)
@@ -130,8 +135,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         selection = None
         try:
             if args.method == "auto":
-                selection = select_calibrator(lp, y, criterion=args.criterion, k=args.folds, seed=args.seed,
-                                              feature=feature)
+                selection = select_calibrator(lp, y, criterion=args.criterion or "nll", k=args.folds,
+                                              seed=args.seed, feature=feature)
                 cal = selection.calibrator
             elif args.method == "temperature" and args.use_netcal:
                 cal = make_calibrator("temperature", feature).fit(lp, y, use_netcal=True)
@@ -159,13 +164,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             cal.metrics["calibrated_heldout_cv"] = heldout
         if selection is not None:
             cal.metrics["selection"] = selection.to_dict()
-        out = save_calibrator(cal, out_path)
         plot = None
-        if args.plot:
+        if args.plot:  # drawn first: a plot that fails leaves no artifact behind
             from calibration.plots import reliability_diagram
 
             plot = reliability_diagram(args.plot, {"raw": (raw_p, y), f"{cal.method}": (cal_p, y)},
                                        title=f"{tier.name} on {data.label} (n={len(y)})", n_bins=args.bins)
+        try:
+            out = save_calibrator(cal, out_path)
+        except OSError as exc:
+            raise ConfigError(f"--out {args.out}: cannot write: {exc.strerror or exc}") from None
         progress("done", 3, 3)
     report = {"data": data.path, "model": tier.name, "n": int(len(y)), "feature": feature, "method": cal.method,
               "params": cal.params(), "raw": raw, "calibrated": fitted, "calibrated_heldout_cv": heldout,
@@ -173,7 +181,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if selection is not None:
         report["selection"] = selection.to_dict()
     if args.json:
-        print(json.dumps(report, indent=2, default=float))
+        print(dumps(report, indent=2))
         return 0
     rows = [(k, raw[k], fitted[k]) for k in ("ece", "ece_equal_mass", "mce", "brier", "nll", "auroc")]
     if heldout is not None:
@@ -199,16 +207,29 @@ def _same_file(a: str, b: str) -> bool:
         return a == b
 
 
+def _chain_order_warnings(train: Any, chain: Sequence[str]) -> list[str]:
+    """A warning when the chain does not run from cheap to expensive on TRAIN: every ratio of the report is
+    against the last tier's cost, and savings against a last tier that is the cheapest mean nothing."""
+    first, last = float(train.tier(chain[0]).cost.mean()), float(train.tier(chain[-1]).cost.mean())
+    if last > first:
+        return []
+    return [f"the last tier {chain[-1]!r} costs no more than the first {chain[0]!r} on TRAIN (mean ${last:.3g} "
+            f"against ${first:.3g} a question): savings_captured is undefined and the cost ratios compare against "
+            "the cheaper model; give --chain from the cheapest model to the strongest"]
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from calibration.data import load_cascade_outputs, split_data
+    from calibration.data import check_disjoint, load_cascade_outputs, split_data
     from calibration.replay import ReplayConfig, replay
 
     chain = [c.strip() for c in (args.chain or "").split(",") if c.strip()]
     if len(chain) < 2:
         raise ConfigError(f"--chain needs at least two models, cheapest first (M1,M2[,M3...]), got {args.chain!r}: "
                           "a cascade escalates from one to the next")
+    if len(set(chain)) != len(chain):
+        raise ConfigError(f"--chain names a model twice: {','.join(chain)}")
     if args.max_quality_drop is not None and not (0 <= args.max_quality_drop < 1):
         raise ConfigError(f"--max-quality-drop must be in [0, 1) (a fraction: 0.005 = half a point), "
                           f"got {args.max_quality_drop}")
@@ -221,30 +242,32 @@ def cmd_replay(args: argparse.Namespace) -> int:
                        objective="budget" if args.cost_budget is not None else "quality",
                        cost_budget=args.cost_budget)
     cfg.validate()
-    if args.export_policy and not args.no_features:
+    exporting = args.export_policy is not None  # an empty DIR is refused, not taken for "no export"
+    if exporting and not args.no_features:
         from calibration.export import NEEDS_OWN_CONFIDENCE
 
         raise ConfigError(NEEDS_OWN_CONFIDENCE)
-    # the outputs, checked before the work
-    if args.out:
-        check_output_file(args.out, "--out")
-    if args.plot:
+    if args.policy_name is not None and not exporting:
+        raise ConfigError("--policy-name names the policy that --export-policy writes; give --export-policy DIR too")
+    if exporting:
+        from calibration.export import check_policy_name
+
+        args.policy_name = check_policy_name("replayed" if args.policy_name is None else args.policy_name, chain)
+    # the outputs, checked before the work (an option given as "" is refused, not ignored)
+    if args.out is not None:
+        check_output_path(args.out, "--out")
+    if args.plot is not None:
         from calibration.plots import check_plot_path
 
         check_plot_path(args.plot)
     for flag, path in (("--out", args.out), ("--plot", args.plot)):
         if path and any(_same_file(path, f) for f in (args.train, args.test)):
             raise ConfigError(f"{flag} {path} is the --train or --test file: it would be overwritten")
-    if args.export_policy:
-        d = Path(args.export_policy).expanduser()
-        if not args.export_policy.strip() or (d.exists() and not d.is_dir()):
-            raise ConfigError(f"--export-policy {args.export_policy!r}: not a directory")
+    if exporting:
+        check_output_dir(args.export_policy, "--export-policy")
     if args.test_fraction is not None and not _same_file(args.train, args.test):
         raise ConfigError("--test-fraction splits one file into train and test parts: give that file as both --train "
                           "and --test (or leave --test-fraction out to fit on --train and measure on --test)")
-    if args.cost_budget is not None and drop_given:
-        print("cascade: note: with --cost-budget the policy maximises quality under the budget; "
-              "--max-quality-drop only tunes the anchor column (the single threshold tuned on TEST)", file=sys.stderr)
     with _progress(True) as progress:
         progress("loading data", 0, 1)
         train = load_cascade_outputs(args.train).with_score(args.feature, chain)
@@ -267,7 +290,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 raise DataError(f"{d.path}: the last tier {chain[-1]!r} costs $0 on every question of the "
                                 f"{'training' if d is train else 'test'} split, so no cost ratio against it is "
                                 "defined: end the chain with a tier that has a cost")
+        # two files: TEST must hold (almost) no question of TRAIN
+        overlap = check_disjoint(train, test) if split_info is None else None
         _both_outcomes(train.tier(chain[0]).correct, chain[0], f"the training split of {train.path}")
+        warnings = ([overlap] if overlap else []) + _chain_order_warnings(train, chain)
         try:
             report, policy = replay(train, test, chain, cfg, progress)
         except ValueError as exc:
@@ -276,11 +302,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         report["split"] = split_info
     report["cost_budget"] = args.cost_budget
     report["score_feature"] = args.feature
-    if args.export_policy:
-        from calibration.export import export_policy
-
-        report["exported"] = export_policy(policy, args.export_policy, name=args.policy_name,
-                                           feature=args.feature, train_path=train.path, n_train=len(train))
+    report["warnings"] = warnings
+    # the writes, the plot first: a plot that fails leaves no exported policy and no report behind
     if args.plot:
         from calibration.plots import reliability_diagram
 
@@ -290,12 +313,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                         report["calibration_method"]: (cal.predict(first.logprob), first.correct)},
                             title=f"{chain[0]} on {test.label} (test, n={len(test)})")
         report["plot"] = str(args.plot)
+    if exporting:
+        from calibration.export import export_policy
+
+        report["exported"] = export_policy(policy, args.export_policy, name=args.policy_name,
+                                           feature=args.feature, train_path=train.path, n_train=len(train))
     if args.out:
-        p = Path(args.out).expanduser()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(report, indent=2) + "\n")
+        write_text(args.out, dumps(report, indent=2) + "\n", "--out")
+    # notes and warnings once everything is written: a run that fails says one line, its error
+    if args.cost_budget is not None and drop_given:
+        print("cascade: note: with --cost-budget the policy maximises quality under the budget; "
+              "--max-quality-drop only tunes the anchor column (the single threshold tuned on TEST)", file=sys.stderr)
+    for w in warnings:
+        print(f"cascade: warning: {w}", file=sys.stderr)
     if args.json:
-        print(json.dumps(report))
+        print(dumps(report))
         return 0
     rows = [
         ("ECE first tier (test)", report["ece_raw"], report["ece_calibrated"]),
@@ -344,8 +376,10 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--feature", default=RAW_SCORE, choices=SCORES,
                    help=f"score to calibrate: the stored {RAW_SCORE} (default), or an engine feature from the "
                         "lines' features (live runs); an artifact on an engine feature serves a tier as it is")
-    p.add_argument("--use-netcal", action="store_true", help="fit temperature scaling with netcal")
-    p.add_argument("--criterion", default="nll", choices=("nll", "ece", "brier"), help="selection criterion for auto")
+    p.add_argument("--use-netcal", action="store_true",
+                   help="fit temperature scaling with netcal (--method temperature only)")
+    p.add_argument("--criterion", default=None, choices=("nll", "ece", "brier"),
+                   help="selection criterion of --method auto (default nll; an error with another method)")
     p.add_argument("--folds", type=int, default=5, help="folds for held-out scores (default 5; 2 to the questions)")
     p.add_argument("--bins", type=int, default=15, help="ECE bins (default 15)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the folds (default 0)")
@@ -387,7 +421,8 @@ def add_cli(subparsers: Any) -> None:
                    help="write the fitted policy as the engine loads it: one calibrator artifact per consulted "
                         "tier and DIR/policy.yaml (policies.<name>: chain, thresholds, calibrators); needs "
                         "--no-features")
-    r.add_argument("--policy-name", default="replayed", help="the policy's name in policy.yaml (default replayed)")
+    r.add_argument("--policy-name", default=None,
+                   help="the policy's name in policy.yaml (default replayed; with --export-policy only)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_replay)
 

@@ -10,6 +10,11 @@ One JSON object a line::
 
 Any path works (the shared data folder is only the default of the benchmark script). Every problem is
 reported as a one-line :class:`cascade.errors.DataError` that names the file and the line.
+
+A question's id is its ``idx`` within its dataset (``source_dataset`` in a mixed file) and split: ``idx``
+numbers the questions of one split (the shared train and test files both start at 0), so an id is unique
+within a file (a repeated one is an error) and the same id in two files of one split is the same question.
+:func:`check_disjoint` refuses a TEST file that shares questions (same id, or the same prompt) with TRAIN.
 Numpy only.
 """
 
@@ -67,6 +72,10 @@ class CascadeData:
     tiers: dict[str, TierOutputs]
     prompt_chars: np.ndarray
     idx: list = field(default_factory=list)
+    #: per question: its id (dataset, split, idx) where the line has an ``idx``, else None
+    qids: list = field(default_factory=list)
+    #: per question: its prompt (system and user) where the line has a user prompt, else None
+    prompts: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompt_chars)
@@ -109,7 +118,9 @@ class CascadeData:
         idx = np.asarray(idx, dtype=int)
         return CascadeData(self.path, self.dataset, self.chain, split or self.split, list(self.models),
                            {m: t.subset(idx) for m, t in self.tiers.items()}, self.prompt_chars[idx],
-                           [self.idx[i] for i in idx] if self.idx else [])
+                           [self.idx[i] for i in idx] if self.idx else [],
+                           [self.qids[i] for i in idx] if self.qids else [],
+                           [self.prompts[i] for i in idx] if self.prompts else [])
 
 
 def _bad(path: Path, lineno: int, what: str) -> DataError:
@@ -184,6 +195,9 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
     cols: dict[str, dict[str, list]] = {}
     prompt_chars: list[float] = []
     idxs: list = []
+    qids: list = []
+    prompts: list = []
+    seen: dict[tuple[str, str, str], int] = {}  # question id -> line it was first on
     meta = {"dataset": "", "chain": "", "split": ""}
     n = 0
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -193,6 +207,8 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise _bad(p, lineno, f"not valid JSON ({exc.msg})") from None
+        except RecursionError:  # the decoder recurses once per nesting level
+            raise _bad(p, lineno, "not valid JSON (nested too deeply)") from None
         if not isinstance(row, dict):
             raise _bad(p, lineno, "each line must be a JSON object")
         ms = row.get("models")
@@ -235,7 +251,15 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
             feats[m] = _collect_features(feats[m], rec.get("features"), n, p, lineno, m)
         prompt = f"{row.get('system_prompt', '') or ''}\n{row.get('user_prompt', '') or ''}"
         prompt_chars.append(float(len(prompt)))
+        prompts.append(prompt if str(row.get("user_prompt") or "").strip() else None)  # no question: no prompt
         idxs.append(row.get("idx", n))
+        qid = _question_id(row)
+        if qid is not None:
+            first = seen.setdefault(qid, lineno)
+            if first != lineno:
+                raise _bad(p, lineno, f"duplicate question id (idx {row['idx']!r}, first on line {first}): "
+                                      "each question may appear once in a file")
+        qids.append(qid)
         n += 1
     if n == 0 or models is None:
         raise DataError(f"{p}: no questions (empty file)")
@@ -254,8 +278,42 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
             meta["chain"] = meta["chain"] or "_".join(parts[1:-1])
         else:
             meta["dataset"] = meta["dataset"] or p.stem
+    # an id's dataset and split default to the file's (its first line, or its name)
+    qids = [None if q is None else (q[0] or meta["dataset"], q[1] or meta["split"], q[2]) for q in qids]
     return CascadeData(str(p), meta["dataset"], meta["chain"], meta["split"], models, tiers,
-                       np.asarray(prompt_chars), idxs)
+                       np.asarray(prompt_chars), idxs, qids, prompts)
+
+
+def _question_id(row: dict) -> tuple[str, str, str] | None:
+    """(dataset, split, idx) of a line with an ``idx`` (not null); a mixed file's lines name their
+    ``source_dataset``. An ``idx`` of 3 and of "3" are the same id."""
+    v = row.get("idx")
+    if v is None:
+        return None
+    ident = str(v) if isinstance(v, (int, str)) and not isinstance(v, bool) else json.dumps(v, sort_keys=True)
+    dataset = row.get("source_dataset") or row.get("dataset") or ""
+    return (str(dataset), str(row.get("split") or ""), ident)
+
+
+def check_disjoint(train: CascadeData, test: CascadeData) -> str | None:
+    """Questions of ``test`` that also appear in ``train``, by id or by prompt: a replay fits on TRAIN and
+    measures on TEST, and nothing may be fit on TEST. Most of TEST in TRAIN (a copy of the file, the same split
+    twice) is a DataError; a few (benchmarks repeat some questions across their splits) are a warning, returned
+    (None: no overlap)."""
+    ids = {q for q in train.qids if q is not None}
+    texts = {t for t in train.prompts if t is not None}
+    same_id = [q is not None and q in ids for q in test.qids] or [False] * len(test)
+    same_text = [t is not None and t in texts for t in test.prompts] or [False] * len(test)
+    n = sum(a or b for a, b in zip(same_id, same_text))
+    if not n:
+        return None
+    how = " and ".join(w for w, k in (("id", any(same_id)), ("prompt", any(same_text))) if k)
+    what = (f"{n} of the {len(test)} questions of the test file {test.path} are also in the training file "
+            f"{train.path} (same question {how})")
+    if 2 * n > len(test):
+        raise DataError(f"{what}: nothing may be fit on TEST; give one file as both --train and --test to split "
+                        "it into disjoint parts")
+    return f"{what}: they count in the test figures although they were fit on"
 
 
 def split_data(data: CascadeData, test_fraction: float = 0.5, seed: int = 0) -> tuple[CascadeData, CascadeData]:

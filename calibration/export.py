@@ -27,6 +27,23 @@ NEEDS_OWN_CONFIDENCE = ("--export-policy needs --no-features: the engine decides
                         "confidence, and the agreement features have no counterpart there")
 
 
+def check_policy_name(name: str, chain: list[str]) -> str:
+    """``name``, checked before any work by the engine's own config validation (``cascade.config.parse_config``)
+    on the section ``export_policy`` will write, in a config whose tiers are named as ``chain``: an empty name,
+    or one that is also a tier's, is refused there, so it is refused here (ConfigError, one line)."""
+    from cascade.config import parse_config
+
+    tiers = [{"name": t, "backend": "openai", "model": t} for t in chain]
+    source = "(the exported policy)"
+    try:
+        parse_config({"tiers": tiers, "policies": {name: {"chain": list(chain)}}}, source=source)
+    except ConfigError as exc:
+        why = exc.message.removeprefix(f"invalid config {source}: ").removeprefix("(top level): ")
+        flag = f"--policy-name {name!r}" if why.startswith("policies") else "--export-policy"
+        raise ConfigError(f"{flag}: the engine's config would refuse the exported policy: {why}") from None
+    return name
+
+
 def export_policy(policy: FittedPolicy, out_dir: str | Path, *, name: str, feature: str,
                   train_path: str, n_train: int) -> dict[str, Any]:
     """Write the artifacts and ``policy.yaml`` into ``out_dir``; returns what was written."""
@@ -75,4 +92,4 @@ def _file_stem(tier: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in tier)
 
 
-__all__ = ["export_policy"]
+__all__ = ["check_policy_name", "export_policy"]

@@ -1,10 +1,16 @@
-"""Reliability diagrams with confidence histograms, written as PNG with matplotlib's Agg backend.
+"""Reliability diagrams with confidence histograms, written as PNG (or PDF, SVG, ...) with matplotlib's Agg backend.
 
-matplotlib is imported inside the function (it is an optional extra), never at module import.
+matplotlib is imported inside the function (it is an optional extra), never at module import. Only formats
+matplotlib writes on its own are offered (png, pdf, svg, ...; not pgf, which needs a LaTeX installation), a
+plot is written through a temporary file (a failure leaves no half-written plot), and a failure while
+writing is one ConfigError naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,18 +34,23 @@ def pyplot() -> Any:
     return plt
 
 
+#: formats matplotlib lists but cannot write without an external program: pgf runs LaTeX (xelatex by default)
+NEEDS_EXTERNAL_TOOLS = frozenset({"pgf"})
+
+
 def plot_formats() -> list[str]:
-    """The file suffixes matplotlib writes (png, pdf, svg, ...), without the dot."""
+    """The file suffixes matplotlib writes without external programs (png, pdf, svg, eps, ...), without the dot."""
     pyplot()  # the extra's message when matplotlib is missing
     from matplotlib.backend_bases import FigureCanvasBase
 
-    return sorted(FigureCanvasBase.get_supported_filetypes())
+    return sorted(set(FigureCanvasBase.get_supported_filetypes()) - NEEDS_EXTERNAL_TOOLS)
 
 
 def check_plot_path(path: str | Path, flag: str = "--plot") -> Path:
     """A plot's output path, checked before any work: a file name (not a directory) with a suffix matplotlib
-    writes, whose directory can be written. ConfigError (one line naming ``flag``) otherwise."""
-    from cascade.cli import check_output_file
+    writes without external programs, whose directory can be written or created. ConfigError (one line naming
+    ``flag``) otherwise."""
+    from calibration.output import check_output_path
 
     text = str(path)
     p = Path(text).expanduser()
@@ -49,8 +60,37 @@ def check_plot_path(path: str | Path, flag: str = "--plot") -> Path:
     suffix = p.suffix.lower().lstrip(".")
     if text.strip() and suffix not in formats:
         said = f"unsupported image format .{suffix}" if suffix else "the file name has no image suffix"
+        if suffix in NEEDS_EXTERNAL_TOOLS:
+            said += " (it needs LaTeX)"
         raise ConfigError(f"{flag} {text}: {said}; supported: {', '.join('.' + f for f in formats)}")
-    return check_output_file(text, flag)
+    return check_output_path(text, flag)
+
+
+def save_figure(fig: Any, path: str | Path, flag: str = "--plot") -> Path:
+    """Write ``fig`` to ``path`` in the format its suffix names, through a temporary file in the same folder
+    (nothing half-written is left when drawing fails), and close it. A failure (a format that needs a missing
+    program, a full disk) is a ConfigError naming ``flag`` and the path."""
+    plt = pyplot()
+    p = Path(path).expanduser()
+    fmt = p.suffix.lower().lstrip(".") or None
+    tmp = p.with_name(f".{p.name}.tmp")
+    # the PostScript backend notes on stderr that it draws the translucent grid and bars opaque: harmless
+    ps_log = logging.getLogger("matplotlib.backends.backend_ps")
+    level = ps_log.level
+    ps_log.setLevel(logging.ERROR)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, format=fmt, dpi=110)
+        os.replace(tmp, p)
+    except (OSError, RuntimeError, ValueError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
+        raise ConfigError(f"{flag} {path}: cannot write the plot: {why}") from exc
+    finally:
+        ps_log.setLevel(level)
+        plt.close(fig)
+    return p
 
 
 def reliability_diagram(path: str | Path, curves: Mapping[str, tuple[Any, Any]], title: str = "",
@@ -60,8 +100,6 @@ def reliability_diagram(path: str | Path, curves: Mapping[str, tuple[Any, Any]],
     ``curves`` maps a label (e.g. "raw", "calibrated") to (confidences, correct). Returns the path.
     """
     plt = pyplot()
-    p = Path(path).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax, hx) = plt.subplots(2, 1, figsize=(5.5, 7.0), sharex=True,
                                  gridspec_kw={"height_ratios": [3, 1.3]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
@@ -91,16 +129,12 @@ def reliability_diagram(path: str | Path, curves: Mapping[str, tuple[Any, Any]],
     hx.set_ylabel("share of answers")
     hx.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path)
 
 
 def cost_quality_plot(path: str | Path, points: Sequence[dict[str, Any]], title: str = "") -> Path:
     """A small scatter of (cost ratio, quality) operating points, each a dict with label/cost_ratio/quality."""
     plt = pyplot()
-    p = Path(path).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
     for pt in points:
         ax.scatter(pt["cost_ratio"], pt["quality"], s=40)
@@ -111,6 +145,4 @@ def cost_quality_plot(path: str | Path, points: Sequence[dict[str, Any]], title:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path)

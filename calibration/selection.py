@@ -30,7 +30,8 @@ class Selection:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "criterion": self.criterion, "folds": self.folds,
-                "heldout": {m: round(s, 6) for m, s in self.scores.items()}}
+                # null where nothing was held out (too few questions, one outcome): JSON has no NaN
+                "heldout": {m: round(s, 6) if np.isfinite(s) else None for m, s in self.scores.items()}}
 
 
 def kfold_indices(n: int, k: int, seed: int = 0, strata: np.ndarray | None = None) -> list[np.ndarray]:

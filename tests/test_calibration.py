@@ -401,3 +401,47 @@ def test_quality_lower_bound_and_errors():
     with pytest.raises(ConfigError):
         search_thresholds([t, t], max_quality_drop=2.0)
     assert issubclass(ConfigError, CascadeError)
+
+
+# --- strict JSON, plot formats ----------------------------------------------------------------------------
+
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN and Infinity tokens, as strict readers (JSON.parse, jq) do."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_selection_with_nothing_held_out_reports_null_scores_and_strict_json(tmp_path):
+    from calibration.output import dumps
+
+    lp = np.log(np.array([0.9, 0.8, 0.3, 0.6, 0.7, 0.2]))
+    sel = select_calibrator(lp, np.array([1, 1, 0, 1, 0, 0]), k=2)  # 6 questions: too few to hold any out
+    d = sel.to_dict()
+    assert d["folds"] == 0 and set(d["heldout"].values()) == {None}
+    assert _strict_json(json.dumps(d, allow_nan=False)) == d
+    assert _strict_json(dumps({"a": float("nan"), "b": [np.float64("inf"), np.int64(3)], "c": (np.bool_(True),)})) \
+        == {"a": None, "b": [None, 3], "c": [True]}
+    cal = sel.calibrator
+    cal.metrics = {"selection": {"nll": float("nan")}, "auroc": np.float64("nan")}
+    art = save_calibrator(cal, tmp_path / "a.json")
+    assert _strict_json(art.read_text())["metrics"] == {"selection": {"nll": None}, "auroc": None}
+
+
+def test_every_offered_plot_format_is_written_without_external_programs(tmp_path):
+    from calibration.plots import check_plot_path, plot_formats, pyplot, save_figure
+
+    formats = plot_formats()
+    assert {"png", "pdf", "svg", "eps", "ps"} <= set(formats) and "pgf" not in formats
+    plt = pyplot()
+    for fmt in formats:  # each one really saved: nothing offered needs LaTeX, ghostscript or the like
+        fig, ax = plt.subplots(figsize=(1.5, 1.0))
+        ax.bar([0, 1], [1, 2], alpha=0.7)
+        ax.grid(alpha=0.3)
+        out = save_figure(fig, tmp_path / f"p.{fmt}")
+        assert out.stat().st_size > 0, fmt
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"p.{f}" for f in formats)  # no temporary left
+    with pytest.raises(ConfigError, match=r"unsupported image format \.pgf \(it needs LaTeX\); supported: .*\.png"):
+        check_plot_path(tmp_path / "x.pgf")

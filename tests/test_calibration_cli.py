@@ -319,3 +319,192 @@ def test_error_bad_options(capsys):
     assert rc == 2 and "--chain" in _error_line(err)
     rc, _, err = run_cli(capsys, "replay", "--train", f, "--test", f, "--chain", "llama3.2-1b,llama3.2-1b")
     assert rc == 2 and "twice" in _error_line(err)
+
+
+# --- strict JSON, plots, overlapping data, options that do nothing -------------------------------------------
+
+
+def _strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_json_stays_strict_when_a_held_out_score_is_undefined(tmp_path, capsys):
+    # the last tier wrong on every line: its calibrator selection holds nothing out (one outcome), NaN scores
+    rows = _rows(OUTPUTS / "mmlu_llama_train.jsonl")
+    for r in rows:
+        r["models"]["llama3.1-405b"]["correct"] = False
+    lastwrong = _write_rows(tmp_path / "lastwrong.jsonl", rows)
+    rc, out, err = run_cli(capsys, "replay", "--train", str(lastwrong), "--test", str(lastwrong), "--chain",
+                           "llama3.2-1b,llama3.1-405b", "--no-guard", "--json", "--out", str(tmp_path / "r.json"))
+    assert rc == 0, err
+    rep = _strict_json(out)
+    assert set(rep["tier_calibration"]["llama3.1-405b"]["heldout"].values()) == {None}
+    assert _strict_json((tmp_path / "r.json").read_text())["tier_calibration"] == rep["tier_calibration"]
+    # six questions with --method auto: nothing held out either, in stdout and in the artifact
+    six = _small_copy(tmp_path, 6)
+    art = tmp_path / "six.json"
+    rc, out, err = run_cli(capsys, "calibrate", "--data", str(six), "--model", "llama3.2-1b", "--method", "auto",
+                           "--folds", "2", "--out", str(art), "--json")
+    assert rc == 0, err
+    assert set(_strict_json(out)["selection"]["heldout"].values()) == {None}
+    assert set(_strict_json(art.read_text())["metrics"]["selection"]["heldout"].values()) == {None}
+
+
+def test_a_plot_format_that_needs_latex_is_refused_before_the_work(tmp_path, capsys):
+    f = str(OUTPUTS / "medmcqa_llama_train.jsonl")
+    art, exp = tmp_path / "a.json", tmp_path / "exp"
+    rc, _, err = run_cli(capsys, "calibrate", "--data", f, "--model", "llama3.2-1b", "--out", str(art),
+                         "--plot", str(tmp_path / "p.pgf"))
+    line = _error_line(err)
+    assert rc == 2 and "--plot" in line and ".pgf" in line and "LaTeX" in line and ".png" in line
+    rc, _, err = run_cli(capsys, "replay", "--train", f, "--test", f, "--chain", "llama3.2-1b,llama3.1-405b",
+                         "--no-features", "--export-policy", str(exp), "--plot", str(tmp_path / "p.pgf"))
+    assert rc == 2 and ".pgf" in _error_line(err)
+    assert not art.exists() and not exp.exists()
+    # PostScript is written without external programs
+    rc, _, err = run_cli(capsys, "calibrate", "--data", f, "--model", "llama3.2-1b", "--out", str(art),
+                         "--plot", str(tmp_path / "p.eps"))
+    assert rc == 0, err
+    assert (tmp_path / "p.eps").read_bytes()[:4] == b"%!PS"
+
+
+def test_a_plot_that_fails_while_drawing_is_one_line_and_leaves_nothing_written(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def broken(self, *a, **k):
+        raise RuntimeError("'xelatex' not found\nsecond line")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    f = str(OUTPUTS / "medmcqa_llama_train.jsonl")
+    art, exp, rep, png = tmp_path / "a.json", tmp_path / "exp", tmp_path / "r.json", tmp_path / "p.png"
+    rc, _, err = run_cli(capsys, "calibrate", "--data", f, "--model", "llama3.2-1b", "--out", str(art),
+                         "--plot", str(png))
+    assert rc == 2 and f"--plot {png}: cannot write the plot: 'xelatex' not found" in _error_line(err)
+    rc, _, err = run_cli(capsys, "replay", "--train", f, "--test", f, "--chain", "llama3.2-1b,llama3.1-405b",
+                         "--no-features", "--no-guard", "--export-policy", str(exp), "--out", str(rep),
+                         "--plot", str(png))
+    assert rc == 2 and "cannot write the plot" in _error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no artifact, policy, report or half a plot
+
+
+def test_a_deeply_nested_line_is_a_data_error_naming_the_line(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(_small_copy(tmp_path, 1).read_text() + "[" * 3000 + "\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: not valid JSON \(nested too deeply\)"):
+        load_cascade_outputs(deep)
+
+
+def test_replay_refuses_test_questions_that_are_also_in_train(tmp_path, capsys):
+    real = OUTPUTS / "mmlu_llama_train.jsonl"
+    chain = "llama3.2-1b,llama3.1-405b"
+    copy = _write_rows(tmp_path / "copy.jsonl", _rows(real))  # the same questions under another name
+    rc, out, err = run_cli(capsys, "replay", "--train", str(real), "--test", str(copy), "--chain", chain, "--json")
+    line = _error_line(err)
+    assert rc == 2 and out == "" and "285 of the 285 questions" in line and "nothing may be fit on TEST" in line
+    # without ids, the same prompts are the same questions; a few of them (benchmarks repeat some questions
+    # across their splits) are a warning, in the JSON too, not a refusal
+    rows = _rows(OUTPUTS / "medmcqa_llama_test.jsonl")[:40] + _rows(OUTPUTS / "medmcqa_llama_train.jsonl")[:3]
+    for r in rows:
+        del r["idx"]
+    leaky = _write_rows(tmp_path / "leaky.jsonl", rows)
+    rc, out, err = run_cli(capsys, "replay", "--train", str(OUTPUTS / "medmcqa_llama_train.jsonl"), "--test",
+                           str(leaky), "--chain", chain, "--json")
+    assert rc == 0 and "3 of the 43 questions" in err and "same question prompt" in err
+    assert any("3 of the 43 questions" in w for w in json.loads(out)["warnings"])
+    # most of TEST in TRAIN, without ids: refused
+    rows = _rows(OUTPUTS / "medmcqa_llama_train.jsonl")[:30] + _rows(OUTPUTS / "medmcqa_llama_test.jsonl")[:10]
+    for r in rows:
+        del r["idx"]
+    rc, _, err = run_cli(capsys, "replay", "--train", str(OUTPUTS / "medmcqa_llama_train.jsonl"), "--test",
+                         str(_write_rows(tmp_path / "mostly.jsonl", rows)), "--chain", chain)
+    assert rc == 2 and "30 of the 40 questions" in _error_line(err) and "nothing may be fit on TEST" in err
+
+
+def test_a_question_id_twice_in_one_file_is_refused_with_its_line(tmp_path, capsys):
+    rows = _rows(OUTPUTS / "mmlu_llama_train.jsonl")[:30]
+    rows[7]["idx"] = rows[2]["idx"]
+    dup = _write_rows(tmp_path / "dup.jsonl", rows)
+    rc, _, err = run_cli(capsys, "calibrate", "--data", str(dup), "--model", "llama3.2-1b",
+                         "--out", str(tmp_path / "a.json"))
+    assert rc == 2 and f"{dup}:8: duplicate question id (idx 2, first on line 3)" in _error_line(err)
+
+
+def test_real_train_and_test_files_are_disjoint_and_so_is_a_seeded_split():
+    from calibration.data import check_disjoint
+
+    pairs = 0
+    for name in ALL_FILES:
+        d = load_cascade_outputs(OUTPUTS / name)
+        assert len(set(d.qids)) == len(d) and None not in d.qids  # every line has an id, once
+        train, test = split_data(d, 0.4, seed=3)
+        assert not set(train.qids) & set(test.qids) and len(train) + len(test) == len(d)
+        if name.endswith("_test.jsonl"):
+            assert check_disjoint(load_cascade_outputs(OUTPUTS / name.replace("_test", "_train")), d) is None
+            pairs += 1
+    assert pairs == 4
+
+
+def test_export_policy_and_policy_name_are_checked_before_the_work(tmp_path, capsys):
+    missing = str(tmp_path / "missing.jsonl")  # never read: the options are refused first
+    base = ["replay", "--train", missing, "--test", missing, "--chain", "llama3.2-1b,llama3.1-405b", "--no-features"]
+    for extra, needle in ((["--export-policy", ""], "--export-policy: empty path"),
+                          (["--export-policy", str(tmp_path / "e"), "--policy-name", ""],
+                           "--policy-name '': the engine's config would refuse the exported policy: policies: a "
+                           "policy name must not be empty"),
+                          (["--export-policy", str(tmp_path / "e"), "--policy-name", "llama3.1-405b"],
+                           "are also tier names"),
+                          (["--policy-name", "mine"], "--policy-name names the policy that --export-policy writes"),
+                          (["--export-policy", "/proc/nope"], "--export-policy /proc/nope: cannot create")):
+        rc, _, err = run_cli(capsys, *base, *extra)
+        assert rc == 2 and needle in _error_line(err), extra
+    assert not (tmp_path / "e").exists()
+
+
+def test_replay_warns_when_the_chain_does_not_run_cheapest_first(capsys):
+    train, test = str(OUTPUTS / "medmcqa_llama_train.jsonl"), str(OUTPUTS / "medmcqa_llama_test.jsonl")
+    rc, out, err = run_cli(capsys, "replay", "--train", train, "--test", test, "--chain",
+                           "llama3.1-405b,llama3.2-1b", "--no-guard", "--json")
+    assert rc == 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cascade: warning: the last tier 'llama3.2-1b' costs no more")
+    assert "savings_captured is undefined" in lines[0] and "cheapest model to the strongest" in lines[0]
+    rep = _strict_json(out)
+    assert rep["warnings"] == [lines[0].removeprefix("cascade: warning: ")] and rep["savings_captured"] is None
+    rc, out, err = run_cli(capsys, "replay", "--train", train, "--test", test, "--chain",
+                           "llama3.2-1b,llama3.1-405b", "--no-guard", "--json")
+    assert rc == 0 and err == "" and _strict_json(out)["warnings"] == []
+
+
+def test_options_that_would_do_nothing_and_unwritable_outputs_are_refused_first(tmp_path, capsys):
+    missing = str(tmp_path / "missing.jsonl")  # never read: the options are refused first
+    cal = ["calibrate", "--data", missing, "--model", "llama3.2-1b"]
+    out = ["--out", str(tmp_path / "a.json")]
+    for extra, needle in ((["--use-netcal", "--method", "platt", *out], "--use-netcal fits temperature scaling"),
+                          (["--use-netcal", "--method", "auto", *out], "needs --method temperature"),
+                          (["--criterion", "ece", *out], "--criterion chooses the method of --method auto"),
+                          (["--out", "/proc/nope/x.json"], "--out /proc/nope/x.json: cannot create the directory"),
+                          ([*out, "--plot", ""], "--plot: empty path")):
+        rc, _, err = run_cli(capsys, *cal, *extra)
+        assert rc == 2 and needle in _error_line(err), extra
+    rc, _, err = run_cli(capsys, "replay", "--train", missing, "--test", missing, "--chain",
+                         "llama3.2-1b,llama3.1-405b", "--out", "/proc/nope/r.json")
+    assert rc == 2 and "--out /proc/nope/r.json: cannot create the directory" in _error_line(err)
+    if Path("/dev/full").exists():  # a device that takes no data: the failure names the option and the path
+        rc, _, err = run_cli(capsys, "calibrate", "--data", str(_small_copy(tmp_path)), "--model", "llama3.2-1b",
+                             "--out", "/dev/full")
+        assert rc == 2 and "--out /dev/full: cannot write" in _error_line(err)
+    rc, out_, err = run_cli(capsys, "calibrate", "--data", str(OUTPUTS / "medmcqa_llama_train.jsonl"), "--model",
+                            "llama3.2-1b", "--method", "auto", "--criterion", "ece", *out, "--json")
+    assert rc == 0 and _strict_json(out_)["selection"]["criterion"] == "ece"
