@@ -380,7 +380,7 @@ def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
     """Spend against the last-tier-alone baseline per group (bars), escalation rate (line)."""
     import numpy as np
 
-    from calibration.plots import pyplot
+    from calibration.plots import pyplot, save_figure
 
     plt = pyplot()
 
@@ -420,9 +420,7 @@ def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
                  fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return save_figure(fig, p)
 
 
 # --- shadow report ---------------------------------------------------------------------------------
