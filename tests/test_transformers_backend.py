@@ -308,3 +308,42 @@ async def test_a_models_own_generation_config_cannot_change_the_decoding(smol_pa
             assert_logprobs_equal_a_direct_forward_pass(b, req, res)  # greedy, one token a step
     finally:
         await b.close()
+
+
+def test_a_requests_prompt_is_tokenized_once_for_its_ceiling_budget_and_generation(smol_path):
+    """Admission (cost ceiling), the cost budget and the generation each count a request's prompt on the event
+    loop: the backend's RecentPrompts tokenizes it once, by the identity of its (immutable) messages or prompt,
+    and gives the same ids as the tokenizer itself."""
+    from transformers import AutoTokenizer
+
+    from cascade.backends.base import RecentPrompts, prompt_token_ids
+
+    tok = AutoTokenizer.from_pretrained(smol_path)
+    templated = []
+
+    class Counting:  # the real tokenizer, its chat-template calls counted
+        def apply_chat_template(self, *a, **k):
+            templated.append(1)
+            return tok.apply_chat_template(*a, **k)
+
+        def __call__(self, *a, **k):
+            return tok(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    counting, recent = Counting(), RecentPrompts(size=2)
+    req = GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=8)
+    first = recent.ids(counting, req)
+    assert first == prompt_token_ids(tok, req)
+    first.append(-1)  # a caller's copy: the memo keeps its own
+    assert recent.ids(counting, req) == recent.ids(counting, req.with_(max_tokens=3)) == prompt_token_ids(tok, req)
+    assert len(templated) == 1
+    # an equal prompt in another request object is tokenized again (identity, never a content hash)
+    other = GenerationRequest(messages=(Message("user", "What is the capital of France?"),))
+    recent.ids(counting, other)
+    assert len(templated) == 2
+    recent.ids(counting, GenerationRequest(messages=(Message("user", "Hi"),)))  # the first falls out (size 2)
+    recent.ids(counting, req)
+    assert len(templated) == 4
+    assert recent.ids(Counting(), req) and len(templated) == 5  # another tokenizer: its own ids

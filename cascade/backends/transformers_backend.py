@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade.backends.base import Backend, StartOnce, TokenBytes, TokenTexts, option_int, prompt_token_ids
+from cascade.backends.base import Backend, RecentPrompts, StartOnce, TokenBytes, TokenTexts, option_int
 from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServerError
 from cascade.types import (
     GenerationRequest,
@@ -158,6 +158,7 @@ class TransformersBackend(Backend):
         self._configured_ctx = context_length
         self._model_ctx: int | None = None
         self._tok: Any = None
+        self._recent_prompts = RecentPrompts()  # one request's prompt tokenized once (base.RecentPrompts)
         self._token_bytes: TokenBytes | None = None  # with the tokenizer, at start
         self._model: Any = None
         self._path: Path | None = None
@@ -315,7 +316,7 @@ class TransformersBackend(Backend):
 
     # --- prompts ----------------------------------------------------------------------------------
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        return prompt_token_ids(self._tok, request)
+        return self._recent_prompts.ids(self._tok, request)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         return len(self._prompt_ids(request)) if self._tok is not None else None

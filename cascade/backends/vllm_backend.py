@@ -45,6 +45,7 @@ if not vllm_installed():  # pragma: no cover - exercised in the main venv
 
 from cascade.backends.base import (
     Backend,
+    RecentPrompts,
     StartOnce,
     TokenBytes,
     TokenTexts,
@@ -52,7 +53,6 @@ from cascade.backends.base import (
     option_int,
     option_number,
     option_str,
-    prompt_token_ids,
 )
 from cascade.errors import (
     BackendUnavailableError,
@@ -202,6 +202,7 @@ class VLLMBackend(Backend):
         self._extra_args = dict(engine_args or {})
         self._engine: Any = None
         self._tok: Any = None
+        self._recent_prompts = RecentPrompts()  # one request's prompt tokenized once (base.RecentPrompts)
         self._token_bytes: TokenBytes | None = None  # with the tokenizer, at start
         self._path: Path | str | None = None
         self._model_ctx: int | None = None
@@ -339,7 +340,7 @@ class VLLMBackend(Backend):
 
     # --- prompts ----------------------------------------------------------------------------------
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        return prompt_token_ids(self._tok, request)
+        return self._recent_prompts.ids(self._tok, request)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         return len(self._prompt_ids(request)) if self._tok is not None else None
