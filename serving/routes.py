@@ -100,7 +100,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bo
 
 
 async def _admit(request: Request, body: AnyRequest,
-                 endpoint: str) -> tuple[Caller, Budget]:
+                 endpoint: str) -> tuple[Caller, Budget, GenerationRequest | None]:
     """Authorise the model, check limits and the key's daily spend; give the budget. A refusal here is
     recorded in the ledger (and so in the metrics) before it is raised."""
     try:
@@ -127,7 +127,7 @@ async def record_refusal(request: Request, exc: CascadeError, model: str | None,
         **(attribution or {}))
 
 
-async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Budget]:
+async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Budget, GenerationRequest | None]:
     engine = _engine(request)
     caller = _caller(request)
     model = body.model or engine.config.default_policy_name
@@ -165,7 +165,7 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
         holds.release(rid)
         raise
     state["ticket"] = ticket
-    return caller, budget
+    return caller, budget, req  # the engine's request, where the limits built it: the engine runs that one
 
 
 def _spend_buckets(caller: Caller, end_user: str | None) -> list[tuple[tuple, float, str, str, str | None]]:
@@ -260,13 +260,14 @@ async def _complete(request: Request, body: AnyRequest, endpoint: str) -> Respon
 async def _answer(request: Request, body: AnyRequest, endpoint: str) -> Response:
     """Every record the engine finishes reaches the metrics once written (``engine.commit_listeners``)."""
     engine = _engine(request)
-    caller, budget = await _admit(request, body, endpoint)
+    caller, budget, req = await _admit(request, body, endpoint)
     try:
         kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
                   budget=budget, request_id=request.scope.get("state", {}).get("request_id"),
                   cache=cache_mode(request.headers.get("cache-control"), request.headers.get("pragma")),
                   **body.attribution())
-        req = body.to_engine()
+        # (one object from admission to the tiers: a local tier tokenizes its prompt once, RecentPrompts)
+        req = req or body.to_engine()
     except Exception as exc:  # a fault of this server's before the engine ran: its row, as the engine's own have
         log.exception("request failed before the engine ran")
         err = InternalError("internal server error")
