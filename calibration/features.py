@@ -44,10 +44,11 @@ class _TokenLike(Protocol):
 
 
 def _floor(x: float | None) -> float:
-    """A logprob, floored at ``LOGPROB_FLOOR``; None and NaN give the floor (NaN fails the comparison)."""
+    """A logprob, floored at ``LOGPROB_FLOOR`` and capped at 0 (a log of a probability: a value above 0 that
+    reached here is a certainty, never more); None and NaN give the floor (NaN fails the comparison)."""
     if x is None or not (x := float(x)) >= LOGPROB_FLOOR:
         return LOGPROB_FLOOR
-    return x
+    return x if x <= 0.0 else 0.0
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float:

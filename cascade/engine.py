@@ -800,7 +800,8 @@ class Engine:
         att.cost_usd = tier.config.price.cost(res.usage.prompt_tokens, res.usage.completion_tokens)
         merge_provider_attempts(attempts, att, provider_log, served=True)  # provider price, failed attempts
         att.text = res.text
-        att.features = extract_features(res.tokens)
+        # an empty answer has nothing to be confident in, whatever logprobs came with it: no tokens, so it escalates
+        att.features = extract_features(res.tokens if res.text else ())
         return res
 
     def _finish(self, rec: CascadeRecord, *, route: Route | None, t0: float) -> None:

@@ -23,6 +23,10 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
 ``garbled:K``        a 200 that cannot be read: non-streams, a body cut to half its JSON (sent whole, the
                      connection kept); streams, K token chunks (default 1), then ``data: {not json``
 ``bare``             answer with neither ``usage`` nor logprobs (a server that reports no tokens)
+``{"kind": "odd"}``  (a dict spec) answer with odd values, sent as Python's json writes them (NaN and
+                     Infinity as such): ``logprob`` every token's, ``top_logprob`` every alternative's,
+                     ``usage`` the usage object, ``finish_reason`` the final one, ``content_null`` a null
+                     text with the tokens' logprobs kept
 ===================  ==============================================================================
 
 Control (JSON): ``POST /_faults`` ``{"queue": [spec, ...], "rate": 0.2, "kinds": [spec, ...],
@@ -120,6 +124,36 @@ def _bare(payload: dict[str, Any]) -> dict[str, Any]:
     """An answer (or stream chunk) without usage and logprobs."""
     out = {k: v for k, v in payload.items() if k != "usage"}
     out["choices"] = [{**c, "logprobs": None} for c in payload.get("choices", [])]
+    return out
+
+
+def _odd(payload: dict[str, Any], fault: dict[str, Any]) -> dict[str, Any]:
+    """An answer (or stream chunk) with the odd values of an ``odd`` fault (see the module's doc)."""
+    out = json.loads(json.dumps(payload))
+    if "usage" in fault and out.get("usage") is not None:
+        out["usage"] = fault["usage"]
+    for c in out.get("choices", []):
+        lp = c.get("logprobs") or {}
+        entries = lp.get("content") or []  # chat
+        for e in entries:
+            if "logprob" in fault:
+                e["logprob"] = fault["logprob"]
+            for alt in e.get("top_logprobs") or []:
+                if "top_logprob" in fault:
+                    alt["logprob"] = fault["top_logprob"]
+        if lp.get("token_logprobs") is not None:  # completions
+            if "logprob" in fault:
+                lp["token_logprobs"] = [fault["logprob"]] * len(lp["token_logprobs"])
+            if "top_logprob" in fault:
+                lp["top_logprobs"] = [{k: fault["top_logprob"] for k in d} for d in lp.get("top_logprobs") or []]
+        if "finish_reason" in fault and c.get("finish_reason") is not None:
+            c["finish_reason"] = fault["finish_reason"]
+        if fault.get("content_null"):
+            for holder in (c.get("message"), c.get("delta")):
+                if isinstance(holder, dict) and "content" in holder:
+                    holder["content"] = None
+            if "text" in c:
+                c["text"] = None
     return out
 
 
@@ -347,6 +381,8 @@ class FaultServer:
             chunks = self._chunks(chat, body)
             if kind == "bare":
                 chunks = [_bare(c) for c in chunks if c.get("choices")]
+            elif kind == "odd":
+                chunks = [_odd(c, fault) for c in chunks]
             drop_after = fault["after"] if kind in ("drop", "garbled") else None
 
             async def sse():  # noqa: ANN202
@@ -365,7 +401,8 @@ class FaultServer:
 
             return StreamingResponse(sse(), media_type="text/event-stream")
         full = self._full(chat, body)
-        payload = json.dumps(_bare(full) if kind == "bare" else full).encode()
+        full = _bare(full) if kind == "bare" else _odd(full, fault) if kind == "odd" else full
+        payload = json.dumps(full).encode()
         if kind == "garbled":
             return Response(payload[: len(payload) // 2], media_type="application/json")
         if kind == "drop":
@@ -457,7 +494,10 @@ class FaultServerThread:
 
     # --- control over HTTP (as a test or a person would) --------------------------------------------
     def faults(self, *queue: str | dict, **kw: Any) -> dict:
-        return httpx.post(self.url + "/_faults", json={"queue": list(queue), **kw}, timeout=5).json()
+        # (Python's json, NaN and Infinity allowed: an ``odd`` fault may carry them; httpx's json= refuses them)
+        body = json.dumps({"queue": list(queue), **kw})
+        return httpx.post(self.url + "/_faults", content=body, headers={"content-type": "application/json"},
+                          timeout=5).json()
 
     def stats(self) -> dict:
         return httpx.get(self.url + "/_stats", timeout=5).json()

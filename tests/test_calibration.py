@@ -445,3 +445,17 @@ def test_every_offered_plot_format_is_written_without_external_programs(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"p.{f}" for f in formats)  # no temporary left
     with pytest.raises(ConfigError, match=r"unsupported image format \.pgf \(it needs LaTeX\); supported: .*\.png"):
         check_plot_path(tmp_path / "x.pgf")
+
+
+def test_features_read_every_logprob_as_the_log_of_a_probability():
+    """Whatever a backend hands over: above 0 is a certainty (5.0 made exp() 148, 1e308 overflowed it), NaN and
+    -inf the floor; the features stay finite and first_token_prob a probability."""
+    from types import SimpleNamespace as T
+
+    from calibration.features import LOGPROB_FLOOR, extract_features
+
+    toks = [T(logprob=1e308, top=[T(logprob=1e308), T(logprob=float("nan"))]), T(logprob=5.0, top=[]),
+            T(logprob=float("-inf"), top=[]), T(logprob=float("nan"), top=[])]
+    f = extract_features(toks)
+    assert all(math.isfinite(v) for v in f.values()), f
+    assert f["first_token_prob"] == 1.0 and f["min_logprob"] == LOGPROB_FLOOR and f["n_tokens"] == 4

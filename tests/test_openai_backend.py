@@ -193,3 +193,99 @@ def test_an_upstream_error_that_quotes_the_key_reaches_no_one(serve_app, tmp_pat
     for key in keys.values():
         assert not [s for s in seen if key in s]
     assert not [s for s in seen if "Bearer " in s and "[redacted]" not in s]
+
+
+# --- numbers an upstream should never send ------------------------------------------------------------
+
+INF, NAN = float("inf"), float("nan")
+LP = GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=4, top_logprobs=2)
+
+
+@pytest.mark.parametrize("odd", [{"logprob": NAN}, {"logprob": INF}, {"logprob": 5.0}, {"logprob": 1e308},
+                                 {"top_logprob": NAN}, {"top_logprob": 1e308}])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_logprob_that_is_no_log_of_a_probability_makes_the_answer_malformed(odd, stream):
+    """NaN, a positive value or +inf is no logprob: a confidence made from it would be made up (5.0 read as
+    sure), a NaN could not be sent on in JSON (a 500 after an ok ledger row) and 1e308 overflowed exp() in
+    the features (a 500, no row). The answer is malformed: its tier falls over, the cascade escalates."""
+    from cascade.errors import ProviderServerError
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as upstream:
+        upstream.faults({"kind": "odd", **odd})
+        b = OpenAIBackend(model="m", base_url=upstream.base_url)
+        try:
+            with pytest.raises(ProviderServerError, match="malformed response .*not the log of a probability"):
+                if stream:
+                    async for _ in b.stream(LP):
+                        pass
+                else:
+                    await b.generate(LP)
+        finally:
+            await b.close()
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+async def test_a_zero_probability_is_the_lowest_logprob_and_a_hair_above_zero_is_zero(endpoint):
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as upstream:
+        upstream.faults({"kind": "odd", "logprob": 2e-4, "top_logprob": -INF})
+        b = OpenAIBackend(model="m", base_url=upstream.base_url, endpoint=endpoint)
+        try:
+            res = await b.generate(LP if endpoint == "chat" else GenerationRequest(prompt="Hi", max_tokens=4,
+                                                                                   top_logprobs=2))
+        finally:
+            await b.close()
+    assert res.tokens and all(t.logprob == 0.0 for t in res.tokens)
+    assert all(a.logprob == -9999.0 for t in res.tokens for a in t.top)
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": -1_000_000, "completion_tokens": -5}, {"prompt_tokens": NAN, "completion_tokens": NAN},
+    {"prompt_tokens": INF, "completion_tokens": INF}, {"prompt_tokens": 3.7, "completion_tokens": 2.5},
+    {"prompt_tokens": "many", "completion_tokens": None}])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_token_counts_that_are_no_counts_are_estimated(usage, stream):
+    """A negative, fractional, infinite or NaN count made negative costs, a row the ledger could not hold, a
+    report that could not be written (int(inf)): such a count is estimated, as a missing one is."""
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as upstream:
+        upstream.faults({"kind": "odd", "usage": usage, "finish_reason": 123})
+        b = OpenAIBackend(model="m", base_url=upstream.base_url)
+        try:
+            if stream:
+                chunks = [c async for c in b.stream(LP)]
+                got, finish = chunks[-1].usage, chunks[-1].finish_reason
+            else:
+                res = await b.generate(LP)
+                got, finish = res.usage, res.finish_reason
+        finally:
+            await b.close()
+    assert isinstance(got.prompt_tokens, int) and isinstance(got.completion_tokens, int)
+    assert 0 < got.prompt_tokens < 100 and 0 < got.completion_tokens <= 4, got
+    assert finish == "stop"  # 123 is no finish reason
+
+
+async def test_an_empty_answer_with_sure_logprobs_escalates(tmp_path):
+    """A null text that comes with confident logprobs is an empty answer: nothing to serve, so it escalates
+    (its features say no tokens), as the README promises."""
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as first, FaultServerThread() as second:
+        first.faults({"kind": "odd", "content_null": True, "logprob": -0.001})
+        cfg = make_config(tmp_path, [
+            {"name": "first", "backend": "openai", "model": "m", "threshold": 0.5,
+             "options": {"base_url": first.base_url}},
+            {"name": "second", "backend": "openai", "model": "m", "options": {"base_url": second.base_url}}],
+            {"cascade": {"chain": ["first", "second"]}})
+        engine = await Engine.open(cfg)
+        try:
+            out = await engine.run(GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=4),
+                                   model="cascade")
+        finally:
+            await engine.close()
+    rec = out.record
+    assert rec.tier == "second" and rec.escalated
+    assert rec.attempts[0].decision == "escalate" and rec.attempts[0].reason == "empty answer"

@@ -233,9 +233,11 @@ class OpenAIBackend(Backend):
         # a server that sends no usage still bills the call: estimate what it did not say (the prompt as budgets
         # count it, the answer by its tokens' logprobs or, without them, its text)
         return GenerationResult(
-            text=text, tokens=tokens, finish_reason=choice.finish_reason or "stop",
-            usage=Usage(prompt_tokens=getattr(usage, "prompt_tokens", 0) or self.estimate_prompt_tokens(request),
-                        completion_tokens=getattr(usage, "completion_tokens", 0) or answer_tokens(generated, text)),
+            text=text, tokens=tokens, finish_reason=_finish(choice.finish_reason),
+            usage=Usage(prompt_tokens=_count(getattr(usage, "prompt_tokens", 0))
+                        or self.estimate_prompt_tokens(request),
+                        completion_tokens=_count(getattr(usage, "completion_tokens", 0))
+                        or answer_tokens(generated, text)),
             latency_s=latency, model=getattr(resp, "model", None) or self.model)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
@@ -262,7 +264,7 @@ class OpenAIBackend(Backend):
                             toks = _chat_tokens(ch.logprobs)
                         else:
                             text, toks = ch.text or "", _completion_tokens(ch.logprobs)
-                        finish = ch.finish_reason or finish
+                        finish = _finish(ch.finish_reason) if ch.finish_reason is not None else finish
                         if hold is not None:
                             toks = hold.feed(text, toks)
                         seen_text.append(text)
@@ -270,8 +272,9 @@ class OpenAIBackend(Backend):
                         if text or toks:
                             yield StreamChunk(text=text, tokens=toks)
                     if ev.usage is not None:  # a count it leaves out is estimated, as for an answer without usage
-                        usage = Usage(ev.usage.prompt_tokens or self.estimate_prompt_tokens(request),
-                                      ev.usage.completion_tokens or answer_tokens(seen_tokens, "".join(seen_text)))
+                        usage = Usage(_count(ev.usage.prompt_tokens) or self.estimate_prompt_tokens(request),
+                                      _count(ev.usage.completion_tokens)
+                                      or answer_tokens(seen_tokens, "".join(seen_text)))
                 yield StreamChunk(text="", tokens=hold.finish() if hold is not None else (),
                                   finish_reason=finish or "stop", usage=usage)
             finally:  # a consumer that stops early: the HTTP response is closed now, not by the collector
@@ -315,11 +318,47 @@ def malformed_response(provider: str, exc: Exception, secrets: Sequence[str] = (
                                provider=provider, answered=True)
 
 
+#: the lowest logprob passed on: a token's probability of 0 (-inf upstream) is -9999, as OpenAI sends it
+LOGPROB_MIN = -9999.0
+#: how far above 0 rounding may put a sure token's logprob (it is then 0)
+_LOGPROB_SLACK = 1e-3
+#: the finish reasons of OpenAI's protocol; any other an upstream sends is "stop"
+_FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
+
+
+def _logprob(value: Any) -> float:
+    """An upstream's token logprob as the log of a probability: below ``LOGPROB_MIN`` (``-inf`` too) it is
+    ``LOGPROB_MIN``, a hair above 0 is 0. NaN, a positive value or no number is not a logprob: ValueError
+    (a malformed answer, whose tier falls over: a confidence from it would be made up; JSON has no NaN)."""
+    x = float(value)
+    if not x <= _LOGPROB_SLACK:  # NaN, +inf, 5.0
+        raise ValueError(f"token logprob {value!r} is not the log of a probability")
+    return min(0.0, max(x, LOGPROB_MIN))
+
+
+def _count(value: Any) -> int:
+    """A token count of an upstream's ``usage``, or 0 (then estimated, as a count it leaves out) where it is
+    none: negative, fractional, not finite, not a number (a NaN or negative count made negative costs, and a
+    NaN one a request the ledger could not hold)."""
+    if isinstance(value, bool):
+        return 0
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(x) if math.isfinite(x) and x >= 0 and x == int(x) else 0
+
+
+def _finish(value: Any) -> str:
+    """An upstream's finish reason, one of OpenAI's (anything else, a number included, is "stop")."""
+    return value if isinstance(value, str) and value in _FINISH_REASONS else "stop"
+
+
 def _chat_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
     content = getattr(logprobs, "content", None) or ()
     return tuple(
-        TokenLogprob(token=c.token, logprob=float(c.logprob), raw=_raw(c),
-                     top=tuple(TopLogprob(token=t.token, logprob=float(t.logprob), raw=_raw(t))
+        TokenLogprob(token=c.token, logprob=_logprob(c.logprob), raw=_raw(c),
+                     top=tuple(TopLogprob(token=t.token, logprob=_logprob(t.logprob), raw=_raw(t))
                                for t in (c.top_logprobs or ())))
         for c in content)
 
@@ -339,7 +378,7 @@ def _completion_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
     tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
     out = []
     for tok, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=False):
-        alts = tuple(sorted((TopLogprob(token=k, logprob=float(v)) for k, v in (top or {}).items()),
+        alts = tuple(sorted((TopLogprob(token=k, logprob=_logprob(v)) for k, v in (top or {}).items()),
                             key=lambda a: -a.logprob))
-        out.append(TokenLogprob(token=tok, logprob=float(lp if lp is not None else -30.0), top=alts))
+        out.append(TokenLogprob(token=tok, logprob=_logprob(lp if lp is not None else -30.0), top=alts))
     return tuple(out)
