@@ -637,20 +637,7 @@ def load_calibrator(path: str | Path) -> Calibrator:
 
 
 def save_calibrator(cal: Calibrator, path: str | Path) -> Path:
-    p = Path(path).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    from calibration.output import dumps
+    """Write the artifact, atomically (OSError on failure)."""
+    from calibration.output import dumps, write_file
 
-    text = dumps(cal.to_dict(), indent=2, sort_keys=True) + "\n"  # strict JSON: a NaN metric is null
-    if p.exists() and not p.is_file():  # a device or a pipe (/dev/null, /dev/stdout): written, never replaced
-        with open(p, "w") as f:
-            f.write(text)
-        return p
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(p)  # atomic: a server reloading the artifact never reads half a file
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
-        raise
-    return p
+    return write_file(path, dumps(cal.to_dict(), indent=2, sort_keys=True) + "\n")  # strict JSON: NaN is null

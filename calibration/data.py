@@ -54,6 +54,12 @@ class TierOutputs:
     #: ``models.<m>.features`` (live runs do; the shared data does not): feature name -> values
     features: dict[str, np.ndarray] = field(default_factory=dict)
 
+    @property
+    def answered(self) -> np.ndarray:
+        """False where the answer is empty: the engine escalates such an answer whatever its confidence, and so
+        does a replay."""
+        return np.array([a != "" for a in self.answer], dtype=bool)
+
     def subset(self, idx: np.ndarray) -> "TierOutputs":
         return TierOutputs(self.name, [self.answer[i] for i in idx], self.correct[idx], self.logprob[idx],
                            self.cost[idx], self.latency_ms[idx], self.tokens_in[idx], self.tokens_out[idx],

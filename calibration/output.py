@@ -6,7 +6,8 @@
   strict JSON readers refuse.
 * :func:`check_output_path` and :func:`check_output_dir` check an output before any fitting, naming the
   option: a directory that cannot be created (``/proc/nope/x.json``) fails at once, not after the fit.
-* :func:`write_text` writes a file (atomically where it is a regular file) and names the option when it fails.
+* :func:`write_file` writes a file (atomically where it is a regular file); :func:`write_text` names the option
+  when it fails.
 
 Numpy only.
 """
@@ -99,10 +100,11 @@ def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
     return d
 
 
-def write_text(path: str | os.PathLike[str], text: str, flag: str) -> Path:
+def write_file(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` (its directories created): atomically through a temporary file for a regular
-    file, directly for a device or a pipe (``/dev/stdout``). ConfigError naming ``flag`` and the path on
-    failure, with no temporary file left behind."""
+    file (a server reloading an artifact never reads half of one), directly for a device or a pipe
+    (``/dev/null``, ``/dev/stdout``: written, never replaced). OSError on failure, with no temporary file left
+    behind."""
     p = Path(path).expanduser()
     tmp = p.with_name(p.name + ".tmp")
     try:
@@ -113,11 +115,19 @@ def write_text(path: str | os.PathLike[str], text: str, flag: str) -> Path:
             return p
         tmp.write_text(text)
         tmp.replace(p)
-    except OSError as exc:
+    except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise ConfigError(f"{flag} {os.fspath(path)}: cannot write: {exc.strerror or exc}") from None
+        raise
     return p
 
 
-__all__ = ["check_output_dir", "check_output_path", "dumps", "finite_or_none", "write_text"]
+def write_text(path: str | os.PathLike[str], text: str, flag: str) -> Path:
+    """:func:`write_file`, a failure a ConfigError naming ``flag`` and the path."""
+    try:
+        return write_file(path, text)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {os.fspath(path)}: cannot write: {exc.strerror or exc}") from None
+
+
+__all__ = ["check_output_dir", "check_output_path", "dumps", "finite_or_none", "write_file", "write_text"]

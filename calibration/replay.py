@@ -117,8 +117,7 @@ class _Features:
         self.cost = {m: data.tier(m).cost for m in chain}
         self.fmt = {m: np.array([answer_format_ok(a) for a in data.tier(m).answer]) for m in chain}
         answers = {m: data.tier(m).answer for m in chain}
-        #: False where a tier's answer is empty: the engine escalates those whatever the confidence, so does replay
-        self.answered = {m: np.array([a != "" for a in answers[m]], dtype=bool) for m in chain}
+        self.answered = {m: data.tier(m).answered for m in chain}
         self.agree: dict[tuple[str, str], np.ndarray] = {}
         for a, b in itertools.combinations(chain, 2):
             v = np.array([answer_agreement(x, y) for x, y in zip(answers[a], answers[b])])
@@ -476,8 +475,7 @@ def apply_policy(policy: FittedPolicy, data: CascadeData) -> Outcome:
     arrays = []
     for j, m in enumerate(policy.subchain):
         t = data.tier(m)
-        answered = np.array([a != "" for a in t.answer], dtype=bool)
-        arrays.append(TierArrays(m, scores[j] if j < len(scores) else np.zeros(n), t.correct, t.cost, answered))
+        arrays.append(TierArrays(m, scores[j] if j < len(scores) else np.zeros(n), t.correct, t.cost, t.answered))
     return run_policy(arrays, policy.thresholds)
 
 

@@ -107,8 +107,7 @@ async def _admit(request: Request, body: AnyRequest,
         return await _admit_checks(request, body)
     except CascadeError as exc:
         # a request naming no model was for the default policy: its row says so, as a served one's does
-        await record_refusal(request, exc, body.model or _engine(request).config.default_policy_name, endpoint,
-                             body.attribution())
+        await record_refusal(request, exc, _route_name(request, body), endpoint, body.attribution())
         raise
 
 
@@ -127,10 +126,15 @@ async def record_refusal(request: Request, exc: CascadeError, model: str | None,
         **(attribution or {}))
 
 
+def _route_name(request: Request, body: AnyRequest) -> str:
+    """The policy or tier a request is for: the model it names, else the default policy."""
+    return body.model or _engine(request).config.default_policy_name
+
+
 async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Budget, GenerationRequest | None]:
     engine = _engine(request)
     caller = _caller(request)
-    model = body.model or engine.config.default_policy_name
+    model = _route_name(request, body)
     # an unknown model is refused here (404, recorded as every refusal), before it takes a place in any limit
     engine.resolve(model)
     authorize(caller, model)
@@ -271,8 +275,7 @@ async def _answer(request: Request, body: AnyRequest, endpoint: str) -> Response
     except Exception as exc:  # a fault of this server's before the engine ran: its row, as the engine's own have
         log.exception("request failed before the engine ran")
         err = InternalError("internal server error")
-        await record_refusal(request, err, body.model or engine.config.default_policy_name, endpoint,
-                             body.attribution())
+        await record_refusal(request, err, _route_name(request, body), endpoint, body.attribution())
         raise err from exc
     if body.stream:
         return await _stream(request, body, req, endpoint, kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -183,8 +184,7 @@ class RecentPrompts:
     takes the tokenizer about half a second)."""
 
     def __init__(self, size: int = 8) -> None:
-        self._items: list[tuple[object, Any, tuple[int, ...]]] = []
-        self._size = size
+        self._items: deque[tuple[object, Any, tuple[int, ...]]] = deque(maxlen=size)
 
     def ids(self, tokenizer: Any, request: GenerationRequest) -> list[int]:
         key = request.messages if request.messages is not None else request.prompt
@@ -192,7 +192,7 @@ class RecentPrompts:
             if k is key and tok is tokenizer:
                 return list(ids)
         ids = tuple(prompt_token_ids(tokenizer, request))
-        self._items = [*self._items[-(self._size - 1):], (key, tokenizer, ids)]
+        self._items.append((key, tokenizer, ids))
         return list(ids)
 
 
