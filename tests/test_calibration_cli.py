@@ -380,23 +380,22 @@ def test_a_plot_format_that_needs_latex_is_refused_before_the_work(tmp_path, cap
     assert (tmp_path / "p.eps").read_bytes()[:4] == b"%!PS"
 
 
-def test_a_plot_that_fails_while_drawing_is_one_line_and_leaves_nothing_written(tmp_path, capsys, monkeypatch):
-    from matplotlib.figure import Figure
-
-    def broken(self, *a, **k):
-        raise RuntimeError("'xelatex' not found\nsecond line")
-
-    monkeypatch.setattr(Figure, "savefig", broken)
+def test_a_plot_that_fails_while_drawing_is_one_line_and_leaves_nothing_written(tmp_path, capsys):
+    # a real failure after the up-front checks: the plot's temporary file cannot be created (a directory holds
+    # its name), as a full disk or a vanished folder would fail it
+    blocker = tmp_path / ".p.png.tmp"
+    blocker.mkdir()
     f = str(OUTPUTS / "medmcqa_llama_train.jsonl")
     art, exp, rep, png = tmp_path / "a.json", tmp_path / "exp", tmp_path / "r.json", tmp_path / "p.png"
     rc, _, err = run_cli(capsys, "calibrate", "--data", f, "--model", "llama3.2-1b", "--out", str(art),
                          "--plot", str(png))
-    assert rc == 2 and f"--plot {png}: cannot write the plot: 'xelatex' not found" in _error_line(err)
+    assert rc == 2 and f"--plot {png}: cannot write the plot: Is a directory" in _error_line(err)
     rc, _, err = run_cli(capsys, "replay", "--train", f, "--test", f, "--chain", "llama3.2-1b,llama3.1-405b",
                          "--no-features", "--no-guard", "--export-policy", str(exp), "--out", str(rep),
                          "--plot", str(png))
-    assert rc == 2 and "cannot write the plot" in _error_line(err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no artifact, policy, report or half a plot
+    assert rc == 2 and f"--plot {png}: cannot write the plot: Is a directory" in _error_line(err)
+    # no artifact, policy, report or half a plot
+    assert sorted(p.name for p in tmp_path.iterdir()) == [blocker.name] and not any(blocker.iterdir())
 
 
 def test_a_deeply_nested_line_is_a_data_error_naming_the_line(tmp_path):
