@@ -275,15 +275,17 @@ class Engine:
         raise UnknownModelError(
             f"model {name!r} does not exist; valid models: {', '.join(self.model_names())}", param="model")
 
-    def cost_ceiling(self, request: GenerationRequest, model: str | None, budget: Budget | None = None) -> float:
+    async def cost_ceiling(self, request: GenerationRequest, model: str | None,
+                           budget: Budget | None = None) -> float:
         """The most ``request`` can cost through its route (USD): every tier of it tried, each billed for the
         prompt and ``max_tokens`` of answer at its dearest provider's price, within the per-request cost
         budget if there is one. What an admitted request holds against the daily spend limits until its
         ledger row is in. An estimate as the cost budget's is: a tier without a local tokenizer counts the
         prompt on the high side, and a call retried on another provider after a timeout can be billed for
-        its prompt twice."""
+        its prompt twice. A tier with a tokenizer of its own counts the prompt on a thread, off the event loop."""
         total, rough = 0.0, None
         for tier in self.resolve(model).tiers:
+            await tier.backend.tokenize(request)
             prompt = tier.backend.count_prompt_tokens(request)
             if prompt is None:  # counted once for all the tiers without a tokenizer (a long prompt takes ms)
                 prompt = rough = request.rough_prompt_tokens() if rough is None else rough
@@ -729,6 +731,8 @@ class Engine:
                                 top_logprobs=max(request.top_logprobs, tc.top_logprobs))
             att = Attempt(index=len(rec.attempts), tier=tier.name, model=tc.model, backend=tc.backend)
             rec.attempts.append(att)
+            if budget.cost_usd is not None:
+                await tier.backend.tokenize(req)  # counted off the event loop, for the budget and the call
             req, refusal = fit_budget(tier, req, sum(a.cost_usd for a in rec.attempts), budget)
             if refusal is not None:
                 att.decision, att.reason = "skipped", refusal

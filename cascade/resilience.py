@@ -496,6 +496,9 @@ class ResilientBackend(Backend):
         """Ready when one provider is (the others are fallbacks)."""
         return any(p.backend.ready for p in self.providers)
 
+    async def tokenize(self, request: GenerationRequest) -> None:
+        await self.providers[0].backend.tokenize(request)
+
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         return self.providers[0].backend.count_prompt_tokens(request)
 

@@ -379,6 +379,7 @@ class ShadowSampler:
             done = _tier_outcomes(rec.attempts)
             done.update(_tier_outcomes(smp.calls))
             spent = sum(done[t][1] for t in sh.chain[:sh.chain.index(tname)] if t in done)
+            await tier.backend.tokenize(req)  # off the event loop, for the budget and the estimate below
             req, refusal = fit_budget(tier, req, spent, smp.budget)
             if refusal is not None:
                 return {**row, "reason": f"{row['reason']}; not sampled: the shadow would skip the tier ({refusal})"}

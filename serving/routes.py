@@ -150,12 +150,13 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     rid = state.get("request_id") or state.setdefault("request_id", new_request_id())
     holds: SpendHolds = request.app.state.spend_holds
     buckets = _spend_buckets(caller, body.attribution()["end_user"])
-    await _check_daily_spend(engine, holds, buckets, caller.key_id)
     # the engine's request, once, for the limits that weigh it
     req = body.to_engine() if buckets or (lim is not None and lim.tokens_per_minute) else None
+    ceiling = await engine.cost_ceiling(req, model, budget) if buckets else 0.0
+    await _check_daily_spend(engine, holds, buckets, caller.key_id)
     if buckets:
         # no await from the check to here: the next admission sees this request's worst case held
-        holds.hold(rid, tuple(b for b, *_ in buckets), engine.cost_ceiling(req, model, budget))
+        holds.hold(rid, tuple(b for b, *_ in buckets), ceiling)
     # last, the key's rate and in-flight limits and the server's: a request refused above takes no place in
     # them; an admitted one holds its slots until its response is sent (AuthMiddleware releases them)
     try:

@@ -333,7 +333,7 @@ async def test_a_burst_in_flight_cannot_spend_past_a_daily_limit(tmp_path, upstr
     srv = serve_app(make_config(tmp_path, [remote], user_tiers={"capped": {field: limit}},
                                 auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "capped"}]}))
     engine, holds = srv.config.app.state.engine, srv.config.app.state.spend_holds
-    assert engine.cost_ceiling(req, "cascade") == pytest.approx(ceiling)
+    assert await engine.cost_ceiling(req, "cascade") == pytest.approx(ceiling)
     body = {**BODY, "user": "alice"}
     head = {"authorization": f"Bearer {KEY}"}
     upstream.faults(delay_s=1.0)

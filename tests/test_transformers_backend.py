@@ -311,9 +311,9 @@ async def test_a_models_own_generation_config_cannot_change_the_decoding(smol_pa
 
 
 def test_a_requests_prompt_is_tokenized_once_for_its_ceiling_budget_and_generation(smol_path):
-    """Admission (cost ceiling), the cost budget and the generation each count a request's prompt on the event
-    loop: the backend's RecentPrompts tokenizes it once, by the identity of its (immutable) messages or prompt,
-    and gives the same ids as the tokenizer itself."""
+    """Admission (cost ceiling), the cost budget and the generation each count a request's prompt: the
+    backend's RecentPrompts tokenizes it once, by the identity of its (immutable) messages or prompt, and gives
+    the same ids as the tokenizer itself."""
     from transformers import AutoTokenizer
 
     from cascade.backends.base import RecentPrompts, prompt_token_ids
@@ -347,3 +347,54 @@ def test_a_requests_prompt_is_tokenized_once_for_its_ceiling_budget_and_generati
     recent.ids(counting, req)
     assert len(templated) == 4
     assert recent.ids(Counting(), req) and len(templated) == 5  # another tokenizer: its own ids
+
+
+async def test_a_long_prompt_is_tokenized_on_the_backends_thread_while_the_event_loop_runs(smol_path, smol_backend):
+    """A 1 MB prompt takes the tokenizer about half a second. ``load`` (what the backend's ``tokenize``, its
+    generation and the engine's cost ceiling use) counts it on the backend's tokenizer thread: the event
+    loop keeps serving meanwhile, and the sync counts after it find the ids made."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from cascade.backends.base import RecentPrompts, prompt_token_ids
+
+    tok = AutoTokenizer.from_pretrained(smol_path)
+    threads = []
+
+    class Where:  # the real tokenizer, the threads it ran on recorded
+        def __call__(self, *a, **k):
+            threads.append(threading.current_thread().name)
+            return tok(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    where, recent = Where(), RecentPrompts()
+    req = GenerationRequest(messages=(Message("user", "All work and no play makes Jack a dull boy. " * 23_000),))
+    ticks, done = [], asyncio.Event()
+
+    async def tick() -> None:
+        while not done.is_set():
+            ticks.append(1)
+            await asyncio.sleep(0.001)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    before = len(ticks)
+    ids = await recent.load(where, req)
+    during = len(ticks) - before
+    done.set()
+    await ticker
+    try:
+        assert threads == ["cascade-tokenize_0"]  # not the event loop's thread
+        assert during >= 2, "the event loop did not run while the prompt was tokenized"
+        assert len(ids) > 200_000 and ids == prompt_token_ids(tok, req)
+        assert recent.ids(where, req) == ids and len(threads) == 1  # the sync count finds it made
+    finally:
+        recent.close()
+    # the backend's own: tokenize, then the count and the generation find the ids (one tokenizer call)
+    req2 = GenerationRequest(messages=(Message("user", "Count to three. " * 3000),), max_tokens=2)
+    await smol_backend.tokenize(req2)
+    assert smol_backend._recent_prompts._find(smol_backend._tok, req2) is not None
+    assert smol_backend.count_prompt_tokens(req2) == len(prompt_token_ids(tok, req2))

@@ -6,6 +6,7 @@ import abc
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from cascade.types import GenerationRequest, GenerationResult, StreamChunk
@@ -131,6 +132,12 @@ class Backend(abc.ABC):
         yield StreamChunk(text=result.text, tokens=result.tokens, finish_reason=result.finish_reason,
                           usage=result.usage)
 
+    async def tokenize(self, request: GenerationRequest) -> None:
+        """Count ``request``'s prompt off the event loop, where this backend counts it with a tokenizer of its
+        own (in-process models), so that :meth:`count_prompt_tokens` after it finds the count made. A 1 MB
+        prompt takes a tokenizer about half a second: on the loop, every other request would wait for it.
+        Default: nothing to do (the count is cheap or there is none)."""
+
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         """Prompt length in this backend's tokens, when it can tell cheaply (for context checks)."""
         return None
@@ -180,20 +187,49 @@ class RecentPrompts:
     """The token ids of the last few prompts an in-process backend tokenized, found by the prompt object itself
     (a request's messages tuple or prompt string, both immutable, compared by identity and held here so that
     the identity stays theirs). One request's prompt is counted for its cost ceiling at admission, for its cost
-    budget and for its generation, each on the event loop: with this it is tokenized once (a 1 MB prompt
-    takes the tokenizer about half a second)."""
+    budget and for its generation: with this it is tokenized once, and :meth:`load` does it on a thread of
+    its own (a 1 MB prompt takes the tokenizer about half a second, and the tokenizer lets go of the GIL)."""
 
     def __init__(self, size: int = 8) -> None:
         self._items: deque[tuple[object, Any, tuple[int, ...]]] = deque(maxlen=size)
+        self._thread: ThreadPoolExecutor | None = None
 
-    def ids(self, tokenizer: Any, request: GenerationRequest) -> list[int]:
+    def _find(self, tokenizer: Any, request: GenerationRequest) -> tuple[int, ...] | None:
         key = request.messages if request.messages is not None else request.prompt
         for k, tok, ids in self._items:
             if k is key and tok is tokenizer:
-                return list(ids)
-        ids = tuple(prompt_token_ids(tokenizer, request))
-        self._items.append((key, tokenizer, ids))
+                return ids
+        return None
+
+    def _keep(self, tokenizer: Any, request: GenerationRequest, ids: tuple[int, ...]) -> None:
+        self._items.append((request.messages if request.messages is not None else request.prompt, tokenizer, ids))
+
+    def ids(self, tokenizer: Any, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids: those :meth:`load` made, else counted here, on the caller's thread."""
+        ids = self._find(tokenizer, request)
+        if ids is None:
+            ids = tuple(prompt_token_ids(tokenizer, request))
+            self._keep(tokenizer, request, ids)
         return list(ids)
+
+    async def load(self, tokenizer: Any, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids, counted on this backend's tokenizer thread (one thread, made on first use:
+        the tokenizer is never used by two counts at once) while the event loop serves other requests."""
+        ids = self._find(tokenizer, request)
+        if ids is None:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="cascade-tokenize")
+            loop = asyncio.get_running_loop()
+            ids = tuple(await loop.run_in_executor(self._thread, prompt_token_ids, tokenizer, request))
+            self._keep(tokenizer, request, ids)
+        return list(ids)
+
+    def close(self) -> None:
+        """Forget every count and let the thread go (a count in flight finishes on it; nobody waits)."""
+        self._items.clear()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.shutdown(wait=False)
 
 
 def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:

@@ -311,12 +311,17 @@ class TransformersBackend(Backend):
             cancelled.set()
             queue.put_nowait(_CLOSED)
         self._streams.clear()
+        self._recent_prompts.close()
         self._model = None
         self._tok = None
 
     # --- prompts ----------------------------------------------------------------------------------
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         return self._recent_prompts.ids(self._tok, request)
+
+    async def tokenize(self, request: GenerationRequest) -> None:
+        if self._tok is not None:
+            await self._recent_prompts.load(self._tok, request)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         return len(self._prompt_ids(request)) if self._tok is not None else None
@@ -325,7 +330,7 @@ class TransformersBackend(Backend):
     async def _prepare(self, request: GenerationRequest) -> tuple[GenerationRequest, list[int]]:
         if self._worker is None:
             await self.start()
-        ids = self._prompt_ids(request)
+        ids = await self._recent_prompts.load(self._tok, request)
         ctx = self.context_length
         if ctx is not None and len(ids) >= ctx:
             raise ContextLengthExceededError(

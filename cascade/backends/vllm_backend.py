@@ -331,6 +331,7 @@ class VLLMBackend(Backend):
 
     async def close(self) -> None:
         await self._start_once.settle()
+        self._recent_prompts.close()
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
@@ -341,6 +342,10 @@ class VLLMBackend(Backend):
     # --- prompts ----------------------------------------------------------------------------------
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         return self._recent_prompts.ids(self._tok, request)
+
+    async def tokenize(self, request: GenerationRequest) -> None:
+        if self._tok is not None:
+            await self._recent_prompts.load(self._tok, request)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         return len(self._prompt_ids(request)) if self._tok is not None else None
@@ -388,7 +393,7 @@ class VLLMBackend(Backend):
         if self._engine is None:
             await self.start()
         engine = self._engine
-        prompt_ids = self._prompt_ids(request)
+        prompt_ids = await self._recent_prompts.load(self._tok, request)
         params, _max_tokens = self._sampling(request, len(prompt_ids))
         request_id = f"{self.name}-{next(_ids)}-{uuid.uuid4().hex[:8]}"
         tracker = _Tracker(self._tok, request, self._token_bytes)
