@@ -269,6 +269,7 @@ class SpendHolds:
         self._buckets: dict[Hashable, _Bucket] = {}
         self._holds: dict[str, _Hold] = {}
         self._queued = 0
+        self._day = self.clock() // 86400
 
     def reading(self, buckets: tuple[Hashable, ...]) -> Reading:
         """Begin a read of the ledger's committed spend of ``buckets`` (close it, or use it as a context)."""
@@ -283,6 +284,7 @@ class SpendHolds:
         """``request_id`` holds ``amount`` (USD) on each of ``buckets`` until :meth:`release`."""
         if not buckets or request_id in self._holds:
             return
+        self._sweep()
         h = self._holds[request_id] = _Hold(amount, buckets)
         for b in buckets:
             self._buckets.setdefault(b, _Bucket()).holds[request_id] = h
@@ -328,6 +330,15 @@ class SpendHolds:
     def _forget_if_idle(self, key: Hashable, bucket: _Bucket) -> None:
         if not bucket.holds and not bucket.readers and not self._lost(bucket):
             del self._buckets[key]
+
+    def _sweep(self) -> None:
+        """On the first hold of a UTC day, forget the buckets kept only for yesterday's lost spend (an end
+        user who never comes back would otherwise keep one for good, one more per user a ledger outage met)."""
+        day = self.clock() // 86400
+        if day != self._day:
+            self._day = day
+            for key, bucket in list(self._buckets.items()):
+                self._forget_if_idle(key, bucket)
 
 
 __all__ = ["ANONYMOUS", "WINDOW_S", "Admission", "Reading", "SpendHolds", "Ticket", "reset_text"]

@@ -131,6 +131,25 @@ def test_spend_whose_ledger_write_failed_counts_until_the_day_ends():
     assert h._buckets == {}
 
 
+def test_buckets_kept_for_lost_spend_go_on_the_next_day_even_if_their_users_never_return():
+    """A ledger outage meets many end users once each: their lost spend is kept for the day, then forgotten
+    on the next day's first admission, not kept for good (one bucket per user the outage met)."""
+    clock = Clock()
+    clock.t = 86400 * 100 + 5
+    h = SpendHolds(clock)
+    for i in range(1000):
+        rid, buckets = f"r{i}", (("key", "k"), ("user", "k", f"user-{i}"))
+        h.hold(rid, buckets, 0.01)
+        h.submitted(rid)
+        h.release(rid, lost=0.01)
+    assert len(h._buckets) == 1001                        # today: each user's lost spend still counts
+    clock.t += 86400
+    h.hold("next-day", (("key", "k"), ("user", "k", "someone-else")), 0.01)
+    assert set(h._buckets) == {("key", "k"), ("user", "k", "someone-else")}
+    h.release("next-day")
+    assert h._buckets == {}
+
+
 def test_tokens_per_minute_is_a_sliding_window_of_what_requests_ask():
     clock = Clock()
     adm = Admission(clock)
