@@ -262,6 +262,8 @@ class ShadowSampler:
         self._rngs: dict[tuple[str, int | None], random.Random] = {}
         #: shadow -> sample -> USD held: predicted cost of a call in flight, then actual cost until written
         self._reserved: dict[str, dict[_Sample, float]] = {}
+        #: shadow -> (UTC day start, USD): spent by samples whose write failed, counted until that day ends
+        self._unrecorded: dict[str, tuple[float, float]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._gate = asyncio.Lock()
         self._closing = False
@@ -356,10 +358,13 @@ class ShadowSampler:
             log.error("shadow %s: the sample of request %s (%d call(s), $%.6f) may not be recorded: %s",
                       sh.name, rid, len(smp.calls), sum(a.cost_usd for a in smp.calls), exc or type(exc).__name__)
         held = self._reserved.get(sh.name)
-        if held is not None and (written or not smp.calls):
-            # once in the ledger, the spend counts from there; money spent but not recorded stays held
-            # (in this process), so that the budget still sees it
-            held.pop(smp, None)
+        amount = held.pop(smp, 0.0) if held is not None else 0.0
+        if not written and smp.calls:
+            # once in the ledger, the spend counts from there; money spent but not recorded counts in this
+            # process until the day ends, so that the budget still sees it (the sample itself is let go)
+            day = utc_day_start(self.clock())
+            prev_day, prev = self._unrecorded.get(sh.name, (day, 0.0))
+            self._unrecorded[sh.name] = (day, amount + (prev if prev_day == day else 0.0))
 
     async def _walk(self, smp: _Sample) -> dict[str, Any] | None:
         """Call the tiers the shadow needs, one by one, until its outcome is decided (or the budget says
@@ -433,7 +438,11 @@ class ShadowSampler:
             if not exists:
                 return _MISSING
             held = self._reserved.setdefault(sh.name, {})
-            if spent + sum(held.values()) + estimate > sh.sample_budget_usd:
+            day, unrecorded = self._unrecorded.get(sh.name, (None, 0.0))
+            if day != utc_day_start(self.clock()):
+                unrecorded = 0.0
+                self._unrecorded.pop(sh.name, None)
+            if spent + unrecorded + sum(held.values()) + estimate > sh.sample_budget_usd:
                 return f"today's sample budget (${sh.sample_budget_usd:g}, UTC day) is spent"
             held[smp] = held.get(smp, 0.0) + estimate
             return None

@@ -452,3 +452,47 @@ async def test_a_sample_keeps_to_the_requests_cost_budget(tmp_path):
     assert status == "unknown" and not sampled and tight.request_id not in called
     assert "not sampled: the shadow would skip the tier (cost budget: tier 'large' could cost" in reason
     assert dec[ample.request_id][:2] == ("known", 1) and ample.request_id in called
+
+
+async def test_a_sample_whose_write_failed_counts_until_its_day_ends_and_is_let_go(tmp_path):
+    """A sample whose ledger write fails spent real money: it counts against the shadow's budget for the rest
+    of its UTC day (in this process), then no more; the sample itself (its request and record) is let go,
+    not held for good. The failure is SQLite's own: a trigger refuses the sample's rows."""
+    import asyncio
+
+    from cascade.engine import Engine
+    from cascade.shadow import ShadowSampler
+    from cascade.types import GenerationRequest, Message
+
+    cfg = make_config(tmp_path, [tier("small", threshold=0.0, max_tokens=4, options={"threads": 1}),
+                                 tier("large", max_tokens=4, options={"threads": 1},
+                                      price={"input_per_1m": 2.0, "output_per_1m": 6.0})],
+                      shadows={"big": {"of": "cascade", "chain": ["large"], "sample_rate": 1, "sample_budget_usd": 1}})
+    db = tmp_path / "ledger.sqlite"
+    now = [time.time()]
+
+    async def settled(sampler: ShadowSampler) -> None:
+        for _ in range(600):
+            if not sampler.in_flight:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the sample did not finish")
+
+    async with await Engine.open(cfg, preload=True) as eng:
+        sampler = eng.sampler = ShadowSampler(eng.call_tier, eng.ledger, clock=lambda: now[0])
+        with sqlite3.connect(db) as c:
+            c.execute("CREATE TRIGGER refuse BEFORE INSERT ON shadow_attempts BEGIN SELECT RAISE(ABORT, 'no'); END")
+        await eng.run(GenerationRequest(messages=(Message("user", "Name a colour."),)))
+        await settled(sampler)
+        assert sampler._reserved["big"] == {}                 # the sample is let go
+        day, lost = sampler._unrecorded["big"]
+        assert day == (now[0] // 86400) * 86400 and lost > 0  # its spend still counts today
+        with sqlite3.connect(db) as c:
+            c.execute("DROP TRIGGER refuse")
+        now[0] += 86400                                       # the next UTC day: forgotten at the next sample
+        rec = (await eng.run(GenerationRequest(messages=(Message("user", "Name a fruit."),)))).record
+        await settled(sampler)
+        assert "big" not in sampler._unrecorded and sampler._reserved["big"] == {}
+    with sqlite3.connect(db) as c:
+        row = c.execute("SELECT sampled FROM shadow_decisions WHERE request_id = ?", (rec.request_id,)).fetchone()
+    assert row == (1,)
