@@ -174,6 +174,8 @@ _TABLES = [
     )""",
     "CREATE INDEX IF NOT EXISTS shadow_attempts_spend ON shadow_attempts(shadow, created_at)",
 ]
+#: the ledger's tables (an SQLite file holding none of them is another program's)
+_TABLE_NAMES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", "\n".join(_TABLES)))
 
 
 class _Dialect:
@@ -210,7 +212,8 @@ class _Dialect:
     def connect_reader(self, target: str, timeout: float | None = None) -> Any:
         """A connection for reading an existing ledger: nothing is created or switched (a read-only file
         opens read-only)."""
-        return sqlite3.connect(Path(target).expanduser(), check_same_thread=False, isolation_level=None, timeout=30)
+        return sqlite3.connect(Path(target).expanduser(), check_same_thread=False, isolation_level=None,
+                               timeout=30 if timeout is None else timeout)  # a lock waited for as a write is
 
     def probe_write(self, conn: Any, key: str, lock_wait_s: float, restore_busy_ms: int) -> None:
         """A write rolled back: it takes the write lock (waiting at most ``lock_wait_s`` for another
@@ -555,12 +558,7 @@ class Ledger:
         try:
             # a plain connection: no WAL switch, nothing written (kept for reading if nothing needs migrating)
             conn = self.dialect.connect_reader(self.target, self.timeout_s)
-            if self.dialect.name == "sqlite":
-                tables_sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
-            else:
-                tables_sql = ("SELECT table_name FROM information_schema.tables "
-                              "WHERE table_schema = current_schema()")
-            tables = {r[0] for r in conn.execute(tables_sql).fetchall()}
+            tables = self._tables(conn)
             row = None
             if {"meta", "requests"} <= tables:
                 row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"),
@@ -592,12 +590,41 @@ class Ledger:
         try:
             conn = self.dialect.connect(self.target, self.timeout_s)
             with self.dialect.schema_lock(conn):
+                self._check_ours(conn)
                 self._create_or_migrate(conn)
-        except (*self.dialect.errors, OSError) as exc:
+        except BaseException as exc:
             if conn is not None:
                 conn.close()
-            raise LedgerError(f"cannot open ledger {_redact(self.target)}: {exc}") from exc
+            if isinstance(exc, (*self.dialect.errors, OSError)):
+                raise LedgerError(f"cannot open ledger {_redact(self.target)}: {exc}") from exc
+            raise
         self._conn = conn
+
+    def _tables(self, conn: Any) -> set[str]:
+        """The tables of the ledger's database (SQLite's own left out), or of its PostgreSQL schema."""
+        if self.dialect.name == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+        else:
+            sql = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+        return {r[0] for r in conn.execute(sql).fetchall()}
+
+    def _check_ours(self, conn: Any) -> None:
+        """Before anything is created or migrated: refuse a ledger of a newer schema (this version would write
+        rows that version does not expect; this version's reports refuse it already), and an SQLite file
+        holding another program's tables (the ledger's would be added beside them). A PostgreSQL schema may
+        hold other tables: only the version is checked there."""
+        what = _redact(self.target)
+        tables = self._tables(conn)
+        if self.dialect.name == "sqlite" and tables and not tables & _TABLE_NAMES:
+            listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise LedgerError(f"{what} is not a cascade ledger (it holds other tables: {listed}); "
+                              "point ledger.path at a new file")
+        if "meta" in tables:
+            row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"),
+                               ("schema_version",)).fetchone()
+            if row is not None and str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
+                raise LedgerError(f"ledger {what} has schema version {row[0]}, newer than this cascade-engine "
+                                  f"writes ({SCHEMA_VERSION}): upgrade cascade-engine")
 
     def _create_or_migrate(self, conn: Any) -> None:
         for stmt in _TABLES:

@@ -83,6 +83,42 @@ def test_bad_target_is_a_clear_error(tmp_path):
     assert "\n" not in str(err.value) and "\n" not in err.value.message  # libpq's two lines made one
 
 
+async def test_a_ledger_of_a_newer_schema_is_refused_by_the_writers_too(target):
+    """The reports refused a ledger written by a newer version; the server (and `cascade ask`) wrote into it.
+    Now opening it for writing is refused too, in one line."""
+    async with Ledger(target) as ledger:
+        await ledger.record(record(1))
+    ledger = Ledger(target).open_sync()
+    ledger.execute("UPDATE meta SET value = ? WHERE key = ?", ("99", "schema_version"))
+    ledger.close_sync()
+    for opening in (lambda: Ledger(target).open(), lambda: asyncio.to_thread(Ledger(target).open_sync)):
+        with pytest.raises(LedgerError, match=r"has schema version 99, newer than this cascade-engine writes \(5\)"):
+            await opening()
+    with pytest.raises(LedgerError, match="newer than this cascade-engine reads"):
+        Ledger(target).open_existing_sync()
+
+
+def test_an_sqlite_file_of_another_program_is_not_made_a_ledger(tmp_path):
+    """Pointed at another program's SQLite database, the ledger refuses to add its tables beside theirs
+    (the reports already called it "not a cascade ledger"); an empty file is a new ledger."""
+    import sqlite3
+
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY AUTOINCREMENT, total REAL)")
+        c.execute("INSERT INTO invoices(total) VALUES (9.5)")
+    with pytest.raises(LedgerError, match=r"app.db is not a cascade ledger \(it holds other tables: invoices\)"):
+        Ledger(other).open_sync()
+    with sqlite3.connect(other) as c:
+        assert {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {
+            "invoices", "sqlite_sequence"}
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    Ledger(empty).open_sync().close_sync()
+    with sqlite3.connect(empty) as c:
+        assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("5",)
+
+
 def _shadow_call(i: int, cost: float) -> Attempt:
     return Attempt(index=i, tier="large", model="m", backend="openai", prompt_tokens=40, completion_tokens=8,
                    cost_usd=cost, decision="final", reason="last", features={"n_tokens": 8.0}, text="Paris")
