@@ -101,16 +101,16 @@ class CalibratorConfig(_Strict):
 
     method: str = "temperature"
     feature: str = "mean_logprob"
-    #: the method's parameters, all of them (an unknown or missing one is an error); a temperature
-    #: calibrator without params is the identity (temperature 1)
+    #: the method's parameters, all of them (an unknown or missing one is an error); a calibrator that names
+    #: neither a method nor params (none at all, or only its feature) is the identity (temperature 1)
     params: dict[str, float] = Field(default_factory=dict)
     artifact: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _identity_default(cls, data: Any) -> Any:
-        if (isinstance(data, dict) and "params" not in data and data.get("artifact") is None
-                and data.get("method", "temperature") == "temperature"):
+        # `{method: temperature}` alone is refused with the rest: it names a method and forgets its parameter
+        if isinstance(data, dict) and not {"method", "params"} & data.keys() and data.get("artifact") is None:
             data = {**data, "params": {"temperature": 1.0}}
         return data
 

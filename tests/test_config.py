@@ -156,3 +156,19 @@ def test_relative_artifact_paths_are_read_next_to_the_config_file(tmp_path):
     import yaml
 
     assert parse_config(yaml.safe_load(p.read_text())).tier("a").calibrator.artifact == "calibrators/a.json"
+
+
+def test_a_calibrator_naming_a_method_must_give_its_parameters():
+    """A tier with no calibrator, or one naming only its feature, is the identity (temperature 1); one that
+    names its method and forgets the parameter is an error naming it, not a silent temperature of 1."""
+    def calibrator(text: str):  # noqa: ANN202
+        import yaml
+
+        data = yaml.safe_load(GOOD.replace("model: smollm2-135m}", f"model: smollm2-135m{text}}}"))
+        return parse_config(data, environ={}).tier("a").calibrator
+
+    assert calibrator("").params == {"temperature": 1.0}
+    assert calibrator(", calibrator: {feature: min_logprob}").params == {"temperature": 1.0}
+    assert calibrator(", calibrator: {method: temperature, params: {temperature: 2.5}}").params == {"temperature": 2.5}
+    with pytest.raises(ConfigError, match=r"tiers\.0\.calibrator.*missing parameter\(s\) \['temperature'\]"):
+        calibrator(", calibrator: {method: temperature}")
