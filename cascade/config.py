@@ -197,7 +197,9 @@ class TierConfig(_Strict):
     model: str
     price: Price = Price()
     max_tokens: int = Field(64, ge=1, le=32768)
-    #: context window in tokens; requests that do not fit are refused (or skip this tier)
+    #: context window in tokens: a local tier (transformers, vllm) refuses a prompt its tokenizer counts past
+    #: it (the request goes on to the next tier); a remote tier has no tokenizer here, and its provider's
+    #: own context-length refusal does the same
     context_length: int | None = Field(None, ge=16)
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     calibrator: CalibratorConfig = CalibratorConfig()
