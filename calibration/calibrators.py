@@ -34,6 +34,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from cascade.errors import ConfigError
+from cascade.paths import expand_path
+
 ARTIFACT_FORMAT = "cascade-engine/calibrator"
 ARTIFACT_VERSION = 1
 _EPS = 1e-6
@@ -622,7 +625,10 @@ def calibrator_from_dict(d: Mapping[str, Any]) -> Calibrator:
 
 
 def load_calibrator(path: str | Path) -> Calibrator:
-    p = Path(path).expanduser()
+    try:
+        p = expand_path(path, "calibrator artifact")
+    except ConfigError as exc:  # a ValueError as every other fault of the artifact, which callers say where
+        raise ValueError(str(exc)) from None
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -24,6 +24,7 @@ from calibration.features import RAW_SCORE, SCORES, score_source
 from calibration.output import check_output_dir, check_output_path, dumps, write_text
 from cascade.cli import non_negative_int
 from cascade.errors import ConfigError, DataError
+from cascade.paths import expand_path
 
 CALIBRATE_METHODS = ("temperature", "platt", "isotonic", "histogram", "auto")
 DEFAULT_MAX_QUALITY_DROP = 0.005
@@ -202,8 +203,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _same_file(a: str, b: str) -> bool:
     try:
-        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-    except OSError:  # pragma: no cover
+        return expand_path(a, "path").resolve() == expand_path(b, "path").resolve()
+    except (OSError, ConfigError):  # a path that cannot be expanded is refused where it is read or written
         return a == b
 
 
@@ -439,10 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run calibrate/replay without the rest of the ``cascade`` CLI (same error handling)."""
-    from cascade.cli import run_command
+    from cascade.cli import check_arguments_text, run_command
 
-    args = build_parser().parse_args(argv)
-    return run_command("cascade", lambda: args.func(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def command() -> int | None:
+        check_arguments_text(parser, args)
+        return args.func(args)
+
+    return run_command("cascade", command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,6 +32,7 @@ import numpy as np
 
 from calibration.features import RAW_SCORE
 from cascade.errors import ConfigError, DataError
+from cascade.paths import expand_path
 
 REQUIRED_MODEL_FIELDS = ("answer", "correct", "raw_conf_logprob", "cost_usd")
 #: a stored log-probability above 0 by at most this is float noise (clipped to 0); above it, an error
@@ -188,7 +189,7 @@ def _collect_features(acc: dict[str, list[float]] | None, features: Any, i: int,
 
 def load_cascade_outputs(path: str | Path) -> CascadeData:
     """Read and validate one JSONL file of per-question cascade outputs."""
-    p = Path(path).expanduser()
+    p = expand_path(path, "data file")
     if not p.exists():
         raise DataError(f"data file not found: {p}")
     if not p.is_file():

@@ -21,6 +21,7 @@ from calibration.calibrators import save_calibrator
 from calibration.features import FEATURE_NAMES, score_source
 from calibration.replay import FittedPolicy
 from cascade.errors import ConfigError
+from cascade.paths import expand_path
 
 #: why a policy with feature steps does not export (``replay`` checks it before fitting, too)
 NEEDS_OWN_CONFIDENCE = ("--export-policy needs --no-features: the engine decides on each tier's own calibrated "
@@ -51,7 +52,7 @@ def export_policy(policy: FittedPolicy, out_dir: str | Path, *, name: str, featu
 
     if any(step.logistic is not None for step in policy.steps):
         raise ConfigError(NEEDS_OWN_CONFIDENCE)
-    out = Path(out_dir).expanduser()
+    out = expand_path(out_dir, "--export-policy")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

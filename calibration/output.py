@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cascade.errors import ConfigError
+from cascade.paths import expand_path
 
 
 def finite_or_none(obj: Any) -> Any:
@@ -86,7 +87,7 @@ def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
     text = os.fspath(path)
     if not text.strip():
         raise ConfigError(f"{flag}: empty path (give a directory)")
-    d = Path(text).expanduser()
+    d = expand_path(text, flag)
     if d.exists() and not d.is_dir():
         raise ConfigError(f"{flag} {text}: not a directory")
     if not d.exists():
@@ -105,7 +106,7 @@ def write_file(path: str | os.PathLike[str], text: str) -> Path:
     file (a server reloading an artifact never reads half of one), directly for a device or a pipe
     (``/dev/null``, ``/dev/stdout``: written, never replaced). OSError on failure, with no temporary file left
     behind."""
-    p = Path(path).expanduser()
+    p = expand_path(path, "output file")
     tmp = p.with_name(p.name + ".tmp")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)

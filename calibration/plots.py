@@ -19,6 +19,7 @@ import numpy as np
 
 from calibration import metrics
 from cascade.errors import ConfigError
+from cascade.paths import expand_path
 
 
 def pyplot() -> Any:
@@ -53,12 +54,12 @@ def check_plot_path(path: str | Path, flag: str = "--plot") -> Path:
     from calibration.output import check_output_path
 
     text = str(path)
-    p = Path(text).expanduser()
-    if text.strip() and p.is_dir():
+    p = expand_path(text, flag)  # an empty path is refused here
+    if p.is_dir():
         raise ConfigError(f"{flag} {text}: is a directory (give a file name such as {p / 'plot.png'})")
     formats = plot_formats()
     suffix = p.suffix.lower().lstrip(".")
-    if text.strip() and suffix not in formats:
+    if suffix not in formats:
         said = f"unsupported image format .{suffix}" if suffix else "the file name has no image suffix"
         if suffix in NEEDS_EXTERNAL_TOOLS:
             said += " (it needs LaTeX)"
@@ -71,7 +72,7 @@ def save_figure(fig: Any, path: str | Path, flag: str = "--plot") -> Path:
     (nothing half-written is left when drawing fails), and close it. A failure (a format that needs a missing
     program, a full disk) is a ConfigError naming ``flag`` and the path."""
     plt = pyplot()
-    p = Path(path).expanduser()
+    p = expand_path(path, flag)
     fmt = p.suffix.lower().lstrip(".") or None
     tmp = p.with_name(f".{p.name}.tmp")
     # the PostScript backend notes on stderr that it draws the translucent grid and bars opaque: harmless

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from cascade.errors import CascadeError, ConfigError
+from cascade.paths import expand_path
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -78,7 +79,7 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     text = os.fspath(path)
     if not text.strip():
         raise ConfigError(f"{flag}: empty path")
-    p = Path(text).expanduser()
+    p = expand_path(text, flag)
     if p.is_dir():
         raise ConfigError(f"{flag} {text}: is a directory (give a file name)")
     parent = p.parent
@@ -100,6 +101,47 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     elif not os.access(parent, os.W_OK):
         raise ConfigError(f"{flag} {text}: cannot create directories under {parent}: permission denied")
     return p
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` as is when it is Unicode text; a ConfigError naming ``what`` when it holds bytes that are not
+    UTF-8. Python decodes such bytes (in an argument, or on standard input) as lone surrogates, which every
+    later encode refuses: a prompt sent to a tokenizer, a row written to the ledger, a key hashed."""
+    if not _is_text(text):
+        raise ConfigError(f"{what}: not valid UTF-8 text")
+    return text
+
+
+def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each argument's destination and the name a message gives it (its long option, or a positional's
+    name), through every sub-command's parser."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for dest, name in _argument_names(sub).items():
+                    names.setdefault(dest, name)
+        elif action.dest not in names:
+            names[action.dest] = max(action.option_strings, key=len) if action.option_strings else (
+                action.metavar if isinstance(action.metavar, str) else action.dest)
+    return names
+
+
+def check_arguments_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any command runs, an argument that is not valid UTF-8 (see ``check_text``), naming it:
+    checked here once, rather than failing as a traceback wherever a command first encodes it."""
+    for dest, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and not _is_text(item):
+                raise ConfigError(f"argument {_argument_names(parser).get(dest, dest)}: not valid UTF-8 text")
 
 
 def _quiet_broken_pipe() -> int:
@@ -135,8 +177,14 @@ def run_command(prog: str, command: Callable[[], int | None]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command("cascade", lambda: args.func(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def command() -> int | None:
+        check_arguments_text(parser, args)
+        return args.func(args)
+
+    return run_command("cascade", command)
 
 
 if __name__ == "__main__":  # pragma: no cover

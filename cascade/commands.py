@@ -8,6 +8,7 @@ import json
 import re
 import sys
 
+from cascade.cli import check_text
 from cascade.config import Config, load_config
 from cascade.errors import ConfigError
 from cascade.ledger import _redact
@@ -23,7 +24,9 @@ def _with_cli_overrides(cfg: Config, args: argparse.Namespace) -> Config:
             raise ConfigError(f"--port: {args.port} is not a TCP port")
         server = server.model_copy(update={"port": args.port})
     ledger = cfg.ledger
-    if getattr(args, "ledger", None):
+    if getattr(args, "ledger", None) is not None:
+        if not args.ledger.strip():  # not the config's ledger, silently
+            raise ConfigError("--ledger: empty path")
         ledger = ledger.model_copy(update={"path": args.ledger})
     return cfg.model_copy(update={"server": server, "ledger": ledger})
 
@@ -73,6 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if hasattr(signal, "SIGHUP"):  # a reload (systemctl reload, a logrotate hook) while models load must not
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # kill the server; the running server installs its own
     cfg = _with_cli_overrides(load_config(args.config), args)
+    if cfg.server.port == 0:  # uvicorn would bind a random free port, which the banner could not name
+        where = "--port" if args.port is not None else "server.port"
+        raise ConfigError(f"{where}: 0 would listen on a random port; give a port from 1 to 65535")
     _check_bind(cfg.server.host, cfg.server.port)
     _check_engine(cfg)
 
@@ -101,6 +107,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     cfg = _with_cli_overrides(load_config(args.config), args)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ConfigError("--max-tokens must be >= 1")
+    limit = cfg.server.max_tokens_limit  # the server's limit, as the HTTP endpoints apply it
+    if args.max_tokens is not None and args.max_tokens > limit:
+        raise ConfigError(f"--max-tokens: {args.max_tokens} is above this server's limit of {limit} "
+                          "(server.max_tokens_limit)")
     if not args.question.strip():
         raise ConfigError("the question is empty: give it as the argument (cascade ask \"What is 2+2?\")")
     messages = []
@@ -141,6 +151,21 @@ def cmd_ask(args: argparse.Namespace) -> int:
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
+def _yaml_str(text: str) -> str:
+    """``text`` as a YAML flow scalar the config reads back as this very string: bare when YAML would, else
+    quoted. Not only spaces, ':' and quotes need quotes: YAML reads 123, true, yes, on, null, 1.5, 0x1F and
+    1_000 as numbers, booleans or null, which the config then refuses as a key's id or user tier."""
+    import yaml
+
+    if _KEY_ID.fullmatch(text):
+        try:
+            if yaml.safe_load(text) == text:
+                return text
+        except yaml.YAMLError:
+            pass
+    return json.dumps(text)  # a JSON string is a double-quoted YAML scalar
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from serving.auth import hash_key, new_key
 
@@ -148,19 +173,24 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         raise ConfigError(f"--id {args.id!r}: a key id is 1 to 64 letters, digits, '_', '.' or '-'")
     if not args.user_tier.strip():
         raise ConfigError("--user-tier: empty name")
-    # a user tier name YAML would read otherwise (spaces, ':', quotes) is written as a quoted string
-    tier = args.user_tier if _KEY_ID.fullmatch(args.user_tier) else json.dumps(args.user_tier)
     key = new_key()
     print(f"key (shown once, give it to the caller): {key}", file=sys.stderr)
     print("add to the config under auth.keys:", file=sys.stderr)
-    print(f"  - {{id: {args.id}, user_tier: {tier}, sha256: {hash_key(key)}}}")
+    print(f"  - {{id: {_yaml_str(args.id)}, user_tier: {_yaml_str(args.user_tier)}, "
+          f"sha256: {_yaml_str(hash_key(key))}}}")
     return 0
 
 
 def cmd_keys_hash(args: argparse.Namespace) -> int:
     from serving.auth import hash_key
 
-    key = args.key if args.key is not None else sys.stdin.readline().strip()
+    if args.key is not None:
+        key = args.key
+    else:
+        try:  # bytes that are not UTF-8: an error, or lone surrogates (as Python reads stdin in most locales)
+            key = check_text(sys.stdin.readline(), "standard input").strip()
+        except UnicodeDecodeError:
+            raise ConfigError("standard input: not valid UTF-8 text") from None
     if not key:
         raise ConfigError("no key given (pass it as an argument or on standard input)")
     print(hash_key(key))

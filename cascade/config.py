@@ -28,6 +28,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_validator)
 
 from cascade.errors import ConfigError
+from cascade.paths import expand_path
 
 ENV_CONFIG = "CASCADE_CONFIG"
 ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
@@ -503,7 +504,7 @@ class Config(_Strict):
         return self.default_policy or next(iter(self.policies))
 
     def ledger_path(self) -> Path:
-        return Path(self.ledger.path).expanduser()
+        return expand_path(self.ledger.path, "ledger.path")
 
     def ledger_target(self) -> str:
         """What :class:`cascade.ledger.Ledger` opens: a SQLite path or a PostgreSQL URL."""
@@ -511,7 +512,7 @@ class Config(_Strict):
         return p if p.startswith(("postgresql://", "postgres://")) else str(self.ledger_path())
 
     def model_cache_dir(self) -> Path:
-        return Path(self.models.cache_dir).expanduser()
+        return expand_path(self.models.cache_dir, "models.cache_dir")
 
 
 # --- loading -------------------------------------------------------------------------------------

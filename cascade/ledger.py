@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from cascade.errors import LedgerError, NotFoundError
+from cascade.paths import expand_path
 from cascade.types import Attempt, CascadeRecord
 
 SCHEMA_VERSION = 5
@@ -190,7 +191,7 @@ class _Dialect:
 
     def connect(self, target: str, timeout: float | None = None) -> Any:
         # (``timeout`` bounds PostgreSQL's connection set-up; SQLite's busy timeout is set by the ledger)
-        path = Path(target).expanduser()
+        path = expand_path(target, "ledger.path")
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         # switching a new file to WAL takes a lock the busy timeout does not wait for: processes opening a new
@@ -212,7 +213,7 @@ class _Dialect:
     def connect_reader(self, target: str, timeout: float | None = None) -> Any:
         """A connection for reading an existing ledger: nothing is created or switched (a read-only file
         opens read-only)."""
-        return sqlite3.connect(Path(target).expanduser(), check_same_thread=False, isolation_level=None,
+        return sqlite3.connect(expand_path(target, "ledger.path"), check_same_thread=False, isolation_level=None,
                                timeout=30 if timeout is None else timeout)  # a lock waited for as a write is
 
     def probe_write(self, conn: Any, key: str, lock_wait_s: float, restore_busy_ms: int) -> None:
@@ -507,7 +508,7 @@ class Ledger:
 
     @property
     def path(self) -> Path | None:
-        return None if self.dialect.name != "sqlite" else Path(self.target).expanduser()
+        return None if self.dialect.name != "sqlite" else expand_path(self.target, "ledger.path")
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def open(self) -> "Ledger":
@@ -523,7 +524,7 @@ class Ledger:
                                      timeout=None)
                     # a write waits for another process's lock no longer than its caller waits for it
                     await self._call(self.execute, f"PRAGMA busy_timeout={self._busy_ms}", timeout=None)
-                    self._checkpointer = _Checkpointer(Path(self.target).expanduser())
+                    self._checkpointer = _Checkpointer(expand_path(self.target, "ledger.path"))
             except BaseException:
                 self._stop_thread()
                 self.close_sync()  # the thread is gone: nobody else uses the connection
@@ -549,7 +550,7 @@ class Ledger:
         so; one of a newer schema is refused."""
         what = _redact(self.target)
         if self.dialect.name == "sqlite":
-            path = Path(self.target).expanduser()
+            path = expand_path(self.target, "ledger.path")
             if not path.exists():
                 raise LedgerError(f"no ledger at {what} (serve some traffic first, or pass --ledger PATH_OR_URL)")
             if not path.is_file():

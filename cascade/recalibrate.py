@@ -35,6 +35,7 @@ from calibration.calibrators import METHODS, Calibrator, make_calibrator, save_c
 from cascade.config import Config, load_config
 from cascade.errors import ConfigError, DataError, PermissionDeniedError
 from cascade.ledger import Ledger, _redact
+from cascade.paths import expand_path
 
 log = logging.getLogger("cascade.recalibrate")
 
@@ -137,9 +138,9 @@ def artifact_path(out: str | Path | None, tier: str, *, default_dir: Path, previ
     """
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", tier)
     if out is not None and str(out).endswith(".json"):
-        p = Path(out).expanduser()
+        p = expand_path(out, "--out")
         return p, max(previous_version, _version_of(p) if p.exists() else 0) + 1
-    d = Path(out).expanduser() if out is not None else default_dir
+    d = expand_path(out, "--out") if out is not None else default_dir
     pat = re.compile(rf"^{re.escape(safe)}\.v(\d+)\.json$")
     have = [int(m.group(1)) for f in (d.iterdir() if d.is_dir() else ()) if (m := pat.match(f.name))]
     v = max([previous_version, *have]) + 1
@@ -157,7 +158,7 @@ def _check_out(out: str | Path | None) -> None:
         return
     if not str(out).strip():
         raise ConfigError("--out: empty path")
-    d = Path(out).expanduser()
+    d = expand_path(out, "--out")
     if d.exists() and not d.is_dir():
         raise ConfigError(f"--out {out}: not a directory (give a directory, or a file name ending in .json)")
 
@@ -322,7 +323,8 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     held = {"old": metrics.summary(old_p(test), y[test]), "new": metrics.summary(new.predict(scores[test]), y[test])}
     fit = {"old": metrics.summary(old_p(train), y[train]), "new": metrics.summary(new.predict(scores[train]), y[train])}
     previous = int(getattr(old, "fitted_on", {}).get("version") or 0)
-    configured = Path(tc.calibrator.artifact).expanduser() if tc.calibrator.artifact else None
+    configured = expand_path(tc.calibrator.artifact, f"tiers.{tier}.calibrator.artifact") \
+        if tc.calibrator.artifact else None
     # the new version goes beside the artifact the config reads, where --activate's link is the one it uses
     default_dir = configured.parent if configured is not None else (default_dir or Path("calibrators"))
     path, version = artifact_path(out, tier, default_dir=default_dir, previous_version=previous)

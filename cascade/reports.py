@@ -20,6 +20,7 @@ from typing import Any
 
 from cascade.errors import ConfigError, LedgerError
 from cascade.ledger import Ledger, _redact, utc_day_start
+from cascade.paths import expand_path
 
 #: the groupings of ``cascade report --by``; also ``meta:KEY``, by the value of one of the requests' tags
 REPORT_BY = ("tier", "policy", "key", "user", "day", "endpoint")
@@ -90,7 +91,8 @@ def parse_since(text: str | None, *, now: float | None = None) -> float | None:
                           "a relative age (30m, 24h, 7d, 2w) or UNIX seconds") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+    # a date at the calendar's edge, in a time zone that moves it past the edge in UTC (0001-01-01T00:00+01:00)
+    return _in_range(dt.timestamp(), s)
 
 
 def _in_range(ts: float, text: str) -> float:
@@ -384,7 +386,7 @@ def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
 
     plt = pyplot()
 
-    p = Path(path).expanduser()
+    p = expand_path(path, "--plot")
     p.parent.mkdir(parents=True, exist_ok=True)
     groups, others = report["groups"] or [report["total"]], None
     if len(groups) > PLOT_GROUPS and report["by"] != "day":  # the costliest, and the rest as one bar

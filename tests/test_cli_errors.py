@@ -476,3 +476,157 @@ def test_an_empty_policy_name_is_refused(tmp_path, capsys):
     cfg.write_text(cfg.read_text().replace("  cascade: {chain: [small, large]}\n",
                                            "  cascade: {chain: [small, large]}\n  '': {chain: [large]}\n"))
     one_error(cli(capsys, "ask", "hi", "--config", str(cfg)), "a policy name must not be empty")
+
+
+# --- paths under the home directory of a user that does not exist ------------------------------------------
+
+NO_USER = "~no-such-user-of-cascade"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["report", "--ledger", "LEDGER", "--plot", f"{NO_USER}/x.png"], "--plot"),
+    (["models", "list", "--cache-dir", f"{NO_USER}/m"], "--cache-dir"),
+    (["models", "prepare", "smollm2-135m", "--cache-dir", f"{NO_USER}/m"], "--cache-dir"),
+    (["recalibrate", "--from-ledger", "--config", "CONFIG", "--ledger", "LEDGER", "--out", f"{NO_USER}/o"], "--out"),
+    (["recalibrate", "--from-ledger", "--config", "CONFIG", "--ledger", "LEDGER", "--out", f"{NO_USER}/o.json"],
+     "--out"),
+    (["calibrate", "--data", "DATA", "--model", "m1", "--out", f"{NO_USER}/a.json"], "--out"),
+    (["calibrate", "--data", f"{NO_USER}/d.jsonl", "--model", "m1", "--out", "OUT"], "data file"),
+    (["calibrate", "--data", "DATA", "--model", "m1", "--out", "OUT", "--plot", f"{NO_USER}/p.png"], "--plot"),
+    (["replay", "--train", "DATA", "--test", "DATA", "--chain", "m1,m2", "--no-features",
+      "--export-policy", f"{NO_USER}/p"],
+     "--export-policy"),
+])
+def test_a_path_under_the_home_of_no_such_user_is_one_line(tmp_path, argv, needle, capsys):
+    subst = {"LEDGER": str(_cascade_ledger(tmp_path / "l.sqlite")), "CONFIG": str(write_config(tmp_path)),
+             "DATA": str(data_file(tmp_path)), "OUT": str(tmp_path / "a.json")}
+    argv = [subst.get(a, a) for a in argv]
+    path = next(a for a in argv if a.startswith(NO_USER))
+    one_error(cli(capsys, *argv), f"{needle}: cannot expand {path!r}: no such user")
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_a_model_cache_under_the_home_of_no_such_user_is_one_line(tmp_path):
+    env = {"CASCADE_MODEL_CACHE": f"{NO_USER}/m"}
+    for argv in (["models", "list"], ["models", "prepare", "smollm2-135m"]):
+        one_error(cascade(*argv, env=env), f"$CASCADE_MODEL_CACHE: cannot expand '{NO_USER}/m': no such user")
+
+
+def test_a_model_path_under_the_home_of_no_such_user_is_one_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(write_config(tmp_path).read_text().replace("model: smollm2-135m", f"model: {NO_USER}/m", 1))
+    one_error(cascade("serve", "--config", str(cfg), "--port", str(free_port())),
+              f"cannot expand '{NO_USER}/m': no such user")
+
+
+# --- --since at the edges of the calendar ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("since", ["0001-01-01T00:00+01:00", "9999-12-31T23:59:59-01:00"])
+@pytest.mark.parametrize("command", [["report"], ["shadow", "report"], ["recalibrate", "--from-ledger"]])
+def test_since_past_the_edge_of_the_calendar_in_utc_is_one_line(tmp_path, since, command, capsys):
+    ledger = _cascade_ledger(tmp_path / "l.sqlite")
+    one_error(cli(capsys, *command, "--ledger", str(ledger), "--config", str(write_config(tmp_path)),
+                  "--since", since), f"--since: {since!r} is out of range")
+    r = cli(capsys, "report", "--ledger", str(ledger), "--since", since.replace("+01:00", "Z").replace("-01:00", "Z"))
+    assert r.returncode == 0, r.stderr  # the edges themselves are dates
+
+
+# --- arguments and standard input that are not UTF-8 -------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["ask", "--config", "CONFIG", "\udcff hi"], "argument question"),
+    (["ask", "--config", "CONFIG", "hi", "--system", "\udcff"], "argument --system"),
+    (["ask", "--config", "CONFIG", "hi", "--model", "\udcff"], "argument --model"),
+    (["report", "--ledger", "LEDGER", "--by", "meta:\udcff"], "argument --by"),
+    (["keys", "hash", "\udcff"], "argument key"),
+    (["keys", "create", "--id", "k", "--user-tier", "fr\udcffee"], "argument --user-tier"),
+    (["calibrate", "--data", "\udcff.jsonl", "--model", "m1", "--out", "a.json"], "argument --data"),
+])
+def test_an_argument_that_is_not_utf8_is_refused_naming_it(tmp_path, argv, name, capsys):
+    subst = {"LEDGER": str(_cascade_ledger(tmp_path / "l.sqlite")), "CONFIG": str(write_config(tmp_path))}
+    r = cli(capsys, *[subst.get(a, a) for a in argv])
+    one_error(r, f"{name}: not valid UTF-8 text")
+    assert r.stdout == ""
+    assert not (tmp_path / "ledger.sqlite").exists()  # refused before the engine opened its ledger
+
+
+def test_bytes_that_are_not_utf8_on_the_command_line_or_standard_input_are_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("CASCADE_CONFIG", None)
+    cfg = write_config(tmp_path)
+    for argv, name in (([b"ask", b"--config", os.fsencode(cfg), b"\xff hi"], "argument question"),
+                       ([b"ask", b"--config", os.fsencode(cfg), b"hi", b"--model", b"\xff"], "argument --model"),
+                       ([b"keys", b"hash", b"\xff"], "argument key")):
+        r = subprocess.run([sys.executable, "-m", "cascade.cli", *argv], capture_output=True, text=True, env=env,
+                           cwd=REPO, timeout=120)
+        one_error(r, f"{name}: not valid UTF-8 text")
+    assert not (tmp_path / "ledger.sqlite").exists()
+    # stdin decoded with surrogates (a UTF-8 locale's default) or strictly (PYTHONIOENCODING=utf-8:strict)
+    for io_env in ({}, {"PYTHONIOENCODING": "utf-8:strict"}):
+        r = subprocess.run([sys.executable, "-m", "cascade.cli", "keys", "hash"], input=b"\xff\n",
+                           capture_output=True, env={**env, **io_env}, cwd=REPO, timeout=120)
+        r = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+        one_error(r, "standard input: not valid UTF-8 text")
+        assert r.stdout == ""
+
+
+# --- keys create: values YAML would read as something else -------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["123", "true", "yes", "on", "null", "1.5", "0x1F", "1_000", "-1", ".inf"])
+def test_keys_create_quotes_what_yaml_would_not_read_back_as_the_same_string(tmp_path, value, capsys):
+    import yaml
+
+    from cascade.config import load_config
+
+    r = cli(capsys, "keys", "create", "--id", value, "--user-tier", value)
+    assert r.returncode == 0, r.stderr
+    entry = yaml.safe_load(r.stdout.strip())[0]
+    assert entry["id"] == value and entry["user_tier"] == value
+    cfg = write_config(tmp_path, extra=f"user_tiers: {{{json.dumps(value)}: {{}}}}\nauth:\n  keys:\n{r.stdout}")
+    keys = load_config(str(cfg), environ={}).auth.keys
+    assert [(k.id, k.user_tier) for k in keys] == [(value, value)]
+
+
+# --- empty paths, port 0 and --max-tokens above the server's limit -----------------------------------------
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["report", "--ledger", ""], "--ledger: empty path"),
+    (["shadow", "report", "--ledger", ""], "--ledger: empty path"),
+    (["recalibrate", "--from-ledger", "--config", "CONFIG", "--ledger", ""], "--ledger: empty path"),
+    (["ask", "hi", "--config", "CONFIG", "--ledger", ""], "--ledger: empty path"),
+    (["report", "--ledger", "LEDGER", "--plot", ""], "--plot: empty path"),
+    (["models", "list", "--cache-dir", ""], "--cache-dir: empty path"),
+    (["models", "prepare", "smollm2-135m", "--cache-dir", ""], "--cache-dir: empty path"),
+])
+def test_an_empty_path_is_refused_not_ignored(tmp_path, argv, needle, capsys):
+    subst = {"LEDGER": str(_cascade_ledger(tmp_path / "l.sqlite")), "CONFIG": str(write_config(tmp_path))}
+    r = cli(capsys, *[subst.get(a, a) for a in argv])
+    one_error(r, needle)
+    assert r.stdout == ""
+    assert not (tmp_path / "ledger.sqlite").exists()  # the config's ledger was not used instead
+
+
+@pytest.mark.parametrize("argv, env, needle", [
+    (["--ledger", ""], {}, "--ledger: empty path"),
+    (["--port", "0"], {}, "--port: 0 would listen on a random port"),
+    ([], {"CASCADE_PORT": "0"}, "server.port: 0 would listen on a random port"),
+])
+def test_serve_refuses_an_empty_ledger_and_port_0_before_the_banner(tmp_path, argv, env, needle):
+    argv = argv if "--port" in argv or env else [*argv, "--port", str(free_port())]
+    r = cascade("serve", "--config", str(write_config(tmp_path)), *argv, env=env, timeout=60)
+    one_error(r, needle)
+    assert "serving policies" not in r.stderr
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_ask_applies_the_servers_max_tokens_limit(tmp_path, capsys):
+    cfg = write_config(tmp_path, extra="server: {max_tokens_limit: 16}")
+    one_error(cli(capsys, "ask", "hi", "--config", str(cfg), "--max-tokens", "17"),
+              "--max-tokens: 17 is above this server's limit of 16")
+    one_error(cli(capsys, "ask", "hi", "--config", str(cfg), "--max-tokens", "99999999999"),
+              "--max-tokens: 99999999999 is above this server's limit of 16")
+    assert not (tmp_path / "ledger.sqlite").exists()  # refused before the engine opened its ledger

@@ -310,3 +310,11 @@ def test_ready_is_503_while_the_ledger_cannot_be_written(postgres, tmp_path):
         # ready again as soon as the database is back, before any write (a not-ready server gets no traffic)
         assert httpx.get(srv.url + "/ready").status_code == 200
         assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).status_code == 502  # accounted
+
+
+def test_a_ledger_path_under_a_user_that_does_not_exist_is_one_clear_error():
+    """`~nosuchuser/...` made Path.expanduser raise a bare RuntimeError (a traceback on the command line)."""
+    from cascade.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ledger.path: cannot expand '~no-such-user-cascade/l.sqlite': no such user"):
+        Ledger("~no-such-user-cascade/l.sqlite").open_sync()

@@ -150,3 +150,17 @@ def test_script_wrapper_help():
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_models.py"), "--help"],
                          capture_output=True, text=True, check=True)
     assert "--cache-dir" in out.stdout and "--all" in out.stdout
+
+
+@pytest.mark.parametrize("content", ["[1]", '"x"', "3"])
+def test_a_marker_that_is_json_but_not_an_object_is_not_prepared(tmp_path, content, capsys):
+    d = tmp_path / "smollm2-135m"
+    d.mkdir()
+    (d / models.MARKER_NAME).write_text(content)
+    assert models.read_marker("smollm2-135m", tmp_path) is None
+    assert not models.is_prepared("smollm2-135m", tmp_path)
+    with pytest.raises(ModelNotPreparedError):
+        models.resolve_model_path("smollm2-135m", tmp_path)
+    assert _run_cli(["models", "list", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"smollm2-135m\s+│\s+no\s", out), out

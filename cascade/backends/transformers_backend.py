@@ -148,7 +148,7 @@ class TransformersBackend(Backend):
                               f"unquoted), got {type(cudnn_attention).__name__} {cudnn_attention!r}")
         threads = option_int(self.name, "threads", threads, optional=True)
         max_batch_size = option_int(self.name, "max_batch_size", max_batch_size)
-        self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._cache_dir = Path(cache_dir) if cache_dir else None  # cascade.models expands ~ (one line if it cannot)
         self._dtype_name = dtype
         self._device_asked = device
         self._cudnn_attention = cudnn_attention

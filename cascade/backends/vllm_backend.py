@@ -183,7 +183,7 @@ class VLLMBackend(Backend):
             option_str(tier, key, value)
         if engine_args is not None and not isinstance(engine_args, dict):
             raise ConfigError(f"tiers.{tier}.options.engine_args: must be a mapping, got {engine_args!r}")
-        self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._cache_dir = Path(cache_dir) if cache_dir else None  # cascade.models expands ~ (one line if it cannot)
         self._configured_ctx = context_length
         self._timeout = timeout_s
         self._default_max_tokens = int(default_max_tokens)
@@ -245,7 +245,7 @@ class VLLMBackend(Backend):
         GPU host) is passed to vLLM as is."""
         from cascade.models import MODEL_CATALOG, resolve_model_path
 
-        if self.model in MODEL_CATALOG or Path(self.model).expanduser().is_dir():
+        if self.model in MODEL_CATALOG or self.model.startswith("~") or Path(self.model).is_dir():  # ~: expanded there
             return resolve_model_path(self.model, self._cache_dir)
         parts = self.model.split("/")
         if len(parts) == 2 and all(parts) and not self.model.startswith((".", "~")) and \
