@@ -440,16 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run calibrate/replay without the rest of the ``cascade`` CLI (same error handling)."""
-    from cascade.cli import check_arguments_text, run_command
+    from cascade.cli import run_cli
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-
-    def command() -> int | None:
-        check_arguments_text(parser, args)
-        return args.func(args)
-
-    return run_command("cascade", command)
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

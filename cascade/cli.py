@@ -176,8 +176,8 @@ def run_command(prog: str, command: Callable[[], int | None]) -> int:
         return 130
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its command: its arguments checked as text first, its errors one line."""
     args = parser.parse_args(argv)
 
     def command() -> int | None:
@@ -185,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
 
     return run_command("cascade", command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
