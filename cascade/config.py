@@ -575,7 +575,7 @@ def _artifacts_relative_to(cfg: Config, base: Path) -> Config:
     ``base``, the directory of the config file that names it; absolute and ``~`` paths are kept."""
 
     def fix(cc: CalibratorConfig) -> CalibratorConfig:
-        if cc.artifact is None or Path(cc.artifact).expanduser().is_absolute():
+        if cc.artifact is None or expand_path(cc.artifact, "calibrator artifact").is_absolute():
             return cc
         return cc.model_copy(update={"artifact": str(base / cc.artifact)})
 
@@ -643,7 +643,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
     if path is None:
         text, source = default_config_text(), "<embedded default cpu.yaml>"
     else:
-        p = Path(path).expanduser()
+        p = expand_path(path, "config file")
         source = str(p)
         base_dir = p.resolve().parent
         try:

@@ -172,3 +172,18 @@ def test_a_calibrator_naming_a_method_must_give_its_parameters():
     assert calibrator(", calibrator: {method: temperature, params: {temperature: 2.5}}").params == {"temperature": 2.5}
     with pytest.raises(ConfigError, match=r"tiers\.0\.calibrator.*missing parameter\(s\) \['temperature'\]"):
         calibrator(", calibrator: {method: temperature}")
+
+
+def test_a_config_path_that_cannot_be_expanded_or_is_empty_is_one_clear_error():
+    """`--config ~nosuchuser/c.yaml` was Path.expanduser's bare RuntimeError; `--config ""` read the current
+    directory as a file."""
+    with pytest.raises(ConfigError, match=r"config file: cannot expand '~no-such-user-cascade/c.yaml': no such user"):
+        load_config("~no-such-user-cascade/c.yaml", environ={})
+    with pytest.raises(ConfigError, match="config file: empty path"):
+        load_config("", environ={})
+    artifact = GOOD.replace("model: smollm2-135m}",
+                            "model: smollm2-135m, calibrator: {artifact: '~no-such-user-c/a.json'}}")
+    import yaml
+
+    with pytest.raises(ConfigError, match=r"calibrator artifact: cannot expand '~no-such-user-c/a.json'"):
+        parse_config(yaml.safe_load(artifact), environ={}, base_dir=".")
