@@ -213,8 +213,8 @@ class RecentPrompts:
         return list(ids)
 
     async def load(self, tokenizer: Any, request: GenerationRequest) -> list[int]:
-        """The prompt's token ids, counted on this backend's tokenizer thread (one thread, made on first use:
-        the tokenizer is never used by two counts at once) while the event loop serves other requests."""
+        """The prompt's token ids, counted on this backend's tokenizer thread (one, made on first use: counts
+        made here queue for it) while the event loop serves other requests."""
         ids = self._find(tokenizer, request)
         if ids is None:
             if self._thread is None:
