@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.paths import expand_path
+from cascade.types import is_utf8
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -103,19 +104,11 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     return p
 
 
-def _is_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def check_text(text: str, what: str) -> str:
     """``text`` as is when it is Unicode text; a ConfigError naming ``what`` when it holds bytes that are not
     UTF-8. Python decodes such bytes (in an argument, or on standard input) as lone surrogates, which every
     later encode refuses: a prompt sent to a tokenizer, a row written to the ledger, a key hashed."""
-    if not _is_text(text):
+    if not is_utf8(text):
         raise ConfigError(f"{what}: not valid UTF-8 text")
     return text
 
@@ -140,7 +133,7 @@ def check_arguments_text(parser: argparse.ArgumentParser, args: argparse.Namespa
     checked here once, rather than failing as a traceback wherever a command first encodes it."""
     for dest, value in vars(args).items():
         for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and not _is_text(item):
+            if isinstance(item, str) and not is_utf8(item):
                 raise ConfigError(f"argument {_argument_names(parser).get(dest, dest)}: not valid UTF-8 text")
 
 

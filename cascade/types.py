@@ -62,6 +62,16 @@ def answer_tokens(n_logprobs: int, text: str) -> int:
     return n_logprobs or rough_token_count(text)
 
 
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (a lone surrogate does not: Python makes them of bytes that are not
+    UTF-8, and no tokenizer or database takes them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 @dataclass(frozen=True, slots=True)
 class Message:
     role: str

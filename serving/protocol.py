@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, TopLogprob
+from cascade.types import (CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, TopLogprob,
+                           is_utf8)
 
 
 #: the longest ``model`` name a request may carry (names are a config's policies and tiers)
@@ -16,15 +17,6 @@ MAX_MODEL_CHARS = 256
 MAX_STOP_CHARS = 256
 #: ``metadata``: at most this many tags (keys of 1-64 characters, values of at most 512), as OpenAI
 MAX_METADATA_PAIRS = 16
-
-
-def is_utf8(text: str) -> bool:
-    """Whether ``text`` encodes as UTF-8 (a lone surrogate does not, and no database stores it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _Wire(BaseModel):
