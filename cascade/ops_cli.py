@@ -75,7 +75,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         check_plot_path(args.plot)
     since = parse_since(args.since)
-    cfg = _config(args) if args.config else None  # a config named on the command line is checked too
+    cfg = _config(args) if args.config is not None else None  # one named on the command line is checked too
     ledger = _open_ledger(args, cfg)
     try:
         rep = cost_report(ledger, args.by, since)
@@ -104,7 +104,7 @@ def cmd_shadow_report(args: argparse.Namespace) -> int:
         raise ConfigError("--top must be at least 1")
     since = parse_since(args.since)
     cfg = None
-    if args.config or not args.ledger:
+    if args.config is not None or not args.ledger:
         cfg = _config(args)
     ledger = _open_ledger(args, cfg)
     try:
@@ -132,7 +132,8 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     since = parse_since(args.since)
     sources = [s.strip() for s in args.labels.split(",") if s.strip()]
-    default_dir = (expand_path(args.config, "--config").resolve().parent if args.config else Path.cwd()) / "calibrators"
+    config_dir = expand_path(args.config, "--config").resolve().parent if args.config is not None else Path.cwd()
+    default_dir = config_dir / "calibrators"
     ledger = _open_ledger(args, cfg)
     try:
         rep = recalibrate(cfg, ledger, tier=args.tier, since=since, min_samples=args.min_samples, method=args.method,

@@ -599,6 +599,9 @@ def test_keys_create_quotes_what_yaml_would_not_read_back_as_the_same_string(tmp
     (["recalibrate", "--from-ledger", "--config", "CONFIG", "--ledger", ""], "--ledger: empty path"),
     (["ask", "hi", "--config", "CONFIG", "--ledger", ""], "--ledger: empty path"),
     (["report", "--ledger", "LEDGER", "--plot", ""], "--plot: empty path"),
+    (["report", "--ledger", "LEDGER", "--config", ""], "config file: empty path"),
+    (["shadow", "report", "--ledger", "LEDGER", "--config", ""], "config file: empty path"),
+    (["recalibrate", "--from-ledger", "--ledger", "LEDGER", "--config", ""], "config file: empty path"),
     (["models", "list", "--cache-dir", ""], "--cache-dir: empty path"),
     (["models", "prepare", "smollm2-135m", "--cache-dir", ""], "--cache-dir: empty path"),
 ])
