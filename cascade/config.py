@@ -286,6 +286,10 @@ class LedgerConfig(_Strict):
     #: how long a request waits for its ledger write (or read) and GET /ready for its probe: past it the
     #: request gets a 500 ledger_error and the server is not ready (a database that does not answer)
     timeout_s: float = Field(5.0, gt=0)
+    #: the most writes (and reads) waiting for the ledger: past it one fails at once and the server is not
+    #: ready, rather than the queue (and the memory it holds) growing through a long outage. While the
+    #: ledger cannot be written, requests are refused (503) before any tier runs anyway
+    max_pending: int = Field(2000, gt=0)
 
 
 class ModelsConfig(_Strict):

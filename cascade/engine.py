@@ -29,6 +29,7 @@ from cascade.errors import (
     ConfigError,
     ContextLengthExceededError,
     InvalidRequestError,
+    LedgerUnavailableError,
     ProviderContextLengthError,
     ProviderInvalidRequestError,
     ProviderTimeoutError,
@@ -220,7 +221,7 @@ class Engine:
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
         ledger = await Ledger(config.ledger_target(), store_text=config.ledger.store_text,
-                              timeout_s=config.ledger.timeout_s).open()
+                              timeout_s=config.ledger.timeout_s, max_pending=config.ledger.max_pending).open()
         try:
             engine = cls(config, ledger=ledger)
             if preload:
@@ -330,6 +331,7 @@ class Engine:
         """
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         t0 = time.perf_counter()
+        await self._refuse_while_ledger_down(rec, model, t0)
         slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
         # wait for an identical request being answered, unless a latency budget bounds this one: if that answer
         # is not stored, this one would start its own only after the wait
@@ -367,6 +369,7 @@ class Engine:
         """
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         t0 = time.perf_counter()
+        await self._refuse_while_ledger_down(rec, model, t0)
         slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
         # with cache.coalesce_streams, wait for an identical request being answered, as run_uncommitted does
         if (hit is None and slot is not None and cache == "use" and self.config.cache.coalesce_streams
@@ -546,6 +549,22 @@ class Engine:
         except asyncio.CancelledError:
             await self._record_failure(rec, None, route, t0)
             raise
+
+    async def _refuse_while_ledger_down(self, rec: CascadeRecord, model: str | None, t0: float) -> None:
+        """While the ledger cannot be written (a write failed, or a probe said so), refuse the request before
+        any tier runs: its answer could not be accounted, so it would not be let out, and a hosted tier would
+        be paid for nothing. A probe shared by the requests arriving meanwhile decides, so a database that is
+        back lets the request go on. The refusal's row is queued: committed once the database answers."""
+        if self.ledger.unavailable is None or (why := await self.ledger.probe()) is None:
+            return
+        log.warning("request %s refused: %s", rec.request_id, why)
+        exc = LedgerUnavailableError("the ledger cannot record requests now, so this one was refused before any "
+                                     "model was called: repeat it shortly")
+        rec.policy = model or self.config.default_policy_name
+        rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
+        self._finish(rec, route=None, t0=t0)
+        self._submit(rec, None).add_done_callback(_forget)  # not awaited: it may wait for the database
+        raise exc
 
     async def record_refusal(self, exc: CascadeError, *, model: str | None = None, endpoint: str = "chat",
                              request_id: str | None = None, api_key_id: str | None = None,
@@ -833,6 +852,12 @@ class Engine:
             c_tok = ref.completion_tokens if ref else 0
             rec.baseline_cost_usd = last.config.price.cost(p_tok, c_tok)
             rec.baseline_estimated = True
+
+
+def _forget(fut: "asyncio.Future[None]") -> None:
+    """Done callback of a ledger write nobody awaits: a failure is logged (its waiter would have said it)."""
+    if not fut.cancelled() and (exc := fut.exception()) is not None:
+        log.warning("%s", exc)
 
 
 def _notify(listeners: list[Callable[..., None]], *args: object) -> None:

@@ -254,6 +254,16 @@ class LedgerError(CascadeError):
     error_type = "ledger_error"
 
 
+class LedgerUnavailableError(LedgerError):
+    """The ledger cannot be written now (its database unreachable, read-only, locked, not answering): the
+    request is refused before any tier runs, since its answer could not be accounted (and so would not be
+    let out) while a hosted tier would be paid for it. Repeat it shortly, or on another replica."""
+
+    status_code = 503
+    code = "ledger_unavailable"
+    should_retry = True
+
+
 class DataError(CascadeError):
     """An input data file (calibration set, ledger export) is malformed, empty or lacks a field."""
 

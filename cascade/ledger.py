@@ -48,6 +48,8 @@ SCHEMA_VERSION = 5
 DEFAULT_TIMEOUT_S = 5.0
 #: the most the readiness probe waits for SQLite's write lock (held by another process's transaction)
 _PROBE_LOCK_WAIT_S = 1.0
+#: the most jobs (writes, reads, probes) waiting for the ledger thread by default (``ledger.max_pending``)
+DEFAULT_MAX_PENDING = 2000
 
 #: columns added after version 1, added in place to older ledgers when they are opened
 _ADDED_COLUMNS = {
@@ -478,15 +480,21 @@ class Ledger:
     Use ``await ledger.open()`` / ``await ledger.close()`` (or ``async with``).
     """
 
-    def __init__(self, target: str | Path, *, store_text: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, target: str | Path, *, store_text: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
         if not timeout_s > 0:
             raise ValueError(f"ledger timeout_s must be above 0, not {timeout_s!r}")
+        if max_pending < 1:
+            raise ValueError(f"ledger max_pending must be at least 1, not {max_pending!r}")
         self.target = str(target)
         self.store_text = store_text
         #: how long a caller waits for its write or read on the ledger thread (and GET /ready for its probe)
         #: before it is told the ledger is not answering; bounds connecting to PostgreSQL and SQLite's wait
         #: for another process's write lock too
         self.timeout_s = float(timeout_s)
+        #: the most jobs waiting for the ledger thread: past it a job fails at once (and the ledger is not
+        #: ready) rather than the queue, and the memory it holds, growing through a long outage
+        self.max_pending = int(max_pending)
         self.dialect = _dialect_for(self.target)
         self._conn: Any = None
         #: why the ledger cannot be written right now (its database unreachable, read-only, locked, not
@@ -702,6 +710,13 @@ class Ledger:
             raise LedgerError("ledger is not open")
         loop = asyncio.get_running_loop()
         job = _Job(loop, loop.create_future(), rec=rec, shadows=shadows, fn=fn, args=args)
+        if (waiting := q.qsize()) >= self.max_pending:  # an outage has lasted: fail at once, queue no more
+            self.unavailable = (f"ledger {_redact(self.target)} is not keeping up: {waiting} jobs are waiting for "
+                                f"it (ledger.max_pending)")
+            job.fut.set_exception(LedgerError(
+                f"ledger write failed for request {rec.request_id}: {waiting} writes are waiting for the ledger "
+                "already (it is not keeping up)" if rec is not None else self.unavailable))
+            return job
         if timeout is not None:
             timer = loop.call_later(timeout, self._expire, job, timeout, what)
             job.fut.add_done_callback(lambda _f: timer.cancel())

@@ -206,8 +206,8 @@ def test_ready_is_503_while_postgresql_is_read_only(pg, tmp_path):
             r = httpx.get(srv.url + "/ready", timeout=30)  # before any request fails on it
             assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable", r.text
             assert "read-only" in r.json()["ledger"]
-            r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
-            assert r.status_code == 500 and r.json()["error"]["type"] == "ledger_error", r.text
+            r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)  # refused, no tier run
+            assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable", r.text
             r = httpx.get(srv.url + "/ready", timeout=30)
             assert r.status_code == 503 and "read-only" in r.json()["ledger"]
         assert httpx.get(srv.url + "/ready", timeout=30).status_code == 200
@@ -253,12 +253,75 @@ def test_ready_is_503_while_another_process_holds_the_sqlite_write_lock(tmp_path
             assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable", r.text
             assert "locked" in r.json()["ledger"] and took < 4
             r, took = _timed(httpx.post, srv.url + "/v1/chat/completions", json=_BODY, timeout=60)
-            assert r.status_code == 500 and r.json()["error"]["type"] == "ledger_error", r.text
-            assert took < 12  # ledger.timeout_s (5 s by default), not SQLite's 30 s busy wait
+            assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable", r.text
+            assert took < 4  # a probe's wait for the lock (1 s), not SQLite's 30 s busy wait
             assert httpx.get(srv.url + "/ready", timeout=60).status_code == 503
         r = _wait_ready(srv.url)
         assert r.status_code == 200, r.text
         assert httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30).status_code == 502
+
+
+def test_requests_are_refused_before_any_model_call_while_the_ledger_cannot_be_written(tmp_path):
+    """Once a write has failed, a request is refused with a 503 (Retry-After) before any tier runs: its
+    answer could not be accounted, and a hosted tier would be paid for it. The refusal's row is written
+    once the lock goes, and a request then is answered again."""
+    import httpx
+
+    from serving import create_app
+    from tests.conftest import ServerThread, make_config
+    from tests.fault_server import FaultServerThread
+
+    path = tmp_path / "shared.sqlite"
+    with FaultServerThread() as upstream:
+        cfg = make_config(tmp_path, [{"name": "r", "backend": "openai", "model": "m",
+                                      "options": {"base_url": upstream.base_url}}],
+                          {"p": {"chain": ["r"]}}, ledger={"path": str(path), "timeout_s": 1})
+        calls = lambda: httpx.get(upstream.url + "/_stats").json()["requests"]  # noqa: E731
+        with ServerThread(create_app(cfg)) as srv:
+            assert httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30).status_code == 200
+            with locked_by_another_process(path):
+                r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)  # the model answered
+                assert r.status_code == 500 and r.json()["error"]["type"] == "ledger_error", r.text
+                assert calls() == 2
+                r, took = _timed(httpx.post, srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "ledger_unavailable" and r.headers["retry-after"] == "1"
+                assert took < 4 and calls() == 2  # refused by the probe's verdict: no model was called
+                refused = r.headers["x-request-id"]
+            assert _wait_ready(srv.url).status_code == 200
+            r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
+            assert r.status_code == 200 and calls() == 3, r.text
+    import sqlite3
+
+    with sqlite3.connect(path) as c:
+        row = c.execute("SELECT status, error_class, (SELECT count(*) FROM attempts a WHERE a.request_id = "
+                        "r.request_id) FROM requests r WHERE request_id = ?", (refused,)).fetchone()
+    assert row == ("error", "LedgerUnavailableError", 0)
+
+
+async def test_writes_past_max_pending_fail_at_once_rather_than_queue_without_bound(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    async with Ledger(path, timeout_s=2, max_pending=1) as ledger:
+        await ledger.record(record(1))
+        with locked_by_another_process(path):
+            first = ledger.submit(record(2))  # the ledger thread waits for the lock on it
+            while ledger._busy_since is None:
+                await asyncio.sleep(0.01)
+            second = ledger.submit(record(3))  # waits behind it: one job pending, the most there may be
+            third = ledger.submit(record(4))
+            assert third.done()  # at once, not after timeout_s
+            assert "request r4: 1 writes are waiting for the ledger already" in str(third.exception())
+            assert "not keeping up" in ledger.unavailable
+            for fut in (first, second):
+                with pytest.raises(LedgerError):
+                    await fut
+        deadline = time.monotonic() + 10
+        while await ledger.probe() is not None:
+            assert time.monotonic() < deadline, ledger.unavailable
+            await asyncio.sleep(0.1)
+        await ledger.record(record(5))
+        rows = {r for (r,) in await ledger.query("SELECT request_id FROM requests")}
+        assert {"r1", "r5"} <= rows and "r4" not in rows
 
 
 async def test_a_write_that_fails_through_its_own_record_leaves_the_ledger_ready(tmp_path):
@@ -326,7 +389,7 @@ def test_ready_and_completions_answer_in_bounded_time_while_postgresql_hangs(hun
             assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable", r.text
             assert "not answering" in r.json()["ledger"] and 1.3 < took < 4.5
             r, took = _timed(httpx.post, srv.url + "/v1/chat/completions", json=_BODY, timeout=60)
-            assert r.status_code == 500 and r.json()["error"]["type"] == "ledger_error", r.text
+            assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable", r.text
             assert took < 4.5
             r, took = _timed(httpx.get, srv.url + "/ready", timeout=60)  # the thread stuck: at once
             assert r.status_code == 503 and took < 4.5
@@ -440,7 +503,7 @@ def test_no_form_of_ledger_url_shows_its_password(target, shown):
 
 
 def test_a_password_given_as_a_url_query_parameter_never_shows(pg, tmp_path, capsys, caplog):
-    """Not in GET /ready (unauthenticated), a completion's 500, the logs, nor the reports."""
+    """Not in GET /ready (unauthenticated), a completion's refusal, the logs, nor the reports."""
     import httpx
 
     from serving import create_app
@@ -462,6 +525,6 @@ def test_a_password_given_as_a_url_query_parameter_never_shows(pg, tmp_path, cap
             assert r.status_code == 503 and "password=***" in r.json()["ledger"], r.text
             assert "hunter2" not in r.text
             r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
-            assert r.status_code == 500 and "hunter2" not in r.text, r.text
+            assert r.status_code == 503 and "hunter2" not in r.text, r.text  # refused: the ledger is down
         assert _wait_ready(srv.url).status_code == 200
     assert "hunter2" not in caplog.text
