@@ -254,6 +254,11 @@ class LedgerError(CascadeError):
     error_type = "ledger_error"
 
 
+class LedgerTimeoutError(LedgerError):
+    """The ledger did not answer within ``ledger.timeout_s`` (a hung database, a lock held elsewhere). A write
+    that timed out stays queued: it may still be committed, or fail, later (``Ledger.late_listeners``)."""
+
+
 class LedgerUnavailableError(LedgerError):
     """The ledger cannot be written now (its database unreachable, read-only, locked, not answering): the
     request is refused before any tier runs, since its answer could not be accounted (and so would not be

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from cascade.errors import LedgerError, NotFoundError
+from cascade.errors import LedgerError, LedgerTimeoutError, NotFoundError
 from cascade.paths import expand_path
 from cascade.types import Attempt, CascadeRecord
 
@@ -456,8 +456,10 @@ class _Job:
         self.expired = False
 
 
-def _settle(done: list[tuple[_Job, BaseException | None, Any]]) -> None:
-    """On the event loop: hand each job's outcome to its waiter (a cancelled waiter no longer wants it)."""
+def _settle(done: list[tuple[_Job, BaseException | None, Any]],
+            late: list[Callable[[CascadeRecord, BaseException | None], None]]) -> None:
+    """On the event loop: hand each job's outcome to its waiter (a cancelled waiter no longer wants it). A
+    write whose waiter was told it timed out has its final outcome told to ``late`` (Ledger.late_listeners)."""
     for job, exc, result in done:
         fut = job.fut
         if fut.done():
@@ -467,6 +469,12 @@ def _settle(done: list[tuple[_Job, BaseException | None, Any]]) -> None:
                             job.rec.request_id)
             elif exc is not None:  # nobody waits for it any more: say so rather than drop it
                 log.warning("ledger: %s (the caller had stopped waiting)", exc)
+            if job.expired and job.rec is not None:
+                for listener in late:
+                    try:
+                        listener(job.rec, exc)
+                    except Exception:  # noqa: BLE001 - an observer never fails the ledger thread's delivery
+                        log.exception("ledger late listener %r failed", listener)
             continue
         if exc is not None:
             fut.set_exception(exc)
@@ -495,6 +503,9 @@ class Ledger:
         #: the most jobs waiting for the ledger thread: past it a job fails at once (and the ledger is not
         #: ready) rather than the queue, and the memory it holds, growing through a long outage
         self.max_pending = int(max_pending)
+        #: called on the event loop with ``(record, error or None)`` once a write whose waiter was told it
+        #: timed out (:class:`LedgerTimeoutError`) is committed after all, or fails; must be quick, not raise
+        self.late_listeners: list[Callable[[CascadeRecord, BaseException | None], None]] = []
         self.dialect = _dialect_for(self.target)
         self._conn: Any = None
         #: why the ledger cannot be written right now (its database unreachable, read-only, locked, not
@@ -739,7 +750,7 @@ class Ledger:
                    "(the ledger is not answering)")
         else:
             msg = self.unavailable
-        job.fut.set_exception(LedgerError(msg))
+        job.fut.set_exception(LedgerTimeoutError(msg))
 
     def _worker(self, q: queue.SimpleQueue) -> None:
         """The ledger thread: takes everything queued, writes consecutive records in one transaction."""
@@ -803,14 +814,13 @@ class Ledger:
                 out.append((exc, None))
         return out
 
-    @staticmethod
-    def _deliver(jobs: list[_Job], outcomes: list[tuple[BaseException | None, Any]]) -> None:
+    def _deliver(self, jobs: list[_Job], outcomes: list[tuple[BaseException | None, Any]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for job, (exc, result) in zip(jobs, outcomes, strict=True):
             by_loop.setdefault(job.loop, []).append((job, exc, result))
         for loop, done in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_settle, done)
+                loop.call_soon_threadsafe(_settle, done, self.late_listeners)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 

@@ -259,7 +259,8 @@ class SpendHolds:
     (:meth:`release`), and an admission counts the holds its read of the ledger could not see
     (:class:`Reading`). A request is admitted while committed spend plus holds is under the limit, so a
     limit is overshot by at most the cost of the one request admitted last (never by a burst). A row whose
-    write failed keeps its cost counted until the UTC day ends (:meth:`release` with ``lost``). Per server
+    write failed keeps its cost counted until the UTC day ends (:meth:`release` with ``lost``); one whose
+    write timed out stays held until the ledger has committed it after all, or failed it. Per server
     process, like the other limits. Pure Python, event-loop only (no locks): an admission's check and hold
     run without an await between them.
     """

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cascade.config import Config
 from cascade.types import CascadeRecord
 from cascade.engine import Engine, new_request_id
-from cascade.errors import CascadeError
+from cascade.errors import CascadeError, LedgerTimeoutError
 from cascade.limits import Admission, SpendHolds
 from serving.errors import error_body, install_error_handlers
 from serving.logs import current_request_id
@@ -164,12 +164,17 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         def row_submitted(rec: CascadeRecord) -> None:
             holds.submitted(rec.request_id)
 
-        def row_committed(rec: CascadeRecord, error: BaseException | None) -> None:
+        def row_written(rec: CascadeRecord, error: BaseException | None) -> None:
             # a row that could not be written keeps its cost counted today: the money was spent
             holds.release(rec.request_id, lost=rec.cost_usd if error is not None else None)
 
+        def row_committed(rec: CascadeRecord, error: BaseException | None) -> None:
+            if not isinstance(error, LedgerTimeoutError):  # one that timed out is still queued: held until
+                row_written(rec, error)                     # it is committed after all, or fails (late_listeners)
+
         app.state.engine.record_listeners.append(row_submitted)
         app.state.engine.commit_listeners.append(row_committed)
+        app.state.engine.ledger.late_listeners.append(row_written)
         from cascade.recalibrate import install_sighup
 
         remove_sighup = install_sighup(app.state.engine, config_path)  # reload on SIGHUP (main thread only)
@@ -183,6 +188,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
             app.state.engine.record_listeners.remove(drain.observe)
             app.state.engine.record_listeners.remove(row_submitted)
             app.state.engine.commit_listeners.remove(row_committed)
+            app.state.engine.ledger.late_listeners.remove(row_written)
             if owned:
                 await app.state.engine.close()
 

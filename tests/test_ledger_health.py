@@ -397,6 +397,55 @@ def test_ready_and_completions_answer_in_bounded_time_while_postgresql_hangs(hun
         assert r.status_code == 200, r.text
 
 
+def test_a_write_that_timed_out_and_committed_later_counts_once_toward_the_daily_spend_limit(hung_pg, tmp_path):
+    """The client whose write timed out got its 500, but the row committed once the database answered again:
+    its cost is in the ledger's sum, so it must no longer also count as spend lost to a failed write (the key
+    was refused until the UTC day's end, at half its limit)."""
+    import threading
+
+    import httpx
+
+    from serving import create_app
+    from serving.auth import hash_key
+    from tests.conftest import ServerThread, make_config
+    from tests.fault_server import FaultServerThread
+
+    hung_pg.reset()
+    key = "sk-test-spend-0123456789"
+    with FaultServerThread() as upstream:
+        # 4 prompt and 4 answer tokens at $1000 per million: $0.008 a request; the limit is $0.012
+        remote = {"name": "r", "backend": "openai", "model": "m", "max_tokens": 4,
+                  "price": {"input_per_1m": 1000.0, "output_per_1m": 1000.0},
+                  "options": {"base_url": upstream.base_url}}
+        cfg = make_config(tmp_path, [remote], {"p": {"chain": ["r"]}},
+                          ledger={"path": hung_pg.url, "timeout_s": 1.5},
+                          user_tiers={"capped": {"daily_spend_limit_usd": 0.012}},
+                          auth={"keys": [{"id": "k1", "sha256": hash_key(key), "user_tier": "capped"}]})
+        auth = {"authorization": f"Bearer {key}"}
+        with ServerThread(create_app(cfg)) as srv:
+            upstream.faults("slow:1")  # the answer takes a second: time to freeze the database after admission
+            got: list[httpx.Response] = []
+            t = threading.Thread(target=lambda: got.append(
+                httpx.post(srv.url + "/v1/chat/completions", json=_BODY, headers=auth, timeout=60)))
+            t.start()
+            while upstream.stats()["requests"] < 1:
+                time.sleep(0.02)
+            with frozen(hung_pg):
+                t.join(timeout=30)
+                assert got[0].status_code == 500 and "not committed within 1.5 s" in got[0].text, got[0].text
+            assert _wait_ready(srv.url).status_code == 200  # the row is committed now
+            r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, headers=auth, timeout=60)
+            assert r.status_code == 200, r.text  # $0.008 spent, not $0.016
+            r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, headers=auth, timeout=60)
+            assert r.status_code == 429 and "$0.016000 spent today" in r.json()["error"]["message"], r.text
+    import psycopg
+
+    with psycopg.connect(hung_pg.url) as c:
+        rows = c.execute("SELECT request_id, cost_usd FROM requests WHERE status = 'ok'").fetchall()
+    assert len(rows) == 2 and got[0].headers["x-request-id"] in {rid for rid, _ in rows}
+    assert [round(cost, 6) for _, cost in rows] == [0.008, 0.008]
+
+
 # --- 3. reading commands with read rights only -----------------------------------------------------------
 
 
