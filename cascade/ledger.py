@@ -456,6 +456,13 @@ class _Job:
         self.expired = False
 
 
+def _refuse_newer(row: tuple, what: str, verb: str) -> None:
+    """A ledger whose schema version (``row[0]``) is newer than this version ``verb`` (reads, writes): refused."""
+    if str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
+        raise LedgerError(f"ledger {what} has schema version {row[0]}, newer than this cascade-engine {verb} "
+                          f"({SCHEMA_VERSION}): upgrade cascade-engine")
+
+
 def _settle(done: list[tuple[_Job, BaseException | None, Any]],
             late: list[Callable[[CascadeRecord, BaseException | None], None]]) -> None:
     """On the event loop: hand each job's outcome to its waiter (a cancelled waiter no longer wants it). A
@@ -594,9 +601,7 @@ class Ledger:
             return self
         if row is None:
             raise LedgerError(f"{what} is not a cascade ledger (no meta and requests tables with a schema version)")
-        if str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
-            raise LedgerError(f"ledger {what} has schema version {row[0]}, newer than this cascade-engine reads "
-                              f"({SCHEMA_VERSION}): upgrade cascade-engine")
+        _refuse_newer(row, what, "reads")
         try:
             return self.open_sync()
         except LedgerError as exc:
@@ -642,9 +647,8 @@ class Ledger:
         if "meta" in tables:
             row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"),
                                ("schema_version",)).fetchone()
-            if row is not None and str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
-                raise LedgerError(f"ledger {what} has schema version {row[0]}, newer than this cascade-engine "
-                                  f"writes ({SCHEMA_VERSION}): upgrade cascade-engine")
+            if row is not None:
+                _refuse_newer(row, what, "writes")
 
     def _create_or_migrate(self, conn: Any) -> None:
         for stmt in _TABLES:
