@@ -99,11 +99,21 @@ def _netcal_temperature(z: np.ndarray, y: np.ndarray) -> float:
     return 1.0 / w
 
 
+def _short(v: Any) -> str:
+    """``repr(v)``, cut to a readable length (an artifact's bad value may be a 300-digit integer)."""
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 def _param_number(params: Mapping[str, Any], key: str) -> float:
     """One numeric parameter of an artifact: a finite number, else ValueError naming it."""
     v = params[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"params.{key} must be a finite number, got {v!r}")
+    try:  # an integer beyond a float's range (JSON allows 1e999 written out as digits) overflows
+        finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"params.{key} must be a finite number, got {_short(v)}")
     return float(v)
 
 
@@ -112,7 +122,10 @@ def _param_array(params: Mapping[str, Any], key: str, *, probabilities: bool = F
     v = params[key]
     if not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
         raise ValueError(f"params.{key} must be a list of numbers, got {v!r}")
-    a = np.asarray(v, dtype=np.float64).reshape(-1)
+    try:
+        a = np.asarray(v, dtype=np.float64).reshape(-1)
+    except OverflowError:  # an integer beyond a float's range
+        raise ValueError(f"params.{key} must hold finite numbers") from None
     if not np.all(np.isfinite(a)):
         raise ValueError(f"params.{key} must hold finite numbers")
     if probabilities and np.any((a < 0) | (a > 1)):
@@ -639,6 +652,8 @@ def load_calibrator(path: str | Path) -> Calibrator:
         raise ValueError(f"cannot read calibrator artifact {p}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"calibrator artifact {p} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ValueError(f"calibrator artifact {p} is nested too deeply to be one") from None
     return calibrator_from_dict(data)
 
 

@@ -192,13 +192,19 @@ def test_an_openai_tier_needs_a_url(tmp_path, capsys):
     ({"method": "isotonic", "params": {"knots_x": [0.0, 1.0], "knots_y": [-0.1, 0.5]}}, "within [0, 1]"),
     ({"method": "platt", "params": {"a": "x", "b": 0}}, "params.a must be a finite number"),
     ({"method": "temperature", "version": "1", "params": {"temperature": 1.0}}, "version must be a whole number"),
+    # an integer beyond a float's range, and JSON nested past Python's recursion limit (both were tracebacks)
+    ('{"method": "temperature", "params": {"temperature": 1' + "0" * 400 + '}}', "params.temperature must be a "
+     "finite number, got 1000000000000000000000000000000000000..."),
+    ('{"method": "isotonic", "params": {"knots_x": [0, 1' + "0" * 400 + '], "knots_y": [0.1, 0.9]}}',
+     "params.knots_x must hold finite numbers"),
+    ("[" * 100_000 + "]" * 100_000, "is nested too deeply to be one"),
 ])
 def test_bad_calibrator_artifacts_are_one_line(tmp_path, artifact, needle, capsys):
     if artifact == "DIR":
         path = tmp_path
     else:
         path = tmp_path / "cal.json"
-        path.write_text(json.dumps(artifact))
+        path.write_text(artifact if isinstance(artifact, str) else json.dumps(artifact))
     cfg = write_config(tmp_path, small=f"    calibrator: {{artifact: {path}}}")
     one_error(cli(capsys, "ask", "hi", "--config", str(cfg)), "tiers.small.calibrator", needle)
 
