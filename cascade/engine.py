@@ -14,7 +14,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
 from calibration.features import FEATURE_NAMES, extract_features
@@ -48,6 +49,9 @@ from cascade.resilience import (
 )
 from cascade.types import (Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage,
                            answer_tokens)
+
+if TYPE_CHECKING:
+    from cascade.shadow import ShadowSet
 
 log = logging.getLogger("cascade.engine")
 
@@ -94,17 +98,20 @@ class Tier:
 
 @dataclass(frozen=True)
 class Route:
-    """What a request's ``model`` resolved to: a policy's chain, or one pinned tier. ``calibrators`` holds
-    one per tier: the policy's own where it has one (a per-task calibrator), else the tier's."""
+    """What a request's ``model`` resolved to: a policy's chain, or one pinned tier, with the thresholds,
+    calibrators and shadows in force when it resolved, so that a reload meanwhile never mixes the old and the
+    new in one request. ``calibrators`` holds one per tier: the policy's own where it has one (a per-task
+    calibrator), else the tier's."""
 
     name: str
     tiers: tuple[Tier, ...]
     thresholds: tuple[float, ...]
+    calibrators: tuple[Calibrator, ...]
     pinned: bool = False
-    calibrators: tuple[Calibrator, ...] = ()
+    shadows: ShadowSet | None = field(default=None, compare=False)
 
     def calibrator(self, i: int) -> Calibrator:
-        return self.calibrators[i] if self.calibrators else self.tiers[i].calibrator
+        return self.calibrators[i]
 
 
 def build_policy_calibrators(config: Config) -> dict[str, dict[str, Calibrator]]:
@@ -267,12 +274,13 @@ class Engine:
         if pol is not None:
             tiers = tuple(self.tiers[t] for t in pol.chain)
             thresholds = tuple(pol.thresholds.get(t.name, t.config.threshold) for t in tiers)
-            own = self.policy_calibrators.get(name)
-            cals = tuple(own.get(t.name, t.calibrator) for t in tiers) if own else ()
-            return Route(name=name, tiers=tiers, thresholds=thresholds, calibrators=cals)
+            own = self.policy_calibrators.get(name) or {}
+            cals = tuple(own.get(t.name, t.calibrator) for t in tiers)
+            return Route(name=name, tiers=tiers, thresholds=thresholds, calibrators=cals, shadows=self.shadows)
         tier = self.tiers.get(name)
         if tier is not None:
-            return Route(name=name, tiers=(tier,), thresholds=(0.0,), pinned=True)
+            return Route(name=name, tiers=(tier,), thresholds=(0.0,), calibrators=(tier.calibrator,), pinned=True,
+                         shadows=self.shadows)
         raise UnknownModelError(
             f"model {name!r} does not exist; valid models: {', '.join(self.model_names())}", param="model")
 
@@ -345,7 +353,7 @@ class Engine:
             route, result = await self._start(rec, model, request, budget, t0, stream_last=False)
             assert isinstance(result, GenerationResult)
             self._finish(rec, route=route, t0=t0)
-            committed = self._submit(rec, request, budget)
+            committed = self._submit(rec, request, budget, route.shadows)
             if slot is not None:  # stored once its ledger row is committed: a hit never names a missing request
                 committed.add_done_callback(lambda f: self._cache_store(f, slot, lead, rec, result))
         except BaseException:
@@ -402,7 +410,7 @@ class Engine:
                         await live.aclose()
                     return
                 self._finish(rec, route=route, t0=t0)  # a buffered answer was kept
-                await self._submit(rec, request, budget)
+                await self._submit(rec, request, budget, route.shadows)
                 self._cache_put(slot, rec, outcome)
             finally:
                 self._cache_settle(slot, lead)
@@ -450,7 +458,7 @@ class Engine:
                 best = self._serve_best(answers, f"{tier.name!r} failed before its first token ({type(exc).__name__})")
                 self._finish(rec, route=route, t0=t0)
                 kept = next(a for a in rec.attempts if a.kept)
-                await self._submit(rec, live.original, live.budget)
+                await self._submit(rec, live.original, live.budget, route.shadows)
                 yield StreamStart(record=rec, tier=kept.tier)
                 for chunk in best.replay():
                     yield StreamDelta(chunk.text, chunk.tokens)
@@ -525,7 +533,7 @@ class Engine:
                     rec.status = "partial" if sent else "error"
                     rec.error_class, rec.error_message = type(error).__name__, error.message
                 self._finish(rec, route=route, t0=t0)
-                await asyncio.shield(self._submit(rec, live.original, live.budget))
+                await asyncio.shield(self._submit(rec, live.original, live.budget, route.shadows))
         if error is not None:
             yield StreamFailed(record=rec, error=error)
             return
@@ -694,12 +702,13 @@ class Engine:
         self._finish(rec, route=route, t0=t0)
         await asyncio.shield(self._submit(rec, None))
 
-    def _submit(self, rec: CascadeRecord, request: GenerationRequest | None,
-                budget: Budget | None = None) -> "asyncio.Future[None]":
+    def _submit(self, rec: CascadeRecord, request: GenerationRequest | None, budget: Budget | None = None,
+                shadows: ShadowSet | None = None) -> "asyncio.Future[None]":
         """Queue the ledger write of a finished request with its shadow decisions (the future resolves once
         it is committed). Shadows sampled on this request (``request`` given) start in the background: after
-        the commit, off the request's path (cascade/shadow.py), within the request's ``budget``."""
-        shadows = self.shadows
+        the commit, off the request's path (cascade/shadow.py), within the request's ``budget``. ``shadows``:
+        those in force when its route resolved (its :class:`Route`'s), else the engine's now."""
+        shadows = self.shadows if shadows is None else shadows
         # a cache hit made no decision for a shadow to be compared with (its answer's request had its rows)
         rows = shadows.evaluate(rec) if rec.cached_from is None else []
         samples = self.sampler.select(shadows, rec, request, rows, budget) if rows and request is not None else ()

@@ -484,7 +484,8 @@ def _plan(engine: Any, config_path: str | None
             not_applied.append("shadows (they name tiers or policies this server does not run)")
     merged_cfg = old.model_copy(update={"tiers": tiers, "policies": policies, "shadows": shadows})
     policy_cals = build_policy_calibrators(merged_cfg)
-    shadow_set = ShadowSet(merged_cfg, engine.tiers, policy_cals)
+    shadow_set = ShadowSet(merged_cfg, engine.tiers, policy_cals,
+                           tier_calibrators={n: cals.get(n, t.calibrator) for n, t in engine.tiers.items()})
     return merged_cfg, cals, policy_cals, shadow_set, {"not_applied": not_applied}
 
 
@@ -502,7 +503,7 @@ def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], policy_cals: di
     for name, cal in cals.items():
         tier = engine.tiers[name]
         changed = (cal.to_dict() != tier.calibrator.to_dict()) or tcs[name].threshold != tier.config.threshold
-        tier.config, tier.calibrator = tcs[name], cal  # one request reads one or the other: never half
+        tier.config, tier.calibrator = tcs[name], cal  # a request's route holds what it resolved with
         summary[name] = {"method": cal.method, "feature": cal.feature, "artifact": tcs[name].calibrator.artifact,
                          "version": cal.fitted_on.get("version"), "threshold": tcs[name].threshold,
                          "changed": changed}

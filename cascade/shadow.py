@@ -54,7 +54,7 @@ log = logging.getLogger("cascade.shadow")
 @dataclass(frozen=True)
 class ShadowPolicy:
     """A shadow at run time. ``calibrators`` holds only the shadow's own overrides; other tiers use the
-    live tier's calibrator at evaluation time (so a reloaded live calibrator applies to shadows too).
+    live policy's calibrator, as its :class:`ShadowSet` holds them (a reload's new ones with a new set).
     ``user_tiers``: evaluated only on requests of these user tiers (None: on every request of ``of``)."""
 
     name: str
@@ -163,13 +163,19 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
 class ShadowSet:
     """The shadows of one engine: ``evaluate(rec)`` gives the rows for ``Ledger.record(rec, shadows=...)``.
 
-    Holds the engine's tier map (not a copy), so live calibrators swapped by a reload are used at once.
-    Never raises: a failing shadow is logged and left out (a shadow must never break a live request).
+    Holds the engine's tier map (for the sampled calls) and the tiers' calibrators as they were when it was
+    made (``tier_calibrators``; default: the tiers' now). A reload makes a new set with the new calibrators,
+    and a request is judged by the set in force when it started (its route's), as its live decisions were:
+    never the old live decision beside the new shadow calibrators. Never raises: a failing shadow is logged
+    and left out (a shadow must never break a live request).
     """
 
     def __init__(self, config: Config, tiers: Mapping[str, Any],
-                 policy_calibrators: Mapping[str, Mapping[str, Calibrator]] | None = None) -> None:
+                 policy_calibrators: Mapping[str, Mapping[str, Calibrator]] | None = None,
+                 tier_calibrators: Mapping[str, Calibrator] | None = None) -> None:
         self.tiers = tiers
+        self.tier_calibrators = dict(tier_calibrators) if tier_calibrators is not None else \
+            {name: t.calibrator for name, t in tiers.items()}
         #: the live policies' own calibrators (policy -> tier -> calibrator): a shadow of policy P is
         #: compared with what P itself uses
         self.policy_calibrators = policy_calibrators or {}
@@ -179,23 +185,18 @@ class ShadowSet:
     def __bool__(self) -> bool:
         return bool(self.policies)
 
-    def live_calibrators(self, shadow: ShadowPolicy,
-                         tier_cals: Mapping[str, Calibrator] | None = None) -> Mapping[str, Calibrator]:
-        """Per tier, the calibrator the shadow's live policy uses (its own override, else the tier's);
-        ``tier_cals``: the tiers' calibrators, when the caller already has them."""
-        if tier_cals is None:
-            tier_cals = {name: t.calibrator for name, t in self.tiers.items()}
+    def live_calibrators(self, shadow: ShadowPolicy) -> Mapping[str, Calibrator]:
+        """Per tier, the calibrator the shadow's live policy uses (its own override, else the tier's)."""
         own = self.policy_calibrators.get(shadow.of)
-        return {**tier_cals, **own} if own else tier_cals
+        return {**self.tier_calibrators, **own} if own else self.tier_calibrators
 
     def evaluate(self, rec: CascadeRecord) -> list[dict[str, Any]]:
         if not self.policies:
             return []
-        tier_cals = {name: t.calibrator for name, t in self.tiers.items()}  # once per request, not per shadow
         rows = []
         for sh in self.policies:
             try:
-                row = evaluate_shadow(sh, rec, self.live_calibrators(sh, tier_cals))
+                row = evaluate_shadow(sh, rec, self.live_calibrators(sh))
             except Exception:  # noqa: BLE001 - never let a shadow break the live request
                 log.exception("shadow %s failed on request %s", sh.name, rec.request_id)
                 continue

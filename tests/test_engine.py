@@ -206,6 +206,43 @@ async def test_reload_swaps_policy_calibrators_and_shadows_follow_them(tmp_path)
     assert got == [("known", 0), ("known", 0)]
 
 
+async def test_a_request_in_flight_across_a_reload_keeps_the_config_it_started_with(tmp_path):
+    """Thresholds, calibrators and shadows are taken when a request's route resolves: a reload while its first
+    tier is generating changes none of them for it. (It was decided by the new calibrator against its route's
+    old threshold, a decision neither config makes, and its identical shadow judged by the new set.)"""
+    import asyncio
+
+    import yaml
+
+    from cascade.config import load_config
+    from cascade.recalibrate import reload_engine
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as small, FaultServerThread() as large:
+        def write(cal):
+            cfg = {"ledger": {"path": str(tmp_path / "ledger.sqlite")},
+                   "tiers": [{"name": "small", "backend": "openai", "model": "s", "threshold": 0.5, "calibrator": cal,
+                              "options": {"base_url": small.base_url}},
+                             {"name": "large", "backend": "openai", "model": "l",
+                              "options": {"base_url": large.base_url}}],
+                   "policies": {"p": {"chain": ["small", "large"]}}, "shadows": {"twin": {"of": "p"}}}
+            (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+            return str(tmp_path / "c.yaml")
+
+        async with await Engine.open(load_config(write(HIGH), environ={})) as eng:
+            small.faults(delay_s=1.0)
+            flight = asyncio.create_task(eng.run(Q, model="p"))
+            while small.stats()["requests"] < 1:  # the small tier is generating
+                await asyncio.sleep(0.01)
+            reload_engine(eng, write(LOW))
+            before = (await flight).record
+            assert not before.escalated and before.attempts[0].confidence > 0.99, before.attempts[0].reason
+            after = (await eng.run(Q, model="p")).record
+            assert after.escalated and after.attempts[0].confidence < 0.01  # the new calibrator, once resolved anew
+    got = rows(tmp_path / "ledger.sqlite", "SELECT request_id, status, diverges FROM shadow_decisions")
+    assert sorted(got) == sorted([(before.request_id, "known", 0), (after.request_id, "known", 0)])
+
+
 @pytest.mark.parametrize("text", [
     "What is the capital of France?",
     " ".join("a" * 30),                                # short words: a flat 4 characters a token gave 14
