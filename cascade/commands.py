@@ -16,19 +16,24 @@ from cascade.types import GenerationRequest, Message
 
 
 def _with_cli_overrides(cfg: Config, args: argparse.Namespace) -> Config:
-    server = cfg.server
+    server, given = cfg.server, set()
     if getattr(args, "host", None):
         server = server.model_copy(update={"host": args.host})
+        given.add("server.host")
     if getattr(args, "port", None) is not None:
         if not 0 <= args.port <= 65535:
             raise ConfigError(f"--port: {args.port} is not a TCP port")
         server = server.model_copy(update={"port": args.port})
+        given.add("server.port")
     ledger = cfg.ledger
     if getattr(args, "ledger", None) is not None:
         if not args.ledger.strip():  # not the config's ledger, silently
             raise ConfigError("--ledger: empty path")
         ledger = ledger.model_copy(update={"path": args.ledger})
-    return cfg.model_copy(update={"server": server, "ledger": ledger})
+        given.add("ledger.path")
+    out = cfg.model_copy(update={"server": server, "ledger": ledger})
+    out._cli_overrides = frozenset(given)  # a reload leaves these as the command line said
+    return out
 
 
 def _check_bind(host: str, port: int) -> None:

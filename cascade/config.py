@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from cascade.errors import ConfigError
 from cascade.paths import expand_path
@@ -429,6 +429,9 @@ class Config(_Strict):
     drift: DriftConfig | None = None
     #: the response cache (cascade/cache.py); off by default
     cache: CacheConfig = CacheConfig()
+    #: the settings given on the command line over the file's ("server.port", "ledger.path"...): a reload of
+    #: the file does not compare them (the command line's value stays in force)
+    _cli_overrides: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @model_validator(mode="after")
     def _cross_check(self) -> "Config":

@@ -430,6 +430,16 @@ def authorize_admin(config: Config, caller: Any) -> None:
                                     "(set admin: true on its user tier)", code="admin_only")
 
 
+#: the fields of a tier that change its answers (and so their logprobs): a calibrator fit on the new ones is
+#: not applied before they are (a restart)
+_ANSWER_FIELDS = frozenset({"backend", "model", "options", "providers", "top_logprobs"})
+
+
+def _unless_held(new: dict[str, Any], old: dict[str, Any], held: set[str]) -> dict[str, Any]:
+    """A policy's per-tier settings (thresholds, calibrators): the new ones, but the old for ``held`` tiers."""
+    return {**{t: v for t, v in new.items() if t not in held}, **{t: v for t, v in old.items() if t in held}}
+
+
 def _plan(engine: Any, config_path: str | None
           ) -> tuple[Config, dict[str, Calibrator], dict[str, dict[str, Calibrator]], Any, dict[str, Any]]:
     """Build everything a reload swaps in, without touching the engine (raises ConfigError on any problem)."""
@@ -440,6 +450,7 @@ def _plan(engine: Any, config_path: str | None
     new = load_config(config_path) if config_path else old
     not_applied: list[str] = []
     tiers, cals = [], {}
+    held: set[str] = set()  # tiers whose answers would change: their thresholds and calibrators stay too
     new_tiers = {t.name: t for t in new.tiers}
     for tc in old.tiers:
         nt = new_tiers.get(tc.name)
@@ -452,8 +463,13 @@ def _plan(engine: Any, config_path: str | None
         old_d, new_d = tc.model_dump(exclude=swapped), nt.model_dump(exclude=swapped)
         if old_d != new_d:
             fields = sorted(k for k in old_d if old_d[k] != new_d.get(k))
-            not_applied.append(f"tier {tc.name!r}: {', '.join(fields)}")
-        merged = tc.model_copy(update={"threshold": nt.threshold, "calibrator": nt.calibrator})
+            note = ""
+            if _ANSWER_FIELDS.intersection(fields):  # a calibrator fit on the new model's answers would judge
+                held.add(tc.name)                    # the old one's until the restart: kept with the model
+                note = " (so its threshold and calibrators, here and in policies, are kept too)"
+            not_applied.append(f"tier {tc.name!r}: {', '.join(fields)}{note}")
+        merged = tc if tc.name in held else tc.model_copy(update={"threshold": nt.threshold,
+                                                                  "calibrator": nt.calibrator})
         tiers.append(merged)
         cals[tc.name] = build_calibrator(merged.calibrator, tier=tc.name)
     not_applied += [f"new tier {n!r}" for n in new_tiers if n not in engine.tiers]
@@ -461,7 +477,9 @@ def _plan(engine: Any, config_path: str | None
     for name, pol in old.policies.items():
         np_ = new.policies.get(name)
         if np_ is not None and np_.chain == pol.chain:
-            policies[name] = pol.model_copy(update={"thresholds": np_.thresholds, "calibrators": np_.calibrators})
+            policies[name] = pol.model_copy(update={"thresholds": _unless_held(np_.thresholds, pol.thresholds, held),
+                                                    "calibrators": _unless_held(np_.calibrators, pol.calibrators,
+                                                                                held)})
         else:
             policies[name] = pol
             not_applied.append(f"policy {name!r} " + ("was removed" if np_ is None else "changed its chain"))
@@ -469,10 +487,13 @@ def _plan(engine: Any, config_path: str | None
     for section in ("models", "user_tiers", "auth", "default_policy", "drift", "cache"):
         if getattr(new, section) != getattr(old, section):
             not_applied.append(f"section {section!r}")
-    # server and ledger, but for what `cascade serve --host/--port/--ledger` may have overridden
-    for section, overridable in (("server", {"host", "port"}), ("ledger", {"path"})):
-        old_d = getattr(old, section).model_dump(exclude=overridable)
-        new_d = getattr(new, section).model_dump(exclude=overridable)
+    # server and ledger, but for what `cascade serve --host/--port/--ledger` overrode (the command line's
+    # value stays in force: a change in the file would not apply after a restart with the same command either)
+    given = old._cli_overrides
+    for section in ("server", "ledger"):
+        overridden = {k.partition(".")[2] for k in given if k.startswith(section + ".")}
+        old_d = getattr(old, section).model_dump(exclude=overridden)
+        new_d = getattr(new, section).model_dump(exclude=overridden)
         if old_d != new_d:
             not_applied.append(f"section {section!r}: " + ", ".join(sorted(k for k in old_d if old_d[k] != new_d[k])))
     shadows = old.shadows

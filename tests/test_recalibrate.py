@@ -314,6 +314,48 @@ async def test_a_reload_says_which_changes_need_a_restart(tmp_path):
         await engine.close()
 
 
+async def test_a_reload_keeps_the_calibration_of_a_tier_whose_model_changes_and_names_every_unapplied_setting(
+        tmp_path):
+    """A tier switched to another model with the new model's threshold and calibrator: the model needs a
+    restart, so they wait for it too (they judged the old model's answers). A port or ledger path changed in
+    the file is listed (it was silently skipped), unless `cascade serve --port/--ledger` gave it."""
+    import argparse
+
+    from cascade.commands import _with_cli_overrides
+    from cascade.config import load_config
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+
+    remote = {"backend": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}
+
+    def write(model: str, threshold: float, port: int, ledger: str) -> str:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({
+            "server": {"port": port}, "ledger": {"path": str(tmp_path / ledger)},
+            "tiers": [{"name": "r", "model": model, "threshold": threshold, **remote},
+                      {"name": "s", "model": "big", **remote}],
+            "policies": {"p": {"chain": ["r", "s"], "thresholds": {"r": threshold}}}}))
+        return str(path)
+
+    engine = await Engine.open(load_config(write("m", 0.5, 8000, "l.sqlite"), environ={}))
+    try:
+        out = reload_engine(engine, write("m2", 0.9, 8001, "other.sqlite"))
+        assert out["not_applied"] == [
+            "tier 'r': model (so its threshold and calibrators, here and in policies, are kept too)",
+            "section 'server': port", "section 'ledger': path"]
+        assert engine.tiers["r"].config.threshold == 0.5 and engine.resolve("p").thresholds[0] == 0.5
+        out = reload_engine(engine, write("m", 0.9, 8000, "l.sqlite"))  # back to the running model: applied
+        assert out["not_applied"] == [] and engine.resolve("p").thresholds[0] == 0.9
+    finally:
+        await engine.close()
+    given = argparse.Namespace(host=None, port=8100, ledger=str(tmp_path / "cli.sqlite"))
+    engine = await Engine.open(_with_cli_overrides(load_config(write("m", 0.5, 8000, "l.sqlite"), environ={}), given))
+    try:  # what the command line gave stays: the file's change to it is no change to this server
+        assert reload_engine(engine, write("m", 0.5, 8001, "other.sqlite"))["not_applied"] == []
+    finally:
+        await engine.close()
+
+
 def test_a_refused_reload_is_a_422_and_keeps_the_running_config(tmp_path, caplog):
     from cascade.config import load_config
     from serving import create_app
