@@ -334,7 +334,7 @@ class ApiKeyConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    #: with no keys configured (here or in the ledger) the server is open: for local use only
+    #: with no keys configured the server is open: for local use only
     keys: list[ApiKeyConfig] = Field(default_factory=list)
     #: refuse every request without a valid key even when no key is configured yet
     required: bool = False

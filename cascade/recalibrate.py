@@ -440,6 +440,37 @@ def _unless_held(new: dict[str, Any], old: dict[str, Any], held: set[str]) -> di
     return {**{t: v for t, v in new.items() if t not in held}, **{t: v for t, v in old.items() if t in held}}
 
 
+def _plan_access(old: Config, new: Config, running: set[str], not_applied: list[str]) -> tuple[Any, Any]:
+    """The user tiers and keys a reload applies (a key revoked, a limit changed: at once, no restart), else the
+    running ones with the reason in ``not_applied``: user tiers allowing models this server does not run; keys
+    of user tiers it would not have; no keys where there were, which would open the server to anyone."""
+    user_tiers = old.user_tiers
+    if new.user_tiers != old.user_tiers:
+        unknown = sorted({m for ut in new.user_tiers.values() for m in ut.allowed_models} - running)
+        if unknown:
+            not_applied.append(f"section 'user_tiers' (allowed_models names {', '.join(map(repr, unknown))}, "
+                               "which this server does not run)")
+        else:
+            user_tiers = new.user_tiers
+    auth = old.auth
+    if new.auth != old.auth:
+        named = {k.user_tier for k in new.auth.keys} | ({new.auth.anonymous_user_tier} - {None})
+        if missing := sorted(named - set(user_tiers)):
+            not_applied.append(f"section 'auth' (it names user tier(s) {', '.join(map(repr, missing))}, which "
+                               "this server does not have)")
+        elif (old.auth.keys or old.auth.required) and not (new.auth.keys or new.auth.required):
+            not_applied.append("section 'auth' (without keys the server would be open to anyone: restart for "
+                               "that, or set auth.required)")
+        else:
+            auth = new.auth
+    if user_tiers is not old.user_tiers:  # the keys kept must still find their user tiers
+        named = {k.user_tier for k in auth.keys} | ({auth.anonymous_user_tier} - {None})
+        if missing := sorted(named - set(user_tiers)):
+            not_applied.append(f"section 'user_tiers' (the running keys need {', '.join(map(repr, missing))})")
+            user_tiers = old.user_tiers
+    return user_tiers, auth
+
+
 def _plan(engine: Any, config_path: str | None
           ) -> tuple[Config, dict[str, Calibrator], dict[str, dict[str, Calibrator]], Any, dict[str, Any]]:
     """Build everything a reload swaps in, without touching the engine (raises ConfigError on any problem)."""
@@ -484,7 +515,8 @@ def _plan(engine: Any, config_path: str | None
             policies[name] = pol
             not_applied.append(f"policy {name!r} " + ("was removed" if np_ is None else "changed its chain"))
     not_applied += [f"new policy {n!r}" for n in new.policies if n not in old.policies]
-    for section in ("models", "user_tiers", "auth", "default_policy", "drift", "cache"):
+    user_tiers, auth = _plan_access(old, new, set(policies) | set(engine.tiers), not_applied)
+    for section in ("models", "default_policy", "drift", "cache"):
         if getattr(new, section) != getattr(old, section):
             not_applied.append(f"section {section!r}")
     # server and ledger, but for what `cascade serve --host/--port/--ledger` overrode (the command line's
@@ -503,7 +535,8 @@ def _plan(engine: Any, config_path: str | None
             shadows = new.shadows
         else:
             not_applied.append("shadows (they name tiers or policies this server does not run)")
-    merged_cfg = old.model_copy(update={"tiers": tiers, "policies": policies, "shadows": shadows})
+    merged_cfg = old.model_copy(update={"tiers": tiers, "policies": policies, "shadows": shadows,
+                                        "user_tiers": user_tiers, "auth": auth})
     policy_cals = build_policy_calibrators(merged_cfg)
     shadow_set = ShadowSet(merged_cfg, engine.tiers, policy_cals,
                            tier_calibrators={n: cals.get(n, t.calibrator) for n, t in engine.tiers.items()})

@@ -380,6 +380,52 @@ def test_a_refused_reload_is_a_422_and_keeps_the_running_config(tmp_path, caplog
         assert r.status_code == 200 and r.json()["tiers"]["r"]["changed"] is True
 
 
+def test_a_reload_revokes_a_key_and_changes_a_user_tiers_limits_at_once(tmp_path):
+    """Keys and user tiers are read at each request: a reload applies them (a leaked key revoked without a
+    restart), but never one that would open a keyed server to anyone or strand a key without its user tier."""
+    from cascade.config import load_config
+    from serving import create_app
+    from serving.auth import hash_key
+    from tests.conftest import ServerThread
+    from tests.fault_server import FaultServerThread
+
+    ops, leaked = "sk-ops-0123456789abcdef", "sk-leaked-0123456789abcdef"
+    path = tmp_path / "c.yaml"
+
+    def write(keys: list[tuple[str, str, str]], app_tier: dict[str, Any]) -> None:
+        path.write_text(yaml.safe_dump({
+            "ledger": {"path": str(tmp_path / "l.sqlite")},
+            "tiers": [{"name": "r", "backend": "openai", "model": "m", "options": {"base_url": upstream.base_url}}],
+            "policies": {"p": {"chain": ["r"]}},
+            "user_tiers": {"ops": {"admin": True}, "app": app_tier},
+            "auth": {"keys": [{"id": i, "sha256": hash_key(k), "user_tier": t} for i, k, t in keys]}}))
+
+    def ask(key: str) -> int:
+        return httpx.post(srv.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                          json={"model": "p", "messages": [{"role": "user", "content": "hi"}]}).status_code
+
+    def reload() -> dict[str, Any]:
+        r = httpx.post(srv.url + "/admin/reload", headers={"authorization": f"Bearer {ops}"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with FaultServerThread() as upstream:
+        write([("ops", ops, "ops"), ("leaked", leaked, "app")], {})
+        with ServerThread(create_app(load_config(path, environ={}), config_path=str(path))) as srv:
+            assert ask(leaked) == 200
+            write([("ops", ops, "ops")], {"requests_per_minute": 1})
+            assert reload()["not_applied"] == []
+            assert ask(leaked) == 401 and ask(ops) == 200  # revoked at once
+            write([("ops", ops, "ops"), ("leaked", leaked, "app")], {"requests_per_minute": 1})
+            reload()
+            assert ask(leaked) == 200 and ask(leaked) == 429  # the new limit holds
+            write([], {})
+            assert reload()["not_applied"] == [
+                "section 'auth' (without keys the server would be open to anyone: restart for that, or set "
+                "auth.required)"]
+            assert ask("sk-anyone-0123456789abcdef") == 401 and ask(ops) == 200
+
+
 def test_recalibrate_writes_beside_the_configured_artifact_and_warns_when_the_link_is_not_read(traffic, tmp_path,
                                                                                                capsys):
     """Without --out the new version goes beside the artifact the config reads, so --activate's link is the
