@@ -474,7 +474,7 @@ def _plan_access(old: Config, new: Config, running: set[str], not_applied: list[
 def _plan(engine: Any, config_path: str | None
           ) -> tuple[Config, dict[str, Calibrator], dict[str, dict[str, Calibrator]], Any, dict[str, Any]]:
     """Build everything a reload swaps in, without touching the engine (raises ConfigError on any problem)."""
-    from cascade.engine import build_calibrator, build_policy_calibrators
+    from cascade.engine import build_calibrator
     from cascade.shadow import ShadowSet
 
     old: Config = engine.config
@@ -485,9 +485,10 @@ def _plan(engine: Any, config_path: str | None
     new_tiers = {t.name: t for t in new.tiers}
     for tc in old.tiers:
         nt = new_tiers.get(tc.name)
-        if nt is None:
+        if nt is None:  # it runs on as it is (its artifact may be gone with it)
             not_applied.append(f"tier {tc.name!r} was removed")
             nt = tc
+            held.add(tc.name)
         # a reload swaps thresholds and calibrators; any other change to a tier (its price, max_tokens,
         # backend options...) needs a restart: said, never silently ignored
         swapped = {"threshold", "calibrator"}
@@ -501,8 +502,9 @@ def _plan(engine: Any, config_path: str | None
             not_applied.append(f"tier {tc.name!r}: {', '.join(fields)}{note}")
         merged = tc if tc.name in held else tc.model_copy(update={"threshold": nt.threshold,
                                                                   "calibrator": nt.calibrator})
-        tiers.append(merged)
-        cals[tc.name] = build_calibrator(merged.calibrator, tier=tc.name)
+        tiers.append(merged)  # a held tier keeps its calibrator as it runs, not re-read (the file may be the new one)
+        cals[tc.name] = engine.tiers[tc.name].calibrator if tc.name in held else \
+            build_calibrator(merged.calibrator, tier=tc.name)
     not_applied += [f"new tier {n!r}" for n in new_tiers if n not in engine.tiers]
     policies = {}
     for name, pol in old.policies.items():
@@ -537,10 +539,23 @@ def _plan(engine: Any, config_path: str | None
             not_applied.append("shadows (they name tiers or policies this server does not run)")
     merged_cfg = old.model_copy(update={"tiers": tiers, "policies": policies, "shadows": shadows,
                                         "user_tiers": user_tiers, "auth": auth})
-    policy_cals = build_policy_calibrators(merged_cfg)
+    running = engine.policy_calibrators
+    policy_cals = {name: {t: running.get(name, {}).get(t) or build_calibrator(cc, tier=t,
+                                                                            where=f"policies.{name}.calibrators.{t}")
+                          if t in held else build_calibrator(cc, tier=t, where=f"policies.{name}.calibrators.{t}")
+                          for t, cc in pol.calibrators.items()}
+                   for name, pol in merged_cfg.policies.items() if pol.calibrators}
     shadow_set = ShadowSet(merged_cfg, engine.tiers, policy_cals,
                            tier_calibrators={n: cals.get(n, t.calibrator) for n, t in engine.tiers.items()})
     return merged_cfg, cals, policy_cals, shadow_set, {"not_applied": not_applied}
+
+
+def _decisions(engine: Any) -> tuple:
+    """What decides which tier answers: every tier's threshold and calibrator, every policy's own."""
+    tiers = {n: (t.config.threshold, t.calibrator.to_dict()) for n, t in engine.tiers.items()}
+    policies = {n: (dict(p.thresholds), {t: c.to_dict() for t, c in engine.policy_calibrators.get(n, {}).items()})
+                for n, p in engine.config.policies.items()}
+    return tiers, policies
 
 
 def reload_engine(engine: Any, config_path: str | None = None) -> dict[str, Any]:
@@ -553,6 +568,7 @@ def reload_engine(engine: Any, config_path: str | None = None) -> dict[str, Any]
 def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], policy_cals: dict[str, dict[str, Calibrator]],
           shadows: Any, extra: dict[str, Any], config_path: str | None) -> dict[str, Any]:
     summary: dict[str, Any] = {}
+    before = _decisions(engine)
     tcs = {t.name: t for t in cfg.tiers}
     for name, cal in cals.items():
         tier = engine.tiers[name]
@@ -564,8 +580,11 @@ def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], policy_cals: di
     engine.config = cfg
     engine.policy_calibrators = policy_cals
     engine.shadows = shadows
-    # the cached answers were decided by the old thresholds and calibrators: the new ones may not give them
-    cleared = engine.cache.clear() if getattr(engine, "cache", None) is not None else 0
+    # the cached answers were decided by the old thresholds and calibrators: the new ones may not give them (a
+    # reload that changed none, as a logrotate hook's SIGHUP, keeps them)
+    cleared = 0
+    if getattr(engine, "cache", None) is not None and _decisions(engine) != before:
+        cleared = engine.cache.clear()
     out = {"object": "reload", "reloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
            "source": config_path or "current config (artifacts re-read)", "tiers": summary,
            "policy_thresholds": {n: dict(p.thresholds) for n, p in cfg.policies.items()},

@@ -126,10 +126,10 @@ def serve_app() -> Iterator:
     """Start ``create_app(config)`` on a real uvicorn server; yields a starter function."""
     started: list[ServerThread] = []
 
-    def start(config) -> ServerThread:  # noqa: ANN001
+    def start(config, config_path: str | None = None) -> ServerThread:  # noqa: ANN001
         from serving import create_app
 
-        srv = ServerThread(create_app(config)).__enter__()
+        srv = ServerThread(create_app(config, config_path=config_path)).__enter__()
         started.append(srv)
         return srv
 

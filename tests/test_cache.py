@@ -9,6 +9,7 @@ import sqlite3
 
 import httpx
 import pytest
+import yaml
 
 from cascade.cache import CachedAnswer, ResponseCache, cache_key
 from cascade.engine import Engine
@@ -136,13 +137,21 @@ def upstream():
 def srv(tmp_path, upstream, serve_app):
     remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
               "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
-    cfg = make_config(tmp_path, [remote], cache={"enabled": True, "ttl_s": 600},
-                      user_tiers={"std": {}, "ops": {"admin": True}},
-                      auth={"keys": [{"id": "k-a", "sha256": hash_key(A), "user_tier": "std"},
-                                     {"id": "k-b", "sha256": hash_key(B), "user_tier": "std"},
-                                     {"id": "k-ops", "sha256": hash_key(OPS), "user_tier": "ops"}]})
-    server = serve_app(cfg)
+    extra = dict(cache={"enabled": True, "ttl_s": 600}, user_tiers={"std": {}, "ops": {"admin": True}},
+                 auth={"keys": [{"id": "k-a", "sha256": hash_key(A), "user_tier": "std"},
+                                {"id": "k-b", "sha256": hash_key(B), "user_tier": "std"},
+                                {"id": "k-ops", "sha256": hash_key(OPS), "user_tier": "ops"}]})
+    path = tmp_path / "c.yaml"
+
+    def write(threshold: float) -> None:  # the config file a reload reads
+        data = {"ledger": {"path": str(tmp_path / "ledger.sqlite")}, "tiers": [{**remote, "threshold": threshold}],
+                "policies": {"cascade": {"chain": ["remote"]}}, **extra}
+        path.write_text(yaml.safe_dump(data))
+
+    write(0.0)
+    server = serve_app(make_config(tmp_path, [remote], **extra), config_path=str(path))
     server.ledger_path = tmp_path / "ledger.sqlite"
+    server.set_threshold = write
     return server
 
 
@@ -213,10 +222,15 @@ def test_the_report_counts_hits_and_keeps_them_out_of_the_escalation_rate(srv, c
 
 
 def test_a_reload_empties_the_cache(srv, upstream):
-    """Answers decided by the old thresholds and calibrators are not served after a reload swapped them."""
+    """Answers decided by the old thresholds and calibrators are not served after a reload swapped them; a
+    reload that changed neither (a logrotate hook's SIGHUP) keeps them."""
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         post(c)
         assert post(c).json()["cascade"]["cached_from"]
+        r = c.post("/admin/reload", headers={"authorization": f"Bearer {OPS}"})
+        assert r.status_code == 200 and r.json()["cache_cleared"] == 0, r.text
+        assert post(c).json()["cascade"]["cached_from"] and upstream.stats()["requests"] == 1
+        srv.set_threshold(0.25)
         r = c.post("/admin/reload", headers={"authorization": f"Bearer {OPS}"})
         assert r.status_code == 200 and r.json()["cache_cleared"] == 1, r.text
         assert post(c).json()["cascade"]["cached_from"] is None and upstream.stats()["requests"] == 2
@@ -234,6 +248,7 @@ def test_an_answer_decided_before_a_reload_is_not_stored_after_it(srv, upstream)
         t.start()
         while upstream.stats()["requests"] < 1:  # the request reached the tier
             t.join(0.05)
+        srv.set_threshold(0.25)
         r = c.post("/admin/reload", headers={"authorization": f"Bearer {OPS}"})
         assert r.status_code == 200 and r.json()["cache_cleared"] == 0, r.text
         t.join()

@@ -380,6 +380,41 @@ def test_a_refused_reload_is_a_422_and_keeps_the_running_config(tmp_path, caplog
         assert r.status_code == 200 and r.json()["tiers"]["r"]["changed"] is True
 
 
+async def test_a_removed_tier_and_one_awaiting_a_restart_keep_their_calibrators_as_they_run(tmp_path):
+    """A tier removed from the file runs on until the restart: its artifact, removed with it, is not re-read
+    (the reload was refused until a restart). A tier whose model changes keeps the calibrator it runs with,
+    even when the artifact file now holds the new model's."""
+    from calibration.calibrators import TemperatureScaling, save_calibrator
+    from cascade.config import load_config
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+
+    remote = {"backend": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}
+    save_calibrator(TemperatureScaling("mean_logprob", 1.5), tmp_path / "gone.json")
+    save_calibrator(TemperatureScaling("mean_logprob", 2.0), tmp_path / "r.json")
+
+    def write(tiers: list[dict[str, Any]]) -> str:
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+            "ledger": {"path": str(tmp_path / "l.sqlite")}, "tiers": tiers,
+            "policies": {"p": {"chain": [t["name"] for t in tiers]}}}))
+        return str(tmp_path / "c.yaml")
+
+    gone = {"name": "gone", "model": "g", "calibrator": {"artifact": "gone.json"}, **remote}
+    r = {"name": "r", "model": "m", "calibrator": {"artifact": "r.json"}, **remote}
+    engine = await Engine.open(load_config(write([gone, r]), environ={}))
+    try:
+        (tmp_path / "gone.json").unlink()
+        save_calibrator(TemperatureScaling("mean_logprob", 9.0), tmp_path / "r.json")  # the new model's
+        out = reload_engine(engine, write([{**r, "model": "m2"}]))
+        assert out["not_applied"][:2] == [
+            "tier 'gone' was removed",
+            "tier 'r': model (so its threshold and calibrators, here and in policies, are kept too)"]
+        assert engine.tiers["gone"].calibrator.temperature == 1.5
+        assert engine.tiers["r"].calibrator.temperature == 2.0
+    finally:
+        await engine.close()
+
+
 def test_a_reload_revokes_a_key_and_changes_a_user_tiers_limits_at_once(tmp_path):
     """Keys and user tiers are read at each request: a reload applies them (a leaked key revoked without a
     restart), but never one that would open a keyed server to anyone or strand a key without its user tier."""
