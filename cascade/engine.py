@@ -527,6 +527,8 @@ class Engine:
                 att.features = extract_features(tokens)
                 att.confidence = decide(att.features, live.calibrator, 0.0, is_last=True).confidence
                 att.reason = "last tier always answers (streamed)"
+                if att.max_tokens_cut is not None:
+                    att.reason += f"; max_tokens cut to {att.max_tokens_cut} by the cost budget"
                 if error is not None:
                     att.error_class, att.error_message = type(error).__name__, error.message
                     att.reason += f"; stream broke after {len(tokens)} tokens"
@@ -648,7 +650,8 @@ class Engine:
 
     def _cache_put(self, slot: "tuple[str, int] | None", rec: CascadeRecord, result: GenerationResult) -> None:
         """Store an answer the policy itself chose: answered, and the kept attempt is the last one tried (an
-        answer served because a later tier failed, timed out or was over budget is not one to repeat), and
+        answer served because a later tier failed, timed out or was over budget is not one to repeat, nor one
+        whose max_tokens a cost budget cut), and
         no earlier tier failed but by refusing the request as it would every time (too long a prompt): an
         answer that stands in for a tier that was down is not repeated for an hour either, nor one from a
         fallback provider of the kept tier serving another model than its first provider's (that one failed, or
@@ -657,6 +660,8 @@ class Engine:
         if slot is None or self.cache is None or rec.status != "ok" or rec.tier is None:
             return
         if not rec.attempts or not rec.attempts[-1].kept:
+            return
+        if any(a.max_tokens_cut is not None for a in rec.attempts):  # shaped by this caller's cost budget
             return
         kept = rec.attempts[-1]
         answered = {a.tier for a in rec.attempts if a.error_class is None}  # a retry within a tier that answered
@@ -761,7 +766,10 @@ class Engine:
             rec.attempts.append(att)
             if budget.cost_usd is not None:
                 await tier.backend.tokenize(req)  # counted off the event loop, for the budget and the call
+            asked = req.max_tokens
             req, refusal = fit_budget(tier, req, sum(a.cost_usd for a in rec.attempts), budget)
+            if req.max_tokens != asked:
+                att.max_tokens_cut = req.max_tokens
             if refusal is not None:
                 att.decision, att.reason = "skipped", refusal
                 if answers:
@@ -788,6 +796,8 @@ class Engine:
                 raise
             decision = decide(att.features, route.calibrator(i), threshold, is_last=is_last)
             att.confidence, att.reason = decision.confidence, decision.reason
+            if att.max_tokens_cut is not None:
+                att.reason += f"; max_tokens cut to {att.max_tokens_cut} by the cost budget"
             if not decision.escalate:
                 att.decision, att.kept = ("final" if is_last else "accept"), True
                 return res

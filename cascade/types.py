@@ -302,6 +302,8 @@ class Attempt:
     text: str | None = None
     #: backoff slept right before this attempt (tiers with several providers: a rate-limited retry)
     wait_ms: float = 0.0
+    #: the max_tokens the request's cost budget cut this call to (``on_cost_budget: truncate``), else None
+    max_tokens_cut: int | None = None
 
 
 @dataclass(slots=True)

@@ -221,6 +221,21 @@ def test_the_report_counts_hits_and_keeps_them_out_of_the_escalation_rate(srv, c
     assert tot["escalation_rate"] == 0.0 and tot["savings_usd"] > tot["baseline_usd"] / 2
 
 
+def test_an_answer_a_cost_budget_cut_short_is_not_stored(tmp_path, upstream, serve_app):
+    """``on_cost_budget: truncate`` lowers max_tokens to what this caller's budget pays for: the cut answer is
+    shaped by that budget, not the policy, so it is not served to the next caller (nor after the budget rises)."""
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 8, "threshold": 0.0,
+              "price": {"input_per_1m": 0.0, "output_per_1m": 1000.0}, "options": {"base_url": upstream.base_url}}
+    srv = serve_app(make_config(tmp_path, [remote], cache={"enabled": True},
+                                user_tiers={"std": {"cost_budget_usd": 0.0025, "on_cost_budget": "truncate"}},
+                                auth={"keys": [{"id": "k-a", "sha256": hash_key(A), "user_tier": "std"}]}))
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        first, again = post(c).json(), post(c).json()
+    assert first["choices"][0]["message"]["content"] == "Paris is" and first["choices"][0]["finish_reason"] == "length"
+    assert "max_tokens cut to 2 by the cost budget" in first["cascade"]["attempts"][0]["reason"]
+    assert again["cascade"]["cached_from"] is None and upstream.stats()["requests"] == 2
+
+
 def test_a_reload_empties_the_cache(srv, upstream):
     """Answers decided by the old thresholds and calibrators are not served after a reload swapped them; a
     reload that changed neither (a logrotate hook's SIGHUP) keeps them."""
