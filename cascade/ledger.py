@@ -456,6 +456,12 @@ class _Job:
         self.expired = False
 
 
+def _log_failure(fut: asyncio.Future) -> None:
+    """Done callback of a ledger job nobody awaits: its failure is logged."""
+    if not fut.cancelled() and (exc := fut.exception()) is not None:
+        log.warning("%s", exc)
+
+
 def _refuse_newer(row: tuple, what: str, verb: str) -> None:
     """A ledger whose schema version (``row[0]``) is newer than this version ``verb`` (reads, writes): refused."""
     if str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
@@ -463,25 +469,16 @@ def _refuse_newer(row: tuple, what: str, verb: str) -> None:
                           f"({SCHEMA_VERSION}): upgrade cascade-engine")
 
 
-def _settle(done: list[tuple[_Job, BaseException | None, Any]],
-            late: list[Callable[[CascadeRecord, BaseException | None], None]]) -> None:
-    """On the event loop: hand each job's outcome to its waiter (a cancelled waiter no longer wants it). A
-    write whose waiter was told it timed out has its final outcome told to ``late`` (Ledger.late_listeners)."""
+def _settle(done: list[tuple[_Job, BaseException | None, Any]], ledger: "Ledger") -> None:
+    """On the event loop: hand each job's outcome to its waiter (a cancelled waiter no longer wants it); a
+    write whose waiter was told it timed out goes to :meth:`Ledger._settled_late`."""
     for job, exc, result in done:
         fut = job.fut
         if fut.done():
-            if job.expired and exc is None and job.rec is not None:  # kept: the row is there, say so
-                log.warning("ledger: the write of request %s was committed after its caller had been told it "
-                            "failed (it did not finish within the ledger's timeout); the row is kept",
-                            job.rec.request_id)
+            if job.expired and job.rec is not None:
+                ledger._settled_late(job, exc)
             elif exc is not None:  # nobody waits for it any more: say so rather than drop it
                 log.warning("ledger: %s (the caller had stopped waiting)", exc)
-            if job.expired and job.rec is not None:
-                for listener in late:
-                    try:
-                        listener(job.rec, exc)
-                    except Exception:  # noqa: BLE001 - an observer never fails the ledger thread's delivery
-                        log.exception("ledger late listener %r failed", listener)
             continue
         if exc is not None:
             fut.set_exception(exc)
@@ -511,7 +508,8 @@ class Ledger:
         #: ready) rather than the queue, and the memory it holds, growing through a long outage
         self.max_pending = int(max_pending)
         #: called on the event loop with ``(record, error or None)`` once a write whose waiter was told it
-        #: timed out (:class:`LedgerTimeoutError`) is committed after all, or fails; must be quick, not raise
+        #: timed out (:class:`LedgerTimeoutError`) is committed after all (then recorded as that failure), or
+        #: fails; must be quick, not raise
         self.late_listeners: list[Callable[[CascadeRecord, BaseException | None], None]] = []
         self.dialect = _dialect_for(self.target)
         self._conn: Any = None
@@ -738,6 +736,47 @@ class Ledger:
         q.put(job)
         return job
 
+    def _settled_late(self, job: _Job, exc: BaseException | None) -> None:
+        """On the event loop: a write whose waiter was told it timed out is done at last. Committed, its row
+        is made the failure its client saw (it had the timeout's 500, never the answer): status ``error`` with
+        that error, nothing kept, no shadow decisions, as a failed request is recorded, so the ledger's
+        answered requests are those whose answers went out. Failed: said. The late listeners hear either."""
+        rec = job.rec
+        if exc is None:
+            told = job.fut.exception()
+            log.warning("ledger: the write of request %s was committed after its caller had been told it failed "
+                        "(it did not finish within the ledger's timeout); the row is kept, as that failure",
+                        rec.request_id)
+            try:
+                fix = self._enqueue(fn=self._record_told_failure_sync, timeout=None, what="a correction",
+                                    args=(rec.request_id, type(told).__name__, str(told)))
+                fix.fut.add_done_callback(_log_failure)
+            except LedgerError as closed:  # the ledger is closing
+                log.warning("ledger: request %s stays recorded as answered: %s", rec.request_id, closed)
+        else:
+            log.warning("ledger: %s (the caller had stopped waiting)", exc)
+        for listener in self.late_listeners:
+            try:
+                listener(rec, exc)
+            except Exception:  # noqa: BLE001 - an observer never fails the ledger's delivery
+                log.exception("ledger late listener %r failed", listener)
+
+    def _record_told_failure_sync(self, request_id: str, error_class: str, message: str) -> None:
+        """On the ledger thread: a committed request whose caller was told it failed, made that failure."""
+        conn, d = self._require(), self.dialect
+        try:
+            with d.transaction(conn):
+                conn.execute(d.sql("UPDATE requests SET status = 'error', error_class = ?, error_message = ?, "
+                                   "tier = NULL, model = NULL, confidence = NULL, escalated = 0, "
+                                   "escalation_waste_usd = cost_usd WHERE request_id = ?"),
+                             d.row((error_class, message, request_id)))
+                conn.execute(d.sql("UPDATE attempts SET kept = 0 WHERE request_id = ?"), (request_id,))
+                conn.execute(d.sql("DELETE FROM shadow_decisions WHERE request_id = ?"), (request_id,))
+        except d.errors as exc:
+            self._write_failed(exc)
+            raise LedgerError(f"ledger: request {request_id}, committed after its caller was told it failed, "
+                              f"is still recorded as answered: {exc}") from exc
+
     def _expire(self, job: _Job, timeout: float, what: str) -> None:
         """On the event loop: ``job`` got no answer in time: the ledger is not answering (a hung database
         server, a lock held elsewhere), so not ready; its waiter gets a LedgerError (a write that commits
@@ -824,7 +863,7 @@ class Ledger:
             by_loop.setdefault(job.loop, []).append((job, exc, result))
         for loop, done in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_settle, done, self.late_listeners)
+                loop.call_soon_threadsafe(_settle, done, self)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 

@@ -152,9 +152,11 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
 
         def metrics_committed(rec: CascadeRecord, error: BaseException | None) -> None:
             # every request once its row is written; one whose write failed as the error its client got (the
-            # calls it made still cost what they cost)
-            metrics.observe(rec if error is None else replace(rec, status="error", error_class=type(error).__name__,
-                                                              error_message=str(error)))
+            # calls it made still cost what they cost; nothing kept, as the ledger records a row committed
+            # after its client was told it timed out)
+            metrics.observe(rec if error is None else replace(
+                rec, status="error", error_class=type(error).__name__, error_message=str(error), tier=None,
+                attempts=[replace(a, kept=False) for a in rec.attempts]))
 
         app.state.engine.commit_listeners.append(metrics_committed)
         drain.on_abort = app.state.engine.abort_in_flight  # a shutdown out of time: its rows say so

@@ -103,8 +103,9 @@ class Metrics:
         # every request's, as its cost is counted whatever its status (the ledger's report sums the same)
         child(self.baseline, policy).inc(rec.baseline_cost_usd)
         if rec.cached_from is not None:  # no tier ran: not a cascade decision, nor a drift signal
-            child(self.cache_hits, policy).inc()
-            child(self.latency, policy).observe(rec.latency_ms / 1e3)
+            if rec.status == "ok":  # a hit whose ledger write failed answered nobody
+                child(self.cache_hits, policy).inc()
+                child(self.latency, policy).observe(rec.latency_ms / 1e3)
             return
         if rec.status in ("ok", "partial") and rec.tier:
             p = policy

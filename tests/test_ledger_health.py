@@ -399,8 +399,8 @@ def test_ready_and_completions_answer_in_bounded_time_while_postgresql_hangs(hun
 
 def test_a_write_that_timed_out_and_committed_later_counts_once_toward_the_daily_spend_limit(hung_pg, tmp_path):
     """The client whose write timed out got its 500, but the row committed once the database answered again:
-    its cost is in the ledger's sum, so it must no longer also count as spend lost to a failed write (the key
-    was refused until the UTC day's end, at half its limit)."""
+    it is recorded as that failure (it said answered), and its cost, in the ledger's sum, no longer also
+    counts as spend lost to a failed write (the key was refused until the UTC day's end, at half its limit)."""
     import threading
 
     import httpx
@@ -440,10 +440,15 @@ def test_a_write_that_timed_out_and_committed_later_counts_once_toward_the_daily
             assert r.status_code == 429 and "$0.016000 spent today" in r.json()["error"]["message"], r.text
     import psycopg
 
+    late = got[0].headers["x-request-id"]
     with psycopg.connect(hung_pg.url) as c:
-        rows = c.execute("SELECT request_id, cost_usd FROM requests WHERE status = 'ok'").fetchall()
-    assert len(rows) == 2 and got[0].headers["x-request-id"] in {rid for rid, _ in rows}
-    assert [round(cost, 6) for _, cost in rows] == [0.008, 0.008]
+        rows = c.execute("SELECT request_id, status, error_class, tier, cost_usd, escalation_waste_usd FROM requests "
+                         "WHERE cost_usd > 0 ORDER BY created_at").fetchall()
+        kept = c.execute("SELECT SUM(kept) FROM attempts WHERE request_id = %s", (late,)).fetchone()[0]
+    # the late row is recorded as the failure its client saw (a 500, never the answer): its cost counts, once
+    assert [r[1:] for r in rows] == [("error", "LedgerTimeoutError", None, 0.008, 0.008),
+                                     ("ok", None, "r", 0.008, 0.0)]
+    assert rows[0][0] == late and kept == 0
 
 
 # --- 3. reading commands with read rights only -----------------------------------------------------------
