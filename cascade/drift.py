@@ -73,13 +73,16 @@ class DriftMonitor:
             self._check_escalation()
             self._check_cost()
 
-    def observe_feedback(self, request_id: str, score: int) -> None:
+    def observe_feedback(self, request_id: str, score: int, answered_by: str | None = None) -> None:
         """A label for a recent answer: score > 0 right, < 0 wrong, 0 no label. The latest feedback on a
-        request is its label (a user who changes their mind replaces it; repeating it counts once)."""
+        request is its label (a user who changes their mind replaces it; repeating it counts once).
+        ``answered_by``: the request whose answer it served (a response-cache hit's original, whose
+        confidence it carries); each request served is labelled on its own, so one caller's 0 on a hit never
+        withdraws another's label on the original."""
         if self.config.max_ece is None:
             return
         with self._lock:
-            conf = self._confidence.get(request_id)
+            conf = self._confidence.get(answered_by or request_id)
             if conf is None:
                 return
             self._labelled.pop(request_id, None)
@@ -123,20 +126,21 @@ class DriftMonitor:
         from calibration.metrics import ece
 
         n = len(self._labelled)
-        if n == 0:
-            return
-        e = ece([c for c, _ in self._labelled.values()], [y for _, y in self._labelled.values()])
+        e = ece([c for c, _ in self._labelled.values()], [y for _, y in self._labelled.values()]) if n else None
         self._set_value("ece", e)
         limit = self.config.max_ece
-        if limit is None or n < self.config.min_labels:
+        if limit is None:
+            return
+        if n < self.config.min_labels:  # labels withdrawn below the minimum: no longer judged
+            self._transition("ece", False, "", f"only {n} labelled answers left (fewer than "
+                                               f"{self.config.min_labels}): the ECE is not judged")
             return
         self._transition("ece", e > limit, f"ECE {e:.3f} of the last {n} labelled answers exceeds {limit:g}",
                          f"ECE {e:.3f} of the last {n} labelled answers is back within {limit:g}")
 
     def _set_value(self, signal: str, v: float | None) -> None:
         self.values[signal] = v
-        if v is not None:
-            self.value_gauge.labels(signal).set(v)
+        self.value_gauge.labels(signal).set(float("nan") if v is None else v)  # NaN: no value now
 
     def _transition(self, signal: str, out_of_band: bool, on_msg: str, off_msg: str) -> None:
         if out_of_band == self.alarms[signal]:

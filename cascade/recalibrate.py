@@ -78,14 +78,20 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
         + (" AND r.created_at >= ?" if since is not None else "")
         + " ORDER BY r.created_at, a.request_id, a.idx",
         (*stronger, tier, since) if since is not None else (*stronger, tier))
-    # feedback given on a response-cache hit labels the answer it served, its original's: the latest wins
-    on_hits: dict[str, tuple[int, int]] = {}
+    # feedback given on a response-cache hit labels the answer it served, its original's (whichever tier served
+    # it: an earlier tier's answer is labelled through it as through the original's own feedback). Each
+    # request's latest feedback is its label (0: none); of the original's and its hits', the latest label wins
+    hit_latest: dict[str, tuple[str, int, int]] = {}  # hit request -> (its original, feedback id, score)
     for h in ledger.execute_dicts(
-            "SELECT r.cached_from AS original, f.id AS id, f.score AS score FROM feedback f "
+            "SELECT r.cached_from AS original, f.request_id AS hit, f.id AS id, f.score AS score FROM feedback f "
             "JOIN requests r ON r.request_id = f.request_id JOIN requests o ON o.request_id = r.cached_from "
-            "WHERE r.cached_from IS NOT NULL AND o.tier = ?" + (" AND o.created_at >= ?" if since is not None else "")
-            + " ORDER BY f.id", (tier, since) if since is not None else (tier,)):
-        on_hits[h["original"]] = (int(h["id"]), int(h["score"]))
+            "WHERE r.cached_from IS NOT NULL" + (" AND o.created_at >= ?" if since is not None else "")
+            + " ORDER BY f.id", (since,) if since is not None else ()):
+        hit_latest[h["hit"]] = (h["original"], int(h["id"]), int(h["score"]))
+    on_hits: dict[str, tuple[int, int]] = {}
+    for original, fid, score in hit_latest.values():
+        if score != 0 and fid > on_hits.get(original, (-1, 0))[0]:
+            on_hits[original] = (fid, score)
     out = []
     seen: set[str] = set()
     for r in rows:
@@ -94,7 +100,7 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
         label, source = None, None
         fb = r["feedback"]
         hit_fb = on_hits.get(r["request_id"])
-        if hit_fb is not None and (r["feedback_id"] is None or hit_fb[0] > int(r["feedback_id"])):
+        if hit_fb is not None and (not fb or hit_fb[0] > int(r["feedback_id"])):  # (the own label: not 0)
             fb = hit_fb[1]
         judged = "feedback" in sources and fb is not None and int(fb) != 0
         if judged and r["kept"]:

@@ -595,7 +595,7 @@ async def feedback(body: FeedbackRequest, request: Request) -> dict:
     if body.score < 0:  # an answer a user says is wrong is not served again from the cache
         engine.cache_forget(answered_by)
     if _metrics(request).drift is not None:  # a label for the rolling ECE (cascade/drift.py)
-        _metrics(request).drift.observe_feedback(answered_by, body.score)
+        _metrics(request).drift.observe_feedback(body.request_id, body.score, answered_by)
     return {"object": "feedback", "id": fid, "request_id": body.request_id, "score": body.score}
 
 

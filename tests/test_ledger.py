@@ -231,6 +231,27 @@ async def test_the_latest_feedback_on_a_request_is_its_label(target):
     assert labels == {"r1": 0, "r2": 1, "r3": 1, "r5": 0}
 
 
+async def test_feedback_on_cache_hits_labels_every_tier_of_the_original_and_a_0_withdraws_only_its_own(target):
+    """A hit serves its original's answer: feedback on it labels an earlier tier's identical answer too (it
+    was left out when that tier escalated), and each request's latest feedback is its own label: one caller's
+    0 on a hit does not erase another's label on the original (nor on another hit)."""
+    from cascade.recalibrate import labelled_answers
+    from cascade.types import CascadeRecord
+
+    async with Ledger(target) as ledger:
+        for i in range(1, 5):
+            rec = record(i)  # small escalated, large served: the same text
+            rec.attempts[0].text = rec.attempts[1].text = "Paris"
+            await ledger.record(rec)
+        for hit, original in (("h1", "r1"), ("h2", "r2"), ("h3a", "r3"), ("h3b", "r3"), ("h4", "r4")):
+            await ledger.record(CascadeRecord(request_id=hit, policy="cascade", created_at=1_000_100.0, tier="large",
+                                              model="m", api_key_id="k2", cached_from=original))
+        for rid, score in (("h1", -1), ("r2", 1), ("h2", 0), ("h3a", -1), ("h3b", 0), ("r4", 1), ("h4", -1)):
+            await ledger.add_feedback(rid, score)
+        labels = {r["request_id"]: r["label"] for r in labelled_answers(ledger, "small", sources=("feedback",))}
+    assert labels == {"r1": 0, "r2": 1, "r3": 0, "r4": 0}
+
+
 async def test_a_postgresql_ledger_reconnects_after_the_server_drops_it(postgres):
     """The server ends our connection (as on a restart or failover): the next write and read open a new
     one, instead of every request failing until the gateway is restarted."""

@@ -281,6 +281,30 @@ def test_drift_ece_counts_each_request_once_with_its_latest_label():
     mon.observe_feedback("r1", 1)
     mon.observe_feedback("r0", 0)  # withdrawn
     assert mon.state()["labelled"] == 1 and mon.values["ece"] == pytest.approx(0.1)
+    # a cache hit of r1's answer is labelled on its own, with r1's confidence: its 0 withdraws only its own
+    mon.observe_feedback("h1", -1, answered_by="r1")
+    assert mon.state()["labelled"] == 2 and mon.values["ece"] == pytest.approx(0.4)
+    mon.observe_feedback("h1", 0, answered_by="r1")
+    assert mon.state()["labelled"] == 1 and mon.values["ece"] == pytest.approx(0.1)
+
+
+def test_drift_ece_alarm_ends_and_its_value_clears_when_labels_are_withdrawn():
+    from prometheus_client import generate_latest
+
+    from cascade.config import DriftConfig
+    from cascade.drift import DriftMonitor
+    from cascade.types import CascadeRecord
+
+    mon = DriftMonitor(DriftConfig(window=10, max_ece=0.5, min_labels=2))
+    for i in range(2):
+        mon.observe(CascadeRecord(request_id=f"r{i}", policy="p", created_at=0.0, tier="t", confidence=0.9))
+        mon.observe_feedback(f"r{i}", -1)
+    assert mon.alarms["ece"] and mon.values["ece"] == pytest.approx(0.9)
+    mon.observe_feedback("r0", 0)  # one label left: fewer than min_labels, no longer judged
+    assert not mon.alarms["ece"] and mon.values["ece"] == pytest.approx(0.9)
+    mon.observe_feedback("r1", 0)
+    assert mon.values["ece"] is None
+    assert 'cascade_drift_value{signal="ece"} NaN' in generate_latest(mon.registry).decode()
 
 
 async def test_a_reload_says_which_changes_need_a_restart(tmp_path):
