@@ -90,6 +90,9 @@ class ResponseCache:
         self.bytes = 0
         #: bumped by every :meth:`clear`: an answer decided before it is not stored after it
         self.generation = 0
+        #: (key, hash of the text) of answers a user said were wrong -> when: not stored again for ``ttl_s``
+        #: (an identical request in flight, or the next greedy miss, gives the same text), at most max_entries
+        self._wrong: OrderedDict[tuple[str, int], float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -120,14 +123,29 @@ class ResponseCache:
         has since stored the same text under a newer request; returns how many."""
         keys = [k for k, (_, _, a, earlier) in self._entries.items()
                 if a.request_id == request_id or (request_id, hash(a.result.text)) in earlier]
+        now = self.clock()
         for k in keys:
+            judged = (k, hash(self._entries[k][2].result.text))
+            self._wrong.pop(judged, None)
+            self._wrong[judged] = now
             self._drop(k)
+        while len(self._wrong) > self.max_entries:
+            self._wrong.popitem(last=False)
         return len(keys)
+
+    def _judged_wrong(self, key: str, text: str, now: float) -> bool:
+        """Was this answer (its key and text) said to be wrong within ``ttl_s``? (Older verdicts are let go.)"""
+        while self._wrong and now - next(iter(self._wrong.values())) >= self.ttl_s:
+            self._wrong.popitem(last=False)
+        return (key, hash(text)) in self._wrong
 
     def put(self, key: str, answer: CachedAnswer, generation: int | None = None) -> bool:
         """Store ``answer`` unless a :meth:`clear` came after ``generation`` (the cache's generation when the
-        request started) or it alone exceeds ``max_bytes``; returns whether it was stored."""
+        request started), a user said this same answer was wrong within ``ttl_s`` (:meth:`forget`), or it
+        alone exceeds ``max_bytes``; returns whether it was stored."""
         if generation is not None and generation != self.generation:
+            return False
+        if self._wrong and self._judged_wrong(key, answer.result.text, self.clock()):
             return False
         earlier: tuple[tuple[str, int], ...] = ()
         if key in self._entries:  # a refresh: feedback on an answer it replaced may be about the same text

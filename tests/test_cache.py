@@ -72,8 +72,9 @@ def test_expired_answers_go_first_and_free_their_bytes():
 
 def test_a_thumbs_down_reaches_a_refreshed_answer_with_the_same_text():
     """A refresh (``Cache-Control: no-cache``) stores its answer under a newer request: feedback that an older
-    request's answer was wrong still evicts it when the text is the same, and not when it changed. What a key
-    keeps of the answers it replaced is bounded, however often it is refreshed."""
+    request's answer was wrong still evicts it when the text is the same, and not when it changed. The same
+    text is not stored again for ttl_s (an identical request in flight, or the next greedy miss, gives it
+    again). What a key keeps of the answers it replaced is bounded, however often it is refreshed."""
     from cascade.cache import EARLIER_KEPT
 
     def ans(rid: str, text: str) -> CachedAnswer:
@@ -81,15 +82,20 @@ def test_a_thumbs_down_reaches_a_refreshed_answer_with_the_same_text():
         return CachedAnswer(result=res, request_id=rid, tier="t", model="m", confidence=0.9, baseline_cost_usd=1e-5,
                             baseline_estimated=False)
 
-    cache = ResponseCache(max_entries=10, ttl_s=100)
+    clock = Clock()
+    cache = ResponseCache(max_entries=10, ttl_s=100, clock=clock)
     cache.put("k", ans("p", "X"))
     cache.put("k", ans("r1", "X"))
     assert cache.forget("p") == 1 and cache.get("k") is None
+    assert not cache.put("k", ans("r2", "X")) and cache.get("k") is None  # judged wrong: not stored again
+    assert cache.put("k", ans("r3", "Y")) and cache.put("j", ans("r4", "X"))  # another text, another key: fine
+    clock.t += 100  # the verdict is let go with the answers of its time
     cache.put("k", ans("p", "X"))
     cache.put("k", ans("r1", "Y"))  # the refresh answered otherwise: the old verdict is not about this text
     assert cache.forget("p") == 0 and cache.get("k").request_id == "r1"
     cache.put("k", ans("r2", "X"))  # ... and then X again: it is
     assert cache.forget("p") == 1 and len(cache) == 0
+    clock.t += 100
     for i in range(10 * EARLIER_KEPT):
         cache.put("k", ans(f"r{i}", "X"))
     assert len(cache._entries["k"][3]) == EARLIER_KEPT
@@ -315,6 +321,8 @@ def test_a_thumbs_down_on_a_hit_evicts_the_answer_and_labels_the_original(srv, u
         assert fb.status_code == 200, fb.text
         fresh = post(c)  # the answer a user called wrong is not served again from memory
         assert fresh.json()["cascade"]["cached_from"] is None and upstream.stats()["requests"] == 2
+        again = post(c)  # nor stored again when the model gives it again (greedy): for ttl_s
+        assert again.json()["cascade"]["cached_from"] is None and upstream.stats()["requests"] == 3
     ledger = Ledger(srv.ledger_path).open_existing_sync()
     try:
         labels = {r["request_id"]: (r["label"], r["source"]) for r in labelled_answers(ledger, "remote")}
