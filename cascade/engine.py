@@ -36,7 +36,7 @@ from cascade.errors import (
     ProviderTimeoutError,
     UnknownModelError,
 )
-from cascade.ledger import Ledger
+from cascade.ledger import Ledger, log_failure
 from cascade.policy import decide
 from cascade.resilience import (
     CANCELLED,
@@ -535,7 +535,7 @@ class Engine:
                     rec.status = "partial" if sent else "error"
                     rec.error_class, rec.error_message = type(error).__name__, error.message
                 self._finish(rec, route=route, t0=t0)
-                await asyncio.shield(self._submit(rec, live.original, live.budget, route.shadows))
+                await asyncio.shield(self._submit(rec, live.original, live.budget, route.shadows, sent=sent))
         if error is not None:
             yield StreamFailed(record=rec, error=error)
             return
@@ -573,7 +573,7 @@ class Engine:
         rec.policy = model or self.config.default_policy_name
         rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
         self._finish(rec, route=None, t0=t0)
-        self._submit(rec, None).add_done_callback(_forget)  # not awaited: it may wait for the database
+        self._submit(rec, None).add_done_callback(log_failure)  # not awaited: it may wait for the database
         raise exc
 
     async def record_refusal(self, exc: CascadeError, *, model: str | None = None, endpoint: str = "chat",
@@ -708,7 +708,7 @@ class Engine:
         await asyncio.shield(self._submit(rec, None))
 
     def _submit(self, rec: CascadeRecord, request: GenerationRequest | None, budget: Budget | None = None,
-                shadows: ShadowSet | None = None) -> "asyncio.Future[None]":
+                shadows: ShadowSet | None = None, *, sent: bool = False) -> "asyncio.Future[None]":
         """Queue the ledger write of a finished request with its shadow decisions (the future resolves once
         it is committed). Shadows sampled on this request (``request`` given) start in the background: after
         the commit, off the request's path (cascade/shadow.py), within the request's ``budget``. ``shadows``:
@@ -717,7 +717,7 @@ class Engine:
         # a cache hit made no decision for a shadow to be compared with (its answer's request had its rows)
         rows = shadows.evaluate(rec) if rec.cached_from is None else []
         samples = self.sampler.select(shadows, rec, request, rows, budget) if rows and request is not None else ()
-        committed = self.ledger.submit(rec, shadows=rows)
+        committed = self.ledger.submit(rec, shadows=rows, sent=sent)  # sent: a stream's tokens went out
         if samples:
             self.sampler.start(samples, committed)
         _notify(self.record_listeners, rec)
@@ -871,12 +871,6 @@ class Engine:
             c_tok = ref.completion_tokens if ref else 0
             rec.baseline_cost_usd = last.config.price.cost(p_tok, c_tok)
             rec.baseline_estimated = True
-
-
-def _forget(fut: "asyncio.Future[None]") -> None:
-    """Done callback of a ledger write nobody awaits: a failure is logged (its waiter would have said it)."""
-    if not fut.cancelled() and (exc := fut.exception()) is not None:
-        log.warning("%s", exc)
 
 
 def _notify(listeners: list[Callable[..., None]], *args: object) -> None:

@@ -446,7 +446,7 @@ class _Checkpointer:
 class _Job:
     """One unit of work for the ledger thread: a record to write (``rec`` set) or a call (``fn``)."""
 
-    __slots__ = ("rec", "shadows", "fn", "args", "loop", "fut", "expired")
+    __slots__ = ("rec", "shadows", "fn", "args", "loop", "fut", "expired", "sent")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future, *, rec: CascadeRecord | None = None,
                  shadows: list[dict[str, Any]] | None = None, fn: Callable[..., Any] | None = None,
@@ -454,10 +454,12 @@ class _Job:
         self.rec, self.shadows, self.fn, self.args, self.loop, self.fut = rec, shadows, fn, args, loop, fut
         #: its waiter was told it failed (``ledger.timeout_s`` passed): set on the event loop only
         self.expired = False
+        #: the record's answer went out before its write (a stream): a late commit leaves it as it is
+        self.sent = False
 
 
-def _log_failure(fut: asyncio.Future) -> None:
-    """Done callback of a ledger job nobody awaits: its failure is logged."""
+def log_failure(fut: asyncio.Future) -> None:
+    """Done callback of a ledger job (or write) nobody awaits: its failure is logged."""
     if not fut.cancelled() and (exc := fut.exception()) is not None:
         log.warning("%s", exc)
 
@@ -737,12 +739,16 @@ class Ledger:
         return job
 
     def _settled_late(self, job: _Job, exc: BaseException | None) -> None:
-        """On the event loop: a write whose waiter was told it timed out is done at last. Committed, its row
-        is made the failure its client saw (it had the timeout's 500, never the answer): status ``error`` with
-        that error, nothing kept, no shadow decisions, as a failed request is recorded, so the ledger's
-        answered requests are those whose answers went out. Failed: said. The late listeners hear either."""
+        """On the event loop: a write whose waiter was told it timed out is done at last. Committed, the row of
+        an answer held back for it is made the failure its client saw (it had the timeout's 500, never the
+        answer): status ``error`` with that error, nothing kept, no shadow decisions, as a failed request is
+        recorded, so the ledger's answered requests are those whose answers went out (a stream's answer went
+        out before its write: kept as it is). Failed: said. The late listeners hear either."""
         rec = job.rec
-        if exc is None:
+        if exc is None and (job.sent or rec.status not in ("ok", "partial")):
+            log.warning("ledger: the write of request %s was committed after its caller had been told it failed "
+                        "(it did not finish within the ledger's timeout); the row is kept", rec.request_id)
+        elif exc is None:
             told = job.fut.exception()
             log.warning("ledger: the write of request %s was committed after its caller had been told it failed "
                         "(it did not finish within the ledger's timeout); the row is kept, as that failure",
@@ -750,7 +756,7 @@ class Ledger:
             try:
                 fix = self._enqueue(fn=self._record_told_failure_sync, timeout=None, what="a correction",
                                     args=(rec.request_id, type(told).__name__, str(told)))
-                fix.fut.add_done_callback(_log_failure)
+                fix.fut.add_done_callback(log_failure)
             except LedgerError as closed:  # the ledger is closing
                 log.warning("ledger: request %s stays recorded as answered: %s", rec.request_id, closed)
         else:
@@ -967,12 +973,17 @@ class Ledger:
         The write happens even if the caller stops waiting (it is queued to the ledger thread at once)."""
         await self.submit(rec, shadows)
 
-    def submit(self, rec: CascadeRecord, shadows: Iterable[dict[str, Any]] = ()) -> asyncio.Future:
+    def submit(self, rec: CascadeRecord, shadows: Iterable[dict[str, Any]] = (), *, sent: bool = False
+               ) -> asyncio.Future:
         """Queue the write of ``rec`` now (from the event loop); the future resolves once it is committed,
         or raises ``LedgerError``: the write failed, or was not committed within ``timeout_s`` (a database
         that does not answer; the ledger is then not ready). The write happens whether or not anyone awaits
-        the future; one that times out stays queued, and is kept (and logged) if it commits later."""
-        return self._enqueue(rec=rec, shadows=list(shadows), timeout=self.timeout_s, what="a write").fut
+        the future; one that times out stays queued, and is kept (and logged) if it commits later: as the
+        failure its caller was told of (:meth:`_settled_late`), unless its answer was ``sent`` already (a
+        stream's tokens) or it records a failure itself."""
+        job = self._enqueue(rec=rec, shadows=list(shadows), timeout=self.timeout_s, what="a write")
+        job.sent = sent
+        return job.fut
 
     def record_sync(self, rec: CascadeRecord, shadows: list[dict[str, Any]] | None = None) -> None:
         try:

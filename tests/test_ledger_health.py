@@ -353,11 +353,23 @@ async def test_a_hung_postgresql_fails_writes_reads_and_the_probe_in_bounded_tim
             assert time.monotonic() - t0 < 2.5  # the thread is stuck: answered at once, or within timeout_s
             with pytest.raises(LedgerError, match="not answering"):  # a read (the daily spend limits')
                 await spend_since(ledger, "k1", 0)
-        # the server answers again: the write its caller was told had failed is committed, kept and logged
+            streamed, refused = record(3), record(4)  # a stream's answer went out before its write
+            refused.status, refused.error_class, refused.error_message = "error", "BudgetExceededError", "no"
+            late = [ledger.submit(streamed, sent=True), ledger.submit(refused)]
+            for fut in late:
+                with pytest.raises(LedgerError, match="not committed within 1 s"):
+                    await fut
+        # the server answers again: the writes their callers were told had failed are committed, kept and logged;
+        # r2's answer was held back for its write (its client had the 500): recorded as that failure
         deadline = time.monotonic() + 20
         while await ledger.probe() is not None:
             assert time.monotonic() < deadline, ledger.unavailable
-        assert (await ledger.query("SELECT request_id FROM requests ORDER BY request_id")) == [("r1",), ("r2",)]
+        while not (await ledger.query("SELECT 1 FROM requests WHERE status = 'error' AND request_id = 'r2'")):
+            assert time.monotonic() < deadline  # the correction is queued behind the probe
+            await asyncio.sleep(0.05)
+        assert (await ledger.query("SELECT request_id, status, error_class, tier FROM requests ORDER BY request_id")) \
+            == [("r1", "ok", None, "large"), ("r2", "error", "LedgerTimeoutError", None), ("r3", "ok", None, "large"),
+                ("r4", "error", "BudgetExceededError", "large")]
         assert "request r2 was committed after its caller had been told it failed" in caplog.text
 
 
