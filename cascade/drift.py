@@ -152,6 +152,18 @@ class DriftMonitor:
         else:
             log.info("drift alarm off: %s", off_msg)
 
+    def reset(self, why: str) -> None:
+        """Start every window afresh (a reload changed the thresholds or calibrators: the rolling values
+        judge what decides now, not a mixture with what decided before); ``why`` ends any alarm on."""
+        with self._lock:
+            self._escalated.clear()
+            self._costs.clear()
+            self._labelled.clear()
+            self._confidence.clear()  # feedback on an answer of the old calibrators labels nothing here
+            for signal in SIGNALS:
+                self._set_value(signal, None)
+                self._transition(signal, False, "", why)
+
     def state(self) -> dict[str, Any]:
         with self._lock:
             return {"window": self.config.window, "requests": len(self._escalated), "labelled": len(self._labelled),

@@ -216,6 +216,9 @@ class Engine:
         #: no longer awaited: the HTTP layer's daily spend holds end there, when the ledger's sum includes the
         #: request. Same rules as ``record_listeners``.
         self.commit_listeners: list[Callable[[CascadeRecord, BaseException | None], None]] = []
+        #: called with a reload's summary once it is swapped in (cascade/recalibrate.py): the HTTP layer's
+        #: drift windows start afresh when it changed what decides. Same rules as ``record_listeners``.
+        self.reload_listeners: list[Callable[[dict], None]] = []
         #: set by :meth:`abort_in_flight`: why requests cancelled from now on were cancelled
         self._aborted: CascadeError | None = None
         #: answers given again to the same greedy request (cascade/cache.py); None when ``cache.enabled`` is off
@@ -720,10 +723,10 @@ class Engine:
         committed = self.ledger.submit(rec, shadows=rows, sent=sent)  # sent: a stream's tokens went out
         if samples:
             self.sampler.start(samples, committed)
-        _notify(self.record_listeners, rec)
+        notify(self.record_listeners, rec)
         if self.commit_listeners:
             committed.add_done_callback(
-                lambda f: _notify(self.commit_listeners, rec, None if f.cancelled() else f.exception()))
+                lambda f: notify(self.commit_listeners, rec, None if f.cancelled() else f.exception()))
         return committed
 
     @staticmethod
@@ -873,12 +876,13 @@ class Engine:
             rec.baseline_estimated = True
 
 
-def _notify(listeners: list[Callable[..., None]], *args: object) -> None:
+def notify(listeners: list[Callable[..., None]], *args: object) -> None:
+    """Call each listener; one that raises is logged, never the caller's failure."""
     for listener in listeners:
         try:
             listener(*args)
         except Exception:  # noqa: BLE001 - an observer never fails the request it observes
-            log.exception("record listener %r failed", listener)
+            log.exception("listener %r failed", listener)
 
 
 @contextlib.contextmanager

@@ -588,15 +588,18 @@ def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], policy_cals: di
     engine.shadows = shadows
     # the cached answers were decided by the old thresholds and calibrators: the new ones may not give them (a
     # reload that changed none, as a logrotate hook's SIGHUP, keeps them)
-    cleared = 0
-    if getattr(engine, "cache", None) is not None and _decisions(engine) != before:
+    cleared, decided_anew = 0, _decisions(engine) != before
+    if getattr(engine, "cache", None) is not None and decided_anew:
         cleared = engine.cache.clear()
     out = {"object": "reload", "reloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
            "source": config_path or "current config (artifacts re-read)", "tiers": summary,
            "policy_thresholds": {n: dict(p.thresholds) for n, p in cfg.policies.items()},
            "policy_calibrators": {n: {t: {"method": c.method, "version": c.fitted_on.get("version")}
                                       for t, c in tc.items()} for n, tc in policy_cals.items()},
-           "shadows": sorted(cfg.shadows), "cache_cleared": cleared, **extra}
+           "shadows": sorted(cfg.shadows), "decisions_changed": decided_anew, "cache_cleared": cleared, **extra}
+    from cascade.engine import notify
+
+    notify(getattr(engine, "reload_listeners", []), out)
     changed = [n for n, s in summary.items() if s["changed"]]
     log.info("reloaded calibrators from %s: %s%s", out["source"],
              ", ".join(f"{n} v{summary[n]['version']}" if summary[n]["version"] else n for n in changed) or "no change",

@@ -159,6 +159,12 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
                 attempts=[replace(a, kept=False) for a in rec.attempts]))
 
         app.state.engine.commit_listeners.append(metrics_committed)
+
+        def reloaded(summary: dict) -> None:
+            if metrics.drift is not None and summary.get("decisions_changed"):
+                metrics.drift.reset("the windows start afresh: a reload changed the thresholds or calibrators")
+
+        app.state.engine.reload_listeners.append(reloaded)
         drain.on_abort = app.state.engine.abort_in_flight  # a shutdown out of time: its rows say so
         app.state.engine.record_listeners.append(drain.observe)  # ...and requests already recorded finish
         holds = app.state.spend_holds  # a daily spend hold ends once its request's row is committed
@@ -187,6 +193,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
                 remove_sighup()
             listeners.remove(app.state.metrics.observe_shadow_call)
             app.state.engine.commit_listeners.remove(metrics_committed)
+            app.state.engine.reload_listeners.remove(reloaded)
             app.state.engine.record_listeners.remove(drain.observe)
             app.state.engine.record_listeners.remove(row_submitted)
             app.state.engine.commit_listeners.remove(row_committed)

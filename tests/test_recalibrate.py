@@ -107,6 +107,21 @@ def test_recalibrate_refuses_too_few_labels(traffic, capsys):
     assert "--from-ledger" in capsys.readouterr().err
 
 
+def test_drift_alarm_flips_on_the_forced_band(traffic: Traffic):
+    """(Before the reload below: a reload that changes a calibrator starts the drift windows afresh.)"""
+    with httpx.Client(base_url=traffic.url, timeout=60) as c:
+        metrics = c.get("/metrics").text
+    assert re.search(r'^cascade_drift_alarm\{signal="escalation_rate"\} 1\.0$', metrics, re.M), metrics
+    assert re.search(r'^cascade_drift_alarm\{signal="ece"\} 1\.0$', metrics, re.M)
+    assert re.search(r'^cascade_drift_value\{signal="escalation_rate"\} [0-9.]+$', metrics, re.M)
+    flags = [r[0] for r in traffic.rows("SELECT escalated FROM requests WHERE policy = 'cascade' AND status = 'ok' "
+                                        "ORDER BY created_at")]
+    expected = _transitions(flags, 3, 0.0, 0.1)
+    on_lines = [m for m in traffic.drift_log if m.startswith("drift alarm on: escalation rate")]
+    assert expected >= 1 and len(on_lines) == expected, (flags, traffic.drift_log)
+    assert len([m for m in traffic.drift_log if m.startswith("drift alarm on: ECE")]) == 1
+
+
 def test_admin_reload_swaps_the_calibrator_without_dropping_requests(traffic, recalibrated):
     from calibration.calibrators import load_calibrator
 
@@ -128,6 +143,10 @@ def test_admin_reload_swaps_the_calibrator_without_dropping_requests(traffic, re
         small = rel.json()["tiers"]["small"]
         assert small["version"] == 1 and small["method"] == new.method
         assert rel.json()["source"] == str(traffic.config_path) and rel.json()["not_applied"] == []
+        assert rel.json()["decisions_changed"] is True
+        metrics = c.get("/metrics").text  # the drift windows start afresh: they judge the new calibrator
+        assert re.search(r'^cascade_drift_alarm\{signal="ece"\} 0\.0$', metrics, re.M), metrics
+        assert re.search(r'^cascade_drift_value\{signal="ece"\} NaN$', metrics, re.M)
         after = c.post("/v1/chat/completions", json=body, headers=traffic.headers("paid-1")).json()
     conf, expect = _confidence_check(traffic.ledger, after["cascade"]["request_id"], new)
     assert conf == pytest.approx(expect)
@@ -224,20 +243,6 @@ def _transitions(flags: list[int], window: int, lo: float, hi: float) -> int:
         count += out and not on
         on = out
     return count
-
-
-def test_drift_alarm_flips_on_the_forced_band(traffic: Traffic):
-    with httpx.Client(base_url=traffic.url, timeout=60) as c:
-        metrics = c.get("/metrics").text
-    assert re.search(r'^cascade_drift_alarm\{signal="escalation_rate"\} 1\.0$', metrics, re.M), metrics
-    assert re.search(r'^cascade_drift_alarm\{signal="ece"\} 1\.0$', metrics, re.M)
-    assert re.search(r'^cascade_drift_value\{signal="escalation_rate"\} [0-9.]+$', metrics, re.M)
-    flags = [r[0] for r in traffic.rows("SELECT escalated FROM requests WHERE policy = 'cascade' AND status = 'ok' "
-                                        "ORDER BY created_at")]
-    expected = _transitions(flags, 3, 0.0, 0.1)
-    on_lines = [m for m in traffic.drift_log if m.startswith("drift alarm on: escalation rate")]
-    assert expected >= 1 and len(on_lines) == expected, (flags, traffic.drift_log)
-    assert len([m for m in traffic.drift_log if m.startswith("drift alarm on: ECE")]) == 1
 
 
 def test_drift_monitor_logs_once_per_transition(caplog):
