@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -72,6 +73,9 @@ def _validation_message(exc: RequestValidationError, content_type: str = "applic
         msg = "unknown parameter"
     if first.get("type") == "missing":
         msg = "missing required parameter"
+    if param is None and (named := re.match(r"([a-z_][a-z0-9_]*): ", msg)):  # a whole-body check naming one
+        param = named.group(1)
+        msg = msg[named.end():]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
 

@@ -23,21 +23,23 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-#: optional parameters an OpenAI client may send as an explicit ``null``: it means "the default"
-_NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
-                              "logprobs", "echo"})
+#: optional parameters of every generating endpoint an OpenAI client may send as an explicit ``null``: it
+#: means "the default"
+_NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "stream"})
 #: OpenAI's optional parameters of ``POST /v1/chat/completions`` (the openai SDK's ``completion_create_params``):
 #: an explicit ``null`` for any of them means its default, so it is dropped before validation, those this
-#: server does not model included (``logit_bias``, ``tools``...: a value for one of them is still refused)
+#: server does not model included (``tools``, ``audio``...: a value for one of them is still refused)
 CHAT_PARAMS = _NULL_IS_DEFAULT | frozenset({
-    "audio", "function_call", "functions", "logit_bias", "max_completion_tokens", "max_tokens", "metadata",
-    "modalities", "model", "moderation", "parallel_tool_calls", "prediction", "prompt_cache_key",
-    "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "response_format", "safety_identifier",
-    "seed", "service_tier", "stop", "store", "stream_options", "tool_choice", "tools", "top_logprobs", "user",
-    "verbosity", "web_search_options"})
-#: the same of ``POST /v1/completions``
+    "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs", "max_completion_tokens",
+    "max_tokens", "metadata", "modalities", "model", "moderation", "n", "parallel_tool_calls", "prediction",
+    "presence_penalty", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "reasoning_effort",
+    "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream_options",
+    "tool_choice", "tools", "top_logprobs", "user", "verbosity", "web_search_options"})
+#: the same of ``POST /v1/completions`` (with ``metadata`` and ``safety_identifier``: this server's cost
+#: attribution, on every endpoint)
 COMPLETION_PARAMS = _NULL_IS_DEFAULT | frozenset({
-    "best_of", "logit_bias", "max_tokens", "model", "seed", "stop", "stream_options", "suffix", "user"})
+    "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "metadata", "model", "n",
+    "presence_penalty", "safety_identifier", "seed", "stop", "stream_options", "suffix", "user"})
 
 
 def _check_text(value: Any, where: str = "") -> None:
@@ -212,20 +214,21 @@ class _GenerationParams(_Attribution):
     seed: int | None = Field(None, strict=True, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as OpenAI's
     presence_penalty: float = Field(0.0, strict=True)
     frequency_penalty: float = Field(0.0, strict=True)
-    # accepted and without effect on the answer, as OpenAI's own parameters for its service (what a request
-    # is stored as, its cache key and priority; the effort of reasoning models); ``user``, ``metadata`` and
-    # ``safety_identifier`` are kept in the ledger for cost attribution (:class:`_Attribution`)
-    store: bool | None = Field(None, strict=True)
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    reasoning_effort: str | None = None
+    #: nothing (``{}``) is accepted: no token's likelihood can be biased here
+    logit_bias: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> "_GenerationParams":
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v:
+            raise ValueError("not supported (only {} is accepted)")
+        return v
 
     @field_validator("n")
     @classmethod
@@ -272,6 +275,14 @@ class ChatCompletionRequest(_GenerationParams):
     null_is_default = CHAT_PARAMS
 
     messages: list[ChatMessage] = Field(min_length=1)
+    # accepted and without effect on the answer, as OpenAI's own parameters for its service (what a request
+    # is stored as, its cache key and priority; the effort of reasoning models); ``user``, ``metadata`` and
+    # ``safety_identifier`` are kept in the ledger for cost attribution (:class:`_Attribution`)
+    store: bool | None = Field(None, strict=True)
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    reasoning_effort: str | None = None
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     logprobs: bool = Field(False, strict=True)
     top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
@@ -304,6 +315,15 @@ class CompletionRequest(_GenerationParams):
     logprobs: int | None = Field(None, ge=0, le=20, strict=True)
     echo: bool = Field(False, strict=True)
     suffix: str | None = None
+    #: 1 (the default) only: one answer generated, the one returned
+    best_of: int | None = Field(None, strict=True)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError("only 1 is supported")
+        return v
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -239,9 +239,11 @@ def _message(rec: CascadeRecord, status: str, content: list[dict[str, Any]]) -> 
 
 
 def _status(finish_reason: str | None) -> tuple[str, dict[str, str] | None]:
-    """A response's status and ``incomplete_details`` from the answer's finish reason."""
+    """A response's status and ``incomplete_details`` from the answer's finish reason (OpenAI's two reasons)."""
     if finish_reason == "length":
         return "incomplete", {"reason": "max_output_tokens"}
+    if finish_reason == "content_filter":
+        return "incomplete", {"reason": "content_filter"}
     return "completed", None
 
 

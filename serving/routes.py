@@ -23,6 +23,7 @@ from cascade.errors import (
     InvalidRequestError,
     NotFoundError,
     ReloadRefusedError,
+    UnknownModelError,
 )
 from cascade.ledger import spend_since, spend_since_both, utc_day_start
 from cascade.limits import SpendHolds
@@ -136,7 +137,16 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     caller = _caller(request)
     model = _route_name(request, body)
     # an unknown model is refused here (404, recorded as every refusal), before it takes a place in any limit
-    engine.resolve(model)
+    try:
+        engine.resolve(model)
+    except UnknownModelError:
+        allowed = caller.limits.allowed_models if caller.limits is not None else []
+        if not allowed:
+            raise
+        # a key limited to some models is told of those, as GET /v1/models lists them: not of every other one
+        names = [m for m in engine.model_names() if m in allowed]
+        raise UnknownModelError(f"model {model!r} does not exist; valid models: {', '.join(names)}",
+                                param="model") from None
     authorize(caller, model)
     limit = engine.config.server.max_tokens_limit
     param, asked = body.max_tokens_asked()

@@ -128,6 +128,20 @@ def test_max_output_tokens_makes_an_incomplete_response(tmp_path, serve_app):
     assert events[-1][1]["response"]["output"][0]["content"][0]["text"] == resp.output_text  # greedy: the same
 
 
+def test_a_filtered_answer_makes_an_incomplete_response(tmp_path, upstream, serve_app):
+    """An upstream's ``content_filter`` finish is OpenAI's other reason for ``incomplete`` (it was reported
+    ``completed``, as if the answer were whole), streamed or not."""
+    srv = serve_app(make_config(tmp_path, [_remote(upstream)]))
+    filtered = {"kind": "odd", "finish_reason": "content_filter"}
+    upstream.faults(filtered, filtered)
+    resp = _client(srv).responses.create(model="cascade", input="hi")
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "content_filter"
+    r = httpx.post(srv.url + "/v1/responses", timeout=60, json={"model": "cascade", "input": "hi", "stream": True})
+    events = _events(r.text)
+    assert events[-1][0] == "response.incomplete"
+    assert events[-1][1]["response"]["incomplete_details"] == {"reason": "content_filter"}
+
+
 def test_a_stream_that_breaks_ends_with_response_failed_and_a_partial_row(tmp_path, upstream, serve_app):
     srv = serve_app(make_config(tmp_path, [_remote(upstream)]))
     upstream.faults("drop:2")                              # two chunks, then the upstream connection closes
@@ -162,7 +176,10 @@ def test_a_stream_that_breaks_ends_with_response_failed_and_a_partial_row(tmp_pa
     ({"input": [{"role": "user", "content": "x"}, {"role": "tool", "content": "4"}]}, "input", "item 1: role"),
     ({"input": {"role": "user", "content": "x"}}, "input", "a string or a list of input items"),
     ({"max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
-    ({"stream_options": {"include_obfuscation": False}}, None, "stream_options: only allowed when stream is true"),
+    ({"stream_options": {"include_obfuscation": False}}, "stream_options",
+     "stream_options: only allowed when stream is true"),
+    ({"n": None}, "n", "n: unknown parameter"),  # a chat parameter, not one of responses: unknown even when null
+    ({"echo": None}, "echo", "echo: unknown parameter"),
     # no lax coercion ("false" was read as false, 0 as no parallel tool calls)
     ({"background": "false"}, "background", "valid boolean"),
     ({"store": "yes"}, "store", "valid boolean"),

@@ -96,16 +96,21 @@ def test_null_for_every_responses_parameter_the_sdk_knows_is_its_default(client)
     assert resp.output_text == DEFAULT_ANSWER
 
 
-@pytest.mark.parametrize(("endpoint", "body", "param"), [
-    ("chat", {"logit_bias": {"1": 5}}, "logit_bias"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("chat", {"modalities": ["text", "audio"]}, "modalities"),
-    ("completions", {"best_of": 2}, "best_of"),
-    ("chat", {"frobnicate": None}, "frobnicate"),        # not an OpenAI parameter: unknown, null or not
-    ("completions", {"audio": None}, "audio"),          # a chat parameter, not one of completions
-    ("responses", {"frobnicate": None}, "frobnicate"),
+@pytest.mark.parametrize(("endpoint", "body", "param", "why"), [
+    ("chat", {"logit_bias": {"1": 5}}, "logit_bias", "not supported (only {} is accepted)"),
+    ("completions", {"logit_bias": {"1": 5}}, "logit_bias", "not supported (only {} is accepted)"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unknown parameter"),
+    ("chat", {"modalities": ["text", "audio"]}, "modalities", "unknown parameter"),
+    ("completions", {"best_of": 2}, "best_of", "only 1 is supported"),
+    ("chat", {"frobnicate": None}, "frobnicate", "unknown parameter"),  # not an OpenAI parameter, null or not
+    ("completions", {"audio": None}, "audio", "unknown parameter"),    # a chat parameter, not one of completions
+    ("completions", {"echo": None, "store": True}, "store", "unknown parameter"),  # chat's service parameters
+    ("completions", {"reasoning_effort": "high"}, "reasoning_effort", "unknown parameter"),
+    ("chat", {"echo": None}, "echo", "unknown parameter"),              # a completions parameter
+    ("responses", {"frobnicate": None}, "frobnicate", "unknown parameter"),
+    ("responses", {"presence_penalty": None}, "presence_penalty", "unknown parameter"),
 ])
-def test_a_value_for_an_unsupported_parameter_is_still_refused_by_name(client, endpoint, body, param):
+def test_a_value_for_an_unsupported_parameter_is_still_refused_by_name(client, endpoint, body, param, why):
     with pytest.raises(openai.BadRequestError) as err:
         if endpoint == "chat":
             client.chat.completions.create(model="remote", messages=Q, extra_body=body)
@@ -113,15 +118,21 @@ def test_a_value_for_an_unsupported_parameter_is_still_refused_by_name(client, e
             client.completions.create(model="remote", prompt="Paris", extra_body=body)
         else:
             client.responses.create(model="remote", input="Paris", extra_body=body)
-    assert _refusal(err.value) == f"{param}: unknown parameter" and err.value.body["param"] == param
+    assert _refusal(err.value) == f"{param}: {why}" and err.value.body["param"] == param
+
+
+def test_the_defaults_of_unsupported_parameters_ask_nothing_and_are_accepted(client):
+    """``logit_bias: {}`` and ``best_of: 1`` are OpenAI's defaults: nothing asked, so nothing refused."""
+    resp = client.chat.completions.create(model="remote", messages=Q, logit_bias={})
+    assert resp.choices[0].message.content == DEFAULT_ANSWER
+    done = client.completions.create(model="remote", prompt="Paris", best_of=1, logit_bias={})
+    assert done.choices[0].text == DEFAULT_ANSWER
 
 
 @pytest.mark.parametrize("retention", ["in_memory", "24h"])
 def test_prompt_cache_retention_is_accepted_and_changes_nothing(client, retention):
     resp = client.chat.completions.create(model="remote", messages=Q, prompt_cache_retention=retention)
     assert resp.choices[0].message.content == DEFAULT_ANSWER
-    done = client.completions.create(model="remote", prompt="Paris", extra_body={"prompt_cache_retention": retention})
-    assert done.choices[0].text == DEFAULT_ANSWER
 
 
 # --- stream_options.include_obfuscation --------------------------------------------------------------
