@@ -545,11 +545,12 @@ def _plan(engine: Any, config_path: str | None
             not_applied.append("shadows (they name tiers or policies this server does not run)")
     merged_cfg = old.model_copy(update={"tiers": tiers, "policies": policies, "shadows": shadows,
                                         "user_tiers": user_tiers, "auth": auth})
-    running = engine.policy_calibrators
-    policy_cals = {name: {t: running.get(name, {}).get(t) or build_calibrator(cc, tier=t,
-                                                                            where=f"policies.{name}.calibrators.{t}")
-                          if t in held else build_calibrator(cc, tier=t, where=f"policies.{name}.calibrators.{t}")
-                          for t, cc in pol.calibrators.items()}
+    def policy_calibrator(policy: str, tier: str, cc: Any) -> Calibrator:
+        """A held tier's as it runs (not re-read: the file may hold the new model's), else built anew."""
+        kept = engine.policy_calibrators.get(policy, {}).get(tier) if tier in held else None
+        return kept or build_calibrator(cc, tier=tier, where=f"policies.{policy}.calibrators.{tier}")
+
+    policy_cals = {name: {t: policy_calibrator(name, t, cc) for t, cc in pol.calibrators.items()}
                    for name, pol in merged_cfg.policies.items() if pol.calibrators}
     shadow_set = ShadowSet(merged_cfg, engine.tiers, policy_cals,
                            tier_calibrators={n: cals.get(n, t.calibrator) for n, t in engine.tiers.items()})
