@@ -443,8 +443,9 @@ def chat_logprobs(tokens: tuple[TokenLogprob, ...], top: int) -> dict[str, Any]:
 
 
 def completion_logprobs(tokens: tuple[TokenLogprob, ...], top: int, start: int = 0) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object; ``start``: the text offset of the first token (a stream's
-    later chunks continue where the text sent so far ends)."""
+    """The legacy completions ``logprobs`` object; ``start``: the text offset of the first token. Offsets count
+    from the prompt's start, as OpenAI's (the first answer token's is the prompt's length, ``echo`` or not); a
+    stream's later chunks continue where the text sent so far ends."""
     offsets, pos = [], start
     for t in tokens:
         offsets.append(pos)
@@ -486,7 +487,8 @@ def completion_response(req: CompletionRequest, res: GenerationResult, rec: Casc
         "choices": [{
             "index": 0,
             "text": res.text,
-            "logprobs": completion_logprobs(res.tokens, req.logprobs) if req.logprobs is not None else None,
+            "logprobs": (completion_logprobs(res.tokens, req.logprobs, len(req.prompt_text()))
+                         if req.logprobs is not None else None),
             "finish_reason": res.finish_reason,
         }],
         "usage": _usage(res),

@@ -499,8 +499,10 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
 
     async def body_iter() -> AsyncIterator[bytes]:
         first_token = True
-        offset = 0  # completions' text_offset runs on across chunks, over the tokens' texts (which join to the
-        # answer, but may arrive a chunk after their text while a stop string could still cut them)
+        # completions' text_offset counts from the prompt's start (OpenAI's) and runs on across chunks, over the
+        # tokens' texts (which join to the answer, but may arrive a chunk after their text while a stop string
+        # could still cut them)
+        offset = 0 if chat else len(body.prompt_text())
         try:
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

@@ -278,17 +278,24 @@ def test_a_stream_past_its_latency_budget_ends_with_a_timeout(server, fault):
     assert row[:2] == ("partial", "ProviderTimeoutError")
 
 
-def test_streamed_completion_text_offsets_run_on(server):
+def test_completion_text_offsets_count_from_the_prompts_start_and_run_on(server):
+    """As OpenAI's: the first answer token's offset is the prompt's length (``echo`` or not), streamed or not."""
+    prompt = "Hi there"
     with httpx.stream("POST", server.url + "/v1/completions", headers=H(), timeout=60,
-                      json={"model": "remote", "prompt": "Hi", "stream": True, "logprobs": 1}) as r:
+                      json={"model": "remote", "prompt": prompt, "stream": True, "logprobs": 1}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     text = ""
     for ch in chunks:
         lp = ch["choices"][0]["logprobs"]
         if lp:
-            assert lp["text_offset"][0] == len(text)
+            assert lp["text_offset"][0] == len(prompt) + len(text)
             text += ch["choices"][0]["text"]
     assert len(text) > 10
+    whole = httpx.post(server.url + "/v1/completions", headers=H(), timeout=60,
+                       json={"model": "remote", "prompt": prompt, "logprobs": 1}).json()["choices"][0]
+    offsets, tokens = whole["logprobs"]["text_offset"], whole["logprobs"]["tokens"]
+    assert whole["text"] == text and offsets[0] == len(prompt)
+    assert offsets == [len(prompt) + len("".join(tokens[:i])) for i in range(len(tokens))]
 
 
 # --- /metrics and the ledger agree, row for row (keep this test last) -----------------------------------
