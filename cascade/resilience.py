@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import re
 import time
@@ -86,6 +87,12 @@ log = logging.getLogger("cascade.resilience")
 MIN_ATTEMPT_S = 0.02
 #: slack a caller's own hard timeout should leave beyond the deadline, so the backend can report first
 DEADLINE_GRACE_S = 0.25
+#: a provider that timed out with less than this share of the tier's time left to it was cut short by time
+#: already spent (on another provider, a rate-limit wait, its own earlier chunks), not slow
+FULL_TIME_SHARE = 0.9
+#: a rate-limited provider is retried only if its wait leaves at least this share of the tier's time (of its
+#: own timeout when shorter): a retry with less is likely cut short, while another provider may answer now
+RETRY_MIN_SHARE = 0.25
 #: error_class recorded for an attempt cut short by cancellation (client gone, caller's own timeout)
 CANCELLED = "Cancelled"
 
@@ -429,11 +436,18 @@ class _Call:
     record: list[ProviderAttempt] = field(default_factory=list)
     #: the deadline is the caller's (a user tier's latency budget), earlier than the tier's own timeout
     by_caller: bool = False
+    #: the tier's own time for the whole call (its ``timeout_s``)
+    full: float = math.inf
 
     def cut_short(self, exc: CascadeError, p: Provider, limit: float) -> bool:
-        """Whether ``exc`` is a timeout the caller's deadline imposed, shorter than ``p``'s own: it says
-        nothing of the provider's health (one key's tight budget must not open a breaker for every key)."""
-        return self.by_caller and isinstance(exc, ProviderTimeoutError) and limit < p.timeout_s
+        """Whether ``exc`` is a timeout shorter than ``p``'s own that says nothing of its health: imposed by
+        the caller's deadline (one key's tight budget must not open a breaker for every key), or by the tier's
+        deadline when time had gone before (a fallback given what a hung primary left, a retry after a
+        rate-limit wait, a stream that ran to the tier's time limit). A provider that had the tier's whole time,
+        or its own timeout, and did not answer counts against its breaker."""
+        if not isinstance(exc, ProviderTimeoutError) or limit >= p.timeout_s:
+            return False
+        return self.by_caller or limit < FULL_TIME_SHARE * self.full
 
 
 class ResilientBackend(Backend):
@@ -518,7 +532,7 @@ class ResilientBackend(Backend):
     def _call(self, deadline: float | None, record: list[ProviderAttempt] | None) -> _Call:
         own = time.monotonic() + self.timeout_s
         return _Call(own if deadline is None else min(own, deadline), record if record is not None else [],
-                     by_caller=deadline is not None and deadline < own - 1e-3)
+                     by_caller=deadline is not None and deadline < own - 1e-3, full=self.timeout_s)
 
     def _attempt(self, p: Provider, n: int, wait: float, started: float, action: str, *,
                  exc: CascadeError | None = None, error_class: str | None = None, prompt_tokens: int = 0,
@@ -550,7 +564,8 @@ class ResilientBackend(Backend):
         if isinstance(exc, RateLimitedError):
             p.breaker.release(permit)
             wait = self.retry.backoff(n, exc.retry_after, self._rng)
-            if wait is not None and time.monotonic() + wait + MIN_ATTEMPT_S < deadline:
+            after = max(MIN_ATTEMPT_S, RETRY_MIN_SHARE * min(p.timeout_s, call.full))
+            if wait is not None and time.monotonic() + wait + after < deadline:
                 return "retry", wait
             return "fall_over", 0.0
         if exc.fall_over:

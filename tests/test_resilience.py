@@ -33,6 +33,7 @@ from cascade.errors import (
     ProviderConnectionError,
     ProviderError,
     ProviderInvalidRequestError,
+    ProviderTimeoutError,
     RateLimitedError,
 )
 from cascade.resilience import CircuitBreaker, ResilientBackend, merge_provider_attempts
@@ -369,6 +370,47 @@ async def test_one_deadline_bounds_retries_and_fallbacks(servers, make_engine, t
     assert seen(servers) == {"a": 1, "b": 1, "c": 1}
     assert [r[4] for r in attempt_rows(tmp_path, "casc-deadline")] == [
         "ProviderTimeoutError", "ProviderTimeoutError", None]
+
+
+async def test_a_provider_cut_short_by_time_spent_before_it_keeps_its_breaker_closed(servers, tmp_path):
+    """Only a provider that had the tier's whole time (or its own timeout) and did not answer counts against its
+    breaker: a fallback given what a hung primary left, a stream run to the tier's time limit, a retry after a
+    rate-limit wait are neutral (a healthy replica's breaker opened behind a hung primary: every client got
+    503). A rate-limit wait that would leave the retry under a quarter of the tier's time falls over instead."""
+    a, b = servers["a"], servers["b"]
+    cfg = make_config(tmp_path, [rtier("t", [prov("a", a, timeout_s=0.7), prov("b", b, timeout_s=5)], timeout_s=1.0,
+                                       breaker={"failure_threshold": 2, "cooldown_s": 30})])
+    rb = ResilientBackend.from_tier(cfg.tiers[0], cfg)
+    try:
+        a.faults("stall:10", "stall:10")
+        b.faults("slow:0.5", "slow:0.5")                 # healthy, but 0.5 s: more than a hung `a` leaves it
+        for _ in range(2):
+            with pytest.raises(ProviderTimeoutError):
+                await rb.generate(Q)
+        states = {p.name: p.breaker.state for p in rb.providers}
+        assert states == {"a": "open", "b": "closed"}, states  # `a` had its own 0.7 s; `b` only 0.3 s
+        rec = []
+        assert (await rb.generate(Q, record=rec)).text and [p.provider for p in rec] == ["b"]  # b has the tier's
+        # a stream that runs to the tier's time limit, its chunks coming steadily: cut, but b stays closed
+        b.faults("slow:0:0.4", "slow:0:0.4")
+        for _ in range(2):
+            with pytest.raises(ProviderTimeoutError):
+                async for _chunk in rb.stream(Q.with_(max_tokens=8)):
+                    pass
+        assert rb.providers[1].breaker.state == "closed"
+    finally:
+        await rb.close()
+    servers["a"].reset()
+    servers["b"].reset()
+    cfg = make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)], timeout_s=1.0)])
+    rb = ResilientBackend.from_tier(cfg.tiers[0], cfg)
+    try:
+        a.faults("429:ra=0.9")                           # a 0.9 s wait would leave 0.1 s of the tier's 1 s
+        rec = []
+        assert (await rb.generate(Q, record=rec)).text
+        assert [(p.provider, p.action) for p in rec] == [("a", "fall_over"), ("b", "served")]
+    finally:
+        await rb.close()
 
 
 async def test_provider_price_override_and_failed_attempt_cost_is_waste(servers, make_engine, tmp_path):
