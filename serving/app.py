@@ -146,6 +146,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         app.state.started_at = time.time()
         app.state.metrics = Metrics(drift=config.drift, models=app.state.engine.model_names())
         app.state.metrics.watch_cache(app.state.engine.cache)
+        app.state.metrics.watch_breakers(app.state.engine.tiers)
         listeners = app.state.engine.sampler.listeners  # sampled shadows' calls and spend
         listeners.append(app.state.metrics.observe_shadow_call)
         metrics = app.state.metrics

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -78,6 +79,30 @@ class Metrics:
                   registry=self.registry).set_function(entries)
             Gauge("cascade_cache_bytes", "Estimated memory held by the response cache (bounded by cache.max_bytes)",
                   registry=self.registry).set_function(held_bytes)
+
+    def watch_breakers(self, tiers: "Mapping[str, Any]") -> None:
+        """Read every provider's circuit breaker at every scrape: ``cascade_breaker_state{tier, provider,
+        state}`` is 1 for its state (closed, open, half_open) and 0 for the others (tiers without providers
+        have no breakers, and no series)."""
+        from cascade.resilience import ResilientBackend
+
+        watched = {name: t.backend for name, t in tiers.items() if isinstance(t.backend, ResilientBackend)}
+        if not watched:
+            return
+
+        class Breakers:
+            def collect(self) -> "Iterable[Any]":
+                from prometheus_client.core import GaugeMetricFamily
+
+                fam = GaugeMetricFamily("cascade_breaker_state", "1 for each provider's circuit breaker state",
+                                        labels=["tier", "provider", "state"])
+                for tier, backend in watched.items():
+                    for provider, snap in backend.health().items():
+                        for state in ("closed", "open", "half_open"):
+                            fam.add_metric([tier, provider, state], 1.0 if snap["state"] == state else 0.0)
+                yield fam
+
+        self.registry.register(Breakers())
 
     def _child(self, metric: "Counter | Gauge | Histogram", *labels: str):  # noqa: ANN202
         """``metric.labels(*labels)``, looked up once per label set (prometheus' ``labels`` validates and

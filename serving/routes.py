@@ -27,6 +27,7 @@ from cascade.errors import (
 )
 from cascade.ledger import spend_since, spend_since_both, utc_day_start
 from cascade.limits import SpendHolds
+from cascade.resilience import ResilientBackend
 from cascade.types import CascadeRecord, GenerationRequest
 from serving.auth import Caller, authenticate, authorize
 from serving.errors import cascade_error_response, error_body
@@ -657,4 +658,10 @@ async def ready(request: Request) -> JSONResponse:
     ok = all(state.values()) and ledger_down is None
     body = {"status": "ready" if ok else ("ledger_unavailable" if ledger_down else "loading"), "tiers": state,
             "ledger": "ok" if ledger_down is None else ledger_down}
+    # each provider's circuit breaker (tiers with providers): said, not judged (an open breaker fails fast with
+    # its own 503 and Retry-After; the server itself can still answer through other tiers and providers)
+    breakers = {name: {p: snap["state"] for p, snap in t.backend.health().items()}
+                for name, t in engine.tiers.items() if isinstance(t.backend, ResilientBackend)}
+    if breakers:
+        body["breakers"] = breakers
     return JSONResponse(body, status_code=200 if ok else 503)

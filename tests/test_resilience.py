@@ -602,6 +602,10 @@ async def test_all_breakers_open_fail_fast_with_503_and_retry_after(servers, tmp
         t0 = time.monotonic()
         r2 = client.post("/v1/chat/completions", json=body)
         elapsed = time.monotonic() - t0
+        ready, metrics = client.get("/ready"), client.get("/metrics").text  # the breakers' states, said
+    assert ready.json()["breakers"] == {"t": {"a": "open", "b": "open"}}
+    assert 'cascade_breaker_state{provider="a",state="open",tier="t"} 1.0' in metrics
+    assert 'cascade_breaker_state{provider="b",state="closed",tier="t"} 0.0' in metrics
     assert r2.status_code == 503 and r2.json()["error"]["type"] == "service_unavailable"
     assert 28 <= int(r2.headers["retry-after"]) <= 30
     assert elapsed < TOL
