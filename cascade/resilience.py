@@ -331,6 +331,11 @@ def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log:
     if not provider_log:
         return
     *earlier, last = provider_log
+    # cancelled between two provider attempts (in a rate-limit backoff): the last one had ended with its own
+    # error, a row of its own; ``att`` is the cancellation, no call in flight (nothing billed)
+    between = not served and att.error_class == CANCELLED and last.action in ("retry", "fall_over")
+    if between:
+        earlier = list(provider_log)
     rows = [Attempt(index=0, tier=att.tier, model=pa.model, backend=pa.provider, prompt_tokens=pa.prompt_tokens,
                     completion_tokens=pa.completion_tokens, latency_ms=pa.latency_s * 1e3, cost_usd=pa.cost_usd,
                     decision="error", reason=pa.describe(), error_class=pa.error_class or CANCELLED,
@@ -341,6 +346,13 @@ def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log:
     attempts[pos:pos] = rows
     for k, a in enumerate(attempts[pos:]):
         a.index = first_index + k
+    if between:
+        att.model, att.backend = last.model, last.provider
+        att.prompt_tokens = att.completion_tokens = 0
+        att.cost_usd = att.wait_ms = 0.0
+        att.latency_ms = 0.0
+        att.reason = f"cancelled before provider {last.provider!r} was tried again ({att.reason})"
+        return
     att.model, att.backend = last.model, last.provider
     att.latency_ms, att.wait_ms = last.latency_s * 1e3, last.wait_s * 1e3
     att.cost_usd = last.cost_usd

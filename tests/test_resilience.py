@@ -413,6 +413,26 @@ async def test_a_provider_cut_short_by_time_spent_before_it_keeps_its_breaker_cl
         await rb.close()
 
 
+async def test_a_request_cancelled_in_a_rate_limit_backoff_keeps_the_429_row(servers, make_engine, tmp_path):
+    """The 429 attempt had ended before the client left: its row keeps its class (reports by error class count
+    it); the cancellation is a row of its own, with no call in flight and nothing billed."""
+    a = servers["a"]
+    eng = await make_engine([rtier("t", [prov("a", a)])])
+    a.faults("429:ra=1.5")
+    task = asyncio.create_task(eng.run(Q, request_id="casc-backoff"))
+    while a.stats()["requests"] < 1:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)                             # in the 1.5 s wait
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    rows = db_rows(tmp_path, "SELECT idx, backend, error_class, cost_usd, reason FROM attempts WHERE request_id = ? "
+                             "ORDER BY idx", "casc-backoff")
+    assert [r[:4] for r in rows] == [(0, "a", "RateLimitedError", 0.0), (1, "a", "Cancelled", 0.0)]
+    assert rows[1][4].startswith("cancelled before provider 'a' was tried again")
+    assert a.stats()["requests"] == 1
+
+
 async def test_provider_price_override_and_failed_attempt_cost_is_waste(servers, make_engine, tmp_path):
     a, b = servers["a"], servers["b"]
     eng = await make_engine([rtier("t", [prov("a", a), prov("b", b, price={"input_per_1m": 10.0, "output_per_1m": 20.0})])])
