@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -53,6 +54,8 @@ class DriftMonitor:
         self._confidence: OrderedDict[str, float] = OrderedDict()
         self._keep = max(4 * config.window, 1000)
         self._lock = threading.Lock()
+        #: requests that started before this (a :meth:`reset`) are not observed
+        self._since = 0.0
         self.alarms: dict[str, bool] = {s: False for s in SIGNALS}
         self.values: dict[str, float | None] = {s: None for s in SIGNALS}
         for s in SIGNALS:
@@ -62,6 +65,8 @@ class DriftMonitor:
     def observe(self, rec: CascadeRecord) -> None:
         """One finished request (answered requests of a policy count; pinned tiers never escalate)."""
         if rec.status not in ("ok", "partial") or not rec.tier or rec.policy == rec.tier:
+            return
+        if rec.created_at < self._since:  # decided by what a reload has since replaced (see :meth:`reset`)
             return
         with self._lock:
             self._escalated.append(int(rec.escalated))
@@ -156,6 +161,7 @@ class DriftMonitor:
         """Start every window afresh (a reload changed the thresholds or calibrators: the rolling values
         judge what decides now, not a mixture with what decided before); ``why`` ends any alarm on."""
         with self._lock:
+            self._since = time.time()  # requests already running finish with the old: left out too
             self._escalated.clear()
             self._costs.clear()
             self._labelled.clear()

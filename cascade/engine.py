@@ -30,6 +30,7 @@ from cascade.errors import (
     ConfigError,
     ContextLengthExceededError,
     InvalidRequestError,
+    LedgerError,
     LedgerUnavailableError,
     ProviderContextLengthError,
     ProviderInvalidRequestError,
@@ -568,16 +569,14 @@ class Engine:
         any tier runs: its answer could not be accounted, so it would not be let out, and a hosted tier would
         be paid for nothing. A probe shared by the requests arriving meanwhile decides, so a database that is
         back lets the request go on. The refusal's row is queued: committed once the database answers."""
-        if self.ledger.unavailable is None or (why := await self.ledger.probe()) is None:
-            return
-        log.warning("request %s refused: %s", rec.request_id, why)
-        exc = LedgerUnavailableError("the ledger cannot record requests now, so this one was refused before any "
-                                     "model was called: repeat it shortly")
-        rec.policy = model or self.config.default_policy_name
-        rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
-        self._finish(rec, route=None, t0=t0)
-        self._submit(rec, None).add_done_callback(log_failure)  # not awaited: it may wait for the database
-        raise exc
+        try:
+            await self.check_ledger()
+        except LedgerUnavailableError as exc:
+            rec.policy = model or self.config.default_policy_name
+            rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
+            self._finish(rec, route=None, t0=t0)
+            self._submit(rec, None).add_done_callback(log_failure)  # not awaited: it may wait for the database
+            raise
 
     async def record_refusal(self, exc: CascadeError, *, model: str | None = None, endpoint: str = "chat",
                              request_id: str | None = None, api_key_id: str | None = None,
@@ -589,7 +588,24 @@ class Engine:
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
         self._finish(rec, route=None, t0=time.perf_counter())
-        await asyncio.shield(self._submit(rec, None))
+        committed = self._submit(rec, None)
+        if self.ledger.unavailable is not None:  # not waited for: the refusal goes out now, its row when it can
+            committed.add_done_callback(log_failure)
+            return
+        try:
+            await asyncio.shield(committed)
+        except LedgerError as failed:  # the client is told of its request's fault, not of the ledger's
+            log.warning("%s", failed)
+
+    async def check_ledger(self) -> None:
+        """Raise :class:`LedgerUnavailableError` while the ledger cannot be written (a write failed, or a probe
+        said so) and a probe, shared by the requests arriving meanwhile, agrees: the HTTP layer asks before
+        it reads the ledger to admit a request (the daily spend limits), so that it is refused at once."""
+        if self.ledger.unavailable is None or (why := await self.ledger.probe()) is None:
+            return
+        log.warning("request refused: %s", why)
+        raise LedgerUnavailableError("the ledger cannot record requests now, so this one was refused before any "
+                                     "model was called: repeat it shortly")
 
     # --- the response cache (cascade/cache.py) ------------------------------------------------------
     def _cache_lookup(self, model: str | None, endpoint: str, request: GenerationRequest, api_key_id: str | None,

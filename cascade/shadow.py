@@ -336,7 +336,9 @@ class ShadowSampler:
         row: dict[str, Any] | None
         try:
             await asyncio.wait([committed])  # wait for the live write; never cancels the request's future
-            row = await self._walk(smp)
+            # a live write that failed or timed out: its client had an error, not the answer (a row committed
+            # late is made that error): nothing to compare a shadow with, nor to pay a sample for
+            row = None if committed.cancelled() or committed.exception() is not None else await self._walk(smp)
         except asyncio.CancelledError:
             for a in smp.calls:  # the call cut short
                 if a.error_class is None and not a.features:

@@ -136,6 +136,7 @@ def _route_name(request: Request, body: AnyRequest) -> str:
 async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Budget, GenerationRequest | None]:
     engine = _engine(request)
     caller = _caller(request)
+    await engine.check_ledger()  # a ledger known to be down: refused at once (503), before any read of it
     model = _route_name(request, body)
     # an unknown model is refused here (404, recorded as every refusal), before it takes a place in any limit
     try:

@@ -299,6 +299,33 @@ def test_requests_are_refused_before_any_model_call_while_the_ledger_cannot_be_w
     assert row == ("error", "LedgerUnavailableError", 0)
 
 
+def test_a_known_ledger_outage_refuses_at_admission_before_reading_the_daily_spend(tmp_path):
+    """A key with a daily spend limit is admitted by reading the ledger: while the ledger is known to be down,
+    it is refused at once (503), not after that read's timeout and its refusal row's (a 500 after 2 x
+    timeout_s); a request refused for its own fault is told so (400) without waiting for its row."""
+    import httpx
+
+    from serving import create_app
+    from serving.auth import hash_key
+    from tests.conftest import ServerThread, make_config
+
+    path, key = tmp_path / "shared.sqlite", "sk-capped-0123456789abcdef"
+    cfg = make_config(tmp_path, [{"name": "r", "backend": "openai", "model": "m",
+                                  "options": {"base_url": "http://127.0.0.1:9/v1"}}],
+                      {"p": {"chain": ["r"]}}, ledger={"path": str(path), "timeout_s": 1.5},
+                      user_tiers={"capped": {"daily_spend_limit_usd": 1.0}},
+                      auth={"keys": [{"id": "k1", "sha256": hash_key(key), "user_tier": "capped"}]})
+    auth = {"authorization": f"Bearer {key}"}
+    with ServerThread(create_app(cfg)) as srv, locked_by_another_process(path):
+        assert httpx.get(srv.url + "/ready", timeout=30).status_code == 503  # the outage is known
+        r, took = _timed(httpx.post, srv.url + "/v1/chat/completions", json=_BODY, headers=auth, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable", r.text
+        assert took < 1.4  # a probe's wait for the lock at most (1 s), not the spend read's 1.5 s
+        r, took = _timed(httpx.post, srv.url + "/v1/chat/completions", headers=auth, timeout=30,
+                         json={**_BODY, "n": 2})
+        assert r.status_code == 400 and took < 1.4, r.text
+
+
 async def test_writes_past_max_pending_fail_at_once_rather_than_queue_without_bound(tmp_path):
     path = tmp_path / "ledger.sqlite"
     async with Ledger(path, timeout_s=2, max_pending=1) as ledger:

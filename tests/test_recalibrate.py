@@ -310,6 +310,11 @@ def test_drift_ece_alarm_ends_and_its_value_clears_when_labels_are_withdrawn():
     mon.observe_feedback("r1", 0)
     assert mon.values["ece"] is None
     assert 'cascade_drift_value{signal="ece"} NaN' in generate_latest(mon.registry).decode()
+    # after a reset (a reload changed what decides), a request that started before it is left out
+    mon.reset("reloaded")
+    mon.observe(CascadeRecord(request_id="old", policy="p", created_at=mon._since - 1, tier="t", confidence=0.9))
+    mon.observe(CascadeRecord(request_id="new", policy="p", created_at=mon._since + 1, tier="t", confidence=0.9))
+    assert mon.state()["requests"] == 1 and mon._confidence.keys() == {"new"}
 
 
 async def test_a_reload_says_which_changes_need_a_restart(tmp_path):
