@@ -93,6 +93,9 @@ class ResponseCache:
         #: (key, hash of the text) of answers a user said were wrong -> when: not stored again for ``ttl_s``
         #: (an identical request in flight, or the next greedy miss, gives the same text), at most max_entries
         self._wrong: OrderedDict[tuple[str, int], float] = OrderedDict()
+        #: request id -> (key, hash of the text) of the answers stored, the latest max_entries, kept after their
+        #: entry is gone (evicted, expired, cleared): a thumbs-down then still leaves its verdict
+        self._given: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -124,10 +127,13 @@ class ResponseCache:
         keys = [k for k, (_, _, a, earlier) in self._entries.items()
                 if a.request_id == request_id or (request_id, hash(a.result.text)) in earlier]
         now = self.clock()
+        judged = {(k, hash(self._entries[k][2].result.text)) for k in keys}
+        if request_id in self._given:  # its entry may be gone already: the same text must not come back
+            judged.add(self._given[request_id])
+        for verdict in judged:
+            self._wrong.pop(verdict, None)
+            self._wrong[verdict] = now
         for k in keys:
-            judged = (k, hash(self._entries[k][2].result.text))
-            self._wrong.pop(judged, None)
-            self._wrong[judged] = now
             self._drop(k)
         while len(self._wrong) > self.max_entries:
             self._wrong.popitem(last=False)
@@ -160,6 +166,10 @@ class ResponseCache:
         self.expire(now)  # the expired go before any live answer is evicted
         self._entries[key] = (now, size, answer, earlier)
         self._by_age[key] = now
+        self._given.pop(answer.request_id, None)
+        self._given[answer.request_id] = (key, hash(answer.result.text))
+        while len(self._given) > self.max_entries:
+            self._given.popitem(last=False)
         self.bytes += size
         while len(self._entries) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes):
             self._drop(next(iter(self._entries)))

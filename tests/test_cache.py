@@ -89,12 +89,18 @@ def test_a_thumbs_down_reaches_a_refreshed_answer_with_the_same_text():
     assert cache.forget("p") == 1 and cache.get("k") is None
     assert not cache.put("k", ans("r2", "X")) and cache.get("k") is None  # judged wrong: not stored again
     assert cache.put("k", ans("r3", "Y")) and cache.put("j", ans("r4", "X"))  # another text, another key: fine
+    cache.clear()  # (a reload): r4's entry is gone, a thumbs-down on it still leaves its verdict
+    assert cache.forget("r4") == 0 and not cache.put("j", ans("r5", "X"))
     clock.t += 100  # the verdict is let go with the answers of its time
     cache.put("k", ans("p", "X"))
-    cache.put("k", ans("r1", "Y"))  # the refresh answered otherwise: the old verdict is not about this text
+    cache.put("k", ans("r1", "Y"))  # the refresh answered otherwise: a verdict on p's X drops nothing...
     assert cache.forget("p") == 0 and cache.get("k").request_id == "r1"
-    cache.put("k", ans("r2", "X"))  # ... and then X again: it is
-    assert cache.forget("p") == 1 and len(cache) == 0
+    assert not cache.put("k", ans("r2", "X"))  # ... but X is not stored under k again
+    clock.t += 100
+    cache.put("k", ans("q", "X"))
+    cache.put("k", ans("r1", "Y"))
+    cache.put("k", ans("r2", "X"))  # a refresh gave q's text again: a verdict on q reaches it
+    assert cache.forget("q") == 1 and len(cache) == 0
     clock.t += 100
     for i in range(10 * EARLIER_KEPT):
         cache.put("k", ans(f"r{i}", "X"))
