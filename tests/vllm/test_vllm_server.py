@@ -17,7 +17,10 @@ from cascade.types import GenerationRequest, Message
 pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parents[2]
-TOL = 1e-3
+#: the served and the in-process engine are two processes computing in float32 on the CPU: their logprobs
+#: agree to a few 1e-4, now and then 1e-3 (a fresh-clone run saw 1.3e-3 on an alternative's); 5e-3 still
+#: tells a different model or template apart by orders of magnitude
+TOL = 5e-3
 Q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=24, top_logprobs=5)
 
 
