@@ -173,6 +173,9 @@ class RetryConfig(_Strict):
     max_delay_s: float = Field(4.0, ge=0)
     #: a server's Retry-After / retry-after-ms is honoured up to this; a longer one means fall over now
     max_retry_after_s: float = Field(10.0, ge=0)
+    #: a server's Retry-After also keeps later requests off that provider (to the next one, or waiting when it
+    #: is within max_retry_after_s) for as long as it says, at most this (0: each request tries it again)
+    max_hold_s: float = Field(60.0, ge=0)
     #: seed the jitter (reproducible runs); None: random
     jitter_seed: int | None = None
 

@@ -15,7 +15,8 @@ backend's boundary; anything untranslated is classified here):
 ``RateLimitedError``               429: same provider again after a backoff (full jitter, or the
                                    server's ``Retry-After``/``retry-after-ms`` when it is within
                                    ``max_retry_after_s``) while attempts and the deadline allow, then
-                                   the next provider
+                                   the next provider; a hint is remembered (at most ``max_hold_s``):
+                                   later calls wait for it as a retry would, or skip the provider
 ``ProviderServerError``            5xx: next provider at once (counts against the breaker)
 ``ProviderTimeoutError``           connect/read/total timeout: next provider at once (breaker)
 ``ProviderConnectionError``        refused/reset: next provider at once (breaker)
@@ -116,6 +117,8 @@ class RetryPolicy:
     base_delay_s: float = 0.25
     max_delay_s: float = 4.0
     max_retry_after_s: float = 10.0
+    #: a hint also keeps later calls off the provider for that long, at most this (0: not remembered)
+    max_hold_s: float = 60.0
 
     def backoff(self, retry: int, retry_after: float | None, rng: random.Random) -> float | None:
         """Seconds to wait before retry number ``retry`` (1-based), or None: do not retry this provider."""
@@ -425,6 +428,12 @@ class Provider:
     timeout_s: float
     price: "Price | None" = None
     kind: str = ""
+    #: ``time.monotonic()`` until which the provider asked not to be called (its 429's Retry-After)
+    held_until: float = 0.0
+
+    def held_for(self) -> float:
+        """Seconds left of the provider's own Retry-After (0 when it may be called)."""
+        return max(0.0, self.held_until - time.monotonic())
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return self.price.cost(prompt_tokens, completion_tokens) if self.price is not None else 0.0
@@ -503,7 +512,8 @@ class ResilientBackend(Backend):
             providers.append(Provider(name=pc.name, backend=backend, breaker=breaker, timeout_s=timeout,
                                       price=pc.price or tier.price, kind=pc.backend))
         policy = RetryPolicy(max_attempts=r.max_attempts, base_delay_s=r.base_delay_s,
-                             max_delay_s=r.max_delay_s, max_retry_after_s=r.max_retry_after_s)
+                             max_delay_s=r.max_delay_s, max_retry_after_s=r.max_retry_after_s,
+                             max_hold_s=r.max_hold_s)
         if rng is None and r.jitter_seed is not None:
             rng = random.Random(r.jitter_seed)
         return cls(providers, name=tier.name, retry=policy, timeout_s=tier.timeout_s,
@@ -537,8 +547,8 @@ class ResilientBackend(Backend):
             await p.backend.close()
 
     def health(self) -> dict[str, dict[str, Any]]:
-        """Each provider's breaker state (for /ready and /metrics)."""
-        return {p.name: p.breaker.snapshot() for p in self.providers}
+        """Each provider's breaker state and what is left of its Retry-After hold (for /ready and /metrics)."""
+        return {p.name: {**p.breaker.snapshot(), "rate_limited_s": round(p.held_for(), 3)} for p in self.providers}
 
     # --- the attempt loop -------------------------------------------------------------------------
     def _call(self, deadline: float | None, record: list[ProviderAttempt] | None) -> _Call:
@@ -575,9 +585,10 @@ class ResilientBackend(Backend):
             return "fall_over", 0.0
         if isinstance(exc, RateLimitedError):
             p.breaker.release(permit)
+            if exc.retry_after and self.retry.max_hold_s > 0:  # later calls keep off it meanwhile
+                p.held_until = max(p.held_until, time.monotonic() + min(exc.retry_after, self.retry.max_hold_s))
             wait = self.retry.backoff(n, exc.retry_after, self._rng)
-            after = max(MIN_ATTEMPT_S, RETRY_MIN_SHARE * min(p.timeout_s, call.full))
-            if wait is not None and time.monotonic() + wait + after < deadline:
+            if wait is not None and self._affords(p, wait, call):
                 return "retry", wait
             return "fall_over", 0.0
         if exc.fall_over:
@@ -586,12 +597,28 @@ class ResilientBackend(Backend):
         p.breaker.release(permit)
         return "raise", 0.0
 
+    @staticmethod
+    def _affords(p: Provider, wait: float, call: _Call) -> bool:
+        """Whether a wait before calling ``p`` leaves it enough of the call's time (RETRY_MIN_SHARE)."""
+        after = max(MIN_ATTEMPT_S, RETRY_MIN_SHARE * min(p.timeout_s, call.full))
+        return time.monotonic() + wait + after < call.deadline
+
     async def _first_success(self, request: GenerationRequest, call: _Call,
                              attempt_fn: Callable[[Provider, float], Awaitable[Any]]) -> _Win:
         last: CascadeError | None = None
-        skipped: list[Provider] = []
+        skipped: list[Provider] = []   # breaker open
+        held: list[Provider] = []      # its last Retry-After runs longer than this call may wait
         for i, p in enumerate(self.providers):
             n, wait = 0, 0.0
+            hold = p.held_for()
+            if hold > 0:   # as a retry within one call would: wait out a short hint, fall over from a long one
+                if hold > self.retry.max_retry_after_s or not self._affords(p, hold, call):
+                    held.append(p)
+                    continue
+                log.info("tier %s: provider %s asked not to be called for %.3f s more; waiting", self.name, p.name,
+                         hold)
+                await self._sleep(hold)
+                wait = hold
             while True:
                 permit = p.breaker.acquire()
                 if permit is None:
@@ -635,6 +662,12 @@ class ResilientBackend(Backend):
                     break
                 else:
                     return _Win(p, permit, value, started, wait, n)
+        if last is None and held:   # nothing was called: each provider's own hint says when to come back
+            ra = min([p.held_for() for p in held] + [p.breaker.retry_after() for p in skipped])
+            raise self._attach(RateLimitedError(
+                f"tier {self.name!r}: every provider is rate limited or unavailable "
+                f"({', '.join(p.name for p in held + skipped)}); retry after {ra:.1f} s",
+                provider=self.name, retry_after=max(ra, 0.001)), call)
         if last is None:
             soonest = min(skipped, key=lambda p: p.breaker.retry_after()) if skipped else None
             ra = soonest.breaker.retry_after() if soonest is not None else 0.0

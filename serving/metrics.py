@@ -82,8 +82,9 @@ class Metrics:
 
     def watch_breakers(self, tiers: "Mapping[str, Any]") -> None:
         """Read every provider's circuit breaker at every scrape: ``cascade_breaker_state{tier, provider,
-        state}`` is 1 for its state (closed, open, half_open) and 0 for the others (tiers without providers
-        have no breakers, and no series)."""
+        state}`` is 1 for its state (closed, open, half_open) and 0 for the others, and
+        ``cascade_provider_rate_limited_seconds{tier, provider}`` what is left of its last Retry-After (tiers
+        without providers have no breakers, and no series)."""
         from cascade.resilience import ResilientBackend
 
         watched = {name: t.backend for name, t in tiers.items() if isinstance(t.backend, ResilientBackend)}
@@ -96,11 +97,16 @@ class Metrics:
 
                 fam = GaugeMetricFamily("cascade_breaker_state", "1 for each provider's circuit breaker state",
                                         labels=["tier", "provider", "state"])
+                held = GaugeMetricFamily("cascade_provider_rate_limited_seconds",
+                                         "Seconds left of the Retry-After a provider's last 429 asked for",
+                                         labels=["tier", "provider"])
                 for tier, backend in watched.items():
                     for provider, snap in backend.health().items():
                         for state in ("closed", "open", "half_open"):
                             fam.add_metric([tier, provider, state], 1.0 if snap["state"] == state else 0.0)
+                        held.add_metric([tier, provider], snap["rate_limited_s"])
                 yield fam
+                yield held
 
         self.registry.register(Breakers())
 

@@ -665,4 +665,12 @@ async def ready(request: Request) -> JSONResponse:
                 for name, t in engine.tiers.items() if isinstance(t.backend, ResilientBackend)}
     if breakers:
         body["breakers"] = breakers
+    held: dict[str, dict[str, float]] = {}
+    for name, t in engine.tiers.items():
+        if isinstance(t.backend, ResilientBackend):
+            for p, snap in t.backend.health().items():
+                if snap["rate_limited_s"] > 0:
+                    held.setdefault(name, {})[p] = snap["rate_limited_s"]
+    if held:  # providers whose own Retry-After keeps requests off them (to their fallbacks) for so many seconds
+        body["rate_limited"] = held
     return JSONResponse(body, status_code=200 if ok else 503)

@@ -239,6 +239,83 @@ async def test_rate_limited_everywhere_reaches_the_client_with_retry_after(serve
     assert attempt_rows(tmp_path, "casc-fail") == [(0, "t", "a", "error", "RateLimitedError", 0)]
 
 
+async def test_a_long_retry_after_keeps_later_requests_off_the_provider(servers, tmp_path, serve_app):
+    """A provider that said "come back in 30 s" is not asked again before then: later requests go straight to
+    its fallback, and /ready and /metrics say how long it is held. The hold is at most retry.max_hold_s."""
+    a, b = servers["a"], servers["b"]
+    cfg = make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)], retry={"max_retry_after_s": 2}),
+                                 rtier("capped", [prov("c", servers["c"])], retry={"max_retry_after_s": 2,
+                                                                                   "max_hold_s": 5})])
+    srv = serve_app(cfg)
+    a.faults("429:ra=30")
+    servers["c"].faults("429:ra=30")
+    body = {"model": "t", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=srv.url, timeout=10) as client:
+        for _ in range(3):
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        assert seen(servers) == {"a": 1, "b": 3, "c": 0}    # a was asked once
+        r = client.post("/v1/chat/completions", json={**body, "model": "capped"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "30"   # the client is told what upstream said
+        ready, metrics = client.get("/ready").json(), client.get("/metrics").text
+    held = ready["rate_limited"]
+    assert set(held) == {"t", "capped"} and set(held["t"]) == {"a"} and 28 < held["t"]["a"] <= 30
+    assert 3 < held["capped"]["c"] <= 5                      # remembered for max_hold_s only
+    assert ready["breakers"]["t"] == {"a": "closed", "b": "closed"}   # a 429 says nothing of its health
+    line = next(x for x in metrics.splitlines()
+                if x.startswith('cascade_provider_rate_limited_seconds{provider="a",tier="t"}'))
+    assert 28 < float(line.split()[-1]) <= 30
+    rows = db_rows(tmp_path, "SELECT a.backend, a.error_class FROM attempts a JOIN requests r "
+                             "ON a.request_id = r.request_id ORDER BY r.created_at, a.idx")
+    assert rows == [("a", "RateLimitedError"), ("b", None), ("b", None), ("b", None), ("c", "RateLimitedError")]
+
+
+async def test_a_held_tier_with_no_fallback_fails_fast_or_escalates_without_a_call(servers, make_engine, tmp_path):
+    a, c = servers["a"], servers["c"]
+    eng = await make_engine([rtier("t", [prov("a", a)], retry={"max_retry_after_s": 2})])
+    a.faults("429:ra=30")
+    await run_failing(eng, RateLimitedError, rid="casc-first")
+    t0 = time.monotonic()
+    err = await run_failing(eng, RateLimitedError, rid="casc-held")
+    assert time.monotonic() - t0 < TOL and seen(servers)["a"] == 1   # not asked again
+    assert 28 < err.retry_after <= 30 and err.status_code == 429 and err.attempts == ()
+    assert "every provider is rate limited" in err.message and "retry after" in err.message
+    assert db_rows(tmp_path, "SELECT status, error_class FROM requests WHERE request_id = 'casc-held'") == [
+        ("error", "RateLimitedError")]
+    # in front of a bigger tier, a held tier escalates at once: the bigger one answers without a wait
+    a.reset()
+    eng2 = await make_engine([rtier("small", [prov("a", a)], retry={"max_retry_after_s": 2}),
+                              rtier("big", [prov("c", c)])])
+    a.faults("429:ra=30")
+    first = await eng2.run(Q)
+    t0 = time.monotonic()
+    second = await eng2.run(Q, request_id="casc-esc")
+    assert time.monotonic() - t0 < TOL and seen(servers) == {"a": 1, "b": 0, "c": 2}
+    assert [(x.tier, x.error_class) for x in first.record.attempts] == [("small", "RateLimitedError"), ("big", None)]
+    assert [(x.tier, x.error_class) for x in second.record.attempts] == [("small", "RateLimitedError"), ("big", None)]
+    assert second.record.escalated and second.record.tier == "big"
+
+
+async def test_a_short_retry_after_makes_concurrent_requests_wait_rather_than_ask(servers, make_engine, tmp_path):
+    """Within max_retry_after_s a hint is waited out, by the request that got it (a retry) and by the ones that
+    come after it: none of them asks the provider again before the time it gave."""
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)], retry={"max_retry_after_s": 2})])
+    a.faults("429:ms=600")
+    first = asyncio.create_task(eng.run(Q))
+    while not arrivals(a):
+        await asyncio.sleep(0.01)
+    t429 = arrivals(a)[0]
+    await asyncio.sleep(0.1)
+    later = await asyncio.gather(*(eng.run(Q) for _ in range(2)))
+    await first
+    t = arrivals(a)
+    assert len(t) == 4 and seen(servers)["b"] == 0               # all answered by a, none fell over
+    assert all(x >= t429 + 0.6 - 0.01 for x in t[1:])           # nobody asked before the 600 ms were up
+    waits = sorted(r.record.attempts[0].wait_ms for r in later)
+    assert all(300 <= w <= 600 for w in waits), waits              # each waited what was left of the hint
+    assert all(len(r.record.attempts) == 1 and r.record.attempts[0].kept for r in later)
+
+
 @pytest.mark.parametrize("status", ["500", "502", "503", "504"])
 async def test_server_error_falls_over_at_once(servers, make_engine, tmp_path, status):
     a, b = servers["a"], servers["b"]
@@ -584,10 +661,11 @@ async def test_breaker_opens_half_opens_and_closes_through_real_calls(servers, t
 
 async def test_the_client_is_told_when_and_whether_to_retry(servers, tmp_path, serve_app):
     """An upstream's hint is about our key at that provider: forwarded, but at most 60 s (not 28 hours); a
-    429 with no hint still says when to come back."""
+    429 with no hint still says when to come back. (Hints not remembered here: each request asks upstream.)"""
     a = servers["a"]
     cfg = make_config(tmp_path, [rtier("t", [prov("a", a)], retry={"max_attempts": 2, "base_delay_s": 0.01,
-                                                                  "max_delay_s": 0.02, "max_retry_after_s": 2})])
+                                                                  "max_delay_s": 0.02, "max_retry_after_s": 2,
+                                                                  "max_hold_s": 0})])
     srv = serve_app(cfg)
     body = {"model": "t", "messages": [{"role": "user", "content": "hi"}]}
     with httpx.Client(base_url=srv.url, timeout=10) as client:
