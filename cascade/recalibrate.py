@@ -477,6 +477,35 @@ def _plan_access(old: Config, new: Config, running: set[str], not_applied: list[
     return user_tiers, auth
 
 
+def _keep_shadows_user_tiers(old: Config, shadows: Any, user_tiers: Any, auth: Any, not_applied: list[str]
+                             ) -> tuple[Any, Any]:
+    """The running shadows (new ones were checked against ``user_tiers`` before) must still find the user
+    tiers they name: else the user tiers are held back, and with them keys that need the new ones."""
+    needed = {u for sh in shadows.values() for u in sh.user_tiers or ()}
+    if missing := sorted(needed - set(user_tiers)):
+        not_applied.append(f"section 'user_tiers' (the running shadows need {', '.join(map(repr, missing))})")
+        user_tiers = old.user_tiers
+        named = {k.user_tier for k in auth.keys} | ({auth.anonymous_user_tier} - {None})
+        if auth is not old.auth and named - set(user_tiers):
+            not_applied.append("section 'auth' (its keys need the user tiers held back)")
+            auth = old.auth
+    return user_tiers, auth
+
+
+def _admin_warnings(old: Config, user_tiers: Any, auth: Any) -> list[str]:
+    """A reload that leaves no key able to call POST /admin/reload (on a server that has keys) is applied (a
+    leaked admin key must be revocable at once) but said: from then on only SIGHUP or a restart reloads."""
+    def admins(uts: Any, au: Any) -> bool:
+        names = {k.user_tier for k in au.keys} | ({au.anonymous_user_tier} - {None})
+        return any(uts[n].admin for n in names if n in uts)
+
+    keyed = bool(auth.keys or auth.required)
+    if keyed and admins(old.user_tiers, old.auth) and not admins(user_tiers, auth):
+        return ["no key may call POST /admin/reload any more (no user tier with admin: true has a key); "
+                "SIGHUP still reloads"]
+    return []
+
+
 def _plan(engine: Any, config_path: str | None
           ) -> tuple[Config, dict[str, Calibrator], dict[str, dict[str, Calibrator]], Any, dict[str, Any]]:
     """Build everything a reload swaps in, without touching the engine (raises ConfigError on any problem)."""
@@ -538,11 +567,13 @@ def _plan(engine: Any, config_path: str | None
             not_applied.append(f"section {section!r}: " + ", ".join(sorted(k for k in old_d if old_d[k] != new_d[k])))
     shadows = old.shadows
     if new.shadows != old.shadows:
-        ok = all(s.of in policies and all(t in engine.tiers for t in (s.chain or ())) for s in new.shadows.values())
+        ok = all(s.of in policies and all(t in engine.tiers for t in (s.chain or ()))
+                 and set(s.user_tiers or ()) <= set(user_tiers) for s in new.shadows.values())
         if ok:
             shadows = new.shadows
         else:
-            not_applied.append("shadows (they name tiers or policies this server does not run)")
+            not_applied.append("shadows (they name tiers, policies or user tiers this server does not run)")
+    user_tiers, auth = _keep_shadows_user_tiers(old, shadows, user_tiers, auth, not_applied)
     merged_cfg = old.model_copy(update={"tiers": tiers, "policies": policies, "shadows": shadows,
                                         "user_tiers": user_tiers, "auth": auth})
     def policy_calibrator(policy: str, tier: str, cc: Any) -> Calibrator:
@@ -554,7 +585,8 @@ def _plan(engine: Any, config_path: str | None
                    for name, pol in merged_cfg.policies.items() if pol.calibrators}
     shadow_set = ShadowSet(merged_cfg, engine.tiers, policy_cals,
                            tier_calibrators={n: cals.get(n, t.calibrator) for n, t in engine.tiers.items()})
-    return merged_cfg, cals, policy_cals, shadow_set, {"not_applied": not_applied}
+    return merged_cfg, cals, policy_cals, shadow_set, {"not_applied": not_applied,
+                                                        "warnings": _admin_warnings(old, user_tiers, auth)}
 
 
 def _decisions(engine: Any) -> tuple:
@@ -605,6 +637,8 @@ def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], policy_cals: di
     log.info("reloaded calibrators from %s: %s%s", out["source"],
              ", ".join(f"{n} v{summary[n]['version']}" if summary[n]["version"] else n for n in changed) or "no change",
              f"; not applied (restart): {', '.join(extra['not_applied'])}" if extra["not_applied"] else "")
+    for warning in extra["warnings"]:
+        log.warning("reload: %s", warning)
     return out
 
 

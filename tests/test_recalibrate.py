@@ -493,6 +493,61 @@ def test_a_reload_revokes_a_key_and_changes_a_user_tiers_limits_at_once(tmp_path
                 "section 'auth' (without keys the server would be open to anyone: restart for that, or set "
                 "auth.required)"]
             assert ask("sk-anyone-0123456789abcdef") == 401 and ask(ops) == 200
+            # the last admin key moved to a user tier without admin: applied (as a leaked one must be), and said
+            write([("ops", ops, "app")], {})
+            out = reload()
+            assert out["not_applied"] == [] and out["warnings"] == [
+                "no key may call POST /admin/reload any more (no user tier with admin: true has a key); "
+                "SIGHUP still reloads"]
+            assert httpx.post(srv.url + "/admin/reload", headers={"authorization": f"Bearer {ops}"}).status_code == 403
+
+
+async def test_a_reload_never_leaves_a_shadow_naming_a_user_tier_the_server_lacks(tmp_path):
+    """Shadows and user tiers are applied apart, each only when it can be: a new shadow for a user tier that is
+    held back stays out, and a user tier the running shadows need stays in (with the keys that need it gone)."""
+    from cascade.config import load_config
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+    from serving.auth import hash_key
+
+    up = {"backend": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}
+
+    def cfg(user_tiers: dict[str, Any], shadows: dict[str, Any], keys: list[tuple[str, str]]) -> dict[str, Any]:
+        return {"ledger": {"path": str(tmp_path / "l.sqlite")},
+                # t3 is new to the running server: a tier added needs a restart, so anything naming it waits too
+                "tiers": [{"name": "r", "model": "m", **up}, {"name": "s", "model": "m2", **up},
+                          {"name": "t3", "model": "m3", **up}],
+                "policies": {"p": {"chain": ["r", "s"]}}, "user_tiers": user_tiers, "shadows": shadows,
+                "auth": {"keys": [{"id": i, "sha256": hash_key(f"sk-{i}-0123456789abcdef"), "user_tier": t}
+                                  for i, t in keys]}}
+
+    path = tmp_path / "c.yaml"
+    running = cfg({"beta": {}, "free": {}}, {"strict": {"of": "p", "thresholds": {"r": 0.9}, "user_tiers": ["beta"]}},
+                  [("a", "free")])
+    running["tiers"].pop()
+    path.write_text(yaml.safe_dump(running))
+    engine = await Engine.open(load_config(path, environ={}), preload=False)
+    try:
+        # a new user tier held back (it allows t3), and a new shadow evaluated on its requests
+        path.write_text(yaml.safe_dump(cfg({"beta": {}, "free": {}, "gamma": {"allowed_models": ["t3"]}},
+                                           {"g": {"of": "p", "user_tiers": ["gamma"]}}, [("a", "free")])))
+        out = reload_engine(engine, str(path))
+        assert "shadows (they name tiers, policies or user tiers this server does not run)" in out["not_applied"]
+        assert set(engine.config.shadows) == {"strict"} and set(engine.config.user_tiers) == {"beta", "free"}
+        # beta removed, while the new shadows cannot apply (their chain needs t3): the running shadow keeps beta,
+        # and the new keys, which need the new user tier delta, wait with it
+        path.write_text(yaml.safe_dump(cfg({"free": {}, "delta": {}}, {"x": {"of": "p", "chain": ["r", "t3"]}},
+                                           [("a", "free"), ("b", "delta")])))
+        out = reload_engine(engine, str(path))
+        assert out["not_applied"][-3:] == [
+            "shadows (they name tiers, policies or user tiers this server does not run)",
+            "section 'user_tiers' (the running shadows need 'beta')",
+            "section 'auth' (its keys need the user tiers held back)"]
+        assert set(engine.config.user_tiers) == {"beta", "free"} and [k.id for k in engine.config.auth.keys] == ["a"]
+        assert set(engine.config.shadows) == {"strict"}
+        assert out["warnings"] == []
+    finally:
+        await engine.close()
 
 
 def test_recalibrate_writes_beside_the_configured_artifact_and_warns_when_the_link_is_not_read(traffic, tmp_path,
