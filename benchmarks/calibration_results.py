@@ -20,7 +20,6 @@ Writes ``results.json``, ``results.md`` and reliability PNGs of the first tier o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -34,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from calibration.data import load_cascade_outputs, split_data  # noqa: E402
 from calibration.replay import ReplayConfig, replay  # noqa: E402
+from cascade.errors import CascadeError, DataError  # noqa: E402
 
 DATASETS = ("mmlu", "medmcqa", "triviaqa", "truthfulqa", "gsm8k")
 CHAINS = ("llama", "qwen_oai")
@@ -44,10 +44,23 @@ def _holds(rep: dict, tol: float = 0.005) -> bool:
 
 
 def _beats(rep: dict) -> str:
+    """Whether the policy beat the in-sample anchor: only a policy that holds can (savings bought with quality
+    beyond the allowed drop are no win); by savings captured, or by cost ratio where the oracle saves nothing
+    (captured is undefined when escalating exactly when wrong costs as much as the last tier alone)."""
     a = rep["anchor_in_sample"]
     if not a["saves"]:
         return "yes (direct)" if rep["verdict"] == "direct" else "n/a (anchor saves nothing; we cascade)"
+    if not _holds(rep):
+        return "no (does not hold)"
+    if rep["savings_captured"] is None or a["savings_captured"] is None:
+        return "yes (by cost)" if rep["cost_ratio"] < a["cost_ratio"] else "no"
     return "yes" if rep["savings_captured"] > a["savings_captured"] else "no"
+
+
+def _mean(values: list) -> float | None:
+    """Mean of the defined values (None where a seed had none, e.g. savings captured of a useless oracle)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def _row(rep: dict, kind: str, label: str) -> dict:
@@ -105,6 +118,8 @@ def markdown(rows: list[dict], seed_means: list[dict], meta: dict) -> str:
         "never be below it. It is the part of the miscalibration that comes from the first tier's accuracy "
         "moving between train and test (shown as train -> test accuracy) while its confidence does not.",
         "* **holds** = test quality >= last tier quality - allowed drop - 0.5 point.",
+        "* **beats anchor** = holds and captures more than the anchor (compares cost where the oracle saves "
+        "nothing and captured is undefined).",
         "",
         "| dataset | chain | evaluation | n train/test | ECE raw | ECE cal (method) | ECE floor (accuracy train -> test) "
         "| verdict | policy chain "
@@ -163,9 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     if not outputs.is_dir():
         print(f"calibration_results: data folder not found: {outputs}", file=sys.stderr)
         return 2
+    try:
+        cfg = ReplayConfig(max_quality_drop=args.max_quality_drop, confidence=args.confidence)
+        return _run(args, outputs, cfg)
+    except CascadeError as exc:  # a malformed file, a bad setting: one line, and the results there are kept
+        print(f"calibration_results: error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, outputs: Path, cfg: ReplayConfig) -> int:
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = ReplayConfig(max_quality_drop=args.max_quality_drop, confidence=args.confidence)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
 
     try:
@@ -180,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             if not train_p.exists():
                 continue
             jobs.append((ds, ch, train_p, test_p if test_p.exists() else None))
+    if not jobs:  # a wrong folder: said, and no empty table written over the real one
+        names = ", ".join(f"{d}_{c}_train.jsonl" for d in DATASETS[:1] for c in CHAINS)
+        raise DataError(f"no <dataset>_<chain>_train.jsonl files (e.g. {names}) in {outputs}")
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
     rows: list[dict] = []
@@ -230,21 +256,23 @@ def main(argv: list[str] | None = None) -> int:
         beats = sum(r["beats_anchor"].startswith("yes") for r in rs)
         seed_means.append({
             "dataset": ds, "chain_name": ch, "chain": kind, "seeds": n,
-            **{k: float(np.mean([r[k] for r in rs])) for k in
+            **{k: _mean([r[k] for r in rs]) for k in
                ("ece_raw", "ece_calibrated", "ece_floor_mean_gap", "cost_ratio", "savings_captured", "anchor_savings_captured",
                 "quality_diff")},
             "beats_anchor": f"{beats}/{n}", "holds": f"{sum(r['holds'] for r in rs)}/{n}",
             "verdicts": f"{sum(r['verdict'] == 'cascade' for r in rs)}/{sum(r['verdict'] == 'direct' for r in rs)}",
         })
     seconds = time.time() - t0
-    from benchmarks._common import machine_facts
+    from benchmarks._common import machine_facts, write_json
 
     meta = {"date": time.strftime("%Y-%m-%d"), "data_dir": str(outputs), "max_quality_drop": args.max_quality_drop,
             "confidence": args.confidence, "seeds": args.seeds, "seconds": round(seconds, 1),
             "machine": machine_facts()}
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "internal_split_means": seed_means},
-                                                     indent=2) + "\n")
-    (out_dir / "results.md").write_text(markdown(rows, seed_means, meta))
+    write_json(out_dir / "results.json", {"meta": meta, "rows": rows, "internal_split_means": seed_means})
+    md = out_dir / "results.md"
+    tmp = md.with_suffix(".md.tmp")  # whole or not at all, as write_json
+    tmp.write_text(markdown(rows, seed_means, meta))
+    tmp.replace(md)
     print(markdown(rows, seed_means, meta))
     print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {seconds:.1f} s")
     return 0

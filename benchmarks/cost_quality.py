@@ -1,7 +1,7 @@
 """Cost-quality curves of routers and cascades between a weak and a strong model, from stored outputs.
 
     .venv/bin/python -m benchmarks.cost_quality --shared [--out results/shared]
-    .venv/bin/python -m benchmarks.cost_quality --live results/live [--out results/live]
+    .venv/bin/python -m benchmarks.cost_quality --live results/live/quick [--out DIR (default: the --live folder)]
     .venv/bin/python -m benchmarks.cost_quality --train A.jsonl [--test B.jsonl] [--weak M1 --strong M2]
 
 :func:`cost_quality` works on any ``cascade_outputs``-shaped file (``calibration.data.load_cascade_outputs``)
@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._common import RESULTS, machine_facts, rel, shared_data_dir, to_jsonable, write_json
+from cascade.errors import CascadeError, DataError
 
 CALL_GRID = np.linspace(0.0, 1.0, 101)  # strong-call share, 1 % steps
 BUCKETS = np.linspace(0.0, 1.0, 11)  # RouteLLM's 10 buckets
@@ -347,6 +348,11 @@ def cost_quality(train: Any, test: Any = None, *, weak: str | None = None, stron
             te = pair_from_cascade(train, weak, strong, te_idx)
             split_note = f"halves of the train file (seed {seed})"
         else:
+            from calibration.data import check_disjoint
+
+            overlap = check_disjoint(train, test)  # most of TEST in TRAIN (the same file twice): a DataError
+            if overlap:
+                split_note = f"given; {overlap}"
             tr = pair_from_cascade(train, weak, strong)
             te = pair_from_cascade(test, weak, strong)
     else:
@@ -360,6 +366,9 @@ def cost_quality(train: Any, test: Any = None, *, weak: str | None = None, stron
     n = len(te)
     q_weak, q_strong = float(te.weak_correct.mean()), float(te.strong_correct.mean())
     c_weak, c_strong = float(te.weak_cost.mean()), float(te.strong_cost.mean())
+    if not c_strong > 0 or not float(tr.strong_cost.mean()) > 0:
+        raise DataError(f"the strong model {strong!r} costs $0 on every question of the "
+                        f"{'test' if not c_strong > 0 else 'train'} part: no cost ratio against it is defined")
     wc, sc, wk, sk = te.weak_correct, te.strong_correct, te.weak_cost, te.strong_cost
 
     oracle_score = wc - sc  # escalate weak-wrong/strong-right first
@@ -542,8 +551,11 @@ def shared_cases(data_dir: Path) -> list[tuple[str, Any, Any, str | None, str | 
     rb = data_dir / "routerbench"
     for tr in sorted(rb.glob("*_train.csv")):
         te = tr.with_name(tr.name.replace("_train.csv", "_test.csv"))
-        cases.append(("routerbench/" + tr.stem.removesuffix("_train"), load_routerbench(tr),
-                      load_routerbench(te) if te.exists() else None, None, None))
+        label = "routerbench/" + tr.stem.removesuffix("_train")
+        try:
+            cases.append((label, load_routerbench(tr), load_routerbench(te) if te.exists() else None, None, None))
+        except (CascadeError, ValueError, OSError) as exc:  # reported as that case's error by run_suite
+            cases.append((label, exc, None, None, None))
     return cases
 
 
@@ -557,8 +569,16 @@ def live_cases(live_dir: Path) -> list[tuple[str, Any, Any, str | None, str | No
         te = tr.with_name(tr.name.replace("_train.jsonl", "_test.jsonl"))
         if not te.exists():
             continue
-        d = load_cascade_outputs(tr)
         label = "live/" + tr.stem.removesuffix("_train")
+        try:
+            d = load_cascade_outputs(tr)
+        except (CascadeError, ValueError, OSError) as exc:  # reported as that case's error by run_suite
+            cases.append((label, exc, None, None, None))
+            continue
+        if len(d.models) < 2:
+            cases.append((label, ValueError(f"{tr}: one model ({d.models[0]}), no weak/strong pair to compare"),
+                          None, None, None))
+            continue
         pairs = [(d.models[0], d.models[-1])]
         if len(d.models) >= 3:
             pairs.append((d.models[-2], d.models[-1]))
@@ -574,6 +594,9 @@ def run_suite(cases: Sequence[tuple[str, Any, Any, str | None, str | None]], out
     results = []
     models: set[str] = set()
     for label, tr, te, w, s in cases:
+        if isinstance(tr, Exception):  # its files could not even be listed
+            results.append({"label": label, "error": f"{type(tr).__name__}: {tr}"})
+            continue
         try:
             case = cost_quality(tr, te, weak=w, strong=s, max_quality_drop=max_quality_drop, label=label)
         except Exception as exc:  # noqa: BLE001 - one bad file must not sink the suite; it is reported

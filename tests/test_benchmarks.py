@@ -7,6 +7,7 @@ No timing is ever asserted here: the benchmarks measure times, the tests only ch
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,3 +364,99 @@ def test_gpu_attention_probe_needs_cuda_and_the_committed_run_renders(tmp_path, 
     assert "| float32 | cudnn | unavailable | unavailable |" in table
     assert len(table) == 2 + 2 * 5 and all(r["again_ms"] is None or r["again_ms"] < 5 for r in d["rows"])
     assert "\n".join(table) in build(RESULTS)
+
+
+# --- the results scripts on odd but real inputs ------------------------------------------------------------
+
+def _qwen_pair(tmp_path, name: str = "mmlu_llama") -> Path:
+    """The live run's Qwen 0.5B -> 1.5B answers (the default chain's models) as a cascade_outputs pair named
+    like a shared file: an oracle (escalate exactly when wrong, paying both) that costs more than the 1.5B alone."""
+    src = Path(__file__).resolve().parents[1] / "results" / "live" / "full"
+    out = tmp_path / "cascade_outputs"
+    out.mkdir()
+    for split in ("train", "test"):
+        rows = [json.loads(x) for x in (src / f"mixed_smol135m-qc0.5b-qc1.5b_{split}.jsonl").read_text().splitlines()]
+        for r in rows:
+            r["models"].pop("smollm2-135m")
+        (out / f"{name}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_calibration_results_when_the_oracle_saves_nothing(tmp_path, capsys):
+    """Savings captured is undefined where escalating exactly when wrong costs more than the last tier alone
+    (the default Qwen pair): the table compares costs instead of failing on None."""
+    from benchmarks.calibration_results import main
+
+    data = _qwen_pair(tmp_path)
+    assert main([str(data), "--out", str(tmp_path / "res"), "--no-plots"]) == 0
+    doc = json.loads((tmp_path / "res" / "results.json").read_text())
+    rows = doc["rows"]
+    assert rows and all(r["oracle_cost_ratio"] > 1 and r["savings_captured"] is None for r in rows)
+    for r in rows:
+        assert r["beats_anchor"] in ("yes (by cost)", "no", "no (does not hold)", "yes (direct)",
+                                     "n/a (anchor saves nothing; we cascade)")
+        if not r["holds"]:
+            assert r["beats_anchor"].startswith("no") or not r["anchor_saves"]
+    assert "| mixed | smol135m-qc0.5b-qc1.5b full | test split |" in (tmp_path / "res" / "results.md").read_text()
+
+
+def test_calibration_results_refuses_bad_input_in_one_line_and_keeps_the_results(tmp_path, capsys):
+    from benchmarks.calibration_results import main
+
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "results.json").write_text('{"kept": true}\n')
+    empty = tmp_path / "empty" / "cascade_outputs"
+    empty.mkdir(parents=True)
+    assert main([str(empty.parent), "--out", str(res)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("calibration_results: error: no <dataset>_<chain>_train.jsonl") and "\n" not in err
+    (empty / "mmlu_llama_train.jsonl").write_text("{broken\n")
+    assert main([str(empty.parent), "--out", str(res)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("calibration_results: error: ") and "mmlu_llama_train.jsonl" in err and "\n" not in err
+    assert main([str(_qwen_pair(tmp_path)), "--out", str(res), "--confidence", "1.5"]) == 2
+    assert "confidence" in capsys.readouterr().err
+    assert json.loads((res / "results.json").read_text()) == {"kept": True}
+
+
+def test_beats_anchor_needs_the_policy_to_hold():
+    from benchmarks.calibration_results import _beats
+
+    rep = {"anchor_in_sample": {"saves": True, "savings_captured": 0.2, "cost_ratio": 0.9}, "verdict": "cascade",
+           "savings_captured": 0.8, "cost_ratio": 0.6, "test_quality": 0.70, "strong_quality": 0.75,
+           "max_quality_drop": 0.005}
+    assert _beats(rep) == "no (does not hold)"   # cheap, but 5 points worse: no win
+    assert _beats({**rep, "test_quality": 0.745}) == "yes"
+    assert _beats({**rep, "test_quality": 0.745, "savings_captured": None}) == "yes (by cost)"
+
+
+def test_cost_quality_refuses_a_test_file_that_is_the_train_file_and_a_free_strong_model(tmp_path, capsys):
+    from benchmarks.cost_quality import main
+
+    data = _qwen_pair(tmp_path)
+    train = data / "mmlu_llama_train.jsonl"
+    assert main(["--train", str(train), "--test", str(train), "--out", str(tmp_path / "o"), "--no-plots"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR DataError" in out and "nothing may be fit on TEST" in out
+    assert not (tmp_path / "o" / "cost_quality.json").exists()
+    free = tmp_path / "free_train.jsonl"
+    rows = [json.loads(x) for x in train.read_text().splitlines()]
+    for r in rows:
+        r["models"]["qwen2.5-coder-1.5b"]["cost_usd"] = 0.0
+    free.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--train", str(free), "--out", str(tmp_path / "o"), "--no-plots"]) == 1
+    assert "costs $0 on every question" in capsys.readouterr().out
+
+
+def test_cost_quality_live_folder_with_a_broken_file_reports_it_and_runs_the_rest(tmp_path, capsys):
+    from benchmarks.cost_quality import main
+
+    live = _qwen_pair(tmp_path)
+    (live / "broken_train.jsonl").write_text("{broken\n")
+    (live / "broken_test.jsonl").write_text("{broken\n")
+    assert main(["--live", str(live), "--no-plots"]) == 1      # one case failed, said; the other written
+    out = capsys.readouterr().out
+    assert "live/broken: ERROR DataError" in out and "live/mmlu_llama " in out
+    doc = json.loads((live / "cost_quality.json").read_text())
+    assert [("error" in c) for c in doc["cases"]] == [True, False]
