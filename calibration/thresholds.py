@@ -326,6 +326,8 @@ def best_single_threshold(score: Any, first: TierArrays, last: TierArrays, max_q
     cuts = np.concatenate(([0], np.flatnonzero(ss[1:] != ss[:-1]) + 1, [n]))
     gain = np.concatenate(([0.0], np.cumsum(first.correct[order] - last.correct[order])))
     saved = np.concatenate(([0.0], np.cumsum(last.cost[order])))
+    if not ref_cost > 0:  # a free last tier: nothing is cheaper than it, and no ratio against it is defined
+        return {"threshold": None, "accepted": 0, "quality": ref_q, "cost_ratio": float("nan"), "saves": False}
     best = {"threshold": None, "accepted": 0, "quality": ref_q, "cost_ratio": 1.0 + float(first.cost.sum()) / ref_cost,
             "saves": False}
     best_cost = ref_cost  # the last tier alone

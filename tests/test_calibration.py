@@ -346,6 +346,9 @@ def test_threshold_search_verdict_direct_when_small_tier_is_too_weak():
     assert res.verdict == "direct" and res.thresholds == [None]
     assert res.cost_ratio == 1.0 and res.reason
     assert best_single_threshold(first.score, first, last, 0.005)["saves"] is False
+    free = TierArrays("strong", np.zeros(n), np.ones(n), np.zeros(n))  # nothing is cheaper than a free tier
+    anchor = best_single_threshold(first.score, first, free, 0.005)
+    assert anchor["saves"] is False and anchor["threshold"] is None and np.isnan(anchor["cost_ratio"])
 
 
 def test_threshold_search_verdict_direct_when_escalations_cost_more_than_they_save():
