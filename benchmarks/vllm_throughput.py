@@ -56,8 +56,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import (RESULTS, finish_throughput_plot, machine_facts, percentile, rel,  # noqa: E402
-                               write_json)
+from benchmarks._common import (RESULTS, finish_throughput_plot, int_at_least, machine_facts,  # noqa: E402
+                               percentile, rel, write_json)
 
 OUT_DIR = RESULTS / "vllm"
 TOPICS = ["a lighthouse keeper", "the first snow of winter", "a robot learning to paint", "an old map",
@@ -464,14 +464,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="catalog id, HF directory or hub name (default: smollm2-135m)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke size: SmolLM2, max_tokens 8, few requests")
-    p.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 8 64")
-    p.add_argument("--logprobs", type=int, nargs="+", default=[0, 5], help="top logprobs per token (default 0 5)")
-    p.add_argument("--requests", type=int, default=None,
+    p.add_argument("--concurrency", type=int_at_least(1), nargs="+", default=None, help="default 1 8 64")
+    p.add_argument("--logprobs", type=int_at_least(0), nargs="+", default=[0, 5],
+                   help="top logprobs per token (default 0 5)")
+    p.add_argument("--requests", type=int_at_least(1), default=None,
                    help="requests per level, at least the concurrency (default: 4x the concurrency and at "
                         "least 32; --tiny: the concurrency, one wave)")
-    p.add_argument("--max-tokens", type=int, default=None, help="default 128 (--tiny: 8)")
-    p.add_argument("--repeats", type=int, default=None, help="runs of each level, medians reported (default 3, "
-                   "--tiny: 2)")
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None, help="default 128 (--tiny: 8)")
+    p.add_argument("--repeats", type=int_at_least(1), default=None,
+                   help="runs of each level, medians reported (default 3, --tiny: 2)")
     p.add_argument("--phases", nargs="+", choices=list(PHASE_TARGETS), default=list(PHASE_TARGETS))
     p.add_argument("--targets", nargs="+", default=None, help="subset of the phases' targets")
     p.add_argument("--max-model-len", type=int, default=None, help="default 2048 (--tiny), else the model's")
