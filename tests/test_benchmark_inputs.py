@@ -409,3 +409,17 @@ def test_write_text_is_atomic(tmp_path):
 
     p = write_text(tmp_path / "sub" / "a.md", "hello\n")
     assert p.read_text() == "hello\n" and [x.name for x in p.parent.iterdir()] == ["a.md"]
+
+
+def test_report_flags_a_calibrated_operating_point_below_the_quality_target():
+    """A cascade that saved money by losing more quality than allowed is marked, as the raw threshold's is."""
+    from benchmarks import report
+
+    doc = json.loads((RESULTS / "live" / "quick" / "cost_quality.json").read_text())
+    case = next(c for c in doc["cases"] if c["label"] == "live/boolq_qc0.5b-qc1.5b")
+    assert case["operating_points"]["calibrated_cascade"]["quality_diff"] < -case["max_quality_drop"]
+    row = next(x for x in report._ops_table(doc) if x.startswith("| live/boolq_qc0.5b-qc1.5b |"))
+    assert "cascade, 0.531, -0.200 (misses target)" in row
+    ok = next(c for c in doc["cases"] if c["operating_points"].get("calibrated_cascade", {}).get("quality_diff", -1) >= 0)
+    row = next(x for x in report._ops_table(doc) if x.startswith(f"| {ok['label']} |"))
+    assert row.split("|")[2].count("misses target") == 0
