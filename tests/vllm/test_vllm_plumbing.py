@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +36,9 @@ def test_server_script_command_on_cpu():
         [sys.executable, str(REPO / "scripts" / "vllm_server.py"), "smollm2-135m", "--device", "cpu",
          "--port", "8123", "--max-model-len", "2048", "--print-command", "--", "--max-num-seqs", "8"],
         capture_output=True, text=True, check=True, cwd=REPO)
-    cmd = out.stdout.split()
+    words = shlex.split(out.stdout)
+    env = [w for w in words if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w)]  # the environment it sets, first
+    cmd = words[len(env):]
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     model = cmd[cmd.index("--model") + 1]
     assert Path(model).is_dir() and (Path(model) / "config.json").is_file()  # the prepared HF directory
