@@ -856,11 +856,12 @@ def verify_model(model_id: str, cache_dir: str | os.PathLike[str] | None = None,
             return "bad", (f"{model_id}: FAILED: {entry['name']} is {sizes[-1]} bytes, {entry['size']} when it was "
                            f"prepared: {fix}")
     total = sum(sizes)
-    with reporter.step(f"hashing {model_id} ({human_size(total)})"):
-        for entry in entries:
-            want = entry.get("sha256")
-            if not isinstance(want, str):
-                continue
+    to_hash = [(e, size) for e, size in zip(entries, sizes, strict=True) if isinstance(e.get("sha256"), str)]
+    step = reporter.step(f"hashing {model_id} ({human_size(sum(size for _, size in to_hash))})") if to_hash \
+        else contextlib.nullcontext()  # an older marker: nothing to hash, so no step is shown
+    with step:
+        for entry, _ in to_hash:
+            want = entry["sha256"]
             if sha256_file(directory / entry["name"]) != want:
                 return "bad", (f"{model_id}: FAILED: {entry['name']}: sha256 differs from the one recorded when "
                                f"it was prepared (the file is corrupt): {fix}")
