@@ -495,12 +495,11 @@ def _keep_shadows_user_tiers(old: Config, shadows: Any, user_tiers: Any, auth: A
 def _admin_warnings(old: Config, user_tiers: Any, auth: Any) -> list[str]:
     """A reload that leaves no key able to call POST /admin/reload (on a server that has keys) is applied (a
     leaked admin key must be revocable at once) but said: from then on only SIGHUP or a restart reloads."""
-    def admins(uts: Any, au: Any) -> bool:
+    def can_reload(uts: Any, au: Any) -> bool:  # an open server lets anyone; a keyed one, an admin key
         names = {k.user_tier for k in au.keys} | ({au.anonymous_user_tier} - {None})
-        return any(uts[n].admin for n in names if n in uts)
+        return not (au.keys or au.required) or any(uts[n].admin for n in names if n in uts)
 
-    keyed = bool(auth.keys or auth.required)
-    if keyed and admins(old.user_tiers, old.auth) and not admins(user_tiers, auth):
+    if can_reload(old.user_tiers, old.auth) and not can_reload(user_tiers, auth):
         return ["no key may call POST /admin/reload any more (no user tier with admin: true has a key); "
                 "SIGHUP still reloads"]
     return []

@@ -502,6 +502,34 @@ def test_a_reload_revokes_a_key_and_changes_a_user_tiers_limits_at_once(tmp_path
             assert httpx.post(srv.url + "/admin/reload", headers={"authorization": f"Bearer {ops}"}).status_code == 403
 
 
+async def test_keys_added_to_an_open_server_without_an_admin_are_applied_and_warned_of(tmp_path):
+    from cascade.config import load_config
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+    from serving.auth import hash_key
+
+    def cfg(admin: bool | None) -> dict[str, Any]:
+        keys = [] if admin is None else [{"id": "k", "sha256": hash_key("sk-k-0123456789abcdef"), "user_tier": "u"}]
+        return {"ledger": {"path": str(tmp_path / "l.sqlite")},
+                "tiers": [{"name": "r", "backend": "openai", "model": "m",
+                           "options": {"base_url": "http://127.0.0.1:9/v1"}}],
+                "policies": {"p": {"chain": ["r"]}}, "user_tiers": {"u": {"admin": bool(admin)}},
+                "auth": {"keys": keys}}
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg(None)))          # open: anyone may reload
+    engine = await Engine.open(load_config(path, environ={}), preload=False)
+    try:
+        path.write_text(yaml.safe_dump(cfg(True)))
+        assert reload_engine(engine, str(path))["warnings"] == []   # the new key may reload
+        path.write_text(yaml.safe_dump(cfg(False)))
+        out = reload_engine(engine, str(path))
+        assert out["not_applied"] == [] and out["warnings"][0].startswith("no key may call POST /admin/reload")
+        assert not engine.config.user_tiers["u"].admin
+    finally:
+        await engine.close()
+
+
 async def test_a_reload_never_leaves_a_shadow_naming_a_user_tier_the_server_lacks(tmp_path):
     """Shadows and user tiers are applied apart, each only when it can be: a new shadow for a user tier that is
     held back stays out, and a user tier the running shadows need stays in (with the keys that need it gone)."""
