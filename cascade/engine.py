@@ -586,7 +586,6 @@ class Engine:
         use, the key's daily spend reached): one ledger row with status ``error`` and no attempts, so the
         ledger holds every request a caller made, refused ones included."""
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
-        rec.policy = rec.policy or self.config.default_policy_name  # naming none (or unreadable): the default's
         rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
         self._finish(rec, route=None, t0=time.perf_counter())
         committed = self._submit(rec, None)
