@@ -268,6 +268,8 @@ class ShadowSampler:
         self._tasks: set[asyncio.Task] = set()
         self._gate = asyncio.Lock()
         self._closing = False
+        #: ``time.monotonic()`` by which samples in flight must end (set when a shutdown begins)
+        self._deadline: float | None = None
 
     @property
     def in_flight(self) -> int:
@@ -316,14 +318,23 @@ class ShadowSampler:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def close(self) -> None:
-        """Refuse new samples; give those in flight ``grace_s`` seconds, then cancel them. Every one is
-        recorded (a cancelled one as unknown, with the calls it made) before this returns."""
+    def stop_drawing(self, grace_s: float | None = None) -> None:
+        """A shutdown has begun (SIGTERM): draw no new samples, none paid for while requests drain; those in
+        flight have ``grace_s`` seconds from now (default ``self.grace_s``), the same grace as the requests,
+        not a fresh one when the engine closes after them."""
         self._closing = True
+        if self._deadline is None:
+            self._deadline = time.monotonic() + (self.grace_s if grace_s is None else grace_s)
+
+    async def close(self) -> None:
+        """Refuse new samples; give those in flight what is left of their grace (``grace_s`` from the
+        shutdown's start, :meth:`stop_drawing`), then cancel them. Every one is recorded (a cancelled one as
+        unknown, with the calls it made) before this returns."""
+        self.stop_drawing()
         tasks = set(self._tasks)
         if not tasks:
             return
-        _, pending = await asyncio.wait(tasks, timeout=self.grace_s)
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, (self._deadline or 0.0) - time.monotonic()))
         for task in pending:
             task.cancel()
         if pending:

@@ -167,6 +167,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
 
         app.state.engine.reload_listeners.append(reloaded)
         drain.on_abort = app.state.engine.abort_in_flight  # a shutdown out of time: its rows say so
+        drain.on_begin = app.state.engine.sampler.stop_drawing  # no sample is paid for while requests drain
         app.state.engine.record_listeners.append(drain.observe)  # ...and requests already recorded finish
         holds = app.state.spend_holds  # a daily spend hold ends once its request's row is committed
 

@@ -52,12 +52,19 @@ class Drain:
         self.error: CascadeError | None = None
         #: called with that error before the tasks are cancelled (the app sets it to the engine's)
         self.on_abort: Callable[[CascadeError], None] | None = None
+        #: called with ``grace_s`` as the shutdown begins (the app sets it to the shadow sampler's stop_drawing)
+        self.on_begin: Callable[[float], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def begin(self, grace_s: float) -> None:
         """A shutdown has begun: abort whatever still runs in ``grace_s`` seconds (in the running loop)."""
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(grace_s, self.abort, grace_s)
+            if self.on_begin is not None:
+                try:
+                    self.on_begin(grace_s)
+                except Exception:  # noqa: BLE001 - the shutdown goes on whatever a hook does
+                    log.exception("shutdown hook failed")
 
     def enter(self, task: asyncio.Task, request_id: str | None) -> None:
         self.tasks[task] = request_id

@@ -983,6 +983,53 @@ async def test_sigterm_mid_load_finishes_in_flight_requests_and_keeps_the_ledger
     assert received == 12   # nothing retried behind the client's back, nothing new let in
 
 
+async def test_sigterm_stops_shadow_sampling_and_gives_samples_the_same_grace(tmp_path):
+    """From SIGTERM on no sample is drawn (a request finishing in the drain pays for none), and a sample in
+    flight has what is left of graceful_shutdown_s, not a fresh grace once the requests have drained."""
+    with FaultServerThread() as small, FaultServerThread(delay_s=30) as large:
+        small.faults("ok", "slow:4")                    # A answers at once; B takes 4 s, into the drain
+        port = free_port()
+        price = {"input_per_1m": 1.0, "output_per_1m": 2.0}
+        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "graceful_shutdown_s": 5},
+               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+               "tiers": [{"name": n, "providers": [prov(n, fs)], "threshold": 0.0, "max_tokens": 4, "timeout_s": 40,
+                          "price": price} for n, fs in (("small", small), ("large", large))],
+               "policies": {"cascade": {"chain": ["small", "large"]}},
+               # strict would escalate every answer: its outcome needs large, which a sample runs
+               "shadows": {"strict": {"of": "cascade", "thresholds": {"small": 1.0}, "sample_rate": 1.0,
+                                      "sample_budget_usd": 1.0}}}
+        proc = start_serve(cfg, tmp_path)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                                         limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                await wait_healthy(client, proc)
+                body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
+                a = await client.post("/v1/chat/completions", json=body)
+                while large.stats()["requests"] < 1:       # A's sample is running (30 s at large)
+                    await asyncio.sleep(0.02)
+                b = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+                while small.stats()["requests"] < 2:
+                    await asyncio.sleep(0.02)
+                t_term = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                b = await b
+            rc = await asyncio.to_thread(proc.wait, 30)
+            took = time.monotonic() - t_term
+            sampled = large.stats()["requests"]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert rc in (0, -signal.SIGTERM) and a.status_code == b.status_code == 200
+    assert sampled == 1                                   # B drew no sample
+    # B ended ~3.5 s into the 5 s grace: the sample's grace ran from SIGTERM (before: 5 s more, after B)
+    assert took < 5 + 1.5, took
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        reasons = dict(conn.execute("SELECT request_id, reason FROM shadow_decisions").fetchall())
+    assert reasons[a.headers["x-cascade-request-id"]].endswith("sample cancelled: the engine shut down")
+    assert reasons[b.headers["x-cascade-request-id"]].endswith("not sampled: the engine is shutting down")
+
+
 async def test_requests_outliving_the_graceful_shutdown_get_503_and_ledger_rows(tmp_path):
     """Past `graceful_shutdown_s` a request still running is answered for: a JSON 503 `server_shutdown` (the
     SDKs retry it elsewhere), a started stream an error event and [DONE]; each is a ledger row saying so."""
