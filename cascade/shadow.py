@@ -35,7 +35,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,15 +108,31 @@ def _unknown(shadow: ShadowPolicy, reason: str, **extra: Any) -> dict[str, Any]:
             "diverges": None, "reason": reason, **extra}
 
 
+def _live_skips(attempts: Sequence[Attempt]) -> dict[str, float]:
+    """Tiers the live path skipped for the cost budget, with what it had spent before each: the shadow would
+    skip one as well once it has spent as much (the budget refuses a tier when spent + its cost is over)."""
+    out: dict[str, float] = {}
+    spent = 0.0
+    for a in attempts:
+        if a.decision == "skipped":
+            out.setdefault(a.tier, spent)
+        spent += a.cost_usd
+    return out
+
+
 def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: Mapping[str, Calibrator],
-                    sampled: Sequence[Attempt] = ()) -> dict[str, Any] | None:
+                    sampled: Sequence[Attempt] = (), skipped: Collection[str] = ()) -> dict[str, Any] | None:
     """What ``shadow`` would have done with the finished live request ``rec`` (pure: no I/O, no clock).
 
     ``sampled``: the shadow's own calls of tiers the live path did not run (sampled shadow execution),
-    walked like the live attempts. Returns the ``shadow_decisions`` row (without request id and time), or
-    None when the request was not routed by the shadow's live policy, is not of its user tiers, or was not
-    answered (refused, failed or cancelled: there is no live outcome to compare). An ``unknown`` row for a
-    tier that nothing ran has ``needs`` (that tier; not stored).
+    walked like the live attempts; ``skipped``: tiers the sampler found the request's cost budget would make
+    the shadow skip. Returns the ``shadow_decisions`` row (without request id and time), or None when the
+    request was not routed by the shadow's live policy, is not of its user tiers, or was not answered
+    (refused, failed or cancelled: there is no live outcome to compare). An ``unknown`` row for a tier that
+    nothing ran has ``needs`` (that tier; not stored).
+
+    As the engine does, a shadow whose next tier is skipped for the cost budget, or whose last tier fails,
+    serves the most confident answer it escalated from (if any).
     """
     if rec.policy != shadow.of or rec.status in ("error", "cancelled"):
         return None
@@ -125,14 +141,34 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
     ran = _tier_outcomes(rec.attempts)
     own = _tier_outcomes(sampled)
     ran.update(own)  # the shadow samples only tiers the live path did not run: no overlap
+    live_skips = _live_skips(rec.attempts)
     cost = 0.0
     n = len(shadow.chain)
     first = shadow.chain[0]
+    in_hand: list[tuple[str, float]] = []  # (tier, confidence) of the answers the shadow escalated from
+
+    def known(tname: str, reason: str) -> dict[str, Any]:
+        if own:
+            reason += f" (sampled: {', '.join(own)})"
+        return {"shadow": shadow.name, "status": "known", "tier": tname, "escalated": tname != first,
+                "cost_usd": cost, "diverges": tname != rec.tier, "reason": reason}
+
+    def best(why: str) -> dict[str, Any] | None:
+        if not in_hand:
+            return None
+        tname, conf = max(in_hand, key=lambda tc: tc[1])
+        return known(tname, f"{tname}: served as the most confident answer in hand ({conf:.3f}) because {why}")
+
     for i, (tname, threshold) in enumerate(zip(shadow.chain, shadow.thresholds, strict=True)):
         is_last = i == n - 1
         if tname not in ran:
-            # its answer and cost are unknown, but it serves this tier or a later one: a divergence for certain
-            # when the live path served none of them, an escalation for certain past the first tier
+            if tname in skipped or (tname in live_skips and cost >= live_skips[tname] - 1e-15):
+                why = f"the cost budget would skip {tname!r}"
+                return best(why) or _unknown(shadow, f"{why}, with no answer in hand: the shadow would refuse "
+                                                     "the request", diverges=True, escalated=None)
+            # its answer and cost are unknown, but (as long as the tiers it needs answer) it serves this tier or a
+            # later one: a divergence for certain when the live path served none of them, an escalation for
+            # certain past the first tier
             rest = shadow.chain[i:]
             return _unknown(shadow, f"needs tier {tname!r}, which the live path did not run", needs=tname,
                             diverges=True if rec.tier not in rest else None, escalated=True if i > 0 else None)
@@ -141,7 +177,8 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
         if att is None:
             if is_last:
                 where = "when sampled" if tname in own else "on the live path"
-                return _unknown(shadow, f"its last tier {tname!r} failed {where}")
+                return best(f"its last tier {tname!r} failed {where}") or \
+                    _unknown(shadow, f"its last tier {tname!r} failed {where}")
             continue
         cal = shadow.calibrator(tname, live_calibrators)
         if cal is None:
@@ -151,11 +188,8 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
         except KeyError as exc:  # the shadow's calibrator reads a feature the record lacks
             return _unknown(shadow, f"tier {tname!r}: {exc.args[0] if exc.args else exc}")
         if not d.escalate:
-            reason = f"{tname}: {d.reason}"
-            if own:
-                reason += f" (sampled: {', '.join(own)})"
-            return {"shadow": shadow.name, "status": "known", "tier": tname, "escalated": tname != first,
-                    "cost_usd": cost, "diverges": tname != rec.tier, "reason": reason}
+            return known(tname, f"{tname}: {d.reason}")
+        in_hand.append((tname, d.confidence or 0.0))
     # every tier of the chain failed or escalated: only reachable when the last tier failed (handled above)
     return _unknown(shadow, "no tier of the shadow chain answered")
 
@@ -234,6 +268,8 @@ class _Sample:
     budget: Budget | None = None  # the request's limits: the shadow walks its chain under the same cost budget
     calls: list[Attempt] = field(default_factory=list)
     started_at: list[float] = field(default_factory=list)
+    #: tiers the request's cost budget makes the shadow skip (not called: it serves an answer in hand)
+    skipped: set[str] = field(default_factory=set)
 
 
 #: sentinel of ``ShadowSampler._reserve``: the live request is not in the ledger
@@ -400,8 +436,11 @@ class ShadowSampler:
             spent = sum(done[t][1] for t in sh.chain[:sh.chain.index(tname)] if t in done)
             await tier.backend.tokenize(req)  # off the event loop, for the budget and the estimate below
             req, refusal = fit_budget(tier, req, spent, smp.budget)
-            if refusal is not None:
-                return {**row, "reason": f"{row['reason']}; not sampled: the shadow would skip the tier ({refusal})"}
+            if refusal is not None:  # the shadow would skip it, as the live path would: decided without a call
+                smp.skipped.add(tname)
+                smp.row = evaluate_shadow(sh, rec, live, smp.calls, smp.skipped) or _unknown(sh, "no longer evaluated")
+                smp.row["reason"] += f" ({refusal})"
+                continue
             estimate = estimate_sample_cost(tier, req, rec)
             refusal = await self._reserve(smp, estimate)
             if refusal is _MISSING:
@@ -435,7 +474,7 @@ class ShadowSampler:
                         listener(sh.name, a)
                     except Exception:  # noqa: BLE001 - metrics must not fail a sample
                         log.exception("shadow sample listener %r failed", listener)
-            smp.row = evaluate_shadow(sh, rec, live, smp.calls) or _unknown(sh, "no longer evaluated")
+            smp.row = evaluate_shadow(sh, rec, live, smp.calls, smp.skipped) or _unknown(sh, "no longer evaluated")
         return smp.row
 
     async def _reserve(self, smp: _Sample, estimate: float) -> str | object | None:

@@ -122,8 +122,20 @@ def test_evaluate_shadow_is_pure_and_skips_other_policies():
     assert row == evaluate_shadow(sh, rec, live)
     assert row["status"] == "known" and row["tier"] == "small" and row["diverges"] and row["cost_usd"] == 1e-6
     assert evaluate_shadow(ShadowPolicy("s", "other", ("small",), (0.0,)), rec, live) is None
-    rec.attempts[1].error_class = "ProviderServerError"  # the shadow's last tier failed live: unknown
-    assert evaluate_shadow(ShadowPolicy("s", "cascade", ("small", "large"), (0.99, 0.0)), rec, live)["status"] == "unknown"
+    rec.attempts[1].error_class = "ProviderServerError"  # the shadow's last tier failed live: as the engine
+    strict = ShadowPolicy("s", "cascade", ("small", "large"), (0.99, 0.0))   # does, it serves the answer in hand
+    row = evaluate_shadow(strict, rec, live)
+    assert (row["status"], row["tier"], row["escalated"], row["cost_usd"]) == ("known", "small", False, 6e-6)
+    assert "most confident answer in hand" in row["reason"] and "'large' failed on the live path" in row["reason"]
+    assert evaluate_shadow(ShadowPolicy("s", "cascade", ("large",), (0.0,)), rec, live)["status"] == "unknown"
+    # a tier the live path skipped for the cost budget: a shadow that spent as much by then skips it too
+    rec.attempts[1] = Attempt(1, "large", "m", "transformers", decision="skipped", reason="cost budget")
+    rec.tier, rec.escalated = "small", False
+    same = evaluate_shadow(ShadowPolicy("s", "cascade", ("small", "large"), (0.99, 0.0)), rec, live)
+    assert (same["status"], same["tier"], same["diverges"]) == ("known", "small", False)
+    assert "the cost budget would skip 'large'" in same["reason"]
+    alone = evaluate_shadow(ShadowPolicy("s", "cascade", ("large",), (0.0,)), rec, live)   # spent less: unknown
+    assert alone["status"] == "unknown" and alone["needs"] == "large"
 
 
 def _shadow_attempts(t: Traffic, shadow: str) -> dict[str, list[dict[str, Any]]]:
@@ -449,8 +461,10 @@ async def test_a_sample_keeps_to_the_requests_cost_budget(tmp_path):
         dec = {r[0]: r[1:] for r in c.execute("SELECT request_id, status, sampled, reason FROM shadow_decisions")}
         called = {r[0] for r in c.execute("SELECT request_id FROM shadow_attempts")}
     status, sampled, reason = dec[tight.request_id]
-    assert status == "unknown" and not sampled and tight.request_id not in called
-    assert "not sampled: the shadow would skip the tier (cost budget: tier 'large' could cost" in reason
+    # the shadow would skip large, as the engine does, and serve the answer in hand: known, without a call
+    assert status == "known" and not sampled and tight.request_id not in called
+    assert "most confident answer in hand" in reason and "the cost budget would skip 'large'" in reason
+    assert "(cost budget: tier 'large' could cost" in reason
     assert dec[ample.request_id][:2] == ("known", 1) and ample.request_id in called
 
 
