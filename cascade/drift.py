@@ -58,8 +58,9 @@ class DriftMonitor:
         self._since = 0.0
         self.alarms: dict[str, bool] = {s: False for s in SIGNALS}
         self.values: dict[str, float | None] = {s: None for s in SIGNALS}
-        for s in SIGNALS:
+        for s in SIGNALS:  # every series from the start: NaN while a signal has no value (as after a reset)
             self.alarm_gauge.labels(s).set(0)
+            self.value_gauge.labels(s).set(float("nan"))
 
     # --- inputs ----------------------------------------------------------------------------------
     def observe(self, rec: CascadeRecord) -> None:

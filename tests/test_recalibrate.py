@@ -611,6 +611,8 @@ def test_drift_alarm_when_the_cascade_costs_more_than_the_last_tier_alone(caplog
     from cascade.types import CascadeRecord
 
     mon = DriftMonitor(DriftConfig(window=4, max_cost_ratio=1.0))
+    # every signal has its series from the start, NaN until it has a value
+    assert 'cascade_drift_value{signal="cost_ratio"} NaN' in generate_latest(mon.registry).decode()
 
     def feed(cost: float, baseline: float = 1.0) -> None:
         mon.observe(CascadeRecord(request_id="r", policy="p", created_at=0.0, tier="t", cost_usd=cost,
