@@ -25,28 +25,47 @@ class Budget:
 def dearest_price(tier: Any) -> Price:
     """The highest input and output prices a call of ``tier`` can be billed at: its own, or that of any of its
     providers (``tiers[].providers[].price``; a fallback provider can cost more than the first)."""
-    prices = [tier.config.price, *(p.price for p in getattr(tier.backend, "providers", ()) if p.price is not None)]
+    prices = [tier.config.price, *(p.price for p in getattr(tier.backend, "providers", ()) if p.price is not None),
+              *(p.price for p in getattr(tier.config, "providers", None) or () if p.price is not None)]
     if len(prices) == 1:
         return prices[0]
     return Price(input_per_1m=max(p.input_per_1m for p in prices),
                  output_per_1m=max(p.output_per_1m for p in prices))
 
 
+def fallback_prompts(tier: Any) -> int:
+    """How many prompts a call of ``tier`` can be billed besides the answering provider's: a tier with several
+    providers falls over after a timeout, and the provider that timed out is billed its prompt (an error
+    answer is not billed, so retries after a 429 add nothing)."""
+    return max(len(getattr(tier.config, "providers", None) or ()) - 1, 0)
+
+
+def call_ceiling(tier: Any, prompt_tokens: int, max_tokens: int) -> float:
+    """The most one call of ``tier`` can cost (USD): ``max_tokens`` answered at its dearest price, and the
+    prompt once more for each provider that may time out before one answers."""
+    price = dearest_price(tier)
+    return price.cost(prompt_tokens, max_tokens) + price.cost(prompt_tokens, 0) * fallback_prompts(tier)
+
+
 def fit_budget(tier: Any, req: GenerationRequest, spent: float,
                budget: Budget | None) -> tuple[GenerationRequest, str | None]:
     """Fit ``req`` for ``tier`` to what the cost budget still pays for, ``spent`` being what the request's
-    earlier calls cost: (the request, maybe with fewer ``max_tokens``; None) or (it, why the tier is skipped)."""
+    earlier calls cost: (the request, maybe with fewer ``max_tokens``; None) or (it, why the tier is skipped).
+    The call's worst case counts (:func:`call_ceiling`): its providers falling over after timeouts included,
+    so that no way the call can go ends past the budget."""
     if budget is None or budget.cost_usd is None:
         return req, None
     price = dearest_price(tier)  # a fallback provider may answer, at its own price
     remaining = budget.cost_usd - spent
     prompt = tier.backend.estimate_prompt_tokens(req)
     max_tokens = req.max_tokens or 1
-    estimate = price.cost(prompt, max_tokens)
+    estimate = call_ceiling(tier, prompt, max_tokens)
     if estimate <= remaining:
         return req, None
     if budget.on_cost == "truncate" and price.output_per_1m > 0:
-        affordable = int((remaining - price.cost(prompt, 0)) * 1e6 / price.output_per_1m)
+        # what is left once every prompt the call may be billed is paid, in answer tokens
+        affordable = int((remaining - price.cost(prompt, 0) * (1 + fallback_prompts(tier))) * 1e6
+                         / price.output_per_1m)
         if affordable >= 1:
             return req.with_(max_tokens=min(max_tokens, affordable)), None
     return req, (f"cost budget: tier {tier.name!r} could cost ${estimate:.6f}, "

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
 from calibration.features import FEATURE_NAMES, extract_features
 from cascade.backends import Backend, backend_class
-from cascade.budget import Budget, dearest_price, fit_budget
+from cascade.budget import Budget, call_ceiling, fit_budget
 from cascade.cache import CachedAnswer, ResponseCache, cache_key
 from cascade.config import CalibratorConfig, Config, TierConfig
 from cascade.errors import (
@@ -292,17 +292,18 @@ class Engine:
                            budget: Budget | None = None) -> float:
         """The most ``request`` can cost through its route (USD): every tier of it tried, each billed for the
         prompt and ``max_tokens`` of answer at its dearest provider's price, within the per-request cost
-        budget if there is one. What an admitted request holds against the daily spend limits until its
-        ledger row is in. An estimate as the cost budget's is: a tier without a local tokenizer counts the
-        prompt on the high side, and a call retried on another provider after a timeout can be billed for
-        its prompt twice. A tier with a tokenizer of its own counts the prompt on a thread, off the event loop."""
+        budget if there is one, and for a tier with providers the prompt once more for each that may time out
+        before one answers (:func:`cascade.budget.call_ceiling`). What an admitted request holds against the
+        daily spend limits until its ledger row is in. An estimate as the cost budget's is: a tier without a
+        local tokenizer counts the prompt on the high side. A tier with a tokenizer of its own counts the
+        prompt on a thread, off the event loop."""
         total, rough = 0.0, None
         for tier in self.resolve(model).tiers:
             await tier.backend.tokenize(request)
             prompt = tier.backend.count_prompt_tokens(request)
             if prompt is None:  # counted once for all the tiers without a tokenizer (a long prompt takes ms)
                 prompt = rough = request.rough_prompt_tokens() if rough is None else rough
-            total += dearest_price(tier).cost(prompt, request.max_tokens or tier.config.max_tokens)
+            total += call_ceiling(tier, prompt, request.max_tokens or tier.config.max_tokens)
         return total if budget is None or budget.cost_usd is None else min(total, budget.cost_usd)
 
     def tokens_asked(self, request: GenerationRequest, model: str | None) -> int:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from calibration.calibrators import Calibrator
-from cascade.budget import Budget, fit_budget
+from cascade.budget import Budget, call_ceiling, fit_budget
 from cascade.config import Config
 from cascade.errors import CascadeError
 from cascade.ledger import Ledger, utc_day_start
@@ -249,11 +249,7 @@ def estimate_sample_cost(tier: Any, req: GenerationRequest, rec: CascadeRecord) 
     prompt billed by each provider but one (a provider that times out is billed its prompt before the next
     one answers; error answers are not billed, so retries add nothing)."""
     prompt = max(tier.backend.estimate_prompt_tokens(req), max((a.prompt_tokens for a in rec.attempts), default=0))
-    tc = tier.config
-    prices = [tc.price, *(p.price for p in tc.providers or () if p.price is not None)]
-    answered = max(p.cost(prompt, req.max_tokens or tc.max_tokens) for p in prices)
-    timed_out = max(p.cost(prompt, 0) for p in prices) * max(len(tc.providers or ()) - 1, 0)
-    return answered + timed_out
+    return call_ceiling(tier, prompt, req.max_tokens or tier.config.max_tokens)
 
 
 @dataclass(eq=False)

@@ -200,6 +200,15 @@ def _spend_buckets(caller: Caller, end_user: str | None) -> list[tuple[tuple, fl
     return out
 
 
+#: spend sums are floats (0.024 + 0.204 is 0.22799999999999998): a limit counts as reached within this share
+SPEND_REL_TOL = 1e-9
+
+
+def spend_reached(spent: float, limit: float) -> bool:
+    """Whether ``spent`` (USD, a float sum) has reached the daily ``limit``: within ``SPEND_REL_TOL`` of it."""
+    return spent >= limit * (1 - SPEND_REL_TOL)
+
+
 async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list, key_id: str | None) -> None:
     """Refuse (429) a request whose key or end user has reached a daily spend limit (``buckets``, from
     :func:`_spend_buckets`): the spend committed today (UTC) plus the worst cases held by its requests in
@@ -217,12 +226,12 @@ async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list, k
         pending = [reading.unseen(b) for b, *_ in buckets]
     for (_, limit, what, code, _), committed, more in zip(buckets, spent, pending, strict=True):
         committed += more[1]  # spend whose ledger write failed today
-        if committed >= limit:
+        if spend_reached(committed, limit):
             # the limit resets at 00:00 UTC; not before then: clients' quick retries would only be refused again
             _refuse_spend(f"{what} of ${limit:g} reached (${committed:.6f} spent today, UTC)", code,
                           retry_after=since + 86400.0 - time.time(), should_retry=False)
     for (bucket, limit, what, code, _), committed, more in zip(buckets, spent, pending, strict=True):
-        if committed + more[1] + more[0] >= limit:
+        if spend_reached(committed + more[1] + more[0], limit):
             _refuse_spend(f"{what} of ${limit:g} would be reached by the requests in flight (${committed:.6f} "
                           f"spent today, UTC, and up to ${more[0]:.6f} more held by {holds.held(bucket)[1]} "
                           "request(s) not finished); retry once they are", code, retry_after=1.0, should_retry=True)

@@ -200,6 +200,15 @@ def test_a_refusal_by_either_limit_carries_both_limits_headers():
     assert h[b"x-ratelimit-reset-tokens"] == b"59s" and h[b"x-ratelimit-reset-requests"] == b"59s"
 
 
+def test_a_daily_limit_is_reached_by_a_float_sum_that_equals_it():
+    """0.024 + 0.204 is 0.22799999999999998 in floats: a request costing that has reached a $0.228 limit (one
+    more request went through); a tiny limit is still not reached by nothing."""
+    from serving.routes import spend_reached
+
+    assert 0.024 + 0.204 < 0.228 and spend_reached(0.024 + 0.204, 0.228)
+    assert not spend_reached(0.0, 1e-9) and not spend_reached(0.2279, 0.228) and spend_reached(0.3, 0.228)
+
+
 def test_reset_text_is_openais_format():
     assert [reset_text(s) for s in (0.0171, 0.9999, 1.0, 20.2, 60.0, 361.0)] == \
         ["18ms", "1000ms", "1s", "21s", "1m0s", "6m1s"]

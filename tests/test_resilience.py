@@ -510,6 +510,34 @@ async def test_a_request_cancelled_in_a_rate_limit_backoff_keeps_the_429_row(ser
     assert a.stats()["requests"] == 1
 
 
+async def test_a_cost_budget_holds_when_a_provider_times_out_and_the_next_one_answers(servers, make_engine, tmp_path):
+    """A provider that times out is billed its prompt before the next one answers: the cost budget counts that
+    prompt from the start (its truncation leaves room for it), and so does what a request holds against the
+    daily spend limits. The request used to end past its budget."""
+    from cascade.engine import Budget
+
+    a, b = servers["a"], servers["b"]
+    price = {"input_per_1m": 1000.0, "output_per_1m": 10000.0}
+    eng = await make_engine([rtier("t", [prov("a", a, timeout_s=0.5), prov("b", b)], price=price, max_tokens=64)])
+    t = eng.tiers["t"]
+    prompt = t.backend.estimate_prompt_tokens(Q.with_(max_tokens=64))
+    one_call = prompt * 1000.0 / 1e6 + 64 * 10000.0 / 1e6
+    assert await eng.cost_ceiling(Q.with_(max_tokens=64), "t") == pytest.approx(one_call + prompt * 1000.0 / 1e6)
+    budget, rec = 0.1, None
+    for stream in (False, True):
+        a.faults("stall:5")
+        if stream:
+            async for ev in eng.stream(Q.with_(max_tokens=64), model="t",
+                                       budget=Budget(cost_usd=budget, on_cost="truncate")):
+                rec = getattr(ev, "record", None) or rec
+        else:
+            rec = (await eng.run(Q.with_(max_tokens=64), model="t",
+                                 budget=Budget(cost_usd=budget, on_cost="truncate"))).record
+        assert [(x.backend, x.error_class) for x in rec.attempts] == [("a", "ProviderTimeoutError"), ("b", None)]
+        assert rec.attempts[0].cost_usd > 0 and rec.attempts[1].max_tokens_cut is not None
+        assert rec.cost_usd <= budget + 1e-12, (stream, rec.cost_usd)
+
+
 async def test_provider_price_override_and_failed_attempt_cost_is_waste(servers, make_engine, tmp_path):
     a, b = servers["a"], servers["b"]
     eng = await make_engine([rtier("t", [prov("a", a), prov("b", b, price={"input_per_1m": 10.0, "output_per_1m": 20.0})])])
