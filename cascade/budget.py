@@ -25,8 +25,7 @@ class Budget:
 def dearest_price(tier: Any) -> Price:
     """The highest input and output prices a call of ``tier`` can be billed at: its own, or that of any of its
     providers (``tiers[].providers[].price``; a fallback provider can cost more than the first)."""
-    prices = [tier.config.price, *(p.price for p in getattr(tier.backend, "providers", ()) if p.price is not None),
-              *(p.price for p in getattr(tier.config, "providers", None) or () if p.price is not None)]
+    prices = [tier.config.price, *(p.price for p in getattr(tier.config, "providers", None) or () if p.price is not None)]
     if len(prices) == 1:
         return prices[0]
     return Price(input_per_1m=max(p.input_per_1m for p in prices),
@@ -64,8 +63,7 @@ def fit_budget(tier: Any, req: GenerationRequest, spent: float,
         return req, None
     if budget.on_cost == "truncate" and price.output_per_1m > 0:
         # what is left once every prompt the call may be billed is paid, in answer tokens
-        affordable = int((remaining - price.cost(prompt, 0) * (1 + fallback_prompts(tier))) * 1e6
-                         / price.output_per_1m)
+        affordable = int((remaining - call_ceiling(tier, prompt, 0)) * 1e6 / price.output_per_1m)
         if affordable >= 1:
             return req.with_(max_tokens=min(max_tokens, affordable)), None
     return req, (f"cost budget: tier {tier.name!r} could cost ${estimate:.6f}, "

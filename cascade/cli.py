@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.paths import expand_path
@@ -21,10 +21,14 @@ from cascade.types import is_utf8
 class OneLineParser(argparse.ArgumentParser):
     """argparse with every command's error in one line, as the commands' own errors are (``cascade: error:
     ...``, exit status 2), and where to read the usage, instead of the usage block. Sub-command parsers are
-    of the same class."""
+    of the same class. ``command``: the name the line starts with (a script's own, e.g. ``vllm_server.py``)."""
+
+    def __init__(self, *args: Any, command: str = "cascade", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.command = command
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"cascade: error: {message} (see: {self.prog} --help)\n")
+        self.exit(2, f"{self.command}: error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from cascade.errors import CascadeError, ConfigError, ModelNotPreparedError
 from cascade.paths import expand_path
@@ -845,7 +845,7 @@ def verify_model(model_id: str, cache_dir: str | os.PathLike[str] | None = None,
     gguf_sha = marker.get("gguf_sha256")
     if isinstance(gguf_sha, str) and (directory / spec.gguf_file).is_file():  # kept by --keep-gguf
         entries.append({"name": spec.gguf_file, "sha256": gguf_sha})
-    hashed = total = 0
+    hashed = 0
     sizes: list[int] = []
     for entry in entries:
         try:
@@ -1001,11 +1001,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/prepare_models.py``: the same as ``cascade models prepare``."""
     from cascade.cli import OneLineParser, run_command
 
-    class _Parser(OneLineParser):
-        def error(self, message: str) -> NoReturn:
-            self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
-
-    parser = _Parser(prog="prepare_models.py", description="Prepare local models (same as `cascade models prepare`).")
+    parser = OneLineParser(prog="prepare_models.py", command="prepare_models.py",
+                           description="Prepare local models (same as `cascade models prepare`).")
     _add_prepare_arguments(parser)
     args = parser.parse_args(argv)
     return run_command("prepare_models.py", lambda: _cmd_prepare(args))

@@ -51,7 +51,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import BinaryIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -250,17 +250,11 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> int:
     return proc.returncode
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its errors in one line (``vllm_server.py: error: ...``, exit status 2), as the
-    ``cascade`` command's are."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="vllm_server.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cascade.cli import OneLineParser  # errors in one line (``vllm_server.py: error: ...``, exit status 2)
+
+    p = OneLineParser(prog="vllm_server.py", command="vllm_server.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="catalog id, Hugging Face directory, or hub name org/name")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0: a free port (default); a port in use is refused")

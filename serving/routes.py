@@ -670,16 +670,16 @@ async def ready(request: Request) -> JSONResponse:
             "ledger": "ok" if ledger_down is None else ledger_down}
     # each provider's circuit breaker (tiers with providers): said, not judged (an open breaker fails fast with
     # its own 503 and Retry-After; the server itself can still answer through other tiers and providers)
-    breakers = {name: {p: snap["state"] for p, snap in t.backend.health().items()}
-                for name, t in engine.tiers.items() if isinstance(t.backend, ResilientBackend)}
-    if breakers:
-        body["breakers"] = breakers
+    breakers: dict[str, dict[str, str]] = {}
     held: dict[str, dict[str, float]] = {}
     for name, t in engine.tiers.items():
         if isinstance(t.backend, ResilientBackend):
             for p, snap in t.backend.health().items():
+                breakers.setdefault(name, {})[p] = snap["state"]
                 if snap["rate_limited_s"] > 0:
                     held.setdefault(name, {})[p] = snap["rate_limited_s"]
+    if breakers:
+        body["breakers"] = breakers
     if held:  # providers whose own Retry-After keeps requests off them (to their fallbacks) for so many seconds
         body["rate_limited"] = held
     return JSONResponse(body, status_code=200 if ok else 503)
