@@ -25,7 +25,8 @@ class Budget:
 def dearest_price(tier: Any) -> Price:
     """The highest input and output prices a call of ``tier`` can be billed at: its own, or that of any of its
     providers (``tiers[].providers[].price``; a fallback provider can cost more than the first)."""
-    prices = [tier.config.price, *(p.price for p in getattr(tier.config, "providers", None) or () if p.price is not None)]
+    providers = getattr(tier.config, "providers", None) or ()
+    prices = [tier.config.price, *(p.price for p in providers if p.price is not None)]
     if len(prices) == 1:
         return prices[0]
     return Price(input_per_1m=max(p.input_per_1m for p in prices),
