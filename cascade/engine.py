@@ -799,12 +799,15 @@ class Engine:
             if is_last and stream_last:
                 return _Live(tier=tier, request=req, attempt=att, answers=answers, timeout=timeout, budget=budget,
                              calibrator=route.calibrator(i), original=request)
+            called = time.perf_counter()
             try:
                 res = await self.call_tier(tier, req, att, rec.attempts, timeout=timeout)
             except CascadeError as exc:
                 last_error = exc
-                if (answers and isinstance(exc, ProviderTimeoutError) and budget.latency_s is not None
-                        and budget.on_latency == "best_answer"):
+                # the budget ran out, rather than the tier's own timeout_s (or a provider's) firing within it: a
+                # tier that timed out by itself failed, and fails over like any other failure
+                ran_out = budget.latency_s is not None and time.perf_counter() - called >= budget.latency_s
+                if answers and isinstance(exc, ProviderTimeoutError) and budget.on_latency == "best_answer" and ran_out:
                     return self._serve_best(answers, f"{tier.name!r} exceeded the latency budget")
                 escalate = exc.fall_over or isinstance(exc, (ContextLengthExceededError, ProviderContextLengthError))
                 if escalate and not is_last:

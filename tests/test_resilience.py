@@ -1362,6 +1362,27 @@ async def test_a_streamed_tier_under_a_latency_budget_times_its_provider_out_its
     assert row[0] == "ProviderTimeoutError" and "ancel" not in row[1] and row[2] > 0, row
 
 
+async def test_best_answer_serves_the_answer_in_hand_only_when_the_latency_budget_runs_out(servers, make_engine):
+    """``on_latency: best_answer`` serves the answer in hand when a tier is still working at the latency budget.
+    A tier whose own timeout_s fires first, within the budget, failed: it falls over to the next tier, as any
+    failure does, rather than serving the answer in hand as if the budget had run out."""
+    from cascade.engine import Budget
+
+    a, b, c = servers["a"], servers["b"], servers["c"]
+    eng = await make_engine([rtier("first", [prov("c", c)], threshold=1.0),
+                             rtier("slow", [prov("a", a)], threshold=1.0, timeout_s=0.4, retry={"max_attempts": 1}),
+                             rtier("last", [prov("b", b)])])
+    a.faults("stall:5")
+    out = await eng.run(Q, request_id="own-timeout", budget=Budget(latency_s=3.0, on_latency="best_answer"))
+    steps = [(x.tier, x.decision, x.error_class) for x in out.record.attempts]
+    assert steps == [("first", "escalate", None), ("slow", "error", "ProviderTimeoutError"), ("last", "final", None)]
+    a.faults("stall:5")
+    out = await eng.run(Q, request_id="budget-ran-out", budget=Budget(latency_s=0.2, on_latency="best_answer"))
+    first, slow = out.record.attempts
+    assert (first.kept, slow.error_class) == (True, "ProviderTimeoutError")
+    assert "served because 'slow' exceeded the latency budget" in first.reason
+
+
 async def test_a_callers_latency_budget_does_not_open_the_breaker_for_everyone(servers, make_engine, tmp_path):
     """A healthy provider slower than one key's latency budget times out for that key only: its breaker
     stays closed and the next request without a budget is answered (it used to open after 5 such
