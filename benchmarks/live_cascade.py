@@ -514,6 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = _parse_n(args.n, sets)
     except ValueError as exc:
         ap.error(str(exc))
+    # checked here, not only by the backend: a run whose answers are all cached never builds one
+    for flag, value in (("--batch (the backend's max_batch_size)", args.batch), ("--threads", args.threads)):
+        if value < 1:
+            print(f"live_cascade: error: {flag} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
         ap.error(f"--data-dir {args.data_dir}: not a directory")
     try:
