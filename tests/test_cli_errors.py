@@ -448,6 +448,7 @@ def test_models_prepare_with_a_cache_that_is_a_file(tmp_path):
     one_error(cascade("models", "prepare", "smollm2-135m", env={"CASCADE_MODEL_CACHE": str(f)}),
               f"model cache {f} is not a directory")
     one_error(cascade("models", "list", "--cache-dir", str(f)), f"model cache {f} is not a directory")
+    one_error(cascade("models", "verify", "--cache-dir", str(f)), f"model cache {f} is not a directory")
 
 
 @pytest.mark.parametrize("key_id", ["", "a: b", "x" * 65, "has space"])
