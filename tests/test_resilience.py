@@ -9,6 +9,7 @@ them), the waits, the outcome and the ledger rows read back from the SQLite file
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -947,13 +950,34 @@ async def test_load_300_requests_with_20_percent_faults(tmp_path):
 # --- SIGTERM mid-load ---------------------------------------------------------------------------------
 
 
-def start_serve(cfg: dict, tmp_path: Path) -> subprocess.Popen:
-    """`cascade serve` on ``cfg`` (written to a file), as an operator runs it."""
+def serve_config(tmp_path: Path, tiers: list[dict], chain: list[str], **server: Any) -> dict:
+    """A config for `cascade serve` on a free port of 127.0.0.1, its ledger in ``tmp_path``, one policy
+    `cascade` over ``chain``; ``server`` adds to the server section."""
+    return {"server": {"host": "127.0.0.1", "port": free_port(), "log_level": "warning", **server},
+            "ledger": {"path": str(tmp_path / "ledger.sqlite")}, "tiers": tiers,
+            "policies": {"cascade": {"chain": chain}}}
+
+
+@contextlib.asynccontextmanager
+async def serving(cfg: dict, tmp_path: Path, *, keepalive: bool = True
+                  ) -> AsyncIterator[tuple[httpx.AsyncClient, subprocess.Popen]]:
+    """`cascade serve` on ``cfg`` (written to a file), as an operator runs it, and a client of it, once
+    healthy. The server is killed on the way out if the test has not stopped it."""
     path = tmp_path / "cascade.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(path)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    limits = httpx.Limits() if keepalive else httpx.Limits(max_keepalive_connections=0)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cfg['server']['port']}", timeout=30,
+                                     limits=limits) as client:
+            await wait_healthy(client, proc)
+            yield client, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen) -> None:
@@ -971,34 +995,22 @@ async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen) -> Non
 
 async def test_sigterm_mid_load_finishes_in_flight_requests_and_keeps_the_ledger_consistent(tmp_path):
     with FaultServerThread(delay_s=1.5) as slow:
-        port = free_port()
-        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
-               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
-               "tiers": [{"name": "slow", "providers": [prov("slow", slow)], "threshold": 0.0, "max_tokens": 4,
-                          "timeout_s": 10}],
-               "policies": {"cascade": {"chain": ["slow"]}}}
-        proc = start_serve(cfg, tmp_path)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
-                                         limits=httpx.Limits(max_keepalive_connections=0)) as client:
-                await wait_healthy(client, proc)
-                body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
-                tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(12)]
-                while slow.stats()["requests"] < 12:           # all twelve are in flight at the provider
-                    await asyncio.sleep(0.02)
-                t_term = time.monotonic()
-                proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.3)
-                with pytest.raises(httpx.TransportError):      # no longer accepting
-                    await client.post("/v1/chat/completions", json=body)
-                results = await asyncio.gather(*tasks, return_exceptions=True)
+        cfg = serve_config(tmp_path, [{"name": "slow", "providers": [prov("slow", slow)], "threshold": 0.0,
+                                       "max_tokens": 4, "timeout_s": 10}], ["slow"])
+        async with serving(cfg, tmp_path, keepalive=False) as (client, proc):
+            body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
+            tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(12)]
+            while slow.stats()["requests"] < 12:           # all twelve are in flight at the provider
+                await asyncio.sleep(0.02)
+            t_term = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            with pytest.raises(httpx.TransportError):      # no longer accepting
+                await client.post("/v1/chat/completions", json=body)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
             rc = await asyncio.to_thread(proc.wait, 30)
             grace = time.monotonic() - t_term
             received = slow.stats()["requests"]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     # uvicorn re-raises the captured SIGTERM once it has shut down gracefully
     assert rc in (0, -signal.SIGTERM) and grace < 30
     assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in results), results
@@ -1016,38 +1028,27 @@ async def test_sigterm_stops_shadow_sampling_and_gives_samples_the_same_grace(tm
     flight has what is left of graceful_shutdown_s, not a fresh grace once the requests have drained."""
     with FaultServerThread() as small, FaultServerThread(delay_s=30) as large:
         small.faults("ok", "slow:4")                    # A answers at once; B takes 4 s, into the drain
-        port = free_port()
         price = {"input_per_1m": 1.0, "output_per_1m": 2.0}
-        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "graceful_shutdown_s": 5},
-               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
-               "tiers": [{"name": n, "providers": [prov(n, fs)], "threshold": 0.0, "max_tokens": 4, "timeout_s": 40,
-                          "price": price} for n, fs in (("small", small), ("large", large))],
-               "policies": {"cascade": {"chain": ["small", "large"]}},
-               # strict would escalate every answer: its outcome needs large, which a sample runs
-               "shadows": {"strict": {"of": "cascade", "thresholds": {"small": 1.0}, "sample_rate": 1.0,
-                                      "sample_budget_usd": 1.0}}}
-        proc = start_serve(cfg, tmp_path)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
-                                         limits=httpx.Limits(max_keepalive_connections=0)) as client:
-                await wait_healthy(client, proc)
-                body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
-                a = await client.post("/v1/chat/completions", json=body)
-                while large.stats()["requests"] < 1:       # A's sample is running (30 s at large)
-                    await asyncio.sleep(0.02)
-                b = asyncio.create_task(client.post("/v1/chat/completions", json=body))
-                while small.stats()["requests"] < 2:
-                    await asyncio.sleep(0.02)
-                t_term = time.monotonic()
-                proc.send_signal(signal.SIGTERM)
-                b = await b
+        cfg = serve_config(tmp_path, [{"name": n, "providers": [prov(n, fs)], "threshold": 0.0, "max_tokens": 4,
+                                       "timeout_s": 40, "price": price} for n, fs in (("small", small), ("large", large))],
+                           ["small", "large"], graceful_shutdown_s=5)
+        # strict would escalate every answer: its outcome needs large, which a sample runs
+        cfg["shadows"] = {"strict": {"of": "cascade", "thresholds": {"small": 1.0}, "sample_rate": 1.0,
+                                     "sample_budget_usd": 1.0}}
+        async with serving(cfg, tmp_path, keepalive=False) as (client, proc):
+            body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
+            a = await client.post("/v1/chat/completions", json=body)
+            while large.stats()["requests"] < 1:       # A's sample is running (30 s at large)
+                await asyncio.sleep(0.02)
+            b = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            while small.stats()["requests"] < 2:
+                await asyncio.sleep(0.02)
+            t_term = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            b = await b
             rc = await asyncio.to_thread(proc.wait, 30)
             took = time.monotonic() - t_term
             sampled = large.stats()["requests"]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     assert rc in (0, -signal.SIGTERM) and a.status_code == b.status_code == 200
     assert sampled == 1                                   # B drew no sample
     # B ended ~3.5 s into the 5 s grace: the sample's grace ran from SIGTERM (before: 5 s more, after B)
@@ -1063,41 +1064,30 @@ async def test_requests_outliving_the_graceful_shutdown_get_503_and_ledger_rows(
     SDKs retry it elsewhere), a started stream an error event and [DONE]; each is a ledger row saying so."""
     with FaultServerThread(delay_s=8) as slow, FaultServerThread() as dribble:
         dribble.faults(rate=1.0, kinds=["slow:0:8"])      # streams: the first token at once, then nothing
-        port = free_port()
-        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "graceful_shutdown_s": 1},
-               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
-               "tiers": [{"name": n, "providers": [prov(n, fs)], "threshold": 0.0, "max_tokens": 4, "timeout_s": 20}
-                         for n, fs in (("slow", slow), ("dribble", dribble))],
-               "policies": {"cascade": {"chain": ["slow"]}}}      # and each tier is a model name of its own
-        proc = start_serve(cfg, tmp_path)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
-                                         limits=httpx.Limits(max_keepalive_connections=0)) as client:
-                await wait_healthy(client, proc)
-                msgs = [{"role": "user", "content": "hi"}]
-                plain = [asyncio.create_task(client.post("/v1/chat/completions", json={"model": "slow", "messages": msgs}))
-                         for _ in range(3)]
+        cfg = serve_config(tmp_path, [{"name": n, "providers": [prov(n, fs)], "threshold": 0.0, "max_tokens": 4,
+                                       "timeout_s": 20} for n, fs in (("slow", slow), ("dribble", dribble))],
+                           ["slow"], graceful_shutdown_s=1)      # and each tier is a model name of its own
+        async with serving(cfg, tmp_path, keepalive=False) as (client, proc):
+            msgs = [{"role": "user", "content": "hi"}]
+            plain = [asyncio.create_task(client.post("/v1/chat/completions", json={"model": "slow", "messages": msgs}))
+                     for _ in range(3)]
 
-                async def stream() -> tuple[httpx.Response, list[str]]:
-                    body = {"model": "dribble", "messages": msgs, "stream": True}
-                    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-                        return resp, [line async for line in resp.aiter_lines() if line]
+            async def stream() -> tuple[httpx.Response, list[str]]:
+                body = {"model": "dribble", "messages": msgs, "stream": True}
+                async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+                    return resp, [line async for line in resp.aiter_lines() if line]
 
-                streams = [asyncio.create_task(stream()) for _ in range(2)]
-                while slow.stats()["requests"] < 3 or dribble.stats()["requests"] < 2:
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(0.2)                   # the streams' first tokens are out
-                t_term = time.monotonic()
-                proc.send_signal(signal.SIGTERM)
-                answers = await asyncio.gather(*plain)
-                streamed = await asyncio.gather(*streams)
-                answered_in = time.monotonic() - t_term
+            streams = [asyncio.create_task(stream()) for _ in range(2)]
+            while slow.stats()["requests"] < 3 or dribble.stats()["requests"] < 2:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)                   # the streams' first tokens are out
+            t_term = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            answers = await asyncio.gather(*plain)
+            streamed = await asyncio.gather(*streams)
+            answered_in = time.monotonic() - t_term
             rc = await asyncio.to_thread(proc.wait, 30)
             out = proc.stdout.read().decode()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     assert rc in (0, -signal.SIGTERM), out
     assert 1 <= answered_in < 5, answered_in               # at the grace, not at uvicorn's own timeout
     assert "Exception in ASGI application" not in out and "timeout graceful shutdown exceeded" not in out, out
@@ -1132,13 +1122,9 @@ async def test_an_answer_already_recorded_is_sent_even_past_the_grace(tmp_path):
     import threading
 
     with FaultServerThread() as fast:
-        port = free_port()
         db = tmp_path / "ledger.sqlite"
-        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "graceful_shutdown_s": 1},
-               "ledger": {"path": str(db)},
-               "tiers": [{"name": "fast", "providers": [prov("fast", fast)], "threshold": 0.0, "max_tokens": 4}],
-               "policies": {"cascade": {"chain": ["fast"]}}}
-        proc = start_serve(cfg, tmp_path)
+        cfg = serve_config(tmp_path, [{"name": "fast", "providers": [prov("fast", fast)], "threshold": 0.0,
+                                       "max_tokens": 4}], ["fast"], graceful_shutdown_s=1)
         locked, release = threading.Event(), threading.Event()
 
         def hold_the_database() -> None:
@@ -1151,8 +1137,7 @@ async def test_an_answer_already_recorded_is_sent_even_past_the_grace(tmp_path):
 
         holder = threading.Thread(target=hold_the_database)
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-                await wait_healthy(client, proc)
+            async with serving(cfg, tmp_path) as (client, proc):
                 holder.start()
                 await asyncio.to_thread(locked.wait, 10)
                 body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
@@ -1164,12 +1149,9 @@ async def test_an_answer_already_recorded_is_sent_even_past_the_grace(tmp_path):
                 await asyncio.sleep(2.0)                   # past the 1 s grace
                 release.set()
                 r = await task
-            rc = await asyncio.to_thread(proc.wait, 30)
+                rc = await asyncio.to_thread(proc.wait, 30)
         finally:
             release.set()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
             holder.join(10)
     assert rc in (0, -signal.SIGTERM)
     assert r.status_code == 200, r.text
@@ -1183,26 +1165,14 @@ async def _one_request_logged(tmp_path, log_format: str | None) -> tuple[httpx.R
     chat completion, stop the server; returns the response and everything the server wrote."""
     with FaultServerThread() as a, FaultServerThread() as b:
         a.faults("500")
-        port = free_port()
-        server = {"host": "127.0.0.1", "port": port, "log_level": "info"}
-        if log_format is not None:
-            server["log_format"] = log_format
-        cfg = {"server": server, "ledger": {"path": str(tmp_path / "ledger.sqlite")},
-               "tiers": [{"name": "t", "providers": [prov("a", a), prov("b", b)], "threshold": 0.0, "max_tokens": 4,
-                          "retry": {"max_attempts": 1}}],
-               "policies": {"cascade": {"chain": ["t"]}}}
-        proc = start_serve(cfg, tmp_path)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-                await wait_healthy(client, proc)
-                r = await client.post("/v1/chat/completions",
-                                      json={"model": "cascade", "messages": [{"role": "user", "content": "hi"}]})
+        server = {"log_level": "info"} if log_format is None else {"log_level": "info", "log_format": log_format}
+        cfg = serve_config(tmp_path, [{"name": "t", "providers": [prov("a", a), prov("b", b)], "threshold": 0.0,
+                                       "max_tokens": 4, "retry": {"max_attempts": 1}}], ["t"], **server)
+        async with serving(cfg, tmp_path) as (client, proc):
+            r = await client.post("/v1/chat/completions",
+                                  json={"model": "cascade", "messages": [{"role": "user", "content": "hi"}]})
             proc.send_signal(signal.SIGTERM)
             out = (await asyncio.to_thread(proc.communicate, timeout=30))[0].decode()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     assert r.status_code == 200, r.text
     return r, out
 
