@@ -1029,9 +1029,9 @@ async def test_sigterm_stops_shadow_sampling_and_gives_samples_the_same_grace(tm
     with FaultServerThread() as small, FaultServerThread(delay_s=30) as large:
         small.faults("ok", "slow:4")                    # A answers at once; B takes 4 s, into the drain
         price = {"input_per_1m": 1.0, "output_per_1m": 2.0}
-        cfg = serve_config(tmp_path, [{"name": n, "providers": [prov(n, fs)], "threshold": 0.0, "max_tokens": 4,
-                                       "timeout_s": 40, "price": price} for n, fs in (("small", small), ("large", large))],
-                           ["small", "large"], graceful_shutdown_s=5)
+        tiers = [{"name": n, "providers": [prov(n, fs)], "threshold": 0.0, "max_tokens": 4, "timeout_s": 40,
+                  "price": price} for n, fs in (("small", small), ("large", large))]
+        cfg = serve_config(tmp_path, tiers, ["small", "large"], graceful_shutdown_s=5)
         # strict would escalate every answer: its outcome needs large, which a sample runs
         cfg["shadows"] = {"strict": {"of": "cascade", "thresholds": {"small": 1.0}, "sample_rate": 1.0,
                                      "sample_budget_usd": 1.0}}
