@@ -503,7 +503,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def amain(args: argparse.Namespace) -> int:
     size = "tiny" if args.tiny else ("gpu" if has_gpu() else "cpu")
     out = Path(args.out) if args.out else OUT_DIR / f"vllm_throughput_{size}.json"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import vllm
     except ImportError:

@@ -10,7 +10,8 @@
   as it names the catalog model.
 * On a host without an NVIDIA GPU (``--device auto`` finds none) it applies the CPU settings vLLM needs
   there: ``VLLM_CPU_KVCACHE_SPACE`` (``--kv-cache-space-gb``, default 2), fp32 and ``--enforce-eager``,
-  ``HF_HUB_OFFLINE=1``, and ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` on hosts of 4 cores or fewer.
+  and ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` on hosts of 4 cores or fewer. A model in a local directory also
+  gets ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` (unless set); a hub name may download.
 * Before it starts anything it checks, each failure one line ``vllm_server: error: ...`` and exit status 2:
   the model (a catalog id, a directory or ``org/name``), that ``--host`` resolves, that ``--port`` is free
   (a server already there would answer the health check as if it were ours), that ``--python`` runs and has
@@ -165,8 +166,9 @@ def build_command(args: argparse.Namespace, model_dir: str, port: int, cpu: bool
            "--served-model-name", args.served_model_name or args.model,
            "--host", args.host, "--port", str(port), "--max-logprobs", str(args.max_logprobs)]
     env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if Path(model_dir).is_dir():  # a local model needs no hub; a hub name on a GPU host may download
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     dtype = args.dtype
     eager = args.enforce_eager

@@ -185,6 +185,10 @@ def test_print_command_is_shell_quoted_with_the_environment_it_sets(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), str(model), "--device", "cpu", "--print-command"],
                        capture_output=True, text=True, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, check=True)
     assert "HF_HUB_OFFLINE" not in r.stdout
+    # a hub name on a GPU host is left free to download: no offline mode forced on it
+    r = subprocess.run([sys.executable, str(SCRIPT), "Qwen/Qwen2.5-1.5B-Instruct", "--device", "gpu",
+                        "--print-command"], capture_output=True, text=True, cwd=REPO, env=env, check=True)
+    assert "OFFLINE" not in r.stdout and "--model Qwen/Qwen2.5-1.5B-Instruct" in r.stdout, r.stdout
 
 
 def test_ipv6_host_url_has_brackets(tmp_path):

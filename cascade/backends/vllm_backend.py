@@ -267,8 +267,9 @@ class VLLMBackend(Backend):
     async def _start(self) -> None:
         t0 = time.perf_counter()
         self._path = self._resolve_model()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        if Path(self._path).is_dir():  # a local model needs no hub; a hub name on a GPU host may download
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             from vllm import SamplingParams, TokensPrompt
