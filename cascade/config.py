@@ -411,6 +411,20 @@ class DriftConfig(_Strict):
         return v
 
 
+def _without_logprobs(tier: "TierConfig") -> bool:
+    """Whether a tier (one of its providers) is told not to ask for token logprobs (openai's ``logprobs:
+    false``): its answers carry no confidence, so anywhere but last in a chain it would always escalate."""
+    options = [p.options for p in tier.providers] if tier.providers else [tier.options]
+    return any(o.get("logprobs") is False for o in options)
+
+
+def _last_only(chain: list[str], no_logprobs: set[str], where: str) -> None:
+    early = [t for t in chain[:-1] if t in no_logprobs]
+    if early:
+        raise ValueError(f"{where}: tier(s) {early} have options.logprobs: false (their answers carry no "
+                         "confidence, so they would always escalate): such a tier can only be a chain's last")
+
+
 def _unique_chain(chain: list[str], where: str) -> None:
     dupes = sorted({t for t in chain if chain.count(t) > 1})
     if dupes:
@@ -445,6 +459,7 @@ class Config(_Strict):
         clash = sorted(set(names) & set(self.policies))
         if clash:
             raise ValueError(f"policies: name(s) {clash} are also tier names; a model name must be unambiguous")
+        no_logprobs = {t.name for t in self.tiers if _without_logprobs(t)}
         for pname, pol in self.policies.items():
             if not pname.strip():
                 raise ValueError("policies: a policy name must not be empty")
@@ -452,6 +467,7 @@ class Config(_Strict):
             for t in pol.chain:
                 if t not in names:
                     raise ValueError(f"policies.{pname}.chain: unknown tier {t!r}; tiers are {names}")
+            _last_only(pol.chain, no_logprobs, f"policies.{pname}.chain")
             for t in pol.thresholds:
                 if t not in pol.chain:
                     raise ValueError(f"policies.{pname}.thresholds: tier {t!r} is not in the chain")
@@ -488,6 +504,7 @@ class Config(_Strict):
             for t in sh.chain or ():
                 if t not in names:
                     raise ValueError(f"shadows.{sname}.chain: unknown tier {t!r}; tiers are {names}")
+            _last_only(sh.chain or [], no_logprobs, f"shadows.{sname}.chain")
             for what in ("thresholds", "calibrators"):
                 for t in getattr(sh, what):
                     if t not in chain:

@@ -819,6 +819,9 @@ class Engine:
                 raise
             decision = decide(att.features, route.calibrator(i), threshold, is_last=is_last)
             att.confidence, att.reason = decision.confidence, decision.reason
+            if res.text and not res.tokens:  # not an empty answer: a text with no tokens to be confident in
+                why = "the upstream sent no token logprobs"
+                att.reason = f"last tier always answers ({why})" if is_last else why
             if att.max_tokens_cut is not None:
                 att.reason += f"; max_tokens cut to {att.max_tokens_cut} by the cost budget"
             if not decision.escalate:

@@ -396,7 +396,8 @@ def classify(exc: BaseException, provider: str, *, timeout_s: float | None = Non
     if isinstance(exc, ProviderAuthError):
         # a fresh error, deliberately not chained: the original's text (and its cause's) may hold the key
         status = exc.upstream_status
-        return ProviderAuthError(f"{provider}: credentials rejected" + (f" (HTTP {status})" if status else ""),
+        what = "account out of quota or credits" if status == 429 else "credentials rejected"
+        return ProviderAuthError(f"{provider}: {what}" + (f" (HTTP {status})" if status else ""),
                                  provider=provider, status=status)
     if isinstance(exc, CascadeError):
         if exc.message != (clean := redact(exc.message)):

@@ -289,3 +289,50 @@ async def test_an_empty_answer_with_sure_logprobs_escalates(tmp_path):
     rec = out.record
     assert rec.tier == "second" and rec.escalated
     assert rec.attempts[0].decision == "escalate" and rec.attempts[0].reason == "empty answer"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_null_logprob_is_floored_alike_on_both_endpoints(endpoint, stream):
+    """SGLang and llama.cpp write a logprob of -inf as ``null``: a chosen token's is NULL_TOKEN_LOGPROB (-30, as
+    the completions path always floored it), an alternative's LOGPROB_MIN (-inf's). On chat it made the answer
+    malformed (float(None)), and an alternative's null did on completions too: the tier fell over."""
+    from cascade.backends.openai_backend import LOGPROB_MIN, NULL_TOKEN_LOGPROB
+    from tests.fault_server import FaultServerThread
+
+    req = LP if endpoint == "chat" else GenerationRequest(prompt="Hi", max_tokens=4, top_logprobs=2)
+    with FaultServerThread() as upstream:
+        upstream.faults({"kind": "odd", "logprob": None, "top_logprob": None})
+        b = OpenAIBackend(model="m", base_url=upstream.base_url, endpoint=endpoint)
+        try:
+            if stream:
+                tokens = [t for c in [c async for c in b.stream(req)] for t in c.tokens]
+            else:
+                tokens = list((await b.generate(req)).tokens)
+        finally:
+            await b.close()
+    assert len(tokens) == 4 and all(t.logprob == NULL_TOKEN_LOGPROB for t in tokens)
+    assert all(t.top and all(a.logprob == LOGPROB_MIN for a in t.top) for t in tokens)
+
+
+async def test_an_answer_with_text_but_no_logprobs_says_so(tmp_path):
+    """Text with no token logprobs escalates as an empty answer does, but its reason says what happened."""
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as first, FaultServerThread() as second:
+        first.faults("bare", "bare")
+        cfg = make_config(tmp_path, [
+            {"name": "first", "backend": "openai", "model": "m", "threshold": 0.5,
+             "options": {"base_url": first.base_url}},
+            {"name": "second", "backend": "openai", "model": "m", "options": {"base_url": second.base_url}}],
+            {"cascade": {"chain": ["first", "second"]}})
+        engine = await Engine.open(cfg)
+        try:
+            q = GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=4)
+            rec = (await engine.run(q, model="cascade")).record
+            pinned = (await engine.run(q, model="first")).record
+        finally:
+            await engine.close()
+    assert rec.tier == "second" and rec.attempts[0].decision == "escalate"
+    assert rec.attempts[0].reason == "the upstream sent no token logprobs"
+    assert pinned.attempts[0].reason == "last tier always answers (the upstream sent no token logprobs)"

@@ -4,6 +4,22 @@ Uses the official ``openai`` async client with its own retries disabled (retries
 engine's job, so they never stack). Token logprobs and top-k alternatives are requested on both
 endpoints: chat (``logprobs=true, top_logprobs=k``) and completions (``logprobs=k``). Every ``openai``
 exception is translated here into the engine's error tree, the original chained.
+
+Options (a tier's or provider's ``options``): ``base_url``; ``api_key`` or ``api_key_env`` (the name of an
+environment variable holding it); ``endpoint`` (``chat``, the default, or ``completions``); ``extra_body``
+(fields added to every request's body, e.g. vLLM's ``top_k``); ``logprobs`` (default ``true``): ``false``
+for a provider that refuses the ``logprobs``/``top_logprobs`` parameters with a 400 (Groq, DeepSeek's
+reasoner, OpenAI's reasoning models): neither is sent (whatever ``top_logprobs`` a client asks for) and
+the answers carry no token logprobs, so such a tier has no confidence: it can only be a route's last tier.
+
+What upstreams send is read in each real server's shape: llama.cpp's ``/v1/completions`` logprobs in the
+chat shape (``{"content": [...]}``) as well as the legacy one; a ``null`` logprob (SGLang and llama.cpp
+write ``-inf`` so) floored; a reasoning model's thinking (``reasoning_content``/``reasoning`` beside the
+answer, its tokens in the same ``logprobs.content``) left out of the answer's tokens; context overflows in
+OpenAI's, vLLM's and llama.cpp's words; OpenAI's ``insufficient_quota`` 429 (out of credits, not a rate
+limit) as a refused credential. A streamed 200 that carries no answer (no event with
+``choices``: an HTML page, a JSON body from a server that ignored ``stream``, only ``[DONE]``) is a
+malformed response, and a stream that ends without a finish reason was cut off.
 """
 
 from __future__ import annotations
@@ -43,7 +59,15 @@ from cascade.types import (
 
 log = logging.getLogger("cascade.backends.openai")
 
-_CONTEXT_MARKERS = ("context length", "context_length", "maximum context", "too many tokens", "prompt is too long")
+#: what an upstream's 400 says of a prompt too long for the model: OpenAI's and vLLM's "maximum context length",
+#: vLLM's "The decoder prompt (length N) is longer than the maximum model length of M", llama.cpp's "request (N
+#: tokens) exceeds the available context size (M tokens)"
+_CONTEXT_MARKERS = ("context length", "context_length", "maximum context", "too many tokens", "prompt is too long",
+                    "maximum model length", "exceeds the available context size")
+#: the error ``code`` or ``type`` an upstream gives a context overflow (OpenAI's code, llama.cpp's type)
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+#: the ``code`` or ``type`` of OpenAI's 429 for an account out of credits: no rate limit that passes
+_QUOTA_CODES = frozenset({"insufficient_quota"})
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -97,6 +121,11 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
         body = str(getattr(exc, "message", "") or exc)
         msg = redact(f"{provider}: HTTP {status}: {body}", secrets)
         retry = _retry_after(exc.response.headers if exc.response is not None else None)
+        if status == 429 and _error_codes(exc) & _QUOTA_CODES:
+            # out of credits (OpenAI's insufficient_quota): every call fails until someone pays, so it is a refused
+            # credential (the breaker forced open, the tier falls over), not a rate limit retried on every request
+            return ProviderAuthError(f"{provider}: account out of quota or credits (HTTP 429 insufficient_quota)",
+                                     provider=provider, status=status)
         if status == 429:
             return RateLimitedError(msg, provider=provider, status=status, retry_after=retry)
         if status in (401, 403):  # the body says no more than this, and may quote (part of) the key
@@ -105,8 +134,7 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
         if status == 404:  # the upstream has no such model or route: our configuration's fault, not the
             return ProviderError(msg, provider=provider, status=status)  # client's; another provider may have it
         if status in (400, 413, 422):
-            if any(m in body.lower() for m in _CONTEXT_MARKERS) or (
-                    getattr(exc, "code", None) == "context_length_exceeded"):
+            if any(m in body.lower() for m in _CONTEXT_MARKERS) or _error_codes(exc) & _CONTEXT_CODES:
                 return ProviderContextLengthError(msg, provider=provider, status=status)
             # the upstream's own code for what is wrong with the request (e.g. invalid_value) tells the client most
             code = getattr(exc, "code", None)
@@ -120,17 +148,25 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
     return ProviderError(redact(f"{provider}: {type(exc).__name__}: {exc}", secrets), provider=provider)
 
 
+def _error_codes(exc: Any) -> set[str]:
+    """The ``code`` and ``type`` an upstream's error body gave (strings only: vLLM's and llama.cpp's codes are
+    the HTTP status as a number)."""
+    return {v for v in (getattr(exc, "code", None), getattr(exc, "type", None)) if isinstance(v, str) and v}
+
+
 class OpenAIBackend(Backend):
     kind = "openai"
 
     def __init__(self, *, model: str, name: str | None = None, base_url: str | None = None,
                  api_key: str | None = None, api_key_env: str | None = None, endpoint: str = "chat",
                  timeout_s: float = 120.0, context_length: int | None = None,
-                 extra_body: dict[str, Any] | None = None, **unknown: Any) -> None:
+                 extra_body: dict[str, Any] | None = None, logprobs: bool = True, **unknown: Any) -> None:
         super().__init__(model=model, name=name)
         if unknown:
             raise ConfigError(f"tier {self.name!r}: unknown openai option(s) {sorted(unknown)}; known: "
-                              "base_url, api_key, api_key_env, endpoint, extra_body")
+                              "base_url, api_key, api_key_env, endpoint, extra_body, logprobs")
+        if not isinstance(logprobs, bool):
+            raise ConfigError(f"tier {self.name!r}: options.logprobs must be true or false")
         if endpoint not in ("chat", "completions"):
             raise ConfigError(f"tier {self.name!r}: options.endpoint must be 'chat' or 'completions'")
         if api_key is None and api_key_env:
@@ -143,6 +179,8 @@ class OpenAIBackend(Backend):
         self._timeout = timeout_s
         self._ctx = context_length
         self._extra_body = extra_body or {}
+        #: ask for token logprobs (``options.logprobs: false``: a provider that refuses the parameters)
+        self._logprobs = logprobs
         self._client: Any = None
 
     @classmethod
@@ -199,15 +237,17 @@ class OpenAIBackend(Backend):
             # ``messages`` is required, so it gets an empty list that the body's replaces
             kw["messages"] = []
             kw["extra_body"] = {**kw.get("extra_body", {}), "messages": [m.as_dict() for m in request.messages or ()]}
-            kw["logprobs"] = True
-            if request.top_logprobs:
-                kw["top_logprobs"] = request.top_logprobs
+            if self._logprobs:
+                kw["logprobs"] = True
+                if request.top_logprobs:
+                    kw["top_logprobs"] = request.top_logprobs
         else:
             prompt = request.prompt
             if prompt is None:  # chat messages sent to a completions-only server: plain transcript
                 prompt = "".join(f"{m.role}: {m.content}\n" for m in request.messages or ()) + "assistant:"
             kw["prompt"] = prompt
-            kw["logprobs"] = max(1, request.top_logprobs)
+            if self._logprobs:
+                kw["logprobs"] = max(1, request.top_logprobs)
         return kw
 
     # --- generation -------------------------------------------------------------------------------
@@ -219,13 +259,16 @@ class OpenAIBackend(Backend):
                 resp = await self._client.chat.completions.create(**self._kwargs(request))
                 choice = resp.choices[0]
                 text = choice.message.content or ""
-                tokens = _chat_tokens(choice.logprobs)
+                tokens = _chat_tokens(choice.logprobs) if self._logprobs else ()
+                generated = len(tokens)  # a reasoning model's thinking included: it is billed
+                if tokens and _reasoning(choice.message):
+                    tokens = _answer_tail(tokens, text)
             else:
                 resp = await self._client.completions.create(**self._kwargs(request))
                 choice = resp.choices[0]
                 text = choice.text or ""
-                tokens = _completion_tokens(choice.logprobs)
-        generated = len(tokens)
+                tokens = _completion_tokens(choice.logprobs) if self._logprobs else ()
+                generated = len(tokens)
         if request.stop:  # a server may send the logprobs of the tokens its stop sequence cut away
             tokens = fit_tokens(tokens, text)
         latency = time.perf_counter() - t0
@@ -255,28 +298,44 @@ class OpenAIBackend(Backend):
             try:
                 finish: str | None = None
                 usage: Usage | None = None
+                answered = False  # an event with choices came: the body is an answer's stream
                 seen_text, seen_tokens = [], 0  # for a usage block that leaves a count out
                 async for ev in stream:
                     if ev.choices:
+                        answered = True
                         ch = ev.choices[0]
                         if chat:
-                            text = (ch.delta.content or "") if ch.delta else ""
-                            toks = _chat_tokens(ch.logprobs)
+                            delta = ch.delta
+                            text = (delta.content or "") if delta else ""
+                            toks = _chat_tokens(ch.logprobs) if self._logprobs else ()
+                            seen_tokens += len(toks)  # a reasoning model's thinking included: it is billed
+                            if toks and delta is not None and _reasoning(delta):  # thinking: not the answer's
+                                toks = _answer_tail(toks, text)
                         else:
-                            text, toks = ch.text or "", _completion_tokens(ch.logprobs)
+                            text = ch.text or ""
+                            toks = _completion_tokens(ch.logprobs) if self._logprobs else ()
+                            seen_tokens += len(toks)
                         finish = _finish(ch.finish_reason) if ch.finish_reason is not None else finish
                         if hold is not None:
                             toks = hold.feed(text, toks)
                         seen_text.append(text)
-                        seen_tokens += len(toks)
                         if text or toks:
                             yield StreamChunk(text=text, tokens=toks)
                     if ev.usage is not None:  # a count it leaves out is estimated, as for an answer without usage
                         usage = Usage(_count(ev.usage.prompt_tokens) or self.estimate_prompt_tokens(request),
                                       _count(ev.usage.completion_tokens)
                                       or answer_tokens(seen_tokens, "".join(seen_text)))
+                if not answered:  # a 200 whose body is no answer's stream: as the same body unstreamed
+                    ctype = stream.response.headers.get("content-type", "")
+                    raise malformed_response(self.name, ValueError(
+                        f"the stream carried no answer (no event with choices; content-type {ctype!r})"),
+                        self._secrets())
+                if finish is None:  # every server ends an answer with its finish reason: this one was cut off
+                    raise ProviderConnectionError(
+                        f"{self.name}: the stream ended without a finish reason (cut off after "
+                        f"{len(''.join(seen_text))} characters)", provider=self.name, answered=True)
                 yield StreamChunk(text="", tokens=hold.finish() if hold is not None else (),
-                                  finish_reason=finish or "stop", usage=usage)
+                                  finish_reason=finish, usage=usage)
             finally:  # a consumer that stops early: the HTTP response is closed now, not by the collector
                 await stream.close()
 
@@ -320,16 +379,22 @@ def malformed_response(provider: str, exc: Exception, secrets: Sequence[str] = (
 
 #: the lowest logprob passed on: a token's probability of 0 (-inf upstream) is -9999, as OpenAI sends it
 LOGPROB_MIN = -9999.0
+#: a chosen token's ``null`` logprob (legacy completions' first echoed token; SGLang and llama.cpp write -inf as
+#: null): very unlikely, not impossible (it was chosen). An alternative's ``null`` is ``LOGPROB_MIN``, as -inf is
+NULL_TOKEN_LOGPROB = -30.0
 #: how far above 0 rounding may put a sure token's logprob (it is then 0)
 _LOGPROB_SLACK = 1e-3
 #: the finish reasons of OpenAI's protocol; any other an upstream sends is "stop"
 _FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
 
 
-def _logprob(value: Any) -> float:
+def _logprob(value: Any, if_null: float = LOGPROB_MIN) -> float:
     """An upstream's token logprob as the log of a probability: below ``LOGPROB_MIN`` (``-inf`` too) it is
-    ``LOGPROB_MIN``, a hair above 0 is 0. NaN, a positive value or no number is not a logprob: ValueError
-    (a malformed answer, whose tier falls over: a confidence from it would be made up; JSON has no NaN)."""
+    ``LOGPROB_MIN``, a hair above 0 is 0, ``None`` (JSON's null: how SGLang and llama.cpp write -inf) is
+    ``if_null``. NaN, a positive value or no number is not a logprob: ValueError (a malformed answer, whose
+    tier falls over: a confidence from it would be made up; JSON has no NaN)."""
+    if value is None:
+        return if_null
     x = float(value)
     if not x <= _LOGPROB_SLACK:  # NaN, +inf, 5.0
         raise ValueError(f"token logprob {value!r} is not the log of a probability")
@@ -354,18 +419,61 @@ def _finish(value: Any) -> str:
     return value if isinstance(value, str) and value in _FINISH_REASONS else "stop"
 
 
+def _field(item: Any, name: str) -> Any:
+    """A field of an upstream's object, parsed (the SDK's model) or not (a dict: what the SDK leaves of a field
+    its model lacks, as llama.cpp's ``content`` in a completion's logprobs)."""
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
+
+
 def _chat_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
-    content = getattr(logprobs, "content", None) or ()
+    """The tokens of ``{"content": [{token, logprob, bytes, top_logprobs}, ...]}``: chat's logprobs, and
+    llama.cpp's completions' (the same shape)."""
+    content = _field(logprobs, "content") or ()
     return tuple(
-        TokenLogprob(token=c.token, logprob=_logprob(c.logprob), raw=_raw(c),
-                     top=tuple(TopLogprob(token=t.token, logprob=_logprob(t.logprob), raw=_raw(t))
-                               for t in (c.top_logprobs or ())))
+        TokenLogprob(token=_field(c, "token"), logprob=_logprob(_field(c, "logprob"), NULL_TOKEN_LOGPROB),
+                     raw=_raw(c),
+                     top=tuple(TopLogprob(token=_field(t, "token"), logprob=_logprob(_field(t, "logprob")),
+                                          raw=_raw(t))
+                               for t in (_field(c, "top_logprobs") or ())))
         for c in content)
+
+
+def _reasoning(holder: Any) -> bool:
+    """Whether a chat message (or a stream's delta) carries a reasoning model's thinking beside its answer:
+    ``reasoning_content`` (vLLM's reasoning parsers, llama.cpp's reasoning_format, DeepSeek) or
+    ``reasoning`` (newer vLLM). Its tokens are then in the same ``logprobs.content`` as the answer's."""
+    return any(isinstance(v := _field(holder, name), str) and v for name in ("reasoning_content", "reasoning"))
+
+
+def _answer_tail(tokens: tuple[TokenLogprob, ...], content: str) -> tuple[TokenLogprob, ...]:
+    """Of a reasoning model's tokens (its thinking, then its answer), the trailing ones that make up the
+    answer ``content``: the confidence is the answer's. Matched on the tokens' bytes: the answer's UTF-8 ends
+    them (whitespace around it aside: a parser may strip what joins the thinking to the answer), beginning
+    at a token (or within one whose part before it is whitespace). No content: no tokens. Tokens that do not
+    end with the content are kept as they came, as any tokens that do not join to their text are (this
+    module does not second-guess a server's logprobs); the confidence then includes the thinking's."""
+    pieces = [t.utf8 for t in tokens]
+    joined = b"".join(pieces)
+    want = content.encode("utf-8", "replace")
+    if joined.endswith(want):
+        start = len(joined) - len(want)
+    else:
+        trimmed, want = joined.rstrip(), want.strip()
+        if not want or not trimmed.endswith(want):
+            return tokens  # no match: kept as they came (see above)
+        start = len(trimmed) - len(want)
+    pos = 0
+    for i, piece in enumerate(pieces):
+        end = pos + len(piece)
+        if end > start:  # the token the answer begins in
+            return tokens[i:] if not joined[pos:start].strip() else tokens
+        pos = end
+    return ()
 
 
 def _raw(item: Any) -> bytes | None:
     """The upstream's ``bytes`` of a token (a list of byte values), when it sent them."""
-    b = getattr(item, "bytes", None)
+    b = _field(item, "bytes")
     try:
         return bytes(b) if b is not None else None
     except (TypeError, ValueError):  # not byte values: the token's text stands
@@ -373,12 +481,16 @@ def _raw(item: Any) -> bytes | None:
 
 
 def _completion_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
-    if logprobs is None or not getattr(logprobs, "tokens", None):
+    """A completion's tokens: the legacy shape (``tokens``, ``token_logprobs``, ``top_logprobs`` as dicts), or
+    llama.cpp's, which is chat's (``{"content": [...]}``)."""
+    if logprobs is None:
         return ()
+    if not _field(logprobs, "tokens"):
+        return _chat_tokens(logprobs) if _field(logprobs, "content") else ()
     tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
     out = []
     for tok, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=False):
         alts = tuple(sorted((TopLogprob(token=k, logprob=_logprob(v)) for k, v in (top or {}).items()),
                             key=lambda a: -a.logprob))
-        out.append(TokenLogprob(token=tok, logprob=_logprob(lp if lp is not None else -30.0), top=alts))
+        out.append(TokenLogprob(token=tok, logprob=_logprob(lp, NULL_TOKEN_LOGPROB), top=alts))
     return tuple(out)

@@ -1,0 +1,540 @@
+"""The `openai` backend against real servers' wire formats: llama.cpp, vLLM, SGLang, OpenAI.
+
+A raw asyncio HTTP/1.1 server on loopback answers each request in the exact shape the named server sends
+(the request's ``model`` picks the scenario): its error bodies, llama.cpp's chat-shaped logprobs on
+``/v1/completions``, ``null`` logprobs, a reasoning model's thinking beside its answer, streams that carry
+no answer or are cut off, a provider that refuses the logprobs parameters. Raw bytes, so a proxy's HTML
+page, a JSON body where a stream was asked for, or a chunked stream that ends without ``[DONE]`` are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import pytest
+
+from cascade.backends.openai_backend import LOGPROB_MIN, NULL_TOKEN_LOGPROB, OpenAIBackend
+from cascade.engine import Engine, StreamDelta, StreamEnd, StreamFailed
+from cascade.errors import (
+    ConfigError,
+    ProviderAuthError,
+    ProviderConnectionError,
+    ProviderContextLengthError,
+    ProviderInvalidRequestError,
+    ProviderServerError,
+    RateLimitedError,
+)
+from cascade.types import GenerationRequest, Message
+from tests.conftest import make_config
+
+CHAT = GenerationRequest(messages=(Message("user", "What is 6*7?"),), max_tokens=16, top_logprobs=2)
+RAW = GenerationRequest(prompt="6*7 =", max_tokens=16, top_logprobs=2)
+TOKS = [("The", -0.01), (" answer", -0.2), (" is", -0.05), (" 4", -0.5), ("2", -0.3)]
+TEXT = "".join(t for t, _ in TOKS)
+
+
+# --- the wire formats ----------------------------------------------------------------------------------
+
+def entry(tok: str, lp: float | None, *, alt: float | None = -5.0, llama: bool = False) -> dict[str, Any]:
+    """One token of chat's ``logprobs.content`` (llama.cpp adds ``id``)."""
+    e = {"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+         "top_logprobs": [{"token": tok, "logprob": lp, "bytes": list(tok.encode())},
+                          {"token": "alt", "logprob": alt, "bytes": list(b"alt")}]}
+    if llama:
+        e = {"id": 1000 + len(tok), **e}
+        for t in e["top_logprobs"]:
+            t["id"] = 7
+    return e
+
+
+def chat(model: str, content: str | None = TEXT, entries: list | None = None, **message: Any) -> dict[str, Any]:
+    entries = [entry(t, lp) for t, lp in TOKS] if entries is None else entries
+    return {"id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, **message},
+                         "logprobs": {"content": entries}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": len(entries), "total_tokens": 11 + len(entries)}}
+
+
+def chunk(model: str, delta: dict | None, lp: list | None = None, finish: str | None = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": {"content": lp} if lp else None,
+                         "finish_reason": finish}]}
+
+
+def usage_chunk(model: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}}
+
+
+def oai_stream(model: str, toks=TOKS, *, null: bool = False) -> list[dict[str, Any]]:
+    """OpenAI's: a role-only first chunk, one chunk per token, the finish chunk, the usage chunk."""
+    ev = [chunk(model, {"role": "assistant", "content": ""})]
+    ev += [chunk(model, {"content": t}, [entry(t, None if null and i == 0 else lp, alt=None if null else -5.0)])
+           for i, (t, lp) in enumerate(toks)]
+    return ev + [chunk(model, {}, finish="stop"), usage_chunk(model)]
+
+
+def cmpl_stream(model: str) -> list[dict[str, Any]]:
+    """vLLM's /v1/completions stream: legacy logprobs per token, a finish chunk, a usage chunk."""
+    ev = [{"id": "cmpl-x", "object": "text_completion", "created": 1, "model": model,
+           "choices": [{"index": 0, "text": t, "finish_reason": None, "logprobs": {
+               "text_offset": [0], "token_logprobs": [lp], "tokens": [t], "top_logprobs": [{t: lp}]}}]}
+          for t, lp in TOKS]
+    ev.append({"id": "cmpl-x", "object": "text_completion", "created": 1, "model": model,
+               "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]})
+    return ev + [{"id": "cmpl-x", "object": "text_completion", "created": 1, "model": model, "choices": [],
+                  "usage": {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}}]
+
+
+def completion(model: str, logprobs: dict | None, text: str = TEXT) -> dict[str, Any]:
+    return {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}}
+
+
+def legacy_logprobs(null: bool = False) -> dict[str, Any]:
+    return {"tokens": [t for t, _ in TOKS], "text_offset": [0, 3, 10, 13, 15],
+            "token_logprobs": [None if null and i == 0 else lp for i, (_, lp) in enumerate(TOKS)],
+            "top_logprobs": [{t: lp, "zz": None if null else lp - 3} for t, lp in TOKS]}
+
+
+def error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple:
+    return ("body", status, "application/json", json.dumps(body).encode(), headers or {})
+
+
+def oai_error(message: str, type_: str, code: Any, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+THINK = [("<think>", -0.01), ("Let", -1.5), (" me", -2.0), (" think", -2.5), ("</think>", -0.1)]
+
+
+def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
+    """``("body", status, content-type, bytes, headers)`` or ``("sse", [event, ...], done)``."""
+    stream, chat_path = bool(body.get("stream")), path.endswith("/chat/completions")
+    # --- errors, in each server's words (also the answer to a stream: the status comes first)
+    if model == "ctx-llama":  # llama.cpp tools/server: exceed_context_size_error
+        return error(400, {"error": {"code": 400, "message": "request (5000 tokens) exceeds the available context "
+                                     "size (4096 tokens), try increasing it", "type": "exceed_context_size_error",
+                                     "n_prompt_tokens": 5000, "n_ctx": 4096}})
+    if model == "ctx-llama-type":  # the type alone says it, whatever the message's words
+        return error(400, {"error": {"code": 400, "message": "prompt too large for the slot",
+                                     "type": "exceed_context_size_error"}})
+    if model == "ctx-vllm-decoder":
+        return error(400, oai_error("The decoder prompt (length 5000) is longer than the maximum model length of "
+                                    "4096. Make sure that `max_model_len` is no smaller than the number of text "
+                                    "tokens.", "BadRequestError", 400))
+    if model == "ctx-vllm-old":  # vLLM before 0.7: the error object at the top level
+        return error(400, {"object": "error", "message": "The decoder prompt (length 5000) is longer than the "
+                           "maximum model length of 4096.", "type": "BadRequestError", "param": None, "code": 400})
+    if model == "bad-request":
+        return error(400, oai_error("top_logprobs requires logprobs to be set to true", "invalid_request_error",
+                                    400))
+    if model == "quota":  # OpenAI, out of credits
+        return error(429, oai_error("You exceeded your current quota, please check your plan and billing details.",
+                                    "insufficient_quota", "insufficient_quota"))
+    if model == "rate":
+        return error(429, oai_error("Rate limit reached for requests per min (RPM).", "requests",
+                                    "rate_limit_exceeded"), {"retry-after": "20"})
+    if model == "no-logprobs-param":  # Groq, DeepSeek reasoner, OpenAI reasoning models
+        if "logprobs" in body or "top_logprobs" in body:
+            return error(400, oai_error("Unsupported parameter: 'logprobs' is not supported with this model.",
+                                        "invalid_request_error", "unsupported_parameter", "logprobs"))
+        if stream:  # logprobs sent all the same: not read
+            return ("sse", oai_stream(model) if chat_path else cmpl_stream(model), True)
+        return ("body", 200, "application/json",
+                json.dumps(chat(model) if chat_path else completion(model, legacy_logprobs())).encode(), {})
+    # --- streams
+    if stream and chat_path:
+        streams = {
+            "ok": lambda: (oai_stream(model), True),
+            "null-lp": lambda: (oai_stream(model, null=True), True),
+            "done-only": lambda: ([], True),
+            "usage-only": lambda: ([usage_chunk(model)], True),
+            "truncated": lambda: (oai_stream(model)[:3], False),   # 2 tokens, then the body ends cleanly
+            "role-then-close": lambda: (oai_stream(model)[:1], False),
+            "reasoning": lambda: ([chunk(model, {"role": "assistant", "content": None})]
+                                  + [chunk(model, {"reasoning_content": t}, [entry(t, lp)]) for t, lp in THINK[1:4]]
+                                  + [chunk(model, {"content": t}, [entry(t, lp)])
+                                     for t, lp in (("4", -0.01), ("2", -0.02))]
+                                  + [chunk(model, {}, finish="stop"), usage_chunk(model)], True),
+        }
+        if model in streams:
+            events, done = streams[model]()
+            return ("sse", events, done)
+        if model == "html":  # a proxy's sign-in page, 200
+            return ("body", 200, "text/html", b"<html><body>Please sign in to the proxy</body></html>", {})
+        if model == "json-body":  # a server that ignores stream: true
+            return ("body", 200, "application/json", json.dumps(chat(model)).encode(), {})
+    if stream and not chat_path and model == "llama-cmpl":  # llama.cpp: {"content": [...]} in every chunk
+        events = [{"choices": [{"text": t, "index": 0, "logprobs": {"content": [entry(t, lp, llama=True)]},
+                                "finish_reason": None}], "created": 1, "model": model, "object": "text_completion",
+                   "id": "x"} for t, lp in TOKS]
+        events.append({"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}], "created": 1,
+                       "model": model, "object": "text_completion", "id": "x",
+                       "usage": {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}})
+        return ("sse", events, True)
+    # --- whole answers
+    answers: dict[str, Any] = {}
+    if chat_path:
+        answers = {
+            "ok": lambda: chat(model),
+            "null-lp": lambda: chat(model, entries=[entry(t, None if i == 0 else lp, alt=None)
+                                                   for i, (t, lp) in enumerate(TOKS)]),
+            # vLLM's reasoning parser (reasoning_content), the thinking's tokens first in logprobs.content
+            "reasoning": lambda: chat(model, "42", [entry(t, lp) for t, lp in
+                                                    THINK + [("\n\n", -0.3), ("4", -0.01), ("2", -0.02)]],
+                                      reasoning_content="Let me think"),
+            # newer vLLM (``reasoning``), the answer's whitespace stripped by the parser, "\n\n" merged in a token
+            "reasoning-new": lambda: chat(model, "42", [entry(t, lp) for t, lp in
+                                                        THINK + [("\n\n4", -0.01), ("2", -0.02), ("\n", -0.5)]],
+                                          reasoning="Let me think"),
+            # the thinking ran into max_tokens: no answer
+            "reasoning-cut": lambda: chat(model, None, [entry(t, lp) for t, lp in THINK[:3]],
+                                          reasoning_content="Let me"),
+            # tokens that do not end with the answer: kept as they came
+            "reasoning-mismatch": lambda: chat(model, "42", [entry(t, lp) for t, lp in THINK + [("43", -0.4)]],
+                                               reasoning_content="Let me think"),
+        }
+    elif model == "llama-cmpl":  # llama.cpp's /v1/completions (to_json_oaicompat): chat's logprobs shape
+        llama_lp = {"content": [entry(t, lp, llama=True) for t, lp in TOKS]}
+        answers = {"llama-cmpl": lambda: {**completion(model, llama_lp), "timings": {"prompt_n": 4, "predicted_n": 5}}}
+    elif model == "llama-cmpl-null":
+        answers = {"llama-cmpl-null": lambda: completion(model, {"content": [
+            entry(t, None if i == 0 else lp, alt=None, llama=True) for i, (t, lp) in enumerate(TOKS)]})}
+    elif model == "null-lp":  # legacy completions: the first token's logprob null, the alternatives' too
+        answers = {"null-lp": lambda: completion(model, legacy_logprobs(null=True))}
+    if model in answers:
+        return ("body", 200, "application/json", json.dumps(answers[model]()).encode(), {})
+    return error(404, oai_error(f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found"))
+
+
+class Upstream:
+    """The raw server on 127.0.0.1 (an ephemeral port), in a thread with its own event loop. ``requests``:
+    each request's path and body (its messages left out), in arrival order."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def seen(self, model: str) -> int:
+        return sum(r["body"].get("model") == model for r in self.requests)
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    def __enter__(self) -> "Upstream":
+        self._thread.start()
+        assert self._ready.wait(10), "upstream did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def shutdown() -> None:
+            self.server.close()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.add(task := asyncio.current_task())
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                _, path, _ = head[0].split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in head[1:] if ":" in h)}
+                n = int(headers.get("content-length", "0"))
+                body = json.loads(await reader.readexactly(n)) if n else {}
+                self.requests.append({"path": path, "body": {k: v for k, v in body.items() if k != "messages"}})
+                out = respond(str(body.get("model", "")), path, body)
+                if out[0] == "body":
+                    _, status, ctype, payload, extra = out
+                    lines = [f"HTTP/1.1 {status} X", f"content-type: {ctype}", f"content-length: {len(payload)}"]
+                    lines += [f"{k}: {v}" for k, v in extra.items()]
+                    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+                else:  # chunked SSE, ended cleanly (the 0-length chunk), with or without [DONE]
+                    _, events, done = out
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n")
+                    parts = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
+                    parts += [b"data: [DONE]\n\n"] if done else []
+                    for part in parts:
+                        writer.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                        await writer.drain()
+                    writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with Upstream() as up:
+        yield up
+
+
+async def generate(up: Upstream, model: str, request: GenerationRequest = CHAT, **options: Any):
+    b = OpenAIBackend(model=model, name=model, base_url=up.base_url, timeout_s=10, **options)
+    try:
+        return await b.generate(request)
+    finally:
+        await b.close()
+
+
+async def stream(up: Upstream, model: str, request: GenerationRequest = CHAT, got: list | None = None,
+                 **options: Any):
+    """The stream's chunks; ``got`` collects them as they come (for a stream that raises)."""
+    b = OpenAIBackend(model=model, name=model, base_url=up.base_url, timeout_s=10, **options)
+    got = [] if got is None else got
+    try:
+        async for c in b.stream(request):
+            got.append(c)
+    finally:
+        await b.close()
+    return got
+
+
+def remote(name: str, up: Upstream, model: str, **kw: Any) -> dict[str, Any]:
+    options = {"base_url": up.base_url, **kw.pop("options", {})}
+    return {"name": name, "backend": "openai", "model": model, "threshold": 0.5, "max_tokens": 16,
+            "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": options, **kw}
+
+
+# --- 1. context overflow in llama.cpp's and vLLM's words ------------------------------------------------
+
+@pytest.mark.parametrize("model", ["ctx-llama", "ctx-llama-type", "ctx-vllm-decoder", "ctx-vllm-old"])
+async def test_a_context_overflow_in_each_servers_words_is_a_context_length_error(upstream, model):
+    with pytest.raises(ProviderContextLengthError) as err:
+        await generate(upstream, model)
+    assert err.value.upstream_status == 400 and err.value.code == "context_length_exceeded"
+    with pytest.raises(ProviderContextLengthError):
+        await stream(upstream, model)
+    # another 400 stays an invalid request
+    with pytest.raises(ProviderInvalidRequestError) as other:
+        await generate(upstream, "bad-request")
+    assert not isinstance(other.value, ProviderContextLengthError)
+
+
+async def test_a_llamacpp_context_overflow_escalates_to_the_next_tier(upstream, tmp_path):
+    cfg = make_config(tmp_path, [remote("small", upstream, "ctx-llama"), remote("big", upstream, "ok")])
+    eng = await Engine.open(cfg)
+    try:
+        rec = (await eng.run(CHAT)).record
+    finally:
+        await eng.close()
+    assert rec.tier == "big" and rec.status == "ok"
+    assert [(a.tier, a.error_class) for a in rec.attempts] == [("small", "ProviderContextLengthError"),
+                                                               ("big", None)]
+
+
+# --- 2. llama.cpp's /v1/completions logprobs in chat's shape --------------------------------------------
+
+async def test_llamacpp_completion_logprobs_in_the_chat_shape_are_read(upstream, tmp_path):
+    res = await generate(upstream, "llama-cmpl", RAW)
+    assert res.text == TEXT
+    assert [(t.token, t.logprob) for t in res.tokens] == TOKS
+    assert [(a.token, a.logprob) for a in res.tokens[0].top] == [("The", -0.01), ("alt", -5.0)]
+    assert b"".join(t.utf8 for t in res.tokens) == TEXT.encode()
+    chunks = await stream(upstream, "llama-cmpl", RAW)
+    assert "".join(c.text for c in chunks) == TEXT
+    assert [(t.token, t.logprob) for c in chunks for t in c.tokens] == TOKS
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].usage.completion_tokens == 5
+    # in a cascade the sure answer is accepted (no tokens read, it was an "empty answer", always escalated)
+    cfg = make_config(tmp_path, [remote("small", upstream, "llama-cmpl", options={"endpoint": "completions"}),
+                                 remote("big", upstream, "ok")])
+    eng = await Engine.open(cfg)
+    try:
+        rec = (await eng.run(RAW, endpoint="completions")).record
+    finally:
+        await eng.close()
+    assert rec.tier == "small" and rec.attempts[0].decision == "accept" and rec.confidence > 0.5
+
+
+# --- 3. null logprobs (SGLang, llama.cpp write -inf as null) --------------------------------------------
+
+@pytest.mark.parametrize("model,request_", [("null-lp", CHAT), ("null-lp", RAW), ("llama-cmpl-null", RAW)])
+async def test_a_null_logprob_is_floored_on_every_endpoint(upstream, model, request_):
+    """A chosen token's null is NULL_TOKEN_LOGPROB (-30, as the completions path always floored it), an
+    alternative's null LOGPROB_MIN (as -inf): the answer is read, not a malformed response."""
+    res = await generate(upstream, model, request_)
+    assert res.text == TEXT and len(res.tokens) == 5
+    assert res.tokens[0].logprob == NULL_TOKEN_LOGPROB == -30.0
+    assert [t.logprob for t in res.tokens[1:]] == [lp for _, lp in TOKS[1:]]
+    assert {a.logprob for t in res.tokens for a in t.top if a.token in ("alt", "zz")} == {LOGPROB_MIN}
+
+
+async def test_a_null_logprob_in_a_stream_is_floored(upstream):
+    chunks = await stream(upstream, "null-lp")
+    toks = [t for c in chunks for t in c.tokens]
+    assert [t.logprob for t in toks] == [NULL_TOKEN_LOGPROB] + [lp for _, lp in TOKS[1:]]
+    assert all(a.logprob == LOGPROB_MIN for t in toks for a in t.top if a.token == "alt")
+
+
+# --- 4. streams that carry no answer, or are cut off ----------------------------------------------------
+
+@pytest.mark.parametrize("model", ["html", "json-body", "done-only", "usage-only"])
+async def test_a_stream_that_carries_no_answer_is_a_malformed_response(upstream, model):
+    """A 200 whose body is no answer's stream (a proxy's page, a server ignoring stream: true, nothing but
+    [DONE] or usage) is what the same body unstreamed is: malformed, the provider's fault, billed as
+    answered. Before, it was a successful empty "stop" answer."""
+    got: list = []
+    with pytest.raises(ProviderServerError, match="malformed response .*the stream carried no answer") as err:
+        await stream(upstream, model, got=got)
+    assert got == [] and err.value.answered and err.value.fall_over
+
+
+@pytest.mark.parametrize("model,sent", [("truncated", "The answer"), ("role-then-close", "")])
+async def test_a_stream_that_ends_without_a_finish_reason_was_cut_off(upstream, model, sent):
+    """The body ended cleanly, with neither a finish reason nor [DONE]: as a connection lost mid-answer
+    (what a drop mid-stream raises), after the chunks that came."""
+    got: list = []
+    with pytest.raises(ProviderConnectionError, match="ended without a finish reason") as err:
+        await stream(upstream, model, got=got)
+    assert "".join(c.text for c in got) == sent and err.value.answered
+    assert all(c.finish_reason is None for c in got)
+
+
+async def test_a_stream_with_no_answer_falls_over_to_the_next_provider(upstream, tmp_path):
+    cfg = make_config(tmp_path, [{"name": "t", "threshold": 0.0, "max_tokens": 16, "timeout_s": 10,
+                                  "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+                                  "providers": [{"name": "proxy", "backend": "openai", "model": "html",
+                                                 "options": {"base_url": upstream.base_url}},
+                                                {"name": "healthy", "backend": "openai", "model": "ok",
+                                                 "options": {"base_url": upstream.base_url}}]}])
+    eng = await Engine.open(cfg)
+    try:
+        events = [e async for e in eng.stream(CHAT)]
+    finally:
+        await eng.close()
+    assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == TEXT
+    end = events[-1]
+    assert isinstance(end, StreamEnd) and end.record.status == "ok"
+    assert [(a.backend, a.error_class) for a in end.record.attempts] == [("proxy", "ProviderServerError"),
+                                                                          ("healthy", None)]
+
+
+async def test_a_cut_off_stream_is_a_partial_answer(upstream, tmp_path):
+    eng = await Engine.open(make_config(tmp_path, [remote("t", upstream, "truncated")]))
+    try:
+        events = [e async for e in eng.stream(CHAT)]
+    finally:
+        await eng.close()
+    assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == "The answer"
+    failed = events[-1]
+    assert isinstance(failed, StreamFailed) and isinstance(failed.error, ProviderConnectionError)
+    assert failed.record.status == "partial" and failed.record.error_class == "ProviderConnectionError"
+
+
+# --- 5. a reasoning model's thinking is not the answer's confidence --------------------------------------
+
+@pytest.mark.parametrize("model,kept", [
+    ("reasoning", [("4", -0.01), ("2", -0.02)]),                       # reasoning_content; "\n\n" its own token
+    ("reasoning-new", [("\n\n4", -0.01), ("2", -0.02), ("\n", -0.5)]),  # reasoning; content stripped
+    ("reasoning-cut", []),                                            # thinking only: no answer, no tokens
+    ("reasoning-mismatch", THINK + [("43", -0.4)]),                   # no match: kept as they came
+])
+async def test_a_reasoning_models_thinking_is_left_out_of_the_answers_tokens(upstream, model, kept):
+    res = await generate(upstream, model)
+    assert [(t.token, t.logprob) for t in res.tokens] == kept
+
+
+async def test_a_reasoning_models_streamed_thinking_is_left_out(upstream):
+    chunks = await stream(upstream, "reasoning")
+    assert "".join(c.text for c in chunks) == "42"
+    assert [(t.token, t.logprob) for c in chunks for t in c.tokens] == [("4", -0.01), ("2", -0.02)]
+
+
+# --- 6. out of credits is no rate limit -----------------------------------------------------------------
+
+async def test_insufficient_quota_is_a_refused_credential(upstream):
+    with pytest.raises(ProviderAuthError, match=r"out of quota .*\(HTTP 429 insufficient_quota\)") as err:
+        await generate(upstream, "quota")
+    assert err.value.fall_over and err.value.should_retry is False and err.value.upstream_status == 429
+    with pytest.raises(ProviderAuthError):
+        await stream(upstream, "quota")
+    with pytest.raises(RateLimitedError) as rate:  # a rate limit stays one
+        await generate(upstream, "rate")
+    assert rate.value.retry_after == 20.0
+
+
+async def test_an_account_out_of_quota_is_not_called_again(upstream, tmp_path):
+    """The breaker is forced open, as for a rejected key: the tier falls over to its next provider, and the
+    next requests skip the exhausted one (a 429 was retried on every request, max_attempts times)."""
+    cfg = make_config(tmp_path, [{"name": "t", "threshold": 0.0, "max_tokens": 16, "timeout_s": 10,
+                                  "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+                                  "retry": {"max_attempts": 3, "base_delay_s": 0.01, "max_delay_s": 0.02},
+                                  "providers": [{"name": "openai", "backend": "openai", "model": "quota",
+                                                 "options": {"base_url": upstream.base_url}},
+                                                {"name": "backup", "backend": "openai", "model": "ok",
+                                                 "options": {"base_url": upstream.base_url}}]}])
+    before = upstream.seen("quota")
+    eng = await Engine.open(cfg)
+    try:
+        recs = [(await eng.run(CHAT)).record for _ in range(3)]
+    finally:
+        await eng.close()
+    assert all(r.status == "ok" and r.attempts[-1].backend == "backup" for r in recs)
+    assert upstream.seen("quota") - before == 1
+    assert recs[0].attempts[0].error_class == "ProviderAuthError"
+
+
+# --- 7. a provider that refuses the logprobs parameters --------------------------------------------------
+
+@pytest.mark.parametrize("request_", [CHAT, RAW], ids=["chat", "completions"])
+async def test_logprobs_false_sends_neither_parameter(upstream, request_):
+    asked = GenerationRequest(messages=request_.messages, prompt=request_.prompt, max_tokens=8, top_logprobs=5)
+    with pytest.raises(ProviderInvalidRequestError, match="Unsupported parameter"):  # as it is without the option
+        await generate(upstream, "no-logprobs-param", asked)
+    n = len(upstream.requests)
+    res = await generate(upstream, "no-logprobs-param", asked, logprobs=False)
+    assert res.text == TEXT and res.tokens == ()  # the logprobs it sent anyway are not read: no confidence
+    chunks = await stream(upstream, "no-logprobs-param", asked, logprobs=False)
+    assert "".join(c.text for c in chunks) == TEXT and not any(c.tokens for c in chunks)
+    sent = [r["body"] for r in upstream.requests[n:]]
+    assert len(sent) == 2 and not any({"logprobs", "top_logprobs"} & set(b) for b in sent)
+
+
+async def test_logprobs_false_from_a_tiers_options(upstream, tmp_path):
+    cfg = make_config(tmp_path, [remote("small", upstream, "ok"),
+                                 remote("groq", upstream, "no-logprobs-param", options={"logprobs": False})])
+    eng = await Engine.open(cfg)
+    try:
+        rec = (await eng.run(CHAT, model="groq")).record
+    finally:
+        await eng.close()
+    assert rec.status == "ok" and rec.tier == "groq"
+    with pytest.raises(ConfigError, match="options.logprobs must be true or false"):
+        OpenAIBackend(model="m", base_url=upstream.base_url, logprobs="no")
+
+
+def test_a_tier_without_logprobs_can_only_be_last(tmp_path, upstream):
+    no_lp = remote("groq", upstream, "no-logprobs-param", options={"logprobs": False})
+    with pytest.raises(ConfigError, match=r"policies.cascade.chain: tier\(s\) \[.groq.\] have options.logprobs: false"):
+        make_config(tmp_path, [no_lp, remote("big", upstream, "ok")])
+    prov = {"name": "t", "providers": [{"name": "p", "backend": "openai", "model": "m",
+                                        "options": {"base_url": upstream.base_url, "logprobs": False}}]}
+    with pytest.raises(ConfigError, match="logprobs: false"):
+        make_config(tmp_path, [prov, remote("big", upstream, "ok")])
+    make_config(tmp_path, [remote("big", upstream, "ok"), no_lp])  # last: fine
+
