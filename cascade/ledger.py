@@ -11,8 +11,11 @@ one ledger.
 
 A caller waits at most ``timeout_s`` for its write (or read): past it, a LedgerError, and the ledger is not
 ready (a database that does not answer); the write stays queued, and is kept (and logged) should it commit
-later. A write that fails through no fault of its record also makes the ledger not ready, until a write
-succeeds or the readiness probe (:meth:`Ledger.probe`, a write rolled back) proves that one can.
+later. A write that found SQLite locked by another process for that long (a VACUUM, a backup, another writer)
+stays queued too, and is tried again until it commits. A write that fails through no fault of its record
+also makes the ledger not ready, until a write succeeds or the readiness probe (:meth:`Ledger.probe`: on
+SQLite a one-row write committed, so that a full disk fails it; on PostgreSQL a write rolled back) proves
+that one can; the probe also fails once the SQLite file is no longer at its path (moved or deleted).
 
 The SQL is written once, with ``?`` placeholders and types both databases accept; the dialect object
 only rewrites placeholders and says how to connect.
@@ -25,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import queue
 import re
 import sqlite3
@@ -48,6 +52,13 @@ SCHEMA_VERSION = 5
 DEFAULT_TIMEOUT_S = 5.0
 #: the most the readiness probe waits for SQLite's write lock (held by another process's transaction)
 _PROBE_LOCK_WAIT_S = 1.0
+#: a write that found SQLite's write lock held by another process for longer than ``timeout_s`` (a VACUUM, a
+#: backup, another writer) stays queued and is tried again: first after this many seconds, then after twice
+#: as long each time up to the most ...
+_RETRY_FIRST_S, _RETRY_MOST_S = 0.05, 1.0
+#: ... each try waiting for the lock this long at most (a quarter of ``timeout_s`` if less), so that the probes
+#: and reads queued meanwhile are answered in time
+_RETRY_LOCK_WAIT_S = 0.25
 #: the most jobs (writes, reads, probes) waiting for the ledger thread by default (``ledger.max_pending``)
 DEFAULT_MAX_PENDING = 2000
 
@@ -181,6 +192,37 @@ _TABLES = [
 _TABLE_NAMES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", "\n".join(_TABLES)))
 
 
+#: SQLite's readiness probe commits this ``meta`` row (the time it ran), one row overwritten by each probe
+_SQLITE_PROBE_KEY = "ready_probe"
+#: SQLite's primary result codes that say another connection holds the lock a statement needs
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+#: ... and those that say the file, or the files beside it, may not be written or created
+_SQLITE_READONLY, _SQLITE_CANTOPEN = 8, 14
+
+
+def _sqlite_code(exc: BaseException) -> int | None:
+    """The primary SQLite result code of a driver error (None: not an SQLite error, or none given)."""
+    code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
+    return None if code is None else code & 0xFF
+
+
+def _is_locked(exc: BaseException) -> bool:
+    """Did an SQLite statement fail because another connection held the lock it needed (SQLITE_BUSY, SQLITE_LOCKED:
+    a VACUUM, a backup, another writer), for longer than the busy timeout? Such a write may succeed later."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = _sqlite_code(exc)
+    return code in (_SQLITE_BUSY, _SQLITE_LOCKED) if code is not None else "locked" in str(exc)
+
+
+def _cannot_write_beside(exc: BaseException) -> bool:
+    """Did opening an SQLite database fail for want of the right to write it or to create its ``-shm``?"""
+    code = _sqlite_code(exc)
+    if code is not None:
+        return code in (_SQLITE_READONLY, _SQLITE_CANTOPEN)
+    return "readonly" in str(exc) or "unable to open" in str(exc)
+
+
 class _Dialect:
     name = "sqlite"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
@@ -214,20 +256,35 @@ class _Dialect:
 
     def connect_reader(self, target: str, timeout: float | None = None) -> Any:
         """A connection for reading an existing ledger: nothing is created or switched (a read-only file
-        opens read-only)."""
-        return sqlite3.connect(expand_path(target, "ledger.path"), check_same_thread=False, isolation_level=None,
-                               timeout=30 if timeout is None else timeout)  # a lock waited for as a write is
+        opens read-only). A WAL database is read through its ``-shm`` file, which SQLite creates if it is
+        missing: a user who may only read the file and its directory (the server stopped cleanly, leaving no
+        ``-wal`` nor ``-shm``) cannot, and gets "attempt to write a readonly database". Then, and only when
+        no ``-wal`` file exists (so no committed write is left unread), the file is opened read-only as
+        immutable, which needs no ``-shm``."""
+        path = expand_path(target, "ledger.path")
+        busy = 30 if timeout is None else timeout  # a lock waited for as a write is
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=busy)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens the -shm of a WAL database
+            return conn
+        except sqlite3.Error as exc:
+            conn.close()
+            if not _cannot_write_beside(exc) or Path(f"{path}-wal").exists():
+                raise
+        uri = f"file:{quote(str(path.absolute()))}?mode=ro&immutable=1"
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=busy)
 
     def probe_write(self, conn: Any, key: str, lock_wait_s: float, restore_busy_ms: int) -> None:
-        """A write rolled back: it takes the write lock (waiting at most ``lock_wait_s`` for another
-        process's transaction) and inserts a row, so a locked or read-only database fails here."""
+        """A small write committed: it takes the write lock (waiting at most ``lock_wait_s`` for another
+        process's transaction) and commits one row (``meta`` key ``ready_probe``: when it ran, overwritten by
+        each probe), so a locked, read-only or full database fails here. (A write rolled back, as
+        PostgreSQL's probe does, would not do on SQLite: its changes never reach the WAL, so it passes on a
+        full disk where every commit fails.) ``key`` is PostgreSQL's."""
         conn.execute(f"PRAGMA busy_timeout={max(1, int(lock_wait_s * 1000))}")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, ""))
-            finally:
-                conn.execute("ROLLBACK")
+            with self.transaction(conn):
+                conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                             "value = excluded.value", (_SQLITE_PROBE_KEY, f"{time.time():.6f}"))
         finally:
             conn.execute(f"PRAGMA busy_timeout={restore_busy_ms}")
 
@@ -236,10 +293,16 @@ class _Dialect:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled the transaction back itself (a full disk, an I/O error), or left it open
+            # (a COMMIT that failed): either way none is left open for the next one to trip over
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    log.warning("ledger: rolling back a failed transaction failed: %s", exc)
             raise
-        conn.execute("COMMIT")
 
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
@@ -446,7 +509,7 @@ class _Checkpointer:
 class _Job:
     """One unit of work for the ledger thread: a record to write (``rec`` set) or a call (``fn``)."""
 
-    __slots__ = ("rec", "shadows", "fn", "args", "loop", "fut", "expired", "sent")
+    __slots__ = ("rec", "shadows", "fn", "args", "loop", "fut", "expired", "sent", "error", "told", "corrected")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future, *, rec: CascadeRecord | None = None,
                  shadows: list[dict[str, Any]] | None = None, fn: Callable[..., Any] | None = None,
@@ -456,6 +519,12 @@ class _Job:
         self.expired = False
         #: the record's answer went out before its write (a stream): a late commit leaves it as it is
         self.sent = False
+        #: a write held for another try (the database was locked): why its last try failed
+        self.error: BaseException | None = None
+        #: the timeout its waiter was told of (set on the event loop before ``fut`` gets it)
+        self.told: LedgerTimeoutError | None = None
+        #: committed late, its row was made that failure on the ledger thread already (no correction to queue)
+        self.corrected = False
 
 
 def log_failure(fut: asyncio.Future) -> None:
@@ -528,6 +597,12 @@ class Ledger:
         self._thread: threading.Thread | None = None
         self._checkpointer: _Checkpointer | None = None
         self._since_checkpoint = 0
+        #: writes the ledger thread holds for another try (SQLite locked by another process): they count
+        #: toward ``max_pending`` as the queued jobs do
+        self._held = 0
+        #: SQLite: the ledger file's ``(st_dev, st_ino)`` when it was opened, so that the readiness probe sees
+        #: it moved or deleted (the connection would go on writing to the file it opened, unseen)
+        self._file_id: tuple[int, int] | None = None
         d = self.dialect
         self._sql_request, self._sql_attempt, self._sql_shadow = (
             d.sql(_INSERT_REQUEST), d.sql(_INSERT_ATTEMPT), d.sql(_INSERT_SHADOW))
@@ -617,6 +692,9 @@ class Ledger:
             with self.dialect.schema_lock(conn):
                 self._check_ours(conn)
                 self._create_or_migrate(conn)
+            if self.dialect.name == "sqlite":
+                st = os.stat(expand_path(self.target, "ledger.path"))
+                self._file_id = (st.st_dev, st.st_ino)
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -725,7 +803,7 @@ class Ledger:
             raise LedgerError("ledger is not open")
         loop = asyncio.get_running_loop()
         job = _Job(loop, loop.create_future(), rec=rec, shadows=shadows, fn=fn, args=args)
-        if (waiting := q.qsize()) >= self.max_pending:  # an outage has lasted: fail at once, queue no more
+        if (waiting := q.qsize() + self._held) >= self.max_pending:  # an outage has lasted: fail at once, queue no more
             self.unavailable = (f"ledger {_redact(self.target)} is not keeping up: {waiting} jobs are waiting for "
                                 f"it (ledger.max_pending)")
             job.fut.set_exception(LedgerError(
@@ -745,7 +823,11 @@ class Ledger:
         recorded, so the ledger's answered requests are those whose answers went out (a stream's answer went
         out before its write: kept as it is). Failed: said. The late listeners hear either."""
         rec = job.rec
-        if exc is None and (job.sent or rec.status not in ("ok", "partial")):
+        if exc is None and job.corrected:  # made that failure on the ledger thread, right after the commit
+            log.warning("ledger: the write of request %s was committed after its caller had been told it failed "
+                        "(it did not finish within the ledger's timeout); the row is kept, as that failure",
+                        rec.request_id)
+        elif exc is None and (job.sent or rec.status not in ("ok", "partial")):
             log.warning("ledger: the write of request %s was committed after its caller had been told it failed "
                         "(it did not finish within the ledger's timeout); the row is kept", rec.request_id)
         elif exc is None:
@@ -799,15 +881,31 @@ class Ledger:
                    "(the ledger is not answering)")
         else:
             msg = self.unavailable
-        job.fut.set_exception(LedgerTimeoutError(msg))
+        job.told = LedgerTimeoutError(msg)
+        job.fut.set_exception(job.told)
 
     def _worker(self, q: queue.SimpleQueue) -> None:
-        """The ledger thread: takes everything queued, writes consecutive records in one transaction."""
+        """The ledger thread: takes everything queued, writes consecutive records in one transaction. A write
+        that found SQLite locked by another process (for ``timeout_s``: its waiter has been told it timed out)
+        is held and tried again, with the writes that arrive meanwhile, until it commits (probes and reads
+        go on meanwhile); held writes count toward ``max_pending``, and a shutdown waits for them no longer
+        than it waits for the ledger thread."""
+        held: list[_Job] = []  # writes waiting for another try, oldest first
+        tries, retry_at = 0, 0.0
         while True:
-            first = q.get()
+            if held:
+                self._busy_since, self._held = None, len(held)
+                try:
+                    first = q.get(timeout=max(0.0, retry_at - time.monotonic()))
+                except queue.Empty:
+                    first = None
+            else:
+                self._held = 0
+                first = q.get()
             if first is _STOP:
+                self._give_up(held)
                 return
-            jobs = [first]
+            jobs = [] if first is None else [first]
             stop = False
             while True:  # everything queued meanwhile joins this round
                 try:
@@ -818,6 +916,9 @@ class Ledger:
                     stop = True
                     break
                 jobs.append(nxt)
+            retried = bool(held) and time.monotonic() >= retry_at
+            if retried:  # first: they were queued before everything now waiting
+                jobs, held = held + jobs, []
             i = 0
             while i < len(jobs):
                 self._busy_since = time.monotonic()
@@ -825,10 +926,15 @@ class Ledger:
                     j = i
                     while j < len(jobs) and jobs[j].rec is not None:
                         j += 1
-                    self._deliver(jobs[i:j], self._run_writes(jobs[i:j]))
+                    if held:  # the database is locked still: these wait for the held writes' next try
+                        held.extend(jobs[i:j])
+                    else:
+                        held.extend(self._write_or_hold(jobs[i:j], short=retried))
                     i = j
                 else:
                     job = jobs[i]
+                    if held and job.fn == self.close_sync:  # closing: the held writes first, while it waits
+                        held = self._flush_held(held, job, retry_at)
                     try:
                         outcome = (None, job.fn(*job.args))
                     except BaseException as exc:  # noqa: BLE001 - handed to the waiter
@@ -836,32 +942,113 @@ class Ledger:
                     self._deliver([job], [outcome])
                     i += 1
             self._busy_since = None
+            if not held:
+                tries = 0
+            elif retried or tries == 0:  # (tried and still locked) another try a little later
+                tries += 1
+                retry_at = time.monotonic() + min(_RETRY_FIRST_S * 2 ** (tries - 1), _RETRY_MOST_S)
             if stop:
+                self._give_up(held)
                 return
 
-    def _run_writes(self, jobs: list[_Job]) -> list[tuple[BaseException | None, None]]:
-        """Commit the records of ``jobs``: all in one transaction, or (when that fails) each alone."""
+    def _write_or_hold(self, jobs: list[_Job], short: bool) -> list[_Job]:
+        """Commit the records of ``jobs`` and hand each its outcome, but for those that found the database
+        locked: returned, to be held for another try."""
+        outcomes = self._run_writes(jobs, short=short)
+        held, done, new = [], [], 0
+        for job, (exc, result) in zip(jobs, outcomes, strict=True):
+            if exc is not None and self._retryable(exc):
+                new += job.error is None
+                job.error = exc
+                held.append(job)
+            else:
+                if exc is None:
+                    self._correct(job)
+                done.append((job, (exc, result)))
+        if done:
+            self._deliver([j for j, _ in done], [o for _, o in done])
+        if new:  # (once for each write, not at every try)
+            log.warning("ledger %s is locked by another process: %d more writes are held, tried again until they "
+                        "commit (%d held)", _redact(self.target), new, len(held))
+        return held
+
+    def _correct(self, job: _Job) -> None:
+        """On the ledger thread, right after ``job``'s write committed: if its waiter was told it timed out (and
+        its answer was held back for it), its row is made that failure now, as :meth:`_settled_late` would
+        have queued it to be (so that a write committed while the ledger closes is corrected too)."""
+        told = job.told
+        if told is None or job.sent or job.rec is None or job.rec.status not in ("ok", "partial"):
+            return
+        try:
+            self._record_told_failure_sync(job.rec.request_id, type(told).__name__, str(told))
+            job.corrected = True
+        except LedgerError as exc:  # queued again by _settled_late
+            log.warning("%s", exc)
+
+    def _flush_held(self, held: list[_Job], closing: _Job, retry_at: float) -> list[_Job]:
+        """Before the ledger closes: try the held writes again until they commit or the closer stops waiting
+        (``timeout_s``); those still held then are given up (their failure is logged, and told to the late
+        listeners). Returns the writes left held (none)."""
+        tries = 0
+        while held and not closing.fut.done():
+            time.sleep(max(0.0, min(retry_at - time.monotonic(), _RETRY_MOST_S)))
+            if closing.fut.done():
+                break
+            held = self._write_or_hold(held, short=True)
+            tries += 1
+            retry_at = time.monotonic() + min(_RETRY_FIRST_S * 2 ** tries, _RETRY_MOST_S)
+        self._give_up(held)
+        return []
+
+    def _give_up(self, held: list[_Job]) -> None:
+        """Held writes that will not be tried again (the ledger is closing): each is answered with its last
+        failure (its waiter has been told it timed out: the failure is logged, the late listeners hear it)."""
+        self._held = 0
+        if held:
+            log.warning("ledger %s: %d held writes are given up (the ledger is closing while another process "
+                        "holds its lock)", _redact(self.target), len(held))
+            self._deliver(held, [(j.error, None) for j in held])
+
+    def _written(self, n: int) -> None:
+        """``n`` more transactions in the WAL (records, SQLite's probes): the checkpoint thread is poked every
+        ``_CHECKPOINT_EVERY_RECORDS``."""
         ckpt = self._checkpointer
         if ckpt is not None:
-            self._since_checkpoint += len(jobs)
+            self._since_checkpoint += n
             if self._since_checkpoint >= _CHECKPOINT_EVERY_RECORDS:
                 self._since_checkpoint = 0
                 ckpt.poke()
-        if len(jobs) > 1:
-            try:
-                self._write([(j.rec, j.shadows) for j in jobs])  # type: ignore[misc]
-                self.unavailable = None
-                return [(None, None)] * len(jobs)
-            except BaseException:  # noqa: BLE001 - rolled back: redo one by one for precise errors
-                pass
-        out: list[tuple[BaseException | None, None]] = []
-        for j in jobs:
-            try:
-                self.record_sync(j.rec, j.shadows)  # type: ignore[arg-type]
-                out.append((None, None))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
-                out.append((exc, None))
-        return out
+
+    def _run_writes(self, jobs: list[_Job], short: bool = False) -> list[tuple[BaseException | None, None]]:
+        """Commit the records of ``jobs``: all in one transaction, or (when that fails through no lock held
+        elsewhere) each alone; ``short``: waiting for another process's lock briefly (see :meth:`_lock_wait`)."""
+        self._written(len(jobs))
+        with self._lock_wait(short):
+            if len(jobs) > 1:
+                try:
+                    self._write([(j.rec, j.shadows) for j in jobs])  # type: ignore[misc]
+                    self.unavailable = None
+                    return [(None, None)] * len(jobs)
+                except self.dialect.errors as exc:  # rolled back
+                    if self._retryable(exc):  # the lock is no one record's fault: no use trying each alone
+                        self._write_failed(exc)
+                        return [(_write_error(j.rec, exc), None) for j in jobs]  # type: ignore[arg-type]
+                except BaseException:  # noqa: BLE001 - rolled back: redo one by one for precise errors
+                    pass
+            out: list[tuple[BaseException | None, None]] = []
+            locked: BaseException | None = None
+            for j in jobs:
+                if locked is not None:  # a write just waited for the lock in vain: the others would too
+                    out.append((_write_error(j.rec, locked), None))  # type: ignore[arg-type]
+                    continue
+                try:
+                    self.record_sync(j.rec, j.shadows)  # type: ignore[arg-type]
+                    out.append((None, None))
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                    out.append((exc, None))
+                    if self._retryable(exc):
+                        locked = exc.__cause__
+            return out
 
     def _deliver(self, jobs: list[_Job], outcomes: list[tuple[BaseException | None, Any]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
@@ -893,12 +1080,13 @@ class Ledger:
         return self._conn
 
     async def probe(self) -> str | None:
-        """Why the ledger cannot be written now, or None, within ``timeout_s``: a write rolled back on the
-        ledger thread (which reconnects) decides, so a database that went away, turned read-only or stays
-        locked is seen before a request fails on it (and whatever a failed write said is confirmed or
-        cleared), and one that came back clears the mark without waiting for a write (a server that is not
-        ready gets no traffic). A thread stuck for ``timeout_s`` already (a hung server) answers at once;
-        concurrent probes share one."""
+        """Why the ledger cannot be written now, or None, within ``timeout_s``: a write on the ledger thread
+        (which reconnects) decides (:meth:`_Dialect.probe_write`: SQLite commits one row, PostgreSQL rolls it
+        back), so a database that went away, turned read-only, stays locked or is full (SQLite), or an SQLite
+        file moved or deleted under the server, is seen before a request fails on it (and whatever a failed
+        write said is confirmed or cleared), and one that came back clears the mark without waiting for a write
+        (a server that is not ready gets no traffic). A thread stuck for ``timeout_s`` already (a hung server)
+        answers at once; concurrent probes share one."""
         since = self._busy_since
         if since is not None and (stuck := time.monotonic() - since) >= self.timeout_s:
             self.unavailable = (f"ledger {_redact(self.target)} is not answering: one statement has been running "
@@ -918,6 +1106,9 @@ class Ledger:
         """On the ledger thread: prove that a write can be made now (or say why not in ``unavailable``)."""
         key = f"ready-probe {uuid.uuid4().hex}"
         lock_wait = min(_PROBE_LOCK_WAIT_S, self.timeout_s)
+        if (moved := self._moved()) is not None:
+            self.unavailable = moved
+            raise LedgerError(moved)
         try:
             self._retrying(lambda conn: self.dialect.probe_write(conn, key, lock_wait, self._busy_ms))
         except self.dialect.errors as exc:
@@ -927,7 +1118,28 @@ class Ledger:
             self.unavailable = exc.message if exc.message.startswith("ledger ") else \
                 f"ledger {_redact(self.target)}: {exc.message}"
             raise
+        self._written(1)
         self.unavailable = None
+
+    def _moved(self) -> str | None:
+        """SQLite: why the file at the ledger's path is no longer the one its connection writes to (moved,
+        deleted or replaced since it was opened), or None. The writes would still succeed, to the old file,
+        which nobody reads: only a restart (which opens the file now at the path) sets that right."""
+        if self._file_id is None:
+            return None
+        path = expand_path(self.target, "ledger.path")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            now = "no file is there any more"
+        except OSError as exc:
+            now = f"it cannot be seen: {exc}"
+        else:
+            if (st.st_dev, st.st_ino) == self._file_id:
+                return None
+            now = "another file is there now"
+        return (f"ledger {_redact(self.target)} was moved or deleted while open ({now}): writes go to the file "
+                "opened at start, which is no longer at that path; restart the server")
 
     def _lost(self) -> bool:
         """Did the last statement fail because the connection went (worth one retry on a new one)?"""
@@ -990,8 +1202,27 @@ class Ledger:
             self._retrying(lambda conn: self._write([(rec, shadows or [])], conn))
         except self.dialect.errors as exc:
             self._write_failed(exc)
-            raise LedgerError(f"ledger write failed for request {rec.request_id}: {exc}") from exc
+            raise _write_error(rec, exc) from exc
         self.unavailable = None
+
+    def _retryable(self, exc: BaseException) -> bool:
+        """Did a write fail only because another process held SQLite's write lock (worth another try)?"""
+        cause = exc.__cause__ if isinstance(exc, LedgerError) and exc.__cause__ is not None else exc
+        return self.dialect.name == "sqlite" and _is_locked(cause)
+
+    @contextmanager
+    def _lock_wait(self, short: bool) -> Iterator[None]:
+        """SQLite: ``short``, a write waits for another process's lock briefly (``_RETRY_LOCK_WAIT_S``, not
+        ``timeout_s``), so that a ledger thread retrying held writes stays free for probes and reads."""
+        if not short or self.dialect.name != "sqlite":
+            yield
+            return
+        conn = self._require()
+        conn.execute(f"PRAGMA busy_timeout={max(1, int(min(_RETRY_LOCK_WAIT_S, self.timeout_s / 4) * 1000))}")
+        try:
+            yield
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
 
     def _write_failed(self, exc: BaseException) -> None:
         """A write failed: unless through its own record's fault (a duplicate request id), the database is
@@ -1087,6 +1318,13 @@ class Ledger:
 
     async def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         return await self._call(self.execute, sql, tuple(params))
+
+
+def _write_error(rec: CascadeRecord, exc: BaseException) -> LedgerError:
+    """The error a write's waiter gets when its record could not be written (``exc``: the driver's)."""
+    err = LedgerError(f"ledger write failed for request {rec.request_id}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 def _shadow_row(request_id: str, created_at: float, s: dict[str, Any]) -> tuple:
