@@ -92,9 +92,15 @@ class Price(_Strict):
 
     input_per_1m: float = Field(0.0, ge=0)
     output_per_1m: float = Field(0.0, ge=0)
+    #: prompt tokens the provider read from its prompt cache (OpenAI's ``usage.prompt_tokens_details.
+    #: cached_tokens``), billed at this price instead; unset: at ``input_per_1m``
+    cached_input_per_1m: float | None = Field(None, ge=0)
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_1m + completion_tokens * self.output_per_1m) / 1e6
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        """USD for a call's tokens, ``cached_tokens`` of the prompt's at the cached-input price (when set)."""
+        cached = min(max(cached_tokens, 0), prompt_tokens) if self.cached_input_per_1m is not None else 0
+        return ((prompt_tokens - cached) * self.input_per_1m + cached * (self.cached_input_per_1m or 0.0)
+                + completion_tokens * self.output_per_1m) / 1e6
 
 
 class CalibratorConfig(_Strict):

@@ -526,7 +526,8 @@ class Engine:
                 # a broken stream has no usage: the provider still billed the prompt, so estimate it
                 att.prompt_tokens = usage.prompt_tokens if usage else tier.backend.estimate_prompt_tokens(req)
                 att.completion_tokens = usage.completion_tokens if usage else answer_tokens(len(tokens), att.text)
-                att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
+                att.cached_prompt_tokens = usage.cached_prompt_tokens if usage else 0
+                att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens, att.cached_prompt_tokens)
                 # the provider's price, and its failed attempts
                 merge_provider_attempts(rec.attempts, att, provider_log, served=True)
                 att.features = extract_features(tokens)
@@ -544,7 +545,7 @@ class Engine:
         if error is not None:
             yield StreamFailed(record=rec, error=error)
             return
-        usage = Usage(att.prompt_tokens, att.completion_tokens)
+        usage = Usage(att.prompt_tokens, att.completion_tokens, att.cached_prompt_tokens)
         self._cache_put(cache_slot, rec, GenerationResult(text=att.text, tokens=tuple(tokens), finish_reason=finish,
                                                          usage=usage, latency_s=att.latency_ms / 1e3, model=tc.model))
         yield StreamEnd(record=rec, finish_reason=finish, usage=usage)
@@ -865,7 +866,8 @@ class Engine:
             raise
         att.latency_ms = res.latency_s * 1e3
         att.prompt_tokens, att.completion_tokens = res.usage.prompt_tokens, res.usage.completion_tokens
-        att.cost_usd = tier.config.price.cost(res.usage.prompt_tokens, res.usage.completion_tokens)
+        att.cached_prompt_tokens = res.usage.cached_prompt_tokens
+        att.cost_usd = tier.config.price.cost(att.prompt_tokens, att.completion_tokens, att.cached_prompt_tokens)
         merge_provider_attempts(attempts, att, provider_log, served=True)  # provider price, failed attempts
         att.text = res.text
         # an empty answer has nothing to be confident in, whatever logprobs came with it: no tokens, so it escalates

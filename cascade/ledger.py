@@ -45,7 +45,7 @@ from cascade.errors import LedgerError, LedgerTimeoutError, NotFoundError
 from cascade.paths import expand_path
 from cascade.types import Attempt, CascadeRecord
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: how long a request waits for its ledger write (or read), and GET /ready for its probe, by default
 #: (``ledger.timeout_s``): past it the ledger counts as not answering (a hung database server)
@@ -64,12 +64,14 @@ DEFAULT_MAX_PENDING = 2000
 
 #: columns added after version 1, added in place to older ledgers when they are opened
 _ADDED_COLUMNS = {
-    "attempts": [("answer_sig", "TEXT")],  # version 2
+    # version 2: agreement between tiers; version 6: prompt tokens read from the provider's prompt cache
+    "attempts": [("answer_sig", "TEXT"), ("cached_prompt_tokens", "INTEGER")],
     # version 3: sampled shadow execution (cascade/shadow.py)
     "shadow_decisions": [("sampled", "INTEGER"), ("sample_cost_usd", "DOUBLE PRECISION")],
     # version 4: response-cache hits name the request whose answer they served (cascade/cache.py); version
     # 5: cost attribution given by the caller, its end user (OpenAI's ``user``) and tags (``metadata``, JSON)
     "requests": [("cached_from", "TEXT"), ("end_user", "TEXT"), ("metadata", "TEXT")],
+    "shadow_attempts": [("cached_prompt_tokens", "INTEGER")],  # version 6
 }
 
 
@@ -438,7 +440,7 @@ _INSERT_REQUEST = (
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (request_id, idx, tier, model, backend, prompt_tokens, completion_tokens, "
     "latency_ms, cost_usd, confidence, decision, reason, kept, error_class, error_message, features, "
-    "text, answer_sig) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+    "text, answer_sig, cached_prompt_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 _SHADOW_COLUMNS = ("request_id, shadow, created_at, status, tier, escalated, cost_usd, diverges, reason, sampled, "
                    "sample_cost_usd")
 _INSERT_SHADOW = f"INSERT INTO shadow_decisions ({_SHADOW_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
@@ -450,7 +452,7 @@ _UPSERT_SHADOW = (_INSERT_SHADOW + " ON CONFLICT (request_id, shadow) DO UPDATE 
 _INSERT_SHADOW_ATTEMPT = (
     "INSERT INTO shadow_attempts (request_id, shadow, idx, created_at, tier, model, backend, prompt_tokens, "
     "completion_tokens, latency_ms, cost_usd, confidence, decision, reason, error_class, error_message, features, "
-    "text, answer_sig) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    "text, answer_sig, cached_prompt_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
     "ON CONFLICT (request_id, shadow, idx) DO NOTHING")
 
 _STOP = object()
@@ -1251,7 +1253,7 @@ class Ledger:
                     a.latency_ms, a.cost_usd, a.confidence, a.decision, a.reason, int(a.kept), a.error_class,
                     a.error_message, json.dumps(a.features) if a.features else None,
                     a.text if store_text else None,
-                    answer_signature(a.text) if a.error_class is None else None)))
+                    answer_signature(a.text) if a.error_class is None else None, a.cached_prompt_tokens)))
             for s in shadows:
                 shadow_rows.append(d.row(_shadow_row(rid, rec.created_at, s)))
         with d.transaction(conn):
@@ -1280,7 +1282,7 @@ class Ledger:
                  a.completion_tokens, a.latency_ms, a.cost_usd, a.confidence, a.decision or "error", a.reason,
                  a.error_class, a.error_message, json.dumps(a.features) if a.features else None,
                  a.text if self.store_text else None,
-                 answer_signature(a.text) if a.error_class is None else None))
+                 answer_signature(a.text) if a.error_class is None else None, a.cached_prompt_tokens))
                 for a, t in zip(attempts, started_at, strict=True)]
         try:
             with d.transaction(conn):

@@ -294,6 +294,7 @@ class ProviderAttempt:
     prompt_tokens: int = 0        # tokens the provider billed (what it reported, or streamed before failing)
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those read from the provider's prompt cache
 
     @property
     def ok(self) -> bool:
@@ -341,6 +342,7 @@ def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log:
         earlier = list(provider_log)
     rows = [Attempt(index=0, tier=att.tier, model=pa.model, backend=pa.provider, prompt_tokens=pa.prompt_tokens,
                     completion_tokens=pa.completion_tokens, latency_ms=pa.latency_s * 1e3, cost_usd=pa.cost_usd,
+                    cached_prompt_tokens=pa.cached_prompt_tokens,
                     decision="error", reason=pa.describe(), error_class=pa.error_class or CANCELLED,
                     error_message=pa.error_message, wait_ms=pa.wait_s * 1e3)
             for pa in earlier]
@@ -351,7 +353,7 @@ def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log:
         a.index = first_index + k
     if between:
         att.model, att.backend = last.model, last.provider
-        att.prompt_tokens = att.completion_tokens = 0
+        att.prompt_tokens = att.completion_tokens = att.cached_prompt_tokens = 0
         att.cost_usd = att.wait_ms = 0.0
         att.latency_ms = 0.0
         att.reason = f"cancelled before provider {last.provider!r} was tried again ({att.reason})"
@@ -361,6 +363,7 @@ def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log:
     att.cost_usd = last.cost_usd
     if not served:
         att.prompt_tokens, att.completion_tokens = last.prompt_tokens, last.completion_tokens
+        att.cached_prompt_tokens = last.cached_prompt_tokens
         att.decision = att.decision or "error"
         att.error_class = att.error_class or last.error_class or CANCELLED
         att.error_message = att.error_message or last.error_message
@@ -436,8 +439,8 @@ class Provider:
         """Seconds left of the provider's own Retry-After (0 when it may be called)."""
         return max(0.0, self.held_until - time.monotonic())
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return self.price.cost(prompt_tokens, completion_tokens) if self.price is not None else 0.0
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        return self.price.cost(prompt_tokens, completion_tokens, cached_tokens) if self.price is not None else 0.0
 
 
 @dataclass
@@ -559,14 +562,15 @@ class ResilientBackend(Backend):
 
     def _attempt(self, p: Provider, n: int, wait: float, started: float, action: str, *,
                  exc: CascadeError | None = None, error_class: str | None = None, prompt_tokens: int = 0,
-                 completion_tokens: int = 0) -> ProviderAttempt:
+                 completion_tokens: int = 0, cached_tokens: int = 0) -> ProviderAttempt:
         return ProviderAttempt(
             provider=p.name, backend=p.kind or p.backend.kind, model=p.backend.model, attempt=n, wait_s=wait,
             latency_s=time.monotonic() - started, action=action,
             error_class=error_class or (type(exc).__name__ if exc is not None else None),
             error_message=exc.message if exc is not None else (None if error_class is None else "cancelled"),
             upstream_status=getattr(exc, "upstream_status", None), prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens, cost_usd=p.cost(prompt_tokens, completion_tokens))
+            completion_tokens=completion_tokens, cost_usd=p.cost(prompt_tokens, completion_tokens, cached_tokens),
+            cached_prompt_tokens=cached_tokens)
 
     def _verdict(self, p: Provider, permit: Permit, exc: CascadeError, n: int, call: _Call, limit: float,
                  ) -> tuple[str, float]:
@@ -713,7 +717,8 @@ class ResilientBackend(Backend):
         win.provider.breaker.success(win.permit)
         call.record.append(self._attempt(win.provider, win.attempt, win.wait_s, win.started, "served",
                                          prompt_tokens=res.usage.prompt_tokens,
-                                         completion_tokens=res.usage.completion_tokens))
+                                         completion_tokens=res.usage.completion_tokens,
+                                         cached_tokens=res.usage.cached_prompt_tokens))
         return res
 
     async def stream(self, request: GenerationRequest, *, deadline: float | None = None,
@@ -742,7 +747,8 @@ class ResilientBackend(Backend):
             pt = usage.prompt_tokens if usage else p.backend.estimate_prompt_tokens(request)
             ct = usage.completion_tokens if usage else answer_tokens(n_tokens, "".join(texts))
             call.record.append(self._attempt(p, win.attempt, win.wait_s, win.started, action, exc=exc,
-                                             error_class=error_class, prompt_tokens=pt, completion_tokens=ct))
+                                             error_class=error_class, prompt_tokens=pt, completion_tokens=ct,
+                                             cached_tokens=usage.cached_prompt_tokens if usage else 0))
 
         try:
             while chunk is not None:

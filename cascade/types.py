@@ -234,6 +234,8 @@ class HeldTokens:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: of ``prompt_tokens``, those the provider read from its prompt cache (billed at a cached-input price)
+    cached_prompt_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -294,6 +296,8 @@ class Attempt:
     cost_usd: float = 0.0
     confidence: float | None = None
     features: dict[str, float] = field(default_factory=dict)
+    #: of ``prompt_tokens``, those the provider reported read from its prompt cache
+    cached_prompt_tokens: int = 0
     decision: str = ""            # "accept" | "escalate" | "error" | "final"
     reason: str = ""
     error_class: str | None = None

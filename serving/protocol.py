@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.types import (CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, TopLogprob,
-                           is_utf8)
+                           Usage, is_utf8)
 
 
 #: the longest ``model`` name a request may carry (names are a config's policies and tiers)
@@ -415,9 +415,18 @@ def cascade_headers(rec: CascadeRecord) -> dict[str, str]:
     }
 
 
-def _usage(res: GenerationResult) -> dict[str, int]:
-    return {"prompt_tokens": res.usage.prompt_tokens, "completion_tokens": res.usage.completion_tokens,
-            "total_tokens": res.usage.total_tokens}
+def usage_block(usage: Usage) -> dict[str, Any]:
+    """OpenAI's ``usage`` of an answer: with ``prompt_tokens_details.cached_tokens`` where the provider read some
+    of the prompt from its prompt cache."""
+    out: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                           "total_tokens": usage.total_tokens}
+    if usage.cached_prompt_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_prompt_tokens}
+    return out
+
+
+def _usage(res: GenerationResult) -> dict[str, Any]:
+    return usage_block(res.usage)
 
 
 def alternative_token(a: TopLogprob) -> str:

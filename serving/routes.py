@@ -44,6 +44,7 @@ from serving.protocol import (
     completion_logprobs,
     completion_response,
     is_utf8,
+    usage_block,
 )
 from serving.responses import ResponsesRequest, response_events, response_object
 from serving.streaming import BoundedStreamingResponse
@@ -535,9 +536,7 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
                            else {"index": 0, "text": "", "logprobs": None, "finish_reason": ev.finish_reason})
                     yield chunk(end, cascade=cascade_block(ev.record))
                     if include_usage and ev.usage is not None:
-                        yield chunk({}, usage={"prompt_tokens": ev.usage.prompt_tokens,
-                                               "completion_tokens": ev.usage.completion_tokens,
-                                               "total_tokens": ev.usage.total_tokens})
+                        yield chunk({}, usage=usage_block(ev.usage))
                 elif isinstance(ev, StreamFailed):
                     err = ev.error
                     payload = error_body(f"stream interrupted: {err.message}", err.error_type, code=err.code)

@@ -543,7 +543,7 @@ def test_reports_read_a_postgresql_ledger_through_a_role_that_may_only_select(pg
     _make_old(pg.url)
     rc, out, err = _cli(capsys, "report", "--json", "--ledger", url)
     assert rc == 2 and out == ""
-    assert err.count("\n") == 1 and "schema version 4 and must be migrated to version 5" in err, err
+    assert err.count("\n") == 1 and "schema version 4 and must be migrated to version 6" in err, err
     assert "permission denied" in err
     rc, out, err = _cli(capsys, "report", "--json", "--ledger", pg.url)  # its owner migrates it
     assert rc == 0, err
@@ -570,7 +570,7 @@ def test_reports_read_a_sqlite_ledger_from_a_read_only_file(tmp_path, capsys):
         _make_old(str(path))
         assert chattr("+i")
         rc, out, err = _cli(capsys, "report", "--json", "--ledger", str(path))
-        assert rc == 2 and err.count("\n") == 1 and "must be migrated to version 5" in err, err
+        assert rc == 2 and err.count("\n") == 1 and "must be migrated to version 6" in err, err
         assert "readonly" in err
     finally:
         chattr("-i")

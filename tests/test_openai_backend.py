@@ -336,3 +336,54 @@ async def test_an_answer_with_text_but_no_logprobs_says_so(tmp_path):
     assert rec.tier == "second" and rec.attempts[0].decision == "escalate"
     assert rec.attempts[0].reason == "the upstream sent no token logprobs"
     assert pinned.attempts[0].reason == "last tier always answers (the upstream sent no token logprobs)"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_prompt_tokens_read_from_the_providers_cache_are_billed_at_the_cached_price(tmp_path, stream):
+    """OpenAI's ``usage.prompt_tokens_details.cached_tokens`` (prompt caching: half price or less) is billed at
+    the tier's, or its provider's, ``cached_input_per_1m``; without one, at the input price. The ledger keeps
+    the count beside the prompt's, and the client's usage carries it as OpenAI's does."""
+    import sqlite3
+
+    from tests.fault_server import FaultServerThread
+
+    from serving.protocol import usage_block
+
+    usage = {"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010,
+             "prompt_tokens_details": {"cached_tokens": 800}}
+    with FaultServerThread() as up:
+        prices = {"input_per_1m": 2.0, "output_per_1m": 4.0}
+        cfg = make_config(tmp_path, [
+            {"name": "cached", "backend": "openai", "model": "m", "threshold": 0.0, "max_tokens": 4,
+             "price": {**prices, "cached_input_per_1m": 0.5}, "options": {"base_url": up.base_url}},
+            {"name": "uncached", "backend": "openai", "model": "m", "threshold": 0.0, "max_tokens": 4,
+             "price": prices, "options": {"base_url": up.base_url}},
+            {"name": "providers", "threshold": 0.0, "max_tokens": 4, "price": prices,
+             "providers": [{"name": "p", "backend": "openai", "model": "m", "options": {"base_url": up.base_url},
+                            "price": {**prices, "cached_input_per_1m": 0.2}}]}])
+        engine = await Engine.open(cfg)
+        q = GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=4)
+        got = {}
+        try:
+            for name in ("cached", "uncached", "providers"):
+                up.faults({"kind": "odd", "usage": usage})
+                if stream:
+                    events = [ev async for ev in engine.stream(q, model=name, request_id=f"r-{name}")]
+                    end = events[-1]
+                    got[name] = (end.record, end.usage)
+                else:
+                    out = await engine.run(q, model=name, request_id=f"r-{name}")
+                    got[name] = (out.record, out.result.usage)
+        finally:
+            await engine.close()
+    costs = {name: rec.cost_usd for name, (rec, _) in got.items()}
+    assert costs["cached"] == pytest.approx((200 * 2.0 + 800 * 0.5 + 10 * 4.0) / 1e6)
+    assert costs["uncached"] == pytest.approx((1000 * 2.0 + 10 * 4.0) / 1e6)
+    assert costs["providers"] == pytest.approx((200 * 2.0 + 800 * 0.2 + 10 * 4.0) / 1e6)
+    for rec, use in got.values():
+        assert rec.attempts[-1].cached_prompt_tokens == use.cached_prompt_tokens == 800
+        assert usage_block(use)["prompt_tokens_details"] == {"cached_tokens": 800}
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        rows = conn.execute("SELECT request_id, cached_prompt_tokens, cost_usd FROM attempts ORDER BY 1").fetchall()
+    assert [(r[0], r[1]) for r in rows] == [("r-cached", 800), ("r-providers", 800), ("r-uncached", 800)]
+    assert {r[0]: r[2] for r in rows} == pytest.approx({f"r-{n}": c for n, c in costs.items()})

@@ -275,12 +275,12 @@ class OpenAIBackend(Backend):
         usage = resp.usage
         # a server that sends no usage still bills the call: estimate what it did not say (the prompt as budgets
         # count it, the answer by its tokens' logprobs or, without them, its text)
+        prompt = _count(getattr(usage, "prompt_tokens", 0)) or self.estimate_prompt_tokens(request)
         return GenerationResult(
             text=text, tokens=tokens, finish_reason=_finish(choice.finish_reason),
-            usage=Usage(prompt_tokens=_count(getattr(usage, "prompt_tokens", 0))
-                        or self.estimate_prompt_tokens(request),
+            usage=Usage(prompt_tokens=prompt,
                         completion_tokens=_count(getattr(usage, "completion_tokens", 0))
-                        or answer_tokens(generated, text)),
+                        or answer_tokens(generated, text), cached_prompt_tokens=_cached(usage, prompt)),
             latency_s=latency, model=getattr(resp, "model", None) or self.model)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
@@ -322,9 +322,9 @@ class OpenAIBackend(Backend):
                         if text or toks:
                             yield StreamChunk(text=text, tokens=toks)
                     if ev.usage is not None:  # a count it leaves out is estimated, as for an answer without usage
-                        usage = Usage(_count(ev.usage.prompt_tokens) or self.estimate_prompt_tokens(request),
-                                      _count(ev.usage.completion_tokens)
-                                      or answer_tokens(seen_tokens, "".join(seen_text)))
+                        prompt = _count(ev.usage.prompt_tokens) or self.estimate_prompt_tokens(request)
+                        usage = Usage(prompt, _count(ev.usage.completion_tokens)
+                                      or answer_tokens(seen_tokens, "".join(seen_text)), _cached(ev.usage, prompt))
                 if not answered:  # a 200 whose body is no answer's stream: as the same body unstreamed
                     ctype = stream.response.headers.get("content-type", "")
                     raise malformed_response(self.name, ValueError(
@@ -399,6 +399,14 @@ def _logprob(value: Any, if_null: float = LOGPROB_MIN) -> float:
     if not x <= _LOGPROB_SLACK:  # NaN, +inf, 5.0
         raise ValueError(f"token logprob {value!r} is not the log of a probability")
     return min(0.0, max(x, LOGPROB_MIN))
+
+
+def _cached(usage: Any, prompt_tokens: int) -> int:
+    """Of a call's ``prompt_tokens``, those the upstream read from its prompt cache: OpenAI's (and vLLM's, with
+    prefix caching) ``usage.prompt_tokens_details.cached_tokens``; 0 where it says none (a count that is no
+    count reads as 0, one above the prompt as the whole prompt)."""
+    details = _field(usage, "prompt_tokens_details") if usage is not None else None
+    return min(_count(_field(details, "cached_tokens")), prompt_tokens) if details is not None else 0
 
 
 def _count(value: Any) -> int:
