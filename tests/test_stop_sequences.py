@@ -8,6 +8,8 @@ through the official openai client and through the openai backend.
 
 from __future__ import annotations
 
+import asyncio
+
 import openai
 import pytest
 
@@ -137,6 +139,59 @@ async def test_stop_keeps_the_tokens_generated_in_usage(smol_backend, stop):
     assert res.usage.completion_tokens == generated >= len(res.tokens)
     if stop == "Paris":
         assert res.tokens[-1].token == " " and res.tokens[-1].token_id is not None  # " Paris", cut
+
+
+@pytest.mark.parametrize(("req", "stop"), [
+    (GenerationRequest(messages=(Message("user", "Write a short poem about the sea."),), max_tokens=8), "\nThe"),
+    (GenerationRequest(prompt="Count: 1, 2, 3,", max_tokens=6), "3, 4"),
+], ids=["chat", "completions"])
+async def test_a_stop_is_looked_for_in_the_answer_only(smol_backend, req, stop):
+    """A stop spanning the prompt's end and the answer's start: the chat template ends "assistant\n" and the
+    answer starts "The"; the prompt ends "3," and the answer starts " 4". transformers' stop_strings matched
+    the whole sequence and ended the answer after its first token ("length"). The answer holds no stop:
+    it is the unstopped one, streamed or not."""
+    full = await smol_backend.generate(req)
+    prompt = smol_backend._tok.decode(smol_backend._prompt_ids(req))
+    assert stop not in full.text and stop in prompt + full.text  # across the boundary only
+    res = await smol_backend.generate(req.with_(stop=(stop,)))
+    assert (res.text, res.finish_reason, res.usage) == (full.text, full.finish_reason, full.usage)
+    chunks = [c async for c in smol_backend.stream(req.with_(stop=(stop,)))]
+    assert "".join(c.text for c in chunks) == full.text and chunks[-1].finish_reason == full.finish_reason
+
+
+async def test_a_batch_with_a_stop_ends_each_answer_at_its_own_stop(smol_backend):
+    """Requests with the same stop share a batch; each row ends at the stop in its own answer, and each
+    answer is the one it gets alone."""
+    reqs = [chat(("Paris",)), chat(("Paris",)).with_(messages=(Message("user", "Name a primary colour."),))]
+    alone = [await smol_backend.generate(r) for r in reqs]
+    holder = asyncio.create_task(smol_backend.generate(completion()))  # they queue while it runs: one batch
+    while not smol_backend._running:
+        await asyncio.sleep(0.005)
+    batched = await asyncio.gather(*(smol_backend.generate(r) for r in reqs))
+    await holder
+    assert [(r.text, r.finish_reason, r.usage) for r in batched] == [(r.text, r.finish_reason, r.usage)
+                                                                      for r in alone]
+    assert alone[0].finish_reason == "stop" and "Paris" not in alone[0].text
+
+
+@pytest.mark.parametrize("stop", ["Paris", " Paris!", "is Paris."])
+async def test_a_stream_with_a_stop_holds_back_only_what_may_begin_it(smol_backend, stop):
+    """A stream with a stop sequence goes out token by token; only the text that could begin the stop waits
+    (" Paris" while the stop " Paris!" may follow, released once "." comes). It was generated whole first, and
+    sent as one chunk. The chunks join to generate's answer, their tokens to its tokens."""
+    whole = await smol_backend.generate(chat((stop,)))
+    chunks = [c async for c in smol_backend.stream(chat((stop,)))]
+    texts = [c.text for c in chunks if c.text]
+    assert "".join(texts) == whole.text and len(texts) >= 4, texts
+    streamed = [t for c in chunks for t in c.tokens]
+    assert_fits(whole.text, streamed, stop)
+    assert [(t.token, t.utf8, t.token_id) for t in streamed] == [(t.token, t.utf8, t.token_id) for t in whole.tokens]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in whole.tokens], abs=1e-3)
+    assert (chunks[-1].finish_reason, chunks[-1].usage) == (whole.finish_reason, whole.usage)
+    if stop == " Paris!":  # not the stop: the answer is the unstopped one
+        assert whole.text == (await smol_backend.generate(chat())).text and " Paris." in whole.text
+        before = "".join(texts[:next(i for i, t in enumerate(texts) if "Paris" in t)])
+        assert before.endswith("is")  # " Paris" was held, and went out with the "." that ruled the stop out
 
 
 # --- our server: chat and completions, pinned tier (live) and kept first tier (buffered replay) -------

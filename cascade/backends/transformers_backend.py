@@ -5,7 +5,7 @@ The CPU fallback (tests, laptops) and, with ``device: cuda``, a GPU tier where v
 * Real forward passes; token logprobs are ``log_softmax`` of the model's raw logits at each step, so they
   equal a direct forward pass over prompt + answer (tested to 1e-4).
 * Requests that wait while the model is busy are generated together in one left-padded batch (same
-  sampling settings only; greedy by default).
+  sampling settings only; greedy by default; a seeded sampled request runs alone).
 * All transformers backends of a process share one compute thread: on a small CPU, two models generating
   at once only fight over the same cores (and on one GPU, over its streams).
 * A request whose caller goes away (cancelled task: client disconnect, latency budget) stops its batch
@@ -32,6 +32,7 @@ from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServ
 from cascade.types import (
     GenerationRequest,
     GenerationResult,
+    HeldTokens,
     StreamChunk,
     TokenLogprob,
     TopLogprob,
@@ -48,6 +49,18 @@ def auto_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _stop_prefix_at_end(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` could begin one of the stop strings (the longest proper
+    prefix of one that ``text`` ends with): what a stream holds back until the next token tells."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 def _tokens_to(pieces: list[str], end: int) -> int:
@@ -114,9 +127,23 @@ def _samples(request: GenerationRequest) -> bool:
     return request.temperature >= SAMPLING_EPS
 
 
-def _seed(torch: Any, seed: int) -> None:
-    """Seed torch's generator with any integer (torch takes only 64-bit ones: larger ones are reduced)."""
-    torch.manual_seed(seed % 2**64)
+@contextlib.contextmanager
+def _seeded(torch: Any, device: Any, seed: int | None) -> Iterator[None]:
+    """Run a seeded generation on a private copy of torch's random state: seeded from ``seed`` (any integer;
+    torch takes only 64-bit ones: larger ones are reduced), and the state from before put back after, so a
+    seeded request neither depends on nor fixes what later unseeded ones draw. (``generate`` of this
+    transformers takes no generator of its own.) Nothing is done without a seed."""
+    if seed is None:
+        yield
+        return
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda" if cuda else None):
+        torch.default_generator.manual_seed(seed % 2**64)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed % 2**64)
+        yield
 
 
 @dataclass
@@ -128,8 +155,15 @@ class _Pending:
     enqueued_at: float = field(default_factory=time.perf_counter)
 
     def batch_key(self) -> tuple:
+        """Requests with equal keys may share a batch. A seeded sampled request runs alone: a batch draws its
+        random numbers for all its rows at once, so a seeded answer would depend on what shared its batch."""
         r = self.request
-        sampling = ("sample", r.temperature, r.top_p, r.seed) if _samples(r) else ("greedy",)
+        if not _samples(r):
+            sampling: tuple = ("greedy",)
+        elif r.seed is not None:
+            sampling = ("seeded", id(self))
+        else:
+            sampling = ("sample", r.temperature, r.top_p)
         return sampling + (tuple(r.stop),)
 
 
@@ -259,7 +293,7 @@ class TransformersBackend(Backend):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -278,11 +312,16 @@ class TransformersBackend(Backend):
         except RuntimeError as exc:  # CUDA out of memory among them
             raise ConfigError(f"tier {self.name!r}: cannot put the model on {device}: {exc}") from exc
         model.eval()
-        # plain decoding, one forward per token, whatever the model's own generation_config.json asks for
-        # (beams or prompt-lookup decoding would break the logprobs read step by step; None in a
-        # GenerationConfig passed to generate means "the model's", so the model's own is reset)
-        model.generation_config.num_beams = 1
-        model.generation_config.prompt_lookup_num_tokens = None
+        # plain decoding, one forward per token, whatever the model's own generation_config.json asks for. A
+        # field left None in the GenerationConfig passed to generate means "the model's": its beams or
+        # prompt-lookup decoding would break the logprobs read step by step, and its sampling defaults
+        # (top_k, repetition_penalty, no_repeat_ngram_size, min_new_tokens, suppress_tokens, bad_words_ids,
+        # ...) would change even greedy answers, which then were no longer the argmax of the logprobs served.
+        # The model's own is replaced by a neutral one that keeps only its special token ids.
+        own = model.generation_config
+        model.generation_config = GenerationConfig(**{
+            k: getattr(own, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+            if getattr(own, k, None) is not None})
         tok.padding_side = "left"
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -379,10 +418,16 @@ class TransformersBackend(Backend):
             raise ContextLengthExceededError(
                 f"prompt is {len(ids)} tokens; tier {self.name!r} has a context of {ctx} tokens",
                 param="messages")
-        if request.max_tokens is None:
-            request = request.with_(max_tokens=16)
+        if request.max_tokens is None:  # (the engine always sets it: the tier's max_tokens)
+            request = request.with_(max_tokens=16 if ctx is None else min(16, ctx - len(ids)))
         if ctx is not None and len(ids) + request.max_tokens > ctx:
-            request = request.with_(max_tokens=ctx - len(ids))
+            # refused, as OpenAI and vLLM refuse it, rather than answered with fewer tokens than asked: an
+            # answer cut short to fit would be served (a confident one accepted) where the cascade escalates
+            # this refusal to a tier with room for it (a 400 context_length_exceeded at the last tier)
+            raise ContextLengthExceededError(
+                f"tier {self.name!r} has a context of {ctx} tokens; the prompt has {len(ids)} tokens and "
+                f"max_tokens asks for {request.max_tokens} more ({len(ids) + request.max_tokens} in all): "
+                "shorten the prompt or lower max_tokens", param="messages")
         return request, ids
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -401,13 +446,10 @@ class TransformersBackend(Backend):
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         """Yield tokens as the model produces them (with their logprobs), then a final chunk.
 
-        A streamed request runs alone (not batched). With stop strings the answer is generated whole
-        first, so that no part of a stop string can reach the client before it is recognised.
+        A streamed request runs alone (not batched). With stop strings, only the text that could begin one
+        is held back (as vLLM holds it): the rest goes out as it is generated, and a token once the text
+        sent covers it whole (``HeldTokens``); a stop string ends the answer before it, as ``generate`` cuts it.
         """
-        if request.stop:
-            async for chunk in super().stream(request):
-                yield chunk
-            return
         request, ids = await self._prepare(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -420,6 +462,9 @@ class TransformersBackend(Backend):
         texts = TokenTexts(tok)
         finish = "length"
         finite_seen = False
+        stops = [s for s in request.stop if s]
+        hold = HeldTokens()
+        answer, sent, stopped = "", 0, False  # with stops: the answer so far, how much of it went out
         try:
             while True:
                 item = await queue.get()
@@ -431,6 +476,8 @@ class TransformersBackend(Backend):
                 if not math.isfinite(logprob) and not finite_seen:  # NaN logits: nothing sent yet, refused
                     raise self._nan_error()
                 finite_seen = True
+                if stopped:  # generated before the stop reached the compute thread: not part of the answer
+                    continue
                 if token_id in eos:
                     finish = "stop"
                     cancelled.set()
@@ -440,7 +487,24 @@ class TransformersBackend(Backend):
                 piece = texts.push(token_id)
                 alts = tuple(TopLogprob(token=tok.decode([a]), logprob=v, token_id=a, raw=raw(a))
                              for a, v in top[: request.top_logprobs])
-                yield StreamChunk(text=piece, tokens=(TokenLogprob(piece, logprob, token_id, alts, raw(token_id)),))
+                token = TokenLogprob(piece, logprob, token_id, alts, raw(token_id))
+                if not stops:
+                    yield StreamChunk(text=piece, tokens=(token,))
+                    continue
+                answer += piece
+                found = [at for at in (answer.find(s, sent) for s in stops) if at >= 0]
+                if found:  # the answer ends before the earliest stop; the generation stops at its next token
+                    stopped, finish = True, "stop"
+                    cancelled.set()
+                    cut = min(found)
+                    text, sent = answer[sent:cut], cut
+                    out = hold.feed(text, (token,)) + hold.finish(cut=True)
+                else:
+                    keep = max(sent, len(answer) - _stop_prefix_at_end(answer, stops))
+                    text, sent = answer[sent:keep], keep
+                    out = hold.feed(text, (token,))
+                if text or out:
+                    yield StreamChunk(text=text, tokens=out)
             try:
                 generated = await fut
             except Exception as exc:  # the model's own failure, translated as generate()'s is
@@ -455,6 +519,12 @@ class TransformersBackend(Backend):
             raise
         finally:
             self._streams.pop(cancelled, None)
+        if stops and not stopped:  # no stop string came: what was held back goes out whole
+            text = answer[sent:]
+            out = hold.feed(text, ()) + hold.finish(cut=False)
+            if text or out:
+                yield StreamChunk(text=text, tokens=out)
+        # usage: every token generated, to the one that completed a stop string (what generate counts)
         yield StreamChunk(text="", finish_reason=finish,
                           usage=Usage(prompt_tokens=len(ids), completion_tokens=len(texts.ids)))
 
@@ -500,17 +570,16 @@ class TransformersBackend(Backend):
                 return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
         sample = _samples(request)
-        cfg = GenerationConfig(
+        cfg = GenerationConfig(  # top_k=0: the whole vocabulary, as OpenAI and vLLM sample (not the top 50)
             max_new_tokens=request.max_tokens, do_sample=sample, num_beams=1,
             temperature=request.temperature if sample else None, top_p=request.top_p if sample else None,
-            top_k=None, repetition_penalty=None, pad_token_id=tok.pad_token_id,
+            top_k=0 if sample else None, pad_token_id=tok.pad_token_id,
             eos_token_id=self._eos_ids, bos_token_id=None)
         handle = model.register_forward_hook(hook)  # the model's final logits (after any rescaling of the head's)
         streamer = _Streamer()
         try:
-            with torch.inference_mode(), _without_cudnn_attention(torch, self._device, self._cudnn_attention):
-                if sample and request.seed is not None:
-                    _seed(torch, request.seed)
+            with torch.inference_mode(), _without_cudnn_attention(torch, self._device, self._cudnn_attention), \
+                    _seeded(torch, self._device, request.seed if sample else None):
                 dev = self._device
                 model.generate(input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
                                attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=dev),
@@ -639,25 +708,53 @@ class TransformersBackend(Backend):
                     first_token_at.append(time.perf_counter())
                 return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
 
+        eos = set(self._eos_ids)
+        stops = [s for s in req0.stop if s]  # the same for every request of the batch (its key)
+        longest = max((len(s) for s in stops), default=0)
+
+        class _StopInAnswer(StoppingCriteria):
+            """A row ends once its answer holds a stop string. Only the answer is searched: transformers' own
+            ``stop_strings`` matched the whole sequence, so a stop spanning the prompt's end and the answer's
+            start ended the answer early. (The answer is cut at the stop afterwards, below.)"""
+
+            def __init__(self) -> None:
+                self.texts = [TokenTexts(tok) for _ in batch]
+                self.answers = [""] * len(batch)
+                self.done = [False] * len(batch)
+
+            def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
+                for i, token_id in enumerate(input_ids[:, -1].tolist()):
+                    if self.done[i]:
+                        continue
+                    if token_id in eos:  # the row ends there anyway (and is padded after)
+                        self.done[i] = True
+                        continue
+                    piece = self.texts[i].push(token_id)
+                    if not piece:
+                        continue
+                    answer = self.answers[i] = self.answers[i] + piece
+                    tail = answer[-(longest + len(piece) - 1):]  # where a stop completed by this piece can be
+                    self.done[i] = any(s in tail for s in stops)
+                return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+        criteria = [_AllCancelled(), _Collect()] + ([_StopInAnswer()] if stops else [])
         sample = _samples(req0)
-        cfg = GenerationConfig(
+        cfg = GenerationConfig(  # top_k=0: the whole vocabulary, as OpenAI and vLLM sample (not the top 50)
             max_new_tokens=max_new, do_sample=sample, num_beams=1,
             temperature=req0.temperature if sample else None, top_p=req0.top_p if sample else None,
-            top_k=None, repetition_penalty=None,
+            top_k=0 if sample else None,
             pad_token_id=pad, eos_token_id=self._eos_ids, bos_token_id=None,
             return_dict_in_generate=False,
-            stop_strings=list(req0.stop) or None,
         )
         t0 = time.perf_counter()
-        with torch.inference_mode(), _without_cudnn_attention(torch, dev, self._cudnn_attention):
-            if sample and req0.seed is not None:
-                _seed(torch, req0.seed)
+        # a seeded request runs alone (batch_key), on its own copy of the random state
+        with torch.inference_mode(), _without_cudnn_attention(torch, dev, self._cudnn_attention), \
+                _seeded(torch, dev, req0.seed if sample else None):
             handle = model.register_forward_hook(hook)
             try:
                 sequences = model.generate(
                     input_ids=input_ids, attention_mask=attention, generation_config=cfg,
-                    stopping_criteria=StoppingCriteriaList([_AllCancelled(), _Collect()]),
-                    tokenizer=tok if req0.stop else None)
+                    stopping_criteria=StoppingCriteriaList(criteria))
             finally:
                 handle.remove()
             gen = sequences[:, width:]
@@ -672,7 +769,6 @@ class TransformersBackend(Backend):
             gen = gen.cpu()
         ttft = (first_token_at[0] - t0) if first_token_at else (time.perf_counter() - t0)
         results = []
-        eos = set(self._eos_ids)
         for i, p in enumerate(batch):
             ids = gen[i].tolist()
             limit = p.request.max_tokens or max_new

@@ -358,8 +358,14 @@ class VLLMBackend(Backend):
                 f"prompt is {prompt_len} tokens; tier {self.name!r} has a context of {ctx} tokens",
                 param="messages")
         max_tokens = request.max_tokens if request.max_tokens is not None else self._default_max_tokens
-        if ctx is not None:
-            max_tokens = min(max_tokens, ctx - prompt_len)
+        if ctx is not None and prompt_len + max_tokens > ctx:
+            if request.max_tokens is None:  # none asked for (the engine always sets one): what fits
+                max_tokens = ctx - prompt_len
+            else:  # refused rather than cut, as the transformers backend: the cascade escalates it to a tier with room
+                raise ContextLengthExceededError(
+                    f"tier {self.name!r} has a context of {ctx} tokens; the prompt has {prompt_len} tokens and "
+                    f"max_tokens asks for {max_tokens} more ({prompt_len + max_tokens} in all): "
+                    "shorten the prompt or lower max_tokens", param="messages")
         greedy = request.temperature == 0
         params = self._vllm["SamplingParams"](
             n=1, max_tokens=max_tokens, temperature=request.temperature,

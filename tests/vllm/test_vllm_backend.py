@@ -187,11 +187,15 @@ async def test_prompt_longer_than_the_context_is_refused(vllm_backend):
     req = GenerationRequest(prompt="hello " * 2100, max_tokens=4)
     with pytest.raises(ContextLengthExceededError):
         await vllm_backend.generate(req)
-    # max_tokens is clamped to what the context still holds
+    # a prompt that fits, with a max_tokens that does not, is refused too: never cut short to fit (a cascade
+    # escalates it to a tier with room), as OpenAI and vLLM's server refuse it
     req = GenerationRequest(prompt="hello " * 2040, max_tokens=100, top_logprobs=0)
     n_prompt = vllm_backend.count_prompt_tokens(req)
-    assert n_prompt < 2048
-    out = await vllm_backend.generate(req)
+    assert n_prompt < 2048 < n_prompt + 100
+    with pytest.raises(ContextLengthExceededError, match="max_tokens asks for 100 more"):
+        await vllm_backend.generate(req)
+    # without a max_tokens: what the context still holds
+    out = await vllm_backend.generate(req.with_(max_tokens=None))
     assert out.usage.completion_tokens <= 2048 - n_prompt
 
 

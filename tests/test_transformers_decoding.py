@@ -1,0 +1,165 @@
+"""What the transformers backend decodes, on the real SmolLM2-135M: the tier's context refuses what does not
+fit (it never cuts max_tokens), a model directory's generation_config.json cannot change the decoding,
+sampling draws from the whole vocabulary, and a seeded answer is the same whatever else is queued."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from cascade.errors import ContextLengthExceededError
+from cascade.types import GenerationRequest, Message, Usage
+from tests.conftest import TEST_DEVICE, make_config, tier
+
+QUESTION = GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=12,
+                             top_logprobs=1)
+COUNT = GenerationRequest(messages=(Message("user", "Count from 1 to 10, separated by commas."),), max_tokens=16,
+                          top_logprobs=1)
+POEM = GenerationRequest(messages=(Message("user", "Write a short poem about the sea."),), max_tokens=8)
+
+
+def words(n: int) -> str:
+    return "a" + " a" * (n - 1)  # SmolLM2: n tokens
+
+
+def direct_logprobs(backend, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+    """The log-softmax of one forward pass over ``ids`` at its last position."""
+    with torch.inference_mode():
+        logits = backend._model(torch.tensor([ids], device=backend._model.device)).logits
+    return torch.log_softmax(logits[0, -1].float(), dim=-1).cpu()
+
+
+# --- 1. the context: refused, never cut -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+async def ctx64(smol_path):
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    b = TransformersBackend(model=str(smol_path), name="ctx64", device=TEST_DEVICE, context_length=64, threads=2)
+    await b.start()
+    yield b
+    await b.close()
+
+
+async def test_a_prompt_and_max_tokens_over_the_context_are_refused_not_cut(ctx64):
+    """Prompt + max_tokens over the tier's context: refused as OpenAI and vLLM refuse it (the cascade escalates
+    on it), streamed or not. It used to answer with max_tokens lowered to what fit: 4 tokens where 8 were asked."""
+    req = GenerationRequest(prompt=words(60), max_tokens=8)
+    assert ctx64.count_prompt_tokens(req) == 60
+    for call in ("generate", "stream"):
+        with pytest.raises(ContextLengthExceededError) as info:
+            if call == "generate":
+                await ctx64.generate(req)
+            else:
+                [c async for c in ctx64.stream(req)]
+        msg = str(info.value)
+        assert "context of 64 tokens" in msg and "prompt has 60 tokens" in msg and "max_tokens asks for 8" in msg
+        assert info.value.code == "context_length_exceeded" and info.value.param == "messages"
+    # what fits exactly is answered, as long as it asked for
+    res = await ctx64.generate(req.with_(max_tokens=4))
+    assert res.usage == Usage(prompt_tokens=60, completion_tokens=4) and res.finish_reason == "length"
+    chunks = [c async for c in ctx64.stream(req.with_(max_tokens=4))]
+    assert chunks[-1].usage.completion_tokens == 4
+    with pytest.raises(ContextLengthExceededError, match="prompt is 64 tokens"):  # the prompt alone, as before
+        await ctx64.generate(req.with_(prompt=words(64), max_tokens=1))
+
+
+async def test_the_cascade_escalates_what_the_first_tiers_context_cannot_hold(tmp_path):
+    """The first tier accepts any answer (threshold 0): its answer cut to fit its context was served. Now it
+    refuses and the tier with room answers all the tokens asked; the last tier's refusal is the error."""
+    from cascade.engine import Engine
+
+    cfg = make_config(tmp_path, [tier("small", context_length=64, threshold=0.0), tier("large")],
+                      {"cascade": {"chain": ["small", "large"]}, "small-only": {"chain": ["small"]}})
+    eng = await Engine.open(cfg)
+    try:
+        req = GenerationRequest(prompt=words(60), max_tokens=8)
+        rec = (await eng.run(req, endpoint="completions")).record
+        assert [(a.tier, a.decision, a.error_class) for a in rec.attempts] == [
+            ("small", "error", "ContextLengthExceededError"), ("large", "final", None)]
+        assert rec.tier == "large" and rec.attempts[1].completion_tokens == 8
+        with pytest.raises(ContextLengthExceededError, match="context of 64 tokens"):
+            await eng.run(req, model="small-only", endpoint="completions")
+        with pytest.raises(ContextLengthExceededError, match="context of 64 tokens"):
+            [e async for e in eng.stream(req, model="small-only", endpoint="completions")]
+    finally:
+        await eng.close()
+
+
+# --- 2. the model's generation_config.json cannot change the decoding --------------------------------------
+
+async def test_a_models_sampling_defaults_cannot_change_the_answer(smol_backend, smol_path, tmp_path):
+    """A generation_config.json with sampling defaults, penalties and suppressed tokens (as many models ship
+    one): None in the GenerationConfig passed to generate meant "the model's", so greedy answers were
+    decoded with its repetition penalty, n-gram ban, minimum length and suppressed tokens, and were no longer
+    the argmax of the logprobs served. Now they are the plain model's, streamed or not, and a seeded sample
+    is the plain model's sample (not the model's temperature, top_p and top_k)."""
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    plain = [await smol_backend.generate(r) for r in (QUESTION, COUNT)]
+    first = plain[0].tokens[0].token_id
+    for f in smol_path.iterdir():
+        if f.name != "generation_config.json":
+            (tmp_path / f.name).symlink_to(f)
+    own = json.loads((smol_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        **own, "do_sample": True, "temperature": 0.3, "top_p": 0.5, "top_k": 3, "repetition_penalty": 1.5,
+        "no_repeat_ngram_size": 2, "min_new_tokens": 12, "suppress_tokens": [first],
+        "bad_words_ids": [[plain[1].tokens[2].token_id]], "num_beams": 3}))
+    b = TransformersBackend(model=str(tmp_path), name="own-defaults", device=TEST_DEVICE, threads=2)
+    await b.start()
+    try:
+        for req, want in zip((QUESTION, COUNT), plain, strict=True):
+            res = await b.generate(req)
+            assert (res.text, res.finish_reason) == (want.text, want.finish_reason)
+            assert all(t.token_id == t.top[0].token_id for t in res.tokens)  # greedy: the argmax
+            streamed = [c async for c in b.stream(req)]
+            assert "".join(c.text for c in streamed) == want.text
+        sampled = POEM.with_(temperature=1.0, seed=3)
+        assert (await b.generate(sampled)).text == (await smol_backend.generate(sampled)).text
+    finally:
+        await b.close()
+
+
+# --- 3. sampling draws from the whole vocabulary ----------------------------------------------------------
+
+async def test_sampling_draws_from_the_whole_vocabulary(smol_backend):
+    """transformers samples from the top 50 tokens when top_k is not given; OpenAI and vLLM sample from all of
+    them. At temperature 1 after "Here is a random word:" the tokens ranked below 50 hold 37% of the
+    probability: of 24 seeded draws some are among them (0.63^24 < 2e-5 by chance)."""
+    req = GenerationRequest(prompt="Here is a random word:", max_tokens=1, temperature=1.0)
+    lp = direct_logprobs(smol_backend, smol_backend._prompt_ids(req))
+    rank = torch.empty_like(lp, dtype=torch.long)
+    rank[torch.argsort(lp, descending=True)] = torch.arange(lp.numel())
+    draws = await asyncio.gather(*(smol_backend.generate(req.with_(seed=s)) for s in range(24)))
+    ranks = [int(rank[d.tokens[0].token_id]) for d in draws]
+    assert max(ranks) >= 50, ranks
+    for d in draws:  # the logprob served is the model's own, not the sampler's
+        assert d.tokens[0].logprob == pytest.approx(float(lp[d.tokens[0].token_id]), abs=1e-4)
+
+
+# --- 4. a seeded answer does not depend on what else is queued ---------------------------------------------
+
+async def test_a_seeded_answer_is_the_same_alone_or_among_concurrent_requests(smol_backend):
+    """Concurrent requests with one seed shared a batch seeded once: each row drew other numbers, and the
+    answer depended on what was queued with it. Each now runs alone, on its own copy of the random state: the
+    process's generator is as it was after (it used to be reseeded: later unseeded samples were predictable)."""
+    req = POEM.with_(temperature=1.0, seed=7)
+    state = torch.get_rng_state()
+    alone = await smol_backend.generate(req)
+    assert torch.equal(torch.get_rng_state(), state)
+    other = req.with_(messages=(Message("user", "Name a colour."),))
+    # they queue together while another generation holds the model (they used to be one batch then)
+    holder = asyncio.create_task(smol_backend.generate(COUNT.with_(max_tokens=12)))
+    while not smol_backend._running:
+        await asyncio.sleep(0.005)
+    *same, _ = await asyncio.gather(*(smol_backend.generate(r) for r in (req, req, req, other)))
+    await holder
+    assert [s.text for s in same] == [alone.text] * 3
+    streamed = [c async for c in smol_backend.stream(req)]
+    assert "".join(c.text for c in streamed) == alone.text
+    assert torch.equal(torch.get_rng_state(), state)
+    assert (await smol_backend.generate(req.with_(seed=8))).text != alone.text  # the seed does matter
