@@ -268,6 +268,14 @@ async def test_token_counts_that_are_no_counts_are_estimated(usage, stream):
     assert finish == "stop"  # 123 is no finish reason
 
 
+def two_remote_tiers(tmp_path, first, second):
+    """A config of two openai tiers on fault servers, ``first`` (threshold 0.5) then ``second``, as `cascade`."""
+    return make_config(tmp_path, [
+        {"name": "first", "backend": "openai", "model": "m", "threshold": 0.5, "options": {"base_url": first.base_url}},
+        {"name": "second", "backend": "openai", "model": "m", "options": {"base_url": second.base_url}}],
+        {"cascade": {"chain": ["first", "second"]}})
+
+
 async def test_an_empty_answer_with_sure_logprobs_escalates(tmp_path):
     """A null text that comes with confident logprobs is an empty answer: nothing to serve, so it escalates
     (its features say no tokens), as the README promises."""
@@ -275,11 +283,7 @@ async def test_an_empty_answer_with_sure_logprobs_escalates(tmp_path):
 
     with FaultServerThread() as first, FaultServerThread() as second:
         first.faults({"kind": "odd", "content_null": True, "logprob": -0.001})
-        cfg = make_config(tmp_path, [
-            {"name": "first", "backend": "openai", "model": "m", "threshold": 0.5,
-             "options": {"base_url": first.base_url}},
-            {"name": "second", "backend": "openai", "model": "m", "options": {"base_url": second.base_url}}],
-            {"cascade": {"chain": ["first", "second"]}})
+        cfg = two_remote_tiers(tmp_path, first, second)
         engine = await Engine.open(cfg)
         try:
             out = await engine.run(GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=4),
@@ -321,11 +325,7 @@ async def test_an_answer_with_text_but_no_logprobs_says_so(tmp_path):
 
     with FaultServerThread() as first, FaultServerThread() as second:
         first.faults("bare", "bare")
-        cfg = make_config(tmp_path, [
-            {"name": "first", "backend": "openai", "model": "m", "threshold": 0.5,
-             "options": {"base_url": first.base_url}},
-            {"name": "second", "backend": "openai", "model": "m", "options": {"base_url": second.base_url}}],
-            {"cascade": {"chain": ["first", "second"]}})
+        cfg = two_remote_tiers(tmp_path, first, second)
         engine = await Engine.open(cfg)
         try:
             q = GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=4)
