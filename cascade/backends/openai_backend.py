@@ -440,9 +440,10 @@ def _chat_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
     return tuple(
         TokenLogprob(token=_field(c, "token"), logprob=_logprob(_field(c, "logprob"), NULL_TOKEN_LOGPROB),
                      raw=_raw(c),
-                     top=tuple(TopLogprob(token=_field(t, "token"), logprob=_logprob(_field(t, "logprob")),
-                                          raw=_raw(t))
-                               for t in (_field(c, "top_logprobs") or ())))
+                     # most likely first, as OpenAI sends them (vLLM's server lists the sampled token first)
+                     top=tuple(sorted((TopLogprob(token=_field(t, "token"), logprob=_logprob(_field(t, "logprob")),
+                                                  raw=_raw(t)) for t in (_field(c, "top_logprobs") or ())),
+                                      key=lambda a: -a.logprob)))
         for c in content)
 
 

@@ -79,7 +79,9 @@ KNOWN_OPTIONS = (
     "max_num_batched_tokens", "tensor_parallel_size", "enable_prefix_caching", "quantization", "seed",
     "trust_remote_code", "tokenizer", "default_max_tokens", "engine_args",
 )
-_FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
+#: vLLM's finish reasons of a whole answer; any other (``abort`` by someone else than this backend: an admin
+#: pause, a KV transfer that failed; ``error``; ``repetition``) ended it short of one: a failure, not a "stop"
+_FINISH = {"stop": "stop", "length": "length"}
 _ids = itertools.count()
 
 
@@ -130,7 +132,7 @@ class _Tracker:
         ids = list(completion.token_ids)
         logprobs = completion.logprobs
         if finished:
-            self.finish = _FINISH.get(completion.finish_reason or "stop", "stop")
+            self.finish = _FINISH[completion.finish_reason or "stop"]
             # vLLM returns the EOS (or stop token id) that ended the answer; the engine counts answer
             # tokens only, as the transformers backend does.
             if ids and completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
@@ -369,7 +371,9 @@ class VLLMBackend(Backend):
         greedy = request.temperature == 0
         params = self._vllm["SamplingParams"](
             n=1, max_tokens=max_tokens, temperature=request.temperature,
-            top_p=1.0 if greedy else request.top_p, seed=request.seed, stop=list(request.stop) or None,
+            # any 64-bit seed, as the transformers backend takes it: vLLM reads -1 as "no seed"
+            top_p=1.0 if greedy else request.top_p, seed=None if request.seed is None else request.seed % 2**64,
+            stop=list(request.stop) or None,
             logprobs=request.top_logprobs, output_kind=self._vllm["DELTA"])
         return params, max_tokens
 
@@ -401,7 +405,12 @@ class VLLMBackend(Backend):
             await self.start()
         engine = self._engine
         prompt_ids = await self._recent_prompts.load(self._tok, request)
-        params, _max_tokens = self._sampling(request, len(prompt_ids))
+        try:
+            params, _max_tokens = self._sampling(request, len(prompt_ids))
+        except CascadeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - vLLM's validation of the sampling parameters, translated
+            raise _translate(exc, self.name) from exc
         request_id = f"{self.name}-{next(_ids)}-{uuid.uuid4().hex[:8]}"
         tracker = _Tracker(self._tok, request, self._token_bytes)
         deadline = (time.monotonic() + self._timeout) if self._timeout else None
@@ -422,6 +431,10 @@ class VLLMBackend(Backend):
                                                provider=self.name) from exc
                 completion = out.outputs[0]
                 finished = bool(out.finished)
+                if finished and (completion.finish_reason or "stop") not in _FINISH:  # (this backend's aborts
+                    # are never read: it stops reading first) an answer the engine ended short of a whole one
+                    raise ProviderServerError(f"{self.name}: vLLM ended the answer with finish reason "
+                                              f"{completion.finish_reason!r}", provider=self.name)
                 text, toks = tracker.feed(completion, finished)
                 if finished:
                     yield StreamChunk(text=text, tokens=toks, finish_reason=tracker.finish,

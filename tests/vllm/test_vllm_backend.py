@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from cascade.errors import ConfigError, ContextLengthExceededError, ProviderTimeoutError
+from cascade.errors import (ConfigError, ContextLengthExceededError, ProviderInvalidRequestError,
+                            ProviderServerError, ProviderTimeoutError)
 from cascade.types import GenerationRequest, Message
 
 pytestmark = pytest.mark.vllm
@@ -220,3 +221,33 @@ async def test_bad_options_are_config_errors():
         await bad.start()
     with pytest.raises(ConfigError, match="GGUF"):
         await VLLMBackend(model="/nowhere/model.gguf", name="g").start()
+
+
+async def test_an_answer_the_engine_aborted_itself_is_a_failure_not_a_stop(vllm_backend):
+    """An answer vLLM ended short (its own abort: an admin pause; an error) is a ProviderServerError, so the
+    cascade fails over: "abort" used to read as "stop", and the short answer was scored and could be served."""
+    engine = vllm_backend.engine
+    if not hasattr(engine, "pause_generation"):
+        pytest.skip("this vLLM has no pause_generation")
+    task = asyncio.create_task(vllm_backend.generate(LONG))
+    while engine.get_num_unfinished_requests() == 0:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)
+    try:
+        await engine.pause_generation(mode="abort")
+        with pytest.raises(ProviderServerError, match="finish reason 'abort'"):
+            await asyncio.wait_for(task, 60)
+    finally:
+        await engine.resume_generation()
+    assert await wait_idle(vllm_backend) == 0
+
+
+async def test_seed_minus_one_is_a_seed_and_bad_sampling_values_are_invalid_requests(vllm_backend):
+    """vLLM reads seed -1 as "no seed": the backend passes any 64-bit seed as the transformers backend does, so
+    the same seeded request gives the same text. Sampling values vLLM refuses are the request's fault (a
+    ProviderInvalidRequestError), not vLLM's own exception."""
+    req = chat("Say one random word.", max_tokens=8, temperature=1.0, seed=-1)
+    first, second = await vllm_backend.generate(req), await vllm_backend.generate(req)
+    assert first.text == second.text
+    with pytest.raises(ProviderInvalidRequestError):
+        await vllm_backend.generate(chat("hi", max_tokens=4, temperature=2.5))
