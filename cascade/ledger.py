@@ -755,7 +755,7 @@ class Ledger:
             ckpt, self._checkpointer = self._checkpointer, None
             if ckpt is not None:  # first, so that the writer's connection is the last and checkpoints on close
                 ckpt.stop()
-            job = self._enqueue(fn=self.close_sync, timeout=self.timeout_s, what="closing the ledger")
+            job = self._enqueue(fn=self.close_sync, timeout=self.timeout_s, what="closing the ledger", force=True)
             join = True
             try:
                 await job.fut
@@ -797,15 +797,16 @@ class Ledger:
 
     def _enqueue(self, *, timeout: float | None, what: str, rec: CascadeRecord | None = None,
                  shadows: list[dict[str, Any]] | None = None, fn: Callable[..., Any] | None = None,
-                 args: tuple = ()) -> _Job:
+                 args: tuple = (), force: bool = False) -> _Job:
         """Queue a job for the ledger thread (from the event loop). Its future gets a LedgerError once
-        ``timeout`` seconds pass without an answer (the job itself still runs when the thread reaches it)."""
+        ``timeout`` seconds pass without an answer (the job itself still runs when the thread reaches it).
+        ``force``: queued even past ``max_pending`` (closing the ledger, which must reach the held writes)."""
         q = self._queue
         if q is None:
             raise LedgerError("ledger is not open")
         loop = asyncio.get_running_loop()
         job = _Job(loop, loop.create_future(), rec=rec, shadows=shadows, fn=fn, args=args)
-        if (waiting := q.qsize() + self._held) >= self.max_pending:  # an outage has lasted: fail at once, queue no more
+        if (waiting := q.qsize() + self._held) >= self.max_pending and not force:  # an outage has lasted: fail at once
             self.unavailable = (f"ledger {_redact(self.target)} is not keeping up: {waiting} jobs are waiting for "
                                 f"it (ledger.max_pending)")
             job.fut.set_exception(LedgerError(
@@ -1009,7 +1010,9 @@ class Ledger:
         if held:
             log.warning("ledger %s: %d held writes are given up (the ledger is closing while another process "
                         "holds its lock)", _redact(self.target), len(held))
-            self._deliver(held, [(j.error, None) for j in held])
+            # a write held behind others without a try of its own has no error yet: it was not written either
+            self._deliver(held, [(j.error or _write_error(j.rec, LedgerError(  # type: ignore[arg-type]
+                "the ledger closed before it could be written")), None) for j in held])
 
     def _written(self, n: int) -> None:
         """``n`` more transactions in the WAL (records, SQLite's probes): the checkpoint thread is poked every
@@ -1024,6 +1027,9 @@ class Ledger:
     def _run_writes(self, jobs: list[_Job], short: bool = False) -> list[tuple[BaseException | None, None]]:
         """Commit the records of ``jobs``: all in one transaction, or (when that fails through no lock held
         elsewhere) each alone; ``short``: waiting for another process's lock briefly (see :meth:`_lock_wait`)."""
+        if (moved := self._moved()) is not None:  # they would go to a file no longer at the path: refused, and the
+            self.unavailable = moved              # ledger not ready, until the file is back (or a restart)
+            return [(_write_error(j.rec, LedgerError(moved)), None) for j in jobs]  # type: ignore[arg-type]
         self._written(len(jobs))
         with self._lock_wait(short):
             if len(jobs) > 1:
@@ -1216,7 +1222,7 @@ class Ledger:
     def _lock_wait(self, short: bool) -> Iterator[None]:
         """SQLite: ``short``, a write waits for another process's lock briefly (``_RETRY_LOCK_WAIT_S``, not
         ``timeout_s``), so that a ledger thread retrying held writes stays free for probes and reads."""
-        if not short or self.dialect.name != "sqlite":
+        if not short or self.dialect.name != "sqlite" or self._conn is None:  # (closed: the write fails alone)
             yield
             return
         conn = self._require()

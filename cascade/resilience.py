@@ -584,9 +584,11 @@ class ResilientBackend(Backend):
             return "raise", 0.0
         if isinstance(exc, ProviderAuthError):
             p.breaker.release(permit)
-            p.breaker.trip(f"credentials rejected (HTTP {exc.upstream_status or '?'})")
-            log.warning("tier %s: provider %s rejected our credentials (HTTP %s); marked unhealthy for %.3g s, "
-                        "falling over", self.name, p.name, exc.upstream_status or "?", p.breaker.cooldown_s)
+            # (a 429 refused as a credential: the account is out of quota or credits, the key itself is fine)
+            what = "account out of quota or credits" if exc.upstream_status == 429 else "credentials rejected"
+            p.breaker.trip(f"{what} (HTTP {exc.upstream_status or '?'})")
+            log.warning("tier %s: provider %s: %s (HTTP %s); marked unhealthy for %.3g s, falling over",
+                        self.name, p.name, what, exc.upstream_status or "?", p.breaker.cooldown_s)
             return "fall_over", 0.0
         if isinstance(exc, RateLimitedError):
             p.breaker.release(permit)

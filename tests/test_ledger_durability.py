@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -445,16 +446,80 @@ async def test_a_ledger_file_moved_replaced_or_deleted_while_open_makes_the_prob
         assert why and "no file is there" in why and "restart" in why
 
 
-def test_ready_is_503_once_the_ledger_file_is_deleted(tmp_path):
+def test_ready_is_503_once_the_ledger_file_is_deleted_and_no_request_is_served_meanwhile(tmp_path):
+    """Once the file is gone, /ready says so and every request is refused before any tier runs: a refusal's
+    own row, written on to the deleted file, used to clear the mark, and the requests after it were served and
+    billed upstream with their rows lost."""
     import httpx
 
     from serving import create_app
-    from tests.conftest import ServerThread, free_port
+    from tests.conftest import ServerThread
+    from tests.fault_server import FaultServerThread
 
     path = tmp_path / "ledger.sqlite"
-    with ServerThread(create_app(_server_config(tmp_path, path, f"http://127.0.0.1:{free_port()}/v1"))) as srv:
-        assert httpx.get(srv.url + "/ready", timeout=30).status_code == 200
-        path.unlink()
-        r = httpx.get(srv.url + "/ready", timeout=30)
-        assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable", r.text
-        assert "moved or deleted" in r.json()["ledger"]
+    with FaultServerThread() as upstream:
+        with ServerThread(create_app(_server_config(tmp_path, path, upstream.base_url))) as srv:
+            assert httpx.get(srv.url + "/ready", timeout=30).status_code == 200
+            assert httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30).status_code == 200
+            path.unlink()
+            r = httpx.get(srv.url + "/ready", timeout=30)
+            assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable", r.text
+            assert "moved or deleted" in r.json()["ledger"]
+            codes = [httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30).status_code
+                     for _ in range(4)]
+            assert codes == [503] * 4, codes
+            assert upstream.stats()["requests"] == 1
+
+
+async def test_writes_held_when_the_ledger_closes_are_never_reported_committed(tmp_path):
+    """Closing while another process holds the lock: a held write is reported committed only if its row is
+    there. One that joined the held writes without a try of its own was answered "committed" (no error yet),
+    and a close with max_pending reached was itself refused, leaving the connection open."""
+    path = tmp_path / "l.db"
+    ledger = await Ledger(path, timeout_s=0.5, max_pending=2).open()
+    late: dict[str, BaseException | None] = {}
+    ledger.late_listeners.append(lambda rec, err: late.__setitem__(rec.request_id, err))
+    with locked(path):
+        first = ledger.submit(record(1))
+        first.add_done_callback(lambda f: f.exception())  # (told it timed out: retrieved)
+        await until(lambda: ledger._held == 1, what="the first write held")
+        await asyncio.sleep(3.0)                    # its backoff has grown to 1 s
+        await until(lambda: ledger._busy_since is not None, what="a retry")
+        ledger.submit(record(2))                    # queued behind the try: max_pending reached with it
+        await ledger.close()                        # queued all the same; it gives up the held writes
+        await until(lambda: len(late) == 2, what="both writes settled")
+    assert ledger._conn is None and rows(path) == {}
+    assert all(isinstance(err, LedgerError) for err in late.values()), late
+    assert "closed before it could be written" in str(late["r2"]) or "locked" in str(late["r2"]), late
+
+
+async def test_a_write_after_the_close_in_a_retry_round_does_not_kill_the_ledger_thread(tmp_path):
+    """A request finishing during shutdown, its write queued after the close while held writes are retried:
+    the ledger thread used to die on it ("ledger is not open" raised outside any handler), so the write was
+    never answered and its spend hold never released."""
+    crashed: list[str] = []
+    old = threading.excepthook
+    threading.excepthook = lambda a: crashed.append(repr(a.exc_value))
+    try:
+        path = tmp_path / "l.db"
+        ledger = await Ledger(path, timeout_s=2.0).open()
+        late: dict[str, BaseException | None] = {}
+        ledger.late_listeners.append(lambda rec, err: late.__setitem__(rec.request_id, err))
+        with locked(path):
+            first = ledger.submit(record(1))
+            first.add_done_callback(lambda f: f.exception())  # (told it timed out: retrieved)
+            await until(lambda: ledger._held == 1, what="the first write held")
+            await until(lambda: ledger._busy_since is not None, what="a retry")
+            await until(lambda: ledger._busy_since is None, what="the retry over")
+            ledger._enqueue(fn=time.sleep, args=(1.5,), timeout=None, what="a slow read")
+            await asyncio.sleep(0.2)
+            closing = asyncio.create_task(ledger.close())
+            await asyncio.sleep(0)
+            last = ledger.submit(record(3))
+            await asyncio.wait([closing], timeout=15)
+            with pytest.raises(LedgerError):
+                await last
+            await asyncio.sleep(2.0)  # the ledger thread reaches the last write (it died there)
+        assert crashed == []
+    finally:
+        threading.excepthook = old
