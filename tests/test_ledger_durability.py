@@ -471,21 +471,33 @@ def test_ready_is_503_once_the_ledger_file_is_deleted_and_no_request_is_served_m
             assert upstream.stats()["requests"] == 1
 
 
+def listened(ledger: Ledger) -> dict[str, BaseException | None]:
+    """What the ledger's late listeners hear, by request id (None: committed)."""
+    late: dict[str, BaseException | None] = {}
+    ledger.late_listeners.append(lambda rec, err: late.__setitem__(rec.request_id, err))
+    return late
+
+
+async def hold_a_write(ledger: Ledger) -> None:
+    """Submit request r1 while the database is locked elsewhere, and wait until the ledger holds it."""
+    first = ledger.submit(record(1))
+    first.add_done_callback(lambda f: f.exception())  # (told it timed out: retrieved)
+    await until(lambda: ledger._held == 1, what="the first write held")
+
+
 async def test_writes_held_when_the_ledger_closes_are_never_reported_committed(tmp_path):
     """Closing while another process holds the lock: a held write is reported committed only if its row is
     there. One that joined the held writes without a try of its own was answered "committed" (no error yet),
     and a close with max_pending reached was itself refused, leaving the connection open."""
     path = tmp_path / "l.db"
     ledger = await Ledger(path, timeout_s=0.5, max_pending=2).open()
-    late: dict[str, BaseException | None] = {}
-    ledger.late_listeners.append(lambda rec, err: late.__setitem__(rec.request_id, err))
+    late = listened(ledger)
     with locked(path):
-        first = ledger.submit(record(1))
-        first.add_done_callback(lambda f: f.exception())  # (told it timed out: retrieved)
-        await until(lambda: ledger._held == 1, what="the first write held")
+        await hold_a_write(ledger)
         await asyncio.sleep(3.0)                    # its backoff has grown to 1 s
         await until(lambda: ledger._busy_since is not None, what="a retry")
-        ledger.submit(record(2))                    # queued behind the try: max_pending reached with it
+        second = ledger.submit(record(2))           # queued behind the try: max_pending reached with it
+        second.add_done_callback(lambda f: f.exception())
         await ledger.close()                        # queued all the same; it gives up the held writes
         await until(lambda: len(late) == 2, what="both writes settled")
     assert ledger._conn is None and rows(path) == {}
@@ -503,12 +515,9 @@ async def test_a_write_after_the_close_in_a_retry_round_does_not_kill_the_ledger
     try:
         path = tmp_path / "l.db"
         ledger = await Ledger(path, timeout_s=2.0).open()
-        late: dict[str, BaseException | None] = {}
-        ledger.late_listeners.append(lambda rec, err: late.__setitem__(rec.request_id, err))
+        listened(ledger)
         with locked(path):
-            first = ledger.submit(record(1))
-            first.add_done_callback(lambda f: f.exception())  # (told it timed out: retrieved)
-            await until(lambda: ledger._held == 1, what="the first write held")
+            await hold_a_write(ledger)
             await until(lambda: ledger._busy_since is not None, what="a retry")
             await until(lambda: ledger._busy_since is None, what="the retry over")
             ledger._enqueue(fn=time.sleep, args=(1.5,), timeout=None, what="a slow read")
