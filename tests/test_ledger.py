@@ -1,6 +1,7 @@
 """The ledger on a real SQLite file and on a real PostgreSQL server, through the same code."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,16 @@ def record(i: int, key: str = "k1", cost: float = 1e-4) -> CascadeRecord:
                     Attempt(index=1, tier="large", model="m", backend="openai", cost_usd=cost * 0.8,
                             decision="final", reason="last", kept=True)]
     return rec
+
+
+def make_ledger(target: str | Path, n: int) -> None:
+    """A ledger at ``target`` holding ``n`` requests (``record(0)`` ...), written and closed."""
+    ledger = Ledger(target).open_sync()
+    try:
+        for i in range(n):
+            ledger.record_sync(record(i))
+    finally:
+        ledger.close_sync()
 
 
 async def test_round_trip_feedback_spend_and_shadows(target):

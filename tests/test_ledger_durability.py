@@ -27,7 +27,7 @@ import pytest
 
 from cascade.errors import LedgerError, LedgerTimeoutError
 from cascade.ledger import Ledger
-from tests.test_ledger import record
+from tests.test_ledger import make_ledger, record
 
 _REPO = Path(__file__).resolve().parents[1]
 _BODY = {"model": "p", "messages": [{"role": "user", "content": "hi"}]}
@@ -112,15 +112,6 @@ def _server_config(tmp_path: Path, ledger_path: Path, base_url: str, **ledger):
 
     return make_config(tmp_path, [{"name": "r", "backend": "openai", "model": "m", "options": {"base_url": base_url}}],
                        {"p": {"chain": ["r"]}}, ledger={"path": str(ledger_path), **ledger})
-
-
-def _make_ledger(path: Path, n: int = 3) -> None:
-    ledger = Ledger(path).open_sync()
-    try:
-        for i in range(n):
-            ledger.record_sync(record(i))
-    finally:
-        ledger.close_sync()
 
 
 def _chattr(flag: str, *paths: Path) -> bool:
@@ -339,7 +330,7 @@ def test_reports_read_a_ledger_whose_directory_and_file_may_not_be_written(tmp_p
     d = tmp_path / "ro"
     d.mkdir()
     path = d / "ledger.sqlite"
-    _make_ledger(path)
+    make_ledger(path, 3)
     assert sorted(p.name for p in d.iterdir()) == ["ledger.sqlite"]
     if not _chattr("+i", path, d):
         _chattr("-i", path, d)
@@ -363,7 +354,7 @@ def test_a_read_only_reader_is_not_given_a_stale_view_when_a_wal_holds_commits(t
     d = tmp_path / "ro"
     d.mkdir()
     path = d / "ledger.sqlite"
-    _make_ledger(path, n=1)
+    make_ledger(path, 1)
     code = ("import os, signal, sys; sys.path.insert(0, sys.argv[2]); from cascade.ledger import Ledger; "
             "from tests.test_ledger import record; led = Ledger(sys.argv[1]).open_sync(); "
             "led.execute('PRAGMA wal_autocheckpoint=0'); [led.record_sync(record(i)) for i in range(1, 4)]; "
@@ -407,7 +398,7 @@ def test_reports_read_a_ledger_as_a_user_who_may_only_read_it(tmp_path, dir_mode
     d = tmp_path / "ro"
     d.mkdir()
     path = d / "ledger.sqlite"
-    _make_ledger(path)
+    make_ledger(path, 3)
     os.chmod(path, file_mode)
     os.chmod(d, dir_mode)
     try:

@@ -25,7 +25,7 @@ import pytest
 from cascade.errors import LedgerError
 from cascade.ledger import Ledger, _redact, spend_since
 from tests.pg import PostgresServer
-from tests.test_ledger import record
+from tests.test_ledger import make_ledger, record
 
 #: the ports this module's PostgreSQL servers may take
 _PG_PORTS = range(5460, 5470)
@@ -502,15 +502,6 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def _make_ledger(target: str, n: int = 2) -> None:
-    ledger = Ledger(target).open_sync()
-    try:
-        for i in range(n):
-            ledger.record_sync(record(i))
-    finally:
-        ledger.close_sync()
-
-
 def _make_old(target: str) -> None:
     """Take a current ledger back to schema version 4 (before end_user and metadata)."""
     ledger = Ledger(target).open_sync()
@@ -527,7 +518,7 @@ def test_reports_read_a_postgresql_ledger_through_a_role_that_may_only_select(pg
     import psycopg
 
     pg.reset()
-    _make_ledger(pg.url)
+    make_ledger(pg.url, 2)
     role = f"reader_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg.url, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {role} LOGIN")
@@ -551,7 +542,7 @@ def test_reports_read_a_postgresql_ledger_through_a_role_that_may_only_select(pg
 
 def test_reports_read_a_sqlite_ledger_from_a_read_only_file(tmp_path, capsys):
     path = tmp_path / "ledger.sqlite"
-    _make_ledger(str(path))
+    make_ledger(path, 2)
 
     def chattr(flag: str) -> bool:
         return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
@@ -605,7 +596,7 @@ def test_a_password_given_as_a_url_query_parameter_never_shows(pg, tmp_path, cap
 
     pg.reset()
     url = pg.url + "?password=hunter2"  # the test server trusts every local connection: accepted, unused
-    _make_ledger(url)
+    make_ledger(url, 2)
     other = f"postgresql:///postgres?host=127.0.0.1&port={pg.port}&user=cascade&password=hunter2"
     for target in (url, other):
         rc, out, err = _cli(capsys, "report", "--json", "--ledger", target)
