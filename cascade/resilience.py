@@ -394,13 +394,18 @@ def _mro_names(exc: BaseException) -> set[str]:
     return {c.__name__ for c in type(exc).__mro__}
 
 
+def _refused_credential(status: int | None) -> str:
+    """What a refused credential (:class:`ProviderAuthError`) says: a 429 so refused is an account out of quota
+    or credits (OpenAI's ``insufficient_quota``), the key itself fine; a 401/403 rejects the key."""
+    return "account out of quota or credits" if status == 429 else "credentials rejected"
+
+
 def classify(exc: BaseException, provider: str, *, timeout_s: float | None = None) -> CascadeError:
     """Map anything a provider call raised to the error tree (a ``CascadeError`` is kept, its text redacted)."""
     if isinstance(exc, ProviderAuthError):
         # a fresh error, deliberately not chained: the original's text (and its cause's) may hold the key
         status = exc.upstream_status
-        what = "account out of quota or credits" if status == 429 else "credentials rejected"
-        return ProviderAuthError(f"{provider}: {what}" + (f" (HTTP {status})" if status else ""),
+        return ProviderAuthError(f"{provider}: {_refused_credential(status)}" + (f" (HTTP {status})" if status else ""),
                                  provider=provider, status=status)
     if isinstance(exc, CascadeError):
         if exc.message != (clean := redact(exc.message)):
@@ -584,8 +589,7 @@ class ResilientBackend(Backend):
             return "raise", 0.0
         if isinstance(exc, ProviderAuthError):
             p.breaker.release(permit)
-            # (a 429 refused as a credential: the account is out of quota or credits, the key itself is fine)
-            what = "account out of quota or credits" if exc.upstream_status == 429 else "credentials rejected"
+            what = _refused_credential(exc.upstream_status)
             p.breaker.trip(f"{what} (HTTP {exc.upstream_status or '?'})")
             log.warning("tier %s: provider %s: %s (HTTP %s); marked unhealthy for %.3g s, falling over",
                         self.name, p.name, what, exc.upstream_status or "?", p.breaker.cooldown_s)
