@@ -272,16 +272,18 @@ class OpenAIBackend(Backend):
         if request.stop:  # a server may send the logprobs of the tokens its stop sequence cut away
             tokens = fit_tokens(tokens, text)
         latency = time.perf_counter() - t0
-        usage = resp.usage
-        # a server that sends no usage still bills the call: estimate what it did not say (the prompt as budgets
-        # count it, the answer by its tokens' logprobs or, without them, its text)
-        prompt = _count(getattr(usage, "prompt_tokens", 0)) or self.estimate_prompt_tokens(request)
         return GenerationResult(
             text=text, tokens=tokens, finish_reason=_finish(choice.finish_reason),
-            usage=Usage(prompt_tokens=prompt,
-                        completion_tokens=_count(getattr(usage, "completion_tokens", 0))
-                        or answer_tokens(generated, text), cached_prompt_tokens=_cached(usage, prompt)),
+            usage=self._usage(resp.usage, request, generated, text),
             latency_s=latency, model=getattr(resp, "model", None) or self.model)
+
+    def _usage(self, usage: Any, request: GenerationRequest, generated: int, text: str) -> Usage:
+        """A call's ``usage`` as the upstream gave it. A server that sends none (or leaves a count out) still
+        bills the call: what it did not say is estimated (the prompt as budgets count it, the answer by its
+        ``generated`` tokens' logprobs or, without them, its ``text``)."""
+        prompt = _count(_field(usage, "prompt_tokens")) or self.estimate_prompt_tokens(request)
+        return Usage(prompt, _count(_field(usage, "completion_tokens")) or answer_tokens(generated, text),
+                     _cached(usage, prompt))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         await self.start()
@@ -322,9 +324,7 @@ class OpenAIBackend(Backend):
                         if text or toks:
                             yield StreamChunk(text=text, tokens=toks)
                     if ev.usage is not None:  # a count it leaves out is estimated, as for an answer without usage
-                        prompt = _count(ev.usage.prompt_tokens) or self.estimate_prompt_tokens(request)
-                        usage = Usage(prompt, _count(ev.usage.completion_tokens)
-                                      or answer_tokens(seen_tokens, "".join(seen_text)), _cached(ev.usage, prompt))
+                        usage = self._usage(ev.usage, request, seen_tokens, "".join(seen_text))
                 if not answered:  # a 200 whose body is no answer's stream: as the same body unstreamed
                     ctype = stream.response.headers.get("content-type", "")
                     raise malformed_response(self.name, ValueError(
