@@ -299,6 +299,12 @@ class LedgerConfig(_Strict):
     #: ready, rather than the queue (and the memory it holds) growing through a long outage. While the
     #: ledger cannot be written, requests are refused (503) before any tier runs anyway
     max_pending: int = Field(2000, gt=0)
+    #: journal a request still in flight 0.1 s after a tier call started, as it stands (table ``inflight``,
+    #: written in the background, the requests due together in one transaction; most requests finish sooner
+    #: and are never journaled), so that a server killed outright (SIGKILL, out of memory, a crash) does not
+    #: lose the requests it was answering: the next server on the ledger records each, with the attempts paid
+    #: for until then, as an error ``Interrupted``. Off: those requests are lost with the process
+    journal: bool = True
 
 
 class ModelsConfig(_Strict):

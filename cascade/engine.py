@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 import uuid
@@ -37,7 +38,7 @@ from cascade.errors import (
     ProviderTimeoutError,
     UnknownModelError,
 )
-from cascade.ledger import Ledger, log_failure
+from cascade.ledger import INTERRUPTED, Ledger, log_failure
 from cascade.policy import decide
 from cascade.resilience import (
     CANCELLED,
@@ -797,6 +798,7 @@ class Engine:
                     return self._serve_best(answers, refusal)
                 raise BudgetExceededError(f"request refused: {refusal}")
             timeout = tc.timeout_s if budget.latency_s is None else min(tc.timeout_s, budget.latency_s)
+            self._journal(rec, tier, req, route)
             if is_last and stream_last:
                 return _Live(tier=tier, request=req, attempt=att, answers=answers, timeout=timeout, budget=budget,
                              calibrator=route.calibrator(i), original=request)
@@ -873,6 +875,34 @@ class Engine:
         # an empty answer has nothing to be confident in, whatever logprobs came with it: no tokens, so it escalates
         att.features = extract_features(res.tokens if res.text else ())
         return res
+
+    def _journal(self, rec: CascadeRecord, tier: Tier, req: GenerationRequest, route: Route) -> None:
+        """As ``tier`` is called (its attempt the last of ``rec``): how the ledger is to record the request should
+        this process die before the request's own row is written (:meth:`Ledger.journal`, which makes it only
+        for a request still in flight a moment later): the attempts made so far, and this call, if still in
+        flight, as an error ``Interrupted`` billed its estimated prompt (the tier was working on it); nothing
+        served."""
+        if not self.config.ledger.journal:
+            return
+        att = rec.attempts[-1]
+
+        def snapshot() -> CascadeRecord:
+            snap = copy.deepcopy(rec)
+            running = snap.attempts[next(i for i, a in enumerate(rec.attempts) if a is att)]
+            if not running.decision:
+                running.decision, running.reason = "error", "interrupted: the server stopped while this tier answered"
+                running.error_class, running.error_message = INTERRUPTED, "interrupted"
+                running.prompt_tokens = req.rough_prompt_tokens()
+                running.cost_usd = tier.config.price.cost(running.prompt_tokens, 0)
+            snap.attempts = [a for a in snap.attempts if a.decision]  # (a next tier's row, its call not begun)
+            for a in snap.attempts:
+                a.kept = False
+            snap.status, snap.error_class, snap.error_message = "error", INTERRUPTED, "not finished"
+            self._finish(snap, route=route, t0=time.perf_counter())
+            snap.latency_ms = max(0.0, (time.time() - snap.created_at) * 1e3)
+            return snap
+
+        self.ledger.journal(rec.request_id, snapshot)
 
     def _finish(self, rec: CascadeRecord, *, route: Route | None, t0: float) -> None:
         rec.latency_ms = (time.perf_counter() - t0) * 1e3

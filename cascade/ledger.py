@@ -17,6 +17,12 @@ also makes the ledger not ready, until a write succeeds or the readiness probe (
 SQLite a one-row write committed, so that a full disk fails it; on PostgreSQL a write rolled back) proves
 that one can; the probe also fails once the SQLite file is no longer at its path (moved or deleted).
 
+A request still in flight ``JOURNAL_DELAY_S`` after a tier call started is journaled (table ``inflight``,
+:meth:`Ledger.journal`), and its journal row deleted by the transaction that writes its own: a process killed
+outright leaves those rows, and the next process serving the ledger to see it dead (its heartbeat in
+``instances`` stale, or its pid gone on this machine) writes them as requests that failed with ``Interrupted``,
+with the attempts paid for until then.
+
 The SQL is written once, with ``?`` placeholders and types both databases accept; the dialect object
 only rewrites placeholders and says how to connect.
 """
@@ -31,12 +37,15 @@ import math
 import os
 import queue
 import re
+import socket
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -45,7 +54,7 @@ from cascade.errors import LedgerError, LedgerTimeoutError, NotFoundError
 from cascade.paths import expand_path
 from cascade.types import Attempt, CascadeRecord
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: how long a request waits for its ledger write (or read), and GET /ready for its probe, by default
 #: (``ledger.timeout_s``): past it the ledger counts as not answering (a hung database server)
@@ -61,6 +70,18 @@ _RETRY_FIRST_S, _RETRY_MOST_S = 0.05, 1.0
 _RETRY_LOCK_WAIT_S = 0.25
 #: the most jobs (writes, reads, probes) waiting for the ledger thread by default (``ledger.max_pending``)
 DEFAULT_MAX_PENDING = 2000
+#: a served ledger writes its process's heartbeat (table ``instances``) this often ...
+HEARTBEAT_S = 15.0
+#: ... and counts another process dead once that one's heartbeat is this old (and its own have been written for
+#: this long: a database that was out for every process kills none of them), or at once where it can see that
+#: the process is gone (same machine). Its requests in flight are then written as errors ``Interrupted``
+STALE_S = 120.0
+#: the error class of a request whose process died before it finished (see :meth:`Ledger.journal`)
+INTERRUPTED = "Interrupted"
+#: a request is journaled this long after a tier call starts, if it has not finished by then: most finish
+#: sooner and are never journaled (their own row is the only write), and those that do not are journaled
+#: together, in one transaction
+JOURNAL_DELAY_S = 0.1
 
 #: columns added after version 1, added in place to older ledgers when they are opened
 _ADDED_COLUMNS = {
@@ -189,6 +210,24 @@ _TABLES = [
         PRIMARY KEY (request_id, shadow, idx)
     )""",
     "CREATE INDEX IF NOT EXISTS shadow_attempts_spend ON shadow_attempts(shadow, created_at)",
+    # version 7: the requests being answered, each as it would be recorded were its process to die before it
+    # finished (written before each tier is called, deleted with the request's own row: Ledger.journal), and
+    # the processes serving the ledger with their heartbeats, so that another can tell one has died
+    """CREATE TABLE IF NOT EXISTS inflight (
+        request_id TEXT PRIMARY KEY,
+        instance TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        record TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS inflight_instance ON inflight(instance)",
+    """CREATE TABLE IF NOT EXISTS instances (
+        instance TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        heartbeat_at DOUBLE PRECISION NOT NULL
+    )""",
 ]
 #: the ledger's tables (an SQLite file holding none of them is another program's)
 _TABLE_NAMES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", "\n".join(_TABLES)))
@@ -455,6 +494,14 @@ _INSERT_SHADOW_ATTEMPT = (
     "text, answer_sig, cached_prompt_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
     "ON CONFLICT (request_id, shadow, idx) DO NOTHING")
 
+_UPSERT_INFLIGHT = (
+    "INSERT INTO inflight (request_id, instance, created_at, updated_at, record) VALUES (?,?,?,?,?) "
+    "ON CONFLICT (request_id) DO UPDATE SET instance = excluded.instance, updated_at = excluded.updated_at, "
+    "record = excluded.record")
+_UPSERT_INSTANCE = (
+    "INSERT INTO instances (instance, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?) "
+    "ON CONFLICT (instance) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
+
 _STOP = object()
 #: "the ledger's own timeout" (``Ledger._call``)
 _DEFAULT = object()
@@ -559,6 +606,51 @@ def _settle(done: list[tuple[_Job, BaseException | None, Any]], ledger: "Ledger"
             fut.set_result(result)
 
 
+@cache
+def _host_key() -> str:
+    """This machine, its boot and this process's PID namespace: another process is looked for by its pid only
+    where all three are the same (a pid of another container or machine means nothing here)."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:  # not Linux: the host name alone
+        pass
+    return " ".join(parts)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Is process ``pid`` (of this machine and namespace) running? A zombie (dead, not yet reaped) is not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: it exists
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _record_json(rec: CascadeRecord, store_text: bool) -> str:
+    """A record as the ``inflight`` table keeps it (answers' text only where the ledger stores text)."""
+    d = asdict(rec)
+    if not store_text:
+        for a in d["attempts"]:
+            a["text"] = None
+    return json.dumps(d, ensure_ascii=False)
+
+
+def _record_from_json(text: str) -> CascadeRecord:
+    d = json.loads(text)
+    names = {f.name for f in fields(Attempt)}
+    attempts = [Attempt(**{k: v for k, v in a.items() if k in names}) for a in d.pop("attempts", ())]
+    names = {f.name for f in fields(CascadeRecord)}
+    return CascadeRecord(**{k: v for k, v in d.items() if k in names}, attempts=attempts)
+
+
 class Ledger:
     """The ledger. ``target`` is a SQLite file path or a ``postgresql://`` URL.
 
@@ -566,11 +658,14 @@ class Ledger:
     """
 
     def __init__(self, target: str | Path, *, store_text: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING, heartbeat_s: float = HEARTBEAT_S,
+                 stale_s: float = STALE_S, journal_delay_s: float = JOURNAL_DELAY_S) -> None:
         if not timeout_s > 0:
             raise ValueError(f"ledger timeout_s must be above 0, not {timeout_s!r}")
         if max_pending < 1:
             raise ValueError(f"ledger max_pending must be at least 1, not {max_pending!r}")
+        if not 0 < heartbeat_s < stale_s:
+            raise ValueError(f"ledger heartbeat_s ({heartbeat_s!r}) must be above 0 and below stale_s ({stale_s!r})")
         self.target = str(target)
         self.store_text = store_text
         #: how long a caller waits for its write or read on the ledger thread (and GET /ready for its probe)
@@ -605,6 +700,25 @@ class Ledger:
         #: SQLite: the ledger file's ``(st_dev, st_ino)`` when it was opened, so that the readiness probe sees
         #: it moved or deleted (the connection would go on writing to the file it opened, unseen)
         self._file_id: tuple[int, int] | None = None
+        #: a served ledger's heartbeat period, and the heartbeat age past which another process counts as dead
+        self.heartbeat_s, self.stale_s = float(heartbeat_s), float(stale_s)
+        #: how long a journaled record waits before it is written (:meth:`journal`)
+        self.journal_delay_s = max(0.0, float(journal_delay_s))
+        #: this ledger's process as the ``instances`` table names it (one per open ledger: a process may open
+        #: several), and since when (time.time()) its heartbeats have been written without a failure
+        self._instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._beating_since: float | None = None
+        self._beat_task: asyncio.Task | None = None
+        #: the journal (:meth:`journal`): how to make the record of each request in flight not yet written,
+        #: whether their write is due (a timer set), and the requests journaled whose own write is not done; all
+        #: three under the lock (the event loop adds, the ledger thread takes)
+        self._journal_lock = threading.Lock()
+        self._journal_pending: dict[str, Callable[[], CascadeRecord]] = {}
+        self._journal_queued = False
+        self._journaled: set[str] = set()
+        self._journal_timer: asyncio.TimerHandle | None = None
+        #: held writes were given up as the ledger closed (another process holds the lock): no more writes
+        self._gave_up = False
         d = self.dialect
         self._sql_request, self._sql_attempt, self._sql_shadow = (
             d.sql(_INSERT_REQUEST), d.sql(_INSERT_ATTEMPT), d.sql(_INSERT_SHADOW))
@@ -632,6 +746,11 @@ class Ledger:
                 self._stop_thread()
                 self.close_sync()  # the thread is gone: nobody else uses the connection
                 raise
+            try:  # the first heartbeat: the requests of processes gone since are recorded before any of ours
+                await self._call(self._heartbeat_sync, timeout=None)
+            except LedgerError as exc:  # unreachable: not ready, as any write would say; the heartbeats go on
+                log.warning("ledger heartbeat failed: %s", exc)
+            self._beat_task = asyncio.get_running_loop().create_task(self._beat(), name="cascade-ledger-heartbeat")
         return self
 
     def open_sync(self) -> "Ledger":
@@ -751,6 +870,14 @@ class Ledger:
         """Close once everything queued is written. A ledger thread stuck on a database that does not answer
         (for longer than ``timeout_s``) is left behind, not waited for: the writes still queued behind it
         have been answered with an error already."""
+        if self._beat_task is not None:
+            self._beat_task.cancel()
+            self._beat_task = None
+        if self._journal_timer is not None:  # (the close writes no journal: every request in flight has ended)
+            self._journal_timer.cancel()
+            self._journal_timer = None
+            with self._journal_lock:
+                self._journal_queued = False
         if self._thread is not None:
             ckpt, self._checkpointer = self._checkpointer, None
             if ckpt is not None:  # first, so that the writer's connection is the last and checkpoints on close
@@ -779,6 +906,8 @@ class Ledger:
 
     def close_sync(self) -> None:
         if self._conn is not None:
+            if self._beating_since is not None:  # served: its leftovers recorded, its heartbeat row gone
+                self._retire()
             self._conn.close()
             self._conn = None
 
@@ -1008,6 +1137,7 @@ class Ledger:
         failure (its waiter has been told it timed out: the failure is logged, the late listeners hear it)."""
         self._held = 0
         if held:
+            self._gave_up = True
             log.warning("ledger %s: %d held writes are given up (the ledger is closing while another process "
                         "holds its lock)", _redact(self.target), len(held))
             # a write held behind others without a try of its own has no error yet: it was not written either
@@ -1059,6 +1189,11 @@ class Ledger:
             return out
 
     def _deliver(self, jobs: list[_Job], outcomes: list[tuple[BaseException | None, Any]]) -> None:
+        if ids := [j.rec.request_id for j in jobs if j.rec is not None]:  # their own writes done: no longer in
+            with self._journal_lock:                                      # flight (a failed one's journal row is
+                for rid in ids:                                           # recorded at the next heartbeat)
+                    self._journaled.discard(rid)
+                    self._journal_pending.pop(rid, None)
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for job, (exc, result) in zip(jobs, outcomes, strict=True):
             by_loop.setdefault(job.loop, []).append((job, exc, result))
@@ -1201,8 +1336,13 @@ class Ledger:
         the future; one that times out stays queued, and is kept (and logged) if it commits later: as the
         failure its caller was told of (:meth:`_settled_late`), unless its answer was ``sent`` already (a
         stream's tokens) or it records a failure itself."""
+        with self._journal_lock:  # its journal record not written yet: never to be (the row is written now)
+            self._journal_pending.pop(rec.request_id, None)
         job = self._enqueue(rec=rec, shadows=list(shadows), timeout=self.timeout_s, what="a write")
         job.sent = sent
+        if job.fut.done():  # refused at once (too much waiting): no longer in flight, as a failed write is
+            with self._journal_lock:
+                self._journaled.discard(rec.request_id)
         return job.fut
 
     def record_sync(self, rec: CascadeRecord, shadows: list[dict[str, Any]] | None = None) -> None:
@@ -1240,8 +1380,17 @@ class Ledger:
             self.unavailable = f"ledger {_redact(self.target)}: a write failed: {exc}"
 
     def _write(self, items: list[tuple[CascadeRecord, list[dict[str, Any]]]], conn: Any = None) -> None:
-        """Insert requests, their attempts and shadow decisions in one transaction (raises the driver's error)."""
+        """Insert requests, their attempts and shadow decisions in one transaction, and delete their rows of
+        the journal (raises the driver's error)."""
         conn, d = conn if conn is not None else self._require(), self.dialect
+        with d.transaction(conn):
+            self._insert(conn, items)
+            conn.cursor().executemany(d.sql("DELETE FROM inflight WHERE request_id = ?"),
+                                      [(rec.request_id,) for rec, _ in items])
+
+    def _insert(self, conn: Any, items: list[tuple[CascadeRecord, list[dict[str, Any]]]]) -> None:
+        """Insert requests, their attempts and shadow decisions, within the caller's transaction."""
+        d = self.dialect
         store_text = self.store_text
         requests, attempts, shadow_rows = [], [], []
         for rec, shadows in items:
@@ -1262,16 +1411,15 @@ class Ledger:
                     answer_signature(a.text) if a.error_class is None else None, a.cached_prompt_tokens)))
             for s in shadows:
                 shadow_rows.append(d.row(_shadow_row(rid, rec.created_at, s)))
-        with d.transaction(conn):
-            cur = conn.cursor()
-            if len(requests) == 1:
-                cur.execute(self._sql_request, requests[0])
-            else:
-                cur.executemany(self._sql_request, requests)
-            if attempts:
-                cur.executemany(self._sql_attempt, attempts)
-            if shadow_rows:
-                cur.executemany(self._sql_shadow, shadow_rows)
+        cur = conn.cursor()
+        if len(requests) == 1:
+            cur.execute(self._sql_request, requests[0])
+        else:
+            cur.executemany(self._sql_request, requests)
+        if attempts:
+            cur.executemany(self._sql_attempt, attempts)
+        if shadow_rows:
+            cur.executemany(self._sql_shadow, shadow_rows)
 
     async def record_shadow_sample(self, request_id: str, created_at: float, decision: dict[str, Any],
                                    attempts: Sequence[Attempt], started_at: Sequence[float]) -> None:
@@ -1326,6 +1474,183 @@ class Ledger:
 
     async def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         return await self._call(self.execute, sql, tuple(params))
+
+    # --- requests in flight -------------------------------------------------------------------------
+    def journal(self, request_id: str, snapshot: Callable[[], CascadeRecord]) -> None:
+        """From the event loop, as a tier call starts: ``snapshot()`` makes the request as the ledger is to keep
+        it should this process die before the request's own row is written (its attempts so far, and the call
+        in flight as an error ``Interrupted``). It is called, and its record written (a row of table
+        ``inflight``), ``journal_delay_s`` later, unless the request's own write has been queued by then, as
+        most are: they are never journaled. The records due together are written in one transaction (the
+        latest of each request: a later call replaces an earlier one not yet made), and each row is deleted
+        by the transaction that writes its request's own. Nobody waits for them; one that cannot be written is
+        logged, and lost only should the process die then. The rows of a process that died are written as
+        their requests by the next process of this ledger to see it dead (:meth:`_heartbeat_sync`)."""
+        if self._queue is None:
+            return
+        with self._journal_lock:
+            self._journal_pending[request_id] = snapshot
+            self._journaled.add(request_id)
+            if self._journal_queued:  # the write already due takes this one too
+                return
+            self._journal_queued = True
+        self._journal_timer = asyncio.get_running_loop().call_later(self.journal_delay_s, self._journal_due)
+
+    def _journal_due(self) -> None:
+        """On the event loop (where the requests' records change): the records of the requests journaled and
+        still in flight are made now, and queued for the ledger thread."""
+        self._journal_timer = None
+        with self._journal_lock:
+            due, self._journal_pending, self._journal_queued = self._journal_pending, {}, False
+        recs = []
+        for rid, snapshot in due.items():
+            try:
+                recs.append(snapshot())
+            except Exception:  # noqa: BLE001 - a bug there must not fail the others (or the request)
+                log.exception("ledger: the journal record of request %s could not be made", rid)
+        if recs and self._background(self._journal_sync, "the journal of requests in flight", recs) is None:
+            with self._journal_lock:  # (too much waiting) tried again with the next request journaled
+                for rid, snapshot in due.items():
+                    self._journal_pending.setdefault(rid, snapshot)
+
+    def _background(self, fn: Callable[..., Any], what: str, *args: Any) -> _Job | None:
+        """Queue ``fn(*args)`` for the ledger thread with nobody waiting for it (its failure is logged), unless
+        the ledger is closed or ``max_pending`` jobs wait already (None: such work never takes a request's place)."""
+        q = self._queue
+        if q is None or q.qsize() + self._held >= self.max_pending:
+            return None
+        job = self._enqueue(fn=fn, args=args, timeout=None, what=what)
+        job.fut.add_done_callback(log_failure)
+        return job
+
+    def _journal_sync(self, recs: list[CascadeRecord]) -> None:
+        """On the ledger thread: write records of the journal (not those whose request has a row now)."""
+        if not recs or self._moved() is not None:
+            return
+        conn, d, now = self._require(), self.dialect, time.time()
+        try:
+            with self._lock_wait(short=True), d.transaction(conn):  # another process's lock: not waited for long
+                have = self._existing(conn, [r.request_id for r in recs])
+                rows = [d.row((r.request_id, self._instance, r.created_at, now, _record_json(r, self.store_text)))
+                        for r in recs if r.request_id not in have]
+                if rows:
+                    conn.cursor().executemany(d.sql(_UPSERT_INFLIGHT), rows)
+        except d.errors as exc:
+            log.warning("ledger %s: %d requests in flight could not be journaled (should this process die before "
+                        "they finish, they are lost): %s", _redact(self.target), len(recs), exc)
+            return
+        self._written(1)
+
+    def _existing(self, conn: Any, request_ids: list[str]) -> set[str]:
+        """Those of ``request_ids`` that have a row in ``requests``."""
+        d, have = self.dialect, set()
+        for i in range(0, len(request_ids), 500):
+            part = request_ids[i:i + 500]
+            sql = f"SELECT request_id FROM requests WHERE request_id IN ({', '.join('?' * len(part))})"
+            have.update(r[0] for r in conn.execute(d.sql(sql), d.row(part)).fetchall())
+        return have
+
+    async def _beat(self) -> None:
+        """The heartbeat of a served ledger, every ``heartbeat_s`` (one at a time), until it closes."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            if (job := self._background(self._heartbeat_sync, "the heartbeat")) is not None:
+                await asyncio.wait([job.fut])
+
+    def _heartbeat_sync(self) -> None:
+        """On the ledger thread: write this process's heartbeat, then record the requests left in flight by
+        processes now dead (another on this machine whose pid is gone, or whose heartbeat is ``stale_s`` old)
+        and this one's whose own write failed for good, each as the error ``Interrupted`` it was journaled as,
+        unless its request has a row by now. Each request is taken from ``inflight`` by the transaction that
+        writes it, so that processes doing this at once never write one twice."""
+        if self._moved() is not None:
+            return
+        conn, d, now = self._require(), self.dialect, time.time()
+        try:
+            with self._lock_wait(short=True), d.transaction(conn):
+                conn.execute(d.sql(_UPSERT_INSTANCE), d.row((self._instance, _host_key(), os.getpid(), now, now)))
+        except d.errors as exc:
+            if self._beating_since is not None:
+                log.warning("ledger %s: the heartbeat could not be written: %s", _redact(self.target), exc)
+            self._beating_since = None
+            return
+        self._written(1)
+        if self._beating_since is None:
+            self._beating_since = now
+        stale_ok = now - self._beating_since >= self.stale_s
+        for inst, host, pid, beat in conn.execute(
+                d.sql("SELECT instance, host, pid, heartbeat_at FROM instances WHERE instance <> ?"),
+                (self._instance,)).fetchall():
+            if host == _host_key() and not _pid_alive(int(pid)):
+                self._interrupt(conn, "instance = ?", (inst,), f"its process ({inst}) is gone", instance=inst)
+            elif stale_ok and beat < now - self.stale_s:
+                self._interrupt(conn, "instance = ?", (inst,), f"its process ({inst}) has written no heartbeat "
+                                f"for {now - beat:.0f} s", instance=inst)
+        if stale_ok:  # a process counted dead while it still wrote: its later rows have no heartbeat row
+            self._interrupt(conn, "instance NOT IN (SELECT instance FROM instances) AND updated_at < ?",
+                            (now - self.stale_s,), "its process is gone")
+        with self._journal_lock:
+            journaled = set(self._journaled)
+        mine = [r[0] for r in conn.execute(d.sql("SELECT request_id FROM inflight WHERE instance = ?"),
+                                           (self._instance,)).fetchall() if r[0] not in journaled]
+        for rid in mine:
+            self._interrupt(conn, "request_id = ?", (rid,), "its own write failed")
+
+    def _interrupt(self, conn: Any, where: str, params: tuple, why: str, *, instance: str | None = None) -> int:
+        """Write the journal's rows selected by ``where`` as their requests (one transaction each, so that one a
+        database refuses is only logged and dropped), then forget ``instance``; returns how many were written."""
+        d, written = self.dialect, 0
+        try:
+            ids = [r[0] for r in conn.execute(d.sql(f"SELECT request_id FROM inflight WHERE {where}"),
+                                              d.row(params)).fetchall()]
+            for rid in ids:
+                try:
+                    with d.transaction(conn):
+                        taken = conn.execute(d.sql("DELETE FROM inflight WHERE request_id = ? RETURNING record"),
+                                             (rid,)).fetchall()
+                        if taken and not self._existing(conn, [rid]):
+                            rec = _record_from_json(taken[0][0])
+                            rec.error_message = (f"not finished: {why}; recorded from the journal of requests in "
+                                                 "flight, with its attempts until then")
+                            self._insert(conn, [(rec, [])])
+                            written += 1
+                except (*d.record_faults, ValueError, TypeError) as exc:  # this record's fault: dropped
+                    log.error("ledger: request %s, in flight when %s, cannot be recorded: %s", rid, why, exc)
+                    with d.transaction(conn):
+                        conn.execute(d.sql("DELETE FROM inflight WHERE request_id = ?"), (rid,))
+            if instance is not None:
+                with d.transaction(conn):
+                    conn.execute(d.sql("DELETE FROM instances WHERE instance = ?"), (instance,))
+        except d.errors as exc:
+            log.warning("ledger %s: the requests in flight when %s are not recorded yet: %s",
+                        _redact(self.target), why, exc)
+        if written:
+            self._written(written)
+            log.warning("ledger: %d requests were in flight when %s: recorded as errors %r, with the attempts "
+                        "made until then", written, why, INTERRUPTED)
+        return written
+
+    def _retire(self) -> None:
+        """On the ledger thread, closing a served ledger: its requests left in the journal (their own writes
+        failed, or were given up) recorded as interrupted, and its heartbeat row deleted; waiting briefly for a
+        lock another process holds, and not at all when held writes were just given up for one (the close is not
+        held up: the next process to open the ledger on this machine, or a replica ``stale_s`` later, does
+        both)."""
+        self._beating_since = None
+        conn, d = self._conn, self.dialect
+        if self._moved() is not None or self._gave_up:
+            return
+        try:
+            if d.name == "sqlite":  # (the connection is closed next)
+                conn.execute(f"PRAGMA busy_timeout={max(1, int(min(_RETRY_LOCK_WAIT_S, self.timeout_s / 4) * 1000))}")
+            left = conn.execute(d.sql("SELECT COUNT(*) FROM inflight WHERE instance = ?"), (self._instance,)).fetchone()
+            if left[0]:
+                self._interrupt(conn, "instance = ?", (self._instance,), "its server closed")
+            with d.transaction(conn):
+                conn.execute(d.sql("DELETE FROM instances WHERE instance = ?"), (self._instance,))
+        except d.errors as exc:
+            log.info("ledger %s: closing, its heartbeat row stays (forgotten by the next process): %s",
+                     _redact(self.target), exc)
 
 
 def _write_error(rec: CascadeRecord, exc: BaseException) -> LedgerError:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import LedgerError, NotFoundError
-from cascade.ledger import Ledger, spend_since, spend_since_both
+from cascade.ledger import SCHEMA_VERSION, Ledger, spend_since, spend_since_both
 from cascade.types import Attempt, CascadeRecord
 from tests.pg import postgres  # noqa: F401 - fixture
 
@@ -103,7 +103,8 @@ async def test_a_ledger_of_a_newer_schema_is_refused_by_the_writers_too(target):
     ledger.execute("UPDATE meta SET value = ? WHERE key = ?", ("99", "schema_version"))
     ledger.close_sync()
     for opening in (lambda: Ledger(target).open(), lambda: asyncio.to_thread(Ledger(target).open_sync)):
-        with pytest.raises(LedgerError, match=r"has schema version 99, newer than this cascade-engine writes \(6\)"):
+        newer = rf"has schema version 99, newer than this cascade-engine writes \({SCHEMA_VERSION}\)"
+        with pytest.raises(LedgerError, match=newer):
             await opening()
     with pytest.raises(LedgerError, match="newer than this cascade-engine reads"):
         Ledger(target).open_existing_sync()
@@ -127,7 +128,7 @@ def test_an_sqlite_file_of_another_program_is_not_made_a_ledger(tmp_path):
     empty.touch()
     Ledger(empty).open_sync().close_sync()
     with sqlite3.connect(empty) as c:
-        assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("6",)
+        assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
 
 
 def _shadow_call(i: int, cost: float) -> Attempt:
@@ -148,7 +149,7 @@ async def test_old_ledger_is_migrated_and_shadow_samples_are_idempotent(target):
                     "UPDATE meta SET value = '2' WHERE key = 'schema_version'"):
             await ledger.query(sql)
     async with Ledger(target) as ledger:
-        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [("6",)]
+        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [(str(SCHEMA_VERSION),)]
         assert (await ledger.query("SELECT request_id, cached_from, end_user, metadata FROM requests")) == [
             ("r1", None, None, None)]
         await ledger.record(record(2))  # rows go on being written into the migrated table
@@ -201,7 +202,7 @@ async def test_replicas_creating_a_new_ledger_at_once_all_open_it(target):
 
     await asyncio.gather(*(asyncio.to_thread(open_close) for _ in range(6)))
     async with Ledger(target) as ledger:
-        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [("6",)]
+        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [(str(SCHEMA_VERSION),)]
 
 
 async def test_replicas_opening_an_old_ledger_at_once_migrate_it_once(target):
@@ -220,7 +221,7 @@ async def test_replicas_opening_an_old_ledger_at_once_migrate_it_once(target):
     for _ in range(3):
         await asyncio.gather(*(asyncio.to_thread(open_close) for _ in range(4)))
     async with Ledger(target) as ledger:
-        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [("6",)]
+        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [(str(SCHEMA_VERSION),)]
         assert (await ledger.query("SELECT request_id, end_user FROM requests")) == [("r1", None)]
 
 

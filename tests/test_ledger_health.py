@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import LedgerError
-from cascade.ledger import Ledger, _redact, spend_since
+from cascade.ledger import SCHEMA_VERSION, Ledger, _redact, spend_since
 from tests.pg import PostgresServer
 from tests.test_ledger import make_ledger, record
 
@@ -534,7 +534,7 @@ def test_reports_read_a_postgresql_ledger_through_a_role_that_may_only_select(pg
     _make_old(pg.url)
     rc, out, err = _cli(capsys, "report", "--json", "--ledger", url)
     assert rc == 2 and out == ""
-    assert err.count("\n") == 1 and "schema version 4 and must be migrated to version 6" in err, err
+    assert err.count("\n") == 1 and f"schema version 4 and must be migrated to version {SCHEMA_VERSION}" in err, err
     assert "permission denied" in err
     rc, out, err = _cli(capsys, "report", "--json", "--ledger", pg.url)  # its owner migrates it
     assert rc == 0, err
@@ -561,7 +561,7 @@ def test_reports_read_a_sqlite_ledger_from_a_read_only_file(tmp_path, capsys):
         _make_old(str(path))
         assert chattr("+i")
         rc, out, err = _cli(capsys, "report", "--json", "--ledger", str(path))
-        assert rc == 2 and err.count("\n") == 1 and "must be migrated to version 6" in err, err
+        assert rc == 2 and err.count("\n") == 1 and f"must be migrated to version {SCHEMA_VERSION}" in err, err
         assert "readonly" in err
     finally:
         chattr("-i")
