@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.errors import ConfigError, LedgerError
-from cascade.ledger import Ledger, _redact, utc_day_start
+from cascade.ledger import INTERRUPTED, Ledger, _redact, utc_day_start
 from cascade.paths import expand_path
 
 #: the groupings of ``cascade report --by``; also ``meta:KEY``, by the value of one of the requests' tags
@@ -67,7 +67,7 @@ def _group_sql(by: str, dialect: str) -> str:
 COST_COLUMNS = ("group", "requests", "answered", "errors", "partial", "cancelled", "cache_hits", "escalated", "escalation_rate", "spend_usd",
                 "escalation_waste_usd", "waste_share", "baseline_usd", "baseline_estimated", "cost_vs_baseline",
                 "savings_usd", "savings_pct", "top1pct_cost_share", "top10pct_cost_share", "prompt_tokens",
-                "completion_tokens", "mean_latency_ms")
+                "completion_tokens", "mean_latency_ms", "interrupted")
 TIER_COLUMNS = ("attempts", "attempt_spend_usd", "attempt_waste_usd")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -165,7 +165,8 @@ def cost_report_sql(by: str, since: float | None, dialect: str = "sqlite") -> st
             "SUM(CASE WHEN status = 'cancelled' THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN cached_from IS NOT NULL THEN 1 ELSE 0 END), "
             "SUM(cost_usd), SUM(escalation_waste_usd), SUM(baseline_cost_usd), SUM(baseline_estimated), "
-            "SUM(prompt_tokens), SUM(completion_tokens), SUM(latency_ms) "
+            "SUM(prompt_tokens), SUM(completion_tokens), SUM(latency_ms), "
+            f"SUM(CASE WHEN error_class = '{INTERRUPTED}' THEN 1 ELSE 0 END) "
             f"FROM requests{where} GROUP BY {g}, {_BUCKET_SQL_COST}")
 
 
@@ -183,7 +184,7 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
     params = (since,) if since is not None else ()
     rows = ledger.execute(cost_report_sql(by, since, ledger.dialect.name), params)
     fields = ("requests", "answered", "escalated", "partial", "cancelled", "cache_hits", "spend", "waste", "baseline", "baseline_estimated",
-              "prompt_tokens", "completion_tokens", "latency_ms")
+              "prompt_tokens", "completion_tokens", "latency_ms", "interrupted")
     sums: dict[Any, dict[str, float]] = {}
     hists: dict[Any, dict[Any, list[float]]] = {}
     total_hist: dict[Any, list[float]] = {}
@@ -234,6 +235,8 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
             "top10pct_cost_share": _div(_top_share(hist, n, 10), spend) if n else None,
             "prompt_tokens": int(r["prompt_tokens"]), "completion_tokens": int(r["completion_tokens"]),
             "mean_latency_ms": _div(float(r["latency_ms"]), n),
+            # of the errors: in flight when their server died, recorded from its journal (cascade/ledger.py)
+            "interrupted": int(r["interrupted"]),
         }
         if by == "tier":
             a = attempts.get(label) or (0, 0.0, 0.0)
@@ -359,7 +362,8 @@ def cost_report_text(report: dict[str, Any]) -> str:
     t = report["total"]
     cut = f" ({t['partial']:,} streams cut after some tokens)" if t["partial"] else ""
     cut += f" ({t['cache_hits']:,} from the response cache)" if t["cache_hits"] else ""
-    foot = (f"{t['requests']:,} requests: {t['answered']:,} answered{cut}, {t['errors']:,} failed or refused, "
+    died = f" ({t['interrupted']:,} interrupted: their server stopped)" if t["interrupted"] else ""
+    foot = (f"{t['requests']:,} requests: {t['answered']:,} answered{cut}, {t['errors']:,} failed or refused{died}, "
             f"{t['cancelled']:,} cancelled by their client; baseline estimated for {t['baseline_estimated']:,} "
             "(the last tier did not run); top1%/top10%: share of spend from the costliest 1%/10% of requests")
     return "\n".join([title, "", _table(headers, rows, right), "", foot])

@@ -98,8 +98,10 @@ async def test_a_request_in_flight_when_its_server_is_killed_is_recorded_by_the_
     assert _rows(ledger, "SELECT COUNT(*) FROM instances") == [(0,)]  # the dead one forgotten, the live one closed
     assert main(["report", "--json", "--ledger", str(ledger)]) == 0
     total = json.loads(capsys.readouterr().out)["total"]
-    assert (total["requests"], total["errors"], total["answered"]) == (1, 1, 0)
+    assert (total["requests"], total["errors"], total["interrupted"], total["answered"]) == (1, 1, 1, 0)
     assert total["spend_usd"] == pytest.approx(cost)
+    assert main(["report", "--ledger", str(ledger)]) == 0
+    assert "1 failed or refused (1 interrupted: their server stopped)" in capsys.readouterr().out
 
 
 async def test_a_stream_in_flight_when_its_server_is_killed_is_recorded_too(tmp_path):
