@@ -498,6 +498,10 @@ _UPSERT_INFLIGHT = (
     "INSERT INTO inflight (request_id, instance, created_at, updated_at, record) VALUES (?,?,?,?,?) "
     "ON CONFLICT (request_id) DO UPDATE SET instance = excluded.instance, updated_at = excluded.updated_at, "
     "record = excluded.record")
+#: a request's row recorded from the journal (and its attempts), replaced by its own (:meth:`Ledger._write`)
+_DROP_INTERRUPTED_ATTEMPTS = (f"DELETE FROM attempts WHERE request_id IN (SELECT request_id FROM requests "
+                              f"WHERE request_id = ? AND error_class = '{INTERRUPTED}')")
+_DROP_INTERRUPTED = f"DELETE FROM requests WHERE request_id = ? AND error_class = '{INTERRUPTED}'"
 _UPSERT_INSTANCE = (
     "INSERT INTO instances (instance, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?) "
     "ON CONFLICT (instance) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
@@ -1347,7 +1351,12 @@ class Ledger:
 
     def record_sync(self, rec: CascadeRecord, shadows: list[dict[str, Any]] | None = None) -> None:
         try:
-            self._retrying(lambda conn: self._write([(rec, shadows or [])], conn))
+            try:
+                self._retrying(lambda conn: self._write([(rec, shadows or [])], conn))
+            except self.dialect.record_faults:
+                if not self._recorded_from_journal(rec.request_id):
+                    raise
+                self._retrying(lambda conn: self._write([(rec, shadows or [])], conn, replace=True))
         except self.dialect.errors as exc:
             self._write_failed(exc)
             raise _write_error(rec, exc) from exc
@@ -1379,14 +1388,27 @@ class Ledger:
         if not isinstance(exc, self.dialect.record_faults):
             self.unavailable = f"ledger {_redact(self.target)}: a write failed: {exc}"
 
-    def _write(self, items: list[tuple[CascadeRecord, list[dict[str, Any]]]], conn: Any = None) -> None:
+    def _write(self, items: list[tuple[CascadeRecord, list[dict[str, Any]]]], conn: Any = None, *,
+               replace: bool = False) -> None:
         """Insert requests, their attempts and shadow decisions in one transaction, and delete their rows of
-        the journal (raises the driver's error)."""
+        the journal (raises the driver's error). ``replace``: rows recorded from the journal for these
+        requests (:meth:`_recorded_from_journal`) are replaced."""
         conn, d = conn if conn is not None else self._require(), self.dialect
+        ids = [(rec.request_id,) for rec, _ in items]
         with d.transaction(conn):
+            cur = conn.cursor()
+            if replace:
+                cur.executemany(d.sql(_DROP_INTERRUPTED_ATTEMPTS), ids)
+                cur.executemany(d.sql(_DROP_INTERRUPTED), ids)
             self._insert(conn, items)
-            conn.cursor().executemany(d.sql("DELETE FROM inflight WHERE request_id = ?"),
-                                      [(rec.request_id,) for rec, _ in items])
+            cur.executemany(d.sql("DELETE FROM inflight WHERE request_id = ?"), ids)
+
+    def _recorded_from_journal(self, request_id: str) -> bool:
+        """Is the request's row one recorded from its journal, by a process that took this one for dead (it was
+        stopped, or could not write its heartbeats, for ``stale_s``)? Its own row replaces it: it did finish."""
+        row = self._retrying(lambda conn: conn.execute(
+            self.dialect.sql("SELECT error_class FROM requests WHERE request_id = ?"), (request_id,)).fetchone())
+        return row is not None and row[0] == INTERRUPTED
 
     def _insert(self, conn: Any, items: list[tuple[CascadeRecord, list[dict[str, Any]]]]) -> None:
         """Insert requests, their attempts and shadow decisions, within the caller's transaction."""

@@ -242,3 +242,27 @@ async def test_a_request_whose_own_write_failed_is_recorded_from_the_journal_onc
         assert (row["status"], row["error_class"], row["n_attempts"]) == ("error", INTERRUPTED, 2)
         assert "its own write failed" in row["error_message"]
         assert await led.query("SELECT COUNT(*) FROM inflight") == [(0,)]
+
+
+async def test_a_process_taken_for_dead_that_finishes_its_request_replaces_the_interrupted_row(target):
+    """A process whose heartbeats stopped for stale_s (suspended, or its database out for it alone) is taken for
+    dead and its request recorded as interrupted; when it comes back and finishes the request, its own row
+    replaces that one (it used to be refused as a duplicate, and its client got a 500 for an answer it had)."""
+    async with Ledger(target, journal_delay_s=0.0) as slow:
+        slow.journal("dead-0", lambda: in_flight(0))
+        deadline = time.monotonic() + 10
+        while await slow.query("SELECT request_id FROM inflight") != [("dead-0",)]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        async with Ledger(target, heartbeat_s=0.1, stale_s=0.5) as peer:  # slow's heartbeat (every 15 s) is stale
+            while (row := await peer.get("dead-0")) is None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert row["error_class"] == INTERRUPTED and "written no heartbeat" in row["error_message"]
+        final = record(0)
+        final.request_id = "dead-0"
+        await slow.record(final)  # it finished after all
+        row = await slow.get("dead-0")
+        assert (row["status"], row["error_class"], row["tier"], row["cost_usd"]) == ("ok", None, "large", 1e-4)
+        assert [a["decision"] for a in row["attempts"]] == ["escalate", "final"]
+        assert (await slow.query("SELECT COUNT(*) FROM attempts"))[0][0] == 2
