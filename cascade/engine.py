@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
 from calibration.features import FEATURE_NAMES, extract_features
 from cascade.backends import Backend, backend_class
-from cascade.budget import Budget, call_ceiling, fit_budget
+from cascade.budget import Budget, call_ceiling, dearest_price, fit_budget
 from cascade.cache import CachedAnswer, ResponseCache, cache_key
 from cascade.config import CalibratorConfig, Config, TierConfig
 from cascade.errors import (
@@ -889,11 +889,15 @@ class Engine:
         def snapshot() -> CascadeRecord:
             snap = copy.deepcopy(rec)
             running = snap.attempts[next(i for i, a in enumerate(rec.attempts) if a is att)]
-            if not running.decision:
+            # a call that ended has its latency (a stream's is set as it ends: until then it is kept and "final")
+            if running.latency_ms == 0.0 and running.error_class is None:
                 running.decision, running.reason = "error", "interrupted: the server stopped while this tier answered"
                 running.error_class, running.error_message = INTERRUPTED, "interrupted"
                 running.prompt_tokens = req.rough_prompt_tokens()
-                running.cost_usd = tier.config.price.cost(running.prompt_tokens, 0)
+                # the dearest of its providers' prices: which one was answering is not known here
+                running.cost_usd = dearest_price(tier).cost(running.prompt_tokens, 0)
+                snap.tier = snap.model = snap.confidence = None
+                snap.escalated = False
             snap.attempts = [a for a in snap.attempts if a.decision]  # (a next tier's row, its call not begun)
             for a in snap.attempts:
                 a.kept = False

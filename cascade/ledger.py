@@ -709,15 +709,18 @@ class Ledger:
         #: how long a journaled record waits before it is written (:meth:`journal`)
         self.journal_delay_s = max(0.0, float(journal_delay_s))
         #: this ledger's process as the ``instances`` table names it (one per open ledger: a process may open
-        #: several), and since when (time.time()) its heartbeats have been written without a failure
+        #: several), and since when (time.monotonic()) its heartbeats have been written without a failure
         self._instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._beating_since: float | None = None
+        #: the other processes' heartbeats as this one last read them, each with since when (time.monotonic())
+        #: it has read that same value
+        self._seen: dict[str, tuple[float, float]] = {}
         self._beat_task: asyncio.Task | None = None
         #: the journal (:meth:`journal`): how to make the record of each request in flight not yet written,
         #: whether their write is due (a timer set), and the requests journaled whose own write is not done; all
         #: three under the lock (the event loop adds, the ledger thread takes)
         self._journal_lock = threading.Lock()
-        self._journal_pending: dict[str, Callable[[], CascadeRecord]] = {}
+        self._journal_pending: dict[str, tuple[float, Callable[[], CascadeRecord]]] = {}  # (when due, how)
         self._journal_queued = False
         self._journaled: set[str] = set()
         self._journal_timer: asyncio.TimerHandle | None = None
@@ -1397,11 +1400,13 @@ class Ledger:
         ids = [(rec.request_id,) for rec, _ in items]
         with d.transaction(conn):
             cur = conn.cursor()
+            # the journal rows first, as a process recording a dead one's requests takes them (PostgreSQL's row
+            # locks in one order: the two cannot deadlock)
+            cur.executemany(d.sql("DELETE FROM inflight WHERE request_id = ?"), ids)
             if replace:
                 cur.executemany(d.sql(_DROP_INTERRUPTED_ATTEMPTS), ids)
                 cur.executemany(d.sql(_DROP_INTERRUPTED), ids)
             self._insert(conn, items)
-            cur.executemany(d.sql("DELETE FROM inflight WHERE request_id = ?"), ids)
 
     def _recorded_from_journal(self, request_id: str) -> bool:
         """Is the request's row one recorded from its journal, by a process that took this one for dead (it was
@@ -1510,30 +1515,39 @@ class Ledger:
         their requests by the next process of this ledger to see it dead (:meth:`_heartbeat_sync`)."""
         if self._queue is None:
             return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + self.journal_delay_s
         with self._journal_lock:
-            self._journal_pending[request_id] = snapshot
+            self._journal_pending[request_id] = (when, snapshot)
             self._journaled.add(request_id)
-            if self._journal_queued:  # the write already due takes this one too
+            if self._journal_queued:  # a timer is set, for this one or an earlier one
                 return
             self._journal_queued = True
-        self._journal_timer = asyncio.get_running_loop().call_later(self.journal_delay_s, self._journal_due)
+        self._journal_timer = loop.call_at(when, self._journal_due)
 
     def _journal_due(self) -> None:
-        """On the event loop (where the requests' records change): the records of the requests journaled and
-        still in flight are made now, and queued for the ledger thread."""
-        self._journal_timer = None
+        """On the event loop (where the requests' records change): the records of the requests journaled
+        ``journal_delay_s`` ago or more and still in flight are made now, and queued for the ledger thread
+        together; the timer is set again for the next one due."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         with self._journal_lock:
-            due, self._journal_pending, self._journal_queued = self._journal_pending, {}, False
+            due = {rid: e for rid, e in self._journal_pending.items() if e[0] <= now}
+            for rid in due:
+                del self._journal_pending[rid]
+            nxt = min((e[0] for e in self._journal_pending.values()), default=None)
+            self._journal_queued = nxt is not None
+        self._journal_timer = loop.call_at(nxt, self._journal_due) if nxt is not None else None
         recs = []
-        for rid, snapshot in due.items():
+        for rid, (_when, snapshot) in due.items():
             try:
                 recs.append(snapshot())
             except Exception:  # noqa: BLE001 - a bug there must not fail the others (or the request)
                 log.exception("ledger: the journal record of request %s could not be made", rid)
         if recs and self._background(self._journal_sync, "the journal of requests in flight", recs) is None:
-            with self._journal_lock:  # (too much waiting) tried again with the next request journaled
-                for rid, snapshot in due.items():
-                    self._journal_pending.setdefault(rid, snapshot)
+            with self._journal_lock:  # (too much waiting) tried again when the next one is due
+                for rid, entry in due.items():
+                    self._journal_pending.setdefault(rid, entry)
 
     def _background(self, fn: Callable[..., Any], what: str, *args: Any) -> _Job | None:
         """Queue ``fn(*args)`` for the ledger thread with nobody waiting for it (its failure is logged), unless
@@ -1581,36 +1595,42 @@ class Ledger:
 
     def _heartbeat_sync(self) -> None:
         """On the ledger thread: write this process's heartbeat, then record the requests left in flight by
-        processes now dead (another on this machine whose pid is gone, or whose heartbeat is ``stale_s`` old)
+        processes now dead (another on this machine whose pid is gone, or one whose heartbeat this process has
+        seen unchanged for ``stale_s`` while writing its own all along: judged on this process's own clock, so
+        that neither another machine's clock nor an outage of the database for everybody makes anyone dead)
         and this one's whose own write failed for good, each as the error ``Interrupted`` it was journaled as,
         unless its request has a row by now. Each request is taken from ``inflight`` by the transaction that
         writes it, so that processes doing this at once never write one twice."""
-        if self._moved() is not None:
-            return
-        conn, d, now = self._require(), self.dialect, time.time()
+        d, now, mono = self.dialect, time.time(), time.monotonic()
         try:
+            if (moved := self._moved()) is not None:
+                raise LedgerError(moved)
+            conn = self._require()
             with self._lock_wait(short=True), d.transaction(conn):
                 conn.execute(d.sql(_UPSERT_INSTANCE), d.row((self._instance, _host_key(), os.getpid(), now, now)))
-        except d.errors as exc:
+            self._written(1)
+            others = conn.execute(d.sql("SELECT instance, host, pid, heartbeat_at FROM instances WHERE instance <> ?"),
+                                  (self._instance,)).fetchall()
+        except (*d.errors, LedgerError) as exc:  # what was seen of the others no longer counts
             if self._beating_since is not None:
                 log.warning("ledger %s: the heartbeat could not be written: %s", _redact(self.target), exc)
-            self._beating_since = None
+            self._beating_since, self._seen = None, {}
             return
-        self._written(1)
         if self._beating_since is None:
-            self._beating_since = now
-        stale_ok = now - self._beating_since >= self.stale_s
-        for inst, host, pid, beat in conn.execute(
-                d.sql("SELECT instance, host, pid, heartbeat_at FROM instances WHERE instance <> ?"),
-                (self._instance,)).fetchall():
+            self._beating_since = mono
+        seen = {}
+        for inst, host, pid, beat in others:
+            was = self._seen.get(inst)
+            seen[inst] = was if was is not None and was[0] == beat else (beat, mono)  # (its heartbeat, seen since)
             if host == _host_key() and not _pid_alive(int(pid)):
                 self._interrupt(conn, "instance = ?", (inst,), f"its process ({inst}) is gone", instance=inst)
-            elif stale_ok and beat < now - self.stale_s:
+            elif mono - seen[inst][1] >= self.stale_s:
                 self._interrupt(conn, "instance = ?", (inst,), f"its process ({inst}) has written no heartbeat "
-                                f"for {now - beat:.0f} s", instance=inst)
-        if stale_ok:  # a process counted dead while it still wrote: its later rows have no heartbeat row
-            self._interrupt(conn, "instance NOT IN (SELECT instance FROM instances) AND updated_at < ?",
-                            (now - self.stale_s,), "its process is gone")
+                                f"for {mono - seen[inst][1]:.0f} s", instance=inst)
+        self._seen = seen
+        if mono - self._beating_since >= self.stale_s:  # a process counted dead while it still wrote: its later
+            self._interrupt(conn, "instance NOT IN (SELECT instance FROM instances) AND updated_at < ?",  # rows
+                            (now - self.stale_s,), "its process is gone")  # have no heartbeat row
         with self._journal_lock:
             journaled = set(self._journaled)
         mine = [r[0] for r in conn.execute(d.sql("SELECT request_id FROM inflight WHERE instance = ?"),

@@ -43,12 +43,13 @@ def _rows(path, sql: str, *params) -> list[tuple]:
         return conn.execute(sql, params).fetchall()
 
 
-async def _kill_while_the_last_tier_answers(tmp_path, *, journal: bool, stream: bool = False) -> None:
+async def _kill_while_the_last_tier_answers(tmp_path, *, journal: bool, stream: bool = False,
+                                           big_fault: str = "stall:60") -> None:
     """`cascade serve` on a two-tier chain (the first escalates, the second stalls); a request sent;
     nothing but a client's; the server killed with SIGKILL while the second tier works on it (once its journal row shows
     both attempts, when journaling), then started again on the same ledger, until healthy."""
     with FaultServerThread(logprob=-2.0) as small, FaultServerThread() as big:
-        big.faults("stall:60")
+        big.faults(big_fault)
         cfg = serve_config(tmp_path, [_tier("small", small, 0.9), _tier("big", big, 0.0)], ["small", "big"])
         cfg["ledger"]["journal"] = journal
         ledger = tmp_path / "ledger.sqlite"
@@ -104,10 +105,17 @@ async def test_a_request_in_flight_when_its_server_is_killed_is_recorded_by_the_
     assert "1 failed or refused (1 interrupted: their server stopped)" in capsys.readouterr().out
 
 
-async def test_a_stream_in_flight_when_its_server_is_killed_is_recorded_too(tmp_path):
-    await _kill_while_the_last_tier_answers(tmp_path, journal=True, stream=True)
-    rows = _rows(tmp_path / "ledger.sqlite", "SELECT endpoint, error_class, n_attempts FROM requests")
-    assert rows == [("chat", INTERRUPTED, 2)]
+@pytest.mark.parametrize("big_fault", ["stall:60", "slow:0:1.5"], ids=["before-its-first-token", "mid-stream"])
+async def test_a_stream_in_flight_when_its_server_is_killed_is_recorded_too(tmp_path, big_fault):
+    """Killed before the live tier's first token, or while its tokens flow (one every 1.5 s): the live call is
+    an interrupted error billed its prompt, nothing served (it was once recorded as the kept answer, at $0)."""
+    await _kill_while_the_last_tier_answers(tmp_path, journal=True, stream=True, big_fault=big_fault)
+    ledger = tmp_path / "ledger.sqlite"
+    rows = _rows(ledger, "SELECT endpoint, error_class, n_attempts, tier, escalated FROM requests")
+    assert rows == [("chat", INTERRUPTED, 2, None, 0)]
+    (tier, decision, kept, prompt, cost), = _rows(ledger, "SELECT tier, decision, kept, prompt_tokens, cost_usd "
+                                                  "FROM attempts WHERE idx = 1")
+    assert (tier, decision, kept) == ("big", "error", 0) and prompt > 0 and cost == pytest.approx(prompt * 1000.0 / 1e6)
 
 
 async def test_without_the_journal_a_killed_servers_request_is_lost(tmp_path):
@@ -195,31 +203,32 @@ async def test_processes_opening_the_ledger_at_once_record_a_dead_ones_requests_
         assert (await led.query("SELECT COUNT(*) FROM instances"))[0][0] == 1
 
 
-async def test_another_machines_process_is_dead_once_its_heartbeat_is_stale(target):
-    """A process elsewhere (its pid means nothing here) is dead once its heartbeat is ``stale_s`` old, and only
-    once this process has itself written heartbeats that long (a database out for everybody kills nobody)."""
+async def test_another_machines_process_is_dead_once_its_heartbeat_stops(target):
+    """A process elsewhere (its pid means nothing here) is dead once this process has seen its heartbeat unchanged
+    for ``stale_s`` of its own clock (the other's clock, here 5 minutes ahead, does not matter), while one that
+    goes on beating is alive whatever its heartbeat says."""
     now = time.time()
     async with Ledger(target) as setup:
         await setup.query("INSERT INTO instances VALUES (?, ?, ?, ?, ?)", ("elsewhere:1:a", "another host", 1,
-                                                                          now - 600, now - 60))
-        await setup.query("INSERT INTO instances VALUES (?, ?, ?, ?, ?)", ("elsewhere:2:b", "another host", 2,
-                                                                          now - 600, now + 3600))
-        for inst, i in (("elsewhere:1:a", 0), ("elsewhere:1:a", 1), ("elsewhere:2:b", 2)):
+                                                                          now - 600, now + 300))
+        for i in (0, 1):
             await setup.query("INSERT INTO inflight VALUES (?, ?, ?, ?, ?)",
-                              (f"dead-{i}", inst, now, now - 60, _record_json(in_flight(i), False)))
-    async with Ledger(target, heartbeat_s=0.1, stale_s=1.0) as led:
-        await asyncio.sleep(0.3)  # heartbeats, but not yet for stale_s: nobody counted dead
-        assert (await led.query("SELECT COUNT(*) FROM requests"))[0][0] == 0
-        deadline = time.monotonic() + 10
-        while (await led.query("SELECT COUNT(*) FROM requests"))[0][0] < 2:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.3)
-        rows = await led.query("SELECT request_id FROM requests ORDER BY request_id")
-        assert rows == [("dead-0",), ("dead-1",)]  # the live one's request stays in flight
-        assert await led.query("SELECT request_id FROM inflight") == [("dead-2",)]
-        assert [r[0] for r in await led.query("SELECT instance FROM instances ORDER BY instance")][:1] == \
-            ["elsewhere:2:b"]
+                              (f"dead-{i}", "elsewhere:1:a", now, now, _record_json(in_flight(i), False)))
+    async with Ledger(target, heartbeat_s=0.1, journal_delay_s=0.0) as live:
+        live.journal("dead-2", lambda: in_flight(2))
+        async with Ledger(target, heartbeat_s=0.1, stale_s=1.0) as led:
+            await asyncio.sleep(0.3)  # seen unchanged, but not yet for stale_s: nobody counted dead
+            assert (await led.query("SELECT COUNT(*) FROM requests"))[0][0] == 0
+            deadline = time.monotonic() + 10
+            while (await led.query("SELECT COUNT(*) FROM requests"))[0][0] < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)
+            rows = await led.query("SELECT request_id, error_message FROM requests ORDER BY request_id")
+            assert [r[0] for r in rows] == ["dead-0", "dead-1"]  # the live one's request stays in flight
+            assert all("has written no heartbeat for 1 s" in r[1] for r in rows), rows
+            assert await led.query("SELECT request_id FROM inflight") == [("dead-2",)]
+            assert "elsewhere:1:a" not in {r[0] for r in await led.query("SELECT instance FROM instances")}
 
 
 async def test_a_request_whose_own_write_failed_is_recorded_from_the_journal_once_the_ledger_is_back(tmp_path):
