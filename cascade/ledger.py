@@ -20,7 +20,7 @@ that one can; the probe also fails once the SQLite file is no longer at its path
 A request still in flight ``JOURNAL_DELAY_S`` after a tier call started is journaled (table ``inflight``,
 :meth:`Ledger.journal`), and its journal row deleted by the transaction that writes its own: a process killed
 outright leaves those rows, and the next process serving the ledger to see it dead (its heartbeat in
-``instances`` stale, or its pid gone on this machine) writes them as requests that failed with ``Interrupted``,
+``instances`` unchanged for ``STALE_S``, or its pid gone on this machine) writes them as requests that failed with ``Interrupted``,
 with the attempts paid for until then.
 
 The SQL is written once, with ``?`` placeholders and types both databases accept; the dialect object
@@ -72,9 +72,10 @@ _RETRY_LOCK_WAIT_S = 0.25
 DEFAULT_MAX_PENDING = 2000
 #: a served ledger writes its process's heartbeat (table ``instances``) this often ...
 HEARTBEAT_S = 15.0
-#: ... and counts another process dead once that one's heartbeat is this old (and its own have been written for
-#: this long: a database that was out for every process kills none of them), or at once where it can see that
-#: the process is gone (same machine). Its requests in flight are then written as errors ``Interrupted``
+#: ... and counts another process dead once it has seen that one's heartbeat unchanged for this long while writing
+#: its own (on its own clock: the machines' clocks need not agree, and a database out for every process kills none
+#: of them), or at once where it can see that the process is gone (same machine). Its requests in flight are then
+#: written as errors ``Interrupted``
 STALE_S = 120.0
 #: the error class of a request whose process died before it finished (see :meth:`Ledger.journal`)
 INTERRUPTED = "Interrupted"
@@ -211,7 +212,7 @@ _TABLES = [
     )""",
     "CREATE INDEX IF NOT EXISTS shadow_attempts_spend ON shadow_attempts(shadow, created_at)",
     # version 7: the requests being answered, each as it would be recorded were its process to die before it
-    # finished (written before each tier is called, deleted with the request's own row: Ledger.journal), and
+    # finished (written once a tier call has run JOURNAL_DELAY_S, deleted with the request's own row), and
     # the processes serving the ledger with their heartbeats, so that another can tell one has died
     """CREATE TABLE IF NOT EXISTS inflight (
         request_id TEXT PRIMARY KEY,
