@@ -20,8 +20,8 @@ that one can; the probe also fails once the SQLite file is no longer at its path
 A request still in flight ``JOURNAL_DELAY_S`` after a tier call started is journaled (table ``inflight``,
 :meth:`Ledger.journal`), and its journal row deleted by the transaction that writes its own: a process killed
 outright leaves those rows, and the next process serving the ledger to see it dead (its heartbeat in
-``instances`` unchanged for ``STALE_S``, or its pid gone on this machine) writes them as requests that failed with ``Interrupted``,
-with the attempts paid for until then.
+``instances`` unchanged for ``STALE_S``, or its pid gone on this machine) writes them as requests that failed
+with ``Interrupted``, with the attempts paid for until then.
 
 The SQL is written once, with ``?`` placeholders and types both databases accept; the dialect object
 only rewrites placeholders and says how to connect.
@@ -858,6 +858,12 @@ class Ledger:
                 _refuse_newer(row, what, "writes")
 
     def _create_or_migrate(self, conn: Any) -> None:
+        row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"), ("schema_version",)).fetchone() \
+            if "meta" in (tables := self._tables(conn)) else None
+        if row is not None and str(row[0]) == str(SCHEMA_VERSION) and _TABLE_NAMES <= tables:
+            # up to date: no DDL, whose table locks (PostgreSQL's CREATE INDEX IF NOT EXISTS takes one even when the
+            # index is there) would deadlock with the writes of the replicas serving it already
+            return
         for stmt in _TABLES:
             conn.execute(self.dialect.sql(stmt.replace("{serial}", self.dialect.serial)))
         for table, cols in _ADDED_COLUMNS.items():
