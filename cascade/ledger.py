@@ -1686,20 +1686,11 @@ class Ledger:
         held up: the next process to open the ledger on this machine, or a replica ``stale_s`` later, does
         both)."""
         self._beating_since = None
-        conn, d = self._conn, self.dialect
         if self._moved() is not None or self._gave_up:
             return
-        try:
-            if d.name == "sqlite":  # (the connection is closed next)
-                conn.execute(f"PRAGMA busy_timeout={max(1, int(min(_RETRY_LOCK_WAIT_S, self.timeout_s / 4) * 1000))}")
-            left = conn.execute(d.sql("SELECT COUNT(*) FROM inflight WHERE instance = ?"), (self._instance,)).fetchone()
-            if left[0]:
-                self._interrupt(conn, "instance = ?", (self._instance,), "its server closed")
-            with d.transaction(conn):
-                conn.execute(d.sql("DELETE FROM instances WHERE instance = ?"), (self._instance,))
-        except d.errors as exc:
-            log.info("ledger %s: closing, its heartbeat row stays (forgotten by the next process): %s",
-                     _redact(self.target), exc)
+        with self._lock_wait(short=True):  # (the connection is closed next)
+            self._interrupt(self._conn, "instance = ?", (self._instance,), "its server closed",
+                            instance=self._instance)
 
 
 def _write_error(rec: CascadeRecord, exc: BaseException) -> LedgerError:
