@@ -259,6 +259,12 @@ class LedgerTimeoutError(LedgerError):
     that timed out stays queued: it may still be committed, or fail, later (``Ledger.late_listeners``)."""
 
 
+class LedgerWriteHeldError(LedgerTimeoutError):
+    """A write failed through no fault of its record (the disk is full; the file is read-only, not at its path any
+    more; an I/O error): its waiter is told at once rather than after ``ledger.timeout_s``. As a write that timed
+    out, it stays queued: tried again until it commits (recorded then as this failure) or the ledger closes."""
+
+
 class LedgerUnavailableError(LedgerError):
     """The ledger cannot be written now (its database unreachable, read-only, locked, not answering): the
     request is refused before any tier runs, since its answer could not be accounted (and so would not be

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from cascade.errors import LedgerError, LedgerTimeoutError, NotFoundError
+from cascade.errors import LedgerError, LedgerTimeoutError, LedgerWriteHeldError, NotFoundError
 from cascade.paths import expand_path
 from cascade.types import Attempt, CascadeRecord
 
@@ -255,6 +255,10 @@ def _is_locked(exc: BaseException) -> bool:
         return False
     code = _sqlite_code(exc)
     return code in (_SQLITE_BUSY, _SQLITE_LOCKED) if code is not None else "locked" in str(exc)
+
+
+class _FileMoved(LedgerError):
+    """SQLite: the ledger file is no longer at its path (a write to it is refused, and held: it may come back)."""
 
 
 def _cannot_write_beside(exc: BaseException) -> bool:
@@ -563,7 +567,8 @@ class _Checkpointer:
 class _Job:
     """One unit of work for the ledger thread: a record to write (``rec`` set) or a call (``fn``)."""
 
-    __slots__ = ("rec", "shadows", "fn", "args", "loop", "fut", "expired", "sent", "error", "told", "corrected")
+    __slots__ = ("rec", "shadows", "fn", "args", "loop", "fut", "expired", "sent", "error", "told", "corrected",
+                 "telling")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future, *, rec: CascadeRecord | None = None,
                  shadows: list[dict[str, Any]] | None = None, fn: Callable[..., Any] | None = None,
@@ -573,10 +578,12 @@ class _Job:
         self.expired = False
         #: the record's answer went out before its write (a stream): a late commit leaves it as it is
         self.sent = False
-        #: a write held for another try (the database was locked): why its last try failed
+        #: a write held for another try (the database was locked, full...): why its last try failed
         self.error: BaseException | None = None
-        #: the timeout its waiter was told of (set on the event loop before ``fut`` gets it)
+        #: the failure its waiter was told of, its write still queued (set on the event loop before ``fut`` gets it)
         self.told: LedgerTimeoutError | None = None
+        #: held, its waiter is being told so at once (:meth:`Ledger._tell`), not after ``timeout_s``: ledger thread only
+        self.telling = False
         #: committed late, its row was made that failure on the ledger thread already (no correction to queue)
         self.corrected = False
 
@@ -963,30 +970,27 @@ class Ledger:
         return job
 
     def _settled_late(self, job: _Job, exc: BaseException | None) -> None:
-        """On the event loop: a write whose waiter was told it timed out is done at last. Committed, the row of
-        an answer held back for it is made the failure its client saw (it had the timeout's 500, never the
-        answer): status ``error`` with that error, nothing kept, no shadow decisions, as a failed request is
-        recorded, so the ledger's answered requests are those whose answers went out (a stream's answer went
-        out before its write: kept as it is). Failed: said. The late listeners hear either."""
+        """On the event loop: a write whose waiter was told it failed (it timed out, or was held for a full disk...)
+        is done at last. Committed, the row of an answer held back for it is made the failure its client saw (it
+        had a 500, never the answer): status ``error`` with that error, nothing kept, no shadow decisions, as a
+        failed request is recorded, so the ledger's answered requests are those whose answers went out (a stream's
+        answer went out before its write: kept as it is). Failed: said. The late listeners hear either."""
         rec = job.rec
-        if exc is None and job.corrected:  # made that failure on the ledger thread, right after the commit
+        told = job.fut.exception()
+        why = ("it did not finish within the ledger's timeout" if type(told) is LedgerTimeoutError else
+               "the ledger could not be written then")
+        if exc is None:
+            fix = not job.corrected and not job.sent and rec.status in ("ok", "partial")
+            as_told = ", as that failure" if fix or job.corrected else ""
             log.warning("ledger: the write of request %s was committed after its caller had been told it failed "
-                        "(it did not finish within the ledger's timeout); the row is kept, as that failure",
-                        rec.request_id)
-        elif exc is None and (job.sent or rec.status not in ("ok", "partial")):
-            log.warning("ledger: the write of request %s was committed after its caller had been told it failed "
-                        "(it did not finish within the ledger's timeout); the row is kept", rec.request_id)
-        elif exc is None:
-            told = job.fut.exception()
-            log.warning("ledger: the write of request %s was committed after its caller had been told it failed "
-                        "(it did not finish within the ledger's timeout); the row is kept, as that failure",
-                        rec.request_id)
-            try:
-                fix = self._enqueue(fn=self._record_told_failure_sync, timeout=None, what="a correction",
-                                    args=(rec.request_id, type(told).__name__, str(told)))
-                fix.fut.add_done_callback(log_failure)
-            except LedgerError as closed:  # the ledger is closing
-                log.warning("ledger: request %s stays recorded as answered: %s", rec.request_id, closed)
+                        "(%s); the row is kept%s", rec.request_id, why, as_told)
+            if fix:  # not made that failure on the ledger thread right after the commit (:meth:`_correct`)
+                try:
+                    fixing = self._enqueue(fn=self._record_told_failure_sync, timeout=None, what="a correction",
+                                           args=(rec.request_id, type(told).__name__, str(told)))
+                    fixing.fut.add_done_callback(log_failure)
+                except LedgerError as closed:  # the ledger is closing
+                    log.warning("ledger: request %s stays recorded as answered: %s", rec.request_id, closed)
         else:
             log.warning("ledger: %s (the caller had stopped waiting)", exc)
         for listener in self.late_listeners:
@@ -1107,6 +1111,12 @@ class Ledger:
                 new += job.error is None
                 job.error = exc
                 held.append(job)
+                if not job.telling and not _is_locked(exc.__cause__ or exc):  # no lock that may go in time: told now
+                    job.telling = True
+                    try:
+                        job.loop.call_soon_threadsafe(self._tell, job, exc)
+                    except RuntimeError:  # the loop is closed: nobody is waiting any more
+                        pass
             else:
                 if exc is None:
                     self._correct(job)
@@ -1114,9 +1124,21 @@ class Ledger:
         if done:
             self._deliver([j for j, _ in done], [o for _, o in done])
         if new:  # (once for each write, not at every try)
-            log.warning("ledger %s is locked by another process: %d more writes are held, tried again until they "
-                        "commit (%d held)", _redact(self.target), new, len(held))
+            log.warning("ledger %s cannot be written now (%s): %d more writes are held, tried again until they "
+                        "commit (%d held)", _redact(self.target), _held_why(held[-1].error), new, len(held))
         return held
+
+    def _tell(self, job: _Job, exc: BaseException) -> None:
+        """On the event loop: a write held for a fault that no wait of ``timeout_s`` mends (a full disk, a file
+        read-only or moved; not a lock another process may release meanwhile): its waiter is told now that it
+        failed, as one that timed out is told later. It stays held, and if it commits, it is recorded as that
+        failure (:meth:`_correct`, :meth:`_settled_late`)."""
+        if job.fut.done() or job.rec is None:
+            return
+        job.expired = True
+        job.told = LedgerWriteHeldError(f"ledger write failed for request {job.rec.request_id}: {_held_why(exc)}; "
+                                        "it is held and tried again until it commits")
+        job.fut.set_exception(job.told)
 
     def _correct(self, job: _Job) -> None:
         """On the ledger thread, right after ``job``'s write committed: if its waiter was told it timed out (and
@@ -1152,8 +1174,8 @@ class Ledger:
         self._held = 0
         if held:
             self._gave_up = True
-            log.warning("ledger %s: %d held writes are given up (the ledger is closing while another process "
-                        "holds its lock)", _redact(self.target), len(held))
+            log.warning("ledger %s: %d held writes are given up (the ledger is closing and they still cannot be "
+                        "written: %s)", _redact(self.target), len(held), _held_why(held[0].error))
             # a write held behind others without a try of its own has no error yet: it was not written either
             self._deliver(held, [(j.error or _write_error(j.rec, LedgerError(  # type: ignore[arg-type]
                 "the ledger closed before it could be written")), None) for j in held])
@@ -1173,7 +1195,7 @@ class Ledger:
         elsewhere) each alone; ``short``: waiting for another process's lock briefly (see :meth:`_lock_wait`)."""
         if (moved := self._moved()) is not None:  # they would go to a file no longer at the path: refused, and the
             self.unavailable = moved              # ledger not ready, until the file is back (or a restart)
-            return [(_write_error(j.rec, LedgerError(moved)), None) for j in jobs]  # type: ignore[arg-type]
+            return [(_write_error(j.rec, _FileMoved(moved)), None) for j in jobs]  # type: ignore[arg-type]
         self._written(len(jobs))
         with self._lock_wait(short):
             if len(jobs) > 1:
@@ -1182,7 +1204,7 @@ class Ledger:
                     self.unavailable = None
                     return [(None, None)] * len(jobs)
                 except self.dialect.errors as exc:  # rolled back
-                    if self._retryable(exc):  # the lock is no one record's fault: no use trying each alone
+                    if self._retryable(exc):  # the database's fault, no one record's: no use trying each alone
                         self._write_failed(exc)
                         return [(_write_error(j.rec, exc), None) for j in jobs]  # type: ignore[arg-type]
                 except BaseException:  # noqa: BLE001 - rolled back: redo one by one for precise errors
@@ -1373,9 +1395,11 @@ class Ledger:
         self.unavailable = None
 
     def _retryable(self, exc: BaseException) -> bool:
-        """Did a write fail only because another process held SQLite's write lock (worth another try)?"""
+        """Did an SQLite write fail through no fault of its own record, in a way that may pass later (worth holding
+        for another try): another process held the write lock, the disk is full, the file is read-only or not at
+        its path now, an I/O error? (PostgreSQL's failed writes are not held.)"""
         cause = exc.__cause__ if isinstance(exc, LedgerError) and exc.__cause__ is not None else exc
-        return self.dialect.name == "sqlite" and _is_locked(cause)
+        return self.dialect.name == "sqlite" and isinstance(cause, (sqlite3.OperationalError, _FileMoved))
 
     @contextmanager
     def _lock_wait(self, short: bool) -> Iterator[None]:
@@ -1691,6 +1715,14 @@ class Ledger:
         with self._lock_wait(short=True):  # (the connection is closed next)
             self._interrupt(self._conn, "instance = ?", (self._instance,), "its server closed",
                             instance=self._instance)
+
+
+def _held_why(exc: BaseException | None) -> str:
+    """Why a held write could not be written, in words a client may read (no path, no URL)."""
+    cause = exc.__cause__ if isinstance(exc, LedgerError) and exc.__cause__ is not None else exc
+    if isinstance(cause, _FileMoved):
+        return "the ledger file was moved or deleted while the server runs"
+    return str(cause) if cause is not None else "not tried yet"
 
 
 def _write_error(rec: CascadeRecord, exc: BaseException) -> LedgerError:

@@ -179,8 +179,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
             holds.release(rec.request_id, lost=rec.cost_usd if error is not None else None)
 
         def row_committed(rec: CascadeRecord, error: BaseException | None) -> None:
-            if not isinstance(error, LedgerTimeoutError):  # one that timed out is still queued: held until
-                row_written(rec, error)                     # it is committed after all, or fails (late_listeners)
+            if not isinstance(error, LedgerTimeoutError):  # one that timed out (or is held) is still queued:
+                row_written(rec, error)                     # until it commits after all, or fails (late_listeners)
 
         app.state.engine.record_listeners.append(row_submitted)
         app.state.engine.commit_listeners.append(row_committed)

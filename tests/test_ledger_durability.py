@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade.errors import LedgerError, LedgerTimeoutError
+from cascade.errors import LedgerError, LedgerTimeoutError, LedgerWriteHeldError
 from cascade.ledger import Ledger
 from tests.test_ledger import make_ledger, record
 
@@ -133,9 +133,11 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 async def test_a_full_disk_fails_the_probe_and_keeps_the_ledger_not_ready_until_a_write_commits(tiny_fs):
     """A write rolled back never reaches SQLite's WAL, so it passed on a full disk where every commit fails:
-    the probe commits a (one-row) write, and fails there."""
+    the probe commits a (one-row) write, and fails there. A write that found the disk full is told so at once
+    (not after ``timeout_s``) and held: committed once there is room, as the failure its waiter was told of."""
     path = tiny_fs / "ledger.sqlite"
     async with Ledger(path, timeout_s=2) as ledger:
+        late = listened(ledger)
         for i in range(5):
             await ledger.record(record(i))
         assert await ledger.probe() is None
@@ -143,24 +145,33 @@ async def test_a_full_disk_fails_the_probe_and_keeps_the_ledger_not_ready_until_
         try:
             why = await ledger.probe()  # before any request fails on it
             assert why and "full" in why and "cannot be written" in why, why
-            with pytest.raises(LedgerError, match="full"):
+            t0 = time.monotonic()
+            with pytest.raises(LedgerWriteHeldError, match="database or disk is full.*held and tried again"):
                 await ledger.record(record(10))
-            assert ledger.unavailable and "full" in ledger.unavailable
+            assert time.monotonic() - t0 < 1.0  # told at once: no wait for the 2 s timeout
+            assert ledger.unavailable and "full" in ledger.unavailable and ledger._held == 1
             for _ in range(3):  # it stays not ready: no probe clears the mark while no write can commit
                 why = await ledger.probe()
                 assert why and "full" in why
         finally:
             filler.unlink()
         assert await ledger.probe() is None and ledger.unavailable is None
-        await ledger.record(record(11))
-        assert {r for (r,) in await ledger.query("SELECT request_id FROM requests")} == {f"r{i}" for i in
-                                                                                         (0, 1, 2, 3, 4, 11)}
+        await ledger.record(record(11))  # after the held write's next try, which commits it
+        assert late == {"r10": None}
+        await until(lambda: ledger._queue.qsize() == 0 and ledger._held == 0, what="the correction")
+        assert {r[0]: r[1:] for r in await ledger.query("SELECT request_id, status, error_class, cost_usd FROM "
+                                                          "requests")} == {
+            **{f"r{i}": ("ok", None, record(i).cost_usd) for i in (0, 1, 2, 3, 4, 11)},
+            "r10": ("error", "LedgerWriteHeldError", record(10).cost_usd)}  # its spend is not lost
         # the probes leave one row behind, the time of the last one (overwritten each time)
         assert [k for (k,) in await ledger.query("SELECT key FROM meta ORDER BY key")] == ["ready_probe",
                                                                                            "schema_version"]
 
 
 def test_a_full_disk_makes_ready_503_and_refuses_requests_before_any_model_call(tiny_fs, tmp_path):
+    """The first request after the disk filled runs its tiers (nothing has failed yet to say so): its answer is
+    not let out (a 500 at once) and its row, its attempt and spend with it, is committed once there is room, as
+    the failure its client saw. The requests after it are refused before any tier runs; their rows land too."""
     import httpx
 
     from serving import create_app
@@ -175,22 +186,35 @@ def test_a_full_disk_makes_ready_503_and_refuses_requests_before_any_model_call(
             assert httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30).status_code == 200
             assert calls() == 1
             filler = fill(tiny_fs)
+            refused = []
             try:
+                t0 = time.monotonic()
+                r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
+                assert r.status_code == 500 and r.json()["error"]["type"] == "ledger_error", r.text
+                assert "full" in r.json()["error"]["message"] and str(tiny_fs) not in r.text
+                assert time.monotonic() - t0 < 1.5 and calls() == 2  # told at once, not after timeout_s
+                paid = r.headers["x-request-id"]
                 r = httpx.get(srv.url + "/ready", timeout=30)
                 assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable", r.text
                 assert "full" in r.json()["ledger"]
                 for _ in range(2):
                     r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
                     assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable", r.text
-                assert calls() == 1  # refused before any tier ran: nothing paid for an answer that is not recorded
+                    refused.append(r.headers["x-request-id"])
+                assert calls() == 2  # refused before any tier ran: nothing paid for an answer that is not recorded
             finally:
                 filler.unlink()
             r = httpx.get(srv.url + "/ready", timeout=30)
             assert r.status_code == 200, r.text
             r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
-            assert r.status_code == 200 and calls() == 2, r.text
+            assert r.status_code == 200 and calls() == 3, r.text
             answered = r.headers["x-request-id"]
-    assert rows(path)[answered] == ("ok", None)
+    got = rows(path)
+    assert got[answered] == ("ok", None)
+    assert got[paid] == ("error", "LedgerWriteHeldError")
+    assert all(got[rid] == ("error", "LedgerUnavailableError") for rid in refused), got
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT COUNT(*) FROM attempts WHERE request_id = ?", (paid,)).fetchone() == (1,)
 
 
 # --- F3: a write lock held elsewhere for longer than timeout_s -------------------------------------------------

@@ -19,13 +19,14 @@ import httpx
 import pytest
 
 from cascade.cli import main
-from cascade.errors import LedgerError
+from cascade.errors import LedgerError, LedgerWriteHeldError
 from cascade.ledger import INTERRUPTED, Ledger, _record_json
 from cascade.types import Attempt, CascadeRecord
 from tests.conftest import REPO, free_port
 from tests.fault_server import FaultServerThread
 from tests.pg import postgres  # noqa: F401 - fixture
 from tests.test_ledger import record, target  # noqa: F401 - fixture
+from tests.test_ledger_durability import locked, until
 from tests.test_resilience import serve_config, serving
 
 pytestmark = pytest.mark.timeout(120)
@@ -231,7 +232,10 @@ async def test_another_machines_process_is_dead_once_its_heartbeat_stops(target)
             assert "elsewhere:1:a" not in {r[0] for r in await led.query("SELECT instance FROM instances")}
 
 
-async def test_a_request_whose_own_write_failed_is_recorded_from_the_journal_once_the_ledger_is_back(tmp_path):
+async def test_a_request_whose_own_write_was_held_lands_itself_and_takes_its_journal_row(tmp_path):
+    """The ledger file moved away: the request's own write is refused and held, its journal row kept (the
+    request is not in flight, nor lost); once the file is back the held write commits, as the failure its
+    caller was told of, with all its attempts, and the journal row goes with it."""
     path = tmp_path / "ledger.sqlite"
     async with Ledger(path, heartbeat_s=0.1) as led:
         led.journal("dead-0", lambda: in_flight(0))
@@ -240,17 +244,50 @@ async def test_a_request_whose_own_write_failed_is_recorded_from_the_journal_onc
         path.rename(tmp_path / "away.sqlite")  # the ledger file moved: the request's own write is refused
         final = record(0)
         final.request_id = "dead-0"
-        with pytest.raises(LedgerError, match="moved or deleted"):
+        with pytest.raises(LedgerWriteHeldError, match="moved or deleted"):
             await led.record(final)
         await asyncio.sleep(0.3)  # heartbeats meanwhile write nothing (to the file no longer at the path)
         (tmp_path / "away.sqlite").rename(path)
-        deadline = time.monotonic() + 10
-        while (row := await led.get("dead-0")) is None:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        row = await _until_recorded(led, "dead-0")
+        assert (row["status"], row["error_class"], row["n_attempts"]) == ("error", "LedgerWriteHeldError", 2)
+        assert row["cost_usd"] == final.cost_usd and "held and tried again" in row["error_message"]
+        assert await led.query("SELECT COUNT(*) FROM inflight") == [(0,)]
+
+
+async def test_a_request_whose_own_write_failed_is_recorded_from_the_journal_once_the_ledger_is_back(tmp_path):
+    """A write refused for good (``max_pending`` writes were waiting, held for a lock another process kept): the
+    request's journal row is recorded at the next heartbeat after the lock goes, not left in the journal."""
+    path = tmp_path / "ledger.sqlite"
+    async with Ledger(path, heartbeat_s=0.1, timeout_s=0.5, max_pending=1) as led:
+        led.journal("dead-0", lambda: in_flight(0))
+        await asyncio.sleep(led.journal_delay_s + 0.2)
+        await led._call(lambda: None)  # after the journal's write
+        with locked(path):
+            first = led.submit(record(1))  # held for the lock: max_pending reached
+            first.add_done_callback(lambda f: f.exception())
+            await until(lambda: led._held == 1, what="the first write held")
+            final = record(0)
+            final.request_id = "dead-0"
+            with pytest.raises(LedgerError, match="1 writes are waiting for the ledger already"):
+                await led.record(final)
+        row = await _until_recorded(led, "dead-0")
         assert (row["status"], row["error_class"], row["n_attempts"]) == ("error", INTERRUPTED, 2)
         assert "its own write failed" in row["error_message"]
         assert await led.query("SELECT COUNT(*) FROM inflight") == [(0,)]
+        assert (await led.get("r1"))["error_class"] == "LedgerTimeoutError"  # the held one, as its waiter was told
+
+
+async def _until_recorded(led: Ledger, request_id: str) -> dict:
+    """The ledger's row of ``request_id``, once there (a read refused meanwhile, max_pending reached, is retried)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if (row := await led.get(request_id)) is not None:
+                return row
+        except LedgerError:
+            pass
+        assert time.monotonic() < deadline, f"{request_id} was not recorded"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_process_taken_for_dead_that_finishes_its_request_replaces_the_interrupted_row(target):
