@@ -534,8 +534,7 @@ class Engine:
                 att.features = extract_features(tokens)
                 att.confidence = decide(att.features, live.calibrator, 0.0, is_last=True).confidence
                 att.reason = "last tier always answers (streamed)"
-                if att.max_tokens_cut is not None:
-                    att.reason += f"; max_tokens cut to {att.max_tokens_cut} by the cost budget"
+                att.reason += _shaped(att)
                 if error is not None:
                     att.error_class, att.error_message = type(error).__name__, error.message
                     att.reason += f"; stream broke after {len(tokens)} tokens"
@@ -786,7 +785,9 @@ class Engine:
                                 top_logprobs=max(request.top_logprobs, tc.top_logprobs))
             att = Attempt(index=len(rec.attempts), tier=tier.name, model=tc.model, backend=tc.backend)
             rec.attempts.append(att)
-            if budget.cost_usd is not None:
+            if is_last and request.max_tokens is None:
+                req = await _fit_context(tier, req, att)
+            elif budget.cost_usd is not None:
                 await tier.backend.tokenize(req)  # counted off the event loop, for the budget and the call
             asked = req.max_tokens
             req, refusal = fit_budget(tier, req, sum(a.cost_usd for a in rec.attempts), budget)
@@ -825,8 +826,7 @@ class Engine:
             if res.text and not res.tokens:  # not an empty answer: a text with no tokens to be confident in
                 why = "the upstream sent no token logprobs"
                 att.reason = f"last tier always answers ({why})" if is_last else why
-            if att.max_tokens_cut is not None:
-                att.reason += f"; max_tokens cut to {att.max_tokens_cut} by the cost budget"
+            att.reason += _shaped(att)
             if not decision.escalate:
                 att.decision, att.kept = ("final" if is_last else "accept"), True
                 return res
@@ -958,6 +958,29 @@ def _translating(tier: str) -> Iterator[None]:
     except Exception as exc:
         log.error("tier %s raised %s, not a CascadeError", tier, type(exc).__name__, exc_info=exc)
         raise classify(exc, tier) from exc
+
+
+async def _fit_context(tier: Tier, req: GenerationRequest, att: Attempt) -> GenerationRequest:
+    """A request that asked for no max_tokens, at its route's last tier: the tier's default max_tokens, cut to
+    what the tier's context holds after the prompt where both are known (as OpenAI answers such a request),
+    rather than refused with nowhere left to escalate. An earlier tier refuses it, and the cascade escalates it
+    to a tier with room; one that asked for its max_tokens is refused rather than answered with fewer."""
+    await tier.backend.tokenize(req)  # counted off the event loop, for this, the budget and the call
+    ctx, n = tier.backend.context_length, tier.backend.count_prompt_tokens(req)
+    if ctx is None or n is None or n >= ctx or n + (req.max_tokens or 0) <= ctx:
+        return req
+    att.max_tokens_fit = ctx - n
+    return req.with_(max_tokens=ctx - n)
+
+
+def _shaped(att: Attempt) -> str:
+    """What the reason of an attempt adds when its max_tokens was not the one asked for (or the tier's default)."""
+    why = ""
+    if att.max_tokens_fit is not None:
+        why += f"; max_tokens (none asked for) cut to {att.max_tokens_fit} to fit the tier's context"
+    if att.max_tokens_cut is not None:
+        why += f"; max_tokens cut to {att.max_tokens_cut} by the cost budget"
+    return why
 
 
 def _serves_answer_in_hand(exc: CascadeError) -> bool:

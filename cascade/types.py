@@ -308,6 +308,9 @@ class Attempt:
     wait_ms: float = 0.0
     #: the max_tokens the request's cost budget cut this call to (``on_cost_budget: truncate``), else None
     max_tokens_cut: int | None = None
+    #: a request that asked for no max_tokens, at its route's last tier: the tier's default cut to this to fit
+    #: the tier's context after the prompt, else None
+    max_tokens_fit: int | None = None
 
 
 @dataclass(slots=True)

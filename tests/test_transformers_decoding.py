@@ -69,7 +69,8 @@ async def test_a_prompt_and_max_tokens_over_the_context_are_refused_not_cut(ctx6
 
 async def test_the_cascade_escalates_what_the_first_tiers_context_cannot_hold(tmp_path):
     """The first tier accepts any answer (threshold 0): its answer cut to fit its context was served. Now it
-    refuses and the tier with room answers all the tokens asked; the last tier's refusal is the error."""
+    refuses and the tier with room answers all the tokens asked; the last tier's refusal is the error, unless
+    the request asked for no max_tokens: the last tier's default is then cut to what fits."""
     from cascade.engine import Engine
 
     cfg = make_config(tmp_path, [tier("small", context_length=64, threshold=0.0), tier("large")],
@@ -85,6 +86,23 @@ async def test_the_cascade_escalates_what_the_first_tiers_context_cannot_hold(tm
             await eng.run(req, model="small-only", endpoint="completions")
         with pytest.raises(ContextLengthExceededError, match="context of 64 tokens"):
             [e async for e in eng.stream(req, model="small-only", endpoint="completions")]
+        # asked for no max_tokens: the first tier refuses its default (8) all the same, the cascade escalates ...
+        free = req.with_(max_tokens=None)
+        rec = (await eng.run(free, endpoint="completions")).record
+        assert [(a.tier, a.error_class) for a in rec.attempts] == [("small", "ContextLengthExceededError"),
+                                                                   ("large", None)]
+        assert rec.attempts[1].completion_tokens == 8 and rec.attempts[1].max_tokens_fit is None
+        # ... and the last tier answers what its context holds (as OpenAI answers a request without max_tokens),
+        # where it used to refuse with nowhere left to escalate
+        out = await eng.run(free, model="small-only", endpoint="completions")
+        (att,) = out.record.attempts
+        assert (out.result.finish_reason, att.completion_tokens, att.max_tokens_fit) == ("length", 4, 4)
+        assert "max_tokens (none asked for) cut to 4 to fit the tier's context" in att.reason
+        events = [e async for e in eng.stream(free, model="small-only", endpoint="completions")]
+        (att,) = events[-1].record.attempts
+        assert (att.completion_tokens, att.max_tokens_fit) == (4, 4)
+        with pytest.raises(ContextLengthExceededError, match="prompt is 64 tokens"):  # the prompt alone fills it
+            await eng.run(free.with_(prompt=words(64)), model="small-only", endpoint="completions")
     finally:
         await eng.close()
 
