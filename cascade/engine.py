@@ -541,7 +541,14 @@ class Engine:
                     rec.status = "partial" if sent else "error"
                     rec.error_class, rec.error_message = type(error).__name__, error.message
                 self._finish(rec, route=route, t0=t0)
-                await asyncio.shield(self._submit(rec, live.original, live.budget, route.shadows, sent=sent))
+                try:
+                    await asyncio.shield(self._submit(rec, live.original, live.budget, route.shadows, sent=sent))
+                except LedgerError as failed:
+                    if not sent:
+                        raise
+                    # its answer is out already: the stream ends as it would have (its row is still queued, kept
+                    # as served if it commits later; or lost, and the ledger named it), not cut off mid-response
+                    log.warning("%s (the stream's answer had gone out)", failed)
         if error is not None:
             yield StreamFailed(record=rec, error=error)
             return

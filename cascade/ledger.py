@@ -44,7 +44,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -582,7 +582,7 @@ class _Job:
         self.error: BaseException | None = None
         #: the failure its waiter was told of, its write still queued (set on the event loop before ``fut`` gets it)
         self.told: LedgerTimeoutError | None = None
-        #: held, its waiter is being told so at once (:meth:`Ledger._tell`), not after ``timeout_s``: ledger thread only
+        #: held, its waiter is being told so at once (:meth:`Ledger._tell_now`), not after ``timeout_s``: ledger thread
         self.telling = False
         #: committed late, its row was made that failure on the ledger thread already (no correction to queue)
         self.corrected = False
@@ -956,12 +956,17 @@ class Ledger:
             raise LedgerError("ledger is not open")
         loop = asyncio.get_running_loop()
         job = _Job(loop, loop.create_future(), rec=rec, shadows=shadows, fn=fn, args=args)
-        if (waiting := q.qsize() + self._held) >= self.max_pending and not force:  # an outage has lasted: fail at once
+        # an outage has lasted: fail at once. Held writes count toward the limit of records, and of the readiness
+        # probe (a server whose writes would be refused is not ready); other jobs are never held, and are run
+        # between their tries (SQLite reads a full disk, or a file it may not write)
+        waiting = q.qsize() + (self._held if rec is not None or fn == self._probe_sync else 0)
+        if waiting >= self.max_pending and not force:
             self.unavailable = (f"ledger {_redact(self.target)} is not keeping up: {waiting} jobs are waiting for "
                                 f"it (ledger.max_pending)")
-            job.fut.set_exception(LedgerError(
+            job.fut.set_exception(LedgerError(  # (said to a client: no target in it)
                 f"ledger write failed for request {rec.request_id}: {waiting} writes are waiting for the ledger "
-                "already (it is not keeping up)" if rec is not None else self.unavailable))
+                "already (it is not keeping up)" if rec is not None else
+                f"the ledger is not keeping up: {waiting} jobs are waiting for it"))
             return job
         if timeout is not None:
             timer = loop.call_later(timeout, self._expire, job, timeout, what)
@@ -1030,7 +1035,7 @@ class Ledger:
             msg = (f"ledger write failed for request {job.rec.request_id}: not committed within {timeout:g} s "
                    "(the ledger is not answering)")
         else:
-            msg = self.unavailable
+            msg = f"the ledger is not answering: {what} got no answer within {timeout:g} s"
         job.told = LedgerTimeoutError(msg)
         job.fut.set_exception(job.told)
 
@@ -1112,11 +1117,7 @@ class Ledger:
                 job.error = exc
                 held.append(job)
                 if not job.telling and not _is_locked(exc.__cause__ or exc):  # no lock that may go in time: told now
-                    job.telling = True
-                    try:
-                        job.loop.call_soon_threadsafe(self._tell, job, exc)
-                    except RuntimeError:  # the loop is closed: nobody is waiting any more
-                        pass
+                    self._tell_now(job, exc)
             else:
                 if exc is None:
                     self._correct(job)
@@ -1128,17 +1129,31 @@ class Ledger:
                         "commit (%d held)", _redact(self.target), _held_why(held[-1].error), new, len(held))
         return held
 
-    def _tell(self, job: _Job, exc: BaseException) -> None:
-        """On the event loop: a write held for a fault that no wait of ``timeout_s`` mends (a full disk, a file
-        read-only or moved; not a lock another process may release meanwhile): its waiter is told now that it
-        failed, as one that timed out is told later. It stays held, and if it commits, it is recorded as that
-        failure (:meth:`_correct`, :meth:`_settled_late`)."""
-        if job.fut.done() or job.rec is None:
+    def _tell_now(self, job: _Job, exc: BaseException) -> None:
+        """On the ledger thread: ``job``'s write is held for a fault that no wait of ``timeout_s`` mends (a full disk,
+        a file read-only or moved; not a lock another process may release meanwhile). Its waiter is told now that it
+        failed, as one that timed out is told later; and the record it will commit, if it ever does, is made that
+        failure now (as :meth:`_record_told_failure_sync` would make it once committed), so that no second
+        transaction is needed where there may be room for one but not for both."""
+        job.telling = True
+        assert job.rec is not None
+        told = LedgerWriteHeldError(f"ledger write failed for request {job.rec.request_id}: {_held_why(exc)}; "
+                                    "it is held and tried again until it commits")
+        if not job.sent and job.rec.status in ("ok", "partial"):  # (a stream's answer went out: kept as served)
+            job.rec, job.shadows = _as_told(job.rec, told), []
+            job.corrected = True
+        try:
+            job.loop.call_soon_threadsafe(self._tell, job, told)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    @staticmethod
+    def _tell(job: _Job, told: LedgerWriteHeldError) -> None:
+        """On the event loop: :meth:`_tell_now`'s word to the waiter (unless it was told something already)."""
+        if job.fut.done():
             return
-        job.expired = True
-        job.told = LedgerWriteHeldError(f"ledger write failed for request {job.rec.request_id}: {_held_why(exc)}; "
-                                        "it is held and tried again until it commits")
-        job.fut.set_exception(job.told)
+        job.expired, job.told = True, told
+        job.fut.set_exception(told)
 
     def _correct(self, job: _Job) -> None:
         """On the ledger thread, right after ``job``'s write committed: if its waiter was told it timed out (and
@@ -1158,10 +1173,14 @@ class Ledger:
         (``timeout_s``); those still held then are given up (their failure is logged, and told to the late
         listeners). Returns the writes left held (none)."""
         tries = 0
+        # done before the closer stops waiting, so that the writes given up are named (the process may exit then)
+        deadline = time.monotonic() + 0.75 * self.timeout_s
         while held and not closing.fut.done():
-            time.sleep(max(0.0, min(retry_at - time.monotonic(), _RETRY_MOST_S)))
-            if closing.fut.done():
+            self._busy_since = None  # waiting, not stuck on a statement
+            time.sleep(max(0.0, min(retry_at - time.monotonic(), _RETRY_MOST_S, deadline - time.monotonic())))
+            if closing.fut.done() or time.monotonic() >= deadline:
                 break
+            self._busy_since = time.monotonic()
             held = self._write_or_hold(held, short=True)
             tries += 1
             retry_at = time.monotonic() + min(_RETRY_FIRST_S * 2 ** tries, _RETRY_MOST_S)
@@ -1174,8 +1193,11 @@ class Ledger:
         self._held = 0
         if held:
             self._gave_up = True
-            log.warning("ledger %s: %d held writes are given up (the ledger is closing and they still cannot be "
-                        "written: %s)", _redact(self.target), len(held), _held_why(held[0].error))
+            ids = [j.rec.request_id for j in held if j.rec is not None]
+            log.warning("ledger %s: %d held writes are given up, their rows lost (the ledger is closing and they "
+                        "still cannot be written: %s): requests %s", _redact(self.target), len(held),
+                        _held_why(held[0].error), ", ".join(ids[:50]) + (f" and {len(ids) - 50} more" if
+                                                                         len(ids) > 50 else ""))
             # a write held behind others without a try of its own has no error yet: it was not written either
             self._deliver(held, [(j.error or _write_error(j.rec, LedgerError(  # type: ignore[arg-type]
                 "the ledger closed before it could be written")), None) for j in held])
@@ -1715,6 +1737,14 @@ class Ledger:
         with self._lock_wait(short=True):  # (the connection is closed next)
             self._interrupt(self._conn, "instance = ?", (self._instance,), "its server closed",
                             instance=self._instance)
+
+
+def _as_told(rec: CascadeRecord, told: LedgerError) -> CascadeRecord:
+    """``rec`` as the failure its client was told of: status ``error``, nothing kept nor served, its spend all
+    waste (as :meth:`Ledger._record_told_failure_sync` makes a committed row)."""
+    return replace(rec, status="error", error_class=type(told).__name__, error_message=told.message, tier=None,
+                   model=None, confidence=None, escalated=False, escalation_waste_usd=rec.cost_usd,
+                   attempts=[replace(a, kept=False) for a in rec.attempts])
 
 
 def _held_why(exc: BaseException | None) -> str:

@@ -149,7 +149,8 @@ async def test_a_full_disk_fails_the_probe_and_keeps_the_ledger_not_ready_until_
             with pytest.raises(LedgerWriteHeldError, match="database or disk is full.*held and tried again"):
                 await ledger.record(record(10))
             assert time.monotonic() - t0 < 1.0  # told at once: no wait for the 2 s timeout
-            assert ledger.unavailable and "full" in ledger.unavailable and ledger._held == 1
+            assert ledger.unavailable and "full" in ledger.unavailable
+            await until(lambda: ledger._held == 1, what="the held write")
             for _ in range(3):  # it stays not ready: no probe clears the mark while no write can commit
                 why = await ledger.probe()
                 assert why and "full" in why
@@ -163,9 +164,47 @@ async def test_a_full_disk_fails_the_probe_and_keeps_the_ledger_not_ready_until_
                                                           "requests")} == {
             **{f"r{i}": ("ok", None, record(i).cost_usd) for i in (0, 1, 2, 3, 4, 11)},
             "r10": ("error", "LedgerWriteHeldError", record(10).cost_usd)}  # its spend is not lost
+        # written as that failure at once (no correction after it, which a disk with room for one write lacks)
+        assert await ledger.query("SELECT tier, confidence, escalated, escalation_waste_usd FROM requests WHERE "
+                                  "request_id = 'r10'") == [(None, None, 0, record(10).cost_usd)]
+        assert await ledger.query("SELECT SUM(kept) FROM attempts WHERE request_id = 'r10'") == [(0,)]
         # the probes leave one row behind, the time of the last one (overwritten each time)
         assert [k for (k,) in await ledger.query("SELECT key FROM meta ORDER BY key")] == ["ready_probe",
                                                                                            "schema_version"]
+
+
+async def test_writes_held_on_a_full_disk_leave_reads_working_and_are_named_when_given_up(tiny_fs, caplog):
+    """Held writes fill ``max_pending`` during an outage (every refused request's row is held): reads and probes
+    went on being refused with them, as "not keeping up", naming the ledger's path to clients. And a ledger closed
+    while the disk stays full gave its held writes up after the closer had stopped waiting: a process exiting
+    then lost them without a line naming them."""
+    path = tiny_fs / "ledger.sqlite"
+    ledger = await Ledger(path, timeout_s=1, max_pending=2).open()
+    late = listened(ledger)
+    await ledger.record(record(0))
+    filler = fill(tiny_fs)
+    try:
+        for i in (1, 2):
+            with pytest.raises(LedgerWriteHeldError):
+                await ledger.record(record(i))
+        await until(lambda: ledger._held == 2, what="the held writes")
+        assert (await ledger.get("r0"))["status"] == "ok"  # SQLite reads a full disk
+        assert await ledger.query("SELECT COUNT(*) FROM requests") == [(1,)]
+        assert "full" in await ledger.probe()
+        with pytest.raises(LedgerError, match="2 writes are waiting for the ledger already") as refused:
+            await ledger.record(record(3))
+        assert str(tiny_fs) not in str(refused.value)
+        t0 = time.monotonic()
+        await ledger.close()
+        assert time.monotonic() - t0 < 1.5
+        given_up = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
+        assert len(given_up) == 1 and "their rows lost" in given_up[0] and "requests r1, r2" in given_up[0], given_up
+        assert "database or disk is full" in given_up[0]
+        await until(lambda: len(late) == 2, what="the late listeners")
+        assert all(isinstance(err, LedgerError) and "full" in str(err) for err in late.values()), late
+    finally:
+        filler.unlink()
+    assert set(rows(path)) == {"r0"}
 
 
 def test_a_full_disk_makes_ready_503_and_refuses_requests_before_any_model_call(tiny_fs, tmp_path):
@@ -215,6 +254,45 @@ def test_a_full_disk_makes_ready_503_and_refuses_requests_before_any_model_call(
     assert all(got[rid] == ("error", "LedgerUnavailableError") for rid in refused), got
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT COUNT(*) FROM attempts WHERE request_id = ?", (paid,)).fetchone() == (1,)
+
+
+def test_a_stream_whose_answer_went_out_ends_whole_when_its_write_is_held(tiny_fs, tmp_path):
+    """The disk fills while a stream's tokens are going out: its held write used to be raised out of the
+    stream (two tracebacks, the response cut off without its last chunk nor ``[DONE]``). Its answer is out: the
+    stream ends as it would have, and its row lands as served once there is room."""
+    import httpx
+
+    from serving import create_app
+    from tests.conftest import ServerThread
+    from tests.fault_server import FaultServerThread
+
+    path = tiny_fs / "ledger.sqlite"
+    with FaultServerThread() as upstream:
+        with ServerThread(create_app(_server_config(tmp_path, path, upstream.base_url, timeout_s=2))) as srv:
+            assert httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30).status_code == 200
+            upstream.faults("slow:0:0.3")
+            lines, filler = [], None
+            try:
+                with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**_BODY, "stream": True},
+                                  timeout=30) as r:
+                    sid = r.headers["x-request-id"]
+                    for line in filter(None, r.iter_lines()):
+                        lines.append(line)
+                        if '"content":"' in line and filler is None:
+                            filler = fill(tiny_fs)  # a token is out: the write to come will find the disk full
+                assert filler is not None and lines[-1] == "data: [DONE]", lines[-3:]
+                finish = [json.loads(x[6:]) for x in lines if x.startswith("data: {")][-2:]
+                assert any(c["choices"] and c["choices"][0]["finish_reason"] == "stop" for c in finish), finish
+            finally:
+                if filler is not None:
+                    filler.unlink()
+            deadline = time.monotonic() + 15
+            while sid not in rows(path):
+                assert time.monotonic() < deadline, "the stream's row did not land"
+                time.sleep(0.1)
+    assert rows(path)[sid] == ("ok", None)
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT kept FROM attempts WHERE request_id = ?", (sid,)).fetchall() == [(1,)]
 
 
 # --- F3: a write lock held elsewhere for longer than timeout_s -------------------------------------------------

@@ -274,7 +274,7 @@ async def test_a_request_whose_own_write_failed_is_recorded_from_the_journal_onc
         assert (row["status"], row["error_class"], row["n_attempts"]) == ("error", INTERRUPTED, 2)
         assert "its own write failed" in row["error_message"]
         assert await led.query("SELECT COUNT(*) FROM inflight") == [(0,)]
-        assert (await led.get("r1"))["error_class"] == "LedgerTimeoutError"  # the held one, as its waiter was told
+        assert (await _until_recorded(led, "r1"))["error_class"] == "LedgerTimeoutError"  # held: as its waiter was told
 
 
 async def _until_recorded(led: Ledger, request_id: str) -> dict:
