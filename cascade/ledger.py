@@ -278,6 +278,14 @@ class _Dialect:
 
     #: errors that are one record's own fault (a duplicate request id), not the database's
     record_faults: tuple[type[BaseException], ...] = (sqlite3.IntegrityError, sqlite3.DataError)
+    #: the database's faults that may pass (a lock held elsewhere, a full disk, a file read-only or moved, an I/O
+    #: error): a write that met one is held, and tried again until it commits
+    held_faults: tuple[type[BaseException], ...] = (sqlite3.OperationalError, _FileMoved)
+
+    def may_pass_soon(self, exc: BaseException) -> bool:
+        """Might a held write's fault pass within the waiter's ``timeout_s`` (a lock another process holds), so
+        that its waiter waits for the next tries rather than being told at once?"""
+        return _is_locked(exc)
 
     def connect(self, target: str, timeout: float | None = None) -> Any:
         # (``timeout`` bounds PostgreSQL's connection set-up; SQLite's busy timeout is set by the ledger)
@@ -374,6 +382,14 @@ class _Postgres(_Dialect):
         self._psycopg = psycopg
         self.errors = (psycopg.Error,)
         self.record_faults = (psycopg.IntegrityError, psycopg.DataError)
+        # the server unreachable (a restart, a failover), out of disk, a statement or lock timeout, read-only (a
+        # primary demoted, default_transaction_read_only set for maintenance)
+        self.held_faults = (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction)
+
+    def may_pass_soon(self, exc: BaseException) -> bool:
+        # a restart or a failover takes seconds: its waiter waits (timeout_s at most); a full disk or a read-only
+        # server is told at once
+        return isinstance(exc, self._psycopg.OperationalError) and not isinstance(exc, self._psycopg.errors.DiskFull)
 
     def sql(self, statement: str) -> str:
         return statement.replace("%", "%%").replace("?", "%s")
@@ -1027,13 +1043,16 @@ class Ledger:
         if job.fut.done():
             return
         job.expired = True
-        since = self._busy_since
-        stuck = f"; the ledger has been on one statement for {time.monotonic() - since:.1f} s" if since else ""
-        self.unavailable = f"ledger {_redact(self.target)} is not answering: {what} got no answer within " \
-                           f"{timeout:g} s{stuck}"
+        held = job.error  # (set by the ledger thread: tried, and held for another try)
+        if held is None:  # (a held write's fault is in ``unavailable`` already, as it is)
+            since = self._busy_since
+            stuck = f"; the ledger has been on one statement for {time.monotonic() - since:.1f} s" if since else ""
+            self.unavailable = f"ledger {_redact(self.target)} is not answering: {what} got no answer within " \
+                               f"{timeout:g} s{stuck}"
         if job.rec is not None:  # (said to a client: no target in it)
-            msg = (f"ledger write failed for request {job.rec.request_id}: not committed within {timeout:g} s "
-                   "(the ledger is not answering)")
+            msg = (f"ledger write failed for request {job.rec.request_id}: not committed within {timeout:g} s " +
+                   ("(the ledger is not answering)" if held is None else
+                    f"({_held_why(held)}; it is held and tried again until it commits)"))
         else:
             msg = f"the ledger is not answering: {what} got no answer within {timeout:g} s"
         job.told = LedgerTimeoutError(msg)
@@ -1116,7 +1135,7 @@ class Ledger:
                 new += job.error is None
                 job.error = exc
                 held.append(job)
-                if not job.telling and not _is_locked(exc.__cause__ or exc):  # no lock that may go in time: told now
+                if not job.telling and not self.dialect.may_pass_soon(exc.__cause__ or exc):  # told now
                     self._tell_now(job, exc)
             else:
                 if exc is None:
@@ -1126,7 +1145,7 @@ class Ledger:
             self._deliver([j for j, _ in done], [o for _, o in done])
         if new:  # (once for each write, not at every try)
             log.warning("ledger %s cannot be written now (%s): %d more writes are held, tried again until they "
-                        "commit (%d held)", _redact(self.target), _held_why(held[-1].error), new, len(held))
+                        "commit (%d held)", _redact(self.target), _held_why(held[-1].error, told=False), new, len(held))
         return held
 
     def _tell_now(self, job: _Job, exc: BaseException) -> None:
@@ -1196,7 +1215,7 @@ class Ledger:
             ids = [j.rec.request_id for j in held if j.rec is not None]
             log.warning("ledger %s: %d held writes are given up, their rows lost (the ledger is closing and they "
                         "still cannot be written: %s): requests %s", _redact(self.target), len(held),
-                        _held_why(held[0].error), ", ".join(ids[:50]) + (f" and {len(ids) - 50} more" if
+                        _held_why(held[0].error, told=False), ", ".join(ids[:50]) + (f" and {len(ids) - 50} more" if
                                                                          len(ids) > 50 else ""))
             # a write held behind others without a try of its own has no error yet: it was not written either
             self._deliver(held, [(j.error or _write_error(j.rec, LedgerError(  # type: ignore[arg-type]
@@ -1417,11 +1436,11 @@ class Ledger:
         self.unavailable = None
 
     def _retryable(self, exc: BaseException) -> bool:
-        """Did an SQLite write fail through no fault of its own record, in a way that may pass later (worth holding
-        for another try): another process held the write lock, the disk is full, the file is read-only or not at
-        its path now, an I/O error? (PostgreSQL's failed writes are not held.)"""
+        """Did a write fail through no fault of its own record, in a way that may pass later (worth holding for
+        another try): SQLite locked by another process, a full disk, a file read-only or not at its path now, an
+        I/O error; PostgreSQL unreachable (a restart, a failover), out of disk?"""
         cause = exc.__cause__ if isinstance(exc, LedgerError) and exc.__cause__ is not None else exc
-        return self.dialect.name == "sqlite" and isinstance(cause, (sqlite3.OperationalError, _FileMoved))
+        return isinstance(cause, self.dialect.held_faults)
 
     @contextmanager
     def _lock_wait(self, short: bool) -> Iterator[None]:
@@ -1747,12 +1766,17 @@ def _as_told(rec: CascadeRecord, told: LedgerError) -> CascadeRecord:
                    attempts=[replace(a, kept=False) for a in rec.attempts])
 
 
-def _held_why(exc: BaseException | None) -> str:
-    """Why a held write could not be written, in words a client may read (no path, no URL)."""
+def _held_why(exc: BaseException | None, *, told: bool = True) -> str:
+    """Why a held write could not be written: ``told``, in words a client may read (no path, no host, no URL)."""
     cause = exc.__cause__ if isinstance(exc, LedgerError) and exc.__cause__ is not None else exc
+    if cause is None:
+        return "not tried yet"
     if isinstance(cause, _FileMoved):
         return "the ledger file was moved or deleted while the server runs"
-    return str(cause) if cause is not None else "not tried yet"
+    # SQLite's words name no file, nor do a database server's own (a sqlstate); a connection's name the host
+    if told and not isinstance(cause, sqlite3.Error) and getattr(cause, "sqlstate", None) is None:
+        return "the ledger's database cannot be reached or written now"
+    return str(cause)
 
 
 def _write_error(rec: CascadeRecord, exc: BaseException) -> LedgerError:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade.errors import LedgerError, NotFoundError
+from cascade.errors import LedgerError, LedgerTimeoutError, NotFoundError
 from cascade.ledger import SCHEMA_VERSION, Ledger, spend_since, spend_since_both
 from cascade.types import Attempt, CascadeRecord
 from tests.pg import postgres  # noqa: F401 - fixture
@@ -286,27 +286,38 @@ async def test_a_postgresql_ledger_reconnects_after_the_server_drops_it(postgres
 
 async def test_a_postgresql_ledger_that_cannot_reconnect_says_so_until_a_write_succeeds(postgres):
     """While the database refuses connections, writes fail and ``unavailable`` says why (GET /ready answers
-    503 with it); once it takes them again, the next write reconnects and clears it."""
+    503 with it); once it takes them again, the next write reconnects and clears it. A write that failed meanwhile
+    is held, as on SQLite (a restart, a failover): its waiter is told after ``timeout_s``, and it is committed
+    once the database is back, as that failure, where it used to be lost with the money its request spent."""
     import psycopg
 
     postgres.reset()
     admin_url = postgres.url.rsplit("/", 1)[0] + "/template1"
-    async with Ledger(postgres.url) as ledger:
+    async with Ledger(postgres.url, timeout_s=1) as ledger:
+        late = []
+        ledger.late_listeners.append(lambda rec, exc: late.append((rec.request_id, exc)))
         await ledger.record(record(1))
         assert ledger.unavailable is None
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS false")
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'postgres'")
         try:
-            with pytest.raises(LedgerError):
+            with pytest.raises(LedgerTimeoutError):
                 await ledger.record(record(2))
             assert ledger.unavailable and "unreachable" in ledger.unavailable
+            assert ledger._held == 1 and "unreachable" in await ledger.probe()
         finally:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS true")
-        await ledger.record(record(3))
-        assert ledger.unavailable is None
-        assert (await ledger.query("SELECT COUNT(*) FROM requests"))[0][0] == 2
+        await ledger.record(record(3))  # after the held write's next try
+        assert ledger.unavailable is None and late == [("r2", None)]
+        for _ in range(100):  # its correction: the failure its waiter was told of
+            got = dict(await ledger.query("SELECT request_id, status FROM requests"))
+            if got.get("r2") == "error":
+                break
+            await asyncio.sleep(0.05)
+        assert got == {"r1": "ok", "r2": "error", "r3": "ok"}
+        assert (await ledger.get("r2"))["error_class"] == "LedgerTimeoutError"
 
 
 def test_ready_is_503_while_the_ledger_cannot_be_written(postgres, tmp_path):

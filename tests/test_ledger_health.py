@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade.errors import LedgerError
+from cascade.errors import LedgerError, LedgerWriteHeldError
 from cascade.ledger import SCHEMA_VERSION, Ledger, _redact, spend_since
 from tests.pg import PostgresServer
 from tests.test_ledger import make_ledger, record
@@ -182,14 +182,15 @@ async def test_a_read_only_postgresql_is_not_ready_until_writes_work(pg):
         await ledger.record(record(1))
         assert await ledger.probe() is None
         with read_only(pg):
-            with pytest.raises(LedgerError, match="read-only"):
+            with pytest.raises(LedgerWriteHeldError, match="read-only transaction; it is held"):  # told at once
                 await ledger.record(record(2))
             assert ledger.unavailable and "read-only" in ledger.unavailable
             why = await ledger.probe()  # a SELECT still works: the probe writes (and rolls back)
             assert why and "read-only" in why and "cannot be written" in why
         assert await ledger.probe() is None and ledger.unavailable is None
-        await ledger.record(record(3))
-        assert (await ledger.query("SELECT request_id FROM requests ORDER BY request_id")) == [("r1",), ("r3",)]
+        await ledger.record(record(3))  # after the held write's next try: it lands, as the failure told
+        assert (await ledger.query("SELECT request_id, status, error_class FROM requests ORDER BY request_id")) == [
+            ("r1", "ok", None), ("r2", "error", "LedgerWriteHeldError"), ("r3", "ok", None)]
         assert (await ledger.query("SELECT key FROM meta")) == [("schema_version",)]  # the probes left nothing
 
 
