@@ -722,8 +722,8 @@ class Ledger:
         self._thread: threading.Thread | None = None
         self._checkpointer: _Checkpointer | None = None
         self._since_checkpoint = 0
-        #: writes the ledger thread holds for another try (SQLite locked by another process): they count
-        #: toward ``max_pending`` as the queued jobs do
+        #: writes the ledger thread holds for another try (:meth:`_retryable`): they count toward
+        #: ``max_pending`` as the queued records do
         self._held = 0
         #: SQLite: the ledger file's ``(st_dev, st_ino)`` when it was opened, so that the readiness probe sees
         #: it moved or deleted (the connection would go on writing to the file it opened, unseen)
@@ -1060,10 +1060,10 @@ class Ledger:
 
     def _worker(self, q: queue.SimpleQueue) -> None:
         """The ledger thread: takes everything queued, writes consecutive records in one transaction. A write
-        that found SQLite locked by another process (for ``timeout_s``: its waiter has been told it timed out)
-        is held and tried again, with the writes that arrive meanwhile, until it commits (probes and reads
-        go on meanwhile); held writes count toward ``max_pending``, and a shutdown waits for them no longer
-        than it waits for the ledger thread."""
+        that failed through a fault of the database that may pass (:meth:`_retryable`: SQLite locked by another
+        process, a full disk, a server unreachable...) is held and tried again, with the writes that arrive
+        meanwhile, until it commits (probes and reads go on meanwhile); held writes count toward ``max_pending``,
+        and a shutdown waits for them no longer than it waits for the ledger thread."""
         held: list[_Job] = []  # writes waiting for another try, oldest first
         tries, retry_at = 0, 0.0
         while True:
@@ -1126,8 +1126,8 @@ class Ledger:
                 return
 
     def _write_or_hold(self, jobs: list[_Job], short: bool) -> list[_Job]:
-        """Commit the records of ``jobs`` and hand each its outcome, but for those that found the database
-        locked: returned, to be held for another try."""
+        """Commit the records of ``jobs`` and hand each its outcome, but for those that failed through a fault of
+        the database that may pass (:meth:`_retryable`): returned, to be held for another try."""
         outcomes = self._run_writes(jobs, short=short)
         held, done, new = [], [], 0
         for job, (exc, result) in zip(jobs, outcomes, strict=True):
