@@ -1128,6 +1128,9 @@ class Ledger:
     def _write_or_hold(self, jobs: list[_Job], short: bool) -> list[_Job]:
         """Commit the records of ``jobs`` and hand each its outcome, but for those that failed through a fault of
         the database that may pass (:meth:`_retryable`): returned, to be held for another try."""
+        for job in jobs:  # its waiter was told it failed (timed out) before this try: written as that failure
+            if job.told is not None and not job.corrected:
+                _write_as_told(job, job.told)
         outcomes = self._run_writes(jobs, short=short)
         held, done, new = [], [], 0
         for job, (exc, result) in zip(jobs, outcomes, strict=True):
@@ -1158,9 +1161,7 @@ class Ledger:
         assert job.rec is not None
         told = LedgerWriteHeldError(f"ledger write failed for request {job.rec.request_id}: {_held_why(exc)}; "
                                     "it is held and tried again until it commits")
-        if not job.sent and job.rec.status in ("ok", "partial"):  # (a stream's answer went out: kept as served)
-            job.rec, job.shadows = _as_told(job.rec, told), []
-            job.corrected = True
+        _write_as_told(job, told)
         try:
             job.loop.call_soon_threadsafe(self._tell, job, told)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
@@ -1756,6 +1757,16 @@ class Ledger:
         with self._lock_wait(short=True):  # (the connection is closed next)
             self._interrupt(self._conn, "instance = ?", (self._instance,), "its server closed",
                             instance=self._instance)
+
+
+def _write_as_told(job: _Job, told: LedgerError) -> None:
+    """On the ledger thread, before a try of ``job``'s write: its record made the failure its waiter was told of
+    (:func:`_as_told`), so that its commit needs no second transaction to correct it (:meth:`Ledger._correct`),
+    unless it is not an answer held back (a stream's answer went out: kept as served; a failure: as it is)."""
+    assert job.rec is not None
+    if not job.sent and job.rec.status in ("ok", "partial"):
+        job.rec, job.shadows = _as_told(job.rec, told), []
+        job.corrected = True
 
 
 def _as_told(rec: CascadeRecord, told: LedgerError) -> CascadeRecord:

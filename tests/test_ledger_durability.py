@@ -592,10 +592,12 @@ async def test_writes_held_when_the_ledger_closes_are_never_reported_committed(t
         second = ledger.submit(record(2))           # queued behind the try: max_pending reached with it
         second.add_done_callback(lambda f: f.exception())
         await ledger.close()                        # queued all the same; it gives up the held writes
-        await until(lambda: len(late) == 2, what="both writes settled")
+        # (r2's waiter hears it, or the late listeners if its timeout came first)
+        await until(lambda: "r1" in late and second.done(), what="both writes settled")
     assert ledger._conn is None and rows(path) == {}
-    assert all(isinstance(err, LedgerError) for err in late.values()), late
-    assert "closed before it could be written" in str(late["r2"]) or "locked" in str(late["r2"]), late
+    r2 = late.get("r2") or second.exception()
+    assert isinstance(late["r1"], LedgerError) and isinstance(r2, LedgerError), (late, r2)
+    assert "closed before it could be written" in str(r2) or "locked" in str(r2), r2
 
 
 async def test_a_write_after_the_close_in_a_retry_round_does_not_kill_the_ledger_thread(tmp_path):
