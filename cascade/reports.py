@@ -69,6 +69,10 @@ COST_COLUMNS = ("group", "requests", "answered", "errors", "partial", "cancelled
                 "savings_usd", "savings_pct", "top1pct_cost_share", "top10pct_cost_share", "prompt_tokens",
                 "completion_tokens", "mean_latency_ms", "interrupted")
 TIER_COLUMNS = ("attempts", "attempt_spend_usd", "attempt_waste_usd")
+#: columns added since, last in every row (after ``TIER_COLUMNS`` too): no earlier column moves.
+#: ``cached_prompt_tokens``: of ``prompt_tokens``, those the providers read from their prompt caches (the
+#: attempts' own count, billed at a tier's ``cached_input_per_1m``)
+LATE_COLUMNS = ("cached_prompt_tokens",)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -170,6 +174,19 @@ def cost_report_sql(by: str, since: float | None, dialect: str = "sqlite") -> st
             f"FROM requests{where} GROUP BY {g}, {_BUCKET_SQL_COST}")
 
 
+def cached_tokens_sql(by: str, since: float | None, dialect: str = "sqlite") -> str:
+    """Per group, the prompt tokens the providers read from their prompt caches: a count kept per attempt only
+    (``attempts.cached_prompt_tokens``), so the window's requests joined with their attempts that read some
+    (NULL, written before the ledger had the column, and 0 left out). The attempts' columns are renamed in a
+    plain subquery, so that the group's columns (``tier``) can only be the requests'; both databases flatten it
+    into the join (SQLite reads the requests in the window, then their attempts by primary key)."""
+    g = _group_sql(by, dialect)
+    where, _ = _where(since)
+    return (f"SELECT {g}, SUM(c.cached_n) FROM requests JOIN (SELECT request_id AS cached_rid, "
+            "cached_prompt_tokens AS cached_n FROM attempts WHERE cached_prompt_tokens > 0) c "
+            f"ON c.cached_rid = request_id{where} GROUP BY {g}")
+
+
 def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) -> dict[str, Any]:
     """Spend, requests, escalation rate and waste, cost against the last-tier-alone baseline, savings and
     the heavy tail, per group of requests (``by``: tier = the tier that served, policy, key, user = the end
@@ -177,7 +194,8 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
     the total. With ``by="tier"`` each row also has the cost of every attempt made on that tier.
 
     One scan of the requests in the window, grouped by (group, cost bucket): the sums per group and the
-    cost histogram behind the heavy tail come from the same rows.
+    cost histogram behind the heavy tail come from the same rows. The prompt tokens read from providers'
+    prompt caches, counted per attempt only, come from one join of those requests with their attempts.
     """
     check_report_by(by)
     _ensure_sql_functions(ledger)
@@ -185,13 +203,14 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
     rows = ledger.execute(cost_report_sql(by, since, ledger.dialect.name), params)
     fields = ("requests", "answered", "escalated", "partial", "cancelled", "cache_hits", "spend", "waste", "baseline", "baseline_estimated",
               "prompt_tokens", "completion_tokens", "latency_ms", "interrupted")
+    sums_of = (*fields, "cached_prompt_tokens")  # the scan's sums, then the cached prompt tokens' own query
     sums: dict[Any, dict[str, float]] = {}
     hists: dict[Any, dict[Any, list[float]]] = {}
     total_hist: dict[Any, list[float]] = {}
     keyed = by == "user"  # (end user, key) pairs: the group's two columns
     for row in rows:
         grp, bucket, vals = ((row[0], row[1]), row[2], row[3:]) if keyed else (row[0], row[1], row[2:])
-        acc = sums.setdefault(grp, dict.fromkeys(fields, 0))
+        acc = sums.setdefault(grp, dict.fromkeys(sums_of, 0))
         for f, v in zip(fields, vals, strict=True):
             acc[f] += v or 0
         cnt, cost = int(vals[0]), float(vals[fields.index("spend")] or 0.0)
@@ -199,6 +218,9 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
         t = total_hist.setdefault(bucket, [0, 0.0])
         t[0] += cnt
         t[1] += cost
+    for row in ledger.execute(cached_tokens_sql(by, since, ledger.dialect.name), params):
+        grp, n = ((row[0], row[1]), row[2]) if keyed else (row[0], row[1])
+        sums.setdefault(grp, dict.fromkeys(sums_of, 0))["cached_prompt_tokens"] += n or 0
     attempts: dict[Any, tuple] = {}
     if by == "tier":
         if since is None:
@@ -213,7 +235,7 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
         attempts = {r[0]: r[1:] for r in ledger.execute(sql, params)}
 
     def shape(label: Any, r: dict[str, float] | None, hist: dict[Any, list[float]] | None) -> dict[str, Any]:
-        r = r or dict.fromkeys(fields, 0)
+        r = r or dict.fromkeys(sums_of, 0)
         n, answered, escalated = int(r["requests"]), int(r["answered"]), int(r["escalated"])
         cancelled, hits = int(r["cancelled"]), int(r["cache_hits"])
         spend, waste, base = float(r["spend"]), float(r["waste"]), float(r["baseline"])
@@ -237,6 +259,8 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
             "mean_latency_ms": _div(float(r["latency_ms"]), n),
             # of the errors: in flight when their server died, recorded from its journal (cascade/ledger.py)
             "interrupted": int(r["interrupted"]),
+            # of prompt_tokens: read from the providers' prompt caches (the attempts' count)
+            "cached_prompt_tokens": int(r["cached_prompt_tokens"]),
         }
         if by == "tier":
             a = attempts.get(label) or (0, 0.0, 0.0)
@@ -252,9 +276,9 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
         # by what the group cost; with --by tier a tier that never served still cost its attempts
         groups.sort(key=lambda d: (-(d["spend_usd"] + d.get("attempt_spend_usd", 0.0)), str(d["group"]),
                                    str(d.get("key"))))
-    total = dict.fromkeys(fields, 0)
+    total = dict.fromkeys(sums_of, 0)
     for acc in sums.values():
-        for f in fields:
+        for f in sums_of:
             total[f] += acc[f]
     tot = shape("(all)", total, total_hist)
     if by == "tier":
@@ -287,7 +311,7 @@ def _label(group: Any, *, client: bool = False, width: int | None = None) -> str
 
 
 def cost_report_csv(report: dict[str, Any]) -> str:
-    cols = list(COST_COLUMNS) + (list(TIER_COLUMNS) if report["by"] == "tier" else [])
+    cols = list(COST_COLUMNS) + (list(TIER_COLUMNS) if report["by"] == "tier" else []) + list(LATE_COLUMNS)
     if report["by"] == "user":
         cols.insert(1, "key")  # the key whose end user the group is
     buf = io.StringIO()
@@ -339,6 +363,10 @@ def cost_report_text(report: dict[str, Any]) -> str:
                "top1%", "top10%"]
     if report["by"] == "tier":
         headers += ["attempts", "tier spend"]
+    # prompt tokens read from the providers' prompt caches: a column only where some were (local tiers read none)
+    cached = bool(report["total"].get("cached_prompt_tokens"))
+    if cached:
+        headers.append("cached prompt")
     keyed = report["by"] == "user"
     if keyed:
         headers.insert(1, "key")
@@ -353,6 +381,8 @@ def cost_report_text(report: dict[str, Any]) -> str:
              _pct(d["savings_pct"], 1.0), _pct(d["top1pct_cost_share"]), _pct(d["top10pct_cost_share"])]
         if report["by"] == "tier":
             c += [f"{d['attempts']:,}", _money(d["attempt_spend_usd"])]
+        if cached:
+            c.append(f"{d['cached_prompt_tokens']:,}")
         return c
 
     rows = [cells(d) for d in report["groups"]] + [cells(report["total"])]
@@ -366,6 +396,9 @@ def cost_report_text(report: dict[str, Any]) -> str:
     foot = (f"{t['requests']:,} requests: {t['answered']:,} answered{cut}, {t['errors']:,} failed or refused{died}, "
             f"{t['cancelled']:,} cancelled by their client; baseline estimated for {t['baseline_estimated']:,} "
             "(the last tier did not run); top1%/top10%: share of spend from the costliest 1%/10% of requests")
+    if cached:
+        foot += (f"; cached prompt: {t['cached_prompt_tokens']:,} of the {t['prompt_tokens']:,} prompt tokens, "
+                 "read from the providers' prompt caches")
     return "\n".join([title, "", _table(headers, rows, right), "", foot])
 
 
@@ -649,5 +682,5 @@ def shadow_report_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["COST_COLUMNS", "REPORT_BY", "cost_report", "cost_report_csv", "cost_report_plot", "cost_report_text",
-           "parse_since", "shadow_report", "shadow_report_text"]
+__all__ = ["COST_COLUMNS", "LATE_COLUMNS", "REPORT_BY", "TIER_COLUMNS", "cost_report", "cost_report_csv",
+           "cost_report_plot", "cost_report_text", "parse_since", "shadow_report", "shadow_report_text"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cascade.reports import COST_COLUMNS, REPORT_BY, TIER_COLUMNS, parse_since
+from cascade.reports import COST_COLUMNS, LATE_COLUMNS, REPORT_BY, TIER_COLUMNS, parse_since
 from tests.ops_traffic import traffic  # noqa: F401 - fixture
 from tests.pg import postgres  # noqa: F401 - fixture
 
@@ -78,6 +78,7 @@ def test_report_every_by_same_numbers_on_sqlite_and_postgresql(traffic, pg_copy,
         "SELECT COUNT(*), SUM(cost_usd), SUM(escalation_waste_usd), SUM(baseline_cost_usd), "
         "SUM(escalated) FROM requests")[0]
     costs = sorted((r[0] for r in t.rows("SELECT cost_usd FROM requests")), reverse=True)
+    cached = t.rows("SELECT COALESCE(SUM(cached_prompt_tokens), 0) FROM attempts")[0][0]
     for by in (*REPORT_BY, "meta:team", "meta:team?"):  # a "?" in a key: not a placeholder on PostgreSQL
         lite = run_json(capsys, "report", "--by", by, "--json", "--ledger", str(t.ledger))
         pg = run_json(capsys, "report", "--by", by, "--json", "--ledger", pg_copy)
@@ -91,6 +92,7 @@ def test_report_every_by_same_numbers_on_sqlite_and_postgresql(traffic, pg_copy,
         assert tot["top1pct_cost_share"] == pytest.approx(sum(costs[:-(-n // 100)]) / spend, rel=0.01)
         assert tot["top10pct_cost_share"] == pytest.approx(sum(costs[:-(-n // 10)]) / spend, rel=0.01)
         assert sum(g["requests"] for g in lite["groups"]) == n
+        assert tot["cached_prompt_tokens"] == cached  # local tiers read no provider's prompt cache: 0
         assert sum(g["spend_usd"] for g in lite["groups"]) == pytest.approx(spend)
     # cost attribution: by the end user and by a tag the requests carried (and the rows say the same)
     # (an end user is one of its key's users: the same name sent by two keys is two groups)
@@ -144,7 +146,7 @@ def test_report_csv_plot_and_text(traffic, capsys, tmp_path):
     png = tmp_path / "spend.png"
     assert main(["report", "--by", "tier", "--csv", "--plot", str(png), "--ledger", str(traffic.ledger)]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert list(rows[0]) == [*COST_COLUMNS, *TIER_COLUMNS]
+    assert list(rows[0]) == [*COST_COLUMNS, *TIER_COLUMNS, *LATE_COLUMNS]
     assert rows[-1]["group"] == "(all)"
     assert int(rows[-1]["requests"]) == traffic.rows("SELECT COUNT(*) FROM requests")[0][0]
     assert {r["group"] for r in rows[:-1]} >= {"small", "large"}
@@ -177,8 +179,10 @@ def test_report_counts_each_outcome(tmp_path, capsys):
     assert (tot["requests"], tot["answered"], tot["partial"], tot["errors"], tot["cancelled"]) == (14, 7, 2, 3, 4)
     assert tot["escalation_rate"] == pytest.approx(1 / 7)  # over answered requests
     assert main(["report", "--ledger", str(db)]) == 0
+    out = capsys.readouterr().out
     assert ("14 requests: 7 answered (2 streams cut after some tokens), 3 failed or refused, 4 cancelled by their "
-            "client") in capsys.readouterr().out
+            "client") in out
+    assert "cached prompt" not in out  # no provider's prompt cache read: no such column, as before it had one
 
 
 def test_end_users_are_shown_as_text_that_cannot_pass_for_ours_or_run(tmp_path, capsys):
@@ -258,6 +262,151 @@ def test_attribution_by_tag_with_a_question_mark_and_by_end_user_of_each_key(tmp
     assert [line.split()[:3] for line in table[2:4]] == [["user-1", "tenant-b", "2"], ["user-1", "tenant-a", "1"]]
     assert main(["report", "--by", "user", "--plot", str(tmp_path / "users.png"), "--ledger", targets[0]]) == 0
     assert (tmp_path / "users.png").stat().st_size > 10_000
+
+
+#: the CSV columns as they were before ``cached_prompt_tokens``: a contract read by scripts, never reordered
+LEGACY_COLUMNS = ("group", "requests", "answered", "errors", "partial", "cancelled", "cache_hits", "escalated",
+                  "escalation_rate", "spend_usd", "escalation_waste_usd", "waste_share", "baseline_usd",
+                  "baseline_estimated", "cost_vs_baseline", "savings_usd", "savings_pct", "top1pct_cost_share",
+                  "top10pct_cost_share", "prompt_tokens", "completion_tokens", "mean_latency_ms", "interrupted")
+LEGACY_TIER_COLUMNS = ("attempts", "attempt_spend_usd", "attempt_waste_usd")
+
+
+def _cached_ledger(target: str, now: float) -> None:
+    """Requests whose attempts read providers' prompt caches: (request, policy, key, end user, serving tier,
+    age in days, [(attempt tier, prompt tokens, cached prompt tokens, error)])."""
+    from cascade.ledger import Ledger
+    from cascade.types import Attempt, CascadeRecord
+
+    reqs = [
+        ("r0", "cascade", "alice", "u1", "large", 0, [("small", 1000, 200, None), ("large", 1000, 800, None)]),
+        ("r1", "cascade", "bob", "u1", "small", 0, [("small", 400, 300, None)]),
+        # a provider's error (nothing cached), then its retry read 500 from the cache
+        ("r2", "pinned", "alice", "u2", "large", 0,
+         [("large", 700, 0, "ProviderServerError"), ("large", 700, 500, None)]),
+        ("r3", "cascade", "bob", None, None, 0, []),  # a response-cache hit: no attempt, nothing read
+        ("r4", "pinned", "bob", "u1", "large", 2, [("large", 5000, 4000, None)]),  # two days ago
+        ("r5", "cascade", "alice", "u2", "small", 0, [("small", 90, 0, None)]),  # its count set NULL below
+    ]
+    ledger = Ledger(target).open_sync()
+    try:
+        for rid, policy, key, user, tier, age, atts in reqs:
+            rec = CascadeRecord(request_id=rid, policy=policy, created_at=now - age * 86400, api_key_id=key,
+                                end_user=user, tier=tier, cost_usd=0.001, cached_from=None if atts else "r1",
+                                prompt_tokens=sum(a[1] for a in atts))
+            rec.attempts = [Attempt(index=i, tier=t, model="m", backend="openai", prompt_tokens=p,
+                                    cached_prompt_tokens=c, error_class=err, decision="error" if err else "final",
+                                    kept=i == len(atts) - 1) for i, (t, p, c, err) in enumerate(atts)]
+            ledger.record_sync(rec)
+        # an attempt written before the ledger kept the count (schema version 6): NULL, counted 0
+        ledger._require().cursor().execute(
+            ledger.dialect.sql("UPDATE attempts SET cached_prompt_tokens = NULL WHERE request_id = ?"), ("r5",))
+    finally:
+        ledger.close_sync()
+    ledger = Ledger(target).open_existing_sync()
+    try:
+        assert ledger.execute("SELECT cached_prompt_tokens FROM attempts WHERE request_id = 'r5'") == [(None,)]
+    finally:
+        ledger.close_sync()
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_report_sums_the_prompt_tokens_read_from_providers_prompt_caches(db, tmp_path, request, capsys):
+    """``cached_prompt_tokens``: per group and in ``(all)``, the sum over the attempts of the group's requests
+    (every attempt: a failed one's, an escalated one's; NULL from an older ledger and a cache hit's none count
+    0), in --json, in --csv as the last column (no earlier one moves, with --by tier and --by user too), and
+    in the table, on SQLite and PostgreSQL alike."""
+    import time
+
+    from cascade.cli import main
+
+    if db == "sqlite":
+        target = str(tmp_path / "ledger.sqlite")
+    else:
+        pg = request.getfixturevalue("postgres")
+        pg.reset()
+        target = pg.url
+    _cached_ledger(target, time.time())
+
+    def groups(by: str, *more: str) -> tuple[dict[Any, int], int]:
+        rep = run_json(capsys, "report", "--by", by, "--json", "--ledger", target, *more)
+        got = {((g["group"], g["key"]) if by == "user" else g["group"]): g["cached_prompt_tokens"]
+               for g in rep["groups"]}
+        return got, rep["total"]["cached_prompt_tokens"]
+
+    assert groups("policy") == ({"cascade": 200 + 800 + 300, "pinned": 500 + 4000}, 5800)
+    assert groups("key") == ({"alice": 1000 + 500, "bob": 300 + 4000}, 5800)
+    # by the tier that served: its requests' attempts on every tier (r0's small one included), as spend counts
+    assert groups("tier") == ({"large": 1000 + 500 + 4000, "small": 300, "(none)": 0}, 5800)
+    assert groups("user") == ({("u1", "alice"): 1000, ("u1", "bob"): 4300, ("u2", "alice"): 500, (None, "bob"): 0},
+                              5800)
+    assert sorted(groups("day")[0].values()) == [1800, 4000]
+    assert groups("policy", "--since", "24h") == ({"cascade": 1300, "pinned": 500}, 1800)
+
+    assert main(["report", "--csv", "--ledger", target]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert list(rows[0]) == [*LEGACY_COLUMNS, "cached_prompt_tokens"]
+    assert {r["group"]: r["cached_prompt_tokens"] for r in rows} == {"cascade": "1300", "pinned": "4500",
+                                                                     "(all)": "5800"}
+    assert main(["report", "--by", "tier", "--csv", "--since", "24h", "--ledger", target]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert list(rows[0]) == [*LEGACY_COLUMNS, *LEGACY_TIER_COLUMNS, "cached_prompt_tokens"]
+    assert {r["group"]: r["cached_prompt_tokens"] for r in rows} == {"large": "1500", "small": "300", "(none)": "0",
+                                                                     "(all)": "1800"}
+    assert main(["report", "--by", "user", "--csv", "--ledger", target]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == ",".join([LEGACY_COLUMNS[0], "key", *LEGACY_COLUMNS[1:], "cached_prompt_tokens"])
+    assert [(r["group"], r["key"], r["cached_prompt_tokens"]) for r in csv.DictReader(io.StringIO(out))][-1] == (
+        "(all)", "", "5800")
+
+    assert main(["report", "--ledger", target]) == 0
+    head, table, foot = capsys.readouterr().out.strip().split("\n\n")
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["group", "requests", "spend"] and lines[0].endswith("cached prompt")
+    assert {line.split()[0]: line.split()[-1] for line in lines[2:]} == {"cascade": "1,300", "pinned": "4,500",
+                                                                         "(all)": "5,800"}
+    assert "cached prompt: 5,800 of the 8,890 prompt tokens, read from the providers' prompt caches" in foot
+
+
+def test_a_served_request_whose_upstream_read_its_prompt_cache_shows_in_the_report(tmp_path, capsys):
+    """End to end: a real cascade server in front of a real OpenAI-protocol upstream that reports
+    ``usage.prompt_tokens_details.cached_tokens``; the small tier's attempt and the large tier's answer each
+    read part of the prompt from the cache, and `cascade report` sums both for the end user who sent it."""
+    import httpx
+
+    from cascade.cli import main
+    from serving import create_app
+    from tests.conftest import ServerThread, make_config
+    from tests.fault_server import FaultServerThread
+
+    def usage(cached: int) -> dict[str, Any]:
+        return {"kind": "odd", "usage": {"prompt_tokens": 1000, "completion_tokens": 3, "total_tokens": 1003,
+                                         "prompt_tokens_details": {"cached_tokens": cached}}}
+
+    price = {"input_per_1m": 1.0, "output_per_1m": 2.0, "cached_input_per_1m": 0.25}
+    with FaultServerThread() as up:
+        tiers = [{"name": name, "backend": "openai", "model": "m", "threshold": threshold, "max_tokens": 4,
+                  "price": price, "options": {"base_url": up.base_url}}
+                 for name, threshold in (("small", 1.0), ("large", 0.0))]  # small always escalates
+        cfg = make_config(tmp_path, tiers)
+        with ServerThread(create_app(cfg)) as srv:
+            for user, faults in (("alice", [usage(600), usage(800)]), ("bob", [])):
+                up.faults(*faults)
+                r = httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={
+                    "model": "cascade", "user": user, "messages": [{"role": "user", "content": "Hi"}]})
+                assert r.status_code == 200, r.text
+                assert r.json()["cascade"]["tier"] == "large"
+    ledger = str(tmp_path / "ledger.sqlite")
+    rep = run_json(capsys, "report", "--by", "user", "--json", "--ledger", ledger)
+    assert {g["group"]: g["cached_prompt_tokens"] for g in rep["groups"]} == {"alice": 600 + 800, "bob": 0}
+    assert rep["total"]["cached_prompt_tokens"] == 1400
+    alice = next(g for g in rep["groups"] if g["group"] == "alice")
+    # billed at the cached-input price: 400 + 200 prompt tokens at $1, 600 + 800 at $0.25, 6 completion at $2
+    assert alice["spend_usd"] == pytest.approx((600 * 1.0 + 1400 * 0.25 + 6 * 2.0) / 1e6)
+    assert main(["report", "--by", "tier", "--csv", "--ledger", ledger]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["group"], r["cached_prompt_tokens"]) for r in rows] == [("large", "1400"), ("small", "0"),
+                                                                       ("(all)", "1400")]
 
 
 def test_report_errors_are_one_line(tmp_path, capsys):
