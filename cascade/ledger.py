@@ -723,8 +723,11 @@ class Ledger:
         self._checkpointer: _Checkpointer | None = None
         self._since_checkpoint = 0
         #: writes the ledger thread holds for another try (:meth:`_retryable`): they count toward
-        #: ``max_pending`` as the queued records do
+        #: ``max_pending`` as the queued records do; the fault the latest try met, and their requests' ids (for
+        #: a close that stops waiting before the ledger thread gives them up)
         self._held = 0
+        self._held_fault: BaseException | None = None
+        self._held_ids: list[str] = []
         #: SQLite: the ledger file's ``(st_dev, st_ino)`` when it was opened, so that the readiness probe sees
         #: it moved or deleted (the connection would go on writing to the file it opened, unseen)
         self._file_id: tuple[int, int] | None = None
@@ -928,6 +931,9 @@ class Ledger:
                     raise
                 join = False
                 log.warning("%s; closing without waiting for it", exc)
+                if ids := list(self._held_ids):  # the ledger thread may not get to give them up before the exit
+                    log.warning("ledger %s: %d held writes may be lost, their requests %s", _redact(self.target),
+                                len(ids), ", ".join(ids[:50]) + (f" and {len(ids) - 50} more" if len(ids) > 50 else ""))
             finally:
                 self._stop_thread(join=join)
 
@@ -1067,14 +1073,14 @@ class Ledger:
         held: list[_Job] = []  # writes waiting for another try, oldest first
         tries, retry_at = 0, 0.0
         while True:
+            self._note_held(held)
             if held:
-                self._busy_since, self._held = None, len(held)
+                self._busy_since = None
                 try:
                     first = q.get(timeout=max(0.0, retry_at - time.monotonic()))
                 except queue.Empty:
                     first = None
             else:
-                self._held = 0
                 first = q.get()
             if first is _STOP:
                 self._give_up(held)
@@ -1109,6 +1115,10 @@ class Ledger:
                     job = jobs[i]
                     if held and job.fn == self.close_sync:  # closing: the held writes first, while it waits
                         held = self._flush_held(held, job, retry_at)
+                    elif (job.fn == self._probe_sync and (fault := self._held_fault) is not None
+                          and not self.dialect.may_pass_soon(fault)):
+                        held = self._write_or_hold(held, short=True)  # the probe says whether they can commit now
+                        self._note_held(held)
                     try:
                         outcome = (None, job.fn(*job.args))
                     except BaseException as exc:  # noqa: BLE001 - handed to the waiter
@@ -1124,6 +1134,12 @@ class Ledger:
             if stop:
                 self._give_up(held)
                 return
+
+    def _note_held(self, held: list[_Job]) -> None:
+        """On the ledger thread: how many writes are held, the fault the latest try met, and their requests."""
+        self._held = len(held)  # (a write that joined them without a try of its own has no fault yet)
+        self._held_fault = next((_cause(j.error) for j in reversed(held) if j.error is not None), None)
+        self._held_ids = [j.rec.request_id for j in held if j.rec is not None]
 
     def _write_or_hold(self, jobs: list[_Job], short: bool) -> list[_Job]:
         """Commit the records of ``jobs`` and hand each its outcome, but for those that failed through a fault of
@@ -1159,6 +1175,8 @@ class Ledger:
         transaction is needed where there may be room for one but not for both."""
         job.telling = True
         assert job.rec is not None
+        if job.told is not None:  # told it timed out meanwhile: written as that (:meth:`_write_or_hold`)
+            return
         told = LedgerWriteHeldError(f"ledger write failed for request {job.rec.request_id}: {_held_why(exc)}; "
                                     "it is held and tried again until it commits")
         _write_as_told(job, told)
@@ -1210,7 +1228,7 @@ class Ledger:
     def _give_up(self, held: list[_Job]) -> None:
         """Held writes that will not be tried again (the ledger is closing): each is answered with its last
         failure (its waiter has been told it timed out: the failure is logged, the late listeners hear it)."""
-        self._held = 0
+        self._note_held([])
         if held:
             self._gave_up = True
             ids = [j.rec.request_id for j in held if j.rec is not None]
@@ -1257,8 +1275,8 @@ class Ledger:
                 if locked is not None:  # a write just waited for the lock in vain: the others would too
                     out.append((_write_error(j.rec, locked), None))  # type: ignore[arg-type]
                     continue
-                try:
-                    self.record_sync(j.rec, j.shadows)  # type: ignore[arg-type]
+                try:  # (a PostgreSQL write held for a lost connection may have committed in that try)
+                    self.record_sync(j.rec, j.shadows, tried=j.error is not None and self.dialect.name != "sqlite")
                     out.append((None, None))
                 except BaseException as exc:  # noqa: BLE001 - handed to the waiter
                     out.append((exc, None))
@@ -1296,7 +1314,8 @@ class Ledger:
                 self._conn = self.dialect.connect(self.target, self.timeout_s)
             except (*self.dialect.errors, OSError) as exc:
                 self.unavailable = f"ledger {_redact(self.target)} is unreachable: {exc}"
-                raise LedgerError(self.unavailable) from exc
+                # (said to clients too: no URL, host nor user in it; ``unavailable`` has them, for /ready and logs)
+                raise LedgerError("the ledger's database cannot be reached now") from exc
             log.warning("ledger %s: the connection was lost; reconnected", _redact(self.target))
         return self._conn
 
@@ -1335,10 +1354,16 @@ class Ledger:
         except self.dialect.errors as exc:
             self.unavailable = f"ledger {_redact(self.target)} cannot be written: {exc}"
             raise LedgerError(self.unavailable) from exc
-        except LedgerError as exc:  # unreachable (``_require`` has said so, naming the ledger)
-            self.unavailable = exc.message if exc.message.startswith("ledger ") else \
-                f"ledger {_redact(self.target)}: {exc.message}"
+        except LedgerError as exc:  # unreachable (``_require`` has said why in ``unavailable``), or closed
+            if exc.__cause__ is None or self.unavailable is None:
+                self.unavailable = f"ledger {_redact(self.target)}: {exc.message}"
             raise
+        if self._held and (fault := self._held_fault) is not None and not self.dialect.may_pass_soon(fault):
+            # a write can be made (PostgreSQL's probe rolls back: it fits a full disk's last page), but the held
+            # ones cannot: not ready until they commit, at their next try (within a second)
+            self.unavailable = (f"ledger {_redact(self.target)}: {self._held} writes are held: "
+                                f"{_held_why(fault, told=False)}")
+            raise LedgerError(self.unavailable)
         self._written(1)
         self.unavailable = None
 
@@ -1423,11 +1448,24 @@ class Ledger:
                 self._journaled.discard(rec.request_id)
         return job.fut
 
-    def record_sync(self, rec: CascadeRecord, shadows: list[dict[str, Any]] | None = None) -> None:
+    def record_sync(self, rec: CascadeRecord, shadows: list[dict[str, Any]] | None = None, *,
+                    tried: bool = False) -> None:
+        """Write one record now (on the caller's thread). ``tried``: an earlier try of this write failed on a
+        lost connection, so it may have committed (the server had the COMMIT, its answer never came)."""
+        tries = 0
+
+        def write(conn: Any) -> None:
+            nonlocal tries
+            tries += 1
+            self._write([(rec, shadows or [])], conn)
+
         try:
             try:
-                self._retrying(lambda conn: self._write([(rec, shadows or [])], conn))
+                self._retrying(write)
             except self.dialect.record_faults:
+                if (tried or tries > 1) and self._committed_before(rec):  # (tries > 1: the connection went)
+                    self.unavailable = None
+                    return
                 if not self._recorded_from_journal(rec.request_id):
                     raise
                 self._retrying(lambda conn: self._write([(rec, shadows or [])], conn, replace=True))
@@ -1440,8 +1478,7 @@ class Ledger:
         """Did a write fail through no fault of its own record, in a way that may pass later (worth holding for
         another try): SQLite locked by another process, a full disk, a file read-only or not at its path now, an
         I/O error; PostgreSQL unreachable (a restart, a failover), out of disk?"""
-        cause = exc.__cause__ if isinstance(exc, LedgerError) and exc.__cause__ is not None else exc
-        return isinstance(cause, self.dialect.held_faults)
+        return isinstance(_cause(exc), self.dialect.held_faults)
 
     @contextmanager
     def _lock_wait(self, short: bool) -> Iterator[None]:
@@ -1480,6 +1517,19 @@ class Ledger:
                 cur.executemany(d.sql(_DROP_INTERRUPTED_ATTEMPTS), ids)
                 cur.executemany(d.sql(_DROP_INTERRUPTED), ids)
             self._insert(conn, items)
+
+    def _committed_before(self, rec: CascadeRecord) -> bool:
+        """Is ``rec`` in the ledger already, committed by an earlier try of this same write (the connection went
+        after the server had the COMMIT, before its answer came back: the try looked failed, and was held)? Its
+        row is the one with its request id and its creation time. Made the failure its waiter was told of since,
+        if it is one (:func:`_write_as_told`)."""
+        row = self._retrying(lambda conn: conn.execute(self.dialect.sql(
+            "SELECT created_at, status, error_class FROM requests WHERE request_id = ?"), (rec.request_id,)).fetchone())
+        if row is None or row[0] != rec.created_at or row[2] == INTERRUPTED:
+            return False  # another request's id (the record's own fault), or its journal's row (replaced)
+        if rec.error_class in _TOLD and row[1] in ("ok", "partial"):
+            self._record_told_failure_sync(rec.request_id, rec.error_class, rec.error_message or "")
+        return True
 
     def _recorded_from_journal(self, request_id: str) -> bool:
         """Is the request's row one recorded from its journal, by a process that took this one for dead (it was
@@ -1759,6 +1809,10 @@ class Ledger:
                             instance=self._instance)
 
 
+#: the failures a write's waiter is told of while the write stays queued (its record made that failure)
+_TOLD = frozenset({"LedgerTimeoutError", "LedgerWriteHeldError"})
+
+
 def _write_as_told(job: _Job, told: LedgerError) -> None:
     """On the ledger thread, before a try of ``job``'s write: its record made the failure its waiter was told of
     (:func:`_as_told`), so that its commit needs no second transaction to correct it (:meth:`Ledger._correct`),
@@ -1777,16 +1831,24 @@ def _as_told(rec: CascadeRecord, told: LedgerError) -> CascadeRecord:
                    attempts=[replace(a, kept=False) for a in rec.attempts])
 
 
+def _cause(exc: BaseException | None) -> BaseException | None:
+    """The driver's error behind a write's failure (``_write_error`` wraps it in a LedgerError), or ``exc``."""
+    return exc.__cause__ if isinstance(exc, LedgerError) and exc.__cause__ is not None else exc
+
+
 def _held_why(exc: BaseException | None, *, told: bool = True) -> str:
     """Why a held write could not be written: ``told``, in words a client may read (no path, no host, no URL)."""
-    cause = exc.__cause__ if isinstance(exc, LedgerError) and exc.__cause__ is not None else exc
+    cause = _cause(exc)
     if cause is None:
         return "not tried yet"
     if isinstance(cause, _FileMoved):
         return "the ledger file was moved or deleted while the server runs"
-    # SQLite's words name no file, nor do a database server's own (a sqlstate); a connection's name the host
-    if told and not isinstance(cause, sqlite3.Error) and getattr(cause, "sqlstate", None) is None:
-        return "the ledger's database cannot be reached or written now"
+    # SQLite's words name no file; a database server's may (a full disk's: its data file), a connection's name
+    # the host: said in a class of their own
+    if told and not isinstance(cause, sqlite3.Error):
+        sqlstate = getattr(cause, "sqlstate", None) or ""
+        return {"53": "the ledger's database is out of disk space", "25": "the ledger's database is read-only now"
+                }.get(sqlstate[:2], "the ledger's database cannot be reached or written now")
     return str(cause)
 
 

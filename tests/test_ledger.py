@@ -306,6 +306,9 @@ async def test_a_postgresql_ledger_that_cannot_reconnect_says_so_until_a_write_s
                 await ledger.record(record(2))
             assert ledger.unavailable and "unreachable" in ledger.unavailable
             assert ledger._held == 1 and "unreachable" in await ledger.probe()
+            with pytest.raises(LedgerError) as read:  # what a client is told (a feedback lookup) names no server
+                await ledger.get("r1")
+            assert "cannot be reached" in str(read.value) and "127.0.0.1" not in str(read.value), read.value
         finally:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS true")

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade.errors import LedgerError, LedgerWriteHeldError
+from cascade.errors import LedgerError, LedgerTimeoutError, LedgerWriteHeldError
 from cascade.ledger import SCHEMA_VERSION, Ledger, _redact, spend_since
 from tests.pg import PostgresServer
 from tests.test_ledger import make_ledger, record
@@ -182,7 +183,7 @@ async def test_a_read_only_postgresql_is_not_ready_until_writes_work(pg):
         await ledger.record(record(1))
         assert await ledger.probe() is None
         with read_only(pg):
-            with pytest.raises(LedgerWriteHeldError, match="read-only transaction; it is held"):  # told at once
+            with pytest.raises(LedgerWriteHeldError, match="read-only now; it is held"):  # told at once
                 await ledger.record(record(2))
             assert ledger.unavailable and "read-only" in ledger.unavailable
             why = await ledger.probe()  # a SELECT still works: the probe writes (and rolls back)
@@ -614,3 +615,152 @@ def test_a_password_given_as_a_url_query_parameter_never_shows(pg, tmp_path, cap
             assert r.status_code == 503 and "hunter2" not in r.text, r.text  # refused: the ledger is down
         assert _wait_ready(srv.url).status_code == 200
     assert "hunter2" not in caplog.text
+
+
+# --- a PostgreSQL COMMIT whose answer is lost; a full PostgreSQL disk ------------------------------------------
+
+
+class _CommitCutter:
+    """A TCP proxy in front of PostgreSQL that, once armed, forwards the COMMIT of the next transaction that wrote
+    to ``requests`` and then cuts the connection before the server's answer comes back (the row is committed, the
+    client never learns it), and refuses new connections for ``refuse_s`` (a failover)."""
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.target = ("127.0.0.1", server.port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = server.url.replace(f":{server.port}/", f":{self.listener.getsockname()[1]}/")
+        self.armed, self.refusing_until, self.cuts = False, 0.0, 0
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, refuse_s: float) -> None:
+        self.refuse_s, self.armed = refuse_s, True
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.refusing_until:
+                client.close()
+                continue
+            server = socket.create_connection(self.target)
+            self.socks += [client, server]
+            state = {"insert": False, "cut": False}
+            threading.Thread(target=self._pump, args=(client, server, state, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, state, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, state: dict, upstream: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if state["cut"]:
+                    return
+                dst.sendall(data)
+                if upstream and b"INSERT INTO requests" in data:
+                    state["insert"] = True
+                if upstream and self.armed and state["insert"] and b"COMMIT\x00" in data:
+                    self.armed, state["cut"] = False, True
+                    self.refusing_until = time.monotonic() + self.refuse_s
+                    time.sleep(0.3)  # the server commits meanwhile
+                    for s in (src, dst):
+                        s.close()
+                    self.cuts += 1
+                    return
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.socks:
+            s.close()
+
+
+@pytest.mark.parametrize("refuse_s, told", [(0.5, False), (3.0, True)])
+async def test_a_postgresql_write_whose_commit_answer_was_lost_is_not_refused_as_a_duplicate(pg, refuse_s, told):
+    """The connection goes after the server had the COMMIT, before its answer came back (a network cut, a failover
+    at that moment): the write looked failed and was held, and its next try met its own row, a duplicate key. It
+    was told to its client as a failure, with the constraint's name, while the row said served; the day's spend
+    counted it twice. Now a row of the same request and creation time is that write, committed: a success if its
+    waiter still waits, else made the failure its waiter was told of."""
+    pg.reset()
+    proxy = _CommitCutter(pg)
+    try:
+        async with Ledger(proxy.url, timeout_s=2) as ledger:
+            late: list = []
+            ledger.late_listeners.append(lambda rec, exc: late.append((rec.request_id, exc)))
+            await ledger.record(record(1))
+            proxy.arm(refuse_s)
+            if told:
+                with pytest.raises(LedgerTimeoutError):
+                    await ledger.record(record(2))
+                for _ in range(100):
+                    if late:
+                        break
+                    await asyncio.sleep(0.05)
+                assert late == [("r2", None)]
+            else:
+                await ledger.record(record(2))  # committed in its first try: said so
+            assert proxy.cuts == 1
+            await ledger.record(record(3))
+            got = await ledger.query("SELECT request_id, status, error_class FROM requests ORDER BY request_id")
+            want = ("r2", "error", "LedgerTimeoutError") if told else ("r2", "ok", None)
+            assert got == [("r1", "ok", None), want, ("r3", "ok", None)]
+            assert ledger.unavailable is None
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def pg_tiny_dir(pg):
+    """A directory on a 2 MiB tmpfs of its own that the PostgreSQL server may write (a skip where mounting is not
+    allowed), unmounted afterwards."""
+    mnt = pg.dir / f"tiny-{uuid.uuid4().hex[:8]}"
+    mnt.mkdir()
+    owner = f",uid={pg.user.pw_uid},gid={pg.user.pw_gid}" if pg.user else ""
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=2m,mode=0700{owner}", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here (needs root): {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+async def test_postgresql_out_of_disk_is_not_ready_while_writes_are_held(pg, pg_tiny_dir):
+    """The ledger's tables on a full disk (a tablespace on a small tmpfs): a write is held and told at once, and
+    the server is not ready until the held writes commit. PostgreSQL's probe rolls its insert back, which fits a
+    page already there: it said ready, and every request paid its tiers for a 500."""
+    import psycopg
+
+    pg.reset()
+    with psycopg.connect(pg.url, autocommit=True) as admin:
+        admin.execute(f"CREATE TABLESPACE tiny LOCATION '{pg_tiny_dir}'")
+    try:
+        async with Ledger(pg.url + "?options=-c%20default_tablespace%3Dtiny", timeout_s=2) as ledger:
+            await ledger.record(record(1))
+            with psycopg.connect(pg.url, autocommit=True) as admin:
+                admin.execute("CREATE TABLE filler (x text) TABLESPACE tiny")
+                with pytest.raises(psycopg.errors.DiskFull):
+                    while True:
+                        admin.execute("INSERT INTO filler SELECT md5(random()::text) FROM generate_series(1, 2000)")
+            n = 10
+            while True:  # until the ledger's own pages are full too
+                n += 1
+                try:
+                    await ledger.record(record(n))
+                except LedgerWriteHeldError as exc:
+                    assert "out of disk space" in str(exc) and "pg_tblspc" not in str(exc)
+                    break
+            why = await ledger.probe()
+            assert why and "writes are held" in why, why
+            with psycopg.connect(pg.url, autocommit=True) as admin:
+                admin.execute("DROP TABLE filler")
+            assert await ledger.probe() is None  # the held write tried again first: committed
+            assert ledger._held == 0 and (await ledger.get(f"r{n}"))["error_class"] == "LedgerWriteHeldError"
+    finally:
+        pg.reset()
+        with psycopg.connect(pg.url, autocommit=True) as admin:
+            admin.execute("DROP TABLESPACE IF EXISTS tiny")
