@@ -260,9 +260,10 @@ class LedgerTimeoutError(LedgerError):
 
 
 class LedgerWriteHeldError(LedgerTimeoutError):
-    """A write failed through no fault of its record (the disk is full; the file is read-only, not at its path any
-    more; an I/O error): its waiter is told at once rather than after ``ledger.timeout_s``. As a write that timed
-    out, it stays queued: tried again until it commits (recorded then as this failure) or the ledger closes."""
+    """A write failed through no fault of its record (the disk is full; the SQLite file is read-only or not at its
+    path any more, an I/O error; the PostgreSQL server is read-only): its waiter is told at once rather than after
+    ``ledger.timeout_s``. As a write that timed out, it stays queued: tried again until it commits (recorded then
+    as this failure) or the ledger closes."""
 
 
 class LedgerUnavailableError(LedgerError):
