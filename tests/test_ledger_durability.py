@@ -39,12 +39,17 @@ _BODY = {"model": "p", "messages": [{"role": "user", "content": "hi"}]}
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A directory on a 600 KiB tmpfs of its own (unmounted afterwards), or a skip where mounting is not allowed."""
-    mnt = tmp_path / "tiny"
+    with tmpfs(tmp_path / "tiny", "size=600k,mode=0755") as mnt:
+        yield mnt
+
+
+@contextmanager
+def tmpfs(mnt: Path, options: str):
+    """``mnt`` made a tmpfs mounted with ``options`` for the block (a skip where mounting is not allowed)."""
     mnt.mkdir()
     if shutil.which("mount") is None or shutil.which("umount") is None:
         pytest.skip("no mount/umount here to make a small filesystem")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k,mode=0755", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"mounting a tmpfs is not permitted here (needs root): {done.stderr.strip()}")
     try:

@@ -715,18 +715,11 @@ async def test_a_postgresql_write_whose_commit_answer_was_lost_is_not_refused_as
 def pg_tiny_dir(pg):
     """A directory on a 2 MiB tmpfs of its own that the PostgreSQL server may write (a skip where mounting is not
     allowed), unmounted afterwards."""
-    mnt = pg.dir / f"tiny-{uuid.uuid4().hex[:8]}"
-    mnt.mkdir()
+    from tests.test_ledger_durability import tmpfs
+
     owner = f",uid={pg.user.pw_uid},gid={pg.user.pw_gid}" if pg.user else ""
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=2m,mode=0700{owner}", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here (needs root): {done.stderr.strip()}")
-    try:
+    with tmpfs(pg.dir / f"tiny-{uuid.uuid4().hex[:8]}", f"size=2m,mode=0700{owner}") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 async def test_postgresql_out_of_disk_is_not_ready_while_writes_are_held(pg, pg_tiny_dir):
