@@ -743,12 +743,11 @@ class Ledger:
         #: it has read that same value
         self._seen: dict[str, tuple[float, float]] = {}
         self._beat_task: asyncio.Task | None = None
-        #: the journal (:meth:`journal`): how to make the record of each request in flight not yet written,
-        #: whether their write is due (a timer set), and the requests journaled whose own write is not done; all
-        #: three under the lock (the event loop adds, the ledger thread takes)
+        #: the journal (:meth:`journal`): how to make the record of each request in flight not yet written, and
+        #: the requests journaled whose own write is not done, both under the lock (the event loop adds, the ledger
+        #: thread takes); the timer set for the next one due (event loop only)
         self._journal_lock = threading.Lock()
         self._journal_pending: dict[str, tuple[float, Callable[[], CascadeRecord]]] = {}  # (when due, how)
-        self._journal_queued = False
         self._journaled: set[str] = set()
         self._journal_timer: asyncio.TimerHandle | None = None
         #: held writes were given up as the ledger closed (another process holds the lock): no more writes
@@ -916,8 +915,6 @@ class Ledger:
         if self._journal_timer is not None:  # (the close writes no journal: every request in flight has ended)
             self._journal_timer.cancel()
             self._journal_timer = None
-            with self._journal_lock:
-                self._journal_queued = False
         if self._thread is not None:
             ckpt, self._checkpointer = self._checkpointer, None
             if ckpt is not None:  # first, so that the writer's connection is the last and checkpoints on close
@@ -933,7 +930,7 @@ class Ledger:
                 log.warning("%s; closing without waiting for it", exc)
                 if ids := list(self._held_ids):  # the ledger thread may not get to give them up before the exit
                     log.warning("ledger %s: %d held writes may be lost, their requests %s", _redact(self.target),
-                                len(ids), ", ".join(ids[:50]) + (f" and {len(ids) - 50} more" if len(ids) > 50 else ""))
+                                len(ids), _named(ids))
             finally:
                 self._stop_thread(join=join)
 
@@ -1137,6 +1134,8 @@ class Ledger:
 
     def _note_held(self, held: list[_Job]) -> None:
         """On the ledger thread: how many writes are held, the fault the latest try met, and their requests."""
+        if not held and not self._held:  # (every round of a ledger with nothing held: no more to say)
+            return
         self._held = len(held)  # (a write that joined them without a try of its own has no fault yet)
         self._held_fault = next((_cause(j.error) for j in reversed(held) if j.error is not None), None)
         self._held_ids = [j.rec.request_id for j in held if j.rec is not None]
@@ -1234,8 +1233,7 @@ class Ledger:
             ids = [j.rec.request_id for j in held if j.rec is not None]
             log.warning("ledger %s: %d held writes are given up, their rows lost (the ledger is closing and they "
                         "still cannot be written: %s): requests %s", _redact(self.target), len(held),
-                        _held_why(held[0].error, told=False), ", ".join(ids[:50]) + (f" and {len(ids) - 50} more" if
-                                                                         len(ids) > 50 else ""))
+                        _held_why(held[0].error, told=False), _named(ids))
             # a write held behind others without a try of its own has no error yet: it was not written either
             self._deliver(held, [(j.error or _write_error(j.rec, LedgerError(  # type: ignore[arg-type]
                 "the ledger closed before it could be written")), None) for j in held])
@@ -1643,10 +1641,8 @@ class Ledger:
         with self._journal_lock:
             self._journal_pending[request_id] = (when, snapshot)
             self._journaled.add(request_id)
-            if self._journal_queued:  # a timer is set, for this one or an earlier one
-                return
-            self._journal_queued = True
-        self._journal_timer = loop.call_at(when, self._journal_due)
+        if self._journal_timer is None:  # (else a timer is set, for an earlier one)
+            self._journal_timer = loop.call_at(when, self._journal_due)
 
     def _journal_due(self) -> None:
         """On the event loop (where the requests' records change): the records of the requests journaled
@@ -1659,7 +1655,6 @@ class Ledger:
             for rid in due:
                 del self._journal_pending[rid]
             nxt = min((e[0] for e in self._journal_pending.values()), default=None)
-            self._journal_queued = nxt is not None
         self._journal_timer = loop.call_at(nxt, self._journal_due) if nxt is not None else None
         recs = []
         for rid, (_when, snapshot) in due.items():
@@ -1829,6 +1824,11 @@ def _as_told(rec: CascadeRecord, told: LedgerError) -> CascadeRecord:
     return replace(rec, status="error", error_class=type(told).__name__, error_message=told.message, tier=None,
                    model=None, confidence=None, escalated=False, escalation_waste_usd=rec.cost_usd,
                    attempts=[replace(a, kept=False) for a in rec.attempts])
+
+
+def _named(ids: list[str], most: int = 50) -> str:
+    """Request ids for a warning: the first ``most`` of them, and how many more."""
+    return ", ".join(ids[:most]) + (f" and {len(ids) - most} more" if len(ids) > most else "")
 
 
 def _cause(exc: BaseException | None) -> BaseException | None:
