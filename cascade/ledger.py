@@ -1751,8 +1751,12 @@ class Ledger:
                             (now - self.stale_s,), "its process is gone")  # have no heartbeat row
         with self._journal_lock:
             journaled = set(self._journaled)
-        mine = [r[0] for r in conn.execute(d.sql("SELECT request_id FROM inflight WHERE instance = ?"),
-                                           (self._instance,)).fetchall() if r[0] not in journaled]
+        try:
+            mine = [r[0] for r in conn.execute(d.sql("SELECT request_id FROM inflight WHERE instance = ?"),
+                                               (self._instance,)).fetchall() if r[0] not in journaled]
+        except d.errors as exc:  # (the next heartbeat looks again)
+            log.warning("ledger %s: this process's journal could not be read: %s", _redact(self.target), exc)
+            return
         for rid in mine:
             self._interrupt(conn, "request_id = ?", (rid,), "its own write failed")
 
