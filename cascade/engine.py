@@ -391,7 +391,8 @@ class Engine:
             if await self._cache_follow(slot, rec, model, t0):
                 slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
         if hit is not None:
-            await self._serve_cached(rec, hit, t0)
+            committed = self._serve_cached(rec, hit, t0)
+            await self._committed(rec, committed)
             served: GenerationResult = hit.result
         else:
             # identical requests arriving meanwhile (non-streamed ones, and streams if they coalesce) wait for
@@ -416,15 +417,62 @@ class Engine:
                         await live.aclose()
                     return
                 self._finish(rec, route=route, t0=t0)  # a buffered answer was kept
-                await self._submit(rec, request, budget, route.shadows)
+                committed = self._submit(rec, request, budget, route.shadows)
+                await self._committed(rec, committed)
                 self._cache_put(slot, rec, outcome)
             finally:
                 self._cache_settle(slot, lead)
             served = outcome
-        yield StreamStart(record=rec, tier=rec.tier or "")
-        for chunk in served.replay():  # the text as served whole (stop-trimmed), its tokens cut to it
-            yield StreamDelta(chunk.text, chunk.tokens)
+        replay = self._replay(rec, served, committed)
+        try:
+            async for event in replay:
+                yield event
+        finally:
+            await replay.aclose()
+
+    async def _committed(self, rec: CascadeRecord, committed: "asyncio.Future[None]") -> None:
+        """Wait for the row of an answer in hand to commit before the answer goes out (as a whole answer's
+        response waits for it). A client that leaves meanwhile got nothing: the row, written as served, is made
+        ``cancelled`` once committed (:meth:`_client_left`)."""
+        try:
+            await asyncio.shield(committed)
+        except asyncio.CancelledError:
+            self._client_left(rec, committed, sent=False)
+            raise
+
+    async def _replay(self, rec: CascadeRecord, served: GenerationResult,
+                      committed: "asyncio.Future[None]") -> AsyncIterator[StreamEvent]:
+        """Stream an answer in hand whose row is committed already (a buffered tier's, a cache hit's, the best
+        one after the live tier failed), as the text served whole (stop-trimmed), its tokens cut to it. A client
+        that leaves before the end (or is cut off for not reading) is recorded as it would be on a live stream:
+        ``partial`` once any of the answer went out, else ``cancelled``, with ``ClientDisconnected`` (or the
+        shutdown's error). ``committed``: the row's write."""
+        sent = False
+        try:
+            yield StreamStart(record=rec, tier=rec.tier or "")
+            for chunk in served.replay():
+                sent = True
+                yield StreamDelta(chunk.text, chunk.tokens)
+        except (asyncio.CancelledError, GeneratorExit):
+            self._client_left(rec, committed, sent=sent)
+            raise
         yield StreamEnd(record=rec, finish_reason=served.finish_reason, usage=served.usage)
+
+    def _client_left(self, rec: CascadeRecord, committed: "asyncio.Future[None]", *, sent: bool) -> None:
+        """A client left an answer in hand (or was cut off) after its row was queued as served: once that write
+        has committed, the row is made what the client got (:meth:`Ledger.record_client_left`)."""
+        reason = self._cancel_reason()
+        status = "partial" if sent else "cancelled"
+
+        def correct(f: "asyncio.Future[None]") -> None:
+            if f.cancelled() or f.exception() is not None:  # not written as served: nothing to correct
+                return
+            self.ledger.record_client_left(rec.request_id, status, type(reason).__name__, reason.message)
+
+        if committed.done():
+            correct(committed)
+        else:
+            committed.add_done_callback(correct)
 
     async def _stream_live(self, live: "_Live", route: Route, rec: CascadeRecord, t0: float,
                            cache_slot: "tuple[str, int] | None" = None) -> AsyncIterator[StreamEvent]:
@@ -463,12 +511,14 @@ class Engine:
             if answers and _serves_answer_in_hand(exc):
                 best = self._serve_best(answers, f"{tier.name!r} failed before its first token ({type(exc).__name__})")
                 self._finish(rec, route=route, t0=t0)
-                kept = next(a for a in rec.attempts if a.kept)
-                await self._submit(rec, live.original, live.budget, route.shadows)
-                yield StreamStart(record=rec, tier=kept.tier)
-                for chunk in best.replay():
-                    yield StreamDelta(chunk.text, chunk.tokens)
-                yield StreamEnd(record=rec, finish_reason=best.finish_reason, usage=best.usage)
+                committed = self._submit(rec, live.original, live.budget, route.shadows)
+                await self._committed(rec, committed)
+                replay = self._replay(rec, best, committed)
+                try:
+                    async for event in replay:
+                        yield event
+                finally:
+                    await replay.aclose()
                 return
             await self._record_failure(rec, exc, route, t0)
             raise

@@ -1023,21 +1023,53 @@ class Ledger:
             except Exception:  # noqa: BLE001 - an observer never fails the ledger's delivery
                 log.exception("ledger late listener %r failed", listener)
 
-    def _record_told_failure_sync(self, request_id: str, error_class: str, message: str) -> None:
-        """On the ledger thread: a committed request whose caller was told it failed, made that failure."""
+    def _record_told_failure_sync(self, request_id: str, error_class: str, message: str, status: str = "error",
+                                  why: str = "committed after its caller was told it failed") -> None:
+        """On the ledger thread: a committed request whose caller was told it failed (or, ``status`` cancelled,
+        that got nothing of its answer), made that failure: no answer, nothing kept, all its cost waste, no
+        shadow decisions (as a failed request is recorded). Only a row recorded as answered is changed."""
         conn, d = self._require(), self.dialect
         try:
             with d.transaction(conn):
-                conn.execute(d.sql("UPDATE requests SET status = 'error', error_class = ?, error_message = ?, "
-                                   "tier = NULL, model = NULL, confidence = NULL, escalated = 0, "
-                                   "escalation_waste_usd = cost_usd WHERE request_id = ?"),
-                             d.row((error_class, message, request_id)))
-                conn.execute(d.sql("UPDATE attempts SET kept = 0 WHERE request_id = ?"), (request_id,))
-                conn.execute(d.sql("DELETE FROM shadow_decisions WHERE request_id = ?"), (request_id,))
+                changed = conn.execute(d.sql(
+                    "UPDATE requests SET status = ?, error_class = ?, error_message = ?, tier = NULL, model = NULL, "
+                    "confidence = NULL, escalated = 0, escalation_waste_usd = cost_usd "
+                    "WHERE request_id = ? AND status IN ('ok', 'partial')"),
+                    d.row((status, error_class, message, request_id))).rowcount
+                if changed:
+                    conn.execute(d.sql("UPDATE attempts SET kept = 0 WHERE request_id = ?"), (request_id,))
+                    conn.execute(d.sql("DELETE FROM shadow_decisions WHERE request_id = ?"), (request_id,))
         except d.errors as exc:
             self._write_failed(exc)
-            raise LedgerError(f"ledger: request {request_id}, committed after its caller was told it failed, "
-                              f"is still recorded as answered: {exc}") from exc
+            raise LedgerError(f"ledger: request {request_id}, {why}, is still recorded as answered: {exc}") from exc
+
+    def record_client_left(self, request_id: str, status: str, error_class: str, message: str) -> None:
+        """From the event loop, once the row of ``request_id`` (an answer in hand, streamed) is committed as
+        served: its client left before the end. ``status`` ``partial`` (some of the answer went out: the row
+        keeps its answer) or ``cancelled`` (none did: as :meth:`_record_told_failure_sync`). Queued; a failure is
+        logged."""
+        if status == "cancelled":
+            fn, args = self._record_told_failure_sync, (request_id, error_class, message, status,
+                                                        "whose client left before its answer")
+        else:
+            fn, args = self._record_partial_sync, (request_id, error_class, message)
+        try:
+            self._enqueue(fn=fn, args=args, timeout=None, what="a correction").fut.add_done_callback(log_failure)
+        except LedgerError as closed:  # the ledger is closing
+            log.warning("ledger: request %s stays recorded as answered whole (its client left): %s", request_id,
+                        closed)
+
+    def _record_partial_sync(self, request_id: str, error_class: str, message: str) -> None:
+        """On the ledger thread: a committed answer whose client took only part of it (a stream it left)."""
+        conn, d = self._require(), self.dialect
+        try:
+            with d.transaction(conn):
+                conn.execute(d.sql("UPDATE requests SET status = 'partial', error_class = ?, error_message = ? "
+                                   "WHERE request_id = ? AND status = 'ok'"), d.row((error_class, message, request_id)))
+        except d.errors as exc:
+            self._write_failed(exc)
+            raise LedgerError(f"ledger: request {request_id}, whose client left during its answer, is still "
+                              f"recorded as answered whole: {exc}") from exc
 
     def _expire(self, job: _Job, timeout: float, what: str) -> None:
         """On the event loop: ``job`` got no answer in time: the ledger is not answering (a hung database

@@ -236,6 +236,10 @@ class ClientStalled(Exception):
     """The client took no part of the stream within the send timeout (``args[0]``: the timeout, seconds)."""
 
 
+class ClientGone(Exception):
+    """The client's connection closed during the stream (uvicorn's ``send`` then drops what it is given)."""
+
+
 class BoundedStreamingResponse(StreamingResponse):
     """A ``StreamingResponse`` whose every send must be taken within ``send_timeout_s`` seconds, and whose
     body iterator is always closed (``aclose``) in the request's task before it returns.
@@ -248,8 +252,11 @@ class BoundedStreamingResponse(StreamingResponse):
         super().__init__(content, **kw)  # type: ignore[arg-type]
         self.send_timeout_s = send_timeout_s
 
+    _transport: asyncio.BaseTransport | None = None
+
     async def stream_response(self, send: Send) -> None:
         timeout = self.send_timeout_s
+        transport = self._transport
 
         async def bounded_send(msg: Message) -> None:
             try:
@@ -257,12 +264,21 @@ class BoundedStreamingResponse(StreamingResponse):
                     await send(msg)
             except TimeoutError:
                 raise ClientStalled(timeout) from None
+            # a client gone (its connection reset or closed): the stream stops here, not at its end. uvicorn drops
+            # every later send without a pause, so an answer in hand would otherwise run out whole, recorded as
+            # taken, before the disconnect could be heard
+            if transport is not None and transport.is_closing():
+                raise ClientGone()
 
         await super().stream_response(bounded_send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = _conn_key(scope.get("server"), scope.get("client"))  # (under http_protocol: its connection)
+        self._transport = _TRANSPORTS.get(key) if key is not None else None
         try:
             await super().__call__(scope, receive, send)
+        except ClientGone:
+            log.info("the client closed its connection during the stream")
         except ClientStalled:
             log.warning("the client took nothing of its stream for %g s (server.stream_send_timeout_s): "
                         "cutting it off", self.send_timeout_s)
@@ -275,5 +291,5 @@ class BoundedStreamingResponse(StreamingResponse):
                 await aclose()
 
 
-__all__ = ["READ_DEADLINE", "BoundedStreamingResponse", "ClientStalled", "RequestReadTimeoutMiddleware",
+__all__ = ["READ_DEADLINE", "BoundedStreamingResponse", "ClientGone", "ClientStalled", "RequestReadTimeoutMiddleware",
            "abort_connection", "http_protocol"]

@@ -65,16 +65,17 @@ def serve(cfg: dict, tmp_path: Path) -> subprocess.Popen:
         time.sleep(0.1)
 
 
-def stalled_stream(port: int) -> tuple[socket.socket, str]:
+def stalled_stream(port: int, key: str | None = CAPPED) -> tuple[socket.socket, str]:
     """A streamed chat request whose client reads the response's head, then nothing (its connection kept
-    open); gives the socket and the request's id."""
+    open); gives the socket and the request's id. ``key``: its API key (None: a server without keys)."""
     body = json.dumps({"model": "cascade", "stream": True, "max_tokens": 3000, "logprobs": True,
                        "top_logprobs": 20, "messages": [{"role": "user", "content": "hi"}]}).encode()
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-              b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (CAPPED.encode(), len(body)) + body)
+    auth = b"Authorization: Bearer %s\r\n" % key.encode() if key is not None else b""
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s"
+              b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (auth, len(body)) + body)
     head = s.recv(1024)
     assert head.startswith(b"HTTP/1.1 200"), head
     rid = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
@@ -169,3 +170,52 @@ def test_sigterm_while_a_client_is_not_reading_writes_its_row_and_exits_at_the_g
     assert exited_after < 3.5, (exited_after, out)
     assert "Exception in ASGI application" not in out and "timeout graceful shutdown exceeded" not in out, out
     assert rows(tmp_path) == {rid: ("partial", "ServerShutdown")}
+
+
+def buffered_config(tmp_path: Path, port: int, small: FaultServerThread, big: FaultServerThread) -> dict:
+    """Two tiers: the first answers confidently, so its answer (buffered whole before the policy keeps it) is
+    the one streamed; the second is never called."""
+    def tier(name: str, upstream: FaultServerThread, threshold: float) -> dict:
+        return {"name": name, "backend": "openai", "model": f"{name}-model", "timeout_s": 60, "threshold": threshold,
+                "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    return {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "stream_send_timeout_s": 2},
+            "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+            "tiers": [tier("small", small, 0.5), tier("big", big, 0.0)],
+            "policies": {"cascade": {"chain": ["small", "big"]}}}
+
+
+@pytest.mark.parametrize("client", ["stops reading", "closes after a few events"])
+def test_a_client_that_leaves_an_answer_in_hand_is_recorded_as_partial(tmp_path, client):
+    """A kept first tier's answer is in hand, whole, and committed as served before it streams: a client that
+    takes only part of it is recorded as one leaving a live stream is (`partial`, `ClientDisconnected`), not as
+    answered."""
+    with FaultServerThread(FaultServer(answer=ANSWER, logprob=-0.01), port=8875) as small, \
+            FaultServerThread(FaultServer(answer="big answer"), port=8876) as big:
+        proc = serve(buffered_config(tmp_path, 8874, small, big), tmp_path)
+        sock = None
+        try:
+            sock, rid = stalled_stream(8874, key=None)
+            if client == "closes after a few events":
+                sock.recv(4096)
+                sock.close()
+                sock = None
+            t0 = time.monotonic()
+            while rows(tmp_path).get(rid, ("ok",))[0] == "ok" and time.monotonic() - t0 < 20:
+                time.sleep(0.1)
+            whole = httpx.post("http://127.0.0.1:8874/v1/chat/completions", timeout=30, json={
+                "model": "cascade", "stream": True, "max_tokens": 3000,
+                "messages": [{"role": "user", "content": "again"}]})
+        finally:
+            if sock is not None:
+                sock.close()
+            out = stop(proc)
+    assert rows(tmp_path)[rid] == ("partial", "ClientDisconnected"), (rows(tmp_path), out)
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:  # its answer and its costs stay as they were
+        row = db.execute("SELECT tier, escalation_waste_usd, cost_usd FROM requests WHERE request_id = ?",
+                         (rid,)).fetchone()
+        kept = db.execute("SELECT tier FROM attempts WHERE request_id = ? AND kept = 1", (rid,)).fetchall()
+    assert row[0] == "small" and row[1] == 0 and row[2] > 0 and kept == [("small",)], (row, kept)
+    # a client that reads it all: answered, as before
+    assert whole.status_code == 200 and whole.text.rstrip().endswith("data: [DONE]")
+    assert rows(tmp_path)[whole.headers["x-request-id"]] == ("ok", None)
+    assert "Exception in ASGI application" not in out, out
