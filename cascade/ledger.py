@@ -104,6 +104,16 @@ _ADDED_INDEXES = [
 ]
 
 
+def _created(stmt: str) -> str:
+    """The name of the table or index a ``CREATE ... IF NOT EXISTS`` statement creates."""
+    return re.match(r"\s*CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", stmt).group(1)  # type: ignore[union-attr]
+
+
+#: how a command that only reads an older ledger reads it (it never migrates it)
+_READ_OLDER = ("temporary views add the columns added since; a session that may create none (a read-only "
+               "PostgreSQL transaction, a standby) cannot read it until a server of this version has migrated it")
+
+
 def answer_signature(text: str | None) -> str | None:
     """A short digest of an answer's normalised text: lets agreement between tiers be measured later
     without storing the text itself (``ledger.store_text`` is off by default)."""
@@ -799,10 +809,9 @@ class Ledger:
     def open_existing_sync(self) -> "Ledger":
         """Open a ledger that must already exist, for commands that only read it (reports, recalibration):
         a missing file, or a database without a cascade ledger's ``meta`` and ``requests`` tables, is a
-        LedgerError, and nothing is created in it. A ledger of the current schema is only read (a role with
-        SELECT alone, a read-only file will do); one of an older schema is migrated as :meth:`open_sync`
-        does (reports read the columns added since), and where that cannot be done the LedgerError says
-        so; one of a newer schema is refused."""
+        LedgerError, and nothing is created in it. It is only read (a role with SELECT alone, a read-only file
+        will do), whatever its schema: one of an older schema is never migrated (:meth:`_read_as_current`);
+        one of a newer schema is refused."""
         what = _redact(self.target)
         if self.dialect.name == "sqlite":
             path = expand_path(self.target, "ledger.path")
@@ -810,34 +819,46 @@ class Ledger:
                 raise LedgerError(f"no ledger at {what} (serve some traffic first, or pass --ledger PATH_OR_URL)")
             if not path.is_file():
                 raise LedgerError(f"{what} is not a cascade ledger (not a file)")
-        conn, keep = None, False
+        conn, keep, row = None, False, None
         try:
-            # a plain connection: no WAL switch, nothing written (kept for reading if nothing needs migrating)
+            # a plain connection: no WAL switch, nothing written
             conn = self.dialect.connect_reader(self.target, self.timeout_s)
             tables = self._tables(conn)
-            row = None
             if {"meta", "requests"} <= tables:
                 row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"),
                                    ("schema_version",)).fetchone()
-            keep = row is not None and str(row[0]) == str(SCHEMA_VERSION)
+            if row is not None and str(row[0]) != str(SCHEMA_VERSION):
+                _refuse_newer(row, what, "reads")
+                self._read_as_current(conn, tables)
+            keep = row is not None
         except (*self.dialect.errors, OSError) as exc:
-            raise LedgerError(f"cannot open ledger {what}: {exc}") from exc
+            older = f" (schema version {row[0]}, read as it is: {_READ_OLDER})" if row is not None else ""
+            raise LedgerError(f"cannot open ledger {what}{older}: {exc}") from exc
         finally:
             if conn is not None and not keep:
                 conn.close()
-        if keep:  # up to date: read as it is, with the rights to read it only
-            self._conn = conn
-            return self
         if row is None:
             raise LedgerError(f"{what} is not a cascade ledger (no meta and requests tables with a schema version)")
-        _refuse_newer(row, what, "reads")
-        try:
-            return self.open_sync()
-        except LedgerError as exc:
-            why = exc.__cause__ if exc.__cause__ is not None else exc
-            raise LedgerError(f"ledger {what} has schema version {row[0]} and must be migrated to version "
-                              f"{SCHEMA_VERSION} before it can be read, which failed (run it once with rights to "
-                              f"alter the ledger, or start a server of this version on it): {why}") from exc
+        self._conn = conn  # read as it is, with the rights to read it only
+        return self
+
+    def _read_as_current(self, conn: Any, tables: set[str]) -> None:
+        """An older ledger read as it is, never migrated by a command that only reads it (servers of its own
+        version may be writing to it, and could not once it is migrated): on this connection only, temporary
+        views show its tables with the columns added since as NULL (what a migration gives the rows it finds),
+        and temporary empty tables stand in for the tables it lacks."""
+        d = self.dialect
+        schema = "main" if d.name == "sqlite" else conn.execute("SELECT current_schema()").fetchone()[0]
+        for stmt in _TABLES:
+            if stmt.startswith("CREATE TABLE") and _created(stmt) not in tables:  # (a temporary one references none)
+                ddl = re.sub(r"\s+REFERENCES\s+\w+\s*\([^)]*\)", "", stmt.replace("{serial}", d.serial))
+                conn.execute(d.sql(ddl.replace("CREATE TABLE", "CREATE TEMP TABLE", 1)))
+        for table, cols in _ADDED_COLUMNS.items():
+            if table not in tables:
+                continue
+            have = {c[0] for c in conn.execute(f"SELECT * FROM {schema}.{table} LIMIT 0").description}
+            if missing := [f"CAST(NULL AS {typ}) AS {col}" for col, typ in cols if col not in have]:
+                conn.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {', '.join(missing)} FROM {schema}.{table}")
 
     def _open_sync(self) -> None:
         conn = None
@@ -865,6 +886,14 @@ class Ledger:
             sql = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
         return {r[0] for r in conn.execute(sql).fetchall()}
 
+    def _indexes(self, conn: Any) -> set[str]:
+        """The indexes of the ledger's database, or of its PostgreSQL schema."""
+        if self.dialect.name == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE type = 'index'"
+        else:
+            sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+        return {r[0] for r in conn.execute(sql).fetchall()}
+
     def _check_ours(self, conn: Any) -> None:
         """Before anything is created or migrated: refuse a ledger of a newer schema (this version would write
         rows that version does not expect; this version's reports refuse it already), and an SQLite file
@@ -889,15 +918,20 @@ class Ledger:
             # up to date: no DDL, whose table locks (PostgreSQL's CREATE INDEX IF NOT EXISTS takes one even when the
             # index is there) would deadlock with the writes of the replicas serving it already
             return
+        # only what is missing: PostgreSQL's CREATE INDEX IF NOT EXISTS locks its table even when the index is
+        # there, in this list's order, which could deadlock with the writes of older replicas still serving
+        have = tables | self._indexes(conn)
         for stmt in _TABLES:
-            conn.execute(self.dialect.sql(stmt.replace("{serial}", self.dialect.serial)))
+            if _created(stmt) not in have:
+                conn.execute(self.dialect.sql(stmt.replace("{serial}", self.dialect.serial)))
         for table, cols in _ADDED_COLUMNS.items():
-            have = {d[0] for d in conn.execute(f"SELECT * FROM {table} LIMIT 0").description}
+            present = {d[0] for d in conn.execute(f"SELECT * FROM {table} LIMIT 0").description}
             for col, typ in cols:
-                if col not in have:
+                if col not in present:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
         for stmt in _ADDED_INDEXES:  # on added columns: after them
-            conn.execute(stmt)
+            if _created(stmt) not in have:
+                conn.execute(stmt)
         conn.execute(self.dialect.sql("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"),
                      ("schema_version", str(SCHEMA_VERSION)))
         row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"), ("schema_version",)).fetchone()

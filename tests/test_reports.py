@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cascade.ledger import SCHEMA_VERSION
 from cascade.reports import COST_COLUMNS, LATE_COLUMNS, REPORT_BY, TIER_COLUMNS, parse_since
 from tests.ops_traffic import traffic  # noqa: F401 - fixture
 from tests.pg import postgres  # noqa: F401 - fixture
@@ -433,3 +434,49 @@ def test_parse_since():
     assert parse_since("2026-01-31T12:00:00+02:00") == 1769817600.0 + 10 * 3600
     assert parse_since("1769817600") == 1769817600.0
     assert parse_since(None) is None
+
+
+#: what a ledger of schema version 2 lacks of the current one (the columns and tables added since)
+_SINCE_2 = ("DROP INDEX IF EXISTS requests_end_user_created", "DROP TABLE shadow_attempts", "DROP TABLE inflight",
+            "DROP TABLE instances", "ALTER TABLE requests DROP COLUMN cached_from",
+            "ALTER TABLE requests DROP COLUMN end_user", "ALTER TABLE requests DROP COLUMN metadata",
+            "ALTER TABLE attempts DROP COLUMN cached_prompt_tokens", "ALTER TABLE shadow_decisions DROP COLUMN sampled",
+            "ALTER TABLE shadow_decisions DROP COLUMN sample_cost_usd",
+            "UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+
+
+def test_reports_read_an_older_ledger_as_it_is_and_never_migrate_it(traffic, tmp_path, capsys):
+    """Servers of an older version may still be writing to their ledger: a command that only reads it (the
+    reports) must not migrate it under them (their inserts would no longer fit its tables, or they would refuse
+    to start on it). It is read as it is, and says what a migrated copy of it says."""
+    import shutil
+    import sqlite3
+
+    from cascade.ledger import Ledger
+
+    old, migrated = tmp_path / "old.sqlite", tmp_path / "migrated.sqlite"
+    with sqlite3.connect(traffic.ledger) as src, sqlite3.connect(old) as dst:  # (its -wal file's rows too)
+        src.backup(dst)
+    src.close()
+    dst.close()
+    with sqlite3.connect(old) as db:
+        for sql in _SINCE_2:
+            db.execute(sql)
+    db.close()
+
+    def schema(path) -> tuple:
+        with sqlite3.connect(path) as db:
+            return (db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone(),
+                    db.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall())
+
+    before = schema(old)
+    shutil.copy(old, migrated)
+    Ledger(migrated).open_sync().close_sync()  # as a server of this version migrates it
+    assert schema(migrated)[0] == (str(SCHEMA_VERSION),)
+    for by in (*REPORT_BY, "meta:team"):
+        got = run_json(capsys, "report", "--by", by, "--json", "--ledger", str(old))
+        same(got, run_json(capsys, "report", "--by", by, "--json", "--ledger", str(migrated)))
+        assert got["total"]["requests"] == traffic.rows("SELECT COUNT(*) FROM requests")[0][0]
+    shadows = run_json(capsys, "shadow", "report", "--json", "--ledger", str(old))
+    same(shadows, run_json(capsys, "shadow", "report", "--json", "--ledger", str(migrated)))
+    assert schema(old) == before  # not migrated: no column, table, index or version changed
