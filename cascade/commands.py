@@ -56,22 +56,26 @@ def _check_bind(host: str, port: int) -> None:
 
 
 def _check_engine(cfg: Config) -> None:
-    """Build the engine once without loading any model, and check what each backend needs before it loads
-    (a model id that names nothing): the errors the server would otherwise raise from its startup, as a
-    traceback, come here as one line."""
-    from cascade.engine import Engine
+    """Check what each backend needs before it loads (a model id that names nothing), then build the engine
+    once (its ledger, its shadows) without loading any model: the errors the server would otherwise raise from
+    its startup, as a traceback, come here as one line; and nothing is created (a new ledger) for a config
+    whose tiers could not start."""
+    from cascade.engine import Engine, check_backends
+
+    check_backends(cfg)
 
     async def run() -> None:
         engine = await Engine.open(cfg)
-        try:
-            for tier in engine.tiers.values():
-                providers = getattr(tier.backend, "providers", None)  # a tier with providers checks each
-                for backend in [p.backend for p in providers] if providers else [tier.backend]:
-                    backend.check()
-        finally:
-            await engine.close()
+        await engine.close()
 
     asyncio.run(run())
+
+
+def _absolute(target: str) -> str:
+    """A SQLite ledger's path made absolute (a relative one is read from the current directory); a URL as it is."""
+    from pathlib import Path
+
+    return target if target.startswith(("postgresql://", "postgres://")) else str(Path(target).absolute())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -92,11 +96,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.shutdown import run_server
 
     configure_logging(cfg.server.log_level, cfg.server.log_format)
+    for warning in cfg.price_warnings():
+        logging.getLogger("cascade.serve").warning(warning)
     import os
 
     app = create_app(cfg, config_path=args.config or os.environ.get("CASCADE_CONFIG") or None)
     banner = (f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"
-              f" (ledger {_redact(cfg.ledger_target())})")
+              f" (ledger {_redact(_absolute(cfg.ledger_target()))})")
     if cfg.server.log_format == "json":  # every line on stderr is a JSON object
         logging.getLogger("cascade.serve").info(banner)
     else:

@@ -18,6 +18,7 @@ Environment overrides (applied after the file):
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -31,6 +32,8 @@ from cascade.errors import ConfigError
 from cascade.paths import expand_path
 
 ENV_CONFIG = "CASCADE_CONFIG"
+#: the largest config file read (a config is a few KiB; anything near this is not one)
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "CASCADE_HOST": ("server", "host"),
     "CASCADE_PORT": ("server", "port"),
@@ -226,11 +229,11 @@ class TierConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _from_providers(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("providers"):
+        if isinstance(data, dict) and data.get("providers") and isinstance(data["providers"], list):
             given = sorted(k for k in ("backend", "model", "options") if k in data)
             if given:
                 raise ValueError(f"with providers, leave out {', '.join(given)}: each provider has its own")
-            first = data["providers"][0]
+            first = data["providers"][0]  # (anything but a list: refused by the field's own validation)
             if isinstance(first, dict):
                 data = {**data, "backend": first.get("backend"), "model": first.get("model")}
         return data
@@ -553,6 +556,19 @@ class Config(_Strict):
     def model_cache_dir(self) -> Path:
         return expand_path(self.models.cache_dir, "models.cache_dir")
 
+    def price_warnings(self) -> list[str]:
+        """Tiers that call a hosted (openai) backend and were given no ``price``: their calls cost 0 in the
+        ledger, so cost budgets, daily spend limits, shadow budgets and the reports never count them (an
+        explicit price of 0, a free local server, is a choice and not warned of)."""
+        out = []
+        for t in self.tiers:
+            remote = any(p.backend == "openai" and p.price is None for p in t.providers) if t.providers \
+                else t.backend == "openai"
+            if remote and "price" not in t.model_fields_set:
+                out.append(f"tier {t.name!r} calls a hosted API and has no price: its calls are recorded at $0, "
+                           "and no cost budget, spend limit or shadow budget counts them (set tiers[].price)")
+        return out
+
 
 # --- loading -------------------------------------------------------------------------------------
 
@@ -665,6 +681,8 @@ def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source, overridden)) from exc
+    except (TypeError, KeyError, IndexError, AttributeError) as exc:  # a validator met a shape it did not expect
+        raise ConfigError(f"invalid config {source}: {type(exc).__name__}: {exc}") from exc
     return cfg if base_dir is None else _artifacts_relative_to(cfg, Path(base_dir))
 
 
@@ -686,6 +704,12 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
         source = str(p)
         base_dir = p.resolve().parent
         try:
+            st = p.stat()
+            if stat.S_ISREG(st.st_mode) and st.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config file {p} is {st.st_size} bytes, more than a config holds "
+                                  f"(at most {MAX_CONFIG_BYTES})")
+            if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):  # a pipe, a device: never read
+                raise ConfigError(f"config file {p} is not a regular file")
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None

@@ -188,6 +188,25 @@ def _class_names(*roots: type) -> frozenset[str]:
 _REFUSALS_EVERY_TIME = _class_names(InvalidRequestError, ProviderInvalidRequestError)
 
 
+def build_backend(tc: TierConfig, config: Config) -> Backend:
+    """A tier's backend, not loaded: a tier with ``providers`` gets retries, fallback between providers and
+    breakers."""
+    return (ResilientBackend.from_tier(tc, config) if tc.providers
+            else backend_class(tc.backend).from_tier(tc, config))
+
+
+def check_backends(config: Config) -> None:
+    """Build every tier's backend and calibrator as the engine does, without loading a model or opening the
+    ledger, and check what each backend needs before it loads (a model id that names nothing): a ConfigError,
+    one line, on the first problem."""
+    for tc in config.tiers:
+        backend = build_backend(tc, config)
+        providers = getattr(backend, "providers", None)  # a tier with providers checks each
+        for b in [p.backend for p in providers] if providers else [backend]:
+            b.check()
+        build_calibrator(tc.calibrator, tier=tc.name)
+
+
 class Engine:
     """Holds the tiers, the policies and the ledger. Create with ``await Engine.open(config)``."""
 
@@ -196,10 +215,7 @@ class Engine:
         self.ledger = ledger
         self.tiers: dict[str, Tier] = {}
         for tc in config.tiers:
-            # a tier with `providers` gets retries, fallback between providers and breakers
-            backend = (ResilientBackend.from_tier(tc, config) if tc.providers
-                       else backend_class(tc.backend).from_tier(tc, config))
-            self.tiers[tc.name] = Tier(config=tc, backend=backend,
+            self.tiers[tc.name] = Tier(config=tc, backend=build_backend(tc, config),
                                        calibrator=build_calibrator(tc.calibrator, tier=tc.name))
         #: per-policy (per-task) calibrator overrides: policy -> tier -> calibrator; swapped whole on reload
         self.policy_calibrators = build_policy_calibrators(config)

@@ -584,8 +584,16 @@ def _plan(engine: Any, config_path: str | None
                    for name, pol in merged_cfg.policies.items() if pol.calibrators}
     shadow_set = ShadowSet(merged_cfg, engine.tiers, policy_cals,
                            tier_calibrators={n: cals.get(n, t.calibrator) for n, t in engine.tiers.items()})
-    return merged_cfg, cals, policy_cals, shadow_set, {"not_applied": not_applied,
-                                                        "warnings": _admin_warnings(old, user_tiers, auth)}
+    warnings = _admin_warnings(old, user_tiers, auth)
+    if new is not old:  # what a restart on the file would meet: said now, not when the server next starts
+        from cascade.engine import check_backends
+
+        try:
+            check_backends(new)
+        except ConfigError as exc:
+            warnings.append(f"this file would not start a server: {exc.message}")
+        warnings += [w for w in new.price_warnings() if w not in old.price_warnings()]
+    return merged_cfg, cals, policy_cals, shadow_set, {"not_applied": not_applied, "warnings": warnings}
 
 
 def _decisions(engine: Any) -> tuple:

@@ -640,3 +640,77 @@ def test_ask_applies_the_servers_max_tokens_limit(tmp_path, capsys):
     one_error(cli(capsys, "ask", "hi", "--config", str(cfg), "--max-tokens", "99999999999"),
               "--max-tokens: 99999999999 is above this server's limit of 16")
     assert not (tmp_path / "ledger.sqlite").exists()  # refused before the engine opened its ledger
+
+
+# --- config shapes a validator did not expect, config files that are not files, unpriced hosted tiers --------
+
+
+def _openai_large(tmp_path: Path, options: str, *, price: bool = True) -> Path:
+    """The two-tier config, its large tier an openai one with ``options`` (and its price, or none)."""
+    cfg = write_config(tmp_path).read_text().replace(
+        "backend: transformers\n    model: smollm2-135m\n    price: {input_per_1m: 2.00, output_per_1m: 6.00}\n",
+        "backend: openai\n    model: gpt-x\n" + ("    price: {input_per_1m: 2.00, output_per_1m: 6.00}\n" if price
+                                                   else "") + f"    options: {options}\n")
+    p = tmp_path / "openai.yaml"
+    p.write_text(cfg)
+    return p
+
+
+@pytest.mark.parametrize("providers, needle", [
+    ("{p1: {backend: openai, model: m}}", "tiers.1.providers: Input should be a valid list"),
+    ("5", "tiers.1.providers: Input should be a valid list"),
+])
+def test_providers_that_are_not_a_list_are_one_line(tmp_path, providers, needle, capsys):
+    cfg = write_config(tmp_path).read_text().replace(
+        "backend: transformers\n    model: smollm2-135m\n    price: {input_per_1m: 2.00",
+        f"providers: {providers}\n    price: {{input_per_1m: 2.00")
+    p = tmp_path / "bad.yaml"
+    p.write_text(cfg)
+    one_error(cli(capsys, "ask", "hi", "--config", str(p)), needle)
+
+
+@pytest.mark.parametrize("extra_body, needle", [
+    ('"x"', "tiers.large.options.extra_body must be a mapping"),
+    ("{logprobs: false, top_k: 5}", "options.extra_body sets ['logprobs'], which the cascade sets itself"),
+])
+def test_an_extra_body_the_calls_could_not_use_is_refused_before_anything_is_created(tmp_path, extra_body, needle):
+    """Accepted, it failed every call (blamed on the upstream, opening its breaker) or took the first tier's
+    logprobs away; now `serve` refuses it in one line, and leaves no new ledger behind."""
+    p = _openai_large(tmp_path, f'{{base_url: "http://127.0.0.1:9/v1", extra_body: {extra_body}}}')
+    ledger = tmp_path / "new" / "ledger.sqlite"
+    one_error(cascade("serve", "--config", str(p), "--port", str(free_port()), "--ledger", str(ledger)),
+              needle.replace("tiers.large.options", "tier 'large': options"))
+    assert not ledger.parent.exists()
+
+
+def test_a_config_file_that_is_not_a_regular_file_is_never_read(tmp_path, capsys):
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)  # read, it would wait for a writer for ever
+    one_error(cli(capsys, "ask", "hi", "--config", str(fifo)), "is not a regular file")
+    one_error(cli(capsys, "ask", "hi", "--config", "/dev/zero"), "/dev/zero is not a regular file")
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as f:
+        f.truncate(17 * 1024 * 1024)
+    one_error(cli(capsys, "ask", "hi", "--config", str(big)), "more than a config holds")
+
+
+def test_serve_warns_of_a_hosted_tier_without_a_price(tmp_path):
+    """A price left out is 0: budgets and spend limits would never count the tier's calls. Said at start."""
+    port = free_port()
+    p = _openai_large(tmp_path, '{base_url: "http://127.0.0.1:9/v1"}', price=False)
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(p), "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        lines = []
+        for line in proc.stdout:  # up to the banner
+            lines.append(line)
+            if "serving policies" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    out = "".join(lines)
+    assert "tier 'large' calls a hosted API and has no price" in out, out
+    assert str(tmp_path / "ledger.sqlite") in out  # the banner names the ledger's absolute path
+    assert "tier 'small'" not in out  # a local tier priced (or not): no warning

@@ -348,6 +348,36 @@ async def test_a_reload_says_which_changes_need_a_restart(tmp_path):
         await engine.close()
 
 
+async def test_a_reload_warns_of_a_file_that_would_not_start_a_server(tmp_path):
+    """A change that needs a restart is listed under not_applied; when the file could not start a server at all
+    (a misspelt option, checked only as the backends are built), the reload says so now, not the next restart."""
+    from cascade.config import load_config
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+
+    def cfg(options: dict[str, Any], price: bool = True) -> dict[str, Any]:
+        tier = {"name": "r", "backend": "openai", "model": "m", "options": options}
+        if price:
+            tier["price"] = {"input_per_1m": 0.1, "output_per_1m": 1.0}
+        return {"ledger": {"path": str(tmp_path / "l.sqlite")}, "tiers": [tier], "policies": {"p": {"chain": ["r"]}}}
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg({"base_url": "http://127.0.0.1:9/v1"})))
+    engine = await Engine.open(load_config(path, environ={}), preload=False)
+    try:
+        path.write_text(yaml.safe_dump(cfg({"base_ur": "http://127.0.0.1:9/v1"})))
+        out = reload_engine(engine, str(path))
+        assert out["not_applied"][0].startswith("tier 'r': options")
+        assert out["warnings"] == ["this file would not start a server: tier 'r': unknown openai option(s) "
+                                   "['base_ur']; known: base_url, api_key, api_key_env, endpoint, extra_body, logprobs"]
+        path.write_text(yaml.safe_dump(cfg({"base_url": "http://127.0.0.1:9/v1"}, price=False)))
+        out = reload_engine(engine, str(path))
+        assert out["not_applied"] == ["tier 'r': price"]
+        assert [w.split(":")[0] for w in out["warnings"]] == ["tier 'r' calls a hosted API and has no price"]
+    finally:
+        await engine.close()
+
+
 async def test_a_reload_keeps_the_calibration_of_a_tier_whose_model_changes_and_names_every_unapplied_setting(
         tmp_path):
     """A tier switched to another model with the new model's threshold and calibrator: the model needs a
@@ -538,7 +568,8 @@ async def test_a_reload_never_leaves_a_shadow_naming_a_user_tier_the_server_lack
     from cascade.recalibrate import reload_engine
     from serving.auth import hash_key
 
-    up = {"backend": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}
+    up = {"backend": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"},
+          "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}}
 
     def cfg(user_tiers: dict[str, Any], shadows: dict[str, Any], keys: list[tuple[str, str]]) -> dict[str, Any]:
         return {"ledger": {"path": str(tmp_path / "l.sqlite")},

@@ -154,6 +154,12 @@ def _error_codes(exc: Any) -> set[str]:
     return {v for v in (getattr(exc, "code", None), getattr(exc, "type", None)) if isinstance(v, str) and v}
 
 
+#: the body fields each call sets from the request and the tier (``options.extra_body`` may not override them)
+_OWN_FIELDS = frozenset({"model", "messages", "prompt", "stream", "stream_options", "max_tokens",
+                         "max_completion_tokens", "logprobs", "top_logprobs", "temperature", "top_p", "stop", "seed",
+                         "n", "echo"})
+
+
 class OpenAIBackend(Backend):
     kind = "openai"
 
@@ -173,6 +179,11 @@ class OpenAIBackend(Backend):
             api_key = os.environ.get(api_key_env)
             if not api_key:
                 raise ConfigError(f"tier {self.name!r}: environment variable {api_key_env} is not set")
+        if extra_body is not None and not isinstance(extra_body, dict):
+            raise ConfigError(f"tier {self.name!r}: options.extra_body must be a mapping of body fields")
+        if taken := sorted(set(extra_body or ()) & _OWN_FIELDS):
+            raise ConfigError(f"tier {self.name!r}: options.extra_body sets {taken}, which the cascade sets itself "
+                              "on every call (for token logprobs: options.logprobs)")
         self.base_url = option_url(self.name, "base_url", base_url)
         self._api_key = api_key or "unused"
         self._endpoint = endpoint
