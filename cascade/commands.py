@@ -17,6 +17,8 @@ from cascade.types import GenerationRequest, Message
 
 def _with_cli_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     server, given = cfg.server, set()
+    if getattr(args, "host", None) is not None and not args.host.strip():  # not the config's host, silently
+        raise ConfigError("--host: empty address")
     if getattr(args, "host", None):
         server = server.model_copy(update={"host": args.host})
         given.add("server.host")
@@ -80,13 +82,15 @@ def _absolute(target: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
+    import os
     import signal
 
     if hasattr(signal, "SIGHUP"):  # a reload (systemctl reload, a logrotate hook) while models load must not
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # kill the server; the running server installs its own
     cfg = _with_cli_overrides(load_config(args.config), args)
     if cfg.server.port == 0:  # uvicorn would bind a random free port, which the banner could not name
-        where = "--port" if args.port is not None else "server.port"
+        where = ("--port" if args.port is not None else
+                 "environment variable CASCADE_PORT (server.port)" if os.environ.get("CASCADE_PORT") else "server.port")
         raise ConfigError(f"{where}: 0 would listen on a random port; give a port from 1 to 65535")
     _check_bind(cfg.server.host, cfg.server.port)
     _check_engine(cfg)
@@ -98,7 +102,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(cfg.server.log_level, cfg.server.log_format)
     for warning in cfg.price_warnings():
         logging.getLogger("cascade.serve").warning(warning)
-    import os
 
     app = create_app(cfg, config_path=args.config or os.environ.get("CASCADE_CONFIG") or None)
     banner = (f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"

@@ -53,6 +53,16 @@ def _unit_thresholds(v: dict[str, float]) -> dict[str, float]:
 Thresholds = Annotated[dict[str, float], AfterValidator(_unit_thresholds)]
 
 
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+#: a model name or path: something, not whitespace
+ModelName = Annotated[str, AfterValidator(_not_blank)]
+
+
 def _holds(annotation: Any, kinds: tuple[Any, ...]) -> bool:
     """Whether a field of this type holds one of ``kinds`` (itself, or in a union or container type)."""
     return annotation in kinds or any(_holds(a, kinds) for a in get_args(annotation))
@@ -162,7 +172,7 @@ class ProviderConfig(_Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     backend: str
-    model: str
+    model: ModelName
     options: dict[str, Any] = Field(default_factory=dict)
     #: one attempt's time limit (default: the tier's timeout_s, which also bounds the whole tier)
     timeout_s: float | None = Field(None, gt=0)
@@ -207,7 +217,7 @@ class TierConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     backend: str
     #: a model id of the local catalog (see `cascade models list`), a local directory, or a remote name
-    model: str
+    model: ModelName
     price: Price = Price()
     max_tokens: int = Field(64, ge=1, le=32768)
     #: context window in tokens: a local tier (transformers, vllm) refuses a prompt its tokenizer counts past
@@ -292,7 +302,7 @@ class ServerConfig(_Strict):
 
 class LedgerConfig(_Strict):
     #: a SQLite file, or a ``postgresql://user:pass@host:port/db`` URL (several replicas, one ledger)
-    path: str = "~/.local/share/cascade-engine/ledger.sqlite"
+    path: Annotated[str, AfterValidator(_not_blank)] = "~/.local/share/cascade-engine/ledger.sqlite"
     #: store prompts and answers' text in the ledger (off by default: privacy)
     store_text: bool = False
     #: how long a request waits for its ledger write (or read) and GET /ready for its probe: past it the
@@ -311,7 +321,7 @@ class LedgerConfig(_Strict):
 
 
 class ModelsConfig(_Strict):
-    cache_dir: str = "~/.cache/cascade-engine/models"
+    cache_dir: Annotated[str, AfterValidator(_not_blank)] = "~/.cache/cascade-engine/models"
 
 
 class UserTierConfig(_Strict):

@@ -146,6 +146,8 @@ def test_an_environment_override_error_names_the_variable_not_the_file(tmp_path)
     cfg = write_config(tmp_path)
     line = one_error(cascade("ask", "hi", "--config", str(cfg), env={"CASCADE_PORT": "abc"}), "CASCADE_PORT")
     assert str(cfg) not in line
+    one_error(cascade("ask", "hi", "--config", str(cfg), env={"CASCADE_LEDGER_PATH": " "}),
+              "environment variable CASCADE_LEDGER_PATH (ledger.path): must not be empty")
 
 
 @pytest.mark.parametrize("small, extra, chain, needle", [
@@ -623,7 +625,7 @@ def test_an_empty_path_is_refused_not_ignored(tmp_path, argv, needle, capsys):
 @pytest.mark.parametrize("argv, env, needle", [
     (["--ledger", ""], {}, "--ledger: empty path"),
     (["--port", "0"], {}, "--port: 0 would listen on a random port"),
-    ([], {"CASCADE_PORT": "0"}, "server.port: 0 would listen on a random port"),
+    ([], {"CASCADE_PORT": "0"}, "environment variable CASCADE_PORT (server.port): 0 would listen on a random port"),
 ])
 def test_serve_refuses_an_empty_ledger_and_port_0_before_the_banner(tmp_path, argv, env, needle):
     argv = argv if "--port" in argv or env else [*argv, "--port", str(free_port())]
@@ -714,3 +716,18 @@ def test_serve_warns_of_a_hosted_tier_without_a_price(tmp_path):
     assert "tier 'large' calls a hosted API and has no price" in out, out
     assert str(tmp_path / "ledger.sqlite") in out  # the banner names the ledger's absolute path
     assert "tier 'small'" not in out  # a local tier priced (or not): no warning
+
+
+@pytest.mark.parametrize("options, needle", [
+    ('{base_url: "http://127.0.0.1:9/v1", api_key: ""}', "options.api_key is empty"),
+    ('{base_url: "http://127.0.0.1:9/v1", api_key: k, api_key_env: HOME}', "api_key and api_key_env are both set"),
+])
+def test_an_api_key_that_says_two_things_or_nothing_is_refused(tmp_path, options, needle, capsys):
+    one_error(cli(capsys, "ask", "hi", "--config", str(_openai_large(tmp_path, options))), needle)
+
+
+def test_a_blank_model_and_an_empty_host_are_refused(tmp_path, capsys):
+    p = _openai_large(tmp_path, '{base_url: "http://127.0.0.1:9/v1"}')
+    p.write_text(p.read_text().replace("model: gpt-x", 'model: "  "'))
+    one_error(cli(capsys, "ask", "hi", "--config", str(p)), "tiers.1.model: must not be empty")
+    one_error(cascade("serve", "--config", str(write_config(tmp_path)), "--host", ""), "--host: empty address")

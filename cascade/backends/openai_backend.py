@@ -175,6 +175,10 @@ class OpenAIBackend(Backend):
             raise ConfigError(f"tier {self.name!r}: options.logprobs must be true or false")
         if endpoint not in ("chat", "completions"):
             raise ConfigError(f"tier {self.name!r}: options.endpoint must be 'chat' or 'completions'")
+        if api_key is not None and api_key_env:
+            raise ConfigError(f"tier {self.name!r}: options api_key and api_key_env are both set: give one")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise ConfigError(f"tier {self.name!r}: options.api_key is empty: leave it out (no key), or give the key")
         if api_key is None and api_key_env:
             api_key = os.environ.get(api_key_env)
             if not api_key:
