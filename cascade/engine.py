@@ -234,6 +234,9 @@ class Engine:
         #: no longer awaited: the HTTP layer's daily spend holds end there, when the ledger's sum includes the
         #: request. Same rules as ``record_listeners``.
         self.commit_listeners: list[Callable[[CascadeRecord, BaseException | None], None]] = []
+        #: called with (record, status, error class) when a streamed answer in hand, written as answered, is left
+        #: by its client and its row is made ``partial`` or ``cancelled`` (:meth:`_client_left`). Same rules.
+        self.correction_listeners: list[Callable[[CascadeRecord, str, str], None]] = []
         #: called with a reload's summary once it is swapped in (cascade/recalibrate.py): the HTTP layer's
         #: drift windows start afresh when it changed what decides. Same rules as ``record_listeners``.
         self.reload_listeners: list[Callable[[dict], None]] = []
@@ -484,6 +487,11 @@ class Engine:
             if f.cancelled() or f.exception() is not None:  # not written as served: nothing to correct
                 return
             self.ledger.record_client_left(rec.request_id, status, type(reason).__name__, reason.message)
+            for listener in self.correction_listeners:
+                try:
+                    listener(rec, status, type(reason).__name__)
+                except Exception:  # noqa: BLE001 - an observer never fails the request
+                    log.exception("correction listener %r failed", listener)
 
         if committed.done():
             correct(committed)

@@ -33,7 +33,7 @@ import numpy as np
 
 from calibration.calibrators import METHODS, Calibrator, make_calibrator, save_calibrator
 from cascade.config import Config, load_config
-from cascade.errors import ConfigError, DataError, PermissionDeniedError
+from cascade.errors import CascadeError, ConfigError, DataError, PermissionDeniedError
 from cascade.ledger import Ledger, _redact
 from cascade.paths import expand_path
 
@@ -590,7 +590,7 @@ def _plan(engine: Any, config_path: str | None
 
         try:
             check_backends(new)
-        except ConfigError as exc:
+        except CascadeError as exc:  # (a backend this host cannot load, too: BackendUnavailableError)
             warnings.append(f"this file would not start a server: {exc.message}")
         warnings += [w for w in new.price_warnings() if w not in old.price_warnings()]
     return merged_cfg, cals, policy_cals, shadow_set, {"not_applied": not_applied, "warnings": warnings}

@@ -149,6 +149,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         app.state.metrics.watch_breakers(app.state.engine.tiers)
         listeners = app.state.engine.sampler.listeners  # sampled shadows' calls and spend
         listeners.append(app.state.metrics.observe_shadow_call)
+        app.state.engine.correction_listeners.append(app.state.metrics.observe_client_left)
         metrics = app.state.metrics
 
         def metrics_committed(rec: CascadeRecord, error: BaseException | None) -> None:

@@ -46,6 +46,9 @@ class Metrics:
                                  "Engine time outside backend calls (features, policy, accounting)",
                                  buckets=_OVERHEAD_BUCKETS, registry=r)
         self.errors = Counter("cascade_errors", "Errors by class", ["error_class"], registry=r)
+        self.corrected = Counter("cascade_requests_corrected", "Requests counted answered (status ok) whose client "
+                                 "then left the streamed answer: the ledger row is now partial or cancelled",
+                                 ["policy", "tier", "status"], registry=r)
         self.cache_hits = Counter("cascade_cache_hits", "Requests answered from the response cache (no tier ran; "
                                   "not counted in the escalation rate)", ["policy"], registry=r)
         self.shadow_calls = Counter("cascade_shadow_sample_calls", "Calls made by sampled shadow policies "
@@ -156,6 +159,13 @@ class Metrics:
         self._child(self.shadow_calls, shadow, attempt.tier, "error" if attempt.error_class else "ok").inc()
         if attempt.cost_usd:
             self._child(self.shadow_cost, shadow, attempt.tier).inc(attempt.cost_usd)
+
+    def observe_client_left(self, rec: CascadeRecord, status: str, error_class: str) -> None:
+        """A streamed answer in hand, counted answered when its row was written, that its client left: the
+        ledger row is made ``status`` (an engine ``correction_listeners`` listener)."""
+        policy = rec.policy if self.models is None or not rec.policy or rec.policy in self.models else UNKNOWN_MODEL
+        self._child(self.corrected, policy or "-", rec.tier or "-", status).inc()
+        self._child(self.errors, error_class).inc()
 
     def observe_error(self, error_class: str) -> None:
         self._child(self.errors, error_class).inc()

@@ -48,6 +48,9 @@ class Drain:
         self._ids: set[str] = set()
         #: ids of requests in flight whose ledger rows are written
         self.recorded: set[str] = set()
+        #: the tasks of streams under way (an event stream started and not ended): cancelled by an abort even
+        #: when their rows are written (an answer in hand streams after its row is committed)
+        self.streaming: set[asyncio.Task] = set()
         #: set when the shutdown ran out of time: the error every request still running is answered with
         self.error: CascadeError | None = None
         #: called with that error before the tasks are cancelled (the app sets it to the engine's)
@@ -72,6 +75,7 @@ class Drain:
             self._ids.add(request_id)
 
     def leave(self, task: asyncio.Task) -> None:
+        self.streaming.discard(task)
         request_id = self.tasks.pop(task, None)
         if request_id is not None:
             self._ids.discard(request_id)
@@ -82,7 +86,7 @@ class Drain:
             self.recorded.add(rec.request_id)
 
     def abort(self, grace_s: float) -> None:
-        running = [t for t, rid in self.tasks.items() if rid not in self.recorded]
+        running = [t for t, rid in self.tasks.items() if rid not in self.recorded or t in self.streaming]
         if self.error is not None or not running:
             return
         self.error = ServerShutdown(f"the server shut down before the request finished (it ran past the "
@@ -117,8 +121,11 @@ class DrainMiddleware:
                 started = True
                 sse = any(k == b"content-type" and v.startswith(b"text/event-stream")
                           for k, v in msg.get("headers", ()))
+                if sse:
+                    self.drain.streaming.add(task)
             elif msg["type"] == "http.response.body" and not msg.get("more_body", False):
                 ended = True
+                self.drain.streaming.discard(task)
             sending = True  # still true if cancelled in it: uvicorn waits in send only for a client not reading
             await send(msg)
             sending = False

@@ -3,6 +3,8 @@ the running server; SIGHUP to a `cascade serve` subprocess) without dropping req
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import math
 import os
@@ -374,6 +376,15 @@ async def test_a_reload_warns_of_a_file_that_would_not_start_a_server(tmp_path):
         out = reload_engine(engine, str(path))
         assert out["not_applied"] == ["tier 'r': price"]
         assert [w.split(":")[0] for w in out["warnings"]] == ["tier 'r' calls a hosted API and has no price"]
+        if importlib.util.find_spec("vllm") is None:  # a backend this host cannot load: said, the rest applied
+            new = cfg({"base_url": "http://127.0.0.1:9/v1"})
+            new["tiers"][0]["threshold"] = 0.25
+            new["tiers"].append({"name": "v", "backend": "vllm", "model": "m", "price": {"input_per_1m": 1.0}})
+            path.write_text(yaml.safe_dump(new))
+            out = reload_engine(engine, str(path))
+            assert out["not_applied"] == ["new tier 'v'"]
+            assert out["warnings"][0].startswith("this file would not start a server: backend 'vllm' cannot be")
+            assert engine.tiers["r"].config.threshold == 0.25
     finally:
         await engine.close()
 

@@ -172,13 +172,15 @@ def test_sigterm_while_a_client_is_not_reading_writes_its_row_and_exits_at_the_g
     assert rows(tmp_path) == {rid: ("partial", "ServerShutdown")}
 
 
-def buffered_config(tmp_path: Path, port: int, small: FaultServerThread, big: FaultServerThread) -> dict:
+def buffered_config(tmp_path: Path, port: int, small: FaultServerThread, big: FaultServerThread,
+                    **server: object) -> dict:
     """Two tiers: the first answers confidently, so its answer (buffered whole before the policy keeps it) is
     the one streamed; the second is never called."""
     def tier(name: str, upstream: FaultServerThread, threshold: float) -> dict:
         return {"name": name, "backend": "openai", "model": f"{name}-model", "timeout_s": 60, "threshold": threshold,
                 "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
-    return {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "stream_send_timeout_s": 2},
+    return {"server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "stream_send_timeout_s": 2,
+                       **server},
             "ledger": {"path": str(tmp_path / "ledger.sqlite")},
             "tiers": [tier("small", small, 0.5), tier("big", big, 0.0)],
             "policies": {"cascade": {"chain": ["small", "big"]}}}
@@ -205,6 +207,7 @@ def test_a_client_that_leaves_an_answer_in_hand_is_recorded_as_partial(tmp_path,
             whole = httpx.post("http://127.0.0.1:8874/v1/chat/completions", timeout=30, json={
                 "model": "cascade", "stream": True, "max_tokens": 3000,
                 "messages": [{"role": "user", "content": "again"}]})
+            metrics = httpx.get("http://127.0.0.1:8874/metrics").text
         finally:
             if sock is not None:
                 sock.close()
@@ -219,3 +222,31 @@ def test_a_client_that_leaves_an_answer_in_hand_is_recorded_as_partial(tmp_path,
     assert whole.status_code == 200 and whole.text.rstrip().endswith("data: [DONE]")
     assert rows(tmp_path)[whole.headers["x-request-id"]] == ("ok", None)
     assert "Exception in ASGI application" not in out, out
+    # counted answered when its row was written, then said to have been left
+    assert 'cascade_requests_corrected_total{policy="cascade",status="partial",tier="small"} 1.0' in metrics
+    assert 'cascade_errors_total{error_class="ClientDisconnected"} 1.0' in metrics
+
+
+def test_sigterm_while_an_answer_in_hand_streams_to_a_client_not_reading_records_the_shutdown(tmp_path):
+    """An answer in hand streams after its row is committed: a shutdown that runs out of time still cuts it off
+    at the grace (not at uvicorn's cut-off 5 s later, with a traceback), and its row says so."""
+    with FaultServerThread(FaultServer(answer=ANSWER, logprob=-0.01), port=8878) as small, \
+            FaultServerThread(FaultServer(answer="big answer"), port=8879) as big:
+        proc = serve(buffered_config(tmp_path, 8877, small, big, graceful_shutdown_s=1, stream_send_timeout_s=60),
+                     tmp_path)
+        stalled = None
+        try:
+            stalled, rid = stalled_stream(8877, key=None)
+            time.sleep(1.0)  # the buffers between them fill up: the server waits for the client to read
+            t_term = time.monotonic()
+            out = stop(proc)
+            exited_after = time.monotonic() - t_term
+        finally:
+            if stalled is not None:
+                stalled.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert exited_after < 3.5, (exited_after, out)
+    assert "Exception in ASGI application" not in out and "timeout graceful shutdown exceeded" not in out, out
+    assert rows(tmp_path) == {rid: ("partial", "ServerShutdown")}
