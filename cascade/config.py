@@ -97,6 +97,9 @@ class _Strict(BaseModel):
         if found is not None:
             where, what = found
             raise ValueError(f"{where + ': ' if where else ''}must be a number, not a boolean ({str(what).lower()})")
+        # and a string where a boolean belongs (pydantic would read `required: "false"`, or "no", as False)
+        if isinstance(value, str) and (annotation is bool or set(get_args(annotation)) == {bool, type(None)}):
+            raise ValueError(f"must be true or false (unquoted), not the string {value!r}")
         return value
 
 
@@ -503,6 +506,8 @@ class Config(_Strict):
             raise ValueError(f"default_policy: unknown policy {self.default_policy!r}")
         models = set(self.policies) | set(names)
         for uname, ut in self.user_tiers.items():
+            if not uname.strip():
+                raise ValueError("user_tiers: a user tier name must not be empty")
             for m in ut.allowed_models:
                 if m not in models:
                     raise ValueError(f"user_tiers.{uname}.allowed_models: unknown model {m!r}")

@@ -238,7 +238,10 @@ class TransformersBackend(Backend):
 
         from cascade.models import resolve_model_path
 
-        path = resolve_model_path(self.model, self._cache_dir)
+        try:
+            path = resolve_model_path(self.model, self._cache_dir)
+        except ConfigError as exc:  # (which tier's model: a config may name several)
+            raise type(exc)(f"tier {self.name!r}: {exc.message}", param="model") from exc
         config = path / "config.json"  # what loading reads first: a directory without it is no model
         try:
             json.loads(config.read_text(encoding="utf-8"))
