@@ -73,13 +73,6 @@ def _check_engine(cfg: Config) -> None:
     asyncio.run(run())
 
 
-def _absolute(target: str) -> str:
-    """A SQLite ledger's path made absolute (a relative one is read from the current directory); a URL as it is."""
-    from pathlib import Path
-
-    return target if target.startswith(("postgresql://", "postgres://")) else str(Path(target).absolute())
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -105,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app = create_app(cfg, config_path=args.config or os.environ.get("CASCADE_CONFIG") or None)
     banner = (f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"
-              f" (ledger {_redact(_absolute(cfg.ledger_target()))})")
+              f" (ledger {_redact(cfg.ledger_target())})")
     if cfg.server.log_format == "json":  # every line on stderr is a JSON object
         logging.getLogger("cascade.serve").info(banner)
     else:

@@ -59,8 +59,8 @@ def _not_blank(v: str) -> str:
     return v
 
 
-#: a model name or path: something, not whitespace
-ModelName = Annotated[str, AfterValidator(_not_blank)]
+#: a model name, a path: something, not whitespace
+NonBlank = Annotated[str, AfterValidator(_not_blank)]
 
 
 def _holds(annotation: Any, kinds: tuple[Any, ...]) -> bool:
@@ -175,7 +175,7 @@ class ProviderConfig(_Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     backend: str
-    model: ModelName
+    model: NonBlank
     options: dict[str, Any] = Field(default_factory=dict)
     #: one attempt's time limit (default: the tier's timeout_s, which also bounds the whole tier)
     timeout_s: float | None = Field(None, gt=0)
@@ -220,7 +220,7 @@ class TierConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     backend: str
     #: a model id of the local catalog (see `cascade models list`), a local directory, or a remote name
-    model: ModelName
+    model: NonBlank
     price: Price = Price()
     max_tokens: int = Field(64, ge=1, le=32768)
     #: context window in tokens: a local tier (transformers, vllm) refuses a prompt its tokenizer counts past
@@ -242,11 +242,12 @@ class TierConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _from_providers(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("providers") and isinstance(data["providers"], list):
+        # (providers that are no list: refused by the field's own validation)
+        if isinstance(data, dict) and isinstance(providers := data.get("providers"), list) and providers:
             given = sorted(k for k in ("backend", "model", "options") if k in data)
             if given:
                 raise ValueError(f"with providers, leave out {', '.join(given)}: each provider has its own")
-            first = data["providers"][0]  # (anything but a list: refused by the field's own validation)
+            first = providers[0]
             if isinstance(first, dict):
                 data = {**data, "backend": first.get("backend"), "model": first.get("model")}
         return data
@@ -305,7 +306,7 @@ class ServerConfig(_Strict):
 
 class LedgerConfig(_Strict):
     #: a SQLite file, or a ``postgresql://user:pass@host:port/db`` URL (several replicas, one ledger)
-    path: Annotated[str, AfterValidator(_not_blank)] = "~/.local/share/cascade-engine/ledger.sqlite"
+    path: NonBlank = "~/.local/share/cascade-engine/ledger.sqlite"
     #: store prompts and answers' text in the ledger (off by default: privacy)
     store_text: bool = False
     #: how long a request waits for its ledger write (or read) and GET /ready for its probe: past it the
@@ -324,7 +325,7 @@ class LedgerConfig(_Strict):
 
 
 class ModelsConfig(_Strict):
-    cache_dir: Annotated[str, AfterValidator(_not_blank)] = "~/.cache/cascade-engine/models"
+    cache_dir: NonBlank = "~/.cache/cascade-engine/models"
 
 
 class UserTierConfig(_Strict):
@@ -564,9 +565,10 @@ class Config(_Strict):
         return expand_path(self.ledger.path, "ledger.path")
 
     def ledger_target(self) -> str:
-        """What :class:`cascade.ledger.Ledger` opens: a SQLite path or a PostgreSQL URL."""
+        """What :class:`cascade.ledger.Ledger` opens: a PostgreSQL URL, or a SQLite path made absolute (a relative
+        one is read from the current directory: every message, and the server's banner, names the file itself)."""
         p = self.ledger.path
-        return p if p.startswith(("postgresql://", "postgres://")) else str(self.ledger_path())
+        return p if p.startswith(("postgresql://", "postgres://")) else str(self.ledger_path().absolute())
 
     def model_cache_dir(self) -> Path:
         return expand_path(self.models.cache_dir, "models.cache_dir")

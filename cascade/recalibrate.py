@@ -592,7 +592,8 @@ def _plan(engine: Any, config_path: str | None
             check_backends(new)
         except CascadeError as exc:  # (a backend this host cannot load, too: BackendUnavailableError)
             warnings.append(f"this file would not start a server: {exc.message}")
-        warnings += [w for w in new.price_warnings() if w not in old.price_warnings()]
+        running = set(old.price_warnings())
+        warnings += [w for w in new.price_warnings() if w not in running]
     return merged_cfg, cals, policy_cals, shadow_set, {"not_applied": not_applied, "warnings": warnings}
 
 

@@ -149,22 +149,28 @@ def test_a_client_that_stops_reading_is_cut_off_and_lets_go_of_everything_it_hel
     assert "cutting it off" in out and "Exception in ASGI application" not in out, out
 
 
+def sigterm_while_stalled(proc: subprocess.Popen, port: int, key: str | None) -> tuple[str, str, float]:
+    """A client that stops reading its stream from ``proc`` (serving on ``port``), then SIGTERM: the request's
+    id, the server's output and how long it took to exit."""
+    stalled = None
+    try:
+        stalled, rid = stalled_stream(port, key=key)
+        time.sleep(1.0)  # the buffers between them fill up: the server waits for the client to read
+        t_term = time.monotonic()
+        out = stop(proc)
+        return rid, out, time.monotonic() - t_term
+    finally:
+        if stalled is not None:
+            stalled.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_sigterm_while_a_client_is_not_reading_writes_its_row_and_exits_at_the_grace(tmp_path):
     with FaultServerThread(FaultServer(answer=ANSWER), port=8873) as upstream:
         proc = serve(config(tmp_path, 8872, upstream, graceful_shutdown_s=1, stream_send_timeout_s=60), tmp_path)
-        stalled = None
-        try:
-            stalled, rid = stalled_stream(8872)
-            time.sleep(1.0)  # the buffers between them fill up: the server waits for the client to read
-            t_term = time.monotonic()
-            out = stop(proc)
-            exited_after = time.monotonic() - t_term
-        finally:
-            if stalled is not None:
-                stalled.close()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        rid, out, exited_after = sigterm_while_stalled(proc, 8872, CAPPED)
     assert proc.returncode in (0, -signal.SIGTERM), out
     # at the 1 s grace, not at uvicorn's own cut-off 5 s later
     assert exited_after < 3.5, (exited_after, out)
@@ -234,19 +240,8 @@ def test_sigterm_while_an_answer_in_hand_streams_to_a_client_not_reading_records
             FaultServerThread(FaultServer(answer="big answer"), port=8879) as big:
         proc = serve(buffered_config(tmp_path, 8877, small, big, graceful_shutdown_s=1, stream_send_timeout_s=60),
                      tmp_path)
-        stalled = None
-        try:
-            stalled, rid = stalled_stream(8877, key=None)
-            time.sleep(1.0)  # the buffers between them fill up: the server waits for the client to read
-            t_term = time.monotonic()
-            out = stop(proc)
-            exited_after = time.monotonic() - t_term
-        finally:
-            if stalled is not None:
-                stalled.close()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        rid, out, exited_after = sigterm_while_stalled(proc, 8877, None)
+    assert proc.returncode in (0, -signal.SIGTERM), out
     assert exited_after < 3.5, (exited_after, out)
     assert "Exception in ASGI application" not in out and "timeout graceful shutdown exceeded" not in out, out
     assert rows(tmp_path) == {rid: ("partial", "ServerShutdown")}
