@@ -85,7 +85,8 @@ def _netcal_temperature(z: np.ndarray, y: np.ndarray) -> float:
     try:
         from netcal.scaling import TemperatureScaling as _NetcalTS
     except ImportError as exc:  # pragma: no cover - netcal is an optional extra
-        raise ImportError("use_netcal=True needs netcal (pip install 'cascade-engine[calibration]')") from exc
+        raise ImportError("use_netcal=True needs netcal, which is not installed (it requires torch: install "
+                          "torch==2.13.0 first, then pip install 'cascade-engine[calibration]')") from exc
     import warnings
 
     ts = _NetcalTS()

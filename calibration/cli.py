@@ -107,6 +107,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--folds must be at least 2, got {args.folds}")
     if args.use_netcal and args.method != "temperature":
         raise ConfigError(f"--use-netcal fits temperature scaling: it needs --method temperature, not {args.method}")
+    if args.use_netcal:
+        from cascade.backends import missing_modules
+
+        if missing_modules("netcal"):
+            raise ConfigError("--use-netcal needs netcal, which is not installed (it requires torch: install "
+                              "torch==2.13.0 first, then pip install 'cascade-engine[calibration]'); without "
+                              "--use-netcal the same one-parameter fit runs on numpy")
     if args.criterion is not None and args.method != "auto":
         raise ConfigError(f"--criterion chooses the method of --method auto; with --method {args.method} it would "
                           "do nothing")

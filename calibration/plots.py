@@ -31,7 +31,8 @@ def pyplot() -> Any:
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - matplotlib is an optional extra
-        raise ConfigError("plots need matplotlib (pip install 'cascade-engine[calibration]')") from exc
+        raise ConfigError("plots need matplotlib, which is not installed (pip install matplotlib, or the "
+                          "calibration extra after torch==2.13.0: pip install 'cascade-engine[calibration]')") from exc
     return plt
 
 

@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from cascade.engine import Engine
+    from cascade.engine import Engine, check_backends
 
     cfg = _with_cli_overrides(load_config(args.config), args)
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -125,6 +125,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         messages.append(Message("system", args.system))
     messages.append(Message("user", args.question))
     request = GenerationRequest(messages=tuple(messages), max_tokens=args.max_tokens)
+    check_backends(cfg)  # as `serve` does: no ledger is created for a config whose tiers could not start
 
     async def run():  # noqa: ANN202
         engine = await Engine.open(cfg)

@@ -723,6 +723,17 @@ def _usable_cache(cache: Path) -> Path:
     return cache
 
 
+def _check_converter_libraries(model_id: str) -> None:
+    """The conversion (GGUF to safetensors) runs transformers on torch and reads GGUF with gguf: one line naming
+    what is missing, before anything is downloaded (the base install, for hosted tiers, has none of them)."""
+    from cascade.backends import missing_modules
+
+    if missing := missing_modules("torch", "transformers", "gguf", "safetensors"):
+        raise ModelNotPreparedError(
+            f"preparing {model_id} needs {', '.join(missing)}, not installed here: install torch==2.13.0 first "
+            "(the CPU build), then pip install 'cascade-engine[local]'")
+
+
 def prepare_model(model_id: str, cache_dir: str | os.PathLike[str] | None = None, *, force: bool = False,
                   keep_gguf: bool = False, progress: bool = True, prune_wheels: bool = False) -> Path:
     """Prepare one catalog model and return its directory. Quick (a marker check) when already prepared."""
@@ -742,6 +753,7 @@ def prepare_model(model_id: str, cache_dir: str | os.PathLike[str] | None = None
         reporter.log(f"[bold]{model_id}[/bold]: already prepared in {final}")
         return final
 
+    _check_converter_libraries(model_id)  # before a download that could not be converted
     cache.mkdir(parents=True, exist_ok=True)
     with _model_lock(cache, model_id, reporter):
         if not force and is_prepared(model_id, cache):  # another process finished it while we waited

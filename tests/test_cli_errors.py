@@ -736,3 +736,65 @@ def test_a_blank_model_and_an_empty_host_are_refused(tmp_path, capsys):
     p.write_text(p.read_text().replace("model: gpt-x", 'model: "  "'))
     one_error(cli(capsys, "ask", "hi", "--config", str(p)), "tiers.1.model: must not be empty")
     one_error(cascade("serve", "--config", str(write_config(tmp_path)), "--host", ""), "--host: empty address")
+
+
+# --- an install without the optional libraries (the base install serves hosted tiers only) -----------------
+
+_BLOCKER = '''\
+import sys
+
+BLOCKED = {blocked!r}
+
+
+class _Blocked:
+    """Stands for an install without these packages: importing one (or find_spec) fails as if absent."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Blocked())
+'''
+
+
+def without(tmp_path: Path, *modules: str) -> dict[str, str]:
+    """The environment of a process in which these top-level modules cannot be imported (a sitecustomize that
+    puts a refusing finder first on ``sys.meta_path``)."""
+    site = tmp_path / "blocker"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_BLOCKER.format(blocked=set(modules)))
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+
+
+def test_without_torch_serve_ask_and_prepare_say_what_to_install_before_creating_anything(tmp_path):
+    env = without(tmp_path, "torch", "transformers")
+    cfg = write_config(tmp_path)
+    r = cascade("serve", "--config", str(cfg), "--port", str(free_port()), env=env)
+    one_error(r, "tier 'small': the transformers backend needs torch and transformers, which are not installed",
+              "install torch==2.13.0 first", "cascade-engine[local]")
+    assert "serving policies" not in r.stderr
+    assert not (tmp_path / "ledger.sqlite").exists()
+    r = cascade("ask", "--config", str(cfg), "hi", env=env)
+    one_error(r, "the transformers backend needs torch and transformers")
+    assert not (tmp_path / "ledger.sqlite").exists()
+    r = cascade("models", "prepare", "smollm2-135m", "--cache-dir", str(tmp_path / "cache"), env=env)
+    one_error(r, "preparing smollm2-135m needs torch, transformers, not installed here",
+              "install torch==2.13.0 first")
+    assert not (tmp_path / "cache").exists()  # nothing downloaded that could not be converted
+
+
+def test_without_netcal_use_netcal_is_one_line_and_the_numpy_fit_still_runs(tmp_path):
+    env = without(tmp_path, "netcal")
+    data = tmp_path / "d.jsonl"
+    rows = [{"idx": i, "models": {"m": {"answer": "A", "raw_conf_logprob": -0.05 * (i % 20),
+                                        "correct": i % 3 != 0, "cost_usd": 0.001}}} for i in range(60)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "a.json"
+    r = cascade("calibrate", "--data", str(data), "--model", "m", "--out", str(out), "--use-netcal", env=env)
+    one_error(r, "--use-netcal needs netcal, which is not installed", "install torch==2.13.0 first")
+    assert not out.exists()
+    r = cascade("calibrate", "--data", str(data), "--model", "m", "--out", str(out), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["method"] == "temperature"

@@ -25,6 +25,22 @@ _INSTALL_HINT = {
 }
 
 
+def missing_modules(*names: str) -> list[str]:
+    """Which of these top-level modules cannot be imported here. A cheap ``find_spec``: nothing is imported, so
+    a command can name what an install lacks (torch, transformers, netcal...) before it starts any work."""
+    import importlib.util
+
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken install, or an import hook that refuses the name
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def register_backend(name: str, target: str) -> None:
     """Register a backend class by ``"module:Class"`` path (imported lazily)."""
     _REGISTRY[name] = target
@@ -54,4 +70,4 @@ def create_backend(name: str, **kwargs: Any) -> Backend:
     return backend_class(name)(**kwargs)
 
 
-__all__ = ["Backend", "register_backend", "backend_names", "backend_class", "create_backend"]
+__all__ = ["Backend", "missing_modules", "register_backend", "backend_names", "backend_class", "create_backend"]

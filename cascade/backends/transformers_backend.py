@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cascade.backends import missing_modules
 from cascade.backends.base import Backend, RecentPrompts, StartOnce, TokenBytes, TokenTexts, option_int
-from cascade.errors import ConfigError, ContextLengthExceededError, ProviderServerError
+from cascade.errors import BackendUnavailableError, ConfigError, ContextLengthExceededError, ProviderServerError
 from cascade.types import (
     GenerationRequest,
     GenerationResult,
@@ -42,6 +43,22 @@ from cascade.types import (
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"cpu|auto|cuda(:(0|[1-9][0-9]*))?")
+
+
+#: the libraries a model load imports: an install without them (the base install serves hosted tiers only)
+#: gets one line naming what is missing and how to install it, before any ledger or banner
+_LIBRARIES = ("torch", "transformers")
+_LIBRARIES_HINT = "install torch==2.13.0 first (the CPU build), then pip install 'cascade-engine[local]'"
+
+
+def missing_libraries() -> list[str]:
+    """Which of torch and transformers cannot be imported here (nothing is imported)."""
+    return missing_modules(*_LIBRARIES)
+
+
+def _unavailable(tier: str, missing: list[str]) -> BackendUnavailableError:
+    return BackendUnavailableError(f"tier {tier!r}: the transformers backend needs {' and '.join(missing)}, "
+                                   f"which {'is' if len(missing) == 1 else 'are'} not installed: {_LIBRARIES_HINT}")
 
 
 def auto_device() -> str:
@@ -238,6 +255,9 @@ class TransformersBackend(Backend):
 
         from cascade.models import resolve_model_path
 
+        if missing := missing_libraries():
+            raise _unavailable(self.name, missing)
+
         try:
             path = resolve_model_path(self.model, self._cache_dir)
         except ConfigError as exc:  # (which tier's model: a config may name several)
@@ -295,9 +315,12 @@ class TransformersBackend(Backend):
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-        from transformers.utils import logging as hf_logging
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+            from transformers.utils import logging as hf_logging
+        except ModuleNotFoundError as exc:  # started without check() (the Python API): the same one line
+            raise _unavailable(self.name, missing_libraries() or [str(exc.name)]) from exc
 
         hf_logging.disable_progress_bar()
         if self._threads:
