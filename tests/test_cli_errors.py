@@ -798,3 +798,11 @@ def test_without_netcal_use_netcal_is_one_line_and_the_numpy_fit_still_runs(tmp_
     r = cascade("calibrate", "--data", str(data), "--model", "m", "--out", str(out), "--json", env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["method"] == "temperature"
+
+
+def test_a_model_not_prepared_is_named_with_its_tier(tmp_path):
+    cfg = write_config(tmp_path, extra=f"models: {{cache_dir: {tmp_path / 'empty-cache'}}}")
+    r = cascade("ask", "--config", str(cfg), "hi")
+    one_error(r, "tier 'small': model 'smollm2-135m' is not prepared under",
+              f"cascade models prepare smollm2-135m --cache-dir {tmp_path / 'empty-cache'}")
+    assert not (tmp_path / "ledger.sqlite").exists()

@@ -29,7 +29,13 @@ from typing import Any
 
 from cascade.backends import missing_modules
 from cascade.backends.base import Backend, RecentPrompts, StartOnce, TokenBytes, TokenTexts, option_int
-from cascade.errors import BackendUnavailableError, ConfigError, ContextLengthExceededError, ProviderServerError
+from cascade.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ContextLengthExceededError,
+    ModelNotPreparedError,
+    ProviderServerError,
+)
 from cascade.types import (
     GenerationRequest,
     GenerationResult,
@@ -260,7 +266,7 @@ class TransformersBackend(Backend):
 
         try:
             path = resolve_model_path(self.model, self._cache_dir)
-        except ConfigError as exc:  # (which tier's model: a config may name several)
+        except (ConfigError, ModelNotPreparedError) as exc:  # (which tier's model: a config may name several)
             raise type(exc)(f"tier {self.name!r}: {exc.message}", param="model") from exc
         config = path / "config.json"  # what loading reads first: a directory without it is no model
         try:

@@ -59,6 +59,7 @@ from cascade.errors import (
     CascadeError,
     ConfigError,
     ContextLengthExceededError,
+    ModelNotPreparedError,
     ProviderInvalidRequestError,
     ProviderServerError,
     ProviderTimeoutError,
@@ -259,7 +260,10 @@ class VLLMBackend(Backend):
                           param="model")
 
     def check(self) -> None:
-        self._resolve_model()
+        try:
+            self._resolve_model()
+        except ModelNotPreparedError as exc:  # (which tier's model: a config may name several)
+            raise ModelNotPreparedError(f"tier {self.name!r}: {exc.message}", param="model") from exc
 
     async def start(self) -> None:
         """Build the engine (once; see ``StartOnce``: a cancelled caller never leaves an engine built and lost)."""
