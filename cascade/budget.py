@@ -3,6 +3,7 @@ what the cost budget still pays for: the live cascade's, and a sampled shadow's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,23 @@ class Budget:
     on_latency: str = "escalate"            # escalate | best_answer
     cost_usd: float | None = None           # all attempts together
     on_cost: str = "refuse"                 # refuse | truncate
+
+    def check(self) -> "Budget":
+        """This budget, or :class:`~cascade.errors.InvalidRequestError` naming the field (the config's user tiers
+        are checked when the config loads; a budget built in code is checked here)."""
+        from cascade.errors import InvalidRequestError
+
+        for name in ("latency_s", "cost_usd"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v <= 0):
+                raise InvalidRequestError(f"budget.{name} must be a finite number above 0 (or None), got {v!r}",
+                                          param=f"budget.{name}")
+        for name, allowed in (("on_latency", ("escalate", "best_answer")), ("on_cost", ("refuse", "truncate"))):
+            if getattr(self, name) not in allowed:
+                raise InvalidRequestError(f"budget.{name} must be one of {', '.join(allowed)}, got "
+                                          f"{getattr(self, name)!r}", param=f"budget.{name}")
+        return self
 
 
 def dearest_price(tier: Any) -> Price:

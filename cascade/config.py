@@ -713,6 +713,8 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
     env = os.environ if environ is None else environ
     if path is None:
         path = env.get(ENV_CONFIG) or None
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"the config file must be a path (str or os.PathLike), got {type(path).__name__}")
     base_dir = None
     if path is None:
         text, source = default_config_text(), "<embedded default cpu.yaml>"

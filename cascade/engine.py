@@ -30,6 +30,9 @@ from cascade.errors import (
     ClientDisconnected,
     ConfigError,
     ContextLengthExceededError,
+    EngineClosedError,
+    EngineLoopError,
+    InternalError,
     InvalidRequestError,
     LedgerError,
     LedgerUnavailableError,
@@ -50,7 +53,7 @@ from cascade.resilience import (
     merge_provider_attempts,
 )
 from cascade.types import (Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage,
-                           answer_tokens)
+                           answer_tokens, checked_request)
 
 if TYPE_CHECKING:
     from cascade.shadow import ShadowSet
@@ -208,11 +211,21 @@ def check_backends(config: Config) -> None:
 
 
 class Engine:
-    """Holds the tiers, the policies and the ledger. Create with ``await Engine.open(config)``."""
+    """Holds the tiers, the policies and the ledger. Create with ``await Engine.open(config)`` (or ``async with
+    await Engine.open(config) as engine``), use it on that event loop only, and ``await engine.close()``."""
 
     def __init__(self, config: Config, *, ledger: Ledger) -> None:
         self.config = config
         self.ledger = ledger
+        #: the event loop the engine belongs to (its ledger thread answers there, its backends' workers and
+        #: connections live there): set when it is built inside one, else at its first request
+        self._loop: asyncio.AbstractEventLoop | None = _running_loop()
+        #: set by :meth:`close`: its task, which a second close waits for
+        self._closing: asyncio.Task[None] | None = None
+        #: the tasks running a request now (:meth:`run_uncommitted`, :meth:`stream`), with how many each runs
+        self._callers: dict[asyncio.Task, int] = {}
+        #: request ids given by callers that are being answered now (the ledger's are checked as well)
+        self._ids_in_flight: set[str] = set()
         self.tiers: dict[str, Tier] = {}
         for tc in config.tiers:
             self.tiers[tc.name] = Tier(config=tc, backend=build_backend(tc, config),
@@ -251,6 +264,8 @@ class Engine:
 
     @classmethod
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
+        """Open the ledger and build the tiers (``preload``: load every tier's model now, else at its first
+        call). The engine belongs to the running event loop."""
         ledger = await Ledger(config.ledger_target(), store_text=config.ledger.store_text,
                               timeout_s=config.ledger.timeout_s, max_pending=config.ledger.max_pending).open()
         try:
@@ -267,11 +282,98 @@ class Engine:
         for name in names or list(self.tiers):
             await self.tiers[name].backend.start()
 
-    async def close(self) -> None:
-        await self.sampler.close()  # in-flight shadow samples finish (or are cancelled) and are recorded
-        for tier in self.tiers.values():
-            await tier.backend.close()
-        await self.ledger.close()
+    async def close(self, grace_s: float | None = None) -> None:
+        """Stop taking requests (a new one raises :class:`EngineClosedError`), let those in flight finish for at
+        most ``grace_s`` seconds (default ``server.graceful_shutdown_s``), cancel the rest (their rows carry
+        ``EngineClosedError``), then close the shadow sampler, every backend and the ledger, each even if one
+        before it failed. A second call waits for the first."""
+        self._check_loop()
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(self.config.server.graceful_shutdown_s
+                                                              if grace_s is None else grace_s))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, grace_s: float) -> None:
+        await self._wait_for_callers(grace_s)
+        failed: list[BaseException] = []
+        closers = [self.sampler.close]  # in-flight shadow samples finish (or are cancelled) and are recorded
+        closers += [tier.backend.close for tier in self.tiers.values()]
+        for close in [*closers, self.ledger.close]:
+            try:
+                await close()
+            except Exception as exc:  # noqa: BLE001 - the rest still close; the first failure is raised after
+                log.warning("closing the engine: %s failed: %s: %s", getattr(close, "__qualname__", close),
+                            type(exc).__name__, exc)
+                failed.append(exc)
+        if failed:
+            raise failed[0]
+
+    async def _wait_for_callers(self, grace_s: float) -> None:
+        """Until no request runs, for at most ``grace_s``; then cancel those still running (as a server's
+        shutdown does) and wait until they have recorded themselves."""
+        me = asyncio.current_task()
+        deadline = time.monotonic() + grace_s
+        while any(t is not me for t in self._callers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        late = [t for t in self._callers if t is not me]
+        if not late:
+            return
+        log.warning("closing the engine: %d requests still running after %.1f s are cancelled", len(late), grace_s)
+        self.abort_in_flight(EngineClosedError(f"the engine was closed before the request finished (it ran past "
+                                               f"the close's grace of {grace_s:g} s)"))
+        for t in late:
+            t.cancel()
+        deadline = time.monotonic() + 10.0  # (their rows are written under shield; a stuck one is not waited on)
+        while any(t is not me and not t.done() for t in self._callers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def _check_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise EngineLoopError("this engine was opened on another event loop: its ledger thread, backends and "
+                                  "connections belong to that loop; use it there, or open an engine in this one "
+                                  "(Engine.open)")
+
+    def _check_open(self) -> None:
+        """The engine is open, and this is its event loop (else raised, with no row: nothing could record it)."""
+        self._check_loop()
+        if self._closing is not None:
+            raise EngineClosedError("the engine is closed (Engine.close()): it takes no more requests")
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Count the current task as running a request (:meth:`close` waits for it)."""
+        task = asyncio.current_task()
+        self._callers[task] = self._callers.get(task, 0) + 1
+        try:
+            yield
+        finally:
+            if (n := self._callers.get(task, 1) - 1) > 0:
+                self._callers[task] = n
+            else:
+                self._callers.pop(task, None)
+
+    async def _check_request_id(self, request_id: str) -> None:
+        """A caller's own request id names no request yet (the ledger keeps one row per id, so a second request
+        under it would be answered, and paid, and then fail to be recorded); it is held as in flight."""
+        if not isinstance(request_id, str) or not request_id or len(request_id) > 128:
+            raise InvalidRequestError(f"request_id must be a string of 1 to 128 characters, got {request_id!r}",
+                                      param="request_id")
+        used = request_id in self._ids_in_flight
+        if not used:
+            self._ids_in_flight.add(request_id)  # (before the read: a second request under it waits for none)
+            try:
+                used = bool(await self.ledger.query("SELECT 1 FROM requests WHERE request_id = ?", (request_id,)))
+            except BaseException:
+                self._ids_in_flight.discard(request_id)
+                raise
+            if used:
+                self._ids_in_flight.discard(request_id)
+        if used:
+            raise InvalidRequestError(f"request_id {request_id!r} names a request already made: the ledger keeps "
+                                      "one row per request; give each request its own id", param="request_id")
 
     def abort_in_flight(self, reason: CascadeError) -> None:
         """Say why the requests about to be cancelled are cancelled (a graceful shutdown ran out of time):
@@ -362,6 +464,42 @@ class Engine:
         ``cache`` (with the response cache on): "use" it, "refresh" it (answer afresh, store the answer) or
         "bypass" it (neither read nor store).
         """
+        with self._in_flight():
+            request = await self._admitted(request, budget, model=model, endpoint=endpoint, request_id=request_id,
+                                           api_key_id=api_key_id, user_tier=user_tier, end_user=end_user,
+                                           metadata=metadata)
+            try:
+                return await self._run_uncommitted(request, model, endpoint, request_id, api_key_id, user_tier,
+                                                   budget, cache, end_user, metadata)
+            finally:
+                if request_id is not None:
+                    self._ids_in_flight.discard(request_id)
+
+    async def _admitted(self, request: GenerationRequest, budget: Budget | None, *, model: str | None,
+                        endpoint: str, request_id: str | None, **attribution: object) -> GenerationRequest:
+        """What every request meets first: the engine open and on its own loop; a caller's own request id that
+        names no request yet (it is then held as in flight: the caller discards it when done); a well-formed
+        request and budget, else :class:`InvalidRequestError`, recorded as a refusal as the HTTP layer's are."""
+        self._check_open()
+        if request_id is not None and type(request_id) is not _MintedId:
+            await self._check_request_id(request_id)
+        try:
+            if budget is not None:
+                budget.check()
+            return checked_request(request)
+        except InvalidRequestError as exc:
+            try:
+                await self.record_refusal(exc, model=model if isinstance(model, str) else None, endpoint=endpoint,
+                                          request_id=request_id, **attribution)
+            finally:
+                if request_id is not None:
+                    self._ids_in_flight.discard(request_id)
+            raise
+
+    async def _run_uncommitted(self, request: GenerationRequest, model: str | None, endpoint: str,
+                               request_id: str | None, api_key_id: str | None, user_tier: str | None,
+                               budget: Budget | None, cache: str, end_user: str | None,
+                               metadata: dict[str, str] | None) -> "tuple[Outcome, asyncio.Future[None]]":
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         t0 = time.perf_counter()
         await self._refuse_while_ledger_down(rec, model, t0)
@@ -400,6 +538,23 @@ class Engine:
         stream ends with :class:`StreamFailed` and the ledger records the partial answer. ``cache``: as
         :meth:`run_uncommitted` (a hit is streamed as a buffered answer; an answer streamed live is stored).
         """
+        with self._in_flight():
+            request = await self._admitted(request, budget, model=model, endpoint=endpoint, request_id=request_id,
+                                           api_key_id=api_key_id, user_tier=user_tier, end_user=end_user,
+                                           metadata=metadata)
+            events = self._stream(request, model, endpoint, request_id, api_key_id, user_tier, budget, cache,
+                                  end_user, metadata)
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                await events.aclose()
+                if request_id is not None:
+                    self._ids_in_flight.discard(request_id)
+
+    async def _stream(self, request: GenerationRequest, model: str | None, endpoint: str, request_id: str | None,
+                      api_key_id: str | None, user_tier: str | None, budget: Budget | None, cache: str,
+                      end_user: str | None, metadata: dict[str, str] | None) -> AsyncIterator[StreamEvent]:
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         t0 = time.perf_counter()
         await self._refuse_while_ledger_down(rec, model, t0)
@@ -646,6 +801,11 @@ class Engine:
         except asyncio.CancelledError:
             await self._record_failure(rec, None, route, t0)
             raise
+        except Exception as exc:  # a fault of ours: recorded, and raised as one of ours (the cause chained)
+            log.exception("request %s failed", rec.request_id)  # (the detail: in the log only, as at the edge)
+            err = InternalError("internal server error")
+            await self._record_failure(rec, err, route, t0)
+            raise err from exc
 
     async def _refuse_while_ledger_down(self, rec: CascadeRecord, model: str | None, t0: float) -> None:
         """While the ledger cannot be written (a write failed, or a probe said so), refuse the request before
@@ -793,7 +953,7 @@ class Engine:
     def _new_record(self, model: str | None, endpoint: str, request_id: str | None, api_key_id: str | None,
                     user_tier: str | None, end_user: str | None = None,
                     metadata: dict[str, str] | None = None) -> CascadeRecord:
-        return CascadeRecord(request_id=request_id or new_request_id(), policy=model or "",
+        return CascadeRecord(request_id=str(request_id or new_request_id()), policy=model or "",
                              created_at=time.time(), endpoint=endpoint, api_key_id=api_key_id,
                              user_tier=user_tier, end_user=end_user, metadata=metadata or None)
 
@@ -1072,8 +1232,22 @@ def _serves_answer_in_hand(exc: CascadeError) -> bool:
     return exc.fall_over or isinstance(exc, (ContextLengthExceededError, ProviderInvalidRequestError))
 
 
+class _MintedId(str):
+    """A request id minted by :func:`new_request_id` (96 random bits): it names no request yet, so a request under
+    it is not looked up in the ledger (the HTTP layer mints one per request, before the engine sees it)."""
+
+    __slots__ = ()
+
+
 def new_request_id() -> str:
-    return "casc-" + uuid.uuid4().hex[:24]
+    return _MintedId("casc-" + uuid.uuid4().hex[:24])
+
+
+def _running_loop() -> "asyncio.AbstractEventLoop | None":
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 __all__ = ["Budget", "Engine", "Outcome", "Route", "StreamDelta", "StreamEnd", "StreamEvent", "StreamFailed",

@@ -250,6 +250,21 @@ class ServerShutdown(CascadeError):
     should_retry = True
 
 
+class EngineClosedError(ServerShutdown):
+    """The engine was closed (``Engine.close()``): it takes no request; one still running when the close's grace
+    ran out was cancelled, and its ledger row carries this class."""
+
+    code = "engine_closed"
+
+
+class EngineLoopError(CascadeError):
+    """An engine was used from an event loop other than the one that opened it. Its ledger thread, its backends'
+    workers and connections belong to that loop: open one engine per loop (one ``asyncio.run`` for the engine's
+    whole life, or ``Engine.open`` inside each)."""
+
+    code = "wrong_event_loop"
+
+
 class LedgerError(CascadeError):
     error_type = "ledger_error"
 

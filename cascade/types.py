@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 
@@ -116,6 +117,87 @@ class GenerationRequest:
         if self.messages is None:
             return rough_token_count(self.prompt or "") + 1
         return _PER_REQUEST + sum(_PER_MESSAGE + rough_token_count(m.content) for m in self.messages)
+
+
+#: the roles a request's messages may have (the HTTP layer sends OpenAI's ``developer`` as ``system``)
+REQUEST_ROLES = ("system", "user", "assistant", "developer")
+
+
+def _bad(message: str, param: str) -> Exception:
+    from cascade.errors import InvalidRequestError
+
+    return InvalidRequestError(message, param=param)
+
+
+def _text(value: Any, param: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(f"{param} must be a string, got {type(value).__name__}", param)
+    if not value.isascii() and not is_utf8(value):
+        raise _bad(f"{param}: text is not valid Unicode (a lone surrogate such as \\ud800)", param)
+    return value
+
+
+def _number(value: Any, param: str, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < low or value > high or (low_open and value == low):
+        raise _bad(f"{param} must be a number {'above' if low_open else 'from'} {low:g} {'up ' if low_open else ''}"
+                   f"to {high:g}, got {value!r}", param)
+    return value
+
+
+def _integer(value: Any, param: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise _bad(f"{param} must be an integer of at least {low}" + (f" and at most {high}" if high is not None
+                                                                      else "") + f", got {value!r}", param)
+    return value
+
+
+def checked_request(request: Any) -> "GenerationRequest":
+    """``request`` as the engine takes it, or :class:`~cascade.errors.InvalidRequestError` naming the field: what
+    the HTTP layer's wire types check, for a request built in code (the Python API), so that a malformed one is
+    refused before any tier runs (a local tier's refusal would otherwise escalate it, and a hosted tier be paid
+    for it). A single ``stop`` string and lists stand for tuples, as OpenAI's API takes them."""
+    if not isinstance(request, GenerationRequest):
+        raise _bad(f"the request must be a cascade.types.GenerationRequest, got {type(request).__name__}",
+                   "request")
+    changes: dict[str, Any] = {}
+    if (request.messages is None) == (request.prompt is None):
+        raise _bad("a request has either messages (chat) or a prompt (completion), not both or neither",
+                   "messages")
+    if request.messages is not None:
+        messages = request.messages
+        if not isinstance(messages, (tuple, list)) or not messages:
+            raise _bad("messages must be a non-empty sequence of cascade.types.Message", "messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, Message):
+                raise _bad(f"messages[{i}] must be a cascade.types.Message, got {type(m).__name__}", "messages")
+            if m.role not in REQUEST_ROLES:
+                raise _bad(f"messages[{i}].role must be one of {', '.join(REQUEST_ROLES)}, got {m.role!r}",
+                           "messages")
+            _text(m.content, f"messages[{i}].content")
+            if m.name is not None and (not _text(m.name, f"messages[{i}].name") or len(m.name) > 64):
+                raise _bad(f"messages[{i}].name must have 1 to 64 characters", "messages")
+        if isinstance(messages, list):
+            changes["messages"] = tuple(messages)
+    else:
+        _text(request.prompt, "prompt")
+    if request.max_tokens is not None:
+        _integer(request.max_tokens, "max_tokens", 1)
+    _number(request.temperature, "temperature", 0.0, 2.0)
+    _number(request.top_p, "top_p", 0.0, 1.0, low_open=True)
+    stop = request.stop
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (tuple, list)) or any(not isinstance(x, str) or not x for x in stop):
+        raise _bad("stop must be a string or a sequence of non-empty strings", "stop")
+    for x in stop:
+        _text(x, "stop")
+    if stop is not request.stop:
+        changes["stop"] = tuple(stop)
+    _integer(request.top_logprobs, "top_logprobs", 0, 20)
+    if request.seed is not None:
+        _integer(request.seed, "seed", -(2**63), 2**63 - 1)
+    return replace(request, **changes) if changes else request
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,199 @@
+"""cascade-engine used as a library: an Engine opened in code, on a real SQLite ledger, with hosted tiers that are
+real OpenAI-protocol servers on loopback (tests/fault_server.py) and a local tier on the small model.
+
+A malformed request, a reused request id, a closed engine or another event loop is refused in one of our error
+classes before any tier is called (a hosted tier would be paid for nothing), and ``close()`` ends the requests
+still running with a row that says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+
+import pytest
+
+from cascade.budget import Budget
+from cascade.engine import Engine
+from cascade.errors import EngineClosedError, EngineLoopError, InvalidRequestError
+from cascade.types import GenerationRequest, Message
+from tests.conftest import make_config, tier
+from tests.fault_server import FaultServerThread
+
+Q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),))
+
+
+@pytest.fixture(scope="module")
+def servers():
+    with FaultServerThread(answer="Paris is the capital of France.") as small, FaultServerThread() as large:
+        yield {"small": small, "large": large}
+
+
+@pytest.fixture(autouse=True)
+def _clean(servers):
+    for s in servers.values():
+        s.reset()
+
+
+def hosted(name, fs, **kw):
+    return {"name": name, "backend": "openai", "model": f"model-{name}", "max_tokens": 16, "timeout_s": 30,
+            "options": {"base_url": fs.base_url, "api_key": "x"}, "price": {"input_per_1m": 1, "output_per_1m": 2},
+            **kw}
+
+
+def config(tmp_path, servers, **kw):
+    return make_config(tmp_path, [hosted("small", servers["small"], threshold=0.5), hosted("large", servers["large"])],
+                       **kw)
+
+
+def calls(servers):
+    return sum(s.stats()["requests"] for s in servers.values())
+
+
+def rows(tmp_path, sql="SELECT request_id, status, error_class FROM requests ORDER BY created_at"):
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.mark.parametrize("request_, param", [
+    (GenerationRequest(messages=()), "messages"),
+    (GenerationRequest(), "messages"),
+    (GenerationRequest(messages=(Message("user", None),)), "messages[0].content"),
+    (GenerationRequest(messages=({"role": "user", "content": "hi"},)), "messages"),
+    (GenerationRequest(messages=(Message("robot", "hi"),)), "messages"),
+    (GenerationRequest(messages=(Message("user", "\ud800"),)), "messages[0].content"),
+    (GenerationRequest(prompt=5), "prompt"),
+    (GenerationRequest(prompt="hi", max_tokens=0), "max_tokens"),
+    (GenerationRequest(prompt="hi", max_tokens=-5), "max_tokens"),
+    (GenerationRequest(prompt="hi", max_tokens=2.5), "max_tokens"),
+    (GenerationRequest(prompt="hi", temperature=math.nan), "temperature"),
+    (GenerationRequest(prompt="hi", temperature=3.0), "temperature"),
+    (GenerationRequest(prompt="hi", top_p=0.0), "top_p"),
+    (GenerationRequest(prompt="hi", stop=("",)), "stop"),
+    (GenerationRequest(prompt="hi", top_logprobs=21), "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "request"),
+])
+async def test_a_malformed_request_is_refused_and_recorded_before_any_tier_is_called(tmp_path, servers, request_,
+                                                                                    param):
+    async with await Engine.open(config(tmp_path, servers)) as eng:
+        with pytest.raises(InvalidRequestError) as err:
+            await eng.run(request_)
+        assert err.value.param == param, err.value.message
+        events = eng.stream(request_, request_id="mine")
+        with pytest.raises(InvalidRequestError):
+            await events.__anext__()
+    assert calls(servers) == 0
+    assert [(s, e) for _, s, e in rows(tmp_path)] == [("error", "InvalidRequestError")] * 2
+    assert rows(tmp_path)[1][0] == "mine"  # a caller's own id names its refusal
+
+
+@pytest.mark.parametrize("budget, param", [
+    (Budget(latency_s=math.nan), "budget.latency_s"),
+    (Budget(latency_s=0), "budget.latency_s"),
+    (Budget(cost_usd=-1.0), "budget.cost_usd"),
+    (Budget(on_latency="bogus"), "budget.on_latency"),
+    (Budget(on_cost="ignore"), "budget.on_cost"),
+])
+async def test_a_malformed_budget_is_refused_before_any_tier_is_called(tmp_path, servers, budget, param):
+    async with await Engine.open(config(tmp_path, servers)) as eng:
+        with pytest.raises(InvalidRequestError) as err:
+            await eng.run(Q, budget=budget)
+        assert err.value.param == param
+    assert calls(servers) == 0
+    assert [(s, e) for _, s, e in rows(tmp_path)] == [("error", "InvalidRequestError")]
+
+
+async def test_a_stop_string_is_one_stop_sequence_as_in_openais_api(tmp_path):
+    # (a local tier: the engine cuts the answer at the stop itself)
+    cfg = make_config(tmp_path, [tier("small", max_tokens=12, threshold=0.0)])
+    async with await Engine.open(cfg) as eng:
+        free = (await eng.run(Q)).result.text
+        word = free.split()[1]  # a word inside the answer, not its first
+        cut = (await eng.run(Q.with_(stop=word))).result.text
+    assert cut == free[:free.index(word)], (free, word, cut)
+
+
+async def test_a_reused_request_id_is_refused_before_any_tier_is_called(tmp_path, servers):
+    async with await Engine.open(config(tmp_path, servers)) as eng:
+        first = await eng.run(Q, request_id="order-42")
+        n = calls(servers)
+        with pytest.raises(InvalidRequestError, match="order-42") as err:
+            await eng.run(Q, request_id="order-42")
+        assert err.value.param == "request_id"
+        assert calls(servers) == n
+        # two at once under one id: one is answered, the other refused before it calls anything
+        servers["small"].faults("slow:0.3")
+        got = await asyncio.gather(eng.run(Q, request_id="order-43"), eng.run(Q, request_id="order-43"),
+                                   return_exceptions=True)
+    assert sorted(type(g).__name__ for g in got) == ["InvalidRequestError", "Outcome"]
+    assert calls(servers) == n + 1
+    assert rows(tmp_path) == [("order-42", first.record.status, None), ("order-43", "ok", None)]
+
+
+async def test_a_closed_engine_takes_no_request_and_calls_no_tier(tmp_path, servers):
+    eng = await Engine.open(config(tmp_path, servers))
+    await eng.run(Q)
+    await eng.close()
+    n = calls(servers)
+    with pytest.raises(EngineClosedError, match="closed"):
+        await eng.run(Q)
+    with pytest.raises(EngineClosedError):
+        await eng.stream(Q).__anext__()
+    await eng.close()  # a second close is a no-op
+    assert calls(servers) == n
+    assert [s for _, s, _ in rows(tmp_path)] == ["ok"]
+
+
+async def test_close_lets_requests_finish_within_its_grace_and_cancels_the_rest_with_a_row_that_says_so(
+        tmp_path, servers):
+    eng = await Engine.open(config(tmp_path, servers))
+    servers["small"].faults("slow:0.3", "stall:30")
+    quick = asyncio.ensure_future(eng.run(Q, request_id="quick"))
+    stuck = asyncio.ensure_future(eng.run(Q, request_id="stuck"))
+    await asyncio.sleep(0.1)
+    t0 = asyncio.get_running_loop().time()
+    await eng.close(grace_s=1.0)
+    took = asyncio.get_running_loop().time() - t0
+    assert (await quick).record.status == "ok"  # finished within the grace
+    with pytest.raises(asyncio.CancelledError):
+        await stuck
+    assert 0.9 < took < 5, took
+    assert rows(tmp_path) == [("quick", "ok", None), ("stuck", "error", "EngineClosedError")]
+    # the stuck request was not escalated to the large tier as the engine closed
+    assert servers["large"].stats()["requests"] == 0
+
+
+def test_an_engine_used_from_another_event_loop_says_so_and_calls_no_tier(tmp_path, servers):
+    loop = asyncio.new_event_loop()
+    try:
+        eng = loop.run_until_complete(Engine.open(config(tmp_path, servers)))
+        loop.run_until_complete(eng.run(Q))
+        n = calls(servers)
+        with pytest.raises(EngineLoopError, match="another event loop"):
+            asyncio.run(eng.run(Q))
+        with pytest.raises(EngineLoopError):
+            asyncio.run(eng.close())
+        assert calls(servers) == n
+        loop.run_until_complete(eng.close())  # its own loop closes it, whole
+        assert eng.ledger.path is not None and rows(tmp_path) and not [
+            r for r in rows(tmp_path, "SELECT * FROM instances")]
+    finally:
+        loop.close()
+
+
+def test_the_package_names_the_engine_lazily_and_configs_fail_as_config_errors():
+    import subprocess
+    import sys
+
+    code = ("import sys, cascade; light = 'cascade.engine' not in sys.modules; from cascade import Engine, Budget; "
+            "import cascade.engine; print(light, Engine is cascade.engine.Engine, Budget.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "cascade.budget"]
+    import cascade
+    from cascade.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must be a path"):
+        cascade.load_config(123)
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        cascade.parse_config([1])
