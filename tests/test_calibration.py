@@ -462,3 +462,43 @@ def test_features_read_every_logprob_as_the_log_of_a_probability():
     f = extract_features(toks)
     assert all(math.isfinite(v) for v in f.values()), f
     assert f["first_token_prob"] == 1.0 and f["min_logprob"] == LOGPROB_FLOOR and f["n_tokens"] == 4
+
+
+# --- edges a mutation audit found unchecked: bins' bounds, a score on a histogram edge, artifacts' parameters,
+# isotonic knots' positions -----------------------------------------------------------------------------------
+
+def test_uniform_bins_are_right_closed_and_the_top_two_stay_apart():
+    # bin i holds (i/15, (i+1)/15]; 0.9 -> bin 13, 0.99 -> bin 14
+    b = metrics.reliability_bins([1 / 15, 0.5, 0.9, 0.99, 1.0], [1, 0, 1, 0, 1])
+    assert np.flatnonzero(b["count"]).tolist() == [0, 7, 13, 14]
+    filled = b["count"] > 0
+    assert np.all((b["confidence"][filled] > b["lower"][filled]) | (b["confidence"][filled] == 1 / 15))
+    assert np.all(b["confidence"][filled] <= b["upper"][filled] + 1e-12)
+    assert metrics.ece([0.9, 0.99], [1, 0]) == pytest.approx(0.5 * 0.1 + 0.5 * 0.99)
+
+
+def test_histogram_predict_puts_a_score_on_an_edge_in_the_bin_fit_put_it():
+    s = np.log(np.r_[np.full(60, 0.2), np.full(60, 0.5), np.full(30, 0.9)])
+    rng = np.random.default_rng(0)
+    y = (rng.random(150) < np.exp(s)).astype(float)
+    h = HistogramBinning(n_bins=2, prior_strength=0.0).fit(s, y)
+    assert h.edges.tolist() == pytest.approx(score_to_logit([np.log(0.5)]).tolist())  # an edge on a tied score
+    assert h.predict([np.log(0.5)])[0] == h.probs[0]                                   # (edges[i-1], edges[i]]
+    assert h.predict(s).mean() == pytest.approx(y.mean())  # in-sample calibration in the large, no prior
+
+
+def test_histogram_artifact_round_trip_keeps_every_parameter(tmp_path):
+    rng = np.random.default_rng(1)
+    s = -rng.exponential(1.0, 500)
+    y = (rng.random(500) < np.exp(s)).astype(float)
+    cal = make_calibrator("histogram:5", "raw_conf_logprob").fit(s, y)
+    back = load_calibrator(save_calibrator(cal, tmp_path / "h.json"))
+    assert back.params() == cal.params() and back.n_bins == 5
+
+
+def test_isotonic_knot_sits_at_the_weighted_mean_score_of_its_block():
+    s = np.log(np.r_[0.2, np.full(9, 0.3), np.full(10, 0.9)])
+    y = np.r_[1.0, np.zeros(9), np.ones(10)]
+    iso = IsotonicCalibrator(prior_strength=0.0).fit(s, y)
+    z = score_to_logit(s)
+    assert iso.knots_x[0] == pytest.approx((z[0] + 9 * z[1]) / 10)

@@ -507,3 +507,17 @@ def test_options_that_would_do_nothing_and_unwritable_outputs_are_refused_first(
     rc, out_, err = run_cli(capsys, "calibrate", "--data", str(OUTPUTS / "medmcqa_llama_train.jsonl"), "--model",
                             "llama3.2-1b", "--method", "auto", "--criterion", "ece", *out, "--json")
     assert rc == 0 and _strict_json(out_)["selection"]["criterion"] == "ece"
+
+
+def test_replay_waste_and_anchor_savings_recomputed_from_the_outcome():
+    from calibration.replay import apply_policy, replay
+
+    train = load_cascade_outputs(OUTPUTS / "medmcqa_qwen_oai_train.jsonl")
+    test = load_cascade_outputs(OUTPUTS / "medmcqa_qwen_oai_test.jsonl")
+    rep, pol = replay(train, test, ["gpt-4o-mini", "qwen2.5-72b-instruct", "gpt-4o"])
+    out = apply_policy(pol, test)
+    assert rep["verdict"] == "cascade"
+    waste = sum(np.where(out.stop > j, test.tier(m).cost, 0.0).sum() for j, m in enumerate(pol.subchain[:-1]))
+    assert rep["escalation_waste_ratio"] == pytest.approx(waste / out.cost.sum(), abs=1e-6)
+    a = rep["anchor_in_sample"]
+    assert a["savings_captured"] == pytest.approx((1 - a["cost_ratio"]) / (1 - rep["oracle_cost_ratio"]), abs=1e-5)

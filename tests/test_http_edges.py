@@ -301,7 +301,16 @@ def test_completion_text_offsets_count_from_the_prompts_start_and_run_on(server)
 # --- /metrics and the ledger agree, row for row (keep this test last) -----------------------------------
 
 def test_metrics_count_every_ledger_row(server, fault):
-    # a stream the client leaves in the middle (partial), and an unknown model (error), besides the above
+    # rows of every status, made here (the test runs alone as well as after the others): an answer (ok), a
+    # client that leaves before its answer (cancelled), a stream it leaves in the middle (partial), and an
+    # unknown model (error)
+    assert httpx.post(server.url + "/v1/chat/completions", json={"model": "remote", "messages": Q},
+                      headers=H(), timeout=60).status_code == 200
+    fault.faults("stall:30")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json={"model": "remote", "messages": Q}, headers=H(),
+                   timeout=httpx.Timeout(60, read=1.0))
+    wait_for_row(server, "status = 'cancelled'")
     fault.faults("slow:0:0.5")
     with httpx.stream("POST", server.url + "/v1/chat/completions", headers=H(), timeout=60,
                       json={"model": "remote", "messages": Q, "stream": True}) as r:
