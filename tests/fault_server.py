@@ -11,7 +11,9 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
 ``500`` ...          503, 504; ``401`` echoes a fake key in its body, as real providers do)
 ``429``              rate limited, no hint; ``429:ra=2`` adds ``Retry-After: 2``; ``429:ms=250`` adds
                      ``retry-after-ms: 250`` (both may be given: ``429:ra=1:ms=250``); ``500:echo`` (any
-                     status) quotes the request's ``Authorization`` header in the error's message
+                     status) quotes the request's ``Authorization`` header in the error's message;
+                     ``429:after=0.5`` (any status) sends the error only 0.5 s after the request arrived
+                     (ends early when the client goes away), so a later request's answer can come first
 ``context``          400 with code ``context_length_exceeded``
 ``stall:S``          send nothing for S seconds (default 60; ends early when the client goes away),
                      then answer
@@ -175,6 +177,8 @@ def parse_fault(spec: str | dict[str, Any]) -> dict[str, Any]:
                 d["retry_after_ms"] = v
             elif k == "echo":
                 d["echo_auth"] = True
+            elif k == "after":
+                d["after_s"] = float(v)
             else:
                 raise ValueError(f"unknown status option {part!r} in {spec!r}")
     elif head == "context":
@@ -363,6 +367,12 @@ class FaultServer:
         fault = self._next_fault(request.url.path, body)
         kind = fault["kind"]
         if kind == "status":
+            if fault.get("after_s"):  # the error is sent late (a later request's answer may come first)
+                end = time.monotonic() + fault["after_s"]
+                while time.monotonic() < end:
+                    if await request.is_disconnected():
+                        return Response(status_code=204)
+                    await asyncio.sleep(0.02)
             return self._error(fault, request.headers.get("authorization", ""))
         if kind in ("reset", "close"):
             _kill(request, rst=kind == "reset")

@@ -1248,11 +1248,13 @@ async def test_a_stream_closed_as_it_starts_is_still_in_the_ledger(servers, make
         await events.aclose()
         eng.abort_in_flight(ServerShutdown("the server stopped"))   # the second one: during a shutdown
     rows = db_rows(tmp_path, "SELECT r.status, r.error_class, r.tier, r.escalation_waste_usd, a.decision, a.kept, "
-                             "a.error_class, a.prompt_tokens, a.cost_usd FROM requests r JOIN attempts a "
-                             "USING (request_id) ORDER BY r.created_at")
+                             "a.error_class, a.prompt_tokens, a.cost_usd, a.completion_tokens FROM requests r "
+                             "JOIN attempts a USING (request_id) ORDER BY r.created_at")
     assert [r[:7] for r in rows] == [("cancelled", "ClientDisconnected", None, rows[0][8], "error", 0, "Cancelled"),
                                      ("error", "ServerShutdown", None, rows[1][8], "error", 0, "Cancelled")]
-    assert all(r[7] > 0 and r[8] > 0 for r in rows)
+    # the first chunk (one token, "Paris") had come from the tier: billed with the prompt, at the tier's price
+    assert all(r[7] > 0 for r in rows) and [r[9] for r in rows] == [1, 1]
+    assert [r[8] for r in rows] == [pytest.approx((r[7] * 1.0 + 1 * 2.0) / 1e6) for r in rows]
 
 
 # --- answers that cannot be read, answers that report no tokens ----------------------------------------
