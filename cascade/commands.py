@@ -108,6 +108,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route_tiers(cfg: Config, model: str | None) -> set[str] | None:
+    """The tiers a request for ``model`` may call: its policy's chain and the chains of the shadows sampled on
+    it, or the one tier it names; None (every tier) for a name the engine will refuse."""
+    name = model or cfg.default_policy_name
+    if name in cfg.policies:
+        tiers = set(cfg.policies[name].chain)
+        for sh in cfg.shadows.values():
+            if sh.of == name and sh.sample_rate > 0:
+                tiers.update(sh.chain or ())
+        return tiers
+    return {name} if any(t.name == name for t in cfg.tiers) else None
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from cascade.engine import Engine, check_backends
 
@@ -125,7 +138,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         messages.append(Message("system", args.system))
     messages.append(Message("user", args.question))
     request = GenerationRequest(messages=tuple(messages), max_tokens=args.max_tokens)
-    check_backends(cfg)  # as `serve` does: no ledger is created for a config whose tiers could not start
+    # as `serve` does, for the tiers this question may call: no ledger is created if they could not start
+    check_backends(cfg, _route_tiers(cfg, args.model))
 
     async def run():  # noqa: ANN202
         engine = await Engine.open(cfg)

@@ -14,6 +14,7 @@ import copy
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -53,7 +54,7 @@ from cascade.resilience import (
     merge_provider_attempts,
 )
 from cascade.types import (Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage,
-                           answer_tokens, checked_request)
+                           answer_tokens, checked_request, is_utf8)
 
 if TYPE_CHECKING:
     from cascade.shadow import ShadowSet
@@ -198,11 +199,13 @@ def build_backend(tc: TierConfig, config: Config) -> Backend:
             else backend_class(tc.backend).from_tier(tc, config))
 
 
-def check_backends(config: Config) -> None:
-    """Build every tier's backend and calibrator as the engine does, without loading a model or opening the
-    ledger, and check what each backend needs before it loads (a model id that names nothing): a ConfigError,
-    one line, on the first problem."""
+def check_backends(config: Config, tiers: "set[str] | None" = None) -> None:
+    """Build every tier's backend and calibrator (or those of ``tiers``) as the engine does, without loading a
+    model or opening the ledger, and check what each backend needs before it loads (a model id that names
+    nothing): a ConfigError, one line, on the first problem."""
     for tc in config.tiers:
+        if tiers is not None and tc.name not in tiers:
+            continue
         backend = build_backend(tc, config)
         providers = getattr(backend, "providers", None)  # a tier with providers checks each
         for b in [p.backend for p in providers] if providers else [backend]:
@@ -226,6 +229,8 @@ class Engine:
         self._callers: dict[asyncio.Task, int] = {}
         #: request ids given by callers that are being answered now (the ledger's are checked as well)
         self._ids_in_flight: set[str] = set()
+        #: the streams handed out (:meth:`stream`), so that :meth:`close` can close one left open
+        self._streams: "weakref.WeakSet[AsyncIterator[StreamEvent]]" = weakref.WeakSet()
         self.tiers: dict[str, Tier] = {}
         for tc in config.tiers:
             self.tiers[tc.name] = Tier(config=tc, backend=build_backend(tc, config),
@@ -289,12 +294,14 @@ class Engine:
         before it failed. A second call waits for the first."""
         self._check_loop()
         if self._closing is None:
-            self._closing = asyncio.ensure_future(self._close(self.config.server.graceful_shutdown_s
-                                                              if grace_s is None else grace_s))
+            grace = self.config.server.graceful_shutdown_s if grace_s is None else grace_s
+            self.sampler.stop_drawing(grace)  # no sample is drawn (and paid for) while requests finish
+            self._closing = asyncio.ensure_future(self._close(grace, asyncio.current_task()))
         await asyncio.shield(self._closing)
 
-    async def _close(self, grace_s: float) -> None:
-        await self._wait_for_callers(grace_s)
+    async def _close(self, grace_s: float, closer: "asyncio.Task | None") -> None:
+        await self._wait_for_callers(grace_s, closer)
+        await self._close_streams()
         failed: list[BaseException] = []
         closers = [self.sampler.close]  # in-flight shadow samples finish (or are cancelled) and are recorded
         closers += [tier.backend.close for tier in self.tiers.values()]
@@ -308,14 +315,18 @@ class Engine:
         if failed:
             raise failed[0]
 
-    async def _wait_for_callers(self, grace_s: float) -> None:
+    async def _wait_for_callers(self, grace_s: float, closer: "asyncio.Task | None") -> None:
         """Until no request runs, for at most ``grace_s``; then cancel those still running (as a server's
-        shutdown does) and wait until they have recorded themselves."""
-        me = asyncio.current_task()
+        shutdown does) and wait until they have recorded themselves. The task that called :meth:`close` (it
+        may hold a stream open) and tasks already done (a stream left open by one) are not waited for: their
+        streams are closed by :meth:`_close_streams`."""
+        def running() -> list[asyncio.Task]:
+            return [t for t in self._callers if t is not closer and not t.done()]
+
         deadline = time.monotonic() + grace_s
-        while any(t is not me for t in self._callers) and time.monotonic() < deadline:
+        while running() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        late = [t for t in self._callers if t is not me]
+        late = running()
         if not late:
             return
         log.warning("closing the engine: %d requests still running after %.1f s are cancelled", len(late), grace_s)
@@ -324,8 +335,23 @@ class Engine:
         for t in late:
             t.cancel()
         deadline = time.monotonic() + 10.0  # (their rows are written under shield; a stuck one is not waited on)
-        while any(t is not me and not t.done() for t in self._callers) and time.monotonic() < deadline:
+        while running() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+
+    async def _close_streams(self) -> None:
+        """Close the streams still open that no running task is reading (left open by the closer, or by a task
+        that ended): each is recorded as what its reader got, ``EngineClosedError`` its reason."""
+        open_ = [g for g in list(self._streams) if g.ag_frame is not None and not g.ag_running]
+        if not open_:
+            return
+        if self._aborted is None:
+            self._aborted = EngineClosedError("the engine was closed while the stream was open")
+        for gen in open_:
+            try:
+                await gen.aclose()
+            except Exception as exc:  # noqa: BLE001 - one stream's failure does not keep the rest open
+                log.warning("closing the engine: a stream left open failed to close: %s: %s", type(exc).__name__,
+                            exc)
 
     def _check_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -358,14 +384,20 @@ class Engine:
     async def _check_request_id(self, request_id: str) -> None:
         """A caller's own request id names no request yet (the ledger keeps one row per id, so a second request
         under it would be answered, and paid, and then fail to be recorded); it is held as in flight."""
-        if not isinstance(request_id, str) or not request_id or len(request_id) > 128:
-            raise InvalidRequestError(f"request_id must be a string of 1 to 128 characters, got {request_id!r}",
-                                      param="request_id")
+        if not isinstance(request_id, str) or not request_id or len(request_id) > 128 or "\x00" in request_id \
+                or not is_utf8(request_id):
+            raise InvalidRequestError("request_id must be a string of 1 to 128 characters of valid Unicode, without "
+                                      f"NUL, got {request_id!r}", param="request_id")
         used = request_id in self._ids_in_flight
         if not used:
             self._ids_in_flight.add(request_id)  # (before the read: a second request under it waits for none)
             try:
                 used = bool(await self.ledger.query("SELECT 1 FROM requests WHERE request_id = ?", (request_id,)))
+            except LedgerError as exc:  # (not recorded: the ledger could not say whether the id is free)
+                self._ids_in_flight.discard(request_id)
+                raise LedgerUnavailableError("the ledger cannot be read now, so this request (with its own "
+                                             "request_id) was refused before any model was called: repeat it "
+                                             "shortly") from exc
             except BaseException:
                 self._ids_in_flight.discard(request_id)
                 raise
@@ -472,8 +504,7 @@ class Engine:
                 return await self._run_uncommitted(request, model, endpoint, request_id, api_key_id, user_tier,
                                                    budget, cache, end_user, metadata)
             finally:
-                if request_id is not None:
-                    self._ids_in_flight.discard(request_id)
+                self._ids_in_flight.discard(request_id)
 
     async def _admitted(self, request: GenerationRequest, budget: Budget | None, *, model: str | None,
                         endpoint: str, request_id: str | None, **attribution: object) -> GenerationRequest:
@@ -481,10 +512,16 @@ class Engine:
         names no request yet (it is then held as in flight: the caller discards it when done); a well-formed
         request and budget, else :class:`InvalidRequestError`, recorded as a refusal as the HTTP layer's are."""
         self._check_open()
-        if request_id is not None and type(request_id) is not _MintedId:
+        if type(request_id) is _MintedId and not request_id.used:  # fresh: no lookup (the HTTP layer's ids)
+            request_id.used = True
+            self._ids_in_flight.add(request_id)
+        elif request_id is not None:
             await self._check_request_id(request_id)
         try:
             if budget is not None:
+                if not isinstance(budget, Budget):
+                    raise InvalidRequestError(f"budget must be a cascade.Budget, got {type(budget).__name__}",
+                                              param="budget")
                 budget.check()
             return checked_request(request)
         except InvalidRequestError as exc:
@@ -492,8 +529,10 @@ class Engine:
                 await self.record_refusal(exc, model=model if isinstance(model, str) else None, endpoint=endpoint,
                                           request_id=request_id, **attribution)
             finally:
-                if request_id is not None:
-                    self._ids_in_flight.discard(request_id)
+                self._ids_in_flight.discard(request_id)
+            raise
+        except BaseException:
+            self._ids_in_flight.discard(request_id)
             raise
 
     async def _run_uncommitted(self, request: GenerationRequest, model: str | None, endpoint: str,
@@ -524,11 +563,11 @@ class Engine:
             raise
         return Outcome(record=rec, result=result), committed
 
-    async def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
-                     request_id: str | None = None, api_key_id: str | None = None,
-                     user_tier: str | None = None, budget: Budget | None = None,
-                     cache: str = "use", end_user: str | None = None,
-                     metadata: dict[str, str] | None = None) -> AsyncIterator[StreamEvent]:
+    def stream(self, request: GenerationRequest, *, model: str | None = None, endpoint: str = "chat",
+               request_id: str | None = None, api_key_id: str | None = None,
+               user_tier: str | None = None, budget: Budget | None = None,
+               cache: str = "use", end_user: str | None = None,
+               metadata: dict[str, str] | None = None) -> AsyncIterator[StreamEvent]:
         """Stream one request's answer.
 
         Every tier but the last is buffered: its answer must be complete before the policy can keep it.
@@ -538,6 +577,16 @@ class Engine:
         stream ends with :class:`StreamFailed` and the ledger records the partial answer. ``cache``: as
         :meth:`run_uncommitted` (a hit is streamed as a buffered answer; an answer streamed live is stored).
         """
+        events = self._checked_stream(request, model=model, endpoint=endpoint, request_id=request_id,
+                                      api_key_id=api_key_id, user_tier=user_tier, budget=budget, cache=cache,
+                                      end_user=end_user, metadata=metadata)
+        self._streams.add(events)  # (close() closes one left open)
+        return events
+
+    async def _checked_stream(self, request: GenerationRequest, *, model: str | None, endpoint: str,
+                              request_id: str | None, api_key_id: str | None, user_tier: str | None,
+                              budget: Budget | None, cache: str, end_user: str | None,
+                              metadata: dict[str, str] | None) -> AsyncIterator[StreamEvent]:
         with self._in_flight():
             request = await self._admitted(request, budget, model=model, endpoint=endpoint, request_id=request_id,
                                            api_key_id=api_key_id, user_tier=user_tier, end_user=end_user,
@@ -548,8 +597,9 @@ class Engine:
                 async for event in events:
                     yield event
             finally:
-                await events.aclose()
-                if request_id is not None:
+                try:
+                    await events.aclose()
+                finally:
                     self._ids_in_flight.discard(request_id)
 
     async def _stream(self, request: GenerationRequest, model: str | None, endpoint: str, request_id: str | None,
@@ -1233,10 +1283,11 @@ def _serves_answer_in_hand(exc: CascadeError) -> bool:
 
 
 class _MintedId(str):
-    """A request id minted by :func:`new_request_id` (96 random bits): it names no request yet, so a request under
-    it is not looked up in the ledger (the HTTP layer mints one per request, before the engine sees it)."""
+    """A request id minted by :func:`new_request_id` (96 random bits): it names no request yet, so the first
+    request under it is not looked up in the ledger (the HTTP layer mints one per request, before the engine
+    sees it); a second one is, as a caller's own id is."""
 
-    __slots__ = ()
+    used = False
 
 
 def new_request_id() -> str:

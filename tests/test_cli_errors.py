@@ -806,3 +806,28 @@ def test_a_model_not_prepared_is_named_with_its_tier(tmp_path):
     one_error(r, "tier 'small': model 'smollm2-135m' is not prepared under",
               f"cascade models prepare smollm2-135m --cache-dir {tmp_path / 'empty-cache'}")
     assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_ask_checks_only_the_tiers_its_question_may_call(tmp_path):
+    # a hosted tier answers; the config's other tier names a model not prepared here (as on a base install)
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as fs:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"""\
+ledger: {{path: {tmp_path / 'ledger.sqlite'}}}
+models: {{cache_dir: {tmp_path / 'empty-cache'}}}
+tiers:
+  - {{name: local, backend: transformers, model: smollm2-135m}}
+  - name: hosted
+    backend: openai
+    model: m
+    price: {{input_per_1m: 1, output_per_1m: 2}}
+    options: {{base_url: "{fs.base_url}", api_key: x}}
+policies:
+  cascade: {{chain: [local, hosted]}}
+""")
+        r = cascade("ask", "--config", str(cfg), "--model", "hosted", "--json", "hi")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["tier"] == "hosted"
+        one_error(cascade("ask", "--config", str(cfg), "hi"), "tier 'local': model 'smollm2-135m' is not prepared")

@@ -197,3 +197,36 @@ def test_the_package_names_the_engine_lazily_and_configs_fail_as_config_errors()
         cascade.load_config(123)
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         cascade.parse_config([1])
+
+
+async def test_close_does_not_wait_for_a_stream_its_own_caller_left_open(tmp_path, servers):
+    # `async with` around a stream left open after its first event: the close (default grace 30 s) is the
+    # caller's own, so it closes the stream at once and records it, instead of cancelling the caller at the grace
+    t0 = asyncio.get_running_loop().time()
+    async with await Engine.open(config(tmp_path, servers)) as eng:
+        events = eng.stream(Q, request_id="left-open")
+        first = await events.__anext__()
+        assert type(first).__name__ == "StreamStart"
+    assert asyncio.get_running_loop().time() - t0 < 10
+    [(rid, status, error_class)] = rows(tmp_path)
+    assert (rid, error_class) == ("left-open", "EngineClosedError") and status in ("cancelled", "partial")
+
+
+async def test_a_refused_request_frees_its_id_and_ids_the_ledger_cannot_hold_are_refused(tmp_path, servers):
+    from cascade.engine import new_request_id
+
+    async with await Engine.open(config(tmp_path, servers)) as eng:
+        with pytest.raises(InvalidRequestError, match="budget must be a cascade.Budget"):
+            await eng.run(Q, request_id="order-7", budget={"cost_usd": 0.01})
+        assert (await eng.run(Q, request_id="order-8")).record.status == "ok"  # (the refusal's row holds order-7)
+        for bad in ("a\x00b", "\ud800", "", "x" * 129):
+            with pytest.raises(InvalidRequestError) as err:
+                await eng.run(Q, request_id=bad)
+            assert err.value.param == "request_id"
+        minted = new_request_id()
+        await eng.run(Q, request_id=minted)
+        n = calls(servers)
+        with pytest.raises(InvalidRequestError, match="already made"):  # a minted id used twice is looked up
+            await eng.run(Q, request_id=minted)
+        assert calls(servers) == n
+    assert eng._ids_in_flight == set()

@@ -259,15 +259,10 @@ class TransformersBackend(Backend):
     def check(self) -> None:
         import json
 
-        from cascade.models import resolve_model_path
-
         if missing := missing_libraries():
             raise _unavailable(self.name, missing)
 
-        try:
-            path = resolve_model_path(self.model, self._cache_dir)
-        except (ConfigError, ModelNotPreparedError) as exc:  # (which tier's model: a config may name several)
-            raise type(exc)(f"tier {self.name!r}: {exc.message}", param="model") from exc
+        path = self._resolve()
         config = path / "config.json"  # what loading reads first: a directory without it is no model
         try:
             json.loads(config.read_text(encoding="utf-8"))
@@ -286,6 +281,15 @@ class TransformersBackend(Backend):
             import torch
 
             self._torch_device(torch)
+
+    def _resolve(self) -> Path:
+        """The model's directory; an error names the tier (a config may name several models)."""
+        from cascade.models import resolve_model_path
+
+        try:
+            return resolve_model_path(self.model, self._cache_dir)
+        except (ConfigError, ModelNotPreparedError) as exc:
+            raise type(exc)(f"tier {self.name!r}: {exc.message}", param="model") from exc
 
     def _check_safetensors_headers(self, path: Path) -> None:
         """Read each safetensors file's header (quick: the tensors are not read): a corrupt one fails here, before
@@ -308,9 +312,7 @@ class TransformersBackend(Backend):
             await self._start_once()
 
     async def _start(self) -> None:
-        from cascade.models import resolve_model_path
-
-        self._path = resolve_model_path(self.model, self._cache_dir)
+        self._path = self._resolve()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(_compute_executor(), self._load)
         self._wake = asyncio.Event()

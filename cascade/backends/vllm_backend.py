@@ -249,7 +249,10 @@ class VLLMBackend(Backend):
         from cascade.models import MODEL_CATALOG, resolve_model_path
 
         if self.model in MODEL_CATALOG or self.model.startswith("~") or Path(self.model).is_dir():  # ~: expanded there
-            return resolve_model_path(self.model, self._cache_dir)
+            try:
+                return resolve_model_path(self.model, self._cache_dir)
+            except ModelNotPreparedError as exc:  # (which tier's model: a config may name several)
+                raise ModelNotPreparedError(f"tier {self.name!r}: {exc.message}", param="model") from exc
         parts = self.model.split("/")
         if len(parts) == 2 and all(parts) and not self.model.startswith((".", "~")) and \
                 not self.model.endswith(".gguf"):
@@ -260,10 +263,7 @@ class VLLMBackend(Backend):
                           param="model")
 
     def check(self) -> None:
-        try:
-            self._resolve_model()
-        except ModelNotPreparedError as exc:  # (which tier's model: a config may name several)
-            raise ModelNotPreparedError(f"tier {self.name!r}: {exc.message}", param="model") from exc
+        self._resolve_model()
 
     async def start(self) -> None:
         """Build the engine (once; see ``StartOnce``: a cancelled caller never leaves an engine built and lost)."""
