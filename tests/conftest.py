@@ -66,6 +66,24 @@ def make_config(tmp_path: Path, tiers: list[dict[str, Any]], policies: dict[str,
     return parse_config(data, source="<test>", environ={})
 
 
+@pytest.fixture
+async def make_engine(tmp_path: Path):
+    """``await make_engine(tiers, policies=None)``: an Engine on a config of those tiers (``make_config``), closed
+    after the test."""
+    from cascade.engine import Engine
+
+    opened = []
+
+    async def make(tiers: list[dict[str, Any]], policies: dict[str, Any] | None = None):
+        eng = await Engine.open(make_config(tmp_path, tiers, policies))
+        opened.append(eng)
+        return eng
+
+    yield make
+    for e in opened:
+        await e.close()
+
+
 def chat_stream(client: Any, body: dict[str, Any], headers: dict[str, str] | None = None
                 ) -> tuple[str, dict[str, Any] | None, dict[str, str]]:
     """POST a streamed chat completion and read it whole: (its text, the final ``cascade`` object, the

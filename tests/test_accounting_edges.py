@@ -20,18 +20,17 @@ real SQLite ledger read back from its file; nothing monkeypatched):
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 
 import pytest
 
 from cascade.budget import Budget
 from cascade.config import Price
-from cascade.engine import Engine
 from cascade.errors import CascadeError, ProviderTimeoutError
 from cascade.resilience import ResilientBackend
 from cascade.types import GenerationRequest, Message
 from tests.conftest import make_config, tier
+from tests.hosted import db_rows, plain, prov, rtier
 from tests.fault_server import FaultServer, FaultServerThread
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,43 +60,12 @@ def _clean(request):
             s.reset()
 
 
-@pytest.fixture
-async def make_engine(tmp_path):
-    opened = []
-
-    async def make(tiers, policies=None):
-        eng = await Engine.open(make_config(tmp_path, tiers, policies))
-        opened.append(eng)
-        return eng
-
-    yield make
-    for e in opened:
-        await e.close()
 
 
-def plain(name, fs, **kw):
-    """An openai tier without providers (one backend, no resilience layer)."""
-    return {"name": name, "backend": "openai", "model": f"model-{name}", "options": {"base_url": fs.base_url},
-            "threshold": 0.0, "max_tokens": 4, "timeout_s": 5, "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
-            **kw}
 
 
-def prov(name, fs, **kw):
-    return {"name": name, "backend": "openai", "model": f"model-{name}", "options": {"base_url": fs.base_url}, **kw}
 
 
-def rtier(name, providers, **kw):
-    d = {"name": name, "providers": providers, "threshold": 0.0, "max_tokens": 4, "timeout_s": 5,
-         "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
-         "retry": {"max_attempts": 3, "base_delay_s": 0.05, "max_delay_s": 0.2, "max_retry_after_s": 2.0},
-         "breaker": {"failure_threshold": 5, "cooldown_s": 30}}
-    d.update(kw)
-    return d
-
-
-def db_rows(tmp_path, sql, *args):
-    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
-        return conn.execute(sql, args).fetchall()
 
 
 def seen(fs) -> int:

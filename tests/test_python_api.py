@@ -148,10 +148,16 @@ async def test_a_closed_engine_takes_no_request_and_calls_no_tier(tmp_path, serv
 async def test_close_lets_requests_finish_within_its_grace_and_cancels_the_rest_with_a_row_that_says_so(
         tmp_path, servers):
     eng = await Engine.open(config(tmp_path, servers))
-    servers["small"].faults("slow:0.3", "stall:30")
+    servers["small"].faults("slow:0.5", "stall:30")
+
+    async def arrived(n):  # (in order: the faults are handed out in the order the requests arrive)
+        while servers["small"].stats()["requests"] < n:
+            await asyncio.sleep(0.02)
+
     quick = asyncio.ensure_future(eng.run(Q, request_id="quick"))
+    await asyncio.wait_for(arrived(1), 30)
     stuck = asyncio.ensure_future(eng.run(Q, request_id="stuck"))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(arrived(2), 30)
     t0 = asyncio.get_running_loop().time()
     await eng.close(grace_s=1.0)
     took = asyncio.get_running_loop().time() - t0

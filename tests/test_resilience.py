@@ -28,7 +28,6 @@ import httpx
 import pytest
 import yaml
 
-from cascade.engine import Engine
 from cascade.errors import (
     CascadeError,
     CircuitOpenError,
@@ -42,6 +41,7 @@ from cascade.errors import (
 from cascade.resilience import CircuitBreaker, ResilientBackend, merge_provider_attempts
 from cascade.types import Attempt, CascadeRecord, GenerationRequest, Message, rough_token_count
 from tests.conftest import REPO, ServerThread, free_port, make_config
+from tests.hosted import db_rows, plain, prov, rtier
 from tests.fault_server import FAKE_KEY, FaultServerThread
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,36 +66,10 @@ def _clean(request):
             s.reset()
 
 
-def prov(name, fs, **kw):
-    return {"name": name, "backend": "openai", "model": f"model-{name}", "options": {"base_url": fs.base_url}, **kw}
 
 
-def rtier(name, providers, **kw):
-    d = {"name": name, "providers": providers, "threshold": 0.0, "max_tokens": 4, "timeout_s": 5,
-         "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
-         "retry": {"max_attempts": 3, "base_delay_s": 0.05, "max_delay_s": 0.2, "max_retry_after_s": 2.0},
-         "breaker": {"failure_threshold": 5, "cooldown_s": 30}}
-    d.update(kw)
-    return d
 
 
-@pytest.fixture
-async def make_engine(tmp_path):
-    opened = []
-
-    async def make(tiers, policies=None):
-        eng = await Engine.open(make_config(tmp_path, tiers, policies))
-        opened.append(eng)
-        return eng
-
-    yield make
-    for e in opened:
-        await e.close()
-
-
-def db_rows(tmp_path, sql, *args):
-    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
-        return conn.execute(sql, args).fetchall()
 
 
 def attempt_rows(tmp_path, request_id):
@@ -1260,11 +1234,6 @@ async def test_a_stream_closed_as_it_starts_is_still_in_the_ledger(servers, make
 # --- answers that cannot be read, answers that report no tokens ----------------------------------------
 
 
-def plain(name, fs, **kw):
-    """An openai tier without providers (one backend, no resilience layer)."""
-    return {"name": name, "backend": "openai", "model": f"model-{name}", "options": {"base_url": fs.base_url},
-            "threshold": 0.0, "max_tokens": 4, "timeout_s": 5, "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
-            **kw}
 
 
 @pytest.mark.parametrize("kind", ["plain", "providers"])
