@@ -192,7 +192,7 @@ def checked_request(request: Any) -> "GenerationRequest":
         raise _bad("stop must be a string or a sequence of non-empty strings", "stop")
     for x in stop:
         _text(x, "stop")
-    if stop is not request.stop:
+    if stop is not request.stop or type(stop) is not tuple:
         changes["stop"] = tuple(stop)
     _integer(request.top_logprobs, "top_logprobs", 0, 20)
     if request.seed is not None:

@@ -104,6 +104,16 @@ async def test_a_malformed_budget_is_refused_before_any_tier_is_called(tmp_path,
     assert [(s, e) for _, s, e in rows(tmp_path)] == [("error", "InvalidRequestError")]
 
 
+def test_sequences_given_as_lists_or_one_string_are_taken_as_tuples():
+    from cascade.types import checked_request
+
+    r = checked_request(GenerationRequest(messages=[Message("user", "hi")], stop=["a", "b"]))
+    assert r.messages == (Message("user", "hi"),) and r.stop == ("a", "b")
+    assert checked_request(GenerationRequest(prompt="hi", stop="a")).stop == ("a",)
+    same = GenerationRequest(prompt="hi", stop=("a",))
+    assert checked_request(same) is same  # (a well-formed request is not copied)
+
+
 async def test_a_stop_string_is_one_stop_sequence_as_in_openais_api(tmp_path):
     # (a local tier: the engine cuts the answer at the stop itself)
     cfg = make_config(tmp_path, [tier("small", max_tokens=12, threshold=0.0)])
