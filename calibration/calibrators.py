@@ -80,13 +80,17 @@ def _fit_arrays(scores: Any, correct: Any) -> tuple[np.ndarray, np.ndarray]:
     return z, y
 
 
+#: what ``use_netcal`` needs where netcal is missing (netcal requires torch, which must come first, pinned)
+NETCAL_MISSING = ("which is not installed (it requires torch: install torch==2.13.0 first, then pip install "
+                  "'cascade-engine[calibration]')")
+
+
 def _netcal_temperature(z: np.ndarray, y: np.ndarray) -> float:
     """Fit netcal's TemperatureScaling (imported here, never at module import) and return T."""
     try:
         from netcal.scaling import TemperatureScaling as _NetcalTS
     except ImportError as exc:  # pragma: no cover - netcal is an optional extra
-        raise ImportError("use_netcal=True needs netcal, which is not installed (it requires torch: install "
-                          "torch==2.13.0 first, then pip install 'cascade-engine[calibration]')") from exc
+        raise ImportError(f"use_netcal=True needs netcal, {NETCAL_MISSING}") from exc
     import warnings
 
     ts = _NetcalTS()

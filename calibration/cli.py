@@ -108,12 +108,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.use_netcal and args.method != "temperature":
         raise ConfigError(f"--use-netcal fits temperature scaling: it needs --method temperature, not {args.method}")
     if args.use_netcal:
+        from calibration.calibrators import NETCAL_MISSING
         from cascade.backends import missing_modules
 
         if missing_modules("netcal"):
-            raise ConfigError("--use-netcal needs netcal, which is not installed (it requires torch: install "
-                              "torch==2.13.0 first, then pip install 'cascade-engine[calibration]'); without "
-                              "--use-netcal the same one-parameter fit runs on numpy")
+            raise ConfigError(f"--use-netcal needs netcal, {NETCAL_MISSING}; without --use-netcal the same "
+                              "one-parameter fit runs on numpy")
     if args.criterion is not None and args.method != "auto":
         raise ConfigError(f"--criterion chooses the method of --method auto; with --method {args.method} it would "
                           "do nothing")

@@ -303,9 +303,8 @@ class Engine:
         await self._wait_for_callers(grace_s, closer)
         await self._close_streams()
         failed: list[BaseException] = []
-        closers = [self.sampler.close]  # in-flight shadow samples finish (or are cancelled) and are recorded
-        closers += [tier.backend.close for tier in self.tiers.values()]
-        for close in [*closers, self.ledger.close]:
+        # in-flight shadow samples finish (or are cancelled) and are recorded first, the ledger last
+        for close in [self.sampler.close, *(tier.backend.close for tier in self.tiers.values()), self.ledger.close]:
             try:
                 await close()
             except Exception as exc:  # noqa: BLE001 - the rest still close; the first failure is raised after
@@ -388,24 +387,22 @@ class Engine:
                 or not is_utf8(request_id):
             raise InvalidRequestError("request_id must be a string of 1 to 128 characters of valid Unicode, without "
                                       f"NUL, got {request_id!r}", param="request_id")
-        used = request_id in self._ids_in_flight
-        if not used:
-            self._ids_in_flight.add(request_id)  # (before the read: a second request under it waits for none)
-            try:
-                used = bool(await self.ledger.query("SELECT 1 FROM requests WHERE request_id = ?", (request_id,)))
-            except LedgerError as exc:  # (not recorded: the ledger could not say whether the id is free)
-                self._ids_in_flight.discard(request_id)
-                raise LedgerUnavailableError("the ledger cannot be read now, so this request (with its own "
-                                             "request_id) was refused before any model was called: repeat it "
-                                             "shortly") from exc
-            except BaseException:
-                self._ids_in_flight.discard(request_id)
-                raise
-            if used:
-                self._ids_in_flight.discard(request_id)
-        if used:
-            raise InvalidRequestError(f"request_id {request_id!r} names a request already made: the ledger keeps "
-                                      "one row per request; give each request its own id", param="request_id")
+        reused = InvalidRequestError(f"request_id {request_id!r} names a request already made: the ledger keeps "
+                                     "one row per request; give each request its own id", param="request_id")
+        if request_id in self._ids_in_flight:  # (another request's hold: never released here)
+            raise reused
+        self._ids_in_flight.add(request_id)  # (before the read: a second request under it waits for none)
+        try:
+            if await self.ledger.query("SELECT 1 FROM requests WHERE request_id = ?", (request_id,)):
+                raise reused
+        except LedgerError as exc:  # (not recorded: the ledger could not say whether the id is free)
+            self._ids_in_flight.discard(request_id)
+            raise LedgerUnavailableError("the ledger cannot be read now, so this request (with its own "
+                                         "request_id) was refused before any model was called: repeat it "
+                                         "shortly") from exc
+        except BaseException:
+            self._ids_in_flight.discard(request_id)
+            raise
 
     def abort_in_flight(self, reason: CascadeError) -> None:
         """Say why the requests about to be cancelled are cancelled (a graceful shutdown ran out of time):

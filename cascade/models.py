@@ -726,12 +726,11 @@ def _usable_cache(cache: Path) -> Path:
 def _check_converter_libraries(model_id: str) -> None:
     """The conversion (GGUF to safetensors) runs transformers on torch and reads GGUF with gguf: one line naming
     what is missing, before anything is downloaded (the base install, for hosted tiers, has none of them)."""
-    from cascade.backends import missing_modules
+    from cascade.backends import LOCAL_INSTALL_HINT, missing_modules
 
     if missing := missing_modules("torch", "transformers", "gguf", "safetensors"):
-        raise ModelNotPreparedError(
-            f"preparing {model_id} needs {', '.join(missing)}, not installed here: install torch==2.13.0 first "
-            "(the CPU build), then pip install 'cascade-engine[local]'")
+        raise ModelNotPreparedError(f"preparing {model_id} needs {', '.join(missing)}, not installed here: "
+                                    f"{LOCAL_INSTALL_HINT}")
 
 
 def prepare_model(model_id: str, cache_dir: str | os.PathLike[str] | None = None, *, force: bool = False,

@@ -122,9 +122,14 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def _policy_label(self, rec: CascadeRecord) -> str:
+        """The record's policy as a label: one the server serves, or ``(unknown)`` for a client's unknown model
+        name (no client can create series)."""
+        return rec.policy if self.models is None or not rec.policy or rec.policy in self.models else UNKNOWN_MODEL
+
     def observe(self, rec: CascadeRecord) -> None:
         child = self._child
-        policy = rec.policy if self.models is None or not rec.policy or rec.policy in self.models else UNKNOWN_MODEL
+        policy = self._policy_label(rec)
         child(self.requests, policy or "-", rec.tier or "-", rec.status).inc()
         if rec.error_class:
             child(self.errors, rec.error_class).inc()
@@ -163,7 +168,7 @@ class Metrics:
     def observe_client_left(self, rec: CascadeRecord, status: str, error_class: str) -> None:
         """A streamed answer in hand, counted answered when its row was written, that its client left: the
         ledger row is made ``status`` (an engine ``correction_listeners`` listener)."""
-        policy = rec.policy if self.models is None or not rec.policy or rec.policy in self.models else UNKNOWN_MODEL
+        policy = self._policy_label(rec)
         self._child(self.corrected, policy or "-", rec.tier or "-", status).inc()
         self._child(self.errors, error_class).inc()
 

