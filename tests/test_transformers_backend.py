@@ -49,6 +49,48 @@ async def test_concurrent_requests_batch_and_match_solo_runs(smol_backend):
         assert max(abs(x.logprob - y.logprob) for x, y in zip(solo.tokens, b.tokens, strict=True)) < 1e-3
 
 
+def record_batches(backend, monkeypatch, seen=None):  # noqa: ANN001, ANN201
+    """The size of every batch ``backend`` runs from now on (the real ``_generate_batch``, called by a recorder;
+    ``seen()``, if given, is called as each batch starts and its value kept beside the size)."""
+    sizes, real = [], backend._generate_batch
+
+    def recorder(batch):  # noqa: ANN001, ANN202
+        sizes.append(len(batch) if seen is None else (len(batch), seen()))
+        return real(batch)
+
+    monkeypatch.setattr(backend, "_generate_batch", recorder)
+    return sizes
+
+
+async def test_requests_sent_together_with_new_prompts_run_as_one_batch(smol_backend, monkeypatch):
+    """Their prompts are tokenized one after another on the backend's tokenizer thread; the batch waits for
+    them (GATHER_S at most). It did not: the first ran alone and the other seven a whole generation later."""
+    sizes = record_batches(smol_backend, monkeypatch)
+    reqs = [Q.with_(messages=(Message("user", f"Tell me a story about the number {i}."),), max_tokens=4)
+            for i in range(8)]
+    results = await asyncio.gather(*(smol_backend.generate(r) for r in reqs))
+    assert all(r.tokens for r in results)
+    assert sizes == [8]
+
+
+async def test_a_prompt_still_being_tokenized_holds_a_batch_no_longer_than_the_gather_window(smol_backend,
+                                                                                                monkeypatch):
+    """A 1 MB prompt takes the tokenizer about half a second: a request already waiting starts its batch
+    after ``GATHER_S`` (0.05 s), while that count is still running, not once it ends."""
+    prompts = smol_backend._recent_prompts
+    sizes = record_batches(smol_backend, monkeypatch, seen=lambda: prompts.counting)
+    short = Q.with_(messages=(Message("user", "Name a primary color."),), max_tokens=2)
+    await smol_backend.tokenize(short)  # its ids are made: it goes to the queue without the tokenizer thread
+    huge = GenerationRequest(messages=(Message("user", "All work and no play makes Jack a dull boy. " * 23_000),))
+    counting = asyncio.create_task(smol_backend.tokenize(huge))
+    while not prompts.counting:
+        await asyncio.sleep(0)
+    res = await smol_backend.generate(short)
+    assert res.tokens
+    assert sizes == [(1, 1)]  # it ran alone, while the huge prompt was still being counted
+    await counting
+
+
 async def test_a_stream_carries_the_tokens_and_logprobs_of_the_whole_answer(smol_backend):
     whole = await smol_backend.generate(Q)
     chunks = [c async for c in smol_backend.stream(Q)]

@@ -193,6 +193,26 @@ class RecentPrompts:
     def __init__(self, size: int = 8) -> None:
         self._items: deque[tuple[object, Any, tuple[int, ...]]] = deque(maxlen=size)
         self._thread: ThreadPoolExecutor | None = None
+        self._counting = 0  # counts on the thread, queued or running
+        self._waiters: list[asyncio.Future] = []  # wait_counted's, woken as each count ends
+
+    @property
+    def counting(self) -> int:
+        """How many prompts are being counted on the thread now (queued or running)."""
+        return self._counting
+
+    async def wait_counted(self, timeout: float) -> None:
+        """Until a count in flight ends (or ``timeout`` seconds pass): by then its request has gone on with
+        its ids, into its backend's queue if it was on its way to be generated."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
 
     def _find(self, tokenizer: Any, request: GenerationRequest) -> tuple[int, ...] | None:
         key = request.messages if request.messages is not None else request.prompt
@@ -220,7 +240,15 @@ class RecentPrompts:
             if self._thread is None:
                 self._thread = ThreadPoolExecutor(1, thread_name_prefix="cascade-tokenize")
             loop = asyncio.get_running_loop()
-            ids = tuple(await loop.run_in_executor(self._thread, prompt_token_ids, tokenizer, request))
+            self._counting += 1
+            try:
+                ids = tuple(await loop.run_in_executor(self._thread, prompt_token_ids, tokenizer, request))
+            finally:
+                self._counting -= 1
+                waiters, self._waiters = self._waiters, []
+                for fut in waiters:  # they run once this task has gone on (to its backend's queue)
+                    if not fut.done():
+                        fut.set_result(None)
             self._keep(tokenizer, request, ids)
         return list(ids)
 

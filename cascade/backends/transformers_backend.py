@@ -93,6 +93,11 @@ def _tokens_to(pieces: list[str], end: int) -> int:
         if pos >= end:
             return i + 1
     return len(pieces)
+
+
+#: the longest a batch about to start waits for prompts still being tokenized (``_gather``): a few short prompts
+#: take milliseconds, a step of a model on a GPU about 20 ms; a 1 MB prompt (half a second) holds no one longer
+GATHER_S = 0.05
 _compute_lock = threading.Lock()
 _shared_executor: ThreadPoolExecutor | None = None
 
@@ -640,6 +645,7 @@ class TransformersBackend(Backend):
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
+                await self._gather()
                 batch = self._take_batch()
                 if not batch:
                     continue
@@ -669,6 +675,22 @@ class TransformersBackend(Backend):
                         usage=Usage(prompt_tokens=len(p.prompt_ids), completion_tokens=generated),
                         latency_s=now - p.enqueued_at, model=self.model,
                         ttft_s=(started - p.enqueued_at) + ttft))
+
+    async def _gather(self) -> None:
+        """Before a batch starts, wait (at most ``GATHER_S``) for the prompts this backend is tokenizing now:
+        requests that arrived with those waiting join their batch. Without it a burst ran as the first request
+        alone, its prompt counted first, and the rest a whole generation later (8 requests sent together to
+        SmolLM2 on an H100: twice one request's latency; docs/gpu.md). A lone request never waits."""
+        prompts = self._recent_prompts
+        if not prompts.counting:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GATHER_S
+        while prompts.counting and len(self._pending) < self._max_batch:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            await prompts.wait_counted(left)
 
     def _take_batch(self) -> list[_Pending]:
         """Take the oldest live request and every waiting one with the same sampling settings."""
