@@ -91,6 +91,37 @@ async def test_a_prompt_still_being_tokenized_holds_a_batch_no_longer_than_the_g
     await counting
 
 
+async def test_a_request_arriving_within_batch_wait_joins_the_batch(smol_path):
+    """No prompt is being tokenized (both were counted before), yet the second request, sent 10 ms after the
+    first, joins its batch: the batch waits until no request has arrived for batch_wait_ms (50 here)."""
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    b = TransformersBackend(model=str(smol_path), name="wait", device=TEST_DEVICE, threads=2, batch_wait_ms=50)
+    await b.start()
+    try:
+        sizes, real = [], b._generate_batch
+        b._generate_batch = lambda batch: (sizes.append(len(batch)), real(batch))[1]
+        first, second = (Q.with_(messages=(Message("user", q),), max_tokens=2) for q in ("Hi!", "Hello!"))
+        for r in (first, second):
+            await b.tokenize(r)
+        task = asyncio.create_task(b.generate(first))
+        await asyncio.sleep(0.01)
+        results = await asyncio.gather(task, b.generate(second))
+        assert all(r.tokens for r in results)
+        assert sizes == [2]
+    finally:
+        await b.close()
+
+
+@pytest.mark.parametrize("bad", [-1, 51, "5", True, float("nan"), None])
+def test_batch_wait_ms_must_be_a_number_of_milliseconds_within_the_gather_limit(smol_path, bad):
+    from cascade.backends.transformers_backend import TransformersBackend
+
+    with pytest.raises(ConfigError, match=r"^tiers\.w\.options\.batch_wait_ms: must be a number within \[0, 50\], "):
+        TransformersBackend(model=str(smol_path), name="w", batch_wait_ms=bad)
+    assert TransformersBackend(model=str(smol_path), name="w", batch_wait_ms=0)._batch_wait == 0
+
+
 async def test_a_stream_carries_the_tokens_and_logprobs_of_the_whole_answer(smol_backend):
     whole = await smol_backend.generate(Q)
     chunks = [c async for c in smol_backend.stream(Q)]

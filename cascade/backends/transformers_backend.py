@@ -95,8 +95,9 @@ def _tokens_to(pieces: list[str], end: int) -> int:
     return len(pieces)
 
 
-#: the longest a batch about to start waits for prompts still being tokenized (``_gather``): a few short prompts
-#: take milliseconds, a step of a model on a GPU about 20 ms; a 1 MB prompt (half a second) holds no one longer
+#: the longest a batch about to start waits for requests arriving together (``_gather``): a few short prompts
+#: take milliseconds to tokenize, a step of a model on a GPU about 20 ms; a 1 MB prompt (half a second to
+#: tokenize) holds no one longer
 GATHER_S = 0.05
 _compute_lock = threading.Lock()
 _shared_executor: ThreadPoolExecutor | None = None
@@ -199,12 +200,12 @@ class TransformersBackend(Backend):
 
     def __init__(self, *, model: str, name: str | None = None, cache_dir: str | Path | None = None,
                  dtype: str = "float32", threads: int | None = None, max_batch_size: int = 8,
-                 device: str = "cpu", cudnn_attention: bool = False, context_length: int | None = None,
-                 **unknown: Any) -> None:
+                 device: str = "cpu", cudnn_attention: bool = False, batch_wait_ms: float = 5.0,
+                 context_length: int | None = None, **unknown: Any) -> None:
         super().__init__(model=model, name=name)
         if unknown:
             raise ConfigError(f"tier {self.name!r}: unknown transformers option(s) {sorted(unknown)}; "
-                              "known: dtype, threads, max_batch_size, device, cudnn_attention")
+                              "known: dtype, threads, max_batch_size, device, cudnn_attention, batch_wait_ms")
         if dtype not in _DTYPES:
             raise ConfigError(f"tiers.{self.name}.options.dtype: must be one of {_DTYPES}, got {dtype!r}")
         if not isinstance(device, str) or not _DEVICE.fullmatch(device):
@@ -212,6 +213,10 @@ class TransformersBackend(Backend):
         if not isinstance(cudnn_attention, bool):
             raise ConfigError(f"tiers.{self.name}.options.cudnn_attention: must be a boolean (true or false, "
                               f"unquoted), got {type(cudnn_attention).__name__} {cudnn_attention!r}")
+        if (isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, (int, float))
+                or not 0 <= batch_wait_ms <= GATHER_S * 1000):
+            raise ConfigError(f"tiers.{self.name}.options.batch_wait_ms: must be a number within "
+                              f"[0, {GATHER_S * 1000:g}], got {batch_wait_ms!r}")
         threads = option_int(self.name, "threads", threads, optional=True)
         max_batch_size = option_int(self.name, "max_batch_size", max_batch_size)
         self._cache_dir = Path(cache_dir) if cache_dir else None  # cascade.models expands ~ (one line if it cannot)
@@ -221,6 +226,7 @@ class TransformersBackend(Backend):
         self._device: Any = None  # the torch.device, at start
         self._threads = threads
         self._max_batch = int(max_batch_size)
+        self._batch_wait = batch_wait_ms / 1000
         self._configured_ctx = context_length
         self._model_ctx: int | None = None
         self._tok: Any = None
@@ -677,20 +683,27 @@ class TransformersBackend(Backend):
                         ttft_s=(started - p.enqueued_at) + ttft))
 
     async def _gather(self) -> None:
-        """Before a batch starts, wait (at most ``GATHER_S``) for the prompts this backend is tokenizing now:
-        requests that arrived with those waiting join their batch. Without it a burst ran as the first request
-        alone, its prompt counted first, and the rest a whole generation later (8 requests sent together to
-        SmolLM2 on an H100: twice one request's latency; docs/gpu.md). A lone request never waits."""
-        prompts = self._recent_prompts
-        if not prompts.counting:
-            return
-        loop = asyncio.get_running_loop()
+        """Before a batch starts, let requests arriving together join it: wait while this backend is tokenizing
+        prompts (their requests come next), and until no request has reached the queue for ``batch_wait_ms``;
+        at most ``GATHER_S`` in all, and not once the batch is full. A batch runs to its end before the next
+        one starts: without this a burst ran as the first request alone and the rest a whole generation later
+        (8 requests sent together to SmolLM2 on an H100: twice one request's latency; docs/gpu.md). A lone
+        request waits ``batch_wait_ms`` (5 ms by default; a stream runs alone and never waits)."""
+        prompts, loop = self._recent_prompts, asyncio.get_running_loop()
         deadline = loop.time() + GATHER_S
-        while prompts.counting and len(self._pending) < self._max_batch:
+        while len(self._pending) < self._max_batch:
             left = deadline - loop.time()
             if left <= 0:
                 return
-            await prompts.wait_counted(left)
+            if prompts.counting:
+                await prompts.wait_counted(left)
+                continue
+            if self._batch_wait <= 0:
+                return
+            seen = len(self._pending)
+            await asyncio.sleep(min(self._batch_wait, left))
+            if len(self._pending) == seen and not prompts.counting:
+                return
 
     def _take_batch(self) -> list[_Pending]:
         """Take the oldest live request and every waiting one with the same sampling settings."""
