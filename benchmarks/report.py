@@ -283,6 +283,8 @@ def _gpu_section(results: Path) -> list[str]:
                     f"{r['tokens_per_s']} | {r['requests_per_s']} | {r['latency_p50_s']} / {r['latency_p99_s']} | "
                     f"{_f(r.get('warmup_s'))} |"
                     for r in d["rows"]]
+            if d.get("note"):
+                out += ["", d["note"]]
             if any("warmup_s" not in r for r in d["rows"]):
                 out += ["", "Measured before the benchmark warmed up each level: every level's first batch ran cold "
                         "(on a GPU several times slower, in bfloat16 most), so these speeds understate; the parity "

@@ -366,6 +366,21 @@ def test_gpu_attention_probe_needs_cuda_and_the_committed_run_renders(tmp_path, 
     assert "\n".join(table) in build(RESULTS)
 
 
+@needs_data
+def test_a_gpu_runs_note_renders_under_its_own_table():
+    """A committed run measured before a fix carries a note saying what it understates; the results page
+    prints it under that run's table, not another's."""
+    from benchmarks._common import RESULTS
+    from benchmarks.report import build
+
+    page = build(RESULTS)
+    for name in ("smollm2_cuda_h100.json", "smollm2_cuda_h100_same.json"):
+        note = json.loads((RESULTS / "gpu" / name).read_text())["note"]
+        assert "two batches" in note
+        assert note in page.split(f"### {name}\n")[1].split("\n### ")[0]
+    assert page.count("understate the backend as committed") == 2
+
+
 # --- the results scripts on odd but real inputs ------------------------------------------------------------
 
 def _qwen_pair(tmp_path, name: str = "mmlu_llama") -> Path:
