@@ -156,7 +156,8 @@ def checked_request(request: Any) -> "GenerationRequest":
     """``request`` as the engine takes it, or :class:`~cascade.errors.InvalidRequestError` naming the field: what
     the HTTP layer's wire types check, for a request built in code (the Python API), so that a malformed one is
     refused before any tier runs (a local tier's refusal would otherwise escalate it, and a hosted tier be paid
-    for it). A single ``stop`` string and lists stand for tuples, as OpenAI's API takes them."""
+    for it). A single ``stop`` string and lists stand for tuples, as OpenAI's API takes them, and a
+    ``developer`` message is a ``system`` one, as the HTTP layer sends it."""
     if not isinstance(request, GenerationRequest):
         raise _bad(f"the request must be a cascade.types.GenerationRequest, got {type(request).__name__}",
                    "request")
@@ -177,7 +178,11 @@ def checked_request(request: Any) -> "GenerationRequest":
             _text(m.content, f"messages[{i}].content")
             if m.name is not None and (not _text(m.name, f"messages[{i}].name") or len(m.name) > 64):
                 raise _bad(f"messages[{i}].name must have 1 to 64 characters", "messages")
-        if isinstance(messages, list):
+        if any(m.role == "developer" for m in messages):
+            # OpenAI's name for the system role of newer models, sent as "system" as the HTTP layer sends it:
+            # chat templates know "system" (Qwen2.5's drops a "developer" message without a word)
+            messages = tuple(replace(m, role="system") if m.role == "developer" else m for m in messages)
+        if isinstance(messages, list) or messages is not request.messages:
             changes["messages"] = tuple(messages)
     else:
         _text(request.prompt, "prompt")

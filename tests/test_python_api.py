@@ -114,6 +114,21 @@ def test_sequences_given_as_lists_or_one_string_are_taken_as_tuples():
     assert checked_request(same) is same  # (a well-formed request is not copied)
 
 
+async def test_a_developer_message_reaches_every_tier_as_a_system_message(tmp_path, servers):
+    """As the HTTP layer sends it: Qwen2.5's chat template drops a "developer" message without a word, and
+    SmolLM2's renders it as a turn of its own after its default system prompt."""
+    asked = (Message("developer", "Answer in French."), Message("user", "Hi"))
+    as_system = (Message("system", "Answer in French."), Message("user", "Hi"))
+    async with await Engine.open(config(tmp_path, servers)) as eng:
+        await eng.run(GenerationRequest(messages=asked))
+    sent = servers["small"].stats()["log"][0]["messages"]
+    assert sent == [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}]
+    local = make_config(tmp_path / "local", [tier("small", max_tokens=4, threshold=0.0)])
+    async with await Engine.open(local) as eng:
+        answers = [(await eng.run(GenerationRequest(messages=m))).result for m in (asked, as_system)]
+    assert answers[0].usage == answers[1].usage and answers[0].text == answers[1].text
+
+
 async def test_a_stop_string_is_one_stop_sequence_as_in_openais_api(tmp_path):
     # (a local tier: the engine cuts the answer at the stop itself)
     cfg = make_config(tmp_path, [tier("small", max_tokens=12, threshold=0.0)])
