@@ -255,6 +255,11 @@ def _attention(row: dict) -> str:
     return "on" if row["cudnn_attention"] else "off"
 
 
+def _streamed(row: dict) -> str:
+    """A streamed GPU row's mark, with its time to the first token (``--stream``)."""
+    return f" (streamed; first token p50 {row['ttft_p50_s']} s)" if row.get("stream") else ""
+
+
 def _gpu_section(results: Path) -> list[str]:
     """``benchmarks/transformers_throughput.py`` runs (the transformers backend on a GPU): speed and parity."""
     out: list[str] = []
@@ -279,8 +284,8 @@ def _gpu_section(results: Path) -> list[str]:
                     "| model | dtype | cuDNN attention | concurrency | requests | tokens/s | requests/s | p50 / p99 s "
                     "| warm-up s |",
                     "|---|---|---|---|---|---|---|---|---|"]
-            out += [f"| {r['model']} | {r['dtype']} | {_attention(r)} | {r['concurrency']} | {r['requests']} | "
-                    f"{r['tokens_per_s']} | {r['requests_per_s']} | {r['latency_p50_s']} / {r['latency_p99_s']} | "
+            out += [f"| {r['model']}{_streamed(r)} | {r['dtype']} | {_attention(r)} | {r['concurrency']} | "
+                    f"{r['requests']} | {r['tokens_per_s']} | {r['requests_per_s']} | {r['latency_p50_s']} / {r['latency_p99_s']} | "
                     f"{_f(r.get('warmup_s'))} |"
                     for r in d["rows"]]
             if d.get("note"):

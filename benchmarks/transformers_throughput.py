@@ -24,6 +24,7 @@ itself per shape pays again for every new prompt length. ``--lengths same`` send
 length, whose shapes the warm-up has already met (the first GPU session's figures were taken so). At
 large concurrency the widest of many mixed prompts is near the top of the range in every batch, so batch
 widths differ little there: mixed lengths show new shapes best at low concurrency.
+``--stream`` sends every request streamed and adds each level's time to the first token (p50, p99).
 ``--cudnn-attention off on`` measures both settings of the tier option (off, the default, keeps torch's
 attention off cuDNN's kernel on CUDA).
 
@@ -148,9 +149,19 @@ async def throughput(label: str, path: Path, dtype: str, cudnn: bool, args: argp
     await backend.start()
     load_s = time.perf_counter() - t0
     rows = []
+    ttfts: list[float] = []  # --stream: each streamed request's time to its first token
     try:
         async def call(text: str) -> int:
-            return (await backend.generate(chat(text, args.max_tokens))).usage.completion_tokens
+            if not args.stream:
+                return (await backend.generate(chat(text, args.max_tokens))).usage.completion_tokens
+            t0, first, n = time.perf_counter(), None, 0
+            async for chunk in backend.stream(chat(text, args.max_tokens)):
+                if chunk.tokens and first is None:
+                    first = time.perf_counter() - t0
+                if chunk.usage is not None:
+                    n = chunk.usage.completion_tokens
+            ttfts.append(time.perf_counter() - t0 if first is None else first)
+            return n
 
         for c in args.concurrency:
             # warm-up: one full batch of this level, not counted (warmup_s: the first batch of a new size)
@@ -158,13 +169,17 @@ async def throughput(label: str, path: Path, dtype: str, cudnn: bool, args: argp
             await asyncio.gather(*(call(t) for t in level_prompts(c, args.lengths, seed=2 * c)))
             warmup_s = time.perf_counter() - t0
             n = max(args.requests or 2 * c, c)
+            ttfts.clear()
             row = await run_level(call, level_prompts(n, args.lengths, seed=2 * c + 1), c)
             row.update(model=label, dtype=dtype, device=backend.device, warmup_s=round(warmup_s, 3),
-                       cudnn_attention=cudnn, lengths=args.lengths)
+                       cudnn_attention=cudnn, lengths=args.lengths, stream=args.stream)
+            if args.stream:
+                row.update(ttft_p50_s=round(percentile(ttfts, 50), 4), ttft_p99_s=round(percentile(ttfts, 99), 4))
             rows.append(row)
+            first = f"  first token p50 {row['ttft_p50_s']} s" if args.stream else ""
             log(f"  {label} {dtype}{' cudnn-attn' if cudnn else ''} c={c:<3} {row['tokens_per_s']:>9} tok/s  "
                 f"{row['requests_per_s']:>7} req/s  "
-                f"p50 {row['latency_p50_s']} s  p99 {row['latency_p99_s']} s  warm-up {row['warmup_s']} s  "
+                f"p50 {row['latency_p50_s']} s  p99 {row['latency_p99_s']} s{first}  warm-up {row['warmup_s']} s  "
                 f"errors {row['errors']}")
     finally:
         device = backend.device
@@ -258,7 +273,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"device": args.device, "dtypes": args.dtype, "concurrency": args.concurrency,
                    "max_tokens": args.max_tokens, "requests": args.requests, "top_logprobs": TOP_LOGPROBS,
                    "parity_questions": args.parity, "max_batch_size": max(args.concurrency),
-                   "lengths": args.lengths, "cudnn_attention": args.cudnn_attention},
+                   "lengths": args.lengths, "cudnn_attention": args.cudnn_attention, "stream": args.stream},
         "models": [{k: v for k, v in r.items() if k != "rows"} for r in results],
         "rows": [row for r in results for row in r["rows"]],
         "parity": parity,
@@ -311,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="N questions answered on the device and on the CPU in float32, compared (default 16)")
     ap.add_argument("--lengths", choices=("mixed", "same"), default="mixed",
                     help="prompt lengths: mixed (seeded random fillers, the default) or nearly the same")
+    ap.add_argument("--stream", action="store_true",
+                    help="streamed requests (each row adds their time to the first token, p50 and p99)")
     ap.add_argument("--cudnn-attention", nargs="+", choices=("off", "on"), default=["off"],
                     help="the tier option cudnn_attention, each setting measured (default off)")
     ap.add_argument("--tiny", action="store_true", help="smoke size: SmolLM2 on the CPU, 2 levels, a few tokens")

@@ -286,6 +286,23 @@ def test_transformers_throughput_tiny_on_the_cpu(tmp_path):
     assert d["config"]["max_tokens"] == 4 and d["machine"]["git"]["commit"]
     assert d["config"]["lengths"] == "mixed" and d["config"]["cudnn_attention"] == [False]
     assert all(r["lengths"] == "mixed" and r["cudnn_attention"] is False for r in d["rows"])
+    assert d["config"]["stream"] is False and all("ttft_p50_s" not in r for r in d["rows"])
+
+
+def test_transformers_throughput_streamed(tmp_path):
+    """``--stream``: the same levels, every request streamed, each row with its time to the first token."""
+    from benchmarks.transformers_throughput import main
+
+    assert main(["--tiny", "--stream", "--out", str(tmp_path), "--name", "s", "--quiet"]) == 0
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert d["config"]["stream"] is True and [r["concurrency"] for r in d["rows"]] == [1, 2]
+    for r in d["rows"]:
+        assert r["stream"] is True and r["errors"] == 0 and 1 <= r["mean_completion_tokens"] <= 4
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["latency_p99_s"]
+    from benchmarks.report import _streamed
+
+    assert _streamed(d["rows"][0]) == f" (streamed; first token p50 {d['rows'][0]['ttft_p50_s']} s)"
+    assert _streamed({"concurrency": 1}) == ""
 
 
 def test_transformers_throughput_prompts_and_the_attention_axis():

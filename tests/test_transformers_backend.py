@@ -122,6 +122,60 @@ def test_batch_wait_ms_must_be_a_number_of_milliseconds_within_the_gather_limit(
     assert TransformersBackend(model=str(smol_path), name="w", batch_wait_ms=0)._batch_wait == 0
 
 
+async def _read(stream) -> tuple[list, list]:  # noqa: ANN001
+    chunks = [c async for c in stream]
+    return chunks, [t for c in chunks for t in c.tokens]
+
+
+async def test_streams_sent_together_are_one_batch_with_the_answers_they_have_alone(smol_backend, monkeypatch):
+    """Three streams and a plain request sent together run as one batch (a stream used to run alone, one after
+    another, on the one compute thread); each stream carries the answer it gets on its own."""
+    sizes = record_batches(smol_backend, monkeypatch)
+    reqs = [Q.with_(messages=(Message("user", q),), max_tokens=8)
+            for q in ("What is 2+2?", "Name a primary color.", "What is the capital of Italy?", "Say hello.")]
+    *streamed, plain = await asyncio.gather(*(_read(smol_backend.stream(r)) for r in reqs[:3]),
+                                            smol_backend.generate(reqs[3]))
+    assert sizes == [4]
+    monkeypatch.undo()
+    for r, (chunks, tokens) in zip(reqs, streamed, strict=False):
+        solo = await smol_backend.generate(r)
+        assert "".join(c.text for c in chunks) == solo.text
+        assert [t.token_id for t in tokens] == [t.token_id for t in solo.tokens]
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(tokens, solo.tokens, strict=True)) < 1e-3
+        assert [a.token_id for a in tokens[0].top] == [a.token_id for a in solo.tokens[0].top]
+        assert chunks[-1].finish_reason == solo.finish_reason and chunks[-1].usage == solo.usage
+    assert plain.text == (await smol_backend.generate(reqs[3])).text
+
+
+async def test_a_stream_ends_with_its_own_row_while_its_batch_runs_on(smol_backend, monkeypatch):
+    """A 2-token stream batched with a 60-token request has its last chunk while the other still generates,
+    and a stream whose reader leaves stops its row without cutting the others short."""
+    sizes = record_batches(smol_backend, monkeypatch)
+    long = asyncio.create_task(smol_backend.generate(GenerationRequest(
+        prompt="Count from 1 to 1000: 1, 2, 3, 4,", max_tokens=60)))
+    chunks, tokens = await _read(smol_backend.stream(Q.with_(max_tokens=2)))
+    assert len(tokens) == 2 and chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 2
+    assert not long.done()
+    res = await long
+    assert res.usage.completion_tokens == 60 and res.finish_reason == "length"
+    assert sizes == [2]
+    # two streams: the reader of one leaves after its first chunk; the other has its whole answer
+    sizes.clear()
+    count = GenerationRequest(prompt="Count from 1 to 1000: 1, 2, 3, 4,", max_tokens=30)
+    left, kept = smol_backend.stream(Q.with_(max_tokens=30)), smol_backend.stream(count)
+
+    async def leave():  # noqa: ANN202
+        first = await left.__anext__()
+        await left.aclose()  # while the other stream is still generating
+        return first
+
+    first, rest = await asyncio.gather(leave(), _read(kept))
+    assert first.tokens and sizes == [2]
+    monkeypatch.undo()
+    solo = await smol_backend.generate(count)
+    assert [t.token_id for t in rest[1]] == [t.token_id for t in solo.tokens] and len(solo.tokens) == 30
+
+
 async def test_a_stream_carries_the_tokens_and_logprobs_of_the_whole_answer(smol_backend):
     whole = await smol_backend.generate(Q)
     chunks = [c async for c in smol_backend.stream(Q)]

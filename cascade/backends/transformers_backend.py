@@ -4,12 +4,14 @@ The CPU fallback (tests, laptops) and, with ``device: cuda``, a GPU tier where v
 
 * Real forward passes; token logprobs are ``log_softmax`` of the model's raw logits at each step, so they
   equal a direct forward pass over prompt + answer (tested to 1e-4).
-* Requests that wait while the model is busy are generated together in one left-padded batch (same
-  sampling settings only; greedy by default; a seeded sampled request runs alone).
+* Requests that wait while the model is busy are generated together in one left-padded batch, streamed or
+  not (same sampling settings only; greedy by default; a seeded sampled request runs alone); a batch about
+  to start waits a moment for requests arriving with it (``batch_wait_ms``), and a stream ends with its own
+  row, not with its batch.
 * All transformers backends of a process share one compute thread: on a small CPU, two models generating
   at once only fight over the same cores (and on one GPU, over its streams).
-* A request whose caller goes away (cancelled task: client disconnect, latency budget) stops its batch
-  early once every request in it is cancelled.
+* A request whose caller goes away (cancelled task: client disconnect, latency budget) stops its row at the
+  next token, and its batch once every row has stopped.
 """
 
 from __future__ import annotations
@@ -181,6 +183,10 @@ class _Pending:
     future: asyncio.Future
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
+    #: a stream's: its tokens go here as they are generated, ``(token_id, logprob, top)``, then None once its
+    #: row ends (put by the compute thread through ``loop``; by the worker when the batch failed)
+    queue: asyncio.Queue | None = None
+    loop: asyncio.AbstractEventLoop | None = None
 
     def batch_key(self) -> tuple:
         """Requests with equal keys may share a batch. A seeded sampled request runs alone: a batch draws its
@@ -490,17 +496,21 @@ class TransformersBackend(Backend):
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         """Yield tokens as the model produces them (with their logprobs), then a final chunk.
 
-        A streamed request runs alone (not batched). With stop strings, only the text that could begin one
-        is held back (as vLLM holds it): the rest goes out as it is generated, and a token once the text
-        sent covers it whole (``HeldTokens``); a stop string ends the answer before it, as ``generate`` cuts it.
+        A stream is batched with the requests waiting beside it, as ``generate``'s are, and ends as soon as its
+        own row does. With stop strings, only the text that could begin one is held back (as vLLM holds it):
+        the rest goes out as it is generated, and a token once the text sent covers it whole (``HeldTokens``);
+        a stop string ends the answer before it, as ``generate`` cuts it.
         """
         request, ids = await self._prepare(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
+        item = _Pending(request=request, prompt_ids=ids, future=loop.create_future(), queue=queue, loop=loop)
+        item.future.add_done_callback(_retrieve)  # a failure after its consumer left is not "never retrieved"
+        cancelled = item.cancelled
         self._streams[cancelled] = queue
-        fut = loop.run_in_executor(_compute_executor(), self._stream_sync, request, ids, queue, loop, cancelled)
-        fut.add_done_callback(_retrieve)  # a failure after its consumer left is not "never retrieved"
+        self._pending.append(item)
+        assert self._wake is not None
+        self._wake.set()
         tok, raw = self._tok, self._token_bytes
         eos = set(self._eos_ids)
         texts = TokenTexts(tok)
@@ -511,12 +521,12 @@ class TransformersBackend(Backend):
         answer, sent, stopped = "", 0, False  # with stops: the answer so far, how much of it went out
         try:
             while True:
-                item = await queue.get()
-                if item is None:
+                got = await queue.get()
+                if got is None:
                     break
-                if item is _CLOSED:
+                if got is _CLOSED:
                     raise ProviderServerError(f"backend {self.name!r} closed", provider=self.name)
-                token_id, logprob, top = item
+                token_id, logprob, top = got
                 if not math.isfinite(logprob) and not finite_seen:  # NaN logits: nothing sent yet, refused
                     raise self._nan_error()
                 finite_seen = True
@@ -549,17 +559,15 @@ class TransformersBackend(Backend):
                     out = hold.feed(text, (token,))
                 if text or out:
                     yield StreamChunk(text=text, tokens=out)
-            try:
-                generated = await fut
-            except Exception as exc:  # the model's own failure, translated as generate()'s is
-                raise self._generation_failed(exc) from exc
-            if not generated:
-                raise ProviderServerError(f"backend {self.name!r} closed", provider=self.name)
+            # its row ended, and the batch may run on for others; an answer cut short (no end of turn, no stop,
+            # fewer tokens than asked) is the batch's failure, which the worker set before it ended the row
+            cut_short = finish != "stop" and len(texts.ids) < request.max_tokens
+            if cut_short and item.future.done() and not item.future.cancelled() and item.future.exception():
+                raise item.future.exception()  # (translated by the worker, as generate()'s is)
         except BaseException:
             # the consumer went away (or the generation failed): as a cancelled generate() leaves the batch
-            # queue, a stream not yet started never runs, and a running one stops at its next token
+            # queue, a stream not yet started never runs, and a running one's row stops at its next token
             cancelled.set()
-            fut.cancel()
             raise
         finally:
             self._streams.pop(cancelled, None)
@@ -571,70 +579,6 @@ class TransformersBackend(Backend):
         # usage: every token generated, to the one that completed a stop string (what generate counts)
         yield StreamChunk(text="", finish_reason=finish,
                           usage=Usage(prompt_tokens=len(ids), completion_tokens=len(texts.ids)))
-
-    def _stream_sync(self, request: GenerationRequest, ids: list[int], queue: asyncio.Queue,
-                     loop: asyncio.AbstractEventLoop, cancelled: threading.Event) -> bool:
-        """Generate into ``queue`` (then None); False, and nothing generated, when the stream was cancelled
-        or the backend closed before its turn on the compute thread."""
-        import torch
-        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        model, tok = self._model, self._tok
-        if cancelled.is_set() or model is None or tok is None:
-            if not cancelled.is_set():  # its consumer still waits: it ends, and reports the backend closed
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-            return False
-        last: dict[str, Any] = {}
-
-        def hook(_module, _inputs, output):  # noqa: ANN001, ANN202 - raw logits of the newest position
-            last["logits"] = output.logits[:, -1, :]
-
-        k = max(request.top_logprobs, 1)
-
-        class _Streamer(BaseStreamer):
-            def __init__(self) -> None:
-                self.prompt_seen = False
-
-            def put(self, value):  # noqa: ANN001
-                if not self.prompt_seen:  # generate() first hands over the prompt
-                    self.prompt_seen = True
-                    return
-                token_id = int(value.reshape(-1)[0])
-                lp = torch.log_softmax(last["logits"][0].float(), dim=-1)
-                vals, idx = torch.topk(lp, k)
-                item = (token_id, float(lp[token_id]), list(zip(idx.tolist(), vals.tolist(), strict=True)))
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-            def end(self) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        sample = _samples(request)
-        cfg = GenerationConfig(  # top_k=0: the whole vocabulary, as OpenAI and vLLM sample (not the top 50)
-            max_new_tokens=request.max_tokens, do_sample=sample, num_beams=1,
-            temperature=request.temperature if sample else None, top_p=request.top_p if sample else None,
-            top_k=0 if sample else None, pad_token_id=tok.pad_token_id,
-            eos_token_id=self._eos_ids, bos_token_id=None)
-        handle = model.register_forward_hook(hook)  # the model's final logits (after any rescaling of the head's)
-        streamer = _Streamer()
-        try:
-            with torch.inference_mode(), _without_cudnn_attention(torch, self._device, self._cudnn_attention), \
-                    _seeded(torch, self._device, request.seed if sample else None):
-                dev = self._device
-                model.generate(input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
-                               attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=dev),
-                               generation_config=cfg, streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([_Cancelled()]))
-        except Exception:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-            raise
-        finally:
-            handle.remove()
-        return True
 
     def _generation_failed(self, exc: Exception) -> ProviderServerError:
         """What the model raised while generating (torch, transformers), as the provider's server error (an
@@ -666,10 +610,18 @@ class TransformersBackend(Backend):
                     for p in batch:
                         if not p.future.done():
                             p.future.set_exception(err)
+                        if p.queue is not None:  # its reader finds the error once it sees its row end
+                            p.queue.put_nowait(None)
                     continue
                 self._running = []
+                for p in batch:
+                    if p.queue is not None:  # (the compute thread ended its row already; a second end is not read)
+                        p.queue.put_nowait(None)
                 for p, result in zip(batch, results, strict=True):
                     if p.future.done():
+                        continue
+                    if result is None:  # a stream's, which has had its tokens
+                        p.future.set_result(None)
                         continue
                     if isinstance(result, Exception):  # this request's answer (NaN logprobs, _nan_error)
                         p.future.set_exception(result)
@@ -688,7 +640,7 @@ class TransformersBackend(Backend):
         at most ``GATHER_S`` in all, and not once the batch is full. A batch runs to its end before the next
         one starts: without this a burst ran as the first request alone and the rest a whole generation later
         (8 requests sent together to SmolLM2 on an H100: twice one request's latency; docs/gpu.md). A lone
-        request waits ``batch_wait_ms`` (5 ms by default; a stream runs alone and never waits)."""
+        request, streamed or not, waits ``batch_wait_ms`` (5 ms by default)."""
         prompts, loop = self._recent_prompts, asyncio.get_running_loop()
         deadline = loop.time() + GATHER_S
         while len(self._pending) < self._max_batch:
@@ -725,9 +677,9 @@ class TransformersBackend(Backend):
         self._pending = rest
         return batch
 
-    def _generate_batch(self, batch: list[_Pending]) -> list[_BatchResult]:
+    def _generate_batch(self, batch: list[_Pending]) -> list[_BatchResult | None]:
         """Each request's (text, tokens, finish reason, seconds to the first token, tokens generated), or the
-        error that answers it (``_nan_error``)."""
+        error that answers it (``_nan_error``); None for a stream, whose tokens went to its queue."""
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
@@ -743,10 +695,15 @@ class TransformersBackend(Backend):
         max_new = max(p.request.max_tokens or 16 for p in batch)
         top_k = max(p.request.top_logprobs for p in batch)
 
-        class _AllCancelled(StoppingCriteria):
+        class _RowsDone(StoppingCriteria):
+            """A row ends once its caller is gone or its stream has all it reads (the stream's reader sets
+            ``cancelled`` at the end of the turn, at a stop string, or on leaving), or at its own
+            ``max_tokens``; the batch ends when every row has."""
+
             def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
-                stop = all(p.cancelled.is_set() for p in batch)
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+                n = input_ids.shape[1] - width
+                done = [p.cancelled.is_set() or n >= (p.request.max_tokens or max_new) for p in batch]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
         first_token_at: list[float] = []
         # The logprobs are read step by step as the answer is generated: a hook on the model keeps the newest
@@ -762,14 +719,50 @@ class TransformersBackend(Backend):
         def hook(_module, _inputs, output):  # noqa: ANN001, ANN202 - the model's final logits, newest position
             newest["lp"] = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
 
+        streams = [i for i, p in enumerate(batch) if p.queue is not None]
+        ended: set[int] = set()  # the stream rows whose end their reader was sent
+
+        def send(i: int, got: Any) -> None:
+            p = batch[i]
+            assert p.loop is not None and p.queue is not None
+            p.loop.call_soon_threadsafe(p.queue.put_nowait, got)
+
+        def to_streams(input_ids: Any, chosen: Any, vals: Any, ids: Any) -> None:
+            """This step's token of each stream row still open, with its logprob and top k (one copy to the
+            host for them all), and the end of the rows that ended with it."""
+            rows = [i for i in streams if i not in ended]
+            if not rows:
+                return
+            n = input_ids.shape[1] - width
+            index = torch.tensor(rows, device=input_ids.device)
+            toks = input_ids[index, -1].tolist()
+            lps = chosen[index, 0].tolist()
+            tops = (vals[index].tolist(), ids[index].tolist()) if top_k > 0 else None
+            for j, i in enumerate(rows):
+                p = batch[i]
+                if stop_check is not None and stop_check.done[i]:  # its stop string came a step ago
+                    ended.add(i)
+                    send(i, None)
+                    continue
+                if not p.cancelled.is_set():
+                    top = list(zip(tops[1][j], tops[0][j], strict=True)) if tops is not None else []
+                    send(i, (toks[j], lps[j], top))
+                if p.cancelled.is_set() or toks[j] in eos or n >= (p.request.max_tokens or max_new):
+                    ended.add(i)
+                    send(i, None)
+
         class _Collect(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
                 lp = newest.pop("lp")  # (B, V), of the step whose token input_ids now ends with
-                chosen_cols.append(torch.gather(lp, 1, input_ids[:, -1:]))
+                chosen = torch.gather(lp, 1, input_ids[:, -1:])
+                chosen_cols.append(chosen)
+                vals = ids = None
                 if top_k > 0:
                     vals, ids = torch.topk(lp, k=top_k, dim=-1)
                     val_cols.append(vals)
                     id_cols.append(ids)
+                if streams:  # (a copy to the host at every step, which streams need; batches alone skip it)
+                    to_streams(input_ids, chosen, vals, ids)
                 if not first_token_at:
                     if input_ids.is_cuda:  # the GPU runs behind the host: the first token is there once it is done
                         torch.cuda.synchronize(input_ids.device)
@@ -805,7 +798,8 @@ class TransformersBackend(Backend):
                     self.done[i] = any(s in tail for s in stops)
                 return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
-        criteria = [_AllCancelled(), _Collect()] + ([_StopInAnswer()] if stops else [])
+        stop_check = _StopInAnswer() if stops else None
+        criteria = [_Collect(), _RowsDone()] + ([stop_check] if stop_check is not None else [])
         sample = _samples(req0)
         cfg = GenerationConfig(  # top_k=0: the whole vocabulary, as OpenAI and vLLM sample (not the top 50)
             max_new_tokens=max_new, do_sample=sample, num_beams=1,
@@ -836,8 +830,11 @@ class TransformersBackend(Backend):
                 top_ids = torch.stack(id_cols, dim=1).cpu()
             gen = gen.cpu()
         ttft = (first_token_at[0] - t0) if first_token_at else (time.perf_counter() - t0)
-        results = []
+        results: list[_BatchResult | None] = []
         for i, p in enumerate(batch):
+            if p.queue is not None:  # a stream: its reader had its tokens as they came
+                results.append(None)
+                continue
             ids = gen[i].tolist()
             limit = p.request.max_tokens or max_new
             stop_at = next((j for j, t in enumerate(ids) if t in eos), None)
