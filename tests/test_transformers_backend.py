@@ -76,19 +76,43 @@ async def test_requests_sent_together_with_new_prompts_run_as_one_batch(smol_bac
 async def test_a_prompt_still_being_tokenized_holds_a_batch_no_longer_than_the_gather_window(smol_backend,
                                                                                                 monkeypatch):
     """A 1 MB prompt takes the tokenizer about half a second: a request already waiting starts its batch
-    after ``GATHER_S`` (0.05 s), while that count is still running, not once it ends."""
+    after ``GATHER_S`` (0.05 s), while that count is still running, not once it ends. A prompt counted for
+    a cost ceiling (``tokenize``), which may never be generated here, holds no batch at all."""
     prompts = smol_backend._recent_prompts
     sizes = record_batches(smol_backend, monkeypatch, seen=lambda: prompts.counting)
     short = Q.with_(messages=(Message("user", "Name a primary color."),), max_tokens=2)
     await smol_backend.tokenize(short)  # its ids are made: it goes to the queue without the tokenizer thread
+    assert prompts.counting == 0
     huge = GenerationRequest(messages=(Message("user", "All work and no play makes Jack a dull boy. " * 23_000),))
-    counting = asyncio.create_task(smol_backend.tokenize(huge))
+    counting = asyncio.create_task(smol_backend.generate(huge))
     while not prompts.counting:
         await asyncio.sleep(0)
     res = await smol_backend.generate(short)
     assert res.tokens
     assert sizes == [(1, 1)]  # it ran alone, while the huge prompt was still being counted
-    await counting
+    with pytest.raises(ContextLengthExceededError):  # (then refused: longer than SmolLM2's context)
+        await counting
+
+
+async def test_a_request_tokenizing_when_its_backend_closes_is_told_so(smol_path):
+    """close() tells every caller it knows of; a request still counting its prompt then used to join a queue
+    no worker would ever take, and wait forever. It is refused once its prompt is counted."""
+    from cascade.backends.transformers_backend import TransformersBackend
+    from cascade.errors import ProviderServerError
+
+    b = TransformersBackend(model=str(smol_path), name="closing", device=TEST_DEVICE, threads=2)
+    await b.start()
+    huge = GenerationRequest(messages=(Message("user", "All work and no play makes Jack a dull boy. " * 23_000),))
+    big = asyncio.create_task(b.tokenize(huge))  # the tokenizer thread is busy: the next counts queue behind it
+    await asyncio.sleep(0)
+    calls = [asyncio.create_task(b.generate(Q)), asyncio.create_task(anext(b.stream(Q)))]
+    while b._recent_prompts.counting < 2:
+        await asyncio.sleep(0)
+    await b.close()
+    for call in calls:
+        with pytest.raises(ProviderServerError, match="closed"):
+            await asyncio.wait_for(call, 30)
+    await asyncio.gather(big, return_exceptions=True)
 
 
 async def test_a_request_arriving_within_batch_wait_joins_the_batch(smol_path):

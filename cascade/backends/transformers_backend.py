@@ -246,6 +246,7 @@ class TransformersBackend(Backend):
         self._streams: dict[threading.Event, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._closes = 0  # close() calls so far
         self._start_once = StartOnce(self._start)
 
     @classmethod
@@ -422,6 +423,7 @@ class TransformersBackend(Backend):
         return torch.device("cuda", index)
 
     async def close(self) -> None:
+        self._closes += 1  # a request still tokenizing its prompt is refused once it has (``_prepare``)
         await self._start_once.settle()
         if self._worker is not None:
             self._worker.cancel()
@@ -462,7 +464,10 @@ class TransformersBackend(Backend):
     async def _prepare(self, request: GenerationRequest) -> tuple[GenerationRequest, list[int]]:
         if self._worker is None:
             await self.start()
-        ids = await self._recent_prompts.load(self._tok, request)
+        closes = self._closes
+        ids = await self._recent_prompts.load(self._tok, request, to_generate=True)
+        if self._closes != closes:  # closed while it was counted: nobody would ever take it from the queue
+            raise ProviderServerError(f"backend {self.name!r} closed", provider=self.name)
         ctx = self.context_length
         if ctx is not None and len(ids) >= ctx:
             raise ContextLengthExceededError(
