@@ -176,10 +176,10 @@ async def throughput(label: str, path: Path, dtype: str, cudnn: bool, args: argp
             if args.stream:
                 row.update(ttft_p50_s=round(percentile(ttfts, 50), 4), ttft_p99_s=round(percentile(ttfts, 99), 4))
             rows.append(row)
-            first = f"  first token p50 {row['ttft_p50_s']} s" if args.stream else ""
+            ttft_note = f"  first token p50 {row['ttft_p50_s']} s" if args.stream else ""
             log(f"  {label} {dtype}{' cudnn-attn' if cudnn else ''} c={c:<3} {row['tokens_per_s']:>9} tok/s  "
                 f"{row['requests_per_s']:>7} req/s  "
-                f"p50 {row['latency_p50_s']} s  p99 {row['latency_p99_s']} s{first}  warm-up {row['warmup_s']} s  "
+                f"p50 {row['latency_p50_s']} s  p99 {row['latency_p99_s']} s{ttft_note}  warm-up {row['warmup_s']} s  "
                 f"errors {row['errors']}")
     finally:
         device = backend.device

@@ -13,6 +13,12 @@ from tests.conftest import TEST_DEVICE
 Q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=10, top_logprobs=5)
 
 
+def huge() -> GenerationRequest:
+    """A 1 MB prompt (longer than SmolLM2's context): the tokenizer takes about half a second over it. A new
+    one each call: a backend finds the ids it made by the prompt object's identity."""
+    return GenerationRequest(messages=(Message("user", "All work and no play makes Jack a dull boy. " * 23_000),))
+
+
 def assert_logprobs_equal_a_direct_forward_pass(backend, request, res) -> None:  # noqa: ANN001
     """Each token's logprob is the log-softmax of one forward pass over prompt + answer at its position (to
     1e-4), and, greedy, the chosen token is the top alternative."""
@@ -83,8 +89,7 @@ async def test_a_prompt_still_being_tokenized_holds_a_batch_no_longer_than_the_g
     short = Q.with_(messages=(Message("user", "Name a primary color."),), max_tokens=2)
     await smol_backend.tokenize(short)  # its ids are made: it goes to the queue without the tokenizer thread
     assert prompts.counting == 0
-    huge = GenerationRequest(messages=(Message("user", "All work and no play makes Jack a dull boy. " * 23_000),))
-    counting = asyncio.create_task(smol_backend.generate(huge))
+    counting = asyncio.create_task(smol_backend.generate(huge()))
     while not prompts.counting:
         await asyncio.sleep(0)
     res = await smol_backend.generate(short)
@@ -102,8 +107,7 @@ async def test_a_request_tokenizing_when_its_backend_closes_is_told_so(smol_path
 
     b = TransformersBackend(model=str(smol_path), name="closing", device=TEST_DEVICE, threads=2)
     await b.start()
-    huge = GenerationRequest(messages=(Message("user", "All work and no play makes Jack a dull boy. " * 23_000),))
-    big = asyncio.create_task(b.tokenize(huge))  # the tokenizer thread is busy: the next counts queue behind it
+    big = asyncio.create_task(b.tokenize(huge()))  # the tokenizer thread is busy: the next counts queue behind it
     await asyncio.sleep(0)
     calls = [asyncio.create_task(b.generate(Q)), asyncio.create_task(anext(b.stream(Q)))]
     while b._recent_prompts.counting < 2:
@@ -115,7 +119,7 @@ async def test_a_request_tokenizing_when_its_backend_closes_is_told_so(smol_path
     await asyncio.gather(big, return_exceptions=True)
 
 
-async def test_a_request_arriving_within_batch_wait_joins_the_batch(smol_path):
+async def test_a_request_arriving_within_batch_wait_joins_the_batch(smol_path, monkeypatch):
     """No prompt is being tokenized (both were counted before), yet the second request, sent 10 ms after the
     first, joins its batch: the batch waits until no request has arrived for batch_wait_ms (50 here)."""
     from cascade.backends.transformers_backend import TransformersBackend
@@ -123,8 +127,7 @@ async def test_a_request_arriving_within_batch_wait_joins_the_batch(smol_path):
     b = TransformersBackend(model=str(smol_path), name="wait", device=TEST_DEVICE, threads=2, batch_wait_ms=50)
     await b.start()
     try:
-        sizes, real = [], b._generate_batch
-        b._generate_batch = lambda batch: (sizes.append(len(batch)), real(batch))[1]
+        sizes = record_batches(b, monkeypatch)
         first, second = (Q.with_(messages=(Message("user", q),), max_tokens=2) for q in ("Hi!", "Hello!"))
         for r in (first, second):
             await b.tokenize(r)
@@ -522,7 +525,7 @@ async def test_a_long_prompt_is_tokenized_on_the_backends_thread_while_the_event
             return getattr(tok, name)
 
     where, recent = Where(), RecentPrompts()
-    req = GenerationRequest(messages=(Message("user", "All work and no play makes Jack a dull boy. " * 23_000),))
+    req = huge()
     ticks, done = [], asyncio.Event()
 
     async def tick() -> None:
