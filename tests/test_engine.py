@@ -17,25 +17,10 @@ def rows(path, sql, *args):
         return conn.execute(sql, args).fetchall()
 
 
-@pytest.fixture
-async def engine_factory(tmp_path):
-    opened = []
-
-    async def make(tiers, policies=None):
-        cfg = make_config(tmp_path, tiers, policies)
-        eng = await Engine.open(cfg)
-        opened.append(eng)
-        return eng
-
-    yield make
-    for e in opened:
-        await e.close()
-
-
-async def test_escalates_below_threshold_and_accounts_the_waste(engine_factory, tmp_path):
+async def test_escalates_below_threshold_and_accounts_the_waste(make_engine, tmp_path):
     small = tier("small", threshold=1.0)  # no answer reaches confidence 1.0: always escalates
     large = tier("large", price={"input_per_1m": 2.0, "output_per_1m": 6.0})
-    eng = await engine_factory([small, large])
+    eng = await make_engine([small, large])
     out = await eng.run(Q)
     rec = out.record
     assert rec.escalated and rec.tier == "large" and len(rec.attempts) == 2
@@ -60,8 +45,8 @@ async def test_escalates_below_threshold_and_accounts_the_waste(engine_factory, 
     assert rows(db, "PRAGMA journal_mode") == [("wal",)]
 
 
-async def test_keeps_the_first_answer_above_threshold(engine_factory, tmp_path):
-    eng = await engine_factory([tier("small", threshold=0.0), tier("large", price={"input_per_1m": 2.0, "output_per_1m": 6.0})])
+async def test_keeps_the_first_answer_above_threshold(make_engine, tmp_path):
+    eng = await make_engine([tier("small", threshold=0.0), tier("large", price={"input_per_1m": 2.0, "output_per_1m": 6.0})])
     rec = (await eng.run(Q)).record
     assert not rec.escalated and rec.tier == "small" and len(rec.attempts) == 1
     assert rec.escalation_waste_usd == 0.0
@@ -72,13 +57,13 @@ async def test_keeps_the_first_answer_above_threshold(engine_factory, tmp_path):
     assert eng.tiers["large"].backend._model is None
 
 
-async def test_a_last_tier_skipped_by_the_cost_budget_has_its_baseline_estimated(engine_factory, tmp_path):
+async def test_a_last_tier_skipped_by_the_cost_budget_has_its_baseline_estimated(make_engine, tmp_path):
     """The last tier that a cost budget skipped never ran: the baseline (what it alone would have cost) is
     estimated from the served answer's tokens, not read as the $0 of the skipped attempt."""
     from cascade.engine import Budget
 
     large = tier("large", price={"input_per_1m": 1000.0, "output_per_1m": 3000.0})
-    eng = await engine_factory([tier("small", threshold=1.0), large])
+    eng = await make_engine([tier("small", threshold=1.0), large])
     rec = (await eng.run(Q, budget=Budget(cost_usd=1e-4, on_cost="refuse"))).record
     a0, a1 = rec.attempts
     assert (a0.decision, a0.kept, a1.decision, a1.cost_usd) == ("accept", True, "skipped", 0.0)  # the best in hand
@@ -88,20 +73,20 @@ async def test_a_last_tier_skipped_by_the_cost_budget_has_its_baseline_estimated
         (pytest.approx(rec.baseline_cost_usd), 1)]
 
 
-async def test_threshold_between_confidences_decides(engine_factory):
+async def test_threshold_between_confidences_decides(make_engine):
     """The same answer escalates or not depending on where the threshold sits around its confidence."""
-    probe = await engine_factory([tier("small", threshold=0.0), tier("large")])
+    probe = await make_engine([tier("small", threshold=0.0), tier("large")])
     conf = (await probe.run(Q)).record.confidence
-    below = await engine_factory([tier("small", threshold=max(conf - 0.05, 0.0)), tier("large")],
+    below = await make_engine([tier("small", threshold=max(conf - 0.05, 0.0)), tier("large")],
                                  {"p": {"chain": ["small", "large"]}})
-    above = await engine_factory([tier("small", threshold=min(conf + 0.05, 1.0)), tier("large")],
+    above = await make_engine([tier("small", threshold=min(conf + 0.05, 1.0)), tier("large")],
                                  {"p": {"chain": ["small", "large"]}})
     assert not (await below.run(Q)).record.escalated
     assert (await above.run(Q)).record.escalated
 
 
-async def test_policy_threshold_override_and_pinned_tier(engine_factory):
-    eng = await engine_factory(
+async def test_policy_threshold_override_and_pinned_tier(make_engine):
+    eng = await make_engine(
         [tier("small", threshold=0.0), tier("large")],
         {"cascade": {"chain": ["small", "large"]},
          "strict": {"chain": ["small", "large"], "thresholds": {"small": 1.0}}})
@@ -111,8 +96,8 @@ async def test_policy_threshold_override_and_pinned_tier(engine_factory):
     assert pinned.tier == "large" and len(pinned.attempts) == 1 and pinned.policy == "large"
 
 
-async def test_unknown_model_is_refused_and_recorded(engine_factory, tmp_path):
-    eng = await engine_factory([tier("small")])
+async def test_unknown_model_is_refused_and_recorded(make_engine, tmp_path):
+    eng = await make_engine([tier("small")])
     with pytest.raises(UnknownModelError, match="valid models: cascade, small"):
         await eng.run(Q, model="gpt-17", request_id="casc-unknown")
     (row,) = rows(tmp_path / "ledger.sqlite", "SELECT status, error_class FROM requests WHERE request_id=?",
@@ -120,13 +105,13 @@ async def test_unknown_model_is_refused_and_recorded(engine_factory, tmp_path):
     assert row == ("error", "UnknownModelError")
 
 
-async def test_three_tier_chain_with_unreachable_middle_tier(engine_factory, tmp_path):
+async def test_three_tier_chain_with_unreachable_middle_tier(make_engine, tmp_path):
     """A tier whose provider refuses connections is recorded as an error and the chain goes on."""
     from tests.conftest import free_port
 
     dead = {"name": "dead", "backend": "openai", "model": "x", "timeout_s": 5,
             "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}}
-    eng = await engine_factory([tier("small", threshold=1.0), dead, tier("large")])
+    eng = await make_engine([tier("small", threshold=1.0), dead, tier("large")])
     rec = (await eng.run(Q)).record
     assert [a.tier for a in rec.attempts] == ["small", "dead", "large"]
     assert rec.attempts[1].decision == "error" and rec.attempts[1].error_class == "ProviderConnectionError"
@@ -137,12 +122,12 @@ async def test_three_tier_chain_with_unreachable_middle_tier(engine_factory, tmp
     assert att[1] == ("dead", "error", "ProviderConnectionError")
 
 
-async def test_last_tier_failure_serves_the_best_answer_in_hand(engine_factory):
+async def test_last_tier_failure_serves_the_best_answer_in_hand(make_engine):
     from tests.conftest import free_port
 
     dead = {"name": "dead", "backend": "openai", "model": "x", "timeout_s": 5,
             "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}}
-    eng = await engine_factory([tier("small", threshold=1.0), dead])
+    eng = await make_engine([tier("small", threshold=1.0), dead])
     rec = (await eng.run(Q)).record
     assert rec.tier == "small" and not rec.escalated
     assert "served because 'dead' failed" in rec.attempts[0].reason
@@ -153,9 +138,9 @@ LOW = {"method": "platt", "feature": "mean_logprob", "params": {"a": 1.0, "b": -
 HIGH = {"method": "platt", "feature": "mean_logprob", "params": {"a": 1.0, "b": 20.0}}  # confidence ~1
 
 
-async def test_policy_calibrators_are_per_task(engine_factory, tmp_path):
+async def test_policy_calibrators_are_per_task(make_engine, tmp_path):
     """Two routes over the same tiers: one keeps the tier's calibrator, one brings its own (fit on its task)."""
-    eng = await engine_factory(
+    eng = await make_engine(
         [tier("small", calibrator=LOW), tier("large")],
         {"general": {"chain": ["small", "large"]},
          "geography": {"chain": ["small", "large"], "calibrators": {"small": HIGH}}})
