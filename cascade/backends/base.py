@@ -265,15 +265,60 @@ class RecentPrompts:
 
 def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
     """Token ids of a request's prompt for an in-process model: chat messages through the tokenizer's
-    chat template, or a raw prompt (an empty one starts from the beginning-of-text token)."""
+    chat template, or a raw prompt (an empty one starts from the beginning-of-text token). A message's text
+    is text: a special token's string written in it (``<|im_end|>``) is not that token, so it cannot end its
+    turn and forge another (a raw prompt is the model's input as given, special tokens included)."""
     if request.messages is not None:
         msgs = [m.as_dict() for m in request.messages]
         text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        specials = _special_strings(tokenizer)
+        if any(s in m.content for m in request.messages for s in specials):
+            return _chat_ids_with_literal_text(tokenizer, msgs, text)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
     if not ids:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start]
+    return ids
+
+
+def _special_strings(tokenizer: Any) -> list[str]:
+    """The strings the tokenizer reads as special tokens (its chat template's turn markers among them)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found = {t.content for t in added.values() if getattr(t, "special", False) and t.content}
+    found.update(t for t in getattr(tokenizer, "all_special_tokens", ()) if t)
+    return sorted(found)
+
+
+def _chat_ids_with_literal_text(tokenizer: Any, msgs: list[dict[str, str]], text: str) -> list[int]:
+    """Token ids of a chat whose messages hold special tokens' strings, each message's text read as text:
+    the template is rendered with a mark in place of each message's text, the template's own parts are
+    tokenized as usual (its special tokens are tokens) and each message's text with its special strings
+    split into ordinary tokens. A template that changes a message's text (a trim) cannot be rendered this
+    way exactly: such a request is refused rather than sent with the wrong turns."""
+    import re
+
+    from cascade.errors import InvalidRequestError
+
+    marks = [f"\ue000cascade-text-{i}\ue001" for i in range(len(msgs))]
+    marked = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(msgs, marks, strict=True)],
+                                           add_generation_prompt=True, tokenize=False)
+    parts = re.split("(" + "|".join(map(re.escape, marks)) + ")", marked)
+    order = parts[1::2]
+    contents = {mark: m["content"] for mark, m in zip(marks, msgs, strict=True)}
+    if sorted(order) != sorted(marks) or "".join(contents.get(p, p) for p in parts) != text:
+        first = next(i for i, m in enumerate(msgs) if any(s in m["content"] for s in _special_strings(tokenizer)))
+        raise InvalidRequestError(f"messages.{first}.content: holds a special token of this model's chat template "
+                                  "(as <|im_end|>), which its template cannot take as plain text: remove it",
+                                  param=f"messages.{first}.content")
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+        if not part:
+            continue
+        if i % 2:
+            ids += tokenizer(contents[part], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        else:
+            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
     return ids
 
 
