@@ -128,16 +128,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         check_plot_path(args.plot)
         if _same_file(args.plot, args.data) or _same_file(args.plot, args.out):
             raise ConfigError(f"--plot {args.plot} is the --data or --out file")
-    with _progress(not args.json) as progress:
+    with _progress(True) as progress:  # on stderr: --json output on stdout stays one JSON object
         progress("loading data", 0, 3)
         feature = args.feature
-        data = load_cascade_outputs(args.data)
-        tier = data.with_score(feature, [args.model.strip()]).tier(args.model.strip())
+        data = load_cascade_outputs(args.data).with_score(feature, [args.model.strip()])
+        tier = data.tier(args.model.strip())
         lp, y = tier.logprob, tier.correct
         if len(y) < 2:
             raise DataError(f"{data.path}: {len(y)} question(s); calibration needs at least 2")
         _both_outcomes(y, tier.name, str(data.path))
-        if args.folds > len(y):
+        if args.folds > len(y) and (args.method == "auto" or len(y) >= 10):  # (held-out scores need 10)
             raise ConfigError(f"--folds {args.folds} is more than the {len(y)} questions of {data.path}")
         progress("fitting", 1, 3)
         selection = None
@@ -185,9 +185,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         progress("done", 3, 3)
     report = {"data": data.path, "model": tier.name, "n": int(len(y)), "feature": feature, "method": cal.method,
               "params": cal.params(), "raw": raw, "calibrated": fitted, "calibrated_heldout_cv": heldout,
-              "artifact": str(out), "plot": str(plot) if plot else None, "warnings": cal.fit_warnings()}
+              "artifact": str(out), "plot": str(plot) if plot else None,
+              "warnings": data.confidence_warnings([tier.name]) + cal.fit_warnings()}
     if selection is not None:
         report["selection"] = selection.to_dict()
+    for warning in report["warnings"]:
+        print(f"cascade: warning: {warning}", file=sys.stderr)
     if args.json:
         print(dumps(report, indent=2))
         return 0
@@ -200,8 +203,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"artifact: {out}")
     if plot:
         print(f"plot: {plot}")
-    for warning in report["warnings"]:
-        print(f"warning: {warning}")
     return 0
 
 
@@ -217,7 +218,9 @@ def _same_file(a: str, b: str) -> bool:
 
 def _chain_order_warnings(train: Any, chain: Sequence[str]) -> list[str]:
     """A warning when the chain does not run from cheap to expensive on TRAIN: every ratio of the report is
-    against the last tier's cost, and savings against a last tier that is the cheapest mean nothing."""
+    against the last tier's cost, and savings against a last tier that is the cheapest mean nothing. (Middle
+    tiers are not held to an order: neighbours at one price differ by a few tokens, and the policy may skip
+    any of them.)"""
     first, last = float(train.tier(chain[0]).cost.mean()), float(train.tier(chain[-1]).cost.mean())
     if last > first:
         return []
@@ -238,8 +241,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                           "a cascade escalates from one to the next")
     if len(set(chain)) != len(chain):
         raise ConfigError(f"--chain names a model twice: {','.join(chain)}")
-    if args.max_quality_drop is not None and not (0 <= args.max_quality_drop < 1):
-        raise ConfigError(f"--max-quality-drop must be in [0, 1) (a fraction: 0.005 = half a point), "
+    if args.max_quality_drop is not None and not (0 <= args.max_quality_drop <= 1):
+        raise ConfigError(f"--max-quality-drop must be in [0, 1] (a fraction: 0.005 = half a point), "
                           f"got {args.max_quality_drop}")
     drop_given = args.max_quality_drop is not None
     if args.max_quality_drop is None:
@@ -271,6 +274,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for flag, path in (("--out", args.out), ("--plot", args.plot)):
         if path and any(_same_file(path, f) for f in (args.train, args.test)):
             raise ConfigError(f"{flag} {path} is the --train or --test file: it would be overwritten")
+    if args.out and args.plot and _same_file(args.out, args.plot):
+        raise ConfigError(f"--plot {args.plot} is the --out file: the report would overwrite the plot")
     if exporting:
         check_output_dir(args.export_policy, "--export-policy")
     if args.test_fraction is not None and not _same_file(args.train, args.test):
@@ -280,6 +285,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         progress("loading data", 0, 1)
         train = load_cascade_outputs(args.train).with_score(args.feature, chain)
         split_info = None
+        data_warnings = train.confidence_warnings(chain)
         if _same_file(args.train, args.test):
             frac = 0.5 if args.test_fraction is None else args.test_fraction
             source = train
@@ -288,6 +294,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                           "note": "train and test are disjoint parts of one file, split by a fixed seed"}
         else:
             test = load_cascade_outputs(args.test).with_score(args.feature, chain)
+            data_warnings += test.confidence_warnings(chain)
         for d, what in ((train, "training"), (test, "test")):
             if len(d) == 0:
                 raise DataError(f"{d.path}: the {what} split is empty")
@@ -301,7 +308,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         # two files: TEST must hold (almost) no question of TRAIN
         overlap = check_disjoint(train, test) if split_info is None else None
         _both_outcomes(train.tier(chain[0]).correct, chain[0], f"the training split of {train.path}")
-        warnings = ([overlap] if overlap else []) + _chain_order_warnings(train, chain)
+        warnings = ([overlap] if overlap else []) + _chain_order_warnings(train, chain) + data_warnings
         try:
             report, policy = replay(train, test, chain, cfg, progress)
         except ValueError as exc:

@@ -83,6 +83,8 @@ class CascadeData:
     qids: list = field(default_factory=list)
     #: per question: its prompt (system and user) where the line has a user prompt, else None
     prompts: list = field(default_factory=list)
+    #: per model: how many lines gave it no confidence (``raw_conf_logprob`` null or NaN), read as -inf
+    no_confidence: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompt_chars)
@@ -119,7 +121,15 @@ class CascadeData:
                                 f"(features come from live runs, benchmarks/live_cascade.py; the stored "
                                 f"confidence is {RAW_SCORE})")
             tiers[m] = replace(t, logprob=np.minimum(t.features[feature], 0.0))
-        return replace(self, tiers=tiers)
+        scored = set(models or self.models)
+        return replace(self, tiers=tiers, no_confidence={m: k for m, k in self.no_confidence.items() if m not in scored})
+
+    def confidence_warnings(self, models: Sequence[str]) -> list[str]:
+        """One warning per model of ``models`` that had no confidence on some lines (read as -inf: such an
+        answer is never accepted, so the policy escalates it)."""
+        return [f"{self.path}: model {m!r} has no confidence (raw_conf_logprob null or NaN) on {self.no_confidence[m]}"
+                f" of {len(self)} questions: read as -inf (never accepted, always escalated)"
+                for m in models if self.no_confidence.get(m)]
 
     def subset(self, idx: Sequence[int] | np.ndarray, split: str | None = None) -> "CascadeData":
         idx = np.asarray(idx, dtype=int)
@@ -155,11 +165,13 @@ def _token_count(v, path: Path, lineno: int, model: str, key: str) -> float:
     return x
 
 
-def _correct(v, path: Path, lineno: int, model: str) -> float:
+def _correct(v, path: Path, lineno: int, model: str, answer: Any = "x") -> float:
     if isinstance(v, bool):
         return float(v)
     if isinstance(v, (int, float)) and v in (0, 1):
         return float(v)
+    if v is None and (answer is None or not str(answer).strip()):  # no answer, not graded: not correct
+        return 0.0
     raise _bad(path, lineno, f"model {model!r}: correct must be true/false, got {v!r}")
 
 
@@ -195,9 +207,13 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
     if not p.is_file():
         raise DataError(f"data path is not a file: {p}")
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = p.read_bytes()
+    except OSError as exc:
         raise DataError(f"cannot read {p}: {exc}") from exc
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (as some editors write) is not part of the first line
+    except UnicodeDecodeError as exc:
+        raise _bad(p, raw.count(b"\n", 0, exc.start) + 1, f"not UTF-8 (byte {exc.start}: {exc.reason})") from None
     models: list[str] | None = None
     cols: dict[str, dict[str, list]] = {}
     prompt_chars: list[float] = []
@@ -206,6 +222,7 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
     prompts: list = []
     seen: dict[tuple[str, str, str], int] = {}  # question id -> line it was first on
     meta = {"dataset": "", "chain": "", "split": ""}
+    no_confidence: dict[str, int] = {}
     n = 0
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -241,8 +258,12 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
             c = cols[m]
             ans = rec["answer"]
             c["answer"].append("" if ans is None else str(ans))
-            c["correct"].append(_correct(rec["correct"], p, lineno, m))
-            lp = _float(rec["raw_conf_logprob"], p, lineno, m, "raw_conf_logprob", True)
+            c["correct"].append(_correct(rec["correct"], p, lineno, m, ans))
+            lp = rec["raw_conf_logprob"]
+            if lp is None or (isinstance(lp, float) and math.isnan(lp)):  # no confidence given: never accepted
+                no_confidence[m] = no_confidence.get(m, 0) + 1
+                lp = -math.inf
+            lp = _float(lp, p, lineno, m, "raw_conf_logprob", True)
             if lp > LOGPROB_TOLERANCE:  # a probability above 1: not a log-probability (it would distort fits)
                 raise _bad(p, lineno, f"model {m!r}: raw_conf_logprob must be a log-probability (<= 0), got {lp!r}")
             c["lp"].append(min(lp, 0.0))  # float noise just above 0 is a probability of 1
@@ -288,7 +309,7 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
     # an id's dataset and split default to the file's (its first line, or its name)
     qids = [None if q is None else (q[0] or meta["dataset"], q[1] or meta["split"], q[2]) for q in qids]
     return CascadeData(str(p), meta["dataset"], meta["chain"], meta["split"], models, tiers,
-                       np.asarray(prompt_chars), idxs, qids, prompts)
+                       np.asarray(prompt_chars), idxs, qids, prompts, no_confidence)
 
 
 def _question_id(row: dict) -> tuple[str, str, str] | None:

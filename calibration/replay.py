@@ -89,8 +89,8 @@ class ReplayConfig:
     guard_confidence: float = 0.5
 
     def validate(self) -> None:
-        if not (0.0 <= self.max_quality_drop < 1.0):
-            raise ConfigError(f"--max-quality-drop must be in [0, 1), got {self.max_quality_drop}")
+        if not (0.0 <= self.max_quality_drop <= 1.0):
+            raise ConfigError(f"--max-quality-drop must be in [0, 1], got {self.max_quality_drop}")
         if self.objective not in ("quality", "budget"):
             raise ConfigError(f"objective must be quality or budget, got {self.objective!r}")
         if self.objective == "budget" and not (self.cost_budget and 0 < self.cost_budget < math.inf):

@@ -241,8 +241,8 @@ def search_thresholds(tiers: Sequence[TierArrays], *, objective: str = "quality"
             raise ConfigError(f"tier {t.name!r}: arrays differ in length")
     if objective not in ("quality", "budget"):
         raise ConfigError(f"objective must be 'quality' or 'budget', got {objective!r}")
-    if objective == "quality" and not (0.0 <= max_quality_drop < 1.0):
-        raise ConfigError(f"max quality drop must be in [0, 1), got {max_quality_drop}")
+    if objective == "quality" and not (0.0 <= max_quality_drop <= 1.0):
+        raise ConfigError(f"max quality drop must be in [0, 1], got {max_quality_drop}")
     if objective == "budget" and (cost_budget is None or not cost_budget > 0):
         raise ConfigError("objective 'budget' needs a positive cost budget per request")
     z = z_for(confidence)

@@ -521,3 +521,64 @@ def test_replay_waste_and_anchor_savings_recomputed_from_the_outcome():
     assert rep["escalation_waste_ratio"] == pytest.approx(waste / out.cost.sum(), abs=1e-6)
     a = rep["anchor_in_sample"]
     assert a["savings_captured"] == pytest.approx((1 - a["cost_ratio"]) / (1 - rep["oracle_cost_ratio"]), abs=1e-5)
+
+
+def test_a_model_without_a_confidence_on_some_lines_is_read_as_never_accepted(tmp_path, capsys):
+    """Other splits of the same sources may give a model no confidence on a line (``raw_conf_logprob`` null or
+    NaN, ``correct`` null where it gave no answer). That used to refuse the whole file, even for commands that
+    never read that model; now such an answer reads as -inf (never accepted: escalated), and both commands
+    say on how many lines, on stderr and under ``warnings``."""
+    rows = _rows(OUTPUTS / "medmcqa_qwen_oai_test.jsonl")
+    for i, r in enumerate(rows[:60]):
+        r["models"]["gpt-4o-mini"].update(answer=None, correct=None, cost_usd=0,
+                                         raw_conf_logprob=None if i % 2 else float("nan"))
+    test = _write_rows(tmp_path / "test.jsonl", rows)
+    rc, out, err = run_cli(capsys, "replay", "--train", str(OUTPUTS / "medmcqa_qwen_oai_train.jsonl"), "--test",
+                           str(test), "--chain", "gpt-4o-mini,qwen2.5-72b-instruct,gpt-4o", "--json")
+    rep = _strict_json(out)
+    assert rc == 0 and all(k in rep for k in REPLAY_KEYS)
+    note = "model 'gpt-4o-mini' has no confidence (raw_conf_logprob null or NaN) on 60 of 1000 questions"
+    assert [w for w in rep["warnings"] if note in w] and f"cascade: warning: {test}: {note}" in err
+    data = load_cascade_outputs(test)
+    assert np.isneginf(data.tier("gpt-4o-mini").logprob[:60]).all() and data.tier("gpt-4o-mini").correct[:60].sum() == 0
+    # a chain without that model, and calibrate of another model, say nothing of it
+    rc, out, err = run_cli(capsys, "replay", "--train", str(OUTPUTS / "medmcqa_qwen_oai_train.jsonl"), "--test",
+                           str(test), "--chain", "qwen2.5-72b-instruct,gpt-4o", "--json")
+    assert rc == 0 and err == "" and _strict_json(out)["warnings"] == []
+    rc, out, err = run_cli(capsys, "calibrate", "--data", str(test), "--model", "gpt-4o-mini", "--method", "platt",
+                           "--out", str(tmp_path / "a.json"), "--json")
+    assert rc == 0 and any(note in w for w in _strict_json(out)["warnings"]) and note in err
+    # a graded answer without its grade is still malformed
+    rows[0]["models"]["gpt-4o"]["correct"] = None
+    rc, _, err = run_cli(capsys, "calibrate", "--data", str(_write_rows(tmp_path / "bad.jsonl", rows)), "--model",
+                         "gpt-4o", "--out", str(tmp_path / "b.json"))
+    assert rc == 2 and "bad.jsonl:1: model 'gpt-4o': correct must be true/false" in _error_line(err)
+
+
+def test_small_files_byte_order_marks_and_output_clashes(tmp_path, capsys):
+    """A 3-question file calibrates (the default --folds only matters where held-out scores are computed);
+    a byte-order mark is not part of the first line; bytes that are not UTF-8 name their line; --plot and
+    --out naming one file is refused before the work; a max quality drop of 1 (anything goes) is a drop."""
+    small = _small_copy(tmp_path, 3)
+    rc, out, _ = run_cli(capsys, "calibrate", "--data", str(small), "--model", "llama3.1-405b", "--method", "platt",
+                         "--out", str(tmp_path / "a.json"), "--json")
+    assert rc == 0 and _strict_json(out)["n"] == 3
+    rc, _, err = run_cli(capsys, "calibrate", "--data", str(small), "--model", "llama3.1-405b", "--method", "auto",
+                         "--out", str(tmp_path / "a.json"))
+    assert rc == 2 and "--folds 5 is more than the 3 questions" in _error_line(err)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + small.read_bytes())
+    assert len(load_cascade_outputs(bom)) == 3
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(small.read_bytes() + '{"user_prompt": "café"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.jsonl:4: not UTF-8"):
+        load_cascade_outputs(latin)
+    f = str(OUTPUTS / "medmcqa_llama_train.jsonl")
+    same = str(tmp_path / "same.png")
+    rc, _, err = run_cli(capsys, "replay", "--train", f, "--test", f, "--chain", "llama3.2-1b,llama3.1-405b",
+                         "--out", same, "--plot", same)
+    assert rc == 2 and "is the --out file" in _error_line(err) and not Path(same).exists()
+    rc, out, _ = run_cli(capsys, "replay", "--train", f, "--test", f, "--chain", "llama3.2-1b,llama3.1-405b",
+                         "--max-quality-drop", "1", "--no-guard", "--json")
+    rep = _strict_json(out)
+    assert rc == 0 and rep["verdict"] == "cascade" and rep["cost_ratio"] < 0.2
