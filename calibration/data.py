@@ -121,8 +121,9 @@ class CascadeData:
                                 f"(features come from live runs, benchmarks/live_cascade.py; the stored "
                                 f"confidence is {RAW_SCORE})")
             tiers[m] = replace(t, logprob=np.minimum(t.features[feature], 0.0))
-        scored = set(models or self.models)
-        return replace(self, tiers=tiers, no_confidence={m: k for m, k in self.no_confidence.items() if m not in scored})
+        scored = set(models or self.models)  # their stored confidence is no longer read
+        gaps = {m: k for m, k in self.no_confidence.items() if m not in scored}
+        return replace(self, tiers=tiers, no_confidence=gaps)
 
     def confidence_warnings(self, models: Sequence[str]) -> list[str]:
         """One warning per model of ``models`` that had no confidence on some lines (read as -inf: such an
