@@ -308,7 +308,8 @@ class ProviderAttempt:
             return f"{head}: served"
         status = f" (HTTP {self.upstream_status})" if self.upstream_status else ""
         nxt = {"retry": "retrying the same provider", "fall_over": "falling over",
-               "raise": "not retried", "cancelled": "cancelled", "failed": "stream broken after its first chunk"}
+               "raise": "not retried", "cancelled": "cancelled", "failed": "stream broken after its first chunk",
+               "held": "cancelled while waiting out its Retry-After, never called"}
         return f"{head}: {self.error_class}{status}; {nxt.get(self.action, self.action)}"
 
 
@@ -338,6 +339,8 @@ def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log:
     # cancelled between two provider attempts (in a rate-limit backoff): the last one had ended with its own
     # error, a row of its own; ``att`` is the cancellation, no call in flight (nothing billed)
     between = not served and att.error_class == CANCELLED and last.action in ("retry", "fall_over")
+    # cancelled while waiting out a provider's Retry-After before calling it: ``att`` is that wait (nothing billed)
+    held = not served and last.action == "held"
     if between:
         earlier = list(provider_log)
     rows = [Attempt(index=0, tier=att.tier, model=pa.model, backend=pa.provider, prompt_tokens=pa.prompt_tokens,
@@ -351,12 +354,17 @@ def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log:
     attempts[pos:pos] = rows
     for k, a in enumerate(attempts[pos:]):
         a.index = first_index + k
-    if between:
+    if between or held:
         att.model, att.backend = last.model, last.provider
         att.prompt_tokens = att.completion_tokens = att.cached_prompt_tokens = 0
         att.cost_usd = att.wait_ms = 0.0
         att.latency_ms = 0.0
-        att.reason = f"cancelled before provider {last.provider!r} was tried again ({att.reason})"
+        if held:
+            att.wait_ms = last.wait_s * 1e3
+            att.reason = (f"cancelled while waiting out the Retry-After of provider {last.provider!r}, before "
+                          f"calling it ({att.reason})")
+        else:
+            att.reason = f"cancelled before provider {last.provider!r} was tried again ({att.reason})"
         return
     att.model, att.backend = last.model, last.provider
     att.latency_ms, att.wait_ms = last.latency_s * 1e3, last.wait_s * 1e3
@@ -628,7 +636,13 @@ class ResilientBackend(Backend):
                     continue
                 log.info("tier %s: provider %s asked not to be called for %.3f s more; waiting", self.name, p.name,
                          hold)
-                await self._sleep(hold)
+                held_since = time.monotonic()
+                try:
+                    await self._sleep(hold)
+                except asyncio.CancelledError:  # cancelled before the call: nothing was sent, nothing is billed
+                    call.record.append(self._attempt(p, 0, time.monotonic() - held_since, held_since, "held",
+                                                     error_class=CANCELLED))
+                    raise
                 wait = hold
             while True:
                 permit = p.breaker.acquire()

@@ -487,6 +487,39 @@ async def test_a_request_cancelled_in_a_rate_limit_backoff_keeps_the_429_row(ser
     assert a.stats()["requests"] == 1
 
 
+async def test_a_request_cancelled_while_waiting_out_a_retry_after_is_billed_nothing(servers, make_engine, tmp_path):
+    """A provider that said "come back in 1.5 s" is waited out by the next request before it is called; a request
+    cancelled in that wait never reached the provider, so its row bills nothing (it used to bill its estimated
+    prompt at that provider's price, to the request, its waste and the daily spend), streamed or not."""
+    a = servers["a"]
+    eng = await make_engine([rtier("t", [prov("a", a)])])
+    a.faults("429:ra=1.5")
+    first = asyncio.create_task(eng.run(Q, request_id="casc-first"))   # its 429 holds a for 1.5 s
+    while a.stats()["requests"] < 1:
+        await asyncio.sleep(0.02)
+
+    async def stream() -> None:
+        async for _ in eng.stream(Q, request_id="casc-held-stream"):
+            pass
+
+    held = [asyncio.create_task(eng.run(Q, request_id="casc-held")), asyncio.create_task(stream())]
+    await asyncio.sleep(0.4)                             # both waiting out a's hold
+    for task in held:
+        task.cancel()
+    for task in held:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert (await first).record.attempts[-1].error_class is None  # the first retried after 1.5 s, answered
+    assert a.stats()["requests"] == 2                    # its 429 and its retry: nobody else was sent
+    for rid in ("casc-held", "casc-held-stream"):
+        rows = db_rows(tmp_path, "SELECT backend, error_class, prompt_tokens, cost_usd, reason FROM attempts "
+                                 "WHERE request_id = ?", rid)
+        assert [r[:4] for r in rows] == [("a", "Cancelled", 0, 0.0)], rid
+        assert rows[0][4].startswith("cancelled while waiting out the Retry-After of provider 'a', before calling it")
+        assert db_rows(tmp_path, "SELECT status, cost_usd, escalation_waste_usd FROM requests WHERE request_id = ?",
+                       rid) == [("cancelled", 0.0, 0.0)]
+
+
 async def test_a_cost_budget_holds_when_a_provider_times_out_and_the_next_one_answers(servers, make_engine, tmp_path):
     """A provider that times out is billed its prompt before the next one answers: the cost budget counts that
     prompt from the start (its truncation leaves room for it), and so does what a request holds against the
