@@ -595,11 +595,18 @@ async def retrieve_model(model_id: str, request: Request) -> dict:
     raise NotFoundError(f"model {model_id!r} does not exist", param="model", code="model_not_found")
 
 
+#: what the completion objects put before the request id (``chatcmpl-casc-...``): SDKs hand out that ``id``
+_RESPONSE_ID_PREFIXES = ("chatcmpl-", "cmpl-", "resp_")
+
+
 async def _own_request(request: Request, request_id: str) -> dict:
-    """The ledger row of one of the caller's requests (another key's request is as good as missing)."""
+    """The ledger row of one of the caller's requests (another key's request is as good as missing), by its
+    request id or by the ``id`` of the completion object that answered it (``chatcmpl-`` + the request id)."""
     engine = _engine(request)
     caller = _caller(request)
     row = await engine.ledger.get(request_id)
+    if row is None and (prefix := next((p for p in _RESPONSE_ID_PREFIXES if request_id.startswith(p)), None)):
+        row = await engine.ledger.get(request_id[len(prefix):])
     if row is None or (caller.key_id is not None and row["api_key_id"] != caller.key_id):
         raise NotFoundError(f"no request {request_id!r} in the ledger", param="request_id")
     return row
@@ -609,22 +616,23 @@ async def _own_request(request: Request, request_id: str) -> dict:
 async def feedback(body: FeedbackRequest, request: Request) -> dict:
     engine = _engine(request)
     row = await _own_request(request, body.request_id)
+    rid = row["request_id"]  # the ledger's id, when the completion's id was given
     if row["status"] not in ("ok", "partial"):  # feedback labels an answer: there was none
-        raise InvalidRequestError(f"request {body.request_id!r} served no answer (status {row['status']!r}): "
+        raise InvalidRequestError(f"request {rid!r} served no answer (status {row['status']!r}): "
                                   "feedback is for answers", param="request_id", code="request_not_answered")
-    fid = await engine.ledger.add_feedback(body.request_id, body.score, body.comment)
-    answered_by = row.get("cached_from") or body.request_id  # a cache hit's answer is its original's
+    fid = await engine.ledger.add_feedback(rid, body.score, body.comment)
+    answered_by = row.get("cached_from") or rid  # a cache hit's answer is its original's
     if body.score < 0:  # an answer a user says is wrong is not served again from the cache
         engine.cache_forget(answered_by)
     if _metrics(request).drift is not None:  # a label for the rolling ECE (cascade/drift.py)
-        _metrics(request).drift.observe_feedback(body.request_id, body.score, answered_by)
-    return {"object": "feedback", "id": fid, "request_id": body.request_id, "score": body.score}
+        _metrics(request).drift.observe_feedback(rid, body.score, answered_by)
+    return {"object": "feedback", "id": fid, "request_id": rid, "score": body.score}
 
 
 @router.get("/v1/feedback/{request_id}")
 async def read_feedback(request_id: str, request: Request) -> dict:
     row = await _own_request(request, request_id)
-    return {"object": "list", "request_id": request_id,
+    return {"object": "list", "request_id": row["request_id"],
             "data": [{"id": f["id"], "score": f["score"], "comment": f["comment"], "created_at": f["created_at"]}
                      for f in row["feedback"]]}
 

@@ -312,5 +312,11 @@ def test_feedback_is_stored(server):
         {"role": "user", "content": "x"}]}).headers["x-request-id"]
     r = httpx.post(server.url + "/v1/feedback", json={"request_id": failed, "score": -1})
     assert r.status_code == 400 and r.json()["error"]["code"] == "request_not_answered"
+    # the completion's own id (what an SDK user has at hand: resp.id) names the same request
+    r = httpx.post(server.url + "/v1/feedback", json={"request_id": resp.id, "score": -1})
+    assert resp.id == "chatcmpl-" + rid and r.status_code == 200 and r.json()["request_id"] == rid
+    assert httpx.get(server.url + f"/v1/feedback/{resp.id}").json()["request_id"] == rid
+    assert httpx.post(server.url + "/v1/feedback", json={"request_id": "chatcmpl-nope", "score": 1}).status_code == 404
     with sqlite3.connect(server.ledger_path) as c:
-        assert c.execute("SELECT score, comment FROM feedback WHERE request_id=?", (rid,)).fetchall() == [(1, "good")]
+        assert c.execute("SELECT score, comment FROM feedback WHERE request_id=? ORDER BY id", (rid,)).fetchall() == [
+            (1, "good"), (-1, None)]
