@@ -73,7 +73,7 @@ def _validation_message(exc: RequestValidationError, content_type: str = "applic
         msg = "unknown parameter"
     if first.get("type") == "missing":
         msg = "missing required parameter"
-    if param is None and (named := re.match(r"([a-z_][a-z0-9_]*): ", msg)):  # a whole-body check naming one
+    if param is None and (named := re.match(r"([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ", msg)):  # a body check naming one
         param = named.group(1)
         msg = msg[named.end():]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -90,6 +90,8 @@ def _unreadable_body(cause: BaseException | None) -> str:
         return f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start}): send JSON in UTF-8"
     if isinstance(cause, RecursionError):
         return "the request body's JSON is nested too deeply to read"
+    if isinstance(cause, ValueError) and "int_max_str_digits" in str(cause):  # Python's own advice is not ours
+        return "the request body could not be read as JSON: a number in it has too many digits"
     detail = f": {cause}" if isinstance(cause, ValueError) and str(cause) else ""
     return f"the request body could not be read as JSON{detail}"
 

@@ -296,7 +296,7 @@ class ChatCompletionRequest(_GenerationParams):
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs=true")
+            raise ValueError("top_logprobs: requires logprobs=true")
         return self
 
     def to_engine(self) -> GenerationRequest:

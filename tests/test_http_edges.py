@@ -100,6 +100,20 @@ def test_surrogate_prompt_on_completions_and_feedback(server):
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize(("content", "param", "fragment"), [
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content", "not valid Unicode"),
+    (b'{"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}', "top_logprobs", "requires logprobs"),
+    (b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1' + b"0" * 5000 + b"}", None, "too many digits"),
+])
+def test_a_check_of_the_whole_body_names_its_parameter_and_says_nothing_of_python(server, content, param, fragment):
+    """A check that names a nested field (messages.0.content) gives it as ``param``, as a field's own check does;
+    a number too long to read is said so, without Python's advice on sys.set_int_max_str_digits."""
+    r = httpx.post(server.url + "/v1/chat/completions", content=content, headers=H(), timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and fragment in err["message"], err
+    assert "sys." not in err["message"]
+
+
 # --- explicit nulls, and values Python would quietly coerce -------------------------------------------
 
 def test_explicit_null_means_the_default(server):
