@@ -103,7 +103,8 @@ def test_surrogate_prompt_on_completions_and_feedback(server):
 @pytest.mark.parametrize(("content", "param", "fragment"), [
     (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content", "not valid Unicode"),
     (b'{"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}', "top_logprobs", "requires logprobs"),
-    (b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1' + b"0" * 5000 + b"}", None, "too many digits"),
+    (b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1' + b"0" * 5000 + b"}", None,
+     "too many digits"),
 ])
 def test_a_check_of_the_whole_body_names_its_parameter_and_says_nothing_of_python(server, content, param, fragment):
     """A check that names a nested field (messages.0.content) gives it as ``param``, as a field's own check does;
