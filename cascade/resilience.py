@@ -627,6 +627,7 @@ class ResilientBackend(Backend):
         last: CascadeError | None = None
         skipped: list[Provider] = []   # breaker open
         held: list[Provider] = []      # its last Retry-After runs longer than this call may wait
+        hints: list[float] = []        # the Retry-After of every 429 of this call: the client is told the soonest
         for i, p in enumerate(self.providers):
             n, wait = 0, 0.0
             hold = p.held_for()
@@ -675,6 +676,8 @@ class ResilientBackend(Backend):
                     if action == "raise":
                         raise self._attach(exc, call) from exc.__cause__
                     last = exc
+                    if isinstance(exc, RateLimitedError) and exc.retry_after:
+                        hints.append(exc.retry_after)
                     if action == "retry":
                         log.info("tier %s: provider %s rate limited; retrying in %.3f s", self.name, p.name,
                                  next_wait)
@@ -712,6 +715,8 @@ class ResilientBackend(Backend):
             if refused:  # a client's retries cannot help: as ProviderAuthError says itself
                 error.should_retry = False
             raise self._attach(error, call)
+        if isinstance(last, RateLimitedError) and hints:  # the first provider free again, not the last one asked
+            last.retry_after = min(hints)
         raise self._attach(last, call)
 
     @staticmethod

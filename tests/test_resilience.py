@@ -216,6 +216,18 @@ async def test_rate_limited_everywhere_reaches_the_client_with_retry_after(serve
     assert attempt_rows(tmp_path, "casc-fail") == [(0, "t", "a", "error", "RateLimitedError", 0)]
 
 
+async def test_every_provider_rate_limited_tells_the_client_the_soonest_retry_after(servers, make_engine):
+    """Every provider of the tier answered 429 with a hint too long to wait out: the client is told when the
+    first of them is free again (20 s), not what the last one asked said (25 s)."""
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)], retry={"max_retry_after_s": 2})])
+    a.faults("429:ra=20")
+    b.faults("429:ra=25")
+    err = await run_failing(eng, RateLimitedError)
+    assert err.retry_after == 20 and [(p.provider, p.action) for p in err.attempts] == [("a", "fall_over"),
+                                                                                       ("b", "fall_over")]
+
+
 async def test_a_long_retry_after_keeps_later_requests_off_the_provider(servers, tmp_path, serve_app):
     """A provider that said "come back in 30 s" is not asked again before then: later requests go straight to
     its fallback, and /ready and /metrics say how long it is held. The hold is at most retry.max_hold_s."""
