@@ -287,6 +287,26 @@ class ChatCompletionRequest(_GenerationParams):
     logprobs: bool = Field(False, strict=True)
     top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
     response_format: ResponseFormat | None = None
+    # tools: this server has none, so only their empty forms (no tools, a choice of none) are accepted
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = Field(None, strict=True)
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: Any) -> Any:
+        if v is not None and v != []:
+            raise ValueError("tools are not supported by this server (it has none to call)")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v: Any) -> Any:
+        if v is not None and v not in ("none", "auto"):
+            raise ValueError("tools are not supported by this server: only 'none' (or 'auto', which is none here)")
+        return v
 
     def max_tokens_asked(self) -> tuple[str, int | None]:
         if self.max_completion_tokens:

@@ -81,7 +81,8 @@ def test_models_and_health(server):
         ({"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}, 404, "valid models: cascade"),
         ({"model": "cascade", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
         ({"model": "cascade", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n=1"),
-        ({"model": "cascade", "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "unknown parameter"),
+        ({"model": "cascade", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+         "tools are not supported"),
         ({"model": "cascade"}, 400, "messages: missing"),
     ],
 )

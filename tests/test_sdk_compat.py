@@ -83,6 +83,14 @@ def test_null_for_every_chat_parameter_the_sdk_knows_is_its_default(client):
     assert resp.choices[0].message.content == DEFAULT_ANSWER
 
 
+def test_no_tools_in_their_empty_forms_are_accepted(client):
+    """A client that always sends its (empty) tool list and a choice of none, as agent frameworks do, is answered:
+    this server has no tools, and that is what the request asks for."""
+    resp = client.chat.completions.create(model="remote", messages=Q, tools=[], tool_choice="none",
+                                          parallel_tool_calls=False)
+    assert resp.choices[0].message.content == DEFAULT_ANSWER
+
+
 def test_null_for_every_completions_parameter_the_sdk_knows_is_its_default(client):
     nulls = {k: None for k in _sdk_params(completion_params.CompletionCreateParamsBase, "prompt", "model")}
     assert {"best_of", "logit_bias"} <= set(nulls)
@@ -99,7 +107,11 @@ def test_null_for_every_responses_parameter_the_sdk_knows_is_its_default(client)
 @pytest.mark.parametrize(("endpoint", "body", "param", "why"), [
     ("chat", {"logit_bias": {"1": 5}}, "logit_bias", "not supported (only {} is accepted)"),
     ("completions", {"logit_bias": {"1": 5}}, "logit_bias", "not supported (only {} is accepted)"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unknown parameter"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+     "tools are not supported by this server (it has none to call)"),
+    ("chat", {"tool_choice": "required"}, "tool_choice",
+     "tools are not supported by this server: only 'none' (or 'auto', which is none here)"),
+    ("chat", {"functions": [{"name": "f"}]}, "functions", "tools are not supported by this server (it has none to call)"),
     ("chat", {"modalities": ["text", "audio"]}, "modalities", "unknown parameter"),
     ("completions", {"best_of": 2}, "best_of", "only 1 is supported"),
     ("chat", {"frobnicate": None}, "frobnicate", "unknown parameter"),  # not an OpenAI parameter, null or not
