@@ -111,7 +111,8 @@ def test_null_for_every_responses_parameter_the_sdk_knows_is_its_default(client)
      "tools are not supported by this server (it has none to call)"),
     ("chat", {"tool_choice": "required"}, "tool_choice",
      "tools are not supported by this server: only 'none' (or 'auto', which is none here)"),
-    ("chat", {"functions": [{"name": "f"}]}, "functions", "tools are not supported by this server (it has none to call)"),
+    ("chat", {"functions": [{"name": "f"}]}, "functions",
+     "tools are not supported by this server (it has none to call)"),
     ("chat", {"modalities": ["text", "audio"]}, "modalities", "unknown parameter"),
     ("completions", {"best_of": 2}, "best_of", "only 1 is supported"),
     ("chat", {"frobnicate": None}, "frobnicate", "unknown parameter"),  # not an OpenAI parameter, null or not
