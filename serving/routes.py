@@ -19,6 +19,7 @@ from cascade.errors import (
     BudgetExceededError,
     CascadeError,
     ConfigError,
+    ContextLengthExceededError,
     InternalError,
     InvalidRequestError,
     NotFoundError,
@@ -281,6 +282,11 @@ async def _complete(request: Request, body: AnyRequest, endpoint: str) -> Respon
     except CascadeError as exc:
         if exc.param == "messages" and endpoint in _PROMPT_PARAM:
             exc.param = _PROMPT_PARAM[endpoint]
+        named, _ = body.max_tokens_asked()  # the answer's bound as the client named it (max_completion_tokens)
+        if isinstance(exc, ContextLengthExceededError) and named != "max_tokens":
+            exc.message = exc.message.replace("max_tokens asks", f"{named} asks").replace(
+                "lower max_tokens", f"lower {named}")
+            exc.args = (exc.message,)
         raise
 
 

@@ -390,10 +390,24 @@ def test_sampling_edges_answer_instead_of_failing(server, stream):
 
 
 def test_a_prompt_too_long_for_the_tier_names_the_field_of_its_endpoint(server):
-    long = "hello world " * 5000
-    for path, body, param in (("/v1/completions", {"prompt": long}, "prompt"),
-                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}]}, "messages"),
-                              ("/v1/responses", {"input": long}, "input")):
+    """The refusal names the prompt's field and the answer's bound as the client named them (the backends say
+    ``max_tokens``; a client that sent ``max_completion_tokens`` is told to lower that)."""
+    long = "hello world " * 4000  # about 8000 tokens: fits the context of 8192, not with 500 more
+    chat = {"messages": [{"role": "user", "content": long}]}
+    for path, body, param, bound in (
+            ("/v1/completions", {"prompt": long, "max_tokens": 500}, "prompt", "max_tokens"),
+            ("/v1/chat/completions", {**chat, "max_tokens": 500}, "messages", "max_tokens"),
+            ("/v1/chat/completions", {**chat, "max_completion_tokens": 500}, "messages", "max_completion_tokens"),
+            ("/v1/responses", {"input": long, "max_output_tokens": 500}, "input", "max_output_tokens")):
+        r = httpx.post(server.url + path, headers=H(), timeout=120, json={"model": "small", **body})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        err = r.json()["error"]
+        assert err["param"] == param, (path, err)
+        assert f"{bound} asks for {body.get(bound)} more" in err["message"] and f"lower {bound}" in err["message"]
+    longer = "hello world " * 5000  # over the context alone
+    for path, body, param in (("/v1/completions", {"prompt": longer}, "prompt"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": longer}]}, "messages"),
+                              ("/v1/responses", {"input": longer}, "input")):
         r = httpx.post(server.url + path, headers=H(), timeout=120, json={"model": "small", **body})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
         assert r.json()["error"]["param"] == param, (path, r.json())
