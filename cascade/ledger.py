@@ -120,7 +120,7 @@ def answer_signature(text: str | None) -> str | None:
     if text is None:
         return None
     norm = " ".join(text.lower().split()).strip(" .!?;:,")
-    return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(norm.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 _TABLES = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",

@@ -73,6 +73,22 @@ def is_utf8(text: str) -> bool:
         return False
     return True
 
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def paired_surrogates(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a UTF-16 surrogate pair (an upstream that cut its text by UTF-16 units,
+    each half a JSON escape of its own, here joined) is its character; a lone surrogate is U+FFFD."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def ends_in_high_surrogate(text: str) -> bool:
+    """Whether ``text`` ends with the first half of a surrogate pair (its second half may come next)."""
+    return bool(text) and "\ud800" <= text[-1] <= "\udbff"
+
 @dataclass(frozen=True, slots=True)
 class Message:
     role: str

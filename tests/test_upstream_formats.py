@@ -110,6 +110,15 @@ def oai_error(message: str, type_: str, code: Any, param: str | None = None) -> 
 
 
 THINK = [("<think>", -0.01), ("Let", -1.5), (" me", -2.0), (" think", -2.5), ("</think>", -0.1)]
+#: a proxy that cuts its text by UTF-16 units: an emoji's surrogate pair across two tokens (each a JSON escape of
+#: its own, so each chunk of a stream holds half a character), or half of one alone (valid JSON, not UTF-8)
+SURROGATES = {"surr-pair": [("Hi", -0.1), (" \ud83d", -0.2), ("\ude00", -0.2), (" there", -0.1)],
+              "surr-lone": [("Hi", -0.1), (" \ud83d", -0.2), (" there", -0.1)]}
+
+
+def surrogate_entry(tok: str, lp: float) -> dict[str, Any]:
+    raw = list(tok.encode("utf-8", "surrogatepass"))
+    return {"token": tok, "logprob": lp, "bytes": raw, "top_logprobs": [{"token": tok, "logprob": lp, "bytes": raw}]}
 
 
 def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
@@ -160,6 +169,9 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
             "usage-only": lambda: ([usage_chunk(model)], True),
             "truncated": lambda: (oai_stream(model)[:3], False),   # 2 tokens, then the body ends cleanly
             "role-then-close": lambda: (oai_stream(model)[:1], False),
+            **{m: (lambda m=m: ([chunk(model, {"role": "assistant", "content": ""})]
+                                + [chunk(model, {"content": t}, [surrogate_entry(t, lp)]) for t, lp in SURROGATES[m]]
+                                + [chunk(model, {}, finish="stop"), usage_chunk(model)], True)) for m in SURROGATES},
             "reasoning": lambda: ([chunk(model, {"role": "assistant", "content": None})]
                                   + [chunk(model, {"reasoning_content": t}, [entry(t, lp)]) for t, lp in THINK[1:4]]
                                   + [chunk(model, {"content": t}, [entry(t, lp)])
@@ -185,6 +197,8 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     answers: dict[str, Any] = {}
     if chat_path:
         answers = {
+            **{m: (lambda m=m: chat(model, "".join(t for t, _ in SURROGATES[m]),
+                                    [surrogate_entry(t, lp) for t, lp in SURROGATES[m]])) for m in SURROGATES},
             "ok": lambda: chat(model),
             "null-lp": lambda: chat(model, entries=[entry(t, None if i == 0 else lp, alt=None)
                                                    for i, (t, lp) in enumerate(TOKS)]),
@@ -448,6 +462,37 @@ async def test_a_cut_off_stream_is_a_partial_answer(upstream, tmp_path):
     failed = events[-1]
     assert isinstance(failed, StreamFailed) and isinstance(failed.error, ProviderConnectionError)
     assert failed.record.status == "partial" and failed.record.error_class == "ProviderConnectionError"
+
+
+@pytest.mark.parametrize(("model", "text"), [("surr-pair", "Hi \U0001f600 there"), ("surr-lone", "Hi \ufffd there")])
+async def test_text_cut_by_utf16_units_is_whole_characters_in_the_answer_and_the_ledger(upstream, tmp_path, model,
+                                                                                       text):
+    """A proxy that cuts text by UTF-16 units sends half a character per chunk (or a half alone): JSON carries
+    it, UTF-8 cannot. A split pair is joined, a lone half is U+FFFD, in the answer, its tokens and its ledger
+    row, streamed or not. A streamed answer used to end with the connection dropped and no ledger row (its
+    signature could not be encoded), an unstreamed one with a 500."""
+    import sqlite3
+
+    for res in (await generate(upstream, model), await stream(upstream, model)):
+        chunks = res if isinstance(res, list) else [res]
+        assert "".join(c.text for c in chunks) == text
+        for c in chunks:
+            c.text.encode("utf-8")
+            for t in c.tokens:
+                t.token.encode("utf-8")
+    eng = await Engine.open(make_config(tmp_path, [remote("t", upstream, model)], ledger={
+        "path": str(tmp_path / "ledger.sqlite"), "store_text": True}))
+    try:
+        out = await eng.run(CHAT, request_id="casc-whole")
+        events = [e async for e in eng.stream(CHAT, request_id="casc-whole-stream")]
+    finally:
+        await eng.close()
+    assert out.result.text == text and "".join(e.text for e in events if isinstance(e, StreamDelta)) == text
+    assert isinstance(events[-1], StreamEnd)
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        rows = conn.execute("SELECT r.status, a.text FROM requests r JOIN attempts a ON a.request_id = r.request_id "
+                            "ORDER BY r.request_id").fetchall()
+    assert rows == [("ok", text), ("ok", text)]
 
 
 # --- 5. a reasoning model's thinking is not the answer's confidence --------------------------------------

@@ -54,7 +54,9 @@ from cascade.types import (
     TopLogprob,
     Usage,
     answer_tokens,
+    ends_in_high_surrogate,
     fit_tokens,
+    paired_surrogates,
 )
 
 log = logging.getLogger("cascade.backends.openai")
@@ -284,6 +286,7 @@ class OpenAIBackend(Backend):
                 text = choice.text or ""
                 tokens = _completion_tokens(choice.logprobs) if self._logprobs else ()
                 generated = len(tokens)
+        text = paired_surrogates(text)  # a lone surrogate (valid JSON) is no text UTF-8 can carry
         if request.stop:  # a server may send the logprobs of the tokens its stop sequence cut away
             tokens = fit_tokens(tokens, text)
         latency = time.perf_counter() - t0
@@ -317,6 +320,9 @@ class OpenAIBackend(Backend):
                 usage: Usage | None = None
                 answered = False  # an event with choices came: the body is an answer's stream
                 seen_text, seen_tokens = [], 0  # for a usage block that leaves a count out
+                # the first half of a surrogate pair that ended a chunk (a server that cut its text by UTF-16
+                # units): held for the next chunk, which may start with its second half
+                carry = ""
                 async for ev in stream:
                     if ev.choices:
                         answered = True
@@ -333,6 +339,10 @@ class OpenAIBackend(Backend):
                             toks = _completion_tokens(ch.logprobs) if self._logprobs else ()
                             seen_tokens += len(toks)
                         finish = _finish(ch.finish_reason) if ch.finish_reason is not None else finish
+                        text, carry = carry + text, ""
+                        if ends_in_high_surrogate(text):
+                            text, carry = text[:-1], text[-1]
+                        text = paired_surrogates(text)
                         if hold is not None:
                             toks = hold.feed(text, toks)
                         seen_text.append(text)
@@ -349,7 +359,9 @@ class OpenAIBackend(Backend):
                     raise ProviderConnectionError(
                         f"{self.name}: the stream ended without a finish reason (cut off after "
                         f"{len(''.join(seen_text))} characters)", provider=self.name, answered=True)
-                yield StreamChunk(text="", tokens=hold.finish() if hold is not None else (),
+                carry = paired_surrogates(carry)  # a first half that no second half followed: U+FFFD
+                tail = hold.feed(carry, ()) if hold is not None and carry else ()
+                yield StreamChunk(text=carry, tokens=tail + (hold.finish() if hold is not None else ()),
                                   finish_reason=finish, usage=usage)
             finally:  # a consumer that stops early: the HTTP response is closed now, not by the collector
                 await stream.close()
@@ -453,13 +465,19 @@ def _chat_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
     llama.cpp's completions' (the same shape)."""
     content = _field(logprobs, "content") or ()
     return tuple(
-        TokenLogprob(token=_field(c, "token"), logprob=_logprob(_field(c, "logprob"), NULL_TOKEN_LOGPROB),
+        TokenLogprob(token=_token(_field(c, "token")), logprob=_logprob(_field(c, "logprob"), NULL_TOKEN_LOGPROB),
                      raw=_raw(c),
                      # most likely first, as OpenAI sends them (vLLM's server lists the sampled token first)
-                     top=tuple(sorted((TopLogprob(token=_field(t, "token"), logprob=_logprob(_field(t, "logprob")),
-                                                  raw=_raw(t)) for t in (_field(c, "top_logprobs") or ())),
+                     top=tuple(sorted((TopLogprob(token=_token(_field(t, "token")),
+                                                  logprob=_logprob(_field(t, "logprob")), raw=_raw(t))
+                                       for t in (_field(c, "top_logprobs") or ())),
                                       key=lambda a: -a.logprob)))
         for c in content)
+
+
+def _token(text: Any) -> Any:
+    """A token's text as UTF-8 can carry it (its ``bytes`` say what it was: half of a character's bytes)."""
+    return paired_surrogates(text) if isinstance(text, str) else text
 
 
 def _reasoning(holder: Any) -> bool:
@@ -514,7 +532,7 @@ def _completion_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
     tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
     out = []
     for tok, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=False):
-        alts = tuple(sorted((TopLogprob(token=k, logprob=_logprob(v)) for k, v in (top or {}).items()),
+        alts = tuple(sorted((TopLogprob(token=_token(k), logprob=_logprob(v)) for k, v in (top or {}).items()),
                             key=lambda a: -a.logprob))
-        out.append(TokenLogprob(token=tok, logprob=_logprob(lp, NULL_TOKEN_LOGPROB), top=alts))
+        out.append(TokenLogprob(token=_token(tok), logprob=_logprob(lp, NULL_TOKEN_LOGPROB), top=alts))
     return tuple(out)
