@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cascade.engine import StreamDelta, StreamEnd, StreamEvent, StreamFailed, StreamStart
+from cascade.errors import CascadeError
 from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, Usage
 from serving.protocol import (
     _NULL_IS_DEFAULT,
@@ -297,12 +298,16 @@ def _sse(kind: str, seq: int, payload: dict[str, Any]) -> bytes:
 
 
 async def response_events(req: ResponsesRequest, first: StreamStart, events: AsyncIterator[StreamEvent],
-                          on_first_token: Callable[[], None]) -> AsyncIterator[bytes]:
+                          on_first_token: Callable[[], None],
+                          set_tail: Callable[[Callable[[CascadeError], bytes]], None] | None = None,
+                          ) -> AsyncIterator[bytes]:
     """The engine's stream as the Responses API's events: ``response.created``, ``response.in_progress``,
     the message item and its text part being added, ``response.output_text.delta`` per chunk, their
     ``done`` events, then ``response.completed`` (``response.incomplete`` when ``max_output_tokens`` cut
     the answer) whose response carries usage and the ``cascade`` account. A tier failing after text was
-    sent ends the stream with ``response.failed`` (its ``error``, and the partial text in its output)."""
+    sent ends the stream with ``response.failed`` (its ``error``, and the partial text in its output).
+    ``set_tail`` is given the function that makes that ending for an error from outside the engine (the
+    server's shutdown cutting the stream: serving/shutdown.py), from what was sent so far."""
     rec, model = first.record, first.tier
     seq = 0
     item_id = "msg_" + rec.request_id
@@ -314,6 +319,19 @@ async def response_events(req: ResponsesRequest, first: StreamStart, events: Asy
         nonlocal seq
         seq += 1
         return _sse(kind, seq - 1, payload)
+
+    def failed(record: CascadeRecord, err: CascadeError) -> bytes:
+        item = _message(rec, "incomplete", [_part(req, "".join(text), tuple(tokens))])
+        # OpenAI's codes for a failed response are a closed list: ours (its class) is in the message and in
+        # the ledger row named by `cascade`
+        code = "rate_limit_exceeded" if getattr(err, "upstream_status", None) == 429 else "server_error"
+        response = _response(req, record, model, status="failed", output=[item], final=True,
+                             error={"code": code, "message": f"stream interrupted: {err.message} "
+                                    f"({type(err).__name__})"})
+        return event("response.failed", response=response)
+
+    if set_tail is not None:
+        set_tail(lambda err: failed(rec, err))
 
     started = _response(req, rec, model, status="in_progress", output=[])
     yield event("response.created", response=started)
@@ -339,15 +357,7 @@ async def response_events(req: ResponsesRequest, first: StreamStart, events: Asy
                              incomplete=incomplete, final=True)
             yield event("response.completed" if status == "completed" else "response.incomplete", response=done)
         elif isinstance(ev, StreamFailed):
-            err = ev.error
-            item = _message(rec, "incomplete", [_part(req, "".join(text), tuple(tokens))])
-            # OpenAI's codes for a failed response are a closed list: ours (its class) is in the message and in
-            # the ledger row named by `cascade`
-            code = "rate_limit_exceeded" if getattr(err, "upstream_status", None) == 429 else "server_error"
-            failed = _response(req, ev.record, model, status="failed", output=[item], final=True,
-                               error={"code": code, "message": f"stream interrupted: {err.message} "
-                                      f"({type(err).__name__})"})
-            yield event("response.failed", response=failed)
+            yield failed(ev.record, ev.error)
 
 
 __all__ = ["INCLUDE_LOGPROBS", "ResponsesRequest", "response_events", "response_object"]

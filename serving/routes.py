@@ -48,6 +48,7 @@ from serving.protocol import (
     usage_block,
 )
 from serving.responses import ResponsesRequest, response_events, response_object
+from serving.shutdown import SSE_TAIL
 from serving.streaming import BoundedStreamingResponse
 
 router = APIRouter()
@@ -496,7 +497,9 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
 
         async def sse() -> AsyncIterator[bytes]:
             try:
-                async for b in response_events(body, first, events, first_token):
+                # the server's shutdown ends this stream as the Responses API ends one (serving/shutdown.py)
+                tail = request.scope.setdefault("state", {}).__setitem__
+                async for b in response_events(body, first, events, first_token, lambda f: tail(SSE_TAIL, f)):
                     yield b
             finally:
                 await events.aclose()

@@ -99,6 +99,11 @@ class Drain:
             task.cancel()
 
 
+#: ``scope["state"]`` key of a stream's own ending for an error from outside its engine (a function of the
+#: error, giving the bytes that end the stream in its protocol): set by a route whose stream is not chat's
+SSE_TAIL = "sse_tail"
+
+
 class DrainMiddleware:
     """Track each HTTP request's task; when :class:`Drain` cancels it, answer for it: a 503 JSON error when
     nothing was sent yet, an SSE error event and ``[DONE]`` for a stream already under way. A client that
@@ -147,7 +152,10 @@ class DrainMiddleware:
                         await error_response(error)(scope, receive, send)
                     else:
                         tail = b""
-                        if sse:
+                        own_tail = scope.get("state", {}).get(SSE_TAIL)
+                        if sse and own_tail is not None:  # the stream's own protocol (Responses: response.failed)
+                            tail = own_tail(error)
+                        elif sse:  # chat and completions: an error event, then [DONE]
                             payload = error_body(f"stream interrupted: {error.message}", error.error_type,
                                                  code=error.code)
                             tail = b"data: " + json.dumps(payload, separators=(",", ":")).encode()

@@ -1096,14 +1096,22 @@ async def test_requests_outliving_the_graceful_shutdown_get_503_and_ledger_rows(
                 async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
                     return resp, [line async for line in resp.aiter_lines() if line]
 
+            async def responses_stream() -> list[str]:
+                body = {"model": "dribble", "input": "hi", "stream": True}
+                async with client.stream("POST", "/v1/responses", json=body) as resp:
+                    assert resp.status_code == 200
+                    return [line async for line in resp.aiter_lines() if line]
+
             streams = [asyncio.create_task(stream()) for _ in range(2)]
-            while slow.stats()["requests"] < 3 or dribble.stats()["requests"] < 2:
+            responses = asyncio.create_task(responses_stream())
+            while slow.stats()["requests"] < 3 or dribble.stats()["requests"] < 3:
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.2)                   # the streams' first tokens are out
             t_term = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             answers = await asyncio.gather(*plain)
             streamed = await asyncio.gather(*streams)
+            responses_lines = await responses
             answered_in = time.monotonic() - t_term
             rc = await asyncio.to_thread(proc.wait, 30)
             out = proc.stdout.read().decode()
@@ -1122,14 +1130,23 @@ async def test_requests_outliving_the_graceful_shutdown_get_503_and_ledger_rows(
         assert lines[-1] == "data: [DONE]"
         assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events)  # tokens came
         assert events[-1]["error"]["code"] == "server_shutdown", events[-1]
+    # a Responses stream ends as that API ends one: response.failed with the text sent so far, no [DONE]
+    kinds = [x.removeprefix("event: ") for x in responses_lines if x.startswith("event: ")]
+    datas = [json.loads(x[len("data: "):]) for x in responses_lines if x.startswith("data: ")]
+    assert "data: [DONE]" not in responses_lines and kinds[-1] == "response.failed", responses_lines
+    assert [d["sequence_number"] for d in datas] == list(range(len(datas))) and datas[-1]["type"] == kinds[-1]
+    failed = datas[-1]["response"]
+    assert failed["status"] == "failed" and "server shut down" in failed["error"]["message"]
+    sent = "".join(d["delta"] for d in datas if d["type"] == "response.output_text.delta")
+    assert sent and failed["output"][0]["content"][0]["text"] == sent
     ids = {r.headers["x-request-id"] for r in answers} | {resp.headers["x-request-id"] for resp, _ in streamed}
     with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
         rows = {r[0]: r[1:] for r in conn.execute("SELECT request_id, status, error_class, policy FROM requests")}
         attempts = conn.execute("SELECT error_class, reason FROM attempts").fetchall()
-    assert set(rows) == ids, (rows, ids)
+    assert ids <= set(rows) and len(rows) == len(ids) + 1, (rows, ids)  # and the Responses stream's
     assert sorted(rows.values()) == sorted([("error", "ServerShutdown", "slow")] * 3
-                                           + [("partial", "ServerShutdown", "dribble")] * 2), rows
-    assert len(attempts) == 5, attempts
+                                           + [("partial", "ServerShutdown", "dribble")] * 3), rows
+    assert len(attempts) == 6, attempts
     plain_attempts = [a for a in attempts if a[0] == "Cancelled"]
     assert len(plain_attempts) == 3 and all("server shut down" in a[1] for a in plain_attempts), attempts
 
