@@ -271,10 +271,13 @@ class Engine:
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
         """Open the ledger and build the tiers (``preload``: load every tier's model now, else at its first
         call). The engine belongs to the running event loop."""
-        ledger = await Ledger(config.ledger_target(), store_text=config.ledger.store_text,
-                              timeout_s=config.ledger.timeout_s, max_pending=config.ledger.max_pending).open()
+        ledger = Ledger(config.ledger_target(), store_text=config.ledger.store_text,
+                        timeout_s=config.ledger.timeout_s, max_pending=config.ledger.max_pending)
+        # everything the config builds first (tiers, calibrators, policies, shadows): a config refused there
+        # leaves the ledger untouched, neither created nor migrated
+        engine = cls(config, ledger=ledger)
+        await ledger.open()
         try:
-            engine = cls(config, ledger=ledger)
             if preload:
                 await engine.start()
         except BaseException:

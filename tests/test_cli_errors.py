@@ -112,6 +112,26 @@ def test_serve_refuses_a_config_the_engine_refuses_in_one_line_before_the_banner
     assert "serving policies" not in r.stderr
 
 
+@pytest.mark.parametrize("where", ["policy", "shadow", "tier outside the route"])
+def test_a_config_refused_for_a_part_outside_the_asked_route_leaves_the_ledger_untouched(tmp_path, capsys, where):
+    """A per-policy or shadow calibrator, or a tier the question's route does not use, that cannot be built: one
+    line, and no ledger created (or migrated: a ledger shared with older servers must not move under them)."""
+    bad = "{artifact: /nonexistent/cal.json}"
+    text = write_config(tmp_path).read_text()
+    if where == "policy":
+        text = text.replace("  cascade: {chain: [small, large]}", f"  cascade: {{chain: [small, large], "
+                            f"calibrators: {{small: {bad}}}}}")
+    elif where == "shadow":
+        text += f"shadows:\n  s1: {{of: cascade, calibrators: {{small: {bad}}}}}\n"
+    else:
+        text = text.replace("  cascade: {chain: [small, large]}", "  cascade: {chain: [small]}")
+        text = text.replace("    max_tokens: 10\n", f"    max_tokens: 10\n    calibrator: {bad}\n")
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    one_error(cli(capsys, "ask", "--config", str(cfg), "hi"), "/nonexistent/cal.json")
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
 @pytest.mark.parametrize("ledger", ["dir", "notdb"])
 def test_serve_refuses_a_ledger_that_is_a_directory_or_not_sqlite(tmp_path, ledger):
     target = tmp_path
