@@ -56,6 +56,8 @@ Thresholds = Annotated[dict[str, float], AfterValidator(_unit_thresholds)]
 def _not_blank(v: str) -> str:
     if not v.strip():
         raise ValueError("must not be empty")
+    if "\x00" in v:  # no path, host or name holds one (the OS refuses it, as a traceback)
+        raise ValueError("must not contain a NUL character")
     return v
 
 
@@ -281,7 +283,7 @@ class PolicyConfig(_Strict):
 
 
 class ServerConfig(_Strict):
-    host: str = "127.0.0.1"
+    host: NonBlank = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     #: the request line's target and all header names and values together (beyond: 431)
@@ -661,9 +663,46 @@ def _artifacts_relative_to(cfg: Config, base: Path) -> Config:
     })
 
 
+#: the most values a config may hold once its aliases are expanded (a few hundred in a large real one): aliases
+#: of aliases can expand exponentially ("billion laughs"), and every check walks the expanded values
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_aliases(root: yaml.Node) -> None:
+    """Refuse an alias that refers to a collection holding it (``port: &x [*x]``: a value without end, which
+    every later check would recurse into) and aliases that expand past ``MAX_CONFIG_VALUES`` values."""
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    values = 0
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+            continue
+        values += 1
+        if values > MAX_CONFIG_VALUES:
+            raise yaml.composer.ComposerError(None, None, f"its aliases expand to more than {MAX_CONFIG_VALUES:,} "
+                                              "values", node.start_mark)
+        if id(node) in on_path:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a collection that holds it (a value "
+                                              "without end)", node.start_mark)
+        if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+            on_path.add(id(node))
+            stack.append((node, True))
+            children = node.value if isinstance(node, yaml.SequenceNode) else [c for kv in node.value for c in kv]
+            stack.extend((c, False) for c in children)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one
-    silently: a second ``port:`` or a pasted ``tiers:`` block would quietly replace the first)."""
+    silently: a second ``port:`` or a pasted ``tiers:`` block would quietly replace the first), and an alias
+    that refers to a collection holding it."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_aliases(node)
+        return node
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):

@@ -20,6 +20,8 @@ def expand_path(text: str | os.PathLike[str], what: str) -> Path:
     raw = os.fspath(text)
     if not raw.strip():
         raise ConfigError(f"{what}: empty path")
+    if "\x00" in raw:  # the OS refuses it (ValueError: embedded null byte)
+        raise ConfigError(f"{what}: the path contains a NUL character")
     try:
         return Path(raw).expanduser()
     except RuntimeError:  # "Could not determine home directory."

@@ -155,6 +155,24 @@ def test_serve_says_in_one_line_that_the_port_is_in_use(tmp_path):
 # --- config files ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("yaml_text", "needle"), [
+    ("server: {port: &x [*x]}\n", "an alias refers to a collection that holds it (a value without end) at line 1"),
+    ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcde", "bcdef", strict=True)),
+     "its aliases expand to more than 100,000 values"),
+    ('ledger: {path: "/tmp/a\\0b.sqlite"}\n', "ledger.path: must not contain a NUL character"),
+    ('server: {host: "  "}\n', "server.host: must not be empty"),
+])
+def test_aliases_without_end_and_nul_characters_are_one_line(tmp_path, capsys, yaml_text, needle):
+    """A self-referencing YAML alias was a RecursionError traceback, aliases of aliases an exponential walk, a NUL
+    in a path the OS's traceback; a blank host failed at bind without naming server.host."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    one_error(cli(capsys, "ask", "--config", str(cfg), "hi"), needle)
+    one_error(cli(capsys, "ask", "--config", str(write_config(tmp_path)), "--ledger", "/tmp/a\0b.sqlite", "hi"),
+              "ledger.path: the path contains a NUL character")
+
+
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     png = tmp_path / "some.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
