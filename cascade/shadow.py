@@ -168,10 +168,16 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
                                                      "the request", diverges=True, escalated=None)
             # its answer and cost are unknown, but (as long as the tiers it needs answer) it serves this tier or a
             # later one: a divergence for certain when the live path served none of them, an escalation for
-            # certain past the first tier
-            rest = shadow.chain[i:]
+            # certain past the first tier. A tier the live path skipped for the cost budget, the shadow (which
+            # spent less by then) may skip as well, and serve an answer in hand: those count as outcomes too
+            could_serve = set(shadow.chain[i:])
+            escalates = i > 0
+            if tname in live_skips and in_hand:
+                could_serve |= {t for t, _ in in_hand}
+                escalates = escalates and first not in could_serve
             return _unknown(shadow, f"needs tier {tname!r}, which the live path did not run", needs=tname,
-                            diverges=True if rec.tier not in rest else None, escalated=True if i > 0 else None)
+                            diverges=True if rec.tier not in could_serve else None,
+                            escalated=True if escalates else None)
         att, tier_cost = ran[tname]
         cost += tier_cost
         if att is None:

@@ -136,6 +136,20 @@ def test_evaluate_shadow_is_pure_and_skips_other_policies():
     assert "the cost budget would skip 'large'" in same["reason"]
     alone = evaluate_shadow(ShadowPolicy("s", "cascade", ("large",), (0.0,)), rec, live)   # spent less: unknown
     assert alone["status"] == "unknown" and alone["needs"] == "large"
+    # a shadow that spent less than the live path before the skipped tier (it skips a middle tier) may skip it too
+    # and serve the same answer in hand: neither its divergence nor its escalation is certain
+    rec.attempts = [Attempt(0, "small", "m", "transformers", cost_usd=1e-6, features={"mean_logprob": -0.1,
+                                                                                     "n_tokens": 3},
+                            decision="escalate"),
+                    Attempt(1, "mid", "m", "transformers", cost_usd=4e-6, features={"mean_logprob": -0.2,
+                                                                                   "n_tokens": 3},
+                            decision="escalate"),
+                    Attempt(2, "large", "m", "transformers", decision="skipped", reason="cost budget")]
+    live["mid"] = TemperatureScaling()
+    no_mid = evaluate_shadow(ShadowPolicy("s", "cascade", ("small", "large"), (0.99, 0.0)), rec, live)
+    assert (no_mid["status"], no_mid["diverges"], no_mid["escalated"]) == ("unknown", None, None), no_mid
+    rec.tier = "mid"  # the live path served its middle tier: the shadow (small or large) diverges for certain
+    assert evaluate_shadow(ShadowPolicy("s", "cascade", ("small", "large"), (0.99, 0.0)), rec, live)["diverges"]
 
 
 def _shadow_attempts(t: Traffic, shadow: str) -> dict[str, list[dict[str, Any]]]:
