@@ -97,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("cascade.serve").warning(warning)
 
     app = create_app(cfg, config_path=args.config or os.environ.get("CASCADE_CONFIG") or None)
-    banner = (f"cascade-engine: serving policies {list(cfg.policies)} on http://{cfg.server.host}:{cfg.server.port}"
+    host = f"[{cfg.server.host}]" if ":" in cfg.server.host else cfg.server.host  # an IPv6 address, as in a URL
+    banner = (f"cascade-engine: serving policies {list(cfg.policies)} on http://{host}:{cfg.server.port}"
               f" (ledger {_redact(cfg.ledger_target())})")
     if cfg.server.log_format == "json":  # every line on stderr is a JSON object
         logging.getLogger("cascade.serve").info(banner)

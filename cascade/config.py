@@ -610,7 +610,7 @@ def _format_validation_error(exc: ValidationError, source: str,
         if var is not None:
             env_parts.append(f"environment variable {var} ({loc}): {msg}")
         else:
-            parts.append(f"{loc}: {msg}")
+            parts.append(f"{loc}: {msg}" if err["loc"] else msg)  # a check across keys names them itself
     if not parts:
         return "invalid " + "; ".join(env_parts)
     return f"invalid config {source}: " + "; ".join(parts + env_parts)

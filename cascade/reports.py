@@ -80,8 +80,11 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 def parse_since(text: str | None, *, now: float | None = None) -> float | None:
     """``--since``: an ISO date or time (UTC unless it says otherwise), a relative age (30m, 24h, 7d, 2w),
     or UNIX seconds. Returns UNIX seconds, or None for no lower bound."""
-    if text is None or not str(text).strip():
+    if text is None:
         return None
+    if not str(text).strip():  # an unset variable in a script ($WINDOW): not "all time" in silence
+        raise ConfigError("--since: empty; leave it out for all time, or give an ISO date or time, a relative age "
+                          "(30m, 24h, 7d, 2w) or UNIX seconds")
     s = str(text).strip()
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", s, flags=re.IGNORECASE)
     if m:
@@ -390,7 +393,8 @@ def cost_report_text(report: dict[str, Any]) -> str:
     title = (f"cost report by {report['by']}" + (f" since {report['since']}" if report["since"] else "")
              + f" ({report['ledger']})")
     t = report["total"]
-    cut = f" ({t['partial']:,} streams cut after some tokens)" if t["partial"] else ""
+    cut = (f" ({t['partial']:,} stream{'s' if t['partial'] != 1 else ''} cut after some tokens)"
+           if t["partial"] else "")
     cut += f" ({t['cache_hits']:,} from the response cache)" if t["cache_hits"] else ""
     died = f" ({t['interrupted']:,} interrupted: their server stopped)" if t["interrupted"] else ""
     foot = (f"{t['requests']:,} requests: {t['answered']:,} answered{cut}, {t['errors']:,} failed or refused{died}, "

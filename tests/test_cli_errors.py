@@ -173,6 +173,17 @@ def test_aliases_without_end_and_nul_characters_are_one_line(tmp_path, capsys, y
               "ledger.path: the path contains a NUL character")
 
 
+def test_an_empty_since_and_a_check_across_keys_say_what_they_mean(tmp_path, capsys):
+    """``--since ""`` (an unset variable in a script) is refused rather than read as all time; an error of a
+    check across keys names its keys itself, without a "(top level)" in front."""
+    for cmd in (["report"], ["shadow", "report"]):
+        one_error(cli(capsys, *cmd, "--ledger", str(_cascade_ledger(tmp_path / "l.sqlite")), "--since", " "),
+                  "--since: empty; leave it out for all time")
+    line = one_error(cli(capsys, "ask", "--config", str(write_config(tmp_path, chain="[small, big]")), "hi"),
+                     "policies.cascade.chain", "'big'")
+    assert "(top level)" not in line
+
+
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     png = tmp_path / "some.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
