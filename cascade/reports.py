@@ -667,7 +667,8 @@ def shadow_report_text(report: dict[str, Any]) -> str:
         lines.append(f"  would pay more: {p['requests']:,} requests, {_money(p['extra_usd'])} extra")
         if sm.get("requests") or sm.get("failed") or sm.get("spend_usd") or sm.get("spend_today_usd") or sm.get("sample_rate"):
             lines.append(f"  sampled          {sm['requests']:,} known by running tiers the live path skipped"
-                         + (f", {sm['failed']:,} sample(s) failed" if sm["failed"] else "")
+                         + (f", {sm['failed']:,} sample(s) without an outcome (failed or cancelled)"
+                            if sm["failed"] else "")
                          + f"; diverged {sm['diverged']:,} ({_pct(sm['divergence_rate'])})")
             lines.append(f"    cost           live {_money(sm['live_cost_usd'])}  shadow {_money(sm['shadow_cost_usd'])}  "
                          f"delta {_money(sm['cost_delta_usd'])}")
