@@ -38,6 +38,20 @@ def _with_cli_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     return out
 
 
+#: the flags that set what an environment variable would (the flag wins: the variable is not read at all)
+_FLAG_VARS = {"host": "CASCADE_HOST", "port": "CASCADE_PORT", "ledger": "CASCADE_LEDGER_PATH"}
+
+
+def _load_with_flags(args: argparse.Namespace) -> Config:
+    """The config file, the environment over it, the flags over both: a variable whose flag is given is not
+    read (a bad value in it would refuse a command line that overrides it)."""
+    import os
+
+    given = {var for flag, var in _FLAG_VARS.items() if getattr(args, flag, None) is not None}
+    environ = {k: v for k, v in os.environ.items() if k not in given}
+    return _with_cli_overrides(load_config(args.config, environ=environ), args)
+
+
 def _check_bind(host: str, port: int) -> None:
     """Bind the server's address once, before anything starts, so that a port in use or a host that is not
     this machine's is one line (uvicorn would log it after the models loaded, and exit 1)."""
@@ -80,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if hasattr(signal, "SIGHUP"):  # a reload (systemctl reload, a logrotate hook) while models load must not
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # kill the server; the running server installs its own
-    cfg = _with_cli_overrides(load_config(args.config), args)
+    cfg = _load_with_flags(args)
     if cfg.server.port == 0:  # uvicorn would bind a random free port, which the banner could not name
         where = ("--port" if args.port is not None else
                  "environment variable CASCADE_PORT (server.port)" if os.environ.get("CASCADE_PORT") else "server.port")
@@ -125,7 +139,7 @@ def _route_tiers(cfg: Config, model: str | None) -> set[str] | None:
 def cmd_ask(args: argparse.Namespace) -> int:
     from cascade.engine import Engine, check_backends
 
-    cfg = _with_cli_overrides(load_config(args.config), args)
+    cfg = _load_with_flags(args)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ConfigError("--max-tokens must be >= 1")
     limit = cfg.server.max_tokens_limit  # the server's limit, as the HTTP endpoints apply it

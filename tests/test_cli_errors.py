@@ -152,6 +152,20 @@ def test_serve_says_in_one_line_that_the_port_is_in_use(tmp_path):
     assert not (tmp_path / "ledger.sqlite").exists()  # refused before anything was opened
 
 
+def test_a_flag_wins_over_a_bad_environment_variable_it_overrides(tmp_path):
+    """File < environment < flags: a variable whose flag is given is not read, so a bad value in it no longer
+    refuses the command line that overrides it (here the run gets as far as binding the flag's port)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = cascade("serve", "--config", str(write_config(tmp_path)), "--port", str(port), "--ledger",
+                    str(tmp_path / "flag.sqlite"), env={"CASCADE_PORT": "abc", "CASCADE_LEDGER_PATH": " "})
+    one_error(r, f"cannot bind 127.0.0.1:{port}: address already in use")
+    r = cascade("serve", "--config", str(write_config(tmp_path)), env={"CASCADE_PORT": "abc"})
+    one_error(r, "CASCADE_PORT")  # not overridden: still refused, naming it
+
+
 # --- config files ----------------------------------------------------------------------------------------
 
 
