@@ -515,8 +515,12 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
     top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
 
     def chunk(choice: dict, **extra: object) -> bytes:
-        return _sse({"id": rid, "object": obj, "created": created, "model": first.tier,
-                     "choices": [choice] if choice else [], **extra})
+        if include_usage:  # as OpenAI: every chunk says usage, null but in the last one's
+            extra.setdefault("usage", None)
+        head = {"id": rid, "object": obj, "created": created, "model": first.tier}
+        if chat:
+            head["system_fingerprint"] = None  # as the unstreamed answer says it
+        return _sse({**head, "choices": [choice] if choice else [], **extra})
 
     async def body_iter() -> AsyncIterator[bytes]:
         first_token = True
@@ -526,8 +530,8 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
         offset = 0 if chat else len(body.prompt_text())
         try:
             if chat:
-                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None})
+                yield chunk({"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None},
+                             "logprobs": None, "finish_reason": None})
             async for ev in events:
                 if isinstance(ev, StreamDelta):
                     if first_token:

@@ -162,6 +162,25 @@ def test_include_obfuscation_is_accepted_and_changes_nothing(client, obfuscation
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
 
 
+def test_stream_chunks_carry_the_null_fields_openai_sends(server):
+    """As OpenAI's: with include_usage every chunk carries ``usage`` (null but in the last), every chat chunk
+    ``system_fingerprint`` (null, as the unstreamed answer), and the first delta ``refusal`` (null)."""
+    import json
+
+    import httpx
+
+    body = {"model": "remote", "messages": Q, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    assert all("usage" in c and "system_fingerprint" in c for c in chunks)
+    assert [c["usage"] is None for c in chunks] == [True] * (len(chunks) - 1) + [False]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    body = {"model": "remote", "prompt": "Paris", "stream": True}  # no include_usage: no usage key
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    assert chunks and not any("usage" in c for c in chunks)
+
+
 # --- top_p=0: only the most likely token, i.e. greedy ---------------------------------------------
 
 def test_top_p_zero_is_greedy_decoding_on_every_endpoint(client):
