@@ -298,7 +298,9 @@ async def _answer(request: Request, body: AnyRequest, endpoint: str) -> Response
     try:
         kw = dict(model=body.model, endpoint=endpoint, api_key_id=caller.key_id, user_tier=caller.user_tier,
                   budget=budget, request_id=request.scope.get("state", {}).get("request_id"),
-                  cache=cache_mode(request.headers.get("cache-control"), request.headers.get("pragma")),
+                  # a header sent as several lines is their comma-joined list (RFC 9110 5.3)
+                  cache=cache_mode(", ".join(request.headers.getlist("cache-control")) or None,
+                                   ", ".join(request.headers.getlist("pragma")) or None),
                   **body.attribution())
         # (one object from admission to the tiers: a local tier tokenizes its prompt once, RecentPrompts)
         req = req or body.to_engine()

@@ -221,6 +221,18 @@ def test_a_repeated_request_is_answered_from_the_cache_at_no_cost(srv, upstream)
         assert hit[6] == pytest.approx(paid[6])              # the saving: what the last tier would have cost
 
 
+def test_cache_control_sent_as_several_lines_is_read_whole(srv, upstream):
+    """A header sent as two lines means their comma-joined list (RFC 9110): ``no-store`` on the second line keeps
+    the request out of the cache. Only the first line was read: such a request was answered from the cache."""
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert post(c).status_code == 200 and upstream.stats()["requests"] == 1
+        r = c.post("/v1/chat/completions", json=BODY, headers=[("authorization", f"Bearer {A}"),
+                                                               ("cache-control", "max-age=100"),
+                                                               ("cache-control", "no-store")])
+        assert r.status_code == 200 and "x-cascade-cached-from" not in r.headers
+        assert upstream.stats()["requests"] == 2
+
+
 def test_the_report_counts_hits_and_keeps_them_out_of_the_escalation_rate(srv, capsys):
     from cascade.cli import main
 
