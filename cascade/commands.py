@@ -222,7 +222,7 @@ def cmd_keys_hash(args: argparse.Namespace) -> int:
     from serving.auth import hash_key
 
     if args.key is not None:
-        key = args.key
+        key = args.key.strip()  # as the server reads a bearer token: a key pasted with a space still matches
     else:
         try:  # bytes that are not UTF-8: an error, or lone surrogates (as Python reads stdin in most locales)
             key = check_text(sys.stdin.readline(), "standard input").strip()

@@ -152,6 +152,16 @@ def test_serve_says_in_one_line_that_the_port_is_in_use(tmp_path):
     assert not (tmp_path / "ledger.sqlite").exists()  # refused before anything was opened
 
 
+def test_keys_hash_reads_a_key_as_the_server_does(capsys):
+    """The server strips a bearer token's surrounding spaces: a key pasted as an argument with them gets the
+    digest the server will compute (it used to keep them, a digest that never authenticates), as stdin's."""
+    from serving.auth import hash_key
+
+    r = cli(capsys, "keys", "hash", "  sk-test-key \t")
+    assert r.returncode == 0 and r.stdout.strip() == hash_key("sk-test-key")
+    one_error(cli(capsys, "keys", "hash", "   "), "no key given")
+
+
 def test_a_flag_wins_over_a_bad_environment_variable_it_overrides(tmp_path):
     """File < environment < flags: a variable whose flag is given is not read, so a bad value in it no longer
     refuses the command line that overrides it (here the run gets as far as binding the flag's port)."""
