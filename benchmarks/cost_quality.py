@@ -631,6 +631,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-quality-drop", type=float, default=0.005)
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
+    if not 0 <= args.max_quality_drop <= 1:  # (NaN too) checked before any case runs or anything is written
+        ap.error(f"--max-quality-drop must be in [0, 1] (0.005 = half a point), got {args.max_quality_drop}")
+    if args.train is None and (given := [f for f in ("test", "weak", "strong") if getattr(args, f) is not None]):
+        ap.error(f"--{given[0]} goes with --train (--shared and --live take every pair of their folder)")
     if args.shared:
         out, name, where = Path(args.out or RESULTS / "shared"), "shared", shared_data_dir(args.data_dir)
         cases = shared_cases(where)

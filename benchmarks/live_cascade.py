@@ -67,9 +67,14 @@ def chain_label(chain: Sequence[str]) -> str:
     return "-".join(SHORT.get(m, Path(m).name.replace("_", "-")) for m in chain)
 
 
-def tier_defaults(model: str) -> dict[str, Any]:
-    """Price and transformers options of ``model`` from the embedded default config (or EXTRA_PRICES)."""
+def tier_defaults(model: str, prices: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """Price and transformers options of ``model``: ``prices`` (``--price``), else the embedded default
+    config's tier of that model, else EXTRA_PRICES."""
     from cascade.config import load_config
+    from cascade.errors import ConfigError
+
+    if prices and model in prices:
+        return {"price": dict(prices[model]), "options": {"dtype": "float32"}, "source": "--price"}
 
     cfg = load_config(None, environ={})
     for t in cfg.tiers:
@@ -78,7 +83,8 @@ def tier_defaults(model: str) -> dict[str, Any]:
     if model in EXTRA_PRICES:
         return {"price": dict(EXTRA_PRICES[model]), "options": {"dtype": "float32"},
                 "source": "benchmarks/live_cascade.py EXTRA_PRICES (amortised)"}
-    raise SystemExit(f"live_cascade: no price for model {model!r}: add it to the config or EXTRA_PRICES")
+    raise ConfigError(f"no price for model {model!r}: give one with --price {model}=IN/OUT (USD per 1M input / "
+                      "output tokens)")
 
 
 def model_identity(model: str) -> str | None:
@@ -238,7 +244,9 @@ def make_backend(kind: str, model: str, *, threads: int, batch: int, dtype: str,
     elif kind == "vllm":
         opts = {"seed": 0, "max_num_seqs": max(batch, 1), **opts}
     else:
-        raise SystemExit(f"live_cascade: --backend must be transformers or vllm, got {kind!r}")
+        from cascade.errors import ConfigError
+
+        raise ConfigError(f"--backend must be transformers or vllm, got {kind!r}")
     return backend_class(kind)(model=model, name=model, dtype=dtype, **opts)
 
 
@@ -349,8 +357,10 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, data_dir: str | Path | None = None,
         out: str | Path = RESULTS / "live" / "custom", cache: str | Path | None = None, seed: int = 0, threads: int = 1,
         batch: int = 8, dtypes: dict[str, str] | None = None, show_progress: bool = True, write_summary: bool = True,
-        backend: str = "transformers", backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run (or resume) a live run; returns the summary (also written to ``OUT/live_run_<chain>.json``)."""
+        backend: str = "transformers", backend_options: dict[str, Any] | None = None,
+        prices: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """Run (or resume) a live run; returns the summary (also written to ``OUT/live_run_<chain>.json``).
+    ``prices``: per model, ``{input_per_1m, output_per_1m}`` for models without a price of their own."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -360,9 +370,11 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
     cache = Path(cache) if cache else out / "cache"
     chain = [m.strip() for m in chain if m.strip()]
     if len(chain) < 1:
-        raise SystemExit("live_cascade: --chain needs at least one model")
+        from cascade.errors import ConfigError
+
+        raise ConfigError("--chain needs at least one model")
     label = chain_label(chain)
-    defaults = {m: tier_defaults(m) for m in chain}
+    defaults = {m: tier_defaults(m, prices) for m in chain}
     dtypes = {m: (dtypes or {}).get(m) or defaults[m]["options"].get("dtype", "float32") for m in chain}
     # the answers' key names where they were made
     device = (backend_options or {}).get("device") if backend == "transformers" else _vllm_device()
@@ -489,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a backend option as in a tier's `options:` (e.g. gpu_memory_utilization=0.85); "
                          "VALUE is read as JSON where it parses, else as a string")
+    ap.add_argument("--price", action="append", default=[], metavar="MODEL=IN/OUT",
+                    help="USD per 1M input / output tokens of a model that has no price (a path, a hub name)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     backend_options: dict[str, Any] = {}
@@ -510,6 +524,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         ap.error(f"--dtype needs MODEL=DTYPE, got {bad[0]!r}")
     dtypes = dict(d.split("=", 1) for d in args.dtype)
+    prices: dict[str, dict[str, float]] = {}
+    for item in args.price:
+        model, eq, pair = item.rpartition("=")
+        try:
+            inp, out_ = (float(x) for x in pair.split("/"))
+        except ValueError:
+            inp = out_ = -1.0
+        if not eq or not model or not (0 <= inp < float("inf") and 0 <= out_ < float("inf")):
+            ap.error(f"--price needs MODEL=IN/OUT, two finite USD amounts >= 0 per 1M tokens, got {item!r}")
+        prices[model] = {"input_per_1m": inp, "output_per_1m": out_}
     try:
         n = _parse_n(args.n, sets)
     except ValueError as exc:
@@ -524,7 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run(sets, n, args.chain.split(","), data_dir=args.data_dir, out=args.out,
                       cache=args.cache, seed=args.seed, threads=args.threads, batch=args.batch, dtypes=dtypes,
-                      show_progress=not args.no_progress, backend=args.backend, backend_options=backend_options)
+                      show_progress=not args.no_progress, backend=args.backend, backend_options=backend_options,
+                      prices=prices)
     except (CascadeError, OSError) as exc:  # a bad option, a missing backend, data folder or model: one line
         print(f"live_cascade: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import REPO, RESULTS, machine_facts, rel, write_json
+from benchmarks._common import REPO, RESULTS, int_at_least, machine_facts, rel, write_json
 from cascade.backends.base import Backend
 
 INSTANT = "bench-instant"
@@ -751,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "overhead"))
     ap.add_argument("--skip-model", action="store_true", help="instant backend only (no SmolLM2)")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the SmolLM2 tier")
+    ap.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads of the SmolLM2 tier")
     ap.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

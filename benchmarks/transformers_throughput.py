@@ -54,8 +54,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import (RESULTS, finish_throughput_plot, machine_facts, percentile,  # noqa: E402
-                               read_json, rel, write_json)
+from benchmarks._common import (RESULTS, finish_throughput_plot, int_at_least, machine_facts,  # noqa: E402
+                               percentile, read_json, rel, write_json)
 from benchmarks.vllm_throughput import gpu_facts, prompts, run_level  # noqa: E402
 
 OUT_DIR = RESULTS / "gpu"
@@ -320,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default; --tiny: cpu)")
     ap.add_argument("--dtype", nargs="+", default=None, help="float32 bfloat16 float16 (default: float32)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default 1 8 32)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 128)")
-    ap.add_argument("--requests", type=int, default=None, help="requests per level (default 2 x concurrency)")
-    ap.add_argument("--parity", type=int, default=None, metavar="N",
+    ap.add_argument("--max-tokens", type=int_at_least(1), default=None, help="tokens per answer (default 128)")
+    ap.add_argument("--requests", type=int_at_least(1), default=None,
+                    help="requests per level (default 2 x concurrency)")
+    ap.add_argument("--parity", type=int_at_least(0), default=None, metavar="N",
                     help="N questions answered on the device and on the CPU in float32, compared (default 16)")
     ap.add_argument("--lengths", choices=("mixed", "same"), default="mixed",
                     help="prompt lengths: mixed (seeded random fillers, the default) or nearly the same")
