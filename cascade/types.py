@@ -118,6 +118,7 @@ def ends_in_high_surrogate(text: str) -> bool:
     """Whether ``text`` ends with the first half of a surrogate pair (its second half may come next)."""
     return bool(text) and "\ud800" <= text[-1] <= "\udbff"
 
+
 @dataclass(frozen=True, slots=True)
 class Message:
     role: str
