@@ -54,7 +54,7 @@ from cascade.resilience import (
     merge_provider_attempts,
 )
 from cascade.types import (Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage,
-                           answer_tokens, checked_request, is_utf8)
+                           answer_tokens, checked_attribution, checked_request, is_utf8)
 
 if TYPE_CHECKING:
     from cascade.shadow import ShadowSet
@@ -518,6 +518,11 @@ class Engine:
         elif request_id is not None:
             await self._check_request_id(request_id)
         try:
+            try:
+                checked_attribution(model=model, endpoint=endpoint, **attribution)
+            except InvalidRequestError:  # its refusal's row holds none of it: the ledger could not write it
+                model, endpoint, attribution = None, "chat", dict.fromkeys(attribution)
+                raise
             if budget is not None:
                 if not isinstance(budget, Budget):
                     raise InvalidRequestError(f"budget must be a cascade.Budget, got {type(budget).__name__}",
@@ -526,8 +531,7 @@ class Engine:
             return checked_request(request)
         except InvalidRequestError as exc:
             try:
-                await self.record_refusal(exc, model=model if isinstance(model, str) else None, endpoint=endpoint,
-                                          request_id=request_id, **attribution)
+                await self.record_refusal(exc, model=model, endpoint=endpoint, request_id=request_id, **attribution)
             finally:
                 self._ids_in_flight.discard(request_id)
             raise

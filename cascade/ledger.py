@@ -1751,8 +1751,16 @@ class Ledger:
         try:
             with self._lock_wait(short=True), d.transaction(conn):  # another process's lock: not waited for long
                 have = self._existing(conn, [r.request_id for r in recs])
-                rows = [d.row((r.request_id, self._instance, r.created_at, now, _record_json(r, self.store_text)))
-                        for r in recs if r.request_id not in have]
+                rows = []
+                for r in recs:
+                    if r.request_id in have:
+                        continue
+                    try:  # one record that cannot be written as JSON must not keep the others out
+                        rows.append(d.row((r.request_id, self._instance, r.created_at, now,
+                                           _record_json(r, self.store_text))))
+                    except (TypeError, ValueError) as exc:
+                        log.warning("ledger %s: request %s in flight could not be journaled: %s",
+                                    _redact(self.target), r.request_id, exc)
                 if rows:
                     conn.cursor().executemany(d.sql(_UPSERT_INFLIGHT), rows)
         except d.errors as exc:

@@ -251,6 +251,48 @@ def checked_request(request: Any) -> "GenerationRequest":
     return replace(request, **changes) if changes else request
 
 
+#: OpenAI's limits on a request's ``metadata`` (the HTTP layer's too): tags, key and value lengths
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+#: the longest end user id (OpenAI's ``user``) taken
+MAX_END_USER = 512
+
+
+def checked_attribution(*, model: Any = None, endpoint: Any = "chat", end_user: Any = None, metadata: Any = None,
+                        api_key_id: Any = None, user_tier: Any = None) -> None:
+    """What a request built in code names beside its request (the Python API's ``model``, ``endpoint``,
+    ``end_user``, ``metadata``, ``api_key_id``, ``user_tier``), held to what the HTTP layer takes:
+    :class:`~cascade.errors.InvalidRequestError` naming the first that is not, before any tier is called (a
+    value the ledger cannot write would otherwise be found only after the tiers were paid)."""
+    for param, value in (("model", model), ("end_user", end_user), ("api_key_id", api_key_id),
+                         ("user_tier", user_tier)):
+        if value is not None:
+            if not isinstance(value, str):
+                raise _bad(f"{param} must be a string or None, got {type(value).__name__}", param)
+            _text(value, param)
+            if "\x00" in value:
+                raise _bad(f"{param} must not contain a NUL character", param)
+    if end_user is not None and len(end_user) > MAX_END_USER:
+        raise _bad(f"end_user must be at most {MAX_END_USER} characters, got {len(end_user)}", "end_user")
+    if not isinstance(endpoint, str) or not endpoint:
+        raise _bad(f"endpoint must be a non-empty string, got {endpoint!r}", "endpoint")
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise _bad(f"metadata must be a dict of strings to strings or None, got {type(metadata).__name__}",
+                   "metadata")
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise _bad(f"metadata: at most {MAX_METADATA_PAIRS} key-value pairs, got {len(metadata)}", "metadata")
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise _bad(f"metadata must map strings to strings, got {type(k).__name__} -> {type(v).__name__}",
+                       "metadata")
+        _text(k, "metadata")
+        _text(v, "metadata")
+        if not 0 < len(k) <= MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE or "\x00" in k + v:
+            raise _bad(f"metadata: keys of 1 to {MAX_METADATA_KEY} characters, values of at most "
+                       f"{MAX_METADATA_VALUE}, no NUL character; {k[:70]!r} is not", "metadata")
+
+
 @dataclass(frozen=True, slots=True)
 class TopLogprob:
     token: str

@@ -141,6 +141,26 @@ async def test_answered_requests_leave_no_journal_rows(tmp_path):
             assert abs(beat - time.time()) < 60
 
 
+async def test_a_record_that_cannot_be_journaled_keeps_no_other_out(tmp_path):
+    """The records due together are written in one transaction: one that cannot be made JSON (the Python API
+    once let a set through as metadata) used to drop the whole batch, so a good request beside it would be lost
+    should the process die. Now only that one is left out, with a warning."""
+    led = await Ledger(tmp_path / "ledger.sqlite").open()
+    try:
+        def bad() -> CascadeRecord:
+            rec = in_flight(1)
+            rec.metadata = {"k": {1, 2}}  # type: ignore[dict-item]
+            return rec
+
+        led.journal("dead-0", lambda: in_flight(0))
+        led.journal("dead-1", bad)
+        await asyncio.sleep(led.journal_delay_s + 0.2)
+        await led._call(lambda: None)
+        assert _rows(tmp_path / "ledger.sqlite", "SELECT request_id FROM inflight") == [("dead-0",)]
+    finally:
+        await led.close()
+
+
 # --- processes that die with requests journaled ----------------------------------------------------------
 
 _DIE = """

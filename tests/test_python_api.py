@@ -104,6 +104,35 @@ async def test_a_malformed_budget_is_refused_before_any_tier_is_called(tmp_path,
     assert [(s, e) for _, s, e in rows(tmp_path)] == [("error", "InvalidRequestError")]
 
 
+@pytest.mark.parametrize("kw, param", [
+    ({"metadata": {"k": {1, 2}}}, "metadata"),                   # not JSON: the ledger could not write it
+    ({"metadata": {"when": __import__("datetime").date(2026, 1, 1)}}, "metadata"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),  # OpenAI's (and the HTTP layer's) 16 tags
+    ({"metadata": {1: "v"}}, "metadata"),
+    ({"metadata": ["team", "a"]}, "metadata"),
+    ({"end_user": "\ud800"}, "end_user"),                        # no UTF-8 for the ledger
+    ({"end_user": "u" * 513}, "end_user"),
+    ({"end_user": 7}, "end_user"),
+    ({"model": ["cascade"]}, "model"),
+])
+async def test_attribution_the_http_layer_would_refuse_is_refused_before_any_tier_is_called(tmp_path, servers, kw,
+                                                                                           param):
+    """``metadata``, ``end_user`` and ``model`` are held to the HTTP layer's rules: a value the ledger cannot
+    write used to get the tiers called and paid, then a bare TypeError with no row (a stream: every delta, then
+    the TypeError), and one in flight beside others kept their journal records out; a list as ``model`` marked
+    the whole ledger unavailable. Now one of our errors naming it, before any call, with its refusal's row."""
+    async with await Engine.open(config(tmp_path, servers)) as eng:
+        with pytest.raises(InvalidRequestError) as err:
+            await eng.run(Q, **kw)
+        assert err.value.param == param, err.value.message
+        with pytest.raises(InvalidRequestError):
+            await eng.stream(Q, **kw).__anext__()
+        assert eng.ledger.unavailable is None
+        assert (await eng.run(Q, metadata={"team": "a"}, end_user="u1")).record.status == "ok"
+    assert calls(servers) == 1
+    assert [(s, e) for _, s, e in rows(tmp_path)] == [("error", "InvalidRequestError")] * 2 + [("ok", None)]
+
+
 def test_sequences_given_as_lists_or_one_string_are_taken_as_tuples():
     from cascade.types import checked_request
 
