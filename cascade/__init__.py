@@ -31,6 +31,11 @@ def __getattr__(name: str):  # noqa: ANN202 - PEP 562: the engine's modules load
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'cascade' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:  # the lazy names too (an editor's completion, dir(cascade))
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "Budget",
     "CascadeError",

@@ -271,6 +271,9 @@ class Engine:
     async def open(cls, config: Config, *, preload: bool = False) -> "Engine":
         """Open the ledger and build the tiers (``preload``: load every tier's model now, else at its first
         call). The engine belongs to the running event loop."""
+        if not isinstance(config, Config):  # a dict, a path: one of our errors, saying what to pass
+            raise ConfigError(f"Engine.open takes a cascade Config, got {type(config).__name__}: make one with "
+                              "cascade.load_config(path) or cascade.parse_config(dict)")
         ledger = Ledger(config.ledger_target(), store_text=config.ledger.store_text,
                         timeout_s=config.ledger.timeout_s, max_pending=config.ledger.max_pending)
         # everything the config builds first (tiers, calibrators, policies, shadows): a config refused there

@@ -257,6 +257,15 @@ def test_the_package_names_the_engine_lazily_and_configs_fail_as_config_errors()
         cascade.load_config(123)
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         cascade.parse_config([1])
+    assert {"Engine", "Budget", "load_config", "parse_config"} <= set(dir(cascade))  # the lazy names too
+
+
+@pytest.mark.parametrize("wrong", [{"tiers": []}, "config.yaml", None])
+async def test_engine_open_given_no_config_object_says_what_to_pass(wrong):
+    from cascade.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Engine.open takes a cascade Config.*cascade.load_config"):
+        await Engine.open(wrong)
 
 
 async def test_close_does_not_wait_for_a_stream_its_own_caller_left_open(tmp_path, servers):
