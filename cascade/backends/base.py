@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import re
+import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -271,9 +275,9 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
     if request.messages is not None:
         msgs = [m.as_dict() for m in request.messages]
         text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        specials = _special_strings(tokenizer)
-        if any(s in m.content for m in request.messages for s in specials):
-            return _chat_ids_with_literal_text(tokenizer, msgs, text)
+        specials = _special_pattern(tokenizer)
+        if specials is not None and any(specials.search(m.content) for m in request.messages):
+            return _chat_ids_with_literal_text(tokenizer, msgs, text, specials)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
     if not ids:
@@ -282,22 +286,32 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
     return ids
 
 
-def _special_strings(tokenizer: Any) -> list[str]:
-    """The strings the tokenizer reads as special tokens (its chat template's turn markers among them)."""
+#: per tokenizer, the pattern of its special strings (made once: every chat prompt is searched with it)
+_SPECIAL_PATTERNS: "weakref.WeakKeyDictionary[Any, re.Pattern[str] | None]" = weakref.WeakKeyDictionary()
+_SPECIAL_PATTERNS_LOCK = threading.Lock()  # prompts are counted on each backend's tokenizer thread
+
+
+def _special_pattern(tokenizer: Any) -> "re.Pattern[str] | None":
+    """The strings the tokenizer reads as special tokens (its chat template's turn markers among them), as
+    one pattern; None when it has none."""
+    with _SPECIAL_PATTERNS_LOCK, contextlib.suppress(KeyError, TypeError):  # (TypeError: no weak reference)
+        return _SPECIAL_PATTERNS[tokenizer]
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     found = {t.content for t in added.values() if getattr(t, "special", False) and t.content}
     found.update(t for t in getattr(tokenizer, "all_special_tokens", ()) if t)
-    return sorted(found)
+    pattern = re.compile("|".join(map(re.escape, sorted(found, key=len, reverse=True)))) if found else None
+    with _SPECIAL_PATTERNS_LOCK, contextlib.suppress(TypeError):
+        _SPECIAL_PATTERNS[tokenizer] = pattern
+    return pattern
 
 
-def _chat_ids_with_literal_text(tokenizer: Any, msgs: list[dict[str, str]], text: str) -> list[int]:
+def _chat_ids_with_literal_text(tokenizer: Any, msgs: list[dict[str, str]], text: str,
+                                specials: "re.Pattern[str]") -> list[int]:
     """Token ids of a chat whose messages hold special tokens' strings, each message's text read as text:
     the template is rendered with a mark in place of each message's text, the template's own parts are
     tokenized as usual (its special tokens are tokens) and each message's text with its special strings
     split into ordinary tokens. A template that changes a message's text (a trim) cannot be rendered this
     way exactly: such a request is refused rather than sent with the wrong turns."""
-    import re
-
     from cascade.errors import InvalidRequestError
 
     marks = [f"\ue000cascade-text-{i}\ue001" for i in range(len(msgs))]
@@ -307,7 +321,7 @@ def _chat_ids_with_literal_text(tokenizer: Any, msgs: list[dict[str, str]], text
     order = parts[1::2]
     contents = {mark: m["content"] for mark, m in zip(marks, msgs, strict=True)}
     if sorted(order) != sorted(marks) or "".join(contents.get(p, p) for p in parts) != text:
-        first = next(i for i, m in enumerate(msgs) if any(s in m["content"] for s in _special_strings(tokenizer)))
+        first = next(i for i, m in enumerate(msgs) if specials.search(m["content"]))
         raise InvalidRequestError(f"messages.{first}.content: holds a special token of this model's chat template "
                                   "(as <|im_end|>), which its template cannot take as plain text: remove it",
                                   param=f"messages.{first}.content")
