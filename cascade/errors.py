@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 
+from cascade.types import paired_surrogates
 
 #: a line break and the indentation around it
 _LINE_BREAKS = re.compile(r"[ \t]*[\r\n]+[ \t]*")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class CascadeError(Exception):
@@ -30,9 +30,8 @@ class CascadeError(Exception):
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         # one line, whatever a library's text held (libpq's "...refused\n\tIs the server running...")
-        message = _LINE_BREAKS.sub(" ", message)
-        if _SURROGATE.search(message):  # an upstream's text may hold lone surrogates: UTF-8 (logs, ledger) cannot
-            message = message.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        # an upstream's text may hold lone surrogates, which UTF-8 (logs, the ledger) cannot carry
+        message = paired_surrogates(_LINE_BREAKS.sub(" ", message))
         super().__init__(message)
         self.message = message
         self.param = param

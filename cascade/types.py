@@ -251,7 +251,8 @@ def checked_request(request: Any) -> "GenerationRequest":
     return replace(request, **changes) if changes else request
 
 
-#: OpenAI's limits on a request's ``metadata`` (the HTTP layer's too): tags, key and value lengths
+#: OpenAI's limits on a request's ``metadata``, for the Python API and the HTTP layer alike: tags, key and value
+#: lengths
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 #: the longest end user id (OpenAI's ``user``) taken
 MAX_END_USER = 512

@@ -7,16 +7,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cascade.types import (CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, TopLogprob,
-                           Usage, is_utf8)
+from cascade.types import (MAX_END_USER, MAX_METADATA_KEY, MAX_METADATA_PAIRS, MAX_METADATA_VALUE, CascadeRecord,
+                           GenerationRequest, GenerationResult, Message, TokenLogprob, TopLogprob, Usage, is_utf8)
 
 
 #: the longest ``model`` name a request may carry (names are a config's policies and tiers)
 MAX_MODEL_CHARS = 256
 #: the longest stop sequence
 MAX_STOP_CHARS = 256
-#: ``metadata``: at most this many tags (keys of 1-64 characters, values of at most 512), as OpenAI
-MAX_METADATA_PAIRS = 16
 
 
 class _Wire(BaseModel):
@@ -143,9 +141,9 @@ class _Attribution(_Request):
     """Who and what a request's cost is attributed to, as the caller says: kept in the ledger, never sent
     upstream (``cascade report --by user``, ``--by meta:KEY``)."""
 
-    user: str | None = Field(None, max_length=512)
+    user: str | None = Field(None, max_length=MAX_END_USER)
     #: OpenAI's newer name for an end user's id
-    safety_identifier: str | None = Field(None, max_length=512)
+    safety_identifier: str | None = Field(None, max_length=MAX_END_USER)
     #: tags, within OpenAI's limits
     metadata: dict[str, str] | None = None
 
@@ -157,10 +155,10 @@ class _Attribution(_Request):
         if len(v) > MAX_METADATA_PAIRS:
             raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
         for k, val in v.items():
-            if not 0 < len(k) <= 64:
-                raise ValueError(f"keys must be 1 to 64 characters, got {len(k)}")
-            if len(val) > 512:
-                raise ValueError(f"value of {k!r}: at most 512 characters, got {len(val)}")
+            if not 0 < len(k) <= MAX_METADATA_KEY:
+                raise ValueError(f"keys must be 1 to {MAX_METADATA_KEY} characters, got {len(k)}")
+            if len(val) > MAX_METADATA_VALUE:
+                raise ValueError(f"value of {k!r}: at most {MAX_METADATA_VALUE} characters, got {len(val)}")
             if "\x00" in k or "\x00" in val:
                 raise ValueError("keys and values must not contain a NUL character")
         return v
