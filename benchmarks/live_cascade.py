@@ -53,7 +53,7 @@ from typing import Any
 
 from benchmarks._common import RESULTS, machine_facts, progress_bar, rel, shared_data_dir, write_json
 from benchmarks.questions import PROMPT_VERSION, QUESTION_SETS, Question, grade, load_question_set, sample_questions
-from cascade.errors import CascadeError
+from cascade.errors import CascadeError, ConfigError
 
 DEFAULT_CHAIN = ("smollm2-135m", "qwen2.5-coder-0.5b")
 DEFAULT_SETS = ("arc_easy", "arc_challenge", "boolq", "commonsense_qa", "openbook_qa", "mmlu", "gsm8k", "triviaqa")
@@ -71,7 +71,6 @@ def tier_defaults(model: str, prices: dict[str, dict[str, float]] | None = None)
     """Price and transformers options of ``model``: ``prices`` (``--price``), else the embedded default
     config's tier of that model, else EXTRA_PRICES."""
     from cascade.config import load_config
-    from cascade.errors import ConfigError
 
     if prices and model in prices:
         return {"price": dict(prices[model]), "options": {"dtype": "float32"}, "source": "--price"}
@@ -244,8 +243,6 @@ def make_backend(kind: str, model: str, *, threads: int, batch: int, dtype: str,
     elif kind == "vllm":
         opts = {"seed": 0, "max_num_seqs": max(batch, 1), **opts}
     else:
-        from cascade.errors import ConfigError
-
         raise ConfigError(f"--backend must be transformers or vllm, got {kind!r}")
     return backend_class(kind)(model=model, name=model, dtype=dtype, **opts)
 
@@ -370,8 +367,6 @@ def run(sets: Sequence[str], n: int | dict[str, int], chain: Sequence[str], *, d
     cache = Path(cache) if cache else out / "cache"
     chain = [m.strip() for m in chain if m.strip()]
     if len(chain) < 1:
-        from cascade.errors import ConfigError
-
         raise ConfigError("--chain needs at least one model")
     label = chain_label(chain)
     defaults = {m: tier_defaults(m, prices) for m in chain}
