@@ -47,6 +47,8 @@ def _piece_tokens(piece: str) -> int:
     if piece.isascii():
         if len(piece) <= 4:
             return 1
+        if piece.islower() or piece.isupper():  # no case to turn (most words): one part
+            return _ascii_word_tokens(piece)
         parts = _CASE_TURN.split(piece)
         if len(parts) >= 3 and len(piece) < 3 * len(parts):  # case flips every few letters: not camelCase
             return -(-len(piece) * 5 // 7)
@@ -70,7 +72,7 @@ def _ascii_word_tokens(word: str) -> int:
     if n <= 4:
         return 1
     low = word.lower()
-    vowels = sum(c in "aeiouy" for c in low)
+    vowels = sum(map(low.count, "aeiouy"))
     if vowels < 0.2 * n or _CONSONANTS4.search(low):
         return -(-n * 2 // 3)
     return -(-n // 3) if n > 12 else -(-n // 4)
