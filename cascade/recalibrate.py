@@ -169,6 +169,21 @@ def _check_out(out: str | Path | None) -> None:
         raise ConfigError(f"--out {out}: not a directory (give a directory, or a file name ending in .json)")
 
 
+def _check_not_in_use(path: Path, tier: str, configured: Path | None) -> None:
+    """Versions are never rewritten in place: refuse an ``--out`` file that is the artifact the tier serves now
+    (directly or through its link) or an existing ``<tier>.v<N>.json``, which a link or a config may name."""
+    if not path.exists():
+        return
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", tier)
+    if configured is not None and configured.exists() and path.resolve() == configured.resolve():
+        raise ConfigError(f"--out {path}: that is the calibrator tier {tier!r} serves now (its config reads "
+                          f"{configured}); a version is never rewritten in place: give a directory (a new "
+                          f"{safe}.v<N>.json is written there) or a new file")
+    if re.fullmatch(rf"{re.escape(safe)}\.v\d+\.json", path.name):
+        raise ConfigError(f"--out {path}: that version exists already; versions are never rewritten in place: "
+                          "give a directory (the next version is written there) or a new file")
+
+
 def _link_path(artifact: Path, tier: str) -> Path:
     return artifact.parent / f"{re.sub(r'[^A-Za-z0-9._-]', '_', tier)}.json"
 
@@ -334,6 +349,7 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     # the new version goes beside the artifact the config reads, where --activate's link is the one it uses
     default_dir = configured.parent if configured is not None else (default_dir or Path("calibrators"))
     path, version = artifact_path(out, tier, default_dir=default_dir, previous_version=previous)
+    _check_not_in_use(path, tier, configured)
     if do_activate and path.name == re.sub(r"[^A-Za-z0-9._-]", "_", tier) + ".json":
         raise ConfigError(f"--activate points {path.name} at the new version: write the version elsewhere "
                           "(--out a directory) rather than to that file itself")

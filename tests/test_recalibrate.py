@@ -99,6 +99,28 @@ def test_recalibrate_from_feedback_and_agreement_writes_a_versioned_artifact(tra
     assert (traffic.dir / "elsewhere" / "small.v2.json").exists() and art.exists()
 
 
+def test_recalibrate_never_rewrites_a_version_in_place(traffic, recalibrated, capsys):
+    """--out naming the artifact the tier serves (its link) or an existing version is refused: a reload would
+    otherwise swap the serving calibrator without --activate, under a file name of another version."""
+    from cascade.cli import main
+
+    v1 = Path(recalibrated["artifact"])
+    before = v1.read_bytes()
+    base = ["recalibrate", "--from-ledger", "--config", str(traffic.config_path), "--min-samples", "6"]
+    assert main([*base, "--out", str(traffic.cal_dir / "small.json")]) == 2
+    err = capsys.readouterr().err
+    assert "the calibrator tier 'small' serves now" in err and "never rewritten" in err, err
+    assert main([*base, "--out", str(v1)]) == 2
+    assert "the calibrator tier 'small' serves now" in capsys.readouterr().err
+    other = traffic.dir / "versions" / "small.v7.json"  # a version not served, which a link elsewhere may name
+    other.parent.mkdir(exist_ok=True)
+    shutil.copy(v1, other)
+    assert main([*base, "--out", str(other)]) == 2
+    assert "that version exists already" in capsys.readouterr().err
+    assert other.read_bytes() == before == v1.read_bytes()
+    assert os.readlink(traffic.cal_dir / "small.json") == "small.v1.json"
+
+
 def test_recalibrate_refuses_too_few_labels(traffic, capsys):
     from cascade.cli import main
 
