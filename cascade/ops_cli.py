@@ -102,6 +102,8 @@ def cmd_shadow_report(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ConfigError("--top must be at least 1")
+    if args.min_group < 1:
+        raise ConfigError("--min-group must be at least 1")
     since = parse_since(args.since)
     cfg = None
     if args.config is not None or not args.ledger:

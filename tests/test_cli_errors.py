@@ -677,7 +677,7 @@ def test_keys_create_quotes_what_yaml_would_not_read_back_as_the_same_string(tmp
     assert [(k.id, k.user_tier) for k in keys] == [(value, value)]
 
 
-# --- empty paths, port 0 and --max-tokens above the server's limit -----------------------------------------
+# --- empty paths, counts below 1, port 0 and --max-tokens above the server's limit -----------------------------------------
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -691,6 +691,8 @@ def test_keys_create_quotes_what_yaml_would_not_read_back_as_the_same_string(tmp
     (["recalibrate", "--from-ledger", "--ledger", "LEDGER", "--config", ""], "config file: empty path"),
     (["models", "list", "--cache-dir", ""], "--cache-dir: empty path"),
     (["models", "prepare", "smollm2-135m", "--cache-dir", ""], "--cache-dir: empty path"),
+    (["shadow", "report", "--ledger", "LEDGER", "--min-group", "-1"], "--min-group must be at least 1"),
+    (["shadow", "report", "--ledger", "LEDGER", "--top", "0"], "--top must be at least 1"),
 ])
 def test_an_empty_path_is_refused_not_ignored(tmp_path, argv, needle, capsys):
     subst = {"LEDGER": str(_cascade_ledger(tmp_path / "l.sqlite")), "CONFIG": str(write_config(tmp_path))}
