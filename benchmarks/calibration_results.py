@@ -2,8 +2,8 @@
 
     python benchmarks/calibration_results.py [DATA_DIR] [--out results/calibration] [--seeds 5]
 
-DATA_DIR defaults to ``../shared/data`` relative to the repository root (the folder holding
-``cascade_outputs/``). For every dataset and chain:
+DATA_DIR defaults to ``$CASCADE_SHARED_DATA``, else ``../shared/data`` relative to the repository root (the
+folder holding ``cascade_outputs/``). For every dataset and chain:
 
 * where a test split exists (medmcqa, truthfulqa) the policy is fit on ``*_train.jsonl`` and replayed on
   ``*_test.jsonl`` ("test split");
@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks._common import shared_data_dir  # noqa: E402
 from calibration.data import load_cascade_outputs, split_data  # noqa: E402
 from calibration.replay import ReplayConfig, replay  # noqa: E402
 from cascade.errors import CascadeError, DataError  # noqa: E402
@@ -162,8 +163,9 @@ def markdown(rows: list[dict], seed_means: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("data_dir", nargs="?", default=str(REPO.parent / "shared" / "data"),
-                    help="folder holding cascade_outputs/ (default ../shared/data from the repo root)")
+    ap.add_argument("data_dir", nargs="?", default=None,
+                    help="folder holding cascade_outputs/ (default $CASCADE_SHARED_DATA, else ../shared/data "
+                         "from the repo root)")
     ap.add_argument("--out", default=str(REPO / "results" / "calibration"))
     ap.add_argument("--seeds", type=int, default=5, help="seeds of the internal splits for the mean table")
     ap.add_argument("--max-quality-drop", type=float, default=0.005)
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         ap.error("--seeds must be at least 1 (the train-only datasets are measured on internal splits)")
 
-    src = Path(args.data_dir).expanduser()
+    src = shared_data_dir(args.data_dir)
     outputs = src / "cascade_outputs" if (src / "cascade_outputs").is_dir() else src
     if not outputs.is_dir():
         print(f"calibration_results: data folder not found: {outputs}", file=sys.stderr)

@@ -414,13 +414,14 @@ def _qwen_pair(tmp_path, name: str = "mmlu_llama") -> Path:
     return out
 
 
-def test_calibration_results_when_the_oracle_saves_nothing(tmp_path, capsys):
+def test_calibration_results_when_the_oracle_saves_nothing(tmp_path, capsys, monkeypatch):
     """Savings captured is undefined where escalating exactly when wrong costs more than the last tier alone
     (the default Qwen pair): the table compares costs instead of failing on None."""
     from benchmarks.calibration_results import main
 
     data = _qwen_pair(tmp_path)
-    assert main([str(data), "--out", str(tmp_path / "res"), "--no-plots"]) == 0
+    monkeypatch.setenv("CASCADE_SHARED_DATA", str(data))  # the data folder when none is given, as elsewhere
+    assert main(["--out", str(tmp_path / "res"), "--no-plots"]) == 0
     doc = json.loads((tmp_path / "res" / "results.json").read_text())
     rows = doc["rows"]
     assert rows and all(r["oracle_cost_ratio"] > 1 and r["savings_captured"] is None for r in rows)
