@@ -27,7 +27,18 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.command = command
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._args_seen = list(sys.argv[1:] if args is None else args)  # a sub-command parser gets its own part
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
+        if message.startswith(("argument SUBCOMMAND: invalid choice", "argument COMMAND: invalid choice")) and \
+                any(a.startswith("-") for a in getattr(self, "_args_seen", ())):
+            # `cascade shadow --ledger X`: argparse reads the option's value as the subcommand
+            choices = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+            word = "SUBCOMMAND" if message.startswith("argument SUB") else "COMMAND"
+            example = f"{self.prog} {choices[0] if len(choices) == 1 else word} [options]"
+            message += f"; the {word.lower()} comes before its options, as in `{example}`"
         self.exit(2, f"{self.command}: error: {message} (see: {self.prog} --help)\n")
 
 

@@ -906,3 +906,22 @@ policies:
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["tier"] == "hosted"
         one_error(cascade("ask", "--config", str(cfg), "hi"), "tier 'local': model 'smollm2-135m' is not prepared")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["shadow", "--ledger", "x.sqlite", "report"],
+     "invalid choice: 'x.sqlite' (choose from 'report'); the subcommand comes before its options, as in "
+     "`cascade shadow report [options]`"),
+    (["models", "--cache-dir", "dir", "list"], "the subcommand comes before its options, as in "
+                                               "`cascade models SUBCOMMAND [options]`"),
+    (["--config", "c.yaml", "ask", "hi"], "invalid choice: 'c.yaml' (choose from 'keys', "),
+    (["--config", "c.yaml", "ask", "hi"], "the command comes before its options, as in `cascade COMMAND [options]`"),
+])
+def test_options_before_the_subcommand_are_explained(argv, needle, capsys):
+    """argparse reads an option's value given before the (sub)command as the (sub)command: say so."""
+    one_error(cli(capsys, *argv), needle)
+
+
+def test_a_mistyped_subcommand_gets_no_option_order_hint(capsys):
+    err = one_error(cli(capsys, "shadow", "rep"), "invalid choice: 'rep' (choose from 'report')")
+    assert "comes before" not in err
