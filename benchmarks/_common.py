@@ -163,6 +163,24 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def check_out(ap: argparse.ArgumentParser, path: str, *, directory: bool = False, flag: str = "--out") -> None:
+    """An output of a benchmark, checked before the run (which may take minutes): ``ap.error`` (one line,
+    exit 2) when ``path`` cannot be written, as a file or, with ``directory``, as a folder of results."""
+    from cascade.cli import check_output_file
+    from cascade.errors import ConfigError
+
+    try:
+        if directory:
+            p = Path(path).expanduser()
+            if p.exists() and not p.is_dir():
+                raise ConfigError(f"{flag} {path}: not a directory")
+            check_output_file(p / ".write-check", flag)
+        else:
+            check_output_file(path, flag)
+    except ConfigError as exc:
+        ap.error(exc.message.replace(str(Path(path).expanduser() / ".write-check"), str(path)))
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
 

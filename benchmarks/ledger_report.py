@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import REPO, RESULTS, int_at_least, machine_facts, write_json
+from benchmarks._common import REPO, RESULTS, check_out, int_at_least, machine_facts, write_json
 
 if str(REPO) not in sys.path:  # tests/ is a plain folder: make `tests.*` importable when run as a script
     sys.path.insert(0, str(REPO))
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-postgres", action="store_true", help="SQLite only")
     ap.add_argument("--out", default=str(RESULTS / "ledger" / "report.json"))
     args = ap.parse_args(argv)
+    check_out(ap, args.out)
     now = time.time()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cascade-ledger-bench-") as tmp:

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import REPO, RESULTS, int_at_least, machine_facts, rel, write_json
+from benchmarks._common import REPO, RESULTS, check_out, int_at_least, machine_facts, rel, write_json
 from cascade.backends.base import Backend
 
 INSTANT = "bench-instant"
@@ -758,6 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve:
         serve_main(args.serve, args.port)
         return 0
+    check_out(ap, args.out, directory=True)
     doc = run(quick=args.quick, out=Path(args.out), skip_model=args.skip_model, profile=not args.no_profile,
               threads=args.threads)
     ip, t = doc["in_process"], doc["targets"]

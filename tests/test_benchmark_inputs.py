@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -309,6 +310,28 @@ def test_ledger_report_refuses_counts_below_one(capsys, args, says):
         main([*args, "--no-postgres"])
     assert exc.value.code == 2
     assert says in _argparse_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("script, out, says", [
+    ("ledger_report", "FILE/report.json", "is not a directory"),
+    ("ledger_report", "DIR", "is a directory (give a file name)"),
+    ("ledger_report", "", "--out: empty path"),
+    ("overhead", "FILE", "--out FILE: not a directory"),
+    ("overhead", "FILE/results", "is not a directory"),
+])
+def test_benchmarks_check_out_before_the_run(tmp_path, capsys, script, out, says):
+    """An --out that cannot be written is refused at once, not after the minutes of the run."""
+    import importlib
+
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "DIR").mkdir()
+    main = importlib.import_module(f"benchmarks.{script}").main
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / out) if out else ""])
+    assert exc.value.code == 2 and time.monotonic() - started < 10
+    assert says.replace("FILE", str(tmp_path / "FILE")) in _argparse_error(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["DIR", "FILE"] and not any((tmp_path / "DIR").iterdir())
 
 
 @pytest.mark.parametrize("args, says", [
