@@ -36,6 +36,7 @@ from cascade.errors import (
     InternalError,
     InvalidRequestError,
     LedgerError,
+    LedgerTimeoutError,
     LedgerUnavailableError,
     ProviderContextLengthError,
     ProviderInvalidRequestError,
@@ -250,8 +251,13 @@ class Engine:
         self.record_listeners: list[Callable[[CascadeRecord], None]] = []
         #: called with every record and its write's error (None: committed) once its ledger write is done or
         #: no longer awaited: the HTTP layer's daily spend holds end there, when the ledger's sum includes the
-        #: request. Same rules as ``record_listeners``.
+        #: request. A stream whose answer went out before its write timed out (:class:`LedgerTimeoutError`) is
+        #: heard once the write settles instead (:meth:`_settled_late`), as its row stands then: as served, or the
+        #: error of its write, lost. Same rules as ``record_listeners``.
         self.commit_listeners: list[Callable[[CascadeRecord, BaseException | None], None]] = []
+        #: streams whose answer went out and whose write timed out, not yet heard by ``commit_listeners``
+        self._settling: set[str] = set()
+        ledger.late_listeners.append(self._settled_late)
         #: called with (record, status, error class) when a streamed answer in hand, written as answered, is left
         #: by its client and its row is made ``partial`` or ``cancelled`` (:meth:`_client_left`). Same rules.
         self.correction_listeners: list[Callable[[CascadeRecord, str, str], None]] = []
@@ -1041,9 +1047,21 @@ class Engine:
             self.sampler.start(samples, committed)
         notify(self.record_listeners, rec)
         if self.commit_listeners:
-            committed.add_done_callback(
-                lambda f: notify(self.commit_listeners, rec, None if f.cancelled() else f.exception()))
+            def heard(f: "asyncio.Future[None]") -> None:
+                error = None if f.cancelled() else f.exception()
+                if sent and isinstance(error, LedgerTimeoutError):  # still queued; its answer went out, and its
+                    self._settling.add(rec.request_id)               # row will say so if it commits: heard then
+                    return
+                notify(self.commit_listeners, rec, error)
+
+            committed.add_done_callback(heard)
         return committed
+
+    def _settled_late(self, rec: CascadeRecord, error: BaseException | None) -> None:
+        """A ledger late listener: a stream's write that timed out is done (committed as served, or lost)."""
+        if rec.request_id in self._settling:
+            self._settling.discard(rec.request_id)
+            notify(self.commit_listeners, rec, error)
 
     @staticmethod
     def _mark_error(att: Attempt, exc: CascadeError, started: float, tier: Tier, req: GenerationRequest) -> None:

@@ -428,6 +428,60 @@ def test_requests_during_a_long_lock_keep_their_rows(tmp_path):
     assert got[refused] == ("error", "LedgerUnavailableError")
 
 
+def _metric_lines(text: str, *prefixes: str) -> dict[str, float]:
+    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+            if ln.startswith(prefixes)}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_metrics_count_a_write_that_outlasted_its_timeout_as_its_row_stands(tmp_path, stream):
+    """A stream's answer goes out before its write: when that write outlasts timeout_s (a lock held elsewhere), the
+    row lands later as served, and /metrics counts it so, not as the LedgerTimeoutError its write met on the way;
+    an answer held back for its write is counted once as the 500 its client had, as the ledger records it."""
+    import sqlite3
+
+    import httpx
+
+    from serving import create_app
+    from tests.conftest import ServerThread
+    from tests.fault_server import FaultServerThread
+
+    path = tmp_path / "ledger.sqlite"
+    with FaultServerThread() as upstream:
+        cfg = _server_config(tmp_path, path, upstream.base_url, timeout_s=1)
+        with ServerThread(create_app(cfg)) as srv:
+            holder = lock_for(path, 3.0)
+            try:
+                with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**_BODY, "stream": stream},
+                                  timeout=30) as r:
+                    body = r.read().decode()
+                    rid = r.headers["x-request-id"]
+                if stream:
+                    assert r.status_code == 200 and body.rstrip().endswith("data: [DONE]") and '"error"' not in body
+                else:
+                    assert r.status_code == 500 and json.loads(body)["error"]["type"] == "ledger_error", body
+            finally:
+                holder.wait(timeout=30)
+            deadline = time.monotonic() + 15
+            while rid not in rows(path):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            time.sleep(0.5)  # (a held-back answer's correction, queued after the commit)
+            metrics = httpx.get(srv.url + "/metrics", timeout=30).text
+    with sqlite3.connect(path) as c:
+        status, error_class, cost, waste = c.execute(
+            "SELECT status, error_class, cost_usd, escalation_waste_usd FROM requests WHERE request_id = ?",
+            (rid,)).fetchone()
+    counted = _metric_lines(metrics, "cascade_requests_total{", "cascade_errors_total{")
+    if stream:
+        assert (status, error_class) == ("ok", None)
+        assert counted == {'cascade_requests_total{policy="p",status="ok",tier="r"}': 1.0}, counted
+    else:
+        assert (status, error_class) == ("error", "LedgerTimeoutError") and waste == cost
+        assert counted == {'cascade_requests_total{policy="p",status="error",tier="-"}': 1.0,
+                           'cascade_errors_total{error_class="LedgerTimeoutError"}': 1.0}, counted
+
+
 # --- F4: a reader who may only read ----------------------------------------------------------------------------
 
 
