@@ -171,6 +171,10 @@ class Metrics:
         policy = self._policy_label(rec)
         self._child(self.corrected, policy or "-", rec.tier or "-", status).inc()
         self._child(self.errors, error_class).inc()
+        if status == "cancelled":  # none of the answer went out: the ledger makes its attempts unkept, all waste
+            for a in rec.attempts:
+                if a.kept and a.cost_usd:
+                    self._child(self.waste, policy, a.tier).inc(a.cost_usd)
 
     def observe_error(self, error_class: str) -> None:
         self._child(self.errors, error_class).inc()

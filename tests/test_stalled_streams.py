@@ -233,6 +233,47 @@ def test_a_client_that_leaves_an_answer_in_hand_is_recorded_as_partial(tmp_path,
     assert 'cascade_errors_total{error_class="ClientDisconnected"} 1.0' in metrics
 
 
+def test_a_client_gone_before_an_answer_in_hand_streams_moves_its_cost_to_waste_in_metrics_too(tmp_path):
+    """The answer in hand is committed as served (its write slowed by a lock held elsewhere) after its client
+    left: the row is made `cancelled`, its cost all waste; /metrics' waste moves with it (it stayed 0)."""
+    from cascade.config import parse_config
+    from serving import create_app
+    from tests.conftest import ServerThread
+    from tests.test_ledger_durability import lock_for
+
+    with FaultServerThread(FaultServer(answer=ANSWER, logprob=-0.01)) as small, \
+            FaultServerThread(FaultServer(answer="big answer")) as big:
+        cfg = parse_config(buffered_config(tmp_path, 0, small, big), source="<test>", environ={})
+        with ServerThread(create_app(cfg)) as srv:
+            assert httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={  # (creates the ledger)
+                "model": "cascade", "max_tokens": 5, "messages": [{"role": "user", "content": "first"}]}
+            ).status_code == 200
+            holder = lock_for(tmp_path / "ledger.sqlite", 2.0)
+            try:
+                body = json.dumps({"model": "cascade", "stream": True, "max_tokens": 50,
+                                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+                with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                 b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                    time.sleep(1.0)  # answered, its row waiting for the lock: the client goes
+            finally:
+                holder.wait(timeout=30)
+            deadline = time.monotonic() + 15
+            while "cancelled" not in [r[0] for r in rows(tmp_path).values()]:
+                assert time.monotonic() < deadline, rows(tmp_path)
+                time.sleep(0.1)
+            metrics = httpx.get(srv.url + "/metrics", timeout=30).text
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        (rid, cost, waste), = db.execute("SELECT request_id, cost_usd, escalation_waste_usd FROM requests "
+                                         "WHERE status = 'cancelled'").fetchall()
+        total_waste, = db.execute("SELECT SUM(escalation_waste_usd) FROM requests").fetchone()
+    assert cost > 0 and waste == cost == total_waste
+    assert 'cascade_requests_corrected_total{policy="cascade",status="cancelled",tier="small"} 1.0' in metrics
+    counted = [float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
+               if ln.startswith('cascade_escalation_waste_usd_total{policy="cascade"')]
+    assert sum(counted) == pytest.approx(total_waste), metrics
+
+
 def test_sigterm_while_an_answer_in_hand_streams_to_a_client_not_reading_records_the_shutdown(tmp_path):
     """An answer in hand streams after its row is committed: a shutdown that runs out of time still cuts it off
     at the grace (not at uvicorn's cut-off 5 s later, with a traceback), and its row says so."""
