@@ -2,8 +2,10 @@
 
 The CPU fallback (tests, laptops) and, with ``device: cuda``, a GPU tier where vLLM is not installed.
 
-* Real forward passes; token logprobs are ``log_softmax`` of the model's raw logits at each step, so they
-  equal a direct forward pass over prompt + answer (tested to 1e-4).
+* Real forward passes; token logprobs are ``log_softmax`` of the model's raw logits at each step (the raw
+  distribution, at temperature 1 and before top_p, whatever the sampling settings), so in float32 they equal
+  a direct forward pass over prompt + answer (tested to 1e-4; in bfloat16 the cached, padded steps round
+  differently, by up to a few tenths of a nat).
 * Requests that wait while the model is busy are generated together in one left-padded batch, streamed or
   not (same sampling settings only; greedy by default; a seeded sampled request runs alone); a batch about
   to start waits a moment for requests arriving with it (``batch_wait_ms``), and a stream ends with its own
@@ -353,6 +355,9 @@ class TransformersBackend(Backend):
         device = self._torch_device(torch)
         try:
             tok = AutoTokenizer.from_pretrained(str(self._path))
+            # the context limit is the backend's own (context_length): no "sequence length is longer than the
+            # specified maximum" warning from counting a prompt that is about to be refused with a clear error
+            tok.model_max_length = int(1e30)
             model = AutoModelForCausalLM.from_pretrained(str(self._path), dtype=getattr(torch, self._dtype_name))
         except Exception as exc:  # noqa: BLE001 - OSError, ValueError, safetensors' SafetensorError (a corrupt
             # header), a torch error on a truncated tensor: whatever the files do, one line naming them
