@@ -61,6 +61,12 @@ class TierOutputs:
         does a replay."""
         return np.array([a != "" for a in self.answer], dtype=bool)
 
+    @property
+    def acceptable(self) -> np.ndarray:
+        """Where this tier's answer may be accepted: it is not empty and has a confidence (a score of -inf, or a
+        null or NaN read as one, is none: such an answer is escalated whatever its calibrated value)."""
+        return self.answered & np.isfinite(self.logprob)
+
     def subset(self, idx: np.ndarray) -> "TierOutputs":
         return TierOutputs(self.name, [self.answer[i] for i in idx], self.correct[idx], self.logprob[idx],
                            self.cost[idx], self.latency_ms[idx], self.tokens_in[idx], self.tokens_out[idx],

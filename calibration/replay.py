@@ -117,7 +117,7 @@ class _Features:
         self.cost = {m: data.tier(m).cost for m in chain}
         self.fmt = {m: np.array([answer_format_ok(a) for a in data.tier(m).answer]) for m in chain}
         answers = {m: data.tier(m).answer for m in chain}
-        self.answered = {m: data.tier(m).answered for m in chain}
+        self.answered = {m: data.tier(m).acceptable for m in chain}
         self.agree: dict[tuple[str, str], np.ndarray] = {}
         for a, b in itertools.combinations(chain, 2):
             v = np.array([answer_agreement(x, y) for x, y in zip(answers[a], answers[b])])
@@ -475,7 +475,7 @@ def apply_policy(policy: FittedPolicy, data: CascadeData) -> Outcome:
     arrays = []
     for j, m in enumerate(policy.subchain):
         t = data.tier(m)
-        arrays.append(TierArrays(m, scores[j] if j < len(scores) else np.zeros(n), t.correct, t.cost, t.answered))
+        arrays.append(TierArrays(m, scores[j] if j < len(scores) else np.zeros(n), t.correct, t.cost, t.acceptable))
     return run_policy(arrays, policy.thresholds)
 
 
@@ -521,11 +521,11 @@ def replay(train: CascadeData, test: CascadeData, chain: Sequence[str], cfg: Rep
     wasted = np.zeros(len(test))
     for j, m in enumerate(policy.subchain[:-1]):
         wasted += np.where(out.stop > j, test.tier(m).cost, 0.0)
-    # escalations that were not needed: the tier escalated from was already right
-    unneeded = 0
+    # escalations that were not needed: a tier escalated from (any of them) was already right
+    right_in_hand = np.zeros(len(test), dtype=bool)
     for j, m in enumerate(policy.subchain[:-1]):
-        passed = out.stop > j
-        unneeded += int((passed & (test.tier(m).correct > 0.5) & (out.stop == j + 1)).sum())
+        right_in_hand |= (out.stop > j) & (test.tier(m).correct > 0.5)
+    unneeded = int(right_in_hand.sum())
     anchor = best_single_threshold(t_first.logprob, a_first, a_last, cfg.max_quality_drop)
     anchor["savings_captured"] = captured(anchor["cost_ratio"])
 

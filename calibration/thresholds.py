@@ -112,10 +112,23 @@ def quality_lower_bound(gains: Any, losses: Any, n: int, z: float) -> np.ndarray
     return (g - l) / n - z * np.sqrt(g + l + 1.0) / n
 
 
+#: how far below a score a threshold at that score is put (relative): an answer is accepted at a confidence
+#: >= the threshold, and a threshold equal to a score that many answers share (the calibrated value of every
+#: top-confidence answer, say) would accept them or not by the last bit of the arithmetic that computes them
+THRESHOLD_SLACK = 1e-9
+
+
 def threshold_grid(score: np.ndarray, size: int) -> np.ndarray:
-    """Candidate thresholds: the distinct quantiles of a tier's scores (accept-all included)."""
+    """Candidate thresholds: the distinct quantiles of a tier's scores (accept-all included), each put just
+    below its value (by :data:`THRESHOLD_SLACK`, never as far as the next lower score), so that a score equal
+    to it is accepted with room to spare: the same answers are accepted on these scores."""
     qs = np.unique(np.quantile(score, np.linspace(0.0, 1.0, size)))
-    return qs
+    distinct = np.unique(score[np.isfinite(score)])
+    at = np.searchsorted(distinct, qs, side="left") - 1  # the largest distinct score below each candidate
+    below = np.where(at >= 0, distinct[np.clip(at, 0, None)], -np.inf) if distinct.size else np.full(qs.shape, -np.inf)
+    with np.errstate(invalid="ignore"):
+        nudged = np.maximum(qs - THRESHOLD_SLACK * np.maximum(1.0, np.abs(qs)), (below + qs) / 2)
+    return np.where(np.isfinite(qs), nudged, qs)
 
 
 @dataclass
@@ -317,8 +330,10 @@ def best_single_threshold(score: Any, first: TierArrays, last: TierArrays, max_q
     """The *in-sample* anchor: the one threshold on ``score`` (first tier -> last tier) that meets the quality
     target at least cost on the very data it is evaluated on (no margin). Used only as a yardstick."""
     s = np.asarray(score, dtype=np.float64)
+    s = np.where(np.isfinite(s), s, -np.inf)  # no confidence: never accepted (sorted last, cut off below)
     order = np.argsort(-s, kind="mergesort")
     n = s.size
+    n_finite = int(np.isfinite(s).sum())
     ref_q = float(last.correct.mean())
     ref_cost = float(last.cost.sum())
     # accept the top-k by score for k = 0..n, respecting ties (only cut between distinct scores)
@@ -331,7 +346,7 @@ def best_single_threshold(score: Any, first: TierArrays, last: TierArrays, max_q
     best = {"threshold": None, "accepted": 0, "quality": ref_q, "cost_ratio": 1.0 + float(first.cost.sum()) / ref_cost,
             "saves": False}
     best_cost = ref_cost  # the last tier alone
-    for k in cuts:
+    for k in cuts[cuts <= n_finite]:
         q = ref_q + gain[k] / n
         c = float(first.cost.sum()) + ref_cost - saved[k]
         if q >= ref_q - max_quality_drop - 1e-12 and c < best_cost - 1e-15:

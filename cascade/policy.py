@@ -17,13 +17,19 @@ def decide(features: Mapping[str, float], calibrator: Calibrator, threshold: flo
            is_last: bool) -> Decision:
     """Escalate when the calibrated confidence is below ``threshold``; the last tier always answers.
 
-    An answer with no tokens is escalated whatever its confidence (there is nothing to serve).
+    An answer with no tokens is escalated whatever its confidence (there is nothing to serve), and so is one
+    whose score is not a number or -inf (no confidence: an offline replay never accepts one either).
     """
     if features.get("n_tokens", 1.0) <= 0:
         conf = 0.0
         if is_last:
             return Decision(False, "last tier always answers (empty answer)", conf)
         return Decision(True, "empty answer", conf)
+    score = features.get(calibrator.feature)
+    if score is not None and not math.isfinite(score):
+        if is_last:
+            return Decision(False, "last tier always answers (no confidence)", 0.0)
+        return Decision(True, f"no confidence ({calibrator.feature} is {score})", 0.0)
     conf = calibrator.predict_one(features)
     if not math.isfinite(conf):
         conf = 0.0

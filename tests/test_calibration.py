@@ -394,6 +394,28 @@ def test_an_empty_answer_is_never_accepted_by_search_or_replay():
     assert (replayed.stop[:50] == 1).all()
 
 
+def test_a_threshold_on_a_tied_score_accepts_it_with_room_to_spare():
+    """Many answers share one calibrated value (every top-confidence answer does): a threshold found at that value
+    accepted them by the last bit of the arithmetic (a recomputation 1e-13 lower accepted none of them). Thresholds
+    sit just below their score now, never as far as the next lower one, so the same answers are accepted."""
+    from calibration.thresholds import threshold_grid
+
+    rng = np.random.default_rng(3)
+    top = 0.9304725102931801
+    score = np.concatenate([np.full(95, top), rng.uniform(0.2, 0.9, 55), [top - 1e-12]])
+    grid = threshold_grid(score, 20)
+    for t in grid:
+        q = score[score >= t].min()  # the lowest score a threshold accepts: the value it was found at
+        assert t < q and (score >= t).sum() == (score >= q).sum()
+        assert (score * (1 - 1e-13) >= t).sum() == (score >= t).sum()  # the same under a last-bit difference
+    right = score > 0.5
+    first = TierArrays("small", score, right.astype(float), np.full(score.size, 1.0))
+    last = TierArrays("big", np.zeros(score.size), np.ones(score.size), np.full(score.size, 10.0))
+    res = search_thresholds([first, last], max_quality_drop=0.05, confidence=0.5)
+    assert res.verdict == "cascade" and res.thresholds[0] < top
+    assert (score - 1e-13 >= res.thresholds[0]).sum() == (score >= res.thresholds[0]).sum() >= 95
+
+
 def test_quality_lower_bound_and_errors():
     lb = quality_lower_bound([0, 5], [0, 1], 100, 1.2816)
     assert lb[0] == pytest.approx(-1.2816 / 100)

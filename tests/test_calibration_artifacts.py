@@ -214,3 +214,16 @@ def test_export_needs_no_features_and_a_direct_verdict_exports_the_last_tier(tmp
         assert section["chain"] == [LARGE] and "thresholds" not in section
     else:
         assert section["chain"][-1] == LARGE and set(section["thresholds"]) == set(section["chain"][:-1])
+
+
+@pytest.mark.parametrize("score", [float("-inf"), float("nan")])
+def test_the_engine_never_accepts_an_answer_without_a_confidence(score):
+    """As a replay never does: a calibrator maps -inf to its lowest value, which an accept-all threshold would
+    take; the engine's decision escalates it whatever the threshold (and the last tier still answers)."""
+    cal = make_calibrator("platt", "mean_logprob").fit(np.linspace(-3, 0, 50), (np.arange(50) % 3 > 0).astype(float))
+    assert cal.predict_one({"mean_logprob": -20.0}) > 0.0  # what -inf would read as without the rule
+    d = decide({"mean_logprob": score, "n_tokens": 3.0}, cal, 0.0, is_last=False)
+    assert d.escalate and d.confidence == 0.0 and "no confidence" in d.reason
+    d = decide({"mean_logprob": score, "n_tokens": 3.0}, cal, 0.0, is_last=True)
+    assert not d.escalate and d.confidence == 0.0
+    assert not decide({"mean_logprob": -20.0, "n_tokens": 3.0}, cal, 0.0, is_last=False).escalate

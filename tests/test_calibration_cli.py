@@ -521,6 +521,12 @@ def test_replay_waste_and_anchor_savings_recomputed_from_the_outcome():
     assert rep["escalation_waste_ratio"] == pytest.approx(waste / out.cost.sum(), abs=1e-6)
     a = rep["anchor_in_sample"]
     assert a["savings_captured"] == pytest.approx((1 - a["cost_ratio"]) / (1 - rep["oracle_cost_ratio"]), abs=1e-5)
+    # escalations not needed: a tier escalated from, any of them (not only the last one), was already right
+    right = np.zeros(len(test), dtype=bool)
+    for j, m in enumerate(pol.subchain[:-1]):
+        right |= (out.stop > j) & (test.tier(m).correct > 0.5)
+    assert len(pol.subchain) == 3 and rep["unneeded_escalation_share"] == pytest.approx(
+        right.sum() / (out.stop > 0).sum(), abs=1e-6)
 
 
 def test_a_model_without_a_confidence_on_some_lines_is_read_as_never_accepted(tmp_path, capsys):
@@ -553,6 +559,31 @@ def test_a_model_without_a_confidence_on_some_lines_is_read_as_never_accepted(tm
     rc, _, err = run_cli(capsys, "calibrate", "--data", str(_write_rows(tmp_path / "bad.jsonl", rows)), "--model",
                          "gpt-4o", "--out", str(tmp_path / "b.json"))
     assert rc == 2 and "bad.jsonl:1: model 'gpt-4o': correct must be true/false" in _error_line(err)
+
+
+def test_an_answer_without_a_confidence_is_never_accepted_by_a_replayed_policy_nor_by_the_anchor():
+    """triviaqa/qwen_oai holds answers whose confidence is -inf. Read through a calibrator, agreement features
+    and a grid that includes accept-all, one such answer used to be accepted by a middle tier (the docs promise
+    it never is); and the in-sample anchor's accept-all cut took them too (its threshold then -inf: null)."""
+    from calibration.replay import ReplayConfig, apply_policy, replay
+
+    full = load_cascade_outputs(OUTPUTS / "triviaqa_qwen_oai_train.jsonl")
+    chain = ["gpt-4o-mini", "qwen2.5-32b-coder-instruct", "qwen2.5-72b-instruct", "gpt-4o"]
+    assert sum(int(np.isneginf(full.tier(m).logprob).sum()) for m in chain[:-1]) >= 10
+    train, test = split_data(full, 0.5, 0)
+    rep, pol = replay(train, test, chain, ReplayConfig(max_quality_drop=0.03, cv_guard=False))
+    out = apply_policy(pol, test)
+    assert rep["verdict"] == "cascade" and len(pol.subchain) > 2
+    for j, m in enumerate(pol.subchain[:-1]):
+        no_conf = ~np.isfinite(test.tier(m).logprob)
+        assert no_conf.any() and not (no_conf & (out.stop == j)).any(), m
+    # the anchor, on a split where it accepts every answer that has a confidence
+    train, test = split_data(full, 0.5, 1)
+    rep, _ = replay(train, test, ["gpt-4o-mini", "gpt-4o"], ReplayConfig(max_quality_drop=0.05))
+    first = test.tier("gpt-4o-mini")
+    a = rep["anchor_in_sample"]
+    assert a["saves"] and a["accepted"] == int(np.isfinite(first.logprob).sum()) < len(test), a
+    assert a["threshold"] == pytest.approx(first.logprob[np.isfinite(first.logprob)].min(), abs=1e-6)
 
 
 def test_small_files_byte_order_marks_and_output_clashes(tmp_path, capsys):
