@@ -225,6 +225,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     # a body that does not arrive in time: 408 (the protocol serve runs times the headers: serving/streaming.py)
     app.add_middleware(RequestReadTimeoutMiddleware, timeout_s=config.server.request_read_timeout_s)
     app.state.request_read_timeout_s = config.server.request_read_timeout_s  # for that protocol (run_server)
+    app.state.max_header_bytes = config.server.max_header_bytes  # (and the headers it lets reach the parser)
     app.add_middleware(DrainMiddleware, drain=drain)  # answers for requests a shutdown gives up on
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries its id, a 413 or 401 too
     return app

@@ -168,7 +168,8 @@ class DrainMiddleware:
 
 
 def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: str, graceful_shutdown_s: float,
-               uvicorn_logging: bool = True, request_read_timeout_s: float | None = None) -> None:
+               uvicorn_logging: bool = True, request_read_timeout_s: float | None = None,
+               max_header_bytes: int | None = None) -> None:
     """Serve ``app`` with uvicorn until SIGINT/SIGTERM; requests get ``graceful_shutdown_s`` to finish, then
     ``drain`` answers those still running (503) and the process exits. ``uvicorn_logging=True``: uvicorn's
     own text lines, its access lines ending with the request's id (:func:`serving.logs.uvicorn_log_config`);
@@ -186,11 +187,13 @@ def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: s
 
     if request_read_timeout_s is None:
         request_read_timeout_s = getattr(getattr(app, "state", None), "request_read_timeout_s", None)
+    if max_header_bytes is None:
+        max_header_bytes = getattr(getattr(app, "state", None), "max_header_bytes", None)
     # loop/http "auto": uvloop and httptools (runtime dependencies) where installed, else asyncio and h11; the
     # protocol lets a connection whose client stopped reading be reset, and bounds how long a request may take
     # to arrive (serving/streaming.py)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="auto",
-                            http=http_protocol(request_read_timeout_s),
+                            http=http_protocol(request_read_timeout_s, max_header_bytes),
                             log_config=uvicorn_log_config() if uvicorn_logging else None,
                             timeout_graceful_shutdown=graceful_shutdown_s + ABORT_WINDOW_S)
     server = Server(config)

@@ -68,10 +68,30 @@ def _timeout_body(timeout_s: float) -> bytes:
                                  code="request_timeout")).encode()
 
 
-def http_protocol(request_read_timeout_s: float | None = None) -> type[asyncio.Protocol]:
+#: how long a connection refused for its headers (431) is read from and discarded before it is closed
+LINGER_S = 2.0
+
+#: what may arrive, beyond ``max_header_bytes``, before a request's headers are complete: the rest of the
+#: previous request's body when it came in the same read, and slack for a request line and header names
+HEAD_SLACK_BYTES = 262_144
+
+
+def _head_too_large_body(limit: int) -> bytes:
+    return json.dumps(error_body(f"request headers are larger than {limit} bytes", "invalid_request_error",
+                                 code="request_header_fields_too_large")).encode()
+
+
+def http_protocol(request_read_timeout_s: float | None = None,
+                  max_header_bytes: int | None = None) -> type[asyncio.Protocol]:
     """uvicorn's ``http="auto"`` protocol (httptools where installed, else h11), remembering each connection's
     transport so that :func:`abort_connection` can reset it; with ``request_read_timeout_s``, a request must
     arrive whole within it (the module's doc).
+
+    With ``max_header_bytes``, a request whose headers (with its target) are still incomplete after that many
+    bytes and :data:`HEAD_SLACK_BYTES` more gets a 431 and its connection closed, before the parser sees the
+    rest: neither parser bounds them (httptools joins a value sent in pieces again for each piece, so one
+    endless header took the event loop for seconds, and thousands of small ones took gigabytes of memory).
+    :class:`serving.app.BodyLimitMiddleware` holds complete headers to the exact limit.
 
     The timer starts as the connection opens, or at the first byte once the previous request has arrived
     whole, and stops once a request (uvicorn's ``cycle``, of either protocol class) has its body complete;
@@ -79,9 +99,14 @@ def http_protocol(request_read_timeout_s: float | None = None) -> type[asyncio.P
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     timeout = request_read_timeout_s
+    head_cap = None if max_header_bytes is None else max_header_bytes + HEAD_SLACK_BYTES
 
     class AbortableHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _read_timer: asyncio.TimerHandle | None = None
+        #: bytes received since the last request's headers completed, while the next one's are not
+        _head_bytes = 0
+        _head_cycle: Any = None  # the cycle of the last request whose headers completed (None: none yet)
+        _head_refused = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -100,12 +125,49 @@ def http_protocol(request_read_timeout_s: float | None = None) -> type[asyncio.P
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._head_refused:
+                return
             if timeout is not None and self._read_timer is None:  # the first byte of the next request
                 self._read_arm()
             self._read_bytes = True
+            if head_cap is not None and self._head_pending():
+                self._head_bytes += len(data)
+                if self._head_bytes > head_cap:
+                    self._head_refuse()
+                    return
             super().data_received(data)
+            if head_cap is not None and self.cycle is not self._head_cycle:  # a new request's headers are in
+                self._head_cycle, self._head_bytes = self.cycle, 0
             if self._read_timer is not None and self._read_arrived():
                 self._read_disarm()
+
+        def _head_pending(self) -> bool:
+            """Whether bytes arriving now belong to headers not yet complete (no request yet, or the last one's
+            body is in whole: whatever comes next is the next request's start)."""
+            cycle = self.cycle
+            return cycle is None or not cycle.more_body
+
+        def _head_refuse(self) -> None:
+            """A 431, then the connection closed: at once where a response is being sent (not interleaved),
+            else after its end (EOF) and a moment of discarding what the client is still sending, so that
+            closing with its bytes unread (a reset) does not drop the 431 before the client reads it."""
+            self._head_refused = True
+            self._read_disarm()
+            log.warning("a request's headers passed %d bytes before they were complete (server.max_header_bytes "
+                        "%d): closing its connection", head_cap, max_header_bytes)
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                self.transport.close()
+                return
+            body = _head_too_large_body(max_header_bytes or 0)
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json"
+                                 b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            try:
+                self.transport.write_eof()
+            except (NotImplementedError, OSError, RuntimeError):
+                self.transport.close()
+                return
+            self.loop.call_later(LINGER_S, self.transport.close)
 
         def handle_websocket_upgrade(self, *args: Any) -> None:
             self._read_disarm()  # the connection is a WebSocket's from now on

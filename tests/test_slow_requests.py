@@ -212,3 +212,46 @@ def test_an_idle_kept_alive_connection_is_left_to_uvicorns_keep_alive(server: Pa
         data, closed = read_until_closed(s, KEEP_ALIVE_S + SLACK_S + 5)
     assert data == b"" and closed is not None, data  # closed without a 408
     assert KEEP_ALIVE_S - 0.5 < closed - t_idle < KEEP_ALIVE_S + SLACK_S, closed - t_idle
+
+
+@pytest.mark.parametrize("kind", ["one endless value", "endless small headers", "endless target"])
+def test_headers_that_grow_past_the_limit_are_refused_before_they_end(server, kind):
+    """Neither HTTP parser bounds headers still arriving: one value sent in pieces took the event loop for
+    seconds (httptools joins it again for every piece), thousands of small headers took gigabytes, and nothing
+    was refused until they ended or the read timeout came. Past max_header_bytes (64 KiB) and some slack,
+    the server answers 431 at once and closes the connection; its other clients are served meanwhile."""
+    start, piece = {"one endless value": (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ", b"a" * 8192),
+                    "endless small headers": (b"GET /health HTTP/1.1\r\nHost: x\r\n", b"X-A: b\r\n" * 1024),
+                    "endless target": (b"GET /health?q=", b"a" * 8192)}[kind]
+    s = connect()
+    t0 = time.monotonic()
+    s.sendall(start)
+    sent = 0
+    try:
+        while sent < 600_000:  # 64 KiB + 256 KiB of slack, and more
+            s.sendall(piece)
+            sent += len(piece)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    data, closed = read_until_closed(s, 10)
+    s.close()
+    assert data.startswith(b"HTTP/1.1 431 "), data[:200]
+    body = json.loads(data.partition(b"\r\n\r\n")[2])
+    assert body["error"]["code"] == "request_header_fields_too_large", body
+    assert closed is not None and closed - t0 < READ_TIMEOUT_S + SLACK_S  # not the read timeout's 408
+    with connect() as c:  # the server goes on
+        c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(c)[0] == 200
+
+
+def test_a_large_body_is_not_counted_as_headers(server):
+    """The header cap counts only what arrives before a request's headers are complete: a body of 900 KB (under
+    max_body_bytes) on a kept-alive connection, and the request after it, are served."""
+    big = json.dumps({"model": "cascade", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "x " * 450_000}]}).encode()
+    with connect() as c:
+        for body in (big, BODY):
+            c.sendall(head(len(body)) + body)
+            status, headers, answer = read_response(c)
+            assert status in (200, 400) and json.loads(answer), (status, answer[:300])
+            assert status == 200 or json.loads(answer)["error"]["code"] != "request_header_fields_too_large"
