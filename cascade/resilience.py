@@ -389,12 +389,19 @@ _SECRET = re.compile(
     r"|(?i:bearer|basic)\s+[A-Za-z0-9_\-.=*+/]{8,}")
 
 
+#: the password of a URL's user info (``https://user:password@host/``: httpx sends it as basic credentials)
+URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:)[^/\s@]+@")
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Blank anything that looks like an API key or bearer token (providers echo keys in error bodies), and
-    every one of ``secrets`` (the keys a backend sends, whatever their shape) where it appears verbatim."""
+    """Blank anything that looks like an API key or bearer token (providers echo keys in error bodies), the
+    password of a URL, and every one of ``secrets`` (the keys a backend sends, whatever their shape) where it
+    appears verbatim."""
     for secret in secrets:
         if secret and len(secret) >= 8:
             text = text.replace(secret, "[redacted]")
+    if "@" in text:
+        text = URL_PASSWORD.sub(r"\1[redacted]@", text)
     return _SECRET.sub("[redacted]", text)
 
 

@@ -31,6 +31,21 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class UrlPasswordFilter(logging.Filter):
+    """Masks the password of a URL in a line (``http://user:password@host``): httpx logs every upstream call's
+    URL, and a tier's ``base_url`` may carry basic credentials there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "@" in msg and "://" in msg:
+            from cascade.resilience import URL_PASSWORD
+
+            masked = URL_PASSWORD.sub(r"\1***@", msg)
+            if masked != msg:
+                record.msg, record.args = masked, ()
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger``,
     ``message``, ``request_id`` when the line belongs to a request, ``exception`` with its traceback."""
@@ -51,6 +66,7 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     """Log to stderr at ``level`` (a name such as "info"), in ``fmt`` ("text" or "json"), with request ids."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(UrlPasswordFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -68,10 +84,12 @@ def uvicorn_log_config() -> dict:
 
     cfg = copy.deepcopy(LOGGING_CONFIG)
     cfg.setdefault("filters", {})["request_id"] = {"()": "serving.logs.RequestIdFilter"}
+    cfg["filters"]["url_password"] = {"()": "serving.logs.UrlPasswordFilter"}
     for name in ("default", "access"):
-        cfg["handlers"][name].setdefault("filters", []).append("request_id")
+        cfg["handlers"][name].setdefault("filters", []).extend(["request_id", "url_password"])
         cfg["formatters"][name]["fmt"] += "%(request)s"
     return cfg
 
 
-__all__ = ["JsonFormatter", "RequestIdFilter", "configure_logging", "current_request_id", "uvicorn_log_config"]
+__all__ = ["JsonFormatter", "RequestIdFilter", "UrlPasswordFilter", "configure_logging", "current_request_id",
+           "uvicorn_log_config"]

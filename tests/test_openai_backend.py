@@ -387,3 +387,36 @@ async def test_prompt_tokens_read_from_the_providers_cache_are_billed_at_the_cac
         rows = conn.execute("SELECT request_id, cached_prompt_tokens, cost_usd FROM attempts ORDER BY 1").fetchall()
     assert [(r[0], r[1]) for r in rows] == [("r-cached", 800), ("r-providers", 800), ("r-uncached", 800)]
     assert {r[0]: r[2] for r in rows} == pytest.approx({f"r-{n}": c for n, c in costs.items()})
+
+
+def test_a_base_url_with_basic_credentials_keeps_its_password_out_of_the_log(tmp_path):
+    """httpx sends a base_url's user:password as basic credentials, and logs every call's URL at INFO: the
+    server's log (text lines, as `cascade serve` writes them) shows the URL with its password masked."""
+    import httpx
+
+    from tests.conftest import free_port
+    from tests.fault_server import FaultServerThread
+    from tests.test_stalled_streams import serve, stop
+
+    password = "hunter2-PROXY-PASS"
+    with FaultServerThread() as upstream:
+        port = free_port()
+        base_url = upstream.base_url.replace("http://", f"http://proxyuser:{password}@")
+        cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "info"},
+               "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+               "tiers": [{"name": "remote", "backend": "openai", "model": "m", "timeout_s": 30,
+                          "options": {"base_url": base_url}}],
+               "policies": {"cascade": {"chain": ["remote"]}}}
+        proc = serve(cfg, tmp_path)
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+                "model": "cascade", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+            assert r.status_code == 200, r.text
+            upstream.faults("500:echo")
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+                "model": "cascade", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+            assert r.status_code >= 500 and password not in r.text
+        finally:
+            out = stop(proc)
+    assert "proxyuser:***@127.0.0.1" in out, out  # the call's line is there, its password is not
+    assert password not in out, out
