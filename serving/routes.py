@@ -24,7 +24,6 @@ from cascade.errors import (
     InvalidRequestError,
     NotFoundError,
     ReloadRefusedError,
-    UnknownModelError,
 )
 from cascade.ledger import spend_since, spend_since_both, utc_day_start
 from cascade.limits import SpendHolds
@@ -141,18 +140,11 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     caller = _caller(request)
     await engine.check_ledger()  # a ledger known to be down: refused at once (503), before any read of it
     model = _route_name(request, body)
-    # an unknown model is refused here (404, recorded as every refusal), before it takes a place in any limit
-    try:
-        engine.resolve(model)
-    except UnknownModelError:
-        allowed = caller.limits.allowed_models if caller.limits is not None else []
-        if not allowed:
-            raise
-        # a key limited to some models is told of those, as GET /v1/models lists them: not of every other one
-        names = [m for m in engine.model_names() if m in allowed]
-        raise UnknownModelError(f"model {model!r} does not exist; valid models: {', '.join(names)}",
-                                param="model") from None
+    # a key limited to some models is refused any other (403), whether it exists or not: it is told of its own
+    # only, as GET /v1/models lists them (a 404 for a made-up name beside a 403 for a hidden one told which exist)
     authorize(caller, model)
+    # an unknown model is refused here (404, recorded as every refusal), before it takes a place in any limit
+    engine.resolve(model)
     limit = engine.config.server.max_tokens_limit
     param, asked = body.max_tokens_asked()
     if asked is not None and asked > limit:

@@ -135,9 +135,12 @@ def test_keys_decide_the_user_tier(server):
         client(server, FREE).chat.completions.create(model="premium", messages=Q, max_tokens=4)
     assert "may not use model 'premium'" in err.value.message
     assert [m.id for m in client(server, FREE).models.list()] == ["cascade", "always-escalate", "small"]
-    with pytest.raises(openai.NotFoundError) as missing:  # told of its own models only, as the list says
+    # told of its own models only, as the list says: a made-up name is refused as a hidden one is (a 404 for one
+    # beside a 403 for the other told which models exist)
+    with pytest.raises(openai.PermissionDeniedError) as missing:
         client(server, FREE).chat.completions.create(model="nope", messages=Q, max_tokens=4)
-    assert missing.value.message.endswith("valid models: cascade, always-escalate, small")
+    assert missing.value.message.endswith("may not use model 'nope'; allowed: cascade, always-escalate, small")
+    assert err.value.message.endswith("may not use model 'premium'; allowed: cascade, always-escalate, small")
     # a header cannot upgrade the caller
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "premium", "messages": Q},
                    headers={"authorization": f"Bearer {FREE}", "x-user-tier": "paid"})
