@@ -250,7 +250,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="config YAML (default: $CASCADE_CONFIG or the embedded CPU default)")
     p.add_argument("--host", help="bind address (default from config / $CASCADE_HOST)")
     p.add_argument("--port", type=int, help="port (default from config / $CASCADE_PORT)")
-    p.add_argument("--ledger", help="ledger SQLite path (default from config / $CASCADE_LEDGER_PATH)")
+    p.add_argument("--ledger", help="ledger: a SQLite path or a postgresql:// URL (default from config / "
+                                    "$CASCADE_LEDGER_PATH)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ask", help="run the cascade once on a question and print the answer and its record")
@@ -259,6 +260,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="policy or tier name (default: the config's default policy)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--ledger", help="ledger SQLite path")
+    p.add_argument("--ledger", help="ledger: a SQLite path or a postgresql:// URL (default from config / "
+                                    "$CASCADE_LEDGER_PATH)")
     p.add_argument("--json", action="store_true", help="print the whole record as JSON")
     p.set_defaults(func=cmd_ask)

@@ -197,8 +197,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", type=float, default=0.3, help="fraction held out to compare old and new ECE (0.3)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the held-out split (0)")
     p.add_argument("--out", metavar="ARTIFACT",
-                   help="a .json file, or a directory receiving <tier>.v<N>.json (default: calibrators/ next to "
-                        "the config, else in the current directory)")
+                   help="a .json file, or a directory receiving <tier>.v<N>.json (default: the directory of the "
+                        "artifact the config names for the tier, else calibrators/ next to the config, else in "
+                        "the current directory)")
     p.add_argument("--activate", action="store_true",
                    help="also point <dir>/<tier>.json at the new version (a config naming that file picks it up "
                         "on POST /admin/reload or SIGHUP)")

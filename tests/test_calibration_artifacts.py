@@ -24,7 +24,8 @@ from cascade.policy import decide
 
 REPO = Path(__file__).resolve().parents[1]
 LIVE = REPO / "results" / "live" / "full" / "mixed_smol135m-qc0.5b-qc1.5b_train.jsonl"
-SHARED = Path(os.environ.get("CASCADE_DATA_DIR", REPO.parent / "shared" / "data")).expanduser() / "cascade_outputs"
+SHARED = Path(os.environ.get("CASCADE_DATA_DIR") or os.environ.get("CASCADE_SHARED_DATA")
+              or REPO.parent / "shared" / "data").expanduser() / "cascade_outputs"
 
 
 def _calibrate(capsys, *argv: str) -> tuple[int, str, str]:
@@ -111,7 +112,7 @@ def test_a_multi_feature_artifact_cannot_be_read_from_one_feature(tmp_path):
         build_calibrator(CalibratorConfig(artifact=str(art), feature="min_logprob"), tier="t")
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED} (set CASCADE_DATA_DIR)")
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED} (set CASCADE_SHARED_DATA)")
 def test_shared_data_artifact_serves_an_engine_tier_through_first_token_logprob(tmp_path, capsys):
     art = tmp_path / "mini.json"
     rc, _, err = _calibrate(capsys, "--data", str(SHARED / "mmlu_qwen_oai_train.jsonl"), "--model", "gpt-4o-mini",

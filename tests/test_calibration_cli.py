@@ -1,6 +1,7 @@
 """`cascade calibrate` and `cascade replay` end to end on the real shared data (no mocks).
 
-The data folder is ``$CASCADE_DATA_DIR`` (default ``<repo>/../shared/data``); the tests skip when it is absent.
+The data folder is ``$CASCADE_DATA_DIR`` or ``$CASCADE_SHARED_DATA`` (default ``<repo>/../shared/data``); the tests
+skip when it is absent.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from calibration.data import answer_agreement, load_cascade_outputs, normalize_a
 from cascade.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("CASCADE_DATA_DIR", REPO.parent / "shared" / "data")).expanduser()
+DATA_DIR = Path(os.environ.get("CASCADE_DATA_DIR") or os.environ.get("CASCADE_SHARED_DATA")
+                or REPO.parent / "shared" / "data").expanduser()
 OUTPUTS = DATA_DIR / "cascade_outputs"
 
 pytestmark = pytest.mark.skipif(not OUTPUTS.is_dir(), reason=f"shared data not found at {OUTPUTS} "
-                                                              "(set CASCADE_DATA_DIR)")
+                                                              "(set CASCADE_SHARED_DATA)")
 
 ALL_FILES = sorted(p.name for p in OUTPUTS.glob("*.jsonl")) if OUTPUTS.is_dir() else []
 
