@@ -677,7 +677,7 @@ def test_keys_create_quotes_what_yaml_would_not_read_back_as_the_same_string(tmp
     assert [(k.id, k.user_tier) for k in keys] == [(value, value)]
 
 
-# --- empty paths, counts below 1, port 0 and --max-tokens above the server's limit -----------------------------------------
+# --- empty paths, counts below 1, port 0 and --max-tokens above the server's limit ---------------------------------
 
 
 @pytest.mark.parametrize("argv, needle", [
