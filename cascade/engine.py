@@ -774,6 +774,7 @@ class Engine:
         rec.tier, rec.model, rec.escalated = tier.name, tc.model, att.index > 0
         error: CascadeError | None = None
         recorded = False  # the row is written once: by the finally below, or as a cancellation
+        unwritten = False  # its write failed (or timed out) after the answer went out: not cached
         try:
             # inside the try: a consumer that closes the stream here (its client gone before the response
             # started) still gets the live tier's call recorded, as at any later point
@@ -841,12 +842,15 @@ class Engine:
                     # its answer is out already: the stream ends as it would have (its row is still queued, kept
                     # as served if it commits later; or lost, and the ledger named it), not cut off mid-response
                     log.warning("%s (the stream's answer had gone out)", failed)
+                    unwritten = True  # not stored: a hit would name a request the ledger may never hold
         if error is not None:
             yield StreamFailed(record=rec, error=error)
             return
         usage = Usage(att.prompt_tokens, att.completion_tokens, att.cached_prompt_tokens)
-        self._cache_put(cache_slot, rec, GenerationResult(text=att.text, tokens=tuple(tokens), finish_reason=finish,
-                                                         usage=usage, latency_s=att.latency_ms / 1e3, model=tc.model))
+        if not unwritten:
+            self._cache_put(cache_slot, rec, GenerationResult(text=att.text, tokens=tuple(tokens), finish_reason=finish,
+                                                             usage=usage, latency_s=att.latency_ms / 1e3,
+                                                             model=tc.model))
         yield StreamEnd(record=rec, finish_reason=finish, usage=usage)
 
     # --- shared steps -----------------------------------------------------------------------------

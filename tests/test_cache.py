@@ -326,6 +326,28 @@ def test_an_answer_whose_ledger_write_failed_is_not_stored(srv, upstream):
     assert hit == again.headers["x-request-id"] and hit in ids and failed.headers["x-request-id"] not in ids
 
 
+def test_a_streamed_answer_whose_ledger_write_failed_is_not_stored(srv, upstream):
+    """The same for the live last tier's stream, whose answer goes out before its write: the stream ends whole,
+    and nothing is stored (a hit named the unrecorded request, served again at cost 0 for the whole TTL)."""
+    with sqlite3.connect(srv.ledger_path) as db:
+        db.execute("CREATE TRIGGER refuse_b BEFORE INSERT ON requests WHEN NEW.api_key_id = 'k-b' "
+                   "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json={**BODY, "stream": True},
+                      headers={"authorization": f"Bearer {B}"}) as r:
+            text = r.read().decode()
+            unrecorded = r.headers["x-request-id"]
+        assert r.status_code == 200 and text.rstrip().endswith("data: [DONE]"), text
+        with sqlite3.connect(srv.ledger_path) as db:
+            db.execute("DROP TRIGGER refuse_b")
+        again = post(c, key=B)
+        assert again.status_code == 200 and again.json()["cascade"]["cached_from"] is None, again.text
+        assert upstream.stats()["requests"] == 2
+        assert post(c, key=B).json()["cascade"]["cached_from"] == again.headers["x-request-id"]
+    with sqlite3.connect(srv.ledger_path) as db:
+        assert db.execute("SELECT COUNT(*) FROM requests WHERE request_id = ?", (unrecorded,)).fetchone() == (0,)
+
+
 def test_a_thumbs_down_on_a_hit_evicts_the_answer_and_labels_the_original(srv, upstream):
     from cascade.ledger import Ledger
     from cascade.recalibrate import labelled_answers
