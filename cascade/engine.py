@@ -487,7 +487,8 @@ class Engine:
                                                         request_id=request_id, api_key_id=api_key_id,
                                                         user_tier=user_tier, budget=budget, end_user=end_user,
                                                         metadata=metadata)
-        await committed
+        # a caller cancelled while the row commits never got the answer: the row is made cancelled then
+        await self._committed(outcome.record, committed)
         return outcome
 
     async def run_uncommitted(self, request: GenerationRequest, *, model: str | None = None,

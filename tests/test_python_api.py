@@ -299,3 +299,30 @@ async def test_a_refused_request_frees_its_id_and_ids_the_ledger_cannot_hold_are
             await eng.run(Q, request_id=minted)
         assert calls(servers) == n
     assert eng._ids_in_flight == set()
+
+
+async def test_a_run_cancelled_while_its_row_commits_is_recorded_as_cancelled(tmp_path, servers):
+    """The answer is in, its row's write waits for a lock held elsewhere, the caller is cancelled: it never got
+    the answer, so the row says cancelled (it said ok, as a stream's already did not)."""
+    from tests.test_ledger_durability import lock_for
+
+    async with await Engine.open(config(tmp_path, servers)) as eng:
+        await eng.run(Q)  # (the ledger exists, warm)
+        n = calls(servers)
+        holder = lock_for(tmp_path / "ledger.sqlite", 2.0)
+        try:
+            task = asyncio.create_task(eng.run(Q, request_id="cancelled-at-commit"))
+            while calls(servers) == n:  # a tier answered; its row is being written
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            await asyncio.to_thread(holder.wait, 30)
+        for _ in range(100):
+            if ("cancelled-at-commit", "cancelled", "ClientDisconnected") in rows(tmp_path):
+                break
+            await asyncio.sleep(0.05)
+    assert ("cancelled-at-commit", "cancelled", "ClientDisconnected") in rows(tmp_path), rows(tmp_path)
