@@ -378,6 +378,9 @@ class Engine:
         self._check_loop()
         if self._closing is not None:
             raise EngineClosedError("the engine is closed (Engine.close()): it takes no more requests")
+        if not self.ledger.is_open:  # built by hand (Engine(config, ledger=...)): its answers could not be recorded
+            raise EngineClosedError("the engine's ledger is not open: build the engine with `await "
+                                    "Engine.open(config)`, which opens it")
 
     @contextlib.contextmanager
     def _in_flight(self) -> Iterator[None]:

@@ -1495,6 +1495,11 @@ class Ledger:
         The write happens even if the caller stops waiting (it is queued to the ledger thread at once)."""
         await self.submit(rec, shadows)
 
+    @property
+    def is_open(self) -> bool:
+        """Whether :meth:`open` has run and :meth:`close` has not: jobs can be queued."""
+        return self._queue is not None
+
     def submit(self, rec: CascadeRecord, shadows: Iterable[dict[str, Any]] = (), *, sent: bool = False
                ) -> asyncio.Future:
         """Queue the write of ``rec`` now (from the event loop); the future resolves once it is committed,

@@ -326,3 +326,18 @@ async def test_a_run_cancelled_while_its_row_commits_is_recorded_as_cancelled(tm
                 break
             await asyncio.sleep(0.05)
     assert ("cancelled-at-commit", "cancelled", "ClientDisconnected") in rows(tmp_path), rows(tmp_path)
+
+
+async def test_an_engine_built_without_open_calls_no_tier(tmp_path, servers):
+    """Engine(config, ledger=...) skips opening the ledger: a request used to call (and pay) a tier, then fail
+    with 'ledger is not open' and no row. Now it is refused first, saying how to build one."""
+    from cascade.ledger import Ledger
+
+    cfg = config(tmp_path, servers)
+    eng = Engine(cfg, ledger=Ledger(str(tmp_path / "ledger.sqlite")))
+    with pytest.raises(EngineClosedError, match=r"ledger is not open: build the engine with `await Engine.open"):
+        await eng.run(Q)
+    with pytest.raises(EngineClosedError, match="ledger is not open"):
+        async for _ in eng.stream(Q):
+            pass
+    assert calls(servers) == 0
