@@ -128,6 +128,16 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
 # --- versioned artifacts ---------------------------------------------------------------------------
 
 
+def _file_stem(tier: str) -> str:
+    """A tier's name as the stem of its artifact files (``<stem>.json``, ``<stem>.v<N>.json``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", tier)
+
+
+def _version_name(tier: str) -> "re.Pattern[str]":
+    """The file name of one of a tier's versions, ``<stem>.v<N>.json`` (group 1: N)."""
+    return re.compile(rf"^{re.escape(_file_stem(tier))}\.v(\d+)\.json$")
+
+
 def _version_of(path: Path) -> int:
     try:
         return int(json.loads(path.read_text()).get("fitted_on", {}).get("version") or 0)
@@ -142,12 +152,12 @@ def artifact_path(out: str | Path | None, tier: str, *, default_dir: Path, previ
     current calibrator's); otherwise it is a directory (default ``default_dir``) receiving
     ``<tier>.v<N>.json`` with N one more than the highest version already there.
     """
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", tier)
+    safe = _file_stem(tier)
     if out is not None and str(out).endswith(".json"):
         p = expand_path(out, "--out")
         return p, max(previous_version, _version_of(p) if p.exists() else 0) + 1
     d = expand_path(out, "--out") if out is not None else default_dir
-    pat = re.compile(rf"^{re.escape(safe)}\.v(\d+)\.json$")
+    pat = _version_name(tier)
     have = [int(m.group(1)) for f in (d.iterdir() if d.is_dir() else ()) if (m := pat.match(f.name))]
     v = max([previous_version, *have]) + 1
     return d / f"{safe}.v{v}.json", v
@@ -174,18 +184,18 @@ def _check_not_in_use(path: Path, tier: str, configured: Path | None) -> None:
     (directly or through its link) or an existing ``<tier>.v<N>.json``, which a link or a config may name."""
     if not path.exists():
         return
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", tier)
+    safe = _file_stem(tier)
     if configured is not None and configured.exists() and path.resolve() == configured.resolve():
         raise ConfigError(f"--out {path}: that is the calibrator tier {tier!r} serves now (its config reads "
                           f"{configured}); a version is never rewritten in place: give a directory (a new "
                           f"{safe}.v<N>.json is written there) or a new file")
-    if re.fullmatch(rf"{re.escape(safe)}\.v\d+\.json", path.name):
+    if _version_name(tier).match(path.name):
         raise ConfigError(f"--out {path}: that version exists already; versions are never rewritten in place: "
                           "give a directory (the next version is written there) or a new file")
 
 
 def _link_path(artifact: Path, tier: str) -> Path:
-    return artifact.parent / f"{re.sub(r'[^A-Za-z0-9._-]', '_', tier)}.json"
+    return artifact.parent / f"{_file_stem(tier)}.json"
 
 
 def backup_name(path: Path) -> Path:
@@ -208,7 +218,7 @@ def activate(artifact: Path, tier: str) -> Path:
 
 def activate_keeping(artifact: Path, tier: str) -> tuple[Path, Path | None]:
     """:func:`activate`, returning the link and where a regular file it replaced was kept (or None)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", tier)
+    safe = _file_stem(tier)
     link = _link_path(artifact, tier)
     kept = None
     if link.is_file() and not link.is_symlink():
@@ -350,7 +360,7 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     default_dir = configured.parent if configured is not None else (default_dir or Path("calibrators"))
     path, version = artifact_path(out, tier, default_dir=default_dir, previous_version=previous)
     _check_not_in_use(path, tier, configured)
-    if do_activate and path.name == re.sub(r"[^A-Za-z0-9._-]", "_", tier) + ".json":
+    if do_activate and path.name == _file_stem(tier) + ".json":
         raise ConfigError(f"--activate points {path.name} at the new version: write the version elsewhere "
                           "(--out a directory) rather than to that file itself")
     new.fitted_on = {
