@@ -42,7 +42,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, fields, replace
 from functools import cache
@@ -54,7 +54,7 @@ from cascade.errors import LedgerError, LedgerTimeoutError, LedgerWriteHeldError
 from cascade.paths import expand_path
 from cascade.types import Attempt, CascadeRecord
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: how long a request waits for its ledger write (or read), and GET /ready for its probe, by default
 #: (``ledger.timeout_s``): past it the ledger counts as not answering (a hung database server)
@@ -239,6 +239,21 @@ _TABLES = [
         started_at DOUBLE PRECISION NOT NULL,
         heartbeat_at DOUBLE PRECISION NOT NULL
     )""",
+    # version 8: the worst cases held by requests admitted under a daily spend limit whose rows are not written
+    # yet, one row per request and limit (its bucket), each deleted by the transaction that writes its request,
+    # so that the processes sharing the ledger count each other's requests in flight (each counts its own in
+    # memory: cascade/limits.py); and the shadow samples' reservations of their daily budget (bucket
+    # ["shadow", name]), deleted by the transaction that writes the sample (cascade/shadow.py)
+    """CREATE TABLE IF NOT EXISTS spend_holds (
+        hold_id TEXT NOT NULL,
+        bucket TEXT NOT NULL,
+        instance TEXT NOT NULL,
+        amount_usd DOUBLE PRECISION NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (hold_id, bucket)
+    )""",
+    "CREATE INDEX IF NOT EXISTS spend_holds_bucket ON spend_holds(bucket, created_at)",
+    "CREATE INDEX IF NOT EXISTS spend_holds_instance ON spend_holds(instance)",
 ]
 #: the ledger's tables (an SQLite file holding none of them is another program's)
 _TABLE_NAMES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", "\n".join(_TABLES)))
@@ -1631,6 +1646,9 @@ class Ledger:
             for s in shadows:
                 shadow_rows.append(d.row(_shadow_row(rid, rec.created_at, s)))
         cur = conn.cursor()
+        # the worst cases these requests held against daily spend limits end as their spend is in (one snapshot of
+        # another process sees either, never both or neither)
+        cur.executemany(d.sql("DELETE FROM spend_holds WHERE hold_id = ?"), [(rec.request_id,) for rec, _ in items])
         if len(requests) == 1:
             cur.execute(self._sql_request, requests[0])
         else:
@@ -1663,6 +1681,9 @@ class Ledger:
                 if rows:
                     cur.executemany(d.sql(_INSERT_SHADOW_ATTEMPT), rows)
                 cur.execute(d.sql(_UPSERT_SHADOW), d.row(_shadow_row(request_id, created_at, decision)))
+                # what the sample reserved of its shadow's budget ends as its spend is in (ShadowSampler)
+                cur.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND bucket = ?"),
+                            (request_id, spend_bucket(("shadow", decision["shadow"]))))
         except d.errors as exc:
             self._write_failed(exc)
             raise LedgerError(f"ledger write failed for shadow {decision['shadow']!r} of request {request_id}: "
@@ -1828,6 +1849,7 @@ class Ledger:
         if mono - self._beating_since >= self.stale_s:  # a process counted dead while it still wrote: its later
             self._interrupt(conn, "instance NOT IN (SELECT instance FROM instances) AND updated_at < ?",  # rows
                             (now - self.stale_s,), "its process is gone")  # have no heartbeat row
+            self._sweep_holds(conn, now)
         with self._journal_lock:
             journaled = set(self._journaled)
         try:
@@ -1838,6 +1860,49 @@ class Ledger:
             return
         for rid in mine:
             self._interrupt(conn, "request_id = ?", (rid,), "its own write failed")
+
+    def _sweep_holds(self, conn: Any, now: float) -> None:
+        """Delete the spend holds no process will end: those of a process without a heartbeat row (counted dead,
+        or never served) older than ``stale_s``, and any from before yesterday (a row whose write failed leaves
+        its hold behind; the limits count a hold on its UTC day only)."""
+        d = self.dialect
+        try:
+            with d.transaction(conn):
+                conn.execute(d.sql("DELETE FROM spend_holds WHERE (created_at < ? AND instance NOT IN (SELECT "
+                                   "instance FROM instances)) OR created_at < ?"),
+                             (now - self.stale_s, utc_day_start(now) - 86400.0))
+        except d.errors as exc:  # (the next heartbeat tries again)
+            log.warning("ledger %s: spend holds left by processes gone could not be deleted: %s",
+                        _redact(self.target), exc)
+
+    # --- daily spend holds, shared by the processes of a ledger ---------------------------------------
+    def hold_spend(self, hold_id: str, buckets: Sequence[Hashable], amount_usd: float) -> None:
+        """From the event loop, as a request is admitted under daily spend limits: write that it holds up to
+        ``amount_usd`` on each of ``buckets`` (see :func:`spend_bucket`) until its row is written, which
+        deletes the hold in the same transaction; or :meth:`release_spend` (no row will be). Nobody waits: the
+        row is written right after the jobs queued before it (its request's own row always comes after), and
+        one that cannot be written is logged (the other processes then do not see this request until its row
+        is in, as before version 8)."""
+        if buckets and amount_usd > 0:
+            rows = [(hold_id, spend_bucket(b), self._instance, float(amount_usd)) for b in buckets]
+            self._background(self._hold_sync, "a daily spend hold", rows, time.time())
+
+    def release_spend(self, hold_id: str) -> None:
+        """From the event loop: the request ``hold_id`` will write no row; its spend holds go."""
+        self._background(self._release_sync, "the end of a daily spend hold", hold_id)
+
+    def _hold_sync(self, rows: list[tuple], now: float) -> None:
+        conn, d = self._require(), self.dialect
+        with self._lock_wait(short=True), d.transaction(conn):  # another process's long lock: not waited for
+            conn.cursor().executemany(d.sql(
+                "INSERT INTO spend_holds (hold_id, bucket, instance, amount_usd, created_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT (hold_id, bucket) DO UPDATE SET amount_usd = excluded.amount_usd"),
+                [d.row((*r, now)) for r in rows])
+
+    def _release_sync(self, hold_id: str) -> None:
+        conn, d = self._require(), self.dialect
+        with self._lock_wait(short=True), d.transaction(conn):
+            conn.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND instance = ?"), (hold_id, self._instance))
 
     def _interrupt(self, conn: Any, where: str, params: tuple, why: str, *, instance: str | None = None) -> int:
         """Write the journal's rows selected by ``where`` as their requests (one transaction each, so that one a
@@ -1861,8 +1926,9 @@ class Ledger:
                     log.error("ledger: request %s, in flight when %s, cannot be recorded: %s", rid, why, exc)
                     with d.transaction(conn):
                         conn.execute(d.sql("DELETE FROM inflight WHERE request_id = ?"), (rid,))
-            if instance is not None:
+            if instance is not None:  # (its spend holds with it: what they held never reaches the ledger)
                 with d.transaction(conn):
+                    conn.execute(d.sql("DELETE FROM spend_holds WHERE instance = ?"), (instance,))
                     conn.execute(d.sql("DELETE FROM instances WHERE instance = ?"), (instance,))
         except d.errors as exc:
             log.warning("ledger %s: the requests in flight when %s are not recorded yet: %s",
@@ -1975,6 +2041,39 @@ async def spend_since_both(ledger: Ledger, api_key_id: str | None, since: float,
     rows = await ledger.query("SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(CASE WHEN end_user=? THEN cost_usd "
                               f"END), 0) FROM requests WHERE created_at>=? AND {key}", (end_user, since, *key_params))
     return float(rows[0][0]), float(rows[0][1])
+
+
+def spend_bucket(bucket: Hashable) -> str:
+    """A daily spend limit's bucket (a tuple of strings and None: ``("key", key_id)``, ``("user", key_id,
+    end_user)``) as table ``spend_holds`` names it."""
+    return json.dumps(list(bucket) if isinstance(bucket, tuple) else bucket, ensure_ascii=False)
+
+
+async def daily_spend(ledger: Ledger, api_key_id: str | None, since: float, end_user: str | None,
+                      buckets: Sequence[Hashable], user_only: bool = False) -> list[tuple[float, float, int]]:
+    """For the daily spend limits, in one read (one snapshot): per bucket of ``buckets`` (the key's, then its end
+    user's; ``user_only``: the end user's alone), the spend recorded since ``since``, and the worst cases held
+    by *other* processes' requests admitted since then and not yet recorded, with how many hold them (this
+    process's own are counted in memory, :class:`cascade.limits.SpendHolds`). A request's hold is deleted by the
+    transaction that writes its row, so the read counts each request once: recorded, or held."""
+    key, key_params = _key_clause(api_key_id)
+    where, where_params = f"created_at>=? AND {key}", [since, *key_params]
+    if user_only:
+        cols, col_params = ["COALESCE(SUM(cost_usd), 0)"], []
+        where += " AND end_user=?"
+        where_params.append(end_user)
+    else:
+        cols, col_params = ["COALESCE(SUM(cost_usd), 0)"], []
+        if len(buckets) > 1:
+            cols.append("COALESCE(SUM(CASE WHEN end_user=? THEN cost_usd END), 0)")
+            col_params.append(end_user)
+    held = "FROM spend_holds WHERE bucket=? AND instance<>? AND created_at>=?"
+    for b in buckets:
+        cols += [f"(SELECT COALESCE(SUM(amount_usd), 0) {held})", f"(SELECT COUNT(*) {held})"]
+        col_params += [spend_bucket(b), ledger._instance, since] * 2
+    rows = await ledger.query(f"SELECT {', '.join(cols)} FROM requests WHERE {where}", (*col_params, *where_params))
+    row, n = rows[0], len(buckets)
+    return [(float(row[i]), float(row[n + 2 * i]), int(row[n + 2 * i + 1])) for i in range(n)]
 
 
 def _key_clause(api_key_id: str | None) -> tuple[str, tuple[str, ...]]:

@@ -15,6 +15,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from typing import Any
 
 from cascade.errors import RequestLimitError, ServerOverloadedError
 
@@ -260,13 +261,17 @@ class SpendHolds:
     (:class:`Reading`). A request is admitted while committed spend plus holds is under the limit, so a
     limit is overshot by at most the cost of the one request admitted last (never by a burst). A row whose
     write failed keeps its cost counted until the UTC day ends (:meth:`release` with ``lost``); one whose
-    write timed out stays held until the ledger has committed it after all, or failed it. Per server
-    process, like the other limits. Pure Python, event-loop only (no locks): an admission's check and hold
-    run without an await between them.
+    write timed out stays held until the ledger has committed it after all, or failed it. Counted in memory
+    for this process; with a :attr:`mirror` (a served ledger) each hold is written to the ledger too, so that
+    the other processes sharing it count this one's requests in flight (:func:`cascade.ledger.daily_spend`).
+    Pure Python, event-loop only (no locks): an admission's check and hold run without an await between them.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
+        #: where holds are written for the other processes sharing the ledger to count (the serving engine's
+        #: :class:`cascade.ledger.Ledger`: ``hold_spend``/``release_spend``); None: this process alone
+        self.mirror: Any = None
         self._buckets: dict[Hashable, _Bucket] = {}
         self._holds: dict[str, _Hold] = {}
         self._queued = 0
@@ -289,6 +294,8 @@ class SpendHolds:
         h = self._holds[request_id] = _Hold(amount, buckets)
         for b in buckets:
             self._buckets.setdefault(b, _Bucket()).holds[request_id] = h
+        if self.mirror is not None:  # (queued before the request's row: that row's write deletes it)
+            self.mirror.hold_spend(request_id, buckets, amount)
 
     def submitted(self, request_id: str) -> None:
         """The request's ledger row is queued (call it right as it is): a read queued after it sees it, and
@@ -307,6 +314,8 @@ class SpendHolds:
         if h is None or (unless_submitted and h.queued is not None):
             return
         del self._holds[request_id]
+        if h.queued is None and self.mirror is not None:  # no row will delete it (a queued row's write does)
+            self.mirror.release_spend(request_id)
         for b in h.buckets:
             bucket = self._buckets[b]
             del bucket.holds[request_id]

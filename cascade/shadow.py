@@ -44,7 +44,7 @@ from calibration.calibrators import Calibrator
 from cascade.budget import Budget, call_ceiling, fit_budget
 from cascade.config import Config
 from cascade.errors import CascadeError
-from cascade.ledger import Ledger, utc_day_start
+from cascade.ledger import Ledger, spend_bucket, utc_day_start
 from cascade.policy import decide
 from cascade.resilience import CANCELLED
 from cascade.types import Attempt, CascadeRecord, GenerationRequest
@@ -414,7 +414,8 @@ class ShadowSampler:
         amount = held.pop(smp, 0.0) if held is not None else 0.0
         if not written and smp.calls:
             # once in the ledger, the spend counts from there; money spent but not recorded counts in this
-            # process until the day ends, so that the budget still sees it (the sample itself is let go)
+            # process until the day ends, so that the budget still sees it (the sample itself is let go), and in
+            # the others too: its reservation in the ledger, the calls' cost by now, stays until the day ends
             day = utc_day_start(self.clock())
             prev_day, prev = self._unrecorded.get(sh.name, (day, 0.0))
             self._unrecorded[sh.name] = (day, amount + (prev if prev_day == day else 0.0))
@@ -464,6 +465,7 @@ class ShadowSampler:
                 smp.started_at += [t0] * (len(smp.calls) - len(smp.started_at))
                 # the reservation becomes the calls' actual cost, held until it is in the ledger
                 self._reserved[sh.name][smp] += sum(a.cost_usd for a in smp.calls[before:]) - estimate
+                self._mirror(smp)
             if att.error_class is None:
                 i = sh.chain.index(tname)
                 cal = sh.calibrator(tname, live)
@@ -485,12 +487,15 @@ class ShadowSampler:
         not (or ``_MISSING``). Today's spend comes from the ledger (all replicas, restarts included), plus
         what this process holds for calls not yet written."""
         sh = smp.shadow
+        since = utc_day_start(self.clock())
         async with self._gate:  # one check-and-hold at a time: concurrent samples cannot both fit
+            # (in one read: the other processes' reservations are deleted as their samples' spend is written)
             rows = await self.ledger.query(
                 "SELECT (SELECT COUNT(*) FROM requests WHERE request_id = ?), (SELECT COALESCE(SUM(cost_usd), 0) "
-                "FROM shadow_attempts WHERE shadow = ? AND created_at >= ?)",
-                (smp.rec.request_id, sh.name, utc_day_start(self.clock())))
-            exists, spent = int(rows[0][0]), float(rows[0][1])
+                "FROM shadow_attempts WHERE shadow = ? AND created_at >= ?), (SELECT COALESCE(SUM(amount_usd), 0) "
+                "FROM spend_holds WHERE bucket = ? AND instance <> ? AND created_at >= ?)",
+                (smp.rec.request_id, sh.name, since, spend_bucket(("shadow", sh.name)), self.ledger._instance, since))
+            exists, spent = int(rows[0][0]), float(rows[0][1]) + float(rows[0][2])
             if not exists:
                 return _MISSING
             held = self._reserved.setdefault(sh.name, {})
@@ -501,7 +506,14 @@ class ShadowSampler:
             if spent + unrecorded + sum(held.values()) + estimate > sh.sample_budget_usd:
                 return f"today's sample budget (${sh.sample_budget_usd:g}, UTC day) is spent"
             held[smp] = held.get(smp, 0.0) + estimate
+            self._mirror(smp)
             return None
+
+    def _mirror(self, smp: _Sample) -> None:
+        """Write what ``smp`` holds of its shadow's budget to the ledger, for the other processes sharing it."""
+        amount = self._reserved.get(smp.shadow.name, {}).get(smp)
+        if amount is not None:
+            self.ledger.hold_spend(smp.rec.request_id, [("shadow", smp.shadow.name)], max(amount, 1e-12))
 
 
 __all__ = ["ShadowPolicy", "ShadowSampler", "ShadowSet", "build_shadow_policies", "estimate_sample_cost",

@@ -171,6 +171,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         drain.on_begin = app.state.engine.sampler.stop_drawing  # no sample is paid for while requests drain
         app.state.engine.record_listeners.append(drain.observe)  # ...and requests already recorded finish
         holds = app.state.spend_holds  # a daily spend hold ends once its request's row is committed
+        holds.mirror = app.state.engine.ledger  # ...and is written there, for the other replicas to count
 
         def row_submitted(rec: CascadeRecord) -> None:
             holds.submitted(rec.request_id)
@@ -201,6 +202,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
             app.state.engine.record_listeners.remove(row_submitted)
             app.state.engine.commit_listeners.remove(row_committed)
             app.state.engine.ledger.late_listeners.remove(row_written)
+            holds.mirror = None
             if owned:
                 await app.state.engine.close()
 

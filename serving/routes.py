@@ -25,7 +25,7 @@ from cascade.errors import (
     NotFoundError,
     ReloadRefusedError,
 )
-from cascade.ledger import spend_since, spend_since_both, utc_day_start
+from cascade.ledger import daily_spend, utc_day_start
 from cascade.limits import SpendHolds
 from cascade.resilience import ResilientBackend
 from cascade.types import CascadeRecord, GenerationRequest
@@ -212,23 +212,25 @@ async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list, k
     if not buckets:
         return
     since = utc_day_start()
-    # one read, queued right as the reading opens: it sees exactly the rows queued before it (SpendHolds)
-    with holds.reading(tuple(b for b, *_ in buckets)) as reading:
-        if len(buckets) == 2:
-            spent: tuple[float, ...] = await spend_since_both(engine.ledger, key_id, since, buckets[1][4])
-        else:
-            spent = (await spend_since(engine.ledger, key_id, since, end_user=buckets[0][4]),)
-        pending = [reading.unseen(b) for b, *_ in buckets]
-    for (_, limit, what, code, _), committed, more in zip(buckets, spent, pending, strict=True):
+    names = tuple(b for b, *_ in buckets)
+    # one read, queued right as the reading opens: it sees exactly the rows queued before it (SpendHolds), and
+    # the holds of the other processes sharing the ledger as they stood then (daily_spend)
+    with holds.reading(names) as reading:
+        spent = await daily_spend(engine.ledger, key_id, since, buckets[-1][4], names,
+                                  user_only=buckets[0][4] is not None)
+        pending = [reading.unseen(b) for b in names]
+    for (_, limit, what, code, _), (committed, _, _), more in zip(buckets, spent, pending, strict=True):
         committed += more[1]  # spend whose ledger write failed today
         if spend_reached(committed, limit):
             # the limit resets at 00:00 UTC; not before then: clients' quick retries would only be refused again
             _refuse_spend(f"{what} of ${limit:g} reached (${committed:.6f} spent today, UTC)", code,
                           retry_after=since + 86400.0 - time.time(), should_retry=False)
-    for (bucket, limit, what, code, _), committed, more in zip(buckets, spent, pending, strict=True):
-        if spend_reached(committed + more[1] + more[0], limit):
+    for (bucket, limit, what, code, _), (committed, elsewhere, n_elsewhere), more in zip(buckets, spent, pending,
+                                                                                         strict=True):
+        if spend_reached(committed + more[1] + more[0] + elsewhere, limit):
+            n = holds.held(bucket)[1] + n_elsewhere
             _refuse_spend(f"{what} of ${limit:g} would be reached by the requests in flight (${committed:.6f} "
-                          f"spent today, UTC, and up to ${more[0]:.6f} more held by {holds.held(bucket)[1]} "
+                          f"spent today, UTC, and up to ${more[0] + elsewhere:.6f} more held by {n} "
                           "request(s) not finished); retry once they are", code, retry_after=1.0, should_retry=True)
 
 

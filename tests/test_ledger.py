@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import LedgerError, LedgerTimeoutError, NotFoundError
-from cascade.ledger import SCHEMA_VERSION, Ledger, spend_since, spend_since_both
+from cascade.ledger import SCHEMA_VERSION, Ledger, daily_spend, spend_since, spend_since_both
 from cascade.types import Attempt, CascadeRecord
 from tests.pg import postgres  # noqa: F401 - fixture
 
@@ -366,3 +366,46 @@ def test_a_ledger_path_under_a_user_that_does_not_exist_is_one_clear_error():
 
     with pytest.raises(ConfigError, match=r"ledger.path: cannot expand '~no-such-user-cascade/l.sqlite': no such user"):
         Ledger("~no-such-user-cascade/l.sqlite").open_sync()
+
+
+async def _until(check, what: str) -> None:  # noqa: ANN001
+    for _ in range(200):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"never: {what}")
+
+
+async def test_replicas_see_each_others_spend_holds_until_the_row_replaces_them(target):
+    """Two processes sharing a ledger (two Ledgers: two instances): a request admitted under a daily spend limit
+    by one holds its worst case in ``spend_holds``, which the other's read counts (its own it counts in memory),
+    until the transaction writing the request's row deletes it: one read sees the request held or recorded,
+    never both. A hold whose request writes no row is released; those of a process gone are deleted with it."""
+    since = 999_000.0
+    key, user = ("key", "k1"), ("user", "k1", "alice")
+    async with Ledger(target) as a, Ledger(target, heartbeat_s=0.1, stale_s=0.5) as b:
+        a.hold_spend("r1", [key, user], 0.25)
+        a.hold_spend("r2", [key], 0.5)
+        a.hold_spend("r0", [key], 0.0)      # a worst case of nothing holds nothing
+        await _until(lambda: _count(a, "spend_holds", 3), "the holds are written")
+        assert await daily_spend(a, "k1", since, "alice", [key, user]) == [(0.0, 0.0, 0), (0.0, 0.0, 0)]  # own
+        assert await daily_spend(b, "k1", since, "alice", [key, user]) == [(0.0, 0.75, 2), (0.0, 0.25, 1)]
+        assert await daily_spend(b, "k1", since, "alice", [user], user_only=True) == [(0.0, 0.25, 1)]
+        assert await daily_spend(b, "k2", since, None, [("key", "k2")]) == [(0.0, 0.0, 0)]
+        rec = record(1)  # r1, created at 1_000_001, cost 1e-4
+        rec.end_user = "alice"
+        await a.record(rec)
+        assert await daily_spend(b, "k1", since, "alice", [key, user]) == [
+            (pytest.approx(1e-4), 0.5, 1), (pytest.approx(1e-4), 0.0, 0)]
+        a.release_spend("r2")   # refused after its hold: no row will come
+        await _until(lambda: _count(b, "spend_holds", 0), "the released hold is gone")
+        b.hold_spend("r3", [key], 0.125)
+        await _until(lambda: _count(a, "spend_holds", 1), "b's hold is written")
+        assert (await daily_spend(a, "k1", since, "alice", [key]))[0][1:] == (0.125, 1)
+        assert (await daily_spend(a, "k1", 2e9, "alice", [key]))[0][1:] == (0.0, 0)  # a hold counts on its day
+    async with Ledger(target) as c:  # b closed: its holds went with its heartbeat row
+        assert await _count(c, "spend_holds", 0)
+
+
+async def _count(ledger: Ledger, table: str, n: int) -> bool:
+    return (await ledger.query(f"SELECT COUNT(*) FROM {table}"))[0][0] == n

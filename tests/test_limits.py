@@ -483,3 +483,52 @@ def test_a_key_over_its_tokens_per_minute_gets_429_with_openais_token_headers(tm
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:  # the unknown model is in the ledger all the same
         assert db.execute("SELECT status, error_class, policy FROM requests WHERE request_id=?",
                           (unknown.headers["x-request-id"],)).fetchone() == ("error", "UnknownModelError", "nope")
+
+
+async def test_replicas_sharing_a_ledger_count_each_others_requests_in_flight(tmp_path, upstream, serve_app):
+    """Two servers on one ledger file (two replicas): each admitted request's worst case is written to the ledger
+    as it is admitted, so a burst at the second server while the first's requests are in flight is held back by
+    them (before, each replica saw only its own, and a burst split between N replicas spent N times the limit),
+    and the day's spend ends within one request of the limit; every hold ends with its row."""
+    from serving.protocol import ChatCompletionRequest
+
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    ceiling = (ChatCompletionRequest.model_validate(BODY).to_engine().rough_prompt_tokens() + 4 * 2.0) / 1e6
+    limit = 2.5 * ceiling                                 # one server alone admits 3 at once
+    cfg = make_config(tmp_path, [remote], user_tiers={"capped": {"daily_spend_limit_usd": limit}},
+                      auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "capped"}]})
+    first, second = serve_app(cfg), serve_app(cfg)
+    head = {"authorization": f"Bearer {KEY}"}
+    upstream.faults(delay_s=1.5)
+    async with httpx.AsyncClient(timeout=30) as c:
+        async def ask(srv) -> httpx.Response:  # noqa: ANN001
+            return await c.post(f"{srv.url}/v1/chat/completions", json=BODY, headers=head)
+
+        burst = [asyncio.create_task(ask(first)) for _ in range(3)]
+        with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+            for _ in range(200):                          # the first server's three holds are in the ledger
+                if db.execute("SELECT COUNT(*) FROM spend_holds").fetchone()[0] == 3:
+                    break
+                await asyncio.sleep(0.02)
+            else:  # pragma: no cover
+                pytest.fail("the holds were not written")
+        other = await asyncio.gather(*(ask(second) for _ in range(3)))
+        assert [r.status_code for r in other] == [429] * 3, [r.text for r in other]
+        err = other[0].json()["error"]
+        assert "requests in flight" in err["message"] and "held by 3 request(s)" in err["message"]
+        assert other[0].headers["retry-after"] == "1"
+        assert [r.status_code for r in await asyncio.gather(*burst)] == [200] * 3
+        upstream.faults(delay_s=0.0)
+        for _ in range(10):                               # the second goes on from the first's committed spend
+            after = await ask(second)
+            if after.status_code == 429:
+                assert "spent today" in after.json()["error"]["message"], after.text
+                break
+            assert after.status_code == 200, after.text
+        else:  # pragma: no cover
+            pytest.fail("the daily limit never applied")
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        spent = db.execute("SELECT SUM(cost_usd) FROM requests").fetchone()[0]
+        assert db.execute("SELECT COUNT(*) FROM spend_holds").fetchone()[0] == 0
+    assert limit <= spent <= limit + ceiling

@@ -524,3 +524,55 @@ async def test_a_sample_whose_write_failed_counts_until_its_day_ends_and_is_let_
     with sqlite3.connect(db) as c:
         row = c.execute("SELECT sampled FROM shadow_decisions WHERE request_id = ?", (rec.request_id,)).fetchone()
     assert row == (1,)
+
+
+async def test_replicas_sharing_a_ledger_count_each_others_samples_in_flight(tmp_path):
+    """Two engines on one ledger (two replicas): a sample in flight on one reserves its estimate in the ledger,
+    so the other's sample that would take the shadow's daily budget past its cap is not run (each saw only its
+    own reservations before, so N replicas could spend N times the budget); the reservation goes as the
+    sample's spend is written."""
+    import asyncio
+
+    from cascade.engine import Engine
+    from cascade.types import GenerationRequest, Message
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as upstream:
+        # every output token at $1, the prompt free: a sample of max_tokens 4 is estimated at exactly $4
+        large = {"name": "large", "backend": "openai", "model": "m", "max_tokens": 4, "options": {
+            "base_url": upstream.base_url}, "price": {"input_per_1m": 0.0, "output_per_1m": 1e6}}
+        cfg = make_config(tmp_path, [tier("small", threshold=0.0, max_tokens=4, options={"threads": 1}), large],
+                          shadows={"big": {"of": "cascade", "chain": ["large"], "sample_rate": 1,
+                                           "sample_budget_usd": 6}})
+        db = tmp_path / "ledger.sqlite"
+
+        async def settled(eng: Engine) -> None:
+            for _ in range(600):
+                if not eng.sampler.in_flight:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the sample did not finish")
+
+        upstream.faults(delay_s=1.5)
+        async with await Engine.open(cfg, preload=True) as a, await Engine.open(cfg, preload=True) as b:
+            first = (await a.run(GenerationRequest(messages=(Message("user", "Name a colour."),)))).record
+            for _ in range(200):  # a's sample reserved its $4 in the ledger
+                with sqlite3.connect(db) as c:
+                    if c.execute("SELECT amount_usd FROM spend_holds").fetchall() == [(4.0,)]:
+                        break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the reservation was not written")
+            second = (await b.run(GenerationRequest(messages=(Message("user", "Name a fruit."),)))).record
+            await settled(b)
+            await settled(a)
+        calls = upstream.stats()["requests"]
+    with sqlite3.connect(db) as c:
+        dec = {r[0]: r[1:] for r in c.execute("SELECT request_id, sampled, sample_cost_usd, reason "
+                                               "FROM shadow_decisions")}
+        spent = c.execute("SELECT SUM(cost_usd) FROM shadow_attempts").fetchone()[0]
+        left = c.execute("SELECT COUNT(*) FROM spend_holds").fetchone()[0]
+    assert dec[first.request_id][:2] == (1, 4.0)
+    assert dec[second.request_id][0] == 0 and "not sampled: today's sample budget ($6, UTC day) is spent" \
+        in dec[second.request_id][2]
+    assert spent == 4.0 and left == 0 and calls == 1
