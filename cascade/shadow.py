@@ -22,9 +22,8 @@ requests whose shadow outcome is unknown only because it needs tiers the live pa
 engine's own tier call (:meth:`cascade.engine.Engine.call_tier`: retries, fallbacks, breakers), walking the
 shadow's chain as above and calling only the tiers it needs. Each shadow may spend ``sample_budget_usd``
 per UTC day on its calls: today's spend is read from the ledger (``shadow_attempts``) before each call, so
-the budget holds across restarts (and replicas, for their finished calls: those in flight elsewhere are
-not seen, so N replicas may spend up to about N times it), and the calls in flight in this process are reserved at
-their predicted cost (:func:`estimate_sample_cost`: the prompt, ``max_tokens`` and the prompts of providers
+the budget holds across restarts and replicas, and the calls in flight are reserved at
+their predicted cost, in this process and in the ledger (``spend_holds``, for the other replicas) (:func:`estimate_sample_cost`: the prompt, ``max_tokens`` and the prompts of providers
 that may time out first), so concurrent samples cannot overshoot it. The decision is then rewritten:
 status ``known`` (or still ``unknown``, with the reason), ``sampled`` set, ``sample_cost_usd`` what the
 shadow's own calls cost; the calls themselves are ``shadow_attempts`` rows, never live spend.
