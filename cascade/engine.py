@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import logging
 import time
@@ -61,6 +62,14 @@ if TYPE_CHECKING:
     from cascade.shadow import ShadowSet
 
 log = logging.getLogger("cascade.engine")
+
+#: the tasks of this chain of contexts that ran requests, each with its engine (weak references both). A task made by
+#: ``create_task``, ``wait_for`` (3.11) or ``gather`` starts with a copy of its creator's context, so
+#: :meth:`Engine.close` called in one knows the tasks it was called on behalf of (:meth:`Engine._closer_family`).
+#: Appended, never reset: a stream's generator may be closed from another context. (Context state, not configuration:
+#: a ContextVar is made once, at module level.)
+_REQUEST_TASKS: "contextvars.ContextVar[tuple[tuple[weakref.ref[Engine], weakref.ref[asyncio.Task]], ...]]" = \
+    contextvars.ContextVar("cascade_engine_request_tasks", default=())
 
 
 def build_calibrator(cfg: CalibratorConfig, *, tier: str, where: str | None = None) -> Calibrator:
@@ -228,6 +237,9 @@ class Engine:
         self._closing: asyncio.Task[None] | None = None
         #: the tasks running a request now (:meth:`run_uncommitted`, :meth:`stream`), with how many each runs
         self._callers: dict[asyncio.Task, int] = {}
+        #: of those, how many of each task's requests are streams suspended at a ``yield`` to their reader: a task
+        #: that called close() through another task holds only such, and is not waited for (:meth:`close`)
+        self._parked: dict[asyncio.Task, int] = {}
         #: request ids given by callers that are being answered now (the ledger's are checked as well)
         self._ids_in_flight: set[str] = set()
         #: the streams handed out (:meth:`stream`), so that :meth:`close` can close one left open
@@ -303,16 +315,28 @@ class Engine:
         """Stop taking requests (a new one raises :class:`EngineClosedError`), let those in flight finish for at
         most ``grace_s`` seconds (default ``server.graceful_shutdown_s``), cancel the rest (their rows carry
         ``EngineClosedError``), then close the shadow sampler, every backend and the ledger, each even if one
-        before it failed. A second call waits for the first."""
+        before it failed. A second call waits for the first.
+
+        The calling task's streams left open are closed, not waited for (it cannot read them while it waits here);
+        so are those of a task that called this through one it made (``asyncio.wait_for``, ``create_task``,
+        ``gather``) while that task holds only streams suspended between two events: it is waiting for this task,
+        as the caller itself would be (:meth:`_closer_family`)."""
         self._check_loop()
         if self._closing is None:
             grace = self.config.server.graceful_shutdown_s if grace_s is None else grace_s
             self.sampler.stop_drawing(grace)  # no sample is drawn (and paid for) while requests finish
-            self._closing = asyncio.ensure_future(self._close(grace, asyncio.current_task()))
+            closer = asyncio.current_task()
+            self._closing = asyncio.ensure_future(self._close(grace, closer, self._closer_family(closer)))
         await asyncio.shield(self._closing)
 
-    async def _close(self, grace_s: float, closer: "asyncio.Task | None") -> None:
-        await self._wait_for_callers(grace_s, closer)
+    def _closer_family(self, closer: "asyncio.Task | None") -> "set[asyncio.Task]":
+        """The tasks, other than ``closer``, that ran this engine's requests in the chain of contexts ``closer`` was
+        made in: those that made it (or made the task that made it), directly or through ``wait_for`` or
+        ``gather``. A server's lifespan task has none: its request tasks are not made in its context."""
+        return {t for e, ref in _REQUEST_TASKS.get() if e() is self and (t := ref()) is not None and t is not closer}
+
+    async def _close(self, grace_s: float, closer: "asyncio.Task | None", family: "set[asyncio.Task]") -> None:
+        await self._wait_for_callers(grace_s, closer, family)
         await self._close_streams()
         failed: list[BaseException] = []
         # in-flight shadow samples finish (or are cancelled) and are recorded first, the ledger last
@@ -326,13 +350,19 @@ class Engine:
         if failed:
             raise failed[0]
 
-    async def _wait_for_callers(self, grace_s: float, closer: "asyncio.Task | None") -> None:
+    async def _wait_for_callers(self, grace_s: float, closer: "asyncio.Task | None",
+                                family: "set[asyncio.Task]") -> None:
         """Until no request runs, for at most ``grace_s``; then cancel those still running (as a server's
         shutdown does) and wait until they have recorded themselves. The task that called :meth:`close` (it
-        may hold a stream open) and tasks already done (a stream left open by one) are not waited for: their
-        streams are closed by :meth:`_close_streams`."""
+        may hold a stream open), tasks already done (a stream left open by one), and tasks of the closer's
+        ``family`` while all their requests are streams suspended at a ``yield`` (likely waiting for the close,
+        as the closer itself) are not waited for: their streams are closed by :meth:`_close_streams`. A family
+        task that is running a request (a whole answer, a stream being read now) is waited for as any other."""
+        def idle(t: asyncio.Task) -> bool:
+            return t in family and self._parked.get(t, 0) >= self._callers.get(t, 0)
+
         def running() -> list[asyncio.Task]:
-            return [t for t in self._callers if t is not closer and not t.done()]
+            return [t for t in self._callers if t is not closer and not t.done() and not idle(t)]
 
         deadline = time.monotonic() + grace_s
         while running() and time.monotonic() < deadline:
@@ -383,17 +413,36 @@ class Engine:
                                     "Engine.open(config)`, which opens it")
 
     @contextlib.contextmanager
-    def _in_flight(self) -> Iterator[None]:
-        """Count the current task as running a request (:meth:`close` waits for it)."""
+    def _in_flight(self) -> "Iterator[asyncio.Task | None]":
+        """Count the current task as running a request (:meth:`close` waits for it), and name it in its context
+        (:meth:`_closer_family`); yields the task counted."""
         task = asyncio.current_task()
         self._callers[task] = self._callers.get(task, 0) + 1
+        if task is not None:
+            self._name_in_context(task)
         try:
-            yield
+            yield task
         finally:
             if (n := self._callers.get(task, 1) - 1) > 0:
                 self._callers[task] = n
             else:
                 self._callers.pop(task, None)
+
+    def _name_in_context(self, task: asyncio.Task) -> None:
+        """Add ``task`` to the context's tasks that ran this engine's requests, once; tasks done (or gone) are
+        dropped from it then, so a chain of tasks that each make the next keeps only the live ones."""
+        known = _REQUEST_TASKS.get()
+        if any(e() is self and ref() is task for e, ref in known):
+            return
+        live = tuple((e, ref) for e, ref in known if e() is not None and (t := ref()) is not None and not t.done())
+        _REQUEST_TASKS.set((*live, (weakref.ref(self), weakref.ref(task))))
+
+    def _park(self, task: "asyncio.Task | None", n: int) -> None:
+        """Count one more (``n`` 1) or one fewer (-1) of ``task``'s streams as suspended at a ``yield``."""
+        if (left := self._parked.get(task, 0) + n) > 0:
+            self._parked[task] = left
+        else:
+            self._parked.pop(task, None)
 
     async def _check_request_id(self, request_id: str) -> None:
         """A caller's own request id names no request yet (the ledger keeps one row per id, so a second request
@@ -604,7 +653,7 @@ class Engine:
                               request_id: str | None, api_key_id: str | None, user_tier: str | None,
                               budget: Budget | None, cache: str, end_user: str | None,
                               metadata: dict[str, str] | None) -> AsyncIterator[StreamEvent]:
-        with self._in_flight():
+        with self._in_flight() as task:
             request = await self._admitted(request, budget, model=model, endpoint=endpoint, request_id=request_id,
                                            api_key_id=api_key_id, user_tier=user_tier, end_user=end_user,
                                            metadata=metadata)
@@ -612,7 +661,11 @@ class Engine:
                                   end_user, metadata)
             try:
                 async for event in events:
-                    yield event
+                    self._park(task, 1)  # (the task counted, whichever task resumes the stream)
+                    try:
+                        yield event
+                    finally:
+                        self._park(task, -1)
             finally:
                 try:
                     await events.aclose()

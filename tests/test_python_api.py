@@ -281,6 +281,87 @@ async def test_close_does_not_wait_for_a_stream_its_own_caller_left_open(tmp_pat
     assert (rid, error_class) == ("left-open", "EngineClosedError") and status in ("cancelled", "partial")
 
 
+WRAPPERS = {  # a close awaited through a task of its own, made in the caller's context
+    "wait_for": lambda close: asyncio.wait_for(close, 30),  # (on Python 3.11 it runs `close` in a task)
+    "create_task": asyncio.create_task,
+    "gather": asyncio.gather,
+}
+
+
+@pytest.mark.parametrize("wrap", list(WRAPPERS))
+async def test_close_through_a_task_of_its_callers_closes_the_callers_open_stream_without_cancelling_it(
+        tmp_path, servers, wrap):
+    # the closing task is the wrapper, and the caller, which holds a stream suspended between two events, waits
+    # for it: the caller is not waited for (the grace) nor cancelled, and its stream is closed as an `async with`
+    # around it would close it
+    eng = await Engine.open(config(tmp_path, servers))
+    events = eng.stream(Q, request_id="left-open")
+    assert type(await events.__anext__()).__name__ == "StreamStart"
+    t0 = asyncio.get_running_loop().time()
+    try:
+        await WRAPPERS[wrap](eng.close(grace_s=6.0))
+    except asyncio.CancelledError:
+        pytest.fail("the caller holding the stream was cancelled by its own close")
+    assert asyncio.get_running_loop().time() - t0 < 3
+    [(rid, status, error_class)] = rows(tmp_path)
+    assert (rid, error_class) == ("left-open", "EngineClosedError") and status in ("cancelled", "partial")
+
+
+async def test_close_through_a_task_still_waits_for_another_tasks_running_request_and_then_cancels_it(
+        tmp_path, servers):
+    # only the caller's own streams left open are spared the grace: a request another task is running is waited
+    # for and then cancelled, with its row, as by a close awaited in the caller itself
+    eng = await Engine.open(config(tmp_path, servers))
+    servers["small"].faults("ok", "stall:30")  # (in the order the requests arrive: the stream first)
+    events = eng.stream(Q, request_id="left-open")
+    assert type(await events.__anext__()).__name__ == "StreamStart"
+    stuck = asyncio.ensure_future(eng.run(Q, request_id="stuck"))
+    while servers["small"].stats()["requests"] < 2:
+        await asyncio.sleep(0.02)
+    t0 = asyncio.get_running_loop().time()
+    try:
+        await asyncio.wait_for(eng.close(grace_s=1.0), 30)
+    except asyncio.CancelledError:
+        pytest.fail("the caller holding the stream was cancelled by its own close")
+    took = asyncio.get_running_loop().time() - t0
+    with pytest.raises(asyncio.CancelledError):
+        await stuck
+    assert 0.9 < took < 5, took
+    assert sorted((r, e) for r, _, e in rows(tmp_path)) == [("left-open", "EngineClosedError"),
+                                                             ("stuck", "EngineClosedError")]
+    assert servers["large"].stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("how", ["run", "stream"])
+async def test_close_through_a_task_waits_for_its_callers_own_running_request_and_then_cancels_it(
+        tmp_path, servers, how):
+    # the caller made the closing task and went on to run a request (a whole answer, or a stream it is reading: it
+    # does not wait for the close): that request is waited for and cancelled at the grace as any other, though its
+    # stream left open between two events is not waited for
+    eng = await Engine.open(config(tmp_path, servers))
+    servers["small"].faults("ok", "stall:30")
+    events = eng.stream(Q, request_id="left-open")
+    assert type(await events.__anext__()).__name__ == "StreamStart"
+
+    async def close_soon():
+        while servers["small"].stats()["requests"] < 2:
+            await asyncio.sleep(0.02)
+        await eng.close(grace_s=1.0)
+
+    closing = asyncio.create_task(close_soon())
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(asyncio.CancelledError):
+        if how == "run":
+            await eng.run(Q, request_id="stuck")
+        else:
+            await eng.stream(Q, request_id="stuck").__anext__()
+    assert asyncio.current_task().uncancel() == 0  # (this test's task goes on, as its caller would not)
+    await closing
+    assert 0.9 < asyncio.get_running_loop().time() - t0 < 5
+    assert sorted((r, e) for r, _, e in rows(tmp_path)) == [("left-open", "EngineClosedError"),
+                                                             ("stuck", "EngineClosedError")]
+
+
 async def test_a_refused_request_frees_its_id_and_ids_the_ledger_cannot_hold_are_refused(tmp_path, servers):
     from cascade.engine import new_request_id
 
