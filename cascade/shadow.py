@@ -493,7 +493,7 @@ class ShadowSampler:
                 "SELECT (SELECT COUNT(*) FROM requests WHERE request_id = ?), (SELECT COALESCE(SUM(cost_usd), 0) "
                 "FROM shadow_attempts WHERE shadow = ? AND created_at >= ?), (SELECT COALESCE(SUM(amount_usd), 0) "
                 "FROM spend_holds WHERE bucket = ? AND instance <> ? AND created_at >= ?)",
-                (smp.rec.request_id, sh.name, since, spend_bucket(("shadow", sh.name)), self.ledger._instance, since))
+                (smp.rec.request_id, sh.name, since, spend_bucket(("shadow", sh.name)), self.ledger.instance, since))
             exists, spent = int(rows[0][0]), float(rows[0][1]) + float(rows[0][2])
             if not exists:
                 return _MISSING

@@ -160,7 +160,7 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     # the engine's request, once, for the limits that weigh it
     req = body.to_engine() if buckets or (lim is not None and lim.tokens_per_minute) else None
     ceiling = await engine.cost_ceiling(req, model, budget) if buckets else 0.0
-    await _check_daily_spend(engine, holds, buckets, caller.key_id)
+    await _check_daily_spend(engine, holds, buckets)
     if buckets:
         # no await from the check to here: the next admission sees this request's worst case held
         holds.hold(rid, tuple(b for b, *_ in buckets), ceiling)
@@ -204,7 +204,7 @@ def spend_reached(spent: float, limit: float) -> bool:
     return spent >= limit * (1 - SPEND_REL_TOL)
 
 
-async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list, key_id: str | None) -> None:
+async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list) -> None:
     """Refuse (429) a request whose key or end user has reached a daily spend limit (``buckets``, from
     :func:`_spend_buckets`): the spend committed today (UTC) plus the worst cases held by its requests in
     flight. Committed spend alone at a limit: come back at 00:00 UTC (checked first, for every limit, so a
@@ -216,8 +216,7 @@ async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list, k
     # one read, queued right as the reading opens: it sees exactly the rows queued before it (SpendHolds), and
     # the holds of the other processes sharing the ledger as they stood then (daily_spend)
     with holds.reading(names) as reading:
-        spent = await daily_spend(engine.ledger, key_id, since, buckets[-1][4], names,
-                                  user_only=buckets[0][4] is not None)
+        spent = await daily_spend(engine.ledger, since, names)
         pending = [reading.unseen(b) for b in names]
     for (_, limit, what, code, _), (committed, _, _), more in zip(buckets, spent, pending, strict=True):
         committed += more[1]  # spend whose ledger write failed today

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import LedgerError, LedgerTimeoutError, NotFoundError
-from cascade.ledger import SCHEMA_VERSION, Ledger, daily_spend, spend_since, spend_since_both
+from cascade.ledger import INTERRUPTED, SCHEMA_VERSION, Ledger, daily_spend, utc_day_start
 from cascade.types import Attempt, CascadeRecord
 from tests.pg import postgres  # noqa: F401 - fixture
 
@@ -54,8 +54,9 @@ async def test_round_trip_feedback_spend_and_shadows(target):
         assert fid >= 1 and (await ledger.get("r3"))["feedback"][0]["comment"] == "thanks"
         with pytest.raises(NotFoundError):
             await ledger.add_feedback("missing", -1)
-        assert await spend_since(ledger, "k1", 0) == pytest.approx(20 * 1e-4)
-        assert await spend_since(ledger, "k1", 1_000_010.0) == pytest.approx(10 * 1e-4)
+        day = utc_day_start(1_000_000.0)
+        assert await daily_spend(ledger, day, [("key", "k1"), ("key", "k2")]) == [
+            (pytest.approx(20 * 1e-4), 0.0, 0), (pytest.approx(1e-4), 0.0, 0)]
         assert (await ledger.query("SELECT COUNT(*) FROM attempts"))[0][0] == 42
         assert (await ledger.query("SELECT shadow, diverges FROM shadow_decisions")) == [("strict", 1)]
         with pytest.raises(LedgerError, match="r3"):  # a duplicate request id is refused, nothing half-written
@@ -181,14 +182,10 @@ async def test_end_users_their_spend_and_text_postgresql_cannot_hold(target):
             rec.end_user, rec.metadata = user, {"team": "search"}
             rec.error_message = "quoted \x00 back"
             await ledger.record(rec)
-        assert await spend_since(ledger, "k1", 0, end_user="alice") == pytest.approx(2e-4)
-        assert await spend_since(ledger, None, 0, end_user="alice") == pytest.approx(1e-4)  # without a key
-        assert await spend_since(ledger, "k1", 0) == pytest.approx(4e-4)
-        assert await spend_since(ledger, "k1", 0, end_user="nul\x00user") == pytest.approx(1e-4)
-        # both in one read, as the daily limits take them: the key's total and its end user's
-        assert await spend_since_both(ledger, "k1", 0, "alice") == (pytest.approx(4e-4), pytest.approx(2e-4))
-        assert await spend_since_both(ledger, None, 0, "alice") == (pytest.approx(1e-4), pytest.approx(1e-4))
-        assert await spend_since_both(ledger, "k2", 0, "bob") == (pytest.approx(1e-4), 0.0)
+        spent = await daily_spend(ledger, utc_day_start(1_000_000.0), [
+            ("user", "k1", "alice"), ("user", None, "alice"), ("key", "k1"), ("user", "k1", "nul\x00user"),
+            ("key", None), ("key", "k2"), ("user", "k2", "bob")])
+        assert [s for s, _, _ in spent] == [pytest.approx(x) for x in (2e-4, 1e-4, 4e-4, 1e-4, 1e-4, 1e-4, 0.0)]
         row = await ledger.get("r5")
         assert row["end_user"] in ("nul\x00user", "nul\ufffduser") and row["metadata"] == '{"team": "search"}'
         assert row["error_message"] in ("quoted \x00 back", "quoted \ufffd back")
@@ -381,30 +378,78 @@ async def test_replicas_see_each_others_spend_holds_until_the_row_replaces_them(
     by one holds its worst case in ``spend_holds``, which the other's read counts (its own it counts in memory),
     until the transaction writing the request's row deletes it: one read sees the request held or recorded,
     never both. A hold whose request writes no row is released; those of a process gone are deleted with it."""
-    since = 999_000.0
+    since = utc_day_start(1_000_001.0)  # the UTC day of record(1)
     key, user = ("key", "k1"), ("user", "k1", "alice")
     async with Ledger(target) as a, Ledger(target, heartbeat_s=0.1, stale_s=0.5) as b:
         a.hold_spend("r1", [key, user], 0.25)
         a.hold_spend("r2", [key], 0.5)
         a.hold_spend("r0", [key], 0.0)      # a worst case of nothing holds nothing
         await _until(lambda: _count(a, "spend_holds", 3), "the holds are written")
-        assert await daily_spend(a, "k1", since, "alice", [key, user]) == [(0.0, 0.0, 0), (0.0, 0.0, 0)]  # own
-        assert await daily_spend(b, "k1", since, "alice", [key, user]) == [(0.0, 0.75, 2), (0.0, 0.25, 1)]
-        assert await daily_spend(b, "k1", since, "alice", [user], user_only=True) == [(0.0, 0.25, 1)]
-        assert await daily_spend(b, "k2", since, None, [("key", "k2")]) == [(0.0, 0.0, 0)]
+        assert await daily_spend(a, since, [key, user]) == [(0.0, 0.0, 0), (0.0, 0.0, 0)]  # its own: in memory
+        assert await daily_spend(b, since, [key, user]) == [(0.0, 0.75, 2), (0.0, 0.25, 1)]
+        assert await daily_spend(b, since, [user]) == [(0.0, 0.25, 1)]
+        assert await daily_spend(b, since, [("key", "k2")]) == [(0.0, 0.0, 0)]
         rec = record(1)  # r1, created at 1_000_001, cost 1e-4
         rec.end_user = "alice"
         await a.record(rec)
-        assert await daily_spend(b, "k1", since, "alice", [key, user]) == [
-            (pytest.approx(1e-4), 0.5, 1), (pytest.approx(1e-4), 0.0, 0)]
+        assert await daily_spend(b, since, [key, user]) == [(pytest.approx(1e-4), 0.5, 1),
+                                                            (pytest.approx(1e-4), 0.0, 0)]
         a.release_spend("r2")   # refused after its hold: no row will come
         await _until(lambda: _count(b, "spend_holds", 0), "the released hold is gone")
         b.hold_spend("r3", [key], 0.125)
         await _until(lambda: _count(a, "spend_holds", 1), "b's hold is written")
-        assert (await daily_spend(a, "k1", since, "alice", [key]))[0][1:] == (0.125, 1)
-        assert (await daily_spend(a, "k1", 2e9, "alice", [key]))[0][1:] == (0.0, 0)  # a hold counts on its day
+        assert (await daily_spend(a, since, [key]))[0][1:] == (0.125, 1)
+        assert (await daily_spend(a, utc_day_start(2e9), [key]))[0][1:] == (0.0, 0)  # a hold counts on its day
+        with pytest.raises(ValueError, match="00:00 UTC"):
+            await daily_spend(a, since + 1, [key])
     async with Ledger(target) as c:  # b closed: its holds went with its heartbeat row
         assert await _count(c, "spend_holds", 0)
+
+
+async def test_the_days_spend_totals_agree_with_the_rows_they_count(target):
+    """``spend_daily`` (what the daily limits read: one row per key or end user and UTC day) is added to by the
+    transaction writing the requests, so it always equals the sum of their rows: per day, per key (the keyless
+    requests' too), per end user within its key; a row recorded from the journal and replaced by the request's
+    own counts once; a ledger of schema 7 gets it from its rows of today and yesterday when migrated."""
+    day = utc_day_start(1_000_000.0)
+    rows = [("k1", "alice", 0.0), ("k1", "alice", 1.0), ("k1", "bob", 2.0), ("k1", None, 4.0), ("k2", "alice", 8.0),
+            (None, "alice", 16.0), (None, None, 32.0), ("k1", "alice", 0.0)]
+    async with Ledger(target) as led:
+        for i, (key, user, cost) in enumerate(rows):
+            rec = record(i, key=key, cost=cost)
+            rec.end_user = user
+            await led.record(rec)
+        late = record(100, cost=64.0)
+        late.created_at = day + 86400 + 5  # the next UTC day
+        await led.record(late)
+        buckets = [("key", "k1"), ("user", "k1", "alice"), ("user", "k1", "bob"), ("key", "k2"), ("key", None),
+                   ("user", None, "alice"), ("user", "k2", "alice"), ("user", "k1", "carol")]
+        expect = [7.0, 1.0, 2.0, 8.0, 48.0, 16.0, 8.0, 0.0]
+        assert [s for s, _, _ in await daily_spend(led, day, buckets)] == expect
+        assert [s for s, _, _ in await daily_spend(led, day + 86400, buckets[:1])] == [64.0]
+        summed = await led.query("SELECT api_key_id, SUM(cost_usd) FROM requests WHERE created_at < ? GROUP BY "
+                                 "api_key_id", (day + 86400,))
+        assert sorted(summed, key=str) == sorted([("k1", 7.0), ("k2", 8.0), (None, 48.0)], key=str)
+        # a request recorded as interrupted (its process taken for dead), then by itself: counted once
+        gone = record(200, cost=0.5)
+        gone.error_class = INTERRUPTED
+        await led.record(gone)
+        assert (await daily_spend(led, day, buckets[:1]))[0][0] == 7.5
+        await led.record(record(200, cost=0.25))  # it finished after all: its row replaces the interrupted one
+        assert (await daily_spend(led, day, buckets[:1]))[0][0] == 7.25
+        assert (await led.query("SELECT cost_usd FROM requests WHERE request_id = 'r200'")) == [(0.25,)]
+        # an older ledger: its totals are made from its rows of today and yesterday when a server migrates it
+        now = utc_day_start()
+        for i, cost in enumerate([1.0, 2.0]):
+            rec = record(300 + i, cost=cost)
+            rec.created_at = now - 86400 * i + 10
+            await led.record(rec)
+        await led.query("DROP TABLE spend_daily")
+        await led.query("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    async with Ledger(target) as led:
+        assert [s for s, _, _ in await daily_spend(led, now, [("key", "k1")])] == [1.0]
+        assert [s for s, _, _ in await daily_spend(led, now - 86400, [("key", "k1")])] == [2.0]
+        assert [s for s, _, _ in await daily_spend(led, day, [("key", "k1")])] == [0.0]  # older days: not kept
 
 
 async def _count(ledger: Ledger, table: str, n: int) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import LedgerError, LedgerTimeoutError, LedgerWriteHeldError
-from cascade.ledger import Ledger, _redact, spend_since
+from cascade.ledger import Ledger, _redact, daily_spend
 from tests.pg import PostgresServer
 from tests.test_ledger import make_ledger, record
 
@@ -382,7 +382,7 @@ async def test_a_hung_postgresql_fails_writes_reads_and_the_probe_in_bounded_tim
             assert "not answering" in (await ledger.probe() or "")
             assert time.monotonic() - t0 < 2.5  # the thread is stuck: answered at once, or within timeout_s
             with pytest.raises(LedgerError, match="not answering"):  # a read (the daily spend limits')
-                await spend_since(ledger, "k1", 0)
+                await daily_spend(ledger, 0.0, [("key", "k1")])
             streamed, refused = record(3), record(4)  # a stream's answer went out before its write
             refused.status, refused.error_class, refused.error_message = "error", "BudgetExceededError", "no"
             late = [ledger.submit(streamed, sent=True), ledger.submit(refused)]
