@@ -254,9 +254,9 @@ _TABLES = [
     )""",
     "CREATE INDEX IF NOT EXISTS spend_holds_bucket ON spend_holds(bucket, created_at)",
     "CREATE INDEX IF NOT EXISTS spend_holds_instance ON spend_holds(instance)",
-    # version 8: the spend recorded per UTC day (UNIX time // 86400) of each key and of each end user of a key
-    # (bucket, as spend_holds names them), added to by the transaction that writes the requests: the daily spend
-    # limits read one row, where summing the day's rows of a key grew with them (331 ms at a million)
+    # version 8: the spend recorded per UTC day (UNIX time // 86400) of each key, of each end user of a key and of
+    # each shadow's samples (bucket, as spend_holds names them), added to by the transaction that writes the
+    # requests (the samples): the daily limits read one row, where summing a key's rows grew with them
     """CREATE TABLE IF NOT EXISTS spend_daily (
         day INTEGER NOT NULL,
         bucket TEXT NOT NULL,
@@ -557,6 +557,8 @@ _UPSERT_INFLIGHT = (
 _DROP_INTERRUPTED_ATTEMPTS = (f"DELETE FROM attempts WHERE request_id IN (SELECT request_id FROM requests "
                               f"WHERE request_id = ? AND error_class = '{INTERRUPTED}')")
 _DROP_INTERRUPTED = f"DELETE FROM requests WHERE request_id = ? AND error_class = '{INTERRUPTED}'"
+_UPSERT_HOLD = ("INSERT INTO spend_holds (hold_id, bucket, instance, amount_usd, created_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT (hold_id, bucket) DO UPDATE SET amount_usd = excluded.amount_usd")
 _ADD_SPEND = ("INSERT INTO spend_daily (day, bucket, cost_usd) VALUES (?,?,?) ON CONFLICT (day, bucket) "
               "DO UPDATE SET cost_usd = spend_daily.cost_usd + excluded.cost_usd")
 _UPSERT_INSTANCE = (
@@ -973,13 +975,17 @@ class Ledger:
                          (str(SCHEMA_VERSION), "schema_version"))
 
     def _seed_spend_daily(self, conn: Any) -> None:
-        """Migrating to version 8: ``spend_daily`` from the requests recorded since yesterday (UTC)."""
+        """Migrating to version 8: ``spend_daily`` from the requests and shadow calls recorded since yesterday (UTC)."""
         d, since = self.dialect, utc_day_start() - 86400.0
         rows = conn.execute(d.sql("SELECT created_at, api_key_id, end_user, cost_usd FROM requests WHERE "
                                   "created_at >= ? AND cost_usd <> 0"), (since,)).fetchall()
-        add = _spend_by_bucket(rows)
+        add = dict(_spend_by_bucket(rows))
+        for shadow, t, cost in conn.execute(d.sql("SELECT shadow, created_at, cost_usd FROM shadow_attempts WHERE "
+                                                  "created_at >= ? AND cost_usd <> 0"), (since,)).fetchall():
+            k = (int(t // 86400), spend_bucket(("shadow", shadow)))
+            add[k] = add.get(k, 0.0) + cost
         if add:
-            conn.cursor().executemany(d.sql(_ADD_SPEND), [d.row((day, b, c)) for (day, b), c in add])
+            conn.cursor().executemany(d.sql(_ADD_SPEND), [d.row((day, b, c)) for (day, b), c in sorted(add.items())])
 
     async def close(self) -> None:
         """Close once everything queued is written. A ledger thread stuck on a database that does not answer
@@ -1713,12 +1719,17 @@ class Ledger:
         try:
             with d.transaction(conn):
                 cur = conn.cursor()
-                if rows:
-                    cur.executemany(d.sql(_INSERT_SHADOW_ATTEMPT), rows)
+                bucket = spend_bucket(("shadow", decision["shadow"]))
+                add: dict[int, float] = {}
+                for row, t, a in zip(rows, started_at, attempts, strict=True):
+                    # the shadow's spend per UTC day, of the calls written now (a sample written again adds none)
+                    if conn.execute(d.sql(_INSERT_SHADOW_ATTEMPT + " RETURNING idx"), row).fetchall() and a.cost_usd:
+                        add[int(t // 86400)] = add.get(int(t // 86400), 0.0) + a.cost_usd
+                if add:
+                    cur.executemany(d.sql(_ADD_SPEND), [d.row((day, bucket, c)) for day, c in sorted(add.items())])
                 cur.execute(d.sql(_UPSERT_SHADOW), d.row(_shadow_row(request_id, created_at, decision)))
                 # what the sample reserved of its shadow's budget ends as its spend is in (ShadowSampler)
-                cur.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND bucket = ?"),
-                            (request_id, spend_bucket(("shadow", decision["shadow"]))))
+                cur.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND bucket = ?"), (request_id, bucket))
         except d.errors as exc:
             self._write_failed(exc)
             raise LedgerError(f"ledger write failed for shadow {decision['shadow']!r} of request {request_id}: "
@@ -1911,13 +1922,54 @@ class Ledger:
                         _redact(self.target), exc)
 
     # --- daily spend holds, shared by the processes of a ledger ---------------------------------------
+    async def admit_spend(self, hold_id: str, buckets: Sequence[Hashable], amount_usd: float, day_start: float,
+                          admit: Callable[[list[tuple[float, float, int]]], bool],
+                          ) -> tuple[list[tuple[float, float, int]], bool]:
+        """Check a request against daily spend limits and hold its worst case, as one transaction that every
+        process sharing the ledger runs one at a time for a bucket: per bucket of ``buckets``, (the spend
+        recorded on the UTC day starting at ``day_start``, the worst cases held that day by requests of any
+        process not yet recorded, how many) is handed to ``admit`` (on the ledger thread: pure and quick), and
+        only if it says yes is ``amount_usd`` held on each bucket (rows of ``spend_holds``) until the request's
+        row is written, which deletes them in its own transaction (or :meth:`release_spend`: no row will be).
+        Returns those figures and the answer. A read that came back to the caller late (its event loop busy)
+        and a hold written after it would let another process admit against the same spend in between: here
+        nothing passes between the check and the hold (SQLite: the write lock from the start; PostgreSQL: the
+        buckets' rows of ``spend_daily`` locked, in one order)."""
+        names = [spend_bucket(b) for b in buckets]
+        return await self._call(self._admit_spend_sync, hold_id, names, float(amount_usd), day_start, admit)
+
+    def _admit_spend_sync(self, hold_id: str, names: list[str], amount: float, day_start: float,
+                          admit: Callable[[list[tuple[float, float, int]]], bool],
+                          ) -> tuple[list[tuple[float, float, int]], bool]:
+        d, day = self.dialect, _day_of(day_start)
+        sql, params = _spend_read(names, day, day_start, instance=None)
+
+        def run(conn: Any) -> tuple[list[tuple[float, float, int]], bool]:
+            with d.transaction(conn):  # (SQLite: BEGIN IMMEDIATE, the write lock first)
+                if d.name != "sqlite":  # PostgreSQL: the check and the hold are serialised by the totals' rows
+                    for name in sorted(set(names)):
+                        conn.execute(d.sql("INSERT INTO spend_daily (day, bucket, cost_usd) VALUES (?, ?, 0) "
+                                           "ON CONFLICT (day, bucket) DO NOTHING"), (day, name))
+                        conn.execute(d.sql("SELECT cost_usd FROM spend_daily WHERE day = ? AND bucket = ? FOR UPDATE"),
+                                     (day, name))
+                figures = _spend_figures(conn.execute(d.sql(sql), d.row(params)).fetchone(), len(names))
+                ok = bool(admit(figures))
+                if ok and amount > 0:  # (a shadow sample holds again, its new total, before each call)
+                    conn.cursor().executemany(d.sql(_UPSERT_HOLD), [
+                        d.row((hold_id, name, self._instance, amount, time.time())) for name in dict.fromkeys(names)])
+            return figures, ok
+
+        try:
+            return self._retrying(run)
+        except d.errors as exc:
+            raise LedgerError(f"ledger spend check failed: {exc}") from exc
+
     def hold_spend(self, hold_id: str, buckets: Sequence[Hashable], amount_usd: float) -> None:
-        """From the event loop, as a request is admitted under daily spend limits: write that it holds up to
-        ``amount_usd`` on each of ``buckets`` (see :func:`spend_bucket`) until its row is written, which
-        deletes the hold in the same transaction; or :meth:`release_spend` (no row will be). Nobody waits: the
-        row is written right after the jobs queued before it (its request's own row always comes after), and
-        one that cannot be written is logged (the other processes then do not see this request until its row
-        is in, as before version 8)."""
+        """From the event loop: write that ``hold_id`` holds ``amount_usd`` on each of ``buckets`` (see
+        :func:`spend_bucket`), or now holds that much (a hold written before is updated), until the transaction
+        that records what it held for deletes it, or :meth:`release_spend`. Nobody waits: it is written after
+        the jobs queued before it, and one that cannot be written is logged (the other processes then see that
+        spend only once it is recorded). For a shadow sample's reservation of its daily budget."""
         if buckets and amount_usd > 0:
             rows = [(hold_id, spend_bucket(b), self._instance, float(amount_usd)) for b in buckets]
             self._background(self._hold_sync, "a daily spend hold", rows, time.time())
@@ -1929,10 +1981,7 @@ class Ledger:
     def _hold_sync(self, rows: list[tuple], now: float) -> None:
         conn, d = self._require(), self.dialect
         with self._lock_wait(short=True), d.transaction(conn):  # another process's long lock: not waited for
-            conn.cursor().executemany(d.sql(
-                "INSERT INTO spend_holds (hold_id, bucket, instance, amount_usd, created_at) VALUES (?,?,?,?,?) "
-                "ON CONFLICT (hold_id, bucket) DO UPDATE SET amount_usd = excluded.amount_usd"),
-                [d.row((*r, now)) for r in rows])
+            conn.cursor().executemany(d.sql(_UPSERT_HOLD), [d.row((*r, now)) for r in rows])
 
     def _release_sync(self, hold_id: str) -> None:
         conn, d = self._require(), self.dialect
@@ -2078,22 +2127,38 @@ def spend_bucket(bucket: Hashable) -> str:
     return json.dumps(list(bucket) if isinstance(bucket, tuple) else bucket, ensure_ascii=False)
 
 
-async def daily_spend(ledger: Ledger, day_start: float, buckets: Sequence[Hashable]) -> list[tuple[float, float, int]]:
-    """For the daily spend limits, in one read (one snapshot): per bucket of ``buckets`` (``("key", key_id)``,
-    ``("user", key_id, end_user)``), the spend recorded on the UTC day starting at ``day_start`` (its
-    ``spend_daily`` row), and the worst cases held by *other* processes' requests admitted that day and not yet
-    recorded, with how many hold them (this process's own are counted in memory,
-    :class:`cascade.limits.SpendHolds`). A request's hold is deleted by the transaction that writes its row and
-    adds its cost to the day's totals, so the read counts each request once: recorded, or held."""
+def _day_of(day_start: float) -> int:
+    """The UTC day (UNIX time // 86400) that starts at ``day_start``; ValueError for a time that starts none."""
     day = int(day_start // 86400)
     if day * 86400.0 != day_start:
         raise ValueError(f"day_start must be 00:00 UTC of a day (utc_day_start()), not {day_start!r}")
-    cols, params = [], []
-    held = "FROM spend_holds WHERE bucket = ? AND instance <> ? AND created_at >= ?"
-    for b in buckets:
-        name = spend_bucket(b)
+    return day
+
+
+def _spend_read(names: Sequence[str], day: int, day_start: float, instance: str | None) -> tuple[str, list]:
+    """One statement (one snapshot) reading, per bucket, its spend total of ``day`` and the spend holds written
+    since ``day_start`` (``instance``: those of other processes only), with how many."""
+    cols: list[str] = []
+    params: list[Any] = []
+    held = "FROM spend_holds WHERE bucket = ? AND created_at >= ?" + (" AND instance <> ?" if instance else "")
+    for name in names:
         cols += ["COALESCE((SELECT cost_usd FROM spend_daily WHERE day = ? AND bucket = ?), 0)",
                  f"(SELECT COALESCE(SUM(amount_usd), 0) {held})", f"(SELECT COUNT(*) {held})"]
-        params += [day, name, *[name, ledger.instance, day_start] * 2]
-    row = (await ledger.query(f"SELECT {', '.join(cols)}", tuple(params)))[0]
-    return [(float(row[3 * i]), float(row[3 * i + 1]), int(row[3 * i + 2])) for i in range(len(buckets))]
+        params += [day, name, *[name, day_start, *([instance] if instance else [])] * 2]
+    return f"SELECT {', '.join(cols)}", params
+
+
+def _spend_figures(row: Sequence[Any], n: int) -> list[tuple[float, float, int]]:
+    return [(float(row[3 * i]), float(row[3 * i + 1]), int(row[3 * i + 2])) for i in range(n)]
+
+
+async def daily_spend(ledger: Ledger, day_start: float, buckets: Sequence[Hashable], *,
+                      others_only: bool = False) -> list[tuple[float, float, int]]:
+    """Per bucket of ``buckets`` (``("key", key_id)``, ``("user", key_id, end_user)``, ``("shadow", name)``),
+    in one read (one snapshot): the spend recorded on the UTC day starting at ``day_start`` (its ``spend_daily``
+    row), and the spend held that day and not yet recorded, with how many hold it (``others_only``: by other
+    processes). A hold is deleted by the transaction that records what it held for, so each request counts
+    once: recorded, or held. (The limits check and hold in one transaction: :meth:`Ledger.admit_spend`.)"""
+    names = [spend_bucket(b) for b in buckets]
+    sql, params = _spend_read(names, _day_of(day_start), day_start, ledger.instance if others_only else None)
+    return _spend_figures((await ledger.query(sql, tuple(params)))[0], len(names))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 from cascade.errors import RequestLimitError, ServerOverloadedError
@@ -182,173 +182,50 @@ class Admission:
                 (b"x-ratelimit-reset-requests", reset_text(reset).encode())]
 
 
-class _Hold:
-    __slots__ = ("amount", "buckets", "queued")
-
-    def __init__(self, amount: float, buckets: tuple[Hashable, ...]) -> None:
-        self.amount, self.buckets = amount, buckets
-        #: the order in which its ledger row was queued (:meth:`SpendHolds.submitted`); None: not yet
-        self.queued: int | None = None
-
-
-class _Bucket:
-    __slots__ = ("holds", "released", "readers", "lost", "lost_day")
-
-    def __init__(self) -> None:
-        self.holds: dict[str, _Hold] = {}
-        #: (queued, amount) of the holds released while a reading was open (see :meth:`Reading.unseen`)
-        self.released: list[tuple[float, float]] = []
-        self.readers = 0
-        #: spend whose ledger write failed on UTC day ``lost_day``: counted as committed until the day ends
-        self.lost, self.lost_day = 0.0, 0.0
-
-
-class Reading:
-    """One admission's read of the committed spend of some buckets (:meth:`SpendHolds.reading`).
-
-    The ledger runs its jobs in the order they were queued, so the read's SQL sees exactly the rows queued
-    before it: those of the holds already :meth:`~SpendHolds.submitted` when the reading began. Every other
-    hold, held now or released since (its row committed after the read), is spend the read did not see.
-    Open the reading right before queueing the SQL, with no ``await`` between."""
-
-    __slots__ = ("_holds", "_buckets", "_mark", "_start", "_open")
-
-    def __init__(self, holds: "SpendHolds", buckets: tuple[Hashable, ...]) -> None:
-        self._holds, self._buckets, self._open = holds, buckets, True
-        self._mark = holds._queued
-        self._start = []
-        for b in buckets:
-            bucket = holds._buckets.setdefault(b, _Bucket())
-            bucket.readers += 1
-            self._start.append(len(bucket.released))
-
-    def unseen(self, bucket: Hashable) -> tuple[float, float]:
-        """What ``bucket`` must add to the spend the read found: (the holds whose rows were not queued before
-        the read, held now or released during it; the spend whose ledger write failed today)."""
-        b = self._holds._buckets[bucket]
-        mark = self._mark
-        held = sum(h.amount for h in b.holds.values() if h.queued is None or h.queued > mark)
-        gone = sum(a for q, a in b.released[self._start[self._buckets.index(bucket)]:] if q > mark)
-        return held + gone, self._holds._lost(b)
-
-    def close(self) -> None:
-        """End the read (idempotent); a bucket nobody holds or reads is forgotten."""
-        if not self._open:
-            return
-        self._open = False
-        for b in self._buckets:
-            bucket = self._holds._buckets[b]
-            bucket.readers -= 1
-            if not bucket.readers:
-                bucket.released.clear()
-            self._holds._forget_if_idle(b, bucket)
-
-    def __enter__(self) -> "Reading":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 class SpendHolds:
-    """The worst-case cost of admitted requests whose ledger rows are not committed yet, per spend bucket
-    (a key, or an end user of a key), for the daily spend limits.
+    """The requests this process admitted under daily spend limits whose ledger rows are not queued yet.
 
-    The limits are checked against the day's committed spend, read from the ledger; a burst of requests
-    admitted together would all see the spend from before any of them and all be let through. So each
-    admitted request *holds* its worst case (:meth:`hold`) on its buckets until its row is committed
-    (:meth:`release`), and an admission counts the holds its read of the ledger could not see
-    (:class:`Reading`). A request is admitted while committed spend plus holds is under the limit, so a
-    limit is overshot by at most the cost of the one request admitted last (never by a burst). A row whose
-    write failed keeps its cost counted until the UTC day ends (:meth:`release` with ``lost``); one whose
-    write timed out stays held until the ledger has committed it after all, or failed it. Counted in memory
-    for this process; with a :attr:`mirror` (a served ledger) each hold is written to the ledger too, so that
-    the other processes sharing it count this one's requests in flight (:func:`cascade.ledger.daily_spend`).
-    Pure Python, event-loop only (no locks): an admission's check and hold run without an await between them.
+    The limits are checked against the day's recorded spend plus the worst cases of the requests admitted and
+    not yet recorded, by any process sharing the ledger; a burst admitted together would otherwise all see the
+    spend from before any of them. Both the check and the hold of the admitted request's worst case are one
+    transaction of the ledger (:meth:`cascade.ledger.Ledger.admit_spend`), and the transaction that writes the
+    request's row deletes its hold, so a request is admitted while recorded spend plus holds is under the
+    limit: a limit is overshot by at most the cost of the one request admitted last, on one replica or
+    several. A row whose write failed leaves its hold counted until its UTC day ends (the money was spent).
+    This only remembers which admitted requests have not queued their rows, so that one that ends without a row
+    (refused after admission, or cut off before its row) has its hold deleted (:attr:`mirror`, the ledger's
+    :meth:`~cascade.ledger.Ledger.release_spend`). Event loop only.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
-        #: where holds are written for the other processes sharing the ledger to count (the serving engine's
-        #: :class:`cascade.ledger.Ledger`: ``hold_spend``/``release_spend``); None: this process alone
+    def __init__(self) -> None:
+        #: the ledger the holds are written to (the serving engine's); None: nothing to release
         self.mirror: Any = None
-        self._buckets: dict[Hashable, _Bucket] = {}
-        self._holds: dict[str, _Hold] = {}
-        self._queued = 0
-        self._day = self.clock() // 86400
+        #: admitted request id -> whether its ledger row has been queued
+        self._holds: dict[str, bool] = {}
 
-    def reading(self, buckets: tuple[Hashable, ...]) -> Reading:
-        """Begin a read of the ledger's committed spend of ``buckets`` (close it, or use it as a context)."""
-        return Reading(self, buckets)
-
-    def held(self, bucket: Hashable) -> tuple[float, int]:
-        """The worst cases held on ``bucket`` and by how many requests."""
-        b = self._buckets.get(bucket)
-        return (sum(h.amount for h in b.holds.values()), len(b.holds)) if b is not None else (0.0, 0)
-
-    def hold(self, request_id: str, buckets: tuple[Hashable, ...], amount: float) -> None:
-        """``request_id`` holds ``amount`` (USD) on each of ``buckets`` until :meth:`release`."""
-        if not buckets or request_id in self._holds:
-            return
-        self._sweep()
-        h = self._holds[request_id] = _Hold(amount, buckets)
-        for b in buckets:
-            self._buckets.setdefault(b, _Bucket()).holds[request_id] = h
-        if self.mirror is not None:  # (queued before the request's row: that row's write deletes it)
-            self.mirror.hold_spend(request_id, buckets, amount)
+    def hold(self, request_id: str) -> None:
+        """``request_id`` was admitted, its hold written by the admission's transaction."""
+        self._holds.setdefault(request_id, False)
 
     def submitted(self, request_id: str) -> None:
-        """The request's ledger row is queued (call it right as it is): a read queued after it sees it, and
-        :meth:`release` comes once it is committed."""
-        h = self._holds.get(request_id)
-        if h is not None and h.queued is None:
-            self._queued += 1
-            h.queued = self._queued
+        """The request's ledger row is queued: its write deletes the hold."""
+        if request_id in self._holds:
+            self._holds[request_id] = True
 
-    def release(self, request_id: str, *, unless_submitted: bool = False, lost: float | None = None) -> None:
-        """Its ledger row is committed (or will never be): the hold goes (idempotent; unknown ids are fine).
-        ``unless_submitted``: only if no row was queued (the response is over; a queued row releases the
-        hold when it is committed, so that the spend is never in neither place). ``lost``: the row's write
-        failed; its cost (USD) stays counted on the hold's buckets until the UTC day ends."""
-        h = self._holds.get(request_id)
-        if h is None or (unless_submitted and h.queued is not None):
+    def release(self, request_id: str, *, unless_submitted: bool = False) -> None:
+        """Forget ``request_id`` (idempotent; unknown ids are fine), deleting its hold in the ledger unless its
+        row was queued (that write deletes it, or, failed, leaves it counted for the day). ``unless_submitted``:
+        only if no row was queued (the response is over; a queued row's end releases it)."""
+        queued = self._holds.get(request_id)
+        if queued is None or (unless_submitted and queued):
             return
         del self._holds[request_id]
-        if h.queued is None and self.mirror is not None:  # no row will delete it (a queued row's write does)
+        if not queued and self.mirror is not None:
             self.mirror.release_spend(request_id)
-        for b in h.buckets:
-            bucket = self._buckets[b]
-            del bucket.holds[request_id]
-            if bucket.readers:
-                bucket.released.append((math.inf if h.queued is None else h.queued, h.amount))
-            if lost:
-                self._lost(bucket)
-                bucket.lost += lost
-            self._forget_if_idle(b, bucket)
 
     def __len__(self) -> int:
-        """Requests holding spend now."""
+        """Requests of this process holding spend now."""
         return len(self._holds)
 
-    def _lost(self, bucket: _Bucket) -> float:
-        """The bucket's spend lost to failed ledger writes today (a new UTC day starts it at 0)."""
-        day = self.clock() // 86400
-        if bucket.lost_day != day:
-            bucket.lost, bucket.lost_day = 0.0, day
-        return bucket.lost
 
-    def _forget_if_idle(self, key: Hashable, bucket: _Bucket) -> None:
-        if not bucket.holds and not bucket.readers and not self._lost(bucket):
-            del self._buckets[key]
-
-    def _sweep(self) -> None:
-        """On the first hold of a UTC day, forget the buckets kept only for yesterday's lost spend (an end
-        user who never comes back would otherwise keep one for good, one more per user a ledger outage met)."""
-        day = self.clock() // 86400
-        if day != self._day:
-            self._day = day
-            for key, bucket in list(self._buckets.items()):
-                self._forget_if_idle(key, bucket)
-
-
-__all__ = ["ANONYMOUS", "WINDOW_S", "Admission", "Reading", "SpendHolds", "Ticket", "reset_text"]
+__all__ = ["ANONYMOUS", "WINDOW_S", "Admission", "SpendHolds", "Ticket", "reset_text"]

@@ -21,10 +21,11 @@ requests whose shadow outcome is unknown only because it needs tiers the live pa
 :class:`ShadowSampler` runs those tiers in the background, after the live record is committed, through the
 engine's own tier call (:meth:`cascade.engine.Engine.call_tier`: retries, fallbacks, breakers), walking the
 shadow's chain as above and calling only the tiers it needs. Each shadow may spend ``sample_budget_usd``
-per UTC day on its calls: today's spend is read from the ledger (``shadow_attempts``) before each call, so
-the budget holds across restarts and replicas, and the calls in flight are reserved at
-their predicted cost, in this process and in the ledger (``spend_holds``, for the other replicas) (:func:`estimate_sample_cost`: the prompt, ``max_tokens`` and the prompts of providers
-that may time out first), so concurrent samples cannot overshoot it. The decision is then rewritten:
+per UTC day on its calls: before each call, today's spend (the day's total of its recorded calls,
+``spend_daily``) and the reservations of the calls in flight (``spend_holds``) are read from the ledger, and
+the call's predicted cost (:func:`estimate_sample_cost`: the prompt, ``max_tokens`` and the prompts of
+providers that may time out first) reserved, in one transaction: the budget holds across restarts and
+replicas, and concurrent samples cannot overshoot it. The decision is then rewritten:
 status ``known`` (or still ``unknown``, with the reason), ``sampled`` set, ``sample_cost_usd`` what the
 shadow's own calls cost; the calls themselves are ``shadow_attempts`` rows, never live spend.
 """
@@ -43,7 +44,7 @@ from calibration.calibrators import Calibrator
 from cascade.budget import Budget, call_ceiling, fit_budget
 from cascade.config import Config
 from cascade.errors import CascadeError
-from cascade.ledger import Ledger, spend_bucket, utc_day_start
+from cascade.ledger import Ledger, utc_day_start
 from cascade.policy import decide
 from cascade.resilience import CANCELLED
 from cascade.types import Attempt, CascadeRecord, GenerationRequest
@@ -301,8 +302,6 @@ class ShadowSampler:
         self._rngs: dict[tuple[str, int | None], random.Random] = {}
         #: shadow -> sample -> USD held: predicted cost of a call in flight, then actual cost until written
         self._reserved: dict[str, dict[_Sample, float]] = {}
-        #: shadow -> (UTC day start, USD): spent by samples whose write failed, counted until that day ends
-        self._unrecorded: dict[str, tuple[float, float]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._gate = asyncio.Lock()
         self._closing = False
@@ -409,15 +408,11 @@ class ShadowSampler:
         except (asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - logged: never silent
             log.error("shadow %s: the sample of request %s (%d call(s), $%.6f) may not be recorded: %s",
                       sh.name, rid, len(smp.calls), sum(a.cost_usd for a in smp.calls), exc or type(exc).__name__)
+        # the sample is let go; one not written leaves its reservation in the ledger (the calls' cost by then),
+        # counted by every replica until its UTC day ends: the money was spent
         held = self._reserved.get(sh.name)
-        amount = held.pop(smp, 0.0) if held is not None else 0.0
-        if not written and smp.calls:
-            # once in the ledger, the spend counts from there; money spent but not recorded counts in this
-            # process until the day ends, so that the budget still sees it (the sample itself is let go), and in
-            # the others too: its reservation in the ledger, the calls' cost by now, stays until the day ends
-            day = utc_day_start(self.clock())
-            prev_day, prev = self._unrecorded.get(sh.name, (day, 0.0))
-            self._unrecorded[sh.name] = (day, amount + (prev if prev_day == day else 0.0))
+        if held is not None:
+            held.pop(smp, None)
 
     async def _walk(self, smp: _Sample) -> dict[str, Any] | None:
         """Call the tiers the shadow needs, one by one, until its outcome is decided (or the budget says
@@ -483,29 +478,24 @@ class ShadowSampler:
 
     async def _reserve(self, smp: _Sample, estimate: float) -> str | object | None:
         """Hold ``estimate`` of the shadow's budget for today (UTC) for one call: None when held, else why
-        not (or ``_MISSING``). Today's spend comes from the ledger (all replicas, restarts included), plus
-        what this process holds for calls not yet written."""
+        not (or ``_MISSING``). Today's spend is the ledger's (all replicas, restarts included): the samples
+        recorded, and the reservations of those in flight, this one's included, checked and extended in one
+        transaction (:meth:`cascade.ledger.Ledger.admit_spend`), so no replica reserves between the check and
+        the hold."""
         sh = smp.shadow
         since = utc_day_start(self.clock())
-        async with self._gate:  # one check-and-hold at a time: concurrent samples cannot both fit
-            # (in one read: the other processes' reservations are deleted as their samples' spend is written)
-            rows = await self.ledger.query(
-                "SELECT (SELECT COUNT(*) FROM requests WHERE request_id = ?), (SELECT COALESCE(SUM(cost_usd), 0) "
-                "FROM shadow_attempts WHERE shadow = ? AND created_at >= ?), (SELECT COALESCE(SUM(amount_usd), 0) "
-                "FROM spend_holds WHERE bucket = ? AND instance <> ? AND created_at >= ?)",
-                (smp.rec.request_id, sh.name, since, spend_bucket(("shadow", sh.name)), self.ledger.instance, since))
-            exists, spent = int(rows[0][0]), float(rows[0][1]) + float(rows[0][2])
-            if not exists:
+        budget = sh.sample_budget_usd
+        async with self._gate:  # one check-and-hold at a time in this process (the ledger's: across them)
+            if not (await self.ledger.query("SELECT COUNT(*) FROM requests WHERE request_id = ?",
+                                            (smp.rec.request_id,)))[0][0]:
                 return _MISSING
             held = self._reserved.setdefault(sh.name, {})
-            day, unrecorded = self._unrecorded.get(sh.name, (None, 0.0))
-            if day != utc_day_start(self.clock()):
-                unrecorded = 0.0
-                self._unrecorded.pop(sh.name, None)
-            if spent + unrecorded + sum(held.values()) + estimate > sh.sample_budget_usd:
-                return f"today's sample budget (${sh.sample_budget_usd:g}, UTC day) is spent"
-            held[smp] = held.get(smp, 0.0) + estimate
-            self._mirror(smp)
+            total = held.get(smp, 0.0) + estimate  # (its hold so far is among those read: the call's is added)
+            _, ok = await self.ledger.admit_spend(smp.rec.request_id, [("shadow", sh.name)], total, since,
+                                                  lambda figures: figures[0][0] + figures[0][1] + estimate <= budget)
+            if not ok:
+                return f"today's sample budget (${budget:g}, UTC day) is spent"
+            held[smp] = total
             return None
 
     def _mirror(self, smp: _Sample) -> None:

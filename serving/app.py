@@ -170,15 +170,17 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         drain.on_abort = app.state.engine.abort_in_flight  # a shutdown out of time: its rows say so
         drain.on_begin = app.state.engine.sampler.stop_drawing  # no sample is paid for while requests drain
         app.state.engine.record_listeners.append(drain.observe)  # ...and requests already recorded finish
-        holds = app.state.spend_holds  # a daily spend hold ends once its request's row is committed
-        holds.mirror = app.state.engine.ledger  # ...and is written there, for the other replicas to count
+        # admitted under a daily spend limit, a request holds its worst case in the ledger until its row is
+        # written (which deletes the hold); one that ends without a row has its hold deleted there
+        holds = app.state.spend_holds
+        holds.mirror = app.state.engine.ledger
 
         def row_submitted(rec: CascadeRecord) -> None:
             holds.submitted(rec.request_id)
 
         def row_written(rec: CascadeRecord, error: BaseException | None) -> None:
-            # a row that could not be written keeps its cost counted today: the money was spent
-            holds.release(rec.request_id, lost=rec.cost_usd if error is not None else None)
+            # (a row that could not be written leaves its hold in the ledger, counted today: the money was spent)
+            holds.release(rec.request_id)
 
         def row_committed(rec: CascadeRecord, error: BaseException | None) -> None:
             if not isinstance(error, LedgerTimeoutError):  # one that timed out (or is held) is still queued:
@@ -214,7 +216,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app.state.drain = drain = Drain()
     #: the keys' request-rate and in-flight limits, and the server's (cascade/limits.py): one per process
     app.state.admission = Admission()
-    #: the worst cases of admitted requests not yet in the ledger, counted by the daily spend limits
+    #: the requests admitted under daily spend limits whose rows are not queued yet (their holds: the ledger's)
     app.state.spend_holds = SpendHolds()
     install_error_handlers(app)
     from serving.routes import AuthMiddleware, HotPathMiddleware, router

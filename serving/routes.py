@@ -25,7 +25,7 @@ from cascade.errors import (
     NotFoundError,
     ReloadRefusedError,
 )
-from cascade.ledger import daily_spend, utc_day_start
+from cascade.ledger import utc_day_start
 from cascade.limits import SpendHolds
 from cascade.resilience import ResilientBackend
 from cascade.types import CascadeRecord, GenerationRequest
@@ -160,10 +160,7 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     # the engine's request, once, for the limits that weigh it
     req = body.to_engine() if buckets or (lim is not None and lim.tokens_per_minute) else None
     ceiling = await engine.cost_ceiling(req, model, budget) if buckets else 0.0
-    await _check_daily_spend(engine, holds, buckets)
-    if buckets:
-        # no await from the check to here: the next admission sees this request's worst case held
-        holds.hold(rid, tuple(b for b, *_ in buckets), ceiling)
+    await _check_daily_spend(engine, holds, buckets, rid, ceiling)
     # last, the key's rate and in-flight limits and the server's: a request refused above takes no place in
     # them; an admitted one holds its slots until its response is sent (AuthMiddleware releases them)
     try:
@@ -204,33 +201,42 @@ def spend_reached(spent: float, limit: float) -> bool:
     return spent >= limit * (1 - SPEND_REL_TOL)
 
 
-async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list) -> None:
+async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list, request_id: str,
+                             ceiling: float) -> None:
     """Refuse (429) a request whose key or end user has reached a daily spend limit (``buckets``, from
-    :func:`_spend_buckets`): the spend committed today (UTC) plus the worst cases held by its requests in
-    flight. Committed spend alone at a limit: come back at 00:00 UTC (checked first, for every limit, so a
-    passing burst never hides it); reached only with what is in flight: retry in a second."""
+    :func:`_spend_buckets`): the spend recorded today (UTC) plus the worst cases held by the requests in flight,
+    on every replica sharing the ledger. Recorded spend alone at a limit: come back at 00:00 UTC (checked
+    first, for every limit, so a passing burst never hides it); reached only with what is in flight: retry in a
+    second. An admitted request holds ``ceiling`` (its worst case) until its row is written: checked and held
+    in one transaction of the ledger (:meth:`cascade.ledger.Ledger.admit_spend`), so that nothing is admitted,
+    here or on another replica, between this request's check and its hold."""
     if not buckets:
         return
     since = utc_day_start()
-    names = tuple(b for b, *_ in buckets)
-    # one read, queued right as the reading opens: it sees exactly the rows queued before it (SpendHolds), and
-    # the holds of the other processes sharing the ledger as they stood then (daily_spend)
-    with holds.reading(names) as reading:
-        spent = await daily_spend(engine.ledger, since, names)
-        pending = [reading.unseen(b) for b in names]
-    for (_, limit, what, code, _), (committed, _, _), more in zip(buckets, spent, pending, strict=True):
-        committed += more[1]  # spend whose ledger write failed today
-        if spend_reached(committed, limit):
+
+    def admit(figures: list[tuple[float, float, int]]) -> bool:
+        return not any(spend_reached(spent + held, limit) for (_, limit, *_), (spent, held, _) in
+                       zip(buckets, figures, strict=True))
+
+    try:
+        figures, admitted = await engine.ledger.admit_spend(request_id, [b for b, *_ in buckets], ceiling, since,
+                                                            admit)
+    except BaseException:  # (cancelled, or not answered in time: the transaction may still run, and hold)
+        engine.ledger.release_spend(request_id)
+        raise
+    if admitted:
+        holds.hold(request_id)
+        return
+    for (_, limit, what, code, _), (spent, _, _) in zip(buckets, figures, strict=True):
+        if spend_reached(spent, limit):
             # the limit resets at 00:00 UTC; not before then: clients' quick retries would only be refused again
-            _refuse_spend(f"{what} of ${limit:g} reached (${committed:.6f} spent today, UTC)", code,
+            _refuse_spend(f"{what} of ${limit:g} reached (${spent:.6f} spent today, UTC)", code,
                           retry_after=since + 86400.0 - time.time(), should_retry=False)
-    for (bucket, limit, what, code, _), (committed, elsewhere, n_elsewhere), more in zip(buckets, spent, pending,
-                                                                                         strict=True):
-        if spend_reached(committed + more[1] + more[0] + elsewhere, limit):
-            n = holds.held(bucket)[1] + n_elsewhere
-            _refuse_spend(f"{what} of ${limit:g} would be reached by the requests in flight (${committed:.6f} "
-                          f"spent today, UTC, and up to ${more[0] + elsewhere:.6f} more held by {n} "
-                          "request(s) not finished); retry once they are", code, retry_after=1.0, should_retry=True)
+    for (_, limit, what, code, _), (spent, held, n) in zip(buckets, figures, strict=True):
+        if spend_reached(spent + held, limit):
+            _refuse_spend(f"{what} of ${limit:g} would be reached by the requests in flight (${spent:.6f} "
+                          f"spent today, UTC, and up to ${held:.6f} more held by {n} request(s) not finished); "
+                          "retry once they are", code, retry_after=1.0, should_retry=True)
 
 
 def _refuse_spend(message: str, code: str, *, retry_after: float, should_retry: bool) -> None:

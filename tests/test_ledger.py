@@ -373,37 +373,61 @@ async def _until(check, what: str) -> None:  # noqa: ANN001
     pytest.fail(f"never: {what}")
 
 
-async def test_replicas_see_each_others_spend_holds_until_the_row_replaces_them(target):
+async def test_replicas_check_and_hold_daily_spend_in_one_transaction(target):
     """Two processes sharing a ledger (two Ledgers: two instances): a request admitted under a daily spend limit
-    by one holds its worst case in ``spend_holds``, which the other's read counts (its own it counts in memory),
-    until the transaction writing the request's row deletes it: one read sees the request held or recorded,
-    never both. A hold whose request writes no row is released; those of a process gone are deleted with it."""
-    since = utc_day_start(1_000_001.0)  # the UTC day of record(1)
+    is checked against the day's recorded spend and every process's holds, and holds its worst case, in one
+    transaction; the transaction writing its row deletes the hold, so a read sees the request held or recorded,
+    never both. A hold whose request writes no row is released; a process closing takes its holds with it."""
+    day = utc_day_start()
     key, user = ("key", "k1"), ("user", "k1", "alice")
+    seen: list = []
+
+    def admit_under(limit: float):  # noqa: ANN202
+        def admit(figures: list) -> bool:
+            seen.append(figures)
+            return all(spent + held < limit for spent, held, _ in figures)
+        return admit
+
     async with Ledger(target) as a, Ledger(target, heartbeat_s=0.1, stale_s=0.5) as b:
-        a.hold_spend("r1", [key, user], 0.25)
-        a.hold_spend("r2", [key], 0.5)
-        a.hold_spend("r0", [key], 0.0)      # a worst case of nothing holds nothing
-        await _until(lambda: _count(a, "spend_holds", 3), "the holds are written")
-        assert await daily_spend(a, since, [key, user]) == [(0.0, 0.0, 0), (0.0, 0.0, 0)]  # its own: in memory
-        assert await daily_spend(b, since, [key, user]) == [(0.0, 0.75, 2), (0.0, 0.25, 1)]
-        assert await daily_spend(b, since, [user]) == [(0.0, 0.25, 1)]
-        assert await daily_spend(b, since, [("key", "k2")]) == [(0.0, 0.0, 0)]
-        rec = record(1)  # r1, created at 1_000_001, cost 1e-4
-        rec.end_user = "alice"
+        assert await a.admit_spend("r1", [key, user], 0.25, day, admit_under(1.0)) == (
+            [(0.0, 0.0, 0), (0.0, 0.0, 0)], True)
+        assert (await b.admit_spend("r2", [key], 0.5, day, admit_under(1.0)))[1]
+        assert await a.admit_spend("r0", [key], 0.0, day, admit_under(1.0)) == ([(0.0, 0.75, 2)], True)  # no hold
+        refused = await b.admit_spend("r3", [key], 0.5, day, admit_under(0.75))
+        assert refused == ([(0.0, 0.75, 2)], False)       # 0.75 held already: not admitted, nothing held
+        assert await daily_spend(b, day, [key, user]) == [(0.0, 0.75, 2), (0.0, 0.25, 1)]
+        assert await daily_spend(b, day, [key], others_only=True) == [(0.0, 0.25, 1)]
+        rec = record(1)  # r1
+        rec.created_at, rec.end_user = day + 1, "alice"
         await a.record(rec)
-        assert await daily_spend(b, since, [key, user]) == [(pytest.approx(1e-4), 0.5, 1),
-                                                            (pytest.approx(1e-4), 0.0, 0)]
-        a.release_spend("r2")   # refused after its hold: no row will come
-        await _until(lambda: _count(b, "spend_holds", 0), "the released hold is gone")
-        b.hold_spend("r3", [key], 0.125)
-        await _until(lambda: _count(a, "spend_holds", 1), "b's hold is written")
-        assert (await daily_spend(a, since, [key]))[0][1:] == (0.125, 1)
+        assert await daily_spend(b, day, [key, user]) == [(pytest.approx(1e-4), 0.5, 1),
+                                                          (pytest.approx(1e-4), 0.0, 0)]
+        a.release_spend("r2")                             # another process's hold: not a's to release
+        assert (await daily_spend(a, day, [key]))[0][1:] == (0.5, 1)  # (a's read runs after a's release)
+        b.release_spend("r2")                             # refused after its hold: no row will come
+        await _until(lambda: _count(a, "spend_holds", 0), "the released hold is gone")
+        assert (await b.admit_spend("r4", [key], 0.125, day, admit_under(1.0)))[1]
         assert (await daily_spend(a, utc_day_start(2e9), [key]))[0][1:] == (0.0, 0)  # a hold counts on its day
         with pytest.raises(ValueError, match="00:00 UTC"):
-            await daily_spend(a, since + 1, [key])
-    async with Ledger(target) as c:  # b closed: its holds went with its heartbeat row
+            await daily_spend(a, day + 1, [key])
+    async with Ledger(target) as c:  # b closed: its hold went with its heartbeat row
         assert await _count(c, "spend_holds", 0)
+
+
+async def test_admissions_racing_on_two_processes_never_hold_past_the_limit(target):
+    """The check and the hold are one transaction, run one at a time per bucket by every process: admissions
+    racing from two processes (two Ledgers, each on its own thread) are admitted exactly as far as the limit,
+    however their reads and holds interleave; the figures each was judged on are consistent."""
+    day = utc_day_start()
+    key = ("key", "race")
+    async with Ledger(target) as a, Ledger(target) as b:
+        results = await asyncio.gather(*(
+            led.admit_spend(f"q{i}", [key], 0.1, day, lambda figures: figures[0][1] + 1e-9 < 1.0)
+            for i, led in enumerate([a, b] * 15)))
+        admitted = sum(ok for _, ok in results)
+        assert admitted == 10
+        assert sorted(f[0][2] for f, ok in results if ok) == list(range(10))  # each saw all admitted before it
+        assert (await daily_spend(a, day, [key]))[0][1:] == (pytest.approx(1.0), 10)
 
 
 async def test_the_days_spend_totals_agree_with_the_rows_they_count(target):

@@ -69,85 +69,34 @@ def test_in_flight_limits_per_key_and_per_server_hold_until_released():
     assert adm.in_flight == 0 and adm.admit(None).headers == []  # no limits: nothing counted
 
 
-def test_spend_holds_count_until_released_and_forget_idle_buckets():
-    h = SpendHolds()
-    key, alice = ("key", "k"), ("user", "k", "alice")
-    h.hold("r1", (key,), 0.25)
-    h.hold("r2", (key, alice), 0.5)
-    h.hold("r2", (key, alice), 9.0)                       # one hold per request: a second is ignored
-    assert h.held(key) == (0.75, 2) and h.held(alice) == (0.5, 1) and len(h) == 2
-    h.release("r1")
-    h.release("r1")                                       # idempotent
-    h.release("unknown")
-    assert h.held(key) == (0.5, 1)
-    h.submitted("r2")
-    h.release("r2", unless_submitted=True)                # its row is on the way: the commit releases it
-    assert h.held(alice) == (0.5, 1)
-    h.release("r2")
-    assert h.held(key) == (0.0, 0) and len(h) == 0 and h._buckets == {}  # nothing kept for idle buckets
-    h.hold("r3", (key,), 0.1)
-    h.release("r3", unless_submitted=True)                # never wrote a row: the response's end releases it
-    assert h.held(key) == (0.0, 0) and h._buckets == {}
+async def test_spend_holds_release_in_the_ledger_only_what_no_row_will(tmp_path):
+    """An admitted request's hold is the ledger's (written by the admission's transaction); the process only
+    remembers the requests whose rows are not queued, and deletes the hold of one that ends without a row.
+    Once its row is queued, that write deletes it (or, failed, leaves it counted for the day)."""
+    from cascade.ledger import Ledger, utc_day_start
 
+    async with Ledger(tmp_path / "ledger.sqlite") as led:
+        h = SpendHolds()
+        h.mirror = led
+        key = ("key", "k")
+        for rid in ("r1", "r2", "r3"):
+            _, ok = await led.admit_spend(rid, [key], 0.25, utc_day_start(), lambda figures: True)
+            assert ok
+            h.hold(rid)
+        assert len(h) == 3
 
-def test_a_reading_counts_exactly_the_holds_whose_rows_it_cannot_see():
-    """The ledger runs jobs in the order they were queued, so a read sees the rows queued before it and no
-    others. A reading counts every hold whose row was queued after it opened, held or released meanwhile
-    (released: committed after the read's snapshot), and never one queued before (the read has it), even if
-    that hold is released only while the read runs: no gap, and no double count."""
-    h = SpendHolds()
-    key = ("key", "k")
-    h.hold("before", (key,), 0.3)
-    h.submitted("before")                                 # queued ahead of the read: the read includes it
-    h.hold("after", (key,), 0.2)                          # its row is not queued yet
-    with h.reading((key,)) as reading:
-        assert reading.unseen(key) == (pytest.approx(0.2), 0.0)
-        h.release("before")                               # committed (before the read ran), released meanwhile
-        assert reading.unseen(key) == (pytest.approx(0.2), 0.0)
-        h.hold("new", (key,), 0.1)                        # admitted during the read
-        h.submitted("after")                              # queued after the read
-        h.release("after")                                # and committed: the read did not see it
-        assert reading.unseen(key) == (pytest.approx(0.3), 0.0)
-        with h.reading((key,)) as later:
-            assert later.unseen(key) == (pytest.approx(0.1), 0.0)
-    assert h.held(key) == (pytest.approx(0.1), 1)
-    h.release("new")
-    assert h._buckets == {}                               # readers gone, nothing held: forgotten
+        async def holds() -> list[str]:
+            return sorted(r[0] for r in await led.query("SELECT hold_id FROM spend_holds"))
 
-
-def test_spend_whose_ledger_write_failed_counts_until_the_day_ends():
-    clock = Clock()
-    clock.t = 86400 * 100 + 5
-    h = SpendHolds(clock)
-    key = ("key", "k")
-    h.hold("r", (key,), 0.5)
-    h.submitted("r")
-    h.release("r", lost=0.25)                             # the write failed: the money was spent all the same
-    with h.reading((key,)) as reading:
-        assert reading.unseen(key) == (0.0, 0.25)
-    clock.t += 86400                                      # a new UTC day: forgotten
-    with h.reading((key,)) as reading:
-        assert reading.unseen(key) == (0.0, 0.0)
-    assert h._buckets == {}
-
-
-def test_buckets_kept_for_lost_spend_go_on_the_next_day_even_if_their_users_never_return():
-    """A ledger outage meets many end users once each: their lost spend is kept for the day, then forgotten
-    on the next day's first admission, not kept for good (one bucket per user the outage met)."""
-    clock = Clock()
-    clock.t = 86400 * 100 + 5
-    h = SpendHolds(clock)
-    for i in range(1000):
-        rid, buckets = f"r{i}", (("key", "k"), ("user", "k", f"user-{i}"))
-        h.hold(rid, buckets, 0.01)
-        h.submitted(rid)
-        h.release(rid, lost=0.01)
-    assert len(h._buckets) == 1001                        # today: each user's lost spend still counts
-    clock.t += 86400
-    h.hold("next-day", (("key", "k"), ("user", "k", "someone-else")), 0.01)
-    assert set(h._buckets) == {("key", "k"), ("user", "k", "someone-else")}
-    h.release("next-day")
-    assert h._buckets == {}
+        h.release("r1")                                   # refused after admission: no row will come
+        h.release("r1")                                   # idempotent
+        h.release("unknown")
+        h.submitted("r2")
+        h.release("r2", unless_submitted=True)            # its row is on the way: its write deletes the hold
+        h.release("r3", unless_submitted=True)            # the response ended without a row
+        assert await holds() == ["r2"] and len(h) == 1
+        h.release("r2")                                   # (its write failed: the hold stays, counted today)
+        assert await holds() == ["r2"] and len(h) == 0
 
 
 def test_tokens_per_minute_is_a_sliding_window_of_what_requests_ask():

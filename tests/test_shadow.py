@@ -484,11 +484,13 @@ async def test_a_sample_keeps_to_the_requests_cost_budget(tmp_path):
 
 async def test_a_sample_whose_write_failed_counts_until_its_day_ends_and_is_let_go(tmp_path):
     """A sample whose ledger write fails spent real money: it counts against the shadow's budget for the rest
-    of its UTC day (in this process), then no more; the sample itself (its request and record) is let go,
-    not held for good. The failure is SQLite's own: a trigger refuses the sample's rows."""
+    of its UTC day (its reservation stays in the ledger, for every replica), then no more; the sample itself
+    (its request and record) is let go, not held for good. The failure is SQLite's own: a trigger refuses the
+    sample's rows."""
     import asyncio
 
     from cascade.engine import Engine
+    from cascade.ledger import daily_spend, utc_day_start
     from cascade.shadow import ShadowSampler
     from cascade.types import GenerationRequest, Message
 
@@ -510,17 +512,19 @@ async def test_a_sample_whose_write_failed_counts_until_its_day_ends_and_is_let_
         sampler = eng.sampler = ShadowSampler(eng.call_tier, eng.ledger, clock=lambda: now[0])
         with sqlite3.connect(db) as c:
             c.execute("CREATE TRIGGER refuse BEFORE INSERT ON shadow_attempts BEGIN SELECT RAISE(ABORT, 'no'); END")
-        await eng.run(GenerationRequest(messages=(Message("user", "Name a colour."),)))
+        lost = (await eng.run(GenerationRequest(messages=(Message("user", "Name a colour."),)))).record
         await settled(sampler)
         assert sampler._reserved["big"] == {}                 # the sample is let go
-        day, lost = sampler._unrecorded["big"]
-        assert day == (now[0] // 86400) * 86400 and lost > 0  # its spend still counts today
-        with sqlite3.connect(db) as c:
+        with sqlite3.connect(db) as c:                        # its spend still counts today: its reservation
+            (held,) = c.execute("SELECT amount_usd FROM spend_holds WHERE hold_id = ?", (lost.request_id,)).fetchall()
             c.execute("DROP TRIGGER refuse")
-        now[0] += 86400                                       # the next UTC day: forgotten at the next sample
+        assert held[0] > 0 and (await daily_spend(eng.ledger, utc_day_start(now[0]), [("shadow", "big")]))[0][1:] \
+            == (held[0], 1)
+        now[0] += 86400                                       # the next UTC day: no longer counted
         rec = (await eng.run(GenerationRequest(messages=(Message("user", "Name a fruit."),)))).record
         await settled(sampler)
-        assert "big" not in sampler._unrecorded and sampler._reserved["big"] == {}
+        assert sampler._reserved["big"] == {}
+        assert (await daily_spend(eng.ledger, utc_day_start(now[0]), [("shadow", "big")]))[0][1:] == (0.0, 0)
     with sqlite3.connect(db) as c:
         row = c.execute("SELECT sampled FROM shadow_decisions WHERE request_id = ?", (rec.request_id,)).fetchone()
     assert row == (1,)
@@ -572,7 +576,8 @@ async def test_replicas_sharing_a_ledger_count_each_others_samples_in_flight(tmp
                                                "FROM shadow_decisions")}
         spent = c.execute("SELECT SUM(cost_usd) FROM shadow_attempts").fetchone()[0]
         left = c.execute("SELECT COUNT(*) FROM spend_holds").fetchone()[0]
+        total = c.execute("SELECT cost_usd FROM spend_daily WHERE bucket = ?", ('["shadow", "big"]',)).fetchall()
     assert dec[first.request_id][:2] == (1, 4.0)
     assert dec[second.request_id][0] == 0 and "not sampled: today's sample budget ($6, UTC day) is spent" \
         in dec[second.request_id][2]
-    assert spent == 4.0 and left == 0 and calls == 1
+    assert spent == 4.0 and left == 0 and calls == 1 and total == [(4.0,)]  # the day's total: what the budget reads
