@@ -240,10 +240,10 @@ _TABLES = [
         heartbeat_at DOUBLE PRECISION NOT NULL
     )""",
     # version 8: the worst cases held by requests admitted under a daily spend limit whose rows are not written
-    # yet, one row per request and limit (its bucket), each deleted by the transaction that writes its request,
-    # so that the processes sharing the ledger count each other's requests in flight (each counts its own in
-    # memory: cascade/limits.py); and the shadow samples' reservations of their daily budget (bucket
-    # ["shadow", name]), deleted by the transaction that writes the sample (cascade/shadow.py)
+    # yet, one row per request and limit (its bucket), written by the admission's own transaction (the check
+    # and the hold in one: Ledger.admit_spend) and deleted by the transaction that writes its request, so that
+    # the processes sharing the ledger count each other's requests in flight; and the shadow samples'
+    # reservations of their daily budget (bucket ["shadow", name]), deleted as the sample is written
     """CREATE TABLE IF NOT EXISTS spend_holds (
         hold_id TEXT NOT NULL,
         bucket TEXT NOT NULL,
@@ -795,11 +795,6 @@ class Ledger:
             d.sql(_INSERT_REQUEST), d.sql(_INSERT_ATTEMPT), d.sql(_INSERT_SHADOW))
 
     @property
-    def instance(self) -> str:
-        """This open ledger's process, as tables ``instances``, ``inflight`` and ``spend_holds`` name it."""
-        return self._instance
-
-    @property
     def path(self) -> Path | None:
         return None if self.dialect.name != "sqlite" else expand_path(self.target, "ledger.path")
 
@@ -975,7 +970,8 @@ class Ledger:
                          (str(SCHEMA_VERSION), "schema_version"))
 
     def _seed_spend_daily(self, conn: Any) -> None:
-        """Migrating to version 8: ``spend_daily`` from the requests and shadow calls recorded since yesterday (UTC)."""
+        """Migrating to version 8: ``spend_daily`` from the requests and shadow calls recorded since yesterday
+        (UTC)."""
         d, since = self.dialect, utc_day_start() - 86400.0
         rows = conn.execute(d.sql("SELECT created_at, api_key_id, end_user, cost_usd FROM requests WHERE "
                                   "created_at >= ? AND cost_usd <> 0"), (since,)).fetchall()
@@ -1942,7 +1938,7 @@ class Ledger:
                           admit: Callable[[list[tuple[float, float, int]]], bool],
                           ) -> tuple[list[tuple[float, float, int]], bool]:
         d, day = self.dialect, _day_of(day_start)
-        sql, params = _spend_read(names, day, day_start, instance=None)
+        sql, params = _spend_read(names, day, day_start)
 
         def run(conn: Any) -> tuple[list[tuple[float, float, int]], bool]:
             with d.transaction(conn):  # (SQLite: BEGIN IMMEDIATE, the write lock first)
@@ -2123,7 +2119,7 @@ def _spend_by_bucket(rows: Iterable[tuple[float, str | None, str | None, float]]
 
 def spend_bucket(bucket: Hashable) -> str:
     """A daily spend limit's bucket (a tuple of strings and None: ``("key", key_id)``, ``("user", key_id,
-    end_user)``) as table ``spend_holds`` names it."""
+    end_user)``, ``("shadow", name)``) as tables ``spend_holds`` and ``spend_daily`` name it."""
     return json.dumps(list(bucket) if isinstance(bucket, tuple) else bucket, ensure_ascii=False)
 
 
@@ -2135,16 +2131,16 @@ def _day_of(day_start: float) -> int:
     return day
 
 
-def _spend_read(names: Sequence[str], day: int, day_start: float, instance: str | None) -> tuple[str, list]:
+def _spend_read(names: Sequence[str], day: int, day_start: float) -> tuple[str, list]:
     """One statement (one snapshot) reading, per bucket, its spend total of ``day`` and the spend holds written
-    since ``day_start`` (``instance``: those of other processes only), with how many."""
+    since ``day_start``, with how many."""
     cols: list[str] = []
     params: list[Any] = []
-    held = "FROM spend_holds WHERE bucket = ? AND created_at >= ?" + (" AND instance <> ?" if instance else "")
+    held = "FROM spend_holds WHERE bucket = ? AND created_at >= ?"
     for name in names:
         cols += ["COALESCE((SELECT cost_usd FROM spend_daily WHERE day = ? AND bucket = ?), 0)",
                  f"(SELECT COALESCE(SUM(amount_usd), 0) {held})", f"(SELECT COUNT(*) {held})"]
-        params += [day, name, *[name, day_start, *([instance] if instance else [])] * 2]
+        params += [day, name, name, day_start, name, day_start]
     return f"SELECT {', '.join(cols)}", params
 
 
@@ -2152,13 +2148,12 @@ def _spend_figures(row: Sequence[Any], n: int) -> list[tuple[float, float, int]]
     return [(float(row[3 * i]), float(row[3 * i + 1]), int(row[3 * i + 2])) for i in range(n)]
 
 
-async def daily_spend(ledger: Ledger, day_start: float, buckets: Sequence[Hashable], *,
-                      others_only: bool = False) -> list[tuple[float, float, int]]:
+async def daily_spend(ledger: Ledger, day_start: float, buckets: Sequence[Hashable]) -> list[tuple[float, float, int]]:
     """Per bucket of ``buckets`` (``("key", key_id)``, ``("user", key_id, end_user)``, ``("shadow", name)``),
     in one read (one snapshot): the spend recorded on the UTC day starting at ``day_start`` (its ``spend_daily``
-    row), and the spend held that day and not yet recorded, with how many hold it (``others_only``: by other
-    processes). A hold is deleted by the transaction that records what it held for, so each request counts
-    once: recorded, or held. (The limits check and hold in one transaction: :meth:`Ledger.admit_spend`.)"""
+    row), and the spend held that day and not yet recorded, by any process, with how many hold it. A hold is
+    deleted by the transaction that records what it held for, so each request counts once: recorded, or held.
+    (The limits check and hold in one transaction: :meth:`Ledger.admit_spend`.)"""
     names = [spend_bucket(b) for b in buckets]
-    sql, params = _spend_read(names, _day_of(day_start), day_start, ledger.instance if others_only else None)
+    sql, params = _spend_read(names, _day_of(day_start), day_start)
     return _spend_figures((await ledger.query(sql, tuple(params)))[0], len(names))

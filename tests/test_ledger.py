@@ -396,7 +396,6 @@ async def test_replicas_check_and_hold_daily_spend_in_one_transaction(target):
         refused = await b.admit_spend("r3", [key], 0.5, day, admit_under(0.75))
         assert refused == ([(0.0, 0.75, 2)], False)       # 0.75 held already: not admitted, nothing held
         assert await daily_spend(b, day, [key, user]) == [(0.0, 0.75, 2), (0.0, 0.25, 1)]
-        assert await daily_spend(b, day, [key], others_only=True) == [(0.0, 0.25, 1)]
         rec = record(1)  # r1
         rec.created_at, rec.end_user = day + 1, "alice"
         await a.record(rec)
