@@ -493,3 +493,33 @@ def test_cost_quality_live_folder_with_a_broken_file_reports_it_and_runs_the_res
     assert "live/broken: ERROR DataError" in out and "live/mmlu_llama " in out
     doc = json.loads((live / "cost_quality.json").read_text())
     assert [("error" in c) for c in doc["cases"]] == [True, False]
+
+
+def test_replica_spend_refuses_bad_flags_in_one_line(capsys):
+    from benchmarks.replica_spend import main
+
+    for argv, said in ((["--replicas", "0"], "at least 1"), (["--ledger", "mysql://x"], "postgresql:// URL"),
+                       (["--limit", "-1"], "above 0"), (["--delay", "99"], "from 0 to 30"),
+                       (["--concurrency", "60,0"], "at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert said in err, err
+
+
+def test_replica_spend_names_the_admissions_past_the_limit_in_admission_order():
+    """The watcher's holds of two replicas, $1 each on a $2 limit: the third admitted (by created_at, whichever
+    replica) is past the limit; each hold's delays after its request was sent and until it was seen."""
+    from benchmarks.replica_spend import hold_timeline
+
+    watch = {"polls": 9, "slowest_poll_s": 0.002,  # hold id: [instance, amount, created_at, first seen, last seen]
+             "holds": {"c": ["i1", 1.0, 1.30, 1.35, 2.0], "a": ["i0", 1.0, 1.10, 1.12, 2.0],
+                       "b": ["i1", 1.0, 1.20, 1.21, 2.0]}}
+    out = hold_timeline(watch, 2.0, {"i0": 0, "i1": 1}, sent={"a": 1.0, "b": 1.0, "c": 1.0})
+    (past,) = out["admissions_past_limit"]
+    assert past["hold_id"] == "c" and past["replica"] == 1 and past["admitted_after_usd"] == 2.0
+    assert past["admitted_ms_after_sent"] == pytest.approx(300.0)
+    assert out["admitted_after_sent_ms"]["max"] == pytest.approx(300.0)
+    assert out["hold_visible_after_admission_ms"]["max"] == pytest.approx(50.0)
+    assert out["holds_seen"] == out["holds_matched_to_requests"] == 3 and out["held_usd_total"] == 3.0
