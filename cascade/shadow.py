@@ -499,7 +499,7 @@ class ShadowSampler:
             return None
 
     def _mirror(self, smp: _Sample) -> None:
-        """Write what ``smp`` holds of its shadow's budget to the ledger, for the other processes sharing it."""
+        """Set ``smp``'s reservation in the ledger to what it holds now (after a call: the calls' actual cost)."""
         amount = self._reserved.get(smp.shadow.name, {}).get(smp)
         if amount is not None:
             self.ledger.hold_spend(smp.rec.request_id, [("shadow", smp.shadow.name)], max(amount, 1e-12))
