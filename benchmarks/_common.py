@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -221,6 +222,20 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
             prog.advance(task, n)
 
         yield advance
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], sig: int = signal.SIGTERM, grace_s: float = 30.0) -> None:
+    """Signal each process still running (all first, so that they stop together), wait up to ``grace_s`` for
+    each, and kill one that outlives it."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import REPO, RESULTS, check_out, int_at_least, machine_facts, rel, write_json
+from benchmarks._common import REPO, RESULTS, check_out, int_at_least, machine_facts, rel, stop_processes, write_json
 from cascade.backends.base import Backend
 
 INSTANT = "bench-instant"
@@ -327,13 +327,8 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_processes([self.proc], signal.SIGINT)
 
 
 class RawHTTP:

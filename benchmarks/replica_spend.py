@@ -49,8 +49,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import (REPO, RESULTS, check_out, int_at_least, machine_facts, percentile, rel, write_json,
-                                write_text)
+from benchmarks._common import (REPO, RESULTS, check_out, int_at_least, machine_facts, percentile, rel,
+                                stop_processes, write_json, write_text)
 
 if str(REPO) not in sys.path:  # tests/ is a plain folder: make `tests.*` importable when run as a script
     sys.path.insert(0, str(REPO))
@@ -124,15 +124,7 @@ class Replicas:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs)
 
     def warnings(self) -> list[str]:
         """The replicas' log lines at WARNING and above (a hold that could not be written is logged so)."""
@@ -226,13 +218,8 @@ class Watcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_processes([self.proc])
 
     def result(self) -> dict[str, Any]:
         return json.loads(self.out.read_text())

@@ -41,7 +41,6 @@ import asyncio
 import json
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -57,7 +56,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._common import (RESULTS, finish_throughput_plot, int_at_least, machine_facts,  # noqa: E402
-                               percentile, rel, write_json)
+                               percentile, rel, stop_processes, write_json)
 
 OUT_DIR = RESULTS / "vllm"
 TOPICS = ["a lighthouse keeper", "the first snow of winter", "a robot learning to paint", "an old map",
@@ -227,13 +226,7 @@ class Proc:
             self.log.write(line)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_processes([self.proc], grace_s=60.0)
         self.log.close()
 
 
