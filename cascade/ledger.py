@@ -1971,8 +1971,15 @@ class Ledger:
             self._background(self._hold_sync, "a daily spend hold", rows, time.time())
 
     def release_spend(self, hold_id: str) -> None:
-        """From the event loop: the request ``hold_id`` will write no row; its spend holds go."""
-        self._background(self._release_sync, "the end of a daily spend hold", hold_id)
+        """From the event loop: the request ``hold_id`` will write no row; its spend holds go. Queued even past
+        ``max_pending`` (a release dropped would leave a hold that blocks its key for the rest of the day: an
+        admission queued during a stall may still commit its hold after its waiter gave up), after everything
+        queued before it, the admission it ends included; a failure is logged."""
+        if self._queue is None:
+            return
+        job = self._enqueue(fn=self._release_sync, args=(hold_id,), timeout=None,
+                            what="the end of a daily spend hold", force=True)
+        job.fut.add_done_callback(log_failure)
 
     def _hold_sync(self, rows: list[tuple], now: float) -> None:
         conn, d = self._require(), self.dialect

@@ -22,6 +22,8 @@ from cascade.errors import (
     ContextLengthExceededError,
     InternalError,
     InvalidRequestError,
+    LedgerError,
+    LedgerUnavailableError,
     NotFoundError,
     ReloadRefusedError,
 )
@@ -221,8 +223,12 @@ async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list, r
     try:
         figures, admitted = await engine.ledger.admit_spend(request_id, [b for b, *_ in buckets], ceiling, since,
                                                             admit)
-    except BaseException:  # (cancelled, or not answered in time: the transaction may still run, and hold)
+    except BaseException as exc:  # (cancelled, or not answered in time: the transaction may still run, and hold)
         engine.ledger.release_spend(request_id)
+        if isinstance(exc, LedgerError) and not isinstance(exc, LedgerUnavailableError):
+            raise LedgerUnavailableError("the ledger could not check this request against its daily spend limit "
+                                         "now, so it was refused before any model was called: repeat it "
+                                         "shortly") from exc
         raise
     if admitted:
         holds.hold(request_id)

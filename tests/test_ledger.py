@@ -477,3 +477,39 @@ async def test_the_days_spend_totals_agree_with_the_rows_they_count(target):
 
 async def _count(ledger: Ledger, table: str, n: int) -> bool:
     return (await ledger.query(f"SELECT COUNT(*) FROM {table}"))[0][0] == n
+
+
+async def test_a_hold_is_released_even_when_the_ledger_queue_is_full(postgres):
+    """A stall (here another session holding the key's day-total row) fills the ledger's queue: admissions time
+    out or are refused at once, and the caller releases each. Those queued run once the stall ends and commit
+    their holds, for requests whose clients were already refused, so their releases must run after them, never
+    dropped for the full queue (they were: the holds blocked the key for the rest of the day)."""
+    import psycopg
+
+    from cascade.ledger import spend_bucket
+
+    postgres.reset()
+    day, key = utc_day_start(), ("key", "stall")
+    async with Ledger(postgres.url, timeout_s=0.5, max_pending=4) as led:
+        assert (await led.admit_spend("warm", [key], 0.1, day, lambda figures: True))[1]  # (the total's row)
+        led.release_spend("warm")
+        with psycopg.connect(postgres.url) as blocker:
+            blocker.execute("SELECT cost_usd FROM spend_daily WHERE bucket = %s FOR UPDATE", (spend_bucket(key),))
+            admissions = [asyncio.ensure_future(led.admit_spend(f"q{i}", [key], 0.1, day, lambda figures: True))
+                          for i in range(4)]
+            await asyncio.sleep(0.1)  # q0 waits for the row lock on the ledger thread, q1-q3 behind it
+            other = asyncio.ensure_future(led.query("SELECT 1"))  # and one more job: the queue is full (4)
+            results = await asyncio.gather(*admissions, return_exceptions=True)
+            assert all(isinstance(r, LedgerError) for r in results)  # their callers gave up, and release them
+            for i in range(4):
+                led.release_spend(f"q{i}")
+            blocker.commit()
+        await asyncio.gather(other, return_exceptions=True)
+
+        async def drained() -> bool:
+            try:
+                return await _count(led, "spend_holds", 0)
+            except LedgerError:  # (still full)
+                return False
+
+        await _until(drained, "every hold released")

@@ -17,6 +17,7 @@ from cascade.limits import Admission, SpendHolds, reset_text
 from serving.auth import hash_key
 from tests.conftest import make_config
 from tests.fault_server import FaultServerThread
+from tests.pg import postgres  # noqa: F401 - fixture
 
 
 class Clock:
@@ -481,3 +482,38 @@ async def test_replicas_sharing_a_ledger_count_each_others_requests_in_flight(tm
         spent = db.execute("SELECT SUM(cost_usd) FROM requests").fetchone()[0]
         assert db.execute("SELECT COUNT(*) FROM spend_holds").fetchone()[0] == 0
     assert limit <= spent <= limit + ceiling
+
+
+async def test_a_stalled_spend_check_is_a_503_and_leaves_no_hold(tmp_path, upstream, serve_app, postgres):
+    """The daily spend check is a ledger transaction: when it cannot run in time (here another session holds the
+    key's day-total row on PostgreSQL), the request is refused with a 503 `ledger_unavailable` to repeat shortly
+    (it was a 500), and the hold its transaction commits once the stall ends is released: the key is not left
+    blocked for the day."""
+    import psycopg
+
+    from cascade.ledger import spend_bucket
+
+    postgres.reset()
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    cfg = make_config(tmp_path, [remote], user_tiers={"capped": {"daily_spend_limit_usd": 1.0}},
+                      auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "capped"}]},
+                      ledger={"path": postgres.url, "timeout_s": 0.5})
+    srv = serve_app(cfg)
+    head = {"authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+        assert (await c.post("/v1/chat/completions", json=BODY, headers=head)).status_code == 200
+        with psycopg.connect(postgres.url) as blocker:
+            blocker.execute("SELECT cost_usd FROM spend_daily WHERE bucket = %s FOR UPDATE",
+                            (spend_bucket(("key", "k1")),))
+            stalled = await c.post("/v1/chat/completions", json=BODY, headers=head)
+            blocker.commit()
+        assert stalled.status_code == 503 and stalled.json()["error"]["code"] == "ledger_unavailable", stalled.text
+        for _ in range(200):
+            with psycopg.connect(postgres.url) as db:
+                if db.execute("SELECT COUNT(*) FROM spend_holds").fetchone()[0] == 0:
+                    break
+            await asyncio.sleep(0.02)
+        else:  # pragma: no cover
+            pytest.fail("the stalled request's hold was never released")
+        assert (await c.post("/v1/chat/completions", json=BODY, headers=head)).status_code == 200
