@@ -1966,7 +1966,7 @@ class Ledger:
         that records what it held for deletes it, or :meth:`release_spend`. Nobody waits: it is written after
         the jobs queued before it, and one that cannot be written is logged (the other processes then see that
         spend only once it is recorded). For a shadow sample's reservation of its daily budget."""
-        if buckets and amount_usd > 0:
+        if buckets:
             rows = [(hold_id, spend_bucket(b), self._instance, float(amount_usd)) for b in buckets]
             self._background(self._hold_sync, "a daily spend hold", rows, time.time())
 

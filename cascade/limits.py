@@ -193,13 +193,13 @@ class SpendHolds:
     limit: a limit is overshot by at most the cost of the one request admitted last, on one replica or
     several. A row whose write failed leaves its hold counted until its UTC day ends (the money was spent).
     This only remembers which admitted requests have not queued their rows, so that one that ends without a row
-    (refused after admission, or cut off before its row) has its hold deleted (:attr:`mirror`, the ledger's
+    (refused after admission, or cut off before its row) has its hold deleted (:attr:`ledger`'s
     :meth:`~cascade.ledger.Ledger.release_spend`). Event loop only.
     """
 
     def __init__(self) -> None:
-        #: the ledger the holds are written to (the serving engine's); None: nothing to release
-        self.mirror: Any = None
+        #: the ledger holding the holds (the serving engine's); None: nothing to release
+        self.ledger: Any = None
         #: admitted request id -> whether its ledger row has been queued
         self._holds: dict[str, bool] = {}
 
@@ -220,8 +220,8 @@ class SpendHolds:
         if queued is None or (unless_submitted and queued):
             return
         del self._holds[request_id]
-        if not queued and self.mirror is not None:
-            self.mirror.release_spend(request_id)
+        if not queued and self.ledger is not None:
+            self.ledger.release_spend(request_id)
 
     def __len__(self) -> int:
         """Requests of this process holding spend now."""

@@ -502,7 +502,7 @@ class ShadowSampler:
         """Set ``smp``'s reservation in the ledger to what it holds now (after a call: the calls' actual cost)."""
         amount = self._reserved.get(smp.shadow.name, {}).get(smp)
         if amount is not None:
-            self.ledger.hold_spend(smp.rec.request_id, [("shadow", smp.shadow.name)], max(amount, 1e-12))
+            self.ledger.hold_spend(smp.rec.request_id, [("shadow", smp.shadow.name)], max(amount, 0.0))
 
 
 __all__ = ["ShadowPolicy", "ShadowSampler", "ShadowSet", "build_shadow_policies", "estimate_sample_cost",

@@ -173,7 +173,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         # admitted under a daily spend limit, a request holds its worst case in the ledger until its row is
         # written (which deletes the hold); one that ends without a row has its hold deleted there
         holds = app.state.spend_holds
-        holds.mirror = app.state.engine.ledger
+        holds.ledger = app.state.engine.ledger
 
         def row_submitted(rec: CascadeRecord) -> None:
             holds.submitted(rec.request_id)
@@ -204,7 +204,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
             app.state.engine.record_listeners.remove(row_submitted)
             app.state.engine.commit_listeners.remove(row_committed)
             app.state.engine.ledger.late_listeners.remove(row_written)
-            holds.mirror = None
+            holds.ledger = None
             if owned:
                 await app.state.engine.close()
 

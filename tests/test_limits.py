@@ -78,7 +78,7 @@ async def test_spend_holds_release_in_the_ledger_only_what_no_row_will(tmp_path)
 
     async with Ledger(tmp_path / "ledger.sqlite") as led:
         h = SpendHolds()
-        h.mirror = led
+        h.ledger = led
         key = ("key", "k")
         for rid in ("r1", "r2", "r3"):
             _, ok = await led.admit_spend(rid, [key], 0.25, utc_day_start(), lambda figures: True)
@@ -289,6 +289,18 @@ def test_the_anonymous_user_tiers_daily_spend_limit_holds_for_the_keyless_reques
     assert upstream.stats()["requests"] == 1
 
 
+async def _until_spent_today(ask, most: int) -> httpx.Response:  # noqa: ANN001
+    """Ask (``ask()``: one request) until the committed spend itself reaches the daily limit, at most ``most``
+    times: each answer before it a 200, then a 429 saying so, returned."""
+    for _ in range(most):
+        r = await ask()
+        if r.status_code == 429:
+            assert "spent today" in r.json()["error"]["message"], r.text
+            return r
+        assert r.status_code == 200, r.text
+    pytest.fail("the daily limit never applied")
+
+
 @pytest.mark.parametrize(("limit_of", "priced_by"), [("key", "tier"), ("end_user", "tier"), ("key", "provider")])
 async def test_a_burst_in_flight_cannot_spend_past_a_daily_limit(tmp_path, upstream, serve_app, limit_of, priced_by):
     """Each admitted request holds its worst case (every tier's prompt and max_tokens, at its dearest
@@ -326,14 +338,8 @@ async def test_a_burst_in_flight_cannot_spend_past_a_daily_limit(tmp_path, upstr
                 assert "requests in flight" in err["message"] and r.headers["retry-after"] == "1"
                 assert r.headers.get("x-should-retry") != "false"   # the SDK's own retry may take it
         upstream.faults(delay_s=0.0)
-        for _ in range(20):                               # on until the committed spend itself reaches the limit
-            r = await c.post("/v1/chat/completions", json=body, headers=head)
-            if r.status_code == 429:
-                assert r.headers["x-should-retry"] == "false" and "spent today" in r.json()["error"]["message"]
-                break
-            assert r.status_code == 200, r.text
-        else:  # pragma: no cover
-            pytest.fail("the daily limit never applied")
+        r = await _until_spent_today(lambda: c.post("/v1/chat/completions", json=body, headers=head), 20)
+        assert r.headers["x-should-retry"] == "false"
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
         spent = db.execute("SELECT SUM(cost_usd) FROM requests").fetchone()[0]
         refused = db.execute("SELECT COUNT(*) FROM requests WHERE error_class='BudgetExceededError'").fetchone()[0]
@@ -470,14 +476,7 @@ async def test_replicas_sharing_a_ledger_count_each_others_requests_in_flight(tm
         assert other[0].headers["retry-after"] == "1"
         assert [r.status_code for r in await asyncio.gather(*burst)] == [200] * 3
         upstream.faults(delay_s=0.0)
-        for _ in range(10):                               # the second goes on from the first's committed spend
-            after = await ask(second)
-            if after.status_code == 429:
-                assert "spent today" in after.json()["error"]["message"], after.text
-                break
-            assert after.status_code == 200, after.text
-        else:  # pragma: no cover
-            pytest.fail("the daily limit never applied")
+        await _until_spent_today(lambda: ask(second), 10)  # the second goes on from the first's committed spend
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
         spent = db.execute("SELECT SUM(cost_usd) FROM requests").fetchone()[0]
         assert db.execute("SELECT COUNT(*) FROM spend_holds").fetchone()[0] == 0
