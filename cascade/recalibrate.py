@@ -716,12 +716,16 @@ def install_sighup(engine: Any, config_path: str | None) -> Callable[[], None] |
     except (ValueError, RuntimeError, NotImplementedError):
         return None
 
+    def ignored() -> None:
+        log.info("SIGHUP ignored: the server is shutting down")
+
     def remove() -> None:
+        # the reload handler is swapped for one that only logs, never removed: removing it puts back SIGHUP's
+        # default (ending the process) until a SIG_IGN after it, and a SIGHUP landing in between (a logrotate
+        # hook during the shutdown) cut the shutdown short, in-flight shadow samples and all (seen once in CI).
+        # The loop removes it when it closes; run_server ignores SIGHUP from then on
         try:
-            loop.remove_signal_handler(sig)
-            # removing the handler puts back SIGHUP's default, which ends the process: one sent during the
-            # rest of the shutdown (a logrotate hook) would cut it short, in-flight shadow samples and all
-            signal.signal(sig, signal.SIG_IGN)
+            loop.add_signal_handler(sig, ignored)
         except (ValueError, RuntimeError):  # pragma: no cover - loop already closed, or not the main thread
             pass
 

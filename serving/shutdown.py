@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import threading
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -201,6 +203,11 @@ def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: s
         server.run()
     except KeyboardInterrupt:  # a second Ctrl-C: uvicorn.run ends quietly too
         pass
+    finally:
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            # the closed loop put back SIGHUP's default (ending the process): a late one is ignored, as the
+            # server's own handler ignored it during the shutdown (cascade/recalibrate.py install_sighup)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not server.started:
         raise SystemExit(3)  # as uvicorn.run does: the socket could not be bound, or the app failed to start
 

@@ -255,6 +255,83 @@ def test_sighup_reloads_a_cascade_serve_process(tmp_path, recalibrated):
         log.close()
 
 
+_SIGHUP_CYCLES = r"""
+import asyncio, logging, signal, sys
+from cascade.recalibrate import install_sighup
+
+logging.getLogger("cascade.recalibrate").setLevel(logging.CRITICAL)  # the spam's reloads fail (no engine)
+
+
+async def main():
+    for _ in range(int(sys.argv[2])):
+        remove = install_sighup(0, None)  # an engine of 0: its reload fails at once, on the loop
+        await asyncio.sleep(0.0005)
+        remove()  # what the server's shutdown does: SIGHUPs from here on are ignored
+        await asyncio.sleep(0.0005)
+    print("cycled", flush=True)
+    # the loop's close removes the ignoring handler too (SIGHUP's default again until run_server ignores it):
+    # the test stops its storm first
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as cascade serve does before its server starts
+print("ready", flush=True)
+
+if sys.argv[1] == "uvloop":
+    import uvloop
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+else:
+    runner = asyncio.Runner()
+with runner:
+    runner.run(main())
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_sighup_storm_during_the_handlers_removal_never_ends_the_process(loop: str):
+    """The shutdown's removal of the reload handler left SIGHUP's default (end the process) in place for a
+    moment; a SIGHUP in it ended a `cascade serve` in CI before its engine closed (exit -1 in
+    test_sighup_reloads_a_cascade_serve_process). Here SIGHUPs arrive every few tenths of a ms while the handler is
+    installed and removed 2000 times, on the loops cascade serve runs (uvloop where installed, else asyncio)."""
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        pytest.skip("uvloop is not installed")
+    proc = subprocess.Popen([sys.executable, "-c", _SIGHUP_CYCLES, loop, "2000"], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    cycled = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if line.strip() == "cycled":
+                cycled.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    sent = 0
+    try:
+        deadline = time.monotonic() + 120
+        while not lines:  # its imports done, SIGHUP ignored as in cascade serve
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            line = proc.stdout.readline()
+            lines.append(line.strip())
+        assert lines == ["ready"], lines
+        reader.start()
+        while not cycled.is_set() and proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.0002)
+        alive = proc.poll()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:  # pragma: no cover
+            proc.kill()
+            proc.wait()
+    assert alive is None and proc.returncode == 0, (alive, proc.returncode, err[-2000:])
+    assert lines == ["ready", "cycled"] and sent > 200, (lines, sent)
+
+
 # --- drift -----------------------------------------------------------------------------------------
 
 
