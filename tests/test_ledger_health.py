@@ -314,7 +314,7 @@ def test_a_known_ledger_outage_refuses_at_admission_before_reading_the_daily_spe
     path, key = tmp_path / "shared.sqlite", "sk-capped-0123456789abcdef"
     cfg = make_config(tmp_path, [{"name": "r", "backend": "openai", "model": "m",
                                   "options": {"base_url": "http://127.0.0.1:9/v1"}}],
-                      {"p": {"chain": ["r"]}}, ledger={"path": str(path), "timeout_s": 1.5},
+                      {"p": {"chain": ["r"]}}, ledger={"path": str(path), "timeout_s": 5},
                       user_tiers={"capped": {"daily_spend_limit_usd": 1.0}},
                       auth={"keys": [{"id": "k1", "sha256": hash_key(key), "user_tier": "capped"}]})
     auth = {"authorization": f"Bearer {key}"}
@@ -322,10 +322,10 @@ def test_a_known_ledger_outage_refuses_at_admission_before_reading_the_daily_spe
         assert httpx.get(srv.url + "/ready", timeout=30).status_code == 503  # the outage is known
         r, took = _timed(httpx.post, srv.url + "/v1/chat/completions", json=_BODY, headers=auth, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable", r.text
-        assert took < 1.4  # a probe's wait for the lock at most (1 s), not the spend read's 1.5 s
+        assert took < 4  # a probe's wait for the lock at most (1 s), not the spend read's 5 s
         r, took = _timed(httpx.post, srv.url + "/v1/chat/completions", headers=auth, timeout=30,
                          json={**_BODY, "n": 2})
-        assert r.status_code == 400 and took < 1.4, r.text
+        assert r.status_code == 400 and took < 4, r.text  # not its refusal row's 5 s
 
 
 async def test_writes_past_max_pending_fail_at_once_rather_than_queue_without_bound(tmp_path):
@@ -429,12 +429,12 @@ def test_ready_and_completions_answer_in_bounded_time_while_postgresql_hangs(hun
         with frozen(hung_pg):
             r, took = _timed(httpx.get, srv.url + "/ready", timeout=60)  # its probe waits ledger.timeout_s
             assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable", r.text
-            assert "not answering" in r.json()["ledger"] and 1.3 < took < 4.5
+            assert "not answering" in r.json()["ledger"] and 1.3 < took < 8  # bounded: not a hang
             r, took = _timed(httpx.post, srv.url + "/v1/chat/completions", json=_BODY, timeout=60)
             assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable", r.text
-            assert took < 4.5
+            assert took < 8
             r, took = _timed(httpx.get, srv.url + "/ready", timeout=60)  # the thread stuck: at once
-            assert r.status_code == 503 and took < 4.5
+            assert r.status_code == 503 and took < 8
         r = _wait_ready(srv.url)
         assert r.status_code == 200, r.text
 
