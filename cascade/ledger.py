@@ -2138,16 +2138,23 @@ def _day_of(day_start: float) -> int:
     return day
 
 
+#: a hold written this long before 00:00 UTC also counts against the new day until its row is written: the
+#: request's row is dated when the engine starts it, after its admission (by up to a busy event loop's delay),
+#: so one admitted in the day's last instant is recorded in the next without having been held there
+HOLD_DAY_SLACK_S = 60.0
+
+
 def _spend_read(names: Sequence[str], day: int, day_start: float) -> tuple[str, list]:
     """One statement (one snapshot) reading, per bucket, its spend total of ``day`` and the spend holds written
-    since ``day_start``, with how many."""
+    since ``day_start`` (less :data:`HOLD_DAY_SLACK_S`), with how many."""
     cols: list[str] = []
     params: list[Any] = []
     held = "FROM spend_holds WHERE bucket = ? AND created_at >= ?"
+    since = day_start - HOLD_DAY_SLACK_S
     for name in names:
         cols += ["COALESCE((SELECT cost_usd FROM spend_daily WHERE day = ? AND bucket = ?), 0)",
                  f"(SELECT COALESCE(SUM(amount_usd), 0) {held})", f"(SELECT COUNT(*) {held})"]
-        params += [day, name, name, day_start, name, day_start]
+        params += [day, name, name, since, name, since]
     return f"SELECT {', '.join(cols)}", params
 
 

@@ -413,6 +413,25 @@ async def test_replicas_check_and_hold_daily_spend_in_one_transaction(target):
         assert await _count(c, "spend_holds", 0)
 
 
+async def test_a_hold_from_the_last_minute_of_a_day_counts_against_the_next_until_its_row_is_written(target):
+    """A request's row is dated when the engine starts it, after its admission: one admitted in a day's last
+    instant may be recorded in the next day, so its hold counts there too until its row is written (it did not:
+    the new day's admissions could spend past its limit by the requests admitted just before midnight)."""
+    today = utc_day_start()
+    tomorrow, key = today + 86400, ("key", "k1")
+    async with Ledger(target) as led:
+        for rid, amount, written in (("late", 0.5, tomorrow - 0.5), ("early", 0.25, tomorrow - 3600)):
+            assert (await led.admit_spend(rid, [key], amount, today, lambda figures: True))[1]
+            await led.query("UPDATE spend_holds SET created_at = ? WHERE hold_id = ?", (written, rid))
+        assert await daily_spend(led, tomorrow, [key]) == [(0.0, 0.5, 1)]  # the hour-old hold: today's only
+        assert await daily_spend(led, today, [key]) == [(0.0, 0.75, 2)]
+        rec = record(1)
+        rec.request_id, rec.created_at = "late", tomorrow + 0.1
+        await led.record(rec)  # recorded tomorrow: counted there once, and no longer held anywhere
+        assert await daily_spend(led, tomorrow, [key]) == [(pytest.approx(1e-4), 0.0, 0)]
+        assert await daily_spend(led, today, [key]) == [(0.0, 0.25, 1)]
+
+
 async def test_admissions_racing_on_two_processes_never_hold_past_the_limit(target):
     """The check and the hold are one transaction, run one at a time per bucket by every process: admissions
     racing from two processes (two Ledgers, each on its own thread) are admitted exactly as far as the limit,
