@@ -23,7 +23,7 @@ import yaml
 
 from serving.auth import hash_key
 from tests import fault_server
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.fault_server import FaultServer, FaultServerThread
 
 pytestmark = pytest.mark.timeout(120)
@@ -110,15 +110,16 @@ def probe(port: int, key: str) -> httpx.Response:
 
 
 def test_a_client_that_stops_reading_is_cut_off_and_lets_go_of_everything_it_held(tmp_path):
-    with FaultServerThread(FaultServer(answer=ANSWER), port=8871) as upstream:
-        proc = serve(config(tmp_path, 8870, upstream, max_concurrent_requests=1, stream_send_timeout_s=2),
+    port = free_port()
+    with FaultServerThread(FaultServer(answer=ANSWER)) as upstream:
+        proc = serve(config(tmp_path, port, upstream, max_concurrent_requests=1, stream_send_timeout_s=2),
                      tmp_path)
         stalled = None
         try:
-            stalled, rid = stalled_stream(8870)
+            stalled, rid = stalled_stream(port)
             t0 = time.monotonic()
             # while it is held: its key's spend hold blocks the key, its slot the server
-            held = [probe(8870, CAPPED), probe(8870, OTHER)]
+            held = [probe(port, CAPPED), probe(port, OTHER)]
             assert [r.status_code for r in held] == [429, 503], [r.text for r in held]
             assert held[0].json()["error"]["code"] == "daily_spend_limit"
             while rid not in rows(tmp_path) and time.monotonic() - t0 < 20:
@@ -135,7 +136,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_lets_go_of_everything_it_hel
             with pytest.raises(ConnectionResetError):  # and the stalled connection reset, not left to drain
                 while stalled.recv(1 << 16):
                     pass
-            freed = [probe(8870, CAPPED), probe(8870, OTHER)]
+            freed = [probe(port, CAPPED), probe(port, OTHER)]
             assert [r.status_code for r in freed] == [200, 200], [r.text for r in freed]
         finally:
             if stalled is not None:
@@ -168,9 +169,10 @@ def sigterm_while_stalled(proc: subprocess.Popen, port: int, key: str | None) ->
 
 
 def test_sigterm_while_a_client_is_not_reading_writes_its_row_and_exits_at_the_grace(tmp_path):
-    with FaultServerThread(FaultServer(answer=ANSWER), port=8873) as upstream:
-        proc = serve(config(tmp_path, 8872, upstream, graceful_shutdown_s=1, stream_send_timeout_s=60), tmp_path)
-        rid, out, exited_after = sigterm_while_stalled(proc, 8872, CAPPED)
+    port = free_port()
+    with FaultServerThread(FaultServer(answer=ANSWER)) as upstream:
+        proc = serve(config(tmp_path, port, upstream, graceful_shutdown_s=1, stream_send_timeout_s=60), tmp_path)
+        rid, out, exited_after = sigterm_while_stalled(proc, port, CAPPED)
     assert proc.returncode in (0, -signal.SIGTERM), out
     # at the 1 s grace, not at uvicorn's own cut-off 5 s later
     assert exited_after < 3.5, (exited_after, out)
@@ -197,12 +199,13 @@ def test_a_client_that_leaves_an_answer_in_hand_is_recorded_as_partial(tmp_path,
     """A kept first tier's answer is in hand, whole, and committed as served before it streams: a client that
     takes only part of it is recorded as one leaving a live stream is (`partial`, `ClientDisconnected`), not as
     answered."""
-    with FaultServerThread(FaultServer(answer=ANSWER, logprob=-0.01), port=8875) as small, \
-            FaultServerThread(FaultServer(answer="big answer"), port=8876) as big:
-        proc = serve(buffered_config(tmp_path, 8874, small, big), tmp_path)
+    port = free_port()
+    with FaultServerThread(FaultServer(answer=ANSWER, logprob=-0.01)) as small, \
+            FaultServerThread(FaultServer(answer="big answer")) as big:
+        proc = serve(buffered_config(tmp_path, port, small, big), tmp_path)
         sock = None
         try:
-            sock, rid = stalled_stream(8874, key=None)
+            sock, rid = stalled_stream(port, key=None)
             if client == "closes after a few events":
                 sock.recv(4096)
                 sock.close()
@@ -210,10 +213,10 @@ def test_a_client_that_leaves_an_answer_in_hand_is_recorded_as_partial(tmp_path,
             t0 = time.monotonic()
             while rows(tmp_path).get(rid, ("ok",))[0] == "ok" and time.monotonic() - t0 < 20:
                 time.sleep(0.1)
-            whole = httpx.post("http://127.0.0.1:8874/v1/chat/completions", timeout=30, json={
+            whole = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
                 "model": "cascade", "stream": True, "max_tokens": 3000,
                 "messages": [{"role": "user", "content": "again"}]})
-            metrics = httpx.get("http://127.0.0.1:8874/metrics").text
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         finally:
             if sock is not None:
                 sock.close()
@@ -277,11 +280,12 @@ def test_a_client_gone_before_an_answer_in_hand_streams_moves_its_cost_to_waste_
 def test_sigterm_while_an_answer_in_hand_streams_to_a_client_not_reading_records_the_shutdown(tmp_path):
     """An answer in hand streams after its row is committed: a shutdown that runs out of time still cuts it off
     at the grace (not at uvicorn's cut-off 5 s later, with a traceback), and its row says so."""
-    with FaultServerThread(FaultServer(answer=ANSWER, logprob=-0.01), port=8878) as small, \
-            FaultServerThread(FaultServer(answer="big answer"), port=8879) as big:
-        proc = serve(buffered_config(tmp_path, 8877, small, big, graceful_shutdown_s=1, stream_send_timeout_s=60),
+    port = free_port()
+    with FaultServerThread(FaultServer(answer=ANSWER, logprob=-0.01)) as small, \
+            FaultServerThread(FaultServer(answer="big answer")) as big:
+        proc = serve(buffered_config(tmp_path, port, small, big, graceful_shutdown_s=1, stream_send_timeout_s=60),
                      tmp_path)
-        rid, out, exited_after = sigterm_while_stalled(proc, 8877, None)
+        rid, out, exited_after = sigterm_while_stalled(proc, port, None)
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert exited_after < 3.5, (exited_after, out)
     assert "Exception in ASGI application" not in out and "timeout graceful shutdown exceeded" not in out, out
