@@ -110,7 +110,7 @@ class DrainMiddleware:
     """Track each HTTP request's task; when :class:`Drain` cancels it, answer for it: a 503 JSON error when
     nothing was sent yet, an SSE error event and ``[DONE]`` for a stream already under way. A client that
     is not reading is not waited for: cancelled while its send waited, it gets nothing more (its connection
-    is reset); an answer it does not take within ``ANSWER_SEND_S`` is given up."""
+    is reset); an answer it does not take within ``ANSWER_SEND_S`` is given up, and its connection reset."""
 
     def __init__(self, app: ASGIApp, drain: Drain) -> None:
         self.app, self.drain = app, drain
@@ -163,8 +163,8 @@ class DrainMiddleware:
                             tail = b"data: " + json.dumps(payload, separators=(",", ":")).encode()
                             tail += b"\n\ndata: [DONE]\n\n"
                         await send({"type": "http.response.body", "body": tail, "more_body": False})
-            except TimeoutError:
-                pass
+            except TimeoutError:  # not taken: given up, and the connection reset (closed, it would wait for the
+                await abort_connection(scope)  # client to take its unsent bytes, and uvicorn for it, to its cut-off)
         finally:
             self.drain.leave(task)
 

@@ -28,7 +28,8 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
 ``{"kind": "odd"}``  (a dict spec) answer with odd values, sent as Python's json writes them (NaN and
                      Infinity as such): ``logprob`` every token's, ``top_logprob`` every alternative's,
                      ``usage`` the usage object, ``finish_reason`` the final one, ``content_null`` a null
-                     text with the tokens' logprobs kept
+                     text with the tokens' logprobs kept; ``{"kind": "slow", "seconds": S, "per_chunk": C,
+                     "bare": true}`` a slow stream without logprobs (``bare`` goes with any kind)
 ===================  ==============================================================================
 
 Control (JSON): ``POST /_faults`` ``{"queue": [spec, ...], "rate": 0.2, "kinds": [spec, ...],
@@ -389,7 +390,7 @@ class FaultServer:
         per_chunk = fault.get("per_chunk", 0.0) if kind == "slow" else 0.0
         if body.get("stream"):
             chunks = self._chunks(chat, body)
-            if kind == "bare":
+            if kind == "bare" or fault.get("bare"):
                 chunks = [_bare(c) for c in chunks if c.get("choices")]
             elif kind == "odd":
                 chunks = [_odd(c, fault) for c in chunks]

@@ -65,11 +65,12 @@ def serve(cfg: dict, tmp_path: Path) -> subprocess.Popen:
         time.sleep(0.1)
 
 
-def stalled_stream(port: int, key: str | None = CAPPED) -> tuple[socket.socket, str]:
+def stalled_stream(port: int, key: str | None = CAPPED, logprobs: bool = True) -> tuple[socket.socket, str]:
     """A streamed chat request whose client reads the response's head, then nothing (its connection kept
     open); gives the socket and the request's id. ``key``: its API key (None: a server without keys)."""
-    body = json.dumps({"model": "cascade", "stream": True, "max_tokens": 3000, "logprobs": True,
-                       "top_logprobs": 20, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    extra = {"logprobs": True, "top_logprobs": 20} if logprobs else {}
+    body = json.dumps({"model": "cascade", "stream": True, "max_tokens": 3000, **extra,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", port))
@@ -176,6 +177,38 @@ def test_sigterm_while_a_client_is_not_reading_writes_its_row_and_exits_at_the_g
     assert proc.returncode in (0, -signal.SIGTERM), out
     # at the 1 s grace, not at uvicorn's own cut-off 5 s later
     assert exited_after < 3.5, (exited_after, out)
+    assert "Exception in ASGI application" not in out and "timeout graceful shutdown exceeded" not in out, out
+    assert rows(tmp_path) == {rid: ("partial", "ServerShutdown")}
+
+
+def test_sigterm_while_a_stream_waits_for_its_model_and_its_client_is_not_reading_exits_at_the_grace(tmp_path):
+    """The drain can find a stream between two chunks, waiting for its model, when the client has taken none of
+    what was sent (the connection's buffers full): its error event then waited ANSWER_SEND_S, was given up, and
+    the connection was left open, so uvicorn waited for it until its own cut-off 5 s later (seen in CI under
+    load, where the model's chunks come slowly). Given up now means reset. Here one chunk larger than the
+    buffers, and the model's next one 8 s later."""
+    port = free_port()
+    wmem = Path("/proc/sys/net/ipv4/tcp_wmem")  # the most a socket's send buffer may grow to (4 MiB by default)
+    chunk = 2 * (int(wmem.read_text().split()[2]) if wmem.exists() else 4 << 20) + (1 << 20)
+    with FaultServerThread(FaultServer(answer=" ".join(["x" * chunk] * 2))) as upstream:
+        upstream.faults({"kind": "slow", "seconds": 0, "per_chunk": 8, "bare": True})  # no logprobs: 9 MB, not 90
+        proc = serve(config(tmp_path, port, upstream, graceful_shutdown_s=1, stream_send_timeout_s=60), tmp_path)
+        stalled = None
+        try:
+            stalled, rid = stalled_stream(port, key=OTHER, logprobs=False)
+            time.sleep(1.0)  # the first chunk is sent, more than the buffers hold; the next is 30 s away
+            t_term = time.monotonic()
+            out = stop(proc)
+            exited_after = time.monotonic() - t_term
+        finally:
+            if stalled is not None:
+                stalled.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "answering 1 request(s) still running with 503" in out, out
+    assert exited_after < 5, (exited_after, out)  # the grace (1 s) and the event's wait (1 s), not 6 s
     assert "Exception in ASGI application" not in out and "timeout graceful shutdown exceeded" not in out, out
     assert rows(tmp_path) == {rid: ("partial", "ServerShutdown")}
 
