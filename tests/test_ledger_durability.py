@@ -304,16 +304,19 @@ def test_a_stream_whose_answer_went_out_ends_whole_when_its_write_is_held(tiny_f
 
 
 async def test_writes_that_found_the_ledger_locked_past_its_timeout_are_committed_once_the_lock_goes(tmp_path):
-    """A lock held for 6 s, three times ``timeout_s``: SQLite gives up waiting (SQLITE_BUSY) long before it goes.
-    The waiters are told their write timed out, as before; the writes stay queued and are committed later (an
-    answer's row as the failure its client saw, a refusal's as it is), and the late listeners hear so."""
+    """A lock held elsewhere for longer than ``timeout_s`` (until this test lets it go): SQLite gives up waiting
+    (SQLITE_BUSY) long before it goes. The waiters are told their write timed out, as before; the writes stay
+    queued and are committed later (an answer's row as the failure its client saw, a refusal's as it is), and the
+    late listeners hear so."""
     path = tmp_path / "ledger.sqlite"
     late: list[tuple[str, BaseException | None]] = []
     async with Ledger(path, timeout_s=2) as ledger:
         ledger.late_listeners.append(lambda rec, exc: late.append((rec.request_id, exc)))
         await ledger.record(record(1))
-        holder = lock_for(path, 6.0)
-        try:
+        # held until the block ends, not for a fixed time: the steps below take ~5 s (two 2 s timeouts and a
+        # probe's 1 s wait for the lock), and a lock timed to go at 6 s could go before the last of them on a
+        # loaded machine, committing r4 while the test still needs the lock held
+        with locked(path):
             refusal = record(3)
             refusal.status, refusal.error_class, refusal.error_message = "error", "LedgerUnavailableError", "refused"
             refusal.attempts = []
@@ -322,16 +325,14 @@ async def test_writes_that_found_the_ledger_locked_past_its_timeout_are_committe
             for fut in futs:
                 with pytest.raises(LedgerTimeoutError):
                     await fut
-            assert time.monotonic() - t0 < 3.5  # the waiter's timeout (2 s), not the lock's 6 s
+            assert time.monotonic() - t0 < 3.5  # the waiter's timeout (2 s), not the lock's (it is still held)
             await until(lambda: ledger._held == 2, what="the held writes")
             why = await ledger.probe()  # answered beside the held writes' tries, in time
             assert why and "locked" in why, why
             later = ledger.submit(record(4))  # joins the held writes
             with pytest.raises(LedgerTimeoutError):
                 await later
-            assert time.monotonic() - t0 < 5.5 and not late  # all of it while the lock was held
-        finally:
-            holder.wait(timeout=30)
+            assert not late  # nothing committed while the lock is held
         await until(lambda: len(late) == 3, what="the late commits")
         assert sorted(late, key=lambda x: x[0]) == [("r2", None), ("r3", None), ("r4", None)]
         await until(lambda: ledger._queue.qsize() == 0 and ledger._held == 0, what="the corrections")
