@@ -965,7 +965,10 @@ async def test_load_300_requests_with_20_percent_faults(tmp_path):
         cfg = parse_config(load_config(tmp_path, fss), source="<load>", environ={})
         with ServerThread(create_app(cfg)) as srv:
             t0 = time.monotonic()
-            results = await fire(srv.url, 300, 50)
+            # 16 at a time: at 50 the one process (server, client and the four fault servers) queued healthy calls
+            # past their providers' 1 s timeout on a loaded 2-core machine, and the count of answers depended on
+            # the machine's speed (spurious timeouts opened breakers), not on the faults drawn
+            results = await fire(srv.url, 300, 16)
             elapsed = time.monotonic() - t0
         counts = check_load(results, tmp_path / "ledger.sqlite", fss)
     finally:
