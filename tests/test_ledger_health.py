@@ -661,17 +661,21 @@ class _CommitCutter:
             while data := src.recv(65536):
                 if state["cut"]:
                     return
-                dst.sendall(data)
                 if upstream and b"INSERT INTO requests" in data:
                     state["insert"] = True
                 if upstream and self.armed and state["insert"] and b"COMMIT\x00" in data:
+                    # the cut is decided before the COMMIT is forwarded: the server's answer can come back at once,
+                    # and the other direction's pump must already see it cut (decided after forwarding, the answer
+                    # slipped through to the client when this thread lost the race to it on a loaded machine)
                     self.armed, state["cut"] = False, True
+                    self.cuts += 1
                     self.refusing_until = time.monotonic() + self.refuse_s
+                    dst.sendall(data)
                     time.sleep(0.3)  # the server commits meanwhile
                     for s in (src, dst):
                         s.close()
-                    self.cuts += 1
                     return
+                dst.sendall(data)
         except OSError:
             pass
 
