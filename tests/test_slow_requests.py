@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from serving.auth import hash_key
+from tests.conftest import free_port
 from tests.fault_server import FaultServer, FaultServerThread
 from tests.test_stalled_streams import rows, serve, stop
 
 pytestmark = pytest.mark.timeout(120)
 
-PORT, UPSTREAM_PORT = 8920, 8921
+#: the port the module's server listens on (a free one, chosen when it starts)
+LISTEN: dict[str, int] = {}
 KEY = "sk-slow-requests"
 #: server.request_read_timeout_s in these tests
 READ_TIMEOUT_S = 1.5
@@ -35,8 +37,9 @@ KEEP_ALIVE_S = 5.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     tmp_path = tmp_path_factory.mktemp("slow")
-    with FaultServerThread(FaultServer(answer="four"), port=UPSTREAM_PORT) as upstream:
-        cfg = {"server": {"host": "127.0.0.1", "port": PORT, "log_level": "warning",
+    LISTEN["port"] = free_port()
+    with FaultServerThread(FaultServer(answer="four")) as upstream:
+        cfg = {"server": {"host": "127.0.0.1", "port": LISTEN["port"], "log_level": "warning",
                           "request_read_timeout_s": READ_TIMEOUT_S},
                "ledger": {"path": str(tmp_path / "ledger.sqlite")},
                "tiers": [{"name": "remote", "backend": "openai", "model": "fault-model", "timeout_s": 30,
@@ -62,7 +65,7 @@ def head(content_length: int = len(BODY)) -> bytes:
 
 
 def connect() -> socket.socket:
-    return socket.create_connection(("127.0.0.1", PORT), timeout=30)
+    return socket.create_connection(("127.0.0.1", LISTEN["port"]), timeout=30)
 
 
 def trickle(s: socket.socket, data: bytes, interval: float, pieces: int | None = None) -> bool:
