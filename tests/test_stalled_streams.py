@@ -151,12 +151,13 @@ def test_a_client_that_stops_reading_is_cut_off_and_lets_go_of_everything_it_hel
     assert "cutting it off" in out and "Exception in ASGI application" not in out, out
 
 
-def sigterm_while_stalled(proc: subprocess.Popen, port: int, key: str | None) -> tuple[str, str, float]:
+def sigterm_while_stalled(proc: subprocess.Popen, port: int, key: str | None, logprobs: bool = True,
+                          ) -> tuple[str, str, float]:
     """A client that stops reading its stream from ``proc`` (serving on ``port``), then SIGTERM: the request's
     id, the server's output and how long it took to exit."""
     stalled = None
     try:
-        stalled, rid = stalled_stream(port, key=key)
+        stalled, rid = stalled_stream(port, key=key, logprobs=logprobs)
         time.sleep(1.0)  # the buffers between them fill up: the server waits for the client to read
         t_term = time.monotonic()
         out = stop(proc)
@@ -191,21 +192,10 @@ def test_sigterm_while_a_stream_waits_for_its_model_and_its_client_is_not_readin
     wmem = Path("/proc/sys/net/ipv4/tcp_wmem")  # the most a socket's send buffer may grow to (4 MiB by default)
     chunk = 2 * (int(wmem.read_text().split()[2]) if wmem.exists() else 4 << 20) + (1 << 20)
     with FaultServerThread(FaultServer(answer=" ".join(["x" * chunk] * 2))) as upstream:
-        upstream.faults({"kind": "slow", "seconds": 0, "per_chunk": 8, "bare": True})  # no logprobs: 9 MB, not 90
+        upstream.faults({"kind": "slow", "seconds": 0, "per_chunk": 8, "bare": True})  # no logprobs: their byte lists
+        # would make the chunk many times larger and slow to parse
         proc = serve(config(tmp_path, port, upstream, graceful_shutdown_s=1, stream_send_timeout_s=60), tmp_path)
-        stalled = None
-        try:
-            stalled, rid = stalled_stream(port, key=OTHER, logprobs=False)
-            time.sleep(1.0)  # the first chunk is sent, more than the buffers hold; the next is 30 s away
-            t_term = time.monotonic()
-            out = stop(proc)
-            exited_after = time.monotonic() - t_term
-        finally:
-            if stalled is not None:
-                stalled.close()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        rid, out, exited_after = sigterm_while_stalled(proc, port, OTHER, logprobs=False)
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "answering 1 request(s) still running with 503" in out, out
     assert exited_after < 5, (exited_after, out)  # the grace (1 s) and the event's wait (1 s), not 6 s
