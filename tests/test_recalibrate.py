@@ -299,25 +299,21 @@ def test_a_sighup_storm_during_the_handlers_removal_never_ends_the_process(loop:
     proc = subprocess.Popen([sys.executable, "-c", _SIGHUP_CYCLES, loop, "2000"], cwd=REPO, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
-    cycled = threading.Event()
+    said = {"ready": threading.Event(), "cycled": threading.Event()}
 
     def read() -> None:
         for line in proc.stdout:
             lines.append(line.strip())
-            if line.strip() == "cycled":
-                cycled.set()
+            if line.strip() in said:
+                said[line.strip()].set()
 
-    reader = threading.Thread(target=read, daemon=True)
+    threading.Thread(target=read, daemon=True).start()
     sent = 0
     try:
         deadline = time.monotonic() + 120
-        while not lines:  # its imports done, SIGHUP ignored as in cascade serve
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            line = proc.stdout.readline()
-            lines.append(line.strip())
-        assert lines == ["ready"], lines
-        reader.start()
-        while not cycled.is_set() and proc.poll() is None and time.monotonic() < deadline:
+        # its imports done, SIGHUP ignored as in cascade serve (a bounded wait: a blocking read could not be)
+        assert said["ready"].wait(120) and lines[0] == "ready", (lines, proc.poll())
+        while not said["cycled"].is_set() and proc.poll() is None and time.monotonic() < deadline:
             proc.send_signal(signal.SIGHUP)
             sent += 1
             time.sleep(0.0002)
