@@ -780,6 +780,10 @@ class Ledger:
         #: the other processes' heartbeats as this one last read them, each with since when (time.monotonic())
         #: it has read that same value
         self._seen: dict[str, tuple[float, float]] = {}
+        #: this process's daily spend holds as written (ledger thread only): hold id -> bucket -> (amount, written
+        #: at), so that a process another took for dead (and deleted the holds of) writes them again
+        self._holds: dict[str, dict[str, tuple[float, float]]] = {}
+        self._registered = False  # (its heartbeat row written once: missing later, it was taken for dead)
         self._beat_task: asyncio.Task | None = None
         #: the journal (:meth:`journal`): how to make the record of each request in flight not yet written, and
         #: the requests journaled whose own write is not done, both under the lock (the event loop adds, the ledger
@@ -1635,6 +1639,7 @@ class Ledger:
                 if less := _spend_by_bucket(gone):  # (its spend, counted by the day's totals, goes with it)
                     cur.executemany(d.sql(_ADD_SPEND), [d.row((day, b, c)) for (day, b), c in less])
             self._insert(conn, items)
+        self._unheld(rec.request_id for rec, _ in items)
 
     def _committed_before(self, rec: CascadeRecord) -> bool:
         """Is ``rec`` in the ledger already, committed by an earlier try of this same write (the connection went
@@ -1645,6 +1650,7 @@ class Ledger:
             "SELECT created_at, status, error_class FROM requests WHERE request_id = ?"), (rec.request_id,)).fetchone())
         if row is None or row[0] != rec.created_at or row[2] == INTERRUPTED:
             return False  # another request's id (the record's own fault), or its journal's row (replaced)
+        self._unheld([rec.request_id])  # (that commit deleted its holds)
         if rec.error_class in _TOLD and row[1] in ("ok", "partial"):
             self._record_told_failure_sync(rec.request_id, rec.error_class, rec.error_message or "")
         return True
@@ -1726,6 +1732,8 @@ class Ledger:
                 cur.execute(d.sql(_UPSERT_SHADOW), d.row(_shadow_row(request_id, created_at, decision)))
                 # what the sample reserved of its shadow's budget ends as its spend is in (ShadowSampler)
                 cur.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND bucket = ?"), (request_id, bucket))
+            if (held := self._holds.get(request_id)) is not None and held.pop(bucket, None) and not held:
+                del self._holds[request_id]
         except d.errors as exc:
             self._write_failed(exc)
             raise LedgerError(f"ledger write failed for shadow {decision['shadow']!r} of request {request_id}: "
@@ -1866,9 +1874,18 @@ class Ledger:
             if (moved := self._moved()) is not None:
                 raise LedgerError(moved)
             conn = self._require()
+            rewritten = 0
             with self._lock_wait(short=True), d.transaction(conn):
+                known = conn.execute(d.sql("SELECT 1 FROM instances WHERE instance = ?"), (self._instance,)).fetchall()
                 conn.execute(d.sql(_UPSERT_INSTANCE), d.row((self._instance, _host_key(), os.getpid(), now, now)))
+                if not known and self._holds:  # taken for dead (or never seen): its holds, deleted with it, again
+                    rewritten = self._rewrite_holds(conn)
             self._written(1)
+            if rewritten and self._registered:
+                log.warning("ledger %s: another process took this one for dead (no heartbeat from it for its "
+                            "stale_s) and deleted its daily spend holds: %d requests in flight hold their worst "
+                            "case again", _redact(self.target), rewritten)
+            self._registered = True
             others = conn.execute(d.sql("SELECT instance, host, pid, heartbeat_at FROM instances WHERE instance <> ?"),
                                   (self._instance,)).fetchall()
         except (*d.errors, LedgerError) as exc:  # what was seen of the others no longer counts
@@ -1902,6 +1919,14 @@ class Ledger:
             return
         for rid in mine:
             self._interrupt(conn, "request_id = ?", (rid,), "its own write failed")
+
+    def _rewrite_holds(self, conn: Any) -> int:
+        """Within the caller's transaction: write this process's holds (:attr:`_holds`) as they were written,
+        their times included (a hold counts on the UTC day it was written); returns for how many requests."""
+        rows = [self.dialect.row((hold_id, bucket, self._instance, amount, at))
+                for hold_id, held in self._holds.items() for bucket, (amount, at) in held.items()]
+        conn.cursor().executemany(self.dialect.sql(_UPSERT_HOLD), rows)
+        return len(self._holds)
 
     def _sweep_holds(self, conn: Any, now: float) -> None:
         """Delete the spend holds no process will end: those of a process without a heartbeat row (counted dead,
@@ -1951,8 +1976,10 @@ class Ledger:
                 figures = _spend_figures(conn.execute(d.sql(sql), d.row(params)).fetchone(), len(names))
                 ok = bool(admit(figures))
                 if ok and amount > 0:  # (a shadow sample holds again, its new total, before each call)
-                    conn.cursor().executemany(d.sql(_UPSERT_HOLD), [
-                        d.row((hold_id, name, self._instance, amount, time.time())) for name in dict.fromkeys(names)])
+                    rows = [(hold_id, name, self._instance, amount, time.time()) for name in dict.fromkeys(names)]
+                    conn.cursor().executemany(d.sql(_UPSERT_HOLD), [d.row(r) for r in rows])
+            if ok and amount > 0:
+                self._note_holds(rows)
             return figures, ok
 
         try:
@@ -1985,11 +2012,24 @@ class Ledger:
         conn, d = self._require(), self.dialect
         with self._lock_wait(short=True), d.transaction(conn):  # another process's long lock: not waited for
             conn.cursor().executemany(d.sql(_UPSERT_HOLD), [d.row((*r, now)) for r in rows])
+        self._note_holds([(*r, now) for r in rows])
+
+    def _unheld(self, hold_ids: Iterable[str]) -> None:
+        """Forget holds a committed transaction deleted (every bucket's) as it wrote their requests' rows."""
+        for hold_id in hold_ids:
+            self._holds.pop(hold_id, None)
+
+    def _note_holds(self, rows: list[tuple]) -> None:
+        """Note holds committed (rows as :data:`_UPSERT_HOLD` takes them): one written before keeps its time."""
+        for hold_id, bucket, _, amount, at in rows:
+            held = self._holds.setdefault(hold_id, {})
+            held[bucket] = (amount, held[bucket][1] if bucket in held else at)
 
     def _release_sync(self, hold_id: str) -> None:
         conn, d = self._require(), self.dialect
         with self._lock_wait(short=True), d.transaction(conn):
             conn.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND instance = ?"), (hold_id, self._instance))
+        self._unheld([hold_id])
 
     def _interrupt(self, conn: Any, where: str, params: tuple, why: str, *, instance: str | None = None) -> int:
         """Write the journal's rows selected by ``where`` as their requests (one transaction each, so that one a
@@ -1999,6 +2039,7 @@ class Ledger:
             ids = [r[0] for r in conn.execute(d.sql(f"SELECT request_id FROM inflight WHERE {where}"),
                                               d.row(params)).fetchall()]
             for rid in ids:
+                inserted = False
                 try:
                     with d.transaction(conn):
                         taken = conn.execute(d.sql("DELETE FROM inflight WHERE request_id = ? RETURNING record"),
@@ -2009,6 +2050,9 @@ class Ledger:
                                                  "flight, with its attempts until then")
                             self._insert(conn, [(rec, [])])
                             written += 1
+                            inserted = True
+                    if inserted:
+                        self._unheld([rid])
                 except (*d.record_faults, ValueError, TypeError) as exc:  # this record's fault: dropped
                     log.error("ledger: request %s, in flight when %s, cannot be recorded: %s", rid, why, exc)
                     with d.transaction(conn):

@@ -413,6 +413,30 @@ async def test_replicas_check_and_hold_daily_spend_in_one_transaction(target):
         assert await _count(c, "spend_holds", 0)
 
 
+async def test_a_process_taken_for_dead_while_its_requests_are_in_flight_holds_their_spend_again(target, caplog):
+    """A replica only paused for ``stale_s`` (SIGSTOP, or cut off from the database) is taken for dead by
+    another, which deletes its spend holds with its heartbeat row. Its requests are still in flight and will
+    spend: its next heartbeat writes their holds again, as they were (the same amount and time), so the
+    other replicas count them until their rows are written (they were unheld, and a burst could pass the limit).
+    The peer's ``stale_s`` is shorter than this process's heartbeat period: it takes it for dead between two."""
+    day = utc_day_start()
+    key = ("key", "k1")
+    async with Ledger(target, heartbeat_s=0.6, stale_s=30) as slow:
+        assert (await slow.admit_spend("r1", [key], 0.25, day, lambda figures: True))[1]
+        held = await slow.query("SELECT hold_id, bucket, instance, amount_usd, created_at FROM spend_holds")
+        assert len(held) == 1
+        async with Ledger(target, heartbeat_s=0.05, stale_s=0.2) as peer:
+            await _until(lambda: _count(peer, "spend_holds", 0), "the peer took the slow process for dead")
+        await _until(lambda: _count(slow, "spend_holds", 1), "the slow process held its request's spend again")
+        assert await slow.query("SELECT hold_id, bucket, instance, amount_usd, created_at FROM spend_holds") == held
+        assert await daily_spend(slow, day, [key]) == [(0.0, 0.25, 1)]
+        assert "took this one for dead" in caplog.text and "1 requests in flight" in caplog.text
+        rec = record(1)  # r1 finishes: its row ends its hold, as ever
+        rec.created_at = day + 1
+        await slow.record(rec)
+        assert await daily_spend(slow, day, [key]) == [(pytest.approx(1e-4), 0.0, 0)]
+
+
 async def test_a_hold_from_the_last_minute_of_a_day_counts_against_the_next_until_its_row_is_written(target):
     """A request's row is dated when the engine starts it, after its admission: one admitted in a day's last
     instant may be recorded in the next day, so its hold counts there too until its row is written (it did not:
