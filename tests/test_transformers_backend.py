@@ -175,21 +175,21 @@ async def test_streams_sent_together_are_one_batch_with_the_answers_they_have_al
 
 
 async def test_a_stream_ends_with_its_own_row_while_its_batch_runs_on(smol_backend, monkeypatch):
-    """A 2-token stream batched with a 60-token request has its last chunk while the other still generates,
+    """A 2-token stream batched with a 24-token request has its last chunk while the other still generates,
     and a stream whose reader leaves stops its row without cutting the others short."""
     sizes = record_batches(smol_backend, monkeypatch)
     long = asyncio.create_task(smol_backend.generate(GenerationRequest(
-        prompt="Count from 1 to 1000: 1, 2, 3, 4,", max_tokens=60)))
+        prompt="Count from 1 to 1000: 1, 2, 3, 4,", max_tokens=24)))
     chunks, tokens = await _read(smol_backend.stream(Q.with_(max_tokens=2)))
     assert len(tokens) == 2 and chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 2
     assert not long.done()
     res = await long
-    assert res.usage.completion_tokens == 60 and res.finish_reason == "length"
+    assert res.usage.completion_tokens == 24 and res.finish_reason == "length"
     assert sizes == [2]
     # two streams: the reader of one leaves after its first chunk; the other has its whole answer
     sizes.clear()
-    count = GenerationRequest(prompt="Count from 1 to 1000: 1, 2, 3, 4,", max_tokens=30)
-    left, kept = smol_backend.stream(Q.with_(max_tokens=30)), smol_backend.stream(count)
+    count = GenerationRequest(prompt="Count from 1 to 1000: 1, 2, 3, 4,", max_tokens=16)
+    left, kept = smol_backend.stream(Q.with_(max_tokens=16)), smol_backend.stream(count)
 
     async def leave():  # noqa: ANN202
         first = await left.__anext__()
@@ -200,7 +200,7 @@ async def test_a_stream_ends_with_its_own_row_while_its_batch_runs_on(smol_backe
     assert first.tokens and sizes == [2]
     monkeypatch.undo()
     solo = await smol_backend.generate(count)
-    assert [t.token_id for t in rest[1]] == [t.token_id for t in solo.tokens] and len(solo.tokens) == 30
+    assert [t.token_id for t in rest[1]] == [t.token_id for t in solo.tokens] and len(solo.tokens) == 16
 
 
 async def test_a_stream_carries_the_tokens_and_logprobs_of_the_whole_answer(smol_backend):
