@@ -95,6 +95,11 @@ def free_port() -> int:
     ("    calibrator: {artifact: /nonexistent/cal.json}", "tiers.small.calibrator"),
     ("    options: {max_batch_size: x}", "tiers.small.options.max_batch_size"),
     ("    options: {threads: -2}", "tiers.small.options.threads"),
+    # torch starts the threads when the model loads: a million ran out of threads, one past a C long was a
+    # ValueError with its traceback, both only once a request had come
+    ("    options: {threads: 1000000}", "tiers.small.options.threads: must be a whole number from 1 to 1024, "
+                                        "got 1000000"),
+    ("    options: {threads: 100000000000000000000}", "tiers.small.options.threads: must be a whole number from 1"),
     ("    options: {device: gpu}", "tiers.small.options.device: must be cpu, cuda, cuda:N or auto, got 'gpu'"),
     ("    options: {device: 'cuda:99'}", "tiers.small.options.device: 'cuda:99' asked for, but torch sees"),
     ("    options: {cudnn_attention: 'no'}", "tiers.small.options.cudnn_attention: must be a boolean (true or false, unquoted), got str 'no'"),

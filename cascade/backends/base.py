@@ -19,15 +19,18 @@ if TYPE_CHECKING:
     from cascade.config import Config, TierConfig
 
 
-def option_int(tier: str, key: str, value: Any, *, minimum: int = 1, optional: bool = False) -> int | None:
-    """A backend option that must be a whole number >= ``minimum``; ConfigError naming
-    ``tiers.<tier>.options.<key>`` otherwise."""
+def option_int(tier: str, key: str, value: Any, *, minimum: int = 1, maximum: int | None = None,
+               optional: bool = False) -> int | None:
+    """A backend option that must be a whole number >= ``minimum`` (and <= ``maximum``, when given); ConfigError
+    naming ``tiers.<tier>.options.<key>`` otherwise."""
     from cascade.errors import ConfigError
 
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"tiers.{tier}.options.{key}: must be a whole number >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+            maximum is not None and value > maximum):
+        span = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise ConfigError(f"tiers.{tier}.options.{key}: must be a whole number {span}, got {value!r}")
     return value
 
 

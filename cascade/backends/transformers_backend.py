@@ -203,6 +203,10 @@ class _Pending:
         return sampling + (tuple(r.stop),)
 
 
+#: most torch threads a tier may ask for (``options.threads``)
+MAX_THREADS = 1024
+
+
 class TransformersBackend(Backend):
     kind = "transformers"
 
@@ -225,7 +229,9 @@ class TransformersBackend(Backend):
                 or not 0 <= batch_wait_ms <= GATHER_S * 1000):
             raise ConfigError(f"tiers.{self.name}.options.batch_wait_ms: must be a number within "
                               f"[0, {GATHER_S * 1000:g}], got {batch_wait_ms!r}")
-        threads = option_int(self.name, "threads", threads, optional=True)
+        # bounded: torch starts that many threads when the model loads (a million exhausts the process's threads,
+        # and one past a C long is a ValueError from torch, both only then, after the ledger opened)
+        threads = option_int(self.name, "threads", threads, maximum=MAX_THREADS, optional=True)
         max_batch_size = option_int(self.name, "max_batch_size", max_batch_size)
         self._cache_dir = Path(cache_dir) if cache_dir else None  # cascade.models expands ~ (one line if it cannot)
         self._dtype_name = dtype
