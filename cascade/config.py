@@ -722,6 +722,17 @@ class _StrictLoader(yaml.SafeLoader):
                         key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        # an integer of more digits than Python converts (4300) is a ValueError, not a YAMLError: a traceback
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "an integer too long to read (more than 4300 digits)", node.start_mark) from None
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
 
 def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str] | None = None,
                  base_dir: str | os.PathLike[str] | None = None) -> Config:
@@ -781,6 +792,9 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "malformed YAML"
+        context = getattr(exc, "context", None)
+        if context and problem.startswith("but "):  # "but found another document": the first half says what of
+            problem = f"{context}, {problem}"
         raise ConfigError(f"invalid config {source}: {problem}{where}") from exc
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ConfigError(f"invalid config {source}: collections nested too deeply") from None

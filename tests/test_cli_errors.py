@@ -191,6 +191,10 @@ def test_a_flag_wins_over_a_bad_environment_variable_it_overrides(tmp_path):
      "its aliases expand to more than 100,000 values"),
     ('ledger: {path: "/tmp/a\\0b.sqlite"}\n', "ledger.path: must not contain a NUL character"),
     ('server: {host: "  "}\n', "server.host: must not be empty"),
+    ("server: {max_tokens_limit: 1" + "0" * 5000 + "}\n",
+     "an integer too long to read (more than 4300 digits) at line 1, column 28"),
+    ("server: {port: 8000}\n---\nledger: {path: x.sqlite}\n",
+     "expected a single document in the stream, but found another document at line 2"),
 ])
 def test_aliases_without_end_and_nul_characters_are_one_line(tmp_path, capsys, yaml_text, needle):
     """A self-referencing YAML alias was a RecursionError traceback, aliases of aliases an exponential walk, a NUL
