@@ -30,6 +30,7 @@ only rewrites placeholders and says how to connect.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -303,6 +304,20 @@ def _cannot_write_beside(exc: BaseException) -> bool:
     return "readonly" in str(exc) or "unable to open" in str(exc)
 
 
+def _make_parent(path: Path) -> None:
+    """Create a new SQLite ledger's directory. Under a file (``afile/ledger.sqlite``) mkdir says "File exists",
+    naming the file, as if the directory were there: the OSError says instead which path is not a directory."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        above = path.parent
+        while not above.is_dir() and above != above.parent:  # the nearest existing ancestor: not a directory
+            if os.path.lexists(above):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(above)) from None
+            above = above.parent
+        raise
+
+
 class _Dialect:
     name = "sqlite"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
@@ -324,7 +339,7 @@ class _Dialect:
     def connect(self, target: str, timeout: float | None = None) -> Any:
         # (``timeout`` bounds PostgreSQL's connection set-up; SQLite's busy timeout is set by the ledger)
         path = expand_path(target, "ledger.path")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         # switching a new file to WAL takes a lock the busy timeout does not wait for: processes opening a new
         # ledger together would fail at once ("database is locked"), so wait for it here

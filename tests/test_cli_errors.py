@@ -147,6 +147,17 @@ def test_serve_refuses_a_ledger_that_is_a_directory_or_not_sqlite(tmp_path, ledg
     one_error(r, "cannot open ledger")
 
 
+@pytest.mark.parametrize("under", ["afile", "afile/sub"])
+def test_a_ledger_under_a_file_names_the_file_that_is_not_a_directory(tmp_path, under, capsys):
+    """mkdir said "File exists" of the file, as if the directory were there."""
+    (tmp_path / "afile").write_text("not a directory\n")
+    target = tmp_path / under / "ledger.sqlite"
+    line = one_error(cli(capsys, "ask", "--config", str(write_config(tmp_path)), "--ledger", str(target), "hi"),
+                     f"cannot open ledger {target}: ", f"not a directory: '{tmp_path / 'afile'}'")
+    assert "File exists" not in line
+    assert (tmp_path / "afile").read_text() == "not a directory\n"
+
+
 def test_serve_says_in_one_line_that_the_port_is_in_use(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
