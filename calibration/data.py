@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -206,6 +207,17 @@ def _collect_features(acc: dict[str, list[float]] | None, features: Any, i: int,
     return acc
 
 
+def _json_int(text: str) -> int | float:
+    """A JSON integer as ``json`` reads it, except one beyond any float (``1e400`` written out), which every
+    number of a line is converted to: read as infinity (refused as not finite, naming its line), rather than an
+    OverflowError where it is converted, or a ValueError past the digits Python converts (4300)."""
+    try:
+        value = int(text)
+    except ValueError:
+        return float(text)
+    return value if abs(value) <= sys.float_info.max else float(text)
+
+
 def load_cascade_outputs(path: str | Path) -> CascadeData:
     """Read and validate one JSONL file of per-question cascade outputs."""
     p = expand_path(path, "data file")
@@ -235,7 +247,7 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, parse_int=_json_int)
         except json.JSONDecodeError as exc:
             raise _bad(p, lineno, f"not valid JSON ({exc.msg})") from None
         except RecursionError:  # the decoder recurses once per nesting level

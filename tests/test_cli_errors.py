@@ -397,6 +397,32 @@ def test_a_log_probability_above_zero_is_refused_with_its_line(tmp_path, capsys)
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("cost_usd", "1" + "0" * 400, "cost_usd is not finite (inf)"),  # beyond a float: was an OverflowError
+    ("cost_usd", "1" + "0" * 5000, "cost_usd is not finite (inf)"),  # past Python's 4300 digits: a ValueError
+    ("tokens", '{"in": 1' + "0" * 400 + ', "out": 1}', "tokens.in is not finite (inf)"),
+    ("raw_conf_logprob", "1" + "0" * 400, "raw_conf_logprob is not finite (inf)"),
+])
+def test_an_integer_beyond_any_float_in_a_data_file_is_refused_with_its_line(tmp_path, field, value, needle, capsys):
+    data = data_file(tmp_path)
+    lines = data.read_text().splitlines()
+    row = json.loads(lines[6])
+    row["models"]["m1"][field] = "VALUE"
+    lines[6] = json.dumps(row).replace('"VALUE"', value)
+    data.write_text("\n".join(lines) + "\n")
+    one_error(cli(capsys, "calibrate", "--data", str(data), "--model", "m1", "--out", str(tmp_path / "a.json")),
+              f"{data}:7: model 'm1': {needle}")
+    assert not (tmp_path / "a.json").exists()
+    one_error(cli(capsys, "replay", "--train", str(data), "--test", str(data), "--chain", "m1,m2", "--no-guard"),
+              f"{data}:7: model 'm1': {needle}")
+    # a latency (optional) beyond a float is read too, not a traceback
+    ok = tmp_path / "lat.jsonl"
+    ok.write_text(data_file(tmp_path, name="ok.jsonl").read_text().replace(
+        '"cost_usd": 1e-06}', '"cost_usd": 1e-06, "latency_ms": 1' + "0" * 400 + "}"))
+    r = cli(capsys, "calibrate", "--data", str(ok), "--model", "m1", "--out", str(tmp_path / "b.json"), "--json")
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("argv", [
     ["calibrate", "--data", "d.jsonl", "--model", "m1", "--out", "a.json", "--seed", "-1"],
     ["replay", "--train", "d.jsonl", "--test", "d.jsonl", "--chain", "m1,m2", "--split-seed", "-1"],
