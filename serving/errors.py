@@ -62,6 +62,8 @@ def _validation_message(exc: RequestValidationError, content_type: str = "applic
             return (f"the request body must be JSON sent with content-type: application/json "
                     f"(got {content_type or 'no content-type'})"), None
         return "the request body must be a JSON object", None
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):  # no body at all
+        return "the request body is empty: send a JSON object with content-type: application/json", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # drop pydantic's union-branch labels (e.g. "str", "list[TextPart]") from the location
     loc = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool")]

@@ -136,3 +136,19 @@ def test_auth_required_without_keys_refuses_everyone(tmp_path):
     with ServerThread(create_app(cfg)) as srv:
         r = httpx.get(srv.url + "/v1/models", headers={"authorization": "Bearer sk-anything"})
         assert r.status_code == 401
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/feedback"])
+def test_an_empty_body_is_said_to_be_empty(server, path):
+    # it was "missing required parameter", naming none: the body, not a parameter, is what is missing
+    r = httpx.post(server.url + path, content=b"", timeout=60,
+                   headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["message"].startswith("the request body is empty") and err["param"] is None
+    if path != "/v1/feedback":  # a refused completion request is a ledger row, as any other
+        with sqlite3.connect(server.ledger_path) as db:
+            row = db.execute("SELECT status, error_class, error_message FROM requests WHERE request_id = ?",
+                             (r.headers["x-request-id"],)).fetchone()
+        assert row is not None and row[:2] == ("error", "InvalidRequestError")
+        assert row[2].startswith("the request body is empty")
