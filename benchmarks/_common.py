@@ -186,6 +186,27 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def replot(ap: argparse.ArgumentParser, plot: Callable[[dict[str, Any], Path], "Path | None"], src: Path,
+           png: Path, flag: str = "--plot") -> "Path | None":
+    """``plot`` of a results JSON given on the command line (``--plot JSON``): ``ap.error`` (one line, exit 2)
+    when it is missing, not JSON, or not a results file with ``rows`` that this benchmark can draw."""
+    if not src.is_file():
+        ap.error(f"{flag} {src}: no such file")
+    try:
+        result = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        ap.error(f"{flag} {src}: cannot read it: {getattr(exc, 'strerror', None) or exc}")
+    except ValueError as exc:
+        ap.error(f"{flag} {src}: not valid JSON ({exc})")
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+        ap.error(f"{flag} {src}: not a results file of this benchmark (a JSON object with a list of rows)")
+    check_out(ap, str(png), flag="the PNG")
+    try:
+        return plot(result, png)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        ap.error(f"{flag} {src}: a malformed results file ({type(exc).__name__}: {exc})")
+
+
 def rel(path: str | os.PathLike[str]) -> str:
     """A path relative to the repository when it is inside it (for reports), else as given."""
     p = Path(path).resolve()

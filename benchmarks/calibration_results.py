@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks._common import shared_data_dir  # noqa: E402
+from benchmarks._common import check_out, shared_data_dir  # noqa: E402
 from calibration.data import load_cascade_outputs, split_data  # noqa: E402
 from calibration.replay import ReplayConfig, replay  # noqa: E402
 from cascade.errors import CascadeError, DataError  # noqa: E402
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error("--seeds must be at least 1 (the train-only datasets are measured on internal splits)")
+    check_out(ap, args.out, directory=True)  # before the replays, not after them
 
     src = shared_data_dir(args.data_dir)
     outputs = src / "cascade_outputs" if (src / "cascade_outputs").is_dir() else src

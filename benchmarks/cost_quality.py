@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import RESULTS, machine_facts, rel, shared_data_dir, to_jsonable, write_json
+from benchmarks._common import RESULTS, check_out, machine_facts, rel, shared_data_dir, to_jsonable, write_json
 from cascade.errors import CascadeError, DataError
 
 CALL_GRID = np.linspace(0.0, 1.0, 101)  # strong-call share, 1 % steps
@@ -644,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         out, name, where = Path(args.out or RESULTS / "custom"), "custom", Path(args.train)
         cases = [(Path(args.train).stem, args.train, args.test, args.weak, args.strong)]
+    check_out(ap, str(out), directory=True)  # before the cases run, not after them
     if not cases:  # a wrong --data-dir or --live folder: said, and no empty results file over the real one
         print(f"cost_quality: error: no train/test files found in {where}", file=sys.stderr)
         return 2

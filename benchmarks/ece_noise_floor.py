@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks._common import machine_facts, progress_bar, shared_data_dir, write_json, write_text  # noqa: E402
+from benchmarks._common import check_out, machine_facts, progress_bar, shared_data_dir, write_json, write_text  # noqa: E402
 from calibration import metrics  # noqa: E402
 from calibration.calibrators import _newton_logistic, make_calibrator, score_to_logit, sigmoid  # noqa: E402
 from calibration.data import load_cascade_outputs  # noqa: E402
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--n-test and --n-train must be comma-separated integers, got {args.n_test!r}, {args.n_train!r}")
     if not n_test or min(n_test + sweep) < 10 or args.reps < 1:
         ap.error("--n-test and --n-train sizes must be at least 10, --reps at least 1")
+    check_out(ap, args.out, directory=True)  # before the simulation, not after it
     folder = shared_data_dir(args.data) / "cascade_outputs"
     if not folder.is_dir():
         print(f"ece_noise_floor: error: {folder}: no such directory", file=sys.stderr)

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO, RESULTS, machine_facts, percentile, rel, write_json
+from benchmarks._common import REPO, RESULTS, check_out, machine_facts, percentile, rel, write_json
 
 if str(REPO) not in sys.path:  # tests/ is a plain folder: make `tests.*` importable when run as a script
     sys.path.insert(0, str(REPO))
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--requests and --concurrency must be at least 1")
     if not 0.0 <= args.fault_rate <= 1.0:
         ap.error(f"--fault-rate is a share of requests, in [0, 1]: got {args.fault_rate}")
+    check_out(ap, args.out)  # before the load runs, not after it
 
     import logging
 

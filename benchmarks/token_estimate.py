@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                          "smollm2-135m)")
     ap.add_argument("--out", default=str(REPO / "results" / "token_estimate"))
     args = ap.parse_args(argv)
+    from benchmarks._common import check_out
+
+    check_out(ap, args.out, directory=True)  # before the tokenizers load, not after
     from transformers import AutoTokenizer
 
     from cascade.errors import CascadeError
@@ -96,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         except CascadeError as exc:
             print(f"token_estimate: error: {exc}", file=sys.stderr)
             return 2
-        results[name] = measure(AutoTokenizer.from_pretrained(str(path)), texts)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a folder without (or with a broken) tokenizer
+            print(f"token_estimate: error: --tokenizer {name}: no tokenizer could be loaded from {path}: "
+                  f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
+            return 2
+        results[name] = measure(tokenizer, texts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "token_estimate", "date": time.strftime("%Y-%m-%d"), "seconds": round(

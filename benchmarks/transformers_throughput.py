@@ -54,8 +54,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import (RESULTS, finish_throughput_plot, int_at_least, machine_facts,  # noqa: E402
-                               percentile, read_json, rel, write_json)
+from benchmarks._common import (RESULTS, check_out, finish_throughput_plot, int_at_least, machine_facts,  # noqa: E402
+                               percentile, rel, replot, write_json)
 from benchmarks.vllm_throughput import gpu_facts, prompts, run_level  # noqa: E402
 
 OUT_DIR = RESULTS / "gpu"
@@ -339,12 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.plot:
-        if not args.plot.is_file():
-            ap.error(f"--plot {args.plot}: no such file")
-        png = plot(read_json(args.plot), (args.out / args.plot.name if args.out else args.plot).with_suffix(".png"))
+        png = replot(ap, plot, args.plot, (args.out / args.plot.name if args.out else args.plot).with_suffix(".png"))
         print(png or "no PNG")
         return 0
     args.out = args.out or OUT_DIR
+    stem = args.name or ("transformers_throughput_tiny" if args.tiny else "transformers_throughput")
+    check_out(ap, str(args.out / f"{stem}.json"))  # before the run, not after its minutes
     if args.tiny:
         args.device = args.device or "cpu"
         args.model = args.model or ["smollm2-135m"]
@@ -373,7 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     except CascadeError as exc:
         print(f"transformers_throughput: {exc}", file=sys.stderr)
         return 2
-    stem = args.name or ("transformers_throughput_tiny" if args.tiny else "transformers_throughput")
     path = write_json(args.out / f"{stem}.json", result)
     png = plot(result, path.with_suffix(".png"))
     print(rel(path))

@@ -55,8 +55,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import (RESULTS, finish_throughput_plot, int_at_least, machine_facts,  # noqa: E402
-                               percentile, rel, stop_processes, write_json)
+from benchmarks._common import (RESULTS, check_out, finish_throughput_plot, int_at_least,  # noqa: E402
+                               machine_facts, percentile, rel, replot, stop_processes, write_json)
 
 OUT_DIR = RESULTS / "vllm"
 TOPICS = ["a lighthouse keeper", "the first snow of winter", "a robot learning to paint", "an old map",
@@ -454,6 +454,10 @@ def plot(result: dict[str, Any], png: Path) -> Path | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return _parse(build_parser(), argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="catalog id, HF directory or hub name (default: smollm2-135m)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke size: SmolLM2, max_tokens 8, few requests")
@@ -474,7 +478,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GPU: fraction per engine (one engine runs at a time)")
     p.add_argument("--out", default=None, help="JSON path (default results/vllm/vllm_throughput_<size>.json)")
     p.add_argument("--plot", metavar="JSON", default=None, help="only draw the PNG of an existing JSON")
+    return p
+
+
+def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
+    if args.out is not None and not args.plot:
+        check_out(p, args.out)  # before the run (vLLM's start alone takes minutes), not after it
     args.model = args.model or "smollm2-135m"
     if args.tiny:
         args.concurrency = args.concurrency or [1, 8, 64]
@@ -542,13 +552,11 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    p = build_parser()
+    args = _parse(p, argv)
     if args.plot:
         src = Path(args.plot)
-        if not src.is_file():
-            print(f"vllm_throughput: error: --plot {src}: no such file", file=sys.stderr)
-            return 2
-        png = plot(json.loads(src.read_text()), Path(args.out or src).with_suffix(".png"))
+        png = replot(p, plot, src, Path(args.out or src).with_suffix(".png"))
         return 0 if png else 1
     return asyncio.run(amain(args))
 

@@ -334,6 +334,71 @@ def test_benchmarks_check_out_before_the_run(tmp_path, capsys, script, out, says
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DIR", "FILE"] and not any((tmp_path / "DIR").iterdir())
 
 
+@pytest.mark.parametrize("script, args, out", [
+    ("calibration_results", ["DIR"], "FILE/results"),
+    ("cost_quality", ["--train", "DIR/train.jsonl"], "FILE/results"),
+    ("cost_quality", ["--train", "DIR/train.jsonl"], "FILE"),
+    ("ece_noise_floor", ["DIR"], "FILE/results"),
+    ("resilience_load", ["--requests", "1"], "FILE/load.json"),
+    ("token_estimate", ["--tokenizer", "smollm2-135m"], "FILE/results"),
+    ("transformers_throughput", ["--tiny"], "FILE"),
+    ("vllm_throughput", ["--tiny"], "FILE/x.json"),
+])
+def test_every_benchmark_checks_its_out_before_the_run(tmp_path, capsys, script, args, out):
+    """An --out under a file was a NotADirectoryError traceback after the run (the replays, the simulation, the
+    load, the model's run): it is one argparse line, exit 2, before any of it, and nothing is written."""
+    import importlib
+
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "DIR").mkdir()
+    main = importlib.import_module(f"benchmarks.{script}").main
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exc:
+        main([a.replace("DIR", str(tmp_path / "DIR")) for a in args] + ["--out", str(tmp_path / out)])
+    assert exc.value.code == 2 and time.monotonic() - started < 10
+    line = _argparse_error(capsys.readouterr().err)
+    assert "--out" in line and "not a directory" in line and str(tmp_path / "FILE") in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["DIR", "FILE"] and not any((tmp_path / "DIR").iterdir())
+
+
+@pytest.mark.parametrize("script", ["transformers_throughput", "vllm_throughput"])
+@pytest.mark.parametrize("content, says", [
+    ("", "not valid JSON"),
+    ('{"rows": ', "not valid JSON"),
+    ("[1, 2]", "not a results file of this benchmark"),
+    ('{"config": {}}', "not a results file of this benchmark"),
+    ('{"rows": [{"model": "m"}], "config": {}}', "a malformed results file (KeyError"),
+    (None, "no such file"),
+])
+def test_throughput_plot_of_a_malformed_json_is_one_line(tmp_path, capsys, script, content, says):
+    """``--plot JSON`` on an empty, truncated or foreign JSON was a JSONDecodeError / TypeError / KeyError
+    traceback: one argparse line naming the file, exit 2, and no PNG."""
+    import importlib
+
+    src = tmp_path / "run.json"
+    if content is not None:
+        src.write_text(content)
+    main = importlib.import_module(f"benchmarks.{script}").main
+    with pytest.raises(SystemExit) as exc:
+        main(["--plot", str(src)])
+    assert exc.value.code == 2
+    line = _argparse_error(capsys.readouterr().err)
+    assert f"--plot {src}: {says}" in line
+    assert not (tmp_path / "run.png").exists()
+
+
+def test_token_estimate_on_a_folder_without_a_tokenizer_is_one_line(tmp_path, capsys):
+    """A model folder with no tokenizer files was a ValueError/OSError traceback from transformers."""
+    from benchmarks.token_estimate import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    assert main(["--tokenizer", str(tmp_path / "model"), "--out", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "token_estimate: error: ")
+    assert f"--tokenizer {tmp_path / 'model'}: no tokenizer could be loaded" in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args, says", [
     (["--concurrency", "1", "0"], "argument --concurrency: 0: must be at least 1"),
     (["--repeats", "0"], "argument --repeats: 0: must be at least 1"),
