@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import copy
 import logging
+import math
 import time
 import uuid
 import weakref
@@ -68,6 +69,9 @@ log = logging.getLogger("cascade.engine")
 #: :meth:`Engine.close` called in one knows the tasks it was called on behalf of (:meth:`Engine._closer_family`).
 #: Appended, never reset: a stream's generator may be closed from another context. (Context state, not configuration:
 #: a ContextVar is made once, at module level.)
+#: what ``cache=`` of :meth:`Engine.run_uncommitted` and :meth:`Engine.stream` may say: "use" the response cache,
+#: "refresh" it (answer afresh, store the answer) or "bypass" it (neither read nor store)
+CACHE_MODES = ("use", "refresh", "bypass")
 _REQUEST_TASKS: "contextvars.ContextVar[tuple[tuple[weakref.ref[Engine], weakref.ref[asyncio.Task]], ...]]" = \
     contextvars.ContextVar("cascade_engine_request_tasks", default=())
 
@@ -322,6 +326,10 @@ class Engine:
         ``gather``) while that task holds only streams suspended between two events: it is waiting for this task,
         as the caller itself would be (:meth:`_closer_family`)."""
         self._check_loop()
+        if grace_s is not None and (isinstance(grace_s, bool) or not isinstance(grace_s, (int, float))
+                                    or math.isnan(grace_s) or grace_s < 0):
+            raise InvalidRequestError(f"grace_s must be a number of seconds of at least 0 (or None: "
+                                      f"server.graceful_shutdown_s), got {grace_s!r}", param="grace_s")
         if self._closing is None:
             grace = self.config.server.graceful_shutdown_s if grace_s is None else grace_s
             self.sampler.stop_drawing(grace)  # no sample is drawn (and paid for) while requests finish
@@ -560,8 +568,8 @@ class Engine:
         """
         with self._in_flight():
             request = await self._admitted(request, budget, model=model, endpoint=endpoint, request_id=request_id,
-                                           api_key_id=api_key_id, user_tier=user_tier, end_user=end_user,
-                                           metadata=metadata)
+                                           cache=cache, api_key_id=api_key_id, user_tier=user_tier,
+                                           end_user=end_user, metadata=metadata)
             try:
                 return await self._run_uncommitted(request, model, endpoint, request_id, api_key_id, user_tier,
                                                    budget, cache, end_user, metadata)
@@ -569,7 +577,8 @@ class Engine:
                 self._ids_in_flight.discard(request_id)
 
     async def _admitted(self, request: GenerationRequest, budget: Budget | None, *, model: str | None,
-                        endpoint: str, request_id: str | None, **attribution: object) -> GenerationRequest:
+                        endpoint: str, request_id: str | None, cache: object = "use",
+                        **attribution: object) -> GenerationRequest:
         """What every request meets first: the engine open and on its own loop; a caller's own request id that
         names no request yet (it is then held as in flight: the caller discards it when done); a well-formed
         request and budget, else :class:`InvalidRequestError`, recorded as a refusal as the HTTP layer's are."""
@@ -590,6 +599,9 @@ class Engine:
                     raise InvalidRequestError(f"budget must be a cascade.Budget, got {type(budget).__name__}",
                                               param="budget")
                 budget.check()
+            if not isinstance(cache, str) or cache not in CACHE_MODES:
+                raise InvalidRequestError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}",
+                                          param="cache")
             return checked_request(request)
         except InvalidRequestError as exc:
             try:
@@ -655,8 +667,8 @@ class Engine:
                               metadata: dict[str, str] | None) -> AsyncIterator[StreamEvent]:
         with self._in_flight() as task:
             request = await self._admitted(request, budget, model=model, endpoint=endpoint, request_id=request_id,
-                                           api_key_id=api_key_id, user_tier=user_tier, end_user=end_user,
-                                           metadata=metadata)
+                                           cache=cache, api_key_id=api_key_id, user_tier=user_tier,
+                                           end_user=end_user, metadata=metadata)
             events = self._stream(request, model, endpoint, request_id, api_key_id, user_tier, budget, cache,
                                   end_user, metadata)
             try:

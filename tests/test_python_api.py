@@ -422,3 +422,39 @@ async def test_an_engine_built_without_open_calls_no_tier(tmp_path, servers):
         async for _ in eng.stream(Q):
             pass
     assert calls(servers) == 0
+
+
+@pytest.mark.parametrize("call", ["run_uncommitted", "stream"])
+@pytest.mark.parametrize("cache", ["bogus", "USE", ["use"], None])
+async def test_a_cache_mode_that_is_none_of_use_refresh_bypass_is_refused_and_recorded(tmp_path, servers, call,
+                                                                                       cache):
+    """``cache=`` was taken whatever it said: "bogus" (or a typo of "bypass") read no cache and stored the answer,
+    a tier being called and paid. It is refused as any malformed field: before any tier, with its row."""
+    async with await Engine.open(config(tmp_path, servers, cache={"enabled": True})) as eng:
+        with pytest.raises(InvalidRequestError) as err:
+            if call == "stream":
+                await eng.stream(Q, cache=cache, request_id="mine").__anext__()
+            else:
+                await eng.run_uncommitted(Q, cache=cache, request_id="mine")
+        assert err.value.param == "cache" and "use, refresh, bypass" in err.value.message
+        assert (await eng.run(Q, request_id="mine-2")).record.status == "ok"  # (the engine goes on)
+    assert calls(servers) == 1
+    assert rows(tmp_path) == [("mine", "error", "InvalidRequestError"), ("mine-2", "ok", None)]
+
+
+@pytest.mark.parametrize("grace_s", ["5", math.nan, -1.0, True, [1]])
+async def test_close_given_a_grace_that_is_no_number_of_seconds_says_so_and_leaves_the_engine_open(
+        tmp_path, servers, grace_s):
+    """``close(grace_s="5")`` was a raw TypeError from the shadow sampler; NaN closed at once, logging 'after nan
+    s'. Each is an InvalidRequestError naming grace_s, the engine still open: a close after it closes it."""
+    eng = await Engine.open(config(tmp_path, servers))
+    try:
+        with pytest.raises(InvalidRequestError) as err:
+            await eng.close(grace_s=grace_s)
+        assert err.value.param == "grace_s"
+        assert (await eng.run(Q)).record.status == "ok"
+    finally:
+        await eng.close(grace_s=0)
+    with pytest.raises(EngineClosedError):
+        await eng.run(Q)
+    assert [s for _, s, _ in rows(tmp_path)] == ["ok"]
