@@ -64,14 +64,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cascade.engine")
 
+#: what ``cache=`` of :meth:`Engine.run_uncommitted` and :meth:`Engine.stream` may say: "use" the response cache,
+#: "refresh" it (answer afresh, store the answer) or "bypass" it (neither read nor store)
+CACHE_MODES = ("use", "refresh", "bypass")
+
 #: the tasks of this chain of contexts that ran requests, each with its engine (weak references both). A task made by
 #: ``create_task``, ``wait_for`` (3.11) or ``gather`` starts with a copy of its creator's context, so
 #: :meth:`Engine.close` called in one knows the tasks it was called on behalf of (:meth:`Engine._closer_family`).
 #: Appended, never reset: a stream's generator may be closed from another context. (Context state, not configuration:
 #: a ContextVar is made once, at module level.)
-#: what ``cache=`` of :meth:`Engine.run_uncommitted` and :meth:`Engine.stream` may say: "use" the response cache,
-#: "refresh" it (answer afresh, store the answer) or "bypass" it (neither read nor store)
-CACHE_MODES = ("use", "refresh", "bypass")
 _REQUEST_TASKS: "contextvars.ContextVar[tuple[tuple[weakref.ref[Engine], weakref.ref[asyncio.Task]], ...]]" = \
     contextvars.ContextVar("cascade_engine_request_tasks", default=())
 
