@@ -259,6 +259,16 @@ class TierConfig(_Strict):
     def _known_backend(cls, v: str) -> str:
         return _check_backend_name(v)
 
+    @model_validator(mode="after")
+    def _room_for_a_prompt(self) -> "TierConfig":
+        # a request that asks for no max_tokens gets this one: at or above the context it leaves no token for
+        # the prompt, so such a request is refused by the tier (context overflow) every time, and escalated
+        if self.context_length is not None and self.max_tokens >= self.context_length:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be below context_length ({self.context_length}): "
+                             "a request that asks for no max_tokens gets the tier's, and would leave no room for "
+                             "its prompt (the tier would refuse it every time)")
+        return self
+
     @field_validator("providers")
     @classmethod
     def _unique_providers(cls, v: list[ProviderConfig] | None) -> list[ProviderConfig] | None:
@@ -390,6 +400,15 @@ class ShadowConfig(_Strict):
     calibrators: dict[str, CalibratorConfig] = Field(default_factory=dict)
     #: evaluate the shadow only on requests of these user tiers (default: every request of ``of``)
     user_tiers: list[str] | None = None
+
+    @field_validator("user_tiers")
+    @classmethod
+    def _some_user_tiers(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:  # read as "none given" it would evaluate the shadow on every request
+            raise ValueError("must name at least one user tier (leave it out to evaluate the shadow on every "
+                             "request of its policy)")
+        return v
+
     #: sampled shadow execution: the share of answered requests whose shadow outcome is unknown only
     #: because it needs tiers the live path did not run, on which those tiers are run in the background
     #: (after the response) to find out; 0: never (the outcome stays unknown and nothing is spent)
@@ -434,6 +453,14 @@ class DriftConfig(_Strict):
     #: (1.0: the cascade has become dearer than sending everything to the strong tier)
     max_cost_ratio: float | None = Field(None, gt=0.0)
 
+    @model_validator(mode="after")
+    def _labels_fit_the_window(self) -> "DriftConfig":
+        # the window keeps at most `window` labelled answers: with more needed, the ECE is never judged
+        if self.max_ece is not None and self.min_labels > self.window:
+            raise ValueError(f"min_labels ({self.min_labels}) must not be above window ({self.window}): the window "
+                             f"holds at most {self.window} labelled answers, so max_ece would never be judged")
+        return self
+
     @field_validator("escalation_rate")
     @classmethod
     def _band(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -454,6 +481,27 @@ def _last_only(chain: list[str], no_logprobs: set[str], where: str) -> None:
     if early:
         raise ValueError(f"{where}: tier(s) {early} have options.logprobs: false (their answers carry no "
                          "confidence, so they would always escalate): such a tier can only be a chain's last")
+
+
+#: features computed from each token's top-k alternatives: with fewer than two per token they are 0 for every answer
+_TOPK_FEATURES = ("mean_margin", "mean_topk_entropy")
+
+
+def _calibrator_inputs(cc: CalibratorConfig) -> list[str]:
+    """The engine features a calibrator reads, where the config says (an artifact's own: only when it opens)."""
+    if cc.artifact is None:
+        from calibration.calibrators import calibrator_from_dict
+
+        return list(calibrator_from_dict({"method": cc.method, "feature": cc.feature, "params": cc.params}).inputs)
+    return [cc.feature] if "feature" in cc.model_fields_set else []
+
+
+def _check_topk(tier: "TierConfig", cc: CalibratorConfig, where: str) -> None:
+    needs = [f for f in _calibrator_inputs(cc) if f in _TOPK_FEATURES]
+    if needs and tier.top_logprobs < 2:
+        raise ValueError(f"{where}: reads {needs[0]!r}, computed from each token's top alternatives, but tier "
+                         f"{tier.name!r} has top_logprobs {tier.top_logprobs}: with fewer than 2 it is 0 for every "
+                         "answer (a constant confidence); set the tier's top_logprobs to 2 or more")
 
 
 def _unique_chain(chain: list[str], where: str) -> None:
@@ -491,6 +539,9 @@ class Config(_Strict):
         if clash:
             raise ValueError(f"policies: name(s) {clash} are also tier names; a model name must be unambiguous")
         no_logprobs = {t.name for t in self.tiers if _without_logprobs(t)}
+        by_name = {t.name: t for t in self.tiers}
+        for i, t in enumerate(self.tiers):
+            _check_topk(t, t.calibrator, f"tiers.{i}.calibrator")
         for pname, pol in self.policies.items():
             if not pname.strip():
                 raise ValueError("policies: a policy name must not be empty")
@@ -502,9 +553,10 @@ class Config(_Strict):
             for t in pol.thresholds:
                 if t not in pol.chain:
                     raise ValueError(f"policies.{pname}.thresholds: tier {t!r} is not in the chain")
-            for t in pol.calibrators:
+            for t, cc in pol.calibrators.items():
                 if t not in pol.chain:
                     raise ValueError(f"policies.{pname}.calibrators: tier {t!r} is not in the chain")
+                _check_topk(by_name[t], cc, f"policies.{pname}.calibrators.{t}")
         if self.default_policy is not None and self.default_policy not in self.policies:
             raise ValueError(f"default_policy: unknown policy {self.default_policy!r}")
         models = set(self.policies) | set(names)
@@ -542,6 +594,8 @@ class Config(_Strict):
                 for t in getattr(sh, what):
                     if t not in chain:
                         raise ValueError(f"shadows.{sname}.{what}: tier {t!r} is not in the shadow's chain")
+            for t, cc in sh.calibrators.items():
+                _check_topk(by_name[t], cc, f"shadows.{sname}.calibrators.{t}")
             for ut in sh.user_tiers or ():
                 if ut not in self.user_tiers:
                     raise ValueError(f"shadows.{sname}.user_tiers: unknown user tier {ut!r}; user tiers are "

@@ -187,3 +187,82 @@ def test_a_config_path_that_cannot_be_expanded_or_is_empty_is_one_clear_error():
 
     with pytest.raises(ConfigError, match=r"calibrator artifact: cannot expand '~no-such-user-c/a.json'"):
         parse_config(yaml.safe_load(artifact), environ={}, base_dir=".")
+
+
+SEMANTIC_BASE = """
+tiers:
+  - {name: a, backend: transformers, model: smollm2-135m}
+  - {name: b, backend: openai, model: gpt-4o-mini, options: {base_url: "http://127.0.0.1:1/v1"}}
+policies:
+  cascade: {chain: [a, b]}
+user_tiers: {free: {}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # a default max_tokens at or above the context leaves no room for a prompt: every request that asks for
+        # none was refused by the tier (context overflow) and escalated, silently
+        (SEMANTIC_BASE.replace("model: smollm2-135m}", "model: smollm2-135m, max_tokens: 64, context_length: 64}"),
+         "tiers.0: max_tokens (64) must be below context_length (64)"),
+        # the margin and top-k entropy features need two alternatives per token: with top_logprobs 0 or 1 they
+        # were 0 for every answer, a constant confidence (the tier always kept, or always escalated)
+        (SEMANTIC_BASE.replace("model: smollm2-135m}",
+                               "model: smollm2-135m, top_logprobs: 0, calibrator: {feature: mean_topk_entropy}}"),
+         "tiers.0.calibrator: reads 'mean_topk_entropy', computed from each token's top alternatives, but tier 'a' "
+         "has top_logprobs 0"),
+        (SEMANTIC_BASE.replace("model: smollm2-135m}", "model: smollm2-135m, top_logprobs: 1}").replace(
+            "{chain: [a, b]}", "{chain: [a, b], calibrators: {a: {artifact: x.json, feature: mean_margin}}}"),
+         "policies.cascade.calibrators.a: reads 'mean_margin'"),
+        (SEMANTIC_BASE.replace("model: smollm2-135m}", "model: smollm2-135m, top_logprobs: 1}")
+         + "shadows: {s: {of: cascade, calibrators: {a: {feature: mean_margin}}}}\n",
+         "shadows.s.calibrators.a: reads 'mean_margin'"),
+        # the window keeps at most `window` labels: more needed and the ECE alarm could never fire
+        (SEMANTIC_BASE + "drift: {window: 5, min_labels: 30, max_ece: 0.1}\n",
+         "drift: min_labels (30) must not be above window (5)"),
+        # an empty list of user tiers was read as none given: the shadow ran on every request of its policy
+        (SEMANTIC_BASE + "shadows: {s: {of: cascade, user_tiers: []}}\n",
+         "shadows.s.user_tiers: must name at least one user tier"),
+    ],
+)
+def test_contradictory_configs_are_refused_at_load_naming_the_key(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(p, environ={})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("extra", [
+    "",  # what the checks above leave alone
+    "drift: {window: 5, min_labels: 30}\n",  # no max_ece: min_labels is not used
+    "drift: {window: 30, min_labels: 30, max_ece: 0.1}\n",
+    "shadows: {s: {of: cascade, user_tiers: [free]}}\n",
+    "shadows: {s: {of: cascade, calibrators: {a: {feature: mean_margin}}}}\n",  # top_logprobs 5 by default
+])
+def test_the_consistent_neighbours_of_those_configs_load(tmp_path, extra):
+    p = tmp_path / "c.yaml"
+    p.write_text(SEMANTIC_BASE.replace("model: smollm2-135m}", "model: smollm2-135m, max_tokens: 63, "
+                                       "context_length: 64}") + extra)
+    load_config(p, environ={})
+
+
+async def test_a_reload_to_a_contradictory_config_is_refused_and_the_running_one_stays(tmp_path):
+    import yaml
+
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+
+    p = tmp_path / "c.yaml"
+    p.write_text(SEMANTIC_BASE + f"ledger: {{path: {tmp_path / 'l.sqlite'}}}\n")
+    engine = await Engine.open(load_config(p, environ={}), preload=False)
+    try:
+        data = yaml.safe_load(p.read_text())
+        data["tiers"][0].update(threshold=0.9, top_logprobs=0, calibrator={"feature": "mean_margin"})
+        p.write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match=r"tiers\.0\.calibrator: reads 'mean_margin'"):
+            reload_engine(engine, str(p))
+        assert engine.tiers["a"].config.threshold == 0.5 and engine.tiers["a"].calibrator.feature == "mean_logprob"
+    finally:
+        await engine.close()
