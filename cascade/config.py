@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -484,7 +484,18 @@ def _last_only(chain: list[str], no_logprobs: set[str], where: str) -> None:
 
 
 #: features computed from each token's top-k alternatives: with fewer than two per token they are 0 for every answer
-_TOPK_FEATURES = ("mean_margin", "mean_topk_entropy")
+TOPK_FEATURES = ("mean_margin", "mean_topk_entropy")
+
+
+def topk_problem(where: str, inputs: Iterable[str], tier: str, top_logprobs: int) -> str | None:
+    """Why a calibrator reading ``inputs`` cannot judge the answers of ``tier``, which asks for ``top_logprobs``
+    alternatives per token (None: it can)."""
+    needs = [f for f in inputs if f in TOPK_FEATURES]
+    if not needs or top_logprobs >= 2:
+        return None
+    return (f"{where}: reads {needs[0]!r}, computed from each token's top alternatives, but tier {tier!r} has "
+            f"top_logprobs {top_logprobs}: with fewer than 2 it is 0 for every answer (a constant confidence); "
+            "set the tier's top_logprobs to 2 or more")
 
 
 def _calibrator_inputs(cc: CalibratorConfig) -> list[str]:
@@ -497,11 +508,9 @@ def _calibrator_inputs(cc: CalibratorConfig) -> list[str]:
 
 
 def _check_topk(tier: "TierConfig", cc: CalibratorConfig, where: str) -> None:
-    needs = [f for f in _calibrator_inputs(cc) if f in _TOPK_FEATURES]
-    if needs and tier.top_logprobs < 2:
-        raise ValueError(f"{where}: reads {needs[0]!r}, computed from each token's top alternatives, but tier "
-                         f"{tier.name!r} has top_logprobs {tier.top_logprobs}: with fewer than 2 it is 0 for every "
-                         "answer (a constant confidence); set the tier's top_logprobs to 2 or more")
+    """(An artifact's own feature is checked when the engine opens it: :func:`cascade.engine.build_calibrator`.)"""
+    if why := topk_problem(where, _calibrator_inputs(cc), tier.name, tier.top_logprobs):
+        raise ValueError(why)
 
 
 def _unique_chain(chain: list[str], where: str) -> None:

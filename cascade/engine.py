@@ -26,7 +26,7 @@ from calibration.features import FEATURE_NAMES, extract_features
 from cascade.backends import Backend, backend_class
 from cascade.budget import Budget, call_ceiling, dearest_price, fit_budget
 from cascade.cache import CachedAnswer, ResponseCache, cache_key
-from cascade.config import CalibratorConfig, Config, TierConfig
+from cascade.config import CalibratorConfig, Config, TierConfig, topk_problem
 from cascade.errors import (
     BudgetExceededError,
     CascadeError,
@@ -77,9 +77,11 @@ _REQUEST_TASKS: "contextvars.ContextVar[tuple[tuple[weakref.ref[Engine], weakref
     contextvars.ContextVar("cascade_engine_request_tasks", default=())
 
 
-def build_calibrator(cfg: CalibratorConfig, *, tier: str, where: str | None = None) -> Calibrator:
+def build_calibrator(cfg: CalibratorConfig, *, tier: str, where: str | None = None,
+                     top_logprobs: int | None = None) -> Calibrator:
     """The calibrator a config section describes; ConfigError naming ``where`` (default
-    ``tiers.<tier>.calibrator``) when it cannot be built or reads a feature the engine does not compute.
+    ``tiers.<tier>.calibrator``) when it cannot be built or reads a feature the engine does not compute, or
+    (given the tier's ``top_logprobs``) one computed from top alternatives that the tier does not ask for.
 
     Beside ``artifact``, an explicit ``feature`` serves the artifact's fitted map from that engine feature
     (an artifact fit offline on a stored confidence, e.g. the shared data's answer-letter logprob, which
@@ -101,6 +103,8 @@ def build_calibrator(cfg: CalibratorConfig, *, tier: str, where: str | None = No
             f"(it computes {', '.join(FEATURE_NAMES)}); set `feature:` beside `artifact:` to the engine feature "
             f"it stands for (first_token_logprob for an answer-letter logprob), or fit on live outputs with "
             f"`cascade calibrate --feature mean_logprob`")
+    if top_logprobs is not None and (why := topk_problem(where, cal.inputs, tier, top_logprobs)):
+        raise ConfigError(why)  # (the config checked what it names; an artifact's own feature is known here)
     return cal
 
 
@@ -137,7 +141,8 @@ class Route:
 
 def build_policy_calibrators(config: Config) -> dict[str, dict[str, Calibrator]]:
     """Every policy's per-tier calibrator overrides (``policies.<name>.calibrators``), built."""
-    return {name: {t: build_calibrator(cc, tier=t, where=f"policies.{name}.calibrators.{t}")
+    return {name: {t: build_calibrator(cc, tier=t, where=f"policies.{name}.calibrators.{t}",
+                                       top_logprobs=config.tier(t).top_logprobs)
                    for t, cc in pol.calibrators.items()}
             for name, pol in config.policies.items() if pol.calibrators}
 
@@ -225,7 +230,7 @@ def check_backends(config: Config, tiers: "set[str] | None" = None) -> None:
         providers = getattr(backend, "providers", None)  # a tier with providers checks each
         for b in [p.backend for p in providers] if providers else [backend]:
             b.check()
-        build_calibrator(tc.calibrator, tier=tc.name)
+        build_calibrator(tc.calibrator, tier=tc.name, top_logprobs=tc.top_logprobs)
 
 
 class Engine:
@@ -252,7 +257,8 @@ class Engine:
         self.tiers: dict[str, Tier] = {}
         for tc in config.tiers:
             self.tiers[tc.name] = Tier(config=tc, backend=build_backend(tc, config),
-                                       calibrator=build_calibrator(tc.calibrator, tier=tc.name))
+                                       calibrator=build_calibrator(tc.calibrator, tier=tc.name,
+                                                                   top_logprobs=tc.top_logprobs))
         #: per-policy (per-task) calibrator overrides: policy -> tier -> calibrator; swapped whole on reload
         self.policy_calibrators = build_policy_calibrators(config)
         from cascade.shadow import ShadowSampler, ShadowSet

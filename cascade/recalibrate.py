@@ -564,7 +564,7 @@ def _plan(engine: Any, config_path: str | None
                                                                   "calibrator": nt.calibrator})
         tiers.append(merged)  # a held tier keeps its calibrator as it runs, not re-read (the file may be the new one)
         cals[tc.name] = engine.tiers[tc.name].calibrator if tc.name in held else \
-            build_calibrator(merged.calibrator, tier=tc.name)
+            build_calibrator(merged.calibrator, tier=tc.name, top_logprobs=merged.top_logprobs)
     not_applied += [f"new tier {n!r}" for n in new_tiers if n not in engine.tiers]
     policies = {}
     for name, pol in old.policies.items():
@@ -604,7 +604,8 @@ def _plan(engine: Any, config_path: str | None
     def policy_calibrator(policy: str, tier: str, cc: Any) -> Calibrator:
         """A held tier's as it runs (not re-read: the file may hold the new model's), else built anew."""
         kept = engine.policy_calibrators.get(policy, {}).get(tier) if tier in held else None
-        return kept or build_calibrator(cc, tier=tier, where=f"policies.{policy}.calibrators.{tier}")
+        return kept or build_calibrator(cc, tier=tier, where=f"policies.{policy}.calibrators.{tier}",
+                                        top_logprobs=engine.tiers[tier].config.top_logprobs)
 
     policy_cals = {name: {t: policy_calibrator(name, t, cc) for t, cc in pol.calibrators.items()}
                    for name, pol in merged_cfg.policies.items() if pol.calibrators}

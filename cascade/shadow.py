@@ -82,7 +82,8 @@ def build_shadow_policies(config: Config, *, build: Callable[..., Calibrator] | 
         live = config.policies[sc.of]
         chain = tuple(sc.chain or live.chain)
         thresholds = tuple(sc.thresholds.get(t, live.thresholds.get(t, config.tier(t).threshold)) for t in chain)
-        cals = {t: build(cc, tier=t, where=f"shadows.{name}.calibrators.{t}") for t, cc in sc.calibrators.items()}
+        cals = {t: build(cc, tier=t, where=f"shadows.{name}.calibrators.{t}", top_logprobs=config.tier(t).top_logprobs)
+                for t, cc in sc.calibrators.items()}
         out.append(ShadowPolicy(name=name, of=sc.of, chain=chain, thresholds=thresholds, calibrators=cals,
                                 user_tiers=frozenset(sc.user_tiers) if sc.user_tiers else None,
                                 sample_rate=sc.sample_rate, sample_budget_usd=sc.sample_budget_usd,

@@ -1,5 +1,6 @@
 """Configuration: the embedded default, env overrides, and clear errors naming the bad key."""
 
+import re
 import subprocess
 import sys
 
@@ -259,3 +260,32 @@ async def test_a_reload_to_a_contradictory_config_is_refused_and_the_running_one
         assert engine.tiers["a"].config.threshold == 0.5 and engine.tiers["a"].calibrator.feature == "mean_logprob"
     finally:
         await engine.close()
+
+
+@pytest.mark.parametrize("where", ["tiers.a.calibrator", "policies.cascade.calibrators.a", "shadows.s.calibrators.a"])
+async def test_an_artifact_reading_top_alternatives_on_a_tier_without_them_is_refused_when_the_engine_opens(
+        tmp_path, where):
+    """The config cannot see an artifact's feature (it is in the file): one fit on mean_margin, served by a tier
+    with top_logprobs 1, is refused as the engine builds its calibrators (was a constant confidence)."""
+    import yaml
+
+    from calibration.calibrators import TemperatureScaling, save_calibrator
+    from cascade.engine import Engine
+
+    art = {"artifact": str(save_calibrator(TemperatureScaling("mean_margin", 2.0), tmp_path / "margin.json"))}
+    data = yaml.safe_load(SEMANTIC_BASE)
+    data["tiers"][0]["top_logprobs"] = 1
+    data["ledger"] = {"path": str(tmp_path / "l.sqlite")}
+    if where.startswith("tiers"):
+        data["tiers"][0]["calibrator"] = art
+    elif where.startswith("policies"):
+        data["policies"]["cascade"]["calibrators"] = {"a": art}
+    else:
+        data["shadows"] = {"s": {"of": "cascade", "calibrators": {"a": art}}}
+    config = parse_config(data, environ={})  # (loads: the artifact is not opened here)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(where)}: reads 'mean_margin', computed from each token's "
+                                          r"top alternatives, but tier 'a' has top_logprobs 1"):
+        await Engine.open(config, preload=False)
+    data["tiers"][0]["top_logprobs"] = 2  # two alternatives a token: the same artifact serves
+    async with await Engine.open(parse_config(data, environ={}), preload=False) as engine:
+        assert engine.resolve("cascade").name == "cascade"
