@@ -136,16 +136,23 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         message = str(exc.detail)
         endpoint = _COMPLETION_PATHS.get(request.url.path)
-        if exc.status_code == 400 and message == _FASTAPI_UNPARSED:
+        status = exc.status_code
+        if status == 400 and message == _FASTAPI_UNPARSED:
             # a body that is not UTF-8, JSON nested past the parser's depth, a number too long to read: said as
             # what it is (on every route), and, for a completion, recorded like any refusal
             message, code = _unreadable_body(exc.__cause__), "invalid_request"
+            encoding = request.headers.get("content-encoding", "").strip().lower()
+            if encoding not in ("", "identity"):  # compressed: the parser's complaint would be
+                # about bytes the client never wrote
+                message = (f"the request body is compressed (content-encoding: {encoding[:40]}), which this server "
+                           "does not read: send the JSON uncompressed")
+                status, code = 415, "unsupported_content_encoding"
             if endpoint is not None:
                 from serving.routes import record_refusal
 
                 await record_refusal(request, InvalidRequestError(message), None, endpoint, {})
         return JSONResponse(error_body(message, "invalid_request_error", code=code),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+                            status_code=status, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -431,6 +431,26 @@ def test_a_body_that_cannot_be_read_is_a_clear_400_in_the_ledger(server, raw, fr
     assert r.json()["error"]["code"] == "invalid_request"
 
 
+def test_a_compressed_body_is_a_415_that_says_so_in_the_ledger(server):
+    """A gzip body (content-encoding: gzip) is refused as compressed, not as JSON that is not UTF-8."""
+    import gzip
+
+    body = json.dumps({"model": "small", "messages": Q, "max_tokens": 2}).encode()
+    for encoding in ("gzip", "GZIP"):
+        r = httpx.post(server.url + "/v1/chat/completions", content=gzip.compress(body), timeout=60,
+                       headers={**H(), "content-type": "application/json", "content-encoding": encoding})
+        assert r.status_code == 415, r.text
+        err = r.json()["error"]
+        assert err["code"] == "unsupported_content_encoding" and "content-encoding: gzip" in err["message"], err
+        assert "UTF-8" not in err["message"], err
+        assert wait_for_row(server, f"request_id = '{r.headers['x-request-id']}'") == [
+            ("error", "InvalidRequestError", "")]
+    # the header alone on a plain body changes nothing: the body is read as it is
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=60,
+                   headers={**H(), "content-type": "application/json", "content-encoding": "identity"})
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("path", ["/health/", "/v1/chat/completions/", "/v1/models/"])
 def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_clients_host(server, path):
     r = httpx.request("GET" if "health" in path or "models" in path else "POST", server.url + path,
