@@ -973,6 +973,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     ids = list(dict.fromkeys(args.ids)) or list(MODEL_CATALOG)
     reporter = _Reporter(not args.quiet)
     failed = False
+    found = 0
     for model_id in ids:
         status, line = verify_model(model_id, cache, reporter=reporter)
         if status == "missing" and not args.ids:
@@ -980,8 +981,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         elif status == "missing":
             line += f": run `{prepare_hint(model_id, cache)}`"
             failed = True
+        found += status != "missing"
         failed = failed or status == "bad"
         print(line, flush=True)
+    if not found and not args.ids:  # nothing verified is no success: a mistyped --cache-dir says so
+        print(f"cascade: error: no model is prepared under {cache}: nothing was verified "
+              f"(`{prepare_hint(DEFAULT_PREPARE_IDS[0], cache)}` prepares one)", file=sys.stderr, flush=True)
+        return 1
     return 1 if failed else 0
 
 

@@ -311,6 +311,20 @@ def test_verify_of_a_named_model_that_is_not_prepared_fails(tmp_path, capsys):
     assert _run_cli(["models", "verify", "nope", "--cache-dir", str(tmp_path)]) == 2  # an unknown id
 
 
+def test_verify_of_a_cache_with_nothing_prepared_fails_in_one_line(tmp_path, capsys):
+    """Nothing verified is no success: a mistyped --cache-dir (or an empty cache) exits 1 and says so."""
+    for cache in (tmp_path, tmp_path / "nonexistent"):
+        assert _run_cli(["models", "verify", "--cache-dir", str(cache), "-q"]) == 1
+        captured = capsys.readouterr()
+        assert captured.err.count("\n") == 1, captured.err
+        assert f"no model is prepared under {cache}: nothing was verified" in captured.err
+        assert f"cascade models prepare {models.DEFAULT_PREPARE_IDS[0]} --cache-dir {cache}" in captured.err
+        assert "(skipped)" in captured.out  # each model is still listed
+    _fake_prepared(tmp_path)
+    assert _run_cli(["models", "verify", "--cache-dir", str(tmp_path), "-q"]) == 0  # one prepared is enough
+    assert capsys.readouterr().err == ""
+
+
 def test_verify_of_a_missing_or_resized_file(tmp_path):
     d = _fake_prepared(tmp_path)
     (d / "model.safetensors").write_bytes(b"short")
