@@ -622,7 +622,6 @@ async def profile_endpoint(tmp: Path, n: int = 600, top: int = 25) -> dict[str, 
                 (await client.get("/health")).raise_for_status()
                 floor.append(time.perf_counter() - t)
     st = pstats.Stats(prof)
-    total = sum(v[3] for v in st.stats.values())  # type: ignore[attr-defined]
 
     def rows(key: int) -> list[dict[str, Any]]:
         items = sorted(st.stats.items(), key=lambda kv: kv[1][key], reverse=True)[:top]  # type: ignore[attr-defined]

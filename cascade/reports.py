@@ -630,7 +630,7 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
 
 
 def shadow_report_text(report: dict[str, Any]) -> str:
-    lines = [f"shadow report" + (f" since {report['since']}" if report["since"] else "") + f" ({report['ledger']})"]
+    lines = ["shadow report" + (f" since {report['since']}" if report["since"] else "") + f" ({report['ledger']})"]
     if not report["shadows"]:
         lines.append("\nno shadow decisions in the ledger (configure `shadows:` and serve some traffic)")
     for s in report["shadows"]:

@@ -595,7 +595,6 @@ class ResilientBackend(Backend):
     def _verdict(self, p: Provider, permit: Permit, exc: CascadeError, n: int, call: _Call, limit: float,
                  ) -> tuple[str, float]:
         """Tell the breaker and decide what comes next: ("raise"|"retry"|"fall_over", wait before retry)."""
-        deadline = call.deadline
         if call.cut_short(exc, p, limit):
             p.breaker.release(permit)
             return "fall_over", 0.0

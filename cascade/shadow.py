@@ -397,7 +397,6 @@ class ShadowSampler:
         except Exception as exc:  # noqa: BLE001 - a sample must not take anything else down
             log.exception("shadow %s: sampling request %s failed", sh.name, rid)
             row = {**smp.row, "reason": f"{smp.row['reason']}; sample failed: {type(exc).__name__}"}
-        written = row is None
         try:
             if row is not None:
                 row["sampled"] = bool(smp.calls)
@@ -405,7 +404,6 @@ class ShadowSampler:
                 row.pop("needs", None)
                 await asyncio.shield(self.ledger.record_shadow_sample(rid, smp.rec.created_at, row, smp.calls,
                                                                       smp.started_at))
-                written = True
         except (asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - logged: never silent
             log.error("shadow %s: the sample of request %s (%d call(s), $%.6f) may not be recorded: %s",
                       sh.name, rid, len(smp.calls), sum(a.cost_usd for a in smp.calls), exc or type(exc).__name__)

@@ -1,6 +1,5 @@
 """The production endpoint on a real uvicorn server: streaming, API keys and user tiers, budgets, metrics."""
 
-import asyncio
 import socket
 import sqlite3
 import threading
