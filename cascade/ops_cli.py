@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from cascade.cli import non_negative_int
-from cascade.config import Config, load_config
+from cascade.config import ENV_CONFIG, Config, load_config
 from cascade.errors import ConfigError
 from cascade.ledger import Ledger, _redact
 from cascade.paths import expand_path
@@ -134,7 +135,10 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     since = parse_since(args.since)
     sources = [s.strip() for s in args.labels.split(",") if s.strip()]
-    config_dir = expand_path(args.config, "--config").resolve().parent if args.config is not None else Path.cwd()
+    # beside the config file read (--config, else $CASCADE_CONFIG, as load_config reads it): where its relative
+    # artifact paths point; the embedded default has no file, so the current directory
+    config_file = args.config if args.config is not None else os.environ.get(ENV_CONFIG) or None
+    config_dir = expand_path(config_file, "--config").resolve().parent if config_file is not None else Path.cwd()
     default_dir = config_dir / "calibrators"
     ledger = _open_ledger(args, cfg)
     try:

@@ -904,3 +904,27 @@ def test_recalibrate_compares_with_the_calibrator_each_answer_was_served_by(tmp_
     # the same held-out answers, judged by temperature 5 rather than 1: another old ECE, the same new one
     assert over["heldout"]["old"]["ece"] != pytest.approx(plain["heldout"]["old"]["ece"])
     assert over["heldout"]["new"]["ece"] == pytest.approx(plain["heldout"]["new"]["ece"])
+
+
+def test_recalibrate_writes_beside_the_config_that_cascade_config_names(tmp_path, monkeypatch, capsys):
+    """A config file named by $CASCADE_CONFIG (not --config) whose tier has no artifact: the new version goes to
+    calibrators/ next to that file, as --out's help says and where the config's relative artifact paths point;
+    it went to calibrators/ under the current directory."""
+    from cascade.cli import main
+
+    _, ledger, _ = _synthetic_ledger(tmp_path, n=200)
+    ledger.close_sync()
+    conf_dir, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    conf_dir.mkdir()
+    elsewhere.mkdir()
+    cfg = conf_dir / "cascade.yaml"
+    cfg.write_text(yaml.safe_dump({"ledger": {"path": str(tmp_path / "l.sqlite")},
+                                   "tiers": [tier("small"), tier("large")],
+                                   "policies": {"cascade": {"chain": ["small", "large"]}}}))
+    monkeypatch.setenv("CASCADE_CONFIG", str(cfg))
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["recalibrate", "--from-ledger", "--method", "platt", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert Path(rep["artifact"]) == conf_dir / "calibrators" / "small.v1.json"
+    assert not (elsewhere / "calibrators").exists()
