@@ -541,6 +541,35 @@ def _secret_values(target: str) -> list[str]:
     return sorted((str(params[k]) for k in _SECRET_PARAMS if params.get(k)), key=len, reverse=True)
 
 
+def _redact_in(text: str, target: str) -> str:
+    """A driver's message about ``target`` without the target's secrets. libpq quotes a URL it cannot parse,
+    whole ("... in URI: "postgresql://u:pw@[::1/db"") or the part it stumbled on (a password with a bad %-escape
+    or a space), and such a URL gives no secrets to :func:`_secret_values`: those written in it (its user info's
+    password, its password parameters, as written and decoded) are masked wherever they stand apart. (Of a URL it
+    parses, its messages name hosts, ports and users, never the password.)"""
+    if "://" not in target:
+        return text
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        conninfo_to_dict(target)
+        return text
+    except Exception:  # noqa: BLE001 - not a URL libpq takes (or no psycopg): its message may quote it
+        pass
+    text = text.replace(target, _redact(target))
+    head, _, query = target.split("://", 1)[1].partition("?")
+    creds = head.rsplit("@", 1)[0] if "@" in head else ""
+    written = [creds.split(":", 1)[1]] if ":" in creds else []
+    for param in query.split("&"):
+        key, eq, value = param.partition("=")
+        if eq and unquote(key).strip().lower() in _SECRET_PARAMS:
+            written.append(value)
+    secrets = {form for value in written for form in (value, unquote(value)) if form}
+    for secret in sorted(secrets, key=len, reverse=True):  # (not inside a word: a password "on" in "connection")
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
+    return text
+
+
 _INSERT_REQUEST = (
     "INSERT INTO requests (request_id, created_at, policy, endpoint, api_key_id, user_tier, status, tier, model, "
     "confidence, escalated, n_attempts, prompt_tokens, completion_tokens, cost_usd, baseline_cost_usd, "
@@ -880,7 +909,7 @@ class Ledger:
             keep = row is not None
         except (*self.dialect.errors, OSError) as exc:
             older = f" (schema version {row[0]}, read as it is: {_READ_OLDER})" if row is not None else ""
-            raise LedgerError(f"cannot open ledger {what}{older}: {exc}") from exc
+            raise LedgerError(f"cannot open ledger {what}{older}: {_redact_in(str(exc), self.target)}") from exc
         finally:
             if conn is not None and not keep:
                 conn.close()
@@ -921,7 +950,8 @@ class Ledger:
             if conn is not None:
                 conn.close()
             if isinstance(exc, (*self.dialect.errors, OSError)):
-                raise LedgerError(f"cannot open ledger {_redact(self.target)}: {exc}") from exc
+                raise LedgerError(f"cannot open ledger {_redact(self.target)}: {_redact_in(str(exc), self.target)}") \
+                    from exc
             raise
         self._conn = conn
 

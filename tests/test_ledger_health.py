@@ -594,6 +594,23 @@ def test_no_form_of_ledger_url_shows_its_password(target, shown):
     assert _redact(target) == shown
 
 
+@pytest.mark.parametrize("target", [
+    "postgresql://app:hunter2@[::1/ledger",  # libpq quotes a URL it cannot parse whole
+    "postgresql://app:hun%zzter2@db/ledger",  # ... or the token it stumbled on: a bad %-escape
+    "postgresql://app:hunter2 x@db/ledger",  # ... a space
+    "postgresql://app@db/ledger?password=hun%zzter2",
+    "postgres://app:hunter2@db/ledger?password=hunter2&bogus=1&sslpassword=hun%zzter2",
+])
+def test_a_url_libpq_cannot_parse_never_shows_its_password(target, capsys):
+    """Not in a report's error (a read-only open), nor in the server's or `cascade ask`'s (an open to write)."""
+    rc, out, err = _cli(capsys, "report", "--ledger", target)
+    assert rc == 2 and err.startswith("cascade: error: cannot open ledger ") and err.count("\n") == 1, err
+    assert "hunter2" not in err and "hun%zzter2" not in err and "***" in err, err
+    with pytest.raises(LedgerError, match="cannot open ledger") as exc:
+        Ledger(target).open_sync()
+    assert "hunter2" not in str(exc.value) and "hun%zzter2" not in str(exc.value), exc.value
+
+
 def test_a_password_given_as_a_url_query_parameter_never_shows(pg, tmp_path, capsys, caplog):
     """Not in GET /ready (unauthenticated), a completion's refusal, the logs, nor the reports."""
     import httpx
