@@ -310,14 +310,20 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     # the tiers after this one in any policy's chain: the stronger answers a sampled shadow may have bought
     stronger = sorted({t for pol in config.policies.values() if tier in pol.chain
                        for t in pol.chain[pol.chain.index(tier) + 1:]})
-    rows = [r for r in labelled_answers(ledger, tier, since, sources, stronger) if feature in r["features"]]
+    labelled = labelled_answers(ledger, tier, since, sources, stronger)
+    rows = [r for r in labelled if feature in r["features"]]
     by_source = {s: sum(1 for r in rows if r["source"] == s) for s in LABEL_SOURCES}
     y = np.array([r["label"] for r in rows], dtype=float)
     where = f" since {datetime.fromtimestamp(since, UTC).isoformat(timespec='seconds')}" if since else ""
     if len(rows) < min_samples:
-        raise DataError(f"only {len(rows)} labelled answers of tier {tier!r} in the ledger{where} "
+        # answers labelled but without the feature (a backend that records fewer, e.g. no top_logprobs): said apart,
+        # not counted as missing labels (a lower --min-samples would not help; another --feature may)
+        lacking = len(labelled) - len(rows)
+        recording = f" that record the feature {feature!r}" if lacking else ""
+        others = f"; {lacking} more do not (another --feature may do)" if lacking else ""
+        raise DataError(f"only {len(rows)} labelled answers of tier {tier!r}{recording} in the ledger{where} "
                         f"({by_source['feedback']} from feedback, {by_source['agreement']} from agreement with a "
-                        f"stronger tier); --min-samples is {min_samples}")
+                        f"stronger tier){others}; --min-samples is {min_samples}")
     if y.min() == y.max():
         raise DataError(f"all {len(rows)} labelled answers of tier {tier!r}{where} are "
                         f"{'right' if y[0] else 'wrong'}: a calibrator needs both outcomes")

@@ -928,3 +928,23 @@ def test_recalibrate_writes_beside_the_config_that_cascade_config_names(tmp_path
     rep = json.loads(capsys.readouterr().out)
     assert Path(rep["artifact"]) == conf_dir / "calibrators" / "small.v1.json"
     assert not (elsewhere / "calibrators").exists()
+
+
+def test_labelled_answers_without_the_feature_are_not_said_to_be_missing_labels(tmp_path):
+    """--feature naming a feature the answers do not record (a backend without top_logprobs records no
+    mean_margin): the refusal said "only 0 labelled answers" of a ledger holding hundreds, and pointed at
+    --min-samples; it now says how many are labelled but lack the feature."""
+    from cascade.errors import DataError
+    from cascade.recalibrate import labelled_answers, recalibrate
+
+    cfg, ledger, _ = _synthetic_ledger(tmp_path, n=200)
+    try:
+        n = len(labelled_answers(ledger, "small"))
+        with pytest.raises(DataError) as err:
+            recalibrate(cfg, ledger, tier="small", feature="mean_margin", out=str(tmp_path / "out"))
+    finally:
+        ledger.close_sync()
+    assert n > 50
+    assert (f"only 0 labelled answers of tier 'small' that record the feature 'mean_margin' in the ledger "
+            f"(0 from feedback, 0 from agreement with a stronger tier); {n} more do not") in str(err.value)
+    assert not (tmp_path / "out").exists()
