@@ -431,18 +431,17 @@ def recalibrate_text(rep: dict[str, Any]) -> str:
         lines.append(f"{k:<18}{_f(o):>10}{_f(n):>10}")
     lines += [f"warning: {w}" for w in rep.get("fit_warnings", ())]
     lines += ["", f"artifact: {rep['artifact']}"]
-    if rep["activated"] and rep.get("warning"):
-        lines.append(f"activated: {rep['activated']} -> {Path(rep['artifact']).name}")
-        lines.append(f"warning: {rep['warning']}")
-    elif rep["activated"]:
-        lines.append(f"activated: {rep['activated']} -> {Path(rep['artifact']).name} "
-                     "(POST /admin/reload or kill -HUP the server to use it)")
-        if rep.get("replaced_file_kept_as"):
-            lines.append(f"the file {Path(rep['activated']).name} was a file, not a link: kept as "
-                         f"{rep['replaced_file_kept_as']}")
-    else:
+    if not rep["activated"]:
         lines.append(f"to use it: set tiers.{rep['tier']}.calibrator.artifact to it (or rerun with --activate), "
                      "then POST /admin/reload or kill -HUP the server")
+    else:
+        lines.append(f"activated: {rep['activated']} -> {Path(rep['artifact']).name}"
+                     + ("" if rep.get("warning") else " (POST /admin/reload or kill -HUP the server to use it)"))
+        if rep.get("replaced_file_kept_as"):  # said whether or not the config reads that link
+            lines.append(f"the file {Path(rep['activated']).name} was a file, not a link: kept as "
+                         f"{rep['replaced_file_kept_as']}")
+        if rep.get("warning"):
+            lines.append(f"warning: {rep['warning']}")
     return "\n".join(lines)
 
 

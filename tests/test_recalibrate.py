@@ -948,3 +948,25 @@ def test_labelled_answers_without_the_feature_are_not_said_to_be_missing_labels(
     assert (f"only 0 labelled answers of tier 'small' that record the feature 'mean_margin' in the ledger "
             f"(0 from feedback, 0 from agreement with a stronger tier); {n} more do not") in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_activating_over_a_file_says_where_it_was_kept_when_the_config_reads_another(tmp_path):
+    """--activate in a directory whose <tier>.json is a regular file (copied aside as .bak) that the config does
+    not read: the text said the config reads another file but not that this one was replaced and kept."""
+    import shutil
+
+    from cascade.recalibrate import recalibrate, recalibrate_text
+
+    cfg, ledger, _ = _synthetic_ledger(tmp_path, n=200)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(tmp_path / "cal" / "small.json", other / "small.json")
+    try:
+        rep = recalibrate(cfg, ledger, tier="small", method="platt", out=str(other), do_activate=True,
+                          allow_extrapolation=True)
+    finally:
+        ledger.close_sync()
+    assert rep["warning"] and rep["replaced_file_kept_as"] == str(other / "small.json.bak")
+    text = recalibrate_text(rep)
+    assert f"the file small.json was a file, not a link: kept as {other / 'small.json.bak'}" in text
+    assert f"warning: {rep['warning']}" in text
