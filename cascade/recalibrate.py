@@ -145,6 +145,11 @@ def _version_of(path: Path) -> int:
         return 0
 
 
+def _names_a_file(out: str | Path) -> bool:
+    """``--out`` names the artifact file itself (``.json``, in any case: ``X.JSON`` is no directory's name)."""
+    return str(out).lower().endswith(".json")
+
+
 def artifact_path(out: str | Path | None, tier: str, *, default_dir: Path, previous_version: int = 0) -> tuple[Path, int]:
     """Where the new artifact goes and its version number.
 
@@ -153,7 +158,7 @@ def artifact_path(out: str | Path | None, tier: str, *, default_dir: Path, previ
     ``<tier>.v<N>.json`` with N one more than the highest version already there.
     """
     safe = _file_stem(tier)
-    if out is not None and str(out).endswith(".json"):
+    if out is not None and _names_a_file(out):
         p = expand_path(out, "--out")
         return p, max(previous_version, _version_of(p) if p.exists() else 0) + 1
     d = expand_path(out, "--out") if out is not None else default_dir
@@ -169,7 +174,7 @@ def _check_out(out: str | Path | None) -> None:
         return
     from cascade.cli import check_output_file
 
-    if str(out).endswith(".json"):
+    if _names_a_file(out):
         check_output_file(out, "--out")
         return
     if not str(out).strip():

@@ -970,3 +970,18 @@ def test_activating_over_a_file_says_where_it_was_kept_when_the_config_reads_ano
     text = recalibrate_text(rep)
     assert f"the file small.json was a file, not a link: kept as {other / 'small.json.bak'}" in text
     assert f"warning: {rep['warning']}" in text
+
+
+@pytest.mark.parametrize("name", ["new.json", "new.JSON", "New.Json"])
+def test_an_out_ending_in_json_in_any_case_is_the_artifact_file(tmp_path, name):
+    """``--out X.JSON`` was taken as a directory's name (only a lower-case ``.json`` named the file)."""
+    from cascade.recalibrate import recalibrate
+
+    cfg, ledger, _ = _synthetic_ledger(tmp_path, n=200)
+    try:
+        rep = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / name),
+                          allow_extrapolation=True)
+    finally:
+        ledger.close_sync()
+    assert Path(rep["artifact"]) == tmp_path / name and (tmp_path / name).is_file(), rep["artifact"]
+    assert json.loads((tmp_path / name).read_text())["method"] == "platt"
