@@ -106,8 +106,8 @@ def cmd_shadow_report(args: argparse.Namespace) -> int:
     if args.min_group < 1:
         raise ConfigError("--min-group must be at least 1")
     since = parse_since(args.since)
-    cfg = None
-    if args.config is not None or not args.ledger:
+    cfg = None  # the config (--config, else $CASCADE_CONFIG) adds each shadow's description, rate and budget
+    if args.config is not None or os.environ.get(ENV_CONFIG) or not args.ledger:
         cfg = _config(args)
     ledger = _open_ledger(args, cfg)
     try:

@@ -398,6 +398,22 @@ def test_shadow_report_json(traffic, capsys):
     assert f"today (UTC) ${spend:.6f} of $1.000000 budget (sample rate 100.0%)" in block
 
 
+def test_shadow_report_on_a_named_ledger_reads_the_config_that_cascade_config_names(traffic, capsys, monkeypatch):
+    """``--ledger L`` without ``--config``: the config named by $CASCADE_CONFIG (the default --config's help
+    gives) still adds each shadow's description and sample rate; it was read only without --ledger."""
+    from cascade.cli import main
+
+    monkeypatch.setenv("CASCADE_CONFIG", str(traffic.config_path))
+    assert main(["shadow", "report", "--json", "--ledger", str(traffic.ledger)]) == 0
+    by = {s["shadow"]: s for s in json.loads(capsys.readouterr().out)["shadows"]}
+    assert by["lenient"]["description"] == "small threshold 0.4", by["lenient"]
+    assert by["strict_sampled"]["sampled"]["sample_rate"] == 1.0
+    monkeypatch.delenv("CASCADE_CONFIG")  # no config at all: the ledger's numbers alone
+    assert main(["shadow", "report", "--json", "--ledger", str(traffic.ledger)]) == 0
+    by = {s["shadow"]: s for s in json.loads(capsys.readouterr().out)["shadows"]}
+    assert by["lenient"]["description"] == "" and by["strict_sampled"]["sampled"]["sample_rate"] is None
+
+
 def test_the_shadow_report_counts_a_requests_latest_feedback_only(tmp_path):
     """A user who changes their mind replaces their label (as recalibration and drift read it): one request
     with feedback -1, +1, +1 is one thumbs-up, not three votes."""
