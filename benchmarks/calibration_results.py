@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks._common import check_out, shared_data_dir  # noqa: E402
 from calibration.data import load_cascade_outputs, split_data  # noqa: E402
-from calibration.replay import ReplayConfig, replay  # noqa: E402
+from calibration.replay import ReplayConfig, check_inputs, replay  # noqa: E402
 from cascade.errors import CascadeError, DataError  # noqa: E402
 
 DATASETS = ("mmlu", "medmcqa", "triviaqa", "truthfulqa", "gsm8k")
@@ -212,6 +212,7 @@ def _run(args: argparse.Namespace, outputs: Path, cfg: ReplayConfig) -> int:
 
     t0 = time.time()
     rows: list[dict] = []
+    notes: list[str] = []  # warnings: a few questions of a test file also in its train file
     per_seed: dict[tuple, list[dict]] = {}
     total = sum((1 if t else args.seeds) * 2 for _, _, _, t in jobs)
     prog = Progress(transient=True) if Progress else None
@@ -221,6 +222,8 @@ def _run(args: argparse.Namespace, outputs: Path, cfg: ReplayConfig) -> int:
     try:
         for ds, ch, train_p, test_p in jobs:
             full = load_cascade_outputs(train_p)
+            if len(full.models) < 2:
+                raise DataError(f"{train_p}: one model ({full.models[0]}): a cascade needs at least two")
             chains = {"full": list(full.models), "2-tier": [full.models[0], full.models[-1]]}
             if test_p is not None:
                 splits = [("test split", full, load_cascade_outputs(test_p), None)]
@@ -231,6 +234,10 @@ def _run(args: argparse.Namespace, outputs: Path, cfg: ReplayConfig) -> int:
                     splits.append((f"internal split, seed {seed}", tr, te, seed))
             for label, tr, te, seed in splits:
                 for kind, chain in chains.items():
+                    # what `cascade replay` refuses (a TEST file that holds TRAIN's questions, a free last tier)
+                    for w in check_inputs(tr, te, chain, split=seed is not None):
+                        if w not in notes:
+                            notes.append(w)
                     rep, policy = replay(tr, te, chain, cfg)
                     row = _row(rep, kind, label)
                     if seed in (None, 0):
@@ -270,13 +277,15 @@ def _run(args: argparse.Namespace, outputs: Path, cfg: ReplayConfig) -> int:
 
     meta = {"date": time.strftime("%Y-%m-%d"), "data_dir": str(outputs), "max_quality_drop": args.max_quality_drop,
             "confidence": args.confidence, "seeds": args.seeds, "seconds": round(seconds, 1),
-            "machine": machine_facts()}
+            "machine": machine_facts(), "warnings": notes}
     write_json(out_dir / "results.json", {"meta": meta, "rows": rows, "internal_split_means": seed_means})
     md = out_dir / "results.md"
     tmp = md.with_suffix(".md.tmp")  # whole or not at all, as write_json
     tmp.write_text(markdown(rows, seed_means, meta))
     tmp.replace(md)
     print(markdown(rows, seed_means, meta))
+    for w in notes:
+        print(f"calibration_results: warning: {w}", file=sys.stderr)
     print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {seconds:.1f} s")
     return 0
 

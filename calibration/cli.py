@@ -84,19 +84,12 @@ def _print_table(title: str, rows: Sequence[tuple[str, Any, Any]], headers: tupl
 # --- calibrate -------------------------------------------------------------------------------------
 
 
-def _both_outcomes(correct: Any, model: str, where: str) -> None:
-    """A calibrator needs right and wrong answers: DataError when ``correct`` holds only one outcome."""
-    if correct.min() == correct.max():
-        raise DataError(f"only one outcome ({'all correct' if correct[0] else 'all wrong'}) for {model} in "
-                        f"{where}: cannot calibrate (a calibrator needs right and wrong answers)")
-
-
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from calibration import metrics
     from calibration.calibrators import make_calibrator, save_calibrator
-    from calibration.data import load_cascade_outputs
+    from calibration.data import check_both_outcomes, load_cascade_outputs
     from calibration.selection import cross_val_predict, select_calibrator
 
     if args.method not in CALIBRATE_METHODS:
@@ -136,7 +129,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         lp, y = tier.logprob, tier.correct
         if len(y) < 2:
             raise DataError(f"{data.path}: {len(y)} question(s); calibration needs at least 2")
-        _both_outcomes(y, tier.name, str(data.path))
+        check_both_outcomes(y, tier.name, str(data.path))
         if args.folds > len(y) and (args.method == "auto" or len(y) >= 10):  # (held-out scores need 10)
             raise ConfigError(f"--folds {args.folds} is more than the {len(y)} questions of {data.path}")
         progress("fitting", 1, 3)
@@ -232,8 +225,8 @@ def _chain_order_warnings(train: Any, chain: Sequence[str]) -> list[str]:
 def cmd_replay(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from calibration.data import check_disjoint, load_cascade_outputs, split_data
-    from calibration.replay import ReplayConfig, replay
+    from calibration.data import load_cascade_outputs, split_data
+    from calibration.replay import ReplayConfig, check_inputs, replay
 
     chain = [c.strip() for c in (args.chain or "").split(",") if c.strip()]
     if len(chain) < 2:
@@ -300,15 +293,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 raise DataError(f"{d.path}: the {what} split is empty")
         chain = train.check_models(chain)
         test.check_models(chain)
-        for d in (train, test):  # every cost ratio is against the last tier's cost
-            if not d.tier(chain[-1]).cost.sum() > 0:
-                raise DataError(f"{d.path}: the last tier {chain[-1]!r} costs $0 on every question of the "
-                                f"{'training' if d is train else 'test'} split, so no cost ratio against it is "
-                                "defined: end the chain with a tier that has a cost")
-        # two files: TEST must hold (almost) no question of TRAIN
-        overlap = check_disjoint(train, test) if split_info is None else None
-        _both_outcomes(train.tier(chain[0]).correct, chain[0], f"the training split of {train.path}")
-        warnings = ([overlap] if overlap else []) + _chain_order_warnings(train, chain) + data_warnings
+        overlap = check_inputs(train, test, chain, split=split_info is not None)
+        warnings = overlap + _chain_order_warnings(train, chain) + data_warnings
         try:
             report, policy = replay(train, test, chain, cfg, progress)
         except ValueError as exc:

@@ -363,6 +363,13 @@ def check_disjoint(train: CascadeData, test: CascadeData) -> str | None:
     return f"{what}: they count in the test figures although they were fit on"
 
 
+def check_both_outcomes(correct: Any, model: str, where: str) -> None:
+    """A calibrator needs right and wrong answers: DataError when ``correct`` holds only one outcome."""
+    if correct.min() == correct.max():
+        raise DataError(f"only one outcome ({'all correct' if correct[0] else 'all wrong'}) for {model} in "
+                        f"{where}: cannot calibrate (a calibrator needs right and wrong answers)")
+
+
 def split_data(data: CascadeData, test_fraction: float = 0.5, seed: int = 0) -> tuple[CascadeData, CascadeData]:
     """A fixed-seed random split of one file into (train, test) parts, for files with no test split."""
     if not (0.0 < test_fraction < 1.0):

@@ -453,6 +453,37 @@ def test_calibration_results_refuses_bad_input_in_one_line_and_keeps_the_results
     assert json.loads((res / "results.json").read_text()) == {"kept": True}
 
 
+def test_calibration_results_refuses_what_cascade_replay_refuses(tmp_path, capsys):
+    """The script replays through ``calibration.replay.replay`` as ``cascade replay`` does, and refuses what it
+    refuses: a test file that is the train file again (its figures were in-sample ones labelled "test split"),
+    a last tier that costs nothing (every ratio was null, and "beats anchor" said yes), a file of one model."""
+    from benchmarks.calibration_results import main
+
+    data = _qwen_pair(tmp_path)
+    train, test = data / "mmlu_llama_train.jsonl", data / "mmlu_llama_test.jsonl"
+    res = tmp_path / "res"
+    test.write_text(train.read_text())
+    assert main([str(data), "--out", str(res), "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("calibration_results: error: ") and "nothing may be fit on TEST" in err and "\n" not in err
+    test.unlink()  # the train file alone, split into halves: a free last tier on each
+    rows = [json.loads(x) for x in train.read_text().splitlines()]
+    last = list(rows[0]["models"])[-1]
+    for r in rows:
+        r["models"][last]["cost_usd"] = 0
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(data), "--out", str(res), "--no-plots", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"the last tier {last!r} costs $0 on every question" in err and "\n" not in err
+    for r in rows:
+        r["models"] = {last: r["models"][last]}
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(data), "--out", str(res), "--no-plots", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"calibration_results: error: {train}: one model ({last}): a cascade needs at least two"
+    assert not (res / "results.json").exists()
+
+
 def test_beats_anchor_needs_the_policy_to_hold():
     from benchmarks.calibration_results import _beats
 
