@@ -542,7 +542,10 @@ def replay(train: CascadeData, test: CascadeData, chain: Sequence[str], cfg: Rep
     for j, m in enumerate(policy.subchain[:-1]):
         right_in_hand |= (out.stop > j) & (test.tier(m).correct > 0.5)
     unneeded = int(right_in_hand.sum())
-    anchor = best_single_threshold(t_first.logprob, a_first, a_last, cfg.max_quality_drop)
+    # an empty answer (or one without a confidence) is never accepted, by the engine nor by the policy: nor by
+    # the anchor, which would otherwise be charged for accepting it or credited with it
+    anchor = best_single_threshold(np.where(t_first.acceptable, t_first.logprob, -np.inf), a_first, a_last,
+                                   cfg.max_quality_drop)
     anchor["savings_captured"] = captured(anchor["cost_ratio"])
 
     report: dict[str, Any] = {

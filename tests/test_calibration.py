@@ -394,6 +394,37 @@ def test_an_empty_answer_is_never_accepted_by_search_or_replay():
     assert (replayed.stop[:50] == 1).all()
 
 
+def test_the_replay_anchor_never_accepts_an_empty_answer(tmp_path):
+    """The in-sample anchor is a single threshold of the first tier, which the engine and the policy apply to
+    answered questions only. It read empty answers as acceptable: five sure, empty and wrong answers on top of
+    the scores kept it from accepting anything (saves: false, so a benchmark said the direct verdict beat it)."""
+    from calibration.data import load_cascade_outputs
+    from calibration.replay import ReplayConfig, replay
+
+    def write(split: str, empty: int):
+        rows = []
+        for i in range(60):
+            right = i % 3 != 2
+            m1 = {"answer": "A" if right else "B", "correct": right, "cost_usd": 1e-6,
+                  "raw_conf_logprob": -0.05 - 0.02 * i - (0.0 if right else 1.0)}
+            if i < empty:
+                m1.update(answer="", correct=False)
+            m2 = {"answer": "A", "correct": True, "raw_conf_logprob": -0.1, "cost_usd": 1e-4}
+            rows.append({"dataset": "t", "split": split, "idx": i, "user_prompt": f"{split} {i}",
+                         "models": {"m1": m1, "m2": m2}})
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return load_cascade_outputs(tmp_path / f"{split}.jsonl")
+
+    train, test = write("train", 0), write("test", 5)
+    rep, _ = replay(train, test, ["m1", "m2"], ReplayConfig(cv_guard=False))
+    a = rep["anchor_in_sample"]
+    first = test.tier("m1")
+    assert a["saves"] and a["quality"] == 1.0, a
+    taken = first.acceptable & (first.logprob >= a["threshold"] - 1e-6)  # the report rounds to 6 places
+    assert a["accepted"] == int(taken.sum()) and not taken[:5].any()
+    assert a["cost_ratio"] == pytest.approx(1 + (first.cost.sum() - test.tier("m2").cost[taken].sum()) / 60e-4)
+
+
 def test_a_threshold_on_a_tied_score_accepts_it_with_room_to_spare():
     """Many answers share one calibrated value (every top-confidence answer does): a threshold found at that value
     accepted them by the last bit of the arithmetic (a recomputation 1e-13 lower accepted none of them). Thresholds
