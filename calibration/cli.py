@@ -28,6 +28,8 @@ from cascade.paths import expand_path
 
 CALIBRATE_METHODS = ("temperature", "platt", "isotonic", "histogram", "auto")
 DEFAULT_MAX_QUALITY_DROP = 0.005
+#: the most ECE bins of ``cascade calibrate --bins``: far more than any data file fills
+MAX_BINS = 1000
 
 
 # --- progress --------------------------------------------------------------------------------------
@@ -94,8 +96,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.method not in CALIBRATE_METHODS:
         raise ConfigError(f"unknown --method {args.method!r}; known: {', '.join(CALIBRATE_METHODS)}")
-    if args.bins < 2:
-        raise ConfigError("--bins must be at least 2")
+    if not 2 <= args.bins <= MAX_BINS:  # (each bin is arrays and a bar of the plot: 10**10 of them were a MemoryError)
+        raise ConfigError(f"--bins must be from 2 to {MAX_BINS}, got {args.bins}")
     if args.folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {args.folds}")
     if args.use_netcal and args.method != "temperature":
@@ -382,7 +384,7 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--criterion", default=None, choices=("nll", "ece", "brier"),
                    help="selection criterion of --method auto (default nll; an error with another method)")
     p.add_argument("--folds", type=int, default=5, help="folds for held-out scores (default 5; 2 to the questions)")
-    p.add_argument("--bins", type=int, default=15, help="ECE bins (default 15)")
+    p.add_argument("--bins", type=int, default=15, help=f"ECE bins (default 15; 2 to {MAX_BINS})")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the folds (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_calibrate)

@@ -370,6 +370,8 @@ def test_calibrate_never_overwrites_its_data(tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["--folds", "0"], "--folds must be at least 2"),
     (["--folds", "100000"], "--folds 100000 is more than the 40 questions"),
+    (["--bins", "1"], "--bins must be from 2 to 1000, got 1"),
+    (["--bins", "1000000000000"], "--bins must be from 2 to 1000, got 1000000000000"),  # was a MemoryError
 ])
 def test_calibrate_checks_folds(tmp_path, argv, needle, capsys):
     data = data_file(tmp_path)
