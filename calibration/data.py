@@ -347,9 +347,12 @@ def check_disjoint(train: CascadeData, test: CascadeData) -> str | None:
     measures on TEST, and nothing may be fit on TEST. Most of TEST in TRAIN (a copy of the file, the same split
     twice) is a DataError; a few (benchmarks repeat some questions across their splits) are a warning, returned
     (None: no overlap)."""
-    ids = {q for q in train.qids if q is not None}
+    # an id without a split (no ``split`` on the lines, none in the file name) only numbers the lines of its
+    # file: two such files both count from 0, so it names the same question only where no prompt says otherwise
+    ids = {q: t for q, t in zip(train.qids, train.prompts or [None] * len(train)) if q is not None}
+    same_id = [q is not None and q in ids and (bool(q[1]) or t is None or ids[q] is None or ids[q] == t)
+               for q, t in zip(test.qids, test.prompts or [None] * len(test))] or [False] * len(test)
     texts = {t for t in train.prompts if t is not None}
-    same_id = [q is not None and q in ids for q in test.qids] or [False] * len(test)
     same_text = [t is not None and t in texts for t in test.prompts] or [False] * len(test)
     n = sum(a or b for a, b in zip(same_id, same_text))
     if not n:

@@ -425,6 +425,30 @@ def test_the_replay_anchor_never_accepts_an_empty_answer(tmp_path):
     assert a["cost_ratio"] == pytest.approx(1 + (first.cost.sum() - test.tier("m2").cost[taken].sum()) / 60e-4)
 
 
+def test_ids_without_a_split_are_not_taken_for_the_same_questions_when_the_prompts_differ(tmp_path):
+    """``idx`` numbers the questions of one split, and a train and a test file both count from 0: with no split
+    on their lines nor in their names (train.jsonl, test.jsonl), every test question had the id of a training
+    one (dataset t, split unknown, idx), and a valid pair was refused as the same questions. The prompts tell
+    them apart; a copy is still one, and so are ids with no prompt to go by."""
+    from calibration.data import check_disjoint, load_cascade_outputs
+    from cascade.errors import DataError
+
+    def write(name: str, prompts: bool = True):
+        rows = [{"dataset": "t", "idx": i, **({"user_prompt": f"{name} question {i}"} if prompts else {}),
+                 "models": {m: {"answer": "A", "correct": i % 2 == 0, "raw_conf_logprob": -0.5, "cost_usd": 1e-5}
+                            for m in ("m1", "m2")}} for i in range(20)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return load_cascade_outputs(tmp_path / f"{name}.jsonl")
+
+    train, test = write("train"), write("test")
+    assert check_disjoint(train, test) is None
+    (tmp_path / "copy.jsonl").write_text((tmp_path / "train.jsonl").read_text())
+    with pytest.raises(DataError, match="20 of the 20 questions .*[(]same question id and prompt"):
+        check_disjoint(train, load_cascade_outputs(tmp_path / "copy.jsonl"))
+    with pytest.raises(DataError, match="20 of the 20 questions .*[(]same question id\\)"):  # nothing else to go by
+        check_disjoint(write("a", prompts=False), write("b", prompts=False))
+
+
 def test_a_threshold_on_a_tied_score_accepts_it_with_room_to_spare():
     """Many answers share one calibrated value (every top-confidence answer does): a threshold found at that value
     accepted them by the last bit of the arithmetic (a recomputation 1e-13 lower accepted none of them). Thresholds
