@@ -229,6 +229,8 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
         raw = p.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read {p}: {exc}") from exc
+    if raw[:2] == b"\x1f\x8b":  # said as what it is, not as bytes that are not UTF-8
+        raise DataError(f"{p}: gzip-compressed: decompress it first (gunzip); a data file is JSON Lines text")
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (as some editors write) is not part of the first line
     except UnicodeDecodeError as exc:
@@ -249,11 +251,14 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
         try:
             row = json.loads(line, parse_int=_json_int)
         except json.JSONDecodeError as exc:
-            raise _bad(p, lineno, f"not valid JSON ({exc.msg})") from None
+            array = " (a JSON array? a data file is JSON Lines: one object per line)" \
+                if lineno == 1 and line.lstrip().startswith("[") else ""
+            raise _bad(p, lineno, f"not valid JSON ({exc.msg}){array}") from None
         except RecursionError:  # the decoder recurses once per nesting level
             raise _bad(p, lineno, "not valid JSON (nested too deeply)") from None
         if not isinstance(row, dict):
-            raise _bad(p, lineno, "each line must be a JSON object")
+            array = " (a JSON array: write one object per line, JSON Lines)" if isinstance(row, list) else ""
+            raise _bad(p, lineno, f"each line must be a JSON object{array}")
         ms = row.get("models")
         if not isinstance(ms, dict) or not ms:
             raise _bad(p, lineno, "missing or empty 'models' object")

@@ -588,6 +588,27 @@ def test_an_answer_without_a_confidence_is_never_accepted_by_a_replayed_policy_n
     assert a["threshold"] == pytest.approx(first.logprob[np.isfinite(first.logprob)].min(), abs=1e-6)
 
 
+def test_a_gzip_file_or_a_json_array_is_named_as_what_it_is(tmp_path, capsys):
+    """A gzip data file was "not UTF-8 (byte 1: invalid start byte)", a JSON array "not valid JSON (Expecting
+    value)" or "each line must be a JSON object": each now says what the file is and what to write instead."""
+    import gzip
+
+    small = _small_copy(tmp_path, 3)
+    gz = tmp_path / "small.jsonl.gz"
+    gz.write_bytes(gzip.compress(small.read_bytes()))
+    rc, _, err = run_cli(capsys, "calibrate", "--data", str(gz), "--model", "llama3.1-405b", "--out",
+                         str(tmp_path / "a.json"))
+    assert rc == 2 and f"{gz}: gzip-compressed: decompress it first" in _error_line(err), err
+    rows = [json.loads(ln) for ln in small.read_text().splitlines()]
+    one_line, pretty = tmp_path / "one.jsonl", tmp_path / "pretty.jsonl"
+    one_line.write_text(json.dumps(rows))
+    pretty.write_text(json.dumps(rows, indent=2))
+    with pytest.raises(DataError, match=r"one\.jsonl:1: each line must be a JSON object \(a JSON array"):
+        load_cascade_outputs(one_line)
+    with pytest.raises(DataError, match=r"pretty\.jsonl:1: not valid JSON \(.*\) \(a JSON array\?"):
+        load_cascade_outputs(pretty)
+
+
 def test_small_files_byte_order_marks_and_output_clashes(tmp_path, capsys):
     """A 3-question file calibrates (the default --folds only matters where held-out scores are computed);
     a byte-order mark is not part of the first line; bytes that are not UTF-8 name their line; --plot and
