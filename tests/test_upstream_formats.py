@@ -169,6 +169,19 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
             "usage-only": lambda: ([usage_chunk(model)], True),
             "truncated": lambda: (oai_stream(model)[:3], False),   # 2 tokens, then the body ends cleanly
             "role-then-close": lambda: (oai_stream(model)[:1], False),
+            # a server failing once its 200 went out: an error event, then [DONE] (vLLM's prompt longer than the
+            # model's context, found as the engine takes the request; OpenAI's rate limit or server error)
+            "event-ctx-vllm": lambda: ([{"error": {
+                "message": "The decoder prompt (length 5000) is longer than the maximum model length of 4096.",
+                "type": "BadRequestError", "param": None, "code": 400}}], True),
+            "event-rate": lambda: ([{"error": {"message": "Rate limit reached for requests per min (RPM).",
+                                               "type": "requests", "param": None, "code": "rate_limit_exceeded"}}],
+                                   True),
+            "event-server": lambda: (oai_stream(model)[:1] + [{"error": {
+                "message": "The server had an error while processing your request.", "type": "server_error",
+                "param": None, "code": None}}], True),
+            "event-tgi": lambda: ([{"error": "Request failed during generation: Server error: CUDA out of memory",
+                                    "error_type": "generation"}], True),  # text-generation-inference's
             **{m: (lambda m=m: ([chunk(model, {"role": "assistant", "content": ""})]
                                 + [chunk(model, {"content": t}, [surrogate_entry(t, lp)]) for t, lp in SURROGATES[m]]
                                 + [chunk(model, {}, finish="stop"), usage_chunk(model)], True)) for m in SURROGATES},
@@ -462,6 +475,43 @@ async def test_a_cut_off_stream_is_a_partial_answer(upstream, tmp_path):
     failed = events[-1]
     assert isinstance(failed, StreamFailed) and isinstance(failed.error, ProviderConnectionError)
     assert failed.record.status == "partial" and failed.record.error_class == "ProviderConnectionError"
+
+
+@pytest.mark.parametrize(("model", "error", "status"), [("event-ctx-vllm", ProviderContextLengthError, 400),
+                                                       ("event-rate", RateLimitedError, 429),
+                                                       ("event-server", ProviderServerError, 500),
+                                                       ("event-tgi", ProviderServerError, 500)])
+async def test_an_error_event_in_a_stream_is_read_as_the_status_it_stands_for(upstream, model, error, status):
+    """A server that fails after its 200 went out sends ``data: {"error": {...}}``: read as the HTTP status it
+    stands for (its numeric code, else its code or type), so that a context overflow escalates, a rate limit is
+    retried and neither counts against the breaker. Before, each was a plain ProviderError, fallen over."""
+    with pytest.raises(error) as err:
+        await stream(upstream, model)
+    assert type(err.value) is error and err.value.upstream_status == status
+    assert "error in the stream" in err.value.message
+
+
+async def test_a_context_overflow_sent_as_a_stream_event_is_not_fallen_over(upstream, tmp_path):
+    """vLLM streams a prompt longer than its model's context as an error event: the tier's other provider (the
+    same model) is not asked, the breaker is not charged, and the client is told its prompt is too long."""
+    cfg = make_config(tmp_path, [{"name": "t", "threshold": 0.0, "max_tokens": 16, "timeout_s": 10,
+                                  "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+                                  "providers": [{"name": "vllm-a", "backend": "openai", "model": "event-ctx-vllm",
+                                                 "options": {"base_url": upstream.base_url}},
+                                                {"name": "vllm-b", "backend": "openai", "model": "json-body",
+                                                 "options": {"base_url": upstream.base_url}}]}])
+    before = upstream.seen("json-body")
+    eng = await Engine.open(cfg)
+    try:
+        with pytest.raises(ProviderContextLengthError) as err:
+            async for _ in eng.stream(CHAT):
+                pass
+        breaker = eng.tiers["t"].backend.providers[0].breaker
+        assert breaker.state == "closed" and breaker.snapshot()["consecutive_failures"] == 0
+    finally:
+        await eng.close()
+    assert upstream.seen("json-body") == before
+    assert err.value.status_code == 400 and err.value.code == "context_length_exceeded"
 
 
 @pytest.mark.parametrize(("model", "text"), [("surr-pair", "Hi \U0001f600 there"), ("surr-lone", "Hi \ufffd there")])

@@ -17,9 +17,10 @@ chat shape (``{"content": [...]}``) as well as the legacy one; a ``null`` logpro
 write ``-inf`` so) floored; a reasoning model's thinking (``reasoning_content``/``reasoning`` beside the
 answer, its tokens in the same ``logprobs.content``) left out of the answer's tokens; context overflows in
 OpenAI's, vLLM's and llama.cpp's words; OpenAI's ``insufficient_quota`` 429 (out of credits, not a rate
-limit) as a refused credential. A streamed 200 that carries no answer (no event with
-``choices``: an HTML page, a JSON body from a server that ignored ``stream``, only ``[DONE]``) is a
-malformed response, and a stream that ends without a finish reason was cut off.
+limit) as a refused credential; an error event in a streamed 200 (``data: {"error": ...}``: vLLM's prompt too
+long for its model, found once the headers went out) as the HTTP status it stands for. A streamed 200 that
+carries no answer (no event with ``choices``: an HTML page, a JSON body from a server that ignored ``stream``,
+only ``[DONE]``) is a malformed response, and a stream that ends without a finish reason was cut off.
 """
 
 from __future__ import annotations
@@ -118,11 +119,22 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
     if isinstance(exc, openai.APIConnectionError):
         return ProviderConnectionError(redact(f"{provider}: connection failed ({exc.__cause__ or exc})", secrets),
                                        provider=provider, answered=_cut_off(exc))
+    status: int | None = None
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         body = str(getattr(exc, "message", "") or exc)
         msg = redact(f"{provider}: HTTP {status}: {body}", secrets)
         retry = _retry_after(exc.response.headers if exc.response is not None else None)
+    elif isinstance(exc, openai.APIError) and isinstance(exc.body, dict | str):
+        # an error event in a 200's stream (``data: {"error": {...}}``, TGI's ``{"error": "..."}``): how a server
+        # fails once its headers went out (vLLM's prompt longer than the model's context, a rate limit, an engine
+        # crash), read as the HTTP status it stands for, so that it is retried, fallen over or escalated as that
+        # status would be
+        body = exc.body if isinstance(exc.body, str) else str(exc.message or "")
+        status = _event_status(exc, body)
+        msg = redact(f"{provider}: error in the stream (as HTTP {status}): {body}", secrets)
+        retry = None
+    if status is not None:
         if status == 429 and _error_codes(exc) & _QUOTA_CODES:
             # out of credits (OpenAI's insufficient_quota): every call fails until someone pays, so it is a refused
             # credential (the breaker forced open, the tier falls over), not a rate limit retried on every request
@@ -154,6 +166,26 @@ def _error_codes(exc: Any) -> set[str]:
     """The ``code`` and ``type`` an upstream's error body gave (strings only: vLLM's and llama.cpp's codes are
     the HTTP status as a number)."""
     return {v for v in (getattr(exc, "code", None), getattr(exc, "type", None)) if isinstance(v, str) and v}
+
+
+#: the HTTP status an error event's ``code`` or ``type`` stands for (OpenAI's types and codes, vLLM's exception names)
+_EVENT_STATUS = {"invalid_request_error": 400, "BadRequestError": 400, "context_length_exceeded": 400,
+                 "exceed_context_size_error": 400, "authentication_error": 401, "invalid_api_key": 401,
+                 "permission_error": 403, "not_found_error": 404, "NotFoundError": 404, "rate_limit_error": 429,
+                 "rate_limit_exceeded": 429, "insufficient_quota": 429}
+
+
+def _event_status(exc: Any, message: str) -> int:
+    """The HTTP status an error event in a stream stands for: its numeric ``code`` (vLLM's, llama.cpp's,
+    OpenRouter's: the status the server would have sent), else what its ``code`` or ``type`` names, else a
+    context overflow in the message's words (400); anything else is the server's failure (500)."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int | str) and str(code).isdigit() and 400 <= int(code) < 600:
+        return int(code)
+    for name in (code, getattr(exc, "type", None)):  # the code says most
+        if isinstance(name, str) and name in _EVENT_STATUS:
+            return _EVENT_STATUS[name]
+    return 400 if any(m in message.lower() for m in _CONTEXT_MARKERS) else 500
 
 
 #: the body fields each call sets from the request and the tier (``options.extra_body`` may not override them)
