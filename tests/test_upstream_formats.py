@@ -213,6 +213,8 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
             **{m: (lambda m=m: chat(model, "".join(t for t, _ in SURROGATES[m]),
                                     [surrogate_entry(t, lp) for t, lp in SURROGATES[m]])) for m in SURROGATES},
             "ok": lambda: chat(model),
+            # the answer's text as a list of parts (Mistral's reasoning models), not a string
+            "content-parts": lambda: chat(model, [{"type": "text", "text": TEXT}]),
             "null-lp": lambda: chat(model, entries=[entry(t, None if i == 0 else lp, alt=None)
                                                    for i, (t, lp) in enumerate(TOKS)]),
             # vLLM's reasoning parser (reasoning_content), the thinking's tokens first in logprobs.content
@@ -236,6 +238,8 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     elif model == "llama-cmpl-null":
         answers = {"llama-cmpl-null": lambda: completion(model, {"content": [
             entry(t, None if i == 0 else lp, alt=None, llama=True) for i, (t, lp) in enumerate(TOKS)]})}
+    elif model == "text-number":  # a completion's text that is no string
+        answers = {"text-number": lambda: completion(model, legacy_logprobs(), text=42)}
     elif model == "null-lp":  # legacy completions: the first token's logprob null, the alternatives' too
         answers = {"null-lp": lambda: completion(model, legacy_logprobs(null=True))}
     if model in answers:
@@ -433,6 +437,32 @@ async def test_a_stream_that_carries_no_answer_is_a_malformed_response(upstream,
     with pytest.raises(ProviderServerError, match="malformed response .*the stream carried no answer") as err:
         await stream(upstream, model, got=got)
     assert got == [] and err.value.answered and err.value.fall_over
+
+
+@pytest.mark.parametrize(("model", "request_"), [("content-parts", CHAT), ("text-number", RAW)])
+async def test_an_answer_whose_text_is_no_string_is_a_malformed_response(upstream, tmp_path, model, request_):
+    """A 200 whose text is a list of parts or a number is malformed: the provider's fault, fallen over, its prompt
+    billed as answered. Before, a raw TypeError left the backend (logged as a bug), recorded as a plain
+    ProviderError billed nothing."""
+    with pytest.raises(ProviderServerError, match="malformed response") as err:
+        await generate(upstream, model, request_)
+    assert err.value.answered and err.value.fall_over
+    endpoint = "chat" if request_ is CHAT else "completions"
+    cfg = make_config(tmp_path, [{"name": "t", "threshold": 0.0, "max_tokens": 16, "timeout_s": 10,
+                                  "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+                                  "providers": [{"name": "odd", "backend": "openai", "model": model,
+                                                 "options": {"base_url": upstream.base_url, "endpoint": endpoint}},
+                                                {"name": "healthy", "backend": "openai", "model": "ok",
+                                                 "options": {"base_url": upstream.base_url}}]}])
+    eng = await Engine.open(cfg)
+    try:
+        rec = (await eng.run(CHAT)).record
+    finally:
+        await eng.close()
+    assert rec.status == "ok" and rec.attempts[-1].backend == "healthy"
+    failed = rec.attempts[0]
+    assert (failed.backend, failed.error_class) == ("odd", "ProviderServerError")
+    assert failed.prompt_tokens > 0 and failed.cost_usd > 0  # it answered: its prompt is billed, as estimated
 
 
 @pytest.mark.parametrize("model,sent", [("truncated", "The answer"), ("role-then-close", "")])

@@ -318,7 +318,9 @@ class OpenAIBackend(Backend):
                 text = choice.text or ""
                 tokens = _completion_tokens(choice.logprobs) if self._logprobs else ()
                 generated = len(tokens)
-        text = paired_surrogates(text)  # a lone surrogate (valid JSON) is no text UTF-8 can carry
+            # a lone surrogate (valid JSON) is no text UTF-8 can carry; a text that is no string (a list of parts, a
+            # number) is a malformed answer (TypeError)
+            text = paired_surrogates(text)
         if request.stop:  # a server may send the logprobs of the tokens its stop sequence cut away
             tokens = fit_tokens(tokens, text)
         latency = time.perf_counter() - t0
