@@ -244,11 +244,11 @@ async def test_a_zero_probability_is_the_lowest_logprob_and_a_hair_above_zero_is
 @pytest.mark.parametrize("usage", [
     {"prompt_tokens": -1_000_000, "completion_tokens": -5}, {"prompt_tokens": NAN, "completion_tokens": NAN},
     {"prompt_tokens": INF, "completion_tokens": INF}, {"prompt_tokens": 3.7, "completion_tokens": 2.5},
-    {"prompt_tokens": "many", "completion_tokens": None}])
+    {"prompt_tokens": "many", "completion_tokens": None}, {"prompt_tokens": 10**30, "completion_tokens": 1e300}])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_token_counts_that_are_no_counts_are_estimated(usage, stream):
-    """A negative, fractional, infinite or NaN count made negative costs, a row the ledger could not hold, a
-    report that could not be written (int(inf)): such a count is estimated, as a missing one is."""
+    """A negative, fractional, infinite, NaN or absurd count made negative costs, a row the ledger could not hold,
+    a report that could not be written (int(inf)): such a count is estimated, as a missing one is."""
     from tests.fault_server import FaultServerThread
 
     with FaultServerThread() as upstream:
@@ -266,6 +266,28 @@ async def test_token_counts_that_are_no_counts_are_estimated(usage, stream):
     assert isinstance(got.prompt_tokens, int) and isinstance(got.completion_tokens, int)
     assert 0 < got.prompt_tokens < 100 and 0 < got.completion_tokens <= 4, got
     assert finish == "stop"  # 123 is no finish reason
+
+
+async def test_an_absurd_token_count_still_leaves_a_ledger_row(tmp_path):
+    """A count beyond any context window (10**30, 1e300) overflowed the ledger's INTEGER columns: the request
+    failed with a raw OverflowError and left no row (or only the journal's "Interrupted"). It is estimated."""
+    import sqlite3
+
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as upstream:
+        upstream.faults({"kind": "odd", "usage": {"prompt_tokens": 10**30, "completion_tokens": 1e300}})
+        eng = await Engine.open(make_config(tmp_path, [
+            {"name": "t", "backend": "openai", "model": "m", "threshold": 0.0,
+             "options": {"base_url": upstream.base_url}, "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}}]))
+        try:
+            out = await eng.run(LP, request_id="casc-huge")
+        finally:
+            await eng.close()
+    assert out.record.status == "ok" and 0 < out.record.prompt_tokens < 100 and out.record.cost_usd < 1e-3
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        assert conn.execute("SELECT status, error_class FROM requests WHERE request_id='casc-huge'").fetchall() == [
+            ("ok", None)]
 
 
 def two_remote_tiers(tmp_path, first, second):

@@ -470,17 +470,22 @@ def _cached(usage: Any, prompt_tokens: int) -> int:
     return min(_count(_field(details, "cached_tokens")), prompt_tokens) if details is not None else 0
 
 
+#: the largest token count an upstream's ``usage`` is believed: more than any model's context window (10M tokens,
+#: the largest yet), and small enough that a request's sums fit the ledger's 32-bit INTEGER columns (PostgreSQL's)
+_MAX_COUNT = 2**24
+
+
 def _count(value: Any) -> int:
     """A token count of an upstream's ``usage``, or 0 (then estimated, as a count it leaves out) where it is
-    none: negative, fractional, not finite, not a number (a NaN or negative count made negative costs, and a
-    NaN one a request the ledger could not hold)."""
+    none: negative, fractional, not finite, not a number, above ``_MAX_COUNT`` (a NaN or negative count made
+    negative costs, and a NaN or a 1e300 one a request the ledger could not hold: no row, a raw OverflowError)."""
     if isinstance(value, bool):
         return 0
     try:
         x = float(value)
     except (TypeError, ValueError):
         return 0
-    return int(x) if math.isfinite(x) and x >= 0 and x == int(x) else 0
+    return int(x) if math.isfinite(x) and 0 <= x <= _MAX_COUNT and x == int(x) else 0
 
 
 def _finish(value: Any) -> str:
