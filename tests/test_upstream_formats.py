@@ -371,6 +371,21 @@ async def test_a_context_overflow_in_each_servers_words_is_a_context_length_erro
     assert not isinstance(other.value, ProviderContextLengthError)
 
 
+async def test_a_numeric_error_code_is_no_code_for_the_client(upstream, tmp_path):
+    """vLLM's and llama.cpp's error ``code`` is the HTTP status (400), which the openai client turns into the string
+    "400": the client's error had code "400" where OpenAI's protocol has a name or null. It has none."""
+    with pytest.raises(ProviderInvalidRequestError) as err:
+        await generate(upstream, "bad-request")
+    assert err.value.upstream_status == 400 and err.value.code is None
+    eng = await Engine.open(make_config(tmp_path, [remote("t", upstream, "bad-request")]))
+    try:
+        with pytest.raises(ProviderInvalidRequestError) as served:
+            await eng.run(CHAT)
+    finally:
+        await eng.close()
+    assert served.value.code is None and served.value.status_code == 400
+
+
 async def test_a_llamacpp_context_overflow_escalates_to_the_next_tier(upstream, tmp_path):
     cfg = make_config(tmp_path, [remote("small", upstream, "ctx-llama"), remote("big", upstream, "ok")])
     eng = await Engine.open(cfg)

@@ -150,10 +150,12 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
         if status in (400, 413, 422):
             if any(m in body.lower() for m in _CONTEXT_MARKERS) or _error_codes(exc) & _CONTEXT_CODES:
                 return ProviderContextLengthError(msg, provider=provider, status=status)
-            # the upstream's own code for what is wrong with the request (e.g. invalid_value) tells the client most
+            # the upstream's own code for what is wrong with the request (e.g. invalid_value) tells the client most;
+            # vLLM's and llama.cpp's code is the status itself (400, which the openai client makes "400"): no code
             code = getattr(exc, "code", None)
             return ProviderInvalidRequestError(msg, provider=provider, status=status,
-                                               code=code if isinstance(code, str) and code else None)
+                                               code=code if isinstance(code, str) and code and not code.isdigit()
+                                               else None)
         if status >= 500:
             return ProviderServerError(msg, provider=provider, status=status, retry_after=retry)
         return ProviderError(msg, provider=provider, status=status)
@@ -163,8 +165,8 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
 
 
 def _error_codes(exc: Any) -> set[str]:
-    """The ``code`` and ``type`` an upstream's error body gave (strings only: vLLM's and llama.cpp's codes are
-    the HTTP status as a number)."""
+    """The ``code`` and ``type`` an upstream's error body gave (vLLM's and llama.cpp's code is the HTTP status as a
+    number, which the openai client may make a string: it names nothing here)."""
     return {v for v in (getattr(exc, "code", None), getattr(exc, "type", None)) if isinstance(v, str) and v}
 
 
