@@ -182,6 +182,10 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
                 "param": None, "code": None}}], True),
             "event-tgi": lambda: ([{"error": "Request failed during generation: Server error: CUDA out of memory",
                                     "error_type": "generation"}], True),  # text-generation-inference's
+            # older vLLM's (its ErrorResponse as the event itself, no "error" key)
+            "event-ctx-vllm-old": lambda: ([{"object": "error", "message": "This model's maximum context length is "
+                                             "4096 tokens. However, you requested 5000 tokens.",
+                                             "type": "BadRequestError", "param": None, "code": 400}], True),
             **{m: (lambda m=m: ([chunk(model, {"role": "assistant", "content": ""})]
                                 + [chunk(model, {"content": t}, [surrogate_entry(t, lp)]) for t, lp in SURROGATES[m]]
                                 + [chunk(model, {}, finish="stop"), usage_chunk(model)], True)) for m in SURROGATES},
@@ -525,7 +529,8 @@ async def test_a_cut_off_stream_is_a_partial_answer(upstream, tmp_path):
 @pytest.mark.parametrize(("model", "error", "status"), [("event-ctx-vllm", ProviderContextLengthError, 400),
                                                        ("event-rate", RateLimitedError, 429),
                                                        ("event-server", ProviderServerError, 500),
-                                                       ("event-tgi", ProviderServerError, 500)])
+                                                       ("event-tgi", ProviderServerError, 500),
+                                                       ("event-ctx-vllm-old", ProviderContextLengthError, 400)])
 async def test_an_error_event_in_a_stream_is_read_as_the_status_it_stands_for(upstream, model, error, status):
     """A server that fails after its 200 went out sends ``data: {"error": {...}}``: read as the HTTP status it
     stands for (its numeric code, else its code or type), so that a context overflow escalates, a rate limit is

@@ -17,9 +17,9 @@ chat shape (``{"content": [...]}``) as well as the legacy one; a ``null`` logpro
 write ``-inf`` so) floored; a reasoning model's thinking (``reasoning_content``/``reasoning`` beside the
 answer, its tokens in the same ``logprobs.content``) left out of the answer's tokens; context overflows in
 OpenAI's, vLLM's and llama.cpp's words; OpenAI's ``insufficient_quota`` 429 (out of credits, not a rate
-limit) as a refused credential; an error event in a streamed 200 (``data: {"error": ...}``: vLLM's prompt too
-long for its model, found once the headers went out) as the HTTP status it stands for. A streamed 200 that
-carries no answer (no event with ``choices``: an HTML page, a JSON body from a server that ignored ``stream``,
+limit) as a refused credential; an error event in a streamed 200 (``data: {"error": ...}``, older vLLM's
+``{"object": "error", ...}``: vLLM's prompt too long for its model, found once the headers went out) as the
+HTTP status it stands for. A streamed 200 that carries no answer (no event with ``choices``: an HTML page, a JSON body from a server that ignored ``stream``,
 only ``[DONE]``) is a malformed response, and a stream that ends without a finish reason was cut off.
 """
 
@@ -168,6 +168,15 @@ def _error_codes(exc: Any) -> set[str]:
     """The ``code`` and ``type`` an upstream's error body gave (vLLM's and llama.cpp's code is the HTTP status as a
     number, which the openai client may make a string: it names nothing here)."""
     return {v for v in (getattr(exc, "code", None), getattr(exc, "type", None)) if isinstance(v, str) and v}
+
+
+def _error_event(event: Any, response: Any) -> Exception:
+    """An error event without an ``error`` key (older vLLM sends its ErrorResponse as the event), as the openai
+    client raises the one with it: the ``APIError`` that :func:`translate_openai_error` reads as its status."""
+    import openai
+
+    body = event.model_dump() if hasattr(event, "model_dump") else {}
+    return openai.APIError(str(body.get("message") or "an error event"), response.request, body=body)
 
 
 #: the HTTP status an error event's ``code`` or ``type`` stands for (OpenAI's types and codes, vLLM's exception names)
@@ -360,6 +369,8 @@ class OpenAIBackend(Backend):
                 # units): held for the next chunk, which may start with its second half
                 carry = ""
                 async for ev in stream:
+                    if getattr(ev, "object", None) == "error":  # older vLLM's error event: its ErrorResponse
+                        raise _error_event(ev, stream.response)  # itself ({"object": "error", "code": 400, ...})
                     if ev.choices:
                         answered = True
                         ch = ev.choices[0]
