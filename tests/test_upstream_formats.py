@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -360,6 +361,17 @@ def remote(name: str, up: Upstream, model: str, **kw: Any) -> dict[str, Any]:
             "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": options, **kw}
 
 
+def two_providers(tmp_path: Path, up: Upstream, first: tuple[str, str], second: tuple[str, str],
+                  first_options: dict[str, Any] | None = None, **tier: Any) -> Any:
+    """A config of one tier "t" (threshold 0: every answer kept) served by two providers of ``up``, each a
+    (name, model): the second is the one the tier falls over to."""
+    providers = [{"name": name, "backend": "openai", "model": model, "options": {"base_url": up.base_url, **opts}}
+                 for (name, model), opts in ((first, first_options or {}), (second, {}))]
+    return make_config(tmp_path, [{"name": "t", "threshold": 0.0, "max_tokens": 16, "timeout_s": 10,
+                                   "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, **tier,
+                                   "providers": providers}])
+
+
 # --- 1. context overflow in llama.cpp's and vLLM's words ------------------------------------------------
 
 @pytest.mark.parametrize("model", ["ctx-llama", "ctx-llama-type", "ctx-vllm-decoder", "ctx-vllm-old"])
@@ -467,12 +479,7 @@ async def test_an_answer_whose_text_is_no_string_is_a_malformed_response(upstrea
         await generate(upstream, model, request_)
     assert err.value.answered and err.value.fall_over
     endpoint = "chat" if request_ is CHAT else "completions"
-    cfg = make_config(tmp_path, [{"name": "t", "threshold": 0.0, "max_tokens": 16, "timeout_s": 10,
-                                  "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
-                                  "providers": [{"name": "odd", "backend": "openai", "model": model,
-                                                 "options": {"base_url": upstream.base_url, "endpoint": endpoint}},
-                                                {"name": "healthy", "backend": "openai", "model": "ok",
-                                                 "options": {"base_url": upstream.base_url}}]}])
+    cfg = two_providers(tmp_path, upstream, ("odd", model), ("healthy", "ok"), {"endpoint": endpoint})
     eng = await Engine.open(cfg)
     try:
         rec = (await eng.run(CHAT)).record
@@ -496,12 +503,7 @@ async def test_a_stream_that_ends_without_a_finish_reason_was_cut_off(upstream, 
 
 
 async def test_a_stream_with_no_answer_falls_over_to_the_next_provider(upstream, tmp_path):
-    cfg = make_config(tmp_path, [{"name": "t", "threshold": 0.0, "max_tokens": 16, "timeout_s": 10,
-                                  "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
-                                  "providers": [{"name": "proxy", "backend": "openai", "model": "html",
-                                                 "options": {"base_url": upstream.base_url}},
-                                                {"name": "healthy", "backend": "openai", "model": "ok",
-                                                 "options": {"base_url": upstream.base_url}}]}])
+    cfg = two_providers(tmp_path, upstream, ("proxy", "html"), ("healthy", "ok"))
     eng = await Engine.open(cfg)
     try:
         events = [e async for e in eng.stream(CHAT)]
@@ -544,12 +546,7 @@ async def test_an_error_event_in_a_stream_is_read_as_the_status_it_stands_for(up
 async def test_a_context_overflow_sent_as_a_stream_event_is_not_fallen_over(upstream, tmp_path):
     """vLLM streams a prompt longer than its model's context as an error event: the tier's other provider (the
     same model) is not asked, the breaker is not charged, and the client is told its prompt is too long."""
-    cfg = make_config(tmp_path, [{"name": "t", "threshold": 0.0, "max_tokens": 16, "timeout_s": 10,
-                                  "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
-                                  "providers": [{"name": "vllm-a", "backend": "openai", "model": "event-ctx-vllm",
-                                                 "options": {"base_url": upstream.base_url}},
-                                                {"name": "vllm-b", "backend": "openai", "model": "json-body",
-                                                 "options": {"base_url": upstream.base_url}}]}])
+    cfg = two_providers(tmp_path, upstream, ("vllm-a", "event-ctx-vllm"), ("vllm-b", "json-body"))
     before = upstream.seen("json-body")
     eng = await Engine.open(cfg)
     try:
@@ -630,13 +627,8 @@ async def test_insufficient_quota_is_a_refused_credential(upstream):
 async def test_an_account_out_of_quota_is_not_called_again(upstream, tmp_path):
     """The breaker is forced open, as for a rejected key: the tier falls over to its next provider, and the
     next requests skip the exhausted one (a 429 was retried on every request, max_attempts times)."""
-    cfg = make_config(tmp_path, [{"name": "t", "threshold": 0.0, "max_tokens": 16, "timeout_s": 10,
-                                  "price": {"input_per_1m": 1.0, "output_per_1m": 2.0},
-                                  "retry": {"max_attempts": 3, "base_delay_s": 0.01, "max_delay_s": 0.02},
-                                  "providers": [{"name": "openai", "backend": "openai", "model": "quota",
-                                                 "options": {"base_url": upstream.base_url}},
-                                                {"name": "backup", "backend": "openai", "model": "ok",
-                                                 "options": {"base_url": upstream.base_url}}]}])
+    cfg = two_providers(tmp_path, upstream, ("openai", "quota"), ("backup", "ok"),
+                        retry={"max_attempts": 3, "base_delay_s": 0.01, "max_delay_s": 0.02})
     before = upstream.seen("quota")
     eng = await Engine.open(cfg)
     try:
