@@ -9,7 +9,7 @@ import re
 import sys
 
 from cascade.cli import check_text
-from cascade.config import Config, load_config
+from cascade.config import Config, config_file, load_config
 from cascade.errors import ConfigError
 from cascade.ledger import _redact
 from cascade.types import GenerationRequest, Message
@@ -110,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for warning in cfg.price_warnings():
         logging.getLogger("cascade.serve").warning(warning)
 
-    app = create_app(cfg, config_path=args.config or os.environ.get("CASCADE_CONFIG") or None)
+    app = create_app(cfg, config_path=config_file(args.config))
     host = f"[{cfg.server.host}]" if ":" in cfg.server.host else cfg.server.host  # an IPv6 address, as in a URL
     banner = (f"cascade-engine: serving policies {list(cfg.policies)} on http://{host}:{cfg.server.port}"
               f" (ledger {_redact(cfg.ledger_target())})")

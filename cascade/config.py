@@ -816,6 +816,15 @@ def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str
     return cfg if base_dir is None else _artifacts_relative_to(cfg, Path(base_dir))
 
 
+def config_file(path: str | os.PathLike[str] | None = None, *,
+                environ: Mapping[str, str] | None = None) -> str | os.PathLike[str] | None:
+    """The config file a command reads: ``path`` (``--config``) when given, else ``$CASCADE_CONFIG`` when set;
+    None: the embedded default."""
+    if path is not None:
+        return path
+    return (os.environ if environ is None else environ).get(ENV_CONFIG) or None
+
+
 def load_config(path: str | os.PathLike[str] | None = None, *,
                 environ: Mapping[str, str] | None = None) -> Config:
     """Load and validate a config file (or the embedded CPU default), then apply env overrides. Relative
@@ -824,8 +833,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
     ``environ`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
     """
     env = os.environ if environ is None else environ
-    if path is None:
-        path = env.get(ENV_CONFIG) or None
+    path = config_file(path, environ=env)
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"the config file must be a path (str or os.PathLike), got {type(path).__name__}")
     base_dir = None

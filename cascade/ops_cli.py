@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from cascade.cli import non_negative_int
-from cascade.config import ENV_CONFIG, Config, load_config
+from cascade.config import Config, config_file, load_config
 from cascade.errors import ConfigError
 from cascade.ledger import Ledger, _redact
 from cascade.paths import expand_path
@@ -107,7 +106,7 @@ def cmd_shadow_report(args: argparse.Namespace) -> int:
         raise ConfigError("--min-group must be at least 1")
     since = parse_since(args.since)
     cfg = None  # the config (--config, else $CASCADE_CONFIG) adds each shadow's description, rate and budget
-    if args.config is not None or os.environ.get(ENV_CONFIG) or not args.ledger:
+    if config_file(args.config) is not None or not args.ledger:
         cfg = _config(args)
     ledger = _open_ledger(args, cfg)
     try:
@@ -137,8 +136,8 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     sources = [s.strip() for s in args.labels.split(",") if s.strip()]
     # beside the config file read (--config, else $CASCADE_CONFIG, as load_config reads it): where its relative
     # artifact paths point; the embedded default has no file, so the current directory
-    config_file = args.config if args.config is not None else os.environ.get(ENV_CONFIG) or None
-    config_dir = expand_path(config_file, "--config").resolve().parent if config_file is not None else Path.cwd()
+    read = config_file(args.config)
+    config_dir = expand_path(read, "--config").resolve().parent if read is not None else Path.cwd()
     default_dir = config_dir / "calibrators"
     ledger = _open_ledger(args, cfg)
     try:
