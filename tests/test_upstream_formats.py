@@ -24,6 +24,7 @@ from cascade.errors import (
     ProviderAuthError,
     ProviderConnectionError,
     ProviderContextLengthError,
+    ProviderError,
     ProviderInvalidRequestError,
     ProviderServerError,
     RateLimitedError,
@@ -129,6 +130,11 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
         e = entry(" 4", -1.2, alt=-0.3)
         e["top_logprobs"].append({"token": "mid", "logprob": -0.9, "bytes": list(b"mid")})
         return ("body", 200, "application/json", json.dumps(chat(model, " 4", [e])).encode(), {})
+    # --- redirects: a base_url that moved (the Location relative, as most servers write it)
+    if model in ("moved-301", "moved-308") and "/moved/" not in path:
+        return ("body", int(model[-3:]), "text/plain", b"", {"location": path.replace("/v1/", "/v1/moved/", 1)})
+    if model == "moved-308":  # the POST kept its body: answered where it was sent
+        return ("body", 200, "application/json", json.dumps(chat(model)).encode(), {})
     # --- errors, in each server's words (also the answer to a stream: the status comes first)
     if model == "ctx-llama":  # llama.cpp tools/server: exceed_context_size_error
         return error(400, {"error": {"code": 400, "message": "request (5000 tokens) exceeds the available context "
@@ -170,6 +176,9 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
             "usage-only": lambda: ([usage_chunk(model)], True),
             "truncated": lambda: (oai_stream(model)[:3], False),   # 2 tokens, then the body ends cleanly
             "role-then-close": lambda: (oai_stream(model)[:1], False),
+            # OpenRouter's, when the model's provider failed mid-answer: the choice ends with finish_reason "error"
+            "finish-error": lambda: (oai_stream(model)[:3] + [chunk(model, {}, finish="error"), usage_chunk(model)],
+                                     True),
             # a server failing once its 200 went out: an error event, then [DONE] (vLLM's prompt longer than the
             # model's context, found as the engine takes the request; OpenAI's rate limit or server error)
             "event-ctx-vllm": lambda: ([{"error": {
@@ -218,6 +227,7 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
             **{m: (lambda m=m: chat(model, "".join(t for t, _ in SURROGATES[m]),
                                     [surrogate_entry(t, lp) for t, lp in SURROGATES[m]])) for m in SURROGATES},
             "ok": lambda: chat(model),
+            "finish-error": lambda: {**(c := chat(model)), "choices": [{**c["choices"][0], "finish_reason": "error"}]},
             # the answer's text as a list of parts (Mistral's reasoning models), not a string
             "content-parts": lambda: chat(model, [{"type": "text", "text": TEXT}]),
             "null-lp": lambda: chat(model, entries=[entry(t, None if i == 0 else lp, alt=None)
@@ -299,12 +309,13 @@ class Upstream:
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                _, path, _ = head[0].split(" ", 2)
+                method, path, _ = head[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in head[1:] if ":" in h)}
                 n = int(headers.get("content-length", "0"))
                 body = json.loads(await reader.readexactly(n)) if n else {}
                 self.requests.append({"path": path, "body": {k: v for k, v in body.items() if k != "messages"}})
-                out = respond(str(body.get("model", "")), path, body)
+                out = (respond(str(body.get("model", "")), path, body) if method == "POST" else
+                       error(405, oai_error("Method Not Allowed", "invalid_request_error", None)))
                 if out[0] == "body":
                     _, status, ctype, payload, extra = out
                     lines = [f"HTTP/1.1 {status} X", f"content-type: {ctype}", f"content-length: {len(payload)}"]
@@ -457,6 +468,25 @@ async def test_a_null_logprob_in_a_stream_is_floored(upstream):
     assert all(a.logprob == LOGPROB_MIN for t in toks for a in t.top if a.token == "alt")
 
 
+async def test_a_redirect_that_made_the_post_a_get_says_so(upstream):
+    """A base_url that moved (http to https, a trailing slash): httpx follows a 301 as a GET, and the 405 that
+    comes back named nothing of the cause. The message now names the redirect and the fix."""
+    with pytest.raises(ProviderError) as err:
+        await generate(upstream, "moved-301")
+    assert err.value.upstream_status == 405 and err.value.fall_over
+    msg = err.value.message
+    assert f"redirected POST {upstream.base_url}/chat/completions with HTTP 301 to {upstream.base_url}/moved/" in msg
+    assert "which made it a GET" in msg and "base_url" in msg
+
+
+async def test_a_redirect_that_keeps_the_post_is_answered(upstream):
+    """A 308 keeps the method and the body: answered where it points, nothing to report."""
+    result = await generate(upstream, "moved-308")
+    assert result.text == TEXT
+    assert [r["path"] for r in upstream.requests if r["body"].get("model") == "moved-308"][-2:] == [
+        "/v1/chat/completions", "/v1/moved/chat/completions"]
+
+
 # --- 4. streams that carry no answer, or are cut off ----------------------------------------------------
 
 @pytest.mark.parametrize("model", ["html", "json-body", "done-only", "usage-only"])
@@ -500,6 +530,33 @@ async def test_a_stream_that_ends_without_a_finish_reason_was_cut_off(upstream, 
         await stream(upstream, model, got=got)
     assert "".join(c.text for c in got) == sent and err.value.answered
     assert all(c.finish_reason is None for c in got)
+
+
+async def test_an_answer_ended_by_finish_reason_error_is_the_providers_failure(upstream):
+    """OpenRouter ends an answer whose provider failed mid-way with finish_reason "error": a part of an answer,
+    not one that stopped. Before, it was read as "stop" and the part kept as the answer."""
+    with pytest.raises(ProviderServerError, match="finish_reason 'error'.*after 16 characters") as err:
+        await generate(upstream, "finish-error")
+    assert err.value.answered and err.value.fall_over and err.value.upstream_status == 500
+    got: list = []
+    with pytest.raises(ProviderServerError, match="finish_reason 'error'.*after 10 characters") as err:
+        await stream(upstream, "finish-error", got=got)
+    assert "".join(c.text for c in got) == "The answer" and all(c.finish_reason is None for c in got)
+    assert err.value.answered
+
+
+async def test_an_answer_ended_by_finish_reason_error_falls_over_to_the_next_provider(upstream, tmp_path):
+    cfg = two_providers(tmp_path, upstream, ("openrouter", "finish-error"), ("healthy", "ok"))
+    eng = await Engine.open(cfg)
+    try:
+        out = await eng.run(CHAT)
+    finally:
+        await eng.close()
+    rec = out.record
+    assert rec.status == "ok" and out.result.text == TEXT
+    assert [(a.backend, a.error_class) for a in rec.attempts] == [("openrouter", "ProviderServerError"),
+                                                                  ("healthy", None)]
+    assert rec.attempts[0].cost_usd > 0  # it answered (in part): billed
 
 
 async def test_a_stream_with_no_answer_falls_over_to_the_next_provider(upstream, tmp_path):

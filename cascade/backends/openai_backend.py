@@ -123,7 +123,7 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         body = str(getattr(exc, "message", "") or exc)
-        msg = redact(f"{provider}: HTTP {status}: {body}", secrets)
+        msg = redact(f"{provider}: HTTP {status}: {body}{_redirected(exc.response)}", secrets)
         retry = _retry_after(exc.response.headers if exc.response is not None else None)
     elif isinstance(exc, openai.APIError) and isinstance(exc.body, dict | str):
         # an error event in a 200's stream (``data: {"error": {...}}``, TGI's ``{"error": "..."}``): how a server
@@ -162,6 +162,20 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
     if isinstance(exc, openai.OpenAIError):
         return ProviderError(redact(f"{provider}: {exc}", secrets), provider=provider)
     return ProviderError(redact(f"{provider}: {type(exc).__name__}: {exc}", secrets), provider=provider)
+
+
+def _redirected(response: Any) -> str:
+    """What an error's message adds when the upstream redirected the call: the status that came back is the
+    answer to where the redirect pointed, and a 301, 302 or 303 turned the POST into a GET (httpx does as
+    browsers do), so its 405 or 404 says nothing of the request itself. The fix is the tier's ``base_url``."""
+    history = getattr(response, "history", None) or ()
+    if not history:
+        return ""
+    first = history[0]
+    became_get = any(r.status_code in (301, 302, 303) for r in history)
+    return (f" (the upstream redirected {first.request.method} {first.request.url} with HTTP {first.status_code} to "
+            f"{response.request.url}{', which made it a GET' if became_get else ''}: set the tier's base_url to "
+            "where it points)")
 
 
 def _error_codes(exc: Any) -> set[str]:
@@ -332,6 +346,8 @@ class OpenAIBackend(Backend):
             # a lone surrogate (valid JSON) is no text UTF-8 can carry; a text that is no string (a list of parts, a
             # number) is a malformed answer (TypeError)
             text = paired_surrogates(text)
+        if choice.finish_reason == "error":
+            raise self._failed_mid_answer(text)
         if request.stop:  # a server may send the logprobs of the tokens its stop sequence cut away
             tokens = fit_tokens(tokens, text)
         latency = time.perf_counter() - t0
@@ -339,6 +355,14 @@ class OpenAIBackend(Backend):
             text=text, tokens=tokens, finish_reason=_finish(choice.finish_reason),
             usage=self._usage(resp.usage, request, generated, text),
             latency_s=latency, model=getattr(resp, "model", None) or self.model)
+
+    def _failed_mid_answer(self, text: str) -> ProviderServerError:
+        """An answer the upstream ended with ``finish_reason: "error"`` (OpenRouter's, when the model's provider
+        failed while it generated): what came is part of an answer, not one that stopped. The provider's
+        failure, fallen over as a 5xx; it answered, so the call is billed."""
+        return ProviderServerError(f"{self.name}: the upstream ended the answer with finish_reason 'error' (it "
+                                   f"failed mid-answer, after {len(text)} characters)", provider=self.name,
+                                   status=500, answered=True)
 
     def _usage(self, usage: Any, request: GenerationRequest, generated: int, text: str) -> Usage:
         """A call's ``usage`` as the upstream gave it. A server that sends none (or leaves a count out) still
@@ -385,6 +409,8 @@ class OpenAIBackend(Backend):
                             text = ch.text or ""
                             toks = _completion_tokens(ch.logprobs) if self._logprobs else ()
                             seen_tokens += len(toks)
+                        if ch.finish_reason == "error":  # its text, if any, is not passed on: no answer's end
+                            raise self._failed_mid_answer("".join(seen_text) + text)
                         finish = _finish(ch.finish_reason) if ch.finish_reason is not None else finish
                         text, carry = carry + text, ""
                         if ends_in_high_surrogate(text):
