@@ -693,8 +693,12 @@ def log_failure(fut: asyncio.Future) -> None:
 
 
 def _refuse_newer(row: tuple, what: str, verb: str) -> None:
-    """A ledger whose schema version (``row[0]``) is newer than this version ``verb`` (reads, writes): refused."""
-    if str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
+    """A ledger whose schema version (``row[0]``) is newer than this version ``verb`` (reads, writes), or is no
+    version number at all (a meta table edited by hand: which columns it has is anyone's guess): refused."""
+    if not str(row[0]).isdigit():
+        raise LedgerError(f"ledger {what} has schema version {str(row[0])[:40]!r}, which is no version number (its "
+                          "meta table was edited?): set meta.schema_version back to the version that wrote it")
+    if int(row[0]) > SCHEMA_VERSION:
         raise LedgerError(f"ledger {what} has schema version {row[0]}, newer than this cascade-engine {verb} "
                           f"({SCHEMA_VERSION}): upgrade cascade-engine")
 

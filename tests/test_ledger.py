@@ -111,6 +111,19 @@ async def test_a_ledger_of_a_newer_schema_is_refused_by_the_writers_too(target):
         Ledger(target).open_existing_sync()
 
 
+async def test_a_schema_version_that_is_no_number_is_refused(target):
+    """A meta table edited by hand ("8a", "", "eight"): which columns the ledger has is anyone's guess. It was
+    read as current by the reports and written into by the server as it was; now both refuse it in one line."""
+    async with Ledger(target) as ledger:
+        await ledger.record(record(1))
+    ledger = Ledger(target).open_sync()
+    ledger.execute("UPDATE meta SET value = ? WHERE key = ?", ("8a", "schema_version"))
+    ledger.close_sync()
+    for opening in (lambda: Ledger(target).open(), lambda: asyncio.to_thread(Ledger(target).open_existing_sync)):
+        with pytest.raises(LedgerError, match="has schema version '8a', which is no version number"):
+            await opening()
+
+
 def test_an_sqlite_file_of_another_program_is_not_made_a_ledger(tmp_path):
     """Pointed at another program's SQLite database, the ledger refuses to add its tables beside theirs
     (the reports already called it "not a cascade ledger"); an empty file is a new ledger."""

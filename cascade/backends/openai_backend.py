@@ -19,8 +19,10 @@ answer, its tokens in the same ``logprobs.content``) left out of the answer's to
 OpenAI's, vLLM's and llama.cpp's words; OpenAI's ``insufficient_quota`` 429 (out of credits, not a rate
 limit) as a refused credential; an error event in a streamed 200 (``data: {"error": ...}``, older vLLM's
 ``{"object": "error", ...}``: vLLM's prompt too long for its model, found once the headers went out) as the
-HTTP status it stands for. A streamed 200 that carries no answer (no event with ``choices``: an HTML page, a JSON body from a server that ignored ``stream``,
-only ``[DONE]``) is a malformed response, and a stream that ends without a finish reason was cut off.
+HTTP status it stands for. A streamed 200 that carries no answer (no event with ``choices``: an HTML page, a JSON
+body from a server that ignored ``stream``, only ``[DONE]``) is a malformed response, a stream that ends without a
+finish reason was cut off, and an answer ended with ``finish_reason: "error"`` (OpenRouter's) is the provider's
+failure.
 """
 
 from __future__ import annotations
