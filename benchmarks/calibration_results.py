@@ -36,6 +36,10 @@ from calibration.data import load_cascade_outputs, split_data  # noqa: E402
 from calibration.replay import ReplayConfig, check_inputs, replay  # noqa: E402
 from cascade.errors import CascadeError, DataError  # noqa: E402
 
+#: what to do about a ``*_test.jsonl`` that holds most of its ``*_train.jsonl`` (``cascade replay``'s hint names options
+#: this script does not have)
+_OVERLAP_HINT = ("the data directory's test file must hold other questions than its train file (remove it to "
+                 "measure on internal splits of the train file instead)")
 DATASETS = ("mmlu", "medmcqa", "triviaqa", "truthfulqa", "gsm8k")
 CHAINS = ("llama", "qwen_oai")
 
@@ -235,7 +239,7 @@ def _run(args: argparse.Namespace, outputs: Path, cfg: ReplayConfig) -> int:
             for label, tr, te, seed in splits:
                 for kind, chain in chains.items():
                     # what `cascade replay` refuses (a TEST file that holds TRAIN's questions, a free last tier)
-                    for w in check_inputs(tr, te, chain, split=seed is not None):
+                    for w in check_inputs(tr, te, chain, split=seed is not None, hint=_OVERLAP_HINT):
                         if w not in notes:
                             notes.append(w)
                     rep, policy = replay(tr, te, chain, cfg)

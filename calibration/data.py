@@ -338,20 +338,26 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
 
 def _question_id(row: dict) -> tuple[str, str, str] | None:
     """(dataset, split, idx) of a line with an ``idx`` (not null); a mixed file's lines name their
-    ``source_dataset``. An ``idx`` of 3 and of "3" are the same id."""
+    ``source_dataset``. An ``idx`` of 3, of 3.0 and of "3" are the same id."""
     v = row.get("idx")
     if v is None:
         return None
+    if isinstance(v, float) and v.is_integer():  # a writer that stored it as a float (pandas, JavaScript)
+        v = int(v)
     ident = str(v) if isinstance(v, (int, str)) and not isinstance(v, bool) else json.dumps(v, sort_keys=True)
     dataset = row.get("source_dataset") or row.get("dataset") or ""
     return (str(dataset), str(row.get("split") or ""), ident)
 
 
-def check_disjoint(train: CascadeData, test: CascadeData) -> str | None:
+#: what to do about a test file that holds most of the training file, said to a user of ``cascade replay``
+SPLIT_HINT = "give one file as both --train and --test to split it into disjoint parts"
+
+
+def check_disjoint(train: CascadeData, test: CascadeData, hint: str = SPLIT_HINT) -> str | None:
     """Questions of ``test`` that also appear in ``train``, by id or by prompt: a replay fits on TRAIN and
     measures on TEST, and nothing may be fit on TEST. Most of TEST in TRAIN (a copy of the file, the same split
-    twice) is a DataError; a few (benchmarks repeat some questions across their splits) are a warning, returned
-    (None: no overlap)."""
+    twice) is a DataError ending with ``hint`` (what the caller's user can do); a few (benchmarks repeat some
+    questions across their splits) are a warning, returned (None: no overlap)."""
     # an id without a split (no ``split`` on the lines, none in the file name) only numbers the lines of its
     # file: two such files both count from 0, so it names the same question only where no prompt says otherwise
     ids = {q: t for q, t in zip(train.qids, train.prompts or [None] * len(train)) if q is not None}
@@ -366,13 +372,15 @@ def check_disjoint(train: CascadeData, test: CascadeData) -> str | None:
     what = (f"{n} of the {len(test)} questions of the test file {test.path} are also in the training file "
             f"{train.path} (same question {how})")
     if 2 * n > len(test):
-        raise DataError(f"{what}: nothing may be fit on TEST; give one file as both --train and --test to split "
-                        "it into disjoint parts")
+        raise DataError(f"{what}: nothing may be fit on TEST; {hint}")
     return f"{what}: they count in the test figures although they were fit on"
 
 
 def check_both_outcomes(correct: Any, model: str, where: str) -> None:
-    """A calibrator needs right and wrong answers: DataError when ``correct`` holds only one outcome."""
+    """A calibrator needs right and wrong answers: DataError when ``correct`` holds only one outcome (or only one
+    question, where that is the first thing to say)."""
+    if len(correct) < 2:
+        raise DataError(f"{where}: {len(correct)} question(s); calibration needs at least 2 (right and wrong answers)")
     if correct.min() == correct.max():
         raise DataError(f"only one outcome ({'all correct' if correct[0] else 'all wrong'}) for {model} in "
                         f"{where}: cannot calibrate (a calibrator needs right and wrong answers)")

@@ -36,7 +36,14 @@ from calibration.calibrators import (
     TemperatureScaling,
     make_calibrator,
 )
-from calibration.data import CascadeData, answer_agreement, answer_format_ok, check_both_outcomes, check_disjoint
+from calibration.data import (
+    SPLIT_HINT,
+    CascadeData,
+    answer_agreement,
+    answer_format_ok,
+    check_both_outcomes,
+    check_disjoint,
+)
 from calibration.selection import kfold_indices, select_calibrator
 from calibration.thresholds import (
     Outcome,
@@ -482,18 +489,19 @@ def apply_policy(policy: FittedPolicy, data: CascadeData) -> Outcome:
 # --- the replay report -----------------------------------------------------------------------------
 
 
-def check_inputs(train: CascadeData, test: CascadeData, chain: Sequence[str], split: bool = False) -> list[str]:
+def check_inputs(train: CascadeData, test: CascadeData, chain: Sequence[str], split: bool = False,
+                 hint: str = SPLIT_HINT) -> list[str]:
     """What a replay of ``chain`` refuses before any fit, for every caller (``cascade replay`` and the benchmark
     script alike): a last tier that costs $0 on every question of TRAIN or TEST (every cost ratio is against it),
     a TEST file that holds most of TRAIN's questions (``check_disjoint``; not checked for ``split``, disjoint
-    parts of one file), and a first tier with one outcome on TRAIN (nothing to calibrate). DataError naming the
-    file; returns the warnings (a few questions of TEST also in TRAIN)."""
+    parts of one file; ``hint`` says what to do about it), and a first tier with one outcome on TRAIN (nothing to
+    calibrate). DataError naming the file; returns the warnings (a few questions of TEST also in TRAIN)."""
     for d in (train, test):
         if not d.tier(chain[-1]).cost.sum() > 0:
             raise DataError(f"{d.path}: the last tier {chain[-1]!r} costs $0 on every question of the "
                             f"{'training' if d is train else 'test'} split, so no cost ratio against it is "
                             "defined: end the chain with a tier that has a cost")
-    overlap = None if split else check_disjoint(train, test)
+    overlap = None if split else check_disjoint(train, test, hint)
     check_both_outcomes(train.tier(chain[0]).correct, chain[0], f"the training split of {train.path}")
     return [overlap] if overlap else []
 

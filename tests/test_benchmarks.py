@@ -466,6 +466,7 @@ def test_calibration_results_refuses_what_cascade_replay_refuses(tmp_path, capsy
     assert main([str(data), "--out", str(res), "--no-plots"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("calibration_results: error: ") and "nothing may be fit on TEST" in err and "\n" not in err
+    assert "--train" not in err and "test file must hold other questions than its train file" in err  # no options here
     test.unlink()  # the train file alone, split into halves: a free last tier on each
     rows = [json.loads(x) for x in train.read_text().splitlines()]
     last = list(rows[0]["models"])[-1]

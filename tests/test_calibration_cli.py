@@ -440,6 +440,11 @@ def test_a_question_id_twice_in_one_file_is_refused_with_its_line(tmp_path, caps
     rc, _, err = run_cli(capsys, "calibrate", "--data", str(dup), "--model", "llama3.2-1b",
                          "--out", str(tmp_path / "a.json"))
     assert rc == 2 and f"{dup}:8: duplicate question id (idx 2, first on line 3)" in _error_line(err)
+    rows[7]["idx"] = float(rows[2]["idx"])  # 2.0, as pandas writes an integer column with a gap: the same id
+    dup = _write_rows(tmp_path / "dup-float.jsonl", rows)
+    rc, _, err = run_cli(capsys, "calibrate", "--data", str(dup), "--model", "llama3.2-1b",
+                         "--out", str(tmp_path / "a.json"))
+    assert rc == 2 and f"{dup}:8: duplicate question id (idx 2.0, first on line 3)" in _error_line(err)
 
 
 def test_real_train_and_test_files_are_disjoint_and_so_is_a_seeded_split():

@@ -390,6 +390,16 @@ def test_calibrate_refuses_a_single_outcome(tmp_path, outcome, word, capsys):
               f"only one outcome ({word}) for m1 in the training split")
 
 
+def test_a_training_file_of_one_question_says_so(tmp_path, capsys):
+    """One question is too few before it is one outcome: replay says that, as calibrate does (it said "only one
+    outcome (all correct)", true but not the first thing wrong)."""
+    one = data_file(tmp_path, n=1, name="one.jsonl")
+    one_error(cli(capsys, "replay", "--train", str(one), "--test", str(data_file(tmp_path)), "--chain", "m1,m2"),
+              f"the training split of {one}: 1 question(s); calibration needs at least 2")
+    one_error(cli(capsys, "calibrate", "--data", str(one), "--model", "m1", "--out", str(tmp_path / "a.json")),
+              f"{one}: 1 question(s); calibration needs at least 2")
+
+
 def test_a_log_probability_above_zero_is_refused_with_its_line(tmp_path, capsys):
     data = data_file(tmp_path, first_logprob=5.0)
     one_error(cli(capsys, "calibrate", "--data", str(data), "--model", "m1", "--out", str(tmp_path / "a.json")),
