@@ -1754,7 +1754,8 @@ class Ledger:
                                    attempts: Sequence[Attempt], started_at: Sequence[float]) -> None:
         """Write a sampled shadow's outcome after its request is in the ledger: the shadow's calls
         (``shadow_attempts``, each stamped with when it started: ``started_at``) and its decision, which
-        replaces the one written with the request. One transaction, idempotent (a repeat changes nothing)."""
+        replaces the one written with the request (none once the request is no longer answered: its client
+        left before the answer). One transaction, idempotent (a repeat changes nothing)."""
         await self._call(self._shadow_sample_sync, request_id, created_at, decision, list(attempts),
                          list(started_at))
 
@@ -1778,7 +1779,11 @@ class Ledger:
                         add[int(t // 86400)] = add.get(int(t // 86400), 0.0) + a.cost_usd
                 if add:
                     cur.executemany(d.sql(_ADD_SPEND), [d.row((day, bucket, c)) for day, c in sorted(add.items())])
-                cur.execute(d.sql(_UPSERT_SHADOW), d.row(_shadow_row(request_id, created_at, decision)))
+                # the decision only beside an answer: a request whose client left before its answer was made
+                # cancelled meanwhile, its decisions deleted (the calls above were paid for all the same)
+                if conn.execute(d.sql("SELECT 1 FROM requests WHERE request_id = ? AND status IN ('ok', 'partial')"),
+                                (request_id,)).fetchall():
+                    cur.execute(d.sql(_UPSERT_SHADOW), d.row(_shadow_row(request_id, created_at, decision)))
                 # what the sample reserved of its shadow's budget ends as its spend is in (ShadowSampler)
                 cur.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND bucket = ?"), (request_id, bucket))
             if (held := self._holds.get(request_id)) is not None and held.pop(bucket, None) and not held:

@@ -276,7 +276,8 @@ class _Sample:
     skipped: set[str] = field(default_factory=set)
 
 
-#: sentinel of ``ShadowSampler._reserve``: the live request is not in the ledger
+#: sentinel of ``ShadowSampler._reserve``: the live request is not in the ledger as answered (its write failed,
+#: or its client left before its answer and the row was made ``cancelled``)
 _MISSING = object()
 
 
@@ -415,7 +416,8 @@ class ShadowSampler:
 
     async def _walk(self, smp: _Sample) -> dict[str, Any] | None:
         """Call the tiers the shadow needs, one by one, until its outcome is decided (or the budget says
-        no). None when the live request is not in the ledger (its write failed): nothing to attach to."""
+        no). None when the live request is not in the ledger as answered (its write failed, or its client left
+        before its answer): nothing to attach to."""
         sh, rec = smp.shadow, smp.rec
         live = smp.shadows.live_calibrators(sh)
         while (tname := smp.row.get("needs")) is not None:
@@ -441,7 +443,8 @@ class ShadowSampler:
             estimate = estimate_sample_cost(tier, req, rec)
             refusal = await self._reserve(smp, estimate)
             if refusal is _MISSING:
-                log.warning("shadow %s: request %s is not in the ledger; not sampled", sh.name, rec.request_id)
+                log.warning("shadow %s: request %s is not in the ledger as answered; not sampled", sh.name,
+                            rec.request_id)
                 return None
             if refusal is not None:
                 return {**row, "reason": f"{row['reason']}; not sampled: {refusal}"}
@@ -485,8 +488,10 @@ class ShadowSampler:
         since = utc_day_start(self.clock())
         budget = sh.sample_budget_usd
         async with self._gate:  # one check-and-hold at a time in this process (the ledger's: across them)
-            if not (await self.ledger.query("SELECT COUNT(*) FROM requests WHERE request_id = ?",
-                                            (smp.rec.request_id,)))[0][0]:
+            # a request whose client left before its answer is made cancelled, its shadow decisions deleted:
+            # nothing to compare a shadow with, nor to pay a sample for
+            if not (await self.ledger.query("SELECT COUNT(*) FROM requests WHERE request_id = ? "
+                                            "AND status IN ('ok', 'partial')", (smp.rec.request_id,)))[0][0]:
                 return _MISSING
             held = self._reserved.setdefault(sh.name, {})
             total = held.get(smp, 0.0) + estimate  # (its hold so far is among those read: the call's is added)

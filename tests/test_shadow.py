@@ -498,6 +498,78 @@ async def test_a_sample_keeps_to_the_requests_cost_budget(tmp_path):
     assert dec[ample.request_id][:2] == ("known", 1) and ample.request_id in called
 
 
+async def test_a_request_whose_client_left_before_its_answer_has_no_shadow_decision(tmp_path):
+    """A request whose client left before its answer is made cancelled once its row is in, and its shadow
+    decisions deleted, as for any request that answered nobody. Its sample ran on regardless: one whose call
+    was in flight wrote its decision back beside the cancelled row (counted by the shadow report as a known
+    outcome of an answered request), and one not yet started paid for a call with nothing to compare it with.
+    Now a sample of a request no longer answered is not run, and one in flight writes its calls (their spend
+    counts) but no decision."""
+    import asyncio
+
+    from cascade.engine import Engine, StreamStart
+    from cascade.types import GenerationRequest, Message
+    from tests.fault_server import FaultServerThread
+    from tests.test_ledger_durability import lock_for
+
+    with FaultServerThread() as upstream:
+        large = {"name": "large", "backend": "openai", "model": "m", "max_tokens": 4, "options": {
+            "base_url": upstream.base_url}, "price": {"input_per_1m": 2.0, "output_per_1m": 6.0}}
+        cfg = make_config(tmp_path, [tier("small", threshold=0.0, max_tokens=4, options={"threads": 1}), large],
+                          shadows={"big": {"of": "cascade", "chain": ["large"], "sample_rate": 1,
+                                           "sample_budget_usd": 1}})
+        db = tmp_path / "ledger.sqlite"
+
+        async def settled(eng: Engine) -> None:
+            for _ in range(600):
+                if not eng.sampler.in_flight:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the sample did not finish")
+
+        upstream.faults(delay_s=1.0)
+        async with await Engine.open(cfg, preload=True) as eng:
+            await eng.run(GenerationRequest(messages=(Message("user", "Name a fruit."),)), request_id="warm")
+            await settled(eng)
+            # a run cancelled while its row commits (another process holds the lock): its sample is not run
+            holder = lock_for(db, 3.0)
+            try:
+                task = asyncio.create_task(eng.run(GenerationRequest(messages=(Message("user", "Name a colour."),)),
+                                                   request_id="gone-at-commit"))
+                while not eng.sampler.in_flight:  # answered: its row waits for the lock, its sample for the row
+                    await asyncio.sleep(0.01)
+                assert not task.done()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            finally:
+                await asyncio.to_thread(holder.wait, 30)
+            await settled(eng)
+            # a stream of an answer in hand left once its sample's call is in flight: the call is written, no decision
+            events = eng.stream(GenerationRequest(messages=(Message("user", "Name an animal."),)),
+                                request_id="gone-in-flight")
+            assert isinstance(await events.__anext__(), StreamStart)
+            for _ in range(200):
+                with sqlite3.connect(db) as c:
+                    if c.execute("SELECT 1 FROM spend_holds WHERE hold_id = 'gone-in-flight'").fetchall():
+                        break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the sample's call did not start")
+            await events.aclose()
+            await settled(eng)
+        calls = upstream.stats()["requests"]
+    with sqlite3.connect(db) as c:
+        status = dict(c.execute("SELECT request_id, status FROM requests").fetchall())
+        dec = {r[0] for r in c.execute("SELECT request_id FROM shadow_decisions")}
+        paid = dict(c.execute("SELECT request_id, SUM(cost_usd) FROM shadow_attempts GROUP BY request_id").fetchall())
+        (daily,) = c.execute("SELECT cost_usd FROM spend_daily WHERE bucket = ?", ('["shadow", "big"]',)).fetchone()
+        left = c.execute("SELECT COUNT(*) FROM spend_holds").fetchone()[0]
+    assert status == {"warm": "ok", "gone-at-commit": "cancelled", "gone-in-flight": "cancelled"}
+    assert dec == {"warm"} and calls == 2 and set(paid) == {"warm", "gone-in-flight"}
+    assert daily == pytest.approx(sum(paid.values())) and left == 0  # the call in flight was paid: it counts
+
+
 async def test_a_sample_whose_write_failed_counts_until_its_day_ends_and_is_let_go(tmp_path):
     """A sample whose ledger write fails spent real money: it counts against the shadow's budget for the rest
     of its UTC day (its reservation stays in the ledger, for every replica), then no more; the sample itself
