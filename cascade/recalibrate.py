@@ -601,10 +601,20 @@ def _plan(engine: Any, config_path: str | None
         if old_d != new_d:
             not_applied.append(f"section {section!r}: " + ", ".join(sorted(k for k in old_d if old_d[k] != new_d[k])))
     shadows = old.shadows
+
+    def runs(s: Any) -> bool:
+        """Whether the server can run shadow ``s`` as the file says: on the chain it will walk (its own, else
+        its policy's as the server runs it: a policy's new chain waits for a restart), whose tiers run here,
+        and which holds every tier its thresholds and calibrators name (else those would be ignored, the
+        shadow judged as its live policy)."""
+        if s.of not in policies:
+            return False
+        chain = s.chain or policies[s.of].chain
+        return (all(t in engine.tiers for t in chain) and set(s.thresholds) | set(s.calibrators) <= set(chain)
+                and set(s.user_tiers or ()) <= set(user_tiers))
+
     if new.shadows != old.shadows:
-        ok = all(s.of in policies and all(t in engine.tiers for t in (s.chain or ()))
-                 and set(s.user_tiers or ()) <= set(user_tiers) for s in new.shadows.values())
-        if ok:
+        if all(runs(s) for s in new.shadows.values()):
             shadows = new.shadows
         else:
             not_applied.append("shadows (they name tiers, policies or user tiers this server does not run)")

@@ -717,6 +717,48 @@ async def test_a_reload_never_leaves_a_shadow_naming_a_user_tier_the_server_lack
         await engine.close()
 
 
+async def test_a_reload_applies_no_shadow_whose_tiers_its_running_chain_lacks(tmp_path):
+    """A file that gives a policy a new chain (applied only at the next restart) and a shadow of it tuning a tier
+    of that chain: the shadow walks the running chain, which lacks the tier. A calibrator for a tier new to the
+    server failed the reload with a bare KeyError (an internal error, the file's other changes lost with it),
+    and a threshold was applied and ignored, the shadow judged as its live policy while the reload said it was
+    in. Now such shadows wait for the restart, said under not_applied, and the rest of the file applies."""
+    from cascade.config import load_config
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+
+    up = {"backend": "openai", "model": "m", "options": {"base_url": "http://127.0.0.1:9/v1"},
+          "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}}
+
+    def cfg(tiers: list[str], chain: list[str], shadows: dict[str, Any], threshold: float = 0.5) -> dict[str, Any]:
+        return {"ledger": {"path": str(tmp_path / "l.sqlite")},
+                "tiers": [{"name": t, **up, "threshold": threshold} for t in tiers],
+                "policies": {"p": {"chain": chain}}, "shadows": shadows}
+
+    held = "shadows (they name tiers, policies or user tiers this server does not run)"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg(["r", "s", "m"], ["r", "s"], {})))
+    engine = await Engine.open(load_config(path, environ={}), preload=False)
+    try:
+        cal = {"method": "temperature", "params": {"temperature": 2.0}}
+        for new, shadow in (("t3", {"calibrators": {"t3": cal}}),  # t3: new to the server
+                            ("m", {"thresholds": {"m": 0.3}}),     # m: runs here, not in p's running chain
+                            ("m", {"calibrators": {"m": cal}})):
+            tiers = ["r", "s", "m"] + ([new] if new == "t3" else [])
+            path.write_text(yaml.safe_dump(cfg(tiers, ["r", new, "s"], {"x": {"of": "p", **shadow}}, threshold=0.6)))
+            out = reload_engine(engine, str(path))
+            assert "policy 'p' changed its chain" in out["not_applied"] and held in out["not_applied"]
+            assert out["shadows"] == [] and not engine.shadows.policies
+            assert engine.tiers["r"].config.threshold == 0.6  # the rest of the file applied
+        # with the policy's chain as the server runs it, the same shadow applies
+        path.write_text(yaml.safe_dump(cfg(["r", "s", "m"], ["r", "s"], {"x": {"of": "p", "thresholds": {"s": 0.3}}})))
+        out = reload_engine(engine, str(path))
+        assert held not in out["not_applied"] and out["shadows"] == ["x"]
+        assert [(p.chain, p.thresholds) for p in engine.shadows.policies] == [(("r", "s"), (0.5, 0.3))]
+    finally:
+        await engine.close()
+
+
 def test_recalibrate_writes_beside_the_configured_artifact_and_warns_when_the_link_is_not_read(traffic, tmp_path,
                                                                                                capsys):
     """Without --out the new version goes beside the artifact the config reads, so --activate's link is the
