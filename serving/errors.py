@@ -50,6 +50,57 @@ def error_response(exc: CascadeError) -> JSONResponse:
                         status_code=exc.status_code, headers=headers)
 
 
+#: pydantic's own wording of some error types (a Python dictionary, a model class's name), said as JSON says it
+_PLAIN_MESSAGES = {"missing": "missing required parameter", "extra_forbidden": "unknown parameter",
+                   "model_type": "Input should be an object", "model_attributes_type": "Input should be an object",
+                   "dict_type": "Input should be an object"}
+
+
+def _branch(part: object) -> bool:
+    """Whether a part of an error's location is pydantic's label of a union's branch ("str", "list[TextPart]")."""
+    return isinstance(part, str) and (any(c in part for c in "[]") or part in ("str", "int", "float", "bool"))
+
+
+def first_error(errors: list) -> tuple[str, str, int]:
+    """The first of pydantic's ``errors`` as a client reads it: (its location, dotted, without union-branch
+    labels; its message; how many other problems there are). Of a value that no branch of its union took, the
+    branch that got furthest is said (a text part without its text, not "content: Input should be a valid
+    string"), or, where none got past the value itself, what each branch expects ("a valid string or a valid
+    list")."""
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    cut = next((i for i, p in enumerate(loc) if _branch(p)), None)
+    others = len(errors) - 1
+    msg = first.get("msg", "invalid value")
+    if cut is not None:
+        branches = [e for e in errors if len(e.get("loc", ())) > cut and tuple(e["loc"][:cut]) == loc[:cut]
+                    and _branch(e["loc"][cut])]
+        first = max(branches, key=lambda e: len(e["loc"]))  # (the first of the furthest)
+        loc = tuple(first["loc"])
+        # the other problems: outside this union, and the chosen branch's others
+        others = len(errors) - len(branches) + sum(e["loc"][cut] == loc[cut] for e in branches) - 1
+        msg = first.get("msg", "invalid value")
+        if len(loc) == cut + 1:  # no branch took the value: what each expects
+            said = [_PLAIN_MESSAGES.get(e["type"], e.get("msg", "")) for e in branches]
+            msg = said[0] + "".join(" or " + m.removeprefix("Input should be ") for m in said[1:] if m != said[0])
+            others = len(errors) - len(branches)
+    msg = _PLAIN_MESSAGES.get(first.get("type"), msg)
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    where = ".".join(str(p) for p in loc if p != "body" and not _branch(p))
+    return where, msg, others
+
+
+def json_type(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words ("an object", "null"; not Python's "dict", "NoneType")."""
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (dict, "an object"), (list, "an array")):
+        if isinstance(value, kind):
+            return name
+    return "a number" if isinstance(value, int | float) else type(value).__name__
+
+
 def _validation_message(exc: RequestValidationError, content_type: str = "application/json") -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -64,21 +115,12 @@ def _validation_message(exc: RequestValidationError, content_type: str = "applic
         return "the request body must be a JSON object", None
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):  # no body at all
         return "the request body is empty: send a JSON object with content-type: application/json", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # drop pydantic's union-branch labels (e.g. "str", "list[TextPart]") from the location
-    loc = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool")]
-    param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value")
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    if first.get("type") == "extra_forbidden":
-        msg = "unknown parameter"
-    if first.get("type") == "missing":
-        msg = "missing required parameter"
+    where, msg, others = first_error(errors)
+    param = where or None
     if param is None and (named := re.match(r"([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ", msg)):  # a body check naming one
         param = named.group(1)
         msg = msg[named.end():]
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    more = f" (and {others} more)" if others else ""
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
 
 

@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from cascade.engine import StreamDelta, StreamEnd, StreamEvent, StreamFailed, StreamStart
 from cascade.errors import CascadeError
 from cascade.types import CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, Usage
+from serving.errors import first_error, json_type
 from serving.protocol import (
     _NULL_IS_DEFAULT,
     MAX_MODEL_CHARS,
@@ -51,8 +52,11 @@ def _check_item(item: dict[str, Any], i: int) -> None:
         raise ValueError(f"item {i}: input items of type {kind!r} are not supported (only messages: this server "
                          "has no tools and keeps no items)")
     if isinstance(item.get("content"), list):
-        for part in item["content"]:
-            t = part.get("type") if isinstance(part, dict) else None
+        for j, part in enumerate(item["content"]):
+            if not isinstance(part, dict):
+                raise ValueError(f"item {i}: content part {j} is not an object (an input_text part), got "
+                                 f"{json_type(part)}")
+            t = part.get("type")
             if t not in ("input_text", "output_text"):
                 raise ValueError(f"item {i}: content parts of type {t!r} are not supported (only input_text and "
                                  "output_text)")
@@ -163,17 +167,16 @@ class ResponsesRequest(_Attribution):
                 raise ValueError("an empty list of input items")
             for i, item in enumerate(v):
                 if not isinstance(item, dict):
-                    raise ValueError(f"item {i}: an input item is an object (a message), got {type(item).__name__}")
+                    raise ValueError(f"item {i}: an input item is an object (a message), got {json_type(item)}")
                 _check_item(item, i)
                 try:  # here, so that the message is about the item (the union's would be about a string input)
                     InputMessage.model_validate(item)
                 except ValidationError as exc:
-                    err = exc.errors()[0]
-                    where = ".".join(str(x) for x in err["loc"])
-                    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-                    raise ValueError(f"item {i}: {where + ': ' if where else ''}{err['msg']}{more}") from None
+                    where, msg, others = first_error(exc.errors())
+                    more = f" (and {others} more)" if others else ""
+                    raise ValueError(f"item {i}: {where + ': ' if where else ''}{msg}{more}") from None
         elif not isinstance(v, str):
-            raise ValueError(f"a string or a list of input items, got {type(v).__name__}")
+            raise ValueError(f"a string or a list of input items, got {json_type(v)}")
         return v
 
     @field_validator("include")

@@ -115,6 +115,25 @@ def test_a_check_of_the_whole_body_names_its_parameter_and_says_nothing_of_pytho
     assert "sys." not in err["message"]
 
 
+@pytest.mark.parametrize(("body", "param", "message"), [
+    # a text part without its text: it was "messages.0.content: Input should be a valid string (and 1 more)"
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text",
+     "messages.0.content.0.text: missing required parameter"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
+     "messages.0.content: Input should be a valid string or a valid list"),
+    ({"messages": Q, "stop": 5}, "stop", "stop: Input should be a valid string or a valid list"),
+    # "Input should be a valid dictionary or object to extract fields from"
+    ({"messages": [5]}, "messages.0", "messages.0: Input should be an object"),
+    ({"messages": Q, "metadata": "team"}, "metadata", "metadata: Input should be an object"),
+])
+def test_a_malformed_field_is_said_in_the_clients_words_not_pydantics(server, body, param, message):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "remote", **body}, headers=H(), timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and err["message"] == message, err
+    assert wait_for_row(server, f"request_id = '{r.headers['x-request-id']}'") == [
+        ("error", "InvalidRequestError", "remote")]
+
+
 # --- explicit nulls, and values Python would quietly coerce -------------------------------------------
 
 def test_explicit_null_means_the_default(server):
