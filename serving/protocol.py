@@ -73,6 +73,11 @@ class _Request(_Wire):
         return data
 
 
+#: between a message's text parts, as vLLM joins them: the parts are separate texts ("Translate to French:",
+#: "Hello"), not pieces of one word
+PART_SEPARATOR = "\n"
+
+
 class TextPart(_Wire):
     type: Literal["text"]
     text: str
@@ -128,7 +133,7 @@ class ChatMessage(_Wire):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return PART_SEPARATOR.join(p.text for p in self.content)
 
 
 class StreamOptions(_Wire):

@@ -24,6 +24,7 @@ from serving.errors import first_error, json_type
 from serving.protocol import (
     _NULL_IS_DEFAULT,
     MAX_MODEL_CHARS,
+    PART_SEPARATOR,
     _Attribution,
     _Wire,
     cascade_block,
@@ -91,7 +92,7 @@ class InputMessage(_Wire):
         return v
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else PART_SEPARATOR.join(p.text for p in self.content)
 
 
 class TextFormat(_Wire):

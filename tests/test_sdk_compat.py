@@ -142,6 +142,17 @@ def test_the_defaults_of_unsupported_parameters_ask_nothing_and_are_accepted(cli
     assert done.choices[0].text == DEFAULT_ANSWER
 
 
+def test_a_messages_text_parts_reach_the_model_as_separate_texts(client, upstream):
+    """Parts are joined with a newline, as vLLM joins them: "Translate to French:" and "Hello" were sent to the
+    tier as "Translate to French:Hello", on chat and on responses."""
+    client.chat.completions.create(model="remote", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Translate to French:"}, {"type": "text", "text": "Hello"}]}])
+    client.responses.create(model="remote", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Translate to French:"}, {"type": "input_text", "text": "Hello"}]}])
+    sent = [e["messages"] for e in upstream.stats()["log"]]
+    assert sent == [[{"role": "user", "content": "Translate to French:\nHello"}]] * 2
+
+
 @pytest.mark.parametrize("retention", ["in_memory", "24h"])
 def test_prompt_cache_retention_is_accepted_and_changes_nothing(client, retention):
     resp = client.chat.completions.create(model="remote", messages=Q, prompt_cache_retention=retention)
