@@ -279,13 +279,17 @@ class ChatCompletionRequest(_GenerationParams):
 
     messages: list[ChatMessage] = Field(min_length=1)
     # accepted and without effect on the answer, as OpenAI's own parameters for its service (what a request
-    # is stored as, its cache key and priority; the effort of reasoning models); ``user``, ``metadata`` and
-    # ``safety_identifier`` are kept in the ledger for cost attribution (:class:`_Attribution`)
+    # is stored as, its cache key and priority; the effort of reasoning models, and their verbosity, as the
+    # Responses API's ``text.verbosity``); ``user``, ``metadata`` and ``safety_identifier`` are kept in the
+    # ledger for cost attribution (:class:`_Attribution`)
     store: bool | None = Field(None, strict=True)
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     reasoning_effort: str | None = None
+    verbosity: str | None = None
+    #: ``["text"]``, OpenAI's default, is what every answer here is; audio is refused
+    modalities: list[str] | None = None
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     logprobs: bool = Field(False, strict=True)
     top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
@@ -302,6 +306,13 @@ class ChatCompletionRequest(_GenerationParams):
     def _no_tools(cls, v: Any) -> Any:
         if v is not None and v != []:
             raise ValueError("tools are not supported by this server (it has none to call)")
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(m != "text" for m in v):
+            raise ValueError("only ['text'] is supported (this server answers in text)")
         return v
 
     @field_validator("tool_choice", "function_call")

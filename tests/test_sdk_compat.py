@@ -113,7 +113,8 @@ def test_null_for_every_responses_parameter_the_sdk_knows_is_its_default(client)
      "tools are not supported by this server: only 'none' (or 'auto', which is none here)"),
     ("chat", {"functions": [{"name": "f"}]}, "functions",
      "tools are not supported by this server (it has none to call)"),
-    ("chat", {"modalities": ["text", "audio"]}, "modalities", "unknown parameter"),
+    ("chat", {"modalities": ["text", "audio"]}, "modalities",
+     "only ['text'] is supported (this server answers in text)"),
     ("completions", {"best_of": 2}, "best_of", "only 1 is supported"),
     ("chat", {"frobnicate": None}, "frobnicate", "unknown parameter"),  # not an OpenAI parameter, null or not
     ("completions", {"audio": None}, "audio", "unknown parameter"),    # a chat parameter, not one of completions
@@ -135,8 +136,12 @@ def test_a_value_for_an_unsupported_parameter_is_still_refused_by_name(client, e
 
 
 def test_the_defaults_of_unsupported_parameters_ask_nothing_and_are_accepted(client):
-    """``logit_bias: {}`` and ``best_of: 1`` are OpenAI's defaults: nothing asked, so nothing refused."""
+    """``logit_bias: {}`` and ``best_of: 1`` are OpenAI's defaults: nothing asked, so nothing refused; nor
+    ``modalities: ["text"]`` (what every answer here is) and ``verbosity``, accepted without effect as
+    ``reasoning_effort`` is, and as the Responses API's ``text.verbosity`` is (both were "unknown parameter")."""
     resp = client.chat.completions.create(model="remote", messages=Q, logit_bias={})
+    assert resp.choices[0].message.content == DEFAULT_ANSWER
+    resp = client.chat.completions.create(model="remote", messages=Q, modalities=["text"], verbosity="low")
     assert resp.choices[0].message.content == DEFAULT_ANSWER
     done = client.completions.create(model="remote", prompt="Paris", best_of=1, logit_bias={})
     assert done.choices[0].text == DEFAULT_ANSWER
