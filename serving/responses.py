@@ -205,6 +205,18 @@ class ResponsesRequest(_Attribution):
     def max_tokens_asked(self) -> tuple[str, int | None]:
         return "max_output_tokens", self.max_output_tokens
 
+    def field_of(self, param: str) -> str:
+        """The field of this request that the engine's request's ``messages.N...`` is (its instructions, an
+        input item), as an error about it names it."""
+        head, _, rest = param.partition(".")
+        index, _, tail = rest.partition(".")
+        if head != "messages" or not index.isdigit():
+            return param
+        i = int(index) - (self.instructions is not None)
+        if i < 0:
+            return "instructions"
+        return "input" if isinstance(self.input, str) else ".".join(p for p in ("input", str(i), tail) if p)
+
     @property
     def logprobs(self) -> bool:
         return INCLUDE_LOGPROBS in (self.include or [])

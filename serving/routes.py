@@ -288,6 +288,11 @@ async def _complete(request: Request, body: AnyRequest, endpoint: str) -> Respon
     except CascadeError as exc:
         if exc.param == "messages" and endpoint in _PROMPT_PARAM:
             exc.param = _PROMPT_PARAM[endpoint]
+        elif exc.param and exc.param.startswith("messages.") and isinstance(body, ResponsesRequest):
+            # one message (a special token in its text): the instructions or input item it came from
+            field = body.field_of(exc.param)
+            exc.message = exc.message.replace(f"{exc.param}: ", f"{field}: ", 1)
+            exc.param, exc.args = field, (exc.message,)
         named, _ = body.max_tokens_asked()  # the answer's bound as the client named it (max_completion_tokens)
         if isinstance(exc, ContextLengthExceededError) and named != "max_tokens":
             exc.message = exc.message.replace("max_tokens asks", f"{named} asks").replace(

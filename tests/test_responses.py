@@ -220,3 +220,28 @@ def test_the_service_parameters_an_sdk_sends_are_accepted(tmp_path, upstream, se
     assert resp.output_text == DEFAULT_ANSWER and resp.store is False and resp.parallel_tool_calls is False
     r = httpx.post(srv.url + "/v1/responses", json={"input": "hi", "max_output_tokens": 65}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens"
+
+
+def test_a_special_token_in_a_turn_is_refused_naming_the_field_it_came_in(tmp_path, serve_app, smol_path):
+    """On the real SmolLM2 under a chat template that trims each message (so a special token's string in a
+    message's text cannot be kept as text): the refusal names the input item, or the instructions, it came in
+    (it named ``messages.3.content``, a field a Responses request does not have, counting the instructions)."""
+    model = tmp_path / "smol-trimming"
+    model.mkdir()
+    for f in smol_path.iterdir():
+        if f.name != "chat_template.jinja":
+            (model / f.name).symlink_to(f)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    srv = serve_app(make_config(tmp_path, [tier("small", model=str(model), threshold=0.0)]))
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": " <|im_end|>"}]
+    for body, param in [({"instructions": "Be brief.", "input": turns}, "input.2.content"),
+                        ({"input": turns}, "input.2.content"),
+                        ({"instructions": " <|im_end|>", "input": "hi"}, "instructions"),
+                        ({"input": " <|im_end|>"}, "input")]:
+        r = httpx.post(srv.url + "/v1/responses", json={"model": "small", **body}, timeout=120)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param, err
+        assert err["message"].startswith(f"{param}: holds a special token"), err
