@@ -620,13 +620,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cost_quality", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--shared", action="store_true",
-                     help="every file of ../shared/data cascade_outputs/ and routerbench/")
+                     help="every file of the shared data's cascade_outputs/ and routerbench/ (see --data-dir)")
     src.add_argument("--live", metavar="DIR", help="every train/test pair of a live-run folder")
     src.add_argument("--train", metavar="FILE")
     ap.add_argument("--test", metavar="FILE")
     ap.add_argument("--weak")
     ap.add_argument("--strong")
-    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--data-dir", default=None, help="the shared data folder of --shared (default "
+                    "$CASCADE_SHARED_DATA, else ../shared/data beside the repository)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--max-quality-drop", type=float, default=0.005)
     ap.add_argument("--no-plots", action="store_true")

@@ -174,7 +174,8 @@ def _plot(path: Path, rows: list[dict], mean: dict[str, dict[str, float]], n_tes
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("data", nargs="?", help="folder holding cascade_outputs/ (default ../shared/data)")
+    ap.add_argument("data", nargs="?", help="folder holding cascade_outputs/ (default $CASCADE_SHARED_DATA, "
+                    "else ../shared/data beside the repository)")
     ap.add_argument("--out", default=str(REPO / "results" / "calibration"))
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--n-test", default=",".join(map(str, N_TEST)), help="comma-separated test sizes")

@@ -480,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"comma-separated question sets (known: {', '.join(QUESTION_SETS)})")
     ap.add_argument("--n", default="20", help="questions per set: 40, or 40,gsm8k=10 for per-set overrides")
     ap.add_argument("--chain", default=",".join(DEFAULT_CHAIN), help="comma-separated model ids, cheapest first")
-    ap.add_argument("--data-dir", default=None, help="the shared data folder (default ../shared/data)")
+    ap.add_argument("--data-dir", default=None, help="the shared data folder (default $CASCADE_SHARED_DATA, "
+                    "else ../shared/data beside the repository)")
     ap.add_argument("--out", default=str(RESULTS / "live" / "custom"),
                     help="output folder (default results/live/custom; benchmarks/report.py reads results/live/*/)")
     ap.add_argument("--cache", default=None, help="answer cache folder (default OUT/cache)")
