@@ -27,7 +27,8 @@ REPORT_BY = ("tier", "policy", "key", "user", "day", "endpoint")
 
 _GROUP_SQL = {
     "tier": "COALESCE(tier, '(none)')",
-    "policy": "policy",
+    # a request refused before its body named a model (not JSON, no model) has none: "(none)", as for tier and key
+    "policy": "COALESCE(NULLIF(policy, ''), '(none)')",
     "key": "COALESCE(api_key_id, '(none)')",
     # a client's own text (None, JSON null, when a request named none, see _label), and the key that sent it:
     # an end user is one of a key's users (as its daily spend limit counts them), two tenants' "user-1" are two

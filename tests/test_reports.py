@@ -311,6 +311,29 @@ def _cached_ledger(target: str, now: float) -> None:
         ledger.close_sync()
 
 
+def test_a_request_refused_before_it_named_a_model_is_in_the_policy_none(tmp_path, capsys):
+    """A body that was no JSON has no model: its row's policy is empty. ``--by policy`` showed it as a group
+    named "" where ``--by tier`` and ``--by key`` say "(none)"; now it says "(none)" too."""
+    import time
+
+    from cascade.cli import main
+    from cascade.ledger import Ledger
+    from cascade.types import CascadeRecord
+
+    target = str(tmp_path / "ledger.sqlite")
+    ledger = Ledger(target).open_sync()
+    try:
+        ledger.record_sync(CascadeRecord(request_id="r0", policy="cascade", created_at=time.time(), cost_usd=0.001))
+        ledger.record_sync(CascadeRecord(request_id="r1", policy="", created_at=time.time(), status="error",
+                                         error_class="InvalidRequestError"))
+    finally:
+        ledger.close_sync()
+    rep = run_json(capsys, "report", "--by", "policy", "--json", "--ledger", target)
+    assert {g["group"]: g["requests"] for g in rep["groups"]} == {"cascade": 1, "(none)": 1}
+    assert main(["report", "--by", "policy", "--ledger", target]) == 0
+    assert "(none)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("db", ["sqlite", "postgresql"])
 def test_report_sums_the_prompt_tokens_read_from_providers_prompt_caches(db, tmp_path, request, capsys):
     """``cached_prompt_tokens``: per group and in ``(all)``, the sum over the attempts of the group's requests
