@@ -408,6 +408,56 @@ class HeldTokens:
         return fit_tokens(held, "".join(self.text)[self.sent_end:]) if cut else tuple(held)
 
 
+def stop_at(text: str, stops: "tuple[str, ...] | list[str]") -> int | None:
+    """Where the earliest of the stop sequences begins in ``text``, or None where none is in it."""
+    found = [at for at in (text.find(s) for s in stops if s) if at >= 0]
+    return min(found) if found else None
+
+
+def stop_prefix_at_end(text: str, stops: "tuple[str, ...] | list[str]") -> int:
+    """How many characters at the end of ``text`` could begin one of the stop strings (the longest proper
+    prefix of one that ``text`` ends with): what a stream holds back until the next piece tells."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class HeldText:
+    """A stream's text cut at its stop sequences, for an upstream that may not apply them itself (one that
+    ignores ``stop``, or takes fewer than were asked): :meth:`feed` takes each piece of text and gives back
+    what may go out, holding back only the text that could begin a stop sequence (as vLLM and OpenAI hold
+    it), so that no text past a stop goes out, also when a stop is split across pieces; once a stop sequence
+    came, :attr:`stopped` is set and the text given back ends before it (nothing more comes out).
+    :meth:`finish` gives what is still held, at the answer's end."""
+
+    __slots__ = ("stops", "pending", "stopped")
+
+    def __init__(self, stops: "tuple[str, ...] | list[str]") -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""  # held back: it could begin a stop sequence (no stop begins before it)
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        at = stop_at(self.pending, self.stops)
+        if at is not None:
+            out, self.pending, self.stopped = self.pending[:at], "", True
+            return out
+        keep = len(self.pending) - stop_prefix_at_end(self.pending, self.stops)
+        out, self.pending = self.pending[:keep], self.pending[keep:]
+        return out
+
+    def finish(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int = 0

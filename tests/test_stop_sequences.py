@@ -14,7 +14,15 @@ import openai
 import pytest
 
 from cascade.backends.openai_backend import OpenAIBackend
-from cascade.types import GenerationRequest, GenerationResult, HeldTokens, Message, TokenLogprob, fit_tokens
+from cascade.types import (
+    GenerationRequest,
+    GenerationResult,
+    HeldText,
+    HeldTokens,
+    Message,
+    TokenLogprob,
+    fit_tokens,
+)
 from tests.conftest import free_port, make_config, tier
 
 QUESTION = "What is the capital of France?"  # SmolLM2: "The capital of France is Paris."
@@ -92,6 +100,19 @@ def test_held_tokens_go_out_once_the_text_covers_them():
     assert hold.feed(" ", t[2:3]) == ()          # " Paris" is not covered: a stop "Paris." may cut it
     assert hold.feed("", t[3:]) == ()
     assert hold.finish() == (TokenLogprob(" ", -1.0),)  # the stop "Paris." left "The is "
+
+
+def test_held_text_holds_back_only_what_may_begin_a_stop():
+    """A stream whose server may not apply the stop sequences: the text that could begin one waits for the next
+    piece; a stop, split across pieces or not, ends the text before it, and nothing comes after."""
+    held = HeldText(("r is 4", "!"))
+    assert [held.feed(p) for p in ("The", " answer", " is", " 5")] == ["The", " answe", "", "r is 5"]
+    assert (held.feed(" answer"), held.finish()) == (" answe", "r")  # the end: what was held goes out
+    held = HeldText(("r is 4", "!"))
+    assert [held.feed(p) for p in ("The", " answer", " is", " 42", " more")] == ["The", " answe", "", "", ""]
+    assert held.stopped and held.finish() == ""
+    held = HeldText(("!",))
+    assert (held.feed("Hi! there"), held.stopped, held.feed("x")) == ("Hi", True, "")
 
 
 # --- the transformers backend ------------------------------------------------------------------------
@@ -301,3 +322,36 @@ async def test_openai_backend_generate_and_stream(server, smol_backend, model, e
     assert_fits(res.text, streamed, stop)
     assert [(t.token, t.utf8) for t in streamed] == [(t.token, t.utf8) for t in res.tokens]
     assert chunks[-1].finish_reason == "stop"
+
+
+# --- a remote tier whose upstream ignores stop -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ignoring(tmp_path_factory):
+    """Our server before a remote tier whose upstream (tests/fault_server.py) ignores ``stop``: it always answers
+    "Paris is the capital of France.", a chunk per word."""
+    from serving import create_app
+    from tests.conftest import ServerThread
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as upstream:
+        remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 16, "timeout_s": 10,
+                  "options": {"base_url": upstream.base_url}}
+        cfg = make_config(tmp_path_factory.mktemp("ignoring"), [remote])
+        with ServerThread(create_app(cfg)) as srv:
+            yield srv
+
+
+@pytest.mark.parametrize(("stop", "want"), [
+    (["France", "Paris is"], ""), ([" capital"], "Paris is the"), (["xyz", "the cap"], "Paris is "),
+    (["ce."], "Paris is the capital of Fran")])
+@pytest.mark.parametrize("call", [_chat_call, _completion_call], ids=["chat", "completions"])
+def test_a_remote_tier_ends_the_answer_before_a_stop_its_upstream_ignored(ignoring, call, stop, want):
+    """The answer came back whole past a stop sequence its upstream ignored ("Paris is ..." to a request that
+    stopped at "Paris is"). It ends before the earliest one, finish_reason "stop", streamed or not (a stop
+    split across chunks included: "the cap" spans " the" and " capital"), its tokens cut to it."""
+    client = openai.OpenAI(base_url=ignoring.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    for stream in (False, True):
+        text, toks, finish, casc = call(client, "remote", stop, stream)
+        assert (text, finish, casc["tier"]) == (want, "stop", "remote")
+        assert "".join(t for t, _ in toks) == want and b"".join(b for _, b in toks) == want.encode()

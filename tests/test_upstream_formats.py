@@ -123,6 +123,29 @@ def surrogate_entry(tok: str, lp: float) -> dict[str, Any]:
     return {"token": tok, "logprob": lp, "bytes": raw, "top_logprobs": [{"token": tok, "logprob": lp, "bytes": raw}]}
 
 
+def openai_stop(model: str, stops: str | list[str], stream: bool) -> tuple:
+    """OpenAI's ``stop``: at most 4 sequences (a 400 for more); the answer ends before the earliest, its
+    logprobs running through the token the stop cut (as servers send them)."""
+    stops = [stops] if isinstance(stops, str) else stops
+    if len(stops) > 4:
+        return error(400, oai_error(f"Invalid 'stop': array too long. Expected an array with maximum length 4, but "
+                                    f"got an array with length {len(stops)} instead.", "invalid_request_error",
+                                    "array_above_max_length", "stop"))
+    cut = min((TEXT.find(s) for s in stops if s in TEXT), default=len(TEXT))
+    toks, pos = [], 0
+    for t, lp in TOKS:
+        if pos >= cut:
+            break
+        toks.append((t, lp, t[:cut - pos]))
+        pos += len(t)
+    if not stream:
+        body = chat(model, TEXT[:cut], [entry(t, lp) for t, lp, _ in toks])
+        return ("body", 200, "application/json", json.dumps(body).encode(), {})
+    events = [chunk(model, {"role": "assistant", "content": ""})]
+    events += [chunk(model, {"content": kept}, [entry(t, lp)]) for t, lp, kept in toks]
+    return ("sse", events + [chunk(model, {}, finish="stop"), usage_chunk(model)], True)
+
+
 def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     """``("body", status, content-type, bytes, headers)`` or ``("sse", [event, ...], done)``."""
     stream, chat_path = bool(body.get("stream")), path.endswith("/chat/completions")
@@ -130,6 +153,8 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
         e = entry(" 4", -1.2, alt=-0.3)
         e["top_logprobs"].append({"token": "mid", "logprob": -0.9, "bytes": list(b"mid")})
         return ("body", 200, "application/json", json.dumps(chat(model, " 4", [e])).encode(), {})
+    if model == "stop-openai" and chat_path:
+        return openai_stop(model, body.get("stop") or [], stream)
     # --- redirects: a base_url that moved (the Location relative, as most servers write it)
     if model in ("moved-301", "moved-308") and "/moved/" not in path:
         return ("body", int(model[-3:]), "text/plain", b"", {"location": path.replace("/v1/", "/v1/moved/", 1)})
@@ -743,3 +768,62 @@ async def test_top_logprobs_are_most_likely_first_whatever_order_the_server_send
     res = await generate(upstream, "vllm-sampled-first")
     (tok,) = res.tokens
     assert [(a.token, a.logprob) for a in tok.top] == [("alt", -0.3), ("mid", -0.9), (" 4", -1.2)]
+
+
+# --- 8. stop sequences an upstream does not apply --------------------------------------------------------
+
+def assert_joins(tokens, text: str) -> None:
+    assert "".join(t.token for t in tokens) == text and b"".join(t.utf8 for t in tokens) == text.encode()
+
+
+#: within a token, at a token's start, across three chunks (" answer", " is", " 4"), the answer's last token
+@pytest.mark.parametrize("stop", [" is", "nswer", "r is 4", "2"])
+@pytest.mark.parametrize(("model", "request_"), [("ok", CHAT), ("llama-cmpl", RAW), ("stop-openai", CHAT)],
+                         ids=["ignored", "ignored-completions", "applied"])
+async def test_an_answer_ends_before_its_stop_sequence_whether_the_upstream_applies_it_or_not(upstream, model,
+                                                                                              request_, stop):
+    """OpenAI's answer holds no stop sequence; a server that ignores ``stop`` ("ok", "llama-cmpl" here; some
+    OpenAI-compatible servers do) answered past it, and the answer came back whole, with finish_reason "stop"
+    whatever it held. The answer ends before the earliest stop sequence, its tokens cut to it; a stream sends
+    no text past it, also when it is split across chunks, and its tokens are the whole answer's."""
+    want = TEXT[:TEXT.find(stop)]
+    req = request_.with_(stop=("zzz", stop))
+    res = await generate(upstream, model, req)
+    assert (res.text, res.finish_reason) == (want, "stop")
+    assert_joins(res.tokens, want)
+    assert [t.logprob for t in res.tokens] == [lp for _, lp in TOKS[:len(res.tokens)]]
+    chunks = await stream(upstream, model, req)
+    assert "".join(c.text for c in chunks) == want and chunks[-1].finish_reason == "stop"
+    streamed = [t for c in chunks for t in c.tokens]
+    assert [(t.token, t.utf8, t.logprob) for t in streamed] == [(t.token, t.utf8, t.logprob) for t in res.tokens]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= len(res.tokens)
+    assert upstream.requests[-1]["body"]["stop"] == ["zzz", stop]
+
+
+@pytest.mark.parametrize("stop", ["42!", "4x", "answer was"])
+async def test_streamed_text_that_only_begins_a_stop_sequence_goes_out(upstream, stop):
+    """Text that may begin a stop sequence waits for the next chunk (" 4" while "4x" may follow); once the stop
+    is ruled out, or the answer ends, it goes out: the answer is the whole one, the upstream's usage kept."""
+    chunks = await stream(upstream, "ok", CHAT.with_(stop=(stop,)))
+    assert "".join(c.text for c in chunks) == TEXT and chunks[-1].finish_reason == "stop"
+    assert [(t.token, t.logprob) for c in chunks for t in c.tokens] == TOKS
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+async def test_more_stop_sequences_than_openai_takes_are_applied_here(upstream, tmp_path):
+    """OpenAI takes at most 4 stop sequences and refuses more with a 400: a Python API request with 5 (the HTTP
+    layer takes 4, as OpenAI) was refused by a remote tier, where a local one answers it. The first 4 are sent,
+    the rest applied here, streamed or not."""
+    stops = ("zzz", "yyy", "xxx", "www", " is")
+    n = len(upstream.requests)
+    eng = await Engine.open(make_config(tmp_path, [remote("t", upstream, "stop-openai")]))
+    try:
+        out = await eng.run(CHAT.with_(stop=stops))
+        events = [e async for e in eng.stream(CHAT.with_(stop=stops))]
+    finally:
+        await eng.close()
+    assert out.record.status == "ok" and (out.result.text, out.result.finish_reason) == ("The answer", "stop")
+    assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == "The answer"
+    assert isinstance(events[-1], StreamEnd) and events[-1].finish_reason == "stop"
+    assert events[-1].record.status == "ok"
+    assert [r["body"]["stop"] for r in upstream.requests[n:]] == [list(stops[:4])] * 2

@@ -22,7 +22,8 @@ limit) as a refused credential; an error event in a streamed 200 (``data: {"erro
 HTTP status it stands for. A streamed 200 that carries no answer (no event with ``choices``: an HTML page, a JSON
 body from a server that ignored ``stream``, only ``[DONE]``) is a malformed response, a stream that ends without a
 finish reason was cut off, and an answer ended with ``finish_reason: "error"`` (OpenRouter's) is the provider's
-failure.
+failure. A request's stop sequences are applied here too (an upstream may ignore ``stop``, and OpenAI takes at
+most ``UPSTREAM_STOPS``, the first ones sent): the answer ends before the earliest, streamed or not.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from cascade.errors import (
 from cascade.types import (
     GenerationRequest,
     GenerationResult,
+    HeldText,
     HeldTokens,
     StreamChunk,
     TokenLogprob,
@@ -60,6 +62,7 @@ from cascade.types import (
     ends_in_high_surrogate,
     fit_tokens,
     paired_surrogates,
+    stop_at,
 )
 
 log = logging.getLogger("cascade.backends.openai")
@@ -215,6 +218,10 @@ def _event_status(exc: Any, message: str) -> int:
     return 400 if any(m in message.lower() for m in _CONTEXT_MARKERS) else 500
 
 
+#: the most stop sequences sent upstream: OpenAI refuses more (a 400); the rest are applied here, as are those a
+#: server ignores
+UPSTREAM_STOPS = 4
+
 #: the body fields each call sets from the request and the tier (``options.extra_body`` may not override them)
 _OWN_FIELDS = frozenset({"model", "messages", "prompt", "stream", "stream_options", "max_tokens",
                          "max_completion_tokens", "logprobs", "top_logprobs", "temperature", "top_p", "stop", "seed",
@@ -301,7 +308,7 @@ class OpenAIBackend(Backend):
         if request.max_tokens is not None:
             kw["max_tokens"] = request.max_tokens
         if request.stop:
-            kw["stop"] = list(request.stop)
+            kw["stop"] = list(request.stop[:UPSTREAM_STOPS])
         if request.seed is not None:
             kw["seed"] = request.seed
         if self._extra_body:
@@ -350,11 +357,17 @@ class OpenAIBackend(Backend):
             text = paired_surrogates(text)
         if choice.finish_reason == "error":
             raise self._failed_mid_answer(text)
-        if request.stop:  # a server may send the logprobs of the tokens its stop sequence cut away
+        finish = _finish(choice.finish_reason)
+        if request.stop:
+            # a server that ignores ``stop`` (or got only the first UPSTREAM_STOPS) answers past a stop sequence: the
+            # answer ends before the earliest, as OpenAI's would; and a server may send the logprobs of the tokens
+            # its stop sequence cut away: the tokens are cut to the text either way
+            if (at := stop_at(text, request.stop)) is not None:
+                text, finish = text[:at], "stop"
             tokens = fit_tokens(tokens, text)
         latency = time.perf_counter() - t0
         return GenerationResult(
-            text=text, tokens=tokens, finish_reason=_finish(choice.finish_reason),
+            text=text, tokens=tokens, finish_reason=finish,
             usage=self._usage(resp.usage, request, generated, text),
             latency_s=latency, model=getattr(resp, "model", None) or self.model)
 
@@ -380,8 +393,11 @@ class OpenAIBackend(Backend):
         kw["stream"] = True
         kw["stream_options"] = {"include_usage": True}
         chat = self._use_chat(request)
-        # with stop sequences, a token goes out once the text sent covers it (the stop may cut it): the
-        # tokens then join to the text, whatever logprobs of cut tokens the server sends
+        # with stop sequences, the text that could begin one is held back until the next chunk tells (a server
+        # that ignores them, or got only the first UPSTREAM_STOPS, may send one, split across chunks or not: the
+        # answer ends before it, and the stream is closed), and a token goes out once the text sent covers it (the
+        # stop may cut it): the tokens then join to the text, whatever logprobs of cut tokens the server sends
+        held = HeldText(request.stop) if request.stop else None
         hold = HeldTokens() if request.stop else None
         with _translated(self.name, self._secrets()):
             api = self._client.chat.completions if chat else self._client.completions
@@ -418,13 +434,17 @@ class OpenAIBackend(Backend):
                         if ends_in_high_surrogate(text):
                             text, carry = text[:-1], text[-1]
                         text = paired_surrogates(text)
-                        if hold is not None:
-                            toks = hold.feed(text, toks)
                         seen_text.append(text)
+                        if held is not None and hold is not None:
+                            text = held.feed(text)
+                            toks = hold.feed(text, toks) + (hold.finish() if held.stopped else ())
                         if text or toks:
                             yield StreamChunk(text=text, tokens=toks)
                     if ev.usage is not None:  # a count it leaves out is estimated, as for an answer without usage
                         usage = self._usage(ev.usage, request, seen_tokens, "".join(seen_text))
+                    if held is not None and held.stopped:  # what the server sends after it is no answer's
+                        finish = "stop"
+                        break
                 if not answered:  # a 200 whose body is no answer's stream: as the same body unstreamed
                     ctype = stream.response.headers.get("content-type", "")
                     raise malformed_response(self.name, ValueError(
@@ -434,10 +454,18 @@ class OpenAIBackend(Backend):
                     raise ProviderConnectionError(
                         f"{self.name}: the stream ended without a finish reason (cut off after "
                         f"{len(''.join(seen_text))} characters)", provider=self.name, answered=True)
-                carry = paired_surrogates(carry)  # a first half that no second half followed: U+FFFD
-                tail = hold.feed(carry, ()) if hold is not None and carry else ()
-                yield StreamChunk(text=carry, tokens=tail + (hold.finish() if hold is not None else ()),
-                                  finish_reason=finish, usage=usage)
+                if held is not None and held.stopped:
+                    # cut at a stop sequence: the rest of the server's stream (its usage too) is not read, the
+                    # call's tokens are estimated from what came
+                    tail = ""
+                    usage = usage or self._usage(None, request, seen_tokens, "".join(seen_text))
+                else:
+                    tail = paired_surrogates(carry)  # a first half that no second half followed: U+FFFD
+                    if held is not None:
+                        tail = held.feed(tail) + ("" if held.stopped else held.finish())
+                        finish = "stop" if held.stopped else finish
+                rest = hold.feed(tail, ()) + hold.finish() if hold is not None else ()
+                yield StreamChunk(text=tail, tokens=rest, finish_reason=finish, usage=usage)
             finally:  # a consumer that stops early: the HTTP response is closed now, not by the collector
                 await stream.close()
 

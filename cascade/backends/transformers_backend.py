@@ -49,6 +49,7 @@ from cascade.types import (
     TopLogprob,
     Usage,
     fit_tokens,
+    stop_prefix_at_end,
 )
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -75,18 +76,6 @@ def auto_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _stop_prefix_at_end(text: str, stops: list[str]) -> int:
-    """How many characters at the end of ``text`` could begin one of the stop strings (the longest proper
-    prefix of one that ``text`` ends with): what a stream holds back until the next token tells."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 def _tokens_to(pieces: list[str], end: int) -> int:
@@ -570,7 +559,7 @@ class TransformersBackend(Backend):
                     text, sent = answer[sent:cut], cut
                     out = hold.feed(text, (token,)) + hold.finish(cut=True)
                 else:
-                    keep = max(sent, len(answer) - _stop_prefix_at_end(answer, stops))
+                    keep = max(sent, len(answer) - stop_prefix_at_end(answer, stops))
                     text, sent = answer[sent:keep], keep
                     out = hold.feed(text, (token,))
                 if text or out:
