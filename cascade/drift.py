@@ -45,9 +45,12 @@ class DriftMonitor:
                                  ["signal"], registry=self.registry)
         self.value_gauge = Gauge("cascade_drift_value", "Rolling value of a drift signal over the window",
                                  ["signal"], registry=self.registry)
-        self._escalated: deque[int] = deque(maxlen=config.window)
-        #: (spend, last-tier-alone baseline) of the same requests
-        self._costs: deque[tuple[float, float]] = deque(maxlen=config.window)
+        #: (request id, escalated) of recent answered requests
+        self._escalated: deque[tuple[str, int]] = deque(maxlen=config.window)
+        #: (request id, spend, last-tier-alone baseline) of the same requests
+        self._costs: deque[tuple[str, float, float]] = deque(maxlen=config.window)
+        #: requests whose row was made ``cancelled`` (:meth:`forget`), for one observed after it (bounded)
+        self._forgotten: OrderedDict[str, None] = OrderedDict()
         #: (confidence, label) of recently labelled answers, one per request: its latest feedback
         self._labelled: OrderedDict[str, tuple[float, int]] = OrderedDict()
         #: served confidence of recent requests, for feedback that arrives later (bounded)
@@ -70,12 +73,33 @@ class DriftMonitor:
         if rec.created_at < self._since:  # decided by what a reload has since replaced (see :meth:`reset`)
             return
         with self._lock:
-            self._escalated.append(int(rec.escalated))
-            self._costs.append((rec.cost_usd, rec.baseline_cost_usd))
+            if rec.request_id in self._forgotten:  # its row was made cancelled before its write was heard
+                return
+            self._escalated.append((rec.request_id, int(rec.escalated)))
+            self._costs.append((rec.request_id, rec.cost_usd, rec.baseline_cost_usd))
             if rec.confidence is not None:
                 self._confidence[rec.request_id] = float(rec.confidence)
                 while len(self._confidence) > self._keep:
                     self._confidence.popitem(last=False)
+            self._check_escalation()
+            self._check_cost()
+
+    def forget(self, request_id: str) -> None:
+        """A request observed as answered whose row was since made ``cancelled`` (its client left an answer in
+        hand before any of it went out): out of the windows, as it is out of the ledger's answered requests (the
+        reports' escalation rate; a request cancelled while it ran is never observed). One not observed yet is
+        left out when it is."""
+        with self._lock:
+            self._forgotten[request_id] = None
+            while len(self._forgotten) > self._keep:
+                self._forgotten.popitem(last=False)
+            if not any(rid == request_id for rid, _ in self._escalated):
+                return
+            # (deque's maxlen is kept: rebuilt whole, the window's order as it was)
+            self._escalated = deque(((rid, e) for rid, e in self._escalated if rid != request_id),
+                                    maxlen=self.config.window)
+            self._costs = deque(((rid, c, b) for rid, c, b in self._costs if rid != request_id),
+                                maxlen=self.config.window)
             self._check_escalation()
             self._check_cost()
 
@@ -101,7 +125,7 @@ class DriftMonitor:
     # --- judging ---------------------------------------------------------------------------------
     def _check_escalation(self) -> None:
         n = len(self._escalated)
-        rate = sum(self._escalated) / n if n else None
+        rate = sum(e for _, e in self._escalated) / n if n else None
         self._set_value("escalation_rate", rate)
         band = self.config.escalation_rate
         if band is None or n < self.config.window or rate is None:
@@ -115,7 +139,7 @@ class DriftMonitor:
 
     def _check_cost(self) -> None:
         n = len(self._costs)
-        spend, base = sum(c for c, _ in self._costs), sum(b for _, b in self._costs)
+        spend, base = sum(c for _, c, _ in self._costs), sum(b for _, _, b in self._costs)
         # spend against a free last tier (priced 0) is infinitely dearer; nothing spent at all says nothing
         ratio = spend / base if base > 0 else (float("inf") if spend > 0 else None)
         self._set_value("cost_ratio", ratio)
@@ -165,6 +189,7 @@ class DriftMonitor:
             self._since = time.time()  # requests already running finish with the old: left out too
             self._escalated.clear()
             self._costs.clear()
+            self._forgotten.clear()
             self._labelled.clear()
             self._confidence.clear()  # feedback on an answer of the old calibrators labels nothing here
             for signal in SIGNALS:

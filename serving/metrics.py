@@ -175,6 +175,8 @@ class Metrics:
             for a in rec.attempts:
                 if a.kept and a.cost_usd:
                     self._child(self.waste, policy, a.tier).inc(a.cost_usd)
+            if self.drift is not None:  # no longer an answered request: out of the drift windows
+                self.drift.forget(rec.request_id)
 
     def observe_error(self, error_class: str) -> None:
         self._child(self.errors, error_class).inc()

@@ -416,6 +416,32 @@ def test_drift_ece_alarm_ends_and_its_value_clears_when_labels_are_withdrawn():
     assert mon.state()["requests"] == 1 and mon._confidence.keys() == {"new"}
 
 
+def test_drift_forgets_a_request_whose_row_was_made_cancelled():
+    """A request counted answered whose row was made ``cancelled`` (its client left an answer in hand) leaves
+    the windows, also when the correction is heard before the request is."""
+    from cascade.config import DriftConfig
+    from cascade.drift import DriftMonitor
+    from cascade.types import CascadeRecord
+
+    mon = DriftMonitor(DriftConfig(window=4, escalation_rate=(0.0, 0.5), max_cost_ratio=1.0))
+
+    def feed(rid: str, escalated: bool) -> None:
+        mon.observe(CascadeRecord(request_id=rid, policy="p", created_at=0.0, tier="t", escalated=escalated,
+                                  cost_usd=1.5 if escalated else 0.2, baseline_cost_usd=1.0))
+
+    for i, e in enumerate([0, 0, 1, 1]):
+        feed(f"r{i}", bool(e))
+    assert mon.alarms["escalation_rate"] is False and mon.values["escalation_rate"] == 0.5
+    mon.forget("r0")
+    assert mon.state()["requests"] == 3 and mon.values["escalation_rate"] == pytest.approx(2 / 3)
+    assert mon.values["cost_ratio"] == pytest.approx(3.2 / 3)
+    mon.forget("r4")  # heard before its request: not counted when it comes
+    feed("r4", True)
+    assert mon.state()["requests"] == 3
+    feed("r5", False)
+    assert mon.state()["requests"] == 4 and mon.values["escalation_rate"] == 0.5
+
+
 async def test_a_reload_says_which_changes_need_a_restart(tmp_path):
     """A reload swaps thresholds and calibrators; a changed price, max_tokens or server limit needs a restart
     and is listed under not_applied (it was silently ignored: requests went on at the old price)."""

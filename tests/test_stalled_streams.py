@@ -313,3 +313,41 @@ def test_sigterm_while_an_answer_in_hand_streams_to_a_client_not_reading_records
     assert exited_after < 3.5, (exited_after, out)
     assert "Exception in ASGI application" not in out and "timeout graceful shutdown exceeded" not in out, out
     assert rows(tmp_path) == {rid: ("partial", "ServerShutdown")}
+
+
+def test_a_client_gone_before_an_answer_in_hand_streams_leaves_the_drift_windows(tmp_path):
+    """The drift windows hold answered requests (the ledger's: its reports' escalation rate counts `ok` and
+    `partial` rows). A row committed as served and then made `cancelled` (its client left before any of its
+    answer went out) stayed in them, counted answered: it leaves them, as the report leaves it out."""
+    from cascade.config import parse_config
+    from serving import create_app
+    from tests.conftest import ServerThread
+    from tests.test_ledger_durability import lock_for
+
+    with FaultServerThread(FaultServer(answer=ANSWER, logprob=-0.01)) as small, \
+            FaultServerThread(FaultServer(answer="big answer")) as big:
+        data = buffered_config(tmp_path, 0, small, big)
+        data["drift"] = {"window": 10}
+        with ServerThread(create_app(parse_config(data, source="<test>", environ={}))) as srv:
+            assert httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={  # (creates the ledger; a pinned
+                "model": "small", "max_tokens": 5,                                 # tier: never in the windows)
+                "messages": [{"role": "user", "content": "first"}]}).status_code == 200
+            holder = lock_for(tmp_path / "ledger.sqlite", 2.0)
+            try:
+                body = json.dumps({"model": "cascade", "stream": True, "max_tokens": 50,
+                                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+                with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                 b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                    time.sleep(1.0)  # answered, its row waiting for the lock: the client goes
+            finally:
+                holder.wait(timeout=30)
+            deadline = time.monotonic() + 15
+            while "cancelled" not in [r[0] for r in rows(tmp_path).values()]:
+                assert time.monotonic() < deadline, rows(tmp_path)
+                time.sleep(0.1)
+            metrics = httpx.get(srv.url + "/metrics", timeout=30).text
+    assert 'cascade_requests_corrected_total{policy="cascade",status="cancelled",tier="small"} 1.0' in metrics
+    # the windows are empty again: no value (before, the cancelled request's escalation rate 0 and cost ratio)
+    for name in ("escalation_rate", "cost_ratio"):
+        assert f'cascade_drift_value{{signal="{name}"}} NaN' in metrics, metrics
