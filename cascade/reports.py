@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.errors import ConfigError, LedgerError
-from cascade.ledger import INTERRUPTED, Ledger, _redact, utc_day_start
+from cascade.ledger import HOLD_DAY_SLACK_S, INTERRUPTED, Ledger, _redact, spend_bucket, utc_day_start
 from cascade.paths import expand_path
 
 #: the groupings of ``cascade report --by``; also ``meta:KEY``, by the value of one of the requests' tags
@@ -551,6 +551,11 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
     today = utc_day_start()
     spend_today = {name: float(v or 0.0) for name, v in ledger.execute(
         "SELECT shadow, SUM(cost_usd) FROM shadow_attempts WHERE created_at >= ? GROUP BY shadow", (today,))}
+    # today's reservations of samples not recorded yet (in flight, or whose write failed), by any process: the
+    # budget's check counts them (cascade.ledger.daily_spend), so the budget left is what they leave
+    held_today = {bucket: float(v or 0.0) for bucket, v in ledger.execute(
+        "SELECT bucket, SUM(amount_usd) FROM spend_holds WHERE created_at >= ? GROUP BY bucket",
+        (today - HOLD_DAY_SLACK_S,))}
 
     def fb_block(name: str, subset: str) -> dict[str, Any]:
         counts = {k: v for k, v in feedback.get((name, subset), {}).items() if v}
@@ -596,6 +601,7 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
         smp_n = int(smp_n)
         budget = getattr(sc, "sample_budget_usd", None) if sc is not None else None
         today_spend = spend_today.get(name, 0.0)
+        today_held = held_today.get(spend_bucket(("shadow", name)), 0.0)
         out.append({
             "shadow": name, "of": getattr(sc, "of", None) or (next(iter(seen)) if len(seen) == 1 else None),
             "description": getattr(sc, "description", "") or "",
@@ -621,9 +627,10 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
                 "requests": smp_n, "failed": int(smp_failed), "diverged": int(smp_div),
                 "divergence_rate": _div(int(smp_div), smp_n), "live_cost_usd": float(smp_live_cost),
                 "shadow_cost_usd": float(smp_sh_cost), "cost_delta_usd": float(smp_sh_cost - smp_live_cost),
-                "spend_usd": float(smp_spend), "spend_today_usd": today_spend,
+                "spend_usd": float(smp_spend), "spend_today_usd": today_spend, "held_today_usd": today_held,
                 "sample_rate": getattr(sc, "sample_rate", None) if sc is not None else None,
-                "budget_usd": budget, "budget_left_today_usd": None if budget is None else max(budget - today_spend, 0.0),
+                "budget_usd": budget,
+                "budget_left_today_usd": None if budget is None else max(budget - today_spend - today_held, 0.0),
             },
         })
     return {"report": "shadow", "since": _iso(since), "ledger": _redact(ledger.target),
@@ -666,7 +673,8 @@ def shadow_report_text(report: dict[str, Any]) -> str:
                      + ("" if ag["rate"] is None else f" ({_pct(ag['rate'])})"))
         p = s["pricier"]
         lines.append(f"  would pay more: {p['requests']:,} requests, {_money(p['extra_usd'])} extra")
-        if sm.get("requests") or sm.get("failed") or sm.get("spend_usd") or sm.get("spend_today_usd") or sm.get("sample_rate"):
+        if any(sm.get(k) for k in ("requests", "failed", "spend_usd", "spend_today_usd", "held_today_usd",
+                                   "sample_rate")):
             lines.append(f"  sampled          {sm['requests']:,} known by running tiers the live path skipped"
                          + (f", {sm['failed']:,} sample(s) without an outcome (failed or cancelled)"
                             if sm["failed"] else "")
@@ -675,8 +683,10 @@ def shadow_report_text(report: dict[str, Any]) -> str:
                          f"delta {_money(sm['cost_delta_usd'])}")
             budget = "" if sm["budget_usd"] is None else f" of {_money(sm['budget_usd'])} budget"
             rate = "" if sm["sample_rate"] is None else f" (sample rate {_pct(sm['sample_rate'])})"
+            held = (f" (and {_money(sm['held_today_usd'])} held by samples not yet recorded)"
+                    if sm["held_today_usd"] else "")
             lines.append(f"  sample spend     {_money(sm['spend_usd'])} on these requests; today (UTC) "
-                         f"{_money(sm['spend_today_usd'])}{budget}{rate}")
+                         f"{_money(sm['spend_today_usd'])}{held}{budget}{rate}")
         if s["groups"]:
             lines.append("  most divergent groups (policy / user tier / endpoint / prompt tokens):")
             rows = [[g["policy"], g["user_tier"], g["endpoint"], g["prompt_tokens"], f"{g['diverged']}/{g['known']}",

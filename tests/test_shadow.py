@@ -347,7 +347,7 @@ def test_shadow_report_json(traffic, capsys):
         assert set(s["cheaper"]["agreement"]) == {"n", "agree", "rate"}
         assert set(s["sampled"]) == {"requests", "failed", "diverged", "divergence_rate", "live_cost_usd",
                                      "shadow_cost_usd", "cost_delta_usd", "spend_usd", "spend_today_usd",
-                                     "sample_rate", "budget_usd", "budget_left_today_usd"}
+                                     "held_today_usd", "sample_rate", "budget_usd", "budget_left_today_usd"}
     # the numbers agree with the ledger rows
     len_live = traffic.rows("SELECT COUNT(*) FROM requests WHERE policy = 'cascade'")[0][0]
     le = by["lenient"]
@@ -669,3 +669,55 @@ async def test_replicas_sharing_a_ledger_count_each_others_samples_in_flight(tmp
     assert dec[second.request_id][0] == 0 and "not sampled: today's sample budget ($6, UTC day) is spent" \
         in dec[second.request_id][2]
     assert spent == 4.0 and left == 0 and calls == 1 and total == [(4.0,)]  # the day's total: what the budget reads
+
+
+async def test_the_budget_left_today_is_what_the_reservations_of_unrecorded_samples_leave(tmp_path):
+    """A sample's daily budget is checked against today's recorded samples and the reservations of those not
+    recorded (in flight, or whose write failed: the money was spent), by any process. The shadow report's
+    budget left counted the recorded only, promising more than a sample could spend: it is now what the
+    check leaves, the reservations shown apart (``held_today_usd``). A failed write (a trigger refuses the
+    sample's rows) leaves its reservation for the day; remote tiers on loopback servers."""
+    import asyncio
+
+    from cascade.engine import Engine
+    from cascade.ledger import Ledger, daily_spend, utc_day_start
+    from cascade.reports import shadow_report, shadow_report_text
+    from cascade.types import GenerationRequest, Message
+    from tests.fault_server import FaultServerThread
+
+    def remote(name: str, upstream: FaultServerThread, **kw: Any) -> dict[str, Any]:
+        return {"name": name, "backend": "openai", "model": "m", "max_tokens": 4, "timeout_s": 10,
+                "options": {"base_url": upstream.base_url}, "price": {"input_per_1m": 2000.0, "output_per_1m": 6000.0},
+                **kw}
+
+    db = tmp_path / "ledger.sqlite"
+    with FaultServerThread() as small, FaultServerThread() as large:
+        cfg = make_config(tmp_path, [remote("small", small, threshold=0.0), remote("large", large)],
+                          shadows={"big": {"of": "cascade", "chain": ["large"], "sample_rate": 1,
+                                           "sample_budget_usd": 1}})
+        async with await Engine.open(cfg) as eng:
+            q = GenerationRequest(messages=(Message("user", "Name a colour."),))
+            await eng.run(q)  # recorded: today's spend
+            for _ in range(600):
+                if not eng.sampler.in_flight:
+                    break
+                await asyncio.sleep(0.05)
+            with sqlite3.connect(db) as c:
+                c.execute("CREATE TRIGGER refuse BEFORE INSERT ON shadow_attempts BEGIN SELECT RAISE(ABORT, 'no'); END")
+            await eng.run(q)  # its sample's write fails: its reservation stays
+            for _ in range(600):
+                if not eng.sampler.in_flight:
+                    break
+                await asyncio.sleep(0.05)
+            (spent, held, n), = await daily_spend(eng.ledger, utc_day_start(), [("shadow", "big")])
+            reader = Ledger(db).open_sync()
+            try:
+                (rep,) = shadow_report(reader, shadows=dict(cfg.shadows))["shadows"]
+            finally:
+                reader.close_sync()
+    sm = rep["sampled"]
+    assert spent > 0 and held > 0 and n == 1
+    assert sm["budget_left_today_usd"] == pytest.approx(1.0 - spent - held)  # (it was 1 - spent)
+    assert sm["spend_today_usd"] == pytest.approx(spent) and sm["held_today_usd"] == pytest.approx(held)
+    assert "held by samples not yet recorded" in shadow_report_text({"since": None, "ledger": "x", "shadows": [rep]})
+
