@@ -1124,7 +1124,7 @@ class Engine:
         samples = self.sampler.select(shadows, rec, request, rows, budget) if rows and request is not None else ()
         committed = self.ledger.submit(rec, shadows=rows, sent=sent)  # sent: a stream's tokens went out
         if samples:
-            self.sampler.start(samples, committed)
+            self.sampler.start(samples, committed, sent=sent)
         notify(self.record_listeners, rec)
         if self.commit_listeners:
             def heard(f: "asyncio.Future[None]") -> None:

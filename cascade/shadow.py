@@ -43,7 +43,7 @@ from typing import Any
 from calibration.calibrators import Calibrator
 from cascade.budget import Budget, call_ceiling, fit_budget
 from cascade.config import Config
-from cascade.errors import CascadeError
+from cascade.errors import CascadeError, LedgerTimeoutError
 from cascade.ledger import Ledger, utc_day_start
 from cascade.policy import decide
 from cascade.resilience import CANCELLED
@@ -305,6 +305,12 @@ class ShadowSampler:
         #: shadow -> sample -> USD held: predicted cost of a call in flight, then actual cost until written
         self._reserved: dict[str, dict[_Sample, float]] = {}
         self._tasks: set[asyncio.Task] = set()
+        #: request id -> (its write's late outcome, how many samples wait on it), for a stream's (its answer went
+        #: out before its write): a write whose waiter was told it timed out stays queued, and a stream's is kept
+        #: as served if it commits (:meth:`cascade.ledger.Ledger.submit`); its samples wait for it
+        self._late: dict[str, tuple[asyncio.Future, int]] = {}
+        if ledger is not None:  # (a sampler that only draws has none)
+            ledger.late_listeners.append(self._settled_late)
         self._gate = asyncio.Lock()
         self._closing = False
         #: ``time.monotonic()`` by which samples in flight must end (set when a shutdown begins)
@@ -349,11 +355,17 @@ class ShadowSampler:
             return []
         return out
 
-    def start(self, samples: Sequence[_Sample], committed: asyncio.Future) -> None:
-        """Run ``samples`` in the background once ``committed`` (the live record's write) is done."""
+    def start(self, samples: Sequence[_Sample], committed: asyncio.Future, *, sent: bool = False) -> None:
+        """Run ``samples`` in the background once ``committed`` (the live record's write) is done; ``sent``: the
+        answer went out before the write (a stream's), which, told it timed out, is waited for until it settles."""
         loop = asyncio.get_running_loop()
         for smp in samples:
-            task = loop.create_task(self._run(smp, committed), name=f"shadow-sample:{smp.shadow.name}")
+            late: asyncio.Future | None = None
+            if sent:
+                rid = smp.rec.request_id
+                late, n = self._late.get(rid) or (loop.create_future(), 0)
+                self._late[rid] = (late, n + 1)
+            task = loop.create_task(self._run(smp, committed, late), name=f"shadow-sample:{smp.shadow.name}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -380,15 +392,27 @@ class ShadowSampler:
             log.warning("shadow sampling: %d sample(s) still running at shutdown were cancelled", len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
 
+    def _settled_late(self, rec: CascadeRecord, error: BaseException | None) -> None:
+        """A ledger late listener: a write whose waiter was told it timed out is done (committed, or lost)."""
+        late = self._late.get(rec.request_id)
+        if late is not None and not late[0].done():
+            late[0].set_result(error)
+
     # --- one sample -------------------------------------------------------------------------------
-    async def _run(self, smp: _Sample, committed: asyncio.Future) -> None:
+    async def _run(self, smp: _Sample, committed: asyncio.Future, late: asyncio.Future | None) -> None:
         sh, rid = smp.shadow, smp.rec.request_id
         row: dict[str, Any] | None
         try:
             await asyncio.wait([committed])  # wait for the live write; never cancels the request's future
-            # a live write that failed or timed out: its client had an error, not the answer (a row committed
-            # late is made that error): nothing to compare a shadow with, nor to pay a sample for
-            row = None if committed.cancelled() or committed.exception() is not None else await self._walk(smp)
+            error = asyncio.CancelledError() if committed.cancelled() else committed.exception()
+            if late is not None and isinstance(error, LedgerTimeoutError):
+                # a stream's write, still queued: its row (its answer went out) is kept as served if it commits,
+                # its decision saying a sample is pending; waited for, as the live write is (a shutdown cancels it)
+                await asyncio.wait([late])
+                error = late.result()
+            # a live write that failed or (not a stream's) timed out: its client had an error, not the answer (a row
+            # committed late is made that error): nothing to compare a shadow with, nor to pay a sample for
+            row = None if error is not None else await self._walk(smp)
         except asyncio.CancelledError:
             for a in smp.calls:  # the call cut short
                 if a.error_class is None and not a.features:
@@ -413,6 +437,9 @@ class ShadowSampler:
         held = self._reserved.get(sh.name)
         if held is not None:
             held.pop(smp, None)
+        waiting = self._late.pop(rid, None) if late is not None else None
+        if waiting is not None and waiting[1] > 1:
+            self._late[rid] = (waiting[0], waiting[1] - 1)
 
     async def _walk(self, smp: _Sample) -> dict[str, Any] | None:
         """Call the tiers the shadow needs, one by one, until its outcome is decided (or the budget says

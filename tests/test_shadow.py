@@ -721,3 +721,47 @@ async def test_the_budget_left_today_is_what_the_reservations_of_unrecorded_samp
     assert sm["spend_today_usd"] == pytest.approx(spent) and sm["held_today_usd"] == pytest.approx(held)
     assert "held by samples not yet recorded" in shadow_report_text({"since": None, "ledger": "x", "shadows": [rep]})
 
+
+async def test_a_stream_whose_write_timed_out_is_sampled_once_its_row_commits(tmp_path):
+    """A stream's answer goes out before its row is written; a write that times out (another process holds the
+    SQLite lock) stays queued and, committed later, is kept as served with its shadow decisions. Its sample was
+    not run (the write had failed, as far as the sampler knew), and the decision kept its reason "...; sample
+    pending" for good. The sample now waits for the write to settle, and runs once it is in."""
+    import asyncio
+
+    from cascade.engine import Engine, StreamEnd
+    from cascade.types import GenerationRequest, Message
+    from tests.fault_server import FaultServerThread
+    from tests.test_ledger_durability import lock_for
+
+    db = tmp_path / "ledger.sqlite"
+    with FaultServerThread() as upstream:
+        def remote(name: str) -> dict[str, Any]:
+            return {"name": name, "backend": "openai", "model": name, "max_tokens": 4, "timeout_s": 10,
+                    "options": {"base_url": upstream.base_url}, "price": {"input_per_1m": 2.0, "output_per_1m": 6.0}}
+
+        cfg = make_config(tmp_path, [remote("small"), remote("large")], {"cascade": {"chain": ["large"]}},
+                          ledger={"path": str(db), "timeout_s": 0.5},
+                          shadows={"cheap": {"of": "cascade", "chain": ["small"], "sample_rate": 1,
+                                             "sample_budget_usd": 1}})
+        async with await Engine.open(cfg) as eng:
+            holder = lock_for(db, 2.0)
+            try:
+                events = [e async for e in eng.stream(GenerationRequest(messages=(Message("user", "Hi"),)),
+                                                      request_id="late")]
+            finally:
+                await asyncio.to_thread(holder.wait, 30)
+            assert isinstance(events[-1], StreamEnd)  # (its answer went out whole)
+            for _ in range(600):
+                if not eng.sampler.in_flight:
+                    break
+                await asyncio.sleep(0.05)
+        models = [r["model"] for r in upstream.stats()["log"]]
+    with sqlite3.connect(db) as c:
+        status, error = c.execute("SELECT status, error_class FROM requests WHERE request_id = 'late'").fetchone()
+        reason, sampled, known = c.execute("SELECT reason, sampled, status FROM shadow_decisions "
+                                           "WHERE request_id = 'late'").fetchone()
+        calls = c.execute("SELECT tier FROM shadow_attempts WHERE request_id = 'late'").fetchall()
+    assert (status, error) == ("ok", None)  # kept as served: the answer went out
+    assert "sample pending" not in reason and (sampled, known) == (1, "known") and calls == [("small",)], reason
+    assert models == ["large", "small"]
