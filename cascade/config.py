@@ -471,16 +471,17 @@ class DriftConfig(_Strict):
 
 def _without_logprobs(tier: "TierConfig") -> bool:
     """Whether a tier (one of its providers) is told not to ask for token logprobs (openai's ``logprobs:
-    false``): its answers carry no confidence, so anywhere but last in a chain it would always escalate."""
+    false``, or ``reasoning: true``, a model that gives none): its answers carry no confidence, so anywhere but
+    last in a chain it would always escalate."""
     options = [p.options for p in tier.providers] if tier.providers else [tier.options]
-    return any(o.get("logprobs") is False for o in options)
+    return any(o.get("logprobs") is False or o.get("reasoning") is True for o in options)
 
 
 def _last_only(chain: list[str], no_logprobs: set[str], where: str) -> None:
     early = [t for t in chain[:-1] if t in no_logprobs]
     if early:
-        raise ValueError(f"{where}: tier(s) {early} have options.logprobs: false (their answers carry no "
-                         "confidence, so they would always escalate): such a tier can only be a chain's last")
+        raise ValueError(f"{where}: tier(s) {early} have options.logprobs: false or reasoning: true (their answers "
+                         "carry no confidence, so they would always escalate): such a tier can only be a chain's last")
 
 
 #: features computed from each token's top-k alternatives: with fewer than two per token they are 0 for every answer

@@ -184,6 +184,20 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     if model == "rate":
         return error(429, oai_error("Rate limit reached for requests per min (RPM).", "requests",
                                     "rate_limit_exceeded"), {"retry-after": "20"})
+    if model == "o-series":  # OpenAI's reasoning models: max_completion_tokens only, no sampling parameters
+        for param in ("max_tokens", "logprobs", "top_logprobs", "stop"):  # (o3 and o4-mini refuse stop)
+            if param in body:
+                return error(400, oai_error(f"Unsupported parameter: '{param}' is not supported with this model.",
+                                            "invalid_request_error", "unsupported_parameter", param))
+        for param in ("temperature", "top_p"):
+            if param in body and body[param] != 1:
+                return error(400, oai_error(f"Unsupported value: '{param}' does not support {body[param]} with this "
+                                            "model. Only the default (1) value is supported.",
+                                            "invalid_request_error", "unsupported_value", param))
+        if stream:
+            return ("sse", [{**c, "choices": [{**ch, "logprobs": None} for ch in c["choices"]]}
+                            for c in oai_stream(model)], True)
+        return ("body", 200, "application/json", json.dumps(chat(model, entries=[])).encode(), {})
     if model == "no-logprobs-param":  # Groq, DeepSeek reasoner, OpenAI reasoning models
         if "logprobs" in body or "top_logprobs" in body:
             return error(400, oai_error("Unsupported parameter: 'logprobs' is not supported with this model.",
@@ -749,6 +763,39 @@ async def test_logprobs_false_from_a_tiers_options(upstream, tmp_path):
     assert rec.status == "ok" and rec.tier == "groq"
     with pytest.raises(ConfigError, match="options.logprobs must be true or false"):
         OpenAIBackend(model="m", base_url=upstream.base_url, logprobs="no")
+
+
+async def test_an_openai_reasoning_model_is_sent_what_it_takes(upstream, tmp_path):
+    """OpenAI's reasoning models (o-series, gpt-5) refuse max_tokens (max_completion_tokens instead), a temperature
+    or top_p but their default, logprobs, and (o3, o4-mini) stop: every call was a 400, whatever logprobs: false
+    left out. ``reasoning: true`` sends what they take; the stop sequences are applied here."""
+    asked = GenerationRequest(messages=CHAT.messages, max_tokens=16, top_logprobs=2, temperature=0.0,
+                              stop=(" is",))
+    for opts in ({}, {"logprobs": False}):
+        with pytest.raises(ProviderInvalidRequestError, match="Unsupported"):
+            await generate(upstream, "o-series", asked, **opts)
+    n = len(upstream.requests)
+    res = await generate(upstream, "o-series", asked, reasoning=True)
+    assert (res.text, res.finish_reason, res.tokens) == ("The answer", "stop", ())
+    chunks = await stream(upstream, "o-series", asked, reasoning=True)
+    assert "".join(c.text for c in chunks) == "The answer" and chunks[-1].finish_reason == "stop"
+    assert not any(c.tokens for c in chunks)
+    for body in (r["body"] for r in upstream.requests[n:]):
+        assert body["max_completion_tokens"] == 16
+        assert not {"max_tokens", "temperature", "top_p", "logprobs", "top_logprobs", "stop"} & set(body)
+    with pytest.raises(ConfigError, match="a reasoning model gives no token logprobs"):
+        OpenAIBackend(model="o3", base_url=upstream.base_url, reasoning=True, logprobs=True)
+    with pytest.raises(ConfigError, match="options.reasoning must be true or false"):
+        OpenAIBackend(model="o3", base_url=upstream.base_url, reasoning="yes")
+    o3 = remote("o3", upstream, "o-series", options={"reasoning": True})
+    with pytest.raises(ConfigError, match=r"tier\(s\) \[.o3.\] have options.logprobs: false or reasoning: true"):
+        make_config(tmp_path, [o3, remote("big", upstream, "ok")])
+    eng = await Engine.open(make_config(tmp_path, [remote("small", upstream, "ok"), o3]))
+    try:
+        rec = (await eng.run(asked, model="o3")).record
+    finally:
+        await eng.close()
+    assert rec.status == "ok" and rec.tier == "o3"
 
 
 def test_a_tier_without_logprobs_can_only_be_last(tmp_path, upstream):

@@ -9,8 +9,10 @@ Options (a tier's or provider's ``options``): ``base_url``; ``api_key`` or ``api
 environment variable holding it); ``endpoint`` (``chat``, the default, or ``completions``); ``extra_body``
 (fields added to every request's body, e.g. vLLM's ``top_k``); ``logprobs`` (default ``true``): ``false``
 for a provider that refuses the ``logprobs``/``top_logprobs`` parameters with a 400 (Groq, DeepSeek's
-reasoner, OpenAI's reasoning models): neither is sent (whatever ``top_logprobs`` a client asks for) and
-the answers carry no token logprobs, so such a tier has no confidence: it can only be a route's last tier.
+reasoner): neither is sent (whatever ``top_logprobs`` a client asks for) and the answers carry no token
+logprobs, so such a tier has no confidence: it can only be a route's last tier; ``reasoning`` (default
+``false``): ``true`` for OpenAI's reasoning models, which also refuse ``max_tokens`` (``max_completion_tokens``
+is sent), a temperature or top_p but their default (neither is sent) and, some, ``stop`` (applied here only).
 
 What upstreams send is read in each real server's shape: llama.cpp's ``/v1/completions`` logprobs in the
 chat shape (``{"content": [...]}``) as well as the legacy one; a ``null`` logprob (SGLang and llama.cpp
@@ -234,13 +236,19 @@ class OpenAIBackend(Backend):
     def __init__(self, *, model: str, name: str | None = None, base_url: str | None = None,
                  api_key: str | None = None, api_key_env: str | None = None, endpoint: str = "chat",
                  timeout_s: float = 120.0, context_length: int | None = None,
-                 extra_body: dict[str, Any] | None = None, logprobs: bool = True, **unknown: Any) -> None:
+                 extra_body: dict[str, Any] | None = None, logprobs: bool | None = None, reasoning: bool = False,
+                 **unknown: Any) -> None:
         super().__init__(model=model, name=name)
         if unknown:
             raise ConfigError(f"tier {self.name!r}: unknown openai option(s) {sorted(unknown)}; known: "
-                              "base_url, api_key, api_key_env, endpoint, extra_body, logprobs")
-        if not isinstance(logprobs, bool):
+                              "base_url, api_key, api_key_env, endpoint, extra_body, logprobs, reasoning")
+        if logprobs is not None and not isinstance(logprobs, bool):
             raise ConfigError(f"tier {self.name!r}: options.logprobs must be true or false")
+        if not isinstance(reasoning, bool):
+            raise ConfigError(f"tier {self.name!r}: options.reasoning must be true or false")
+        if reasoning and logprobs:
+            raise ConfigError(f"tier {self.name!r}: options.reasoning is true, and a reasoning model gives no token "
+                              "logprobs: leave options.logprobs out")
         if endpoint not in ("chat", "completions"):
             raise ConfigError(f"tier {self.name!r}: options.endpoint must be 'chat' or 'completions'")
         if api_key is not None and api_key_env:
@@ -262,8 +270,12 @@ class OpenAIBackend(Backend):
         self._timeout = timeout_s
         self._ctx = context_length
         self._extra_body = extra_body or {}
+        #: OpenAI's reasoning models (o-series, gpt-5): ``max_completion_tokens`` for ``max_tokens`` (which they
+        #: refuse), no temperature or top_p (only their default is taken), no logprobs, and the stop sequences
+        #: applied here only (o3 and o4-mini refuse ``stop``)
+        self._reasoning = reasoning
         #: ask for token logprobs (``options.logprobs: false``: a provider that refuses the parameters)
-        self._logprobs = logprobs
+        self._logprobs = not reasoning if logprobs is None else logprobs
         self._client: Any = None
 
     @classmethod
@@ -303,11 +315,12 @@ class OpenAIBackend(Backend):
         return request.messages is not None and self._endpoint == "chat"
 
     def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
-        kw: dict[str, Any] = {"model": self.model, "temperature": request.temperature,
-                              "top_p": request.top_p}
+        kw: dict[str, Any] = {"model": self.model}
+        if not self._reasoning:
+            kw.update(temperature=request.temperature, top_p=request.top_p)
         if request.max_tokens is not None:
-            kw["max_tokens"] = request.max_tokens
-        if request.stop:
+            kw["max_completion_tokens" if self._reasoning else "max_tokens"] = request.max_tokens
+        if request.stop and not self._reasoning:
             kw["stop"] = list(request.stop[:UPSTREAM_STOPS])
         if request.seed is not None:
             kw["seed"] = request.seed
