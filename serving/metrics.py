@@ -40,7 +40,8 @@ class Metrics:
                                 ["policy"], registry=r)
         self.latency = Histogram("cascade_request_latency_seconds", "Total request latency", ["policy"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("cascade_time_to_first_token_seconds", "Time to first streamed token", ["policy"],
+        self.ttft = Histogram("cascade_time_to_first_token_seconds", "Time from a streamed request to its first token "
+                              "(the buffered tiers' answers included)", ["policy"],
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.routing = Histogram("cascade_routing_overhead_seconds",
                                  "Engine time outside backend calls (features, policy, accounting)",

@@ -492,6 +492,9 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
                   kw: dict) -> Response:
     """Start the engine's stream; errors before its first event become ordinary HTTP errors."""
     engine, metrics = _engine(request), _metrics(request)
+    # the first token's wait counts from here, as its client waits: the buffered tiers' whole answers, a cache
+    # hit's commit and the live tier's first token come before it (StreamStart comes after all of them)
+    started = time.perf_counter()
     events = engine.stream(req, **kw)
     # raises CascadeError before any byte is sent; the buffered tiers stop if the client goes meanwhile
     answered, first = await _unless_disconnected(request, anext(events))
@@ -500,7 +503,6 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
         return Response(status_code=CLIENT_CLOSED)
     assert isinstance(first, StreamStart)
     rec = first.record
-    started = time.perf_counter()
     # a client that stops reading is cut off after this long: its slots, spend hold and upstream call are freed
     send_timeout_s = engine.config.server.stream_send_timeout_s
     if isinstance(body, ResponsesRequest):

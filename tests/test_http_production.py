@@ -1,5 +1,6 @@
 """The production endpoint on a real uvicorn server: streaming, API keys and user tiers, budgets, metrics."""
 
+import json
 import socket
 import sqlite3
 import threading
@@ -117,6 +118,37 @@ def test_escalated_stream_serves_the_last_tier_live(server):
         row = db.execute("SELECT status, tier, n_attempts FROM requests WHERE request_id=?",
                          (casc["request_id"],)).fetchone()
     assert row == ("ok", "large", 2)
+
+
+def _ttft(server, policy):
+    """(count, sum) of cascade_time_to_first_token_seconds for ``policy``."""
+    name = "cascade_time_to_first_token_seconds"
+    got = {s.name: s.value for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+           if f.name == name for s in f.samples if s.labels.get("policy") == policy}
+    return got.get(name + "_count", 0.0), got.get(name + "_sum", 0.0)
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "responses"])
+def test_time_to_first_token_counts_the_buffered_tiers_as_the_client_waits(server, endpoint):
+    """An escalated stream's first token comes after the small tier's whole (buffered) answer: the metric counts
+    it, as the client waits for it (it was timed from the stream's start, after that answer: about 1 ms)."""
+    body = {"model": "always-escalate", "stream": True,
+            **({"messages": Q, "max_tokens": 6} if endpoint == "chat/completions"
+               else {"input": Q[0]["content"], "max_output_tokens": 6})}
+    count, total = _ttft(server, "always-escalate")
+    block = None
+    with httpx.stream("POST", f"{server.url}/v1/{endpoint}", json=body, timeout=120,
+                      headers={"authorization": f"Bearer {PAID}"}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"cascade"' in line:
+                obj = json.loads(line[6:])
+                block = obj.get("cascade") or obj.get("response", {}).get("cascade") or block
+    assert [a["decision"] for a in block["attempts"]] == ["escalate", "final"]
+    small_s = block["attempts"][0]["latency_ms"] / 1e3
+    count_after, total_after = _ttft(server, "always-escalate")
+    assert count_after == count + 1
+    assert total_after - total >= small_s > 0.01
 
 
 async def test_streaming_completion_with_the_async_client(server):
