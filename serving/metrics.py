@@ -124,14 +124,17 @@ class Metrics:
         return child
 
     def _policy_label(self, rec: CascadeRecord) -> str:
-        """The record's policy as a label: one the server serves, or ``(unknown)`` for a client's unknown model
-        name (no client can create series)."""
-        return rec.policy if self.models is None or not rec.policy or rec.policy in self.models else UNKNOWN_MODEL
+        """The record's policy as a label: one the server serves, ``(unknown)`` for a client's unknown model
+        name (no client can create series), or ``-`` for a request refused before it named one (a body that was
+        no JSON), in every family alike (an empty label value is no label to Prometheus)."""
+        if not rec.policy:
+            return "-"
+        return rec.policy if self.models is None or rec.policy in self.models else UNKNOWN_MODEL
 
     def observe(self, rec: CascadeRecord) -> None:
         child = self._child
         policy = self._policy_label(rec)
-        child(self.requests, policy or "-", rec.tier or "-", rec.status).inc()
+        child(self.requests, policy, rec.tier or "-", rec.status).inc()
         if rec.error_class:
             child(self.errors, rec.error_class).inc()
         for a in rec.attempts:
@@ -170,7 +173,7 @@ class Metrics:
         """A streamed answer in hand, counted answered when its row was written, that its client left: the
         ledger row is made ``status`` (an engine ``correction_listeners`` listener)."""
         policy = self._policy_label(rec)
-        self._child(self.corrected, policy or "-", rec.tier or "-", status).inc()
+        self._child(self.corrected, policy, rec.tier or "-", status).inc()
         self._child(self.errors, error_class).inc()
         if status == "cancelled":  # none of the answer went out: the ledger makes its attempts unkept, all waste
             for a in rec.attempts:

@@ -332,6 +332,18 @@ def test_completion_text_offsets_count_from_the_prompts_start_and_run_on(server)
     assert offsets == [len(prompt) + len("".join(tokens[:i])) for i in range(len(tokens))]
 
 
+def test_a_request_that_named_no_model_has_one_policy_label_in_every_family(server):
+    """A body that is no JSON names no policy: every family files its request under policy "-" (its baseline was
+    under "", which Prometheus reads as no label at all, apart from its request's "-")."""
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"not json", headers=H(), timeout=60)
+    assert r.status_code == 400
+    fams = text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+    labelled = [s for f in fams for s in f.samples if "policy" in s.labels]
+    assert all(s.labels["policy"] for s in labelled), [s for s in labelled if not s.labels["policy"]]
+    assert {s.name for s in labelled if s.labels["policy"] == "-"} >= {"cascade_requests_total",
+                                                                     "cascade_baseline_cost_usd_total"}
+
+
 # --- /metrics and the ledger agree, row for row (keep this test last) -----------------------------------
 
 def test_metrics_count_every_ledger_row(server, fault):
