@@ -179,6 +179,13 @@ class Metrics:
             for a in rec.attempts:
                 if a.kept and a.cost_usd:
                     self._child(self.waste, policy, a.tier).inc(a.cost_usd)
+            if rec.cached_from is None and self._answered.get(policy):  # nor is it answered: out of the
+                self._answered[policy] -= 1                             # escalation rate, as in the ledger's
+                if rec.escalated:
+                    self._escalated[policy] -= 1
+                answered = self._answered[policy]
+                self._child(self.escalation_rate, policy).set(
+                    self._escalated.get(policy, 0) / answered if answered else float("nan"))
             if self.drift is not None:  # no longer an answered request: out of the drift windows
                 self.drift.forget(rec.request_id)
 

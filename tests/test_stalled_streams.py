@@ -261,7 +261,8 @@ def test_a_client_that_leaves_an_answer_in_hand_is_recorded_as_partial(tmp_path,
 
 def test_a_client_gone_before_an_answer_in_hand_streams_moves_its_cost_to_waste_in_metrics_too(tmp_path):
     """The answer in hand is committed as served (its write slowed by a lock held elsewhere) after its client
-    left: the row is made `cancelled`, its cost all waste; /metrics' waste moves with it (it stayed 0)."""
+    left: the row is made `cancelled`, its cost all waste; /metrics' waste moves with it (it stayed 0), and its
+    escalation rate leaves it out, as the ledger's does (it stayed an answered request)."""
     from cascade.config import parse_config
     from serving import create_app
     from tests.conftest import ServerThread
@@ -271,7 +272,8 @@ def test_a_client_gone_before_an_answer_in_hand_streams_moves_its_cost_to_waste_
             FaultServerThread(FaultServer(answer="big answer")) as big:
         cfg = parse_config(buffered_config(tmp_path, 0, small, big), source="<test>", environ={})
         with ServerThread(create_app(cfg)) as srv:
-            assert httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={  # (creates the ledger)
+            small.faults("500")  # (creates the ledger) escalated: the small tier fails
+            assert httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={
                 "model": "cascade", "max_tokens": 5, "messages": [{"role": "user", "content": "first"}]}
             ).status_code == 200
             holder = lock_for(tmp_path / "ledger.sqlite", 2.0)
@@ -298,6 +300,11 @@ def test_a_client_gone_before_an_answer_in_hand_streams_moves_its_cost_to_waste_
     counted = [float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
                if ln.startswith('cascade_escalation_waste_usd_total{policy="cascade"')]
     assert sum(counted) == pytest.approx(total_waste), metrics
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        answered, escalated = db.execute("SELECT COUNT(*), SUM(escalated) FROM requests WHERE status IN "
+                                         "('ok', 'partial') AND cached_from IS NULL").fetchone()
+    assert (answered, escalated) == (1, 1)
+    assert 'cascade_escalation_rate{policy="cascade"} 1.0' in metrics, metrics
 
 
 def test_sigterm_while_an_answer_in_hand_streams_to_a_client_not_reading_records_the_shutdown(tmp_path):
