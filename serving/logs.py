@@ -33,7 +33,11 @@ class RequestIdFilter(logging.Filter):
 
 class UrlPasswordFilter(logging.Filter):
     """Masks the password of a URL in a line (``http://user:password@host``): httpx logs every upstream call's
-    URL, and a tier's ``base_url`` may carry basic credentials there."""
+    URL, and a tier's ``base_url`` may carry basic credentials there (a client's request line may too).
+
+    The line keeps its arguments, each masked, where that masks it as well: uvicorn's access lines are
+    formatted from their five arguments, and one left without them was a ``--- Logging error ---`` traceback
+    in its place (any client could cause one, with such a URL in its request's target)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
@@ -42,6 +46,17 @@ class UrlPasswordFilter(logging.Filter):
 
             masked = URL_PASSWORD.sub(r"\1***@", msg)
             if masked != msg:
+                args = record.args
+                if isinstance(args, tuple) and args and isinstance(record.msg, str):
+                    fmt = URL_PASSWORD.sub(r"\1***@", record.msg)
+                    args = tuple(URL_PASSWORD.sub(r"\1***@", a) if isinstance(a, str) else a for a in args)
+                    try:
+                        kept = fmt % args == masked
+                    except (TypeError, ValueError):  # the mask took a placeholder of the format's
+                        kept = False
+                    if kept:
+                        record.msg, record.args = fmt, args
+                        return True
                 record.msg, record.args = masked, ()
         return True
 
