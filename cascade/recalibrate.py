@@ -688,9 +688,11 @@ def _swap(engine: Any, cfg: Config, cals: dict[str, Calibrator], policy_cals: di
     from cascade.engine import notify
 
     notify(getattr(engine, "reload_listeners", []), out)
-    changed = [n for n, s in summary.items() if s["changed"]]
-    log.info("reloaded calibrators from %s: %s%s", out["source"],
-             ", ".join(f"{n} v{summary[n]['version']}" if summary[n]["version"] else n for n in changed) or "no change",
+    changed = [f"{n} v{s['version']}" if s["version"] else n for n, s in summary.items() if s["changed"]]
+    # a policy's own thresholds and calibrators decide too: a reload that changed only those is no "no change"
+    policies_before, policies_after = before[1], _decisions(engine)[1]
+    changed += [f"policy {n!r}" for n, d in policies_after.items() if d != policies_before.get(n)]
+    log.info("reloaded calibrators from %s: %s%s", out["source"], ", ".join(changed) or "no change",
              f"; not applied (restart): {', '.join(extra['not_applied'])}" if extra["not_applied"] else "")
     for warning in extra["warnings"]:
         log.warning("reload: %s", warning)

@@ -1054,3 +1054,32 @@ def test_an_out_ending_in_json_in_any_case_is_the_artifact_file(tmp_path, name):
         ledger.close_sync()
     assert Path(rep["artifact"]) == tmp_path / name and (tmp_path / name).is_file(), rep["artifact"]
     assert json.loads((tmp_path / name).read_text())["method"] == "platt"
+
+
+def test_a_reload_that_changes_only_a_policy_threshold_names_it_in_its_log_line(serve_app, tmp_path, caplog):
+    """The reload's log line named only tiers whose calibrator or threshold changed: one that changed a policy's
+    own threshold (decisions_changed, the cache cleared, the drift windows started afresh) read "no change"."""
+    from cascade.config import load_config
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as up:
+        path = tmp_path / "cascade.yaml"
+
+        def write(threshold: float) -> None:
+            remote = {"backend": "openai", "model": "m", "price": {"input_per_1m": 1, "output_per_1m": 2},
+                      "options": {"base_url": up.base_url}}
+            path.write_text(yaml.safe_dump({
+                "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+                "tiers": [{"name": "a", **remote}, {"name": "b", **remote}],
+                "policies": {"cascade": {"chain": ["a", "b"], "thresholds": {"a": threshold}}}}))
+
+        write(0.5)
+        srv = serve_app(load_config(path), config_path=str(path))
+        with caplog.at_level("INFO", logger="cascade.recalibrate"):
+            same = httpx.post(srv.url + "/admin/reload", timeout=30)
+            write(0.9)
+            changed = httpx.post(srv.url + "/admin/reload", timeout=30)
+    assert same.json()["decisions_changed"] is False and changed.json()["decisions_changed"] is True
+    lines = [m for m in caplog.messages if m.startswith("reloaded calibrators from")]
+    assert len(lines) == 2 and lines[0].endswith(": no change"), lines
+    assert lines[1].endswith(": policy 'cascade'"), lines
