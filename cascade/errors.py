@@ -94,6 +94,13 @@ class InvalidRequestError(CascadeError):
     error_type = "invalid_request_error"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request's body is over the server's ``server.max_body_bytes``."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
 class ContextLengthExceededError(InvalidRequestError):
     """The prompt (plus max_tokens) does not fit a tier's context window."""
 

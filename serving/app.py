@@ -8,14 +8,15 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from fastapi import FastAPI
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.config import Config
 from cascade.types import CascadeRecord
 from cascade.engine import Engine, new_request_id
-from cascade.errors import CascadeError, LedgerTimeoutError
+from cascade.errors import CascadeError, LedgerTimeoutError, RequestTooLargeError
 from cascade.limits import Admission, SpendHolds
-from serving.errors import error_body, install_error_handlers
+from serving.errors import COMPLETION_PATHS, error_body, install_error_handlers
 from serving.logs import current_request_id
 from serving.metrics import Metrics
 from serving.shutdown import Drain, DrainMiddleware
@@ -28,28 +29,39 @@ class _TooLarge(BaseException):
     this must reach :class:`BodyLimitMiddleware` to become the 413 it is."""
 
 
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``limit`` bytes with 413, by header or by counting what arrives, and
-    requests whose target and headers together pass ``header_limit`` bytes with 431 (uvicorn's httptools
-    parser sets no limit of its own)."""
+class HeaderLimitMiddleware:
+    """Refuse requests whose target and headers together pass ``limit`` bytes with 431 (uvicorn's httptools
+    parser sets no limit of its own), before anything reads them (the key included)."""
 
-    def __init__(self, app: ASGIApp, limit: int, header_limit: int = 65_536) -> None:
-        self.app, self.limit, self.header_limit = app, limit, header_limit
+    def __init__(self, app: ASGIApp, limit: int = 65_536) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            size += sum(len(k) + len(v) for k, v in scope.get("headers", ()))
+            if size > self.limit:
+                await _send_error(send, 431, f"request headers are larger than {self.limit} bytes",
+                                  "request_header_fields_too_large")
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``limit`` bytes with 413, by header or by counting what arrives. Inside the
+    key's check: a completion request refused so, with a valid key, is a ledger row like every refusal (under
+    no policy: its model was never read)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = scope.get("headers", ())
-        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
-        size += sum(len(k) + len(v) for k, v in headers)
-        if size > self.header_limit:
-            await _send_error(send, 431, f"request headers are larger than {self.header_limit} bytes",
-                              "request_header_fields_too_large")
-            return
-        for k, v in headers:
+        for k, v in scope.get("headers", ()):
             if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
         seen = 0
 
@@ -67,10 +79,16 @@ class BodyLimitMiddleware:
         except _TooLarge as exc:
             if exc.args[0] is not self:
                 raise
-            await self._refuse(send)
+            await self._refuse(scope, send)
 
-    async def _refuse(self, send: Send) -> None:
-        await _send_error(send, 413, f"request body is larger than {self.limit} bytes", "request_too_large")
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        message = f"request body is larger than {self.limit} bytes"
+        endpoint = COMPLETION_PATHS.get(scope.get("path", ""))
+        if endpoint is not None and scope.get("state", {}).get("caller") is not None:
+            from serving.routes import record_refusal
+
+            await record_refusal(Request(scope), RequestTooLargeError(message), None, endpoint, {})
+        await _send_error(send, 413, message, "request_too_large")
 
 
 async def _send_error(send: Send, status: int, message: str, code: str) -> None:
@@ -223,9 +241,9 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
 
     app.include_router(router)
     app.add_middleware(HotPathMiddleware)  # inside the body limit (the later add_middleware is the outer one)
+    app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes)  # a 413 knows its key: recorded
     app.add_middleware(AuthMiddleware)  # the key before the body: a caller without one learns nothing more
-    app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes,
-                       header_limit=config.server.max_header_bytes)
+    app.add_middleware(HeaderLimitMiddleware, limit=config.server.max_header_bytes)
     # a body that does not arrive in time: 408 (the protocol serve runs times the headers: serving/streaming.py)
     app.add_middleware(RequestReadTimeoutMiddleware, timeout_s=config.server.request_read_timeout_s)
     app.state.request_read_timeout_s = config.server.request_read_timeout_s  # for that protocol (run_server)
@@ -235,4 +253,4 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     return app
 
 
-__all__ = ["create_app", "BodyLimitMiddleware", "CascadeError", "RequestIdMiddleware"]
+__all__ = ["create_app", "BodyLimitMiddleware", "CascadeError", "HeaderLimitMiddleware", "RequestIdMiddleware"]

@@ -148,7 +148,7 @@ def cascade_error_response(exc: CascadeError) -> JSONResponse:
 
 
 #: path -> endpoint of the completion routes, whose refused requests are recorded in the ledger
-_COMPLETION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses"}
+COMPLETION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -159,7 +159,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         msg, param = _validation_message(exc, request.headers.get("content-type", ""))
-        endpoint = _COMPLETION_PATHS.get(request.url.path)
+        endpoint = COMPLETION_PATHS.get(request.url.path)
         if endpoint is not None:  # a malformed completion request is in the ledger too
             from serving.protocol import attribution_of
             from serving.routes import record_refusal
@@ -177,7 +177,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         message = str(exc.detail)
-        endpoint = _COMPLETION_PATHS.get(request.url.path)
+        endpoint = COMPLETION_PATHS.get(request.url.path)
         status = exc.status_code
         if status == 400 and message == _FASTAPI_UNPARSED:
             # a body that is not UTF-8, JSON nested past the parser's depth, a number too long to read: said as

@@ -91,7 +91,7 @@ def http_protocol(request_read_timeout_s: float | None = None,
     bytes and :data:`HEAD_SLACK_BYTES` more gets a 431 and its connection closed, before the parser sees the
     rest: neither parser bounds them (httptools joins a value sent in pieces again for each piece, so one
     endless header took the event loop for seconds, and thousands of small ones took gigabytes of memory).
-    :class:`serving.app.BodyLimitMiddleware` holds complete headers to the exact limit.
+    :class:`serving.app.HeaderLimitMiddleware` holds complete headers to the exact limit.
 
     The timer starts as the connection opens, or at the first byte once the previous request has arrived
     whole, and stops once a request (uvicorn's ``cycle``, of either protocol class) has its body complete;
@@ -247,8 +247,8 @@ class RequestReadTimeoutMiddleware:
     connection's opening, or its first byte), else ``timeout_s`` from when it reached the app. Only the body's
     reads are bounded: once it is in, a read waits for the client to leave, as long as that takes.
 
-    No ledger row, as for a body over ``server.max_body_bytes`` (413): the request is refused before it
-    could be read. One whose answer has already begun is cut off instead (:func:`abort_connection`)."""
+    No ledger row: the request is refused before it could be read (a body over ``server.max_body_bytes``, 413,
+    is recorded: its key is known, and its size says what it is). One whose answer has already begun is cut off instead (:func:`abort_connection`)."""
 
     def __init__(self, app: ASGIApp, timeout_s: float) -> None:
         self.app, self.timeout_s = app, timeout_s

@@ -244,6 +244,11 @@ def test_malformed_json_and_oversize_body(server):
     big = {"model": "cascade", "messages": [{"role": "user", "content": "x" * 5000}]}
     r = httpx.post(server.url + "/v1/chat/completions", json=big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # an oversize body is a ledger row too (it was none), under no policy: its model was never read
+    rid = r.headers["x-request-id"]
+    assert ledger_count(server, f"SELECT error_class FROM requests WHERE request_id = '{rid}'") == \
+        "RequestTooLargeError"
+    assert ledger_count(server, f"SELECT policy FROM requests WHERE request_id = '{rid}'") == ""
     # headers past server.max_header_bytes (64 KiB): 431, before any route or key check
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "cascade"}, headers={"x-pad": "a" * 70_000})
     assert r.status_code == 431 and r.json()["error"]["code"] == "request_header_fields_too_large"

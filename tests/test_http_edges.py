@@ -391,6 +391,20 @@ def test_a_chunked_body_over_the_limit_is_413_whatever_its_type(server, content_
     r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers=headers, timeout=60)
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "request_too_large"
+    # its row, under the key that sent it (it had none: the body limit ran before the key was known)
+    rid = r.headers["x-request-id"]
+    with sqlite3.connect(server.ledger_path) as c:
+        assert c.execute("SELECT status, error_class, api_key_id, policy FROM requests WHERE request_id = ?",
+                         (rid,)).fetchall() == [("error", "RequestTooLargeError", "k", "")]
+
+
+def test_an_oversize_body_without_a_key_is_401_and_no_row(server):
+    """The key before the body: a caller without one learns nothing more (it was told the body limit, 413)."""
+    before = rows(server)
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"x" * ((1 << 20) + 1),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 401, r.text
+    assert rows(server) == before
 
 
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
