@@ -308,6 +308,32 @@ async def test_stop_sequence_and_max_tokens(smol_backend):
     assert short.usage.completion_tokens == 3 and short.finish_reason == "length"
 
 
+async def test_max_tokens_ending_inside_a_character_keeps_the_whole_characters_before_it(smol_backend):
+    """A byte-level token may hold whole characters and the first bytes of the next one (SmolLM2's b" \\xd0": a
+    space and half a Cyrillic letter; b"\\xd0\\xbe\\xd0": "о" and half the next). An answer that max_tokens ended
+    on such a token lost them (its text waited for a next token to complete the character, and none came). They
+    are kept, by its last token, streamed or not; only the partial character's bytes are left, in the tokens'
+    bytes (as in OpenAI's)."""
+    story = "Напиши короткий рассказ о собаке на русском языке."  # (write a short story about a dog, in Russian)
+    req = GenerationRequest(messages=(Message("user", story),), max_tokens=40, top_logprobs=0)
+    tok = smol_backend._tok
+    whole = (await smol_backend.generate(req)).tokens
+    ids, pieces = [t.token_id for t in whole], [t.token for t in whole]
+    # the first answer cut where its tokens decode to more whole characters than their pieces give
+    cut = next(j + 1 for j in range(len(ids))
+               if tok.decode(ids[: j + 1]).removesuffix("\ufffd") != "".join(pieces[: j + 1]))
+    want = tok.decode(ids[:cut]).removesuffix("\ufffd")
+    res = await smol_backend.generate(req.with_(max_tokens=cut))
+    chunks = [c async for c in smol_backend.stream(req.with_(max_tokens=cut))]
+    streamed = [t for c in chunks for t in c.tokens]
+    assert res.text == want and "".join(c.text for c in chunks) == want and res.finish_reason == "length"
+    assert "".join(t.token for t in res.tokens) == want
+    assert [t.token for t in streamed] == [t.token for t in res.tokens]
+    raw = b"".join(t.utf8 for t in res.tokens)
+    assert raw.startswith(want.encode()) and 0 < len(raw) - len(want.encode()) < 4  # the partial character's
+    assert res.usage.completion_tokens == chunks[-1].usage.completion_tokens == cut
+
+
 async def test_raw_prompt_completion(smol_backend):
     res = await smol_backend.generate(GenerationRequest(prompt="The capital of France is", max_tokens=4))
     assert "Paris" in res.text

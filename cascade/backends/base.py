@@ -416,3 +416,14 @@ class TokenTexts:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return piece
         return ""
+
+    def flush(self) -> str:
+        """At the answer's end: the whole characters that the tokens pushed since the last piece hold before a
+        character the answer ends inside (a token b" \\xd0" is a space and a Cyrillic letter's first byte),
+        which :meth:`push` gives only once that character is complete; "" when there are none."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True).removesuffix("\ufffd")
+        if len(full) > len(prefix) and full.startswith(prefix):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -524,31 +524,45 @@ class TransformersBackend(Backend):
         stops = [s for s in request.stop if s]
         hold = HeldTokens()
         answer, sent, stopped = "", 0, False  # with stops: the answer so far, how much of it went out
+        quiet: list[TokenLogprob] = []  # tokens that end inside a character: they go out with the next piece
         try:
             while True:
                 got = await queue.get()
-                if got is None:
-                    break
                 if got is _CLOSED:
                     raise ProviderServerError(f"backend {self.name!r} closed", provider=self.name)
-                token_id, logprob, top = got
-                if not math.isfinite(logprob) and not finite_seen:  # NaN logits: nothing sent yet, refused
-                    raise self._nan_error()
-                finite_seen = True
-                if stopped:  # generated before the stop reached the compute thread: not part of the answer
-                    continue
-                if token_id in eos:
-                    finish = "stop"
-                    cancelled.set()
-                    continue
-                if len(texts.ids) >= request.max_tokens:
-                    continue
-                piece = texts.push(token_id)
-                alts = tuple(TopLogprob(token=tok.decode([a]), logprob=v, token_id=a, raw=raw(a))
-                             for a, v in top[: request.top_logprobs])
-                token = TokenLogprob(piece, logprob, token_id, alts, raw(token_id))
+                last = got is None
+                if last:
+                    if not quiet:
+                        break
+                    # the answer ends inside a character: its last token gives the whole ones before it (as
+                    # generate's does), which no piece gave, waiting for a token to complete that character
+                    piece = texts.flush()
+                    toks, quiet = (*quiet[:-1], replace(quiet[-1], token=piece)), []
+                else:
+                    token_id, logprob, top = got
+                    if not math.isfinite(logprob) and not finite_seen:  # NaN logits: nothing sent yet, refused
+                        raise self._nan_error()
+                    finite_seen = True
+                    if stopped:  # generated before the stop reached the compute thread: not part of the answer
+                        continue
+                    if token_id in eos:
+                        finish = "stop"
+                        cancelled.set()
+                        continue
+                    if len(texts.ids) >= request.max_tokens:
+                        continue
+                    piece = texts.push(token_id)
+                    alts = tuple(TopLogprob(token=tok.decode([a]), logprob=v, token_id=a, raw=raw(a))
+                                 for a, v in top[: request.top_logprobs])
+                    token = TokenLogprob(piece, logprob, token_id, alts, raw(token_id))
+                    if not piece:
+                        quiet.append(token)
+                        continue
+                    toks, quiet = (*quiet, token), []
                 if not stops:
-                    yield StreamChunk(text=piece, tokens=(token,))
+                    yield StreamChunk(text=piece, tokens=toks)
+                    if last:
+                        break
                     continue
                 answer += piece
                 found = [at for at in (answer.find(s, sent) for s in stops) if at >= 0]
@@ -557,13 +571,15 @@ class TransformersBackend(Backend):
                     cancelled.set()
                     cut = min(found)
                     text, sent = answer[sent:cut], cut
-                    out = hold.feed(text, (token,)) + hold.finish(cut=True)
+                    out = hold.feed(text, toks) + hold.finish(cut=True)
                 else:
                     keep = max(sent, len(answer) - stop_prefix_at_end(answer, stops))
                     text, sent = answer[sent:keep], keep
-                    out = hold.feed(text, (token,))
+                    out = hold.feed(text, toks)
                 if text or out:
                     yield StreamChunk(text=text, tokens=out)
+                if last:
+                    break
             # its row ended, and the batch may run on for others; an answer cut short (no end of turn, no stop,
             # fewer tokens than asked) is the batch's failure, which the worker set before it ended the row
             cut_short = finish != "stop" and len(texts.ids) < request.max_tokens
@@ -856,6 +872,8 @@ class TransformersBackend(Backend):
             k = p.request.top_logprobs
             texts = TokenTexts(tok)
             pieces = [texts.push(t) for t in ids[:n]]
+            if pieces:  # an answer ending inside a character: its last token gives the whole ones before it
+                pieces[-1] += texts.flush()
             text = "".join(pieces)
             # stop strings: cut the text at the earliest one, and the tokens to it (fit_tokens, below): the
             # ones after it go, the one it cuts keeps its part before the cut
