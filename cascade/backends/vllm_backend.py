@@ -30,6 +30,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,7 @@ class _Tracker:
         self.k = request.top_logprobs
         self.cut_by_stop = bool(request.stop)
         self.hold = HeldTokens()
+        self.quiet: list[TokenLogprob] = []  # tokens that end inside a character: they go out with the next text
         self.n_sent = 0
         self.n_generated = 0  # what the model produced (and the tier bills): the stop string's tokens too
         self.finish: str | None = None
@@ -144,6 +146,19 @@ class _Tracker:
             pos = logprobs[i] if logprobs is not None and i < len(logprobs) else None
             toks.append(self._token(tid, pos))
         text = completion.text or ""
+        toks, self.quiet = self.quiet + toks, []
+        if not finished:  # a token that ends inside a character has no text yet: held until one that has
+            n = len(toks)
+            while n and not toks[n - 1].token:
+                n -= 1
+            toks, self.quiet = toks[:n], toks[n:]
+        elif not isinstance(completion.stop_reason, str):
+            # the answer ends inside a character (max_tokens): the whole characters its last tokens hold before
+            # it, which neither vLLM's text nor a piece gave (both wait for that character to be completed)
+            extra = self.texts.flush()
+            if extra and toks:
+                text += extra
+                toks[-1] = replace(toks[-1], token=toks[-1].token + extra)
         if not self.cut_by_stop:
             out = tuple(toks)
         else:

@@ -98,6 +98,35 @@ async def test_stop_string_cuts_like_transformers(vllm_backend, hf_backend, stop
     assert chunks[-1].usage == got.usage
 
 
+@pytest.mark.parametrize("stop", [(), ("Zebra",)])  # a stop string that never comes: the text held, then released
+async def test_max_tokens_ending_inside_a_character_keeps_the_whole_characters_before_it(vllm_backend, hf_backend,
+                                                                                       stop):
+    """A byte-level token may hold whole characters and the first bytes of the next one (SmolLM2's b" \\xd0": a
+    space and half a Cyrillic letter). An answer that max_tokens ended on such a token lost those characters:
+    vLLM's text and the token pieces both wait for the token that completes the character, and none came. They
+    are kept, by the last token, streamed or not, as the transformers backend keeps them."""
+    story = "Напиши короткий рассказ о собаке на русском языке."  # (write a short story about a dog, in Russian)
+    req = chat(story, max_tokens=40, top_logprobs=0, stop=stop)
+    tok = vllm_backend._tok
+    ids = [t.token_id for t in (await vllm_backend.generate(req)).tokens]
+    # the first cut where the tokens decode to whole characters and then the first bytes of the next one
+    cut = next(j + 1 for j in range(1, len(ids)) if (d := tok.decode(ids[: j + 1])).endswith("\ufffd")
+               and d.removesuffix("\ufffd") != tok.decode(ids[:j]))
+    want = tok.decode(ids[:cut]).removesuffix("\ufffd")
+    req = req.with_(max_tokens=cut)
+    got, ref = await vllm_backend.generate(req), await hf_backend.generate(req)
+    assert got.text == want == ref.text and got.finish_reason == "length"
+    assert "".join(t.token for t in got.tokens) == want
+    assert [t.token for t in got.tokens] == [t.token for t in ref.tokens]
+    raw = b"".join(t.utf8 for t in got.tokens)
+    assert raw.startswith(want.encode()) and 0 < len(raw) - len(want.encode()) < 4  # the partial character's
+    chunks = [c async for c in vllm_backend.stream(req)]
+    assert "".join(c.text for c in chunks) == want
+    streamed = [t for c in chunks for t in c.tokens]
+    assert [(t.token_id, t.token) for t in streamed] == [(t.token_id, t.token) for t in got.tokens]
+    assert chunks[-1].usage == got.usage and got.usage.completion_tokens == cut
+
+
 async def test_stream_yields_tokens_as_they_come(vllm_backend):
     req = chat("Name three colours of the rainbow.", max_tokens=20)
     whole = await vllm_backend.generate(req)
