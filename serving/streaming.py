@@ -248,7 +248,8 @@ class RequestReadTimeoutMiddleware:
     reads are bounded: once it is in, a read waits for the client to leave, as long as that takes.
 
     No ledger row: the request is refused before it could be read (a body over ``server.max_body_bytes``, 413,
-    is recorded: its key is known, and its size says what it is). One whose answer has already begun is cut off instead (:func:`abort_connection`)."""
+    is recorded: its key is known, and its size says what it is). One whose answer has already begun is cut off
+    instead (:func:`abort_connection`)."""
 
     def __init__(self, app: ASGIApp, timeout_s: float) -> None:
         self.app, self.timeout_s = app, timeout_s
