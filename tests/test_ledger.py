@@ -95,14 +95,19 @@ def test_bad_target_is_a_clear_error(tmp_path):
     assert "\n" not in str(err.value) and "\n" not in err.value.message  # libpq's two lines made one
 
 
-async def test_a_ledger_of_a_newer_schema_is_refused_by_the_writers_too(target):
-    """The reports refused a ledger written by a newer version; the server (and `cascade ask`) wrote into it.
-    Now opening it for writing is refused too, in one line."""
+async def ledger_with_schema_version(target: str, version: str) -> None:
+    """A ledger at ``target`` with one request, its meta table then made to say ``version``."""
     async with Ledger(target) as ledger:
         await ledger.record(record(1))
     ledger = Ledger(target).open_sync()
-    ledger.execute("UPDATE meta SET value = ? WHERE key = ?", ("99", "schema_version"))
+    ledger.execute("UPDATE meta SET value = ? WHERE key = ?", (version, "schema_version"))
     ledger.close_sync()
+
+
+async def test_a_ledger_of_a_newer_schema_is_refused_by_the_writers_too(target):
+    """The reports refused a ledger written by a newer version; the server (and `cascade ask`) wrote into it.
+    Now opening it for writing is refused too, in one line."""
+    await ledger_with_schema_version(target, "99")
     for opening in (lambda: Ledger(target).open(), lambda: asyncio.to_thread(Ledger(target).open_sync)):
         newer = rf"has schema version 99, newer than this cascade-engine writes \({SCHEMA_VERSION}\)"
         with pytest.raises(LedgerError, match=newer):
@@ -114,11 +119,7 @@ async def test_a_ledger_of_a_newer_schema_is_refused_by_the_writers_too(target):
 async def test_a_schema_version_that_is_no_number_is_refused(target):
     """A meta table edited by hand ("8a", "", "eight"): which columns the ledger has is anyone's guess. It was
     read as current by the reports and written into by the server as it was; now both refuse it in one line."""
-    async with Ledger(target) as ledger:
-        await ledger.record(record(1))
-    ledger = Ledger(target).open_sync()
-    ledger.execute("UPDATE meta SET value = ? WHERE key = ?", ("8a", "schema_version"))
-    ledger.close_sync()
+    await ledger_with_schema_version(target, "8a")
     for opening in (lambda: Ledger(target).open(), lambda: asyncio.to_thread(Ledger(target).open_existing_sync)):
         with pytest.raises(LedgerError, match="has schema version '8a', which is no version number"):
             await opening()

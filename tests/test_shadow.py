@@ -25,6 +25,24 @@ from tests.ops_traffic import (  # noqa: F401 - traffic is a fixture
 ALL_SHADOWS = ["hot", "large_only", "large_only_capped", "lenient", "strict", "strict_sampled"]
 LARGE_PRICE = (2.0, 6.0)  # tests/ops_traffic.py: the large tier's USD per million input/output tokens
 
+
+async def settled(sampler: Any) -> None:
+    """Wait (up to 30 s) until ``sampler`` (an engine's ShadowSampler) has no sample in flight."""
+    import asyncio
+
+    for _ in range(600):
+        if not sampler.in_flight:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the sample did not finish")
+
+
+def remote(name: str, upstream: Any, price: tuple[float, float] = LARGE_PRICE, **kw: Any) -> dict[str, Any]:
+    """A tier on a loopback OpenAI-compatible server (tests/fault_server.py), max_tokens 4, ``price`` USD per
+    million input/output tokens."""
+    return {"name": name, "backend": "openai", "model": "m", "max_tokens": 4, "options": {
+        "base_url": upstream.base_url}, "price": {"input_per_1m": price[0], "output_per_1m": price[1]}, **kw}
+
 def _attempts(t: Traffic) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
     with sqlite3.connect(t.ledger) as c:
@@ -513,24 +531,15 @@ async def test_a_request_whose_client_left_before_its_answer_has_no_shadow_decis
     from tests.test_ledger_durability import lock_for
 
     with FaultServerThread() as upstream:
-        large = {"name": "large", "backend": "openai", "model": "m", "max_tokens": 4, "options": {
-            "base_url": upstream.base_url}, "price": {"input_per_1m": 2.0, "output_per_1m": 6.0}}
-        cfg = make_config(tmp_path, [tier("small", threshold=0.0, max_tokens=4, options={"threads": 1}), large],
+        cfg = make_config(tmp_path, [tier("small", threshold=0.0, max_tokens=4, options={"threads": 1}),
+                                     remote("large", upstream)],
                           shadows={"big": {"of": "cascade", "chain": ["large"], "sample_rate": 1,
                                            "sample_budget_usd": 1}})
         db = tmp_path / "ledger.sqlite"
-
-        async def settled(eng: Engine) -> None:
-            for _ in range(600):
-                if not eng.sampler.in_flight:
-                    return
-                await asyncio.sleep(0.05)
-            raise AssertionError("the sample did not finish")
-
         upstream.faults(delay_s=1.0)
         async with await Engine.open(cfg, preload=True) as eng:
             await eng.run(GenerationRequest(messages=(Message("user", "Name a fruit."),)), request_id="warm")
-            await settled(eng)
+            await settled(eng.sampler)
             # a run cancelled while its row commits (another process holds the lock): its sample is not run
             holder = lock_for(db, 3.0)
             try:
@@ -544,7 +553,7 @@ async def test_a_request_whose_client_left_before_its_answer_has_no_shadow_decis
                     await task
             finally:
                 await asyncio.to_thread(holder.wait, 30)
-            await settled(eng)
+            await settled(eng.sampler)
             # a stream of an answer in hand left once its sample's call is in flight: the call is written, no decision
             events = eng.stream(GenerationRequest(messages=(Message("user", "Name an animal."),)),
                                 request_id="gone-in-flight")
@@ -557,7 +566,7 @@ async def test_a_request_whose_client_left_before_its_answer_has_no_shadow_decis
             else:
                 raise AssertionError("the sample's call did not start")
             await events.aclose()
-            await settled(eng)
+            await settled(eng.sampler)
         calls = upstream.stats()["requests"]
     with sqlite3.connect(db) as c:
         status = dict(c.execute("SELECT request_id, status FROM requests").fetchall())
@@ -575,8 +584,6 @@ async def test_a_sample_whose_write_failed_counts_until_its_day_ends_and_is_let_
     of its UTC day (its reservation stays in the ledger, for every replica), then no more; the sample itself
     (its request and record) is let go, not held for good. The failure is SQLite's own: a trigger refuses the
     sample's rows."""
-    import asyncio
-
     from cascade.engine import Engine
     from cascade.ledger import daily_spend, utc_day_start
     from cascade.shadow import ShadowSampler
@@ -588,13 +595,6 @@ async def test_a_sample_whose_write_failed_counts_until_its_day_ends_and_is_let_
                       shadows={"big": {"of": "cascade", "chain": ["large"], "sample_rate": 1, "sample_budget_usd": 1}})
     db = tmp_path / "ledger.sqlite"
     now = [time.time()]
-
-    async def settled(sampler: ShadowSampler) -> None:
-        for _ in range(600):
-            if not sampler.in_flight:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("the sample did not finish")
 
     async with await Engine.open(cfg, preload=True) as eng:
         sampler = eng.sampler = ShadowSampler(eng.call_tier, eng.ledger, clock=lambda: now[0])
@@ -631,20 +631,11 @@ async def test_replicas_sharing_a_ledger_count_each_others_samples_in_flight(tmp
 
     with FaultServerThread() as upstream:
         # every output token at $1, the prompt free: a sample of max_tokens 4 is estimated at exactly $4
-        large = {"name": "large", "backend": "openai", "model": "m", "max_tokens": 4, "options": {
-            "base_url": upstream.base_url}, "price": {"input_per_1m": 0.0, "output_per_1m": 1e6}}
-        cfg = make_config(tmp_path, [tier("small", threshold=0.0, max_tokens=4, options={"threads": 1}), large],
+        cfg = make_config(tmp_path, [tier("small", threshold=0.0, max_tokens=4, options={"threads": 1}),
+                                     remote("large", upstream, price=(0.0, 1e6))],
                           shadows={"big": {"of": "cascade", "chain": ["large"], "sample_rate": 1,
                                            "sample_budget_usd": 6}})
         db = tmp_path / "ledger.sqlite"
-
-        async def settled(eng: Engine) -> None:
-            for _ in range(600):
-                if not eng.sampler.in_flight:
-                    return
-                await asyncio.sleep(0.05)
-            raise AssertionError("the sample did not finish")
-
         upstream.faults(delay_s=1.5)
         async with await Engine.open(cfg, preload=True) as a, await Engine.open(cfg, preload=True) as b:
             first = (await a.run(GenerationRequest(messages=(Message("user", "Name a colour."),)))).record
@@ -656,8 +647,8 @@ async def test_replicas_sharing_a_ledger_count_each_others_samples_in_flight(tmp
             else:
                 raise AssertionError("the reservation was not written")
             second = (await b.run(GenerationRequest(messages=(Message("user", "Name a fruit."),)))).record
-            await settled(b)
-            await settled(a)
+            await settled(b.sampler)
+            await settled(a.sampler)
         calls = upstream.stats()["requests"]
     with sqlite3.connect(db) as c:
         dec = {r[0]: r[1:] for r in c.execute("SELECT request_id, sampled, sample_cost_usd, reason "
@@ -677,38 +668,27 @@ async def test_the_budget_left_today_is_what_the_reservations_of_unrecorded_samp
     budget left counted the recorded only, promising more than a sample could spend: it is now what the
     check leaves, the reservations shown apart (``held_today_usd``). A failed write (a trigger refuses the
     sample's rows) leaves its reservation for the day; remote tiers on loopback servers."""
-    import asyncio
-
     from cascade.engine import Engine
     from cascade.ledger import Ledger, daily_spend, utc_day_start
     from cascade.reports import shadow_report, shadow_report_text
     from cascade.types import GenerationRequest, Message
     from tests.fault_server import FaultServerThread
 
-    def remote(name: str, upstream: FaultServerThread, **kw: Any) -> dict[str, Any]:
-        return {"name": name, "backend": "openai", "model": "m", "max_tokens": 4, "timeout_s": 10,
-                "options": {"base_url": upstream.base_url}, "price": {"input_per_1m": 2000.0, "output_per_1m": 6000.0},
-                **kw}
-
     db = tmp_path / "ledger.sqlite"
     with FaultServerThread() as small, FaultServerThread() as large:
-        cfg = make_config(tmp_path, [remote("small", small, threshold=0.0), remote("large", large)],
+        expensive = {"price": (2000.0, 6000.0), "timeout_s": 10}
+        cfg = make_config(tmp_path, [remote("small", small, threshold=0.0, **expensive),
+                                     remote("large", large, **expensive)],
                           shadows={"big": {"of": "cascade", "chain": ["large"], "sample_rate": 1,
                                            "sample_budget_usd": 1}})
         async with await Engine.open(cfg) as eng:
             q = GenerationRequest(messages=(Message("user", "Name a colour."),))
             await eng.run(q)  # recorded: today's spend
-            for _ in range(600):
-                if not eng.sampler.in_flight:
-                    break
-                await asyncio.sleep(0.05)
+            await settled(eng.sampler)
             with sqlite3.connect(db) as c:
                 c.execute("CREATE TRIGGER refuse BEFORE INSERT ON shadow_attempts BEGIN SELECT RAISE(ABORT, 'no'); END")
             await eng.run(q)  # its sample's write fails: its reservation stays
-            for _ in range(600):
-                if not eng.sampler.in_flight:
-                    break
-                await asyncio.sleep(0.05)
+            await settled(eng.sampler)
             (spent, held, n), = await daily_spend(eng.ledger, utc_day_start(), [("shadow", "big")])
             reader = Ledger(db).open_sync()
             try:
@@ -736,11 +716,8 @@ async def test_a_stream_whose_write_timed_out_is_sampled_once_its_row_commits(tm
 
     db = tmp_path / "ledger.sqlite"
     with FaultServerThread() as upstream:
-        def remote(name: str) -> dict[str, Any]:
-            return {"name": name, "backend": "openai", "model": name, "max_tokens": 4, "timeout_s": 10,
-                    "options": {"base_url": upstream.base_url}, "price": {"input_per_1m": 2.0, "output_per_1m": 6.0}}
-
-        cfg = make_config(tmp_path, [remote("small"), remote("large")], {"cascade": {"chain": ["large"]}},
+        cfg = make_config(tmp_path, [remote(n, upstream, model=n, timeout_s=10) for n in ("small", "large")],
+                          {"cascade": {"chain": ["large"]}},
                           ledger={"path": str(db), "timeout_s": 0.5},
                           shadows={"cheap": {"of": "cascade", "chain": ["small"], "sample_rate": 1,
                                              "sample_budget_usd": 1}})
@@ -752,10 +729,7 @@ async def test_a_stream_whose_write_timed_out_is_sampled_once_its_row_commits(tm
             finally:
                 await asyncio.to_thread(holder.wait, 30)
             assert isinstance(events[-1], StreamEnd)  # (its answer went out whole)
-            for _ in range(600):
-                if not eng.sampler.in_flight:
-                    break
-                await asyncio.sleep(0.05)
+            await settled(eng.sampler)
         models = [r["model"] for r in upstream.stats()["log"]]
     with sqlite3.connect(db) as c:
         status, error = c.execute("SELECT status, error_class FROM requests WHERE request_id = 'late'").fetchone()

@@ -259,6 +259,27 @@ def test_a_client_that_leaves_an_answer_in_hand_is_recorded_as_partial(tmp_path,
     assert 'cascade_errors_total{error_class="ClientDisconnected"} 1.0' in metrics
 
 
+def leave_before_an_answer_in_hand_goes_out(srv, tmp_path: Path) -> None:
+    """Stream a request whose answer is in hand (a buffered tier kept it) while another process holds the
+    ledger's lock, so that its row waits; leave before any of it went out; wait until the row is `cancelled`."""
+    from tests.test_ledger_durability import lock_for
+
+    holder = lock_for(tmp_path / "ledger.sqlite", 2.0)
+    try:
+        body = json.dumps({"model": "cascade", "stream": True, "max_tokens": 50,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            time.sleep(1.0)  # answered, its row waiting for the lock: the client goes
+    finally:
+        holder.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while "cancelled" not in [r[0] for r in rows(tmp_path).values()]:
+        assert time.monotonic() < deadline, rows(tmp_path)
+        time.sleep(0.1)
+
+
 def test_a_client_gone_before_an_answer_in_hand_streams_moves_its_cost_to_waste_in_metrics_too(tmp_path):
     """The answer in hand is committed as served (its write slowed by a lock held elsewhere) after its client
     left: the row is made `cancelled`, its cost all waste; /metrics' waste moves with it (it stayed 0), and its
@@ -266,7 +287,6 @@ def test_a_client_gone_before_an_answer_in_hand_streams_moves_its_cost_to_waste_
     from cascade.config import parse_config
     from serving import create_app
     from tests.conftest import ServerThread
-    from tests.test_ledger_durability import lock_for
 
     with FaultServerThread(FaultServer(answer=ANSWER, logprob=-0.01)) as small, \
             FaultServerThread(FaultServer(answer="big answer")) as big:
@@ -276,20 +296,7 @@ def test_a_client_gone_before_an_answer_in_hand_streams_moves_its_cost_to_waste_
             assert httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={
                 "model": "cascade", "max_tokens": 5, "messages": [{"role": "user", "content": "first"}]}
             ).status_code == 200
-            holder = lock_for(tmp_path / "ledger.sqlite", 2.0)
-            try:
-                body = json.dumps({"model": "cascade", "stream": True, "max_tokens": 50,
-                                   "messages": [{"role": "user", "content": "hi"}]}).encode()
-                with socket.create_connection(("127.0.0.1", srv.port)) as sock:
-                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                                 b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-                    time.sleep(1.0)  # answered, its row waiting for the lock: the client goes
-            finally:
-                holder.wait(timeout=30)
-            deadline = time.monotonic() + 15
-            while "cancelled" not in [r[0] for r in rows(tmp_path).values()]:
-                assert time.monotonic() < deadline, rows(tmp_path)
-                time.sleep(0.1)
+            leave_before_an_answer_in_hand_goes_out(srv, tmp_path)
             metrics = httpx.get(srv.url + "/metrics", timeout=30).text
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
         (rid, cost, waste), = db.execute("SELECT request_id, cost_usd, escalation_waste_usd FROM requests "
@@ -329,7 +336,6 @@ def test_a_client_gone_before_an_answer_in_hand_streams_leaves_the_drift_windows
     from cascade.config import parse_config
     from serving import create_app
     from tests.conftest import ServerThread
-    from tests.test_ledger_durability import lock_for
 
     with FaultServerThread(FaultServer(answer=ANSWER, logprob=-0.01)) as small, \
             FaultServerThread(FaultServer(answer="big answer")) as big:
@@ -339,20 +345,7 @@ def test_a_client_gone_before_an_answer_in_hand_streams_leaves_the_drift_windows
             assert httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={  # (creates the ledger; a pinned
                 "model": "small", "max_tokens": 5,                                 # tier: never in the windows)
                 "messages": [{"role": "user", "content": "first"}]}).status_code == 200
-            holder = lock_for(tmp_path / "ledger.sqlite", 2.0)
-            try:
-                body = json.dumps({"model": "cascade", "stream": True, "max_tokens": 50,
-                                   "messages": [{"role": "user", "content": "hi"}]}).encode()
-                with socket.create_connection(("127.0.0.1", srv.port)) as sock:
-                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                                 b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-                    time.sleep(1.0)  # answered, its row waiting for the lock: the client goes
-            finally:
-                holder.wait(timeout=30)
-            deadline = time.monotonic() + 15
-            while "cancelled" not in [r[0] for r in rows(tmp_path).values()]:
-                assert time.monotonic() < deadline, rows(tmp_path)
-                time.sleep(0.1)
+            leave_before_an_answer_in_hand_goes_out(srv, tmp_path)
             metrics = httpx.get(srv.url + "/metrics", timeout=30).text
     assert 'cascade_requests_corrected_total{policy="cascade",status="cancelled",tier="small"} 1.0' in metrics
     # the windows are empty again: no value (before, the cancelled request's escalation rate 0 and cost ratio)
