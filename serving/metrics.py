@@ -152,16 +152,21 @@ class Metrics:
             return
         if rec.status in ("ok", "partial") and rec.tier:
             p = policy
-            self._answered[p] = self._answered.get(p, 0) + 1
             if rec.escalated:
                 child(self.escalations, p).inc()
-                self._escalated[p] = self._escalated.get(p, 0) + 1
-            child(self.escalation_rate, p).set(self._escalated.get(p, 0) / self._answered[p])
+            self._count_answered(p, rec.escalated, 1)
             child(self.latency, p).observe(rec.latency_ms / 1e3)
             backend_ms = sum(a.latency_ms for a in rec.attempts)
             self.routing.observe(max(rec.latency_ms - backend_ms, 0.0) / 1e3)
         if self.drift is not None:
             self.drift.observe(rec)
+
+    def _count_answered(self, policy: str, escalated: bool, n: int) -> None:
+        """Add ``n`` (1, or -1 for one no longer answered) to a policy's answered requests, and to its escalated
+        ones if ``escalated``; its escalation rate follows (NaN when none is left)."""
+        answered = self._answered[policy] = self._answered.get(policy, 0) + n
+        escalated_now = self._escalated[policy] = self._escalated.get(policy, 0) + (n if escalated else 0)
+        self._child(self.escalation_rate, policy).set(escalated_now / answered if answered else float("nan"))
 
     def observe_shadow_call(self, shadow: str, attempt: Attempt) -> None:
         """One call of a sampled shadow (a ``ShadowSampler`` listener)."""
@@ -180,12 +185,7 @@ class Metrics:
                 if a.kept and a.cost_usd:
                     self._child(self.waste, policy, a.tier).inc(a.cost_usd)
             if rec.cached_from is None and self._answered.get(policy):  # nor is it answered: out of the
-                self._answered[policy] -= 1                             # escalation rate, as in the ledger's
-                if rec.escalated:
-                    self._escalated[policy] -= 1
-                answered = self._answered[policy]
-                self._child(self.escalation_rate, policy).set(
-                    self._escalated.get(policy, 0) / answered if answered else float("nan"))
+                self._count_answered(policy, rec.escalated, -1)         # escalation rate, as in the ledger's
             if self.drift is not None:  # no longer an answered request: out of the drift windows
                 self.drift.forget(rec.request_id)
 
