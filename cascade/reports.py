@@ -171,7 +171,8 @@ def cost_report_sql(by: str, since: float | None, dialect: str = "sqlite") -> st
             "SUM(CASE WHEN status IN ('ok', 'partial') THEN escalated ELSE 0 END), "
             "SUM(CASE WHEN status = 'partial' THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN status = 'cancelled' THEN 1 ELSE 0 END), "
-            "SUM(CASE WHEN cached_from IS NOT NULL THEN 1 ELSE 0 END), "
+            # hits among the answered: one whose client left before any of it went out is cancelled, no answer
+            "SUM(CASE WHEN cached_from IS NOT NULL AND status IN ('ok', 'partial') THEN 1 ELSE 0 END), "
             "SUM(cost_usd), SUM(escalation_waste_usd), SUM(baseline_cost_usd), SUM(baseline_estimated), "
             "SUM(prompt_tokens), SUM(completion_tokens), SUM(latency_ms), "
             f"SUM(CASE WHEN error_class = '{INTERRUPTED}' THEN 1 ELSE 0 END) "

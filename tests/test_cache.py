@@ -245,6 +245,59 @@ def test_the_report_counts_hits_and_keeps_them_out_of_the_escalation_rate(srv, c
     assert tot["escalation_rate"] == 0.0 and tot["savings_usd"] > tot["baseline_usd"] / 2
 
 
+def _leave_at_once(url: str, body: dict) -> None:
+    """A streamed request whose client closes its connection as soon as it is sent (a browser tab closed, a
+    retrying client that gave up): the server sees it gone before the first byte of the answer goes out."""
+    import socket
+
+    data = json.dumps({**body, "stream": True}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                  b"authorization: Bearer " + A.encode() + b"\r\ncontent-length: " + str(len(data)).encode()
+                  + b"\r\n\r\n" + data)
+
+
+def test_a_hit_whose_client_left_before_its_answer_is_no_cache_hit_in_the_report(srv, capsys):
+    """A streamed hit whose client left before any of it went out is made ``cancelled``: it answered nobody.
+    The report counted every row with ``cached_from`` a cache hit, so such rows were "answered requests served
+    by the cache" that were in no answered count, and the escalation rate, over answered requests but hits,
+    lost them from its denominator: -0.0 here, above 100% on a ledger with escalations (a live server, 10
+    abandoned hits among 40 requests: cascade 111.1%). A hit is counted among the answered hits only."""
+    import time
+
+    from cascade.cli import main
+
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert post(c).status_code == 200  # paid: the answer is stored
+        left = 0
+        for i in range(40):  # as many as it takes for two to leave before their answer's first byte
+            _leave_at_once(srv.url, BODY)
+            for _ in range(100):  # its row is written as served, then corrected once the server sees it gone
+                with sqlite3.connect(srv.ledger_path) as db:
+                    rows = db.execute("SELECT status, cached_from IS NOT NULL FROM requests").fetchall()
+                if len(rows) == i + 2:
+                    break
+                time.sleep(0.05)
+            time.sleep(0.2)  # (the correction, queued on the ledger thread after the row)
+            with sqlite3.connect(srv.ledger_path) as db:
+                rows = db.execute("SELECT status, cached_from IS NOT NULL FROM requests").fetchall()
+            left = rows.count(("cancelled", 1))
+            if left >= 2:
+                break
+        assert left >= 2, rows
+        assert post(c).status_code == 200  # a hit answered
+    time.sleep(0.5)  # (the last correction, queued on the ledger thread)
+    with sqlite3.connect(srv.ledger_path) as db:
+        rows = db.execute("SELECT status, cached_from IS NOT NULL FROM requests").fetchall()
+    answered_hits = sum(1 for s, hit in rows if hit and s in ("ok", "partial"))
+    assert main(["report", "--json", "--ledger", str(srv.ledger_path)]) == 0
+    tot = json.loads(capsys.readouterr().out)["total"]
+    assert tot["cancelled"] == rows.count(("cancelled", 1)) >= 2
+    assert tot["cache_hits"] == answered_hits >= 1 and tot["cache_hits"] <= tot["answered"]
+    assert tot["escalation_rate"] == 0.0  # one answer a tier gave, not escalated
+
+
 def test_an_answer_a_cost_budget_cut_short_is_not_stored(tmp_path, upstream, serve_app):
     """``on_cost_budget: truncate`` lowers max_tokens to what this caller's budget pays for: the cut answer is
     shaped by that budget, not the policy, so it is not served to the next caller (nor after the budget rises)."""
