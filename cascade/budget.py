@@ -51,6 +51,16 @@ def dearest_price(tier: Any) -> Price:
                  output_per_1m=max(p.output_per_1m for p in prices))
 
 
+def first_price(tier: Any) -> Price:
+    """The price a call of ``tier`` is billed at when all is well: its first provider's (``tiers[].providers[0]
+    .price``, the tier's own where that sets none), or the tier's own without providers. What the tier alone
+    would have cost, where it did not run, is estimated at it."""
+    providers = getattr(tier.config, "providers", None) or ()
+    if providers and providers[0].price is not None:
+        return providers[0].price
+    return tier.config.price
+
+
 def fallback_prompts(tier: Any) -> int:
     """How many prompts a call of ``tier`` can be billed besides the answering provider's: a tier with several
     providers falls over after a timeout, and the provider that timed out is billed its prompt (an error

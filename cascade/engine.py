@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
 from calibration.features import FEATURE_NAMES, extract_features
 from cascade.backends import Backend, backend_class
-from cascade.budget import Budget, call_ceiling, dearest_price, fit_budget
+from cascade.budget import Budget, call_ceiling, dearest_price, first_price, fit_budget
 from cascade.cache import CachedAnswer, ResponseCache, cache_key
 from cascade.config import CalibratorConfig, Config, TierConfig, topk_problem
 from cascade.errors import (
@@ -1327,7 +1327,8 @@ class Engine:
             ref = kept or (rec.attempts[-1] if rec.attempts else None)
             p_tok = ref.prompt_tokens if ref else 0
             c_tok = ref.completion_tokens if ref else 0
-            rec.baseline_cost_usd = last.config.price.cost(p_tok, c_tok)
+            # as its calls are billed: at its first provider's price, which may not be the tier's own
+            rec.baseline_cost_usd = first_price(last).cost(p_tok, c_tok)
             rec.baseline_estimated = True
 
 

@@ -328,3 +328,29 @@ def test_cached_prompt_tokens_are_capped_at_the_prompt():
     assert price.cost(10, 0, cached_tokens=50) == pytest.approx(10 * 0.5 / 1e6)
     assert price.cost(10, 3, cached_tokens=4) == pytest.approx((6 * 1 + 4 * 0.5 + 3 * 2) / 1e6)
     assert price.cost(10, 0, cached_tokens=-5) == pytest.approx(10 * 1 / 1e6)
+
+
+# --- the last-tier-alone baseline ----------------------------------------------------------------------------
+
+
+async def test_an_estimated_baseline_is_priced_as_the_last_tiers_first_provider_bills(servers, make_engine,
+                                                                                       tmp_path):
+    """A tier of providers may be priced on its providers only (``providers[].price``; the tier's own ``price``
+    is their default). Its calls are billed at the provider's price, but where it did not run the baseline was
+    estimated at the tier's own price, $0 when unset: every request an earlier tier kept cost "more than the
+    last tier alone", and the report's savings went negative (a live server: -37% where they were +66%). Now
+    the estimate uses the price its first provider bills, as a call of the tier would be billed."""
+    a, b, c = servers["a"], servers["b"], servers["c"]
+    dear = {"input_per_1m": 3.0, "output_per_1m": 5.0}
+    last = {"name": "last", "providers": [prov("p1", b, price=dear), prov("p2", c)], "max_tokens": 4,
+            "timeout_s": 5}
+    eng = await make_engine([plain("first", a, threshold=0.0), last])
+    kept = (await eng.run(Q, request_id="kept")).record
+    assert [(x.tier, x.decision) for x in kept.attempts] == [("first", "accept")]
+    assert kept.baseline_estimated
+    assert kept.baseline_cost_usd == pytest.approx((9 * 3.0 + 4 * 5.0) / 1e6)
+    # the same request where the last tier ran: its actual bill, at the same price
+    ran = (await eng.run(Q, model="last", request_id="ran")).record
+    assert ran.cost_usd == pytest.approx(kept.baseline_cost_usd)
+    assert db_rows(tmp_path, "SELECT baseline_cost_usd, baseline_estimated FROM requests WHERE request_id = 'kept'"
+                   ) == [(pytest.approx(kept.baseline_cost_usd), 1)]
