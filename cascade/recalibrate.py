@@ -50,9 +50,10 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
                      sources: Sequence[str] = LABEL_SOURCES, stronger: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Every answer of ``tier`` in the ledger that carries a label, oldest first.
 
-    Each row: request_id, created_at, policy, kept, features (dict), confidence (as recorded), label (0/1),
-    source. Feedback labels the answer served, and any earlier tier's answer identical to it (a different one
-    is wrong if the served one was right, unknown if it was wrong); agreement compares an answer with a
+    Each row: request_id, created_at, policy, model (the attempt's), kept, features (dict), confidence (as
+    recorded), label (0/1), source. Feedback labels the answer served, and any earlier tier's answer identical
+    to it (a different one is wrong if the served one was right, unknown if it was wrong); agreement compares
+    an answer with a
     stronger tier's, from the live path or bought by a sampled shadow (of a tier in ``stronger``: those after
     ``tier`` in a policy's chain; a shadow's chain may hold weaker ones).
     """
@@ -61,6 +62,7 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
         raise ConfigError(f"--labels: choose from {', '.join(LABEL_SOURCES)} (comma-separated), got {list(sources)}")
     rows = ledger.execute_dicts(
         "SELECT a.request_id AS request_id, r.created_at AS created_at, r.policy AS policy, a.kept AS kept, "
+        "a.model AS model, "
         "a.features AS features, a.confidence AS confidence, a.answer_sig AS sig, "
         # the latest feedback on a request is its label: a user who changes their mind replaces it
         "(SELECT f.score FROM feedback f WHERE f.request_id = a.request_id ORDER BY f.id DESC LIMIT 1) AS feedback, "
@@ -120,7 +122,8 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
             continue
         seen.add(r["request_id"])
         out.append({"request_id": r["request_id"], "created_at": float(r["created_at"]), "policy": r["policy"],
-                    "kept": bool(r["kept"]), "features": json.loads(r["features"]), "confidence": r["confidence"],
+                    "model": r["model"], "kept": bool(r["kept"]), "features": json.loads(r["features"]),
+                    "confidence": r["confidence"],
                     "label": label, "source": source})
     return out
 
@@ -261,15 +264,18 @@ def _split(n: int, holdout: float, seed: int, labels: np.ndarray) -> tuple[np.nd
 MAX_OUTSIDE_SHARE = 0.10
 
 
-def score_coverage(ledger: Ledger, tier: str, feature: str, since: float | None, labelled: np.ndarray
-                   ) -> dict[str, Any]:
+def score_coverage(ledger: Ledger, tier: str, feature: str, since: float | None, labelled: np.ndarray,
+                   models: Sequence[str] | None = None) -> dict[str, Any]:
     """How much of ``tier``'s traffic the labels cover: the range of the labelled answers' scores, and the
     share of all its answers in the window (labelled or not) outside it. Agreement labels exist only where the tier
-    escalated, i.e. below its threshold: a fit on them alone says nothing of the answers it keeps."""
+    escalated, i.e. below its threshold: a fit on them alone says nothing of the answers it keeps. ``models``: only
+    the answers of these models (those the tier runs now) count."""
+    of_models = f" AND a.model IN ({', '.join('?' * len(models))})" if models else ""
     rows = ledger.execute(
         "SELECT a.features, a.kept FROM attempts a JOIN requests r ON r.request_id = a.request_id "
-        "WHERE a.tier = ? AND a.error_class IS NULL AND a.features IS NOT NULL"
-        + (" AND r.created_at >= ?" if since is not None else ""), (tier, since) if since is not None else (tier,))
+        "WHERE a.tier = ? AND a.error_class IS NULL AND a.features IS NOT NULL" + of_models
+        + (" AND r.created_at >= ?" if since is not None else ""),
+        (tier, *(models or ()), *((since,) if since is not None else ())))
     scores, kept = [], 0
     for feats, k in rows:
         v = json.loads(feats).get(feature)
@@ -316,16 +322,25 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     stronger = sorted({t for pol in config.policies.values() if tier in pol.chain
                        for t in pol.chain[pol.chain.index(tier) + 1:]})
     labelled = labelled_answers(ledger, tier, since, sources, stronger)
-    rows = [r for r in labelled if feature in r["features"]]
+    # the calibrator will judge the answers of the models the tier runs now (its own; with providers, each one's):
+    # answers of another (the tier's model before a change, kept in the ledger) would fit it to that model
+    models = sorted({tc.model, *(p.model for p in tc.providers or ())})
+    current = [r for r in labelled if r["model"] in models]
+    other_model = len(labelled) - len(current)
+    others_text = (f"{other_model} labelled answers of tier {tier!r} are another model's than "
+                   f"{', '.join(map(repr, models))} (the tier's model before a change): left out")
+    rows = [r for r in current if feature in r["features"]]
     by_source = {s: sum(1 for r in rows if r["source"] == s) for s in LABEL_SOURCES}
     y = np.array([r["label"] for r in rows], dtype=float)
     where = f" since {datetime.fromtimestamp(since, UTC).isoformat(timespec='seconds')}" if since else ""
     if len(rows) < min_samples:
         # answers labelled but without the feature (a backend that records fewer, e.g. no top_logprobs): said apart,
         # not counted as missing labels (a lower --min-samples would not help; another --feature may)
-        lacking = len(labelled) - len(rows)
+        lacking = len(current) - len(rows)
         recording = f" that record the feature {feature!r}" if lacking else ""
         others = f"; {lacking} more do not (another --feature may do)" if lacking else ""
+        if other_model:
+            others += f"; {other_model} more are another model's than {', '.join(map(repr, models))} (left out)"
         raise DataError(f"only {len(rows)} labelled answers of tier {tier!r}{recording} in the ledger{where} "
                         f"({by_source['feedback']} from feedback, {by_source['agreement']} from agreement with a "
                         f"stronger tier){others}; --min-samples is {min_samples}")
@@ -337,7 +352,7 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
         raise DataError(f"{len(rows)} labelled answers are too few to split into a fit and a held-out slice "
                         "that both hold right and wrong answers")
     scores = np.array([float(r["features"][feature]) for r in rows])
-    coverage = score_coverage(ledger, tier, feature, since, scores)
+    coverage = score_coverage(ledger, tier, feature, since, scores, models)
     coverage["kept_labelled"] = sum(1 for r in rows if r["kept"])
     extrapolated = coverage["outside_share"] > MAX_OUTSIDE_SHARE
     if extrapolated and do_activate and not allow_extrapolation:
@@ -381,7 +396,8 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
         "first_request_at": datetime.fromtimestamp(rows[0]["created_at"], UTC).isoformat(timespec="seconds"),
         "last_request_at": datetime.fromtimestamp(rows[-1]["created_at"], UTC).isoformat(timespec="seconds"),
         "n": len(rows), "n_fit": int(len(train)), "n_heldout": int(len(test)), "holdout": holdout, "seed": seed,
-        "labels": {"sources": list(sources), **by_source, "right": int(y.sum()), "wrong": int(len(y) - y.sum())},
+        "labels": {"sources": list(sources), **by_source, "right": int(y.sum()), "wrong": int(len(y) - y.sum()),
+                   "other_model": other_model},
         "feature": feature,
         "previous": {"method": old.method, "feature": old.feature, "params": old.params(),
                      "artifact": tc.calibrator.artifact, "version": previous},
@@ -395,6 +411,8 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
                    f"{configured if configured is not None else 'an inline calibrator'}, not {link}: "
                    f"point it there (calibrator: {{artifact: {link}}}) for a reload to use this version")
     fit_warnings = list(new.fit_warnings())
+    if other_model:
+        fit_warnings.append(others_text)
     if extrapolated:
         fit_warnings.append(_extrapolation_text(tier, coverage) + ": the held-out comparison covers only the "
                             "labelled range; label the answers the tier keeps (feedback, or a sampled shadow that "

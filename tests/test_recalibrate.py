@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, tier
+from tests.conftest import REPO, TEST_MODEL, free_port, tier
 from tests.ops_traffic import Traffic, ops_traffic, traffic  # noqa: F401 - fixture
 
 
@@ -881,12 +881,13 @@ def _synthetic_ledger(tmp_path: Path, n: int = 400):
     for i in range(n):
         p = rng.uniform(0.05, 0.95)
         text = "right" if rng.random() < p else f"wrong {i}"
-        small = Attempt(index=0, tier="small", model="s", backend="transformers", cost_usd=1e-6, confidence=p,
-                        features={"mean_logprob": math.log(p)}, text=text)
+        small = Attempt(index=0, tier="small", model=TEST_MODEL, backend="transformers", cost_usd=1e-6,
+                        confidence=p, features={"mean_logprob": math.log(p)}, text=text)
         if p < 0.5:
             small.decision = "escalate"
-            large = Attempt(index=1, tier="large", model="l", backend="transformers", cost_usd=1e-5, confidence=0.99,
-                            features={"mean_logprob": -0.01}, text="right", decision="final", kept=True)
+            large = Attempt(index=1, tier="large", model=TEST_MODEL, backend="transformers", cost_usd=1e-5,
+                            confidence=0.99, features={"mean_logprob": -0.01}, text="right", decision="final",
+                            kept=True)
             attempts, served = [small, large], "large"
         else:
             small.decision, small.kept = "accept", True
@@ -1017,6 +1018,47 @@ def test_labelled_answers_without_the_feature_are_not_said_to_be_missing_labels(
     assert (f"only 0 labelled answers of tier 'small' that record the feature 'mean_margin' in the ledger "
             f"(0 from feedback, 0 from agreement with a stronger tier); {n} more do not") in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_answers_of_a_model_the_tier_no_longer_runs_are_left_out_of_the_fit(tmp_path):
+    """A calibrator judges the answers of the model its tier runs (a reload keeps a tier's calibrator when its
+    model changes: it was fit on the other model's answers). The ledger keeps the answers of the tier's model
+    before a change; they were labelled and fitted on with the new model's, and the artifact said it was fitted
+    on the new model. They are left out now, and said so."""
+    import math
+    import random
+
+    from cascade.errors import DataError
+    from cascade.recalibrate import recalibrate
+    from cascade.types import Attempt, CascadeRecord
+
+    cfg, ledger, _ = _synthetic_ledger(tmp_path)
+    try:
+        before = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "a"))
+        # the tier's earlier model: sure of itself and always wrong (the large tier disagreed every time)
+        rng = random.Random(2)
+        for i in range(300):
+            p = rng.uniform(0.05, 0.45)
+            small = Attempt(index=0, tier="small", model="old-model", backend="transformers", cost_usd=1e-6,
+                            confidence=p, features={"mean_logprob": math.log(1 - p)}, text=f"old {i}",
+                            decision="escalate")
+            large = Attempt(index=1, tier="large", model=TEST_MODEL, backend="transformers", cost_usd=1e-5,
+                            confidence=0.99, features={"mean_logprob": -0.01}, text="right", decision="final",
+                            kept=True)
+            ledger.record_sync(CascadeRecord(request_id=f"old{i}", policy="cascade", created_at=1e9 + i,
+                                             tier="large", escalated=True, attempts=[small, large], cost_usd=1.1e-5))
+        after = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "b"))
+        with pytest.raises(DataError) as err:
+            recalibrate(cfg, ledger, tier="small", method="platt", min_samples=before["n"] + 1,
+                        out=str(tmp_path / "c"))
+    finally:
+        ledger.close_sync()
+    assert after["n"] == before["n"] and after["params"] == pytest.approx(before["params"])
+    assert after["labels"]["other_model"] == 300 and before["labels"]["other_model"] == 0
+    assert after["coverage"]["answers"] == before["coverage"]["answers"]
+    assert any(f"300 labelled answers of tier 'small' are another model's than {TEST_MODEL!r}" in w
+               for w in after["fit_warnings"])
+    assert f"300 more are another model's than {TEST_MODEL!r}" in str(err.value)
 
 
 def test_activating_over_a_file_says_where_it_was_kept_when_the_config_reads_another(tmp_path):
