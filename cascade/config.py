@@ -298,7 +298,8 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     #: the request line's target and all header names and values together (beyond: 431)
     max_header_bytes: int = Field(65_536, ge=1024)
-    #: largest max_tokens a client may ask for (per request)
+    #: largest max_tokens a client may ask for (per request); every tier's own max_tokens, which a request
+    #: that names none gets, must be within it
     max_tokens_limit: int = Field(4096, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     #: "text" lines, or "json": one object per line (uvicorn's lines too); both carry the request's id
@@ -550,8 +551,16 @@ class Config(_Strict):
             raise ValueError(f"policies: name(s) {clash} are also tier names; a model name must be unambiguous")
         no_logprobs = {t.name for t in self.tiers if _without_logprobs(t)}
         by_name = {t.name: t for t in self.tiers}
+        limit = self.server.max_tokens_limit
         for i, t in enumerate(self.tiers):
             _check_topk(t, t.calibrator, f"tiers.{i}.calibrator")
+            # a request that names no max_tokens gets the tier's: above the limit, it would be answered at a
+            # length no client may ask for (the limit is what bounds an answer, and what capacity is sized by)
+            if t.max_tokens > limit:
+                given = "" if "max_tokens" in t.model_fields_set else ", the default"
+                raise ValueError(f"tiers.{i}.max_tokens ({t.max_tokens}{given}) is above server.max_tokens_limit "
+                                 f"({limit}): a request that names no max_tokens gets the tier's, longer than any "
+                                 "client may ask for; lower the tier's max_tokens or raise the limit")
         for pname, pol in self.policies.items():
             if not pname.strip():
                 raise ValueError("policies: a policy name must not be empty")

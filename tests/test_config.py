@@ -218,6 +218,14 @@ SEMANTIC_BASE = GOOD + "user_tiers: {free: {}}\n"
         # an empty list of user tiers was read as none given: the shadow ran on every request of its policy
         (SEMANTIC_BASE + "shadows: {s: {of: cascade, user_tiers: []}}\n",
          "shadows.s.user_tiers: must name at least one user tier"),
+        # a request that names no max_tokens gets the tier's: past the server's limit it was answered at a length
+        # no client may ask for (the tier's 64 tokens on a server whose limit is 16)
+        (SEMANTIC_BASE.replace("model: smollm2-135m}", "model: smollm2-135m, max_tokens: 17}")
+         + "server: {max_tokens_limit: 16}\n",
+         "tiers.0.max_tokens (17) is above server.max_tokens_limit (16): a request that names no max_tokens gets "
+         "the tier's"),
+        (SEMANTIC_BASE + "server: {max_tokens_limit: 16}\n",  # both tiers' max_tokens left at the default, 64
+         "tiers.0.max_tokens (64, the default) is above server.max_tokens_limit (16)"),
     ],
 )
 def test_contradictory_configs_are_refused_at_load_naming_the_key(tmp_path, text, message):
@@ -234,6 +242,7 @@ def test_contradictory_configs_are_refused_at_load_naming_the_key(tmp_path, text
     "drift: {window: 30, min_labels: 30, max_ece: 0.1}\n",
     "shadows: {s: {of: cascade, user_tiers: [free]}}\n",
     "shadows: {s: {of: cascade, calibrators: {a: {feature: mean_margin}}}}\n",  # top_logprobs 5 by default
+    "server: {max_tokens_limit: 64}\n",  # a tier's max_tokens at the limit (tier b's default, 64)
 ])
 def test_the_consistent_neighbours_of_those_configs_load(tmp_path, extra):
     p = tmp_path / "c.yaml"
@@ -260,6 +269,25 @@ async def test_a_reload_to_a_contradictory_config_is_refused_and_the_running_one
         assert engine.tiers["a"].config.threshold == 0.5 and engine.tiers["a"].calibrator.feature == "mean_logprob"
     finally:
         await engine.close()
+
+
+def test_post_admin_reload_of_a_tier_max_tokens_past_the_limit_is_refused_and_changes_nothing(tmp_path, serve_app):
+    """The load check holds for a reload too: a 422 naming both keys, and the running thresholds stay."""
+    import httpx
+
+    p = tmp_path / "c.yaml"
+    p.write_text(SEMANTIC_BASE.replace("model: smollm2-135m}", "model: smollm2-135m, max_tokens: 8}").replace(
+        "gpt-4o-mini,", "gpt-4o-mini, max_tokens: 16,") + "server: {max_tokens_limit: 16}\n"
+                 f"ledger: {{path: {tmp_path / 'l.sqlite'}}}\n")
+    srv = serve_app(load_config(p, environ={}), config_path=str(p))
+    p.write_text(p.read_text().replace("max_tokens: 8}", "max_tokens: 40, threshold: 0.9}"))
+    r = httpx.post(srv.url + "/admin/reload", timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "reload_refused", r.text
+    assert "tiers.0.max_tokens (40) is above server.max_tokens_limit (16)" in r.json()["error"]["message"]
+    p.write_text(p.read_text().replace("max_tokens: 40, threshold: 0.9}", "max_tokens: 8, threshold: 0.9}"))
+    r = httpx.post(srv.url + "/admin/reload", timeout=60)  # the same threshold within the limit: applied, and a
+    tier = r.json()["tiers"]["a"]                           # change from 0.5, which the refused reload had kept
+    assert r.status_code == 200 and tier["threshold"] == 0.9 and tier["changed"] is True, r.text
 
 
 @pytest.mark.parametrize("where", ["tiers.a.calibrator", "policies.cascade.calibrators.a", "shadows.s.calibrators.a"])
