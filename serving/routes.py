@@ -148,10 +148,15 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     # an unknown model is refused here (404, recorded as every refusal), before it takes a place in any limit
     engine.resolve(model)
     limit = engine.config.server.max_tokens_limit
-    param, asked = body.max_tokens_asked()
-    if asked is not None and asked > limit:
-        raise InvalidRequestError(f"{param}: {asked} is above this server's limit of {limit}",
-                                  param=param, code="invalid_value")
+    # every bound the client gave: chat's max_tokens beside max_completion_tokens (which bounds the answer)
+    # is checked too, as OpenAI checks each parameter it is sent, rather than a value past the limit let by
+    bounds = [body.max_tokens_asked()]
+    if isinstance(body, ChatCompletionRequest):
+        bounds.append(("max_tokens", body.max_tokens))
+    for param, asked in bounds:
+        if asked is not None and asked > limit:
+            raise InvalidRequestError(f"{param}: {asked} is above this server's limit of {limit}",
+                                      param=param, code="invalid_value")
     lim = caller.limits
     budget = Budget() if lim is None else Budget(latency_s=lim.latency_budget_s, on_latency=lim.on_latency_budget,
                                                  cost_usd=lim.cost_budget_usd, on_cost=lim.on_cost_budget)

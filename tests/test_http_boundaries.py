@@ -75,6 +75,17 @@ def test_max_completion_tokens_reaches_the_tier(server, fault):
     assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_max_tokens_over_the_limit_beside_max_completion_tokens_is_refused(server, fault):
+    """max_completion_tokens bounds the answer when both are sent, but a max_tokens past the server's limit beside
+    it was let by unread (200): each bound the client sends is held to the limit, as OpenAI checks each one."""
+    r = post(server, {"model": "remote", "messages": Q("both"), "max_completion_tokens": 3, "max_tokens": LIMIT + 1})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "max_tokens" and f"above this server's limit of {LIMIT}" in r.text
+    assert fault.stats()["requests"] == 0  # refused before any tier was called
+    r = post(server, {"model": "remote", "messages": Q("both"), "max_completion_tokens": 3, "max_tokens": LIMIT})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3  # within it: the answer's bound is 3
+
+
 def test_a_stream_says_no_cache(server):
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
                       json={"model": "remote", "messages": Q("nc"), "stream": True},
