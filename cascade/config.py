@@ -713,6 +713,14 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
     return out
 
 
+def environ_without_flags(environ: Mapping[str, str], given: Iterable[str]) -> dict[str, str]:
+    """``environ`` less the override variables of the settings the command line gave (``"server.port"``...): a
+    flag wins over its variable, which is then not read at all, at start and on every reload alike (a bad value
+    in it would otherwise refuse each reload of a server that started without reading it)."""
+    skip = set(given)
+    return {k: v for k, v in environ.items() if ".".join(ENV_OVERRIDES.get(k, ())) not in skip}
+
+
 def default_config_text() -> str:
     return resources.files("cascade").joinpath("defaults/cpu.yaml").read_text()
 

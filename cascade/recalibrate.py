@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import signal
 import time
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from calibration.calibrators import METHODS, Calibrator, make_calibrator, save_calibrator
-from cascade.config import Config, load_config
+from cascade.config import Config, environ_without_flags, load_config
 from cascade.errors import CascadeError, ConfigError, DataError, PermissionDeniedError
 from cascade.ledger import Ledger, _redact
 from cascade.paths import expand_path
@@ -566,7 +567,9 @@ def _plan(engine: Any, config_path: str | None
     from cascade.shadow import ShadowSet
 
     old: Config = engine.config
-    new = load_config(config_path) if config_path else old
+    # the environment the server started with: less the variables whose flags (--port...) it was given
+    new = load_config(config_path, environ=environ_without_flags(os.environ, old._cli_overrides)) \
+        if config_path else old
     not_applied: list[str] = []
     tiers, cals = [], {}
     held: set[str] = set()  # tiers whose answers would change: their thresholds and calibrators stay too

@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -854,6 +855,39 @@ def test_serve_warns_of_a_hosted_tier_without_a_price(tmp_path):
     assert "tier 'large' calls a hosted API and has no price" in out, out
     assert str(tmp_path / "ledger.sqlite") in out  # the banner names the ledger's absolute path
     assert "tier 'small'" not in out  # a local tier priced (or not): no warning
+
+
+def test_a_reload_reads_no_variable_whose_flag_the_server_was_given(tmp_path):
+    """`serve --port` does not read $CASCADE_PORT (README): a bad value there started the server, then refused
+    every POST /admin/reload (422, "invalid environment variable CASCADE_PORT"), as the reload read it."""
+    import httpx
+
+    port = free_port()
+    p = write_config(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(p), "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                 "CASCADE_PORT": "not-a-port"})
+    try:
+        for line in proc.stdout:  # up to the banner
+            if "serving policies" in line:
+                break
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+                time.sleep(0.2)
+        p.write_text(p.read_text().replace("max_tokens: 8\n", "max_tokens: 8\n    threshold: 0.25\n", 1))
+        r = httpx.post(url + "/admin/reload", timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["tiers"]["small"]["threshold"] == 0.25 and r.json()["tiers"]["small"]["changed"] is True
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 @pytest.mark.parametrize("options, needle", [
