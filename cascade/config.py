@@ -585,6 +585,18 @@ class Config(_Strict):
             for m in ut.allowed_models:
                 if m not in models:
                     raise ValueError(f"user_tiers.{uname}.allowed_models: unknown model {m!r}")
+            tpm = ut.tokens_per_minute
+            if tpm is not None:
+                # a request that names no max_tokens counts its route's largest tier default with its prompt
+                # (Engine.tokens_asked): at or below that default, every such request is "too large", always
+                reach = {t for m in ut.allowed_models or models
+                         for t in (self.policies[m].chain if m in self.policies else [m])}
+                top = max(sorted(reach), key=lambda n: by_name[n].max_tokens)
+                if tpm <= by_name[top].max_tokens:
+                    raise ValueError(f"user_tiers.{uname}.tokens_per_minute ({tpm}) must be above the max_tokens of "
+                                     f"tier {top!r} ({by_name[top].max_tokens}), which its keys may use: a request "
+                                     "that names no max_tokens counts the tier's and its prompt, so every one would be "
+                                     "refused as too large; raise the limit or lower the tier's max_tokens")
         for i, key in enumerate(self.auth.keys):
             if key.user_tier not in self.user_tiers:
                 raise ValueError(f"auth.keys.{i}.user_tier: unknown user tier {key.user_tier!r}")

@@ -226,6 +226,14 @@ SEMANTIC_BASE = GOOD + "user_tiers: {free: {}}\n"
          "the tier's"),
         (SEMANTIC_BASE + "server: {max_tokens_limit: 16}\n",  # both tiers' max_tokens left at the default, 64
          "tiers.0.max_tokens (64, the default) is above server.max_tokens_limit (16)"),
+        # tokens_per_minute counts a request's prompt and the tier's max_tokens when it names none: at or below
+        # that, every such request of the user tier's keys was refused as too large (429), though it asked nothing
+        (GOOD + "user_tiers: {free: {tokens_per_minute: 64}}\n",
+         "user_tiers.free.tokens_per_minute (64) must be above the max_tokens of tier 'a' (64), which its keys "
+         "may use"),
+        (GOOD.replace("model: gpt-4o-mini,", "model: gpt-4o-mini, max_tokens: 200,")
+         + "user_tiers: {free: {tokens_per_minute: 100, allowed_models: [cascade]}}\n",
+         "user_tiers.free.tokens_per_minute (100) must be above the max_tokens of tier 'b' (200)"),
     ],
 )
 def test_contradictory_configs_are_refused_at_load_naming_the_key(tmp_path, text, message):
@@ -269,6 +277,17 @@ async def test_a_reload_to_a_contradictory_config_is_refused_and_the_running_one
         assert engine.tiers["a"].config.threshold == 0.5 and engine.tiers["a"].calibrator.feature == "mean_logprob"
     finally:
         await engine.close()
+
+
+@pytest.mark.parametrize("user_tier", [
+    "{tokens_per_minute: 65}",  # room for the tiers' 64 and a prompt
+    "{tokens_per_minute: 64, allowed_models: [a]}",  # tier a alone, whose max_tokens is 63
+])
+def test_a_tokens_per_minute_above_the_tiers_max_tokens_loads(tmp_path, user_tier):
+    p = tmp_path / "c.yaml"
+    p.write_text(GOOD.replace("model: smollm2-135m}", "model: smollm2-135m, max_tokens: 63}")
+                 + f"user_tiers: {{free: {user_tier}}}\n")
+    assert load_config(p, environ={}).user_tiers["free"].tokens_per_minute in (64, 65)
 
 
 def test_post_admin_reload_of_a_tier_max_tokens_past_the_limit_is_refused_and_changes_nothing(tmp_path, serve_app):
