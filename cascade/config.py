@@ -515,6 +515,28 @@ def _check_topk(tier: "TierConfig", cc: CalibratorConfig, where: str) -> None:
         raise ValueError(why)
 
 
+def tokens_per_minute_problem(name: str, user_tier: "UserTierConfig", tiers: "Iterable[TierConfig]",
+                              policies: "Mapping[str, PolicyConfig]") -> str | None:
+    """Why user tier ``name``'s ``tokens_per_minute`` refuses every request that names no max_tokens, on these
+    tiers and policies (None: it does not). Such a request counts its route's largest tier default with its
+    prompt (``Engine.tokens_asked``): a limit at or below that default finds every one "too large"."""
+    tpm = user_tier.tokens_per_minute
+    if tpm is None:
+        return None
+    by_name = {t.name: t for t in tiers}
+    reach = {t for m in user_tier.allowed_models or [*policies, *by_name]
+             for t in (policies[m].chain if m in policies else [m]) if t in by_name}
+    if not reach:
+        return None
+    top = max(sorted(reach), key=lambda n: by_name[n].max_tokens)
+    if tpm > by_name[top].max_tokens:
+        return None
+    return (f"user_tiers.{name}.tokens_per_minute ({tpm}) must be above the max_tokens of tier {top!r} "
+            f"({by_name[top].max_tokens}), which its keys may use: a request that names no max_tokens counts the "
+            "tier's and its prompt, so every one would be refused as too large; raise the limit or lower the "
+            "tier's max_tokens")
+
+
 def _unique_chain(chain: list[str], where: str) -> None:
     dupes = sorted({t for t in chain if chain.count(t) > 1})
     if dupes:
@@ -585,18 +607,8 @@ class Config(_Strict):
             for m in ut.allowed_models:
                 if m not in models:
                     raise ValueError(f"user_tiers.{uname}.allowed_models: unknown model {m!r}")
-            tpm = ut.tokens_per_minute
-            if tpm is not None:
-                # a request that names no max_tokens counts its route's largest tier default with its prompt
-                # (Engine.tokens_asked): at or below that default, every such request is "too large", always
-                reach = {t for m in ut.allowed_models or models
-                         for t in (self.policies[m].chain if m in self.policies else [m])}
-                top = max(sorted(reach), key=lambda n: by_name[n].max_tokens)
-                if tpm <= by_name[top].max_tokens:
-                    raise ValueError(f"user_tiers.{uname}.tokens_per_minute ({tpm}) must be above the max_tokens of "
-                                     f"tier {top!r} ({by_name[top].max_tokens}), which its keys may use: a request "
-                                     "that names no max_tokens counts the tier's and its prompt, so every one would be "
-                                     "refused as too large; raise the limit or lower the tier's max_tokens")
+            if why := tokens_per_minute_problem(uname, ut, self.tiers, self.policies):
+                raise ValueError(why)
         for i, key in enumerate(self.auth.keys):
             if key.user_tier not in self.user_tiers:
                 raise ValueError(f"auth.keys.{i}.user_tier: unknown user tier {key.user_tier!r}")

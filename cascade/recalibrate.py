@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from calibration.calibrators import METHODS, Calibrator, make_calibrator, save_calibrator
-from cascade.config import Config, environ_without_flags, load_config
+from cascade.config import Config, environ_without_flags, load_config, tokens_per_minute_problem
 from cascade.errors import CascadeError, ConfigError, DataError, PermissionDeniedError
 from cascade.ledger import Ledger, _redact
 from cascade.paths import expand_path
@@ -508,9 +508,14 @@ def _plan_access(old: Config, new: Config, running: set[str], not_applied: list[
     user_tiers = old.user_tiers
     if new.user_tiers != old.user_tiers:
         unknown = sorted({m for ut in new.user_tiers.values() for m in ut.allowed_models} - running)
+        # a tier's max_tokens waits for a restart: the new limits are judged against the running tiers'
+        too_low = [why for n, ut in new.user_tiers.items() if (why := tokens_per_minute_problem(n, ut, old.tiers,
+                                                                                                 old.policies))]
         if unknown:
             not_applied.append(f"section 'user_tiers' (allowed_models names {', '.join(map(repr, unknown))}, "
                                "which this server does not run)")
+        elif too_low:
+            not_applied.append(f"section 'user_tiers' (on the running tiers, {too_low[0]})")
         else:
             user_tiers = new.user_tiers
     auth = old.auth

@@ -290,6 +290,35 @@ def test_a_tokens_per_minute_above_the_tiers_max_tokens_loads(tmp_path, user_tie
     assert load_config(p, environ={}).user_tiers["free"].tokens_per_minute in (64, 65)
 
 
+async def test_a_reload_keeps_the_user_tiers_when_a_tokens_per_minute_is_below_a_running_tiers_max_tokens(tmp_path):
+    """A tier's max_tokens waits for a restart while user tiers apply at once: a file that lowers both (it loads)
+    set a tokens_per_minute below the running tier's 64, refusing every request that named no max_tokens."""
+    import yaml
+
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+
+    p = tmp_path / "c.yaml"
+    p.write_text(SEMANTIC_BASE + f"ledger: {{path: {tmp_path / 'l.sqlite'}}}\n")
+    engine = await Engine.open(load_config(p, environ={}), preload=False)
+    try:
+        data = yaml.safe_load(p.read_text())
+        for t in data["tiers"]:
+            t["max_tokens"] = 32
+        data["user_tiers"]["free"] = {"tokens_per_minute": 40}
+        p.write_text(yaml.safe_dump(data))
+        out = reload_engine(engine, str(p))
+        assert engine.config.user_tiers["free"].tokens_per_minute is None
+        assert any("section 'user_tiers' (on the running tiers, user_tiers.free.tokens_per_minute (40) must be above "
+                   "the max_tokens of tier 'a' (64)" in n for n in out["not_applied"]), out["not_applied"]
+        data["user_tiers"]["free"] = {"tokens_per_minute": 65}  # above the running 64: applied at once
+        p.write_text(yaml.safe_dump(data))
+        reload_engine(engine, str(p))
+        assert engine.config.user_tiers["free"].tokens_per_minute == 65
+    finally:
+        await engine.close()
+
+
 def test_post_admin_reload_of_a_tier_max_tokens_past_the_limit_is_refused_and_changes_nothing(tmp_path, serve_app):
     """The load check holds for a reload too: a 422 naming both keys, and the running thresholds stay."""
     import httpx
