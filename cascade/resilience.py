@@ -133,13 +133,18 @@ class RetryPolicy:
 
 
 class Permit:
-    """Leave to make one call through a breaker; hand it back with success/failure/release."""
+    """Leave to make one call through a breaker; hand it back with success/failure/release.
 
-    __slots__ = ("probe", "done")
+    ``epoch`` is the breaker's state epoch when the permit was given: a call that outlives the state it was let
+    through in (started while closed, ending after the breaker opened, half-opened and closed again) says
+    nothing of the provider as it is now, so its verdict is ignored."""
 
-    def __init__(self, probe: bool) -> None:
+    __slots__ = ("probe", "done", "epoch")
+
+    def __init__(self, probe: bool, epoch: int = 0) -> None:
         self.probe = probe
         self.done = False
+        self.epoch = epoch
 
 
 class CircuitBreaker:
@@ -160,6 +165,8 @@ class CircuitBreaker:
         self._consecutive = 0
         self._window: deque[tuple[float, bool]] = deque()   # (time, failed)
         self._probe_out = False
+        #: bumped at every change of state: a permit of an earlier epoch is a call from before it (see Permit)
+        self._epoch = 0
         #: open because the provider refused our credentials (:meth:`trip`): only an operator can fix it
         self.tripped = False
         #: (time, new state, why), the last 50 transitions, for /metrics and tests
@@ -185,6 +192,7 @@ class CircuitBreaker:
         if state == self._state and state != self.OPEN:
             return
         self._state = state
+        self._epoch += 1
         if state != self.HALF_OPEN:  # half-open after a trip: still refused until its probe gets through
             self.tripped = False
         self.transitions.append((self.clock(), state, why))
@@ -209,28 +217,36 @@ class CircuitBreaker:
         """A permit for one call, or None when the breaker refuses (open, or half-open with its probe out)."""
         state = self.state
         if state == self.CLOSED:
-            return Permit(probe=False)
+            return Permit(probe=False, epoch=self._epoch)
         if state == self.HALF_OPEN and not self._probe_out:
             self._probe_out = True
-            return Permit(probe=True)
+            return Permit(probe=True, epoch=self._epoch)
         return None
 
-    def success(self, permit: Permit) -> None:
+    def _stale(self, permit: Permit) -> bool:
+        """Hand ``permit`` back; True when its verdict is to be ignored: already given, or its call began
+        before the breaker last changed state (late results of calls started before an opening, even once a
+        probe has closed it again: counted, a few calls that hung on the provider while it failed would open
+        the breaker again as soon as it had recovered)."""
         if permit.done:
-            return
+            return True
         permit.done = True
+        return permit.epoch != self._epoch
+
+    def success(self, permit: Permit) -> None:
+        if self._stale(permit):
+            return
         if permit.probe:
             if self._state == self.HALF_OPEN:
                 self._set(self.CLOSED, "probe succeeded")
             return
-        if self._state == self.CLOSED:   # late results of calls started before an opening are ignored
+        if self._state == self.CLOSED:
             self._consecutive = 0
             self._note(False)
 
     def failure(self, permit: Permit, why: str = "failure") -> None:
-        if permit.done:
+        if self._stale(permit):
             return
-        permit.done = True
         if permit.probe:
             if self._state == self.HALF_OPEN:
                 self._set(self.OPEN, f"probe failed ({why})")
@@ -249,9 +265,8 @@ class CircuitBreaker:
 
     def release(self, permit: Permit) -> None:
         """A neutral outcome (429, cancellation): frees a half-open probe without a verdict."""
-        if permit.done:
+        if self._stale(permit):
             return
-        permit.done = True
         if permit.probe and self._state == self.HALF_OPEN:
             self._probe_out = False
 

@@ -719,6 +719,40 @@ async def test_breaker_opens_half_opens_and_closes_through_real_calls(servers, t
         await rb.close()
 
 
+async def test_calls_started_before_an_opening_do_not_reopen_a_breaker_its_probe_closed(servers, tmp_path):
+    """Two calls hang on a failing provider while two quick 500s open its breaker; after the cooldown a probe gets
+    through and closes it. The two old calls then fail: they said nothing of the provider as it is now, yet they
+    counted against the freshly closed breaker and opened it again for a whole cooldown (the recovered provider
+    skipped by every request meanwhile)."""
+    a, b = servers["a"], servers["b"]
+    cfg = make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)],
+                                       breaker={"failure_threshold": 2, "cooldown_s": 30})])
+    clock = FakeClock()
+    rb = ResilientBackend.from_tier(cfg.tiers[0], cfg, clock=clock)
+    br = rb.providers[0].breaker
+    try:
+        a.faults("500:after=1", "500:after=1", "500", "500")
+        hung = [asyncio.create_task(rb.generate(Q)) for _ in range(2)]
+        while (await asyncio.to_thread(a.stats))["requests"] < 2:
+            await asyncio.sleep(0.01)
+        for _ in range(2):
+            await rb.generate(Q)
+        assert br.state == "open"
+        clock.advance(30)
+        rec = []
+        await rb.generate(Q, record=rec)                  # the probe: the provider has recovered
+        assert [(p.provider, p.action) for p in rec] == [("a", "served")] and br.state == "closed"
+        for task in hung:                                 # the two old calls fail now (falling over to b)
+            await task
+        assert br.state == "closed", list(br.transitions)
+        rec = []
+        await rb.generate(Q, record=rec)
+        assert [p.provider for p in rec] == ["a"]
+        assert [s for _, s, _ in br.transitions] == ["open", "half_open", "closed"]
+    finally:
+        await rb.close()
+
+
 async def test_the_client_is_told_when_and_whether_to_retry(servers, tmp_path, serve_app):
     """An upstream's hint is about our key at that provider: forwarded, but at most 60 s (not 28 hours); a
     429 with no hint still says when to come back. (Hints not remembered here: each request asks upstream.)"""
