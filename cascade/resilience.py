@@ -785,6 +785,12 @@ class ResilientBackend(Backend):
         win = await self._first_success(request, call, first_chunk)
         p, permit = win.provider, win.permit
         it, chunk = win.value
+        if permit.probe:
+            # a half-open provider that streams has answered: its probe succeeds with its first chunk, not at the
+            # end of an answer that may run for minutes while every other request skips the provider (a 503
+            # where it is the tier's only one); the rest of the stream counts as any call of a closed breaker
+            p.breaker.success(permit)
+            permit = p.breaker.acquire() or permit
         n_tokens, texts, usage, settled = 0, [], None, False
 
         def settle(action: str, exc: CascadeError | None = None, error_class: str | None = None) -> None:

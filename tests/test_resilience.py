@@ -753,6 +753,38 @@ async def test_calls_started_before_an_opening_do_not_reopen_a_breaker_its_probe
         await rb.close()
 
 
+async def test_a_streamed_probe_closes_the_breaker_with_its_first_chunk(servers, tmp_path):
+    """A half-open provider whose probe is a stream has answered once its first chunk is in: the breaker closed
+    only when the whole stream ended, and for all that time every other request skipped the provider (here its
+    tier's only one: 503s although it was answering)."""
+    a = servers["a"]
+    cfg = make_config(tmp_path, [rtier("t", [prov("a", a)], max_tokens=16,
+                                       breaker={"failure_threshold": 1, "cooldown_s": 30})])
+    clock = FakeClock()
+    rb = ResilientBackend.from_tier(cfg.tiers[0], cfg, clock=clock)
+    br = rb.providers[0].breaker
+    try:
+        a.faults("500", "slow:0:0.3")                     # the probe streams a chunk every 0.3 s
+        with pytest.raises(ProviderError):
+            await rb.generate(Q)
+        clock.advance(30)
+        rec = []
+        agen = rb.stream(Q, record=rec)
+        assert (await anext(agen)).text
+        assert br.state == "closed"
+        assert (await rb.generate(Q)).text                # not refused: the provider answers again
+        chunks = [c async for c in agen]                  # the probe's stream still runs to its end
+        assert chunks and [(p.provider, p.action) for p in rec] == [("a", "served")]
+        assert br.state == "closed" and [s for _, s, _ in br.transitions] == ["open", "half_open", "closed"]
+        a.faults("drop:1")                                # a stream that breaks after it began still counts
+        with pytest.raises(ProviderConnectionError):
+            async for _ in rb.stream(Q):
+                pass
+        assert br.state == "open"
+    finally:
+        await rb.close()
+
+
 async def test_the_client_is_told_when_and_whether_to_retry(servers, tmp_path, serve_app):
     """An upstream's hint is about our key at that provider: forwarded, but at most 60 s (not 28 hours); a
     429 with no hint still says when to come back. (Hints not remembered here: each request asks upstream.)"""
