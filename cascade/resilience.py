@@ -652,6 +652,9 @@ class ResilientBackend(Backend):
         for i, p in enumerate(self.providers):
             n, wait = 0, 0.0
             hold = p.held_for()
+            if hold > 0 and p.breaker.state == CircuitBreaker.OPEN and p.breaker.retry_after() > hold:
+                skipped.append(p)  # its breaker refuses it past the hold: waiting the hold out would be for nothing
+                continue
             if hold > 0:   # as a retry within one call would: wait out a short hint, fall over from a long one
                 if hold > self.retry.max_retry_after_s or not self._affords(p, hold, call):
                     held.append(p)

@@ -315,6 +315,30 @@ async def test_a_short_retry_after_makes_concurrent_requests_wait_rather_than_as
     assert all(len(r.record.attempts) == 1 and r.record.attempts[0].kept for r in later)
 
 
+async def test_a_held_provider_whose_breaker_is_open_is_skipped_without_waiting(servers, make_engine, tmp_path):
+    """One request's 500 opens a provider's breaker while another's 429 asks for 2 s: later requests waited those
+    seconds out, only to find the breaker still open and fall over then (the wait recorded nowhere)."""
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)], timeout_s=10,
+                                   breaker={"failure_threshold": 1, "cooldown_s": 30})])
+    provider = eng.tiers["t"].backend.providers[0]
+    a.faults("500:after=0.3", "429:ra=2")
+    first = asyncio.create_task(eng.run(Q))
+    while not arrivals(a):
+        await asyncio.sleep(0.01)
+    second = asyncio.create_task(eng.run(Q))
+    await first
+    while provider.held_until == 0.0:
+        await asyncio.sleep(0.005)
+    assert provider.breaker.state == "open" and provider.held_for() > 1.0
+    t0 = time.monotonic()
+    later = await eng.run(Q)
+    assert time.monotonic() - t0 < 1.0 - TOL / 2
+    assert [(x.backend, x.wait_ms, x.kept) for x in later.record.attempts] == [("b", 0.0, True)]
+    await second
+    assert seen(servers)["a"] == 2
+
+
 @pytest.mark.parametrize("status", ["500", "502", "503", "504"])
 async def test_server_error_falls_over_at_once(servers, make_engine, tmp_path, status):
     a, b = servers["a"], servers["b"]
