@@ -44,7 +44,8 @@ class Metrics:
                               "(the buffered tiers' answers included)", ["policy"],
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.routing = Histogram("cascade_routing_overhead_seconds",
-                                 "Engine time outside backend calls (features, policy, accounting)",
+                                 "Engine time outside backend calls and the waits before them (features, policy, "
+                                 "accounting)",
                                  buckets=_OVERHEAD_BUCKETS, registry=r)
         self.errors = Counter("cascade_errors", "Errors by class", ["error_class"], registry=r)
         self.corrected = Counter("cascade_requests_corrected", "Requests counted answered (status ok) whose client "
@@ -156,7 +157,10 @@ class Metrics:
                 child(self.escalations, p).inc()
             self._count_answered(p, rec.escalated, 1)
             child(self.latency, p).observe(rec.latency_ms / 1e3)
-            backend_ms = sum(a.latency_ms for a in rec.attempts)
+            # the waits before provider attempts (a rate-limit backoff, a provider's Retry-After) are the
+            # providers' time as their calls are, not the engine's: counted here, one Retry-After of a second
+            # made the engine look a second slow
+            backend_ms = sum(a.latency_ms + a.wait_ms for a in rec.attempts)
             self.routing.observe(max(rec.latency_ms - backend_ms, 0.0) / 1e3)
         if self.drift is not None:
             self.drift.observe(rec)

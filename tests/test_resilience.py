@@ -1552,6 +1552,26 @@ def test_metrics_baseline_counts_every_request_as_the_ledger_does(servers, tmp_p
     assert failed > 0 and total == pytest.approx(ledger)
 
 
+def test_a_retry_after_wait_is_no_routing_overhead(servers, tmp_path, serve_app):
+    """``cascade_routing_overhead_seconds`` is the engine's own time outside backend calls: a request that waited
+    a provider's 1 s Retry-After out counted that second as routing overhead (and every rate-limited request
+    landed past the histogram's last bucket)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b = servers["a"], servers["b"]
+    srv = serve_app(make_config(tmp_path, [rtier("t", [prov("a", a), prov("b", b)], timeout_s=30)]))
+    a.faults("429:ra=1")
+    with httpx.Client(base_url=srv.url, timeout=60) as cl:
+        r = cl.post("/v1/chat/completions", json={"model": "cascade", "max_tokens": 4,
+                                                  "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200 and seen(servers)["a"] == 2
+        text = cl.get("/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {s.name: s.value for s in fams["cascade_routing_overhead_seconds"].samples if not s.labels.get("le")}
+    assert samples["cascade_routing_overhead_seconds_count"] == 1
+    assert samples["cascade_routing_overhead_seconds_sum"] < 0.5, samples
+
+
 @pytest.mark.parametrize("fault", ["garbled", "drop", "500", "reset"])
 async def test_an_answer_that_could_not_be_read_bills_its_prompt(servers, make_engine, tmp_path, fault):
     """A 200 the backend cannot read, or one cut off mid-body, was answered (and billed) by the provider: its
