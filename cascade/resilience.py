@@ -821,11 +821,10 @@ class ResilientBackend(Backend):
                     raise
                 except Exception as raw:  # noqa: BLE001
                     exc = classify(raw, p.name, timeout_s=min(remaining, p.timeout_s))
-                    if (exc.fall_over or isinstance(exc, ProviderAuthError)) and not call.cut_short(
-                            exc, p, remaining):
-                        p.breaker.failure(permit, type(exc).__name__)
-                    else:
-                        p.breaker.release(permit)
+                    # the breaker hears of it as of the same error before the first chunk (a rate limit is neutral
+                    # and holds the provider, refused credentials force it open, an invalid request is no failure),
+                    # retries spent: nothing is retried once bytes went out
+                    self._verdict(p, permit, exc, self.retry.max_attempts, call, remaining)
                     # bytes have gone to the consumer: never hide this failure behind another provider
                     exc.fall_over = False
                     exc.mid_stream = True  # type: ignore[attr-defined]

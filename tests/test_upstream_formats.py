@@ -226,6 +226,9 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
             "event-rate": lambda: ([{"error": {"message": "Rate limit reached for requests per min (RPM).",
                                                "type": "requests", "param": None, "code": "rate_limit_exceeded"}}],
                                    True),
+            "event-rate-mid": lambda: (oai_stream(model)[:3] + [{"error": {
+                "message": "Rate limit reached for tokens per min (TPM).", "type": "tokens", "param": None,
+                "code": "rate_limit_exceeded"}}], True),
             "event-server": lambda: (oai_stream(model)[:1] + [{"error": {
                 "message": "The server had an error while processing your request.", "type": "server_error",
                 "param": None, "code": None}}], True),
@@ -655,6 +658,21 @@ async def test_a_context_overflow_sent_as_a_stream_event_is_not_fallen_over(upst
         await eng.close()
     assert upstream.seen("json-body") == before
     assert err.value.status_code == 400 and err.value.code == "context_length_exceeded"
+
+
+async def test_a_rate_limit_event_after_the_first_chunk_is_no_breaker_failure(upstream, tmp_path):
+    """A rate limit sent as an error event once a stream had begun ended the stream, as it must, but counted as a
+    failure of the provider: under load (a tokens-per-minute limit hit by many streams) it opened the breaker of a
+    healthy provider. It is neutral, as the same 429 before the first chunk is."""
+    cfg = two_providers(tmp_path, upstream, ("rl", "event-rate-mid"), ("spare", "ok"),
+                        breaker={"failure_threshold": 1, "cooldown_s": 30})
+    eng = await Engine.open(cfg)
+    try:
+        events = [e async for e in eng.stream(CHAT)]
+        assert isinstance(events[-1], StreamFailed) and isinstance(events[-1].error, RateLimitedError)
+        assert eng.tiers["t"].backend.providers[0].breaker.state == "closed"
+    finally:
+        await eng.close()
 
 
 @pytest.mark.parametrize(("model", "text"), [("surr-pair", "Hi \U0001f600 there"), ("surr-lone", "Hi \ufffd there")])
