@@ -152,6 +152,43 @@ async def test_rate_limit_honours_the_servers_retry_hint(servers, make_engine, t
     assert out.record.latency_ms >= wait * 1e3
 
 
+_DATE_HINT = """
+import asyncio, sys, time
+from email.utils import formatdate
+from cascade.backends.openai_backend import OpenAIBackend
+from cascade.errors import RateLimitedError
+from cascade.types import GenerationRequest, Message
+from tests.fault_server import FaultServerThread
+
+async def main():
+    date = formatdate(time.time() + 60)  # "-0000": UTC, as RFC 2822 (and Python's formatdate) writes it
+    with FaultServerThread() as fs:
+        fs.faults({"kind": "status", "status": 429, "retry_after": date if sys.argv[1] == "-0000" else date[:-6]})
+        b = OpenAIBackend(model="m", name="p", base_url=fs.base_url, timeout_s=5)
+        try:
+            await b.generate(GenerationRequest(messages=(Message("user", "hi"),), max_tokens=4))
+        except RateLimitedError as exc:
+            print(exc.retry_after)
+        finally:
+            await b.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("tz", ["America/New_York", "Asia/Tokyo"])
+@pytest.mark.parametrize("zone", ["-0000", "none"])
+def test_a_retry_after_date_without_a_zone_is_read_as_gmt_wherever_the_server_runs(tz, zone):
+    """An HTTP date is GMT. One written as Python's ``formatdate()`` writes it ("-0000") or with no zone was read
+    in the server's local time: a minute ahead became 5 hours in New York (the provider skipped, the client told to
+    come back in a minute) and nothing in Tokyo (retried at once). The engine runs in the host's time zone (TZ)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TZ": tz}
+    out = subprocess.run([sys.executable, "-c", _DATE_HINT, zone], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert 30 <= float(out.stdout.strip()) <= 60, out.stdout
+
+
 @pytest.mark.parametrize("fault", ["429:ra=-5", "429:ms=-100", "429:ra=nan", "429:ra=inf"])
 async def test_a_retry_hint_that_is_no_wait_is_ignored(servers, make_engine, tmp_path, fault):
     """A negative, NaN or infinite hint is no hint: the same provider is retried after a jittered back-off, as

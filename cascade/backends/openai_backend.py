@@ -81,9 +81,10 @@ _QUOTA_CODES = frozenset({"insufficient_quota"})
 
 
 def _retry_after(headers: Any) -> float | None:
-    """The server's wait hint in seconds: ``retry-after-ms``, else ``Retry-After`` (seconds or an HTTP date; a
-    date already past means now). A value that is no wait (negative, not a number, infinite) is no hint: the
-    next header is read, and with none the caller backs off with jitter, as with no header at all."""
+    """The server's wait hint in seconds: ``retry-after-ms``, else ``Retry-After`` (seconds or an HTTP date, GMT
+    even when written with ``-0000`` or no zone; a date already past means now). A value that is no wait
+    (negative, not a number, infinite) is no hint: the next header is read, and with none the caller backs off
+    with jitter, as with no header at all."""
     if headers is None:
         return None
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
@@ -95,12 +96,16 @@ def _retry_after(headers: Any) -> float | None:
         except ValueError:
             if name != "retry-after":
                 continue
+            from datetime import timezone
             from email.utils import parsedate_to_datetime
 
             try:
-                wait = max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
+                when = parsedate_to_datetime(raw)
             except (TypeError, ValueError):
                 continue
+            if when.tzinfo is None:  # "-0000" (RFC 2822's UTC) or no zone: an HTTP date is GMT, never our local time
+                when = when.replace(tzinfo=timezone.utc)
+            wait = max(0.0, when.timestamp() - time.time())
         if math.isfinite(wait) and wait >= 0:
             return wait
     return None
