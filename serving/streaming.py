@@ -28,6 +28,14 @@ its first byte on a kept-alive connection. :func:`http_protocol` times it: one w
 gets a 408 and its connection closed (a connection that sent nothing is closed silently); one that reached the
 app is answered by :class:`RequestReadTimeoutMiddleware` when its body is late: a 408 ``request_timeout``
 JSON error, and the connection closed.
+
+A request may offer to switch its connection to HTTP/2 (``Upgrade: h2c``, with ``Connection: Upgrade,
+HTTP2-Settings``): Java's ``java.net.http.HttpClient`` does on every ``http://`` request by default (and so
+the OpenAI clients built on it: Spring AI, LangChain4j), as does ``curl --http2``. A server that does not
+switch answers the request as HTTP/1.1 (RFC 9110 7.8). httptools stops parsing at such a request's headers,
+so under uvicorn it reached the app without its body (a 400 "the request body is empty" to every Java
+client) and the body was then parsed as the connection's next request (a plain-text 400). Under
+:func:`http_protocol` the offer is declined: the request is parsed again without it, body included.
 """
 
 from __future__ import annotations
@@ -81,6 +89,53 @@ def _head_too_large_body(limit: int) -> bytes:
                                  code="request_header_fields_too_large")).encode()
 
 
+#: the headers that make an offer to switch protocols (dropped, with their ``Connection`` tokens, when declined)
+_UPGRADE_HEADERS = (b"upgrade", b"http2-settings")
+
+
+class _UpgradeDecliningParser:
+    """httptools' request parser, for :func:`http_protocol`, that declines an offer to upgrade the connection
+    to anything but a WebSocket (``Upgrade: h2c``). httptools (llhttp) takes a request offering an upgrade as
+    the connection's last HTTP/1.1 bytes: its body is skipped, and what follows it is handed back as the new
+    protocol's. So the request is not answered then (the protocol keeps its head without the offer, as its
+    ``declined_head``): that head is given to a fresh parser, then the bytes that came after it (its body, and
+    any next request); the fresh parser goes on for the rest of the connection."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.inner = self.fresh()
+
+    def fresh(self) -> Any:
+        """A parser as uvicorn makes one (httptools_impl's ``HttpToolsProtocol.__init__``)."""
+        import httptools
+
+        parser = httptools.HttpRequestParser(self.protocol)
+        try:
+            parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        except AttributeError:  # httptools < 0.6.3
+            pass
+        return parser
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def feed_data(self, data: bytes | memoryview) -> None:
+        import httptools
+
+        while True:  # (a loop, not a copy of the rest per request: many such requests may come in one read)
+            try:
+                self.inner.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                head = self.protocol.declined_head
+                if head is None:  # a WebSocket's, or a CONNECT: uvicorn's own handling
+                    raise
+                self.protocol.declined_head = None
+                self.inner = self.fresh()
+                self.inner.feed_data(head)  # (no offer in it: parsed whole, its body awaited)
+                data = memoryview(data)[exc.args[0]:]
+
+
 def http_protocol(request_read_timeout_s: float | None = None,
                   max_header_bytes: int | None = None) -> type[asyncio.Protocol]:
     """uvicorn's ``http="auto"`` protocol (httptools where installed, else h11), remembering each connection's
@@ -95,11 +150,16 @@ def http_protocol(request_read_timeout_s: float | None = None,
 
     The timer starts as the connection opens, or at the first byte once the previous request has arrived
     whole, and stops once a request (uvicorn's ``cycle``, of either protocol class) has its body complete;
-    each request that reached the app carries its deadline in its scope (:data:`READ_DEADLINE`)."""
+    each request that reached the app carries its deadline in its scope (:data:`READ_DEADLINE`).
+
+    An offer to switch to HTTP/2 (``Upgrade: h2c``) is declined and its request answered as HTTP/1.1, body
+    included (the module's doc; h11 does so itself)."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     timeout = request_read_timeout_s
     head_cap = None if max_header_bytes is None else max_header_bytes + HEAD_SLACK_BYTES
+    #: uvicorn's "auto" is httptools' protocol where httptools is installed (its parser's callbacks), else h11's
+    httptools_parser = hasattr(AutoHTTPProtocol, "on_headers_complete")
 
     class AbortableHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _read_timer: asyncio.TimerHandle | None = None
@@ -108,8 +168,13 @@ def http_protocol(request_read_timeout_s: float | None = None,
         _head_cycle: Any = None  # the cycle of the last request whose headers completed (None: none yet)
         _head_refused = False
 
+        #: the head of a request whose upgrade offer is being declined, as it is parsed again (httptools only)
+        declined_head: bytes | None = None
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if httptools_parser:  # (h11 answers a request that offers an upgrade as HTTP/1.1 itself)
+                self.parser = _UpgradeDecliningParser(self)
             # the addresses uvicorn puts in each request's scope ("server", "client")
             self._cascade_key = _conn_key(getattr(self, "server", None), getattr(self, "client", None))
             if self._cascade_key is not None:
@@ -168,6 +233,42 @@ def http_protocol(request_read_timeout_s: float | None = None,
                 self.transport.close()
                 return
             self.loop.call_later(LINGER_S, self.transport.close)
+
+        # -- an upgrade offer declined (httptools: _UpgradeDecliningParser)
+
+        def _declining(self) -> bool:
+            """Whether the request whose headers are complete offers an upgrade this server declines: one to
+            anything but a WebSocket that uvicorn would take (a CONNECT is left to uvicorn)."""
+            return (self.parser.should_upgrade() and not self._should_upgrade()
+                    and self.parser.get_method() != b"CONNECT")
+
+        def on_headers_complete(self) -> None:
+            if self._declining():  # not answered now: parsed again without the offer, then answered
+                self.declined_head = self._head_without_upgrade()
+                return
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            if self.declined_head is not None:  # the offer's request, ended early by the parser: not this one
+                return
+            super().on_message_complete()
+
+        def _head_without_upgrade(self) -> bytes:
+            """The request line and headers of the request being parsed, without its upgrade offer."""
+            out = [self.parser.get_method(), b" ", self.url, b" HTTP/", self.parser.get_http_version().encode(),
+                   b"\r\n"]
+            for name, value in self.headers:
+                if name in _UPGRADE_HEADERS:
+                    continue
+                if name == b"connection":
+                    tokens = [t.strip() for t in value.split(b",")
+                              if t.strip() and t.strip().lower() not in _UPGRADE_HEADERS]
+                    if not tokens:
+                        continue
+                    value = b", ".join(tokens)
+                out += [name, b": ", value, b"\r\n"]
+            out.append(b"\r\n")
+            return b"".join(out)
 
         def handle_websocket_upgrade(self, *args: Any) -> None:
             self._read_disarm()  # the connection is a WebSocket's from now on
