@@ -29,6 +29,11 @@ gets a 408 and its connection closed (a connection that sent nothing is closed s
 app is answered by :class:`RequestReadTimeoutMiddleware` when its body is late: a 408 ``request_timeout``
 JSON error, and the connection closed.
 
+An HTTP/1.0 client reads no chunked transfer coding (RFC 9112 7.1: a server must not send it one), yet
+httptools' protocol frames every response without a ``Content-Length`` (a stream) in it: the client reads the
+chunk sizes as part of the stream (``10e\r\ndata: {...}``). Under :func:`http_protocol` such a response to an
+HTTP/1.0 request runs to the connection's close instead, as h11 sends it.
+
 A request may offer to switch its connection to HTTP/2 (``Upgrade: h2c``, with ``Connection: Upgrade,
 HTTP2-Settings``): Java's ``java.net.http.HttpClient`` does on every ``http://`` request by default (and so
 the OpenAI clients built on it: Spring AI, LangChain4j), as does ``curl --http2``. A server that does not
@@ -136,6 +141,27 @@ class _UpgradeDecliningParser:
                 data = memoryview(data)[exc.args[0]:]
 
 
+def _close_delimited(cycle: Any) -> None:
+    """Send the response of an HTTP/1.0 request (httptools' ``RequestResponseCycle``) without a chunked
+    coding: one that names no length (a stream) runs to the connection's close, which uvicorn closes after
+    any HTTP/1.0 response. (uvicorn counts a body's bytes against its length: each part is given its own.)"""
+    send = cycle.send
+    unframed = False
+
+    async def send_close_delimited(message: Message) -> None:
+        nonlocal unframed
+        if message["type"] == "http.response.start":
+            names = {k.lower() for k, _ in message.get("headers", ())}
+            if not names & {b"content-length", b"transfer-encoding"}:
+                unframed = True
+                cycle.chunked_encoding = False  # (None would have uvicorn add "transfer-encoding: chunked")
+        elif unframed and message["type"] == "http.response.body":
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send(message)
+
+    cycle.send = send_close_delimited
+
+
 def http_protocol(request_read_timeout_s: float | None = None,
                   max_header_bytes: int | None = None) -> type[asyncio.Protocol]:
     """uvicorn's ``http="auto"`` protocol (httptools where installed, else h11), remembering each connection's
@@ -153,7 +179,8 @@ def http_protocol(request_read_timeout_s: float | None = None,
     each request that reached the app carries its deadline in its scope (:data:`READ_DEADLINE`).
 
     An offer to switch to HTTP/2 (``Upgrade: h2c``) is declined and its request answered as HTTP/1.1, body
-    included (the module's doc; h11 does so itself)."""
+    included; a stream to an HTTP/1.0 client runs to the connection's close, without a chunked coding (the
+    module's doc; h11 does both itself)."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     timeout = request_read_timeout_s
@@ -247,6 +274,9 @@ def http_protocol(request_read_timeout_s: float | None = None,
                 self.declined_head = self._head_without_upgrade()
                 return
             super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is not None and cycle.scope is self.scope and self.scope.get("http_version") == "1.0":
+                _close_delimited(cycle)
 
         def on_message_complete(self) -> None:
             if self.declined_head is not None:  # the offer's request, ended early by the parser: not this one

@@ -118,3 +118,52 @@ def test_a_streamed_request_offering_an_h2c_upgrade_streams(server):
     status, headers = parse_head(data.split(b"\r\n\r\n", 1)[0])
     assert status == 200 and headers["content-type"].startswith("text/event-stream"), data
     assert b"data: [DONE]" in data and b'"content":"four"' in data, data
+
+
+def read_until_closed(s: socket.socket) -> bytes:
+    s.settimeout(30)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_a_stream_to_an_http_1_0_client_runs_to_the_close_without_chunk_sizes(server, path):
+    """HTTP/1.0 has no chunked coding (RFC 9112 7.1: not to be sent to it): the stream's bytes are its events,
+    ending where the server closes the connection; not chunk sizes between them (``10e\\r\\ndata: ...``)."""
+    fields = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "2+2?"}]},
+              "/v1/completions": {"prompt": "2+2="}, "/v1/responses": {"input": "2+2?"}}[path]
+    body = json.dumps({"model": "cascade", "stream": True, **fields}).encode()
+    with connect() as s:
+        s.sendall(b"POST %s HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                  b"\r\n%s" % (path.encode(), len(body), body))
+        data = read_until_closed(s)
+    raw_head, _, stream = data.partition(b"\r\n\r\n")
+    status, headers = parse_head(raw_head)
+    assert status == 200 and "transfer-encoding" not in headers and "content-length" not in headers, raw_head
+    assert headers["connection"] == "close", raw_head
+    events = stream.split(b"\n\n")
+    assert events[-1] == b"" and all(e.startswith((b"data: ", b"event: ")) for e in events[:-1]), stream
+    data_lines = [e.split(b"data: ", 1)[1] for e in events[:-1]]
+    if path == "/v1/responses":
+        objs = [json.loads(d) for d in data_lines]
+        assert objs[-1]["type"] == "response.completed", stream
+        text = "".join(o["delta"] for o in objs if o["type"] == "response.output_text.delta")
+    else:
+        assert data_lines[-1] == b"[DONE]", stream
+        choices = [c for d in data_lines[:-1] for c in json.loads(d)["choices"]]
+        text = "".join(c["delta"].get("content") or "" if "delta" in c else c["text"] for c in choices)
+    assert text == ANSWER, stream
+
+
+def test_an_answer_to_an_http_1_0_client_keeps_its_length(server):
+    """A response with a length is sent as it was: its length, its body, then the close."""
+    with connect() as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+        data = read_until_closed(s)
+    raw_head, _, body = data.partition(b"\r\n\r\n")
+    status, headers = parse_head(raw_head)
+    assert status == 200 and int(headers["content-length"]) == len(body), data
+    assert json.loads(body)["choices"][0]["message"]["content"] == ANSWER
