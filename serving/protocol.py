@@ -78,9 +78,27 @@ class _Request(_Wire):
 PART_SEPARATOR = "\n"
 
 
+class PromptCacheOptions(_Wire):
+    """OpenAI's ``prompt_cache_options`` (which replaces ``prompt_cache_retention``): its provider's prompt
+    cache, accepted and without effect here, as ``prompt_cache_key`` is."""
+
+    mode: Literal["implicit", "explicit"] | None = None
+    #: the cache's minimum lifetime ("30m"): OpenAI's list of them grows, so any is taken
+    ttl: str | None = None
+
+
+class PromptCacheBreakpoint(_Wire):
+    """OpenAI's ``prompt_cache_breakpoint`` on a text part: where a reusable prompt prefix ends, for its
+    provider's prompt cache (:class:`PromptCacheOptions`); accepted and without effect here."""
+
+    mode: Literal["explicit"]
+    ttl: str | None = None
+
+
 class TextPart(_Wire):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: PromptCacheBreakpoint | None = None
 
 
 #: fields of an assistant message that OpenAI's responses carry (the openai SDK sends them back as they came,
@@ -279,12 +297,13 @@ class ChatCompletionRequest(_GenerationParams):
 
     messages: list[ChatMessage] = Field(min_length=1)
     # accepted and without effect on the answer, as OpenAI's own parameters for its service (what a request
-    # is stored as, its cache key and priority; the effort of reasoning models, and their verbosity, as the
-    # Responses API's ``text.verbosity``); ``user``, ``metadata`` and ``safety_identifier`` are kept in the
-    # ledger for cost attribution (:class:`_Attribution`)
+    # is stored as, its cache key and options, and priority; the effort of reasoning models, and their
+    # verbosity, as the Responses API's ``text.verbosity``); ``user``, ``metadata`` and ``safety_identifier``
+    # are kept in the ledger for cost attribution (:class:`_Attribution`)
     store: bool | None = Field(None, strict=True)
     service_tier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
     prompt_cache_retention: str | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None

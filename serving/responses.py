@@ -25,6 +25,8 @@ from serving.protocol import (
     _NULL_IS_DEFAULT,
     MAX_MODEL_CHARS,
     PART_SEPARATOR,
+    PromptCacheBreakpoint,
+    PromptCacheOptions,
     _Attribution,
     _Wire,
     cascade_block,
@@ -71,6 +73,8 @@ class InputText(_Wire):
     annotations: list[Any] | None = None
     logprobs: list[Any] | None = None
     parsed: Any = None
+    #: where a reusable prompt prefix ends, for a provider's prompt cache: accepted and without effect here
+    prompt_cache_breakpoint: PromptCacheBreakpoint | None = None
 
 
 class InputMessage(_Wire):
@@ -145,6 +149,7 @@ class ResponsesRequest(_Attribution):
     store: bool | None = Field(None, strict=True)
     service_tier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
     prompt_cache_retention: str | None = None
     reasoning: Reasoning | None = None
     truncation: Literal["disabled"] | None = None

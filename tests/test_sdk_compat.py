@@ -164,6 +164,48 @@ def test_prompt_cache_retention_is_accepted_and_changes_nothing(client, retentio
     assert resp.choices[0].message.content == DEFAULT_ANSWER
 
 
+#: OpenAI's prompt caching as its SDK now sends it: ``prompt_cache_options`` (which replaces
+#: ``prompt_cache_retention``) and a ``prompt_cache_breakpoint`` on a text part
+CACHE_OPTIONS = {"mode": "explicit", "ttl": "30m"}
+BREAKPOINT = {"mode": "explicit", "ttl": "12h"}
+
+
+def test_prompt_cache_options_and_breakpoints_are_accepted_and_change_nothing_on_chat(client, upstream):
+    parts = [{"type": "text", "text": "Translate to French:", "prompt_cache_breakpoint": BREAKPOINT},
+             {"type": "text", "text": "Hello", "prompt_cache_breakpoint": {"mode": "explicit"}}]
+    resp = client.chat.completions.create(model="remote", messages=[{"role": "user", "content": parts}],
+                                          prompt_cache_options=CACHE_OPTIONS)
+    assert resp.choices[0].message.content == DEFAULT_ANSWER
+    assert upstream.stats()["log"][-1]["messages"] == [{"role": "user", "content": "Translate to French:\nHello"}]
+    resp = client.chat.completions.create(model="remote", messages=Q, prompt_cache_options={})
+    assert resp.choices[0].message.content == DEFAULT_ANSWER
+
+
+def test_prompt_cache_options_and_breakpoints_are_accepted_and_change_nothing_on_responses(client, upstream):
+    parts = [{"type": "input_text", "text": "Translate to French:", "prompt_cache_breakpoint": BREAKPOINT},
+             {"type": "input_text", "text": "Hello", "prompt_cache_breakpoint": None}]
+    resp = client.responses.create(model="remote", input=[{"role": "user", "content": parts}],
+                                   prompt_cache_options=CACHE_OPTIONS)
+    assert resp.output_text == DEFAULT_ANSWER
+    assert upstream.stats()["log"][-1]["messages"] == [{"role": "user", "content": "Translate to French:\nHello"}]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "param"), [
+    ("chat", {"prompt_cache_options": {"mode": "sometimes"}}, "prompt_cache_options.mode"),
+    ("chat", {"prompt_cache_options": {"ttl": "30m", "size": 1}}, "prompt_cache_options.size"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "x",
+                                                          "prompt_cache_breakpoint": {"ttl": "30m"}}]}]},
+     "messages.0.content.0.prompt_cache_breakpoint.mode"),
+    ("responses", {"prompt_cache_options": "30m"}, "prompt_cache_options"),
+])
+def test_malformed_prompt_cache_options_are_refused_by_name(client, endpoint, body, param):
+    create = client.chat.completions.create if endpoint == "chat" else client.responses.create
+    base = {"messages": Q} if endpoint == "chat" else {"input": "Where is Paris?"}
+    with pytest.raises(openai.BadRequestError) as exc:
+        create(model="remote", **{**base, **body})
+    assert exc.value.body["param"] == param, exc.value.body
+
+
 # --- stream_options.include_obfuscation --------------------------------------------------------------
 
 @pytest.mark.parametrize("obfuscation", [False, True])
