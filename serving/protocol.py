@@ -70,6 +70,13 @@ class _Request(_Wire):
             drop = cls.null_is_default
             if any(data.get(k, 0) is None for k in drop):
                 data = {k: v for k, v in data.items() if not (v is None and k in drop)}
+            # a value for one of the endpoint's OpenAI parameters that has no field here (predicted outputs,
+            # audio, web search...): refused as what it is, not as "unknown parameter" (a name OpenAI has not,
+            # a misspelling)
+            unsupported = next((k for k in data if k in drop - _NULL_IS_DEFAULT and k not in cls.model_fields), None)
+            if unsupported is not None:
+                raise ValueError(f"{unsupported}: not supported by this server (OpenAI's parameter for a feature it "
+                                 "does not have)")
         return data
 
 

@@ -104,6 +104,10 @@ def test_null_for_every_responses_parameter_the_sdk_knows_is_its_default(client)
     assert resp.output_text == DEFAULT_ANSWER
 
 
+#: what a value for an OpenAI parameter this server has no use for is told
+UNSUPPORTED = "not supported by this server (OpenAI's parameter for a feature it does not have)"
+
+
 @pytest.mark.parametrize(("endpoint", "body", "param", "why"), [
     ("chat", {"logit_bias": {"1": 5}}, "logit_bias", "not supported (only {} is accepted)"),
     ("completions", {"logit_bias": {"1": 5}}, "logit_bias", "not supported (only {} is accepted)"),
@@ -123,6 +127,13 @@ def test_null_for_every_responses_parameter_the_sdk_knows_is_its_default(client)
     ("chat", {"echo": None}, "echo", "unknown parameter"),              # a completions parameter
     ("responses", {"frobnicate": None}, "frobnicate", "unknown parameter"),
     ("responses", {"presence_penalty": None}, "presence_penalty", "unknown parameter"),
+    # OpenAI's own parameters for what this server cannot do: not supported, not "unknown" (a misspelling)
+    ("chat", {"prediction": {"type": "content", "content": "Paris"}}, "prediction", UNSUPPORTED),
+    ("chat", {"audio": {"voice": "alloy", "format": "mp3"}}, "audio", UNSUPPORTED),
+    ("chat", {"web_search_options": {}}, "web_search_options", UNSUPPORTED),
+    ("chat", {"moderation": {"model": "omni-moderation-latest"}}, "moderation", UNSUPPORTED),
+    ("responses", {"context_management": [{"type": "compaction"}]}, "context_management", UNSUPPORTED),
+    ("responses", {"moderation": {"model": "omni-moderation-latest"}}, "moderation", UNSUPPORTED),
 ])
 def test_a_value_for_an_unsupported_parameter_is_still_refused_by_name(client, endpoint, body, param, why):
     with pytest.raises(openai.BadRequestError) as err:
