@@ -111,6 +111,10 @@ def oai_error(message: str, type_: str, code: Any, param: str | None = None) -> 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+#: llama.cpp's error event, as its server_sent_event(sink, "error", ...) writes it (format_error_response's body)
+LLAMA_ERROR_500 = b'error: {"code":500,"message":"llama_decode failed","type":"server_error"}\n\n'
+LLAMA_ERROR_CTX = (b'error: {"code":400,"message":"the request exceeds the available context size, try increasing '
+                   b'it","type":"exceed_context_size_error"}\r\n\r\n')
 THINK = [("<think>", -0.01), ("Let", -1.5), (" me", -2.0), (" think", -2.5), ("</think>", -0.1)]
 #: a proxy that cuts its text by UTF-16 units: an emoji's surrogate pair across two tokens (each a JSON escape of
 #: its own, so each chunk of a stream holds half a character), or half of one alone (valid JSON, not UTF-8)
@@ -238,6 +242,10 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
             "event-ctx-vllm-old": lambda: ([{"object": "error", "message": "This model's maximum context length is "
                                              "4096 tokens. However, you requested 5000 tokens.",
                                              "type": "BadRequestError", "param": None, "code": 400}], True),
+            # llama.cpp's server: its error under a field of its own (``error:``, not ``data:``), then [DONE]
+            "llama-event-server": lambda: (oai_stream(model)[:3] + [LLAMA_ERROR_500], True),
+            "llama-event-ctx": lambda: ([LLAMA_ERROR_CTX], True),
+            "llama-event-text": lambda: (oai_stream(model)[:1] + [b"error: slot unavailable\r\n\r\n"], True),
             **{m: (lambda m=m: ([chunk(model, {"role": "assistant", "content": ""})]
                                 + [chunk(model, {"content": t}, [surrogate_entry(t, lp)]) for t, lp in SURROGATES[m]]
                                 + [chunk(model, {}, finish="stop"), usage_chunk(model)], True)) for m in SURROGATES},
@@ -367,7 +375,8 @@ class Upstream:
                     _, events, done = out
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                                  b"transfer-encoding: chunked\r\n\r\n")
-                    parts = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
+                    parts = [e if isinstance(e, bytes) else b"data: " + json.dumps(e).encode() + b"\n\n"
+                             for e in events]  # (bytes: a line written as it is)
                     parts += [b"data: [DONE]\n\n"] if done else []
                     for part in parts:
                         writer.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
@@ -631,7 +640,10 @@ async def test_a_cut_off_stream_is_a_partial_answer(upstream, tmp_path):
                                                        ("event-rate", RateLimitedError, 429),
                                                        ("event-server", ProviderServerError, 500),
                                                        ("event-tgi", ProviderServerError, 500),
-                                                       ("event-ctx-vllm-old", ProviderContextLengthError, 400)])
+                                                       ("event-ctx-vllm-old", ProviderContextLengthError, 400),
+                                                       ("llama-event-server", ProviderServerError, 500),
+                                                       ("llama-event-ctx", ProviderContextLengthError, 400),
+                                                       ("llama-event-text", ProviderServerError, 500)])
 async def test_an_error_event_in_a_stream_is_read_as_the_status_it_stands_for(upstream, model, error, status):
     """A server that fails after its 200 went out sends ``data: {"error": {...}}``: read as the HTTP status it
     stands for (its numeric code, else its code or type), so that a context overflow escalates, a rate limit is
@@ -640,6 +652,38 @@ async def test_an_error_event_in_a_stream_is_read_as_the_status_it_stands_for(up
         await stream(upstream, model)
     assert type(err.value) is error and err.value.upstream_status == status
     assert "error in the stream" in err.value.message
+
+
+async def test_llamacpps_error_field_is_the_error_it_states_not_a_cut_answer(upstream, tmp_path):
+    """llama.cpp writes an error found once the stream's headers went out as ``error: {...}`` (a field of its own,
+    where the others write ``data:``), then ``[DONE]``. The openai client ignores the field, so the stream read as
+    cut off (after text) or as no answer: a 400 fell over like a dropped connection. Now it is its status: the
+    text before it stays sent, and an error before any text falls over (a 5xx) or does not (a context overflow)."""
+    got: list = []
+    with pytest.raises(ProviderServerError, match=r"error in the stream \(as HTTP 500\): llama_decode failed") as err:
+        await stream(upstream, "llama-event-server", got=got)
+    assert "".join(c.text for c in got) == "The answer" and err.value.fall_over
+    with pytest.raises(ProviderServerError, match="slot unavailable"):
+        await stream(upstream, "llama-event-text")
+    cfg = two_providers(tmp_path, upstream, ("llama", "llama-event-text"), ("healthy", "ok"))
+    eng = await Engine.open(cfg)
+    try:
+        events = [e async for e in eng.stream(CHAT)]
+    finally:
+        await eng.close()
+    assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == TEXT
+    assert [(a.backend, a.error_class) for a in events[-1].record.attempts] == [("llama", "ProviderServerError"),
+                                                                                ("healthy", None)]
+    cfg = two_providers(tmp_path, upstream, ("llama-a", "llama-event-ctx"), ("llama-b", "ok"))
+    before = upstream.seen("ok")
+    eng = await Engine.open(cfg)
+    try:
+        with pytest.raises(ProviderContextLengthError):
+            async for _ in eng.stream(CHAT):
+                pass
+    finally:
+        await eng.close()
+    assert upstream.seen("ok") == before  # the same model elsewhere is not asked
 
 
 async def test_a_context_overflow_sent_as_a_stream_event_is_not_fallen_over(upstream, tmp_path):

@@ -20,17 +20,19 @@ write ``-inf`` so) floored; a reasoning model's thinking (``reasoning_content``/
 answer, its tokens in the same ``logprobs.content``) left out of the answer's tokens; context overflows in
 OpenAI's, vLLM's and llama.cpp's words; OpenAI's ``insufficient_quota`` 429 (out of credits, not a rate
 limit) as a refused credential; an error event in a streamed 200 (``data: {"error": ...}``, older vLLM's
-``{"object": "error", ...}``: vLLM's prompt too long for its model, found once the headers went out) as the
-HTTP status it stands for. A streamed 200 that carries no answer (no event with ``choices``: an HTML page, a JSON
-body from a server that ignored ``stream``, only ``[DONE]``) is a malformed response, a stream that ends without a
-finish reason was cut off, and an answer ended with ``finish_reason: "error"`` (OpenRouter's) is the provider's
-failure. A request's stop sequences are applied here too (an upstream may ignore ``stop``, and OpenAI takes at
-most ``UPSTREAM_STOPS``, the first ones sent): the answer ends before the earliest, streamed or not.
+``{"object": "error", ...}``: vLLM's prompt too long for its model, found once the headers went out; llama.cpp's
+``error: {...}`` line, a field of its own) as the HTTP status it stands for. A streamed 200 that carries no
+answer (no event with ``choices``: an HTML page, a JSON body from a server that ignored ``stream``, only
+``[DONE]``) is a malformed response, a stream that ends without a finish reason was cut off, and an answer
+ended with ``finish_reason: "error"`` (OpenRouter's) is the provider's failure. A request's stop sequences are
+applied here too (an upstream may ignore ``stop``, and OpenAI takes at most ``UPSTREAM_STOPS``, the first ones
+sent): the answer ends before the earliest, streamed or not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -225,6 +227,47 @@ def _event_status(exc: Any, message: str) -> int:
     return 400 if any(m in message.lower() for m in _CONTEXT_MARKERS) else 500
 
 
+def _error_field_event(value: str) -> str:
+    """The ``data`` of the event that llama.cpp's ``error: {...}`` line stands for: ``{"error": {...}}``, which the
+    openai client raises as the ``APIError`` that :func:`translate_openai_error` reads as its status (its text,
+    when it is no JSON object, as the error's message)."""
+    import json
+
+    try:
+        body = json.loads(value)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not body:
+        body = value.strip() or "an error event with no message"
+    return json.dumps({"error": body})
+
+
+@functools.cache
+def _client_class() -> Any:
+    """``openai.AsyncOpenAI`` whose stream decoder also reads llama.cpp's error event. llama.cpp's server, failing
+    once a stream's headers went out (a decode failure, a context shift refused), writes the error under a
+    field of its own, ``error: {"code": 500, "message": ..., "type": ...}``, where the others write ``data:``;
+    the SSE decoder ignores a field it does not know, so the stream just ended: a cut answer, or a malformed
+    one, whatever the error said. Read as ``data: {"error": ...}``, it is the status it stands for, as the
+    other servers' error events are. (``_make_sse_decoder`` is the SDK's hook for a decoder of one's own.)
+    Made once, on first use: the SDK is imported only by a tier that uses it."""
+    import openai
+    from openai._streaming import SSEDecoder
+
+    class ErrorFieldDecoder(SSEDecoder):
+        def decode(self, line: str) -> Any:
+            name, colon, value = line.partition(":")
+            if name == "error" and colon:
+                line = "data: " + _error_field_event(value)
+            return super().decode(line)
+
+    class Client(openai.AsyncOpenAI):
+        def _make_sse_decoder(self) -> Any:
+            return ErrorFieldDecoder()
+
+    return Client
+
+
 #: the most stop sequences sent upstream: OpenAI refuses more (a 400); the rest are applied here, as are those a
 #: server ignores
 UPSTREAM_STOPS = 4
@@ -307,8 +350,8 @@ class OpenAIBackend(Backend):
             # 5 s): otherwise a request can race the server's close and fail with a spurious reset.
             http_client = openai.DefaultAsyncHttpxClient(
                 limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=2.0))
-            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key,
-                                              max_retries=0, timeout=self._timeout, http_client=http_client)
+            self._client = _client_class()(base_url=self.base_url, api_key=self._api_key,
+                                           max_retries=0, timeout=self._timeout, http_client=http_client)
 
     async def close(self) -> None:
         if self._client is not None:
