@@ -10,8 +10,9 @@ backend's boundary; anything untranslated is classified here):
 =================================  ========================================================================
 ``ProviderInvalidRequestError``    400/404/422: raised at once, never retried, never fallen over
 ``ProviderContextLengthError``     raised at once; the engine escalates to a tier with a larger context
-``ProviderAuthError``              401/403: provider marked unhealthy (breaker forced open), warning
-                                   logged (never the key), next provider
+``ProviderAuthError``              401/403, 402 and 429 insufficient_quota (out of credits): provider
+                                   marked unhealthy (breaker forced open), warning logged (never the
+                                   key), next provider
 ``RateLimitedError``               429: same provider again after a backoff (full jitter, or the
                                    server's ``Retry-After``/``retry-after-ms`` when it is within
                                    ``max_retry_after_s``) while attempts and the deadline allow, then
@@ -425,9 +426,10 @@ def _mro_names(exc: BaseException) -> set[str]:
 
 
 def _refused_credential(status: int | None) -> str:
-    """What a refused credential (:class:`ProviderAuthError`) says: a 429 so refused is an account out of quota
-    or credits (OpenAI's ``insufficient_quota``), the key itself fine; a 401/403 rejects the key."""
-    return "account out of quota or credits" if status == 429 else "credentials rejected"
+    """What a refused credential (:class:`ProviderAuthError`) says: a 402 or a 429 so refused is an account out of
+    quota or credits (Payment Required; OpenAI's ``insufficient_quota``), the key itself fine; a 401/403 rejects
+    the key."""
+    return "account out of quota or credits" if status in (402, 429) else "credentials rejected"
 
 
 def classify(exc: BaseException, provider: str, *, timeout_s: float | None = None) -> CascadeError:

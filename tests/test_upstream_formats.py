@@ -185,6 +185,9 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     if model == "quota":  # OpenAI, out of credits
         return error(429, oai_error("You exceeded your current quota, please check your plan and billing details.",
                                     "insufficient_quota", "insufficient_quota"))
+    if model == "credits":  # OpenRouter (and others), out of credits: 402 Payment Required
+        return error(402, {"error": {"code": 402, "message": "Insufficient credits. Add more using "
+                                     "https://openrouter.ai/settings/credits"}})
     if model == "rate":
         return error(429, oai_error("Rate limit reached for requests per min (RPM).", "requests",
                                     "rate_limit_exceeded"), {"retry-after": "20"})
@@ -242,6 +245,7 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
             "event-ctx-vllm-old": lambda: ([{"object": "error", "message": "This model's maximum context length is "
                                              "4096 tokens. However, you requested 5000 tokens.",
                                              "type": "BadRequestError", "param": None, "code": 400}], True),
+            "event-credits": lambda: ([{"error": {"code": 402, "message": "Insufficient credits."}}], True),
             # llama.cpp's server: its error under a field of its own (``error:``, not ``data:``), then [DONE]
             "llama-event-server": lambda: (oai_stream(model)[:3] + [LLAMA_ERROR_500], True),
             "llama-event-ctx": lambda: ([LLAMA_ERROR_CTX], True),
@@ -782,19 +786,33 @@ async def test_insufficient_quota_is_a_refused_credential(upstream):
     assert rate.value.retry_after == 20.0
 
 
-async def test_an_account_out_of_quota_is_not_called_again(upstream, tmp_path):
+async def test_payment_required_is_a_refused_credential(upstream):
+    """A 402 (OpenRouter's account out of credits) fails every call until someone pays: a refused credential, as
+    OpenAI's insufficient_quota is. It was a plain ProviderError: the breaker counted it as one failure among
+    others, and every request called the exhausted provider again first."""
+    with pytest.raises(ProviderAuthError, match=r"out of quota or credits \(HTTP 402\)") as err:
+        await generate(upstream, "credits")
+    assert err.value.fall_over and err.value.should_retry is False and err.value.upstream_status == 402
+    with pytest.raises(ProviderAuthError):
+        await stream(upstream, "credits")
+    with pytest.raises(ProviderAuthError):  # told in a stream's error event
+        await stream(upstream, "event-credits")
+
+
+@pytest.mark.parametrize("model", ["quota", "credits"])
+async def test_an_account_out_of_quota_is_not_called_again(upstream, tmp_path, model):
     """The breaker is forced open, as for a rejected key: the tier falls over to its next provider, and the
     next requests skip the exhausted one (a 429 was retried on every request, max_attempts times)."""
-    cfg = two_providers(tmp_path, upstream, ("openai", "quota"), ("backup", "ok"),
+    cfg = two_providers(tmp_path, upstream, ("openai", model), ("backup", "ok"),
                         retry={"max_attempts": 3, "base_delay_s": 0.01, "max_delay_s": 0.02})
-    before = upstream.seen("quota")
+    before = upstream.seen(model)
     eng = await Engine.open(cfg)
     try:
         recs = [(await eng.run(CHAT)).record for _ in range(3)]
     finally:
         await eng.close()
     assert all(r.status == "ok" and r.attempts[-1].backend == "backup" for r in recs)
-    assert upstream.seen("quota") - before == 1
+    assert upstream.seen(model) - before == 1
     assert recs[0].attempts[0].error_class == "ProviderAuthError"
 
 

@@ -19,9 +19,10 @@ chat shape (``{"content": [...]}``) as well as the legacy one; a ``null`` logpro
 write ``-inf`` so) floored; a reasoning model's thinking (``reasoning_content``/``reasoning`` beside the
 answer, its tokens in the same ``logprobs.content``) left out of the answer's tokens; context overflows in
 OpenAI's, vLLM's and llama.cpp's words; OpenAI's ``insufficient_quota`` 429 (out of credits, not a rate
-limit) as a refused credential; an error event in a streamed 200 (``data: {"error": ...}``, older vLLM's
-``{"object": "error", ...}``: vLLM's prompt too long for its model, found once the headers went out; llama.cpp's
-``error: {...}`` line, a field of its own) as the HTTP status it stands for. A streamed 200 that carries no
+limit) and a 402 (Payment Required: OpenRouter's and others', out of credits) as a refused credential; an error
+event in a streamed 200 (``data: {"error": ...}``, older vLLM's ``{"object": "error", ...}``: vLLM's prompt
+too long for its model, found once the headers went out; llama.cpp's ``error: {...}`` line, a field of its own)
+as the HTTP status it stands for. A streamed 200 that carries no
 answer (no event with ``choices``: an HTML page, a JSON body from a server that ignored ``stream``, only
 ``[DONE]``) is a malformed response, a stream that ends without a finish reason was cut off, and an answer
 ended with ``finish_reason: "error"`` (OpenRouter's) is the provider's failure. A request's stop sequences are
@@ -149,11 +150,13 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
         msg = redact(f"{provider}: error in the stream (as HTTP {status}): {body}", secrets)
         retry = None
     if status is not None:
-        if status == 429 and _error_codes(exc) & _QUOTA_CODES:
-            # out of credits (OpenAI's insufficient_quota): every call fails until someone pays, so it is a refused
-            # credential (the breaker forced open, the tier falls over), not a rate limit retried on every request
-            return ProviderAuthError(f"{provider}: account out of quota or credits (HTTP 429 insufficient_quota)",
-                                     provider=provider, status=status)
+        if status == 402 or (status == 429 and _error_codes(exc) & _QUOTA_CODES):
+            # out of credits (402 Payment Required: OpenRouter's, Together's and others'; OpenAI's 429
+            # insufficient_quota): every call fails until someone pays, so it is a refused credential (the breaker
+            # forced open, the tier falls over), not a rate limit or a failure retried on every request
+            what = "HTTP 402" if status == 402 else "HTTP 429 insufficient_quota"
+            return ProviderAuthError(f"{provider}: account out of quota or credits ({what})", provider=provider,
+                                     status=status)
         if status == 429:
             return RateLimitedError(msg, provider=provider, status=status, retry_after=retry)
         if status in (401, 403):  # the body says no more than this, and may quote (part of) the key
