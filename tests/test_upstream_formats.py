@@ -150,9 +150,29 @@ def openai_stop(model: str, stops: str | list[str], stream: bool) -> tuple:
     return ("sse", events + [chunk(model, {}, finish="stop"), usage_chunk(model)], True)
 
 
+#: an answer whose second token ends inside a character (OpenAI's ``bytes`` say which), as "你" is split by byte-level
+#: BPE: the token's text is the bytes' escape, the characters come whole in the text
+CJK = [("Hi", -0.1, b"Hi"), (" \\xe4\\xbd", -0.2, b" \xe4\xbd"), ("\\xa0", -0.3, b"\xa0"),
+       ("好", -0.4, "好".encode())]
+
+
+def cjk_entry(tok: str, lp: float, raw: bytes) -> dict[str, Any]:
+    return {"token": tok, "logprob": lp, "bytes": list(raw), "top_logprobs": [{"token": tok, "logprob": lp,
+                                                                             "bytes": list(raw)}]}
+
+
 def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     """``("body", status, content-type, bytes, headers)`` or ``("sse", [event, ...], done)``."""
     stream, chat_path = bool(body.get("stream")), path.endswith("/chat/completions")
+    if model == "cjk" and chat_path:  # (max_tokens ignored, as every scenario here does)
+        if stream:
+            return ("sse", [chunk(model, {"role": "assistant", "content": ""}),
+                            chunk(model, {"content": "Hi"}, [cjk_entry(*CJK[0])]),
+                            chunk(model, {"content": " 你"}, [cjk_entry(*CJK[1]), cjk_entry(*CJK[2])]),
+                            chunk(model, {"content": "好"}, [cjk_entry(*CJK[3])]),
+                            chunk(model, {}, finish="stop"), usage_chunk(model)], True)
+        return ("body", 200, "application/json",
+                json.dumps(chat(model, "Hi 你好", [cjk_entry(*e) for e in CJK])).encode(), {})
     if model == "vllm-sampled-first":  # vLLM's server lists the sampled token first among its top_logprobs
         e = entry(" 4", -1.2, alt=-0.3)
         e["top_logprobs"].append({"token": "mid", "logprob": -0.9, "bytes": list(b"mid")})
@@ -954,3 +974,66 @@ async def test_more_stop_sequences_than_openai_takes_are_applied_here(upstream, 
     assert isinstance(events[-1], StreamEnd) and events[-1].finish_reason == "stop"
     assert events[-1].record.status == "ok"
     assert [r["body"]["stop"] for r in upstream.requests[n:]] == [list(stops[:4])] * 2
+
+
+# --- 9. an upstream that ignores max_tokens ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("model", "request_"), [("ok", CHAT), ("llama-cmpl", RAW), ("null-lp", RAW)],
+                         ids=["chat", "llama-completions", "legacy-completions"])
+async def test_an_answer_past_max_tokens_is_cut_at_the_bound(upstream, model, request_):
+    """Every scenario here answers whole whatever max_tokens says (a proxy that drops it, a llama.cpp server
+    whose own n_predict wins). The answer was passed on at full length as a "stop"; now it is cut at max_tokens,
+    as the upstream should have cut it, with finish_reason "length"; the usage stays what the upstream billed."""
+    asked = request_.with_(max_tokens=3)
+    res = await generate(upstream, model, asked)
+    assert (res.text, res.finish_reason) == ("The answer is", "length")
+    assert [t.token for t in res.tokens] == ["The", " answer", " is"]
+    assert res.usage.completion_tokens == 5  # as billed
+    if model != "null-lp":  # (the legacy-completions stream is vLLM's: cmpl_stream, not this scenario's)
+        chunks = await stream(upstream, model, asked)
+        assert "".join(c.text for c in chunks) == "The answer is" and chunks[-1].finish_reason == "length"
+        assert [t.token for c in chunks for t in c.tokens] == ["The", " answer", " is"]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 3
+    full = await generate(upstream, model, request_)  # within the bound: as it came
+    assert (full.text, full.finish_reason, len(full.tokens)) == (TEXT, "stop", 5)
+
+
+@pytest.mark.parametrize(("n", "text"), [(1, "Hi"), (2, "Hi "), (3, "Hi 你")])
+async def test_an_answer_cut_at_max_tokens_keeps_the_whole_characters(upstream, n, text):
+    """A bound that falls inside a character (its token holds part of its bytes) keeps the whole characters
+    before it, whole or streamed; the tokens' bytes join to the text."""
+    asked = CHAT.with_(max_tokens=n)
+    for chunks in ([await generate(upstream, "cjk", asked)], await stream(upstream, "cjk", asked)):
+        assert "".join(c.text for c in chunks) == text and chunks[-1].finish_reason == "length"
+        toks = [t for c in chunks for t in c.tokens]
+        assert b"".join(t.utf8 for t in toks) == text.encode()
+
+
+async def test_a_reasoning_models_thinking_counts_against_max_tokens(upstream):
+    """vLLM counts the thinking's tokens against max_tokens: 6 of thinking and a bound of 7 leave the answer one."""
+    res = await generate(upstream, "reasoning", CHAT.with_(max_tokens=7))
+    assert (res.text, res.finish_reason, [t.token for t in res.tokens]) == ("4", "length", ["4"])
+    res = await generate(upstream, "reasoning", CHAT.with_(max_tokens=4))
+    assert (res.text, res.finish_reason, res.tokens) == ("", "length", ())
+    chunks = await stream(upstream, "reasoning", CHAT.with_(max_tokens=4))  # 3 tokens of thinking, then "4"
+    assert "".join(c.text for c in chunks) == "4" and chunks[-1].finish_reason == "length"
+
+
+async def test_an_answer_past_max_tokens_is_cut_in_the_ledger(upstream, tmp_path):
+    """Through the engine: the client gets the cut answer, the ledger row its text and what the upstream billed."""
+    import sqlite3
+
+    eng = await Engine.open(make_config(tmp_path, [remote("t", upstream, "ok")], ledger={
+        "path": str(tmp_path / "ledger.sqlite"), "store_text": True}))
+    try:
+        out = await eng.run(CHAT.with_(max_tokens=2))
+        events = [e async for e in eng.stream(CHAT.with_(max_tokens=2))]
+    finally:
+        await eng.close()
+    assert (out.result.text, out.result.finish_reason) == ("The answer", "length")
+    assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == "The answer"
+    assert isinstance(events[-1], StreamEnd) and events[-1].finish_reason == "length"
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        rows = conn.execute("SELECT a.text, a.completion_tokens FROM attempts a JOIN requests r "
+                            "ON a.request_id = r.request_id ORDER BY r.created_at").fetchall()
+    assert [r[0] for r in rows] == ["The answer", "The answer"] and rows[0][1] == 5

@@ -27,11 +27,13 @@ answer (no event with ``choices``: an HTML page, a JSON body from a server that 
 ``[DONE]``) is a malformed response, a stream that ends without a finish reason was cut off, and an answer
 ended with ``finish_reason: "error"`` (OpenRouter's) is the provider's failure. A request's stop sequences are
 applied here too (an upstream may ignore ``stop``, and OpenAI takes at most ``UPSTREAM_STOPS``, the first ones
-sent): the answer ends before the earliest, streamed or not.
+sent): the answer ends before the earliest, streamed or not. So is ``max_tokens``, where the token logprobs tell
+where it falls (an upstream may ignore it): the answer ends at the bound, ``finish_reason: "length"``.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import logging
@@ -422,6 +424,13 @@ class OpenAIBackend(Backend):
         if choice.finish_reason == "error":
             raise self._failed_mid_answer(text)
         finish = _finish(choice.finish_reason)
+        if request.max_tokens is not None and generated > request.max_tokens and (cut := _first_tokens(
+                text, tokens, request.max_tokens - (generated - len(tokens)))) is not None:
+            # an upstream that ignores max_tokens (a proxy that drops it, a llama.cpp server whose own n_predict
+            # wins) answers past it: the answer is cut at the bound, as the upstream should have cut it (the
+            # thinking of a reasoning model counts against it first, as there); its usage stays what it billed
+            text, tokens = cut
+            finish = "length"
         if request.stop:
             # a server that ignores ``stop`` (or got only the first UPSTREAM_STOPS) answers past a stop sequence: the
             # answer ends before the earliest, as OpenAI's would; and a server may send the logprobs of the tokens
@@ -471,6 +480,8 @@ class OpenAIBackend(Backend):
                 usage: Usage | None = None
                 answered = False  # an event with choices came: the body is an answer's stream
                 seen_text, seen_tokens = [], 0  # for a usage block that leaves a count out
+                limit = request.max_tokens
+                over = False  # the upstream went past max_tokens: the answer ended at the bound
                 # the first half of a surrogate pair that ended a chunk (a server that cut its text by UTF-16
                 # units): held for the next chunk, which may start with its second half
                 carry = ""
@@ -480,6 +491,7 @@ class OpenAIBackend(Backend):
                     if ev.choices:
                         answered = True
                         ch = ev.choices[0]
+                        before = seen_tokens
                         if chat:
                             delta = ch.delta
                             text = (delta.content or "") if delta else ""
@@ -494,6 +506,14 @@ class OpenAIBackend(Backend):
                         if ch.finish_reason == "error":  # its text, if any, is not passed on: no answer's end
                             raise self._failed_mid_answer("".join(seen_text) + text)
                         finish = _finish(ch.finish_reason) if ch.finish_reason is not None else finish
+                        if limit is not None and seen_tokens > limit:
+                            # past max_tokens (an upstream that ignores it): this chunk's answer is cut at the
+                            # bound (its thinking counted first), where its tokens join to its text, else passed
+                            # whole (over by less than a chunk), and the stream ends there, closed so that the
+                            # upstream stops generating what would be billed
+                            room = limit - before - (seen_tokens - before - len(toks))
+                            text, toks = _first_tokens(text, toks, room) or (text, toks)
+                            over = True
                         text, carry = carry + text, ""
                         if ends_in_high_surrogate(text):
                             text, carry = text[:-1], text[-1]
@@ -508,6 +528,9 @@ class OpenAIBackend(Backend):
                         usage = self._usage(ev.usage, request, seen_tokens, "".join(seen_text))
                     if held is not None and held.stopped:  # what the server sends after it is no answer's
                         finish = "stop"
+                        break
+                    if over:
+                        finish = "length"
                         break
                 if not answered:  # a 200 whose body is no answer's stream: as the same body unstreamed
                     ctype = stream.response.headers.get("content-type", "")
@@ -528,10 +551,33 @@ class OpenAIBackend(Backend):
                     if held is not None:
                         tail = held.feed(tail) + ("" if held.stopped else held.finish())
                         finish = "stop" if held.stopped else finish
+                    if over:  # the rest of the stream was not read: as for a stop sequence, estimated
+                        usage = usage or self._usage(None, request, seen_tokens, "".join(seen_text))
                 rest = hold.feed(tail, ()) + hold.finish() if hold is not None else ()
                 yield StreamChunk(text=tail, tokens=rest, finish_reason=finish, usage=usage)
             finally:  # a consumer that stops early: the HTTP response is closed now, not by the collector
                 await stream.close()
+
+
+def _first_tokens(text: str, tokens: tuple[TokenLogprob, ...],
+                  n: int) -> tuple[str, tuple[TokenLogprob, ...]] | None:
+    """An answer (or a stream's chunk) cut to its first ``n`` tokens: the text they make up, and those tokens.
+    The cut is found where the tokens join to the text, by their text or by their bytes (a token that holds part
+    of a character: the cut keeps the whole characters before it); None where they join to it neither way (the
+    answer cannot be cut at a token), or there is nothing to cut. None or fewer tokens: none of the text."""
+    n = max(0, n)
+    if n >= len(tokens) and (tokens or n):
+        return None
+    if n == 0:
+        return "", ()
+    if "".join(t.token for t in tokens) == text:
+        return text[:sum(len(t.token) for t in tokens[:n])], tokens[:n]
+    if b"".join(t.utf8 for t in tokens) == text.encode("utf-8", "surrogatepass"):
+        # the characters the first n tokens' bytes complete (a character they end inside is left out, as a
+        # server that stops there leaves it)
+        head = codecs.getincrementaldecoder("utf-8")("replace").decode(b"".join(t.utf8 for t in tokens[:n]))
+        return head, fit_tokens(tokens[:n], head)
+    return None
 
 
 #: what reading a malformed answer raises (a body that is no JSON, no ``choices``, a field of the wrong type)
