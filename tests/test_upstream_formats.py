@@ -208,6 +208,9 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     if model == "credits":  # OpenRouter (and others), out of credits: 402 Payment Required
         return error(402, {"error": {"code": 402, "message": "Insufficient credits. Add more using "
                                      "https://openrouter.ai/settings/credits"}})
+    if model == "credits-inflight":  # OpenRouter's in-flight spending budget: full for now, with a wait
+        return error(402, {"error": {"code": 402, "message": "In-flight budget exhausted", "metadata": {
+            "limit_source": "openrouter_in_flight_budget"}}}, {"retry-after": "3"})
     if model == "rate":
         return error(429, oai_error("Rate limit reached for requests per min (RPM).", "requests",
                                     "rate_limit_exceeded"), {"retry-after": "20"})
@@ -817,6 +820,9 @@ async def test_payment_required_is_a_refused_credential(upstream):
         await stream(upstream, "credits")
     with pytest.raises(ProviderAuthError):  # told in a stream's error event
         await stream(upstream, "event-credits")
+    with pytest.raises(RateLimitedError) as rate:  # with a wait (OpenRouter's in-flight budget): it passes
+        await generate(upstream, "credits-inflight")
+    assert rate.value.retry_after == 3.0 and rate.value.upstream_status == 402
 
 
 @pytest.mark.parametrize("model", ["quota", "credits"])

@@ -14,17 +14,17 @@ logprobs, so such a tier has no confidence: it can only be a route's last tier; 
 ``false``): ``true`` for OpenAI's reasoning models, which also refuse ``max_tokens`` (``max_completion_tokens``
 is sent), a temperature or top_p but their default (neither is sent) and, some, ``stop`` (applied here only).
 
-What upstreams send is read in each real server's shape: llama.cpp's ``/v1/completions`` logprobs in the
-chat shape (``{"content": [...]}``) as well as the legacy one; a ``null`` logprob (SGLang and llama.cpp
-write ``-inf`` so) floored; a reasoning model's thinking (``reasoning_content``/``reasoning`` beside the
-answer, its tokens in the same ``logprobs.content``) left out of the answer's tokens; context overflows in
-OpenAI's, vLLM's and llama.cpp's words; OpenAI's ``insufficient_quota`` 429 (out of credits, not a rate
-limit) and a 402 (Payment Required: OpenRouter's and others', out of credits) as a refused credential; an error
-event in a streamed 200 (``data: {"error": ...}``, older vLLM's ``{"object": "error", ...}``: vLLM's prompt
-too long for its model, found once the headers went out; llama.cpp's ``error: {...}`` line, a field of its own)
-as the HTTP status it stands for. A streamed 200 that carries no
-answer (no event with ``choices``: an HTML page, a JSON body from a server that ignored ``stream``, only
-``[DONE]``) is a malformed response, a stream that ends without a finish reason was cut off, and an answer
+What upstreams send is read in each real server's shape: llama.cpp's ``/v1/completions`` logprobs in the chat
+shape (``{"content": [...]}``) as well as the legacy one; a ``null`` logprob (SGLang and llama.cpp write
+``-inf`` so) floored; a reasoning model's thinking (``reasoning_content``/``reasoning`` beside the answer, its
+tokens in the same ``logprobs.content``) left out of the answer's tokens; context overflows in OpenAI's, vLLM's
+and llama.cpp's words; OpenAI's ``insufficient_quota`` 429 (out of credits, not a rate limit) and a 402 (Payment
+Required: OpenRouter's and others', out of credits) as a refused credential (a 402 with a ``Retry-After``, a
+spending limit that passes, as a rate limit); an error event in a streamed 200 (``data: {"error": ...}``, older
+vLLM's ``{"object": "error", ...}``: vLLM's prompt too long for its model, found once the headers went out;
+llama.cpp's ``error: {...}`` line, a field of its own) as the HTTP status it stands for. A streamed 200 that
+carries no answer (no event with ``choices``: an HTML page, a JSON body from a server that ignored ``stream``,
+only ``[DONE]``) is a malformed response, a stream that ends without a finish reason was cut off, and an answer
 ended with ``finish_reason: "error"`` (OpenRouter's) is the provider's failure. A request's stop sequences are
 applied here too (an upstream may ignore ``stop``, and OpenAI takes at most ``UPSTREAM_STOPS``, the first ones
 sent): the answer ends before the earliest, streamed or not. So is ``max_tokens``, where the token logprobs tell
@@ -152,8 +152,12 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
         msg = redact(f"{provider}: error in the stream (as HTTP {status}): {body}", secrets)
         retry = None
     if status is not None:
+        if status == 402 and retry is not None:
+            # a 402 with a wait: a spending limit that passes (OpenRouter's in-flight budget, full while paid
+            # requests settle): as a rate limit, waited for and retried within the tier's limits
+            return RateLimitedError(msg, provider=provider, status=status, retry_after=retry)
         if status == 402 or (status == 429 and _error_codes(exc) & _QUOTA_CODES):
-            # out of credits (402 Payment Required: OpenRouter's, Together's and others'; OpenAI's 429
+            # out of credits (402 Payment Required without a wait: OpenRouter's and others'; OpenAI's 429
             # insufficient_quota): every call fails until someone pays, so it is a refused credential (the breaker
             # forced open, the tier falls over), not a rate limit or a failure retried on every request
             what = "HTTP 402" if status == 402 else "HTTP 429 insufficient_quota"
