@@ -79,6 +79,12 @@ def oai_stream(model: str, toks=TOKS, *, null: bool = False) -> list[dict[str, A
     return ev + [chunk(model, {}, finish="stop"), usage_chunk(model)]
 
 
+def not_finished(events: list[dict[str, Any]], null: str) -> list[dict[str, Any]]:
+    """A stream whose chunks say "not finished" as ``null`` (a string) where OpenAI writes null."""
+    return [{**e, "choices": [{**c, "finish_reason": null if c["finish_reason"] is None else c["finish_reason"]}
+                              for c in e["choices"]]} for e in events]
+
+
 def cmpl_stream(model: str) -> list[dict[str, Any]]:
     """vLLM's /v1/completions stream: legacy logprobs per token, a finish chunk, a usage chunk."""
     ev = [{"id": "cmpl-x", "object": "text_completion", "created": 1, "model": model,
@@ -245,6 +251,10 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
             "usage-only": lambda: ([usage_chunk(model)], True),
             "truncated": lambda: (oai_stream(model)[:3], False),   # 2 tokens, then the body ends cleanly
             "role-then-close": lambda: (oai_stream(model)[:1], False),
+            # SGLang before 0.4.4, Ollama, LocalAI: "" for null on every chunk until the last (KoboldCpp: "null")
+            "finish-empty": lambda: (not_finished(oai_stream(model), ""), True),
+            "finish-empty-cut": lambda: (not_finished(oai_stream(model), "")[:3], False),
+            "finish-null-text-cut": lambda: (not_finished(oai_stream(model), "null")[:3], False),
             # OpenRouter's, when the model's provider failed mid-answer: the choice ends with finish_reason "error"
             "finish-error": lambda: (oai_stream(model)[:3] + [chunk(model, {}, finish="error"), usage_chunk(model)],
                                      True),
@@ -599,7 +609,8 @@ async def test_an_answer_whose_text_is_no_string_is_a_malformed_response(upstrea
     assert failed.prompt_tokens > 0 and failed.cost_usd > 0  # it answered: its prompt is billed, as estimated
 
 
-@pytest.mark.parametrize("model,sent", [("truncated", "The answer"), ("role-then-close", "")])
+@pytest.mark.parametrize("model,sent", [("truncated", "The answer"), ("role-then-close", ""),
+                                        ("finish-empty-cut", "The answer"), ("finish-null-text-cut", "The answer")])
 async def test_a_stream_that_ends_without_a_finish_reason_was_cut_off(upstream, model, sent):
     """The body ended cleanly, with neither a finish reason nor [DONE]: as a connection lost mid-answer
     (what a drop mid-stream raises), after the chunks that came."""
@@ -608,6 +619,15 @@ async def test_a_stream_that_ends_without_a_finish_reason_was_cut_off(upstream, 
         await stream(upstream, model, got=got)
     assert "".join(c.text for c in got) == sent and err.value.answered
     assert all(c.finish_reason is None for c in got)
+
+
+async def test_a_finish_reason_written_as_an_empty_string_is_no_answers_end(upstream):
+    """SGLang (before 0.4.4), Ollama and LocalAI write "" where OpenAI writes a chunk's null finish_reason: the
+    answer ends with the last chunk's real one. Each "" was read as "stop", so a stream cut off after its first
+    chunk passed for a whole answer (above: a cut-off stream); a whole stream ends as it said."""
+    chunks = await stream(upstream, "finish-empty")
+    assert "".join(c.text for c in chunks) == TEXT and chunks[-1].finish_reason == "stop"
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
 
 
 async def test_an_answer_ended_by_finish_reason_error_is_the_providers_failure(upstream):

@@ -24,11 +24,12 @@ spending limit that passes, as a rate limit); an error event in a streamed 200 (
 vLLM's ``{"object": "error", ...}``: vLLM's prompt too long for its model, found once the headers went out;
 llama.cpp's ``error: {...}`` line, a field of its own) as the HTTP status it stands for. A streamed 200 that
 carries no answer (no event with ``choices``: an HTML page, a JSON body from a server that ignored ``stream``,
-only ``[DONE]``) is a malformed response, a stream that ends without a finish reason was cut off, and an answer
-ended with ``finish_reason: "error"`` (OpenRouter's) is the provider's failure. A request's stop sequences are
-applied here too (an upstream may ignore ``stop``, and OpenAI takes at most ``UPSTREAM_STOPS``, the first ones
-sent): the answer ends before the earliest, streamed or not. So is ``max_tokens``, where the token logprobs tell
-where it falls (an upstream may ignore it): the answer ends at the bound, ``finish_reason: "length"``.
+only ``[DONE]``) is a malformed response, a stream that ends without a finish reason (``""`` is none) was cut
+off, and an answer ended with ``finish_reason: "error"`` (OpenRouter's) is the provider's failure. A request's
+stop sequences are applied here too (an upstream may ignore ``stop``, and OpenAI takes at most
+``UPSTREAM_STOPS``, the first ones sent): the answer ends before the earliest, streamed or not. So is
+``max_tokens``, where the token logprobs tell where it falls (an upstream may ignore it): the answer ends at the
+bound, ``finish_reason: "length"``.
 """
 
 from __future__ import annotations
@@ -509,7 +510,7 @@ class OpenAIBackend(Backend):
                             seen_tokens += len(toks)
                         if ch.finish_reason == "error":  # its text, if any, is not passed on: no answer's end
                             raise self._failed_mid_answer("".join(seen_text) + text)
-                        finish = _finish(ch.finish_reason) if ch.finish_reason is not None else finish
+                        finish = _finish(ch.finish_reason) if _ends(ch.finish_reason) else finish
                         if limit is not None and seen_tokens > limit:
                             # past max_tokens (an upstream that ignores it): this chunk's answer is cut at the
                             # bound (its thinking counted first), where its tokens join to its text, else passed
@@ -669,6 +670,18 @@ def _count(value: Any) -> int:
     except (TypeError, ValueError):
         return 0
     return int(x) if math.isfinite(x) and 0 <= x <= _MAX_COUNT and x == int(x) else 0
+
+
+#: what some servers write in a stream's chunk for "not finished" where OpenAI writes null: "" (SGLang before 0.4.4,
+#: Ollama, LocalAI), "null" (KoboldCpp)
+_NOT_FINISHED = frozenset({"", "null"})
+
+
+def _ends(value: Any) -> bool:
+    """Whether a stream's chunk says the answer ended: a finish reason that is not null, nor one of the ways some
+    servers write null (``_NOT_FINISHED``). Read as "stop", those made every chunk an answer's end: a stream cut
+    off after them passed for a whole answer."""
+    return value is not None and not (isinstance(value, str) and value.strip() in _NOT_FINISHED)
 
 
 def _finish(value: Any) -> str:
