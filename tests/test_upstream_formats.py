@@ -167,9 +167,17 @@ def cjk_entry(tok: str, lp: float, raw: bytes) -> dict[str, Any]:
                                                                              "bytes": list(raw)}]}
 
 
+BODY_ERRORS = {"body-502": {"code": 502, "message": "Provider returned error", "metadata": {"provider_name": "X"}},
+               "body-429": {"code": 429, "message": "Provider rate limited the request"},
+               "body-ctx": {"code": 400, "message": "This endpoint's maximum context length is 4096 tokens."},
+               "body-text": "upstream failed"}
+
+
 def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     """``("body", status, content-type, bytes, headers)`` or ``("sse", [event, ...], done)``."""
     stream, chat_path = bool(body.get("stream")), path.endswith("/chat/completions")
+    if model in BODY_ERRORS and not stream:  # a 200 whose body is an error object (OpenRouter's, once the model began)
+        return ("body", 200, "application/json", json.dumps({"error": BODY_ERRORS[model]}).encode(), {})
     if model == "cjk" and chat_path:  # (max_tokens ignored, as every scenario here does)
         if stream:
             return ("sse", [chunk(model, {"role": "assistant", "content": ""}),
@@ -731,6 +739,24 @@ async def test_llamacpps_error_field_is_the_error_it_states_not_a_cut_answer(ups
     finally:
         await eng.close()
     assert upstream.seen("ok") == before  # the same model elsewhere is not asked
+
+
+@pytest.mark.parametrize(("model", "error", "status"), [("body-502", ProviderServerError, 502),
+                                                       ("body-429", RateLimitedError, 429),
+                                                       ("body-ctx", ProviderContextLengthError, 400),
+                                                       ("body-text", ProviderServerError, 500)])
+@pytest.mark.parametrize("request_", [CHAT, RAW], ids=["chat", "completions"])
+async def test_a_200_whose_body_is_an_error_is_read_as_the_status_it_stands_for(upstream, model, error, status,
+                                                                                 request_):
+    """OpenRouter answers a failure found once the model began with a 200 whose body is ``{"error": {...}}``. It was
+    a malformed response (a TypeError in the log, the upstream's text lost); now it is the status its code stands
+    for, as an error event in a stream is: a rate limit retried, a context overflow escalated, its text kept."""
+    with pytest.raises(error) as err:
+        await generate(upstream, model, request_)
+    assert type(err.value) is error and err.value.upstream_status == status
+    assert "error in the answer" in err.value.message and "malformed" not in err.value.message
+    said = BODY_ERRORS[model]
+    assert (said if isinstance(said, str) else said["message"]) in err.value.message
 
 
 async def test_a_context_overflow_sent_as_a_stream_event_is_not_fallen_over(upstream, tmp_path):

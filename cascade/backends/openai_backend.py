@@ -22,14 +22,14 @@ and llama.cpp's words; OpenAI's ``insufficient_quota`` 429 (out of credits, not 
 Required: OpenRouter's and others', out of credits) as a refused credential (a 402 with a ``Retry-After``, a
 spending limit that passes, as a rate limit); an error event in a streamed 200 (``data: {"error": ...}``, older
 vLLM's ``{"object": "error", ...}``: vLLM's prompt too long for its model, found once the headers went out;
-llama.cpp's ``error: {...}`` line, a field of its own) as the HTTP status it stands for. A streamed 200 that
-carries no answer (no event with ``choices``: an HTML page, a JSON body from a server that ignored ``stream``,
-only ``[DONE]``) is a malformed response, a stream that ends without a finish reason (``""`` is none) was cut
-off, and an answer ended with ``finish_reason: "error"`` (OpenRouter's) is the provider's failure. A request's
-stop sequences are applied here too (an upstream may ignore ``stop``, and OpenAI takes at most
-``UPSTREAM_STOPS``, the first ones sent): the answer ends before the earliest, streamed or not. So is
-``max_tokens``, where the token logprobs tell where it falls (an upstream may ignore it): the answer ends at the
-bound, ``finish_reason: "length"``.
+llama.cpp's ``error: {...}`` line, a field of its own), and a 200 whose body is ``{"error": {...}}``
+(OpenRouter's), as the HTTP status it stands for. A streamed 200 that carries no answer (no event with
+``choices``: an HTML page, a JSON body from a server that ignored ``stream``, only ``[DONE]``) is a malformed
+response, a stream that ends without a finish reason (``""`` is none) was cut off, and an answer ended with
+``finish_reason: "error"`` (OpenRouter's) is the provider's failure. A request's stop sequences are applied here
+too (an upstream may ignore ``stop``, and OpenAI takes at most ``UPSTREAM_STOPS``, the first ones sent): the
+answer ends before the earliest, streamed or not. So is ``max_tokens``, where the token logprobs tell where it
+falls (an upstream may ignore it): the answer ends at the bound, ``finish_reason: "length"``.
 """
 
 from __future__ import annotations
@@ -153,39 +153,65 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
         msg = redact(f"{provider}: error in the stream (as HTTP {status}): {body}", secrets)
         retry = None
     if status is not None:
-        if status == 402 and retry is not None:
-            # a 402 with a wait: a spending limit that passes (OpenRouter's in-flight budget, full while paid
-            # requests settle): as a rate limit, waited for and retried within the tier's limits
-            return RateLimitedError(msg, provider=provider, status=status, retry_after=retry)
-        if status == 402 or (status == 429 and _error_codes(exc) & _QUOTA_CODES):
-            # out of credits (402 Payment Required without a wait: OpenRouter's and others'; OpenAI's 429
-            # insufficient_quota): every call fails until someone pays, so it is a refused credential (the breaker
-            # forced open, the tier falls over), not a rate limit or a failure retried on every request
-            what = "HTTP 402" if status == 402 else "HTTP 429 insufficient_quota"
-            return ProviderAuthError(f"{provider}: account out of quota or credits ({what})", provider=provider,
-                                     status=status)
-        if status == 429:
-            return RateLimitedError(msg, provider=provider, status=status, retry_after=retry)
-        if status in (401, 403):  # the body says no more than this, and may quote (part of) the key
-            return ProviderAuthError(f"{provider}: credentials rejected (HTTP {status})", provider=provider,
-                                     status=status)
-        if status == 404:  # the upstream has no such model or route: our configuration's fault, not the
-            return ProviderError(msg, provider=provider, status=status)  # client's; another provider may have it
-        if status in (400, 413, 422):
-            if any(m in body.lower() for m in _CONTEXT_MARKERS) or _error_codes(exc) & _CONTEXT_CODES:
-                return ProviderContextLengthError(msg, provider=provider, status=status)
-            # the upstream's own code for what is wrong with the request (e.g. invalid_value) tells the client most;
-            # vLLM's and llama.cpp's code is the status itself (400, which the openai client makes "400"): no code
-            code = getattr(exc, "code", None)
-            return ProviderInvalidRequestError(msg, provider=provider, status=status,
-                                               code=code if isinstance(code, str) and code and not code.isdigit()
-                                               else None)
-        if status >= 500:
-            return ProviderServerError(msg, provider=provider, status=status, retry_after=retry)
-        return ProviderError(msg, provider=provider, status=status)
+        return _status_error(exc, provider, status, msg, body, retry)
     if isinstance(exc, openai.OpenAIError):
         return ProviderError(redact(f"{provider}: {exc}", secrets), provider=provider)
     return ProviderError(redact(f"{provider}: {type(exc).__name__}: {exc}", secrets), provider=provider)
+
+
+def _status_error(exc: Any, provider: str, status: int, msg: str, body: str,
+                  retry: float | None) -> CascadeError:
+    """The error an upstream's HTTP status (or the status an error event stands for) is, in our tree. ``exc``: what
+    carries the upstream's error ``code`` and ``type`` (the openai exception); ``msg``: the message, redacted;
+    ``body``: the upstream's own text."""
+    if status == 402 and retry is not None:
+        # a 402 with a wait: a spending limit that passes (OpenRouter's in-flight budget, full while paid
+        # requests settle): as a rate limit, waited for and retried within the tier's limits
+        return RateLimitedError(msg, provider=provider, status=status, retry_after=retry)
+    if status == 402 or (status == 429 and _error_codes(exc) & _QUOTA_CODES):
+        # out of credits (402 Payment Required without a wait: OpenRouter's and others'; OpenAI's 429
+        # insufficient_quota): every call fails until someone pays, so it is a refused credential (the breaker
+        # forced open, the tier falls over), not a rate limit or a failure retried on every request
+        what = "HTTP 402" if status == 402 else "HTTP 429 insufficient_quota"
+        return ProviderAuthError(f"{provider}: account out of quota or credits ({what})", provider=provider,
+                                 status=status)
+    if status == 429:
+        return RateLimitedError(msg, provider=provider, status=status, retry_after=retry)
+    if status in (401, 403):  # the body says no more than this, and may quote (part of) the key
+        return ProviderAuthError(f"{provider}: credentials rejected (HTTP {status})", provider=provider,
+                                 status=status)
+    if status == 404:  # the upstream has no such model or route: our configuration's fault, not the
+        return ProviderError(msg, provider=provider, status=status)  # client's; another provider may have it
+    if status in (400, 413, 422):
+        if any(m in body.lower() for m in _CONTEXT_MARKERS) or _error_codes(exc) & _CONTEXT_CODES:
+            return ProviderContextLengthError(msg, provider=provider, status=status)
+        # the upstream's own code for what is wrong with the request (e.g. invalid_value) tells the client most;
+        # vLLM's and llama.cpp's code is the status itself (400, which the openai client makes "400"): no code
+        code = getattr(exc, "code", None)
+        return ProviderInvalidRequestError(msg, provider=provider, status=status,
+                                           code=code if isinstance(code, str) and code and not code.isdigit()
+                                           else None)
+    if status >= 500:
+        return ProviderServerError(msg, provider=provider, status=status, retry_after=retry)
+    return ProviderError(msg, provider=provider, status=status)
+
+
+def answer_error(provider: str, error: Any, secrets: Sequence[str] = ()) -> CascadeError:
+    """A 200 whose body is an error object where an answer should be (``{"error": {"code": 502, "message": ...}}``:
+    OpenRouter's, for a failure once the model began; a proxy's), read as the HTTP status it stands for, as an
+    error event in a stream is (it was a malformed response, whatever status or text it gave)."""
+    from types import SimpleNamespace
+
+    from cascade.resilience import redact
+
+    fields = error if isinstance(error, dict) else {}
+    code = fields.get("code")
+    # as the openai client reads an error body: its code as a string (a number's digits), its type as given
+    said = SimpleNamespace(code=str(code) if code is not None else None, type=fields.get("type"))
+    body = error if isinstance(error, str) else str(fields.get("message") or "")
+    status = _event_status(said, body)
+    msg = redact(f"{provider}: error in the answer (as HTTP {status}): {body}", secrets)
+    return _status_error(said, provider, status, msg, body, None)
 
 
 def _redirected(response: Any) -> str:
@@ -411,6 +437,7 @@ class OpenAIBackend(Backend):
         with _translated(self.name, self._secrets()):
             if self._use_chat(request):
                 resp = await self._client.chat.completions.create(**self._kwargs(request))
+                self._check_answered(resp)
                 choice = resp.choices[0]
                 text = choice.message.content or ""
                 tokens = _chat_tokens(choice.logprobs) if self._logprobs else ()
@@ -419,6 +446,7 @@ class OpenAIBackend(Backend):
                     tokens = _answer_tail(tokens, text)
             else:
                 resp = await self._client.completions.create(**self._kwargs(request))
+                self._check_answered(resp)
                 choice = resp.choices[0]
                 text = choice.text or ""
                 tokens = _completion_tokens(choice.logprobs) if self._logprobs else ()
@@ -448,6 +476,13 @@ class OpenAIBackend(Backend):
             text=text, tokens=tokens, finish_reason=finish,
             usage=self._usage(resp.usage, request, generated, text),
             latency_s=latency, model=getattr(resp, "model", None) or self.model)
+
+    def _check_answered(self, resp: Any) -> None:
+        """Raise the error a 200's body states in place of an answer (no ``choices``, an ``error``): see
+        :func:`answer_error`."""
+        error = (getattr(resp, "model_extra", None) or {}).get("error") if not getattr(resp, "choices", None) else None
+        if error:
+            raise answer_error(self.name, error, self._secrets())
 
     def _failed_mid_answer(self, text: str) -> ProviderServerError:
         """An answer the upstream ended with ``finish_reason: "error"`` (OpenRouter's, when the model's provider
