@@ -228,6 +228,15 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     if model == "rate":
         return error(429, oai_error("Rate limit reached for requests per min (RPM).", "requests",
                                     "rate_limit_exceeded"), {"retry-after": "20"})
+    if model == "mistral" and "stream_options" in body:  # Mistral's API: no stream_options (pydantic, extra forbidden)
+        return error(422, {"object": "error", "message": {"detail": [{
+            "type": "extra_forbidden", "loc": ["body", "stream_options", "include_usage"],
+            "msg": "Extra inputs are not permitted", "input": True}]}, "type": "invalid_request_error", "param": None,
+            "code": None})
+    if model == "mistral":
+        if stream:
+            return ("sse", oai_stream(model)[:-1], True)  # (no usage chunk: none was asked for)
+        return ("body", 200, "application/json", json.dumps(chat(model)).encode(), {})
     if model == "o-series":  # OpenAI's reasoning models: max_completion_tokens only, no sampling parameters
         for param in ("max_tokens", "logprobs", "top_logprobs", "stop"):  # (o3 and o4-mini refuse stop)
             if param in body:
@@ -1089,3 +1098,37 @@ async def test_an_answer_past_max_tokens_is_cut_in_the_ledger(upstream, tmp_path
         rows = conn.execute("SELECT a.text, a.completion_tokens FROM attempts a JOIN requests r "
                             "ON a.request_id = r.request_id ORDER BY r.created_at").fetchall()
     assert [r[0] for r in rows] == ["The answer", "The answer"] and rows[0][1] == 5
+
+
+# --- 10. a provider that refuses stream_options -----------------------------------------------------------
+
+async def test_a_provider_that_refuses_stream_options_is_a_configuration_fault(upstream, tmp_path):
+    """Mistral's API refuses ``stream_options`` with a 422. Every streamed request to such a tier was refused as the
+    client's invalid request (400, never fallen over), whatever it asked. Now the refusal is the configuration's
+    fault (fallen over, the fix named), and ``options.stream_usage: false`` leaves the parameter out."""
+    with pytest.raises(ProviderError, match="set the tier's options.stream_usage: false") as err:
+        await stream(upstream, "mistral")
+    assert type(err.value) is ProviderError and err.value.fall_over and err.value.upstream_status == 422
+    n = len(upstream.requests)
+    chunks = await stream(upstream, "mistral", stream_usage=False)
+    assert "".join(c.text for c in chunks) == TEXT and chunks[-1].finish_reason == "stop"
+    assert "stream_options" not in upstream.requests[n]["body"]
+    assert (await generate(upstream, "mistral", stream_usage=False)).text == TEXT  # (a whole answer: unchanged)
+    cfg = two_providers(tmp_path, upstream, ("mistral", "mistral"), ("healthy", "ok"))
+    eng = await Engine.open(cfg)
+    try:
+        events = [e async for e in eng.stream(CHAT)]
+    finally:
+        await eng.close()
+    assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == TEXT
+    assert [(a.backend, a.error_class) for a in events[-1].record.attempts] == [("mistral", "ProviderError"),
+                                                                                ("healthy", None)]
+    cfg = make_config(tmp_path, [remote("t", upstream, "mistral", options={"stream_usage": False})])
+    eng = await Engine.open(cfg)
+    try:
+        events = [e async for e in eng.stream(CHAT)]
+    finally:
+        await eng.close()
+    assert isinstance(events[-1], StreamEnd) and events[-1].usage.completion_tokens > 0  # estimated
+    with pytest.raises(ConfigError, match="stream_usage must be true or false"):
+        OpenAIBackend(model="m", base_url=upstream.base_url, stream_usage="no")

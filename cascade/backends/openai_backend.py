@@ -185,6 +185,11 @@ def _status_error(exc: Any, provider: str, status: int, msg: str, body: str,
     if status in (400, 413, 422):
         if any(m in body.lower() for m in _CONTEXT_MARKERS) or _error_codes(exc) & _CONTEXT_CODES:
             return ProviderContextLengthError(msg, provider=provider, status=status)
+        if "stream_options" in f"{body} {getattr(exc, 'body', '')}" or getattr(exc, "param", None) == "stream_options":
+            # a parameter this backend sends on its own (Mistral's API refuses it with a 422): the tier's
+            # configuration is at fault, not the client's request; another provider may take it
+            return ProviderError(f"{msg} (the upstream refuses stream_options: set the tier's options.stream_usage: "
+                                 "false)", provider=provider, status=status)
         # the upstream's own code for what is wrong with the request (e.g. invalid_value) tells the client most;
         # vLLM's and llama.cpp's code is the status itself (400, which the openai client makes "400"): no code
         code = getattr(exc, "code", None)
@@ -321,15 +326,18 @@ class OpenAIBackend(Backend):
                  api_key: str | None = None, api_key_env: str | None = None, endpoint: str = "chat",
                  timeout_s: float = 120.0, context_length: int | None = None,
                  extra_body: dict[str, Any] | None = None, logprobs: bool | None = None, reasoning: bool = False,
-                 **unknown: Any) -> None:
+                 stream_usage: bool = True, **unknown: Any) -> None:
         super().__init__(model=model, name=name)
         if unknown:
             raise ConfigError(f"tier {self.name!r}: unknown openai option(s) {sorted(unknown)}; known: "
-                              "base_url, api_key, api_key_env, endpoint, extra_body, logprobs, reasoning")
+                              "base_url, api_key, api_key_env, endpoint, extra_body, logprobs, reasoning, "
+                              "stream_usage")
         if logprobs is not None and not isinstance(logprobs, bool):
             raise ConfigError(f"tier {self.name!r}: options.logprobs must be true or false")
         if not isinstance(reasoning, bool):
             raise ConfigError(f"tier {self.name!r}: options.reasoning must be true or false")
+        if not isinstance(stream_usage, bool):
+            raise ConfigError(f"tier {self.name!r}: options.stream_usage must be true or false")
         if reasoning and logprobs:
             raise ConfigError(f"tier {self.name!r}: options.reasoning is true, and a reasoning model gives no token "
                               "logprobs: leave options.logprobs out")
@@ -360,6 +368,9 @@ class OpenAIBackend(Backend):
         self._reasoning = reasoning
         #: ask for token logprobs (``options.logprobs: false``: a provider that refuses the parameters)
         self._logprobs = not reasoning if logprobs is None else logprobs
+        #: ask a stream for its usage (``stream_options.include_usage``); ``options.stream_usage: false``: a provider
+        #: that refuses the parameter (Mistral's API, with a 422), whose streams' usage is then estimated
+        self._stream_usage = stream_usage
         self._client: Any = None
 
     @classmethod
@@ -504,7 +515,8 @@ class OpenAIBackend(Backend):
         await self.start()
         kw = self._kwargs(request)
         kw["stream"] = True
-        kw["stream_options"] = {"include_usage": True}
+        if self._stream_usage:
+            kw["stream_options"] = {"include_usage": True}
         chat = self._use_chat(request)
         # with stop sequences, the text that could begin one is held back until the next chunk tells (a server
         # that ignores them, or got only the first UPSTREAM_STOPS, may send one, split across chunks or not: the
