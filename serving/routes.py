@@ -115,12 +115,22 @@ async def _admit(request: Request, body: AnyRequest,
         # a request naming no model was for the default policy: its row says so, as a served one's does
         await record_refusal(request, exc, _route_name(request, body), endpoint, body.attribution())
         raise
+    except asyncio.CancelledError:
+        # a shutdown that ran out of time while the request waited here (its spend check, or the ledger's probe,
+        # on a slow database): the drain answers it with a 503, and its row says so, as the rows of those it
+        # cancelled in their tiers do; queued, not waited for (the 503 goes out now, the row with the ledger's
+        # close)
+        shutdown = request.app.state.drain.error
+        if shutdown is not None:
+            await record_refusal(request, shutdown, _route_name(request, body), endpoint, body.attribution(),
+                                 wait=False)
+        raise
 
 
 async def record_refusal(request: Request, exc: CascadeError, model: str | None, endpoint: str,
-                         attribution: dict | None = None) -> None:
+                         attribution: dict | None = None, *, wait: bool = True) -> None:
     """A completion request refused before the engine ran it: its ledger row, under the response's request id
-    and the caller's key."""
+    and the caller's key (``wait=False``: queued, not waited for, as :meth:`Engine.record_refusal`)."""
     caller = request.scope.get("state", {}).get("caller")
     if model is not None and (len(model) > MAX_MODEL_CHARS or not is_utf8(model)):  # refused for that: nothing
         model = None                                                                 # to file it under
@@ -128,7 +138,7 @@ async def record_refusal(request: Request, exc: CascadeError, model: str | None,
         exc.message = exc.message.encode("utf-8", "replace").decode("utf-8")
     await _engine(request).record_refusal(
         exc, model=model, endpoint=endpoint, request_id=request.scope.get("state", {}).get("request_id"),
-        api_key_id=getattr(caller, "key_id", None), user_tier=getattr(caller, "user_tier", None),
+        api_key_id=getattr(caller, "key_id", None), user_tier=getattr(caller, "user_tier", None), wait=wait,
         **(attribution or {}))
 
 

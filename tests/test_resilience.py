@@ -1336,6 +1336,56 @@ async def test_an_answer_already_recorded_is_sent_even_past_the_grace(tmp_path):
     assert row == ("ok",)
 
 
+async def test_a_request_still_being_admitted_when_the_grace_runs_out_gets_its_row(tmp_path):
+    """A request that the grace runs out on while it is still being admitted (here: its daily spend check waits
+    for a lock another process holds on the database) gets the shutdown's 503 and a ledger row saying so, as
+    one cancelled in its tiers does: the ledger holds every request a client was answered for."""
+    import threading
+
+    with FaultServerThread() as fast:
+        db = tmp_path / "ledger.sqlite"
+        cfg = serve_config(tmp_path, [{"name": "fast", "providers": [prov("fast", fast)], "threshold": 0.0,
+                                       "max_tokens": 4}], ["fast"], graceful_shutdown_s=1)
+        cfg["ledger"]["timeout_s"] = 20  # the spend check waits for the lock far past the grace
+        cfg["user_tiers"] = {"capped": {"daily_spend_limit_usd": 1.0}}
+        cfg["auth"] = {"anonymous_user_tier": "capped"}
+        locked, release = threading.Event(), threading.Event()
+
+        def hold_the_database() -> None:
+            conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+            conn.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(30)
+            conn.execute("COMMIT")
+            conn.close()
+
+        holder = threading.Thread(target=hold_the_database)
+        try:
+            async with serving(cfg, tmp_path) as (client, proc):
+                holder.start()
+                await asyncio.to_thread(locked.wait, 10)
+                body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
+                task = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+                await asyncio.sleep(0.5)                   # in its spend check, waiting for the lock
+                proc.send_signal(signal.SIGTERM)
+                r = await task                             # answered at the 1 s grace
+                release.set()                              # the ledger can be written again before it closes
+                rc = await asyncio.to_thread(proc.wait, 30)
+                out = proc.stdout.read().decode()
+                called = fast.stats()["requests"]
+        finally:
+            release.set()
+            holder.join(10)
+    assert rc in (0, -signal.SIGTERM), out
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown", r.text
+    assert called == 0                                     # no model was called
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT request_id, status, error_class, n_attempts, cost_usd FROM requests").fetchall()
+        holds = conn.execute("SELECT count(*) FROM spend_holds").fetchone()[0]
+    assert rows == [(r.headers["x-request-id"], "error", "ServerShutdown", 0, 0.0)], (rows, out)
+    assert holds == 0                                      # its spend hold did not outlive it
+
+
 NEXT_WITH_PASSWORD = "http://user:hunter2@example.com/"
 
 
