@@ -963,6 +963,17 @@ class Engine:
             self._finish(rec, route=None, t0=t0)
             self._submit(rec, None).add_done_callback(log_failure)  # not awaited: it may wait for the database
             raise
+        except asyncio.CancelledError:
+            # its caller gave up (or a shutdown ran out of time) while the probe waited for the database: its row,
+            # as a request cancelled in its tiers has one (cancelled, or the shutdown's error), queued as above
+            why = self._aborted
+            rec.policy = model or self.config.default_policy_name
+            rec.status, rec.error_class, rec.error_message = (
+                ("cancelled", "ClientDisconnected", "cancelled") if why is None
+                else ("error", type(why).__name__, why.message))
+            self._finish(rec, route=None, t0=t0)
+            self._submit(rec, None).add_done_callback(log_failure)
+            raise
 
     async def record_refusal(self, exc: CascadeError, *, model: str | None = None, endpoint: str = "chat",
                              request_id: str | None = None, api_key_id: str | None = None,

@@ -301,6 +301,44 @@ def test_requests_are_refused_before_any_model_call_while_the_ledger_cannot_be_w
     assert row == ("error", "LedgerUnavailableError", 0)
 
 
+async def test_a_request_cancelled_while_the_engine_probes_a_ledger_marked_down_gets_its_row(tmp_path):
+    """A caller that gives up on a request (``asyncio.wait_for``, a task cancelled) while the engine asks the
+    ledger whether it can be written again (it was marked down by a write that timed out) still leaves one
+    row: ``cancelled``, as a request cancelled in its tiers does, written once the database answers."""
+    import sqlite3
+
+    from cascade import Engine
+    from cascade.errors import LedgerUnavailableError
+    from cascade.types import GenerationRequest, Message
+    from tests.conftest import make_config
+    from tests.fault_server import FaultServerThread
+
+    path = tmp_path / "ledger.sqlite"
+    req = GenerationRequest(messages=[Message(role="user", content="hi")], max_tokens=4)
+    with FaultServerThread() as upstream:
+        cfg = make_config(tmp_path, [{"name": "r", "backend": "openai", "model": "m",
+                                      "options": {"base_url": upstream.base_url}}],
+                          {"p": {"chain": ["r"]}}, ledger={"path": str(path), "timeout_s": 1})
+        engine = await Engine.open(cfg)
+        try:
+            await engine.run(req, end_user="first")
+            with locked_by_another_process(path):
+                with pytest.raises(LedgerError):
+                    await engine.run(req, end_user="timed out")  # answered; its write times out: marked down
+                assert engine.ledger.unavailable
+                await asyncio.sleep(0.5)  # that write's own wait for the lock is over: the probe is not answered
+                # at once (a stuck thread), it waits for the lock (1 s): the caller gives up on the request first
+                with pytest.raises((TimeoutError, LedgerUnavailableError)) as given_up:
+                    await asyncio.wait_for(engine.run(req, end_user="given up"), 0.2)
+                assert given_up.type is TimeoutError
+        finally:
+            await engine.close()
+    with sqlite3.connect(path) as c:
+        rows = dict(c.execute("SELECT end_user, status || ' ' || coalesce(error_class, '') FROM requests"))
+    assert rows.get("given up") == "cancelled ClientDisconnected", rows
+    assert len(rows) == 3, rows
+
+
 def test_a_known_ledger_outage_refuses_at_admission_before_reading_the_daily_spend(tmp_path):
     """A key with a daily spend limit is admitted by reading the ledger: while the ledger is known to be down,
     it is refused at once (503), not after that read's timeout and its refusal row's (a 500 after 2 x
