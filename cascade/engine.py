@@ -565,8 +565,9 @@ class Engine:
                               metadata: dict[str, str] | None = None
                               ) -> "tuple[Outcome, asyncio.Future[None]]":
         """As :meth:`run`, but the answered request's ledger write is only queued: the second item resolves
-        once it is committed (or raises ``LedgerError``). The caller must await it before it lets the answer
-        out; meanwhile it can prepare the response (the HTTP layer renders its body during the commit).
+        once it is committed (or raises ``LedgerError``). The caller must await it (:meth:`wait_committed`, so
+        that a caller that gives up meanwhile leaves a ``cancelled`` row) before it lets the answer out;
+        meanwhile it can prepare the response (the HTTP layer renders its body during the commit).
 
         The write happens even if nobody awaits it. Failed requests are recorded before this raises.
 
@@ -742,6 +743,12 @@ class Engine:
                 yield event
         finally:
             await replay.aclose()
+
+    async def wait_committed(self, record: CascadeRecord, committed: "asyncio.Future[None]") -> None:
+        """Wait for the row of an answer from :meth:`run_uncommitted` (``record``, ``committed``) to commit
+        before the answer goes out. Cancelled meanwhile (its client left), the answer never went out: the row,
+        written as served, is made ``cancelled`` once committed, as :meth:`run` does for its own caller."""
+        await self._committed(record, committed)
 
     async def _committed(self, rec: CascadeRecord, committed: "asyncio.Future[None]") -> None:
         """Wait for the row of an answer in hand to commit before the answer goes out (as a whole answer's

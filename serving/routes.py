@@ -336,14 +336,20 @@ async def _answer(request: Request, body: AnyRequest, endpoint: str) -> Response
         raise err from exc
     if body.stream:
         return await _stream(request, body, req, endpoint, kw)
-    answered, got = await _unless_disconnected(request, engine.run_uncommitted(req, **kw))
-    if not answered:
-        return Response(status_code=CLIENT_CLOSED)
-    outcome, committed = got
-    # the response is rendered while the ledger thread commits the record; it leaves only once committed
     shape = _SHAPES[endpoint]
-    response = JSONResponse(shape(body, outcome.result, outcome.record), headers=cascade_headers(outcome.record))
-    await committed
+
+    async def answer() -> Response:
+        outcome, committed = await engine.run_uncommitted(req, **kw)
+        # the response is rendered while the ledger thread commits the record; it leaves only once committed. A
+        # client that leaves meanwhile (a slow database) never gets it: the row, written as served, is made
+        # cancelled (Engine.wait_committed), as a stream's answer in hand is, not billed as delivered
+        response = JSONResponse(shape(body, outcome.result, outcome.record), headers=cascade_headers(outcome.record))
+        await engine.wait_committed(outcome.record, committed)
+        return response
+
+    answered, response = await _unless_disconnected(request, answer())
+    if not answered or response is None:
+        return Response(status_code=CLIENT_CLOSED)
     return response
 
 

@@ -339,6 +339,52 @@ async def test_a_request_cancelled_while_the_engine_probes_a_ledger_marked_down_
     assert len(rows) == 3, rows
 
 
+def test_a_client_that_leaves_while_its_answers_row_commits_is_recorded_as_cancelled(tmp_path):
+    """A whole (unstreamed) answer goes out only once its row is committed; a client that closes its connection
+    while that commit waits (another process holds the database's lock) never got the answer: its row, written
+    as served, is made ``cancelled`` (as ``Engine.run`` and a streamed answer in hand make theirs), not left
+    billed as an answer delivered."""
+    import socket
+    import sqlite3
+
+    import httpx
+
+    from serving import create_app
+    from tests.conftest import ServerThread, make_config
+    from tests.fault_server import FaultServerThread
+
+    path = tmp_path / "ledger.sqlite"
+    with FaultServerThread() as upstream:
+        cfg = make_config(tmp_path, [{"name": "r", "backend": "openai", "model": "m",
+                                      "options": {"base_url": upstream.base_url}}],
+                          {"p": {"chain": ["r"]}}, ledger={"path": str(path), "timeout_s": 10})
+        calls = lambda: httpx.get(upstream.url + "/_stats").json()["requests"]  # noqa: E731
+        with ServerThread(create_app(cfg)) as srv:
+            assert httpx.post(srv.url + "/v1/chat/completions", json={**_BODY, "user": "first"},
+                              timeout=30).status_code == 200
+            body = json.dumps({**_BODY, "user": "left"}).encode()
+            with locked_by_another_process(path):
+                s = socket.create_connection(("127.0.0.1", srv.port))
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                deadline = time.monotonic() + 10
+                while calls() < 2 and time.monotonic() < deadline:  # answered; its row waits for the lock
+                    time.sleep(0.05)
+                time.sleep(0.5)
+                s.close()  # the client leaves before its answer could go out
+                time.sleep(0.5)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                with sqlite3.connect(path) as c:
+                    row = c.execute("SELECT status, error_class, tier FROM requests WHERE end_user = 'left'").fetchone()
+                if row is not None and row[0] != "ok":
+                    break
+                time.sleep(0.1)
+            metrics = httpx.get(srv.url + "/metrics").text
+    assert row == ("cancelled", "ClientDisconnected", None), row  # nothing served
+    assert 'cascade_requests_corrected_total{policy="p",status="cancelled",tier="r"} 1.0' in metrics
+
+
 def test_a_known_ledger_outage_refuses_at_admission_before_reading_the_daily_spend(tmp_path):
     """A key with a daily spend limit is admitted by reading the ledger: while the ledger is known to be down,
     it is refused at once (503), not after that read's timeout and its refusal row's (a 500 after 2 x
