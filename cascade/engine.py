@@ -985,14 +985,18 @@ class Engine:
     async def record_refusal(self, exc: CascadeError, *, model: str | None = None, endpoint: str = "chat",
                              request_id: str | None = None, api_key_id: str | None = None,
                              user_tier: str | None = None, end_user: str | None = None,
-                             metadata: dict[str, str] | None = None, wait: bool = True) -> None:
+                             metadata: dict[str, str] | None = None, wait: bool = True,
+                             status: str = "error") -> None:
         """Record a request refused before any tier ran (malformed, over a limit, a model the key may not
         use, the key's daily spend reached, a shutdown that ran out of time while it was admitted): one ledger
         row with status ``error`` and no attempts, so the ledger holds every request a caller made, refused
         ones included. ``wait=False``: the row is queued, not waited for (a request being cancelled: its
-        answer must not wait for a slow database; the ledger's close writes what is queued)."""
+        answer must not wait for a slow database; the ledger's close writes what is queued). ``status``
+        ``cancelled``: a request whose client left before it could be read (``ClientDisconnected``)."""
+        if status not in ("error", "cancelled"):
+            raise InvalidRequestError(f"status must be error or cancelled, got {status!r}", param="status")
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
-        rec.status, rec.error_class, rec.error_message = "error", type(exc).__name__, exc.message
+        rec.status, rec.error_class, rec.error_message = status, type(exc).__name__, exc.message
         self._finish(rec, route=None, t0=time.perf_counter())
         committed = self._submit(rec, None)
         if not wait or self.ledger.unavailable is not None:  # the refusal goes out now, its row when it can

@@ -9,10 +9,11 @@ import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from cascade.errors import CascadeError, InvalidRequestError, ProviderError
+from cascade.errors import CascadeError, ClientDisconnected, InvalidRequestError, ProviderError
 
 log = logging.getLogger("cascade.serving")
 
@@ -174,11 +175,21 @@ def install_error_handlers(app: FastAPI) -> None:
                             status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         message = str(exc.detail)
         endpoint = COMPLETION_PATHS.get(request.url.path)
         status = exc.status_code
+        if status == 400 and message == _FASTAPI_UNPARSED and isinstance(exc.__cause__, ClientDisconnect):
+            # the client closed its connection before its body arrived whole (a dropped upload): it sent nothing
+            # wrong, and nobody reads an answer; a completion's row says it left, as at any later point
+            if endpoint is not None:
+                from serving.routes import record_refusal
+
+                await record_refusal(request, ClientDisconnected("the client disconnected before its request "
+                                                                 "arrived whole"), None, endpoint, {},
+                                     status="cancelled")
+            return Response(status_code=ClientDisconnected.status_code)
         if status == 400 and message == _FASTAPI_UNPARSED:
             # a body that is not UTF-8, JSON nested past the parser's depth, a number too long to read: said as
             # what it is (on every route), and, for a completion, recorded like any refusal

@@ -128,9 +128,9 @@ async def _admit(request: Request, body: AnyRequest,
 
 
 async def record_refusal(request: Request, exc: CascadeError, model: str | None, endpoint: str,
-                         attribution: dict | None = None, *, wait: bool = True) -> None:
+                         attribution: dict | None = None, *, wait: bool = True, status: str = "error") -> None:
     """A completion request refused before the engine ran it: its ledger row, under the response's request id
-    and the caller's key (``wait=False``: queued, not waited for, as :meth:`Engine.record_refusal`)."""
+    and the caller's key (``wait``, ``status``: as :meth:`Engine.record_refusal`)."""
     caller = request.scope.get("state", {}).get("caller")
     if model is not None and (len(model) > MAX_MODEL_CHARS or not is_utf8(model)):  # refused for that: nothing
         model = None                                                                 # to file it under
@@ -139,7 +139,7 @@ async def record_refusal(request: Request, exc: CascadeError, model: str | None,
     await _engine(request).record_refusal(
         exc, model=model, endpoint=endpoint, request_id=request.scope.get("state", {}).get("request_id"),
         api_key_id=getattr(caller, "key_id", None), user_tier=getattr(caller, "user_tier", None), wait=wait,
-        **(attribution or {}))
+        status=status, **(attribution or {}))
 
 
 def _route_name(request: Request, body: AnyRequest) -> str:

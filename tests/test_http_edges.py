@@ -476,6 +476,31 @@ def test_a_body_that_cannot_be_read_is_a_clear_400_in_the_ledger(server, raw, fr
     assert r.json()["error"]["code"] == "invalid_request"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_before_its_body_arrived_is_a_cancelled_row_not_a_malformed_one(server, stream):
+    """A client that closes its connection part way through sending its body (a dropped upload) sent nothing
+    wrong: its row is ``cancelled`` ``ClientDisconnected``, as for a client gone at any later point, never
+    an ``InvalidRequestError`` saying its body "could not be read as JSON" (counted as a malformed request)."""
+    def ids() -> set[str]:
+        with sqlite3.connect(server.ledger_path) as c:
+            return {r for (r,) in c.execute("SELECT request_id FROM requests")}
+
+    before = ids()
+    body = json.dumps({"model": "small", "stream": stream, "messages": Q, "max_tokens": 2}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+              b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+              % (KEY.encode(), len(body), body[:20]))
+    time.sleep(0.3)
+    s.close()
+    deadline = time.monotonic() + 15
+    while not (new := ids() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(new) == 1, new
+    found = rows(server, f"request_id = '{new.pop()}'")
+    assert found == [("cancelled", "ClientDisconnected", "")], found
+
+
 def test_a_compressed_body_is_a_415_that_says_so_in_the_ledger(server):
     """A gzip body (content-encoding: gzip) is refused as compressed, not as JSON that is not UTF-8."""
     import gzip
