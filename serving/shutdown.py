@@ -87,12 +87,16 @@ class Drain:
         if rec.request_id in self._ids:
             self.recorded.add(rec.request_id)
 
-    def abort(self, grace_s: float) -> None:
+    def abort(self, grace_s: float, why: str | None = None) -> None:
+        """Answer the requests still running with 503 ``server_shutdown`` now (``why``: what ended them, when
+        not the grace running out)."""
+        if self._timer is not None:
+            self._timer.cancel()
         running = [t for t, rid in self.tasks.items() if rid not in self.recorded or t in self.streaming]
         if self.error is not None or not running:
             return
-        self.error = ServerShutdown(f"the server shut down before the request finished (it ran past the "
-                                    f"{grace_s:g} s graceful shutdown); repeat it")
+        why = why or f"it ran past the {grace_s:g} s graceful shutdown"
+        self.error = ServerShutdown(f"the server shut down before the request finished ({why}); repeat it")
         log.warning("graceful shutdown ran out after %g s: answering %d request(s) still running with 503",
                     grace_s, len(running))
         if self.on_abort is not None:
@@ -183,9 +187,30 @@ def run_server(app: ASGIApp, drain: Drain, *, host: str, port: int, log_level: s
     from serving.logs import uvicorn_log_config
 
     class Server(uvicorn.Server):
+        _loop: asyncio.AbstractEventLoop | None = None
+        _cut_short = False
+
+        async def serve(self, sockets: list | None = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
         async def shutdown(self, sockets: list | None = None) -> None:
             drain.begin(graceful_shutdown_s)
             await super().shutdown(sockets)
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            # a second Ctrl-C during the grace: uvicorn would quit at once, skipping the lifespan's shutdown (the
+            # ledger's flush of the rows still queued) and leaving the requests running to its plain 500s, recorded
+            # as clients that left. The grace ends now instead: they get the drain's 503s and ServerShutdown rows,
+            # and the ledger is closed. A third Ctrl-C is uvicorn's force quit.
+            if (sig == signal.SIGINT and self.should_exit and not self.force_exit and not self._cut_short
+                    and self._loop is not None):
+                self._cut_short = True
+                log.warning("second Ctrl-C: the graceful shutdown is cut short (a third one quits at once)")
+                self._loop.call_soon_threadsafe(drain.abort, graceful_shutdown_s,
+                                                "a second Ctrl-C cut the graceful shutdown short")
+                return
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
     if request_read_timeout_s is None:
         request_read_timeout_s = getattr(getattr(app, "state", None), "request_read_timeout_s", None)

@@ -1386,6 +1386,55 @@ async def test_a_request_still_being_admitted_when_the_grace_runs_out_gets_its_r
     assert holds == 0                                      # its spend hold did not outlive it
 
 
+async def test_a_second_ctrl_c_cuts_the_grace_short_and_still_answers_and_records_each_request(tmp_path):
+    """Ctrl-C twice: the grace ends at the second one, and each request still running is answered and recorded
+    as a shutdown's (503 ``server_shutdown``, a started stream its error event; rows ``ServerShutdown``), not
+    left to uvicorn's force quit (plain 500s, rows saying their clients left, the ledger never closed)."""
+    with FaultServerThread(delay_s=30) as slow, FaultServerThread() as dribble:
+        dribble.faults(rate=1.0, kinds=["slow:0:30"])     # streams: the first token at once, then nothing
+        cfg = serve_config(tmp_path, [{"name": n, "providers": [prov(n, fs)], "threshold": 0.0, "max_tokens": 4,
+                                       "timeout_s": 60} for n, fs in (("slow", slow), ("dribble", dribble))],
+                           ["slow"], graceful_shutdown_s=30)
+        async with serving(cfg, tmp_path, keepalive=False) as (client, proc):
+            msgs = [{"role": "user", "content": "hi"}]
+            plain = [asyncio.create_task(client.post("/v1/chat/completions", json={"model": "slow", "messages": msgs}))
+                     for _ in range(2)]
+
+            async def stream() -> tuple[httpx.Response, list[str]]:
+                body = {"model": "dribble", "messages": msgs, "stream": True}
+                async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+                    return resp, [line async for line in resp.aiter_lines() if line]
+
+            streamed = asyncio.create_task(stream())
+            while slow.stats()["requests"] < 2 or dribble.stats()["requests"] < 1:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGINT)               # an operator who will not wait 30 s
+            answers = await asyncio.gather(*plain)
+            resp, lines = await streamed
+            rc = await asyncio.to_thread(proc.wait, 30)
+            took = time.monotonic() - t0
+            out = proc.stdout.read().decode()
+    assert took < 10, (took, out)
+    assert "Exception in ASGI application" not in out, out
+    for r in answers:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown", r.text
+    assert resp.status_code == 200 and lines[-1] == "data: [DONE]", lines
+    assert json.loads(lines[-2][len("data: "):])["error"]["code"] == "server_shutdown", lines
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        rows = {r[0]: r[1:] for r in conn.execute("SELECT request_id, status, error_class FROM requests")}
+        left = conn.execute("SELECT count(*) FROM instances").fetchone()[0]
+    ids = [r.headers["x-request-id"] for r in answers] + [resp.headers["x-request-id"]]
+    expected = {r.headers["x-request-id"]: ("error", "ServerShutdown") for r in answers}
+    expected[resp.headers["x-request-id"]] = ("partial", "ServerShutdown")
+    assert {i: rows.get(i) for i in ids} == expected, (rows, out)
+    assert left == 0, out                                  # the ledger was closed: its heartbeat row retired
+    assert rc in (0, -signal.SIGINT, 1), (rc, out)
+
+
 NEXT_WITH_PASSWORD = "http://user:hunter2@example.com/"
 
 
