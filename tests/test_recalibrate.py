@@ -495,7 +495,7 @@ async def test_a_reload_warns_of_a_file_that_would_not_start_a_server(tmp_path):
         assert out["not_applied"][0].startswith("tier 'r': options")
         assert out["warnings"] == ["this file would not start a server: tier 'r': unknown openai option(s) "
                                    "['base_ur']; known: base_url, api_key, api_key_env, endpoint, extra_body, "
-                                   "logprobs, reasoning"]
+                                   "logprobs, reasoning, stream_usage"]
         path.write_text(yaml.safe_dump(cfg({"base_url": "http://127.0.0.1:9/v1"}, price=False)))
         out = reload_engine(engine, str(path))
         assert out["not_applied"] == ["tier 'r': price"]
