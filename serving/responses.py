@@ -179,7 +179,8 @@ class ResponsesRequest(_Attribution):
                     InputMessage.model_validate(item)
                 except ValidationError as exc:
                     where, msg, others = first_error(exc.errors())
-                    more = f" (and {others} more)" if others else ""
+                    # (said apart from the request's own count of its other errors, which follows this message)
+                    more = f" (and {others} more in this item)" if others else ""
                     raise ValueError(f"item {i}: {where + ': ' if where else ''}{msg}{more}") from None
         elif not isinstance(v, str):
             raise ValueError(f"a string or a list of input items, got {json_type(v)}")

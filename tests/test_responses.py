@@ -177,6 +177,9 @@ def test_a_stream_that_breaks_ends_with_response_failed_and_a_partial_row(tmp_pa
     ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input",
      "input: item 0: content.0.text: missing required parameter"),
     ({"input": [{"role": "user"}]}, "input", "input: item 0: content: missing required parameter"),
+    # two errors in an item, one elsewhere: each count said once, and of what ("(and 1 more) (and 1 more)")
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 1, "x": 2}]}], "temperature": "x"},
+     "input", "item 0: content.0.text: Input should be a valid string (and 1 more in this item) (and 1 more)"),
     ({"input": [{"role": "user", "content": ["hi"]}]}, "input", "item 0: content part 0 is not an object"),
     ({"input": [5]}, "input", "an input item is an object (a message), got a number"),
     ({"input": None}, "input", "a string or a list of input items, got null"),
