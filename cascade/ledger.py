@@ -842,6 +842,8 @@ class Ledger:
         self._journal_timer: asyncio.TimerHandle | None = None
         #: held writes were given up as the ledger closed (another process holds the lock): no more writes
         self._gave_up = False
+        #: the reads on this connection are within :meth:`snapshot` (the caller's thread: a reading command's)
+        self._snapshot = False
         d = self.dialect
         self._sql_request, self._sql_attempt, self._sql_shadow = (
             d.sql(_INSERT_REQUEST), d.sql(_INSERT_ATTEMPT), d.sql(_INSERT_SHADOW))
@@ -1555,13 +1557,43 @@ class Ledger:
 
     def _retrying(self, fn):  # noqa: ANN001, ANN202
         """``fn(conn)``, once more on a new connection if the connection was lost during the first try (a
-        failed transaction was rolled back, so the retry cannot write twice)."""
+        failed transaction was rolled back, so the retry cannot write twice). Not within :meth:`snapshot`: a
+        statement run again on a new connection would read outside the snapshot the others read."""
         try:
             return fn(self._require())
         except self.dialect.errors:
-            if not self._lost():
+            if not self._lost() or self._snapshot:
                 raise
         return fn(self._require())
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Within it, this connection's reads all see the ledger as it was at the first of them: the several
+        statements of one report (requests, then their attempts; shadow spend, then its holds) add up while
+        replicas write, where each statement on its own would see the rows committed before it ran and count a
+        request in one figure but not the next. SQLite: one read transaction (WAL keeps its snapshot);
+        PostgreSQL: one REPEATABLE READ, READ ONLY transaction (a standby and a role that may only SELECT can
+        run it). For the reading commands, on the caller's thread; nested, the outer one holds."""
+        conn, d = self._require(), self.dialect
+        if self._snapshot:
+            yield
+            return
+        try:
+            if d.name == "sqlite":
+                conn.execute("BEGIN")  # deferred: its first read takes the snapshot, the commit ends it
+            else:
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        except d.errors as exc:
+            raise LedgerError(f"ledger query failed: {exc}") from exc
+        self._snapshot = True
+        try:
+            yield
+        finally:
+            self._snapshot = False
+            try:  # (nothing was written: the end of a read, whatever happened within it)
+                conn.execute("ROLLBACK")
+            except d.errors as exc:
+                log.debug("ledger: ending a read snapshot failed: %s", exc)
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         """Run one statement synchronously (on the caller's thread) and return its rows."""

@@ -204,6 +204,11 @@ def cost_report(ledger: Ledger, by: str = "policy", since: float | None = None) 
     """
     check_report_by(by)
     _ensure_sql_functions(ledger)
+    with ledger.snapshot():  # its three reads add up while servers write (a request's attempts with it)
+        return _cost_report(ledger, by, since)
+
+
+def _cost_report(ledger: Ledger, by: str, since: float | None) -> dict[str, Any]:
     params = (since,) if since is not None else ()
     rows = ledger.execute(cost_report_sql(by, since, ledger.dialect.name), params)
     fields = ("requests", "answered", "escalated", "partial", "cancelled", "cache_hits", "spend", "waste", "baseline", "baseline_estimated",
@@ -490,6 +495,12 @@ def shadow_report(ledger: Ledger, since: float | None = None, *, top: int = 10, 
     prompt-length bucket), ranked by the lower end of the 95% interval of their divergence rate.
     ``shadows`` (the config's, optional) adds each shadow's description, sample rate and budget.
     """
+    with ledger.snapshot():  # its reads add up while servers write (a sample's spend, or its hold: not both)
+        return _shadow_report(ledger, since, top, min_group, shadows)
+
+
+def _shadow_report(ledger: Ledger, since: float | None, top: int, min_group: int,
+                   shadows: dict[str, Any] | None) -> dict[str, Any]:
     where, params = _where(since, "s.created_at")
     and_ = f"{where} AND" if where else " WHERE"
     known, div = "s.status = 'known'", "s.status = 'known' AND s.diverges = 1"
