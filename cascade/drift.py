@@ -59,6 +59,9 @@ class DriftMonitor:
         self._lock = threading.Lock()
         #: requests that started before this (a :meth:`reset`) are not observed
         self._since = 0.0
+        #: when this monitor started: an answer another process served before it is not labelled from the ledger
+        #: (:meth:`observe_feedback`), as one this process served before a reset is not
+        self._started = time.time()
         self.alarms: dict[str, bool] = {s: False for s in SIGNALS}
         self.values: dict[str, float | None] = {s: None for s in SIGNALS}
         for s in SIGNALS:  # every series from the start: NaN while a signal has no value (as after a reset)
@@ -103,16 +106,23 @@ class DriftMonitor:
             self._check_escalation()
             self._check_cost()
 
-    def observe_feedback(self, request_id: str, score: int, answered_by: str | None = None) -> None:
+    def observe_feedback(self, request_id: str, score: int, answered_by: str | None = None,
+                         served: tuple[float, float] | None = None) -> None:
         """A label for a recent answer: score > 0 right, < 0 wrong, 0 no label. The latest feedback on a
         request is its label (a user who changes their mind replaces it; repeating it counts once).
         ``answered_by``: the request whose answer it served (a response-cache hit's original, whose
         confidence it carries); each request served is labelled on its own, so one caller's 0 on a hit never
-        withdraws another's label on the original."""
+        withdraws another's label on the original. ``served``: (confidence, created_at) of the answer as its
+        ledger row has them, for an answer another replica served (behind a load balancer, feedback reaches
+        any replica; without it, each would judge only the labels that happened to come back to it): counted
+        when it was served since this monitor started or was last reset, and the policy decided it (not a
+        pinned tier's: those are never observed)."""
         if self.config.max_ece is None:
             return
         with self._lock:
             conf = self._confidence.get(answered_by or request_id)
+            if conf is None and served is not None and served[1] >= max(self._since, self._started):
+                conf = float(served[0])
             if conf is None:
                 return
             self._labelled.pop(request_id, None)

@@ -673,7 +673,11 @@ async def feedback(body: FeedbackRequest, request: Request) -> dict:
     if body.score < 0:  # an answer a user says is wrong is not served again from the cache
         engine.cache_forget(answered_by)
     if _metrics(request).drift is not None:  # a label for the rolling ECE (cascade/drift.py)
-        _metrics(request).drift.observe_feedback(rid, body.score, answered_by)
+        # (its confidence from the ledger too: another replica may have served it, and seen no feedback)
+        decided = row.get("confidence") is not None and row.get("tier") and row.get("policy") != row.get("tier")
+        _metrics(request).drift.observe_feedback(
+            rid, body.score, answered_by,
+            served=(float(row["confidence"]), float(row["created_at"])) if decided else None)
     return {"object": "feedback", "id": fid, "request_id": rid, "score": body.score}
 
 

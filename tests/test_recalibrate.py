@@ -25,6 +25,7 @@ import yaml
 
 from tests.conftest import REPO, TEST_MODEL, free_port, tier
 from tests.ops_traffic import Traffic, ops_traffic, traffic  # noqa: F401 - fixture
+from tests.pg import postgres  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")
@@ -414,6 +415,41 @@ def test_drift_ece_alarm_ends_and_its_value_clears_when_labels_are_withdrawn():
     mon.observe(CascadeRecord(request_id="old", policy="p", created_at=mon._since - 1, tier="t", confidence=0.9))
     mon.observe(CascadeRecord(request_id="new", policy="p", created_at=mon._since + 1, tier="t", confidence=0.9))
     assert mon.state()["requests"] == 1 and mon._confidence.keys() == {"new"}
+
+
+def test_drift_counts_feedback_on_answers_another_replica_served(tmp_path, serve_app, postgres):
+    """Two replicas on one PostgreSQL ledger (as behind a load balancer): a thumbs-down posted to B on an
+    answer A served is a label of B's rolling ECE, with the confidence the ledger holds for it, as on A. Before,
+    B knew confidences of its own answers only, and dropped the label unseen: with N replicas each judged
+    about 1/N of the labels. A pinned tier's answer (never observed) labels nothing there either."""
+    from cascade.config import parse_config
+    from tests.fault_server import FaultServerThread
+    from tests.hosted import plain
+
+    postgres.reset()
+    body = {"model": "cascade", "messages": [{"role": "user", "content": "Capital of France?"}], "max_tokens": 4}
+
+    def ece(url: str) -> str:
+        return re.search(r'^cascade_drift_value\{signal="ece"\} (\S+)$', httpx.get(f"{url}/metrics").text,
+                         re.M).group(1)
+
+    with FaultServerThread(logprob=-0.05) as up:
+        cfg = parse_config({"ledger": {"path": postgres.url}, "tiers": [plain("remote", up)],
+                            "policies": {"cascade": {"chain": ["remote"]}},
+                            "drift": {"window": 4, "max_ece": 0.2, "min_labels": 2}}, source="<test>", environ={})
+        a, b = serve_app(cfg), serve_app(cfg)
+        pinned = httpx.post(f"{a.url}/v1/chat/completions", json={**body, "model": "remote"}, timeout=30).json()
+        httpx.post(f"{b.url}/v1/feedback", json={"request_id": pinned["id"], "score": -1}).raise_for_status()
+        assert ece(b.url) == "NaN"
+        ids = [httpx.post(f"{a.url}/v1/chat/completions", json=body, timeout=30).json()["id"] for _ in range(2)]
+        for rid in ids:
+            httpx.post(f"{b.url}/v1/feedback", json={"request_id": rid, "score": -1}).raise_for_status()
+        on_b = ece(b.url)
+        for rid in ids:
+            httpx.post(f"{a.url}/v1/feedback", json={"request_id": rid, "score": -1}).raise_for_status()
+        on_a = ece(a.url)
+    assert on_a != "NaN" and float(on_a) > 0.9
+    assert on_b == on_a
 
 
 def test_drift_forgets_a_request_whose_row_was_made_cancelled():
