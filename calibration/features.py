@@ -62,8 +62,13 @@ def _quantile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] * (1 - frac) + sorted_vals[hi] * frac
 
 
-def extract_features(tokens: Sequence[_TokenLike]) -> dict[str, float]:
+def extract_features(tokens: Sequence[_TokenLike], top_k: int | None = None) -> dict[str, float]:
     """Features of one answer from its generated tokens (each with ``.logprob`` and ``.top``).
+
+    ``top_k``: read only each token's ``top_k`` most likely alternatives. The engine passes its tier's
+    ``top_logprobs``: a client may ask for more alternatives (up to 20) to see them, and the top-k features
+    (the entropy) must still be those the tier's calibrator was fit on, or the same answer's confidence would
+    depend on what the client asked to see. None: every alternative given.
 
     On the request path of every attempt: plain loops over the tokens, one pass.
     """
@@ -76,9 +81,11 @@ def extract_features(tokens: Sequence[_TokenLike]) -> dict[str, float]:
         top = t.top
         if top:
             alts = [_floor(a.logprob) for a in top]
+            alts.sort(reverse=True)
+            if top_k is not None:
+                del alts[top_k:]
             if len(alts) < 2:
                 continue
-            alts.sort(reverse=True)
             margins.append(alts[0] - alts[1])
             probs = [exp(a) for a in alts]
             z = sum(probs)

@@ -907,7 +907,7 @@ class Engine:
                 att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens, att.cached_prompt_tokens)
                 # the provider's price, and its failed attempts
                 merge_provider_attempts(rec.attempts, att, provider_log, served=True)
-                att.features = extract_features(tokens)
+                att.features = extract_features(tokens, top_k=tc.top_logprobs)
                 att.confidence = decide(att.features, live.calibrator, 0.0, is_last=True).confidence
                 att.reason = "last tier always answers (streamed)"
                 att.reason += _shaped(att)
@@ -1293,7 +1293,8 @@ class Engine:
         merge_provider_attempts(attempts, att, provider_log, served=True)  # provider price, failed attempts
         att.text = res.text
         # an empty answer has nothing to be confident in, whatever logprobs came with it: no tokens, so it escalates
-        att.features = extract_features(res.tokens if res.text else ())
+        # the tier's own top_logprobs, whatever more the client asked to see: the features its calibrator reads
+        att.features = extract_features(res.tokens if res.text else (), top_k=tier.config.top_logprobs)
         return res
 
     def _journal(self, rec: CascadeRecord, tier: Tier, req: GenerationRequest, route: Route) -> None:

@@ -286,3 +286,32 @@ def test_rough_token_count_follows_the_bytes_of_scripts_a_tokenizer_has_not_lear
 
     real = len(AutoTokenizer.from_pretrained(str(smol_path)).encode(text, add_special_tokens=False))
     assert 0.85 * real <= rough_token_count(text) <= 2 * real
+
+
+async def test_the_clients_top_logprobs_never_change_a_tiers_confidence(make_engine, tmp_path):
+    """A client may ask for up to 20 alternatives per token to see them; the tier's calibrator was fit on the
+    features of its own ``top_logprobs`` (5 here), and the entropy over 20 alternatives is another number: the
+    same greedy answer would get another confidence, and escalate or not by what the client asked to see."""
+    from calibration.calibrators import LogisticCalibrator, save_calibrator
+
+    # a calibrator that reads the top-k entropy, as one fit on the tier's live features may
+    art = save_calibrator(LogisticCalibrator(feature="mean_logprob", features=["mean_logprob", "mean_topk_entropy"],
+                                             coef=[1.0, -2.0], intercept=1.0), tmp_path / "cal.json")
+    small = tier("small", threshold=0.42, top_logprobs=5, calibrator={"artifact": str(art)})
+    eng = await make_engine([small, tier("large", threshold=0.0)])
+    seen, streamed = [], []
+    for k in (0, 5, 20):
+        req = GenerationRequest(messages=Q.messages, max_tokens=8, temperature=0.0, top_logprobs=k)
+        out = await eng.run(req)
+        a0 = out.record.attempts[0]
+        seen.append((a0.text, a0.features["mean_topk_entropy"], a0.confidence, a0.decision))
+        if k == 20:  # the client still gets the alternatives it asked for
+            assert {len(t.top) for t in out.result.tokens} == {20}
+        # streamed live (the tier pinned: its last tier), its reported confidence is read the same way
+        [ev async for ev in eng.stream(req, model="small", request_id=f"s{k}")]
+        streamed.append(rows(tmp_path / "ledger.sqlite", "SELECT confidence FROM attempts WHERE request_id=?",
+                             f"s{k}")[0][0])
+    assert len({s[0] for s in seen}) == 1  # the same greedy answer every time
+    assert seen[0][1:] == seen[1][1:] == seen[2][1:], seen
+    assert seen[0][3] == "accept"
+    assert streamed == [pytest.approx(seen[0][2])] * 3, streamed
