@@ -59,7 +59,13 @@ class TierOutputs:
     @property
     def answered(self) -> np.ndarray:
         """False where the answer is empty: the engine escalates such an answer whatever its confidence, and so
-        does a replay."""
+        does a replay. Where the lines carry the engine's features (live runs), that is an answer with no tokens
+        (``features.n_tokens`` 0), as the engine decides: their ``answer`` is what a grader read from the
+        response, "" also for a response it could not read, which the engine (it grades nothing) judges by its
+        confidence like any other. Otherwise (the shared data) an empty ``answer``."""
+        n_tokens = self.features.get("n_tokens")
+        if n_tokens is not None:
+            return np.asarray(n_tokens) > 0
         return np.array([a != "" for a in self.answer], dtype=bool)
 
     @property

@@ -173,6 +173,42 @@ def test_exported_policy_loads_into_the_engine_and_decides_as_the_replay_did(tmp
     assert sum(escalated) == round(rep["escalation_rate"] * rep["n_test"])  # the report rounds to 6 digits
 
 
+
+def test_an_answer_the_grader_could_not_read_is_judged_as_the_engine_judges_it(tmp_path, capsys):
+    """A live line's ``answer`` is what the grader read from the response ("" for a GSM8K response with no
+    number, or a multiple-choice one with no letter). The engine never grades: it escalates only an answer with
+    no tokens. A replay that took such lines for empty answers escalated them whatever their confidence, so the
+    policy it fit and exported promised an escalation rate (and a quality) that the engine, accepting them on
+    their confidence, did not give."""
+    import yaml
+
+    from cascade.config import parse_config
+    from cascade.engine import build_policy_calibrators
+
+    rows = [json.loads(line) for line in LIVE_TEST.read_text().splitlines() if line.strip()]
+    surest = sorted(range(len(rows)), key=lambda i: -rows[i]["models"][SMALL]["features"]["mean_logprob"])[:8]
+    for i in surest:  # the grader could not read them: wrong, though the model did answer (tokens, features)
+        rows[i]["models"][SMALL].update(answer="", correct=False)
+    ungraded = tmp_path / "ungraded_test.jsonl"
+    ungraded.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out_dir = tmp_path / "policy"
+    rc, out, err = _replay(capsys, "--train", str(LIVE), "--test", str(ungraded), "--chain", f"{SMALL},{LARGE}",
+                           "--feature", "mean_logprob", "--no-features", "--max-quality-drop", "0.05",
+                           "--export-policy", str(out_dir), "--policy-name", "live", "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["verdict"] == "cascade"
+    section = yaml.safe_load((out_dir / "policy.yaml").read_text())["policies"]["live"]
+    tiers = [{"name": m, "backend": "transformers", "model": m, "price": {"input_per_1m": 1, "output_per_1m": 1}}
+             for m in (SMALL, LARGE)]
+    config = parse_config({"tiers": tiers, "policies": {"live": section}, "ledger": {"path": str(tmp_path / "l.db")}})
+    cal = build_policy_calibrators(config)["live"][SMALL]
+    test = load_cascade_outputs(ungraded).tier(SMALL)
+    feats = [{k: float(v[i]) for k, v in test.features.items()} for i in range(len(test.correct))]
+    kept = [not decide(f, cal, section["thresholds"][SMALL], is_last=False).escalate for f in feats]
+    assert any(kept[i] for i in surest)  # the engine keeps the surest of them...
+    assert rep["answered_by"][SMALL] == sum(kept)  # ...and the replay counts what the engine does
+
 def test_the_embedded_default_is_the_policy_fit_on_the_live_train_split(tmp_path, capsys):
     """cascade/defaults/cpu.yaml (what `make serve` serves) carries a fitted calibrator and threshold, not
     placeholders: the same numbers `cascade replay --export-policy` and `cascade calibrate` fit on the
