@@ -109,11 +109,17 @@ class TextConfig(_Wire):
 
 
 class Reasoning(_Wire):
-    """Accepted and without effect: no tier here reasons apart from its answer."""
+    """Accepted and without effect: no tier here reasons apart from its answer. Every option of OpenAI's
+    ``Reasoning`` (the openai SDK's ``shared_params.Reasoning``) is taken, any value: a client's reasoning
+    settings, sent to every provider alike, are not a reason to refuse its request."""
 
     effort: str | None = None
     summary: str | None = None
     generate_summary: str | None = None
+    #: which reasoning items go back to the model on later turns: there are none here
+    context: str | None = None
+    #: the reasoning execution mode ("standard", "pro"): OpenAI's list of them grows, so any is taken
+    mode: str | None = None
 
 
 class ResponsesStreamOptions(_Wire):

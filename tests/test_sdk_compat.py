@@ -217,6 +217,21 @@ def test_malformed_prompt_cache_options_are_refused_by_name(client, endpoint, bo
     assert exc.value.body["param"] == param, exc.value.body
 
 
+
+def test_every_reasoning_option_the_sdk_knows_is_accepted_and_changes_nothing(client, upstream):
+    """``reasoning`` changes nothing here (no tier reasons apart from its answer), whatever of it the SDK sends,
+    streamed or not: its ``mode`` and ``context`` were refused as unknown parameters (400)."""
+    from openai.types.shared_params import Reasoning
+
+    options = {"effort": "high", "summary": "auto", "generate_summary": "concise", "mode": "pro",
+               "context": "all_turns"}
+    assert set(options) == set(typing.get_type_hints(Reasoning))  # (the SDK's own list of them)
+    resp = client.responses.create(model="remote", input="Where is Paris?", reasoning=options)
+    assert resp.output_text == DEFAULT_ANSWER
+    with client.responses.stream(model="remote", input="Where is Paris?", reasoning=options) as stream:
+        assert stream.get_final_response().output_text == DEFAULT_ANSWER
+    assert upstream.stats()["log"][-1]["messages"] == [{"role": "user", "content": "Where is Paris?"}]
+
 # --- stream_options.include_obfuscation --------------------------------------------------------------
 
 @pytest.mark.parametrize("obfuscation", [False, True])
