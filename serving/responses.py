@@ -158,10 +158,10 @@ class ResponsesRequest(_Attribution):
     prompt_cache_options: PromptCacheOptions | None = None
     prompt_cache_retention: str | None = None
     reasoning: Reasoning | None = None
-    truncation: Literal["disabled"] | None = None
+    truncation: str | None = None
     # tools: none here, so only their empty forms
     tools: list[Any] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
+    tool_choice: Any = None
     parallel_tool_calls: bool | None = Field(None, strict=True)
     max_tool_calls: int | None = Field(None, strict=True)
     # state this server does not keep
@@ -205,6 +205,23 @@ class ResponsesRequest(_Attribution):
     def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
         if v is not None and v is not False and v != [] and not (v == 0 and info.field_name == "max_tool_calls"):
             raise ValueError(_UNSUPPORTED[info.field_name])
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v: Any) -> Any:
+        """Refused as the chat endpoint refuses it, saying why (pydantic's words were "Input should be 'none' or
+        'auto'", which read as a typo to fix rather than a feature this server does not have)."""
+        if v is not None and v not in ("none", "auto"):
+            raise ValueError("tools are not supported by this server: only 'none' (or 'auto', which is none here)")
+        return v
+
+    @field_validator("truncation")
+    @classmethod
+    def _no_truncation(cls, v: str | None) -> str | None:
+        if v is not None and v != "disabled":
+            raise ValueError(f"{v!r} is not supported (only 'disabled'): this server does not drop earlier turns to "
+                             "fit a model's context; send fewer turns in `input`")
         return v
 
     @model_validator(mode="after")

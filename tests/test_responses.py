@@ -168,6 +168,11 @@ def test_a_stream_that_breaks_ends_with_response_failed_and_a_partial_row(tmp_pa
     ({"background": True}, "background", "not supported"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tools are not supported"),
     ({"text": {"format": {"type": "json_object"}}}, "text.format.type", "text"),
+    # said as the chat endpoint says it, not pydantic's "Input should be 'none' or 'auto'" / "... 'disabled'"
+    ({"tool_choice": "required"}, "tool_choice", "tools are not supported by this server: only 'none'"),
+    ({"tool_choice": {"type": "function", "name": "f"}}, "tool_choice", "tools are not supported by this server"),
+    ({"truncation": "auto"}, "truncation", "truncation: 'auto' is not supported (only 'disabled'): this server "
+                                           "does not drop earlier turns"),
     ({"include": ["reasoning.encrypted_content"]}, "include", "only 'message.output_text.logprobs'"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}, "input", "'function_call_output'"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input", "input_image"),
