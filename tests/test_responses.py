@@ -162,6 +162,31 @@ def test_a_stream_that_breaks_ends_with_response_failed_and_a_partial_row(tmp_pa
     assert status == "partial"
 
 
+
+def test_a_connection_lost_after_the_finish_reason_ends_the_stream_whole(tmp_path, upstream, serve_app):
+    """The upstream sends every token and the finish reason, then its connection is lost before the usage chunk
+    (and ``[DONE]``): the answer is whole, so the stream ends as one does (``response.completed``; a chat stream's
+    ``finish_reason`` chunk, no error for the SDK to raise), its usage estimated and its row ``ok``. It ended with
+    ``response.failed`` (chat: an error event, the SDK's APIError) after the whole text, and a ``partial`` row."""
+    from tests.fault_server import _tokens
+
+    srv = serve_app(make_config(tmp_path, [_remote(upstream)]))
+    after_finish = f"drop:{len(_tokens(DEFAULT_ANSWER)) + 1}"     # the token chunks and the finish chunk
+    upstream.faults(after_finish)
+    with _client(srv).responses.stream(model="cascade", input="hi") as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[-1] == "response.completed" and final.output_text == DEFAULT_ANSWER
+    assert final.usage.output_tokens > 0
+    upstream.faults(after_finish)
+    chunks = list(_client(srv).chat.completions.create(model="cascade", stream=True,
+                                                       messages=[{"role": "user", "content": "hi"}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == DEFAULT_ANSWER
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        rows = db.execute("SELECT endpoint, status, completion_tokens FROM requests ORDER BY created_at").fetchall()
+    assert [r[:2] for r in rows] == [("responses", "ok"), ("chat", "ok")] and all(r[2] > 0 for r in rows)
+
 @pytest.mark.parametrize(("body", "param", "words"), [
     ({"previous_response_id": "resp_x"}, "previous_response_id", "keeps no responses"),
     ({"conversation": "conv_1"}, "conversation", "keeps no conversations"),

@@ -524,9 +524,12 @@ class OpenAIBackend(Backend):
         # stop may cut it): the tokens then join to the text, whatever logprobs of cut tokens the server sends
         held = HeldText(request.stop) if request.stop else None
         hold = HeldTokens() if request.stop else None
+        import openai
+
         with _translated(self.name, self._secrets()):
             api = self._client.chat.completions if chat else self._client.completions
             stream = await api.create(**kw)
+            read: AsyncIterator[Any] | None = None
             try:
                 finish: str | None = None
                 usage: Usage | None = None
@@ -537,7 +540,30 @@ class OpenAIBackend(Backend):
                 # the first half of a surrogate pair that ended a chunk (a server that cut its text by UTF-16
                 # units): held for the next chunk, which may start with its second half
                 carry = ""
-                async for ev in stream:
+                lost = False  # the connection was lost after the answer's finish reason came
+
+                async def events() -> AsyncIterator[Any]:
+                    """The stream's events, to a connection lost once the answer's finish reason had come: that
+                    ends it (the answer is whole; what did not come is at most its usage, estimated as when a
+                    server sends none), rather than failing an answer its client has had in full."""
+                    nonlocal lost
+                    it = aiter(stream)
+                    while True:
+                        try:
+                            ev = await anext(it)
+                        except StopAsyncIteration:
+                            return
+                        except openai.APIConnectionError as exc:
+                            if finish is None:
+                                raise
+                            lost = True
+                            log.warning("%s: the stream's connection was lost after its finish reason (%s): the "
+                                        "answer is whole, its usage estimated", self.name, type(exc).__name__)
+                            return
+                        yield ev
+
+                read = events()
+                async for ev in read:
                     if getattr(ev, "object", None) == "error":  # older vLLM's error event: its ErrorResponse
                         raise _error_event(ev, stream.response)  # itself ({"object": "error", "code": 400, ...})
                     if ev.choices:
@@ -603,11 +629,13 @@ class OpenAIBackend(Backend):
                     if held is not None:
                         tail = held.feed(tail) + ("" if held.stopped else held.finish())
                         finish = "stop" if held.stopped else finish
-                    if over:  # the rest of the stream was not read: as for a stop sequence, estimated
+                    if over or lost:  # the rest of the stream was not read (or lost): as for a stop sequence
                         usage = usage or self._usage(None, request, seen_tokens, "".join(seen_text))
                 rest = hold.feed(tail, ()) + hold.finish() if hold is not None else ()
                 yield StreamChunk(text=tail, tokens=rest, finish_reason=finish, usage=usage)
             finally:  # a consumer that stops early: the HTTP response is closed now, not by the collector
+                if read is not None:
+                    await read.aclose()
                 await stream.close()
 
 
