@@ -95,10 +95,11 @@ class Drain:
         running = [t for t, rid in self.tasks.items() if rid not in self.recorded or t in self.streaming]
         if self.error is not None or not running:
             return
+        cut = why
         why = why or f"it ran past the {grace_s:g} s graceful shutdown"
         self.error = ServerShutdown(f"the server shut down before the request finished ({why}); repeat it")
-        log.warning("graceful shutdown ran out after %g s: answering %d request(s) still running with 503",
-                    grace_s, len(running))
+        log.warning("%s: answering %d request(s) still running with 503",
+                    cut or f"graceful shutdown ran out after {grace_s:g} s", len(running))
         if self.on_abort is not None:
             self.on_abort(self.error)
         for task in running:

@@ -1420,6 +1420,9 @@ async def test_a_second_ctrl_c_cuts_the_grace_short_and_still_answers_and_record
             out = proc.stdout.read().decode()
     assert took < 10, (took, out)
     assert "Exception in ASGI application" not in out, out
+    # the log says what ended them (it said the 30 s grace had run out, 0.5 s into it)
+    assert "a second Ctrl-C cut the graceful shutdown short: answering 3 request(s)" in out, out
+    assert "graceful shutdown ran out" not in out, out
     for r in answers:
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown", r.text
     assert resp.status_code == 200 and lines[-1] == "data: [DONE]", lines
