@@ -398,7 +398,7 @@ def merge_provider_attempts(attempts: list[Attempt], att: Attempt, provider_log:
 
 #: what an API key looks like: OpenAI/Anthropic ``sk-``, ``pk-``/``rk-``/``key-``; Groq ``gsk_``, Hugging Face
 #: ``hf_``, xAI ``xai-``, GitHub ``ghp_``/``github_pat_``, Google ``AIza``; a bearer token or basic credentials
-_SECRET = re.compile(
+SECRET = re.compile(
     r"\b(?:sk|pk|rk|key|xai)-[A-Za-z0-9_\-*.]{4,}"
     r"|\b(?:gsk|hf|ghp|gho|github_pat|sk|rk)_[A-Za-z0-9_\-*.]{8,}"
     r"|\bAIza[A-Za-z0-9_\-]{20,}"
@@ -418,7 +418,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
             text = text.replace(secret, "[redacted]")
     if "@" in text:
         text = URL_PASSWORD.sub(r"\1[redacted]@", text)
-    return _SECRET.sub("[redacted]", text)
+    return SECRET.sub("[redacted]", text)
 
 
 def _mro_names(exc: BaseException) -> set[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 from contextvars import ContextVar
 
@@ -31,9 +32,29 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class UrlPasswordFilter(logging.Filter):
-    """Masks the password of a URL in a line (``http://user:password@host``): httpx logs every upstream call's
-    URL, and a tier's ``base_url`` may carry basic credentials there (a client's request line may too).
+#: a request target's query parameter that carries a credential (``?api_key=``, ``?key=``, ``?access_token=``...):
+#: clients that send their key there (as Azure's and Google's APIs take it) have it written to every access line
+_QUERY_SECRET = re.compile(r"([?&](?:[A-Za-z0-9_.\-]*(?:key|token|secret|password|passwd|auth|signature|sig)"
+                           r"[A-Za-z0-9_.\-]*)=)[^&#\s\"]+", re.IGNORECASE)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with what may be a credential blanked: a URL's password, a credential-named query parameter's
+    value, and anything shaped like an API key (this server's own ``sk-casc-`` keys among them)."""
+    from cascade.resilience import SECRET, URL_PASSWORD
+
+    if "@" in text and "://" in text:
+        text = URL_PASSWORD.sub(r"\1***@", text)
+    if "=" in text:
+        text = _QUERY_SECRET.sub(r"\1***", text)
+    return SECRET.sub("***", text)
+
+
+class SecretFilter(logging.Filter):
+    """Masks what may be a credential in a line (:func:`mask_secrets`): httpx logs every upstream call's URL, and
+    a tier's ``base_url`` may carry basic credentials there; uvicorn logs every request's target with its query,
+    where a client may have put its key (``GET /v1/models?api_key=sk-...``): answered 401, and until now the key
+    was in the logs for anyone who reads them. Keys are never logged (README, "API keys").
 
     The line keeps its arguments, each masked, where that masks it as well: uvicorn's access lines are
     formatted from their five arguments, and one left without them was a ``--- Logging error ---`` traceback
@@ -41,24 +62,25 @@ class UrlPasswordFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        if "@" in msg and "://" in msg:
-            from cascade.resilience import URL_PASSWORD
-
-            masked = URL_PASSWORD.sub(r"\1***@", msg)
-            if masked != msg:
-                args = record.args
-                if isinstance(args, tuple) and args and isinstance(record.msg, str):
-                    fmt = URL_PASSWORD.sub(r"\1***@", record.msg)
-                    args = tuple(URL_PASSWORD.sub(r"\1***@", a) if isinstance(a, str) else a for a in args)
-                    try:
-                        kept = fmt % args == masked
-                    except (TypeError, ValueError):  # the mask took a placeholder of the format's
-                        kept = False
-                    if kept:
-                        record.msg, record.args = fmt, args
-                        return True
-                record.msg, record.args = masked, ()
+        masked = mask_secrets(msg)
+        if masked != msg:
+            args = record.args
+            if isinstance(args, tuple) and args and isinstance(record.msg, str):
+                fmt = mask_secrets(record.msg)
+                args = tuple(mask_secrets(a) if isinstance(a, str) else a for a in args)
+                try:
+                    kept = fmt % args == masked
+                except (TypeError, ValueError):  # the mask took a placeholder of the format's
+                    kept = False
+                if kept:
+                    record.msg, record.args = fmt, args
+                    return True
+            record.msg, record.args = masked, ()
         return True
+
+
+#: the former name (it masked URL passwords only)
+UrlPasswordFilter = SecretFilter
 
 
 class JsonFormatter(logging.Formatter):
@@ -81,7 +103,7 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     """Log to stderr at ``level`` (a name such as "info"), in ``fmt`` ("text" or "json"), with request ids."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.addFilter(UrlPasswordFilter())
+    handler.addFilter(SecretFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -99,12 +121,12 @@ def uvicorn_log_config() -> dict:
 
     cfg = copy.deepcopy(LOGGING_CONFIG)
     cfg.setdefault("filters", {})["request_id"] = {"()": "serving.logs.RequestIdFilter"}
-    cfg["filters"]["url_password"] = {"()": "serving.logs.UrlPasswordFilter"}
+    cfg["filters"]["secrets"] = {"()": "serving.logs.SecretFilter"}
     for name in ("default", "access"):
-        cfg["handlers"][name].setdefault("filters", []).extend(["request_id", "url_password"])
+        cfg["handlers"][name].setdefault("filters", []).extend(["request_id", "secrets"])
         cfg["formatters"][name]["fmt"] += "%(request)s"
     return cfg
 
 
-__all__ = ["JsonFormatter", "RequestIdFilter", "UrlPasswordFilter", "configure_logging", "current_request_id",
-           "uvicorn_log_config"]
+__all__ = ["JsonFormatter", "RequestIdFilter", "SecretFilter", "UrlPasswordFilter", "configure_logging",
+           "current_request_id", "mask_secrets", "uvicorn_log_config"]

@@ -1498,6 +1498,40 @@ async def test_text_logs_carry_the_request_id_on_uvicorn_access_lines(tmp_path):
     assert len(masked) == 1 and masked[0].startswith("INFO:"), out
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_an_api_key_sent_in_a_query_string_is_not_logged(tmp_path, log_format):
+    """A client that puts its key in the request's query (``?api_key=``, ``?key=``, as Azure's and Google's APIs
+    take it) is refused (keys go in the Authorization header), and the key stays out of the server's logs: uvicorn
+    writes every request's target with its query on its access line, where any reader of the logs found it. The
+    access line stays uvicorn's (formatted from its arguments), with the rest of the target as it was."""
+    from serving.auth import hash_key, new_key
+
+    key, hand_made = new_key(), "correct-horse-battery-staple-42"
+    with FaultServerThread() as a:
+        cfg = serve_config(tmp_path, [plain("t", a)], ["t"], log_level="info", log_format=log_format)
+        cfg["user_tiers"] = {"free": {}}
+        cfg["auth"] = {"keys": [{"id": "alice", "user_tier": "free", "sha256": hash_key(key)},
+                                {"id": "bob", "user_tier": "free", "sha256": hash_key(hand_made)}]}
+        async with serving(cfg, tmp_path) as (client, proc):
+            assert (await client.get(f"/v1/models?api_key={key}&limit=5")).status_code == 401
+            assert (await client.get(f"/v1/models?key={hand_made}")).status_code == 401
+            assert (await client.get(f"/health?x-api-key={hand_made}&next=/v1")).status_code == 200
+            ok = await client.get("/v1/models?limit=5", headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            out = (await asyncio.to_thread(proc.communicate, timeout=30))[0].decode()
+    assert key not in out and key[len("sk-casc-"):] not in out and hand_made not in out, out
+    assert "Logging error" not in out, out
+    if log_format == "json":  # each line one object (or this raises): the access lines' messages read as text's
+        out = "\n".join(json.loads(x)["message"] for x in out.splitlines() if x.strip())
+    assert '"GET /v1/models?api_key=***&limit=5 HTTP/1.1" 401' in out, out
+    assert '"GET /v1/models?key=*** HTTP/1.1" 401' in out, out
+    assert '"GET /health?x-api-key=***&next=/v1 HTTP/1.1" 200' in out, out
+    assert '"GET /v1/models?limit=5 HTTP/1.1" 200' in out, out  # a query without a credential is kept whole
+    if log_format == "text":
+        assert re.search(r'^INFO: .*"GET /v1/models\?key=\*\*\* HTTP/1.1" 401 Unauthorized \[casc-', out, re.M), out
+
+
 def test_fault_server_runs_by_hand():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.fault_server", "--port", str(port), "--queue", "503"],
