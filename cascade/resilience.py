@@ -405,8 +405,10 @@ SECRET = re.compile(
     r"|(?i:bearer|basic)\s+[A-Za-z0-9_\-.=*+/]{8,}")
 
 
-#: the password of a URL's user info (``https://user:password@host/``: httpx sends it as basic credentials)
-URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:)[^/\s@]+@")
+#: the password of a URL's user info (``https://user:password@host/``: httpx sends it as basic credentials), or
+#: the user info whole where it has no password (``https://KEY@host/``: a key given as the basic user, which
+#: httpx sends with an empty password; that user is the credential)
+URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://(?:[^/\s:@]*:)?)[^/\s@]+@")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

@@ -411,9 +411,15 @@ async def test_prompt_tokens_read_from_the_providers_cache_are_billed_at_the_cac
     assert {r[0]: r[2] for r in rows} == pytest.approx({f"r-{n}": c for n, c in costs.items()})
 
 
-def test_a_base_url_with_basic_credentials_keeps_its_password_out_of_the_log(tmp_path):
+@pytest.mark.parametrize("userinfo,shown", [("proxyuser:{secret}", "proxyuser:***@127.0.0.1"),
+                                             ("{secret}", "http://***@127.0.0.1")])
+def test_a_base_url_with_basic_credentials_keeps_its_password_out_of_the_log(tmp_path, userinfo, shown):
     """httpx sends a base_url's user:password as basic credentials, and logs every call's URL at INFO: the
-    server's log (text lines, as `cascade serve` writes them) shows the URL with its password masked."""
+    server's log (text lines, as `cascade serve` writes them) shows the URL with its password masked. A key
+    given as the user alone (``https://KEY@host``: httpx sends it as the basic user, with no password) is the
+    credential itself: it is masked whole (it was logged on every call)."""
+    import sqlite3
+
     import httpx
 
     from tests.conftest import free_port
@@ -423,7 +429,7 @@ def test_a_base_url_with_basic_credentials_keeps_its_password_out_of_the_log(tmp
     password = "hunter2-PROXY-PASS"
     with FaultServerThread() as upstream:
         port = free_port()
-        base_url = upstream.base_url.replace("http://", f"http://proxyuser:{password}@")
+        base_url = upstream.base_url.replace("http://", f"http://{userinfo.format(secret=password)}@")
         cfg = {"server": {"host": "127.0.0.1", "port": port, "log_level": "info"},
                "ledger": {"path": str(tmp_path / "ledger.sqlite")},
                "tiers": [{"name": "remote", "backend": "openai", "model": "m", "timeout_s": 30,
@@ -440,5 +446,7 @@ def test_a_base_url_with_basic_credentials_keeps_its_password_out_of_the_log(tmp
             assert r.status_code >= 500 and password not in r.text
         finally:
             out = stop(proc)
-    assert "proxyuser:***@127.0.0.1" in out, out  # the call's line is there, its password is not
+    assert shown in out, out  # the call's line is there, its password is not
     assert password not in out, out
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        assert not [m for (m,) in conn.execute("SELECT error_message FROM attempts") if m and password in m]
