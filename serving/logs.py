@@ -79,10 +79,6 @@ class SecretFilter(logging.Filter):
         return True
 
 
-#: the former name (it masked URL passwords only)
-UrlPasswordFilter = SecretFilter
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger``,
     ``message``, ``request_id`` when the line belongs to a request, ``exception`` with its traceback."""
@@ -128,5 +124,5 @@ def uvicorn_log_config() -> dict:
     return cfg
 
 
-__all__ = ["JsonFormatter", "RequestIdFilter", "SecretFilter", "UrlPasswordFilter", "configure_logging",
-           "current_request_id", "mask_secrets", "uvicorn_log_config"]
+__all__ = ["JsonFormatter", "RequestIdFilter", "SecretFilter", "configure_logging", "current_request_id",
+           "mask_secrets", "uvicorn_log_config"]
