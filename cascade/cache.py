@@ -13,8 +13,10 @@ answer's size, its logprobs included), each entry living ``cache.ttl_s``. A hit 
 (cost 0, no attempts) naming the request that paid for the answer (``cached_from``).
 
 An answer is stored only once its own ledger row is committed (a hit never names a request the ledger lacks),
-and only if no :meth:`ResponseCache.clear` came between the request's start and its answer (a reload swaps
-the thresholds that decided it): the request carries the cache's :attr:`~ResponseCache.generation`.
+and dropped again when that row is then made ``cancelled`` (its client left before the answer went out: a hit
+never names a request that served no answer), and only if no :meth:`ResponseCache.clear` came between the
+request's start and its answer (a reload swaps the thresholds that decided it): the request carries the cache's
+:attr:`~ResponseCache.generation`.
 
 Identical non-streamed requests arriving while the first is being answered wait for its stored answer
 (``Engine._cache_follow``): a burst of one request costs one model call.
@@ -138,6 +140,16 @@ class ResponseCache:
         while len(self._wrong) > self.max_entries:
             self._wrong.popitem(last=False)
         return len(keys)
+
+    def discard(self, request_id: str) -> int:
+        """Drop the answers first given to ``request_id`` without judging them (its client left before the
+        answer went out, so its ledger row says it served none: a hit must not name it); returns how many."""
+        where = self._given.pop(request_id, None)  # (a request's answer is stored under its one key: no scan)
+        item = None if where is None else self._entries.get(where[0])
+        if item is None or item[2].request_id != request_id:
+            return 0
+        self._drop(where[0])
+        return 1
 
     def _judged_wrong(self, key: str, text: str, now: float) -> bool:
         """Was this answer (its key and text) said to be wrong within ``ttl_s``? (Older verdicts are let go.)"""

@@ -788,6 +788,10 @@ class Engine:
             if f.cancelled() or f.exception() is not None:  # not written as served: nothing to correct
                 return
             self.ledger.record_client_left(rec.request_id, status, type(reason).__name__, reason.message)
+            # its answer, stored at that commit (by a callback that ran before this one), served nobody: a hit
+            # naming it would name a request the ledger says answered none, and feedback on the hit label nothing
+            if status == "cancelled" and self.cache is not None:
+                self.cache.discard(rec.request_id)
             for listener in self.correction_listeners:
                 try:
                     listener(rec, status, type(reason).__name__)

@@ -809,3 +809,43 @@ async def test_a_leading_stream_whose_reader_stalls_holds_no_one_past_its_time_l
         await leader.aclose()
     finally:
         await engine.close()
+
+
+async def test_an_answer_whose_client_left_while_its_row_committed_is_not_served_again(tmp_path, upstream):
+    """The answer is in and stored once its row commits, but its caller left while that commit waited (another
+    process held the ledger's lock): its row is made ``cancelled`` (nothing was served, its attempts unkept). A
+    hit naming it would name a request that served no answer: feedback on the hit labels nothing (recalibration
+    reads the original's kept answer) and the ledger says nobody got it. It is dropped from the cache."""
+    import asyncio
+
+    from tests.test_ledger_durability import lock_for
+
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    engine = await Engine.open(make_config(tmp_path, [remote], cache={"enabled": True}))
+    req = GenerationRequest(messages=(Message("user", "hi"),))
+    try:
+        await engine.run(GenerationRequest(messages=(Message("user", "warm"),)))  # (the ledger exists)
+        holder = lock_for(tmp_path / "ledger.sqlite", 1.5)
+        try:
+            left = asyncio.create_task(engine.run(req, request_id="left-at-commit"))
+            while upstream.stats()["requests"] < 2:  # answered; its row waits for the lock
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            left.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await left
+        finally:
+            await asyncio.to_thread(holder.wait, 30)
+        for _ in range(200):
+            with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+                status = db.execute("SELECT status FROM requests WHERE request_id = 'left-at-commit'").fetchone()
+            if status == ("cancelled",):
+                break
+            await asyncio.sleep(0.05)
+        assert status == ("cancelled",)
+        again = await engine.run(req)
+        assert again.record.cached_from is None and upstream.stats()["requests"] == 3
+        assert (await engine.run(req)).record.cached_from == again.record.request_id  # its answer is stored
+    finally:
+        await engine.close()
