@@ -1087,8 +1087,9 @@ class Engine:
         whose max_tokens a cost budget cut), and
         no earlier tier failed but by refusing the request as it would every time (too long a prompt): an
         answer that stands in for a tier that was down is not repeated for an hour either, nor one from a
-        fallback provider of the kept tier serving another model than its first provider's (that one failed, or
-        was skipped with its breaker open). A provider retried, or a replica of the same model, is fine. Not
+        fallback provider serving another model than its tier's first provider's (that one failed, or was skipped
+        with its breaker open), whether kept or escalated from. A provider retried, or a replica of the same
+        model, is fine. Not
         after a :meth:`ResponseCache.clear` since the request started (``slot``'s generation)."""
         if slot is None or self.cache is None or rec.status != "ok" or rec.tier is None:
             return
@@ -1102,10 +1103,14 @@ class Engine:
                and a.error_class not in _REFUSALS_EVERY_TIME
                for a in rec.attempts):  # an earlier tier's outage or timeout: next time it may answer itself
             return
-        tier = self.tiers.get(kept.tier)
-        if tier is not None and isinstance(tier.backend, ResilientBackend) \
-                and kept.model != tier.backend.providers[0].backend.model:
-            return  # a fallback provider's other model, standing in for the primary (failed, or its breaker open)
+        # a fallback provider's other model, standing in for the primary (failed, or its breaker open): as the kept
+        # answer, and as an earlier tier's answer whose escalation it decided (judged by the calibrator and threshold
+        # fit on the primary's answers; once the primary is back that tier may keep its own)
+        for a in rec.attempts:
+            tier = self.tiers.get(a.tier)
+            if a.error_class is None and tier is not None and isinstance(tier.backend, ResilientBackend) \
+                    and a.model != tier.backend.providers[0].backend.model:
+                return
         self.cache.put(slot[0], CachedAnswer.of(rec, result), generation=slot[1])
 
     def cache_forget(self, request_id: str) -> int:

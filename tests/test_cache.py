@@ -849,3 +849,27 @@ async def test_an_answer_whose_client_left_while_its_row_committed_is_not_served
         assert (await engine.run(req)).record.cached_from == again.record.request_id  # its answer is stored
     finally:
         await engine.close()
+
+
+def test_an_answer_escalated_past_a_tier_whose_fallback_model_answered_is_not_stored(tmp_path, serve_app):
+    """The first tier's primary failed and its fallback provider, another model, answered: judged by the tier's
+    calibrator and threshold (fit on the primary's answers) it escalated, and the second tier answered. That
+    escalation stood in for the primary: once it is back the policy answers from the first tier, so the second
+    tier's answer is not stored (it was, and was served for ttl_s instead of the first tier's own answer)."""
+    with FaultServerThread() as primary, FaultServerThread(answer="Lyon", logprob=-3.0) as other, \
+            FaultServerThread(answer="Paris, the large tier says.") as big:
+        small = {"name": "small", "threshold": 0.5, "max_tokens": 4, "timeout_s": 5, "retry": {"max_attempts": 1},
+                 "price": {"input_per_1m": 0.1, "output_per_1m": 0.2},
+                 "providers": [{"name": n, "backend": "openai", "model": m, "options": {"base_url": fs.base_url}}
+                               for n, m, fs in (("primary", "qwen", primary), ("other", "llama", other))]}
+        large = {"name": "large", "backend": "openai", "model": "m", "max_tokens": 8, "threshold": 0.0,
+                 "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": big.base_url}}
+        server = serve_app(make_config(tmp_path, [small, large], cache={"enabled": True}))
+        primary.faults("500")
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            first = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
+            back = c.post("/v1/chat/completions", json=BODY).json()["cascade"]
+    assert [(x["tier"], x["model"], x["decision"]) for x in first["attempts"]] == [
+        ("small", "qwen", "error"), ("small", "llama", "escalate"), ("large", "m", "final")]
+    assert back["cached_from"] is None and back["tier"] == "small"  # the primary is back: its answer is kept
+    assert [(x["model"], x["decision"]) for x in back["attempts"]] == [("qwen", "accept")]
