@@ -1089,8 +1089,8 @@ class Engine:
         answer that stands in for a tier that was down is not repeated for an hour either, nor one from a
         fallback provider serving another model than its tier's first provider's (that one failed, or was skipped
         with its breaker open), whether kept or escalated from. A provider retried, or a replica of the same
-        model, is fine. Not
-        after a :meth:`ResponseCache.clear` since the request started (``slot``'s generation)."""
+        model, is fine. Not after a :meth:`ResponseCache.clear` since the request started (``slot``'s
+        generation)."""
         if slot is None or self.cache is None or rec.status != "ok" or rec.tier is None:
             return
         if not rec.attempts or not rec.attempts[-1].kept:

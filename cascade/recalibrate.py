@@ -54,9 +54,8 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
     Each row: request_id, created_at, policy, model (the attempt's), kept, features (dict), confidence (as
     recorded), label (0/1), source. Feedback labels the answer served, and any earlier tier's answer identical
     to it (a different one is wrong if the served one was right, unknown if it was wrong); agreement compares
-    an answer with a
-    stronger tier's, from the live path or bought by a sampled shadow (of a tier in ``stronger``: those after
-    ``tier`` in a policy's chain; a shadow's chain may hold weaker ones).
+    an answer with a stronger tier's, from the live path or bought by a sampled shadow (of a tier in
+    ``stronger``: those after ``tier`` in a policy's chain; a shadow's chain may hold weaker ones).
     """
     bad = [s for s in sources if s not in LABEL_SOURCES]
     if bad or not sources:
