@@ -203,6 +203,30 @@ async def test_a_stream_ends_with_its_own_row_while_its_batch_runs_on(smol_backe
     assert [t.token_id for t in rest[1]] == [t.token_id for t in solo.tokens] and len(solo.tokens) == 16
 
 
+async def test_a_short_answer_is_returned_when_its_row_ends_not_when_its_batch_does(smol_backend, monkeypatch):
+    """A 2-token request batched with a 40-token one gets its answer once its own row ends, as a stream does: it
+    waited for the whole batch (every short answer held back by the longest one beside it: seconds on a CPU,
+    past a tier's timeout with max_tokens in the thousands). Its answer is the one it has alone."""
+    sizes = record_batches(smol_backend, monkeypatch)
+    # one stop string for all three, so that they share a batch: only the last meets it, a few tokens in
+    two, stop = Q.with_(max_tokens=2, stop=(" of",)), Q.with_(max_tokens=30, stop=(" of",))
+    long = asyncio.create_task(smol_backend.generate(GenerationRequest(
+        prompt="Count from 1 to 1000: 1, 2, 3, 4,", max_tokens=40, stop=(" of",))))
+    short, stopped = await asyncio.gather(smol_backend.generate(two), smol_backend.generate(stop))
+    assert not long.done()
+    res = await long
+    assert res.usage.completion_tokens == 40 and res.finish_reason == "length"
+    assert sizes == [3] and stopped.finish_reason == "stop" and short.finish_reason == "length"
+    assert short.latency_s < res.latency_s / 2 and stopped.latency_s < res.latency_s / 2
+    monkeypatch.undo()
+    for req, got in ((two, short), (stop, stopped)):
+        solo = await smol_backend.generate(req)
+        assert (got.text, got.finish_reason, got.usage) == (solo.text, solo.finish_reason, solo.usage)
+        assert [t.token_id for t in got.tokens] == [t.token_id for t in solo.tokens]
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(got.tokens, solo.tokens, strict=True)) < 1e-4
+        assert [len(t.top) for t in got.tokens] == [5] * len(solo.tokens)
+
+
 async def test_a_stream_carries_the_tokens_and_logprobs_of_the_whole_answer(smol_backend):
     whole = await smol_backend.generate(Q)
     chunks = [c async for c in smol_backend.stream(Q)]

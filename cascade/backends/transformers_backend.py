@@ -8,8 +8,8 @@ The CPU fallback (tests, laptops) and, with ``device: cuda``, a GPU tier where v
   differently, by up to a few tenths of a nat).
 * Requests that wait while the model is busy are generated together in one left-padded batch, streamed or
   not (same sampling settings only; greedy by default; a seeded sampled request runs alone); a batch about
-  to start waits a moment for requests arriving with it (``batch_wait_ms``), and a stream ends with its own
-  row, not with its batch.
+  to start waits a moment for requests arriving with it (``batch_wait_ms``), and a request, streamed or not,
+  is answered once its own row ends, not once its batch does.
 * All transformers backends of a process share one compute thread: on a small CPU, two models generating
   at once only fight over the same cores (and on one GPU, over its streams).
 * A request whose caller goes away (cancelled task: client disconnect, latency budget) stops its row at the
@@ -177,7 +177,9 @@ class _Pending:
     #: a stream's: its tokens go here as they are generated, ``(token_id, logprob, top)``, then None once its
     #: row ends (put by the compute thread through ``loop``; by the worker when the batch failed)
     queue: asyncio.Queue | None = None
+    #: the caller's loop, through which the compute thread answers it as soon as its row ends
     loop: asyncio.AbstractEventLoop | None = None
+    started: float = 0.0  # when its batch started (the worker sets it)
 
     def batch_key(self) -> tuple:
         """Requests with equal keys may share a batch. A seeded sampled request runs alone: a batch draws its
@@ -488,7 +490,7 @@ class TransformersBackend(Backend):
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         request, ids = await self._prepare(request)
         loop = asyncio.get_running_loop()
-        item = _Pending(request=request, prompt_ids=ids, future=loop.create_future())
+        item = _Pending(request=request, prompt_ids=ids, future=loop.create_future(), loop=loop)
         self._pending.append(item)
         assert self._wake is not None
         self._wake.set()
@@ -621,6 +623,8 @@ class TransformersBackend(Backend):
                 if not batch:
                     continue
                 started = time.perf_counter()
+                for p in batch:
+                    p.started = started
                 self._running = batch
                 try:
                     results = await loop.run_in_executor(_compute_executor(), self._generate_batch, batch)
@@ -638,22 +642,25 @@ class TransformersBackend(Backend):
                 for p in batch:
                     if p.queue is not None:  # (the compute thread ended its row already; a second end is not read)
                         p.queue.put_nowait(None)
-                for p, result in zip(batch, results, strict=True):
-                    if p.future.done():
-                        continue
-                    if result is None:  # a stream's, which has had its tokens
-                        p.future.set_result(None)
-                        continue
-                    if isinstance(result, Exception):  # this request's answer (NaN logprobs, _nan_error)
-                        p.future.set_exception(result)
-                        continue
-                    text, toks, finish, ttft, generated = result
-                    now = time.perf_counter()
-                    p.future.set_result(GenerationResult(
-                        text=text, tokens=toks, finish_reason=finish,
-                        usage=Usage(prompt_tokens=len(p.prompt_ids), completion_tokens=generated),
-                        latency_s=now - p.enqueued_at, model=self.model,
-                        ttft_s=(started - p.enqueued_at) + ttft))
+                for p, result in zip(batch, results, strict=True):  # (most were answered as their row ended)
+                    self._answer(p, result)
+
+    def _answer(self, p: _Pending, result: _BatchResult | None) -> None:
+        """Answer ``p`` with its row's result (on the event loop), unless it has its answer or is gone."""
+        if p.future.done():
+            return
+        if result is None:  # a stream's, which has had its tokens
+            p.future.set_result(None)
+            return
+        if isinstance(result, Exception):  # this request's answer (NaN logprobs, _nan_error)
+            p.future.set_exception(result)
+            return
+        text, toks, finish, ttft, generated = result
+        now = time.perf_counter()
+        p.future.set_result(GenerationResult(
+            text=text, tokens=toks, finish_reason=finish,
+            usage=Usage(prompt_tokens=len(p.prompt_ids), completion_tokens=generated),
+            latency_s=now - p.enqueued_at, model=self.model, ttft_s=(p.started - p.enqueued_at) + ttft))
 
     async def _gather(self) -> None:
         """Before a batch starts, let requests arriving together join it: wait while this backend is tokenizing
@@ -820,7 +827,88 @@ class TransformersBackend(Backend):
                 return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
         stop_check = _StopInAnswer() if stops else None
+
+        def row_result(p: _Pending, ids: list[int], chosen: Any, top_vals: Any, top_ids: Any,
+                       ttft: float) -> _BatchResult:
+            """One request's answer from its row: the ids it generated, each one's logprob (T,) and top k
+            (T, k), on the host."""
+            limit = p.request.max_tokens or max_new
+            stop_at = next((j for j, t in enumerate(ids) if t in eos), None)
+            if stop_at is not None and stop_at < limit:
+                n, finish = stop_at, "stop"
+            else:
+                n, finish = min(len(ids), limit), "length"
+            # every token it chose, the end-of-turn one included, without a finite logprob: NaN logits (a NaN
+            # argmax picks token 0, often the end token: an empty answer); refused, not served
+            read = chosen[: min(len(ids), n + 1)]
+            if read.numel() and not bool(torch.isfinite(read).any()):
+                return self._nan_error()
+            k = p.request.top_logprobs
+            texts = TokenTexts(tok)
+            pieces = [texts.push(t) for t in ids[:n]]
+            if pieces:  # an answer ending inside a character: its last token gives the whole ones before it
+                pieces[-1] += texts.flush()
+            text = "".join(pieces)
+            # stop strings: cut the text at the earliest one, and the tokens to it (fit_tokens, below): the
+            # ones after it go, the one it cuts keeps its part before the cut
+            cut = None
+            generated = n  # what the model produced (and the tier bills), the stop string's tokens included
+            if p.request.stop:
+                found = [(text.find(s), len(s)) for s in p.request.stop if s and text.find(s) >= 0]
+                if found:
+                    cut = min(at for at, _ in found)
+                    generated = min(_tokens_to(pieces, at + length) for at, length in found)
+                    text, finish = text[:cut], "stop"
+                    pos, keep = 0, 0
+                    for piece in pieces:  # the tokens that start before the cut
+                        if pos >= cut:
+                            break
+                        pos += len(piece)
+                        keep += 1
+                    n = keep
+            toks = []
+            for j in range(n):
+                alts: tuple[TopLogprob, ...] = ()
+                if k > 0:
+                    alts = tuple(
+                        TopLogprob(token=tok.decode([int(a)]), logprob=float(v), token_id=int(a), raw=raw(int(a)))
+                        for v, a in zip(top_vals[j, :k].tolist(), top_ids[j, :k].tolist(), strict=True))
+                toks.append(TokenLogprob(token=pieces[j], logprob=float(chosen[j]), token_id=int(ids[j]),
+                                         top=alts, raw=raw(int(ids[j]))))
+            return text, fit_tokens(toks, text) if cut is not None else tuple(toks), finish, ttft, generated
+
+        answered: dict[int, _BatchResult] = {}  # the rows answered as they ended
+        answer = self._answer
+
+        class _AnswerEnded(StoppingCriteria):
+            """Answer each request (not a stream: its reader had its tokens) as soon as its row ends: at its end
+            of turn, its stop string or its max_tokens. Its caller waited for the whole batch, the longest answer
+            beside it (a 2-token answer batched with a 1000-token one: the 1000 tokens). Runs after the other
+            checks, which decided this step's ends; a row its caller left is not answered."""
+
+            def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
+                n = min(input_ids.shape[1] - width, len(chosen_cols))
+                last = input_ids[:, -1].tolist()
+                for i, p in enumerate(batch):
+                    if p.queue is not None or i in answered or p.cancelled.is_set() or p.loop is None:
+                        continue
+                    ended = (last[i] in eos or n >= (p.request.max_tokens or max_new)
+                             or (stop_check is not None and stop_check.done[i]))
+                    if not ended:
+                        continue
+                    chosen = torch.cat([c[i] for c in chosen_cols[:n]]).cpu()
+                    vals = ids = None
+                    if top_k > 0:
+                        vals = torch.stack([v[i] for v in val_cols[:n]]).cpu()
+                        ids = torch.stack([v[i] for v in id_cols[:n]]).cpu()
+                    ttft = first_token_at[0] - t0
+                    answered[i] = row_result(p, input_ids[i, width:width + n].tolist(), chosen, vals, ids, ttft)
+                    p.loop.call_soon_threadsafe(answer, p, answered[i])
+                return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
         criteria = [_Collect(), _RowsDone()] + ([stop_check] if stop_check is not None else [])
+        if len(batch) > 1:  # (a row alone ends with its batch; a seeded one is answered once its random state is back)
+            criteria.append(_AnswerEnded())
         sample = _samples(req0)
         cfg = GenerationConfig(  # top_k=0: the whole vocabulary, as OpenAI and vLLM sample (not the top 50)
             max_new_tokens=max_new, do_sample=sample, num_beams=1,
@@ -855,52 +943,9 @@ class TransformersBackend(Backend):
         for i, p in enumerate(batch):
             if p.queue is not None:  # a stream: its reader had its tokens as they came
                 results.append(None)
-                continue
-            ids = gen[i].tolist()
-            limit = p.request.max_tokens or max_new
-            stop_at = next((j for j, t in enumerate(ids) if t in eos), None)
-            if stop_at is not None and stop_at < limit:
-                n, finish = stop_at, "stop"
-            else:
-                n, finish = min(len(ids), limit), "length"
-            # every token it chose, the end-of-turn one included, without a finite logprob: NaN logits (a NaN
-            # argmax picks token 0, often the end token: an empty answer); refused, not served
-            read = chosen[i, : min(len(ids), n + 1)]
-            if read.numel() and not bool(torch.isfinite(read).any()):
-                results.append(self._nan_error())
-                continue
-            k = p.request.top_logprobs
-            texts = TokenTexts(tok)
-            pieces = [texts.push(t) for t in ids[:n]]
-            if pieces:  # an answer ending inside a character: its last token gives the whole ones before it
-                pieces[-1] += texts.flush()
-            text = "".join(pieces)
-            # stop strings: cut the text at the earliest one, and the tokens to it (fit_tokens, below): the
-            # ones after it go, the one it cuts keeps its part before the cut
-            cut = None
-            generated = n  # what the model produced (and the tier bills), the stop string's tokens included
-            if p.request.stop:
-                found = [(text.find(s), len(s)) for s in p.request.stop if s and text.find(s) >= 0]
-                if found:
-                    cut = min(at for at, _ in found)
-                    generated = min(_tokens_to(pieces, at + length) for at, length in found)
-                    text, finish = text[:cut], "stop"
-                    pos, keep = 0, 0
-                    for piece in pieces:  # the tokens that start before the cut
-                        if pos >= cut:
-                            break
-                        pos += len(piece)
-                        keep += 1
-                    n = keep
-            toks = []
-            for j in range(n):
-                alts: tuple[TopLogprob, ...] = ()
-                if k > 0:
-                    alts = tuple(
-                        TopLogprob(token=tok.decode([int(a)]), logprob=float(v), token_id=int(a), raw=raw(int(a)))
-                        for v, a in zip(top_vals[i, j, :k].tolist(), top_ids[i, j, :k].tolist(), strict=True))
-                toks.append(TokenLogprob(token=pieces[j], logprob=float(chosen[i, j]), token_id=int(ids[j]),
-                                         top=alts, raw=raw(int(ids[j]))))
-            results.append((text, fit_tokens(toks, text) if cut is not None else tuple(toks), finish, ttft,
-                            generated))
+            elif i in answered:
+                results.append(answered[i])
+            else:  # its caller left (or the batch ended another way): what its row holds
+                results.append(row_result(p, gen[i].tolist(), chosen[i], top_vals[i] if top_k > 0 else None,
+                                          top_ids[i] if top_k > 0 else None, ttft))
         return results
