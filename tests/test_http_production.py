@@ -226,7 +226,10 @@ def test_latency_budget_cancels_a_hung_tier(server):
     casc = resp.model_extra["cascade"]
     decisions = [(a["tier"], a["decision"], a["error_class"]) for a in casc["attempts"]]
     assert decisions[1] == ("hung", "error", "ProviderTimeoutError")
-    assert decisions[2][0] == "large" and resp.model == "large"   # escalate: went on to the next tier
+    assert decisions[2][0] == "large", decisions   # escalate: went on to the next tier
+    # which answers, unless a loaded machine makes it run past its own 4 s too (the answer in hand is then served:
+    # seen on a 2-core machine running the suite beside other work)
+    assert resp.model == "large" or decisions[2][1:] == ("error", "ProviderTimeoutError"), decisions
     # best_answer mode: on the same timeout it serves the answer already in hand, no further tier
     resp = client(server, "sk-test-inter").chat.completions.create(model="to-hung", messages=Q, max_tokens=6)
     casc = resp.model_extra["cascade"]
