@@ -1323,7 +1323,9 @@ class Engine:
             if running.latency_ms == 0.0 and running.error_class is None:
                 running.decision, running.reason = "error", "interrupted: the server stopped while this tier answered"
                 running.error_class, running.error_message = INTERRUPTED, "interrupted"
-                running.prompt_tokens = req.rough_prompt_tokens()
+                # (made on the event loop: counted on samples of a long prompt, not the whole of it, which took
+                # half a second a MB, for each request journaled, while no other request was served)
+                running.prompt_tokens = req.quick_prompt_tokens()
                 # the dearest of its providers' prices: which one was answering is not known here
                 running.cost_usd = dearest_price(tier).cost(running.prompt_tokens, 0)
                 snap.tier = snap.model = snap.confidence = None
