@@ -273,6 +273,15 @@ LEGACY_COLUMNS = ("group", "requests", "answered", "errors", "partial", "cancell
 LEGACY_TIER_COLUMNS = ("attempts", "attempt_spend_usd", "attempt_waste_usd")
 
 
+def ledger_target(db: str, tmp_path, request: pytest.FixtureRequest) -> str:
+    """A fresh ledger of kind ``db``: a SQLite file under ``tmp_path``, or the suite's PostgreSQL server emptied."""
+    if db == "sqlite":
+        return str(tmp_path / "ledger.sqlite")
+    pg = request.getfixturevalue("postgres")
+    pg.reset()
+    return pg.url
+
+
 def _cached_ledger(target: str, now: float) -> None:
     """Requests whose attempts read providers' prompt caches: (request, policy, key, end user, serving tier,
     age in days, [(attempt tier, prompt tokens, cached prompt tokens, error)])."""
@@ -344,12 +353,7 @@ def test_report_sums_the_prompt_tokens_read_from_providers_prompt_caches(db, tmp
 
     from cascade.cli import main
 
-    if db == "sqlite":
-        target = str(tmp_path / "ledger.sqlite")
-    else:
-        pg = request.getfixturevalue("postgres")
-        pg.reset()
-        target = pg.url
+    target = ledger_target(db, tmp_path, request)
     _cached_ledger(target, time.time())
 
     def groups(by: str, *more: str) -> tuple[dict[Any, int], int]:
@@ -519,12 +523,7 @@ def test_report_is_one_snapshot_while_servers_write(db, tmp_path, request):
     from cascade.reports import cost_report
     from cascade.types import Attempt, CascadeRecord
 
-    if db == "sqlite":
-        target = str(tmp_path / "ledger.sqlite")
-    else:
-        pg = request.getfixturevalue("postgres")
-        pg.reset()
-        target = pg.url
+    target = ledger_target(db, tmp_path, request)
 
     def rec() -> CascadeRecord:
         tried = [Attempt(index=0, tier="small", model="s", backend="b", cost_usd=0.001, decision="escalate"),

@@ -1291,6 +1291,17 @@ async def test_requests_outliving_the_graceful_shutdown_get_503_and_ledger_rows(
     assert len(plain_attempts) == 3 and all("server shut down" in a[1] for a in plain_attempts), attempts
 
 
+def hold_the_database(db: Path, locked: Any, release: Any) -> None:
+    """Another connection holding the SQLite ledger's exclusive lock (run on a thread): sets ``locked`` once it
+    holds it, lets it go once ``release`` is set."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    conn.execute("BEGIN EXCLUSIVE")
+    locked.set()
+    release.wait(30)
+    conn.execute("COMMIT")
+    conn.close()
+
+
 async def test_an_answer_already_recorded_is_sent_even_past_the_grace(tmp_path):
     """A request whose ledger row is written (here: queued, its commit held up by a lock on the database) is
     past the point of no return: the shutdown lets it finish and send its answer, never a 503 for an answer
@@ -1302,16 +1313,7 @@ async def test_an_answer_already_recorded_is_sent_even_past_the_grace(tmp_path):
         cfg = serve_config(tmp_path, [{"name": "fast", "providers": [prov("fast", fast)], "threshold": 0.0,
                                        "max_tokens": 4}], ["fast"], graceful_shutdown_s=1)
         locked, release = threading.Event(), threading.Event()
-
-        def hold_the_database() -> None:
-            conn = sqlite3.connect(db, isolation_level=None, timeout=30)
-            conn.execute("BEGIN EXCLUSIVE")
-            locked.set()
-            release.wait(30)
-            conn.execute("COMMIT")
-            conn.close()
-
-        holder = threading.Thread(target=hold_the_database)
+        holder = threading.Thread(target=hold_the_database, args=(db, locked, release))
         try:
             async with serving(cfg, tmp_path) as (client, proc):
                 holder.start()
@@ -1350,16 +1352,7 @@ async def test_a_request_still_being_admitted_when_the_grace_runs_out_gets_its_r
         cfg["user_tiers"] = {"capped": {"daily_spend_limit_usd": 1.0}}
         cfg["auth"] = {"anonymous_user_tier": "capped"}
         locked, release = threading.Event(), threading.Event()
-
-        def hold_the_database() -> None:
-            conn = sqlite3.connect(db, isolation_level=None, timeout=30)
-            conn.execute("BEGIN EXCLUSIVE")
-            locked.set()
-            release.wait(30)
-            conn.execute("COMMIT")
-            conn.close()
-
-        holder = threading.Thread(target=hold_the_database)
+        holder = threading.Thread(target=hold_the_database, args=(db, locked, release))
         try:
             async with serving(cfg, tmp_path) as (client, proc):
                 holder.start()

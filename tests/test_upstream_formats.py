@@ -477,6 +477,15 @@ def remote(name: str, up: Upstream, model: str, **kw: Any) -> dict[str, Any]:
             "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": options, **kw}
 
 
+async def engine_stream(cfg: Any) -> list:
+    """The events of CHAT streamed through an engine opened on ``cfg`` (closed after)."""
+    eng = await Engine.open(cfg)
+    try:
+        return [e async for e in eng.stream(CHAT)]
+    finally:
+        await eng.close()
+
+
 def two_providers(tmp_path: Path, up: Upstream, first: tuple[str, str], second: tuple[str, str],
                   first_options: dict[str, Any] | None = None, **tier: Any) -> Any:
     """A config of one tier "t" (threshold 0: every answer kept) served by two providers of ``up``, each a
@@ -676,11 +685,7 @@ async def test_an_answer_ended_by_finish_reason_error_falls_over_to_the_next_pro
 
 async def test_a_stream_with_no_answer_falls_over_to_the_next_provider(upstream, tmp_path):
     cfg = two_providers(tmp_path, upstream, ("proxy", "html"), ("healthy", "ok"))
-    eng = await Engine.open(cfg)
-    try:
-        events = [e async for e in eng.stream(CHAT)]
-    finally:
-        await eng.close()
+    events = await engine_stream(cfg)
     assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == TEXT
     end = events[-1]
     assert isinstance(end, StreamEnd) and end.record.status == "ok"
@@ -730,11 +735,7 @@ async def test_llamacpps_error_field_is_the_error_it_states_not_a_cut_answer(ups
     with pytest.raises(ProviderServerError, match="slot unavailable"):
         await stream(upstream, "llama-event-text")
     cfg = two_providers(tmp_path, upstream, ("llama", "llama-event-text"), ("healthy", "ok"))
-    eng = await Engine.open(cfg)
-    try:
-        events = [e async for e in eng.stream(CHAT)]
-    finally:
-        await eng.close()
+    events = await engine_stream(cfg)
     assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == TEXT
     assert [(a.backend, a.error_class) for a in events[-1].record.attempts] == [("llama", "ProviderServerError"),
                                                                                 ("healthy", None)]
@@ -1115,20 +1116,12 @@ async def test_a_provider_that_refuses_stream_options_is_a_configuration_fault(u
     assert "stream_options" not in upstream.requests[n]["body"]
     assert (await generate(upstream, "mistral", stream_usage=False)).text == TEXT  # (a whole answer: unchanged)
     cfg = two_providers(tmp_path, upstream, ("mistral", "mistral"), ("healthy", "ok"))
-    eng = await Engine.open(cfg)
-    try:
-        events = [e async for e in eng.stream(CHAT)]
-    finally:
-        await eng.close()
+    events = await engine_stream(cfg)
     assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == TEXT
     assert [(a.backend, a.error_class) for a in events[-1].record.attempts] == [("mistral", "ProviderError"),
                                                                                 ("healthy", None)]
     cfg = make_config(tmp_path, [remote("t", upstream, "mistral", options={"stream_usage": False})])
-    eng = await Engine.open(cfg)
-    try:
-        events = [e async for e in eng.stream(CHAT)]
-    finally:
-        await eng.close()
+    events = await engine_stream(cfg)
     assert isinstance(events[-1], StreamEnd) and events[-1].usage.completion_tokens > 0  # estimated
     with pytest.raises(ConfigError, match="stream_usage must be true or false"):
         OpenAIBackend(model="m", base_url=upstream.base_url, stream_usage="no")
