@@ -525,14 +525,12 @@ class Engine:
         budget if there is one, and for a tier with providers the prompt once more for each that may time out
         before one answers (:func:`cascade.budget.call_ceiling`). What an admitted request holds against the
         daily spend limits until its ledger row is in. An estimate as the cost budget's is: a tier without a
-        local tokenizer counts the prompt on the high side. A tier with a tokenizer of its own counts the
-        prompt on a thread, off the event loop."""
-        total, rough = 0.0, None
+        local tokenizer counts the prompt on the high side. Either count is made on a thread, off the event
+        loop, and once (the tiers after, and the tiers' calls, find it made)."""
+        total = 0.0
         for tier in self.resolve(model).tiers:
             await tier.backend.tokenize(request)
-            prompt = tier.backend.count_prompt_tokens(request)
-            if prompt is None:  # counted once for all the tiers without a tokenizer (a long prompt takes ms)
-                prompt = rough = request.rough_prompt_tokens() if rough is None else rough
+            prompt = tier.backend.estimate_prompt_tokens(request)
             total += call_ceiling(tier, prompt, request.max_tokens or tier.config.max_tokens)
         return total if budget is None or budget.cost_usd is None else min(total, budget.cost_usd)
 
@@ -540,7 +538,8 @@ class Engine:
         """What ``request`` counts against a tokens-per-minute limit, as OpenAI counts it: its prompt and the
         most it may generate (its ``max_tokens``, or the largest default of its route's tiers). The prompt is
         counted without a tokenizer (``rough_prompt_tokens``): the same for every route, and no tokenizer
-        runs on the event loop for a request that may yet be refused."""
+        runs for a request that may yet be refused. The HTTP layer has it counted off the event loop first
+        (``rough_prompt_tokens_off_loop``); here the count made is read."""
         tiers = self.resolve(model).tiers
         return request.rough_prompt_tokens() + (request.max_tokens or max(t.config.max_tokens for t in tiers))
 

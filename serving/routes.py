@@ -176,6 +176,8 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
     buckets = _spend_buckets(caller, body.attribution()["end_user"])
     # the engine's request, once, for the limits that weigh it
     req = body.to_engine() if buckets or (lim is not None and lim.tokens_per_minute) else None
+    if req is not None and lim is not None and lim.tokens_per_minute:
+        await req.rough_prompt_tokens_off_loop()  # what the limit weighs, counted once and off the event loop
     ceiling = await engine.cost_ceiling(req, model, budget) if buckets else 0.0
     await _check_daily_spend(engine, holds, buckets, rid, ceiling)
     # last, the key's rate and in-flight limits and the server's: a request refused above takes no place in

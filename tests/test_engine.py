@@ -284,6 +284,46 @@ def test_quick_token_count_is_the_rough_count_of_a_short_text_and_near_it_on_a_l
     assert GenerationRequest(prompt="hi").quick_prompt_tokens() == GenerationRequest(prompt="hi").rough_prompt_tokens()
 
 
+async def test_the_rough_prompt_count_is_made_once_and_off_the_event_loop():
+    """The TPM limit, the spend limits' ceiling, the cost budget and each tier without a tokenizer all weigh a
+    request's prompt by the rough count: the whole count of a 1 MB prompt is a fifth to half a second of pure
+    Python, made three to five times on the event loop for one request before. Now it is kept on the request
+    (and on its copies with the same prompt), and a long one is counted on a thread: the loop goes on meanwhile."""
+    import asyncio
+
+    from cascade.types import QUICK_SAMPLE_CHARS, QUICK_SAMPLES, rough_token_count
+
+    text = "the quick brown fox jumps over the lazy dog " * 40_000  # 1.8 MB
+    assert len(text) > QUICK_SAMPLES * QUICK_SAMPLE_CHARS
+    exact = rough_token_count(text) + 4 + 3
+    req = GenerationRequest(messages=(Message("user", text),))
+    ticks = 0
+    counting = True
+
+    async def ticker():
+        nonlocal ticks
+        while counting:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    ticks = 0
+    try:
+        assert await req.rough_prompt_tokens_off_loop() == exact
+    finally:
+        counting = False
+        await task
+    assert ticks > 1  # other tasks ran while it counted (on the loop, none would have)
+    # kept: a copy with the same prompt has it; one with another prompt counts its own; equality ignores it
+    assert req.with_(max_tokens=7)._rough_tokens == exact
+    other = req.with_(messages=(Message("user", "hi"),))
+    assert other._rough_tokens is None and other.rough_prompt_tokens() == rough_token_count("hi") + 4 + 3
+    assert req == GenerationRequest(messages=(Message("user", text),))
+    short = GenerationRequest(prompt="hello there")  # a short prompt: counted where it is asked for
+    assert await short.rough_prompt_tokens_off_loop() == rough_token_count("hello there") + 1
+
+
 def test_rough_token_count_of_text_that_is_no_words_is_near_a_real_tokenizers(smol_path):
     """Random letters, ids, base64 and keys: a word a token (4 letters a token) read them at 0.45-0.6 of a real
     BPE count, so a prompt of them overran cost budgets and daily limits 2x (an audit sent random words past a

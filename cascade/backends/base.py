@@ -143,7 +143,10 @@ class Backend(abc.ABC):
         """Count ``request``'s prompt off the event loop, where this backend counts it with a tokenizer of its
         own (in-process models), so that :meth:`count_prompt_tokens` after it finds the count made. A 1 MB
         prompt takes a tokenizer about half a second: on the loop, every other request would wait for it.
-        Default: nothing to do (the count is cheap or there is none)."""
+        Default (no tokenizer here): the tokenizer-free count :meth:`estimate_prompt_tokens` falls back on,
+        made once and off the loop for a long prompt (it too is a fifth to half a second a MB)."""
+        if self.count_prompt_tokens(request) is None:
+            await request.rough_prompt_tokens_off_loop()
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         """Prompt length in this backend's tokens, when it can tell cheaply (for context checks)."""
