@@ -148,7 +148,7 @@ class Metrics:
         child(self.baseline, policy).inc(rec.baseline_cost_usd)
         if rec.cached_from is not None:  # no tier ran: not a cascade decision, nor a drift signal
             if rec.status == "ok":  # a hit whose ledger write failed answered nobody
-                child(self.cache_hits, policy).inc()
+                # (counted in cache_hits once its answer goes out: observe_hit_served)
                 child(self.latency, policy).observe(rec.latency_ms / 1e3)
             return
         if rec.status in ("ok", "partial") and rec.tier:
@@ -164,6 +164,13 @@ class Metrics:
             self.routing.observe(max(rec.latency_ms - backend_ms, 0.0) / 1e3)
         if self.drift is not None:
             self.drift.observe(rec)
+
+    def observe_hit_served(self, rec: CascadeRecord) -> None:
+        """A response-cache hit whose answer began to go out (a whole response once its row committed, a stream's
+        first chunk). Counted then, not when its row is written as served: a client that leaves before any of it
+        goes out has its row made ``cancelled``, a hit that answered nobody, which the report's cache_hits leaves
+        out (a counter cannot take it back)."""
+        self._child(self.cache_hits, self._policy_label(rec)).inc()
 
     def _count_answered(self, policy: str, escalated: bool, n: int) -> None:
         """Add ``n`` (1, or -1 for one no longer answered) to a policy's answered requests, and to its escalated

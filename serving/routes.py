@@ -347,6 +347,8 @@ async def _answer(request: Request, body: AnyRequest, endpoint: str) -> Response
         # cancelled (Engine.wait_committed), as a stream's answer in hand is, not billed as delivered
         response = JSONResponse(shape(body, outcome.result, outcome.record), headers=cascade_headers(outcome.record))
         await engine.wait_committed(outcome.record, committed)
+        if outcome.record.cached_from is not None:  # a hit that answers (one whose client left is cancelled)
+            _metrics(request).observe_hit_served(outcome.record)
         return response
 
     answered, response = await _unless_disconnected(request, answer())
@@ -531,6 +533,8 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
     if isinstance(body, ResponsesRequest):
         def first_token() -> None:
             metrics.ttft.labels(rec.policy).observe(time.perf_counter() - started)
+            if rec.cached_from is not None:  # a hit's answer goes out: it answered (see Metrics.observe_hit_served)
+                metrics.observe_hit_served(rec)
 
         async def sse() -> AsyncIterator[bytes]:
             try:
@@ -573,6 +577,8 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
                 if isinstance(ev, StreamDelta):
                     if first_token:
                         metrics.ttft.labels(rec.policy).observe(time.perf_counter() - started)
+                        if rec.cached_from is not None:  # a hit's answer goes out (Metrics.observe_hit_served)
+                            metrics.observe_hit_served(rec)
                         first_token = False
                     if chat:
                         lp = chat_logprobs(ev.tokens, top) if want_lp else None

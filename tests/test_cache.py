@@ -258,36 +258,42 @@ def _leave_at_once(url: str, body: dict) -> None:
                   + b"\r\n\r\n" + data)
 
 
+def _hits_left_before_their_answer(srv, c: httpx.Client, n: int = 2) -> None:
+    """Pay for BODY's answer, then send streamed hits of it whose clients leave at once until ``n`` of them left
+    before any of it went out (rows made ``cancelled``), then one hit answered."""
+    import time
+
+    assert post(c).status_code == 200  # paid: the answer is stored
+    left = 0
+    for i in range(40):  # as many as it takes for n to leave before their answer's first byte
+        _leave_at_once(srv.url, BODY)
+        for _ in range(100):  # its row is written as served, then corrected once the server sees it gone
+            with sqlite3.connect(srv.ledger_path) as db:
+                rows = db.execute("SELECT status, cached_from IS NOT NULL FROM requests").fetchall()
+            if len(rows) == i + 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)  # (the correction, queued on the ledger thread after the row)
+        with sqlite3.connect(srv.ledger_path) as db:
+            rows = db.execute("SELECT status, cached_from IS NOT NULL FROM requests").fetchall()
+        left = rows.count(("cancelled", 1))
+        if left >= n:
+            break
+    assert left >= n, rows
+    assert post(c).status_code == 200  # a hit answered
+    time.sleep(0.5)  # (the last correction, queued on the ledger thread)
+
+
 def test_a_hit_whose_client_left_before_its_answer_is_no_cache_hit_in_the_report(srv, capsys):
     """A streamed hit whose client left before any of it went out is made ``cancelled``: it answered nobody.
     The report counted every row with ``cached_from`` a cache hit, so such rows were "answered requests served
     by the cache" that were in no answered count, and the escalation rate, over answered requests but hits,
     lost them from its denominator: -0.0 here, above 100% on a ledger with escalations (a live server, 10
     abandoned hits among 40 requests: cascade 111.1%). A hit is counted among the answered hits only."""
-    import time
-
     from cascade.cli import main
 
     with httpx.Client(base_url=srv.url, timeout=30) as c:
-        assert post(c).status_code == 200  # paid: the answer is stored
-        left = 0
-        for i in range(40):  # as many as it takes for two to leave before their answer's first byte
-            _leave_at_once(srv.url, BODY)
-            for _ in range(100):  # its row is written as served, then corrected once the server sees it gone
-                with sqlite3.connect(srv.ledger_path) as db:
-                    rows = db.execute("SELECT status, cached_from IS NOT NULL FROM requests").fetchall()
-                if len(rows) == i + 2:
-                    break
-                time.sleep(0.05)
-            time.sleep(0.2)  # (the correction, queued on the ledger thread after the row)
-            with sqlite3.connect(srv.ledger_path) as db:
-                rows = db.execute("SELECT status, cached_from IS NOT NULL FROM requests").fetchall()
-            left = rows.count(("cancelled", 1))
-            if left >= 2:
-                break
-        assert left >= 2, rows
-        assert post(c).status_code == 200  # a hit answered
-    time.sleep(0.5)  # (the last correction, queued on the ledger thread)
+        _hits_left_before_their_answer(srv, c)
     with sqlite3.connect(srv.ledger_path) as db:
         rows = db.execute("SELECT status, cached_from IS NOT NULL FROM requests").fetchall()
     answered_hits = sum(1 for s, hit in rows if hit and s in ("ok", "partial"))
@@ -296,6 +302,22 @@ def test_a_hit_whose_client_left_before_its_answer_is_no_cache_hit_in_the_report
     assert tot["cancelled"] == rows.count(("cancelled", 1)) >= 2
     assert tot["cache_hits"] == answered_hits >= 1 and tot["cache_hits"] <= tot["answered"]
     assert tot["escalation_rate"] == 0.0  # one answer a tier gave, not escalated
+
+
+def test_a_hit_whose_client_left_before_its_answer_is_no_cache_hit_in_metrics(srv):
+    """``cascade_cache_hits_total`` counts the hits that answered, as the report's cache_hits does: a streamed
+    hit whose client left before any of it went out (its row made ``cancelled``) was counted when its row was
+    written as served, and no counter said it was taken back."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        _hits_left_before_their_answer(srv, c)
+        samples = [s for fam in text_string_to_metric_families(c.get("/metrics").text) for s in fam.samples]
+    with sqlite3.connect(srv.ledger_path) as db:
+        rows = db.execute("SELECT status FROM requests WHERE cached_from IS NOT NULL").fetchall()
+    hits = sum(s.value for s in samples if s.name == "cascade_cache_hits_total")
+    assert ("cancelled",) in rows
+    assert hits == sum(1 for (s,) in rows if s in ("ok", "partial")) >= 1, rows
 
 
 def test_an_answer_a_cost_budget_cut_short_is_not_stored(tmp_path, upstream, serve_app):
