@@ -338,6 +338,23 @@ def test_post_admin_reload_of_a_tier_max_tokens_past_the_limit_is_refused_and_ch
     assert r.status_code == 200 and tier["threshold"] == 0.9 and tier["changed"] is True, r.text
 
 
+def test_a_malformed_base_url_is_quoted_without_its_user_info(tmp_path, serve_app):
+    """A base_url may carry basic credentials (https://user:password@host): one that does not parse (a port that
+    is not a number) was quoted whole in the error, and so in a reload's answer to its HTTP client."""
+    import httpx
+
+    p = tmp_path / "c.yaml"
+    p.write_text("tiers: [{name: b, backend: openai, model: gpt-4o-mini,\n"
+                 "         options: {base_url: 'http://127.0.0.1:1/v1'}}]\n"
+                 f"policies: {{cascade: {{chain: [b]}}}}\nledger: {{path: {tmp_path / 'l.sqlite'}}}\n")
+    srv = serve_app(load_config(p, environ={}), config_path=str(p))
+    p.write_text(p.read_text().replace("http://127.0.0.1:1/v1", "https://alice:hunter2pass@api.example.com:80a/v1"))
+    r = httpx.post(srv.url + "/admin/reload", timeout=60)
+    assert r.status_code == 200 and "hunter2pass" not in r.text and "alice" not in r.text, r.text
+    assert "base_url: must be an http:// or https:// URL with a host, got 'https://***@api.example.com:80a/v1'" \
+        in r.json()["warnings"][0]
+
+
 @pytest.mark.parametrize("where", ["tiers.a.calibrator", "policies.cascade.calibrators.a", "shadows.s.calibrators.a"])
 async def test_an_artifact_reading_top_alternatives_on_a_tier_without_them_is_refused_when_the_engine_opens(
         tmp_path, where):

@@ -84,8 +84,18 @@ def option_url(tier: str, key: str, value: Any) -> str | None:
             ok = False
     if not ok:
         raise ConfigError(f"tiers.{tier}.options.{key}: must be an http:// or https:// URL with a host, "
-                          f"got {value!r}")
+                          f"got {_without_user_info(value)!r}")
     return value
+
+
+def _without_user_info(value: Any) -> Any:
+    """A URL refused as malformed, as its error quotes it: the user info (``user:password@``, or a key given as
+    the user) blanked, through the last "@", since a URL that does not parse cannot say where its host begins.
+    The error reaches the CLI's one line, logs and the 422 of ``POST /admin/reload``."""
+    if not isinstance(value, str) or "@" not in value:
+        return value
+    start = re.match(r"\s*(?:[A-Za-z][A-Za-z0-9+.\-]*:)?/*", value).end()  # (the scheme and its slashes)
+    return value[:start] + "***@" + value.rpartition("@")[2]
 
 
 class Backend(abc.ABC):
