@@ -52,6 +52,19 @@ def authenticate(config: Config, request: Request) -> Caller:
     raise AuthenticationError("invalid API key")
 
 
+def refuse_cross_site(request: Request) -> None:
+    """Refuse a request a browser sent on another site's behalf: a page anywhere can make a visitor's browser
+    POST to a server on their machine or network (a form, a no-cors fetch: no preflight, no header of its own),
+    and on an open server nothing else would stop it reloading the config. Browsers say where a request comes
+    from (``Sec-Fetch-Site``, ``Origin``); curl, SDKs and scripts send neither, and are not refused."""
+    site = request.headers.get("sec-fetch-site", "").strip().lower()
+    origin = request.headers.get("origin")
+    if site in ("cross-site", "same-site") or (
+            origin is not None and origin.partition("://")[2].lower() != request.headers.get("host", "").lower()):
+        raise PermissionDeniedError(f"admin endpoints refuse requests a browser sends from another site (origin "
+                                    f"{origin or site!r}): call them with curl or a script", code="cross_site_request")
+
+
 def authorize(caller: Caller, model: str) -> None:
     limits = caller.limits
     if limits is not None and limits.allowed_models and model not in limits.allowed_models:

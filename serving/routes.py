@@ -31,7 +31,7 @@ from cascade.ledger import utc_day_start
 from cascade.limits import SpendHolds
 from cascade.resilience import ResilientBackend
 from cascade.types import CascadeRecord, GenerationRequest
-from serving.auth import Caller, authenticate, authorize
+from serving.auth import Caller, authenticate, authorize, refuse_cross_site
 from serving.errors import cascade_error_response, error_body
 from serving.metrics import Metrics
 from serving.protocol import (
@@ -460,6 +460,8 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(_AUTH_PREFIXES):
             try:
+                if scope["path"].startswith("/admin/"):  # (before the key: an open server has none to check)
+                    refuse_cross_site(Request(scope))
                 caller = authenticate(scope["app"].state.engine.config, Request(scope))
             except CascadeError as exc:
                 scope["app"].state.metrics.observe_error(type(exc).__name__)

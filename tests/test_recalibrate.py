@@ -615,6 +615,25 @@ def test_a_refused_reload_is_a_422_and_keeps_the_running_config(tmp_path, caplog
         assert r.status_code == 200 and r.json()["tiers"]["r"]["changed"] is True
 
 
+def test_an_open_server_refuses_a_reload_a_browser_sends_from_another_site(tmp_path, serve_app):
+    """With no keys nothing else stops a web page from reloading the config through its visitor's browser (an
+    HTML form's POST, a no-cors fetch: no preflight); browsers name the site, curl and scripts do not."""
+    from cascade.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"ledger": {"path": str(tmp_path / "l.sqlite")}, "policies": {"p": {"chain": ["r"]}},
+                                    "tiers": [{"name": "r", "backend": "openai", "model": "m",
+                                               "options": {"base_url": "http://127.0.0.1:9/v1"}}]}))
+    srv = serve_app(load_config(path, environ={}), config_path=str(path))
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    for headers in ({**form, "origin": "https://evil.example", "sec-fetch-site": "cross-site"},
+                    {**form, "origin": "null"}, {"sec-fetch-site": "same-site"}):
+        r = httpx.post(srv.url + "/admin/reload", headers=headers, content=b"x=1")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site_request", (headers, r.text)
+    for headers in ({}, {"origin": srv.url, "sec-fetch-site": "same-origin"}):  # curl; the server's own /docs page
+        assert httpx.post(srv.url + "/admin/reload", headers=headers).status_code == 200
+
+
 async def test_a_removed_tier_and_one_awaiting_a_restart_keep_their_calibrators_as_they_run(tmp_path):
     """A tier removed from the file runs on until the restart: its artifact, removed with it, is not re-read
     (the reload was refused until a restart). A tier whose model changes keeps the calibrator it runs with,
