@@ -423,6 +423,56 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return SECRET.sub("[redacted]", text)
 
 
+#: the shortest run of a request's own text that an upstream's error message is taken to quote (a shorter one is
+#: as likely a common phrase of both)
+QUOTED_MIN = 16
+
+
+def unquoted(text: str, sources: Iterable[str]) -> str:
+    """``text`` (an upstream's error message) with every run of :data:`QUOTED_MIN` or more characters that one of
+    ``sources`` (the request's prompt) holds blanked as ``[request text]``: a hosted API may quote the prompt it
+    refuses ("your prompt 'xyz' was flagged"), and the message goes on to the logs and the ledger, which keep no
+    prompt. Time in proportion to the lengths (a megabyte's prompt: some 20 ms): each source is read in
+    steps of half the shortest run, which every such run holds one of whole, and each step found in ``text`` is
+    widened there as far as both agree."""
+    k = QUOTED_MIN // 2
+    spans: list[tuple[int, int]] = []
+    for src in sources:
+        if len(src) < QUOTED_MIN or len(text) < QUOTED_MIN:
+            continue
+        grams = {text[i:i + k] for i in range(len(text) - k + 1)}
+        where: dict[str, list[int]] = {}
+        for j in range(0, len(src) - k + 1, k):
+            if (w := src[j:j + k]) in grams and len(at := where.setdefault(w, [])) < 8:  # (a few of a repeated one)
+                at.append(j)
+        covered = 0
+        for i in range(len(text) - k + 1):
+            if i < covered or (at := where.get(text[i:i + k])) is None:
+                continue
+            best = (i, i)
+            for j in at:  # the run through text[i] and src[j], as far as both agree either way
+                a, b = i, i + k
+                while a > 0 and a - i + j > 0 and text[a - 1] == src[a - i + j - 1]:
+                    a -= 1
+                while b < len(text) and b - i + j < len(src) and text[b] == src[b - i + j]:
+                    b += 1
+                best = max(best, (a, b), key=lambda r: r[1] - r[0])
+            if best[1] - best[0] >= QUOTED_MIN:
+                spans.append(best)
+                covered = best[1]
+    merged: list[list[int]] = []
+    for a, b in sorted(spans):  # (one source's runs may overlap another's)
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out, end = [], 0
+    for a, b in merged:
+        out += [text[end:a], "[request text]"]
+        end = b
+    return "".join(out) + text[end:]
+
+
 def _mro_names(exc: BaseException) -> set[str]:
     return {c.__name__ for c in type(exc).__mro__}
 
@@ -853,4 +903,5 @@ async def _aclose(it: Any) -> None:
 
 
 __all__ = ["CircuitBreaker", "Permit", "Provider", "ProviderAttempt", "ResilientBackend", "RetryPolicy",
-           "billed_prompt", "classify", "merge_provider_attempts", "redact", "CANCELLED", "DEADLINE_GRACE_S", "MIN_ATTEMPT_S"]
+           "billed_prompt", "classify", "merge_provider_attempts", "redact", "unquoted", "CANCELLED",
+           "DEADLINE_GRACE_S", "MIN_ATTEMPT_S"]

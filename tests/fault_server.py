@@ -12,6 +12,8 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
 ``429``              rate limited, no hint; ``429:ra=2`` adds ``Retry-After: 2``; ``429:ms=250`` adds
                      ``retry-after-ms: 250`` (both may be given: ``429:ra=1:ms=250``); ``500:echo`` (any
                      status) quotes the request's ``Authorization`` header in the error's message;
+                     ``400:quote`` (any status) quotes the request's prompt (its last message's first 60
+                     characters), as a hosted API's refusal may ("your prompt '...' was flagged");
                      ``429:after=0.5`` (any status) sends the error only 0.5 s after the request arrived
                      (ends early when the client goes away), so a later request's answer can come first
 ``context``          400 with code ``context_length_exceeded``
@@ -178,6 +180,8 @@ def parse_fault(spec: str | dict[str, Any]) -> dict[str, Any]:
                 d["retry_after_ms"] = v
             elif k == "echo":
                 d["echo_auth"] = True
+            elif k == "quote":
+                d["quote_prompt"] = True
             elif k == "after":
                 d["after_s"] = float(v)
             else:
@@ -343,7 +347,7 @@ class FaultServer:
         return out
 
     @staticmethod
-    def _error(fault: dict[str, Any], authorization: str = "") -> JSONResponse:
+    def _error(fault: dict[str, Any], authorization: str = "", body: dict[str, Any] | None = None) -> JSONResponse:
         status = int(fault["status"])
         type_, code, message = _STATUS_TEXT.get(status, ("server_error", None, f"HTTP {status}"))
         code = fault.get("code", code)
@@ -351,6 +355,9 @@ class FaultServer:
         if fault.get("echo_auth"):  # as some providers do: the key, and the header it came in
             key = authorization.removeprefix("Bearer ")
             message += f" (key provided: {key}; request headers: authorization={authorization})"
+        if fault.get("quote_prompt") and body:
+            prompt = body["messages"][-1]["content"] if body.get("messages") else body.get("prompt")
+            message += f": your prompt {str(prompt)[:60]!r} was flagged by the safety system"
         headers = {}
         if fault.get("retry_after") is not None:
             headers["retry-after"] = str(fault["retry_after"])
@@ -374,7 +381,7 @@ class FaultServer:
                     if await request.is_disconnected():
                         return Response(status_code=204)
                     await asyncio.sleep(0.02)
-            return self._error(fault, request.headers.get("authorization", ""))
+            return self._error(fault, request.headers.get("authorization", ""), body)
         if kind in ("reset", "close"):
             _kill(request, rst=kind == "reset")
             return Response(status_code=204)   # never sent: the connection is gone

@@ -195,6 +195,39 @@ def test_an_upstream_error_that_quotes_the_key_reaches_no_one(serve_app, tmp_pat
     assert not [s for s in seen if "Bearer " in s and "[redacted]" not in s]
 
 
+def test_an_upstream_error_that_quotes_the_prompt_reaches_neither_the_ledger_nor_the_logs(serve_app, tmp_path,
+                                                                                          caplog):
+    """The ledger keeps no prompt (only answers' text, with store_text), and the logs none: a hosted API's refusal
+    that quotes the prompt ("your prompt '...' was flagged") had it in the error columns and the log lines, through
+    a provider's fallback, a chat or a completion, streamed or not. The run of it is blanked, the rest is kept."""
+    import sqlite3
+
+    import httpx
+
+    from tests.fault_server import FaultServerThread
+
+    prompt = "My SSN is 123-45-6789 and my doctor is Jane Roe at Mercy General; what does a 400 mean?"
+    with FaultServerThread() as upstream, caplog.at_level("INFO"):
+        cfg = make_config(tmp_path, [{"name": "remote", "max_tokens": 4, "providers": [
+            {"name": n, "backend": "openai", "model": "m", "options": {"base_url": upstream.base_url}}
+            for n in ("a", "b")]}])
+        srv = serve_app(cfg)
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}),
+                               ("/v1/completions", {"prompt": prompt})):
+                for stream in (False, True):
+                    upstream.faults("500:quote", "400:quote")  # (a falls over to b, which refuses it)
+                    r = c.post(path, json={"model": "remote", "stream": stream, **body})
+                    assert r.status_code == 400 or "error" in r.text, r.text
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
+        seen = [str(row) for row in conn.execute(
+            "SELECT error_message FROM requests UNION ALL "
+            "SELECT COALESCE(error_message, '') || ' ' || COALESCE(reason, '') FROM attempts")]
+    assert sum("your prompt '[request text]' was flagged by the safety system" in s for s in seen) >= 4, seen
+    seen += [r.getMessage() for r in caplog.records]
+    assert not [s for s in seen if "123-45-6789" in s or "Jane Roe" in s]
+
+
 # --- numbers an upstream should never send ------------------------------------------------------------
 
 INF, NAN = float("inf"), float("nan")

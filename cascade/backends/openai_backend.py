@@ -445,7 +445,7 @@ class OpenAIBackend(Backend):
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         await self.start()
         t0 = time.perf_counter()
-        with _translated(self.name, self._secrets()):
+        with _translated(self.name, self._secrets(), request):
             if self._use_chat(request):
                 resp = await self._client.chat.completions.create(**self._kwargs(request))
                 self._check_answered(resp)
@@ -526,7 +526,7 @@ class OpenAIBackend(Backend):
         hold = HeldTokens() if request.stop else None
         import openai
 
-        with _translated(self.name, self._secrets()):
+        with _translated(self.name, self._secrets(), request):
             api = self._client.chat.completions if chat else self._client.completions
             stream = await api.create(**kw)
             read: AsyncIterator[Any] | None = None
@@ -665,19 +665,31 @@ _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 
 @contextlib.contextmanager
-def _translated(provider: str, secrets: Sequence[str] = ()) -> Iterator[None]:
+def _translated(provider: str, secrets: Sequence[str] = (), request: GenerationRequest | None = None
+                ) -> Iterator[None]:
     """Around the ``openai`` client's calls (and a stream's reading, yields included): what they raise, in
-    our error tree, the original chained. A consumer leaving a stream (``GeneratorExit``) passes through."""
+    our error tree, the original chained, its message quoting none of the ``request``'s text (an upstream's
+    refusal may quote the prompt: see :func:`~cascade.resilience.unquoted`). A consumer leaving a stream
+    (``GeneratorExit``) passes through."""
     import openai
 
+    from cascade.resilience import unquoted
+
     try:
-        yield
-    except openai.OpenAIError as exc:
-        raise translate_openai_error(exc, provider, secrets) from exc
-    except UnicodeEncodeError as exc:  # before any byte left: a header (the API key) HTTP cannot carry
-        raise unsendable(provider, exc) from exc
-    except _MALFORMED as exc:
-        raise malformed_response(provider, exc, secrets) from exc
+        try:
+            yield
+        except openai.OpenAIError as exc:
+            raise translate_openai_error(exc, provider, secrets) from exc
+        except UnicodeEncodeError as exc:  # before any byte left: a header (the API key) HTTP cannot carry
+            raise unsendable(provider, exc) from exc
+        except _MALFORMED as exc:
+            raise malformed_response(provider, exc, secrets) from exc
+    except CascadeError as exc:
+        if request is not None:
+            texts = [m.content or "" for m in request.messages or ()] + [request.prompt or ""]
+            if exc.message != (clean := unquoted(exc.message, texts)):
+                exc.message, exc.args = clean, (clean,)
+        raise
 
 
 def unsendable(provider: str, exc: UnicodeEncodeError) -> ProviderAuthError:
