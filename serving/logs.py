@@ -33,9 +33,11 @@ class RequestIdFilter(logging.Filter):
 
 
 #: a request target's query parameter that carries a credential (``?api_key=``, ``?key=``, ``?access_token=``...):
-#: clients that send their key there (as Azure's and Google's APIs take it) have it written to every access line
-_QUERY_SECRET = re.compile(r"([?&](?:[A-Za-z0-9_.\-]*(?:key|token|secret|password|passwd|auth|signature|sig)"
-                           r"[A-Za-z0-9_.\-]*)=)[^&#\s\"]+", re.IGNORECASE)
+#: clients that send their key there (as Azure's and Google's APIs take it) have it written to every access line.
+#: The name ends with the credential's word: one that only holds it (``max_tokens``, ``author``, ``design``) is
+#: kept, as what it says is what an operator reads the line for
+_QUERY_SECRET = re.compile(r"([?&](?:[A-Za-z0-9_.\-]*(?:key|token|secret|password|passwd|auth|authorization|"
+                           r"credentials?|signature|sig))=)[^&#\s\"]+", re.IGNORECASE)
 
 
 def mask_secrets(text: str) -> str:

@@ -1525,6 +1525,18 @@ async def test_an_api_key_sent_in_a_query_string_is_not_logged(tmp_path, log_for
         assert re.search(r'^INFO: .*"GET /v1/models\?key=\*\*\* HTTP/1.1" 401 Unauthorized \[casc-', out, re.M), out
 
 
+def test_a_query_parameter_is_masked_when_its_name_is_a_credentials_not_when_it_holds_the_word():
+    """Masking query values by a credential's word anywhere in the name blanked ``max_tokens=``, ``author=`` and
+    ``design=`` on every access line that had them: the name must end with it (``api_key``, ``X-Amz-Signature``)."""
+    from serving.logs import mask_secrets
+
+    line = ('"GET /v1/x?max_tokens=5&author=me&design=x&tokens=3&api_key=abc123&access_token=t0k&'
+            'X-Amz-Signature=f00&X-Amz-Credential=AKIA9&client_secret=s3&authorization=Bearer9&sig=1 HTTP/1.1"')
+    assert mask_secrets(line) == ('"GET /v1/x?max_tokens=5&author=me&design=x&tokens=3&api_key=***&access_token=***&'
+                                  'X-Amz-Signature=***&X-Amz-Credential=***&client_secret=***&authorization=***&'
+                                  'sig=*** HTTP/1.1"')
+
+
 def test_fault_server_runs_by_hand():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.fault_server", "--port", str(port), "--queue", "503"],
