@@ -291,6 +291,10 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
                 "param": None, "code": None}}], True),
             "event-tgi": lambda: ([{"error": "Request failed during generation: Server error: CUDA out of memory",
                                     "error_type": "generation"}], True),  # text-generation-inference's
+            # TGI's request refused in the stream (its 422 over HTTP), and its queue full (its 429)
+            "event-tgi-validation": lambda: ([{"error": "Input validation error: `temperature` must be strictly "
+                                               "positive", "error_type": "validation"}], True),
+            "event-tgi-overloaded": lambda: ([{"error": "Model is overloaded", "error_type": "overloaded"}], True),
             # older vLLM's (its ErrorResponse as the event itself, no "error" key)
             "event-ctx-vllm-old": lambda: ([{"object": "error", "message": "This model's maximum context length is "
                                              "4096 tokens. However, you requested 5000 tokens.",
@@ -709,6 +713,8 @@ async def test_a_cut_off_stream_is_a_partial_answer(upstream, tmp_path):
                                                        ("event-rate", RateLimitedError, 429),
                                                        ("event-server", ProviderServerError, 500),
                                                        ("event-tgi", ProviderServerError, 500),
+                                                       ("event-tgi-validation", ProviderInvalidRequestError, 422),
+                                                       ("event-tgi-overloaded", RateLimitedError, 429),
                                                        ("event-ctx-vllm-old", ProviderContextLengthError, 400),
                                                        ("llama-event-server", ProviderServerError, 500),
                                                        ("llama-event-ctx", ProviderContextLengthError, 400),

@@ -252,7 +252,9 @@ def _error_event(event: Any, response: Any) -> Exception:
 _EVENT_STATUS = {"invalid_request_error": 400, "BadRequestError": 400, "context_length_exceeded": 400,
                  "exceed_context_size_error": 400, "authentication_error": 401, "invalid_api_key": 401,
                  "permission_error": 403, "not_found_error": 404, "NotFoundError": 404, "rate_limit_error": 429,
-                 "rate_limit_exceeded": 429, "insufficient_quota": 429}
+                 "rate_limit_exceeded": 429, "insufficient_quota": 429,
+                 # text-generation-inference's error_type: a request it refuses (its 422), its queue full (its 429)
+                 "validation": 422, "overloaded": 429}
 
 
 def _event_status(exc: Any, message: str) -> int:
@@ -283,6 +285,23 @@ def _error_field_event(value: str) -> str:
     return json.dumps({"error": body})
 
 
+def _typed_error_event(value: str) -> str | None:
+    """The ``data`` of text-generation-inference's error event, ``{"error": "...", "error_type": "validation"}``,
+    as ``{"error": {"message": ..., "type": ...}}``: the openai client keeps only the ``error`` string, so the
+    type that says whether the request was refused (never retried) or the server overloaded (retried) was lost
+    and every such event read as a server failure. None when ``value`` is no such event."""
+    import json
+
+    try:
+        body = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("error"), str) or not isinstance(
+            body.get("error_type"), str):
+        return None
+    return json.dumps({"error": {"message": body["error"], "type": body["error_type"]}})
+
+
 @functools.cache
 def _client_class() -> Any:
     """``openai.AsyncOpenAI`` whose stream decoder also reads llama.cpp's error event. llama.cpp's server, failing
@@ -290,7 +309,8 @@ def _client_class() -> Any:
     field of its own, ``error: {"code": 500, "message": ..., "type": ...}``, where the others write ``data:``;
     the SSE decoder ignores a field it does not know, so the stream just ended: a cut answer, or a malformed
     one, whatever the error said. Read as ``data: {"error": ...}``, it is the status it stands for, as the
-    other servers' error events are. (``_make_sse_decoder`` is the SDK's hook for a decoder of one's own.)
+    other servers' error events are; so is text-generation-inference's typed event (:func:`_typed_error_event`).
+    (``_make_sse_decoder`` is the SDK's hook for a decoder of one's own.)
     Made once, on first use: the SDK is imported only by a tier that uses it."""
     import openai
     from openai._streaming import SSEDecoder
@@ -300,6 +320,8 @@ def _client_class() -> Any:
             name, colon, value = line.partition(":")
             if name == "error" and colon:
                 line = "data: " + _error_field_event(value)
+            elif name == "data" and '"error_type"' in value and (typed := _typed_error_event(value)) is not None:
+                line = "data: " + typed
             return super().decode(line)
 
     class Client(openai.AsyncOpenAI):
