@@ -17,7 +17,8 @@ backend's boundary; anything untranslated is classified here):
                                    server's ``Retry-After``/``retry-after-ms`` when it is within
                                    ``max_retry_after_s``) while attempts and the deadline allow, then
                                    the next provider; a hint is remembered (at most ``max_hold_s``):
-                                   later calls wait for it as a retry would, or skip the provider
+                                   later calls wait for it as a retry would, or skip the provider; once
+                                   it runs out one call goes first, the others wait for its answer
 ``ProviderServerError``            5xx: next provider at once (counts against the breaker)
 ``ProviderTimeoutError``           connect/read/total timeout: next provider at once (breaker)
 ``ProviderConnectionError``        refused/reset: next provider at once (breaker)
@@ -523,10 +524,25 @@ class Provider:
     kind: str = ""
     #: ``time.monotonic()`` until which the provider asked not to be called (its 429's Retry-After)
     held_until: float = 0.0
+    #: a hold was set and no call since has been answered otherwise than with a 429: when the hold ends, one call
+    #: goes first (the probe) and the others wait for its answer, rather than all calling at the same instant
+    #: (and, the provider still over its limit, all getting the 429 again)
+    after_hold: bool = False
+    #: set when the probe after a hold is answered (None: no probe out)
+    probing: asyncio.Event | None = None
 
     def held_for(self) -> float:
         """Seconds left of the provider's own Retry-After (0 when it may be called)."""
         return max(0.0, self.held_until - time.monotonic())
+
+    def end_probe(self, answered: bool) -> None:
+        """The probe after a hold has ended: ``answered`` other than with a 429, the hold is over for every call;
+        else (a 429, which set a new hold, or no answer: cancelled, not sent) the next call after it probes."""
+        if answered:
+            self.after_hold = False
+        if self.probing is not None:
+            self.probing.set()
+            self.probing = None
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         return self.price.cost(prompt_tokens, completion_tokens, cached_tokens) if self.price is not None else 0.0
@@ -681,6 +697,7 @@ class ResilientBackend(Backend):
             p.breaker.release(permit)
             if exc.retry_after and self.retry.max_hold_s > 0:  # later calls keep off it meanwhile
                 p.held_until = max(p.held_until, time.monotonic() + min(exc.retry_after, self.retry.max_hold_s))
+                p.after_hold = True
             wait = self.retry.backoff(n, exc.retry_after, self._rng)
             if wait is not None and self._affords(p, wait, call):
                 return "retry", wait
@@ -697,6 +714,39 @@ class ResilientBackend(Backend):
         after = max(MIN_ATTEMPT_S, RETRY_MIN_SHARE * min(p.timeout_s, call.full))
         return time.monotonic() + wait + after < call.deadline
 
+    async def _turn(self, p: Provider, call: _Call) -> tuple[float, bool] | None:
+        """Wait until ``p`` may be called: out its Retry-After hold, then, while the first call after the hold (its
+        probe) is out, until that call is answered. Returns (seconds waited, whether this call is the probe), or
+        None: the provider is held longer than this call may wait (``max_retry_after_s``, the deadline)."""
+        waited = 0.0
+        while True:
+            hold = p.held_for()
+            if hold > 0:   # as a retry within one call would: wait out a short hint, fall over from a long one
+                if hold > self.retry.max_retry_after_s or not self._affords(p, hold, call):
+                    return None
+                log.info("tier %s: provider %s asked not to be called for %.3f s more; waiting", self.name, p.name,
+                         hold)
+                await self._sleep(hold)
+                waited += hold
+                continue
+            if p.probing is None:
+                if p.after_hold:
+                    p.probing = asyncio.Event()
+                return waited, p.after_hold
+            # another call probes the provider after its hold: wait for its answer (a 429 holds it again) as long
+            # as this call could still afford a retry
+            may = call.deadline - time.monotonic() - max(MIN_ATTEMPT_S, RETRY_MIN_SHARE * min(p.timeout_s, call.full))
+            if may <= 0:
+                return None
+            since = time.monotonic()
+            try:
+                async with asyncio.timeout(may):
+                    await p.probing.wait()
+            except TimeoutError:
+                return None
+            finally:
+                waited += time.monotonic() - since
+
     async def _first_success(self, request: GenerationRequest, call: _Call,
                              attempt_fn: Callable[[Provider, float], Awaitable[Any]]) -> _Win:
         last: CascadeError | None = None
@@ -709,29 +759,33 @@ class ResilientBackend(Backend):
             if hold > 0 and p.breaker.state == CircuitBreaker.OPEN and p.breaker.retry_after() > hold:
                 skipped.append(p)  # its breaker refuses it past the hold: waiting the hold out would be for nothing
                 continue
-            if hold > 0:   # as a retry within one call would: wait out a short hint, fall over from a long one
-                if hold > self.retry.max_retry_after_s or not self._affords(p, hold, call):
-                    held.append(p)
-                    continue
-                log.info("tier %s: provider %s asked not to be called for %.3f s more; waiting", self.name, p.name,
-                         hold)
-                held_since = time.monotonic()
-                try:
-                    await self._sleep(hold)
-                except asyncio.CancelledError:  # cancelled before the call: nothing was sent, nothing is billed
-                    call.record.append(self._attempt(p, 0, time.monotonic() - held_since, held_since, "held",
-                                                     error_class=CANCELLED))
-                    raise
-                wait = hold
             while True:
+                held_since = time.monotonic()
+                try:   # before each attempt, a retry's too: the provider's hold, and the probe after it
+                    turn = await self._turn(p, call)
+                except asyncio.CancelledError:  # cancelled before the call: nothing was sent, nothing is billed
+                    if n == 0:
+                        call.record.append(self._attempt(p, 0, time.monotonic() - held_since, held_since, "held",
+                                                         error_class=CANCELLED))
+                    raise
+                if turn is None:
+                    if n == 0:
+                        held.append(p)
+                    break
+                wait += turn[0]
+                probe = turn[1]
                 permit = p.breaker.acquire()
                 if permit is None:
+                    if probe:
+                        p.end_probe(False)
                     if n == 0:
                         skipped.append(p)
                     break
                 remaining = call.deadline - time.monotonic()
                 if remaining < MIN_ATTEMPT_S:
                     p.breaker.release(permit)
+                    if probe:
+                        p.end_probe(False)
                     raise self._attach(last or ProviderTimeoutError(
                         f"tier {self.name!r}: deadline reached before provider {p.name!r} could be tried",
                         provider=self.name), call)
@@ -743,12 +797,16 @@ class ResilientBackend(Backend):
                         value = await attempt_fn(p, timeout)
                 except asyncio.CancelledError:
                     p.breaker.release(permit)
+                    if probe:
+                        p.end_probe(False)
                     call.record.append(self._attempt(p, n, wait, started, "cancelled", error_class=CANCELLED,
                                                      prompt_tokens=billed_prompt(p.backend, request, None)))
                     raise
                 except Exception as raw:  # noqa: BLE001 - every failure is classified, none escapes raw
                     exc = classify(raw, p.name, timeout_s=timeout)
                     action, next_wait = self._verdict(p, permit, exc, n, call, timeout)
+                    if probe:   # after _verdict: a 429's new hold is set before the calls waiting on it look
+                        p.end_probe(not isinstance(exc, RateLimitedError))
                     call.record.append(self._attempt(p, n, wait, started, action, exc=exc,
                                                      prompt_tokens=billed_prompt(p.backend, request, exc)))
                     if action == "raise":
@@ -767,6 +825,8 @@ class ResilientBackend(Backend):
                                  type(exc).__name__, self.providers[i + 1].name)
                     break
                 else:
+                    if probe:
+                        p.end_probe(True)
                     return _Win(p, permit, value, started, wait, n)
         if last is None and held:   # nothing was called: each provider's own hint says when to come back
             ra = min([p.held_for() for p in held] + [p.breaker.retry_after() for p in skipped])

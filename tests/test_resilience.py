@@ -346,10 +346,35 @@ async def test_a_short_retry_after_makes_concurrent_requests_wait_rather_than_as
     t = arrivals(a)
     assert len(t) == 4 and seen(servers)["b"] == 0               # all answered by a, none fell over
     assert all(x >= t429 + 0.6 - 0.01 for x in t[1:])           # nobody asked before the 600 ms were up
-    # each waited what was left of the hint, never a whole hint of its own (with the line above: waited it out)
+    # each waited what was left of the hint (and, but for the one call let through first, that call's answer),
+    # never a whole hint of its own (with the line above: waited it out)
     waits = sorted(r.record.attempts[0].wait_ms for r in later)
-    assert all(w <= left_ms for w in waits), (waits, left_ms)
+    probe_ms = max(r.record.attempts[-1].latency_ms for r in [*later, first.result()])
+    assert all(w <= left_ms + probe_ms for w in waits), (waits, left_ms, probe_ms)
     assert all(len(r.record.attempts) == 1 and r.record.attempts[0].kept for r in later)
+
+
+async def test_requests_waiting_out_a_retry_after_call_one_at_a_time_until_the_provider_answers(
+        servers, make_engine, tmp_path):
+    """Requests that waited out a provider's Retry-After all called it at the same instant when it ended (ten
+    within 20 ms), and, the provider still over its limit, got the 429 again together. Now one call goes first;
+    the others wait for its answer: a 429 holds the provider again, anything else lets them all through."""
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)], timeout_s=30, retry={"max_retry_after_s": 2})])
+    provider = eng.tiers["t"].backend.providers[0]
+    a.faults("429:ra=0.5")
+    first = asyncio.create_task(eng.run(Q))
+    while provider.held_until == 0.0:
+        await asyncio.sleep(0.005)
+    # at the hold's end the provider is still limiting (its 429 sent 0.3 s after the call), then answers slowly
+    a.faults("429:ra=0.5:after=0.3", "slow:0.3")
+    later = await asyncio.gather(*(eng.run(Q) for _ in range(6)))
+    await first
+    t = arrivals(a)
+    assert len(t) == 9 and seen(servers)["b"] == 0   # seven answers, two 429s
+    # one call at the first hold's end, one more once its 429's hold ran out, the rest once that one was answered
+    assert t[2] - t[1] >= 0.3 + 0.5 - 0.01 and min(t[3:]) - t[2] >= 0.3 - 0.01, [round(x - t[0], 3) for x in t]
+    assert all(r.record.attempts[-1].kept for r in [*later, first.result()])
 
 
 async def test_a_held_provider_whose_breaker_is_open_is_skipped_without_waiting(servers, make_engine, tmp_path):
