@@ -213,6 +213,12 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     if model == "ctx-vllm-old":  # vLLM before 0.7: the error object at the top level
         return error(400, {"object": "error", "message": "The decoder prompt (length 5000) is longer than the "
                            "maximum model length of 4096.", "type": "BadRequestError", "param": None, "code": 400})
+    if model == "ctx-tgi":  # text-generation-inference (its router's validation): a 422
+        return error(422, {"error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. "
+                                    "Given: 5000 `inputs` tokens and 16 `max_new_tokens`", "error_type": "validation"})
+    if model == "ctx-tgi-input":
+        return error(422, {"error": "Input validation error: `inputs` must have less than 4095 tokens. Given: 5000",
+                           "error_type": "validation"})
     if model == "bad-request":
         return error(400, oai_error("top_logprobs requires logprobs to be set to true", "invalid_request_error",
                                     400))
@@ -503,11 +509,14 @@ def two_providers(tmp_path: Path, up: Upstream, first: tuple[str, str], second: 
 
 # --- 1. context overflow in llama.cpp's and vLLM's words ------------------------------------------------
 
-@pytest.mark.parametrize("model", ["ctx-llama", "ctx-llama-type", "ctx-vllm-decoder", "ctx-vllm-old"])
+@pytest.mark.parametrize("model", ["ctx-llama", "ctx-llama-type", "ctx-vllm-decoder", "ctx-vllm-old", "ctx-tgi",
+                                   "ctx-tgi-input"])
 async def test_a_context_overflow_in_each_servers_words_is_a_context_length_error(upstream, model):
     with pytest.raises(ProviderContextLengthError) as err:
         await generate(upstream, model)
-    assert err.value.upstream_status == 400 and err.value.code == "context_length_exceeded"
+    status = 422 if "tgi" in model else 400
+    assert err.value.upstream_status == status and err.value.code == "context_length_exceeded"
+    assert "tgi" not in model or "Given: 5000" in err.value.message  # its own words: {"error": "..."} kept
     with pytest.raises(ProviderContextLengthError):
         await stream(upstream, model)
     # another 400 stays an invalid request

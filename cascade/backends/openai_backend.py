@@ -77,9 +77,11 @@ log = logging.getLogger("cascade.backends.openai")
 
 #: what an upstream's 400 says of a prompt too long for the model: OpenAI's and vLLM's "maximum context length",
 #: vLLM's "The decoder prompt (length N) is longer than the maximum model length of M", llama.cpp's "request (N
-#: tokens) exceeds the available context size (M tokens)"
+#: tokens) exceeds the available context size (M tokens)", text-generation-inference's "`inputs` tokens +
+#: `max_new_tokens` must be <= M" and "`inputs` must have less than M tokens"
 _CONTEXT_MARKERS = ("context length", "context_length", "maximum context", "too many tokens", "prompt is too long",
-                    "maximum model length", "exceeds the available context size")
+                    "maximum model length", "exceeds the available context size", "`inputs` tokens + `max_new_tokens`",
+                    "`inputs` must have less than")
 #: the error ``code`` or ``type`` an upstream gives a context overflow (OpenAI's code, llama.cpp's type)
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
 #: the ``code`` or ``type`` of OpenAI's 429 for an account out of credits: no rate limit that passes
@@ -117,6 +119,17 @@ def _retry_after(headers: Any) -> float | None:
     return None
 
 
+def _json_error_text(response: Any) -> str | None:
+    """The ``error`` of an error response whose JSON body gives it as a string, else None."""
+    import json
+
+    try:
+        error = json.loads(response.text).get("error")
+    except Exception:  # noqa: BLE001 - no body, not JSON, not an object: no such text
+        return None
+    return error if isinstance(error, str) else None
+
+
 def _cut_off(exc: BaseException) -> bool:
     """Whether a connection failure broke an answer already on its way (h11: the body ended before the length
     its headers announced), rather than a request that got no response at all."""
@@ -141,6 +154,10 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         body = str(getattr(exc, "message", "") or exc)
+        if (said := _json_error_text(exc.response)) and said not in body:
+            # {"error": "..."} (text-generation-inference's, and others'): the client's message is only "Error code:
+            # N", without the upstream's reason, which says why (a prompt too long among them)
+            body += f" - {said}"
         msg = redact(f"{provider}: HTTP {status}: {body}{_redirected(exc.response)}", secrets)
         retry = _retry_after(exc.response.headers if exc.response is not None else None)
     elif isinstance(exc, openai.APIError) and isinstance(exc.body, dict | str):
