@@ -301,6 +301,8 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
             "event-tgi-validation": lambda: ([{"error": "Input validation error: `temperature` must be strictly "
                                                "positive", "error_type": "validation"}], True),
             "event-tgi-overloaded": lambda: ([{"error": "Model is overloaded", "error_type": "overloaded"}], True),
+            "event-tgi-template": lambda: ([{"error": "Template error: syntax error: unexpected end of input",
+                                             "error_type": "template_error"}], True),
             # older vLLM's (its ErrorResponse as the event itself, no "error" key)
             "event-ctx-vllm-old": lambda: ([{"object": "error", "message": "This model's maximum context length is "
                                              "4096 tokens. However, you requested 5000 tokens.",
@@ -724,6 +726,7 @@ async def test_a_cut_off_stream_is_a_partial_answer(upstream, tmp_path):
                                                        ("event-tgi", ProviderServerError, 500),
                                                        ("event-tgi-validation", ProviderInvalidRequestError, 422),
                                                        ("event-tgi-overloaded", RateLimitedError, 429),
+                                                       ("event-tgi-template", ProviderInvalidRequestError, 422),
                                                        ("event-ctx-vllm-old", ProviderContextLengthError, 400),
                                                        ("llama-event-server", ProviderServerError, 500),
                                                        ("llama-event-ctx", ProviderContextLengthError, 400),

@@ -270,8 +270,10 @@ _EVENT_STATUS = {"invalid_request_error": 400, "BadRequestError": 400, "context_
                  "exceed_context_size_error": 400, "authentication_error": 401, "invalid_api_key": 401,
                  "permission_error": 403, "not_found_error": 404, "NotFoundError": 404, "rate_limit_error": 429,
                  "rate_limit_exceeded": 429, "insufficient_quota": 429,
-                 # text-generation-inference's error_type: a request it refuses (its 422), its queue full (its 429)
-                 "validation": 422, "overloaded": 429}
+                 # text-generation-inference's error_type: a request it refuses (its 422: a bad parameter, a chat
+                 # template or tools it cannot render), its queue full (its 429); a generation failure is a 5xx
+                 "validation": 422, "template_error": 422, "tool_error": 422, "missing_template_variable": 422,
+                 "overloaded": 429}
 
 
 def _event_status(exc: Any, message: str) -> int:
