@@ -565,6 +565,15 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
             head["system_fingerprint"] = None  # as the unstreamed answer says it
         return _sse({**head, "choices": [choice] if choice else [], **extra})
 
+    def failed(record: CascadeRecord, err: CascadeError) -> bytes:
+        payload = error_body(f"stream interrupted: {err.message}", err.error_type, code=err.code)
+        payload["cascade"] = cascade_block(record)
+        return _sse(payload)
+
+    # the server's shutdown ends this stream with the same error event, its account the row written as the stream
+    # was closed (serving/shutdown.py)
+    request.scope.setdefault("state", {})[SSE_TAIL] = lambda err: failed(rec, err) + b"data: [DONE]\n\n"
+
     async def body_iter() -> AsyncIterator[bytes]:
         first_token = True
         # completions' text_offset counts from the prompt's start (OpenAI's) and runs on across chunks, over the
@@ -596,10 +605,7 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
                     if include_usage and ev.usage is not None:
                         yield chunk({}, usage=usage_block(ev.usage))
                 elif isinstance(ev, StreamFailed):
-                    err = ev.error
-                    payload = error_body(f"stream interrupted: {err.message}", err.error_type, code=err.code)
-                    payload["cascade"] = cascade_block(ev.record)
-                    yield _sse(payload)
+                    yield failed(ev.record, ev.error)
             yield b"data: [DONE]\n\n"
         finally:
             await events.aclose()

@@ -107,7 +107,8 @@ class Drain:
 
 
 #: ``scope["state"]`` key of a stream's own ending for an error from outside its engine (a function of the
-#: error, giving the bytes that end the stream in its protocol): set by a route whose stream is not chat's
+#: error, giving the bytes that end the stream in its protocol, with the ledger row's account): set by each route
+#: that streams
 SSE_TAIL = "sse_tail"
 
 
@@ -160,9 +161,9 @@ class DrainMiddleware:
                     else:
                         tail = b""
                         own_tail = scope.get("state", {}).get(SSE_TAIL)
-                        if sse and own_tail is not None:  # the stream's own protocol (Responses: response.failed)
+                        if sse and own_tail is not None:  # the stream's own (Responses: response.failed)
                             tail = own_tail(error)
-                        elif sse:  # chat and completions: an error event, then [DONE]
+                        elif sse:  # a stream that set none: an error event, then [DONE]
                             payload = error_body(f"stream interrupted: {error.message}", error.error_type,
                                                  code=error.code)
                             tail = b"data: " + json.dumps(payload, separators=(",", ":")).encode()

@@ -1295,6 +1295,10 @@ async def test_requests_outliving_the_graceful_shutdown_get_503_and_ledger_rows(
         assert lines[-1] == "data: [DONE]"
         assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events)  # tokens came
         assert events[-1]["error"]["code"] == "server_shutdown", events[-1]
+        # with the account every other error event carries: the row it was written as
+        account = events[-1].get("cascade")
+        assert account and account["request_id"] == resp.headers["x-request-id"], events[-1]
+        assert account["tier"] == "dribble" and account["attempts"][0]["error_class"] == "ServerShutdown", account
     # a Responses stream ends as that API ends one: response.failed with the text sent so far, no [DONE]
     kinds = [x.removeprefix("event: ") for x in responses_lines if x.startswith("event: ")]
     datas = [json.loads(x[len("data: "):]) for x in responses_lines if x.startswith("data: ")]
