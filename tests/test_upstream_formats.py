@@ -176,7 +176,8 @@ BODY_ERRORS = {"body-502": {"code": 502, "message": "Provider returned error", "
 def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
     """``("body", status, content-type, bytes, headers)`` or ``("sse", [event, ...], done)``."""
     stream, chat_path = bool(body.get("stream")), path.endswith("/chat/completions")
-    if model in BODY_ERRORS and not stream:  # a 200 whose body is an error object (OpenRouter's, once the model began)
+    if model in BODY_ERRORS:  # a 200 whose body is an error object (OpenRouter's, once the model began; a gateway's,
+        # to a stream request too)
         return ("body", 200, "application/json", json.dumps({"error": BODY_ERRORS[model]}).encode(), {})
     if model == "cjk" and chat_path:  # (max_tokens ignored, as every scenario here does)
         if stream:
@@ -774,17 +775,31 @@ async def test_llamacpps_error_field_is_the_error_it_states_not_a_cut_answer(ups
                                                        ("body-ctx", ProviderContextLengthError, 400),
                                                        ("body-text", ProviderServerError, 500)])
 @pytest.mark.parametrize("request_", [CHAT, RAW], ids=["chat", "completions"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 async def test_a_200_whose_body_is_an_error_is_read_as_the_status_it_stands_for(upstream, model, error, status,
-                                                                                 request_):
+                                                                                 request_, streamed):
     """OpenRouter answers a failure found once the model began with a 200 whose body is ``{"error": {...}}``. It was
     a malformed response (a TypeError in the log, the upstream's text lost); now it is the status its code stands
-    for, as an error event in a stream is: a rate limit retried, a context overflow escalated, its text kept."""
+    for, as an error event in a stream is: a rate limit retried, a context overflow escalated, its text kept. Some
+    gateways answer a stream request so too: that stream carried no answer (malformed, billed as answered)."""
     with pytest.raises(error) as err:
-        await generate(upstream, model, request_)
+        await (stream if streamed else generate)(upstream, model, request_)
     assert type(err.value) is error and err.value.upstream_status == status
     assert "error in the answer" in err.value.message and "malformed" not in err.value.message
     said = BODY_ERRORS[model]
     assert (said if isinstance(said, str) else said["message"]) in err.value.message
+
+
+async def test_a_200_error_body_to_a_stream_is_recorded_as_that_error_and_not_billed(upstream, tmp_path):
+    """The live tier's provider answering a stream request with a 200 whose body is an error (a gateway's 502) falls
+    over as a 502 does: its attempt in the ledger names the upstream's error, and bills nothing (no answer came)."""
+    events = await engine_stream(two_providers(tmp_path, upstream, ("gw", "body-502"), ("healthy", "ok")))
+    assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == TEXT
+    end = events[-1]
+    assert isinstance(end, StreamEnd) and end.record.status == "ok"
+    failed, served = end.record.attempts
+    assert (failed.backend, failed.error_class, served.backend) == ("gw", "ProviderServerError", "healthy")
+    assert "Provider returned error" in failed.error_message and failed.cost_usd == 0, failed
 
 
 async def test_a_context_overflow_sent_as_a_stream_event_is_not_fallen_over(upstream, tmp_path):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -293,8 +294,6 @@ def _error_field_event(value: str) -> str:
     """The ``data`` of the event that llama.cpp's ``error: {...}`` line stands for: ``{"error": {...}}``, which the
     openai client raises as the ``APIError`` that :func:`translate_openai_error` reads as its status (its text,
     when it is no JSON object, as the error's message)."""
-    import json
-
     try:
         body = json.loads(value)
     except ValueError:
@@ -536,6 +535,20 @@ class OpenAIBackend(Backend):
         if error:
             raise answer_error(self.name, error, self._secrets())
 
+    async def _check_stream_answered(self, response: Any) -> None:
+        """Raise the error a 200 to a stream request states in a JSON body (``{"error": {...}}``, no events: some
+        gateways answer a stream so), as :meth:`_check_answered` does unstreamed: read as an event stream, it
+        carried no answer, a malformed response billed as answered, the upstream's text lost. Another JSON body
+        (a server that ignores ``stream``) is read on as the stream's, from the bytes read here."""
+        if not response.headers.get("content-type", "").split(";")[0].strip().lower().endswith("json"):
+            return
+        try:
+            body = json.loads(await response.aread())
+        except ValueError:
+            return
+        if isinstance(body, dict) and body.get("error") and not body.get("choices"):
+            raise answer_error(self.name, body["error"], self._secrets())
+
     def _failed_mid_answer(self, text: str) -> ProviderServerError:
         """An answer the upstream ended with ``finish_reason: "error"`` (OpenRouter's, when the model's provider
         failed while it generated): what came is part of an answer, not one that stopped. The provider's
@@ -572,6 +585,7 @@ class OpenAIBackend(Backend):
             stream = await api.create(**kw)
             read: AsyncIterator[Any] | None = None
             try:
+                await self._check_stream_answered(stream.response)
                 finish: str | None = None
                 usage: Usage | None = None
                 answered = False  # an event with choices came: the body is an answer's stream
