@@ -101,6 +101,13 @@ class RequestTooLargeError(InvalidRequestError):
     code = "request_too_large"
 
 
+class RequestHeadersTooLargeError(InvalidRequestError):
+    """The request's target and headers together are over the server's ``server.max_header_bytes``."""
+
+    status_code = 431
+    code = "request_header_fields_too_large"
+
+
 class ContextLengthExceededError(InvalidRequestError):
     """The prompt (plus max_tokens) does not fit a tier's context window."""
 

@@ -8,15 +8,14 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from fastapi import FastAPI
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.config import Config
 from cascade.types import CascadeRecord
 from cascade.engine import Engine, new_request_id
-from cascade.errors import CascadeError, LedgerTimeoutError, RequestTooLargeError
+from cascade.errors import CascadeError, LedgerTimeoutError, RequestHeadersTooLargeError, RequestTooLargeError
 from cascade.limits import Admission, SpendHolds
-from serving.errors import COMPLETION_PATHS, error_body, install_error_handlers
+from serving.errors import error_body, install_error_handlers
 from serving.logs import current_request_id
 from serving.metrics import Metrics
 from serving.shutdown import Drain, DrainMiddleware
@@ -31,7 +30,8 @@ class _TooLarge(BaseException):
 
 class HeaderLimitMiddleware:
     """Refuse requests whose target and headers together pass ``limit`` bytes with 431 (uvicorn's httptools
-    parser sets no limit of its own), before anything reads them (the key included)."""
+    parser sets no limit of its own), before any route reads them. Inside the key's check: a completion request
+    refused so, with a valid key, is a ledger row like every refusal (under no policy: its body was never read)."""
 
     def __init__(self, app: ASGIApp, limit: int = 65_536) -> None:
         self.app, self.limit = app, limit
@@ -41,8 +41,11 @@ class HeaderLimitMiddleware:
             size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
             size += sum(len(k) + len(v) for k, v in scope.get("headers", ()))
             if size > self.limit:
-                await _send_error(send, 431, f"request headers are larger than {self.limit} bytes",
-                                  "request_header_fields_too_large")
+                from serving.routes import record_unread_refusal
+
+                exc = RequestHeadersTooLargeError(f"request headers are larger than {self.limit} bytes")
+                await record_unread_refusal(scope, exc)
+                await _send_error(send, exc.status_code, exc.message, exc.code)
                 return
         await self.app(scope, receive, send)
 
@@ -82,13 +85,11 @@ class BodyLimitMiddleware:
             await self._refuse(scope, send)
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        message = f"request body is larger than {self.limit} bytes"
-        endpoint = COMPLETION_PATHS.get(scope.get("path", ""))
-        if endpoint is not None and scope.get("state", {}).get("caller") is not None:
-            from serving.routes import record_refusal
+        from serving.routes import record_unread_refusal
 
-            await record_refusal(Request(scope), RequestTooLargeError(message), None, endpoint, {})
-        await _send_error(send, 413, message, "request_too_large")
+        exc = RequestTooLargeError(f"request body is larger than {self.limit} bytes")
+        await record_unread_refusal(scope, exc)
+        await _send_error(send, exc.status_code, exc.message, exc.code)
 
 
 async def _send_error(send: Send, status: int, message: str, code: str) -> None:
@@ -242,8 +243,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app.include_router(router)
     app.add_middleware(HotPathMiddleware)  # inside the body limit (the later add_middleware is the outer one)
     app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes)  # a 413 knows its key: recorded
+    app.add_middleware(HeaderLimitMiddleware, limit=config.server.max_header_bytes)  # a 431 too
     app.add_middleware(AuthMiddleware)  # the key before the body: a caller without one learns nothing more
-    app.add_middleware(HeaderLimitMiddleware, limit=config.server.max_header_bytes)
     # a body that does not arrive in time: 408 (the protocol serve runs times the headers: serving/streaming.py)
     app.add_middleware(RequestReadTimeoutMiddleware, timeout_s=config.server.request_read_timeout_s)
     app.state.request_read_timeout_s = config.server.request_read_timeout_s  # for that protocol (run_server)

@@ -32,7 +32,7 @@ from cascade.limits import SpendHolds
 from cascade.resilience import ResilientBackend
 from cascade.types import CascadeRecord, GenerationRequest
 from serving.auth import Caller, authenticate, authorize, refuse_cross_site
-from serving.errors import cascade_error_response, error_body
+from serving.errors import COMPLETION_PATHS, cascade_error_response, error_body
 from serving.metrics import Metrics
 from serving.protocol import (
     MAX_MODEL_CHARS,
@@ -140,6 +140,15 @@ async def record_refusal(request: Request, exc: CascadeError, model: str | None,
         exc, model=model, endpoint=endpoint, request_id=request.scope.get("state", {}).get("request_id"),
         api_key_id=getattr(caller, "key_id", None), user_tier=getattr(caller, "user_tier", None), wait=wait,
         status=status, **(attribution or {}))
+
+
+async def record_unread_refusal(scope: Scope, exc: CascadeError) -> None:
+    """A completion request refused by a middleware before its body was read (its headers over the limit, its
+    body too large or too late): its ledger row, under no policy (its model was never read), when its key is
+    known. A request without a valid key got its 401 before; one to any other path is no completion."""
+    endpoint = COMPLETION_PATHS.get(scope.get("path", ""))
+    if endpoint is not None and scope.get("state", {}).get("caller") is not None:
+        await record_refusal(Request(scope), exc, None, endpoint, {})
 
 
 def _route_name(request: Request, body: AnyRequest) -> str:

@@ -250,7 +250,7 @@ def test_malformed_json_and_oversize_body(server):
     assert ledger_count(server, f"SELECT error_class FROM requests WHERE request_id = '{rid}'") == \
         "RequestTooLargeError"
     assert ledger_count(server, f"SELECT policy FROM requests WHERE request_id = '{rid}'") == ""
-    # headers past server.max_header_bytes (64 KiB): 431, before any route or key check
+    # headers past server.max_header_bytes (64 KiB): 431, before any route (after the key check, when keys are set)
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "cascade"}, headers={"x-pad": "a" * 70_000})
     assert r.status_code == 431 and r.json()["error"]["code"] == "request_header_fields_too_large"
     assert httpx.get(server.url + "/health", headers={"x-pad": "a" * 60_000}).status_code == 200

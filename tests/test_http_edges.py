@@ -407,6 +407,21 @@ def test_an_oversize_body_without_a_key_is_401_and_no_row(server):
     assert rows(server) == before
 
 
+def test_headers_over_the_limit_are_431_and_a_row_under_their_key(server):
+    """Headers past server.max_header_bytes: a 431 and its row, under the key (it had none: the header limit ran
+    before the key was known); a caller without a key gets its 401 and no row, as for a body over the limit."""
+    pad = {"x-pad": "a" * 70_000}
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "remote"}, headers={**H(), **pad})
+    assert r.status_code == 431 and r.json()["error"]["code"] == "request_header_fields_too_large", r.text
+    with sqlite3.connect(server.ledger_path) as c:
+        assert c.execute("SELECT status, error_class, api_key_id, policy FROM requests WHERE request_id = ?",
+                         (r.headers["x-request-id"],)).fetchall() == [("error", "RequestHeadersTooLargeError", "k", "")]
+    before = rows(server)
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "remote"}, headers=pad)
+    assert r.status_code == 401, r.text
+    assert rows(server) == before
+
+
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
 def test_a_seed_beyond_64_bits_is_refused_naming_it(server, seed):
     r = httpx.post(server.url + "/v1/chat/completions", headers=H(), timeout=60,
