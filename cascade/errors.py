@@ -108,6 +108,13 @@ class RequestHeadersTooLargeError(InvalidRequestError):
     code = "request_header_fields_too_large"
 
 
+class RequestTimeoutError(InvalidRequestError):
+    """The request's body did not arrive whole within ``server.request_read_timeout_s``."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
 class ContextLengthExceededError(InvalidRequestError):
     """The prompt (plus max_tokens) does not fit a tier's context window."""
 

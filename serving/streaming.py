@@ -55,6 +55,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cascade.errors import RequestTimeoutError
 from serving.errors import error_body
 
 log = logging.getLogger("cascade.serving")
@@ -378,9 +379,9 @@ class RequestReadTimeoutMiddleware:
     connection's opening, or its first byte), else ``timeout_s`` from when it reached the app. Only the body's
     reads are bounded: once it is in, a read waits for the client to leave, as long as that takes.
 
-    No ledger row: the request is refused before it could be read (a body over ``server.max_body_bytes``, 413,
-    is recorded: its key is known, and its size says what it is). One whose answer has already begun is cut off
-    instead (:func:`abort_connection`)."""
+    A completion request refused so, with a valid key, is a ledger row (error ``RequestTimeoutError``, no
+    policy: its body was never read whole), as a body over ``server.max_body_bytes`` is. One whose answer has
+    already begun is cut off instead (:func:`abort_connection`)."""
 
     def __init__(self, app: ASGIApp, timeout_s: float) -> None:
         self.app, self.timeout_s = app, timeout_s
@@ -419,6 +420,9 @@ class RequestReadTimeoutMiddleware:
             if started:
                 await abort_connection(scope)
                 return
+            from serving.routes import record_unread_refusal
+
+            await record_unread_refusal(scope, RequestTimeoutError(_timeout_message(self.timeout_s)))
             body = _timeout_body(self.timeout_s)
             await send({"type": "http.response.start", "status": 408,
                         "headers": [(b"content-type", b"application/json"),
