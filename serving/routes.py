@@ -159,7 +159,6 @@ def _route_name(request: Request, body: AnyRequest) -> str:
 async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Budget, GenerationRequest | None]:
     engine = _engine(request)
     caller = _caller(request)
-    await engine.check_ledger()  # a ledger known to be down: refused at once (503), before any read of it
     model = _route_name(request, body)
     # a key limited to some models is refused any other (403), whether it exists or not: it is told of its own
     # only, as GET /v1/models lists them (a 404 for a made-up name beside a 403 for a hidden one told which exist)
@@ -176,6 +175,9 @@ async def _admit_checks(request: Request, body: AnyRequest) -> tuple[Caller, Bud
         if asked is not None and asked > limit:
             raise InvalidRequestError(f"{param}: {asked} is above this server's limit of {limit}",
                                       param=param, code="invalid_value")
+    # a ledger known to be down: refused (503) before any read of it, but after the request's own faults above,
+    # which no retry mends: its client is told of those at once, not told to repeat it after a probe's wait
+    await engine.check_ledger()
     lim = caller.limits
     budget = Budget() if lim is None else Budget(latency_s=lim.latency_budget_s, on_latency=lim.on_latency_budget,
                                                  cost_usd=lim.cost_budget_usd, on_cost=lim.on_cost_budget)

@@ -290,6 +290,10 @@ def test_requests_are_refused_before_any_model_call_while_the_ledger_cannot_be_w
                 assert r.json()["error"]["code"] == "ledger_unavailable" and r.headers["retry-after"] == "1"
                 assert took < 4 and calls() == 2  # refused by the probe's verdict: no model was called
                 refused = r.headers["x-request-id"]
+                # a request's own fault is told as itself (it was a 503, to repeat a request that cannot pass)
+                r = httpx.post(srv.url + "/v1/chat/completions", json={**_BODY, "model": "nope"}, timeout=30)
+                assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+                unknown = r.headers["x-request-id"]
             assert _wait_ready(srv.url).status_code == 200
             r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
             assert r.status_code == 200 and calls() == 3, r.text
@@ -299,6 +303,9 @@ def test_requests_are_refused_before_any_model_call_while_the_ledger_cannot_be_w
         row = c.execute("SELECT status, error_class, (SELECT count(*) FROM attempts a WHERE a.request_id = "
                         "r.request_id) FROM requests r WHERE request_id = ?", (refused,)).fetchone()
     assert row == ("error", "LedgerUnavailableError", 0)
+    with sqlite3.connect(path) as c:  # its row too, queued while the lock was held
+        assert c.execute("SELECT status, error_class FROM requests WHERE request_id = ?", (unknown,)).fetchone() == \
+            ("error", "UnknownModelError")
 
 
 async def test_a_request_cancelled_while_the_engine_probes_a_ledger_marked_down_gets_its_row(tmp_path):
