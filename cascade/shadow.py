@@ -269,7 +269,7 @@ class _Sample:
     rec: CascadeRecord
     request: GenerationRequest
     row: dict[str, Any]           # the decision so far: unknown, needing a tier nothing ran
-    budget: Budget | None = None  # the request's limits: the shadow walks its chain under the same cost budget
+    budget: Budget | None = None  # the request's limits: the shadow walks its chain under the same budgets
     calls: list[Attempt] = field(default_factory=list)
     started_at: list[float] = field(default_factory=list)
     #: tiers the request's cost budget makes the shadow skip (not called: it serves an answer in hand)
@@ -479,8 +479,12 @@ class ShadowSampler:
             att = Attempt(index=before, tier=tname, model=tc.model, backend=tc.backend)
             smp.calls.append(att)
             t0 = self.clock()
+            # the request's latency budget cuts the tier short as it would have on the live path: a tier that
+            # answers only past it would have been cancelled there, never served (a shorter call, too)
+            lat = smp.budget.latency_s if smp.budget is not None else None
+            timeout = tc.timeout_s if lat is None else min(tc.timeout_s, lat)
             try:
-                await self.call_tier(tier, req, att, smp.calls, timeout=tc.timeout_s)
+                await self.call_tier(tier, req, att, smp.calls, timeout=timeout)
             except CascadeError as exc:  # recorded in att; the walk treats the tier as failed
                 log.warning("shadow %s: sampled tier %s failed on request %s: %s", sh.name, tname,
                             rec.request_id, exc)

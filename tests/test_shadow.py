@@ -739,3 +739,35 @@ async def test_a_stream_whose_write_timed_out_is_sampled_once_its_row_commits(tm
     assert (status, error) == ("ok", None)  # kept as served: the answer went out
     assert "sample pending" not in reason and (sampled, known) == (1, "known") and calls == [("small",)], reason
     assert models == ["large", "small"]
+
+
+async def test_a_sample_keeps_to_the_requests_latency_budget(tmp_path):
+    """A sampled shadow's call is cut short by the request's latency budget, as the live path's would be: a tier
+    that answers only past it would have been cancelled there, and the shadow serves the answer in hand. It used
+    to be given the tier's whole timeout_s, and recorded the late answer as the shadow's (a divergence the shadow
+    could never have had, for a call the user tier forbids)."""
+    from cascade.engine import Budget, Engine
+    from cascade.types import GenerationRequest, Message
+    from tests.fault_server import FaultServer, FaultServerThread
+
+    with FaultServerThread(FaultServer(answer="Sure: Paris.", logprob=-0.01)) as small, \
+            FaultServerThread() as large:
+        cfg = make_config(tmp_path, [remote("small", small, threshold=0.0), remote("large", large, timeout_s=10)],
+                          shadows={"strict": {"of": "cascade", "thresholds": {"small": 1.0}, "sample_rate": 1,
+                                              "sample_budget_usd": 10}})
+        large.faults("slow:4")  # answers after 4 s: within the tier's timeout_s, past the caller's budget
+        q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),))
+        async with await Engine.open(cfg) as eng:
+            rec = (await eng.run(q, budget=Budget(latency_s=2.0, on_latency="best_answer"))).record
+            await settled(eng.sampler)
+    assert rec.tier == "small"
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as c:
+        (status, shadow_tier, sampled, reason), = c.execute("SELECT status, tier, sampled, reason "
+                                                            "FROM shadow_decisions")
+        (tier_, error_class, latency_ms, cost), = c.execute("SELECT tier, error_class, latency_ms, cost_usd "
+                                                            "FROM shadow_attempts")
+    # the shadow's last tier ran out of the budget: it serves the answer in hand, as the engine would
+    assert (status, shadow_tier, sampled) == ("known", "small", 1)
+    assert "its last tier 'large' failed when sampled" in reason
+    assert (tier_, error_class) == ("large", "ProviderTimeoutError") and 2000 <= latency_ms < 3500
+    assert cost > 0  # the timed-out call is billed its prompt, as shadow spend
