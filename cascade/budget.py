@@ -40,6 +40,17 @@ class Budget:
         return self
 
 
+def latency_budget_out(budget: Budget | None, exc: BaseException, elapsed_s: float) -> bool:
+    """Whether a call that failed with ``exc`` after ``elapsed_s`` seconds ran out of the request's latency budget
+    under ``on_latency: best_answer``, so that the cascade goes no further and serves the answer in hand (if it
+    has one): the rule of the live path and of a sampled shadow alike. A tier that timed out by itself (its own
+    timeout_s, or a provider's, firing within the budget) failed, and fails over like any other failure."""
+    from cascade.errors import ProviderTimeoutError
+
+    return (budget is not None and budget.latency_s is not None and budget.on_latency == "best_answer"
+            and isinstance(exc, ProviderTimeoutError) and elapsed_s >= budget.latency_s)
+
+
 def dearest_price(tier: Any) -> Price:
     """The highest input and output prices a call of ``tier`` can be billed at: its own, or that of any of its
     providers (``tiers[].providers[].price``; a fallback provider can cost more than the first)."""

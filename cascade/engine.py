@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from calibration.calibrators import Calibrator, calibrator_from_dict, load_calibrator
 from calibration.features import FEATURE_NAMES, extract_features
 from cascade.backends import Backend, backend_class
-from cascade.budget import Budget, call_ceiling, dearest_price, first_price, fit_budget
+from cascade.budget import Budget, call_ceiling, dearest_price, first_price, fit_budget, latency_budget_out
 from cascade.cache import CachedAnswer, ResponseCache, cache_key
 from cascade.config import CalibratorConfig, Config, TierConfig, topk_problem
 from cascade.errors import (
@@ -1238,8 +1238,8 @@ class Engine:
                 last_error = exc
                 # the budget ran out, rather than the tier's own timeout_s (or a provider's) firing within it: a
                 # tier that timed out by itself failed, and fails over like any other failure
-                ran_out = budget.latency_s is not None and time.perf_counter() - called >= budget.latency_s
-                if answers and isinstance(exc, ProviderTimeoutError) and budget.on_latency == "best_answer" and ran_out:
+                att.latency_budget_out = latency_budget_out(budget, exc, time.perf_counter() - called)
+                if answers and att.latency_budget_out:
                     return self._serve_best(answers, f"{tier.name!r} exceeded the latency budget")
                 escalate = exc.fall_over or isinstance(exc, (ContextLengthExceededError, ProviderContextLengthError))
                 if escalate and not is_last:

@@ -10,7 +10,8 @@ made:
 * a tier the live path did not run means the shadow's outcome is ``unknown``, and nothing is spent, unless
   the shadow samples (below);
 * a tier that failed on the live path is treated as failing for the shadow too: escalated past, or
-  ``unknown`` when it is the shadow's last tier.
+  ``unknown`` when it is the shadow's last tier; one that ran out of a ``best_answer`` latency budget ends
+  the walk as it ended the live path's, with the most confident answer in hand (if any).
 
 The shadow's predicted cost is the actual cost of the attempts of the tiers it walked (actual token counts
 times each tier's price). The result is one dict per shadow, written by ``Ledger.record(rec, shadows=...)``
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from calibration.calibrators import Calibrator
-from cascade.budget import Budget, call_ceiling, fit_budget
+from cascade.budget import Budget, call_ceiling, fit_budget, latency_budget_out
 from cascade.config import Config
 from cascade.errors import CascadeError, LedgerTimeoutError
 from cascade.ledger import Ledger, utc_day_start
@@ -133,8 +134,9 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
     (refused, failed or cancelled: there is no live outcome to compare). An ``unknown`` row for a tier that
     nothing ran has ``needs`` (that tier; not stored).
 
-    As the engine does, a shadow whose next tier is skipped for the cost budget, or whose last tier fails,
-    serves the most confident answer it escalated from (if any).
+    As the engine does, a shadow whose next tier is skipped for the cost budget, whose last tier fails, or
+    whose tier ran out of a ``best_answer`` latency budget, serves the most confident answer it escalated from
+    (if any).
     """
     if rec.policy != shadow.of or rec.status in ("error", "cancelled"):
         return None
@@ -144,6 +146,8 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
     own = _tier_outcomes(sampled)
     ran.update(own)  # the shadow samples only tiers the live path did not run: no overlap
     live_skips = _live_skips(rec.attempts)
+    # tiers whose call ran out of the request's latency budget under best_answer (live, or when sampled)
+    out_of_time = {a.tier for a in (*rec.attempts, *sampled) if a.latency_budget_out}
     cost = 0.0
     n = len(shadow.chain)
     first = shadow.chain[0]
@@ -187,6 +191,8 @@ def evaluate_shadow(shadow: ShadowPolicy, rec: CascadeRecord, live_calibrators: 
                 where = "when sampled" if tname in own else "on the live path"
                 return best(f"its last tier {tname!r} failed {where}") or \
                     _unknown(shadow, f"its last tier {tname!r} failed {where}")
+            if tname in out_of_time and in_hand:  # the engine goes no further, as it did on the live path
+                return best(f"{tname!r} exceeded the latency budget")  # (with nothing in hand, it escalates)
             continue
         cal = shadow.calibrator(tname, live_calibrators)
         if cal is None:
@@ -478,7 +484,7 @@ class ShadowSampler:
             before = len(smp.calls)
             att = Attempt(index=before, tier=tname, model=tc.model, backend=tc.backend)
             smp.calls.append(att)
-            t0 = self.clock()
+            t0, called = self.clock(), time.perf_counter()
             # the request's latency budget cuts the tier short as it would have on the live path: a tier that
             # answers only past it would have been cancelled there, never served (a shorter call, too)
             lat = smp.budget.latency_s if smp.budget is not None else None
@@ -488,6 +494,7 @@ class ShadowSampler:
             except CascadeError as exc:  # recorded in att; the walk treats the tier as failed
                 log.warning("shadow %s: sampled tier %s failed on request %s: %s", sh.name, tname,
                             rec.request_id, exc)
+                att.latency_budget_out = latency_budget_out(smp.budget, exc, time.perf_counter() - called)
             finally:
                 smp.started_at += [t0] * (len(smp.calls) - len(smp.started_at))
                 # the reservation becomes the calls' actual cost, held until it is in the ledger

@@ -602,6 +602,9 @@ class Attempt:
     #: a request that asked for no max_tokens, at its route's last tier: the tier's default cut to this to fit
     #: the tier's context after the prompt, else None
     max_tokens_fit: int | None = None
+    #: this call ran out of the request's latency budget under ``on_latency_budget: best_answer``: the cascade
+    #: went no further, serving the answer in hand if it had one (not stored; a shadow walks its chain by it)
+    latency_budget_out: bool = False
 
 
 @dataclass(slots=True)

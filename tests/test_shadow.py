@@ -771,3 +771,50 @@ async def test_a_sample_keeps_to_the_requests_latency_budget(tmp_path):
     assert "its last tier 'large' failed when sampled" in reason
     assert (tier_, error_class) == ("large", "ProviderTimeoutError") and 2000 <= latency_ms < 3500
     assert cost > 0  # the timed-out call is billed its prompt, as shadow spend
+
+
+async def test_a_shadow_stops_where_a_best_answer_latency_budget_ran_out(tmp_path):
+    """Under ``on_latency_budget: best_answer`` a tier that runs out of the budget ends the cascade with the
+    answer in hand. A shadow walking the same tiers stops there too, whether the live path's call or its own
+    sampled one ran out: it used to escalate past it, as past any failed tier, recording an outcome it needed
+    the next tier for (unknown, diverging for certain) and paying a sample of that tier, whose answer it then
+    called its own: a shadow that differs only in its last tier's threshold diverged from the live path."""
+    import asyncio
+
+    from cascade.engine import Budget, Engine
+    from cascade.types import GenerationRequest, Message
+    from tests.fault_server import FaultServer, FaultServerThread
+
+    chain = ["small", "medium", "large"]
+    with FaultServerThread(FaultServer(answer="Maybe Lyon.", logprob=-2.0)) as small, \
+            FaultServerThread() as medium, FaultServerThread() as large:
+        cfg = make_config(
+            tmp_path, [remote("small", small), remote("medium", medium, timeout_s=10), remote("large", large)],
+            # the small tier's answer (confidence 0.135) escalates under 'cascade', is kept under 'lenient'
+            policies={"cascade": {"chain": chain, "thresholds": {"small": 0.5}},
+                      "lenient": {"chain": chain, "thresholds": {"small": 0.1}}},
+            shadows={"same": {"of": "cascade", "thresholds": {"large": 0.9}, "sample_rate": 1, "sample_budget_usd": 10},
+                     "strict": {"of": "lenient", "thresholds": {"small": 0.5}, "sample_rate": 1,
+                                "sample_budget_usd": 10}})
+        medium.faults("slow:4", "slow:4")  # within its timeout_s, past the caller's budget: live, then sampled
+        q = GenerationRequest(messages=(Message("user", "What is the capital of France?"),))
+        budget = Budget(latency_s=2.0, on_latency="best_answer")
+        async with await Engine.open(cfg) as eng:
+            live, lenient = await asyncio.gather(eng.run(q, model="cascade", budget=budget),
+                                                 eng.run(q, model="lenient", budget=budget))
+            await settled(eng.sampler)
+        assert large.stats()["requests"] == 0  # never called, live or sampled
+    assert [(a.tier, a.error_class) for a in live.record.attempts] == [("small", None),
+                                                                        ("medium", "ProviderTimeoutError")]
+    assert live.record.tier == lenient.record.tier == "small"
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as c:
+        dec = {r[0]: r[1:] for r in c.execute("SELECT shadow, status, tier, diverges, sampled, reason "
+                                              "FROM shadow_decisions")}
+        calls = c.execute("SELECT shadow, tier, error_class FROM shadow_attempts").fetchall()
+    # the live path's medium ran out: 'same' serves the small answer as the live path did, without a sample
+    assert dec["same"][:4] == ("known", "small", 0, 0)
+    assert dec["same"][4].endswith("because 'medium' exceeded the latency budget")
+    # the sampled medium ran out: 'strict' serves the small answer it escalated from
+    assert dec["strict"][:4] == ("known", "small", 0, 1)
+    assert "because 'medium' exceeded the latency budget (sampled: medium)" in dec["strict"][4]
+    assert calls == [("strict", "medium", "ProviderTimeoutError")]
