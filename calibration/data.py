@@ -250,6 +250,7 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
     seen: dict[tuple[str, str, str], int] = {}  # question id -> line it was first on
     meta = {"dataset": "", "chain": "", "split": ""}
     no_confidence: dict[str, int] = {}
+    total_cost = 0.0  # every cost of the file, summed as a float (Python's: inf past the range, no warning)
     n = 0
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -300,6 +301,10 @@ def load_cascade_outputs(path: str | Path) -> CascadeData:
             cost = _float(rec["cost_usd"], p, lineno, m, "cost_usd")
             if cost < 0:
                 raise _bad(p, lineno, f"model {m!r}: cost_usd is negative ({cost})")
+            total_cost += cost
+            if math.isinf(total_cost):  # each finite, but a replay's sums of them would overflow to inf and NaN
+                raise _bad(p, lineno, f"model {m!r}: cost_usd {cost!r} takes the file's costs past what a float "
+                                      "holds (a cost is USD per question)")
             c["cost"].append(cost)
             lat = rec.get("latency_ms")
             c["lat"].append(float(lat) if isinstance(lat, (int, float)) and not isinstance(lat, bool) else math.nan)

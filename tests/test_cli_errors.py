@@ -436,6 +436,23 @@ def test_an_integer_beyond_any_float_in_a_data_file_is_refused_with_its_line(tmp
     assert r.returncode == 0, r.stderr
 
 
+def test_costs_that_sum_past_a_float_are_refused_with_their_line(tmp_path, capsys):
+    """Each cost finite, their sum not: replay's sums overflowed (numpy RuntimeWarnings on stderr) and it
+    reported a 'direct' verdict with every cost ratio null, exit status 0."""
+    data = data_file(tmp_path)
+    lines = data.read_text().splitlines()
+    for i in (3, 4):
+        row = json.loads(lines[i])
+        row["models"]["m2"]["cost_usd"] = 1e308
+        lines[i] = json.dumps(row)
+    data.write_text("\n".join(lines) + "\n")
+    needle = f"{data}:5: model 'm2': cost_usd 1e+308 takes the file's costs past what a float holds"
+    one_error(cli(capsys, "replay", "--train", str(data), "--test", str(data), "--chain", "m1,m2", "--no-guard"),
+              needle)
+    one_error(cli(capsys, "calibrate", "--data", str(data), "--model", "m1", "--out", str(tmp_path / "a.json")),
+              needle)
+
+
 @pytest.mark.parametrize("argv", [
     ["calibrate", "--data", "d.jsonl", "--model", "m1", "--out", "a.json", "--seed", "-1"],
     ["replay", "--train", "d.jsonl", "--test", "d.jsonl", "--chain", "m1,m2", "--split-seed", "-1"],
