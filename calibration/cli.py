@@ -132,6 +132,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if len(y) < 2:
             raise DataError(f"{data.path}: {len(y)} question(s); calibration needs at least 2")
         check_both_outcomes(y, tier.name, str(data.path))
+        if not np.isfinite(lp).any():  # every answer unscored: a fit would learn the base rate, ranking nothing
+            raise DataError(f"{data.path}: model {tier.name!r} has no {feature} on any of its {len(y)} questions "
+                            "(null or NaN on every line): nothing to calibrate")
         if args.folds > len(y) and (args.method == "auto" or len(y) >= 10):  # (held-out scores need 10)
             raise ConfigError(f"--folds {args.folds} is more than the {len(y)} questions of {data.path}")
         progress("fitting", 1, 3)
