@@ -218,6 +218,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+#: below this, `cascade keys hash` warns that the key is weak (its digest is stored unsalted)
+MIN_HAND_KEY_CHARS = 24
+
+
 def cmd_keys_hash(args: argparse.Namespace) -> int:
     from serving.auth import hash_key
 
@@ -230,6 +234,12 @@ def cmd_keys_hash(args: argparse.Namespace) -> int:
             raise ConfigError("standard input: not valid UTF-8 text") from None
     if not key:
         raise ConfigError("no key given (pass it as an argument or on standard input)")
+    if len(key) < MIN_HAND_KEY_CHARS:
+        # the config keeps the key's SHA-256 unsalted (fast to check per request): a leaked config gives a short
+        # or guessable key away to a search of its digest, where a random 256-bit one (keys create) stays safe
+        print(f"cascade: warning: a key of {len(key)} characters can be found from its SHA-256 in a leaked "
+              f"config; use at least {MIN_HAND_KEY_CHARS} random characters (`cascade keys create` makes one)",
+              file=sys.stderr)
     print(hash_key(key))
     return 0
 

@@ -176,6 +176,11 @@ def test_keys_hash_reads_a_key_as_the_server_does(capsys):
 
     r = cli(capsys, "keys", "hash", "  sk-test-key \t")
     assert r.returncode == 0 and r.stdout.strip() == hash_key("sk-test-key")
+    # a short hand-written key is hashed, with a warning: its unsalted digest in a leaked config gives it away
+    assert r.stderr.strip().startswith("cascade: warning: a key of 11 characters can be found from its SHA-256")
+    long_key = "sk-" + "x7Q2" * 6
+    r = cli(capsys, "keys", "hash", long_key)
+    assert r.returncode == 0 and r.stdout.strip() == hash_key(long_key) and r.stderr == ""
     one_error(cli(capsys, "keys", "hash", "   "), "no key given")
 
 
