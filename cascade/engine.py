@@ -313,6 +313,14 @@ class Engine:
             if preload:
                 await engine.start()
         except BaseException:
+            # the tiers loaded before the one that failed hold their models, workers and connections, and the
+            # caller gets no engine to close them with: closed here, each even if one before it failed
+            for tier in engine.tiers.values():
+                try:
+                    await tier.backend.close()
+                except Exception as exc:  # noqa: BLE001 - the open's own error is the one raised
+                    log.warning("opening the engine failed; closing tier %r then failed too: %s: %s", tier.name,
+                                type(exc).__name__, exc)
             await ledger.close()
             raise
         return engine

@@ -458,3 +458,16 @@ async def test_close_given_a_grace_that_is_no_number_of_seconds_says_so_and_leav
     with pytest.raises(EngineClosedError):
         await eng.run(Q)
     assert [s for _, s, _ in rows(tmp_path)] == ["ok"]
+
+
+async def test_an_open_that_fails_loading_a_later_tier_closes_the_tiers_it_loaded(tmp_path, smol_path):
+    """``Engine.open(preload=True)`` whose second tier could not load closed only the ledger: the first tier's
+    model and batching worker stayed up, with no engine to close them ('Task was destroyed but it is pending!'
+    once collected), each failed open leaking one more model. They are closed before the error is raised."""
+    from cascade.errors import ConfigError
+
+    cfg = make_config(tmp_path, [tier("small"), tier("broken", model=str(tmp_path / "no-such-model"))])
+    with pytest.raises(ConfigError, match="no-such-model") as err:
+        await Engine.open(cfg, preload=True)
+    assert "tier 'broken'" in str(err.value)  # (err holds the failed open's frames, and so its engine)
+    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("transformers-")] == []
