@@ -327,6 +327,14 @@ class Engine:
 
     async def start(self, names: list[str] | None = None) -> None:
         """Load the named tiers' backends (all by default), one after another (they share the CPU)."""
+        self._check_open()  # a closed engine's tiers, loaded now, would never be closed
+        if isinstance(names, str):  # (its letters would be read as names)
+            raise InvalidRequestError(f"names must be a list of tier names, got the string {names!r}: "
+                                      f"start([{names!r}])", param="names")
+        for name in names or ():
+            if not isinstance(name, str) or name not in self.tiers:
+                raise UnknownModelError(f"tier {name!r} does not exist; tiers: {', '.join(self.tiers)}",
+                                        param="names")
         for name in names or list(self.tiers):
             await self.tiers[name].backend.start()
 

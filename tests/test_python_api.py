@@ -471,3 +471,23 @@ async def test_an_open_that_fails_loading_a_later_tier_closes_the_tiers_it_loade
         await Engine.open(cfg, preload=True)
     assert "tier 'broken'" in str(err.value)  # (err holds the failed open's frames, and so its engine)
     assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("transformers-")] == []
+
+
+async def test_start_names_only_this_engines_tiers_and_loads_nothing_once_closed(tmp_path, smol_path):
+    """``start(["nope"])`` was a raw KeyError, ``start("small")`` looked for a tier 's', and ``start()`` after
+    ``close()`` loaded every tier's model again into an engine nothing would close. Each is refused, in our
+    errors, before anything loads."""
+    from cascade.errors import UnknownModelError
+
+    eng = await Engine.open(make_config(tmp_path, [tier("small")]))
+    try:
+        with pytest.raises(UnknownModelError, match=r"tier 'nope' does not exist; tiers: small") as err:
+            await eng.start(["nope"])
+        assert err.value.param == "names"
+        with pytest.raises(InvalidRequestError, match=r"start\(\['small'\]\)"):
+            await eng.start("small")
+    finally:
+        await eng.close()
+    with pytest.raises(EngineClosedError):
+        await eng.start()
+    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("transformers-")] == []
