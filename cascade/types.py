@@ -321,6 +321,8 @@ def checked_request(request: Any) -> "GenerationRequest":
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 #: the longest end user id (OpenAI's ``user``) taken
 MAX_END_USER = 512
+#: the longest ``model`` name a request may carry (names are a config's policies and tiers)
+MAX_MODEL_CHARS = 256
 
 
 def checked_attribution(*, model: Any = None, endpoint: Any = "chat", end_user: Any = None, metadata: Any = None,
@@ -337,6 +339,9 @@ def checked_attribution(*, model: Any = None, endpoint: Any = "chat", end_user: 
             _text(value, param)
             if "\x00" in value:
                 raise _bad(f"{param} must not contain a NUL character", param)
+    if model is not None and not 1 <= len(model) <= MAX_MODEL_CHARS:  # as over HTTP: "" is no default policy
+        raise _bad(f"model must name a policy or a tier in 1 to {MAX_MODEL_CHARS} characters (or be None, for the "
+                   f"default policy), got {len(model)} characters", "model")
     if end_user is not None and len(end_user) > MAX_END_USER:
         raise _bad(f"end_user must be at most {MAX_END_USER} characters, got {len(end_user)}", "end_user")
     if not isinstance(endpoint, str) or not endpoint:

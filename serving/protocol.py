@@ -7,12 +7,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cascade.types import (MAX_END_USER, MAX_METADATA_KEY, MAX_METADATA_PAIRS, MAX_METADATA_VALUE, CascadeRecord,
-                           GenerationRequest, GenerationResult, Message, TokenLogprob, TopLogprob, Usage, is_utf8)
+from cascade.types import (MAX_END_USER, MAX_METADATA_KEY, MAX_METADATA_PAIRS, MAX_METADATA_VALUE, MAX_MODEL_CHARS,
+                           CascadeRecord, GenerationRequest, GenerationResult, Message, TokenLogprob, TopLogprob, Usage,
+                           is_utf8)
 
 
-#: the longest ``model`` name a request may carry (names are a config's policies and tiers)
-MAX_MODEL_CHARS = 256
 #: the longest stop sequence
 MAX_STOP_CHARS = 256
 

@@ -114,6 +114,8 @@ async def test_a_malformed_budget_is_refused_before_any_tier_is_called(tmp_path,
     ({"end_user": "u" * 513}, "end_user"),
     ({"end_user": 7}, "end_user"),
     ({"model": ["cascade"]}, "model"),
+    ({"model": ""}, "model"),                                    # was answered by the default policy, unasked
+    ({"model": "m" * 257}, "model"),                             # the HTTP layer's 256
 ])
 async def test_attribution_the_http_layer_would_refuse_is_refused_before_any_tier_is_called(tmp_path, servers, kw,
                                                                                            param):
