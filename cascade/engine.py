@@ -40,6 +40,7 @@ from cascade.errors import (
     LedgerError,
     LedgerTimeoutError,
     LedgerUnavailableError,
+    NotFoundError,
     ProviderContextLengthError,
     ProviderInvalidRequestError,
     ProviderTimeoutError,
@@ -56,8 +57,8 @@ from cascade.resilience import (
     classify,
     merge_provider_attempts,
 )
-from cascade.types import (Attempt, CascadeRecord, GenerationRequest, GenerationResult, StreamChunk, Usage,
-                           answer_tokens, checked_attribution, checked_request, is_utf8)
+from cascade.types import (Attempt, CascadeRecord, Feedback, GenerationRequest, GenerationResult, StreamChunk,
+                           Usage, answer_tokens, checked_attribution, checked_feedback, checked_request, is_utf8)
 
 if TYPE_CHECKING:
     from cascade.shadow import ShadowSet
@@ -1127,6 +1128,30 @@ class Engine:
                     and a.model != tier.backend.providers[0].backend.model:
                 return
         self.cache.put(slot[0], CachedAnswer.of(rec, result), generation=slot[1])
+
+    async def feedback(self, request_id: str, score: int, comment: str | None = None, *,
+                       api_key_id: str | None = None) -> Feedback:
+        """Label the answer of request ``request_id``: ``score`` 1 right, -1 wrong, 0 withdraws an earlier label
+        (a request's latest feedback is its label, for `cascade recalibrate` and drift). An answer marked wrong
+        is no longer served from the response cache. With ``api_key_id`` (the caller's key), only that key's
+        requests: another's is as good as missing. Raises :class:`InvalidRequestError` (a malformed argument, a
+        request that served no answer) or :class:`NotFoundError` (no such request in the ledger)."""
+        self._check_open()
+        checked_feedback(request_id, score, comment)
+        row = await self.ledger.get(request_id)
+        if row is None or (api_key_id is not None and row["api_key_id"] != api_key_id):
+            raise NotFoundError(f"no request {request_id!r} in the ledger", param="request_id")
+        if row["status"] not in ("ok", "partial"):  # feedback labels an answer: there was none
+            raise InvalidRequestError(f"request {request_id!r} served no answer (status {row['status']!r}): "
+                                      "feedback is for answers", param="request_id", code="request_not_answered")
+        fid = await self.ledger.add_feedback(request_id, score, comment)
+        answered_by = row.get("cached_from") or request_id  # a cache hit's answer is its original's
+        if score < 0:  # an answer a user says is wrong is not served again from the cache
+            self.cache_forget(answered_by)
+        decided = row.get("confidence") is not None and row.get("tier") and row.get("policy") != row.get("tier")
+        return Feedback(id=fid, request_id=request_id, score=score, answered_by=answered_by,
+                        confidence=float(row["confidence"]) if decided else None,
+                        created_at=float(row["created_at"]))
 
     def cache_forget(self, request_id: str) -> int:
         """Drop the stored answers first given to ``request_id`` (a user marked it wrong); returns how many."""

@@ -323,6 +323,21 @@ MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 MAX_END_USER = 512
 #: the longest ``model`` name a request may carry (names are a config's policies and tiers)
 MAX_MODEL_CHARS = 256
+#: the longest comment a piece of feedback may carry
+MAX_FEEDBACK_COMMENT = 4000
+
+
+def checked_feedback(request_id: Any, score: Any, comment: Any) -> None:
+    """A piece of feedback as the engine takes it (:meth:`cascade.engine.Engine.feedback`), else
+    :class:`~cascade.errors.InvalidRequestError` naming the field, as the HTTP layer's wire type refuses it: a
+    score is the integer -1, 0 or 1 (``True`` is no score, nor ``1.0``), a comment text of at most
+    ``MAX_FEEDBACK_COMMENT`` characters."""
+    if not isinstance(request_id, str) or not 1 <= len(request_id) <= 128:
+        raise _bad(f"request_id must be a string of 1 to 128 characters, got {request_id!r:.60}", "request_id")
+    if isinstance(score, bool) or not isinstance(score, int) or score not in (-1, 0, 1):
+        raise _bad(f"score must be -1, 0 or 1 (an integer), got {score!r:.40}", "score")
+    if comment is not None and len(_text(comment, "comment")) > MAX_FEEDBACK_COMMENT:
+        raise _bad(f"comment must be at most {MAX_FEEDBACK_COMMENT} characters, got {len(comment)}", "comment")
 
 
 def checked_attribution(*, model: Any = None, endpoint: Any = "chat", end_user: Any = None, metadata: Any = None,
@@ -567,6 +582,22 @@ class StreamChunk:
     tokens: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None
     usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """A label given to a request's answer (:meth:`cascade.engine.Engine.feedback`): 1 right, -1 wrong, 0 an
+    earlier label withdrawn (a request's latest feedback is its label, for recalibration and drift)."""
+
+    id: int
+    request_id: str
+    score: int
+    #: the request whose answer it labels: a response-cache hit's original (the answer was that one's)
+    answered_by: str
+    #: the confidence the policy served the answer with (None: no policy decided it, a tier asked by name)
+    confidence: float | None
+    #: when the labelled request was made (``time.time()``)
+    created_at: float
 
 
 @dataclass(frozen=True, slots=True)

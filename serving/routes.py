@@ -689,23 +689,15 @@ async def _own_request(request: Request, request_id: str) -> dict:
 
 @router.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, request: Request) -> dict:
-    engine = _engine(request)
-    row = await _own_request(request, body.request_id)
-    rid = row["request_id"]  # the ledger's id, when the completion's id was given
-    if row["status"] not in ("ok", "partial"):  # feedback labels an answer: there was none
-        raise InvalidRequestError(f"request {rid!r} served no answer (status {row['status']!r}): "
-                                  "feedback is for answers", param="request_id", code="request_not_answered")
-    fid = await engine.ledger.add_feedback(rid, body.score, body.comment)
-    answered_by = row.get("cached_from") or rid  # a cache hit's answer is its original's
-    if body.score < 0:  # an answer a user says is wrong is not served again from the cache
-        engine.cache_forget(answered_by)
+    row = await _own_request(request, body.request_id)  # the ledger's id, when the completion's id was given
+    fb = await _engine(request).feedback(row["request_id"], body.score, body.comment,
+                                         api_key_id=_caller(request).key_id)
     if _metrics(request).drift is not None:  # a label for the rolling ECE (cascade/drift.py)
         # (its confidence from the ledger too: another replica may have served it, and seen no feedback)
-        decided = row.get("confidence") is not None and row.get("tier") and row.get("policy") != row.get("tier")
         _metrics(request).drift.observe_feedback(
-            rid, body.score, answered_by,
-            served=(float(row["confidence"]), float(row["created_at"])) if decided else None)
-    return {"object": "feedback", "id": fid, "request_id": rid, "score": body.score}
+            fb.request_id, fb.score, fb.answered_by,
+            served=(fb.confidence, fb.created_at) if fb.confidence is not None else None)
+    return {"object": "feedback", "id": fb.id, "request_id": fb.request_id, "score": fb.score}
 
 
 @router.get("/v1/feedback/{request_id}")

@@ -493,3 +493,39 @@ async def test_start_names_only_this_engines_tiers_and_loads_nothing_once_closed
     with pytest.raises(EngineClosedError):
         await eng.start()
     assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("transformers-")] == []
+
+
+async def test_feedback_in_code_is_held_to_the_http_rules_and_drops_a_wrong_answer_from_the_cache(tmp_path, servers):
+    """A program labelled answers through ``engine.ledger.add_feedback``: any score was stored (5, True), a refused
+    request labelled, a wrong answer still served from the response cache. ``Engine.feedback`` does what
+    ``POST /v1/feedback`` does, with the same checks."""
+    from cascade.errors import NotFoundError
+
+    async with await Engine.open(config(tmp_path, servers, cache={"enabled": True})) as eng:
+        first = await eng.run(Q)
+        hit = await eng.run(Q)
+        assert hit.record.cached_from == first.record.request_id
+        for score, param in ((5, "score"), (True, "score"), (1.0, "score"), ("1", "score")):
+            with pytest.raises(InvalidRequestError) as err:
+                await eng.feedback(first.record.request_id, score)
+            assert err.value.param == param
+        with pytest.raises(InvalidRequestError) as err:
+            await eng.feedback(first.record.request_id, 1, "x" * 4001)
+        assert err.value.param == "comment"
+        with pytest.raises(NotFoundError):
+            await eng.feedback("no-such-request", 1)
+        with pytest.raises(NotFoundError):  # another key's request is as good as missing
+            await eng.feedback(first.record.request_id, 1, api_key_id="someone-else")
+        with pytest.raises(InvalidRequestError):
+            await eng.run(Q.with_(max_tokens=0), request_id="refused")
+        with pytest.raises(InvalidRequestError) as err:
+            await eng.feedback("refused", -1)
+        assert err.value.code == "request_not_answered"
+        # a thumbs-down on the hit labels the answer it served, its original's, which leaves the cache
+        fb = await eng.feedback(hit.record.request_id, -1, "wrong city")
+        assert (fb.request_id, fb.score, fb.answered_by) == (hit.record.request_id, -1, first.record.request_id)
+        before = calls(servers)
+        again = await eng.run(Q)
+        assert again.record.cached_from is None and calls(servers) > before
+    assert rows(tmp_path, "SELECT request_id, score, comment FROM feedback") == [
+        (hit.record.request_id, -1, "wrong city")]
