@@ -318,6 +318,23 @@ def _make_parent(path: Path) -> None:
         raise
 
 
+#: the first bytes of every SQLite database file that is not empty
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _refuse_not_sqlite(path: Path) -> None:
+    """Refuse a file that is not empty and is not an SQLite database, as SQLite refuses all but one of them: it
+    reads a file of one byte (a stray ``printf x``) as an empty database, and the ledger would be written over
+    it. A file the ledger did not create is never overwritten."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+    except (FileNotFoundError, IsADirectoryError):
+        return  # a new ledger, or SQLite's own error for a directory
+    if head and head != _SQLITE_MAGIC:
+        raise sqlite3.DatabaseError("file is not a database")  # SQLite's own words for a longer one
+
+
 class _Dialect:
     name = "sqlite"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
@@ -340,6 +357,7 @@ class _Dialect:
         # (``timeout`` bounds PostgreSQL's connection set-up; SQLite's busy timeout is set by the ledger)
         path = expand_path(target, "ledger.path")
         _make_parent(path)
+        _refuse_not_sqlite(path)
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         # switching a new file to WAL takes a lock the busy timeout does not wait for: processes opening a new
         # ledger together would fail at once ("database is locked"), so wait for it here

@@ -1,6 +1,7 @@
 """The ledger on a real SQLite file and on a real PostgreSQL server, through the same code."""
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,19 @@ def test_an_sqlite_file_of_another_program_is_not_made_a_ledger(tmp_path):
     Ledger(empty).open_sync().close_sync()
     with sqlite3.connect(empty) as c:
         assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+
+
+@pytest.mark.parametrize("content", [b"x", b"ab", b"not a database, 24 bytes"])
+def test_a_file_that_is_not_sqlite_is_refused_and_left_as_it_was(tmp_path, content):
+    """SQLite reads a file of one byte (``printf x > ledger.db``) as an empty database, so the ledger was made
+    over it, the byte gone; a longer one it refuses itself. Any such file is now refused in SQLite's words,
+    before SQLite opens it, and left as it was."""
+    path = tmp_path / "x.db"
+    path.write_bytes(content)
+    with pytest.raises(LedgerError, match=rf"^cannot open ledger {re.escape(str(path))}: file is not a database$"):
+        Ledger(path).open_sync()
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.db"]
 
 
 def _shadow_call(i: int, cost: float) -> Attempt:
