@@ -1341,6 +1341,8 @@ class Ledger:
             else:
                 if exc is None:
                     self._correct(job)
+                elif job.rec is not None:  # failed for good: nothing will delete its spend holds
+                    self._settle_holds(job.rec)
                 done.append((job, (exc, result)))
         if done:
             self._deliver([j for j, _ in done], [o for _, o in done])
@@ -1348,6 +1350,33 @@ class Ledger:
             log.warning("ledger %s cannot be written now (%s): %d more writes are held, tried again until they "
                         "commit (%d held)", _redact(self.target), _held_why(held[-1].error, told=False), new, len(held))
         return held
+
+    def _settle_holds(self, rec: CascadeRecord) -> None:
+        """On the ledger thread: ``rec``'s row will never be written (refused for its own fault: a constraint, a
+        value the database will not take), so no transaction deletes its spend holds, and they count until their
+        UTC day ends. What it spent was spent and still counts, but only that: its holds are made its cost
+        (deleted when it cost nothing), not the worst case they were taken at, which kept the rest of its key's
+        limit from it all day."""
+        held, cost = self._holds.get(rec.request_id), float(rec.cost_usd or 0.0)
+        if not held or not math.isfinite(cost):
+            return
+        d, params = self.dialect, (rec.request_id, self._instance)
+        try:
+            conn = self._require()
+            with self._lock_wait(short=True), d.transaction(conn):
+                if cost > 0:
+                    conn.execute(d.sql("UPDATE spend_holds SET amount_usd = ? WHERE hold_id = ? AND instance = ?"),
+                                 (cost, *params))
+                else:
+                    conn.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND instance = ?"), params)
+        except (*d.errors, LedgerError) as exc:  # left at its worst case for the day
+            log.warning("ledger %s: the spend hold of request %s, whose row could not be written, stays at its "
+                        "worst case: %s", _redact(self.target), rec.request_id, exc)
+            return
+        if cost > 0:
+            self._holds[rec.request_id] = {bucket: (cost, at) for bucket, (_, at) in held.items()}
+        else:
+            self._unheld([rec.request_id])
 
     def _tell_now(self, job: _Job, exc: BaseException) -> None:
         """On the ledger thread: ``job``'s write is held for a fault that no wait of ``timeout_s`` mends (a full disk,

@@ -191,7 +191,8 @@ class SpendHolds:
     transaction of the ledger (:meth:`cascade.ledger.Ledger.admit_spend`), and the transaction that writes the
     request's row deletes its hold, so a request is admitted while recorded spend plus holds is under the
     limit: a limit is overshot by at most the cost of the one request admitted last, on one replica or
-    several. A row whose write failed leaves its hold counted until its UTC day ends (the money was spent).
+    several. A row whose write failed for good leaves its hold counted until its UTC day ends, made the request's
+    cost (the money was spent).
     This only remembers which admitted requests have not queued their rows, so that one that ends without a row
     (refused after admission, or cut off before its row) has its hold deleted (:attr:`ledger`'s
     :meth:`~cascade.ledger.Ledger.release_spend`). Event loop only.

@@ -198,7 +198,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
             holds.submitted(rec.request_id)
 
         def row_written(rec: CascadeRecord, error: BaseException | None) -> None:
-            # (a row that could not be written leaves its hold in the ledger, counted today: the money was spent)
+            # (a row that could not be written leaves its hold in the ledger, made its cost: the money was spent)
             holds.release(rec.request_id)
 
         def row_committed(rec: CascadeRecord, error: BaseException | None) -> None:

@@ -516,3 +516,34 @@ async def test_a_stalled_spend_check_is_a_503_and_leaves_no_hold(tmp_path, upstr
         else:  # pragma: no cover
             pytest.fail("the stalled request's hold was never released")
         assert (await c.post("/v1/chat/completions", json=BODY, headers=head)).status_code == 200
+
+
+async def test_a_row_the_ledger_refuses_for_good_holds_its_cost_not_its_worst_case(tmp_path, upstream, serve_app):
+    """A request whose row the database refuses for good (here a trigger: the row's own fault, never tried
+    again) keeps its spend hold counted for the rest of the day, as the money was spent; it held its worst case
+    (max_tokens at the output price, a hundred times what it cost), which kept the rest of the key's limit
+    from it all day. Now the hold is made what the request cost."""
+    from serving.protocol import ChatCompletionRequest
+
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 1000, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    ceiling = (ChatCompletionRequest.model_validate(BODY).to_engine().rough_prompt_tokens() + 1000 * 2.0) / 1e6
+    cfg = make_config(tmp_path, [remote], user_tiers={"capped": {"daily_spend_limit_usd": ceiling / 2}},
+                      auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "capped"}]})
+    srv, db = serve_app(cfg), tmp_path / "ledger.sqlite"
+    head = {"authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+        first = await c.post("/v1/chat/completions", json=BODY, headers=head)
+        assert first.status_code == 200, first.text
+        with sqlite3.connect(db) as x:
+            x.execute("CREATE TRIGGER refuse BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        lost = await c.post("/v1/chat/completions", json=BODY, headers=head)
+        assert lost.status_code == 500 and "refused" in lost.json()["error"]["message"], lost.text
+        with sqlite3.connect(db) as x:
+            x.execute("DROP TRIGGER refuse")
+            (cost,) = x.execute("SELECT cost_usd FROM requests").fetchone()  # the first's: the same call
+            assert 0 < cost < ceiling / 100
+            assert x.execute("SELECT hold_id, amount_usd FROM spend_holds").fetchall() == [
+                (lost.headers["x-request-id"], pytest.approx(cost))]
+        after = await c.post("/v1/chat/completions", json=BODY, headers=head)  # 429 when the worst case stayed
+        assert after.status_code == 200, after.text
