@@ -61,6 +61,8 @@ class Metrics:
         self._children: dict[tuple, object] = {}
         self._answered: dict[str, int] = {}
         self._escalated: dict[str, int] = {}
+        #: escalated requests with one of their two halves seen (request id -> 'written' or 'served')
+        self._escalation_halves: dict[str, str] = {}
         #: drift alarms (cascade/drift.py) when the config has a `drift:` section
         self.drift = None
         if drift is not None:
@@ -146,15 +148,17 @@ class Metrics:
                     child(self.waste, policy, a.tier).inc(a.cost_usd)
         # every request's, as its cost is counted whatever its status (the ledger's report sums the same)
         child(self.baseline, policy).inc(rec.baseline_cost_usd)
+        if rec.status not in ("ok", "partial"):  # (a stream's answer that went out, its row lost: no escalation)
+            self._escalation_halves.pop(rec.request_id, None)
         if rec.cached_from is not None:  # no tier ran: not a cascade decision, nor a drift signal
             if rec.status == "ok":  # a hit whose ledger write failed answered nobody
-                # (counted in cache_hits once its answer goes out: observe_hit_served)
+                # (counted in cache_hits once its answer goes out: observe_served)
                 child(self.latency, policy).observe(rec.latency_ms / 1e3)
             return
         if rec.status in ("ok", "partial") and rec.tier:
             p = policy
-            if rec.escalated:
-                child(self.escalations, p).inc()
+            if rec.escalated:  # counted once its answer has gone out too (observe_served)
+                self._escalation_half(rec, "written")
             self._count_answered(p, rec.escalated, 1)
             child(self.latency, p).observe(rec.latency_ms / 1e3)
             # the waits before provider attempts (a rate-limit backoff, a provider's Retry-After) are the
@@ -165,12 +169,26 @@ class Metrics:
         if self.drift is not None:
             self.drift.observe(rec)
 
-    def observe_hit_served(self, rec: CascadeRecord) -> None:
-        """A response-cache hit whose answer began to go out (a whole response once its row committed, a stream's
-        first chunk). Counted then, not when its row is written as served: a client that leaves before any of it
-        goes out has its row made ``cancelled``, a hit that answered nobody, which the report's cache_hits leaves
-        out (a counter cannot take it back)."""
-        self._child(self.cache_hits, self._policy_label(rec)).inc()
+    def observe_served(self, rec: CascadeRecord) -> None:
+        """A request whose answer began to go out (a whole response once its row committed, a stream's first chunk,
+        or its end when no chunk came). A cache hit is counted then, not when its row is written as served: a
+        client that leaves before any of it goes out has its row made ``cancelled``, a hit that answered nobody,
+        which the report's cache_hits leaves out (a counter cannot take it back). An escalated request is counted
+        once both its row is written as answered and its answer went out, whichever comes last: an answer in hand
+        is written before it goes out, a live stream's after, and the report's escalated counts neither a
+        cancelled row nor one lost."""
+        if rec.cached_from is not None:
+            self._child(self.cache_hits, self._policy_label(rec)).inc()
+        elif rec.escalated:
+            self._escalation_half(rec, "served")
+
+    def _escalation_half(self, rec: CascadeRecord, half: str) -> None:
+        """One of an escalated request's two halves (``written``, ``served``): counted with the second."""
+        seen = self._escalation_halves.pop(rec.request_id, None)
+        if seen is None:
+            self._escalation_halves[rec.request_id] = half
+        elif seen != half:
+            self._child(self.escalations, self._policy_label(rec)).inc()
 
     def _count_answered(self, policy: str, escalated: bool, n: int) -> None:
         """Add ``n`` (1, or -1 for one no longer answered) to a policy's answered requests, and to its escalated
@@ -191,6 +209,10 @@ class Metrics:
         policy = self._policy_label(rec)
         self._child(self.corrected, policy, rec.tier or "-", status).inc()
         self._child(self.errors, error_class).inc()
+        # an escalated answer in hand waiting to go out: some went out (partial: the route may not have seen its
+        # first chunk leave) or none did, no escalation in the ledger
+        if self._escalation_halves.pop(rec.request_id, None) == "written" and status == "partial":
+            self._child(self.escalations, policy).inc()
         if status == "cancelled":  # none of the answer went out: the ledger makes its attempts unkept, all waste
             for a in rec.attempts:
                 if a.kept and a.cost_usd:

@@ -7,14 +7,23 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cascade.engine import Budget, Engine, StreamDelta, StreamEnd, StreamFailed, StreamStart, new_request_id
+from cascade.engine import (
+    Budget,
+    Engine,
+    StreamDelta,
+    StreamEnd,
+    StreamEvent,
+    StreamFailed,
+    StreamStart,
+    new_request_id,
+)
 from cascade.errors import (
     BudgetExceededError,
     CascadeError,
@@ -358,8 +367,7 @@ async def _answer(request: Request, body: AnyRequest, endpoint: str) -> Response
         # cancelled (Engine.wait_committed), as a stream's answer in hand is, not billed as delivered
         response = JSONResponse(shape(body, outcome.result, outcome.record), headers=cascade_headers(outcome.record))
         await engine.wait_committed(outcome.record, committed)
-        if outcome.record.cached_from is not None:  # a hit that answers (one whose client left is cancelled)
-            _metrics(request).observe_hit_served(outcome.record)
+        _metrics(request).observe_served(outcome.record)  # it answers (one whose client left is cancelled)
         return response
 
     answered, response = await _unless_disconnected(request, answer())
@@ -541,13 +549,12 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
         return Response(status_code=CLIENT_CLOSED)
     assert isinstance(first, StreamStart)
     rec = first.record
+    events = _served_when_out(events, lambda: metrics.observe_served(rec))
     # a client that stops reading is cut off after this long: its slots, spend hold and upstream call are freed
     send_timeout_s = engine.config.server.stream_send_timeout_s
     if isinstance(body, ResponsesRequest):
         def first_token() -> None:
             metrics.ttft.labels(rec.policy).observe(time.perf_counter() - started)
-            if rec.cached_from is not None:  # a hit's answer goes out: it answered (see Metrics.observe_hit_served)
-                metrics.observe_hit_served(rec)
 
         async def sse() -> AsyncIterator[bytes]:
             try:
@@ -599,8 +606,6 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
                 if isinstance(ev, StreamDelta):
                     if first_token:
                         metrics.ttft.labels(rec.policy).observe(time.perf_counter() - started)
-                        if rec.cached_from is not None:  # a hit's answer goes out (Metrics.observe_hit_served)
-                            metrics.observe_hit_served(rec)
                         first_token = False
                     if chat:
                         lp = chat_logprobs(ev.tokens, top) if want_lp else None
@@ -623,6 +628,21 @@ async def _stream(request: Request, body: AnyRequest, req: GenerationRequest, en
 
     return BoundedStreamingResponse(body_iter(), media_type="text/event-stream", headers=_stream_headers(rec),
                                     send_timeout_s=send_timeout_s)
+
+
+async def _served_when_out(events: AsyncIterator[StreamEvent], served: Callable[[], None]
+                           ) -> AsyncIterator[StreamEvent]:
+    """``events``, calling ``served`` as the first of the answer goes out (its first chunk, or its end when it had
+    none: an empty answer): the metrics count a hit or an escalation then (Metrics.observe_served)."""
+    out = False
+    try:
+        async for ev in events:
+            if not out and isinstance(ev, (StreamDelta, StreamEnd)):
+                out = True
+                served()
+            yield ev
+    finally:
+        await events.aclose()
 
 
 def _stream_headers(rec: CascadeRecord) -> dict[str, str]:

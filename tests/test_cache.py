@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 
 import httpx
 import pytest
@@ -895,3 +896,60 @@ def test_an_answer_escalated_past_a_tier_whose_fallback_model_answered_is_not_st
         ("small", "qwen", "error"), ("small", "llama", "escalate"), ("large", "m", "final")]
     assert back["cached_from"] is None and back["tier"] == "small"  # the primary is back: its answer is kept
     assert [(x["model"], x["decision"]) for x in back["attempts"]] == [("qwen", "accept")]
+
+
+def test_metrics_agree_with_the_ledger_on_a_mix_of_traffic(tmp_path, upstream, serve_app, capsys):
+    """After answered, escalated (whole, streamed from an answer in hand, streamed live), refused and cached
+    requests, and escalated ones whose client left while their row committed (a slow database: rows made
+    ``cancelled``), /metrics counts what the ledger and its report say. ``cascade_escalations_total`` counted an
+    escalation when its row was written as served, so those that left stayed escalations (5 against 3 here)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cascade.cli import main
+    from tests.test_ledger_durability import lock_for
+
+    def remote(name: str, **kw: object) -> dict:
+        return {"name": name, "backend": "openai", "model": "m", "max_tokens": 4, "timeout_s": 10,
+                "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}, **kw}
+
+    # the fault server's answer has confidence ~0.95: small always escalates, mid keeps its answer
+    cfg = make_config(tmp_path, [remote("small", threshold=0.99), remote("mid", threshold=0.0), remote("large")],
+                      {"cascade": {"chain": ["small", "mid", "large"]}, "live": {"chain": ["small", "large"]}},
+                      cache={"enabled": True, "ttl_s": 600})
+    srv = serve_app(cfg)
+    db = tmp_path / "ledger.sqlite"
+
+    def ask(c: httpx.Client, text: str, timeout: float = 30, **kw: object) -> httpx.Response:
+        return c.post("/v1/chat/completions", json={**BODY, "messages": [{"role": "user", "content": text}], **kw},
+                      timeout=timeout)
+
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert ask(c, "a").status_code == 200                           # escalated to mid
+        assert ask(c, "a").headers["x-cascade-cached-from"]             # a hit
+        assert ask(c, "b", stream=True).status_code == 200              # mid's answer in hand, streamed
+        assert ask(c, "c", model="live", stream=True).status_code == 200  # large streamed live
+        assert ask(c, "d", model="nope").status_code == 404
+        holder = lock_for(db, 2.0)  # rows wait to commit; these clients leave meanwhile
+        for i, stream in enumerate((False, True)):
+            with pytest.raises(httpx.TimeoutException):
+                ask(c, f"left {i}", stream=stream, timeout=0.8)
+        holder.wait(30)
+        for _ in range(100):  # the corrections, queued on the ledger thread after the rows
+            with sqlite3.connect(db) as conn:
+                if conn.execute("SELECT COUNT(*) FROM requests WHERE status = 'cancelled'").fetchone()[0] == 2:
+                    break
+            time.sleep(0.05)
+        samples = [s for f in text_string_to_metric_families(c.get("/metrics").text) for s in f.samples]
+
+    def total(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+    assert main(["report", "--json", "--ledger", str(db)]) == 0
+    tot = json.loads(capsys.readouterr().out)["total"]
+    assert (tot["requests"], tot["cancelled"], tot["cache_hits"], tot["escalated"]) == (7, 2, 1, 3), tot
+    assert total("cascade_escalations_total") == tot["escalated"]
+    assert total("cascade_cache_hits_total") == tot["cache_hits"]
+    assert total("cascade_requests_total") == tot["requests"]
+    ok = total("cascade_requests_total", status="ok") - total("cascade_requests_corrected_total")
+    assert ok == tot["answered"] - tot["partial"]
+    assert total("cascade_cost_usd_total") == pytest.approx(tot["spend_usd"])
