@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from calibration.calibrators import METHODS, Calibrator, make_calibrator, save_calibrator
-from cascade.config import Config, environ_without_flags, load_config, tokens_per_minute_problem
+from cascade.config import Config, environ_without_flags, load_config, tokens_per_minute_problem, topk_problem
 from cascade.errors import CascadeError, ConfigError, DataError, PermissionDeniedError
 from cascade.ledger import Ledger, _redact
 from cascade.paths import expand_path
@@ -317,6 +317,15 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
 
     if feature not in FEATURE_NAMES:
         raise ConfigError(f"--feature: unknown feature {feature!r}; known: {', '.join(FEATURE_NAMES)}")
+    # the new version must be one the engine serves as fitted: a feature the tier cannot compute is refused when
+    # the engine builds it (the link --activate made would stop the next restart), and a `feature:` the config
+    # sets beside the artifact would serve the fitted map on that feature instead
+    if why := topk_problem("--feature", [feature], tier, tc.top_logprobs):
+        raise ConfigError(why)
+    if tc.calibrator.artifact and "feature" in tc.calibrator.model_fields_set and tc.calibrator.feature != feature:
+        raise ConfigError(f"--feature {feature}: tiers.{tier}.calibrator sets feature: {tc.calibrator.feature} beside "
+                          f"its artifact, so the engine would serve a fit on {feature} on {tc.calibrator.feature}; "
+                          f"leave out --feature, or remove feature: from the config (the artifact names its own)")
 
     # the tiers after this one in any policy's chain: the stronger answers a sampled shadow may have bought
     stronger = sorted({t for pol in config.policies.values() if tier in pol.chain

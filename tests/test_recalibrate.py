@@ -1083,6 +1083,40 @@ def test_labelled_answers_without_the_feature_are_not_said_to_be_missing_labels(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_feature_the_engine_would_not_serve_as_fitted_is_refused_before_anything_is_written(tmp_path):
+    """--feature mean_margin on a tier with top_logprobs 1 was fitted, written and --activate'd: the engine
+    refuses that artifact (a reload's 422; the next `cascade serve` would not start). A --feature other than the
+    one the config sets beside the tier's artifact was too, and the engine served the fitted map on the config's
+    feature. Both are refused now, in one line, with nothing written."""
+    from calibration.calibrators import TemperatureScaling, save_calibrator
+    from cascade.config import parse_config
+    from cascade.errors import ConfigError, DataError
+    from cascade.recalibrate import recalibrate
+
+    _, ledger, _ = _synthetic_ledger(tmp_path, n=60)
+    art = save_calibrator(TemperatureScaling("first_token_logprob", 1.0), tmp_path / "pin" / "small.json")
+
+    def config(**small: Any):
+        return parse_config({"ledger": {"path": str(tmp_path / "l.sqlite")},
+                             "tiers": [tier("small", **small), tier("large")],
+                             "policies": {"cascade": {"chain": ["small", "large"]}}}, environ={})
+
+    try:
+        with pytest.raises(ConfigError, match="^--feature: reads 'mean_margin'.*tier 'small' has top_logprobs 1"):
+            recalibrate(config(top_logprobs=1), ledger, tier="small", feature="mean_margin",
+                        out=str(tmp_path / "out"), do_activate=True)
+        pinned = config(calibrator={"artifact": str(art), "feature": "first_token_logprob"})
+        with pytest.raises(ConfigError, match="^--feature mean_logprob: tiers.small.calibrator sets feature: "
+                                              "first_token_logprob beside its artifact"):
+            recalibrate(pinned, ledger, tier="small", feature="mean_logprob", min_samples=10, do_activate=True)
+        # the config's own feature passes the check (these answers do not record it: the usual refusal)
+        with pytest.raises(DataError, match="that record the feature 'first_token_logprob'"):
+            recalibrate(pinned, ledger, tier="small", min_samples=10, do_activate=True)
+    finally:
+        ledger.close_sync()
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in (tmp_path / "pin").iterdir()) == ["small.json"]
+
+
 def test_answers_of_a_model_the_tier_no_longer_runs_are_left_out_of_the_fit(tmp_path):
     """A calibrator judges the answers of the model its tier runs (a reload keeps a tier's calibrator when its
     model changes: it was fit on the other model's answers). The ledger keeps the answers of the tier's model
