@@ -141,11 +141,21 @@ def _version_name(tier: str) -> "re.Pattern[str]":
     return re.compile(rf"^{re.escape(_file_stem(tier))}\.v(\d+)\.json$")
 
 
+def _fitted_version(fitted_on: Any) -> int:
+    """An artifact's ``fitted_on.version``; 0 where it has none or one that is no number (a hand-edited artifact,
+    which the engine serves all the same: its next version is numbered as after none)."""
+    try:
+        return max(0, int(fitted_on.get("version") or 0))
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return 0
+
+
 def _version_of(path: Path) -> int:
     try:
-        return int(json.loads(path.read_text()).get("fitted_on", {}).get("version") or 0)
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
         return 0
+    return _fitted_version(data.get("fitted_on") if isinstance(data, dict) else None)
 
 
 def _names_a_file(out: str | Path) -> bool:
@@ -388,7 +398,7 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
 
     held = {"old": metrics.summary(old_p(test), y[test]), "new": metrics.summary(new.predict(scores[test]), y[test])}
     fit = {"old": metrics.summary(old_p(train), y[train]), "new": metrics.summary(new.predict(scores[train]), y[train])}
-    previous = int(getattr(old, "fitted_on", {}).get("version") or 0)
+    previous = _fitted_version(getattr(old, "fitted_on", {}))
     configured = expand_path(tc.calibrator.artifact, f"tiers.{tier}.calibrator.artifact") \
         if tc.calibrator.artifact else None
     # the new version goes beside the artifact the config reads, where --activate's link is the one it uses

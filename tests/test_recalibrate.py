@@ -1117,6 +1117,26 @@ def test_a_feature_the_engine_would_not_serve_as_fitted_is_refused_before_anythi
     assert not (tmp_path / "out").exists() and sorted(p.name for p in (tmp_path / "pin").iterdir()) == ["small.json"]
 
 
+def test_a_version_that_is_no_number_in_an_artifact_numbers_the_next_as_after_none(tmp_path):
+    """The engine serves an artifact whose fitted_on.version is no number (a hand-edited one: a date, say); the
+    recalibration of its tier ended in a traceback (int('2026-12-01')), as did --out naming an existing file whose
+    version is Infinity (an OverflowError). Such a version now counts as none."""
+    from cascade.recalibrate import recalibrate
+
+    cfg, ledger, _ = _synthetic_ledger(tmp_path, n=60)
+    art = tmp_path / "cal" / "small.json"
+    art.write_text(json.dumps({**json.loads(art.read_text()), "fitted_on": {"version": "2026-12-01"}}))
+    (tmp_path / "x.json").write_text('{"fitted_on": {"version": Infinity}}')
+    try:
+        rep = recalibrate(cfg, ledger, tier="small", min_samples=10, out=str(tmp_path / "out"))
+        again = recalibrate(cfg, ledger, tier="small", min_samples=10, out=str(tmp_path / "x.json"))
+    finally:
+        ledger.close_sync()
+    assert rep["old"]["version"] == 0 and rep["version"] == 1
+    assert rep["artifact"] == str(tmp_path / "out" / "small.v1.json")
+    assert again["version"] == 1 and json.loads((tmp_path / "x.json").read_text())["fitted_on"]["version"] == 1
+
+
 def test_answers_of_a_model_the_tier_no_longer_runs_are_left_out_of_the_fit(tmp_path):
     """A calibrator judges the answers of the model its tier runs (a reload keeps a tier's calibrator when its
     model changes: it was fit on the other model's answers). The ledger keeps the answers of the tier's model
