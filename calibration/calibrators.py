@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -650,6 +651,9 @@ def load_calibrator(path: str | Path) -> Calibrator:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if p.is_symlink():  # a link there, to nothing (a rollback to a version that is gone): name what it names
+            raise ValueError(f"calibrator artifact not found: {p} is a link to {os.readlink(p)}, "
+                             "which is not there") from None
         raise ValueError(f"calibrator artifact not found: {p}") from None
     except UnicodeDecodeError:
         raise ValueError(f"cannot read calibrator artifact {p}: not UTF-8 text") from None

@@ -623,6 +623,37 @@ def test_a_refused_reload_is_a_422_and_keeps_the_running_config(tmp_path, caplog
         assert r.status_code == 200 and r.json()["tiers"]["r"]["changed"] is True
 
 
+def test_a_reload_onto_a_link_to_a_missing_version_names_the_version(tmp_path, serve_app, caplog):
+    """A rollback that points the tier's link at a version that is gone (a typo in `ln -sfn small.v9.json`) was
+    refused as "artifact not found: .../small.json", a file `ls` shows there; the refusal now names the link's
+    target. The running calibrator stays, and a good link reloads."""
+    from calibration.calibrators import TemperatureScaling, save_calibrator
+    from cascade.config import load_config
+
+    cal = tmp_path / "calibrators"
+    save_calibrator(TemperatureScaling("mean_logprob", 2.0), cal / "small.v1.json")
+    (cal / "small.json").symlink_to("small.v1.json")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"ledger": {"path": str(tmp_path / "l.sqlite")}, "tiers": [
+        {"name": "small", "backend": "openai", "model": "m", "threshold": 0.5, "calibrator": {"artifact": str(
+            cal / "small.json")}, "options": {"base_url": "http://127.0.0.1:9/v1"}}],
+        "policies": {"p": {"chain": ["small"]}}}))
+    srv = serve_app(load_config(path, environ={}), config_path=str(path))
+    (cal / "small.json").unlink()
+    (cal / "small.json").symlink_to("small.v9.json")
+    with caplog.at_level("ERROR", logger="cascade.serving"):
+        r = httpx.post(srv.url + "/admin/reload")
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["message"] == (
+        "reload refused, the previous configuration stays in use: tiers.small.calibrator: calibrator artifact not "
+        f"found: {cal / 'small.json'} is a link to small.v9.json, which is not there")
+    assert any("is a link to small.v9.json" in m for m in caplog.messages)
+    (cal / "small.json").unlink()
+    (cal / "small.json").symlink_to("small.v1.json")
+    r = httpx.post(srv.url + "/admin/reload")
+    assert r.status_code == 200 and r.json()["tiers"]["small"]["changed"] is False, r.text
+
+
 def test_an_open_server_refuses_a_reload_a_browser_sends_from_another_site(tmp_path, serve_app):
     """With no keys nothing else stops a web page from reloading the config through its visitor's browser (an
     HTML form's POST, a no-cors fetch: no preflight); browsers name the site, curl and scripts do not."""
