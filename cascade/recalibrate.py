@@ -47,9 +47,18 @@ RECALIBRATE_METHODS = (*METHODS, "auto")
 # --- labelled data ---------------------------------------------------------------------------------
 
 
+def _judged(features: dict[str, Any]) -> bool:
+    """Whether a calibrator judges an answer with these features: one without tokens (a provider's answer that
+    came without logprobs) is escalated whatever any calibrator says (cascade.policy.decide), its scores the
+    floor's (-30): labelled and fitted on, it would teach the calibrator what such a score means on answers it
+    never sees."""
+    return features.get("n_tokens", 1.0) > 0
+
+
 def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
                      sources: Sequence[str] = LABEL_SOURCES, stronger: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Every answer of ``tier`` in the ledger that carries a label, oldest first.
+    """Every answer of ``tier`` in the ledger that carries a label and that a calibrator judges (it has tokens),
+    oldest first.
 
     Each row: request_id, created_at, policy, model (the attempt's), kept, features (dict), confidence (as
     recorded), label (0/1), source. Feedback labels the answer served, and any earlier tier's answer identical
@@ -99,6 +108,9 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
     for r in rows:
         if r["request_id"] in seen:  # a tier answers once per request; provider fallbacks fail first
             continue
+        features = json.loads(r["features"])
+        if not _judged(features):
+            continue
         label, source = None, None
         fb = r["feedback"]
         hit_fb = on_hits.get(r["request_id"])
@@ -122,7 +134,7 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
             continue
         seen.add(r["request_id"])
         out.append({"request_id": r["request_id"], "created_at": float(r["created_at"]), "policy": r["policy"],
-                    "model": r["model"], "kept": bool(r["kept"]), "features": json.loads(r["features"]),
+                    "model": r["model"], "kept": bool(r["kept"]), "features": features,
                     "confidence": r["confidence"],
                     "label": label, "source": source})
     return out
@@ -288,8 +300,9 @@ def score_coverage(ledger: Ledger, tier: str, feature: str, since: float | None,
         (tier, *(models or ()), *((since,) if since is not None else ())))
     scores, kept = [], 0
     for feats, k in rows:
-        v = json.loads(feats).get(feature)
-        if isinstance(v, (int, float)):
+        f = json.loads(feats)
+        v = f.get(feature)
+        if isinstance(v, (int, float)) and _judged(f):
             scores.append(float(v))
             kept += int(bool(k))
     lo, hi = float(labelled.min()), float(labelled.max())

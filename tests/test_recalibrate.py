@@ -1168,6 +1168,38 @@ def test_a_version_that_is_no_number_in_an_artifact_numbers_the_next_as_after_no
     assert again["version"] == 1 and json.loads((tmp_path / "x.json").read_text())["fitted_on"]["version"] == 1
 
 
+def test_answers_without_tokens_are_left_out_of_the_fit_and_the_coverage(tmp_path):
+    """An answer that came without token logprobs (a provider's bare answer) has no tokens: the engine escalates
+    it whatever the calibrator says, and its features are the floor's (-30). Labelled by agreement, such answers
+    were fitted on as "a score of -30 is right" (on a real ledger: a Platt slope turned negative) and widened the
+    labelled range the coverage check reads. They are left out now: the fit is the one without them."""
+    import time
+
+    from calibration.features import extract_features
+    from cascade.recalibrate import labelled_answers, recalibrate
+    from cascade.types import Attempt, CascadeRecord
+
+    cfg, ledger, _ = _synthetic_ledger(tmp_path, n=200)
+    try:
+        before = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "out"))
+        n = len(labelled_answers(ledger, "small"))
+        for i in range(60):  # no tokens, escalated; the large tier gave the same text: agreement says right
+            small = Attempt(index=0, tier="small", model=TEST_MODEL, backend="openai", cost_usd=1e-6,
+                            confidence=0.0, features=extract_features((), top_k=5), text="right", decision="escalate")
+            large = Attempt(index=1, tier="large", model=TEST_MODEL, backend="transformers", cost_usd=1e-5,
+                            confidence=0.99, features={"mean_logprob": -0.01, "n_tokens": 1.0}, text="right",
+                            decision="final", kept=True)
+            ledger.record_sync(CascadeRecord(request_id=f"bare{i}", policy="cascade", created_at=time.time(),
+                                             tier="large", escalated=True, attempts=[small, large], cost_usd=1.1e-5))
+        assert len(labelled_answers(ledger, "small")) == n
+        after = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "out"))
+    finally:
+        ledger.close_sync()
+    assert after["n"] == before["n"] and after["params"] == before["params"]
+    assert after["coverage"]["labelled_range"] == before["coverage"]["labelled_range"]
+    assert after["coverage"]["answers"] == before["coverage"]["answers"] == 200
+
+
 def test_answers_of_a_model_the_tier_no_longer_runs_are_left_out_of_the_fit(tmp_path):
     """A calibrator judges the answers of the model its tier runs (a reload keeps a tier's calibrator when its
     model changes: it was fit on the other model's answers). The ledger keeps the answers of the tier's model
