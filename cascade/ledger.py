@@ -2064,16 +2064,25 @@ class Ledger:
     def _sweep_holds(self, conn: Any, now: float) -> None:
         """Delete the spend holds no process will end: those of a process without a heartbeat row (counted dead,
         or never served) older than ``stale_s``, and any from before yesterday (a row whose write failed leaves
-        its hold behind; the limits count a hold on its UTC day only)."""
+        its hold behind; the limits count a hold on its UTC day only). This process's own among them leave
+        :attr:`_holds` too: no transaction of a request's row ends a hold whose row or release failed, which would
+        otherwise stay in memory as long as the process runs (one more each time), and be written again should
+        the process be taken for dead."""
         d = self.dialect
         try:
             with d.transaction(conn):
-                conn.execute(d.sql("DELETE FROM spend_holds WHERE (created_at < ? AND instance NOT IN (SELECT "
-                                   "instance FROM instances)) OR created_at < ?"),
-                             (now - self.stale_s, utc_day_start(now) - 86400.0))
+                gone = conn.execute(d.sql("DELETE FROM spend_holds WHERE (created_at < ? AND instance NOT IN (SELECT "
+                                          "instance FROM instances)) OR created_at < ? RETURNING hold_id, bucket, "
+                                          "instance"), (now - self.stale_s, utc_day_start(now) - 86400.0)).fetchall()
         except d.errors as exc:  # (the next heartbeat tries again)
             log.warning("ledger %s: spend holds left by processes gone could not be deleted: %s",
                         _redact(self.target), exc)
+            return
+        for hold_id, bucket, instance in gone:
+            if instance == self._instance and (held := self._holds.get(hold_id)) is not None:
+                held.pop(bucket, None)
+                if not held:
+                    del self._holds[hold_id]
 
     # --- daily spend holds, shared by the processes of a ledger ---------------------------------------
     async def admit_spend(self, hold_id: str, buckets: Sequence[Hashable], amount_usd: float, day_start: float,

@@ -465,6 +465,27 @@ async def test_a_process_taken_for_dead_while_its_requests_are_in_flight_holds_t
         assert await daily_spend(slow, day, [key]) == [(pytest.approx(1e-4), 0.0, 0)]
 
 
+async def test_a_hold_swept_from_a_past_day_is_forgotten_not_written_again(target):
+    """A hold no row ends (its request's row refused for good, or its release failed) is deleted by the sweep of
+    holds from before yesterday; the process kept it in memory all the same, one more for each such request as
+    long as it ran, and wrote it again once taken for dead. It is forgotten with its row: here the process is
+    then taken for dead (its heartbeat row and holds deleted) and writes back only the hold still in flight."""
+    day, key = utc_day_start(), ("key", "k1")
+    async with Ledger(target, heartbeat_s=0.05, stale_s=0.2) as led:
+        for rid in ("lost", "live"):
+            assert (await led.admit_spend(rid, [key], 0.25, day, lambda figures: True))[1]
+        await led.query("UPDATE spend_holds SET created_at = created_at - 3 * 86400 WHERE hold_id = 'lost'")
+        await _until(lambda: _count(led, "spend_holds", 1), "the sweep deleted the hold of three days ago")
+        await led.query("DELETE FROM spend_holds")  # as a peer that took this process for dead
+        await led.query("DELETE FROM instances")
+
+        async def held_again() -> bool:
+            return not await _count(led, "spend_holds", 0)
+
+        await _until(held_again, "the process wrote its holds again")
+        assert await led.query("SELECT hold_id FROM spend_holds") == [("live",)]
+
+
 async def test_a_hold_from_the_last_minute_of_a_day_counts_against_the_next_until_its_row_is_written(target):
     """A request's row is dated when the engine starts it, after its admission: one admitted in a day's last
     instant may be recorded in the next day, so its hold counts there too until its row is written (it did not:
