@@ -5,10 +5,11 @@
 Tiers without a local tokenizer (hosted APIs) estimate a prompt's tokens without one, for cost budgets,
 daily-spend holds and tokens-per-minute limits: the estimate should lean high, or those limits are overrun
 by prompts it undercounts. This script counts a fixed set of texts (English prose and code from this
-repository, a MMLU question file when the shared data is there, Finnish and German with long compounds,
-and text that is no words: random letters, random 12-letter words, hex, UUIDs, base64, JWT-like keys, all
-drawn with a fixed seed) with each local tokenizer given (default: the catalog's Qwen2.5 and SmolLM2 ones,
-byte-level BPEs of 151k and 49k tokens) and writes the ratio estimate / real per text:
+repository, a MMLU question file when the shared data is there: $CASCADE_SHARED_DATA, else
+../shared/data; Finnish and German with long compounds, and text that is no words: random letters, random
+12-letter words, hex, UUIDs, base64, JWT-like keys, all drawn with a fixed seed) with each local tokenizer
+given (default: the catalog's Qwen2.5 and SmolLM2 ones, byte-level BPEs of 151k and 49k tokens) and writes
+the ratio estimate / real per text:
 ``token_estimate.json``, ``token_estimate.md`` and ``token_estimate.png`` under ``--out``.
 """
 
@@ -57,7 +58,11 @@ def sample_texts(data_dir: Path | None = None) -> dict[str, str]:
         "base64": base64.b64encode(random_bytes(3000)).decode(),
         "jwt-like keys": " ".join(base64.urlsafe_b64encode(random_bytes(60)).decode().rstrip("=") for _ in range(50)),
     }
-    mmlu = (data_dir or REPO.parent / "shared" / "data") / "questions" / "mmlu" / "test"
+    from benchmarks._common import shared_data_dir
+
+    # the shared data folder every benchmark reads ($CASCADE_SHARED_DATA included): a checkout without
+    # ../shared/data beside it otherwise lost the MMLU row without a word
+    mmlu = shared_data_dir(data_dir) / "questions" / "mmlu" / "test"
     if mmlu.is_dir() and (files := sorted(mmlu.glob("*.csv"))):
         texts["mmlu questions"] = "\n".join(files[0].read_text(encoding="utf-8").splitlines()[:80])
     return texts

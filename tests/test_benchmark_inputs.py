@@ -507,3 +507,17 @@ def test_report_flags_a_calibrated_operating_point_below_the_quality_target():
     ok = next(c for c in doc["cases"] if c["operating_points"].get("calibrated_cascade", {}).get("quality_diff", -1) >= 0)
     row = next(x for x in report._ops_table(doc) if x.startswith(f"| {ok['label']} |"))
     assert row.split("|")[2].count("misses target") == 0
+
+
+def test_token_estimate_reads_the_mmlu_file_from_the_shared_data_folder_of_the_environment(tmp_path, monkeypatch):
+    """$CASCADE_SHARED_DATA names the data folder here as for every benchmark: the MMLU row was read from
+    ../shared/data beside the checkout only, and left out without a word where that folder was not."""
+    from benchmarks.token_estimate import sample_texts
+
+    mmlu = tmp_path / "questions" / "mmlu" / "test"
+    mmlu.mkdir(parents=True)
+    header = "question,choice0,choice1,choice2,choice3,answer"
+    (mmlu / "anatomy_test.csv").write_text(f"{header}\nWhich bone?,a,b,c,d,0\n")
+    monkeypatch.setenv("CASCADE_SHARED_DATA", str(tmp_path))
+    assert sample_texts()["mmlu questions"] == f"{header}\nWhich bone?,a,b,c,d,0"
+    assert sample_texts(tmp_path / "elsewhere").keys() == sample_texts(tmp_path).keys() - {"mmlu questions"}
