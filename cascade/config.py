@@ -847,6 +847,7 @@ def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys")
     overridden: dict[tuple[str, ...], str] = {}
     if environ is not None:
+        environ = _checked_environ(environ)
         data = apply_env_overrides(data, environ)
         overridden = {path: var for var, path in ENV_OVERRIDES.items() if environ.get(var)}
     try:
@@ -856,6 +857,15 @@ def parse_config(data: Any, *, source: str = "<dict>", environ: Mapping[str, str
     except (TypeError, KeyError, IndexError, AttributeError) as exc:  # a validator met a shape it did not expect
         raise ConfigError(f"invalid config {source}: {type(exc).__name__}: {exc}") from exc
     return cfg if base_dir is None else _artifacts_relative_to(cfg, Path(base_dir))
+
+
+def _checked_environ(environ: Any) -> Mapping[str, str]:
+    """``environ=`` of :func:`load_config` and :func:`parse_config`: a mapping of names to values (as
+    ``os.environ``), else a one-line :class:`ConfigError` (a list of pairs was a raw ``AttributeError``)."""
+    if not isinstance(environ, Mapping):
+        raise ConfigError(f"environ must be a mapping of variable names to values (as os.environ, or {{}} to "
+                          f"ignore the environment), got {type(environ).__name__}")
+    return environ
 
 
 def config_file(path: str | os.PathLike[str] | None = None, *,
@@ -874,7 +884,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
 
     ``environ`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
     """
-    env = os.environ if environ is None else environ
+    env = os.environ if environ is None else _checked_environ(environ)
     path = config_file(path, environ=env)
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"the config file must be a path (str or os.PathLike), got {type(path).__name__}")

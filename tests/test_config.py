@@ -100,6 +100,13 @@ def test_an_env_override_into_a_section_that_is_no_mapping_is_the_one_line_error
     assert f"{name}: Input should be a valid dictionary" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("load", [lambda env: load_config(environ=env), lambda env: parse_config({}, environ=env)])
+def test_an_environ_that_is_no_mapping_is_a_config_error(load):
+    """``environ=[("CASCADE_PORT", "9000")]`` (pairs, not a mapping) was a raw AttributeError from deep inside."""
+    with pytest.raises(ConfigError, match="environ must be a mapping of variable names to values.*got list"):
+        load([("CASCADE_PORT", "9000")])
+
+
 def test_missing_file_and_bad_env_port(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml", environ={})
