@@ -5,6 +5,8 @@ when a tier that uses them is started. ``Engine``, ``Budget``, ``load_config`` a
 imported on first use (``cascade.Engine``), so that ``import cascade`` stays light.
 """
 
+from typing import TYPE_CHECKING
+
 from cascade.errors import CascadeError
 from cascade.types import (
     Attempt,
@@ -18,6 +20,11 @@ from cascade.types import (
     TopLogprob,
     Usage,
 )
+
+if TYPE_CHECKING:  # what type checkers see of the names loaded on first use (below); nothing runs here
+    from cascade.budget import Budget
+    from cascade.config import load_config, parse_config
+    from cascade.engine import Engine
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,7 @@ import math
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -669,8 +669,9 @@ class Engine:
                request_id: str | None = None, api_key_id: str | None = None,
                user_tier: str | None = None, budget: Budget | None = None,
                cache: str = "use", end_user: str | None = None,
-               metadata: dict[str, str] | None = None) -> AsyncIterator[StreamEvent]:
-        """Stream one request's answer.
+               metadata: dict[str, str] | None = None) -> AsyncGenerator[StreamEvent, None]:
+        """Stream one request's answer (an async generator: ``aclose()`` it to leave early; its row then says
+        what went out).
 
         Every tier but the last is buffered: its answer must be complete before the policy can keep it.
         The first event, :class:`StreamStart`, comes once the serving tier is known; errors before it
@@ -688,7 +689,7 @@ class Engine:
     async def _checked_stream(self, request: GenerationRequest, *, model: str | None, endpoint: str,
                               request_id: str | None, api_key_id: str | None, user_tier: str | None,
                               budget: Budget | None, cache: str, end_user: str | None,
-                              metadata: dict[str, str] | None) -> AsyncIterator[StreamEvent]:
+                              metadata: dict[str, str] | None) -> AsyncGenerator[StreamEvent, None]:
         with self._in_flight() as task:
             request = await self._admitted(request, budget, model=model, endpoint=endpoint, request_id=request_id,
                                            cache=cache, api_key_id=api_key_id, user_tier=user_tier,

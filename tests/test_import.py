@@ -26,3 +26,21 @@ def test_unknown_backend_is_a_config_error():
         assert "nope" in str(exc) and "transformers" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("expected ConfigError")
+
+
+def test_the_packages_ship_their_type_hints():
+    """PEP 561: without a ``py.typed`` in the package (and in its wheel), a type checker of a program that embeds
+    the engine ignores our hints; ``cascade.Engine`` and the other names loaded on first use are imported for type
+    checkers under TYPE_CHECKING, which runs nothing."""
+    import importlib.resources
+    import tomllib
+    from pathlib import Path
+
+    import cascade
+
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    package_data = data["tool"]["setuptools"]["package-data"]
+    for pkg in ("cascade", "calibration", "serving"):
+        assert importlib.resources.files(pkg).joinpath("py.typed").is_file(), pkg
+        assert "py.typed" in package_data[pkg], pkg
+    assert set(cascade._LAZY) <= set(cascade.__all__)
