@@ -375,6 +375,11 @@ class _Dialect:
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
 
+    def execute_whole_rows(self, conn: Any, sql: str, params: Sequence[Any]) -> Any:
+        """Run a statement that may read whole rows (``SELECT *``). SQLite prepares it again when another
+        connection changes the table."""
+        return conn.execute(sql, params)
+
     def connect_reader(self, target: str, timeout: float | None = None) -> Any:
         """A connection for reading an existing ledger: nothing is created or switched (a read-only file
         opens read-only). A WAL database is read through its ``-shm`` file, which SQLite creates if it is
@@ -471,6 +476,12 @@ class _Postgres(_Dialect):
 
     def connect_reader(self, target: str, timeout: float | None = None) -> Any:
         return self.connect(target, timeout)
+
+    def execute_whole_rows(self, conn: Any, sql: str, params: Sequence[Any]) -> Any:
+        # never as a prepared statement (psycopg prepares one run 5 times): PostgreSQL refuses to run a prepared
+        # SELECT * once its table has a column more ("cached plan must not change result type"), at every call,
+        # which a newer replica migrating the ledger under this one would make of each lookup until a restart
+        return conn.execute(sql, params, prepare=False)
 
     def probe_write(self, conn: Any, key: str, lock_wait_s: float, restore_busy_ms: int) -> None:
         # a row inserted and rolled back: a read-only server (default_transaction_read_only, a standby) or a
@@ -1654,8 +1665,10 @@ class Ledger:
             raise LedgerError(f"ledger query failed: {exc}") from exc
 
     def execute_dicts(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        """Run one statement synchronously and return its rows by column name: whole rows (``SELECT *``) as
+        the table has them now, columns added by a newer replica included."""
         def run(conn: Any) -> list[dict[str, Any]]:
-            cur = conn.execute(self.dialect.sql(sql), self.dialect.row(params))
+            cur = self.dialect.execute_whole_rows(conn, self.dialect.sql(sql), self.dialect.row(params))
             cols = [d[0] for d in cur.description or ()]
             return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 

@@ -199,6 +199,26 @@ async def test_old_ledger_is_migrated_and_shadow_samples_are_idempotent(target):
             await ledger.record_shadow_sample("missing", 0.0, decision, [_shadow_call(0, 1e-4)], [0.0])
 
 
+async def test_request_lookups_survive_a_column_another_replica_adds(target):
+    """A newer replica migrating the ledger adds its columns (ALTER TABLE ... ADD COLUMN) under replicas still
+    serving it. On PostgreSQL a lookup this replica had made often enough for psycopg to prepare it (SELECT *)
+    then failed at every call ('cached plan must not change result type'): POST /v1/feedback and GET
+    /v1/feedback/{id} answered 500 until a restart. It reads the rows as they now are."""
+    async with Ledger(target) as ledger:
+        await ledger.record(record(1))
+        for _ in range(6):  # past psycopg's prepare_threshold (5)
+            assert (await ledger.get("r1"))["attempts"][0]["tier"] == "small"
+        newer = Ledger(target).open_sync()  # another process's connection
+        for table in ("requests", "attempts", "feedback"):
+            newer.execute(f"ALTER TABLE {table} ADD COLUMN added_later TEXT")
+        newer.close_sync()
+        row = await ledger.get("r1")
+        assert [a["tier"] for a in row["attempts"]] == ["small", "large"]
+        assert row["added_later"] is None and row["attempts"][0]["added_later"] is None
+        await ledger.add_feedback("r1", 1)
+        assert [f["score"] for f in (await ledger.get("r1"))["feedback"]] == [1]
+
+
 async def test_end_users_their_spend_and_text_postgresql_cannot_hold(target):
     """The end user and tags are kept; an end user's spend is counted within its key (or among requests made
     without one); a NUL character, which PostgreSQL's text refuses (and with it the whole write), is kept as
