@@ -115,8 +115,8 @@ class Admission:
             token_window.append((now, tokens))
             self._token_sums[key] = self._token_sums.get(key, 0) + tokens
             headers += self._token_headers(tokens_per_minute, key, now)
-        if max_concurrent is None and server_max_concurrent is None:
-            return Ticket(headers, None)
+        # counted whether or not a limit applies now: a reload may give the key a limit while these are in flight,
+        # and it holds for the next request (the README), which must see them
         self.in_flight += 1
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
 

@@ -67,7 +67,7 @@ def test_in_flight_limits_per_key_and_per_server_hold_until_released():
     adm.admit("a", max_concurrent=2, server_max_concurrent=3).release()
     for t in (a2, b1):
         t.release()
-    assert adm.in_flight == 0 and adm.admit(None).headers == []  # no limits: nothing counted
+    assert adm.in_flight == 0 and adm.admit(None).headers == []  # no limits: no headers (still counted in flight)
 
 
 async def test_spend_holds_release_in_the_ledger_only_what_no_row_will(tmp_path):
@@ -245,6 +245,38 @@ async def test_in_flight_limits_refuse_at_once_and_free_their_slots_when_answere
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
         classes = sorted(r[0] for r in db.execute("SELECT error_class FROM requests WHERE status = 'error'"))
     assert classes == ["RequestLimitError", "ServerOverloadedError"]
+
+
+async def test_a_reload_that_limits_a_keys_requests_in_flight_counts_those_already_running(tmp_path, upstream,
+                                                                                           serve_app):
+    """A key without an in-flight limit is given one by a reload while 3 of its requests run: the limit holds
+    for the next request, which sees those 3 (they were not counted, so 2 more were let through to the tier)."""
+    import yaml
+
+    upstream.faults(delay_s=1.0)                          # every answer takes a second
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "options": {"base_url": upstream.base_url}}
+    data = {"ledger": {"path": str(tmp_path / "ledger.sqlite")}, "tiers": [remote],
+            "policies": {"cascade": {"chain": ["remote"]}}, "user_tiers": {"std": {}, "ops": {"admin": True}},
+            "auth": {"keys": [{"id": "k", "sha256": hash_key(KEY), "user_tier": "std"},
+                              {"id": "ops", "sha256": hash_key(OTHER), "user_tier": "ops"}]}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    srv = serve_app(make_config(tmp_path, **{k: v for k, v in data.items() if k != "ledger"}), config_path=str(path))
+    key = {"authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+        running = [asyncio.create_task(c.post("/v1/chat/completions", json=BODY, headers=key)) for _ in range(3)]
+        while upstream.stats()["requests"] < 3:
+            await asyncio.sleep(0.02)
+        data["user_tiers"]["std"] = {"max_concurrent_requests": 2}
+        path.write_text(yaml.safe_dump(data))
+        r = await c.post("/admin/reload", headers={"authorization": f"Bearer {OTHER}"})
+        assert r.status_code == 200 and r.json()["not_applied"] == [], r.text
+        more = await c.post("/v1/chat/completions", json=BODY, headers=key)
+        assert more.status_code == 429 and more.json()["error"]["code"] == "concurrency_limit_exceeded", more.text
+        assert [r.status_code for r in await asyncio.gather(*running)] == [200, 200, 200]
+        assert (await c.post("/v1/chat/completions", json=BODY, headers=key)).status_code == 200  # slots freed
+    assert upstream.stats()["requests"] == 4
 
 
 def test_each_end_user_of_a_key_has_its_own_daily_spend_limit(tmp_path, upstream, serve_app):
