@@ -330,11 +330,17 @@ def cost_report_csv(report: dict[str, Any]) -> str:
     client = _client_text(report["by"])
     for row in [*report["groups"], report["total"]]:
         out = {k: ("" if row.get(k) is None else row.get(k)) for k in cols}
-        label = _label(row["group"], client=client and row is not report["total"])
-        # a spreadsheet runs a cell that starts with one of these as a formula: a client's text must not
-        out["group"] = "'" + label if label[:1] in ("=", "+", "-", "@") else label
+        out["group"] = _csv_text(_label(row["group"], client=client and row is not report["total"]))
+        if row.get("key") is not None:  # --by user: the key that named the end user, a caller's id too
+            out["key"] = _csv_text(_label(row["key"]))
         w.writerow(out)
     return buf.getvalue()
+
+
+def _csv_text(label: str) -> str:
+    """A label as a CSV cell: a spreadsheet runs a cell that starts with one of these as a formula, and a
+    client's text must not run (a tab or CR first is already escaped by ``_label``)."""
+    return "'" + label if label[:1] in ("=", "+", "-", "@") else label
 
 
 def _money(x: float | None) -> str:

@@ -223,6 +223,34 @@ def test_end_users_are_shown_as_text_that_cannot_pass_for_ours_or_run(tmp_path, 
     assert (tmp_path / "users.png").stat().st_size > 10_000
 
 
+def test_csv_by_user_defuses_the_key_column_too(tmp_path, capsys):
+    """``--by user``'s CSV has the key that named each end user as its second column: a caller's id (the Python
+    API's ``api_key_id``) that a spreadsheet would run as a formula is defused there as in the group column,
+    and a comma, quote or newline in either keeps the row whole."""
+    import time
+
+    from cascade.cli import main
+    from cascade.ledger import Ledger
+    from cascade.types import CascadeRecord
+
+    db = tmp_path / "ledger.sqlite"
+    ledger = Ledger(db).open_sync()
+    keys = ["=HYPERLINK(1)", "+1+1", "-1+1", "@SUM(1)", 'a,"b"\nc']
+    try:
+        for i, key in enumerate(keys):
+            ledger.record_sync(CascadeRecord(request_id=f"r{i}", policy="cascade", created_at=time.time(),
+                                             cost_usd=0.001 * (i + 1), api_key_id=key, end_user="=1+2"))
+        ledger.record_sync(CascadeRecord(request_id="r9", policy="cascade", created_at=time.time(), end_user="u"))
+    finally:
+        ledger.close_sync()
+    assert main(["report", "--by", "user", "--csv", "--ledger", str(db)]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert all(len(r) == len(rows[0]) for r in rows) and len(rows) == 1 + len(keys) + 2
+    assert sorted(r[1] for r in rows[1:-2]) == sorted(["'=HYPERLINK(1)", "'+1+1", "'-1+1", "'@SUM(1)", 'a,"b"\\nc'])
+    assert {r[0] for r in rows[1:-2]} == {"'=1+2"}
+    assert rows[-2][:2] == ["u", ""] and rows[-1][:2] == ["(all)", ""]  # no key, and the total's none
+
+
 def test_attribution_by_tag_with_a_question_mark_and_by_end_user_of_each_key(tmp_path, request, capsys):
     """A tag whose key has a "?" groups the same on SQLite and PostgreSQL (where "?" is the placeholder the
     dialect rewrites); two keys' end users of the same name are two groups, each with its key, in every form."""
