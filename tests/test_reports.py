@@ -350,7 +350,10 @@ def _cached_ledger(target: str, now: float) -> None:
 
 def test_a_request_refused_before_it_named_a_model_is_in_the_policy_none(tmp_path, capsys):
     """A body that was no JSON has no model: its row's policy is empty. ``--by policy`` showed it as a group
-    named "" where ``--by tier`` and ``--by key`` say "(none)"; now it says "(none)" too."""
+    named "" where ``--by tier`` and ``--by key`` say "(none)"; now it says "(none)" too (null in JSON). A
+    request refused for a model that is no policy is filed under the name its client sent: one named "(none)"
+    was counted with the requests that named none, one named "(all)" was a second total row; a client's name
+    is now its own group, quoted where it reads like one of ours."""
     import time
 
     from cascade.cli import main
@@ -361,14 +364,20 @@ def test_a_request_refused_before_it_named_a_model_is_in_the_policy_none(tmp_pat
     ledger = Ledger(target).open_sync()
     try:
         ledger.record_sync(CascadeRecord(request_id="r0", policy="cascade", created_at=time.time(), cost_usd=0.001))
-        ledger.record_sync(CascadeRecord(request_id="r1", policy="", created_at=time.time(), status="error",
-                                         error_class="InvalidRequestError"))
+        for i, model in enumerate(("", "(none)", "(all)")):
+            ledger.record_sync(CascadeRecord(request_id=f"r{i + 1}", policy=model, created_at=time.time(),
+                                             status="error", error_class="InvalidRequestError"))
     finally:
         ledger.close_sync()
     rep = run_json(capsys, "report", "--by", "policy", "--json", "--ledger", target)
-    assert {g["group"]: g["requests"] for g in rep["groups"]} == {"cascade": 1, "(none)": 1}
+    assert {g["group"]: g["requests"] for g in rep["groups"]} == {"cascade": 1, None: 1, "(none)": 1, "(all)": 1}
     assert main(["report", "--by", "policy", "--ledger", target]) == 0
-    assert "(none)" in capsys.readouterr().out
+    table = capsys.readouterr().out.split("\n\n")[1].splitlines()[2:]
+    assert sorted(line.split()[:2] for line in table) == [
+        ['"(all)"', "1"], ['"(none)"', "1"], ["(all)", "4"], ["(none)", "1"], ["cascade", "1"]]
+    assert main(["report", "--by", "policy", "--csv", "--ledger", target]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["group"] for r in rows if r["group"] == "(all)"] == ["(all)"] and rows[-1]["requests"] == "4"
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgresql"])
