@@ -460,7 +460,10 @@ def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
     ax.bar(x + w / 2, [g["escalation_waste_usd"] for g in groups], w, label="of which escalation waste",
            color="tab:red", alpha=0.8)
     ax.set_ylabel("USD")
-    ax.set_xticks(x, labels, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+    # the labels are the clients' text (end users, tags, a model name) and --by's tag: drawn as written, never
+    # read as TeX between two "$" (which drew "$x^2$" as a formula and failed the plot on "$\foo{$")
+    ax.set_xticks(x, labels, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center",
+                  parse_math=False)
     ax2 = ax.twinx()
     rates = [np.nan if g["escalation_rate"] is None else 100 * g["escalation_rate"] for g in groups]
     # a line only joins days; between other groups it would suggest an order that is not there
@@ -475,7 +478,7 @@ def cost_report_plot(report: dict[str, Any], path: str | Path) -> Path:
     t = report["total"]
     saved = "-" if t["savings_pct"] is None else f"{t['savings_pct']:.1f}%"
     ax.set_title(f"spend by {report['by']}: {t['requests']:,} requests, saved {saved} vs the last tier alone",
-                 fontsize=10)
+                 fontsize=10, parse_math=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, p)

@@ -251,6 +251,29 @@ def test_csv_by_user_defuses_the_key_column_too(tmp_path, capsys):
     assert rows[-2][:2] == ["u", ""] and rows[-1][:2] == ["(all)", ""]  # no key, and the total's none
 
 
+def test_plot_draws_clients_text_with_dollar_signs_as_written(tmp_path, capsys):
+    """Matplotlib reads text between two "$" as TeX: an end user or tag such as "$\\foo{$" (no formula it
+    knows) ended ``cascade report --plot`` in a traceback, nothing drawn; the labels are now drawn as written."""
+    import time
+
+    from cascade.cli import main
+    from cascade.ledger import Ledger
+    from cascade.types import CascadeRecord
+
+    db = tmp_path / "ledger.sqlite"
+    ledger = Ledger(db).open_sync()
+    try:
+        for i, text in enumerate(["$\\foo{$", "$x^2$", "plain"]):
+            ledger.record_sync(CascadeRecord(request_id=f"r{i}", policy="cascade", created_at=time.time(),
+                                             cost_usd=0.001, end_user=text, metadata={"team": text}))
+    finally:
+        ledger.close_sync()
+    for by in ("user", "meta:team"):
+        png = tmp_path / f"{by.replace(':', '-')}.png"
+        assert main(["report", "--by", by, "--plot", str(png), "--ledger", str(db)]) == 0
+        assert f"plot: {png}" in capsys.readouterr().out and png.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_attribution_by_tag_with_a_question_mark_and_by_end_user_of_each_key(tmp_path, request, capsys):
     """A tag whose key has a "?" groups the same on SQLite and PostgreSQL (where "?" is the placeholder the
     dialect rewrites); two keys' end users of the same name are two groups, each with its key, in every form."""
