@@ -96,8 +96,10 @@ def parse_since(text: str | None, *, now: float | None = None) -> float | None:
     try:
         dt = datetime.fromisoformat(s.replace("z", "Z"))
     except ValueError:
+        # (UNIX seconds of 8 digits or fewer read as a compact ISO date where they are one, 20260131: not taken)
         raise ConfigError(f"--since: cannot read {s!r}; use an ISO date or time (2026-01-31, 2026-01-31T12:00Z), "
-                          "a relative age (30m, 24h, 7d, 2w) or UNIX seconds") from None
+                          "a relative age (30m, 24h, 7d, 2w) or UNIX seconds of 9 digits or more (1767225600)"
+                          ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     # a date at the calendar's edge, in a time zone that moves it past the edge in UTC (0001-01-01T00:00+01:00)

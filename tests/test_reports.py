@@ -502,6 +502,9 @@ def test_report_errors_are_one_line(tmp_path, capsys):
 
     assert main(["report", "--since", "yesterday-ish", "--ledger", str(tmp_path / "x.sqlite")]) == 2
     assert "--since: cannot read 'yesterday-ish'" in capsys.readouterr().err
+    # a few digits: not UNIX seconds (eight of them read as a compact ISO date), said so rather than "UNIX seconds"
+    assert main(["report", "--since", "0", "--ledger", str(tmp_path / "x.sqlite")]) == 2
+    assert "UNIX seconds of 9 digits or more" in capsys.readouterr().err
     assert main(["report", "--ledger", str(tmp_path / "missing.sqlite")]) == 2
     assert "no ledger at" in capsys.readouterr().err
     assert not (tmp_path / "missing.sqlite").exists()  # a report never creates an empty ledger
