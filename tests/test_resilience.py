@@ -479,6 +479,10 @@ async def test_connection_reset_or_refused_falls_over_at_once(servers, make_engi
     assert attempt_rows(tmp_path, "casc-conn") == [(0, "t", "a", "error", "ProviderConnectionError", 0),
                                                    (1, "t", "b", "final", None, 1)]
     assert out.result.text == "Paris is the capital"
+    # the failure says what happened: a reset's ReadError has no text of its own, the OSError under it has
+    [(said,)] = db_rows(tmp_path, "SELECT error_message FROM attempts WHERE request_id='casc-conn' AND idx=0")
+    why = {"reset": "Connection reset by peer", "close": "disconnected", "refused": "connect"}[fault]
+    assert re.fullmatch(r"a: connection failed \(.+\)", said) and why.lower() in said.lower(), said
 
 
 async def test_context_length_escalates_to_the_bigger_tier(servers, make_engine, tmp_path):

@@ -131,6 +131,20 @@ def _json_error_text(response: Any) -> str | None:
     return error if isinstance(error, str) else None
 
 
+def _failure_text(exc: BaseException) -> str:
+    """What a connection failure says, from the first of its causes that says anything: on a connection reset the
+    async client's ReadError (httpx's, httpcore's, anyio's) has no text of its own, only the OSError under it
+    ("[Errno 104] Connection reset by peer"); the openai error's own "Connection error." says nothing more."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc.__cause__ or exc
+    while cause is not None and cause not in seen:  # (a chain that loops: cut off)
+        if text := str(cause).strip():
+            return text
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return type(exc.__cause__ or exc).__name__
+
+
 def _cut_off(exc: BaseException) -> bool:
     """Whether a connection failure broke an answer already on its way (h11: the body ended before the length
     its headers announced), rather than a request that got no response at all."""
@@ -149,7 +163,7 @@ def translate_openai_error(exc: Exception, provider: str, secrets: Sequence[str]
     if isinstance(exc, openai.APITimeoutError):
         return ProviderTimeoutError(f"{provider}: request timed out", provider=provider)
     if isinstance(exc, openai.APIConnectionError):
-        return ProviderConnectionError(redact(f"{provider}: connection failed ({exc.__cause__ or exc})", secrets),
+        return ProviderConnectionError(redact(f"{provider}: connection failed ({_failure_text(exc)})", secrets),
                                        provider=provider, answered=_cut_off(exc))
     status: int | None = None
     if isinstance(exc, openai.APIStatusError):
