@@ -57,6 +57,7 @@ class ConfigError(CascadeError):
 
     error_type = "config_error"
     code = "invalid_config"
+    should_retry = False  # (a tier that cannot load, met by a request) until an operator fixes the file
 
 
 class ReloadRefusedError(CascadeError):
@@ -74,6 +75,7 @@ class ModelNotPreparedError(CascadeError):
     status_code = 503
     error_type = "model_not_ready"
     code = "model_not_prepared"
+    should_retry = False  # until an operator prepares it: a client's retry a second later meets the same
 
 
 class BackendUnavailableError(CascadeError):
@@ -82,6 +84,7 @@ class BackendUnavailableError(CascadeError):
     status_code = 503
     error_type = "backend_unavailable"
     code = "backend_unavailable"
+    should_retry = False  # until an operator installs it
 
 
 # --- the client's request -------------------------------------------------------------------------

@@ -602,3 +602,90 @@ def test_an_unexpected_fault_anywhere_is_a_500_naming_its_request(server, monkey
     r = httpx.post(server.url + "/v1/feedback", json={"request_id": "x", "score": 1}, headers=H(), timeout=60)
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
     assert r.headers.get("x-request-id")
+
+
+#: every class of the error tree as a client meets it (README, Errors; docs/failure-handling.md): status, type,
+#: code, x-should-retry, and Retry-After when the error names no time of its own
+ERROR_TABLE = {
+    "InternalError": (500, "server_error", "internal_error", None, None),
+    "ConfigError": (500, "config_error", "invalid_config", "false", None),
+    "ReloadRefusedError": (422, "invalid_request_error", "reload_refused", None, None),
+    "ModelNotPreparedError": (503, "model_not_ready", "model_not_prepared", "false", None),
+    "BackendUnavailableError": (503, "backend_unavailable", "backend_unavailable", "false", None),
+    "InvalidRequestError": (400, "invalid_request_error", None, None, None),
+    "RequestTooLargeError": (413, "invalid_request_error", "request_too_large", None, None),
+    "RequestHeadersTooLargeError": (431, "invalid_request_error", "request_header_fields_too_large", None, None),
+    "RequestTimeoutError": (408, "invalid_request_error", "request_timeout", None, None),
+    "ContextLengthExceededError": (400, "invalid_request_error", "context_length_exceeded", None, None),
+    "UnknownModelError": (404, "invalid_request_error", "model_not_found", None, None),
+    "AuthenticationError": (401, "authentication_error", "invalid_api_key", None, None),
+    "PermissionDeniedError": (403, "permission_error", "forbidden", None, None),
+    "NotFoundError": (404, "invalid_request_error", "not_found", None, None),
+    "BudgetExceededError": (402, "budget_exceeded", "budget_exceeded", None, None),
+    "ProviderError": (502, "provider_error", None, None, None),
+    "ProviderInvalidRequestError": (400, "invalid_request_error", None, None, None),
+    "ProviderContextLengthError": (400, "invalid_request_error", "context_length_exceeded", None, None),
+    "ProviderAuthError": (502, "provider_auth_error", None, "false", None),
+    "RateLimitedError": (429, "rate_limit_error", None, None, "1"),
+    "ProviderServerError": (502, "provider_error", None, None, None),
+    "ProviderTimeoutError": (504, "timeout", None, None, None),
+    "ProviderConnectionError": (502, "connection_error", None, None, None),
+    "CircuitOpenError": (503, "service_unavailable", None, None, "1"),
+    "AllTiersFailedError": (502, "provider_error", None, None, None),
+    "ClientDisconnected": (499, "client_closed_request", None, None, None),
+    "RequestLimitError": (429, "requests", "rate_limit_exceeded", None, "1"),
+    "ServerOverloadedError": (503, "service_unavailable", "server_overloaded", None, "1"),
+    "ServerShutdown": (503, "service_unavailable", "server_shutdown", "true", "1"),
+    "EngineClosedError": (503, "service_unavailable", "engine_closed", "true", "1"),
+    "EngineLoopError": (500, "server_error", "wrong_event_loop", None, None),
+    "LedgerError": (500, "ledger_error", None, None, None),
+    "LedgerTimeoutError": (500, "ledger_error", None, None, None),
+    "LedgerWriteHeldError": (500, "ledger_error", None, None, None),
+    "LedgerUnavailableError": (503, "ledger_error", "ledger_unavailable", "true", "1"),
+    "DataError": (400, "invalid_request_error", "invalid_data", None, None),
+}
+
+
+def _error_tree(cls):
+    for sub in cls.__subclasses__():
+        if sub.__module__ == "cascade.errors":
+            yield sub
+            yield from _error_tree(sub)
+
+
+def test_the_error_table_covers_the_tree():
+    from cascade.errors import CascadeError
+
+    assert sorted(c.__name__ for c in _error_tree(CascadeError)) == sorted(ERROR_TABLE)
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_TABLE))
+def test_each_error_class_maps_to_its_status_body_and_retry_headers(name):
+    """One mapping, at the edge: OpenAI's body, a status the openai SDK reads as the docs say, and an error that
+    waiting cannot mend (an operator's to fix) says x-should-retry: false, so the SDK does not repeat it."""
+    import cascade.errors
+    from serving.errors import error_response
+
+    status, type_, code, should_retry, retry_after = ERROR_TABLE[name]
+    response = error_response(getattr(cascade.errors, name)("it failed"))
+    assert response.status_code == status
+    body = json.loads(response.body)
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"] == {"message": "it failed", "type": type_, "param": None, "code": code}
+    assert response.headers.get("x-should-retry") == should_retry
+    assert response.headers.get("retry-after") == retry_after
+    if status in (408, 409, 429) or status >= 500:  # what the SDK would repeat: only where a repeat may help
+        assert should_retry != "false" or retry_after is None
+
+
+def test_a_tier_whose_model_is_not_prepared_says_retrying_cannot_help(tmp_path):
+    """A tier loaded at its first call (create_app(preload=False)) whose model is not prepared: 503 with
+    x-should-retry: false and no Retry-After, not a 1 s Retry-After the SDK would retry on twice."""
+    from serving import create_app
+
+    (tmp_path / "empty").mkdir()
+    cfg = make_config(tmp_path, [tier("small")], models={"cache_dir": str(tmp_path / "empty")})
+    with ServerThread(create_app(cfg, preload=False)) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": Q}, timeout=60)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_prepared", r.text
+    assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
