@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -116,6 +117,28 @@ def _client_request_id(scope: Scope) -> bytes | None:
                     return v
                 break  # this header's id cannot be echoed: the other header's may
     return None
+
+
+class StartupErrorMiddleware:
+    """A CascadeError that stops the server's startup (a model whose tokenizer or config.json will not load,
+    a GPU out of memory) is logged as its one line: starlette hands uvicorn the whole traceback, which buried
+    the line that says what is wrong and how to fix it. Other exceptions keep their traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_line(message: Message) -> None:
+            exc = sys.exc_info()[1]  # starlette sends the failure from inside its except block
+            if message["type"] == "lifespan.startup.failed" and isinstance(exc, CascadeError):
+                message = {**message, "message": f"{type(exc).__name__}: {exc.message}"}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
 
 
 class RequestIdMiddleware:
@@ -251,6 +274,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app.state.max_header_bytes = config.server.max_header_bytes  # (and the headers it lets reach the parser)
     app.add_middleware(DrainMiddleware, drain=drain)  # answers for requests a shutdown gives up on
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries its id, a 413 or 401 too
+    app.add_middleware(StartupErrorMiddleware)  # a startup that fails for a CascadeError: its one line
     return app
 
 

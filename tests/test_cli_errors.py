@@ -654,6 +654,26 @@ def test_serve_refuses_a_model_directory_that_holds_no_model(tmp_path, content):
     one_error(r, "tier 'small'", want)  # before the banner: a weightless directory was a traceback, exit 3
 
 
+def test_serve_says_in_one_line_why_a_model_failed_to_load_at_startup(tmp_path):
+    """A model directory that passes the checks before the banner but will not load (here: no tokenizer.json)
+    fails in the server's startup: its ConfigError is the one line logged, not starlette's whole traceback
+    (exit status 3, as uvicorn's for an app that failed to start). This case loads the tokenizer."""
+    from cascade.models import resolve_model_path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in resolve_model_path("smollm2-135m").iterdir():
+        if f.name != "tokenizer.json":
+            (model / f.name).symlink_to(f)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(write_config(tmp_path).read_text().replace("model: smollm2-135m", f"model: {model}", 1))
+    r = cascade("serve", "--config", str(cfg), "--port", str(free_port()))
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert len(errors) == 2 and errors[1].endswith("Application startup failed. Exiting."), r.stderr
+    assert errors[0].startswith(f"ERROR:    ConfigError: tier 'small': cannot load model from {model}: "), r.stderr
+
+
 def test_an_empty_policy_name_is_refused(tmp_path, capsys):
     cfg = write_config(tmp_path)
     cfg.write_text(cfg.read_text().replace("  cascade: {chain: [small, large]}\n",
