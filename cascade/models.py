@@ -720,6 +720,11 @@ def _usable_cache(cache: Path) -> Path:
     if cache.exists() and not cache.is_dir():
         raise ConfigError(f"model cache {cache} is not a directory (set models.cache_dir or $CASCADE_MODEL_CACHE "
                           "to a directory)")
+    if not cache.exists():  # mkdir through a link to a folder that is not there (a disk not mounted) says only
+        for path in (cache, *cache.parents):  # "File exists": name the link
+            if path.is_symlink() and not path.exists():
+                raise ConfigError(f"model cache {cache}: {path} is a link to {os.readlink(path)}, which does not "
+                                  "exist")
     return cache
 
 

@@ -147,6 +147,22 @@ def test_cli_prepare_unknown_id_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "_wheels").exists()  # ids are checked before any work
 
 
+@pytest.mark.parametrize("under", ["", "models"])
+@pytest.mark.parametrize("command", ["prepare", "list", "verify"])
+def test_a_cache_through_a_link_to_nothing_is_one_line_naming_the_link(tmp_path, capsys, command, under):
+    """A cache whose link points at a folder that is not there (a disk not mounted): prepare said only
+    '<cache>: File exists' (mkdir's words), list showed nothing prepared."""
+    link = tmp_path / "cache"
+    link.symlink_to(tmp_path / "unmounted")
+    cache = link / under if under else link
+    args = ["models", command, *(["smollm2-135m"] if command == "prepare" else []), "--cache-dir", str(cache)]
+    assert _run_cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"cascade: error: model cache {cache}: {link} is a link to {tmp_path / 'unmounted'}, "
+                   "which does not exist"), err
+    assert not (tmp_path / "unmounted").exists()
+
+
 def test_script_wrapper_help():
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_models.py"), "--help"],
                          capture_output=True, text=True, check=True)
