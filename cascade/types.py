@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -199,12 +200,15 @@ class GenerationRequest:
         request for the count: :meth:`rough_prompt_tokens_off_loop` first."""
         n = self._rough_tokens
         if n is None:
-            if self.messages is None:
-                n = rough_token_count(self.prompt or "") + 1
-            else:
-                n = _PER_REQUEST + sum(_PER_MESSAGE + rough_token_count(m.content) for m in self.messages)
+            n = self._prompt_tokens(rough_token_count)
             object.__setattr__(self, "_rough_tokens", n)
         return n
+
+    def _prompt_tokens(self, count: Callable[[str], int]) -> int:
+        """The prompt's tokens by ``count`` of each text, plus the chat template's per message and request."""
+        if self.messages is None:
+            return count(self.prompt or "") + 1
+        return _PER_REQUEST + sum(_PER_MESSAGE + count(m.content) for m in self.messages)
 
     async def rough_prompt_tokens_off_loop(self) -> int:
         """:meth:`rough_prompt_tokens`, counted on a thread where the prompt is longer than
@@ -225,9 +229,7 @@ class GenerationRequest:
         length. For an estimate made on the event loop that needs no more (the bill of a call a crash
         interrupted, in the journal): the whole count is pure Python, about half a second per MB of
         prompt, during which no other request is served."""
-        if self.messages is None:
-            return quick_token_count(self.prompt or "") + 1
-        return _PER_REQUEST + sum(_PER_MESSAGE + quick_token_count(m.content) for m in self.messages)
+        return self._prompt_tokens(quick_token_count)
 
 
 #: the roles a request's messages may have (the HTTP layer sends OpenAI's ``developer`` as ``system``)
