@@ -57,8 +57,9 @@ from cascade.resilience import (
     classify,
     merge_provider_attempts,
 )
-from cascade.types import (Attempt, CascadeRecord, Feedback, GenerationRequest, GenerationResult, StreamChunk,
-                           Usage, answer_tokens, checked_attribution, checked_feedback, checked_request, is_utf8)
+from cascade.types import (MAX_REQUEST_ID, Attempt, CascadeRecord, Feedback, GenerationRequest, GenerationResult,
+                           StreamChunk, Usage, answer_tokens, checked_attribution, checked_feedback, checked_request,
+                           is_utf8)
 
 if TYPE_CHECKING:
     from cascade.shadow import ShadowSet
@@ -479,10 +480,10 @@ class Engine:
     async def _check_request_id(self, request_id: str) -> None:
         """A caller's own request id names no request yet (the ledger keeps one row per id, so a second request
         under it would be answered, and paid, and then fail to be recorded); it is held as in flight."""
-        if not isinstance(request_id, str) or not request_id or len(request_id) > 128 or "\x00" in request_id \
-                or not is_utf8(request_id):
-            raise InvalidRequestError("request_id must be a string of 1 to 128 characters of valid Unicode, without "
-                                      f"NUL, got {request_id!r}", param="request_id")
+        if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_REQUEST_ID \
+                or "\x00" in request_id or not is_utf8(request_id):
+            raise InvalidRequestError(f"request_id must be a string of 1 to {MAX_REQUEST_ID} characters of valid "
+                                      f"Unicode, without NUL, got {request_id!r}", param="request_id")
         reused = InvalidRequestError(f"request_id {request_id!r} names a request already made: the ledger keeps "
                                      "one row per request; give each request its own id", param="request_id")
         if request_id in self._ids_in_flight:  # (another request's hold: never released here)

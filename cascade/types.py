@@ -327,6 +327,8 @@ MAX_END_USER = 512
 MAX_MODEL_CHARS = 256
 #: the longest comment a piece of feedback may carry
 MAX_FEEDBACK_COMMENT = 4000
+#: the longest request id a caller may give (the Python API's ``request_id=``) or name (feedback)
+MAX_REQUEST_ID = 128
 
 
 def checked_feedback(request_id: Any, score: Any, comment: Any) -> None:
@@ -334,8 +336,9 @@ def checked_feedback(request_id: Any, score: Any, comment: Any) -> None:
     :class:`~cascade.errors.InvalidRequestError` naming the field, as the HTTP layer's wire type refuses it: a
     score is the integer -1, 0 or 1 (``True`` is no score, nor ``1.0``), a comment text of at most
     ``MAX_FEEDBACK_COMMENT`` characters."""
-    if not isinstance(request_id, str) or not 1 <= len(request_id) <= 128:
-        raise _bad(f"request_id must be a string of 1 to 128 characters, got {request_id!r:.60}", "request_id")
+    if not isinstance(request_id, str) or not 1 <= len(request_id) <= MAX_REQUEST_ID:
+        raise _bad(f"request_id must be a string of 1 to {MAX_REQUEST_ID} characters, got {request_id!r:.60}",
+                   "request_id")
     if isinstance(score, bool) or not isinstance(score, int) or score not in (-1, 0, 1):
         raise _bad(f"score must be -1, 0 or 1 (an integer), got {score!r:.40}", "score")
     if comment is not None and len(_text(comment, "comment")) > MAX_FEEDBACK_COMMENT:

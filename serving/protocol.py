@@ -8,8 +8,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.types import (MAX_END_USER, MAX_FEEDBACK_COMMENT, MAX_METADATA_KEY, MAX_METADATA_PAIRS,
-                           MAX_METADATA_VALUE, MAX_MODEL_CHARS, CascadeRecord, GenerationRequest, GenerationResult,
-                           Message, TokenLogprob, TopLogprob, Usage, is_utf8)
+                           MAX_METADATA_VALUE, MAX_MODEL_CHARS, MAX_REQUEST_ID, CascadeRecord, GenerationRequest,
+                           GenerationResult, Message, TokenLogprob, TopLogprob, Usage, is_utf8)
 
 
 #: the longest stop sequence
@@ -423,7 +423,7 @@ class CompletionRequest(_GenerationParams):
 
 
 class FeedbackRequest(_Request):
-    request_id: str = Field(min_length=1, max_length=128)
+    request_id: str = Field(min_length=1, max_length=MAX_REQUEST_ID)
     score: Literal[-1, 0, 1]
     comment: str | None = Field(None, max_length=MAX_FEEDBACK_COMMENT)
 
