@@ -122,8 +122,6 @@ def _retry_after(headers: Any) -> float | None:
 
 def _json_error_text(response: Any) -> str | None:
     """The ``error`` of an error response whose JSON body gives it as a string, else None."""
-    import json
-
     try:
         error = json.loads(response.text).get("error")
     except Exception:  # noqa: BLE001 - no body, not JSON, not an object: no such text
@@ -322,8 +320,6 @@ def _typed_error_event(value: str) -> str | None:
     as ``{"error": {"message": ..., "type": ...}}``: the openai client keeps only the ``error`` string, so the
     type that says whether the request was refused (never retried) or the server overloaded (retried) was lost
     and every such event read as a server failure. None when ``value`` is no such event."""
-    import json
-
     try:
         body = json.loads(value)
     except ValueError:
