@@ -119,40 +119,35 @@ def _client_request_id(scope: Scope) -> bytes | None:
     return None
 
 
-class StartupErrorMiddleware:
-    """A CascadeError that stops the server's startup (a model whose tokenizer or config.json will not load,
-    a GPU out of memory) is logged as its one line: starlette hands uvicorn the whole traceback, which buried
-    the line that says what is wrong and how to fix it. Other exceptions keep their traceback."""
+def _startup_failure_in_one_line(send: Send) -> Send:
+    """The lifespan's ``send``: a CascadeError that stops the server's startup (a model whose tokenizer or
+    config.json will not load, a GPU out of memory) is logged as its one line: starlette hands uvicorn the whole
+    traceback, which buried the line that says what is wrong and how to fix it. Other exceptions keep their
+    traceback."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    async def send_one_line(message: Message) -> None:
+        exc = sys.exc_info()[1]  # starlette sends the failure from inside its except block
+        if message["type"] == "lifespan.startup.failed" and isinstance(exc, CascadeError):
+            message = {**message, "message": f"{type(exc).__name__}: {exc.message}"}
+        await send(message)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_one_line(message: Message) -> None:
-            exc = sys.exc_info()[1]  # starlette sends the failure from inside its except block
-            if message["type"] == "lifespan.startup.failed" and isinstance(exc, CascadeError):
-                message = {**message, "message": f"{type(exc).__name__}: {exc.message}"}
-            await send(message)
-
-        await self.app(scope, receive, send_one_line)
+    return send_one_line
 
 
 class RequestIdMiddleware:
     """Give every HTTP request an id and every response an ``x-request-id`` header carrying it (the header
     the openai SDK reads into ``response._request_id``). A completion's ledger row is filed under the same
     id, errors included, so the id in any answer finds its row (``GET /v1/feedback/{id}``, ``cascade report``).
-    A client's own ``X-Client-Request-Id`` (or ``X-Request-ID``) is echoed back as ``x-client-request-id``."""
+    A client's own ``X-Client-Request-Id`` (or ``X-Request-ID``) is echoed back as ``x-client-request-id``.
+    Outermost, it also gives the lifespan its ``send`` (:func:`_startup_failure_in_one_line`): here rather than
+    in a middleware of its own, which every HTTP request would pass through for nothing."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _startup_failure_in_one_line(send) if scope["type"] == "lifespan" else send)
             return
         rid = new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
@@ -273,8 +268,8 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     app.state.request_read_timeout_s = config.server.request_read_timeout_s  # for that protocol (run_server)
     app.state.max_header_bytes = config.server.max_header_bytes  # (and the headers it lets reach the parser)
     app.add_middleware(DrainMiddleware, drain=drain)  # answers for requests a shutdown gives up on
-    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries its id, a 413 or 401 too
-    app.add_middleware(StartupErrorMiddleware)  # a startup that fails for a CascadeError: its one line
+    # outermost: every response carries its id, a 413 or 401 too; a startup failing for a CascadeError, its one line
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
