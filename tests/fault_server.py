@@ -233,16 +233,18 @@ class FaultServer:
     # --- state ------------------------------------------------------------------------------------
     def configure(self, *, queue: list | None = None, rate: float | None = None, kinds: list | None = None,
                   seed: int | None = None, delay_s: float | None = None, clear: bool = False) -> None:
+        # every spec is read before any is applied: a bad one (ValueError) changes nothing
+        queued = [parse_fault(q) for q in queue or ()]
+        chosen = [parse_fault(k) for k in kinds or ()]
         with self._lock:
             if clear:
                 self._queue.clear()
                 self._rate = 0.0
-            if queue:
-                self._queue.extend(parse_fault(q) for q in queue)
+            self._queue.extend(queued)
             if rate is not None:
                 self._rate = float(rate)
-            if kinds:
-                self._kinds = [parse_fault(k) for k in kinds]
+            if chosen:
+                self._kinds = chosen
             if seed is not None:
                 self._rng = random.Random(seed)
             if delay_s is not None:
@@ -449,10 +451,13 @@ class FaultServer:
                                                 "owned_by": "fault-server"}]}
 
         @app.post("/_faults")
-        async def faults(request: Request) -> dict:
+        async def faults(request: Request) -> Any:
             d = await request.json()
-            self.configure(queue=d.get("queue"), rate=d.get("rate"), kinds=d.get("kinds"), seed=d.get("seed"),
-                           delay_s=d.get("delay_s"), clear=bool(d.get("clear")))
+            try:
+                self.configure(queue=d.get("queue"), rate=d.get("rate"), kinds=d.get("kinds"), seed=d.get("seed"),
+                               delay_s=d.get("delay_s"), clear=bool(d.get("clear")))
+            except ValueError as exc:  # a spec this server cannot read: say which, nothing applied
+                return JSONResponse({"ok": False, "error": str(exc)}, status_code=400)
             return {"ok": True, "pending_faults": len(self._queue)}
 
         @app.get("/_stats")
@@ -514,8 +519,10 @@ class FaultServerThread:
     def faults(self, *queue: str | dict, **kw: Any) -> dict:
         # (Python's json, NaN and Infinity allowed: an ``odd`` fault may carry them; httpx's json= refuses them)
         body = json.dumps({"queue": list(queue), **kw})
-        return httpx.post(self.url + "/_faults", content=body, headers={"content-type": "application/json"},
-                          timeout=5).json()
+        r = httpx.post(self.url + "/_faults", content=body, headers={"content-type": "application/json"}, timeout=5)
+        if r.status_code != 200:  # a spec the server cannot read: the test's own mistake, said at once
+            raise ValueError(r.json()["error"])
+        return r.json()
 
     def stats(self) -> dict:
         return httpx.get(self.url + "/_stats", timeout=5).json()

@@ -94,6 +94,16 @@ async def run_failing(eng, exc_type, rid="casc-fail"):
 # --- one test per error class --------------------------------------------------------------------------
 
 
+def test_the_fault_server_refuses_a_spec_it_cannot_read_and_applies_none_of_the_call(servers):
+    """A test's typo in a fault spec is said at once (a 400 naming it, raised by ``faults()``), and the specs
+    before it in the same call are not queued: no fault fires that the test did not mean."""
+    fs = servers["a"]
+    with pytest.raises(ValueError, match="unknown fault 'bogus'"):
+        fs.faults("500", "bogus")
+    assert fs.stats()["pending_faults"] == 0
+    assert fs.faults("500")["pending_faults"] == 1
+
+
 @pytest.mark.parametrize("status", ["400", "422"])
 async def test_invalid_request_is_neither_retried_nor_fallen_over(servers, make_engine, tmp_path, status):
     a, b, c = servers["a"], servers["b"], servers["c"]
