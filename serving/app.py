@@ -184,6 +184,7 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
         app.state.metrics = Metrics(drift=config.drift, models=app.state.engine.model_names())
         app.state.metrics.watch_cache(app.state.engine.cache)
         app.state.metrics.watch_breakers(app.state.engine.tiers)
+        app.state.metrics.watch_admission(app.state.admission)
         listeners = app.state.engine.sampler.listeners  # sampled shadows' calls and spend
         listeners.append(app.state.metrics.observe_shadow_call)
         app.state.engine.correction_listeners.append(app.state.metrics.observe_client_left)

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from cascade.cache import ResponseCache
 from cascade.config import DriftConfig
+from cascade.limits import Admission
 from cascade.types import Attempt, CascadeRecord
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -86,6 +87,12 @@ class Metrics:
                   registry=self.registry).set_function(entries)
             Gauge("cascade_cache_bytes", "Estimated memory held by the response cache (bounded by cache.max_bytes)",
                   registry=self.registry).set_function(held_bytes)
+
+    def watch_admission(self, admission: "Admission") -> None:
+        """Read at every scrape how many completion requests are in flight (admitted, not finished): what a
+        drain waits for, and the figure ``server.max_concurrent_requests`` caps."""
+        Gauge("cascade_requests_in_flight", "Completion requests admitted and not yet finished",
+              registry=self.registry).set_function(lambda: admission.in_flight)
 
     def watch_breakers(self, tiers: "Mapping[str, Any]") -> None:
         """Read every provider's circuit breaker at every scrape: ``cascade_breaker_state{tier, provider,

@@ -187,6 +187,12 @@ def _config(tmp_path, fs, **server):
 BODY = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
 
 
+def _in_flight(metrics: httpx.Response) -> float:
+    """The ``cascade_requests_in_flight`` gauge of a /metrics page."""
+    return float(next(line.split()[1] for line in metrics.text.splitlines()
+                      if line.startswith("cascade_requests_in_flight ")))
+
+
 def test_a_key_over_its_rate_gets_429_with_openais_headers_and_a_ledger_row(tmp_path, upstream, serve_app):
     srv = serve_app(_config(tmp_path, upstream))
     with httpx.Client(base_url=srv.url, timeout=30) as c:
@@ -234,6 +240,7 @@ async def test_in_flight_limits_refuse_at_once_and_free_their_slots_when_answere
         slow.append(asyncio.create_task(c.post("/v1/chat/completions", json={**BODY, "stream": True}, headers=oth)))
         while upstream.stats()["requests"] < 3:
             await asyncio.sleep(0.02)
+        assert _in_flight(await c.get("/metrics")) == 3   # what an operator sees on /metrics meanwhile
         third = await c.post("/v1/chat/completions", json=BODY, headers=lim)   # the key has 2 in flight
         assert third.status_code == 429 and third.json()["error"]["code"] == "concurrency_limit_exceeded"
         over = await c.post("/v1/chat/completions", json=BODY, headers=oth)    # the server has 3 in flight
@@ -242,6 +249,7 @@ async def test_in_flight_limits_refuse_at_once_and_free_their_slots_when_answere
         assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200, 200]
         after = await c.post("/v1/chat/completions", json={**BODY, "stream": True}, headers=oth)
         assert after.status_code == 200 and "data: [DONE]" in after.text  # every slot came back, streams' too
+        assert _in_flight(await c.get("/metrics")) == 0
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
         classes = sorted(r[0] for r in db.execute("SELECT error_class FROM requests WHERE status = 'error'"))
     assert classes == ["RequestLimitError", "ServerOverloadedError"]
