@@ -180,7 +180,7 @@ class ProviderError(CascadeError):
 
 class ProviderInvalidRequestError(ProviderError):
     """The provider rejected the request as invalid (400/413/422): the client's fault, not retried. (A 404,
-    a model or route the provider lacks, is the configuration's: a plain ``ProviderError``, fallen over.)"""
+    a model or route the provider lacks, is the configuration's: ``ProviderMisconfiguredError``, fallen over.)"""
 
     status_code = 400
     error_type = "invalid_request_error"
@@ -191,6 +191,15 @@ class ProviderContextLengthError(ProviderInvalidRequestError):
     """The provider says the prompt is too long: escalate to a tier with a larger context."""
 
     code = "context_length_exceeded"
+
+
+class ProviderMisconfiguredError(ProviderError):
+    """The provider refuses what the tier's configuration sends, not what the client asked: a model or route it
+    does not have (404), a parameter it does not take (``stream_options``). Another provider or tier may answer;
+    with none left, the client's retries meet the same refusal until an operator fixes the tier."""
+
+    code = "provider_misconfigured"
+    should_retry = False
 
 
 class ProviderAuthError(ProviderError):

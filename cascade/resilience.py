@@ -8,7 +8,8 @@ What happens on each error class (the errors are already translated into ``casca
 backend's boundary; anything untranslated is classified here):
 
 =================================  ========================================================================
-``ProviderInvalidRequestError``    400/404/422: raised at once, never retried, never fallen over
+``ProviderInvalidRequestError``    400/413/422: raised at once, never retried, never fallen over
+``ProviderMisconfiguredError``     404 (the tier's model is not there): next provider at once (breaker)
 ``ProviderContextLengthError``     raised at once; the engine escalates to a tier with a larger context
 ``ProviderAuthError``              401/403, 402 and 429 insufficient_quota (out of credits): provider
                                    marked unhealthy (breaker forced open), warning logged (never the

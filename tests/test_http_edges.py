@@ -625,6 +625,7 @@ ERROR_TABLE = {
     "ProviderError": (502, "provider_error", None, None, None),
     "ProviderInvalidRequestError": (400, "invalid_request_error", None, None, None),
     "ProviderContextLengthError": (400, "invalid_request_error", "context_length_exceeded", None, None),
+    "ProviderMisconfiguredError": (502, "provider_error", "provider_misconfigured", "false", None),
     "ProviderAuthError": (502, "provider_auth_error", None, "false", None),
     "RateLimitedError": (429, "rate_limit_error", None, None, "1"),
     "ProviderServerError": (502, "provider_error", None, None, None),

@@ -460,19 +460,32 @@ async def test_the_last_tier_alone_pays_its_failed_provider_attempts_too(servers
     assert rec.baseline_cost_usd == pytest.approx(rec.attempts[1].cost_usd + rec.attempts[2].cost_usd)
 
 
-async def test_a_model_missing_upstream_is_the_providers_fault_and_falls_over(servers, make_engine, tmp_path):
+async def test_a_model_missing_upstream_is_the_providers_fault_and_falls_over(servers, make_engine, tmp_path,
+                                                                             serve_app):
     """A 404 from a provider (no such model there) is a misconfigured provider, not an invalid request: the
-    next provider answers; with none left the client gets a 502 provider_error, not a 400."""
+    next provider answers, or the next tier; with none left the client gets a 502 provider_error, not a 400, that
+    says retrying cannot help (the openai SDK repeated a bare 502 twice, each repeat meeting the same 404)."""
     a, b = servers["a"], servers["b"]
     eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)])])
     a.faults("404")
     out = await eng.run(Q, request_id="casc-404")
-    assert attempt_rows(tmp_path, "casc-404") == [(0, "t", "a", "error", "ProviderError", 0),
+    assert attempt_rows(tmp_path, "casc-404") == [(0, "t", "a", "error", "ProviderMisconfiguredError", 0),
                                                   (1, "t", "b", "final", None, 1)]
     eng2 = await make_engine([rtier("solo", [prov("a", a)])])
     a.faults("404")
     err = await run_failing(eng2, ProviderError, rid="casc-404b")
     assert err.status_code == 502 and err.error_type == "provider_error" and out.record.status == "ok"
+    srv = serve_app(make_config(tmp_path, [plain("small", a), plain("big", b)],
+                                {"cascade": {"chain": ["small", "big"]}, "first": {"chain": ["small"]}}))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=srv.url, timeout=10) as client:
+        a.faults("404")
+        r = client.post("/v1/chat/completions", json={**body, "model": "cascade"})
+        assert r.status_code == 200 and r.json()["model"] == "big", r.text  # the request was fine
+        a.faults("404")
+        r = client.post("/v1/chat/completions", json={**body, "model": "first"})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "provider_misconfigured", r.text
+    assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
 
 
 @pytest.mark.parametrize("fault", ["reset", "close", "refused"])

@@ -26,6 +26,7 @@ from cascade.errors import (
     ProviderContextLengthError,
     ProviderError,
     ProviderInvalidRequestError,
+    ProviderMisconfiguredError,
     ProviderServerError,
     RateLimitedError,
 )
@@ -1142,7 +1143,7 @@ async def test_a_provider_that_refuses_stream_options_is_a_configuration_fault(u
     fault (fallen over, the fix named), and ``options.stream_usage: false`` leaves the parameter out."""
     with pytest.raises(ProviderError, match="set the tier's options.stream_usage: false") as err:
         await stream(upstream, "mistral")
-    assert type(err.value) is ProviderError and err.value.fall_over and err.value.upstream_status == 422
+    assert type(err.value) is ProviderMisconfiguredError and err.value.fall_over and err.value.upstream_status == 422
     n = len(upstream.requests)
     chunks = await stream(upstream, "mistral", stream_usage=False)
     assert "".join(c.text for c in chunks) == TEXT and chunks[-1].finish_reason == "stop"
@@ -1151,8 +1152,8 @@ async def test_a_provider_that_refuses_stream_options_is_a_configuration_fault(u
     cfg = two_providers(tmp_path, upstream, ("mistral", "mistral"), ("healthy", "ok"))
     events = await engine_stream(cfg)
     assert "".join(e.text for e in events if isinstance(e, StreamDelta)) == TEXT
-    assert [(a.backend, a.error_class) for a in events[-1].record.attempts] == [("mistral", "ProviderError"),
-                                                                                ("healthy", None)]
+    assert [(a.backend, a.error_class) for a in events[-1].record.attempts] == [
+        ("mistral", "ProviderMisconfiguredError"), ("healthy", None)]
     cfg = make_config(tmp_path, [remote("t", upstream, "mistral", options={"stream_usage": False})])
     events = await engine_stream(cfg)
     assert isinstance(events[-1], StreamEnd) and events[-1].usage.completion_tokens > 0  # estimated

@@ -54,6 +54,7 @@ from cascade.errors import (
     ProviderContextLengthError,
     ProviderError,
     ProviderInvalidRequestError,
+    ProviderMisconfiguredError,
     ProviderServerError,
     ProviderTimeoutError,
     RateLimitedError,
@@ -210,16 +211,17 @@ def _status_error(exc: Any, provider: str, status: int, msg: str, body: str,
     if status in (401, 403):  # the body says no more than this, and may quote (part of) the key
         return ProviderAuthError(f"{provider}: credentials rejected (HTTP {status})", provider=provider,
                                  status=status)
-    if status == 404:  # the upstream has no such model or route: our configuration's fault, not the
-        return ProviderError(msg, provider=provider, status=status)  # client's; another provider may have it
+    if status == 404:  # the upstream has no such model or route: our configuration's fault, not the client's;
+        # another provider may have it, while the client's retries would meet the same 404
+        return ProviderMisconfiguredError(msg, provider=provider, status=status)
     if status in (400, 413, 422):
         if any(m in body.lower() for m in _CONTEXT_MARKERS) or _error_codes(exc) & _CONTEXT_CODES:
             return ProviderContextLengthError(msg, provider=provider, status=status)
         if "stream_options" in f"{body} {getattr(exc, 'body', '')}" or getattr(exc, "param", None) == "stream_options":
             # a parameter this backend sends on its own (Mistral's API refuses it with a 422): the tier's
             # configuration is at fault, not the client's request; another provider may take it
-            return ProviderError(f"{msg} (the upstream refuses stream_options: set the tier's options.stream_usage: "
-                                 "false)", provider=provider, status=status)
+            return ProviderMisconfiguredError(f"{msg} (the upstream refuses stream_options: set the tier's "
+                                              "options.stream_usage: false)", provider=provider, status=status)
         # the upstream's own code for what is wrong with the request (e.g. invalid_value) tells the client most;
         # vLLM's and llama.cpp's code is the status itself (400, which the openai client makes "400"): no code
         code = getattr(exc, "code", None)
