@@ -241,12 +241,6 @@ class CircuitOpenError(ProviderError):
     error_type = "service_unavailable"
 
 
-class AllTiersFailedError(ProviderError):
-    """No tier of the chain produced an answer."""
-
-    status_code = 502
-
-
 class ClientDisconnected(CascadeError):
     status_code = 499
     error_type = "client_closed_request"

@@ -632,7 +632,6 @@ ERROR_TABLE = {
     "ProviderTimeoutError": (504, "timeout", None, None, None),
     "ProviderConnectionError": (502, "connection_error", None, None, None),
     "CircuitOpenError": (503, "service_unavailable", None, None, "1"),
-    "AllTiersFailedError": (502, "provider_error", None, None, None),
     "ClientDisconnected": (499, "client_closed_request", None, None, None),
     "RequestLimitError": (429, "requests", "rate_limit_exceeded", None, "1"),
     "ServerOverloadedError": (503, "service_unavailable", "server_overloaded", None, "1"),
