@@ -1364,30 +1364,27 @@ class Ledger:
 
     def _settle_holds(self, rec: CascadeRecord) -> None:
         """On the ledger thread: ``rec``'s row will never be written (refused for its own fault: a constraint, a
-        value the database will not take), so no transaction deletes its spend holds, and they count until their
-        UTC day ends. What it spent was spent and still counts, but only that: its holds are made its cost
-        (deleted when it cost nothing), not the worst case they were taken at, which kept the rest of its key's
-        limit from it all day."""
+        value the database will not take), so no transaction deletes its spend holds, and they would count until
+        their UTC day ends, at the worst case they were taken at. What it spent was spent: the day's totals take
+        its cost and its holds go, as the transaction writing its row would have done, so its key's limit counts
+        it as spent (a 429 until 00:00 UTC once reached), not as a request in flight that the client may wait
+        for."""
         held, cost = self._holds.get(rec.request_id), float(rec.cost_usd or 0.0)
         if not held or not math.isfinite(cost):
             return
-        d, params = self.dialect, (rec.request_id, self._instance)
+        d = self.dialect
         try:
             conn = self._require()
             with self._lock_wait(short=True), d.transaction(conn):
-                if cost > 0:
-                    conn.execute(d.sql("UPDATE spend_holds SET amount_usd = ? WHERE hold_id = ? AND instance = ?"),
-                                 (cost, *params))
-                else:
-                    conn.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND instance = ?"), params)
+                conn.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND instance = ?"),
+                             (rec.request_id, self._instance))
+                if add := _spend_by_bucket([(rec.created_at, rec.api_key_id, rec.end_user, cost)]):
+                    conn.cursor().executemany(d.sql(_ADD_SPEND), [d.row((day, b, c)) for (day, b), c in add])
         except (*d.errors, LedgerError) as exc:  # left at its worst case for the day
             log.warning("ledger %s: the spend hold of request %s, whose row could not be written, stays at its "
                         "worst case: %s", _redact(self.target), rec.request_id, exc)
             return
-        if cost > 0:
-            self._holds[rec.request_id] = {bucket: (cost, at) for bucket, (_, at) in held.items()}
-        else:
-            self._unheld([rec.request_id])
+        self._unheld([rec.request_id])
 
     def _tell_now(self, job: _Job, exc: BaseException) -> None:
         """On the ledger thread: ``job``'s write is held for a fault that no wait of ``timeout_s`` mends (a full disk,

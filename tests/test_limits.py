@@ -562,7 +562,7 @@ async def test_a_row_the_ledger_refuses_for_good_holds_its_cost_not_its_worst_ca
     """A request whose row the database refuses for good (here a trigger: the row's own fault, never tried
     again) keeps its spend hold counted for the rest of the day, as the money was spent; it held its worst case
     (max_tokens at the output price, a hundred times what it cost), which kept the rest of the key's limit
-    from it all day. Now the hold is made what the request cost."""
+    from it all day. Now the day's totals take what the request cost, and the hold goes."""
     from serving.protocol import ChatCompletionRequest
 
     remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 1000, "threshold": 0.0,
@@ -583,7 +583,41 @@ async def test_a_row_the_ledger_refuses_for_good_holds_its_cost_not_its_worst_ca
             x.execute("DROP TRIGGER refuse")
             (cost,) = x.execute("SELECT cost_usd FROM requests").fetchone()  # the first's: the same call
             assert 0 < cost < ceiling / 100
-            assert x.execute("SELECT hold_id, amount_usd FROM spend_holds").fetchall() == [
-                (lost.headers["x-request-id"], pytest.approx(cost))]
+            # its cost is spent, in the day's totals beside the first's; no hold is left
+            assert x.execute("SELECT cost_usd FROM spend_daily").fetchone() == (pytest.approx(2 * cost),)
+            assert x.execute("SELECT COUNT(*) FROM spend_holds").fetchone() == (0,)
         after = await c.post("/v1/chat/completions", json=BODY, headers=head)  # 429 when the worst case stayed
         assert after.status_code == 200, after.text
+
+
+async def test_the_cost_of_a_row_refused_for_good_is_spent_not_a_request_in_flight(tmp_path, upstream, serve_app):
+    """The cost of a request whose row the database refused for good is spent: once it takes the key to its daily
+    limit, the key is refused until 00:00 UTC, as for any spend. It was counted as a hold, so the 429 said
+    'held by 1 request(s) not finished; retry once they are' with Retry-After: 1 and x-should-retry: true, and
+    said so, every second, for the rest of the day."""
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    open_cfg = make_config(tmp_path / "probe", [remote])
+    probe = serve_app(open_cfg)
+    async with httpx.AsyncClient(base_url=probe.url, timeout=30) as c:
+        assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200
+    with sqlite3.connect(tmp_path / "probe" / "ledger.sqlite") as x:
+        (cost,) = x.execute("SELECT cost_usd FROM requests").fetchone()  # what each of these calls costs
+    cfg = make_config(tmp_path, [remote], user_tiers={"capped": {"daily_spend_limit_usd": cost * 1.5}},
+                      auth={"keys": [{"id": "k1", "sha256": hash_key(KEY), "user_tier": "capped"}]})
+    srv, db = serve_app(cfg), tmp_path / "ledger.sqlite"
+    head = {"authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+        assert (await c.post("/v1/chat/completions", json=BODY, headers=head)).status_code == 200
+        with sqlite3.connect(db) as x:
+            x.execute("CREATE TRIGGER refuse BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        lost = await c.post("/v1/chat/completions", json=BODY, headers=head)
+        assert lost.status_code == 500 and "refused" in lost.json()["error"]["message"], lost.text
+        with sqlite3.connect(db) as x:
+            x.execute("DROP TRIGGER refuse")
+        after = await c.post("/v1/chat/completions", json=BODY, headers=head)
+    assert after.status_code == 429 and "not finished" not in after.json()["error"]["message"], after.text
+    assert "reached" in after.json()["error"]["message"] and after.headers["x-should-retry"] == "false"
+    assert int(after.headers["retry-after"]) > 1
+    with sqlite3.connect(db) as x:
+        assert x.execute("SELECT COUNT(*) FROM spend_holds").fetchone() == (0,)
