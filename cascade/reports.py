@@ -27,10 +27,11 @@ REPORT_BY = ("tier", "policy", "key", "user", "day", "endpoint")
 
 _GROUP_SQL = {
     "tier": "COALESCE(tier, '(none)')",
-    # a request refused before its body named a model (not JSON, no model) has none: None, "(none)" as for tier
-    # and key; one refused for a model that is no policy is filed under the client's text ("(none)" too, maybe)
+    # a request refused before its body named a model (not JSON, no model) has none: None, "(none)" as for tier;
+    # one refused for a model that is no policy is filed under the client's text ("(none)" too, maybe)
     "policy": "NULLIF(policy, '')",
-    "key": "COALESCE(api_key_id, '(none)')",
+    # a program's own text too (the Python API's api_key_id): None, JSON null, for a request with no key, see _label
+    "key": "api_key_id",
     # a client's own text (None, JSON null, when a request named none, see _label), and the key that sent it:
     # an end user is one of a key's users (as its daily spend limit counts them), two tenants' "user-1" are two
     "user": "end_user, api_key_id",
@@ -304,8 +305,8 @@ def _cost_report(ledger: Ledger, by: str, since: float | None) -> dict[str, Any]
 
 def _client_text(by: str) -> bool:
     """Whether groups of ``by`` may be the clients' own text (end users, tags, the model a refused request
-    named as its policy), not names of ours only."""
-    return by in ("user", "policy") or by.startswith("meta:")
+    named as its policy, the key id a program gave the Python API), not names of ours only."""
+    return by in ("user", "policy", "key") or by.startswith("meta:")
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -371,6 +371,29 @@ def _cached_ledger(target: str, now: float) -> None:
         ledger.close_sync()
 
 
+async def test_a_programs_key_id_is_its_own_group_not_one_of_the_reports_labels(tmp_path, capsys, make_engine):
+    """The Python API takes any api_key_id: a program's "(none)" was counted with the requests that had no key
+    (one group of 2, no key said as the string "(none)" in --json) and its "(all)" was a second total row. The
+    requests without a key are now their own group (null in --json, "(none)" in text), a program's id that
+    reads like one of ours is quoted, as --by policy and --by user do."""
+    from cascade.cli import main
+    from cascade.types import GenerationRequest, Message
+    from tests.fault_server import FaultServerThread
+    from tests.hosted import plain
+
+    with FaultServerThread() as fs:
+        eng = await make_engine([plain("t", fs)])
+        for key in (None, "(none)", "(all)"):
+            await eng.run(GenerationRequest(messages=(Message("user", "hi"),), max_tokens=4), api_key_id=key)
+    target = str(tmp_path / "ledger.sqlite")
+    rep = run_json(capsys, "report", "--by", "key", "--json", "--ledger", target)
+    assert {g["group"]: g["requests"] for g in rep["groups"]} == {None: 1, "(none)": 1, "(all)": 1}
+    assert main(["report", "--by", "key", "--ledger", target]) == 0
+    table = capsys.readouterr().out.split("\n\n")[1].splitlines()[2:]
+    assert sorted(line.split()[:2] for line in table) == [['"(all)"', "1"], ['"(none)"', "1"], ["(all)", "3"],
+                                                          ["(none)", "1"]]
+
+
 def test_a_request_refused_before_it_named_a_model_is_in_the_policy_none(tmp_path, capsys):
     """A body that was no JSON has no model: its row's policy is empty. ``--by policy`` showed it as a group
     named "" where ``--by tier`` and ``--by key`` say "(none)"; now it says "(none)" too (null in JSON). A
