@@ -36,7 +36,7 @@ _GROUP_SQL = {
     # an end user is one of a key's users (as its daily spend limit counts them), two tenants' "user-1" are two
     "user": "end_user, api_key_id",
     "day": "FLOOR(created_at / 86400)",
-    "endpoint": "endpoint",  # chat, completions, responses
+    "endpoint": "endpoint",  # chat, completions, responses, cli (cascade.types.ENDPOINTS)
 }
 #: a tag name ``--by meta:KEY`` may group by: any metadata key (1-64 characters) but quotes, backslashes and
 #: control characters (it goes into the SQL as a literal)

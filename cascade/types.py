@@ -345,6 +345,12 @@ def checked_feedback(request_id: Any, score: Any, comment: Any) -> None:
         raise _bad(f"comment must be at most {MAX_FEEDBACK_COMMENT} characters, got {len(comment)}", "comment")
 
 
+#: the APIs a request comes through, as the ledger's ``endpoint`` column (and ``cascade report --by endpoint``) names
+#: them: the HTTP routes', and ``cascade ask``'s; the Python API files its requests under one of them ("chat" unless
+#: told), so that a report's groups are these, not a program's free text
+ENDPOINTS = ("chat", "completions", "responses", "cli")
+
+
 def checked_attribution(*, model: Any = None, endpoint: Any = "chat", end_user: Any = None, metadata: Any = None,
                         api_key_id: Any = None, user_tier: Any = None) -> None:
     """What a request built in code names beside its request (the Python API's ``model``, ``endpoint``,
@@ -364,8 +370,8 @@ def checked_attribution(*, model: Any = None, endpoint: Any = "chat", end_user: 
                    f"default policy), got {len(model)} characters", "model")
     if end_user is not None and len(end_user) > MAX_END_USER:
         raise _bad(f"end_user must be at most {MAX_END_USER} characters, got {len(end_user)}", "end_user")
-    if not isinstance(endpoint, str) or not endpoint:
-        raise _bad(f"endpoint must be a non-empty string, got {endpoint!r}", "endpoint")
+    if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
+        raise _bad(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r:.70}", "endpoint")
     if metadata is None:
         return
     if not isinstance(metadata, dict):

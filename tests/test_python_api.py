@@ -116,6 +116,8 @@ async def test_a_malformed_budget_is_refused_before_any_tier_is_called(tmp_path,
     ({"model": ["cascade"]}, "model"),
     ({"model": ""}, "model"),                                    # was answered by the default policy, unasked
     ({"model": "m" * 257}, "model"),                             # the HTTP layer's 256
+    ({"endpoint": "(all)"}, "endpoint"),                         # a report's group: chat, completions... only
+    ({"endpoint": "Chat"}, "endpoint"),
 ])
 async def test_attribution_the_http_layer_would_refuse_is_refused_before_any_tier_is_called(tmp_path, servers, kw,
                                                                                            param):
