@@ -52,33 +52,65 @@ def mask_secrets(text: str) -> str:
     return SECRET.sub("***", text)
 
 
-class SecretFilter(logging.Filter):
-    """Masks what may be a credential in a line (:func:`mask_secrets`): httpx logs every upstream call's URL, and
-    a tier's ``base_url`` may carry basic credentials there; uvicorn logs every request's target with its query,
-    where a client may have put its key (``GET /v1/models?api_key=sk-...``): answered 401, and until now the key
-    was in the logs for anyone who reads them. Keys are never logged (README, "API keys").
+#: the characters a terminal or a log pipeline acts on rather than shows: C0 controls but the tab (a line break
+#: starts a line that looks like the server's, an ANSI escape colours, moves or erases what is on the screen),
+#: DEL, C1 controls (``\x9b`` is a CSI to some terminals) and Unicode's line and paragraph separators
+_CONTROLS = {c: chr(c).encode("unicode_escape").decode("ascii")
+             for c in (*range(0x09), *range(0x0a, 0x20), *range(0x7f, 0xa0), 0x2028, 0x2029)}
 
-    The line keeps its arguments, each masked, where that masks it as well: uvicorn's access lines are
+
+def escape_controls(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\n``, ``\\x1b``), so that what a client or an
+    upstream put in a line is read in it and stays one line."""
+    return text.translate(_CONTROLS)
+
+
+class _LineFilter(logging.Filter):
+    """Rewrites a line's text with :meth:`clean` where that changes it.
+
+    The line keeps its arguments, each cleaned, where that cleans it as well: uvicorn's access lines are
     formatted from their five arguments, and one left without them was a ``--- Logging error ---`` traceback
     in its place (any client could cause one, with such a URL in its request's target)."""
 
+    @staticmethod
+    def clean(text: str) -> str:
+        raise NotImplementedError
+
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        masked = mask_secrets(msg)
-        if masked != msg:
+        cleaned = self.clean(msg)
+        if cleaned != msg:
             args = record.args
             if isinstance(args, tuple) and args and isinstance(record.msg, str):
-                fmt = mask_secrets(record.msg)
-                args = tuple(mask_secrets(a) if isinstance(a, str) else a for a in args)
+                fmt = self.clean(record.msg)
+                args = tuple(self.clean(a) if isinstance(a, str) else a for a in args)
                 try:
-                    kept = fmt % args == masked
-                except (TypeError, ValueError):  # the mask took a placeholder of the format's
+                    kept = fmt % args == cleaned
+                except (TypeError, ValueError):  # the cleaning took a placeholder of the format's
                     kept = False
                 if kept:
                     record.msg, record.args = fmt, args
                     return True
-            record.msg, record.args = masked, ()
+            record.msg, record.args = cleaned, ()
         return True
+
+
+class SecretFilter(_LineFilter):
+    """Masks what may be a credential in a line (:func:`mask_secrets`): httpx logs every upstream call's URL, and
+    a tier's ``base_url`` may carry basic credentials there; uvicorn logs every request's target with its query,
+    where a client may have put its key (``GET /v1/models?api_key=sk-...``): answered 401, and until now the key
+    was in the logs for anyone who reads them. Keys are never logged (README, "API keys")."""
+
+    clean = staticmethod(mask_secrets)
+
+
+class ControlCharFilter(_LineFilter):
+    """Escapes the control characters of a line (:func:`escape_controls`): a line quotes text others wrote (an
+    upstream's error message, logged with the request it failed), and an ANSI escape there coloured the operator's
+    terminal or moved its cursor and erased lines, a line break started a line of their own. A traceback under the
+    line is left as it is."""
+
+    clean = staticmethod(escape_controls)
 
 
 class JsonFormatter(logging.Formatter):
@@ -102,6 +134,7 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
     handler.addFilter(SecretFilter())
+    handler.addFilter(ControlCharFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -120,11 +153,12 @@ def uvicorn_log_config() -> dict:
     cfg = copy.deepcopy(LOGGING_CONFIG)
     cfg.setdefault("filters", {})["request_id"] = {"()": "serving.logs.RequestIdFilter"}
     cfg["filters"]["secrets"] = {"()": "serving.logs.SecretFilter"}
+    cfg["filters"]["controls"] = {"()": "serving.logs.ControlCharFilter"}
     for name in ("default", "access"):
-        cfg["handlers"][name].setdefault("filters", []).extend(["request_id", "secrets"])
+        cfg["handlers"][name].setdefault("filters", []).extend(["request_id", "secrets", "controls"])
         cfg["formatters"][name]["fmt"] += "%(request)s"
     return cfg
 
 
-__all__ = ["JsonFormatter", "RequestIdFilter", "SecretFilter", "configure_logging", "current_request_id",
-           "mask_secrets", "uvicorn_log_config"]
+__all__ = ["ControlCharFilter", "JsonFormatter", "RequestIdFilter", "SecretFilter", "configure_logging",
+           "current_request_id", "escape_controls", "mask_secrets", "uvicorn_log_config"]

@@ -1547,6 +1547,29 @@ async def test_text_logs_carry_the_request_id_on_uvicorn_access_lines(tmp_path):
     assert len(masked) == 1 and masked[0].startswith("INFO:"), out
 
 
+async def test_an_upstreams_error_text_cannot_colour_the_terminal_or_forge_a_log_line(tmp_path):
+    """An upstream's error message is quoted on the request's failure line: an ANSI escape in it reached the
+    operator's terminal as it came (colouring it, moving the cursor up and erasing a line), so whoever runs the
+    upstream could hide lines or dress its text as the server's. Control characters are now written as escapes,
+    and the message stays on its request's line."""
+    forged = "2026-01-01 00:00:00,000 CRITICAL cascade.ledger: FORGED"
+    with FaultServerThread() as a:
+        a.faults({"kind": "status", "status": 500, "message": f"broke\x1b[31m\x1b[1A\x1b[2K\r\n{forged}\x9b0m"})
+        cfg = serve_config(tmp_path, [plain("t", a)], ["t"], log_level="info")
+        async with serving(cfg, tmp_path) as (client, proc):
+            r = await client.post("/v1/chat/completions",
+                                  json={"model": "cascade", "messages": [{"role": "user", "content": "hi"}]})
+            proc.send_signal(signal.SIGTERM)
+            out = (await asyncio.to_thread(proc.communicate, timeout=30))[0].decode()
+    assert r.status_code == 502, r.text
+    assert "\x1b" not in out and "\x9b" not in out and "\r" not in out, out
+    assert not any(line.startswith(forged) for line in out.splitlines()), out
+    failed = [x for x in out.splitlines() if "request failed: ProviderServerError" in x]
+    rid = r.headers["x-request-id"]
+    assert len(failed) == 1 and f"[{rid}]" in failed[0], out
+    assert failed[0].endswith(r"broke\x1b[31m\x1b[1A\x1b[2K " + forged + r"\x9b0m"), failed
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_an_api_key_sent_in_a_query_string_is_not_logged(tmp_path, log_format):
     """A client that puts its key in the request's query (``?api_key=``, ``?key=``, as Azure's and Google's APIs
