@@ -1570,6 +1570,25 @@ async def test_an_upstreams_error_text_cannot_colour_the_terminal_or_forge_a_log
     assert failed[0].endswith(r"broke\x1b[31m\x1b[1A\x1b[2K " + forged + r"\x9b0m"), failed
 
 
+async def test_a_provider_that_garbles_every_answer_logs_one_traceback_not_one_a_call(tmp_path):
+    """A malformed answer is logged with its traceback (a shape this code does not expect looks the same from
+    here), once per provider and kind: a provider garbling every answer wrote some 40 lines of the same traceback
+    for every call. Each call still has its one line, with its request's id."""
+    with FaultServerThread() as a:
+        a.faults(rate=1.0, kinds=["garbled"])
+        cfg = serve_config(tmp_path, [plain("t", a)], ["t"], log_level="info")
+        async with serving(cfg, tmp_path) as (client, proc):
+            body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
+            rs = [await client.post("/v1/chat/completions", json=body) for _ in range(6)]
+            proc.send_signal(signal.SIGTERM)
+            out = (await asyncio.to_thread(proc.communicate, timeout=30))[0].decode()
+    assert [r.status_code for r in rs] == [502] * 6, [r.text for r in rs]
+    assert out.count("Traceback (most recent call last)") == 1, out
+    lines = [x for x in out.splitlines() if "t: malformed response: JSONDecodeError" in x]
+    assert [f"[{r.headers['x-request-id']}]" in x for r, x in zip(rs, lines, strict=True)] == [True] * 6, out
+    assert all(x.endswith("(its traceback was logged at the first one)") for x in lines[1:]), lines
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_an_api_key_sent_in_a_query_string_is_not_logged(tmp_path, log_format):
     """A client that puts its key in the request's query (``?api_key=``, ``?key=``, as Azure's and Google's APIs

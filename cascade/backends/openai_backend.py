@@ -766,12 +766,22 @@ def unsendable(provider: str, exc: UnicodeEncodeError) -> ProviderAuthError:
                              "HTTP headers cannot carry); fix the tier's key", provider=provider)
 
 
+#: (provider, exception class) of the malformed answers whose traceback this process has logged
+_TRACED_MALFORMED: set[tuple[str, str]] = set()
+
+
 def malformed_response(provider: str, exc: Exception, secrets: Sequence[str] = ()) -> ProviderServerError:
     """A 200 answer this backend cannot read: the provider's fault, so the call may fall over. Logged with its
-    traceback: an answer of a shape this code does not expect looks the same from here."""
+    traceback the first time a provider's answer fails so (an answer of a shape this code does not expect looks
+    the same from here), in one line after that: a provider that garbles every answer wrote some 40 lines for
+    each call, thousands for a few hundred requests, each the same."""
     from cascade.resilience import redact
 
-    log.warning("%s: malformed response: %s", provider, type(exc).__name__, exc_info=exc)
+    traced = (provider, type(exc).__name__)
+    first = traced not in _TRACED_MALFORMED
+    _TRACED_MALFORMED.add(traced)
+    log.warning("%s: malformed response: %s%s", provider, type(exc).__name__,
+                "" if first else " (its traceback was logged at the first one)", exc_info=exc if first else None)
     return ProviderServerError(redact(f"{provider}: malformed response ({type(exc).__name__}: {exc})", secrets),
                                provider=provider, answered=True)
 
