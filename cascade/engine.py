@@ -30,6 +30,7 @@ from cascade.config import CalibratorConfig, Config, TierConfig, topk_problem
 from cascade.errors import (
     BudgetExceededError,
     CascadeError,
+    CircuitOpenError,
     ClientDisconnected,
     ConfigError,
     ContextLengthExceededError,
@@ -1286,7 +1287,10 @@ class Engine:
                     return self._serve_best(answers, f"{tier.name!r} exceeded the latency budget")
                 escalate = exc.fall_over or isinstance(exc, (ContextLengthExceededError, ProviderContextLengthError))
                 if escalate and not is_last:
-                    log.warning("tier %s failed (%s); escalating", tier.name, type(exc).__name__)
+                    # a tier skipped for its open breakers is no new failure: the breaker's opening was the warning
+                    # (and is on /metrics); one a request, it was a warning for every request answered meanwhile
+                    log.log(logging.INFO if isinstance(exc, CircuitOpenError) else logging.WARNING,
+                            "tier %s failed (%s); escalating", tier.name, type(exc).__name__)
                     continue
                 if answers and _serves_answer_in_hand(exc):
                     # the last tier failed: serve the best answer already in hand rather than nothing

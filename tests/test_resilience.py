@@ -1589,6 +1589,25 @@ async def test_a_provider_that_garbles_every_answer_logs_one_traceback_not_one_a
     assert all(x.endswith("(its traceback was logged at the first one)") for x in lines[1:]), lines
 
 
+async def test_requests_escalated_past_an_open_breaker_are_not_a_warning_each(tmp_path):
+    """A tier whose breaker is open fails fast, and the request goes on to the next tier: that was a warning per
+    request ("tier a failed (CircuitOpenError); escalating"), so at log_level warning a breaker open for a minute
+    wrote one for every request answered meanwhile. The breaker's opening is the warning; the skips are info."""
+    with FaultServerThread() as fs:
+        fs.faults("500")
+        a = rtier("a", [prov("pa", fs)], retry={"max_attempts": 1}, breaker={"failure_threshold": 1, "cooldown_s": 60})
+        cfg = serve_config(tmp_path, [a, plain("b", fs)], ["a", "b"])  # (log_level: warning)
+        async with serving(cfg, tmp_path) as (client, proc):
+            body = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}
+            rs = [await client.post("/v1/chat/completions", json=body) for _ in range(8)]
+            proc.send_signal(signal.SIGTERM)
+            out = (await asyncio.to_thread(proc.communicate, timeout=30))[0].decode()
+    assert [r.status_code for r in rs] == [200] * 8 and {r.json()["model"] for r in rs} == {"b"}, out
+    assert out.count("circuit breaker of provider pa opened") == 1, out
+    assert out.count("tier a failed (ProviderServerError); escalating") == 1, out
+    assert "CircuitOpenError" not in out, out
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_an_api_key_sent_in_a_query_string_is_not_logged(tmp_path, log_format):
     """A client that puts its key in the request's query (``?api_key=``, ``?key=``, as Azure's and Google's APIs
