@@ -71,6 +71,9 @@ log = logging.getLogger("cascade.engine")
 #: "refresh" it (answer afresh, store the answer) or "bypass" it (neither read nor store)
 CACHE_MODES = ("use", "refresh", "bypass")
 
+#: while the ledger cannot be written, how often (seconds) the reason its requests are refused is logged again
+LEDGER_REFUSAL_LOG_S = 60.0
+
 #: the tasks of this chain of contexts that ran requests, each with its engine (weak references both). A task made by
 #: ``create_task``, ``wait_for`` (3.11) or ``gather`` starts with a copy of its creator's context, so
 #: :meth:`Engine.close` called in one knows the tasks it was called on behalf of (:meth:`Engine._closer_family`).
@@ -292,6 +295,8 @@ class Engine:
         self.reload_listeners: list[Callable[[dict], None]] = []
         #: set by :meth:`abort_in_flight`: why requests cancelled from now on were cancelled
         self._aborted: CascadeError | None = None
+        #: when (monotonic) :meth:`check_ledger` last logged why it refuses requests: said once, not once a request
+        self._ledger_refused_logged: float | None = None
         #: answers given again to the same greedy request (cascade/cache.py); None when ``cache.enabled`` is off
         self.cache = (ResponseCache(config.cache.max_entries, config.cache.ttl_s, config.cache.max_bytes)
                       if config.cache.enabled else None)
@@ -1035,8 +1040,14 @@ class Engine:
         said so) and a probe, shared by the requests arriving meanwhile, agrees: the HTTP layer asks before
         it reads the ledger to admit a request (the daily spend limits), so that it is refused at once."""
         if self.ledger.unavailable is None or (why := await self.ledger.probe()) is None:
+            self._ledger_refused_logged = None  # the next outage is said as it starts
             return
-        log.warning("request refused: %s", why)
+        now = time.monotonic()
+        if self._ledger_refused_logged is None or now - self._ledger_refused_logged >= LEDGER_REFUSAL_LOG_S:
+            # why requests are refused, once a minute while it lasts (each refusal has its own line; /ready says
+            # the reason of the moment)
+            log.warning("requests refused while the ledger cannot record them: %s", why)
+            self._ledger_refused_logged = now
         raise LedgerUnavailableError("the ledger cannot record requests now, so this one was refused before any "
                                      "model was called: repeat it shortly")
 

@@ -263,10 +263,11 @@ def test_ready_is_503_while_another_process_holds_the_sqlite_write_lock(tmp_path
         assert httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30).status_code == 502
 
 
-def test_requests_are_refused_before_any_model_call_while_the_ledger_cannot_be_written(tmp_path):
+def test_requests_are_refused_before_any_model_call_while_the_ledger_cannot_be_written(tmp_path, caplog):
     """Once a write has failed, a request is refused with a 503 (Retry-After) before any tier runs: its
     answer could not be accounted, and a hosted tier would be paid for it. The refusal's row is written
-    once the lock goes, and a request then is answered again."""
+    once the lock goes, and a request then is answered again. Why they are refused is logged once, not once
+    a refusal (an outage under load would be a warning per request, twice over with each refusal's own)."""
     import httpx
 
     from serving import create_app
@@ -290,6 +291,10 @@ def test_requests_are_refused_before_any_model_call_while_the_ledger_cannot_be_w
                 assert r.json()["error"]["code"] == "ledger_unavailable" and r.headers["retry-after"] == "1"
                 assert took < 4 and calls() == 2  # refused by the probe's verdict: no model was called
                 refused = r.headers["x-request-id"]
+                for _ in range(3):
+                    r = httpx.post(srv.url + "/v1/chat/completions", json=_BODY, timeout=30)
+                    assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable", r.text
+                assert caplog.text.count("requests refused while the ledger cannot record them") == 1
                 # a request's own fault is told as itself (it was a 503, to repeat a request that cannot pass)
                 r = httpx.post(srv.url + "/v1/chat/completions", json={**_BODY, "model": "nope"}, timeout=30)
                 assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
