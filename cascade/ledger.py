@@ -78,6 +78,11 @@ HEARTBEAT_S = 15.0
 #: of them), or at once where it can see that the process is gone (same machine). Its requests in flight are then
 #: written as errors ``Interrupted``
 STALE_S = 120.0
+#: :meth:`Ledger.prune_sync`: requests deleted per transaction (a few thousand: each batch's transaction is short, so
+#: that servers writing to the ledger meanwhile wait for none of them long) ...
+PRUNE_BATCH = 2000
+#: ... and the tables it deletes from: the requests, then those of rows referencing a request
+PRUNED_TABLES = ("requests", "attempts", "feedback", "shadow_decisions", "shadow_attempts")
 #: the error class of a request whose process died before it finished (see :meth:`Ledger.journal`)
 INTERRUPTED = "Interrupted"
 #: a request is journaled this long after a tier call starts, if it has not finished by then: most finish
@@ -1907,6 +1912,76 @@ class Ledger:
 
     async def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         return await self._call(self.execute, sql, tuple(params))
+
+    # --- retention --------------------------------------------------------------------------------
+    def prune_sync(self, before: float, *, dry_run: bool = False, batch: int = PRUNE_BATCH) -> dict[str, int]:
+        """Delete the requests created before ``before`` (00:00 UTC of a day, yesterday's at the latest) with every
+        row that references them (:data:`PRUNED_TABLES`), and the days of ``spend_daily`` before it. Returns the rows
+        deleted per table; ``dry_run``: the rows that would be, counted in one snapshot, nothing written.
+
+        While servers write to the ledger: ``batch`` requests per transaction, each short (on SQLite the write lock
+        is held for one batch, then let go for as long again, at least 0.1 s: a server's write waiting for it
+        gets in), so a server's write waits one batch at most, far less than its ``timeout_s``. The requests of
+        today and yesterday (UTC) are never deleted: the daily spend limits and the shadows' budgets read today's
+        rows, a ledger migrated to schema 8 seeds ``spend_daily`` from yesterday's, and the sweep of spend holds
+        reaches back to yesterday. ``inflight``, ``instances``, ``spend_holds`` and ``meta`` are left alone (rows of the
+        processes serving now). On the caller's thread, on a ledger opened with :meth:`open_existing_sync`
+        (reading commands' connection: nothing migrated) whose schema is this version's."""
+        day = _day_of(before)
+        if before > utc_day_start() - 86400.0:
+            raise ValueError("prune keeps today's and yesterday's rows (UTC): the cut is yesterday's 00:00 at the "
+                             "latest")
+        if batch < 1:
+            raise ValueError(f"prune batch must be at least 1, not {batch!r}")
+        d, what = self.dialect, _redact(self.target)
+        version = self.execute("SELECT value FROM meta WHERE key = ?", ("schema_version",))
+        if not version or str(version[0][0]) != str(SCHEMA_VERSION):
+            raise LedgerError(f"ledger {what} has schema version {version[0][0] if version else None}, not this "
+                              f"cascade-engine's ({SCHEMA_VERSION}): prune it with the version that serves it, or once "
+                              "a server of this version has migrated it")
+        if dry_run:
+            with self.snapshot():
+                counts = {"requests": self.execute("SELECT COUNT(*) FROM requests WHERE created_at < ?",
+                                                   (before,))[0][0]}
+                for table in PRUNED_TABLES[1:]:
+                    counts[table] = self.execute(f"SELECT COUNT(*) FROM {table} t JOIN requests r ON r.request_id = "
+                                                 "t.request_id WHERE r.created_at < ?", (before,))[0][0]
+                counts["spend_daily"] = self.execute("SELECT COUNT(*) FROM spend_daily WHERE day < ?", (day,))[0][0]
+            return {k: int(v) for k, v in counts.items()}
+        conn = self._require()
+        counts = dict.fromkeys((*PRUNED_TABLES, "spend_daily"), 0)
+        # the requests oldest first, by their created_at index; PostgreSQL: their rows locked, so that feedback
+        # given on one meanwhile waits for this transaction (then is refused: the request is gone) rather than adding
+        # a row that references it between the deletes below, which would fail the batch
+        pick = d.sql("SELECT request_id FROM requests WHERE created_at < ? ORDER BY created_at LIMIT ?"
+                     + (" FOR UPDATE" if d.name == "postgresql" else ""))
+        try:
+            if d.name == "sqlite":  # (a reading connection: on, a row left referencing a request fails its batch)
+                conn.execute("PRAGMA foreign_keys=ON")
+            while True:
+                started = time.monotonic()
+                with d.transaction(conn):
+                    if d.name == "postgresql":  # a lock held elsewhere fails the command, never hangs it
+                        conn.execute(f"SET LOCAL lock_timeout = {max(1, int(self.timeout_s * 1000))}")
+                    ids = [r[0] for r in conn.execute(pick, (before, batch)).fetchall()]
+                    marks = ", ".join("?" * len(ids))
+                    for table in (*PRUNED_TABLES[1:], "requests") if ids else ():  # the rows referencing them first
+                        counts[table] += conn.execute(d.sql(f"DELETE FROM {table} WHERE request_id IN ({marks})"),
+                                                      ids).rowcount
+                if len(ids) < batch:
+                    break
+                if d.name == "sqlite":
+                    time.sleep(max(0.1, time.monotonic() - started))
+            for (old,) in conn.execute(d.sql("SELECT DISTINCT day FROM spend_daily WHERE day < ? ORDER BY day"),
+                                       (day,)).fetchall():  # one day's totals a transaction
+                with d.transaction(conn):
+                    counts["spend_daily"] += conn.execute(d.sql("DELETE FROM spend_daily WHERE day = ?"),
+                                                          (old,)).rowcount
+        except d.errors as exc:
+            done = ", ".join(f"{n} {t}" for t, n in counts.items() if n) or "nothing"
+            raise LedgerError(f"pruning ledger {what} failed (deleted until then: {done}): "
+                              f"{_redact_in(str(exc), self.target)}") from exc
+        return counts
 
     # --- requests in flight -------------------------------------------------------------------------
     def journal(self, request_id: str, snapshot: Callable[[], CascadeRecord]) -> None:

@@ -1,9 +1,11 @@
-"""Operations commands: ``cascade report``, ``cascade shadow report`` and ``cascade recalibrate``.
+"""Operations commands: ``cascade report``, ``cascade shadow report``, ``cascade recalibrate`` and ``cascade ledger
+prune``.
 
     cascade report [--by tier|policy|key|user|day|endpoint|meta:KEY] [--since 7d] [--json|--csv] [--plot PNG] [--config F] [--ledger L]
     cascade shadow report [--since 24h] [--json] [--top N] [--config F] [--ledger L]
     cascade recalibrate --from-ledger [--tier T] [--since 30d] [--min-samples N] [--method M] [--out ARTIFACT]
                         [--activate] [--json] [--config F] [--ledger L]
+    cascade ledger prune (--before YYYY-MM-DD | --older-than-days N) [--dry-run] [--json] [--config F] [--ledger L]
 
 ``--ledger`` takes a SQLite path or a ``postgresql://`` URL and overrides the config's ``ledger.path``.
 Plugged into ``cascade.cli`` through ``add_cli(subparsers)``.
@@ -12,8 +14,10 @@ Plugged into ``cascade.cli`` through ``add_cli(subparsers)``.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from typing import Any
 from cascade.cli import non_negative_int
 from cascade.config import Config, config_file, load_config
 from cascade.errors import ConfigError
-from cascade.ledger import Ledger, _redact
+from cascade.ledger import Ledger, _redact, utc_day_start
 from cascade.paths import expand_path
 
 
@@ -155,6 +159,64 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- cascade ledger prune --------------------------------------------------------------------------
+
+
+def _day(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).date().isoformat()
+
+
+def prune_cut(before: str | None, older_than_days: int | None, now: float | None = None) -> tuple[float, str]:
+    """The cut of ``cascade ledger prune`` as UNIX time (00:00 UTC of a day) and the flag that gave it, for
+    messages; a ConfigError for a date that is none, or a cut in the future or within the last 2 UTC days."""
+    today = utc_day_start(now)
+    if before is not None:
+        try:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", before):
+                raise ValueError
+            cut = dt.datetime.strptime(before, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
+        except ValueError:
+            raise ConfigError(f"--before {before}: not a date (YYYY-MM-DD: requests created before 00:00 UTC of "
+                              "that day are deleted)") from None
+        flag = f"--before {before}"
+    else:
+        assert older_than_days is not None
+        cut = today - older_than_days * 86400.0
+        flag = f"--older-than-days {older_than_days} (before {_day(cut)})"
+    if cut > today:
+        raise ConfigError(f"{flag}: in the future (today is {_day(today)}, UTC)")
+    if cut > today - 86400:
+        raise ConfigError(f"{flag}: within the last 2 UTC days ({_day(today - 86400)} and {_day(today)}), whose rows "
+                          f"the daily spend limits and shadow budgets read; the latest cut is --before "
+                          f"{_day(today - 86400)} (--older-than-days 1)")
+    return cut, flag
+
+
+def cmd_ledger_prune(args: argparse.Namespace) -> int:
+    cut, _ = prune_cut(args.before, args.older_than_days)
+    cfg = _config(args) if args.config is not None else None  # one named on the command line is checked too
+    ledger = _open_ledger(args, cfg)
+    try:
+        rows = ledger.prune_sync(cut, dry_run=args.dry_run)
+    finally:
+        ledger.close_sync()
+    rep = {"ledger": _redact(ledger.target), "before": _day(cut), "before_unix": cut, "dry_run": args.dry_run,
+           "rows": rows}
+    if args.json:
+        _print_json(rep)
+        return 0
+    print(f"{'would delete' if args.dry_run else 'deleted'} from ledger {rep['ledger']}: the requests created "
+          f"before {rep['before']} 00:00 UTC and the rows referencing them, and the daily spend totals of the days "
+          "before it")
+    width = max(map(len, rows))
+    for table, n in rows.items():
+        print(f"  {table:<{width}}  {n}")
+    if not args.dry_run and any(rows.values()) and ledger.dialect.name == "sqlite":
+        print("(SQLite reuses the freed pages for new rows; the file shrinks only with VACUUM, which takes the "
+              "write lock for its whole run: run it while no server writes)")
+    return 0
+
+
 # --- wiring ----------------------------------------------------------------------------------------
 
 
@@ -212,3 +274,19 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                         "the tier escalated)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_recalibrate)
+
+    s = sub.add_parser("ledger", help="ledger maintenance")
+    lsub = s.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
+    lsub.required = True
+    p = lsub.add_parser("prune", help="delete the requests created before a day, with their attempts, feedback "
+                                      "and shadow rows, in short transactions (servers may go on writing)")
+    p.add_argument("--config", help="config YAML (default: $CASCADE_CONFIG or the embedded CPU default)")
+    p.add_argument("--ledger", help="ledger: a SQLite path or a postgresql:// URL (default: the config's)")
+    cut = p.add_mutually_exclusive_group(required=True)
+    cut.add_argument("--before", metavar="YYYY-MM-DD",
+                     help="delete the requests created before 00:00 UTC of this day (yesterday at the latest)")
+    cut.add_argument("--older-than-days", type=int, metavar="N",
+                     help="the same with the day N days before today, UTC (1 at least: today and yesterday stay)")
+    p.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    p.set_defaults(func=cmd_ledger_prune)
