@@ -150,6 +150,42 @@ def test_equal_mass_ece_does_not_depend_on_the_order_of_tied_rows():
         half, np.tile([0.0, 1.0], 15), strategy="quantile")
 
 
+def _equal_mass_bins_reference(p: np.ndarray, n_bins: int) -> np.ndarray:
+    """The bin of every row, one distinct value at a time: sorted position i belongs to bin i * n_bins // n, and
+    a run of tied values goes whole to the bin of its middle position (the lower middle of an even run)."""
+    n = p.size
+    out = np.empty(n, dtype=int)
+    pos = 0
+    for v in sorted(set(p.tolist())):
+        rows = [i for i in range(n) if p[i] == v]
+        mid = pos + (len(rows) - 1) // 2
+        out[rows] = min(mid * n_bins // n, n_bins - 1)
+        pos += len(rows)
+    return out
+
+
+def test_equal_mass_bins_split_by_rank_and_keep_a_tied_run_in_the_bin_of_its_middle():
+    # five distinct values in two bins: ranks 0-2 and 3-4 (not 0-1 and 2-4)
+    b = metrics.reliability_bins([0.1, 0.2, 0.3, 0.4, 0.5], [0, 0, 1, 1, 1], n_bins=2, strategy="quantile")
+    assert b["count"].tolist() == [3.0, 2.0]
+    assert metrics.ece([0.1, 0.2, 0.3, 0.4, 0.5], [0, 0, 1, 1, 1], n_bins=2, strategy="quantile") == pytest.approx(
+        0.6 * abs(0.2 - 1 / 3) + 0.4 * abs(0.45 - 1.0))
+    # a run of three ties at ranks 2-4 straddles the two bins: its middle rank, 3, puts all of it in the upper one
+    b = metrics.reliability_bins([0.5, 0.1, 0.5, 0.9, 0.15, 0.5], [1, 0, 0, 1, 0, 1], n_bins=2, strategy="quantile")
+    assert b["count"].tolist() == [2.0, 4.0]
+    assert b["confidence"].tolist() == pytest.approx([0.125, 0.6]) and b["accuracy"].tolist() == [0.0, 0.75]
+    rng = np.random.default_rng(3)
+    for n, n_bins in ((10, 3), (37, 15), (200, 7), (64, 10)):
+        p = np.round(rng.uniform(0, 1, n), 1)  # ties everywhere
+        y = (rng.random(n) < p).astype(float)
+        ref = _equal_mass_bins_reference(p, n_bins)
+        b = metrics.reliability_bins(p, y, n_bins, "quantile")
+        assert b["count"].tolist() == np.bincount(ref, minlength=n_bins).astype(float).tolist()
+        gaps = [abs(p[ref == k].mean() - y[ref == k].mean()) * (ref == k).sum() / n for k in range(n_bins)
+                if (ref == k).any()]
+        assert metrics.ece(p, y, n_bins, "quantile") == pytest.approx(sum(gaps))
+
+
 def test_histogram_bins_and_isotonic_shrinkage():
     score, y = _synthetic(3000, 1.0, seed=7)
     h = HistogramBinning(n_bins=5).fit(score, y)
