@@ -332,7 +332,10 @@ class PlattScaling(Calibrator):
     def fit(self, scores: Any, correct: Any) -> "PlattScaling":
         z, y = _fit_arrays(scores, correct)
         w = _newton_logistic(np.column_stack([np.ones_like(z), z]), y)
-        self.b, self.a = float(w[0]), float(w[1])
+        # a score with one value (every answer at logprob 0, or below the floor) has no slope to fit: Newton leaves
+        # one of +-1e-13 by rounding, whose sign would rank answers (an AUROC of 0.0004 or 0.9996) on a score
+        # that ranks nothing
+        self.b, self.a = float(w[0]), float(w[1]) if z.min() < z.max() else 0.0
         return self
 
     def predict(self, scores: Any) -> np.ndarray:

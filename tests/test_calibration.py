@@ -99,6 +99,16 @@ def test_nonparametric_calibrators_monotone_and_reduce_ece(cls):
     assert calibrated < 0.03 and calibrated < raw / 3
 
 
+@pytest.mark.parametrize("score", [0.0, -0.5, -1e300])
+def test_platt_on_a_score_with_one_value_has_no_slope_and_ranks_nothing(score):
+    # every answer at one score (a provider that sends logprob 0, or all below the floor): no slope can be fit
+    y = np.tile([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0], 5)
+    cal = PlattScaling().fit(np.full(y.size, score), y)
+    assert cal.a == 0.0 and cal.fit_warnings()
+    new = np.linspace(-5.0, 0.0, 50)
+    assert np.all(cal.predict(new) == cal.predict([score])[0])
+    assert metrics.auroc(cal.predict(new), new > -2.5) == 0.5  # not 0.0004 nor 0.9996 by a rounding's sign
+
 def test_one_impossible_answer_does_not_turn_a_platt_fit_around():
     """Scores are floored at a probability of 1e-6: a right answer at a log-probability of -inf (or a provider's
     -9999) weighs as one at -13.8, not as an outlier that drags the slope flat or negative."""
