@@ -255,7 +255,10 @@ class TemperatureScaling(Calibrator):
         a, b = hi - g * (hi - lo), lo + g * (hi - lo)
         fa, fb = nll(a), nll(b)
         for _ in range(100):
-            if fa < fb:
+            # a tie goes to the lower temperature: where the score separates right from wrong answers, every
+            # answer reaches the clip below some T and the NLL is flat there (it would keep falling towards T -> 0),
+            # so the fit ends at the bottom of its range, as fit_warnings expects, not at the edge of the flat part
+            if fa <= fb:
                 hi, b, fb = b, a, fa
                 a = hi - g * (hi - lo)
                 fa = nll(a)

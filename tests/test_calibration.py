@@ -69,6 +69,16 @@ def test_a_fit_at_its_bounds_or_ranking_backwards_is_reported():
     assert backwards.a < 0 and "does not rank answers" in backwards.fit_warnings()[0]
 
 
+def test_labels_the_score_separates_with_a_gap_take_the_temperature_to_its_bottom():
+    # no answer near the cut (logit of every score beyond +-3): below T = 3 / 27.6 every answer is at the NLL's
+    # clip, the NLL flat; the fit must still end at the bottom of its range and say so, not at T ~ 0.11
+    score, _ = _synthetic(4000, 1.0, seed=5)
+    score = score[np.abs(score_to_logit(score)) > 3.0]
+    exact = (score > np.log(0.5)).astype(float)
+    cal = TemperatureScaling().fit(score, exact)
+    assert cal.temperature == pytest.approx(TemperatureScaling.T_MIN)
+    assert "bottom of its range" in cal.fit_warnings()[0]
+
 def test_temperature_scaling_with_netcal_matches():
     pytest.importorskip("netcal")
     score, y = _synthetic(20000, 2.0, seed=2)
