@@ -28,6 +28,7 @@ from calibration.selection import cross_val_predict, kfold_indices, select_calib
 from calibration.thresholds import (
     TierArrays,
     best_single_threshold,
+    evaluate_grid,
     oracle_outcome,
     quality_lower_bound,
     run_policy,
@@ -635,3 +636,51 @@ def test_isotonic_knot_sits_at_the_weighted_mean_score_of_its_block():
     iso = IsotonicCalibrator(prior_strength=0.0).fit(s, y)
     z = score_to_logit(s)
     assert iso.knots_x[0] == pytest.approx((z[0] + 9 * z[1]) / 10)
+
+
+def test_features_against_numpy_on_known_tokens():
+    from types import SimpleNamespace as T
+
+    from calibration.features import extract_features
+
+    lps = np.array([-0.1, -0.7, -0.2, -2.0, -0.05, -0.4, -1.3])
+    # each token's alternatives, most likely first or not: the margin is top1 - top2, the entropy of the top-k
+    tops = [[-0.1, -2.5, -3.0], [-0.9, -0.7, -4.0, -5.0], [-0.2, -1.8], [], [-0.05, -3.5, -3.6], [-0.4, -1.2, -2.2],
+            [-1.3, -0.5, -2.0]]
+    toks = [T(logprob=lp, top=[T(logprob=a) for a in top]) for lp, top in zip(lps, tops)]
+
+    def entropy(alts):
+        q = np.exp(alts) / np.exp(alts).sum()
+        return float(-(q * np.log(q)).sum())
+
+    for k in (None, 2, 3):
+        f = extract_features(toks, top_k=k)
+        kept = [sorted(t, reverse=True)[:k] for t in tops if t]
+        assert f["mean_logprob"] == pytest.approx(lps.mean()) and f["sum_logprob"] == pytest.approx(lps.sum())
+        assert f["min_logprob"] == lps.min() and f["first_token_logprob"] == lps[0] and f["n_tokens"] == 7
+        assert f["q10_logprob"] == pytest.approx(np.quantile(lps, 0.10))
+        assert f["q25_logprob"] == pytest.approx(np.quantile(lps, 0.25))
+        assert f["first_token_prob"] == pytest.approx(math.exp(-0.1))
+        assert f["mean_margin"] == pytest.approx(np.mean([a[0] - a[1] for a in kept]))
+        assert f["mean_topk_entropy"] == pytest.approx(np.mean([entropy(np.array(a)) for a in kept]))
+
+
+def test_run_policy_accepts_a_score_equal_to_its_threshold_as_the_search_does():
+    # the engine accepts at confidence >= threshold; the replay (run_policy) and the search (evaluate_grid) alike
+    t1 = TierArrays("a", np.array([0.5, 0.5 - 1e-12, 0.75]), np.array([1.0, 1.0, 0.0]), np.full(3, 1.0))
+    t2 = TierArrays("b", np.array([0.5, 0.25, 0.5]), np.array([0.0, 1.0, 1.0]), np.full(3, 3.0))
+    t3 = TierArrays("c", np.zeros(3), np.ones(3), np.full(3, 10.0))
+    out = run_policy([t1, t2, t3], [0.5, 0.5])
+    assert out.stop.tolist() == [0, 2, 0] and out.cost.tolist() == [1.0, 14.0, 1.0]
+    q, c, _, _ = evaluate_grid([t1, t2, t3], np.array([[0.5, 0.5]]), t3.correct)
+    assert q[0] == pytest.approx(out.quality) and c[0] == pytest.approx(out.mean_cost)
+
+
+def test_z_for_a_level_not_in_the_table_is_the_normal_quantile():
+    from statistics import NormalDist
+
+    from calibration.thresholds import z_for
+
+    for level in (0.7, 0.93, 0.999):
+        assert z_for(level) == pytest.approx(NormalDist().inv_cdf(level)) and z_for(level) > 0
+    assert z_for(0.9) == pytest.approx(NormalDist().inv_cdf(0.9), abs=1e-4)
