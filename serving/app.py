@@ -180,7 +180,9 @@ def create_app(config: Config, *, engine: Engine | None = None, preload: bool = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
         app.state.engine = engine if engine is not None else await Engine.open(config, preload=preload)
-        app.state.started_at = time.time()
+        app.state.started_at = time.time()  # (the models' "created")
+        # uptime by the monotonic clock: a step of the wall clock (NTP, a VM resumed) made it negative or a jump
+        app.state.started_monotonic = time.monotonic()
         app.state.metrics = Metrics(drift=config.drift, models=app.state.engine.model_names())
         app.state.metrics.watch_cache(app.state.engine.cache)
         app.state.metrics.watch_breakers(app.state.engine.tiers)

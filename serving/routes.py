@@ -754,7 +754,7 @@ async def metrics(request: Request) -> Response:
 @router.head("/health", include_in_schema=False)  # load balancers' health checks use HEAD
 @router.get("/health")
 async def health(request: Request) -> dict:
-    return {"status": "ok", "uptime_s": round(time.time() - request.app.state.started_at, 3)}
+    return {"status": "ok", "uptime_s": round(time.monotonic() - request.app.state.started_monotonic, 3)}
 
 
 @router.head("/ready", include_in_schema=False)  # load balancers' health checks use HEAD

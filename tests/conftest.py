@@ -106,6 +106,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: a library for LD_PRELOAD moving CLOCK_REALTIME by the whole seconds written in $JUMP_FILE (read at each call):
+#: a step of the wall clock (NTP, a VM resumed) in the processes started with it, the machine's clock left alone
+_CLOCK_STEP_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    static int (*real)(clockid_t, struct timespec *);
+    if (!real) real = dlsym(RTLD_NEXT, "clock_gettime");
+    int r = real(id, ts);
+    const char *p = getenv("JUMP_FILE"); FILE *f; long s = 0;
+    if (r == 0 && id == CLOCK_REALTIME && p && (f = fopen(p, "r"))) {
+        if (fscanf(f, "%ld", &s) != 1) s = 0;
+        fclose(f);
+        ts->tv_sec += s;
+    }
+    return r;
+}
+"""
+
+
+def clock_step(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The environment that gives a subprocess a wall clock to step, and the file to write the step to (seconds,
+    0 at first): write "-3600" and its time.time() is an hour back, its monotonic clock unmoved. Skips the test
+    where no C compiler builds the library."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the clock-step library")
+    src, lib, jump = tmp_path / "clock_step.c", tmp_path / "clock_step.so", tmp_path / "clock_step"
+    src.write_text(_CLOCK_STEP_C)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True)
+    jump.write_text("0")
+    return {"LD_PRELOAD": str(lib), "JUMP_FILE": str(jump)}, jump
+
+
 class ServerThread:
     """A real uvicorn server on 127.0.0.1 in a background thread (as httpx's own tests do)."""
 

@@ -1074,3 +1074,36 @@ def test_options_before_the_subcommand_are_explained(argv, needle, capsys):
 def test_a_mistyped_subcommand_gets_no_option_order_hint(capsys):
     err = one_error(cli(capsys, "shadow", "rep"), "invalid choice: 'rep' (choose from 'report')")
     assert "comes before" not in err
+
+
+def test_health_uptime_holds_when_the_wall_clock_steps_back(tmp_path):
+    """GET /health's uptime_s was the wall clock's now less its start: an hour's step back (NTP correcting a VM's
+    clock) made it -3600 s. It is counted on the monotonic clock, which no step moves."""
+    import httpx
+
+    from tests.conftest import clock_step
+
+    step_env, jump = clock_step(tmp_path)
+    p = tmp_path / "c.yaml"
+    p.write_text(f"ledger: {{path: {tmp_path / 'ledger.sqlite'}}}\n"
+                 "tiers: [{name: remote, backend: openai, model: m, options: {base_url: 'http://127.0.0.1:9/v1'}, "
+                 "price: {input_per_1m: 1, output_per_1m: 2}}]\npolicies: {cascade: {chain: [remote]}}\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(p), "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **step_env})
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/health", time.monotonic() + 60
+        while True:
+            try:
+                before = httpx.get(url, timeout=5).json()["uptime_s"]
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+                time.sleep(0.1)
+        jump.write_text("-3600")
+        after = httpx.get(url, timeout=5).json()["uptime_s"]
+        assert before <= after < before + 30, (before, after)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
