@@ -972,7 +972,8 @@ class Engine:
         try:
             route = self.resolve(model)
             rec.policy = route.name
-            return route, await self._run_route(route, request, rec, budget or Budget(), stream_last=stream_last)
+            return route, await self._run_route(route, request, rec, budget or Budget(), t0,
+                                                stream_last=stream_last)
         except CascadeError as exc:
             await self._record_failure(rec, exc, route, t0)
             raise
@@ -1257,7 +1258,7 @@ class Engine:
         return best
 
     async def _run_route(self, route: Route, request: GenerationRequest, rec: CascadeRecord, budget: Budget,
-                         *, stream_last: bool = False) -> "GenerationResult | _Live":
+                         t0: float, *, stream_last: bool = False) -> "GenerationResult | _Live":
         answers: list[tuple[Attempt, GenerationResult]] = []
         last_error: CascadeError | None = None
         n = len(route.tiers)
@@ -1282,7 +1283,7 @@ class Engine:
                     return self._serve_best(answers, refusal)
                 raise BudgetExceededError(f"request refused: {refusal}")
             timeout = tc.timeout_s if budget.latency_s is None else min(tc.timeout_s, budget.latency_s)
-            self._journal(rec, tier, req, route)
+            self._journal(rec, tier, req, route, t0)
             if is_last and stream_last:
                 return _Live(tier=tier, request=req, attempt=att, answers=answers, timeout=timeout, budget=budget,
                              calibrator=route.calibrator(i), original=request)
@@ -1363,7 +1364,7 @@ class Engine:
         att.features = extract_features(res.tokens if res.text else (), top_k=tier.config.top_logprobs)
         return res
 
-    def _journal(self, rec: CascadeRecord, tier: Tier, req: GenerationRequest, route: Route) -> None:
+    def _journal(self, rec: CascadeRecord, tier: Tier, req: GenerationRequest, route: Route, t0: float) -> None:
         """As ``tier`` is called (its attempt the last of ``rec``): how the ledger is to record the request should
         this process die before the request's own row is written (:meth:`Ledger.journal`, which makes it only
         for a request still in flight a moment later): the attempts made so far, and this call, if still in
@@ -1391,8 +1392,9 @@ class Engine:
             for a in snap.attempts:
                 a.kept = False
             snap.status, snap.error_class, snap.error_message = "error", INTERRUPTED, "not finished"
-            self._finish(snap, route=route, t0=time.perf_counter())
-            snap.latency_ms = max(0.0, (time.time() - snap.created_at) * 1e3)
+            # its latency so far by the request's own monotonic start (``t0``), as its row's would be: the wall
+            # clock since created_at took a step of the clock (NTP) between them for time the request ran
+            self._finish(snap, route=route, t0=t0)
             return snap
 
         self.ledger.journal(rec.request_id, snapshot)

@@ -45,12 +45,15 @@ def _rows(path, sql: str, *params) -> list[tuple]:
 
 
 async def _kill_while_the_last_tier_answers(tmp_path, *, journal: bool, stream: bool = False,
-                                           big_fault: str = "stall:60") -> None:
+                                           big_fault: str = "stall:60", step: tuple | None = None) -> None:
     """`cascade serve` on a two-tier chain (the first escalates, the second stalls); a request sent;
     nothing but a client's; the server killed with SIGKILL while the second tier works on it (once its journal row shows
-    both attempts, when journaling), then started again on the same ledger, until healthy."""
+    both attempts, when journaling), then started again on the same ledger, until healthy. ``step``: (the
+    :func:`tests.conftest.clock_step` file, seconds), the wall clock stepped while the first tier answers (in 1 s)."""
     with FaultServerThread(logprob=-2.0) as small, FaultServerThread() as big:
         big.faults(big_fault)
+        if step is not None:
+            small.faults("slow:1")
         cfg = serve_config(tmp_path, [_tier("small", small, 0.9), _tier("big", big, 0.0)], ["small", "big"])
         cfg["ledger"]["journal"] = journal
         ledger = tmp_path / "ledger.sqlite"
@@ -59,6 +62,11 @@ async def _kill_while_the_last_tier_answers(tmp_path, *, journal: bool, stream: 
                     "stream": stream}
             task = asyncio.create_task(client.post("/v1/chat/completions", json=body))
             deadline = time.monotonic() + 30
+            if step is not None:
+                while small.stats()["requests"] < 1:
+                    assert time.monotonic() < deadline and not task.done()
+                    await asyncio.sleep(0.05)
+                step[0].write_text(str(step[1]))
             while big.stats()["requests"] < 1:  # the second tier is working on it
                 assert time.monotonic() < deadline and not task.done()
                 await asyncio.sleep(0.05)
@@ -117,6 +125,20 @@ async def test_a_stream_in_flight_when_its_server_is_killed_is_recorded_too(tmp_
     (tier, decision, kept, prompt, cost), = _rows(ledger, "SELECT tier, decision, kept, prompt_tokens, cost_usd "
                                                   "FROM attempts WHERE idx = 1")
     assert (tier, decision, kept) == ("big", "error", 0) and prompt > 0 and cost == pytest.approx(prompt * 1000.0 / 1e6)
+
+
+async def test_a_step_of_the_wall_clock_is_no_latency_of_a_killed_servers_request(tmp_path, monkeypatch):
+    """The interrupted row's latency was the wall clock's since the request began: a step of an hour forward (NTP)
+    while its first tier answered recorded 3,600 s for a request that ran a second or two. It is now counted on
+    the monotonic clock, as an answered request's is."""
+    from tests.conftest import clock_step
+
+    step_env, jump = clock_step(tmp_path)
+    for name, value in step_env.items():  # (for the servers started: this process has loaded its libraries)
+        monkeypatch.setenv(name, value)
+    await _kill_while_the_last_tier_answers(tmp_path, journal=True, step=(jump, 3600))
+    (error_class, latency_ms), = _rows(tmp_path / "ledger.sqlite", "SELECT error_class, latency_ms FROM requests")
+    assert error_class == INTERRUPTED and 1000 <= latency_ms < 60_000, latency_ms
 
 
 async def test_without_the_journal_a_killed_servers_request_is_lost(tmp_path):
