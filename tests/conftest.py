@@ -141,7 +141,9 @@ def clock_step(tmp_path: Path) -> tuple[dict[str, str], Path]:
         pytest.skip("no C compiler to build the clock-step library")
     src, lib, jump = tmp_path / "clock_step.c", tmp_path / "clock_step.so", tmp_path / "clock_step"
     src.write_text(_CLOCK_STEP_C)
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True)
+    built = subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], capture_output=True, text=True)
+    if built.returncode != 0:  # a compiler without the C library's headers
+        pytest.skip(f"the clock-step library did not build: {built.stderr.strip()[-200:]}")
     jump.write_text("0")
     return {"LD_PRELOAD": str(lib), "JUMP_FILE": str(jump)}, jump
 
