@@ -113,6 +113,18 @@ class ControlCharFilter(_LineFilter):
     clean = staticmethod(escape_controls)
 
 
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT` with the time in UTC, ISO 8601 with milliseconds (``2026-12-07T19:22:10.101Z``): the
+    clock the ledger's days, the daily spend limits and the JSON lines use, whatever the server's time zone."""
+
+    converter = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger``,
     ``message``, ``request_id`` when the line belongs to a request, ``exception`` with its traceback."""
@@ -135,7 +147,7 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     handler.addFilter(RequestIdFilter())
     handler.addFilter(SecretFilter())
     handler.addFilter(ControlCharFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -160,5 +172,5 @@ def uvicorn_log_config() -> dict:
     return cfg
 
 
-__all__ = ["ControlCharFilter", "JsonFormatter", "RequestIdFilter", "SecretFilter", "configure_logging",
-           "current_request_id", "escape_controls", "mask_secrets", "uvicorn_log_config"]
+__all__ = ["ControlCharFilter", "JsonFormatter", "RequestIdFilter", "SecretFilter", "TextFormatter",
+           "configure_logging", "current_request_id", "escape_controls", "mask_secrets", "uvicorn_log_config"]

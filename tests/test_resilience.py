@@ -9,6 +9,7 @@ them), the waits, the outcome and the ledger rows read back from the SQLite file
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import json
 import logging
@@ -1540,6 +1541,10 @@ async def test_text_logs_carry_the_request_id_on_uvicorn_access_lines(tmp_path):
     assert health and all(re.search(r" \[casc-[0-9a-f]{24}\]$", x) for x in health), health
     fell = [x for x in lines if "falling over to b" in x]
     assert len(fell) == 1 and f"cascade.resilience [{rid}]: " in fell[0], out
+    # its time in UTC (ISO 8601, Z), the ledger's clock, whatever the server's time zone
+    stamp = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.\d{3}Z INFO ", fell[0])
+    assert stamp, fell[0]
+    assert abs(calendar.timegm(time.strptime(stamp[1], "%Y-%m-%dT%H:%M:%S")) - time.time()) < 120, fell[0]
     # a URL's password in a request's target is masked, and the line stays uvicorn's access line (it was a
     # "--- Logging error ---" traceback: uvicorn formats it from its arguments, which the mask had dropped)
     assert "hunter2" not in out and "Logging error" not in out, out
