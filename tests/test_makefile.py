@@ -1,0 +1,38 @@
+"""The Makefile's set-up, run for real with make in a scratch folder (-f the repository's Makefile): its stamps
+must say what is installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+def make(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-C", str(cwd), "-f", str(REPO / "Makefile"), *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_a_pip_install_that_fails_leaves_no_stamp(tmp_path):
+    # A real venv that sees this interpreter's packages (torch, cascade, ...) through a .pth file, so the
+    # Makefile's import checks pass; pip, without an index, cannot get the project's build dependencies.
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    site = next(env_dir.glob("lib/python*/site-packages"))
+    (site / "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n" + str(REPO) + "\n")
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull}
+    r = make(tmp_path, "setup", f"VENV={env_dir}", f"PYTHON={sys.executable}", env=env)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "setuptools" in r.stdout + r.stderr  # pip's own words on what it could not get
+    assert not (tmp_path / ".stamps" / "venv").exists()
