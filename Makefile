@@ -27,9 +27,17 @@ help:
 	@echo "make serve   set up and serve the default CPU cascade on http://127.0.0.1:8000"
 	@echo "make test    set up and run the test suite"
 
+# The stamp holds only while the venv's python runs: a venv removed, or whose python is gone (deleted, or the
+# Python that made it uninstalled), is made again from scratch.
+ifneq ($(shell $(BIN)/python -c 'print("ok")' 2>/dev/null),ok)
+$(STAMPS)/venv: FORCE
+endif
+.PHONY: FORCE
+FORCE:
+
 # torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages.
 $(STAMPS)/venv: pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c '' 2>/dev/null || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$(TORCH_VERSION)') else 'torch $(TORCH_VERSION) is required, found ' + torch.__version__)"
 	$(BIN)/python -m pip install -q -e ".[local,calibration,dev,postgres]" 2>&1 | { grep -v "is ignored: it is neither" || true; }

@@ -36,3 +36,20 @@ def test_a_pip_install_that_fails_leaves_no_stamp(tmp_path):
     assert r.returncode != 0, r.stdout + r.stderr
     assert "setuptools" in r.stdout + r.stderr  # pip's own words on what it could not get
     assert not (tmp_path / ".stamps" / "venv").exists()
+
+
+@pytest.mark.parametrize("broken", ["removed", "python deleted", "python of a Python that is gone"])
+def test_a_stamp_beside_a_venv_whose_python_does_not_run_is_set_up_again(tmp_path, broken):
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    (tmp_path / ".stamps").mkdir()
+    (tmp_path / ".stamps" / "venv").touch()  # newer than pyproject.toml: set up, as far as the stamp says
+    env_dir = tmp_path / "venv"
+    if broken != "removed":
+        venv.create(env_dir, with_pip=False)
+        (env_dir / "bin" / "python").unlink()
+        if broken != "python deleted":
+            (env_dir / "bin" / "python").symlink_to(tmp_path / "uninstalled" / "python3")
+    r = make(tmp_path, "-n", "setup", f"VENV={env_dir}", "PYTHON=python3")
+    assert r.returncode == 0, r.stderr
+    assert f"python3 -m venv --clear {env_dir}" in r.stdout
+    assert "pip install" in r.stdout
