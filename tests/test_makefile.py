@@ -4,6 +4,7 @@ must say what is installed."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,3 +54,13 @@ def test_a_stamp_beside_a_venv_whose_python_does_not_run_is_set_up_again(tmp_pat
     assert r.returncode == 0, r.stderr
     assert f"python3 -m venv --clear {env_dir}" in r.stdout
     assert "pip install" in r.stdout
+
+
+def test_make_help_lists_every_target_the_readme_and_docs_name():
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    named = set(re.findall(r"`make ([a-z][a-z-]*)", text))
+    assert {"serve", "test", "test-vllm"} <= named
+    r = subprocess.run(["make", "-s", "-C", str(REPO), "help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    listed = set(re.findall(r"\bmake ([a-z][a-z-]*)", r.stdout))
+    assert named <= listed, f"not in make help: {sorted(named - listed)}"
