@@ -34,9 +34,11 @@ help:
 	@echo "make bench        the quick benchmarks (docs/benchmarks.md); make bench-full: the full ones"
 	@echo "make clean        remove the venvs and the set-up stamps (prepared models are kept)"
 
-# The stamp holds only while the venv's python runs: a venv removed, or whose python is gone (deleted, or the
-# Python that made it uninstalled), is made again from scratch.
-ifneq ($(shell $(BIN)/python -c 'print("ok")' 2>/dev/null),ok)
+# The stamp holds only while the venv's python runs and is one the project takes (requires-python >= 3.11): a
+# venv removed, whose python is gone (deleted, or the Python that made it uninstalled) or too old, is made again
+# from scratch with $(PYTHON).
+VENV_OK := $(shell $(BIN)/python -c 'import sys; print("ok" if sys.version_info >= (3, 11) else "old")' 2>/dev/null)
+ifneq ($(VENV_OK),ok)
 $(STAMPS)/venv: FORCE
 endif
 .PHONY: FORCE
@@ -44,7 +46,7 @@ FORCE:
 
 # torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages.
 $(STAMPS)/venv: pyproject.toml
-	@$(BIN)/python -c '' 2>/dev/null || $(PYTHON) -m venv --clear $(VENV)
+	@$(if $(filter ok,$(VENV_OK)),true,$(PYTHON) -m venv --clear $(VENV))
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$(TORCH_VERSION)') else 'torch $(TORCH_VERSION) is required, found ' + torch.__version__)"
 	$(BIN)/python -m pip install -q -e ".[local,calibration,dev,postgres]" 2>&1 | { grep -v "is ignored: it is neither" || true; }

@@ -56,6 +56,27 @@ def test_a_stamp_beside_a_venv_whose_python_does_not_run_is_set_up_again(tmp_pat
     assert "pip install" in r.stdout
 
 
+def _python_below_3_11() -> str | None:
+    pyenv = Path(os.environ.get("PYENV_ROOT", "~/.pyenv")).expanduser()
+    for name in ("python3.10", "python3.9", "python3.8"):
+        for path in [shutil.which(name), *map(str, pyenv.glob(f"versions/{name[6:]}.*/bin/python3"))]:
+            if path and subprocess.run([path, "-c", ""], capture_output=True).returncode == 0:
+                return path
+    return None
+
+
+@pytest.mark.skipif(_python_below_3_11() is None, reason="no Python below 3.11 here to make the venv with")
+def test_a_venv_made_by_a_python_the_project_does_not_take_is_set_up_again(tmp_path):
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    (tmp_path / ".stamps").mkdir()
+    env_dir = tmp_path / "venv"
+    subprocess.run([_python_below_3_11(), "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    (tmp_path / ".stamps" / "venv").touch()
+    r = make(tmp_path, "-n", "setup", f"VENV={env_dir}", "PYTHON=python3")
+    assert r.returncode == 0, r.stderr
+    assert f"python3 -m venv --clear {env_dir}" in r.stdout
+
+
 def test_make_help_lists_every_target_the_readme_and_docs_name():
     text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     named = set(re.findall(r"`make ([a-z][a-z-]*)", text))
