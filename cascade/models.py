@@ -911,7 +911,8 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ids", nargs="*", metavar="ID",
-                        help=f"model ids (default: {' '.join(DEFAULT_PREPARE_IDS)}); known: {', '.join(MODEL_CATALOG)}")
+                        help=f"model ids (default: those of --config / $CASCADE_CONFIG's local tiers, else "
+                             f"{' '.join(DEFAULT_PREPARE_IDS)}); known: {', '.join(MODEL_CATALOG)}")
     parser.add_argument("--all", action="store_true", help="prepare every model of the catalog")
     _add_cache_arguments(parser)
     parser.add_argument("--force", action="store_true", help="convert again even if already prepared")
@@ -934,10 +935,29 @@ def _cli_cache(args: argparse.Namespace) -> Path:
     return _usable_cache(default_cache_dir())
 
 
+def _config_model_ids(args: argparse.Namespace) -> list[str] | None:
+    """The catalog models of ``--config``'s (or ``$CASCADE_CONFIG``'s) in-process tiers, the ones `cascade serve`
+    with that config loads; None without a config."""
+    config = getattr(args, "config", None)
+    if config is None and not os.environ.get("CASCADE_CONFIG"):
+        return None
+    from cascade.config import load_config
+
+    calls = [p for t in load_config(config).tiers for p in (t.providers or [t])]  # a tier, or each of its providers
+    local = [c.model for c in calls if c.backend in ("transformers", "vllm")]
+    return list(dict.fromkeys(m for m in local if m in MODEL_CATALOG))
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    ids = list(MODEL_CATALOG) if args.all else (list(args.ids) or list(DEFAULT_PREPARE_IDS))
-    if args.all and args.ids:
-        ids = list(dict.fromkeys([*args.ids, *ids]))
+    if args.all:
+        ids = list(dict.fromkeys([*args.ids, *MODEL_CATALOG]))
+    elif args.ids:
+        ids = list(args.ids)
+    elif (ids := _config_model_ids(args)) is None:
+        ids = list(DEFAULT_PREPARE_IDS)
+    elif not ids:
+        print("nothing to prepare: the config's tiers name no model of the catalog", file=sys.stderr)
+        return 0
     for model_id in ids:  # before the config is read
         get_spec(model_id)
     paths = prepare_models(ids, _cli_cache(args), force=args.force, keep_gguf=args.keep_gguf,

@@ -147,6 +147,22 @@ def test_cli_prepare_unknown_id_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "_wheels").exists()  # ids are checked before any work
 
 
+def test_prepare_without_ids_prepares_the_models_of_the_configs_local_tiers(tmp_path, capsys):
+    """`CASCADE_CONFIG=my.yaml make serve` runs `cascade models prepare` with no ids: it prepared the default pair
+    whatever the config served (a 1.6 GB download), then serve stopped on the config's model, not prepared."""
+    d = _prepared_smollm2()
+    hosted = {"name": "big", "backend": "openai", "model": "gpt-x", "options": {"base_url": "http://127.0.0.1:9/v1"}}
+    local = {"name": "small", "backend": "transformers", "model": "smollm2-135m"}
+    for name, tiers, want in (("local", [local, hosted], f"{d}\n"), ("hosted", [hosted], "")):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(json.dumps({"models": {"cache_dir": str(d.parent)}, "tiers": tiers,
+                                   "policies": {"p": {"chain": [t["name"] for t in tiers]}}}))
+        assert _run_cli(["models", "prepare", "-q", "--config", str(cfg)]) == 0
+        out, err = capsys.readouterr()
+        assert out == want, (out, err)
+        assert ("nothing to prepare" in err) == (not want), err
+
+
 @pytest.mark.parametrize("under", ["", "models"])
 @pytest.mark.parametrize("command", ["prepare", "list", "verify"])
 def test_a_cache_through_a_link_to_nothing_is_one_line_naming_the_link(tmp_path, capsys, command, under):
