@@ -4,6 +4,7 @@ What is checked here, on real parts only (SmolLM2 on CPU, OpenAI-protocol fault 
 real SQLite ledger read back from its file; nothing monkeypatched):
 
 * the escalation threshold is inclusive: an answer exactly as confident as the threshold is kept;
+* an empty answer escalates whatever the threshold (even 0.0, which accepts every other answer);
 * a request's token totals add up every attempt's: failed ones and escalated ones too;
 * a plain tier (no ``providers``) that times out is billed its prompt, as escalation waste;
 * when the last tier fails, the most confident answer in hand is served, not the latest one;
@@ -49,8 +50,9 @@ def servers():
     with FaultServerThread() as a, FaultServerThread() as b, FaultServerThread() as c, \
             FaultServerThread(FaultServer(answer=SURE, logprob=-0.01)) as hi, \
             FaultServerThread(FaultServer(answer=UNSURE, logprob=-2.0)) as lo, \
-            FaultServerThread(FaultServer(answer=LONG)) as long:
-        yield {"a": a, "b": b, "c": c, "hi": hi, "lo": lo, "long": long}
+            FaultServerThread(FaultServer(answer=LONG)) as long, \
+            FaultServerThread(FaultServer(answer="")) as empty:
+        yield {"a": a, "b": b, "c": c, "hi": hi, "lo": lo, "long": long, "empty": empty}
 
 
 @pytest.fixture(autouse=True)
@@ -88,6 +90,19 @@ async def test_an_answer_exactly_as_confident_as_the_threshold_is_kept(make_engi
     assert att.confidence == conf
     assert att.decision == "accept" and att.kept and not rec.escalated and rec.tier == "small"
     assert f"confidence {conf:.3f} >= threshold {conf:.3f}" in att.reason
+
+
+async def test_an_empty_answer_escalates_even_past_a_threshold_of_zero(servers, make_engine, tmp_path):
+    """An answer with no tokens has nothing to serve: it escalates whatever its calibrated confidence, even on a
+    tier whose threshold (0.0) accepts every answer that has tokens; the next tier's answer is served."""
+    eng = await make_engine([plain("blank", servers["empty"], threshold=0.0), plain("last", servers["a"])])
+    out = await eng.run(Q, request_id="blank")
+    rec = out.record
+    assert [(x.tier, x.decision, x.kept) for x in rec.attempts] == [("blank", "escalate", False),
+                                                                     ("last", "final", True)]
+    assert rec.attempts[0].reason == "empty answer" and rec.attempts[0].confidence == 0.0
+    assert out.result.text and rec.tier == "last" and rec.escalated
+    assert db_rows(tmp_path, "SELECT tier, escalated FROM requests WHERE request_id = 'blank'") == [("last", 1)]
 
 
 # --- token totals and the bill of failed attempts --------------------------------------------------------
