@@ -163,6 +163,19 @@ async def test_rate_limit_honours_the_servers_retry_hint(servers, make_engine, t
     assert out.record.latency_ms >= wait * 1e3
 
 
+async def test_a_retry_hint_of_exactly_max_retry_after_s_is_waited_out(servers, make_engine):
+    """``max_retry_after_s`` is the longest hint still honoured: a 429 asking for exactly that long is retried on
+    the same provider after it, not fallen over from (a longer one is: the test of spent retries below)."""
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b)], timeout_s=10,
+                                   retry={"max_attempts": 3, "base_delay_s": 0.05, "max_retry_after_s": 0.3})])
+    a.faults("429:ms=300")
+    out = await eng.run(Q)
+    assert seen(servers) == {"a": 2, "b": 0, "c": 0}
+    assert [(x.backend, x.error_class) for x in out.record.attempts] == [("a", "RateLimitedError"), ("a", None)]
+    assert out.record.attempts[1].wait_ms == pytest.approx(300, abs=1)
+
+
 _DATE_HINT = """
 import asyncio, sys, time
 from email.utils import formatdate
