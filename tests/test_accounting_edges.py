@@ -8,8 +8,8 @@ real SQLite ledger read back from its file; nothing monkeypatched):
 * a request's token totals add up every attempt's: failed ones and escalated ones too;
 * a plain tier (no ``providers``) that times out is billed its prompt, as escalation waste;
 * when the last tier fails, the most confident answer in hand is served, not the latest one;
-* the cost budget counts what earlier tiers spent, and ``truncate`` cuts max_tokens to what is left once
-  the prompt is paid (run and stream);
+* the cost budget is inclusive (a call that can cost exactly what is left is made), counts what earlier
+  tiers spent, and ``truncate`` cuts max_tokens to what is left once the prompt is paid (run and stream);
 * circuit breakers: a caller's own latency budget never opens one, a stream broken mid-way counts as a
   failure; a provider's rate-limit hold keeps the longest hint it was given, and a hold longer than the
   call can wait sends the call to the next provider at once;
@@ -200,6 +200,16 @@ async def test_the_cost_budget_counts_what_earlier_tiers_spent(servers, make_eng
     assert seen(a) == 1 and seen(b) == 0
     assert db_rows(tmp_path, "SELECT decision, cost_usd FROM attempts WHERE request_id = 'budgeted' ORDER BY idx") == [
         ("accept", pytest.approx(rec.cost_usd)), ("skipped", 0.0)]
+
+
+async def test_a_call_whose_worst_case_is_exactly_the_budget_is_made(servers, make_engine):
+    """The budget is what a request may spend, inclusive: a call whose worst case (4 answer tokens at $10,000 per
+    1M, the prompt free) is exactly the $0.04 budget is made and answers, not refused."""
+    a = servers["a"]
+    eng = await make_engine([plain("only", a, price={"input_per_1m": 0.0, "output_per_1m": 10000.0})])
+    rec = (await eng.run(Q, budget=Budget(cost_usd=0.04, on_cost="refuse"))).record
+    assert [(x.decision, x.max_tokens_cut) for x in rec.attempts] == [("final", None)]
+    assert rec.cost_usd == 0.04 and seen(a) == 1
 
 
 @pytest.mark.parametrize("stream", [False, True])
