@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from cascade.errors import (
+    BudgetExceededError,
     CascadeError,
     CircuitOpenError,
     ProviderAuthError,
@@ -695,6 +696,20 @@ async def test_a_cost_budget_holds_when_a_provider_times_out_and_the_next_one_an
         assert [(x.backend, x.error_class) for x in rec.attempts] == [("a", "ProviderTimeoutError"), ("b", None)]
         assert rec.attempts[0].cost_usd > 0 and rec.attempts[1].max_tokens_cut is not None
         assert rec.cost_usd <= budget + 1e-12, (stream, rec.cost_usd)
+
+
+async def test_a_cost_budget_counts_the_dearest_providers_answer_price(servers, make_engine):
+    """A fallback provider may answer, at its own price: the cost budget counts the dearest one's. The tier's own
+    answer price (and the first provider's) would fit $0.01; the second provider's 4 tokens at $10,000 per 1M
+    ($0.04) would not, so the request is refused before any provider is called."""
+    from cascade.engine import Budget
+
+    a, b = servers["a"], servers["b"]
+    eng = await make_engine([rtier("t", [prov("a", a), prov("b", b, price={"input_per_1m": 1.0,
+                                                                          "output_per_1m": 10000.0})])])
+    with pytest.raises(BudgetExceededError, match=r"could cost \$0\.04"):
+        await eng.run(Q, budget=Budget(cost_usd=0.01, on_cost="refuse"))
+    assert seen(servers) == {"a": 0, "b": 0, "c": 0}
 
 
 async def test_provider_price_override_and_failed_attempt_cost_is_waste(servers, make_engine, tmp_path):
