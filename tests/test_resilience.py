@@ -774,6 +774,18 @@ def test_breaker_opens_on_failure_rate_over_its_window():
     assert [s for _, s, _ in br.transitions] == ["open", "half_open", "closed"]
 
 
+def test_a_success_between_failures_resets_the_consecutive_count():
+    """``failure_threshold`` counts consecutive failures: a success between them starts the count again (the
+    failure rate has its own rule, kept out of reach here by min_calls)."""
+    br = CircuitBreaker("p", failure_threshold=2, min_calls=100, clock=FakeClock())
+    for ok in (False, True, False, True, False):
+        p = br.acquire()
+        br.success(p) if ok else br.failure(p)
+    assert br.state == "closed"
+    br.failure(br.acquire())               # the second in a row
+    assert br.state == "open"
+
+
 def test_a_breaker_tripped_by_refused_credentials_stays_marked_until_a_probe_decides():
     clock = FakeClock()
     br = CircuitBreaker("p", cooldown_s=10, clock=clock)
