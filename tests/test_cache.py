@@ -131,6 +131,9 @@ def test_the_key_covers_what_shapes_the_answer_and_sampled_requests_have_none():
     assert len({k, *variants}) == len(variants) + 1
     assert cache_key("cascade", "chat", GenerationRequest(messages=(Message("user", "hi"),), temperature=0.7),
                      user_tier=None, api_key_id=None) is None
+    # any sampling at all: even a low temperature's answer is not a function of the request
+    assert cache_key("cascade", "chat", GenerationRequest(messages=(Message("user", "hi"),), temperature=0.1),
+                     user_tier=None, api_key_id=None) is None
 
 
 # --- on the endpoint --------------------------------------------------------------------------------
