@@ -45,10 +45,11 @@ endif
 .PHONY: FORCE
 FORCE:
 
-# torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages.
+# torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages (numpy with it: the version
+# check imports torch, which warns "Failed to initialize NumPy" without it).
 $(STAMPS)/venv: pyproject.toml
 	@$(if $(filter ok,$(VENV_OK)),true,$(PYTHON) -m venv --clear $(VENV))
-	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" numpy 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$(TORCH_VERSION)') else 'torch $(TORCH_VERSION) is required, found ' + torch.__version__)"
 	$(BIN)/python -m pip install -q -e ".[local,calibration,dev,postgres]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@$(BIN)/python -c "import cascade, serving, calibration, transformers, fastapi, openai, netcal"
