@@ -238,6 +238,17 @@ async def test_truncate_leaves_room_for_the_prompt(servers, make_engine, tmp_pat
         (att.max_tokens_cut,)]
 
 
+async def test_truncate_to_a_single_answer_token_is_still_an_answer(servers, make_engine):
+    """A budget that pays for exactly one answer token (the prompt free, $10,000 per 1M out: $0.01) is cut to
+    ``max_tokens`` 1 and answered, not refused."""
+    long = servers["long"]
+    eng = await make_engine([plain("t", long, max_tokens=4, price={"input_per_1m": 0.0, "output_per_1m": 10000.0})])
+    rec = (await eng.run(Q, budget=Budget(cost_usd=0.01, on_cost="truncate"))).record
+    (att,) = rec.attempts
+    assert (rec.status, att.max_tokens_cut, att.completion_tokens) == ("ok", 1, 1)
+    assert rec.cost_usd == pytest.approx(0.01) and seen(long) == 1
+
+
 # --- circuit breakers and rate-limit holds -----------------------------------------------------------------
 
 
