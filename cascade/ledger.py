@@ -1893,8 +1893,13 @@ class Ledger:
     def _feedback_sync(self, request_id: str, score: int, comment: str | None) -> int:
         if not self.execute("SELECT 1 FROM requests WHERE request_id=?", (request_id,)):
             raise NotFoundError(f"no request {request_id!r} in the ledger", param="request_id")
-        rows = self.execute("INSERT INTO feedback(request_id, created_at, score, comment) VALUES (?,?,?,?) "
-                            "RETURNING id", (request_id, time.time(), score, comment))
+        try:
+            rows = self.execute("INSERT INTO feedback(request_id, created_at, score, comment) VALUES (?,?,?,?) "
+                                "RETURNING id", (request_id, time.time(), score, comment))
+        except LedgerError as exc:
+            if isinstance(exc.__cause__, self.dialect.record_faults):  # the request was deleted since (a prune)
+                raise NotFoundError(f"no request {request_id!r} in the ledger", param="request_id") from exc
+            raise
         return int(rows[0][0])
 
     # --- reads ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import asyncio
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,22 @@ def make_ledger(target: str | Path, n: int) -> None:
             ledger.record_sync(record(i))
     finally:
         ledger.close_sync()
+
+
+async def test_feedback_on_a_request_deleted_meanwhile_is_not_found_not_a_ledger_error(tmp_path):
+    """A request deleted between feedback's lookup and its insert (`cascade ledger prune` running) is as missing as
+    one never there: a NotFoundError (404), not the foreign key's refusal as a LedgerError (500). A trigger deletes
+    it at the insert, as a prune's batch committing just then would (the failed statement takes its deletes back)."""
+    path = tmp_path / "ledger.sqlite"
+    make_ledger(path, 2)
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TRIGGER pruned BEFORE INSERT ON feedback BEGIN "
+                   "DELETE FROM attempts WHERE request_id = NEW.request_id; "
+                   "DELETE FROM requests WHERE request_id = NEW.request_id; END")
+    async with Ledger(path) as ledger:
+        with pytest.raises(NotFoundError, match="'r1'"):
+            await ledger.add_feedback("r1", 1)
+        assert (await ledger.query("SELECT COUNT(*) FROM feedback"))[0][0] == 0
 
 
 async def test_round_trip_feedback_spend_and_shadows(target):
