@@ -184,7 +184,7 @@ def _shadow_call(i: int, cost: float) -> Attempt:
 
 async def test_old_ledger_is_migrated_and_shadow_samples_are_idempotent(target):
     """A ledger from before sampled shadows (no shadow_attempts, no sampled columns) opens and is migrated in
-    place; writing a sampled shadow's outcome twice leaves one copy of it."""
+    place; writing a sampled shadow's outcome twice leaves one copy of it, its spend counted once."""
     async with Ledger(target) as ledger:  # make it, then take it back to schema version 2
         await ledger.record(record(1), shadows=[{"shadow": "strict", "status": "unknown", "reason": "needs large"}])
         for sql in ("DROP TABLE shadow_attempts", "ALTER TABLE shadow_decisions DROP COLUMN sampled",
@@ -209,6 +209,8 @@ async def test_old_ledger_is_migrated_and_shadow_samples_are_idempotent(target):
             == [("known", "large", 1, 2e-4, 1_000_001.0)]
         assert (await ledger.query("SELECT idx, tier, cost_usd, created_at, answer_sig IS NOT NULL, text "
                                    "FROM shadow_attempts")) == [(0, "large", 2e-4, 1_000_002.0, True, None)]
+        # the shadow's spend of that day (what its daily sample budget reads) counts the call once, not per write
+        assert (await daily_spend(ledger, utc_day_start(1_000_002.0), [("shadow", "strict")]))[0][0] == 2e-4
         # a decision the request's write did not carry is inserted
         await ledger.record_shadow_sample("r1", 1_000_001.0, {**decision, "shadow": "other"}, [], [])
         assert (await ledger.query("SELECT COUNT(*) FROM shadow_decisions"))[0][0] == 2
