@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -549,6 +550,22 @@ def test_parse_since():
     assert parse_since(None) is None
 
 
+@pytest.mark.parametrize("tz", ["Asia/Kolkata", "America/Los_Angeles"])
+def test_since_reads_a_date_without_a_zone_as_utc_whatever_the_servers_zone(tz, monkeypatch):
+    """--since 2026-01-31 is 00:00 UTC, as the days of --by day and of the daily limits are: not the local
+    midnight of the machine that runs the report (5.5 h later in Kolkata, 8 h earlier in Los Angeles)."""
+    import time
+
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        assert parse_since("2026-01-31") == 1769817600.0
+        assert parse_since("2026-01-31T12:00") == 1769817600.0 + 12 * 3600
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 #: what a ledger of schema version 2 lacks of the current one (the columns and tables added since)
 _SINCE_2 = ("DROP INDEX IF EXISTS requests_end_user_created", "DROP TABLE shadow_attempts", "DROP TABLE inflight",
             "DROP TABLE instances", "ALTER TABLE requests DROP COLUMN cached_from",
@@ -641,3 +658,96 @@ def test_report_is_one_snapshot_while_servers_write(db, tmp_path, request):
         writer.close_sync()
     assert seen[-1][0] > seen[0][0]  # (the writes went on throughout)
     assert [s for s in seen if s[1] != s[2] or s[3] != 2 * s[0]] == []
+
+
+def _hand_ledger(target: str, t0: float) -> None:
+    """Six requests of known figures over two UTC days (t0 and t0 + 1 day, 00:00 UTC): tiers small then large."""
+    from cascade.ledger import INTERRUPTED, Ledger
+    from cascade.types import Attempt, CascadeRecord
+
+    t1 = t0 + 86400
+
+    def att(i: int, tier: str, cost: float, kept: bool = False) -> Attempt:
+        return Attempt(index=i, tier=tier, model=tier, backend="openai", cost_usd=cost, kept=kept,
+                       decision="final" if kept else "escalate")
+
+    recs = [  # (id, created_at, status, tier, escalated, cost, waste, baseline, estimated, latency, attempts, extra)
+        ("a", t0 + 60, "ok", "large", True, 0.005, 0.001, 0.004, False, 100.0,
+         [att(0, "small", 0.001), att(1, "large", 0.004, True)], {}),
+        ("b", t0 + 120, "ok", "small", False, 0.002, 0.0, 0.008, True, 200.0, [att(0, "small", 0.002, True)], {}),
+        # in flight when its server died, its large answer streaming, recorded from the journal (escalated, but no
+        # answer: not counted as an escalation), made exactly at 00:00 UTC of the second day
+        ("c", t1, "error", None, True, 0.003, 0.003, 0.008, True, 400.0, [att(0, "small", 0.003)],
+         {"error_class": INTERRUPTED}),
+        # a cache hit (b's answer and its estimated baseline), and one whose client left before it went out:
+        # cancelled, no answer, no hit
+        ("d", t1 + 30, "ok", "small", False, 0.0, 0.0, 0.008, True, 10.0, [], {"cached_from": "b"}),
+        ("e", t1 + 40, "cancelled", None, False, 0.0, 0.0, 0.008, True, 50.0, [], {"cached_from": "b"}),
+        ("f", t1 + 50, "error", None, False, 0.0, 0.0, 0.0, False, 0.0, [], {"error_class": "InvalidRequestError"}),
+    ]
+    ledger = Ledger(target).open_sync()
+    try:
+        for rid, at, status, tier, esc, cost, waste, base, est, lat, atts, extra in recs:
+            ledger.record_sync(CascadeRecord(
+                request_id=rid, policy="cascade", created_at=at, status=status, tier=tier, escalated=esc,
+                cost_usd=cost, escalation_waste_usd=waste, baseline_cost_usd=base, baseline_estimated=est,
+                latency_ms=lat, attempts=atts, **extra))
+    finally:
+        ledger.close_sync()
+
+
+def test_report_figures_are_the_known_answers_of_a_hand_made_ledger(tmp_path, capsys):
+    """Every figure of the report against what the rows say, worked by hand: the escalation rate over the
+    answers a tier gave (a cache hit decided nothing; a hit whose client left is no hit), waste and savings as
+    shares of what they are shares of, latency over every request, each estimated baseline and interrupted
+    request counted, --by tier's attempts (a tier that served little may still have cost most), the day a
+    request is filed under, and --since taking a request made at its very instant."""
+    from cascade.ledger import utc_day_start
+
+    t0 = utc_day_start() - 2 * 86400
+    day0, day1 = (datetime.fromtimestamp(t, UTC).date().isoformat() for t in (t0, t0 + 86400))
+    target = str(tmp_path / "ledger.sqlite")
+    _hand_ledger(target, t0)
+    tot = run_json(capsys, "report", "--json", "--ledger", target)["total"]
+    want = {"requests": 6, "answered": 3, "errors": 2, "partial": 0, "cancelled": 1, "cache_hits": 1, "escalated": 1,
+            "escalation_rate": 0.5, "spend_usd": 0.010, "escalation_waste_usd": 0.004, "waste_share": 0.4,
+            "baseline_usd": 0.036, "baseline_estimated": 4, "cost_vs_baseline": 0.010 / 0.036,
+            "savings_usd": 0.026, "savings_pct": 100 * 0.026 / 0.036, "top1pct_cost_share": 0.5,
+            "top10pct_cost_share": 0.5, "mean_latency_ms": 760 / 6, "interrupted": 1}
+    assert {k: tot[k] for k in want} == pytest.approx(want)
+    by_tier = run_json(capsys, "report", "--by", "tier", "--json", "--ledger", target)
+    # small served 0.002 but its attempts cost 0.006 (0.004 of it thrown away): ranked by both, after large's 0.009
+    assert [(g["group"], g["requests"], g["attempts"]) for g in by_tier["groups"]] == [
+        ("large", 1, 1), ("small", 2, 3), ("(none)", 3, 0)]
+    assert [g["attempt_spend_usd"] for g in by_tier["groups"]] == pytest.approx([0.004, 0.006, 0.0])
+    assert [g["attempt_waste_usd"] for g in by_tier["groups"]] == pytest.approx([0.0, 0.004, 0.0])
+    assert (by_tier["total"]["attempts"], by_tier["total"]["attempt_spend_usd"],
+            by_tier["total"]["attempt_waste_usd"]) == pytest.approx((4, 0.010, 0.004))
+    by_day = run_json(capsys, "report", "--by", "day", "--json", "--ledger", target)["groups"]
+    assert [(g["group"], g["requests"]) for g in by_day] == [(day0, 2), (day1, 4)]
+    # from 00:00 UTC of the second day: the request made at that instant is in, with its attempt
+    since = run_json(capsys, "report", "--by", "tier", "--json", "--since", day1, "--ledger", target)
+    assert since["total"]["requests"] == 4 and since["total"]["interrupted"] == 1
+    assert {g["group"]: (g["attempts"], g["attempt_waste_usd"]) for g in since["groups"]} == {
+        "small": (1, pytest.approx(0.003)), "(none)": (0, 0.0)}
+
+
+def test_the_heavy_tail_takes_only_its_share_of_a_cost_bucket(tmp_path, capsys):
+    """The costliest 10% of 20 requests are 2: the one of $0.01 and one of the nineteen of $0.001 (one cost
+    bucket), not the whole bucket."""
+    import time
+
+    from cascade.ledger import Ledger
+    from cascade.types import CascadeRecord
+
+    target = str(tmp_path / "ledger.sqlite")
+    ledger = Ledger(target).open_sync()
+    try:
+        for i, cost in enumerate([0.01] + [0.001] * 19):
+            ledger.record_sync(CascadeRecord(request_id=f"r{i}", policy="cascade", created_at=time.time(),
+                                             cost_usd=cost))
+    finally:
+        ledger.close_sync()
+    tot = run_json(capsys, "report", "--json", "--ledger", target)["total"]
+    assert tot["top1pct_cost_share"] == pytest.approx(0.01 / 0.029)
+    assert tot["top10pct_cost_share"] == pytest.approx(0.011 / 0.029)
