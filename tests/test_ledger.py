@@ -67,6 +67,7 @@ async def test_round_trip_feedback_spend_and_shadows(target):
              "diverges": True, "reason": "would keep"}])
         row = await ledger.get("r3")
         assert row["tier"] == "large" and row["escalated"] == 1 and len(row["attempts"]) == 2
+        assert row["n_attempts"] == 2  # (the shadow report's prompt-length groups divide by it)
         assert row["attempts"][0]["decision"] == "escalate" and row["attempts"][1]["kept"] == 1
         fid = await ledger.add_feedback("r3", 1, "thanks")
         assert fid >= 1 and (await ledger.get("r3"))["feedback"][0]["comment"] == "thanks"
