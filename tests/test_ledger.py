@@ -565,7 +565,8 @@ async def test_the_days_spend_totals_agree_with_the_rows_they_count(target):
     """``spend_daily`` (what the daily limits read: one row per key or end user and UTC day) is added to by the
     transaction writing the requests, so it always equals the sum of their rows: per day, per key (the keyless
     requests' too), per end user within its key; a row recorded from the journal and replaced by the request's
-    own counts once; a ledger of schema 7 gets it from its rows of today and yesterday when migrated."""
+    own counts once; a ledger of schema 7 gets it from its rows of today and yesterday when migrated (each of a
+    shadow's calls too)."""
     day = utc_day_start(1_000_000.0)
     rows = [("k1", "alice", 0.0), ("k1", "alice", 1.0), ("k1", "bob", 2.0), ("k1", None, 4.0), ("k2", "alice", 8.0),
             (None, "alice", 16.0), (None, None, 32.0), ("k1", "alice", 0.0)]
@@ -599,11 +600,16 @@ async def test_the_days_spend_totals_agree_with_the_rows_they_count(target):
             rec = record(300 + i, cost=cost)
             rec.created_at = now - 86400 * i + 10
             await led.record(rec)
+        decision = {"shadow": "s", "status": "known", "tier": "large", "escalated": True, "cost_usd": 0.75,
+                    "diverges": False, "reason": "sampled", "sampled": True, "sample_cost_usd": 0.75}
+        await led.record_shadow_sample("r300", now + 10, decision, [_shadow_call(0, 0.5), _shadow_call(1, 0.25)],
+                                       [now + 20, now + 30])
         await led.query("DROP TABLE spend_daily")
         await led.query("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
     async with Ledger(target) as led:
         assert [s for s, _, _ in await daily_spend(led, now, [("key", "k1")])] == [1.0]
         assert [s for s, _, _ in await daily_spend(led, now - 86400, [("key", "k1")])] == [2.0]
+        assert [s for s, _, _ in await daily_spend(led, now, [("shadow", "s")])] == [0.75]  # both its calls
         assert [s for s, _, _ in await daily_spend(led, day, [("key", "k1")])] == [0.0]  # older days: not kept
 
 
