@@ -27,10 +27,11 @@ def counts(ledger: Ledger) -> dict[str, int]:
 
 
 def aged_ledger(target: str, ages: dict[int, int]) -> float:
-    """A ledger holding, per age in days, that many requests created that many UTC days ago (each with two
-    attempts and a shadow decision; the 1st, 4th, 7th... of a day with feedback, the 1st, 6th... with a sampled
-    shadow's call), and
-    rows of the tables prune leaves alone, old ones included. Returns today's 00:00 UTC."""
+    """A ledger holding, per age in days, that many requests created that many UTC days ago, the first at that
+    day's 00:00 UTC exactly (a cut at that instant keeps it: prune deletes what was created before it), each with
+    two attempts and a shadow decision (the 1st, 4th, 7th... of a day with feedback, the 1st, 6th... with a
+    sampled shadow's call), and rows of the tables prune leaves alone, old ones included. Returns today's 00:00
+    UTC."""
     today = utc_day_start()
     ledger = Ledger(target).open_sync()
     try:
@@ -38,7 +39,7 @@ def aged_ledger(target: str, ages: dict[int, int]) -> float:
         for age, n in ages.items():
             for i in range(n):
                 rec = record(i)
-                rec.request_id, rec.created_at = f"a{age}-{i}", today - age * DAY + 1 + i
+                rec.request_id, rec.created_at = f"a{age}-{i}", today - age * DAY + i
                 rec.end_user = "u1" if i % 2 else None
                 items.append((rec, [{"shadow": "lenient", "status": "known", "tier": "small", "reason": "r"}]))
         ledger._write(items)
