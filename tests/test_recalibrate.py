@@ -486,6 +486,45 @@ def test_drift_forgets_a_request_whose_row_was_made_cancelled():
     assert mon.state()["requests"] == 4 and mon.values["escalation_rate"] == 0.5
 
 
+def test_drift_judges_a_full_window_of_the_policies_answers_and_the_latest_labels():
+    """Known answers at the edges: the escalation rate is judged only once the window is full, and a pinned
+    tier's answers never enter it; a window that cost exactly what the last tier alone would have is no alarm
+    (above it is); the ECE counts the latest ``window`` labels (the oldest go); feedback another replica
+    passes on an answer served before this monitor started labels nothing (that process's monitor saw it)."""
+    from cascade.config import DriftConfig
+    from cascade.drift import DriftMonitor
+    from cascade.types import CascadeRecord
+
+    mon = DriftMonitor(DriftConfig(window=4, escalation_rate=(0.0, 0.5), max_cost_ratio=1.0))
+
+    def feed(rid: str, escalated: bool, policy: str = "p") -> None:
+        mon.observe(CascadeRecord(request_id=rid, policy=policy, created_at=time.time(), tier="t",
+                                  escalated=escalated, cost_usd=1.0, baseline_cost_usd=1.0))
+
+    feed("pinned", True, policy="t")  # a pinned tier (its policy is the tier): never escalates, never counted
+    assert mon.state()["requests"] == 0
+    for i in range(3):
+        feed(f"r{i}", True)
+    assert mon.values["escalation_rate"] == 1.0 and not mon.alarms["escalation_rate"]  # 3 of a window of 4
+    feed("r3", True)
+    assert mon.alarms["escalation_rate"]
+    assert mon.values["cost_ratio"] == 1.0 and not mon.alarms["cost_ratio"]  # 4.0 / 4.0: not more
+    mon.observe(CascadeRecord(request_id="r4", policy="p", created_at=time.time(), tier="t", cost_usd=1.5,
+                              baseline_cost_usd=1.0))
+    assert mon.values["cost_ratio"] == pytest.approx(4.5 / 4) and mon.alarms["cost_ratio"]
+
+    mon = DriftMonitor(DriftConfig(window=2, max_ece=0.5, min_labels=1))
+    for i, score in enumerate([-1, 1, 1]):
+        mon.observe(CascadeRecord(request_id=f"r{i}", policy="p", created_at=time.time(), tier="t", confidence=0.9))
+        mon.observe_feedback(f"r{i}", score)
+    # r1 and r2, both right at 0.9 (r0's wrong label has left the window of 2): |0.9 - 1|
+    assert list(mon._labelled) == ["r1", "r2"] and mon.values["ece"] == pytest.approx(0.1)
+    mon.observe_feedback("elsewhere", -1, served=(0.9, mon._started - 60))  # served before this monitor
+    assert list(mon._labelled) == ["r1", "r2"]
+    mon.observe_feedback("elsewhere", -1, served=(0.9, mon._started + 1))
+    assert list(mon._labelled) == ["r2", "elsewhere"] and mon.values["ece"] == pytest.approx(0.4)
+
+
 async def test_a_reload_says_which_changes_need_a_restart(tmp_path):
     """A reload swaps thresholds and calibrators; a changed price, max_tokens or server limit needs a restart
     and is listed under not_applied (it was silently ignored: requests went on at the old price)."""
