@@ -109,6 +109,19 @@ def test_a_thumbs_down_reaches_a_refreshed_answer_with_the_same_text():
     assert cache.bytes == cache._entries["k"][1] and cache.forget(f"r{9 * EARLIER_KEPT}") == 1
 
 
+def test_a_cancelled_request_takes_out_its_own_answer_only():
+    """``discard`` (the request's row was made cancelled: its client left before the answer went out) drops
+    the answer that request stored, and never the one a later request (a refresh) stored under its key since:
+    that answer went out, and its hits name a request the ledger holds as answered."""
+    cache = ResponseCache(max_entries=10, ttl_s=100, clock=Clock())
+    cache.put("k", _answer(1))
+    cache.put("j", _answer(2))
+    assert cache.discard("r2") == 1 and cache.get("j") is None and cache.discard("r2") == 0
+    cache.put("k", _answer(3))  # a refresh of k: r3's answer replaces r1's
+    assert cache.discard("r1") == 0 and cache.get("k").request_id == "r3"
+    assert len(cache) == 1 and cache.bytes == cache._entries["k"][1]
+
+
 def test_the_key_covers_what_shapes_the_answer_and_sampled_requests_have_none():
     base = GenerationRequest(messages=(Message("user", "hi"),), max_tokens=8)
     k = cache_key("cascade", "chat", base, user_tier=None, api_key_id=None)
