@@ -170,6 +170,31 @@ def test_evaluate_shadow_is_pure_and_skips_other_policies():
     assert evaluate_shadow(ShadowPolicy("s", "cascade", ("small", "large"), (0.99, 0.0)), rec, live)["diverges"]
 
 
+def test_a_shadow_whose_last_tier_failed_serves_its_most_confident_answer_in_hand():
+    """Two answers in hand when the last tier fails: the shadow serves the more confident, as the engine does
+    (temperature 1 on mean_logprob: small exp(-0.1) = 0.905 beats mid exp(-0.2) = 0.819), wherever it stands
+    in the chain."""
+    from calibration.calibrators import TemperatureScaling
+    from cascade.shadow import ShadowPolicy, evaluate_shadow
+    from cascade.types import Attempt, CascadeRecord
+
+    def att(i: int, tier: str, ml: float | None) -> Attempt:
+        if ml is None:
+            return Attempt(i, tier, "m", "transformers", error_class="ProviderServerError", decision="error")
+        return Attempt(i, tier, "m", "transformers", cost_usd=1e-6, features={"mean_logprob": ml, "n_tokens": 3},
+                       decision="escalate")
+
+    live = {t: TemperatureScaling() for t in ("small", "mid", "large")}
+    for order in (("small", "mid"), ("mid", "small")):
+        mls = {"small": -0.1, "mid": -0.2}
+        rec = CascadeRecord(request_id="r", policy="cascade", created_at=0.0, tier="mid", escalated=True,
+                            attempts=[att(0, order[0], mls[order[0]]), att(1, order[1], mls[order[1]]),
+                                      att(2, "large", None)])
+        row = evaluate_shadow(ShadowPolicy("s", "cascade", (*order, "large"), (0.99, 0.99, 0.0)), rec, live)
+        assert (row["status"], row["tier"], row["diverges"]) == ("known", "small", True), row
+        assert "(0.905)" in row["reason"]
+
+
 def _shadow_attempts(t: Traffic, shadow: str) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     with sqlite3.connect(t.ledger) as c:
