@@ -1090,6 +1090,24 @@ def test_feedback_on_the_served_answer_labels_an_identical_earlier_one(tmp_path)
     assert got[same] == (0, "feedback") and got[diff_up] == (0, "feedback") and diff_down not in got
 
 
+def test_recalibrate_since_fits_on_the_answers_of_requests_made_since_only(tmp_path):
+    """--since: only the answers of requests created since then are labelled and fitted on (a refit after a
+    prompt or model change must not learn from the traffic before it), and the coverage counts that window."""
+    from cascade.recalibrate import labelled_answers, recalibrate
+
+    cfg, ledger, _ = _synthetic_ledger(tmp_path)  # r<i> created at t0 + i, 400 requests
+    try:
+        since = ledger.execute("SELECT MIN(created_at) FROM requests")[0][0] + 200
+        every = labelled_answers(ledger, "small")
+        recent = labelled_answers(ledger, "small", since=since)
+        rep = recalibrate(cfg, ledger, tier="small", method="platt", since=since, out=str(tmp_path / "out"))
+    finally:
+        ledger.close_sync()
+    expected = {r["request_id"] for r in every if int(r["request_id"][1:]) >= 200}
+    assert 50 < len(expected) < len(every) and {r["request_id"] for r in recent} == expected
+    assert rep["n"] == len(expected) and rep["coverage"]["answers"] == 200
+
+
 def test_recalibrate_compares_with_the_calibrator_each_answer_was_served_by(tmp_path):
     """A policy with its own calibrator for the tier: the old column is that calibrator on its requests, and
     the report warns that the new version does not replace it."""

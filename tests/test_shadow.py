@@ -541,6 +541,30 @@ async def test_a_sample_keeps_to_the_requests_cost_budget(tmp_path):
     assert dec[ample.request_id][:2] == ("known", 1) and ample.request_id in called
 
 
+async def test_a_sample_counts_what_the_shadows_earlier_tiers_spent_against_the_cost_budget(tmp_path):
+    """The cost budget binds the shadow's whole chain: what its earlier tiers spent (here small's answer, at
+    least 1 token at $0.001) counts before a sampled tier. large alone (4 tokens at $0.000875: $0.0035) fits a
+    budget of $0.00404, small's spend and large together do not, so the shadow would skip large: not called."""
+    from cascade.engine import Budget, Engine
+    from cascade.types import GenerationRequest, Message
+
+    cfg = make_config(tmp_path, [tier("small", threshold=0.0, max_tokens=4, options={"threads": 1},
+                                      price={"input_per_1m": 0.0, "output_per_1m": 1000.0}),
+                                 tier("large", max_tokens=4, options={"threads": 1},
+                                      price={"input_per_1m": 0.0, "output_per_1m": 875.0})],
+                      shadows={"strict": {"of": "cascade", "thresholds": {"small": 1.0}, "sample_rate": 1,
+                                          "sample_budget_usd": 10}})
+    async with await Engine.open(cfg, preload=True) as eng:
+        rec = (await eng.run(GenerationRequest(messages=(Message("user", "Name a colour."),)),
+                             budget=Budget(cost_usd=0.00404))).record
+    assert rec.tier == "small" and rec.cost_usd >= 0.001
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as c:
+        status, sampled, reason = c.execute("SELECT status, sampled, reason FROM shadow_decisions").fetchone()
+        calls = c.execute("SELECT COUNT(*) FROM shadow_attempts").fetchone()[0]
+    assert (status, sampled, calls) == ("known", 0, 0), reason
+    assert "the cost budget would skip 'large'" in reason
+
+
 async def test_a_request_whose_client_left_before_its_answer_has_no_shadow_decision(tmp_path):
     """A request whose client left before its answer is made cancelled once its row is in, and its shadow
     decisions deleted, as for any request that answered nobody. Its sample ran on regardless: one whose call
