@@ -511,6 +511,12 @@ def test_a_samples_reservation_covers_every_provider_that_may_bill_it(tmp_path):
     one = make_config(tmp_path, [{"name": "big", "providers": [prov("a", dear)], "price": cheap, "max_tokens": 10}])
     assert estimate_sample_cost(SimpleNamespace(config=one.tier("big"), backend=backend), req, rec) == pytest.approx(
         (prompt * 3.0 + 10 * 4.0) / 1e6)
+    # a live attempt billed a longer prompt than the tier's own count (a provider's chat template): that one
+    from cascade.types import Attempt
+
+    rec.attempts = [Attempt(0, "small", "m", "openai", prompt_tokens=prompt + 500)]
+    assert estimate_sample_cost(SimpleNamespace(config=one.tier("big"), backend=backend), req, rec) == pytest.approx(
+        ((prompt + 500) * 3.0 + 10 * 4.0) / 1e6)
 
 
 async def test_a_sample_keeps_to_the_requests_cost_budget(tmp_path):
