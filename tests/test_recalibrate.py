@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -1106,6 +1107,29 @@ def test_recalibrate_since_fits_on_the_answers_of_requests_made_since_only(tmp_p
     expected = {r["request_id"] for r in every if int(r["request_id"][1:]) >= 200}
     assert 50 < len(expected) < len(every) and {r["request_id"] for r in recent} == expected
     assert rep["n"] == len(expected) and rep["coverage"]["answers"] == 200
+
+
+def test_the_held_out_slice_holds_both_outcomes_however_few_of_one_there_are():
+    """The split is stratified: a class of 3 answers at a 10% holdout (0.3 of an answer) still gives the held-out
+    slice one and the fit two, so the held-out ECE judges both outcomes; 10 of the other give 1 and 9."""
+    from cascade.recalibrate import _split
+
+    labels = np.array([0, 0, 0] + [1] * 10)
+    train, test = _split(len(labels), 0.1, 0, labels)
+    assert sorted(labels[test].tolist()) == [0, 1] and sorted(labels[train].tolist()) == [0, 0] + [1] * 9
+    assert sorted([*train.tolist(), *test.tolist()]) == list(range(13))
+
+
+def test_the_next_version_follows_the_highest_there_not_the_count(tmp_path):
+    """Versions 1 and 5 in the directory (2 to 4 deleted): the next is 6, not 3 (their count plus one), a
+    number once used that a link or a config may still name; nor is it below the version the tier serves."""
+    from cascade.recalibrate import artifact_path
+
+    for v in (1, 5):
+        (tmp_path / f"small.v{v}.json").write_text("{}")
+    (tmp_path / "large.v9.json").write_text("{}")  # another tier's versions count for it alone
+    assert artifact_path(tmp_path, "small", default_dir=tmp_path / "unused") == (tmp_path / "small.v6.json", 6)
+    assert artifact_path(tmp_path, "small", default_dir=tmp_path, previous_version=7)[1] == 8
 
 
 def test_recalibrate_compares_with_the_calibrator_each_answer_was_served_by(tmp_path):
