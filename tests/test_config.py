@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -389,3 +390,106 @@ async def test_an_artifact_reading_top_alternatives_on_a_tier_without_them_is_re
     data["tiers"][0]["top_logprobs"] = 2  # two alternatives a token: the same artifact serves
     async with await Engine.open(parse_config(data, environ={}), preload=False) as engine:
         assert engine.resolve("cascade").name == "cascade"
+
+
+KEY = "a" * 64
+
+
+@pytest.mark.parametrize(("text", "read", "expected"), [
+    # each bound's own edge is inside it: a threshold of 1.0 escalates all but certain answers, a free tier costs 0
+    (GOOD.replace("model: smollm2-135m}", "model: smollm2-135m, threshold: 1.0}"), lambda c: c.tier("a").threshold,
+     1.0),
+    (GOOD.replace("{chain: [a, b]}", "{chain: [a, b], thresholds: {a: 1.0}}"),
+     lambda c: c.policies["cascade"].thresholds["a"], 1.0),
+    (GOOD + "shadows: {s: {of: cascade, thresholds: {a: 1.0}, sample_rate: 1.0, sample_budget_usd: 0.01}}\n",
+     lambda c: (c.shadows["s"].thresholds["a"], c.shadows["s"].sample_rate), (1.0, 1.0)),
+    (GOOD.replace("model: smollm2-135m}",
+                  "model: smollm2-135m, price: {input_per_1m: 0, output_per_1m: 0, cached_input_per_1m: 0}}"),
+     lambda c: c.tier("a").price.cost(1_000_000, 1_000_000, 500_000), 0.0),
+    (GOOD + "server: {port: 65535, max_body_bytes: 1024, max_header_bytes: 1024}\n",
+     lambda c: (c.server.port, c.server.max_body_bytes, c.server.max_header_bytes), (65535, 1024, 1024)),
+    (GOOD + f"user_tiers: {{free: {{}}}}\nauth: {{keys: [{{id: {'k' * 64}, user_tier: free, sha256: {KEY}}}]}}\n",
+     lambda c: c.auth.keys[0].id, "k" * 64),
+])
+def test_a_value_at_the_edge_of_its_bound_loads(tmp_path, text, read, expected):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    assert read(load_config(p, environ={})) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # a negative price made a tier's calls earn money: the ledger's costs, the budgets and the reports went down
+    (GOOD.replace("model: smollm2-135m}", "model: smollm2-135m, price: {input_per_1m: -0.01}}"),
+     "tiers.0.price.input_per_1m: Input should be greater than or equal to 0"),
+    (GOOD.replace("model: smollm2-135m}", "model: smollm2-135m, price: {output_per_1m: -0.01}}"),
+     "tiers.0.price.output_per_1m: Input should be greater than or equal to 0"),
+    (GOOD.replace("model: smollm2-135m}", "model: smollm2-135m, price: {cached_input_per_1m: -0.01}}"),
+     "tiers.0.price.cached_input_per_1m: Input should be greater than or equal to 0"),
+    (GOOD.replace("model: smollm2-135m}", "model: smollm2-135m, threshold: 1.0001}"),
+     "tiers.0.threshold: Input should be less than or equal to 1"),
+    (GOOD.replace("{chain: [a, b]}", "{chain: [a, b], thresholds: {a: -0.0001}}"),
+     "policies.cascade.thresholds: threshold for 'a' must be within [0, 1], got -0.0001"),
+    (GOOD + "server: {port: 65536}\n", "server.port: Input should be less than or equal to 65535"),
+    # the server hashes a bearer key to lowercase hex: an uppercase digest would never match, a key that never works
+    (GOOD + "user_tiers: {free: {}}\nauth: {keys: [{id: k1, user_tier: free, sha256: " + "A" * 64 + "}]}\n",
+     "auth.keys.0.sha256: String should match pattern"),
+    (GOOD + f"user_tiers: {{free: {{}}}}\nauth: {{keys: [{{id: {'k' * 65}, user_tier: free, sha256: {KEY}}}]}}\n",
+     "auth.keys.0.id: String should have at most 64 characters"),
+    (GOOD + f"user_tiers: {{free: {{}}}}\nauth: {{keys: [{{id: k1, user_tier: paid, sha256: {KEY}}}]}}\n",
+     "auth.keys.0.user_tier: unknown user tier 'paid'"),
+    (GOOD + f"user_tiers: {{free: {{}}}}\nauth: {{keys: [{{id: k1, user_tier: free, sha256: {KEY}}}, "
+     f"{{id: k1, user_tier: free, sha256: {'b' * 64}}}]}}\n", "auth.keys: duplicate key id"),
+    (GOOD + "user_tiers: {free: {}}\nauth: {anonymous_user_tier: paid}\n",
+     "auth.anonymous_user_tier: unknown user tier 'paid'"),
+    # a budget of 0 refuses every request, a spend limit of 0 every key: neither is "no limit" (leave it out)
+    (GOOD + "user_tiers: {free: {cost_budget_usd: 0}}\n",
+     "user_tiers.free.cost_budget_usd: Input should be greater than 0"),
+    (GOOD + "shadows: {s: {of: cascade, sample_rate: 1.01, sample_budget_usd: 1}}\n",
+     "shadows.s.sample_rate: Input should be less than or equal to 1"),
+    (GOOD + "shadows: {s: {of: cascade, sample_rate: 0.1}}\n",
+     "shadows.s.sample_budget_usd: must be above 0 when sample_rate is above 0"),
+])
+def test_a_value_just_past_its_bound_is_refused_naming_the_key(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(p, environ={})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_config_that_leaves_settings_out_gets_the_defaults_the_docs_give():
+    """The README's configuration reference lists the server, ledger, cache and models defaults, and
+    docs/failure-handling.md the retry and breaker ones: a config that leaves them out runs with those (a log level,
+    a request limit or a retry count nobody chose would otherwise change unnoticed)."""
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text().split("## Configuration", 1)[1]
+    reference = yaml.safe_load(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    failure = (root / "docs" / "failure-handling.md").read_text().splitlines()
+    retry = yaml.safe_load(next(s for s in failure if s.strip().startswith("retry: {") and "# defaults" in s))
+    breaker = yaml.safe_load(next(s for s in failure if s.strip().startswith("breaker: {")))
+    cfg = parse_config(yaml.safe_load(GOOD), environ={})
+    for section in ("server", "ledger", "cache", "models"):
+        assert getattr(cfg, section).model_dump() == reference[section], section
+    tier = cfg.tier("b")
+    assert tier.retry.model_dump() == {**retry["retry"], "jitter_seed": None}
+    assert tier.breaker.model_dump() == breaker["breaker"]
+    # a tier's own defaults (no page lists them; the README's example tier spells two of them out)
+    assert (tier.threshold, tier.max_tokens, tier.top_logprobs, tier.timeout_s) == (0.5, 64, 5, 120.0)
+    assert tier.calibrator.params == {"temperature": 1.0} and tier.price.cost(10**6, 10**6) == 0.0
+
+
+def test_an_empty_variable_overrides_nothing_and_the_given_file_wins_over_cascade_config(tmp_path):
+    cfg = load_config(environ={"CASCADE_HOST": "", "CASCADE_PORT": "", "CASCADE_LEDGER_PATH": "",
+                               "CASCADE_MODEL_CACHE": "", "CASCADE_CONFIG": ""})  # the embedded default
+    assert (cfg.server.host, cfg.server.port, cfg.ledger.path, cfg.models.cache_dir) == (
+        "127.0.0.1", 8000, "~/.local/share/cascade-engine/ledger.sqlite", "~/.cache/cascade-engine/models")
+    given, other = tmp_path / "given.yaml", tmp_path / "other.yaml"
+    given.write_text(GOOD + "server: {port: 9001}\n")
+    other.write_text(GOOD.replace("chain: [a, b]", "chain: [b]"))
+    assert load_config(given, environ={"CASCADE_CONFIG": str(other)}).policies["cascade"].chain == ["a", "b"]
+    assert load_config(environ={"CASCADE_CONFIG": str(other)}).policies["cascade"].chain == ["b"]
+    # the environment over the file
+    assert load_config(given, environ={"CASCADE_PORT": "9123"}).server.port == 9123
+    assert load_config(given, environ={}).server.port == 9001
