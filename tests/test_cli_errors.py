@@ -7,6 +7,7 @@ cases loads a model (each error is raised before any model would load).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -181,6 +182,10 @@ def test_keys_hash_reads_a_key_as_the_server_does(capsys):
     long_key = "sk-" + "x7Q2" * 6
     r = cli(capsys, "keys", "hash", long_key)
     assert r.returncode == 0 and r.stdout.strip() == hash_key(long_key) and r.stderr == ""
+    for key, warned in (("k" * 23, True), ("k" * 24, False)):  # the warning's edge: 24 characters are enough
+        r = cli(capsys, "keys", "hash", key)
+        assert r.returncode == 0 and r.stdout.strip() == hashlib.sha256(key.encode()).hexdigest()
+        assert r.stderr.startswith("cascade: warning: a key of 23 characters") if warned else r.stderr == ""
     one_error(cli(capsys, "keys", "hash", "   "), "no key given")
 
 
@@ -916,15 +921,17 @@ def test_serve_warns_of_a_hosted_tier_without_a_price(tmp_path):
 
 def test_a_reload_reads_no_variable_whose_flag_the_server_was_given(tmp_path):
     """`serve --port` does not read $CASCADE_PORT (README): a bad value there started the server, then refused
-    every POST /admin/reload (422, "invalid environment variable CASCADE_PORT"), as the reload read it."""
+    every POST /admin/reload (422, "invalid environment variable CASCADE_PORT"), as the reload read it; so for
+    --host and $CASCADE_HOST, --ledger and $CASCADE_LEDGER_PATH."""
     import httpx
 
     port = free_port()
     p = write_config(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(p), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config", str(p), "--port", str(port),
+                             "--host", "127.0.0.1", "--ledger", str(tmp_path / "flag.sqlite")],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                                 "CASCADE_PORT": "not-a-port"})
+                                 "CASCADE_PORT": "not-a-port", "CASCADE_HOST": " ", "CASCADE_LEDGER_PATH": " "})
     try:
         for line in proc.stdout:  # up to the banner
             if "serving policies" in line:
@@ -1107,3 +1114,30 @@ def test_health_uptime_holds_when_the_wall_clock_steps_back(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_ask_takes_a_max_tokens_from_1_to_the_servers_limit(tmp_path, capsys):
+    # within the bounds the question goes on, to the check of its tiers' models (none is prepared here)
+    cfg = write_config(tmp_path, extra=f"server: {{max_tokens_limit: 16}}\nmodels: {{cache_dir: {tmp_path / 'none'}}}")
+    for n in ("1", "16"):
+        one_error(cli(capsys, "ask", "hi", "--config", str(cfg), "--max-tokens", n), "is not prepared under")
+    one_error(cli(capsys, "ask", "hi", "--config", str(cfg), "--max-tokens", "0"), "--max-tokens must be >= 1")
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_serve_takes_port_65535_and_refuses_65536(tmp_path):
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: the bind is refused without any port taken
+    cfg = str(write_config(tmp_path))
+    one_error(cascade("serve", "--config", cfg, "--host", "192.0.2.1", "--port", "65535"),
+              "cannot bind 192.0.2.1:65535")
+    one_error(cascade("serve", "--config", cfg, "--port", "65536"), "--port: 65536 is not a TCP port")
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_an_os_error_no_command_turned_into_a_message_is_still_one_line_and_exit_status_2(tmp_path, capsys):
+    # every command's fallback (a file it did not check first): the line names the path, as a config error's would
+    from cascade.cli import run_command
+
+    missing = tmp_path / "missing.jsonl"
+    assert run_command("cascade", lambda: open(missing)) == 2
+    assert capsys.readouterr().err == f"cascade: error: {missing}: No such file or directory\n"
