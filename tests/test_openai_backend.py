@@ -274,6 +274,34 @@ async def test_a_zero_probability_is_the_lowest_logprob_and_a_hair_above_zero_is
     assert all(a.logprob == -9999.0 for t in res.tokens for a in t.top)
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstreams_own_length_finish_is_passed_on(endpoint, stream):
+    """An upstream that ends the answer at max_tokens says so, "length": passed on as it came, so that the client
+    knows its answer was cut (a "stop" says it is whole). The fault server answers "Paris is the capital of
+    France." a word a token, cut at max_tokens itself."""
+    from tests.fault_server import FaultServerThread
+
+    def ask(max_tokens: int) -> GenerationRequest:
+        return (LP.with_(max_tokens=max_tokens) if endpoint == "chat"
+                else GenerationRequest(prompt="Hi", max_tokens=max_tokens, top_logprobs=2))
+
+    async def answer(b: OpenAIBackend, req: GenerationRequest) -> tuple[str, str]:
+        if stream:
+            chunks = [c async for c in b.stream(req)]
+            return "".join(c.text for c in chunks), chunks[-1].finish_reason
+        res = await b.generate(req)
+        return res.text, res.finish_reason
+
+    with FaultServerThread() as upstream:
+        b = OpenAIBackend(model="m", base_url=upstream.base_url, endpoint=endpoint)
+        try:
+            assert await answer(b, ask(3)) == ("Paris is the", "length")
+            assert await answer(b, ask(16)) == ("Paris is the capital of France.", "stop")
+        finally:
+            await b.close()
+
+
 @pytest.mark.parametrize("usage", [
     {"prompt_tokens": -1_000_000, "completion_tokens": -5}, {"prompt_tokens": NAN, "completion_tokens": NAN},
     {"prompt_tokens": INF, "completion_tokens": INF}, {"prompt_tokens": 3.7, "completion_tokens": 2.5},

@@ -126,7 +126,8 @@ THINK = [("<think>", -0.01), ("Let", -1.5), (" me", -2.0), (" think", -2.5), ("<
 #: a proxy that cuts its text by UTF-16 units: an emoji's surrogate pair across two tokens (each a JSON escape of
 #: its own, so each chunk of a stream holds half a character), or half of one alone (valid JSON, not UTF-8)
 SURROGATES = {"surr-pair": [("Hi", -0.1), (" \ud83d", -0.2), ("\ude00", -0.2), (" there", -0.1)],
-              "surr-lone": [("Hi", -0.1), (" \ud83d", -0.2), (" there", -0.1)]}
+              "surr-lone": [("Hi", -0.1), (" \ud83d", -0.2), (" there", -0.1)],
+              "surr-end": [("Hi", -0.1), (" \ud83d", -0.2)]}  # (a half that no chunk after it completes)
 
 
 def surrogate_entry(tok: str, lp: float) -> dict[str, Any]:
@@ -171,7 +172,10 @@ def cjk_entry(tok: str, lp: float, raw: bytes) -> dict[str, Any]:
 BODY_ERRORS = {"body-502": {"code": 502, "message": "Provider returned error", "metadata": {"provider_name": "X"}},
                "body-429": {"code": 429, "message": "Provider rate limited the request"},
                "body-ctx": {"code": 400, "message": "This endpoint's maximum context length is 4096 tokens."},
-               "body-text": "upstream failed"}
+               "body-text": "upstream failed",
+               # no code or type to read: a context overflow in its words is a 400 all the same
+               "body-ctx-text": "This model's maximum context length is 4096 tokens.",
+               "body-400": {"code": 400, "message": "Invalid 'temperature': expected at most 2"}}
 
 
 def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
@@ -189,10 +193,16 @@ def respond(model: str, path: str, body: dict[str, Any]) -> tuple:
                             chunk(model, {}, finish="stop"), usage_chunk(model)], True)
         return ("body", 200, "application/json",
                 json.dumps(chat(model, "Hi 你好", [cjk_entry(*e) for e in CJK])).encode(), {})
+    if model == "vllm-sampled-first" and not chat_path:  # the same on legacy completions (a dict, in its order)
+        lp = {"tokens": [" 4"], "token_logprobs": [-1.2], "text_offset": [0],
+              "top_logprobs": [{" 4": -1.2, "alt": -0.3, "mid": -0.9}]}
+        return ("body", 200, "application/json", json.dumps(completion(model, lp, text=" 4")).encode(), {})
     if model == "vllm-sampled-first":  # vLLM's server lists the sampled token first among its top_logprobs
         e = entry(" 4", -1.2, alt=-0.3)
         e["top_logprobs"].append({"token": "mid", "logprob": -0.9, "bytes": list(b"mid")})
         return ("body", 200, "application/json", json.dumps(chat(model, " 4", [e])).encode(), {})
+    if model == "too-large":  # a proxy's limit on the request's body (nginx's client_max_body_size)
+        return ("body", 413, "text/html", b"<html><head><title>413 Request Entity Too Large</title></head></html>", {})
     if model == "stop-openai" and chat_path:
         return openai_stop(model, body.get("stop") or [], stream)
     # --- redirects: a base_url that moved (the Location relative, as most servers write it)
@@ -544,6 +554,16 @@ async def test_a_numeric_error_code_is_no_code_for_the_client(upstream, tmp_path
     assert served.value.code is None and served.value.status_code == 400
 
 
+async def test_a_413_is_the_clients_request_too_large_not_a_provider_failure(upstream):
+    """A proxy's 413 (a body past its limit: the prompt the client sent) is a refused request, as a 400 is: not
+    fallen over to another provider, whose limit the same body meets, nor counted against the breaker as a
+    provider's failure (a 502)."""
+    with pytest.raises(ProviderInvalidRequestError) as err:
+        await generate(upstream, "too-large")
+    assert type(err.value) is ProviderInvalidRequestError and err.value.upstream_status == 413
+    assert not err.value.fall_over and err.value.status_code == 400
+
+
 async def test_a_llamacpp_context_overflow_escalates_to_the_next_tier(upstream, tmp_path):
     cfg = make_config(tmp_path, [remote("small", upstream, "ctx-llama"), remote("big", upstream, "ok")])
     eng = await Engine.open(cfg)
@@ -774,7 +794,9 @@ async def test_llamacpps_error_field_is_the_error_it_states_not_a_cut_answer(ups
 @pytest.mark.parametrize(("model", "error", "status"), [("body-502", ProviderServerError, 502),
                                                        ("body-429", RateLimitedError, 429),
                                                        ("body-ctx", ProviderContextLengthError, 400),
-                                                       ("body-text", ProviderServerError, 500)])
+                                                       ("body-text", ProviderServerError, 500),
+                                                       ("body-ctx-text", ProviderContextLengthError, 400),
+                                                       ("body-400", ProviderInvalidRequestError, 400)])
 @pytest.mark.parametrize("request_", [CHAT, RAW], ids=["chat", "completions"])
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 async def test_a_200_whose_body_is_an_error_is_read_as_the_status_it_stands_for(upstream, model, error, status,
@@ -836,7 +858,8 @@ async def test_a_rate_limit_event_after_the_first_chunk_is_no_breaker_failure(up
         await eng.close()
 
 
-@pytest.mark.parametrize(("model", "text"), [("surr-pair", "Hi \U0001f600 there"), ("surr-lone", "Hi \ufffd there")])
+@pytest.mark.parametrize(("model", "text"), [("surr-pair", "Hi \U0001f600 there"), ("surr-lone", "Hi \ufffd there"),
+                                             ("surr-end", "Hi \ufffd")])
 async def test_text_cut_by_utf16_units_is_whole_characters_in_the_answer_and_the_ledger(upstream, tmp_path, model,
                                                                                        text):
     """A proxy that cuts text by UTF-16 units sends half a character per chunk (or a half alone): JSON carries
@@ -1005,10 +1028,11 @@ def test_a_tier_without_logprobs_can_only_be_last(tmp_path, upstream):
     make_config(tmp_path, [remote("big", upstream, "ok"), no_lp])  # last: fine
 
 
-async def test_top_logprobs_are_most_likely_first_whatever_order_the_server_sends(upstream):
-    """vLLM's server lists a sampled token first among its top_logprobs, ahead of likelier ones: they are passed
-    on most likely first, as OpenAI sends them."""
-    res = await generate(upstream, "vllm-sampled-first")
+@pytest.mark.parametrize("request_", [CHAT, RAW], ids=["chat", "completions"])
+async def test_top_logprobs_are_most_likely_first_whatever_order_the_server_sends(upstream, request_):
+    """vLLM's server lists a sampled token first among its top_logprobs, ahead of likelier ones (a list on chat, a
+    dict on legacy completions): they are passed on most likely first, as OpenAI sends them."""
+    res = await generate(upstream, "vllm-sampled-first", request_)
     (tok,) = res.tokens
     assert [(a.token, a.logprob) for a in tok.top] == [("alt", -0.3), ("mid", -0.9), (" 4", -1.2)]
 
@@ -1092,6 +1116,17 @@ async def test_an_answer_past_max_tokens_is_cut_at_the_bound(upstream, model, re
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 3
     full = await generate(upstream, model, request_)  # within the bound: as it came
     assert (full.text, full.finish_reason, len(full.tokens)) == (TEXT, "stop", 5)
+
+
+async def test_a_stop_sequence_within_max_tokens_ends_the_answer_as_a_stop(upstream):
+    """An upstream that ignores both: the answer is cut at max_tokens (3 tokens, "The answer is") and, within
+    them, before the stop sequence (" answer"), which ends it first: finish_reason "stop", as OpenAI's, not the
+    bound's "length"."""
+    asked = CHAT.with_(max_tokens=3, stop=(" answer",))
+    res = await generate(upstream, "ok", asked)
+    assert (res.text, res.finish_reason, [t.token for t in res.tokens]) == ("The", "stop", ["The"])
+    chunks = await stream(upstream, "ok", asked)
+    assert "".join(c.text for c in chunks) == "The" and chunks[-1].finish_reason == "stop"
 
 
 @pytest.mark.parametrize(("n", "text"), [(1, "Hi"), (2, "Hi "), (3, "Hi 你")])
