@@ -329,6 +329,25 @@ async def test_token_counts_that_are_no_counts_are_estimated(usage, stream):
     assert finish == "stop"  # 123 is no finish reason
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cached_count_above_the_prompt_is_the_whole_prompt(stream):
+    """A provider that says more of the prompt came from its cache than the prompt holds (800 cached of 100): the
+    whole prompt was cached, no more. Taken as it came, the prompt's uncached part was -700 tokens, billed at the
+    input price as a credit."""
+    from tests.fault_server import FaultServerThread
+
+    usage = {"prompt_tokens": 100, "completion_tokens": 4, "total_tokens": 104,
+             "prompt_tokens_details": {"cached_tokens": 800}}
+    with FaultServerThread() as upstream:
+        upstream.faults({"kind": "odd", "usage": usage})
+        b = OpenAIBackend(model="m", base_url=upstream.base_url)
+        try:
+            got = [c async for c in b.stream(LP)][-1].usage if stream else (await b.generate(LP)).usage
+        finally:
+            await b.close()
+    assert (got.prompt_tokens, got.cached_prompt_tokens, got.completion_tokens) == (100, 100, 4)
+
+
 async def test_an_absurd_token_count_still_leaves_a_ledger_row(tmp_path):
     """A count beyond any context window (10**30, 1e300) overflowed the ledger's INTEGER columns: the request
     failed with a raw OverflowError and left no row (or only the journal's "Interrupted"). It is estimated."""
