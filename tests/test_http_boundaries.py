@@ -163,3 +163,21 @@ def test_an_empty_body_is_said_to_be_empty(server, path):
                              (r.headers["x-request-id"],)).fetchone()
         assert row is not None and row[:2] == ("error", "InvalidRequestError")
         assert row[2].startswith("the request body is empty")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_of_exactly_max_body_bytes_is_read_and_one_byte_more_is_413(server, chunked):
+    limit = 1 << 20  # the default server.max_body_bytes: "over" it is refused, at it is not
+
+    def body(size):
+        head, tail = b'{"model": "remote", "max_tokens": 1, "messages": [{"role": "user", "content": "', b'"}]}'
+        data = head + b"x" * (size - len(head) - len(tail)) + tail
+        assert len(data) == size
+        # with a Content-Length (refused by its header), or chunked (refused by counting what arrives)
+        return (data[i:i + 65536] for i in range(0, size, 65536)) if chunked else data
+
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    r = httpx.post(server.url + "/v1/chat/completions", content=body(limit), headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(server.url + "/v1/chat/completions", content=body(limit + 1), headers=headers, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
