@@ -177,6 +177,8 @@ def test_every_response_carries_a_request_id_that_finds_its_ledger_row(server):
     both = httpx.get(server.url + "/health", headers={"X-Client-Request-Id": "bad id", "X-Request-ID": "ok-1"})
     assert both.headers["x-client-request-id"] == "ok-1"  # one header's id cannot be echoed: the other's is
     assert "x-client-request-id" not in httpx.get(server.url + "/health", headers={"X-Request-ID": "x" * 129}).headers
+    assert httpx.get(server.url + "/health", headers={"X-Request-ID": "x" * 128}).headers["x-client-request-id"] == \
+        "x" * 128  # 128 characters, the longest echoed
 
 
 def test_the_sdk_conversation_pattern_and_openai_parameters(server):
