@@ -164,6 +164,8 @@ def test_keys_decide_the_user_tier(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "cascade", "messages": Q})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    # the scheme's name is case-insensitive (RFC 9110 11.1): "bearer" is the same key, sent as some clients write it
+    assert httpx.get(server.url + "/v1/models", headers={"authorization": f"bearer {FREE}"}).status_code == 200
     with pytest.raises(openai.PermissionDeniedError) as err:
         client(server, FREE).chat.completions.create(model="premium", messages=Q, max_tokens=4)
     assert "may not use model 'premium'" in err.value.message
