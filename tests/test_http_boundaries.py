@@ -181,3 +181,11 @@ def test_a_body_of_exactly_max_body_bytes_is_read_and_one_byte_more_is_413(serve
     assert r.status_code == 200, r.text
     r = httpx.post(server.url + "/v1/chat/completions", content=body(limit + 1), headers=headers, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_one_stop_string_is_one_stop_sequence(server, fault):
+    # "stop": "capital" is the sequence, not its letters (which would cut the answer at the "a" of "Paris")
+    r = post(server, {"model": "remote", "messages": Q("one stop string"), "stop": "capital"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "Paris is the "  # the fault server's answer, cut
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
