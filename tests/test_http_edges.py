@@ -422,6 +422,23 @@ def test_headers_over_the_limit_are_431_and_a_row_under_their_key(server):
     assert rows(server) == before
 
 
+def test_headers_of_exactly_the_limit_are_read_and_one_byte_more_is_431(server):
+    """The limit (65,536 bytes of path, query and header names and values) is what a request may have: one of
+    exactly that size is read (here a 400 for its body, which lacks messages), one byte more is a 431."""
+    def sent(extra: int) -> httpx.Response:
+        with httpx.Client() as client:
+            req = client.build_request("POST", server.url + "/v1/chat/completions", json={"model": "remote"},
+                                       headers={**H(), "x-pad": ""})
+            size = len(req.url.raw_path) + sum(len(k) + len(v) for k, v in req.headers.raw)
+            req.headers["x-pad"] = "a" * (65_536 - size + extra)
+            return client.send(req)
+
+    r = sent(0)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    r = sent(1)
+    assert r.status_code == 431 and r.json()["error"]["code"] == "request_header_fields_too_large", r.text
+
+
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
 def test_a_seed_beyond_64_bits_is_refused_naming_it(server, seed):
     r = httpx.post(server.url + "/v1/chat/completions", headers=H(), timeout=60,
