@@ -390,3 +390,18 @@ async def test_an_estimated_baseline_is_priced_as_the_last_tiers_first_provider_
     assert ran.cost_usd == pytest.approx(kept.baseline_cost_usd)
     assert db_rows(tmp_path, "SELECT baseline_cost_usd, baseline_estimated FROM requests WHERE request_id = 'kept'"
                    ) == [(pytest.approx(kept.baseline_cost_usd), 1)]
+
+
+async def test_an_estimated_baseline_prices_the_served_answers_tokens_not_the_first_attempts(servers, make_engine):
+    """Where a middle tier's answer is kept, the last tier alone is estimated to have written an answer as long as
+    that one (8 tokens here), not as long as the first tier's thrown-away answer (2)."""
+    lo, long, c = servers["lo"], servers["long"], servers["c"]
+    price = {"input_per_1m": 3.0, "output_per_1m": 5.0}
+    eng = await make_engine([plain("first", lo, threshold=0.9, max_tokens=8), plain("mid", long, max_tokens=8),
+                             plain("last", c, max_tokens=8, price=price)])
+    rec = (await eng.run(GenerationRequest(messages=Q.messages, max_tokens=8))).record
+    first, mid = rec.attempts
+    assert (first.decision, mid.decision, mid.kept) == ("escalate", "accept", True) and seen(c) == 0
+    assert first.completion_tokens != mid.completion_tokens == 8
+    assert rec.baseline_estimated
+    assert rec.baseline_cost_usd == pytest.approx((mid.prompt_tokens * 3.0 + 8 * 5.0) / 1e6)
