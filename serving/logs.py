@@ -113,6 +113,34 @@ class ControlCharFilter(_LineFilter):
     clean = staticmethod(escape_controls)
 
 
+class RepeatedWarningFilter(logging.Filter):
+    """Lets a line uvicorn writes for any malformed request ("Invalid HTTP request received.", no request id:
+    the bytes never made one) through once a minute, with how many were held back since: any client could
+    otherwise write a warning per garbage request it sends."""
+
+    MESSAGES = frozenset({"Invalid HTTP request received."})
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg not in self.MESSAGES:
+            return True
+        now = time.monotonic()
+        last = self._last.get(msg)
+        if last is not None and now - last < self.every_s:
+            self._held[msg] = self._held.get(msg, 0) + 1
+            return False
+        self._last[msg] = now
+        if held := self._held.pop(msg, 0):
+            record.msg, record.args = f"{msg} ({held} more since the last such line)", ()
+        return True
+
+
 class TextFormatter(logging.Formatter):
     """:data:`TEXT_FORMAT` with the time in UTC, ISO 8601 with milliseconds (``2026-12-07T19:22:10.101Z``): the
     clock the ledger's days, the daily spend limits and the JSON lines use, whatever the server's time zone."""
@@ -153,6 +181,9 @@ def configure_logging(level: str, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    uvicorn_error = logging.getLogger("uvicorn.error")  # (a filter of the logger: in json mode and text mode alike)
+    if not any(isinstance(f, RepeatedWarningFilter) for f in uvicorn_error.filters):
+        uvicorn_error.addFilter(RepeatedWarningFilter())
     logging.captureWarnings(fmt == "json")  # Python warnings (a library's deprecation) as log lines too
 
 
@@ -172,5 +203,6 @@ def uvicorn_log_config() -> dict:
     return cfg
 
 
-__all__ = ["ControlCharFilter", "JsonFormatter", "RequestIdFilter", "SecretFilter", "TextFormatter",
-           "configure_logging", "current_request_id", "escape_controls", "mask_secrets", "uvicorn_log_config"]
+__all__ = ["ControlCharFilter", "JsonFormatter", "RepeatedWarningFilter", "RequestIdFilter", "SecretFilter",
+           "TextFormatter", "configure_logging", "current_request_id", "escape_controls", "mask_secrets",
+           "uvicorn_log_config"]

@@ -1615,6 +1615,26 @@ async def test_an_upstreams_error_text_cannot_colour_the_terminal_or_forge_a_log
     assert failed[0].endswith(r"broke\x1b[31m\x1b[1A\x1b[2K " + forged + r"\x9b0m"), failed
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_a_client_sending_garbage_cannot_write_a_warning_a_request(tmp_path, log_format):
+    """uvicorn warns "Invalid HTTP request received." for every request it cannot parse (no request id: it never
+    became one): a client could write a line per garbage request it sent. The first is logged, the rest once a
+    minute with their count; each is still answered 400."""
+    with FaultServerThread() as a:
+        cfg = serve_config(tmp_path, [plain("t", a)], ["t"], log_level="info", log_format=log_format)
+        async with serving(cfg, tmp_path) as (client, proc):
+            for _ in range(12):
+                reader, writer = await asyncio.open_connection("127.0.0.1", cfg["server"]["port"])
+                writer.write(b"\x16\x03\x01 not HTTP at all\r\n\r\n")  # (a TLS hello's first bytes, say)
+                await writer.drain()
+                assert (await reader.read(100)).startswith(b"HTTP/1.1 400")
+                writer.close()
+            assert (await client.get("/health")).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            out = (await asyncio.to_thread(proc.communicate, timeout=30))[0].decode()
+    assert out.count("Invalid HTTP request received.") == 1, out
+
+
 async def test_a_provider_that_garbles_every_answer_logs_one_traceback_not_one_a_call(tmp_path):
     """A malformed answer is logged with its traceback (a shape this code does not expect looks the same from
     here), once per provider and kind: a provider garbling every answer wrote some 40 lines of the same traceback
