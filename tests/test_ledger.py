@@ -526,6 +526,27 @@ async def test_a_hold_swept_from_a_past_day_is_forgotten_not_written_again(targe
         assert await led.query("SELECT hold_id FROM spend_holds") == [("live",)]
 
 
+async def test_a_released_hold_is_forgotten_not_written_again_once_the_process_is_taken_for_dead(target):
+    """A request that will write no row (refused after its admission) releases its hold, and the process forgets
+    it then: taken for dead, it writes back only the holds still in flight. Kept in memory, the released one came
+    back at its worst case, counted against its key's limit for the rest of the day with no request behind it."""
+    day, key = utc_day_start(), ("key", "k1")
+    async with Ledger(target, heartbeat_s=0.05, stale_s=30) as led:
+        for rid in ("released", "live"):
+            assert (await led.admit_spend(rid, [key], 0.25, day, lambda figures: True))[1]
+        led.release_spend("released")
+        await _until(lambda: _count(led, "spend_holds", 1), "the released hold is gone")
+        await led.query("DELETE FROM spend_holds")  # as a peer that took this process for dead
+        await led.query("DELETE FROM instances")
+
+        async def held_again() -> bool:
+            return not await _count(led, "spend_holds", 0)
+
+        await _until(held_again, "the process wrote its holds again")
+        assert await led.query("SELECT hold_id FROM spend_holds") == [("live",)]
+        assert await daily_spend(led, day, [key]) == [(0.0, 0.25, 1)]
+
+
 async def test_a_hold_from_the_last_minute_of_a_day_counts_against_the_next_until_its_row_is_written(target):
     """A request's row is dated when the engine starts it, after its admission: one admitted in a day's last
     instant may be recorded in the next day, so its hold counts there too until its row is written (it did not:
