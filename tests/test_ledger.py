@@ -547,6 +547,31 @@ async def test_a_released_hold_is_forgotten_not_written_again_once_the_process_i
         assert await daily_spend(led, day, [key]) == [(0.0, 0.25, 1)]
 
 
+async def test_a_renewed_hold_written_again_keeps_the_time_it_was_first_written(target):
+    """A shadow sample holds again, its new total, before each call: the row keeps its first time (a hold
+    counts on the UTC day it was written), and so does what the process writes back once taken for dead. Taking
+    the renewal's time there wrote it back as held from its last call (on that call's day, past a midnight)."""
+    day, key = utc_day_start(), ("shadow", "s")
+    async with Ledger(target, heartbeat_s=0.05, stale_s=30) as led:
+        assert (await led.admit_spend("sample", [key], 0.25, day, lambda figures: True))[1]
+        [(first,)] = await led.query("SELECT created_at FROM spend_holds")
+        await asyncio.sleep(0.05)
+        led.hold_spend("sample", [key], 0.5)
+
+        async def renewed() -> bool:
+            return await led.query("SELECT amount_usd, created_at FROM spend_holds") == [(0.5, first)]
+
+        await _until(renewed, "the hold renewed, at its first time")
+        await led.query("DELETE FROM spend_holds")  # as a peer that took this process for dead
+        await led.query("DELETE FROM instances")
+
+        async def held_again() -> bool:
+            return not await _count(led, "spend_holds", 0)
+
+        await _until(held_again, "the process wrote its hold again")
+        assert await led.query("SELECT amount_usd, created_at FROM spend_holds") == [(0.5, first)]
+
+
 async def test_a_hold_from_the_last_minute_of_a_day_counts_against_the_next_until_its_row_is_written(target):
     """A request's row is dated when the engine starts it, after its admission: one admitted in a day's last
     instant may be recorded in the next day, so its hold counts there too until its row is written (it did not:
