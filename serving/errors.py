@@ -29,8 +29,8 @@ MAX_FORWARDED_RETRY_AFTER_S = 60
 
 def retry_after_header(exc: CascadeError) -> str | None:
     """The ``Retry-After`` of an error response, in whole seconds: every 429 and 503 has one (1 s when nobody
-    said), but one that retrying cannot help; a provider's hint is capped at :data:`MAX_FORWARDED_RETRY_AFTER_S`; our own (a daily limit's
-    reset) is given as it is."""
+    said), but one that retrying cannot help; a provider's hint is capped at :data:`MAX_FORWARDED_RETRY_AFTER_S`;
+    our own (a daily limit's reset) is given as it is."""
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is None or not retry_after == retry_after:  # None or NaN
         # a refusal that waiting cannot mend (x-should-retry: false) names no time to come back
