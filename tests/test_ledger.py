@@ -516,13 +516,7 @@ async def test_a_hold_swept_from_a_past_day_is_forgotten_not_written_again(targe
             assert (await led.admit_spend(rid, [key], 0.25, day, lambda figures: True))[1]
         await led.query("UPDATE spend_holds SET created_at = created_at - 3 * 86400 WHERE hold_id = 'lost'")
         await _until(lambda: _count(led, "spend_holds", 1), "the sweep deleted the hold of three days ago")
-        await led.query("DELETE FROM spend_holds")  # as a peer that took this process for dead
-        await led.query("DELETE FROM instances")
-
-        async def held_again() -> bool:
-            return not await _count(led, "spend_holds", 0)
-
-        await _until(held_again, "the process wrote its holds again")
+        await _taken_for_dead(led)
         assert await led.query("SELECT hold_id FROM spend_holds") == [("live",)]
 
 
@@ -536,13 +530,7 @@ async def test_a_released_hold_is_forgotten_not_written_again_once_the_process_i
             assert (await led.admit_spend(rid, [key], 0.25, day, lambda figures: True))[1]
         led.release_spend("released")
         await _until(lambda: _count(led, "spend_holds", 1), "the released hold is gone")
-        await led.query("DELETE FROM spend_holds")  # as a peer that took this process for dead
-        await led.query("DELETE FROM instances")
-
-        async def held_again() -> bool:
-            return not await _count(led, "spend_holds", 0)
-
-        await _until(held_again, "the process wrote its holds again")
+        await _taken_for_dead(led)
         assert await led.query("SELECT hold_id FROM spend_holds") == [("live",)]
         assert await daily_spend(led, day, [key]) == [(0.0, 0.25, 1)]
 
@@ -562,13 +550,7 @@ async def test_a_renewed_hold_written_again_keeps_the_time_it_was_first_written(
             return await led.query("SELECT amount_usd, created_at FROM spend_holds") == [(0.5, first)]
 
         await _until(renewed, "the hold renewed, at its first time")
-        await led.query("DELETE FROM spend_holds")  # as a peer that took this process for dead
-        await led.query("DELETE FROM instances")
-
-        async def held_again() -> bool:
-            return not await _count(led, "spend_holds", 0)
-
-        await _until(held_again, "the process wrote its hold again")
+        await _taken_for_dead(led)
         assert await led.query("SELECT amount_usd, created_at FROM spend_holds") == [(0.5, first)]
 
 
@@ -657,6 +639,18 @@ async def test_the_days_spend_totals_agree_with_the_rows_they_count(target):
         assert [s for s, _, _ in await daily_spend(led, now - 86400, [("key", "k1")])] == [2.0]
         assert [s for s, _, _ in await daily_spend(led, now, [("shadow", "s")])] == [0.75]  # both its calls
         assert [s for s, _, _ in await daily_spend(led, day, [("key", "k1")])] == [0.0]  # older days: not kept
+
+
+async def _taken_for_dead(led: Ledger) -> None:
+    """Delete ``led``'s heartbeat row and its holds, as a peer that took its process for dead does, and wait for
+    the process (alive after all) to write its holds again."""
+    await led.query("DELETE FROM spend_holds")
+    await led.query("DELETE FROM instances")
+
+    async def held_again() -> bool:
+        return not await _count(led, "spend_holds", 0)
+
+    await _until(held_again, "the process wrote its holds again")
 
 
 async def _count(ledger: Ledger, table: str, n: int) -> bool:

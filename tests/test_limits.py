@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from pathlib import Path
 
 import httpx
 import pytest
@@ -558,6 +559,17 @@ async def test_a_stalled_spend_check_is_a_503_and_leaves_no_hold(tmp_path, upstr
         assert (await c.post("/v1/chat/completions", json=BODY, headers=head)).status_code == 200
 
 
+async def _a_request_whose_row_is_refused_for_good(c: httpx.AsyncClient, db: Path, head: dict) -> None:
+    """Send one chat request whose ledger row the database refuses for good (a trigger: the row's own fault, never
+    tried again): its client gets the 500; the trigger is gone afterwards."""
+    with sqlite3.connect(db) as x:
+        x.execute("CREATE TRIGGER refuse BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    lost = await c.post("/v1/chat/completions", json=BODY, headers=head)
+    assert lost.status_code == 500 and "refused" in lost.json()["error"]["message"], lost.text
+    with sqlite3.connect(db) as x:
+        x.execute("DROP TRIGGER refuse")
+
+
 async def test_a_row_the_ledger_refuses_for_good_holds_its_cost_not_its_worst_case(tmp_path, upstream, serve_app):
     """A request whose row the database refuses for good (here a trigger: the row's own fault, never tried
     again) keeps its spend hold counted for the rest of the day, as the money was spent; it held its worst case
@@ -575,12 +587,8 @@ async def test_a_row_the_ledger_refuses_for_good_holds_its_cost_not_its_worst_ca
     async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
         first = await c.post("/v1/chat/completions", json=BODY, headers=head)
         assert first.status_code == 200, first.text
+        await _a_request_whose_row_is_refused_for_good(c, db, head)
         with sqlite3.connect(db) as x:
-            x.execute("CREATE TRIGGER refuse BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'refused'); END")
-        lost = await c.post("/v1/chat/completions", json=BODY, headers=head)
-        assert lost.status_code == 500 and "refused" in lost.json()["error"]["message"], lost.text
-        with sqlite3.connect(db) as x:
-            x.execute("DROP TRIGGER refuse")
             (cost,) = x.execute("SELECT cost_usd FROM requests").fetchone()  # the first's: the same call
             assert 0 < cost < ceiling / 100
             # its cost is spent, in the day's totals beside the first's; no hold is left
@@ -609,12 +617,7 @@ async def test_the_cost_of_a_row_refused_for_good_is_spent_not_a_request_in_flig
     head = {"authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
         assert (await c.post("/v1/chat/completions", json=BODY, headers=head)).status_code == 200
-        with sqlite3.connect(db) as x:
-            x.execute("CREATE TRIGGER refuse BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'refused'); END")
-        lost = await c.post("/v1/chat/completions", json=BODY, headers=head)
-        assert lost.status_code == 500 and "refused" in lost.json()["error"]["message"], lost.text
-        with sqlite3.connect(db) as x:
-            x.execute("DROP TRIGGER refuse")
+        await _a_request_whose_row_is_refused_for_good(c, db, head)
         after = await c.post("/v1/chat/completions", json=BODY, headers=head)
     assert after.status_code == 429 and "not finished" not in after.json()["error"]["message"], after.text
     assert "reached" in after.json()["error"]["message"] and after.headers["x-should-retry"] == "false"
