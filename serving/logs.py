@@ -118,26 +118,24 @@ class RepeatedWarningFilter(logging.Filter):
     the bytes never made one) through once a minute, with how many were held back since: any client could
     otherwise write a warning per garbage request it sends."""
 
-    MESSAGES = frozenset({"Invalid HTTP request received."})
+    MESSAGE = "Invalid HTTP request received."
 
     def __init__(self, every_s: float = 60.0) -> None:
         super().__init__()
         self.every_s = every_s
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
+        self._last: float | None = None
+        self._held = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if msg not in self.MESSAGES:
+        if record.getMessage() != self.MESSAGE:
             return True
         now = time.monotonic()
-        last = self._last.get(msg)
-        if last is not None and now - last < self.every_s:
-            self._held[msg] = self._held.get(msg, 0) + 1
+        if self._last is not None and now - self._last < self.every_s:
+            self._held += 1
             return False
-        self._last[msg] = now
-        if held := self._held.pop(msg, 0):
-            record.msg, record.args = f"{msg} ({held} more since the last such line)", ()
+        if self._held:
+            record.msg, record.args = f"{self.MESSAGE} ({self._held} more since the last such line)", ()
+        self._last, self._held = now, 0
         return True
 
 
