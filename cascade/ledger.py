@@ -1383,8 +1383,7 @@ class Ledger:
             with self._lock_wait(short=True), d.transaction(conn):
                 conn.execute(d.sql("DELETE FROM spend_holds WHERE hold_id = ? AND instance = ?"),
                              (rec.request_id, self._instance))
-                if add := _spend_by_bucket([(rec.created_at, rec.api_key_id, rec.end_user, cost)]):
-                    conn.cursor().executemany(d.sql(_ADD_SPEND), [d.row((day, b, c)) for (day, b), c in add])
+                _add_spend(conn.cursor(), d, [(rec.created_at, rec.api_key_id, rec.end_user, cost)])
         except (*d.errors, LedgerError) as exc:  # left at its worst case for the day
             log.warning("ledger %s: the spend hold of request %s, whose row could not be written, stays at its "
                         "worst case: %s", _redact(self.target), rec.request_id, exc)
@@ -1779,8 +1778,7 @@ class Ledger:
                     f"error_class = '{INTERRUPTED}'"), (rid,)).fetchall()]
                 cur.executemany(d.sql(_DROP_INTERRUPTED_ATTEMPTS), ids)
                 cur.executemany(d.sql(_DROP_INTERRUPTED), ids)
-                if less := _spend_by_bucket(gone):  # (its spend, counted by the day's totals, goes with it)
-                    cur.executemany(d.sql(_ADD_SPEND), [d.row((day, b, c)) for (day, b), c in less])
+                _add_spend(cur, d, gone)  # (its spend, counted by the day's totals, goes with it)
             self._insert(conn, items)
         self._unheld(rec.request_id for rec, _ in items)
 
@@ -1839,8 +1837,7 @@ class Ledger:
         if attempts:
             cur.executemany(self._sql_attempt, attempts)
         # the day's totals of their keys and end users (in one order: PostgreSQL's row locks cannot deadlock)
-        if add := _spend_by_bucket([(r.created_at, r.api_key_id, r.end_user, r.cost_usd) for r, _ in items]):
-            cur.executemany(d.sql(_ADD_SPEND), [d.row((day, b, c)) for (day, b), c in add])
+        _add_spend(cur, d, [(r.created_at, r.api_key_id, r.end_user, r.cost_usd) for r, _ in items])
         if shadow_rows:
             cur.executemany(self._sql_shadow, shadow_rows)
 
@@ -2398,6 +2395,13 @@ def _spend_by_bucket(rows: Iterable[tuple[float, str | None, str | None, float]]
             k = (day, spend_bucket(b))
             out[k] = out.get(k, 0.0) + cost
     return sorted(out.items())
+
+
+def _add_spend(cur: Any, d: _Dialect, rows: Iterable[tuple[float, str | None, str | None, float]]) -> None:
+    """Add ``rows`` (as :func:`_spend_by_bucket` takes them; a negative cost takes spend back) to the day's totals
+    in ``spend_daily``, through ``cur`` in the caller's transaction."""
+    if add := _spend_by_bucket(rows):
+        cur.executemany(d.sql(_ADD_SPEND), [d.row((day, b, c)) for (day, b), c in add])
 
 
 def spend_bucket(bucket: Hashable) -> str:
