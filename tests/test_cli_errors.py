@@ -962,6 +962,23 @@ def test_an_api_key_that_says_two_things_or_nothing_is_refused(tmp_path, options
     one_error(cli(capsys, "ask", "hi", "--config", str(_openai_large(tmp_path, options))), needle)
 
 
+@pytest.mark.parametrize("backend, options, needle", [
+    ("openai", '{base_url: "http://127.0.0.1:9/v1", context_length: 64}', "tier 'large': unknown openai option(s) "
+     "['context_length']: set from the tier itself"),
+    ("openai", '{base_url: "http://127.0.0.1:9/v1", model: gpt-y, name: n}', "unknown openai option(s) ['model', "
+     "'name']"),
+    ("transformers", "{cache_dir: /tmp, threads: 1}", "tier 'small': unknown transformers option(s) ['cache_dir']"),
+    ("transformers", "{model: smollm2-135m}", "tier 'small': unknown transformers option(s) ['model']"),
+])
+def test_an_option_naming_what_the_tier_itself_sets_is_refused_in_one_line(tmp_path, backend, options, needle,
+                                                                          capsys):
+    """The backends take a tier's model, name, context_length (and the cache) beside its options: an option of one
+    of those names was a TypeError ("got multiple values for keyword argument"), a traceback."""
+    p = _openai_large(tmp_path, options) if backend == "openai" else \
+        write_config(tmp_path, small=f"    options: {options}")
+    one_error(cli(capsys, "ask", "hi", "--config", str(p)), needle)
+
+
 def test_a_blank_model_and_an_empty_host_are_refused(tmp_path, capsys):
     p = _openai_large(tmp_path, '{base_url: "http://127.0.0.1:9/v1"}')
     p.write_text(p.read_text().replace("model: gpt-x", 'model: "  "'))

@@ -88,6 +88,18 @@ def option_url(tier: str, key: str, value: Any) -> str | None:
     return value
 
 
+def tier_options(tier: "TierConfig", kind: str, *own: str) -> dict[str, Any]:
+    """A copy of the tier's ``options`` for its backend's constructor, which takes ``model``, ``name`` and ``own``
+    (``context_length``, ``cache_dir``...) from the tier itself: an option of one of those names is a ConfigError
+    naming it, where the constructor would raise a TypeError ("got multiple values"), a traceback."""
+    from cascade.errors import ConfigError
+
+    if taken := sorted(set(tier.options) & {"model", "name", *own}):
+        raise ConfigError(f"tier {tier.name!r}: unknown {kind} option(s) {taken}: set from the tier itself (its name, "
+                          "model and context_length, and models.cache_dir), not by its options")
+    return dict(tier.options)
+
+
 def _without_user_info(value: Any) -> Any:
     """A URL refused as malformed, as its error quotes it: the user info (``user:password@``, or a key given as
     the user) blanked, through the last "@", since a URL that does not parse cannot say where its host begins.
@@ -116,7 +128,7 @@ class Backend(abc.ABC):
     @classmethod
     def from_tier(cls, tier: "TierConfig", config: "Config") -> "Backend":
         """Build the backend of one configured tier. Backends override this to take what they need."""
-        return cls(model=tier.model, name=tier.name, **tier.options)
+        return cls(model=tier.model, name=tier.name, **tier_options(tier, cls.kind))
 
     @property
     def context_length(self) -> int | None:

@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from cascade.backends.base import Backend, option_url
+from cascade.backends.base import Backend, option_url, tier_options
 from cascade.errors import (
     CascadeError,
     ConfigError,
@@ -427,7 +427,7 @@ class OpenAIBackend(Backend):
 
     @classmethod
     def from_tier(cls, tier, config):  # noqa: ANN001, ANN206
-        opts = dict(tier.options)
+        opts = tier_options(tier, cls.kind, "context_length")
         opts.setdefault("timeout_s", tier.timeout_s)
         return cls(model=tier.model, name=tier.name, context_length=tier.context_length, **opts)
 

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from cascade.backends import LOCAL_INSTALL_HINT, missing_modules
-from cascade.backends.base import InProcessBackend, StartOnce, TokenBytes, TokenTexts, option_int
+from cascade.backends.base import (InProcessBackend, StartOnce, TokenBytes, TokenTexts, option_int,
+                                   tier_options)
 from cascade.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -249,7 +250,7 @@ class TransformersBackend(InProcessBackend):
     @classmethod
     def from_tier(cls, tier, config):  # noqa: ANN001, ANN206
         return cls(model=tier.model, name=tier.name, cache_dir=config.model_cache_dir(),
-                   context_length=tier.context_length, **tier.options)
+                   context_length=tier.context_length, **tier_options(tier, cls.kind, "cache_dir", "context_length"))
 
     # --- lifecycle --------------------------------------------------------------------------------
     @property

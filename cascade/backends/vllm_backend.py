@@ -53,6 +53,7 @@ from cascade.backends.base import (
     option_int,
     option_number,
     option_str,
+    tier_options,
 )
 from cascade.errors import (
     BackendUnavailableError,
@@ -230,7 +231,7 @@ class VLLMBackend(InProcessBackend):
 
     @classmethod
     def from_tier(cls, tier, config):  # noqa: ANN001, ANN206
-        opts = dict(tier.options)
+        opts = tier_options(tier, cls.kind, "cache_dir", "context_length")
         opts.setdefault("timeout_s", tier.timeout_s)
         opts.setdefault("default_max_tokens", tier.max_tokens)
         return cls(model=tier.model, name=tier.name, cache_dir=config.model_cache_dir(),
