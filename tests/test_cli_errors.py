@@ -957,9 +957,21 @@ def test_a_reload_reads_no_variable_whose_flag_the_server_was_given(tmp_path):
 @pytest.mark.parametrize("options, needle", [
     ('{base_url: "http://127.0.0.1:9/v1", api_key: ""}', "options.api_key is empty"),
     ('{base_url: "http://127.0.0.1:9/v1", api_key: k, api_key_env: HOME}', "api_key and api_key_env are both set"),
+    # a name that is no string was a TypeError from os.environ ("str expected, not list")
+    ('{base_url: "http://127.0.0.1:9/v1", api_key_env: [HOME]}',
+     "tiers.large.options.api_key_env: must be a non-empty string, got ['HOME']"),
 ])
 def test_an_api_key_that_says_two_things_or_nothing_is_refused(tmp_path, options, needle, capsys):
     one_error(cli(capsys, "ask", "hi", "--config", str(_openai_large(tmp_path, options))), needle)
+
+
+@pytest.mark.parametrize("timeout", ["abc", ".nan", "0", "-1", "[1]"])
+def test_an_openai_timeout_option_that_is_no_positive_number_is_refused(tmp_path, timeout, capsys):
+    """An openai tier's options.timeout_s (taken over the tier's own) went to the client unchecked: the config
+    loaded, and every call failed (a string, NaN: "malformed response"; 0, -1: timed out at once)."""
+    p = _openai_large(tmp_path, f'{{base_url: "http://127.0.0.1:9/v1", timeout_s: {timeout}}}')
+    one_error(cli(capsys, "ask", "hi", "--model", "large", "--config", str(p)),
+              "tiers.large.options.timeout_s: must be a number > 0, got")
 
 
 @pytest.mark.parametrize("backend, options, needle", [

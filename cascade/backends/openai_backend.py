@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from cascade.backends.base import Backend, option_url, tier_options
+from cascade.backends.base import Backend, option_number, option_str, option_url, tier_options
 from cascade.errors import (
     CascadeError,
     ConfigError,
@@ -399,7 +399,7 @@ class OpenAIBackend(Backend):
             raise ConfigError(f"tier {self.name!r}: options api_key and api_key_env are both set: give one")
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise ConfigError(f"tier {self.name!r}: options.api_key is empty: leave it out (no key), or give the key")
-        if api_key is None and api_key_env:
+        if api_key is None and option_str(self.name, "api_key_env", api_key_env or None):
             api_key = os.environ.get(api_key_env)
             if not api_key:
                 raise ConfigError(f"tier {self.name!r}: environment variable {api_key_env} is not set")
@@ -411,7 +411,8 @@ class OpenAIBackend(Backend):
         self.base_url = option_url(self.name, "base_url", base_url)
         self._api_key = api_key or "unused"
         self._endpoint = endpoint
-        self._timeout = timeout_s
+        # (the tier's timeout_s, or an option of that name: one that is no number failed every call)
+        self._timeout = option_number(self.name, "timeout_s", timeout_s)
         self._ctx = context_length
         self._extra_body = extra_body or {}
         #: OpenAI's reasoning models (o-series, gpt-5): ``max_completion_tokens`` for ``max_tokens`` (which they
