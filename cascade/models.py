@@ -253,10 +253,14 @@ def resolve_model_path(name_or_path: str | os.PathLike[str], cache_dir: str | os
             param="model",
         )
     candidate = expand_path(text, "model") if text.strip() else Path(text)
-    if text and candidate.is_dir():
-        return candidate
+    try:
+        if text and candidate.is_dir():
+            return candidate
+        why = ""
+    except OSError as exc:  # is_dir() is False for a path that is not there, but raises for one too long to be
+        why = f" ({exc.strerror or exc})"
     raise ConfigError(
-        f"model {text!r} is neither an existing directory nor a known model id "
+        f"model {text!r} is neither an existing directory{why} nor a known model id "
         f"(known: {', '.join(MODEL_CATALOG)})",
         param="model",
     )

@@ -75,6 +75,21 @@ def test_resolve_existing_directory_as_is(tmp_path, monkeypatch):
     assert models.resolve_model_path("local-model") == Path("local-model")
 
 
+def test_a_model_path_too_long_for_the_file_system_is_a_config_error(tmp_path):
+    """A directory name past the file system's limit (255 bytes) made is_dir() raise an OSError: a bare OSError
+    from check_backends and Engine.open, and a 500 for a reload that read such a config."""
+    from cascade.config import parse_config
+    from cascade.engine import check_backends
+
+    long = str(tmp_path / ("m" * 300))
+    with pytest.raises(ConfigError, match=r"is neither an existing directory \(File name too long\) nor a known"):
+        models.resolve_model_path(long)
+    cfg = parse_config({"tiers": [{"name": "a", "backend": "transformers", "model": long}],
+                        "policies": {"p": {"chain": ["a"]}}}, environ={})
+    with pytest.raises(ConfigError, match="File name too long"):
+        check_backends(cfg)
+
+
 def test_marker_checks_listed_files(tmp_path):
     d = tmp_path / "smollm2-135m"
     d.mkdir()
