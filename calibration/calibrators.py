@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -655,6 +656,9 @@ def load_calibrator(path: str | Path) -> Calibrator:
     except ConfigError as exc:  # a ValueError as every other fault of the artifact, which callers say where
         raise ValueError(str(exc)) from None
     try:
+        mode = p.stat().st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a pipe, a device: read, it would wait or never end
+            raise ValueError(f"calibrator artifact {p} is not a regular file")
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         if p.is_symlink():  # a link there, to nothing (a rollback to a version that is gone): name what it names

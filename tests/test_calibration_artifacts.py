@@ -112,6 +112,19 @@ def test_a_multi_feature_artifact_cannot_be_read_from_one_feature(tmp_path):
         build_calibrator(CalibratorConfig(artifact=str(art), feature="min_logprob"), tier="t")
 
 
+@pytest.mark.timeout(30)
+def test_an_artifact_that_is_no_regular_file_is_refused_unread(tmp_path):
+    """A config file that is a pipe or a device is never read (cascade/config.py); an artifact was: a FIFO waited for
+    a writer for ever (serve, ask and a reload hung), and /dev/zero would have been read until memory ran out."""
+    fifo = tmp_path / "cal.fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ConfigError, match=f"tiers.t.calibrator: calibrator artifact {path} is not a regular file"):
+            build_calibrator(CalibratorConfig(artifact=str(path)), tier="t")
+    with pytest.raises(ConfigError, match="Is a directory"):  # a directory is still said as before
+        build_calibrator(CalibratorConfig(artifact=str(tmp_path)), tier="t")
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED} (set CASCADE_SHARED_DATA)")
 def test_shared_data_artifact_serves_an_engine_tier_through_first_token_logprob(tmp_path, capsys):
     art = tmp_path / "mini.json"
