@@ -911,6 +911,10 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
             raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.reader.ReaderError as exc:  # a character YAML refuses (a NUL, an escape): no mark, a position
+        line, column = text.count("\n", 0, exc.position) + 1, exc.position - text.rfind("\n", 0, exc.position)
+        raise ConfigError(f"invalid config {source}: {exc.reason} (character #x{exc.character:04x}) at line {line}, "
+                          f"column {column}") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -71,6 +71,10 @@ def test_environment_overrides(tmp_path):
         # deeper than PyYAML's recursive composer goes (it was a RecursionError: a traceback, a reload's 500)
         (GOOD + "a: " + "[" * 2000 + "]" * 2000 + "\n", "collections nested too deeply"),
         (GOOD + "a:\n" + "".join("  " * (i + 1) + "b:\n" for i in range(1500)), "collections nested too deeply"),
+        # a character YAML refuses (a NUL, a pasted escape) was only "malformed YAML", saying neither what nor where
+        ("tiers: [{name: a\x00}]\n", "special characters are not allowed (character #x0000) at line 1, column 17"),
+        ("server: {}\ndefault_policy: \"cas\x1bcade\"\n",
+         "special characters are not allowed (character #x001b) at line 2, column 21"),
     ],
 )
 def test_malformed_configs_name_the_bad_key(tmp_path, text, message):
