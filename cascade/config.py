@@ -753,18 +753,21 @@ def _artifacts_relative_to(cfg: Config, base: Path) -> Config:
     """``cfg`` with every relative calibrator ``artifact`` path (tiers, policies, shadows) made relative to
     ``base``, the directory of the config file that names it; absolute and ``~`` paths are kept."""
 
-    def fix(cc: CalibratorConfig) -> CalibratorConfig:
-        if cc.artifact is None or expand_path(cc.artifact, "calibrator artifact").is_absolute():
+    def fix(cc: CalibratorConfig, where: str) -> CalibratorConfig:
+        if cc.artifact is None or expand_path(cc.artifact, f"{where}.artifact").is_absolute():
             return cc
         return cc.model_copy(update={"artifact": str(base / cc.artifact)})
 
-    def fix_map(cals: dict[str, CalibratorConfig]) -> dict[str, CalibratorConfig]:
-        return {t: fix(cc) for t, cc in cals.items()}
+    def fix_map(cals: dict[str, CalibratorConfig], where: str) -> dict[str, CalibratorConfig]:
+        return {t: fix(cc, f"{where}.calibrators.{t}") for t, cc in cals.items()}
 
     return cfg.model_copy(update={
-        "tiers": [t.model_copy(update={"calibrator": fix(t.calibrator)}) for t in cfg.tiers],
-        "policies": {n: p.model_copy(update={"calibrators": fix_map(p.calibrators)}) for n, p in cfg.policies.items()},
-        "shadows": {n: s.model_copy(update={"calibrators": fix_map(s.calibrators)}) for n, s in cfg.shadows.items()},
+        "tiers": [t.model_copy(update={"calibrator": fix(t.calibrator, f"tiers.{i}.calibrator")})
+                  for i, t in enumerate(cfg.tiers)],
+        "policies": {n: p.model_copy(update={"calibrators": fix_map(p.calibrators, f"policies.{n}")})
+                     for n, p in cfg.policies.items()},
+        "shadows": {n: s.model_copy(update={"calibrators": fix_map(s.calibrators, f"shadows.{n}")})
+                    for n, s in cfg.shadows.items()},
     })
 
 

@@ -187,7 +187,7 @@ def test_a_calibrator_naming_a_method_must_give_its_parameters():
         calibrator(", calibrator: {method: temperature}")
 
 
-def test_a_config_path_that_cannot_be_expanded_or_is_empty_is_one_clear_error():
+def test_a_config_path_that_cannot_be_expanded_or_is_empty_is_one_clear_error(tmp_path):
     """`--config ~nosuchuser/c.yaml` was Path.expanduser's bare RuntimeError; `--config ""` read the current
     directory as a file."""
     with pytest.raises(ConfigError, match=r"config file: cannot expand '~no-such-user-cascade/c.yaml': no such user"):
@@ -198,8 +198,13 @@ def test_a_config_path_that_cannot_be_expanded_or_is_empty_is_one_clear_error():
                             "model: smollm2-135m, calibrator: {artifact: '~no-such-user-c/a.json'}}")
     import yaml
 
-    with pytest.raises(ConfigError, match=r"calibrator artifact: cannot expand '~no-such-user-c/a.json'"):
+    # the key is named (the line said only "calibrator artifact", of which tier or policy left to guess)
+    with pytest.raises(ConfigError, match=r"^tiers\.0\.calibrator\.artifact: cannot expand '~no-such-user-c/a.json'"):
         parse_config(yaml.safe_load(artifact), environ={}, base_dir=".")
+    p = tmp_path / "c.yaml"
+    p.write_text(GOOD.replace("{chain: [a, b]}", "{chain: [a, b], calibrators: {b: {artifact: ''}}}"))
+    with pytest.raises(ConfigError, match=r"^policies\.cascade\.calibrators\.b\.artifact: empty path"):
+        load_config(p, environ={})
 
 
 SEMANTIC_BASE = GOOD + "user_tiers: {free: {}}\n"
