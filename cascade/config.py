@@ -625,6 +625,8 @@ class Config(_Strict):
         if anon is not None and anon not in self.user_tiers:
             raise ValueError(f"auth.anonymous_user_tier: unknown user tier {anon!r}")
         for sname, sh in self.shadows.items():
+            if not sname.strip():  # (its name labels its metrics, ledger rows and report lines)
+                raise ValueError("shadows: a shadow name must not be empty")
             if sh.of not in self.policies:
                 raise ValueError(f"shadows.{sname}.of: unknown policy {sh.of!r}; policies are {list(self.policies)}")
             chain = sh.chain or self.policies[sh.of].chain

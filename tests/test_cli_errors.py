@@ -269,6 +269,7 @@ def test_an_environment_override_error_names_the_variable_not_the_file(tmp_path)
     ("", 'auth: {required: "false"}', "[small, large]", "auth.required: must be true or false (unquoted), not the "
      "string 'false'"),
     ("", 'user_tiers: {" ": {}}', "[small, large]", "a user tier name must not be empty"),
+    ("", 'shadows: {"": {of: cascade, chain: [large]}}', "[small, large]", "a shadow name must not be empty"),
 ])
 def test_config_values_refused_at_load(tmp_path, small, extra, chain, needle, capsys):
     text = write_config(tmp_path, extra=extra, chain=chain).read_text()
