@@ -621,7 +621,7 @@ def calibrator_from_dict(d: Mapping[str, Any]) -> Calibrator:
         raise ValueError(f"calibrator artifact version {version!r} is newer than this engine reads "
                          f"({ARTIFACT_VERSION})")
     method = d.get("method")
-    cls = Calibrator._registry.get(method)  # type: ignore[arg-type]
+    cls = Calibrator._registry.get(method) if isinstance(method, str) else None  # ([] or {}: unhashable)
     if cls is None:
         raise ValueError(f"unknown calibrator method {method!r}; known: {', '.join(sorted(Calibrator._registry))}")
     feature = d.get("feature", "mean_logprob")

@@ -252,6 +252,10 @@ def test_artifact_round_trip(method, tmp_path):
 def test_artifact_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown calibrator method"):
         calibrator_from_dict({"format": "cascade-engine/calibrator", "version": 1, "method": "nope"})
+    for method in (["platt"], {"name": "platt"}):  # a ValueError as every other fault, not "unhashable type"
+        with pytest.raises(ValueError, match="unknown calibrator method"):
+            calibrator_from_dict({"format": "cascade-engine/calibrator", "version": 1, "method": method,
+                                  "params": {"a": 1.0, "b": 0.0}})
     with pytest.raises(ValueError, match="newer"):
         calibrator_from_dict({"format": "cascade-engine/calibrator", "version": 99, "method": "platt"})
     with pytest.raises(ValueError, match="histogram:N"):

@@ -304,6 +304,7 @@ def test_an_openai_tier_needs_a_url(tmp_path, capsys):
     ({"method": "isotonic", "params": {"knots_x": [0.0, 1.0], "knots_y": [-0.1, 0.5]}}, "within [0, 1]"),
     ({"method": "platt", "params": {"a": "x", "b": 0}}, "params.a must be a finite number"),
     ({"method": "temperature", "version": "1", "params": {"temperature": 1.0}}, "version must be a whole number"),
+    ({"method": ["platt"], "params": {"a": 1.0, "b": 0.0}}, "unknown calibrator method ['platt']"),
     # an integer beyond a float's range, and JSON nested past Python's recursion limit (both were tracebacks)
     ('{"method": "temperature", "params": {"temperature": 1' + "0" * 400 + '}}', "params.temperature must be a "
      "finite number, got 1000000000000000000000000000000000000..."),
