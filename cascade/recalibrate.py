@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -45,6 +46,29 @@ RECALIBRATE_METHODS = (*METHODS, "auto")
 
 
 # --- labelled data ---------------------------------------------------------------------------------
+
+
+def _features(text: Any) -> dict[str, float] | None:
+    """An attempt's ``features`` as the ledger holds them (JSON text): its finite numbers by name, or None where the
+    text is not a JSON object. The engine writes finite floats only; a row written otherwise (by hand, another
+    program) is read as an answer without features, and a value that is no finite number as a feature not
+    recorded, rather than a traceback or a fit on NaN."""
+    try:
+        features = json.loads(text)
+    except (TypeError, ValueError, RecursionError):  # (a number of more digits than Python converts: ValueError)
+        return None
+    if not isinstance(features, dict):
+        return None
+    out = {}
+    for k, v in features.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                v = float(v)
+            except OverflowError:  # an integer beyond a float's range
+                continue
+            if math.isfinite(v):
+                out[k] = v
+    return out
 
 
 def _judged(features: dict[str, Any]) -> bool:
@@ -108,8 +132,8 @@ def labelled_answers(ledger: Ledger, tier: str, since: float | None = None,
     for r in rows:
         if r["request_id"] in seen:  # a tier answers once per request; provider fallbacks fail first
             continue
-        features = json.loads(r["features"])
-        if not _judged(features):
+        features = _features(r["features"])
+        if features is None or not _judged(features):
             continue
         label, source = None, None
         fb = r["feedback"]
@@ -300,8 +324,8 @@ def score_coverage(ledger: Ledger, tier: str, feature: str, since: float | None,
         (tier, *(models or ()), *((since,) if since is not None else ())))
     scores, kept = [], 0
     for feats, k in rows:
-        f = json.loads(feats)
-        v = f.get(feature)
+        f = _features(feats)
+        v = None if f is None else f.get(feature)
         if isinstance(v, (int, float)) and _judged(f):
             scores.append(float(v))
             kept += int(bool(k))

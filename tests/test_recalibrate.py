@@ -1281,6 +1281,43 @@ def test_answers_without_tokens_are_left_out_of_the_fit_and_the_coverage(tmp_pat
     assert after["coverage"]["answers"] == before["coverage"]["answers"] == 200
 
 
+def test_features_the_engine_never_writes_are_read_as_missing_not_a_traceback(tmp_path):
+    """An attempt's features text that is no JSON object, or a feature that is no finite number (a row written by
+    hand or by another program): the answer is read as one without features, or without that feature, as a row
+    with none is. They were a traceback (JSONDecodeError, AttributeError on null or a list, TypeError, ValueError
+    in float()), and a NaN a fit on NaN."""
+    import time
+
+    from cascade.recalibrate import labelled_answers, recalibrate
+    from cascade.types import Attempt, CascadeRecord
+
+    bad = ["not json", "null", "[]", '"x"', '{"mean_logprob": NaN}', '{"mean_logprob": Infinity}',
+           '{"mean_logprob": null}', '{"mean_logprob": "x"}', '{"mean_logprob": true}', '{"mean_logprob": [1]}',
+           '{"mean_logprob": 1' + "0" * 400 + "}", '{"mean_logprob": 1' + "0" * 5000 + "}", "[" * 100_000]
+    cfg, ledger, _ = _synthetic_ledger(tmp_path, n=200)
+    try:
+        before = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "out"))
+        n = len(labelled_answers(ledger, "small"))
+        for i in range(len(bad)):  # escalated; the large tier gave the same text: agreement says right
+            small = Attempt(index=0, tier="small", model=TEST_MODEL, backend="transformers", cost_usd=1e-6,
+                            confidence=0.1, features={"mean_logprob": -2.3}, text="right", decision="escalate")
+            large = Attempt(index=1, tier="large", model=TEST_MODEL, backend="transformers", cost_usd=1e-5,
+                            confidence=0.99, features={"mean_logprob": -0.01}, text="right", decision="final",
+                            kept=True)
+            ledger.record_sync(CascadeRecord(request_id=f"bad{i}", policy="cascade", created_at=time.time(),
+                                             tier="large", escalated=True, attempts=[small, large], cost_usd=1.1e-5))
+        with sqlite3.connect(tmp_path / "l.sqlite") as db:
+            for i, text in enumerate(bad):
+                db.execute("UPDATE attempts SET features = ? WHERE request_id = ? AND tier = 'small'",
+                           (text, f"bad{i}"))
+        assert len(labelled_answers(ledger, "small")) == n + 7  # the 7 JSON objects: labelled, without mean_logprob
+        after = recalibrate(cfg, ledger, tier="small", method="platt", out=str(tmp_path / "out"))
+    finally:
+        ledger.close_sync()
+    assert after["n"] == before["n"] and after["params"] == before["params"]
+    assert after["coverage"]["answers"] == before["coverage"]["answers"] == 200
+
+
 def test_answers_of_a_model_the_tier_no_longer_runs_are_left_out_of_the_fit(tmp_path):
     """A calibrator judges the answers of the model its tier runs (a reload keeps a tier's calibrator when its
     model changes: it was fit on the other model's answers). The ledger keeps the answers of the tier's model
