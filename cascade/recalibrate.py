@@ -189,7 +189,7 @@ def _fitted_version(fitted_on: Any) -> int:
 def _version_of(path: Path) -> int:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (JSON nested deeper than the decoder recurses)
         return 0
     return _fitted_version(data.get("fitted_on") if isinstance(data, dict) else None)
 

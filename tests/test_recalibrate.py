@@ -1232,18 +1232,22 @@ def test_a_feature_the_engine_would_not_serve_as_fitted_is_refused_before_anythi
 def test_a_version_that_is_no_number_in_an_artifact_numbers_the_next_as_after_none(tmp_path):
     """The engine serves an artifact whose fitted_on.version is no number (a hand-edited one: a date, say); the
     recalibration of its tier ended in a traceback (int('2026-12-01')), as did --out naming an existing file whose
-    version is Infinity (an OverflowError). Such a version now counts as none."""
+    version is Infinity (an OverflowError) or that is JSON nested too deeply to read (a RecursionError). Such a
+    version now counts as none."""
     from cascade.recalibrate import recalibrate
 
     cfg, ledger, _ = _synthetic_ledger(tmp_path, n=60)
     art = tmp_path / "cal" / "small.json"
     art.write_text(json.dumps({**json.loads(art.read_text()), "fitted_on": {"version": "2026-12-01"}}))
     (tmp_path / "x.json").write_text('{"fitted_on": {"version": Infinity}}')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     try:
         rep = recalibrate(cfg, ledger, tier="small", min_samples=10, out=str(tmp_path / "out"))
         again = recalibrate(cfg, ledger, tier="small", min_samples=10, out=str(tmp_path / "x.json"))
+        deep = recalibrate(cfg, ledger, tier="small", min_samples=10, out=str(tmp_path / "deep.json"))
     finally:
         ledger.close_sync()
+    assert deep["version"] == 1 and json.loads((tmp_path / "deep.json").read_text())["fitted_on"]["version"] == 1
     assert rep["old"]["version"] == 0 and rep["version"] == 1
     assert rep["artifact"] == str(tmp_path / "out" / "small.v1.json")
     assert again["version"] == 1 and json.loads((tmp_path / "x.json").read_text())["fitted_on"]["version"] == 1
