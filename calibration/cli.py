@@ -134,7 +134,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         check_both_outcomes(y, tier.name, str(data.path))
         if not np.isfinite(lp).any():  # every answer unscored: a fit would learn the base rate, ranking nothing
             raise DataError(f"{data.path}: model {tier.name!r} has no {feature} on any of its {len(y)} questions "
-                            "(null or NaN on every line): nothing to calibrate")
+                            "(null, NaN or -inf on every line): nothing to calibrate")
         if args.folds > len(y) and (args.method == "auto" or len(y) >= 10):  # (held-out scores need 10)
             raise ConfigError(f"--folds {args.folds} is more than the {len(y)} questions of {data.path}")
         progress("fitting", 1, 3)

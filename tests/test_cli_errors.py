@@ -465,18 +465,19 @@ def test_costs_that_sum_past_a_float_are_refused_with_their_line(tmp_path, capsy
               needle)
 
 
-def test_calibrate_refuses_a_model_without_a_confidence_on_any_line(tmp_path, capsys):
+@pytest.mark.parametrize("score", [None, float("-inf")])
+def test_calibrate_refuses_a_model_without_a_confidence_on_any_line(tmp_path, capsys, score):
     """A model whose raw_conf_logprob is null on every line was fit anyway (a warning, then an artifact that
     gives every answer the base rate, ranking none): there is nothing to calibrate, and a tier loading it would
-    never escalate by confidence."""
+    never escalate by confidence. The same for -Infinity on every line, which the error named as null or NaN."""
     data = data_file(tmp_path)
     lines = [json.loads(x) for x in data.read_text().splitlines()]
     for row in lines:
-        row["models"]["m1"]["raw_conf_logprob"] = None
+        row["models"]["m1"]["raw_conf_logprob"] = score
     data.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     out = tmp_path / "a.json"
     one_error(cli(capsys, "calibrate", "--data", str(data), "--model", "m1", "--out", str(out)),
-              f"{data}: model 'm1' has no raw_conf_logprob on any of its {len(lines)} questions (null or NaN")
+              f"{data}: model 'm1' has no raw_conf_logprob on any of its {len(lines)} questions (null, NaN or -inf")
     assert not out.exists()
 
 
