@@ -959,6 +959,8 @@ def test_a_reload_reads_no_variable_whose_flag_the_server_was_given(tmp_path):
 
 @pytest.mark.parametrize("options, needle", [
     ('{base_url: "http://127.0.0.1:9/v1", api_key: ""}', "options.api_key is empty"),
+    # a key YAML reads as a number (all digits) was said to be empty
+    ('{base_url: "http://127.0.0.1:9/v1", api_key: 12345}', "options.api_key must be a string, not int: quote"),
     ('{base_url: "http://127.0.0.1:9/v1", api_key: k, api_key_env: HOME}', "api_key and api_key_env are both set"),
     # a name that is no string was a TypeError from os.environ ("str expected, not list")
     ('{base_url: "http://127.0.0.1:9/v1", api_key_env: [HOME]}',

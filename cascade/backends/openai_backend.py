@@ -397,7 +397,10 @@ class OpenAIBackend(Backend):
             raise ConfigError(f"tier {self.name!r}: options.endpoint must be 'chat' or 'completions'")
         if api_key is not None and api_key_env:
             raise ConfigError(f"tier {self.name!r}: options api_key and api_key_env are both set: give one")
-        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        if api_key is not None and not isinstance(api_key, str):  # (its value not quoted: it is a secret)
+            raise ConfigError(f"tier {self.name!r}: options.api_key must be a string, not {type(api_key).__name__}: "
+                              "quote the key in the config")
+        if api_key is not None and not api_key.strip():
             raise ConfigError(f"tier {self.name!r}: options.api_key is empty: leave it out (no key), or give the key")
         if api_key is None and option_str(self.name, "api_key_env", api_key_env or None):
             api_key = os.environ.get(api_key_env)
