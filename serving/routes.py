@@ -154,9 +154,10 @@ async def record_refusal(request: Request, exc: CascadeError, model: str | None,
 async def record_unread_refusal(scope: Scope, exc: CascadeError) -> None:
     """A completion request refused by a middleware before its body was read (its headers over the limit, its
     body too large or too late): its ledger row, under no policy (its model was never read), when its key is
-    known. A request without a valid key got its 401 before; one to any other path is no completion."""
+    known. A request without a valid key got its 401 before; one to any other path, or with another method than
+    POST (a GET of the path, which is a 405 and no row when it passes the limits), is no completion."""
     endpoint = COMPLETION_PATHS.get(scope.get("path", ""))
-    if endpoint is not None and scope.get("state", {}).get("caller") is not None:
+    if endpoint is not None and scope.get("method") == "POST" and scope.get("state", {}).get("caller") is not None:
         await record_refusal(Request(scope), exc, None, endpoint, {})
 
 

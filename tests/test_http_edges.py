@@ -422,6 +422,20 @@ def test_headers_over_the_limit_are_431_and_a_row_under_their_key(server):
     assert rows(server) == before
 
 
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_a_request_of_another_method_than_post_refused_for_its_size_is_no_completion_row(server, method):
+    """A GET (PUT, DELETE) of a completion path is no completion request: under the limits a 405 and no row, and
+    over them (its headers, its body) its 431 or 413 is no row either, not a refused chat request in the report."""
+    before = rows(server)
+    r = httpx.request(method, server.url + "/v1/chat/completions", headers=H())
+    assert r.status_code == 405, r.text
+    r = httpx.request(method, server.url + "/v1/chat/completions", headers={**H(), "x-pad": "a" * 70_000})
+    assert r.status_code == 431 and r.json()["error"]["code"] == "request_header_fields_too_large", r.text
+    r = httpx.request(method, server.url + "/v1/completions", headers=H(), content=b" " * ((1 << 20) + 1))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert rows(server) == before  # (a refusal's row is committed before its answer is sent)
+
+
 def test_headers_of_exactly_the_limit_are_read_and_one_byte_more_is_431(server):
     """The limit (65,536 bytes of path, query and header names and values) is what a request may have: one of
     exactly that size is read (here a 400 for its body, which lacks messages), one byte more is a 431."""
