@@ -464,8 +464,11 @@ class BoundedStreamingResponse(StreamingResponse):
                 raise ClientStalled(timeout) from None
             # a client gone (its connection reset or closed): the stream stops here, not at its end. uvicorn drops
             # every later send without a pause, so an answer in hand would otherwise run out whole, recorded as
-            # taken, before the disconnect could be heard
-            if transport is not None and transport.is_closing():
+            # taken, before the disconnect could be heard. (After the response's last message the connection is
+            # closed by uvicorn itself where it is not kept alive, an HTTP/1.0 or `Connection: close` client's, or
+            # a graceful shutdown's: the stream went out whole, and its client did not leave.)
+            last = msg["type"] == "http.response.body" and not msg.get("more_body", False)
+            if transport is not None and not last and transport.is_closing():
                 raise ClientGone()
 
         await super().stream_response(bounded_send)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -351,3 +352,31 @@ def test_a_client_gone_before_an_answer_in_hand_streams_leaves_the_drift_windows
     # the windows are empty again: no value (before, the cancelled request's escalation rate 0 and cost ratio)
     for name in ("escalation_rate", "cost_ratio"):
         assert f'cascade_drift_value{{signal="{name}"}} NaN' in metrics, metrics
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1\r\nConnection: close", b"HTTP/1.0"])
+def test_a_stream_taken_whole_by_a_client_not_kept_alive_is_not_logged_as_a_client_gone(tmp_path, head):
+    """uvicorn closes a connection not kept alive (`Connection: close`, HTTP/1.0) once the response's last message
+    is sent: the stream went out whole, [DONE] included, and the log says no client closed it during the stream
+    (it did: every such stream wrote that line)."""
+    port = free_port()
+    with FaultServerThread(FaultServer()) as upstream:
+        proc = serve(config(tmp_path, port, upstream, log_level="info"), tmp_path)
+        try:
+            body = json.dumps({"model": "cascade", "stream": True, "max_tokens": 5,
+                               "messages": [{"role": "user", "content": "hi"}]}).encode()
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"POST /v1/chat/completions %s\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: %d\r\n\r\n" % (head, OTHER.encode(), len(body)) + body)
+                got = b""
+                while chunk := s.recv(1 << 16):
+                    got += chunk
+            assert got.startswith(b"HTTP/1.1 200") and b"data: [DONE]\n\n" in got, got[-300:]
+            rid = re.search(rb"x-request-id: (\S+)", got).group(1).decode()
+            deadline = time.monotonic() + 10
+            while rid not in rows(tmp_path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            out = stop(proc)
+    assert rows(tmp_path) == {rid: ("ok", None)}
+    assert rid in out and "closed its connection during the stream" not in out, out
