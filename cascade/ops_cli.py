@@ -181,8 +181,12 @@ def prune_cut(before: str | None, older_than_days: int | None, now: float | None
         flag = f"--before {before}"
     else:
         assert older_than_days is not None
-        cut = today - older_than_days * 86400.0
-        flag = f"--older-than-days {older_than_days} (before {_day(cut)})"
+        try:
+            cut = today - older_than_days * 86400.0
+            flag = f"--older-than-days {older_than_days} (before {_day(cut)})"
+        except (OverflowError, ValueError, OSError):  # a day before year 1 or after 9999, or none a float holds
+            raise ConfigError(f"--older-than-days {older_than_days}: out of range (dates run from year 1 to 9999)"
+                              ) from None
     if cut > today:
         raise ConfigError(f"{flag}: in the future (today is {_day(today)}, UTC)")
     if cut > today - 86400:

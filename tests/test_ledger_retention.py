@@ -205,3 +205,15 @@ def test_prune_while_a_server_writes_to_the_same_ledger(target, tmp_path):
     finally:
         ledger.close_sync()
     assert ids == {rid for _, rid in answered}
+
+
+def test_a_number_of_days_beyond_the_calendar_is_one_line(tmp_path, capsys):
+    """`--older-than-days` so large (or so negative) that its day is before year 1 or after 9999, or beyond any
+    float, is refused in one line as `--since` is, not a traceback; nothing is created."""
+    path = tmp_path / "ledger.sqlite"
+    for n in ("800000", "-3000000", "99999999999999999999", "9" * 400):
+        one_error(cli(capsys, "ledger", "prune", "--ledger", str(path), "--older-than-days", n, "--dry-run"),
+                  f"--older-than-days {n}: out of range (dates run from year 1 to 9999)")
+    assert list(tmp_path.iterdir()) == []
+    r = cli(capsys, "ledger", "prune", "--ledger", str(path), "--older-than-days", "700000")  # year 0110: a day
+    one_error(r, "no ledger at")
