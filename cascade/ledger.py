@@ -1031,7 +1031,8 @@ class Ledger:
     def _create_or_migrate(self, conn: Any) -> None:
         row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"), ("schema_version",)).fetchone() \
             if "meta" in (tables := self._tables(conn)) else None
-        if row is not None and str(row[0]) == str(SCHEMA_VERSION) and _TABLE_NAMES <= tables:
+        if row is not None and str(row[0]) == str(SCHEMA_VERSION) and _TABLE_NAMES <= tables \
+                and not self._lacks_added_column(conn):
             # up to date: no DDL, whose table locks (PostgreSQL's CREATE INDEX IF NOT EXISTS takes one even when the
             # index is there) would deadlock with the writes of the replicas serving it already
             return
@@ -1057,6 +1058,16 @@ class Ledger:
         if row is not None and row[0].isdigit() and int(row[0]) < SCHEMA_VERSION:  # migrated just above
             conn.execute(self.dialect.sql("UPDATE meta SET value = ? WHERE key = ?"),
                          (str(SCHEMA_VERSION), "schema_version"))
+
+    def _lacks_added_column(self, conn: Any) -> bool:
+        """Does a table of a ledger of this version lack a column of :data:`_ADDED_COLUMNS`? Only where one was
+        dropped by hand, its schema version left as it was: the migration adds it again (written as it was, every
+        request was answered, then its row refused and lost)."""
+        for table, cols in _ADDED_COLUMNS.items():
+            present = {d[0] for d in conn.execute(f"SELECT * FROM {table} LIMIT 0").description}
+            if any(col not in present for col, _ in cols):
+                return True
+        return False
 
     def _seed_spend_daily(self, conn: Any) -> None:
         """Migrating to version 8: ``spend_daily`` from the requests and shadow calls recorded since yesterday

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import LedgerError, LedgerTimeoutError, NotFoundError
-from cascade.ledger import INTERRUPTED, SCHEMA_VERSION, Ledger, daily_spend, utc_day_start
+from cascade.ledger import _ADDED_COLUMNS, INTERRUPTED, SCHEMA_VERSION, Ledger, daily_spend, utc_day_start
 from cascade.types import Attempt, CascadeRecord
 from tests.pg import postgres  # noqa: F401 - fixture
 
@@ -217,6 +217,28 @@ async def test_old_ledger_is_migrated_and_shadow_samples_are_idempotent(target):
         assert (await ledger.query("SELECT COUNT(*) FROM shadow_decisions"))[0][0] == 2
         with pytest.raises(LedgerError, match="shadow 'strict' of request missing"):  # no such request
             await ledger.record_shadow_sample("missing", 0.0, decision, [_shadow_call(0, 1e-4)], [0.0])
+
+
+async def test_a_ledger_of_this_version_lacking_an_added_column_gets_it_back_at_open(target):
+    """A ledger whose added columns were dropped by hand, its schema version left as this one's, was taken as up
+    to date: `cascade ask` (and a server) answered, then every request's row was refused ("no column named
+    cached_from") and lost. Opening it adds the columns again, as the migration of an older ledger does."""
+    async with Ledger(target) as ledger:
+        await ledger.record(record(1))
+        await ledger.query("DROP INDEX requests_end_user_created")
+        for table, cols in _ADDED_COLUMNS.items():
+            for col, _ in cols:
+                await ledger.query(f"ALTER TABLE {table} DROP COLUMN {col}")
+    async with Ledger(target, timeout_s=2) as ledger:
+        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [(str(SCHEMA_VERSION),)]
+        rec = record(2)
+        rec.end_user, rec.metadata = "alice", {"team": "search"}
+        await ledger.record(rec)
+        assert (await ledger.query("SELECT request_id, cached_from, end_user, metadata FROM requests ORDER BY "
+                                   "request_id")) == [("r1", None, None, None), ("r2", None, "alice",
+                                                                                   '{"team": "search"}')]
+        for table, cols in _ADDED_COLUMNS.items():  # every one there again
+            await ledger.query(f"SELECT {', '.join(col for col, _ in cols)} FROM {table}")
 
 
 async def test_request_lookups_survive_a_column_another_replica_adds(target):
