@@ -144,7 +144,10 @@ def _where(since: float | None, col: str = "created_at") -> tuple[str, tuple]:
 
 
 def _day_label(v: Any) -> str:
-    return datetime.fromtimestamp(int(float(v)) * 86400, UTC).date().isoformat()
+    try:
+        return datetime.fromtimestamp(int(float(v)) * 86400, UTC).date().isoformat()
+    except (OverflowError, ValueError, OSError):  # a created_at of no date (before year 1, after 9999): a row a
+        return f"(UNIX day {float(v):.0f})"       # program wrote through the Python API, or a clock far off
 
 
 #: cost buckets 1% wide on a log scale: the heavy tail is read from this histogram, exact except within

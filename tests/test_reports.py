@@ -732,6 +732,28 @@ def test_report_figures_are_the_known_answers_of_a_hand_made_ledger(tmp_path, ca
         "small": (1, pytest.approx(0.003)), "(none)": (0, 0.0)}
 
 
+def test_a_request_dated_outside_the_calendar_is_a_day_of_its_own_not_a_traceback(tmp_path, capsys):
+    """--by day names each request's UTC day; a request whose created_at is no date (after year 9999, before year
+    1: written by a program through the Python API, or by a clock far off) stopped the report with a traceback.
+    Its group is its UNIX day, in order with the others."""
+    from cascade.ledger import Ledger
+    from tests.test_ledger import record
+
+    target = str(tmp_path / "ledger.sqlite")
+    ledger = Ledger(target).open_sync()
+    try:
+        for i, t in enumerate((1e14, -1e14, 1_000_000.0)):
+            rec = record(i)
+            rec.created_at = t
+            ledger.record_sync(rec)
+    finally:
+        ledger.close_sync()
+    rep = run_json(capsys, "report", "--by", "day", "--json", "--ledger", target)
+    assert [(g["group"], g["requests"]) for g in rep["groups"]] == [
+        ("(UNIX day -1157407408)", 1), ("1970-01-12", 1), ("(UNIX day 1157407407)", 1)]
+    assert rep["total"]["requests"] == 3
+
+
 def test_the_heavy_tail_takes_only_its_share_of_a_cost_bucket(tmp_path, capsys):
     """The costliest 10% of 20 requests are 2: the one of $0.01 and one of the nineteen of $0.001 (one cost
     bucket), not the whole bucket."""
