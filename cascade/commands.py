@@ -12,6 +12,7 @@ from cascade.cli import check_text
 from cascade.config import Config, config_file, load_config
 from cascade.errors import ConfigError
 from cascade.ledger import _redact
+from cascade.paths import ledger_url_problem
 from cascade.types import GenerationRequest, Message
 
 
@@ -31,6 +32,8 @@ def _with_cli_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     if getattr(args, "ledger", None) is not None:
         if not args.ledger.strip():  # not the config's ledger, silently
             raise ConfigError("--ledger: empty path")
+        if why := ledger_url_problem(args.ledger):
+            raise ConfigError(f"--ledger: {why}")
         ledger = ledger.model_copy(update={"path": args.ledger})
         given.add("ledger.path")
     out = cfg.model_copy(update={"server": server, "ledger": ledger})

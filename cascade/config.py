@@ -29,7 +29,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
                       field_validator, model_validator)
 
 from cascade.errors import ConfigError
-from cascade.paths import expand_path
+from cascade.paths import LEDGER_URL_SCHEMES, expand_path, ledger_url_problem
 
 ENV_CONFIG = "CASCADE_CONFIG"
 #: the largest config file read (a config is a few KiB; anything near this is not one)
@@ -335,6 +335,13 @@ class LedgerConfig(_Strict):
     #: lose the requests it was answering: the next server on the ledger records each, with the attempts paid
     #: for until then, as an error ``Interrupted``. Off: those requests are lost with the process
     journal: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _a_ledger_url(cls, v: str) -> str:
+        if why := ledger_url_problem(v):
+            raise ValueError(why)
+        return v
 
 
 class ModelsConfig(_Strict):
@@ -669,7 +676,7 @@ class Config(_Strict):
         """What :class:`cascade.ledger.Ledger` opens: a PostgreSQL URL, or a SQLite path made absolute (a relative
         one is read from the current directory: every message, and the server's banner, names the file itself)."""
         p = self.ledger.path
-        return p if p.startswith(("postgresql://", "postgres://")) else str(self.ledger_path().absolute())
+        return p if p.startswith(LEDGER_URL_SCHEMES) else str(self.ledger_path().absolute())
 
     def model_cache_dir(self) -> Path:
         return expand_path(self.models.cache_dir, "models.cache_dir")

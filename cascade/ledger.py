@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from cascade.errors import LedgerError, LedgerTimeoutError, LedgerWriteHeldError, NotFoundError
-from cascade.paths import expand_path
+from cascade.errors import ConfigError, LedgerError, LedgerTimeoutError, LedgerWriteHeldError, NotFoundError
+from cascade.paths import LEDGER_URL_SCHEMES, expand_path, ledger_url_problem
 from cascade.types import Attempt, CascadeRecord
 
 SCHEMA_VERSION = 8
@@ -523,7 +523,9 @@ _SCHEMA_LOCK = 0x636173636164
 
 
 def _dialect_for(target: str) -> _Dialect:
-    if target.startswith(("postgresql://", "postgres://")):
+    if why := ledger_url_problem(target):  # (a command's --ledger and the Python API: a config's path was checked)
+        raise ConfigError(f"ledger: {why}")
+    if target.startswith(LEDGER_URL_SCHEMES):
         try:
             return _Postgres()
         except ImportError as exc:

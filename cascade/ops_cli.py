@@ -26,7 +26,7 @@ from cascade.cli import non_negative_int
 from cascade.config import Config, config_file, load_config
 from cascade.errors import ConfigError
 from cascade.ledger import Ledger, _redact, utc_day_start
-from cascade.paths import expand_path
+from cascade.paths import expand_path, ledger_url_problem
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -38,6 +38,8 @@ def _open_ledger(args: argparse.Namespace, cfg: Config | None = None) -> Ledger:
     target = getattr(args, "ledger", None)
     if target is not None and not target.strip():  # not the config's ledger, silently
         raise ConfigError("--ledger: empty path")
+    if target and (why := ledger_url_problem(target)):
+        raise ConfigError(f"--ledger: {why}")
     target = target or (cfg or _config(args)).ledger_target()
     return Ledger(target).open_existing_sync()
 

@@ -8,9 +8,25 @@ line, naming where the path came from.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from cascade.errors import ConfigError
+
+
+#: the URLs a ledger opens (anything else is a SQLite file path)
+LEDGER_URL_SCHEMES = ("postgresql://", "postgres://")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def ledger_url_problem(target: str) -> str | None:
+    """Why a ledger target written as a URL cannot be opened, or None: only ``postgresql://`` URLs are URLs to
+    it; any other (``sqlite:///x``, as SQLAlchemy names a SQLite file) was taken as a relative path and created
+    the file ``./sqlite:/x``."""
+    if _URL.match(target) and not target.startswith(LEDGER_URL_SCHEMES):
+        return (f"{target.split('://', 1)[0]}:// is no ledger URL: give a SQLite file's path (without sqlite://) "
+                "or a postgresql:// URL")
+    return None
 
 
 def expand_path(text: str | os.PathLike[str], what: str) -> Path:

@@ -826,6 +826,29 @@ def test_an_empty_path_is_refused_not_ignored(tmp_path, argv, needle, capsys):
     assert not (tmp_path / "ledger.sqlite").exists()  # the config's ledger was not used instead
 
 
+@pytest.mark.parametrize("argv, env", [
+    (["report", "--ledger", "sqlite:///x.sqlite"], {}),
+    (["shadow", "report", "--ledger", "sqlite:///x.sqlite"], {}),
+    (["ledger", "prune", "--older-than-days", "30", "--ledger", "sqlite:///x.sqlite"], {}),
+    (["ask", "hi", "--config", "CONFIG", "--ledger", "sqlite:///x.sqlite"], {}),
+    (["ask", "hi", "--config", "CONFIG"], {"CASCADE_LEDGER_PATH": "sqlite:///x.sqlite"}),
+    (["ask", "hi", "--config", "URLCONFIG"], {}),
+])
+def test_a_ledger_url_of_another_scheme_than_postgresql_is_refused(tmp_path, monkeypatch, argv, env, capsys):
+    """``sqlite:///x.sqlite`` (as SQLAlchemy names a SQLite file) was taken as a relative path: the commands
+    created the file ./sqlite:/x.sqlite, a ledger no one would look for."""
+    monkeypatch.chdir(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    url_config = tmp_path / "url.yaml"
+    url_config.write_text(write_config(tmp_path).read_text().replace(f"{{path: {tmp_path / 'ledger.sqlite'}}}",
+                                                                     "{path: 'sqlite:///x.sqlite'}"))
+    subst = {"CONFIG": str(write_config(tmp_path)), "URLCONFIG": str(url_config)}
+    r = cli(capsys, *[subst.get(a, a) for a in argv])
+    one_error(r, "sqlite:// is no ledger URL: give a SQLite file's path (without sqlite://) or a postgresql:// URL")
+    assert not (tmp_path / "sqlite:").exists() and not (tmp_path / "ledger.sqlite").exists()
+
+
 @pytest.mark.parametrize("argv, env, needle", [
     (["--ledger", ""], {}, "--ledger: empty path"),
     (["--port", "0"], {}, "--port: 0 would listen on a random port"),
