@@ -658,6 +658,7 @@ def _plan(engine: Any, config_path: str | None
             build_calibrator(merged.calibrator, tier=tc.name, top_logprobs=merged.top_logprobs)
     not_applied += [f"new tier {n!r}" for n in new_tiers if n not in engine.tiers]
     policies = {}
+    kept_policies: set[str] = set()  # removed from the file, or another chain: they run on as they are
     for name, pol in old.policies.items():
         np_ = new.policies.get(name)
         if np_ is not None and np_.chain == pol.chain:
@@ -666,6 +667,7 @@ def _plan(engine: Any, config_path: str | None
                                                                                 held)})
         else:
             policies[name] = pol
+            kept_policies.add(name)
             not_applied.append(f"policy {name!r} " + ("was removed" if np_ is None else "changed its chain"))
     not_applied += [f"new policy {n!r}" for n in new.policies if n not in old.policies]
     user_tiers, auth = _plan_access(old, new, set(policies) | set(engine.tiers), not_applied)
@@ -703,8 +705,10 @@ def _plan(engine: Any, config_path: str | None
     merged_cfg = old.model_copy(update={"tiers": tiers, "policies": policies, "shadows": shadows,
                                         "user_tiers": user_tiers, "auth": auth})
     def policy_calibrator(policy: str, tier: str, cc: Any) -> Calibrator:
-        """A held tier's as it runs (not re-read: the file may hold the new model's), else built anew."""
-        kept = engine.policy_calibrators.get(policy, {}).get(tier) if tier in held else None
+        """A held tier's as it runs (not re-read: the file may hold the new model's), and a kept policy's (its
+        artifacts may be gone with it, as a removed tier's), else built anew."""
+        kept = engine.policy_calibrators.get(policy, {}).get(tier) if tier in held or policy in kept_policies \
+            else None
         return kept or build_calibrator(cc, tier=tier, where=f"policies.{policy}.calibrators.{tier}",
                                         top_logprobs=engine.tiers[tier].config.top_logprobs)
 

@@ -748,6 +748,43 @@ async def test_a_removed_tier_and_one_awaiting_a_restart_keep_their_calibrators_
         await engine.close()
 
 
+async def test_a_removed_policy_and_one_awaiting_a_restart_keep_their_calibrators_as_they_run(tmp_path):
+    """A policy removed from the file, or whose chain changed, runs on as it is until the restart, its own
+    calibrators as loaded: its artifact, removed with it, is not re-read (the whole reload was refused, a
+    leaked key's revocation with it, until a restart)."""
+    from calibration.calibrators import TemperatureScaling, save_calibrator
+    from cascade.config import load_config
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+
+    remote = {"backend": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}
+    for name, temperature in (("task", 1.5), ("other", 2.5)):
+        save_calibrator(TemperatureScaling("mean_logprob", temperature), tmp_path / f"{name}.json")
+
+    def write(policies: dict[str, Any], threshold: float) -> str:
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+            "ledger": {"path": str(tmp_path / "l.sqlite")}, "policies": policies,
+            "tiers": [{"name": "r", "model": "m", "threshold": threshold, **remote},
+                      {"name": "s", "model": "n", **remote}]}))
+        return str(tmp_path / "c.yaml")
+
+    own = {"calibrators": {"r": {"artifact": "task.json"}}}
+    engine = await Engine.open(load_config(write({"p": {"chain": ["r", "s"]}, "task": {"chain": ["r", "s"], **own},
+                                                  "other": {"chain": ["r", "s"], "calibrators": {
+                                                      "r": {"artifact": "other.json"}}}}, 0.5), environ={}))
+    try:
+        (tmp_path / "task.json").unlink()
+        (tmp_path / "other.json").unlink()
+        out = reload_engine(engine, write({"p": {"chain": ["r", "s"]}, "other": {"chain": ["s"]}}, 0.25))
+        assert out["not_applied"] == ["policy 'other' changed its chain", "policy 'task' was removed"]
+        assert engine.tiers["r"].config.threshold == 0.25  # the rest of the file is applied
+        assert engine.policy_calibrators["task"]["r"].temperature == 1.5
+        assert engine.policy_calibrators["other"]["r"].temperature == 2.5
+        assert engine.resolve("task").calibrators[0].temperature == 1.5
+    finally:
+        await engine.close()
+
+
 def test_a_reload_revokes_a_key_and_changes_a_user_tiers_limits_at_once(tmp_path):
     """Keys and user tiers are read at each request: a reload applies them (a leaked key revoked without a
     restart), but never one that would open a keyed server to anyone or strand a key without its user tier."""
