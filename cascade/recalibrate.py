@@ -683,7 +683,7 @@ def _plan(engine: Any, config_path: str | None
         new_d = getattr(new, section).model_dump(exclude=overridden)
         if old_d != new_d:
             not_applied.append(f"section {section!r}: " + ", ".join(sorted(k for k in old_d if old_d[k] != new_d[k])))
-    shadows = old.shadows
+    shadows, kept_shadows = old.shadows, None
 
     def runs(s: Any) -> bool:
         """Whether the server can run shadow ``s`` as the file says: on the chain it will walk (its own, else
@@ -701,6 +701,7 @@ def _plan(engine: Any, config_path: str | None
             shadows = new.shadows
         else:
             not_applied.append("shadows (they name tiers, policies or user tiers this server does not run)")
+            kept_shadows = engine.shadows  # they run on as they are, their calibrators as loaded
     user_tiers, auth = _keep_shadows_user_tiers(old, shadows, user_tiers, auth, not_applied)
     merged_cfg = old.model_copy(update={"tiers": tiers, "policies": policies, "shadows": shadows,
                                         "user_tiers": user_tiers, "auth": auth})
@@ -715,7 +716,8 @@ def _plan(engine: Any, config_path: str | None
     policy_cals = {name: {t: policy_calibrator(name, t, cc) for t, cc in pol.calibrators.items()}
                    for name, pol in merged_cfg.policies.items() if pol.calibrators}
     shadow_set = ShadowSet(merged_cfg, engine.tiers, policy_cals,
-                           tier_calibrators={n: cals.get(n, t.calibrator) for n, t in engine.tiers.items()})
+                           tier_calibrators={n: cals.get(n, t.calibrator) for n, t in engine.tiers.items()},
+                           kept=kept_shadows)
     warnings = _admin_warnings(old, user_tiers, auth)
     if new is not old:  # what a restart on the file would meet: said now, not when the server next starts
         from cascade.engine import check_backends

@@ -74,8 +74,11 @@ class ShadowPolicy:
         return self.calibrators.get(tier) or live.get(tier)
 
 
-def build_shadow_policies(config: Config, *, build: Callable[..., Calibrator] | None = None) -> list[ShadowPolicy]:
-    """The config's shadows, with thresholds resolved (shadow's, else live policy's, else the tier's)."""
+def build_shadow_policies(config: Config, *, build: Callable[..., Calibrator] | None = None,
+                          kept: Mapping[str, ShadowPolicy] | None = None) -> list[ShadowPolicy]:
+    """The config's shadows, with thresholds resolved (shadow's, else live policy's, else the tier's). ``kept``:
+    running shadows whose own calibrators are kept as built (a reload that does not apply the file's shadows:
+    their artifacts may be gone)."""
     if build is None:
         from cascade.engine import build_calibrator as build
     out = []
@@ -83,8 +86,9 @@ def build_shadow_policies(config: Config, *, build: Callable[..., Calibrator] | 
         live = config.policies[sc.of]
         chain = tuple(sc.chain or live.chain)
         thresholds = tuple(sc.thresholds.get(t, live.thresholds.get(t, config.tier(t).threshold)) for t in chain)
-        cals = {t: build(cc, tier=t, where=f"shadows.{name}.calibrators.{t}", top_logprobs=config.tier(t).top_logprobs)
-                for t, cc in sc.calibrators.items()}
+        cals = dict(kept[name].calibrators) if kept is not None and name in kept else \
+            {t: build(cc, tier=t, where=f"shadows.{name}.calibrators.{t}", top_logprobs=config.tier(t).top_logprobs)
+             for t, cc in sc.calibrators.items()}
         out.append(ShadowPolicy(name=name, of=sc.of, chain=chain, thresholds=thresholds, calibrators=cals,
                                 user_tiers=frozenset(sc.user_tiers) if sc.user_tiers else None,
                                 sample_rate=sc.sample_rate, sample_budget_usd=sc.sample_budget_usd,
@@ -220,14 +224,15 @@ class ShadowSet:
 
     def __init__(self, config: Config, tiers: Mapping[str, Any],
                  policy_calibrators: Mapping[str, Mapping[str, Calibrator]] | None = None,
-                 tier_calibrators: Mapping[str, Calibrator] | None = None) -> None:
+                 tier_calibrators: Mapping[str, Calibrator] | None = None,
+                 kept: "ShadowSet | None" = None) -> None:
         self.tiers = tiers
         self.tier_calibrators = dict(tier_calibrators) if tier_calibrators is not None else \
             {name: t.calibrator for name, t in tiers.items()}
         #: the live policies' own calibrators (policy -> tier -> calibrator): a shadow of policy P is
         #: compared with what P itself uses
         self.policy_calibrators = policy_calibrators or {}
-        self.policies = build_shadow_policies(config)
+        self.policies = build_shadow_policies(config, kept=kept.by_name if kept is not None else None)
         self.by_name = {sh.name: sh for sh in self.policies}
 
     def __bool__(self) -> bool:

@@ -785,6 +785,38 @@ async def test_a_removed_policy_and_one_awaiting_a_restart_keep_their_calibrator
         await engine.close()
 
 
+async def test_running_shadows_a_reload_cannot_replace_keep_their_calibrators_as_they_run(tmp_path):
+    """The file's new shadows name a tier the server runs only after a restart: the running shadows stay, their
+    own calibrators as loaded; an artifact removed with one of them is not re-read (the whole reload was
+    refused, the rest of the file with it)."""
+    from calibration.calibrators import TemperatureScaling, save_calibrator
+    from cascade.config import load_config
+    from cascade.engine import Engine
+    from cascade.recalibrate import reload_engine
+
+    remote = {"backend": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}
+    save_calibrator(TemperatureScaling("mean_logprob", 1.5), tmp_path / "old.json")
+
+    def write(tiers: list[str], shadows: dict[str, Any], threshold: float) -> str:
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+            "ledger": {"path": str(tmp_path / "l.sqlite")}, "policies": {"p": {"chain": ["r", "s"]}},
+            "tiers": [{"name": n, "model": n, "threshold": threshold, **remote} for n in tiers], "shadows": shadows}))
+        return str(tmp_path / "c.yaml")
+
+    engine = await Engine.open(load_config(write(["r", "s"], {"old": {"of": "p", "calibrators": {
+        "r": {"artifact": "old.json"}}}}, 0.5), environ={}))
+    try:
+        (tmp_path / "old.json").unlink()
+        out = reload_engine(engine, write(["r", "s", "x"], {"new": {"of": "p", "chain": ["x"]}}, 0.25))
+        assert out["not_applied"] == ["new tier 'x'", "shadows (they name tiers, policies or user tiers this server "
+                                                      "does not run)"]
+        assert out["shadows"] == ["old"] and engine.tiers["r"].config.threshold == 0.25
+        assert engine.shadows.by_name["old"].calibrators["r"].temperature == 1.5
+        assert engine.shadows.by_name["old"].thresholds == (0.25, 0.25)  # judged with the thresholds now in force
+    finally:
+        await engine.close()
+
+
 def test_a_reload_revokes_a_key_and_changes_a_user_tiers_limits_at_once(tmp_path):
     """Keys and user tiers are read at each request: a reload applies them (a leaked key revoked without a
     restart), but never one that would open a keyed server to anyone or strand a key without its user tier."""
