@@ -358,6 +358,19 @@ async def test_max_tokens_ending_inside_a_character_keeps_the_whole_characters_b
     assert res.usage.completion_tokens == chunks[-1].usage.completion_tokens == cut
 
 
+@pytest.mark.parametrize(("max_tokens", "want"), [(1, "\ufffd"), (3, "\ufffd x\ufffd")])
+async def test_an_answer_ending_in_a_whole_replacement_character_keeps_it(smol_backend, max_tokens, want):
+    """U+FFFD is a character a model may write (SmolLM2 has a token of its own for it, bytes EF BF BD), not only
+    what a partial character decodes to: an answer ending in one lost it, streamed or not (its text "" where
+    its one token's bytes were b"\\xef\\xbf\\xbd"). It is kept; only a partial character's stand-in goes."""
+    req = GenerationRequest(prompt="x\ufffd x\ufffd x\ufffd x\ufffd x", max_tokens=max_tokens, top_logprobs=0)
+    res = await smol_backend.generate(req)
+    chunks = [c async for c in smol_backend.stream(req)]
+    assert res.text == "".join(c.text for c in chunks) == want and res.finish_reason == "length"
+    for tokens in (res.tokens, [t for c in chunks for t in c.tokens]):
+        assert "".join(t.token for t in tokens) == want and b"".join(t.utf8 for t in tokens) == want.encode()
+
+
 async def test_raw_prompt_completion(smol_backend):
     res = await smol_backend.generate(GenerationRequest(prompt="The capital of France is", max_tokens=4))
     assert "Paris" in res.text

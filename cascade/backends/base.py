@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import codecs
 import contextlib
 import re
 import threading
@@ -444,10 +445,11 @@ class TokenTexts:
     token that completes the character carries it. Decodes a window of a few tokens per step (O(1)).
     """
 
-    __slots__ = ("tok", "ids", "prefix_offset", "read_offset")
+    __slots__ = ("tok", "raw", "ids", "prefix_offset", "read_offset")
 
-    def __init__(self, tok: Any) -> None:
+    def __init__(self, tok: Any, raw: TokenBytes | None = None) -> None:
         self.tok = tok
+        self.raw = raw  # the tokens' own bytes, which tell a U+FFFD the answer holds from a partial character's
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -467,8 +469,26 @@ class TokenTexts:
         character the answer ends inside (a token b" \\xd0" is a space and a Cyrillic letter's first byte),
         which :meth:`push` gives only once that character is complete; "" when there are none."""
         prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True).removesuffix("\ufffd")
+        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if full.endswith("\ufffd") and self._ends_inside_a_character():
+            full = full[:-1]
         if len(full) > len(prefix) and full.startswith(prefix):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix):]
         return ""
+
+    def _ends_inside_a_character(self) -> bool:
+        """Whether the tokens since the last piece end inside a character (their decoded text's last U+FFFD
+        stands for its first bytes), not with a whole U+FFFD the model wrote (bytes EF BF BD, a token of its
+        own in SmolLM2), which is answer text. Without the bytes of every one of them: assumed so."""
+        if self.raw is None:
+            return True
+        tail = b""
+        for token_id in self.ids[self.prefix_offset:]:
+            own = b"" if token_id in self.raw.special else self.raw(token_id)
+            if own is None:
+                return True
+            tail += own
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(tail, final=False)
+        return bool(decoder.getstate()[0])  # bytes held back: a character begun and not completed

@@ -508,7 +508,7 @@ class TransformersBackend(InProcessBackend):
         self._wake.set()
         tok, raw = self._tok, self._token_bytes
         eos = set(self._eos_ids)
-        texts = TokenTexts(tok)
+        texts = TokenTexts(tok, raw)
         finish = "length"
         finite_seen = False
         stops = [s for s in request.stop if s]
@@ -832,7 +832,7 @@ class TransformersBackend(InProcessBackend):
             if read.numel() and not bool(torch.isfinite(read).any()):
                 return self._nan_error()
             k = p.request.top_logprobs
-            texts = TokenTexts(tok)
+            texts = TokenTexts(tok, raw)
             pieces = [texts.push(t) for t in ids[:n]]
             if pieces:  # an answer ending inside a character: its last token gives the whole ones before it
                 pieces[-1] += texts.flush()

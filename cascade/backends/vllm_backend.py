@@ -105,7 +105,7 @@ class _Tracker:
     """
 
     def __init__(self, tok: Any, request: GenerationRequest, raw: TokenBytes) -> None:
-        self.texts = TokenTexts(tok)
+        self.texts = TokenTexts(tok, raw)
         self.raw = raw
         self.k = request.top_logprobs
         self.cut_by_stop = bool(request.stop)
