@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cascade.backends.transformers_backend import _compute_executor
-from cascade.errors import ContextLengthExceededError
+from cascade.errors import ContextLengthExceededError, InvalidRequestError
 from cascade.types import GenerationRequest, Message, Usage
 from tests.conftest import TEST_DEVICE, make_config, tier
 
@@ -254,3 +254,58 @@ def test_a_template_that_changes_a_messages_text_refuses_special_strings_in_it(s
     with pytest.raises(InvalidRequestError) as info:
         prompt_token_ids(tok, bad)
     assert info.value.param == "messages.1.content" and "special token" in str(info.value)
+
+
+
+STRICT_TEMPLATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                   "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+async def test_messages_a_chat_template_refuses_are_a_400_that_the_cascade_escalates(tmp_path, smol_path):
+    """SmolLM2 under a template that refuses a conversation not alternating from the user (as Mistral's does,
+    through its ``raise_exception``): such a tier's refusal was the template's error, a 502 (a 500 with no
+    max_tokens asked, where the prompt is counted before the tier's call). It is a 400 naming why, and the
+    cascade escalates it to a tier that takes the messages (or serves the answer it has, at the last tier), as
+    it escalates a prompt too long for a tier."""
+    from cascade.engine import Engine
+
+    strict = tmp_path / "strict"
+    strict.mkdir()
+    for f in smol_path.iterdir():
+        if f.name != "chat_template.jinja":
+            (strict / f.name).symlink_to(f)
+    (strict / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    cfg = make_config(tmp_path, [tier("small", threshold=1.0), tier("strict", model=str(strict))],
+                      {"strict-first": {"chain": ["strict", "small"]}, "small-first": {"chain": ["small", "strict"]}})
+    eng = await Engine.open(cfg)
+    try:
+        req = GenerationRequest(messages=(Message("assistant", "Hello!"),), max_tokens=2)
+        why = "messages: this tier's chat template refuses them: Conversation roles must alternate"
+        with pytest.raises(InvalidRequestError, match=why) as info:
+            await eng.run(req.with_(max_tokens=None), model="strict")
+        assert (info.value.status_code, info.value.param) == (400, "messages")
+        with pytest.raises(InvalidRequestError, match=why):
+            [e async for e in eng.stream(req, model="strict")]
+        rec = (await eng.run(req, model="strict-first")).record
+        assert [(a.tier, a.error_class) for a in rec.attempts] == [("strict", "InvalidRequestError"), ("small", None)]
+        rec = (await eng.run(req.with_(max_tokens=None), model="small-first")).record
+        assert [(a.tier, a.decision) for a in rec.attempts] == [("small", "accept"), ("strict", "error")]
+    finally:
+        await eng.close()
+
+
+def test_messages_for_a_model_without_a_chat_template_are_a_400_the_cascade_escalates(smol_path):
+    """A base model has no chat template: messages sent to its tier were transformers' ValueError (a 502, or a
+    500). They are refused as the messages a template refuses are, and escalated; a prompt is its input."""
+    from transformers import AutoTokenizer
+
+    from cascade.backends.base import prompt_token_ids
+
+    tok = AutoTokenizer.from_pretrained(str(smol_path))
+    tok.chat_template = None
+    with pytest.raises(InvalidRequestError, match="has no chat template") as info:
+        prompt_token_ids(tok, QUESTION)
+    assert (info.value.status_code, info.value.param, info.value.fall_over) == (400, "messages", True)
+    assert prompt_token_ids(tok, GenerationRequest(prompt="Hello")) == tok("Hello")["input_ids"]

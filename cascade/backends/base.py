@@ -198,11 +198,29 @@ class InProcessBackend(Backend):
         return self._recent_prompts.ids(self._tok, request)
 
     async def tokenize(self, request: GenerationRequest) -> None:
+        from cascade.errors import InvalidRequestError
+
         if self._tok is not None:
-            await self._recent_prompts.load(self._tok, request)
+            try:
+                await self._recent_prompts.load(self._tok, request)
+            except InvalidRequestError as exc:
+                if not exc.fall_over:
+                    raise
+                # messages its chat template refuses: counted roughly, and refused by the tier's call (which the
+                # cascade escalates), not before it
+                await request.rough_prompt_tokens_off_loop()
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
-        return len(self._prompt_ids(request)) if self._tok is not None else None
+        from cascade.errors import InvalidRequestError
+
+        if self._tok is None:
+            return None
+        try:
+            return len(self._prompt_ids(request))
+        except InvalidRequestError as exc:  # messages its chat template refuses: the rough count, as in tokenize
+            if not exc.fall_over:
+                raise
+            return None
 
 
 class StartOnce:
@@ -323,7 +341,7 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
     turn and forge another (a raw prompt is the model's input as given, special tokens included)."""
     if request.messages is not None:
         msgs = [m.as_dict() for m in request.messages]
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        text = _chat_template(tokenizer, msgs)
         specials = _special_pattern(tokenizer)
         if specials is not None and any(specials.search(m.content) for m in request.messages):
             return _chat_ids_with_literal_text(tokenizer, msgs, text, specials)
@@ -333,6 +351,33 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start]
     return ids
+
+
+def _chat_template(tokenizer: Any, msgs: list[dict[str, str]]) -> str:
+    """``msgs`` rendered by the model's chat template, ending with the assistant's turn begun. Messages its
+    template refuses (its ``raise_exception``: "Conversation roles must alternate user/assistant/...", "System
+    role not supported"), or any, where the model has no template (a base model), are an
+    :class:`InvalidRequestError` naming why; another tier's model may take them (``fall_over``: the cascade
+    escalates it, and the last tier's is the 400). They were the template's own error: a 502, or a 500 where
+    the prompt was counted before the tier's call. (A template that does not parse stays the tier's failure.)"""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    from cascade.errors import InvalidRequestError
+
+    def refused(why: str) -> InvalidRequestError:
+        err = InvalidRequestError(f"messages: {why}", param="messages")
+        err.fall_over = True
+        return err
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise refused("this tier's model has no chat template (a base model): send it a prompt (the completions "
+                      "endpoint), not messages")
+    try:
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except TemplateSyntaxError:
+        raise
+    except TemplateError as exc:
+        raise refused(f"this tier's chat template refuses them: {exc}") from exc
 
 
 #: per tokenizer, the pattern of its special strings (made once: every chat prompt is searched with it)
@@ -364,8 +409,7 @@ def _chat_ids_with_literal_text(tokenizer: Any, msgs: list[dict[str, str]], text
     from cascade.errors import InvalidRequestError
 
     marks = [f"\ue000cascade-text-{i}\ue001" for i in range(len(msgs))]
-    marked = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(msgs, marks, strict=True)],
-                                           add_generation_prompt=True, tokenize=False)
+    marked = _chat_template(tokenizer, [{**m, "content": mark} for m, mark in zip(msgs, marks, strict=True)])
     parts = re.split("(" + "|".join(map(re.escape, marks)) + ")", marked)
     order = parts[1::2]
     contents = {mark: m["content"] for mark, m in zip(marks, msgs, strict=True)}
