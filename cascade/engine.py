@@ -935,7 +935,9 @@ class Engine:
                 att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens, att.cached_prompt_tokens)
                 # the provider's price, and its failed attempts
                 merge_provider_attempts(rec.attempts, att, provider_log, served=True)
-                att.features = extract_features(tokens, top_k=tc.top_logprobs)
+                # an empty answer has no tokens to be confident in, as call_tier reads a whole one (a token that
+                # ends inside the one character max_tokens left room for has no text)
+                att.features = extract_features(tokens if att.text else (), top_k=tc.top_logprobs)
                 att.confidence = decide(att.features, live.calibrator, 0.0, is_last=True).confidence
                 att.reason = "last tier always answers (streamed)"
                 att.reason += _shaped(att)

@@ -105,6 +105,21 @@ async def test_an_empty_answer_escalates_even_past_a_threshold_of_zero(servers, 
     assert db_rows(tmp_path, "SELECT tier, escalated FROM requests WHERE request_id = 'blank'") == [("last", 1)]
 
 
+async def test_an_empty_streamed_answer_is_read_as_one_with_no_tokens_as_a_whole_one_is(make_engine):
+    """SmolLM2's first token here is the first half of a 4-byte character, and max_tokens 1 leaves no room for
+    the rest: the answer is empty, with one token. Generated whole, it was read as having no tokens (the floor,
+    confidence 0); streamed, its features were that token's (confidence 0.31), in the ledger beside it."""
+    eng = await make_engine([tier("small")])
+    fraktur = "\U0001d518\U0001d52b\U0001d526\U0001d520\U0001d52c\U0001d521\U0001d522"  # "Unicode" in Fraktur
+    req = GenerationRequest(prompt="\ue000" + fraktur, max_tokens=1)
+    whole = await eng.run(req, endpoint="completions")
+    streamed = [e async for e in eng.stream(req, endpoint="completions")][-1].record
+    assert whole.result.text == "" and len(whole.result.tokens) == 1
+    for att in (whole.record.attempts[0], streamed.attempts[0]):
+        assert (att.text, att.features["n_tokens"], att.confidence) == ("", 0.0, 0.0)
+    assert streamed.attempts[0].features == whole.record.attempts[0].features
+
+
 # --- token totals and the bill of failed attempts --------------------------------------------------------
 
 
