@@ -29,9 +29,10 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
 ``bare``             answer with neither ``usage`` nor logprobs (a server that reports no tokens)
 ``{"kind": "odd"}``  (a dict spec) answer with odd values, sent as Python's json writes them (NaN and
                      Infinity as such): ``logprob`` every token's, ``top_logprob`` every alternative's,
-                     ``usage`` the usage object, ``finish_reason`` the final one, ``content_null`` a null
-                     text with the tokens' logprobs kept; ``{"kind": "slow", "seconds": S, "per_chunk": C,
-                     "bare": true}`` a slow stream without logprobs (``bare`` goes with any kind)
+                     ``token`` every token's text, ``usage`` the usage object, ``finish_reason`` the final
+                     one, ``content_null`` a null text with the tokens' logprobs kept; ``{"kind": "slow",
+                     "seconds": S, "per_chunk": C, "bare": true}`` a slow stream without logprobs (``bare``
+                     goes with any kind)
 ===================  ==============================================================================
 
 Control (JSON): ``POST /_faults`` ``{"queue": [spec, ...], "rate": 0.2, "kinds": [spec, ...],
@@ -143,6 +144,8 @@ def _odd(payload: dict[str, Any], fault: dict[str, Any]) -> dict[str, Any]:
         for e in entries:
             if "logprob" in fault:
                 e["logprob"] = fault["logprob"]
+            if "token" in fault:
+                e["token"] = fault["token"]
             for alt in e.get("top_logprobs") or []:
                 if "top_logprob" in fault:
                     alt["logprob"] = fault["top_logprob"]
@@ -151,6 +154,8 @@ def _odd(payload: dict[str, Any], fault: dict[str, Any]) -> dict[str, Any]:
                 lp["token_logprobs"] = [fault["logprob"]] * len(lp["token_logprobs"])
             if "top_logprob" in fault:
                 lp["top_logprobs"] = [{k: fault["top_logprob"] for k in d} for d in lp.get("top_logprobs") or []]
+            if "token" in fault:
+                lp["tokens"] = [fault["token"]] * len(lp["tokens"])
         if "finish_reason" in fault and c.get("finish_reason") is not None:
             c["finish_reason"] = fault["finish_reason"]
         if fault.get("content_null"):

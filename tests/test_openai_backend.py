@@ -258,6 +258,32 @@ async def test_a_logprob_that_is_no_log_of_a_probability_makes_the_answer_malfor
             await b.close()
 
 
+@pytest.mark.parametrize("token", [None, 5, ["a"]])
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_token_whose_text_is_no_string_makes_the_answer_malformed(token, endpoint, stream):
+    """A token's text that is null, a number or a list was passed on as it came: the response to the client
+    failed (a 500 after an ok ledger row; a stream cut without an error event, recorded as the client's
+    disconnection), or a stop sequence's cut raised a TypeError the engine did not know. The answer is
+    malformed, as one whose text is no string: its tier falls over."""
+    from cascade.errors import ProviderServerError
+    from tests.fault_server import FaultServerThread
+
+    req = LP if endpoint == "chat" else GenerationRequest(prompt="Hi", max_tokens=4, top_logprobs=2)
+    with FaultServerThread() as upstream:
+        upstream.faults({"kind": "odd", "token": token})
+        b = OpenAIBackend(model="m", base_url=upstream.base_url, endpoint=endpoint)
+        try:
+            with pytest.raises(ProviderServerError, match="malformed response .*not a string"):
+                if stream:
+                    async for _ in b.stream(req):
+                        pass
+                else:
+                    await b.generate(req)
+        finally:
+            await b.close()
+
+
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 async def test_a_zero_probability_is_the_lowest_logprob_and_a_hair_above_zero_is_zero(endpoint):
     from tests.fault_server import FaultServerThread

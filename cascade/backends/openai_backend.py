@@ -878,9 +878,13 @@ def _chat_tokens(logprobs: Any) -> tuple[TokenLogprob, ...]:
         for c in content)
 
 
-def _token(text: Any) -> Any:
-    """A token's text as UTF-8 can carry it (its ``bytes`` say what it was: half of a character's bytes)."""
-    return paired_surrogates(text) if isinstance(text, str) else text
+def _token(text: Any) -> str:
+    """A token's text as UTF-8 can carry it (its ``bytes`` say what it was: half of a character's bytes). A token
+    whose text is no string (null, a number, a list) is no token: TypeError (a malformed answer; passed on, it
+    failed the response to the client, a 500 after an ok ledger row, or cut its stream)."""
+    if not isinstance(text, str):
+        raise TypeError(f"a token's text is {type(text).__name__}, not a string")
+    return paired_surrogates(text)
 
 
 def _reasoning(holder: Any) -> bool:
