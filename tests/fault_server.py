@@ -29,10 +29,10 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
 ``bare``             answer with neither ``usage`` nor logprobs (a server that reports no tokens)
 ``{"kind": "odd"}``  (a dict spec) answer with odd values, sent as Python's json writes them (NaN and
                      Infinity as such): ``logprob`` every token's, ``top_logprob`` every alternative's,
-                     ``token`` every token's text, ``usage`` the usage object, ``finish_reason`` the final
-                     one, ``content_null`` a null text with the tokens' logprobs kept; ``{"kind": "slow",
-                     "seconds": S, "per_chunk": C, "bare": true}`` a slow stream without logprobs (``bare``
-                     goes with any kind)
+                     ``token`` every token's text, ``bytes`` every token's bytes (chat), ``usage`` the usage
+                     object, ``finish_reason`` the final one, ``content_null`` a null text with the tokens'
+                     logprobs kept; ``{"kind": "slow", "seconds": S, "per_chunk": C, "bare": true}`` a slow
+                     stream without logprobs (``bare`` goes with any kind)
 ===================  ==============================================================================
 
 Control (JSON): ``POST /_faults`` ``{"queue": [spec, ...], "rate": 0.2, "kinds": [spec, ...],
@@ -146,6 +146,8 @@ def _odd(payload: dict[str, Any], fault: dict[str, Any]) -> dict[str, Any]:
                 e["logprob"] = fault["logprob"]
             if "token" in fault:
                 e["token"] = fault["token"]
+            if "bytes" in fault:
+                e["bytes"] = fault["bytes"]
             for alt in e.get("top_logprobs") or []:
                 if "top_logprob" in fault:
                     alt["logprob"] = fault["top_logprob"]

@@ -284,6 +284,28 @@ async def test_a_token_whose_text_is_no_string_makes_the_answer_malformed(token,
             await b.close()
 
 
+@pytest.mark.parametrize("raw", [5, 2**70, "ab", [300]])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_token_bytes_that_are_no_byte_values_leave_the_tokens_text(raw, stream):
+    """A token's ``bytes`` that are no list of byte values say nothing of it: its text stands. A number N was
+    read as N zero bytes (the client got bytes [0, 0, 0, 0, 0]; 2**70, an OverflowError the engine did not
+    know, its traceback logged; 10**12, a terabyte asked of memory)."""
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as upstream:
+        upstream.faults({"kind": "odd", "bytes": raw})
+        b = OpenAIBackend(model="m", base_url=upstream.base_url)
+        try:
+            if stream:
+                toks = [t async for c in b.stream(LP) for t in c.tokens]
+            else:
+                toks = list((await b.generate(LP)).tokens)
+        finally:
+            await b.close()
+    assert [t.token for t in toks] == ["Paris", " is", " the", " capital"]
+    assert all(t.raw is None and t.utf8 == t.token.encode() for t in toks)
+
+
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 async def test_a_zero_probability_is_the_lowest_logprob_and_a_hair_above_zero_is_zero(endpoint):
     from tests.fault_server import FaultServerThread

@@ -923,8 +923,10 @@ def _answer_tail(tokens: tuple[TokenLogprob, ...], content: str) -> tuple[TokenL
 def _raw(item: Any) -> bytes | None:
     """The upstream's ``bytes`` of a token (a list of byte values), when it sent them."""
     b = _field(item, "bytes")
+    if not isinstance(b, list):  # none, or no list (a number N was read as N zero bytes: 2**70, an OverflowError)
+        return None
     try:
-        return bytes(b) if b is not None else None
+        return bytes(b)
     except (TypeError, ValueError):  # not byte values: the token's text stands
         return None
 
