@@ -26,6 +26,8 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
 ``slow:S`` ``slow:S:C``  wait S seconds before answering (and C seconds between stream chunks)
 ``garbled:K``        a 200 that cannot be read: non-streams, a body cut to half its JSON (sent whole, the
                      connection kept); streams, K token chunks (default 1), then ``data: {not json``
+``deep:K``           a 200 of JSON nested deeper than a JSON decoder recurses (100,000 arrays): non-streams,
+                     its body; streams, K token chunks (default 1), then it as an event
 ``bare``             answer with neither ``usage`` nor logprobs (a server that reports no tokens)
 ``{"kind": "odd"}``  (a dict spec) answer with odd values, sent as Python's json writes them (NaN and
                      Infinity as such): ``logprob`` every token's, ``top_logprob`` every alternative's,
@@ -126,6 +128,10 @@ _STATUS_TEXT = {400: ("invalid_request_error", "invalid_value", "Invalid value f
                 504: ("server_error", "gateway_timeout", "Gateway timeout.")}
 
 
+#: JSON nested deeper than a JSON decoder recurses (a ``deep`` fault's body or event)
+_DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
 def _bare(payload: dict[str, Any]) -> dict[str, Any]:
     """An answer (or stream chunk) without usage and logprobs."""
     out = {k: v for k, v in payload.items() if k != "usage"}
@@ -201,7 +207,7 @@ def parse_fault(spec: str | dict[str, Any]) -> dict[str, Any]:
         d.update(kind="stall", seconds=float(rest[0]) if rest else 60.0)
     elif head in ("reset", "close", "ok"):
         d.update(kind=head)
-    elif head in ("drop", "garbled"):
+    elif head in ("drop", "garbled", "deep"):
         d.update(kind=head, after=int(rest[0]) if rest else 1)
     elif head == "bare":
         d.update(kind="bare")
@@ -410,13 +416,16 @@ class FaultServer:
                 chunks = [_bare(c) for c in chunks if c.get("choices")]
             elif kind == "odd":
                 chunks = [_odd(c, fault) for c in chunks]
-            drop_after = fault["after"] if kind in ("drop", "garbled") else None
+            drop_after = fault["after"] if kind in ("drop", "garbled", "deep") else None
 
             async def sse():  # noqa: ANN202
                 for i, c in enumerate(chunks):
                     if drop_after is not None and i >= drop_after:
                         if kind == "garbled":
                             yield b"data: {not json\n\n"
+                            break
+                        if kind == "deep":
+                            yield b"data: " + _DEEP + b"\n\n"
                             break
                         await asyncio.sleep(0.01)
                         _kill(request, rst=False)
@@ -432,6 +441,8 @@ class FaultServer:
         payload = json.dumps(full).encode()
         if kind == "garbled":
             return Response(payload[: len(payload) // 2], media_type="application/json")
+        if kind == "deep":
+            return Response(_DEEP, media_type="application/json")
         if kind == "drop":
             async def partial():  # noqa: ANN202
                 yield payload[: len(payload) // 2]

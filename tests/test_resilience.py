@@ -1789,6 +1789,25 @@ async def test_an_unreadable_answer_falls_over_and_is_recorded(servers, make_eng
     assert "malformed response" in msg and "JSONDecodeError" in msg
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_json_nested_deeper_than_the_decoder_recurses_is_an_unreadable_answer(servers, make_engine, tmp_path,
+                                                                                   stream):
+    """A body (or a stream's event) nested deeper than the JSON decoder recurses raised a RecursionError, which the
+    engine did not know (its traceback logged at every call): it is a malformed response, as any body that is no
+    JSON, and the request goes on to the next tier."""
+    a, c = servers["a"], servers["c"]
+    eng = await make_engine([plain("first", a), plain("second", c)])
+    a.faults("deep:0")
+    if stream:
+        events = [ev async for ev in eng.stream(Q, request_id="deep")]
+        assert "".join(e.text for e in events if type(e).__name__ == "StreamDelta") == "Paris is the capital"
+    else:
+        assert (await eng.run(Q, request_id="deep")).result.text == "Paris is the capital"
+    assert [r[3:5] for r in attempt_rows(tmp_path, "deep")] == [("error", "ProviderServerError"), ("final", None)]
+    msg = db_rows(tmp_path, "SELECT error_message FROM attempts WHERE request_id='deep' AND idx=0")[0][0]
+    assert "malformed response (RecursionError" in msg
+
+
 @pytest.mark.parametrize("kind", ["plain", "providers"])
 async def test_a_stream_that_turns_unreadable_ends_as_partial_with_its_error(servers, make_engine, tmp_path, kind):
     a = servers["a"]

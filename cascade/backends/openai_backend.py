@@ -731,8 +731,9 @@ def _first_tokens(text: str, tokens: tuple[TokenLogprob, ...],
     return None
 
 
-#: what reading a malformed answer raises (a body that is no JSON, no ``choices``, a field of the wrong type)
-_MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+#: what reading a malformed answer raises (a body that is no JSON, no ``choices``, a field of the wrong type, JSON
+#: nested deeper than the decoder recurses)
+_MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError)
 
 
 @contextlib.contextmanager
