@@ -29,12 +29,15 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
 ``deep:K``           a 200 of JSON nested deeper than a JSON decoder recurses (100,000 arrays): non-streams,
                      its body; streams, K token chunks (default 1), then it as an event
 ``bare``             answer with neither ``usage`` nor logprobs (a server that reports no tokens)
+``gzip``             a 200 whose headers say its body is gzip (``content-encoding``), which it is not
 ``{"kind": "odd"}``  (a dict spec) answer with odd values, sent as Python's json writes them (NaN and
                      Infinity as such): ``logprob`` every token's, ``top_logprob`` every alternative's,
                      ``token`` every token's text, ``bytes`` every token's bytes (chat), ``usage`` the usage
                      object, ``finish_reason`` the final one, ``content_null`` a null text with the tokens'
                      logprobs kept; ``{"kind": "slow", "seconds": S, "per_chunk": C, "bare": true}`` a slow
-                     stream without logprobs (``bare`` goes with any kind)
+                     stream without logprobs (``bare`` goes with any kind); ``"json": true`` (with any kind)
+                     answers a stream request with the whole answer's JSON, as a server that ignores
+                     ``stream`` (``{"kind": "drop", "json": true}``: its body cut off)
 ===================  ==============================================================================
 
 Control (JSON): ``POST /_faults`` ``{"queue": [spec, ...], "rate": 0.2, "kinds": [spec, ...],
@@ -132,6 +135,11 @@ _STATUS_TEXT = {400: ("invalid_request_error", "invalid_value", "Invalid value f
 _DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
+def _gzip_claimed(kind: str) -> dict[str, str]:
+    """The headers of a ``gzip`` fault's answer: a body said to be gzip, which is not."""
+    return {"content-encoding": "gzip"} if kind == "gzip" else {}
+
+
 def _bare(payload: dict[str, Any]) -> dict[str, Any]:
     """An answer (or stream chunk) without usage and logprobs."""
     out = {k: v for k, v in payload.items() if k != "usage"}
@@ -205,7 +213,7 @@ def parse_fault(spec: str | dict[str, Any]) -> dict[str, Any]:
                          "resulted in 9000 tokens.")
     elif head == "stall":
         d.update(kind="stall", seconds=float(rest[0]) if rest else 60.0)
-    elif head in ("reset", "close", "ok"):
+    elif head in ("reset", "close", "ok", "gzip"):
         d.update(kind=head)
     elif head in ("drop", "garbled", "deep"):
         d.update(kind=head, after=int(rest[0]) if rest else 1)
@@ -410,7 +418,7 @@ class FaultServer:
         if delay > 0:
             await asyncio.sleep(delay)
         per_chunk = fault.get("per_chunk", 0.0) if kind == "slow" else 0.0
-        if body.get("stream"):
+        if body.get("stream") and not fault.get("json"):
             chunks = self._chunks(chat, body)
             if kind == "bare" or fault.get("bare"):
                 chunks = [_bare(c) for c in chunks if c.get("choices")]
@@ -435,7 +443,7 @@ class FaultServer:
                         await asyncio.sleep(per_chunk)
                 yield b"data: [DONE]\n\n"
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return StreamingResponse(sse(), media_type="text/event-stream", headers=_gzip_claimed(kind))
         full = self._full(chat, body)
         full = _bare(full) if kind == "bare" else _odd(full, fault) if kind == "odd" else full
         payload = json.dumps(full).encode()
@@ -450,7 +458,7 @@ class FaultServer:
                 _kill(request, rst=False)
 
             return StreamingResponse(partial(), media_type="application/json")
-        return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/json", headers=_gzip_claimed(kind))
 
     def _build(self) -> FastAPI:
         app = FastAPI(title="fault server")

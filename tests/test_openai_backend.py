@@ -306,6 +306,30 @@ async def test_token_bytes_that_are_no_byte_values_leave_the_tokens_text(raw, st
     assert all(t.raw is None and t.utf8 == t.token.encode() for t in toks)
 
 
+@pytest.mark.parametrize("fault, cut", [({"kind": "drop", "json": True}, True), ({"kind": "gzip", "json": True}, False),
+                                        ("gzip", False)])
+async def test_a_stream_answered_with_a_body_that_cannot_be_read_is_a_connection_error(fault, cut):
+    """A stream request answered with a JSON body (a server that ignores ``stream``) whose reading failed, cut off
+    or said to be gzip when it is not, raised the transport's own error (httpx's RemoteProtocolError,
+    DecodingError), which the engine did not know: a ProviderError, its traceback logged, not billed. It is what
+    the client's reading of any other body (an event stream, an answer unstreamed) says: a failed connection, an
+    answer cut off when it was."""
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as upstream:
+        upstream.faults(fault, fault)
+        b = OpenAIBackend(model="m", base_url=upstream.base_url)
+        try:
+            with pytest.raises(ProviderConnectionError, match="connection failed") as err:
+                async for _ in b.stream(LP):
+                    pass
+            with pytest.raises(ProviderConnectionError, match="connection failed"):  # as the same body unstreamed
+                await b.generate(LP)
+        finally:
+            await b.close()
+    assert err.value.answered is cut
+
+
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 async def test_a_zero_probability_is_the_lowest_logprob_and_a_hair_above_zero_is_zero(endpoint):
     from tests.fault_server import FaultServerThread

@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -558,8 +559,21 @@ class OpenAIBackend(Backend):
         (a server that ignores ``stream``) is read on as the stream's, from the bytes read here."""
         if not response.headers.get("content-type", "").split(";")[0].strip().lower().endswith("json"):
             return
+        import openai
+
         try:
-            body = json.loads(await response.aread())
+            raw = await response.aread()
+        except Exception as exc:  # noqa: BLE001 - the transport's error, read as the client reads any other body's
+            # (a body cut off, one said to be gzip that is not, a read that timed out): raw, the engine knew none of
+            # them (its traceback logged; a ProviderError, neither fallen over as a cut answer nor billed as one)
+            http = sys.modules[type(response).__module__.partition(".")[0]]  # httpx, or the SDK's httpx2
+            if isinstance(exc, http.TimeoutException):
+                raise openai.APITimeoutError(request=response.request) from exc
+            if isinstance(exc, http.RequestError):
+                raise openai.APIConnectionError(request=response.request) from exc
+            raise
+        try:
+            body = json.loads(raw)
         except ValueError:
             return
         if isinstance(body, dict) and body.get("error") and not body.get("choices"):
