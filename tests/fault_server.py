@@ -30,6 +30,8 @@ first out) or at a rate with a seeded RNG. Fault specs (a string, or the equival
                      its body; streams, K token chunks (default 1), then it as an event
 ``bare``             answer with neither ``usage`` nor logprobs (a server that reports no tokens)
 ``gzip``             a 200 whose headers say its body is gzip (``content-encoding``), which it is not
+``gateway``          streams: each event numbered (``id:``), after a ``retry:`` and each followed by events
+                     without data (a keep-alive comment, ``event: ping``, a bare ``data:``), as gateways write
 ``{"kind": "odd"}``  (a dict spec) answer with odd values, sent as Python's json writes them (NaN and
                      Infinity as such): ``logprob`` every token's, ``top_logprob`` every alternative's,
                      ``token`` every token's text, ``bytes`` every token's bytes (chat), ``usage`` the usage
@@ -213,7 +215,7 @@ def parse_fault(spec: str | dict[str, Any]) -> dict[str, Any]:
                          "resulted in 9000 tokens.")
     elif head == "stall":
         d.update(kind="stall", seconds=float(rest[0]) if rest else 60.0)
-    elif head in ("reset", "close", "ok", "gzip"):
+    elif head in ("reset", "close", "ok", "gzip", "gateway"):
         d.update(kind=head)
     elif head in ("drop", "garbled", "deep"):
         d.update(kind=head, after=int(rest[0]) if rest else 1)
@@ -427,6 +429,8 @@ class FaultServer:
             drop_after = fault["after"] if kind in ("drop", "garbled", "deep") else None
 
             async def sse():  # noqa: ANN202
+                if kind == "gateway":
+                    yield b"retry: 3000\n\n"
                 for i, c in enumerate(chunks):
                     if drop_after is not None and i >= drop_after:
                         if kind == "garbled":
@@ -438,7 +442,10 @@ class FaultServer:
                         await asyncio.sleep(0.01)
                         _kill(request, rst=False)
                         return
-                    yield f"data: {json.dumps(c)}\n\n".encode()
+                    numbered = f"id: {i}\n" if kind == "gateway" else ""
+                    yield f"{numbered}data: {json.dumps(c)}\n\n".encode()
+                    if kind == "gateway":  # a keep-alive comment, events without data
+                        yield b": ping\n\nevent: ping\n\ndata:\n\n"
                     if per_chunk:
                         await asyncio.sleep(per_chunk)
                 yield b"data: [DONE]\n\n"

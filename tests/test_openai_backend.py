@@ -331,6 +331,27 @@ async def test_a_stream_answered_with_a_body_that_cannot_be_read_is_a_connection
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
+async def test_stream_events_without_data_are_no_events(endpoint):
+    """A gateway that numbers its events (``id:``), sends a ``retry:`` first and keeps the connection alive with a
+    comment, an ``event: ping`` or a bare ``data:``: each block without data is no event (the SSE spec's), where
+    the SDK's decoder passed it on with empty data, read as JSON: every such stream failed as a malformed
+    response (JSONDecodeError), fallen over, or cut with an error event once its first chunk was out."""
+    from tests.fault_server import FaultServerThread
+
+    req = LP if endpoint == "chat" else GenerationRequest(prompt="Hi", max_tokens=4, top_logprobs=2)
+    with FaultServerThread() as upstream:
+        upstream.faults("gateway")
+        b = OpenAIBackend(model="m", base_url=upstream.base_url, endpoint=endpoint)
+        try:
+            chunks = [c async for c in b.stream(req)]
+        finally:
+            await b.close()
+    assert "".join(c.text for c in chunks) == "Paris is the capital"
+    assert len([t for c in chunks for t in c.tokens]) == 4 and chunks[-1].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
 async def test_a_zero_probability_is_the_lowest_logprob_and_a_hair_above_zero_is_zero(endpoint):
     from tests.fault_server import FaultServerThread
 

@@ -341,6 +341,9 @@ def _client_class() -> Any:
     the SSE decoder ignores a field it does not know, so the stream just ended: a cut answer, or a malformed
     one, whatever the error said. Read as ``data: {"error": ...}``, it is the status it stands for, as the
     other servers' error events are; so is text-generation-inference's typed event (:func:`_typed_error_event`).
+    An event that carries no data (a ``retry:``, ``id:`` or ``event:`` field alone, a bare ``data:``; the blank line
+    after a keep-alive comment once an ``id:`` came, as gateways that number their events write it) is none: the
+    SDK's decoder passed it on, its empty data read as JSON, and the whole stream failed as a malformed response.
     (``_make_sse_decoder`` is the SDK's hook for a decoder of one's own.)
     Made once, on first use: the SDK is imported only by a tier that uses it."""
     import openai
@@ -348,6 +351,9 @@ def _client_class() -> Any:
 
     class ErrorFieldDecoder(SSEDecoder):
         def decode(self, line: str) -> Any:
+            if not line and not "".join(self._data).strip():  # the end of an event without data: no event
+                self._event, self._data, self._retry = None, [], None
+                return None
             name, colon, value = line.partition(":")
             if name == "error" and colon:
                 line = "data: " + _error_field_event(value)
