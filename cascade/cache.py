@@ -2,9 +2,10 @@
 
 Only greedy requests (temperature 0, the default) are cached: their answer is a function of the request, so
 serving it again is what the tiers would do, without the tiers. The key is the route (policy or pinned
-tier), the endpoint, the messages or prompt, ``max_tokens``, the stop sequences, ``top_logprobs`` and the
-caller's user tier (its budgets shape the answer), and, with ``cache.scope: key`` (the default), the API
-key: a key never receives an answer first given to another. Only answers the policy itself chose are stored
+tier), the endpoint, the messages or prompt, ``max_tokens``, the stop sequences, ``top_logprobs``, the
+caller's user tier and the request's budget (its user tier's as it is now, or the Python API's ``budget=``: a
+budget shapes the answer), and, with ``cache.scope: key`` (the default), the API key: a key never receives an
+answer first given to another. Only answers the policy itself chose are stored
 (cascade/engine.py ``Engine._cache_put``): not one served because a later tier failed or ran out of budget,
 nor one that stands in for an earlier tier that was down.
 
@@ -31,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cascade.budget import Budget
 from cascade.types import CascadeRecord, GenerationRequest, GenerationResult
 
 
@@ -53,13 +55,14 @@ class CachedAnswer:
 
 
 def cache_key(route: str, endpoint: str, request: GenerationRequest, *, user_tier: str | None,
-              api_key_id: str | None) -> str | None:
+              api_key_id: str | None, budget: Budget | None = None) -> str | None:
     """The key of a request's answer, or None when it is not cacheable (sampled: temperature above 0)."""
     if request.temperature > 0:
         return None
     messages = None if request.messages is None else [m.as_dict() for m in request.messages]
+    b = budget or Budget()  # (none, or one that limits nothing: the same answers)
     doc = [route, endpoint, messages, request.prompt, request.max_tokens, list(request.stop),
-           request.top_logprobs, user_tier, api_key_id]
+           request.top_logprobs, user_tier, api_key_id, [b.latency_s, b.on_latency, b.cost_usd, b.on_cost]]
     return hashlib.sha256(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
 
 

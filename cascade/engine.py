@@ -651,12 +651,12 @@ class Engine:
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         t0 = time.perf_counter()
         await self._refuse_while_ledger_down(rec, model, t0)
-        slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
+        slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, budget, cache)
         # wait for an identical request being answered, unless a latency budget bounds this one: if that answer
         # is not stored, this one would start its own only after the wait
         if hit is None and slot is not None and cache == "use" and (budget is None or budget.latency_s is None):
             if await self._cache_follow(slot, rec, model, t0):
-                slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
+                slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, budget, cache)
         if hit is not None:
             return Outcome(record=rec, result=hit.result), self._serve_cached(rec, hit, t0)
         lead = self._cache_lead(slot)
@@ -722,12 +722,12 @@ class Engine:
         rec = self._new_record(model, endpoint, request_id, api_key_id, user_tier, end_user, metadata)
         t0 = time.perf_counter()
         await self._refuse_while_ledger_down(rec, model, t0)
-        slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
+        slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, budget, cache)
         # with cache.coalesce_streams, wait for an identical request being answered, as run_uncommitted does
         if (hit is None and slot is not None and cache == "use" and self.config.cache.coalesce_streams
                 and (budget is None or budget.latency_s is None)):
             if await self._cache_follow(slot, rec, model, t0):
-                slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, cache)
+                slot, hit = self._cache_lookup(model, endpoint, request, api_key_id, user_tier, budget, cache)
         if hit is not None:
             committed = self._serve_cached(rec, hit, t0)
             await self._committed(rec, committed)
@@ -1056,14 +1056,15 @@ class Engine:
 
     # --- the response cache (cascade/cache.py) ------------------------------------------------------
     def _cache_lookup(self, model: str | None, endpoint: str, request: GenerationRequest, api_key_id: str | None,
-                      user_tier: str | None, mode: str) -> "tuple[tuple[str, int] | None, CachedAnswer | None]":
+                      user_tier: str | None, budget: Budget | None,
+                      mode: str) -> "tuple[tuple[str, int] | None, CachedAnswer | None]":
         """The request's place in the response cache, ``(key, generation)`` (None: not cacheable, or the cache
         is off or bypassed), and the answer stored there (mode "use" only)."""
         if self.cache is None or mode == "bypass":
             return None, None
         scope_key = api_key_id if self.config.cache.scope == "key" else None
         key = cache_key(model or self.config.default_policy_name, endpoint, request, user_tier=user_tier,
-                        api_key_id=scope_key)
+                        api_key_id=scope_key, budget=budget)
         if key is None:
             return None, None
         return (key, self.cache.generation), (self.cache.get(key) if mode == "use" else None)

@@ -18,7 +18,7 @@ from cascade.types import GenerationRequest, GenerationResult, Message, Usage
 from serving.auth import hash_key
 from serving.protocol import ChatCompletionRequest
 from tests.conftest import chat_stream, make_config
-from tests.fault_server import FaultServerThread
+from tests.fault_server import FaultServer, FaultServerThread
 
 
 class Clock:
@@ -969,3 +969,38 @@ def test_metrics_agree_with_the_ledger_on_a_mix_of_traffic(tmp_path, upstream, s
     ok = total("cascade_requests_total", status="ok") - total("cascade_requests_corrected_total")
     assert ok == tot["answered"] - tot["partial"]
     assert total("cascade_cost_usd_total") == pytest.approx(tot["spend_usd"])
+
+
+def test_an_answer_is_not_served_to_a_request_whose_budget_would_answer_otherwise(tmp_path, serve_app):
+    """The budget shapes the answer (a tier it cannot pay for is skipped): a reload that gives a user tier a cost
+    budget does not serve its requests the answers of the tier it now skips, as the Python API's ``budget=`` does
+    not get an unbudgeted call's. The key held the user tier's name only: the dear tier's answer was served."""
+    with FaultServerThread(FaultServer(answer="cheap answer")) as a, \
+            FaultServerThread(FaultServer(answer="dear answer")) as b:
+        tiers = [{"name": "cheap", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.99,
+                  "price": {"input_per_1m": 0.01, "output_per_1m": 0.01}, "options": {"base_url": a.base_url}},
+                 {"name": "dear", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+                  "price": {"input_per_1m": 100.0, "output_per_1m": 100.0}, "options": {"base_url": b.base_url}}]
+        path = tmp_path / "c.yaml"
+
+        def write(std: dict) -> dict:
+            data = {"ledger": {"path": str(tmp_path / "ledger.sqlite")}, "tiers": tiers,
+                    "policies": {"cascade": {"chain": ["cheap", "dear"]}}, "cache": {"enabled": True},
+                    "user_tiers": {"std": std, "ops": {"admin": True}},
+                    "auth": {"keys": [{"id": "k-a", "sha256": hash_key(A), "user_tier": "std"},
+                                      {"id": "k-ops", "sha256": hash_key(OPS), "user_tier": "ops"}]}}
+            path.write_text(yaml.safe_dump(data))
+            return data
+
+        server = serve_app(make_config(tmp_path, tiers, **{k: v for k, v in write({}).items()
+                                                          if k not in ("ledger", "tiers", "policies")}),
+                           config_path=str(path))
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            assert post(c).json()["cascade"]["tier"] == "dear"
+            assert post(c).json()["cascade"]["cached_from"]
+            write({"cost_budget_usd": 0.00001})
+            r = c.post("/admin/reload", headers={"authorization": f"Bearer {OPS}"})
+            assert r.status_code == 200 and r.json()["cache_cleared"] == 0, r.text
+            got = post(c).json()
+        assert got["cascade"]["cached_from"] is None and got["cascade"]["tier"] == "cheap"
+        assert got["choices"][0]["message"]["content"] == "cheap answer" and b.stats()["requests"] == 1
