@@ -163,7 +163,7 @@ class ResponseCache:
     def put(self, key: str, answer: CachedAnswer, generation: int | None = None) -> bool:
         """Store ``answer`` unless a :meth:`clear` came after ``generation`` (the cache's generation when the
         request started), a user said this same answer was wrong within ``ttl_s`` (:meth:`forget`), or it
-        alone exceeds ``max_bytes``; returns whether it was stored."""
+        alone exceeds ``max_bytes`` (then the answer it would replace goes too); returns whether it was stored."""
         if generation is not None and generation != self.generation:
             return False
         if self._wrong and self._judged_wrong(key, answer.result.text, self.clock()):
@@ -174,6 +174,8 @@ class ResponseCache:
             earlier = (*old_earlier, (old.request_id, hash(old.result.text)))[-EARLIER_KEPT:]
         size = answer_size(answer.result) + 150 * len(earlier)
         if self.max_bytes is not None and size > self.max_bytes:
+            if key in self._entries:  # a refresh: the answer it replaces is not served again either
+                self._drop(key)
             return False
         if key in self._entries:
             self._drop(key)

@@ -1004,3 +1004,24 @@ def test_an_answer_is_not_served_to_a_request_whose_budget_would_answer_otherwis
             got = post(c).json()
         assert got["cascade"]["cached_from"] is None and got["cascade"]["tier"] == "cheap"
         assert got["choices"][0]["message"]["content"] == "cheap answer" and b.stats()["requests"] == 1
+
+
+def test_a_refreshed_answer_too_large_to_store_takes_the_one_it_replaces_out(tmp_path, upstream, serve_app):
+    """``Cache-Control: no-cache`` asks for a fresh answer that replaces the stored one: when the fresh one is over
+    ``max_bytes`` and cannot be stored, the older answer goes too. It stayed, and was served to the next request."""
+    remote = {"name": "remote", "backend": "openai", "model": "m", "max_tokens": 4, "threshold": 0.0,
+              "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "options": {"base_url": upstream.base_url}}
+    srv = serve_app(make_config(tmp_path, [remote], cache={"enabled": True, "max_bytes": 4000},
+                                auth={"keys": [{"id": "k-a", "sha256": hash_key(A), "user_tier": "std"}]},
+                                user_tiers={"std": {}}))
+    upstream.fault.answer = "Paris."  # one token: stored
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert post(c).json()["choices"][0]["message"]["content"] == "Paris."
+        assert post(c).json()["cascade"]["cached_from"]
+        upstream.fault.answer = "Paris is the capital of France."  # its 4 tokens with their alternatives: too large
+        fresh = post(c, **{"cache-control": "no-cache"}).json()
+        assert fresh["choices"][0]["message"]["content"] == "Paris is the capital"
+        again = post(c).json()
+    assert again["cascade"]["cached_from"] is None
+    assert again["choices"][0]["message"]["content"] == "Paris is the capital"
+    assert upstream.stats()["requests"] == 3
