@@ -464,17 +464,24 @@ async def test_close_given_a_grace_that_is_no_number_of_seconds_says_so_and_leav
     assert [s for _, s, _ in rows(tmp_path)] == ["ok"]
 
 
+def _model_workers() -> set[asyncio.Task]:
+    """The transformers backends' batching workers running on this loop (the tests' event loop is the session's:
+    a session-scoped backend of another test file, run earlier on the same worker, has one too)."""
+    return {t for t in asyncio.all_tasks() if t.get_name().startswith("transformers-")}
+
+
 async def test_an_open_that_fails_loading_a_later_tier_closes_the_tiers_it_loaded(tmp_path, smol_path):
     """``Engine.open(preload=True)`` whose second tier could not load closed only the ledger: the first tier's
     model and batching worker stayed up, with no engine to close them ('Task was destroyed but it is pending!'
     once collected), each failed open leaking one more model. They are closed before the error is raised."""
     from cascade.errors import ConfigError
 
+    before = _model_workers()
     cfg = make_config(tmp_path, [tier("small"), tier("broken", model=str(tmp_path / "no-such-model"))])
     with pytest.raises(ConfigError, match="no-such-model") as err:
         await Engine.open(cfg, preload=True)
     assert "tier 'broken'" in str(err.value)  # (err holds the failed open's frames, and so its engine)
-    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("transformers-")] == []
+    assert _model_workers() - before == set()
 
 
 async def test_start_names_only_this_engines_tiers_and_loads_nothing_once_closed(tmp_path, smol_path):
@@ -483,6 +490,7 @@ async def test_start_names_only_this_engines_tiers_and_loads_nothing_once_closed
     errors, before anything loads."""
     from cascade.errors import UnknownModelError
 
+    before = _model_workers()
     eng = await Engine.open(make_config(tmp_path, [tier("small")]))
     try:
         with pytest.raises(UnknownModelError, match=r"tier 'nope' does not exist; tiers: small") as err:
@@ -494,7 +502,7 @@ async def test_start_names_only_this_engines_tiers_and_loads_nothing_once_closed
         await eng.close()
     with pytest.raises(EngineClosedError):
         await eng.start()
-    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("transformers-")] == []
+    assert _model_workers() - before == set()
 
 
 async def test_feedback_in_code_is_held_to_the_http_rules_and_drops_a_wrong_answer_from_the_cache(tmp_path, servers):
