@@ -110,6 +110,17 @@ _ADDED_INDEXES = [
 ]
 
 
+def _missing_columns(conn: Any, tables: Iterable[str], schema: str = "") -> list[tuple[str, str, str]]:
+    """The columns of :data:`_ADDED_COLUMNS` that those of its tables among ``tables`` lack, as (table, column,
+    type); ``schema``: a prefix naming the tables' schema (``"main."``)."""
+    out = []
+    for table, cols in _ADDED_COLUMNS.items():
+        if table in tables:
+            have = {c[0] for c in conn.execute(f"SELECT * FROM {schema}{table} LIMIT 0").description}
+            out += [(table, col, typ) for col, typ in cols if col not in have]
+    return out
+
+
 def _created(stmt: str) -> str:
     """The name of the table or index a ``CREATE ... IF NOT EXISTS`` statement creates."""
     return re.match(r"\s*CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", stmt).group(1)  # type: ignore[union-attr]
@@ -971,12 +982,11 @@ class Ledger:
             if stmt.startswith("CREATE TABLE") and _created(stmt) not in tables:  # (a temporary one references none)
                 ddl = re.sub(r"\s+REFERENCES\s+\w+\s*\([^)]*\)", "", stmt.replace("{serial}", d.serial))
                 conn.execute(d.sql(ddl.replace("CREATE TABLE", "CREATE TEMP TABLE", 1)))
-        for table, cols in _ADDED_COLUMNS.items():
-            if table not in tables:
-                continue
-            have = {c[0] for c in conn.execute(f"SELECT * FROM {schema}.{table} LIMIT 0").description}
-            if missing := [f"CAST(NULL AS {typ}) AS {col}" for col, typ in cols if col not in have]:
-                conn.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {', '.join(missing)} FROM {schema}.{table}")
+        missing: dict[str, list[str]] = {}
+        for table, col, typ in _missing_columns(conn, tables, f"{schema}."):
+            missing.setdefault(table, []).append(f"CAST(NULL AS {typ}) AS {col}")
+        for table, cols in missing.items():
+            conn.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {', '.join(cols)} FROM {schema}.{table}")
 
     def _open_sync(self) -> None:
         conn = None
@@ -1033,8 +1043,10 @@ class Ledger:
     def _create_or_migrate(self, conn: Any) -> None:
         row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"), ("schema_version",)).fetchone() \
             if "meta" in (tables := self._tables(conn)) else None
+        # (a column of _ADDED_COLUMNS missing from a ledger of this version: one dropped by hand, the version left
+        # as it was; the migration adds it again, where every request would be answered, then its row refused)
         if row is not None and str(row[0]) == str(SCHEMA_VERSION) and _TABLE_NAMES <= tables \
-                and not self._lacks_added_column(conn):
+                and not _missing_columns(conn, tables):
             # up to date: no DDL, whose table locks (PostgreSQL's CREATE INDEX IF NOT EXISTS takes one even when the
             # index is there) would deadlock with the writes of the replicas serving it already
             return
@@ -1046,11 +1058,8 @@ class Ledger:
                 conn.execute(self.dialect.sql(stmt.replace("{serial}", self.dialect.serial)))
         if "requests" in tables and "spend_daily" not in tables:  # an older ledger: today's and yesterday's spend
             self._seed_spend_daily(conn)                            # (the limits read today only)
-        for table, cols in _ADDED_COLUMNS.items():
-            present = {d[0] for d in conn.execute(f"SELECT * FROM {table} LIMIT 0").description}
-            for col, typ in cols:
-                if col not in present:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
+        for table, col, typ in _missing_columns(conn, _ADDED_COLUMNS):  # (every table is there by now)
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
         for stmt in _ADDED_INDEXES:  # on added columns: after them
             if _created(stmt) not in have:
                 conn.execute(stmt)
@@ -1060,16 +1069,6 @@ class Ledger:
         if row is not None and row[0].isdigit() and int(row[0]) < SCHEMA_VERSION:  # migrated just above
             conn.execute(self.dialect.sql("UPDATE meta SET value = ? WHERE key = ?"),
                          (str(SCHEMA_VERSION), "schema_version"))
-
-    def _lacks_added_column(self, conn: Any) -> bool:
-        """Does a table of a ledger of this version lack a column of :data:`_ADDED_COLUMNS`? Only where one was
-        dropped by hand, its schema version left as it was: the migration adds it again (written as it was, every
-        request was answered, then its row refused and lost)."""
-        for table, cols in _ADDED_COLUMNS.items():
-            present = {d[0] for d in conn.execute(f"SELECT * FROM {table} LIMIT 0").description}
-            if any(col not in present for col, _ in cols):
-                return True
-        return False
 
     def _seed_spend_daily(self, conn: Any) -> None:
         """Migrating to version 8: ``spend_daily`` from the requests and shadow calls recorded since yesterday
