@@ -234,6 +234,13 @@ INF, NAN = float("inf"), float("nan")
 LP = GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=4, top_logprobs=2)
 
 
+async def _answer(b: OpenAIBackend, req: GenerationRequest, stream: bool) -> object:
+    """``b``'s answer to ``req``: streamed (its chunks read to the end) or not."""
+    if stream:
+        return [c async for c in b.stream(req)]
+    return await b.generate(req)
+
+
 @pytest.mark.parametrize("odd", [{"logprob": NAN}, {"logprob": INF}, {"logprob": 5.0}, {"logprob": 1e308},
                                  {"top_logprob": NAN}, {"top_logprob": 1e308}])
 @pytest.mark.parametrize("stream", [False, True])
@@ -249,11 +256,7 @@ async def test_a_logprob_that_is_no_log_of_a_probability_makes_the_answer_malfor
         b = OpenAIBackend(model="m", base_url=upstream.base_url)
         try:
             with pytest.raises(ProviderServerError, match="malformed response .*not the log of a probability"):
-                if stream:
-                    async for _ in b.stream(LP):
-                        pass
-                else:
-                    await b.generate(LP)
+                await _answer(b, LP, stream)
         finally:
             await b.close()
 
@@ -275,11 +278,7 @@ async def test_a_token_whose_text_is_no_string_makes_the_answer_malformed(token,
         b = OpenAIBackend(model="m", base_url=upstream.base_url, endpoint=endpoint)
         try:
             with pytest.raises(ProviderServerError, match="malformed response .*not a string"):
-                if stream:
-                    async for _ in b.stream(req):
-                        pass
-                else:
-                    await b.generate(req)
+                await _answer(b, req, stream)
         finally:
             await b.close()
 
