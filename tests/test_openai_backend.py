@@ -622,3 +622,25 @@ def test_a_base_url_with_basic_credentials_keeps_its_password_out_of_the_log(tmp
     assert password not in out, out
     with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
         assert not [m for (m,) in conn.execute("SELECT error_message FROM attempts") if m and password in m]
+
+
+async def test_each_backend_logs_a_malformed_answers_traceback_once_of_its_own(caplog):
+    """The malformed answers whose traceback was logged were a module-level set, shared by every backend the
+    process ever built: state at import, so a backend built anew (a reload, another engine in the same process)
+    never logged one. Each backend keeps its own: the first malformed answer of each kind has its traceback."""
+    from cascade.errors import ProviderServerError
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as upstream:
+        upstream.faults(rate=1.0, kinds=["garbled"])
+        for _ in range(2):
+            b = OpenAIBackend(model="m", name="same", base_url=upstream.base_url)
+            try:
+                for _ in range(3):
+                    with pytest.raises(ProviderServerError, match="malformed response"):
+                        await b.generate(LP)
+            finally:
+                await b.close()
+    records = [r for r in caplog.records if "malformed response" in r.getMessage()]
+    assert len(records) == 6, [r.getMessage() for r in records]
+    assert [r.exc_info is not None for r in records] == [True, False, False] * 2

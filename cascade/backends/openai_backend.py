@@ -435,6 +435,8 @@ class OpenAIBackend(Backend):
         #: that refuses the parameter (Mistral's API, with a 422), whose streams' usage is then estimated
         self._stream_usage = stream_usage
         self._client: Any = None
+        #: the exception classes of malformed answers whose traceback this backend has logged (once each)
+        self._traced: set[str] = set()
 
     @classmethod
     def from_tier(cls, tier, config):  # noqa: ANN001, ANN206
@@ -508,7 +510,7 @@ class OpenAIBackend(Backend):
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         await self.start()
         t0 = time.perf_counter()
-        with _translated(self.name, self._secrets(), request):
+        with _translated(self.name, self._secrets(), request, self._traced):
             if self._use_chat(request):
                 resp = await self._client.chat.completions.create(**self._kwargs(request))
                 self._check_answered(resp)
@@ -616,7 +618,7 @@ class OpenAIBackend(Backend):
         hold = HeldTokens() if request.stop else None
         import openai
 
-        with _translated(self.name, self._secrets(), request):
+        with _translated(self.name, self._secrets(), request, self._traced):
             api = self._client.chat.completions if chat else self._client.completions
             stream = await api.create(**kw)
             read: AsyncIterator[Any] | None = None
@@ -705,7 +707,7 @@ class OpenAIBackend(Backend):
                     ctype = stream.response.headers.get("content-type", "")
                     raise malformed_response(self.name, ValueError(
                         f"the stream carried no answer (no event with choices; content-type {ctype!r})"),
-                        self._secrets())
+                        self._secrets(), self._traced)
                 if finish is None:  # every server ends an answer with its finish reason: this one was cut off
                     raise ProviderConnectionError(
                         f"{self.name}: the stream ended without a finish reason (cut off after "
@@ -757,8 +759,8 @@ _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, Recur
 
 
 @contextlib.contextmanager
-def _translated(provider: str, secrets: Sequence[str] = (), request: GenerationRequest | None = None
-                ) -> Iterator[None]:
+def _translated(provider: str, secrets: Sequence[str] = (), request: GenerationRequest | None = None,
+                traced: set[str] | None = None) -> Iterator[None]:
     """Around the ``openai`` client's calls (and a stream's reading, yields included): what they raise, in
     our error tree, the original chained, its message quoting none of the ``request``'s text (an upstream's
     refusal may quote the prompt: see :func:`~cascade.resilience.unquoted`). A consumer leaving a stream
@@ -775,7 +777,7 @@ def _translated(provider: str, secrets: Sequence[str] = (), request: GenerationR
         except UnicodeEncodeError as exc:  # before any byte left: a header (the API key) HTTP cannot carry
             raise unsendable(provider, exc) from exc
         except _MALFORMED as exc:
-            raise malformed_response(provider, exc, secrets) from exc
+            raise malformed_response(provider, exc, secrets, traced) from exc
     except CascadeError as exc:
         if request is not None:
             texts = [m.content or "" for m in request.messages or ()] + [request.prompt or ""]
@@ -791,20 +793,19 @@ def unsendable(provider: str, exc: UnicodeEncodeError) -> ProviderAuthError:
                              "HTTP headers cannot carry); fix the tier's key", provider=provider)
 
 
-#: (provider, exception class) of the malformed answers whose traceback this process has logged
-_TRACED_MALFORMED: set[tuple[str, str]] = set()
-
-
-def malformed_response(provider: str, exc: Exception, secrets: Sequence[str] = ()) -> ProviderServerError:
+def malformed_response(provider: str, exc: Exception, secrets: Sequence[str] = (),
+                       traced: set[str] | None = None) -> ProviderServerError:
     """A 200 answer this backend cannot read: the provider's fault, so the call may fall over. Logged with its
     traceback the first time a provider's answer fails so (an answer of a shape this code does not expect looks
     the same from here), in one line after that: a provider that garbles every answer wrote some 40 lines for
-    each call, thousands for a few hundred requests, each the same."""
+    each call, thousands for a few hundred requests, each the same. ``traced``: the exception classes whose
+    traceback the calling backend has logged (its own set, so a backend built anew, by a reload, logs again;
+    None: always logged)."""
     from cascade.resilience import redact
 
-    traced = (provider, type(exc).__name__)
-    first = traced not in _TRACED_MALFORMED
-    _TRACED_MALFORMED.add(traced)
+    first = traced is None or type(exc).__name__ not in traced
+    if traced is not None:
+        traced.add(type(exc).__name__)
     log.warning("%s: malformed response: %s%s", provider, type(exc).__name__,
                 "" if first else " (its traceback was logged at the first one)", exc_info=exc if first else None)
     return ProviderServerError(redact(f"{provider}: malformed response ({type(exc).__name__}: {exc})", secrets),
