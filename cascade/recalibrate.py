@@ -662,9 +662,11 @@ def _plan(engine: Any, config_path: str | None
     for name, pol in old.policies.items():
         np_ = new.policies.get(name)
         if np_ is not None and np_.chain == pol.chain:
+            # (its description too: what GET /v1/models shows of it, no decision)
             policies[name] = pol.model_copy(update={"thresholds": _unless_held(np_.thresholds, pol.thresholds, held),
                                                     "calibrators": _unless_held(np_.calibrators, pol.calibrators,
-                                                                                held)})
+                                                                                held),
+                                                    "description": np_.description})
         else:
             policies[name] = pol
             kept_policies.add(name)

@@ -1496,3 +1496,29 @@ def test_a_reload_that_changes_only_a_policy_threshold_names_it_in_its_log_line(
     lines = [m for m in caplog.messages if m.startswith("reloaded calibrators from")]
     assert len(lines) == 2 and lines[0].endswith(": no change"), lines
     assert lines[1].endswith(": policy 'cascade'"), lines
+
+
+def test_a_reload_applies_a_policys_new_description_without_deciding_anew(serve_app, tmp_path):
+    """A policy's description (what GET /v1/models shows of it) changed in the file was neither applied nor
+    listed under not_applied: the reload said all was applied while the old text stayed. It is applied; it
+    decides nothing, so the cache stays."""
+    from cascade.config import load_config
+    from tests.fault_server import FaultServerThread
+
+    with FaultServerThread() as up:
+        path = tmp_path / "cascade.yaml"
+
+        def write(description: str) -> None:
+            remote = {"backend": "openai", "model": "m", "options": {"base_url": up.base_url}}
+            path.write_text(yaml.safe_dump({
+                "ledger": {"path": str(tmp_path / "ledger.sqlite")},
+                "tiers": [{"name": "a", **remote}, {"name": "b", **remote}],
+                "policies": {"cascade": {"chain": ["a", "b"], "description": description}}}))
+
+        write("first words")
+        srv = serve_app(load_config(path), config_path=str(path))
+        write("second words")
+        out = httpx.post(srv.url + "/admin/reload", timeout=30).json()
+        models = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]
+    assert out["not_applied"] == [] and out["decisions_changed"] is False, out
+    assert [m["cascade"]["description"] for m in models if m["id"] == "cascade"] == ["second words"]
