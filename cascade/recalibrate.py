@@ -26,7 +26,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -233,9 +233,22 @@ def _check_out(out: str | Path | None) -> None:
         raise ConfigError(f"--out {out}: not a directory (give a directory, or a file name ending in .json)")
 
 
-def _check_not_in_use(path: Path, tier: str, configured: Path | None) -> None:
+def _configured_artifacts(config: Config) -> Iterator[tuple[str, Path]]:
+    """Every calibrator artifact ``config`` reads, as (its key, its path): tiers', policies' and shadows'."""
+    pairs = [(f"tiers.{t.name}.calibrator", t.calibrator) for t in config.tiers]
+    for kind, section in (("policies", config.policies), ("shadows", config.shadows)):
+        pairs += [(f"{kind}.{name}.calibrators.{t}", cc) for name, item in section.items()
+                  for t, cc in item.calibrators.items()]
+    for key, cc in pairs:
+        if cc.artifact:
+            yield key, expand_path(cc.artifact, key + ".artifact")
+
+
+def _check_not_in_use(path: Path, tier: str, configured: Path | None, config: Config) -> None:
     """Versions are never rewritten in place: refuse an ``--out`` file that is the artifact the tier serves now
-    (directly or through its link) or an existing ``<tier>.v<N>.json``, which a link or a config may name."""
+    (directly or through its link), one that another key of the config reads (a policy's or a shadow's own
+    calibrator: a reload or restart would swap it unasked), or an existing ``<tier>.v<N>.json``, which a link
+    or a config may name."""
     if not path.exists():
         return
     safe = _file_stem(tier)
@@ -243,6 +256,11 @@ def _check_not_in_use(path: Path, tier: str, configured: Path | None) -> None:
         raise ConfigError(f"--out {path}: that is the calibrator tier {tier!r} serves now (its config reads "
                           f"{configured}); a version is never rewritten in place: give a directory (a new "
                           f"{safe}.v<N>.json is written there) or a new file")
+    for key, other in _configured_artifacts(config):
+        if other.exists() and path.resolve() == other.resolve():
+            raise ConfigError(f"--out {path}: that is the calibrator {key} reads (the config names {other}); "
+                              f"a calibrator in use is never rewritten in place: give a directory (a new "
+                              f"{safe}.v<N>.json is written there) or a new file")
     if _version_name(tier).match(path.name):
         raise ConfigError(f"--out {path}: that version exists already; versions are never rewritten in place: "
                           "give a directory (the next version is written there) or a new file")
@@ -441,7 +459,7 @@ def recalibrate(config: Config, ledger: Ledger, *, tier: str | None = None, sinc
     # the new version goes beside the artifact the config reads, where --activate's link is the one it uses
     default_dir = configured.parent if configured is not None else (default_dir or Path("calibrators"))
     path, version = artifact_path(out, tier, default_dir=default_dir, previous_version=previous)
-    _check_not_in_use(path, tier, configured)
+    _check_not_in_use(path, tier, configured, config)
     if do_activate and path.name == _file_stem(tier) + ".json":
         raise ConfigError(f"--activate points {path.name} at the new version: write the version elsewhere "
                           "(--out a directory) rather than to that file itself")

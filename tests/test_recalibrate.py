@@ -123,6 +123,32 @@ def test_recalibrate_never_rewrites_a_version_in_place(traffic, recalibrated, ca
     assert os.readlink(traffic.cal_dir / "small.json") == "small.v1.json"
 
 
+def test_recalibrate_never_rewrites_a_policys_or_a_shadows_artifact(traffic, tmp_path, capsys):
+    """--out naming the artifact a policy's or a shadow's own calibrator reads (or another tier's) was written
+    over: only the tier's own was refused, so the next reload or restart swapped that route's calibrator unasked.
+    Every artifact the config reads is refused, naming its key."""
+    from calibration.calibrators import TemperatureScaling, save_calibrator
+    from cascade.cli import main
+
+    cfg = yaml.safe_load(traffic.config_path.read_text())
+    uses = {"policy": tmp_path / "policy_small.json", "shadow": tmp_path / "shadow_small.json"}
+    for f in uses.values():
+        save_calibrator(TemperatureScaling("mean_logprob", 2.0), f)
+    cfg["policies"]["cascade"]["calibrators"] = {"small": {"artifact": str(uses["policy"])}}
+    cfg["shadows"]["hot"]["calibrators"] = {"small": {"artifact": str(uses["shadow"])}}
+    path = tmp_path / "cascade.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    before = {k: f.read_bytes() for k, f in uses.items()}
+    base = ["recalibrate", "--from-ledger", "--config", str(path), "--ledger", str(traffic.ledger),
+            "--min-samples", "6"]
+    assert main([*base, "--out", str(uses["policy"])]) == 2
+    assert "the calibrator policies.cascade.calibrators.small reads" in capsys.readouterr().err
+    assert main([*base, "--out", str(uses["shadow"])]) == 2
+    assert "the calibrator shadows.hot.calibrators.small reads" in capsys.readouterr().err
+    assert {k: f.read_bytes() for k, f in uses.items()} == before
+    assert main([*base, "--out", str(tmp_path / "new.json")]) == 0  # a new file is written
+
+
 def test_recalibrate_refuses_too_few_labels(traffic, capsys):
     from cascade.cli import main
 
