@@ -99,10 +99,10 @@ def generate(n: int, seed: int = 0, now: float | None = None, days: int = 30,
                 attempts.append(("large", "qwen", int(ptok[i]), int(c_large[i]), float(large_cost[i]), 0.9,
                                  "final", True, sig))
             status, err = "ok", None
-            if error[i]:  # the last attempt failed: nothing served
-                status, err = "error", "ProviderServerError"
+            if error[i]:  # the last attempt failed: nothing served (an upstream 500 is billed no tokens, as the
+                status, err = "error", "ProviderServerError"  # engine records it: cascade.resilience.billed_prompt)
                 a = attempts[-1]
-                attempts[-1] = (a[0], a[1], a[2], 0, 0.0, None, "error", False, None)
+                attempts[-1] = (a[0], a[1], 0, 0, 0.0, None, "error", False, None)
                 attempts = [(x[0], x[1], x[2], x[3], x[4], x[5], x[6] if x[6] == "error" else "escalate", False, x[8])
                             for x in attempts]
             kept_att = next((a for a in attempts if a[7]), None)
@@ -110,6 +110,8 @@ def generate(n: int, seed: int = 0, now: float | None = None, days: int = 30,
             waste = sum(a[4] for a in attempts if not a[7])
             if runs_large and attempts[-1][6] != "error":
                 base, est = float(large_cost[i]), 0
+            elif status == "error":  # as the engine: a pinned tier is its own baseline, else estimated from the
+                base, est = (cost, 0) if pol in ("large", "small") else (0.0, 1)  # failed attempt's tokens: none
             else:
                 base, est = (float(large_cost[i]) if pol != "small" else float(small_cost[i])), 1
             if pol in ("large", "small"):

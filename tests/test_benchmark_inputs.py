@@ -312,6 +312,31 @@ def test_ledger_report_refuses_counts_below_one(capsys, args, says):
     assert says in _argparse_error(capsys.readouterr().err)
 
 
+def test_the_generated_ledger_is_accounted_as_the_engine_accounts():
+    """The timed reports read rows that add up as the engine writes them: each attempt costs its tokens at its tier's
+    price (a failed call records the tokens it was billed: an upstream 500 none), a request its attempts, its waste
+    the unkept ones, and a request pinned to one tier is its own baseline, a failed one included."""
+    from benchmarks.ledger_report import LARGE, SMALL, generate
+
+    rows = next(generate(4000, seed=3, now=1.8e9))
+    attempts: dict[str, list[tuple]] = {}
+    for a in rows["attempts"]:
+        attempts.setdefault(a[0], []).append(a)
+    failed = 0
+    for r in rows["requests"]:
+        aa = attempts[r[0]]
+        for a in aa:
+            price = SMALL if a[2] == "small" else LARGE
+            assert a[8] == pytest.approx((a[5] * price[0] + a[6] * price[1]) / 1e6, abs=1e-15), a
+        assert r[14] == pytest.approx(sum(a[8] for a in aa), abs=1e-15)
+        assert r[17] == pytest.approx(sum(a[8] for a in aa if not a[12]), abs=1e-15)
+        assert (r[12], r[13]) == (sum(a[5] for a in aa), sum(a[6] for a in aa))
+        if r[2] in ("small", "large"):
+            assert (r[15], r[16]) == (r[14], 0), r
+        failed += r[6] == "error"
+    assert failed > 10  # the failed requests were checked too
+
+
 @pytest.mark.parametrize("script, out, says", [
     ("ledger_report", "FILE/report.json", "is not a directory"),
     ("ledger_report", "DIR", "is a directory (give a file name)"),
