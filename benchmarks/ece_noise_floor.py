@@ -40,7 +40,8 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks._common import check_out, machine_facts, progress_bar, shared_data_dir, write_json, write_text  # noqa: E402
+from benchmarks._common import (check_out, int_at_least, machine_facts, progress_bar, shared_data_dir,  # noqa: E402
+                                write_json, write_text)
 from calibration import metrics  # noqa: E402
 from calibration.calibrators import _newton_logistic, make_calibrator, score_to_logit, sigmoid  # noqa: E402
 from calibration.data import load_cascade_outputs  # noqa: E402
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--n-test", default=",".join(map(str, N_TEST)), help="comma-separated test sizes")
     ap.add_argument("--truth", choices=("platt", "quadratic"), default="platt")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--files", default="", help="comma-separated train file names (default: every *_train.jsonl)")
     ap.add_argument("--n-train", default=",".join(map(str, N_TRAIN_SWEEP)),
                     help="comma-separated larger train sizes for the sweep (what the target would need); '' for none")

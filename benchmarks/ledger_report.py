@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int_at_least(1), default=1_000_000, help="requests to generate (1,000,000)")
     ap.add_argument("--repeats", type=int_at_least(1), default=3, help="runs per report; the median is kept (3)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--no-postgres", action="store_true", help="SQLite only")
     ap.add_argument("--out", default=str(RESULTS / "ledger" / "report.json"))
     args = ap.parse_args(argv)

@@ -51,7 +51,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RESULTS, machine_facts, progress_bar, rel, shared_data_dir, write_json
+from benchmarks._common import (RESULTS, int_at_least, machine_facts, progress_bar, rel, shared_data_dir,
+                                write_json)
 from benchmarks.questions import PROMPT_VERSION, QUESTION_SETS, Question, grade, load_question_set, sample_questions
 from cascade.errors import CascadeError, ConfigError
 
@@ -485,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "live" / "custom"),
                     help="output folder (default results/live/custom; benchmarks/report.py reads results/live/*/)")
     ap.add_argument("--cache", default=None, help="answer cache folder (default OUT/cache)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per model (default 1: on a shared 2-core box, 2 threads ran ~9x slower "
                          "than 1 from oversubscription; use the core count on an idle machine)")

@@ -337,6 +337,24 @@ def test_the_generated_ledger_is_accounted_as_the_engine_accounts():
     assert failed > 10  # the failed requests were checked too
 
 
+@pytest.mark.parametrize("script, args", [
+    ("live_cascade", ["--sets", "boolq", "--chain", "smollm2-135m"]),
+    ("ece_noise_floor", ["--reps", "1"]),
+    ("ledger_report", ["--rows", "1", "--no-postgres"]),
+])
+def test_a_negative_seed_is_refused_in_one_line(tmp_path, capsys, script, args):
+    """``--seed -1`` was numpy's "expected non-negative integer" traceback (from ``default_rng``), after the
+    data was read: one argparse line, exit 2, and nothing written."""
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{script}").main
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--seed", "-1", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "argument --seed: -1: must be at least 0" in _argparse_error(capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("script, out, says", [
     ("ledger_report", "FILE/report.json", "is not a directory"),
     ("ledger_report", "DIR", "is a directory (give a file name)"),
