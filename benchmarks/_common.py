@@ -172,6 +172,8 @@ def check_out(ap: argparse.ArgumentParser, path: str, *, directory: bool = False
 
     try:
         if directory:
+            if not path.strip():  # Path("") is the current folder: the results would land wherever it is
+                raise ConfigError(f"{flag}: empty path")
             p = Path(path).expanduser()
             if p.exists() and not p.is_dir():
                 raise ConfigError(f"{flag} {path}: not a directory")

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import (RESULTS, int_at_least, machine_facts, progress_bar, rel, shared_data_dir,
+from benchmarks._common import (RESULTS, check_out, int_at_least, machine_facts, progress_bar, rel, shared_data_dir,
                                 write_json)
 from benchmarks.questions import PROMPT_VERSION, QUESTION_SETS, Question, grade, load_question_set, sample_questions
 from cascade.errors import CascadeError, ConfigError
@@ -542,6 +542,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
         ap.error(f"--data-dir {args.data_dir}: not a directory")
+    check_out(ap, args.out, directory=True)  # before the models load and answer, not after them
+    if args.cache is not None:
+        check_out(ap, args.cache, directory=True, flag="--cache")
     try:
         summary = run(sets, n, args.chain.split(","), data_dir=args.data_dir, out=args.out,
                       cache=args.cache, seed=args.seed, threads=args.threads, batch=args.batch, dtypes=dtypes,

@@ -386,6 +386,8 @@ def test_benchmarks_check_out_before_the_run(tmp_path, capsys, script, out, says
     ("token_estimate", ["--tokenizer", "smollm2-135m"], "FILE/results"),
     ("transformers_throughput", ["--tiny"], "FILE"),
     ("vllm_throughput", ["--tiny"], "FILE/x.json"),
+    ("live_cascade", ["--sets", "boolq", "--n", "1", "--chain", "smollm2-135m"], "FILE/results"),
+    ("live_cascade", ["--sets", "boolq", "--n", "1", "--chain", "smollm2-135m", "--cache", "DIR/cache"], "FILE"),
 ])
 def test_every_benchmark_checks_its_out_before_the_run(tmp_path, capsys, script, args, out):
     """An --out under a file was a NotADirectoryError traceback after the run (the replays, the simulation, the
@@ -402,6 +404,24 @@ def test_every_benchmark_checks_its_out_before_the_run(tmp_path, capsys, script,
     line = _argparse_error(capsys.readouterr().err)
     assert "--out" in line and "not a directory" in line and str(tmp_path / "FILE") in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DIR", "FILE"] and not any((tmp_path / "DIR").iterdir())
+
+
+@pytest.mark.parametrize("script, args", [
+    ("live_cascade", ["--sets", "boolq", "--n", "1", "--chain", "smollm2-135m"]),
+    ("token_estimate", ["--tokenizer", "smollm2-135m"]),
+])
+def test_an_empty_out_folder_is_refused_not_taken_as_the_current_one(tmp_path, capsys, monkeypatch, script, args):
+    """``--out ''`` is ``Path('')``, the current folder: the results were written wherever the command ran (the
+    repository's root). It is refused as an empty path, before the run, as ledger_report's file --out is."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(f"benchmarks.{script}").main
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--out", ""])
+    assert exc.value.code == 2
+    assert _argparse_error(capsys.readouterr().err).endswith("error: --out: empty path")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("script", ["transformers_throughput", "vllm_throughput"])
