@@ -266,6 +266,7 @@ async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, 
     await backend.start()
     stats["load_s"] = round(time.perf_counter() - t0, 2)
     t1 = time.perf_counter()
+    tasks: list[asyncio.Future] = []
     try:
         with progress_bar(f"{model}", total, show_progress) as advance:
             for dataset, qs in work.items():
@@ -292,6 +293,11 @@ async def run_tier(model: str, work: dict[str, list[Question]], cache: Path, *, 
     finally:
         stats["generate_s"] = round(time.perf_counter() - t1, 2)
         await backend.close()
+        # the answers still pending when the run stopped (Ctrl-C, an error): collected here, not left to asyncio
+        # to log one "Task exception was never retrieved" traceback each
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         del backend
         gc.collect()
     g = stats["generate_s"] or float("nan")
@@ -553,6 +559,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CascadeError, OSError) as exc:  # a bad option, a missing backend, data folder or model: one line
         print(f"live_cascade: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the answers made so far are in the cache: a run again resumes from there
+        print("live_cascade: interrupted; the answers so far are kept in the cache, and the run resumes from them",
+              file=sys.stderr)
+        return 130
     label = summary["settings"]["chain_label"]
     print(f"live run {label}: {sum(v['n'] for v in summary['per_set'].values())} questions, "
           f"wall {summary['wall_s']} s")

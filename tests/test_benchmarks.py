@@ -7,12 +7,16 @@ No timing is ever asserted here: the benchmarks measure times, the tests only ch
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks._common import shared_data_dir
+from benchmarks._common import REPO, shared_data_dir
 
 DATA = shared_data_dir()
 needs_data = pytest.mark.skipif(not (DATA / "questions").is_dir(),
@@ -263,6 +267,32 @@ def test_live_runner_two_questions_with_smollm2(smol_path, tmp_path):
     assert again["tiers"][0]["answered"] == 0 and again["tiers"][0]["from_cache"] == 2
     cached = (out / "cache" / "arc_easy" / "smollm2-135m.jsonl").read_text().splitlines()
     assert len(cached) == 2
+
+
+@needs_data
+def test_live_runner_interrupted_says_so_in_one_line_and_keeps_the_answers(smol_path, tmp_path):
+    """Ctrl-C mid-run was a KeyboardInterrupt traceback and one "Task exception was never retrieved" traceback
+    per pending question: one line, exit 130, the answers made so far in the cache, no output files."""
+    out = tmp_path / "live"
+    cache = out / "cache" / "boolq" / "smollm2-135m.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.live_cascade", "--sets", "boolq", "--n", "40",
+                             "--chain", "smollm2-135m", "--batch", "1", "--data-dir", str(DATA), "--out", str(out),
+                             "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (cache.exists() and cache.read_text().count("\n") >= 1) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no answer in 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["live_cascade: interrupted; the answers so far are kept in the cache, and "
+                                        "the run resumes from them"]
+    kept = cache.read_text().splitlines()
+    assert 1 <= len(kept) < 40 and all(json.loads(line)["key"] for line in kept)
+    assert sorted(p.name for p in out.iterdir()) == ["cache"]
 
 
 def test_transformers_throughput_tiny_on_the_cpu(tmp_path):
