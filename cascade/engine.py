@@ -858,7 +858,7 @@ class Engine:
             except StopAsyncIteration:
                 first = StreamChunk(text="", finish_reason="stop")
         except CascadeError as exc:
-            await agen.aclose()
+            await _close_backend_stream(agen)
             self._mark_error(att, exc, started, tier, req)
             merge_provider_attempts(rec.attempts, att, provider_log, served=False)
             if answers and _serves_answer_in_hand(exc):
@@ -876,7 +876,7 @@ class Engine:
             await self._record_failure(rec, exc, route, t0)
             raise
         except asyncio.CancelledError:  # the client left before the live tier's first token
-            await agen.aclose()
+            await _close_backend_stream(agen)
             self._mark_cancelled(att, started, tier, req)
             merge_provider_attempts(rec.attempts, att, provider_log, served=False)
             await self._record_failure(rec, None, route, t0)
@@ -913,7 +913,7 @@ class Engine:
         except (asyncio.CancelledError, GeneratorExit):
             if not sent:  # closed before any token reached the client: as a client gone before the first token
                 recorded = True
-                await agen.aclose()
+                await _close_backend_stream(agen)
                 self._mark_cancelled(att, started, tier, req)
                 att.completion_tokens = len(first.tokens)  # the first chunk had come: billed
                 att.cost_usd = tc.price.cost(att.prompt_tokens, att.completion_tokens)
@@ -925,7 +925,7 @@ class Engine:
             raise
         finally:
             if not recorded:
-                await agen.aclose()
+                await _close_backend_stream(agen)
                 att.latency_ms = (time.perf_counter() - started) * 1e3
                 att.text = "".join(text)
                 # a broken stream has no usage: the provider still billed the prompt, so estimate it
@@ -1453,6 +1453,21 @@ def _translating(tier: str) -> Iterator[None]:
     except Exception as exc:
         log.error("tier %s raised %s, not a CascadeError", tier, type(exc).__name__, exc_info=exc)
         raise classify(exc, tier) from exc
+
+
+async def _close_backend_stream(agen: AsyncIterator[StreamChunk]) -> None:
+    """Close a tier's stream (its connection, its row of a batch) before its request is recorded. A cancellation
+    that comes meanwhile (the caller gave up while closing the stream, a close's grace ran out) is not raised here,
+    where it would skip the request's row: the task is cancelled again, to be raised at its next wait, once the row
+    is queued (its count of cancellations unchanged, so that an ``asyncio.timeout`` still says TimeoutError)."""
+    try:
+        await agen.aclose()  # type: ignore[attr-defined]
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None:
+            raise
+        task.uncancel()
+        task.cancel()
 
 
 async def _fit_context(tier: Tier, req: GenerationRequest, att: Attempt) -> GenerationRequest:

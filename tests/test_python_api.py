@@ -413,6 +413,28 @@ async def test_a_run_cancelled_while_its_row_commits_is_recorded_as_cancelled(tm
     assert ("cancelled-at-commit", "cancelled", "ClientDisconnected") in rows(tmp_path), rows(tmp_path)
 
 
+async def test_a_stream_whose_closing_is_cancelled_still_has_its_row(tmp_path, servers):
+    """A caller closes a stream it has read part of, and is cancelled while the hosted tier's connection closes
+    (a timeout around its reading and closing): the stream's row used to be skipped, the request left in the
+    ledger as nothing (or as 'Interrupted' by the journal). It is written as what went out, then the caller is
+    cancelled."""
+    from cascade.engine import StreamDelta
+
+    servers["large"].faults("slow:0:0.2")
+    async with await Engine.open(config(tmp_path, servers, ledger={"path": str(tmp_path / "ledger.sqlite"),
+                                                                   "journal": False})) as eng:
+        events = eng.stream(Q, model="large", request_id="closing-cancelled")
+        async for event in events:
+            if isinstance(event, StreamDelta):
+                break
+        closing = asyncio.ensure_future(events.aclose())
+        await asyncio.sleep(0)  # (it runs to its first wait: the tier's connection closing)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+    assert rows(tmp_path) == [("closing-cancelled", "partial", "ClientDisconnected")]
+
+
 async def test_an_engine_built_without_open_calls_no_tier(tmp_path, servers):
     """Engine(config, ledger=...) skips opening the ledger: a request used to call (and pay) a tier, then fail
     with 'ledger is not open' and no row. Now it is refused first, saying how to build one."""
