@@ -344,6 +344,7 @@ class Engine:
                 raise UnknownModelError(f"tier {name!r} does not exist; tiers: {', '.join(self.tiers)}",
                                         param="names")
         for name in names or list(self.tiers):
+            self._check_open()  # (a close meanwhile closed the tiers not loaded yet: one loaded now is never closed)
             await self.tiers[name].backend.start()
 
     async def close(self, grace_s: float | None = None) -> None:

@@ -527,6 +527,21 @@ async def test_start_names_only_this_engines_tiers_and_loads_nothing_once_closed
     assert _model_workers() - before == set()
 
 
+async def test_a_start_under_way_as_the_engine_closes_loads_no_tier_after_the_close(tmp_path, smol_path):
+    """``start(["b", "a"])`` awaited in a task while ``close()`` ran: the close closed tier a (not loaded yet), then
+    waited for b's load; the start then went on to load a, whose model and batching worker outlived the engine.
+    The start stops at the close, in ``EngineClosedError``, and every tier loaded is closed."""
+    before = _model_workers()
+    eng = await Engine.open(make_config(tmp_path, [tier("a"), tier("b")]))
+    starting = asyncio.ensure_future(eng.start(["b", "a"]))
+    await asyncio.sleep(0.05)  # (b is loading)
+    await eng.close()
+    with pytest.raises(EngineClosedError):
+        await starting
+    assert _model_workers() - before == set()
+    assert all(t.backend._model is None for t in eng.tiers.values())
+
+
 async def test_feedback_in_code_is_held_to_the_http_rules_and_drops_a_wrong_answer_from_the_cache(tmp_path, servers):
     """A program labelled answers through ``engine.ledger.add_feedback``: any score was stored (5, True), a refused
     request labelled, a wrong answer still served from the response cache. ``Engine.feedback`` does what
