@@ -45,6 +45,7 @@ from cascade.errors import (
     ProviderContextLengthError,
     ProviderInvalidRequestError,
     ProviderTimeoutError,
+    RateLimitedError,
     UnknownModelError,
 )
 from cascade.ledger import INTERRUPTED, Ledger, log_failure
@@ -173,6 +174,8 @@ class _Live:
     original: GenerationRequest | None = None
     #: the caller's limits, which a shadow sample keeps to as well
     budget: Budget | None = None
+    #: the Retry-After of each earlier tier that was rate limited (:func:`_soonest_retry`)
+    hints: list = field(default_factory=list)
 
 
 @dataclass
@@ -874,6 +877,7 @@ class Engine:
                 finally:
                     await replay.aclose()
                 return
+            _soonest_retry(exc, live.hints)
             await self._record_failure(rec, exc, route, t0)
             raise
         except asyncio.CancelledError:  # the client left before the live tier's first token
@@ -1265,6 +1269,7 @@ class Engine:
                          t0: float, *, stream_last: bool = False) -> "GenerationResult | _Live":
         answers: list[tuple[Attempt, GenerationResult]] = []
         last_error: CascadeError | None = None
+        hints: list[float] = []  # the Retry-After of each tier rate limited (_soonest_retry)
         n = len(route.tiers)
         for i, (tier, threshold) in enumerate(zip(route.tiers, route.thresholds, strict=True)):
             is_last = i == n - 1
@@ -1290,7 +1295,7 @@ class Engine:
             self._journal(rec, tier, req, route, t0)
             if is_last and stream_last:
                 return _Live(tier=tier, request=req, attempt=att, answers=answers, timeout=timeout, budget=budget,
-                             calibrator=route.calibrator(i), original=request)
+                             calibrator=route.calibrator(i), original=request, hints=hints)
             called = time.perf_counter()
             try:
                 res = await self.call_tier(tier, req, att, rec.attempts, timeout=timeout)
@@ -1302,6 +1307,8 @@ class Engine:
                 if answers and att.latency_budget_out:
                     return self._serve_best(answers, f"{tier.name!r} exceeded the latency budget")
                 escalate = exc.fall_over or isinstance(exc, (ContextLengthExceededError, ProviderContextLengthError))
+                if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
+                    hints.append(exc.retry_after)
                 if escalate and not is_last:
                     # a tier skipped for its open breakers is no new failure: the breaker's opening was the warning
                     # (and is on /metrics); one a request, it was a warning for every request answered meanwhile
@@ -1311,6 +1318,7 @@ class Engine:
                 if answers and _serves_answer_in_hand(exc):
                     # the last tier failed: serve the best answer already in hand rather than nothing
                     return self._serve_best(answers, f"{tier.name!r} failed ({type(exc).__name__})")
+                _soonest_retry(exc, hints)
                 raise
             decision = decide(att.features, route.calibrator(i), threshold, is_last=is_last)
             att.confidence, att.reason = decision.confidence, decision.reason
@@ -1492,6 +1500,14 @@ def _shaped(att: Attempt) -> str:
     if att.max_tokens_cut is not None:
         why += f"; max_tokens cut to {att.max_tokens_cut} by the cost budget"
     return why
+
+
+def _soonest_retry(exc: CascadeError, hints: list[float]) -> None:
+    """A rate limit that reaches the client says when the first provider of the request's route is free again:
+    an earlier tier rate limited (``hints``, their Retry-After) may be free sooner than the last one asked, as a
+    tier's own error says the soonest of its providers'."""
+    if isinstance(exc, RateLimitedError) and exc.retry_after is not None and hints:
+        exc.retry_after = min([exc.retry_after, *hints])
 
 
 def _serves_answer_in_hand(exc: CascadeError) -> bool:

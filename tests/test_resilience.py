@@ -292,6 +292,26 @@ async def test_every_provider_rate_limited_tells_the_client_the_soonest_retry_af
                                                                                        ("b", "fall_over")]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_rate_limit_escalated_past_tells_the_client_the_soonest_retry_after_of_the_route(
+        servers, make_engine, stream):
+    """The first tier's provider said 5 s, the last tier's 30 s, both more than the engine waits out: the request
+    ends with the last tier's 429, and the client is told when the first provider of its route is free again
+    (5 s), as within one tier, not what the last one asked said (30 s)."""
+    a, c = servers["a"], servers["c"]
+    retry = {"max_retry_after_s": 2}
+    eng = await make_engine([rtier("t", [prov("a", a)], retry=retry), rtier("big", [prov("c", c)], retry=retry)])
+    a.faults("429:ra=5")
+    c.faults("429:ra=30")
+    with pytest.raises(RateLimitedError) as err:
+        if stream:
+            async for _ in eng.stream(Q, request_id="casc-soonest"):
+                pass
+        else:
+            await eng.run(Q, request_id="casc-soonest")
+    assert err.value.retry_after == 5 and seen(servers) == {"a": 1, "b": 0, "c": 1}
+
+
 async def test_a_long_retry_after_keeps_later_requests_off_the_provider(servers, tmp_path, serve_app):
     """A provider that said "come back in 30 s" is not asked again before then: later requests go straight to
     its fallback, and /ready and /metrics say how long it is held. The hold is at most retry.max_hold_s."""
