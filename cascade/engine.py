@@ -174,7 +174,7 @@ class _Live:
     original: GenerationRequest | None = None
     #: the caller's limits, which a shadow sample keeps to as well
     budget: Budget | None = None
-    #: the Retry-After of each earlier tier that was rate limited (:func:`_soonest_retry`)
+    #: the errors of the earlier tiers rate limited or with every breaker open (:func:`_soonest_retry`)
     hints: list = field(default_factory=list)
 
 
@@ -1269,7 +1269,7 @@ class Engine:
                          t0: float, *, stream_last: bool = False) -> "GenerationResult | _Live":
         answers: list[tuple[Attempt, GenerationResult]] = []
         last_error: CascadeError | None = None
-        hints: list[float] = []  # the Retry-After of each tier rate limited (_soonest_retry)
+        hints: list[CascadeError] = []  # each tier's rate limit or open breakers (_soonest_retry)
         n = len(route.tiers)
         for i, (tier, threshold) in enumerate(zip(route.tiers, route.thresholds, strict=True)):
             is_last = i == n - 1
@@ -1307,8 +1307,8 @@ class Engine:
                 if answers and att.latency_budget_out:
                     return self._serve_best(answers, f"{tier.name!r} exceeded the latency budget")
                 escalate = exc.fall_over or isinstance(exc, (ContextLengthExceededError, ProviderContextLengthError))
-                if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
-                    hints.append(exc.retry_after)
+                if isinstance(exc, (RateLimitedError, CircuitOpenError)) and exc.retry_after is not None:
+                    hints.append(exc)
                 if escalate and not is_last:
                     # a tier skipped for its open breakers is no new failure: the breaker's opening was the warning
                     # (and is on /metrics); one a request, it was a warning for every request answered meanwhile
@@ -1502,12 +1502,13 @@ def _shaped(att: Attempt) -> str:
     return why
 
 
-def _soonest_retry(exc: CascadeError, hints: list[float]) -> None:
-    """A rate limit that reaches the client says when the first provider of the request's route is free again:
-    an earlier tier rate limited (``hints``, their Retry-After) may be free sooner than the last one asked, as a
-    tier's own error says the soonest of its providers'."""
-    if isinstance(exc, RateLimitedError) and exc.retry_after is not None and hints:
-        exc.retry_after = min([exc.retry_after, *hints])
+def _soonest_retry(exc: CascadeError, hints: list[CascadeError]) -> None:
+    """A rate limit (or every breaker open) that reaches the client says when the first provider of the request's
+    route is free again: an earlier tier that failed alike (``hints``, their errors) may be free sooner than the
+    last one, as a tier's own error says the soonest of its providers'."""
+    if isinstance(exc, (RateLimitedError, CircuitOpenError)) and exc.retry_after is not None:
+        exc.retry_after = min([exc.retry_after, *(e.retry_after for e in hints
+                                                  if type(e) is type(exc) and e.should_retry == exc.should_retry)])
 
 
 def _serves_answer_in_hand(exc: CascadeError) -> bool:

@@ -312,6 +312,19 @@ async def test_a_rate_limit_escalated_past_tells_the_client_the_soonest_retry_af
     assert err.value.retry_after == 5 and seen(servers) == {"a": 1, "b": 0, "c": 1}
 
 
+async def test_every_breaker_open_on_the_route_tells_the_client_the_soonest_half_open(servers, make_engine):
+    """Both tiers' breakers are open, the first one's for 5 s more, the last one's for 30 s: the 503 says when the
+    first provider of the route can be called again (5 s), not when the last tier's can."""
+    a, c = servers["a"], servers["c"]
+    eng = await make_engine([rtier("t", [prov("a", a)], breaker={"failure_threshold": 1, "cooldown_s": 5}),
+                             rtier("big", [prov("c", c)], breaker={"failure_threshold": 1, "cooldown_s": 30})])
+    a.faults("500")
+    c.faults("500")
+    await run_failing(eng, ProviderError, rid="casc-opens")
+    err = await run_failing(eng, CircuitOpenError)
+    assert 4 < err.retry_after <= 5 and seen(servers) == {"a": 1, "b": 0, "c": 1}
+
+
 async def test_a_long_retry_after_keeps_later_requests_off_the_provider(servers, tmp_path, serve_app):
     """A provider that said "come back in 30 s" is not asked again before then: later requests go straight to
     its fallback, and /ready and /metrics say how long it is held. The hold is at most retry.max_hold_s."""
