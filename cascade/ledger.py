@@ -1056,13 +1056,13 @@ class Ledger:
         for stmt in _TABLES:
             if _created(stmt) not in have:
                 conn.execute(self.dialect.sql(stmt.replace("{serial}", self.dialect.serial)))
-        if "requests" in tables and "spend_daily" not in tables:  # an older ledger: today's and yesterday's spend
-            self._seed_spend_daily(conn)                            # (the limits read today only)
         for table, col, typ in _missing_columns(conn, _ADDED_COLUMNS):  # (every table is there by now)
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
         for stmt in _ADDED_INDEXES:  # on added columns: after them
             if _created(stmt) not in have:
                 conn.execute(stmt)
+        if "requests" in tables and "spend_daily" not in tables:  # an older ledger: today's and yesterday's spend
+            self._seed_spend_daily(conn)                            # (the limits read today only; after end_user)
         conn.execute(self.dialect.sql("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"),
                      ("schema_version", str(SCHEMA_VERSION)))
         row = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"), ("schema_version",)).fetchone()

@@ -312,6 +312,28 @@ async def test_replicas_opening_an_old_ledger_at_once_migrate_it_once(target):
         assert (await ledger.query("SELECT request_id, end_user FROM requests")) == [("r1", None)]
 
 
+async def test_a_ledger_from_before_end_users_and_spend_totals_is_migrated(target):
+    """A ledger of schema 4 (no `end_user` column, no `spend_daily` table) could not be opened by a server: the
+    migration made the day's spend totals from its requests' `end_user` before adding that column ("no such column"
+    on SQLite, "column does not exist" on PostgreSQL). The columns are added first, then the totals made."""
+    now = utc_day_start()
+    rec = record(1, cost=0.5)
+    rec.created_at = now + 10
+    old = Ledger(target).open_sync()
+    old.record_sync(rec)
+    for sql in ("DROP TABLE spend_daily", "DROP TABLE spend_holds", "DROP TABLE inflight", "DROP TABLE instances",
+                "DROP INDEX requests_end_user_created", "ALTER TABLE requests DROP COLUMN end_user",
+                "ALTER TABLE requests DROP COLUMN metadata", "ALTER TABLE attempts DROP COLUMN cached_prompt_tokens",
+                "ALTER TABLE shadow_attempts DROP COLUMN cached_prompt_tokens",
+                "UPDATE meta SET value = '4' WHERE key = 'schema_version'"):
+        old.execute(sql)
+    old.close_sync()
+    async with Ledger(target) as ledger:
+        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [(str(SCHEMA_VERSION),)]
+        assert (await ledger.query("SELECT request_id, end_user, metadata FROM requests")) == [("r1", None, None)]
+        assert [s for s, _, _ in await daily_spend(ledger, now, [("key", "k1")])] == [0.5]  # today's, from its row
+
+
 async def test_the_latest_feedback_on_a_request_is_its_label(target):
     """A user who changes their mind replaces the label (votes are not summed: +1 +1 -1 was +1, +1 -1 was
     no label); a later 0 withdraws it."""
