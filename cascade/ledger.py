@@ -90,16 +90,19 @@ INTERRUPTED = "Interrupted"
 #: together, in one transaction
 JOURNAL_DELAY_S = 0.1
 
-#: columns added after version 1, added in place to older ledgers when they are opened
+#: columns added after version 1, added in place to older ledgers when they are opened: the tables in the order the
+#: writes lock them (a shadow sample's calls, then the request they reference; a request, then its attempts, then its
+#: shadow decisions), so that a migration under older replicas still writing waits for their transactions rather
+#: than deadlocking with them (PostgreSQL then ended the migration, and the newer replica did not start)
 _ADDED_COLUMNS = {
+    "shadow_attempts": [("cached_prompt_tokens", "INTEGER")],  # version 6
+    # version 4: response-cache hits name the request whose answer they served (cascade/cache.py); version
+    # 5: cost attribution given by the caller, its end user (OpenAI's ``user``) and tags (``metadata``, JSON)
+    "requests": [("cached_from", "TEXT"), ("end_user", "TEXT"), ("metadata", "TEXT")],
     # version 2: agreement between tiers; version 6: prompt tokens read from the provider's prompt cache
     "attempts": [("answer_sig", "TEXT"), ("cached_prompt_tokens", "INTEGER")],
     # version 3: sampled shadow execution (cascade/shadow.py)
     "shadow_decisions": [("sampled", "INTEGER"), ("sample_cost_usd", "DOUBLE PRECISION")],
-    # version 4: response-cache hits name the request whose answer they served (cascade/cache.py); version
-    # 5: cost attribution given by the caller, its end user (OpenAI's ``user``) and tags (``metadata``, JSON)
-    "requests": [("cached_from", "TEXT"), ("end_user", "TEXT"), ("metadata", "TEXT")],
-    "shadow_attempts": [("cached_prompt_tokens", "INTEGER")],  # version 6
 }
 
 

@@ -3,6 +3,7 @@
 import asyncio
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -319,6 +320,15 @@ async def test_a_ledger_from_before_end_users_and_spend_totals_is_migrated(targe
     now = utc_day_start()
     rec = record(1, cost=0.5)
     rec.created_at = now + 10
+    _ledger_of_schema_4(target, rec)
+    async with Ledger(target) as ledger:
+        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [(str(SCHEMA_VERSION),)]
+        assert (await ledger.query("SELECT request_id, end_user, metadata FROM requests")) == [("r1", None, None)]
+        assert [s for s, _, _ in await daily_spend(ledger, now, [("key", "k1")])] == [0.5]  # today's, from its row
+
+
+def _ledger_of_schema_4(target: str, rec: CascadeRecord) -> None:
+    """A ledger at ``target`` holding ``rec``, as a server of schema 4 left it."""
     old = Ledger(target).open_sync()
     old.record_sync(rec)
     for sql in ("DROP TABLE spend_daily", "DROP TABLE spend_holds", "DROP TABLE inflight", "DROP TABLE instances",
@@ -328,10 +338,53 @@ async def test_a_ledger_from_before_end_users_and_spend_totals_is_migrated(targe
                 "UPDATE meta SET value = '4' WHERE key = 'schema_version'"):
         old.execute(sql)
     old.close_sync()
-    async with Ledger(target) as ledger:
-        assert (await ledger.query("SELECT value FROM meta WHERE key = 'schema_version'")) == [(str(SCHEMA_VERSION),)]
-        assert (await ledger.query("SELECT request_id, end_user, metadata FROM requests")) == [("r1", None, None)]
-        assert [s for s, _, _ in await daily_spend(ledger, now, [("key", "k1")])] == [0.5]  # today's, from its row
+
+
+def test_a_migration_does_not_deadlock_with_an_older_replica_writing(postgres):
+    """A replica of an older version still serving writes a request's row, then its attempts, in one transaction.
+    A newer one migrating the ledger meanwhile added the attempts' column first, then the requests': each waited
+    for the other, and PostgreSQL ended the migration ("deadlock detected"), so the newer replica did not start
+    (nor did the next, while the older ones wrote). The migration takes the tables in the order the writes do."""
+    import threading
+
+    import psycopg
+
+    postgres.reset()
+    _ledger_of_schema_4(postgres.url, record(1))
+    failed: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            Ledger(postgres.url).open_sync().close_sync()
+        except BaseException as exc:  # noqa: BLE001 - said below
+            failed.append(exc)
+
+    with psycopg.connect(postgres.url, autocommit=True) as older, psycopg.connect(postgres.url) as watch:
+        with older.transaction():
+            older.execute("INSERT INTO requests (request_id, created_at, policy, endpoint, status, escalated, "
+                          "n_attempts, prompt_tokens, completion_tokens, cost_usd, baseline_cost_usd, "
+                          "baseline_estimated, escalation_waste_usd, latency_ms) VALUES ('r2', 1000002.0, 'cascade', "
+                          "'chat', 'ok', 0, 1, 1, 1, 0.1, 0.1, 0, 0, 1)")
+            newer = threading.Thread(target=migrate)
+            newer.start()
+            for _ in range(200):  # the migration waits for this transaction
+                if watch.execute("SELECT COUNT(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+                    break
+                time.sleep(0.05)
+            older.execute("INSERT INTO attempts (request_id, idx, tier, model, backend, prompt_tokens, "
+                          "completion_tokens, latency_ms, cost_usd, decision, reason, kept) VALUES ('r2', 0, 'large', "
+                          "'m', 'openai', 1, 1, 1, 0.1, 'final', 'last', 1)")
+        newer.join(60)
+    assert not failed, failed
+    ledger = Ledger(postgres.url).open_existing_sync()
+    try:
+        assert ledger.execute("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+        assert ledger.execute("SELECT request_id, end_user FROM requests ORDER BY request_id") == [
+            ("r1", None), ("r2", None)]
+        assert ledger.execute("SELECT request_id, cached_prompt_tokens FROM attempts WHERE request_id = 'r2'") == [
+            ("r2", None)]
+    finally:
+        ledger.close_sync()
 
 
 async def test_the_latest_feedback_on_a_request_is_its_label(target):
