@@ -708,11 +708,24 @@ async def _own_request(request: Request, request_id: str) -> dict:
     return row
 
 
+def _ledger_down(exc: LedgerError) -> LedgerUnavailableError:
+    """A feedback call whose ledger read or write failed through the database (unreachable, not answering): a 503
+    to repeat shortly, as completions are refused meanwhile, not a 500 (a request's latest feedback is its label:
+    one committed after all and sent again changes nothing)."""
+    if isinstance(exc, LedgerUnavailableError):
+        return exc
+    return LedgerUnavailableError("the ledger cannot be read or written now, so this feedback call was not "
+                                  "answered: repeat it shortly")
+
+
 @router.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, request: Request) -> dict:
-    row = await _own_request(request, body.request_id)  # the ledger's id, when the completion's id was given
-    fb = await _engine(request).feedback(row["request_id"], body.score, body.comment,
-                                         api_key_id=_caller(request).key_id)
+    try:
+        row = await _own_request(request, body.request_id)  # the ledger's id, when the completion's id was given
+        fb = await _engine(request).feedback(row["request_id"], body.score, body.comment,
+                                             api_key_id=_caller(request).key_id)
+    except LedgerError as exc:
+        raise _ledger_down(exc) from exc
     if _metrics(request).drift is not None:  # a label for the rolling ECE (cascade/drift.py)
         # (its confidence from the ledger too: another replica may have served it, and seen no feedback)
         _metrics(request).drift.observe_feedback(
@@ -723,7 +736,10 @@ async def feedback(body: FeedbackRequest, request: Request) -> dict:
 
 @router.get("/v1/feedback/{request_id}")
 async def read_feedback(request_id: str, request: Request) -> dict:
-    row = await _own_request(request, request_id)
+    try:
+        row = await _own_request(request, request_id)
+    except LedgerError as exc:
+        raise _ledger_down(exc) from exc
     return {"object": "list", "request_id": row["request_id"],
             "data": [{"id": f["id"], "score": f["score"], "comment": f["comment"], "created_at": f["created_at"]}
                      for f in row["feedback"]]}

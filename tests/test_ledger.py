@@ -486,7 +486,8 @@ async def test_a_postgresql_ledger_that_cannot_reconnect_says_so_until_a_write_s
 
 
 def test_ready_is_503_while_the_ledger_cannot_be_written(postgres, tmp_path):
-    """A gateway whose answers cannot be accounted is not ready: a load balancer must stop sending it traffic."""
+    """A gateway whose answers cannot be accounted is not ready: a load balancer must stop sending it traffic.
+    Feedback meanwhile was a 500 ("the ledger's database cannot be reached now"): a 503 to repeat shortly."""
     import httpx
     import psycopg
 
@@ -514,6 +515,11 @@ def test_ready_is_503_while_the_ledger_cannot_be_written(postgres, tmp_path):
             r = httpx.get(srv.url + "/ready")
             assert r.status_code == 503 and r.json()["status"] == "ledger_unavailable"
             assert "unreachable" in r.json()["ledger"]
+            # feedback, which must read the ledger, is refused as completions are: a 503 to repeat, not a 500
+            for r in (httpx.post(srv.url + "/v1/feedback", json={"request_id": "casc-1", "score": 1}, timeout=30),
+                      httpx.get(srv.url + "/v1/feedback/casc-1", timeout=30)):
+                assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable", r.text
+                assert r.headers["retry-after"] == "1"
         finally:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS true")
