@@ -1128,8 +1128,8 @@ class Ledger:
 
     def close_sync(self) -> None:
         if self._conn is not None:
-            if self._beating_since is not None:  # served: its leftovers recorded, its heartbeat row gone
-                self._retire()
+            if self._registered:  # served (its latest heartbeat may have failed): its leftovers recorded, its
+                self._retire()    # heartbeat row gone
             self._conn.close()
             self._conn = None
 
@@ -2323,9 +2323,14 @@ class Ledger:
         self._beating_since = None
         if self._moved() is not None or self._gave_up:
             return
+        try:  # a connection the database dropped since its last use (a restart) is opened anew
+            conn = self._require()
+        except LedgerError as exc:
+            log.warning("ledger %s: closing without recording its requests left in flight nor deleting its heartbeat "
+                        "row (another process does): %s", _redact(self.target), exc)
+            return
         with self._lock_wait(short=True):  # (the connection is closed next)
-            self._interrupt(self._conn, "instance = ?", (self._instance,), "its server closed",
-                            instance=self._instance)
+            self._interrupt(conn, "instance = ?", (self._instance,), "its server closed", instance=self._instance)
 
 
 #: the failures a write's waiter is told of while the write stays queued (its record made that failure)

@@ -485,6 +485,32 @@ async def test_a_postgresql_ledger_that_cannot_reconnect_says_so_until_a_write_s
         assert (await ledger.get("r2"))["error_class"] == "LedgerTimeoutError"
 
 
+async def test_a_replica_stopped_just_after_a_failed_heartbeat_removes_its_heartbeat_row(postgres):
+    """A served ledger closed after a heartbeat had failed (its database restarted a moment before) took itself for
+    never served: it left its heartbeat row (and its journal), which the other replicas took for a process that
+    died, 120 s later on another machine. It removes them, on a new connection if the database dropped its own."""
+    import psycopg
+
+    postgres.reset()
+    admin_url = postgres.url.rsplit("/", 1)[0] + "/template1"
+    async with Ledger(postgres.url, heartbeat_s=1.0) as ledger:
+        assert (await ledger.query("SELECT COUNT(*) FROM instances")) == [(1,)]
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS false")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'postgres'")
+        try:
+            for _ in range(100):  # the next heartbeat fails
+                if ledger.unavailable is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert ledger.unavailable and "unreachable" in ledger.unavailable
+        finally:
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS true")
+    with psycopg.connect(postgres.url) as conn:  # (closed before its next heartbeat)
+        assert conn.execute("SELECT COUNT(*) FROM instances").fetchone() == (0,)
+
+
 def test_ready_is_503_while_the_ledger_cannot_be_written(postgres, tmp_path):
     """A gateway whose answers cannot be accounted is not ready: a load balancer must stop sending it traffic.
     Feedback meanwhile was a 500 ("the ledger's database cannot be reached now"): a 503 to repeat shortly."""
