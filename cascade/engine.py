@@ -1158,16 +1158,24 @@ class Engine:
         (a request's latest feedback is its label, for `cascade recalibrate` and drift). An answer marked wrong
         is no longer served from the response cache. With ``api_key_id`` (the caller's key), only that key's
         requests: another's is as good as missing. Raises :class:`InvalidRequestError` (a malformed argument, a
-        request that served no answer) or :class:`NotFoundError` (no such request in the ledger)."""
+        request that served no answer), :class:`NotFoundError` (no such request in the ledger) or
+        :class:`LedgerUnavailableError` (the ledger cannot be read or written now: repeat it shortly)."""
         self._check_open()
         checked_feedback(request_id, score, comment)
-        row = await self.ledger.get(request_id)
+        unreachable = "the ledger cannot be read or written now, so this feedback was not recorded: repeat it shortly"
+        try:
+            row = await self.ledger.get(request_id)
+        except LedgerError as exc:  # (the database unreachable, a restart, a failover): to repeat, as a request
+            raise LedgerUnavailableError.of(exc, unreachable) from exc
         if row is None or (api_key_id is not None and row["api_key_id"] != api_key_id):
             raise NotFoundError(f"no request {request_id!r} in the ledger", param="request_id")
         if row["status"] not in ("ok", "partial"):  # feedback labels an answer: there was none
             raise InvalidRequestError(f"request {request_id!r} served no answer (status {row['status']!r}): "
                                       "feedback is for answers", param="request_id", code="request_not_answered")
-        fid = await self.ledger.add_feedback(request_id, score, comment)
+        try:
+            fid = await self.ledger.add_feedback(request_id, score, comment)
+        except LedgerError as exc:
+            raise LedgerUnavailableError.of(exc, unreachable) from exc
         answered_by = row.get("cached_from") or request_id  # a cache hit's answer is its original's
         if score < 0:  # an answer a user says is wrong is not served again from the cache
             self.cache_forget(answered_by)

@@ -319,6 +319,12 @@ class LedgerUnavailableError(LedgerError):
     code = "ledger_unavailable"
     should_retry = True
 
+    @classmethod
+    def of(cls, exc: LedgerError, message: str) -> "LedgerUnavailableError":
+        """A ledger call that failed with ``exc`` (the database unreachable, not answering, a write held) as a
+        refusal to repeat shortly: ``exc`` itself where it is one already, else one saying ``message``."""
+        return exc if isinstance(exc, cls) else cls(message)
+
 
 class DataError(CascadeError):
     """An input data file (calibration set, ledger export) is malformed, empty or lacks a field."""

@@ -263,10 +263,10 @@ async def _check_daily_spend(engine: Engine, holds: SpendHolds, buckets: list, r
                                                             admit)
     except BaseException as exc:  # (cancelled, or not answered in time: the transaction may still run, and hold)
         engine.ledger.release_spend(request_id)
-        if isinstance(exc, LedgerError) and not isinstance(exc, LedgerUnavailableError):
-            raise LedgerUnavailableError("the ledger could not check this request against its daily spend limit "
-                                         "now, so it was refused before any model was called: repeat it "
-                                         "shortly") from exc
+        if isinstance(exc, LedgerError):
+            raise LedgerUnavailableError.of(exc, "the ledger could not check this request against its daily spend "
+                                                 "limit now, so it was refused before any model was called: repeat "
+                                                 "it shortly") from exc
         raise
     if admitted:
         holds.hold(request_id)
@@ -700,32 +700,23 @@ async def _own_request(request: Request, request_id: str) -> dict:
     request id or by the ``id`` of the completion object that answered it (``chatcmpl-`` + the request id)."""
     engine = _engine(request)
     caller = _caller(request)
-    row = await engine.ledger.get(request_id)
-    if row is None and (prefix := next((p for p in _RESPONSE_ID_PREFIXES if request_id.startswith(p)), None)):
-        row = await engine.ledger.get(request_id[len(prefix):])
+    try:
+        row = await engine.ledger.get(request_id)
+        if row is None and (prefix := next((p for p in _RESPONSE_ID_PREFIXES if request_id.startswith(p)), None)):
+            row = await engine.ledger.get(request_id[len(prefix):])
+    except LedgerError as exc:  # (the database unreachable, a restart, a failover): a 503 to repeat, not a 500
+        raise LedgerUnavailableError.of(exc, "the ledger cannot be read now, so this call was not answered: "
+                                             "repeat it shortly") from exc
     if row is None or (caller.key_id is not None and row["api_key_id"] != caller.key_id):
         raise NotFoundError(f"no request {request_id!r} in the ledger", param="request_id")
     return row
 
 
-def _ledger_down(exc: LedgerError) -> LedgerUnavailableError:
-    """A feedback call whose ledger read or write failed through the database (unreachable, not answering): a 503
-    to repeat shortly, as completions are refused meanwhile, not a 500 (a request's latest feedback is its label:
-    one committed after all and sent again changes nothing)."""
-    if isinstance(exc, LedgerUnavailableError):
-        return exc
-    return LedgerUnavailableError("the ledger cannot be read or written now, so this feedback call was not "
-                                  "answered: repeat it shortly")
-
-
 @router.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, request: Request) -> dict:
-    try:
-        row = await _own_request(request, body.request_id)  # the ledger's id, when the completion's id was given
-        fb = await _engine(request).feedback(row["request_id"], body.score, body.comment,
-                                             api_key_id=_caller(request).key_id)
-    except LedgerError as exc:
-        raise _ledger_down(exc) from exc
+    row = await _own_request(request, body.request_id)  # the ledger's id, when the completion's id was given
+    fb = await _engine(request).feedback(row["request_id"], body.score, body.comment,
+                                         api_key_id=_caller(request).key_id)
     if _metrics(request).drift is not None:  # a label for the rolling ECE (cascade/drift.py)
         # (its confidence from the ledger too: another replica may have served it, and seen no feedback)
         _metrics(request).drift.observe_feedback(
@@ -736,10 +727,7 @@ async def feedback(body: FeedbackRequest, request: Request) -> dict:
 
 @router.get("/v1/feedback/{request_id}")
 async def read_feedback(request_id: str, request: Request) -> dict:
-    try:
-        row = await _own_request(request, request_id)
-    except LedgerError as exc:
-        raise _ledger_down(exc) from exc
+    row = await _own_request(request, request_id)
     return {"object": "list", "request_id": row["request_id"],
             "data": [{"id": f["id"], "score": f["score"], "comment": f["comment"], "created_at": f["created_at"]}
                      for f in row["feedback"]]}

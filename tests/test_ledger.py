@@ -511,6 +511,33 @@ async def test_a_replica_stopped_just_after_a_failed_heartbeat_removes_its_heart
         assert conn.execute("SELECT COUNT(*) FROM instances").fetchone() == (0,)
 
 
+async def test_feedback_through_the_python_api_says_the_ledger_is_unavailable_while_it_cannot_be_reached(
+        postgres, tmp_path):
+    """Engine.feedback raised a plain LedgerError while the ledger's database could not be reached, where a request
+    is refused with LedgerUnavailableError (to repeat shortly): feedback says the same, as the HTTP route does."""
+    import psycopg
+
+    from cascade.engine import Engine
+    from cascade.errors import LedgerUnavailableError
+    from tests.conftest import free_port, make_config
+
+    postgres.reset()
+    cfg = make_config(tmp_path, [{"name": "r", "backend": "openai", "model": "m",
+                                  "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}}],
+                      {"p": {"chain": ["r"]}}, ledger={"path": postgres.url})
+    admin_url = postgres.url.rsplit("/", 1)[0] + "/template1"
+    async with await Engine.open(cfg, preload=False) as eng:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS false")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'postgres'")
+        try:
+            with pytest.raises(LedgerUnavailableError, match="repeat it shortly"):
+                await eng.feedback("casc-1", 1)
+        finally:
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute("ALTER DATABASE postgres ALLOW_CONNECTIONS true")
+
+
 def test_ready_is_503_while_the_ledger_cannot_be_written(postgres, tmp_path):
     """A gateway whose answers cannot be accounted is not ready: a load balancer must stop sending it traffic.
     Feedback meanwhile was a 500 ("the ledger's database cannot be reached now"): a 503 to repeat shortly."""
