@@ -277,7 +277,10 @@ def test_live_runner_interrupted_says_so_in_one_line_and_keeps_the_answers(smol_
     cache = out / "cache" / "boolq" / "smollm2-135m.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.live_cascade", "--sets", "boolq", "--n", "40",
                              "--chain", "smollm2-135m", "--batch", "1", "--data-dir", str(DATA), "--out", str(out),
-                             "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # Ctrl-C as a terminal delivers it: a run started in the background (`cmd &` of a shell
+                            # without job control, as CI may be) inherits SIGINT ignored, and would never see it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (cache.exists() and cache.read_text().count("\n") >= 1) and proc.poll() is None:
